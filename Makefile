@@ -1,0 +1,40 @@
+# Two commands set everything up on a fresh machine (Python >= 3.10, pip, g++, CMake, make):
+#   make run    build and install into .venv, then run steering/reco.py on its embedded default
+#   make test   the same set-up, then the test suite
+# Both are idempotent: nothing is rebuilt when no source changed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check
+PYTEST_ARGS ?=
+
+SOURCES := $(shell find cpp modules python third_party/msgpack-cxx/include -type f 2>/dev/null) CMakeLists.txt pyproject.toml
+
+.PHONY: all install run test bench clean
+all: install
+
+$(VENV)/.deps: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch 2.x CPU for training; build tools so that the package can be rebuilt incrementally
+	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.13" "torch>=2.2" "onnx>=1.15" \
+	  pytest pytest-timeout numpy msgpack pyzmq onnxruntime uproot awkward prometheus-client tqdm matplotlib scipy
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.deps $(SOURCES)
+	$(PIP) install -q --no-build-isolation --no-deps .
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(PY) steering/reco.py
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(VENV)/bin/eclreco bench
+
+clean:
+	rm -rf build $(VENV) *.egg-info

@@ -1,0 +1,6 @@
+#include "register.hpp"
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "eclreco compiled core (private: use the eclreco package)";
+  register_geometry(m);
+}

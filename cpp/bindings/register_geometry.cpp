@@ -1,0 +1,47 @@
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include "ecl/geometry.hpp"
+#include "register.hpp"
+
+namespace {
+// Read-only numpy view of a vector owned by a Geometry singleton (lives for the whole process).
+template <class T>
+py::array_t<T> view(const std::vector<T>& v, py::handle owner) {
+  py::array_t<T> a({static_cast<py::ssize_t>(v.size())}, {static_cast<py::ssize_t>(sizeof(T))},
+                   v.data(), owner);
+  py::detail::array_proxy(a.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+  return a;
+}
+}  // namespace
+
+void register_geometry(py::module_& m) {
+  using ecl::Geometry;
+  py::class_<Geometry>(m, "Geometry", "Detector description (spec/detector.md); positions in cm")
+      .def_static(
+          "get",
+          [](const std::string& name) -> const Geometry& {
+            auto det = ecl::detector_from_name(name);
+            if (!det) throw py::value_error("unknown detector '" + name + "' (belle2-ecl or array30)");
+            return Geometry::get(*det);
+          },
+          py::return_value_policy::reference, py::arg("detector"))
+      .def_readonly("name", &Geometry::name)
+      .def_readonly("n_cells", &Geometry::n_cells)
+      .def_readonly("n_rings", &Geometry::n_rings)
+      .def_readonly("crystal_length_cm", &Geometry::crystal_length_cm)
+      .def_readonly("moliere_radius_cm", &Geometry::moliere_radius_cm)
+#define ECL_VIEW(field) \
+  .def_property_readonly(#field, [](py::object self) { return view(self.cast<const Geometry&>().field, self); })
+      ECL_VIEW(ring_size) ECL_VIEW(ring_first_cell) ECL_VIEW(ring_theta) ECL_VIEW(ring_theta_lo)
+      ECL_VIEW(ring_theta_hi) ECL_VIEW(ring_front_distance) ECL_VIEW(cell_ring) ECL_VIEW(cell_phi_index)
+      ECL_VIEW(cell_theta) ECL_VIEW(cell_phi) ECL_VIEW(front_x) ECL_VIEW(front_y) ECL_VIEW(front_z)
+      ECL_VIEW(dir_x) ECL_VIEW(dir_y) ECL_VIEW(dir_z) ECL_VIEW(width) ECL_VIEW(n1_offsets)
+      ECL_VIEW(n1_cells) ECL_VIEW(nc2_offsets) ECL_VIEW(nc2_cells)
+#undef ECL_VIEW
+      .def("cell_id", &Geometry::cell_id, py::arg("ring"), py::arg("phi_index"),
+           "cellId at (ring, phi index); 0 outside the detector")
+      .def("phi_index_at", &Geometry::phi_index_at, py::arg("ring"), py::arg("phi"))
+      .def("ring_at_theta", &Geometry::ring_at_theta, py::arg("theta"),
+           "ring containing theta, -1 in a gap or outside (belle2-ecl)");
+}
