@@ -3,4 +3,6 @@
 PYBIND11_MODULE(_core, m) {
   m.doc() = "eclreco compiled core (private: use the eclreco package)";
   register_geometry(m);
+  register_batch(m);
+  register_framework(m);
 }

@@ -1,9 +1,22 @@
 """eclreco: online reconstruction of a CsI(Tl) electromagnetic calorimeter.
 
 A C++ module chain (unpacker, clustering, CNN energy correction, output) steered from Python,
-in the manner of basf2.
+in the manner of basf2::
+
+    import eclreco
+    path = eclreco.create_path()
+    path.add_module("SimulationInput", events=1000)
+    path.add_module("RootOutput", filename="out.root")
+    eclreco.process(path)
+    print(eclreco.statistics)
 """
-from eclreco._core import Geometry
+from eclreco._core import ERROR_MODULE, ERROR_REJECTED, EventBatch, Geometry, ParameterError
+from eclreco.framework import (REQUIRED, Module, Path, available_modules, create_module, create_path,
+                               process, statistics)
 
 __version__ = "0.1.0"
-__all__ = ["Geometry", "__version__"]
+__all__ = [
+    "ERROR_MODULE", "ERROR_REJECTED", "EventBatch", "Geometry", "Module", "ParameterError", "Path",
+    "REQUIRED", "available_modules", "create_module", "create_path", "process", "statistics",
+    "__version__",
+]

@@ -1,0 +1,111 @@
+#include <pybind11/stl.h>
+
+#include "framework/event_batch.hpp"
+#include "register.hpp"
+
+using fw::Collection;
+using fw::Column;
+using fw::DType;
+using fw::EventBatch;
+
+namespace {
+
+py::dtype to_numpy(DType t) { return py::dtype(fw::dtype_name(t)); }
+
+DType from_numpy(const py::dtype& d) {
+  const char kind = d.kind();
+  const auto size = d.itemsize();
+  if (kind == 'f') return size == 4 ? DType::F32 : DType::F64;
+  if (kind == 'u') return size == 1 ? DType::U8 : size == 2 ? DType::U16 : size == 4 ? DType::U32 : DType::U64;
+  if (kind == 'i') return size == 1 ? DType::I8 : size == 2 ? DType::I16 : size == 4 ? DType::I32 : DType::I64;
+  if (kind == 'b') return DType::U8;
+  throw py::type_error("unsupported dtype for a column: " + std::string(py::str(d)));
+}
+
+}  // namespace
+
+py::array column_view(const Column& c) {
+  std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(c.rows())};
+  for (auto d : c.inner_shape()) shape.push_back(static_cast<py::ssize_t>(d));
+  auto* holder = new std::shared_ptr<fw::Buffer>(c.shared_buffer());
+  py::capsule owner(holder, [](void* p) { delete static_cast<std::shared_ptr<fw::Buffer>*>(p); });
+  return py::array(to_numpy(c.dtype()), shape, c.raw(), owner);
+}
+
+Column column_from_array(const py::array& input) {
+  py::array a = py::array::ensure(input, py::array::c_style);
+  if (!a) throw py::type_error("expected an array");
+  if (a.ndim() < 1) throw py::value_error("a column needs at least one dimension");
+  std::vector<int64_t> inner;
+  for (py::ssize_t k = 1; k < a.ndim(); ++k) inner.push_back(a.shape(k));
+  Column c(from_numpy(a.dtype()), inner);
+  c.append_bytes(a.data(), static_cast<size_t>(a.shape(0)));
+  return c;
+}
+
+void register_batch(py::module_& m) {
+  py::class_<Collection>(m, "Collection", "Columns with per-event offsets (event i owns rows offsets[i]:offsets[i+1])")
+      .def_property_readonly("offsets", [](const Collection& c) { return column_view(c.offsets_column()); })
+      .def_property_readonly("n_rows", &Collection::n_rows)
+      .def("columns", [](const Collection& c) {
+        std::vector<std::string> names;
+        for (const auto& [k, v] : c.columns()) names.push_back(k);
+        return names;
+      })
+      .def("__contains__", &Collection::has)
+      .def("__getitem__", [](const Collection& c, const std::string& name) {
+        if (!c.has(name)) throw py::key_error("no column '" + name + "'");
+        return column_view(c.column(name));
+      })
+      .def("__setitem__", [](Collection& c, const std::string& name, const py::array& a) {
+        c.set_column(name, column_from_array(a));
+      }, "add or replace a column (copied); its length must be the collection's row count");
+
+  py::class_<EventBatch>(m, "EventBatch", "A batch of events in columnar form")
+      .def(py::init<size_t>(), py::arg("n_events") = 0)
+      .def("__len__", &EventBatch::size)
+      .def("resize", &EventBatch::resize)
+      .def_readwrite("sequence", &EventBatch::sequence)
+#define META(field, T)                                                                         \
+  .def_property_readonly(#field, [](EventBatch& b) { return column_view(*b.metadata().at(#field)); })
+      META(exp, uint32_t) META(run, uint32_t) META(evt, uint32_t) META(time_ns, int64_t)
+      META(error_flags, uint32_t) META(detector, uint8_t)
+#undef META
+      .def("collections", [](const EventBatch& b) {
+        std::vector<std::string> names;
+        for (const auto& [k, v] : b.collections()) names.push_back(k);
+        return names;
+      })
+      .def("__contains__", &EventBatch::has)
+      .def("__getitem__", [](EventBatch& b, const std::string& name) -> Collection& {
+        if (!b.has(name)) throw py::key_error("no collection '" + name + "' in the batch");
+        return b.get(name);
+      }, py::return_value_policy::reference_internal)
+      .def("add_collection", [](EventBatch& b, const std::string& name, const py::array& offsets,
+                                const py::dict& columns) -> Collection& {
+        auto off = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(offsets);
+        if (!off || off.ndim() != 1 || static_cast<size_t>(off.shape(0)) != b.size() + 1)
+          throw py::value_error("offsets must have len(batch) + 1 entries");
+        std::vector<int64_t> counts(b.size());
+        for (size_t i = 0; i < b.size(); ++i) counts[i] = off.at(i + 1) - off.at(i);
+        Collection& c = b.add(name);
+        c.set_counts(counts);
+        for (auto item : columns) c.set_column(py::str(item.first), column_from_array(py::reinterpret_borrow<py::array>(py::array::ensure(item.second))));
+        return c;
+      }, py::arg("name"), py::arg("offsets"), py::arg("columns"), py::return_value_policy::reference_internal,
+         "add a collection from per-event offsets and a dict of equally long arrays (copied)")
+      .def("remove", &EventBatch::remove)
+      .def("reject", &EventBatch::reject, py::arg("index"), py::arg("reason"), py::arg("detail") = "")
+      .def("flag_error", &EventBatch::flag_error)
+      .def("rejections", [](const EventBatch& b) {
+        py::dict d;
+        for (const auto& [i, r] : b.rejections()) d[py::int_(i)] = py::make_tuple(r.reason, r.detail);
+        return d;
+      }, "{event index: (reason, detail)} of the rejected events")
+      .def("errors", [](const EventBatch& b) { return b.errors(); })
+      .def("select", &EventBatch::select)
+      .def_static("concat", &EventBatch::concat);
+
+  m.attr("ERROR_REJECTED") = static_cast<uint32_t>(fw::kRejected);
+  m.attr("ERROR_MODULE") = static_cast<uint32_t>(fw::kModuleError);
+}

@@ -1,0 +1,236 @@
+#include <pybind11/stl.h>
+
+#include "framework/processor.hpp"
+#include "framework/registry.hpp"
+#include "register.hpp"
+
+using fw::Module;
+using fw::ParamType;
+using fw::ParamValue;
+
+namespace {
+
+// Python modules derive from this. Every call into Python takes the GIL for its own duration
+// only, and a Python exception becomes a C++ one while the GIL is still held.
+class PyModule : public Module {
+ public:
+  void initialize() override { call("initialize"); }
+  void begin_run(uint32_t exp, uint32_t run) override { call("begin_run", exp, run); }
+  void event(fw::EventBatch& batch) override { call("event", py::cast(&batch, py::return_value_policy::reference)); }
+  void end_run(uint32_t exp, uint32_t run) override { call("end_run", exp, run); }
+  void terminate() override { call("terminate"); }
+  bool is_source() const override { return flag("is_source", false); }
+  bool ordered() const override { return flag("ordered", false); }
+  bool needs_gil() const override { return true; }
+  bool next_batch(fw::EventBatch& batch, size_t max_events) override {
+    py::gil_scoped_acquire gil;
+    try {
+      py::function f = py::get_override(static_cast<const Module*>(this), "next_batch");
+      if (!f) return false;
+      return f(py::cast(&batch, py::return_value_policy::reference), max_events).cast<bool>();
+    } catch (py::error_already_set& e) {
+      throw std::runtime_error(e.what());
+    }
+  }
+  std::map<std::string, double> counters() const override {
+    py::gil_scoped_acquire gil;
+    try {
+      py::function f = py::get_override(static_cast<const Module*>(this), "counters");
+      if (!f) return {};
+      return f().cast<std::map<std::string, double>>();
+    } catch (py::error_already_set& e) {
+      throw std::runtime_error(e.what());
+    }
+  }
+
+ private:
+  template <class... Args>
+  void call(const char* name, Args&&... args) {
+    py::gil_scoped_acquire gil;
+    try {
+      py::function f = py::get_override(static_cast<const Module*>(this), name);
+      if (f) f(std::forward<Args>(args)...);
+    } catch (py::error_already_set& e) {
+      throw std::runtime_error(e.what());
+    }
+  }
+  bool flag(const char* name, bool fallback) const {
+    py::gil_scoped_acquire gil;
+    py::function f = py::get_override(static_cast<const Module*>(this), name);
+    return f ? f().cast<bool>() : fallback;
+  }
+};
+
+bool is_int(py::handle v) { return py::isinstance<py::int_>(v) && !py::isinstance<py::bool_>(v); }
+bool is_number(py::handle v) { return is_int(v) || py::isinstance<py::float_>(v); }
+
+template <class T, class Pred>
+std::optional<std::vector<T>> as_list(py::handle v, Pred ok) {
+  if (!py::isinstance<py::list>(v) && !py::isinstance<py::tuple>(v)) return std::nullopt;
+  std::vector<T> out;
+  for (auto x : v) {
+    if (!ok(x)) return std::nullopt;
+    out.push_back(x.cast<T>());
+  }
+  return out;
+}
+
+// Python value -> the declared parameter type; a TypeError names the module and the parameter.
+ParamValue to_param(const Module& m, const std::string& name, py::handle v) {
+  const ParamType t = m.params().get(name).type;
+  auto fail = [&]() -> ParamValue {
+    throw py::type_error(m.type() + ": parameter '" + name + "' must be " + fw::param_type_name(t) +
+                         ", got " + std::string(py::str(py::type::of(v).attr("__name__"))) + " (" +
+                         std::string(py::repr(v)) + ")");
+  };
+  switch (t) {
+    case ParamType::Bool: return py::isinstance<py::bool_>(v) ? ParamValue(v.cast<bool>()) : fail();
+    case ParamType::Int: return is_int(v) ? ParamValue(v.cast<int64_t>()) : fail();
+    case ParamType::Float: return is_number(v) ? ParamValue(v.cast<double>()) : fail();
+    case ParamType::Str:
+      if (py::isinstance<py::str>(v)) return ParamValue(v.cast<std::string>());
+      if (py::hasattr(v, "__fspath__")) return ParamValue(py::str(v.attr("__fspath__")()).cast<std::string>());
+      return fail();
+    case ParamType::FloatList: {
+      auto l = as_list<double>(v, is_number);
+      return l ? ParamValue(*l) : fail();
+    }
+    case ParamType::IntList: {
+      auto l = as_list<int64_t>(v, is_int);
+      return l ? ParamValue(*l) : fail();
+    }
+    case ParamType::StrList: {
+      auto l = as_list<std::string>(v, [](py::handle x) { return py::isinstance<py::str>(x); });
+      return l ? ParamValue(*l) : fail();
+    }
+  }
+  return fail();
+}
+
+ParamType type_from_name(const std::string& s) {
+  for (ParamType t : {ParamType::Bool, ParamType::Int, ParamType::Float, ParamType::Str,
+                      ParamType::FloatList, ParamType::IntList, ParamType::StrList})
+    if (s == fw::param_type_name(t)) return t;
+  throw py::value_error("unknown parameter type '" + s + "'");
+}
+
+py::list state_modules(const fw::ProcessState& s) {
+  py::list out;
+  for (const auto& m : s.modules) {
+    py::dict d;
+    d["name"] = m->name;
+    d["calls"] = m->calls.load();
+    d["events"] = m->events.load();
+    d["seconds"] = m->nanoseconds.load() * 1e-9;
+    py::list hist;
+    for (const auto& h : m->batch_seconds_hist) hist.append(h.load());
+    d["batch_seconds_hist"] = hist;
+    out.append(d);
+  }
+  return out;
+}
+
+}  // namespace
+
+void register_framework(py::module_& m) {
+  py::class_<Module, PyModule, std::shared_ptr<Module>>(m, "Module", "Base of all modules (C++ and Python)")
+      .def(py::init<>())
+      .def_property_readonly("type", &Module::type)
+      .def_property_readonly("description", &Module::description)
+      .def("_set_identity", &Module::set_identity)
+      .def("initialize", &Module::initialize)
+      .def("begin_run", &Module::begin_run)
+      .def("event", &Module::event)
+      .def("end_run", &Module::end_run)
+      .def("terminate", &Module::terminate)
+      .def("is_source", &Module::is_source)
+      .def("ordered", &Module::ordered)
+      .def("counters", &Module::counters)
+      .def("set_param", [](Module& self, const std::string& name, py::handle v) {
+        self.params().set(name, to_param(self, name, v));
+      })
+      .def("get_param", [](const Module& self, const std::string& name) { return self.params().get(name).value; })
+      .def("declare_param", [](Module& self, const std::string& name, const std::string& type,
+                               py::object default_value, const std::string& description) {
+        const ParamType t = type_from_name(type);
+        self.params().declare(name, t, std::nullopt, description);
+        if (!default_value.is_none()) {
+          ParamValue v = to_param(self, name, default_value);
+          // Re-declare with the converted default (declare() is the only way to set one).
+          auto& list = const_cast<std::vector<fw::Parameter>&>(self.params().list());
+          list.back().default_value = v;
+          list.back().value = v;
+        }
+      }, py::arg("name"), py::arg("type"), py::arg("default"), py::arg("description"))
+      .def("param_list", [](const Module& self) {
+        py::list out;
+        for (const auto& p : self.params().list()) {
+          py::dict d;
+          d["name"] = p.name;
+          d["type"] = fw::param_type_name(p.type);
+          d["required"] = !p.default_value.has_value();
+          d["default"] = p.default_value ? py::cast(*p.default_value) : py::none();
+          d["default_repr"] = p.default_value ? fw::format_param_value(*p.default_value) : "(required)";
+          d["value"] = (p.default_value || p.is_set) ? py::cast(p.value) : py::none();
+          d["description"] = p.description;
+          out.append(d);
+        }
+        return out;
+      })
+      .def("check_required", [](const Module& self) { self.params().check_required(); });
+
+  py::register_exception<fw::ParameterError>(m, "ParameterError", PyExc_ValueError);
+
+  m.def("cpp_modules", [] {
+    std::vector<std::pair<std::string, std::string>> out;
+    for (const auto* info : fw::ModuleRegistry::instance().list()) out.emplace_back(info->name, info->description);
+    return out;
+  }, "(name, description) of every registered C++ module");
+  m.def("create_cpp_module", [](const std::string& name) { return fw::ModuleRegistry::instance().create(name); });
+
+  py::class_<fw::Path>(m, "Path")
+      .def(py::init<>())
+      .def("add", &fw::Path::add)
+      .def("modules", &fw::Path::modules);
+
+  py::class_<fw::ProcessState, std::shared_ptr<fw::ProcessState>>(m, "ProcessState",
+                                                                  "Live counters of a run (thread-safe reads)")
+      .def_property_readonly("received", [](const fw::ProcessState& s) { return s.received.load(); })
+      .def_property_readonly("processed", [](const fw::ProcessState& s) { return s.processed.load(); })
+      .def_property_readonly("rejected", [](const fw::ProcessState& s) { return s.rejected.load(); })
+      .def_property_readonly("errors", [](const fw::ProcessState& s) { return s.errors.load(); })
+      .def_property_readonly("batches", [](const fw::ProcessState& s) { return s.batches.load(); })
+      .def_property_readonly("batches_in_flight", [](const fw::ProcessState& s) { return s.batches_in_flight.load(); })
+      .def_property_readonly("running", [](const fw::ProcessState& s) { return s.running.load(); })
+      .def_property_readonly("wall_seconds", [](const fw::ProcessState& s) { return s.wall_seconds.load(); })
+      .def_property_readonly("start_time", [](const fw::ProcessState& s) { return s.start_time.load(); })
+      .def("rejected_by_reason", &fw::ProcessState::rejected_by_reason)
+      .def("error_messages", &fw::ProcessState::error_messages)
+      .def("modules", &state_modules)
+      .def("events_per_batch_hist", [](const fw::ProcessState& s) {
+        std::vector<uint64_t> out;
+        for (const auto& h : s.events_per_batch_hist) out.push_back(h.load());
+        return out;
+      });
+  m.attr("BATCH_SECONDS_BUCKETS") = std::vector<double>(fw::kBatchSecondsBuckets.begin(), fw::kBatchSecondsBuckets.end());
+
+  py::class_<fw::Processor>(m, "Processor")
+      .def(py::init<>())
+      .def("process", [](fw::Processor& p, fw::Path& path, uint64_t max_events, int threads, size_t batch_size,
+                         bool install_signal_handlers) {
+        if (batch_size == 0) throw py::value_error("batch_size must be at least 1");
+        fw::ProcessOptions o;
+        o.max_events = max_events;
+        o.threads = threads;
+        o.batch_size = batch_size;
+        o.install_signal_handlers = install_signal_handlers;
+        py::gil_scoped_release release;  // the loop runs in C++; Python modules take the GIL themselves
+        p.process(path, o);
+      }, py::arg("path"), py::arg("max_events") = 0, py::arg("threads") = 1, py::arg("batch_size") = 256,
+         py::arg("install_signal_handlers") = true)
+      .def_property_readonly("state", &fw::Processor::state)
+      .def("statistics_table", &fw::Processor::statistics_table);
+
+  m.def("request_stop", &fw::request_stop, "end the running process() after the batches in flight");
+  m.def("stop_requested", &fw::stop_requested);
+}

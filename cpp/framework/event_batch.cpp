@@ -1,0 +1,170 @@
+#include "framework/event_batch.hpp"
+
+#include <stdexcept>
+
+namespace fw {
+
+Collection::Collection(size_t n_events) : offsets_(Column::of<int64_t>(n_events + 1)) {}
+
+Column& Collection::column(const std::string& name) {
+  auto it = columns_.find(name);
+  if (it == columns_.end()) throw std::out_of_range("no column '" + name + "' in collection");
+  return it->second;
+}
+
+const Column& Collection::column(const std::string& name) const {
+  auto it = columns_.find(name);
+  if (it == columns_.end()) throw std::out_of_range("no column '" + name + "' in collection");
+  return it->second;
+}
+
+Column& Collection::set_column(const std::string& name, Column c) {
+  if (c.rows() != n_rows())
+    throw std::length_error("column '" + name + "' has " + std::to_string(c.rows()) +
+                            " rows, collection has " + std::to_string(n_rows()));
+  return columns_[name] = std::move(c);
+}
+
+void Collection::set_counts(const std::vector<int64_t>& counts) {
+  offsets_.resize(counts.size() + 1);
+  int64_t* off = offsets_.data<int64_t>();
+  off[0] = 0;
+  for (size_t i = 0; i < counts.size(); ++i) off[i + 1] = off[i] + counts[i];
+  for (auto& [name, col] : columns_) col.resize(static_cast<size_t>(off[counts.size()]));
+}
+
+EventBatch::EventBatch(size_t n)
+    : exp_(Column::of<uint32_t>()), run_(Column::of<uint32_t>()), evt_(Column::of<uint32_t>()),
+      time_ns_(Column::of<int64_t>()), flags_(Column::of<uint32_t>()), det_(Column::of<uint8_t>()) {
+  resize(n);
+}
+
+void EventBatch::resize(size_t n) {
+  n_ = n;
+  for (auto* c : {&exp_, &run_, &evt_, &time_ns_, &flags_, &det_}) c->resize(n);
+}
+
+std::map<std::string, Column*> EventBatch::metadata() {
+  return {{"exp", &exp_}, {"run", &run_}, {"evt", &evt_}, {"time_ns", &time_ns_},
+          {"error_flags", &flags_}, {"detector", &det_}};
+}
+
+std::map<std::string, const Column*> EventBatch::metadata() const {
+  return {{"exp", &exp_}, {"run", &run_}, {"evt", &evt_}, {"time_ns", &time_ns_},
+          {"error_flags", &flags_}, {"detector", &det_}};
+}
+
+void EventBatch::reject(size_t i, std::string reason, std::string detail) {
+  error_flags()[i] |= kRejected;
+  rejections_[i] = Rejection{std::move(reason), std::move(detail)};
+}
+
+void EventBatch::flag_error(size_t i, std::string message) {
+  error_flags()[i] |= kModuleError;
+  errors_[i] = std::move(message);
+}
+
+Collection& EventBatch::get(const std::string& name) {
+  auto it = collections_.find(name);
+  if (it == collections_.end()) throw std::out_of_range("no collection '" + name + "' in the batch");
+  return it->second;
+}
+
+const Collection& EventBatch::get(const std::string& name) const {
+  auto it = collections_.find(name);
+  if (it == collections_.end()) throw std::out_of_range("no collection '" + name + "' in the batch");
+  return it->second;
+}
+
+Collection& EventBatch::add(const std::string& name) {
+  return collections_[name] = Collection(n_);
+}
+
+EventBatch EventBatch::select(const std::vector<size_t>& events) const {
+  EventBatch out(0);
+  auto src = metadata();
+  auto dst = out.metadata();
+  for (auto& [name, col] : src)
+    for (size_t i : events) dst[name]->append_rows(*col, i, i + 1);
+  out.n_ = events.size();
+  for (size_t k = 0; k < events.size(); ++k) {
+    auto r = rejections_.find(events[k]);
+    if (r != rejections_.end()) out.rejections_[k] = r->second;
+    auto e = errors_.find(events[k]);
+    if (e != errors_.end()) out.errors_[k] = e->second;
+  }
+  for (const auto& [name, coll] : collections_) {
+    Collection c(0);
+    std::vector<int64_t> counts;
+    counts.reserve(events.size());
+    for (size_t i : events) counts.push_back(coll.offsets()[i + 1] - coll.offsets()[i]);
+    for (const auto& [cname, col] : coll.columns()) {
+      Column nc(col.dtype(), col.inner_shape());
+      for (size_t i : events) nc.append_rows(col, coll.offsets()[i], coll.offsets()[i + 1]);
+      c.columns()[cname] = std::move(nc);
+    }
+    // Offsets only: the columns already hold the selected rows.
+    Column& off = c.offsets_column();
+    off.resize(counts.size() + 1);
+    int64_t* o = off.data<int64_t>();
+    o[0] = 0;
+    for (size_t k = 0; k < counts.size(); ++k) o[k + 1] = o[k] + counts[k];
+    out.collections_.emplace(name, std::move(c));
+  }
+  out.sequence = sequence;
+  return out;
+}
+
+EventBatch EventBatch::concat(const std::vector<EventBatch>& parts) {
+  EventBatch out(0);
+  if (parts.empty()) return out;
+  out.sequence = parts.front().sequence;
+  auto dst = out.metadata();
+  // Union of collection names and their column layouts: a part may lack a collection (for
+  // instance when a module failed on it), which then contributes empty events.
+  std::map<std::string, std::map<std::string, const Column*>> layout;
+  for (const auto& p : parts)
+    for (const auto& [name, coll] : p.collections_)
+      for (const auto& [cname, col] : coll.columns()) layout[name].emplace(cname, &col);
+  for (const auto& [name, cols] : layout) {
+    Collection c(0);
+    for (const auto& [cname, col] : cols) c.columns()[cname] = Column(col->dtype(), col->inner_shape());
+    out.collections_.emplace(name, std::move(c));
+  }
+  std::map<std::string, std::vector<int64_t>> counts;
+  for (const auto& p : parts) {
+    const size_t base = out.n_;
+    for (auto& [name, col] : p.metadata()) dst[name]->append_rows(*col, 0, p.n_);
+    for (const auto& [k, r] : p.rejections_) out.rejections_[base + k] = r;
+    for (const auto& [k, e] : p.errors_) out.errors_[base + k] = e;
+    out.n_ += p.n_;
+    for (auto& [name, coll] : out.collections_) {
+      auto it = p.collections_.find(name);
+      auto& cnt = counts[name];
+      if (it == p.collections_.end()) {
+        cnt.insert(cnt.end(), p.n_, 0);
+        continue;
+      }
+      const Collection& src = it->second;
+      for (size_t i = 0; i < p.n_; ++i) cnt.push_back(src.offsets()[i + 1] - src.offsets()[i]);
+      const size_t rows = src.n_rows();
+      for (auto& [cname, col] : coll.columns()) {
+        if (src.has(cname))
+          col.append_rows(src.column(cname), 0, rows);
+        else
+          col.resize(col.rows() + rows);
+      }
+    }
+  }
+  for (auto& [name, coll] : out.collections_) {
+    Column& off = coll.offsets_column();
+    const auto& cnt = counts[name];
+    off.resize(cnt.size() + 1);
+    int64_t* o = off.data<int64_t>();
+    o[0] = 0;
+    for (size_t k = 0; k < cnt.size(); ++k) o[k + 1] = o[k] + cnt[k];
+  }
+  return out;
+}
+
+}  // namespace fw

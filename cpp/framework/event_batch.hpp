@@ -1,0 +1,109 @@
+// A batch of events in columnar form: per-event metadata columns plus named collections, each
+// a set of columns with per-event offsets (event i owns rows offsets[i]..offsets[i+1]).
+#pragma once
+#include <cstdint>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "framework/column.hpp"
+
+namespace fw {
+
+// Bits of the per-event error_flags column.
+enum ErrorFlag : uint32_t {
+  kRejected = 1u << 0,      // input could not be decoded; see rejection reason
+  kModuleError = 1u << 1,   // a module raised while processing this event
+};
+
+struct Rejection {
+  std::string reason;  // short machine-readable code, e.g. "crc_mismatch" (metrics label)
+  std::string detail;  // human-readable explanation
+};
+
+class Collection {
+ public:
+  explicit Collection(size_t n_events = 0);
+  size_t n_events() const { return offsets_.rows() - 1; }
+  size_t n_rows() const { return static_cast<size_t>(offsets()[n_events()]); }
+  const int64_t* offsets() const { return offsets_.data<int64_t>(); }
+  int64_t* offsets() { return offsets_.data<int64_t>(); }
+  Column& offsets_column() { return offsets_; }
+  const Column& offsets_column() const { return offsets_; }
+
+  bool has(const std::string& name) const { return columns_.count(name) != 0; }
+  Column& column(const std::string& name);
+  const Column& column(const std::string& name) const;
+  // Adds (or replaces) a column sized to the current number of rows.
+  template <class T>
+  Column& add_column(const std::string& name, std::vector<int64_t> inner_shape = {}) {
+    return columns_[name] = Column::of<T>(n_rows(), std::move(inner_shape));
+  }
+  Column& set_column(const std::string& name, Column c);
+  std::map<std::string, Column>& columns() { return columns_; }
+  const std::map<std::string, Column>& columns() const { return columns_; }
+  // Sets offsets from per-event counts and resizes every column to the new row total.
+  void set_counts(const std::vector<int64_t>& counts);
+
+ private:
+  Column offsets_;
+  std::map<std::string, Column> columns_;
+};
+
+class EventBatch {
+ public:
+  explicit EventBatch(size_t n_events = 0);
+
+  size_t size() const { return n_; }
+  void resize(size_t n);  // metadata columns grow with zeros; collections must be rebuilt
+
+  uint64_t sequence = 0;  // position in the input stream, set by the processor
+
+  // Per-event metadata.
+  uint32_t* exp() { return exp_.data<uint32_t>(); }
+  uint32_t* run() { return run_.data<uint32_t>(); }
+  uint32_t* evt() { return evt_.data<uint32_t>(); }
+  int64_t* time_ns() { return time_ns_.data<int64_t>(); }
+  uint32_t* error_flags() { return flags_.data<uint32_t>(); }
+  uint8_t* detector() { return det_.data<uint8_t>(); }
+  const uint32_t* exp() const { return exp_.data<uint32_t>(); }
+  const uint32_t* run() const { return run_.data<uint32_t>(); }
+  const uint32_t* evt() const { return evt_.data<uint32_t>(); }
+  const int64_t* time_ns() const { return time_ns_.data<int64_t>(); }
+  const uint32_t* error_flags() const { return flags_.data<uint32_t>(); }
+  const uint8_t* detector() const { return det_.data<uint8_t>(); }
+  // name -> column, for generic access (bindings, output writers).
+  std::map<std::string, Column*> metadata();
+  std::map<std::string, const Column*> metadata() const;
+
+  // Rejected events stay in the batch (so that their bytes can be quarantined) but carry the
+  // kRejected flag; modules skip them.
+  void reject(size_t i, std::string reason, std::string detail);
+  bool is_rejected(size_t i) const { return error_flags()[i] & kRejected; }
+  const std::map<size_t, Rejection>& rejections() const { return rejections_; }
+  // Module errors: the event is flagged, the message kept.
+  void flag_error(size_t i, std::string message);
+  const std::map<size_t, std::string>& errors() const { return errors_; }
+
+  bool has(const std::string& name) const { return collections_.count(name) != 0; }
+  Collection& get(const std::string& name);
+  const Collection& get(const std::string& name) const;
+  Collection& add(const std::string& name);  // new empty collection (all events 0 rows)
+  void remove(const std::string& name) { collections_.erase(name); }
+  std::map<std::string, Collection>& collections() { return collections_; }
+  const std::map<std::string, Collection>& collections() const { return collections_; }
+
+  // Copies of a subset of events / a concatenation, used to split batches at run boundaries
+  // and to isolate an event that makes a module fail.
+  EventBatch select(const std::vector<size_t>& events) const;
+  static EventBatch concat(const std::vector<EventBatch>& parts);
+
+ private:
+  size_t n_ = 0;
+  Column exp_, run_, evt_, time_ns_, flags_, det_;
+  std::map<size_t, Rejection> rejections_;
+  std::map<size_t, std::string> errors_;
+  std::map<std::string, Collection> collections_;
+};
+
+}  // namespace fw

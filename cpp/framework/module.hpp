@@ -1,0 +1,53 @@
+// The contract between a module and the framework: parameters plus the lifecycle
+// initialize -> (begin_run -> event* -> end_run)* -> terminate. Modules never call each other;
+// they meet in the EventBatch.
+#pragma once
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "framework/event_batch.hpp"
+#include "framework/parameters.hpp"
+
+namespace fw {
+
+class Module {
+ public:
+  virtual ~Module() = default;
+
+  const std::string& type() const { return type_; }          // registered name, e.g. "ECLUnpacker"
+  const std::string& description() const { return description_; }
+  void set_identity(std::string type, std::string description) {
+    type_ = std::move(type);
+    description_ = std::move(description);
+    params_.set_owner(type_);
+  }
+  Parameters& params() { return params_; }
+  const Parameters& params() const { return params_; }
+
+  virtual void initialize() {}
+  virtual void begin_run(uint32_t /*exp*/, uint32_t /*run*/) {}
+  virtual void event(EventBatch& /*batch*/) {}
+  virtual void end_run(uint32_t /*exp*/, uint32_t /*run*/) {}
+  virtual void terminate() {}
+
+  // A source fills `batch` with up to max_events events; false once the data has ended (a last
+  // non-empty batch may come with false). Sources must return regularly (poll stop_requested()).
+  virtual bool is_source() const { return false; }
+  virtual bool next_batch(EventBatch& /*batch*/, size_t /*max_events*/) { return false; }
+  // Ordered modules (outputs) see batches one at a time in input order, also with threads > 1;
+  // every module after the first ordered one in a path runs ordered too.
+  virtual bool ordered() const { return false; }
+  // Python modules need the interpreter lock; the processor keeps them off the parallel stage
+  // when asked to (see ProcessOptions).
+  virtual bool needs_gil() const { return false; }
+  // Module-specific counters for monitoring (e.g. clusters corrected), read between batches.
+  virtual std::map<std::string, double> counters() const { return {}; }
+
+ private:
+  std::string type_, description_;
+  Parameters params_;
+};
+
+}  // namespace fw

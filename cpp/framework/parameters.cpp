@@ -1,0 +1,103 @@
+#include "framework/parameters.hpp"
+
+#include <sstream>
+
+namespace fw {
+
+const char* param_type_name(ParamType t) {
+  switch (t) {
+    case ParamType::Bool: return "bool";
+    case ParamType::Int: return "int";
+    case ParamType::Float: return "float";
+    case ParamType::Str: return "str";
+    case ParamType::FloatList: return "list[float]";
+    case ParamType::IntList: return "list[int]";
+    case ParamType::StrList: return "list[str]";
+  }
+  return "?";
+}
+
+std::string format_param_value(const ParamValue& v) {
+  std::ostringstream os;
+  std::visit(
+      [&](const auto& x) {
+        using X = std::decay_t<decltype(x)>;
+        if constexpr (std::is_same_v<X, bool>) os << (x ? "True" : "False");
+        else if constexpr (std::is_same_v<X, std::string>) os << '\'' << x << '\'';
+        else if constexpr (std::is_same_v<X, int64_t> || std::is_same_v<X, double>) os << x;
+        else {
+          os << '[';
+          for (size_t i = 0; i < x.size(); ++i) {
+            if (i) os << ", ";
+            if constexpr (std::is_same_v<X, std::vector<std::string>>) os << '\'' << x[i] << '\'';
+            else os << x[i];
+          }
+          os << ']';
+        }
+      },
+      v);
+  return os.str();
+}
+
+void Parameters::declare(const std::string& name, ParamType type, std::optional<ParamValue> default_value,
+                         const std::string& description, std::function<void(const ParamValue&)> store) {
+  if (find(name)) throw std::logic_error(owner_ + ": parameter '" + name + "' declared twice");
+  Parameter p{name, type, default_value, description, default_value.value_or(ParamValue{}), false,
+              std::move(store)};
+  params_.push_back(std::move(p));
+}
+
+const Parameter* Parameters::find(const std::string& name) const {
+  for (const auto& p : params_)
+    if (p.name == name) return &p;
+  return nullptr;
+}
+
+const Parameter& Parameters::get(const std::string& name) const {
+  const Parameter* p = find(name);
+  if (!p) throw ParameterError(owner_ + ": unknown parameter '" + name + "'");
+  return *p;
+}
+
+static bool matches(ParamType t, const ParamValue& v) {
+  switch (t) {
+    case ParamType::Bool: return std::holds_alternative<bool>(v);
+    case ParamType::Int: return std::holds_alternative<int64_t>(v);
+    case ParamType::Float: return std::holds_alternative<double>(v);
+    case ParamType::Str: return std::holds_alternative<std::string>(v);
+    case ParamType::FloatList: return std::holds_alternative<std::vector<double>>(v);
+    case ParamType::IntList: return std::holds_alternative<std::vector<int64_t>>(v);
+    case ParamType::StrList: return std::holds_alternative<std::vector<std::string>>(v);
+  }
+  return false;
+}
+
+void Parameters::set(const std::string& name, ParamValue value) {
+  Parameter* p = const_cast<Parameter*>(find(name));
+  if (!p) {
+    std::string known;
+    for (const auto& q : params_) known += (known.empty() ? "" : ", ") + q.name;
+    throw ParameterError(owner_ + ": unknown parameter '" + name + "' (parameters: " +
+                         (known.empty() ? "none" : known) + ")");
+  }
+  // An int is a valid float (and a list of ints a valid list of floats), never the reverse.
+  if (p->type == ParamType::Float && std::holds_alternative<int64_t>(value))
+    value = static_cast<double>(std::get<int64_t>(value));
+  if (p->type == ParamType::FloatList && std::holds_alternative<std::vector<int64_t>>(value)) {
+    const auto& iv = std::get<std::vector<int64_t>>(value);
+    value = std::vector<double>(iv.begin(), iv.end());
+  }
+  if (!matches(p->type, value))
+    throw ParameterError(owner_ + ": parameter '" + name + "' must be " + param_type_name(p->type));
+  p->value = value;
+  p->is_set = true;
+  if (p->store) p->store(p->value);
+}
+
+void Parameters::check_required() const {
+  for (const auto& p : params_)
+    if (!p.default_value && !p.is_set)
+      throw ParameterError(owner_ + ": required parameter '" + p.name + "' is not set");
+}
+
+}  // namespace fw

@@ -1,0 +1,399 @@
+#include "framework/processor.hpp"
+
+#include <chrono>
+#include <condition_variable>
+#include <csignal>
+#include <cstdio>
+#include <deque>
+#include <iomanip>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
+
+namespace fw {
+
+namespace {
+
+std::atomic<bool> g_stop{false};
+std::atomic<int> g_signals{0};
+
+extern "C" void on_signal(int sig) {
+  g_stop.store(true);
+  // A second signal gets the default action: a stuck run can still be interrupted.
+  if (g_signals.fetch_add(1) >= 1) std::signal(sig, SIG_DFL);
+}
+
+double now_seconds() {
+  using namespace std::chrono;
+  return duration<double>(system_clock::now().time_since_epoch()).count();
+}
+
+// Restores the previous SIGINT/SIGTERM handlers when a run ends.
+class SignalGuard {
+ public:
+  explicit SignalGuard(bool install) : installed_(install) {
+    if (!installed_) return;
+    g_signals = 0;
+    struct sigaction sa {};
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, &old_int_);
+    sigaction(SIGTERM, &sa, &old_term_);
+  }
+  ~SignalGuard() {
+    if (!installed_) return;
+    sigaction(SIGINT, &old_int_, nullptr);
+    sigaction(SIGTERM, &old_term_, nullptr);
+  }
+
+ private:
+  bool installed_;
+  struct sigaction old_int_ {}, old_term_ {};
+};
+
+std::string event_id(const EventBatch& b, size_t i) {
+  return "exp " + std::to_string(b.exp()[i]) + " run " + std::to_string(b.run()[i]) + " evt " +
+         std::to_string(b.evt()[i]);
+}
+
+}  // namespace
+
+void request_stop() { g_stop.store(true); }
+bool stop_requested() { return g_stop.load(std::memory_order_relaxed); }
+void clear_stop() { g_stop.store(false); }
+
+std::map<std::string, uint64_t> ProcessState::rejected_by_reason() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return rejected_by_reason_;
+}
+
+void ProcessState::count_rejection(const std::string& reason) {
+  std::lock_guard<std::mutex> lock(mu_);
+  ++rejected_by_reason_[reason];
+}
+
+std::vector<std::string> ProcessState::error_messages() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return error_messages_;
+}
+
+void ProcessState::record_error(const std::string& message) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (error_messages_.size() < 100) error_messages_.push_back(message);
+}
+
+Processor::Processor() : state_(std::make_shared<ProcessState>()) {}
+
+namespace {
+
+// One run of process(): the state that the stages share.
+class Run {
+ public:
+  Run(Path& path, const ProcessOptions& opt, ProcessState& st)
+      : modules_(path.modules()), opt_(opt), st_(st) {
+    if (modules_.empty() || !modules_.front()->is_source())
+      throw std::invalid_argument("a path needs an input module (a source) as its first module");
+    for (size_t i = 1; i < modules_.size(); ++i)
+      if (modules_[i]->is_source())
+        throw std::invalid_argument("a path takes one input module; '" + modules_[i]->type() +
+                                    "' is a second one");
+    first_ordered_ = modules_.size();
+    for (size_t i = 1; i < modules_.size(); ++i)
+      if (modules_[i]->ordered()) {
+        first_ordered_ = i;
+        break;
+      }
+  }
+
+  void execute() {
+    for (auto& m : modules_) {
+      m->params().check_required();
+      lifecycle(*m, "initialize", [&] { m->initialize(); });
+    }
+    const int n_threads = std::max(1, opt_.threads);
+    if (n_threads > 1)
+      for (int t = 0; t < n_threads; ++t) workers_.emplace_back([this] { worker_loop(); });
+    std::exception_ptr fatal;
+    try {
+      read_loop();
+    } catch (...) {
+      fatal = std::current_exception();
+    }
+    drain();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      closing_ = true;
+    }
+    queue_cv_.notify_all();
+    for (auto& w : workers_) w.join();
+    if (in_run_)
+      for (auto& m : modules_) lifecycle(*m, "end_run", [&] { m->end_run(exp_, run_); });
+    for (auto& m : modules_) lifecycle(*m, "terminate", [&] { m->terminate(); });
+    if (fatal) std::rethrow_exception(fatal);
+  }
+
+ private:
+  template <class F>
+  void lifecycle(Module& m, const char* what, F&& f) {
+    try {
+      f();
+    } catch (const std::exception& e) {
+      throw std::runtime_error(m.type() + "." + what + " failed: " + e.what());
+    }
+  }
+
+  void read_loop() {
+    Module& source = *modules_.front();
+    ModuleCounters& sc = *st_.modules[0];
+    bool more = true;
+    while (more && !stop_requested()) {
+      size_t want = opt_.batch_size;
+      if (opt_.max_events) {
+        const uint64_t left = opt_.max_events - std::min<uint64_t>(opt_.max_events, received_);
+        if (left == 0) break;
+        want = std::min<size_t>(want, left);
+      }
+      EventBatch batch(0);
+      const auto t0 = std::chrono::steady_clock::now();
+      more = source.next_batch(batch, want);
+      record(sc, batch.size(), t0);
+      if (batch.size() == 0) continue;
+      received_ += batch.size();
+      st_.received += batch.size();
+      for (auto& segment : split_runs(batch)) dispatch(std::move(segment));
+    }
+  }
+
+  // Splits a batch where (exp, run) changes; rejected events (run unknown) stay with their
+  // neighbours.
+  std::vector<EventBatch> split_runs(EventBatch& batch) {
+    std::vector<EventBatch> out;
+    std::vector<size_t> idx;
+    bool have_key = false;
+    uint32_t kexp = 0, krun = 0;
+    auto flush = [&] {
+      if (!idx.empty()) out.push_back(idx.size() == batch.size() ? std::move(batch) : batch.select(idx));
+      idx.clear();
+    };
+    for (size_t i = 0; i < batch.size(); ++i) {
+      if (!batch.is_rejected(i)) {
+        if (have_key && (batch.exp()[i] != kexp || batch.run()[i] != krun)) flush();
+        have_key = true;
+        kexp = batch.exp()[i];
+        krun = batch.run()[i];
+      }
+      idx.push_back(i);
+    }
+    flush();
+    return out;
+  }
+
+  void dispatch(EventBatch&& batch) {
+    // Run boundary: finish what is in flight, then end_run / begin_run everywhere.
+    for (size_t i = 0; i < batch.size(); ++i) {
+      if (batch.is_rejected(i)) continue;
+      const uint32_t e = batch.exp()[i], r = batch.run()[i];
+      if (!in_run_ || e != exp_ || r != run_) {
+        drain();
+        if (in_run_)
+          for (auto& m : modules_) lifecycle(*m, "end_run", [&] { m->end_run(exp_, run_); });
+        exp_ = e;
+        run_ = r;
+        in_run_ = true;
+        for (auto& m : modules_) lifecycle(*m, "begin_run", [&] { m->begin_run(exp_, run_); });
+      }
+      break;
+    }
+    batch.sequence = next_sequence_++;
+    if (workers_.empty()) {
+      run_modules(batch, 1, modules_.size());
+      finish(batch);
+      return;
+    }
+    std::unique_lock<std::mutex> lock(mu_);
+    // Bounded: the reader waits when the workers are busy (backpressure on the source).
+    queue_cv_.wait(lock, [&] { return queue_.size() < 2 * workers_.size(); });
+    queue_.push_back(std::move(batch));
+    ++dispatched_;
+    st_.batches_in_flight = dispatched_ - completed_;
+    queue_cv_.notify_all();
+  }
+
+  void worker_loop() {
+    for (;;) {
+      EventBatch batch(0);
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        queue_cv_.wait(lock, [&] { return closing_ || !queue_.empty(); });
+        if (queue_.empty()) return;
+        batch = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      queue_cv_.notify_all();
+      run_modules(batch, 1, first_ordered_);
+      {
+        std::unique_lock<std::mutex> lock(order_mu_);
+        order_cv_.wait(lock, [&] { return next_ordered_ == batch.sequence; });
+      }
+      run_modules(batch, first_ordered_, modules_.size());
+      finish(batch);
+      {
+        std::lock_guard<std::mutex> lock(order_mu_);
+        ++next_ordered_;
+      }
+      order_cv_.notify_all();
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        ++completed_;
+        st_.batches_in_flight = dispatched_ - completed_;
+      }
+      done_cv_.notify_all();
+    }
+  }
+
+  void drain() {
+    if (workers_.empty()) return;
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, [&] { return completed_ == dispatched_; });
+  }
+
+  void run_modules(EventBatch& batch, size_t from, size_t to) {
+    for (size_t k = from; k < to; ++k) {
+      const auto t0 = std::chrono::steady_clock::now();
+      call_event(*modules_[k], batch);
+      record(*st_.modules[k], batch.size(), t0);
+    }
+  }
+
+  // A module that raises on a batch is re-run event by event, so that only the events that
+  // make it fail get the error flag and the others are processed normally.
+  void call_event(Module& m, EventBatch& batch) {
+    try {
+      m.event(batch);
+      return;
+    } catch (const std::exception& e) {
+      if (batch.size() == 1) {
+        flag(batch, 0, m, e.what());
+        return;
+      }
+    }
+    std::vector<EventBatch> parts;
+    parts.reserve(batch.size());
+    for (size_t i = 0; i < batch.size(); ++i) {
+      EventBatch one = batch.select({i});
+      try {
+        m.event(one);
+      } catch (const std::exception& e) {
+        flag(one, 0, m, e.what());
+      }
+      parts.push_back(std::move(one));
+    }
+    const uint64_t seq = batch.sequence;
+    batch = EventBatch::concat(parts);
+    batch.sequence = seq;
+  }
+
+  void flag(EventBatch& b, size_t i, Module& m, const char* what) {
+    const std::string msg = m.type() + " raised on " + event_id(b, i) + ": " + what;
+    b.flag_error(i, msg);
+    st_.record_error(msg);
+    std::fprintf(stderr, "[ERROR] %s\n", msg.c_str());
+  }
+
+  void record(ModuleCounters& c, size_t events, std::chrono::steady_clock::time_point t0) {
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                        std::chrono::steady_clock::now() - t0)
+                        .count();
+    c.calls.fetch_add(1, std::memory_order_relaxed);
+    c.events.fetch_add(events, std::memory_order_relaxed);
+    c.nanoseconds.fetch_add(static_cast<uint64_t>(ns), std::memory_order_relaxed);
+    size_t b = 0;
+    const double s = ns * 1e-9;
+    while (b < kBatchSecondsBuckets.size() && s > kBatchSecondsBuckets[b]) ++b;
+    c.batch_seconds_hist[b].fetch_add(1, std::memory_order_relaxed);
+  }
+
+  void finish(const EventBatch& batch) {
+    uint64_t rejected = 0, errors = 0;
+    for (const auto& [i, r] : batch.rejections()) {
+      ++rejected;
+      st_.count_rejection(r.reason);
+    }
+    errors = batch.errors().size();
+    st_.rejected += rejected;
+    st_.processed += batch.size() - rejected;
+    st_.errors += errors;
+    st_.batches += 1;
+    size_t b = 0;
+    while (b < st_.events_per_batch_hist.size() - 1 && batch.size() > (size_t(1) << b)) ++b;
+    st_.events_per_batch_hist[b].fetch_add(1, std::memory_order_relaxed);
+  }
+
+  const std::vector<std::shared_ptr<Module>>& modules_;
+  const ProcessOptions& opt_;
+  ProcessState& st_;
+  size_t first_ordered_ = 0;
+  uint64_t received_ = 0, next_sequence_ = 0;
+  bool in_run_ = false;
+  uint32_t exp_ = 0, run_ = 0;
+
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::condition_variable queue_cv_, done_cv_;
+  std::deque<EventBatch> queue_;
+  uint64_t dispatched_ = 0, completed_ = 0;
+  bool closing_ = false;
+  std::mutex order_mu_;
+  std::condition_variable order_cv_;
+  uint64_t next_ordered_ = 0;
+};
+
+}  // namespace
+
+void Processor::process(Path& path, const ProcessOptions& options) {
+  state_ = std::make_shared<ProcessState>();
+  for (auto& m : path.modules()) {
+    state_->modules.push_back(std::make_unique<ModuleCounters>());
+    state_->modules.back()->name = m->type();
+  }
+  SignalGuard guard(options.install_signal_handlers);
+  clear_stop();
+  state_->running = true;
+  const double t0 = now_seconds();
+  state_->start_time = t0;
+  struct Finally {
+    ProcessState& st;
+    double t0;
+    ~Finally() {
+      st.wall_seconds = now_seconds() - t0;
+      st.running = false;
+    }
+  } finally{*state_, t0};
+  Run run(path, options, *state_);
+  run.execute();
+}
+
+std::string Processor::statistics_table() const {
+  std::ostringstream os;
+  const auto& st = *state_;
+  os << std::left << std::setw(24) << "Module" << std::right << std::setw(10) << "Calls"
+     << std::setw(12) << "Events" << std::setw(12) << "Time [s]" << std::setw(14) << "us/event"
+     << "\n"
+     << std::string(72, '=') << "\n";
+  uint64_t total_ns = 0;
+  for (const auto& m : st.modules) {
+    const uint64_t ev = m->events, ns = m->nanoseconds;
+    total_ns += ns;
+    os << std::left << std::setw(24) << m->name << std::right << std::setw(10) << m->calls.load()
+       << std::setw(12) << ev << std::setw(12) << std::fixed << std::setprecision(3) << ns * 1e-9
+       << std::setw(14) << std::setprecision(2) << (ev ? ns * 1e-3 / ev : 0.0) << "\n";
+  }
+  const uint64_t ev = st.received;
+  os << std::string(72, '-') << "\n"
+     << std::left << std::setw(24) << "Total" << std::right << std::setw(10) << st.batches.load()
+     << std::setw(12) << ev << std::setw(12) << std::fixed << std::setprecision(3) << total_ns * 1e-9
+     << std::setw(14) << std::setprecision(2) << (ev ? total_ns * 1e-3 / ev : 0.0) << "\n";
+  return os.str();
+}
+
+}  // namespace fw

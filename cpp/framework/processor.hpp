@@ -1,0 +1,83 @@
+// The event loop: pulls batches from the path's source, splits them at run boundaries, runs the
+// modules (concurrently on `threads` batches, outputs in input order) and keeps the accounting
+// received = processed + rejected.
+#pragma once
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "framework/module.hpp"
+
+namespace fw {
+
+class Path {
+ public:
+  void add(std::shared_ptr<Module> m) { modules_.push_back(std::move(m)); }
+  const std::vector<std::shared_ptr<Module>>& modules() const { return modules_; }
+
+ private:
+  std::vector<std::shared_ptr<Module>> modules_;
+};
+
+struct ProcessOptions {
+  uint64_t max_events = 0;  // 0: until the source ends
+  int threads = 1;
+  size_t batch_size = 256;
+  bool install_signal_handlers = true;  // SIGINT/SIGTERM end the run cleanly
+};
+
+// Upper bounds (seconds) of the per-batch module time histogram; the last bucket is +Inf.
+constexpr std::array<double, 14> kBatchSecondsBuckets = {1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2,
+                                                         3e-2, 0.1,  0.3,  1.0,  3.0,  10.0, 30.0};
+
+struct ModuleCounters {
+  std::string name;
+  std::atomic<uint64_t> calls{0}, events{0}, nanoseconds{0};
+  std::array<std::atomic<uint64_t>, kBatchSecondsBuckets.size() + 1> batch_seconds_hist{};
+};
+
+// Live counters of a processing run, safe to read from another thread (metrics exporter).
+class ProcessState {
+ public:
+  std::atomic<uint64_t> received{0}, processed{0}, rejected{0}, errors{0}, batches{0};
+  std::atomic<uint64_t> batches_in_flight{0};
+  std::atomic<bool> running{false};
+  std::atomic<double> start_time{0.0}, wall_seconds{0.0};
+  std::vector<std::unique_ptr<ModuleCounters>> modules;
+  std::array<std::atomic<uint64_t>, 12> events_per_batch_hist{};  // buckets 1,2,4,...,1024,+Inf
+
+  std::map<std::string, uint64_t> rejected_by_reason() const;
+  void count_rejection(const std::string& reason);
+  std::vector<std::string> error_messages() const;  // the first module errors, for the summary
+  void record_error(const std::string& message);
+
+ private:
+  mutable std::mutex mu_;
+  std::map<std::string, uint64_t> rejected_by_reason_;
+  std::vector<std::string> error_messages_;
+};
+
+// Request that a running process() ends after the batches in flight (what SIGINT/SIGTERM do).
+void request_stop();
+bool stop_requested();
+void clear_stop();
+
+class Processor {
+ public:
+  Processor();
+  std::shared_ptr<ProcessState> state() const { return state_; }
+  // Runs the path to the end of its source, max_events, or a stop request.
+  void process(Path& path, const ProcessOptions& options);
+  // basf2-like table: calls, events, total time and time per event for every module.
+  std::string statistics_table() const;
+
+ private:
+  std::shared_ptr<ProcessState> state_;
+};
+
+}  // namespace fw

@@ -1,0 +1,36 @@
+#include "framework/registry.hpp"
+
+#include <stdexcept>
+
+namespace fw {
+
+ModuleRegistry& ModuleRegistry::instance() {
+  static ModuleRegistry registry;
+  return registry;
+}
+
+bool ModuleRegistry::add(ModuleInfo info) {
+  const std::string name = info.name;
+  return modules_.emplace(name, std::move(info)).second;
+}
+
+const ModuleInfo* ModuleRegistry::find(const std::string& name) const {
+  auto it = modules_.find(name);
+  return it == modules_.end() ? nullptr : &it->second;
+}
+
+std::shared_ptr<Module> ModuleRegistry::create(const std::string& name) const {
+  const ModuleInfo* info = find(name);
+  if (!info) throw std::out_of_range("no C++ module named '" + name + "'");
+  auto m = info->factory();
+  m->set_identity(info->name, info->description);
+  return m;
+}
+
+std::vector<const ModuleInfo*> ModuleRegistry::list() const {
+  std::vector<const ModuleInfo*> out;
+  for (const auto& [name, info] : modules_) out.push_back(&info);
+  return out;
+}
+
+}  // namespace fw

@@ -1,0 +1,1 @@
+"""Python reconstruction modules (installed from the repository's modules/ directory)."""

@@ -1,0 +1,193 @@
+"""The user-facing framework API: Module, Path, create_path, process, statistics."""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+import time
+from typing import Any
+
+from eclreco import _core
+
+REQUIRED = object()  # default of a parameter that a steering file must set
+
+_PY_TYPES = {bool: "bool", int: "int", float: "float", str: "str"}
+
+
+def _infer_type(default: Any) -> str:
+    if isinstance(default, bool):
+        return "bool"
+    for py_type, name in _PY_TYPES.items():
+        if isinstance(default, py_type):
+            return name
+    if isinstance(default, (list, tuple)):
+        kinds = {_infer_type(x) for x in default}
+        if kinds <= {"int"} and default:
+            return "list[int]"
+        if kinds <= {"str"} and default:
+            return "list[str]"
+        return "list[float]"
+    raise TypeError(f"cannot infer a parameter type from {default!r}; pass type=")
+
+
+class Module(_core.Module):
+    """Base class of Python modules.
+
+    Subclasses call ``super().__init__()`` and declare their parameters with :meth:`add_param`;
+    the framework calls ``initialize``, ``begin_run(exp, run)``, ``event(batch)``,
+    ``end_run(exp, run)`` and ``terminate``. ``event`` receives a whole :class:`EventBatch`;
+    its collections are numpy views, so work on them with array operations.
+    """
+
+    def __init__(self):
+        super().__init__()
+        doc = (type(self).__doc__ or "").strip().splitlines()
+        self._set_identity(type(self).__name__, doc[0] if doc else "")
+
+    def add_param(self, name: str, default: Any = REQUIRED, description: str = "", type: str | None = None):
+        """Declare a parameter: name, default (or REQUIRED with an explicit type) and description."""
+        if type is None:
+            if default is REQUIRED:
+                raise TypeError(f"{self.type}: required parameter '{name}' needs type=")
+            type = _infer_type(default)
+        self.declare_param(name, type, None if default is REQUIRED else default, description)
+
+    def param(self, name: str) -> Any:
+        """The current value of a parameter."""
+        return self.get_param(name)
+
+    def __repr__(self):
+        return f"<{self.type}>"
+
+
+def _python_module_classes() -> dict[str, type]:
+    """Python modules shipped in eclreco.modules (installed from the repository's modules/)."""
+    import eclreco.modules as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{info.name}")
+    found = {}
+    stack = list(Module.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if cls.__module__.startswith("eclreco.modules."):
+            found[cls.__name__] = cls
+    return found
+
+
+def available_modules() -> dict[str, str]:
+    """name -> one-line description of every module, C++ and Python."""
+    out = dict(_core.cpp_modules())
+    for name, cls in _python_module_classes().items():
+        doc = (cls.__doc__ or "").strip().splitlines()
+        out.setdefault(name, doc[0] if doc else "")
+    return dict(sorted(out.items()))
+
+
+def create_module(name: str) -> _core.Module:
+    """A new instance of the module registered under `name` (C++ first, then Python)."""
+    if name in dict(_core.cpp_modules()):
+        return _core.create_cpp_module(name)
+    classes = _python_module_classes()
+    if name in classes:
+        return classes[name]()
+    raise ValueError(f"unknown module '{name}'; available: {', '.join(available_modules())}")
+
+
+class Path:
+    """An ordered list of modules: one input module first, then processing and output modules."""
+
+    def __init__(self):
+        self._cpp = _core.Path()
+        self._modules: list[_core.Module] = []  # keeps Python module objects alive
+
+    def add_module(self, module: str | _core.Module, **params) -> _core.Module:
+        """Add a module by name (with parameters) or an instance; returns the module."""
+        if isinstance(module, str):
+            module = create_module(module)
+        elif not isinstance(module, _core.Module):
+            raise TypeError(f"add_module takes a module name or a Module, not {type(module).__name__}")
+        for key, value in params.items():
+            module.set_param(key, value)
+        module.check_required()
+        self._cpp.add(module)
+        self._modules.append(module)
+        return module
+
+    @property
+    def modules(self) -> list[_core.Module]:
+        return list(self._modules)
+
+    def __repr__(self):
+        return "[" + " -> ".join(m.type for m in self._modules) + "]"
+
+
+def create_path() -> Path:
+    return Path()
+
+
+class Statistics:
+    """Counters and per-module timing of the last process() call (basf2's statistics)."""
+
+    def __init__(self):
+        self._processor = None
+
+    def _attach(self, processor):
+        self._processor = processor
+
+    @property
+    def state(self):
+        return None if self._processor is None else self._processor.state
+
+    def summary(self) -> dict:
+        s = self.state
+        if s is None:
+            return {}
+        wall = s.wall_seconds if not s.running else time.time() - s.start_time
+        return {
+            "received": s.received,
+            "processed": s.processed,
+            "rejected": s.rejected,
+            "rejected_by_reason": s.rejected_by_reason(),
+            "errors": s.errors,
+            "batches": s.batches,
+            "wall_seconds": wall,
+            "events_per_second": s.received / wall if wall > 0 else 0.0,
+            "modules": s.modules(),
+        }
+
+    def __str__(self):
+        if self._processor is None:
+            return "(no process() call yet)"
+        s = self.summary()
+        lines = [self._processor.statistics_table().rstrip()]
+        lines.append(
+            f"events received {s['received']}, processed {s['processed']}, rejected {s['rejected']}, "
+            f"with module errors {s['errors']}; {s['wall_seconds']:.2f} s, "
+            f"{s['events_per_second']:,.0f} events/s"
+        )
+        for reason, n in sorted(s["rejected_by_reason"].items()):
+            lines.append(f"  rejected [{reason}]: {n}")
+        return "\n".join(lines)
+
+
+statistics = Statistics()
+
+
+def process(path: Path, max_events: int = 0, threads: int = 1, batch_size: int = 256,
+            install_signal_handlers: bool = True) -> Statistics:
+    """Run `path`: the event loop runs in C++ with the GIL released.
+
+    threads > 1 processes batches concurrently; output modules still see them in input order.
+    SIGINT/SIGTERM end the run cleanly (outputs are closed); a second signal kills.
+    """
+    if threads < 1:
+        raise ValueError("threads must be at least 1")
+    processor = _core.Processor()
+    statistics._attach(processor)
+    processor.process(path._cpp, max_events=max_events, threads=threads, batch_size=batch_size,
+                      install_signal_handlers=install_signal_handlers)
+    if sys.stdout:
+        sys.stdout.flush()
+    return statistics
