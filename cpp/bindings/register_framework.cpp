@@ -10,13 +10,20 @@ using fw::ParamValue;
 
 namespace {
 
+// A Python exception as a C++ one: the message without pybind11's traceback appendix.
+[[noreturn]] void rethrow_python(const py::error_already_set& e) {
+  std::string msg = e.what();
+  const auto at = msg.find("\n\nAt:");
+  throw std::runtime_error(at == std::string::npos ? msg : msg.substr(0, at));
+}
+
 // Python modules derive from this. Every call into Python takes the GIL for its own duration
 // only, and a Python exception becomes a C++ one while the GIL is still held.
 class PyModule : public Module {
  public:
   void initialize() override { call("initialize"); }
   void begin_run(uint32_t exp, uint32_t run) override { call("begin_run", exp, run); }
-  void event(fw::EventBatch& batch) override { call("event", py::cast(&batch, py::return_value_policy::reference)); }
+  void event(fw::EventBatch& batch) override { call("event", &batch); }
   void end_run(uint32_t exp, uint32_t run) override { call("end_run", exp, run); }
   void terminate() override { call("terminate"); }
   bool is_source() const override { return flag("is_source", false); }
@@ -29,7 +36,7 @@ class PyModule : public Module {
       if (!f) return false;
       return f(py::cast(&batch, py::return_value_policy::reference), max_events).cast<bool>();
     } catch (py::error_already_set& e) {
-      throw std::runtime_error(e.what());
+      rethrow_python(e);
     }
   }
   std::map<std::string, double> counters() const override {
@@ -39,19 +46,21 @@ class PyModule : public Module {
       if (!f) return {};
       return f().cast<std::map<std::string, double>>();
     } catch (py::error_already_set& e) {
-      throw std::runtime_error(e.what());
+      rethrow_python(e);
     }
   }
 
  private:
+  // Arguments are C++ values; they become Python objects only here, under the GIL (a batch is
+  // passed by pointer and wrapped by reference, never copied).
   template <class... Args>
-  void call(const char* name, Args&&... args) {
+  void call(const char* name, Args... args) {
     py::gil_scoped_acquire gil;
     try {
       py::function f = py::get_override(static_cast<const Module*>(this), name);
-      if (f) f(std::forward<Args>(args)...);
+      if (f) f(py::cast(args, py::return_value_policy::reference)...);
     } catch (py::error_already_set& e) {
-      throw std::runtime_error(e.what());
+      rethrow_python(e);
     }
   }
   bool flag(const char* name, bool fallback) const {

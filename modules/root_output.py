@@ -1,0 +1,126 @@
+"""RootOutput: writes reconstructed events to a ROOT file (TTree `events`) through uproot."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from eclreco import ERROR_REJECTED, Module
+
+# ECLClusters column -> branch (without the "cluster_" prefix uproot adds from the record name).
+CLUSTER_BRANCHES = {
+    "energy_raw": "energy_raw",
+    "energy": "energy",
+    "theta": "theta",
+    "phi": "phi",
+    "x": "x",
+    "y": "y",
+    "z": "z",
+    "time": "time",
+    "n_crystals": "n_crystals",
+    "seed_cell": "seed_cell",
+    "e1e9": "e1e9",
+    "e9e21": "e9e21",
+}
+
+
+class RootOutput(Module):
+    """Writes events (metadata, digit counts, clusters) to a ROOT TTree `events` via uproot.
+
+    Rejected events are not written (they go to the quarantine file). Branches whose data the
+    chain does not produce are left out. Data are buffered and written in large baskets; the
+    file is closed and valid at the end of the run, also after SIGINT/SIGTERM.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.add_param("filename", "eclreco.root", "output ROOT file")
+        self.add_param("tree", "events", "name of the TTree")
+        self.add_param("basket_events", 100000, "events buffered per basket")
+        self._file = None
+        self._parts: list[dict] = []
+        self._buffered = 0
+        self._tree_created = False
+        self.events_written = 0
+
+    def ordered(self):
+        return True
+
+    def initialize(self):
+        import uproot
+
+        path = self.param("filename")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self._file = uproot.recreate(path)
+        self._tree_created = False
+
+    def event(self, batch):
+        keep = (batch.error_flags & ERROR_REJECTED) == 0
+        if not keep.any():
+            return
+        part = {
+            "exp": batch.exp[keep].astype(np.uint32),
+            "run": batch.run[keep].astype(np.uint32),
+            "evt": batch.evt[keep].astype(np.uint32),
+            "error_flags": batch.error_flags[keep].astype(np.uint32),
+        }
+        if "ECLDigits" in batch:
+            part["n_digits"] = np.diff(batch["ECLDigits"].offsets)[keep].astype(np.int32)
+        if "ECLClusters" in batch:
+            clusters = batch["ECLClusters"]
+            offsets = clusters.offsets
+            counts = np.diff(offsets)
+            # Rows of the kept events only.
+            row_keep = np.repeat(keep, counts)
+            cols = {}
+            for column, branch in CLUSTER_BRANCHES.items():
+                if column in clusters:
+                    cols[branch] = np.ascontiguousarray(clusters[column][row_keep])
+            if cols:
+                part["_cluster_counts"] = counts[keep].astype(np.int32)
+                part["_cluster_cols"] = cols
+        self._parts.append(part)
+        self._buffered += int(keep.sum())
+        if self._buffered >= self.param("basket_events"):
+            self._flush()
+
+    def _flush(self):
+        if not self._parts:
+            return
+        import awkward as ak
+
+        data = {}
+        for key in ("exp", "run", "evt", "n_digits", "error_flags"):
+            if all(key in p for p in self._parts):
+                data[key] = np.concatenate([p[key] for p in self._parts])
+        if all("_cluster_cols" in p for p in self._parts):
+            counts = np.concatenate([p["_cluster_counts"] for p in self._parts])
+            names = self._parts[0]["_cluster_cols"].keys()
+            fields = {n: ak.unflatten(np.concatenate([p["_cluster_cols"][n] for p in self._parts]), counts)
+                      for n in names}
+            data["cluster"] = ak.zip(fields)
+        n = len(data["evt"])
+        if not self._tree_created:
+            self._file[self.param("tree")] = data
+            self._tree_created = True
+        else:
+            self._file[self.param("tree")].extend(data)
+        self.events_written += n
+        self._parts.clear()
+        self._buffered = 0
+
+    def end_run(self, exp, run):
+        self._flush()
+
+    def terminate(self):
+        self._flush()
+        if self._file is not None and not self._tree_created:
+            # No event reached the output: still leave a readable, empty tree.
+            self._file.mktree(self.param("tree"), {"exp": np.uint32, "run": np.uint32, "evt": np.uint32,
+                                                   "error_flags": np.uint32})
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def counters(self):
+        return {"events_written": float(self.events_written)}

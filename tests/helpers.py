@@ -1,0 +1,53 @@
+"""Small modules shared by the tests."""
+import numpy as np
+
+import eclreco
+
+
+class CountingSource(eclreco.Module):
+    """Synthetic events: evt = 0..n-1, a run change every `run_length` events, i % 5 digits each."""
+
+    def __init__(self, n=1000, run_length=0):
+        super().__init__()
+        self.add_param("n", n, "events")
+        self.add_param("run_length", run_length, "events per run (0: one run)")
+        self.next = 0
+
+    def is_source(self):
+        return True
+
+    def next_batch(self, batch, max_events):
+        n = min(max_events, self.param("n") - self.next)
+        evt = np.arange(self.next, self.next + n)
+        batch.resize(n)
+        batch.evt[:] = evt
+        batch.exp[:] = 1
+        rl = self.param("run_length")
+        batch.run[:] = evt // rl if rl else 0
+        counts = evt % 5
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        cell = (np.arange(offsets[-1]) % 8736 + 1).astype(np.int32)
+        batch.add_collection("ECLDigits", offsets, {"cell": cell, "energy": (cell * 1e-4).astype(np.float32)})
+        self.next += n
+        return self.next < self.param("n")
+
+
+class Recorder(eclreco.Module):
+    """Ordered sink that records what it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.evt, self.digit_sums, self.runs, self.flags = [], [], [], []
+
+    def ordered(self):
+        return True
+
+    def begin_run(self, exp, run):
+        self.runs.append((exp, run))
+
+    def event(self, batch):
+        self.evt.extend(batch.evt.tolist())
+        self.flags.extend(batch.error_flags.tolist())
+        d = batch["ECLDigits"]
+        sums = np.add.reduceat(np.append(d["energy"], 0), d.offsets[:-1]) * (np.diff(d.offsets) > 0)
+        self.digit_sums.extend(sums.tolist())

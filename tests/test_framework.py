@@ -1,0 +1,169 @@
+"""Framework core: batches, parameters, paths, the processor, statistics."""
+import numpy as np
+import pytest
+
+import eclreco
+from helpers import CountingSource, Recorder
+
+
+def test_batch_columns_are_zero_copy_views():
+    b = eclreco.EventBatch(3)
+    c = b.add_collection("X", np.array([0, 2, 2, 5]), {"e": np.arange(5, dtype=np.float32)})
+    view = b["X"]["e"]
+    view[0] = 42.0  # writes through to the C++ column
+    assert b["X"]["e"][0] == 42.0
+    assert len(b) == 3 and list(c.offsets) == [0, 2, 2, 5]
+    with pytest.raises(KeyError):
+        b["missing"]
+    with pytest.raises(ValueError):
+        b.add_collection("Y", np.array([0, 1]), {})
+
+
+def test_view_survives_batch():
+    b = eclreco.EventBatch(1)
+    b.add_collection("X", np.array([0, 3]), {"e": np.array([1.0, 2.0, 3.0])})
+    v = b["X"]["e"]
+    del b
+    assert v.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_select_and_concat_roundtrip():
+    b = eclreco.EventBatch(4)
+    b.evt[:] = [10, 11, 12, 13]
+    b.add_collection("X", np.array([0, 1, 3, 3, 6]), {"v": np.arange(6, dtype=np.int32)})
+    parts = [b.select([i]) for i in range(4)]
+    c = eclreco.EventBatch.concat(parts)
+    assert c.evt.tolist() == [10, 11, 12, 13]
+    assert c["X"].offsets.tolist() == [0, 1, 3, 3, 6]
+    assert c["X"]["v"].tolist() == list(range(6))
+    s = b.select([3, 1])
+    assert s["X"]["v"].tolist() == [3, 4, 5, 1, 2]
+
+
+def test_unknown_parameter_and_wrong_type_raise_at_add_module():
+    path = eclreco.create_path()
+    with pytest.raises(eclreco.ParameterError, match="Progress.*unknown parameter 'interval'"):
+        path.add_module("Progress", interval=3)
+    with pytest.raises(TypeError, match="Progress: parameter 'interval_s' must be float"):
+        path.add_module("Progress", interval_s="often")
+    with pytest.raises(TypeError, match="RootOutput: parameter 'filename' must be str"):
+        path.add_module("RootOutput", filename=3)
+    with pytest.raises(ValueError, match="unknown module 'NoSuchModule'"):
+        path.add_module("NoSuchModule")
+
+
+def test_required_parameter():
+    class NeedsX(eclreco.Module):
+        """needs x"""
+
+        def __init__(self):
+            super().__init__()
+            self.add_param("x", eclreco.REQUIRED, "x", type="float")
+
+    m = NeedsX()
+    with pytest.raises(eclreco.ParameterError, match="required parameter 'x'"):
+        eclreco.create_path().add_module(m)
+    m.set_param("x", 2)  # an int is a valid float
+    assert m.param("x") == 2.0
+
+
+def test_python_module_between_cpp_modules_sees_every_event():
+    seen = []
+
+    class Reader(eclreco.Module):
+        """reads numpy views"""
+
+        def event(self, batch):
+            d = batch["ECLDigits"]
+            assert isinstance(d["energy"], np.ndarray) and d.offsets[-1] == len(d["energy"])
+            seen.extend(batch.evt.tolist())
+
+    path = eclreco.create_path()
+    path.add_module(CountingSource(1000))
+    path.add_module("Progress", interval_s=100.0)
+    path.add_module(Reader())
+    path.add_module("Progress", interval_s=100.0)
+    rec = path.add_module(Recorder())
+    eclreco.process(path, batch_size=64)
+    assert seen == list(range(1000))
+    assert rec.evt == list(range(1000))
+    s = eclreco.statistics.summary()
+    assert s["received"] == s["processed"] == 1000 and s["rejected"] == 0
+    assert [m["events"] for m in s["modules"]] == [1000] * 5
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 256])
+def test_threads_two_gives_same_output_as_one(batch_size):
+    results = []
+    for threads in (1, 2):
+        path = eclreco.create_path()
+        path.add_module(CountingSource(3000, run_length=700))
+        rec = path.add_module(Recorder())
+        eclreco.process(path, threads=threads, batch_size=batch_size)
+        results.append((rec.evt, rec.digit_sums, rec.runs))
+    assert results[0] == results[1]
+    assert results[0][0] == list(range(3000))
+    assert results[0][2] == [(1, r) for r in range(5)]
+
+
+def test_max_events():
+    path = eclreco.create_path()
+    path.add_module(CountingSource(1000))
+    rec = path.add_module(Recorder())
+    eclreco.process(path, max_events=130, batch_size=50)
+    assert rec.evt == list(range(130))
+
+
+def test_exception_flags_only_the_failing_event_and_run_goes_on(capfd):
+    class Fails(eclreco.Module):
+        """fails on evt 77"""
+
+        def event(self, batch):
+            if 77 in batch.evt:
+                raise RuntimeError("bad event")
+
+    for threads in (1, 2):
+        path = eclreco.create_path()
+        path.add_module(CountingSource(300))
+        path.add_module(Fails())
+        rec = path.add_module(Recorder())
+        eclreco.process(path, threads=threads, batch_size=32)
+        assert rec.evt == list(range(300))
+        flagged = [e for e, f in zip(rec.evt, rec.flags) if f & eclreco.ERROR_MODULE]
+        assert flagged == [77]
+        s = eclreco.statistics.summary()
+        assert s["errors"] == 1 and s["processed"] == 300
+    err = capfd.readouterr().err
+    assert "Fails raised on exp 1 run 0 evt 77" in err and "bad event" in err
+
+
+def test_path_needs_one_source():
+    path = eclreco.create_path()
+    path.add_module("Progress")
+    with pytest.raises(Exception, match="input module"):
+        eclreco.process(path)
+    path = eclreco.create_path()
+    path.add_module(CountingSource(10))
+    path.add_module(CountingSource(10))
+    with pytest.raises(Exception, match="one input module"):
+        eclreco.process(path)
+
+
+def test_statistics_table_lists_modules():
+    path = eclreco.create_path()
+    path.add_module(CountingSource(100))
+    path.add_module("Progress", interval_s=100.0)
+    eclreco.process(path)
+    text = str(eclreco.statistics)
+    assert "CountingSource" in text and "Progress" in text and "events/s" in text
+
+
+def test_module_list_and_help(capsys):
+    from eclreco.cli import main
+
+    assert main(["modules"]) == 0
+    out = capsys.readouterr().out
+    assert "RootOutput" in out and "Progress" in out
+    assert main(["modules", "Progress"]) == 0
+    out = capsys.readouterr().out
+    assert "interval_s" in out and "float" in out
