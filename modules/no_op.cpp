@@ -1,0 +1,8 @@
+// NoOp: does nothing per batch; a path of these measures the framework's own cost per event.
+#include "framework/registry.hpp"
+
+namespace {
+class NoOp : public fw::Module {};
+}  // namespace
+
+ECLRECO_REGISTER_MODULE(NoOp, "NoOp", "does nothing (framework overhead measurements)")

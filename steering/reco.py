@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Main reconstruction job: input -> ECLUnpacker -> ECLClusterizer -> ECLLeakageCorrection ->
+ECLEnergyCorrection (CNN) -> RootOutput.
+
+With no arguments it runs on the embedded default: simulated belle2-ecl generic events at
+nominal beam background. With -i it reads a raw file (.msgpack, spec/wire-format.md) or, for a
+tcp:// address, a ZeroMQ stream.
+
+    python steering/reco.py                              # embedded default
+    python steering/reco.py -i raw.msgpack -o reco.root  # a raw file
+    python steering/reco.py -i tcp://127.0.0.1:5555 --idle-timeout 5 -o reco.root
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import eclreco
+from eclreco.reconstruction import add_reconstruction
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", "--max-events", type=int, default=0, help="stop after N events (0: all)")
+    ap.add_argument("-i", "--input", help="raw file (.msgpack) or tcp:// address; default: simulation")
+    ap.add_argument("-o", "--output", help="output ROOT file")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="processing threads")
+    ap.add_argument("--batch-size", type=int, default=256, help="events per batch")
+    ap.add_argument("--rejected", help="quarantine file (.msgpack) for rejected raw events")
+    sim = ap.add_argument_group("embedded simulation (no --input)")
+    sim.add_argument("--events", type=int, default=20000, help="events to simulate")
+    sim.add_argument("--detector", default="belle2-ecl", choices=["belle2-ecl", "array30"])
+    sim.add_argument("--particle", default="generic", choices=["gamma", "pi0", "generic"])
+    sim.add_argument("--energy", type=float, default=1.0, help="GeV, for gamma and pi0")
+    sim.add_argument("--background", type=float, default=1.0, help="beam-background level (1 = nominal)")
+    sim.add_argument("--seed", type=int, default=1)
+    stream = ap.add_argument_group("ZeroMQ input (-i tcp://...)")
+    stream.add_argument("--connect", action="store_true", help="connect to the address instead of binding")
+    stream.add_argument("--idle-timeout", type=float, default=0.0,
+                        help="end the run S seconds after the last message (0: never)")
+    stream.add_argument("--max-latency", type=float, default=20.0, help="ms to wait for a batch to fill")
+    stream.add_argument("--max-message-bytes", type=int, default=1 << 20, help="larger messages are refused")
+    reco = ap.add_argument_group("reconstruction")
+    reco.add_argument("--no-cnn", action="store_true", help="classical leakage correction only")
+    reco.add_argument("--model", default="", help="ONNX model (default: the shipped model of the detector)")
+    mon = ap.add_argument_group("monitoring")
+    mon.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port")
+    mon.add_argument("--metrics-host", default="127.0.0.1")
+    mon.add_argument("--progress", type=float, default=10.0, help="seconds between progress lines")
+    return ap.parse_args(argv)
+
+
+def build_path(args) -> eclreco.Path:
+    path = eclreco.create_path()
+    if not args.input:
+        path.add_module("SimulationInput", events=args.events, detector=args.detector, particle=args.particle,
+                        energy=args.energy, background=args.background, seed=args.seed)
+    elif args.input.startswith("tcp://"):
+        path.add_module("ZMQInput", address=args.input, bind=not args.connect, idle_timeout_s=args.idle_timeout,
+                        max_latency_ms=args.max_latency, max_message_bytes=args.max_message_bytes)
+    else:
+        if not os.path.exists(args.input):
+            sys.exit(f"reco.py: input file {args.input!r} does not exist")
+        path.add_module("RawFileInput", filename=args.input)
+    add_reconstruction(path, cnn=not args.no_cnn, model=args.model)
+    if args.output:
+        path.add_module("RootOutput", filename=args.output)
+    if args.rejected:
+        path.add_module("RejectedOutput", filename=args.rejected)
+    path.add_module("Progress", interval_s=args.progress)
+    return path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    path = build_path(args)
+    print(f"eclreco {eclreco.__version__}: {path}", flush=True)
+    exporter = None
+    if args.metrics_port:
+        from eclreco.metrics import serve_process_metrics
+
+        exporter = serve_process_metrics(args.metrics_port, args.metrics_host, role="reco")
+    eclreco.process(path, max_events=args.max_events, threads=args.threads, batch_size=args.batch_size)
+    print(eclreco.statistics, flush=True)
+    if exporter is not None:
+        exporter.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
