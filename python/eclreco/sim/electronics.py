@@ -73,7 +73,9 @@ def add_electronics(detector, offsets, cell, edep_gev, rng, hit_time_ns=None):
         # reject cells that already have a deposit (rare), and duplicates
         hit_keys = ev * (n_cells + 1) + cell
         nkeys = nev * (n_cells + 1) + ncell
-        good = ~np.isin(nkeys, hit_keys)
+        sk = hit_keys if hit_keys.size < 2 or np.all(hit_keys[1:] >= hit_keys[:-1]) else np.sort(hit_keys)
+        j = np.minimum(np.searchsorted(sk, nkeys), max(sk.size - 1, 0))
+        good = ~(sk[j] == nkeys) if sk.size else np.ones(tot, bool)
         _, first = np.unique(nkeys, return_index=True)
         uniq = np.zeros(tot, bool)
         uniq[first] = True

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import numpy as np
 
 PI0_MASS = 0.134977  # GeV
@@ -78,8 +80,8 @@ def _pi0_decay(rng, p, dirs):
 
 
 def _truth_particle(pdg, e, d, pos):
-    return {"pdg": int(pdg), "e": float(e), "theta": float(np.arccos(np.clip(d[2], -1, 1))),
-            "phi": float(np.arctan2(d[1], d[0])), "x": float(pos[0]), "y": float(pos[1]),
+    return {"pdg": int(pdg), "e": float(e), "theta": math.acos(max(-1.0, min(1.0, float(d[2])))),
+            "phi": math.atan2(float(d[1]), float(d[0])), "x": float(pos[0]), "y": float(pos[1]),
             "z": float(pos[2])}
 
 
@@ -142,14 +144,18 @@ def _generic(rng, n):
     o = np.zeros(3)
     truth = [{"particles": []} for _ in range(n)]
     Epi = np.sqrt(p * p + PI0_MASS ** 2)
-    for k in range(tp):
-        lst = truth[ev_pi[k]]["particles"]
-        lst.append(_truth_particle(111, Epi[k], dpi[k], o))
-        lst.append(_truth_particle(22, e1[k], d1[k], o))
-        lst.append(_truth_particle(22, e2[k], d2[k], o))
-    for k in range(tg):
-        truth[ev_g[k]]["particles"].append(_truth_particle(22, eg[k], dg[k], o))
-    for k in range(nb):
-        truth[ev_b[k]]["particles"].append(_truth_particle(11, eb[k], db[k], o))
-        truth[ev_b[k]]["particles"].append(_truth_particle(-11, eb[k], -db[k], o))
+    def rows(pdg, e_, d_):
+        th = np.arccos(np.clip(d_[:, 2], -1, 1)).tolist()
+        ph_ = np.arctan2(d_[:, 1], d_[:, 0]).tolist()
+        return [{"pdg": pdg, "e": a, "theta": b, "phi": c, "x": 0.0, "y": 0.0, "z": 0.0}
+                for a, b, c in zip(np.asarray(e_, float).tolist(), th, ph_)]
+    rp, r1, r2 = rows(111, Epi, dpi), rows(22, e1, d1), rows(22, e2, d2)
+    for k, i in enumerate(ev_pi.tolist()):
+        truth[i]["particles"].extend((rp[k], r1[k], r2[k]))
+    rg = rows(22, eg, dg)
+    for k, i in enumerate(ev_g.tolist()):
+        truth[i]["particles"].append(rg[k])
+    rb1, rb2 = rows(11, eb, db), rows(-11, eb, -db)
+    for k, i in enumerate(ev_b.tolist()):
+        truth[i]["particles"].extend((rb1[k], rb2[k]))
     return ph, truth

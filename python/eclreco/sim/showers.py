@@ -51,7 +51,7 @@ class ShowerParams:
     # scale of the mean T (shower maximum)
     t_scale: float = 1.0
     # scale factors of the lateral radii (core, tail) and of the core probability
-    rc_scale: float = 1.3
+    rc_scale: float = 1.2
     rt_scale: float = 1.0
     p_scale: float = 1.0
     # array30: a spot that falls in the aluminium between crystals is lost when it is within
@@ -64,6 +64,11 @@ class ShowerParams:
     gap_rm_cm: float = 2.0
     # lower bound of the shape parameter alpha (alpha -> 1 makes the gamma profile run away)
     alpha_min: float = 1.5
+    # energy dependence of the lateral size: radii scaled by 1 + lat_log_slope * ln(E/GeV)
+    lat_log_slope: float = 0.08
+    # belle2-ecl: projective air gaps between crystals (width at the front face); a photon
+    # pointing into one travels along it without showering and is lost
+    b2_gap_cm: float = 0.1
 
 
 DEFAULT_PARAMS = ShowerParams()
@@ -129,8 +134,9 @@ def shower_spots(e_gev, medium: Medium, rng, params: ShowerParams = DEFAULT_PARA
     pc = np.clip(p1 * np.exp(a - np.exp(a)) * p.p_scale, 0.0, 1.0)
     u = rng.random((2, idx.size))
     R = np.where(u[0] < pc, rc, rt)
-    w = np.minimum(u[1], 0.995)
-    r = R * np.sqrt(w / (1.0 - w)) * medium.rm_cm * lateral_scale
+    w = np.minimum(u[1], 0.98)
+    lat = np.clip(1.0 + p.lat_log_slope * lnE, 0.5, 1.5)
+    r = R * np.sqrt(w / (1.0 - w)) * medium.rm_cm * lateral_scale * lat
     phi = rng.random(idx.size) * (2.0 * np.pi)
     depth = (t + t0[idx]) * medium.x0_cm
     spot_e = (e_gev / n_sp)[idx]
@@ -175,6 +181,12 @@ def geometry_arrays(detector: str):
         "cell_ring": np.asarray(g.cell_ring, dtype=np.int64),
         "crystal_length": float(g.crystal_length_cm),
     }
+    # theta -> ring look-up (ring whose lower edge is at or below the bin start; belle2-ecl)
+    lo = d["ring_theta_lo"]
+    nb = 1 << 16
+    edges = np.arange(nb) * (np.pi / nb)
+    d["theta_table"] = np.clip(np.searchsorted(lo, edges, side="right") - 1, 0, lo.size - 1)
+    d["ring_theta_lo_next"] = np.append(lo[1:], np.inf)
     return d
 
 
@@ -184,9 +196,10 @@ def _belle2_cells(px, py, pz, geo):
     theta = np.arccos(np.clip(pz / np.maximum(rr, 1e-12), -1.0, 1.0))
     phi = np.mod(np.arctan2(py, px), 2.0 * np.pi)
     lo = geo["ring_theta_lo"]
-    ring = np.searchsorted(lo, theta, side="right") - 1
-    ringc = np.clip(ring, 0, lo.size - 1)
-    ok = (ring >= 0) & (theta < geo["ring_theta_hi"][ringc])
+    tab = geo["theta_table"]
+    ringc = tab[(theta * (tab.size / np.pi)).astype(np.int64).clip(0, tab.size - 1)]
+    ringc = ringc + (theta >= geo["ring_theta_lo_next"][ringc])
+    ok = (theta >= lo[ringc]) & (theta < geo["ring_theta_hi"][ringc])
     d0 = geo["ring_front_distance"][ringc]
     ok &= (rr >= d0) & (rr <= d0 + geo["crystal_length"])
     nsz = geo["ring_size"][ringc]
@@ -210,6 +223,15 @@ def deposit_belle2(e_gev, dirs, rng, params: ShowerParams = DEFAULT_PARAMS):
     ring = np.clip(np.searchsorted(lo, theta, side="right") - 1, 0, lo.size - 1)
     in_ring = (theta >= lo[ring]) & (theta < geo["ring_theta_hi"][ring])
     s0 = geo["ring_front_distance"][ring]
+    # projective air gaps between crystals: distance of the entry point to the crystal edges
+    if params.b2_gap_cm > 0:
+        half = 0.5 * params.b2_gap_cm
+        dth = np.minimum(theta - lo[ring], geo["ring_theta_hi"][ring] - theta) * s0
+        nsz = geo["ring_size"][ring]
+        fph = np.mod(np.arctan2(dy, dx), 2 * np.pi) * nsz / (2 * np.pi)
+        fph = fph - np.floor(fph)
+        dph = np.minimum(fph, 1 - fph) * (2 * np.pi / nsz) * s0 * np.sin(theta)
+        in_ring &= (dth > half) & (dph > half)
     idx, depth, r, phi, se = shower_spots(e_gev, CSI, rng, params)
     (ux, uy, uz), (vx, vy, vz) = _perp_basis(dx, dy, dz)
     s = s0[idx] + depth
@@ -282,11 +304,7 @@ def aggregate(event_of_entry, cell, e, n_events, n_cells, time=None):
     if key.size == 0:
         out = (np.zeros(n_events + 1, np.int64), np.zeros(0, np.int32), np.zeros(0))
         return out + ((np.zeros(0),) if time is not None else ())
-    if time is None:
-        order = np.argsort(key, kind="stable")
-    else:
-        # within a (event, cell) group, the largest deposit comes first: its time is kept
-        order = np.lexsort((-np.asarray(e), key))
+    order = np.argsort(key, kind="stable")
     ks = key[order]
     first = np.concatenate(([True], ks[1:] != ks[:-1]))
     starts = np.flatnonzero(first)
@@ -298,4 +316,12 @@ def aggregate(event_of_entry, cell, e, n_events, n_cells, time=None):
     np.cumsum(np.bincount(ev, minlength=n_events), out=offsets[1:])
     if time is None:
         return offsets, c, esum
-    return offsets, c, esum, np.asarray(time, np.float64)[order][starts]
+    # time of the merged deposit: that of its largest contribution
+    e_s = np.asarray(e, np.float64)[order]
+    t_s = np.asarray(time, np.float64)[order]
+    grp = np.cumsum(first) - 1
+    emax = np.maximum.reduceat(e_s, starts)
+    is_max = e_s == emax[grp]
+    pos = np.flatnonzero(is_max)
+    firstmax = pos[np.concatenate(([True], grp[pos][1:] != grp[pos][:-1]))]
+    return offsets, c, esum, t_s[firstmax]
