@@ -27,6 +27,7 @@ CLUSTER_BRANCHES = {
 class RootOutput(Module):
     """Writes events (metadata, digit counts, clusters) to a ROOT TTree `events` via uproot.
 
+    The DQM histograms of the run (eclreco.dqm.registry) are written under `dqm/` at end_run.
     Rejected events are not written (they go to the quarantine file). Branches whose data the
     chain does not produce are left out. Data are buffered and written in large baskets; the
     file is closed and valid at the end of the run, also after SIGINT/SIGTERM.
@@ -111,6 +112,13 @@ class RootOutput(Module):
 
     def end_run(self, exp, run):
         self._flush()
+        self._write_dqm()
+
+    def _write_dqm(self):
+        from eclreco.dqm import registry
+
+        if self._file is not None and registry.histograms:
+            registry.write_root(self._file)
 
     def terminate(self):
         self._flush()

@@ -44,6 +44,7 @@ def test_root_output_valid_after_sigint(tmp_path):
         path = eclreco.create_path()
         path.add_module(CountingSource(10**9))
         path.add_module(Slow())
+        path.add_module("ECLDQM")
         path.add_module("RootOutput", filename={str(out)!r}, basket_events=500)
         print("started", flush=True)
         eclreco.process(path, batch_size=100)
@@ -60,4 +61,6 @@ def test_root_output_valid_after_sigint(tmp_path):
     with uproot.open(out) as f:
         n = f["events"].num_entries
         evt = f["events"]["evt"].array(library="np")
+        dqm_entries = f["dqm/digits_per_event"].to_numpy()[0].sum()
     assert n > 0 and evt.tolist() == list(range(n))
+    assert dqm_entries == n  # DQM histograms written at the end of the interrupted run
