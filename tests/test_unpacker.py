@@ -216,3 +216,28 @@ def test_unpacker_without_raw_data_flags_module_error():
 
     events, stats = run_path(Empty())
     assert stats["errors"] == 2
+
+
+def test_mutated_payloads_never_crash():
+    """Light fuzzing: random word edits of valid payloads give digits (sorted, in range) or a known reason."""
+    rng = np.random.default_rng(123)
+    known = set(BAD_PAYLOADS)
+    for det, n_cells in (("belle2-ecl", 8736), ("array30", 900)):
+        d = random_digits(rng, det, 20, max_digits=40)
+        msgs = rawdata.encode_events(det, 0, 1, np.arange(20), **d)
+        payloads = [rawdata.decode_envelope(m)["ecl"] for m in msgs]
+        for _ in range(1500):
+            w = bytearray(payloads[rng.integers(len(payloads))])
+            for _ in range(rng.integers(1, 3)):
+                if len(w) >= 4 and rng.random() < 0.7:
+                    k = 4 * rng.integers(len(w) // 4)
+                    w[k + rng.integers(4)] ^= 1 << rng.integers(8)
+                else:
+                    w += bytes(rng.integers(0, 256, rng.choice([1, 4, 8])).astype(np.uint8))
+            try:
+                got = rawdata.unpack_payload(bytes(w), det)
+            except rawdata.RawDataError as e:
+                assert e.reason in known
+                continue
+            c = got["cell"]
+            assert np.all((c >= 1) & (c <= n_cells)) and np.all(np.diff(c) > 0)

@@ -2,6 +2,7 @@
 // decoder and the payload unpacker (tests, fuzzing).
 #include <pybind11/stl.h>
 
+#include <chrono>
 #include <cstring>
 
 #include "ecl/envelope.hpp"
@@ -143,4 +144,58 @@ void register_rawdata(py::module_& m) {
         return ecl::crc32(reinterpret_cast<const uint8_t*>(v.data()), v.size(), crc);
       },
       py::arg("data"), py::arg("crc") = 0, "zlib CRC-32 (the one the envelope's crc32 key holds)");
+
+  m.def(
+      "_bench_rawdata",
+      [](const py::sequence& messages, int repeats) {
+        const size_t n = py::len(messages);
+        std::vector<py::object> keep;
+        std::vector<std::string> copies(n);
+        std::vector<rawdata::MessageRef> refs(n);
+        for (size_t k = 0; k < n; ++k) refs[k] = message_of(messages[k], keep, copies[k]);
+        py::gil_scoped_release release;
+        using clock = std::chrono::steady_clock;
+        std::vector<ecl::Envelope> env(n);
+        size_t max_payload = 0;
+        const auto t0 = clock::now();
+        for (int r = 0; r < repeats; ++r)
+          for (size_t k = 0; k < n; ++k) env[k] = ecl::decode_envelope(refs[k].data, refs[k].size);
+        const auto t1 = clock::now();
+        for (const auto& e : env) max_payload = std::max(max_payload, e.payload_size);
+        const ecl::Calibration cal[2] = {ecl::Calibration::defaults(8736), ecl::Calibration::defaults(900)};
+        const size_t cap = ecl::max_digits(max_payload);
+        std::vector<int32_t> cell(cap), amp(cap);
+        std::vector<float> energy(cap), time(cap);
+        std::vector<uint8_t> quality(cap);
+        std::vector<uint64_t> scratch;
+        ecl::DigitOut out{cell.data(), energy.data(), time.data(), quality.data(), amp.data()};
+        size_t digits = 0;
+        const auto t2 = clock::now();
+        for (int r = 0; r < repeats; ++r)
+          for (size_t k = 0; k < n; ++k) {
+            if (!env[k].ok()) continue;
+            digits += ecl::unpack_payload(refs[k].data + env[k].payload_offset, env[k].payload_size,
+                                          cal[env[k].detector], out, &scratch)
+                          .n_digits;
+          }
+        const auto t3 = clock::now();
+        std::vector<double> batch_times;
+        for (int r = 0; r < repeats; ++r) {
+          fw::EventBatch b(0);
+          const auto a = clock::now();
+          rawdata::append_envelopes(b, refs);
+          batch_times.push_back(std::chrono::duration<double>(clock::now() - a).count());
+        }
+        auto sec = [](clock::time_point a, clock::time_point b) { return std::chrono::duration<double>(b - a).count(); };
+        std::map<std::string, double> res;
+        res["envelope_s"] = sec(t0, t1) / repeats;
+        res["unpack_s"] = sec(t2, t3) / repeats;
+        res["append_envelopes_s"] = *std::min_element(batch_times.begin(), batch_times.end());
+        res["digits"] = static_cast<double>(digits / repeats);
+        res["events"] = static_cast<double>(n);
+        return res;
+      },
+      py::arg("messages"), py::arg("repeats") = 5,
+      "benchmark without the framework: seconds per pass of decode_envelope, unpack_payload and "
+      "append_envelopes (one batch) over the messages");
 }

@@ -30,6 +30,26 @@ const TickTable& tick_table() {
   return table;
 }
 
+// Bits set in a 16-bit mask (a table: baseline x86-64 has no popcnt instruction).
+struct PopTable {
+  uint8_t n[256];
+  PopTable() {
+    for (int v = 0; v < 256; ++v) n[v] = static_cast<uint8_t>(__builtin_popcount(v));
+  }
+};
+const PopTable kPop;
+inline unsigned popcount16(uint32_t m) { return kPop.n[m & 0xff] + kPop.n[(m >> 8) & 0xff]; }
+
+inline void emit(const DigitOut& out, size_t k, long i, uint32_t word, const double* cal, const double* tick_ns) {
+  const int32_t amp = static_cast<int32_t>(word & 0x3ffffu) - 128;
+  const int32_t ticks = static_cast<int32_t>(word << 2) >> 20;
+  out.cell[k] = static_cast<int32_t>(i + 1);
+  out.amplitude[k] = amp;
+  out.quality[k] = static_cast<uint8_t>(word >> 30);
+  out.energy[k] = static_cast<float>(amp * cal[2 * i]);
+  out.time[k] = static_cast<float>(tick_ns[ticks + 2048] - cal[2 * i + 1]);
+}
+
 __attribute__((noinline, cold)) UnpackResult fail(const char* reason, const char* fmt, unsigned long a = 0,
                                                    unsigned long b = 0, unsigned long c = 0, unsigned long d = 0) {
   UnpackResult r;
@@ -53,21 +73,27 @@ Calibration Calibration::from(int n_cells, const std::vector<double>& gain, cons
                                 std::to_string(n_cells));
   Calibration c;
   c.n_cells = n_cells;
-  c.gain_scale.assign(n_cells, 1.0 / kAdcPerGeV);
-  c.t0.assign(n_cells, 0.0);
-  for (size_t i = 0; i < gain.size(); ++i) c.gain_scale[i] = gain[i] / kAdcPerGeV;
-  for (size_t i = 0; i < t0.size(); ++i) c.t0[i] = t0[i];
+  c.table.assign(2 * static_cast<size_t>(n_cells), 0.0);
+  for (size_t i = 0; i < static_cast<size_t>(n_cells); ++i) {
+    c.table[2 * i] = (gain.empty() ? 1.0 : gain[i]) / kAdcPerGeV;
+    c.table[2 * i + 1] = t0.empty() ? 0.0 : t0[i];
+  }
   return c;
 }
 
-UnpackResult unpack_payload(const uint8_t* payload, size_t size, const Calibration& calib, DigitOut out,
-                            std::vector<uint64_t>* scratch) {
+namespace {
+
+// The decoder body, instantiated twice: with the popcnt instruction (the shaper-to-shaper
+// dependency chain runs through the popcount of the channel mask) and without it.
+template <bool kPopcnt>
+__attribute__((always_inline)) inline UnpackResult unpack_impl(const uint8_t* payload, size_t size,
+                                                               const Calibration& calib, DigitOut out,
+                                                               std::vector<uint64_t>* scratch) {
   if (size % 4 != 0)
     return fail("payload_not_words", "payload of %lu bytes is not a whole number of 32-bit words", size);
   const size_t nw = size / 4;
   const long n_cells = calib.n_cells;
-  const double* gain_scale = calib.gain_scale.data();
-  const double* t0 = calib.t0.data();
+  const double* cal = calib.table.data();
   const double* tick_ns = tick_table().ns;
 
   uint64_t collectors_seen[4] = {0, 0, 0, 0};
@@ -103,7 +129,7 @@ UnpackResult unpack_payload(const uint8_t* payload, size_t size, const Calibrati
         return fail("duplicate_shaper", "word %lu: shaper %lu appears twice in collector %lu", w, sh, coll);
       shapers_seen |= 1u << sh;
       uint32_t mask = s & 0xffffu;
-      const size_t nh = static_cast<size_t>(__builtin_popcount(mask));
+      const size_t nh = static_cast<size_t>(kPopcnt ? __builtin_popcount(mask) : popcount16(mask));
       if (nh > end - w - 1)
         return fail("missing_hit_words", "word %lu: shaper %lu of collector %lu has %lu channels set, fewer words left in the block",
                     w, sh, coll, nh);
@@ -114,24 +140,32 @@ UnpackResult unpack_payload(const uint8_t* payload, size_t size, const Calibrati
       if (hi >= n_cells)
         return fail("unmapped_channel", "collector %lu shaper %lu channel %lu maps to no crystal of the detector", coll,
                     sh, static_cast<unsigned long>(hi - base));
-      if (base + __builtin_ctz(mask) + 1 <= last_cell) sorted = false;
+      sorted &= base + __builtin_ctz(mask) + 1 > last_cell;
       last_cell = hi + 1;
       const uint8_t* hp = payload + 4 * w;
       w += nh;
-      do {
-        const long i = base + __builtin_ctz(mask);
-        mask &= mask - 1;
-        const uint32_t word = load_le32(hp);
-        hp += 4;
-        const int32_t amp = static_cast<int32_t>(word & 0x3ffffu) - 128;
-        const int32_t ticks = static_cast<int32_t>(word << 2) >> 20;
-        out.cell[nd] = static_cast<int32_t>(i + 1);
-        out.amplitude[nd] = amp;
-        out.quality[nd] = static_cast<uint8_t>(word >> 30);
-        out.energy[nd] = static_cast<float>(amp * gain_scale[i]);
-        out.time[nd] = static_cast<float>(tick_ns[ticks + 2048] - t0[i]);
-        ++nd;
-      } while (mask);
+      // Most shapers carry one or two hits: both are decoded without a data-dependent branch
+      // (the second one speculatively, from an in-bounds word, and only kept when nh >= 2: the
+      // output arrays hold a digit per payload word, so writing at nd + 1 is always in range).
+      {
+        const long i0 = base + __builtin_ctz(mask);
+        const uint32_t m1 = mask & (mask - 1);
+        const long i1 = m1 ? base + __builtin_ctz(m1) : i0;
+        emit(out, nd, i0, load_le32(hp), cal, tick_ns);
+        emit(out, nd + 1, i1, load_le32(hp + (nh > 1 ? 4 : 0)), cal, tick_ns);
+        nd += nh;
+        if (__builtin_expect(nh > 2, 0)) {
+          uint32_t rest = m1 & (m1 - 1);
+          size_t k = nd - nh + 2;
+          hp += 8;
+          do {
+            const long i = base + __builtin_ctz(rest);
+            rest &= rest - 1;
+            emit(out, k++, i, load_le32(hp), cal, tick_ns);
+            hp += 4;
+          } while (rest);
+        }
+      }
     }
   }
 
@@ -165,6 +199,35 @@ UnpackResult unpack_payload(const uint8_t* payload, size_t size, const Calibrati
   UnpackResult r;
   r.n_digits = nd;
   return r;
+}
+
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+__attribute__((target("popcnt"))) UnpackResult unpack_fast(const uint8_t* payload, size_t size,
+                                                          const Calibration& calib, DigitOut out,
+                                                          std::vector<uint64_t>* scratch) {
+  return unpack_impl<true>(payload, size, calib, out, scratch);
+}
+const bool kHavePopcnt = __builtin_cpu_supports("popcnt");
+#else
+UnpackResult unpack_fast(const uint8_t* payload, size_t size, const Calibration& calib, DigitOut out,
+                         std::vector<uint64_t>* scratch) {
+  return unpack_impl<true>(payload, size, calib, out, scratch);
+}
+const bool kHavePopcnt = true;
+#endif
+
+UnpackResult unpack_generic(const uint8_t* payload, size_t size, const Calibration& calib, DigitOut out,
+                            std::vector<uint64_t>* scratch) {
+  return unpack_impl<false>(payload, size, calib, out, scratch);
+}
+
+}  // namespace
+
+UnpackResult unpack_payload(const uint8_t* payload, size_t size, const Calibration& calib, DigitOut out,
+                            std::vector<uint64_t>* scratch) {
+  return kHavePopcnt ? unpack_fast(payload, size, calib, out, scratch)
+                     : unpack_generic(payload, size, calib, out, scratch);
 }
 
 }  // namespace ecl

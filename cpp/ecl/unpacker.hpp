@@ -37,10 +37,11 @@ namespace ecl {
 constexpr double kTickNs = 0.4913;
 constexpr double kAdcPerGeV = 20000.0;
 
-// Per-detector calibration, indexed by cellId - 1; gain_scale = gain / 20000.
+// Per-detector calibration: table[2 (cellId - 1)] = gain / 20000, table[2 (cellId - 1) + 1] = t0
+// (interleaved: one cache line per digit).
 struct Calibration {
   int n_cells = 0;
-  std::vector<double> gain_scale, t0;
+  std::vector<double> table;
   static Calibration defaults(int n_cells);
   // gain and t0 of n_cells entries each (empty: the default).
   static Calibration from(int n_cells, const std::vector<double>& gain, const std::vector<double>& t0);
