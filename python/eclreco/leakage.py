@@ -59,7 +59,8 @@ def build_leakage_table(detector: str, energy_raw, true_energy, ring=None, local
 
     energy_raw, true_energy in GeV (one entry per event); ring (seed ring) for belle2-ecl;
     local_u, local_v for array30. Bins with fewer than `min_entries` entries take the response of
-    the energy bin summed over positions (and empty energy bins the nearest filled one).
+    the nearest filled energy bin at the same position (or, for a position without any filled bin,
+    of the energy bin summed over positions).
     Writes an uncompressed .npz (numpy.savez) when out_path is given; returns the arrays.
     """
     if detector not in DETECTOR_CODES:
@@ -95,7 +96,8 @@ def build_leakage_table(detector: str, energy_raw, true_energy, ring=None, local
     for b in np.flatnonzero(counts >= min_entries):
         response[b] = np.median(resp_ratio[order[starts[b]:starts[b] + counts[b]]])
     response = response.reshape(shape)
-    # Fallbacks: per-energy-bin median over all positions, then the nearest filled energy bin.
+    # Fallbacks for bins with too few entries: the nearest filled energy bin at the same position,
+    # else the energy bin's median over all positions (else the nearest filled energy bin's).
     e_med = np.full(shape[0], np.nan)
     for k in range(shape[0]):
         sel = idx[0] == k
@@ -107,8 +109,13 @@ def build_leakage_table(detector: str, energy_raw, true_energy, ring=None, local
     for k in range(shape[0]):
         if np.isnan(e_med[k]):
             e_med[k] = e_med[filled[np.argmin(np.abs(filled - k))]]
-        sub = response[k]
-        sub[np.isnan(sub)] = e_med[k]
+    cols = response.reshape(shape[0], -1)
+    for j in range(cols.shape[1]):
+        col = cols[:, j]
+        ok_k = np.flatnonzero(~np.isnan(col))
+        for k in np.flatnonzero(np.isnan(col)):
+            col[k] = col[ok_k[np.argmin(np.abs(ok_k - k))]] if len(ok_k) else e_med[k]
+    response = cols.reshape(shape)
     out = dict(detector_code=np.int64(DETECTOR_CODES[detector]),
                axis_codes=np.array([AXIS_CODES[n] for n in names], np.int64),
                axis_linear=np.array(linear, np.int64), response=response.astype(np.float32),
