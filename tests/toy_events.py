@@ -32,7 +32,8 @@ def shower_cells(geom, impact, energy_gev, rng, lam_cm=1.6, tail=0.05, containme
 
 
 def make_events(detector, n_events, rng, n_showers=(1, 3), energy=(0.1, 2.0), n_background=250,
-                overlap=True, noise_gev=0.00025, zs_gev=0.00125):
+                overlap=True, noise_gev=0.00025, zs_gev=0.00125,
+                bkg_offset_gev=0.0, bkg_mean_gev=0.002, bkg_tail_frac=0.03, bkg_tail_mean_gev=0.02):
     """Events with toy showers + background; returns offsets, cell, energy, time, quality (dict)."""
     g = eclreco.Geometry.get(detector)
     pos = np.stack([g.front_x, g.front_y, g.front_z], 1)
@@ -64,7 +65,8 @@ def make_events(detector, n_events, rng, n_showers=(1, 3), energy=(0.1, 2.0), n_
                 tacc[c] = rng.normal(0, 2.0)
         nb = rng.poisson(n_background)
         for c in rng.integers(1, g.n_cells + 1, nb):
-            x = rng.exponential(0.002) if rng.random() < 0.97 else rng.exponential(0.02)
+            x = bkg_offset_gev + (rng.exponential(bkg_mean_gev) if rng.random() >= bkg_tail_frac
+                                 else rng.exponential(bkg_tail_mean_gev))
             acc[c] = acc.get(c, 0.0) + x
             tacc.setdefault(c, rng.uniform(-1000, 1000))
         cells = np.array(sorted(acc), np.int64)

@@ -131,6 +131,7 @@ void Clusterer::run(size_t n_events, const int64_t* offsets, const int32_t* cell
 
 void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energy, const float* time,
                       const uint8_t* quality, size_t n_digits, ClusterOutput& out) {
+  if (n_digits > 32767) throw std::invalid_argument("clustering: more than 32767 digits in one event");
   const int n = static_cast<int>(n_digits);
   const double s = p_.threshold_scale();
   const double t_seed = p_.seed_energy_gev * s, t_grow = p_.growth_energy_gev * s,
@@ -148,7 +149,7 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
     const int c = cell[i];
     uint8_t f = 0;
     if (c >= 1 && c <= g.n_cells) {
-      cell_digit_[c] = i;
+      cell_digit_[c] = static_cast<int16_t>(i);
       const double en = energy[i];
       const bool in_time = p_.time_cut_ns <= 0 || quality[i] != 0 || std::fabs(time[i]) < p_.time_cut_ns;
       if (in_time) f |= kInTime;

@@ -131,7 +131,7 @@ class Clusterer {
 
   ClusterParams p_;
   // Scratch, indexed by cellId (size of the larger detector + 1), -1 when no digit.
-  std::vector<int32_t> cell_digit_;
+  std::vector<int16_t> cell_digit_;  // int16: fits L1 (an event has at most 8736 digits)
   // Per digit of the current event.
   std::vector<int32_t> parent_ /* BFS queue */, region_, pos_in_region_;
   std::vector<uint8_t> flag_;
