@@ -7,7 +7,7 @@ import numpy as np
 
 from eclreco import ERROR_REJECTED, Module
 
-# ECLClusters column -> branch (without the "cluster_" prefix uproot adds from the record name).
+# ECLClusters column -> branch name after the "cluster_" prefix.
 CLUSTER_BRANCHES = {
     "energy_raw": "energy_raw",
     "energy": "energy",
@@ -102,10 +102,12 @@ class RootOutput(Module):
             data["cluster"] = ak.zip(fields)
         n = len(data["evt"])
         if not self._tree_created:
-            self._file[self.param("tree")] = data
+            # Branches cluster_<column> with one counter ncluster (uproot's default would be cluster.<column>).
+            types = {k: (v.dtype if isinstance(v, np.ndarray) else v.type) for k, v in data.items()}
+            self._file.mktree(self.param("tree"), types, counter_name=lambda name: "n" + name,
+                              field_name=lambda outer, inner: f"{outer}_{inner}")
             self._tree_created = True
-        else:
-            self._file[self.param("tree")].extend(data)
+        self._file[self.param("tree")].extend(data)
         self.events_written += n
         self._parts.clear()
         self._buffered = 0
