@@ -19,7 +19,7 @@ from scipy.sparse.csgraph import connected_components
 
 DEFAULTS = dict(seed_energy_gev=0.010, growth_energy_gev=0.0015, digit_energy_gev=0.0005,
                 lm_energy_gev=0.010, time_cut_ns=125.0, background_level=0.0, sharing_a=2.5,
-                moliere_radius_cm=3.57, log_weight_w0=4.0, convergence_cm=1e-3, max_iterations=100,
+                moliere_radius_cm=3.57, log_weight_w0=4.0, convergence_cm=0.01, max_iterations=100,
                 lat_r0_cm=5.0, image_size=7)
 FEATURES = ("theta", "phi", "local_u", "local_v", "energy_raw", "ring", "region")
 

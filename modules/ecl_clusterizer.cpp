@@ -27,7 +27,7 @@ class ECLClusterizer : public fw::Module {
     p.add("sharing_a", &cp_.sharing_a, 2.5, "a of the sharing weights exp(-a d / R_M) between local maxima");
     p.add("moliere_radius_cm", &cp_.moliere_radius_cm, 3.57, "R_M of the sharing weights, cm");
     p.add("log_weight_w0", &cp_.log_weight_w0, 4.0, "w0 of the logarithmic position weights max(0, w0 + ln(E_i/E))");
-    p.add("convergence_cm", &cp_.convergence_cm, 1e-3, "sharing iterations stop when no centroid moves more than this, cm");
+    p.add("convergence_cm", &cp_.convergence_cm, 0.01, "sharing iterations stop when no centroid moves more than this, cm");
     p.add("max_iterations", &max_iterations_, int64_t{100}, "maximum number of sharing iterations");
     p.add("lat_r0_cm", &cp_.lat_r0_cm, 5.0, "r0 of the lateral moment, cm");
     p.add("image_size", &image_size_, int64_t{7}, "N of the N x N cluster image around the seed");

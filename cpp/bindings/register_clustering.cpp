@@ -7,6 +7,7 @@
 #include <string>
 
 #include "ecl/clustering.hpp"
+#include "ecl/leakage.hpp"
 #include "register.hpp"
 
 namespace {
@@ -52,6 +53,28 @@ ecl::ClusterParams params_from(const py::kwargs& kw) {
 }  // namespace
 
 void register_clustering(py::module_& m) {
+  m.def(
+      "leakage_correct",
+      [](const std::string& table, carray<float> energy_raw, carray<int32_t> ring, carray<float> local_u,
+         carray<float> local_v) {
+        ecl::LeakageTable t;
+        try {
+          t = ecl::LeakageTable::load(table);
+        } catch (const std::runtime_error& e) {
+          throw py::value_error(e.what());
+        }
+        const py::ssize_t n = energy_raw.shape(0);
+        if (ring.shape(0) != n || local_u.shape(0) != n || local_v.shape(0) != n)
+          throw py::value_error("arrays of different lengths");
+        py::array_t<float> out(n);
+        float* o = out.mutable_data();
+        for (py::ssize_t i = 0; i < n; ++i)
+          o[i] = static_cast<float>(t.correct(energy_raw.at(i), ring.at(i), local_u.at(i), local_v.at(i)));
+        return out;
+      },
+      py::arg("table"), py::arg("energy_raw"), py::arg("ring"), py::arg("local_u"), py::arg("local_v"),
+      "corrected energies with the C++ leakage table reader/interpolation (cpp/ecl/leakage.hpp)");
+
   m.def("cluster_feature_names", [] {
     std::vector<std::string> names;
     for (int k = 0; k < ecl::kNumFeatures; ++k) names.emplace_back(ecl::cluster_feature_names()[k]);

@@ -29,8 +29,9 @@ void log_centroid(int m, const double* share, double etot, const double* px, con
                   const double* pz, double w0, double& cx, double& cy, double& cz) {
   double sw = 0, sx = 0, sy = 0, sz = 0;
   if (etot > 0) {
+    const double cut = etot * std::exp(-w0);  // w > 0 only above this share
     for (int i = 0; i < m; ++i) {
-      if (share[i] <= 0) continue;
+      if (share[i] <= cut) continue;
       const double w = w0 + std::log(share[i] / etot);
       if (w <= 0) continue;
       sw += w;
@@ -89,12 +90,27 @@ Clusterer::Clusterer(const ClusterParams& p) : p_(p) {
   cell_digit_.assign(max_cells + 1, -1);
 }
 
-int Clusterer::find(int i) {
-  while (parent_[i] != i) {
-    parent_[i] = parent_[parent_[i]];
-    i = parent_[i];
-  }
-  return i;
+const Clusterer::ReverseN1& Clusterer::reverse_n1(const Geometry& g) {
+  static const ReverseN1 rev[2] = {ReverseN1(Geometry::get(Detector::Belle2ECL)),
+                                   ReverseN1(Geometry::get(Detector::Array30))};
+  return rev[g.detector == Detector::Array30 ? 1 : 0];
+}
+
+Clusterer::ReverseN1::ReverseN1(const Geometry& g) {
+  // rev(c) = cells whose N1 list holds c (c itself excluded).
+  std::vector<int32_t> count(g.n_cells + 1, 0);
+  for (int a = 0; a < g.n_cells; ++a)
+    for (int k = g.n1_offsets[a]; k < g.n1_offsets[a + 1]; ++k)
+      if (g.n1_cells[k] != a + 1) ++count[g.n1_cells[k]];
+  offsets.assign(g.n_cells + 1, 0);
+  for (int c = 0; c < g.n_cells; ++c) offsets[c + 1] = offsets[c] + count[c + 1];
+  cells.resize(offsets[g.n_cells]);
+  std::vector<int32_t> fill(offsets.begin(), offsets.end() - 1);
+  for (int a = 0; a < g.n_cells; ++a)
+    for (int k = g.n1_offsets[a]; k < g.n1_offsets[a + 1]; ++k) {
+      const int c = g.n1_cells[k];
+      if (c != a + 1) cells[fill[c - 1]++] = a + 1;
+    }
 }
 
 void Clusterer::run(size_t n_events, const int64_t* offsets, const int32_t* cell, const float* energy,
@@ -141,7 +157,6 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
       if (in_time && en >= t_seed && en >= t_grow && en >= t_digit) f |= kSeed, any_seed = true;
     }
     flag_[i] = f;
-    parent_[i] = i;
   }
   auto cleanup = [&] {
     for (int i = 0; i < n; ++i)
@@ -152,31 +167,39 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
     return;
   }
 
-  // 1. Connected regions: union of growth digits with their N1 digits.
+  // 1. Connected regions: breadth-first from the seeds over the undirected links (growth digit,
+  // digit in its N1 list), using the N1 lists and their reverse (which cells list this one).
   const int32_t* n1o = g.n1_offsets.data();
   const int32_t* n1c = g.n1_cells.data();
-  for (int i = 0; i < n; ++i) {
-    if (!(flag_[i] & kGrow)) continue;
-    const int c = cell[i] - 1;
-    for (int k = n1o[c]; k < n1o[c + 1]; ++k) {
-      const int j = cell_digit_[n1c[k]];
-      if (j < 0 || j == i || !(flag_[j] & kDigit)) continue;
-      const int ri = find(i), rj = find(j);
-      if (ri != rj) parent_[std::max(ri, rj)] = std::min(ri, rj);
-    }
-  }
+  const ReverseN1& rev = reverse_n1(g);
+  const int32_t* rvo = rev.offsets.data();
+  const int32_t* rvc = rev.cells.data();
   int n_reg = 0;
-  for (int i = 0; i < n; ++i) region_of_root_[i] = -1;
-  for (int i = 0; i < n; ++i)
-    if (flag_[i] & kSeed) {
-      const int r = find(i);
-      if (region_of_root_[r] < 0) region_of_root_[r] = n_reg++;
+  for (int i = 0; i < n; ++i) region_[i] = -1;
+  for (int s0 = 0; s0 < n; ++s0) {
+    if (!(flag_[s0] & kSeed) || region_[s0] >= 0) continue;
+    const int r = n_reg++;
+    int head = 0, tail = 0;
+    parent_[tail++] = s0;  // parent_ is the BFS queue
+    region_[s0] = r;
+    while (head < tail) {
+      const int i = parent_[head++];
+      const int c = cell[i] - 1;
+      if (flag_[i] & kGrow) {
+        for (int k = n1o[c]; k < n1o[c + 1]; ++k) {
+          const int j = cell_digit_[n1c[k]];
+          if (j >= 0 && region_[j] < 0 && (flag_[j] & kDigit)) region_[j] = r, parent_[tail++] = j;
+        }
+      }
+      for (int k = rvo[c]; k < rvo[c + 1]; ++k) {
+        const int j = cell_digit_[rvc[k]];
+        if (j >= 0 && region_[j] < 0 && (flag_[j] & kGrow)) region_[j] = r, parent_[tail++] = j;
+      }
     }
-  for (int r = 0; r <= n_reg; ++r) region_start_[r] = 0;
-  for (int i = 0; i < n; ++i) {
-    region_[i] = (flag_[i] & kDigit) ? region_of_root_[find(i)] : -1;
-    if (region_[i] >= 0) ++region_start_[region_[i] + 1];
   }
+  for (int r = 0; r <= n_reg; ++r) region_start_[r] = 0;
+  for (int i = 0; i < n; ++i)
+    if (region_[i] >= 0) ++region_start_[region_[i] + 1];
   for (int r = 0; r < n_reg; ++r) region_start_[r + 1] += region_start_[r];
   for (int r = 0; r < n_reg; ++r) region_fill_[r] = region_start_[r];
   for (int i = 0; i < n; ++i)

@@ -70,7 +70,7 @@ struct ClusterParams {
   double sharing_a = 2.5;
   double moliere_radius_cm = 3.57;
   double log_weight_w0 = 4.0;
-  double convergence_cm = 1e-3;
+  double convergence_cm = 0.01;
   int max_iterations = 100;
   double lat_r0_cm = 5.0;
   int image_size = 7;
@@ -123,13 +123,17 @@ class Clusterer {
   void make_cluster(const Geometry& g, const int32_t* cell, const float* energy, const float* time,
                     const int* members, int m, const double* share, const double* w, int seed,
                     int n_max, int region);
-  int find(int i);
+  struct ReverseN1 {
+    explicit ReverseN1(const Geometry& g);
+    std::vector<int32_t> offsets, cells;  // CSR over cellId - 1
+  };
+  static const ReverseN1& reverse_n1(const Geometry& g);
 
   ClusterParams p_;
   // Scratch, indexed by cellId (size of the larger detector + 1), -1 when no digit.
   std::vector<int32_t> cell_digit_;
   // Per digit of the current event.
-  std::vector<int32_t> parent_, region_, pos_in_region_;
+  std::vector<int32_t> parent_ /* BFS queue */, region_, pos_in_region_;
   std::vector<uint8_t> flag_;
   std::vector<int32_t> region_of_root_, region_start_, region_fill_, members_, lms_;
   std::vector<double> px_, py_, pz_;  // positions of the region's digits
