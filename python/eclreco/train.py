@@ -104,7 +104,7 @@ def train_model(train, val, size_cfg, epochs=60, seed=1, batch_size=512, lr=3e-3
             loss = loss_fn(model.log_ratio(ti[b], tf[b]), ty[b])
             loss.backward()
             opt.step()
-            tot += float(loss) * b.numel()
+            tot += loss.item() * b.numel()
         model.eval()
         with torch.no_grad():
             pv = model.log_ratio(vti, vtf)
