@@ -1,0 +1,172 @@
+"""ECLEnergyCorrection: the CNN energy correction of ECLClusters with onnxruntime.
+
+All clusters of a batch above `min_energy_gev` (raw energy) go through ONE inference call (in
+slices of at most `max_clusters_per_batch`): their images and features are gathered from the
+zero-copy column views with numpy fancy indexing. The network computes the corrected energy
+itself (normalisation inside the graph, see python/eclreco/cnn_model.py), so the module only
+writes the output into ECLClusters.energy. Clusters below the threshold keep the energy they
+have (the classical leakage correction, when ECLLeakageCorrection ran before).
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+
+from eclreco import Module, _core
+
+DETECTOR_NAMES = {0: "belle2-ecl", 1: "array30"}
+MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+
+
+def shipped_model(detector: str) -> str:
+    return os.path.join(MODEL_DIR, f"{detector}.onnx")
+
+
+class ModelError(RuntimeError):
+    """A missing or incompatible ONNX model."""
+
+
+def load_session(path: str, threads: int = 1, expected_detector: str | None = None,
+                 image_size: int | None = None, n_features: int | None = None):
+    """An onnxruntime session of a checked energy-correction model: (session, metadata dict)."""
+    import onnxruntime as ort
+
+    if not path or not os.path.isfile(path):
+        raise ModelError(f"ECLEnergyCorrection: model file {path!r} does not exist")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    try:
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types
+        raise ModelError(f"ECLEnergyCorrection: cannot load model {path!r}: {err}") from err
+    inputs = {i.name: i for i in sess.get_inputs()}
+    outputs = [o.name for o in sess.get_outputs()]
+    if set(inputs) != {"image", "features"} or outputs != ["energy"]:
+        raise ModelError(f"ECLEnergyCorrection: model {path!r} has inputs {sorted(inputs)} and outputs {outputs}; "
+                         "expected inputs ['features', 'image'] and output ['energy']")
+    img, feat = inputs["image"].shape, inputs["features"].shape
+    if len(img) != 3 or len(feat) != 2:
+        raise ModelError(f"ECLEnergyCorrection: model {path!r}: image must be [N,S,S] and features [N,F], got {img}, {feat}")
+    if isinstance(img[0], int) or isinstance(feat[0], int):
+        raise ModelError(f"ECLEnergyCorrection: model {path!r} has no dynamic batch axis ({img}, {feat})")
+    meta = dict(sess.get_modelmeta().custom_metadata_map)
+    det = meta.get("detector")
+    if expected_detector is not None and det is not None and det != expected_detector:
+        raise ModelError(f"ECLEnergyCorrection: model {path!r} was trained for detector {det!r}, "
+                         f"the events are {expected_detector!r}")
+    if image_size is not None and (img[1] != image_size or img[2] != image_size):
+        raise ModelError(f"ECLEnergyCorrection: model {path!r} expects {img[1]}x{img[2]} images, "
+                         f"ECLClusterizer makes {image_size}x{image_size}")
+    if n_features is not None and feat[1] != n_features:
+        raise ModelError(f"ECLEnergyCorrection: model {path!r} expects {feat[1]} features, clusters have {n_features}")
+    names = meta.get("feature_names")
+    if names is not None and hasattr(_core, "cluster_feature_names"):
+        have = list(_core.cluster_feature_names())
+        if names.split(",") != have:
+            raise ModelError(f"ECLEnergyCorrection: model {path!r} was trained on features {names.split(',')}, "
+                             f"ECLClusters.features are {have}")
+    return sess, meta
+
+
+class ECLEnergyCorrection(Module):
+    """CNN energy correction of ECLClusters.energy (onnxruntime, one batched call per batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_param("model", "", "ONNX model file; '' = the shipped model of the events' detector")
+        self.add_param("detector", "", "detector of the events when the model is '' and the first batch must not "
+                                       "decide it: belle2-ecl or array30 ('' = from the events)")
+        self.add_param("threads", 1, "onnxruntime intra-op threads per session")
+        self.add_param("min_energy_gev", 0.03, "clusters with energy_raw below keep their (classical) energy, GeV")
+        self.add_param("max_clusters_per_batch", 65536, "at most this many clusters per inference call")
+        self.add_param("collection", "ECLClusters", "cluster collection to correct")
+        self._sessions = {}
+        self._lock = threading.Lock()
+        self._n_corrected = 0
+        self._n_calls = 0
+        self._seconds = 0.0
+
+    # -- sessions -----------------------------------------------------------------------------
+    def _expected_shapes(self):
+        n_feat = len(_core.cluster_feature_names()) if hasattr(_core, "cluster_feature_names") else None
+        return None, n_feat  # image size is a clusterizer parameter; checked against the data
+
+    def initialize(self):
+        self._sessions = {}
+        self._n_corrected, self._n_calls, self._seconds = 0, 0, 0.0
+        if self.param("threads") < 1:
+            raise ValueError("ECLEnergyCorrection: threads must be >= 1")
+        if self.param("max_clusters_per_batch") < 1:
+            raise ValueError("ECLEnergyCorrection: max_clusters_per_batch must be >= 1")
+        det = self.param("detector")
+        if det and det not in ("belle2-ecl", "array30"):
+            raise ValueError(f"ECLEnergyCorrection: unknown detector {det!r}")
+        _, n_feat = self._expected_shapes()
+        model = self.param("model")
+        if model:
+            sess, meta = load_session(model, self.param("threads"), det or None, n_features=n_feat)
+            self._sessions["*"] = (sess, meta)
+        else:
+            # shipped models: load (and check) every detector's model now, so that a broken
+            # installation fails at initialize and not in the middle of a run
+            dets = [det] if det else list(DETECTOR_NAMES.values())
+            for d in dets:
+                self._sessions[d] = load_session(shipped_model(d), self.param("threads"), d, n_features=n_feat)
+
+    def _session(self, detector_code: int):
+        if "*" in self._sessions:
+            return self._sessions["*"]
+        name = DETECTOR_NAMES.get(int(detector_code))
+        if name not in self._sessions:
+            raise ModelError(f"ECLEnergyCorrection: no model for detector {name or detector_code!r}")
+        return self._sessions[name]
+
+    # -- processing ---------------------------------------------------------------------------
+    def event(self, batch):
+        coll = self.param("collection")
+        if coll not in batch or len(batch) == 0:
+            return
+        cl = batch[coll]
+        e_raw = np.asarray(cl["energy_raw"])
+        if e_raw.size == 0:
+            return
+        energy = np.array(cl["energy"], dtype=np.float32)  # copy, written back once
+        image = np.asarray(cl["image"])
+        features = np.asarray(cl["features"])
+        sel = np.flatnonzero(e_raw >= self.param("min_energy_gev"))
+        if sel.size == 0:
+            return
+        off = np.asarray(cl.offsets)
+        det = np.asarray(batch.detector)
+        ev_det = np.repeat(det, np.diff(off))[sel]
+        step = self.param("max_clusters_per_batch")
+        n_done, t_inf = 0, 0.0
+        for code in np.unique(ev_det):
+            sess, _ = self._session(code)
+            rows = sel if ev_det.size and np.all(ev_det == code) else sel[ev_det == code]
+            shape = sess.get_inputs()[0].shape if sess.get_inputs()[0].name == "image" else sess.get_inputs()[1].shape
+            if image.shape[1:] != tuple(shape[1:]):
+                raise ModelError(f"ECLEnergyCorrection: model expects images {tuple(shape[1:])}, clusters have {image.shape[1:]}")
+            for a in range(0, rows.size, step):
+                r = rows[a: a + step]
+                feeds = {"image": np.ascontiguousarray(image[r], np.float32),
+                         "features": np.ascontiguousarray(features[r], np.float32)}
+                t0 = time.perf_counter()
+                out = sess.run(["energy"], feeds)[0]
+                t_inf += time.perf_counter() - t0
+                energy[r] = out
+                n_done += r.size
+        cl["energy"] = energy
+        with self._lock:
+            self._n_corrected += n_done
+            self._n_calls += 1
+            self._seconds += t_inf
+
+    def counters(self):
+        return {"clusters_corrected": float(self._n_corrected), "inference_seconds": float(self._seconds),
+                "inference_calls": float(self._n_calls)}

@@ -1,0 +1,303 @@
+"""Cluster samples for the CNN energy correction, made THROUGH THE PROJECT'S OWN CHAIN.
+
+Geant4 true deposits (or fast-simulation events) -> [beam-background overlay] -> electronics
+(noise, zero suppression, time, quality) -> wire format (`eclreco.rawdata.encode_events`) -> a
+real path: `G4EnvelopeSource` -> ECLUnpacker -> ECLClusterizer -> ECLLeakageCorrection
+[-> ECLEnergyCorrection] -> `MatchedClusterCollector`. So training and validation see exactly
+the clusters (images, features, raw and classical energies) that the online reconstruction sees.
+
+When the wire-format / unpacker part of the project is not installed (eclreco.rawdata or the
+ECLUnpacker module missing) the source writes the digits collection ECLDigits directly with the
+unpacker's calibration (energy = amplitude / 20000 GeV, time = ticks * 0.4913 ns); when
+ECLLeakageCorrection is missing, the "classical" energy is the raw cluster energy. The sample
+records which variant made it (`chain` in the returned dict).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from eclreco import Module, _core
+
+DETECTOR_CODE = {"belle2-ecl": 0, "array30": 1}
+G4_DEFAULT = {"array30": "g4_array30_train.npz", "belle2-ecl": "g4_belle2_train.npz"}
+MATCH_ANGLE_RAD = 0.1
+TEST_FRACTION = 0.2  # the last 20 % of every Geant4 file: never used in training or early stopping
+VAL_FRACTION = 0.125  # of the remaining 80 %: validation set for early stopping (10 % of the file)
+
+
+def have_module(name: str) -> bool:
+    return name in dict(_core.cpp_modules())
+
+
+def have_wire_format() -> bool:
+    try:
+        from eclreco.rawdata import encode_events  # noqa: F401
+    except ImportError:
+        return False
+    return have_module("ECLUnpacker") and hasattr(_core, "append_envelopes")
+
+
+# ---------------------------------------------------------------------------------------------
+# Geant4 files
+# ---------------------------------------------------------------------------------------------
+
+class G4Sample:
+    """Events of a Geant4 file (columnar deposits) with their true energy / direction."""
+
+    def __init__(self, path: str, detector: str):
+        d = np.load(path)
+        self.detector = detector
+        self.offsets = d["offsets"].astype(np.int64)
+        self.cell = d["cell"].astype(np.int32)
+        self.edep_gev = d["edep_mev"].astype(np.float64) * 1e-3
+        if "photons" in d.files:
+            ph = d["photons"][:, 0, :].astype(np.float64)
+            self.e_true = ph[:, 0] * 1e-3
+            self.direction = ph[:, 1:4]
+        else:
+            self.e_true = d["true_energy_mev"].astype(np.float64) * 1e-3
+            self.direction = np.tile([0.0, 0.0, 1.0], (self.e_true.size, 1))
+        self.n = self.e_true.size
+
+    def split(self):
+        """(train, validation, test) event indices: test = the last TEST_FRACTION of the file."""
+        n_test = int(round(self.n * TEST_FRACTION))
+        n_rest = self.n - n_test
+        n_val = int(round(n_rest * VAL_FRACTION))
+        idx = np.arange(self.n)
+        return idx[: n_rest - n_val], idx[n_rest - n_val: n_rest], idx[n_rest:]
+
+    def deposits(self, idx):
+        """Columnar deposits (offsets, cell, edep_gev) of the events idx (in that order)."""
+        idx = np.asarray(idx, np.int64)
+        lo, hi = self.offsets[idx], self.offsets[idx + 1]
+        counts = hi - lo
+        off = np.zeros(idx.size + 1, np.int64)
+        np.cumsum(counts, out=off[1:])
+        take = np.repeat(lo - off[:-1], counts) + np.arange(off[-1])
+        return off, self.cell[take], self.edep_gev[take]
+
+
+# ---------------------------------------------------------------------------------------------
+# Path modules
+# ---------------------------------------------------------------------------------------------
+
+class G4EnvelopeSource(Module):
+    """Feeds pre-digitised events (raw envelopes, or ECLDigits without the wire format)."""
+
+    def __init__(self, chunks=None):
+        super().__init__()
+        self.add_param("detector", "array30", "detector")
+        self._chunks = chunks  # iterator of dicts from _digitise
+        self._pending = None
+        self._pos = 0
+
+    def is_source(self):
+        return True
+
+    def _next_chunk(self):
+        try:
+            self._pending = next(self._chunks)
+        except StopIteration:
+            self._pending = None
+        self._pos = 0
+
+    def next_batch(self, batch, max_events):
+        if self._pending is None or self._pos >= self._pending["n"]:
+            self._next_chunk()
+            if self._pending is None:
+                batch.resize(0)
+                return False
+        c = self._pending
+        a, b = self._pos, min(self._pos + max_events, c["n"])
+        self._pos = b
+        if "envelopes" in c:
+            _core.append_envelopes(batch, c["envelopes"][a:b])
+        else:
+            batch.resize(b - a)
+            batch.evt[:] = c["evt"][a:b]
+            batch.detector[:] = DETECTOR_CODE[self.param("detector")]
+            off = c["offsets"]
+            sub = off[a: b + 1] - off[a]
+            sl = slice(off[a], off[b])
+            batch.add_collection("ECLDigits", sub, {
+                "cell": c["cell"][sl].astype(np.int32),
+                "energy": (c["amplitude"][sl] / 20000.0).astype(np.float32),
+                "time": (c["time_ticks"][sl] * 0.4913).astype(np.float32),
+                "quality": c["quality"][sl].astype(np.uint8),
+                "amplitude": c["amplitude"][sl].astype(np.int32),
+            })
+        return True
+
+
+class MatchedClusterCollector(Module):
+    """Collects per event the cluster matched to the true photon (and the raw digit sum)."""
+
+    def __init__(self, detector="array30", direction=None, match_angle=MATCH_ANGLE_RAD):
+        super().__init__()
+        self.detector = detector
+        self.direction = direction  # (n_events, 3) true directions indexed by evt, belle2-ecl
+        self.match_angle = match_angle
+        self.parts = []
+
+    def ordered(self):
+        return True
+
+    def event(self, batch):
+        n = len(batch)
+        evt = np.array(batch.evt, dtype=np.int64)
+        dig = batch["ECLDigits"]
+        doff = np.asarray(dig.offsets)
+        de = np.asarray(dig["energy"], np.float64)
+        cs = np.concatenate([[0.0], np.cumsum(de)])
+        raw_sum = cs[doff[1:]] - cs[doff[:-1]]
+        cl = batch["ECLClusters"]
+        off = np.asarray(cl.offsets)
+        counts = np.diff(off)
+        ev_of = np.repeat(np.arange(n), counts)
+        e_raw = np.asarray(cl["energy_raw"])
+        ok = np.ones(e_raw.size, bool)
+        if self.detector == "belle2-ecl" and self.direction is not None:
+            th, ph = np.asarray(cl["theta"], np.float64), np.asarray(cl["phi"], np.float64)
+            u = np.stack([np.sin(th) * np.cos(ph), np.sin(th) * np.sin(ph), np.cos(th)], 1)
+            t = self.direction[evt[ev_of]]
+            ok = np.sum(u * t, 1) > np.cos(self.match_angle)
+        # the most energetic (raw) cluster among the candidates of each event
+        cand = np.flatnonzero(ok)
+        order = np.lexsort((-e_raw[cand], ev_of[cand]))
+        cand = cand[order]
+        evs, first = np.unique(ev_of[cand], return_index=True)
+        sel = cand[first]
+        rec = {
+            "evt": evt,
+            "raw_sum": raw_sum,
+            "n_clusters": counts,
+            "has": np.zeros(n, bool),
+            "energy_raw": np.zeros(n, np.float32),
+            "energy": np.zeros(n, np.float32),
+            "image": np.zeros((n,) + np.asarray(cl["image"]).shape[1:], np.float32),
+            "features": np.zeros((n,) + np.asarray(cl["features"]).shape[1:], np.float32),
+            "classical": np.zeros(n, np.float32),
+        }
+        rec["has"][evs] = True
+        rec["energy_raw"][evs] = e_raw[sel]
+        rec["energy"][evs] = np.asarray(cl["energy"])[sel]
+        rec["image"][evs] = np.asarray(cl["image"])[sel]
+        rec["features"][evs] = np.asarray(cl["features"])[sel]
+        if "energy_classical" in cl.columns():
+            rec["classical"][evs] = np.asarray(cl["energy_classical"])[sel]
+        else:
+            rec["classical"][evs] = rec["energy"][evs]
+        self.parts.append(rec)
+
+    def result(self):
+        if not self.parts:
+            return {}
+        out = {k: np.concatenate([p[k] for p in self.parts]) for k in self.parts[0]}
+        order = np.argsort(out["evt"], kind="stable")
+        return {k: v[order] for k, v in out.items()}
+
+
+class ClassicalSnapshot(Module):
+    """Copies ECLClusters.energy (after the classical correction) into energy_classical."""
+
+    def event(self, batch):
+        if "ECLClusters" in batch:
+            cl = batch["ECLClusters"]
+            cl["energy_classical"] = np.array(cl["energy"], np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Digitisation and the chain
+# ---------------------------------------------------------------------------------------------
+
+def _digitise(detector, off, cell, e_gev, evt, rng, level, wire):
+    from eclreco.sim import add_electronics, overlay_background
+
+    t = np.zeros(e_gev.size)
+    if level > 0:
+        off, cell, e_gev, t = overlay_background(detector, off, cell, e_gev, t, level, rng)
+    o, c, a, tt, q = add_electronics(detector, off, cell, e_gev, rng, hit_time_ns=t)
+    if wire:
+        from eclreco.rawdata import encode_events
+
+        env = encode_events(detector, 0, 1, [int(x) for x in evt], o, c, a, tt, q)
+        return {"n": len(evt), "envelopes": env}
+    return {"n": len(evt), "evt": np.asarray(evt, np.int64), "offsets": o, "cell": c, "amplitude": a,
+            "time_ticks": tt, "quality": q}
+
+
+def run_chain(detector, sample_iter, direction=None, model=None, min_energy_gev=None,
+              batch_size=256, background_level=0.0):
+    """Run chunks (dicts from _digitise) through the reconstruction path; returns the
+    per-event matched clusters (dict of arrays indexed like the chunks' events)."""
+    import eclreco
+
+    wire = have_wire_format()
+    path = eclreco.create_path()
+    src = G4EnvelopeSource(sample_iter)
+    src.set_param("detector", detector)
+    path.add_module(src)
+    if wire:
+        path.add_module("ECLUnpacker")
+    path.add_module("ECLClusterizer")
+    leak = have_module("ECLLeakageCorrection")
+    if leak:
+        path.add_module("ECLLeakageCorrection")
+    path.add_module(ClassicalSnapshot())
+    if model is not None:
+        params = {"model": model}
+        if min_energy_gev is not None:
+            params["min_energy_gev"] = min_energy_gev
+        path.add_module("ECLEnergyCorrection", **params)
+    col = MatchedClusterCollector(detector, direction)
+    path.add_module(col)
+    eclreco.process(path, threads=1, batch_size=batch_size, install_signal_handlers=False)
+    res = col.result()
+    res["chain"] = np.array(("wire+ECLUnpacker" if wire else "direct-digits")
+                            + ("+ECLLeakageCorrection" if leak else "+no-leakage-correction"))
+    return res
+
+
+def g4_chain_sample(g4: G4Sample, idx, seed, levels=None, chunk=2000, model=None, progress=None,
+                    min_energy_gev=None):
+    """Clusters of the Geant4 events idx through the chain.
+
+    levels: None (no background), a number, or (lo, hi): a level drawn uniformly per chunk of
+    `chunk` events. Returns a dict of per-event arrays plus e_true, g4_index, background.
+    """
+    idx = np.asarray(idx, np.int64)
+    rng = np.random.default_rng(seed)
+    wire = have_wire_format()
+    chunk_levels = []
+
+    def chunks():
+        for a in range(0, idx.size, chunk):
+            sub = idx[a: a + chunk]
+            if levels is None:
+                lv = 0.0
+            elif np.isscalar(levels):
+                lv = float(levels)
+            else:
+                lv = float(rng.uniform(levels[0], levels[1]))
+            chunk_levels.append((a, sub.size, lv))
+            off, cell, e = g4.deposits(sub)
+            yield _digitise(g4.detector, off, cell, e, sub, rng, lv, wire)
+            if progress is not None:
+                progress.update(sub.size)
+
+    res = run_chain(g4.detector, chunks(), direction=g4.direction, model=model, min_energy_gev=min_energy_gev)
+    bg = np.zeros(idx.size)
+    for a, n, lv in chunk_levels:
+        bg[a: a + n] = lv
+    pos = {int(e): i for i, e in enumerate(idx)} if idx.size < 1000 else None
+    if pos is None:
+        lookup = np.full(g4.n, -1, np.int64)
+        lookup[idx] = np.arange(idx.size)
+        where = lookup[res["evt"]]
+    else:
+        where = np.array([pos[int(e)] for e in res["evt"]], np.int64)
+    res["e_true"] = g4.e_true[res["evt"]]
+    res["g4_index"] = res["evt"]
+    res["background"] = bg[where]
+    return res

@@ -1,0 +1,170 @@
+"""The CNN of the energy correction (PyTorch), its ONNX export and the metrics shared by
+`eclreco train` and `eclreco validate`.
+
+Graph (everything from the raw cluster columns to the corrected energy is INSIDE the network,
+so that ECLEnergyCorrection feeds ECLClusters.image and ECLClusters.features as they are):
+
+    inputs  image    float32 [N, S, S]  cluster image (GeV), ECLClusters.image
+            features float32 [N, F]     ECLClusters.features (theta, phi, local_u, local_v,
+                                        energy_raw, seed ring, region)
+    e_raw = max(features[:, 4], 1 MeV)
+    x_img = image / e_raw                                    (shape only, energy-free)
+    x_f   = [log(e_raw / 1 GeV), local_u, local_v, cos(theta), sin(theta),
+             ring / 69, one-hot(region), 1 - sum(image) / e_raw]
+    conv 3x3 (1 -> c1, valid) ReLU, conv 3x3 (c1 -> c2, valid) ReLU  (7x7 -> 5x5 -> 3x3)
+    concat(flatten, x_f) -> dense(hidden) ReLU -> dense(1) = y = log(E_true / E_raw)
+    output  energy   float32 [N]  = e_raw * exp(y)  (GeV)
+
+The target is log(E_true / E_raw) with a Huber loss (delta 0.05): multiplicative, so that all
+energies weigh alike, symmetric in over- and under-correction, and robust: the long low tail of
+E_raw/E_true (photons that convert in / shower into the aluminium gaps of array30, or the gaps
+between barrel and endcaps) only enters linearly and does not drag the prediction of the bulk
+(quadratic loss on E_raw/E_true, the seed's choice, fits the mean that these tails pull down).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+FEATURE_NAMES = ("theta", "phi", "local_u", "local_v", "energy_raw", "ring", "region")
+E_RAW_INDEX = 4
+MIN_E_RAW = 1e-3
+
+
+def sigma68(x):
+    x = np.asarray(x, np.float64)
+    if x.size < 2:
+        return float("nan")
+    lo, hi = np.quantile(x, [0.16, 0.84])
+    return 0.5 * float(hi - lo)
+
+
+def summary(e, e_true):
+    """mean, rms (GeV), bias (median(E/E_true) - 1), sigma68 of E/E_true, n."""
+    e = np.asarray(e, np.float64)
+    r = e / np.asarray(e_true, np.float64)
+    return {"n": int(e.size), "mean": float(e.mean()) if e.size else float("nan"),
+            "rms": float(e.std()) if e.size else float("nan"),
+            "bias": float(np.median(r) - 1) if e.size else float("nan"), "sigma68": sigma68(r)}
+
+
+def build_model(image_size=7, n_features=7, c1=8, c2=16, hidden=32):
+    import torch
+    from torch import nn
+
+    class EnergyCNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.image_size = image_size
+            self.n_features = n_features
+            self.conv1 = nn.Conv2d(1, c1, 3)
+            self.conv2 = nn.Conv2d(c1, c2, 3)
+            s = image_size - 4
+            self.n_flat = c2 * s * s
+            self.n_xf = 10
+            self.fc1 = nn.Linear(self.n_flat + self.n_xf, hidden)
+            self.fc2 = nn.Linear(hidden, 1)
+            self.config = dict(image_size=image_size, n_features=n_features, c1=c1, c2=c2, hidden=hidden)
+
+        def log_ratio(self, image, features):
+            e_raw = torch.clamp(features[:, E_RAW_INDEX:E_RAW_INDEX + 1], min=MIN_E_RAW)
+            x = (image / e_raw.unsqueeze(-1)).unsqueeze(1)
+            frac_out = 1.0 - image.sum(dim=(1, 2)).unsqueeze(1) / e_raw
+            th = features[:, 0:1]
+            region = features[:, 6:7]
+            xf = torch.cat([torch.log(e_raw), features[:, 2:4], torch.cos(th), torch.sin(th),
+                            features[:, 5:6] / 69.0, (region == 0).float(), (region == 1).float(),
+                            (region == 2).float(), frac_out], dim=1)
+            h = torch.relu(self.conv1(x))
+            h = torch.relu(self.conv2(h))
+            h = torch.cat([h.flatten(1), xf], dim=1)
+            h = torch.relu(self.fc1(h))
+            return self.fc2(h).squeeze(1)
+
+        def forward(self, image, features):
+            e_raw = torch.clamp(features[:, E_RAW_INDEX], min=MIN_E_RAW)
+            return e_raw * torch.exp(self.log_ratio(image, features))
+
+    return EnergyCNN()
+
+
+def count_params(model) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def flops_per_cluster(cfg) -> int:
+    """Multiply-adds x 2 of the convolutions and dense layers (+ the cheap elementwise ops)."""
+    s = cfg["image_size"]
+    c1, c2, h = cfg["c1"], cfg["c2"], cfg["hidden"]
+    s1, s2 = s - 2, s - 4
+    macs = s1 * s1 * c1 * 9 + s2 * s2 * c2 * c1 * 9 + (c2 * s2 * s2 + 10) * h + h
+    elementwise = 3 * s * s + s1 * s1 * c1 + s2 * s2 * c2 + h + 30
+    return int(2 * macs + elementwise)
+
+
+def export_onnx(model, path, metadata: dict, opset=17):
+    """torch -> ONNX with a dynamic batch axis; metadata_props from `metadata`."""
+    import onnx
+    import torch
+
+    model.eval()
+    s, f = model.config["image_size"], model.config["n_features"]
+    img = torch.zeros(2, s, s)
+    feat = torch.zeros(2, f)
+    feat[:, E_RAW_INDEX] = 1.0
+    kwargs = dict(input_names=["image", "features"], output_names=["energy"],
+                  dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}, "energy": {0: "batch"}},
+                  opset_version=opset)
+    try:
+        torch.onnx.export(model, (img, feat), path, dynamo=False, **kwargs)
+    except TypeError:  # torch < 2.5: no dynamo argument
+        torch.onnx.export(model, (img, feat), path, **kwargs)
+    m = onnx.load(path)
+    del m.metadata_props[:]
+    for k, v in metadata.items():
+        p = m.metadata_props.add()
+        p.key, p.value = str(k), str(v)
+    onnx.checker.check_model(m)
+    onnx.save(m, path)
+
+
+def check_onnx_agreement(model, path, image, features, rtol=1e-4):
+    """Max abs and relative difference of onnxruntime vs PyTorch on the given inputs."""
+    import onnxruntime as ort
+    import torch
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"image": image.astype(np.float32), "features": features.astype(np.float32)})[0]
+    with torch.no_grad():
+        ref = model(torch.from_numpy(image.astype(np.float32)), torch.from_numpy(features.astype(np.float32))).numpy()
+    diff = np.abs(out - ref)
+    rel = float(np.max(diff / np.maximum(np.abs(ref), 1e-6))) if diff.size else 0.0
+    return float(diff.max()) if diff.size else 0.0, rel
+
+
+def onnx_throughput(path, image, features, batch=1024, repeats=20):
+    """Clusters per second with onnxruntime, one thread, at the given batch size."""
+    import time
+
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    n = min(batch, image.shape[0])
+    feeds = {"image": np.ascontiguousarray(image[:n], np.float32),
+             "features": np.ascontiguousarray(features[:n], np.float32)}
+    sess.run(None, feeds)
+    best = math.inf
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            sess.run(None, feeds)
+        best = min(best, (time.perf_counter() - t0) / repeats)
+    return n / best

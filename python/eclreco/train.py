@@ -1,0 +1,302 @@
+"""`eclreco train`: train the CNN energy correction of a detector and export it to ONNX.
+
+    eclreco train --detector array30 -o out/ [--g4 PATH] [--epochs N] [--seed S] [--sizes small]
+
+The training set is made THROUGH THE PROJECT'S OWN CHAIN (eclreco.cnn_data): Geant4 deposits ->
+(belle2-ecl: beam-background overlay, level uniform in [0, 2] per chunk of 2000 events) ->
+electronics -> wire format -> ECLUnpacker -> ECLClusterizer -> ECLLeakageCorrection -> the matched
+cluster (array30: the most energetic cluster; belle2-ecl: the most energetic cluster within
+0.1 rad of the true photon). Split: the last 20 % of the Geant4 file is the TEST set (never used
+here except for the test metrics of the model card); of the first 80 %, the last 1/8 is the
+validation set for early stopping, the rest the training set. Fixed seeds throughout, so the
+command reproduces the shipped models (python/eclreco/models/<detector>.onnx) bit for bit on the
+same platform / torch version (up to thread-count dependent float summation order).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from eclreco import cnn_data
+from eclreco.cnn_model import (FEATURE_NAMES, build_model, check_onnx_agreement, count_params, export_onnx,
+                               flops_per_cluster, onnx_throughput, sigma68, summary)
+
+SIZES = {
+    "tiny": dict(c1=4, c2=8, hidden=16),
+    "small": dict(c1=8, c2=16, hidden=32),
+    "medium": dict(c1=16, c2=32, hidden=64),
+}
+DEFAULT_SIZE = {"array30": "small", "belle2-ecl": "small"}
+BACKGROUND_RANGE = {"array30": None, "belle2-ecl": (0.0, 2.0)}
+HUBER_DELTA = 0.05
+RECOMMENDED_MIN_ENERGY_GEV = 0.03
+
+
+def default_g4_path(detector: str) -> str:
+    name = cnn_data.G4_DEFAULT[detector]
+    cands = [os.path.join("..", "shared", "data", name)]
+    here = os.path.dirname(os.path.abspath(__file__))
+    for up in (os.path.join(here, "..", ".."), os.path.join(here, "..", "..", "..")):
+        cands.append(os.path.join(up, "..", "shared", "data", name))
+    for c in cands:
+        if os.path.exists(c):
+            return os.path.normpath(c)
+    return cands[0]
+
+
+def chain_samples(detector, g4_path, seed=1, max_events=0, quiet=False):
+    """(train, val, test) dicts of matched clusters through the chain."""
+    from tqdm import tqdm
+
+    g4 = cnn_data.G4Sample(g4_path, detector)
+    tr, va, te = g4.split()
+    if max_events:
+        f = max_events / g4.n
+        tr, va, te = tr[: max(int(tr.size * f), 1)], va[: max(int(va.size * f), 1)], te[: max(int(te.size * f), 1)]
+    out = []
+    levels = BACKGROUND_RANGE[detector]
+    with tqdm(total=tr.size + va.size + te.size, desc=f"chain {detector}", unit="ev", disable=quiet,
+              file=sys.stderr) as bar:
+        for k, idx in enumerate((tr, va, te)):
+            out.append(cnn_data.g4_chain_sample(g4, idx, seed=seed * 100 + k, levels=levels, progress=bar))
+    return out
+
+
+def _arrays(s):
+    m = s["has"] & (s["energy_raw"] > 0)
+    return (s["image"][m].astype(np.float32), s["features"][m].astype(np.float32),
+            np.log(s["e_true"][m] / s["energy_raw"][m]).astype(np.float32), m)
+
+
+def train_model(train, val, size_cfg, epochs=60, seed=1, batch_size=512, lr=3e-3, patience=10,
+                quiet=False, image_size=7, n_features=7):
+    import torch
+    from tqdm import tqdm
+
+    torch.set_num_threads(2)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    xi, xf, y, _ = _arrays(train)
+    vi, vf, vy, _ = _arrays(val)
+    model = build_model(image_size=image_size, n_features=n_features, **size_cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=3)
+    loss_fn = torch.nn.HuberLoss(delta=HUBER_DELTA)
+    ti, tf, ty = torch.from_numpy(xi), torch.from_numpy(xf), torch.from_numpy(y)
+    vti, vtf, vty = torch.from_numpy(vi), torch.from_numpy(vf), torch.from_numpy(vy)
+    gen = torch.Generator().manual_seed(seed)
+    best, best_state, best_epoch, bad = float("inf"), None, -1, 0
+    history = []
+    t0 = time.time()
+    bar = tqdm(range(epochs), desc=f"train {size_cfg}", disable=quiet, file=sys.stderr)
+    for ep in bar:
+        model.train()
+        perm = torch.randperm(ti.shape[0], generator=gen)
+        tot = 0.0
+        for a in range(0, perm.numel(), batch_size):
+            b = perm[a: a + batch_size]
+            opt.zero_grad()
+            loss = loss_fn(model.log_ratio(ti[b], tf[b]), ty[b])
+            loss.backward()
+            opt.step()
+            tot += loss.item() * b.numel()
+        model.eval()
+        with torch.no_grad():
+            pv = model.log_ratio(vti, vtf)
+            vloss = float(loss_fn(pv, vty))
+            vs68 = sigma68(np.exp(pv.numpy() - vy))
+        sched.step(vloss)
+        history.append({"epoch": ep, "train_loss": tot / perm.numel(), "val_loss": vloss, "val_sigma68": vs68})
+        bar.set_postfix(train=f"{tot / perm.numel():.5f}", val=f"{vloss:.5f}", s68=f"{vs68:.4f}")
+        if vloss < best - 1e-7:
+            best, best_epoch, bad = vloss, ep, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    bar.close()
+    model.load_state_dict(best_state)
+    model.eval()
+    return model, {"epochs_run": len(history), "best_epoch": best_epoch, "best_val_loss": best,
+                   "train_seconds": time.time() - t0, "history": history,
+                   "n_train": int(xi.shape[0]), "n_val": int(vi.shape[0])}
+
+
+def predict(model, s):
+    import torch
+
+    xi, xf, _, m = _arrays(s)
+    with torch.no_grad():
+        e = model(torch.from_numpy(xi), torch.from_numpy(xf)).numpy()
+    return e, m
+
+
+def test_metrics(model, test, detector):
+    e_cnn, m = predict(model, test)
+    et = test["e_true"][m]
+    res = {"n_events": int(test["has"].size), "n_matched": int(m.sum()),
+           "raw_sum": summary(test["raw_sum"][m], et), "cluster_raw": summary(test["energy_raw"][m], et),
+           "classical": summary(test["classical"][m], et), "cnn": summary(e_cnn, et)}
+    # by energy decade
+    bins = [0.05, 0.2, 0.5, 1.0, 2.0, 6.0]
+    res["by_energy"] = []
+    for lo, hi in zip(bins[:-1], bins[1:]):
+        k = (et >= lo) & (et < hi)
+        res["by_energy"].append({"e_lo": lo, "e_hi": hi, "n": int(k.sum()),
+                                 "sigma68_raw_sum": sigma68(test["raw_sum"][m][k] / et[k]),
+                                 "sigma68_classical": sigma68(test["classical"][m][k] / et[k]),
+                                 "sigma68_cnn": sigma68(e_cnn[k] / et[k]),
+                                 "bias_cnn": float(np.median(e_cnn[k] / et[k]) - 1) if k.any() else float("nan")})
+    # gap tails (array30): fraction of events with E_cnn/E_true < 0.9 / 0.8
+    r = e_cnn / et
+    res["tail_below_0.9"] = float(np.mean(r < 0.9))
+    res["tail_below_0.8"] = float(np.mean(r < 0.8))
+    return res
+
+
+def write_card(out_dir, detector, card):
+    with open(os.path.join(out_dir, f"{detector}.json"), "w") as f:
+        json.dump(card, f, indent=1, default=float)
+    t = card["test"]
+    lines = [f"# Model card: CNN energy correction, {detector}", "",
+             f"- file: `{detector}.onnx` ({card['onnx_bytes']} bytes), inputs `image` float32 [N,{card['config']['image_size']},{card['config']['image_size']}] (GeV), "
+             f"`features` float32 [N,{card['config']['n_features']}] ({', '.join(FEATURE_NAMES)}); output `energy` float32 [N] (GeV, corrected)",
+             f"- target: {card['target']}",
+             f"- architecture: {card['architecture']}",
+             f"- parameters: {card['n_params']}, FLOPs per cluster: {card['flops_per_cluster']}",
+             f"- throughput (onnxruntime, 1 thread, batch 1024): {card['clusters_per_second']:,.0f} clusters/s "
+             f"({1e6 / card['clusters_per_second']:.2f} us/cluster)",
+             f"- data: `{card['data']['g4']}` ({card['data']['chain']}); background: {card['data']['background']}",
+             f"- split: {card['data']['split']}; train {card['training']['n_train']}, validation {card['training']['n_val']} matched clusters",
+             f"- training: {card['training']['epochs_run']} epochs (best {card['training']['best_epoch']}), "
+             f"{card['training']['train_seconds']:.0f} s on {card['training']['threads']} CPU threads, seed {card['seed']}, "
+             f"torch {card['training']['torch']}",
+             f"- ONNX vs PyTorch: max abs diff {card['onnx_check']['max_abs_diff']:.2e} GeV, max rel {card['onnx_check']['max_rel_diff']:.2e}",
+             f"- recommended min_energy_gev: {card['recommended_min_energy_gev']}", "",
+             "## Test set (held-out last 20 % of the Geant4 file, all energies)", "",
+             "| energy | n | bias (median E/E_true - 1) | sigma68 | RMS(E) GeV |", "|---|---|---|---|---|"]
+    for k in ("raw_sum", "cluster_raw", "classical", "cnn"):
+        s = t[k]
+        lines.append(f"| {k} | {s['n']} | {s['bias']:+.4f} | {s['sigma68']:.4f} | {s['rms']:.3f} |")
+    lines += ["", "| E_true GeV | n | sigma68 raw sum | sigma68 classical | sigma68 CNN | bias CNN |", "|---|---|---|---|---|---|"]
+    for b in t["by_energy"]:
+        lines.append(f"| {b['e_lo']}-{b['e_hi']} | {b['n']} | {b['sigma68_raw_sum']:.4f} | {b['sigma68_classical']:.4f} | "
+                     f"{b['sigma68_cnn']:.4f} | {b['bias_cnn']:+.4f} |")
+    lines += ["", f"Tails: E_CNN/E_true < 0.9 in {100 * t['tail_below_0.9']:.1f} %, < 0.8 in {100 * t['tail_below_0.8']:.1f} % of the test events."]
+    if card.get("size_scan"):
+        lines += ["", "## Size scan (same data, same seed)", "",
+                  "| size | c1/c2/hidden | params | FLOPs/cluster | clusters/s (1 thread, batch 1024) | test sigma68 | val loss |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in card["size_scan"]:
+            c = r["config"]
+            lines.append(f"| {r['size']} | {c['c1']}/{c['c2']}/{c['hidden']} | {r['n_params']} | {r['flops_per_cluster']} | "
+                         f"{r['clusters_per_second']:,.0f} | {r['test_sigma68']:.4f} | {r['best_val_loss']:.5f} |")
+    with open(os.path.join(out_dir, f"{detector}.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def run_training(detector, out_dir, g4_path=None, epochs=60, seed=1, sizes=None, max_events=0, quiet=False,
+                 samples=None):
+    import onnx  # noqa: F401  (fail early when the training extras are missing)
+    import torch
+
+    torch.set_num_threads(2)
+    g4_path = g4_path or default_g4_path(detector)
+    if not os.path.exists(g4_path):
+        raise FileNotFoundError(f"eclreco train: Geant4 file {g4_path!r} not found (use --g4)")
+    os.makedirs(out_dir, exist_ok=True)
+    t_start = time.time()
+    if samples is None:
+        samples = chain_samples(detector, g4_path, seed=seed, max_events=max_events, quiet=quiet)
+    train, val, test = samples
+    chain = str(train["chain"])
+    sizes = sizes or [DEFAULT_SIZE[detector]]
+    ship = DEFAULT_SIZE[detector] if DEFAULT_SIZE[detector] in sizes else sizes[0]
+    scan, shipped = [], None
+    for size in sizes:
+        model, info = train_model(train, val, SIZES[size], epochs=epochs, seed=seed, quiet=quiet)
+        tm = test_metrics(model, test, detector)
+        path = os.path.join(out_dir, f"{detector}.onnx" if size == ship else f"{detector}-{size}.onnx")
+        meta = {"detector": detector, "feature_names": ",".join(FEATURE_NAMES), "image_size": model.config["image_size"],
+                "output": "energy: corrected cluster energy in GeV (E_raw * exp(y), y = predicted log(E_true/E_raw))",
+                "normalisation": "inside the graph: image / energy_raw, log(energy_raw), cos/sin(theta), ring/69, one-hot region",
+                "recommended_min_energy_gev": RECOMMENDED_MIN_ENERGY_GEV, "config": json.dumps(model.config),
+                "producer": "eclreco train", "seed": seed}
+        export_onnx(model, path, meta)
+        xi, xf, _, _ = _arrays(test)
+        mad, mrel = check_onnx_agreement(model, path, xi[:4096], xf[:4096])
+        if not quiet:
+            print(f"[{size}] ONNX vs PyTorch on {min(4096, xi.shape[0])} test clusters: max abs diff {mad:.3e} GeV, "
+                  f"max rel diff {mrel:.3e}", flush=True)
+        assert mrel < 1e-4, f"onnxruntime and PyTorch disagree: max relative difference {mrel}"
+        cps = onnx_throughput(path, np.resize(xi, (1024,) + xi.shape[1:]), np.resize(xf, (1024,) + xf.shape[1:]))
+        row = {"size": size, "config": model.config, "n_params": count_params(model),
+               "flops_per_cluster": flops_per_cluster(model.config), "clusters_per_second": cps,
+               "test_sigma68": tm["cnn"]["sigma68"], "best_val_loss": info["best_val_loss"],
+               "train_seconds": info["train_seconds"], "file": os.path.basename(path)}
+        scan.append(row)
+        if not quiet:
+            print(f"[{size}] params {row['n_params']}, {row['flops_per_cluster']} FLOPs/cluster, {cps:,.0f} clusters/s, "
+                  f"test sigma68 {tm['cnn']['sigma68']:.4f} (classical {tm['classical']['sigma68']:.4f}, "
+                  f"raw sum {tm['raw_sum']['sigma68']:.4f}), bias {tm['cnn']['bias']:+.4f}, "
+                  f"{info['epochs_run']} epochs in {info['train_seconds']:.0f} s", flush=True)
+        if size == ship:
+            shipped = (model, info, tm, path, mad, mrel, cps)
+    model, info, tm, path, mad, mrel, cps = shipped
+    c = model.config
+    card = {
+        "detector": detector, "seed": seed, "size": ship, "config": c,
+        "architecture": (f"image/E_raw [1x{c['image_size']}x{c['image_size']}] -> conv3x3({c['c1']}) ReLU -> conv3x3({c['c2']}) ReLU -> "
+                         f"flatten + 10 derived features -> dense({c['hidden']}) ReLU -> dense(1) = log(E_true/E_raw)"),
+        "target": f"y = log(E_true / E_raw) with Huber loss (delta {HUBER_DELTA}); energy = E_raw * exp(y)",
+        "n_params": count_params(model), "flops_per_cluster": flops_per_cluster(c), "clusters_per_second": cps,
+        "onnx_bytes": os.path.getsize(path), "onnx_check": {"max_abs_diff": mad, "max_rel_diff": mrel},
+        "recommended_min_energy_gev": RECOMMENDED_MIN_ENERGY_GEV,
+        "data": {"g4": os.path.basename(g4_path), "chain": chain,
+                 "background": ("uniform level in [0, 2] per chunk of 2000 events" if BACKGROUND_RANGE[detector]
+                                else "none"),
+                 "split": (f"test = last {int(cnn_data.TEST_FRACTION * 100)} % of the file; validation = the "
+                           f"last {cnn_data.VAL_FRACTION:.3f} of the rest (early stopping); train = the rest"),
+                 "max_events": max_events},
+        "training": {k: v for k, v in info.items() if k != "history"} | {
+            "threads": 2, "torch": torch.__version__, "python": platform.python_version(),
+            "optimizer": "Adam lr 3e-3, batch 512, ReduceLROnPlateau(0.5, 3), early stopping patience 10"},
+        "history": info["history"], "test": tm, "size_scan": scan if len(scan) > 1 else [],
+        "total_seconds": time.time() - t_start,
+    }
+    write_card(out_dir, detector, card)
+    if not quiet:
+        print(f"wrote {path} and {detector}.md/.json in {out_dir} ({time.time() - t_start:.0f} s)", flush=True)
+    return card
+
+
+def _cmd(args) -> int:
+    sizes = [s.strip() for s in args.sizes.split(",")] if args.sizes else None
+    for s in sizes or []:
+        if s not in SIZES:
+            raise SystemExit(f"eclreco train: unknown size {s!r} ({', '.join(SIZES)})")
+    run_training(args.detector, args.output, g4_path=args.g4, epochs=args.epochs, seed=args.seed, sizes=sizes,
+                 max_events=args.max_events, quiet=args.quiet)
+    return 0
+
+
+def add_train_parser(subparsers):
+    p = subparsers.add_parser("train", help="train the CNN energy correction of a detector (ONNX + model card)",
+                              description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    p.add_argument("--detector", required=True, choices=["array30", "belle2-ecl"])
+    p.add_argument("-o", "--output", required=True, help="output directory (<detector>.onnx, .md, .json)")
+    p.add_argument("--g4", default=None, help="Geant4 file (default ../shared/data/g4_<det>_train.npz)")
+    p.add_argument("--epochs", type=int, default=60, help="maximum epochs (early stopping on the validation set)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--sizes", default="", help=f"comma-separated network sizes to train ({', '.join(SIZES)}); "
+                   "the default size of the detector is shipped as <detector>.onnx, others as <detector>-<size>.onnx")
+    p.add_argument("--max-events", type=int, default=0, help="use only this many events of the file (0: all)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd)
+    return p

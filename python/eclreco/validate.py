@@ -1,0 +1,288 @@
+"""`eclreco validate`: physics validation of the CNN energy correction on samples never used in
+training (the held-out last 20 % of the Geant4 files, plus fast-simulation pi0 events).
+
+    eclreco validate --detector array30 -o out/ [--g4 PATH] [--model M.onnx]
+
+array30: held-out Geant4 photons at true energies 0.1, 0.2, 0.5, 0.6, 1, 2, 3, 4, 5 GeV, each a
+window of +-5 % of the log-uniform sample. belle2-ecl: the held-out Geant4 photons at background
+levels 0, 1, 2 (overlay of the fast simulation) at 0.1 ... 5 GeV, and the pi0 -> gamma gamma
+mass peak of fast-simulation pi0 events (nominal background). Everything runs through the
+production chain with ECLEnergyCorrection in the path (eclreco.cnn_data).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+
+from eclreco import cnn_data
+from eclreco.cnn_model import sigma68, summary
+
+ENERGIES = {"array30": [0.1, 0.2, 0.5, 0.6, 1.0, 2.0, 3.0, 4.0, 5.0],
+            "belle2-ecl": [0.1, 0.2, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0]}
+WINDOW = 0.05
+BACKGROUNDS = [0.0, 1.0, 2.0]
+PI0_MASS = 0.1349768
+
+
+def _model_path(detector, model):
+    if model:
+        return model
+    from eclreco.modules.ecl_energy_correction import shipped_model
+
+    return shipped_model(detector)
+
+
+def energy_table(res, energies, window=WINDOW):
+    """Per energy: summaries of raw sum / cluster raw / classical / CNN on events with a cluster."""
+    rows = []
+    for e0 in energies:
+        w = (res["e_true"] >= e0 * (1 - window)) & (res["e_true"] <= e0 * (1 + window))
+        k = w & res["has"]
+        et = res["e_true"][k]
+        row = {"e_true": e0, "n_window": int(w.sum()), "n": int(k.sum()), "n_no_cluster": int((w & ~res["has"]).sum())}
+        for name, col in (("raw_sum", "raw_sum"), ("cluster_raw", "energy_raw"), ("classical", "classical"),
+                          ("cnn", "energy")):
+            row[name] = summary(res[col][k], et)
+        r = res["energy"][k] / et
+        row["cnn_tail_below_0.9"] = float(np.mean(r < 0.9)) if r.size else float("nan")
+        row["cnn_tail_below_0.8"] = float(np.mean(r < 0.8)) if r.size else float("nan")
+        rr = res["raw_sum"][k] / et
+        row["raw_tail_below_0.8"] = float(np.mean(rr < 0.8)) if rr.size else float("nan")
+        rows.append(row)
+    return rows
+
+
+def _fmt_table(rows, names, title):
+    lab = {"raw_sum": "raw sum", "cluster_raw": "cluster raw", "classical": "classical", "cnn": "CNN"}
+    out = [f"### {title}", "",
+           "| E_true GeV | n | " + " | ".join(f"mean {lab[n]}" for n in names) + " | "
+           + " | ".join(f"RMS {lab[n]}" for n in names) + " | " + " | ".join(f"bias {lab[n]}" for n in names)
+           + " | " + " | ".join(f"σ68 {lab[n]}" for n in names) + " |",
+           "|" + "---|" * (2 + 4 * len(names))]
+    for r in rows:
+        cells = [f"{r['e_true']:g}", f"{r['n']}" + (f" (+{r['n_no_cluster']} no cl.)" if r["n_no_cluster"] else "")]
+        cells += [f"{1000 * r[n]['mean']:.0f}" for n in names]
+        cells += [f"{1000 * r[n]['rms']:.1f}" for n in names]
+        cells += [f"{100 * r[n]['bias']:+.1f}%" for n in names]
+        cells += [f"{r[n]['sigma68']:.4f}" for n in names]
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    out.append("mean and RMS in MeV; bias = median(E/E_true) - 1; σ68 = half-width of the central 68 % of E/E_true.")
+    return "\n".join(out) + "\n"
+
+
+def plot_energy_hists(res, energies, path, names, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(energies)
+    cols = 3
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows))
+    lab = {"raw_sum": "raw sum", "cluster_raw": "cluster raw", "classical": "classical", "cnn": "CNN"}
+    col = {"raw_sum": "grey", "cluster_raw": "grey", "classical": "tab:blue", "cnn": "tab:red"}
+    for ax, e0 in zip(np.ravel(axes), energies):
+        k = (res["e_true"] >= e0 * (1 - WINDOW)) & (res["e_true"] <= e0 * (1 + WINDOW)) & res["has"]
+        bins = np.linspace(0, 1.5 * e0 * 1000, 61)
+        for nm in names:
+            key = {"raw_sum": "raw_sum", "cluster_raw": "energy_raw", "classical": "classical", "cnn": "energy"}[nm]
+            ax.hist(np.clip(res[key][k] * 1000, 0, bins[-1] - 1e-6), bins, histtype="step", color=col[nm],
+                    label=f"{lab[nm]} σ68={sigma68(res[key][k] / res['e_true'][k]):.3f}")
+        ax.axvline(e0 * 1000, color="k", lw=0.6, ls=":")
+        ax.set_title(f"E_true = {e0:g} GeV ±5 % (n={k.sum()})", fontsize=9)
+        ax.set_xlabel("E [MeV]", fontsize=8)
+        ax.legend(fontsize=7, loc="upper left")
+    for ax in np.ravel(axes)[n:]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# pi0
+# ---------------------------------------------------------------------------------------------
+
+class _Pi0Collector(cnn_data.Module):
+    """The two most energetic clusters of each event: raw / classical / CNN energies, directions."""
+
+    def __init__(self):
+        super().__init__()
+        self.parts = []
+
+    def ordered(self):
+        return True
+
+    def event(self, batch):
+        cl = batch["ECLClusters"]
+        off = np.asarray(cl.offsets)
+        cnt = np.diff(off)
+        two = np.flatnonzero(cnt >= 2)
+        if two.size == 0:
+            return
+        i1, i2 = off[two], off[two] + 1  # sorted by energy within an event
+
+        def g(c, dt=np.float64):
+            a = np.asarray(cl[c], dt)
+            return a[i1], a[i2]
+        th, ph = g("theta"), g("phi")
+        u = [np.stack([np.sin(t) * np.cos(p), np.sin(t) * np.sin(p), np.cos(t)], 1) for t, p in zip(th, ph)]
+        cos12 = np.sum(u[0] * u[1], 1)
+        rec = {"cos12": cos12}
+        for name, c in (("raw", "energy_raw"), ("classical", "energy_classical"), ("cnn", "energy")):
+            e1, e2 = g(c)
+            rec[name + "_e1"], rec[name + "_e2"] = e1, e2
+        self.parts.append(rec)
+
+    def result(self):
+        return {k: np.concatenate([p[k] for p in self.parts]) for k in self.parts[0]}
+
+
+def pi0_peak(detector, model, n_events=20000, seed=7, background=1.0, e_min=0.3, e_max=1.5, min_e=0.03):
+    import eclreco
+
+    path = eclreco.create_path()
+    path.add_module("SimulationInput", events=n_events, detector=detector, particle="pi0", energy_min=e_min,
+                    energy_max=e_max, background=background, seed=seed)
+    path.add_module("ECLUnpacker")
+    path.add_module("ECLClusterizer")
+    if cnn_data.have_module("ECLLeakageCorrection"):
+        path.add_module("ECLLeakageCorrection")
+    path.add_module(cnn_data.ClassicalSnapshot())
+    path.add_module("ECLEnergyCorrection", model=model)
+    col = _Pi0Collector()
+    path.add_module(col)
+    eclreco.process(path, threads=1, install_signal_handlers=False)
+    r = col.result()
+    out = {"n_events": n_events, "pi0_energy_gev": [e_min, e_max], "background": background}
+    ok = (r["raw_e2"] > min_e)
+    masses = {}
+    for name in ("raw", "classical", "cnn"):
+        m = np.sqrt(np.maximum(2 * r[name + "_e1"] * r[name + "_e2"] * (1 - r["cos12"]), 0))[ok]
+        masses[name] = m
+        w = m[(m > 0.07) & (m < 0.2)]
+        out[name] = {"n_in_window": int(w.size), "median_gev": float(np.median(w)),
+                     "sigma68_gev": sigma68(w), "sigma68_rel": sigma68(w) / float(np.median(w))}
+    out["n_two_clusters"] = int(ok.sum())
+    return out, masses
+
+
+def plot_pi0(masses, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.linspace(0.05, 0.22, 69)
+    for name, c in (("raw", "grey"), ("classical", "tab:blue"), ("cnn", "tab:red")):
+        w = masses[name][(masses[name] > 0.07) & (masses[name] < 0.2)]
+        ax.hist(masses[name], bins, histtype="step", color=c,
+                label=f"{name}: median {1000 * np.median(w):.1f} MeV, σ68 {1000 * sigma68(w):.1f} MeV")
+    ax.axvline(PI0_MASS, color="k", ls=":", lw=0.7)
+    ax.set_xlabel("m(γγ) [GeV]")
+    ax.legend(fontsize=8)
+    ax.set_title("π0 → γγ, belle2-ecl fast simulation, nominal background")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+
+def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed=11, pi0_events=20000, quiet=False):
+    from tqdm import tqdm
+
+    from eclreco.train import default_g4_path
+
+    os.makedirs(out_dir, exist_ok=True)
+    g4_path = g4_path or default_g4_path(detector)
+    model = _model_path(detector, model)
+    g4 = cnn_data.G4Sample(g4_path, detector)
+    _, _, test = g4.split()
+    if max_events:
+        test = test[:max_events]
+    report = {"detector": detector, "g4": os.path.basename(g4_path), "model": os.path.basename(model),
+              "test_events": [int(test[0]), int(test[-1]) + 1], "window": WINDOW}
+    md = [f"## {detector}: CNN energy correction on held-out Geant4 photons", "",
+          f"Events {test[0]}..{test[-1]} of `{os.path.basename(g4_path)}` (the last 20 %, never used in training "
+          f"or early stopping), through the chain with `{os.path.basename(model)}`; true-energy windows ±{100 * WINDOW:.0f} % "
+          "of the log-uniform sample; E = energy of the event's "
+          + ("most energetic cluster" if detector == "array30" else "most energetic cluster within 0.1 rad of the photon")
+          + "; events without such a cluster are counted (no cl.) and left out of all columns.", ""]
+    bgs = [0.0] if detector == "array30" else BACKGROUNDS
+    names = ["raw_sum", "classical", "cnn"] if detector == "array30" else ["cluster_raw", "classical", "cnn"]
+    report["tables"] = {}
+    for bg in bgs:
+        with tqdm(total=test.size, desc=f"validate {detector} bg {bg:g}", disable=quiet, file=sys.stderr) as bar:
+            res = cnn_data.g4_chain_sample(g4, test, seed=seed + int(10 * bg), levels=bg if bg > 0 else None,
+                                           model=model, progress=bar)
+        rows = energy_table(res, ENERGIES[detector])
+        report["tables"][f"bg{bg:g}"] = rows
+        report["chain"] = str(res["chain"])
+        title = f"{detector}, background level {bg:g}" if detector != "array30" else "array30 (no background)"
+        md.append(_fmt_table(rows, names, title))
+        png = os.path.join(out_dir, f"cnn_{detector}_bg{bg:g}.png")
+        plot_energy_hists(res, ENERGIES[detector], png, names, title)
+        if detector == "array30":
+            k = res["has"]
+            r = res["energy"][k] / res["e_true"][k]
+            rr = res["raw_sum"][k] / res["e_true"][k]
+            report["tails"] = {"n": int(k.sum()), "n_no_cluster": int((~k).sum()),
+                               "cnn_below_0.9": float(np.mean(r < 0.9)), "cnn_below_0.8": float(np.mean(r < 0.8)),
+                               "cnn_below_0.5": float(np.mean(r < 0.5)),
+                               "raw_below_0.8": float(np.mean(rr < 0.8)), "raw_below_0.5": float(np.mean(rr < 0.5))}
+            t = report["tails"]
+            md.append(f"Gap tails (all test energies): {t['n_no_cluster']} of {t['n'] + t['n_no_cluster']} events "
+                      f"without any cluster; E_CNN/E_true < 0.9: {100 * t['cnn_below_0.9']:.1f} %, < 0.8: "
+                      f"{100 * t['cnn_below_0.8']:.1f} %, < 0.5: {100 * t['cnn_below_0.5']:.1f} % "
+                      f"(raw sum < 0.8: {100 * t['raw_below_0.8']:.1f} %, < 0.5: {100 * t['raw_below_0.5']:.1f} %).\n")
+    if detector == "belle2-ecl" and pi0_events:
+        p, masses = pi0_peak(detector, model, n_events=pi0_events)
+        report["pi0"] = p
+        plot_pi0(masses, os.path.join(out_dir, "cnn_pi0_mass.png"))
+        md += ["### π0 → γγ mass peak (fast simulation, nominal background)", "",
+               f"{p['n_events']} π0 events, E(π0) log-uniform {p['pi0_energy_gev'][0]}-{p['pi0_energy_gev'][1]} GeV; "
+               f"two most energetic clusters, second > 30 MeV raw ({p['n_two_clusters']} events); "
+               "median and σ68 of m(γγ) in 70-200 MeV.", "",
+               "| energy | n in window | median MeV | σ68 MeV | σ68 / median |", "|---|---|---|---|---|"]
+        for name in ("raw", "classical", "cnn"):
+            s = p[name]
+            md.append(f"| {name} | {s['n_in_window']} | {1000 * s['median_gev']:.1f} | {1000 * s['sigma68_gev']:.2f} | "
+                      f"{s['sigma68_rel']:.4f} |")
+        md.append("")
+    with open(os.path.join(out_dir, f"validation_{detector}.json"), "w") as f:
+        json.dump(report, f, indent=1, default=float)
+    with open(os.path.join(out_dir, f"validation_{detector}.md"), "w") as f:
+        f.write("\n".join(md))
+    if not quiet:
+        print("\n".join(md))
+    return report
+
+
+def _cmd(args) -> int:
+    run_validation(args.detector, args.output, g4_path=args.g4, model=args.model, max_events=args.max_events,
+                   pi0_events=args.pi0_events, quiet=args.quiet)
+    return 0
+
+
+def add_validate_parser(subparsers):
+    import argparse
+
+    p = subparsers.add_parser("validate", help="physics validation of the CNN energy correction (tables, plots)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--detector", required=True, choices=["array30", "belle2-ecl"])
+    p.add_argument("-o", "--output", required=True, help="output directory (validation_<det>.md/.json, PNGs)")
+    p.add_argument("--g4", default=None, help="Geant4 file (default ../shared/data/g4_<det>_train.npz)")
+    p.add_argument("--model", default="", help="ONNX model (default: the shipped model)")
+    p.add_argument("--max-events", type=int, default=0, help="use only this many held-out events (0: all)")
+    p.add_argument("--pi0-events", type=int, default=20000, help="pi0 events for the mass peak (belle2-ecl)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd)
+    return p

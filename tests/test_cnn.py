@@ -1,0 +1,144 @@
+"""CNN energy correction: shipped models, ECLEnergyCorrection in a real path, errors, training smoke test."""
+import os
+
+import numpy as np
+import pytest
+
+import eclreco
+from eclreco import _core, cnn_data
+from eclreco.cnn_model import sigma68
+
+onnxruntime = pytest.importorskip("onnxruntime")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SUBSET = {"array30": os.path.join(HERE, "data", "g4_array30_subset.npz"),
+          "belle2-ecl": os.path.join(HERE, "data", "g4_belle2_subset.npz")}
+
+
+def _shipped(det):
+    from eclreco.modules.ecl_energy_correction import shipped_model
+
+    return shipped_model(det)
+
+
+@pytest.mark.parametrize("det", ["array30", "belle2-ecl"])
+def test_shipped_model_io(det):
+    path = _shipped(det)
+    assert os.path.isfile(path), f"shipped model {path} missing"
+    sess = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    ins = {i.name: i.shape for i in sess.get_inputs()}
+    assert set(ins) == {"image", "features"}
+    assert [o.name for o in sess.get_outputs()] == ["energy"]
+    assert not isinstance(ins["image"][0], int) and not isinstance(ins["features"][0], int)  # dynamic batch
+    assert list(ins["image"][1:]) == [7, 7] and ins["features"][1] == len(_core.cluster_feature_names())
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert meta["detector"] == det
+    assert meta["feature_names"].split(",") == list(_core.cluster_feature_names())
+    for n in (1, 3, 257):  # several batch sizes
+        img = np.zeros((n, 7, 7), np.float32)
+        img[:, 3, 3] = 0.8
+        img[:, 3, 2] = 0.1
+        feat = np.zeros((n, 7), np.float32)
+        feat[:, 4] = 0.9
+        feat[:, 0] = 1.5 if det == "belle2-ecl" else 0.0
+        feat[:, 5] = 30
+        feat[:, 6] = 1 if det == "belle2-ecl" else 0
+        out = sess.run(None, {"image": img, "features": feat})[0]
+        assert out.shape == (n,) and np.all(np.isfinite(out)) and np.all(out > 0.5) and np.all(out < 2.0)
+
+
+def _chain(det, n, model=None, seed=3):
+    g4 = cnn_data.G4Sample(SUBSET[det], det)
+    idx = np.arange(min(n, g4.n))
+    return cnn_data.g4_chain_sample(g4, idx, seed=seed, levels=1.0 if det == "belle2-ecl" else None, model=model)
+
+
+@pytest.mark.parametrize("det", ["array30", "belle2-ecl"])
+def test_correction_in_path_improves_energy(det):
+    res = _chain(det, 600, model=_shipped(det))
+    k = res["has"] & (res["energy_raw"] > 0.03)
+    assert k.sum() > 400
+    et = res["e_true"][k]
+    raw = res["energy_raw"][k] / et
+    cnn = res["energy"][k] / et
+    assert not np.allclose(res["energy"][k], res["classical"][k])  # the module did write energy
+    assert abs(np.median(cnn) - 1) < abs(np.median(raw) - 1)
+    assert abs(np.median(cnn) - 1) < 0.03
+    assert sigma68(cnn) < sigma68(raw)
+    if det == "belle2-ecl":  # the CNN must also beat the classical correction here (nominal background)
+        assert sigma68(cnn) < sigma68(res["classical"][k] / et) * 1.02
+
+
+def _path_with(model, **params):
+    path = eclreco.create_path()
+    path.add_module("SimulationInput", events=50, detector="array30", particle="gamma", energy=1.0, seed=2)
+    path.add_module("ECLUnpacker")
+    path.add_module("ECLClusterizer")
+    m = path.add_module("ECLEnergyCorrection", model=model, **params)
+    return path, m
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    mod = eclreco.create_module("ECLEnergyCorrection")
+    mod.set_param("model", str(tmp_path / "nope.onnx"))
+    with pytest.raises(Exception, match="does not exist"):
+        mod.initialize()
+
+
+def test_wrong_detector_and_incompatible_model(tmp_path):
+    mod = eclreco.create_module("ECLEnergyCorrection")
+    mod.set_param("model", _shipped("array30"))
+    mod.set_param("detector", "belle2-ecl")
+    with pytest.raises(Exception, match="trained for detector"):
+        mod.initialize()
+    # a model with other inputs
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    bad = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(bad))
+    mod = eclreco.create_module("ECLEnergyCorrection")
+    mod.set_param("model", str(bad))
+    with pytest.raises(Exception, match="inputs"):
+        mod.initialize()
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not a model")
+    mod = eclreco.create_module("ECLEnergyCorrection")
+    mod.set_param("model", str(garbage))
+    with pytest.raises(Exception, match="cannot load"):
+        mod.initialize()
+
+
+def test_counters_and_threshold():
+    path, m = _path_with(_shipped("array30"), min_energy_gev=0.5)
+    eclreco.process(path, threads=1, install_signal_handlers=False)
+    c = m.counters()
+    assert c["clusters_corrected"] >= 40  # 1 GeV photons: the leading cluster is above 0.5 GeV
+    assert c["inference_seconds"] > 0
+
+
+def test_training_smoke_onnx_agrees(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from eclreco import train
+
+    g4 = cnn_data.G4Sample(SUBSET["array30"], "array30")
+    s = cnn_data.g4_chain_sample(g4, np.arange(400), seed=5)
+    v = cnn_data.g4_chain_sample(g4, np.arange(400, 500), seed=6)
+    model, info = train.train_model(s, v, train.SIZES["tiny"], epochs=1, seed=1, quiet=True)
+    assert info["epochs_run"] == 1
+    path = str(tmp_path / "tiny.onnx")
+    from eclreco.cnn_model import check_onnx_agreement, export_onnx
+
+    export_onnx(model, path, {"detector": "array30", "feature_names": ",".join(_core.cluster_feature_names())})
+    xi, xf, _, _ = train._arrays(v)
+    mad, mrel = check_onnx_agreement(model, path, xi, xf)
+    assert mrel < 1e-4
+    # and the module accepts the freshly exported model
+    mod = eclreco.create_module("ECLEnergyCorrection")
+    mod.set_param("model", path)
+    mod.initialize()
+    torch.set_num_threads(2)
