@@ -100,8 +100,9 @@ class _Totals:
 class ProcessMetricsCollector(Collector):
     """Reads the live counters at scrape time."""
 
-    def __init__(self, role: str, path=None, extra: Callable[[], Iterable] | None = None):
+    def __init__(self, role: str, path=None, extra: Callable[[], Iterable] | None = None, framework: bool = True):
         self.role = role
+        self.framework = framework
         self.path = path
         self.extra = extra
         self.totals = _Totals()
@@ -132,6 +133,12 @@ class ProcessMetricsCollector(Collector):
                                  labels=["role", "version", "pid"])
         info.add_metric([self.role, eclreco.__version__, str(os.getpid())], 1)
         yield info
+        if self.framework:
+            yield from self._collect_framework(t, s)
+        if self.extra is not None:
+            yield from self.extra()
+
+    def _collect_framework(self, t, s):
         running = GaugeMetricFamily("eclreco_process_running", "1 while an event loop is running")
         running.add_metric([], 1 if (s is not None and s.running) else 0)
         yield running
@@ -206,8 +213,6 @@ class ProcessMetricsCollector(Collector):
         yield me
 
         yield from self._module_counters()
-        if self.extra is not None:
-            yield from self.extra()
 
     def _module_counters(self):
         families: dict[str, object] = {}
@@ -267,14 +272,15 @@ class MetricsExporter:
 
 
 def serve_process_metrics(port: int, host: str = "127.0.0.1", role: str = "reco", path=None,
-                          extra: Callable[[], Iterable] | None = None) -> MetricsExporter:
+                          extra: Callable[[], Iterable] | None = None, framework: bool = True) -> MetricsExporter:
     """Start the Prometheus exporter of this process on host:port (port 0: a free port).
 
-    `path` (an eclreco Path) adds its modules' counters(); `extra` adds role-specific families.
+    `path` (an eclreco Path) adds its modules' counters(); `extra` adds role-specific families;
+    framework=False leaves out the event-loop families (a process without eclreco.process()).
     Returns an exporter with ``.port``, ``.url`` and ``.close()``.
     """
     registry = CollectorRegistry(auto_describe=False)
-    collector = ProcessMetricsCollector(role, path, extra)
+    collector = ProcessMetricsCollector(role, path, extra, framework)
     registry.register(collector)
     ProcessCollector(registry=registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
     server, thread = start_http_server(port, addr=host, registry=registry)
