@@ -5,4 +5,5 @@ PYBIND11_MODULE(_core, m) {
   register_geometry(m);
   register_batch(m);
   register_framework(m);
+  register_rawdata(m);
 }

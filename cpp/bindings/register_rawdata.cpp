@@ -1,0 +1,201 @@
+// Raw data wire format: batch formation for Python sources, and direct access to the envelope
+// decoder and the payload unpacker (tests, fuzzing).
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <cstring>
+
+#include "ecl/envelope.hpp"
+#include "ecl/geometry.hpp"
+#include "ecl/unpacker.hpp"
+#include "raw_envelopes.hpp"
+#include "register.hpp"
+
+namespace {
+
+// Bytes of a Python object: bytes (zero copy, kept alive by `keep`) or anything with the buffer
+// protocol (copied into `copy`).
+rawdata::MessageRef message_of(py::handle obj, std::vector<py::object>& keep, std::string& copy) {
+  if (PyBytes_Check(obj.ptr())) {
+    keep.push_back(py::reinterpret_borrow<py::object>(obj));
+    return {reinterpret_cast<const uint8_t*>(PyBytes_AS_STRING(obj.ptr())),
+            static_cast<size_t>(PyBytes_GET_SIZE(obj.ptr()))};
+  }
+  if (!PyObject_CheckBuffer(obj.ptr()))
+    throw py::type_error("a raw message must be bytes (or a buffer), got " +
+                         std::string(py::str(py::type::of(obj).attr("__name__"))));
+  py::buffer_info info = py::reinterpret_borrow<py::buffer>(obj).request();
+  copy.assign(static_cast<const char*>(info.ptr), static_cast<size_t>(info.size * info.itemsize));
+  return {reinterpret_cast<const uint8_t*>(copy.data()), copy.size()};
+}
+
+[[noreturn]] void raise(const char* reason, const std::string& detail) {
+  throw py::value_error(std::string(reason) + ": " + detail);
+}
+
+ecl::Detector detector_arg(py::handle det) {
+  if (py::isinstance<py::str>(det)) {
+    auto d = ecl::detector_from_name(det.cast<std::string>());
+    if (!d) throw py::value_error("unknown detector '" + det.cast<std::string>() + "' (belle2-ecl or array30)");
+    return *d;
+  }
+  const int v = det.cast<int>();
+  if (v != 0 && v != 1) throw py::value_error("detector index must be 0 (belle2-ecl) or 1 (array30)");
+  return static_cast<ecl::Detector>(v);
+}
+
+std::vector<double> optional_array(const py::object& a) {
+  if (a.is_none()) return {};
+  auto arr = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(a);
+  if (!arr || arr.ndim() != 1) throw py::value_error("gain / t0 must be 1-d arrays");
+  return std::vector<double>(arr.data(), arr.data() + arr.shape(0));
+}
+
+}  // namespace
+
+void register_rawdata(py::module_& m) {
+  m.def(
+      "append_envelopes",
+      [](fw::EventBatch& batch, const py::sequence& messages) {
+        const size_t n = py::len(messages);
+        std::vector<py::object> keep;
+        keep.reserve(n);
+        std::vector<std::string> copies(n);
+        std::vector<rawdata::MessageRef> refs(n);
+        for (size_t k = 0; k < n; ++k) refs[k] = message_of(messages[k], keep, copies[k]);
+        {
+          py::gil_scoped_release release;  // `keep` holds references: the bytes stay alive
+          rawdata::append_envelopes(batch, refs);
+        }
+      },
+      py::arg("batch"), py::arg("messages"),
+      "Append one event per raw message (bytes) to the batch: RawEnvelopes, RawPayloadRef, metadata; "
+      "malformed envelopes are rejected with their reason. Decodes without the GIL.");
+
+  m.def(
+      "decode_envelope",
+      [](const py::bytes& message) {
+        std::string_view v = message;
+        ecl::Envelope e;
+        {
+          py::gil_scoped_release release;
+          e = ecl::decode_envelope(reinterpret_cast<const uint8_t*>(v.data()), v.size());
+        }
+        if (!e.ok()) raise(e.reason, e.detail);
+        py::dict d;
+        d["exp"] = e.exp;
+        d["run"] = e.run;
+        d["evt"] = e.evt;
+        d["det"] = ecl::detector_name(static_cast<ecl::Detector>(e.detector));
+        d["detector"] = e.detector;
+        d["time_ns"] = e.has_time ? py::object(py::int_(e.time_ns)) : py::none();
+        d["crc32"] = e.has_crc ? py::object(py::int_(e.crc32)) : py::none();
+        d["payload_offset"] = e.payload_offset;
+        d["payload_size"] = e.payload_size;
+        d["ecl"] = py::bytes(v.data() + e.payload_offset, e.payload_size);
+        return d;
+      },
+      py::arg("message"),
+      "Decode one envelope: a dict (exp, run, evt, det, detector, time_ns, crc32, payload_offset, "
+      "payload_size, ecl); ValueError('reason: detail') when it is malformed.");
+
+  m.def(
+      "unpack_payload",
+      [](const py::bytes& payload, py::object detector, py::object gain, py::object t0) {
+        const ecl::Detector det = detector_arg(detector);
+        const int n_cells = ecl::Geometry::get(det).n_cells;
+        ecl::Calibration cal;
+        try {
+          cal = ecl::Calibration::from(n_cells, optional_array(gain), optional_array(t0));
+        } catch (const std::invalid_argument& e) {
+          throw py::value_error(e.what());
+        }
+        std::string_view v = payload;
+        const size_t cap = ecl::max_digits(v.size());
+        py::array_t<int32_t> cell(cap), amplitude(cap);
+        py::array_t<float> energy(cap), time(cap);
+        py::array_t<uint8_t> quality(cap);
+        ecl::DigitOut out{cell.mutable_data(), energy.mutable_data(), time.mutable_data(), quality.mutable_data(),
+                          amplitude.mutable_data()};
+        ecl::UnpackResult r;
+        {
+          py::gil_scoped_release release;
+          r = ecl::unpack_payload(reinterpret_cast<const uint8_t*>(v.data()), v.size(), cal, out);
+        }
+        if (!r.ok()) raise(r.reason, r.detail);
+        const py::ssize_t n = static_cast<py::ssize_t>(r.n_digits);
+        py::dict d;
+        d["cell"] = cell[py::slice(0, n, 1)];
+        d["energy"] = energy[py::slice(0, n, 1)];
+        d["time"] = time[py::slice(0, n, 1)];
+        d["quality"] = quality[py::slice(0, n, 1)];
+        d["amplitude"] = amplitude[py::slice(0, n, 1)];
+        return d;
+      },
+      py::arg("payload"), py::arg("detector") = "belle2-ecl", py::arg("gain") = py::none(),
+      py::arg("t0") = py::none(),
+      "Unpack one ECL payload: dict of numpy arrays (cell, energy, time, quality, amplitude) sorted by "
+      "cellId; ValueError('reason: detail') when it breaks a rule of the format.");
+
+  m.def(
+      "crc32",
+      [](const py::bytes& data, uint32_t crc) {
+        std::string_view v = data;
+        return ecl::crc32(reinterpret_cast<const uint8_t*>(v.data()), v.size(), crc);
+      },
+      py::arg("data"), py::arg("crc") = 0, "zlib CRC-32 (the one the envelope's crc32 key holds)");
+
+  m.def(
+      "_bench_rawdata",
+      [](const py::sequence& messages, int repeats) {
+        const size_t n = py::len(messages);
+        std::vector<py::object> keep;
+        std::vector<std::string> copies(n);
+        std::vector<rawdata::MessageRef> refs(n);
+        for (size_t k = 0; k < n; ++k) refs[k] = message_of(messages[k], keep, copies[k]);
+        py::gil_scoped_release release;
+        using clock = std::chrono::steady_clock;
+        std::vector<ecl::Envelope> env(n);
+        size_t max_payload = 0;
+        const auto t0 = clock::now();
+        for (int r = 0; r < repeats; ++r)
+          for (size_t k = 0; k < n; ++k) env[k] = ecl::decode_envelope(refs[k].data, refs[k].size);
+        const auto t1 = clock::now();
+        for (const auto& e : env) max_payload = std::max(max_payload, e.payload_size);
+        const ecl::Calibration cal[2] = {ecl::Calibration::defaults(8736), ecl::Calibration::defaults(900)};
+        const size_t cap = ecl::max_digits(max_payload);
+        std::vector<int32_t> cell(cap), amp(cap);
+        std::vector<float> energy(cap), time(cap);
+        std::vector<uint8_t> quality(cap);
+        std::vector<uint64_t> scratch;
+        ecl::DigitOut out{cell.data(), energy.data(), time.data(), quality.data(), amp.data()};
+        size_t digits = 0;
+        const auto t2 = clock::now();
+        for (int r = 0; r < repeats; ++r)
+          for (size_t k = 0; k < n; ++k) {
+            if (!env[k].ok()) continue;
+            digits += ecl::unpack_payload(refs[k].data + env[k].payload_offset, env[k].payload_size,
+                                          cal[env[k].detector], out, &scratch)
+                          .n_digits;
+          }
+        const auto t3 = clock::now();
+        std::vector<double> batch_times;
+        for (int r = 0; r < repeats; ++r) {
+          fw::EventBatch b(0);
+          const auto a = clock::now();
+          rawdata::append_envelopes(b, refs);
+          batch_times.push_back(std::chrono::duration<double>(clock::now() - a).count());
+        }
+        auto sec = [](clock::time_point a, clock::time_point b) { return std::chrono::duration<double>(b - a).count(); };
+        std::map<std::string, double> res;
+        res["envelope_s"] = sec(t0, t1) / repeats;
+        res["unpack_s"] = sec(t2, t3) / repeats;
+        res["append_envelopes_s"] = *std::min_element(batch_times.begin(), batch_times.end());
+        res["digits"] = static_cast<double>(digits / repeats);
+        res["events"] = static_cast<double>(n);
+        return res;
+      },
+      py::arg("messages"), py::arg("repeats") = 5,
+      "benchmark without the framework: seconds per pass of decode_envelope, unpack_payload and "
+      "append_envelopes (one batch) over the messages");
+}

@@ -1,0 +1,456 @@
+#include "ecl/envelope.hpp"
+
+#include <cstdio>
+#include <cstring>
+#include <limits>
+
+#include <msgpack.hpp>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define ECL_CRC_PCLMUL 1
+#endif
+
+namespace ecl {
+
+namespace {
+
+enum Key : int { kV, kExp, kRun, kEvt, kDet, kEcl, kTimeNs, kCrc32, kTruth, kNumKeys, kUnknown = -1, kBadKey = -2 };
+constexpr const char* kKeyNames[kNumKeys] = {"v", "exp", "run", "evt", "det", "ecl", "time_ns", "crc32", "truth"};
+constexpr unsigned kRequired = (1u << kV) | (1u << kExp) | (1u << kRun) | (1u << kEvt) | (1u << kDet) | (1u << kEcl);
+
+Key key_of(const char* s, uint32_t n) {
+  for (int k = 0; k < kNumKeys; ++k)
+    if (std::strlen(kKeyNames[k]) == n && std::memcmp(kKeyNames[k], s, n) == 0) return static_cast<Key>(k);
+  return kUnknown;
+}
+
+const char* type_word(int t) {
+  static const char* names[] = {"nil", "bool", "int", "float", "str", "bin", "ext", "array", "map"};
+  return names[t];
+}
+enum VType { TNil, TBool, TInt, TFloat, TStr, TBin, TExt, TArray, TMap };
+
+// SAX visitor over one MessagePack object. It never stops the parser early: the object is
+// always walked to its end so that its length is known (framing) and structural errors
+// (not MessagePack, truncated) take precedence over field errors.
+class EnvelopeVisitor : public msgpack::null_visitor {
+ public:
+  EnvelopeVisitor(const uint8_t* base, Envelope& env) : base_(reinterpret_cast<const char*>(base)), env_(env) {}
+
+  bool visit_nil() { return scalar(TNil); }
+  bool visit_boolean(bool) { return scalar(TBool); }
+  bool visit_float32(float) { return scalar(TFloat); }
+  bool visit_float64(double) { return scalar(TFloat); }
+  bool visit_ext(const char*, uint32_t) { return scalar(TExt); }
+  bool visit_positive_integer(uint64_t v) {
+    if (!top_value()) return scalar(TInt);
+    switch (key_) {
+      case kV:
+        if (v != 1) version_error("bad_version", "v = " + std::to_string(v) + ": only version 1 is known");
+        break;
+      case kExp: set_id(env_.exp, kKnownExp, v); break;
+      case kRun: set_id(env_.run, kKnownRun, v); break;
+      case kEvt: set_id(env_.evt, kKnownEvt, v); break;
+      case kTimeNs:
+        if (v > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+          error("out_of_range", "time_ns = " + std::to_string(v) + " does not fit int64");
+        else {
+          env_.has_time = true;
+          env_.time_ns = static_cast<int64_t>(v);
+        }
+        break;
+      case kCrc32:
+        if (v > 0xFFFFFFFFull)
+          error("out_of_range", "crc32 = " + std::to_string(v) + " does not fit 32 bits");
+        else {
+          env_.has_crc = true;
+          env_.crc32 = static_cast<uint32_t>(v);
+        }
+        break;
+      default: return scalar(TInt);
+    }
+    return true;
+  }
+  bool visit_negative_integer(int64_t v) {
+    if (!top_value()) return scalar(TInt);
+    switch (key_) {
+      case kV: version_error("bad_version", "v = " + std::to_string(v) + ": only version 1 is known"); break;
+      case kExp: case kRun: case kEvt:
+        error("out_of_range", std::string(kKeyNames[key_]) + " = " + std::to_string(v) + " is negative");
+        break;
+      case kTimeNs:
+        env_.has_time = true;
+        env_.time_ns = v;
+        break;
+      case kCrc32: error("out_of_range", "crc32 = " + std::to_string(v) + " is negative"); break;
+      default: return scalar(TInt);
+    }
+    return true;
+  }
+  bool visit_str(const char* s, uint32_t n) {
+    if (in_top_key()) {
+      key_ = key_of(s, n);
+      return true;
+    }
+    if (top_value() && key_ == kDet) {
+      if (n == 10 && std::memcmp(s, "belle2-ecl", 10) == 0)
+        env_.detector = 0;
+      else if (n == 7 && std::memcmp(s, "array30", 7) == 0)
+        env_.detector = 1;
+      else {
+        error("unknown_detector", "det = '" + printable(s, n) + "' (belle2-ecl or array30)");
+        return true;
+      }
+      env_.known |= kKnownDet;
+      return true;
+    }
+    return scalar(TStr);
+  }
+  bool visit_bin(const char* b, uint32_t n) {
+    if (top_value() && key_ == kEcl) {
+      env_.payload_offset = static_cast<size_t>(b - base_);
+      env_.payload_size = n;
+      return true;
+    }
+    return scalar(TBin);
+  }
+  bool start_array(uint32_t) {
+    container(TArray);
+    ++depth_;
+    return true;
+  }
+  bool end_array() {
+    --depth_;
+    return true;
+  }
+  bool start_map(uint32_t) {
+    if (depth_ == 0 && !started_) {
+      started_ = true;
+      is_map_ = true;
+    } else {
+      container(TMap);
+    }
+    ++depth_;
+    return true;
+  }
+  bool end_map() {
+    --depth_;
+    return true;
+  }
+  bool start_map_key() {
+    if (depth_ == 1) {
+      in_key_ = true;
+      key_ = kBadKey;  // stays so unless the key is a string
+    }
+    return true;
+  }
+  bool end_map_key() {
+    if (depth_ == 1) {
+      in_key_ = false;
+      if (key_ == kBadKey) {
+        error("wrong_type", "a map key is not a string");
+        key_ = kUnknown;
+      } else if (key_ >= 0) {
+        if (seen_ & (1u << key_)) {
+          error("duplicate_key", std::string("key '") + kKeyNames[key_] + "' appears twice");
+          key_ = kUnknown;  // keep the first value
+        } else {
+          seen_ |= 1u << key_;
+        }
+      }
+    }
+    return true;
+  }
+  void parse_error(size_t, size_t error_offset) {
+    parse_failure_ = "not_msgpack";
+    failure_offset_ = error_offset;
+  }
+  void insufficient_bytes(size_t, size_t error_offset) {
+    parse_failure_ = "truncated";
+    failure_offset_ = error_offset;
+  }
+
+  // Called after the parse.
+  void finish() {
+    if (!is_map_) {
+      set("not_a_map", std::string("the message is a MessagePack ") + type_word(top_type_) + ", not a map");
+      return;
+    }
+    if (version_reason_) {  // an unknown version explains any other difference
+      set(version_reason_, version_detail_);
+      return;
+    }
+    if (first_reason_) {
+      set(first_reason_, first_detail_);
+      return;
+    }
+    if ((seen_ & kRequired) != kRequired) {
+      std::string missing;
+      for (int k = 0; k < kNumKeys; ++k)
+        if ((kRequired & (1u << k)) && !(seen_ & (1u << k))) missing += (missing.empty() ? "" : ", ") + std::string(kKeyNames[k]);
+      set("missing_key", "required key(s) missing: " + missing);
+    }
+  }
+  const char* parse_failure_ = nullptr;
+  size_t failure_offset_ = 0;
+
+ private:
+  bool in_top_key() const { return depth_ == 1 && in_key_; }
+  bool top_value() const { return depth_ == 1 && !in_key_ && is_map_; }
+
+  // A scalar anywhere: records the top-level type, checks the type of a known key's value.
+  bool scalar(VType t) {
+    if (!started_) {
+      started_ = true;
+      top_type_ = t;
+    } else if (top_value() && key_ >= 0) {
+      wrong_type(t);
+    }
+    return true;
+  }
+  void container(VType t) {
+    if (!started_) {
+      started_ = true;
+      top_type_ = t;
+    } else if (top_value() && key_ >= 0 && !(key_ == kTruth && t == TMap)) {
+      wrong_type(t);
+    }
+  }
+  void wrong_type(VType t) {
+    static const char* expected[kNumKeys] = {"int", "int", "int", "int", "str", "bin", "int", "int", "map"};
+    const std::string what = std::string("'") + kKeyNames[key_] + "' is " + type_word(t) + ", expected " + expected[key_];
+    if (key_ == kV)
+      version_error("wrong_type", what);
+    else
+      error("wrong_type", what);
+  }
+  void set_id(uint32_t& field, uint8_t bit, uint64_t v) {
+    if (v > 0xFFFFFFFFull) {
+      error("out_of_range", std::string(kKeyNames[key_]) + " = " + std::to_string(v) + " is not below 2^32");
+      return;
+    }
+    field = static_cast<uint32_t>(v);
+    env_.known |= bit;
+  }
+  void error(const char* reason, std::string detail) {
+    if (first_reason_) return;
+    first_reason_ = reason;
+    first_detail_ = std::move(detail);
+  }
+  void version_error(const char* reason, std::string detail) {
+    if (version_reason_) return;
+    version_reason_ = reason;
+    version_detail_ = std::move(detail);
+  }
+  void set(const char* reason, std::string detail) {
+    env_.reason = reason;
+    env_.detail = std::move(detail);
+  }
+  static std::string printable(const char* s, uint32_t n) {
+    std::string out;
+    for (uint32_t i = 0; i < n && i < 40; ++i) out += (s[i] >= 32 && s[i] < 127) ? s[i] : '?';
+    if (n > 40) out += "...";
+    return out;
+  }
+
+  const char* base_;
+  Envelope& env_;
+  int depth_ = 0;
+  bool started_ = false, is_map_ = false, in_key_ = false;
+  VType top_type_ = TNil;
+  int key_ = kUnknown;
+  unsigned seen_ = 0;
+  const char* first_reason_ = nullptr;
+  std::string first_detail_;
+  const char* version_reason_ = nullptr;
+  std::string version_detail_;
+};
+
+Envelope decode(const uint8_t* data, size_t size, bool whole) {
+  Envelope env;
+  if (size == 0) {
+    env.reason = "empty_message";
+    env.detail = "the message has no bytes";
+    return env;
+  }
+  EnvelopeVisitor vis(data, env);
+  size_t off = 0;
+  const bool complete = msgpack::parse(reinterpret_cast<const char*>(data), size, off, vis);
+  if (!complete || vis.parse_failure_) {
+    env.reason = vis.parse_failure_ ? vis.parse_failure_ : "not_msgpack";
+    if (std::strcmp(env.reason, "truncated") == 0)
+      env.detail = "the MessagePack object needs more than the " + std::to_string(size) + " bytes given";
+    else
+      env.detail = "not MessagePack: invalid byte 0x" +
+                   [&] {
+                     char buf[8];
+                     const size_t at = vis.failure_offset_ ? vis.failure_offset_ - 1 : 0;
+                     std::snprintf(buf, sizeof buf, "%02x", at < size ? data[at] : 0);
+                     return std::string(buf);
+                   }() +
+                   " at byte " + std::to_string(vis.failure_offset_ ? vis.failure_offset_ - 1 : 0);
+    // Identifiers read before the failure stay known, but a failed parse is no message.
+    return env;
+  }
+  env.message_size = off;
+  if (whole && off != size) {
+    env.reason = "trailing_bytes";
+    env.detail = std::to_string(size - off) + " byte(s) after the end of the MessagePack object (" +
+                 std::to_string(off) + " bytes)";
+    return env;
+  }
+  vis.finish();
+  if (!env.ok()) return env;
+  if (env.has_crc) {
+    const uint32_t c = crc32(data + env.payload_offset, env.payload_size);
+    if (c != env.crc32) {
+      char buf[96];
+      std::snprintf(buf, sizeof buf, "crc32 0x%08x given, 0x%08x computed over the %zu payload bytes", env.crc32, c,
+                    env.payload_size);
+      env.reason = "crc_mismatch";
+      env.detail = buf;
+    }
+  }
+  return env;
+}
+
+// ---- CRC-32 --------------------------------------------------------------------------------
+
+struct CrcTables {
+  uint32_t t[8][256];
+  CrcTables() {
+    for (uint32_t n = 0; n < 256; ++n) {
+      uint32_t c = n;
+      for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+      t[0][n] = c;
+    }
+    for (uint32_t n = 0; n < 256; ++n)
+      for (int k = 1; k < 8; ++k) t[k][n] = (t[k - 1][n] >> 8) ^ t[0][t[k - 1][n] & 0xff];
+  }
+};
+const CrcTables& crc_tables() {
+  static const CrcTables tables;
+  return tables;
+}
+
+// Slicing-by-8 on the inverted register (c = ~crc).
+uint32_t crc32_table(const uint8_t* p, size_t n, uint32_t c) {
+  const auto& T = crc_tables().t;
+  while (n >= 8) {
+    uint32_t a, b;
+    std::memcpy(&a, p, 4);
+    std::memcpy(&b, p + 4, 4);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    a = __builtin_bswap32(a);
+    b = __builtin_bswap32(b);
+#endif
+    a ^= c;
+    c = T[7][a & 0xff] ^ T[6][(a >> 8) & 0xff] ^ T[5][(a >> 16) & 0xff] ^ T[4][a >> 24] ^ T[3][b & 0xff] ^
+        T[2][(b >> 8) & 0xff] ^ T[1][(b >> 16) & 0xff] ^ T[0][b >> 24];
+    p += 8;
+    n -= 8;
+  }
+  while (n--) c = T[0][(c ^ *p++) & 0xff] ^ (c >> 8);
+  return c;
+}
+
+#ifdef ECL_CRC_PCLMUL
+// Carry-less multiplication folding (Intel, "Fast CRC Computation for Generic Polynomials Using
+// PCLMULQDQ"), bit-reflected constants of the CRC-32 polynomial. n >= 64, multiple of 16;
+// works on the inverted register like crc32_table.
+__attribute__((target("pclmul,sse4.1"))) uint32_t crc32_pclmul(const uint8_t* buf, size_t len, uint32_t crc) {
+  alignas(16) static const uint64_t k1k2[] = {0x0154442bd4ull, 0x01c6e41596ull};
+  alignas(16) static const uint64_t k3k4[] = {0x01751997d0ull, 0x00ccaa009eull};
+  alignas(16) static const uint64_t k5k0[] = {0x0163cd6124ull, 0x0000000000ull};
+  alignas(16) static const uint64_t poly[] = {0x01db710641ull, 0x01f7011641ull};
+  __m128i x0, x1, x2, x3, x4, x5, x6, x7, x8, y5, y6, y7, y8;
+  x1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + 0x00));
+  x2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + 0x10));
+  x3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + 0x20));
+  x4 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + 0x30));
+  x1 = _mm_xor_si128(x1, _mm_cvtsi32_si128(static_cast<int>(crc)));
+  x0 = _mm_load_si128(reinterpret_cast<const __m128i*>(k1k2));
+  buf += 64;
+  len -= 64;
+  while (len >= 64) {
+    x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+    x6 = _mm_clmulepi64_si128(x2, x0, 0x00);
+    x7 = _mm_clmulepi64_si128(x3, x0, 0x00);
+    x8 = _mm_clmulepi64_si128(x4, x0, 0x00);
+    x1 = _mm_clmulepi64_si128(x1, x0, 0x11);
+    x2 = _mm_clmulepi64_si128(x2, x0, 0x11);
+    x3 = _mm_clmulepi64_si128(x3, x0, 0x11);
+    x4 = _mm_clmulepi64_si128(x4, x0, 0x11);
+    y5 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + 0x00));
+    y6 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + 0x10));
+    y7 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + 0x20));
+    y8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf + 0x30));
+    x1 = _mm_xor_si128(_mm_xor_si128(x1, x5), y5);
+    x2 = _mm_xor_si128(_mm_xor_si128(x2, x6), y6);
+    x3 = _mm_xor_si128(_mm_xor_si128(x3, x7), y7);
+    x4 = _mm_xor_si128(_mm_xor_si128(x4, x8), y8);
+    buf += 64;
+    len -= 64;
+  }
+  x0 = _mm_load_si128(reinterpret_cast<const __m128i*>(k3k4));
+  x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+  x1 = _mm_clmulepi64_si128(x1, x0, 0x11);
+  x1 = _mm_xor_si128(_mm_xor_si128(x1, x2), x5);
+  x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+  x1 = _mm_clmulepi64_si128(x1, x0, 0x11);
+  x1 = _mm_xor_si128(_mm_xor_si128(x1, x3), x5);
+  x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+  x1 = _mm_clmulepi64_si128(x1, x0, 0x11);
+  x1 = _mm_xor_si128(_mm_xor_si128(x1, x4), x5);
+  while (len >= 16) {
+    x2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(buf));
+    x5 = _mm_clmulepi64_si128(x1, x0, 0x00);
+    x1 = _mm_clmulepi64_si128(x1, x0, 0x11);
+    x1 = _mm_xor_si128(_mm_xor_si128(x1, x2), x5);
+    buf += 16;
+    len -= 16;
+  }
+  x2 = _mm_clmulepi64_si128(x1, x0, 0x10);
+  x3 = _mm_setr_epi32(~0, 0, ~0, 0);
+  x1 = _mm_srli_si128(x1, 8);
+  x1 = _mm_xor_si128(x1, x2);
+  x0 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(k5k0));
+  x2 = _mm_srli_si128(x1, 4);
+  x1 = _mm_and_si128(x1, x3);
+  x1 = _mm_clmulepi64_si128(x1, x0, 0x00);
+  x1 = _mm_xor_si128(x1, x2);
+  x0 = _mm_load_si128(reinterpret_cast<const __m128i*>(poly));
+  x2 = _mm_and_si128(x1, x3);
+  x2 = _mm_clmulepi64_si128(x2, x0, 0x10);
+  x2 = _mm_and_si128(x2, x3);
+  x2 = _mm_clmulepi64_si128(x2, x0, 0x00);
+  x1 = _mm_xor_si128(x1, x2);
+  return static_cast<uint32_t>(_mm_extract_epi32(x1, 1));
+}
+
+bool have_pclmul() {
+  static const bool ok = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
+  return ok;
+}
+#endif
+
+}  // namespace
+
+uint32_t crc32(const uint8_t* data, size_t size, uint32_t crc) {
+  uint32_t c = ~crc;
+#ifdef ECL_CRC_PCLMUL
+  if (size >= 64 && have_pclmul()) {
+    const size_t chunk = size & ~size_t(15);
+    c = crc32_pclmul(data, chunk, c);
+    data += chunk;
+    size -= chunk;
+  }
+#endif
+  return ~crc32_table(data, size, c);
+}
+
+Envelope decode_envelope(const uint8_t* data, size_t size) { return decode(data, size, true); }
+Envelope decode_envelope_prefix(const uint8_t* data, size_t size) { return decode(data, size, false); }
+
+}  // namespace ecl

@@ -1,0 +1,60 @@
+// Envelope of the ECL raw event wire format, version 1 (spec/wire-format.md): a MessagePack map
+// {v, exp, run, evt, det, ecl, [time_ns], [crc32], [truth], ...unknown keys}. Pure functions on
+// bytes (no framework types) so that a fuzz harness can call them directly.
+//
+// MessagePack is parsed with msgpack-cxx's SAX-style msgpack::parse and a visitor: no object
+// tree is built, nothing is allocated per key, and a declared container or string size is never
+// allocated before the bytes are there (a 5-byte "array of 4e9 elements" costs nothing).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace ecl {
+
+// Bits of Envelope::known: which identifiers could be read (also from a rejected message).
+enum EnvelopeKnown : uint8_t { kKnownExp = 1, kKnownRun = 2, kKnownEvt = 4, kKnownDet = 8 };
+
+struct Envelope {
+  // nullptr when the envelope is valid; else a static short code (a metrics label):
+  //   empty_message  0 bytes
+  //   not_msgpack    bytes that are not MessagePack (e.g. the never-used byte 0xc1)
+  //   truncated      the MessagePack object ends after the bytes do
+  //   trailing_bytes bytes after the first complete object (decode_envelope only)
+  //   not_a_map      the top-level object is not a map
+  //   wrong_type     a key is not a string, or a known key holds the wrong type (nil included)
+  //   duplicate_key  a known key appears twice
+  //   missing_key    one of v, exp, run, evt, det, ecl is absent
+  //   bad_version    v is an integer other than 1
+  //   unknown_detector  det is a string other than "belle2-ecl" / "array30"
+  //   out_of_range   exp/run/evt negative or >= 2^32, time_ns beyond int64, crc32 beyond uint32
+  //   crc_mismatch   crc32 present and not the zlib CRC-32 of the ecl bytes
+  const char* reason = nullptr;
+  std::string detail;  // human-readable explanation (empty when valid)
+
+  uint32_t exp = 0, run = 0, evt = 0;
+  uint8_t known = 0;     // EnvelopeKnown bits
+  uint8_t detector = 0;  // 0 belle2-ecl, 1 array30 (ecl::Detector)
+  bool has_time = false;
+  int64_t time_ns = 0;
+  bool has_crc = false;
+  uint32_t crc32 = 0;
+  // Where the ECL payload (the `ecl` bin) lies, relative to the start of the message.
+  size_t payload_offset = 0, payload_size = 0;
+  // Length of the first MessagePack object of the input (0 when it cannot be framed:
+  // empty_message, not_msgpack, truncated).
+  size_t message_size = 0;
+
+  bool ok() const { return reason == nullptr; }
+};
+
+// Decodes one message that must be exactly one envelope (trailing bytes are an error).
+Envelope decode_envelope(const uint8_t* data, size_t size);
+// Decodes the first MessagePack object of a stream as an envelope; message_size tells where the
+// next one starts (framing of raw files). Trailing bytes are the rest of the stream.
+Envelope decode_envelope_prefix(const uint8_t* data, size_t size);
+
+// zlib's CRC-32 (reflected polynomial 0xEDB88320), same as zlib.crc32(data, crc) in Python.
+uint32_t crc32(const uint8_t* data, size_t size, uint32_t crc = 0);
+
+}  // namespace ecl

@@ -1,0 +1,276 @@
+// ECLUnpacker: decodes the ECL payload of every non-rejected event into the collection
+// ECLDigits (cell int32, energy float32 GeV, time float32 ns, quality uint8, amplitude int32),
+// sorted by cellId, with the channel map and calibration of spec/wire-format.md. An event whose
+// payload breaks a rule of the format is rejected with its reason (ecl/unpacker.hpp) and gets no
+// digits; the rest of the batch goes on.
+//
+// Parameter `conditions`: path of a JSON file overriding the default calibration of one detector:
+//   {"detector": "belle2-ecl" | "array30", "gain": [n_cells numbers], "t0": [n_cells numbers]}
+// "gain" and "t0" are both optional (default 1.0 and 0.0), indexed by cellId - 1; any other key,
+// a wrong length or a non-finite number is an error at initialize. The other detector keeps the
+// defaults.
+#include <atomic>
+#include <cctype>
+#include <cstring>
+#include <cmath>
+#include <cstdlib>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+
+#include "ecl/geometry.hpp"
+#include "ecl/unpacker.hpp"
+#include "framework/registry.hpp"
+
+namespace {
+
+// A small strict JSON reader, enough for conditions files (objects, arrays, numbers, strings,
+// true/false/null).
+struct Json {
+  enum Kind { Null, Bool, Number, String, Array, Object } kind = Null;
+  double number = 0;
+  bool boolean = false;
+  std::string str;
+  std::vector<Json> items;
+  std::vector<std::pair<std::string, Json>> members;
+};
+
+class JsonParser {
+ public:
+  explicit JsonParser(const std::string& s) : s_(s) {}
+  Json parse() {
+    Json v = value();
+    ws();
+    if (p_ != s_.size()) fail("unexpected trailing characters");
+    return v;
+  }
+
+ private:
+  [[noreturn]] void fail(const std::string& what) {
+    throw std::runtime_error("invalid JSON at character " + std::to_string(p_) + ": " + what);
+  }
+  void ws() {
+    while (p_ < s_.size() && std::isspace(static_cast<unsigned char>(s_[p_]))) ++p_;
+  }
+  bool lit(const char* w) {
+    const size_t n = std::strlen(w);
+    if (s_.compare(p_, n, w) == 0) {
+      p_ += n;
+      return true;
+    }
+    return false;
+  }
+  Json value() {
+    ws();
+    if (p_ >= s_.size()) fail("unexpected end");
+    Json v;
+    const char c = s_[p_];
+    if (c == '{') {
+      v.kind = Json::Object;
+      ++p_;
+      ws();
+      if (p_ < s_.size() && s_[p_] == '}') {
+        ++p_;
+        return v;
+      }
+      for (;;) {
+        ws();
+        if (p_ >= s_.size() || s_[p_] != '"') fail("expected a string key");
+        std::string k = string();
+        ws();
+        if (p_ >= s_.size() || s_[p_] != ':') fail("expected ':'");
+        ++p_;
+        v.members.emplace_back(std::move(k), value());
+        ws();
+        if (p_ < s_.size() && s_[p_] == ',') { ++p_; continue; }
+        if (p_ < s_.size() && s_[p_] == '}') { ++p_; return v; }
+        fail("expected ',' or '}'");
+      }
+    }
+    if (c == '[') {
+      v.kind = Json::Array;
+      ++p_;
+      ws();
+      if (p_ < s_.size() && s_[p_] == ']') {
+        ++p_;
+        return v;
+      }
+      for (;;) {
+        v.items.push_back(value());
+        ws();
+        if (p_ < s_.size() && s_[p_] == ',') { ++p_; continue; }
+        if (p_ < s_.size() && s_[p_] == ']') { ++p_; return v; }
+        fail("expected ',' or ']'");
+      }
+    }
+    if (c == '"') {
+      v.kind = Json::String;
+      v.str = string();
+      return v;
+    }
+    if (lit("true")) { v.kind = Json::Bool; v.boolean = true; return v; }
+    if (lit("false")) { v.kind = Json::Bool; return v; }
+    if (lit("null")) return v;
+    if (c == '-' || std::isdigit(static_cast<unsigned char>(c))) {
+      const char* start = s_.c_str() + p_;
+      char* end = nullptr;
+      v.kind = Json::Number;
+      v.number = std::strtod(start, &end);
+      if (end == start) fail("bad number");
+      p_ += static_cast<size_t>(end - start);
+      return v;
+    }
+    fail(std::string("unexpected character '") + c + "'");
+  }
+  std::string string() {
+    ++p_;  // opening quote
+    std::string out;
+    while (p_ < s_.size() && s_[p_] != '"') {
+      if (s_[p_] == '\\') {
+        ++p_;
+        if (p_ >= s_.size()) break;
+        const char e = s_[p_];
+        out += e == 'n' ? '\n' : e == 't' ? '\t' : e;  // enough for keys and detector names
+      } else {
+        out += s_[p_];
+      }
+      ++p_;
+    }
+    if (p_ >= s_.size()) fail("unterminated string");
+    ++p_;
+    return out;
+  }
+  const std::string& s_;
+  size_t p_ = 0;
+};
+
+std::vector<double> number_array(const Json& v, const std::string& name, int n_cells, const std::string& path) {
+  if (v.kind != Json::Array) throw std::runtime_error(path + ": '" + name + "' must be an array of numbers");
+  if (v.items.size() != static_cast<size_t>(n_cells))
+    throw std::runtime_error(path + ": '" + name + "' has " + std::to_string(v.items.size()) +
+                             " entries, the detector has " + std::to_string(n_cells) + " cells");
+  std::vector<double> out;
+  out.reserve(v.items.size());
+  for (size_t k = 0; k < v.items.size(); ++k) {
+    if (v.items[k].kind != Json::Number || !std::isfinite(v.items[k].number))
+      throw std::runtime_error(path + ": '" + name + "'[" + std::to_string(k) + "] (cellId " + std::to_string(k + 1) +
+                               ") is not a finite number");
+    out.push_back(v.items[k].number);
+  }
+  return out;
+}
+
+class ECLUnpacker : public fw::Module {
+ public:
+  ECLUnpacker() {
+    params().add("conditions", &conditions_, std::string(),
+                 "JSON file with per-cell calibration of one detector: {\"detector\": name, \"gain\": [...], \"t0\": [...]} "
+                 "indexed by cellId - 1 (empty: gain 1, t0 0)");
+  }
+
+  void initialize() override {
+    calib_[0] = ecl::Calibration::defaults(ecl::Geometry::get(ecl::Detector::Belle2ECL).n_cells);
+    calib_[1] = ecl::Calibration::defaults(ecl::Geometry::get(ecl::Detector::Array30).n_cells);
+    if (!conditions_.empty()) load_conditions(conditions_);
+  }
+
+  void event(fw::EventBatch& batch) override {
+    if (!batch.has("RawEnvelopes") || !batch.has("RawPayloadRef"))
+      throw std::runtime_error(
+          "no RawEnvelopes/RawPayloadRef in the batch: put a raw data source first (RawFileInput, or a source "
+          "calling _core.append_envelopes)");
+    const size_t n = batch.size();
+    const fw::Collection& raw = batch.get("RawEnvelopes");
+    const fw::Collection& ref = batch.get("RawPayloadRef");
+    const uint8_t* bytes = raw.column("bytes").data<uint8_t>();
+    const int64_t* moff = raw.offsets();
+    const int64_t* roff = ref.offsets();
+    const int64_t* p_off = ref.column("offset").data<int64_t>();
+    const int64_t* p_size = ref.column("size").data<int64_t>();
+    const uint8_t* det = batch.detector();
+
+    size_t cap = 0;
+    for (size_t i = 0; i < n; ++i)
+      if (!batch.is_rejected(i) && roff[i + 1] > roff[i]) cap += ecl::max_digits(static_cast<size_t>(p_size[roff[i]]));
+
+    fw::Column cell = fw::Column::of<int32_t>(cap), energy = fw::Column::of<float>(cap),
+               time = fw::Column::of<float>(cap), quality = fw::Column::of<uint8_t>(cap),
+               amplitude = fw::Column::of<int32_t>(cap);
+    ecl::DigitOut out{cell.data<int32_t>(), energy.data<float>(), time.data<float>(), quality.data<uint8_t>(),
+                      amplitude.data<int32_t>()};
+    std::vector<int64_t> counts(n, 0);
+    std::vector<uint64_t> scratch;
+    size_t pos = 0;
+    uint64_t rejected = 0;
+    for (size_t i = 0; i < n; ++i) {
+      if (batch.is_rejected(i) || roff[i + 1] == roff[i]) continue;
+      const int64_t r = roff[i];
+      const uint8_t d = det[i] <= 1 ? det[i] : 0;
+      ecl::DigitOut o{out.cell + pos, out.energy + pos, out.time + pos, out.quality + pos, out.amplitude + pos};
+      ecl::UnpackResult res =
+          ecl::unpack_payload(bytes + moff[i] + p_off[r], static_cast<size_t>(p_size[r]), calib_[d], o, &scratch);
+      if (!res.ok()) {
+        batch.reject(i, res.reason, res.detail);
+        ++rejected;
+        continue;
+      }
+      counts[i] = static_cast<int64_t>(res.n_digits);
+      pos += res.n_digits;
+    }
+    for (fw::Column* c : {&cell, &energy, &time, &quality, &amplitude}) c->resize(pos);
+    fw::Collection& digits = batch.add("ECLDigits");
+    digits.set_counts(counts);
+    digits.set_column("cell", std::move(cell));
+    digits.set_column("energy", std::move(energy));
+    digits.set_column("time", std::move(time));
+    digits.set_column("quality", std::move(quality));
+    digits.set_column("amplitude", std::move(amplitude));
+    digits_.fetch_add(pos, std::memory_order_relaxed);
+    rejected_.fetch_add(rejected, std::memory_order_relaxed);
+  }
+
+  std::map<std::string, double> counters() const override {
+    return {{"digits", static_cast<double>(digits_.load())}, {"rejected", static_cast<double>(rejected_.load())}};
+  }
+
+ private:
+  void load_conditions(const std::string& path) {
+    std::ifstream f(path, std::ios::binary);
+    if (!f) throw std::runtime_error("cannot open conditions file '" + path + "'");
+    std::stringstream ss;
+    ss << f.rdbuf();
+    const std::string text = ss.str();
+    Json doc;
+    try {
+      doc = JsonParser(text).parse();
+    } catch (const std::exception& e) {
+      throw std::runtime_error("conditions file '" + path + "': " + e.what());
+    }
+    if (doc.kind != Json::Object) throw std::runtime_error(path + ": a conditions file is a JSON object");
+    const Json *det = nullptr, *gain = nullptr, *t0 = nullptr;
+    for (const auto& [k, v] : doc.members) {
+      if (k == "detector") det = &v;
+      else if (k == "gain") gain = &v;
+      else if (k == "t0") t0 = &v;
+      else throw std::runtime_error(path + ": unknown key '" + k + "' (detector, gain, t0)");
+    }
+    if (!det || det->kind != Json::String)
+      throw std::runtime_error(path + ": 'detector' (\"belle2-ecl\" or \"array30\") is required");
+    auto d = ecl::detector_from_name(det->str);
+    if (!d) throw std::runtime_error(path + ": unknown detector '" + det->str + "'");
+    const int n_cells = ecl::Geometry::get(*d).n_cells;
+    std::vector<double> g, t;
+    if (gain) g = number_array(*gain, "gain", n_cells, path);
+    if (t0) t = number_array(*t0, "t0", n_cells, path);
+    calib_[static_cast<int>(*d)] = ecl::Calibration::from(n_cells, g, t);
+  }
+
+  std::string conditions_;
+  ecl::Calibration calib_[2];
+  std::atomic<uint64_t> digits_{0}, rejected_{0};
+};
+
+}  // namespace
+
+ECLRECO_REGISTER_MODULE(ECLUnpacker, "ECLUnpacker",
+                        "decodes the ECL payload of raw events into ECLDigits (cell, energy, time, quality, amplitude)")

@@ -1,0 +1,127 @@
+"""DAQ emulator: replays a raw file over a ZeroMQ PUSH socket at a steady rate.
+
+    eclreco daq-emulator --input run.msgpack --connect tcp://127.0.0.1:5555 --rate 30000 [--loop] [--events N]
+
+One event per ZeroMQ message (a single frame holding the envelope bytes, spec/wire-format.md).
+Pacing: the number of messages due is computed from a monotonic clock (rate x elapsed time) and
+the emulator sends whatever is due in one burst, then sleeps until the next one is due (at most
+a millisecond), so that rates of 30-100 kHz are reachable despite the coarse granularity of
+sleep(). Rate 0 sends as fast as the socket takes them. The socket binds (--bind) or connects
+(--connect) exactly to the address given and to nothing else.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Callable, Sequence
+
+from eclreco.rawdata import read_raw_file
+
+
+def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: float = 0.0, loop: bool = False,
+            events: int = 0, linger_ms: int = 10000, report: Callable[[str], None] | None = None,
+            context=None) -> dict:
+    """Send `messages` over a PUSH socket; returns {"sent", "seconds", "rate_hz"}.
+
+    events: stop after this many messages (0: the whole file once, or forever with loop).
+    """
+    import zmq
+
+    if not messages:
+        raise ValueError("no messages to send (empty input)")
+    if rate < 0:
+        raise ValueError("rate must be >= 0 (0: as fast as possible)")
+    own_context = context is None
+    ctx = context or zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    sock.setsockopt(zmq.SNDHWM, 100000)
+    (sock.bind if bind else sock.connect)(address)
+    # 0: unbounded; without loop the file is sent at most once
+    total = events if events > 0 else (0 if loop else len(messages))
+    n_msgs = len(messages)
+    sent = 0
+    idx = 0
+    start = time.monotonic()
+    last_report, last_sent = start, 0
+    max_burst = 4096
+    try:
+        while total == 0 or sent < total:
+            now = time.monotonic()
+            if rate > 0:
+                due = int((now - start) * rate) + 1 - sent
+                if due <= 0:
+                    time.sleep(min(1e-3, (sent + 1 - (now - start) * rate) / rate))
+                    continue
+            else:
+                due = max_burst
+            burst = min(due, max_burst) if total == 0 else min(due, max_burst, total - sent)
+            for _ in range(burst):
+                sock.send(messages[idx], copy=len(messages[idx]) < 65536)
+                sent += 1
+                idx += 1
+                if idx == n_msgs:
+                    idx = 0
+                    if not loop:
+                        total = sent  # the file once: done
+                        break
+            if report and now - last_report >= 5.0:
+                report(f"[daq-emulator] {sent} events sent, {(sent - last_sent) / (now - last_report):,.0f} Hz")
+                last_report, last_sent = now, sent
+    except KeyboardInterrupt:
+        pass
+    finally:
+        seconds = time.monotonic() - start
+        sock.close()
+        if own_context:
+            ctx.term()
+    result = {"sent": sent, "seconds": seconds, "rate_hz": sent / seconds if seconds > 0 else 0.0}
+    if report:
+        report(f"[daq-emulator] sent {sent} events in {seconds:.3f} s: {result['rate_hz']:,.0f} Hz achieved"
+               + (f" (asked {rate:,.0f} Hz)" if rate > 0 else " (as fast as possible)"))
+    return result
+
+
+def run_daq_emulator(args: argparse.Namespace) -> int:
+    messages = read_raw_file(args.input)
+    if args.events < 0:
+        raise SystemExit("--events must be >= 0")
+    if not args.loop and args.events > len(messages):
+        print(f"[daq-emulator] the file has {len(messages)} events; --events {args.events} needs --loop",
+              file=sys.stderr)
+        return 2
+    address = args.bind or args.connect
+    print(f"[daq-emulator] {len(messages)} events from {args.input}, "
+          f"{'binding' if args.bind else 'connecting'} PUSH {address}", flush=True)
+    emulate(messages, address, bind=bool(args.bind), rate=args.rate, loop=args.loop, events=args.events,
+            report=lambda s: print(s, flush=True))
+    return 0
+
+
+def add_daq_emulator_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `daq-emulator` on the CLI's subparsers; the handler is in `func` (run_daq_emulator)."""
+    p = subparsers.add_parser(
+        "daq-emulator", help="replay a raw file over ZeroMQ (PUSH) at a steady rate",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", required=True, help="raw file (.msgpack, envelopes back to back)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--connect", metavar="ADDR", help="connect the PUSH socket to ADDR, e.g. tcp://127.0.0.1:5555")
+    where.add_argument("--bind", metavar="ADDR", help="bind the PUSH socket to ADDR, e.g. tcp://127.0.0.1:5555")
+    p.add_argument("--rate", type=float, default=0.0, help="events per second (0: as fast as possible)")
+    p.add_argument("--loop", action="store_true", help="replay the file again and again")
+    p.add_argument("--events", type=int, default=0, help="stop after N events (0: the file once, or forever with --loop)")
+    p.set_defaults(func=run_daq_emulator)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="eclreco-daq-emulator")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_daq_emulator_parser(sub)
+    args = parser.parse_args(["daq-emulator", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Raw event wire format (spec/wire-format.md): encoder, raw files, and the C++ decoders.
+
+The encoder builds the ECL payload words of many events at once with numpy (channel map, block
+and shaper headers, hit words), then packs one MessagePack envelope per event::
+
+    msgs = encode_events("belle2-ecl", exp=0, run=1, evt=np.arange(n), offsets=offsets,
+                         cell=cell, amplitude=amp, time_ticks=ticks, quality=q)
+    write_raw_file("run1.msgpack", msgs)
+
+Decoding is in C++ (``_core``): :func:`decode_envelope` and :func:`unpack_payload` for single
+messages (tests, fuzzing), ``_core.append_envelopes(batch, messages)`` for sources that form
+batches, and the ``RawFileInput`` / ``ECLUnpacker`` / ``RejectedOutput`` modules.
+"""
+from __future__ import annotations
+
+import os
+import zlib
+from typing import Any, Iterable, Sequence
+
+import msgpack
+import numpy as np
+
+from eclreco import _core
+
+FORMAT_VERSION = 1
+DETECTORS = {"belle2-ecl": 0, "array30": 1}
+N_CELLS = {"belle2-ecl": 8736, "array30": 900}
+TICK_NS = 0.4913
+ADC_PER_GEV = 20000.0
+AMPLITUDE_OFFSET = 128
+AMPLITUDE_MIN, AMPLITUDE_MAX = -AMPLITUDE_OFFSET, (1 << 18) - 1 - AMPLITUDE_OFFSET
+TICKS_MIN, TICKS_MAX = -2048, 2047
+
+BLOCK_MARKER = 0xEC
+SHAPER_MARKER = 0x10
+
+
+class RawDataError(ValueError):
+    """A message that breaks the wire format; ``reason`` is the short code, ``detail`` the text."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+def _reraise(e: ValueError):
+    reason, _, detail = str(e).partition(": ")
+    raise RawDataError(reason, detail) from None
+
+
+def decode_envelope(message: bytes) -> dict:
+    """Decode one envelope (C++): dict with exp, run, evt, det, detector, time_ns, crc32, ecl, ...
+
+    Raises :class:`RawDataError` (a ValueError) with the rejection reason.
+    """
+    try:
+        return _core.decode_envelope(message)
+    except ValueError as e:
+        _reraise(e)
+
+
+def unpack_payload(payload: bytes, detector: str = "belle2-ecl", gain=None, t0=None) -> dict:
+    """Unpack one ECL payload (C++): dict of numpy arrays cell, energy, time, quality, amplitude."""
+    try:
+        return _core.unpack_payload(payload, detector, gain, t0)
+    except ValueError as e:
+        _reraise(e)
+
+
+def _per_event(value, n: int, name: str, dtype) -> np.ndarray:
+    a = np.asarray(value)
+    if a.ndim == 0:
+        return np.full(n, a, dtype=dtype)
+    if a.shape != (n,):
+        raise ValueError(f"{name} must be a scalar or have one entry per event ({n}), got shape {a.shape}")
+    return a.astype(dtype)
+
+
+def encode_payloads(detector: str, offsets, cell, amplitude, time_ticks, quality) -> list[bytes]:
+    """ECL payloads (bytes) of many events; digits of event i are [offsets[i], offsets[i+1])."""
+    if detector not in N_CELLS:
+        raise ValueError(f"unknown detector '{detector}' (belle2-ecl or array30)")
+    offsets = np.asarray(offsets, dtype=np.int64)
+    if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
+        raise ValueError("offsets must start at 0 and not decrease")
+    n_events = len(offsets) - 1
+    n = int(offsets[-1])
+    cell = np.asarray(cell, dtype=np.int64)
+    amplitude = np.asarray(amplitude, dtype=np.int64)
+    time_ticks = np.asarray(time_ticks, dtype=np.int64)
+    quality = np.asarray(quality, dtype=np.int64)
+    for name, a in (("cell", cell), ("amplitude", amplitude), ("time_ticks", time_ticks), ("quality", quality)):
+        if a.shape != (n,):
+            raise ValueError(f"{name} must have offsets[-1] = {n} entries, got shape {a.shape}")
+    if n and (cell.min() < 1 or cell.max() > N_CELLS[detector]):
+        raise ValueError(f"cellId outside 1..{N_CELLS[detector]} for {detector}")
+    if n and (amplitude.min() < AMPLITUDE_MIN or amplitude.max() > AMPLITUDE_MAX):
+        raise ValueError(f"amplitude outside {AMPLITUDE_MIN}..{AMPLITUDE_MAX}")
+    if n and (time_ticks.min() < TICKS_MIN or time_ticks.max() > TICKS_MAX):
+        raise ValueError(f"time_ticks outside {TICKS_MIN}..{TICKS_MAX}")
+    if n and (quality.min() < 0 or quality.max() > 3):
+        raise ValueError("quality outside 0..3")
+
+    event = np.repeat(np.arange(n_events, dtype=np.int64), np.diff(offsets))
+    order = np.lexsort((cell, event))
+    cell, amplitude, time_ticks, quality, event = (a[order] for a in (cell, amplitude, time_ticks, quality, event))
+    if n > 1 and np.any((event[1:] == event[:-1]) & (cell[1:] == cell[:-1])):
+        raise ValueError("a cell appears twice in an event")
+
+    i = cell - 1
+    collector = i // 192 + 1
+    shaper = (i % 192) // 16 + 1
+    channel = i % 16
+    hit = ((quality << 30) | ((time_ticks & 0xFFF) << 18) | (amplitude + AMPLITUDE_OFFSET)).astype(np.uint32)
+
+    # Group starts in the sorted digits: a new block at each (event, collector), a new shaper at
+    # each (event, collector, shaper).
+    new_block = np.ones(n, dtype=bool)
+    new_shaper = np.ones(n, dtype=bool)
+    if n > 1:
+        same_block = (event[1:] == event[:-1]) & (collector[1:] == collector[:-1])
+        new_block[1:] = ~same_block
+        new_shaper[1:] = ~(same_block & (shaper[1:] == shaper[:-1]))
+    blocks_so_far = np.cumsum(new_block)    # headers up to and including this digit's block
+    shapers_so_far = np.cumsum(new_shaper)
+    d = np.arange(n, dtype=np.int64)
+    pos_hit = d + blocks_so_far + shapers_so_far
+    total_words = n + (int(blocks_so_far[-1]) + int(shapers_so_far[-1]) if n else 0)
+    words = np.empty(total_words, dtype="<u4")
+    words[pos_hit] = hit
+
+    shaper_start = np.flatnonzero(new_shaper)
+    shaper_mask = np.bitwise_or.reduceat((1 << channel).astype(np.int64), shaper_start) if n else np.zeros(0, np.int64)
+    words[pos_hit[shaper_start] - 1] = ((SHAPER_MARKER << 24) | (shaper[shaper_start] << 16) | shaper_mask).astype(np.uint32)
+
+    block_start = np.flatnonzero(new_block)
+    block_end = np.append(block_start[1:], n)
+    # block length = its shaper headers + its hits
+    shapers_in_block = np.add.reduceat(new_shaper.astype(np.int64), block_start) if n else np.zeros(0, np.int64)
+    block_len = shapers_in_block + (block_end - block_start)
+    block_pos = pos_hit[block_start] - 2  # the block's first shaper header comes right after it
+    words[block_pos] = ((BLOCK_MARKER << 24) | (collector[block_start] << 16) | block_len).astype(np.uint32)
+
+    # Event boundaries in the word array.
+    event_words = np.zeros(n_events + 1, dtype=np.int64)
+    if n:
+        per_event = np.bincount(event, minlength=n_events) + np.bincount(
+            event[new_block], minlength=n_events) + np.bincount(event[new_shaper], minlength=n_events)
+        event_words[1:] = np.cumsum(per_event)
+    raw = words.tobytes()
+    return [raw[4 * event_words[k]:4 * event_words[k + 1]] for k in range(n_events)]
+
+
+def encode_events(detector: str, exp, run, evt, offsets, cell, amplitude, time_ticks, quality,
+                  truth: Sequence[Any] | None = None, time_ns=None, crc: bool = True) -> list[bytes]:
+    """Envelopes (MessagePack bytes) of many events of one detector configuration.
+
+    exp, run, evt: scalars or one value per event; offsets: CSR offsets of the digits (event i owns
+    digits offsets[i]:offsets[i+1]); cell (cellId), amplitude (ADC counts), time_ticks (0.4913 ns
+    ticks) and quality per digit, in any order within an event. truth: optional per-event objects
+    (put under the `truth` key); time_ns: optional scalar or per-event trigger times; crc: add the
+    `crc32` key.
+    """
+    payloads = encode_payloads(detector, offsets, cell, amplitude, time_ticks, quality)
+    n = len(payloads)
+    exp = _per_event(exp, n, "exp", np.int64)
+    run = _per_event(run, n, "run", np.int64)
+    evt = _per_event(evt, n, "evt", np.int64)
+    for name, a in (("exp", exp), ("run", run), ("evt", evt)):
+        if n and (a.min() < 0 or a.max() >= 1 << 32):
+            raise ValueError(f"{name} must be in 0..2^32-1")
+    tns = None if time_ns is None else _per_event(time_ns, n, "time_ns", np.int64)
+    if truth is not None and len(truth) != n:
+        raise ValueError(f"truth must have one entry per event ({n})")
+    packer = msgpack.Packer(use_bin_type=True)
+    out = []
+    for k in range(n):
+        env = {"v": FORMAT_VERSION, "exp": int(exp[k]), "run": int(run[k]), "evt": int(evt[k]), "det": detector,
+               "ecl": payloads[k]}
+        if tns is not None:
+            env["time_ns"] = int(tns[k])
+        if crc:
+            env["crc32"] = zlib.crc32(payloads[k])
+        if truth is not None and truth[k] is not None:
+            env["truth"] = truth[k]
+        out.append(packer.pack(env))
+    return out
+
+
+def write_raw_file(path: str | os.PathLike, messages: Iterable[bytes]) -> int:
+    """Write messages back to back (a raw file); returns the number written."""
+    n = 0
+    with open(path, "wb") as f:
+        for m in messages:
+            f.write(m)
+            n += 1
+    return n
+
+
+def split_stream(data: bytes) -> list[bytes]:
+    """Split a MessagePack stream into the bytes of its objects; ValueError if it cannot be framed."""
+    unpacker = msgpack.Unpacker(raw=True, strict_map_key=False, max_buffer_size=max(len(data), 1 << 20))
+    unpacker.feed(data)
+    out, start = [], 0
+    while start < len(data):
+        try:
+            unpacker.skip()
+        except msgpack.OutOfData:
+            raise ValueError(f"truncated MessagePack object at byte {start}") from None
+        except Exception as e:  # noqa: BLE001 - msgpack raises various errors on garbage
+            raise ValueError(f"not MessagePack at byte {start}: {e}") from None
+        end = unpacker.tell()
+        out.append(data[start:end])
+        start = end
+    return out
+
+
+def read_raw_file(path: str | os.PathLike) -> list[bytes]:
+    """The messages of a raw file (bytes of each envelope, as on the wire)."""
+    with open(path, "rb") as f:
+        return split_stream(f.read())
+
+
+def write_conditions(path: str | os.PathLike, detector: str, gain=None, t0=None) -> None:
+    """Write a conditions file for ECLUnpacker(conditions=path): per-cell gain and t0 (cellId - 1)."""
+    import json
+
+    doc: dict[str, Any] = {"detector": detector}
+    if gain is not None:
+        doc["gain"] = [float(x) for x in np.asarray(gain, dtype=np.float64)]
+    if t0 is not None:
+        doc["t0"] = [float(x) for x in np.asarray(t0, dtype=np.float64)]
+    with open(path, "w") as f:
+        json.dump(doc, f)
+
+
+def calibrate(cell, amplitude, time_ticks, gain=None, t0=None) -> tuple[np.ndarray, np.ndarray]:
+    """Reference calibration, bit-identical to ECLUnpacker: (energy, time) as float32.
+
+    energy = amplitude * (gain / 20000), time = ticks * 0.4913 - t0, in float64 then float32.
+    """
+    cell = np.asarray(cell, dtype=np.int64)
+    g = 1.0 if gain is None else np.asarray(gain, dtype=np.float64)[cell - 1]
+    t = 0.0 if t0 is None else np.asarray(t0, dtype=np.float64)[cell - 1]
+    energy = (np.asarray(amplitude, dtype=np.float64) * (g / ADC_PER_GEV)).astype(np.float32)
+    time = (np.asarray(time_ticks, dtype=np.float64) * TICK_NS - t).astype(np.float32)
+    return energy, time

@@ -1,0 +1,305 @@
+"""Envelope decoding (every rejection reason), RawFileInput, RejectedOutput, the encoder's
+helpers and the DAQ emulator."""
+import struct
+import threading
+import zlib
+
+import msgpack
+import numpy as np
+import pytest
+
+import eclreco
+from eclreco import _core, rawdata
+from _raw_helpers import MessageSource, block, hit, random_digits, run_path, shaper, words
+
+GOOD_PAYLOAD = words(block(1, 3), shaper(1, 0b101), hit(40, 1, 0), hit(70, -1, 2))
+
+
+def env(**over):
+    e = {"v": 1, "exp": 1, "run": 2, "evt": 3, "det": "belle2-ecl", "ecl": GOOD_PAYLOAD}
+    e.update(over)
+    return {k: v for k, v in e.items() if v is not DROP}
+
+
+DROP = object()
+
+
+def pack(obj):
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def raw_map(*pairs):
+    """A MessagePack map written by hand (allows duplicate and non-string keys)."""
+    assert len(pairs) < 16
+    return bytes([0x80 | len(pairs)]) + b"".join(pack(k) + pack(v) for k, v in pairs)
+
+
+VALID = pack(env())
+
+BAD_ENVELOPES = {
+    "empty_message": [b""],
+    "not_msgpack": [b"\xc1", b"\x82\xa1v\x01\xc1"],
+    "truncated": [VALID[:-1], VALID[:10], b"\xc6\xff\xff\xff\xff"],
+    "trailing_bytes": [VALID + b"\x00", VALID + VALID],
+    "not_a_map": [pack([1, 2]), pack(5), pack("v"), pack(b"x"), pack(None)],
+    "wrong_type": [
+        pack(env(ecl=GOOD_PAYLOAD.decode("latin-1"))),  # str, not bin
+        pack(env(exp=1.0)), pack(env(run="2")), pack(env(evt=None)), pack(env(det=0)),
+        pack(env(time_ns=1.5)), pack(env(crc32="abc")), pack(env(truth=[1, 2])), pack(env(v=True)),
+        pack(env(evt={"a": 1})), pack(env(ecl=[1, 2])),
+        raw_map(("v", 1), ("exp", 1), ("run", 2), ("evt", 3), ("det", "array30"), ("ecl", b""), (7, 1)),
+    ],
+    "duplicate_key": [
+        raw_map(("v", 1), ("exp", 1), ("run", 2), ("evt", 3), ("det", "belle2-ecl"), ("ecl", b""), ("evt", 4)),
+    ],
+    "missing_key": [pack(env(v=DROP)), pack(env(exp=DROP)), pack(env(run=DROP)), pack(env(evt=DROP)),
+                    pack(env(det=DROP)), pack(env(ecl=DROP)), pack({})],
+    "bad_version": [pack(env(v=2)), pack(env(v=0)), pack(env(v=-1)), pack({"v": 2, "whatever": 1})],
+    "unknown_detector": [pack(env(det="belle2")), pack(env(det="")), pack(env(det="ARRAY30"))],
+    "out_of_range": [pack(env(exp=-1)), pack(env(run=1 << 32)), pack(env(evt=1 << 32)), pack(env(evt=-5)),
+                     pack(env(time_ns=1 << 63)), pack(env(crc32=1 << 32)), pack(env(crc32=-1))],
+    "crc_mismatch": [pack(env(crc32=zlib.crc32(GOOD_PAYLOAD) ^ 1)), pack(env(ecl=b"", crc32=1))],
+}
+
+
+def _cases():
+    return [(reason, k, m) for reason, msgs in BAD_ENVELOPES.items() for k, m in enumerate(msgs)]
+
+
+@pytest.mark.parametrize("reason,k,message", _cases(), ids=[f"{r}-{k}" for r, k, _ in _cases()])
+def test_decode_envelope_rejects(reason, k, message):
+    with pytest.raises(rawdata.RawDataError) as e:
+        rawdata.decode_envelope(message)
+    assert e.value.reason == reason, e.value.detail
+    assert e.value.detail
+
+
+@pytest.mark.parametrize("reason", sorted(BAD_ENVELOPES))
+def test_envelope_rejection_in_path(reason):
+    bad = BAD_ENVELOPES[reason]
+    msgs = [pack(env(evt=100))] + bad + [pack(env(evt=101))]
+    events, stats = run_path(MessageSource(msgs))
+    n = len(msgs)
+    assert stats["received"] == n and stats["processed"] == 2 and stats["rejected"] == len(bad)
+    assert stats["received"] == stats["processed"] + stats["rejected"]
+    assert stats["rejected_by_reason"] == {reason: len(bad)}
+    assert [e["rejected"] for e in events] == [False] + [True] * len(bad) + [False]
+    assert all(e["reason"] == reason and len(e["digits"]["cell"]) == 0 for e in events[1:-1])
+    for e in (events[0], events[-1]):
+        assert e["digits"]["cell"].tolist() == [1, 3] and e["digits"]["amplitude"].tolist() == [40, 70]
+    assert [events[0]["evt"], events[-1]["evt"]] == [100, 101]
+
+
+def test_valid_envelope_variants():
+    # optional keys absent, unknown keys of any type, a truth map with anything, negative time_ns
+    for e in [env(), env(time_ns=-5, crc32=zlib.crc32(GOOD_PAYLOAD)), env(truth={"x": [1, {"y": b"z"}], 3: None}),
+              env(extra=[1, 2, {"v": 2}], another=None, evt=(1 << 32) - 1), env(ecl=b"", det="array30", truth={})]:
+        d = rawdata.decode_envelope(pack(e))
+        assert (d["exp"], d["run"], d["evt"]) == (e["exp"], e["run"], e["evt"])
+        assert d["ecl"] == e["ecl"] and d["det"] == e["det"]
+        assert d["time_ns"] == e.get("time_ns") and d["crc32"] == e.get("crc32")
+    # bin8 / bin16 / bin32 payload headers
+    for size in (0, 4, 252, 256, 65532, 65536, 70000):
+        p = bytes(size)
+        assert rawdata.decode_envelope(pack(env(ecl=p)))["payload_size"] == size
+
+
+def test_identifiers_kept_for_rejected_events():
+    msgs = [pack(env(exp=7, run=8, evt=9, det="cms")), pack(env(exp=7, run=8, evt=10, ecl=b"\x00"))]
+    events, stats = run_path(MessageSource(msgs))
+    assert [(e["exp"], e["run"], e["evt"], e["reason"]) for e in events] == [
+        (7, 8, 9, "unknown_detector"), (7, 8, 10, "payload_not_words")]
+
+
+def test_crc32_matches_zlib():
+    rng = np.random.default_rng(0)
+    for n in list(range(0, 200)) + [1000, 4097, 65536 + 3]:
+        b = rng.bytes(n)
+        assert _core.crc32(b) == zlib.crc32(b)
+    assert _core.crc32(b"123456789") == 0xCBF43926
+
+
+def test_encoder_layout_matches_spec():
+    # cell 1 -> collector 1, shaper 1, channel 0; cell 17 -> shaper 2 channel 0; cell 193 -> collector 2
+    msgs = rawdata.encode_events("belle2-ecl", 0, 0, [5], [0, 3], [193, 17, 1], [100, 0, 25], [-1, 0, 2047],
+                                 [3, 0, 1], crc=False)
+    d = msgpack.unpackb(msgs[0], raw=False)
+    assert set(d) == {"v", "exp", "run", "evt", "det", "ecl"} and d["v"] == 1
+    w = struct.unpack(f"<{len(d['ecl']) // 4}I", d["ecl"])
+    assert w == (block(1, 4), shaper(1, 1), hit(25, 2047, 1), shaper(2, 1), hit(0, 0, 0),
+                 block(2, 2), shaper(1, 1), hit(100, -1, 3))
+    with pytest.raises(ValueError, match="twice"):
+        rawdata.encode_events("array30", 0, 0, [0], [0, 2], [5, 5], [30, 30], [0, 0], [0, 0])
+    with pytest.raises(ValueError, match="cellId"):
+        rawdata.encode_events("array30", 0, 0, [0], [0, 1], [901], [30], [0], [0])
+
+
+def write_hand_file(path):
+    """Another producer following the spec with plain msgpack: no crc32, no time_ns, extra keys, truth."""
+    p1 = struct.pack("<4I", 0xEC010003, 0x10010005, (0 << 30) | (3 << 18) | (128 + 500), (2 << 30) | (4093 << 18) | 228)
+    p2 = struct.pack("<3I", 0xEC050002, 0x10090008, (1 << 30) | 160)  # array30 cell 4*192+8*16+3+1 = 900
+    msgs = [
+        msgpack.packb({"det": "belle2-ecl", "ecl": p1, "evt": 1, "run": 5, "exp": 2, "v": 1,
+                       "producer": "hand", "truth": {"particles": [{"pdg": 22, "e": 1.5}], "seed": 4}},
+                      use_bin_type=True),
+        msgpack.packb({"v": 1, "exp": 2, "run": 5, "evt": 2, "det": "array30", "ecl": p2, "time_ns": 12345},
+                      use_bin_type=True),
+    ]
+    with open(path, "wb") as f:
+        for m in msgs:
+            f.write(m)
+    return msgs
+
+
+def test_raw_file_input_hand_written(tmp_path):
+    f = tmp_path / "hand.msgpack"
+    write_hand_file(f)
+    events, stats = run_path(_file_source(f))
+    assert stats["processed"] == 2 and stats["rejected"] == 0
+    a, b = events
+    assert (a["exp"], a["run"], a["evt"], a["detector"], a["time_ns"]) == (2, 5, 1, 0, 0)
+    assert a["digits"]["cell"].tolist() == [1, 3] and a["digits"]["amplitude"].tolist() == [500, 100]
+    assert a["digits"]["quality"].tolist() == [0, 2]
+    np.testing.assert_array_equal(a["digits"]["time"], np.float32(np.array([3, -3]) * 0.4913))
+    assert (b["detector"], b["time_ns"], b["digits"]["cell"].tolist(), b["digits"]["amplitude"].tolist()) == (
+        1, 12345, [900], [32])
+
+
+def _file_source(path):
+    m = eclreco.create_module("RawFileInput")
+    m.set_param("filename", str(path))
+    return m
+
+
+def test_raw_file_input_round_trip(tmp_path):
+    rng = np.random.default_rng(5)
+    d = random_digits(rng, "belle2-ecl", 300)
+    msgs = rawdata.encode_events("belle2-ecl", 1, np.repeat([1, 2, 3], 100), np.arange(300), **d,
+                                 truth=[{"n": int(k)} for k in range(300)])
+    f = tmp_path / "run.msgpack"
+    assert rawdata.write_raw_file(f, msgs) == 300
+    assert rawdata.read_raw_file(f) == msgs
+    events, stats = run_path(_file_source(f), batch_size=64)
+    assert stats["received"] == 300 and stats["processed"] == 300
+    assert [e["run"] for e in events] == [1] * 100 + [2] * 100 + [3] * 100
+    off = d["offsets"]
+    for i, e in enumerate(events):
+        assert e["evt"] == i
+        assert sorted(d["cell"][off[i]:off[i + 1]].tolist()) == e["digits"]["cell"].tolist()
+
+
+def test_raw_file_input_missing_file(tmp_path):
+    with pytest.raises(Exception, match="cannot open raw file"):
+        run_path(_file_source(tmp_path / "none.msgpack"))
+
+
+def test_raw_file_input_empty_file(tmp_path):
+    f = tmp_path / "empty.msgpack"
+    f.write_bytes(b"")
+    events, stats = run_path(_file_source(f))
+    assert events == [] and stats.get("received", 0) == 0
+
+
+@pytest.mark.parametrize("tail,reason", [(b"\xc1\x00garbage", "not_msgpack"), (VALID[:-3], "truncated")])
+def test_raw_file_garbage_stops_reading(tmp_path, tail, reason):
+    good = [pack(env(evt=k)) for k in range(5)]
+    bad_middle = pack([1, 2, 3])  # MessagePack but no envelope: rejected, reading goes on
+    f = tmp_path / "g.msgpack"
+    f.write_bytes(b"".join(good[:2]) + bad_middle + b"".join(good[2:]) + tail)
+    q = tmp_path / "q.msgpack"
+    path = eclreco.create_path()
+    path.add_module(_file_source(f))
+    path.add_module("ECLUnpacker")
+    path.add_module("RejectedOutput", filename=str(q))
+    eclreco.process(path, batch_size=3, install_signal_handlers=False)
+    s = eclreco.statistics.summary()
+    assert s["received"] == 7 and s["processed"] == 5 and s["rejected"] == 2
+    assert s["rejected_by_reason"] == {"not_a_map": 1, reason: 1}
+    recs = list(msgpack.Unpacker(open(q, "rb"), raw=False))
+    assert [r["reason"] for r in recs] == ["not_a_map", reason]
+    assert recs[0]["message"] == bad_middle and recs[1]["message"] == tail
+    assert "reading stopped" in recs[1]["detail"]
+
+
+def test_rejected_output_quarantine(tmp_path):
+    rng = np.random.default_rng(9)
+    d = random_digits(rng, "array30", 6, max_digits=40)
+    good = rawdata.encode_events("array30", 4, 5, np.arange(6), **d)
+    bad = [
+        pack(env(exp=4, run=5, evt=100, crc32=1)),                      # crc_mismatch, ids known
+        pack(env(exp=4, run=5, evt=101, ecl=words(block(1, 1), 0x11000000))),  # payload: bad_shaper_marker
+        pack(env(exp=4, run=5, evt=-3)),                                # out_of_range: evt unknown
+        b"\xc1",                       # not_msgpack, no ids: cannot be framed, so last in the file
+    ]
+    msgs = good[:3] + bad[:3] + good[3:] + bad[3:]
+    f = tmp_path / "in.msgpack"
+    rawdata.write_raw_file(f, msgs)
+    q = tmp_path / "rejected.msgpack"
+    path = eclreco.create_path()
+    path.add_module(_file_source(f))
+    path.add_module("ECLUnpacker")
+    path.add_module("RejectedOutput", filename=str(q))
+    eclreco.process(path, batch_size=4, install_signal_handlers=False)
+    s = eclreco.statistics.summary()
+    assert s["received"] == 10 and s["processed"] == 6 and s["rejected"] == 4
+    recs = list(msgpack.Unpacker(open(q, "rb"), raw=False))
+    assert [r["reason"] for r in recs] == ["crc_mismatch", "bad_shaper_marker", "out_of_range", "not_msgpack"]
+    assert all(r["detail"] for r in recs)
+    assert [r["message"] for r in recs] == bad
+    assert (recs[0]["exp"], recs[0]["run"], recs[0]["evt"]) == (4, 5, 100)
+    assert recs[1]["evt"] == 101
+    assert recs[2]["exp"] == 4 and "evt" not in recs[2]
+    assert "exp" not in recs[3] and "evt" not in recs[3]
+
+
+def test_append_envelopes_accepts_buffers_and_extends():
+    b = eclreco.EventBatch(0)
+    _core.append_envelopes(b, [VALID, bytearray(VALID), memoryview(pack(env(evt=9)))])
+    _core.append_envelopes(b, [b"\xc1"])
+    assert len(b) == 4 and list(b.evt) == [3, 3, 9, 0]
+    assert b.rejections() == {3: ("not_msgpack", b.rejections()[3][1])}
+    raw = b["RawEnvelopes"]
+    assert bytes(raw["bytes"][raw.offsets[2]:raw.offsets[3]]) == pack(env(evt=9))
+    ref = b["RawPayloadRef"]
+    assert list(ref.offsets) == [0, 1, 2, 3, 4] and list(ref["size"]) == [16, 16, 16, 0]
+    with pytest.raises(TypeError):
+        _core.append_envelopes(b, [123])
+
+
+def test_daq_emulator_delivers_everything(tmp_path):
+    zmq = pytest.importorskip("zmq")
+    from eclreco import daq
+
+    msgs = rawdata.encode_events("array30", 0, 1, np.arange(200), **random_digits(np.random.default_rng(1), "array30",
+                                                                                  200, max_digits=30))
+    f = tmp_path / "daq.msgpack"
+    rawdata.write_raw_file(f, msgs)
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    import argparse
+    parser = argparse.ArgumentParser()
+    daq.add_daq_emulator_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["daq-emulator", "--input", str(f), "--connect", f"tcp://127.0.0.1:{port}",
+                              "--rate", "20000"])
+    t = threading.Thread(target=args.func, args=(args,))
+    t.start()
+    got = []
+    poller = zmq.Poller()
+    poller.register(pull, zmq.POLLIN)
+    while len(got) < len(msgs) and poller.poll(5000):
+        got.append(pull.recv())
+    t.join(10)
+    assert got == msgs
+    # a looped, counted run at full speed
+    res = {}
+    t = threading.Thread(target=lambda: res.update(daq.emulate(msgs, f"tcp://127.0.0.1:{port}", events=450, loop=True)))
+    t.start()
+    n = 0
+    while n < 450 and poller.poll(5000):
+        pull.recv()
+        n += 1
+    t.join(10)
+    assert n == 450 and res["sent"] == 450
+    pull.close(0)
+    ctx.term()

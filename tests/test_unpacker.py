@@ -1,0 +1,243 @@
+"""ECLUnpacker and the payload rules of spec/wire-format.md: round trip through a real path,
+one test per payload rejection reason, conditions (gain / t0)."""
+import json
+
+import msgpack
+import numpy as np
+import pytest
+
+import eclreco
+from eclreco import rawdata
+from _raw_helpers import MessageSource, block, hit, random_digits, run_path, shaper, words
+
+
+def envelope(payload, evt=0, det="belle2-ecl", exp=1, run=2, **extra):
+    env = {"v": 1, "exp": exp, "run": run, "evt": evt, "det": det, "ecl": payload}
+    env.update(extra)
+    return msgpack.packb(env, use_bin_type=True)
+
+
+def expected_events(detector, d, gain=None, t0=None):
+    """Per event: the digits sorted by cell, with the reference calibration."""
+    out = []
+    off = d["offsets"]
+    for i in range(len(off) - 1):
+        s = slice(off[i], off[i + 1])
+        order = np.argsort(d["cell"][s], kind="stable")
+        cell = d["cell"][s][order]
+        amp = d["amplitude"][s][order]
+        ticks = d["time_ticks"][s][order]
+        energy, time = rawdata.calibrate(cell, amp, ticks, gain, t0)
+        out.append({"cell": cell.astype(np.int32), "amplitude": amp.astype(np.int32),
+                    "quality": d["quality"][s][order].astype(np.uint8), "energy": energy, "time": time})
+    return out
+
+
+def assert_digits_equal(got, want):
+    assert set(got) == {"cell", "energy", "time", "quality", "amplitude"}
+    for k in want:
+        assert got[k].dtype == want[k].dtype, k
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+@pytest.mark.parametrize("detector", ["belle2-ecl", "array30"])
+def test_round_trip_through_path(detector):
+    rng = np.random.default_rng(42 if detector == "belle2-ecl" else 7)
+    n = 400
+    d = random_digits(rng, detector, n, max_digits=300 if detector == "belle2-ecl" else 120)
+    if detector == "belle2-ecl":  # one event with every crystal
+        d2 = random_digits(rng, detector, 1, max_digits=0)
+        all_cells = rng.permutation(8736) + 1
+        d2 = {"offsets": np.array([0, 8736]), "cell": all_cells,
+              "amplitude": rng.integers(25, 262015, 8736), "time_ticks": rng.integers(-2048, 2048, 8736),
+              "quality": rng.integers(0, 4, 8736)}
+        d = {k: (np.concatenate([d[k], d2[k][1:] + d[k][-1]]) if k == "offsets" else np.concatenate([d[k], d2[k]]))
+             for k in d}
+        n += 1
+    evt = np.arange(1000, 1000 + n)
+    msgs = rawdata.encode_events(detector, 3, 14, evt, time_ns=1_700_000_000_000_000_000 + evt, **d)
+    events, stats = run_path(MessageSource(msgs), batch_size=50)
+    assert stats["received"] == n and stats["processed"] == n and stats["rejected"] == 0
+    want = expected_events(detector, d)
+    assert [e["evt"] for e in events] == list(evt)
+    for e, w, t in zip(events, want, evt):
+        assert not e["rejected"]
+        assert (e["exp"], e["run"], e["detector"]) == (3, 14, rawdata.DETECTORS[detector])
+        assert e["time_ns"] == 1_700_000_000_000_000_000 + t
+        assert_digits_equal(e["digits"], w)
+
+
+def test_round_trip_threads_and_direct_unpack():
+    rng = np.random.default_rng(3)
+    d = random_digits(rng, "belle2-ecl", 200)
+    msgs = rawdata.encode_events("belle2-ecl", 0, 1, np.arange(200), **d)
+    want = expected_events("belle2-ecl", d)
+    events, stats = run_path(MessageSource(msgs), batch_size=16, threads=2)
+    assert stats["processed"] == 200
+    for e, w in zip(events, want):
+        assert_digits_equal(e["digits"], w)
+    # The same through the direct bindings.
+    for m, w in zip(msgs[:20], want):
+        env = rawdata.decode_envelope(m)
+        assert_digits_equal(rawdata.unpack_payload(env["ecl"], "belle2-ecl"), w)
+
+
+def test_out_of_order_blocks_and_shapers_come_out_sorted():
+    # collector 2 before collector 1, shaper 3 before shaper 1; cells: c2s1ch0 = 193, c1s3ch1 = 34, c1s1ch0 = 1
+    payload = words(block(2, 2), shaper(1, 0b1), hit(100),
+                    block(1, 4), shaper(3, 0b10), hit(200, 5, 1), shaper(1, 0b1), hit(300, -7, 3))
+    got = rawdata.unpack_payload(payload)
+    np.testing.assert_array_equal(got["cell"], [1, 34, 193])
+    np.testing.assert_array_equal(got["amplitude"], [300, 200, 100])
+    np.testing.assert_array_equal(got["quality"], [3, 1, 0])
+    np.testing.assert_array_equal(got["time"], np.float32(np.array([-7, 5, 0]) * 0.4913))
+
+
+def test_valid_corner_cases():
+    assert len(rawdata.unpack_payload(b"")["cell"]) == 0
+    got = rawdata.unpack_payload(words(block(1, 0), block(3, 1), shaper(12, 0)))  # empty block and shaper
+    assert len(got["cell"]) == 0
+    # amplitude field 0 -> -128, last cell of each detector
+    got = rawdata.unpack_payload(words(block(46, 2), shaper(6, 1 << 15), 0))
+    assert got["cell"].tolist() == [8736] and got["amplitude"].tolist() == [-128]
+    got = rawdata.unpack_payload(words(block(5, 2), shaper(9, 1 << 3), hit(30)), "array30")
+    assert got["cell"].tolist() == [900]
+
+
+BAD_PAYLOADS = {
+    "payload_not_words": (words(block(1, 2), shaper(1, 1), hit(50)) + b"\x00", "belle2-ecl"),
+    "bad_block_marker": (words(0xED010002, shaper(1, 1), hit(50)), "belle2-ecl"),
+    "bad_collector_id": (words(block(0, 2), shaper(1, 1), hit(50)), "belle2-ecl"),
+    "block_overrun": (words(block(1, 3), shaper(1, 1), hit(50)), "belle2-ecl"),
+    "duplicate_collector": (words(block(1, 2), shaper(1, 1), hit(50), block(1, 2), shaper(2, 1), hit(50)), "belle2-ecl"),
+    "bad_shaper_marker": (words(block(1, 3), shaper(1, 1), hit(50), hit(60)), "belle2-ecl"),  # a word left in the block
+    "bad_shaper_id": (words(block(1, 2), shaper(13, 1), hit(50)), "belle2-ecl"),
+    "duplicate_shaper": (words(block(1, 4), shaper(2, 1), hit(50), shaper(2, 2), hit(50)), "belle2-ecl"),
+    "missing_hit_words": (words(block(1, 2), shaper(1, 0b11), hit(50), block(2, 0)), "belle2-ecl"),
+    "unmapped_channel": (words(block(46, 2), shaper(7, 1), hit(50)), "belle2-ecl"),  # cellId 8737
+}
+BAD_PAYLOADS_EXTRA = {
+    "unmapped_channel_array30": ("unmapped_channel", words(block(5, 2), shaper(9, 1 << 4), hit(50)), "array30"),
+    "unmapped_collector_array30": ("unmapped_channel", words(block(6, 2), shaper(1, 1), hit(50)), "array30"),
+    "shaper_id_zero": ("bad_shaper_id", words(block(1, 2), shaper(0, 1), hit(50)), "belle2-ecl"),
+    "hits_cross_block_end": ("missing_hit_words", words(block(1, 2), shaper(1, 0b11), hit(50), hit(50)), "belle2-ecl"),
+}
+
+
+def _bad_cases():
+    cases = [(r, r, p, det) for r, (p, det) in BAD_PAYLOADS.items()]
+    cases += [(name, r, p, det) for name, (r, p, det) in BAD_PAYLOADS_EXTRA.items()]
+    return cases
+
+
+@pytest.mark.parametrize("name,reason,payload,det", _bad_cases(), ids=[c[0] for c in _bad_cases()])
+def test_payload_rejection(name, reason, payload, det):
+    with pytest.raises(rawdata.RawDataError) as e:
+        rawdata.unpack_payload(payload, det)
+    assert e.value.reason == reason
+    # Through a path: the valid events around the bad one are processed.
+    good = words(block(1, 3), shaper(1, 0b101), hit(40, 1, 0), hit(70, -1, 2))
+    msgs = [envelope(good, evt=1, det=det), envelope(payload, evt=2, det=det), envelope(good, evt=3, det=det)]
+    events, stats = run_path(MessageSource(msgs))
+    assert stats["received"] == 3 and stats["processed"] == 2 and stats["rejected"] == 1
+    assert stats["received"] == stats["processed"] + stats["rejected"]
+    assert stats["rejected_by_reason"] == {reason: 1}
+    assert [e["rejected"] for e in events] == [False, True, False]
+    assert events[1]["reason"] == reason and len(events[1]["digits"]["cell"]) == 0
+    for k in (0, 2):
+        assert events[k]["digits"]["cell"].tolist() == [1, 3]
+        assert events[k]["digits"]["amplitude"].tolist() == [40, 70]
+
+
+def test_all_payload_reasons_covered():
+    import re
+    src = open(__import__("os").path.join(__import__("os").path.dirname(__file__), "..", "cpp", "ecl",
+                                         "unpacker.cpp")).read()
+    codes = set(re.findall(r'fail\("([a-z_]+)"', src))
+    assert codes == set(BAD_PAYLOADS)
+
+
+def test_conditions_file(tmp_path):
+    rng = np.random.default_rng(11)
+    gain = rng.uniform(0.8, 1.2, 8736)
+    t0 = rng.uniform(-20, 20, 8736)
+    cond = tmp_path / "cond.json"
+    rawdata.write_conditions(cond, "belle2-ecl", gain=gain, t0=t0)
+    d = random_digits(rng, "belle2-ecl", 50)
+    msgs = rawdata.encode_events("belle2-ecl", 0, 1, np.arange(50), **d)
+    # array30 events in the same stream keep the default calibration
+    d30 = random_digits(rng, "array30", 10, max_digits=50)
+    msgs30 = rawdata.encode_events("array30", 0, 1, np.arange(50, 60), **d30)
+    events, stats = run_path(MessageSource(msgs + msgs30), conditions=str(cond))
+    assert stats["processed"] == 60
+    want = expected_events("belle2-ecl", d, gain, t0) + expected_events("array30", d30)
+    for e, w in zip(events, want):
+        assert_digits_equal(e["digits"], w)
+    # the defaults really differ from the calibrated values
+    assert not np.array_equal(events[5]["digits"]["energy"], expected_events("belle2-ecl", d)[5]["energy"])
+    # direct binding with the same gains
+    env = rawdata.decode_envelope(msgs[5])
+    assert_digits_equal(rawdata.unpack_payload(env["ecl"], "belle2-ecl", gain, t0), want[5])
+
+
+@pytest.mark.parametrize("content,match", [
+    ("{not json", "invalid JSON"),
+    ('{"gain": [1.0]}', "detector"),
+    ('{"detector": "cms", "gain": [1.0]}', "unknown detector"),
+    ('{"detector": "array30", "gain": [1.0, 2.0]}', "900 cells"),
+    ('{"detector": "array30", "gains": []}', "unknown key"),
+    ('{"detector": "array30", "t0": ' + json.dumps([0] * 899 + ["x"]) + '}', "not a finite number"),
+])
+def test_bad_conditions_file(tmp_path, content, match):
+    cond = tmp_path / "bad.json"
+    cond.write_text(content)
+    msgs = rawdata.encode_events("array30", 0, 1, [0], [0, 0], [], [], [], [])
+    with pytest.raises(Exception, match=match):
+        run_path(MessageSource(msgs), conditions=str(cond))
+
+
+def test_missing_conditions_file(tmp_path):
+    with pytest.raises(Exception, match="cannot open conditions"):
+        run_path(MessageSource([]), conditions=str(tmp_path / "nope.json"))
+
+
+def test_unpacker_without_raw_data_flags_module_error():
+    class Empty(eclreco.Module):
+        def __init__(self):
+            super().__init__()
+            self.done = False
+
+        def is_source(self):
+            return True
+
+        def next_batch(self, batch, max_events):
+            batch.resize(2)
+            return False
+
+    events, stats = run_path(Empty())
+    assert stats["errors"] == 2
+
+
+def test_mutated_payloads_never_crash():
+    """Light fuzzing: random word edits of valid payloads give digits (sorted, in range) or a known reason."""
+    rng = np.random.default_rng(123)
+    known = set(BAD_PAYLOADS)
+    for det, n_cells in (("belle2-ecl", 8736), ("array30", 900)):
+        d = random_digits(rng, det, 20, max_digits=40)
+        msgs = rawdata.encode_events(det, 0, 1, np.arange(20), **d)
+        payloads = [rawdata.decode_envelope(m)["ecl"] for m in msgs]
+        for _ in range(1500):
+            w = bytearray(payloads[rng.integers(len(payloads))])
+            for _ in range(rng.integers(1, 3)):
+                if len(w) >= 4 and rng.random() < 0.7:
+                    k = 4 * rng.integers(len(w) // 4)
+                    w[k + rng.integers(4)] ^= 1 << rng.integers(8)
+                else:
+                    w += bytes(rng.integers(0, 256, rng.choice([1, 4, 8])).astype(np.uint8))
+            try:
+                got = rawdata.unpack_payload(bytes(w), det)
+            except rawdata.RawDataError as e:
+                assert e.reason in known
+                continue
+            c = got["cell"]
+            assert np.all((c >= 1) & (c <= n_cells)) and np.all(np.diff(c) > 0)
