@@ -271,6 +271,8 @@ class Distributor:
                     if self.collector is not None and self.collector["ident"] == ident:
                         self.collector.update(last_seen=now, status=info)
                     else:
+                        if self.collector is not None:
+                            self.collector_replaced()
                         self.collector = {"ident": ident, "last_seen": now, "status": info, "run_ended": None}
                     self._send(self.ctl, ident, P.LOW, str(self.low_watermark()).encode())
                 else:
@@ -311,6 +313,21 @@ class Distributor:
                 self.request_terminate()
             else:
                 self._send(self.ctl, ident, P.ERR, b"unknown command " + cmd)
+
+    def collector_replaced(self):
+        """A new collector: results the old one never confirmed are produced again."""
+        back = []
+        for seq, e in self.events.items():
+            if e[2] is not None:
+                e[2] = None
+                back.append(seq)
+        for w in self.workers.values():
+            w.assigned.clear()
+        back.sort()
+        self.pending.extendleft(reversed(back))
+        self.c["redelivered"] += len(back)
+        print(f"[distributor] a new collector registered; {len(back)} unconfirmed events are processed again",
+              flush=True)
 
     def request_terminate(self):
         self.terminating = True
