@@ -1,6 +1,7 @@
 """The HLT farm as real processes: `eclreco hlt run` fed over ZeroMQ, read back with uproot."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,14 @@ import pytest
 import uproot
 
 import eclreco
-from hlt_helpers import free_address, push_events
+from hlt_helpers import envelope, free_address, push_events
+
+
+def scrape(port):
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
 
 pytestmark = pytest.mark.timeout(120)
 ECLRECO = [sys.executable, "-m", "eclreco.cli"]
@@ -113,6 +121,19 @@ def test_farm_exactly_once_stop_start_terminate(farm_factory, tmp_path):
     roles = sorted(p["role"] for p in st["processes"])
     assert roles == ["collector", "distributor", "supervisor", "worker", "worker"]
     assert all(isinstance(p["pid"], int) and p["state"] for p in st["processes"])
+    # Every role serves Prometheus metrics.
+    ports = {p["role"]: p["metrics_port"] for p in st["processes"] if p.get("metrics_port")}
+    assert set(ports) == {"distributor", "worker", "collector"}
+    dist = scrape(ports["distributor"])
+    assert "eclreco_hlt_workers_alive 2.0" in dist and f"eclreco_hlt_events_confirmed_total {float(n1)}" in dist
+    assert "eclreco_hlt_event_latency_seconds_bucket" in dist
+    coll = scrape(ports["collector"])
+    assert f"eclreco_events_processed_total {float(n1)}" in coll and 'role="collector"' in coll
+    promtool = shutil.which("promtool")
+    if promtool:
+        for text in (dist, coll, scrape(ports["worker"])):
+            r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
     reply = farm.command("stop")  # end of run: returns once the output is closed
     assert reply["state"] == "stopped" and reply["collector"]["events_written"] == n1
     evt, run = read_evt(farm.output)
@@ -171,16 +192,23 @@ def test_farm_sigterm_leaves_readable_output(farm_factory):
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_farm_100k_events_at_30khz(farm_factory):
-    farm = farm_factory(workers=2, extra=("--max-held", "50000"))
+def test_farm_100k_events_at_30khz(farm_factory, tmp_path):
+    """100k events replayed by `eclreco daq-emulator` at 30 kHz: exactly once, throughput, latency."""
+    from eclreco.rawdata import write_raw_file
+
     n, rate = 100_000, 30_000
+    raw = tmp_path / "run.msgpack"
+    write_raw_file(raw, (envelope(e) for e in range(n)))
+    farm = farm_factory(workers=2, extra=("--max-held", "50000"))
     t0 = time.monotonic()
-    push_events(farm.input, range(n), rate_hz=rate, timeout_s=240)
+    r = subprocess.run(ECLRECO + ["daq-emulator", "--input", str(raw), "--connect", farm.input, "--rate", str(rate)],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
     t_push = time.monotonic() - t0
     farm.wait_confirmed(n, timeout=240)
     t_all = time.monotonic() - t0
     d = farm.distributor()
-    print(f"\n100k events: pushed at {n / t_push:,.0f} Hz, all confirmed after {t_all:.1f} s "
+    print(f"\n100k events: replayed at {n / t_push:,.0f} Hz, all confirmed after {t_all:.1f} s "
           f"({n / t_all:,.0f} events/s end to end); distributor throughput {d['throughput_hz']:,.0f} Hz, "
           f"latency p50 {d['latency_p50_s'] * 1e3:.1f} ms, p99 {d['latency_p99_s'] * 1e3:.1f} ms")
     farm.command("stop", timeout=120)
@@ -189,3 +217,4 @@ def test_farm_100k_events_at_30khz(farm_factory):
     farm.command("terminate")
     rc, log = farm.wait_exit()
     assert rc == 0, log
+    print(log.strip().splitlines()[-1])

@@ -89,6 +89,16 @@ def test_metrics_plain_http_and_promtool(steering_job):
     assert sample(text, "eclreco_events_per_batch_sum") == 1500
     assert sample(text, "eclreco_events_in_flight") == 0
     assert "# TYPE eclreco_module_batch_seconds histogram" in text
+    # Malformed messages are counted by reason.
+    import zmq
+    sock = zmq.Context.instance().socket(zmq.PUSH)
+    sock.connect(address)
+    sock.send(b"\x81\xa1v\x01")  # a map without the required keys
+    sock.close(linger=5000)
+    wait_for(lambda: sample(scrape(port), "eclreco_events_rejected_total", '{reason="missing_key"}') == 1)
+    text = scrape(port)
+    assert sample(text, "eclreco_events_processed_total") == 1500
+    assert sample(text, "eclreco_events_received_total") == 1501
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (Debian package 'prometheus'); exposition not linted")
