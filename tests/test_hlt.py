@@ -190,6 +190,25 @@ def test_farm_sigterm_leaves_readable_output(farm_factory):
     assert np.sort(evt).tolist() == list(range(n)), log
 
 
+def test_farm_drop_when_busy_counts_every_drop(farm_factory):
+    farm = farm_factory(workers=2, extra=("--drop-when-busy", "--queue-size", "20", "--max-held", "40",
+                                          "--chunk", "16"))
+    n = 5000
+    push_events(farm.input, range(n))
+    t0 = time.monotonic()
+    while True:
+        d = farm.distributor()
+        if d["received"] + d["dropped"] == n and d["confirmed"] == d["received"]:
+            break
+        assert time.monotonic() - t0 < 60, (d, farm.logtext())
+        time.sleep(0.2)
+    farm.command("stop")
+    evt, _ = read_evt(farm.output)
+    # what was not dropped is in the output exactly once; every drop is counted
+    assert len(evt) == len(set(evt.tolist())) == d["received"] == n - d["dropped"]
+    print(f"\ndropped {d['dropped']} of {n} events pushed as fast as possible")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_farm_100k_events_at_30khz(farm_factory, tmp_path):

@@ -273,9 +273,13 @@ def default_steering() -> str | None:
     env = os.environ.get("ECLRECO_HLT_WORKER_STEERING")
     if env:
         return env
-    here = os.path.dirname(os.path.abspath(__file__))
-    for base in (os.getcwd(), os.path.join(here, "..", "..", ".."), os.path.join(here, "..", "..", "..", "..")):
-        cand = os.path.normpath(os.path.join(base, "steering", "hlt_worker.py"))
+    candidates = [os.getcwd()]
+    d = os.path.dirname(os.path.abspath(__file__))
+    while os.path.dirname(d) != d:  # every ancestor: finds the source tree of an in-tree .venv
+        candidates.append(d)
+        d = os.path.dirname(d)
+    for base in candidates:
+        cand = os.path.join(base, "steering", "hlt_worker.py")
         if os.path.exists(cand):
             return cand
     return None
