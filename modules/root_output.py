@@ -7,7 +7,7 @@ import numpy as np
 
 from eclreco import ERROR_REJECTED, Module
 
-# ECLClusters column -> branch (without the "cluster_" prefix uproot adds from the record name).
+# ECLClusters column -> branch name after the "cluster_" prefix.
 CLUSTER_BRANCHES = {
     "energy_raw": "energy_raw",
     "energy": "energy",
@@ -27,6 +27,7 @@ CLUSTER_BRANCHES = {
 class RootOutput(Module):
     """Writes events (metadata, digit counts, clusters) to a ROOT TTree `events` via uproot.
 
+    The DQM histograms of the run (eclreco.dqm.registry) are written under `dqm/` at end_run.
     Rejected events are not written (they go to the quarantine file). Branches whose data the
     chain does not produce are left out. Data are buffered and written in large baskets; the
     file is closed and valid at the end of the run, also after SIGINT/SIGTERM.
@@ -101,16 +102,25 @@ class RootOutput(Module):
             data["cluster"] = ak.zip(fields)
         n = len(data["evt"])
         if not self._tree_created:
-            self._file[self.param("tree")] = data
+            # Branches cluster_<column> with one counter ncluster (uproot's default would be cluster.<column>).
+            types = {k: (v.dtype if isinstance(v, np.ndarray) else v.type) for k, v in data.items()}
+            self._file.mktree(self.param("tree"), types, counter_name=lambda name: "n" + name,
+                              field_name=lambda outer, inner: f"{outer}_{inner}")
             self._tree_created = True
-        else:
-            self._file[self.param("tree")].extend(data)
+        self._file[self.param("tree")].extend(data)
         self.events_written += n
         self._parts.clear()
         self._buffered = 0
 
     def end_run(self, exp, run):
         self._flush()
+        self._write_dqm()
+
+    def _write_dqm(self):
+        from eclreco.dqm import registry
+
+        if self._file is not None and registry.histograms:
+            registry.write_root(self._file)
 
     def terminate(self):
         self._flush()

@@ -44,6 +44,7 @@ def test_root_output_valid_after_sigint(tmp_path):
         path = eclreco.create_path()
         path.add_module(CountingSource(10**9))
         path.add_module(Slow())
+        path.add_module("ECLDQM")
         path.add_module("RootOutput", filename={str(out)!r}, basket_events=500)
         print("started", flush=True)
         eclreco.process(path, batch_size=100)
@@ -60,4 +61,50 @@ def test_root_output_valid_after_sigint(tmp_path):
     with uproot.open(out) as f:
         n = f["events"].num_entries
         evt = f["events"]["evt"].array(library="np")
+        dqm_entries = f["dqm/digits_per_event"].to_numpy()[0].sum()
     assert n > 0 and evt.tolist() == list(range(n))
+    assert dqm_entries == n  # DQM histograms written at the end of the interrupted run
+
+
+class ClusterSource(eclreco.Module):
+    """events with 0..3 clusters"""
+
+    def is_source(self):
+        return True
+
+    def next_batch(self, batch, max_events):
+        n = 50
+        batch.resize(n)
+        batch.evt[:] = np.arange(n)
+        counts = np.arange(n) % 4
+        off = np.concatenate([[0], np.cumsum(counts)])
+        rows = off[-1]
+        cols = {c: np.arange(rows, dtype=np.float32) for c in
+                ("energy_raw", "energy", "theta", "phi", "x", "y", "z", "time", "e1e9", "e9e21")}
+        cols["n_crystals"] = np.full(rows, 9, np.int32)
+        cols["seed_cell"] = np.arange(rows, dtype=np.int32) + 1
+        batch.add_collection("ECLClusters", off, cols)
+        batch.reject(3, "test_reason", "rejected on purpose")
+        return False
+
+
+def test_cluster_branches(tmp_path):
+    out = tmp_path / "c.root"
+    path = eclreco.create_path()
+    path.add_module(ClusterSource())
+    path.add_module("RootOutput", filename=str(out))
+    eclreco.process(path)
+    with uproot.open(out) as f:
+        t = f["events"]
+        expected = {"cluster_energy_raw", "cluster_energy", "cluster_theta", "cluster_phi", "cluster_x",
+                    "cluster_y", "cluster_z", "cluster_time", "cluster_n_crystals", "cluster_seed_cell",
+                    "cluster_e1e9", "cluster_e9e21", "ncluster"}
+        assert expected <= set(t.keys())
+        assert t.num_entries == 49  # the rejected event is not written
+        evt = t["evt"].array(library="np")
+        assert 3 not in evt
+        n = t["ncluster"].array(library="np")
+        assert n.tolist() == [e % 4 for e in evt]
+        seeds = t["cluster_seed_cell"].array()
+        # event 5 has 1 cluster: rows 0+1+2+3(rejected event)+0 -> row index 6, seed 7
+        assert seeds[list(evt).index(5)].tolist() == [7]

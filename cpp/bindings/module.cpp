@@ -6,4 +6,5 @@ PYBIND11_MODULE(_core, m) {
   register_batch(m);
   register_framework(m);
   register_rawdata(m);
+  register_clustering(m);
 }

@@ -1,0 +1,148 @@
+// The clustering algorithm (cpp/ecl/clustering.hpp) on plain numpy arrays, for tests and
+// benchmarks: _core.find_clusters(detector, offsets, cell, energy, time, quality, **params).
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <string>
+
+#include "ecl/clustering.hpp"
+#include "ecl/leakage.hpp"
+#include "register.hpp"
+
+namespace {
+
+template <class T>
+using carray = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+template <class T>
+py::array_t<T> to_numpy(const std::vector<T>& v, std::vector<py::ssize_t> shape) {
+  py::array_t<T> a(shape);
+  if (!v.empty()) std::memcpy(a.mutable_data(), v.data(), v.size() * sizeof(T));
+  return a;
+}
+
+ecl::ClusterParams params_from(const py::kwargs& kw) {
+  ecl::ClusterParams p;
+  for (auto item : kw) {
+    const std::string k = py::str(item.first);
+    auto h = item.second;
+    if (k == "seed_energy_gev") p.seed_energy_gev = h.cast<double>();
+    else if (k == "growth_energy_gev") p.growth_energy_gev = h.cast<double>();
+    else if (k == "digit_energy_gev") p.digit_energy_gev = h.cast<double>();
+    else if (k == "lm_energy_gev") p.lm_energy_gev = h.cast<double>();
+    else if (k == "time_cut_ns") p.time_cut_ns = h.cast<double>();
+    else if (k == "background_level") p.background_level = h.cast<double>();
+    else if (k == "sharing_a") p.sharing_a = h.cast<double>();
+    else if (k == "moliere_radius_cm") p.moliere_radius_cm = h.cast<double>();
+    else if (k == "log_weight_w0") p.log_weight_w0 = h.cast<double>();
+    else if (k == "convergence_cm") p.convergence_cm = h.cast<double>();
+    else if (k == "max_iterations") p.max_iterations = h.cast<int>();
+    else if (k == "lat_r0_cm") p.lat_r0_cm = h.cast<double>();
+    else if (k == "image_size") p.image_size = h.cast<int>();
+    else throw py::type_error("find_clusters: unknown parameter '" + k + "'");
+  }
+  try {
+    p.validate();
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(e.what());
+  }
+  return p;
+}
+
+}  // namespace
+
+void register_clustering(py::module_& m) {
+  m.def(
+      "leakage_correct",
+      [](const std::string& table, carray<float> energy_raw, carray<int32_t> ring, carray<float> local_u,
+         carray<float> local_v) {
+        ecl::LeakageTable t;
+        try {
+          t = ecl::LeakageTable::load(table);
+        } catch (const std::runtime_error& e) {
+          throw py::value_error(e.what());
+        }
+        const py::ssize_t n = energy_raw.shape(0);
+        if (ring.shape(0) != n || local_u.shape(0) != n || local_v.shape(0) != n)
+          throw py::value_error("arrays of different lengths");
+        py::array_t<float> out(n);
+        float* o = out.mutable_data();
+        for (py::ssize_t i = 0; i < n; ++i)
+          o[i] = static_cast<float>(t.correct(energy_raw.at(i), ring.at(i), local_u.at(i), local_v.at(i)));
+        return out;
+      },
+      py::arg("table"), py::arg("energy_raw"), py::arg("ring"), py::arg("local_u"), py::arg("local_v"),
+      "corrected energies with the C++ leakage table reader/interpolation (cpp/ecl/leakage.hpp)");
+
+  m.def("cluster_feature_names", [] {
+    std::vector<std::string> names;
+    for (int k = 0; k < ecl::kNumFeatures; ++k) names.emplace_back(ecl::cluster_feature_names()[k]);
+    return names;
+  }, "names of the columns of ECLClusters.features");
+
+  m.def(
+      "find_clusters",
+      [](py::object detector, carray<int64_t> offsets, carray<int32_t> cell, carray<float> energy,
+         carray<float> time, carray<uint8_t> quality, py::object skip, int repeat,
+         const py::kwargs& kw) {
+        const ecl::ClusterParams p = params_from(kw);
+        if (offsets.ndim() != 1 || offsets.shape(0) < 1) throw py::value_error("offsets must be 1-d with n_events + 1 entries");
+        const size_t n_events = static_cast<size_t>(offsets.shape(0) - 1);
+        const int64_t n_digits = offsets.at(n_events);
+        for (auto* a : {static_cast<py::array*>(&cell), static_cast<py::array*>(&energy),
+                        static_cast<py::array*>(&time), static_cast<py::array*>(&quality)})
+          if (a->ndim() != 1 || a->shape(0) < n_digits) throw py::value_error("digit arrays shorter than offsets[-1]");
+        const int64_t* off = offsets.data();
+        for (size_t i = 0; i < n_events; ++i)
+          if (off[i + 1] < off[i] || off[i] < 0) throw py::value_error("offsets must be non-decreasing");
+        // Detector: a name / number for all events, or a per-event uint8 array.
+        std::vector<uint8_t> det(n_events, 0);
+        if (py::isinstance<py::str>(detector)) {
+          auto d = ecl::detector_from_name(detector.cast<std::string>());
+          if (!d) throw py::value_error("unknown detector (belle2-ecl or array30)");
+          std::fill(det.begin(), det.end(), static_cast<uint8_t>(*d));
+        } else if (py::isinstance<py::int_>(detector)) {
+          std::fill(det.begin(), det.end(), detector.cast<uint8_t>());
+        } else {
+          auto a = carray<uint8_t>::ensure(detector);
+          if (!a || a.ndim() != 1 || static_cast<size_t>(a.shape(0)) != n_events)
+            throw py::value_error("detector array must have one entry per event");
+          std::memcpy(det.data(), a.data(), n_events);
+        }
+        std::vector<uint8_t> sk;
+        if (!skip.is_none()) {
+          auto a = carray<uint8_t>::ensure(skip);
+          if (!a || a.ndim() != 1 || static_cast<size_t>(a.shape(0)) != n_events)
+            throw py::value_error("skip must have one entry per event");
+          sk.assign(a.data(), a.data() + n_events);
+        }
+        ecl::Clusterer clusterer(p);
+        ecl::ClusterOutput out;
+        {
+          py::gil_scoped_release release;
+          for (int r = 0; r < std::max(1, repeat); ++r)
+            clusterer.run(n_events, off, cell.data(), energy.data(), time.data(), quality.data(), det.data(),
+                          sk.empty() ? nullptr : sk.data(), out);
+        }
+        const auto nc = static_cast<py::ssize_t>(out.size());
+        const py::ssize_t N = p.image_size;
+        py::dict d;
+        d["offsets"] = to_numpy(out.offsets, {static_cast<py::ssize_t>(out.offsets.size())});
+#define F1(name) d[#name] = to_numpy(out.name, {nc});
+        F1(energy_raw) F1(theta) F1(phi) F1(x) F1(y) F1(z) F1(time) F1(e1e9) F1(e9e21)
+        F1(second_moment) F1(lat) F1(local_u) F1(local_v) F1(weight_sum) F1(n_crystals)
+        F1(seed_cell) F1(ring) F1(n_maxima) F1(region_index)
+#undef F1
+        d["image"] = to_numpy(out.image, {nc, N, N});
+        d["features"] = to_numpy(out.features, {nc, static_cast<py::ssize_t>(ecl::kNumFeatures)});
+        return d;
+      },
+      py::arg("detector"), py::arg("offsets"), py::arg("cell"), py::arg("energy"), py::arg("time"),
+      py::arg("quality"), py::arg("skip") = py::none(), py::arg("repeat") = 1,
+      "Cluster a batch of digits (cpp/ecl/clustering.hpp). detector: 'belle2-ecl' / 'array30' / "
+      "0 / 1 or a per-event uint8 array; skip: per-event flags of events to leave out; keyword "
+      "parameters as the ECLClusterizer module's (seed_energy_gev, ..., image_size). repeat runs "
+      "the clustering that many times (benchmarks). Returns a dict of numpy arrays, one entry per "
+      "cluster, and 'offsets' (per event).");
+}

@@ -1,0 +1,98 @@
+// ECLLeakageCorrection: the classical energy correction (cpp/ecl/leakage.hpp) of ECLClusters:
+// energy = energy_raw / R(ln energy_raw, position), R from a table built from simulation.
+#include <dlfcn.h>
+
+#include <atomic>
+#include <cstdio>
+#include <stdexcept>
+#include <string>
+
+#include "ecl/geometry.hpp"
+#include "ecl/leakage.hpp"
+#include "framework/registry.hpp"
+
+namespace {
+
+// Directory of the shared object holding this code (site-packages/eclreco/ when installed).
+std::string own_directory() {
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void*>(&own_directory), &info) == 0 || !info.dli_fname) return ".";
+  std::string p = info.dli_fname;
+  const auto slash = p.rfind('/');
+  return slash == std::string::npos ? "." : p.substr(0, slash);
+}
+
+class ECLLeakageCorrection : public fw::Module {
+ public:
+  ECLLeakageCorrection() {
+    params().add("table", &table_, std::string(),
+                 "leakage table (.npz from eclreco.leakage.build_leakage_table); empty: the package's "
+                 "data/leakage_<detector>.npz for each event's detector");
+    params().add("collection", &collection_, std::string("ECLClusters"),
+                 "cluster collection: reads energy_raw, ring, local_u, local_v, overwrites energy");
+  }
+
+  void initialize() override {
+    for (auto& t : tables_) t = ecl::LeakageTable();
+    if (!table_.empty()) {
+      auto t = ecl::LeakageTable::load(table_);
+      tables_[t.detector_code() == 1 ? 1 : 0] = std::move(t);
+      explicit_ = true;
+    } else {
+      explicit_ = false;
+      const std::string dir = own_directory() + "/data/";
+      for (int d = 0; d < 2; ++d) {
+        const std::string path = dir + "leakage_" + ecl::detector_name(static_cast<ecl::Detector>(d)) + ".npz";
+        if (std::FILE* f = std::fopen(path.c_str(), "rb")) {
+          std::fclose(f);
+          tables_[d] = ecl::LeakageTable::load(path);
+        }
+      }
+    }
+  }
+
+  void event(fw::EventBatch& batch) override {
+    if (!batch.has(collection_)) {
+      for (size_t i = 0; i < batch.size(); ++i)
+        if (!batch.is_rejected(i)) throw std::runtime_error("ECLLeakageCorrection: no collection '" + collection_ + "'");
+      return;
+    }
+    fw::Collection& c = batch.get(collection_);
+    const int64_t* off = c.offsets();
+    const float* e_raw = c.column("energy_raw").data<float>();
+    const int32_t* ring = c.column("ring").data<int32_t>();
+    const float* u = c.column("local_u").data<float>();
+    const float* v = c.column("local_v").data<float>();
+    float* e = c.column("energy").data<float>();
+    const uint8_t* det = batch.detector();
+    uint64_t n = 0;
+    for (size_t i = 0; i < batch.size(); ++i) {
+      if (off[i + 1] == off[i]) continue;
+      const int d = det[i] == 1 ? 1 : 0;
+      const ecl::LeakageTable& t = tables_[d];
+      if (t.empty())
+        throw std::runtime_error(std::string("ECLLeakageCorrection: no leakage table for detector ") +
+                                 ecl::detector_name(static_cast<ecl::Detector>(d)) +
+                                 (explicit_ ? " (the 'table' parameter holds another detector's table)" : ""));
+      for (int64_t k = off[i]; k < off[i + 1]; ++k)
+        e[k] = static_cast<float>(t.correct(e_raw[k], ring[k], u[k], v[k]));
+      n += off[i + 1] - off[i];
+    }
+    corrected_ += n;
+  }
+
+  std::map<std::string, double> counters() const override {
+    return {{"clusters_corrected", static_cast<double>(corrected_.load())}};
+  }
+
+ private:
+  std::string table_, collection_;
+  bool explicit_ = false;
+  ecl::LeakageTable tables_[2];
+  std::atomic<uint64_t> corrected_{0};
+};
+
+}  // namespace
+
+ECLRECO_REGISTER_MODULE(ECLLeakageCorrection, "ECLLeakageCorrection",
+                        "classical leakage correction of ECLClusters.energy from a response table (ln E_raw x position)")

@@ -1,0 +1,341 @@
+"""`eclreco bench`: events/second of the reconstruction chain, where the time goes, how it scales.
+
+All measurements of one invocation run on the same machine in the same process, so ratios are
+comparable even on a noisy machine; absolute rates are medians of --repeat runs (min and max
+alongside). Inputs are generated belle2-ecl `generic` events (fast simulation + electronics +
+beam background) written to a raw file first, so that the timed chain starts from raw bytes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics as st
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+DEFAULT_BATCH = 256
+
+
+def _peak_rss_mb() -> float:
+    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return self_kb / 1024.0
+
+
+def make_raw_file(path: str, events: int, background: float, seed: int = 7) -> dict:
+    from eclreco.rawdata import encode_events, write_raw_file
+    from eclreco.sim import simulate
+
+    messages, digits = [], 0
+    for start in range(0, events, 2000):
+        n = min(2000, events - start)
+        ev = simulate(detector="belle2-ecl", n_events=n, particle="generic", background=background,
+                      seed=seed * 1_000_003 + start)
+        messages += encode_events("belle2-ecl", 0, 1, np.arange(start, start + n), ev.offsets, ev.cell,
+                                  ev.amplitude, ev.time_ticks, ev.quality, truth=ev.truth)
+        digits += ev.cell.size
+    nbytes = write_raw_file(path, messages)
+    return {"events": events, "digits_per_event": digits / events, "bytes_per_event": nbytes / events}
+
+
+def run_chain(raw: str, out_root: str, threads: int, batch_size: int, max_events: int = 0,
+              cnn: bool = True, dqm: bool = True, extra=None):
+    """One timed run of the full chain; returns (events/s, statistics summary, path modules)."""
+    import eclreco
+    from eclreco.reconstruction import add_reconstruction
+
+    path = eclreco.create_path()
+    path.add_module("RawFileInput", filename=raw)
+    add_reconstruction(path, cnn=cnn)
+    if dqm:
+        path.add_module("ECLDQM")
+    for m in extra or []:
+        path.add_module(m)
+    path.add_module("RootOutput", filename=out_root)
+    t0 = time.perf_counter()
+    eclreco.process(path, threads=threads, batch_size=batch_size, max_events=max_events)
+    dt = time.perf_counter() - t0
+    summary = eclreco.statistics.summary()
+    return summary["received"] / dt, summary, path.modules
+
+
+def repeat_chain(raw, out_root, threads, batch_size, repeat, max_events=0, **kw):
+    rates, last = [], None
+    for _ in range(repeat):
+        rate, summary, modules = run_chain(raw, out_root, threads, batch_size, max_events, **kw)
+        rates.append(rate)
+        last = (summary, modules)
+    return {"median": st.median(rates), "min": min(rates), "max": max(rates), "runs": rates}, last
+
+
+def stage_us_per_event(summary: dict) -> dict:
+    return {m["name"]: m["seconds"] / m["events"] * 1e6 for m in summary["modules"] if m["events"]}
+
+
+def cnn_measurements(raw: str, tmp: str, repeat: int, max_events: int) -> dict:
+    """CNN stage in the chain vs onnxruntime alone on the same inputs, and batched vs unbatched."""
+    import eclreco
+    from eclreco.modules.ecl_energy_correction import load_session, shipped_model
+
+    class CollectInputs(eclreco.Module):
+        """keeps the CNN inputs of every batch, as ECLEnergyCorrection forms them"""
+
+        def __init__(self):
+            super().__init__()
+            self.batches = []
+
+        def event(self, batch):
+            cl = batch["ECLClusters"]
+            sel = np.flatnonzero(cl["energy_raw"] >= 0.03)
+            self.batches.append((np.ascontiguousarray(cl["image"][sel], np.float32),
+                                 np.ascontiguousarray(cl["features"][sel], np.float32)))
+
+    def module_rate(batch_size, n_events):
+        path = eclreco.create_path()
+        path.add_module("RawFileInput", filename=raw)
+        path.add_module("ECLUnpacker")
+        path.add_module("ECLClusterizer")
+        cnn = path.add_module("ECLEnergyCorrection", detector="belle2-ecl")
+        eclreco.process(path, threads=1, batch_size=batch_size, max_events=n_events)
+        mod = [m for m in eclreco.statistics.summary()["modules"] if m["name"] == "ECLEnergyCorrection"][0]
+        return cnn.counters()["clusters_corrected"] / mod["seconds"]
+
+    in_chain = st.median(module_rate(DEFAULT_BATCH, max_events) for _ in range(repeat))
+    unbatched = module_rate(1, min(max_events, 2000))
+
+    path = eclreco.create_path()
+    path.add_module("RawFileInput", filename=raw)
+    path.add_module("ECLUnpacker")
+    path.add_module("ECLClusterizer")
+    col = path.add_module(CollectInputs())
+    eclreco.process(path, threads=1, batch_size=DEFAULT_BATCH, max_events=max_events)
+    sess, _ = load_session(shipped_model("belle2-ecl"), threads=1)
+    n = sum(b[0].shape[0] for b in col.batches)
+    rates = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        for image, features in col.batches:
+            if image.shape[0]:
+                sess.run(["energy"], {"image": image, "features": features})
+        rates.append(n / (time.perf_counter() - t0))
+    ort_alone = st.median(rates)
+    return {"cnn_clusters_per_s_in_chain": in_chain, "ort_alone_clusters_per_s": ort_alone,
+            "cnn_vs_ort_ratio": in_chain / ort_alone, "cnn_clusters_per_s_batch1": unbatched,
+            "batched_vs_unbatched_ratio": in_chain / unbatched,
+            "cnn_clusters_per_event": n / max_events}
+
+
+def zmq_input_measurement(raw: str, n_events: int) -> dict:
+    """ZMQInput (into a batch, envelopes decoded) vs a bare pyzmq + msgpack receive loop."""
+    import subprocess
+
+    import msgpack
+    import zmq
+
+    import eclreco
+    from eclreco.rawdata import read_raw_file
+
+    messages = read_raw_file(raw)[:n_events]
+    n = len(messages)
+
+    def sender(port):
+        code = ("import sys, zmq\nfrom eclreco.rawdata import read_raw_file\n"
+                f"m = read_raw_file({raw!r})[:{n}]\n"
+                "s = zmq.Context().socket(zmq.PUSH); s.setsockopt(zmq.SNDHWM, 100000)\n"
+                f"s.connect('tcp://127.0.0.1:{port}')\n"
+                "for x in m: s.send(x)\n"
+                "s.close(linger=-1)\n")
+        return subprocess.Popen([sys.executable, "-c", code])
+
+    # Bare loop.
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.PULL)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    p = sender(port)
+    first = sock.recv()
+    t0 = time.perf_counter()
+    msgpack.unpackb(first)
+    for _ in range(n - 1):
+        msgpack.unpackb(sock.recv())
+    bare = (n - 1) / (time.perf_counter() - t0)
+    p.wait()
+    sock.close()
+
+    # ZMQInput in a path (the C++ envelope decoding included, nothing downstream).
+    sock = ctx.socket(zmq.PULL)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    sock.close()
+    path = eclreco.create_path()
+    path.add_module("ZMQInput", address=f"tcp://127.0.0.1:{port}", idle_timeout_s=1.0)
+    path.add_module("NoOp")
+    p = sender(port)
+    eclreco.process(path, batch_size=DEFAULT_BATCH, max_events=n)
+    p.wait()
+    mod = eclreco.statistics.summary()["modules"][0]
+    # The input's own time per event, excluding the wait for the first message.
+    zmq_input = mod["events"] / mod["seconds"] if mod["seconds"] > 0 else 0.0
+    return {"zmq_input_events_per_s": zmq_input, "bare_pyzmq_msgpack_events_per_s": bare,
+            "input_vs_zmq_ratio": zmq_input / bare, "zmq_events": n}
+
+
+def farm_measurement(raw: str, rate: float, seconds: float, workers: int = 2) -> dict:
+    from eclreco.hlt.run import benchmark_farm
+
+    return benchmark_farm(raw, rate=rate, seconds=seconds, workers=workers)
+
+
+def plot(results: dict, out_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    grid = results["grid"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for threads in sorted({g["threads"] for g in grid}):
+        rows = sorted((g for g in grid if g["threads"] == threads), key=lambda g: g["batch_size"])
+        ax.errorbar([g["batch_size"] for g in rows], [g["median"] for g in rows],
+                    yerr=[[g["median"] - g["min"] for g in rows], [g["max"] - g["median"] for g in rows]],
+                    marker="o", capsize=3, label=f"threads={threads}")
+    ax.axhline(30000, color="grey", ls="--", lw=1, label="30 kHz")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size [events]")
+    ax.set_ylabel("events/s (median)")
+    ax.set_title("eclreco end-to-end, belle2-ecl generic, bkg %.1f" % results["background"])
+    ax.legend()
+    fig.tight_layout()
+    f1 = os.path.join(out_dir, "bench_batch_size.png")
+    fig.savefig(f1, dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    stages = results["stage_us_per_event"]
+    ax.barh(list(stages), list(stages.values()))
+    ax.set_xlabel("µs per event (threads=1)")
+    ax.set_title("where the time goes")
+    fig.tight_layout()
+    f2 = os.path.join(out_dir, "bench_stages.png")
+    fig.savefig(f2, dpi=100)
+    plt.close(fig)
+    return [f1, f2]
+
+
+def run_benchmark(args) -> dict:
+    from tqdm import tqdm
+
+    steps = ["generate", "e2e", "grid", "stages", "cnn", "zmq", "farm", "plots"]
+    skip = set(args.skip or [])
+    res = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+           "background": args.background, "events": args.events, "repeat": args.repeat}
+    tmp = tempfile.mkdtemp(prefix="eclreco-bench-")
+    raw = os.path.join(tmp, "generic.msgpack")
+    out_root = os.path.join(tmp, "out.root")
+    bar = tqdm(steps, desc="bench", disable=args.json and not sys.stderr.isatty(), file=sys.stderr)
+    for step in bar:
+        bar.set_postfix_str(step)
+        if step in skip:
+            continue
+        if step == "generate":
+            res["input"] = make_raw_file(raw, args.events, args.background)
+        elif step == "e2e":
+            r, (summary, _) = repeat_chain(raw, out_root, 2, DEFAULT_BATCH, args.repeat)
+            res["e2e_events_per_s"] = r["median"]
+            res["e2e_events_per_s_min"], res["e2e_events_per_s_max"] = r["min"], r["max"]
+            r0, _ = repeat_chain(raw, out_root, 2, DEFAULT_BATCH, args.repeat, cnn=False)
+            res["e2e_no_cnn_events_per_s"] = r0["median"]
+            r1, _ = repeat_chain(raw, out_root, 2, DEFAULT_BATCH, args.repeat, dqm=False)
+            res["e2e_no_dqm_events_per_s"] = r1["median"]
+        elif step == "grid":
+            grid = []
+            for threads in (1, 2):
+                for bs in (1, 64, 256, 1024):
+                    n = min(args.events, 3000) if bs == 1 else 0
+                    r, _ = repeat_chain(raw, out_root, threads, bs, max(1, args.repeat // 2), max_events=n)
+                    grid.append({"threads": threads, "batch_size": bs, **{k: r[k] for k in ("median", "min", "max")}})
+            res["grid"] = grid
+        elif step == "stages":
+            _, (summary, _) = repeat_chain(raw, out_root, 1, DEFAULT_BATCH, 1)
+            res["stage_us_per_event"] = stage_us_per_event(summary)
+            res["framework_overhead_us_per_event"] = framework_overhead()
+        elif step == "cnn":
+            res.update(cnn_measurements(raw, tmp, args.repeat, min(args.events, 10000)))
+        elif step == "zmq":
+            res.update(zmq_input_measurement(raw, min(args.events, 20000)))
+        elif step == "farm":
+            res["farm"] = farm_measurement(raw, args.farm_rate, args.farm_seconds)
+        elif step == "plots" and "grid" in res and "stage_us_per_event" in res:
+            res["plots"] = plot(res, args.plots)
+    res["peak_rss_mb"] = _peak_rss_mb()
+    return res
+
+
+def framework_overhead() -> float:
+    """µs/event of the framework alone: EventInfoSetter -> 5 NoOp, batch 256, 1 thread."""
+    import eclreco
+
+    path = eclreco.create_path()
+    path.add_module("EventInfoSetter", events=1_000_000)
+    for _ in range(5):
+        path.add_module("NoOp")
+    t0 = time.perf_counter()
+    eclreco.process(path, batch_size=DEFAULT_BATCH)
+    return (time.perf_counter() - t0) / 1e6 * 1e6
+
+
+def print_table(res: dict) -> None:
+    def row(name, value, unit=""):
+        print(f"  {name:<38} {value:>14} {unit}")
+
+    print(f"eclreco bench: belle2-ecl generic events, background {res['background']}, "
+          f"{res['events']} events, {res['repeat']} repetitions, {res['machine']['cpus']} CPUs")
+    if "input" in res:
+        row("digits per event", f"{res['input']['digits_per_event']:.0f}")
+    if "e2e_events_per_s" in res:
+        row("e2e_events_per_s (threads=2, batch 256)", f"{res['e2e_events_per_s']:,.0f}",
+            f"(min {res['e2e_events_per_s_min']:,.0f}, max {res['e2e_events_per_s_max']:,.0f})")
+        row("  without CNN", f"{res['e2e_no_cnn_events_per_s']:,.0f}")
+        row("  without DQM", f"{res['e2e_no_dqm_events_per_s']:,.0f}")
+    for g in res.get("grid", []):
+        row(f"threads={g['threads']} batch={g['batch_size']}", f"{g['median']:,.0f}", "events/s")
+    for name, us in res.get("stage_us_per_event", {}).items():
+        row(f"stage {name}", f"{us:.2f}", "µs/event")
+    if "framework_overhead_us_per_event" in res:
+        row("framework overhead", f"{res['framework_overhead_us_per_event']:.3f}", "µs/event")
+    for key in ("cnn_clusters_per_event", "cnn_clusters_per_s_in_chain", "ort_alone_clusters_per_s",
+                "cnn_vs_ort_ratio", "cnn_clusters_per_s_batch1", "batched_vs_unbatched_ratio",
+                "zmq_input_events_per_s", "bare_pyzmq_msgpack_events_per_s", "input_vs_zmq_ratio"):
+        if key in res:
+            v = res[key]
+            row(key, f"{v:,.2f}" if v < 100 else f"{v:,.0f}")
+    if "farm" in res:
+        for k, v in res["farm"].items():
+            row(f"farm {k}", f"{v:,.2f}" if isinstance(v, float) else str(v))
+    row("peak RSS", f"{res['peak_rss_mb']:.0f}", "MB")
+    for p in res.get("plots", []):
+        print(f"  plot: {p}")
+
+
+def _run(args) -> int:
+    res = run_benchmark(args)
+    if args.json:
+        print(json.dumps(res, indent=1, default=float))
+    else:
+        print_table(res)
+    return 0
+
+
+def add_bench_parser(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="events/second benchmark of the reconstruction chain")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    p.add_argument("--events", type=int, default=20000, help="generated events")
+    p.add_argument("--background", type=float, default=1.0, help="beam-background level (0, 1, 2)")
+    p.add_argument("--repeat", type=int, default=5, help="repetitions per measurement (median)")
+    p.add_argument("--farm-rate", type=float, default=30000.0, help="offered rate for the farm, Hz")
+    p.add_argument("--farm-seconds", type=float, default=5.0, help="duration of the farm measurement")
+    p.add_argument("--plots", default="bench-plots", help="directory for the PNG plots")
+    p.add_argument("--skip", nargs="*", choices=["e2e", "grid", "stages", "cnn", "zmq", "farm", "plots"],
+                   help="measurements to leave out")
+    p.set_defaults(func=_run)

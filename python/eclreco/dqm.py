@@ -1,0 +1,174 @@
+"""DQM: per-run histograms, filled per batch with numpy, mergeable across processes, written by
+RootOutput into the `dqm` directory of the ROOT file, drawn by `eclreco dqm FILE.root -o DIR`."""
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+
+class Histogram1D:
+    """A fixed-binning histogram with under/overflow, filled with whole arrays at a time."""
+
+    def __init__(self, name: str, title: str, nbins: int, lo: float, hi: float, xlabel: str = ""):
+        self.name, self.title, self.xlabel = name, title, xlabel
+        self.edges = np.linspace(lo, hi, nbins + 1)
+        self.counts = np.zeros(nbins + 2, np.float64)  # [underflow, bins..., overflow]
+
+    def fill(self, values, weights=None) -> None:
+        values = np.asarray(values, np.float64)
+        if values.size == 0:
+            return
+        nb = self.edges.size - 1
+        lo, hi = self.edges[0], self.edges[-1]
+        idx = np.floor((values - lo) / (hi - lo) * nb).astype(np.int64) + 1
+        np.clip(idx, 0, nb + 1, out=idx)
+        self.counts += np.bincount(idx, weights=weights, minlength=nb + 2)
+
+    def add(self, other: "Histogram1D") -> None:
+        self.counts += other.counts
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "title": self.title, "xlabel": self.xlabel,
+                "edges": self.edges.tolist(), "counts": self.counts.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Histogram1D":
+        h = cls(d["name"], d["title"], len(d["edges"]) - 1, d["edges"][0], d["edges"][-1], d.get("xlabel", ""))
+        h.counts = np.asarray(d["counts"], np.float64)
+        return h
+
+    @property
+    def entries(self) -> float:
+        return float(self.counts.sum())
+
+
+class CategoryHistogram:
+    """Counts per label (e.g. rejections by reason)."""
+
+    def __init__(self, name: str, title: str):
+        self.name, self.title = name, title
+        self.counts: dict[str, float] = {}
+
+    def fill_counts(self, counts: dict) -> None:
+        for k, v in counts.items():
+            self.counts[k] = self.counts.get(k, 0.0) + v
+
+    def add(self, other: "CategoryHistogram") -> None:
+        self.fill_counts(other.counts)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "title": self.title, "labels": dict(self.counts)}
+
+    @property
+    def entries(self) -> float:
+        return float(sum(self.counts.values()))
+
+
+class DQMRegistry:
+    """The histograms of the current run in this process; modules fill, outputs write."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.histograms: dict[str, Histogram1D | CategoryHistogram] = {}
+
+    def book(self, hist):
+        with self.lock:
+            return self.histograms.setdefault(hist.name, hist)
+
+    def reset(self) -> None:
+        with self.lock:
+            for h in self.histograms.values():
+                if isinstance(h, Histogram1D):
+                    h.counts[:] = 0
+                else:
+                    h.counts.clear()
+
+    def to_dicts(self) -> list[dict]:
+        with self.lock:
+            return [h.to_dict() for h in self.histograms.values()]
+
+    def merge_dicts(self, dicts: list[dict]) -> None:
+        """Adds histograms received from another process (HLT workers -> collector)."""
+        with self.lock:
+            for d in dicts:
+                if "labels" in d:
+                    h = self.histograms.setdefault(d["name"], CategoryHistogram(d["name"], d["title"]))
+                    h.fill_counts(d["labels"])
+                elif d["name"] in self.histograms:
+                    self.histograms[d["name"]].add(Histogram1D.from_dict(d))
+                else:
+                    self.histograms[d["name"]] = Histogram1D.from_dict(d)
+
+    def write_root(self, root_file, directory: str = "dqm") -> None:
+        """Writes every histogram into an open uproot file: TH1D for binned ones, and a TH1D with
+        one labelled bin per category (labels stored in the title) for category counts."""
+        with self.lock:
+            for name, h in self.histograms.items():
+                if isinstance(h, Histogram1D):
+                    root_file[f"{directory}/{name}"] = (h.counts[1:-1].copy(), h.edges.copy())
+                else:
+                    labels = sorted(h.counts)
+                    counts = np.array([h.counts[k] for k in labels], np.float64)
+                    edges = np.arange(len(labels) + 1, dtype=np.float64)
+                    root_file[f"{directory}/{name}"] = (counts, edges)
+                    root_file[f"{directory}/{name}_labels"] = ";".join(labels)
+
+
+registry = DQMRegistry()
+
+
+def draw(root_path: str, out_dir: str) -> list[str]:
+    """PNG of every histogram in the file's dqm directory; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import uproot
+
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    with uproot.open(root_path) as f:
+        if "dqm" not in {k.split(";")[0] for k in f.keys(recursive=False)}:
+            raise ValueError(f"{root_path} has no dqm directory")
+        d = f["dqm"]
+        for key in sorted({k.split(";")[0] for k in d.keys(recursive=False)}):
+            obj = d[key]
+            if key.endswith("_labels") or not hasattr(obj, "to_numpy"):
+                continue
+            counts, edges = obj.to_numpy()
+            fig, ax = plt.subplots(figsize=(6, 4))
+            label_key = f"{key}_labels"
+            if label_key in {k.split(";")[0] for k in d.keys(recursive=False)}:
+                labels = str(d[label_key]).split(";") if str(d[label_key]) else []
+                ax.bar(range(len(counts)), counts)
+                ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
+            else:
+                ax.stairs(counts, edges, fill=True, alpha=0.6)
+            ax.set_title(obj.member("fTitle") or key)
+            ax.set_ylabel("entries")
+            fig.tight_layout()
+            out = os.path.join(out_dir, f"{key}.png")
+            fig.savefig(out, dpi=90)
+            plt.close(fig)
+            written.append(out)
+    return written
+
+
+def _run(args) -> int:
+    try:
+        files = draw(args.file, args.output)
+    except (OSError, ValueError) as err:
+        print(f"eclreco dqm: {err}")
+        return 1
+    for f in files:
+        print(f)
+    return 0
+
+
+def add_dqm_parser(subparsers) -> None:
+    p = subparsers.add_parser("dqm", help="draw the DQM histograms of a ROOT file as PNG")
+    p.add_argument("file", help="ROOT file written by RootOutput")
+    p.add_argument("-o", "--output", default="dqm", help="directory for the PNG files")
+    p.set_defaults(func=_run)

@@ -1,0 +1,369 @@
+"""ECL clustering: C++ vs NumPy reference, unit tests, the ECLClusterizer and
+ECLLeakageCorrection modules, and the containment of Geant4 array30 showers."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import eclreco
+from eclreco import _core
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "benchmarks"), str(Path(__file__).parent)]
+import numpy_clustering  # noqa: E402
+from toy_events import make_events, shower_cells  # noqa: E402
+
+DATA = Path(__file__).parent / "data"
+
+
+def digits(*events):
+    """events: lists of (cell, energy_gev[, time_ns[, quality]]) -> find_clusters arrays."""
+    offs, cell, en, tm, q = [0], [], [], [], []
+    for ev in events:
+        ev = sorted(ev)
+        for d in ev:
+            cell.append(d[0]); en.append(d[1])
+            tm.append(d[2] if len(d) > 2 else 0.0); q.append(d[3] if len(d) > 3 else 0)
+        offs.append(len(cell))
+    return dict(offsets=np.array(offs, np.int64), cell=np.array(cell, np.int32),
+                energy=np.array(en, np.float32), time=np.array(tm, np.float32), quality=np.array(q, np.uint8))
+
+
+def toy_shower(detector, cell_id, energy, rng=None, offset=(0.0, 0.0, 0.0)):
+    g = eclreco.Geometry.get(detector)
+    impact = np.array([g.front_x[cell_id - 1], g.front_y[cell_id - 1], g.front_z[cell_id - 1]]) + offset
+    cells, e = shower_cells(g, impact, energy, rng or np.random.default_rng(0))
+    keep = e >= 0.00125
+    return [(int(c), float(x)) for c, x in zip(cells[keep], e[keep])]
+
+
+# ---------------------------------------------------------------------------------------------
+# C++ and NumPy agree
+
+@pytest.mark.parametrize("detector,n_bkg", [("belle2-ecl", 250), ("array30", 15)])
+def test_cpp_matches_numpy(detector, n_bkg):
+    rng = np.random.default_rng(7)
+    ev = make_events(detector, 250, rng, n_showers=(1, 3), n_background=n_bkg, overlap=True)
+    a = _core.find_clusters(detector, **ev)
+    b = numpy_clustering.find_clusters(detector, **ev)
+    assert len(a["energy_raw"]) > 300
+    assert (a["n_maxima"] > 1).sum() > 20  # overlapping showers were split
+    np.testing.assert_array_equal(a["offsets"], b["offsets"])
+    for k in ("seed_cell", "ring", "n_maxima", "region_index"):
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    np.testing.assert_allclose(a["energy_raw"], b["energy_raw"], rtol=1e-4, atol=1e-6)
+    for k in ("x", "y", "z"):
+        np.testing.assert_allclose(a[k], b[k], atol=0.02, err_msg=k)
+    for k in ("theta", "phi", "local_u", "local_v"):
+        np.testing.assert_allclose(a[k], b[k], atol=2e-3, err_msg=k)
+    for k in ("e1e9", "e9e21", "lat", "weight_sum"):
+        np.testing.assert_allclose(a[k], b[k], atol=2e-3, err_msg=k)
+    np.testing.assert_allclose(a["second_moment"], b["second_moment"], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(a["time"], b["time"], atol=1e-4)
+    np.testing.assert_allclose(a["image"], b["image"], rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(a["features"], b["features"], rtol=1e-3, atol=2e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Unit tests
+
+def test_single_isolated_shower_one_cluster_full_energy():
+    sh = toy_shower("belle2-ecl", 4000, 1.0)
+    d = digits(sh)
+    out = _core.find_clusters("belle2-ecl", **d)
+    assert len(out["energy_raw"]) == 1
+    assert out["seed_cell"][0] == 4000
+    assert out["energy_raw"][0] == pytest.approx(d["energy"].astype(float).sum(), rel=1e-5)
+    assert out["energy_raw"][0] == out["features"][0, 4]
+    g = eclreco.Geometry.get("belle2-ecl")
+    assert out["theta"][0] == pytest.approx(g.cell_theta[3999], abs=0.01)
+    assert out["n_maxima"][0] == 1 and out["n_crystals"][0] == len(sh)
+
+
+def test_two_separated_showers_two_clusters():
+    g = eclreco.Geometry.get("belle2-ecl")
+    c1, c2 = g.cell_id(30, 10), g.cell_id(30, 40)
+    d = digits(toy_shower("belle2-ecl", c1, 0.5) + toy_shower("belle2-ecl", c2, 1.5))
+    out = _core.find_clusters("belle2-ecl", **d)
+    assert len(out["energy_raw"]) == 2
+    assert list(out["seed_cell"]) == [c2, c1]  # sorted by energy
+    assert out["energy_raw"][0] > out["energy_raw"][1]
+    assert set(out["region_index"]) == {0, 1}
+    assert out["energy_raw"].sum() == pytest.approx(d["energy"].astype(float).sum(), rel=1e-5)
+
+
+def test_merged_showers_split_energy_conserved():
+    g = eclreco.Geometry.get("belle2-ecl")
+    c1, c2 = g.cell_id(30, 10), g.cell_id(30, 13)
+    acc = {}
+    for c, e in toy_shower("belle2-ecl", c1, 1.0) + toy_shower("belle2-ecl", c2, 0.6):
+        acc[c] = acc.get(c, 0.0) + e
+    d = digits(list(acc.items()))
+    out = _core.find_clusters("belle2-ecl", **d)
+    assert len(out["energy_raw"]) == 2
+    assert list(out["n_maxima"]) == [2, 2]
+    assert list(out["region_index"]) == [0, 0]
+    assert set(out["seed_cell"]) == {c1, c2}
+    assert out["energy_raw"].sum() == pytest.approx(d["energy"].astype(float).sum(), rel=1e-5)
+    assert out["energy_raw"][0] == pytest.approx(1.0 * 0.95, rel=0.08)
+    assert out["energy_raw"][1] == pytest.approx(0.6 * 0.95, rel=0.12)
+    ref = numpy_clustering.find_clusters("belle2-ecl", **d)
+    np.testing.assert_allclose(out["energy_raw"], ref["energy_raw"], rtol=1e-4)
+
+
+def test_out_of_time_digits_do_not_seed():
+    # 50 MeV with a valid time 500 ns late: no cluster; same with an invalid time (quality 2): kept.
+    assert len(_core.find_clusters("belle2-ecl", **digits([(100, 0.05, 500.0, 0)]))["energy_raw"]) == 0
+    assert len(_core.find_clusters("belle2-ecl", **digits([(100, 0.05, -130.0, 0)]))["energy_raw"]) == 0
+    assert len(_core.find_clusters("belle2-ecl", **digits([(100, 0.05, 500.0, 2)]))["energy_raw"]) == 1
+    assert len(_core.find_clusters("belle2-ecl", **digits([(100, 0.05, 100.0, 0)]))["energy_raw"]) == 1
+    # the time cut can be disabled
+    assert len(_core.find_clusters("belle2-ecl", time_cut_ns=0.0, **digits([(100, 0.05, 500.0, 0)]))["energy_raw"]) == 1
+    # an out-of-time neighbour is attached (digit level) but does not make a maximum
+    g = eclreco.Geometry.get("belle2-ecl")
+    a, b = g.cell_id(30, 5), g.cell_id(30, 6)
+    out = _core.find_clusters("belle2-ecl", **digits([(a, 0.05, 0.0, 0), (b, 0.08, 900.0, 0)]))
+    assert list(out["seed_cell"]) == [a]
+    assert out["energy_raw"][0] == pytest.approx(0.13, rel=1e-6)
+
+
+def test_thresholds_and_background_level():
+    d = digits([(100, 0.012)])
+    assert len(_core.find_clusters("belle2-ecl", **d)["energy_raw"]) == 1
+    assert len(_core.find_clusters("belle2-ecl", background_level=1.0, **d)["energy_raw"]) == 0  # 10*sqrt(2) MeV
+    # digit-level crystals (0.5..1.5 MeV) are attached but do not grow the region
+    g = eclreco.Geometry.get("belle2-ecl")
+    s, n1, n2 = g.cell_id(30, 5), g.cell_id(30, 6), g.cell_id(30, 7)
+    out = _core.find_clusters("belle2-ecl", **digits([(s, 0.05), (n1, 0.001), (n2, 0.001)]))
+    assert out["energy_raw"][0] == pytest.approx(0.051, rel=1e-6)  # n2 is not attached
+    out = _core.find_clusters("belle2-ecl", **digits([(s, 0.05), (n1, 0.002), (n2, 0.001)]))
+    assert out["energy_raw"][0] == pytest.approx(0.053, rel=1e-6)  # n1 grows the region to n2
+    out = _core.find_clusters("belle2-ecl", **digits([(s, 0.05), (n1, 0.0004), (n2, 0.001)]))
+    assert out["energy_raw"][0] == pytest.approx(0.05, rel=1e-6)  # below the digit threshold
+    with pytest.raises(TypeError):
+        _core.find_clusters("belle2-ecl", seed_energy=1.0, **d)
+    with pytest.raises(ValueError):
+        _core.find_clusters("belle2-ecl", growth_energy_gev=0.1, **d)
+
+
+def test_single_crystal_shapes():
+    out = _core.find_clusters("belle2-ecl", **digits([(5000, 0.3)]))
+    assert out["e1e9"][0] == pytest.approx(1.0)
+    assert out["e9e21"][0] == pytest.approx(1.0)
+    assert out["second_moment"][0] == pytest.approx(0.0, abs=1e-6)
+    assert out["lat"][0] == 0.0
+    assert out["n_crystals"][0] == 1
+    assert abs(out["local_u"][0]) < 1e-4 and abs(out["local_v"][0]) < 1e-4
+    # a 3x3 deposit: e1e9 = E_seed / E_3x3
+    g = eclreco.Geometry.get("belle2-ecl")
+    cells = [g.cell_id(30 + dr, 20 + dp) for dr in (-1, 0, 1) for dp in (-1, 0, 1)]
+    ev = [(c, 0.5 if c == g.cell_id(30, 20) else 0.05) for c in cells]
+    out = _core.find_clusters("belle2-ecl", **digits(ev))
+    assert out["e1e9"][0] == pytest.approx(0.5 / 0.9, rel=1e-5)
+    assert 0 < out["lat"][0] < 1
+
+
+@pytest.mark.parametrize("detector", ["belle2-ecl", "array30"])
+def test_image_centred_on_seed(detector):
+    g = eclreco.Geometry.get(detector)
+    seed = g.cell_id(15, 15)
+    sh = toy_shower(detector, seed, 1.0)
+    out = _core.find_clusters(detector, image_size=7, **digits(sh))
+    img = out["image"][0]
+    assert img.shape == (7, 7)
+    assert img[3, 3] == pytest.approx(dict(sh)[seed], rel=1e-6)
+    assert np.unravel_index(np.argmax(img), img.shape) == (3, 3)
+    assert img.sum() <= out["energy_raw"][0] * (1 + 1e-6)
+    assert _core.find_clusters(detector, image_size=5, **digits(sh))["image"].shape == (1, 5, 5)
+
+
+def test_array30_edges():
+    g = eclreco.Geometry.get("array30")
+    corner = g.cell_id(0, 0)
+    ev = [(corner, 0.5), (g.cell_id(0, 1), 0.1), (g.cell_id(1, 0), 0.1), (g.cell_id(1, 1), 0.05)]
+    out = _core.find_clusters("array30", **digits(ev))
+    img = out["image"][0]
+    assert out["seed_cell"][0] == corner
+    assert np.all(img[:3, :] == 0) and np.all(img[:, :3] == 0)  # outside the array
+    assert img[3, 3] == pytest.approx(0.5) and img[3, 4] == pytest.approx(0.1) and img[4, 3] == pytest.approx(0.1)
+    assert img.sum() == pytest.approx(out["energy_raw"][0], rel=1e-6)
+    # local position: pulled towards +x (col) and +y (row), in units of the 6 cm pitch
+    assert 0 < out["local_u"][0] < 0.5 and 0 < out["local_v"][0] < 0.5
+    far = g.cell_id(29, 29)
+    out = _core.find_clusters("array30", **digits([(far, 0.2)]))
+    assert out["image"][0][3, 3] == pytest.approx(0.2) and out["image"][0].sum() == pytest.approx(0.2)
+    ref = numpy_clustering.find_clusters("array30", **digits(ev))
+    np.testing.assert_allclose(ref["image"], _core.find_clusters("array30", **digits(ev))["image"], rtol=1e-6)
+
+
+def test_skip_and_empty_events():
+    d = digits([(100, 0.05)], [], [(200, 0.05)])
+    out = _core.find_clusters("belle2-ecl", skip=np.array([0, 0, 1], np.uint8), **d)
+    assert list(out["offsets"]) == [0, 1, 1, 1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Geant4 array30 showers: the clusters collect the read-out energy
+
+def _g4_digits(name, seed=3):
+    from build_leakage_tables import simple_digits
+    with np.load(DATA / f"g4_{name}_heldout.npz") as f:
+        dig = simple_digits(f["offsets"], f["cell"], f["edep_mev"], np.random.default_rng(seed))
+        return dig, f["true_energy_mev"] * 1e-3
+
+
+def test_g4_array30_containment():
+    dig, _ = _g4_digits("array30")
+    out = _core.find_clusters("array30", **dig)
+    n = len(dig["offsets"]) - 1
+    e_cl = np.bincount(np.repeat(np.arange(n), np.diff(out["offsets"])), out["energy_raw"].astype(float), minlength=n)
+    e_dig = np.bincount(np.repeat(np.arange(n), np.diff(dig["offsets"])), dig["energy"].astype(float), minlength=n)
+    ok = e_dig > 0
+    assert np.median(e_cl[ok] / e_dig[ok]) >= 0.98
+    # and C++ agrees with NumPy on real showers
+    ref = numpy_clustering.find_clusters("array30", **dig)
+    np.testing.assert_array_equal(out["seed_cell"], ref["seed_cell"])
+    np.testing.assert_allclose(out["energy_raw"], ref["energy_raw"], rtol=1e-4, atol=1e-6)
+
+
+def test_g4_belle2_cpp_matches_numpy():
+    dig, _ = _g4_digits("belle2")
+    a = _core.find_clusters("belle2-ecl", **dig)
+    b = numpy_clustering.find_clusters("belle2-ecl", **dig)
+    np.testing.assert_array_equal(a["offsets"], b["offsets"])
+    np.testing.assert_array_equal(a["seed_cell"], b["seed_cell"])
+    np.testing.assert_allclose(a["energy_raw"], b["energy_raw"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(a["theta"], b["theta"], atol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules in a path
+
+class _Source(eclreco.Module):
+    """test source: one batch of ECLDigits"""
+
+    def __init__(self, dig, detector, rejected=()):
+        super().__init__()
+        self.dig, self.det, self.rejected = dig, detector, rejected
+
+    def is_source(self):
+        return True
+
+    def next_batch(self, batch, max_events):
+        n = len(self.dig["offsets"]) - 1
+        batch.resize(n)
+        batch.detector[:] = self.det
+        batch.evt[:] = np.arange(n)
+        offs = np.asarray(self.dig["offsets"]).copy()
+        cols = {k: self.dig[k] for k in ("cell", "energy", "time", "quality")}
+        cols["amplitude"] = np.rint(self.dig["energy"] * 20000).astype(np.int32)
+        for i in self.rejected:  # rejected events have no digits
+            cut = offs[i + 1] - offs[i]
+            keep = np.ones(len(cols["cell"]), bool)
+            keep[offs[i]:offs[i + 1]] = False
+            cols = {k: v[keep] for k, v in cols.items()}
+            offs[i + 1:] -= cut
+        batch.add_collection("ECLDigits", offs, cols)
+        for i in self.rejected:
+            batch.reject(i, "test", "")
+        return False
+
+
+class _Collect(eclreco.Module):
+    """test sink: copies ECLClusters"""
+
+    def __init__(self):
+        super().__init__()
+        self.out = None
+
+    def ordered(self):
+        return True
+
+    def event(self, batch):
+        c = batch["ECLClusters"]
+        self.out = {k: np.array(c[k]) for k in c.columns()}
+        self.out["offsets"] = np.array(c.offsets)
+
+
+def test_modules_in_path():
+    dig, true = _g4_digits("array30")
+    n = 300
+    dig = {k: (v[:n + 1] if k == "offsets" else v[:dig["offsets"][n]]) for k, v in dig.items()}
+    path = eclreco.create_path()
+    path.add_module(_Source(dig, 1, rejected=(5,)))
+    path.add_module("ECLClusterizer", image_size=5, background_level=0.0)
+    sink_raw = path.add_module(_Collect())
+    eclreco.process(path, batch_size=1000, install_signal_handlers=False)
+    out = sink_raw.out
+    assert out["image"].shape[1:] == (5, 5)
+    assert out["features"].shape[1:] == (len(_core.cluster_feature_names()),)
+    assert out["offsets"][6] == out["offsets"][5]  # the rejected event has no clusters
+    np.testing.assert_array_equal(out["energy"], out["energy_raw"])
+    for k, dt in (("energy_raw", np.float32), ("n_crystals", np.int32), ("seed_cell", np.int32), ("ring", np.int32)):
+        assert out[k].dtype == dt
+    dig5 = dict(dig)
+    skip = np.zeros(n, np.uint8)
+    skip[5] = 1
+    ref = _core.find_clusters("array30", skip=skip, image_size=5, **dig5)
+    np.testing.assert_allclose(out["energy_raw"], ref["energy_raw"])
+    np.testing.assert_array_equal(out["seed_cell"], ref["seed_cell"])
+
+    # leakage correction with the shipped table
+    path = eclreco.create_path()
+    path.add_module(_Source(dig, 1))
+    path.add_module("ECLClusterizer")
+    path.add_module("ECLLeakageCorrection")
+    sink = path.add_module(_Collect())
+    eclreco.process(path, batch_size=1000, install_signal_handlers=False)
+    out = sink.out
+    table = str(Path(eclreco.__file__).parent / "data" / "leakage_array30.npz")
+    expect = _core.leakage_correct(table, out["energy_raw"], out["ring"], out["local_u"], out["local_v"])
+    np.testing.assert_allclose(out["energy"], expect, rtol=1e-6)
+    assert np.all(out["energy"] > out["energy_raw"] * 0.99)
+    # the leading clusters get closer to the true energy
+    lead = out["offsets"][:-1][np.diff(out["offsets"]) > 0]
+    has = np.diff(out["offsets"]) > 0
+    r_raw = np.median(out["energy_raw"][lead] / true[:n][has])
+    r_cor = np.median(out["energy"][lead] / true[:n][has])
+    assert abs(r_cor - 1) < abs(r_raw - 1) and abs(r_cor - 1) < 0.03
+
+
+def test_leakage_table_cpp_matches_numpy(tmp_path):
+    from eclreco.leakage import build_leakage_table, load_table, response
+    rng = np.random.default_rng(1)
+    n = 20000
+    true = np.exp(rng.uniform(np.log(0.05), np.log(6), n))
+    u, v = rng.uniform(-0.5, 0.5, n), rng.uniform(-0.5, 0.5, n)
+    resp = 0.95 - 0.3 * np.maximum(np.abs(u), np.abs(v)) ** 4 / 0.0625 - 0.01 * np.log(true)
+    raw = true * resp * rng.normal(1, 0.02, n)
+    p = tmp_path / "t.npz"
+    build_leakage_table("array30", raw, true, ring=np.zeros(n, int), local_u=u, local_v=v, out_path=p)
+    t = load_table(p)
+    ring = np.zeros(n, np.int32)
+    cpp = _core.leakage_correct(str(p), raw.astype(np.float32), ring, u.astype(np.float32), v.astype(np.float32))
+    ref = raw.astype(np.float32) / response(t, raw.astype(np.float32), ring, u.astype(np.float32), v.astype(np.float32))
+    np.testing.assert_allclose(cpp, ref, rtol=1e-5)
+    ratio = cpp / true
+    assert abs(np.median(ratio) - 1) < 0.01
+    assert np.std(ratio) < np.std(raw / true)
+    # belle2 tables: nearest ring
+    ring = rng.integers(0, 69, n).astype(np.int32)
+    raw2 = true * (0.9 + 0.001 * ring)
+    build_leakage_table("belle2-ecl", raw2, true, ring=ring, out_path=p, min_entries=5)
+    cpp = _core.leakage_correct(str(p), raw2.astype(np.float32), ring, np.zeros(n, np.float32), np.zeros(n, np.float32))
+    np.testing.assert_allclose(cpp / true, 1.0, atol=0.01)
+    with pytest.raises(ValueError):
+        _core.leakage_correct(str(tmp_path / "missing.npz"), raw2[:1].astype(np.float32), ring[:1],
+                              np.zeros(1, np.float32), np.zeros(1, np.float32))
+
+
+@pytest.mark.parametrize("detector", ["array30", "belle2-ecl"])
+def test_shipped_tables_load(detector):
+    path = Path(eclreco.__file__).parent / "data" / f"leakage_{detector}.npz"
+    assert path.exists() and path.stat().st_size < 50_000
+    e = _core.leakage_correct(str(path), np.array([0.1, 1.0], np.float32), np.array([30, 30], np.int32),
+                              np.zeros(2, np.float32), np.zeros(2, np.float32))
+    assert np.all(e > np.array([0.1, 1.0])) and np.all(e < 1.5 * np.array([0.1, 1.0]))
