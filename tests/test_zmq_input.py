@@ -97,24 +97,39 @@ def test_zmq_input_refuses_oversized_messages():
 
 def test_reco_steering_zmq_sigint(tmp_path, repo_dir):
     """steering/reco.py -i tcp://... ends cleanly on SIGINT with a readable output."""
-    address = free_address()
+    import urllib.request
+
+    from hlt_helpers import free_port
+
+    address, port = free_address(), free_port()
     out = tmp_path / "reco.root"
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {os.path.dirname(__file__)!r})
-        import eclreco, eclreco.reconstruction as r
-        r.add_reconstruction = lambda path, **kw: {reduced_chain.__name__}(path)
-        from test_zmq_input import {reduced_chain.__name__}
-        sys.argv = ["reco.py", "-i", {address!r}, "-o", {str(out)!r}, "--threads", "1"]
         sys.path.insert(0, {os.path.join(repo_dir, "steering")!r})
         import reco
-        reco.add_reconstruction = r.add_reconstruction
-        sys.exit(reco.main())
+        from test_zmq_input import reduced_chain
+        reco.add_reconstruction = lambda path, **kw: reduced_chain(path)
+        sys.exit(reco.main(["-i", {address!r}, "-o", {str(out)!r}, "--threads", "1",
+                            "--metrics-port", "{port}"]))
     """))
     p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     push_events(address, range(500))
-    time.sleep(1.0)
+
+    def processed():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith("eclreco_events_processed_total "):
+                        return float(line.split()[1])
+        except OSError:
+            return -1
+
+    t0 = time.monotonic()
+    while processed() != 500:  # the run is under way (signal handlers installed) and has everything
+        assert p.poll() is None and time.monotonic() - t0 < 30
+        time.sleep(0.1)
     p.send_signal(2)
     stdout, _ = p.communicate(timeout=30)
     assert p.returncode == 0, stdout
