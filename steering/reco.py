@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     if args.metrics_port:
         from eclreco.metrics import serve_process_metrics
 
-        exporter = serve_process_metrics(args.metrics_port, args.metrics_host, role="reco")
+        exporter = serve_process_metrics(args.metrics_port, args.metrics_host, role="reco", path=path)
     eclreco.process(path, max_events=args.max_events, threads=args.threads, batch_size=args.batch_size)
     print(eclreco.statistics, flush=True)
     if exporter is not None:

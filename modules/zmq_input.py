@@ -1,0 +1,171 @@
+"""ZMQInput: raw events (spec/wire-format.md, one envelope per message) from a ZeroMQ PULL socket."""
+from __future__ import annotations
+
+import time
+
+from eclreco import Module, _core
+
+
+def append_envelopes(batch, messages):
+    """Decode raw envelopes into `batch` (the C++ decoder of the unpacker)."""
+    if hasattr(_core, "append_envelopes"):
+        _core.append_envelopes(batch, messages)
+    else:  # pragma: no cover - only on a build without the unpacker
+        _append_envelopes_metadata_only(batch, messages)
+
+
+def _append_envelopes_metadata_only(batch, messages):
+    """Stand-in for builds without ``_core.append_envelopes``: metadata only, no payload checks."""
+    import msgpack
+
+    start = len(batch)
+    batch.resize(start + len(messages))
+    exp, run, evt, tns, det = batch.exp, batch.run, batch.evt, batch.time_ns, batch.detector
+    for k, raw in enumerate(messages):
+        i = start + k
+        try:
+            env = msgpack.unpackb(raw, raw=False, strict_map_key=False)
+        except Exception as err:  # noqa: BLE001
+            batch.reject(i, "not_msgpack", str(err))
+            continue
+        if not isinstance(env, dict) or not all(key in env for key in ("v", "exp", "run", "evt", "det", "ecl")):
+            batch.reject(i, "missing_key", "envelope is not a map with v, exp, run, evt, det, ecl")
+            continue
+        exp[i], run[i], evt[i] = env["exp"], env["run"], env["evt"]
+        tns[i] = env.get("time_ns", 0)
+        det[i] = 1 if env["det"] == "array30" else 0
+
+
+class ZMQInput(Module):
+    """Raw events from a ZeroMQ PULL socket (bind or connect), batched by count or latency.
+
+    A batch holds up to max_events messages or what arrived within max_latency_ms of its first
+    message. idle_timeout_s > 0 ends the run that long after the last message (counting starts
+    at the first message). Messages larger than max_message_bytes are refused by libzmq before
+    they are read (ZMQ_MAXMSGSIZE): the receiver drops the sender's connection, the sender's
+    socket reconnects by itself, and the oversized message (and whatever the sender had already
+    written behind it on that connection) is lost. Such a drop is counted as a dropped
+    connection (``disconnects``; a sender closing its socket counts there too). The module
+    returns to the framework at least every poll_ms, so that SIGINT/SIGTERM end the run promptly.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.add_param("address", "tcp://127.0.0.1:5555", "ZeroMQ endpoint, e.g. tcp://127.0.0.1:5555")
+        self.add_param("bind", True, "bind the address (True) or connect to it (False)")
+        self.add_param("idle_timeout_s", 0.0, "end the run this long after the last message (0: never)")
+        self.add_param("max_latency_ms", 20.0, "longest wait for a batch to fill after its first message")
+        self.add_param("max_message_bytes", 1 << 20, "larger messages are refused by the socket (0: no limit)")
+        self.add_param("rcvhwm", 10000, "receive high-water mark (messages queued before the sender blocks)")
+        self.add_param("poll_ms", 100.0, "longest time between returns to the framework")
+        self._ctx = self._sock = self._monitor = None
+        self.messages_received = 0
+        self.bytes_received = 0
+        self.disconnects = 0
+        self.connections = 0
+        self._first = self._last = None
+        self._ended = False
+
+    def is_source(self):
+        return True
+
+    def initialize(self):
+        import zmq
+
+        self._zmq = zmq
+        self._ctx = zmq.Context.instance()
+        s = self._ctx.socket(zmq.PULL)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RCVHWM, int(self.param("rcvhwm")))
+        if self.param("max_message_bytes") > 0:
+            s.setsockopt(zmq.MAXMSGSIZE, int(self.param("max_message_bytes")))
+        self._monitor = s.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        address = self.param("address")
+        if self.param("bind"):
+            s.bind(address)
+        else:
+            s.connect(address)
+        self._sock = s
+        self._first = self._last = None
+        self._ended = False
+
+    @property
+    def endpoint(self) -> str:
+        """The bound endpoint (with the real port when the address asked for port 0 or '*')."""
+        return self._sock.getsockopt_string(self._zmq.LAST_ENDPOINT) if self._sock is not None else ""
+
+    def _poll_monitor(self):
+        from zmq.utils.monitor import recv_monitor_message
+
+        zmq = self._zmq
+        while True:
+            try:
+                ev = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if ev["event"] in (zmq.EVENT_ACCEPTED, zmq.EVENT_CONNECTED):
+                self.connections += 1
+            elif ev["event"] == zmq.EVENT_DISCONNECTED:
+                # libzmq reports a refused (oversized) message only as a disconnect of that
+                # peer, which then reconnects at once; a sender that closes also disconnects.
+                self.disconnects += 1
+
+    def next_batch(self, batch, max_events):
+        zmq = self._zmq
+        sock = self._sock
+        recv = sock.recv
+        msgs: list[bytes] = []
+        latency = self.param("max_latency_ms") * 1e-3
+        idle = self.param("idle_timeout_s")
+        poll_s = self.param("poll_ms") * 1e-3
+        t_enter = time.monotonic()
+        t_batch = None
+        while True:
+            try:
+                while len(msgs) < max_events:
+                    msgs.append(recv(zmq.NOBLOCK))
+            except zmq.Again:
+                pass
+            now = time.monotonic()
+            if msgs and t_batch is None:
+                t_batch = now
+            if len(msgs) >= max_events or _core.stop_requested():
+                break
+            if t_batch is not None:
+                wait = t_batch + latency - now
+                if wait <= 0:
+                    break
+            else:
+                if idle > 0 and self._last is not None and now - self._last >= idle:
+                    self._ended = True
+                    break
+                wait = poll_s - (now - t_enter)
+                if wait <= 0:
+                    break
+                if idle > 0 and self._last is not None:
+                    wait = min(wait, self._last + idle - now)
+            sock.poll(max(1, int(wait * 1000)), zmq.POLLIN)
+        if self._monitor is not None:
+            self._poll_monitor()
+        if msgs:
+            now = time.monotonic()
+            if self._first is None:
+                self._first = now
+            self._last = now
+            self.messages_received += len(msgs)
+            self.bytes_received += sum(map(len, msgs))
+            append_envelopes(batch, msgs)
+        return not self._ended
+
+    def terminate(self):
+        if self._monitor is not None:
+            self._sock.disable_monitor()
+            self._monitor.close(0)
+            self._monitor = None
+        if self._sock is not None:
+            self._sock.close(0)
+            self._sock = None
+
+    def counters(self):
+        return {"messages_received": float(self.messages_received), "bytes_received": float(self.bytes_received),
+                "disconnects": float(self.disconnects), "connections": float(self.connections)}

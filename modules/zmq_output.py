@@ -1,0 +1,77 @@
+"""ZMQOutput: reconstructed events downstream over ZeroMQ, one MessagePack message per batch."""
+from __future__ import annotations
+
+import time
+
+from eclreco import Module, _core
+
+
+class ZMQOutput(Module):
+    """Sends each batch downstream as one MessagePack message over a ZeroMQ PUSH socket.
+
+    The message (docs/deployment.md, "batch message") holds the metadata columns exp, run, evt,
+    error_flags, time_ns, detector, the per-event counts and the columns of `collections`
+    (default ECLClusters), counts only of `count_collections` (default ECLDigits), the rejection
+    reasons and, inside the HLT, the distributor's sequence ids. Arrays are raw little-endian
+    bytes with dtype and shape. Sending blocks while the receiver is slow (high-water mark), so
+    the chain feels backpressure; after a stop request it gives the receiver `stop_timeout_s`
+    more and then drops (and counts) what it could not send.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.add_param("address", "tcp://127.0.0.1:5560", "ZeroMQ endpoint of the receiver")
+        self.add_param("bind", False, "bind the address instead of connecting to it")
+        self.add_param("collections", ["ECLClusters"], "collections sent with all their columns")
+        self.add_param("count_collections", ["ECLDigits"], "collections sent as per-event counts only")
+        self.add_param("columns", [], "restrict the columns sent (empty: all)", type="list[str]")
+        self.add_param("sndhwm", 100, "send high-water mark, in batch messages")
+        self.add_param("stop_timeout_s", 10.0, "after a stop request, give up sending after this long")
+        self._sock = None
+        self.batches_sent = self.events_sent = self.bytes_sent = self.batches_dropped = 0
+
+    def ordered(self):
+        return True
+
+    def initialize(self):
+        import zmq
+
+        self._zmq = zmq
+        s = zmq.Context.instance().socket(zmq.PUSH)
+        s.setsockopt(zmq.SNDHWM, int(self.param("sndhwm")))
+        s.setsockopt(zmq.LINGER, int(self.param("stop_timeout_s") * 1000))
+        if self.param("bind"):
+            s.bind(self.param("address"))
+        else:
+            s.connect(self.param("address"))
+        self._sock = s
+
+    def event(self, batch):
+        from eclreco.hlt.protocol import batch_to_message, pack
+
+        columns = self.param("columns")
+        data = pack(batch_to_message(batch, collections=self.param("collections"),
+                                     count_collections=self.param("count_collections"), columns=columns))
+        zmq = self._zmq
+        stop_since = None
+        while True:
+            if self._sock.poll(200, zmq.POLLOUT):
+                self._sock.send(data, copy=len(data) < 65536)
+                break
+            if _core.stop_requested():
+                stop_since = stop_since or time.monotonic()
+                if time.monotonic() - stop_since > self.param("stop_timeout_s"):
+                    self.batches_dropped += 1
+                    return
+        self.batches_sent += 1
+        self.events_sent += len(batch)
+        self.bytes_sent += len(data)
+
+    def terminate(self):
+        if self._sock is not None:
+            self._sock.close()  # lingers up to stop_timeout_s to deliver what is queued
+            self._sock = None
+
+    def counters(self):
+        return {"batches_sent": float(self.batches_sent), "events_sent": float(self.events_sent),
+                "bytes_sent": float(self.bytes_sent), "batches_dropped": float(self.batches_dropped)}

@@ -1,0 +1,93 @@
+"""`eclreco hlt ...`: the HLT roles, a local farm, run control and status."""
+from __future__ import annotations
+
+import argparse
+
+
+def _add_metrics(p, default_port: int):
+    p.add_argument("--metrics-port", type=int, default=default_port,
+                   help=f"Prometheus exporter port (default {default_port}; 0: a free port; -1: none)")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="interface of the exporter")
+
+
+def add_distributor_arguments(p):
+    p.add_argument("--input", default="tcp://127.0.0.1:5555", help="PULL address that event builders push to")
+    p.add_argument("--input-connect", action="store_true", help="connect the input instead of binding it")
+    p.add_argument("--workers-addr", default="tcp://127.0.0.1:5556", help="ROUTER address workers connect to")
+    p.add_argument("--control", default="tcp://127.0.0.1:5557", help="ROUTER address of run control")
+    p.add_argument("--queue-size", type=int, default=4000, help="events read ahead of the workers")
+    p.add_argument("--max-held", type=int, default=20000, help="events held until confirmed, at most")
+    p.add_argument("--chunk", type=int, default=256, help="events per message to a worker, at most")
+    p.add_argument("--heartbeat-timeout", type=float, default=5.0, help="a silent worker is lost after S s")
+    p.add_argument("--drop-when-busy", action="store_true", help="drop (and count) instead of backpressure")
+    p.add_argument("--input-hwm", type=int, default=1000, help="high-water mark of the input socket")
+    p.add_argument("--stop-drain", type=float, default=0.5,
+                   help="at stop, keep reading the input until it is quiet for S s")
+
+
+def add_hlt_parser(subparsers):
+    hlt = subparsers.add_parser("hlt", help="HLT-style farm: distributor, workers, collector, run control",
+                                description=__doc__)
+    sub = hlt.add_subparsers(dest="hlt_command", metavar="ROLE")
+
+    p = sub.add_parser("distributor", help="event source -> workers (credit-based), run control")
+    add_distributor_arguments(p)
+    _add_metrics(p, 9460)
+    p.set_defaults(func=lambda a: __import__("eclreco.hlt.distributor", fromlist=["main"]).main(a))
+
+    p = sub.add_parser("worker", prefix_chars="+", add_help=False,
+                       help="a worker: [STEERING.py] [--distributor ADDR --collector ADDR ...] "
+                            "(default steering/hlt_worker.py; --help lists its options)")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_worker)
+
+    p = sub.add_parser("collector", help="results of all workers -> output file, confirmations")
+    p.add_argument("--collector-addr", default="tcp://127.0.0.1:5558", help="PULL address workers push to")
+    p.add_argument("--control", default="tcp://127.0.0.1:5557", help="the distributor's control address")
+    p.add_argument("-o", "--output", default="hlt.root",
+                   help="ROOT file ({run_index} is replaced; else runs after the first get _runN) or tcp://")
+    p.add_argument("--output-bind", action="store_true", help="bind a tcp:// output instead of connecting")
+    p.add_argument("--batch-size", type=int, default=1024)
+    _add_metrics(p, 9461)
+    p.set_defaults(func=lambda a: __import__("eclreco.hlt.collector", fromlist=["main"]).main(a))
+
+    p = sub.add_parser("run", help="a local farm: 1 distributor, N workers, 1 collector")
+    add_distributor_arguments(p)
+    p.add_argument("-n", "--workers", type=int, default=2)
+    p.add_argument("--collector-addr", default="", help="default: a free local port")
+    p.add_argument("-o", "--output", default="hlt.root", help="output of the collector (ROOT file or tcp://)")
+    p.add_argument("--worker-steering", default="", help="default: steering/hlt_worker.py")
+    p.add_argument("--modules", default="standard", help="worker chain: standard, none, or a list")
+    p.add_argument("--no-cnn", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="threads per worker")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--max-restarts", type=int, default=10, help="worker restarts allowed in total")
+    p.add_argument("--metrics-base-port", type=int, default=9460,
+                   help="distributor P, collector P+1, worker i P+2+i (0: free ports, -1: none)")
+    p.add_argument("--metrics-host", default="127.0.0.1")
+    p.set_defaults(func=lambda a: __import__("eclreco.hlt.run", fromlist=["main"]).main(a))
+
+    p = sub.add_parser("control", help="run control: stop (end of run), start (new run), terminate")
+    p.add_argument("action", choices=["stop", "start", "terminate"])
+    p.add_argument("--control", default="tcp://127.0.0.1:5557")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the answer")
+    p.set_defaults(func=lambda a: __import__("eclreco.hlt.control", fromlist=["control_main"]).control_main(a))
+
+    p = sub.add_parser("status", help="every process of the farm: role, pid, state, counters")
+    p.add_argument("--control", default="tcp://127.0.0.1:5557")
+    p.add_argument("--json", action="store_true", help='{"processes": [{"role": ..., "pid": ...}, ...]}')
+    p.add_argument("--watch", type=float, nargs="?", const=1.0, default=0.0, help="refresh every S s")
+    p.add_argument("--timeout", type=float, default=5.0)
+    p.set_defaults(func=lambda a: __import__("eclreco.hlt.control", fromlist=["status_main"]).status_main(a))
+
+    hlt.set_defaults(func=lambda a: hlt.print_help())
+
+
+def _worker(args) -> int:
+    from eclreco.hlt import worker
+
+    rest = list(args.args)
+    steering = None
+    if rest and rest[0].endswith(".py"):
+        steering = rest.pop(0)
+    return worker.main(argparse.Namespace(steering=steering, worker_args=rest))

@@ -1,0 +1,266 @@
+"""The collector: results of all workers (PULL) -> duplicates dropped -> RootOutput (or ZMQOutput).
+
+Its path is HLTCollectorInput -> RootOutput (the very module of steering/reco.py, so the file
+has the same branches) or ZMQOutput onward. It runs with one thread: when the source is asked
+for the next batch, the previous one has gone through the output, and only then are its
+sequence ids confirmed to the distributor (DEALER on the control address).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import numpy as np
+import zmq
+
+import eclreco
+from eclreco import Module, _core
+from eclreco.hlt import protocol as P
+
+
+class CollectorLink:
+    def __init__(self, collector_addr: str, control: str, rcvhwm: int = 200):
+        self.ctx = zmq.Context.instance()
+        self.pull = self.ctx.socket(zmq.PULL)
+        self.pull.setsockopt(zmq.RCVHWM, rcvhwm)
+        self.pull.setsockopt(zmq.LINGER, 0)
+        self.pull.bind(collector_addr)
+        self.address = self.pull.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.ctl = self.ctx.socket(zmq.DEALER)
+        self.ctl.setsockopt(zmq.LINGER, 2000)
+        self.ctl.connect(control)
+        self.low = 0                   # every seq below was confirmed by the distributor
+        self.seen: set[int] = set()    # seqs at or above `low` already written
+        self.keys: set[int] = set()    # (exp, run, evt) keys written in this run
+        self.end_run = self.terminate = False
+        self.run_index = 1
+        self.state = "idle"
+        self.next_report = 0.0
+        self.duplicates = 0
+        self.confirmed = 0
+        self.messages = 0
+        self.bytes = 0
+        self.metrics_port = 0
+        self.filename = ""
+        self.hello()
+
+    def hello(self):
+        self.ctl.send_multipart([P.HELLO, P.pack(self.status())])
+
+    def status(self) -> dict:
+        s = eclreco.statistics.state
+        d = {"role": "collector", "pid": os.getpid(), "host": socket.gethostname(), "state": self.state,
+             "address": self.address, "run_index": self.run_index, "output": self.filename,
+             "duplicates": self.duplicates, "confirmed": self.confirmed, "metrics_port": self.metrics_port}
+        if s is not None:
+            d.update(received=s.received, processed=s.processed, rejected=s.rejected, errors=s.errors,
+                     batches=s.batches)
+        return d
+
+    def service(self):
+        while True:
+            try:
+                frames = self.ctl.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            cmd = frames[0]
+            if cmd == P.LOW:
+                self.low = max(self.low, int(frames[1]))
+                if len(self.seen) > 100000:
+                    self.seen = {s for s in self.seen if s >= self.low}
+            elif cmd == P.END_RUN:
+                self.end_run = True
+            elif cmd == P.TERMINATE:
+                self.end_run = self.terminate = True
+            elif cmd == P.WHO:
+                self.hello()
+        now = time.monotonic()
+        if now >= self.next_report:
+            self.next_report = now + 0.5
+            self.ctl.send_multipart([P.STATUS, P.pack(self.status())])
+
+    def confirm(self, seqs: np.ndarray):
+        if len(seqs):
+            self.ctl.send_multipart([P.CONFIRM, P.seqs_to_bytes(seqs)])
+            self.confirmed += len(seqs)
+
+    def run_ended(self, info: dict):
+        self.ctl.send_multipart([P.RUN_ENDED, P.pack(info)])
+
+    def close(self):
+        self.pull.close(0)
+        self.ctl.close(2000)
+
+
+class HLTCollectorInput(Module):
+    """HLT collector source: batches from the workers, duplicates dropped; confirms what was written."""
+
+    def __init__(self, link: CollectorLink | None = None):
+        super().__init__()
+        self.add_param("max_latency_ms", 5.0, "longest wait for more results after the first")
+        self.add_param("poll_ms", 100.0, "longest time between returns to the framework")
+        self.link = link
+        self._unconfirmed = np.zeros(0, "<u8")
+
+    def is_source(self):
+        return True
+
+    def initialize(self):
+        if self.link is None:
+            raise RuntimeError("HLTCollectorInput needs a CollectorLink")
+        self.link.end_run = self.link.terminate
+        self.link.keys = set()
+        self.link.state = "ready"
+        self._unconfirmed = np.zeros(0, "<u8")
+
+    def begin_run(self, exp, run):
+        self.link.state = "running"
+
+    def _confirm_previous(self):
+        # One thread: the previous batch went through the output before this call.
+        self.link.confirm(self._unconfirmed)
+        self._unconfirmed = np.zeros(0, "<u8")
+
+    def next_batch(self, batch, max_events):
+        link = self.link
+        self._confirm_previous()
+        latency = self.param("max_latency_ms") * 1e-3
+        t0 = time.monotonic()
+        t_first = None
+        msgs, n = [], 0
+        while True:
+            link.service()
+            try:
+                while n < max_events:
+                    data = link.pull.recv(zmq.NOBLOCK)
+                    link.messages += 1
+                    link.bytes += len(data)
+                    m = P.DecodedBatch(P.unpack(data))
+                    msgs.append(m)
+                    n += m.n
+            except zmq.Again:
+                pass
+            now = time.monotonic()
+            if msgs and t_first is None:
+                t_first = now
+            if n >= max_events or _core.stop_requested():
+                break
+            if t_first is not None and now - t_first >= latency:
+                break
+            if link.end_run and not msgs:
+                return False
+            wait = (t_first + latency - now) if t_first is not None else (self.param("poll_ms") * 1e-3 - (now - t0))
+            if wait <= 0:
+                break
+            link.pull.poll(max(1, int(wait * 1000)), zmq.POLLIN)
+        if not msgs:
+            return True
+        keeps, seqs_all = [], []
+        for m in msgs:
+            keep = np.ones(m.n, dtype=bool)
+            if m.seq is not None:
+                seqs = m.seq
+                seqs_all.append(seqs)
+                for i, s in enumerate(seqs.tolist()):
+                    if s < link.low or s in link.seen:
+                        keep[i] = False
+                    else:
+                        link.seen.add(s)
+            flags = m.meta["error_flags"]
+            key = ((m.meta["exp"].astype(np.uint64) << np.uint64(48)) | (m.meta["run"].astype(np.uint64) << np.uint64(32))
+                   | m.meta["evt"].astype(np.uint64))
+            for i, k in enumerate(key.tolist()):
+                if keep[i] and not (flags[i] & eclreco.ERROR_REJECTED):
+                    if k in link.keys:
+                        keep[i] = False
+                    else:
+                        link.keys.add(k)
+            link.duplicates += int(m.n - keep.sum())
+            keeps.append(keep)
+        P.fill_batch(batch, msgs, keeps)
+        if seqs_all:
+            self._unconfirmed = np.concatenate(seqs_all)
+        return True
+
+    def terminate(self):
+        self._confirm_previous()
+        self.link.state = "idle"
+
+
+def output_filename(template: str, run_index: int) -> str:
+    if "{run_index}" in template:
+        return template.format(run_index=run_index)
+    if run_index <= 1:
+        return template
+    stem, ext = os.path.splitext(template)
+    return f"{stem}_run{run_index}{ext}"
+
+
+def main(args) -> int:
+    link = CollectorLink(args.collector_addr, args.control)
+    exporter = None
+    path = eclreco.create_path()
+    if args.metrics_port >= 0:
+        from eclreco.metrics import serve_process_metrics
+        from prometheus_client.core import CounterMetricFamily
+
+        def extra():
+            f = CounterMetricFamily("eclreco_hlt_duplicates", "Duplicate events dropped by the collector")
+            f.add_metric([], link.duplicates)
+            yield f
+            f = CounterMetricFamily("eclreco_hlt_events_confirmed", "Events confirmed to the distributor")
+            f.add_metric([], link.confirmed)
+            yield f
+            f = CounterMetricFamily("eclreco_input_bytes_received", "Bytes of result messages received")
+            f.add_metric([], link.bytes)
+            yield f
+
+        try:
+            exporter = serve_process_metrics(args.metrics_port, args.metrics_host, role="collector", path=path,
+                                             extra=extra)
+        except OSError:
+            exporter = serve_process_metrics(0, args.metrics_host, role="collector", path=path, extra=extra)
+        link.metrics_port = exporter.port
+    source = path.add_module(HLTCollectorInput(link))
+    out = None
+    if args.output.startswith("tcp://"):
+        path.add_module("ZMQOutput", address=args.output, bind=args.output_bind)
+    else:
+        out = path.add_module("RootOutput", filename=output_filename(args.output, 1))
+    print(f"[collector] pid {os.getpid()} {path} on {link.address}, control {args.control}, metrics "
+          f"{exporter.port if exporter else '-'}", flush=True)
+    try:
+        while True:
+            if out is not None:
+                link.filename = output_filename(args.output, link.run_index)
+                out.set_param("filename", link.filename)
+            else:
+                link.filename = args.output
+            eclreco.process(path, threads=1, batch_size=args.batch_size)
+            if exporter is not None:
+                exporter.checkpoint()
+            s = eclreco.statistics.summary()
+            link.run_ended({"run_index": link.run_index, "filename": link.filename,
+                            "events_written": out.events_written if out is not None else s.get("processed", 0),
+                            "received": s.get("received", 0), "duplicates": link.duplicates})
+            print(f"[collector] run {link.run_index} ended: {s.get('processed', 0)} events to {link.filename}",
+                  flush=True)
+            if _core.stop_requested() or link.terminate:
+                break
+            link.run_index += 1
+            link.state = "idle"
+            # The next run (and its output file) begins with its first result.
+            while not link.terminate and not _core.stop_requested():
+                link.service()
+                if link.pull.poll(100, zmq.POLLIN):
+                    break
+            if link.terminate:
+                break
+        return 0
+    finally:
+        link.service()
+        link.close()
+        if exporter is not None:
+            exporter.close()
+        del source

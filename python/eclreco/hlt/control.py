@@ -1,0 +1,105 @@
+"""Run control client: status, stop, start, terminate, talking to the distributor's control address."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import zmq
+
+from eclreco.hlt import protocol as P
+
+
+class ControlError(RuntimeError):
+    pass
+
+
+def request(control: str, cmd: bytes, timeout_s: float = 10.0) -> dict:
+    """Send a command to the distributor and wait for its reply (OK body as a dict)."""
+    ctx = zmq.Context.instance()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(control)
+    try:
+        s.send_multipart([cmd])
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not s.poll(int(left * 1000) + 1, zmq.POLLIN):
+                raise ControlError(f"no answer from {control} to {cmd.decode()} within {timeout_s:g} s")
+            frames = s.recv_multipart()
+            if frames[0] == P.OK:
+                return P.unpack(frames[1]) if len(frames) > 1 else {}
+            if frames[0] == P.ERR:
+                raise ControlError(frames[1].decode() if len(frames) > 1 else "error")
+            # anything else (e.g. a LOW meant for a collector): ignore
+    finally:
+        s.close(0)
+
+
+def status(control: str, timeout_s: float = 5.0) -> dict:
+    return request(control, P.STATUS, timeout_s)
+
+
+COLUMNS = [("role", 12), ("pid", 8), ("host", 14), ("state", 10), ("received", 11), ("processed", 11),
+           ("rejected", 10), ("in_flight", 10), ("extra", 40)]
+
+
+def format_table(st: dict) -> str:
+    lines = ["".join(f"{name:>{w - 1}} " if name not in ("role", "host", "state", "extra") else f"{name:<{w - 1}} "
+                     for name, w in COLUMNS)]
+    lines.append("-" * sum(w for _, w in COLUMNS))
+    for p in st.get("processes", []):
+        role = p.get("role", "?")
+        if role == "distributor":
+            received, processed, rejected = p.get("received", 0), p.get("confirmed", 0), "-"
+            in_flight = p.get("held", 0)
+            extra = (f"workers {p.get('workers_alive', 0)} restarted {p.get('workers_restarted', 0)} "
+                     f"p50 {p.get('latency_p50_s', 0) * 1e3:.1f}ms p99 {p.get('latency_p99_s', 0) * 1e3:.1f}ms")
+        elif role == "worker":
+            received, processed, rejected = p.get("events_received", 0), p.get("processed", 0), p.get("rejected", 0)
+            in_flight = p.get("assigned", 0)
+            extra = f"credit {p.get('credit', 0)} seen {p.get('last_seen_s', 0):.1f}s ago"
+        elif role == "collector":
+            received, processed, rejected = p.get("received", 0), p.get("processed", 0), p.get("rejected", 0)
+            in_flight = "-"
+            extra = f"dup {p.get('duplicates', 0)} out {os.path.basename(str(p.get('output', '')))}"
+        else:
+            received = processed = rejected = in_flight = "-"
+            extra = f"restarted {p.get('workers_restarted', 0)}"
+        row = [role, p.get("pid", "?"), str(p.get("host", ""))[:13], p.get("state", "?"), received, processed,
+               rejected, in_flight, extra]
+        lines.append("".join(f"{str(v):>{w - 1}} " if name not in ("role", "host", "state", "extra") else f"{str(v):<{w - 1}} "
+                             for (name, w), v in zip(COLUMNS, row)))
+    return "\n".join(lines)
+
+
+def status_main(args) -> int:
+    while True:
+        try:
+            st = status(args.control, timeout_s=args.timeout)
+        except ControlError as err:
+            print(f"eclreco hlt status: {err}", file=sys.stderr)
+            return 1
+        if args.json:
+            print(json.dumps(st, indent=None if args.watch else 2), flush=True)
+        else:
+            if args.watch and sys.stdout.isatty():
+                print("\033[2J\033[H", end="")
+            print(time.strftime("%H:%M:%S") + f"  farm at {args.control}")
+            print(format_table(st), flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+
+
+def control_main(args) -> int:
+    cmd = {"stop": P.STOP, "start": P.START, "terminate": P.TERMINATE}[args.action]
+    try:
+        reply = request(args.control, cmd, timeout_s=args.timeout)
+    except ControlError as err:
+        print(f"eclreco hlt control: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply, default=str), flush=True)
+    return 0

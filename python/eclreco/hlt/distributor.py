@@ -1,0 +1,535 @@
+"""The distributor: input (PULL) -> workers (ROUTER, credit-based) and run control (ROUTER).
+
+It numbers every event it reads (a sequence id), hands events to workers only as far as they
+have announced credit, and keeps each event until the collector confirms it. A worker that says
+BYE or misses heartbeats for `heartbeat_timeout_s` loses its unconfirmed events to the others.
+When no worker has credit and `queue_size` events wait, it stops reading its input (the sender
+blocks on its high-water mark) or, with `drop_when_busy`, reads and drops (counted).
+"""
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import socket
+import time
+
+import numpy as np
+import zmq
+
+from eclreco.hlt import protocol as P
+
+# Latency histogram: log-spaced bounds from 10 us to 100 s (percentiles and Prometheus buckets).
+LATENCY_BOUNDS = np.logspace(-5, 2, 141)
+PROM_LATENCY_BUCKETS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0]
+
+
+class Worker:
+    def __init__(self, ident: bytes, info: dict, now: float):
+        self.ident = ident
+        self.info = info
+        self.credit = int(info.get("credit", 0))
+        self.assigned: set[int] = set()
+        self.last_seen = now
+        self.status: dict = {}
+        self.sent = 0
+
+
+class LatencyHistogram:
+    def __init__(self):
+        self.counts = np.zeros(len(LATENCY_BOUNDS) + 1, dtype=np.int64)
+        self.total = 0.0
+        self.n = 0
+
+    def add(self, values: np.ndarray):
+        if len(values):
+            self.counts += np.bincount(np.searchsorted(LATENCY_BOUNDS, values), minlength=len(self.counts))
+            self.total += float(values.sum())
+            self.n += len(values)
+
+    def quantile(self, q: float) -> float:
+        if self.n == 0:
+            return float("nan")
+        k = int(np.searchsorted(np.cumsum(self.counts), q * self.n))
+        return float(LATENCY_BOUNDS[min(k, len(LATENCY_BOUNDS) - 1)])  # upper bound of the bin
+
+    def buckets(self, bounds):
+        edges = np.searchsorted(LATENCY_BOUNDS, bounds, side="right")
+        cum = np.cumsum(self.counts)
+        return [(repr(float(b)), int(cum[e - 1]) if e > 0 else 0) for b, e in zip(bounds, edges)] + [("+Inf", self.n)]
+
+
+class Distributor:
+    def __init__(self, input_addr: str, workers_addr: str, control_addr: str, queue_size: int = 4000,
+                 max_held: int = 20000, chunk: int = 256, heartbeat_timeout_s: float = 5.0,
+                 drop_when_busy: bool = False, input_hwm: int = 1000, stop_drain_s: float = 0.5,
+                 stop_timeout_s: float = 120.0, input_bind: bool = True):
+        self.ctx = zmq.Context.instance()
+        self.inp = self.ctx.socket(zmq.PULL)
+        self.inp.setsockopt(zmq.RCVHWM, input_hwm)
+        self.inp.setsockopt(zmq.LINGER, 0)
+        (self.inp.bind if input_bind else self.inp.connect)(input_addr)
+        self.wrk = self.ctx.socket(zmq.ROUTER)
+        self.wrk.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.wrk.setsockopt(zmq.SNDHWM, 0)  # bounded by credit instead
+        self.wrk.setsockopt(zmq.LINGER, 0)
+        self.wrk.bind(workers_addr)
+        self.ctl = self.ctx.socket(zmq.ROUTER)
+        self.ctl.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.ctl.setsockopt(zmq.LINGER, 1000)
+        self.ctl.bind(control_addr)
+        self.addresses = {"input": self.inp.getsockopt_string(zmq.LAST_ENDPOINT),
+                          "workers": self.wrk.getsockopt_string(zmq.LAST_ENDPOINT),
+                          "control": self.ctl.getsockopt_string(zmq.LAST_ENDPOINT)}
+        self.queue_size, self.max_held, self.chunk = queue_size, max_held, chunk
+        self.heartbeat_timeout_s, self.drop_when_busy = heartbeat_timeout_s, drop_when_busy
+        self.stop_drain_s, self.stop_timeout_s = stop_drain_s, stop_timeout_s
+
+        self.events: dict[int, list] = {}          # seq -> [envelope, t_received, worker ident or None]
+        self.pending: collections.deque[int] = collections.deque()  # seqs waiting for a worker
+        self.next_seq = 0
+        self.workers: dict[bytes, Worker] = {}
+        self.collector: dict | None = None          # {"ident", "last_seen", "status"}
+        self.supervisors: dict[bytes, dict] = {}
+        self.state = "running"
+        self.run_index = 1
+        self.stop_requesters: list[bytes] = []
+        self.stop_since = 0.0
+        self.last_input = 0.0
+        self.terminating = False
+        self.terminate_requester: bytes | None = None
+        self.c = collections.Counter()               # counters (see metrics_families)
+        self.latency = LatencyHistogram()
+        self.t_first_input = None
+        self.t_last_confirm = None
+        self.workers_restarted = 0
+        self.workers_lost = 0
+        self.confirmed_low = 0
+
+    # ---------------------------------------------------------------- main loop
+    def serve(self):
+        poller = zmq.Poller()
+        poller.register(self.wrk, zmq.POLLIN)
+        poller.register(self.ctl, zmq.POLLIN)
+        input_registered = False
+        next_housekeeping = 0.0
+        while True:
+            want_input = self.accepting_input()
+            if want_input and not input_registered:
+                poller.register(self.inp, zmq.POLLIN)
+            elif input_registered and not want_input:
+                poller.unregister(self.inp)
+            input_registered = want_input
+            ready = dict(poller.poll(50))
+            if self.ctl in ready:
+                self.handle_control()
+            if self.wrk in ready:
+                self.handle_workers()
+            if input_registered and self.inp in ready:
+                self.read_input()
+            self.dispatch()
+            now = time.monotonic()
+            if now >= next_housekeeping:
+                next_housekeeping = now + 0.2
+                self.housekeeping(now)
+                if self.terminating and self.state == "stopped" and not self.stop_requesters:
+                    self.finish_terminate()
+                    return
+
+    def accepting_input(self) -> bool:
+        if self.state == "stopped" or (self.state == "stopping" and self.stop_drain_over()):
+            return False
+        if self.drop_when_busy:
+            return True
+        return len(self.pending) < self.queue_size and len(self.events) < self.max_held
+
+    def stop_drain_over(self) -> bool:
+        now = time.monotonic()
+        return (now - max(self.last_input, self.stop_since) >= self.stop_drain_s
+                or now - self.stop_since > self.stop_timeout_s / 2)
+
+    def read_input(self):
+        recv = self.inp.recv
+        now = time.monotonic()
+        if self.t_first_input is None:
+            self.t_first_input = now
+        n = nbytes = 0
+        busy_limit = min(self.queue_size - len(self.pending), self.max_held - len(self.events))
+        try:
+            for _ in range(2000):
+                if busy_limit <= 0:
+                    if not self.drop_when_busy:
+                        break
+                    recv(zmq.NOBLOCK)
+                    self.c["dropped"] += 1
+                    continue
+                msg = recv(zmq.NOBLOCK)
+                seq = self.next_seq
+                self.next_seq += 1
+                self.events[seq] = [msg, now, None]
+                self.pending.append(seq)
+                n += 1
+                nbytes += len(msg)
+                busy_limit -= 1
+        except zmq.Again:
+            pass
+        if n:
+            self.last_input = now
+        self.c["received"] += n
+        self.c["bytes_received"] += nbytes
+
+    def dispatch(self):
+        if not self.pending:
+            return
+        for w in sorted(self.workers.values(), key=lambda w: -w.credit):
+            if not self.pending:
+                break
+            if w.credit <= 0:
+                continue
+            take = min(w.credit, self.chunk)
+            seqs, envs = [], []
+            while self.pending and len(seqs) < take:
+                seq = self.pending.popleft()
+                e = self.events.get(seq)
+                if e is None or e[2] is not None:  # confirmed meanwhile / already out again
+                    continue
+                e[2] = w.ident
+                seqs.append(seq)
+                envs.append(e[0])
+            if not seqs:
+                break
+            try:
+                self.wrk.send_multipart([w.ident, P.EV, P.seqs_to_bytes(seqs), *envs], copy=False)
+            except zmq.ZMQError:  # the worker is gone (ROUTER_MANDATORY)
+                for seq in seqs:
+                    self.events[seq][2] = None
+                self.pending.extendleft(reversed(seqs))
+                self.lose_worker(w, "unreachable")
+                continue
+            w.credit -= len(seqs)
+            w.assigned.update(seqs)
+            w.sent += len(seqs)
+            self.c["dispatched"] += len(seqs)
+
+    def lose_worker(self, w: Worker, why: str):
+        if self.workers.pop(w.ident, None) is None:
+            return
+        back = sorted(s for s in w.assigned if s in self.events)
+        for s in back:
+            self.events[s][2] = None
+        self.pending.extendleft(reversed(back))
+        self.c["redelivered"] += len(back)
+        if why not in ("bye", "re-registered"):
+            self.workers_lost += 1
+        if why == "re-registered" and not back:
+            return
+        print(f"[distributor] worker {w.info.get('pid')} left ({why}); {len(back)} unconfirmed events go to "
+              f"other workers", flush=True)
+
+    def handle_workers(self):
+        now = time.monotonic()
+        while True:
+            try:
+                frames = self.wrk.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            ident, cmd = frames[0], frames[1]
+            w = self.workers.get(ident)
+            if cmd == P.READY:
+                info = P.unpack(frames[2])
+                if w is not None:  # re-registration (a new run): whatever it had is not coming back
+                    self.lose_worker(w, "re-registered")
+                self.workers[ident] = Worker(ident, info, now)
+                continue
+            if w is None:
+                if cmd != P.BYE:
+                    self._send(self.wrk, ident, P.WHO)
+                continue
+            w.last_seen = now
+            if cmd == P.CREDIT:
+                w.credit += int(frames[2])
+            elif cmd == P.HB:
+                w.status = P.unpack(frames[2])
+            elif cmd == P.BYE:
+                self.lose_worker(w, "bye")
+
+    def handle_control(self):
+        now = time.monotonic()
+        while True:
+            try:
+                frames = self.ctl.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            ident, cmd, body = frames[0], frames[1], frames[2:]
+            if cmd == P.CONFIRM:
+                self.confirm(P.seqs_from_bytes(body[0]), now)
+                if self.collector is not None and self.collector["ident"] == ident:
+                    self.collector["last_seen"] = now
+            elif cmd == P.HELLO:
+                info = P.unpack(body[0])
+                if info.get("role") == "collector":
+                    if self.collector is not None and self.collector["ident"] == ident:
+                        self.collector.update(last_seen=now, status=info)
+                    else:
+                        if self.collector is not None:
+                            self.collector_replaced()
+                        self.collector = {"ident": ident, "last_seen": now, "status": info, "run_ended": None}
+                    self._send(self.ctl, ident, P.LOW, str(self.low_watermark()).encode())
+                else:
+                    self.supervisors[ident] = {"last_seen": now, "status": info}
+            elif cmd == P.STATUS and body:  # a report
+                info = P.unpack(body[0])
+                if info.get("role") == "collector":
+                    if self.collector is None or self.collector["ident"] != ident:
+                        self._send(self.ctl, ident, P.WHO)
+                        continue
+                    self.collector.update(last_seen=now, status=info)
+                    self._send(self.ctl, ident, P.LOW, str(self.low_watermark()).encode())
+                else:
+                    self.supervisors[ident] = {"last_seen": now, "status": info}
+                    self.workers_restarted = int(info.get("workers_restarted", self.workers_restarted))
+            elif cmd == P.STATUS:  # a request
+                self._send(self.ctl, ident, P.OK, P.pack(self.status()))
+            elif cmd == P.RUN_ENDED:
+                info = P.unpack(body[0])
+                if self.collector is not None:
+                    self.collector["run_ended"] = info
+                    self.collector["last_seen"] = now
+            elif cmd == P.STOP:
+                if self.state == "stopped":
+                    self._send(self.ctl, ident, P.OK, P.pack({"state": "stopped", "run_index": self.run_index,
+                                                              "already": True}))
+                else:
+                    self.begin_stop()
+                    self.stop_requesters.append(ident)
+            elif cmd == P.START:
+                if self.state == "stopped":
+                    self.run_index += 1
+                    self.state = "running"
+                    print(f"[distributor] run {self.run_index} started", flush=True)
+                self._send(self.ctl, ident, P.OK, P.pack({"state": self.state, "run_index": self.run_index}))
+            elif cmd == P.TERMINATE:
+                self.terminate_requester = ident
+                self.request_terminate()
+            else:
+                self._send(self.ctl, ident, P.ERR, b"unknown command " + cmd)
+
+    def collector_replaced(self):
+        """A new collector: results the old one never confirmed are produced again."""
+        back = []
+        for seq, e in self.events.items():
+            if e[2] is not None:
+                e[2] = None
+                back.append(seq)
+        for w in self.workers.values():
+            w.assigned.clear()
+        back.sort()
+        self.pending.extendleft(reversed(back))
+        self.c["redelivered"] += len(back)
+        print(f"[distributor] a new collector registered; {len(back)} unconfirmed events are processed again",
+              flush=True)
+
+    def request_terminate(self):
+        self.terminating = True
+        if self.state == "running":
+            self.begin_stop()
+
+    def begin_stop(self):
+        if self.state == "running":
+            self.state = "stopping"
+            self.stop_since = time.monotonic()
+            if self.collector is not None:
+                self.collector["run_ended"] = None
+            print(f"[distributor] stopping run {self.run_index}", flush=True)
+
+    def confirm(self, seqs: np.ndarray, now: float):
+        t = []
+        pop = self.events.pop
+        workers = self.workers
+        for s in seqs.tolist():
+            e = pop(s, None)
+            if e is None:
+                self.c["confirmed_again"] += 1
+                continue
+            t.append(e[1])
+            w = workers.get(e[2]) if e[2] is not None else None
+            if w is not None:
+                w.assigned.discard(s)
+        if t:
+            self.latency.add(now - np.asarray(t))
+            self.c["confirmed"] += len(t)
+            self.t_last_confirm = now
+
+    def low_watermark(self) -> int:
+        """Every seq below this was confirmed (none is held any more)."""
+        return min(self.events) if self.events else self.next_seq
+
+    def housekeeping(self, now: float):
+        for w in list(self.workers.values()):
+            if now - w.last_seen > self.heartbeat_timeout_s:
+                self.lose_worker(w, f"no heartbeat for {self.heartbeat_timeout_s:g} s")
+        if self.state == "stopping" and self.stop_drain_over() and not self.events and not self.pending:
+            # Every event of the run is confirmed: end the run everywhere.
+            for w in list(self.workers.values()):
+                self._send(self.wrk, w.ident, P.END_RUN)
+            if self.collector is not None:
+                self._send(self.ctl, self.collector["ident"], P.END_RUN, str(self.run_index).encode())
+            self.state = "stopped"
+            self.stopped_at = now
+            print(f"[distributor] run {self.run_index} stopped: every event confirmed", flush=True)
+        if self.state == "stopped" and self.stop_requesters:
+            ended = self.collector is None or self.collector.get("run_ended") is not None
+            if ended or now - self.stopped_at > 30:
+                info = {"state": "stopped", "run_index": self.run_index,
+                        "collector": (self.collector or {}).get("run_ended"), "timeout": not ended}
+                for r in self.stop_requesters:
+                    self._send(self.ctl, r, P.OK, P.pack(info))
+                self.stop_requesters = []
+        if self.state == "stopping" and now - self.stop_since > self.stop_timeout_s:
+            print(f"[distributor] stop timed out with {len(self.events)} unconfirmed events", flush=True)
+            self.c["lost_at_stop"] += len(self.events)
+            self.events.clear()
+            self.pending.clear()
+            for w in self.workers.values():
+                w.assigned.clear()
+
+    def finish_terminate(self):
+        final = self.status()
+        for w in list(self.workers.values()):
+            self._send(self.wrk, w.ident, P.TERMINATE)
+        if self.collector is not None:
+            self._send(self.ctl, self.collector["ident"], P.TERMINATE)
+        for ident in self.supervisors:
+            self._send(self.ctl, ident, P.FINAL, P.pack(final))
+        if self.terminate_requester is not None:
+            self._send(self.ctl, self.terminate_requester, P.OK, P.pack(final))
+        print("[distributor] terminated: " + summary_line(final["processes"][0]), flush=True)
+
+    def _send(self, sock, ident, *frames):
+        try:
+            sock.send_multipart([ident, *frames], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    # ---------------------------------------------------------------- status and metrics
+    def own_status(self) -> dict:
+        wall = ((self.t_last_confirm or 0) - self.t_first_input) if self.t_first_input and self.t_last_confirm else 0
+        return {
+            "role": "distributor", "pid": os.getpid(), "host": socket.gethostname(), "state": self.state,
+            "run_index": self.run_index, "addresses": self.addresses,
+            "received": self.c["received"], "bytes_received": self.c["bytes_received"],
+            "dispatched": self.c["dispatched"], "confirmed": self.c["confirmed"],
+            "redelivered": self.c["redelivered"], "dropped": self.c["dropped"],
+            "lost_at_stop": self.c["lost_at_stop"],
+            "held": len(self.events), "queued": len(self.pending),
+            "workers_alive": len(self.workers), "workers_restarted": self.workers_restarted,
+            "workers_lost": self.workers_lost,
+            "latency_p50_s": self.latency.quantile(0.5), "latency_p99_s": self.latency.quantile(0.99),
+            "throughput_hz": self.c["confirmed"] / wall if wall > 0 else 0.0,
+            "metrics_port": getattr(self, "metrics_port", 0),
+        }
+
+    def status(self) -> dict:
+        procs = [self.own_status()]
+        now = time.monotonic()
+        for w in list(self.workers.values()):
+            d = {"role": "worker", "pid": w.info.get("pid"), "host": w.info.get("host"),
+                 "state": w.status.get("state", "ready"), "credit": w.credit, "assigned": len(w.assigned),
+                 "sent": w.sent, "last_seen_s": round(now - w.last_seen, 3),
+                 "metrics_port": w.info.get("metrics_port", 0)}
+            d.update({k: v for k, v in w.status.items() if k not in d})
+            procs.append(d)
+        if self.collector is not None:
+            d = dict(self.collector["status"])
+            d.update(role="collector", last_seen_s=round(now - self.collector["last_seen"], 3))
+            procs.append(d)
+        for s in list(self.supervisors.values()):
+            d = dict(s["status"])
+            d.update(role=d.get("role", "supervisor"), last_seen_s=round(now - s["last_seen"], 3))
+            procs.append(d)
+        return {"processes": procs}
+
+    def metrics_families(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        def counter(name, help_, value):
+            f = CounterMetricFamily(name, help_)
+            f.add_metric([], value)
+            return f
+
+        def gauge(name, help_, value):
+            f = GaugeMetricFamily(name, help_)
+            f.add_metric([], value)
+            return f
+
+        yield counter("eclreco_events_received", "Events read from the input", self.c["received"])
+        yield counter("eclreco_input_bytes_received", "Bytes read from the input", self.c["bytes_received"])
+        yield counter("eclreco_hlt_events_dispatched", "Events sent to workers (redeliveries included)",
+                      self.c["dispatched"])
+        yield counter("eclreco_hlt_events_confirmed", "Events confirmed by the collector", self.c["confirmed"])
+        yield counter("eclreco_hlt_events_redelivered", "Events given to another worker after a worker was lost",
+                      self.c["redelivered"])
+        yield counter("eclreco_hlt_events_dropped", "Events dropped because every worker was busy (--drop-when-busy)",
+                      self.c["dropped"])
+        yield counter("eclreco_hlt_events_lost_at_stop", "Events still unconfirmed when a stop timed out",
+                      self.c["lost_at_stop"])
+        yield gauge("eclreco_hlt_events_held", "Events held until the collector confirms them", len(self.events))
+        yield gauge("eclreco_input_queue_depth", "Events read and waiting for a worker", len(self.pending))
+        yield gauge("eclreco_events_in_flight", "Events at workers, not yet confirmed",
+                    len(self.events) - len(self.pending))
+        yield gauge("eclreco_hlt_workers_alive", "Workers with a recent heartbeat", len(self.workers))
+        yield counter("eclreco_hlt_workers_restarted", "Workers restarted by the farm supervisor",
+                      self.workers_restarted)
+        yield counter("eclreco_hlt_workers_lost", "Workers lost (no heartbeat, unreachable)", self.workers_lost)
+        yield gauge("eclreco_hlt_worker_credit", "Events the workers can take now",
+                    sum(w.credit for w in list(self.workers.values())))
+        yield gauge("eclreco_hlt_run_index", "Run of the farm (1, 2, ... after each start)", self.run_index)
+        h = HistogramMetricFamily("eclreco_hlt_event_latency_seconds",
+                                  "Event latency from distributor receipt to collector confirmation")
+        h.add_metric([], self.latency.buckets(PROM_LATENCY_BUCKETS), sum_value=self.latency.total)
+        yield h
+
+
+def summary_line(d: dict) -> str:
+    return (f"{d['confirmed']} events confirmed, {d['throughput_hz']:,.0f} events/s, latency p50 "
+            f"{d['latency_p50_s'] * 1e3:.2f} ms, p99 {d['latency_p99_s'] * 1e3:.2f} ms; redelivered "
+            f"{d['redelivered']}, dropped {d['dropped']}, workers lost {d['workers_lost']}, restarted "
+            f"{d['workers_restarted']}")
+
+
+def main(args) -> int:
+    d = Distributor(args.input, args.workers_addr, args.control, queue_size=args.queue_size,
+                    max_held=args.max_held, chunk=args.chunk, heartbeat_timeout_s=args.heartbeat_timeout,
+                    drop_when_busy=args.drop_when_busy, input_hwm=args.input_hwm, stop_drain_s=args.stop_drain,
+                    input_bind=not args.input_connect)
+    exporter = None
+    if args.metrics_port >= 0:
+        from eclreco.metrics import serve_process_metrics
+
+        try:
+            exporter = serve_process_metrics(args.metrics_port, args.metrics_host, role="distributor",
+                                             extra=d.metrics_families, framework=False)
+        except OSError as err:
+            print(f"[distributor] metrics port {args.metrics_port} unavailable ({err}); using a free port", flush=True)
+            exporter = serve_process_metrics(0, args.metrics_host, role="distributor", extra=d.metrics_families,
+                                             framework=False)
+        d.metrics_port = exporter.port
+    signals = {"n": 0}
+
+    def on_signal(sig, frame):
+        signals["n"] += 1
+        if signals["n"] > 1:
+            os._exit(1)
+        d.request_terminate()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print(f"[distributor] pid {os.getpid()} input {d.addresses['input']} workers {d.addresses['workers']} "
+          f"control {d.addresses['control']} metrics {d.metrics_port if exporter else '-'}", flush=True)
+    try:
+        d.serve()
+    finally:
+        if exporter is not None:
+            exporter.close()
+        time.sleep(0.2)  # let the last replies leave
+    return 0

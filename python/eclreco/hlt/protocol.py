@@ -1,0 +1,142 @@
+"""Messages between the HLT roles (documented in docs/deployment.md).
+
+Every message is a ZeroMQ multipart message whose first frame is a short ASCII command; bodies
+are MessagePack. Arrays travel as ``{"dtype": "<u4", "shape": [n, ...], "data": bytes}``.
+"""
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+
+FORMAT_VERSION = 1
+BATCH_TYPE = "eclreco.batch"
+
+# distributor <-> worker (ROUTER/DEALER on the workers address)
+READY = b"READY"        # worker -> distributor: {pid, host, credit, metrics_port, ...}
+CREDIT = b"CREDIT"      # worker -> distributor: b"<n>", n more events may be sent
+HB = b"HB"              # worker -> distributor: {state, counters}; heartbeat
+BYE = b"BYE"            # worker -> distributor: leaving; its unconfirmed events go elsewhere
+EV = b"EV"              # distributor -> worker: EV, seqs (uint64 LE bytes), envelope, envelope, ...
+END_RUN = b"END_RUN"    # distributor -> worker/collector: end the run (all events confirmed)
+TERMINATE = b"TERMINATE"  # distributor -> worker/collector: exit
+WHO = b"WHO"            # distributor -> worker/collector: unknown to me, register again
+
+# collector/supervisor/clients -> distributor (ROUTER on the control address)
+HELLO = b"HELLO"        # collector/supervisor: register {role, pid, ...}
+CONFIRM = b"CONFIRM"    # collector: seqs (uint64 LE bytes) written to the output
+STATUS = b"STATUS"      # collector/supervisor: periodic report {...}; client: request -> reply
+RUN_ENDED = b"RUN_ENDED"  # collector: output of the run closed {run_index, filename, events_written}
+LOW = b"LOW"            # distributor -> collector: b"<seq>", every seq below was confirmed
+STOP = b"STOP"          # client: end the run -> reply when the output is closed
+START = b"START"        # client: start a new run
+OK = b"OK"
+ERR = b"ERR"
+FINAL = b"FINAL"        # distributor -> supervisors: final statistics, just before exiting
+
+
+def pack(obj) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data) -> object:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def encode_array(a: np.ndarray) -> dict:
+    a = np.ascontiguousarray(a)
+    return {"dtype": a.dtype.str, "shape": list(a.shape), "data": a.tobytes()}
+
+
+def decode_array(d: dict) -> np.ndarray:
+    return np.frombuffer(d["data"], dtype=np.dtype(d["dtype"])).reshape(d["shape"])
+
+
+def seqs_to_bytes(seqs) -> bytes:
+    return np.asarray(seqs, dtype="<u8").tobytes()
+
+
+def seqs_from_bytes(data) -> np.ndarray:
+    return np.frombuffer(data, dtype="<u8")
+
+
+META_COLUMNS = ("exp", "run", "evt", "error_flags", "time_ns", "detector")
+
+
+def batch_to_message(batch, collections=("ECLClusters",), count_collections=("ECLDigits",), columns=(),
+                     seq_collection="HLTSequence", include_rejected=True) -> dict:
+    """One batch as the ZMQOutput message (a dict, MessagePack-ready); see docs/deployment.md."""
+    n = len(batch)
+    msg = {"v": FORMAT_VERSION, "type": BATCH_TYPE, "n": n,
+           "meta": {name: encode_array(getattr(batch, name)) for name in META_COLUMNS}}
+    if seq_collection and seq_collection in batch:
+        msg["seq"] = encode_array(batch[seq_collection]["seq"].astype("<u8"))
+    rej = batch.rejections()
+    if rej and include_rejected:
+        msg["rejections"] = [[int(i), r[0], r[1]] for i, r in sorted(rej.items())]
+    errors = batch.errors()
+    if errors:
+        msg["errors"] = [[int(i), m] for i, m in sorted(errors.items())]
+    cols = {}
+    wanted = set(columns)
+    for name in collections:
+        if name not in batch:
+            continue
+        c = batch[name]
+        counts = np.diff(c.offsets).astype("<i4")
+        cols[name] = {"counts": encode_array(counts),
+                      "columns": {k: encode_array(c[k]) for k in c.columns() if not wanted or k in wanted}}
+    for name in count_collections:
+        if name in batch and name not in cols:
+            cols[name] = {"counts": encode_array(np.diff(batch[name].offsets).astype("<i4")), "columns": {}}
+    msg["collections"] = cols
+    return msg
+
+
+class DecodedBatch:
+    """A ZMQOutput message as numpy arrays (read-only views on the message bytes)."""
+
+    def __init__(self, msg: dict):
+        if msg.get("type") != BATCH_TYPE or msg.get("v") != FORMAT_VERSION:
+            raise ValueError(f"not an eclreco batch message of version {FORMAT_VERSION}")
+        self.n = int(msg["n"])
+        self.meta = {k: decode_array(v) for k, v in msg["meta"].items()}
+        self.seq = decode_array(msg["seq"]) if "seq" in msg else None
+        self.rejections = {int(i): (reason, detail) for i, reason, detail in msg.get("rejections", [])}
+        self.errors = {int(i): m for i, m in msg.get("errors", [])}
+        self.collections = {name: (decode_array(c["counts"]), {k: decode_array(v) for k, v in c["columns"].items()})
+                            for name, c in msg.get("collections", {}).items()}
+
+
+def fill_batch(batch, parts: list[DecodedBatch], keeps: list[np.ndarray]):
+    """Fill an empty EventBatch with the kept events of decoded messages (concatenated)."""
+    n = int(sum(int(k.sum()) for k in keeps))
+    batch.resize(n)
+    if n == 0:
+        return
+    for name in META_COLUMNS:
+        if all(name in p.meta for p in parts):
+            getattr(batch, name)[:] = np.concatenate([p.meta[name][k] for p, k in zip(parts, keeps)])
+    names = set.intersection(*[set(p.collections) for p in parts]) if parts else set()
+    for name in sorted(names):
+        counts_l, cols_l = [], {}
+        colnames = set.intersection(*[set(p.collections[name][1]) for p in parts])
+        for p, k in zip(parts, keeps):
+            counts, cols = p.collections[name]
+            counts_l.append(counts[k])
+            row_keep = np.repeat(k, counts)
+            for c in colnames:
+                cols_l.setdefault(c, []).append(cols[c][row_keep])
+        counts = np.concatenate(counts_l).astype(np.int64)
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        batch.add_collection(name, offsets, {c: np.concatenate(v) for c, v in cols_l.items()})
+    # Rejections and module errors, renumbered to the kept events.
+    base = 0
+    for p, k in zip(parts, keeps):
+        newidx = np.cumsum(k) - 1
+        for i, (reason, detail) in p.rejections.items():
+            if k[i]:
+                batch.reject(base + int(newidx[i]), reason, detail)
+        for i, m in p.errors.items():
+            if k[i]:
+                batch.flag_error(base + int(newidx[i]), m)
+        base += int(k.sum())

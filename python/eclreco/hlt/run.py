@@ -1,0 +1,198 @@
+"""`eclreco hlt run`: a local farm (1 distributor, N workers, 1 collector) and its supervisor.
+
+The supervisor starts each role as its own OS process (in its own session, so that a Ctrl-C on
+the terminal reaches only the supervisor), restarts dead workers (up to --max-restarts, counted
+and reported to the distributor), turns SIGINT/SIGTERM into stop + terminate, and prints the
+achieved throughput and the p50/p99 latency at the end.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import zmq
+
+from eclreco.hlt import protocol as P
+from eclreco.hlt.control import ControlError, status
+from eclreco.hlt.distributor import summary_line
+
+
+def free_address(host: str = "127.0.0.1") -> str:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return f"tcp://{host}:{s.getsockname()[1]}"
+
+
+class Farm:
+    def __init__(self, args):
+        self.args = args
+        self.exe = [sys.executable, "-m", "eclreco.cli", "hlt"]
+        self.workers_addr = args.workers_addr
+        self.collector_addr = args.collector_addr or free_address()
+        base = args.metrics_base_port
+        self.mport = (lambda k: base + k) if base > 0 else (lambda k: base)
+        self.workers: list[subprocess.Popen | None] = []
+        self.restarts = 0
+        self.final: dict | None = None
+        self.terminating = False
+
+    def popen(self, cmd):
+        return subprocess.Popen(cmd, start_new_session=True)
+
+    def start_distributor(self):
+        a = self.args
+        cmd = self.exe + ["distributor", "--input", a.input, "--workers-addr", self.workers_addr, "--control",
+                          a.control, "--queue-size", str(a.queue_size), "--max-held", str(a.max_held),
+                          "--chunk", str(a.chunk), "--heartbeat-timeout", str(a.heartbeat_timeout),
+                          "--input-hwm", str(a.input_hwm), "--stop-drain", str(a.stop_drain),
+                          "--metrics-port", str(self.mport(0)), "--metrics-host", a.metrics_host]
+        if a.drop_when_busy:
+            cmd.append("--drop-when-busy")
+        if a.input_connect:
+            cmd.append("--input-connect")
+        self.distributor = self.popen(cmd)
+
+    def start_collector(self):
+        a = self.args
+        self.collector = self.popen(self.exe + ["collector", "--collector-addr", self.collector_addr, "--control",
+                                                a.control, "--output", a.output, "--metrics-port",
+                                                str(self.mport(1)), "--metrics-host", a.metrics_host])
+
+    def worker_cmd(self, i: int):
+        a = self.args
+        cmd = self.exe + ["worker"]
+        if a.worker_steering:
+            cmd.append(a.worker_steering)
+        cmd += ["--distributor", self.workers_addr, "--collector", self.collector_addr, "--threads", str(a.threads),
+                "--batch-size", str(a.batch_size), "--modules", a.modules, "--metrics-port", str(self.mport(2 + i)),
+                "--metrics-host", a.metrics_host, "--heartbeat", str(min(0.5, a.heartbeat_timeout / 5))]
+        if a.no_cnn:
+            cmd.append("--no-cnn")
+        return cmd
+
+    def report(self, sock):
+        sock.send_multipart([P.STATUS, P.pack({"role": "supervisor", "pid": os.getpid(), "host": socket.gethostname(),
+                                               "state": "terminating" if self.terminating else "running",
+                                               "workers": len(self.workers), "workers_restarted": self.restarts})])
+
+    def run(self) -> int:
+        a = self.args
+        self.start_distributor()
+        t0 = time.monotonic()
+        while True:  # the control address answers once the distributor is up
+            if self.distributor.poll() is not None:
+                print("[hlt run] the distributor failed to start", file=sys.stderr, flush=True)
+                return 1
+            try:
+                status(a.control, timeout_s=1.0)
+                break
+            except ControlError:
+                if time.monotonic() - t0 > 60:
+                    print("[hlt run] the distributor does not answer", file=sys.stderr, flush=True)
+                    self.kill_all()
+                    return 1
+        self.start_collector()
+        self.workers = [self.popen(self.worker_cmd(i)) for i in range(a.workers)]
+        print(f"[hlt run] farm up: input {a.input} control {a.control} workers {a.workers} output {a.output}",
+              flush=True)
+        ctx = zmq.Context.instance()
+        ctl = ctx.socket(zmq.DEALER)
+        ctl.setsockopt(zmq.LINGER, 1000)
+        ctl.connect(a.control)
+        self.report(ctl)
+        signals = {"n": 0}
+
+        def on_signal(sig, frame):
+            signals["n"] += 1
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        handled_signals = 0
+        next_report = 0.0
+        rc = 0
+        while True:
+            if signals["n"] > handled_signals:
+                handled_signals = signals["n"]
+                if handled_signals == 1:
+                    print("[hlt run] signal: stop the run, then terminate the farm", flush=True)
+                    self.terminating = True
+                    ctl.send_multipart([P.TERMINATE])  # the distributor stops the run first
+                else:
+                    print("[hlt run] second signal: killing the farm", flush=True)
+                    self.kill_all()
+                    return 1
+            while ctl.poll(0):
+                frames = ctl.recv_multipart()
+                if frames[0] == P.FINAL or (frames[0] == P.OK and len(frames) > 1):
+                    body = P.unpack(frames[1])
+                    if "processes" in body:
+                        self.final = body
+                        self.terminating = True
+            if self.distributor.poll() is not None:
+                self.terminating = True
+                break
+            if self.collector.poll() is not None and not self.terminating:
+                print(f"[hlt run] the collector exited ({self.collector.returncode}); terminating the farm",
+                      file=sys.stderr, flush=True)
+                rc = 1
+                self.terminating = True
+                ctl.send_multipart([P.TERMINATE])
+            for i, w in enumerate(self.workers):
+                if w is not None and w.poll() is not None and not self.terminating:
+                    if self.restarts >= a.max_restarts:
+                        print(f"[hlt run] worker {w.pid} exited ({w.returncode}); no restarts left", flush=True)
+                        self.workers[i] = None
+                        continue
+                    self.restarts += 1
+                    print(f"[hlt run] worker {w.pid} exited ({w.returncode}); restart {self.restarts}", flush=True)
+                    self.workers[i] = self.popen(self.worker_cmd(i))
+                    self.report(ctl)
+            now = time.monotonic()
+            if now >= next_report:
+                next_report = now + 1.0
+                self.report(ctl)
+            time.sleep(0.1)
+        # The distributor has gone (after terminate): the others follow it.
+        deadline = time.monotonic() + 60
+        for p in [self.collector, *[w for w in self.workers if w is not None]]:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"[hlt run] process {p.pid} did not exit; killing it", flush=True)
+                p.kill()
+                p.wait()
+        while ctl.poll(200):
+            frames = ctl.recv_multipart()
+            if frames[0] in (P.FINAL, P.OK) and len(frames) > 1:
+                body = P.unpack(frames[1])
+                if "processes" in body:
+                    self.final = body
+        ctl.close(0)
+        if self.distributor.returncode not in (0, None):
+            rc = 1
+        if self.final is not None:
+            d = self.final["processes"][0]
+            d["workers_restarted"] = self.restarts
+            print("[hlt run] " + summary_line(d), flush=True)
+            print(f"[hlt run] throughput {d['throughput_hz']:.0f} events/s, latency p50 "
+                  f"{d['latency_p50_s'] * 1e3:.2f} ms, p99 {d['latency_p99_s'] * 1e3:.2f} ms", flush=True)
+        return rc
+
+    def kill_all(self):
+        for p in [getattr(self, "distributor", None), getattr(self, "collector", None), *self.workers]:
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def main(args) -> int:
+    farm = Farm(args)
+    try:
+        return farm.run()
+    except BaseException:
+        farm.kill_all()
+        raise

@@ -1,0 +1,302 @@
+"""The HLT worker: a steering file whose path is  HLTWorkerInput -> reconstruction -> ZMQOutput.
+
+:class:`WorkerLink` owns the DEALER socket to the distributor for the life of the process:
+READY with the credit it can take, CREDIT as events leave the path, heartbeats with counters,
+BYE when leaving. :class:`HLTWorkerInput` is the path's source; it only touches the socket
+from the framework's reader thread, so a worker that hangs stops heartbeating and loses its
+events to the others. :func:`run_worker` runs one eclreco.process() per run until TERMINATE.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import runpy
+import socket
+import sys
+import time
+import uuid
+
+import numpy as np
+import zmq
+
+import eclreco
+from eclreco import Module, _core
+from eclreco.hlt import protocol as P
+
+SEQ_COLLECTION = "HLTSequence"
+
+
+class WorkerLink:
+    def __init__(self, distributor: str, capacity: int = 1024, heartbeat_s: float = 0.5, metrics_port: int = 0,
+                 threads: int = 1):
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.ident = f"w-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}".encode()
+        self.sock.setsockopt(zmq.IDENTITY, self.ident)
+        self.sock.setsockopt(zmq.LINGER, 2000)
+        self.sock.connect(distributor)
+        self.capacity = capacity
+        self.heartbeat_s = heartbeat_s
+        self.metrics_port = metrics_port
+        self.threads = threads
+        self.buffer: collections.deque = collections.deque()  # (seqs, envelopes)
+        self.buffered = 0
+        self.outstanding = 0      # credit the distributor holds for us
+        self.received_run = 0     # events received in this process() run
+        self.end_run = False
+        self.terminate = False
+        self.next_hb = 0.0
+        self.registered = False
+        self.state = "idle"
+        self.events_received = 0
+
+    def in_worker(self) -> int:
+        s = eclreco.statistics.state
+        done = (s.processed + s.rejected) if s is not None and s.running else self.received_run
+        return self.received_run - done
+
+    def register(self):
+        self.outstanding = max(0, self.capacity - self.in_worker() - self.buffered)
+        self.sock.send_multipart([P.READY, P.pack({"pid": os.getpid(), "host": socket.gethostname(),
+                                                   "credit": self.outstanding, "metrics_port": self.metrics_port,
+                                                   "threads": self.threads, "capacity": self.capacity})])
+        self.registered = True
+
+    def status(self) -> dict:
+        s = eclreco.statistics.state
+        d = {"state": self.state, "buffered": self.buffered, "events_received": self.events_received}
+        if s is not None:
+            d.update(received=s.received, processed=s.processed, rejected=s.rejected, errors=s.errors,
+                     batches=s.batches)
+        return d
+
+    def service(self):
+        """Non-blocking: read what the distributor sent, send credit and heartbeats when due."""
+        while True:
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            cmd = frames[0]
+            if cmd == P.EV:
+                seqs = P.seqs_from_bytes(frames[1])
+                self.buffer.append((seqs, frames[2:]))
+                n = len(seqs)
+                self.buffered += n
+                self.outstanding -= n
+                self.events_received += n
+            elif cmd == P.END_RUN:
+                self.end_run = True
+            elif cmd == P.TERMINATE:
+                self.end_run = self.terminate = True
+            elif cmd == P.WHO:
+                self.register()
+        if not self.registered:
+            self.register()
+        if not self.end_run:
+            grant = self.capacity - self.outstanding - self.in_worker() - self.buffered
+            if grant >= max(1, self.capacity // 4) or (grant > 0 and self.outstanding == 0):
+                self.sock.send_multipart([P.CREDIT, str(grant).encode()])
+                self.outstanding += grant
+        now = time.monotonic()
+        if now >= self.next_hb:
+            self.next_hb = now + self.heartbeat_s
+            self.sock.send_multipart([P.HB, P.pack(self.status())])
+
+    def take(self, max_events: int):
+        seqs, envs, n = [], [], 0
+        while self.buffer and n < max_events:
+            s, e = self.buffer[0]
+            room = max_events - n
+            if len(s) > room:
+                self.buffer[0] = (s[room:], e[room:])
+                s, e = s[:room], e[:room]
+            else:
+                self.buffer.popleft()
+            seqs.append(s)
+            envs.extend(e)
+            n += len(s)
+        self.buffered -= n
+        self.received_run += n
+        return (np.concatenate(seqs) if seqs else np.zeros(0, "<u8")), envs
+
+    def wait(self, timeout_s: float):
+        self.sock.poll(max(1, int(timeout_s * 1000)), zmq.POLLIN)
+
+    def bye(self):
+        try:
+            self.sock.send_multipart([P.BYE], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        self.sock.close(1000)
+
+
+class HLTWorkerInput(Module):
+    """HLT worker source: raw events from the distributor (credit-based), with their sequence ids."""
+
+    def __init__(self, link: WorkerLink | None = None):
+        super().__init__()
+        self.add_param("max_latency_ms", 5.0, "longest wait for a batch to fill after its first event")
+        self.add_param("poll_ms", 100.0, "longest time between returns to the framework")
+        self.link = link
+
+    def is_source(self):
+        return True
+
+    def initialize(self):
+        if self.link is None:
+            raise RuntimeError("HLTWorkerInput needs a WorkerLink (use eclreco.hlt.worker.run_worker)")
+        link = self.link
+        link.received_run = 0
+        link.end_run = link.terminate
+        link.state = "ready"
+        link.register()
+
+    def begin_run(self, exp, run):
+        self.link.state = "running"
+
+    def next_batch(self, batch, max_events):
+        from eclreco.modules.zmq_input import append_envelopes
+
+        link = self.link
+        latency = self.param("max_latency_ms") * 1e-3
+        t0 = time.monotonic()
+        t_first = None
+        while True:
+            link.service()
+            if _core.stop_requested():
+                return False
+            now = time.monotonic()
+            if link.buffered and t_first is None:
+                t_first = now
+            if link.buffered >= max_events or (t_first is not None and now - t_first >= latency):
+                break
+            if link.end_run:
+                if link.buffered:
+                    break
+                return False
+            wait = (t_first + latency - now) if t_first is not None else (self.param("poll_ms") * 1e-3 - (now - t0))
+            if wait <= 0:
+                break
+            link.wait(min(wait, link.heartbeat_s))
+        seqs, envs = link.take(max_events)
+        if envs:
+            append_envelopes(batch, envs)
+            batch.add_collection(SEQ_COLLECTION, np.arange(len(envs) + 1, dtype=np.int64), {"seq": seqs})
+        return True
+
+    def end_run(self, exp, run):
+        self.link.state = "ready"
+
+
+def run_worker(path, link: WorkerLink, threads: int = 1, batch_size: int = 256, exporter=None) -> int:
+    """One eclreco.process() per run until the distributor says TERMINATE or a signal arrives."""
+    try:
+        while True:
+            eclreco.process(path, threads=threads, batch_size=batch_size)
+            if exporter is not None:
+                exporter.checkpoint()
+            if _core.stop_requested() or link.terminate:
+                break
+            link.state = "idle"
+        return 0
+    finally:
+        link.state = "exiting"
+        link.bye()
+
+
+def add_worker_arguments(ap: argparse.ArgumentParser):
+    ap.add_argument("--distributor", default="tcp://127.0.0.1:5556", help="the distributor's workers address")
+    ap.add_argument("--collector", default="tcp://127.0.0.1:5558", help="the collector's input address")
+    ap.add_argument("--threads", type=int, default=1, help="processing threads of this worker")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--capacity", type=int, default=0, help="events this worker holds at most (0: 4 batches/thread)")
+    ap.add_argument("--heartbeat", type=float, default=0.5, help="seconds between heartbeats")
+    ap.add_argument("--max-latency", type=float, default=5.0, help="ms to wait for a batch to fill")
+    ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0: a free port, -1: none)")
+    ap.add_argument("--metrics-host", default="127.0.0.1")
+    ap.add_argument("--modules", default="standard",
+                    help="'standard' (add_reconstruction), 'none', or a comma-separated list of modules")
+    ap.add_argument("--no-cnn", action="store_true", help="classical leakage correction only")
+    ap.add_argument("--model", default="", help="ONNX model of the CNN")
+
+
+def start_worker(args, build_reconstruction) -> int:
+    """Common body of worker steering files: link, path, metrics, run loop."""
+    capacity = args.capacity or 4 * args.batch_size * max(1, args.threads)
+    exporter = None
+    path = eclreco.create_path()
+    if args.metrics_port >= 0:
+        from eclreco.metrics import serve_process_metrics
+
+        try:
+            exporter = serve_process_metrics(args.metrics_port, args.metrics_host, role="worker")
+        except OSError:
+            exporter = serve_process_metrics(0, args.metrics_host, role="worker")
+    link = WorkerLink(args.distributor, capacity=capacity, heartbeat_s=args.heartbeat,
+                      metrics_port=exporter.port if exporter else 0, threads=args.threads)
+    path.add_module(HLTWorkerInput(link), max_latency_ms=args.max_latency)
+    build_reconstruction(path)
+    add_output(path, args)
+    if exporter is not None:
+        exporter.set_path(path)
+    print(f"[worker] pid {os.getpid()} {path} distributor {args.distributor} collector {args.collector} "
+          f"metrics {exporter.port if exporter else '-'}", flush=True)
+    try:
+        return run_worker(path, link, threads=args.threads, batch_size=args.batch_size, exporter=exporter)
+    finally:
+        if exporter is not None:
+            exporter.close()
+
+
+def add_output(path, args):
+    """ZMQOutput to the collector, with the cluster columns that RootOutput writes."""
+    from eclreco.modules.root_output import CLUSTER_BRANCHES
+
+    path.add_module("ZMQOutput", address=args.collector, bind=False, columns=list(CLUSTER_BRANCHES))
+
+
+def add_chosen_reconstruction(path, args):
+    """--modules: 'standard' -> add_reconstruction, 'none', or an explicit comma-separated list."""
+    if args.modules == "standard":
+        from eclreco.reconstruction import add_reconstruction
+
+        add_reconstruction(path, cnn=not args.no_cnn, model=args.model)
+    elif args.modules and args.modules != "none":
+        for name in args.modules.split(","):
+            path.add_module(name.strip())
+
+
+def default_steering() -> str | None:
+    """steering/hlt_worker.py of the source tree, if it can be found."""
+    env = os.environ.get("ECLRECO_HLT_WORKER_STEERING")
+    if env:
+        return env
+    candidates = [os.getcwd()]
+    d = os.path.dirname(os.path.abspath(__file__))
+    while os.path.dirname(d) != d:  # every ancestor: finds the source tree of an in-tree .venv
+        candidates.append(d)
+        d = os.path.dirname(d)
+    for base in candidates:
+        cand = os.path.join(base, "steering", "hlt_worker.py")
+        if os.path.exists(cand):
+            return cand
+    return None
+
+
+def main(args) -> int:
+    """`eclreco hlt worker [STEERING.py] [args...]`: run the steering file as __main__."""
+    steering = args.steering or default_steering()
+    argv = list(args.worker_args)
+    if steering is None:  # installed without the source tree: the same path, built in
+        ap = argparse.ArgumentParser(prog="eclreco hlt worker")
+        add_worker_arguments(ap)
+        wargs = ap.parse_args(argv)
+        return start_worker(wargs, lambda path: add_chosen_reconstruction(path, wargs))
+    sys.argv = [steering, *argv]
+    try:
+        runpy.run_path(steering, run_name="__main__")
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0

@@ -1,0 +1,287 @@
+"""Prometheus metrics of an eclreco process (steering job or HLT role).
+
+:func:`serve_process_metrics` starts an HTTP exporter (a daemon thread) whose custom collector
+reads the live C++ counters of the running process (``eclreco.statistics.state``) and the
+``counters()`` of the path's modules ONLY when Prometheus scrapes: the event loop makes no
+Python call per event for monitoring.
+
+Metric names follow the Prometheus conventions (base units, ``_total`` for counters)::
+
+    eclreco_process_info{role, version}                 1
+    eclreco_events_received_total                       events read by the input module
+    eclreco_events_processed_total                      events through the whole path
+    eclreco_events_rejected_total{reason}               malformed input, by reason
+    eclreco_events_module_errors_total                  events flagged by a failing module
+    eclreco_batches_total                               batches through the whole path
+    eclreco_events_in_flight                            received, not yet through the path
+    eclreco_batches_in_flight
+    eclreco_events_per_batch                            histogram (1, 2, 4, ... 1024)
+    eclreco_module_batch_seconds{module}                histogram of module time per batch
+    eclreco_module_events_total{module}
+    eclreco_input_messages_received_total               ZeroMQ inputs
+    eclreco_input_bytes_received_total
+    eclreco_input_disconnects_total                     closes and refused (oversized) messages
+    eclreco_input_queue_depth                           messages waiting in the input
+    eclreco_cnn_inference_seconds_total                 CNN energy correction, if present
+    eclreco_cnn_clusters_corrected_total
+    eclreco_module_value{module, name}                  every other module counter
+
+HLT roles add their own families through ``extra`` (a callable returning metric families),
+e.g. the distributor's workers alive / restarted, drops and latency.
+"""
+from __future__ import annotations
+
+import os
+import re
+import threading
+from typing import Callable, Iterable
+
+from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+import eclreco
+from eclreco import _core
+
+EVENTS_PER_BATCH_BUCKETS = [float(1 << k) for k in range(11)]  # 1 .. 1024, then +Inf
+
+# Module counter name (as returned by Module.counters()) -> (metric, type, help). Matched by
+# substring so that e.g. "cnn_inference_seconds" and "inference_seconds" both land.
+_KNOWN_COUNTERS = [
+    ("inference_seconds", "eclreco_cnn_inference_seconds", "counter", "Seconds spent in CNN inference"),
+    ("clusters_corrected", "eclreco_cnn_clusters_corrected", "counter", "Clusters corrected by the CNN"),
+    ("bytes_received", "eclreco_input_bytes_received", "counter", "Bytes received by the input module"),
+    ("messages_received", "eclreco_input_messages_received", "counter", "Messages received by the input"),
+    ("disconnects", "eclreco_input_disconnects", "counter",
+     "Peer connections dropped at the input (a sender closing, or a message over max_message_bytes)"),
+    ("queue_depth", "eclreco_input_queue_depth", "gauge", "Messages waiting in the input module"),
+]
+
+
+def _hist_buckets(bounds: Iterable[float], counts: list[int]) -> list[tuple[str, float]]:
+    """Per-bucket counts (last = +Inf) -> cumulative Prometheus buckets."""
+    out, total = [], 0
+    bounds = list(bounds)
+    for le, c in zip(bounds + [float("inf")], counts):
+        total += int(c)
+        out.append(("+Inf" if le == float("inf") else repr(float(le)), total))
+    return out
+
+
+class _Totals:
+    """Counters of earlier process() calls of this process (HLT roles run one per run), so that
+    the exported counters stay monotonic across runs."""
+
+    def __init__(self):
+        self.received = self.processed = self.errors = self.batches = 0
+        self.rejected: dict[str, int] = {}
+        self.per_batch = [0] * 12
+        self.modules: dict[str, dict] = {}
+        self.counters: dict[tuple[str, str], float] = {}
+
+    def add_state(self, s, modules):
+        self.received += s.received
+        self.processed += s.processed
+        self.errors += s.errors
+        self.batches += s.batches
+        for k, v in s.rejected_by_reason().items():
+            self.rejected[k] = self.rejected.get(k, 0) + v
+        self.per_batch = [a + b for a, b in zip(self.per_batch, s.events_per_batch_hist())]
+        for i, m in enumerate(s.modules()):
+            key = f"{i}:{m['name']}"
+            acc = self.modules.setdefault(key, {"name": m["name"], "calls": 0, "events": 0, "seconds": 0.0,
+                                                "hist": [0] * len(m["batch_seconds_hist"])})
+            acc["calls"] += m["calls"]
+            acc["events"] += m["events"]
+            acc["seconds"] += m["seconds"]
+            acc["hist"] = [a + b for a, b in zip(acc["hist"], m["batch_seconds_hist"])]
+
+
+class ProcessMetricsCollector(Collector):
+    """Reads the live counters at scrape time."""
+
+    def __init__(self, role: str, path=None, extra: Callable[[], Iterable] | None = None, framework: bool = True):
+        self.role = role
+        self.framework = framework
+        self.path = path
+        self.extra = extra
+        self.totals = _Totals()
+        self._lock = threading.Lock()
+        self._checkpointed_state = None
+
+    def checkpoint(self):
+        """Fold the counters of the process() call that just ended into the running totals."""
+        with self._lock:
+            s = eclreco.statistics.state
+            if s is None or s is self._checkpointed_state:
+                return
+            self.totals.add_state(s, self.path)
+            self._checkpointed_state = s
+
+    def _live_state(self):
+        s = eclreco.statistics.state
+        return None if s is None or s is self._checkpointed_state else s
+
+    def collect(self):
+        with self._lock:
+            yield from self._collect()
+
+    def _collect(self):
+        t = self.totals
+        s = self._live_state()
+        info = GaugeMetricFamily("eclreco_process_info", "eclreco process: role and version",
+                                 labels=["role", "version", "pid"])
+        info.add_metric([self.role, eclreco.__version__, str(os.getpid())], 1)
+        yield info
+        if self.framework:
+            yield from self._collect_framework(t, s)
+        if self.extra is not None:
+            yield from self.extra()
+
+    def _collect_framework(self, t, s):
+        running = GaugeMetricFamily("eclreco_process_running", "1 while an event loop is running")
+        running.add_metric([], 1 if (s is not None and s.running) else 0)
+        yield running
+
+        def val(attr):
+            return getattr(t, attr) + (getattr(s, attr) if s is not None else 0)
+
+        for attr, help_ in (("received", "Events read by the input module"),
+                            ("processed", "Events processed through the whole path (not rejected)"),
+                            ("batches", "Batches processed through the whole path")):
+            name = "eclreco_batches" if attr == "batches" else f"eclreco_events_{attr}"
+            c = CounterMetricFamily(name, help_)
+            c.add_metric([], val(attr))
+            yield c
+        err = CounterMetricFamily("eclreco_events_module_errors", "Events flagged because a module raised")
+        err.add_metric([], val("errors"))
+        yield err
+
+        rejected = dict(t.rejected)
+        if s is not None:
+            for k, v in s.rejected_by_reason().items():
+                rejected[k] = rejected.get(k, 0) + v
+        rej = CounterMetricFamily("eclreco_events_rejected", "Events rejected at input, by reason",
+                                  labels=["reason"])
+        for reason, n in sorted(rejected.items()):
+            rej.add_metric([reason], n)
+        yield rej
+
+        in_flight = GaugeMetricFamily("eclreco_events_in_flight", "Events received and not yet through the path")
+        bif = GaugeMetricFamily("eclreco_batches_in_flight", "Batches dispatched and not yet through the path")
+        if s is not None:
+            in_flight.add_metric([], max(0, s.received - s.processed - s.rejected))
+            bif.add_metric([], s.batches_in_flight)
+        else:
+            in_flight.add_metric([], 0)
+            bif.add_metric([], 0)
+        yield in_flight
+        yield bif
+
+        per_batch = list(t.per_batch)
+        if s is not None:
+            per_batch = [a + b for a, b in zip(per_batch, s.events_per_batch_hist())]
+        h = HistogramMetricFamily("eclreco_events_per_batch", "Events per batch through the path")
+        h.add_metric([], _hist_buckets(EVENTS_PER_BATCH_BUCKETS, per_batch),
+                     sum_value=val("processed") + sum(rejected.values()))
+        yield h
+
+        modules = {k: dict(v, hist=list(v["hist"])) for k, v in t.modules.items()}
+        if s is not None:
+            for i, m in enumerate(s.modules()):
+                key = f"{i}:{m['name']}"
+                acc = modules.setdefault(key, {"name": m["name"], "calls": 0, "events": 0, "seconds": 0.0,
+                                               "hist": [0] * len(m["batch_seconds_hist"])})
+                acc["calls"] += m["calls"]
+                acc["events"] += m["events"]
+                acc["seconds"] += m["seconds"]
+                acc["hist"] = [a + b for a, b in zip(acc["hist"], m["batch_seconds_hist"])]
+        mh = HistogramMetricFamily("eclreco_module_batch_seconds", "Time a module spends on one batch",
+                                   labels=["module"], unit="")
+        me = CounterMetricFamily("eclreco_module_events", "Events seen by a module", labels=["module"])
+        seen = {}
+        for key, m in sorted(modules.items(), key=lambda kv: int(kv[0].split(":")[0])):
+            label = m["name"]
+            if label in seen:  # the same module type twice in a path
+                seen[label] += 1
+                label = f"{label}#{seen[label]}"
+            else:
+                seen[label] = 0
+            mh.add_metric([label], _hist_buckets(_core.BATCH_SECONDS_BUCKETS, m["hist"]), sum_value=m["seconds"])
+            me.add_metric([label], m["events"])
+        yield mh
+        yield me
+
+        yield from self._module_counters()
+
+    def _module_counters(self):
+        families: dict[str, object] = {}
+        generic = GaugeMetricFamily("eclreco_module_value", "Other module-specific counters (Module.counters())",
+                                    labels=["module", "name"])
+        modules = list(self.path.modules) if self.path is not None else []
+        for m in modules:
+            try:
+                counters = m.counters()
+            except Exception:  # noqa: BLE001 - a module's monitoring must never break the scrape
+                continue
+            for key, value in counters.items():
+                for pattern, name, kind, help_ in _KNOWN_COUNTERS:
+                    if pattern in key:
+                        fam = families.get(name)
+                        if fam is None:
+                            cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                            fam = families[name] = cls(name, help_, labels=["module"])
+                        fam.add_metric([m.type], float(value))
+                        break
+                else:
+                    generic.add_metric([m.type, re.sub(r"[^a-zA-Z0-9_]", "_", key)], float(value))
+        yield from families.values()
+        yield generic
+
+
+class MetricsExporter:
+    """A running exporter; ``.port`` is the bound port, ``.close()`` stops it."""
+
+    def __init__(self, server, thread, collector: ProcessMetricsCollector, registry: CollectorRegistry):
+        self._server, self._thread = server, thread
+        self.collector = collector
+        self.registry = registry
+        self.host, self.port = server.server_address[:2]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/metrics"
+
+    def checkpoint(self):
+        self.collector.checkpoint()
+
+    def set_path(self, path):
+        self.collector.path = path
+
+    def close(self):
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def serve_process_metrics(port: int, host: str = "127.0.0.1", role: str = "reco", path=None,
+                          extra: Callable[[], Iterable] | None = None, framework: bool = True) -> MetricsExporter:
+    """Start the Prometheus exporter of this process on host:port (port 0: a free port).
+
+    `path` (an eclreco Path) adds its modules' counters(); `extra` adds role-specific families;
+    framework=False leaves out the event-loop families (a process without eclreco.process()).
+    Returns an exporter with ``.port``, ``.url`` and ``.close()``.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    collector = ProcessMetricsCollector(role, path, extra, framework)
+    registry.register(collector)
+    ProcessCollector(registry=registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+    server, thread = start_http_server(port, addr=host, registry=registry)
+    return MetricsExporter(server, thread, collector, registry)

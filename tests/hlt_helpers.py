@@ -1,0 +1,58 @@
+"""Helpers of the streaming/HLT tests: wire-format envelopes, free ports, a PUSH feeder."""
+from __future__ import annotations
+
+import socket
+import struct
+import time
+import zlib
+
+import msgpack
+import zmq
+
+
+def payload(evt: int) -> bytes:
+    """A valid ECL payload (spec/wire-format.md): collector 1, shaper 1, one or two good hits."""
+    mask = 0b1 if evt % 2 == 0 else 0b11
+    hits = [(1000 + evt % 500) + 128] + ([400 + 128] if mask == 0b11 else [])
+    words = [(0xEC << 24) | (1 << 16) | (1 + len(hits)), (0x10 << 24) | (1 << 16) | mask] + hits
+    return struct.pack(f"<{len(words)}I", *words)
+
+
+def envelope(evt: int, exp: int = 1, run: int = 1, det: str = "belle2-ecl") -> bytes:
+    ecl = payload(evt)
+    return msgpack.packb({"v": 1, "exp": exp, "run": run, "evt": evt, "det": det, "ecl": ecl,
+                          "time_ns": 1_700_000_000_000_000_000 + evt, "crc32": zlib.crc32(ecl)},
+                         use_bin_type=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_address() -> str:
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
+def push_events(address: str, evts, exp: int = 1, run: int = 1, rate_hz: float = 0.0, timeout_s: float = 60.0,
+                ctx=None) -> int:
+    """Connect a PUSH socket to `address` and send one envelope per evt (blocking on backpressure)."""
+    ctx = ctx or zmq.Context.instance()
+    s = ctx.socket(zmq.PUSH)
+    s.setsockopt(zmq.SNDHWM, 1000)
+    s.setsockopt(zmq.LINGER, int(timeout_s * 1000))
+    s.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+    s.connect(address)
+    t0 = time.monotonic()
+    n = 0
+    for k, e in enumerate(evts):
+        if rate_hz > 0:
+            due = t0 + k / rate_hz
+            delay = due - time.monotonic()
+            if delay > 0.001:
+                time.sleep(delay)
+        s.send(envelope(int(e), exp=exp, run=run))
+        n += 1
+    s.close()
+    return n

@@ -1,0 +1,239 @@
+"""The HLT farm as real processes: `eclreco hlt run` fed over ZeroMQ, read back with uproot."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import uproot
+
+import eclreco
+from hlt_helpers import envelope, free_address, push_events
+
+
+def scrape(port):
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()
+
+pytestmark = pytest.mark.timeout(120)
+ECLRECO = [sys.executable, "-m", "eclreco.cli"]
+
+
+def worker_modules() -> str:
+    """A reduced worker chain made of modules this build has (the unpacker when present)."""
+    return "ECLUnpacker" if "ECLUnpacker" in eclreco.available_modules() else "none"
+
+
+class Farm:
+    def __init__(self, tmp_path, workers=2, extra=()):
+        self.input, self.control, self.workers_addr = free_address(), free_address(), free_address()
+        self.output = str(tmp_path / "farm.root")
+        self.log = open(tmp_path / "farm.log", "w+")
+        self.proc = subprocess.Popen(
+            ECLRECO + ["hlt", "run", "--workers", str(workers), "--input", self.input, "--control", self.control,
+                       "--workers-addr", self.workers_addr, "--output", self.output, "--modules", worker_modules(),
+                       "--metrics-base-port", "0", "--heartbeat-timeout", "2", "--stop-drain", "0.3", *extra],
+            stdout=self.log, stderr=subprocess.STDOUT, cwd=str(tmp_path))
+        t0 = time.monotonic()
+        while True:
+            st = self.try_status()
+            if st and sum(p["role"] == "worker" for p in st["processes"]) == workers and any(
+                    p["role"] == "collector" for p in st["processes"]):
+                break
+            assert self.proc.poll() is None, self.logtext()
+            assert time.monotonic() - t0 < 60, self.logtext()
+            time.sleep(0.2)
+
+    def logtext(self):
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def try_status(self):
+        r = subprocess.run(ECLRECO + ["hlt", "status", "--json", "--control", self.control, "--timeout", "2"],
+                           capture_output=True, text=True)
+        return json.loads(r.stdout) if r.returncode == 0 else None
+
+    def status(self):
+        st = self.try_status()
+        assert st is not None, self.logtext()
+        return st
+
+    def distributor(self):
+        return next(p for p in self.status()["processes"] if p["role"] == "distributor")
+
+    def wait_confirmed(self, n, timeout=60):
+        t0 = time.monotonic()
+        while self.distributor()["confirmed"] < n:
+            assert time.monotonic() - t0 < timeout, self.logtext()
+            time.sleep(0.2)
+
+    def command(self, action, timeout=90):
+        r = subprocess.run(ECLRECO + ["hlt", "control", action, "--control", self.control], capture_output=True,
+                           text=True, timeout=timeout)
+        assert r.returncode == 0, r.stderr + self.logtext()
+        return json.loads(r.stdout)
+
+    def wait_exit(self, timeout=60):
+        rc = self.proc.wait(timeout=timeout)
+        return rc, self.logtext()
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def farm_factory(tmp_path):
+    farms = []
+
+    def make(**kw):
+        f = Farm(tmp_path, **kw)
+        farms.append(f)
+        return f
+
+    yield make
+    for f in farms:
+        f.close()
+
+
+def read_evt(path):
+    with uproot.open(path) as f:
+        t = f["events"]
+        return t["evt"].array(library="np"), t["run"].array(library="np")
+
+
+def test_farm_exactly_once_stop_start_terminate(farm_factory, tmp_path):
+    farm = farm_factory(workers=2)
+    n1 = 3000
+    push_events(farm.input, range(n1), run=1)
+    farm.wait_confirmed(n1)
+    st = farm.status()
+    roles = sorted(p["role"] for p in st["processes"])
+    assert roles == ["collector", "distributor", "supervisor", "worker", "worker"]
+    assert all(isinstance(p["pid"], int) and p["state"] for p in st["processes"])
+    # Every role serves Prometheus metrics.
+    ports = {p["role"]: p["metrics_port"] for p in st["processes"] if p.get("metrics_port")}
+    assert set(ports) == {"distributor", "worker", "collector"}
+    dist = scrape(ports["distributor"])
+    assert "eclreco_hlt_workers_alive 2.0" in dist and f"eclreco_hlt_events_confirmed_total {float(n1)}" in dist
+    assert "eclreco_hlt_event_latency_seconds_bucket" in dist
+    coll = scrape(ports["collector"])
+    assert f"eclreco_events_processed_total {float(n1)}" in coll and 'role="collector"' in coll
+    promtool = shutil.which("promtool")
+    if promtool:
+        for text in (dist, coll, scrape(ports["worker"])):
+            r = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
+    reply = farm.command("stop")  # end of run: returns once the output is closed
+    assert reply["state"] == "stopped" and reply["collector"]["events_written"] == n1
+    evt, run = read_evt(farm.output)
+    assert np.sort(evt).tolist() == list(range(n1)) and set(run.tolist()) == {1}
+    # A new run: a new output file.
+    assert farm.command("start")["run_index"] == 2
+    n2 = 1500
+    push_events(farm.input, range(10_000, 10_000 + n2), run=2)
+    farm.wait_confirmed(n1 + n2)
+    final = farm.command("terminate")
+    rc, log = farm.wait_exit()
+    assert rc == 0, log
+    d = final["processes"][0]
+    assert d["received"] == d["confirmed"] == n1 + n2 and d["dropped"] == 0
+    evt2, run2 = read_evt(str(tmp_path / "farm_run2.root"))
+    assert np.sort(evt2).tolist() == list(range(10_000, 10_000 + n2)) and set(run2.tolist()) == {2}
+    assert "latency p50" in log and "throughput" in log
+
+
+def test_farm_worker_sigkill_exactly_once(farm_factory):
+    farm = farm_factory(workers=2)
+    n = 6000
+    feeder = threading.Thread(target=push_events, args=(farm.input, range(n)), kwargs={"rate_hz": 3000})
+    feeder.start()
+    time.sleep(0.8)
+    victim = next(p for p in farm.status()["processes"] if p["role"] == "worker" and p.get("assigned", 0) > 0)
+    os.kill(victim["pid"], signal.SIGKILL)
+    feeder.join()
+    farm.wait_confirmed(n, timeout=90)
+    t0 = time.monotonic()
+    while True:  # the supervisor restarts the worker and reports it
+        d = farm.distributor()
+        if d["workers_restarted"] >= 1 and d["workers_alive"] == 2:
+            break
+        assert time.monotonic() - t0 < 30, farm.logtext()
+        time.sleep(0.2)
+    assert d["workers_lost"] >= 1 and d["received"] == n
+    farm.command("stop")
+    evt, _ = read_evt(farm.output)
+    assert len(evt) == n and np.sort(evt).tolist() == list(range(n))  # every event exactly once
+    farm.command("terminate")
+    rc, log = farm.wait_exit()
+    assert rc == 0, log
+
+
+def test_farm_sigterm_leaves_readable_output(farm_factory):
+    farm = farm_factory(workers=2)
+    n = 2500
+    push_events(farm.input, range(n))
+    farm.proc.send_signal(signal.SIGTERM)
+    rc, log = farm.wait_exit()
+    assert rc == 0, log
+    evt, _ = read_evt(farm.output)
+    assert np.sort(evt).tolist() == list(range(n)), log
+
+
+def test_farm_drop_when_busy_counts_every_drop(farm_factory):
+    farm = farm_factory(workers=2, extra=("--drop-when-busy", "--queue-size", "20", "--max-held", "40",
+                                          "--chunk", "16"))
+    n = 5000
+    push_events(farm.input, range(n))
+    t0 = time.monotonic()
+    while True:
+        d = farm.distributor()
+        if d["received"] + d["dropped"] == n and d["confirmed"] == d["received"]:
+            break
+        assert time.monotonic() - t0 < 60, (d, farm.logtext())
+        time.sleep(0.2)
+    farm.command("stop")
+    evt, _ = read_evt(farm.output)
+    # what was not dropped is in the output exactly once; every drop is counted
+    assert len(evt) == len(set(evt.tolist())) == d["received"] == n - d["dropped"]
+    print(f"\ndropped {d['dropped']} of {n} events pushed as fast as possible")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_farm_100k_events_at_30khz(farm_factory, tmp_path):
+    """100k events replayed by `eclreco daq-emulator` at 30 kHz: exactly once, throughput, latency."""
+    from eclreco.rawdata import write_raw_file
+
+    n, rate = 100_000, 30_000
+    raw = tmp_path / "run.msgpack"
+    write_raw_file(raw, (envelope(e) for e in range(n)))
+    farm = farm_factory(workers=2, extra=("--max-held", "50000"))
+    t0 = time.monotonic()
+    r = subprocess.run(ECLRECO + ["daq-emulator", "--input", str(raw), "--connect", farm.input, "--rate", str(rate)],
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stderr
+    t_push = time.monotonic() - t0
+    farm.wait_confirmed(n, timeout=240)
+    t_all = time.monotonic() - t0
+    d = farm.distributor()
+    print(f"\n100k events: replayed at {n / t_push:,.0f} Hz, all confirmed after {t_all:.1f} s "
+          f"({n / t_all:,.0f} events/s end to end); distributor throughput {d['throughput_hz']:,.0f} Hz, "
+          f"latency p50 {d['latency_p50_s'] * 1e3:.1f} ms, p99 {d['latency_p99_s'] * 1e3:.1f} ms")
+    farm.command("stop", timeout=120)
+    evt, _ = read_evt(farm.output)
+    assert len(evt) == n and np.array_equal(np.sort(evt), np.arange(n))
+    farm.command("terminate")
+    rc, log = farm.wait_exit()
+    assert rc == 0, log
+    print(log.strip().splitlines()[-1])
