@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Main reconstruction job: input -> ECLUnpacker -> ECLClusterizer -> ECLLeakageCorrection ->
-ECLEnergyCorrection (CNN) -> RootOutput.
+ECLEnergyCorrection (CNN) -> ECLDQM -> RootOutput.
 
 With no arguments it runs on the embedded default: simulated belle2-ecl generic events at
 nominal beam background. With -i it reads a raw file (.msgpack, spec/wire-format.md) or, for a
@@ -43,6 +43,7 @@ def parse_args(argv=None):
     stream.add_argument("--max-message-bytes", type=int, default=1 << 20, help="larger messages are refused")
     reco = ap.add_argument_group("reconstruction")
     reco.add_argument("--no-cnn", action="store_true", help="classical leakage correction only")
+    reco.add_argument("--no-dqm", action="store_true", help="no DQM histograms")
     reco.add_argument("--model", default="", help="ONNX model (default: the shipped model of the detector)")
     mon = ap.add_argument_group("monitoring")
     mon.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port")
@@ -64,6 +65,8 @@ def build_path(args) -> eclreco.Path:
             sys.exit(f"reco.py: input file {args.input!r} does not exist")
         path.add_module("RawFileInput", filename=args.input)
     add_reconstruction(path, cnn=not args.no_cnn, model=args.model)
+    if not args.no_dqm:
+        path.add_module("ECLDQM")
     if args.output:
         path.add_module("RootOutput", filename=args.output)
     if args.rejected:
