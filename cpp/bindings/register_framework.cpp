@@ -212,6 +212,7 @@ void register_framework(py::module_& m) {
       .def_property_readonly("batches_in_flight", [](const fw::ProcessState& s) { return s.batches_in_flight.load(); })
       .def_property_readonly("running", [](const fw::ProcessState& s) { return s.running.load(); })
       .def_property_readonly("wall_seconds", [](const fw::ProcessState& s) { return s.wall_seconds.load(); })
+      .def_property_readonly("loop_seconds", [](const fw::ProcessState& s) { return s.loop_seconds.load(); })
       .def_property_readonly("start_time", [](const fw::ProcessState& s) { return s.start_time.load(); })
       .def("rejected_by_reason", &fw::ProcessState::rejected_by_reason)
       .def("error_messages", &fw::ProcessState::error_messages)

@@ -110,6 +110,7 @@ class Run {
       m->params().check_required();
       lifecycle(*m, "initialize", [&] { m->initialize(); });
     }
+    const double loop_start = now_seconds();
     const int n_threads = std::max(1, opt_.threads);
     if (n_threads > 1)
       for (int t = 0; t < n_threads; ++t) workers_.emplace_back([this] { worker_loop(); });
@@ -126,6 +127,7 @@ class Run {
     }
     queue_cv_.notify_all();
     for (auto& w : workers_) w.join();
+    st_.loop_seconds = now_seconds() - loop_start;
     if (in_run_)
       for (auto& m : modules_) lifecycle(*m, "end_run", [&] { m->end_run(exp_, run_); });
     for (auto& m : modules_) lifecycle(*m, "terminate", [&] { m->terminate(); });

@@ -48,6 +48,7 @@ class ProcessState {
   std::atomic<uint64_t> batches_in_flight{0};
   std::atomic<bool> running{false};
   std::atomic<double> start_time{0.0}, wall_seconds{0.0};
+  std::atomic<double> loop_seconds{0.0};  // the event loop alone: wall time minus initialize/terminate
   std::vector<std::unique_ptr<ModuleCounters>> modules;
   std::array<std::atomic<uint64_t>, 12> events_per_batch_hist{};  // buckets 1,2,4,...,1024,+Inf
 

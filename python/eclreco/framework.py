@@ -153,6 +153,7 @@ class Statistics:
             "errors": s.errors,
             "batches": s.batches,
             "wall_seconds": wall,
+            "loop_seconds": s.loop_seconds if not s.running else wall,
             "events_per_second": s.received / wall if wall > 0 else 0.0,
             "modules": s.modules(),
         }

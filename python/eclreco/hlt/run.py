@@ -17,7 +17,7 @@ import time
 import zmq
 
 from eclreco.hlt import protocol as P
-from eclreco.hlt.control import ControlError, status
+from eclreco.hlt.control import ControlError, request, status
 from eclreco.hlt.distributor import summary_line
 
 
@@ -196,3 +196,59 @@ def main(args) -> int:
     except BaseException:
         farm.kill_all()
         raise
+
+
+def benchmark_farm(raw: str, rate: float, seconds: float, workers: int = 2, timeout_s: float = 300.0) -> dict:
+    """Starts `eclreco hlt run` with the default worker chain, replays `raw` with the DAQ emulator
+    at `rate` for about `seconds`, and returns the distributor's throughput and latency figures."""
+    import tempfile
+
+    from eclreco.rawdata import read_raw_file
+
+    n_file = len(read_raw_file(raw))
+    n = int(rate * seconds)
+    tmp = tempfile.mkdtemp(prefix="eclreco-farm-")
+    addr_in, addr_ctl, addr_w = free_address(), free_address(), free_address()
+    exe = [sys.executable, "-m", "eclreco.cli"]
+    log = open(os.path.join(tmp, "farm.log"), "w+")
+    farm = subprocess.Popen(exe + ["hlt", "run", "--workers", str(workers), "--input", addr_in, "--control", addr_ctl,
+                                   "--workers-addr", addr_w, "--output", os.path.join(tmp, "farm.root"),
+                                   "--metrics-base-port", "0", "--max-held", str(max(50000, n))],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
+    try:
+        t0 = time.monotonic()
+        while True:  # wait for every role
+            try:
+                st = status(addr_ctl, 2.0)
+                if sum(p["role"] == "worker" for p in st["processes"]) == workers:
+                    break
+            except ControlError:
+                pass
+            if farm.poll() is not None or time.monotonic() - t0 > 120:
+                raise RuntimeError("the farm did not start; log in " + log.name)
+            time.sleep(0.3)
+        emu = [*exe, "daq-emulator", "--input", raw, "--connect", addr_in, "--rate", str(rate), "--events", str(n)]
+        if n > n_file:
+            emu.append("--loop")
+        t_start = time.monotonic()
+        r = subprocess.run(emu, capture_output=True, text=True, timeout=timeout_s)
+        if r.returncode != 0:
+            raise RuntimeError("daq-emulator failed: " + r.stderr[-2000:])
+        offered_s = time.monotonic() - t_start
+        while True:
+            d = next(p for p in status(addr_ctl, 5.0)["processes"] if p["role"] == "distributor")
+            if d["confirmed"] >= n or time.monotonic() - t_start > timeout_s:
+                break
+            time.sleep(0.2)
+        all_s = time.monotonic() - t_start
+        request(addr_ctl, P.TERMINATE, 120.0)
+        farm.wait(timeout=120)
+        return {"offered_rate_hz": rate, "events": n, "offered_events_per_s": n / offered_s,
+                "confirmed": d["confirmed"], "achieved_events_per_s": d["confirmed"] / all_s,
+                "distributor_throughput_hz": d["throughput_hz"],
+                "latency_p50_ms": d["latency_p50_s"] * 1e3, "latency_p99_ms": d["latency_p99_s"] * 1e3}
+    finally:
+        if farm.poll() is None:
+            farm.kill()
+            farm.wait()
+        log.close()
