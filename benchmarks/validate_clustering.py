@@ -16,27 +16,9 @@ import os
 import numpy as np
 
 import eclreco
-from eclreco import _core
 from eclreco.rawdata import encode_events
+from eclreco.sources import MessageSource
 from eclreco.sim import simulate
-
-
-class MessageSource(eclreco.Module):
-    """feeds pre-encoded envelopes"""
-
-    def __init__(self, messages):
-        super().__init__()
-        self.messages = messages
-        self.next = 0
-
-    def is_source(self):
-        return True
-
-    def next_batch(self, batch, max_events):
-        take = self.messages[self.next:self.next + max_events]
-        self.next += len(take)
-        _core.append_envelopes(batch, take)
-        return self.next < len(self.messages)
 
 
 class CollectClusters(eclreco.Module):

@@ -1,11 +1,12 @@
-"""Helpers shared by the raw data tests: random digits, a Python source forming batches with
-_core.append_envelopes, and a module collecting what reaches the end of a path."""
+"""Helpers shared by the raw data tests: random digits, hand-made payload words, the
+MessageSource (eclreco.sources) and a module collecting what reaches the end of a path."""
 import struct
 
 import numpy as np
 
 import eclreco
-from eclreco import _core, rawdata
+from eclreco.sources import MessageSource  # noqa: F401  (re-exported for the tests)
+from eclreco import rawdata
 
 
 def random_digits(rng, detector, n_events, max_digits=300):
@@ -24,24 +25,6 @@ def random_digits(rng, detector, n_events, max_digits=300):
         "time_ticks": rng.integers(-2048, 2047, n, endpoint=True),
         "quality": rng.integers(0, 3, n, endpoint=True),
     }
-
-
-class MessageSource(eclreco.Module):
-    """A source handing given raw messages to the path through _core.append_envelopes."""
-
-    def __init__(self, messages=()):
-        super().__init__()
-        self.messages = list(messages)
-        self.pos = 0
-
-    def is_source(self):
-        return True
-
-    def next_batch(self, batch, max_events):
-        chunk = self.messages[self.pos:self.pos + max_events]
-        self.pos += len(chunk)
-        _core.append_envelopes(batch, chunk)
-        return self.pos < len(self.messages)
 
 
 class Collect(eclreco.Module):
