@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -140,6 +141,12 @@ Clusterer::ReverseN1::ReverseN1(const Geometry& g) {
     }
     extra_offsets.push_back(static_cast<int32_t>(extra_cells.size()));
   }
+  n1x_offsets.assign(1, 0);
+  for (int a = 0; a < g.n_cells; ++a) {
+    for (int k = g.n1_offsets[a]; k < g.n1_offsets[a + 1]; ++k)
+      if (g.n1_cells[k] != a + 1) n1x_cells.push_back(g.n1_cells[k]);
+    n1x_offsets.push_back(static_cast<int32_t>(n1x_cells.size()));
+  }
 }
 
 void Clusterer::run(size_t n_events, const int64_t* offsets, const int32_t* cell, const float* energy,
@@ -166,10 +173,9 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
   const double t_seed = p_.seed_energy_gev * s, t_grow = p_.growth_energy_gev * s,
                t_digit = p_.digit_energy_gev * s, t_lm = p_.lm_energy_gev * s;
   if (parent_.size() < n_digits + 1) {
-    for (auto* v : {&parent_, &region_, &pos_in_region_, &region_of_root_, &region_start_,
-                    &region_fill_, &members_, &lms_})
+    for (auto* v : {&parent_, &pos_in_region_, &region_start_, &members_, &lms_})
       v->resize(n_digits + 1);
-    flag_.resize(n_digits + 1);
+    flag_.resize(n_digits + 8);
   }
 
   // Digit classes. The energy and time thresholds are compared in float: for a float x and a
@@ -184,37 +190,28 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
   const unsigned n_cells = static_cast<unsigned>(g.n_cells);
   const bool no_time_cut = p_.time_cut_ns <= 0;
   const float f_tcut = no_time_cut ? 0.0f : float_ceil(p_.time_cut_ns);
-  if (cidx_.size() < n_digits + 1) cidx_.resize(n_digits + 1), seeds_.resize(n_digits + 1);
+  if (cidx_.size() < n_digits + 1) cidx_.resize(n_digits + 1);
   int32_t* cidx = cidx_.data();
   uint8_t* flag = flag_.data();
   digit_flags(n, cell, energy, time, quality, flag, cidx, n_cells, no_time_cut, f_tcut, f_digit, f_grow, f_seed);
+  std::memset(flag + n, 0, 8);
   // Cell -> digit map (digits outside the detector write into the dummy slot 0 of the map, never
-  // read: neighbour lists hold cellIds >= 1) and the seeds.
+  // read: neighbour lists hold cellIds >= 1).
   int16_t* cdig = cell_digit_.data();
-  int32_t* seeds = seeds_.data();
-  int n_seeds = 0;
-#pragma GCC unroll 4
-  for (int i = 0; i < n; ++i) {
-    cdig[cidx[i]] = static_cast<int16_t>(i);
-    seeds[n_seeds] = i;
-    n_seeds += (flag[i] & kSeed) != 0;
-  }
+#pragma GCC unroll 8
+  for (int i = 0; i < n; ++i) cdig[cidx[i]] = static_cast<int16_t>(i);
   auto cleanup = [&] {
 #pragma GCC unroll 8
     for (int i = 0; i < n; ++i) cdig[cidx[i]] = -1;
   };
-  if (n_seeds == 0) {
-    cleanup();
-    return;
-  }
 
   // 1. Connected regions: breadth-first from the seeds over the undirected links (growth digit,
   // digit in its N1 list), using the N1 lists and their reverse (which cells list this one).
   // The queue parent_ runs over all regions: region r is the slice region_start_[r]..[r+1].
   // Flag kInRegion marks the digits already in a region.
-  const int32_t* n1o = g.n1_offsets.data();
-  const int32_t* n1c = g.n1_cells.data();
   const ReverseN1& rev = reverse_n1(g);
+  const int32_t* n1o = rev.n1x_offsets.data();  // N1 lists without the cell itself
+  const int32_t* n1c = rev.n1x_cells.data();
   const int32_t* rvo = rev.offsets.data();
   const int32_t* rvc = rev.cells.data();
   const int32_t* rxo = rev.extra_offsets.data();
@@ -222,9 +219,7 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
   int32_t* queue = parent_.data();
   int n_reg = 0;
   int tail = 0;
-  for (int si = 0; si < n_seeds; ++si) {
-    const int s0 = seeds[si];
-    if (flag[s0] & kInRegion) continue;
+  auto grow_region = [&](int s0) {
     region_start_[n_reg++] = tail;
     int head = tail;
     queue[tail++] = s0;
@@ -237,6 +232,9 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
       // are also in its N1 list are already taken (kGrow implies kDigit): only the extra part.
       const int32_t *rb, *re;
       if (flag[i] & kGrow) {
+        // the cell itself (n1x leaves it out): another digit only for a repeated cellId
+        const int js = cdig[c + 1];
+        if (js != i && js >= 0 && (flag[js] & (kInRegion | kDigit)) == kDigit) flag[js] |= kInRegion, queue[tail++] = js;
         for (int k = n1o[c]; k < n1o[c + 1]; ++k) {
           const int j = cdig[n1c[k]];
           if (j >= 0 && (flag[j] & (kInRegion | kDigit)) == kDigit) flag[j] |= kInRegion, queue[tail++] = j;
@@ -250,8 +248,27 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
         if (j >= 0 && (flag[j] & (kInRegion | kGrow)) == kGrow) flag[j] |= kInRegion, queue[tail++] = j;
       }
     }
+  };
+  // Seeds in digit order; the flags are scanned 8 at a time (most digits are no seeds).
+  // kInRegion is read again per seed: the regions found before may have taken it.
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  for (int base = 0; base < n; base += 8) {
+    uint64_t word;
+    std::memcpy(&word, flag + base, 8);  // flag_ has 8 zero bytes after the n digits
+    for (uint64_t m = word & (0x0101010101010101ull * kSeed); m; m &= m - 1) {
+      const int s0 = base + (__builtin_ctzll(m) >> 3);
+      if (!(flag[s0] & kInRegion)) grow_region(s0);
+    }
   }
+#else
+  for (int s0 = 0; s0 < n; ++s0)
+    if ((flag[s0] & (kSeed | kInRegion)) == kSeed) grow_region(s0);
+#endif
   region_start_[n_reg] = tail;
+  if (n_reg == 0) {
+    cleanup();
+    return;
+  }
   // Members of each region in digit order.
   int* members = members_.data();
   for (int r = 0; r < n_reg; ++r) {
@@ -261,17 +278,18 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
     for (int q = b; q < e; ++q) pos_in_region_[members[q]] = q - b;
   }
 
-  // 2. Local maxima (flag 0x10), counted per region in region_fill_.
+  // 2. Local maxima (flag kMax), per region.
   for (int r = 0; r < n_reg; ++r) {
     int count = 0;
     for (int q = region_start_[r]; q < region_start_[r + 1]; ++q) {
       const int i = members[q];
       if (!(flag[i] & kInTime) || energy[i] < t_lm) continue;
       const int c = cell[i] - 1;
-      bool is_max = true;
+      const int js = cdig[c + 1];  // the cell itself: another digit only for a repeated cellId
+      bool is_max = !(js != i && js >= 0 && beats(cell, energy, js, i));
       for (int k = n1o[c]; k < n1o[c + 1] && is_max; ++k) {
         const int j = cdig[n1c[k]];
-        if (j >= 0 && j != i && beats(cell, energy, j, i)) is_max = false;
+        if (j >= 0 && beats(cell, energy, j, i)) is_max = false;
       }
       if (is_max) {
         flag[i] |= kMax;
@@ -290,8 +308,7 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
   }
 
   cands_.clear();
-  pix_idx_.clear();
-  pix_val_.clear();
+  pix_used_ = 0;
   const double a_over_rm = p_.sharing_a / p_.moliere_radius_cm;
   for (int r = 0; r < n_reg; ++r) {
     const int* mem = members + region_start_[r];
@@ -468,7 +485,11 @@ void Clusterer::make_cluster(const Geometry& g, const int32_t* cell, const float
                               : g.nearest_phi_index(c.ring, seed_phi, rr);
   }
   double grid[25] = {};
-  c.img = pix_idx_.size();
+  c.img = pix_used_;
+  if (pix_idx_.size() < pix_used_ + m) pix_idx_.resize(2 * (pix_used_ + m)), pix_val_.resize(2 * (pix_used_ + m));
+  int32_t* pidx = pix_idx_.data();
+  float* pval = pix_val_.data();
+  size_t np = pix_used_;
   const int16_t* cdig = cell_digit_.data();
   for (int q = 0; q < m; ++q) {
     const int i = mem[q], id = cell[i], ci = id - 1;
@@ -485,11 +506,12 @@ void Clusterer::make_cluster(const Geometry& g, const int32_t* cell, const float
     if (dr >= -2 && dr <= 2 && delta >= -2 && delta <= 2) grid[(dr + 2) * 5 + delta + 2] = share[q];
     const int row = dr + h, col = delta + h;
     if (row >= 0 && row < N && col >= 0 && col < N) {
-      pix_idx_.push_back(row * N + col);
-      pix_val_.push_back(static_cast<float>(share[q]));
+      pidx[np] = row * N + col;
+      pval[np++] = static_cast<float>(share[q]);
     }
   }
-  c.n_pix = static_cast<int>(pix_idx_.size() - c.img);
+  c.n_pix = static_cast<int>(np - c.img);
+  pix_used_ = np;
 
   // Shower shapes.
   const double e1 = share[pos_in_region_[seed]];
