@@ -9,18 +9,34 @@ from eclreco.dqm import CategoryHistogram, Histogram1D, registry
 PI0_MASS_GEV = 0.134977
 
 
+_PAIR_TABLES: dict = {}
+
+
+def _pair_table(c: int):
+    """All pairs (a, b), a < b < c, ordered by b then a: the pairs of the first k rows are the
+    first k (k - 1) / 2 entries, for every k <= c."""
+    t = _PAIR_TABLES.get(c)
+    if t is None:
+        a, b = np.triu_indices(c, 1)
+        order = np.lexsort((a, b))
+        t = _PAIR_TABLES[c] = (a[order].astype(np.int64), b[order].astype(np.int64))
+    return t
+
+
 def pair_indices(offsets: np.ndarray, max_per_event: int):
     """Indices (i, j), i < j, of all pairs of rows within each event (first max_per_event rows)."""
+    offsets = np.asarray(offsets, np.int64)
     counts = np.minimum(np.diff(offsets), max_per_event)
-    firsts, seconds = [], []
-    for c in np.unique(counts[counts >= 2]):
-        starts = offsets[:-1][counts == c]
-        a, b = np.triu_indices(int(c), 1)
-        firsts.append((starts[:, None] + a[None, :]).ravel())
-        seconds.append((starts[:, None] + b[None, :]).ravel())
-    if not firsts:
+    np.maximum(counts, 0, out=counts)
+    npairs = counts * (counts - 1) // 2
+    total = int(npairs.sum())
+    if total == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(firsts), np.concatenate(seconds)
+    a, b = _pair_table(int(counts.max()))
+    first = np.cumsum(npairs) - npairs  # first pair of each event
+    start = np.repeat(offsets[:-1], npairs)
+    pos = np.arange(total, dtype=np.int64) - np.repeat(first, npairs)
+    return start + a[pos], start + b[pos]
 
 
 class ECLDQM(Module):
@@ -68,18 +84,39 @@ class ECLDQM(Module):
         if "e1e9" in cl:
             self.h["cluster_e1e9"].fill(cl["e1e9"])
         sel = e >= self.param("min_cluster_energy_gev")
-        per_event = np.add.reduceat(np.append(sel, False).astype(np.int64), off[:-1]) * (np.diff(off) > 0)
-        self.h["cluster_multiplicity"].fill(per_event[good])
-        # Photon candidates: the selected clusters, re-offset per event (clusters are sorted by energy).
-        idx = np.flatnonzero(sel)
-        if idx.size < 2 or "theta" not in cl:
+        # selected clusters before each event's first row: per-event counts and the offsets of
+        # the photon candidates (the selected clusters, clusters are sorted by energy)
+        csum = np.zeros(sel.size + 1, np.int64)
+        np.cumsum(sel, out=csum[1:])
+        new_off = csum[np.asarray(off)]
+        self.h["cluster_multiplicity"].fill(np.diff(new_off)[good])
+        if new_off[-1] < 2 or "theta" not in cl:
             return
-        event_of = np.repeat(np.arange(off.size - 1), np.diff(off))[idx]
-        new_off = np.searchsorted(event_of, np.arange(off.size))
         i, j = pair_indices(new_off, self.param("max_photons_per_event"))
         if i.size == 0:
             return
-        ee, th, ph = e[idx].astype(np.float64), cl["theta"][idx].astype(np.float64), cl["phi"][idx].astype(np.float64)
-        cos_open = (np.sin(th[i]) * np.sin(th[j]) * np.cos(ph[i] - ph[j]) + np.cos(th[i]) * np.cos(th[j]))
-        m2 = 2.0 * ee[i] * ee[j] * (1.0 - cos_open)
-        self.h["gg_mass"].fill(np.sqrt(np.maximum(m2, 0.0)))
+        idx = np.flatnonzero(sel)
+        th = cl["theta"][idx].astype(np.float64)
+        ph = cl["phi"][idx].astype(np.float64)
+        ee = e[idx].astype(np.float64)
+        ee2 = ee * 2.0
+        # m^2 = 2 E_i E_j (1 - cos_open), cos_open = sin th_i sin th_j cos(ph_i - ph_j) + cos th_i cos th_j:
+        # the same operations in the same order as per-pair numpy expressions, with sin / cos of
+        # theta computed per photon and gathered (np.take), in place on few temporaries
+        st, ct = np.sin(th), np.cos(th)
+        cos_open = np.take(st, i)
+        cos_open *= np.take(st, j)
+        d = np.take(ph, i)
+        d -= np.take(ph, j)
+        np.cos(d, out=d)
+        cos_open *= d
+        cc = np.take(ct, i, out=d)
+        cc *= np.take(ct, j)
+        cos_open += cc
+        m2 = np.take(ee2, i)
+        m2 *= np.take(ee, j)
+        np.subtract(1.0, cos_open, out=cos_open)
+        m2 *= cos_open
+        np.maximum(m2, 0.0, out=m2)
+        np.sqrt(m2, out=m2)
+        self.h["gg_mass"].fill(m2)

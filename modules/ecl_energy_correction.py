@@ -25,6 +25,13 @@ def shipped_model(detector: str) -> str:
     return os.path.join(MODEL_DIR, f"{detector}.onnx")
 
 
+def _gather(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Rows of a column as a C-contiguous float32 array (np.take: one pass, no extra copy)."""
+    if a.dtype == np.float32:
+        return np.take(a, rows, axis=0)
+    return np.ascontiguousarray(a[rows], np.float32)
+
+
 class ModelError(RuntimeError):
     """A missing or incompatible ONNX model."""
 
@@ -86,6 +93,7 @@ class ECLEnergyCorrection(Module):
         self.add_param("max_clusters_per_batch", 65536, "at most this many clusters per inference call")
         self.add_param("collection", "ECLClusters", "cluster collection to correct")
         self._sessions = {}
+        self._image_shapes = {}
         self._lock = threading.Lock()
         self._n_corrected = 0
         self._n_calls = 0
@@ -98,6 +106,7 @@ class ECLEnergyCorrection(Module):
 
     def initialize(self):
         self._sessions = {}
+        self._image_shapes = {}
         self._n_corrected, self._n_calls, self._seconds = 0, 0, 0.0
         if self.param("threads") < 1:
             raise ValueError("ECLEnergyCorrection: threads must be >= 1")
@@ -127,6 +136,16 @@ class ECLEnergyCorrection(Module):
         return self._sessions[name]
 
     # -- processing ---------------------------------------------------------------------------
+    def _image_shape(self, sess):
+        """Expected image shape [S, S] of a session (cached: get_inputs() builds new objects)."""
+        shapes = self._image_shapes
+        shape = shapes.get(id(sess))
+        if shape is None:
+            inp = sess.get_inputs()
+            full = inp[0].shape if inp[0].name == "image" else inp[1].shape
+            shape = shapes[id(sess)] = tuple(full[1:])
+        return shape
+
     def event(self, batch):
         coll = self.param("collection")
         if coll not in batch or len(batch) == 0:
@@ -135,27 +154,29 @@ class ECLEnergyCorrection(Module):
         e_raw = np.asarray(cl["energy_raw"])
         if e_raw.size == 0:
             return
-        energy = np.array(cl["energy"], dtype=np.float32)  # copy, written back once
-        image = np.asarray(cl["image"])
-        features = np.asarray(cl["features"])
         sel = np.flatnonzero(e_raw >= self.param("min_energy_gev"))
         if sel.size == 0:
             return
-        off = np.asarray(cl.offsets)
+        energy = np.array(cl["energy"], dtype=np.float32)  # copy, written back once
+        image = np.asarray(cl["image"])
+        features = np.asarray(cl["features"])
         det = np.asarray(batch.detector)
-        ev_det = np.repeat(det, np.diff(off))[sel]
+        if det.size and det.min() == det.max():
+            groups = [(det[0], sel)]  # one detector in the batch (the usual case): no split
+        else:
+            off = np.asarray(cl.offsets)
+            ev_det = np.repeat(det, np.diff(off))[sel]
+            groups = [(code, sel if np.all(ev_det == code) else sel[ev_det == code]) for code in np.unique(ev_det)]
         step = self.param("max_clusters_per_batch")
         n_done, t_inf = 0, 0.0
-        for code in np.unique(ev_det):
+        for code, rows in groups:
             sess, _ = self._session(code)
-            rows = sel if ev_det.size and np.all(ev_det == code) else sel[ev_det == code]
-            shape = sess.get_inputs()[0].shape if sess.get_inputs()[0].name == "image" else sess.get_inputs()[1].shape
-            if image.shape[1:] != tuple(shape[1:]):
-                raise ModelError(f"ECLEnergyCorrection: model expects images {tuple(shape[1:])}, clusters have {image.shape[1:]}")
+            shape = self._image_shape(sess)
+            if image.shape[1:] != shape:
+                raise ModelError(f"ECLEnergyCorrection: model expects images {shape}, clusters have {image.shape[1:]}")
             for a in range(0, rows.size, step):
-                r = rows[a: a + step]
-                feeds = {"image": np.ascontiguousarray(image[r], np.float32),
-                         "features": np.ascontiguousarray(features[r], np.float32)}
+                r = rows[a: a + step] if rows.size > step else rows
+                feeds = {"image": _gather(image, r), "features": _gather(features, r)}
                 t0 = time.perf_counter()
                 out = sess.run(["energy"], feeds)[0]
                 t_inf += time.perf_counter() - t0

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -9,7 +11,7 @@ namespace ecl {
 
 namespace {
 constexpr double kPi = 3.14159265358979323846;
-constexpr uint8_t kDigit = 1, kGrow = 2, kSeed = 4, kInTime = 8;
+constexpr uint8_t kDigit = 1, kGrow = 2, kSeed = 4, kInTime = 8, kMax = 0x10, kInRegion = 0x20;
 
 const char* const kFeatureNames[kNumFeatures] = {"theta", "phi", "local_u", "local_v",
                                                  "energy_raw", "ring", "region"};
@@ -54,6 +56,25 @@ void log_centroid(int m, const double* share, double etot, const double* px, con
     }
   }
   cx = sx / sw, cy = sy / sw, cz = sz / sw;
+}
+
+// Digit classes (see Clusterer::event) and cellId (0 outside the detector) of n digits; written
+// so that the compiler vectorizes it.
+void digit_flags(int n, const int32_t* __restrict cell, const float* __restrict energy,
+                 const float* __restrict time, const uint8_t* __restrict quality, uint8_t* __restrict flag,
+                 int32_t* __restrict cidx, unsigned n_cells, bool no_time_cut, float f_tcut, float f_digit,
+                 float f_grow, float f_seed) {
+  const uint32_t ntc = no_time_cut ? 1u : 0u;
+  for (int i = 0; i < n; ++i) {
+    const int32_t c = cell[i];
+    const uint32_t valid = static_cast<uint32_t>(c - 1) < n_cells;
+    const float en = energy[i];
+    const uint32_t in_time = ntc | uint32_t(quality[i] != 0) | uint32_t(std::fabs(time[i]) < f_tcut);
+    const uint32_t f = (in_time * kInTime) | (uint32_t(en >= f_digit) * kDigit) |
+                       ((in_time & uint32_t(en >= f_grow)) * kGrow) | ((in_time & uint32_t(en >= f_seed)) * kSeed);
+    flag[i] = static_cast<uint8_t>(f * valid);
+    cidx[i] = c * static_cast<int32_t>(valid);
+  }
 }
 }  // namespace
 
@@ -111,6 +132,21 @@ Clusterer::ReverseN1::ReverseN1(const Geometry& g) {
       const int c = g.n1_cells[k];
       if (c != a + 1) cells[fill[c - 1]++] = a + 1;
     }
+  extra_offsets.assign(1, 0);
+  for (int c = 0; c < g.n_cells; ++c) {
+    for (int k = offsets[c]; k < offsets[c + 1]; ++k) {
+      const int32_t* b = g.n1_cells.data() + g.n1_offsets[c];
+      const int32_t* e = g.n1_cells.data() + g.n1_offsets[c + 1];
+      if (std::find(b, e, cells[k]) == e) extra_cells.push_back(cells[k]);
+    }
+    extra_offsets.push_back(static_cast<int32_t>(extra_cells.size()));
+  }
+  n1x_offsets.assign(1, 0);
+  for (int a = 0; a < g.n_cells; ++a) {
+    for (int k = g.n1_offsets[a]; k < g.n1_offsets[a + 1]; ++k)
+      if (g.n1_cells[k] != a + 1) n1x_cells.push_back(g.n1_cells[k]);
+    n1x_offsets.push_back(static_cast<int32_t>(n1x_cells.size()));
+  }
 }
 
 void Clusterer::run(size_t n_events, const int64_t* offsets, const int32_t* cell, const float* energy,
@@ -136,114 +172,146 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
   const double s = p_.threshold_scale();
   const double t_seed = p_.seed_energy_gev * s, t_grow = p_.growth_energy_gev * s,
                t_digit = p_.digit_energy_gev * s, t_lm = p_.lm_energy_gev * s;
-  if (parent_.size() < n_digits) {
-    for (auto* v : {&parent_, &region_, &pos_in_region_, &region_of_root_, &region_start_,
-                    &region_fill_, &members_, &lms_})
+  if (parent_.size() < n_digits + 1) {
+    for (auto* v : {&parent_, &pos_in_region_, &region_start_, &members_, &lms_})
       v->resize(n_digits + 1);
-    flag_.resize(n_digits + 1);
+    flag_.resize(n_digits + 8);
   }
 
-  // Cell -> digit map and digit classes.
-  bool any_seed = false;
-  for (int i = 0; i < n; ++i) {
-    const int c = cell[i];
-    uint8_t f = 0;
-    if (c >= 1 && c <= g.n_cells) {
-      cell_digit_[c] = static_cast<int16_t>(i);
-      const double en = energy[i];
-      const bool in_time = p_.time_cut_ns <= 0 || quality[i] != 0 || std::fabs(time[i]) < p_.time_cut_ns;
-      if (in_time) f |= kInTime;
-      if (en >= t_digit) f |= kDigit;
-      if (in_time && en >= t_grow && en >= t_digit) f |= kGrow;
-      if (in_time && en >= t_seed && en >= t_grow && en >= t_digit) f |= kSeed, any_seed = true;
-    }
-    flag_[i] = f;
-  }
-  auto cleanup = [&] {
-    for (int i = 0; i < n; ++i)
-      if (cell[i] >= 1 && cell[i] <= g.n_cells) cell_digit_[cell[i]] = -1;
+  // Digit classes. The energy and time thresholds are compared in float: for a float x and a
+  // double t, x >= t <=> x >= tf and x < t <=> x < tf with tf the smallest float >= t (exact).
+  // The validated threshold order (digit <= growth <= seed) makes E >= t_grow imply E >= t_digit.
+  auto float_ceil = [](double t) {
+    float f = static_cast<float>(t);
+    if (static_cast<double>(f) < t) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+    return f;
   };
-  if (!any_seed) {
-    cleanup();
-    return;
-  }
+  const float f_seed = float_ceil(t_seed), f_grow = float_ceil(t_grow), f_digit = float_ceil(t_digit);
+  const unsigned n_cells = static_cast<unsigned>(g.n_cells);
+  const bool no_time_cut = p_.time_cut_ns <= 0;
+  const float f_tcut = no_time_cut ? 0.0f : float_ceil(p_.time_cut_ns);
+  if (cidx_.size() < n_digits + 1) cidx_.resize(n_digits + 1);
+  int32_t* cidx = cidx_.data();
+  uint8_t* flag = flag_.data();
+  digit_flags(n, cell, energy, time, quality, flag, cidx, n_cells, no_time_cut, f_tcut, f_digit, f_grow, f_seed);
+  std::memset(flag + n, 0, 8);
+  // Cell -> digit map (digits outside the detector write into the dummy slot 0 of the map, never
+  // read: neighbour lists hold cellIds >= 1).
+  int16_t* cdig = cell_digit_.data();
+#pragma GCC unroll 8
+  for (int i = 0; i < n; ++i) cdig[cidx[i]] = static_cast<int16_t>(i);
+  auto cleanup = [&] {
+#pragma GCC unroll 8
+    for (int i = 0; i < n; ++i) cdig[cidx[i]] = -1;
+  };
 
   // 1. Connected regions: breadth-first from the seeds over the undirected links (growth digit,
   // digit in its N1 list), using the N1 lists and their reverse (which cells list this one).
-  const int32_t* n1o = g.n1_offsets.data();
-  const int32_t* n1c = g.n1_cells.data();
+  // The queue parent_ runs over all regions: region r is the slice region_start_[r]..[r+1].
+  // Flag kInRegion marks the digits already in a region.
   const ReverseN1& rev = reverse_n1(g);
+  const int32_t* n1o = rev.n1x_offsets.data();  // N1 lists without the cell itself
+  const int32_t* n1c = rev.n1x_cells.data();
   const int32_t* rvo = rev.offsets.data();
   const int32_t* rvc = rev.cells.data();
+  const int32_t* rxo = rev.extra_offsets.data();
+  const int32_t* rxc = rev.extra_cells.data();
+  int32_t* queue = parent_.data();
   int n_reg = 0;
-  for (int i = 0; i < n; ++i) region_[i] = -1;
-  for (int s0 = 0; s0 < n; ++s0) {
-    if (!(flag_[s0] & kSeed) || region_[s0] >= 0) continue;
-    const int r = n_reg++;
-    int head = 0, tail = 0;
-    parent_[tail++] = s0;  // parent_ is the BFS queue
-    region_[s0] = r;
+  int tail = 0;
+  auto grow_region = [&](int s0) {
+    region_start_[n_reg++] = tail;
+    int head = tail;
+    queue[tail++] = s0;
+    flag[s0] |= kInRegion;
     while (head < tail) {
-      const int i = parent_[head++];
+      const int i = queue[head++];
       const int c = cell[i] - 1;
-      if (flag_[i] & kGrow) {
+      // A growth digit links to the digits of its N1 list, and (as every digit) to the growth
+      // digits whose N1 list holds it (rev); for a growth digit, the growth digits of rev that
+      // are also in its N1 list are already taken (kGrow implies kDigit): only the extra part.
+      const int32_t *rb, *re;
+      if (flag[i] & kGrow) {
+        // the cell itself (n1x leaves it out): another digit only for a repeated cellId
+        const int js = cdig[c + 1];
+        if (js != i && js >= 0 && (flag[js] & (kInRegion | kDigit)) == kDigit) flag[js] |= kInRegion, queue[tail++] = js;
         for (int k = n1o[c]; k < n1o[c + 1]; ++k) {
-          const int j = cell_digit_[n1c[k]];
-          if (j >= 0 && region_[j] < 0 && (flag_[j] & kDigit)) region_[j] = r, parent_[tail++] = j;
+          const int j = cdig[n1c[k]];
+          if (j >= 0 && (flag[j] & (kInRegion | kDigit)) == kDigit) flag[j] |= kInRegion, queue[tail++] = j;
         }
+        rb = rxc + rxo[c], re = rxc + rxo[c + 1];
+      } else {
+        rb = rvc + rvo[c], re = rvc + rvo[c + 1];
       }
-      for (int k = rvo[c]; k < rvo[c + 1]; ++k) {
-        const int j = cell_digit_[rvc[k]];
-        if (j >= 0 && region_[j] < 0 && (flag_[j] & kGrow)) region_[j] = r, parent_[tail++] = j;
+      for (const int32_t* p = rb; p < re; ++p) {
+        const int j = cdig[*p];
+        if (j >= 0 && (flag[j] & (kInRegion | kGrow)) == kGrow) flag[j] |= kInRegion, queue[tail++] = j;
       }
+    }
+  };
+  // Seeds in digit order; the flags are scanned 8 at a time (most digits are no seeds).
+  // kInRegion is read again per seed: the regions found before may have taken it.
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+  for (int base = 0; base < n; base += 8) {
+    uint64_t word;
+    std::memcpy(&word, flag + base, 8);  // flag_ has 8 zero bytes after the n digits
+    for (uint64_t m = word & (0x0101010101010101ull * kSeed); m; m &= m - 1) {
+      const int s0 = base + (__builtin_ctzll(m) >> 3);
+      if (!(flag[s0] & kInRegion)) grow_region(s0);
     }
   }
-  for (int r = 0; r <= n_reg; ++r) region_start_[r] = 0;
-  for (int i = 0; i < n; ++i)
-    if (region_[i] >= 0) ++region_start_[region_[i] + 1];
-  for (int r = 0; r < n_reg; ++r) region_start_[r + 1] += region_start_[r];
-  for (int r = 0; r < n_reg; ++r) region_fill_[r] = region_start_[r];
-  for (int i = 0; i < n; ++i)
-    if (region_[i] >= 0) {
-      pos_in_region_[i] = region_fill_[region_[i]] - region_start_[region_[i]];
-      members_[region_fill_[region_[i]]++] = i;
-    }
-
-  // 2. Local maxima, grouped by region (lms_ reuses region_fill_ as a cursor).
-  int n_lm_total = 0;
-  for (int r = 0; r < n_reg; ++r) region_fill_[r] = 0;  // LM count per region
-  for (int i = 0; i < n; ++i) {
-    if (region_[i] < 0 || !(flag_[i] & kInTime) || energy[i] < t_lm) continue;
-    const int c = cell[i] - 1;
-    bool is_max = true;
-    for (int k = n1o[c]; k < n1o[c + 1] && is_max; ++k) {
-      const int j = cell_digit_[n1c[k]];
-      if (j >= 0 && j != i && beats(cell, energy, j, i)) is_max = false;
-    }
-    if (is_max) {
-      flag_[i] |= 0x10;
-      ++region_fill_[region_[i]];
-      ++n_lm_total;
-    }
+#else
+  for (int s0 = 0; s0 < n; ++s0)
+    if ((flag[s0] & (kSeed | kInRegion)) == kSeed) grow_region(s0);
+#endif
+  region_start_[n_reg] = tail;
+  if (n_reg == 0) {
+    cleanup();
+    return;
   }
-  // Regions without a maximum get their highest seed digit.
+  // Members of each region in digit order.
+  int* members = members_.data();
   for (int r = 0; r < n_reg; ++r) {
-    if (region_fill_[r] > 0) continue;
-    int best = -1;
+    const int b = region_start_[r], e = region_start_[r + 1];
+    std::copy(queue + b, queue + e, members + b);
+    std::sort(members + b, members + e);
+    for (int q = b; q < e; ++q) pos_in_region_[members[q]] = q - b;
+  }
+
+  // 2. Local maxima (flag kMax), per region.
+  for (int r = 0; r < n_reg; ++r) {
+    int count = 0;
     for (int q = region_start_[r]; q < region_start_[r + 1]; ++q) {
-      const int i = members_[q];
-      if ((flag_[i] & kSeed) && (best < 0 || beats(cell, energy, i, best))) best = i;
+      const int i = members[q];
+      if (!(flag[i] & kInTime) || energy[i] < t_lm) continue;
+      const int c = cell[i] - 1;
+      const int js = cdig[c + 1];  // the cell itself: another digit only for a repeated cellId
+      bool is_max = !(js != i && js >= 0 && beats(cell, energy, js, i));
+      for (int k = n1o[c]; k < n1o[c + 1] && is_max; ++k) {
+        const int j = cdig[n1c[k]];
+        if (j >= 0 && beats(cell, energy, j, i)) is_max = false;
+      }
+      if (is_max) {
+        flag[i] |= kMax;
+        ++count;
+      }
     }
-    flag_[best] |= 0x10;
-    region_fill_[r] = 1;
-    ++n_lm_total;
+    if (count == 0) {
+      // Regions without a maximum get their highest seed digit.
+      int best = -1;
+      for (int q = region_start_[r]; q < region_start_[r + 1]; ++q) {
+        const int i = members[q];
+        if ((flag[i] & kSeed) && (best < 0 || beats(cell, energy, i, best))) best = i;
+      }
+      flag[best] |= kMax;
+    }
   }
 
   cands_.clear();
-  img_.clear();
+  pix_used_ = 0;
   const double a_over_rm = p_.sharing_a / p_.moliere_radius_cm;
   for (int r = 0; r < n_reg; ++r) {
-    const int* mem = members_.data() + region_start_[r];
+    const int* mem = members + region_start_[r];
     const int m = region_start_[r + 1] - region_start_[r];
     if (static_cast<int>(px_.size()) < m) {
       for (auto* v : {&px_, &py_, &pz_, &share_, &ones_}) v->resize(2 * m);
@@ -252,11 +320,11 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
     for (int q = 0; q < m; ++q) {
       const int i = mem[q], c = cell[i] - 1;
       px_[q] = g.front_x[c], py_[q] = g.front_y[c], pz_[q] = g.front_z[c];
-      if (flag_[i] & 0x10) lms_[K++] = i;
+      if (flag[i] & kMax) lms_[K++] = i;
     }
     if (K == 1) {
-      for (int q = 0; q < m; ++q) share_[q] = energy[mem[q]], ones_[q] = 1.0;
-      make_cluster(g, cell, energy, time, mem, m, share_.data(), ones_.data(), lms_[0], 1, r);
+      for (int q = 0; q < m; ++q) share_[q] = energy[mem[q]];
+      make_cluster(g, cell, time, mem, m, share_.data(), nullptr, lms_[0], 1, r);
       continue;
     }
     // 3. Iterative exponential sharing between K maxima.
@@ -309,7 +377,7 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
         ones_[q] = wts_[static_cast<size_t>(q) * K + k];
         share_[q] = ones_[q] * energy[mem[q]];
       }
-      make_cluster(g, cell, energy, time, mem, m, share_.data(), ones_.data(), lms_[k], K, r);
+      make_cluster(g, cell, time, mem, m, share_.data(), ones_.data(), lms_[k], K, r);
     }
   }
 
@@ -322,42 +390,57 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
     return ca.e > cb.e || (ca.e == cb.e && ca.seed_cell < cb.seed_cell);
   });
   const size_t npix = static_cast<size_t>(p_.image_size) * p_.image_size;
-  for (int k : order_) {
-    const Cand& c = cands_[k];
-    out.energy_raw.push_back(static_cast<float>(c.e));
-    out.theta.push_back(static_cast<float>(c.theta));
-    out.phi.push_back(static_cast<float>(c.phi));
-    out.x.push_back(static_cast<float>(c.x));
-    out.y.push_back(static_cast<float>(c.y));
-    out.z.push_back(static_cast<float>(c.z));
-    out.time.push_back(static_cast<float>(c.time));
-    out.e1e9.push_back(static_cast<float>(c.e1e9));
-    out.e9e21.push_back(static_cast<float>(c.e9e21));
-    out.second_moment.push_back(static_cast<float>(c.m2));
-    out.lat.push_back(static_cast<float>(c.lat));
-    out.local_u.push_back(static_cast<float>(c.u));
-    out.local_v.push_back(static_cast<float>(c.v));
-    out.weight_sum.push_back(static_cast<float>(c.wsum));
-    out.n_crystals.push_back(static_cast<int32_t>(std::lround(c.wsum)));
-    out.seed_cell.push_back(c.seed_cell);
-    out.ring.push_back(c.ring);
-    out.n_maxima.push_back(c.n_max);
-    out.region_index.push_back(c.region);
-    out.image.insert(out.image.end(), img_.begin() + c.img, img_.begin() + c.img + npix);
+  const size_t base = out.energy_raw.size();
+  for (auto* v : {&out.energy_raw, &out.theta, &out.phi, &out.x, &out.y, &out.z, &out.time, &out.e1e9,
+                  &out.e9e21, &out.second_moment, &out.lat, &out.local_u, &out.local_v, &out.weight_sum})
+    v->resize(base + nc);
+  for (auto* v : {&out.n_crystals, &out.seed_cell, &out.ring, &out.n_maxima, &out.region_index})
+    v->resize(base + nc);
+  out.image.resize((base + nc) * npix);  // zeros: the images are scattered into it
+  out.features.resize((base + nc) * kNumFeatures);
+  for (int o = 0; o < nc; ++o) {
+    const Cand& c = cands_[order_[o]];
+    const size_t row = base + o;
+    out.energy_raw[row] = static_cast<float>(c.e);
+    out.theta[row] = static_cast<float>(c.theta);
+    out.phi[row] = static_cast<float>(c.phi);
+    out.x[row] = static_cast<float>(c.x);
+    out.y[row] = static_cast<float>(c.y);
+    out.z[row] = static_cast<float>(c.z);
+    out.time[row] = static_cast<float>(c.time);
+    out.e1e9[row] = static_cast<float>(c.e1e9);
+    out.e9e21[row] = static_cast<float>(c.e9e21);
+    out.second_moment[row] = static_cast<float>(c.m2);
+    out.lat[row] = static_cast<float>(c.lat);
+    out.local_u[row] = static_cast<float>(c.u);
+    out.local_v[row] = static_cast<float>(c.v);
+    out.weight_sum[row] = static_cast<float>(c.wsum);
+    out.n_crystals[row] = static_cast<int32_t>(std::lround(c.wsum));
+    out.seed_cell[row] = c.seed_cell;
+    out.ring[row] = c.ring;
+    out.n_maxima[row] = c.n_max;
+    out.region_index[row] = c.region;
+    float* im = out.image.data() + row * npix;
+    for (size_t k = c.img; k < c.img + c.n_pix; ++k) im[pix_idx_[k]] = pix_val_[k];
     int region_code = 0;
     if (g.detector == Detector::Belle2ECL) region_code = c.ring < 13 ? 0 : c.ring < 59 ? 1 : 2;
     const double f[kNumFeatures] = {c.theta, c.phi, c.u, c.v, c.e, double(c.ring), double(region_code)};
-    for (double v : f) out.features.push_back(static_cast<float>(v));
+    float* fo = out.features.data() + row * kNumFeatures;
+    for (int k = 0; k < kNumFeatures; ++k) fo[k] = static_cast<float>(f[k]);
   }
   cleanup();
 }
 
-void Clusterer::make_cluster(const Geometry& g, const int32_t* cell, const float* /*energy*/,
-                             const float* time, const int* mem, int m, const double* share,
-                             const double* w, int seed, int n_max, int region) {
+void Clusterer::make_cluster(const Geometry& g, const int32_t* cell, const float* time, const int* mem,
+                             int m, const double* share, const double* w, int seed, int n_max, int region) {
   Cand c{};
   double e = 0, wsum = 0;
-  for (int q = 0; q < m; ++q) e += share[q], wsum += w[q];
+  if (w) {
+    for (int q = 0; q < m; ++q) e += share[q], wsum += w[q];
+  } else {
+    for (int q = 0; q < m; ++q) e += share[q];
+    wsum = m;  // the sum of m ones, exact
+  }
   c.e = e;
   c.wsum = wsum;
   log_centroid(m, share, e, px_.data(), py_.data(), pz_.data(), p_.log_weight_w0, c.x, c.y, c.z);
@@ -383,16 +466,62 @@ void Clusterer::make_cluster(const Geometry& g, const int32_t* cell, const float
     c.v = (c.x - g.front_x[sc]) / pitch;
   }
 
+  // The block of rings seed_ring - R .. seed_ring + R (R = max(N/2, 2)) around the seed; on
+  // each ring the phi index nearest to the seed is the centre (as for the N1 / NC2 lists and the
+  // image). A member at phi offset delta from its ring's centre (belle2-ecl: delta taken in
+  // (-n/2, n/2], n >= 48 > 2R + 1, so no crystal appears twice) goes into the 5 x 5 grid of the
+  // NC2 sums and into the sparse image when in the N x N block. It is only taken when it is the
+  // digit its cellId maps to (as a look-up by cellId would find it); everything else is 0.
+  const int N = p_.image_size, h = N / 2;
+  const int R = std::max(h, 2);
+  if (static_cast<int>(row_centre_.size()) < 2 * R + 1) row_centre_.resize(2 * R + 1);
+  const int seed_phi = g.cell_phi_index[sc];
+  const int seed_ring_size = g.ring_size[c.ring];
+  for (int dr = -R; dr <= R; ++dr) {
+    const int rr = c.ring + dr;
+    row_centre_[dr + R] = (rr < 0 || rr >= g.n_rings) ? 0
+                          : (!belle || g.ring_size[rr] == seed_ring_size)
+                              ? seed_phi
+                              : g.nearest_phi_index(c.ring, seed_phi, rr);
+  }
+  double grid[25] = {};
+  c.img = pix_used_;
+  if (pix_idx_.size() < pix_used_ + m) pix_idx_.resize(2 * (pix_used_ + m)), pix_val_.resize(2 * (pix_used_ + m));
+  int32_t* pidx = pix_idx_.data();
+  float* pval = pix_val_.data();
+  size_t np = pix_used_;
+  const int16_t* cdig = cell_digit_.data();
+  for (int q = 0; q < m; ++q) {
+    const int i = mem[q], id = cell[i], ci = id - 1;
+    const int ring = g.cell_ring[ci];
+    const int dr = ring - c.ring;
+    if (dr < -R || dr > R || cdig[id] != i) continue;
+    int delta = g.cell_phi_index[ci] - row_centre_[dr + R];
+    if (belle) {
+      const int nr = g.ring_size[ring];
+      delta %= nr;
+      if (delta < 0) delta += nr;
+      if (2 * delta > nr) delta -= nr;
+    }
+    if (dr >= -2 && dr <= 2 && delta >= -2 && delta <= 2) grid[(dr + 2) * 5 + delta + 2] = share[q];
+    const int row = dr + h, col = delta + h;
+    if (row >= 0 && row < N && col >= 0 && col < N) {
+      pidx[np] = row * N + col;
+      pval[np++] = static_cast<float>(share[q]);
+    }
+  }
+  c.n_pix = static_cast<int>(np - c.img);
+  pix_used_ = np;
+
   // Shower shapes.
-  auto share_of = [&](int cellid) -> double {
-    const int j = cell_digit_[cellid];
-    if (j < 0 || region_[j] != region) return 0.0;
-    return share[pos_in_region_[j]];
-  };
   const double e1 = share[pos_in_region_[seed]];
   double e9 = 0, e21 = 0;
-  for (int k = g.n1_offsets[sc]; k < g.n1_offsets[sc + 1]; ++k) e9 += share_of(g.n1_cells[k]);
-  for (int k = g.nc2_offsets[sc]; k < g.nc2_offsets[sc + 1]; ++k) e21 += share_of(g.nc2_cells[k]);
+  // Sums in the order of the neighbour lists (ring-major); the missing cells add +0.
+  for (int dr = 1; dr <= 3; ++dr)
+    for (int dp = 1; dp <= 3; ++dp) e9 += grid[dr * 5 + dp];
+  for (int dr = 0; dr < 5; ++dr)
+    for (int dp = 0; dp < 5; ++dp)
+      if (!((dr == 0 || dr == 4) && (dp == 0 || dp == 4))) e21 += grid[dr * 5 + dp];
   c.e1e9 = e9 > 0 ? e1 / e9 : 0.0;
   c.e9e21 = e21 > 0 ? e9 / e21 : 0.0;
   double nxv = 0, nyv = 0, nzv = 1;
@@ -425,21 +554,6 @@ void Clusterer::make_cluster(const Geometry& g, const int32_t* cell, const float
     c.lat = 0.0;
   }
 
-  // Image.
-  const int N = p_.image_size, h = N / 2;
-  c.img = img_.size();
-  img_.resize(img_.size() + static_cast<size_t>(N) * N, 0.0f);
-  float* im = img_.data() + c.img;
-  const int seed_phi = g.cell_phi_index[sc];
-  for (int dr = 0; dr < N; ++dr) {
-    const int rr = c.ring + dr - h;
-    if (rr < 0 || rr >= g.n_rings) continue;
-    const int centre = g.nearest_phi_index(c.ring, seed_phi, rr);
-    for (int dp = 0; dp < N; ++dp) {
-      const int id = g.cell_id(rr, centre + dp - h);
-      if (id > 0) im[dr * N + dp] = static_cast<float>(share_of(id));
-    }
-  }
   cands_.push_back(c);
 }
 

@@ -116,16 +116,22 @@ class Clusterer {
   struct Cand {  // one cluster of the current event before sorting
     double e, x, y, z, theta, phi, time, wsum, u, v, e1e9, e9e21, m2, lat;
     int seed_digit, seed_cell, ring, n_max, region;
-    size_t img;  // offset in img_
+    size_t img;  // first pixel of the cluster's image in pix_idx_ / pix_val_
+    int n_pix;   // number of non-empty (scattered) pixels
   };
   void event(const Geometry& g, const int32_t* cell, const float* energy, const float* time,
              const uint8_t* quality, size_t n, ClusterOutput& out);
-  void make_cluster(const Geometry& g, const int32_t* cell, const float* energy, const float* time,
-                    const int* members, int m, const double* share, const double* w, int seed,
-                    int n_max, int region);
+  // w == nullptr: all weights 1 (a region with one maximum).
+  void make_cluster(const Geometry& g, const int32_t* cell, const float* time, const int* members, int m,
+                    const double* share, const double* w, int seed, int n_max, int region);
   struct ReverseN1 {
     explicit ReverseN1(const Geometry& g);
     std::vector<int32_t> offsets, cells;  // CSR over cellId - 1
+    // rev(c) minus N1(c) (non-empty only next to a change of ring size): a growth digit's N1
+    // list already reaches every growth digit of rev(c) that is also in N1(c).
+    std::vector<int32_t> extra_offsets, extra_cells;
+    // N1(c) without c itself.
+    std::vector<int32_t> n1x_offsets, n1x_cells;
   };
   static const ReverseN1& reverse_n1(const Geometry& g);
 
@@ -133,14 +139,20 @@ class Clusterer {
   // Scratch, indexed by cellId (size of the larger detector + 1), -1 when no digit.
   std::vector<int16_t> cell_digit_;  // int16: fits L1 (an event has at most 8736 digits)
   // Per digit of the current event.
-  std::vector<int32_t> parent_ /* BFS queue */, region_, pos_in_region_;
+  std::vector<int32_t> parent_ /* BFS queue, all regions */, pos_in_region_;
   std::vector<uint8_t> flag_;
-  std::vector<int32_t> region_of_root_, region_start_, region_fill_, members_, lms_;
+  std::vector<int32_t> region_start_ /* per region, in parent_ and members_ */, members_, lms_;
   std::vector<double> px_, py_, pz_;  // positions of the region's digits
   std::vector<double> wts_, share_, ek_, cx_, cy_, cz_, nx_, ny_, nz_, ones_;
   std::vector<Cand> cands_;
   std::vector<int32_t> order_;
-  std::vector<float> img_;
+  // Images of the event's clusters, sparse: pixel index and value of each member that lies in
+  // the N x N block (every other pixel is 0).
+  std::vector<int32_t> pix_idx_;
+  std::vector<float> pix_val_;
+  size_t pix_used_ = 0;
+  std::vector<int32_t> row_centre_;
+  std::vector<int32_t> cidx_;   // per digit: cellId, or 0 outside the detector
 };
 
 }  // namespace ecl

@@ -17,13 +17,20 @@ class Histogram1D:
         self.counts = np.zeros(nbins + 2, np.float64)  # [underflow, bins..., overflow]
 
     def fill(self, values, weights=None) -> None:
-        values = np.asarray(values, np.float64)
+        values = np.asarray(values)
         if values.size == 0:
             return
         nb = self.edges.size - 1
         lo, hi = self.edges[0], self.edges[-1]
-        idx = np.floor((values - lo) / (hi - lo) * nb).astype(np.int64) + 1
-        np.clip(idx, 0, nb + 1, out=idx)
+        # floor((values - lo) / (hi - lo) * nb) in float64, in place on one temporary
+        x = np.subtract(values, lo, dtype=np.float64)
+        x /= hi - lo
+        x *= nb
+        np.floor(x, out=x)
+        idx = x.astype(np.int64)
+        idx += 1
+        np.maximum(idx, 0, out=idx)
+        np.minimum(idx, nb + 1, out=idx)
         self.counts += np.bincount(idx, weights=weights, minlength=nb + 2)
 
     def add(self, other: "Histogram1D") -> None:
