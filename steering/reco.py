@@ -90,10 +90,16 @@ def main(argv=None) -> int:
         from eclreco.metrics import serve_process_metrics
 
         exporter = serve_process_metrics(args.metrics_port, args.metrics_host, role="reco", path=path)
-    eclreco.process(path, max_events=args.max_events, threads=args.threads, batch_size=args.batch_size)
+    try:
+        eclreco.process(path, max_events=args.max_events, threads=args.threads, batch_size=args.batch_size)
+    except RuntimeError as err:  # a fatal module error, e.g. an output that cannot be written
+        print(eclreco.statistics, flush=True)
+        print(f"reco.py: error: {err}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if exporter is not None:
+            exporter.close()
     print(eclreco.statistics, flush=True)
-    if exporter is not None:
-        exporter.close()
     return 0
 
 

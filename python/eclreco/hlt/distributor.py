@@ -395,6 +395,18 @@ class Distributor:
                 for r in self.stop_requesters:
                     self._send(self.ctl, r, P.OK, P.pack(info))
                 self.stop_requesters = []
+        collector_gone = self.collector is None or now - self.collector["last_seen"] > self.heartbeat_timeout_s
+        if (self.state == "stopping" and self.terminating and collector_gone and self.events
+                and self.stop_drain_over() and now - self.stop_since > self.heartbeat_timeout_s):
+            # Terminating with no live collector: nobody can confirm any more; do not wait for
+            # stop_timeout_s. What was held is lost, and counted.
+            print(f"[distributor] terminating without a live collector: {len(self.events)} unconfirmed events lost",
+                  flush=True)
+            self.c["lost_at_stop"] += len(self.events)
+            self.events.clear()
+            self.pending.clear()
+            for w in self.workers.values():
+                w.assigned.clear()
         if self.state == "stopping" and now - self.stop_since > self.stop_timeout_s:
             print(f"[distributor] stop timed out with {len(self.events)} unconfirmed events", flush=True)
             self.c["lost_at_stop"] += len(self.events)

@@ -142,6 +142,13 @@ class Farm:
                         self.final = body
                         self.terminating = True
             if self.distributor.poll() is not None:
+                if self.final is None and not self.terminating:
+                    # The distributor died (crash, SIGKILL): nobody will say TERMINATE. The workers
+                    # finish and send what they hold, then the collector closes its file cleanly.
+                    print(f"[hlt run] the distributor exited ({self.distributor.returncode}); stopping the "
+                          f"workers and the collector (SIGTERM)", file=sys.stderr, flush=True)
+                    rc = 1
+                    self.sigterm_rest()
                 self.terminating = True
                 break
             if self.collector.poll() is not None and not self.terminating:
@@ -190,6 +197,18 @@ class Farm:
             print(f"[hlt run] throughput {d['throughput_hz']:.0f} events/s, latency p50 "
                   f"{d['latency_p50_s'] * 1e3:.2f} ms, p99 {d['latency_p99_s'] * 1e3:.2f} ms", flush=True)
         return rc
+
+    def sigterm_rest(self):
+        workers = [w for w in self.workers if w is not None and w.poll() is None]
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        for w in workers:
+            try:
+                w.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.collector.poll() is None:
+            self.collector.send_signal(signal.SIGTERM)
 
     def kill_all(self):
         for p in [getattr(self, "distributor", None), getattr(self, "collector", None), *self.workers]:
