@@ -34,7 +34,7 @@ for kind in envelope payload; do
   ECLRECO_CORE=$CORE ECLRECO_FUZZ_CORPUS=$BUILD/corpus-$kind \
   LD_PRELOAD="$PRELOAD" ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1 \
   UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-    $PY fuzz/harness.py $kind -runs=$RUNS -max_total_time=$SECONDS_MAX -max_len=4096 -print_final_stats=1 \
+    $PY fuzz/harness.py $kind -dict=fuzz/$kind.dict -runs=$RUNS -max_total_time=$SECONDS_MAX -max_len=4096 -print_final_stats=1 \
     -artifact_prefix=$BUILD/crash-$kind- 2>&1 \
     | grep -E "INITED|DONE|^Done|stat::|ERROR|SUMMARY|runtime error|crash|Test unit written|no interesting"
   echo "corpus: $(ls $BUILD/corpus-$kind | wc -l) files"

@@ -6,7 +6,6 @@ import resource
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import msgpack
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import uproot
 
-from hlt_helpers import envelope, free_address, push_events
+from hlt_helpers import envelope, push_events
 from test_hlt import ECLRECO, farm_factory, read_evt  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.timeout(180)

@@ -152,3 +152,34 @@ def test_reco_survives_every_bad_input(tmp_path):
             assert rec["reason"] == kind, (rec, kind)
     assert sorted(rejected) == sorted({r["reason"] for r in recs})
     assert not any(r["message"] == b"\x00" * (4 * max_bytes) for r in recs)  # the oversized one never arrived
+
+
+def test_distributor_refuses_oversized_messages(tmp_path):
+    """The farm's input has the same limit (`--max-message-bytes`): an oversized message on its own
+    connection is refused by the socket; the valid stream is complete and the accounting holds."""
+    from test_hlt import Farm
+
+    farm = Farm(tmp_path, workers=1, extra=("--max-message-bytes", "4096"))
+    try:
+        ctx = zmq.Context()
+        big = ctx.socket(zmq.PUSH)
+        big.setsockopt(zmq.LINGER, 0)
+        big.connect(farm.input)
+        big.send(b"\x00" * 100_000)
+        n = 500
+        from hlt_helpers import push_events
+
+        push_events(farm.input, range(n), ctx=ctx)
+        farm.wait_confirmed(n)
+        d = farm.distributor()
+        assert d["received"] == d["confirmed"] == n
+        assert d["bytes_received"] == sum(len(envelope(e)) for e in range(n))
+        big.close()
+        ctx.term()
+        farm.command("terminate")
+        rc, log = farm.wait_exit()
+        assert rc == 0, log
+    finally:
+        farm.close()
+    with uproot.open(farm.output) as f:
+        assert np.array_equal(np.sort(f["events"]["evt"].array(library="np")), np.arange(n))

@@ -1,6 +1,7 @@
 """Security (issue 9): loopback defaults, optional ZeroMQ CURVE between the roles, metrics without payloads."""
 import ast
 import glob
+import json
 import os
 import re
 import shutil
@@ -206,8 +207,6 @@ def test_curve_farm_end_to_end(tmp_path, keys, rogue_keys):
         ctx.term()
         t0 = time.monotonic()
         while True:
-            import json
-
             st = json.loads(ctl_cmd("status", "--json").stdout)
             d = st["processes"][0]
             if d["confirmed"] >= n:
