@@ -3,13 +3,19 @@
 //   {"reason": str, "detail": str, "message": bin (the original bytes, empty when the event has
 //    no RawEnvelopes entry), "exp"/"run"/"evt": int (only those that could be read)}
 // back to back, in input order (ordered module). Events with module errors are not written:
-// only rejected ones. The file is flushed after every batch that had rejections.
+// only rejected ones. The file is flushed after every batch that had rejections. A failed write
+// (disk full, size limit) is fatal: the run is asked to stop and ends with the error, and the
+// file keeps only the complete records written before (it is truncated back to them).
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <stdexcept>
 
+#include <unistd.h>
+
 #include <msgpack.hpp>
+
+#include "framework/processor.hpp"
 
 #include "ecl/envelope.hpp"
 #include "framework/registry.hpp"
@@ -26,12 +32,15 @@ class RejectedOutput : public fw::Module {
 
   void initialize() override {
     close();
-    written_ = 0;
+    written_ = written_before_ = 0;
+    good_bytes_ = 0;
+    error_.clear();
     f_ = std::fopen(filename_.c_str(), "wb");
     if (!f_) throw std::runtime_error("cannot open quarantine file '" + filename_ + "': " + std::strerror(errno));
   }
 
   void event(fw::EventBatch& batch) override {
+    if (!error_.empty()) throw std::runtime_error(error_);
     if (batch.rejections().empty()) return;
     const fw::Collection* raw = batch.has("RawEnvelopes") ? &batch.get("RawEnvelopes") : nullptr;
     const fw::Collection* ref = batch.has("RawPayloadRef") ? &batch.get("RawPayloadRef") : nullptr;
@@ -70,11 +79,28 @@ class RejectedOutput : public fw::Module {
       }
       ++written_;
     }
-    if (std::fwrite(buf.data(), 1, buf.size(), f_) != buf.size() || std::fflush(f_) != 0)
-      throw std::runtime_error("cannot write quarantine file '" + filename_ + "': " + std::strerror(errno));
+    if (std::fwrite(buf.data(), 1, buf.size(), f_) != buf.size() || std::fflush(f_) != 0) {
+      const int err = errno;
+      close();
+      // Keep the complete records only: cut a partly written one off.
+      if (std::FILE* f = std::fopen(filename_.c_str(), "r+b")) {
+        (void)!ftruncate(fileno(f), static_cast<off_t>(good_bytes_));
+        std::fclose(f);
+      }
+      error_ = "cannot write quarantine file '" + filename_ + "': " + std::strerror(err) +
+               " (kept the " + std::to_string(written_before_) + " complete records before it)";
+      written_ = written_before_;
+      fw::request_stop();
+      throw std::runtime_error(error_);
+    }
+    good_bytes_ += buf.size();
+    written_before_ = written_;
   }
 
-  void terminate() override { close(); }
+  void terminate() override {
+    close();
+    if (!error_.empty()) throw std::runtime_error(error_);
+  }
 
   std::map<std::string, double> counters() const override { return {{"written", static_cast<double>(written_)}}; }
 
@@ -85,7 +111,9 @@ class RejectedOutput : public fw::Module {
   }
   std::string filename_;
   std::FILE* f_ = nullptr;
-  uint64_t written_ = 0;
+  uint64_t written_ = 0, written_before_ = 0;
+  uint64_t good_bytes_ = 0;
+  std::string error_;
 };
 
 }  // namespace

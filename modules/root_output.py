@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 
-from eclreco import ERROR_REJECTED, Module
+from eclreco import ERROR_REJECTED, Module, _core
 
 # ECLClusters column -> branch name after the "cluster_" prefix.
 CLUSTER_BRANCHES = {
@@ -31,6 +31,10 @@ class RootOutput(Module):
     Rejected events are not written (they go to the quarantine file). Branches whose data the
     chain does not produce are left out. Data are buffered and written in large baskets; the
     file is closed and valid at the end of the run, also after SIGINT/SIGTERM.
+
+    A write that fails (disk full, file size limit, I/O error) is fatal: the incomplete file is
+    removed (never left silently truncated), the run is asked to stop, and the run ends with the
+    error ``cannot write output file 'NAME': ...`` (eclreco.process raises, reco.py exits 1).
     """
 
     def __init__(self):
@@ -42,6 +46,7 @@ class RootOutput(Module):
         self._parts: list[dict] = []
         self._buffered = 0
         self._tree_created = False
+        self._error = None
         self.events_written = 0
 
     def ordered(self):
@@ -52,10 +57,37 @@ class RootOutput(Module):
 
         path = self.param("filename")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._file = uproot.recreate(path)
+        self._error = None
+        try:
+            self._file = uproot.recreate(path)
+        except OSError as err:
+            raise RuntimeError(f"cannot create output file '{path}': {err}") from None
         self._tree_created = False
 
+    def _fail(self, err: BaseException):
+        """A failed write: remove the incomplete file, stop the run, remember the error."""
+        path = self.param("filename")
+        f, self._file = self._file, None
+        if f is not None:
+            try:
+                f.close()
+            except Exception:  # noqa: BLE001 - the file is broken anyway
+                pass
+        removed = ""
+        try:
+            os.remove(path)
+            removed = "; the incomplete file was removed"
+        except OSError:
+            pass
+        self._parts.clear()
+        self._buffered = 0
+        self._error = f"cannot write output file '{path}': {err}{removed}"
+        _core.request_stop()
+        raise RuntimeError(self._error) from None
+
     def event(self, batch):
+        if self._error:
+            raise RuntimeError(self._error)
         keep = (batch.error_flags & ERROR_REJECTED) == 0
         if not keep.any():
             return
@@ -86,8 +118,14 @@ class RootOutput(Module):
             self._flush()
 
     def _flush(self):
-        if not self._parts:
+        if not self._parts or self._error:
             return
+        try:
+            self._write()
+        except (OSError, ValueError) as err:  # ValueError: uproot on a closed/broken sink
+            self._fail(err)
+
+    def _write(self):
         import awkward as ak
 
         data = {}
@@ -114,7 +152,12 @@ class RootOutput(Module):
 
     def end_run(self, exp, run):
         self._flush()
-        self._write_dqm()
+        if self._error:
+            return
+        try:
+            self._write_dqm()
+        except OSError as err:
+            self._fail(err)
 
     def _write_dqm(self):
         from eclreco.dqm import registry
@@ -123,14 +166,19 @@ class RootOutput(Module):
             registry.write_root(self._file)
 
     def terminate(self):
+        if self._error:
+            raise RuntimeError(self._error)
         self._flush()
-        if self._file is not None and not self._tree_created:
-            # No event reached the output: still leave a readable, empty tree.
-            self._file.mktree(self.param("tree"), {"exp": np.uint32, "run": np.uint32, "evt": np.uint32,
-                                                   "error_flags": np.uint32})
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        try:
+            if self._file is not None and not self._tree_created:
+                # No event reached the output: still leave a readable, empty tree.
+                self._file.mktree(self.param("tree"), {"exp": np.uint32, "run": np.uint32, "evt": np.uint32,
+                                                       "error_flags": np.uint32})
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+        except OSError as err:
+            self._fail(err)
 
     def counters(self):
         return {"events_written": float(self.events_written)}

@@ -58,11 +58,16 @@ class ZMQInput(Module):
         self.add_param("max_message_bytes", 1 << 20, "larger messages are refused by the socket (0: no limit)")
         self.add_param("rcvhwm", 10000, "receive high-water mark (messages queued before the sender blocks)")
         self.add_param("poll_ms", 100.0, "longest time between returns to the framework")
+        self.add_param("curve_dir", "", "CURVE key directory (eclreco hlt keys; empty: no CURVE)")
+        self.add_param("curve_name", "reco", "own key name in curve_dir/private")
+        self.add_param("curve_secret", "", "own key pair file (default curve_dir/private/NAME.key_secret)")
+        self.add_param("curve_server", "daq", "key name of the peer when connecting (bind=False)")
         self._ctx = self._sock = self._monitor = None
         self.messages_received = 0
         self.bytes_received = 0
         self.disconnects = 0
         self.connections = 0
+        self.auth_failures = 0
         self._first = self._last = None
         self._ended = False
 
@@ -79,7 +84,15 @@ class ZMQInput(Module):
         s.setsockopt(zmq.RCVHWM, int(self.param("rcvhwm")))
         if self.param("max_message_bytes") > 0:
             s.setsockopt(zmq.MAXMSGSIZE, int(self.param("max_message_bytes")))
-        self._monitor = s.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self._monitor = s.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+                                             | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        if self.param("curve_dir"):
+            from eclreco.curve import Curve
+
+            Curve(self.param("curve_dir"), self.param("curve_name"), self.param("curve_secret")).apply(
+                s, bool(self.param("bind")), self.param("curve_server"))
         address = self.param("address")
         if self.param("bind"):
             s.bind(address)
@@ -109,6 +122,10 @@ class ZMQInput(Module):
                 # libzmq reports a refused (oversized) message only as a disconnect of that
                 # peer, which then reconnects at once; a sender that closes also disconnects.
                 self.disconnects += 1
+            elif ev["event"] in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                                 zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
+                # CURVE: a peer with an unknown key (or without CURVE) was refused
+                self.auth_failures += 1
 
     def next_batch(self, batch, max_events):
         zmq = self._zmq
@@ -168,4 +185,5 @@ class ZMQInput(Module):
 
     def counters(self):
         return {"messages_received": float(self.messages_received), "bytes_received": float(self.bytes_received),
-                "disconnects": float(self.disconnects), "connections": float(self.connections)}
+                "disconnects": float(self.disconnects), "connections": float(self.connections),
+                "auth_failures": float(self.auth_failures)}

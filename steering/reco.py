@@ -41,6 +41,10 @@ def parse_args(argv=None):
                         help="end the run S seconds after the last message (0: never)")
     stream.add_argument("--max-latency", type=float, default=20.0, help="ms to wait for a batch to fill")
     stream.add_argument("--max-message-bytes", type=int, default=1 << 20, help="larger messages are refused")
+    stream.add_argument("--curve-dir", default="", help="CURVE key directory (eclreco hlt keys); default: no CURVE")
+    stream.add_argument("--curve-name", default="reco", help="own key name in DIR/private")
+    stream.add_argument("--curve-secret", default="", help="own key pair file (default DIR/private/NAME.key_secret)")
+    stream.add_argument("--curve-server", default="daq", help="key name of the sender with --connect")
     reco = ap.add_argument_group("reconstruction")
     reco.add_argument("--no-cnn", action="store_true", help="classical leakage correction only")
     reco.add_argument("--no-dqm", action="store_true", help="no DQM histograms")
@@ -59,7 +63,9 @@ def build_path(args) -> eclreco.Path:
                         energy=args.energy, background=args.background, seed=args.seed)
     elif args.input.startswith("tcp://"):
         path.add_module("ZMQInput", address=args.input, bind=not args.connect, idle_timeout_s=args.idle_timeout,
-                        max_latency_ms=args.max_latency, max_message_bytes=args.max_message_bytes)
+                        max_latency_ms=args.max_latency, max_message_bytes=args.max_message_bytes,
+                        curve_dir=args.curve_dir, curve_name=args.curve_name, curve_secret=args.curve_secret,
+                        curve_server=args.curve_server)
     else:
         if not os.path.exists(args.input):
             sys.exit(f"reco.py: input file {args.input!r} does not exist")
@@ -84,10 +90,16 @@ def main(argv=None) -> int:
         from eclreco.metrics import serve_process_metrics
 
         exporter = serve_process_metrics(args.metrics_port, args.metrics_host, role="reco", path=path)
-    eclreco.process(path, max_events=args.max_events, threads=args.threads, batch_size=args.batch_size)
+    try:
+        eclreco.process(path, max_events=args.max_events, threads=args.threads, batch_size=args.batch_size)
+    except RuntimeError as err:  # a fatal module error, e.g. an output that cannot be written
+        print(eclreco.statistics, flush=True)
+        print(f"reco.py: error: {err}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if exporter is not None:
+            exporter.close()
     print(eclreco.statistics, flush=True)
-    if exporter is not None:
-        exporter.close()
     return 0
 
 

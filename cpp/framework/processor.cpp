@@ -128,9 +128,18 @@ class Run {
     queue_cv_.notify_all();
     for (auto& w : workers_) w.join();
     st_.loop_seconds = now_seconds() - loop_start;
+    // Every module gets its end_run and terminate even when one of them fails (an output that
+    // cannot write must not keep the others from closing their files); the first error wins.
+    auto guarded = [&](Module& m, const char* what, auto&& f) {
+      try {
+        lifecycle(m, what, f);
+      } catch (...) {
+        if (!fatal) fatal = std::current_exception();
+      }
+    };
     if (in_run_)
-      for (auto& m : modules_) lifecycle(*m, "end_run", [&] { m->end_run(exp_, run_); });
-    for (auto& m : modules_) lifecycle(*m, "terminate", [&] { m->terminate(); });
+      for (auto& m : modules_) guarded(*m, "end_run", [&] { m->end_run(exp_, run_); });
+    for (auto& m : modules_) guarded(*m, "terminate", [&] { m->terminate(); });
     if (fatal) std::rethrow_exception(fatal);
   }
 

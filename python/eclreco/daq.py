@@ -21,7 +21,7 @@ from eclreco.rawdata import read_raw_file
 
 def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: float = 0.0, loop: bool = False,
             events: int = 0, linger_ms: int = 10000, report: Callable[[str], None] | None = None,
-            context=None) -> dict:
+            context=None, curve=None, curve_server: str = "distributor") -> dict:
     """Send `messages` over a PUSH socket; returns {"sent", "seconds", "rate_hz"}.
 
     events: stop after this many messages (0: the whole file once, or forever with loop).
@@ -37,6 +37,8 @@ def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: f
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, linger_ms)
     sock.setsockopt(zmq.SNDHWM, 100000)
+    if curve is not None:  # eclreco.curve.Curve: CURVE server when binding, else client of curve_server
+        curve.apply(sock, bind, curve_server)
     (sock.bind if bind else sock.connect)(address)
     # 0: unbounded; without loop the file is sent at most once
     total = events if events > 0 else (0 if loop else len(messages))
@@ -94,8 +96,11 @@ def run_daq_emulator(args: argparse.Namespace) -> int:
     address = args.bind or args.connect
     print(f"[daq-emulator] {len(messages)} events from {args.input}, "
           f"{'binding' if args.bind else 'connecting'} PUSH {address}", flush=True)
+    from eclreco.curve import Curve
+
     emulate(messages, address, bind=bool(args.bind), rate=args.rate, loop=args.loop, events=args.events,
-            report=lambda s: print(s, flush=True))
+            report=lambda s: print(s, flush=True), curve=Curve.from_args(args, "daq"),
+            curve_server=args.curve_server)
     return 0
 
 
@@ -111,6 +116,11 @@ def add_daq_emulator_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=0.0, help="events per second (0: as fast as possible)")
     p.add_argument("--loop", action="store_true", help="replay the file again and again")
     p.add_argument("--events", type=int, default=0, help="stop after N events (0: the file once, or forever with --loop)")
+    from eclreco.curve import add_curve_arguments
+
+    g = add_curve_arguments(p, "daq")
+    g.add_argument("--curve-server", default="distributor",
+                   help="key name of the receiver when connecting (distributor, or reco for steering/reco.py)")
     p.set_defaults(func=run_daq_emulator)
     return p
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from eclreco.curve import add_curve_arguments
+
 
 def _add_metrics(p, default_port: int):
     p.add_argument("--metrics-port", type=int, default=default_port,
@@ -23,6 +25,8 @@ def add_distributor_arguments(p):
     p.add_argument("--input-hwm", type=int, default=1000, help="high-water mark of the input socket")
     p.add_argument("--stop-drain", type=float, default=0.5,
                    help="at stop, keep reading the input until it is quiet for S s")
+    p.add_argument("--max-message-bytes", type=int, default=1 << 20,
+                   help="input messages above this size are refused by the socket (ZMQ_MAXMSGSIZE; 0: no limit)")
 
 
 def add_hlt_parser(subparsers):
@@ -33,6 +37,7 @@ def add_hlt_parser(subparsers):
     p = sub.add_parser("distributor", help="event source -> workers (credit-based), run control")
     add_distributor_arguments(p)
     _add_metrics(p, 9460)
+    add_curve_arguments(p, "distributor")
     p.set_defaults(func=lambda a: __import__("eclreco.hlt.distributor", fromlist=["main"]).main(a))
 
     p = sub.add_parser("worker", prefix_chars="+", add_help=False,
@@ -49,6 +54,7 @@ def add_hlt_parser(subparsers):
     p.add_argument("--output-bind", action="store_true", help="bind a tcp:// output instead of connecting")
     p.add_argument("--batch-size", type=int, default=1024)
     _add_metrics(p, 9461)
+    add_curve_arguments(p, "collector")
     p.set_defaults(func=lambda a: __import__("eclreco.hlt.collector", fromlist=["main"]).main(a))
 
     p = sub.add_parser("run", help="a local farm: 1 distributor, N workers, 1 collector")
@@ -65,12 +71,14 @@ def add_hlt_parser(subparsers):
     p.add_argument("--metrics-base-port", type=int, default=9460,
                    help="distributor P, collector P+1, worker i P+2+i (0: free ports, -1: none)")
     p.add_argument("--metrics-host", default="127.0.0.1")
+    add_curve_arguments(p, "control")
     p.set_defaults(func=lambda a: __import__("eclreco.hlt.run", fromlist=["main"]).main(a))
 
     p = sub.add_parser("control", help="run control: stop (end of run), start (new run), terminate")
     p.add_argument("action", choices=["stop", "start", "terminate"])
     p.add_argument("--control", default="tcp://127.0.0.1:5557")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the answer")
+    add_curve_arguments(p, "control")
     p.set_defaults(func=lambda a: __import__("eclreco.hlt.control", fromlist=["control_main"]).control_main(a))
 
     p = sub.add_parser("status", help="every process of the farm: role, pid, state, counters")
@@ -78,7 +86,15 @@ def add_hlt_parser(subparsers):
     p.add_argument("--json", action="store_true", help='{"processes": [{"role": ..., "pid": ...}, ...]}')
     p.add_argument("--watch", type=float, nargs="?", const=1.0, default=0.0, help="refresh every S s")
     p.add_argument("--timeout", type=float, default=5.0)
+    add_curve_arguments(p, "control")
     p.set_defaults(func=lambda a: __import__("eclreco.hlt.control", fromlist=["status_main"]).status_main(a))
+
+    p = sub.add_parser("keys", help="generate CURVE key pairs (zmq.auth certificates) for --curve-dir")
+    p.add_argument("-o", "--output", required=True, help="key directory (public/ and private/ are made in it)")
+    p.add_argument("--names", default="distributor,collector,worker,control,daq,reco",
+                   help="comma-separated parties, one key pair each")
+    p.add_argument("--force", action="store_true", help="replace existing keys")
+    p.set_defaults(func=lambda a: __import__("eclreco.curve", fromlist=["keys_main"]).keys_main(a))
 
     hlt.set_defaults(func=lambda a: hlt.print_help())
 

@@ -20,15 +20,19 @@ from eclreco.hlt import protocol as P
 
 
 class CollectorLink:
-    def __init__(self, collector_addr: str, control: str, rcvhwm: int = 200):
+    def __init__(self, collector_addr: str, control: str, rcvhwm: int = 200, curve=None):
         self.ctx = zmq.Context.instance()
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, rcvhwm)
         self.pull.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.server(self.pull)
         self.pull.bind(collector_addr)
         self.address = self.pull.getsockopt_string(zmq.LAST_ENDPOINT)
         self.ctl = self.ctx.socket(zmq.DEALER)
         self.ctl.setsockopt(zmq.LINGER, 2000)
+        if curve is not None:
+            curve.client(self.ctl, "distributor")
         self.ctl.connect(control)
         self.low = 0                   # every seq below was confirmed by the distributor
         self.seen: set[int] = set()    # seqs at or above `low` already written
@@ -198,7 +202,10 @@ def output_filename(template: str, run_index: int) -> str:
 
 
 def main(args) -> int:
-    link = CollectorLink(args.collector_addr, args.control)
+    from eclreco.curve import Curve
+    from eclreco.hlt.worker import curve_params
+
+    link = CollectorLink(args.collector_addr, args.control, curve=Curve.from_args(args, "collector"))
     exporter = None
     path = eclreco.create_path()
     if args.metrics_port >= 0:
@@ -225,7 +232,8 @@ def main(args) -> int:
     source = path.add_module(HLTCollectorInput(link))
     out = None
     if args.output.startswith("tcp://"):
-        path.add_module("ZMQOutput", address=args.output, bind=args.output_bind)
+        path.add_module("ZMQOutput", address=args.output, bind=args.output_bind,
+                        **curve_params(args, "collector", "reco"))
     else:
         out = path.add_module("RootOutput", filename=output_filename(args.output, 1))
     print(f"[collector] pid {os.getpid()} {path} on {link.address}, control {args.control}, metrics "

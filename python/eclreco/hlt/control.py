@@ -8,6 +8,7 @@ import time
 
 import zmq
 
+from eclreco.curve import Curve
 from eclreco.hlt import protocol as P
 
 
@@ -15,11 +16,13 @@ class ControlError(RuntimeError):
     pass
 
 
-def request(control: str, cmd: bytes, timeout_s: float = 10.0) -> dict:
+def request(control: str, cmd: bytes, timeout_s: float = 10.0, curve=None) -> dict:
     """Send a command to the distributor and wait for its reply (OK body as a dict)."""
     ctx = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        curve.client(s, "distributor")
     s.connect(control)
     try:
         s.send_multipart([cmd])
@@ -38,8 +41,8 @@ def request(control: str, cmd: bytes, timeout_s: float = 10.0) -> dict:
         s.close(0)
 
 
-def status(control: str, timeout_s: float = 5.0) -> dict:
-    return request(control, P.STATUS, timeout_s)
+def status(control: str, timeout_s: float = 5.0, curve=None) -> dict:
+    return request(control, P.STATUS, timeout_s, curve)
 
 
 COLUMNS = [("role", 12), ("pid", 8), ("host", 14), ("state", 10), ("received", 11), ("processed", 11),
@@ -78,7 +81,7 @@ def format_table(st: dict) -> str:
 def status_main(args) -> int:
     while True:
         try:
-            st = status(args.control, timeout_s=args.timeout)
+            st = status(args.control, timeout_s=args.timeout, curve=Curve.from_args(args, "control"))
         except ControlError as err:
             print(f"eclreco hlt status: {err}", file=sys.stderr)
             return 1
@@ -97,7 +100,7 @@ def status_main(args) -> int:
 def control_main(args) -> int:
     cmd = {"stop": P.STOP, "start": P.START, "terminate": P.TERMINATE}[args.action]
     try:
-        reply = request(args.control, cmd, timeout_s=args.timeout)
+        reply = request(args.control, cmd, timeout_s=args.timeout, curve=Curve.from_args(args, "control"))
     except ControlError as err:
         print(f"eclreco hlt control: {err}", file=sys.stderr)
         return 1

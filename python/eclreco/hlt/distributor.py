@@ -17,6 +17,7 @@ import time
 import numpy as np
 import zmq
 
+from eclreco.curve import Curve
 from eclreco.hlt import protocol as P
 
 # Latency histogram: log-spaced bounds from 10 us to 100 s (percentiles and Prometheus buckets).
@@ -63,20 +64,29 @@ class Distributor:
     def __init__(self, input_addr: str, workers_addr: str, control_addr: str, queue_size: int = 4000,
                  max_held: int = 20000, chunk: int = 256, heartbeat_timeout_s: float = 5.0,
                  drop_when_busy: bool = False, input_hwm: int = 1000, stop_drain_s: float = 0.5,
-                 stop_timeout_s: float = 120.0, input_bind: bool = True):
+                 stop_timeout_s: float = 120.0, input_bind: bool = True, curve=None,
+                 max_message_bytes: int = 0):
         self.ctx = zmq.Context.instance()
         self.inp = self.ctx.socket(zmq.PULL)
         self.inp.setsockopt(zmq.RCVHWM, input_hwm)
         self.inp.setsockopt(zmq.LINGER, 0)
+        if max_message_bytes > 0:
+            self.inp.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        if curve is not None:  # optional CURVE (eclreco.curve): servers on bound sockets
+            curve.apply(self.inp, input_bind, "daq")
         (self.inp.bind if input_bind else self.inp.connect)(input_addr)
         self.wrk = self.ctx.socket(zmq.ROUTER)
         self.wrk.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.wrk.setsockopt(zmq.SNDHWM, 0)  # bounded by credit instead
         self.wrk.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            curve.server(self.wrk)
         self.wrk.bind(workers_addr)
         self.ctl = self.ctx.socket(zmq.ROUTER)
         self.ctl.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.ctl.setsockopt(zmq.LINGER, 1000)
+        if curve is not None:
+            curve.server(self.ctl)
         self.ctl.bind(control_addr)
         self.addresses = {"input": self.inp.getsockopt_string(zmq.LAST_ENDPOINT),
                           "workers": self.wrk.getsockopt_string(zmq.LAST_ENDPOINT),
@@ -385,6 +395,18 @@ class Distributor:
                 for r in self.stop_requesters:
                     self._send(self.ctl, r, P.OK, P.pack(info))
                 self.stop_requesters = []
+        collector_gone = self.collector is None or now - self.collector["last_seen"] > self.heartbeat_timeout_s
+        if (self.state == "stopping" and self.terminating and collector_gone and self.events
+                and self.stop_drain_over() and now - self.stop_since > self.heartbeat_timeout_s):
+            # Terminating with no live collector: nobody can confirm any more; do not wait for
+            # stop_timeout_s. What was held is lost, and counted.
+            print(f"[distributor] terminating without a live collector: {len(self.events)} unconfirmed events lost",
+                  flush=True)
+            self.c["lost_at_stop"] += len(self.events)
+            self.events.clear()
+            self.pending.clear()
+            for w in self.workers.values():
+                w.assigned.clear()
         if self.state == "stopping" and now - self.stop_since > self.stop_timeout_s:
             print(f"[distributor] stop timed out with {len(self.events)} unconfirmed events", flush=True)
             self.c["lost_at_stop"] += len(self.events)
@@ -501,7 +523,8 @@ def main(args) -> int:
     d = Distributor(args.input, args.workers_addr, args.control, queue_size=args.queue_size,
                     max_held=args.max_held, chunk=args.chunk, heartbeat_timeout_s=args.heartbeat_timeout,
                     drop_when_busy=args.drop_when_busy, input_hwm=args.input_hwm, stop_drain_s=args.stop_drain,
-                    input_bind=not args.input_connect)
+                    input_bind=not args.input_connect, curve=Curve.from_args(args, "distributor"),
+                    max_message_bytes=args.max_message_bytes)
     exporter = None
     if args.metrics_port >= 0:
         from eclreco.metrics import serve_process_metrics

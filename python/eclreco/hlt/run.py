@@ -16,6 +16,7 @@ import time
 
 import zmq
 
+from eclreco.curve import Curve
 from eclreco.hlt import protocol as P
 from eclreco.hlt.control import ControlError, request, status
 from eclreco.hlt.distributor import summary_line
@@ -39,6 +40,9 @@ class Farm:
         self.restarts = 0
         self.final: dict | None = None
         self.terminating = False
+        self.curve = Curve.from_args(args, "control")
+        # children use their own keys (role names) from the same directory
+        self.curve_args = ["--curve-dir", args.curve_dir] if getattr(args, "curve_dir", "") else []
 
     def popen(self, cmd):
         return subprocess.Popen(cmd, start_new_session=True)
@@ -49,7 +53,8 @@ class Farm:
                           a.control, "--queue-size", str(a.queue_size), "--max-held", str(a.max_held),
                           "--chunk", str(a.chunk), "--heartbeat-timeout", str(a.heartbeat_timeout),
                           "--input-hwm", str(a.input_hwm), "--stop-drain", str(a.stop_drain),
-                          "--metrics-port", str(self.mport(0)), "--metrics-host", a.metrics_host]
+                          "--metrics-port", str(self.mport(0)), "--metrics-host", a.metrics_host,
+                          "--max-message-bytes", str(a.max_message_bytes), *self.curve_args]
         if a.drop_when_busy:
             cmd.append("--drop-when-busy")
         if a.input_connect:
@@ -60,7 +65,8 @@ class Farm:
         a = self.args
         self.collector = self.popen(self.exe + ["collector", "--collector-addr", self.collector_addr, "--control",
                                                 a.control, "--output", a.output, "--metrics-port",
-                                                str(self.mport(1)), "--metrics-host", a.metrics_host])
+                                                str(self.mport(1)), "--metrics-host", a.metrics_host,
+                                                *self.curve_args])
 
     def worker_cmd(self, i: int):
         a = self.args
@@ -69,7 +75,8 @@ class Farm:
             cmd.append(a.worker_steering)
         cmd += ["--distributor", self.workers_addr, "--collector", self.collector_addr, "--threads", str(a.threads),
                 "--batch-size", str(a.batch_size), "--modules", a.modules, "--metrics-port", str(self.mport(2 + i)),
-                "--metrics-host", a.metrics_host, "--heartbeat", str(min(0.5, a.heartbeat_timeout / 5))]
+                "--metrics-host", a.metrics_host, "--heartbeat", str(min(0.5, a.heartbeat_timeout / 5)),
+                *self.curve_args]
         if a.no_cnn:
             cmd.append("--no-cnn")
         return cmd
@@ -88,7 +95,7 @@ class Farm:
                 print("[hlt run] the distributor failed to start", file=sys.stderr, flush=True)
                 return 1
             try:
-                status(a.control, timeout_s=1.0)
+                status(a.control, timeout_s=1.0, curve=self.curve)
                 break
             except ControlError:
                 if time.monotonic() - t0 > 60:
@@ -102,6 +109,8 @@ class Farm:
         ctx = zmq.Context.instance()
         ctl = ctx.socket(zmq.DEALER)
         ctl.setsockopt(zmq.LINGER, 1000)
+        if self.curve is not None:
+            self.curve.client(ctl, "distributor")
         ctl.connect(a.control)
         self.report(ctl)
         signals = {"n": 0}
@@ -133,6 +142,13 @@ class Farm:
                         self.final = body
                         self.terminating = True
             if self.distributor.poll() is not None:
+                if self.final is None and not self.terminating:
+                    # The distributor died (crash, SIGKILL): nobody will say TERMINATE. The workers
+                    # finish and send what they hold, then the collector closes its file cleanly.
+                    print(f"[hlt run] the distributor exited ({self.distributor.returncode}); stopping the "
+                          f"workers and the collector (SIGTERM)", file=sys.stderr, flush=True)
+                    rc = 1
+                    self.sigterm_rest()
                 self.terminating = True
                 break
             if self.collector.poll() is not None and not self.terminating:
@@ -181,6 +197,18 @@ class Farm:
             print(f"[hlt run] throughput {d['throughput_hz']:.0f} events/s, latency p50 "
                   f"{d['latency_p50_s'] * 1e3:.2f} ms, p99 {d['latency_p99_s'] * 1e3:.2f} ms", flush=True)
         return rc
+
+    def sigterm_rest(self):
+        workers = [w for w in self.workers if w is not None and w.poll() is None]
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        for w in workers:
+            try:
+                w.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.collector.poll() is None:
+            self.collector.send_signal(signal.SIGTERM)
 
     def kill_all(self):
         for p in [getattr(self, "distributor", None), getattr(self, "collector", None), *self.workers]:

@@ -29,12 +29,14 @@ SEQ_COLLECTION = "HLTSequence"
 
 class WorkerLink:
     def __init__(self, distributor: str, capacity: int = 1024, heartbeat_s: float = 0.5, metrics_port: int = 0,
-                 threads: int = 1):
+                 threads: int = 1, curve=None):
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.ident = f"w-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}".encode()
         self.sock.setsockopt(zmq.IDENTITY, self.ident)
         self.sock.setsockopt(zmq.LINGER, 2000)
+        if curve is not None:
+            curve.client(self.sock, "distributor")
         self.sock.connect(distributor)
         self.capacity = capacity
         self.heartbeat_s = heartbeat_s
@@ -220,6 +222,9 @@ def add_worker_arguments(ap: argparse.ArgumentParser):
                     help="'standard' (add_reconstruction), 'none', or a comma-separated list of modules")
     ap.add_argument("--no-cnn", action="store_true", help="classical leakage correction only")
     ap.add_argument("--model", default="", help="ONNX model of the CNN")
+    from eclreco.curve import add_curve_arguments
+
+    add_curve_arguments(ap, "worker")
 
 
 def start_worker(args, build_reconstruction) -> int:
@@ -234,8 +239,11 @@ def start_worker(args, build_reconstruction) -> int:
             exporter = serve_process_metrics(args.metrics_port, args.metrics_host, role="worker")
         except OSError:
             exporter = serve_process_metrics(0, args.metrics_host, role="worker")
+    from eclreco.curve import Curve
+
     link = WorkerLink(args.distributor, capacity=capacity, heartbeat_s=args.heartbeat,
-                      metrics_port=exporter.port if exporter else 0, threads=args.threads)
+                      metrics_port=exporter.port if exporter else 0, threads=args.threads,
+                      curve=Curve.from_args(args, "worker"))
     path.add_module(HLTWorkerInput(link), max_latency_ms=args.max_latency)
     build_reconstruction(path)
     add_output(path, args)
@@ -254,7 +262,16 @@ def add_output(path, args):
     """ZMQOutput to the collector, with the cluster columns that RootOutput writes."""
     from eclreco.modules.root_output import CLUSTER_BRANCHES
 
-    path.add_module("ZMQOutput", address=args.collector, bind=False, columns=list(CLUSTER_BRANCHES))
+    path.add_module("ZMQOutput", address=args.collector, bind=False, columns=list(CLUSTER_BRANCHES),
+                    **curve_params(args, "worker", "collector"))
+
+
+def curve_params(args, name: str, server: str) -> dict:
+    """ZMQInput/ZMQOutput parameters of the CURVE options (--curve-dir ...); {} without them."""
+    if not getattr(args, "curve_dir", ""):
+        return {}
+    return {"curve_dir": args.curve_dir, "curve_name": getattr(args, "curve_name", "") or name,
+            "curve_secret": getattr(args, "curve_secret", "") or "", "curve_server": server}
 
 
 def add_chosen_reconstruction(path, args):

@@ -1,0 +1,133 @@
+"""Optional ZeroMQ CURVE authentication and encryption for the streaming sockets.
+
+A key directory made by ``eclreco hlt keys -o DIR`` holds one key pair per party, in the
+``zmq.auth`` certificate format::
+
+    DIR/public/NAME.key           public key of NAME (every party may read these)
+    DIR/private/NAME.key_secret   key pair of NAME (mode 0600; give it only to NAME's machines)
+
+A process is started with ``--curve-dir DIR`` (and ``--curve-name NAME``, default its role) and
+then uses ``private/NAME.key_secret`` as its own key. Every socket it **binds** is a CURVE
+server that accepts only clients whose public key is in ``DIR/public`` (checked by a
+``zmq.auth.thread.ThreadAuthenticator``); every socket it **connects** is a CURVE client that
+knows the server's public key (``public/SERVER.key``; SERVER is the peer's role name, e.g.
+``distributor``). A peer with an unknown key, or one that speaks plain ZeroMQ, fails the
+handshake: none of its messages is ever delivered. Without ``--curve-dir`` nothing changes.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+import zmq
+import zmq.auth
+
+DEFAULT_NAMES = ("distributor", "collector", "worker", "control", "daq", "reco")
+
+_auth_lock = threading.Lock()
+_authenticators: dict[int, object] = {}
+
+
+def generate_keys(directory: str, names=DEFAULT_NAMES, overwrite: bool = False) -> dict[str, tuple[str, str]]:
+    """Create one key pair per name; returns {name: (public_file, secret_file)}."""
+    pub = os.path.join(directory, "public")
+    priv = os.path.join(directory, "private")
+    os.makedirs(pub, exist_ok=True)
+    os.makedirs(priv, exist_ok=True)
+    os.chmod(priv, 0o700)
+    out = {}
+    for name in names:
+        if not name or os.sep in name or name.startswith("."):
+            raise ValueError(f"bad key name {name!r}")
+        pf, sf = os.path.join(pub, f"{name}.key"), os.path.join(priv, f"{name}.key_secret")
+        if not overwrite and (os.path.exists(pf) or os.path.exists(sf)):
+            raise FileExistsError(f"{pf} or {sf} exists (use --force to replace)")
+        tmp_pub, tmp_sec = zmq.auth.create_certificates(priv, name)  # both files in private/
+        os.chmod(tmp_sec, 0o600)
+        shutil.move(tmp_pub, pf)
+        out[name] = (pf, sf)
+    return out
+
+
+class Curve:
+    """The CURVE identity of one process (see the module docstring)."""
+
+    def __init__(self, directory: str, name: str, secret_file: str = ""):
+        self.directory = directory
+        self.name = name
+        self.public_dir = os.path.join(directory, "public")
+        secret_file = secret_file or os.path.join(directory, "private", f"{name}.key_secret")
+        if not os.path.exists(secret_file):
+            raise FileNotFoundError(f"CURVE secret key {secret_file} not found (eclreco hlt keys -o {directory})")
+        self.public, self.secret = zmq.auth.load_certificate(secret_file)
+        if self.secret is None:
+            raise ValueError(f"{secret_file} holds no secret key")
+
+    @classmethod
+    def from_args(cls, args, default_name: str) -> "Curve | None":
+        d = getattr(args, "curve_dir", None)
+        if not d:
+            return None
+        return cls(d, getattr(args, "curve_name", None) or default_name, getattr(args, "curve_secret", "") or "")
+
+    def server_key(self, server: str) -> bytes:
+        f = os.path.join(self.public_dir, f"{server}.key")
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"CURVE public key of '{server}' not found: {f}")
+        return zmq.auth.load_certificate(f)[0]
+
+    def server(self, sock: zmq.Socket) -> zmq.Socket:
+        """Make `sock` (before bind) a CURVE server accepting the keys in public/."""
+        start_authenticator(sock.context, self.public_dir)
+        sock.curve_secretkey = self.secret
+        sock.curve_publickey = self.public
+        sock.curve_server = True
+        return sock
+
+    def client(self, sock: zmq.Socket, server: str) -> zmq.Socket:
+        """Make `sock` (before connect) a CURVE client of the party named `server`."""
+        sock.curve_secretkey = self.secret
+        sock.curve_publickey = self.public
+        sock.curve_serverkey = self.server_key(server)
+        return sock
+
+    def apply(self, sock: zmq.Socket, bind: bool, server: str) -> zmq.Socket:
+        return self.server(sock) if bind else self.client(sock, server)
+
+
+def start_authenticator(ctx: zmq.Context, public_dir: str):
+    """One ZAP handler per context, accepting the public keys found in `public_dir`."""
+    from zmq.auth.thread import ThreadAuthenticator
+
+    with _auth_lock:
+        auth = _authenticators.get(id(ctx))
+        if auth is None:
+            auth = ThreadAuthenticator(ctx)
+            auth.start()
+            _authenticators[id(ctx)] = auth
+        auth.configure_curve(domain="*", location=public_dir)
+        return auth
+
+
+def stop_authenticators():
+    with _auth_lock:
+        for auth in _authenticators.values():
+            auth.stop()
+        _authenticators.clear()
+
+
+def add_curve_arguments(p, default_name: str):
+    g = p.add_argument_group("CURVE (optional authentication and encryption; docs/reliability.md)")
+    g.add_argument("--curve-dir", default="", help="key directory of `eclreco hlt keys` (default: no CURVE)")
+    g.add_argument("--curve-name", default=default_name, help=f"own key name in DIR/private (default {default_name})")
+    g.add_argument("--curve-secret", default="", help="own key pair file (default DIR/private/NAME.key_secret)")
+    return g
+
+
+def keys_main(args) -> int:
+    names = [n.strip() for n in args.names.split(",") if n.strip()]
+    made = generate_keys(args.output, names, overwrite=args.force)
+    for name, (pf, sf) in made.items():
+        print(f"{name}: public {pf}  secret {sf}")
+    return 0

@@ -1,0 +1,278 @@
+"""Security (issue 9): loopback defaults, optional ZeroMQ CURVE between the roles, metrics without payloads."""
+import ast
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import msgpack
+import numpy as np
+import pytest
+import uproot
+import zmq
+
+import eclreco
+from eclreco.curve import Curve, generate_keys
+from eclreco.daq import emulate
+from hlt_helpers import envelope, free_address, free_port
+
+pytestmark = pytest.mark.timeout(120)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ECLRECO = [sys.executable, "-m", "eclreco.cli"]
+
+
+# ------------------------------------------------------------------ loopback defaults
+def _string_defaults(tree):
+    """Every string constant that is the default of an argparse option or a module parameter."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            for kw in node.keywords:
+                if kw.arg == "default" and isinstance(kw.value, ast.Constant) and isinstance(kw.value.value, str):
+                    yield kw.value.value
+            f = node.func
+            if isinstance(f, ast.Attribute) and f.attr == "add_param" and len(node.args) >= 2:
+                a = node.args[1]
+                if isinstance(a, ast.Constant) and isinstance(a.value, str):
+                    yield a.value
+        if isinstance(node, ast.FunctionDef):  # keyword defaults of functions (host="127.0.0.1")
+            for d in node.args.defaults + node.args.kw_defaults:
+                if isinstance(d, ast.Constant) and isinstance(d.value, str):
+                    yield d.value
+
+
+def _networked_sources():
+    files = glob.glob(os.path.join(REPO, "python", "eclreco", "hlt", "*.py"))
+    files += glob.glob(os.path.join(REPO, "modules", "zmq_*.py"))
+    files += [os.path.join(REPO, "python", "eclreco", f) for f in ("daq.py", "metrics.py", "curve.py")]
+    files += [os.path.join(REPO, "steering", f) for f in ("reco.py", "hlt_worker.py")]
+    return files
+
+
+def test_every_default_address_is_loopback():
+    """Audit: every default address/host of the networked code is 127.0.0.1; no wildcard binds."""
+    seen = 0
+    for f in _networked_sources():
+        src = open(f).read()
+        assert not re.search(r"""["']tcp://(\*|0\.0\.0\.0)""", src), f
+        for value in _string_defaults(ast.parse(src)):
+            if value.startswith("tcp://"):
+                seen += 1
+                assert value.startswith("tcp://127.0.0.1:"), (f, value)
+            elif re.fullmatch(r"\d+\.\d+\.\d+\.\d+|localhost|\*|0\.0\.0\.0|::", value):
+                seen += 1
+                assert value == "127.0.0.1", (f, value)
+    assert seen >= 10
+
+
+def test_default_sockets_bind_loopback_only():
+    """The real objects with their defaults: every bound endpoint is on 127.0.0.1."""
+    from eclreco.hlt.distributor import Distributor
+    from eclreco.metrics import serve_process_metrics
+
+    d = Distributor(free_address(), free_address(), free_address())
+    try:
+        for ep in d.addresses.values():
+            assert ep.startswith("tcp://127.0.0.1:"), ep
+    finally:
+        for s in (d.inp, d.wrk, d.ctl):
+            s.close(0)
+    exp = serve_process_metrics(0, role="reco", framework=False)  # the default host
+    try:
+        assert exp.host == "127.0.0.1"
+    finally:
+        exp.close()
+    path = eclreco.create_path()
+    inp = path.add_module("ZMQInput")
+    assert inp.param("address").startswith("tcp://127.0.0.1:") and inp.param("bind")
+    out = path.add_module("ZMQOutput")
+    assert out.param("address").startswith("tcp://127.0.0.1:")
+
+
+# ------------------------------------------------------------------ CURVE
+@pytest.fixture
+def keys(tmp_path):
+    d = tmp_path / "keys"
+    r = subprocess.run(ECLRECO + ["hlt", "keys", "-o", str(d)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for name in ("distributor", "collector", "worker", "control", "daq", "reco"):
+        assert (d / "public" / f"{name}.key").exists() and (d / "private" / f"{name}.key_secret").exists()
+        assert oct((d / "private" / f"{name}.key_secret").stat().st_mode & 0o777) == "0o600"
+    return str(d)
+
+
+@pytest.fixture
+def rogue_keys(tmp_path, keys):
+    """A party with a key pair the servers do not know (it knows the servers' public keys: they are public)."""
+    d = tmp_path / "rogue"
+    generate_keys(str(d), ["daq", "worker"])
+    for f in glob.glob(os.path.join(keys, "public", "*.key")):
+        name = os.path.basename(f)
+        if name not in ("daq.key", "worker.key"):
+            shutil.copy(f, d / "public" / name)
+    return str(d)
+
+
+def test_keys_refuse_to_overwrite(keys):
+    r = subprocess.run(ECLRECO + ["hlt", "keys", "-o", keys], capture_output=True, text=True)
+    assert r.returncode != 0 and "exists" in r.stderr
+
+
+def _zmq_input_run(keys, senders, idle=1.5):
+    """A ZMQInput (CURVE server 'reco') fed by `senders` (callables taking the address) in threads."""
+    address = free_address()
+    path = eclreco.create_path()
+    inp = path.add_module("ZMQInput", address=address, idle_timeout_s=idle, curve_dir=keys, poll_ms=50.0)
+    got = []
+
+    class Collect(eclreco.Module):
+        def event(self, batch):
+            got.extend(batch.evt.tolist())
+
+    path.add_module(Collect())
+    threads = [threading.Thread(target=s, args=(address,)) for s in senders]
+    for t in threads:
+        t.start()
+    eclreco.process(path, install_signal_handlers=False)
+    for t in threads:
+        t.join()
+    return got, inp.counters()
+
+
+def test_curve_authorized_peer_processed_unknown_key_refused(keys, rogue_keys):
+    ctx = zmq.Context()
+
+    def rogue(address):  # CURVE with a key the server does not know: its events never arrive
+        emulate([envelope(e) for e in range(5000, 5100)], address, context=ctx, linger_ms=1500,
+                curve=Curve(rogue_keys, "daq"), curve_server="reco")
+
+    def plain(address):  # no CURVE at all against a CURVE server: refused as well
+        emulate([envelope(e) for e in range(6000, 6100)], address, context=ctx, linger_ms=1500)
+
+    def good(address):
+        time.sleep(0.3)
+        emulate([envelope(e) for e in range(300)], address, context=ctx, linger_ms=5000,
+                curve=Curve(keys, "daq"), curve_server="reco")
+
+    got, counters = _zmq_input_run(keys, [rogue, plain, good])
+    ctx.term()
+    assert sorted(got) == list(range(300))  # the authorized sender's events, and only those
+    assert counters["auth_failures"] >= 1
+
+
+def test_curve_farm_end_to_end(tmp_path, keys, rogue_keys):
+    """`hlt run --curve-dir`: every role authenticates; an authorized DAQ is processed, an unknown
+    key never reaches the farm, and run control without a known key gets no answer."""
+    from test_hlt import worker_modules
+
+    inp, ctl, wrk = free_address(), free_address(), free_address()
+    out = tmp_path / "farm.root"
+    log = open(tmp_path / "farm.log", "w+")
+    proc = subprocess.Popen(ECLRECO + ["hlt", "run", "--workers", "1", "--input", inp, "--control", ctl,
+                                       "--workers-addr", wrk, "--output", str(out), "--modules", worker_modules(),
+                                       "--metrics-base-port", "-1", "--stop-drain", "0.3",
+                                       "--curve-dir", keys], stdout=log, stderr=subprocess.STDOUT, cwd=str(tmp_path))
+
+    def ctl_cmd(*args, curve=True, timeout=60):
+        extra = ["--curve-dir", keys] if curve else []
+        return subprocess.run(ECLRECO + ["hlt", *args, "--control", ctl, *extra], capture_output=True, text=True,
+                              timeout=timeout)
+
+    def logtext():
+        log.flush()
+        log.seek(0)
+        return log.read()
+
+    try:
+        t0 = time.monotonic()
+        while True:
+            r = ctl_cmd("status", "--json", "--timeout", "2")
+            if r.returncode == 0 and '"collector"' in r.stdout and '"worker"' in r.stdout:
+                break
+            assert proc.poll() is None and time.monotonic() - t0 < 60, logtext()
+            time.sleep(0.3)
+        # run control without keys: the handshake fails, no answer
+        r = ctl_cmd("status", "--timeout", "1.5", curve=False)
+        assert r.returncode == 1 and "no answer" in r.stderr
+        ctx = zmq.Context()
+        emulate([envelope(e) for e in range(5000, 5050)], inp, context=ctx, linger_ms=0,
+                curve=Curve(rogue_keys, "daq"))
+        n = 500
+        emulate([envelope(e) for e in range(n)], inp, context=ctx, curve=Curve(keys, "daq"))
+        ctx.term()
+        t0 = time.monotonic()
+        while True:
+            st = json.loads(ctl_cmd("status", "--json").stdout)
+            d = st["processes"][0]
+            if d["confirmed"] >= n:
+                break
+            assert time.monotonic() - t0 < 60, logtext()
+            time.sleep(0.3)
+        assert d["received"] == n
+        r = ctl_cmd("control", "terminate", timeout=90)
+        assert r.returncode == 0, r.stderr + logtext()
+        assert proc.wait(timeout=60) == 0, logtext()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    with uproot.open(out) as f:
+        evt = f["events"]["evt"].array(library="np")
+    assert np.array_equal(np.sort(evt), np.arange(n))
+
+
+# ------------------------------------------------------------------ metrics expose counts only
+def test_metrics_expose_counts_never_payloads(tmp_path):
+    """Scrape a running ZMQInput job fed with events carrying truth strings and recognisable payload
+    bytes, malformed ones included: the exposition has numbers and labels, none of the bytes."""
+    from eclreco.metrics import serve_process_metrics
+
+    secret = "TRUTH-SECRET-7f3a9c"
+    address, port = free_address(), free_port()
+    path = eclreco.create_path()
+    path.add_module("ZMQInput", address=address, idle_timeout_s=3.0)
+    if "ECLUnpacker" in eclreco.available_modules():
+        path.add_module("ECLUnpacker")
+    exporter = serve_process_metrics(port, role="reco", path=path)
+    marker = b"PAYLOADMARK!"
+    msgs = []
+    for e in range(200):
+        m = msgpack.unpackb(envelope(e), raw=False)
+        m["truth"] = {"label": secret, "blob": marker * 4}
+        msgs.append(msgpack.packb(m, use_bin_type=True))
+    msgs.append(marker + secret.encode())  # malformed: not msgpack... but printable
+    msgs.append(msgpack.packb({"v": 1, "note": secret}))  # missing keys
+    scraped = []
+
+    def feed_and_scrape():
+        emulate(msgs, address, linger_ms=5000)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 20:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+            if re.search(r"^eclreco_events_received_total 202\.0$", text, re.M):
+                scraped.append(text)
+                return
+            time.sleep(0.1)
+
+    t = threading.Thread(target=feed_and_scrape)
+    t.start()
+    try:
+        eclreco.process(path, install_signal_handlers=False)
+    finally:
+        t.join()
+        exporter.close()
+    assert scraped, "the metrics never showed the 202 events"
+    text = scraped[0]
+    assert secret not in text and "PAYLOADMARK" not in text
+    for line in text.splitlines():  # every sample line: name{labels} number
+        if line and not line.startswith("#"):
+            assert re.fullmatch(r'[a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})? [-+0-9.eEinfNa]+', line), line
+            labels = re.findall(r'="([^"]*)"', line)
+            assert all(re.fullmatch(r"[A-Za-z0-9_.#:+\-]*", v) for v in labels), line
