@@ -2,7 +2,9 @@
 
 All clusters of a batch above `min_energy_gev` (raw energy) go through ONE inference call (in
 slices of at most `max_clusters_per_batch`): their images and features are gathered from the
-zero-copy column views with numpy fancy indexing. The network computes the corrected energy
+zero-copy column views with numpy fancy indexing; when the model's metadata `feature_names` lists
+event-level features after the cluster features (belle2-ecl: event_oot_digits), they are computed from
+ECLDigits by eclreco.cnn_model.event_features and appended per cluster. The network computes the corrected energy
 itself (normalisation inside the graph, see python/eclreco/cnn_model.py), so the module only
 writes the output into ECLClusters.energy. Clusters below the threshold keep the energy they
 have (the classical leakage correction, when ECLLeakageCorrection ran before).
@@ -69,14 +71,27 @@ def load_session(path: str, threads: int = 1, expected_detector: str | None = No
     if image_size is not None and (img[1] != image_size or img[2] != image_size):
         raise ModelError(f"ECLEnergyCorrection: model {path!r} expects {img[1]}x{img[2]} images, "
                          f"ECLClusterizer makes {image_size}x{image_size}")
-    if n_features is not None and feat[1] != n_features:
-        raise ModelError(f"ECLEnergyCorrection: model {path!r} expects {feat[1]} features, clusters have {n_features}")
+    # feature vector: ECLClusters.features, then the event-level features the metadata lists
+    # (eclreco.cnn_model.event_features); a model without feature_names cannot be fed safely
+    from eclreco.cnn_model import split_feature_names
+
     names = meta.get("feature_names")
-    if names is not None and hasattr(_core, "cluster_feature_names"):
+    if not names:
+        raise ModelError(f"ECLEnergyCorrection: model {path!r} has no 'feature_names' metadata")
+    try:
+        _, extra = split_feature_names(names.split(","))
+    except ValueError as err:
+        raise ModelError(f"ECLEnergyCorrection: model {path!r}: {err}") from err
+    if hasattr(_core, "cluster_feature_names"):
         have = list(_core.cluster_feature_names())
-        if names.split(",") != have:
-            raise ModelError(f"ECLEnergyCorrection: model {path!r} was trained on features {names.split(',')}, "
+        core = names.split(",")[: len(names.split(",")) - len(extra)]
+        if core != have:
+            raise ModelError(f"ECLEnergyCorrection: model {path!r} was trained on features {core}, "
                              f"ECLClusters.features are {have}")
+    if n_features is not None and feat[1] != n_features + len(extra):
+        raise ModelError(f"ECLEnergyCorrection: model {path!r} expects {feat[1]} features, its metadata lists "
+                         f"{n_features + len(extra)} ({names})")
+    meta["event_features"] = tuple(extra)
     return sess, meta
 
 
@@ -170,13 +185,17 @@ class ECLEnergyCorrection(Module):
         step = self.param("max_clusters_per_batch")
         n_done, t_inf = 0, 0.0
         for code, rows in groups:
-            sess, _ = self._session(code)
+            sess, meta = self._session(code)
             shape = self._image_shape(sess)
             if image.shape[1:] != shape:
                 raise ModelError(f"ECLEnergyCorrection: model expects images {shape}, clusters have {image.shape[1:]}")
+            extra = self._event_features(batch, meta["event_features"], cl.offsets)
             for a in range(0, rows.size, step):
                 r = rows[a: a + step] if rows.size > step else rows
-                feeds = {"image": _gather(image, r), "features": _gather(features, r)}
+                f = _gather(features, r)
+                if extra is not None:
+                    f = np.ascontiguousarray(np.concatenate([f, extra[r]], axis=1), np.float32)
+                feeds = {"image": _gather(image, r), "features": f}
                 t0 = time.perf_counter()
                 out = sess.run(["energy"], feeds)[0]
                 t_inf += time.perf_counter() - t0
@@ -187,6 +206,20 @@ class ECLEnergyCorrection(Module):
             self._n_corrected += n_done
             self._n_calls += 1
             self._seconds += t_inf
+
+    @staticmethod
+    def _event_features(batch, names, cluster_offsets):
+        """[n_clusters, len(names)] event-level features (cnn_model.event_features) repeated per
+        cluster of the event, or None when the model takes none."""
+        if not names:
+            return None
+        from eclreco.cnn_model import event_features
+
+        if "ECLDigits" not in batch:
+            raise ModelError(f"ECLEnergyCorrection: the model needs {list(names)} from ECLDigits, "
+                             "which this batch does not have")
+        per_event = event_features(batch["ECLDigits"], names)
+        return np.repeat(per_event, np.diff(cluster_offsets), axis=0)
 
     def counters(self):
         return {"clusters_corrected": float(self._n_corrected), "inference_seconds": float(self._seconds),

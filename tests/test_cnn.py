@@ -30,15 +30,18 @@ def test_shipped_model_io(det):
     assert set(ins) == {"image", "features"}
     assert [o.name for o in sess.get_outputs()] == ["energy"]
     assert not isinstance(ins["image"][0], int) and not isinstance(ins["features"][0], int)  # dynamic batch
-    assert list(ins["image"][1:]) == [7, 7] and ins["features"][1] == len(_core.cluster_feature_names())
     meta = sess.get_modelmeta().custom_metadata_map
     assert meta["detector"] == det
-    assert meta["feature_names"].split(",") == list(_core.cluster_feature_names())
+    names = meta["feature_names"].split(",")
+    # the cluster features, then (belle2-ecl) the event-level background measure
+    extra = ["event_oot_digits"] if det == "belle2-ecl" else []
+    assert names == list(_core.cluster_feature_names()) + extra
+    assert list(ins["image"][1:]) == [7, 7] and ins["features"][1] == len(names)
     for n in (1, 3, 257):  # several batch sizes
         img = np.zeros((n, 7, 7), np.float32)
         img[:, 3, 3] = 0.8
         img[:, 3, 2] = 0.1
-        feat = np.zeros((n, 7), np.float32)
+        feat = np.zeros((n, len(names)), np.float32)
         feat[:, 4] = 0.9
         feat[:, 0] = 1.5 if det == "belle2-ecl" else 0.0
         feat[:, 5] = 30
@@ -142,3 +145,87 @@ def test_training_smoke_onnx_agrees(tmp_path):
     mod.set_param("model", path)
     mod.initialize()
     torch.set_num_threads(2)
+
+
+class _Grab(eclreco.Module):
+    """Keeps copies of what ECLEnergyCorrection read and wrote."""
+
+    def __init__(self):
+        super().__init__()
+        self.parts = []
+
+    def event(self, batch):
+        cl, dig = batch["ECLClusters"], batch["ECLDigits"]
+        self.parts.append({k: np.array(v) for k, v in (
+            ("coff", cl.offsets), ("image", cl["image"]), ("features", cl["features"]),
+            ("energy_raw", cl["energy_raw"]), ("energy", cl["energy"]), ("doff", dig.offsets),
+            ("time", dig["time"]), ("quality", dig["quality"]))})
+
+
+def test_module_feeds_the_feature_vector_of_the_model_metadata():
+    """The belle2-ecl model takes the event-level out-of-time digit count after the cluster
+    features: recompute it here with a plain loop and check the module fed exactly that vector
+    (the energies differ measurably when the feature is wrong: zero or the plain digit count)."""
+    from eclreco.modules.ecl_energy_correction import load_session
+
+    sess, meta = load_session(_shipped("belle2-ecl"))
+    names = meta["feature_names"].split(",")
+    assert names == list(_core.cluster_feature_names()) + ["event_oot_digits"]
+    path = eclreco.create_path()
+    path.add_module("SimulationInput", events=60, detector="belle2-ecl", particle="gamma", energy_min=0.1,
+                    energy_max=2.0, background=1.5, seed=4)
+    path.add_module("ECLUnpacker")
+    path.add_module("ECLClusterizer")
+    path.add_module("ECLEnergyCorrection", detector="belle2-ecl", min_energy_gev=0.0)
+    grab = _Grab()
+    path.add_module(grab)
+    eclreco.process(path, threads=1, batch_size=16, install_signal_handlers=False)
+    n_checked = 0
+    for p in grab.parts:
+        n_cl = np.diff(p["coff"])
+        if n_cl.sum() == 0:
+            continue
+        oot = []
+        for a, b in zip(p["doff"][:-1], p["doff"][1:]):  # per event, the slow way
+            oot.append(sum(1 for t, q in zip(p["time"][a:b], p["quality"][a:b]) if q == 0 and abs(t) > 125.0))
+        oot = np.repeat(np.array(oot, np.float32), n_cl)
+        assert oot.min() > 0  # background 1.5: out-of-time digits in every event
+        right = np.concatenate([p["features"], oot[:, None]], 1).astype(np.float32)
+
+        def run(f):
+            return sess.run(None, {"image": p["image"].astype(np.float32), "features": f})[0]
+        np.testing.assert_allclose(p["energy"], run(right), rtol=1e-5)
+        for wrong in (np.zeros_like(oot), np.repeat(np.diff(p["doff"]).astype(np.float32), n_cl)):
+            bad = right.copy()
+            bad[:, -1] = wrong
+            assert np.max(np.abs(run(bad) / p["energy"] - 1)) > 1e-3
+        n_checked += int(n_cl.sum())
+    assert n_checked > 40
+
+
+def test_model_feature_metadata_is_checked(tmp_path):
+    """A model listing an unknown event feature, or more features than its input has, or none at all,
+    is an error at initialize."""
+    import onnx
+
+    src = onnx.load(_shipped("belle2-ecl"))
+    base = list(_core.cluster_feature_names())
+    for names, match in ((base + ["event_magic"], "unknown event features"), (base, "expects 8 features"),
+                         (None, "no 'feature_names'")):
+        m = onnx.ModelProto()
+        m.CopyFrom(src)
+        props = {p.key: p.value for p in m.metadata_props}
+        del m.metadata_props[:]
+        if names is not None:
+            props["feature_names"] = ",".join(names)
+        else:
+            props.pop("feature_names")
+        for k, v in props.items():
+            e = m.metadata_props.add()
+            e.key, e.value = k, v
+        path = tmp_path / "m.onnx"
+        onnx.save(m, str(path))
+        mod = eclreco.create_module("ECLEnergyCorrection")
+        mod.set_param("model", str(path))
+        with pytest.raises(Exception, match=match):
+            mod.initialize()

@@ -78,7 +78,9 @@ def stage_us_per_event(summary: dict) -> dict:
 def cnn_measurements(raw: str, tmp: str, repeat: int, max_events: int) -> dict:
     """CNN stage in the chain vs onnxruntime alone on the same inputs, and batched vs unbatched."""
     import eclreco
-    from eclreco.modules.ecl_energy_correction import load_session, shipped_model
+    from eclreco.modules.ecl_energy_correction import ECLEnergyCorrection, load_session, shipped_model
+
+    sess, meta = load_session(shipped_model("belle2-ecl"), threads=1)
 
     class CollectInputs(eclreco.Module):
         """keeps the CNN inputs of every batch, as ECLEnergyCorrection forms them"""
@@ -90,8 +92,12 @@ def cnn_measurements(raw: str, tmp: str, repeat: int, max_events: int) -> dict:
         def event(self, batch):
             cl = batch["ECLClusters"]
             sel = np.flatnonzero(cl["energy_raw"] >= 0.03)
+            f = np.asarray(cl["features"])
+            extra = ECLEnergyCorrection._event_features(batch, meta["event_features"], np.asarray(cl.offsets))
+            if extra is not None:
+                f = np.concatenate([f, extra], axis=1)
             self.batches.append((np.ascontiguousarray(cl["image"][sel], np.float32),
-                                 np.ascontiguousarray(cl["features"][sel], np.float32)))
+                                 np.ascontiguousarray(f[sel], np.float32)))
 
     def module_rate(batch_size, n_events):
         path = eclreco.create_path()
@@ -112,7 +118,6 @@ def cnn_measurements(raw: str, tmp: str, repeat: int, max_events: int) -> dict:
     path.add_module("ECLClusterizer")
     col = path.add_module(CollectInputs())
     eclreco.process(path, threads=1, batch_size=DEFAULT_BATCH, max_events=max_events)
-    sess, _ = load_session(shipped_model("belle2-ecl"), threads=1)
     n = sum(b[0].shape[0] for b in col.batches)
     rates = []
     for _ in range(repeat):

@@ -151,6 +151,9 @@ class MatchedClusterCollector(Module):
         de = np.asarray(dig["energy"], np.float64)
         cs = np.concatenate([[0.0], np.cumsum(de)])
         raw_sum = cs[doff[1:]] - cs[doff[:-1]]
+        from eclreco.cnn_model import EVENT_FEATURE_NAMES, event_features
+
+        ev_feat = event_features(dig, EVENT_FEATURE_NAMES)  # the same function ECLEnergyCorrection uses
         cl = batch["ECLClusters"]
         off = np.asarray(cl.offsets)
         counts = np.diff(off)
@@ -172,6 +175,7 @@ class MatchedClusterCollector(Module):
             "evt": evt,
             "raw_sum": raw_sum,
             "n_clusters": counts,
+            "event_features": ev_feat,
             "has": np.zeros(n, bool),
             "energy_raw": np.zeros(n, np.float32),
             "energy": np.zeros(n, np.float32),
@@ -263,8 +267,8 @@ def g4_chain_sample(g4: G4Sample, idx, seed, levels=None, chunk=2000, model=None
                     min_energy_gev=None):
     """Clusters of the Geant4 events idx through the chain.
 
-    levels: None (no background), a number, or (lo, hi): a level drawn uniformly per chunk of
-    `chunk` events. Returns a dict of per-event arrays plus e_true, g4_index, background.
+    levels: None (no background), a number, (lo, hi): a level drawn uniformly per chunk of
+    `chunk` events, or (lo, hi, p_zero): level 0 with probability p_zero, else uniform in [lo, hi]. Returns a dict of per-event arrays plus e_true, g4_index, background.
     """
     idx = np.asarray(idx, np.int64)
     rng = np.random.default_rng(seed)
@@ -280,6 +284,8 @@ def g4_chain_sample(g4: G4Sample, idx, seed, levels=None, chunk=2000, model=None
                 lv = float(levels)
             else:
                 lv = float(rng.uniform(levels[0], levels[1]))
+                if len(levels) > 2 and rng.random() < levels[2]:
+                    lv = 0.0
             chunk_levels.append((a, sub.size, lv))
             off, cell, e = g4.deposits(sub)
             yield _digitise(g4.detector, off, cell, e, sub, rng, lv, wire)

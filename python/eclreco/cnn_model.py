@@ -6,16 +6,20 @@ so that ECLEnergyCorrection feeds ECLClusters.image and ECLClusters.features as 
 
     inputs  image    float32 [N, S, S]  cluster image (GeV), ECLClusters.image
             features float32 [N, F]     ECLClusters.features (theta, phi, local_u, local_v,
-                                        energy_raw, seed ring, region)
+                                        energy_raw, seed ring, region), then the event-level
+                                        features listed in the model's metadata `feature_names`
+                                        (belle2-ecl: event_oot_digits, see event_features)
     e_raw = max(features[:, 4], 1 MeV)
     x_img = image / e_raw                                    (shape only, energy-free)
     x_f   = [log(e_raw / 1 GeV), local_u, local_v, cos(theta), sin(theta),
-             ring / 69, one-hot(region), 1 - sum(image) / e_raw]
+             ring / 69, one-hot(region), 1 - sum(image) / e_raw,
+             event features / EVENT_FEATURE_SCALE]
     conv 3x3 (1 -> c1, valid) ReLU, conv 3x3 (c1 -> c2, valid) ReLU  (7x7 -> 5x5 -> 3x3)
     concat(flatten, x_f) -> dense(hidden) ReLU -> dense(1) = y = log(E_true / E_raw)
     output  energy   float32 [N]  = e_raw * exp(y)  (GeV)
 
-The target is log(E_true / E_raw) with a Huber loss (delta 0.05): multiplicative, so that all
+The target is log(E_true / E_raw) with a Huber loss (delta 0.05; array30 adds a quadratic term
+on E_pred/E_true, see eclreco.train.LOSS): multiplicative, so that all
 energies weigh alike, symmetric in over- and under-correction, and robust: the long low tail of
 E_raw/E_true (photons that convert in / shower into the aluminium gaps of array30, or the gaps
 between barrel and endcaps) only enters linearly and does not drag the prediction of the bulk
@@ -30,6 +34,50 @@ import numpy as np
 FEATURE_NAMES = ("theta", "phi", "local_u", "local_v", "energy_raw", "ring", "region")
 E_RAW_INDEX = 4
 MIN_E_RAW = 1e-3
+
+# Event-level features appended after the cluster features (ECLClusters.features) when a model's
+# metadata `feature_names` lists them. They are computed by `event_features` from the batch, in
+# training (eclreco.cnn_data.MatchedClusterCollector) and online (ECLEnergyCorrection) alike.
+#   event_oot_digits: number of digits of the event with a valid time (quality 0) and |t| > 125 ns,
+#   i.e. out of time: beam background only (physics deposits are in time), a per-event measure of
+#   the background level (~1 per unit of background level x OOT_DIGITS_PER_LEVEL).
+OOT_TIME_NS = 125.0
+EVENT_FEATURE_NAMES = ("event_oot_digits",)
+EVENT_FEATURE_SCALE = {"event_oot_digits": 500.0}  # inside the graph: feature / scale
+
+
+def event_features(digits, names):
+    """Per-event values [n_events, len(names)] float32 of the event-level features `names` from
+    the ECLDigits collection of a batch (vectorised)."""
+    off = np.asarray(digits.offsets)
+    n_ev = off.size - 1
+    out = np.zeros((n_ev, len(names)), np.float32)
+    for j, name in enumerate(names):
+        if name == "event_oot_digits":
+            if off[-1] == 0:
+                continue
+            t = np.asarray(digits["time"])
+            q = np.asarray(digits["quality"])
+            oot = ((q == 0) & (np.abs(t) > OOT_TIME_NS)).astype(np.int64)
+            cs = np.concatenate([[0], np.cumsum(oot)])
+            out[:, j] = cs[off[1:]] - cs[off[:-1]]
+        else:
+            raise ValueError(f"unknown event feature {name!r} (known: {', '.join(EVENT_FEATURE_NAMES)})")
+    return out
+
+
+def split_feature_names(names):
+    """(cluster feature names, event feature names) of a model's feature_names list; raises
+    ValueError when they are not the cluster features followed by known event features."""
+    names = list(names)
+    core = list(FEATURE_NAMES)
+    if names[: len(core)] != core:
+        raise ValueError(f"features {names} do not start with the cluster features {core}")
+    extra = names[len(core):]
+    bad = [n for n in extra if n not in EVENT_FEATURE_NAMES]
+    if bad:
+        raise ValueError(f"unknown event features {bad} (known: {', '.join(EVENT_FEATURE_NAMES)})")
+    return core, extra
 
 
 def sigma68(x):
@@ -49,7 +97,7 @@ def summary(e, e_true):
             "bias": float(np.median(r) - 1) if e.size else float("nan"), "sigma68": sigma68(r)}
 
 
-def build_model(image_size=7, n_features=7, c1=8, c2=16, hidden=32):
+def build_model(image_size=7, n_features=7, c1=8, c2=16, hidden=32, extra_scale=()):
     import torch
     from torch import nn
 
@@ -62,10 +110,14 @@ def build_model(image_size=7, n_features=7, c1=8, c2=16, hidden=32):
             self.conv2 = nn.Conv2d(c1, c2, 3)
             s = image_size - 4
             self.n_flat = c2 * s * s
-            self.n_xf = 10
+            self.n_extra = n_features - len(FEATURE_NAMES)
+            assert len(extra_scale) == self.n_extra, "one scale per event feature"
+            self.extra_scale = [float(x) for x in extra_scale]
+            self.n_xf = 10 + self.n_extra
             self.fc1 = nn.Linear(self.n_flat + self.n_xf, hidden)
             self.fc2 = nn.Linear(hidden, 1)
-            self.config = dict(image_size=image_size, n_features=n_features, c1=c1, c2=c2, hidden=hidden)
+            self.config = dict(image_size=image_size, n_features=n_features, c1=c1, c2=c2, hidden=hidden,
+                               extra_scale=list(self.extra_scale))
 
         def log_ratio(self, image, features):
             e_raw = torch.clamp(features[:, E_RAW_INDEX:E_RAW_INDEX + 1], min=MIN_E_RAW)
@@ -75,7 +127,8 @@ def build_model(image_size=7, n_features=7, c1=8, c2=16, hidden=32):
             region = features[:, 6:7]
             xf = torch.cat([torch.log(e_raw), features[:, 2:4], torch.cos(th), torch.sin(th),
                             features[:, 5:6] / 69.0, (region == 0).float(), (region == 1).float(),
-                            (region == 2).float(), frac_out], dim=1)
+                            (region == 2).float(), frac_out]
+                           + [features[:, 7 + j: 8 + j] / sc for j, sc in enumerate(self.extra_scale)], dim=1)
             h = torch.relu(self.conv1(x))
             h = torch.relu(self.conv2(h))
             h = torch.cat([h.flatten(1), xf], dim=1)
@@ -98,7 +151,8 @@ def flops_per_cluster(cfg) -> int:
     s = cfg["image_size"]
     c1, c2, h = cfg["c1"], cfg["c2"], cfg["hidden"]
     s1, s2 = s - 2, s - 4
-    macs = s1 * s1 * c1 * 9 + s2 * s2 * c2 * c1 * 9 + (c2 * s2 * s2 + 10) * h + h
+    n_xf = 10 + cfg.get("n_features", len(FEATURE_NAMES)) - len(FEATURE_NAMES)
+    macs = s1 * s1 * c1 * 9 + s2 * s2 * c2 * c1 * 9 + (c2 * s2 * s2 + n_xf) * h + h
     elementwise = 3 * s * s + s1 * s1 * c1 + s2 * s2 * c2 + h + 30
     return int(2 * macs + elementwise)
 

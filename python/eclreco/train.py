@@ -3,9 +3,11 @@
     eclreco train --detector array30 -o out/ [--g4 PATH] [--epochs N] [--seed S] [--sizes small]
 
 The training set is made THROUGH THE PROJECT'S OWN CHAIN (eclreco.cnn_data): Geant4 deposits ->
-(belle2-ecl: beam-background overlay, level uniform in [0, 2] per chunk of 2000 events) ->
+(belle2-ecl: beam-background overlay, one level per chunk of 250 events: 0 in 25 % of the chunks,
+else uniform in [0, 2]) ->
 electronics -> wire format -> ECLUnpacker -> ECLClusterizer -> ECLLeakageCorrection -> the matched
-cluster (array30: the most energetic cluster; belle2-ecl: the most energetic cluster within
+cluster and the event-level features (belle2-ecl: the number of out-of-time digits, a measure of
+the background level that ECLEnergyCorrection computes the same way online) (array30: the most energetic cluster; belle2-ecl: the most energetic cluster within
 0.1 rad of the true photon). Split: the last 20 % of the Geant4 file is the TEST set (never used
 here except for the test metrics of the model card); of the first 80 %, the last 1/8 is the
 validation set for early stopping, the rest the training set. Fixed seeds throughout, so the
@@ -23,17 +25,51 @@ import time
 import numpy as np
 
 from eclreco import cnn_data
-from eclreco.cnn_model import (FEATURE_NAMES, build_model, check_onnx_agreement, count_params, export_onnx,
+from eclreco.cnn_model import (EVENT_FEATURE_SCALE, FEATURE_NAMES, build_model, check_onnx_agreement, count_params, export_onnx,
                                flops_per_cluster, onnx_throughput, sigma68, summary)
 
 SIZES = {
     "tiny": dict(c1=4, c2=8, hidden=16),
     "small": dict(c1=8, c2=16, hidden=32),
+    "wide": dict(c1=8, c2=16, hidden=64),
     "medium": dict(c1=16, c2=32, hidden=64),
 }
-DEFAULT_SIZE = {"array30": "small", "belle2-ecl": "small"}
-BACKGROUND_RANGE = {"array30": None, "belle2-ecl": (0.0, 2.0)}
+DEFAULT_SIZE = {"array30": "wide", "belle2-ecl": "small"}
+# belle2-ecl: level 0 in 25 % of the chunks, else uniform in [0, 2]; one level per chunk of 250 events
+BACKGROUND_RANGE = {"array30": None, "belle2-ecl": (0.0, 2.0, 0.25)}
+BACKGROUND_CHUNK = {"array30": 2000, "belle2-ecl": 250}
+# event-level features appended to ECLClusters.features (eclreco.cnn_model.event_features)
+EVENT_FEATURES = {"array30": (), "belle2-ecl": ("event_oot_digits",)}
 HUBER_DELTA = 0.05
+# loss on d = y_pred - y = log(E_pred / E_true):
+#   huber_log: Huber(d, delta); mix: Huber(d, delta) + w_ratio * (exp(d) - 1)^2
+LOSS = {"array30": {"kind": "huber_log", "delta": HUBER_DELTA},
+        "belle2-ecl": {"kind": "huber_log", "delta": HUBER_DELTA}}
+
+
+def make_loss(spec):
+    import torch
+
+    kind, delta = spec["kind"], float(spec.get("delta", HUBER_DELTA))
+    w = float(spec.get("w_ratio", 0.0))
+    huber = torch.nn.HuberLoss(delta=delta)
+
+    def loss(pred, y):
+        d = pred - y
+        out = huber(d, torch.zeros_like(d)) if kind in ("huber_log", "mix") else 0.0
+        if kind in ("mix", "mse_ratio"):
+            out = out + (w if kind == "mix" else 1.0) * torch.mean((torch.exp(d) - 1.0) ** 2)
+        return out
+    return loss
+
+
+def loss_text(spec):
+    if spec["kind"] == "huber_log":
+        return f"Huber loss (delta {spec['delta']}) on log(E_pred/E_true)"
+    if spec["kind"] == "mix":
+        return (f"Huber (delta {spec['delta']}) on log(E_pred/E_true) + {spec['w_ratio']} x "
+                "(E_pred/E_true - 1)^2")
+    return "(E_pred/E_true - 1)^2"
 RECOMMENDED_MIN_ENERGY_GEV = 0.03
 
 
@@ -63,30 +99,37 @@ def chain_samples(detector, g4_path, seed=1, max_events=0, quiet=False):
     with tqdm(total=tr.size + va.size + te.size, desc=f"chain {detector}", unit="ev", disable=quiet,
               file=sys.stderr) as bar:
         for k, idx in enumerate((tr, va, te)):
-            out.append(cnn_data.g4_chain_sample(g4, idx, seed=seed * 100 + k, levels=levels, progress=bar))
+            out.append(cnn_data.g4_chain_sample(g4, idx, seed=seed * 100 + k, levels=levels, progress=bar,
+                                                chunk=BACKGROUND_CHUNK[detector]))
     return out
 
 
-def _arrays(s):
+def _arrays(s, n_event_features=0):
     m = s["has"] & (s["energy_raw"] > 0)
-    return (s["image"][m].astype(np.float32), s["features"][m].astype(np.float32),
+    f = s["features"][m].astype(np.float32)
+    if n_event_features:
+        f = np.concatenate([f, s["event_features"][m][:, :n_event_features].astype(np.float32)], 1)
+    return (s["image"][m].astype(np.float32), f,
             np.log(s["e_true"][m] / s["energy_raw"][m]).astype(np.float32), m)
 
 
 def train_model(train, val, size_cfg, epochs=60, seed=1, batch_size=512, lr=3e-3, patience=10,
-                quiet=False, image_size=7, n_features=7):
+                quiet=False, image_size=7, event_features=(), loss=None):
     import torch
     from tqdm import tqdm
 
     torch.set_num_threads(2)
     torch.manual_seed(seed)
     np.random.seed(seed)
-    xi, xf, y, _ = _arrays(train)
-    vi, vf, vy, _ = _arrays(val)
-    model = build_model(image_size=image_size, n_features=n_features, **size_cfg)
+    ne = len(event_features)
+    xi, xf, y, _ = _arrays(train, ne)
+    vi, vf, vy, _ = _arrays(val, ne)
+    model = build_model(image_size=image_size, n_features=len(FEATURE_NAMES) + ne,
+                        extra_scale=[EVENT_FEATURE_SCALE[n] for n in event_features], **size_cfg)
+    model.event_features = tuple(event_features)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=3)
-    loss_fn = torch.nn.HuberLoss(delta=HUBER_DELTA)
+    loss_fn = make_loss(loss or {"kind": "huber_log", "delta": HUBER_DELTA})
     ti, tf, ty = torch.from_numpy(xi), torch.from_numpy(xf), torch.from_numpy(y)
     vti, vtf, vty = torch.from_numpy(vi), torch.from_numpy(vf), torch.from_numpy(vy)
     gen = torch.Generator().manual_seed(seed)
@@ -131,7 +174,7 @@ def train_model(train, val, size_cfg, epochs=60, seed=1, batch_size=512, lr=3e-3
 def predict(model, s):
     import torch
 
-    xi, xf, _, m = _arrays(s)
+    xi, xf, _, m = _arrays(s, model.config["n_features"] - len(FEATURE_NAMES))
     with torch.no_grad():
         e = model(torch.from_numpy(xi), torch.from_numpy(xf)).numpy()
     return e, m
@@ -166,7 +209,7 @@ def write_card(out_dir, detector, card):
     t = card["test"]
     lines = [f"# Model card: CNN energy correction, {detector}", "",
              f"- file: `{detector}.onnx` ({card['onnx_bytes']} bytes), inputs `image` float32 [N,{card['config']['image_size']},{card['config']['image_size']}] (GeV), "
-             f"`features` float32 [N,{card['config']['n_features']}] ({', '.join(FEATURE_NAMES)}); output `energy` float32 [N] (GeV, corrected)",
+             f"`features` float32 [N,{card['config']['n_features']}] ({', '.join(card['feature_names'])}); output `energy` float32 [N] (GeV, corrected)",
              f"- target: {card['target']}",
              f"- architecture: {card['architecture']}",
              f"- parameters: {card['n_params']}, FLOPs per cluster: {card['flops_per_cluster']}",
@@ -201,8 +244,22 @@ def write_card(out_dir, detector, card):
         f.write("\n".join(lines) + "\n")
 
 
+def save_samples(path, samples):
+    """The (train, val, test) chain samples in one .npz (to train again without re-running the chain)."""
+    np.savez(path, **{f"{i}/{k}": v for i, s in enumerate(samples) for k, v in s.items()})
+
+
+def load_samples(path):
+    d = np.load(path)
+    out = [{}, {}, {}]
+    for key in d.files:
+        i, k = key.split("/", 1)
+        out[int(i)][k] = d[key]
+    return out
+
+
 def run_training(detector, out_dir, g4_path=None, epochs=60, seed=1, sizes=None, max_events=0, quiet=False,
-                 samples=None):
+                 samples=None, cache=None):
     import onnx  # noqa: F401  (fail early when the training extras are missing)
     import torch
 
@@ -212,24 +269,31 @@ def run_training(detector, out_dir, g4_path=None, epochs=60, seed=1, sizes=None,
         raise FileNotFoundError(f"eclreco train: Geant4 file {g4_path!r} not found (use --g4)")
     os.makedirs(out_dir, exist_ok=True)
     t_start = time.time()
+    if samples is None and cache and os.path.exists(cache):
+        samples = load_samples(cache)
     if samples is None:
         samples = chain_samples(detector, g4_path, seed=seed, max_events=max_events, quiet=quiet)
+        if cache:
+            save_samples(cache, samples)
     train, val, test = samples
     chain = str(train["chain"])
     sizes = sizes or [DEFAULT_SIZE[detector]]
     ship = DEFAULT_SIZE[detector] if DEFAULT_SIZE[detector] in sizes else sizes[0]
     scan, shipped = [], None
     for size in sizes:
-        model, info = train_model(train, val, SIZES[size], epochs=epochs, seed=seed, quiet=quiet)
+        model, info = train_model(train, val, SIZES[size], epochs=epochs, seed=seed, quiet=quiet,
+                                  event_features=EVENT_FEATURES[detector], loss=LOSS[detector])
         tm = test_metrics(model, test, detector)
         path = os.path.join(out_dir, f"{detector}.onnx" if size == ship else f"{detector}-{size}.onnx")
-        meta = {"detector": detector, "feature_names": ",".join(FEATURE_NAMES), "image_size": model.config["image_size"],
+        names = list(FEATURE_NAMES) + list(EVENT_FEATURES[detector])
+        meta = {"detector": detector, "feature_names": ",".join(names), "image_size": model.config["image_size"],
                 "output": "energy: corrected cluster energy in GeV (E_raw * exp(y), y = predicted log(E_true/E_raw))",
-                "normalisation": "inside the graph: image / energy_raw, log(energy_raw), cos/sin(theta), ring/69, one-hot region",
+                "normalisation": "inside the graph: image / energy_raw, log(energy_raw), cos/sin(theta), ring/69, one-hot region"
+                                 + "".join(f", {n}/{EVENT_FEATURE_SCALE[n]:g}" for n in EVENT_FEATURES[detector]),
                 "recommended_min_energy_gev": RECOMMENDED_MIN_ENERGY_GEV, "config": json.dumps(model.config),
                 "producer": "eclreco train", "seed": seed}
         export_onnx(model, path, meta)
-        xi, xf, _, _ = _arrays(test)
+        xi, xf, _, _ = _arrays(test, len(EVENT_FEATURES[detector]))
         mad, mrel = check_onnx_agreement(model, path, xi[:4096], xf[:4096])
         if not quiet:
             print(f"[{size}] ONNX vs PyTorch on {min(4096, xi.shape[0])} test clusters: max abs diff {mad:.3e} GeV, "
@@ -252,15 +316,17 @@ def run_training(detector, out_dir, g4_path=None, epochs=60, seed=1, sizes=None,
     c = model.config
     card = {
         "detector": detector, "seed": seed, "size": ship, "config": c,
+        "feature_names": list(FEATURE_NAMES) + list(EVENT_FEATURES[detector]),
         "architecture": (f"image/E_raw [1x{c['image_size']}x{c['image_size']}] -> conv3x3({c['c1']}) ReLU -> conv3x3({c['c2']}) ReLU -> "
-                         f"flatten + 10 derived features -> dense({c['hidden']}) ReLU -> dense(1) = log(E_true/E_raw)"),
-        "target": f"y = log(E_true / E_raw) with Huber loss (delta {HUBER_DELTA}); energy = E_raw * exp(y)",
+                         f"flatten + {10 + len(EVENT_FEATURES[detector])} derived features -> dense({c['hidden']}) ReLU -> dense(1) = log(E_true/E_raw)"),
+        "target": f"y = log(E_true / E_raw), {loss_text(LOSS[detector])}; energy = E_raw * exp(y)",
         "n_params": count_params(model), "flops_per_cluster": flops_per_cluster(c), "clusters_per_second": cps,
         "onnx_bytes": os.path.getsize(path), "onnx_check": {"max_abs_diff": mad, "max_rel_diff": mrel},
         "recommended_min_energy_gev": RECOMMENDED_MIN_ENERGY_GEV,
         "data": {"g4": os.path.basename(g4_path), "chain": chain,
-                 "background": ("uniform level in [0, 2] per chunk of 2000 events" if BACKGROUND_RANGE[detector]
-                                else "none"),
+                 "background": (f"level 0 in {100 * BACKGROUND_RANGE[detector][2]:.0f} % of the chunks, else uniform in "
+                                f"[{BACKGROUND_RANGE[detector][0]:g}, {BACKGROUND_RANGE[detector][1]:g}]; one level per "
+                                f"chunk of {BACKGROUND_CHUNK[detector]} events" if BACKGROUND_RANGE[detector] else "none"),
                  "split": (f"test = last {int(cnn_data.TEST_FRACTION * 100)} % of the file; validation = the "
                            f"last {cnn_data.VAL_FRACTION:.3f} of the rest (early stopping); train = the rest"),
                  "max_events": max_events},
@@ -282,7 +348,7 @@ def _cmd(args) -> int:
         if s not in SIZES:
             raise SystemExit(f"eclreco train: unknown size {s!r} ({', '.join(SIZES)})")
     run_training(args.detector, args.output, g4_path=args.g4, epochs=args.epochs, seed=args.seed, sizes=sizes,
-                 max_events=args.max_events, quiet=args.quiet)
+                 max_events=args.max_events, quiet=args.quiet, cache=args.cache)
     return 0
 
 
@@ -297,6 +363,8 @@ def add_train_parser(subparsers):
     p.add_argument("--sizes", default="", help=f"comma-separated network sizes to train ({', '.join(SIZES)}); "
                    "the default size of the detector is shipped as <detector>.onnx, others as <detector>-<size>.onnx")
     p.add_argument("--max-events", type=int, default=0, help="use only this many events of the file (0: all)")
+    p.add_argument("--cache", default=None, help="npz file of the chain samples: written when missing, read when "
+                   "present (the chain is deterministic, so this only saves time)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd)
     return p
