@@ -22,6 +22,16 @@ from eclreco.hlt.control import ControlError, request, status
 from eclreco.hlt.distributor import summary_line
 
 
+def _terminate_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except OSError:
+        pass  # not Linux: roles outlive a killed supervisor, as before
+
+
 def free_address(host: str = "127.0.0.1") -> str:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -45,7 +55,10 @@ class Farm:
         self.curve_args = ["--curve-dir", args.curve_dir] if getattr(args, "curve_dir", "") else []
 
     def popen(self, cmd):
-        return subprocess.Popen(cmd, start_new_session=True)
+        # Own session: a Ctrl-C on the terminal reaches only the supervisor. Parent-death signal:
+        # if the supervisor itself dies (SIGKILL), its roles get SIGTERM (drain and exit) instead
+        # of living on as orphans.
+        return subprocess.Popen(cmd, start_new_session=True, preexec_fn=_terminate_with_parent)
 
     def start_distributor(self):
         a = self.args
