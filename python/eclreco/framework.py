@@ -140,6 +140,14 @@ class Statistics:
     def state(self):
         return None if self._processor is None else self._processor.state
 
+    def counters(self) -> dict:
+        """The live event counters of the current (or last) run; empty before the first run."""
+        s = self.state
+        if s is None:
+            return {}
+        return {"received": s.received, "processed": s.processed, "rejected": s.rejected,
+                "errors": s.errors, "batches": s.batches}
+
     def summary(self) -> dict:
         s = self.state
         if s is None:

@@ -53,13 +53,10 @@ class CollectorLink:
         self.ctl.send_multipart([P.HELLO, P.pack(self.status())])
 
     def status(self) -> dict:
-        s = eclreco.statistics.state
         d = {"role": "collector", "pid": os.getpid(), "host": socket.gethostname(), "state": self.state,
              "address": self.address, "run_index": self.run_index, "output": self.filename,
              "duplicates": self.duplicates, "confirmed": self.confirmed, "metrics_port": self.metrics_port}
-        if s is not None:
-            d.update(received=s.received, processed=s.processed, rejected=s.rejected, errors=s.errors,
-                     batches=s.batches)
+        d.update(eclreco.statistics.counters())
         return d
 
     def service(self):

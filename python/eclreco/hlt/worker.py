@@ -66,11 +66,8 @@ class WorkerLink:
         self.registered = True
 
     def status(self) -> dict:
-        s = eclreco.statistics.state
         d = {"state": self.state, "buffered": self.buffered, "events_received": self.events_received}
-        if s is not None:
-            d.update(received=s.received, processed=s.processed, rejected=s.rejected, errors=s.errors,
-                     batches=s.batches)
+        d.update(eclreco.statistics.counters())
         return d
 
     def service(self):
