@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 from eclreco import Module, _core
+from eclreco.curve import apply_curve_params, declare_curve_params
 
 
 def append_envelopes(batch, messages):
@@ -58,10 +59,7 @@ class ZMQInput(Module):
         self.add_param("max_message_bytes", 1 << 20, "larger messages are refused by the socket (0: no limit)")
         self.add_param("rcvhwm", 10000, "receive high-water mark (messages queued before the sender blocks)")
         self.add_param("poll_ms", 100.0, "longest time between returns to the framework")
-        self.add_param("curve_dir", "", "CURVE key directory (eclreco hlt keys; empty: no CURVE)")
-        self.add_param("curve_name", "reco", "own key name in curve_dir/private")
-        self.add_param("curve_secret", "", "own key pair file (default curve_dir/private/NAME.key_secret)")
-        self.add_param("curve_server", "daq", "key name of the peer when connecting (bind=False)")
+        declare_curve_params(self, "reco", "daq")
         self._ctx = self._sock = self._monitor = None
         self.messages_received = 0
         self.bytes_received = 0
@@ -88,11 +86,7 @@ class ZMQInput(Module):
                                              | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                                              | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                                              | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-        if self.param("curve_dir"):
-            from eclreco.curve import Curve
-
-            Curve(self.param("curve_dir"), self.param("curve_name"), self.param("curve_secret")).apply(
-                s, bool(self.param("bind")), self.param("curve_server"))
+        apply_curve_params(self, s)
         address = self.param("address")
         if self.param("bind"):
             s.bind(address)

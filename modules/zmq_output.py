@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 from eclreco import Module, _core
+from eclreco.curve import apply_curve_params, declare_curve_params
 
 
 class ZMQOutput(Module):
@@ -27,10 +28,7 @@ class ZMQOutput(Module):
         self.add_param("columns", [], "restrict the columns sent (empty: all)", type="list[str]")
         self.add_param("sndhwm", 100, "send high-water mark, in batch messages")
         self.add_param("stop_timeout_s", 10.0, "after a stop request, give up sending after this long")
-        self.add_param("curve_dir", "", "CURVE key directory (eclreco hlt keys; empty: no CURVE)")
-        self.add_param("curve_name", "worker", "own key name in curve_dir/private")
-        self.add_param("curve_secret", "", "own key pair file (default curve_dir/private/NAME.key_secret)")
-        self.add_param("curve_server", "collector", "key name of the receiver when connecting (bind=False)")
+        declare_curve_params(self, "worker", "collector")
         self._sock = None
         self.batches_sent = self.events_sent = self.bytes_sent = self.batches_dropped = 0
 
@@ -44,11 +42,7 @@ class ZMQOutput(Module):
         s = zmq.Context.instance().socket(zmq.PUSH)
         s.setsockopt(zmq.SNDHWM, int(self.param("sndhwm")))
         s.setsockopt(zmq.LINGER, int(self.param("stop_timeout_s") * 1000))
-        if self.param("curve_dir"):
-            from eclreco.curve import Curve
-
-            Curve(self.param("curve_dir"), self.param("curve_name"), self.param("curve_secret")).apply(
-                s, bool(self.param("bind")), self.param("curve_server"))
+        apply_curve_params(self, s)
         if self.param("bind"):
             s.bind(self.param("address"))
         else:

@@ -125,6 +125,22 @@ def add_curve_arguments(p, default_name: str):
     return g
 
 
+def declare_curve_params(module, own_name: str, server_name: str) -> None:
+    """The CURVE parameters of a ZeroMQ module (ZMQInput, ZMQOutput): the module twin of
+    add_curve_arguments."""
+    module.add_param("curve_dir", "", "CURVE key directory (eclreco hlt keys; empty: no CURVE)")
+    module.add_param("curve_name", own_name, "own key name in curve_dir/private")
+    module.add_param("curve_secret", "", "own key pair file (default curve_dir/private/NAME.key_secret)")
+    module.add_param("curve_server", server_name, "key name of the peer when connecting (bind=False)")
+
+
+def apply_curve_params(module, socket) -> None:
+    """Configures `socket` from a module's CURVE parameters (nothing when curve_dir is empty)."""
+    if module.param("curve_dir"):
+        Curve(module.param("curve_dir"), module.param("curve_name"), module.param("curve_secret")).apply(
+            socket, bool(module.param("bind")), module.param("curve_server"))
+
+
 def keys_main(args) -> int:
     names = [n.strip() for n in args.names.split(",") if n.strip()]
     made = generate_keys(args.output, names, overwrite=args.force)
