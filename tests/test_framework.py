@@ -92,6 +92,46 @@ def test_python_module_between_cpp_modules_sees_every_event():
     assert [m["events"] for m in s["modules"]] == [1000] * 5
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_module_may_keep_batches_after_the_call(threads):
+    """A Python module that keeps the batch object beyond event() (a list of batches) keeps a
+    copy-on-write copy: after the run every kept batch still reads what the module saw, and the
+    chain's output is unchanged. (Before: a pointer into the processor's batch, which dangled.)"""
+
+    class Keeper(eclreco.Module):
+        def __init__(self):
+            super().__init__()
+            self.kept, self.seen = [], []
+
+        def event(self, batch):
+            self.kept.append(batch)
+            d = batch["ECLDigits"]
+            self.seen.append((batch.evt.copy(), np.asarray(d["energy"]).copy(), np.asarray(d.offsets).copy()))
+            d["energy"] = np.asarray(d["energy"]) * 2  # a change the later modules must see
+
+    path = eclreco.create_path()
+    path.add_module(CountingSource(2000, run_length=700))
+    keeper = path.add_module(Keeper())
+    rec = path.add_module(Recorder())
+    eclreco.process(path, threads=threads, batch_size=64)
+    assert rec.evt == list(range(2000))
+    assert sum(len(b) for b in keeper.kept) == 2000
+    for b, (evt, energy, off) in zip(keeper.kept, keeper.seen):
+        np.testing.assert_array_equal(b.evt, evt)
+        np.testing.assert_array_equal(np.asarray(b["ECLDigits"].offsets), off)
+        np.testing.assert_allclose(np.asarray(b["ECLDigits"]["energy"]), 2 * energy)
+    # the change made by Keeper reached the next module
+    assert rec.digit_sums == pytest.approx([s * 2 for s in _digit_sums_without_change(2000, 700)])
+
+
+def _digit_sums_without_change(n, run_length):
+    path = eclreco.create_path()
+    path.add_module(CountingSource(n, run_length=run_length))
+    rec = path.add_module(Recorder())
+    eclreco.process(path, batch_size=64)
+    return rec.digit_sums
+
+
 @pytest.mark.parametrize("batch_size", [1, 7, 256])
 def test_threads_two_gives_same_output_as_one(batch_size):
     results = []

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "ecl/clustering.hpp"
+#include "ecl/digit_summary.hpp"
 #include "ecl/leakage.hpp"
 #include "register.hpp"
 
@@ -74,6 +75,27 @@ void register_clustering(py::module_& m) {
       },
       py::arg("table"), py::arg("energy_raw"), py::arg("ring"), py::arg("local_u"), py::arg("local_v"),
       "corrected energies with the C++ leakage table reader/interpolation (cpp/ecl/leakage.hpp)");
+
+  m.def(
+      "count_out_of_time_digits",
+      [](carray<int64_t> offsets, carray<float> time, carray<uint8_t> quality, float time_ns) {
+        if (offsets.ndim() != 1 || offsets.shape(0) < 1) throw py::value_error("offsets must be 1-d with n_events + 1 entries");
+        const size_t n_events = static_cast<size_t>(offsets.shape(0) - 1);
+        const int64_t* off = offsets.data();
+        for (size_t i = 0; i < n_events; ++i)
+          if (off[i + 1] < off[i] || off[i] < 0) throw py::value_error("offsets must be non-decreasing");
+        if (time.ndim() != 1 || quality.ndim() != 1 || time.shape(0) < off[n_events] || quality.shape(0) < off[n_events])
+          throw py::value_error("digit arrays shorter than offsets[-1]");
+        py::array_t<float> out(static_cast<py::ssize_t>(n_events));
+        float* o = out.mutable_data();
+        {
+          py::gil_scoped_release release;
+          ecl::count_out_of_time_digits(time.data(), quality.data(), off, n_events, time_ns, o);
+        }
+        return out;
+      },
+      py::arg("offsets"), py::arg("time"), py::arg("quality"), py::arg("time_ns"),
+      "per event: digits with quality 0 and |time| > time_ns (cpp/ecl/digit_summary.hpp)");
 
   m.def("cluster_feature_names", [] {
     std::vector<std::string> names;

@@ -23,7 +23,15 @@ class PyModule : public Module {
  public:
   void initialize() override { call("initialize"); }
   void begin_run(uint32_t exp, uint32_t run) override { call("begin_run", exp, run); }
-  void event(fw::EventBatch& batch) override { call("event", &batch); }
+  void event(fw::EventBatch& batch) override {
+    py::gil_scoped_acquire gil;
+    try {
+      py::function f = py::get_override(static_cast<const Module*>(this), "event");
+      if (f) lend_batch(batch, [&](py::handle b) { f(b); });
+    } catch (py::error_already_set& e) {
+      rethrow_python(e);
+    }
+  }
   void end_run(uint32_t exp, uint32_t run) override { call("end_run", exp, run); }
   void terminate() override { call("terminate"); }
   bool is_source() const override { return flag("is_source", false); }
@@ -34,7 +42,9 @@ class PyModule : public Module {
     try {
       py::function f = py::get_override(static_cast<const Module*>(this), "next_batch");
       if (!f) return false;
-      return f(py::cast(&batch, py::return_value_policy::reference), max_events).cast<bool>();
+      bool more = false;
+      lend_batch(batch, [&](py::handle b) { more = f(b, max_events).cast<bool>(); });
+      return more;
     } catch (py::error_already_set& e) {
       rethrow_python(e);
     }
@@ -51,8 +61,30 @@ class PyModule : public Module {
   }
 
  private:
-  // Arguments are C++ values; they become Python objects only here, under the GIL (a batch is
-  // passed by pointer and wrapped by reference, never copied).
+  // The batch is moved into a Python-owned object for the call and moved back afterwards (no
+  // copy). A module that keeps a reference beyond the call (a list of batches, say) keeps a
+  // copy-on-write copy instead of a pointer into the processor's batch that would dangle. The
+  // batch comes back on the error path too, so the processor can still flag its events.
+  template <class F>
+  static void lend_batch(fw::EventBatch& batch, F&& f) {
+    py::object obj = py::cast(new fw::EventBatch(std::move(batch)), py::return_value_policy::take_ownership);
+    auto give_back = [&] {
+      auto& b = obj.cast<fw::EventBatch&>();
+      if (obj.ref_count() == 1)
+        batch = std::move(b);
+      else
+        batch = b;  // kept by Python: share the column buffers (copy-on-write)
+    };
+    try {
+      f(obj);
+    } catch (...) {
+      give_back();
+      throw;
+    }
+    give_back();
+  }
+
+  // Arguments are C++ values; they become Python objects only here, under the GIL.
   template <class... Args>
   void call(const char* name, Args... args) {
     py::gil_scoped_acquire gil;
