@@ -119,15 +119,24 @@ def cnn_measurements(raw: str, tmp: str, repeat: int, max_events: int) -> dict:
     col = path.add_module(CollectInputs())
     eclreco.process(path, threads=1, batch_size=DEFAULT_BATCH, max_events=max_events)
     n = sum(b[0].shape[0] for b in col.batches)
-    rates = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        for image, features in col.batches:
-            if image.shape[0]:
-                sess.run(["energy"], {"image": image, "features": features})
-        rates.append(n / (time.perf_counter() - t0))
-    ort_alone = st.median(rates)
+    step = ECLEnergyCorrection().param("max_clusters_per_batch")
+
+    def ort_rate(call_size):
+        rates = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            for image, features in col.batches:
+                for a in range(0, image.shape[0], call_size):
+                    sess.run(["energy"], {"image": image[a: a + call_size], "features": features[a: a + call_size]})
+            rates.append(n / (time.perf_counter() - t0))
+        return st.median(rates)
+
+    # onnxruntime alone with the same calls as the module (slices of max_clusters_per_batch of
+    # each batch's clusters), and with one call per batch; the ratio uses the former.
+    ort_alone = ort_rate(step)
+    ort_whole = ort_rate(1 << 30)
     return {"cnn_clusters_per_s_in_chain": in_chain, "ort_alone_clusters_per_s": ort_alone,
+            "ort_alone_one_call_per_batch_clusters_per_s": ort_whole, "cnn_max_clusters_per_call": step,
             "cnn_vs_ort_ratio": in_chain / ort_alone, "cnn_clusters_per_s_batch1": unbatched,
             "batched_vs_unbatched_ratio": in_chain / unbatched,
             "cnn_clusters_per_event": n / max_events}
@@ -150,10 +159,11 @@ def zmq_input_measurement(raw: str, n_events: int) -> dict:
     def send_all(port):
         code = ("import zmq\nfrom eclreco.rawdata import read_raw_file\n"
                 f"m = read_raw_file({raw!r})[:{n}]\n"
-                f"s = zmq.Context().socket(zmq.PUSH); s.setsockopt(zmq.SNDHWM, {n + 10})\n"
+                f"c = zmq.Context(); s = c.socket(zmq.PUSH); s.setsockopt(zmq.SNDHWM, {n + 10})\n"
                 f"s.connect('tcp://127.0.0.1:{port}')\n"
                 "for x in m: s.send(x)\n"
-                "s.close(linger=-1)\n")
+                # term() blocks until every message is delivered (a bare exit lost some)
+                "s.close(linger=-1); c.term()\n")
         subprocess.run([sys.executable, "-c", code], check=True)
 
     ctx = zmq.Context.instance()
@@ -184,6 +194,9 @@ def zmq_input_measurement(raw: str, n_events: int) -> dict:
     eclreco.process(path, batch_size=DEFAULT_BATCH, max_events=n)
     mod = eclreco.statistics.summary()["modules"][0]
     zmq_input = mod["events"] / mod["seconds"] if mod["seconds"] > 0 else 0.0
+    if got < n or mod["events"] < n:  # a rate over a partial sample would be meaningless
+        raise RuntimeError(f"ZeroMQ comparison incomplete: bare loop received {got}, ZMQInput {mod['events']} "
+                           f"of {n} messages")
     return {"zmq_input_events_per_s": zmq_input, "bare_pyzmq_msgpack_events_per_s": bare,
             "input_vs_zmq_ratio": zmq_input / bare, "zmq_events": n}
 
@@ -312,6 +325,7 @@ def print_table(res: dict) -> None:
     if "framework_overhead_us_per_event" in res:
         row("framework overhead", f"{res['framework_overhead_us_per_event']:.3f}", "µs/event")
     for key in ("cnn_clusters_per_event", "cnn_clusters_per_s_in_chain", "ort_alone_clusters_per_s",
+                "ort_alone_one_call_per_batch_clusters_per_s",
                 "cnn_vs_ort_ratio", "cnn_clusters_per_s_batch1", "batched_vs_unbatched_ratio",
                 "zmq_input_events_per_s", "bare_pyzmq_msgpack_events_per_s", "input_vs_zmq_ratio"):
         if key in res:
@@ -319,7 +333,11 @@ def print_table(res: dict) -> None:
             row(key, f"{v:,.2f}" if v < 100 else f"{v:,.0f}")
     if "farm" in res:
         for k, v in res["farm"].items():
-            row(f"farm {k}", f"{v:,.2f}" if isinstance(v, float) else str(v))
+            if isinstance(v, dict):
+                for role, us in v.items():
+                    row(f"farm CPU {role}", f"{us:.1f}", "µs/event")
+            else:
+                row(f"farm {k}", f"{v:,.2f}" if isinstance(v, float) else str(v))
     row("peak RSS", f"{res['peak_rss_mb']:.0f}", "MB")
     for p in res.get("plots", []):
         print(f"  plot: {p}")

@@ -4,9 +4,9 @@
 
 One event per ZeroMQ message (a single frame holding the envelope bytes, spec/wire-format.md).
 Pacing: the number of messages due is computed from a monotonic clock (rate x elapsed time) and
-the emulator sends whatever is due in one burst, then sleeps until the next one is due (at most
-a millisecond), so that rates of 30-100 kHz are reachable despite the coarse granularity of
-sleep(). Rate 0 sends as fast as the socket takes them. The socket binds (--bind) or connects
+the emulator sends whatever is due in one burst, then sleeps for a tick (--tick-ms, 1 ms), so
+that rates of 30-100 kHz are reachable despite the coarse granularity of sleep() and the
+receivers are not woken once per event (a DAQ readout sends in bursts too). Rate 0 sends as fast as the socket takes them. The socket binds (--bind) or connects
 (--connect) exactly to the address given and to nothing else.
 """
 from __future__ import annotations
@@ -19,12 +19,63 @@ from typing import Callable, Sequence
 from eclreco.rawdata import read_raw_file
 
 
+class LoopRenumbering:
+    """Event numbers for the passes of a looped replay: (exp, run, evt) must be unique in a
+    stream (spec/wire-format.md), and the collector drops a repeated one as a duplicate. Pass k
+    sends evt + k * span (span = max evt - min evt + 1 of the file). Each message is re-encoded
+    once with `evt` as a fixed-width uint32, so that a pass costs an in-place patch of 4 bytes
+    per message; messages that are not envelopes (replays of bad input) are sent unchanged."""
+
+    def __init__(self, messages: Sequence[bytes]):
+        import msgpack
+
+        self.messages, self.offsets, self.evts = [], [], []
+        for m in messages:
+            env = None
+            try:
+                env = msgpack.unpackb(m, raw=False, strict_map_key=False)
+            except Exception:  # noqa: BLE001 - garbage is replayed as it is
+                pass
+            evt = env.get("evt") if isinstance(env, dict) else None
+            if not isinstance(evt, int) or isinstance(evt, bool) or not 0 <= evt < 2 ** 32:
+                self.messages.append(m)
+                self.offsets.append(-1)
+                self.evts.append(0)
+                continue
+            n = len(env)
+            parts = [bytes([0x80 | n]) if n <= 15 else
+                     (b"\xde" + n.to_bytes(2, "big") if n < 2 ** 16 else b"\xdf" + n.to_bytes(4, "big"))]
+            pos = len(parts[0])
+            off = -1
+            for k, v in env.items():
+                kb = msgpack.packb(k, use_bin_type=True)
+                vb = b"\xce" + evt.to_bytes(4, "big") if k == "evt" else msgpack.packb(v, use_bin_type=True)
+                if k == "evt":
+                    off = pos + len(kb) + 1
+                parts += [kb, vb]
+                pos += len(kb) + len(vb)
+            self.messages.append(b"".join(parts))
+            self.offsets.append(off)
+            self.evts.append(evt)
+        valid = [e for e, o in zip(self.evts, self.offsets) if o >= 0]
+        self.span = (max(valid) - min(valid) + 1) if valid else 1
+
+    def message(self, idx: int, pass_k: int) -> bytes:
+        m, off = self.messages[idx], self.offsets[idx]
+        if pass_k == 0 or off < 0:
+            return m
+        b = bytearray(m)
+        b[off: off + 4] = ((self.evts[idx] + pass_k * self.span) % 2 ** 32).to_bytes(4, "big")
+        return b
+
+
 def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: float = 0.0, loop: bool = False,
             events: int = 0, linger_ms: int = 10000, report: Callable[[str], None] | None = None,
-            context=None, curve=None, curve_server: str = "distributor") -> dict:
+            context=None, curve=None, curve_server: str = "distributor", tick_s: float = 1e-3) -> dict:
     """Send `messages` over a PUSH socket; returns {"sent", "seconds", "rate_hz"}.
 
     events: stop after this many messages (0: the whole file once, or forever with loop).
+    tick_s: with a rate, the messages due are sent in bursts at most this far apart.
     """
     import zmq
 
@@ -43,6 +94,8 @@ def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: f
     # 0: unbounded; without loop the file is sent at most once
     total = events if events > 0 else (0 if loop else len(messages))
     n_msgs = len(messages)
+    renumber = LoopRenumbering(messages) if loop else None
+    pass_k = 0
     sent = 0
     idx = 0
     start = time.monotonic()
@@ -54,17 +107,21 @@ def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: f
             if rate > 0:
                 due = int((now - start) * rate) + 1 - sent
                 if due <= 0:
-                    time.sleep(min(1e-3, (sent + 1 - (now - start) * rate) / rate))
+                    # wake once per tick, not once per message: at 30 kHz a wake-up per event
+                    # (here and in every receiver downstream) costs more CPU than the event itself
+                    time.sleep(max(tick_s, (sent + 1 - (now - start) * rate) / rate))
                     continue
             else:
                 due = max_burst
             burst = min(due, max_burst) if total == 0 else min(due, max_burst, total - sent)
             for _ in range(burst):
-                sock.send(messages[idx], copy=len(messages[idx]) < 65536)
+                m = renumber.message(idx, pass_k) if pass_k else messages[idx]
+                sock.send(m, copy=len(m) < 65536)
                 sent += 1
                 idx += 1
                 if idx == n_msgs:
                     idx = 0
+                    pass_k += 1
                     if not loop:
                         total = sent  # the file once: done
                         break
@@ -100,7 +157,7 @@ def run_daq_emulator(args: argparse.Namespace) -> int:
 
     emulate(messages, address, bind=bool(args.bind), rate=args.rate, loop=args.loop, events=args.events,
             report=lambda s: print(s, flush=True), curve=Curve.from_args(args, "daq"),
-            curve_server=args.curve_server)
+            curve_server=args.curve_server, tick_s=args.tick_ms * 1e-3)
     return 0
 
 
@@ -114,7 +171,9 @@ def add_daq_emulator_parser(subparsers) -> argparse.ArgumentParser:
     where.add_argument("--connect", metavar="ADDR", help="connect the PUSH socket to ADDR, e.g. tcp://127.0.0.1:5555")
     where.add_argument("--bind", metavar="ADDR", help="bind the PUSH socket to ADDR, e.g. tcp://127.0.0.1:5555")
     p.add_argument("--rate", type=float, default=0.0, help="events per second (0: as fast as possible)")
-    p.add_argument("--loop", action="store_true", help="replay the file again and again")
+    p.add_argument("--tick-ms", type=float, default=1.0, help="with --rate: send what is due every TICK ms")
+    p.add_argument("--loop", action="store_true", help="replay the file again and again (pass k: evt + k x the "
+                   "file's evt span, so that event numbers stay unique)")
     p.add_argument("--events", type=int, default=0, help="stop after N events (0: the file once, or forever with --loop)")
     from eclreco.curve import add_curve_arguments
 

@@ -25,6 +25,8 @@ def add_distributor_arguments(p):
     p.add_argument("--input-hwm", type=int, default=1000, help="high-water mark of the input socket")
     p.add_argument("--stop-drain", type=float, default=0.5,
                    help="at stop, keep reading the input until it is quiet for S s")
+    p.add_argument("--cycle-ms", type=float, default=0.5,
+                   help="under load, at most one read/dispatch cycle per CYCLE ms (fewer wake-ups; 0: none)")
     p.add_argument("--max-message-bytes", type=int, default=1 << 20,
                    help="input messages above this size are refused by the socket (ZMQ_MAXMSGSIZE; 0: no limit)")
 

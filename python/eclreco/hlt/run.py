@@ -239,9 +239,34 @@ def main(args) -> int:
         raise
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc), all its threads; 0 when gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of a process (Linux /proc)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
 def benchmark_farm(raw: str, rate: float, seconds: float, workers: int = 2, timeout_s: float = 300.0) -> dict:
     """Starts `eclreco hlt run` with the default worker chain, replays `raw` with the DAQ emulator
-    at `rate` for about `seconds`, and returns the distributor's throughput and latency figures."""
+    at `rate` for about `seconds`, and returns the distributor's throughput and latency figures
+    and, per role, the CPU time it spent per event (µs, from /proc: where a node's cores go)."""
     import tempfile
 
     from eclreco.rawdata import read_raw_file
@@ -271,10 +296,19 @@ def benchmark_farm(raw: str, rate: float, seconds: float, workers: int = 2, time
         emu = [*exe, "daq-emulator", "--input", raw, "--connect", addr_in, "--rate", str(rate), "--events", str(n)]
         if n > n_file:
             emu.append("--loop")
+        roles = {p["pid"]: p["role"] for p in st["processes"] if "pid" in p}
+        cpu0 = {pid: _cpu_seconds(pid) for pid in roles}
         t_start = time.monotonic()
-        r = subprocess.run(emu, capture_output=True, text=True, timeout=timeout_s)
-        if r.returncode != 0:
-            raise RuntimeError("daq-emulator failed: " + r.stderr[-2000:])
+        proc = subprocess.Popen(emu, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        emu_cpu = 0.0
+        while proc.poll() is None:  # the emulator's CPU time, read while it still exists
+            emu_cpu = max(emu_cpu, _cpu_seconds(proc.pid))
+            if time.monotonic() - t_start > timeout_s:
+                proc.kill()
+            time.sleep(0.05)
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError("daq-emulator failed: " + err[-2000:])
         offered_s = time.monotonic() - t_start
         while True:
             d = next(p for p in status(addr_ctl, 5.0)["processes"] if p["role"] == "distributor")
@@ -282,12 +316,16 @@ def benchmark_farm(raw: str, rate: float, seconds: float, workers: int = 2, time
                 break
             time.sleep(0.2)
         all_s = time.monotonic() - t_start
+        cpu_us = {"daq-emulator (incl. start-up)": emu_cpu / n * 1e6}
+        for pid, role in roles.items():
+            cpu_us[role] = cpu_us.get(role, 0.0) + (_cpu_seconds(pid) - cpu0[pid]) / n * 1e6
         request(addr_ctl, P.TERMINATE, 120.0)
         farm.wait(timeout=120)
         return {"offered_rate_hz": rate, "events": n, "offered_events_per_s": n / offered_s,
                 "confirmed": d["confirmed"], "achieved_events_per_s": d["confirmed"] / all_s,
                 "distributor_throughput_hz": d["throughput_hz"],
-                "latency_p50_ms": d["latency_p50_s"] * 1e3, "latency_p99_ms": d["latency_p99_s"] * 1e3}
+                "latency_p50_ms": d["latency_p50_s"] * 1e3, "latency_p99_ms": d["latency_p99_s"] * 1e3,
+                "cpu_us_per_event": cpu_us, "cpu_cores_used": sum(cpu_us.values()) * 1e-6 * n / all_s}
     finally:
         if farm.poll() is None:
             farm.kill()

@@ -1,0 +1,33 @@
+"""`eclreco bench` end to end on a small sample: every measurement runs and its numbers are
+consistent (the timings themselves are benchmarks, not tested)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.timeout(300)
+def test_bench_json_runs_every_measurement(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "eclreco.cli", "bench", "--json", "--events", "600", "--repeat", "1",
+                        "--farm-rate", "2000", "--farm-seconds", "1", "--plots", str(tmp_path / "plots")],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=280)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    assert res["input"]["events"] == 600 and res["input"]["digits_per_event"] > 100
+    for key in ("e2e_events_per_s", "e2e_no_cnn_events_per_s", "framework_overhead_us_per_event",
+                "cnn_clusters_per_s_in_chain", "ort_alone_clusters_per_s", "zmq_input_events_per_s",
+                "bare_pyzmq_msgpack_events_per_s", "peak_rss_mb"):
+        assert res[key] > 0, key
+    assert res["e2e_events_per_s_min"] <= res["e2e_events_per_s"] <= res["e2e_events_per_s_max"]
+    assert {(g["threads"], g["batch_size"]) for g in res["grid"]} == {(t, b) for t in (1, 2) for b in (1, 64, 256, 1024)}
+    assert set(res["stage_us_per_event"]) >= {"RawFileInput", "ECLUnpacker", "ECLClusterizer", "ECLEnergyCorrection",
+                                              "RootOutput"}
+    assert res["cnn_vs_ort_ratio"] == pytest.approx(res["cnn_clusters_per_s_in_chain"] / res["ort_alone_clusters_per_s"])
+    assert res["zmq_events"] == 600  # both loops received every message
+    farm = res["farm"]
+    assert farm["confirmed"] == farm["events"] == 2000  # the farm lost nothing
+    assert 0 < farm["latency_p50_ms"] <= farm["latency_p99_ms"]
+    assert {"distributor", "worker", "collector"} <= set(farm["cpu_us_per_event"])
+    assert all(v >= 0 for v in farm["cpu_us_per_event"].values())
+    assert sorted(p.rsplit("/", 1)[1] for p in res["plots"]) == ["bench_batch_size.png", "bench_stages.png"]
