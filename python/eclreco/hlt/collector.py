@@ -99,7 +99,7 @@ class HLTCollectorInput(Module):
 
     def __init__(self, link: CollectorLink | None = None):
         super().__init__()
-        self.add_param("max_latency_ms", 5.0, "longest wait for more results after the first")
+        self.add_param("max_latency_ms", 2.0, "longest wait for more results after the first")
         self.add_param("poll_ms", 100.0, "longest time between returns to the framework")
         self.link = link
         self._unconfirmed = np.zeros(0, "<u8")
@@ -226,7 +226,7 @@ def main(args) -> int:
         except OSError:
             exporter = serve_process_metrics(0, args.metrics_host, role="collector", path=path, extra=extra)
         link.metrics_port = exporter.port
-    source = path.add_module(HLTCollectorInput(link))
+    source = path.add_module(HLTCollectorInput(link), max_latency_ms=getattr(args, "max_latency", 2.0))
     out = None
     if args.output.startswith("tcp://"):
         path.add_module("ZMQOutput", address=args.output, bind=args.output_bind,

@@ -67,7 +67,8 @@ class Farm:
                           "--chunk", str(a.chunk), "--heartbeat-timeout", str(a.heartbeat_timeout),
                           "--input-hwm", str(a.input_hwm), "--stop-drain", str(a.stop_drain),
                           "--metrics-port", str(self.mport(0)), "--metrics-host", a.metrics_host,
-                          "--max-message-bytes", str(a.max_message_bytes), *self.curve_args]
+                          "--max-message-bytes", str(a.max_message_bytes), "--cycle-ms", str(a.cycle_ms),
+                          *self.curve_args]
         if a.drop_when_busy:
             cmd.append("--drop-when-busy")
         if a.input_connect:
@@ -79,7 +80,7 @@ class Farm:
         self.collector = self.popen(self.exe + ["collector", "--collector-addr", self.collector_addr, "--control",
                                                 a.control, "--output", a.output, "--metrics-port",
                                                 str(self.mport(1)), "--metrics-host", a.metrics_host,
-                                                *self.curve_args])
+                                                "--max-latency", str(a.max_latency), *self.curve_args])
 
     def worker_cmd(self, i: int):
         a = self.args
@@ -89,7 +90,7 @@ class Farm:
         cmd += ["--distributor", self.workers_addr, "--collector", self.collector_addr, "--threads", str(a.threads),
                 "--batch-size", str(a.batch_size), "--modules", a.modules, "--metrics-port", str(self.mport(2 + i)),
                 "--metrics-host", a.metrics_host, "--heartbeat", str(min(0.5, a.heartbeat_timeout / 5)),
-                *self.curve_args]
+                "--max-latency", str(a.max_latency), *self.curve_args]
         if a.no_cnn:
             cmd.append("--no-cnn")
         return cmd

@@ -136,7 +136,7 @@ class HLTWorkerInput(Module):
 
     def __init__(self, link: WorkerLink | None = None):
         super().__init__()
-        self.add_param("max_latency_ms", 5.0, "longest wait for a batch to fill after its first event")
+        self.add_param("max_latency_ms", 2.0, "longest wait for a batch to fill after its first event")
         self.add_param("poll_ms", 100.0, "longest time between returns to the framework")
         self.link = link
 
@@ -212,7 +212,7 @@ def add_worker_arguments(ap: argparse.ArgumentParser):
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--capacity", type=int, default=0, help="events this worker holds at most (0: 4 batches/thread)")
     ap.add_argument("--heartbeat", type=float, default=0.5, help="seconds between heartbeats")
-    ap.add_argument("--max-latency", type=float, default=5.0, help="ms to wait for a batch to fill")
+    ap.add_argument("--max-latency", type=float, default=2.0, help="ms to wait for a batch to fill")
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0: a free port, -1: none)")
     ap.add_argument("--metrics-host", default="127.0.0.1")
     ap.add_argument("--modules", default="standard",
