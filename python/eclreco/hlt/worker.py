@@ -194,6 +194,8 @@ def run_worker(path, link: WorkerLink, threads: int = 1, batch_size: int = 256, 
     try:
         while True:
             eclreco.process(path, threads=threads, batch_size=batch_size)
+            # where this worker's time went in the run (module table, as basf2 prints it)
+            print(f"[worker] pid {os.getpid()} run ended\n{eclreco.statistics}", flush=True)
             if exporter is not None:
                 exporter.checkpoint()
             if _core.stop_requested() or link.terminate:
