@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 
@@ -42,12 +43,18 @@ class RootOutput(Module):
         self.add_param("filename", "eclreco.root", "output ROOT file")
         self.add_param("tree", "events", "name of the TTree")
         self.add_param("basket_events", 100000, "events buffered per basket")
+        self.add_param("flush_interval_s", 0.0, "also write the buffer when it is this old (0: only full baskets); "
+                       "an uproot file is readable after every write, so this bounds what a crash can lose")
         self._file = None
         self._parts: list[dict] = []
         self._buffered = 0
         self._tree_created = False
         self._error = None
         self.events_written = 0
+        # batches handed to event() / of those, how many are in the file: the HLT collector
+        # confirms an event as saved only when its batch is (eclreco.hlt.collector)
+        self.batches_taken = self.batches_written = 0
+        self._oldest = None
 
     def ordered(self):
         return True
@@ -58,6 +65,8 @@ class RootOutput(Module):
         path = self.param("filename")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._error = None
+        self.batches_taken = self.batches_written = 0
+        self._oldest = None
         try:
             self._file = uproot.recreate(path)
         except OSError as err:
@@ -89,7 +98,10 @@ class RootOutput(Module):
         if self._error:
             raise RuntimeError(self._error)
         keep = (batch.error_flags & ERROR_REJECTED) == 0
+        self.batches_taken += 1
         if not keep.any():
+            if not self._parts:
+                self.batches_written = self.batches_taken  # nothing of it to write
             return
         part = {
             "exp": batch.exp[keep].astype(np.uint32),
@@ -114,11 +126,25 @@ class RootOutput(Module):
                 part["_cluster_cols"] = cols
         self._parts.append(part)
         self._buffered += int(keep.sum())
+        if self._oldest is None:
+            self._oldest = time.monotonic()
         if self._buffered >= self.param("basket_events"):
+            self._flush()
+        else:
+            self.flush_if_due()
+
+    def flush_if_due(self):
+        """Writes the buffer when flush_interval_s is set and its oldest batch is that old (called by
+        event() and, between batches, by a source that needs its data on disk: the HLT collector)."""
+        iv = self.param("flush_interval_s")
+        if iv > 0 and self._oldest is not None and time.monotonic() - self._oldest >= iv:
             self._flush()
 
     def _flush(self):
-        if not self._parts or self._error:
+        if self._error:
+            return
+        if not self._parts:
+            self.batches_written = self.batches_taken
             return
         try:
             self._write()
@@ -147,8 +173,10 @@ class RootOutput(Module):
             self._tree_created = True
         self._file[self.param("tree")].extend(data)
         self.events_written += n
+        self.batches_written = self.batches_taken
         self._parts.clear()
         self._buffered = 0
+        self._oldest = None
 
     def end_run(self, exp, run):
         self._flush()

@@ -184,3 +184,79 @@ def test_full_disk_on_quarantine_keeps_complete_records(tmp_path):
     with open(q, "rb") as f:
         recs = list(msgpack.Unpacker(f, raw=False))
     assert 0 < len(recs) < 3000 and all(rec["reason"] == "bad_version" for rec in recs)
+
+
+def test_replaced_collector_gets_the_events_the_killed_one_had_not_saved(tmp_path):
+    """Promise: an event leaves the distributor only when the collector has it in its FILE (SAVED),
+    not when the collector has merely taken it (CONFIRM; RootOutput buffers up to --flush-interval).
+    Roles run as separate services; collector A is SIGKILLed with confirmed but unwritten results;
+    collector B takes its place: every event is in a.root (readable: uproot files are valid after
+    each write) or b.root. Before SAVED, the events of A's unwritten buffer were lost."""
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import request, status
+    from hlt_helpers import free_address
+
+    from test_hlt import worker_modules
+
+    inp, wrk, ctl, col = free_address(), free_address(), free_address(), free_address()
+    procs = []
+
+    def start(*args, log):
+        p = subprocess.Popen(ECLRECO + ["hlt", *args], stdout=open(tmp_path / log, "w"), stderr=subprocess.STDOUT)
+        procs.append(p)
+        return p
+
+    def dist():
+        return next(p for p in status(ctl)["processes"] if p["role"] == "distributor")
+
+    n = 3000
+    try:
+        start("distributor", "--input", inp, "--workers-addr", wrk, "--control", ctl, "--metrics-port", "-1",
+              log="distributor.log")
+        collector_args = ["--collector-addr", col, "--control", ctl, "--metrics-port", "-1", "--flush-interval", "60"]
+        a = start("collector", *collector_args, "-o", str(tmp_path / "a.root"), log="a.log")
+        start("worker", "--distributor", wrk, "--collector", col, "--modules", worker_modules(), "--metrics-port",
+              "-1", log="worker.log")
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 60:
+            try:
+                st = status(ctl, 2.0)["processes"]
+                if {p["role"] for p in st} >= {"distributor", "collector", "worker"}:
+                    break
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            time.sleep(0.2)
+        push_events(inp, range(n // 2))
+        while dist()["confirmed"] < n // 2:
+            time.sleep(0.1)
+        d = dist()
+        # A has taken every event but written none of them (flush interval 60 s): all unsaved
+        assert d["unsaved"] == n // 2 and d["held"] == 0, d
+        a.kill()
+        a.wait()
+        start("collector", *collector_args, "-o", str(tmp_path / "b.root"), log="b.log")
+        push_events(inp, range(n // 2, n))
+        t0 = time.monotonic()
+        while (d := dist())["confirmed"] < n + n // 2 and time.monotonic() - t0 < 60:
+            time.sleep(0.1)
+        assert d["redelivered"] >= n // 2, d
+        reply = request(ctl, P.STOP, 60.0)  # B closes b.root, says SAVED for all, then RUN_ENDED
+        assert reply["state"] == "stopped", reply
+        assert dist()["unsaved"] == 0
+        request(ctl, P.TERMINATE, 60.0)
+        for p in procs:
+            if p is not a:
+                assert p.wait(timeout=60) == 0, (tmp_path / "distributor.log").read_text()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    got = []
+    for name in ("a.root", "b.root"):
+        try:
+            got.append(read_evt(tmp_path / name)[0])
+        except Exception:  # noqa: BLE001 - A died before its first write: no readable tree
+            assert name == "a.root"
+    evts = np.concatenate(got)
+    assert set(evts.tolist()) == set(range(n)), f"missing {sorted(set(range(n)) - set(evts.tolist()))[:10]}"

@@ -3,10 +3,15 @@
 Its path is HLTCollectorInput -> RootOutput (the very module of steering/reco.py, so the file
 has the same branches) or ZMQOutput onward. It runs with one thread: when the source is asked
 for the next batch, the previous one has gone through the output, and only then are its
-sequence ids confirmed to the distributor (DEALER on the control address).
+sequence ids confirmed to the distributor (DEALER on the control address): CONFIRM (processed:
+the latency ends here, the workers are done with it). RootOutput buffers; when the batch is in
+the file (RootOutput.batches_written, at most `--flush-interval` later) the collector sends
+SAVED, and only then does the distributor forget the event: a collector killed with buffered
+results is replaced and those events are produced again (docs/deployment.md).
 """
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import time
@@ -47,6 +52,8 @@ class CollectorLink:
         self.bytes = 0
         self.metrics_port = 0
         self.filename = ""
+        self.unsaved: collections.deque = collections.deque()  # (output batch count, seqs) not yet in the file
+        self.saved = 0
         self.hello()
 
     def hello(self):
@@ -55,7 +62,8 @@ class CollectorLink:
     def status(self) -> dict:
         d = {"role": "collector", "pid": os.getpid(), "host": socket.gethostname(), "state": self.state,
              "address": self.address, "run_index": self.run_index, "output": self.filename,
-             "duplicates": self.duplicates, "confirmed": self.confirmed, "metrics_port": self.metrics_port}
+             "duplicates": self.duplicates, "confirmed": self.confirmed, "saved": self.saved,
+             "saves": True, "metrics_port": self.metrics_port}
         d.update(eclreco.statistics.counters())
         return d
 
@@ -81,10 +89,30 @@ class CollectorLink:
             self.next_report = now + 0.5
             self.ctl.send_multipart([P.STATUS, P.pack(self.status())])
 
-    def confirm(self, seqs: np.ndarray):
+    def confirm(self, seqs: np.ndarray, output=None):
+        """CONFIRM the seqs of a batch the output has taken; SAVED now when the output keeps
+        nothing back (output None: ZMQOutput), else once `output.batches_written` covers it."""
         if len(seqs):
             self.ctl.send_multipart([P.CONFIRM, P.seqs_to_bytes(seqs)])
             self.confirmed += len(seqs)
+            if output is None:
+                self._saved(seqs)
+            else:
+                self.unsaved.append((output.batches_taken, seqs))
+
+    def release_saved(self, output=None, everything: bool = False):
+        """SAVED for the batches now in the output file (everything: the file was closed)."""
+        if output is not None and not everything:
+            output.flush_if_due()
+        done = []
+        while self.unsaved and (everything or output is None or self.unsaved[0][0] <= output.batches_written):
+            done.append(self.unsaved.popleft()[1])
+        if done:
+            self._saved(np.concatenate(done))
+
+    def _saved(self, seqs):
+        self.ctl.send_multipart([P.SAVED, P.seqs_to_bytes(seqs)])
+        self.saved += len(seqs)
 
     def run_ended(self, info: dict):
         self.ctl.send_multipart([P.RUN_ENDED, P.pack(info)])
@@ -97,11 +125,12 @@ class CollectorLink:
 class HLTCollectorInput(Module):
     """HLT collector source: batches from the workers, duplicates dropped; confirms what was written."""
 
-    def __init__(self, link: CollectorLink | None = None):
+    def __init__(self, link: CollectorLink | None = None, output=None):
         super().__init__()
         self.add_param("max_latency_ms", 2.0, "longest wait for more results after the first")
         self.add_param("poll_ms", 100.0, "longest time between returns to the framework")
         self.link = link
+        self.output = output  # the RootOutput of the path (None: results go on with ZMQOutput)
         self._unconfirmed = np.zeros(0, "<u8")
 
     def is_source(self):
@@ -120,8 +149,9 @@ class HLTCollectorInput(Module):
 
     def _confirm_previous(self):
         # One thread: the previous batch went through the output before this call.
-        self.link.confirm(self._unconfirmed)
+        self.link.confirm(self._unconfirmed, self.output)
         self._unconfirmed = np.zeros(0, "<u8")
+        self.link.release_saved(self.output)
 
     def next_batch(self, batch, max_events):
         link = self.link
@@ -132,6 +162,7 @@ class HLTCollectorInput(Module):
         msgs, n = [], 0
         while True:
             link.service()
+            link.release_saved(self.output)  # also while no result comes: the flush interval runs on
             try:
                 while n < max_events:
                     data = link.pull.recv(zmq.NOBLOCK)
@@ -226,13 +257,16 @@ def main(args) -> int:
         except OSError:
             exporter = serve_process_metrics(0, args.metrics_host, role="collector", path=path, extra=extra)
         link.metrics_port = exporter.port
-    source = path.add_module(HLTCollectorInput(link), max_latency_ms=getattr(args, "max_latency", 2.0))
+    source = HLTCollectorInput(link)
+    path.add_module(source, max_latency_ms=getattr(args, "max_latency", 2.0))
     out = None
     if args.output.startswith("tcp://"):
         path.add_module("ZMQOutput", address=args.output, bind=args.output_bind,
                         **curve_params(args, "collector", "reco"))
     else:
-        out = path.add_module("RootOutput", filename=output_filename(args.output, 1))
+        out = path.add_module("RootOutput", filename=output_filename(args.output, 1),
+                              flush_interval_s=getattr(args, "flush_interval", 0.25))
+        source.output = out
     print(f"[collector] pid {os.getpid()} {path} on {link.address}, control {args.control}, metrics "
           f"{exporter.port if exporter else '-'}", flush=True)
     try:
@@ -245,6 +279,7 @@ def main(args) -> int:
             eclreco.process(path, threads=1, batch_size=args.batch_size)
             if exporter is not None:
                 exporter.checkpoint()
+            link.release_saved(out, everything=True)  # the file of the run is closed
             s = eclreco.statistics.summary()
             link.run_ended({"run_index": link.run_index, "filename": link.filename,
                             "events_written": out.events_written if out is not None else s.get("processed", 0),

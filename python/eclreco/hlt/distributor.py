@@ -1,7 +1,9 @@
 """The distributor: input (PULL) -> workers (ROUTER, credit-based) and run control (ROUTER).
 
 It numbers every event it reads (a sequence id), hands events to workers only as far as they
-have announced credit, and keeps each event until the collector confirms it. A worker that says
+have announced credit, and keeps each event until the collector confirms it (CONFIRM: the
+latency ends there) and, for a collector that buffers its output, until it says the event is in
+the file (SAVED); a replacement collector gets the confirmed but unsaved events again. A worker that says
 BYE or misses heartbeats for `heartbeat_timeout_s` loses its unconfirmed events to the others.
 When no worker has credit and `queue_size` events wait, it stops reading its input (the sender
 blocks on its high-water mark) or, with `drop_when_busy`, reads and drops (counted).
@@ -97,6 +99,7 @@ class Distributor:
         self.cycle_s = cycle_s
 
         self.events: dict[int, list] = {}          # seq -> [envelope, t_received, worker ident or None]
+        self.unsaved: dict[int, bytes] = {}        # seq -> envelope: confirmed, not yet in the output file
         self.pending: collections.deque[int] = collections.deque()  # seqs waiting for a worker
         self.next_seq = 0
         self.workers: dict[bytes, Worker] = {}
@@ -158,7 +161,7 @@ class Distributor:
             return False
         if self.drop_when_busy:
             return True
-        return len(self.pending) < self.queue_size and len(self.events) < self.max_held
+        return len(self.pending) < self.queue_size and len(self.events) + len(self.unsaved) < self.max_held
 
     def stop_drain_over(self) -> bool:
         now = time.monotonic()
@@ -171,7 +174,7 @@ class Distributor:
         if self.t_first_input is None:
             self.t_first_input = now
         n = nbytes = 0
-        busy_limit = min(self.queue_size - len(self.pending), self.max_held - len(self.events))
+        busy_limit = min(self.queue_size - len(self.pending), self.max_held - len(self.events) - len(self.unsaved))
         try:
             for _ in range(2000):
                 if busy_limit <= 0:
@@ -282,6 +285,10 @@ class Distributor:
                 self.confirm(P.seqs_from_bytes(body[0]), now)
                 if self.collector is not None and self.collector["ident"] == ident:
                     self.collector["last_seen"] = now
+            elif cmd == P.SAVED:
+                pop = self.unsaved.pop
+                for s in P.seqs_from_bytes(body[0]).tolist():
+                    pop(s, None)
             elif cmd == P.HELLO:
                 info = P.unpack(body[0])
                 if info.get("role") == "collector":
@@ -332,12 +339,18 @@ class Distributor:
                 self._send(self.ctl, ident, P.ERR, b"unknown command " + cmd)
 
     def collector_replaced(self):
-        """A new collector: results the old one never confirmed are produced again."""
+        """A new collector: results the old one never confirmed, or confirmed but never saved, are
+        produced again."""
         back = []
         for seq, e in self.events.items():
             if e[2] is not None:
                 e[2] = None
                 back.append(seq)
+        now = time.monotonic()
+        for seq, env in self.unsaved.items():
+            self.events[seq] = [env, now, None]
+            back.append(seq)
+        self.unsaved.clear()
         for w in self.workers.values():
             w.assigned.clear()
         back.sort()
@@ -363,12 +376,16 @@ class Distributor:
         t = []
         pop = self.events.pop
         workers = self.workers
+        saves = self.collector is not None and self.collector["status"].get("saves", False)
+        unsaved = self.unsaved
         for s in seqs.tolist():
             e = pop(s, None)
             if e is None:
                 self.c["confirmed_again"] += 1
                 continue
             t.append(e[1])
+            if saves:
+                unsaved[s] = e[0]
             w = workers.get(e[2]) if e[2] is not None else None
             if w is not None:
                 w.assigned.discard(s)
@@ -378,8 +395,8 @@ class Distributor:
             self.t_last_confirm = now
 
     def low_watermark(self) -> int:
-        """Every seq below this was confirmed (none is held any more)."""
-        return min(self.events) if self.events else self.next_seq
+        """Every seq below this was confirmed and saved (none is held any more)."""
+        return min(min(self.events, default=self.next_seq), min(self.unsaved, default=self.next_seq))
 
     def housekeeping(self, now: float):
         for w in list(self.workers.values()):
@@ -409,15 +426,17 @@ class Distributor:
             # stop_timeout_s. What was held is lost, and counted.
             print(f"[distributor] terminating without a live collector: {len(self.events)} unconfirmed events lost",
                   flush=True)
-            self.c["lost_at_stop"] += len(self.events)
+            self.c["lost_at_stop"] += len(self.events) + len(self.unsaved)
             self.events.clear()
+            self.unsaved.clear()
             self.pending.clear()
             for w in self.workers.values():
                 w.assigned.clear()
         if self.state == "stopping" and now - self.stop_since > self.stop_timeout_s:
             print(f"[distributor] stop timed out with {len(self.events)} unconfirmed events", flush=True)
-            self.c["lost_at_stop"] += len(self.events)
+            self.c["lost_at_stop"] += len(self.events) + len(self.unsaved)
             self.events.clear()
+            self.unsaved.clear()
             self.pending.clear()
             for w in self.workers.values():
                 w.assigned.clear()
@@ -450,7 +469,7 @@ class Distributor:
             "dispatched": self.c["dispatched"], "confirmed": self.c["confirmed"],
             "redelivered": self.c["redelivered"], "dropped": self.c["dropped"],
             "lost_at_stop": self.c["lost_at_stop"],
-            "held": len(self.events), "queued": len(self.pending),
+            "held": len(self.events), "unsaved": len(self.unsaved), "queued": len(self.pending),
             "workers_alive": len(self.workers), "workers_restarted": self.workers_restarted,
             "workers_lost": self.workers_lost,
             "latency_p50_s": self.latency.quantile(0.5), "latency_p99_s": self.latency.quantile(0.99),
@@ -503,6 +522,8 @@ class Distributor:
         yield counter("eclreco_hlt_events_lost_at_stop", "Events still unconfirmed when a stop timed out",
                       self.c["lost_at_stop"])
         yield gauge("eclreco_hlt_events_held", "Events held until the collector confirms them", len(self.events))
+        yield gauge("eclreco_hlt_events_unsaved", "Events confirmed, held until the collector has them in its file",
+                    len(self.unsaved))
         yield gauge("eclreco_input_queue_depth", "Events read and waiting for a worker", len(self.pending))
         yield gauge("eclreco_events_in_flight", "Events at workers, not yet confirmed",
                     len(self.events) - len(self.pending))

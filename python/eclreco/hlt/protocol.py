@@ -23,7 +23,8 @@ WHO = b"WHO"            # distributor -> worker/collector: unknown to me, regist
 
 # collector/supervisor/clients -> distributor (ROUTER on the control address)
 HELLO = b"HELLO"        # collector/supervisor: register {role, pid, ...}
-CONFIRM = b"CONFIRM"    # collector: seqs (uint64 LE bytes) written to the output
+CONFIRM = b"CONFIRM"    # collector: seqs (uint64 LE bytes) taken by the output (processed; latency ends)
+SAVED = b"SAVED"        # collector: seqs now in the output file (a collector that says "saves" in HELLO)
 STATUS = b"STATUS"      # collector/supervisor: periodic report {...}; client: request -> reply
 RUN_ENDED = b"RUN_ENDED"  # collector: output of the run closed {run_index, filename, events_written}
 LOW = b"LOW"            # distributor -> collector: b"<seq>", every seq below was confirmed

@@ -80,7 +80,8 @@ class Farm:
         self.collector = self.popen(self.exe + ["collector", "--collector-addr", self.collector_addr, "--control",
                                                 a.control, "--output", a.output, "--metrics-port",
                                                 str(self.mport(1)), "--metrics-host", a.metrics_host,
-                                                "--max-latency", str(a.max_latency), *self.curve_args])
+                                                "--max-latency", str(a.max_latency), "--flush-interval",
+                                                str(a.flush_interval), *self.curve_args])
 
     def worker_cmd(self, i: int):
         a = self.args
