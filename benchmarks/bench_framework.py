@@ -11,28 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics as st
-import time
 
-import eclreco
-
-
-class PyNoOp(eclreco.Module):
-    """A Python module that does nothing (cost of a Python call per batch)."""
-
-    def event(self, batch):
-        pass
-
-
-def run_once(events, n_modules, batch_size, threads, python_module=False):
-    path = eclreco.create_path()
-    path.add_module("EventInfoSetter", events=events)
-    for _ in range(n_modules):
-        path.add_module("NoOp")
-    if python_module:
-        path.add_module(PyNoOp())
-    t0 = time.perf_counter()
-    eclreco.process(path, threads=threads, batch_size=batch_size)
-    return time.perf_counter() - t0
+from eclreco.bench import framework_run_seconds as run_once
 
 
 def main(argv=None):

@@ -292,17 +292,32 @@ def run_benchmark(args) -> dict:
     return res
 
 
-def framework_overhead() -> float:
-    """µs/event of the framework alone: EventInfoSetter -> 5 NoOp, batch 256, 1 thread."""
+def framework_run_seconds(events: int, n_modules: int = 5, batch_size: int = DEFAULT_BATCH, threads: int = 1,
+                          python_module: bool = False) -> float:
+    """Wall seconds of EventInfoSetter -> n_modules x NoOp [-> a Python no-op module]: the
+    framework alone (also benchmarks/bench_framework.py)."""
     import eclreco
 
+    class PyNoOp(eclreco.Module):
+        """a Python module that does nothing (the cost of a Python call per batch)"""
+
+        def event(self, batch):
+            pass
+
     path = eclreco.create_path()
-    path.add_module("EventInfoSetter", events=1_000_000)
-    for _ in range(5):
+    path.add_module("EventInfoSetter", events=events)
+    for _ in range(n_modules):
         path.add_module("NoOp")
+    if python_module:
+        path.add_module(PyNoOp())
     t0 = time.perf_counter()
-    eclreco.process(path, batch_size=DEFAULT_BATCH)
-    return (time.perf_counter() - t0) / 1_000_000 * 1e6
+    eclreco.process(path, threads=threads, batch_size=batch_size)
+    return time.perf_counter() - t0
+
+
+def framework_overhead() -> float:
+    """µs/event of the framework alone: EventInfoSetter -> 5 NoOp, batch 256, 1 thread."""
+    return framework_run_seconds(1_000_000) / 1_000_000 * 1e6
 
 
 def print_table(res: dict) -> None:
