@@ -2,18 +2,22 @@
 
 All clusters of a batch above `min_energy_gev` (raw energy) go through ONE inference call (in
 slices of at most `max_clusters_per_batch`): their images and features are gathered from the
-zero-copy column views with numpy fancy indexing; when the model's metadata `feature_names` lists
-event-level features after the cluster features (belle2-ecl: event_oot_digits), they are computed from
-ECLDigits by eclreco.cnn_model.event_features and appended per cluster. The network computes the corrected energy
-itself (normalisation inside the graph, see python/eclreco/cnn_model.py), so the module only
-writes the output into ECLClusters.energy. Clusters below the threshold keep the energy they
-have (the classical leakage correction, when ECLLeakageCorrection ran before).
+zero-copy column views with np.take. When the model's metadata `feature_names` lists extra
+features after the cluster features (eclreco.cnn_model.EXTRA_FEATURE_NAMES), they are appended in
+that order: `energy_in` = ECLClusters.energy as it arrives here (after ECLLeakageCorrection: the
+classical correction, which the shipped models refine as a residual), event-level features
+(belle2-ecl: event_oot_digits) computed from ECLDigits by eclreco.cnn_model.event_features and
+repeated per cluster. The network computes the corrected energy itself (normalisation inside the
+graph, see python/eclreco/cnn_model.py), so the module only writes the output into
+ECLClusters.energy. Clusters below the threshold keep the energy they have (the classical leakage
+correction, when ECLLeakageCorrection ran before).
 """
 from __future__ import annotations
 
 import os
 import threading
 import time
+import warnings
 
 import numpy as np
 
@@ -71,8 +75,8 @@ def load_session(path: str, threads: int = 1, expected_detector: str | None = No
     if image_size is not None and (img[1] != image_size or img[2] != image_size):
         raise ModelError(f"ECLEnergyCorrection: model {path!r} expects {img[1]}x{img[2]} images, "
                          f"ECLClusterizer makes {image_size}x{image_size}")
-    # feature vector: ECLClusters.features, then the event-level features the metadata lists
-    # (eclreco.cnn_model.event_features); a model without feature_names cannot be fed safely
+    # feature vector: ECLClusters.features, then the extra features the metadata lists
+    # (eclreco.cnn_model.EXTRA_FEATURE_NAMES); a model without feature_names cannot be fed safely
     from eclreco.cnn_model import split_feature_names
 
     names = meta.get("feature_names")
@@ -91,7 +95,8 @@ def load_session(path: str, threads: int = 1, expected_detector: str | None = No
     if n_features is not None and feat[1] != n_features + len(extra):
         raise ModelError(f"ECLEnergyCorrection: model {path!r} expects {feat[1]} features, its metadata lists "
                          f"{n_features + len(extra)} ({names})")
-    meta["event_features"] = tuple(extra)
+    meta["extra_features"] = tuple(extra)
+    meta["event_features"] = tuple(extra)  # old name of the same list (all extra columns, in order)
     return sess, meta
 
 
@@ -115,6 +120,7 @@ class ECLEnergyCorrection(Module):
         self._n_corrected = 0
         self._n_calls = 0
         self._seconds = 0.0
+        self._checked_energy_in = False
 
     # -- sessions -----------------------------------------------------------------------------
     def _expected_shapes(self):
@@ -125,6 +131,7 @@ class ECLEnergyCorrection(Module):
         self._sessions = {}
         self._image_shapes = {}
         self._n_corrected, self._n_calls, self._seconds = 0, 0, 0.0
+        self._checked_energy_in = False
         if self.param("threads") < 1:
             raise ValueError("ECLEnergyCorrection: threads must be >= 1")
         if self.param("max_clusters_per_batch") < 1:
@@ -191,12 +198,19 @@ class ECLEnergyCorrection(Module):
             shape = self._image_shape(sess)
             if image.shape[1:] != shape:
                 raise ModelError(f"ECLEnergyCorrection: model expects images {shape}, clusters have {image.shape[1:]}")
-            extra = self._event_features(batch, meta["event_features"], cl.offsets)
+            names = meta["extra_features"]
+            extra = self.extra_features(batch, names, cl.offsets, coll)
+            if extra is not None and "energy_in" in names and not self._checked_energy_in:
+                self._check_energy_in(e_raw[rows], extra[rows, names.index("energy_in")])
             for a in range(0, rows.size, step):
                 r = rows[a: a + step] if rows.size > step else rows
-                f = _gather(features, r)
-                if extra is not None:
-                    f = np.ascontiguousarray(np.concatenate([f, extra[r]], axis=1), np.float32)
+                if extra is None:
+                    f = _gather(features, r)
+                else:
+                    nc = features.shape[1]
+                    f = np.empty((r.size, nc + extra.shape[1]), np.float32)
+                    f[:, :nc] = np.take(features, r, axis=0)
+                    f[:, nc:] = np.take(extra, r, axis=0)
                 feeds = {"image": _gather(image, r), "features": f}
                 t0 = time.perf_counter()
                 out = sess.run(["energy"], feeds)[0]
@@ -210,18 +224,45 @@ class ECLEnergyCorrection(Module):
             self._seconds += t_inf
 
     @staticmethod
-    def _event_features(batch, names, cluster_offsets):
-        """[n_clusters, len(names)] event-level features (cnn_model.event_features) repeated per
-        cluster of the event, or None when the model takes none."""
+    def extra_features(batch, names, cluster_offsets, collection="ECLClusters"):
+        """[n_clusters, len(names)] float32: the extra features `names` (cnn_model.EXTRA_FEATURE_NAMES)
+        of every cluster of the batch, in that order, or None when the model takes none:
+        energy_in = the collection's energy column as it is now (before this module writes it),
+        event-level features (cnn_model.event_features) repeated per cluster of the event."""
         if not names:
             return None
-        from eclreco.cnn_model import event_features
+        from eclreco.cnn_model import EVENT_FEATURE_NAMES, event_features
 
-        if "ECLDigits" not in batch:
-            raise ModelError(f"ECLEnergyCorrection: the model needs {list(names)} from ECLDigits, "
-                             "which this batch does not have")
-        per_event = event_features(batch["ECLDigits"], names)
-        return np.repeat(per_event, np.diff(cluster_offsets), axis=0)
+        counts = np.diff(np.asarray(cluster_offsets))
+        out = np.empty((int(counts.sum()), len(names)), np.float32)
+        ev_names = [n for n in names if n in EVENT_FEATURE_NAMES]
+        if ev_names:
+            if "ECLDigits" not in batch:
+                raise ModelError(f"ECLEnergyCorrection: the model needs {ev_names} from ECLDigits, "
+                                 "which this batch does not have")
+            per_event = event_features(batch["ECLDigits"], ev_names)
+        for j, n in enumerate(names):
+            if n == "energy_in":
+                out[:, j] = np.asarray(batch[collection]["energy"])
+            elif n in EVENT_FEATURE_NAMES:
+                out[:, j] = np.repeat(per_event[:, ev_names.index(n)], counts)
+            else:
+                raise ModelError(f"ECLEnergyCorrection: unknown extra feature {n!r}")
+        return out
+
+    # old name (eclreco.bench uses it): all extra columns of the model, not only the event-level ones
+    _event_features = extra_features
+
+    def _check_energy_in(self, e_raw, e_in):
+        """Once per run: a model refining the classical correction (energy_in) was fed clusters
+        whose energy is still the raw energy, i.e. ECLLeakageCorrection did not run before."""
+        if e_raw.size == 0:
+            return
+        self._checked_energy_in = True
+        if np.array_equal(np.asarray(e_raw, np.float32), np.asarray(e_in, np.float32)):
+            warnings.warn("ECLEnergyCorrection: the model refines the classical correction (feature energy_in), "
+                          "but the clusters' energy is their raw energy: is ECLLeakageCorrection missing before "
+                          "ECLEnergyCorrection in the path?", RuntimeWarning, stacklevel=2)
 
     def counters(self):
         return {"clusters_corrected": float(self._n_corrected), "inference_seconds": float(self._seconds),

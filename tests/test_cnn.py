@@ -33,18 +33,24 @@ def test_shipped_model_io(det):
     meta = sess.get_modelmeta().custom_metadata_map
     assert meta["detector"] == det
     names = meta["feature_names"].split(",")
-    # the cluster features, then (belle2-ecl) the event-level background measure
-    extra = ["event_oot_digits"] if det == "belle2-ecl" else []
+    # the cluster features, then the cluster energy after the classical correction and (belle2-ecl)
+    # the event-level background measure: what `eclreco train` makes by default
+    from eclreco import train
+
+    extra = ["energy_in", "event_oot_digits"] if det == "belle2-ecl" else ["energy_in"]
+    assert list(train.EXTRA_FEATURES[det]) == extra
     assert names == list(_core.cluster_feature_names()) + extra
     assert list(ins["image"][1:]) == [7, 7] and ins["features"][1] == len(names)
     for n in (1, 3, 257):  # several batch sizes
-        img = np.zeros((n, 7, 7), np.float32)
-        img[:, 3, 3] = 0.8
-        img[:, 3, 2] = 0.1
+        img = np.zeros((n, 7, 7), np.float32)  # a compact, symmetric 0.9 GeV shower
+        img[:, 3, 3] = 0.72
+        img[:, [2, 4, 3, 3], [3, 3, 2, 4]] = 0.035
+        img[:, [2, 2, 4, 4], [2, 4, 2, 4]] = 0.01
         feat = np.zeros((n, len(names)), np.float32)
         feat[:, 4] = 0.9
+        feat[:, 7] = 0.9 * 1.08  # energy_in
         feat[:, 0] = 1.5 if det == "belle2-ecl" else 0.0
-        feat[:, 5] = 30
+        feat[:, 5] = 30 if det == "belle2-ecl" else 15  # a seed ring the detector has (array30: 14-16)
         feat[:, 6] = 1 if det == "belle2-ecl" else 0
         out = sess.run(None, {"image": img, "features": feat})[0]
         assert out.shape == (n,) and np.all(np.isfinite(out)) and np.all(out > 0.5) and np.all(out < 2.0)
@@ -77,6 +83,7 @@ def _path_with(model, **params):
     path.add_module("SimulationInput", events=50, detector="array30", particle="gamma", energy=1.0, seed=2)
     path.add_module("ECLUnpacker")
     path.add_module("ECLClusterizer")
+    path.add_module("ECLLeakageCorrection")
     m = path.add_module("ECLEnergyCorrection", model=model, **params)
     return path, m
 
@@ -131,13 +138,21 @@ def test_training_smoke_onnx_agrees(tmp_path):
     g4 = cnn_data.G4Sample(SUBSET["array30"], "array30")
     s = cnn_data.g4_chain_sample(g4, np.arange(400), seed=5)
     v = cnn_data.g4_chain_sample(g4, np.arange(400, 500), seed=6)
-    model, info = train.train_model(s, v, train.SIZES["tiny"], epochs=1, seed=1, quiet=True)
+    # residual on the classical correction: before training the network IS the classical correction
+    model, _ = train.train_model(s, v, train.SIZES["tiny"], epochs=0, seed=1, quiet=True,
+                                 event_features=("energy_in",), residual=True)
+    e0, m0 = train.predict(model, v)
+    np.testing.assert_allclose(e0, v["classical"][m0], rtol=1e-5)
+    model, info = train.train_model(s, v, train.SIZES["tiny"], epochs=1, seed=1, quiet=True,
+                                    event_features=("energy_in",), residual=True)
     assert info["epochs_run"] == 1
     path = str(tmp_path / "tiny.onnx")
     from eclreco.cnn_model import check_onnx_agreement, export_onnx
 
-    export_onnx(model, path, {"detector": "array30", "feature_names": ",".join(_core.cluster_feature_names())})
-    xi, xf, _, _ = train._arrays(v)
+    export_onnx(model, path, {"detector": "array30",
+                              "feature_names": ",".join(list(_core.cluster_feature_names()) + ["energy_in"])})
+    xi, xf, _, _ = train._arrays(v, ("energy_in",))
+    assert xf.shape[1] == 8 and np.array_equal(xf[:, 7], v["classical"][v["has"] & (v["energy_raw"] > 0)])
     mad, mrel = check_onnx_agreement(model, path, xi, xf)
     assert mrel < 1e-4
     # and the module accepts the freshly exported model
@@ -163,55 +178,82 @@ class _Grab(eclreco.Module):
 
 
 def test_module_feeds_the_feature_vector_of_the_model_metadata():
-    """The belle2-ecl model takes the event-level out-of-time digit count after the cluster
-    features: recompute it here with a plain loop and check the module fed exactly that vector
-    (the energies differ measurably when the feature is wrong: zero or the plain digit count)."""
+    """The belle2-ecl model takes, after the cluster features, the cluster energy as it arrives
+    (after ECLLeakageCorrection) and the event-level out-of-time digit count: recompute both here
+    with plain loops and check the module fed exactly that vector (the energies differ measurably
+    when a feature is wrong: raw instead of classical energy, zero or the plain digit count)."""
     from eclreco.modules.ecl_energy_correction import load_session
 
     sess, meta = load_session(_shipped("belle2-ecl"))
     names = meta["feature_names"].split(",")
-    assert names == list(_core.cluster_feature_names()) + ["event_oot_digits"]
+    assert names == list(_core.cluster_feature_names()) + ["energy_in", "event_oot_digits"]
     path = eclreco.create_path()
     path.add_module("SimulationInput", events=60, detector="belle2-ecl", particle="gamma", energy_min=0.1,
                     energy_max=2.0, background=1.5, seed=4)
     path.add_module("ECLUnpacker")
     path.add_module("ECLClusterizer")
+    path.add_module("ECLLeakageCorrection")
+    before = _Grab()
+    path.add_module(before)
     path.add_module("ECLEnergyCorrection", detector="belle2-ecl", min_energy_gev=0.0)
-    grab = _Grab()
-    path.add_module(grab)
+    after = _Grab()
+    path.add_module(after)
     eclreco.process(path, threads=1, batch_size=16, install_signal_handlers=False)
     n_checked = 0
-    for p in grab.parts:
+    assert len(before.parts) == len(after.parts)
+    for p, q in zip(before.parts, after.parts):
         n_cl = np.diff(p["coff"])
         if n_cl.sum() == 0:
             continue
         oot = []
         for a, b in zip(p["doff"][:-1], p["doff"][1:]):  # per event, the slow way
-            oot.append(sum(1 for t, q in zip(p["time"][a:b], p["quality"][a:b]) if q == 0 and abs(t) > 125.0))
+            oot.append(sum(1 for t, qu in zip(p["time"][a:b], p["quality"][a:b]) if qu == 0 and abs(t) > 125.0))
         oot = np.repeat(np.array(oot, np.float32), n_cl)
         assert oot.min() > 0  # background 1.5: out-of-time digits in every event
-        right = np.concatenate([p["features"], oot[:, None]], 1).astype(np.float32)
+        e_in = p["energy"]  # what arrived at ECLEnergyCorrection: the classical correction
+        assert np.all(np.abs(e_in / p["energy_raw"] - 1) > 1e-4)
+        right = np.concatenate([p["features"], e_in[:, None], oot[:, None]], 1).astype(np.float32)
 
         def run(f):
             return sess.run(None, {"image": p["image"].astype(np.float32), "features": f})[0]
-        np.testing.assert_allclose(p["energy"], run(right), rtol=1e-5)
-        for wrong in (np.zeros_like(oot), np.repeat(np.diff(p["doff"]).astype(np.float32), n_cl)):
+        np.testing.assert_allclose(q["energy"], run(right), rtol=1e-5)
+        for col, wrong in ((-1, np.zeros_like(oot)), (-1, np.repeat(np.diff(p["doff"]).astype(np.float32), n_cl)),
+                           (-2, p["energy_raw"])):
             bad = right.copy()
-            bad[:, -1] = wrong
-            assert np.max(np.abs(run(bad) / p["energy"] - 1)) > 1e-3
+            bad[:, col] = wrong
+            assert np.max(np.abs(run(bad) / q["energy"] - 1)) > 1e-3
         n_checked += int(n_cl.sum())
     assert n_checked > 40
 
 
+def test_residual_model_warns_without_classical_correction():
+    """A model refining the classical correction fed raw cluster energies (no ECLLeakageCorrection
+    before it) says so, once."""
+    import warnings
+
+    path = eclreco.create_path()
+    path.add_module("SimulationInput", events=20, detector="array30", particle="gamma", energy=1.0, seed=2)
+    path.add_module("ECLUnpacker")
+    path.add_module("ECLClusterizer")
+    path.add_module("ECLEnergyCorrection", detector="array30")
+    with pytest.warns(RuntimeWarning, match="ECLLeakageCorrection missing"):
+        eclreco.process(path, threads=1, install_signal_handlers=False)
+    path, _ = _path_with(_shipped("array30"))  # with ECLLeakageCorrection: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        eclreco.process(path, threads=1, install_signal_handlers=False)
+
+
 def test_model_feature_metadata_is_checked(tmp_path):
-    """A model listing an unknown event feature, or more features than its input has, or none at all,
-    is an error at initialize."""
+    """A model listing an unknown extra feature, a feature twice, fewer features than its input has,
+    or none at all, is an error at initialize."""
     import onnx
 
     src = onnx.load(_shipped("belle2-ecl"))
     base = list(_core.cluster_feature_names())
-    for names, match in ((base + ["event_magic"], "unknown event features"), (base, "expects 8 features"),
-                         (None, "no 'feature_names'")):
+    for names, match in ((base + ["energy_in", "event_magic"], "unknown extra features"),
+                         (base + ["energy_in", "energy_in"], "repeated extra features"),
+                         (base + ["event_oot_digits"], "expects 9 features"), (None, "no 'feature_names'")):
         m = onnx.ModelProto()
         m.CopyFrom(src)
         props = {p.key: p.value for p in m.metadata_props}

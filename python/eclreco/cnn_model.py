@@ -6,24 +6,32 @@ so that ECLEnergyCorrection feeds ECLClusters.image and ECLClusters.features as 
 
     inputs  image    float32 [N, S, S]  cluster image (GeV), ECLClusters.image
             features float32 [N, F]     ECLClusters.features (theta, phi, local_u, local_v,
-                                        energy_raw, seed ring, region), then the event-level
-                                        features listed in the model's metadata `feature_names`
-                                        (belle2-ecl: event_oot_digits, see event_features)
+                                        energy_raw, seed ring, region), then the extra features
+                                        listed in the model's metadata `feature_names`, in that
+                                        order (see EXTRA_FEATURE_NAMES):
+                                          energy_in: ECLClusters.energy as it arrives at
+                                            ECLEnergyCorrection, i.e. after ECLLeakageCorrection
+                                            (the classical correction), GeV
+                                          event_oot_digits: event-level background measure
+                                            (belle2-ecl, see event_features)
     e_raw = max(features[:, 4], 1 MeV)
+    x_in  = clamp(log(max(energy_in, 1 MeV) / e_raw), -0.7, 2.3)   (when energy_in is listed)
     x_img = image / e_raw                                    (shape only, energy-free)
     x_f   = [log(e_raw / 1 GeV), local_u, local_v, cos(theta), sin(theta),
              ring / 69, one-hot(region), 1 - sum(image) / e_raw,
-             event features / EVENT_FEATURE_SCALE]
+             x_in, event features / EVENT_FEATURE_SCALE]
     conv 3x3 (1 -> c1, valid) ReLU, conv 3x3 (c1 -> c2, valid) ReLU  (7x7 -> 5x5 -> 3x3)
-    concat(flatten, x_f) -> dense(hidden) ReLU -> dense(1) = y = log(E_true / E_raw)
-    output  energy   float32 [N]  = e_raw * exp(y)  (GeV)
+    concat(flatten, x_f) -> dense(hidden) ReLU -> dense(1) = r
+    y = r, or y = x_in + r for a residual model (the last layer starts at zero, so training starts
+        from the classical correction and learns what it can improve on top of it)
+    output  energy   float32 [N]  = e_raw * exp(y)  (GeV), y = log(E_true / E_raw) predicted
 
-The target is log(E_true / E_raw) with a Huber loss (delta 0.05; array30 adds a quadratic term
-on E_pred/E_true, see eclreco.train.LOSS): multiplicative, so that all
-energies weigh alike, symmetric in over- and under-correction, and robust: the long low tail of
-E_raw/E_true (photons that convert in / shower into the aluminium gaps of array30, or the gaps
-between barrel and endcaps) only enters linearly and does not drag the prediction of the bulk
-(quadratic loss on E_raw/E_true, the seed's choice, fits the mean that these tails pull down).
+The target is log(E_true / E_raw) with a Huber loss (delta 0.05, see eclreco.train.LOSS):
+multiplicative, so that all energies weigh alike, symmetric in over- and under-correction, and
+robust: the long low tail of E_raw/E_true (photons that convert in / shower into the aluminium
+gaps of array30, or the gaps between barrel and endcaps) only enters linearly and does not drag
+the prediction of the bulk (quadratic loss on E_raw/E_true, the seed's choice, fits the mean that
+these tails pull down).
 """
 from __future__ import annotations
 
@@ -35,15 +43,20 @@ FEATURE_NAMES = ("theta", "phi", "local_u", "local_v", "energy_raw", "ring", "re
 E_RAW_INDEX = 4
 MIN_E_RAW = 1e-3
 
-# Event-level features appended after the cluster features (ECLClusters.features) when a model's
-# metadata `feature_names` lists them. They are computed by `event_features` from the batch, in
-# training (eclreco.cnn_data.MatchedClusterCollector) and online (ECLEnergyCorrection) alike.
-#   event_oot_digits: number of digits of the event with a valid time (quality 0) and |t| > 125 ns,
-#   i.e. out of time: beam background only (physics deposits are in time), a per-event measure of
-#   the background level (~1 per unit of background level x OOT_DIGITS_PER_LEVEL).
+# Extra features appended after the cluster features (ECLClusters.features) when a model's metadata
+# `feature_names` lists them, in the listed order; identical in training (eclreco.train._arrays on
+# the chain samples of eclreco.cnn_data) and online (ECLEnergyCorrection.extra_features).
+#   energy_in (cluster level): ECLClusters.energy as it arrives at ECLEnergyCorrection, i.e. after
+#     ECLLeakageCorrection (the classical correction); the samples' `classical` column in training.
+#   event_oot_digits (event level): number of digits of the event with a valid time (quality 0) and
+#     |t| > 125 ns, i.e. out of time: beam background only (physics deposits are in time), a per-event
+#     measure of the background level; computed by `event_features` from ECLDigits.
 OOT_TIME_NS = 125.0
+CLUSTER_EXTRA_NAMES = ("energy_in",)
 EVENT_FEATURE_NAMES = ("event_oot_digits",)
+EXTRA_FEATURE_NAMES = CLUSTER_EXTRA_NAMES + EVENT_FEATURE_NAMES
 EVENT_FEATURE_SCALE = {"event_oot_digits": 500.0}  # inside the graph: feature / scale
+X_IN_RANGE = (-0.7, 2.3)  # clamp of log(energy_in / energy_raw) inside the graph (factor 0.5 .. 10)
 
 
 def event_features(digits, names):
@@ -65,16 +78,19 @@ def event_features(digits, names):
 
 
 def split_feature_names(names):
-    """(cluster feature names, event feature names) of a model's feature_names list; raises
-    ValueError when they are not the cluster features followed by known event features."""
+    """(cluster feature names, extra feature names) of a model's feature_names list; raises
+    ValueError when they are not the cluster features followed by known, distinct extra features
+    (EXTRA_FEATURE_NAMES: energy_in, event-level features)."""
     names = list(names)
     core = list(FEATURE_NAMES)
     if names[: len(core)] != core:
         raise ValueError(f"features {names} do not start with the cluster features {core}")
     extra = names[len(core):]
-    bad = [n for n in extra if n not in EVENT_FEATURE_NAMES]
+    bad = [n for n in extra if n not in EXTRA_FEATURE_NAMES]
     if bad:
-        raise ValueError(f"unknown event features {bad} (known: {', '.join(EVENT_FEATURE_NAMES)})")
+        raise ValueError(f"unknown extra features {bad} (known: {', '.join(EXTRA_FEATURE_NAMES)})")
+    if len(set(extra)) != len(extra):
+        raise ValueError(f"repeated extra features {extra}")
     return core, extra
 
 
@@ -95,9 +111,19 @@ def summary(e, e_true):
             "bias": float(np.median(r) - 1) if e.size else float("nan"), "sigma68": sigma68(r)}
 
 
-def build_model(image_size=7, n_features=7, c1=8, c2=16, hidden=32, extra_scale=()):
+def build_model(image_size=7, n_features=7, c1=8, c2=16, hidden=32, extra_names=(), residual=False, bound=False):
+    """The network; extra_names: the extra features after the cluster features (EXTRA_FEATURE_NAMES),
+    residual: y = log(energy_in / energy_raw) + the network's output (needs energy_in), the last
+    layer initialised to zero so that training starts at the classical correction; bound (residual
+    only): the residual r is squashed to B tanh(r / B) with a learned, energy-dependent bound
+    B = softplus(a + b log(E_raw)) (a = b = 0 at the start: B = log 2)."""
     import torch
     from torch import nn
+
+    extra_names = tuple(extra_names)
+    assert n_features == len(FEATURE_NAMES) + len(extra_names), "n_features = cluster features + extra features"
+    split_feature_names(list(FEATURE_NAMES) + list(extra_names))
+    assert not residual or "energy_in" in extra_names, "a residual model needs the energy_in feature"
 
     class EnergyCNN(nn.Module):
         def __init__(self):
@@ -108,14 +134,25 @@ def build_model(image_size=7, n_features=7, c1=8, c2=16, hidden=32, extra_scale=
             self.conv2 = nn.Conv2d(c1, c2, 3)
             s = image_size - 4
             self.n_flat = c2 * s * s
-            self.n_extra = n_features - len(FEATURE_NAMES)
-            assert len(extra_scale) == self.n_extra, "one scale per event feature"
-            self.extra_scale = [float(x) for x in extra_scale]
+            self.extra_names = extra_names
+            self.n_extra = len(extra_names)
+            # column in `features` of energy_in (or -1), and (column, scale) of the event features
+            self.i_in = len(FEATURE_NAMES) + extra_names.index("energy_in") if "energy_in" in extra_names else -1
+            self.scaled = [(len(FEATURE_NAMES) + j, EVENT_FEATURE_SCALE[n]) for j, n in enumerate(extra_names)
+                           if n in EVENT_FEATURE_SCALE]
+            self.residual = bool(residual)
             self.n_xf = 10 + self.n_extra
             self.fc1 = nn.Linear(self.n_flat + self.n_xf, hidden)
             self.fc2 = nn.Linear(hidden, 1)
+            if self.residual:
+                nn.init.zeros_(self.fc2.weight)
+                nn.init.zeros_(self.fc2.bias)
+            self.bound = bool(bound)
+            assert not self.bound or self.residual, "the bound applies to the residual"
+            if self.bound:
+                self.bound_ab = nn.Parameter(torch.zeros(2))
             self.config = dict(image_size=image_size, n_features=n_features, c1=c1, c2=c2, hidden=hidden,
-                               extra_scale=list(self.extra_scale))
+                               extra_names=list(extra_names), residual=self.residual, bound=self.bound)
 
         def log_ratio(self, image, features):
             e_raw = torch.clamp(features[:, E_RAW_INDEX:E_RAW_INDEX + 1], min=MIN_E_RAW)
@@ -123,15 +160,26 @@ def build_model(image_size=7, n_features=7, c1=8, c2=16, hidden=32, extra_scale=
             frac_out = 1.0 - image.sum(dim=(1, 2)).unsqueeze(1) / e_raw
             th = features[:, 0:1]
             region = features[:, 6:7]
-            xf = torch.cat([torch.log(e_raw), features[:, 2:4], torch.cos(th), torch.sin(th),
-                            features[:, 5:6] / 69.0, (region == 0).float(), (region == 1).float(),
-                            (region == 2).float(), frac_out]
-                           + [features[:, 7 + j: 8 + j] / sc for j, sc in enumerate(self.extra_scale)], dim=1)
+            cols = [torch.log(e_raw), features[:, 2:4], torch.cos(th), torch.sin(th),
+                    features[:, 5:6] / 69.0, (region == 0).float(), (region == 1).float(),
+                    (region == 2).float(), frac_out]
+            x_in = None
+            if self.i_in >= 0:
+                e_in = torch.clamp(features[:, self.i_in:self.i_in + 1], min=MIN_E_RAW)
+                x_in = torch.clamp(torch.log(e_in / e_raw), X_IN_RANGE[0], X_IN_RANGE[1])
+                cols.append(x_in)
+            cols += [features[:, j: j + 1] / sc for j, sc in self.scaled]
+            xf = torch.cat(cols, dim=1)
             h = torch.relu(self.conv1(x))
             h = torch.relu(self.conv2(h))
             h = torch.cat([h.flatten(1), xf], dim=1)
             h = torch.relu(self.fc1(h))
-            return self.fc2(h).squeeze(1)
+            r = self.fc2(h).squeeze(1)
+            if self.bound:
+                b = nn.functional.softplus(self.bound_ab[0] + self.bound_ab[1] * torch.log(e_raw.squeeze(1)))
+                r = b * torch.tanh(r / b)
+            self.last_residual = r  # for a penalty on the residual in training (eclreco.train)
+            return x_in.squeeze(1) + r if self.residual else r
 
         def forward(self, image, features):
             e_raw = torch.clamp(features[:, E_RAW_INDEX], min=MIN_E_RAW)

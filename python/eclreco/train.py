@@ -3,16 +3,18 @@
     eclreco train --detector array30 -o out/ [--g4 PATH] [--epochs N] [--seed S] [--sizes small]
 
 The training set is made THROUGH THE PROJECT'S OWN CHAIN (eclreco.cnn_data): Geant4 deposits ->
-(belle2-ecl: beam-background overlay, one level per chunk of 250 events: 0 in 25 % of the chunks,
-else uniform in [0, 2]) ->
-electronics -> wire format -> ECLUnpacker -> ECLClusterizer -> ECLLeakageCorrection -> the matched
-cluster and the event-level features (belle2-ecl: the number of out-of-time digits, a measure of
-the background level that ECLEnergyCorrection computes the same way online) (array30: the most energetic cluster; belle2-ecl: the most energetic cluster within
-0.1 rad of the true photon). Split: the last 20 % of the Geant4 file is the TEST set (never used
-here except for the test metrics of the model card); of the first 80 %, the last 1/8 is the
-validation set for early stopping, the rest the training set. Fixed seeds throughout, so the
-command reproduces the shipped models (python/eclreco/models/<detector>.onnx) bit for bit on the
-same platform / torch version (up to thread-count dependent float summation order).
+(belle2-ecl: beam-background overlay, one level per chunk of 250 events: 0 in 50 % of the chunks,
+else uniform in [0, 2]) -> electronics -> wire format -> ECLUnpacker -> ECLClusterizer ->
+ECLLeakageCorrection -> the matched cluster (array30: the most energetic cluster; belle2-ecl: the
+most energetic cluster within 0.1 rad of the true photon) with the extra features that
+ECLEnergyCorrection computes the same way online (EXTRA_FEATURES): the cluster energy after the
+classical correction (`energy_in`; the shipped networks are residuals on it, RESIDUAL) and,
+belle2-ecl, the event's number of out-of-time digits (a measure of the background level).
+Split: the last 20 % of the Geant4 file is the TEST set (never used here except for the test
+metrics of the model card); of the first 80 %, the last 1/8 is the validation set for early
+stopping, the rest the training set. Fixed seeds throughout, so the command reproduces the
+shipped models (python/eclreco/models/<detector>.onnx) bit for bit on the same platform / torch
+version (up to thread-count dependent float summation order).
 """
 from __future__ import annotations
 
@@ -25,8 +27,9 @@ import time
 import numpy as np
 
 from eclreco import cnn_data
-from eclreco.cnn_model import (EVENT_FEATURE_SCALE, FEATURE_NAMES, build_model, check_onnx_agreement, count_params, export_onnx,
-                               flops_per_cluster, onnx_throughput, sigma68, summary)
+from eclreco.cnn_model import (EVENT_FEATURE_NAMES, EVENT_FEATURE_SCALE, FEATURE_NAMES, X_IN_RANGE, build_model,
+                               check_onnx_agreement, count_params, export_onnx, flops_per_cluster, onnx_throughput,
+                               sigma68, summary)
 
 SIZES = {
     "tiny": dict(c1=4, c2=8, hidden=16),
@@ -34,15 +37,27 @@ SIZES = {
     "wide": dict(c1=8, c2=16, hidden=64),
     "medium": dict(c1=16, c2=32, hidden=64),
 }
-DEFAULT_SIZE = {"array30": "wide", "belle2-ecl": "small"}
-# belle2-ecl: level 0 in 25 % of the chunks, else uniform in [0, 2]; one level per chunk of 250 events
-BACKGROUND_RANGE = {"array30": None, "belle2-ecl": (0.0, 2.0, 0.25)}
+DEFAULT_SIZE = {"array30": "wide", "belle2-ecl": "wide"}
+# belle2-ecl: level 0 in 50 % of the chunks, else uniform in [0, 2]; one level per chunk of 250 events
+BACKGROUND_RANGE = {"array30": None, "belle2-ecl": (0.0, 2.0, 0.5)}
 BACKGROUND_CHUNK = {"array30": 2000, "belle2-ecl": 250}
-# event-level features appended to ECLClusters.features (eclreco.cnn_model.event_features)
-EVENT_FEATURES = {"array30": (), "belle2-ecl": ("event_oot_digits",)}
+# extra features appended to ECLClusters.features (eclreco.cnn_model.EXTRA_FEATURE_NAMES): the cluster
+# energy as it arrives (after the classical correction) and, belle2-ecl, the event's background measure
+EXTRA_FEATURES = {"array30": ("energy_in",), "belle2-ecl": ("energy_in", "event_oot_digits")}
+EVENT_FEATURES = EXTRA_FEATURES  # old name
+# residual models: y = log(energy_in / energy_raw) + network, the last layer starting at zero
+RESIDUAL = {"array30": True, "belle2-ecl": True}
+# belle2-ecl: loss weight of the events without background (level 0), relative to the others
+LEVEL0_WEIGHT = {"array30": 1.0, "belle2-ecl": 2.0}
+EPOCHS = {"array30": 150, "belle2-ecl": 80}
+# decay per step of the exponential moving average of the weights that is validated and shipped (0: none)
+EMA = {"array30": 0.998, "belle2-ecl": 0.998}
+# residual squashed to B tanh(r/B), B = softplus(a + b log E_raw) learned (cnn_model.build_model)
+BOUND = {"array30": False, "belle2-ecl": False}
 HUBER_DELTA = 0.05
 # loss on d = y_pred - y = log(E_pred / E_true):
-#   huber_log: Huber(d, delta); mix: Huber(d, delta) + w_ratio * (exp(d) - 1)^2
+#   huber_log: Huber(d, delta); mix: Huber(d, delta) + w_ratio * (exp(d) - 1)^2;
+#   huber_over: Huber(d, delta) + w_ratio * max(exp(d) - 1, 0)^2 (only over-correction squared)
 LOSS = {"array30": {"kind": "huber_log", "delta": HUBER_DELTA},
         "belle2-ecl": {"kind": "huber_log", "delta": HUBER_DELTA}}
 
@@ -52,23 +67,31 @@ def make_loss(spec):
 
     kind, delta = spec["kind"], float(spec.get("delta", HUBER_DELTA))
     w = float(spec.get("w_ratio", 0.0))
-    huber = torch.nn.HuberLoss(delta=delta)
+    huber = torch.nn.HuberLoss(delta=delta, reduction="none")
 
-    def loss(pred, y):
+    def loss(pred, y, weight=None):
         d = pred - y
-        out = huber(d, torch.zeros_like(d)) if kind in ("huber_log", "mix") else 0.0
+        out = huber(d, torch.zeros_like(d)) if kind in ("huber_log", "mix", "huber_over") else 0.0
         if kind in ("mix", "mse_ratio"):
-            out = out + (w if kind == "mix" else 1.0) * torch.mean((torch.exp(d) - 1.0) ** 2)
-        return out
+            out = out + (w if kind == "mix" else 1.0) * (torch.exp(d) - 1.0) ** 2
+        elif kind == "huber_over":
+            out = out + w * torch.clamp(torch.exp(d) - 1.0, min=0.0) ** 2
+        if weight is None:
+            return out.mean()
+        return (out * weight).sum() / weight.sum()
     return loss
 
 
 def loss_text(spec):
     if spec["kind"] == "huber_log":
-        return f"Huber loss (delta {spec['delta']}) on log(E_pred/E_true)"
+        return f"Huber loss (delta {spec['delta']}) on log(E_pred/E_true)" + (
+            f" + {spec['r_l1']} x |r| (r = the residual on the classical correction)" if spec.get("r_l1") else "")
     if spec["kind"] == "mix":
         return (f"Huber (delta {spec['delta']}) on log(E_pred/E_true) + {spec['w_ratio']} x "
                 "(E_pred/E_true - 1)^2")
+    if spec["kind"] == "huber_over":
+        return (f"Huber (delta {spec['delta']}) on log(E_pred/E_true) + {spec['w_ratio']} x "
+                "max(E_pred/E_true - 1, 0)^2")
     return "(E_pred/E_true - 1)^2"
 RECOMMENDED_MIN_ENERGY_GEV = 0.03
 
@@ -104,35 +127,72 @@ def chain_samples(detector, g4_path, seed=1, max_events=0, quiet=False):
     return out
 
 
-def _arrays(s, n_event_features=0):
+def extra_columns(s, names, m=None):
+    """[n, len(names)] float32: the extra features (cnn_model.EXTRA_FEATURE_NAMES) of the matched clusters
+    of a chain sample, as ECLEnergyCorrection feeds them online: energy_in = the cluster energy after
+    the classical correction (`classical`, ECLClusters.energy before ECLEnergyCorrection), event
+    features from the sample's `event_features` (computed by cnn_model.event_features)."""
+    m = slice(None) if m is None else m
+    cols = []
+    for n in names:
+        if n == "energy_in":
+            cols.append(s["classical"][m].astype(np.float32))
+        elif n in EVENT_FEATURE_NAMES:
+            cols.append(s["event_features"][m][:, EVENT_FEATURE_NAMES.index(n)].astype(np.float32))
+        else:
+            raise ValueError(f"unknown extra feature {n!r}")
+    n_rows = s["features"][m].shape[0]
+    return np.stack(cols, 1) if cols else np.zeros((n_rows, 0), np.float32)
+
+
+def _arrays(s, extra=()):
+    """(image, features, y = log(E_true/E_raw), mask) of the matched clusters; features = the
+    cluster features then the extra features `extra` (names; an int n = the first n of old)."""
+    if isinstance(extra, int):
+        extra = EVENT_FEATURE_NAMES[:extra]
     m = s["has"] & (s["energy_raw"] > 0)
     f = s["features"][m].astype(np.float32)
-    if n_event_features:
-        f = np.concatenate([f, s["event_features"][m][:, :n_event_features].astype(np.float32)], 1)
+    if extra:
+        f = np.ascontiguousarray(np.concatenate([f, extra_columns(s, extra, m)], 1), np.float32)
     return (s["image"][m].astype(np.float32), f,
             np.log(s["e_true"][m] / s["energy_raw"][m]).astype(np.float32), m)
 
 
 def train_model(train, val, size_cfg, epochs=60, seed=1, batch_size=512, lr=3e-3, patience=10,
-                quiet=False, image_size=7, event_features=(), loss=None):
+                quiet=False, image_size=7, event_features=(), loss=None, residual=False, level0_weight=1.0,
+                ema=0.0, bound=False):
+    """Train one network; event_features: the extra features (names, cnn_model.EXTRA_FEATURE_NAMES),
+    residual: y = log(energy_in/energy_raw) + network, level0_weight: loss weight of the events
+    without background (chain samples with a `background` column) relative to the others, ema: decay
+    per step of an exponential moving average of the weights (0: none); with it, validation, early
+    stopping and the returned network use the averaged weights."""
     import torch
     from tqdm import tqdm
 
     torch.set_num_threads(2)
     torch.manual_seed(seed)
     np.random.seed(seed)
-    ne = len(event_features)
-    xi, xf, y, _ = _arrays(train, ne)
-    vi, vf, vy, _ = _arrays(val, ne)
-    model = build_model(image_size=image_size, n_features=len(FEATURE_NAMES) + ne,
-                        extra_scale=[EVENT_FEATURE_SCALE[n] for n in event_features], **size_cfg)
-    model.event_features = tuple(event_features)
+    extra = tuple(event_features)
+    xi, xf, y, m = _arrays(train, extra)
+    vi, vf, vy, vm = _arrays(val, extra)
+    model = build_model(image_size=image_size, n_features=len(FEATURE_NAMES) + len(extra), extra_names=extra,
+                        residual=residual, bound=bound, **size_cfg)
+    model.event_features = extra
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=3)
     loss_fn = make_loss(loss or {"kind": "huber_log", "delta": HUBER_DELTA})
+    r_l1 = float((loss or {}).get("r_l1", 0.0))
+
+    def weights(s, mask):
+        if level0_weight == 1.0 or "background" not in s:
+            return None
+        return torch.from_numpy(np.where(s["background"][mask] == 0, level0_weight, 1.0).astype(np.float32))
+    tw, vw = weights(train, m), weights(val, vm)
     ti, tf, ty = torch.from_numpy(xi), torch.from_numpy(xf), torch.from_numpy(y)
     vti, vtf, vty = torch.from_numpy(vi), torch.from_numpy(vf), torch.from_numpy(vy)
     gen = torch.Generator().manual_seed(seed)
+    params = list(model.parameters())
+    avg = [p.detach().clone() for p in params] if ema else None
     best, best_state, best_epoch, bad = float("inf"), None, -1, 0
     history = []
     t0 = time.time()
@@ -144,14 +204,25 @@ def train_model(train, val, size_cfg, epochs=60, seed=1, batch_size=512, lr=3e-3
         for a in range(0, perm.numel(), batch_size):
             b = perm[a: a + batch_size]
             opt.zero_grad()
-            loss = loss_fn(model.log_ratio(ti[b], tf[b]), ty[b])
+            loss = loss_fn(model.log_ratio(ti[b], tf[b]), ty[b], None if tw is None else tw[b])
+            if r_l1 and model.residual:  # shrink the residual towards the classical correction
+                loss = loss + r_l1 * model.last_residual.abs().mean()
             loss.backward()
             opt.step()
+            if avg is not None:
+                with torch.no_grad():
+                    for q, p in zip(avg, params):
+                        q.mul_(ema).add_(p.detach(), alpha=1.0 - ema)
             tot += loss.item() * b.numel()
         model.eval()
+        if avg is not None:  # evaluate (and keep) the averaged weights; train on with the raw ones
+            raw = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for q, p in zip(avg, params):
+                    p.copy_(q)
         with torch.no_grad():
             pv = model.log_ratio(vti, vtf)
-            vloss = float(loss_fn(pv, vty))
+            vloss = float(loss_fn(pv, vty, vw))
             vs68 = sigma68(np.exp(pv.numpy() - vy))
         sched.step(vloss)
         history.append({"epoch": ep, "train_loss": tot / perm.numel(), "val_loss": vloss, "val_sigma68": vs68})
@@ -161,10 +232,15 @@ def train_model(train, val, size_cfg, epochs=60, seed=1, batch_size=512, lr=3e-3
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad += 1
-            if bad >= patience:
-                break
+        if avg is not None:
+            with torch.no_grad():
+                for r_, p in zip(raw, params):
+                    p.copy_(r_)
+        if bad >= patience:
+            break
     bar.close()
-    model.load_state_dict(best_state)
+    if best_state is not None:  # (epochs=0: the initial network)
+        model.load_state_dict(best_state)
     model.eval()
     return model, {"epochs_run": len(history), "best_epoch": best_epoch, "best_val_loss": best,
                    "train_seconds": time.time() - t0, "history": history,
@@ -174,7 +250,7 @@ def train_model(train, val, size_cfg, epochs=60, seed=1, batch_size=512, lr=3e-3
 def predict(model, s):
     import torch
 
-    xi, xf, _, m = _arrays(s, model.config["n_features"] - len(FEATURE_NAMES))
+    xi, xf, _, m = _arrays(s, tuple(model.config["extra_names"]))
     with torch.no_grad():
         e = model(torch.from_numpy(xi), torch.from_numpy(xf)).numpy()
     return e, m
@@ -258,7 +334,7 @@ def load_samples(path):
     return out
 
 
-def run_training(detector, out_dir, g4_path=None, epochs=60, seed=1, sizes=None, max_events=0, quiet=False,
+def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=None, max_events=0, quiet=False,
                  samples=None, cache=None):
     import onnx  # noqa: F401  (fail early when the training extras are missing)
     import torch
@@ -276,24 +352,29 @@ def run_training(detector, out_dir, g4_path=None, epochs=60, seed=1, sizes=None,
         if cache:
             save_samples(cache, samples)
     train, val, test = samples
+    epochs = epochs or EPOCHS[detector]
+    extra = EXTRA_FEATURES[detector]
     chain = str(train["chain"])
     sizes = sizes or [DEFAULT_SIZE[detector]]
     ship = DEFAULT_SIZE[detector] if DEFAULT_SIZE[detector] in sizes else sizes[0]
     scan, shipped = [], None
     for size in sizes:
         model, info = train_model(train, val, SIZES[size], epochs=epochs, seed=seed, quiet=quiet,
-                                  event_features=EVENT_FEATURES[detector], loss=LOSS[detector])
+                                  event_features=extra, loss=LOSS[detector], residual=RESIDUAL[detector],
+                                  level0_weight=LEVEL0_WEIGHT[detector], ema=EMA[detector], bound=BOUND[detector])
         tm = test_metrics(model, test, detector)
         path = os.path.join(out_dir, f"{detector}.onnx" if size == ship else f"{detector}-{size}.onnx")
-        names = list(FEATURE_NAMES) + list(EVENT_FEATURES[detector])
+        names = list(FEATURE_NAMES) + list(extra)
         meta = {"detector": detector, "feature_names": ",".join(names), "image_size": model.config["image_size"],
-                "output": "energy: corrected cluster energy in GeV (E_raw * exp(y), y = predicted log(E_true/E_raw))",
+                "output": "energy: corrected cluster energy in GeV (E_raw * exp(y), y = predicted log(E_true/E_raw))"
+                          + (" = log(energy_in/E_raw) + residual" if RESIDUAL[detector] else ""),
                 "normalisation": "inside the graph: image / energy_raw, log(energy_raw), cos/sin(theta), ring/69, one-hot region"
-                                 + "".join(f", {n}/{EVENT_FEATURE_SCALE[n]:g}" for n in EVENT_FEATURES[detector]),
+                                 + "".join(f", {n}/{EVENT_FEATURE_SCALE[n]:g}" if n in EVENT_FEATURE_SCALE else
+                                           f", clamp(log({n}/energy_raw), {X_IN_RANGE[0]}, {X_IN_RANGE[1]})" for n in extra),
                 "recommended_min_energy_gev": RECOMMENDED_MIN_ENERGY_GEV, "config": json.dumps(model.config),
                 "producer": "eclreco train", "seed": seed}
         export_onnx(model, path, meta)
-        xi, xf, _, _ = _arrays(test, len(EVENT_FEATURES[detector]))
+        xi, xf, _, _ = _arrays(test, extra)
         mad, mrel = check_onnx_agreement(model, path, xi[:4096], xf[:4096])
         if not quiet:
             print(f"[{size}] ONNX vs PyTorch on {min(4096, xi.shape[0])} test clusters: max abs diff {mad:.3e} GeV, "
@@ -316,9 +397,11 @@ def run_training(detector, out_dir, g4_path=None, epochs=60, seed=1, sizes=None,
     c = model.config
     card = {
         "detector": detector, "seed": seed, "size": ship, "config": c,
-        "feature_names": list(FEATURE_NAMES) + list(EVENT_FEATURES[detector]),
+        "feature_names": list(FEATURE_NAMES) + list(extra),
         "architecture": (f"image/E_raw [1x{c['image_size']}x{c['image_size']}] -> conv3x3({c['c1']}) ReLU -> conv3x3({c['c2']}) ReLU -> "
-                         f"flatten + {10 + len(EVENT_FEATURES[detector])} derived features -> dense({c['hidden']}) ReLU -> dense(1) = log(E_true/E_raw)"),
+                         f"flatten + {10 + len(extra)} derived features -> dense({c['hidden']}) ReLU -> dense(1) = "
+                         + ("r, log(E_true/E_raw) = clamp(log(energy_in/E_raw)) + r (residual on the classical correction, "
+                            "last layer initialised to zero)" if RESIDUAL[detector] else "log(E_true/E_raw)")),
         "target": f"y = log(E_true / E_raw), {loss_text(LOSS[detector])}; energy = E_raw * exp(y)",
         "n_params": count_params(model), "flops_per_cluster": flops_per_cluster(c), "clusters_per_second": cps,
         "onnx_bytes": os.path.getsize(path), "onnx_check": {"max_abs_diff": mad, "max_rel_diff": mrel},
@@ -326,13 +409,15 @@ def run_training(detector, out_dir, g4_path=None, epochs=60, seed=1, sizes=None,
         "data": {"g4": os.path.basename(g4_path), "chain": chain,
                  "background": (f"level 0 in {100 * BACKGROUND_RANGE[detector][2]:.0f} % of the chunks, else uniform in "
                                 f"[{BACKGROUND_RANGE[detector][0]:g}, {BACKGROUND_RANGE[detector][1]:g}]; one level per "
-                                f"chunk of {BACKGROUND_CHUNK[detector]} events" if BACKGROUND_RANGE[detector] else "none"),
+                                f"chunk of {BACKGROUND_CHUNK[detector]} events; level-0 events weigh "
+                                f"{LEVEL0_WEIGHT[detector]:g}x in the loss" if BACKGROUND_RANGE[detector] else "none"),
                  "split": (f"test = last {int(cnn_data.TEST_FRACTION * 100)} % of the file; validation = the "
                            f"last {cnn_data.VAL_FRACTION:.3f} of the rest (early stopping); train = the rest"),
                  "max_events": max_events},
         "training": {k: v for k, v in info.items() if k != "history"} | {
             "threads": 2, "torch": torch.__version__, "python": platform.python_version(),
-            "optimizer": "Adam lr 3e-3, batch 512, ReduceLROnPlateau(0.5, 3), early stopping patience 10"},
+            "optimizer": f"Adam lr 3e-3, batch 512, ReduceLROnPlateau(0.5, 3), at most {epochs} epochs, early stopping patience 10"
+                         + (f", weights averaged (EMA, decay {EMA[detector]:g} per step)" if EMA[detector] else "")},
         "history": info["history"], "test": tm, "size_scan": scan if len(scan) > 1 else [],
         "total_seconds": time.time() - t_start,
     }
@@ -358,7 +443,8 @@ def add_train_parser(subparsers):
     p.add_argument("--detector", required=True, choices=["array30", "belle2-ecl"])
     p.add_argument("-o", "--output", required=True, help="output directory (<detector>.onnx, .md, .json)")
     p.add_argument("--g4", default=None, help="Geant4 file (default ../shared/data/g4_<det>_train.npz)")
-    p.add_argument("--epochs", type=int, default=60, help="maximum epochs (early stopping on the validation set)")
+    p.add_argument("--epochs", type=int, default=None, help="maximum epochs (early stopping on the validation set; "
+                   f"default {', '.join(f'{d}: {n}' for d, n in EPOCHS.items())})")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--sizes", default="", help=f"comma-separated network sizes to train ({', '.join(SIZES)}); "
                    "the default size of the detector is shipped as <detector>.onnx, others as <detector>-<size>.onnx")

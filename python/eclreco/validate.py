@@ -234,15 +234,25 @@ def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed
             k = res["has"]
             r = res["energy"][k] / res["e_true"][k]
             rr = res["raw_sum"][k] / res["e_true"][k]
+            rc = res["classical"][k] / res["e_true"][k]
             report["tails"] = {"n": int(k.sum()), "n_no_cluster": int((~k).sum()),
                                "cnn_below_0.9": float(np.mean(r < 0.9)), "cnn_below_0.8": float(np.mean(r < 0.8)),
                                "cnn_below_0.5": float(np.mean(r < 0.5)),
+                               "cnn_above_1.5": float(np.mean(r > 1.5)), "cnn_above_2": float(np.mean(r > 2)),
+                               "cnn_max": float(r.max()) if r.size else float("nan"),
+                               "classical_below_0.8": float(np.mean(rc < 0.8)),
+                               "classical_below_0.5": float(np.mean(rc < 0.5)),
+                               "classical_above_1.5": float(np.mean(rc > 1.5)),
                                "raw_below_0.8": float(np.mean(rr < 0.8)), "raw_below_0.5": float(np.mean(rr < 0.5))}
             t = report["tails"]
             md.append(f"Gap tails (all test energies): {t['n_no_cluster']} of {t['n'] + t['n_no_cluster']} events "
                       f"without any cluster; E_CNN/E_true < 0.9: {100 * t['cnn_below_0.9']:.1f} %, < 0.8: "
                       f"{100 * t['cnn_below_0.8']:.1f} %, < 0.5: {100 * t['cnn_below_0.5']:.1f} % "
-                      f"(raw sum < 0.8: {100 * t['raw_below_0.8']:.1f} %, < 0.5: {100 * t['raw_below_0.5']:.1f} %).\n")
+                      f"(classical < 0.8: {100 * t['classical_below_0.8']:.1f} %, < 0.5: "
+                      f"{100 * t['classical_below_0.5']:.1f} %; raw sum < 0.8: {100 * t['raw_below_0.8']:.1f} %, "
+                      f"< 0.5: {100 * t['raw_below_0.5']:.1f} %). Over-correction: E_CNN/E_true > 1.5 in "
+                      f"{100 * t['cnn_above_1.5']:.2f} %, > 2 in {100 * t['cnn_above_2']:.2f} % (largest "
+                      f"{t['cnn_max']:.2f}; classical > 1.5: {100 * t['classical_above_1.5']:.2f} %).\n")
     if detector == "belle2-ecl" and pi0_events:
         p, masses = pi0_peak(detector, model, n_events=pi0_events)
         report["pi0"] = p
