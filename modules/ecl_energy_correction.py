@@ -96,7 +96,6 @@ def load_session(path: str, threads: int = 1, expected_detector: str | None = No
         raise ModelError(f"ECLEnergyCorrection: model {path!r} expects {feat[1]} features, its metadata lists "
                          f"{n_features + len(extra)} ({names})")
     meta["extra_features"] = tuple(extra)
-    meta["event_features"] = tuple(extra)  # old name of the same list (all extra columns, in order)
     return sess, meta
 
 
@@ -249,9 +248,6 @@ class ECLEnergyCorrection(Module):
             else:
                 raise ModelError(f"ECLEnergyCorrection: unknown extra feature {n!r}")
         return out
-
-    # old name (eclreco.bench uses it): all extra columns of the model, not only the event-level ones
-    _event_features = extra_features
 
     def _check_energy_in(self, e_raw, e_in):
         """Once per run: a model refining the classical correction (energy_in) was fed clusters

@@ -93,7 +93,7 @@ def cnn_measurements(raw: str, tmp: str, repeat: int, max_events: int) -> dict:
             cl = batch["ECLClusters"]
             sel = np.flatnonzero(cl["energy_raw"] >= 0.03)
             f = np.asarray(cl["features"])
-            extra = ECLEnergyCorrection._event_features(batch, meta["event_features"], np.asarray(cl.offsets))
+            extra = ECLEnergyCorrection.extra_features(batch, meta["extra_features"], np.asarray(cl.offsets))
             if extra is not None:
                 f = np.concatenate([f, extra], axis=1)
             self.batches.append((np.ascontiguousarray(cl["image"][sel], np.float32),
@@ -104,6 +104,7 @@ def cnn_measurements(raw: str, tmp: str, repeat: int, max_events: int) -> dict:
         path.add_module("RawFileInput", filename=raw)
         path.add_module("ECLUnpacker")
         path.add_module("ECLClusterizer")
+        path.add_module("ECLLeakageCorrection")  # the model refines the classical correction
         cnn = path.add_module("ECLEnergyCorrection", detector="belle2-ecl")
         eclreco.process(path, threads=1, batch_size=batch_size, max_events=n_events)
         mod = [m for m in eclreco.statistics.summary()["modules"] if m["name"] == "ECLEnergyCorrection"][0]
@@ -116,6 +117,7 @@ def cnn_measurements(raw: str, tmp: str, repeat: int, max_events: int) -> dict:
     path.add_module("RawFileInput", filename=raw)
     path.add_module("ECLUnpacker")
     path.add_module("ECLClusterizer")
+    path.add_module("ECLLeakageCorrection")
     col = path.add_module(CollectInputs())
     eclreco.process(path, threads=1, batch_size=DEFAULT_BATCH, max_events=max_events)
     n = sum(b[0].shape[0] for b in col.batches)
