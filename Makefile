@@ -18,7 +18,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q --upgrade pip
 	# torch 2.x CPU for training; build tools so that the package can be rebuilt incrementally
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.13" "torch>=2.2" "onnx>=1.15" \
-	  pytest pytest-timeout numpy msgpack pyzmq onnxruntime uproot awkward prometheus-client tqdm matplotlib scipy
+	  pytest pytest-timeout numpy msgpack pyzmq onnxruntime uproot awkward zstandard prometheus-client tqdm matplotlib scipy
 	# atheris for the fuzz harnesses (tests/test_fuzz.py skips, saying so, where it cannot be installed)
 	$(PIP) install -q atheris || echo "make: atheris could not be installed; the fuzz tests will be skipped"
 	touch $@

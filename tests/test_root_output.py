@@ -108,3 +108,32 @@ def test_cluster_branches(tmp_path):
         seeds = t["cluster_seed_cell"].array()
         # event 5 has 1 cluster: rows 0+1+2+3(rejected event)+0 -> row index 6, seed 7
         assert seeds[list(evt).index(5)].tolist() == [7]
+
+
+def test_compression_is_a_parameter_and_a_bad_one_is_a_clear_error(tmp_path):
+    """zstd:1 (default), zlib:1, none: the same events read back; the compressed files are smaller,
+    and the file's compression setting (ROOT's fCompress) is the one asked for."""
+    import pytest
+
+    sizes = {}
+    for spec in ("zstd:1", "zlib:1", "none"):
+        out = tmp_path / f"{spec.replace(':', '')}.root"
+        path = eclreco.create_path()
+        path.add_module(CountingSource(3000))
+        path.add_module("RootOutput", filename=str(out), compression=spec)
+        eclreco.process(path, batch_size=256)
+        with uproot.open(out) as f:
+            t = f["events"]
+            assert t["evt"].array(library="np").tolist() == list(range(3000))
+            assert t["n_digits"].array(library="np").tolist() == [e % 5 for e in range(3000)]
+            if spec == "none":  # level 0: stored uncompressed
+                assert f.file.fCompress % 100 == 0, f.file.fCompress
+            else:  # ROOT's algorithm * 100 + level
+                assert f.file.fCompress == {"zstd:1": 501, "zlib:1": 101}[spec], f.file.fCompress
+        sizes[spec] = os.path.getsize(out)
+    assert sizes["zstd:1"] < sizes["none"] and sizes["zlib:1"] < sizes["none"]
+    path = eclreco.create_path()
+    path.add_module(CountingSource(10))
+    path.add_module("RootOutput", filename=str(tmp_path / "x.root"), compression="gzip:9")
+    with pytest.raises(Exception, match="compression 'gzip:9'"):
+        eclreco.process(path)

@@ -37,8 +37,9 @@ def make_raw_file(path: str, events: int, background: float, seed: int = 7) -> d
         messages += encode_events("belle2-ecl", 0, 1, np.arange(start, start + n), ev.offsets, ev.cell,
                                   ev.amplitude, ev.time_ticks, ev.quality, truth=ev.truth)
         digits += ev.cell.size
-    nbytes = write_raw_file(path, messages)
-    return {"events": events, "digits_per_event": digits / events, "bytes_per_event": nbytes / events}
+    write_raw_file(path, messages)
+    return {"events": events, "digits_per_event": digits / events,
+            "bytes_per_event": os.path.getsize(path) / events}
 
 
 def run_chain(raw: str, out_root: str, threads: int, batch_size: int, max_events: int = 0,
@@ -54,7 +55,9 @@ def run_chain(raw: str, out_root: str, threads: int, batch_size: int, max_events
         path.add_module("ECLDQM")
     for m in extra or []:
         path.add_module(m)
-    path.add_module("RootOutput", filename=out_root)
+    # Baskets of 2000 events: the writes (compression) happen inside the timed event loop, as in
+    # a long run, and not only at terminate, which the loop time leaves out.
+    path.add_module("RootOutput", filename=out_root, basket_events=2000)
     eclreco.process(path, threads=threads, batch_size=batch_size, max_events=max_events)
     summary = eclreco.statistics.summary()
     # The event loop's wall time, without initialize/terminate (loading the ONNX models, opening
