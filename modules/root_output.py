@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import numpy as np
@@ -65,6 +66,8 @@ class RootOutput(Module):
         self._buffered = 0
         self._tree_created = False
         self._error = None
+        self._writer = None
+        self._write_error = None
         self.events_written = 0
         # batches handed to event() / of those, how many are in the file: the HLT collector
         # confirms an event as saved only when its batch is (eclreco.hlt.collector)
@@ -110,12 +113,14 @@ class RootOutput(Module):
         raise RuntimeError(self._error) from None
 
     def event(self, batch):
+        if self._writer is not None and not self._writer.is_alive():
+            self._join_writer()  # a failed background write fails the run here
         if self._error:
             raise RuntimeError(self._error)
         keep = (batch.error_flags & ERROR_REJECTED) == 0
         self.batches_taken += 1
         if not keep.any():
-            if not self._parts:
+            if not self._parts and self._writer is None:
                 self.batches_written = self.batches_taken  # nothing of it to write
             return
         part = {
@@ -144,39 +149,67 @@ class RootOutput(Module):
         if self._oldest is None:
             self._oldest = time.monotonic()
         if self._buffered >= self.param("basket_events"):
-            self._flush()
+            self._start_write()
         else:
             self.flush_if_due()
 
     def flush_if_due(self):
-        """Writes the buffer when flush_interval_s is set and its oldest batch is that old (called by
-        event() and, between batches, by a source that needs its data on disk: the HLT collector)."""
+        """Starts writing the buffer when flush_interval_s is set and its oldest batch is that old
+        (called by event() and, between batches, by a source that needs its data on disk: the HLT
+        collector). Also surfaces the error of a finished background write."""
+        if self._writer is not None and not self._writer.is_alive():
+            self._join_writer()
         iv = self.param("flush_interval_s")
         if iv > 0 and self._oldest is not None and time.monotonic() - self._oldest >= iv:
-            self._flush()
+            self._start_write()
 
-    def _flush(self):
+    # Writing (compression + uproot) runs in one background thread, one basket at a time, so that
+    # the chain (and the HLT collector's confirmations) go on meanwhile; the next basket waits for
+    # the previous write. batches_written moves when a write is complete.
+    def _start_write(self):
+        self._join_writer()
         if self._error:
             return
-        if not self._parts:
-            self.batches_written = self.batches_taken
+        parts, taken = self._parts, self.batches_taken
+        self._parts, self._buffered, self._oldest = [], 0, None
+        if not parts:
+            self.batches_written = taken
             return
-        try:
-            self._write()
-        except (OSError, ValueError) as err:  # ValueError: uproot on a closed/broken sink
+
+        def write():
+            try:
+                self._write(parts)
+                self.batches_written = taken
+            except (OSError, ValueError) as err:  # ValueError: uproot on a closed/broken sink
+                self._write_error = err
+
+        self._writer = threading.Thread(target=write, name="RootOutput-writer", daemon=True)
+        self._writer.start()
+
+    def _join_writer(self):
+        w, self._writer = self._writer, None
+        if w is not None:
+            w.join()
+        err, self._write_error = self._write_error, None
+        if err is not None:
             self._fail(err)
 
-    def _write(self):
+    def _flush(self):
+        """Everything buffered is in the file when this returns."""
+        self._start_write()
+        self._join_writer()
+
+    def _write(self, parts):
         import awkward as ak
 
         data = {}
         for key in ("exp", "run", "evt", "n_digits", "error_flags"):
-            if all(key in p for p in self._parts):
-                data[key] = np.concatenate([p[key] for p in self._parts])
-        if all("_cluster_cols" in p for p in self._parts):
-            counts = np.concatenate([p["_cluster_counts"] for p in self._parts])
-            names = self._parts[0]["_cluster_cols"].keys()
-            fields = {n: ak.unflatten(np.concatenate([p["_cluster_cols"][n] for p in self._parts]), counts)
+            if all(key in p for p in parts):
+                data[key] = np.concatenate([p[key] for p in parts])
+        if all("_cluster_cols" in p for p in parts):
+            counts = np.concatenate([p["_cluster_counts"] for p in parts])
+            names = parts[0]["_cluster_cols"].keys()
+            fields = {n: ak.unflatten(np.concatenate([p["_cluster_cols"][n] for p in parts]), counts)
                       for n in names}
             data["cluster"] = ak.zip(fields)
         n = len(data["evt"])
@@ -188,10 +221,6 @@ class RootOutput(Module):
             self._tree_created = True
         self._file[self.param("tree")].extend(data)
         self.events_written += n
-        self.batches_written = self.batches_taken
-        self._parts.clear()
-        self._buffered = 0
-        self._oldest = None
 
     def end_run(self, exp, run):
         self._flush()
@@ -212,6 +241,8 @@ class RootOutput(Module):
         if self._error:
             raise RuntimeError(self._error)
         self._flush()
+        if self._error:
+            raise RuntimeError(self._error)
         try:
             if self._file is not None and not self._tree_created:
                 # No event reached the output: still leave a readable, empty tree.

@@ -308,10 +308,14 @@ def benchmark_farm(raw: str, rate: float, seconds: float, workers: int = 2, time
             if time.monotonic() - t_start > timeout_s:
                 proc.kill()
             time.sleep(0.05)
-        _, err = proc.communicate()
+        out, err = proc.communicate()
         if proc.returncode != 0:
             raise RuntimeError("daq-emulator failed: " + err[-2000:])
-        offered_s = time.monotonic() - t_start
+        # the emulator's own figure (its start-up, ~0.5 s of imports, is not sending time)
+        import re
+
+        m = re.search(r"sent (\d+) events in ([0-9.]+) s", out)
+        offered_s = float(m.group(2)) if m else time.monotonic() - t_start
         while True:
             d = next(p for p in status(addr_ctl, 5.0)["processes"] if p["role"] == "distributor")
             if d["confirmed"] >= n or time.monotonic() - t_start > timeout_s:
@@ -323,9 +327,11 @@ def benchmark_farm(raw: str, rate: float, seconds: float, workers: int = 2, time
             cpu_us[role] = cpu_us.get(role, 0.0) + (_cpu_seconds(pid) - cpu0[pid]) / n * 1e6
         request(addr_ctl, P.TERMINATE, 120.0)
         farm.wait(timeout=120)
+        # achieved: confirmed events over the time from the first event read to the last confirmed
+        # (the distributor's throughput); wall: the same over the whole measurement incl. start-up
         return {"offered_rate_hz": rate, "events": n, "offered_events_per_s": n / offered_s,
-                "confirmed": d["confirmed"], "achieved_events_per_s": d["confirmed"] / all_s,
-                "distributor_throughput_hz": d["throughput_hz"],
+                "confirmed": d["confirmed"], "achieved_events_per_s": d["throughput_hz"],
+                "achieved_events_per_s_wall": d["confirmed"] / all_s,
                 "latency_p50_ms": d["latency_p50_s"] * 1e3, "latency_p99_ms": d["latency_p99_s"] * 1e3,
                 "cpu_us_per_event": cpu_us, "cpu_cores_used": sum(cpu_us.values()) * 1e-6 * n / all_s}
     finally:
