@@ -1,10 +1,10 @@
 """DQM histograms: filling, pi0 pairs, writing into the ROOT file, drawing."""
 import numpy as np
+import pytest
 import uproot
 
 import eclreco
 from eclreco.dqm import DQMRegistry, Histogram1D
-from eclreco.modules.ecl_dqm import pair_indices
 from helpers import CountingSource
 
 
@@ -25,13 +25,32 @@ def test_registry_merge_adds_counts():
     assert a.histograms["x"].counts[1:-1].tolist() == [1, 2, 0, 1]
 
 
-def test_pair_indices():
-    off = np.array([0, 3, 4, 6])
-    i, j = pair_indices(off, 10)
-    pairs = sorted(zip(i.tolist(), j.tolist()))
-    assert pairs == [(0, 1), (0, 2), (1, 2), (4, 5)]
-    i, j = pair_indices(off, 2)
-    assert sorted(zip(i.tolist(), j.tolist())) == [(0, 1), (4, 5)]
+def test_gamma_gamma_masses_against_a_plain_loop():
+    """The C++ kernel of ECLDQM against the definition, event by event: pairs among the first
+    max_per_event clusters >= min_energy, m^2 = 2 E1 E2 (1 - cos of the opening angle)."""
+    from eclreco import _core
+
+    rng = np.random.default_rng(3)
+    counts = rng.integers(0, 16, 300)
+    off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    n = int(off[-1])
+    e = rng.exponential(0.1, n).astype(np.float32)
+    th = rng.uniform(0.3, 2.7, n).astype(np.float32)
+    ph = rng.uniform(-np.pi, np.pi, n).astype(np.float32)
+    got = _core.gamma_gamma_masses(off, e, th, ph, 0.03, 5)
+    ref = []
+    for a, b in zip(off[:-1], off[1:]):
+        idx = [k for k in range(a, b) if e[k] >= 0.03][:5]
+        for x in range(len(idx)):
+            for y in range(x + 1, len(idx)):
+                i, j = idx[x], idx[y]
+                u = [np.array([np.sin(t) * np.cos(p), np.sin(t) * np.sin(p), np.cos(t)], float)
+                     for t, p in ((float(th[i]), float(ph[i])), (float(th[j]), float(ph[j])))]
+                ref.append(np.sqrt(max(2 * float(e[i]) * float(e[j]) * (1 - u[0] @ u[1]), 0.0)))
+    assert len(ref) > 500 and got.size == len(ref)
+    np.testing.assert_allclose(np.sort(got), np.sort(ref), rtol=2e-5, atol=1e-4)  # float trigonometry; DQM bins are 2 MeV
+    with pytest.raises(ValueError, match="shorter"):
+        _core.gamma_gamma_masses(off, e[:-1], th, ph, 0.03, 5)
 
 
 class Pi0Source(eclreco.Module):

@@ -7,4 +7,5 @@ PYBIND11_MODULE(_core, m) {
   register_framework(m);
   register_rawdata(m);
   register_clustering(m);
+  register_dqm(m);
 }

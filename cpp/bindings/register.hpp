@@ -12,6 +12,7 @@ void register_batch(py::module_& m);
 void register_framework(py::module_& m);
 void register_rawdata(py::module_& m);
 void register_clustering(py::module_& m);
+void register_dqm(py::module_& m);
 
 // Zero-copy numpy view of a column (shape: rows x inner shape); keeps the buffer alive.
 py::array column_view(const fw::Column& c);
