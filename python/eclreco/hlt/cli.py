@@ -56,6 +56,8 @@ def add_hlt_parser(subparsers):
     p.add_argument("--output-bind", action="store_true", help="bind a tcp:// output instead of connecting")
     p.add_argument("--batch-size", type=int, default=1024)
     p.add_argument("--max-latency", type=float, default=2.0, help="ms to wait for more results after the first")
+    p.add_argument("--dedup-window", type=int, default=1_000_000,
+                   help="events: a repeated (exp, run, evt) within this many events is dropped as a duplicate")
     p.add_argument("--flush-interval", type=float, default=0.25,
                    help="s: results are written to the ROOT file at least this often; only then are they SAVED "
                         "(until then the distributor keeps them for a replacement collector)")
@@ -76,6 +78,8 @@ def add_hlt_parser(subparsers):
     p.add_argument("--max-latency", type=float, default=2.0,
                    help="ms a worker waits for its batch to fill, and the collector for more results")
     p.add_argument("--flush-interval", type=float, default=0.25, help="s between writes of the collector's file")
+    p.add_argument("--dedup-window", type=int, default=1_000_000,
+                   help="events over which the collector drops a repeated (exp, run, evt)")
     p.add_argument("--max-restarts", type=int, default=10, help="worker restarts allowed in total")
     p.add_argument("--metrics-base-port", type=int, default=9460,
                    help="distributor P, collector P+1, worker i P+2+i (0: free ports, -1: none)")

@@ -24,6 +24,28 @@ from eclreco import Module, _core
 from eclreco.hlt import protocol as P
 
 
+class RecentKeys:
+    """The (exp, run, evt) keys of the last `window` events written: a repeat within the window is a
+    duplicate. Bounded, so that a collector can run for days (a set of every key of a long run
+    would grow by ~60 bytes per event). Redeliveries inside the farm are caught by sequence id
+    regardless of the window; this catches a source that sends an event twice."""
+
+    def __init__(self, window: int):
+        self.window = max(1, int(window))
+        self.set: set[int] = set()
+        self.order: collections.deque = collections.deque()
+
+    def add_new(self, k: int) -> bool:
+        """True (and remembered) if k is not among the recent keys."""
+        if k in self.set:
+            return False
+        self.set.add(k)
+        self.order.append(k)
+        if len(self.order) > self.window:
+            self.set.discard(self.order.popleft())
+        return True
+
+
 class CollectorLink:
     def __init__(self, collector_addr: str, control: str, rcvhwm: int = 200, curve=None):
         self.ctx = zmq.Context.instance()
@@ -41,7 +63,8 @@ class CollectorLink:
         self.ctl.connect(control)
         self.low = 0                   # every seq below was confirmed by the distributor
         self.seen: set[int] = set()    # seqs at or above `low` already written
-        self.keys: set[int] = set()    # (exp, run, evt) keys written in this run
+        self.dedup_window = 1_000_000
+        self.keys = RecentKeys(self.dedup_window)  # (exp, run, evt) of the recent events written
         self.end_run = self.terminate = False
         self.run_index = 1
         self.state = "idle"
@@ -140,7 +163,7 @@ class HLTCollectorInput(Module):
         if self.link is None:
             raise RuntimeError("HLTCollectorInput needs a CollectorLink")
         self.link.end_run = self.link.terminate
-        self.link.keys = set()
+        self.link.keys = RecentKeys(self.link.dedup_window)
         self.link.state = "ready"
         self._unconfirmed = np.zeros(0, "<u8")
 
@@ -204,10 +227,8 @@ class HLTCollectorInput(Module):
                    | m.meta["evt"].astype(np.uint64))
             for i, k in enumerate(key.tolist()):
                 if keep[i] and not (flags[i] & eclreco.ERROR_REJECTED):
-                    if k in link.keys:
+                    if not link.keys.add_new(k):
                         keep[i] = False
-                    else:
-                        link.keys.add(k)
             link.duplicates += int(m.n - keep.sum())
             keeps.append(keep)
         P.fill_batch(batch, msgs, keeps)
@@ -234,6 +255,7 @@ def main(args) -> int:
     from eclreco.hlt.worker import curve_params
 
     link = CollectorLink(args.collector_addr, args.control, curve=Curve.from_args(args, "collector"))
+    link.dedup_window = getattr(args, "dedup_window", link.dedup_window)
     exporter = None
     path = eclreco.create_path()
     if args.metrics_port >= 0:

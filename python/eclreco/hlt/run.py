@@ -81,7 +81,8 @@ class Farm:
                                                 a.control, "--output", a.output, "--metrics-port",
                                                 str(self.mport(1)), "--metrics-host", a.metrics_host,
                                                 "--max-latency", str(a.max_latency), "--flush-interval",
-                                                str(a.flush_interval), *self.curve_args])
+                                                str(a.flush_interval), "--dedup-window", str(a.dedup_window),
+                                                *self.curve_args])
 
     def worker_cmd(self, i: int):
         a = self.args
