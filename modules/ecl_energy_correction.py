@@ -31,13 +31,6 @@ def shipped_model(detector: str) -> str:
     return os.path.join(MODEL_DIR, f"{detector}.onnx")
 
 
-def _gather(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Rows of a column as a C-contiguous float32 array (np.take: one pass, no extra copy)."""
-    if a.dtype == np.float32:
-        return np.take(a, rows, axis=0)
-    return np.ascontiguousarray(a[rows], np.float32)
-
-
 class ModelError(RuntimeError):
     """A missing or incompatible ONNX model."""
 
@@ -149,6 +142,20 @@ class ECLEnergyCorrection(Module):
             dets = [det] if det else list(DETECTOR_NAMES.values())
             for d in dets:
                 self._sessions[d] = load_session(shipped_model(d), self.param("threads"), d, n_features=n_feat)
+        for sess, _ in self._sessions.values():
+            self._warm_up(sess)
+
+    def _warm_up(self, sess):
+        """Two calls of a full slice at initialize: onnxruntime's first calls allocate its buffers
+        (~2 ms each, 3x a steady call); an online chain should not pay that on its first events."""
+        shapes = {i.name: i.shape for i in sess.get_inputs()}
+        n = self.param("max_clusters_per_batch")
+        img = np.zeros((n, *shapes["image"][1:]), np.float32)
+        feat = np.zeros((n, shapes["features"][1]), np.float32)
+        feat[:, 4] = 0.1  # energy_raw (GeV): a valid cluster
+        feat[:, len(_core.cluster_feature_names()):] = 0.1  # extra features (energy_in, counts): finite
+        for _ in range(2):
+            sess.run(["energy"], {"image": img, "features": feat})
 
     def _session(self, detector_code: int):
         if "*" in self._sessions:
@@ -198,29 +205,54 @@ class ECLEnergyCorrection(Module):
             if image.shape[1:] != shape:
                 raise ModelError(f"ECLEnergyCorrection: model expects images {shape}, clusters have {image.shape[1:]}")
             names = meta["extra_features"]
-            extra = self.extra_features(batch, names, cl.offsets, coll)
-            if extra is not None and "energy_in" in names and not self._checked_energy_in:
-                self._check_energy_in(e_raw[rows], extra[rows, names.index("energy_in")])
+            # the model's inputs of the selected clusters in two C++ passes without the GIL: the
+            # feature vector (cluster features, then the extra features in the model's order,
+            # per cluster or per event) and the images
+            blocks, per_event = self._feature_blocks(batch, features, energy, names)
+            off = np.asarray(cl.offsets)
+            f_all = _core.gather_rows(rows, off, blocks, per_event)
+            img_all = _core.gather_rows(rows, off, [image.reshape(image.shape[0], -1)], [False])
+            img_all = img_all.reshape((rows.size,) + tuple(shape))
+            if "energy_in" in names and not self._checked_energy_in:
+                self._check_energy_in(e_raw[rows], f_all[:, features.shape[1] + names.index("energy_in")])
             for a in range(0, rows.size, step):
-                r = rows[a: a + step] if rows.size > step else rows
-                if extra is None:
-                    f = _gather(features, r)
-                else:
-                    nc = features.shape[1]
-                    f = np.empty((r.size, nc + extra.shape[1]), np.float32)
-                    f[:, :nc] = np.take(features, r, axis=0)
-                    f[:, nc:] = np.take(extra, r, axis=0)
-                feeds = {"image": _gather(image, r), "features": f}
+                feeds = {"image": img_all[a: a + step], "features": f_all[a: a + step]}
                 t0 = time.perf_counter()
                 out = sess.run(["energy"], feeds)[0]
                 t_inf += time.perf_counter() - t0
-                energy[r] = out
-                n_done += r.size
+                energy[rows[a: a + step]] = out
+                n_done += out.shape[0]
         cl["energy"] = energy
         with self._lock:
             self._n_corrected += n_done
             self._n_calls += 1
             self._seconds += t_inf
+
+    @staticmethod
+    def _feature_blocks(batch, features, energy_in, names):
+        """The blocks of the feature vector for _core.gather_rows: ECLClusters.features, then per
+        extra feature its column (energy_in: per cluster; event features: per event), with the
+        same definitions as extra_features."""
+        from eclreco.cnn_model import EVENT_FEATURE_NAMES, event_features
+
+        blocks, per_event = [features], [False]
+        ev_names = [n for n in names if n in EVENT_FEATURE_NAMES]
+        if ev_names:
+            if "ECLDigits" not in batch:
+                raise ModelError(f"ECLEnergyCorrection: the model needs {ev_names} from ECLDigits, "
+                                 "which this batch does not have")
+            per_ev = event_features(batch["ECLDigits"], ev_names)
+        for n in names:
+            if n == "energy_in":
+                blocks.append(energy_in.reshape(-1, 1))
+                per_event.append(False)
+            elif n in EVENT_FEATURE_NAMES:
+                j = ev_names.index(n)
+                blocks.append(per_ev[:, j: j + 1])
+                per_event.append(True)
+            else:
+                raise ModelError(f"ECLEnergyCorrection: unknown extra feature {n!r}")
+        return blocks, per_event
 
     @staticmethod
     def extra_features(batch, names, cluster_offsets, collection="ECLClusters"):
@@ -230,24 +262,11 @@ class ECLEnergyCorrection(Module):
         event-level features (cnn_model.event_features) repeated per cluster of the event."""
         if not names:
             return None
-        from eclreco.cnn_model import EVENT_FEATURE_NAMES, event_features
-
-        counts = np.diff(np.asarray(cluster_offsets))
-        out = np.empty((int(counts.sum()), len(names)), np.float32)
-        ev_names = [n for n in names if n in EVENT_FEATURE_NAMES]
-        if ev_names:
-            if "ECLDigits" not in batch:
-                raise ModelError(f"ECLEnergyCorrection: the model needs {ev_names} from ECLDigits, "
-                                 "which this batch does not have")
-            per_event = event_features(batch["ECLDigits"], ev_names)
-        for j, n in enumerate(names):
-            if n == "energy_in":
-                out[:, j] = np.asarray(batch[collection]["energy"])
-            elif n in EVENT_FEATURE_NAMES:
-                out[:, j] = np.repeat(per_event[:, ev_names.index(n)], counts)
-            else:
-                raise ModelError(f"ECLEnergyCorrection: unknown extra feature {n!r}")
-        return out
+        off = np.asarray(cluster_offsets, np.int64)
+        n = int(off[-1])
+        blocks, per_event = ECLEnergyCorrection._feature_blocks(
+            batch, np.zeros((n, 0), np.float32), np.asarray(batch[collection]["energy"], np.float32), names)
+        return _core.gather_rows(np.arange(n), off, blocks[1:], per_event[1:])
 
     def _check_energy_in(self, e_raw, e_in):
         """Once per run: a model refining the classical correction (energy_in) was fed clusters

@@ -207,3 +207,20 @@ def test_module_list_and_help(capsys):
     assert main(["modules", "Progress"]) == 0
     out = capsys.readouterr().out
     assert "interval_s" in out and "float" in out
+
+
+def test_gather_rows_per_row_and_per_event_blocks():
+    """_core.gather_rows: selected rows of per-row blocks side by side with their event's values."""
+    from eclreco import _core
+
+    off = np.array([0, 2, 2, 5], np.int64)  # events of 2, 0 and 3 rows
+    a = np.arange(10, dtype=np.float32).reshape(5, 2)
+    ev = np.array([[100], [200], [300]], np.float32)
+    rows = np.array([1, 2, 4], np.int64)
+    out = _core.gather_rows(rows, off, [a, ev], [False, True])
+    np.testing.assert_array_equal(out, [[2, 3, 100], [4, 5, 300], [8, 9, 300]])
+    assert _core.gather_rows(np.zeros(0, np.int64), off, [a], [False]).shape == (0, 2)
+    with pytest.raises(ValueError, match="ascending"):
+        _core.gather_rows(np.array([2, 1]), off, [a], [False])
+    with pytest.raises(ValueError, match="rows, expected 3"):
+        _core.gather_rows(rows, off, [a, ev[:2]], [False, True])

@@ -1,6 +1,7 @@
 #include <pybind11/stl.h>
 
 #include "framework/event_batch.hpp"
+#include "framework/gather.hpp"
 #include "register.hpp"
 
 using fw::Collection;
@@ -44,6 +45,48 @@ Column column_from_array(const py::array& input) {
 }
 
 void register_batch(py::module_& m) {
+  m.def(
+      "gather_rows",
+      [](py::array_t<int64_t, py::array::c_style | py::array::forcecast> rows,
+         py::array_t<int64_t, py::array::c_style | py::array::forcecast> offsets, const py::list& blocks,
+         const std::vector<bool>& per_event) {
+        if (offsets.ndim() != 1 || offsets.shape(0) < 1) throw py::value_error("offsets must be 1-d with n_events + 1 entries");
+        if (rows.ndim() != 1) throw py::value_error("rows must be 1-d");
+        if (per_event.size() != blocks.size()) throw py::value_error("one per_event flag per block");
+        const size_t n_events = static_cast<size_t>(offsets.shape(0) - 1);
+        const int64_t* off = offsets.data();
+        const int64_t n_coll = off[n_events];
+        const int64_t* r = rows.data();
+        const size_t n = static_cast<size_t>(rows.shape(0));
+        for (size_t k = 0; k < n; ++k)
+          if (r[k] < 0 || r[k] >= n_coll || (k && r[k] <= r[k - 1]))
+            throw py::value_error("rows must be ascending and within the collection");
+        std::vector<py::array_t<float, py::array::c_style | py::array::forcecast>> keep;
+        std::vector<fw::GatherBlock> gb;
+        size_t width = 0;
+        for (size_t b = 0; b < blocks.size(); ++b) {
+          auto a = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(blocks[b]);
+          if (!a || a.ndim() != 2) throw py::value_error("blocks must be 2-d float arrays");
+          const int64_t need = per_event[b] ? static_cast<int64_t>(n_events) : n_coll;
+          if (a.shape(0) != need)
+            throw py::value_error("block " + std::to_string(b) + " has " + std::to_string(a.shape(0)) + " rows, expected " +
+                                  std::to_string(need) + (per_event[b] ? " (events)" : " (collection rows)"));
+          gb.push_back({a.data(), static_cast<size_t>(a.shape(1)), per_event[b]});
+          width += static_cast<size_t>(a.shape(1));
+          keep.push_back(std::move(a));
+        }
+        py::array_t<float> out({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(width)});
+        float* o = out.mutable_data();
+        {
+          py::gil_scoped_release release;
+          fw::gather_rows(r, n, off, n_events, gb.data(), gb.size(), o);
+        }
+        return out;
+      },
+      py::arg("rows"), py::arg("offsets"), py::arg("blocks"), py::arg("per_event"),
+      "rows of a collection (ascending) with the per-row blocks and per-event blocks (repeated per row) "
+      "side by side: float32 [len(rows), sum of widths], in one pass without the GIL");
+
   py::class_<Collection>(m, "Collection", "Columns with per-event offsets (event i owns rows offsets[i]:offsets[i+1])")
       .def_property_readonly("offsets", [](const Collection& c) { return column_view(c.offsets_column()); })
       .def_property_readonly("n_rows", &Collection::n_rows)

@@ -1,0 +1,25 @@
+#include "framework/gather.hpp"
+
+#include <cstring>
+
+namespace fw {
+
+void gather_rows(const int64_t* rows, size_t n_rows, const int64_t* offsets, size_t n_events,
+                 const GatherBlock* blocks, size_t n_blocks, float* out) {
+  size_t total = 0;
+  for (size_t b = 0; b < n_blocks; ++b) total += blocks[b].width;
+  size_t ev = 0;
+  for (size_t k = 0; k < n_rows; ++k) {
+    const int64_t r = rows[k];
+    while (ev + 1 < n_events && offsets[ev + 1] <= r) ++ev;  // rows ascending: one pass over events
+    float* o = out + k * total;
+    for (size_t b = 0; b < n_blocks; ++b) {
+      const GatherBlock& g = blocks[b];
+      const size_t src = g.per_event ? ev : static_cast<size_t>(r);
+      std::memcpy(o, g.data + src * g.width, g.width * sizeof(float));
+      o += g.width;
+    }
+  }
+}
+
+}  // namespace fw

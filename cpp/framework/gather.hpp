@@ -1,0 +1,20 @@
+// Gathering selected rows of a collection, with per-event values repeated per row, into one
+// dense row-major matrix: the input of a batched inference call, in one pass.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace fw {
+
+struct GatherBlock {
+  const float* data;  // row-major [n, width]: n = rows of the collection, or events when per_event
+  size_t width;
+  bool per_event;     // row r takes the values of its event (offsets[e] <= r < offsets[e + 1])
+};
+
+// out[k, :] = concatenation over blocks of block[row or event of rows[k], :]; rows ascending and
+// < offsets[n_events]; out has n_rows x (sum of widths) floats.
+void gather_rows(const int64_t* rows, size_t n_rows, const int64_t* offsets, size_t n_events,
+                 const GatherBlock* blocks, size_t n_blocks, float* out);
+
+}  // namespace fw
