@@ -2,7 +2,7 @@
 
 All clusters of a batch above `min_energy_gev` (raw energy) go through ONE inference call (in
 slices of at most `max_clusters_per_batch`): their images and features are gathered from the
-zero-copy column views with np.take. When the model's metadata `feature_names` lists extra
+zero-copy column views in C++ (ECLEnergyCorrection.model_inputs). When the model's metadata `feature_names` lists extra
 features after the cluster features (eclreco.cnn_model.EXTRA_FEATURE_NAMES), they are appended in
 that order: `energy_in` = ECLClusters.energy as it arrives here (after ECLLeakageCorrection: the
 classical correction, which the shipped models refine as a residual), event-level features
@@ -22,6 +22,7 @@ import warnings
 import numpy as np
 
 from eclreco import Module, _core
+from eclreco.cnn_model import E_RAW_INDEX, FEATURE_NAMES
 
 DETECTOR_NAMES = {0: "belle2-ecl", 1: "array30"}
 MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
@@ -152,8 +153,8 @@ class ECLEnergyCorrection(Module):
         n = self.param("max_clusters_per_batch")
         img = np.zeros((n, *shapes["image"][1:]), np.float32)
         feat = np.zeros((n, shapes["features"][1]), np.float32)
-        feat[:, 4] = 0.1  # energy_raw (GeV): a valid cluster
-        feat[:, len(_core.cluster_feature_names()):] = 0.1  # extra features (energy_in, counts): finite
+        feat[:, E_RAW_INDEX] = 0.1  # GeV: a valid cluster
+        feat[:, len(FEATURE_NAMES):] = 0.1  # extra features (energy_in, counts): finite
         for _ in range(2):
             sess.run(["energy"], {"image": img, "features": feat})
 
@@ -205,14 +206,7 @@ class ECLEnergyCorrection(Module):
             if image.shape[1:] != shape:
                 raise ModelError(f"ECLEnergyCorrection: model expects images {shape}, clusters have {image.shape[1:]}")
             names = meta["extra_features"]
-            # the model's inputs of the selected clusters in two C++ passes without the GIL: the
-            # feature vector (cluster features, then the extra features in the model's order,
-            # per cluster or per event) and the images
-            blocks, per_event = self._feature_blocks(batch, features, energy, names)
-            off = np.asarray(cl.offsets)
-            f_all = _core.gather_rows(rows, off, blocks, per_event)
-            img_all = _core.gather_rows(rows, off, [image.reshape(image.shape[0], -1)], [False])
-            img_all = img_all.reshape((rows.size,) + tuple(shape))
+            img_all, f_all = self.model_inputs(batch, coll, rows, names)
             if "energy_in" in names and not self._checked_energy_in:
                 self._check_energy_in(e_raw[rows], f_all[:, features.shape[1] + names.index("energy_in")])
             for a in range(0, rows.size, step):
@@ -229,13 +223,18 @@ class ECLEnergyCorrection(Module):
             self._seconds += t_inf
 
     @staticmethod
-    def _feature_blocks(batch, features, energy_in, names):
-        """The blocks of the feature vector for _core.gather_rows: ECLClusters.features, then per
-        extra feature its column (energy_in: per cluster; event features: per event), with the
-        same definitions as extra_features."""
+    def model_inputs(batch, collection, rows, names):
+        """(images [len(rows), S, S], features [len(rows), F + len(names)]) float32 of the clusters
+        `rows` (ascending): ECLClusters.image, and ECLClusters.features followed by the extra
+        features `names` in that order (energy_in: the collection's energy column as it is now,
+        before this module writes it; event-level features: cnn_model.event_features of the
+        cluster's event). Two C++ passes without the GIL (_core.gather_rows)."""
         from eclreco.cnn_model import EVENT_FEATURE_NAMES, event_features
 
-        blocks, per_event = [features], [False]
+        cl = batch[collection]
+        off = np.asarray(cl.offsets)
+        image = np.asarray(cl["image"])
+        blocks, per_event = [np.asarray(cl["features"])], [False]
         ev_names = [n for n in names if n in EVENT_FEATURE_NAMES]
         if ev_names:
             if "ECLDigits" not in batch:
@@ -244,7 +243,7 @@ class ECLEnergyCorrection(Module):
             per_ev = event_features(batch["ECLDigits"], ev_names)
         for n in names:
             if n == "energy_in":
-                blocks.append(energy_in.reshape(-1, 1))
+                blocks.append(np.asarray(cl["energy"]).reshape(-1, 1))
                 per_event.append(False)
             elif n in EVENT_FEATURE_NAMES:
                 j = ev_names.index(n)
@@ -252,21 +251,9 @@ class ECLEnergyCorrection(Module):
                 per_event.append(True)
             else:
                 raise ModelError(f"ECLEnergyCorrection: unknown extra feature {n!r}")
-        return blocks, per_event
-
-    @staticmethod
-    def extra_features(batch, names, cluster_offsets, collection="ECLClusters"):
-        """[n_clusters, len(names)] float32: the extra features `names` (cnn_model.EXTRA_FEATURE_NAMES)
-        of every cluster of the batch, in that order, or None when the model takes none:
-        energy_in = the collection's energy column as it is now (before this module writes it),
-        event-level features (cnn_model.event_features) repeated per cluster of the event."""
-        if not names:
-            return None
-        off = np.asarray(cluster_offsets, np.int64)
-        n = int(off[-1])
-        blocks, per_event = ECLEnergyCorrection._feature_blocks(
-            batch, np.zeros((n, 0), np.float32), np.asarray(batch[collection]["energy"], np.float32), names)
-        return _core.gather_rows(np.arange(n), off, blocks[1:], per_event[1:])
+        features = _core.gather_rows(rows, off, blocks, per_event)
+        images = _core.gather_rows(rows, off, [image.reshape(image.shape[0], -1)], [False])
+        return images.reshape((len(rows),) + image.shape[1:]), features
 
     def _check_energy_in(self, e_raw, e_in):
         """Once per run: a model refining the classical correction (energy_in) was fed clusters

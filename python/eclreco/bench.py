@@ -93,14 +93,8 @@ def cnn_measurements(raw: str, tmp: str, repeat: int, max_events: int) -> dict:
             self.batches = []
 
         def event(self, batch):
-            cl = batch["ECLClusters"]
-            sel = np.flatnonzero(cl["energy_raw"] >= 0.03)
-            f = np.asarray(cl["features"])
-            extra = ECLEnergyCorrection.extra_features(batch, meta["extra_features"], np.asarray(cl.offsets))
-            if extra is not None:
-                f = np.concatenate([f, extra], axis=1)
-            self.batches.append((np.ascontiguousarray(cl["image"][sel], np.float32),
-                                 np.ascontiguousarray(f[sel], np.float32)))
+            sel = np.flatnonzero(batch["ECLClusters"]["energy_raw"] >= 0.03)
+            self.batches.append(ECLEnergyCorrection.model_inputs(batch, "ECLClusters", sel, meta["extra_features"]))
 
     def module_rate(batch_size, n_events):
         path = eclreco.create_path()

@@ -45,7 +45,7 @@ MIN_E_RAW = 1e-3
 
 # Extra features appended after the cluster features (ECLClusters.features) when a model's metadata
 # `feature_names` lists them, in the listed order; identical in training (eclreco.train._arrays on
-# the chain samples of eclreco.cnn_data) and online (ECLEnergyCorrection.extra_features).
+# the chain samples of eclreco.cnn_data) and online (ECLEnergyCorrection.model_inputs).
 #   energy_in (cluster level): ECLClusters.energy as it arrives at ECLEnergyCorrection, i.e. after
 #     ECLLeakageCorrection (the classical correction); the samples' `classical` column in training.
 #   event_oot_digits (event level): number of digits of the event with a valid time (quality 0) and

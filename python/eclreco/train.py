@@ -147,9 +147,7 @@ def extra_columns(s, names, m=None):
 
 def _arrays(s, extra=()):
     """(image, features, y = log(E_true/E_raw), mask) of the matched clusters; features = the
-    cluster features then the extra features `extra` (names; an int n = the first n of old)."""
-    if isinstance(extra, int):
-        extra = EVENT_FEATURE_NAMES[:extra]
+    cluster features then the extra features `extra` (names)."""
     m = s["has"] & (s["energy_raw"] > 0)
     f = s["features"][m].astype(np.float32)
     if extra:
