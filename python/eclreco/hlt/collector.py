@@ -47,7 +47,7 @@ class RecentKeys:
 
 
 class CollectorLink:
-    def __init__(self, collector_addr: str, control: str, rcvhwm: int = 200, curve=None):
+    def __init__(self, collector_addr: str, control: str, rcvhwm: int = 200, curve=None, dedup_window: int = 1_000_000):
         self.ctx = zmq.Context.instance()
         self.pull = self.ctx.socket(zmq.PULL)
         self.pull.setsockopt(zmq.RCVHWM, rcvhwm)
@@ -63,8 +63,8 @@ class CollectorLink:
         self.ctl.connect(control)
         self.low = 0                   # every seq below was confirmed by the distributor
         self.seen: set[int] = set()    # seqs at or above `low` already written
-        self.dedup_window = 1_000_000
-        self.keys = RecentKeys(self.dedup_window)  # (exp, run, evt) of the recent events written
+        self.dedup_window = dedup_window
+        self.keys = RecentKeys(dedup_window)  # (exp, run, evt) of the recent events written (per run)
         self.end_run = self.terminate = False
         self.run_index = 1
         self.state = "idle"
@@ -128,7 +128,7 @@ class CollectorLink:
         if output is not None and not everything:
             output.flush_if_due()
         done = []
-        while self.unsaved and (everything or output is None or self.unsaved[0][0] <= output.batches_written):
+        while self.unsaved and (everything or self.unsaved[0][0] <= output.batches_written):
             done.append(self.unsaved.popleft()[1])
         if done:
             self._saved(np.concatenate(done))
@@ -148,12 +148,12 @@ class CollectorLink:
 class HLTCollectorInput(Module):
     """HLT collector source: batches from the workers, duplicates dropped; confirms what was written."""
 
-    def __init__(self, link: CollectorLink | None = None, output=None):
+    def __init__(self, link: CollectorLink | None = None):
         super().__init__()
         self.add_param("max_latency_ms", 2.0, "longest wait for more results after the first")
         self.add_param("poll_ms", 100.0, "longest time between returns to the framework")
         self.link = link
-        self.output = output  # the RootOutput of the path (None: results go on with ZMQOutput)
+        self.output = None  # the RootOutput of the path, set by main (None: results go on with ZMQOutput)
         self._unconfirmed = np.zeros(0, "<u8")
 
     def is_source(self):
@@ -254,8 +254,8 @@ def main(args) -> int:
     from eclreco.curve import Curve
     from eclreco.hlt.worker import curve_params
 
-    link = CollectorLink(args.collector_addr, args.control, curve=Curve.from_args(args, "collector"))
-    link.dedup_window = getattr(args, "dedup_window", link.dedup_window)
+    link = CollectorLink(args.collector_addr, args.control, curve=Curve.from_args(args, "collector"),
+                         dedup_window=args.dedup_window)
     exporter = None
     path = eclreco.create_path()
     if args.metrics_port >= 0:
@@ -280,14 +280,14 @@ def main(args) -> int:
             exporter = serve_process_metrics(0, args.metrics_host, role="collector", path=path, extra=extra)
         link.metrics_port = exporter.port
     source = HLTCollectorInput(link)
-    path.add_module(source, max_latency_ms=getattr(args, "max_latency", 2.0))
+    path.add_module(source, max_latency_ms=args.max_latency)
     out = None
     if args.output.startswith("tcp://"):
         path.add_module("ZMQOutput", address=args.output, bind=args.output_bind,
                         **curve_params(args, "collector", "reco"))
     else:
         out = path.add_module("RootOutput", filename=output_filename(args.output, 1),
-                              flush_interval_s=getattr(args, "flush_interval", 0.25))
+                              flush_interval_s=args.flush_interval)
         source.output = out
     print(f"[collector] pid {os.getpid()} {path} on {link.address}, control {args.control}, metrics "
           f"{exporter.port if exporter else '-'}", flush=True)

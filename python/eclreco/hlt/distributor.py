@@ -426,20 +426,19 @@ class Distributor:
             # stop_timeout_s. What was held is lost, and counted.
             print(f"[distributor] terminating without a live collector: {len(self.events)} unconfirmed events lost",
                   flush=True)
-            self.c["lost_at_stop"] += len(self.events) + len(self.unsaved)
-            self.events.clear()
-            self.unsaved.clear()
-            self.pending.clear()
-            for w in self.workers.values():
-                w.assigned.clear()
+            self.give_up_held()
         if self.state == "stopping" and now - self.stop_since > self.stop_timeout_s:
             print(f"[distributor] stop timed out with {len(self.events)} unconfirmed events", flush=True)
-            self.c["lost_at_stop"] += len(self.events) + len(self.unsaved)
-            self.events.clear()
-            self.unsaved.clear()
-            self.pending.clear()
-            for w in self.workers.values():
-                w.assigned.clear()
+            self.give_up_held()
+
+    def give_up_held(self):
+        """Every event still held (unconfirmed or unsaved) is lost, and counted as lost_at_stop."""
+        self.c["lost_at_stop"] += len(self.events) + len(self.unsaved)
+        self.events.clear()
+        self.unsaved.clear()
+        self.pending.clear()
+        for w in self.workers.values():
+            w.assigned.clear()
 
     def finish_terminate(self):
         final = self.status()
