@@ -260,3 +260,21 @@ def test_replaced_collector_gets_the_events_the_killed_one_had_not_saved(tmp_pat
             assert name == "a.root"
     evts = np.concatenate(got)
     assert set(evts.tolist()) == set(range(n)), f"missing {sorted(set(range(n)) - set(evts.tolist()))[:10]}"
+
+
+def test_collector_sigkill_with_unwritten_results_counts_them_lost(farm_factory):
+    """Promise: events the collector had confirmed but not yet written (its flush interval is long)
+    are not forgotten when it dies: the distributor holds them as unsaved, and when the farm ends
+    without a live collector they are counted as lost_at_stop (not silently gone)."""
+    farm = farm_factory(workers=1, extra=("--flush-interval", "60"))
+    n = 1000
+    push_events(farm.input, range(n))
+    farm.wait_confirmed(n)
+    d = farm.distributor()
+    assert d["unsaved"] == n and d["held"] == 0, d
+    collector = next(p for p in farm.status()["processes"] if p["role"] == "collector")
+    os.kill(collector["pid"], signal.SIGKILL)
+    rc, log = farm.wait_exit(timeout=60)
+    assert rc == 1, log
+    assert f"{n} confirmed events that were not in its file are lost" in log, log
+    assert f"lost at stop {n}," in log, log

@@ -152,7 +152,9 @@ class Distributor:
             if now >= next_housekeeping:
                 next_housekeeping = now + 0.2
                 self.housekeeping(now)
-                if self.terminating and self.state == "stopped" and not self.stop_requesters:
+                # a live collector still has to say SAVED for what it holds (it does on END_RUN)
+                if (self.terminating and self.state == "stopped" and not self.stop_requesters
+                        and (not self.unsaved or self.collector_silent(now))):
                     self.finish_terminate()
                     return
 
@@ -419,8 +421,7 @@ class Distributor:
                 for r in self.stop_requesters:
                     self._send(self.ctl, r, P.OK, P.pack(info))
                 self.stop_requesters = []
-        collector_gone = self.collector is None or now - self.collector["last_seen"] > self.heartbeat_timeout_s
-        if (self.state == "stopping" and self.terminating and collector_gone and self.events
+        if (self.state == "stopping" and self.terminating and self.collector_silent(now) and self.events
                 and self.stop_drain_over() and now - self.stop_since > self.heartbeat_timeout_s):
             # Terminating with no live collector: nobody can confirm any more; do not wait for
             # stop_timeout_s. What was held is lost, and counted.
@@ -440,7 +441,14 @@ class Distributor:
         for w in self.workers.values():
             w.assigned.clear()
 
+    def collector_silent(self, now: float) -> bool:
+        return self.collector is None or now - self.collector["last_seen"] > self.heartbeat_timeout_s
+
     def finish_terminate(self):
+        if self.unsaved:  # confirmed, but the collector died before they were in its file
+            print(f"[distributor] terminating without a live collector: {len(self.unsaved)} confirmed events that "
+                  "were not in its file are lost", flush=True)
+            self.give_up_held()
         final = self.status()
         for w in list(self.workers.values()):
             self._send(self.wrk, w.ident, P.TERMINATE)
@@ -542,8 +550,8 @@ class Distributor:
 def summary_line(d: dict) -> str:
     return (f"{d['confirmed']} events confirmed, {d['throughput_hz']:,.0f} events/s, latency p50 "
             f"{d['latency_p50_s'] * 1e3:.2f} ms, p99 {d['latency_p99_s'] * 1e3:.2f} ms; redelivered "
-            f"{d['redelivered']}, dropped {d['dropped']}, workers lost {d['workers_lost']}, restarted "
-            f"{d['workers_restarted']}")
+            f"{d['redelivered']}, dropped {d['dropped']}, lost at stop {d['lost_at_stop']}, workers lost "
+            f"{d['workers_lost']}, restarted {d['workers_restarted']}")
 
 
 def main(args) -> int:
