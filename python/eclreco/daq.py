@@ -6,8 +6,9 @@ One event per ZeroMQ message (a single frame holding the envelope bytes, spec/wi
 Pacing: the number of messages due is computed from a monotonic clock (rate x elapsed time) and
 the emulator sends whatever is due in one burst, then sleeps for a tick (--tick-ms, 1 ms), so
 that rates of 30-100 kHz are reachable despite the coarse granularity of sleep() and the
-receivers are not woken once per event (a DAQ readout sends in bursts too). Rate 0 sends as fast as the socket takes them. The socket binds (--bind) or connects
-(--connect) exactly to the address given and to nothing else.
+receivers are not woken once per event (a DAQ readout sends in bursts too). Rate 0 sends as
+fast as the socket takes them. The socket binds (--bind) or connects (--connect) exactly to the
+address given and to nothing else.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class LoopRenumbering:
     def __init__(self, messages: Sequence[bytes]):
         import msgpack
 
+        packer = msgpack.Packer(use_bin_type=True)
         self.messages, self.offsets, self.evts = [], [], []
         for m in messages:
             env = None
@@ -42,14 +44,12 @@ class LoopRenumbering:
                 self.offsets.append(-1)
                 self.evts.append(0)
                 continue
-            n = len(env)
-            parts = [bytes([0x80 | n]) if n <= 15 else
-                     (b"\xde" + n.to_bytes(2, "big") if n < 2 ** 16 else b"\xdf" + n.to_bytes(4, "big"))]
+            parts = [packer.pack_map_header(len(env))]
             pos = len(parts[0])
             off = -1
             for k, v in env.items():
-                kb = msgpack.packb(k, use_bin_type=True)
-                vb = b"\xce" + evt.to_bytes(4, "big") if k == "evt" else msgpack.packb(v, use_bin_type=True)
+                kb = packer.pack(k)
+                vb = b"\xce" + evt.to_bytes(4, "big") if k == "evt" else packer.pack(v)  # uint32, fixed width
                 if k == "evt":
                     off = pos + len(kb) + 1
                 parts += [kb, vb]
