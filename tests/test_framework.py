@@ -224,3 +224,15 @@ def test_gather_rows_per_row_and_per_event_blocks():
         _core.gather_rows(np.array([2, 1]), off, [a], [False])
     with pytest.raises(ValueError, match="rows, expected 3"):
         _core.gather_rows(rows, off, [a, ev[:2]], [False, True])
+
+
+def test_add_collection_rejects_decreasing_offsets():
+    """Offsets that go down would give an event rows the collection does not have: a ValueError,
+    not a collection that C++ modules would read past the end of."""
+    b = eclreco._core.EventBatch(2)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        b.add_collection("X", np.array([0, 5, 3]), {"a": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match="len\\(batch\\) \\+ 1"):
+        b.add_collection("X", np.array([0, 3]), {"a": np.zeros(3, np.float32)})
+    b.add_collection("X", np.array([0, 2, 3]), {"a": np.zeros(3, np.float32)})
+    assert np.asarray(b["X"].offsets).tolist() == [0, 2, 3]

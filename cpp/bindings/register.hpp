@@ -14,6 +14,14 @@ void register_rawdata(py::module_& m);
 void register_clustering(py::module_& m);
 void register_dqm(py::module_& m);
 
+// A numpy argument as a C-contiguous array of T (converted when it is not).
+template <class T>
+using carray = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+// Per-event offsets of a collection (n_events + 1 entries, non-decreasing from >= 0): returns
+// n_events, or raises ValueError saying what is wrong.
+size_t checked_offsets(const carray<int64_t>& offsets);
+
 // Zero-copy numpy view of a column (shape: rows x inner shape); keeps the buffer alive.
 py::array column_view(const fw::Column& c);
 // Copies a numpy array into a new column of the array's dtype.

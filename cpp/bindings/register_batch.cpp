@@ -44,16 +44,22 @@ Column column_from_array(const py::array& input) {
   return c;
 }
 
+size_t checked_offsets(const carray<int64_t>& offsets) {
+  if (offsets.ndim() != 1 || offsets.shape(0) < 1) throw py::value_error("offsets must be 1-d with n_events + 1 entries");
+  const size_t n_events = static_cast<size_t>(offsets.shape(0) - 1);
+  const int64_t* off = offsets.data();
+  for (size_t i = 0; i < n_events; ++i)
+    if (off[i + 1] < off[i] || off[i] < 0) throw py::value_error("offsets must be non-decreasing");
+  return n_events;
+}
+
 void register_batch(py::module_& m) {
   m.def(
       "gather_rows",
-      [](py::array_t<int64_t, py::array::c_style | py::array::forcecast> rows,
-         py::array_t<int64_t, py::array::c_style | py::array::forcecast> offsets, const py::list& blocks,
-         const std::vector<bool>& per_event) {
-        if (offsets.ndim() != 1 || offsets.shape(0) < 1) throw py::value_error("offsets must be 1-d with n_events + 1 entries");
+      [](carray<int64_t> rows, carray<int64_t> offsets, const py::list& blocks, const std::vector<bool>& per_event) {
+        const size_t n_events = checked_offsets(offsets);
         if (rows.ndim() != 1) throw py::value_error("rows must be 1-d");
         if (per_event.size() != blocks.size()) throw py::value_error("one per_event flag per block");
-        const size_t n_events = static_cast<size_t>(offsets.shape(0) - 1);
         const int64_t* off = offsets.data();
         const int64_t n_coll = off[n_events];
         const int64_t* r = rows.data();
@@ -61,11 +67,11 @@ void register_batch(py::module_& m) {
         for (size_t k = 0; k < n; ++k)
           if (r[k] < 0 || r[k] >= n_coll || (k && r[k] <= r[k - 1]))
             throw py::value_error("rows must be ascending and within the collection");
-        std::vector<py::array_t<float, py::array::c_style | py::array::forcecast>> keep;
+        std::vector<carray<float>> keep;
         std::vector<fw::GatherBlock> gb;
         size_t width = 0;
         for (size_t b = 0; b < blocks.size(); ++b) {
-          auto a = py::array_t<float, py::array::c_style | py::array::forcecast>::ensure(blocks[b]);
+          auto a = carray<float>::ensure(blocks[b]);
           if (!a || a.ndim() != 2) throw py::value_error("blocks must be 2-d float arrays");
           const int64_t need = per_event[b] ? static_cast<int64_t>(n_events) : n_coll;
           if (a.shape(0) != need)
@@ -126,9 +132,10 @@ void register_batch(py::module_& m) {
       }, py::return_value_policy::reference_internal)
       .def("add_collection", [](EventBatch& b, const std::string& name, const py::array& offsets,
                                 const py::dict& columns) -> Collection& {
-        auto off = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(offsets);
+        auto off = carray<int64_t>::ensure(offsets);
         if (!off || off.ndim() != 1 || static_cast<size_t>(off.shape(0)) != b.size() + 1)
           throw py::value_error("offsets must have len(batch) + 1 entries");
+        checked_offsets(off);
         std::vector<int64_t> counts(b.size());
         for (size_t i = 0; i < b.size(); ++i) counts[i] = off.at(i + 1) - off.at(i);
         Collection& c = b.add(name);

@@ -14,9 +14,6 @@
 namespace {
 
 template <class T>
-using carray = py::array_t<T, py::array::c_style | py::array::forcecast>;
-
-template <class T>
 py::array_t<T> to_numpy(const std::vector<T>& v, std::vector<py::ssize_t> shape) {
   py::array_t<T> a(shape);
   if (!v.empty()) std::memcpy(a.mutable_data(), v.data(), v.size() * sizeof(T));
@@ -79,11 +76,8 @@ void register_clustering(py::module_& m) {
   m.def(
       "count_out_of_time_digits",
       [](carray<int64_t> offsets, carray<float> time, carray<uint8_t> quality, float time_ns) {
-        if (offsets.ndim() != 1 || offsets.shape(0) < 1) throw py::value_error("offsets must be 1-d with n_events + 1 entries");
-        const size_t n_events = static_cast<size_t>(offsets.shape(0) - 1);
+        const size_t n_events = checked_offsets(offsets);
         const int64_t* off = offsets.data();
-        for (size_t i = 0; i < n_events; ++i)
-          if (off[i + 1] < off[i] || off[i] < 0) throw py::value_error("offsets must be non-decreasing");
         if (time.ndim() != 1 || quality.ndim() != 1 || time.shape(0) < off[n_events] || quality.shape(0) < off[n_events])
           throw py::value_error("digit arrays shorter than offsets[-1]");
         py::array_t<float> out(static_cast<py::ssize_t>(n_events));
@@ -109,15 +103,12 @@ void register_clustering(py::module_& m) {
          carray<float> time, carray<uint8_t> quality, py::object skip, int repeat,
          const py::kwargs& kw) {
         const ecl::ClusterParams p = params_from(kw);
-        if (offsets.ndim() != 1 || offsets.shape(0) < 1) throw py::value_error("offsets must be 1-d with n_events + 1 entries");
-        const size_t n_events = static_cast<size_t>(offsets.shape(0) - 1);
+        const size_t n_events = checked_offsets(offsets);
         const int64_t n_digits = offsets.at(n_events);
         for (auto* a : {static_cast<py::array*>(&cell), static_cast<py::array*>(&energy),
                         static_cast<py::array*>(&time), static_cast<py::array*>(&quality)})
           if (a->ndim() != 1 || a->shape(0) < n_digits) throw py::value_error("digit arrays shorter than offsets[-1]");
         const int64_t* off = offsets.data();
-        for (size_t i = 0; i < n_events; ++i)
-          if (off[i + 1] < off[i] || off[i] < 0) throw py::value_error("offsets must be non-decreasing");
         // Detector: a name / number for all events, or a per-event uint8 array.
         std::vector<uint8_t> det(n_events, 0);
         if (py::isinstance<py::str>(detector)) {

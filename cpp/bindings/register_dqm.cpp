@@ -7,21 +7,13 @@
 #include "ecl/dqm.hpp"
 #include "register.hpp"
 
-namespace {
-template <class T>
-using carray = py::array_t<T, py::array::c_style | py::array::forcecast>;
-}
-
 void register_dqm(py::module_& m) {
   m.def(
       "gamma_gamma_masses",
       [](carray<int64_t> offsets, carray<float> energy, carray<float> theta, carray<float> phi, double min_energy,
          int max_per_event) {
-        if (offsets.ndim() != 1 || offsets.shape(0) < 1) throw py::value_error("offsets must be 1-d with n_events + 1 entries");
-        const size_t n_events = static_cast<size_t>(offsets.shape(0) - 1);
+        const size_t n_events = checked_offsets(offsets);
         const int64_t* off = offsets.data();
-        for (size_t i = 0; i < n_events; ++i)
-          if (off[i + 1] < off[i] || off[i] < 0) throw py::value_error("offsets must be non-decreasing");
         const int64_t rows = off[n_events];
         for (auto* a : {&energy, &theta, &phi})
           if (a->ndim() != 1 || a->shape(0) < rows) throw py::value_error("cluster arrays shorter than offsets[-1]");
