@@ -59,7 +59,7 @@ class RootOutput(Module):
         self.add_param("tree", "events", "name of the TTree")
         self.add_param("basket_events", 10000, "events buffered per basket (~1.3 kB each at nominal background)")
         self.add_param("compression", "zstd:1", "ROOT compression: zstd:L, zlib:L, lzma:L, lz4:L (L = level) or none; "
-                       "zstd:1 writes 5.6x faster than zlib:1 for a 9 % larger file (docs/performance.md)")
+                       "zstd:1 writes 4x faster than zlib:1 for an 8 % larger file (benchmarks/bench_root_output.py)")
         self.add_param("flush_interval_s", 0.0, "also write the buffer when it is this old (0: only full baskets); "
                        "an uproot file is readable after every write, so this bounds what a crash can lose")
         self._file = None

@@ -266,8 +266,10 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def benchmark_farm(raw: str, rate: float, seconds: float, workers: int = 2, timeout_s: float = 300.0) -> dict:
-    """Starts `eclreco hlt run` with the default worker chain, replays `raw` with the DAQ emulator
+def benchmark_farm(raw: str, rate: float, seconds: float, workers: int = 2, timeout_s: float = 300.0,
+                   modules: str = "standard") -> dict:
+    """Starts `eclreco hlt run` with the worker chain `modules` (hlt run --modules: 'standard' = the
+    full reconstruction, 'none' = transport only, or a list), replays `raw` with the DAQ emulator
     at `rate` for about `seconds`, and returns the distributor's throughput and latency figures
     and, per role, the CPU time it spent per event (µs, from /proc: where a node's cores go)."""
     import tempfile
@@ -282,7 +284,7 @@ def benchmark_farm(raw: str, rate: float, seconds: float, workers: int = 2, time
     log = open(os.path.join(tmp, "farm.log"), "w+")
     farm = subprocess.Popen(exe + ["hlt", "run", "--workers", str(workers), "--input", addr_in, "--control", addr_ctl,
                                    "--workers-addr", addr_w, "--output", os.path.join(tmp, "farm.root"),
-                                   "--metrics-base-port", "0", "--max-held", str(max(50000, n))],
+                                   "--metrics-base-port", "0", "--max-held", str(max(50000, n)), "--modules", modules],
                             stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
     try:
         t0 = time.monotonic()
