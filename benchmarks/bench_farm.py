@@ -3,7 +3,8 @@ CPU per event of each role (eclreco.hlt.run.benchmark_farm), plus a bare pyzmq r
 messages for scale (what one ZeroMQ hop costs a Python process on this machine).
 
     .venv/bin/python benchmarks/bench_farm.py [--rates 10000,15000,20000,25000,30000]
-        [--modules standard,none,ECLUnpacker] [--seconds 5] [--events 10000] [--json]
+        [--modules standard,none,ECLUnpacker] [--seconds 5] [--events 10000] [--farm-args '--max-latency 5']
+        [--no-relay] [--json]
 """
 import argparse
 import json
@@ -77,6 +78,8 @@ def main():
                     help="worker chains (hlt run --modules); non-standard chains run at the highest rate only")
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--events", type=int, default=10000, help="events in the replayed file (belle2-ecl generic)")
+    ap.add_argument("--farm-args", default="", help="further `eclreco hlt run` options, e.g. '--max-latency 5'")
+    ap.add_argument("--no-relay", action="store_true", help="leave out the bare relay measurements")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     raw = os.path.join(tempfile.mkdtemp(prefix="eclreco-bench-farm-"), "generic.msgpack")
@@ -85,8 +88,9 @@ def main():
     rows = []
     for modules in args.modules.split(","):
         for rate in rates if modules == "standard" else rates[-1:]:
-            rows.append({"modules": modules, **benchmark_farm(raw, rate, args.seconds, modules=modules)})
-    relays = [relay(raw, int(rates[-1] * args.seconds), rates[-1], t) for t in ("tcp", "ipc")]
+            rows.append({"modules": modules, **benchmark_farm(raw, rate, args.seconds, modules=modules,
+                                                                     farm_args=args.farm_args.split())})
+    relays = [] if args.no_relay else [relay(raw, int(rates[-1] * args.seconds), rates[-1], t) for t in ("tcp", "ipc")]
     if args.json:
         print(json.dumps({"farm": rows, "relay": relays}, indent=1))
         return

@@ -177,11 +177,29 @@ class _Grab(eclreco.Module):
             ("time", dig["time"]), ("quality", dig["quality"]))})
 
 
-def test_module_feeds_the_feature_vector_of_the_model_metadata():
+def test_call_slices_cover_the_clusters_in_equal_calls():
+    from eclreco.modules.ecl_energy_correction import ECLEnergyCorrection
+
+    assert ECLEnergyCorrection.call_slices(0, 1024) == []
+    assert ECLEnergyCorrection.call_slices(3225, 1024) == [(0, 806), (806, 1612), (1612, 2418), (2418, 3225)]
+    for n in list(range(0, 60)) + [1023, 1024, 1025, 4097]:
+        for most in (1, 5, 7, 1024):
+            sl = ECLEnergyCorrection.call_slices(n, most)
+            assert len(sl) == -(-n // most)  # the fewest calls
+            edges = [a for a, _ in sl] + [b for _, b in sl[-1:]]
+            assert edges == ([0] + [b for _, b in sl] if sl else [])  # contiguous, from 0 to n
+            assert not sl or sl[-1][1] == n
+            sizes = [b - a for a, b in sl]
+            assert all(0 < k <= most for k in sizes) and (not sizes or max(sizes) - min(sizes) <= 1)
+
+
+@pytest.mark.parametrize("per_call", [1024, 5])
+def test_module_feeds_the_feature_vector_of_the_model_metadata(per_call):
     """The belle2-ecl model takes, after the cluster features, the cluster energy as it arrives
     (after ECLLeakageCorrection) and the event-level out-of-time digit count: recompute both here
     with plain loops and check the module fed exactly that vector (the energies differ measurably
-    when a feature is wrong: raw instead of classical energy, zero or the plain digit count)."""
+    when a feature is wrong: raw instead of classical energy, zero or the plain digit count).
+    per_call 5: a batch's clusters go through several inference calls."""
     from eclreco.modules.ecl_energy_correction import load_session
 
     sess, meta = load_session(_shipped("belle2-ecl"))
@@ -195,7 +213,7 @@ def test_module_feeds_the_feature_vector_of_the_model_metadata():
     path.add_module("ECLLeakageCorrection")
     before = _Grab()
     path.add_module(before)
-    path.add_module("ECLEnergyCorrection", detector="belle2-ecl", min_energy_gev=0.0)
+    path.add_module("ECLEnergyCorrection", detector="belle2-ecl", min_energy_gev=0.0, max_clusters_per_batch=per_call)
     after = _Grab()
     path.add_module(after)
     eclreco.process(path, threads=1, batch_size=16, install_signal_handlers=False)

@@ -129,12 +129,12 @@ def cnn_measurements(raw: str, tmp: str, repeat: int, max_events: int) -> dict:
         for _ in range(repeat):
             t0 = time.perf_counter()
             for image, features in col.batches:
-                for a in range(0, image.shape[0], call_size):
-                    sess.run(["energy"], {"image": image[a: a + call_size], "features": features[a: a + call_size]})
+                for a, b in ECLEnergyCorrection.call_slices(image.shape[0], call_size):
+                    sess.run(["energy"], {"image": image[a:b], "features": features[a:b]})
             rates.append(n / (time.perf_counter() - t0))
         return st.median(rates)
 
-    # onnxruntime alone with the same calls as the module (slices of max_clusters_per_batch of
+    # onnxruntime alone with the same calls as the module (ECLEnergyCorrection.call_slices of
     # each batch's clusters), and with one call per batch; the ratio uses the former.
     ort_alone = ort_rate(step)
     ort_whole = ort_rate(1 << 30)

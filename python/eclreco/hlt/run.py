@@ -267,11 +267,12 @@ def _children(pid: int) -> list[int]:
 
 
 def benchmark_farm(raw: str, rate: float, seconds: float, workers: int = 2, timeout_s: float = 300.0,
-                   modules: str = "standard") -> dict:
+                   modules: str = "standard", farm_args=()) -> dict:
     """Starts `eclreco hlt run` with the worker chain `modules` (hlt run --modules: 'standard' = the
     full reconstruction, 'none' = transport only, or a list), replays `raw` with the DAQ emulator
     at `rate` for about `seconds`, and returns the distributor's throughput and latency figures
-    and, per role, the CPU time it spent per event (µs, from /proc: where a node's cores go)."""
+    and, per role, the CPU time it spent per event (µs, from /proc: where a node's cores go).
+    farm_args: further `eclreco hlt run` options (e.g. ["--max-latency", "5"])."""
     import tempfile
 
     from eclreco.rawdata import read_raw_file
@@ -284,7 +285,7 @@ def benchmark_farm(raw: str, rate: float, seconds: float, workers: int = 2, time
     log = open(os.path.join(tmp, "farm.log"), "w+")
     farm = subprocess.Popen(exe + ["hlt", "run", "--workers", str(workers), "--input", addr_in, "--control", addr_ctl,
                                    "--workers-addr", addr_w, "--output", os.path.join(tmp, "farm.root"),
-                                   "--metrics-base-port", "0", "--max-held", str(max(50000, n)), "--modules", modules],
+                                   "--metrics-base-port", "0", "--max-held", str(max(50000, n)), "--modules", modules, *farm_args],
                             stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
     try:
         t0 = time.monotonic()
