@@ -49,6 +49,7 @@ def workloads(n_events, rng):
 
 def run_module(detector, dig, repeat):
     import eclreco
+    from eclreco.rawdata import DETECTORS
 
     class Source(eclreco.Module):
         """bench source"""
@@ -63,7 +64,7 @@ def run_module(detector, dig, repeat):
         def next_batch(self, batch, max_events):
             n = len(dig["offsets"]) - 1
             batch.resize(n)
-            batch.detector[:] = 0 if detector == "belle2-ecl" else 1
+            batch.detector[:] = DETECTORS[detector]
             batch.add_collection("ECLDigits", dig["offsets"], {k: dig[k] for k in ("cell", "energy", "time", "quality")})
             self.left -= 1
             return self.left > 0

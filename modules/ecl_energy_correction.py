@@ -23,8 +23,9 @@ import numpy as np
 
 from eclreco import Module, _core
 from eclreco.cnn_model import E_RAW_INDEX, FEATURE_NAMES
+from eclreco.rawdata import DETECTORS
 
-DETECTOR_NAMES = {0: "belle2-ecl", 1: "array30"}
+DETECTOR_NAMES = {code: name for name, code in DETECTORS.items()}
 MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 
 
@@ -80,12 +81,11 @@ def load_session(path: str, threads: int = 1, expected_detector: str | None = No
         _, extra = split_feature_names(names.split(","))
     except ValueError as err:
         raise ModelError(f"ECLEnergyCorrection: model {path!r}: {err}") from err
-    if hasattr(_core, "cluster_feature_names"):
-        have = list(_core.cluster_feature_names())
-        core = names.split(",")[: len(names.split(",")) - len(extra)]
-        if core != have:
-            raise ModelError(f"ECLEnergyCorrection: model {path!r} was trained on features {core}, "
-                             f"ECLClusters.features are {have}")
+    have = list(_core.cluster_feature_names())
+    core = names.split(",")[: len(names.split(",")) - len(extra)]
+    if core != have:
+        raise ModelError(f"ECLEnergyCorrection: model {path!r} was trained on features {core}, "
+                         f"ECLClusters.features are {have}")
     if n_features is not None and feat[1] != n_features + len(extra):
         raise ModelError(f"ECLEnergyCorrection: model {path!r} expects {feat[1]} features, its metadata lists "
                          f"{n_features + len(extra)} ({names})")
@@ -116,10 +116,6 @@ class ECLEnergyCorrection(Module):
         self._checked_energy_in = False
 
     # -- sessions -----------------------------------------------------------------------------
-    def _expected_shapes(self):
-        n_feat = len(_core.cluster_feature_names()) if hasattr(_core, "cluster_feature_names") else None
-        return None, n_feat  # image size is a clusterizer parameter; checked against the data
-
     def initialize(self):
         self._sessions = {}
         self._image_shapes = {}
@@ -132,7 +128,8 @@ class ECLEnergyCorrection(Module):
         det = self.param("detector")
         if det and det not in ("belle2-ecl", "array30"):
             raise ValueError(f"ECLEnergyCorrection: unknown detector {det!r}")
-        _, n_feat = self._expected_shapes()
+        # the image size is a clusterizer parameter: checked against the data in event()
+        n_feat = len(_core.cluster_feature_names())
         model = self.param("model")
         if model:
             sess, meta = load_session(model, self.param("threads"), det or None, n_features=n_feat)

@@ -7,36 +7,6 @@ from eclreco import Module, _core
 from eclreco.curve import apply_curve_params, declare_curve_params
 
 
-def append_envelopes(batch, messages):
-    """Decode raw envelopes into `batch` (the C++ decoder of the unpacker)."""
-    if hasattr(_core, "append_envelopes"):
-        _core.append_envelopes(batch, messages)
-    else:  # pragma: no cover - only on a build without the unpacker
-        _append_envelopes_metadata_only(batch, messages)
-
-
-def _append_envelopes_metadata_only(batch, messages):
-    """Stand-in for builds without ``_core.append_envelopes``: metadata only, no payload checks."""
-    import msgpack
-
-    start = len(batch)
-    batch.resize(start + len(messages))
-    exp, run, evt, tns, det = batch.exp, batch.run, batch.evt, batch.time_ns, batch.detector
-    for k, raw in enumerate(messages):
-        i = start + k
-        try:
-            env = msgpack.unpackb(raw, raw=False, strict_map_key=False)
-        except Exception as err:  # noqa: BLE001
-            batch.reject(i, "not_msgpack", str(err))
-            continue
-        if not isinstance(env, dict) or not all(key in env for key in ("v", "exp", "run", "evt", "det", "ecl")):
-            batch.reject(i, "missing_key", "envelope is not a map with v, exp, run, evt, det, ecl")
-            continue
-        exp[i], run[i], evt[i] = env["exp"], env["run"], env["evt"]
-        tns[i] = env.get("time_ns", 0)
-        det[i] = 1 if env["det"] == "array30" else 0
-
-
 class ZMQInput(Module):
     """Raw events from a ZeroMQ PULL socket (bind or connect), batched by count or latency.
 
@@ -165,7 +135,7 @@ class ZMQInput(Module):
             self._last = now
             self.messages_received += len(msgs)
             self.bytes_received += sum(map(len, msgs))
-            append_envelopes(batch, msgs)
+            _core.append_envelopes(batch, msgs)
         return not self._ended
 
     def terminate(self):

@@ -5,12 +5,6 @@ Geant4 true deposits (or fast-simulation events) -> [beam-background overlay] ->
 real path: `G4EnvelopeSource` -> ECLUnpacker -> ECLClusterizer -> ECLLeakageCorrection
 [-> ECLEnergyCorrection] -> `MatchedClusterCollector`. So training and validation see exactly
 the clusters (images, features, raw and classical energies) that the online reconstruction sees.
-
-When the wire-format / unpacker part of the project is not installed (eclreco.rawdata or the
-ECLUnpacker module missing) the source writes the digits collection ECLDigits directly with the
-unpacker's calibration (energy = amplitude / 20000 GeV, time = ticks * 0.4913 ns); when
-ECLLeakageCorrection is missing, the "classical" energy is the raw cluster energy. The sample
-records which variant made it (`chain` in the returned dict).
 """
 from __future__ import annotations
 
@@ -18,23 +12,11 @@ import numpy as np
 
 from eclreco import Module, _core
 
-DETECTOR_CODE = {"belle2-ecl": 0, "array30": 1}
+CHAIN = "wire+ECLUnpacker+ECLLeakageCorrection"  # what made the samples (model cards)
 G4_DEFAULT = {"array30": "g4_array30_train.npz", "belle2-ecl": "g4_belle2_train.npz"}
 MATCH_ANGLE_RAD = 0.1
 TEST_FRACTION = 0.2  # the last 20 % of every Geant4 file: never used in training or early stopping
 VAL_FRACTION = 0.125  # of the remaining 80 %: validation set for early stopping (10 % of the file)
-
-
-def have_module(name: str) -> bool:
-    return name in dict(_core.cpp_modules())
-
-
-def have_wire_format() -> bool:
-    try:
-        from eclreco.rawdata import encode_events  # noqa: F401
-    except ImportError:
-        return False
-    return have_module("ECLUnpacker") and hasattr(_core, "append_envelopes")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,7 +65,7 @@ class G4Sample:
 # ---------------------------------------------------------------------------------------------
 
 class G4EnvelopeSource(Module):
-    """Feeds pre-digitised events (raw envelopes, or ECLDigits without the wire format)."""
+    """Feeds pre-digitised events as raw envelopes (the wire format, as the DAQ sends them)."""
 
     def __init__(self, chunks=None):
         super().__init__()
@@ -111,22 +93,7 @@ class G4EnvelopeSource(Module):
         c = self._pending
         a, b = self._pos, min(self._pos + max_events, c["n"])
         self._pos = b
-        if "envelopes" in c:
-            _core.append_envelopes(batch, c["envelopes"][a:b])
-        else:
-            batch.resize(b - a)
-            batch.evt[:] = c["evt"][a:b]
-            batch.detector[:] = DETECTOR_CODE[self.param("detector")]
-            off = c["offsets"]
-            sub = off[a: b + 1] - off[a]
-            sl = slice(off[a], off[b])
-            batch.add_collection("ECLDigits", sub, {
-                "cell": c["cell"][sl].astype(np.int32),
-                "energy": (c["amplitude"][sl] / 20000.0).astype(np.float32),
-                "time": (c["time_ticks"][sl] * 0.4913).astype(np.float32),
-                "quality": c["quality"][sl].astype(np.uint8),
-                "amplitude": c["amplitude"][sl].astype(np.int32),
-            })
+        _core.append_envelopes(batch, c["envelopes"][a:b])
         return True
 
 
@@ -215,20 +182,15 @@ class ClassicalSnapshot(Module):
 # Digitisation and the chain
 # ---------------------------------------------------------------------------------------------
 
-def _digitise(detector, off, cell, e_gev, evt, rng, level, wire):
+def _digitise(detector, off, cell, e_gev, evt, rng, level):
+    from eclreco.rawdata import encode_events
     from eclreco.sim import add_electronics, overlay_background
 
     t = np.zeros(e_gev.size)
     if level > 0:
         off, cell, e_gev, t = overlay_background(detector, off, cell, e_gev, t, level, rng)
     o, c, a, tt, q = add_electronics(detector, off, cell, e_gev, rng, hit_time_ns=t)
-    if wire:
-        from eclreco.rawdata import encode_events
-
-        env = encode_events(detector, 0, 1, [int(x) for x in evt], o, c, a, tt, q)
-        return {"n": len(evt), "envelopes": env}
-    return {"n": len(evt), "evt": np.asarray(evt, np.int64), "offsets": o, "cell": c, "amplitude": a,
-            "time_ticks": tt, "quality": q}
+    return {"n": len(evt), "envelopes": encode_events(detector, 0, 1, [int(x) for x in evt], o, c, a, tt, q)}
 
 
 def run_chain(detector, sample_iter, direction=None, model=None, min_energy_gev=None,
@@ -237,17 +199,13 @@ def run_chain(detector, sample_iter, direction=None, model=None, min_energy_gev=
     per-event matched clusters (dict of arrays indexed like the chunks' events)."""
     import eclreco
 
-    wire = have_wire_format()
     path = eclreco.create_path()
     src = G4EnvelopeSource(sample_iter)
     src.set_param("detector", detector)
     path.add_module(src)
-    if wire:
-        path.add_module("ECLUnpacker")
+    path.add_module("ECLUnpacker")
     path.add_module("ECLClusterizer")
-    leak = have_module("ECLLeakageCorrection")
-    if leak:
-        path.add_module("ECLLeakageCorrection")
+    path.add_module("ECLLeakageCorrection")
     path.add_module(ClassicalSnapshot())
     if model is not None:
         params = {"model": model}
@@ -258,8 +216,7 @@ def run_chain(detector, sample_iter, direction=None, model=None, min_energy_gev=
     path.add_module(col)
     eclreco.process(path, threads=1, batch_size=batch_size, install_signal_handlers=False)
     res = col.result()
-    res["chain"] = np.array(("wire+ECLUnpacker" if wire else "direct-digits")
-                            + ("+ECLLeakageCorrection" if leak else "+no-leakage-correction"))
+    res["chain"] = np.array(CHAIN)  # recorded in the model card
     return res
 
 
@@ -272,7 +229,6 @@ def g4_chain_sample(g4: G4Sample, idx, seed, levels=None, chunk=2000, model=None
     """
     idx = np.asarray(idx, np.int64)
     rng = np.random.default_rng(seed)
-    wire = have_wire_format()
     chunk_levels = []
 
     def chunks():
@@ -288,7 +244,7 @@ def g4_chain_sample(g4: G4Sample, idx, seed, levels=None, chunk=2000, model=None
                     lv = 0.0
             chunk_levels.append((a, sub.size, lv))
             off, cell, e = g4.deposits(sub)
-            yield _digitise(g4.detector, off, cell, e, sub, rng, lv, wire)
+            yield _digitise(g4.detector, off, cell, e, sub, rng, lv)
             if progress is not None:
                 progress.update(sub.size)
 

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-DETECTOR_CODES = {"belle2-ecl": 0, "array30": 1}
 AXIS_CODES = {"log_energy_raw": 0, "ring": 1, "abs_uv_max": 2, "abs_uv_min": 3, "abs_u": 4, "abs_v": 5}
 
 DEFAULT_LOG_E_EDGES = np.log(np.geomspace(0.02, 8.0, 15))  # ln(E_raw / GeV), 14 bins
@@ -63,7 +62,9 @@ def build_leakage_table(detector: str, energy_raw, true_energy, ring=None, local
     of the energy bin summed over positions).
     Writes an uncompressed .npz (numpy.savez) when out_path is given; returns the arrays.
     """
-    if detector not in DETECTOR_CODES:
+    from eclreco.rawdata import DETECTORS
+
+    if detector not in DETECTORS:
         raise ValueError(f"unknown detector {detector!r}")
     e = np.asarray(energy_raw, np.float64)
     t = np.asarray(true_energy, np.float64)
@@ -116,7 +117,7 @@ def build_leakage_table(detector: str, energy_raw, true_energy, ring=None, local
         for k in np.flatnonzero(np.isnan(col)):
             col[k] = col[ok_k[np.argmin(np.abs(ok_k - k))]] if len(ok_k) else e_med[k]
     response = cols.reshape(shape)
-    out = dict(detector_code=np.int64(DETECTOR_CODES[detector]),
+    out = dict(detector_code=np.int64(DETECTORS[detector]),
                axis_codes=np.array([AXIS_CODES[n] for n in names], np.int64),
                axis_linear=np.array(linear, np.int64), response=response.astype(np.float32),
                counts=counts.reshape(shape).astype(np.int32), axis_names=np.array(names),

@@ -152,8 +152,7 @@ def pi0_peak(detector, model, n_events=20000, seed=7, background=1.0, e_min=0.3,
                     energy_max=e_max, background=background, seed=seed)
     path.add_module("ECLUnpacker")
     path.add_module("ECLClusterizer")
-    if cnn_data.have_module("ECLLeakageCorrection"):
-        path.add_module("ECLLeakageCorrection")
+    path.add_module("ECLLeakageCorrection")
     path.add_module(cnn_data.ClassicalSnapshot())
     path.add_module("ECLEnergyCorrection", model=model)
     col = _Pi0Collector()

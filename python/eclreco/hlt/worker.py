@@ -156,8 +156,6 @@ class HLTWorkerInput(Module):
         self.link.state = "running"
 
     def next_batch(self, batch, max_events):
-        from eclreco.modules.zmq_input import append_envelopes
-
         link = self.link
         latency = self.param("max_latency_ms") * 1e-3
         t0 = time.monotonic()
@@ -181,7 +179,7 @@ class HLTWorkerInput(Module):
             link.wait(min(wait, link.heartbeat_s))
         seqs, envs = link.take(max_events)
         if envs:
-            append_envelopes(batch, envs)
+            _core.append_envelopes(batch, envs)
             batch.add_collection(SEQ_COLLECTION, np.arange(len(envs) + 1, dtype=np.int64), {"seq": seqs})
         return True
 
