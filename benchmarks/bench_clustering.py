@@ -49,28 +49,11 @@ def workloads(n_events, rng):
 
 def run_module(detector, dig, repeat):
     import eclreco
-    from eclreco.rawdata import DETECTORS
-
-    class Source(eclreco.Module):
-        """bench source"""
-
-        def __init__(self):
-            super().__init__()
-            self.left = repeat
-
-        def is_source(self):
-            return True
-
-        def next_batch(self, batch, max_events):
-            n = len(dig["offsets"]) - 1
-            batch.resize(n)
-            batch.detector[:] = DETECTORS[detector]
-            batch.add_collection("ECLDigits", dig["offsets"], {k: dig[k] for k in ("cell", "energy", "time", "quality")})
-            self.left -= 1
-            return self.left > 0
+    from eclreco.sources import ArraySource
 
     path = eclreco.create_path()
-    path.add_module(Source())
+    path.add_module(ArraySource("ECLDigits", dig["offsets"], {k: dig[k] for k in ("cell", "energy", "time", "quality")},
+                                detector=detector, repeat=repeat))
     path.add_module("ECLClusterizer")
     eclreco.process(path, batch_size=len(dig["offsets"]) - 1, install_signal_handlers=False)
     for m in eclreco.statistics.summary()["modules"]:

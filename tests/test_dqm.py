@@ -5,6 +5,7 @@ import uproot
 
 import eclreco
 from eclreco.dqm import DQMRegistry, Histogram1D
+from eclreco.sources import ArraySource
 from helpers import CountingSource
 
 
@@ -53,34 +54,18 @@ def test_gamma_gamma_masses_against_a_plain_loop():
         _core.gamma_gamma_masses(off, e[:-1], th, ph, 0.03, 5)
 
 
-class Pi0Source(eclreco.Module):
-    """events with two photons of a pi0 at rest: mass must come out at 135 MeV"""
-
-    def __init__(self):
-        super().__init__()
-        self.done = False
-
-    def is_source(self):
-        return True
-
-    def next_batch(self, batch, max_events):
-        n = 100
-        batch.resize(n)
-        batch.evt[:] = np.arange(n)
-        off = np.arange(0, 2 * n + 1, 2)
-        m = 0.134977
-        e = np.full(2 * n, m / 2, np.float32)
-        theta = np.tile([0.5, np.pi - 0.5], n).astype(np.float32)
-        phi = np.tile([0.3, 0.3 + np.pi], n).astype(np.float32)
-        batch.add_collection("ECLClusters", off, {"energy": e, "theta": theta, "phi": phi,
-                                                  "time": np.zeros(2 * n, np.float32)})
-        return False
+def pi0_source():
+    """100 events with the two photons of a pi0 at rest: the mass must come out at 135 MeV"""
+    n, m = 100, 0.134977
+    return ArraySource("ECLClusters", np.arange(0, 2 * n + 1, 2), {
+        "energy": np.full(2 * n, m / 2, np.float32), "theta": np.tile([0.5, np.pi - 0.5], n).astype(np.float32),
+        "phi": np.tile([0.3, 0.3 + np.pi], n).astype(np.float32), "time": np.zeros(2 * n, np.float32)})
 
 
 def test_gg_mass_peak(tmp_path):
     out = tmp_path / "dqm.root"
     path = eclreco.create_path()
-    path.add_module(Pi0Source())
+    path.add_module(pi0_source())
     path.add_module("ECLDQM")
     path.add_module("RootOutput", filename=str(out))
     eclreco.process(path)

@@ -236,3 +236,40 @@ def test_add_collection_rejects_decreasing_offsets():
         b.add_collection("X", np.array([0, 3]), {"a": np.zeros(3, np.float32)})
     b.add_collection("X", np.array([0, 2, 3]), {"a": np.zeros(3, np.float32)})
     assert np.asarray(b["X"].offsets).tolist() == [0, 2, 3]
+
+
+def test_array_source_hands_out_the_collection_in_batches():
+    from eclreco.sources import ArraySource
+
+    counts = np.array([2, 0, 3, 1, 4, 0, 2])  # 7 events, 12 rows
+    off = np.concatenate([[0], np.cumsum(counts)])
+    e = np.arange(12, dtype=np.float32)
+    seen = []
+
+    class Look(eclreco.Module):
+        """records evt, detector and the per-event energies of each batch"""
+
+        def ordered(self):
+            return True
+
+        def event(self, batch):
+            d = batch["ECLDigits"]
+            o, en = np.asarray(d.offsets), np.asarray(d["energy"])
+            seen.append((np.array(batch.evt), np.array(batch.detector),
+                         [en[o[i]:o[i + 1]].tolist() for i in range(len(batch))]))
+
+    path = eclreco.create_path()
+    path.add_module(ArraySource("ECLDigits", off, {"energy": e}, detector="array30", repeat=2))
+    path.add_module(Look())
+    eclreco.process(path, batch_size=3, install_signal_handlers=False)
+    assert [len(s[0]) for s in seen] == [3, 3, 1, 3, 3, 1]  # batches never straddle a pass
+    assert np.concatenate([s[0] for s in seen]).tolist() == list(range(14))  # evt = pass * 7 + i
+    assert all((s[1] == 1).all() for s in seen)
+    per_event = [ev for s in seen for ev in s[2]]
+    assert per_event[:7] == per_event[7:] == [e[a:b].tolist() for a, b in zip(off[:-1], off[1:])]
+    with pytest.raises(ValueError, match="offsets"):
+        ArraySource("X", [0, 3, 2], {"a": np.zeros(2)})
+    with pytest.raises(ValueError, match="rows"):
+        ArraySource("X", [0, 3], {"a": np.zeros(2)})
+    with pytest.raises(ValueError, match="detector"):
+        ArraySource("X", [0, 2], {"a": np.zeros(2)}, detector="cms")

@@ -1,8 +1,12 @@
-"""Sources for scripts and tests that already hold raw messages in memory."""
+"""Sources for scripts and tests that already hold their events in memory: raw messages
+(MessageSource) or a columnar collection (ArraySource)."""
 from __future__ import annotations
+
+import numpy as np
 
 from eclreco import _core
 from eclreco.framework import Module
+from eclreco.rawdata import DETECTORS
 
 
 class MessageSource(Module):
@@ -21,3 +25,45 @@ class MessageSource(Module):
         self.pos += len(chunk)
         _core.append_envelopes(batch, chunk)
         return self.pos < len(self.messages)
+
+
+class ArraySource(Module):
+    """Hands one collection held in numpy arrays to the path: event i owns rows
+    offsets[i]:offsets[i + 1] of every column; at most max_events events per batch, `repeat`
+    passes over the events (evt = pass * n_events + i). For analysis scripts, tests and
+    benchmarks that already hold digits or clusters in memory."""
+
+    def __init__(self, collection: str, offsets, columns: dict, detector: str = "belle2-ecl", repeat: int = 1):
+        super().__init__()
+
+        off = np.asarray(offsets, np.int64)
+        if off.ndim != 1 or off.size < 1 or off[0] != 0 or np.any(np.diff(off) < 0):
+            raise ValueError("ArraySource: offsets must be 1-d, start at 0 and not decrease")
+        cols = {k: np.asarray(v) for k, v in columns.items()}
+        for k, v in cols.items():
+            if v.shape[:1] != (off[-1],):
+                raise ValueError(f"ArraySource: column {k!r} has {v.shape[:1]} rows, offsets end at {off[-1]}")
+        if detector not in DETECTORS:
+            raise ValueError(f"ArraySource: unknown detector {detector!r} (known: {', '.join(DETECTORS)})")
+        if repeat < 1:
+            raise ValueError("ArraySource: repeat must be >= 1")
+        self.collection, self.offsets, self.columns = collection, off, cols
+        self.detector_code, self.repeat = DETECTORS[detector], repeat
+        self.pos = self.passes = 0
+
+    def is_source(self):
+        return True
+
+    def next_batch(self, batch, max_events):
+        n = self.offsets.size - 1
+        a, b = self.pos, min(self.pos + max_events, n)
+        batch.resize(b - a)
+        batch.evt[:] = self.passes * n + np.arange(a, b)
+        batch.detector[:] = self.detector_code
+        off = self.offsets
+        rows = slice(off[a], off[b])
+        batch.add_collection(self.collection, off[a: b + 1] - off[a], {k: v[rows] for k, v in self.columns.items()})
+        self.pos = b
+        if self.pos >= n:
+            self.pos, self.passes = 0, self.passes + 1
+        return self.passes < self.repeat and n > 0
