@@ -105,7 +105,8 @@ class ECLEnergyCorrection(Module):
         self.add_param("min_energy_gev", 0.03, "clusters with energy_raw below keep their (classical) energy, GeV")
         # 1024: onnxruntime's intermediate activations (~1.4 kB per cluster) of one call then stay
         # in the L2 cache; whole batches (~3000 clusters) ran 25 % slower in the chain (measured)
-        self.add_param("max_clusters_per_batch", 1024, "at most this many clusters per inference call")
+        self.add_param("max_clusters_per_batch", 1024, "at most this many clusters per inference call (a batch's "
+                                                       "clusters go in calls of equal size)")
         self.add_param("collection", "ECLClusters", "cluster collection to correct")
         self._sessions = {}
         self._image_shapes = {}

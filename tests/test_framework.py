@@ -273,3 +273,18 @@ def test_array_source_hands_out_the_collection_in_batches():
         ArraySource("X", [0, 3], {"a": np.zeros(2)})
     with pytest.raises(ValueError, match="detector"):
         ArraySource("X", [0, 2], {"a": np.zeros(2)}, detector="cms")
+
+
+def test_wrong_column_dtype_is_named_in_the_module_error(capfd):
+    """A C++ module reading a column of another dtype flags the events and says which column."""
+    from eclreco.sources import ArraySource
+
+    off = np.array([0, 2, 3])
+    cols = {"cell": np.array([100, 101, 5000], np.int32), "energy": np.array([0.5, 0.1, 0.2], np.float32),
+            "time": np.zeros(3), "quality": np.zeros(3, np.uint8)}  # time float64, the clusterizer reads float32
+    path = eclreco.create_path()
+    path.add_module(ArraySource("ECLDigits", off, cols))
+    path.add_module("ECLClusterizer")
+    eclreco.process(path, install_signal_handlers=False)
+    assert eclreco.statistics.summary()["errors"] == 2
+    assert "column 'time' holds float64, accessed as float32" in capfd.readouterr().err

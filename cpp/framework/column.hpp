@@ -42,6 +42,7 @@ class Column {
   }
 
   DType dtype() const { return dtype_; }
+  void set_name(std::string name) { name_ = std::move(name); }
   size_t rows() const { return rows_; }
   const std::vector<int64_t>& inner_shape() const { return inner_; }
   size_t row_width() const { return width_; }  // elements per row
@@ -85,8 +86,8 @@ class Column {
   template <class T>
   void check() const {
     if (dtype_of<T>() != dtype_)
-      throw std::logic_error(std::string("column holds ") + dtype_name(dtype_) + ", accessed as " +
-                             dtype_name(dtype_of<T>()));
+      throw std::logic_error((name_.empty() ? std::string("column") : "column '" + name_ + "'") + " holds " +
+                             dtype_name(dtype_) + ", accessed as " + dtype_name(dtype_of<T>()));
   }
   void detach();  // unshare the buffer before a write
 
@@ -95,6 +96,7 @@ class Column {
   size_t width_ = 1;
   size_t rows_ = 0;
   std::shared_ptr<Buffer> buf_ = std::make_shared<Buffer>();
+  std::string name_;  // set by the collection that holds it: named in dtype errors
 };
 
 }  // namespace fw

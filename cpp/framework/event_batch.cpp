@@ -22,7 +22,9 @@ Column& Collection::set_column(const std::string& name, Column c) {
   if (c.rows() != n_rows())
     throw std::length_error("column '" + name + "' has " + std::to_string(c.rows()) +
                             " rows, collection has " + std::to_string(n_rows()));
-  return columns_[name] = std::move(c);
+  Column& out = columns_[name] = std::move(c);
+  out.set_name(name);
+  return out;
 }
 
 void Collection::set_counts(const std::vector<int64_t>& counts) {
@@ -101,6 +103,7 @@ EventBatch EventBatch::select(const std::vector<size_t>& events) const {
     for (const auto& [cname, col] : coll.columns()) {
       Column nc(col.dtype(), col.inner_shape());
       for (size_t i : events) nc.append_rows(col, coll.offsets()[i], coll.offsets()[i + 1]);
+      nc.set_name(cname);
       c.columns()[cname] = std::move(nc);
     }
     // Offsets only: the columns already hold the selected rows.
@@ -128,7 +131,7 @@ EventBatch EventBatch::concat(const std::vector<EventBatch>& parts) {
       for (const auto& [cname, col] : coll.columns()) layout[name].emplace(cname, &col);
   for (const auto& [name, cols] : layout) {
     Collection c(0);
-    for (const auto& [cname, col] : cols) c.columns()[cname] = Column(col->dtype(), col->inner_shape());
+    for (const auto& [cname, col] : cols) (c.columns()[cname] = Column(col->dtype(), col->inner_shape())).set_name(cname);
     out.collections_.emplace(name, std::move(c));
   }
   std::map<std::string, std::vector<int64_t>> counts;

@@ -37,7 +37,9 @@ class Collection {
   // Adds (or replaces) a column sized to the current number of rows.
   template <class T>
   Column& add_column(const std::string& name, std::vector<int64_t> inner_shape = {}) {
-    return columns_[name] = Column::of<T>(n_rows(), std::move(inner_shape));
+    Column& c = columns_[name] = Column::of<T>(n_rows(), std::move(inner_shape));
+    c.set_name(name);
+    return c;
   }
   Column& set_column(const std::string& name, Column c);
   std::map<std::string, Column>& columns() { return columns_; }

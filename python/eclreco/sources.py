@@ -31,7 +31,9 @@ class ArraySource(Module):
     """Hands one collection held in numpy arrays to the path: event i owns rows
     offsets[i]:offsets[i + 1] of every column; at most max_events events per batch, `repeat`
     passes over the events (evt = pass * n_events + i). For analysis scripts, tests and
-    benchmarks that already hold digits or clusters in memory."""
+    benchmarks that already hold digits or clusters in memory. Columns keep their dtypes: the
+    C++ modules read ECLDigits as the unpacker writes them (cell int32, energy and time float32,
+    quality uint8) and name a column of another dtype in their error."""
 
     def __init__(self, collection: str, offsets, columns: dict, detector: str = "belle2-ecl", repeat: int = 1):
         super().__init__()
