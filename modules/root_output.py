@@ -209,10 +209,15 @@ class RootOutput(Module):
                 data[key] = np.concatenate([p[key] for p in parts])
         if all("_cluster_cols" in p for p in parts):
             counts = np.concatenate([p["_cluster_counts"] for p in parts])
-            names = parts[0]["_cluster_cols"].keys()
-            fields = {n: ak.unflatten(np.concatenate([p["_cluster_cols"][n] for p in parts]), counts)
-                      for n in names}
-            data["cluster"] = ak.zip(fields)
+            offsets = np.zeros(counts.size + 1, np.int64)
+            np.cumsum(counts, out=offsets[1:])
+            names = list(parts[0]["_cluster_cols"].keys())
+            # The jagged record array built from its layout (one offsets array for all fields):
+            # what ak.zip of ak.unflatten per field makes, without their per-field checks, which
+            # were ~45 % of the write time (cProfile, 21 branches, baskets of 2000 events).
+            fields = [ak.contents.NumpyArray(np.concatenate([p["_cluster_cols"][n] for p in parts])) for n in names]
+            data["cluster"] = ak.Array(ak.contents.ListOffsetArray(ak.index.Index64(offsets),
+                                                                   ak.contents.RecordArray(fields, names)))
         n = len(data["evt"])
         if not self._tree_created:
             # Branches cluster_<column> with one counter ncluster (uproot's default would be cluster.<column>).
