@@ -214,7 +214,7 @@ class RootOutput(Module):
             names = list(parts[0]["_cluster_cols"].keys())
             # The jagged record array built from its layout (one offsets array for all fields):
             # what ak.zip of ak.unflatten per field makes, without their per-field checks, which
-            # were ~45 % of the write time (cProfile, 21 branches, baskets of 2000 events).
+            # were ~45 % of the write time (cProfile, 12 cluster branches, baskets of 2000 events).
             fields = [ak.contents.NumpyArray(np.concatenate([p["_cluster_cols"][n] for p in parts])) for n in names]
             data["cluster"] = ak.Array(ak.contents.ListOffsetArray(ak.index.Index64(offsets),
                                                                    ak.contents.RecordArray(fields, names)))
