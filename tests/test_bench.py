@@ -23,6 +23,8 @@ def test_bench_json_runs_every_measurement(tmp_path):
     assert {(g["threads"], g["batch_size"]) for g in res["grid"]} == {(t, b) for t in (1, 2) for b in (1, 64, 256, 1024)}
     assert set(res["stage_us_per_event"]) >= {"RawFileInput", "ECLUnpacker", "ECLClusterizer", "ECLEnergyCorrection",
                                               "RootOutput"}
+    assert set(res["stage_cpu_us_per_event"]) == set(res["stage_us_per_event"])
+    assert all(0 < res["stage_cpu_us_per_event"][k] for k in ("ECLUnpacker", "ECLClusterizer"))
     assert res["cnn_vs_ort_ratio"] == pytest.approx(res["cnn_clusters_per_s_in_chain"] / res["ort_alone_clusters_per_s"])
     assert res["zmq_events"] == 600  # both loops received every message
     farm = res["farm"]

@@ -288,3 +288,35 @@ def test_wrong_column_dtype_is_named_in_the_module_error(capfd):
     eclreco.process(path, install_signal_handlers=False)
     assert eclreco.statistics.summary()["errors"] == 2
     assert "column 'time' holds float64, accessed as float32" in capfd.readouterr().err
+
+
+def test_module_cpu_time_is_counted_apart_from_wall_time():
+    """statistics: 'seconds' is wall time in a module, 'cpu_seconds' the calling thread's CPU
+    time in it: a module that waits has much less CPU than wall time; neither exceeds the other."""
+    import time
+
+    class Sleeper(eclreco.Module):
+        """waits 20 ms per batch"""
+
+        def event(self, batch):
+            time.sleep(0.02)
+
+    class Spinner(eclreco.Module):
+        """computes for 20 ms per batch"""
+
+        def event(self, batch):
+            t = time.thread_time()
+            while time.thread_time() - t < 0.02:
+                pass
+
+    path = eclreco.create_path()
+    path.add_module(CountingSource(50))
+    path.add_module(Sleeper())
+    path.add_module(Spinner())
+    eclreco.process(path, batch_size=10, install_signal_handlers=False)
+    mods = {m["name"]: m for m in eclreco.statistics.summary()["modules"]}
+    sleep, spin = mods["Sleeper"], mods["Spinner"]
+    assert sleep["calls"] == spin["calls"] == 5
+    assert sleep["seconds"] >= 0.1 and sleep["cpu_seconds"] < 0.3 * sleep["seconds"]
+    assert spin["cpu_seconds"] >= 0.1 and spin["cpu_seconds"] <= spin["seconds"] + 1e-3
+    assert "CPU us/event" in str(eclreco.statistics)

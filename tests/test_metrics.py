@@ -89,6 +89,9 @@ def test_metrics_plain_http_and_promtool(steering_job):
     assert sample(text, "eclreco_events_per_batch_sum") == 1500
     assert sample(text, "eclreco_events_in_flight") == 0
     assert "# TYPE eclreco_module_batch_seconds histogram" in text
+    assert "# TYPE eclreco_module_cpu_seconds_total counter" in text
+    cpu = sample(text, "eclreco_module_cpu_seconds_total", '{module="ECLUnpacker"}')
+    assert 0 < cpu <= sample(text, "eclreco_module_batch_seconds_sum", '{module="ECLUnpacker"}') + 1e-3
     # Malformed messages are counted by reason.
     import zmq
     sock = zmq.Context.instance().socket(zmq.PUSH)

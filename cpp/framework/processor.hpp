@@ -37,7 +37,10 @@ constexpr std::array<double, 14> kBatchSecondsBuckets = {1e-5, 3e-5, 1e-4, 3e-4,
 
 struct ModuleCounters {
   std::string name;
-  std::atomic<uint64_t> calls{0}, events{0}, nanoseconds{0};
+  // nanoseconds: wall time in the module; cpu_nanoseconds: CPU time of the calling thread in it
+  // (less than the wall time when the thread waits or the machine's cores are shared; helper
+  // threads a module starts, e.g. RootOutput's writer, are not counted)
+  std::atomic<uint64_t> calls{0}, events{0}, nanoseconds{0}, cpu_nanoseconds{0};
   std::array<std::atomic<uint64_t>, kBatchSecondsBuckets.size() + 1> batch_seconds_hist{};
 };
 

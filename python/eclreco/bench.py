@@ -74,8 +74,9 @@ def repeat_chain(raw, out_root, threads, batch_size, repeat, max_events=0, **kw)
     return {"median": st.median(rates), "min": min(rates), "max": max(rates), "runs": rates}, last
 
 
-def stage_us_per_event(summary: dict) -> dict:
-    return {m["name"]: m["seconds"] / m["events"] * 1e6 for m in summary["modules"] if m["events"]}
+def stage_us_per_event(summary: dict, key: str = "seconds") -> dict:
+    """µs per event of each module: wall time ("seconds") or the thread's CPU time ("cpu_seconds")."""
+    return {m["name"]: m[key] / m["events"] * 1e6 for m in summary["modules"] if m["events"]}
 
 
 def cnn_measurements(raw: str, tmp: str, repeat: int, max_events: int) -> dict:
@@ -283,6 +284,7 @@ def run_benchmark(args) -> dict:
         elif step == "stages":
             _, (summary, _) = repeat_chain(raw, out_root, 1, DEFAULT_BATCH, 1)
             res["stage_us_per_event"] = stage_us_per_event(summary)
+            res["stage_cpu_us_per_event"] = stage_us_per_event(summary, "cpu_seconds")
             res["framework_overhead_us_per_event"] = framework_overhead()
         elif step == "cnn":
             res.update(cnn_measurements(raw, tmp, args.repeat, min(args.events, 10000)))
@@ -339,8 +341,9 @@ def print_table(res: dict) -> None:
         row("  without DQM", f"{res['e2e_no_dqm_events_per_s']:,.0f}")
     for g in res.get("grid", []):
         row(f"threads={g['threads']} batch={g['batch_size']}", f"{g['median']:,.0f}", "events/s")
+    cpu = res.get("stage_cpu_us_per_event", {})
     for name, us in res.get("stage_us_per_event", {}).items():
-        row(f"stage {name}", f"{us:.2f}", "µs/event")
+        row(f"stage {name}", f"{us:.2f}" + (f" (CPU {cpu[name]:.2f})" if name in cpu else ""), "µs/event")
     if "framework_overhead_us_per_event" in res:
         row("framework overhead", f"{res['framework_overhead_us_per_event']:.3f}", "µs/event")
     for key in ("cnn_clusters_per_event", "cnn_clusters_per_s_in_chain", "ort_calls_in_chain_clusters_per_s",

@@ -68,6 +68,17 @@ def _hist_buckets(bounds: Iterable[float], counts: list[int]) -> list[tuple[str,
     return out
 
 
+def _add_module_stats(acc: dict, modules: list) -> None:
+    """Adds the per-module statistics of one run (ProcessState.modules()) to `acc`, keyed by
+    position and name (the same module type may stand twice in a path)."""
+    for i, m in enumerate(modules):
+        a = acc.setdefault(f"{i}:{m['name']}", {"name": m["name"], "calls": 0, "events": 0, "seconds": 0.0,
+                                                "cpu_seconds": 0.0, "hist": [0] * len(m["batch_seconds_hist"])})
+        for k in ("calls", "events", "seconds", "cpu_seconds"):
+            a[k] += m[k]
+        a["hist"] = [x + y for x, y in zip(a["hist"], m["batch_seconds_hist"])]
+
+
 class _Totals:
     """Counters of earlier process() calls of this process (HLT roles run one per run), so that
     the exported counters stay monotonic across runs."""
@@ -87,14 +98,7 @@ class _Totals:
         for k, v in s.rejected_by_reason().items():
             self.rejected[k] = self.rejected.get(k, 0) + v
         self.per_batch = [a + b for a, b in zip(self.per_batch, s.events_per_batch_hist())]
-        for i, m in enumerate(s.modules()):
-            key = f"{i}:{m['name']}"
-            acc = self.modules.setdefault(key, {"name": m["name"], "calls": 0, "events": 0, "seconds": 0.0,
-                                                "hist": [0] * len(m["batch_seconds_hist"])})
-            acc["calls"] += m["calls"]
-            acc["events"] += m["events"]
-            acc["seconds"] += m["seconds"]
-            acc["hist"] = [a + b for a, b in zip(acc["hist"], m["batch_seconds_hist"])]
+        _add_module_stats(self.modules, s.modules())
 
 
 class ProcessMetricsCollector(Collector):
@@ -188,17 +192,12 @@ class ProcessMetricsCollector(Collector):
 
         modules = {k: dict(v, hist=list(v["hist"])) for k, v in t.modules.items()}
         if s is not None:
-            for i, m in enumerate(s.modules()):
-                key = f"{i}:{m['name']}"
-                acc = modules.setdefault(key, {"name": m["name"], "calls": 0, "events": 0, "seconds": 0.0,
-                                               "hist": [0] * len(m["batch_seconds_hist"])})
-                acc["calls"] += m["calls"]
-                acc["events"] += m["events"]
-                acc["seconds"] += m["seconds"]
-                acc["hist"] = [a + b for a, b in zip(acc["hist"], m["batch_seconds_hist"])]
+            _add_module_stats(modules, s.modules())
         mh = HistogramMetricFamily("eclreco_module_batch_seconds", "Time a module spends on one batch",
                                    labels=["module"], unit="")
         me = CounterMetricFamily("eclreco_module_events", "Events seen by a module", labels=["module"])
+        mc = CounterMetricFamily("eclreco_module_cpu_seconds", "CPU time of the calling thread in a module",
+                                 labels=["module"])
         seen = {}
         for key, m in sorted(modules.items(), key=lambda kv: int(kv[0].split(":")[0])):
             label = m["name"]
@@ -209,8 +208,10 @@ class ProcessMetricsCollector(Collector):
                 seen[label] = 0
             mh.add_metric([label], _hist_buckets(_core.BATCH_SECONDS_BUCKETS, m["hist"]), sum_value=m["seconds"])
             me.add_metric([label], m["events"])
+            mc.add_metric([label], m["cpu_seconds"])
         yield mh
         yield me
+        yield mc
 
         yield from self._module_counters()
 
