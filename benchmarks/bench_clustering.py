@@ -5,8 +5,8 @@
 Workloads: belle2-ecl toy events (1-3 photons of 0.1-2 GeV, about 300 digits/event, most of
 them low-energy beam-background-like digits with random times) and the Geant4 array30 held-out sample
 of tests/data with the simple electronics. Prints CPU us/event (best of several runs) of _core.find_clusters (the pure
-algorithm, batch loop in C++), of the ECLClusterizer module in a path (framework included;
-with the unpacker when an ECLUnpacker module is available: not yet), and of the NumPy reference.
+algorithm, batch loop in C++), of the ECLClusterizer module in a path (framework included, the
+digits handed in by eclreco.sources.ArraySource), and of the NumPy reference.
 """
 from __future__ import annotations
 

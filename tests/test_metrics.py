@@ -43,7 +43,7 @@ def wait_for(cond, timeout=20.0, step=0.1):
 
 @pytest.fixture
 def steering_job(tmp_path, repo_dir):
-    """steering/reco.py on a ZeroMQ input with --metrics-port (reduced chain: what this build has)."""
+    """steering/reco.py on a ZeroMQ input with --metrics-port (reduced chain: the unpacker only)."""
     address, port = free_address(), free_port()
     script = tmp_path / "job.py"
     script.write_text(textwrap.dedent(f"""
@@ -51,8 +51,7 @@ def steering_job(tmp_path, repo_dir):
         sys.path.insert(0, {os.path.join(repo_dir, "steering")!r})
         import eclreco, reco
         def reduced(path, **kw):
-            if "ECLUnpacker" in eclreco.available_modules():
-                path.add_module("ECLUnpacker")
+            path.add_module("ECLUnpacker")
         reco.add_reconstruction = reduced
         sys.exit(reco.main(["-i", {address!r}, "--metrics-port", "{port}", "--threads", "1",
                             "--max-latency", "5"]))

@@ -237,8 +237,7 @@ def test_metrics_expose_counts_never_payloads(tmp_path):
     address, port = free_address(), free_port()
     path = eclreco.create_path()
     path.add_module("ZMQInput", address=address, idle_timeout_s=3.0)
-    if "ECLUnpacker" in eclreco.available_modules():
-        path.add_module("ECLUnpacker")
+    path.add_module("ECLUnpacker")
     exporter = serve_process_metrics(port, role="reco", path=path)
     marker = b"PAYLOADMARK!"
     msgs = []

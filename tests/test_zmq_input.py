@@ -18,9 +18,8 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def reduced_chain(path):
-    """The unpacker when this build has it (the rest of the chain is not needed here)."""
-    if "ECLUnpacker" in eclreco.available_modules():
-        path.add_module("ECLUnpacker")
+    """The unpacker (the rest of the chain is not needed here)."""
+    path.add_module("ECLUnpacker")
 
 
 def test_zmq_input_all_events_and_idle_timeout(tmp_path):

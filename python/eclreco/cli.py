@@ -6,8 +6,8 @@ import importlib
 import sys
 
 # Sub-commands live next to the code they drive; each module exposes add_<name>_parser(subparsers)
-# which registers the sub-command with `func` set. Imported lazily so that `eclreco modules` stays
-# fast and a missing optional dependency only breaks its own command.
+# which registers the sub-command with `func` set (heavy imports, e.g. torch, happen inside the
+# commands, so that building the parser stays fast).
 SUBCOMMANDS = [
     ("eclreco.cli_modules", "add_modules_parser"),
     ("eclreco.sim.cli", "add_simulate_parser"),
@@ -24,13 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eclreco", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name, func_name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name and err.name.startswith(module_name.rsplit(".", 1)[0].split(".")[0]):
-                continue  # that part of eclreco is not installed in this build
-            raise
-        getattr(module, func_name)(sub)
+        getattr(importlib.import_module(module_name), func_name)(sub)
     return parser
 
 
