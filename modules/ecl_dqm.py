@@ -58,10 +58,11 @@ class ECLDQM(Module):
         csum = np.zeros(sel.size + 1, np.int64)
         np.cumsum(sel, out=csum[1:])
         self.h["cluster_multiplicity"].fill(np.diff(csum[np.asarray(off)])[good])
-        if csum[-1] < 2 or "theta" not in cl:
+        if csum[-1] < 2 or "x" not in cl:
             return
         # all pairs of the most energetic photon candidates per event, in one C++ pass without the
-        # GIL (cpp/ecl/dqm.cpp; the numpy version was 60 % of this module's time)
-        masses = _core.gamma_gamma_masses(off, e, cl["theta"], cl["phi"], self.param("min_cluster_energy_gev"),
+        # GIL (cpp/ecl/dqm.cpp; the numpy version was 60 % of this module's time); directions
+        # from the cluster positions
+        masses = _core.gamma_gamma_masses(off, e, cl["x"], cl["y"], cl["z"], self.param("min_cluster_energy_gev"),
                                           self.param("max_photons_per_event"))
         self.h["gg_mass"].fill(masses)

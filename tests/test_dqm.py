@@ -4,6 +4,7 @@ import pytest
 import uproot
 
 import eclreco
+from eclreco import _core
 from eclreco.dqm import DQMRegistry, Histogram1D
 from eclreco.sources import ArraySource
 from helpers import CountingSource
@@ -38,7 +39,10 @@ def test_gamma_gamma_masses_against_a_plain_loop():
     e = rng.exponential(0.1, n).astype(np.float32)
     th = rng.uniform(0.3, 2.7, n).astype(np.float32)
     ph = rng.uniform(-np.pi, np.pi, n).astype(np.float32)
-    got = _core.gamma_gamma_masses(off, e, th, ph, 0.03, 5)
+    r = rng.uniform(125, 200, n)  # cm: the photon direction does not depend on the distance
+    x, y, z = (r * np.sin(th) * np.cos(ph)).astype(np.float32), (r * np.sin(th) * np.sin(ph)).astype(np.float32), \
+        (r * np.cos(th)).astype(np.float32)
+    got = _core.gamma_gamma_masses(off, e, x, y, z, 0.03, 5)
     ref = []
     for a, b in zip(off[:-1], off[1:]):
         idx = [k for k in range(a, b) if e[k] >= 0.03][:5]
@@ -51,15 +55,18 @@ def test_gamma_gamma_masses_against_a_plain_loop():
     assert len(ref) > 500 and got.size == len(ref)
     np.testing.assert_allclose(np.sort(got), np.sort(ref), rtol=2e-5, atol=1e-4)  # float trigonometry; DQM bins are 2 MeV
     with pytest.raises(ValueError, match="shorter"):
-        _core.gamma_gamma_masses(off, e[:-1], th, ph, 0.03, 5)
+        _core.gamma_gamma_masses(off, e[:-1], x, y, z, 0.03, 5)
 
 
 def pi0_source():
     """100 events with the two photons of a pi0 at rest: the mass must come out at 135 MeV"""
     n, m = 100, 0.134977
+    th, ph = np.tile([0.5, np.pi - 0.5], n), np.tile([0.3, 0.3 + np.pi], n)  # back to back
+    r = 150.0  # cm
     return ArraySource("ECLClusters", np.arange(0, 2 * n + 1, 2), {
-        "energy": np.full(2 * n, m / 2, np.float32), "theta": np.tile([0.5, np.pi - 0.5], n).astype(np.float32),
-        "phi": np.tile([0.3, 0.3 + np.pi], n).astype(np.float32), "time": np.zeros(2 * n, np.float32)})
+        "energy": np.full(2 * n, m / 2, np.float32), "theta": th.astype(np.float32), "phi": ph.astype(np.float32),
+        "x": (r * np.sin(th) * np.cos(ph)).astype(np.float32), "y": (r * np.sin(th) * np.sin(ph)).astype(np.float32),
+        "z": (r * np.cos(th)).astype(np.float32), "time": np.zeros(2 * n, np.float32)})
 
 
 def test_gg_mass_peak(tmp_path):
@@ -92,3 +99,24 @@ def test_dqm_written_and_drawn(tmp_path):
 
     assert main(["dqm", str(out), "-o", str(tmp_path / "png")]) == 0
     assert (tmp_path / "png" / "digits_per_event.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.int64])
+def test_histogram_fill_in_cpp_matches_numpy_binning(dtype):
+    """Histogram1D.fill (one C++ pass) puts every value where floor((v - lo) / (hi - lo) * nb) + 1
+    computed with numpy puts it, bin edges included; NaN and -inf underflow, +inf overflows."""
+    rng = np.random.default_rng(5)
+    h = Histogram1D("a", "a", 120, 0, 6)
+    if np.dtype(dtype).kind == "f":
+        vals = np.concatenate([rng.normal(3, 3, 20000), np.linspace(0, 6, 121)]).astype(dtype)
+    else:
+        vals = rng.integers(-5, 20, 20000).astype(dtype)
+    h.fill(vals)
+    x = np.floor((vals.astype(np.float64) - 0.0) / 6.0 * 120)
+    ref = np.bincount(np.clip(x, -1, 120).astype(np.int64) + 1, minlength=122)
+    np.testing.assert_array_equal(h.counts, ref)
+    if np.dtype(dtype).kind == "f":
+        h.fill(np.array([np.nan, -np.inf, np.inf], dtype))
+        assert h.counts[0] == ref[0] + 2 and h.counts[-1] == ref[-1] + 1
+    with pytest.raises(TypeError):  # the counts are updated in place: no silent conversion to a copy
+        _core.fill_uniform_histogram(np.zeros(122, np.float32), vals, 0.0, 6.0)

@@ -1,4 +1,4 @@
-// DQM kernels (cpp/ecl/dqm.hpp) on numpy arrays, without the GIL.
+// DQM kernels (cpp/ecl/dqm.hpp) on numpy arrays.
 #include <pybind11/numpy.h>
 
 #include <cstring>
@@ -10,24 +10,56 @@
 void register_dqm(py::module_& m) {
   m.def(
       "gamma_gamma_masses",
-      [](carray<int64_t> offsets, carray<float> energy, carray<float> theta, carray<float> phi, double min_energy,
-         int max_per_event) {
+      [](carray<int64_t> offsets, carray<float> energy, carray<float> x, carray<float> y, carray<float> z,
+         double min_energy, int max_per_event) {
         const size_t n_events = checked_offsets(offsets);
         const int64_t* off = offsets.data();
         const int64_t rows = off[n_events];
-        for (auto* a : {&energy, &theta, &phi})
+        for (auto* a : {&energy, &x, &y, &z})
           if (a->ndim() != 1 || a->shape(0) < rows) throw py::value_error("cluster arrays shorter than offsets[-1]");
         std::vector<double> out;
         {
           py::gil_scoped_release release;
-          ecl::gamma_gamma_masses(off, n_events, energy.data(), theta.data(), phi.data(), min_energy, max_per_event,
-                                  out);
+          ecl::gamma_gamma_masses(off, n_events, energy.data(), x.data(), y.data(), z.data(), min_energy,
+                                  max_per_event, out);
         }
         py::array_t<double> a(static_cast<py::ssize_t>(out.size()));
         if (!out.empty()) std::memcpy(a.mutable_data(), out.data(), out.size() * sizeof(double));
         return a;
       },
-      py::arg("offsets"), py::arg("energy"), py::arg("theta"), py::arg("phi"), py::arg("min_energy"),
+      py::arg("offsets"), py::arg("energy"), py::arg("x"), py::arg("y"), py::arg("z"), py::arg("min_energy"),
       py::arg("max_per_event"),
-      "two-photon masses (GeV) of all pairs among the first max_per_event clusters >= min_energy of each event");
+      "two-photon masses (GeV) of all pairs among the first max_per_event clusters >= min_energy of each event, "
+      "photon directions from the cluster positions (x, y, z) seen from the origin");
+
+  m.def(
+      "fill_uniform_histogram",
+      [](py::array_t<double, py::array::c_style> counts, py::array values, double lo, double hi) {
+        if (counts.ndim() != 1 || counts.shape(0) < 3) throw py::value_error("counts must be 1-d with nb + 2 >= 3 bins");
+        if (!(hi > lo)) throw py::value_error("hi must be > lo");
+        if (values.ndim() != 1) throw py::value_error("values must be 1-d");
+        const size_t nb = static_cast<size_t>(counts.shape(0)) - 2, n = static_cast<size_t>(values.shape(0));
+        double* c = counts.mutable_data();
+        auto fill = [&](auto tag) {
+          using T = decltype(tag);
+          auto v = carray<T>::ensure(values);  // contiguous (a copy only for a strided view)
+          // with the GIL held: two threads may fill the same histogram (ECLDQM runs on batches
+          // in parallel), and a fill of a few thousand values takes microseconds
+          ecl::fill_uniform_histogram(v.data(), n, lo, hi, nb, c);
+        };
+        const char kind = values.dtype().kind();
+        const auto size = values.dtype().itemsize();
+        if (kind == 'f' && size == 4)
+          fill(float{});
+        else if (kind == 'f' && size == 8)
+          fill(double{});
+        else if (kind == 'i' && size == 4)
+          fill(int32_t{});
+        else if (kind == 'i' && size == 8)
+          fill(int64_t{});
+        else
+          throw py::type_error("values must be float32, float64, int32 or int64");
+      },
+      py::arg("counts").noconvert(), py::arg("values"), py::arg("lo"), py::arg("hi"),
+      "adds values to counts (float64, nb uniform bins over [lo, hi) + underflow and overflow) in place");
 }

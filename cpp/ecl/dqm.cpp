@@ -5,8 +5,9 @@
 
 namespace ecl {
 
-void gamma_gamma_masses(const int64_t* offsets, size_t n_events, const float* energy, const float* theta,
-                        const float* phi, double min_energy, int max_per_event, std::vector<double>& out) {
+void gamma_gamma_masses(const int64_t* offsets, size_t n_events, const float* energy, const float* x,
+                        const float* y, const float* z, double min_energy, int max_per_event,
+                        std::vector<double>& out) {
   // per event: the selected photons' energies and unit vectors, then every pair
   std::vector<double> e, ux, uy, uz;
   const size_t cap = static_cast<size_t>(std::max(max_per_event, 0));
@@ -15,12 +16,14 @@ void gamma_gamma_masses(const int64_t* offsets, size_t n_events, const float* en
     e.clear(), ux.clear(), uy.clear(), uz.clear();
     for (int64_t k = offsets[ev]; k < offsets[ev + 1] && e.size() < cap; ++k) {
       if (!(energy[k] >= min_energy)) continue;
-      // float trigonometry (the inputs are float; a DQM mass needs 1e-6, not 1e-15): half the time
-      const float st = std::sin(theta[k]);
+      // unit vector from the position: one square root instead of four sines and cosines of
+      // (theta, phi), which the clusterizer computed from this same position
+      const double r = std::sqrt(double(x[k]) * x[k] + double(y[k]) * y[k] + double(z[k]) * z[k]);
+      if (!(r > 0)) continue;  // no direction
       e.push_back(energy[k]);
-      ux.push_back(st * std::cos(phi[k]));
-      uy.push_back(st * std::sin(phi[k]));
-      uz.push_back(std::cos(theta[k]));
+      ux.push_back(x[k] / r);
+      uy.push_back(y[k] / r);
+      uz.push_back(z[k] / r);
     }
     const size_t n = e.size();
     for (size_t b = 1; b < n; ++b)

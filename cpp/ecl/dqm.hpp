@@ -1,4 +1,4 @@
-// Kernels of the ECL data-quality monitoring (ECLDQM) that are per pair of clusters.
+// Kernels of the ECL data-quality monitoring (ECLDQM): per pair of clusters, and histogram fills.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -8,9 +8,30 @@ namespace ecl {
 
 // Two-photon invariant masses (GeV) of all pairs among the first `max_per_event` clusters of each
 // event with energy >= min_energy (clusters in their stored order, most energetic first), from
-// the energies and the directions (theta, phi) seen from the interaction point:
-// m^2 = 2 E_i E_j (1 - cos(opening angle)). Appends to `out`.
-void gamma_gamma_masses(const int64_t* offsets, size_t n_events, const float* energy, const float* theta,
-                        const float* phi, double min_energy, int max_per_event, std::vector<double>& out);
+// the energies and the cluster positions (x, y, z; the photon direction is the position seen
+// from the interaction point at the origin): m^2 = 2 E_i E_j (1 - cos(opening angle)).
+// Appends to `out`.
+void gamma_gamma_masses(const int64_t* offsets, size_t n_events, const float* energy, const float* x,
+                        const float* y, const float* z, double min_energy, int max_per_event,
+                        std::vector<double>& out);
+
+// Adds the values to a histogram of nb uniform bins over [lo, hi) with underflow (counts[0]) and
+// overflow (counts[nb + 1]): bin floor((v - lo) / (hi - lo) * nb) + 1 computed in double, as
+// numpy does it in eclreco.dqm.Histogram1D; NaN goes to the underflow.
+template <class T>
+void fill_uniform_histogram(const T* values, size_t n, double lo, double hi, size_t nb, double* counts) {
+  const double width = hi - lo, bins = static_cast<double>(nb);
+  for (size_t i = 0; i < n; ++i) {
+    const double x = (static_cast<double>(values[i]) - lo) / width * bins;  // numpy's order of operations
+    size_t b;
+    if (!(x >= 0))
+      b = 0;
+    else if (x >= static_cast<double>(nb))
+      b = nb + 1;
+    else
+      b = static_cast<size_t>(x) + 1;
+    counts[b] += 1.0;
+  }
+}
 
 }  // namespace ecl

@@ -20,6 +20,12 @@ class Histogram1D:
         values = np.asarray(values)
         if values.size == 0:
             return
+        if weights is None and values.ndim == 1 and values.dtype.kind in "if" and values.dtype.itemsize in (4, 8):
+            # one C++ pass instead of ~8 numpy passes and temporaries (the same bins)
+            from eclreco import _core
+
+            _core.fill_uniform_histogram(self.counts, values, float(self.edges[0]), float(self.edges[-1]))
+            return
         nb = self.edges.size - 1
         lo, hi = self.edges[0], self.edges[-1]
         # floor((values - lo) / (hi - lo) * nb) in float64, in place on one temporary
