@@ -28,7 +28,7 @@ def test_collector_sigkill_ends_the_farm_promptly(farm_factory):
     n = 2000
     push_events(farm.input, range(n))
     farm.wait_confirmed(n)
-    collector = next(p for p in farm.status()["processes"] if p["role"] == "collector")
+    collector = farm.process("collector")
     push_events(farm.input, range(n, n + 500))  # these may or may not be confirmed before the kill
     os.kill(collector["pid"], signal.SIGKILL)
     t0 = time.monotonic()
@@ -272,7 +272,7 @@ def test_collector_sigkill_with_unwritten_results_counts_them_lost(farm_factory)
     farm.wait_confirmed(n)
     d = farm.distributor()
     assert d["unsaved"] == n and d["held"] == 0, d
-    collector = next(p for p in farm.status()["processes"] if p["role"] == "collector")
+    collector = farm.process("collector")
     os.kill(collector["pid"], signal.SIGKILL)
     rc, log = farm.wait_exit(timeout=60)
     assert rc == 1, log

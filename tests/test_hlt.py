@@ -66,8 +66,12 @@ class Farm:
         assert st is not None, self.logtext()
         return st
 
+    def process(self, role):
+        """The status entry of the first process with this role (distributor, collector, ...)."""
+        return next(p for p in self.status()["processes"] if p["role"] == role)
+
     def distributor(self):
-        return next(p for p in self.status()["processes"] if p["role"] == "distributor")
+        return self.process("distributor")
 
     def wait_confirmed(self, n, timeout=60):
         t0 = time.monotonic()
@@ -249,7 +253,7 @@ def test_collector_drops_a_repeated_event_within_its_window(farm_factory, tmp_pa
     push_events(farm.input, evts)  # evt 10 again 990 events later, evt 1990 again 10 events later
     farm.wait_confirmed(len(evts))
     farm.command("stop")
-    col = next(p for p in farm.status()["processes"] if p["role"] == "collector")
+    col = farm.process("collector")
     assert col["duplicates"] == 1
     farm.command("terminate")
     rc, log = farm.wait_exit()

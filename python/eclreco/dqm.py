@@ -7,6 +7,8 @@ import threading
 
 import numpy as np
 
+from eclreco import _core
+
 
 class Histogram1D:
     """A fixed-binning histogram with under/overflow, filled with whole arrays at a time."""
@@ -22,8 +24,6 @@ class Histogram1D:
             return
         if weights is None and values.ndim == 1 and values.dtype.kind in "if" and values.dtype.itemsize in (4, 8):
             # one C++ pass instead of ~8 numpy passes and temporaries (the same bins)
-            from eclreco import _core
-
             _core.fill_uniform_histogram(self.counts, values, float(self.edges[0]), float(self.edges[-1]))
             return
         nb = self.edges.size - 1
