@@ -6,8 +6,8 @@ zero-copy column views in C++ (ECLEnergyCorrection.model_inputs). When the model
 features after the cluster features (eclreco.cnn_model.EXTRA_FEATURE_NAMES), they are appended in
 that order: `energy_in` = ECLClusters.energy as it arrives here (after ECLLeakageCorrection: the
 classical correction, which the shipped models refine as a residual), event-level features
-(belle2-ecl: event_oot_digits) computed from ECLDigits by eclreco.cnn_model.event_features and
-repeated per cluster. The network computes the corrected energy itself (normalisation inside the
+(belle2-ecl: event_oot_digits, which ECLUnpacker counts into ECLEventInformation) taken by
+eclreco.cnn_model.event_features and repeated per cluster. The network computes the corrected energy itself (normalisation inside the
 graph, see python/eclreco/cnn_model.py), so the module only writes the output into
 ECLClusters.energy. Clusters below the threshold keep the energy they have (the classical leakage
 correction, when ECLLeakageCorrection ran before).
@@ -245,10 +245,10 @@ class ECLEnergyCorrection(Module):
         blocks, per_event = [np.asarray(cl["features"])], [False]
         ev_names = [n for n in names if n in EVENT_FEATURE_NAMES]
         if ev_names:
-            if "ECLDigits" not in batch:
-                raise ModelError(f"ECLEnergyCorrection: the model needs {ev_names} from ECLDigits, "
-                                 "which this batch does not have")
-            per_ev = event_features(batch["ECLDigits"], ev_names)
+            try:
+                per_ev = event_features(batch, ev_names)
+            except ValueError as err:
+                raise ModelError(f"ECLEnergyCorrection: {err}") from err
         for n in names:
             if n == "energy_in":
                 blocks.append(np.asarray(cl["energy"]).reshape(-1, 1))

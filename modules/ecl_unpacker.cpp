@@ -4,6 +4,12 @@
 // payload breaks a rule of the format is rejected with its reason (ecl/unpacker.hpp) and gets no
 // digits; the rest of the batch goes on.
 //
+// Also writes ECLEventInformation, one row per event: n_out_of_time_digits (int32), the digits with
+// a valid time but |t| > 125 ns (ecl/digit_summary.hpp; 0 for a rejected event), the event's
+// beam-background measure the belle2-ecl CNN reads. Counted here, while the event's digits are in
+// the cache: a later pass over all digits of the batch costs more than the count and evicts the
+// CNN's weights.
+//
 // Parameter `conditions`: path of a JSON file overriding the default calibration of one detector:
 //   {"detector": "belle2-ecl" | "array30", "gain": [n_cells numbers], "t0": [n_cells numbers]}
 // "gain" and "t0" are both optional (default 1.0 and 0.0), indexed by cellId - 1; any other key,
@@ -18,6 +24,7 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "ecl/digit_summary.hpp"
 #include "ecl/geometry.hpp"
 #include "ecl/unpacker.hpp"
 #include "framework/registry.hpp"
@@ -199,10 +206,13 @@ class ECLUnpacker : public fw::Module {
     ecl::DigitOut out{cell.data<int32_t>(), energy.data<float>(), time.data<float>(), quality.data<uint8_t>(),
                       amplitude.data<int32_t>()};
     std::vector<int64_t> counts(n, 0);
+    fw::Column oot = fw::Column::of<int32_t>(n);
+    int32_t* n_oot = oot.data<int32_t>();
     std::vector<uint64_t> scratch;
     size_t pos = 0;
     uint64_t rejected = 0;
     for (size_t i = 0; i < n; ++i) {
+      n_oot[i] = 0;
       if (batch.is_rejected(i) || roff[i + 1] == roff[i]) continue;
       const int64_t r = roff[i];
       const uint8_t d = det[i] <= 1 ? det[i] : 0;
@@ -215,6 +225,7 @@ class ECLUnpacker : public fw::Module {
         continue;
       }
       counts[i] = static_cast<int64_t>(res.n_digits);
+      n_oot[i] = ecl::count_out_of_time(o.time, o.quality, res.n_digits);
       pos += res.n_digits;
     }
     for (fw::Column* c : {&cell, &energy, &time, &quality, &amplitude}) c->resize(pos);
@@ -225,6 +236,9 @@ class ECLUnpacker : public fw::Module {
     digits.set_column("time", std::move(time));
     digits.set_column("quality", std::move(quality));
     digits.set_column("amplitude", std::move(amplitude));
+    fw::Collection& info = batch.add("ECLEventInformation");
+    info.set_counts(std::vector<int64_t>(n, 1));
+    info.set_column("n_out_of_time_digits", std::move(oot));
     digits_.fetch_add(pos, std::memory_order_relaxed);
     rejected_.fetch_add(rejected, std::memory_order_relaxed);
   }
@@ -273,4 +287,5 @@ class ECLUnpacker : public fw::Module {
 }  // namespace
 
 ECLRECO_REGISTER_MODULE(ECLUnpacker, "ECLUnpacker",
-                        "decodes the ECL payload of raw events into ECLDigits (cell, energy, time, quality, amplitude)")
+                        "decodes the ECL payload of raw events into ECLDigits (cell, energy, time, quality, amplitude) "
+                        "and ECLEventInformation (n_out_of_time_digits)")

@@ -28,7 +28,8 @@ def random_digits(rng, detector, n_events, max_digits=300):
 
 
 class Collect(eclreco.Module):
-    """Keeps (evt, rejected, reason, digits dict) of every event that reaches it, in order."""
+    """Keeps (evt, rejected, reason, digits dict, ECLEventInformation.n_out_of_time_digits) of every
+    event that reaches it, in order."""
 
     def __init__(self):
         super().__init__()
@@ -40,6 +41,7 @@ class Collect(eclreco.Module):
     def event(self, batch):
         rej = batch.rejections()
         d = batch["ECLDigits"] if "ECLDigits" in batch else None
+        info = batch["ECLEventInformation"] if "ECLEventInformation" in batch else None
         for i in range(len(batch)):
             digits = None
             if d is not None:
@@ -50,6 +52,7 @@ class Collect(eclreco.Module):
                 "detector": int(batch.detector[i]), "time_ns": int(batch.time_ns[i]),
                 "rejected": bool(batch.error_flags[i] & eclreco.ERROR_REJECTED),
                 "reason": rej[i][0] if i in rej else None, "digits": digits,
+                "n_out_of_time": None if info is None else int(info["n_out_of_time_digits"][i]),
             })
 
 

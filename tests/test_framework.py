@@ -320,3 +320,34 @@ def test_module_cpu_time_is_counted_apart_from_wall_time():
     assert sleep["seconds"] >= 0.1 and sleep["cpu_seconds"] < 0.3 * sleep["seconds"]
     assert spin["cpu_seconds"] >= 0.1 and spin["cpu_seconds"] <= spin["seconds"] + 1e-3
     assert "CPU us/event" in str(eclreco.statistics)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_python_modules_keep_one_thread_state_per_framework_thread(threads):
+    """A framework thread keeps its Python thread state from batch to batch (a new one per call
+    made the first numpy call of every module call slow), and lets it go when process() ends."""
+    import threading
+
+    local = threading.local()  # per Python thread state: lost when the state is replaced
+
+    class Probe(eclreco.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = self.known = 0
+            self.lock = threading.Lock()
+
+        def event(self, batch):
+            with self.lock:
+                self.calls += 1
+                self.known += getattr(local, "seen", False)
+            local.seen = True
+
+    before = threading.active_count()
+    path = eclreco.create_path()
+    path.add_module(CountingSource(2000))
+    probe = path.add_module(Probe())
+    eclreco.process(path, batch_size=50, threads=threads)
+    assert probe.calls == 40
+    # new thread states only for the first call of each thread (threads + the reader at most)
+    assert probe.known >= probe.calls - (threads + 1)
+    assert threading.active_count() == before  # the framework threads' states are gone

@@ -65,6 +65,9 @@ def test_round_trip_through_path(detector):
         assert (e["exp"], e["run"], e["detector"]) == (3, 14, rawdata.DETECTORS[detector])
         assert e["time_ns"] == 1_700_000_000_000_000_000 + t
         assert_digits_equal(e["digits"], w)
+        # ECLEventInformation: digits with a valid time (quality 0) outside +-125 ns
+        assert e["n_out_of_time"] == np.count_nonzero((w["quality"] == 0) & (np.abs(w["time"]) > 125.0))
+    assert sum(e["n_out_of_time"] for e in events) > n  # the random times (+-1 us) put many out of time
 
 
 def test_round_trip_threads_and_direct_unpack():
@@ -144,6 +147,7 @@ def test_payload_rejection(name, reason, payload, det):
     assert stats["rejected_by_reason"] == {reason: 1}
     assert [e["rejected"] for e in events] == [False, True, False]
     assert events[1]["reason"] == reason and len(events[1]["digits"]["cell"]) == 0
+    assert events[1]["n_out_of_time"] == 0
     for k in (0, 2):
         assert events[k]["digits"]["cell"].tolist() == [1, 3]
         assert events[k]["digits"]["amplitude"].tolist() == [40, 70]

@@ -73,23 +73,8 @@ void register_clustering(py::module_& m) {
       py::arg("table"), py::arg("energy_raw"), py::arg("ring"), py::arg("local_u"), py::arg("local_v"),
       "corrected energies with the C++ leakage table reader/interpolation (cpp/ecl/leakage.hpp)");
 
-  m.def(
-      "count_out_of_time_digits",
-      [](carray<int64_t> offsets, carray<float> time, carray<uint8_t> quality, float time_ns) {
-        const size_t n_events = checked_offsets(offsets);
-        const int64_t* off = offsets.data();
-        if (time.ndim() != 1 || quality.ndim() != 1 || time.shape(0) < off[n_events] || quality.shape(0) < off[n_events])
-          throw py::value_error("digit arrays shorter than offsets[-1]");
-        py::array_t<float> out(static_cast<py::ssize_t>(n_events));
-        float* o = out.mutable_data();
-        {
-          py::gil_scoped_release release;
-          ecl::count_out_of_time_digits(time.data(), quality.data(), off, n_events, time_ns, o);
-        }
-        return out;
-      },
-      py::arg("offsets"), py::arg("time"), py::arg("quality"), py::arg("time_ns"),
-      "per event: digits with quality 0 and |time| > time_ns (cpp/ecl/digit_summary.hpp)");
+  // the out-of-time definition of ECLEventInformation.n_out_of_time_digits (ECLUnpacker)
+  m.attr("OUT_OF_TIME_NS") = ecl::kOutOfTimeNs;
 
   m.def("cluster_feature_names", [] {
     std::vector<std::string> names;

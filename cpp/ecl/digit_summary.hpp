@@ -5,9 +5,12 @@
 
 namespace ecl {
 
-// out[i] = number of digits of event i with quality 0 (valid time) and |time| > time_ns.
-// Beam background is spread in time, physics deposits are in time: this counts background only.
-void count_out_of_time_digits(const float* __restrict time, const uint8_t* __restrict quality, const int64_t* offsets,
-                              size_t n_events, float time_ns, float* __restrict out);
+// A digit with a valid time (quality 0) but |time| > kOutOfTimeNs is out of time. Beam background
+// is spread in time, physics deposits are in time: their number measures the event's background.
+constexpr float kOutOfTimeNs = 125.0f;
+
+// Out-of-time digits among n (one event's digits).
+int32_t count_out_of_time(const float* __restrict time, const uint8_t* __restrict quality, size_t n,
+                          float time_ns = kOutOfTimeNs);
 
 }  // namespace ecl

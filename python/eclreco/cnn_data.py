@@ -120,7 +120,7 @@ class MatchedClusterCollector(Module):
         raw_sum = cs[doff[1:]] - cs[doff[:-1]]
         from eclreco.cnn_model import EVENT_FEATURE_NAMES, event_features
 
-        ev_feat = event_features(dig, EVENT_FEATURE_NAMES)  # the same function ECLEnergyCorrection uses
+        ev_feat = event_features(batch, EVENT_FEATURE_NAMES)  # the same function ECLEnergyCorrection uses
         cl = batch["ECLClusters"]
         off = np.asarray(cl.offsets)
         counts = np.diff(off)

@@ -48,32 +48,30 @@ MIN_E_RAW = 1e-3
 # the chain samples of eclreco.cnn_data) and online (ECLEnergyCorrection.model_inputs).
 #   energy_in (cluster level): ECLClusters.energy as it arrives at ECLEnergyCorrection, i.e. after
 #     ECLLeakageCorrection (the classical correction); the samples' `classical` column in training.
-#   event_oot_digits (event level): number of digits of the event with a valid time (quality 0) and
-#     |t| > 125 ns, i.e. out of time: beam background only (physics deposits are in time), a per-event
-#     measure of the background level; computed by `event_features` from ECLDigits.
-OOT_TIME_NS = 125.0
+#   event_oot_digits (event level): ECLEventInformation.n_out_of_time_digits, written by ECLUnpacker:
+#     the event's digits with a valid time (quality 0) and |t| > _core.OUT_OF_TIME_NS (125 ns), i.e.
+#     out of time: beam background only (physics deposits are in time), a per-event measure of the
+#     background level.
 CLUSTER_EXTRA_NAMES = ("energy_in",)
 EVENT_FEATURE_NAMES = ("event_oot_digits",)
 EXTRA_FEATURE_NAMES = CLUSTER_EXTRA_NAMES + EVENT_FEATURE_NAMES
 EVENT_FEATURE_SCALE = {"event_oot_digits": 500.0}  # inside the graph: feature / scale
 X_IN_RANGE = (-0.7, 2.3)  # clamp of log(energy_in / energy_raw) inside the graph (factor 0.5 .. 10)
+EVENT_FEATURE_COLUMNS = {"event_oot_digits": ("ECLEventInformation", "n_out_of_time_digits")}
 
 
-def event_features(digits, names):
-    """Per-event values [n_events, len(names)] float32 of the event-level features `names` from
-    the ECLDigits collection of a batch (vectorised)."""
-    off = np.asarray(digits.offsets)
-    n_ev = off.size - 1
-    out = np.zeros((n_ev, len(names)), np.float32)
+def event_features(batch, names):
+    """Per-event values [n_events, len(names)] float32 of the event-level features `names`
+    (EVENT_FEATURE_COLUMNS: the event-level collections ECLUnpacker writes)."""
+    out = np.zeros((len(batch), len(names)), np.float32)
     for j, name in enumerate(names):
-        if name == "event_oot_digits":
-            if off[-1] == 0:
-                continue
-            from eclreco import _core  # one C++ pass without the GIL (numpy needed ~8 passes)
-
-            out[:, j] = _core.count_out_of_time_digits(off, digits["time"], digits["quality"], OOT_TIME_NS)
-        else:
+        if name not in EVENT_FEATURE_COLUMNS:
             raise ValueError(f"unknown event feature {name!r} (known: {', '.join(EVENT_FEATURE_NAMES)})")
+        coll, col = EVENT_FEATURE_COLUMNS[name]
+        if coll not in batch:
+            raise ValueError(f"event feature {name!r} needs {coll}.{col}, which ECLUnpacker writes; "
+                             "this batch has no " + coll)
+        out[:, j] = batch[coll][col]
     return out
 
 
