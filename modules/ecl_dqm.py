@@ -10,7 +10,7 @@ PI0_MASS_GEV = 0.134977
 
 
 class ECLDQM(Module):
-    """Per-run DQM histograms: cluster energy, multiplicity, time, E1/E9, gamma-gamma mass, digits, rejections."""
+    """Per-run DQM histograms: cluster energy, multiplicity, time, E1/E9, gamma-gamma mass, digits, out-of-time digits, rejections."""
 
     def __init__(self):
         super().__init__()
@@ -27,6 +27,8 @@ class ECLDQM(Module):
             "cluster_e1e9": book(Histogram1D("cluster_e1e9", "cluster E1/E9", 50, 0, 1)),
             "gg_mass": book(Histogram1D("gg_mass", "two-photon invariant mass;m [GeV]", 100, 0.05, 0.25, "GeV")),
             "digits_per_event": book(Histogram1D("digits_per_event", "ECL digits per event", 100, 0, 2000)),
+            "out_of_time_digits": book(Histogram1D("out_of_time_digits", "out-of-time digits per event "
+                                                   "(|t| > 125 ns: beam background)", 100, 0, 2000)),
             "rejections": book(CategoryHistogram("rejections", "rejected events by reason")),
         }
 
@@ -43,6 +45,8 @@ class ECLDQM(Module):
             self.h["rejections"].fill_counts(reasons)
         if "ECLDigits" in batch:
             self.h["digits_per_event"].fill(np.diff(batch["ECLDigits"].offsets)[good])
+        if "ECLEventInformation" in batch:
+            self.h["out_of_time_digits"].fill(batch["ECLEventInformation"]["n_out_of_time_digits"][good])
         if "ECLClusters" not in batch:
             return
         cl = batch["ECLClusters"]

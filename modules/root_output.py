@@ -42,6 +42,10 @@ def compression_of(spec: str):
 class RootOutput(Module):
     """Writes events (metadata, digit counts, clusters) to a ROOT TTree `events` via uproot.
 
+    Event branches: exp, run, evt, error_flags, n_digits (ECLDigits), n_out_of_time_digits
+    (ECLEventInformation: digits with |t| > 125 ns, the beam-background level), and the clusters
+    as cluster_<column> with the counter ncluster.
+
     The DQM histograms of the run (eclreco.dqm.registry) are written under `dqm/` at end_run.
     Rejected events are not written (they go to the quarantine file). Branches whose data the
     chain does not produce are left out. Data are buffered and written in large baskets (ZSTD
@@ -132,6 +136,8 @@ class RootOutput(Module):
         }
         if "ECLDigits" in batch:
             part["n_digits"] = np.diff(batch["ECLDigits"].offsets)[keep].astype(np.int32)
+        if "ECLEventInformation" in batch:  # the event's background measure (ECLUnpacker)
+            part["n_out_of_time_digits"] = batch["ECLEventInformation"]["n_out_of_time_digits"][keep].astype(np.int32)
         if "ECLClusters" in batch:
             clusters = batch["ECLClusters"]
             offsets = clusters.offsets
@@ -204,7 +210,7 @@ class RootOutput(Module):
         import awkward as ak
 
         data = {}
-        for key in ("exp", "run", "evt", "n_digits", "error_flags"):
+        for key in ("exp", "run", "evt", "n_digits", "n_out_of_time_digits", "error_flags"):
             if all(key in p for p in parts):
                 data[key] = np.concatenate([p[key] for p in parts])
         if all("_cluster_cols" in p for p in parts):

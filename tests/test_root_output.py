@@ -137,3 +137,31 @@ def test_compression_is_a_parameter_and_a_bad_one_is_a_clear_error(tmp_path):
     path.add_module("RootOutput", filename=str(tmp_path / "x.root"), compression="gzip:9")
     with pytest.raises(Exception, match="compression 'gzip:9'"):
         eclreco.process(path)
+
+
+def test_background_measure_written_and_histogrammed(tmp_path):
+    """ECLUnpacker's ECLEventInformation.n_out_of_time_digits reaches the ROOT file as the event
+    branch n_out_of_time_digits and ECLDQM's out_of_time_digits histogram."""
+    from _raw_helpers import MessageSource, random_digits
+    from eclreco import rawdata
+
+    rng = np.random.default_rng(11)
+    d = random_digits(rng, "belle2-ecl", 300)
+    msgs = rawdata.encode_events("belle2-ecl", 0, 1, np.arange(300), **d)
+    want = []
+    for i in range(300):
+        s = slice(d["offsets"][i], d["offsets"][i + 1])
+        _, t = rawdata.calibrate(d["cell"][s], d["amplitude"][s], d["time_ticks"][s])
+        want.append(int(np.count_nonzero((d["quality"][s] == 0) & (np.abs(t) > 125.0))))
+    out = tmp_path / "bkg.root"
+    path = eclreco.create_path()
+    path.add_module(MessageSource(msgs))
+    path.add_module("ECLUnpacker")
+    path.add_module("ECLDQM")
+    path.add_module("RootOutput", filename=str(out))
+    eclreco.process(path, batch_size=64, threads=2)
+    with uproot.open(out) as f:
+        assert f["events"]["n_out_of_time_digits"].array(library="np").tolist() == want
+        counts, edges = f["dqm/out_of_time_digits"].to_numpy()
+    assert sum(want) > 300 and counts.sum() == 300
+    np.testing.assert_array_equal(counts, np.histogram(want, bins=edges)[0])
