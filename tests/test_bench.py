@@ -25,7 +25,9 @@ def test_bench_json_runs_every_measurement(tmp_path):
                                               "RootOutput"}
     assert set(res["stage_cpu_us_per_event"]) == set(res["stage_us_per_event"])
     assert all(0 < res["stage_cpu_us_per_event"][k] for k in ("ECLUnpacker", "ECLClusterizer"))
+    # one repetition: one (module, onnxruntime alone) pair, whose ratio is the median
     assert res["cnn_vs_ort_ratio"] == pytest.approx(res["cnn_clusters_per_s_in_chain"] / res["ort_alone_clusters_per_s"])
+    assert res["cnn_vs_ort_ratio_min"] == res["cnn_vs_ort_ratio"] == res["cnn_vs_ort_ratio_max"]
     assert res["zmq_events"] == 600  # both loops received every message
     farm = res["farm"]
     assert farm["confirmed"] == farm["events"] == 2000  # the farm lost nothing
