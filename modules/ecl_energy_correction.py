@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 
 from eclreco import Module, _core
-from eclreco.cnn_model import E_RAW_INDEX, FEATURE_NAMES
+from eclreco.cnn_model import E_RAW_INDEX, EVENT_FEATURE_NAMES, FEATURE_NAMES, event_features, split_feature_names
 from eclreco.rawdata import DETECTORS
 
 DETECTOR_NAMES = {code: name for name, code in DETECTORS.items()}
@@ -72,8 +72,6 @@ def load_session(path: str, threads: int = 1, expected_detector: str | None = No
                          f"ECLClusterizer makes {image_size}x{image_size}")
     # feature vector: ECLClusters.features, then the extra features the metadata lists
     # (eclreco.cnn_model.EXTRA_FEATURE_NAMES); a model without feature_names cannot be fed safely
-    from eclreco.cnn_model import split_feature_names
-
     names = meta.get("feature_names")
     if not names:
         raise ModelError(f"ECLEnergyCorrection: model {path!r} has no 'feature_names' metadata")
@@ -237,8 +235,6 @@ class ECLEnergyCorrection(Module):
         features `names` in that order (energy_in: the collection's energy column as it is now,
         before this module writes it; event-level features: cnn_model.event_features of the
         cluster's event). Two C++ passes without the GIL (_core.gather_rows)."""
-        from eclreco.cnn_model import EVENT_FEATURE_NAMES, event_features
-
         cl = batch[collection]
         off = np.asarray(cl.offsets)
         image = np.asarray(cl["image"])

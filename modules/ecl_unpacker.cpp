@@ -206,13 +206,12 @@ class ECLUnpacker : public fw::Module {
     ecl::DigitOut out{cell.data<int32_t>(), energy.data<float>(), time.data<float>(), quality.data<uint8_t>(),
                       amplitude.data<int32_t>()};
     std::vector<int64_t> counts(n, 0);
-    fw::Column oot = fw::Column::of<int32_t>(n);
+    fw::Column oot = fw::Column::of<int32_t>(n);  // zeros: a rejected or empty event counts 0
     int32_t* n_oot = oot.data<int32_t>();
     std::vector<uint64_t> scratch;
     size_t pos = 0;
     uint64_t rejected = 0;
     for (size_t i = 0; i < n; ++i) {
-      n_oot[i] = 0;
       if (batch.is_rejected(i) || roff[i + 1] == roff[i]) continue;
       const int64_t r = roff[i];
       const uint8_t d = det[i] <= 1 ? det[i] : 0;

@@ -27,6 +27,11 @@ def random_digits(rng, detector, n_events, max_digits=300):
     }
 
 
+def n_out_of_time(time, quality):
+    """Digits with a valid time (quality 0) outside +-125 ns: ECLEventInformation.n_out_of_time_digits."""
+    return int(np.count_nonzero((np.asarray(quality) == 0) & (np.abs(time) > 125.0)))
+
+
 class Collect(eclreco.Module):
     """Keeps (evt, rejected, reason, digits dict, ECLEventInformation.n_out_of_time_digits) of every
     event that reaches it, in order."""

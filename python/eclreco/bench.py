@@ -97,12 +97,16 @@ def cnn_measurements(raw: str, tmp: str, repeat: int, max_events: int) -> dict:
             sel = np.flatnonzero(batch["ECLClusters"]["energy_raw"] >= 0.03)
             self.batches.append(ECLEnergyCorrection.model_inputs(batch, "ECLClusters", sel, meta["extra_features"]))
 
-    def module_rate(batch_size, n_events):
+    def up_to_cnn():
         path = eclreco.create_path()
         path.add_module("RawFileInput", filename=raw)
         path.add_module("ECLUnpacker")
         path.add_module("ECLClusterizer")
         path.add_module("ECLLeakageCorrection")  # the model refines the classical correction
+        return path
+
+    def module_rate(batch_size, n_events):
+        path = up_to_cnn()
         cnn = path.add_module("ECLEnergyCorrection", detector="belle2-ecl")
         eclreco.process(path, threads=1, batch_size=batch_size, max_events=n_events)
         mod = [m for m in eclreco.statistics.summary()["modules"] if m["name"] == "ECLEnergyCorrection"][0]
@@ -110,11 +114,7 @@ def cnn_measurements(raw: str, tmp: str, repeat: int, max_events: int) -> dict:
         # the module's rate, and that of its own onnxruntime calls (inference_seconds)
         return c["clusters_corrected"] / mod["seconds"], c["clusters_corrected"] / c["inference_seconds"]
 
-    path = eclreco.create_path()
-    path.add_module("RawFileInput", filename=raw)
-    path.add_module("ECLUnpacker")
-    path.add_module("ECLClusterizer")
-    path.add_module("ECLLeakageCorrection")
+    path = up_to_cnn()
     col = path.add_module(CollectInputs())
     eclreco.process(path, threads=1, batch_size=DEFAULT_BATCH, max_events=max_events)
     n = sum(b[0].shape[0] for b in col.batches)

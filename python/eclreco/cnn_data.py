@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from eclreco import Module, _core
+from eclreco.cnn_model import EVENT_FEATURE_NAMES, event_features
 
 CHAIN = "wire+ECLUnpacker+ECLLeakageCorrection"  # what made the samples (model cards)
 G4_DEFAULT = {"array30": "g4_array30_train.npz", "belle2-ecl": "g4_belle2_train.npz"}
@@ -118,8 +119,6 @@ class MatchedClusterCollector(Module):
         de = np.asarray(dig["energy"], np.float64)
         cs = np.concatenate([[0.0], np.cumsum(de)])
         raw_sum = cs[doff[1:]] - cs[doff[:-1]]
-        from eclreco.cnn_model import EVENT_FEATURE_NAMES, event_features
-
         ev_feat = event_features(batch, EVENT_FEATURE_NAMES)  # the same function ECLEnergyCorrection uses
         cl = batch["ECLClusters"]
         off = np.asarray(cl.offsets)
