@@ -289,3 +289,69 @@ def test_model_feature_metadata_is_checked(tmp_path):
         mod.set_param("model", str(path))
         with pytest.raises(Exception, match=match):
             mod.initialize()
+
+
+def test_array30_symmetric_copies_map_cells_and_entry_points():
+    """The 8 symmetries of the array30 beam spot (about x, y = 30, 30 mm): each copy keeps every
+    event's energy, maps the deposits' crystals as the entry point moves, and keeps a photon in the
+    aluminium in the aluminium (a reflection about any other point would not)."""
+    from eclreco.sim.showers import array30_in_gap
+
+    g4 = cnn_data.G4Sample(SUBSET["array30"], "array30")
+    idx = np.arange(300)
+    aug = g4.symmetric_copies(idx, 8)
+    assert aug.n == 8 * idx.size and aug.dropped_gev == 0.0
+    off0, cell0, e0 = g4.deposits(idx)
+    sums0 = np.add.reduceat(e0, off0[:-1])
+    row0, col0 = (cell0 - 1) // 30, (cell0 - 1) % 30
+    gap0 = array30_in_gap(g4.entry_xy_mm[idx] / 10)
+    assert 0.05 < gap0.mean() < 0.3
+    for k in range(8):
+        ev = k * idx.size + idx
+        off, cell, e = aug.deposits(ev)
+        np.testing.assert_allclose(np.add.reduceat(e, off[:-1]), sums0)
+        np.testing.assert_array_equal(aug.e_true[ev], g4.e_true[idx])
+        row, col = (cell - 1) // 30, (cell - 1) % 30
+        r, c = (30 - row0 if k & 1 else row0), (30 - col0 if k & 2 else col0)
+        if k & 4:
+            r, c = c, r
+        np.testing.assert_array_equal(np.stack([row, col]), np.stack([r, c]))
+        np.testing.assert_array_equal(array30_in_gap(aug.entry_xy_mm[ev] / 10), gap0)
+        # the energy-weighted column follows the entry point's x (both reflected / swapped alike)
+        x_dep = np.add.reduceat(e * ((col - 14.5) * 60.0), off[:-1]) / sums0
+        assert np.corrcoef(x_dep, aug.entry_xy_mm[ev, 0])[0, 1] > 0.5  # -0.6 if x were not reflected with the cells
+    with pytest.raises(ValueError, match="array30"):
+        cnn_data.G4Sample(SUBSET["belle2-ecl"], "belle2-ecl").symmetric_copies(idx, 2)
+
+
+def test_sigma68_ratio_interval():
+    from eclreco.cnn_model import sigma68_ratio_interval
+
+    rng = np.random.default_rng(3)
+    b = rng.normal(1.0, 0.1, 400)
+    q, lo, hi = sigma68_ratio_interval(1.0 + 0.5 * (b - 1.0), b)  # exactly half as wide, event by event
+    assert q == pytest.approx(0.5) and lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
+    a = rng.normal(1.0, 0.05, 400)  # independent: the ratio scatters with the sample
+    q, lo, hi = sigma68_ratio_interval(a, b)
+    assert 0.35 < lo < q < hi < 0.65 and hi - lo > 0.03
+
+
+def test_validate_reports_ratio_intervals_and_gap_photons(tmp_path):
+    pytest.importorskip("matplotlib")
+    from eclreco import validate
+
+    rep = validate.run_validation("array30", str(tmp_path), g4_path=SUBSET["array30"], quiet=True)
+    rows = rep["tables"]["bg0"]
+    assert [r["e_true"] for r in rows] == validate.ENERGIES["array30"]
+    filled = [r for r in rows if r["n"] >= 5]
+    assert filled
+    for r in filled:
+        q = r["sigma68_ratio"]
+        assert q["reference"] == "raw_sum" and q["lo"] <= q["hi"]
+        assert q["ratio"] == pytest.approx(r["cnn"]["sigma68"] / r["raw_sum"]["sigma68"])
+        assert 0.0 <= r["gap_fraction"] <= 1.0
+    t = rep["tails"]
+    assert 0.08 < t["gap_fraction"] < 0.25  # 1 - (55/60)^2 = 16 % of a uniform beam
+    assert t["gap_raw_median"] < 0.6 and t["gap_cnn_median"] > t["gap_raw_median"]  # lost energy, partly recovered
+    md = (tmp_path / "validation_array30.md").read_text()
+    assert "bootstrap 16–84 %" in md and "entered the aluminium" in md

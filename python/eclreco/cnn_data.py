@@ -40,6 +40,8 @@ class G4Sample:
         else:
             self.e_true = d["true_energy_mev"].astype(np.float64) * 1e-3
             self.direction = np.tile([0.0, 0.0, 1.0], (self.e_true.size, 1))
+        # array30: the photon's entry point on the front plane (truth, for validation only)
+        self.entry_xy_mm = d["xy_mm"].astype(np.float64) if "xy_mm" in d.files else None
         self.n = self.e_true.size
 
     def split(self):
@@ -49,6 +51,49 @@ class G4Sample:
         n_val = int(round(n_rest * VAL_FRACTION))
         idx = np.arange(self.n)
         return idx[: n_rest - n_val], idx[n_rest - n_val: n_rest], idx[n_rest:]
+
+    def symmetric_copies(self, idx, copies=8):
+        """A G4Sample with the events idx seen under `copies` (1..8) symmetries of the array30
+        reference beam: the setup (normal incidence, entry point uniform over the 60 x 60 mm cell of
+        the crystal at col 15, row 15; spec/detector.md) is invariant under the 8 reflections and
+        rotations of the square about the cell's centre (x, y = 30, 30 mm), which map col -> 30 - col,
+        row -> 30 - row and swap row and col. Copy k of event i is event k * len(idx) + i; copy 0 is
+        the event itself. Deposits that would fall outside the array (col or row 0 reflected to 30:
+        ~3e-8 of the energy of the shipped file) are dropped (`dropped_gev`)."""
+        if self.detector != "array30":
+            raise ValueError("symmetric_copies: only the array30 reference beam has these symmetries")
+        if not 1 <= copies <= 8:
+            raise ValueError(f"symmetric_copies: copies must be 1..8, not {copies}")
+        idx = np.asarray(idx, np.int64)
+        off, cell, e = self.deposits(idx)
+        row, col = (cell - 1) // 30, (cell - 1) % 30
+        cells, energies, counts, entries, dropped = [], [], [], [], 0.0
+        ev_of = np.repeat(np.arange(idx.size), np.diff(off))
+        xy = self.entry_xy_mm[idx] if self.entry_xy_mm is not None else np.full((idx.size, 2), 30.0)
+        for k in range(copies):
+            r = 30 - row if k & 1 else row
+            c = 30 - col if k & 2 else col
+            x = 60.0 - xy[:, 0] if k & 2 else xy[:, 0]
+            y = 60.0 - xy[:, 1] if k & 1 else xy[:, 1]
+            if k & 4:
+                r, c, x, y = c, r, y, x
+            entries.append(np.stack([x, y], 1))
+            keep = (r < 30) & (c < 30)
+            dropped += float(e[~keep].sum())
+            cells.append((1 + 30 * r + c)[keep])
+            energies.append(e[keep])
+            counts.append(np.bincount(ev_of[keep], minlength=idx.size))
+        out = object.__new__(G4Sample)
+        out.detector = self.detector
+        out.offsets = np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int64)
+        out.cell = np.concatenate(cells).astype(np.int32)
+        out.edep_gev = np.concatenate(energies)
+        out.e_true = np.tile(self.e_true[idx], copies)
+        out.direction = np.tile(self.direction[idx], (copies, 1))
+        out.entry_xy_mm = np.concatenate(entries)
+        out.n = out.e_true.size
+        out.dropped_gev = dropped
+        return out
 
     def deposits(self, idx):
         """Columnar deposits (offsets, cell, edep_gev) of the events idx (in that order)."""

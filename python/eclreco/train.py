@@ -50,6 +50,10 @@ RESIDUAL = {"array30": True, "belle2-ecl": True}
 # belle2-ecl: loss weight of the events without background (level 0), relative to the others
 LEVEL0_WEIGHT = {"array30": 1.0, "belle2-ecl": 2.0}
 EPOCHS = {"array30": 150, "belle2-ecl": 80}
+# array30: the training events enter this many times, under the symmetries of the reference beam
+# (cnn_data.G4Sample.symmetric_copies), each copy with its own electronics noise; validation and test
+# events once, as they are
+AUGMENT = {"array30": 1, "belle2-ecl": 1}
 # decay per step of the exponential moving average of the weights that is validated and shipped (0: none)
 EMA = {"array30": 0.998, "belle2-ecl": 0.998}
 # residual squashed to B tanh(r/B), B = softplus(a + b log E_raw) learned (cnn_model.build_model)
@@ -108,8 +112,10 @@ def default_g4_path(detector: str) -> str:
     return cands[0]
 
 
-def chain_samples(detector, g4_path, seed=1, max_events=0, quiet=False):
-    """(train, val, test) dicts of matched clusters through the chain."""
+def chain_samples(detector, g4_path, seed=1, max_events=0, quiet=False, copies=None):
+    """(train, val, test) dicts of matched clusters through the chain; copies: how many times the
+    training events enter (array30: under the symmetries of the beam, G4Sample.symmetric_copies;
+    default AUGMENT)."""
     from tqdm import tqdm
 
     g4 = cnn_data.G4Sample(g4_path, detector)
@@ -119,11 +125,18 @@ def chain_samples(detector, g4_path, seed=1, max_events=0, quiet=False):
         tr, va, te = tr[: max(int(tr.size * f), 1)], va[: max(int(va.size * f), 1)], te[: max(int(te.size * f), 1)]
     out = []
     levels = BACKGROUND_RANGE[detector]
-    with tqdm(total=tr.size + va.size + te.size, desc=f"chain {detector}", unit="ev", disable=quiet,
+    copies = AUGMENT[detector] if copies is None else int(copies)
+    with tqdm(total=tr.size * copies + va.size + te.size, desc=f"chain {detector}", unit="ev", disable=quiet,
               file=sys.stderr) as bar:
         for k, idx in enumerate((tr, va, te)):
-            out.append(cnn_data.g4_chain_sample(g4, idx, seed=seed * 100 + k, levels=levels, progress=bar,
-                                                chunk=BACKGROUND_CHUNK[detector]))
+            src = g4
+            if k == 0 and copies > 1:
+                src = g4.symmetric_copies(idx, copies)
+                idx = np.arange(src.n)
+            s = cnn_data.g4_chain_sample(src, idx, seed=seed * 100 + k, levels=levels, progress=bar,
+                                         chunk=BACKGROUND_CHUNK[detector])
+            s["copies"] = np.array(copies if k == 0 else 1)
+            out.append(s)
     return out
 
 
@@ -289,7 +302,9 @@ def write_card(out_dir, detector, card):
              f"- parameters: {card['n_params']}, FLOPs per cluster: {card['flops_per_cluster']}",
              f"- throughput (onnxruntime, 1 thread, batch 1024): {card['clusters_per_second']:,.0f} clusters/s "
              f"({1e6 / card['clusters_per_second']:.2f} us/cluster)",
-             f"- data: `{card['data']['g4']}` ({card['data']['chain']}); background: {card['data']['background']}",
+             f"- data: `{card['data']['g4']}` ({card['data']['chain']}); background: {card['data']['background']}"
+             + (f"; every training event {card['data']['training_copies']} times, under the symmetries of the beam spot "
+                "(--augment)" if card["data"].get("training_copies", 1) > 1 else ""),
              f"- split: {card['data']['split']}; train {card['training']['n_train']}, validation {card['training']['n_val']} matched clusters",
              f"- training: {card['training']['epochs_run']} epochs (best {card['training']['best_epoch']}), "
              f"{card['training']['train_seconds']:.0f} s on {card['training']['threads']} CPU threads, seed {card['seed']}, "
@@ -333,7 +348,7 @@ def load_samples(path):
 
 
 def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=None, max_events=0, quiet=False,
-                 samples=None, cache=None):
+                 samples=None, cache=None, augment=None):
     import onnx  # noqa: F401  (fail early when the training extras are missing)
     import torch
 
@@ -345,8 +360,12 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
     t_start = time.time()
     if samples is None and cache and os.path.exists(cache):
         samples = load_samples(cache)
+        had = int(samples[0].get("copies", 1))
+        if augment is not None and int(augment) != had:
+            raise SystemExit(f"eclreco train: the cache {cache!r} holds {had} cop{'y' if had == 1 else 'ies'} of the "
+                             f"training events, not --augment {augment}: use another --cache file")
     if samples is None:
-        samples = chain_samples(detector, g4_path, seed=seed, max_events=max_events, quiet=quiet)
+        samples = chain_samples(detector, g4_path, seed=seed, max_events=max_events, quiet=quiet, copies=augment)
         if cache:
             save_samples(cache, samples)
     train, val, test = samples
@@ -411,7 +430,7 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
                                 f"{LEVEL0_WEIGHT[detector]:g}x in the loss" if BACKGROUND_RANGE[detector] else "none"),
                  "split": (f"test = last {int(cnn_data.TEST_FRACTION * 100)} % of the file; validation = the "
                            f"last {cnn_data.VAL_FRACTION:.3f} of the rest (early stopping); train = the rest"),
-                 "max_events": max_events},
+                 "max_events": max_events, "training_copies": int(train.get("copies", 1))},
         "training": {k: v for k, v in info.items() if k != "history"} | {
             "threads": 2, "torch": torch.__version__, "python": platform.python_version(),
             "optimizer": f"Adam lr 3e-3, batch 512, ReduceLROnPlateau(0.5, 3), at most {epochs} epochs, early stopping patience 10"
@@ -426,12 +445,15 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
 
 
 def _cmd(args) -> int:
+    if args.augment is not None and not (1 <= args.augment <= 8 and (args.augment == 1 or args.detector == "array30")):
+        raise SystemExit("eclreco train: --augment takes 1..8, and more than 1 only for array30 (the symmetries of "
+                         "its beam spot)")
     sizes = [s.strip() for s in args.sizes.split(",")] if args.sizes else None
     for s in sizes or []:
         if s not in SIZES:
             raise SystemExit(f"eclreco train: unknown size {s!r} ({', '.join(SIZES)})")
     run_training(args.detector, args.output, g4_path=args.g4, epochs=args.epochs, seed=args.seed, sizes=sizes,
-                 max_events=args.max_events, quiet=args.quiet, cache=args.cache)
+                 max_events=args.max_events, quiet=args.quiet, cache=args.cache, augment=args.augment)
     return 0
 
 
@@ -449,6 +471,9 @@ def add_train_parser(subparsers):
     p.add_argument("--max-events", type=int, default=0, help="use only this many events of the file (0: all)")
     p.add_argument("--cache", default=None, help="npz file of the chain samples: written when missing, read when "
                    "present (the chain is deterministic, so this only saves time)")
+    p.add_argument("--augment", type=int, default=None, help="array30: the training events enter N times (1..8), "
+                   "under the reflections and rotations of the beam spot, each with its own noise (default "
+                   f"{AUGMENT['array30']}: not needed, see docs/physics-validation.md)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd)
     return p

@@ -18,7 +18,7 @@ from functools import lru_cache
 import numpy as np
 
 __all__ = ["Medium", "CSI", "ALUMINIUM", "ShowerParams", "DEFAULT_PARAMS", "shower_spots",
-           "deposit_belle2", "deposit_array30", "geometry_arrays"]
+           "deposit_belle2", "deposit_array30", "array30_in_gap", "geometry_arrays"]
 
 
 @dataclass(frozen=True)
@@ -250,6 +250,14 @@ ARRAY_HALF_CRYSTAL_CM = 2.75
 ARRAY_N = 30
 
 
+def array30_in_gap(xy_cm):
+    """True where an entry point (n, 2) on the array30 front plane (cm) lies in the aluminium
+    between the crystals (5 mm between 55 mm crystals on a 60 mm pitch)."""
+    xy = np.asarray(xy_cm, dtype=np.float64).reshape(-1, 2)
+    f = np.abs(np.mod(xy, ARRAY_PITCH_CM) - ARRAY_PITCH_CM / 2)
+    return (f[:, 0] > ARRAY_HALF_CRYSTAL_CM) | (f[:, 1] > ARRAY_HALF_CRYSTAL_CM)
+
+
 def deposit_array30(e_gev, xy_cm, dirs, rng, params: ShowerParams = DEFAULT_PARAMS):
     """Photon showers entering the array30 front plane (z = 0) at xy_cm (n, 2) along dirs (n, 3).
 
@@ -261,9 +269,7 @@ def deposit_array30(e_gev, xy_cm, dirs, rng, params: ShowerParams = DEFAULT_PARA
     xy = np.asarray(xy_cm, dtype=np.float64).reshape(-1, 2)
     dirs = np.asarray(dirs, dtype=np.float64).reshape(-1, 3)
     ns = e_gev.size
-    fx = np.mod(xy[:, 0], ARRAY_PITCH_CM) - ARRAY_PITCH_CM / 2
-    fy = np.mod(xy[:, 1], ARRAY_PITCH_CM) - ARRAY_PITCH_CM / 2
-    in_gap = (np.abs(fx) > ARRAY_HALF_CRYSTAL_CM) | (np.abs(fy) > ARRAY_HALF_CRYSTAL_CM)
+    in_gap = array30_in_gap(xy)
     out_i, out_c, out_e = [], [], []
     gap_med = Medium("Al+CsI", params.gap_x0_cm, params.gap_rm_cm, ALUMINIUM.ec_gev, ALUMINIUM.z)
     for gap, med, lat in ((False, CSI, 1.0), (True, gap_med, params.al_lateral_scale)):
