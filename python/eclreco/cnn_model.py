@@ -110,11 +110,13 @@ def sigma68_ratio_interval(a, b, n_boot=1000, seed=0):
     if a.size < 2:
         return float("nan"), float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, a.size, (n_boot, a.size))
-    qa = np.quantile(a[idx], [0.16, 0.84], axis=1)
-    qb = np.quantile(b[idx], [0.16, 0.84], axis=1)
-    boot = (qa[1] - qa[0]) / (qb[1] - qb[0])
-    lo, hi = np.quantile(boot, [0.16, 0.84])
+    boot = []
+    for n in np.diff(np.r_[0:n_boot:100, n_boot]):  # resamplings in blocks: bounded memory for large samples
+        idx = rng.integers(0, a.size, (n, a.size))
+        qa = np.quantile(a[idx], [0.16, 0.84], axis=1)
+        qb = np.quantile(b[idx], [0.16, 0.84], axis=1)
+        boot.append((qa[1] - qa[0]) / (qb[1] - qb[0]))
+    lo, hi = np.quantile(np.concatenate(boot), [0.16, 0.84])
     return sigma68(a) / sigma68(b), float(lo), float(hi)
 
 
