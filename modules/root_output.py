@@ -137,7 +137,7 @@ class RootOutput(Module):
         if "ECLDigits" in batch:
             part["n_digits"] = np.diff(batch["ECLDigits"].offsets)[keep].astype(np.int32)
         if "ECLEventInformation" in batch:  # the event's background measure (ECLUnpacker)
-            part["n_out_of_time_digits"] = batch["ECLEventInformation"]["n_out_of_time_digits"][keep].astype(np.int32)
+            part["n_out_of_time_digits"] = batch["ECLEventInformation"]["n_out_of_time_digits"][keep].astype(np.int32, copy=False)
         if "ECLClusters" in batch:
             clusters = batch["ECLClusters"]
             offsets = clusters.offsets

@@ -322,6 +322,10 @@ def test_array30_symmetric_copies_map_cells_and_entry_points():
         assert np.corrcoef(x_dep, aug.entry_xy_mm[ev, 0])[0, 1] > 0.5  # -0.6 if x were not reflected with the cells
     with pytest.raises(ValueError, match="array30"):
         cnn_data.G4Sample(SUBSET["belle2-ecl"], "belle2-ecl").symmetric_copies(idx, 2)
+    from eclreco import train
+
+    with pytest.raises(ValueError, match="1..8"):  # not a training set without its events
+        train.chain_samples("array30", SUBSET["array30"], copies=0, quiet=True)
 
 
 def test_sigma68_ratio_interval():

@@ -37,7 +37,6 @@ class ArraySource(Module):
 
     def __init__(self, collection: str, offsets, columns: dict, detector: str = "belle2-ecl", repeat: int = 1):
         super().__init__()
-
         off = np.asarray(offsets, np.int64)
         if off.ndim != 1 or off.size < 1 or off[0] != 0 or np.any(np.diff(off) < 0):
             raise ValueError("ArraySource: offsets must be 1-d, start at 0 and not decrease")

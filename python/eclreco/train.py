@@ -44,7 +44,6 @@ BACKGROUND_CHUNK = {"array30": 2000, "belle2-ecl": 250}
 # extra features appended to ECLClusters.features (eclreco.cnn_model.EXTRA_FEATURE_NAMES): the cluster
 # energy as it arrives (after the classical correction) and, belle2-ecl, the event's background measure
 EXTRA_FEATURES = {"array30": ("energy_in",), "belle2-ecl": ("energy_in", "event_oot_digits")}
-EVENT_FEATURES = EXTRA_FEATURES  # old name
 # residual models: y = log(energy_in / energy_raw) + network, the last layer starting at zero
 RESIDUAL = {"array30": True, "belle2-ecl": True}
 # belle2-ecl: loss weight of the events without background (level 0), relative to the others
@@ -130,7 +129,7 @@ def chain_samples(detector, g4_path, seed=1, max_events=0, quiet=False, copies=N
               file=sys.stderr) as bar:
         for k, idx in enumerate((tr, va, te)):
             src = g4
-            if k == 0 and copies > 1:
+            if k == 0 and copies != 1:  # symmetric_copies refuses a count out of 1..8 or another detector
                 src = g4.symmetric_copies(idx, copies)
                 idx = np.arange(src.n)
             s = cnn_data.g4_chain_sample(src, idx, seed=seed * 100 + k, levels=levels, progress=bar,

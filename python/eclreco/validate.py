@@ -22,6 +22,7 @@ import numpy as np
 
 from eclreco import cnn_data
 from eclreco.cnn_model import sigma68, sigma68_ratio_interval, summary
+from eclreco.sim.showers import array30_in_gap
 
 ENERGIES = {"array30": [0.1, 0.2, 0.5, 0.6, 1.0, 2.0, 3.0, 4.0, 5.0],
             "belle2-ecl": [0.1, 0.2, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0]}
@@ -42,6 +43,7 @@ REFERENCE = {"array30": "raw_sum", "belle2-ecl": "classical"}  # what the issue'
 TARGET = {"array30": "σ68 CNN / raw sum: ≤ 0.85 below 1 GeV, ≤ 0.6 from 1 GeV",
           "belle2-ecl": "σ68 CNN / classical: < 1 at every energy and level, ≤ 0.85 at 0.1–1 GeV at level 1"}
 COLUMN = {"raw_sum": "raw_sum", "cluster_raw": "energy_raw", "classical": "classical", "cnn": "energy"}
+LABEL = {"raw_sum": "raw sum", "cluster_raw": "cluster raw", "classical": "classical", "cnn": "CNN"}
 
 
 def energy_table(res, energies, window=WINDOW, reference="raw_sum", in_gap=None):
@@ -70,11 +72,10 @@ def energy_table(res, energies, window=WINDOW, reference="raw_sum", in_gap=None)
 
 
 def _fmt_table(rows, names, title):
-    lab = {"raw_sum": "raw sum", "cluster_raw": "cluster raw", "classical": "classical", "cnn": "CNN"}
     out = [f"### {title}", "",
-           "| E_true GeV | n | " + " | ".join(f"mean {lab[n]}" for n in names) + " | "
-           + " | ".join(f"RMS {lab[n]}" for n in names) + " | " + " | ".join(f"bias {lab[n]}" for n in names)
-           + " | " + " | ".join(f"σ68 {lab[n]}" for n in names) + " |",
+           "| E_true GeV | n | " + " | ".join(f"mean {LABEL[n]}" for n in names) + " | "
+           + " | ".join(f"RMS {LABEL[n]}" for n in names) + " | " + " | ".join(f"bias {LABEL[n]}" for n in names)
+           + " | " + " | ".join(f"σ68 {LABEL[n]}" for n in names) + " |",
            "|" + "---|" * (2 + 4 * len(names))]
     for r in rows:
         cells = [f"{r['e_true']:g}", f"{r['n']}" + (f" (+{r['n_no_cluster']} no cl.)" if r["n_no_cluster"] else "")]
@@ -98,7 +99,6 @@ def plot_energy_hists(res, energies, path, names, title):
     cols = 3
     rows = (n + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows))
-    lab = {"raw_sum": "raw sum", "cluster_raw": "cluster raw", "classical": "classical", "cnn": "CNN"}
     col = {"raw_sum": "grey", "cluster_raw": "grey", "classical": "tab:blue", "cnn": "tab:red"}
     for ax, e0 in zip(np.ravel(axes), energies):
         k = (res["e_true"] >= e0 * (1 - WINDOW)) & (res["e_true"] <= e0 * (1 + WINDOW)) & res["has"]
@@ -106,7 +106,7 @@ def plot_energy_hists(res, energies, path, names, title):
         for nm in names:
             key = {"raw_sum": "raw_sum", "cluster_raw": "energy_raw", "classical": "classical", "cnn": "energy"}[nm]
             ax.hist(np.clip(res[key][k] * 1000, 0, bins[-1] - 1e-6), bins, histtype="step", color=col[nm],
-                    label=f"{lab[nm]} σ68={sigma68(res[key][k] / res['e_true'][k]):.3f}")
+                    label=f"{LABEL[nm]} σ68={sigma68(res[key][k] / res['e_true'][k]):.3f}")
         ax.axvline(e0 * 1000, color="k", lw=0.6, ls=":")
         ax.set_title(f"E_true = {e0:g} GeV ±5 % (n={k.sum()})", fontsize=9)
         ax.set_xlabel("E [MeV]", fontsize=8)
@@ -210,7 +210,7 @@ def plot_pi0(masses, path):
 # ---------------------------------------------------------------------------------------------
 
 def _fmt_ratio_table(rows, detector):
-    lab = {"raw_sum": "raw sum", "classical": "classical"}[REFERENCE[detector]]
+    lab = LABEL[REFERENCE[detector]]
     gap = "gap_fraction" in rows[0]
     out = [f"σ68(CNN) / σ68({lab}) with the 16–84 % range of 1000 paired bootstrap resamplings of the window's "
            f"photons (target: {TARGET[detector]})" + ("; photons that entered the aluminium between the crystals "
@@ -253,8 +253,6 @@ def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed
                                            model=model, progress=bar)
         in_gap = None
         if detector == "array30" and g4.entry_xy_mm is not None:
-            from eclreco.sim.showers import array30_in_gap
-
             in_gap = array30_in_gap(g4.entry_xy_mm[res["g4_index"]] / 10.0)
         rows = energy_table(res, ENERGIES[detector], reference=REFERENCE[detector], in_gap=in_gap)
         report["tables"][f"bg{bg:g}"] = rows
