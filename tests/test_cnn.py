@@ -328,6 +328,21 @@ def test_array30_symmetric_copies_map_cells_and_entry_points():
         train.chain_samples("array30", SUBSET["array30"], copies=0, quiet=True)
 
 
+def test_train_refuses_copies_that_do_not_fit(tmp_path):
+    """--augment: the CLI says why before reading the Geant4 file; a cache made with another count
+    is refused rather than silently used."""
+    from eclreco import cli, train
+
+    for det, n in [("belle2-ecl", 2), ("array30", 9)]:
+        with pytest.raises(SystemExit, match="eclreco train: training copies"):
+            cli.main(["train", "--detector", det, "--augment", str(n), "-o", str(tmp_path), "--g4", "/nonexistent.npz"])
+    cache = tmp_path / "cache.npz"
+    np.savez(cache, **{"0/copies": np.array(1)})
+    with pytest.raises(train.TrainingInputError, match="holds 1 copy"):
+        train.run_training("array30", str(tmp_path / "out"), g4_path=SUBSET["array30"], cache=str(cache), augment=4,
+                           quiet=True)
+
+
 def test_sigma68_ratio_interval():
     from eclreco.cnn_model import sigma68_ratio_interval
 

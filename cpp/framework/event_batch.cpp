@@ -22,6 +22,10 @@ Column& Collection::set_column(const std::string& name, Column c) {
   if (c.rows() != n_rows())
     throw std::length_error("column '" + name + "' has " + std::to_string(c.rows()) +
                             " rows, collection has " + std::to_string(n_rows()));
+  return put_column(name, std::move(c));
+}
+
+Column& Collection::put_column(const std::string& name, Column c) {
   Column& out = columns_[name] = std::move(c);
   out.set_name(name);
   return out;
@@ -103,8 +107,7 @@ EventBatch EventBatch::select(const std::vector<size_t>& events) const {
     for (const auto& [cname, col] : coll.columns()) {
       Column nc(col.dtype(), col.inner_shape());
       for (size_t i : events) nc.append_rows(col, coll.offsets()[i], coll.offsets()[i + 1]);
-      nc.set_name(cname);
-      c.columns()[cname] = std::move(nc);
+      c.put_column(cname, std::move(nc));
     }
     // Offsets only: the columns already hold the selected rows.
     Column& off = c.offsets_column();
@@ -131,7 +134,7 @@ EventBatch EventBatch::concat(const std::vector<EventBatch>& parts) {
       for (const auto& [cname, col] : coll.columns()) layout[name].emplace(cname, &col);
   for (const auto& [name, cols] : layout) {
     Collection c(0);
-    for (const auto& [cname, col] : cols) (c.columns()[cname] = Column(col->dtype(), col->inner_shape())).set_name(cname);
+    for (const auto& [cname, col] : cols) c.put_column(cname, Column(col->dtype(), col->inner_shape()));
     out.collections_.emplace(name, std::move(c));
   }
   std::map<std::string, std::vector<int64_t>> counts;

@@ -37,11 +37,13 @@ class Collection {
   // Adds (or replaces) a column sized to the current number of rows.
   template <class T>
   Column& add_column(const std::string& name, std::vector<int64_t> inner_shape = {}) {
-    Column& c = columns_[name] = Column::of<T>(n_rows(), std::move(inner_shape));
-    c.set_name(name);
-    return c;
+    return put_column(name, Column::of<T>(n_rows(), std::move(inner_shape)));
   }
+  // Adds (or replaces) a column that has n_rows() rows (std::length_error otherwise).
   Column& set_column(const std::string& name, Column c);
+  // Adds (or replaces) a column without the row check, for builders that set the offsets after
+  // filling the columns. The one place where a column gets its name (for its dtype errors).
+  Column& put_column(const std::string& name, Column c);
   std::map<std::string, Column>& columns() { return columns_; }
   const std::map<std::string, Column>& columns() const { return columns_; }
   // Sets offsets from per-event counts and resizes every column to the new row total.

@@ -24,6 +24,16 @@ VAL_FRACTION = 0.125  # of the remaining 80 %: validation set for early stopping
 # Geant4 files
 # ---------------------------------------------------------------------------------------------
 
+def check_copies(detector: str, copies: int) -> None:
+    """How many times training events may enter: 1..8, more than once only for array30 (the 8
+    symmetries of its reference beam spot, G4Sample.symmetric_copies). ValueError otherwise."""
+    if not 1 <= copies <= 8:
+        raise ValueError(f"training copies (--augment) must be 1..8, not {copies}")
+    if copies > 1 and detector != "array30":
+        raise ValueError("training copies (--augment) above 1 need the symmetries of the array30 reference beam, "
+                         f"which {detector} does not have")
+
+
 class G4Sample:
     """Events of a Geant4 file (columnar deposits) with their true energy / direction."""
 
@@ -60,10 +70,7 @@ class G4Sample:
         row -> 30 - row and swap row and col. Copy k of event i is event k * len(idx) + i; copy 0 is
         the event itself. Deposits that would fall outside the array (col or row 0 reflected to 30:
         ~3e-8 of the energy of the shipped file) are dropped (`dropped_gev`)."""
-        if self.detector != "array30":
-            raise ValueError("symmetric_copies: only the array30 reference beam has these symmetries")
-        if not 1 <= copies <= 8:
-            raise ValueError(f"symmetric_copies: copies must be 1..8, not {copies}")
+        check_copies(self.detector, copies)
         idx = np.asarray(idx, np.int64)
         off, cell, e = self.deposits(idx)
         row, col = (cell - 1) // 30, (cell - 1) % 30

@@ -346,6 +346,10 @@ def load_samples(path):
     return out
 
 
+class TrainingInputError(ValueError):
+    """Inputs of run_training that do not fit together (the CLI prints it without a traceback)."""
+
+
 def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=None, max_events=0, quiet=False,
                  samples=None, cache=None, augment=None):
     import onnx  # noqa: F401  (fail early when the training extras are missing)
@@ -361,8 +365,8 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
         samples = load_samples(cache)
         had = int(samples[0].get("copies", 1))
         if augment is not None and int(augment) != had:
-            raise SystemExit(f"eclreco train: the cache {cache!r} holds {had} cop{'y' if had == 1 else 'ies'} of the "
-                             f"training events, not --augment {augment}: use another --cache file")
+            raise TrainingInputError(f"the cache {cache!r} holds {had} cop{'y' if had == 1 else 'ies'} of the "
+                                     f"training events, not --augment {augment}: use another --cache file")
     if samples is None:
         samples = chain_samples(detector, g4_path, seed=seed, max_events=max_events, quiet=quiet, copies=augment)
         if cache:
@@ -444,15 +448,20 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
 
 
 def _cmd(args) -> int:
-    if args.augment is not None and not (1 <= args.augment <= 8 and (args.augment == 1 or args.detector == "array30")):
-        raise SystemExit("eclreco train: --augment takes 1..8, and more than 1 only for array30 (the symmetries of "
-                         "its beam spot)")
+    if args.augment is not None:
+        try:  # before the Geant4 file is read
+            cnn_data.check_copies(args.detector, args.augment)
+        except ValueError as err:
+            raise SystemExit(f"eclreco train: {err}") from None
     sizes = [s.strip() for s in args.sizes.split(",")] if args.sizes else None
     for s in sizes or []:
         if s not in SIZES:
             raise SystemExit(f"eclreco train: unknown size {s!r} ({', '.join(SIZES)})")
-    run_training(args.detector, args.output, g4_path=args.g4, epochs=args.epochs, seed=args.seed, sizes=sizes,
-                 max_events=args.max_events, quiet=args.quiet, cache=args.cache, augment=args.augment)
+    try:
+        run_training(args.detector, args.output, g4_path=args.g4, epochs=args.epochs, seed=args.seed, sizes=sizes,
+                     max_events=args.max_events, quiet=args.quiet, cache=args.cache, augment=args.augment)
+    except TrainingInputError as err:
+        raise SystemExit(f"eclreco train: {err}") from None
     return 0
 
 
