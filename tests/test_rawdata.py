@@ -104,6 +104,39 @@ def test_valid_envelope_variants():
         assert rawdata.decode_envelope(pack(env(ecl=p)))["payload_size"] == size
 
 
+def signed(fmt: int, v: int) -> bytes:
+    """v in a MessagePack signed format (0xd0 int8 .. 0xd3 int64), as some producers write ints."""
+    n = {0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}[fmt]
+    return bytes([fmt]) + v.to_bytes(n, "big", signed=True)
+
+
+def test_signed_formats_of_non_negative_ints_are_accepted():
+    """The spec asks for an int: 1 written as int8 (d0 01) is the int 1, like 01 or cc 01."""
+    crc = zlib.crc32(GOOD_PAYLOAD)
+
+    def envelope(fmt):
+        return (b"\x87" + pack("v") + signed(fmt, 1) + pack("exp") + signed(fmt, 7) + pack("run") + signed(fmt, 3)
+                + pack("evt") + signed(fmt, 100) + pack("det") + pack("belle2-ecl") + pack("ecl") + pack(GOOD_PAYLOAD)
+                + pack("crc32") + (signed(fmt, crc) if fmt == 0xD3 else pack(crc)))
+
+    for fmt in (0xD0, 0xD1, 0xD2, 0xD3):
+        d = rawdata.decode_envelope(envelope(fmt))
+        assert (d["exp"], d["run"], d["evt"], d["crc32"]) == (7, 3, 100, crc)
+    neg = b"\x86" + b"".join(pack(k) + (signed(0xD3, -2) if k == "evt" else pack(v)) for k, v in env().items())
+    with pytest.raises(rawdata.RawDataError, match="negative") as e:
+        rawdata.decode_envelope(neg)
+    assert e.value.reason == "out_of_range"
+    with pytest.raises(rawdata.RawDataError, match="crc32 = 4294967296 does not fit"):
+        rawdata.decode_envelope(b"\x87" + b"".join(pack(k) + pack(v) for k, v in env().items())
+                                + pack("crc32") + signed(0xD3, 1 << 32))
+
+
+def test_not_msgpack_names_the_invalid_byte():
+    for m, at in [(b"\xc1", 0), (b"\x81\xa1v\xc1", 3), (b"\x82\xa1v\x01\xa3exp\xc1", 8)]:
+        with pytest.raises(rawdata.RawDataError, match=f"invalid byte 0xc1 at byte {at}$"):
+            rawdata.decode_envelope(m)
+
+
 def test_identifiers_kept_for_rejected_events():
     msgs = [pack(env(exp=7, run=8, evt=9, det="cms")), pack(env(exp=7, run=8, evt=10, ecl=b"\x00"))]
     events, stats = run_path(MessageSource(msgs))
@@ -313,3 +346,30 @@ def test_daq_emulator_delivers_everything(tmp_path):
             {k: v for k, v in orig.items() if k != "evt"}
     pull.close(0)
     ctx.term()
+
+
+def test_loop_renumbering_changes_only_the_evt_bytes():
+    """A looped replay keeps every byte but evt's: bad input stays bad (a repeated key, a wrong
+    CRC, a signed-int width); what has no single evt int is replayed unchanged."""
+    from eclreco.daq import LoopRenumbering
+
+    good = pack(env(evt=5, crc32=zlib.crc32(GOOD_PAYLOAD)))
+    dup_crc = raw_map(("v", 1), ("exp", 1), ("run", 2), ("evt", 7), ("det", "belle2-ecl"), ("ecl", GOOD_PAYLOAD),
+                      ("crc32", 1), ("crc32", zlib.crc32(GOOD_PAYLOAD)))
+    dup_evt = BAD_ENVELOPES["duplicate_key"][0]
+    wide = pack(env(evt=9))[:-len(pack(GOOD_PAYLOAD))]  # truncated before the payload: not framable
+    msgs = [good, dup_crc, dup_evt, wide, b"\xc1", pack([1, 2]), pack(env(evt=True))]
+    r = LoopRenumbering(msgs)
+    for k, m in enumerate(msgs):
+        assert r.message(k, 0) == m if r.offsets[k] < 0 else msgpack.unpackb(r.message(k, 0)) == msgpack.unpackb(m)
+    assert [o >= 0 for o in r.offsets] == [True, True, False, False, False, False, False]
+    assert r.span == 3  # evt 5 and 7
+    for k in (0, 1):
+        again = bytes(r.message(k, 2))
+        i = again.index(b"\xa3evt") + 4
+        assert again[i] == 0xCE and int.from_bytes(again[i + 1: i + 5], "big") == (5, 7)[k] + 6
+        assert again[:i] == msgs[k][:i] and again[i + 5:] == msgs[k][i + 1:]  # only evt's bytes differ (05 -> ce 00 00 00 0b)
+    with pytest.raises(rawdata.RawDataError) as e:  # the repeated crc32 key stays a repeated key
+        rawdata.decode_envelope(bytes(r.message(1, 3)))
+    assert e.value.reason == "duplicate_key"
+    assert rawdata.decode_envelope(bytes(r.message(0, 3)))["evt"] == 5 + 9

@@ -73,6 +73,9 @@ class EnvelopeVisitor : public msgpack::null_visitor {
     return true;
   }
   bool visit_negative_integer(int64_t v) {
+    // The parser calls this for every signed format (int8..int64, 0xd0-0xd3) whatever the sign:
+    // a producer may write 1 as d0 01, and it is still the int 1.
+    if (v >= 0) return visit_positive_integer(static_cast<uint64_t>(v));
     if (!top_value()) return scalar(TInt);
     switch (key_) {
       case kV: version_error("bad_version", "v = " + std::to_string(v) + ": only version 1 is known"); break;
@@ -285,11 +288,10 @@ Envelope decode(const uint8_t* data, size_t size, bool whole) {
       env.detail = "not MessagePack: invalid byte 0x" +
                    [&] {
                      char buf[8];
-                     const size_t at = vis.failure_offset_ ? vis.failure_offset_ - 1 : 0;
-                     std::snprintf(buf, sizeof buf, "%02x", at < size ? data[at] : 0);
+                     std::snprintf(buf, sizeof buf, "%02x", vis.failure_offset_ < size ? data[vis.failure_offset_] : 0);
                      return std::string(buf);
                    }() +
-                   " at byte " + std::to_string(vis.failure_offset_ ? vis.failure_offset_ - 1 : 0);
+                   " at byte " + std::to_string(vis.failure_offset_);
     // Identifiers read before the failure stay known, but a failed parse is no message.
     return env;
   }

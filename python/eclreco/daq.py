@@ -23,42 +23,55 @@ from eclreco.rawdata import read_raw_file
 class LoopRenumbering:
     """Event numbers for the passes of a looped replay: (exp, run, evt) must be unique in a
     stream (spec/wire-format.md), and the collector drops a repeated one as a duplicate. Pass k
-    sends evt + k * span (span = max evt - min evt + 1 of the file). Each message is re-encoded
-    once with `evt` as a fixed-width uint32, so that a pass costs an in-place patch of 4 bytes
-    per message; messages that are not envelopes (replays of bad input) are sent unchanged."""
+    sends evt + k * span (span = max evt - min evt + 1 of the file). Only the bytes of the `evt`
+    value change: it is rewritten once as a fixed-width uint32, so that a pass costs an in-place
+    patch of 4 bytes per message, and every other byte stays as in the file (a replay of bad input
+    keeps its defect). Messages without exactly one top-level `evt` int in 0..2^32-1 (not a map,
+    truncated, a repeated key ...) are sent unchanged in every pass."""
 
     def __init__(self, messages: Sequence[bytes]):
-        import msgpack
-
-        packer = msgpack.Packer(use_bin_type=True)
         self.messages, self.offsets, self.evts = [], [], []
         for m in messages:
-            env = None
-            try:
-                env = msgpack.unpackb(m, raw=False, strict_map_key=False)
-            except Exception:  # noqa: BLE001 - garbage is replayed as it is
-                pass
-            evt = env.get("evt") if isinstance(env, dict) else None
-            if not isinstance(evt, int) or isinstance(evt, bool) or not 0 <= evt < 2 ** 32:
+            span = self._evt_span(m)
+            if span is None:
                 self.messages.append(m)
                 self.offsets.append(-1)
                 self.evts.append(0)
                 continue
-            parts = [packer.pack_map_header(len(env))]
-            pos = len(parts[0])
-            off = -1
-            for k, v in env.items():
-                kb = packer.pack(k)
-                vb = b"\xce" + evt.to_bytes(4, "big") if k == "evt" else packer.pack(v)  # uint32, fixed width
-                if k == "evt":
-                    off = pos + len(kb) + 1
-                parts += [kb, vb]
-                pos += len(kb) + len(vb)
-            self.messages.append(b"".join(parts))
-            self.offsets.append(off)
+            start, stop, evt = span
+            self.messages.append(m[:start] + b"\xce" + evt.to_bytes(4, "big") + m[stop:])
+            self.offsets.append(start + 1)
             self.evts.append(evt)
         valid = [e for e, o in zip(self.evts, self.offsets) if o >= 0]
         self.span = (max(valid) - min(valid) + 1) if valid else 1
+
+    @staticmethod
+    def _evt_span(m: bytes):
+        """(start, stop, evt): the bytes of the value of the one top-level "evt" key, or None."""
+        import msgpack
+
+        try:
+            u = msgpack.Unpacker(raw=False, strict_map_key=False)
+            u.feed(m)
+            found = []
+            for _ in range(u.read_map_header()):
+                key = u.unpack()
+                start = u.tell()
+                u.skip()
+                if key == "evt":
+                    found.append((start, u.tell()))
+        except Exception:  # noqa: BLE001 - not a map, truncated, garbage: replayed as it is
+            return None
+        if len(found) != 1:
+            return None
+        start, stop = found[0]
+        try:
+            evt = msgpack.unpackb(m[start:stop])
+        except Exception:  # noqa: BLE001
+            return None
+        if not isinstance(evt, int) or isinstance(evt, bool) or not 0 <= evt < 2 ** 32:
+            return None
+        return start, stop, evt
 
     def message(self, idx: int, pass_k: int) -> bytes:
         m, off = self.messages[idx], self.offsets[idx]
