@@ -16,8 +16,11 @@ all: install
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# torch 2.x CPU for training; build tools so that the package can be rebuilt incrementally
-	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.13" "torch>=2.2" "onnx>=1.15" \
+	# torch for training, pinned: the shipped models were trained with 2.13.0 and `eclreco train`
+	# reproduces them byte for byte with it (the version is written into the ONNX file). Where pip
+	# finds the local CPU wheel (--find-links) it takes that, not PyPI's CUDA build (~5 GB more).
+	# Build tools so that the package can be rebuilt incrementally.
+	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.13" "torch==2.13.0" "onnx>=1.15" \
 	  pytest pytest-timeout numpy msgpack pyzmq onnxruntime uproot awkward zstandard prometheus-client tqdm matplotlib scipy
 	# atheris for the fuzz harnesses (tests/test_fuzz.py skips, saying so, where it cannot be installed)
 	$(PIP) install -q atheris || echo "make: atheris could not be installed; the fuzz tests will be skipped"

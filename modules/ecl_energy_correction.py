@@ -155,9 +155,16 @@ class ECLEnergyCorrection(Module):
             sess.run(["energy"], {"image": img, "features": feat})
 
     def _session(self, detector_code: int):
-        if "*" in self._sessions:
-            return self._sessions["*"]
         name = DETECTOR_NAMES.get(int(detector_code))
+        if "*" in self._sessions:
+            sess, meta = self._sessions["*"]
+            # an explicit model without `detector`: its events are checked here (a model of
+            # another detector would run without error and give wrong energies)
+            trained = meta.get("detector")
+            if trained is not None and name != trained:
+                raise ModelError(f"ECLEnergyCorrection: model {self.param('model')!r} was trained for detector "
+                                 f"{trained!r}, the events are {name or detector_code!r}")
+            return sess, meta
         if name not in self._sessions:
             raise ModelError(f"ECLEnergyCorrection: no model for detector {name or detector_code!r}")
         return self._sessions[name]

@@ -33,9 +33,7 @@ class ZMQInput(Module):
         self._ctx = self._sock = self._monitor = None
         self.messages_received = 0
         self.bytes_received = 0
-        self.disconnects = 0
-        self.connections = 0
-        self.auth_failures = 0
+        self._closed_counts = {}  # connection counters of the sockets of earlier runs (cumulative)
         self._first = self._last = None
         self._ended = False
 
@@ -52,10 +50,9 @@ class ZMQInput(Module):
         s.setsockopt(zmq.RCVHWM, int(self.param("rcvhwm")))
         if self.param("max_message_bytes") > 0:
             s.setsockopt(zmq.MAXMSGSIZE, int(self.param("max_message_bytes")))
-        self._monitor = s.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
-                                             | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-                                             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                                             | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        from eclreco.socket_monitor import ConnectionMonitor
+
+        self._monitor = ConnectionMonitor(s)
         apply_curve_params(self, s)
         address = self.param("address")
         if self.param("bind"):
@@ -70,26 +67,6 @@ class ZMQInput(Module):
     def endpoint(self) -> str:
         """The bound endpoint (with the real port when the address asked for port 0 or '*')."""
         return self._sock.getsockopt_string(self._zmq.LAST_ENDPOINT) if self._sock is not None else ""
-
-    def _poll_monitor(self):
-        from zmq.utils.monitor import recv_monitor_message
-
-        zmq = self._zmq
-        while True:
-            try:
-                ev = recv_monitor_message(self._monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if ev["event"] in (zmq.EVENT_ACCEPTED, zmq.EVENT_CONNECTED):
-                self.connections += 1
-            elif ev["event"] == zmq.EVENT_DISCONNECTED:
-                # libzmq reports a refused (oversized) message only as a disconnect of that
-                # peer, which then reconnects at once; a sender that closes also disconnects.
-                self.disconnects += 1
-            elif ev["event"] in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
-                                 zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL):
-                # CURVE: a peer with an unknown key (or without CURVE) was refused
-                self.auth_failures += 1
 
     def next_batch(self, batch, max_events):
         zmq = self._zmq
@@ -127,7 +104,7 @@ class ZMQInput(Module):
                     wait = min(wait, self._last + idle - now)
             sock.poll(max(1, int(wait * 1000)), zmq.POLLIN)
         if self._monitor is not None:
-            self._poll_monitor()
+            self._monitor.poll()
         if msgs:
             now = time.monotonic()
             if self._first is None:
@@ -140,14 +117,18 @@ class ZMQInput(Module):
 
     def terminate(self):
         if self._monitor is not None:
-            self._sock.disable_monitor()
-            self._monitor.close(0)
+            self._monitor.close()
+            for k, v in self._monitor.counters().items():
+                self._closed_counts[k] = self._closed_counts.get(k, 0.0) + v
             self._monitor = None
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
 
     def counters(self):
-        return {"messages_received": float(self.messages_received), "bytes_received": float(self.bytes_received),
-                "disconnects": float(self.disconnects), "connections": float(self.connections),
-                "auth_failures": float(self.auth_failures)}
+        out = {"messages_received": float(self.messages_received), "bytes_received": float(self.bytes_received),
+               "disconnects": 0.0, "connections": 0.0, "auth_failures": 0.0}
+        live = self._monitor.counters() if self._monitor is not None else {}
+        for k in ("disconnects", "connections", "auth_failures"):
+            out[k] = self._closed_counts.get(k, 0.0) + live.get(k, 0.0)
+        return out

@@ -14,6 +14,7 @@ import sys
 
 import eclreco
 from eclreco.hlt.worker import HLTWorkerInput, WorkerLink, add_worker_arguments, run_worker  # noqa: F401
+from eclreco.hlt.cli import HelpFormatter
 from eclreco.hlt.worker import add_output, start_worker
 from eclreco.reconstruction import add_reconstruction
 
@@ -27,7 +28,7 @@ def build_reconstruction(path: eclreco.Path, args) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="eclreco hlt worker", description=__doc__, formatter_class=HelpFormatter)
     add_worker_arguments(ap)
     args = ap.parse_args(argv)
     # The path: HLTWorkerInput -> build_reconstruction(...) -> add_output (ZMQOutput to the collector)

@@ -290,6 +290,25 @@ def test_wrong_column_dtype_is_named_in_the_module_error(capfd):
     assert "column 'time' holds float64, accessed as float32" in capfd.readouterr().err
 
 
+def test_module_errors_are_all_counted_but_only_the_first_printed(capfd):
+    """A module failing on every event: each event is flagged and counted, the log has the first
+    20 messages and one line saying the rest are not printed (not one line per event)."""
+    from eclreco.sources import ArraySource
+
+    class Broken(eclreco.Module):
+        def event(self, batch):
+            raise ValueError("misconfigured")
+
+    path = eclreco.create_path()
+    path.add_module(ArraySource("X", np.arange(101), {"a": np.zeros(100)}))
+    path.add_module(Broken())
+    eclreco.process(path, batch_size=16, threads=2, install_signal_handlers=False)
+    assert eclreco.statistics.summary()["errors"] == 100
+    err = capfd.readouterr().err
+    assert err.count("raised on") == 20 and err.count("misconfigured") == 20
+    assert err.count("further module errors of this run are not printed") == 1
+
+
 def test_module_cpu_time_is_counted_apart_from_wall_time():
     """statistics: 'seconds' is wall time in a module, 'cpu_seconds' the calling thread's CPU
     time in it: a module that waits has much less CPU than wall time; neither exceeds the other."""

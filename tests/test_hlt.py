@@ -32,13 +32,15 @@ def worker_modules() -> str:
 
 
 class Farm:
-    def __init__(self, tmp_path, workers=2, extra=()):
-        self.input, self.control, self.workers_addr = free_address(), free_address(), free_address()
+    def __init__(self, tmp_path, workers=2, extra=(), workers_addr=True):
+        """workers_addr=False: hlt run picks the workers' port itself."""
+        self.input, self.control = free_address(), free_address()
+        wa = ["--workers-addr", free_address()] if workers_addr else []
         self.output = str(tmp_path / "farm.root")
         self.log = open(tmp_path / "farm.log", "w+")
         self.proc = subprocess.Popen(
             ECLRECO + ["hlt", "run", "--workers", str(workers), "--input", self.input, "--control", self.control,
-                       "--workers-addr", self.workers_addr, "--output", self.output, "--modules", worker_modules(),
+                       *wa, "--output", self.output, "--modules", worker_modules(),
                        "--metrics-base-port", "0", "--heartbeat-timeout", "2", "--stop-drain", "0.3", *extra],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=str(tmp_path))
         t0 = time.monotonic()
@@ -142,6 +144,22 @@ def test_farm_exactly_once_stop_start_terminate(farm_factory, tmp_path):
     assert reply["state"] == "stopped" and reply["collector"]["events_written"] == n1
     evt, run = read_evt(farm.output)
     assert np.sort(evt).tolist() == list(range(n1)) and set(run.tolist()) == {1}
+    # the same branches and DQM histograms as a single-process job of the same chain
+    from eclreco.rawdata import write_raw_file
+
+    write_raw_file(tmp_path / "same.msgpack", (envelope(e) for e in range(n1)))
+    path = eclreco.create_path()
+    path.add_module("RawFileInput", filename=str(tmp_path / "same.msgpack"))
+    path.add_module(worker_modules())
+    path.add_module("ECLDQM")
+    path.add_module("RootOutput", filename=str(tmp_path / "single.root"))
+    eclreco.process(path, install_signal_handlers=False)
+    with uproot.open(farm.output) as f, uproot.open(tmp_path / "single.root") as g:
+        assert sorted(f["events"].keys()) == sorted(g["events"].keys()) and "n_out_of_time_digits" in f["events"]
+        assert sorted(f["dqm"].keys()) == sorted(g["dqm"].keys())
+        for name in ("digits_per_event", "out_of_time_digits"):
+            np.testing.assert_array_equal(f[f"dqm/{name}"].values(), g[f"dqm/{name}"].values())
+        assert f["dqm/digits_per_event"].values().sum() == n1
     # A new run: a new output file.
     assert farm.command("start")["run_index"] == 2
     n2 = 1500
@@ -154,7 +172,7 @@ def test_farm_exactly_once_stop_start_terminate(farm_factory, tmp_path):
     assert d["received"] == d["confirmed"] == n1 + n2 and d["dropped"] == 0
     evt2, run2 = read_evt(str(tmp_path / "farm_run2.root"))
     assert np.sort(evt2).tolist() == list(range(10_000, 10_000 + n2)) and set(run2.tolist()) == {2}
-    assert "latency p50" in log and "throughput" in log
+    assert "latency p50" in log and "events/s" in log
 
 
 def test_farm_worker_sigkill_exactly_once(farm_factory):
@@ -184,7 +202,19 @@ def test_farm_worker_sigkill_exactly_once(farm_factory):
 
 
 def test_farm_sigterm_leaves_readable_output(farm_factory):
-    farm = farm_factory(workers=2)
+    # and hlt run's workers address is a free port of its own, not the distributor's fixed default
+    # (taken here), so that a second local farm can run beside another
+    import zmq
+
+    taken = zmq.Context.instance().socket(zmq.ROUTER)
+    try:
+        taken.bind("tcp://127.0.0.1:5556")
+    except zmq.ZMQError:
+        pass  # taken already
+    try:
+        farm = farm_factory(workers=2, workers_addr=False)
+    finally:
+        taken.close(0)
     n = 2500
     push_events(farm.input, range(n))
     farm.proc.send_signal(signal.SIGTERM)
@@ -192,6 +222,33 @@ def test_farm_sigterm_leaves_readable_output(farm_factory):
     assert rc == 0, log
     evt, _ = read_evt(farm.output)
     assert np.sort(evt).tolist() == list(range(n)), log
+
+
+def test_distributor_counts_a_refused_oversized_message(farm_factory):
+    """A message over --max-message-bytes never reaches the distributor (libzmq drops the
+    sender's connection): the drop is counted (status, Prometheus) and the other senders' events
+    all arrive."""
+    import zmq
+
+    farm = farm_factory(workers=1, extra=("--max-message-bytes", "4096"))
+    ctx = zmq.Context()
+    big = ctx.socket(zmq.PUSH)
+    big.setsockopt(zmq.LINGER, 0)
+    big.connect(farm.input)
+    big.send(b"\x00" * 65536)
+    push_events(farm.input, range(300))
+    farm.wait_confirmed(300)
+    t0 = time.monotonic()
+    while farm.distributor()["input_disconnects"] < 1:
+        assert time.monotonic() - t0 < 10, farm.distributor()
+        time.sleep(0.2)
+    d = farm.distributor()
+    assert d["received"] == 300
+    text = scrape(d["metrics_port"])
+    assert float(next(line.split()[1] for line in text.splitlines()
+                      if line.startswith("eclreco_input_disconnects_total "))) >= 1, text
+    big.close()
+    ctx.term()
 
 
 def test_farm_drop_when_busy_counts_every_drop(farm_factory):

@@ -172,3 +172,14 @@ def test_g4_comparison_1gev(det):
         # 2000 events: allow a little more than the 3 % / 20 % validation targets
         assert abs(mb / ma - 1) < 0.04, (k, ma, mb)
         assert abs(sb / sa - 1) < 0.35, (k, sa, sb)
+
+
+def test_simulate_cli_writes_a_raw_file_and_says_its_size(tmp_path, capsys):
+    from eclreco import cli
+    from eclreco.rawdata import read_raw_file
+
+    out = tmp_path / "g.msgpack"
+    assert cli.main(["simulate", "--events", "40", "--particle", "generic", "-q", "-o", str(out)]) == 0
+    assert len(read_raw_file(str(out))) == 40
+    said = capsys.readouterr().out
+    assert f" {out.stat().st_size / 1e6:.1f} MB)" in said and " 0.0 MB" not in said and "wrote 40 events" in said

@@ -75,6 +75,26 @@ void register_clustering(py::module_& m) {
 
   // the out-of-time definition of ECLEventInformation.n_out_of_time_digits (ECLUnpacker)
   m.attr("OUT_OF_TIME_NS") = ecl::kOutOfTimeNs;
+  m.def(
+      "count_out_of_time_digits",
+      [](carray<int64_t> offsets, carray<float> time, carray<uint8_t> quality) {
+        const size_t n = checked_offsets(offsets);
+        const int64_t* off = offsets.data();
+        if (time.ndim() != 1 || quality.ndim() != 1 || time.shape(0) < off[n] || quality.shape(0) < off[n])
+          throw py::value_error("time / quality shorter than offsets[-1]");
+        py::array_t<int32_t> out(static_cast<py::ssize_t>(n));
+        int32_t* o = out.mutable_data();
+        const float* t = time.data();
+        const uint8_t* q = quality.data();
+        {
+          py::gil_scoped_release release;
+          for (size_t i = 0; i < n; ++i)
+            o[i] = ecl::count_out_of_time(t + off[i], q + off[i], static_cast<size_t>(off[i + 1] - off[i]));
+        }
+        return out;
+      },
+      py::arg("offsets"), py::arg("time"), py::arg("quality"),
+      "per event, the ECLDigits ECLUnpacker counts into ECLEventInformation.n_out_of_time_digits");
 
   m.def("cluster_feature_names", [] {
     std::vector<std::string> names;

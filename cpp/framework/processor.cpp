@@ -1,5 +1,6 @@
 #include "framework/processor.hpp"
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <csignal>
@@ -158,6 +159,9 @@ class Run {
   }
 
  private:
+  static constexpr uint64_t kErrorsPrinted = 20;
+  std::atomic<uint64_t> errors_printed_{0};
+
   template <class F>
   void lifecycle(Module& m, const char* what, F&& f) {
     try {
@@ -322,7 +326,14 @@ class Run {
     const std::string msg = m.type() + " raised on " + event_id(b, i) + ": " + what;
     b.flag_error(i, msg);
     st_.record_error(msg);
-    std::fprintf(stderr, "[ERROR] %s\n", msg.c_str());
+    // A misconfigured module fails on every event: the log shows the first ones, not one line per
+    // event at 30 kHz (each error is still counted, and its message stays with its event).
+    const uint64_t k = errors_printed_.fetch_add(1, std::memory_order_relaxed);
+    if (k < kErrorsPrinted)
+      std::fprintf(stderr, "[ERROR] %s\n", msg.c_str());
+    else if (k == kErrorsPrinted)
+      std::fprintf(stderr, "[ERROR] further module errors of this run are not printed; every one is counted "
+                           "(statistics: errors, eclreco_events_module_errors_total) and flags its event\n");
   }
 
   void record(ModuleCounters& c, size_t events, const CallStart& t0) {

@@ -100,15 +100,11 @@ RECOMMENDED_MIN_ENERGY_GEV = 0.03
 
 
 def default_g4_path(detector: str) -> str:
-    name = cnn_data.G4_DEFAULT[detector]
-    cands = [os.path.join("..", "shared", "data", name)]
-    here = os.path.dirname(os.path.abspath(__file__))
-    for up in (os.path.join(here, "..", ".."), os.path.join(here, "..", "..", "..")):
-        cands.append(os.path.join(up, "..", "shared", "data", name))
-    for c in cands:
-        if os.path.exists(c):
-            return os.path.normpath(c)
-    return cands[0]
+    """../shared/data/<file> from the working directory or from the source tree of the package."""
+    from eclreco.paths import find_beside_package
+
+    rel = os.path.join("..", "shared", "data", cnn_data.G4_DEFAULT[detector])
+    return find_beside_package(rel) or rel
 
 
 def chain_samples(detector, g4_path, seed=1, max_events=0, quiet=False, copies=None):
@@ -470,7 +466,8 @@ def add_train_parser(subparsers):
                               description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     p.add_argument("--detector", required=True, choices=["array30", "belle2-ecl"])
     p.add_argument("-o", "--output", required=True, help="output directory (<detector>.onnx, .md, .json)")
-    p.add_argument("--g4", default=None, help="Geant4 file (default ../shared/data/g4_<det>_train.npz)")
+    p.add_argument("--g4", default=None, help="Geant4 file (default ../shared/data/g4_array30_train.npz or "
+                   "g4_belle2_train.npz, from the working directory or the source tree)")
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs (early stopping on the validation set; "
                    f"default {', '.join(f'{d}: {n}' for d, n in EPOCHS.items())})")
     p.add_argument("--seed", type=int, default=1)

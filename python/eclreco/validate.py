@@ -330,7 +330,8 @@ def add_validate_parser(subparsers):
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--detector", required=True, choices=["array30", "belle2-ecl"])
     p.add_argument("-o", "--output", required=True, help="output directory (validation_<det>.md/.json, PNGs)")
-    p.add_argument("--g4", default=None, help="Geant4 file (default ../shared/data/g4_<det>_train.npz)")
+    p.add_argument("--g4", default=None, help="Geant4 file (default ../shared/data/g4_array30_train.npz or "
+                   "g4_belle2_train.npz, from the working directory or the source tree)")
     p.add_argument("--model", default="", help="ONNX model (default: the shipped model)")
     p.add_argument("--max-events", type=int, default=0, help="use only this many held-out events (0: all)")
     p.add_argument("--pi0-events", type=int, default=20000, help="pi0 events for the mass peak (belle2-ecl)")

@@ -6,16 +6,28 @@ import argparse
 from eclreco.curve import add_curve_arguments
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each option's default (where it has one: not for flags and empty strings)."""
+
+    def _get_help_string(self, action):
+        if action.default in ("", None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _add_metrics(p, default_port: int):
     p.add_argument("--metrics-port", type=int, default=default_port,
-                   help=f"Prometheus exporter port (default {default_port}; 0: a free port; -1: none)")
+                   help="Prometheus exporter port (0: a free port; -1: none)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="interface of the exporter")
 
 
-def add_distributor_arguments(p):
+def add_distributor_arguments(p, local_farm: bool = False):
     p.add_argument("--input", default="tcp://127.0.0.1:5555", help="PULL address that event builders push to")
     p.add_argument("--input-connect", action="store_true", help="connect the input instead of binding it")
-    p.add_argument("--workers-addr", default="tcp://127.0.0.1:5556", help="ROUTER address workers connect to")
+    if local_farm:  # hlt run: its own workers, so any free port (a second farm on the host does not clash)
+        p.add_argument("--workers-addr", default="", help="ROUTER address workers connect to (default: a free local port)")
+    else:
+        p.add_argument("--workers-addr", default="tcp://127.0.0.1:5556", help="ROUTER address workers connect to")
     p.add_argument("--control", default="tcp://127.0.0.1:5557", help="ROUTER address of run control")
     p.add_argument("--queue-size", type=int, default=4000, help="events read ahead of the workers")
     p.add_argument("--max-held", type=int, default=20000, help="events held until confirmed, at most")
@@ -36,7 +48,8 @@ def add_hlt_parser(subparsers):
                                 description=__doc__)
     sub = hlt.add_subparsers(dest="hlt_command", metavar="ROLE")
 
-    p = sub.add_parser("distributor", help="event source -> workers (credit-based), run control")
+    p = sub.add_parser("distributor", help="event source -> workers (credit-based), run control",
+                       formatter_class=HelpFormatter)
     add_distributor_arguments(p)
     _add_metrics(p, 9460)
     add_curve_arguments(p, "distributor")
@@ -48,13 +61,14 @@ def add_hlt_parser(subparsers):
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_worker)
 
-    p = sub.add_parser("collector", help="results of all workers -> output file, confirmations")
+    p = sub.add_parser("collector", help="results of all workers -> output file, confirmations",
+                       formatter_class=HelpFormatter)
     p.add_argument("--collector-addr", default="tcp://127.0.0.1:5558", help="PULL address workers push to")
     p.add_argument("--control", default="tcp://127.0.0.1:5557", help="the distributor's control address")
     p.add_argument("-o", "--output", default="hlt.root",
                    help="ROOT file ({run_index} is replaced; else runs after the first get _runN) or tcp://")
     p.add_argument("--output-bind", action="store_true", help="bind a tcp:// output instead of connecting")
-    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=1024, help="events per batch of the output path")
     p.add_argument("--max-latency", type=float, default=2.0, help="ms to wait for more results after the first")
     p.add_argument("--dedup-window", type=int, default=1_000_000,
                    help="events: a repeated (exp, run, evt) within this many events is dropped as a duplicate")
@@ -65,16 +79,16 @@ def add_hlt_parser(subparsers):
     add_curve_arguments(p, "collector")
     p.set_defaults(func=lambda a: __import__("eclreco.hlt.collector", fromlist=["main"]).main(a))
 
-    p = sub.add_parser("run", help="a local farm: 1 distributor, N workers, 1 collector")
-    add_distributor_arguments(p)
-    p.add_argument("-n", "--workers", type=int, default=2)
+    p = sub.add_parser("run", help="a local farm: 1 distributor, N workers, 1 collector", formatter_class=HelpFormatter)
+    add_distributor_arguments(p, local_farm=True)
+    p.add_argument("-n", "--workers", type=int, default=2, help="worker processes")
     p.add_argument("--collector-addr", default="", help="default: a free local port")
     p.add_argument("-o", "--output", default="hlt.root", help="output of the collector (ROOT file or tcp://)")
     p.add_argument("--worker-steering", default="", help="default: steering/hlt_worker.py")
     p.add_argument("--modules", default="standard", help="worker chain: standard, none, or a list")
-    p.add_argument("--no-cnn", action="store_true")
+    p.add_argument("--no-cnn", action="store_true", help="workers: classical leakage correction only")
     p.add_argument("--threads", type=int, default=1, help="threads per worker")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="events per batch in a worker")
     p.add_argument("--max-latency", type=float, default=2.0,
                    help="ms a worker waits for its batch to fill, and the collector for more results")
     p.add_argument("--flush-interval", type=float, default=0.25, help="s between writes of the collector's file")
@@ -83,18 +97,20 @@ def add_hlt_parser(subparsers):
     p.add_argument("--max-restarts", type=int, default=10, help="worker restarts allowed in total")
     p.add_argument("--metrics-base-port", type=int, default=9460,
                    help="distributor P, collector P+1, worker i P+2+i (0: free ports, -1: none)")
-    p.add_argument("--metrics-host", default="127.0.0.1")
+    p.add_argument("--metrics-host", default="127.0.0.1", help="interface of the exporters")
     add_curve_arguments(p, "control")
     p.set_defaults(func=lambda a: __import__("eclreco.hlt.run", fromlist=["main"]).main(a))
 
-    p = sub.add_parser("control", help="run control: stop (end of run), start (new run), terminate")
+    p = sub.add_parser("control", help="run control: stop (end of run), start (new run), terminate",
+                       formatter_class=HelpFormatter)
     p.add_argument("action", choices=["stop", "start", "terminate"])
     p.add_argument("--control", default="tcp://127.0.0.1:5557")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the answer")
     add_curve_arguments(p, "control")
     p.set_defaults(func=lambda a: __import__("eclreco.hlt.control", fromlist=["control_main"]).control_main(a))
 
-    p = sub.add_parser("status", help="every process of the farm: role, pid, state, counters")
+    p = sub.add_parser("status", help="every process of the farm: role, pid, state, counters",
+                       formatter_class=HelpFormatter)
     p.add_argument("--control", default="tcp://127.0.0.1:5557")
     p.add_argument("--json", action="store_true", help='{"processes": [{"role": ..., "pid": ...}, ...]}')
     p.add_argument("--watch", type=float, nargs="?", const=1.0, default=0.0, help="refresh every S s")

@@ -1,7 +1,7 @@
 """The collector: results of all workers (PULL) -> duplicates dropped -> RootOutput (or ZMQOutput).
 
-Its path is HLTCollectorInput -> RootOutput (the very module of steering/reco.py, so the file
-has the same branches) or ZMQOutput onward. It runs with one thread: when the source is asked
+Its path is HLTCollectorInput -> ECLDQM -> RootOutput (the very modules of steering/reco.py, so
+the file has the same branches and DQM histograms) or HLTCollectorInput -> ZMQOutput onward. It runs with one thread: when the source is asked
 for the next batch, the previous one has gone through the output, and only then are its
 sequence ids confirmed to the distributor (DEALER on the control address): CONFIRM (processed:
 the latency ends here, the workers are done with it). RootOutput buffers; when the batch is in
@@ -286,6 +286,8 @@ def main(args) -> int:
         path.add_module("ZMQOutput", address=args.output, bind=args.output_bind,
                         **curve_params(args, "collector", "reco"))
     else:
+        # the DQM histograms of the whole farm, in the file as in a single-process job (dqm/)
+        path.add_module("ECLDQM")
         out = path.add_module("RootOutput", filename=output_filename(args.output, 1),
                               flush_interval_s=args.flush_interval)
         source.output = out

@@ -10,6 +10,7 @@ import zmq
 
 from eclreco.curve import Curve
 from eclreco.hlt import protocol as P
+from eclreco.hlt.distributor import ms
 
 
 class ControlError(RuntimeError):
@@ -30,7 +31,8 @@ def request(control: str, cmd: bytes, timeout_s: float = 10.0, curve=None) -> di
         while True:
             left = deadline - time.monotonic()
             if left <= 0 or not s.poll(int(left * 1000) + 1, zmq.POLLIN):
-                raise ControlError(f"no answer from {control} to {cmd.decode()} within {timeout_s:g} s")
+                hint = "" if curve is not None else " (is it a farm with CURVE? then pass its --curve-dir)"
+                raise ControlError(f"no answer from {control} to {cmd.decode()} within {timeout_s:g} s{hint}")
             frames = s.recv_multipart()
             if frames[0] == P.OK:
                 return P.unpack(frames[1]) if len(frames) > 1 else {}
@@ -59,7 +61,7 @@ def format_table(st: dict) -> str:
             received, processed, rejected = p.get("received", 0), p.get("confirmed", 0), "-"
             in_flight = p.get("held", 0)
             extra = (f"workers {p.get('workers_alive', 0)} restarted {p.get('workers_restarted', 0)} "
-                     f"p50 {p.get('latency_p50_s', 0) * 1e3:.1f}ms p99 {p.get('latency_p99_s', 0) * 1e3:.1f}ms")
+                     f"p50 {ms(p.get('latency_p50_s'), 1)} p99 {ms(p.get('latency_p99_s'), 1)}")
         elif role == "worker":
             received, processed, rejected = p.get("events_received", 0), p.get("processed", 0), p.get("rejected", 0)
             in_flight = p.get("assigned", 0)

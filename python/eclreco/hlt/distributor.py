@@ -21,6 +21,7 @@ import zmq
 
 from eclreco.curve import Curve
 from eclreco.hlt import protocol as P
+from eclreco.socket_monitor import ConnectionMonitor
 
 # Latency histogram: log-spaced bounds from 10 us to 100 s (percentiles and Prometheus buckets).
 LATENCY_BOUNDS = np.logspace(-5, 2, 141)
@@ -76,6 +77,8 @@ class Distributor:
             self.inp.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         if curve is not None:  # optional CURVE (eclreco.curve): servers on bound sockets
             curve.apply(self.inp, input_bind, "daq")
+        # oversized messages (ZMQ_MAXMSGSIZE) are only seen as disconnects: counted, not silent
+        self.input_monitor = ConnectionMonitor(self.inp)
         (self.inp.bind if input_bind else self.inp.connect)(input_addr)
         self.wrk = self.ctx.socket(zmq.ROUTER)
         self.wrk.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -401,6 +404,7 @@ class Distributor:
         return min(min(self.events, default=self.next_seq), min(self.unsaved, default=self.next_seq))
 
     def housekeeping(self, now: float):
+        self.input_monitor.poll()
         for w in list(self.workers.values()):
             if now - w.last_seen > self.heartbeat_timeout_s:
                 self.lose_worker(w, f"no heartbeat for {self.heartbeat_timeout_s:g} s")
@@ -476,6 +480,7 @@ class Distributor:
             "dispatched": self.c["dispatched"], "confirmed": self.c["confirmed"],
             "redelivered": self.c["redelivered"], "dropped": self.c["dropped"],
             "lost_at_stop": self.c["lost_at_stop"],
+            "input_disconnects": self.input_monitor.disconnects, "input_auth_failures": self.input_monitor.auth_failures,
             "held": len(self.events), "unsaved": len(self.unsaved), "queued": len(self.pending),
             "workers_alive": len(self.workers), "workers_restarted": self.workers_restarted,
             "workers_lost": self.workers_lost,
@@ -519,6 +524,10 @@ class Distributor:
 
         yield counter("eclreco_events_received", "Events read from the input", self.c["received"])
         yield counter("eclreco_input_bytes_received", "Bytes read from the input", self.c["bytes_received"])
+        yield counter("eclreco_input_disconnects", "Input connections dropped (a sender closing, or a message over "
+                      "--max-message-bytes)", self.input_monitor.disconnects)
+        yield counter("eclreco_input_auth_failures", "Input handshakes refused (CURVE: unknown key or no CURVE)",
+                      self.input_monitor.auth_failures)
         yield counter("eclreco_hlt_events_dispatched", "Events sent to workers (redeliveries included)",
                       self.c["dispatched"])
         yield counter("eclreco_hlt_events_confirmed", "Events confirmed by the collector", self.c["confirmed"])
@@ -547,9 +556,14 @@ class Distributor:
         yield h
 
 
+def ms(seconds, digits: int = 2) -> str:
+    """A latency in ms for the logs and the status table; '-' before the first confirmed event."""
+    return "-" if seconds is None or seconds != seconds else f"{seconds * 1e3:.{digits}f} ms"
+
+
 def summary_line(d: dict) -> str:
     return (f"{d['confirmed']} events confirmed, {d['throughput_hz']:,.0f} events/s, latency p50 "
-            f"{d['latency_p50_s'] * 1e3:.2f} ms, p99 {d['latency_p99_s'] * 1e3:.2f} ms; redelivered "
+            f"{ms(d['latency_p50_s'])}, p99 {ms(d['latency_p99_s'])}; redelivered "
             f"{d['redelivered']}, dropped {d['dropped']}, lost at stop {d['lost_at_stop']}, workers lost "
             f"{d['workers_lost']}, restarted {d['workers_restarted']}")
 
@@ -589,5 +603,6 @@ def main(args) -> int:
     finally:
         if exporter is not None:
             exporter.close()
+        d.input_monitor.close()
         time.sleep(0.2)  # let the last replies leave
     return 0

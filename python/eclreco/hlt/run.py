@@ -42,7 +42,7 @@ class Farm:
     def __init__(self, args):
         self.args = args
         self.exe = [sys.executable, "-m", "eclreco.cli", "hlt"]
-        self.workers_addr = args.workers_addr
+        self.workers_addr = args.workers_addr or free_address()
         self.collector_addr = args.collector_addr or free_address()
         base = args.metrics_base_port
         self.mport = (lambda k: base + k) if base > 0 else (lambda k: base)
@@ -210,8 +210,6 @@ class Farm:
             d = self.final["processes"][0]
             d["workers_restarted"] = self.restarts
             print("[hlt run] " + summary_line(d), flush=True)
-            print(f"[hlt run] throughput {d['throughput_hz']:.0f} events/s, latency p50 "
-                  f"{d['latency_p50_s'] * 1e3:.2f} ms, p99 {d['latency_p99_s'] * 1e3:.2f} ms", flush=True)
         return rc
 
     def sigterm_rest(self):

@@ -192,8 +192,10 @@ def run_worker(path, link: WorkerLink, threads: int = 1, batch_size: int = 256, 
     try:
         while True:
             eclreco.process(path, threads=threads, batch_size=batch_size)
-            # where this worker's time went in the run (module table, as basf2 prints it)
-            print(f"[worker] pid {os.getpid()} run ended\n{eclreco.statistics}", flush=True)
+            # where this worker's time went in the run (module table, as basf2 prints it); not for
+            # the empty run that a TERMINATE ends right after its start
+            if link.received_run or not link.terminate:
+                print(f"[worker] pid {os.getpid()} run ended\n{eclreco.statistics}", flush=True)
             if exporter is not None:
                 exporter.checkpoint()
             if _core.stop_requested() or link.terminate:
@@ -209,12 +211,12 @@ def add_worker_arguments(ap: argparse.ArgumentParser):
     ap.add_argument("--distributor", default="tcp://127.0.0.1:5556", help="the distributor's workers address")
     ap.add_argument("--collector", default="tcp://127.0.0.1:5558", help="the collector's input address")
     ap.add_argument("--threads", type=int, default=1, help="processing threads of this worker")
-    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=256, help="events per batch")
     ap.add_argument("--capacity", type=int, default=0, help="events this worker holds at most (0: 4 batches/thread)")
     ap.add_argument("--heartbeat", type=float, default=0.5, help="seconds between heartbeats")
     ap.add_argument("--max-latency", type=float, default=2.0, help="ms to wait for a batch to fill")
     ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0: a free port, -1: none)")
-    ap.add_argument("--metrics-host", default="127.0.0.1")
+    ap.add_argument("--metrics-host", default="127.0.0.1", help="interface of the exporter")
     ap.add_argument("--modules", default="standard",
                     help="'standard' (add_reconstruction), 'none', or a comma-separated list of modules")
     ap.add_argument("--no-cnn", action="store_true", help="classical leakage correction only")
@@ -256,10 +258,13 @@ def start_worker(args, build_reconstruction) -> int:
 
 
 def add_output(path, args):
-    """ZMQOutput to the collector, with the cluster columns that RootOutput writes."""
+    """ZMQOutput to the collector, with what RootOutput and ECLDQM there read: the cluster columns
+    RootOutput writes and the event's out-of-time digit count (ECLUnpacker)."""
     from eclreco.modules.root_output import CLUSTER_BRANCHES
 
-    path.add_module("ZMQOutput", address=args.collector, bind=False, columns=list(CLUSTER_BRANCHES),
+    path.add_module("ZMQOutput", address=args.collector, bind=False,
+                    collections=["ECLClusters", "ECLEventInformation"],
+                    columns=list(CLUSTER_BRANCHES) + ["n_out_of_time_digits"],
                     **curve_params(args, "worker", "collector"))
 
 
@@ -287,16 +292,9 @@ def default_steering() -> str | None:
     env = os.environ.get("ECLRECO_HLT_WORKER_STEERING")
     if env:
         return env
-    candidates = [os.getcwd()]
-    d = os.path.dirname(os.path.abspath(__file__))
-    while os.path.dirname(d) != d:  # every ancestor: finds the source tree of an in-tree .venv
-        candidates.append(d)
-        d = os.path.dirname(d)
-    for base in candidates:
-        cand = os.path.join(base, "steering", "hlt_worker.py")
-        if os.path.exists(cand):
-            return cand
-    return None
+    from eclreco.paths import find_beside_package
+
+    return find_beside_package(os.path.join("steering", "hlt_worker.py"))
 
 
 def main(args) -> int:
@@ -304,7 +302,9 @@ def main(args) -> int:
     steering = args.steering or default_steering()
     argv = list(args.worker_args)
     if steering is None:  # installed without the source tree: the same path, built in
-        ap = argparse.ArgumentParser(prog="eclreco hlt worker")
+        from eclreco.hlt.cli import HelpFormatter
+
+        ap = argparse.ArgumentParser(prog="eclreco hlt worker", formatter_class=HelpFormatter)
         add_worker_arguments(ap)
         wargs = ap.parse_args(argv)
         return start_worker(wargs, lambda path: add_chosen_reconstruction(path, wargs))

@@ -1,6 +1,7 @@
 """`eclreco simulate`: fast-simulated events written as a raw file of the wire format."""
 from __future__ import annotations
 
+import os
 import time
 
 
@@ -29,7 +30,8 @@ def _run(args) -> int:
                                       ev.time_ticks, ev.quality, truth=ev.truth)
             digits += ev.cell.size
             bar.update(n)
-    nbytes = write_raw_file(args.output, messages)
+    write_raw_file(args.output, messages)
+    nbytes = os.path.getsize(args.output)
     dt = time.perf_counter() - t0
     print(f"wrote {len(messages)} events ({digits / max(len(messages), 1):.0f} digits/event, "
           f"{nbytes / 1e6:.1f} MB) to {args.output} in {dt:.1f} s ({len(messages) / dt:,.0f} events/s)")

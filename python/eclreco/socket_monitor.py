@@ -1,0 +1,48 @@
+"""Connection events of a receiving ZeroMQ socket (libzmq's socket monitor), for the inputs that
+must not lose messages without a trace: ZMQInput and the HLT distributor."""
+from __future__ import annotations
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+class ConnectionMonitor:
+    """Counts connections, disconnects and refused handshakes of `sock` (attach before bind or
+    connect). libzmq reports a message over ZMQ_MAXMSGSIZE only as a disconnect of that peer,
+    which then reconnects at once: a rising disconnect count with a steady set of senders means
+    oversized messages (a sender closing its socket counts there too). A refused handshake is a
+    CURVE peer with an unknown key, or a peer without CURVE."""
+
+    def __init__(self, sock: zmq.Socket):
+        self.sock = sock
+        self.monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+                                               | sum(_HANDSHAKE_FAILED))
+        self.connections = self.disconnects = self.auth_failures = 0
+
+    def poll(self) -> None:
+        """Takes the events that arrived (non-blocking)."""
+        while self.monitor is not None:
+            try:
+                ev = recv_monitor_message(self.monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if ev["event"] in (zmq.EVENT_ACCEPTED, zmq.EVENT_CONNECTED):
+                self.connections += 1
+            elif ev["event"] == zmq.EVENT_DISCONNECTED:
+                self.disconnects += 1
+            elif ev["event"] in _HANDSHAKE_FAILED:
+                self.auth_failures += 1
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.poll()
+            self.sock.disable_monitor()
+            self.monitor.close(0)
+            self.monitor = None
+
+    def counters(self) -> dict:
+        return {"disconnects": float(self.disconnects), "connections": float(self.connections),
+                "auth_failures": float(self.auth_failures)}
