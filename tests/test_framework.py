@@ -290,6 +290,63 @@ def test_wrong_column_dtype_is_named_in_the_module_error(capfd):
     assert "column 'time' holds float64, accessed as float32" in capfd.readouterr().err
 
 
+def test_process_options_out_of_bounds_are_refused_before_the_run():
+    """threads and batch_size outside their bounds are a ValueError that names them, before any
+    module is initialized (30000 threads used to be started, and took the machine down)."""
+    from eclreco.sources import ArraySource
+
+    class Init(eclreco.Module):
+        calls = 0
+
+        def initialize(self):
+            Init.calls += 1
+
+    for kw, what in [({"threads": 0}, "threads must be 1..256, not 0"), ({"threads": -1}, "not -1"),
+                     ({"threads": 30000}, "threads must be 1..256, not 30000"),
+                     ({"batch_size": 0}, "batch_size must be 1..1048576, not 0"),
+                     ({"batch_size": -5}, "not -5"), ({"batch_size": 1 << 21}, "not 2097152")]:
+        path = eclreco.create_path()
+        path.add_module(ArraySource("X", np.arange(11), {"a": np.zeros(10)}))
+        path.add_module(Init())
+        with pytest.raises(ValueError, match=what):
+            eclreco.process(path, install_signal_handlers=False, **kw)
+    assert Init.calls == 0
+    eclreco.process(path, threads=256, batch_size=1 << 20, install_signal_handlers=False)
+    assert Init.calls == 1 and eclreco.statistics.summary()["processed"] == 10
+
+
+def test_a_module_cannot_corrupt_the_batch_or_its_accounting():
+    """Event indices are checked (IndexError, not a crash); offsets and error flags are read-only
+    views (the C++ modules trust the offsets; an event is rejected with its reason); a module
+    cannot add or drop events. Each misuse is a module error of its events, and every event is
+    still counted: received = processed + rejected."""
+    from eclreco.sources import ArraySource
+
+    attempts = {
+        "reject": lambda b: b.reject(10 ** 6, "x"),
+        "flag_error": lambda b: b.flag_error(10 ** 6, "x"),
+        "select": lambda b: b.select([0, 10 ** 6]),
+        "offsets": lambda b: b["X"].offsets.__setitem__(1, 10 ** 9),
+        "error_flags": lambda b: b.error_flags.__setitem__(slice(None), 1),
+        "resize": lambda b: b.resize(2 * len(b)),
+    }
+    expected = {"reject": "out of range", "flag_error": "out of range", "select": "out of range",
+                "offsets": "read-only", "error_flags": "read-only", "resize": "cannot add or drop events"}
+    for name, attempt in attempts.items():
+        class Misuse(eclreco.Module):
+            def event(self, batch):
+                attempt(batch)
+
+        path = eclreco.create_path()
+        path.add_module(ArraySource("X", np.arange(0, 21, 2), {"a": np.zeros(20)}))
+        path.add_module(Misuse())
+        path.add_module("NoOp")
+        eclreco.process(path, batch_size=4, install_signal_handlers=False)
+        s = eclreco.statistics.summary()
+        assert s["received"] == 10 == s["processed"] + s["rejected"] and s["errors"] == 10, (name, s)
+        assert expected[name] in eclreco.statistics.state.error_messages()[0], name
+
+
 def test_module_errors_are_all_counted_but_only_the_first_printed(capfd):
     """A module failing on every event: each event is flagged and counted, the log has the first
     20 messages and one line saying the rest are not printed (not one line per event)."""

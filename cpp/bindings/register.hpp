@@ -23,6 +23,6 @@ using carray = py::array_t<T, py::array::c_style | py::array::forcecast>;
 size_t checked_offsets(const carray<int64_t>& offsets);
 
 // Zero-copy numpy view of a column (shape: rows x inner shape); keeps the buffer alive.
-py::array column_view(const fw::Column& c);
+py::array column_view(const fw::Column& c, bool writable);
 // Copies a numpy array into a new column of the array's dtype.
 fw::Column column_from_array(const py::array& a);

@@ -25,12 +25,14 @@ DType from_numpy(const py::dtype& d) {
 
 }  // namespace
 
-py::array column_view(const Column& c) {
+py::array column_view(const Column& c, bool writable) {
   std::vector<py::ssize_t> shape{static_cast<py::ssize_t>(c.rows())};
   for (auto d : c.inner_shape()) shape.push_back(static_cast<py::ssize_t>(d));
   auto* holder = new std::shared_ptr<fw::Buffer>(c.shared_buffer());
   py::capsule owner(holder, [](void* p) { delete static_cast<std::shared_ptr<fw::Buffer>*>(p); });
-  return py::array(to_numpy(c.dtype()), shape, c.raw(), owner);
+  py::array a(to_numpy(c.dtype()), shape, c.raw(), owner);
+  if (!writable) a.attr("setflags")(py::arg("write") = false);
+  return a;
 }
 
 Column column_from_array(const py::array& input) {
@@ -94,7 +96,8 @@ void register_batch(py::module_& m) {
       "side by side: float32 [len(rows), sum of widths], in one pass without the GIL");
 
   py::class_<Collection>(m, "Collection", "Columns with per-event offsets (event i owns rows offsets[i]:offsets[i+1])")
-      .def_property_readonly("offsets", [](const Collection& c) { return column_view(c.offsets_column()); })
+      // read-only: the C++ modules trust the offsets (rows past a column's end would be read)
+      .def_property_readonly("offsets", [](const Collection& c) { return column_view(c.offsets_column(), false); })
       .def_property_readonly("n_rows", &Collection::n_rows)
       .def("columns", [](const Collection& c) {
         std::vector<std::string> names;
@@ -104,7 +107,7 @@ void register_batch(py::module_& m) {
       .def("__contains__", &Collection::has)
       .def("__getitem__", [](const Collection& c, const std::string& name) {
         if (!c.has(name)) throw py::key_error("no column '" + name + "'");
-        return column_view(c.column(name));
+        return column_view(c.column(name), true);
       })
       .def("__setitem__", [](Collection& c, const std::string& name, const py::array& a) {
         c.set_column(name, column_from_array(a));
@@ -113,13 +116,21 @@ void register_batch(py::module_& m) {
   py::class_<EventBatch>(m, "EventBatch", "A batch of events in columnar form")
       .def(py::init<size_t>(), py::arg("n_events") = 0)
       .def("__len__", &EventBatch::size)
-      .def("resize", &EventBatch::resize)
+      .def("resize", [](EventBatch& b, size_t n) {
+        // a module that adds or drops events would leave the collections' offsets behind (and
+        // the accounting: received = processed + rejected); sources resize before adding any
+        if (n != b.size() && !b.collections().empty())
+          throw py::value_error("EventBatch.resize: the batch has collections; a source sizes an empty batch "
+                                "before it adds them, a module cannot add or drop events (use reject)");
+        b.resize(n);
+      }, py::arg("n_events"))
       .def_readwrite("sequence", &EventBatch::sequence)
 #define META(field, T)                                                                         \
-  .def_property_readonly(#field, [](EventBatch& b) { return column_view(*b.metadata().at(#field)); })
-      META(exp, uint32_t) META(run, uint32_t) META(evt, uint32_t) META(time_ns, int64_t)
-      META(error_flags, uint32_t) META(detector, uint8_t)
+  .def_property_readonly(#field, [](EventBatch& b) { return column_view(*b.metadata().at(#field), true); })
+      META(exp, uint32_t) META(run, uint32_t) META(evt, uint32_t) META(time_ns, int64_t) META(detector, uint8_t)
 #undef META
+      // read-only: an event is rejected or flagged with its reason (reject, flag_error), so that it is counted
+      .def_property_readonly("error_flags", [](EventBatch& b) { return column_view(*b.metadata().at("error_flags"), false); })
       .def("collections", [](const EventBatch& b) {
         std::vector<std::string> names;
         for (const auto& [k, v] : b.collections()) names.push_back(k);

@@ -296,9 +296,8 @@ void register_framework(py::module_& m) {
 
   py::class_<fw::Processor>(m, "Processor")
       .def(py::init<>())
-      .def("process", [](fw::Processor& p, fw::Path& path, uint64_t max_events, int threads, size_t batch_size,
+      .def("process", [](fw::Processor& p, fw::Path& path, uint64_t max_events, int threads, int64_t batch_size,
                          bool install_signal_handlers) {
-        if (batch_size == 0) throw py::value_error("batch_size must be at least 1");
         fw::ProcessOptions o;
         o.max_events = max_events;
         o.threads = threads;

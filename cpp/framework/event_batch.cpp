@@ -60,12 +60,19 @@ std::map<std::string, const Column*> EventBatch::metadata() const {
           {"error_flags", &flags_}, {"detector", &det_}};
 }
 
+void EventBatch::check_index(size_t i) const {
+  if (i >= n_) throw std::out_of_range("event index " + std::to_string(i) + " out of range (batch of " +
+                                       std::to_string(n_) + " events)");
+}
+
 void EventBatch::reject(size_t i, std::string reason, std::string detail) {
+  check_index(i);
   error_flags()[i] |= kRejected;
   rejections_[i] = Rejection{std::move(reason), std::move(detail)};
 }
 
 void EventBatch::flag_error(size_t i, std::string message) {
+  check_index(i);
   error_flags()[i] |= kModuleError;
   errors_[i] = std::move(message);
 }
@@ -87,6 +94,7 @@ Collection& EventBatch::add(const std::string& name) {
 }
 
 EventBatch EventBatch::select(const std::vector<size_t>& events) const {
+  for (size_t i : events) check_index(i);
   EventBatch out(0);
   auto src = metadata();
   auto dst = out.metadata();

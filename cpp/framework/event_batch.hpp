@@ -82,6 +82,7 @@ class EventBatch {
 
   // Rejected events stay in the batch (so that their bytes can be quarantined) but carry the
   // kRejected flag; modules skip them.
+  // i < size() (std::out_of_range otherwise), as for flag_error and select
   void reject(size_t i, std::string reason, std::string detail);
   bool is_rejected(size_t i) const { return error_flags()[i] & kRejected; }
   const std::map<size_t, Rejection>& rejections() const { return rejections_; }
@@ -103,6 +104,7 @@ class EventBatch {
   static EventBatch concat(const std::vector<EventBatch>& parts);
 
  private:
+  void check_index(size_t i) const;
   size_t n_ = 0;
   Column exp_, run_, evt_, time_ns_, flags_, det_;
   std::map<size_t, Rejection> rejections_;

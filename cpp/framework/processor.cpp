@@ -97,6 +97,15 @@ void ProcessState::record_error(const std::string& message) {
   if (error_messages_.size() < 100) error_messages_.push_back(message);
 }
 
+void ProcessOptions::validate() const {
+  if (threads < 1 || threads > kMaxThreads)
+    throw std::invalid_argument("threads must be 1.." + std::to_string(kMaxThreads) + ", not " +
+                                std::to_string(threads));
+  if (batch_size < 1 || batch_size > kMaxBatchSize)
+    throw std::invalid_argument("batch_size must be 1.." + std::to_string(kMaxBatchSize) + ", not " +
+                                std::to_string(batch_size));
+}
+
 Processor::Processor() : state_(std::make_shared<ProcessState>()) {}
 
 namespace {
@@ -126,7 +135,7 @@ class Run {
       lifecycle(*m, "initialize", [&] { m->initialize(); });
     }
     const double loop_start = now_seconds();
-    const int n_threads = std::max(1, opt_.threads);
+    const int n_threads = opt_.threads;
     if (n_threads > 1)
       for (int t = 0; t < n_threads; ++t) workers_.emplace_back([this] { worker_loop(); });
     std::exception_ptr fatal;
@@ -176,7 +185,7 @@ class Run {
     ModuleCounters& sc = *st_.modules[0];
     bool more = true;
     while (more && !stop_requested()) {
-      size_t want = opt_.batch_size;
+      size_t want = static_cast<size_t>(opt_.batch_size);
       if (opt_.max_events) {
         const uint64_t left = opt_.max_events - std::min<uint64_t>(opt_.max_events, received_);
         if (left == 0) break;
@@ -388,6 +397,7 @@ class Run {
 }  // namespace
 
 void Processor::process(Path& path, const ProcessOptions& options) {
+  options.validate();  // before anything of the previous run's state is replaced
   state_ = std::make_shared<ProcessState>();
   for (auto& m : path.modules()) {
     state_->modules.push_back(std::make_unique<ModuleCounters>());

@@ -27,8 +27,14 @@ class Path {
 struct ProcessOptions {
   uint64_t max_events = 0;  // 0: until the source ends
   int threads = 1;
-  size_t batch_size = 256;
+  int64_t batch_size = 256;
   bool install_signal_handlers = true;  // SIGINT/SIGTERM end the run cleanly
+
+  // Bounds: a thread per core is the sensible most (a typo of 30000 threads would take the
+  // machine down before the first event); a batch of a million events is ~6 GB of raw data.
+  static constexpr int kMaxThreads = 256;
+  static constexpr int64_t kMaxBatchSize = int64_t(1) << 20;
+  void validate() const;  // std::invalid_argument when out of bounds
 };
 
 // Upper bounds (seconds) of the per-batch module time histogram; the last bucket is +Inf.

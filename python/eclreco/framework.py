@@ -191,8 +191,6 @@ def process(path: Path, max_events: int = 0, threads: int = 1, batch_size: int =
     threads > 1 processes batches concurrently; output modules still see them in input order.
     SIGINT/SIGTERM end the run cleanly (outputs are closed); a second signal kills.
     """
-    if threads < 1:
-        raise ValueError("threads must be at least 1")
     processor = _core.Processor()
     statistics._attach(processor)
     processor.process(path._cpp, max_events=max_events, threads=threads, batch_size=batch_size,

@@ -115,7 +115,7 @@ def fill_batch(batch, parts: list[DecodedBatch], keeps: list[np.ndarray]):
     if n == 0:
         return
     for name in META_COLUMNS:
-        if all(name in p.meta for p in parts):
+        if name != "error_flags" and all(name in p.meta for p in parts):  # flags: from the reasons below
             getattr(batch, name)[:] = np.concatenate([p.meta[name][k] for p, k in zip(parts, keeps)])
     names = set.intersection(*[set(p.collections) for p in parts]) if parts else set()
     for name in sorted(names):
@@ -130,7 +130,10 @@ def fill_batch(batch, parts: list[DecodedBatch], keeps: list[np.ndarray]):
         counts = np.concatenate(counts_l).astype(np.int64)
         offsets = np.concatenate([[0], np.cumsum(counts)])
         batch.add_collection(name, offsets, {c: np.concatenate(v) for c, v in cols_l.items()})
-    # Rejections and module errors, renumbered to the kept events.
+    # Rejections and module errors, renumbered to the kept events (they set the error flags; a flag
+    # that came without its reason keeps a generic one, so that the event is still counted as such).
+    from eclreco import _core
+
     base = 0
     for p, k in zip(parts, keeps):
         newidx = np.cumsum(k) - 1
@@ -140,4 +143,12 @@ def fill_batch(batch, parts: list[DecodedBatch], keeps: list[np.ndarray]):
         for i, m in p.errors.items():
             if k[i]:
                 batch.flag_error(base + int(newidx[i]), m)
+        flags = p.meta.get("error_flags")
+        if flags is not None:
+            for i in np.flatnonzero(k & ((flags & _core.ERROR_REJECTED) != 0)).tolist():
+                if i not in p.rejections:
+                    batch.reject(base + int(newidx[i]), "rejected_upstream", "flagged rejected without a reason")
+            for i in np.flatnonzero(k & ((flags & _core.ERROR_MODULE) != 0)).tolist():
+                if i not in p.errors:
+                    batch.flag_error(base + int(newidx[i]), "module error upstream (no message)")
         base += int(k.sum())
