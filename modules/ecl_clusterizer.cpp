@@ -28,19 +28,19 @@ class ECLClusterizer : public fw::Module {
     p.add("moliere_radius_cm", &cp_.moliere_radius_cm, 3.57, "R_M of the sharing weights, cm");
     p.add("log_weight_w0", &cp_.log_weight_w0, 4.0, "w0 of the logarithmic position weights max(0, w0 + ln(E_i/E))");
     p.add("convergence_cm", &cp_.convergence_cm, 0.01, "sharing iterations stop when no centroid moves more than this, cm");
-    p.add("max_iterations", &max_iterations_, int64_t{100}, "maximum number of sharing iterations");
+    p.add("max_iterations", &cp_.max_iterations, 100, "maximum number of sharing iterations");
     p.add("lat_r0_cm", &cp_.lat_r0_cm, 5.0, "r0 of the lateral moment, cm");
-    p.add("image_size", &image_size_, int64_t{7}, "N of the N x N cluster image around the seed");
+    p.add("image_size", &cp_.image_size, 7, "N of the N x N cluster image around the seed (odd)");
   }
 
   void initialize() override {
-    cp_.image_size = static_cast<int>(image_size_);
-    cp_.max_iterations = static_cast<int>(max_iterations_);
     try {
       cp_.validate();
     } catch (const std::invalid_argument& e) {
       throw fw::ParameterError(std::string("ECLClusterizer: ") + e.what());
     }
+    if (output_.empty() || output_ == input_)
+      throw fw::ParameterError("ECLClusterizer: output must be a collection name other than the input '" + input_ + "'");
     std::lock_guard<std::mutex> lock(mu_);
     pool_.clear();
   }
@@ -133,7 +133,6 @@ class ECLClusterizer : public fw::Module {
 
   std::string input_, output_;
   ecl::ClusterParams cp_;
-  int64_t max_iterations_ = 100, image_size_ = 7;
   std::mutex mu_;
   std::vector<std::unique_ptr<Scratch>> pool_;
   std::atomic<uint64_t> clusters_{0};

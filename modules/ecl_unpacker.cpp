@@ -19,7 +19,9 @@
 #include <cctype>
 #include <cstring>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <stdexcept>
@@ -42,9 +44,26 @@ struct Json {
   std::vector<std::pair<std::string, Json>> members;
 };
 
+// Bytes of a file quoted in an error message: printable ASCII as is, anything else as \xNN (the
+// message must stay valid UTF-8 for Python).
+std::string printable(const std::string& b) {
+  std::string out;
+  for (unsigned char c : b) {
+    if (c >= 0x20 && c < 0x7f) {
+      out += static_cast<char>(c);
+    } else {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\x%02x", c);
+      out += buf;
+    }
+  }
+  return out;
+}
+
 class JsonParser {
  public:
   explicit JsonParser(const std::string& s) : s_(s) {}
+  static constexpr int kMaxDepth = 64;  // a conditions file nests two levels; recursion is bounded
   Json parse() {
     Json v = value();
     ws();
@@ -70,6 +89,12 @@ class JsonParser {
   Json value() {
     ws();
     if (p_ >= s_.size()) fail("unexpected end");
+    struct Depth {
+      int& d;
+      explicit Depth(int& x) : d(x) { ++d; }
+      ~Depth() { --d; }
+    } depth(depth_);
+    if (depth_ > kMaxDepth) fail("nested deeper than " + std::to_string(kMaxDepth) + " levels");
     Json v;
     const char c = s_[p_];
     if (c == '{') {
@@ -83,7 +108,13 @@ class JsonParser {
       for (;;) {
         ws();
         if (p_ >= s_.size() || s_[p_] != '"') fail("expected a string key");
+        const size_t key_at = p_;
         std::string k = string();
+        for (const auto& m : v.members)
+          if (m.first == k) {
+            p_ = key_at;
+            fail("key '" + printable(k) + "' appears twice");
+          }
         ws();
         if (p_ >= s_.size() || s_[p_] != ':') fail("expected ':'");
         ++p_;
@@ -119,15 +150,31 @@ class JsonParser {
     if (lit("false")) { v.kind = Json::Bool; return v; }
     if (lit("null")) return v;
     if (c == '-' || std::isdigit(static_cast<unsigned char>(c))) {
-      const char* start = s_.c_str() + p_;
-      char* end = nullptr;
+      // JSON's number grammar, -?(0|[1-9]\d*)(\.\d+)?([eE][+-]?\d+)?, checked before strtod (which
+      // would also take hex, inf and nan)
+      const size_t start = p_;
+      auto digits = [&] {
+        const size_t d0 = p_;
+        while (p_ < s_.size() && std::isdigit(static_cast<unsigned char>(s_[p_]))) ++p_;
+        return p_ > d0;
+      };
+      if (s_[p_] == '-') ++p_;
+      if (p_ < s_.size() && s_[p_] == '0') ++p_;
+      else if (!digits()) fail("bad number");
+      if (p_ < s_.size() && s_[p_] == '.') {
+        ++p_;
+        if (!digits()) fail("bad number");
+      }
+      if (p_ < s_.size() && (s_[p_] == 'e' || s_[p_] == 'E')) {
+        ++p_;
+        if (p_ < s_.size() && (s_[p_] == '+' || s_[p_] == '-')) ++p_;
+        if (!digits()) fail("bad number");
+      }
       v.kind = Json::Number;
-      v.number = std::strtod(start, &end);
-      if (end == start) fail("bad number");
-      p_ += static_cast<size_t>(end - start);
+      v.number = std::strtod(s_.substr(start, p_ - start).c_str(), nullptr);
       return v;
     }
-    fail(std::string("unexpected character '") + c + "'");
+    fail("unexpected character '" + printable(std::string(1, c)) + "'");
   }
   std::string string() {
     ++p_;  // opening quote
@@ -149,6 +196,7 @@ class JsonParser {
   }
   const std::string& s_;
   size_t p_ = 0;
+  int depth_ = 0;
 };
 
 std::vector<double> number_array(const Json& v, const std::string& name, int n_cells, const std::string& path) {
@@ -248,6 +296,9 @@ class ECLUnpacker : public fw::Module {
 
  private:
   void load_conditions(const std::string& path) {
+    std::error_code ec;
+    if (std::filesystem::exists(path, ec) && !std::filesystem::is_regular_file(path, ec))
+      throw std::runtime_error("conditions file '" + path + "' is not a regular file");
     std::ifstream f(path, std::ios::binary);
     if (!f) throw std::runtime_error("cannot open conditions file '" + path + "'");
     std::stringstream ss;
@@ -265,16 +316,24 @@ class ECLUnpacker : public fw::Module {
       if (k == "detector") det = &v;
       else if (k == "gain") gain = &v;
       else if (k == "t0") t0 = &v;
-      else throw std::runtime_error(path + ": unknown key '" + k + "' (detector, gain, t0)");
+      else throw std::runtime_error(path + ": unknown key '" + printable(k) + "' (detector, gain, t0)");
     }
     if (!det || det->kind != Json::String)
       throw std::runtime_error(path + ": 'detector' (\"belle2-ecl\" or \"array30\") is required");
     auto d = ecl::detector_from_name(det->str);
-    if (!d) throw std::runtime_error(path + ": unknown detector '" + det->str + "'");
+    if (!d) throw std::runtime_error(path + ": unknown detector '" + printable(det->str) + "'");
     const int n_cells = ecl::Geometry::get(*d).n_cells;
     std::vector<double> g, t;
     if (gain) g = number_array(*gain, "gain", n_cells, path);
     if (t0) t = number_array(*t0, "t0", n_cells, path);
+    for (size_t k = 0; k < g.size(); ++k)  // E = amplitude / 20000 x gain: a gain <= 0 is no calibration
+      if (!(g[k] > 0))
+        throw std::runtime_error(path + ": 'gain'[" + std::to_string(k) + "] (cellId " + std::to_string(k + 1) +
+                                 ") must be > 0");
+    for (size_t k = 0; k < t.size(); ++k)
+      if (std::fabs(t[k]) > 1e6)
+        throw std::runtime_error(path + ": 't0'[" + std::to_string(k) + "] (cellId " + std::to_string(k + 1) +
+                                 ") is beyond 1 ms");
     calib_[static_cast<int>(*d)] = ecl::Calibration::from(n_cells, g, t);
   }
 

@@ -367,3 +367,42 @@ def test_shipped_tables_load(detector):
     e = _core.leakage_correct(str(path), np.array([0.1, 1.0], np.float32), np.array([30, 30], np.int32),
                               np.zeros(2, np.float32), np.zeros(2, np.float32))
     assert np.all(e > np.array([0.1, 1.0])) and np.all(e < 1.5 * np.array([0.1, 1.0]))
+
+
+def test_bad_leakage_tables_are_refused_with_the_file_named(tmp_path):
+    """Found by a robustness review: a crafted .npy header crashed the reader; tables with
+    non-positive, non-finite or unsorted entries silently meant 'no correction'."""
+    path = Path(eclreco.__file__).parent / "data" / "leakage_array30.npz"
+    good = dict(np.load(path))
+
+    def table(**change):
+        p = tmp_path / "t.npz"
+        np.savez(p, **{**good, **change})
+        return str(p)
+
+    one = (np.array([1.0], np.float32), np.zeros(1, np.int32), np.zeros(1, np.float32), np.zeros(1, np.float32))
+    resp = good["response"]
+    bad = {
+        "response values must be finite and > 0": [dict(response=np.zeros_like(resp)), dict(response=np.full_like(resp, np.nan)),
+                                            dict(response=-resp)],
+        "centers_0 must be finite and increasing": [dict(centers_0=good["centers_0"][::-1].copy())],
+        "detector_code must be 0": [dict(detector_code=np.array([7]))],
+        "unknown axis code": [dict(axis_codes=good["axis_codes"].astype(float) + 0.5)],
+    }
+    for match, changes in bad.items():
+        for change in changes:
+            p = table(**change)
+            with pytest.raises(ValueError, match=match) as e:
+                _core.leakage_correct(p, *one)
+            assert p in str(e.value)
+    # a member whose header claims a 255-byte integer (was copied into 8 bytes on the stack)
+    import zipfile
+
+    header = b"{'descr': '<i255', 'fortran_order': False, 'shape': (), }"
+    header += b" " * (-(10 + len(header) + 1) % 64) + b"\n"
+    npy = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + bytes(255)
+    p = tmp_path / "crafted.npz"
+    with zipfile.ZipFile(p, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("detector_code.npy", npy)
+    with pytest.raises(ValueError, match="detector_code.*unsupported npy dtype '<i255'"):
+        _core.leakage_correct(str(p), *one)

@@ -427,3 +427,28 @@ def test_python_modules_keep_one_thread_state_per_framework_thread(threads):
     # new thread states only for the first call of each thread (threads + the reader at most)
     assert probe.known >= probe.calls - (threads + 1)
     assert threading.active_count() == before  # the framework threads' states are gone
+
+
+def test_parameters_numpy_scalars_nan_and_range():
+    """np.int64 / np.float32 are ints / floats; NaN is refused (every comparison with it is false);
+    an int that the module's member cannot hold is refused, not truncated (2**32 + 5 was 5)."""
+    m = eclreco.create_module("ECLClusterizer")
+    m.set_param("max_iterations", np.int64(5))
+    m.set_param("seed_energy_gev", np.float32(0.02))
+    assert m.get_param("max_iterations") == 5 and abs(m.get_param("seed_energy_gev") - 0.02) < 1e-8
+    with pytest.raises(Exception, match="seed_energy_gev' must be a number, not NaN"):
+        m.set_param("seed_energy_gev", float("nan"))
+    with pytest.raises(Exception, match="max_iterations' = 4294967301 does not fit"):
+        m.set_param("max_iterations", 2 ** 32 + 5)
+    assert m.get_param("max_iterations") == 5  # unchanged by the refused value
+    with pytest.raises(Exception, match="does not fit a 64-bit int"):
+        m.set_param("max_iterations", 2 ** 70)
+    with pytest.raises(TypeError, match="must be int, got bool"):
+        m.set_param("max_iterations", True)
+    for bad, match in [({"image_size": 4}, "image_size must be odd"), ({"output": ""}, "output must be"),
+                       ({"output": "ECLDigits"}, "output must be")]:
+        path = eclreco.create_path()
+        path.add_module("EventInfoSetter", events=1)
+        path.add_module("ECLClusterizer", **bad)
+        with pytest.raises(Exception, match=match):
+            eclreco.process(path, install_signal_handlers=False)

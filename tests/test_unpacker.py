@@ -190,6 +190,16 @@ def test_conditions_file(tmp_path):
     ('{"detector": "array30", "gain": [1.0, 2.0]}', "900 cells"),
     ('{"detector": "array30", "gains": []}', "unknown key"),
     ('{"detector": "array30", "t0": ' + json.dumps([0] * 899 + ["x"]) + '}', "not a finite number"),
+    # found by a robustness review: each used to crash, pass or give a unreadable message
+    ('{"detector": "array30", "gain": ' + "[" * 200000 + "]" * 200000 + "}", "nested deeper than 64"),
+    ('{"detector": "array30", "gain": ' + json.dumps([1.0] * 899 + [0.0]) + '}', r"'gain'\[899\] \(cellId 900\) must be > 0"),
+    ('{"detector": "array30", "gain": ' + json.dumps([1.0] * 899 + [-1.0]) + '}', "must be > 0"),
+    ('{"detector": "array30", "t0": ' + json.dumps([0.0] * 899 + [1e30]) + '}', "beyond 1 ms"),
+    ('{"detector": "array30", "gain": [' + ", ".join(["1.0"] * 899) + ', 0x1p0]}', "bad number|expected"),
+    ('{"detector": "array30", "gain": [' + ", ".join(["1.0"] * 899) + ', 1e999]}', "not a finite number"),
+    ('{"detector": "array30", "detector": "array30"}', "appears twice"),
+    ('\ufeff{"detector": "array30"}', r"unexpected character '\\xef'"),
+    ('{"detector": "array30", "g\u00e4in": []}', r"unknown key 'g\\xc3\\xa4in'"),
 ])
 def test_bad_conditions_file(tmp_path, content, match):
     cond = tmp_path / "bad.json"
@@ -202,6 +212,8 @@ def test_bad_conditions_file(tmp_path, content, match):
 def test_missing_conditions_file(tmp_path):
     with pytest.raises(Exception, match="cannot open conditions"):
         run_path(MessageSource([]), conditions=str(tmp_path / "nope.json"))
+    with pytest.raises(Exception, match="not a regular file"):
+        run_path(MessageSource([]), conditions=str(tmp_path))
 
 
 def test_unpacker_without_raw_data_flags_module_error():

@@ -139,8 +139,28 @@ class PyModule : public Module {
   }
 };
 
-bool is_int(py::handle v) { return py::isinstance<py::int_>(v) && !py::isinstance<py::bool_>(v); }
-bool is_number(py::handle v) { return is_int(v) || py::isinstance<py::float_>(v); }
+// numbers.Integral / numbers.Real: Python's and numpy's scalars alike (np.int64(5) is an int
+// parameter); bools are neither.
+bool is_bool(py::handle v) {
+  return py::isinstance<py::bool_>(v) || std::string(py::str(py::type::of(v).attr("__name__"))) == "bool_";
+}
+bool is_int(py::handle v) {
+  static const py::object integral = py::module_::import("numbers").attr("Integral");
+  return !is_bool(v) && (py::isinstance<py::int_>(v) || py::isinstance(v, integral));
+}
+bool is_number(py::handle v) {
+  static const py::object real = py::module_::import("numbers").attr("Real");
+  return is_int(v) || (!is_bool(v) && (py::isinstance<py::float_>(v) || py::isinstance(v, real)));
+}
+int64_t to_int64(py::handle v) {
+  py::object i = py::reinterpret_steal<py::object>(PyNumber_Index(v.ptr()));
+  if (!i) throw py::error_already_set();
+  int overflow = 0;
+  const long long x = PyLong_AsLongLongAndOverflow(i.ptr(), &overflow);
+  if (overflow) throw py::value_error(std::string(py::repr(v)) + " does not fit a 64-bit int");
+  return x;
+}
+double to_double(py::handle v) { return py::float_(py::reinterpret_borrow<py::object>(v)).cast<double>(); }
 
 template <class T, class Pred>
 std::optional<std::vector<T>> as_list(py::handle v, Pred ok) {
@@ -148,7 +168,12 @@ std::optional<std::vector<T>> as_list(py::handle v, Pred ok) {
   std::vector<T> out;
   for (auto x : v) {
     if (!ok(x)) return std::nullopt;
-    out.push_back(x.cast<T>());
+    if constexpr (std::is_same_v<T, int64_t>)
+      out.push_back(to_int64(x));
+    else if constexpr (std::is_same_v<T, double>)
+      out.push_back(to_double(x));
+    else
+      out.push_back(x.cast<T>());
   }
   return out;
 }
@@ -163,8 +188,8 @@ ParamValue to_param(const Module& m, const std::string& name, py::handle v) {
   };
   switch (t) {
     case ParamType::Bool: return py::isinstance<py::bool_>(v) ? ParamValue(v.cast<bool>()) : fail();
-    case ParamType::Int: return is_int(v) ? ParamValue(v.cast<int64_t>()) : fail();
-    case ParamType::Float: return is_number(v) ? ParamValue(v.cast<double>()) : fail();
+    case ParamType::Int: return is_int(v) ? ParamValue(to_int64(v)) : fail();
+    case ParamType::Float: return is_number(v) ? ParamValue(to_double(v)) : fail();
     case ParamType::Str:
       if (py::isinstance<py::str>(v)) return ParamValue(v.cast<std::string>());
       if (py::hasattr(v, "__fspath__")) return ParamValue(py::str(v.attr("__fspath__")()).cast<std::string>());

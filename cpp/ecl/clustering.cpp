@@ -91,7 +91,8 @@ void ClusterParams::validate() const {
   if (!(background_level >= 0)) bad("background_level must be >= 0");
   if (!(sharing_a > 0) || !(moliere_radius_cm > 0)) bad("sharing_a and moliere_radius_cm must be > 0");
   if (!(log_weight_w0 > 0)) bad("log_weight_w0 must be > 0");
-  if (image_size < 1 || image_size > 41) bad("image_size must be in 1..41");
+  if (image_size < 1 || image_size > 41 || image_size % 2 == 0) bad("image_size must be odd, in 1..41 (the seed at its centre)");
+  if (!(lat_r0_cm > 0)) bad("lat_r0_cm must be > 0");
   if (max_iterations < 1) bad("max_iterations must be >= 1");
   if (!(convergence_cm > 0)) bad("convergence_cm must be > 0");
 }

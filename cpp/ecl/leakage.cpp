@@ -47,16 +47,26 @@ size_t parse_npy(const unsigned char* p, size_t avail, NpyArray& out, bool& nume
     if (q >= shape.size()) break;
     size_t e = q;
     while (e < shape.size() && std::isdigit(static_cast<unsigned char>(shape[e]))) ++e;
+    if (e == q || e - q > 12) throw std::runtime_error("bad npy shape (" + shape + ")");
     const int64_t d = std::stoll(shape.substr(q, e - q));
     out.shape.push_back(d);
-    count *= static_cast<size_t>(d);
+    if (__builtin_mul_overflow(count, static_cast<size_t>(d), &count)) throw std::runtime_error("npy shape too large");
     q = e;
   }
-  if (descr.size() < 3) throw std::runtime_error("bad npy descr " + descr);
+  if (descr.size() < 3 || descr.size() > 6 || !std::all_of(descr.begin() + 2, descr.end(), [](char c) {
+        return std::isdigit(static_cast<unsigned char>(c));
+      }))
+    throw std::runtime_error("bad npy descr '" + descr + "'");
   const char kind = descr[1];
   const size_t item = std::stoul(descr.substr(2));
+  // the sizes the reader below handles (a larger integer would be copied past its 8 bytes)
+  const bool known = ((kind == 'i' || kind == 'u') && (item == 1 || item == 2 || item == 4 || item == 8)) ||
+                     (kind == 'f' && (item == 4 || item == 8)) || (kind == 'b' && item == 1) || kind == 'U' ||
+                     kind == 'S' || kind == 'O';
+  if (!known) throw std::runtime_error("unsupported npy dtype '" + descr + "'");
   const size_t itemsize = kind == 'U' ? 4 * item : item;
-  const size_t nbytes = count * itemsize;
+  size_t nbytes = 0;
+  if (__builtin_mul_overflow(count, itemsize, &nbytes) || nbytes > avail) throw std::runtime_error("truncated npy data");
   const unsigned char* d = p + hstart + hlen;
   if (hstart + hlen + nbytes > avail) throw std::runtime_error("truncated npy data");
   if (descr[0] == '>') throw std::runtime_error("big-endian arrays are not supported");
@@ -101,7 +111,12 @@ std::map<std::string, NpyArray> read_npz(const std::string& path) {
     if (start > buf.size()) throw std::runtime_error(path + ": truncated");
     NpyArray a;
     bool numeric = false;
-    const size_t len = parse_npy(&buf[start], buf.size() - start, a, numeric);
+    size_t len = 0;
+    try {
+      len = parse_npy(&buf[start], buf.size() - start, a, numeric);
+    } catch (const std::exception& e) {
+      throw std::runtime_error(path + ": member '" + name + "': " + e.what());
+    }
     if (numeric) out[name] = std::move(a);
     // Next local header (skips an optional data descriptor).
     pos = start + len;
@@ -122,23 +137,34 @@ LeakageTable LeakageTable::load(const std::string& path) {
   };
   LeakageTable t;
   t.path_ = path;
-  t.detector_ = static_cast<int>(need("detector_code").data.at(0));
+  const auto& det = need("detector_code").data;
+  if (det.size() != 1 || !(det[0] == 0 || det[0] == 1))
+    throw std::runtime_error(path + ": detector_code must be 0 (belle2-ecl) or 1 (array30)");
+  t.detector_ = static_cast<int>(det[0]);
   const auto& codes = need("axis_codes").data;
   const auto& linear = need("axis_linear").data;
   const auto& resp = need("response");
   if (codes.size() != linear.size() || codes.size() != resp.shape.size() || codes.empty())
     throw std::runtime_error(path + ": inconsistent axes");
+  if (codes.size() > static_cast<size_t>(kMaxAxes))
+    throw std::runtime_error(path + ": more than " + std::to_string(kMaxAxes) + " axes");
   if (static_cast<int>(codes[0]) != static_cast<int>(AxisVar::LogEnergyRaw))
     throw std::runtime_error(path + ": axis 0 must be log_energy_raw");
   for (size_t k = 0; k < codes.size(); ++k) {
+    if (codes[k] != std::floor(codes[k]) || codes[k] < 0 || codes[k] > 5)
+      throw std::runtime_error(path + ": unknown axis code " + std::to_string(codes[k]));
     Axis a{static_cast<AxisVar>(static_cast<int>(codes[k])), linear[k] != 0,
            need("centers_" + std::to_string(k)).data};
     if (static_cast<int64_t>(a.centers.size()) != resp.shape[k] || a.centers.empty())
       throw std::runtime_error(path + ": centers_" + std::to_string(k) + " does not match the response shape");
-    if (static_cast<int>(a.var) < 0 || static_cast<int>(a.var) > 5)
-      throw std::runtime_error(path + ": unknown axis code");
+    for (size_t i = 0; i < a.centers.size(); ++i)
+      if (!std::isfinite(a.centers[i]) || (i && !(a.centers[i] > a.centers[i - 1])))
+        throw std::runtime_error(path + ": centers_" + std::to_string(k) + " must be finite and increasing");
     t.axes_.push_back(std::move(a));
   }
+  // the response is the mean E_raw/E_true of its bin: a correction divides by it
+  for (double r : resp.data)
+    if (!std::isfinite(r) || !(r > 0)) throw std::runtime_error(path + ": response values must be finite and > 0");
   t.strides_.assign(t.axes_.size(), 1);
   for (int k = static_cast<int>(t.axes_.size()) - 2; k >= 0; --k)
     t.strides_[k] = t.strides_[k + 1] * static_cast<int64_t>(t.axes_[k + 1].centers.size());
@@ -148,9 +174,7 @@ LeakageTable LeakageTable::load(const std::string& path) {
 
 double LeakageTable::response(double energy_raw, int ring, double u, double v) const {
   if (response_.empty() || !(energy_raw > 0)) return 1.0;
-  constexpr int kMaxAxes = 6;
-  const int d = static_cast<int>(axes_.size());
-  if (d > kMaxAxes) return 1.0;
+  const int d = static_cast<int>(axes_.size());  // <= kMaxAxes (load)
   int64_t lo[kMaxAxes];
   double frac[kMaxAxes];
   int nlin = 0;

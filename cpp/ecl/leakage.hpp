@@ -38,6 +38,7 @@ std::map<std::string, NpyArray> read_npz(const std::string& path);
 
 class LeakageTable {
  public:
+  static constexpr int kMaxAxes = 6;
   LeakageTable() = default;
   static LeakageTable load(const std::string& path);  // throws std::runtime_error
   bool empty() const { return response_.empty(); }

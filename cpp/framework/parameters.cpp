@@ -1,5 +1,6 @@
 #include "framework/parameters.hpp"
 
+#include <algorithm>
 #include <sstream>
 
 namespace fw {
@@ -89,9 +90,21 @@ void Parameters::set(const std::string& name, ParamValue value) {
   }
   if (!matches(p->type, value))
     throw ParameterError(owner_ + ": parameter '" + name + "' must be " + param_type_name(p->type));
-  p->value = value;
+  // NaN is no setting of anything (every comparison with it is false: a threshold would pass all)
+  auto nan = [](double x) { return x != x; };
+  if ((std::holds_alternative<double>(value) && nan(std::get<double>(value))) ||
+      (std::holds_alternative<std::vector<double>>(value) &&
+       std::any_of(std::get<std::vector<double>>(value).begin(), std::get<std::vector<double>>(value).end(), nan)))
+    throw ParameterError(owner_ + ": parameter '" + name + "' must be a number, not NaN");
+  if (p->store) {
+    try {
+      p->store(value);
+    } catch (const std::out_of_range& e) {
+      throw ParameterError(owner_ + ": parameter '" + name + "' = " + e.what());
+    }
+  }
+  p->value = std::move(value);
   p->is_set = true;
-  if (p->store) p->store(p->value);
 }
 
 void Parameters::check_required() const {

@@ -2,6 +2,9 @@
 // same declaration drives validation at add_module, `eclreco modules NAME`, and steering.
 #pragma once
 #include <cstdint>
+#include <limits>
+#include <stdexcept>
+#include <type_traits>
 #include <functional>
 #include <optional>
 #include <stdexcept>
@@ -48,16 +51,13 @@ class Parameters {
 
   template <class T>
   void add(const std::string& name, T* target, T default_value, const std::string& description) {
-    using S = typename ParamTraits<T>::Stored;
-    declare(name, ParamTraits<T>::type, ParamValue(S(default_value)), description,
-            [target](const ParamValue& v) { *target = static_cast<T>(std::get<S>(v)); });
+    declare(name, ParamTraits<T>::type, ParamValue(typename ParamTraits<T>::Stored(default_value)), description,
+            storer(target));
     *target = default_value;
   }
   template <class T>
   void add_required(const std::string& name, T* target, const std::string& description) {
-    using S = typename ParamTraits<T>::Stored;
-    declare(name, ParamTraits<T>::type, std::nullopt, description,
-            [target](const ParamValue& v) { *target = static_cast<T>(std::get<S>(v)); });
+    declare(name, ParamTraits<T>::type, std::nullopt, description, storer(target));
   }
   // Parameters without a C++ member (Python modules): the value lives here.
   void declare(const std::string& name, ParamType type, std::optional<ParamValue> default_value,
@@ -71,6 +71,22 @@ class Parameters {
   const std::vector<Parameter>& list() const { return params_; }
 
  private:
+  // Writes a value into the module's member; an int64 that the member's type cannot hold is a
+  // std::out_of_range (set() names the parameter), not a silent truncation.
+  template <class T>
+  static std::function<void(const ParamValue&)> storer(T* target) {
+    using S = typename ParamTraits<T>::Stored;
+    return [target](const ParamValue& v) {
+      const S& x = std::get<S>(v);
+      if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool> && !std::is_same_v<T, S>) {
+        if (x < static_cast<S>(std::numeric_limits<T>::min()) || x > static_cast<S>(std::numeric_limits<T>::max()))
+          throw std::out_of_range(std::to_string(x) + " does not fit its range " +
+                                  std::to_string(std::numeric_limits<T>::min()) + ".." +
+                                  std::to_string(std::numeric_limits<T>::max()));
+      }
+      *target = static_cast<T>(x);
+    };
+  }
   const Parameter* find(const std::string& name) const;
   std::string owner_;
   std::vector<Parameter> params_;
