@@ -120,8 +120,8 @@ class ECLEnergyCorrection(Module):
         self._image_shapes = {}
         self._n_corrected, self._n_calls, self._seconds = 0, 0, 0.0
         self._checked_energy_in = False
-        if self.param("threads") < 1:
-            raise ValueError("ECLEnergyCorrection: threads must be >= 1")
+        if not 1 <= self.param("threads") <= 64:
+            raise ValueError("ECLEnergyCorrection: threads must be 1..64 (onnxruntime intra-op threads)")
         if self.param("max_clusters_per_batch") < 1:
             raise ValueError("ECLEnergyCorrection: max_clusters_per_batch must be >= 1")
         det = self.param("detector")
@@ -182,8 +182,10 @@ class ECLEnergyCorrection(Module):
 
     def event(self, batch):
         coll = self.param("collection")
-        if coll not in batch or len(batch) == 0:
+        if len(batch) == 0:
             return
+        if coll not in batch:  # a path without the clusterizer, or a typo: not silently uncorrected
+            raise ModelError(f"ECLEnergyCorrection: no collection {coll!r} in the batch (ECLClusterizer makes it)")
         cl = batch[coll]
         e_raw = np.asarray(cl["energy_raw"])
         if e_raw.size == 0:

@@ -16,6 +16,11 @@ class EventInfoSetter : public fw::Module {
   void initialize() override {
     if (detector_ != "belle2-ecl" && detector_ != "array30")
       throw fw::ParameterError("EventInfoSetter: detector must be belle2-ecl or array30");
+    if (events_ < 0) throw fw::ParameterError("EventInfoSetter: events must be >= 0");
+    if (events_ > (int64_t{1} << 32)) throw fw::ParameterError("EventInfoSetter: events must be <= 2^32 (evt is 32 bits)");
+    for (auto [name, v] : {std::pair{"exp", exp_}, std::pair{"run", run_}})
+      if (v < 0 || v > 0xFFFFFFFFll)
+        throw fw::ParameterError(std::string("EventInfoSetter: ") + name + " must be in 0..2^32-1");
     next_ = 0;
   }
   bool next_batch(fw::EventBatch& batch, size_t max_events) override {

@@ -32,6 +32,17 @@ class SimulationInput(Module):
             raise ValueError(f"SimulationInput: unknown detector {self.param('detector')!r}")
         if self.param("particle") not in ("gamma", "pi0", "generic"):
             raise ValueError(f"SimulationInput: unknown particle {self.param('particle')!r}")
+        lo, hi = self.param("energy_min"), self.param("energy_max")
+        checks = [(self.param("events") >= 0, "events must be >= 0"),
+                  (self.param("chunk") >= 1, "chunk must be >= 1"),
+                  (self.param("energy") > 0, "energy must be > 0 GeV"),
+                  (hi == 0 or 0 < lo < hi, "energy_min and energy_max: 0 < energy_min < energy_max (or both 0)"),
+                  (0 <= self.param("background") <= 100, "background must be in 0..100 (1 = nominal)"),
+                  (self.param("seed") >= 0, "seed must be >= 0"),
+                  (0 <= self.param("exp") < 2 ** 32 and 0 <= self.param("run") < 2 ** 32, "exp and run must be in 0..2^32-1")]
+        for ok, what in checks:
+            if not ok:
+                raise ValueError(f"SimulationInput: {what}")
         self._pending, self._generated = [], 0
 
     def _simulate_chunk(self):

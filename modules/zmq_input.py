@@ -43,6 +43,14 @@ class ZMQInput(Module):
     def initialize(self):
         import zmq
 
+        for name, ok, rule in (("idle_timeout_s", self.param("idle_timeout_s") >= 0, ">= 0 (0: never)"),
+                               ("max_latency_ms", self.param("max_latency_ms") >= 0, ">= 0"),
+                               ("poll_ms", self.param("poll_ms") > 0, "> 0"),
+                               ("max_message_bytes", self.param("max_message_bytes") >= 0, ">= 0 (0: no limit)"),
+                               ("rcvhwm", self.param("rcvhwm") >= 0, ">= 0")):
+            if not ok:
+                raise ValueError(f"ZMQInput: {name} must be {rule}")
+
         self._zmq = zmq
         self._ctx = zmq.Context.instance()
         s = self._ctx.socket(zmq.PULL)

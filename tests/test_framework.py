@@ -1,4 +1,5 @@
 """Framework core: batches, parameters, paths, the processor, statistics."""
+import os
 import numpy as np
 import pytest
 
@@ -452,3 +453,70 @@ def test_parameters_numpy_scalars_nan_and_range():
         path.add_module("ECLClusterizer", **bad)
         with pytest.raises(Exception, match=match):
             eclreco.process(path, install_signal_handlers=False)
+
+
+@pytest.mark.parametrize("module,params,match", [
+    ("EventInfoSetter", {"events": -5}, "events must be >= 0"),  # used to run forever (cast to uint64)
+    ("EventInfoSetter", {"exp": -1}, "exp must be in 0..2"),
+    ("SimulationInput", {"chunk": 0}, "chunk must be >= 1"),  # used to run forever
+    ("SimulationInput", {"energy": -1.0}, "energy must be > 0"),
+    ("SimulationInput", {"background": -1.0}, "background must be in"),
+    ("ZMQInput", {"idle_timeout_s": -1.0}, "idle_timeout_s must be >= 0"),  # used to run forever
+    ("ZMQInput", {"poll_ms": 0.0}, "poll_ms must be > 0"),
+])
+def test_source_parameters_out_of_range_fail_at_initialize(module, params, match):
+    path = eclreco.create_path()
+    path.add_module(module, **params)
+    with pytest.raises(Exception, match=match):
+        eclreco.process(path, install_signal_handlers=False)
+
+
+def test_misbehaving_sources_and_paths_are_named(tmp_path):
+    fifo = tmp_path / "fifo.msgpack"
+    os.mkfifo(fifo)
+    path = eclreco.create_path()
+    path.add_module("RawFileInput", filename=str(fifo))  # open() used to block for a writer
+    with pytest.raises(Exception, match="not a regular file"):
+        eclreco.process(path, install_signal_handlers=False)
+
+    class NoReturn(eclreco.Module):
+        def is_source(self):
+            return True
+
+        def next_batch(self, batch, max_events):
+            batch.resize(1)  # and forgets to return: used to end the input silently
+
+    class Raises(NoReturn):
+        def next_batch(self, batch, max_events):
+            return 1 / 0
+
+    class Overfills(NoReturn):
+        def next_batch(self, batch, max_events):
+            batch.resize(max_events + 5)
+            return True
+
+    for source, match, kw in [(NoReturn(), "next_batch must return True .* not NoneType", {}),
+                              (Raises(), "Raises.next_batch failed: .*division by zero", {}),
+                              (Overfills(), "returned 15 events, at most 10", {"max_events": 10})]:
+        path = eclreco.create_path()
+        path.add_module(source)
+        with pytest.raises(Exception, match=match):
+            eclreco.process(path, install_signal_handlers=False, batch_size=10, **kw)
+    path = eclreco.create_path()
+    noop = path.add_module("NoOp")
+    with pytest.raises(ValueError, match="already in the path"):
+        path.add_module(noop)
+
+
+def test_energy_correction_needs_its_collection():
+    m = eclreco.create_module("ECLEnergyCorrection")
+    m.set_param("threads", 100000)  # onnxruntime crashed creating them
+    with pytest.raises(Exception, match="threads must be 1..64"):
+        m.initialize()
+    path = eclreco.create_path()
+    path.add_module("SimulationInput", events=20, detector="array30", particle="gamma", seed=3)
+    path.add_module("ECLUnpacker")
+    path.add_module("ECLEnergyCorrection")  # no clusterizer: was silently no correction
+    eclreco.process(path, install_signal_handlers=False)
+    s = eclreco.statistics.summary()
+    assert s["errors"] == 20 and "no collection 'ECLClusters'" in eclreco.statistics.state.error_messages()[0]

@@ -80,7 +80,14 @@ class PyModule : public Module {
       py::function f = py::get_override(static_cast<const Module*>(this), "next_batch");
       if (!f) return false;
       bool more = false;
-      lend_batch(batch, [&](py::handle b) { more = f(b, max_events).cast<bool>(); });
+      lend_batch(batch, [&](py::handle b) {
+        py::object r = f(b, max_events);
+        // None (a forgotten return) would read as False: the end of the input, without a word
+        if (!py::isinstance<py::bool_>(r) && std::string(py::str(py::type::of(r).attr("__name__"))) != "bool_")
+          throw py::type_error(type() + ".next_batch must return True (more batches follow) or False (this was the "
+                               "last), not " + std::string(py::str(py::type::of(r).attr("__name__"))));
+        more = r.cast<bool>();
+      });
       return more;
     } catch (py::error_already_set& e) {
       rethrow_python(e);

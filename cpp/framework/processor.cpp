@@ -193,8 +193,14 @@ class Run {
       }
       EventBatch batch(0);
       const CallStart t0;
-      more = source.next_batch(batch, want);
+      lifecycle(source, "next_batch", [&] { more = source.next_batch(batch, want); });
       record(sc, batch.size(), t0);
+      // batch_size is a hint a source may overshoot (whole messages), max_events a limit: the
+      // surplus would be processed beyond it, or dropped
+      if (opt_.max_events && batch.size() > want)
+        throw std::logic_error(source.type() + ".next_batch returned " + std::to_string(batch.size()) +
+                               " events, at most " + std::to_string(want) + " were asked for (max_events " +
+                               std::to_string(opt_.max_events) + ")");
       if (batch.size() == 0) continue;
       received_ += batch.size();
       st_.received += batch.size();

@@ -108,6 +108,8 @@ class Path:
             module = create_module(module)
         elif not isinstance(module, _core.Module):
             raise TypeError(f"add_module takes a module name or a Module, not {type(module).__name__}")
+        elif any(m is module for m in self._modules):  # its event() would run twice on each batch
+            raise ValueError(f"add_module: this {module.type} instance is already in the path (create another one)")
         for key, value in params.items():
             module.set_param(key, value)
         module.check_required()
