@@ -29,7 +29,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=256, help="events per batch")
     ap.add_argument("--rejected", help="quarantine file (.msgpack) for rejected raw events")
     sim = ap.add_argument_group("embedded simulation (no --input)")
-    sim.add_argument("--events", type=int, default=20000, help="events to simulate")
+    sim.add_argument("--events", type=int, default=None, help="events to simulate (default 20000; with --input "
+                     "use -n)")
     sim.add_argument("--detector", default="belle2-ecl", choices=["belle2-ecl", "array30"])
     sim.add_argument("--particle", default="generic", choices=["gamma", "pi0", "generic"])
     sim.add_argument("--energy", type=float, default=1.0, help="GeV, for gamma and pi0")
@@ -53,7 +54,18 @@ def parse_args(argv=None):
     mon.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port")
     mon.add_argument("--metrics-host", default="127.0.0.1")
     mon.add_argument("--progress", type=float, default=10.0, help="seconds between progress lines")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.input and args.events is not None:
+        ap.error("--events sets how many events to simulate; to stop after N events of --input use -n N")
+    if args.events is None:
+        args.events = 20000
+    if args.max_events < 0:
+        ap.error("-n/--max-events must be >= 0 (0: all)")
+    if args.no_cnn and args.model:
+        ap.error("--model is the CNN's model: it does nothing with --no-cnn")
+    if not 0 <= args.metrics_port <= 65535:
+        ap.error("--metrics-port must be a port number (0: no metrics)")
+    return args
 
 
 def build_path(args) -> eclreco.Path:
@@ -83,15 +95,22 @@ def build_path(args) -> eclreco.Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    path = build_path(args)
+    try:  # a module parameter out of range, an unusable file or port: one line, no traceback
+        path = build_path(args)
+    except (ValueError, TypeError, OSError) as err:
+        print(f"reco.py: error: {err}", file=sys.stderr, flush=True)
+        return 2
     print(f"eclreco {eclreco.__version__}: {path}", flush=True)
     exporter = None
-    if args.metrics_port:
-        from eclreco.metrics import serve_process_metrics
-
-        exporter = serve_process_metrics(args.metrics_port, args.metrics_host, role="reco", path=path)
     try:
+        if args.metrics_port:
+            from eclreco.metrics import serve_process_metrics
+
+            exporter = serve_process_metrics(args.metrics_port, args.metrics_host, role="reco", path=path)
         eclreco.process(path, max_events=args.max_events, threads=args.threads, batch_size=args.batch_size)
+    except (ValueError, OSError) as err:  # refused before the run: options, files, the metrics port
+        print(f"reco.py: error: {err}", file=sys.stderr, flush=True)
+        return 2
     except RuntimeError as err:  # a fatal module error, e.g. an output that cannot be written
         print(eclreco.statistics, flush=True)
         print(f"reco.py: error: {err}", file=sys.stderr, flush=True)

@@ -1,5 +1,6 @@
 """Framework core: batches, parameters, paths, the processor, statistics."""
 import os
+
 import numpy as np
 import pytest
 
@@ -520,3 +521,22 @@ def test_energy_correction_needs_its_collection():
     eclreco.process(path, install_signal_handlers=False)
     s = eclreco.statistics.summary()
     assert s["errors"] == 20 and "no collection 'ECLClusters'" in eclreco.statistics.state.error_messages()[0]
+
+
+def test_an_output_over_an_input_or_another_output_is_refused(tmp_path):
+    """-o raw.msgpack on -i raw.msgpack replaced the raw data by ROOT bytes; the quarantine file on
+    the input crashed the memory-mapped reader (SIGBUS); two writers corrupted one ROOT file."""
+    from eclreco.rawdata import encode_events, write_raw_file
+
+    raw = tmp_path / "raw.msgpack"
+    write_raw_file(raw, encode_events("array30", 0, 1, [0, 1], [0, 0, 0], [], [], [], []))
+    before = raw.read_bytes()
+    for outputs in ([("RootOutput", str(raw))], [("RejectedOutput", str(tmp_path / "." / "raw.msgpack"))],
+                    [("RootOutput", str(tmp_path / "x.root")), ("RejectedOutput", str(tmp_path / "x.root"))]):
+        path = eclreco.create_path()
+        path.add_module("RawFileInput", filename=str(raw))
+        for name, f in outputs:
+            path.add_module(name, filename=f)
+        with pytest.raises(ValueError, match="in the same path: use another file"):
+            eclreco.process(path, install_signal_handlers=False)
+    assert raw.read_bytes() == before and not (tmp_path / "x.root").exists()

@@ -371,6 +371,8 @@ def print_table(res: dict) -> None:
 
 
 def _run(args) -> int:
+    if args.events < 100 or args.repeat < 1 or args.farm_rate <= 0 or args.farm_seconds <= 0:
+        raise SystemExit("eclreco bench: --events >= 100, --repeat >= 1, --farm-rate and --farm-seconds > 0")
     res = run_benchmark(args)
     if args.json:
         print(json.dumps(res, indent=1, default=float))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Sub-commands live next to the code they drive; each module exposes add_<name>_parser(subparsers)
@@ -34,7 +35,18 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, OSError, RuntimeError, LookupError, MemoryError, ArithmeticError) as err:
+        # bad options, a missing or unwritable file, a refused parameter: one line, not a traceback
+        # (ECLRECO_TRACEBACK=1 shows it, for a bug report)
+        if os.environ.get("ECLRECO_TRACEBACK"):
+            raise
+        command = " ".join(filter(None, [args.command, getattr(args, "hlt_command", None)]))
+        print(f"eclreco {command}: error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import sys
 import time
@@ -186,6 +187,28 @@ class Statistics:
 statistics = Statistics()
 
 
+# Modules whose `filename` parameter is a file they read or (over)write.
+FILE_INPUTS = ("RawFileInput",)
+FILE_OUTPUTS = ("RootOutput", "RejectedOutput")
+
+
+def _check_files(path: Path) -> None:
+    """An output over an input of the same path, or two outputs on one file, is refused before
+    anything is opened: the output would truncate the raw data being read (a crash of the
+    memory-mapped reader, or the raw file replaced by ROOT bytes) or both writers corrupt it."""
+    seen: dict[str, tuple[str, str]] = {}  # real path -> (module, "reads" | "writes")
+    for m in path.modules:
+        role = "reads" if m.type in FILE_INPUTS else "writes" if m.type in FILE_OUTPUTS else None
+        name = m.get_param("filename") if role else ""
+        if not name:
+            continue
+        key = os.path.realpath(name)
+        if key in seen and "writes" in (role, seen[key][1]):
+            raise ValueError(f"{m.type} {role} {name!r}, which {seen[key][0]} {seen[key][1]} in the same path: use another file")
+        if key not in seen or role == "writes":
+            seen[key] = (m.type, role)
+
+
 def process(path: Path, max_events: int = 0, threads: int = 1, batch_size: int = 256,
             install_signal_handlers: bool = True) -> Statistics:
     """Run `path`: the event loop runs in C++ with the GIL released.
@@ -193,6 +216,7 @@ def process(path: Path, max_events: int = 0, threads: int = 1, batch_size: int =
     threads > 1 processes batches concurrently; output modules still see them in input order.
     SIGINT/SIGTERM end the run cleanly (outputs are closed); a second signal kills.
     """
+    _check_files(path)
     processor = _core.Processor()
     statistics._attach(processor)
     processor.process(path._cpp, max_events=max_events, threads=threads, batch_size=batch_size,

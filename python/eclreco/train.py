@@ -444,6 +444,10 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
 
 
 def _cmd(args) -> int:
+    if args.epochs is not None and args.epochs < 1:
+        raise SystemExit("eclreco train: --epochs must be >= 1")
+    if args.max_events < 0:
+        raise SystemExit("eclreco train: --max-events must be >= 0 (0: all)")
     if args.augment is not None:
         try:  # before the Geant4 file is read
             cnn_data.check_copies(args.detector, args.augment)

@@ -232,6 +232,9 @@ def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed
     os.makedirs(out_dir, exist_ok=True)
     g4_path = g4_path or default_g4_path(detector)
     model = _model_path(detector, model)
+    from eclreco.modules.ecl_energy_correction import load_session
+
+    load_session(model, expected_detector=detector)  # a model of the other detector: an error, not a report
     g4 = cnn_data.G4Sample(g4_path, detector)
     _, _, test = g4.split()
     if max_events:

@@ -232,6 +232,12 @@ class Farm:
 
 
 def main(args) -> int:
+    for name, ok in (("--workers", args.workers >= 1), ("--threads", 1 <= args.threads <= 256),
+                     ("--batch-size", args.batch_size >= 1), ("--max-restarts", args.max_restarts >= 0)):
+        if not ok:
+            raise SystemExit(f"eclreco hlt run: {name} out of range ({getattr(args, name[2:].replace('-', '_'))})")
+    if args.worker_steering and not os.path.isfile(args.worker_steering):
+        raise SystemExit(f"eclreco hlt run: --worker-steering {args.worker_steering!r} is not a file")
     farm = Farm(args)
     try:
         return farm.run()

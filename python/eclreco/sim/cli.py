@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 
@@ -12,9 +13,16 @@ def _run(args) -> int:
     from eclreco.rawdata import encode_events, write_raw_file
     from eclreco.sim import simulate
 
-    if args.events <= 0:
-        print("eclreco simulate: --events must be positive")
-        return 2
+    problems = [(args.events <= 0, "--events must be positive"), (not args.energy > 0, "--energy must be > 0 GeV"),
+                (bool(args.energy_range) and not 0 < args.energy_range[0] < args.energy_range[1],
+                 "--energy-range LO HI needs 0 < LO < HI"),
+                (args.background is not None and not 0 <= args.background <= 100, "--background must be in 0..100"),
+                (args.seed < 0, "--seed must be >= 0"),
+                (not (0 <= args.exp < 2 ** 32 and 0 <= args.run < 2 ** 32), "--exp and --run must be in 0..2^32-1")]
+    for bad, what in problems:
+        if bad:
+            print(f"eclreco simulate: {what}", file=sys.stderr)
+            return 2
     messages = []
     chunk = 2000
     t0 = time.perf_counter()
