@@ -57,16 +57,18 @@ class ECLClusterizer : public fw::Module {
     const fw::Collection& digits = batch.get(input_);
     s->skip.assign(n, 0);
     for (size_t i = 0; i < n; ++i) s->skip[i] = batch.is_rejected(i) ? 1 : 0;
-    s->clusterer.run(n, digits.offsets(), digits.column("cell").data<int32_t>(),
-                     digits.column("energy").data<float>(), digits.column("time").data<float>(),
-                     digits.column("quality").data<uint8_t>(), batch.detector(), s->skip.data(), s->out);
+    s->clusterer.run(n, digits.offsets(), digits.column("cell").values<int32_t>(),
+                     digits.column("energy").values<float>(), digits.column("time").values<float>(),
+                     digits.column("quality").values<uint8_t>(), batch.detector(), s->skip.data(), s->out);
     write(batch, &s->out);
     clusters_ += s->out.size();
+    invalid_digits_ += s->out.invalid_digits;
     release(std::move(s));
   }
 
   std::map<std::string, double> counters() const override {
-    return {{"clusters", static_cast<double>(clusters_.load())}};
+    return {{"clusters", static_cast<double>(clusters_.load())},
+            {"invalid_digits", static_cast<double>(invalid_digits_.load())}};
   }
 
  private:
@@ -135,7 +137,7 @@ class ECLClusterizer : public fw::Module {
   ecl::ClusterParams cp_;
   std::mutex mu_;
   std::vector<std::unique_ptr<Scratch>> pool_;
-  std::atomic<uint64_t> clusters_{0};
+  std::atomic<uint64_t> clusters_{0}, invalid_digits_{0};
 };
 
 }  // namespace

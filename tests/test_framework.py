@@ -540,3 +540,61 @@ def test_an_output_over_an_input_or_another_output_is_refused(tmp_path):
         with pytest.raises(ValueError, match="in the same path: use another file"):
             eclreco.process(path, install_signal_handlers=False)
     assert raw.read_bytes() == before and not (tmp_path / "x.root").exists()
+
+
+def test_a_run_stopped_by_an_error_says_what_it_did_not_process():
+    from eclreco.sources import ArraySource
+
+    class BadRun(eclreco.Module):
+        def begin_run(self, exp, run):
+            raise ValueError("no conditions for this run")
+
+    path = eclreco.create_path()
+    path.add_module(ArraySource("X", np.arange(101), {"a": np.zeros(100)}))
+    path.add_module(BadRun())
+    with pytest.raises(RuntimeError, match="BadRun.begin_run failed"):
+        eclreco.process(path, batch_size=32, install_signal_handlers=False)
+    s = eclreco.statistics.summary()
+    assert s["received"] == 32 and s["processed"] == s["rejected"] == 0 and s["not_processed"] == 32
+    assert "not processed: 32" in str(eclreco.statistics)
+
+
+def test_digit_columns_from_arrays_byte_order_shape_and_invalid_values():
+    """Big-endian arrays are converted (were read as garbage: 3e38 GeV clusters); a 2-d column
+    is an error naming it (was read interleaved); digits outside the detector or with a non-finite
+    energy are counted by the clusterizer (were dropped without a trace)."""
+    from eclreco.sources import ArraySource
+
+    rng = np.random.default_rng(4)
+    n_ev, per = 20, 30
+    cell = rng.integers(1, 8737, n_ev * per).astype(np.int32)
+    energy = rng.exponential(0.05, n_ev * per).astype(np.float32)
+    cols = {"cell": cell, "energy": energy, "time": np.zeros(n_ev * per, np.float32),
+            "quality": np.zeros(n_ev * per, np.uint8)}
+    off = np.arange(0, n_ev * per + 1, per)
+
+    def clusters(columns):
+        got = []
+
+        class Grab(eclreco.Module):
+            def event(self, batch):
+                got.append(np.array(batch["ECLClusters"]["energy_raw"]))
+
+        path = eclreco.create_path()
+        path.add_module(ArraySource("ECLDigits", off, columns))
+        cl = path.add_module("ECLClusterizer")
+        path.add_module(Grab())
+        eclreco.process(path, install_signal_handlers=False)
+        return np.concatenate(got) if got else None, cl.counters()["invalid_digits"], eclreco.statistics.summary()
+
+    ref, invalid, _ = clusters(cols)
+    assert ref.size > 20 and invalid == 0
+    swapped, _, _ = clusters({**cols, "energy": energy.astype(">f4"), "cell": cell.astype(">i4")})
+    np.testing.assert_array_equal(swapped, ref)
+    _, _, s = clusters({**cols, "energy": np.stack([energy, energy], 1)})
+    assert s["errors"] == n_ev and "column 'energy' holds rows of 2 values" in eclreco.statistics.state.error_messages()[0]
+    bad_cell, bad_e = cell.copy(), energy.copy()
+    bad_cell[[0, 40]] = [0, 99999]
+    bad_e[[80, 120]] = [np.nan, np.inf]
+    _, invalid, _ = clusters({**cols, "cell": bad_cell, "energy": bad_e})
+    assert invalid == 4

@@ -38,6 +38,9 @@ py::array column_view(const Column& c, bool writable) {
 Column column_from_array(const py::array& input) {
   py::array a = py::array::ensure(input, py::array::c_style);
   if (!a) throw py::type_error("expected an array");
+  // the C++ modules read native byte order: a big-endian array ('>f4') is converted, not reinterpreted
+  if (a.dtype().attr("byteorder").cast<std::string>() == ">" && a.dtype().itemsize() > 1)
+    a = py::array::ensure(a.attr("astype")(a.dtype().attr("newbyteorder")("=")), py::array::c_style);
   if (a.ndim() < 1) throw py::value_error("a column needs at least one dimension");
   std::vector<int64_t> inner;
   for (py::ssize_t k = 1; k < a.ndim(); ++k) inner.push_back(a.shape(k));

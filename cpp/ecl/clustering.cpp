@@ -60,21 +60,26 @@ void log_centroid(int m, const double* share, double etot, const double* px, con
 
 // Digit classes (see Clusterer::event) and cellId (0 outside the detector) of n digits; written
 // so that the compiler vectorizes it.
-void digit_flags(int n, const int32_t* __restrict cell, const float* __restrict energy,
-                 const float* __restrict time, const uint8_t* __restrict quality, uint8_t* __restrict flag,
-                 int32_t* __restrict cidx, unsigned n_cells, bool no_time_cut, float f_tcut, float f_digit,
-                 float f_grow, float f_seed) {
+int digit_flags(int n, const int32_t* __restrict cell, const float* __restrict energy,
+                const float* __restrict time, const uint8_t* __restrict quality, uint8_t* __restrict flag,
+                int32_t* __restrict cidx, unsigned n_cells, bool no_time_cut, float f_tcut, float f_digit,
+                float f_grow, float f_seed) {
   const uint32_t ntc = no_time_cut ? 1u : 0u;
+  int invalid = 0;
   for (int i = 0; i < n; ++i) {
     const int32_t c = cell[i];
-    const uint32_t valid = static_cast<uint32_t>(c - 1) < n_cells;
     const float en = energy[i];
+    // a cellId of the detector and a finite energy (NaN compares false)
+    const uint32_t valid = uint32_t(static_cast<uint32_t>(c - 1) < n_cells) &
+                           uint32_t(std::fabs(en) <= std::numeric_limits<float>::max());
+    invalid += static_cast<int>(1u - valid);
     const uint32_t in_time = ntc | uint32_t(quality[i] != 0) | uint32_t(std::fabs(time[i]) < f_tcut);
     const uint32_t f = (in_time * kInTime) | (uint32_t(en >= f_digit) * kDigit) |
                        ((in_time & uint32_t(en >= f_grow)) * kGrow) | ((in_time & uint32_t(en >= f_seed)) * kSeed);
     flag[i] = static_cast<uint8_t>(f * valid);
     cidx[i] = c * static_cast<int32_t>(valid);
   }
+  return invalid;
 }
 }  // namespace
 
@@ -99,6 +104,7 @@ void ClusterParams::validate() const {
 
 void ClusterOutput::clear() {
   offsets.clear();
+  invalid_digits = 0;
   for (auto* v : {&energy_raw, &theta, &phi, &x, &y, &z, &time, &e1e9, &e9e21, &second_moment, &lat,
                   &local_u, &local_v, &weight_sum, &image, &features})
     v->clear();
@@ -194,7 +200,8 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
   if (cidx_.size() < n_digits + 1) cidx_.resize(n_digits + 1);
   int32_t* cidx = cidx_.data();
   uint8_t* flag = flag_.data();
-  digit_flags(n, cell, energy, time, quality, flag, cidx, n_cells, no_time_cut, f_tcut, f_digit, f_grow, f_seed);
+  out.invalid_digits += static_cast<uint64_t>(
+      digit_flags(n, cell, energy, time, quality, flag, cidx, n_cells, no_time_cut, f_tcut, f_digit, f_grow, f_seed));
   std::memset(flag + n, 0, 8);
   // Cell -> digit map (digits outside the detector write into the dummy slot 0 of the map, never
   // read: neighbour lists hold cellIds >= 1).

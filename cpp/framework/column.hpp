@@ -64,6 +64,15 @@ class Column {
     check<T>();
     return reinterpret_cast<const T*>(buf_ ? buf_->data() : nullptr);
   }
+  // One value per row (a column of another shape would be read interleaved): std::logic_error
+  // naming the column otherwise.
+  template <class T>
+  const T* values() const {
+    if (width_ != 1)
+      throw std::logic_error((name_.empty() ? std::string("column") : "column '" + name_ + "'") +
+                             " holds rows of " + std::to_string(width_) + " values, one value per row expected");
+    return data<T>();
+  }
   template <class T>
   void push_back(T value) {
     check<T>();

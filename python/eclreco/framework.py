@@ -160,6 +160,9 @@ class Statistics:
             "received": s.received,
             "processed": s.processed,
             "rejected": s.rejected,
+            # received but neither processed nor rejected: in flight, or the run stopped on a fatal
+            # error (a module's begin_run, an output that cannot write) before they were done
+            "not_processed": (s.received - s.processed - s.rejected) if not s.running else 0,
             "rejected_by_reason": s.rejected_by_reason(),
             "errors": s.errors,
             "batches": s.batches,
@@ -179,6 +182,8 @@ class Statistics:
             f"with module errors {s['errors']}; {s['wall_seconds']:.2f} s, "
             f"{s['events_per_second']:,.0f} events/s"
         )
+        if s["not_processed"]:
+            lines.append(f"  not processed: {s['not_processed']} (the run stopped on an error before they were done)")
         for reason, n in sorted(s["rejected_by_reason"].items()):
             lines.append(f"  rejected [{reason}]: {n}")
         return "\n".join(lines)
