@@ -70,6 +70,7 @@ class RootOutput(Module):
         self._parts: list[dict] = []
         self._buffered = 0
         self._tree_created = False
+        self._schema = None
         self._error = None
         self._writer = None
         self._write_error = None
@@ -85,6 +86,8 @@ class RootOutput(Module):
     def initialize(self):
         import uproot
 
+        if not self.param("tree") or self.param("basket_events") < 1 or self.param("flush_interval_s") < 0:
+            raise ValueError("RootOutput: tree must be a name, basket_events >= 1, flush_interval_s >= 0")
         path = self.param("filename")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._error = None
@@ -95,6 +98,7 @@ class RootOutput(Module):
         except OSError as err:
             raise RuntimeError(f"cannot create output file '{path}': {err}") from None
         self._tree_created = False
+        self._schema = None  # (event branch dtypes, cluster field dtypes or None), fixed by the first basket
 
     def _fail(self, err: BaseException):
         """A failed write: remove the incomplete file, stop the run, remember the error."""
@@ -209,19 +213,33 @@ class RootOutput(Module):
     def _write(self, parts):
         import awkward as ak
 
-        data = {}
-        for key in ("exp", "run", "evt", "n_digits", "n_out_of_time_digits", "error_flags"):
-            if all(key in p for p in parts):
-                data[key] = np.concatenate([p[key] for p in parts])
-        if all("_cluster_cols" in p for p in parts):
-            counts = np.concatenate([p["_cluster_counts"] for p in parts])
+        # The branches: those of the tree once it exists, else those of any part. A batch without
+        # one (ECLClusters missing where the clusterizer failed on all its events, say) gets zeros
+        # / empty cluster lists: dropping the branch for the basket made the tree inconsistent.
+        if self._schema is None:
+            ev = {k: p[k].dtype for k in ("exp", "run", "evt", "n_digits", "n_out_of_time_digits", "error_flags")
+                  for p in parts if k in p}
+            cl = next(({n: a.dtype for n, a in p["_cluster_cols"].items()} for p in parts if "_cluster_cols" in p), None)
+            self._schema = (ev, cl)
+        ev_types, cl_types = self._schema
+        if cl_types is None and any("_cluster_cols" in p for p in parts):
+            # a TTree gets no branches after its creation: not silently without the clusters
+            raise ValueError("ECLClusters appeared after the tree was created without cluster branches (every event "
+                             "of its first basket failed before clustering): a TTree gets no new branches")
+        sizes = [len(p["evt"]) for p in parts]
+        data = {key: np.concatenate([p[key] if key in p else np.zeros(k, dt) for p, k in zip(parts, sizes)])
+                for key, dt in ev_types.items()}
+        if cl_types is not None:
+            counts = np.concatenate([p["_cluster_counts"] if "_cluster_cols" in p else np.zeros(k, np.int32)
+                                     for p, k in zip(parts, sizes)])
             offsets = np.zeros(counts.size + 1, np.int64)
             np.cumsum(counts, out=offsets[1:])
-            names = list(parts[0]["_cluster_cols"].keys())
+            names = list(cl_types)
             # The jagged record array built from its layout (one offsets array for all fields):
             # what ak.zip of ak.unflatten per field makes, without their per-field checks, which
             # were ~45 % of the write time (cProfile, 12 cluster branches, baskets of 2000 events).
-            fields = [ak.contents.NumpyArray(np.concatenate([p["_cluster_cols"][n] for p in parts])) for n in names]
+            fields = [ak.contents.NumpyArray(np.concatenate([p["_cluster_cols"][n] if "_cluster_cols" in p else
+                                                             np.zeros(0, cl_types[n]) for p in parts])) for n in names]
             data["cluster"] = ak.Array(ak.contents.ListOffsetArray(ak.index.Index64(offsets),
                                                                    ak.contents.RecordArray(fields, names)))
         n = len(data["evt"])

@@ -165,3 +165,35 @@ def test_background_measure_written_and_histogrammed(tmp_path):
         counts, edges = f["dqm/out_of_time_digits"].to_numpy()
     assert sum(want) > 300 and counts.sum() == 300
     np.testing.assert_array_equal(counts, np.histogram(want, bins=edges)[0])
+
+
+def test_a_batch_without_clusters_keeps_the_basket_consistent(tmp_path):
+    """A batch whose events all failed before clustering has no ECLClusters: its events get empty
+    cluster lists (the whole basket lost its cluster branches, or the tree became unwritable)."""
+    import uproot
+
+    import eclreco
+    from eclreco.sources import ArraySource
+
+    class DropClusters(eclreco.Module):  # as a batch looks where the clusterizer failed on every event
+        def event(self, batch):
+            if batch.evt[0] == 8:  # the batch of events 8..11
+                batch.remove("ECLClusters")
+
+    rng = np.random.default_rng(2)
+    n = 16
+    cols = {"cell": rng.integers(1, 8737, n * 20).astype(np.int32),
+            "energy": rng.exponential(0.05, n * 20).astype(np.float32),
+            "time": np.zeros(n * 20, np.float32), "quality": np.zeros(n * 20, np.uint8)}
+    out = tmp_path / "o.root"
+    path = eclreco.create_path()
+    path.add_module(ArraySource("ECLDigits", np.arange(0, n * 20 + 1, 20), cols))
+    path.add_module("ECLClusterizer")
+    path.add_module(DropClusters())
+    path.add_module("RootOutput", filename=str(out), basket_events=100)
+    eclreco.process(path, batch_size=4, install_signal_handlers=False)
+    with uproot.open(out) as f:
+        t = f["events"]
+        assert t.num_entries == n and "cluster_energy" in t.keys()
+        ncl = t["ncluster"].array(library="np")
+    assert (ncl[8:12] == 0).all() and (ncl[[0, 1, 2, 3, 12, 13]] > 0).all()
