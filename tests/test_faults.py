@@ -186,72 +186,109 @@ def test_full_disk_on_quarantine_keeps_complete_records(tmp_path):
     assert 0 < len(recs) < 3000 and all(rec["reason"] == "bad_version" for rec in recs)
 
 
-def test_replaced_collector_gets_the_events_the_killed_one_had_not_saved(tmp_path):
+class SeparateRoles:
+    """The farm's roles as separate services (as on several hosts): distributor, collectors and
+    workers started, killed and restarted one by one."""
+
+    def __init__(self, tmp_path):
+        from hlt_helpers import free_address
+
+        self.tmp = tmp_path
+        self.inp, self.wrk, self.ctl, self.col = free_address(), free_address(), free_address(), free_address()
+        self.procs = []
+
+    def start(self, *args, log):
+        p = subprocess.Popen(ECLRECO + ["hlt", *args], stdout=open(self.tmp / log, "w"), stderr=subprocess.STDOUT)
+        self.procs.append(p)
+        return p
+
+    def distributor(self, log="distributor.log"):
+        return self.start("distributor", "--input", self.inp, "--workers-addr", self.wrk, "--control", self.ctl,
+                          "--metrics-port", "-1", log=log)
+
+    def collector(self, output, log, *extra):
+        return self.start("collector", "--collector-addr", self.col, "--control", self.ctl, "--metrics-port", "-1",
+                          "-o", str(output), *extra, log=log)
+
+    def worker(self, log="worker.log"):
+        from test_hlt import worker_modules
+
+        return self.start("worker", "--distributor", self.wrk, "--collector", self.col, "--modules", worker_modules(),
+                          "--metrics-port", "-1", log=log)
+
+    def status(self):
+        from eclreco.hlt.control import status
+
+        return status(self.ctl)["processes"]
+
+    def dist(self):
+        return next(p for p in self.status() if p["role"] == "distributor")
+
+    def wait_up(self, roles=("distributor", "collector", "worker")):
+        from eclreco.hlt.control import status
+
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 60:
+            try:
+                if {p["role"] for p in status(self.ctl, 2.0)["processes"]} >= set(roles):
+                    return
+            except Exception:  # noqa: BLE001 - not up yet
+                pass
+            time.sleep(0.2)
+        raise AssertionError("the roles did not register: " + (self.tmp / "distributor.log").read_text())
+
+    def wait_confirmed(self, n, timeout=60):
+        t0 = time.monotonic()
+        while (d := self.dist())["confirmed"] < n:
+            assert time.monotonic() - t0 < timeout, d
+            time.sleep(0.1)
+        return d
+
+    def close(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture
+def roles(tmp_path):
+    r = SeparateRoles(tmp_path)
+    yield r
+    r.close()
+
+
+def test_replaced_collector_gets_the_events_the_killed_one_had_not_saved(tmp_path, roles):
     """Promise: an event leaves the distributor only when the collector has it in its FILE (SAVED),
     not when the collector has merely taken it (CONFIRM; RootOutput buffers up to --flush-interval).
     Roles run as separate services; collector A is SIGKILLed with confirmed but unwritten results;
     collector B takes its place: every event is in a.root (readable: uproot files are valid after
     each write) or b.root. Before SAVED, the events of A's unwritten buffer were lost."""
     from eclreco.hlt import protocol as P
-    from eclreco.hlt.control import request, status
-    from hlt_helpers import free_address
-
-    from test_hlt import worker_modules
-
-    inp, wrk, ctl, col = free_address(), free_address(), free_address(), free_address()
-    procs = []
-
-    def start(*args, log):
-        p = subprocess.Popen(ECLRECO + ["hlt", *args], stdout=open(tmp_path / log, "w"), stderr=subprocess.STDOUT)
-        procs.append(p)
-        return p
-
-    def dist():
-        return next(p for p in status(ctl)["processes"] if p["role"] == "distributor")
+    from eclreco.hlt.control import request
 
     n = 3000
-    try:
-        start("distributor", "--input", inp, "--workers-addr", wrk, "--control", ctl, "--metrics-port", "-1",
-              log="distributor.log")
-        collector_args = ["--collector-addr", col, "--control", ctl, "--metrics-port", "-1", "--flush-interval", "60"]
-        a = start("collector", *collector_args, "-o", str(tmp_path / "a.root"), log="a.log")
-        start("worker", "--distributor", wrk, "--collector", col, "--modules", worker_modules(), "--metrics-port",
-              "-1", log="worker.log")
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 60:
-            try:
-                st = status(ctl, 2.0)["processes"]
-                if {p["role"] for p in st} >= {"distributor", "collector", "worker"}:
-                    break
-            except Exception:  # noqa: BLE001 - not up yet
-                pass
-            time.sleep(0.2)
-        push_events(inp, range(n // 2))
-        while dist()["confirmed"] < n // 2:
-            time.sleep(0.1)
-        d = dist()
-        # A has taken every event but written none of them (flush interval 60 s): all unsaved
-        assert d["unsaved"] == n // 2 and d["held"] == 0, d
-        a.kill()
-        a.wait()
-        start("collector", *collector_args, "-o", str(tmp_path / "b.root"), log="b.log")
-        push_events(inp, range(n // 2, n))
-        t0 = time.monotonic()
-        while (d := dist())["confirmed"] < n + n // 2 and time.monotonic() - t0 < 60:
-            time.sleep(0.1)
-        assert d["redelivered"] >= n // 2, d
-        reply = request(ctl, P.STOP, 60.0)  # B closes b.root, says SAVED for all, then RUN_ENDED
-        assert reply["state"] == "stopped", reply
-        assert dist()["unsaved"] == 0
-        request(ctl, P.TERMINATE, 60.0)
-        for p in procs:
-            if p is not a:
-                assert p.wait(timeout=60) == 0, (tmp_path / "distributor.log").read_text()
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+    roles.distributor()
+    a = roles.collector(tmp_path / "a.root", "a.log", "--flush-interval", "60")
+    roles.worker()
+    roles.wait_up()
+    push_events(roles.inp, range(n // 2))
+    d = roles.wait_confirmed(n // 2)
+    # A has taken every event but written none of them (flush interval 60 s): all unsaved
+    assert d["unsaved"] == n // 2 and d["held"] == 0, d
+    a.kill()
+    a.wait()
+    roles.collector(tmp_path / "b.root", "b.log", "--flush-interval", "60")
+    push_events(roles.inp, range(n // 2, n))
+    d = roles.wait_confirmed(n + n // 2)
+    assert d["redelivered"] >= n // 2, d
+    reply = request(roles.ctl, P.STOP, 60.0)  # B closes b.root, says SAVED for all, then RUN_ENDED
+    assert reply["state"] == "stopped", reply
+    assert roles.dist()["unsaved"] == 0
+    request(roles.ctl, P.TERMINATE, 60.0)
+    for p in roles.procs:
+        if p is not a:
+            assert p.wait(timeout=60) == 0, (tmp_path / "distributor.log").read_text()
     got = []
     for name in ("a.root", "b.root"):
         try:
@@ -260,6 +297,33 @@ def test_replaced_collector_gets_the_events_the_killed_one_had_not_saved(tmp_pat
             assert name == "a.root"
     evts = np.concatenate(got)
     assert set(evts.tolist()) == set(range(n)), f"missing {sorted(set(range(n)) - set(evts.tolist()))[:10]}"
+
+
+def test_restarted_distributor_events_are_not_taken_for_duplicates(tmp_path, roles):
+    """A distributor restarted beside a collector that outlived it: the new events are written.
+    Its sequence ids used to start at 0 again, below the collector's watermark of the first
+    distributor's ids, so the collector dropped them as redeliveries (and confirmed them)."""
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import request
+
+    first = roles.distributor()
+    roles.collector(tmp_path / "out.root", "collector.log")
+    roles.worker()
+    roles.wait_up()
+    push_events(roles.inp, range(1000))
+    roles.wait_confirmed(1000)
+    time.sleep(1.0)  # the collector has the first distributor's watermark (LOW)
+    first.kill()
+    first.wait()
+    roles.distributor(log="distributor2.log")
+    roles.wait_up()
+    push_events(roles.inp, range(1000, 2000))
+    roles.wait_confirmed(1000)
+    assert request(roles.ctl, P.STOP, 60.0)["state"] == "stopped"
+    col = next(p for p in roles.status() if p["role"] == "collector")
+    request(roles.ctl, P.TERMINATE, 60.0)
+    evt, _ = read_evt(tmp_path / "out.root")
+    assert np.array_equal(np.sort(evt), np.arange(2000)) and col["duplicates"] == 0, col
 
 
 def test_collector_sigkill_with_unwritten_results_counts_them_lost(farm_factory):
@@ -278,3 +342,61 @@ def test_collector_sigkill_with_unwritten_results_counts_them_lost(farm_factory)
     assert rc == 1, log
     assert f"{n} confirmed events that were not in its file are lost" in log, log
     assert f"lost at stop {n}," in log, log
+
+
+def test_malformed_messages_to_the_farm_are_counted_not_fatal(farm_factory):
+    """Garbage on the distributor's control and workers sockets and on the collector's results
+    socket (a stray peer, a bug): each used to kill the process it reached, losing every event it
+    held. Now: counted (status bad_messages), and the farm writes every event exactly once."""
+    import msgpack
+    import zmq
+
+    from eclreco.hlt import protocol as P
+
+    farm = farm_factory(workers=2)
+    collector = farm.process("collector")
+    workers_addr = farm.distributor()["addresses"]["workers"]
+    ctx = zmq.Context()
+    bad_control = [[P.CONFIRM], [P.CONFIRM, b"abc"], [P.HELLO, b"\xc1"], [P.HELLO, msgpack.packb(5)], [P.SAVED],
+                   [P.STATUS, b"\xc1"], [P.RUN_ENDED, b"\xc1"], [P.CONFIRM, P.seqs_to_bytes([1, 2])]]
+    bad_workers = [[P.READY], [P.READY, b"\xc1"], [P.READY, msgpack.packb([1, 2])],
+                   [P.READY, msgpack.packb({"credit": "x"})], [P.READY, msgpack.packb({"credit": 1})],
+                   [P.CREDIT, b"lots"]]
+    for address, messages in ((farm.control, bad_control), (workers_addr, bad_workers)):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(address)
+        for m in messages:
+            s.send_multipart(m)
+        time.sleep(0.3)
+        s.close()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 2000)
+    push.connect(collector["address"])
+    push.send(b"\xc1garbage")
+    push.send(msgpack.packb({"v": 1, "type": P.BATCH_TYPE, "n": 5, "meta": {}}))
+    push.close()
+    n = 2000
+    push_events(farm.input, range(n))
+    farm.wait_confirmed(n)
+    d, c = farm.distributor(), farm.process("collector")
+    assert d["bad_messages"] >= len(bad_control) + len(bad_workers) - 1, d  # the valid READY registers a worker
+    assert c["bad_messages"] == 2 and c["pid"] == collector["pid"], c
+    farm.command("stop")
+    evt, _ = read_evt(farm.output)
+    assert np.array_equal(np.sort(evt), np.arange(n))
+    ctx.term()
+
+
+def test_collector_duplicate_key_holds_32_bit_exp_run_evt(farm_factory):
+    """(exp, run, evt) with run >= 2^16 or exp >= 2^16: distinct events (the 64-bit key
+    exp << 48 | run << 32 | evt made (0, 65536, e) the same as (1, 0, e))."""
+    farm = farm_factory(workers=1)
+    for exp, run in ((1, 0), (0, 65536), (65536, 7), (0, 7)):
+        push_events(farm.input, range(100), exp=exp, run=run)
+    farm.wait_confirmed(400)
+    farm.command("stop")
+    assert farm.process("collector")["duplicates"] == 0
+    with uproot.open(farm.output) as f:
+        t = f["events"].arrays(["exp", "run", "evt"], library="np")
+    assert len({(int(e), int(r), int(v)) for e, r, v in zip(t["exp"], t["run"], t["evt"])}) == 400

@@ -70,6 +70,7 @@ class CollectorLink:
         self.state = "idle"
         self.next_report = 0.0
         self.duplicates = 0
+        self.bad_messages = 0
         self.confirmed = 0
         self.messages = 0
         self.bytes = 0
@@ -85,7 +86,8 @@ class CollectorLink:
     def status(self) -> dict:
         d = {"role": "collector", "pid": os.getpid(), "host": socket.gethostname(), "state": self.state,
              "address": self.address, "run_index": self.run_index, "output": self.filename,
-             "duplicates": self.duplicates, "confirmed": self.confirmed, "saved": self.saved,
+             "duplicates": self.duplicates, "bad_messages": self.bad_messages, "confirmed": self.confirmed,
+             "saved": self.saved,
              "saves": True, "metrics_port": self.metrics_port}
         d.update(eclreco.statistics.counters())
         return d
@@ -98,7 +100,12 @@ class CollectorLink:
                 break
             cmd = frames[0]
             if cmd == P.LOW:
-                self.low = max(self.low, int(frames[1]))
+                try:
+                    low = int(frames[1])
+                except (IndexError, ValueError):
+                    self.bad_message("control", "LOW without a number")
+                    continue
+                self.low = max(self.low, low)
                 if len(self.seen) > 100000:
                     self.seen = {s for s in self.seen if s >= self.low}
             elif cmd == P.END_RUN:
@@ -111,6 +118,12 @@ class CollectorLink:
         if now >= self.next_report:
             self.next_report = now + 0.5
             self.ctl.send_multipart([P.STATUS, P.pack(self.status())])
+
+    def bad_message(self, where: str, why: str):
+        """A message that cannot be understood (a stray peer, a bug): counted and logged, ignored."""
+        self.bad_messages += 1
+        if self.bad_messages <= 20:
+            print(f"[collector] ignored a bad message on the {where} socket: {why}", flush=True)
 
     def confirm(self, seqs: np.ndarray, output=None):
         """CONFIRM the seqs of a batch the output has taken; SAVED now when the output keeps
@@ -191,7 +204,11 @@ class HLTCollectorInput(Module):
                     data = link.pull.recv(zmq.NOBLOCK)
                     link.messages += 1
                     link.bytes += len(data)
-                    m = P.DecodedBatch(P.unpack(data))
+                    try:
+                        m = P.DecodedBatch(P.unpack(data))
+                    except Exception as err:  # noqa: BLE001 - not a worker's batch: its events stay held
+                        link.bad_message("results", f"{type(err).__name__}: {err}")
+                        continue
                     msgs.append(m)
                     n += m.n
             except zmq.Again:
@@ -223,11 +240,11 @@ class HLTCollectorInput(Module):
                     else:
                         link.seen.add(s)
             flags = m.meta["error_flags"]
-            key = ((m.meta["exp"].astype(np.uint64) << np.uint64(48)) | (m.meta["run"].astype(np.uint64) << np.uint64(32))
-                   | m.meta["evt"].astype(np.uint64))
-            for i, k in enumerate(key.tolist()):
+            # (exp, run, evt) as one Python int of 96 bits: each is up to 32 bits (a 64-bit key with
+            # exp << 48 made run 65536 of exp 0 collide with exp 1)
+            for i, (e, r, v) in enumerate(zip(m.meta["exp"].tolist(), m.meta["run"].tolist(), m.meta["evt"].tolist())):
                 if keep[i] and not (flags[i] & eclreco.ERROR_REJECTED):
-                    if not link.keys.add_new(k):
+                    if not link.keys.add_new((e << 64) | (r << 32) | v):
                         keep[i] = False
             link.duplicates += int(m.n - keep.sum())
             keeps.append(keep)
@@ -265,6 +282,9 @@ def main(args) -> int:
         def extra():
             f = CounterMetricFamily("eclreco_hlt_duplicates", "Duplicate events dropped by the collector")
             f.add_metric([], link.duplicates)
+            yield f
+            f = CounterMetricFamily("eclreco_hlt_bad_messages", "Messages that were not understood (ignored)")
+            f.add_metric([], link.bad_messages)
             yield f
             f = CounterMetricFamily("eclreco_hlt_events_confirmed", "Events confirmed to the distributor")
             f.add_metric([], link.confirmed)

@@ -33,10 +33,26 @@ class Worker:
         self.ident = ident
         self.info = info
         self.credit = int(info.get("credit", 0))
+        if not 0 <= self.credit <= 1 << 30:
+            raise ValueError(f"credit {self.credit}")
         self.assigned: set[int] = set()
         self.last_seen = now
         self.status: dict = {}
         self.sent = 0
+
+
+def _frame(frames, i: int) -> bytes:
+    if len(frames) <= i:
+        raise ValueError(f"frame {i} missing")
+    return frames[i]
+
+
+def _map(frames, i: int) -> dict:
+    """The MessagePack map in frame i (ValueError for anything else)."""
+    obj = P.unpack(_frame(frames, i))
+    if not isinstance(obj, dict):
+        raise ValueError(f"frame {i} is not a map")
+    return obj
 
 
 class LatencyHistogram:
@@ -104,7 +120,10 @@ class Distributor:
         self.events: dict[int, list] = {}          # seq -> [envelope, t_received, worker ident or None]
         self.unsaved: dict[int, bytes] = {}        # seq -> envelope: confirmed, not yet in the output file
         self.pending: collections.deque[int] = collections.deque()  # seqs waiting for a worker
-        self.next_seq = 0
+        # Sequence ids start at the start time in µs: a restarted distributor continues above every
+        # id of its predecessor (unless that one took more than an event per µs), so a collector
+        # that outlived it does not take the new events for ones it has already written.
+        self.next_seq = time.time_ns() // 1000
         self.workers: dict[bytes, Worker] = {}
         self.collector: dict | None = None          # {"ident", "last_seen", "status"}
         self.supervisors: dict[bytes, dict] = {}
@@ -251,6 +270,9 @@ class Distributor:
         print(f"[distributor] worker {w.info.get('pid')} left ({why}); {len(back)} unconfirmed events go to "
               f"other workers", flush=True)
 
+    # Messages on the workers and control sockets come from processes of the farm, but a stray
+    # peer (or a bug) can send anything: a message that cannot be understood is counted, logged
+    # and answered with ERR where a reply is expected; it never takes the distributor down.
     def handle_workers(self):
         now = time.monotonic()
         while True:
@@ -258,25 +280,38 @@ class Distributor:
                 frames = self.wrk.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            ident, cmd = frames[0], frames[1]
-            w = self.workers.get(ident)
-            if cmd == P.READY:
-                info = P.unpack(frames[2])
-                if w is not None:  # re-registration (a new run): whatever it had is not coming back
-                    self.lose_worker(w, "re-registered")
-                self.workers[ident] = Worker(ident, info, now)
-                continue
-            if w is None:
-                if cmd != P.BYE:
-                    self._send(self.wrk, ident, P.WHO)
-                continue
-            w.last_seen = now
-            if cmd == P.CREDIT:
-                w.credit += int(frames[2])
-            elif cmd == P.HB:
-                w.status = P.unpack(frames[2])
-            elif cmd == P.BYE:
-                self.lose_worker(w, "bye")
+            try:
+                self._on_worker_message(frames, now)
+            except Exception as err:  # noqa: BLE001 - see above
+                self._bad_message("workers", frames, err)
+
+    def _on_worker_message(self, frames, now):
+        if len(frames) < 2:
+            raise ValueError("no command frame")
+        ident, cmd = frames[0], frames[1]
+        w = self.workers.get(ident)
+        if cmd == P.READY:
+            new = Worker(ident, _map(frames, 2), now)  # valid before the old registration is dropped
+            if w is not None:  # re-registration (a new run): whatever it had is not coming back
+                self.lose_worker(w, "re-registered")
+            self.workers[ident] = new
+            return
+        if w is None:
+            if cmd != P.BYE:
+                self._send(self.wrk, ident, P.WHO)
+            return
+        w.last_seen = now
+        if cmd == P.CREDIT:
+            n = int(_frame(frames, 2))
+            if not 0 <= n <= 1 << 30:
+                raise ValueError(f"credit {n}")
+            w.credit += n
+        elif cmd == P.HB:
+            w.status = _map(frames, 2)
+        elif cmd == P.BYE:
+            self.lose_worker(w, "bye")
+        else:
+            raise ValueError(f"unknown command {cmd[:32]!r}")
 
     def handle_control(self):
         now = time.monotonic()
@@ -285,63 +320,84 @@ class Distributor:
                 frames = self.ctl.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            ident, cmd, body = frames[0], frames[1], frames[2:]
+            try:
+                self._on_control_message(frames, now)
+            except Exception as err:  # noqa: BLE001 - see handle_workers
+                self._bad_message("control", frames, err)
+                if len(frames) >= 2:
+                    self._send(self.ctl, frames[0], P.ERR, f"bad message: {err}".encode()[:200])
+
+    def _on_control_message(self, frames, now):
+        if len(frames) < 2:
+            raise ValueError("no command frame")
+        ident, cmd, body = frames[0], frames[1], frames[2:]
+        if cmd in (P.CONFIRM, P.SAVED):
+            seqs = P.seqs_from_bytes(_frame(frames, 2))
+            if self.collector is None or self.collector["ident"] != ident:
+                # only the registered collector speaks for the output file
+                self._send(self.ctl, ident, P.WHO)
+                raise ValueError(f"{cmd.decode()} from a process that is not the registered collector")
             if cmd == P.CONFIRM:
-                self.confirm(P.seqs_from_bytes(body[0]), now)
-                if self.collector is not None and self.collector["ident"] == ident:
-                    self.collector["last_seen"] = now
-            elif cmd == P.SAVED:
-                pop = self.unsaved.pop
-                for s in P.seqs_from_bytes(body[0]).tolist():
-                    pop(s, None)
-            elif cmd == P.HELLO:
-                info = P.unpack(body[0])
-                if info.get("role") == "collector":
-                    if self.collector is not None and self.collector["ident"] == ident:
-                        self.collector.update(last_seen=now, status=info)
-                    else:
-                        if self.collector is not None:
-                            self.collector_replaced()
-                        self.collector = {"ident": ident, "last_seen": now, "status": info, "run_ended": None}
-                    self._send(self.ctl, ident, P.LOW, str(self.low_watermark()).encode())
-                else:
-                    self.supervisors[ident] = {"last_seen": now, "status": info}
-            elif cmd == P.STATUS and body:  # a report
-                info = P.unpack(body[0])
-                if info.get("role") == "collector":
-                    if self.collector is None or self.collector["ident"] != ident:
-                        self._send(self.ctl, ident, P.WHO)
-                        continue
-                    self.collector.update(last_seen=now, status=info)
-                    self._send(self.ctl, ident, P.LOW, str(self.low_watermark()).encode())
-                else:
-                    self.supervisors[ident] = {"last_seen": now, "status": info}
-                    self.workers_restarted = int(info.get("workers_restarted", self.workers_restarted))
-            elif cmd == P.STATUS:  # a request
-                self._send(self.ctl, ident, P.OK, P.pack(self.status()))
-            elif cmd == P.RUN_ENDED:
-                info = P.unpack(body[0])
-                if self.collector is not None:
-                    self.collector["run_ended"] = info
-                    self.collector["last_seen"] = now
-            elif cmd == P.STOP:
-                if self.state == "stopped":
-                    self._send(self.ctl, ident, P.OK, P.pack({"state": "stopped", "run_index": self.run_index,
-                                                              "already": True}))
-                else:
-                    self.begin_stop()
-                    self.stop_requesters.append(ident)
-            elif cmd == P.START:
-                if self.state == "stopped":
-                    self.run_index += 1
-                    self.state = "running"
-                    print(f"[distributor] run {self.run_index} started", flush=True)
-                self._send(self.ctl, ident, P.OK, P.pack({"state": self.state, "run_index": self.run_index}))
-            elif cmd == P.TERMINATE:
-                self.terminate_requester = ident
-                self.request_terminate()
+                self.confirm(seqs, now)
+                self.collector["last_seen"] = now
             else:
-                self._send(self.ctl, ident, P.ERR, b"unknown command " + cmd)
+                pop = self.unsaved.pop
+                for s in seqs.tolist():
+                    pop(s, None)
+        elif cmd == P.HELLO:
+            info = _map(frames, 2)
+            if info.get("role") == "collector":
+                if self.collector is not None and self.collector["ident"] == ident:
+                    self.collector.update(last_seen=now, status=info)
+                else:
+                    if self.collector is not None:
+                        self.collector_replaced()
+                    self.collector = {"ident": ident, "last_seen": now, "status": info, "run_ended": None}
+                self._send(self.ctl, ident, P.LOW, str(self.low_watermark()).encode())
+            else:
+                self.supervisors[ident] = {"last_seen": now, "status": info}
+        elif cmd == P.STATUS and body:  # a report
+            info = _map(frames, 2)
+            if info.get("role") == "collector":
+                if self.collector is None or self.collector["ident"] != ident:
+                    self._send(self.ctl, ident, P.WHO)
+                    return
+                self.collector.update(last_seen=now, status=info)
+                self._send(self.ctl, ident, P.LOW, str(self.low_watermark()).encode())
+            else:
+                self.supervisors[ident] = {"last_seen": now, "status": info}
+                self.workers_restarted = int(info.get("workers_restarted", self.workers_restarted))
+        elif cmd == P.STATUS:  # a request
+            self._send(self.ctl, ident, P.OK, P.pack(self.status()))
+        elif cmd == P.RUN_ENDED:
+            info = _map(frames, 2)
+            if self.collector is not None and self.collector["ident"] == ident:
+                self.collector["run_ended"] = info
+                self.collector["last_seen"] = now
+        elif cmd == P.STOP:
+            if self.state == "stopped":
+                self._send(self.ctl, ident, P.OK, P.pack({"state": "stopped", "run_index": self.run_index,
+                                                          "already": True}))
+            else:
+                self.begin_stop()
+                self.stop_requesters.append(ident)
+        elif cmd == P.START:
+            if self.state == "stopped":
+                self.run_index += 1
+                self.state = "running"
+                print(f"[distributor] run {self.run_index} started", flush=True)
+            self._send(self.ctl, ident, P.OK, P.pack({"state": self.state, "run_index": self.run_index}))
+        elif cmd == P.TERMINATE:
+            self.terminate_requester = ident
+            self.request_terminate()
+        else:
+            self._send(self.ctl, ident, P.ERR, b"unknown command " + cmd[:64])
+
+    def _bad_message(self, socket_name: str, frames, err: Exception):
+        self.c["bad_messages"] += 1
+        if self.c["bad_messages"] <= 20:  # the first ones: a flood must not flood the log
+            print(f"[distributor] ignored a bad message on the {socket_name} socket "
+                  f"({len(frames)} frames): {type(err).__name__}: {err}", flush=True)
 
     def collector_replaced(self):
         """A new collector: results the old one never confirmed, or confirmed but never saved, are
@@ -481,6 +537,7 @@ class Distributor:
             "redelivered": self.c["redelivered"], "dropped": self.c["dropped"],
             "lost_at_stop": self.c["lost_at_stop"],
             "input_disconnects": self.input_monitor.disconnects, "input_auth_failures": self.input_monitor.auth_failures,
+            "bad_messages": self.c["bad_messages"],
             "held": len(self.events), "unsaved": len(self.unsaved), "queued": len(self.pending),
             "workers_alive": len(self.workers), "workers_restarted": self.workers_restarted,
             "workers_lost": self.workers_lost,
@@ -526,6 +583,8 @@ class Distributor:
         yield counter("eclreco_input_bytes_received", "Bytes read from the input", self.c["bytes_received"])
         yield counter("eclreco_input_disconnects", "Input connections dropped (a sender closing, or a message over "
                       "--max-message-bytes)", self.input_monitor.disconnects)
+        yield counter("eclreco_hlt_bad_messages", "Messages on the workers/control sockets that were not understood "
+                      "(ignored)", self.c["bad_messages"])
         yield counter("eclreco_input_auth_failures", "Input handshakes refused (CURVE: unknown key or no CURVE)",
                       self.input_monitor.auth_failures)
         yield counter("eclreco_hlt_events_dispatched", "Events sent to workers (redeliveries included)",

@@ -106,6 +106,17 @@ class DecodedBatch:
         self.errors = {int(i): m for i, m in msg.get("errors", [])}
         self.collections = {name: (decode_array(c["counts"]), {k: decode_array(v) for k, v in c["columns"].items()})
                             for name, c in msg.get("collections", {}).items()}
+        # consistent before anything is built from it (a stray or damaged message must not crash
+        # the collector, nor put rows under the wrong events)
+        n = self.n
+        if n < 0 or any(len(self.meta.get(k, ())) != n for k in META_COLUMNS) or (
+                self.seq is not None and len(self.seq) != n):
+            raise ValueError(f"batch message: the metadata {', '.join(META_COLUMNS)} must each have n = {n} entries")
+        for name, (counts, cols) in self.collections.items():
+            if len(counts) != n or (counts < 0).any() or any(len(a) != int(counts.sum()) for a in cols.values()):
+                raise ValueError(f"batch message: collection {name!r} does not match its counts")
+        if any(not 0 <= i < n for i in list(self.rejections) + list(self.errors)):
+            raise ValueError("batch message: rejection or error index out of range")
 
 
 def fill_batch(batch, parts: list[DecodedBatch], keeps: list[np.ndarray]):
