@@ -341,7 +341,7 @@ def test_collector_sigkill_with_unwritten_results_counts_them_lost(farm_factory)
     rc, log = farm.wait_exit(timeout=60)
     assert rc == 1, log
     assert f"{n} confirmed events that were not in its file are lost" in log, log
-    assert f"lost at stop {n}," in log, log
+    assert f"lost at stop {n} ({n} of them confirmed, not known to be saved)," in log, log
 
 
 def test_malformed_messages_to_the_farm_are_counted_not_fatal(farm_factory):

@@ -124,6 +124,7 @@ class Distributor:
         # id of its predecessor (unless that one took more than an event per µs), so a collector
         # that outlived it does not take the new events for ones it has already written.
         self.next_seq = time.time_ns() // 1000
+        self.lost_before_run = 0
         self.workers: dict[bytes, Worker] = {}
         self.collector: dict | None = None          # {"ident", "last_seen", "status"}
         self.supervisors: dict[bytes, dict] = {}
@@ -472,7 +473,10 @@ class Distributor:
                 self._send(self.ctl, self.collector["ident"], P.END_RUN, str(self.run_index).encode())
             self.state = "stopped"
             self.stopped_at = now
-            print(f"[distributor] run {self.run_index} stopped: every event confirmed", flush=True)
+            lost = self.c["lost_at_stop"] - self.lost_before_run
+            print(f"[distributor] run {self.run_index} stopped: " + (
+                "every event confirmed" if not lost else f"{lost} events given up, counted as lost_at_stop"), flush=True)
+            self.lost_before_run = self.c["lost_at_stop"]
         if self.state == "stopped" and self.stop_requesters:
             ended = self.collector is None or self.collector.get("run_ended") is not None
             if ended or now - self.stopped_at > 30:
@@ -493,8 +497,11 @@ class Distributor:
             self.give_up_held()
 
     def give_up_held(self):
-        """Every event still held (unconfirmed or unsaved) is lost, and counted as lost_at_stop."""
+        """Every event still held is lost, and counted as lost_at_stop: the unconfirmed ones, and
+        the confirmed ones not known to be in the output file (lost_unsaved, also in `confirmed`;
+        the collector may have written some of them before it died: at most this many are missing)."""
         self.c["lost_at_stop"] += len(self.events) + len(self.unsaved)
+        self.c["lost_unsaved"] += len(self.unsaved)
         self.events.clear()
         self.unsaved.clear()
         self.pending.clear()
@@ -535,7 +542,7 @@ class Distributor:
             "received": self.c["received"], "bytes_received": self.c["bytes_received"],
             "dispatched": self.c["dispatched"], "confirmed": self.c["confirmed"],
             "redelivered": self.c["redelivered"], "dropped": self.c["dropped"],
-            "lost_at_stop": self.c["lost_at_stop"],
+            "lost_at_stop": self.c["lost_at_stop"], "lost_unsaved": self.c["lost_unsaved"],
             "input_disconnects": self.input_monitor.disconnects, "input_auth_failures": self.input_monitor.auth_failures,
             "bad_messages": self.c["bad_messages"],
             "held": len(self.events), "unsaved": len(self.unsaved), "queued": len(self.pending),
@@ -594,8 +601,10 @@ class Distributor:
                       self.c["redelivered"])
         yield counter("eclreco_hlt_events_dropped", "Events dropped because every worker was busy (--drop-when-busy)",
                       self.c["dropped"])
-        yield counter("eclreco_hlt_events_lost_at_stop", "Events still unconfirmed when a stop timed out",
-                      self.c["lost_at_stop"])
+        yield counter("eclreco_hlt_events_lost_at_stop", "Events given up at a stop or terminate without a live "
+                      "collector: unconfirmed, or confirmed but not known to be saved", self.c["lost_at_stop"])
+        yield counter("eclreco_hlt_events_lost_unsaved", "Of lost_at_stop: confirmed, not known to be in the file "
+                      "(the collector may have written them)", self.c["lost_unsaved"])
         yield gauge("eclreco_hlt_events_held", "Events held until the collector confirms them", len(self.events))
         yield gauge("eclreco_hlt_events_unsaved", "Events confirmed, held until the collector has them in its file",
                     len(self.unsaved))
@@ -623,8 +632,9 @@ def ms(seconds, digits: int = 2) -> str:
 def summary_line(d: dict) -> str:
     return (f"{d['confirmed']} events confirmed, {d['throughput_hz']:,.0f} events/s, latency p50 "
             f"{ms(d['latency_p50_s'])}, p99 {ms(d['latency_p99_s'])}; redelivered "
-            f"{d['redelivered']}, dropped {d['dropped']}, lost at stop {d['lost_at_stop']}, workers lost "
-            f"{d['workers_lost']}, restarted {d['workers_restarted']}")
+            f"{d['redelivered']}, dropped {d['dropped']}, lost at stop {d['lost_at_stop']}"
+            + (f" ({d['lost_unsaved']} of them confirmed, not known to be saved)" if d.get("lost_unsaved") else "")
+            + f", workers lost {d['workers_lost']}, restarted {d['workers_restarted']}")
 
 
 def main(args) -> int:
