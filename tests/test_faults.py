@@ -29,11 +29,19 @@ def test_collector_sigkill_ends_the_farm_promptly(farm_factory):
     push_events(farm.input, range(n))
     farm.wait_confirmed(n)
     collector = farm.process("collector")
-    push_events(farm.input, range(n, n + 500))  # these may or may not be confirmed before the kill
+    # events keep coming: the workers end up blocked sending results to the dead collector (they
+    # then missed TERMINATE, and the farm waited 60 s before killing them)
+    import threading
+
+    feed = threading.Thread(target=lambda: push_events(farm.input, range(n, n + 6000), rate_hz=2000, timeout_s=20),
+                            daemon=True)
+    feed.start()
+    time.sleep(1.0)
     os.kill(collector["pid"], signal.SIGKILL)
     t0 = time.monotonic()
     rc, log = farm.wait_exit(timeout=60)
     elapsed = time.monotonic() - t0
+    feed.join(30)
     assert rc == 1, log
     assert "the collector exited (-9)" in log
     assert elapsed < 30, log

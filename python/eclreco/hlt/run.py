@@ -173,6 +173,12 @@ class Farm:
                 rc = 1
                 self.terminating = True
                 ctl.send_multipart([P.TERMINATE])
+                # Workers blocked sending results to the dead collector would not read TERMINATE:
+                # SIGTERM makes their ZMQOutput give up (its stop_timeout_s) and them exit; what they
+                # held is counted as lost by the distributor.
+                for w in self.workers:
+                    if w is not None and w.poll() is None:
+                        w.send_signal(signal.SIGTERM)
             for i, w in enumerate(self.workers):
                 if w is not None and w.poll() is not None and not self.terminating:
                     if self.restarts >= a.max_restarts:
