@@ -26,6 +26,8 @@ class RejectedOutput : public fw::Module {
  public:
   RejectedOutput() {
     params().add_required("filename", &filename_, "quarantine file for rejected events (MessagePack maps back to back)");
+    params().add("append", &append_, false, "append to the file (a process that runs several runs: the HLT "
+                                            "worker) instead of replacing it");
   }
   ~RejectedOutput() override { close(); }
   bool ordered() const override { return true; }
@@ -35,8 +37,9 @@ class RejectedOutput : public fw::Module {
     written_ = written_before_ = 0;
     good_bytes_ = 0;
     error_.clear();
-    f_ = std::fopen(filename_.c_str(), "wb");
+    f_ = std::fopen(filename_.c_str(), append_ ? "ab" : "wb");
     if (!f_) throw std::runtime_error("cannot open quarantine file '" + filename_ + "': " + std::strerror(errno));
+    if (append_ && std::fseek(f_, 0, SEEK_END) == 0) good_bytes_ = static_cast<size_t>(std::ftell(f_));
   }
 
   void event(fw::EventBatch& batch) override {
@@ -110,6 +113,7 @@ class RejectedOutput : public fw::Module {
     f_ = nullptr;
   }
   std::string filename_;
+  bool append_ = false;
   std::FILE* f_ = nullptr;
   uint64_t written_ = 0, written_before_ = 0;
   uint64_t good_bytes_ = 0;

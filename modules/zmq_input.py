@@ -58,7 +58,7 @@ class ZMQInput(Module):
         s.setsockopt(zmq.RCVHWM, int(self.param("rcvhwm")))
         if self.param("max_message_bytes") > 0:
             s.setsockopt(zmq.MAXMSGSIZE, int(self.param("max_message_bytes")))
-        from eclreco.socket_monitor import ConnectionMonitor
+        from eclreco.raw_sockets import ConnectionMonitor
 
         self._monitor = ConnectionMonitor(s)
         apply_curve_params(self, s)
@@ -77,6 +77,8 @@ class ZMQInput(Module):
         return self._sock.getsockopt_string(self._zmq.LAST_ENDPOINT) if self._sock is not None else ""
 
     def next_batch(self, batch, max_events):
+        from eclreco.raw_sockets import join_multipart
+
         zmq = self._zmq
         sock = self._sock
         recv = sock.recv
@@ -89,7 +91,8 @@ class ZMQInput(Module):
         while True:
             try:
                 while len(msgs) < max_events:
-                    msgs.append(recv(zmq.NOBLOCK))
+                    m = recv(zmq.NOBLOCK)
+                    msgs.append(join_multipart(sock, m) if sock.getsockopt(zmq.RCVMORE) else m)
             except zmq.Again:
                 pass
             now = time.monotonic()

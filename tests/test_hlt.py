@@ -317,3 +317,38 @@ def test_collector_drops_a_repeated_event_within_its_window(farm_factory, tmp_pa
     assert rc == 0, log
     evt, _ = read_evt(farm.output)
     assert sorted(evt.tolist()) == sorted(list(range(2000)) + [10])
+
+
+def test_farm_keeps_rejected_raw_events_and_rejects_multipart_messages(farm_factory, tmp_path):
+    """Every event that enters is processed or rejected with its reason, counted AND kept: each
+    worker of `hlt run` writes the raw bytes it rejects to its quarantine file beside the output
+    (they existed nowhere before). A multipart message is one malformed message (the frames of a
+    2-frame message used to pass for two events)."""
+    import glob
+
+    import msgpack
+    import zmq
+
+    farm = farm_factory(workers=2)
+    garbage = [b"", b"\xc1", b"\x92\x01\x02", envelope(5000) + b"\x00"]
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PUSH)
+    s.setsockopt(zmq.LINGER, 5000)
+    s.connect(farm.input)
+    for m in garbage:
+        s.send(m)
+    s.send_multipart([envelope(6000), envelope(6001)])
+    s.close()
+    push_events(farm.input, range(200))
+    farm.wait_confirmed(200 + len(garbage) + 1)
+    farm.command("stop")
+    evt, _ = read_evt(farm.output)
+    assert np.array_equal(np.sort(evt), np.arange(200))
+    kept = []
+    for f in glob.glob(str(tmp_path / "farm_rejected_w*_*.msgpack")):
+        kept += list(msgpack.Unpacker(open(f, "rb"), raw=False))
+    got = sorted((r["reason"], r["message"]) for r in kept)
+    want = sorted([("empty_message", b""), ("not_msgpack", b"\xc1"), ("not_a_map", b"\x92\x01\x02"),
+                   ("trailing_bytes", envelope(5000) + b"\x00"), ("trailing_bytes", envelope(6000) + envelope(6001))])
+    assert got == want, got
+    ctx.term()

@@ -85,6 +85,9 @@ def add_hlt_parser(subparsers):
     p.add_argument("--collector-addr", default="", help="default: a free local port")
     p.add_argument("-o", "--output", default="hlt.root", help="output of the collector (ROOT file or tcp://)")
     p.add_argument("--worker-steering", default="", help="default: steering/hlt_worker.py")
+    p.add_argument("--rejected", default=None,
+                   help="quarantine file of each worker's rejected raw events ({worker} = its index, {pid}; "
+                        "default: OUTPUT_rejected_w{worker}.msgpack beside a ROOT output; '': none)")
     p.add_argument("--modules", default="standard", help="worker chain: standard, none, or a list")
     p.add_argument("--no-cnn", action="store_true", help="workers: classical leakage correction only")
     p.add_argument("--threads", type=int, default=1, help="threads per worker")

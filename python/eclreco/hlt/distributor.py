@@ -21,7 +21,7 @@ import zmq
 
 from eclreco.curve import Curve
 from eclreco.hlt import protocol as P
-from eclreco.socket_monitor import ConnectionMonitor
+from eclreco.raw_sockets import ConnectionMonitor, join_multipart
 
 # Latency histogram: log-spaced bounds from 10 us to 100 s (percentiles and Prometheus buckets).
 LATENCY_BOUNDS = np.logspace(-5, 2, 141)
@@ -195,6 +195,10 @@ class Distributor:
 
     def read_input(self):
         recv = self.inp.recv
+        inp = self.inp
+
+        def rcvmore():
+            return inp.getsockopt(zmq.RCVMORE)
         now = time.monotonic()
         if self.t_first_input is None:
             self.t_first_input = now
@@ -209,6 +213,8 @@ class Distributor:
                     self.c["dropped"] += 1
                     continue
                 msg = recv(zmq.NOBLOCK)
+                if rcvmore():
+                    msg = join_multipart(inp, msg)
                 seq = self.next_seq
                 self.next_seq += 1
                 self.events[seq] = [msg, now, None]

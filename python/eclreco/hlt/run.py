@@ -43,6 +43,10 @@ class Farm:
         self.args = args
         self.exe = [sys.executable, "-m", "eclreco.cli", "hlt"]
         self.workers_addr = args.workers_addr or free_address()
+        if args.rejected is None:  # default: each worker keeps the raw bytes of what it rejects beside the output
+            out = args.output
+            args.rejected = "" if out.startswith("tcp://") else (
+                os.path.splitext(out.replace("{run_index}", "all"))[0] + "_rejected_w{worker}_{pid}.msgpack")
         self.collector_addr = args.collector_addr or free_address()
         base = args.metrics_base_port
         self.mport = (lambda k: base + k) if base > 0 else (lambda k: base)
@@ -95,6 +99,8 @@ class Farm:
                 "--max-latency", str(a.max_latency), *self.curve_args]
         if a.no_cnn:
             cmd.append("--no-cnn")
+        if a.rejected:
+            cmd += ["--rejected", a.rejected.replace("{worker}", str(i))]
         return cmd
 
     def report(self, sock):

@@ -221,6 +221,8 @@ def add_worker_arguments(ap: argparse.ArgumentParser):
                     help="'standard' (add_reconstruction), 'none', or a comma-separated list of modules")
     ap.add_argument("--no-cnn", action="store_true", help="classical leakage correction only")
     ap.add_argument("--model", default="", help="ONNX model of the CNN")
+    ap.add_argument("--rejected", default="", help="quarantine file of the raw events this worker rejects "
+                    "({pid} is replaced; '': none; hlt run gives each worker one beside its output)")
     from eclreco.curve import add_curve_arguments
 
     add_curve_arguments(ap, "worker")
@@ -259,8 +261,13 @@ def start_worker(args, build_reconstruction) -> int:
 
 def add_output(path, args):
     """ZMQOutput to the collector, with what RootOutput and ECLDQM there read: the cluster columns
-    RootOutput writes and the event's out-of-time digit count (ECLUnpacker)."""
+    RootOutput writes and the event's out-of-time digit count (ECLUnpacker). With --rejected, a
+    RejectedOutput first: the raw bytes of rejected events stay in this worker's quarantine file
+    (the collector gets their reasons and counts)."""
     from eclreco.modules.root_output import CLUSTER_BRANCHES
+
+    if getattr(args, "rejected", ""):
+        path.add_module("RejectedOutput", filename=args.rejected.replace("{pid}", str(os.getpid())), append=True)
 
     path.add_module("ZMQOutput", address=args.collector, bind=False,
                     collections=["ECLClusters", "ECLEventInformation"],

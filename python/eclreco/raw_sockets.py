@@ -1,5 +1,5 @@
-"""Connection events of a receiving ZeroMQ socket (libzmq's socket monitor), for the inputs that
-must not lose messages without a trace: ZMQInput and the HLT distributor."""
+"""The sockets that receive raw events (ZMQInput, the HLT distributor's input): their connection
+events (libzmq's socket monitor) and multipart messages, so that nothing they drop goes unseen."""
 from __future__ import annotations
 
 import zmq
@@ -46,3 +46,14 @@ class ConnectionMonitor:
     def counters(self) -> dict:
         return {"disconnects": float(self.disconnects), "connections": float(self.connections),
                 "auth_failures": float(self.auth_failures)}
+
+
+def join_multipart(sock: zmq.Socket, first: bytes) -> bytes:
+    """The frames of a multipart message joined, after its first frame was read. The wire format
+    sends one event per message in a single frame: a multipart message is one malformed message,
+    which the envelope decoder rejects with its reason (and keeps), instead of each frame passing
+    for an event of its own."""
+    parts = [first]
+    while sock.getsockopt(zmq.RCVMORE):
+        parts.append(sock.recv())
+    return b"".join(parts)
