@@ -74,7 +74,8 @@ class RootOutput(Module):
         self._error = None
         self._writer = None
         self._write_error = None
-        self.events_written = 0
+        self.events_written = 0  # over the module's life (a counter); events_written_run: this run's file
+        self.events_written_run = 0
         # batches handed to event() / of those, how many are in the file: the HLT collector
         # confirms an event as saved only when its batch is (eclreco.hlt.collector)
         self.batches_taken = self.batches_written = 0
@@ -92,6 +93,7 @@ class RootOutput(Module):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._error = None
         self.batches_taken = self.batches_written = 0
+        self.events_written_run = 0
         self._oldest = None
         try:
             self._file = uproot.recreate(path, compression=compression_of(self.param("compression")))
@@ -251,6 +253,7 @@ class RootOutput(Module):
             self._tree_created = True
         self._file[self.param("tree")].extend(data)
         self.events_written += n
+        self.events_written_run += n
 
     def end_run(self, exp, run):
         self._flush()

@@ -160,17 +160,25 @@ def test_farm_exactly_once_stop_start_terminate(farm_factory, tmp_path):
         for name in ("digits_per_event", "out_of_time_digits"):
             np.testing.assert_array_equal(f[f"dqm/{name}"].values(), g[f"dqm/{name}"].values())
         assert f["dqm/digits_per_event"].values().sum() == n1
-    # A new run: a new output file.
+    # A run without events ends at once (the stop waited 30 s for the collector's report, and the
+    # next file was then named after the wrong run)
     assert farm.command("start")["run_index"] == 2
+    t0 = time.monotonic()
+    reply = farm.command("stop")
+    assert time.monotonic() - t0 < 10 and reply["collector"]["events_written"] == 0 and not reply["timeout"], reply
+    # A new run: a new output file.
+    assert farm.command("start")["run_index"] == 3
     n2 = 1500
     push_events(farm.input, range(10_000, 10_000 + n2), run=2)
     farm.wait_confirmed(n1 + n2)
+    reply = farm.command("stop")
+    assert reply["collector"]["events_written"] == n2 and reply["collector"]["run_index"] == 3, reply
     final = farm.command("terminate")
     rc, log = farm.wait_exit()
     assert rc == 0, log
     d = final["processes"][0]
     assert d["received"] == d["confirmed"] == n1 + n2 and d["dropped"] == 0
-    evt2, run2 = read_evt(str(tmp_path / "farm_run2.root"))
+    evt2, run2 = read_evt(str(tmp_path / "farm_run3.root"))
     assert np.sort(evt2).tolist() == list(range(10_000, 10_000 + n2)) and set(run2.tolist()) == {2}
     assert "latency p50" in log and "events/s" in log
 

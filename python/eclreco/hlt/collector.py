@@ -67,6 +67,7 @@ class CollectorLink:
         self.keys = RecentKeys(dedup_window)  # (exp, run, evt) of the recent events written (per run)
         self.end_run = self.terminate = False
         self.run_index = 1
+        self.ended_run_index = None
         self.state = "idle"
         self.next_report = 0.0
         self.duplicates = 0
@@ -110,6 +111,10 @@ class CollectorLink:
                     self.seen = {s for s in self.seen if s >= self.low}
             elif cmd == P.END_RUN:
                 self.end_run = True
+                try:  # the distributor's index of the run that ended (the collector follows it)
+                    self.ended_run_index = int(frames[1])
+                except (IndexError, ValueError):
+                    self.ended_run_index = None
             elif cmd == P.TERMINATE:
                 self.end_run = self.terminate = True
             elif cmd == P.WHO:
@@ -326,17 +331,28 @@ def main(args) -> int:
             link.release_saved(out, everything=True)  # the file of the run is closed
             s = eclreco.statistics.summary()
             link.run_ended({"run_index": link.run_index, "filename": link.filename,
-                            "events_written": out.events_written if out is not None else s.get("processed", 0),
+                            "events_written": out.events_written_run if out is not None else s.get("processed", 0),
                             "received": s.get("received", 0), "duplicates": link.duplicates})
             print(f"[collector] run {link.run_index} ended: {s.get('processed', 0)} events to {link.filename}",
                   flush=True)
             if _core.stop_requested() or link.terminate:
                 break
-            link.run_index += 1
+            link.run_index = (link.ended_run_index or link.run_index) + 1
             link.state = "idle"
-            # The next run (and its output file) begins with its first result.
+            # The next run (and its output file) begins with its first result. A run without any
+            # result (start, then stop) still ends here: reported at once (no file), and the next
+            # file is named after the distributor's run index (the stop used to wait 30 s for the
+            # report, and the file names then lagged one run behind).
             while not link.terminate and not _core.stop_requested():
+                link.end_run = False
                 link.service()
+                if link.end_run and not link.terminate:
+                    idx = link.ended_run_index or link.run_index
+                    link.run_ended({"run_index": idx, "filename": "", "events_written": 0, "received": 0,
+                                    "duplicates": link.duplicates})
+                    print(f"[collector] run {idx} ended without events", flush=True)
+                    link.run_index = idx + 1
+                    continue
                 if link.pull.poll(100, zmq.POLLIN):
                     break
             if link.terminate:
