@@ -598,3 +598,12 @@ def test_digit_columns_from_arrays_byte_order_shape_and_invalid_values():
     bad_e[[80, 120]] = [np.nan, np.inf]
     _, invalid, _ = clusters({**cols, "cell": bad_cell, "energy": bad_e})
     assert invalid == 4
+
+
+def test_reject_needs_a_reason_and_keeps_the_first():
+    b = eclreco.EventBatch(2)
+    with pytest.raises(ValueError, match="needs a reason"):
+        b.reject(0, "")
+    b.reject(1, "crc_mismatch", "first")
+    b.reject(1, "later", "second")
+    assert b.rejections() == {1: ("crc_mismatch", "first")} and b.error_flags.tolist() == [0, eclreco.ERROR_REJECTED]

@@ -67,8 +67,9 @@ void EventBatch::check_index(size_t i) const {
 
 void EventBatch::reject(size_t i, std::string reason, std::string detail) {
   check_index(i);
+  if (reason.empty()) throw std::invalid_argument("reject: a rejection needs a reason (its counter's label)");
   error_flags()[i] |= kRejected;
-  rejections_[i] = Rejection{std::move(reason), std::move(detail)};
+  rejections_.emplace(i, Rejection{std::move(reason), std::move(detail)});  // the first reason stays
 }
 
 void EventBatch::flag_error(size_t i, std::string message) {

@@ -82,7 +82,8 @@ class EventBatch {
 
   // Rejected events stay in the batch (so that their bytes can be quarantined) but carry the
   // kRejected flag; modules skip them.
-  // i < size() (std::out_of_range otherwise), as for flag_error and select
+  // i < size() (std::out_of_range otherwise), as for flag_error and select; a non-empty reason;
+  // an event rejected twice keeps its first reason (the cause; later modules skip it anyway)
   void reject(size_t i, std::string reason, std::string detail);
   bool is_rejected(size_t i) const { return error_flags()[i] & kRejected; }
   const std::map<size_t, Rejection>& rejections() const { return rejections_; }
