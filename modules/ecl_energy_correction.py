@@ -42,8 +42,10 @@ def load_session(path: str, threads: int = 1, expected_detector: str | None = No
     """An onnxruntime session of a checked energy-correction model: (session, metadata dict)."""
     import onnxruntime as ort
 
-    if not path or not os.path.isfile(path):
+    if not path or not os.path.exists(path):
         raise ModelError(f"ECLEnergyCorrection: model file {path!r} does not exist")
+    if not os.path.isfile(path):
+        raise ModelError(f"ECLEnergyCorrection: model {path!r} is not a file")
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
@@ -163,10 +165,10 @@ class ECLEnergyCorrection(Module):
             trained = meta.get("detector")
             if trained is not None and name != trained:
                 raise ModelError(f"ECLEnergyCorrection: model {self.param('model')!r} was trained for detector "
-                                 f"{trained!r}, the events are {name or detector_code!r}")
+                                 f"{trained!r}, the events are {name or int(detector_code)!r}")
             return sess, meta
         if name not in self._sessions:
-            raise ModelError(f"ECLEnergyCorrection: no model for detector {name or detector_code!r}")
+            raise ModelError(f"ECLEnergyCorrection: no model for detector {name or int(detector_code)!r}")
         return self._sessions[name]
 
     # -- processing ---------------------------------------------------------------------------

@@ -93,6 +93,9 @@ def test_missing_model_is_a_clear_error(tmp_path):
     mod.set_param("model", str(tmp_path / "nope.onnx"))
     with pytest.raises(Exception, match="does not exist"):
         mod.initialize()
+    mod.set_param("model", str(tmp_path))
+    with pytest.raises(Exception, match="is not a file"):
+        mod.initialize()
 
 
 def test_wrong_detector_and_incompatible_model(tmp_path):

@@ -607,3 +607,17 @@ def test_reject_needs_a_reason_and_keeps_the_first():
     b.reject(1, "crc_mismatch", "first")
     b.reject(1, "later", "second")
     assert b.rejections() == {1: ("crc_mismatch", "first")} and b.error_flags.tolist() == [0, eclreco.ERROR_REJECTED]
+
+
+def test_an_exception_without_a_message_is_named_by_its_type(capfd):
+    from eclreco.sources import ArraySource
+
+    class Silent(eclreco.Module):
+        def event(self, batch):
+            raise ValueError()
+
+    path = eclreco.create_path()
+    path.add_module(ArraySource("X", np.arange(3), {"a": np.zeros(2)}))
+    path.add_module(Silent())
+    eclreco.process(path, install_signal_handlers=False)
+    assert eclreco.statistics.state.error_messages()[0].endswith("ValueError: (no message)")

@@ -14,7 +14,11 @@ namespace {
 [[noreturn]] void rethrow_python(const py::error_already_set& e) {
   std::string msg = e.what();
   const auto at = msg.find("\n\nAt:");
-  throw std::runtime_error(at == std::string::npos ? msg : msg.substr(0, at));
+  if (at != std::string::npos) msg = msg.substr(0, at);
+  // an exception raised without a message: its type says what happened (pybind11 writes a placeholder)
+  const auto empty = msg.find("<EMPTY MESSAGE>");
+  if (empty != std::string::npos) msg = msg.substr(0, empty) + "(no message)";
+  throw std::runtime_error(msg);
 }
 
 // The GIL for a call from a framework thread into Python. For a thread without a Python thread

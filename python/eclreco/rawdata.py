@@ -209,7 +209,7 @@ def split_stream(data: bytes) -> list[bytes]:
         except msgpack.OutOfData:
             raise ValueError(f"truncated MessagePack object at byte {start}") from None
         except Exception as e:  # noqa: BLE001 - msgpack raises various errors on garbage
-            raise ValueError(f"not MessagePack at byte {start}: {e}") from None
+            raise ValueError(f"not MessagePack at byte {start}: {e or type(e).__name__}") from None
         end = unpacker.tell()
         out.append(data[start:end])
         start = end
