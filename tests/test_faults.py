@@ -372,7 +372,7 @@ def test_malformed_messages_to_the_farm_are_counted_not_fatal(farm_factory):
                    [P.CREDIT, b"lots"]]
     for address, messages in ((farm.control, bad_control), (workers_addr, bad_workers)):
         s = ctx.socket(zmq.DEALER)
-        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.LINGER, 5000)  # every message delivered before the socket goes
         s.connect(address)
         for m in messages:
             s.send_multipart(m)
