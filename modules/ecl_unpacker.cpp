@@ -327,9 +327,9 @@ class ECLUnpacker : public fw::Module {
     if (gain) g = number_array(*gain, "gain", n_cells, path);
     if (t0) t = number_array(*t0, "t0", n_cells, path);
     for (size_t k = 0; k < g.size(); ++k)  // E = amplitude / 20000 x gain: a gain <= 0 is no calibration
-      if (!(g[k] > 0))
+      if (!(g[k] > 0 && g[k] <= 1e6))
         throw std::runtime_error(path + ": 'gain'[" + std::to_string(k) + "] (cellId " + std::to_string(k + 1) +
-                                 ") must be > 0");
+                                 ") must be in (0, 1e6]");
     for (size_t k = 0; k < t.size(); ++k)
       if (std::fabs(t[k]) > 1e6)
         throw std::runtime_error(path + ": 't0'[" + std::to_string(k) + "] (cellId " + std::to_string(k + 1) +

@@ -35,8 +35,9 @@ class SimulationInput(Module):
         lo, hi = self.param("energy_min"), self.param("energy_max")
         checks = [(self.param("events") >= 0, "events must be >= 0"),
                   (self.param("chunk") >= 1, "chunk must be >= 1"),
-                  (self.param("energy") > 0, "energy must be > 0 GeV"),
-                  (hi == 0 or 0 < lo < hi, "energy_min and energy_max: 0 < energy_min < energy_max (or both 0)"),
+                  (0 < self.param("energy") < 1e3, "energy must be in (0, 1000) GeV"),
+                  (hi == 0 or 0 < lo < hi < 1e3, "energy_min and energy_max: 0 < energy_min < energy_max < 1000 GeV "
+                                                 "(or both 0)"),
                   (0 <= self.param("background") <= 100, "background must be in 0..100 (1 = nominal)"),
                   (self.param("seed") >= 0, "seed must be >= 0"),
                   (0 <= self.param("exp") < 2 ** 32 and 0 <= self.param("run") < 2 ** 32, "exp and run must be in 0..2^32-1")]

@@ -119,6 +119,11 @@ def main(argv=None) -> int:
         if exporter is not None:
             exporter.close()
     print(eclreco.statistics, flush=True)
+    s = eclreco.statistics.summary()
+    if s["processed"] and s["errors"] >= s["processed"]:  # a misconfigured chain, not bad events
+        first = (eclreco.statistics.state.error_messages() or ["?"])[0]
+        print(f"reco.py: error: every event failed in a module, e.g. {first}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -59,3 +59,12 @@ def test_reco_py_refuses_contradictions_and_an_output_over_its_input(tmp_path, c
     err = capsys.readouterr().err
     assert "use another file" in err and "threads must be 1..256, not 0" in err and "use -n N" in err
     assert raw.read_bytes() == before
+
+
+def test_reco_py_fails_when_every_event_fails(capsys):
+    """--model of the other detector: every event gets a module error; the job says so and exits 1
+    (it exited 0 with a module error on each event)."""
+    reco = _reco()
+    rc = reco.main(["--events", "20", "--detector", "belle2-ecl", "--model", os.path.join(MODELS, "array30.onnx"),
+                    "--threads", "1", "--no-dqm"])
+    assert rc == 1 and "every event failed in a module" in capsys.readouterr().err

@@ -349,6 +349,19 @@ def test_a_module_cannot_corrupt_the_batch_or_its_accounting():
         assert expected[name] in eclreco.statistics.state.error_messages()[0], name
 
 
+def test_a_module_cannot_add_events_even_to_a_batch_without_collections():
+    class Grow(eclreco.Module):
+        def event(self, batch):
+            batch.resize(len(batch) + 1)  # made received 10, processed 11 and a second evt 0
+
+    path = eclreco.create_path()
+    path.add_module("EventInfoSetter", events=10)
+    path.add_module(Grow())
+    eclreco.process(path, install_signal_handlers=False)
+    s = eclreco.statistics.summary()
+    assert s["received"] == s["processed"] == 10 and s["errors"] == 10 and s["not_processed"] == 0
+
+
 def test_module_errors_are_all_counted_but_only_the_first_printed(capfd):
     """A module failing on every event: each event is flagged and counted, the log has the first
     20 messages and one line saying the rest are not printed (not one line per event)."""
@@ -448,7 +461,8 @@ def test_parameters_numpy_scalars_nan_and_range():
     with pytest.raises(TypeError, match="must be int, got bool"):
         m.set_param("max_iterations", True)
     for bad, match in [({"image_size": 4}, "image_size must be odd"), ({"output": ""}, "output must be"),
-                       ({"output": "ECLDigits"}, "output must be")]:
+                       ({"output": "ECLDigits"}, "collection of the input stage"),
+                       ({"output": "RawEnvelopes"}, "collection of the input stage")]:
         path = eclreco.create_path()
         path.add_module("EventInfoSetter", events=1)
         path.add_module("ECLClusterizer", **bad)
@@ -460,7 +474,8 @@ def test_parameters_numpy_scalars_nan_and_range():
     ("EventInfoSetter", {"events": -5}, "events must be >= 0"),  # used to run forever (cast to uint64)
     ("EventInfoSetter", {"exp": -1}, "exp must be in 0..2"),
     ("SimulationInput", {"chunk": 0}, "chunk must be >= 1"),  # used to run forever
-    ("SimulationInput", {"energy": -1.0}, "energy must be > 0"),
+    ("SimulationInput", {"energy": -1.0}, "energy must be in"),
+    ("SimulationInput", {"energy": float("inf")}, "energy must be in"),
     ("SimulationInput", {"background": -1.0}, "background must be in"),
     ("ZMQInput", {"idle_timeout_s": -1.0}, "idle_timeout_s must be >= 0"),  # used to run forever
     ("ZMQInput", {"poll_ms": 0.0}, "poll_ms must be > 0"),

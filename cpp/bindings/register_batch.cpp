@@ -122,7 +122,7 @@ void register_batch(py::module_& m) {
       .def("resize", [](EventBatch& b, size_t n) {
         // a module that adds or drops events would leave the collections' offsets behind (and
         // the accounting: received = processed + rejected); sources resize before adding any
-        if (n != b.size() && !b.collections().empty())
+        if (n != b.size() && (in_python_event || !b.collections().empty()))
           throw py::value_error("EventBatch.resize: the batch has collections; a source sizes an empty batch "
                                 "before it adds them, a module cannot add or drop events (use reject)");
         b.resize(n);

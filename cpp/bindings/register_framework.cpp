@@ -8,6 +8,8 @@ using fw::Module;
 using fw::ParamType;
 using fw::ParamValue;
 
+thread_local bool in_python_event = false;
+
 namespace {
 
 // A Python exception as a C++ one: the message without pybind11's traceback appendix.
@@ -66,6 +68,10 @@ class PyModule : public Module {
   void begin_run(uint32_t exp, uint32_t run) override { call("begin_run", exp, run); }
   void event(fw::EventBatch& batch) override {
     PythonCall gil;
+    struct InEvent {
+      InEvent() { in_python_event = true; }
+      ~InEvent() { in_python_event = false; }
+    } in_event;
     try {
       py::function f = py::get_override(static_cast<const Module*>(this), "event");
       if (f) lend_batch(batch, [&](py::handle b) { f(b); });

@@ -371,8 +371,10 @@ def print_table(res: dict) -> None:
 
 
 def _run(args) -> int:
-    if args.events < 100 or args.repeat < 1 or args.farm_rate <= 0 or args.farm_seconds <= 0:
-        raise SystemExit("eclreco bench: --events >= 100, --repeat >= 1, --farm-rate and --farm-seconds > 0")
+    if (args.events < 100 or args.repeat < 1 or args.farm_rate <= 0 or args.farm_seconds <= 0
+            or not 0 <= args.background <= 100):
+        raise SystemExit("eclreco bench: --events >= 100, --repeat >= 1, --farm-rate and --farm-seconds > 0, "
+                         "--background in 0..100")
     res = run_benchmark(args)
     if args.json:
         print(json.dumps(res, indent=1, default=float))

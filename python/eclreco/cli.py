@@ -37,7 +37,7 @@ def main(argv=None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (ValueError, TypeError, OSError, RuntimeError, LookupError, MemoryError, ArithmeticError) as err:
+    except Exception as err:  # noqa: BLE001 - zmq.ZMQError, onnxruntime's, ... alike
         # bad options, a missing or unwritable file, a refused parameter: one line, not a traceback
         # (ECLRECO_TRACEBACK=1 shows it, for a bug report)
         if os.environ.get("ECLRECO_TRACEBACK"):

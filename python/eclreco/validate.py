@@ -321,6 +321,8 @@ def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed
 
 
 def _cmd(args) -> int:
+    if args.max_events < 0 or args.pi0_events < 0:
+        raise SystemExit("eclreco validate: --max-events and --pi0-events must be >= 0")
     run_validation(args.detector, args.output, g4_path=args.g4, model=args.model, max_events=args.max_events,
                    pi0_events=args.pi0_events, quiet=args.quiet)
     return 0

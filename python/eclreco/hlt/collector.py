@@ -212,7 +212,7 @@ class HLTCollectorInput(Module):
                     try:
                         m = P.DecodedBatch(P.unpack(data))
                     except Exception as err:  # noqa: BLE001 - not a worker's batch: its events stay held
-                        link.bad_message("results", f"{type(err).__name__}: {err}")
+                        link.bad_message("results", f"{type(err).__name__}: {err or '(no message)'}")
                         continue
                     msgs.append(m)
                     n += m.n

@@ -404,7 +404,7 @@ class Distributor:
         self.c["bad_messages"] += 1
         if self.c["bad_messages"] <= 20:  # the first ones: a flood must not flood the log
             print(f"[distributor] ignored a bad message on the {socket_name} socket "
-                  f"({len(frames)} frames): {type(err).__name__}: {err}", flush=True)
+                  f"({len(frames)} frames): {type(err).__name__}: {err or '(no message)'}", flush=True)
 
     def collector_replaced(self):
         """A new collector: results the old one never confirmed, or confirmed but never saved, are

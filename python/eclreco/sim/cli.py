@@ -13,9 +13,9 @@ def _run(args) -> int:
     from eclreco.rawdata import encode_events, write_raw_file
     from eclreco.sim import simulate
 
-    problems = [(args.events <= 0, "--events must be positive"), (not args.energy > 0, "--energy must be > 0 GeV"),
-                (bool(args.energy_range) and not 0 < args.energy_range[0] < args.energy_range[1],
-                 "--energy-range LO HI needs 0 < LO < HI"),
+    problems = [(args.events <= 0, "--events must be positive"), (not 0 < args.energy < 1e3, "--energy must be in (0, 1000) GeV"),
+                (bool(args.energy_range) and not 0 < args.energy_range[0] < args.energy_range[1] < 1e3,
+                 "--energy-range LO HI needs 0 < LO < HI < 1000 GeV"),
                 (args.background is not None and not 0 <= args.background <= 100, "--background must be in 0..100"),
                 (args.seed < 0, "--seed must be >= 0"),
                 (not (0 <= args.exp < 2 ** 32 and 0 <= args.run < 2 ** 32), "--exp and --run must be in 0..2^32-1")]
@@ -41,8 +41,9 @@ def _run(args) -> int:
     write_raw_file(args.output, messages)
     nbytes = os.path.getsize(args.output)
     dt = time.perf_counter() - t0
+    size = f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"
     print(f"wrote {len(messages)} events ({digits / max(len(messages), 1):.0f} digits/event, "
-          f"{nbytes / 1e6:.1f} MB) to {args.output} in {dt:.1f} s ({len(messages) / dt:,.0f} events/s)")
+          f"{size}) to {args.output} in {dt:.1f} s ({len(messages) / dt:,.0f} events/s)")
     return 0
 
 
