@@ -40,10 +40,7 @@ class RawFileInput : public fw::Module {
     unmap();
     pos_ = 0;
     events_ = rejected_ = 0;
-    struct stat pre {};
-    // stat first: open() of a FIFO would block until a writer comes
-    if (::stat(filename_.c_str(), &pre) == 0 && !S_ISREG(pre.st_mode))
-      throw std::runtime_error("raw file '" + filename_ + "' is not a regular file");
+    // O_NONBLOCK: open() of a FIFO would block until a writer comes (the fstat below refuses it)
     const int fd = ::open(filename_.c_str(), O_RDONLY | O_NONBLOCK);
     if (fd < 0) throw std::runtime_error("cannot open raw file '" + filename_ + "': " + std::strerror(errno));
     struct stat st {};

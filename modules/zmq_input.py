@@ -77,11 +77,10 @@ class ZMQInput(Module):
         return self._sock.getsockopt_string(self._zmq.LAST_ENDPOINT) if self._sock is not None else ""
 
     def next_batch(self, batch, max_events):
-        from eclreco.raw_sockets import join_multipart
+        from eclreco.raw_sockets import recv_message
 
         zmq = self._zmq
         sock = self._sock
-        recv = sock.recv
         msgs: list[bytes] = []
         latency = self.param("max_latency_ms") * 1e-3
         idle = self.param("idle_timeout_s")
@@ -91,8 +90,7 @@ class ZMQInput(Module):
         while True:
             try:
                 while len(msgs) < max_events:
-                    m = recv(zmq.NOBLOCK)
-                    msgs.append(join_multipart(sock, m) if sock.getsockopt(zmq.RCVMORE) else m)
+                    msgs.append(recv_message(sock))
             except zmq.Again:
                 pass
             now = time.monotonic()

@@ -123,8 +123,8 @@ void register_batch(py::module_& m) {
         // a module that adds or drops events would leave the collections' offsets behind (and
         // the accounting: received = processed + rejected); sources resize before adding any
         if (n != b.size() && (in_python_event || !b.collections().empty()))
-          throw py::value_error("EventBatch.resize: the batch has collections; a source sizes an empty batch "
-                                "before it adds them, a module cannot add or drop events (use reject)");
+          throw py::value_error("EventBatch.resize: a module cannot add or drop events (use reject); a source "
+                                "sizes its batch in next_batch, before it adds collections");
         b.resize(n);
       }, py::arg("n_events"))
       .def_readwrite("sequence", &EventBatch::sequence)

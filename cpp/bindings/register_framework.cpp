@@ -12,6 +12,11 @@ thread_local bool in_python_event = false;
 
 namespace {
 
+// Python's bool or numpy's bool_.
+bool is_bool(py::handle v) {
+  return py::isinstance<py::bool_>(v) || std::string(py::str(py::type::of(v).attr("__name__"))) == "bool_";
+}
+
 // A Python exception as a C++ one: the message without pybind11's traceback appendix.
 [[noreturn]] void rethrow_python(const py::error_already_set& e) {
   std::string msg = e.what();
@@ -93,7 +98,7 @@ class PyModule : public Module {
       lend_batch(batch, [&](py::handle b) {
         py::object r = f(b, max_events);
         // None (a forgotten return) would read as False: the end of the input, without a word
-        if (!py::isinstance<py::bool_>(r) && std::string(py::str(py::type::of(r).attr("__name__"))) != "bool_")
+        if (!is_bool(r))
           throw py::type_error(type() + ".next_batch must return True (more batches follow) or False (this was the "
                                "last), not " + std::string(py::str(py::type::of(r).attr("__name__"))));
         more = r.cast<bool>();
@@ -157,10 +162,7 @@ class PyModule : public Module {
 };
 
 // numbers.Integral / numbers.Real: Python's and numpy's scalars alike (np.int64(5) is an int
-// parameter); bools are neither.
-bool is_bool(py::handle v) {
-  return py::isinstance<py::bool_>(v) || std::string(py::str(py::type::of(v).attr("__name__"))) == "bool_";
-}
+// parameter); bools (is_bool) are neither.
 bool is_int(py::handle v) {
   static const py::object integral = py::module_::import("numbers").attr("Integral");
   return !is_bool(v) && (py::isinstance<py::int_>(v) || py::isinstance(v, integral));

@@ -65,10 +65,10 @@ size_t parse_npy(const unsigned char* p, size_t avail, NpyArray& out, bool& nume
                      kind == 'S' || kind == 'O';
   if (!known) throw std::runtime_error("unsupported npy dtype '" + descr + "'");
   const size_t itemsize = kind == 'U' ? 4 * item : item;
-  size_t nbytes = 0;
-  if (__builtin_mul_overflow(count, itemsize, &nbytes) || nbytes > avail) throw std::runtime_error("truncated npy data");
+  size_t nbytes = 0;  // hstart + hlen <= avail (checked above)
+  if (__builtin_mul_overflow(count, itemsize, &nbytes) || nbytes > avail - (hstart + hlen))
+    throw std::runtime_error("truncated npy data");
   const unsigned char* d = p + hstart + hlen;
-  if (hstart + hlen + nbytes > avail) throw std::runtime_error("truncated npy data");
   if (descr[0] == '>') throw std::runtime_error("big-endian arrays are not supported");
   numeric = kind == 'f' || kind == 'i' || kind == 'u' || kind == 'b';
   out.data.clear();

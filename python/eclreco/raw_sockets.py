@@ -48,11 +48,14 @@ class ConnectionMonitor:
                 "auth_failures": float(self.auth_failures)}
 
 
-def join_multipart(sock: zmq.Socket, first: bytes) -> bytes:
-    """The frames of a multipart message joined, after its first frame was read. The wire format
-    sends one event per message in a single frame: a multipart message is one malformed message,
-    which the envelope decoder rejects with its reason (and keeps), instead of each frame passing
-    for an event of its own."""
+def recv_message(sock: zmq.Socket, flags: int = zmq.NOBLOCK) -> bytes:
+    """One message as one bytes object (zmq.Again when none is waiting). The wire format sends one
+    event per message in a single frame: the frames of a multipart message are joined into one
+    malformed message, which the envelope decoder rejects with its reason (and keeps), instead of
+    each frame passing for an event of its own."""
+    first = sock.recv(flags)
+    if not sock.getsockopt(zmq.RCVMORE):
+        return first
     parts = [first]
     while sock.getsockopt(zmq.RCVMORE):
         parts.append(sock.recv())

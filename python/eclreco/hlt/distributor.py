@@ -21,7 +21,7 @@ import zmq
 
 from eclreco.curve import Curve
 from eclreco.hlt import protocol as P
-from eclreco.raw_sockets import ConnectionMonitor, join_multipart
+from eclreco.raw_sockets import ConnectionMonitor, recv_message
 
 # Latency histogram: log-spaced bounds from 10 us to 100 s (percentiles and Prometheus buckets).
 LATENCY_BOUNDS = np.logspace(-5, 2, 141)
@@ -194,11 +194,7 @@ class Distributor:
                 or now - self.stop_since > self.stop_timeout_s / 2)
 
     def read_input(self):
-        recv = self.inp.recv
         inp = self.inp
-
-        def rcvmore():
-            return inp.getsockopt(zmq.RCVMORE)
         now = time.monotonic()
         if self.t_first_input is None:
             self.t_first_input = now
@@ -209,12 +205,10 @@ class Distributor:
                 if busy_limit <= 0:
                     if not self.drop_when_busy:
                         break
-                    recv(zmq.NOBLOCK)
+                    recv_message(inp)
                     self.c["dropped"] += 1
                     continue
-                msg = recv(zmq.NOBLOCK)
-                if rcvmore():
-                    msg = join_multipart(inp, msg)
+                msg = recv_message(inp)
                 seq = self.next_seq
                 self.next_seq += 1
                 self.events[seq] = [msg, now, None]
