@@ -435,3 +435,46 @@ def test_digits_from_arrays_run_the_standard_chain_like_unpacked_ones():
     # (onnxruntime's sums depend on the call size: batches of 32 vs 80 events differ in the 7th digit)
     np.testing.assert_allclose(energy, c[("ECLClusters", "energy")], rtol=1e-5)
     assert not np.array_equal(energy, c[("ECLClusters", "energy_raw")])
+
+
+def test_batch_mixing_both_detectors_uses_each_detectors_model(tmp_path):
+    """Events of both detectors in one batch (one raw stream): each cluster is corrected by the
+    model of its event's detector, exactly as in a run of that detector's events alone."""
+    from eclreco.rawdata import encode_events, write_raw_file
+    from eclreco.sim import simulate
+
+    msgs = {}
+    for k, det in enumerate(("belle2-ecl", "array30")):
+        ev = simulate(detector=det, n_events=40, particle="gamma", energy=0.8, seed=11 + k)
+        msgs[det] = encode_events(det, 0, 1, np.arange(40) + 1000 * k, ev.offsets, ev.cell, ev.amplitude,
+                                  ev.time_ticks, ev.quality)
+    mixed = [m for pair in zip(msgs["belle2-ecl"], msgs["array30"]) for m in pair]  # alternating
+
+    def corrected(messages, name):
+        raw = tmp_path / f"{name}.raw"
+        write_raw_file(raw, messages)
+        path = eclreco.create_path()
+        path.add_module("RawFileInput", filename=str(raw))
+        for m in ("ECLUnpacker", "ECLClusterizer", "ECLLeakageCorrection", "ECLEnergyCorrection"):
+            path.add_module(m)
+
+        class Keep(eclreco.Module):
+            def __init__(self):
+                super().__init__()
+                self.e = {}
+
+            def event(self, batch):
+                off, e = np.asarray(batch["ECLClusters"].offsets), np.asarray(batch["ECLClusters"]["energy"])
+                for i, evt in enumerate(np.asarray(batch.evt).tolist()):
+                    self.e[evt] = e[off[i]:off[i + 1]].copy()
+        keep = path.add_module(Keep())
+        eclreco.process(path, threads=1, batch_size=80, install_signal_handlers=False)
+        assert eclreco.statistics.summary()["errors"] == 0
+        return keep.e
+
+    alone = {**corrected(msgs["belle2-ecl"], "b2"), **corrected(msgs["array30"], "a30")}
+    both = corrected(mixed, "mixed")
+    assert both.keys() == alone.keys() and len(both) == 80
+    assert sum(v.size for v in both.values()) > 80
+    for evt in both:
+        np.testing.assert_allclose(both[evt], alone[evt], rtol=1e-5, err_msg=f"event {evt}")

@@ -228,6 +228,24 @@ def test_gather_rows_per_row_and_per_event_blocks():
         _core.gather_rows(rows, off, [a, ev[:2]], [False, True])
 
 
+def test_rows_at_least_matches_numpy_in_float32():
+    """_core.rows_at_least is flatnonzero(values >= threshold) as numpy computes it (float32
+    comparison, NaN never selected), including a selection that ends before the last value (the
+    branch-free fill writes one scratch slot past the selection)."""
+    from eclreco import _core
+
+    rng = np.random.default_rng(3)
+    cases = [rng.exponential(0.05, 5555).astype(np.float32),
+             np.array([np.float32(0.03), np.nextafter(np.float32(0.03), np.float32(0)), np.nan, 1.0, 0.0], np.float32),
+             np.array([1.0, 0.0, 0.0], np.float32), np.zeros(0, np.float32), np.full(7, np.inf, np.float32)]
+    for v in cases:
+        got = _core.rows_at_least(v, 0.03)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, np.flatnonzero(v >= 0.03))
+    with pytest.raises(ValueError, match="1-d"):
+        _core.rows_at_least(np.zeros((2, 2), np.float32), 0.0)
+
+
 def test_add_collection_rejects_decreasing_offsets():
     """Offsets that go down would give an event rows the collection does not have: a ValueError,
     not a collection that C++ modules would read past the end of."""

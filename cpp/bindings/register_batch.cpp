@@ -98,6 +98,30 @@ void register_batch(py::module_& m) {
       "rows of a collection (ascending) with the per-row blocks and per-event blocks (repeated per row) "
       "side by side: float32 [len(rows), sum of widths], in one pass without the GIL");
 
+  m.def(
+      "rows_at_least",
+      [](carray<float> values, double threshold) {
+        if (values.ndim() != 1) throw py::value_error("values must be 1-d");
+        const float* v = values.data();
+        const size_t n = static_cast<size_t>(values.shape(0));
+        const float t = static_cast<float>(threshold);  // float32 comparison, as numpy's values >= threshold
+        size_t k;
+        {
+          py::gil_scoped_release release;
+          k = fw::count_at_least(v, n, t);
+        }
+        py::array_t<int64_t> out(static_cast<py::ssize_t>(k + 1));
+        int64_t* o = out.mutable_data();
+        {
+          py::gil_scoped_release release;
+          fw::rows_at_least(v, n, t, o);
+        }
+        return py::object(out[py::slice(0, static_cast<py::ssize_t>(k), 1)]);
+      },
+      py::arg("values"), py::arg("threshold"),
+      "indices (int64, ascending) of the values >= threshold, compared in float32 (NaN never): "
+      "numpy's flatnonzero(values >= threshold) without its per-call cost");
+
   py::class_<Collection>(m, "Collection", "Columns with per-event offsets (event i owns rows offsets[i]:offsets[i+1])")
       // read-only: the C++ modules trust the offsets (rows past a column's end would be read)
       .def_property_readonly("offsets", [](const Collection& c) { return column_view(c.offsets_column(), false); })

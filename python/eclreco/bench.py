@@ -82,9 +82,11 @@ def stage_us_per_event(summary: dict, key: str = "seconds") -> dict:
 def cnn_measurements(raw: str, tmp: str, repeat: int, max_events: int) -> dict:
     """CNN stage in the chain vs onnxruntime alone on the same inputs, and batched vs unbatched."""
     import eclreco
+    from eclreco import _core
     from eclreco.modules.ecl_energy_correction import ECLEnergyCorrection, load_session, shipped_model
 
     sess, meta = load_session(shipped_model("belle2-ecl"), threads=1)
+    threshold = ECLEnergyCorrection().param("min_energy_gev")
 
     class CollectInputs(eclreco.Module):
         """keeps the CNN inputs of every batch, as ECLEnergyCorrection forms them"""
@@ -94,7 +96,7 @@ def cnn_measurements(raw: str, tmp: str, repeat: int, max_events: int) -> dict:
             self.batches = []
 
         def event(self, batch):
-            sel = np.flatnonzero(batch["ECLClusters"]["energy_raw"] >= 0.03)
+            sel = _core.rows_at_least(batch["ECLClusters"]["energy_raw"], threshold)
             self.batches.append(ECLEnergyCorrection.model_inputs(batch, "ECLClusters", sel, meta["extra_features"]))
 
     def up_to_cnn():
