@@ -295,6 +295,39 @@ def test_array_source_hands_out_the_collection_in_batches():
         ArraySource("X", [0, 2], {"a": np.zeros(2)}, detector="cms")
 
 
+
+def test_array_source_event_information_agrees_with_the_digits_it_hands_out():
+    """ArraySource reads its (uncopied) arrays batch by batch; the out-of-time count it adds is
+    counted from the same rows, so it agrees with the digits even when the caller changed the
+    arrays after making the source (it was counted once at construction before)."""
+    from eclreco import _core
+    from eclreco.sources import ArraySource
+
+    off = np.array([0, 3, 5, 9], np.int64)
+    t = np.array([0, 200, -300, 10, 5, 400, 0, 0, 130], np.float32)
+    cols = {"cell": np.arange(1, 10, dtype=np.int32), "energy": np.full(9, 0.01, np.float32), "time": t,
+            "quality": np.zeros(9, np.uint8)}
+    source = ArraySource("ECLDigits", off, cols, detector="belle2-ecl")
+    t[:] = 0  # every digit now in time
+    t[4] = -500
+    got = []
+
+    class Look(eclreco.Module):
+        def event(self, batch):
+            d = batch["ECLDigits"]
+            o, tt, q = np.asarray(d.offsets), np.asarray(d["time"]), np.asarray(d["quality"])
+            got.append((np.array(batch["ECLEventInformation"]["n_out_of_time_digits"]),
+                        _core.count_out_of_time_digits(o, tt, q)))
+
+    path = eclreco.create_path()
+    path.add_module(source)
+    path.add_module(Look())
+    eclreco.process(path, threads=1, batch_size=2, install_signal_handlers=False)
+    counts = np.concatenate([g[0] for g in got])
+    assert counts.tolist() == [0, 1, 0]
+    for info, digits in got:
+        np.testing.assert_array_equal(info, digits)
+
 def test_wrong_column_dtype_is_named_in_the_module_error(capfd):
     """A C++ module reading a column of another dtype flags the events and says which column."""
     from eclreco.sources import ArraySource

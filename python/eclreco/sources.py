@@ -34,7 +34,9 @@ class ArraySource(Module):
     benchmarks that already hold digits or clusters in memory. Columns keep their dtypes: the
     C++ modules read ECLDigits as the unpacker writes them (cell int32, energy and time float32,
     quality uint8) and name a column of another dtype in their error. ECLDigits with `time` and
-    `quality` also bring ECLEventInformation (n_out_of_time_digits, counted as ECLUnpacker does)."""
+    `quality` also bring ECLEventInformation (n_out_of_time_digits, counted as ECLUnpacker does).
+    The arrays are not copied: each batch is read from them when the path gets to it, so they
+    must not change while the path runs."""
 
     def __init__(self, collection: str, offsets, columns: dict, detector: str = "belle2-ecl", repeat: int = 1):
         super().__init__()
@@ -52,9 +54,7 @@ class ArraySource(Module):
         self.collection, self.offsets, self.columns = collection, off, cols
         # ECLDigits with times: also what ECLUnpacker writes beside them (the belle2-ecl CNN reads
         # the event's out-of-time digit count), so that the standard chain runs on array digits
-        self.oot = None
-        if collection == "ECLDigits" and "time" in cols and "quality" in cols:
-            self.oot = _core.count_out_of_time_digits(off, cols["time"], cols["quality"])
+        self.with_oot = collection == "ECLDigits" and "time" in cols and "quality" in cols
         self.detector_code, self.repeat = DETECTORS[detector], repeat
         self.pos = self.passes = 0
 
@@ -69,10 +69,13 @@ class ArraySource(Module):
         batch.detector[:] = self.detector_code
         off = self.offsets
         rows = slice(off[a], off[b])
-        batch.add_collection(self.collection, off[a: b + 1] - off[a], {k: v[rows] for k, v in self.columns.items()})
-        if self.oot is not None:
+        sub = off[a: b + 1] - off[a]
+        cols = {k: v[rows] for k, v in self.columns.items()}
+        batch.add_collection(self.collection, sub, cols)
+        if self.with_oot:  # counted from the rows of this batch, as they are now (the columns are not copied)
             batch.add_collection("ECLEventInformation", np.arange(b - a + 1, dtype=np.int64),
-                                 {"n_out_of_time_digits": self.oot[a:b]})
+                                 {"n_out_of_time_digits": _core.count_out_of_time_digits(sub, cols["time"],
+                                                                                         cols["quality"])})
         self.pos = b
         if self.pos >= n:
             self.pos, self.passes = 0, self.passes + 1
