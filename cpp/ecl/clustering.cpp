@@ -11,7 +11,7 @@ namespace ecl {
 
 namespace {
 constexpr double kPi = 3.14159265358979323846;
-constexpr uint8_t kDigit = 1, kGrow = 2, kSeed = 4, kInTime = 8, kMax = 0x10, kInRegion = 0x20;
+constexpr uint8_t kDigit = 1, kGrow = 2, kSeed = 4, kInTime = 8, kMax = 0x10, kInRegion = 0x20, kPresent = 0x40;
 
 const char* const kFeatureNames[kNumFeatures] = {"theta", "phi", "local_u", "local_v",
                                                  "energy_raw", "ring", "region"};
@@ -116,6 +116,7 @@ Clusterer::Clusterer(const ClusterParams& p) : p_(p) {
   const int max_cells = std::max(Geometry::get(Detector::Belle2ECL).n_cells,
                                  Geometry::get(Detector::Array30).n_cells);
   cell_digit_.assign(max_cells + 1, -1);
+  cell_flag_.assign(max_cells + 1, 0);
 }
 
 const Clusterer::ReverseN1& Clusterer::reverse_n1(const Geometry& g) {
@@ -205,12 +206,16 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
   std::memset(flag + n, 0, 8);
   // Cell -> digit map (digits outside the detector write into the dummy slot 0 of the map, never
   // read: neighbour lists hold cellIds >= 1).
+  // Beside it, the cell's copy of that digit's flags (kPresent: a digit is there): a neighbour
+  // test is then one load, and the ~90 % of neighbour cells without a digit cost no second one.
+  // kInRegion is set in both (mark()); the other bits do not change while they are read.
   int16_t* cdig = cell_digit_.data();
+  uint8_t* cflag = cell_flag_.data();
 #pragma GCC unroll 8
-  for (int i = 0; i < n; ++i) cdig[cidx[i]] = static_cast<int16_t>(i);
+  for (int i = 0; i < n; ++i) cdig[cidx[i]] = static_cast<int16_t>(i), cflag[cidx[i]] = flag[i] | kPresent;
   auto cleanup = [&] {
 #pragma GCC unroll 8
-    for (int i = 0; i < n; ++i) cdig[cidx[i]] = -1;
+    for (int i = 0; i < n; ++i) cdig[cidx[i]] = -1, cflag[cidx[i]] = 0;
   };
 
   // 1. Connected regions: breadth-first from the seeds over the undirected links (growth digit,
@@ -227,11 +232,19 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
   int32_t* queue = parent_.data();
   int n_reg = 0;
   int tail = 0;
+  // takes the digit that cellId id maps to into the region
+  auto take = [&](int id) {
+    const int j = cdig[id];
+    flag[j] |= kInRegion;
+    cflag[id] |= kInRegion;
+    queue[tail++] = j;
+  };
   auto grow_region = [&](int s0) {
     region_start_[n_reg++] = tail;
     int head = tail;
     queue[tail++] = s0;
     flag[s0] |= kInRegion;
+    if (cdig[cell[s0]] == s0) cflag[cell[s0]] |= kInRegion;
     while (head < tail) {
       const int i = queue[head++];
       const int c = cell[i] - 1;
@@ -241,20 +254,15 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
       const int32_t *rb, *re;
       if (flag[i] & kGrow) {
         // the cell itself (n1x leaves it out): another digit only for a repeated cellId
-        const int js = cdig[c + 1];
-        if (js != i && js >= 0 && (flag[js] & (kInRegion | kDigit)) == kDigit) flag[js] |= kInRegion, queue[tail++] = js;
-        for (int k = n1o[c]; k < n1o[c + 1]; ++k) {
-          const int j = cdig[n1c[k]];
-          if (j >= 0 && (flag[j] & (kInRegion | kDigit)) == kDigit) flag[j] |= kInRegion, queue[tail++] = j;
-        }
+        if (cdig[c + 1] != i && (cflag[c + 1] & (kInRegion | kDigit)) == kDigit) take(c + 1);
+        for (int k = n1o[c]; k < n1o[c + 1]; ++k)
+          if ((cflag[n1c[k]] & (kInRegion | kDigit)) == kDigit) take(n1c[k]);
         rb = rxc + rxo[c], re = rxc + rxo[c + 1];
       } else {
         rb = rvc + rvo[c], re = rvc + rvo[c + 1];
       }
-      for (const int32_t* p = rb; p < re; ++p) {
-        const int j = cdig[*p];
-        if (j >= 0 && (flag[j] & (kInRegion | kGrow)) == kGrow) flag[j] |= kInRegion, queue[tail++] = j;
-      }
+      for (const int32_t* p = rb; p < re; ++p)
+        if ((cflag[*p] & (kInRegion | kGrow)) == kGrow) take(*p);
     }
   };
   // Seeds in digit order; the flags are scanned 8 at a time (most digits are no seeds).

@@ -141,6 +141,7 @@ class Clusterer {
   ClusterParams p_;
   // Scratch, indexed by cellId (size of the larger detector + 1), -1 when no digit.
   std::vector<int16_t> cell_digit_;  // int16: fits L1 (an event has at most 8736 digits)
+  std::vector<uint8_t> cell_flag_;   // the flags of the digit cell_digit_ maps to (0: no digit)
   // Per digit of the current event.
   std::vector<int32_t> parent_ /* BFS queue, all regions */, pos_in_region_;
   std::vector<uint8_t> flag_;
