@@ -299,6 +299,48 @@ def test_append_envelopes_accepts_buffers_and_extends():
         _core.append_envelopes(b, [123])
 
 
+def test_envelopes_in_one_frame_reach_the_batch_in_any_split():
+    """The distributor's EV message carries its raw events back to back in one frame
+    (protocol.envelope_frames); the worker splits them over batches of any size
+    (WorkerLink.take) and appends them from the frame (append_envelope_blocks): every event,
+    in order, byte for byte, the bad one rejected with its reason, with its own sequence id."""
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.worker import WorkerLink
+
+    msgs = [pack(env(evt=e)) for e in range(7)] + [b"\xc1"] + [pack(env(evt=e)) for e in range(8, 12)]
+    link = WorkerLink("tcp://127.0.0.1:1")  # never connects: only the buffer is used
+    try:
+        for part, first in ((msgs[:5], 100), (msgs[5:], 105)):  # two EV messages
+            blob, off = P.envelopes_from_frames(P.envelope_frames(part), len(part))
+            link.buffer.append((np.arange(first, first + len(part), dtype="<u8"), blob, off))
+            link.buffered += len(part)
+        got_seqs, batches = [], []
+        for size in (3, 4, 100):  # the first EV split, then across both, then the rest
+            seqs, blocks = link.take(size)
+            b = eclreco.EventBatch(0)
+            _core.append_envelope_blocks(b, blocks)
+            assert len(b) == len(seqs)
+            got_seqs += seqs.tolist()
+            batches.append(b)
+        assert link.buffered == 0 and not link.buffer
+    finally:
+        link.sock.close(0)
+    assert got_seqs == list(range(100, 112))
+    assert [e for b in batches for e in b.evt.tolist()] == [0, 1, 2, 3, 4, 5, 6, 0, 8, 9, 10, 11]
+    raws = [bytes(b["RawEnvelopes"]["bytes"][b["RawEnvelopes"].offsets[i]:b["RawEnvelopes"].offsets[i + 1]])
+            for b in batches for i in range(len(b))]
+    assert raws == msgs
+    assert [r[0] for r in batches[2].rejections().values()] == ["not_msgpack"]  # the 8th event
+    with pytest.raises(ValueError, match="lengths add up"):
+        P.envelopes_from_frames([P.envelope_frames(msgs[:2])[0], msgs[0]], 2)
+    with pytest.raises(ValueError, match="1 lengths for 2"):
+        P.envelopes_from_frames(P.envelope_frames(msgs[:1]), 2)
+    with pytest.raises(ValueError, match="outside"):
+        _core.append_envelope_blocks(eclreco.EventBatch(0), [(b"abc", np.array([0, 4]))])
+    with pytest.raises(ValueError, match="decrease"):
+        _core.append_envelope_blocks(eclreco.EventBatch(0), [(b"abc", np.array([0, 2, 1]))])
+
+
 def test_daq_emulator_delivers_everything(tmp_path):
     zmq = pytest.importorskip("zmq")
     from eclreco import daq

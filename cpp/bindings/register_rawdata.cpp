@@ -73,6 +73,35 @@ void register_rawdata(py::module_& m) {
       "malformed envelopes are rejected with their reason. Decodes without the GIL.");
 
   m.def(
+      "append_envelope_blocks",
+      [](fw::EventBatch& batch, const py::sequence& blocks) {
+        std::vector<py::object> keep;
+        std::vector<rawdata::MessageRef> refs;
+        for (size_t b = 0; b < py::len(blocks); ++b) {
+          const py::tuple t = py::reinterpret_borrow<py::object>(blocks[b]).cast<py::tuple>();
+          if (t.size() != 2 || !PyBytes_Check(t[0].ptr()))
+            throw py::type_error("a block is (bytes, offsets)");
+          keep.push_back(t[0]);
+          const auto* data = reinterpret_cast<const uint8_t*>(PyBytes_AS_STRING(t[0].ptr()));
+          const auto size = static_cast<int64_t>(PyBytes_GET_SIZE(t[0].ptr()));
+          auto off = carray<int64_t>::ensure(t[1]);
+          if (!off || off.ndim() != 1 || off.shape(0) < 1) throw py::value_error("block offsets must be 1-d, n + 1 values");
+          const int64_t* o = off.data();
+          const auto n = static_cast<size_t>(off.shape(0) - 1);
+          if (o[0] < 0 || o[n] > size) throw py::value_error("block offsets outside the block's bytes");
+          for (size_t k = 0; k < n; ++k) {
+            if (o[k + 1] < o[k]) throw py::value_error("block offsets must not decrease");
+            refs.push_back({data + o[k], static_cast<size_t>(o[k + 1] - o[k])});
+          }
+        }
+        py::gil_scoped_release release;  // `keep` holds the blocks: their bytes stay alive
+        rawdata::append_envelopes(batch, refs);
+      },
+      py::arg("batch"), py::arg("blocks"),
+      "Like append_envelopes for raw messages stored back to back: each block is (bytes, offsets), "
+      "message k being bytes[offsets[k]:offsets[k + 1]] (one ZeroMQ frame for many events).");
+
+  m.def(
       "decode_envelope",
       [](const py::bytes& message) {
         std::string_view v = message;

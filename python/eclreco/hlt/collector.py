@@ -333,8 +333,9 @@ def main(args) -> int:
             link.run_ended({"run_index": link.run_index, "filename": link.filename,
                             "events_written": out.events_written_run if out is not None else s.get("processed", 0),
                             "received": s.get("received", 0), "duplicates": link.duplicates})
-            print(f"[collector] run {link.run_index} ended: {s.get('processed', 0)} events to {link.filename}",
-                  flush=True)
+            # where the collector's time went in the run (module table, as the workers print it)
+            print(f"[collector] run {link.run_index} ended: {s.get('processed', 0)} events to {link.filename}\n"
+                  f"{eclreco.statistics}", flush=True)
             if _core.stop_requested() or link.terminate:
                 break
             link.run_index = (link.ended_run_index or link.run_index) + 1

@@ -244,7 +244,7 @@ class Distributor:
             if not seqs:
                 break
             try:
-                self.wrk.send_multipart([w.ident, P.EV, P.seqs_to_bytes(seqs), *envs], copy=False)
+                self.wrk.send_multipart([w.ident, P.EV, P.seqs_to_bytes(seqs), *P.envelope_frames(envs)], copy=False)
             except zmq.ZMQError:  # the worker is gone (ROUTER_MANDATORY)
                 for seq in seqs:
                     self.events[seq][2] = None

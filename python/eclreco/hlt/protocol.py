@@ -16,7 +16,7 @@ READY = b"READY"        # worker -> distributor: {pid, host, credit, metrics_por
 CREDIT = b"CREDIT"      # worker -> distributor: b"<n>", n more events may be sent
 HB = b"HB"              # worker -> distributor: {state, counters}; heartbeat
 BYE = b"BYE"            # worker -> distributor: leaving; its unconfirmed events go elsewhere
-EV = b"EV"              # distributor -> worker: EV, seqs (uint64 LE bytes), envelope, envelope, ...
+EV = b"EV"              # distributor -> worker: EV, seqs (uint64 LE bytes), lengths (uint32 LE), envelopes back to back
 END_RUN = b"END_RUN"    # distributor -> worker/collector: end the run (all events confirmed)
 TERMINATE = b"TERMINATE"  # distributor -> worker/collector: exit
 WHO = b"WHO"            # distributor -> worker/collector: unknown to me, register again
@@ -50,6 +50,28 @@ def encode_array(a: np.ndarray) -> dict:
 
 def decode_array(d: dict) -> np.ndarray:
     return np.frombuffer(d["data"], dtype=np.dtype(d["dtype"])).reshape(d["shape"])
+
+
+def envelope_frames(envelopes) -> list:
+    """The two frames that carry raw events to a worker: their lengths (uint32 LE) and their bytes
+    back to back. One frame for many events: a frame per event cost both ends ~3.5 µs of CPU per
+    event in ZeroMQ (tcp, 256 per message), the joined frame ~1 µs, the join included."""
+    return [np.fromiter(map(len, envelopes), "<u4", len(envelopes)).tobytes(), b"".join(envelopes)]
+
+
+def envelopes_from_frames(frames, n: int):
+    """(bytes, offsets int64 [n + 1]) of the n raw events of envelope_frames; ValueError when the
+    frames do not hold n events exactly."""
+    if len(frames) != 2:
+        raise ValueError(f"raw events in {len(frames)} frames, expected 2 (lengths, bytes)")
+    lengths, blob = frames
+    if len(lengths) != 4 * n:
+        raise ValueError(f"{len(lengths) // 4} lengths for {n} sequence ids")
+    off = np.zeros(n + 1, np.int64)
+    np.cumsum(np.frombuffer(lengths, "<u4"), out=off[1:])
+    if off[-1] != len(blob):
+        raise ValueError(f"lengths add up to {off[-1]} bytes, the frame has {len(blob)}")
+    return bytes(blob), off
 
 
 def seqs_to_bytes(seqs) -> bytes:

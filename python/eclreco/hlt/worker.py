@@ -42,7 +42,7 @@ class WorkerLink:
         self.heartbeat_s = heartbeat_s
         self.metrics_port = metrics_port
         self.threads = threads
-        self.buffer: collections.deque = collections.deque()  # (seqs, envelopes)
+        self.buffer: collections.deque = collections.deque()  # (seqs, bytes, offsets): raw events back to back
         self.buffered = 0
         self.outstanding = 0      # credit the distributor holds for us
         self.received_run = 0     # events received in this process() run
@@ -80,7 +80,9 @@ class WorkerLink:
             cmd = frames[0]
             if cmd == P.EV:
                 seqs = P.seqs_from_bytes(frames[1])
-                self.buffer.append((seqs, frames[2:]))
+                # a malformed EV is a distributor bug: an error, never events paired with the wrong ids
+                blob, off = P.envelopes_from_frames(frames[2:], len(seqs))
+                self.buffer.append((seqs, blob, off))
                 n = len(seqs)
                 self.buffered += n
                 self.outstanding -= n
@@ -104,21 +106,23 @@ class WorkerLink:
             self.sock.send_multipart([P.HB, P.pack(self.status())])
 
     def take(self, max_events: int):
-        seqs, envs, n = [], [], 0
+        """(seqs, blocks) of up to max_events buffered events: blocks for _core.append_envelope_blocks,
+        (bytes, offsets) of each received message or of the part of it that fits."""
+        seqs, blocks, n = [], [], 0
         while self.buffer and n < max_events:
-            s, e = self.buffer[0]
+            s, blob, off = self.buffer[0]
             room = max_events - n
             if len(s) > room:
-                self.buffer[0] = (s[room:], e[room:])
-                s, e = s[:room], e[:room]
+                self.buffer[0] = (s[room:], blob, off[room:])
+                s, off = s[:room], off[:room + 1]
             else:
                 self.buffer.popleft()
             seqs.append(s)
-            envs.extend(e)
+            blocks.append((blob, off))
             n += len(s)
         self.buffered -= n
         self.received_run += n
-        return (np.concatenate(seqs) if seqs else np.zeros(0, "<u8")), envs
+        return (np.concatenate(seqs) if seqs else np.zeros(0, "<u8")), blocks
 
     def wait(self, timeout_s: float):
         self.sock.poll(max(1, int(timeout_s * 1000)), zmq.POLLIN)
@@ -177,10 +181,10 @@ class HLTWorkerInput(Module):
             if wait <= 0:
                 break
             link.wait(min(wait, link.heartbeat_s))
-        seqs, envs = link.take(max_events)
-        if envs:
-            _core.append_envelopes(batch, envs)
-            batch.add_collection(SEQ_COLLECTION, np.arange(len(envs) + 1, dtype=np.int64), {"seq": seqs})
+        seqs, blocks = link.take(max_events)
+        if len(seqs):
+            _core.append_envelope_blocks(batch, blocks)
+            batch.add_collection(SEQ_COLLECTION, np.arange(len(seqs) + 1, dtype=np.int64), {"seq": seqs})
         return True
 
     def end_run(self, exp, run):
