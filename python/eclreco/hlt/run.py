@@ -305,10 +305,11 @@ def benchmark_farm(raw: str, rate: float, seconds: float, workers: int = 2, time
                             stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
     try:
         t0 = time.monotonic()
-        while True:  # wait for every role
+        while True:  # wait for every role (the collector too: its CPU time is read from the pid listed here)
             try:
                 st = status(addr_ctl, 2.0)
-                if sum(p["role"] == "worker" for p in st["processes"]) == workers:
+                roles_up = [p["role"] for p in st["processes"]]
+                if roles_up.count("worker") == workers and "collector" in roles_up:
                     break
             except ControlError:
                 pass
