@@ -208,7 +208,7 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
   // read: neighbour lists hold cellIds >= 1).
   // Beside it, the cell's copy of that digit's flags (kPresent: a digit is there): a neighbour
   // test is then one load, and the ~90 % of neighbour cells without a digit cost no second one.
-  // kInRegion is set in both (mark()); the other bits do not change while they are read.
+  // kInRegion is set in both (take()); the other bits do not change while they are read.
   int16_t* cdig = cell_digit_.data();
   uint8_t* cflag = cell_flag_.data();
 #pragma GCC unroll 8
