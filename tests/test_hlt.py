@@ -209,6 +209,24 @@ def test_farm_worker_sigkill_exactly_once(farm_factory):
     assert rc == 0, log
 
 
+def test_farm_ev_chunks_split_over_small_batches(farm_factory):
+    """An EV message carries up to --chunk events in one frame; with worker batches smaller than a
+    chunk (and not dividing it), each chunk is split over several batches: every event is in the
+    output exactly once, with its own evt (its bytes and its sequence id stayed together)."""
+    farm = farm_factory(workers=2, extra=("--chunk", "64", "--batch-size", "10"))
+    n = 1500
+    push_events(farm.input, range(n))
+    farm.wait_confirmed(n, timeout=90)
+    d = farm.distributor()
+    assert d["received"] == n and d["redelivered"] == 0, d
+    farm.command("stop")
+    evt, _ = read_evt(farm.output)
+    assert len(evt) == n and np.sort(evt).tolist() == list(range(n))
+    farm.command("terminate")
+    rc, log = farm.wait_exit()
+    assert rc == 0, log
+
+
 def test_farm_sigterm_leaves_readable_output(farm_factory):
     # and hlt run's workers address is a free port of its own, not the distributor's fixed default
     # (taken here), so that a second local farm can run beside another
