@@ -17,6 +17,7 @@ import sys
 import time
 from typing import Callable, Sequence
 
+from eclreco import scheduling
 from eclreco.rawdata import read_raw_file
 
 
@@ -163,6 +164,7 @@ def run_daq_emulator(args: argparse.Namespace) -> int:
         print(f"[daq-emulator] the file has {len(messages)} events; --events {args.events} needs --loop",
               file=sys.stderr)
         return 2
+    scheduling.apply(args.sched, "daq-emulator")  # a load generator beside the workers should not preempt them
     address = args.bind or args.connect
     print(f"[daq-emulator] {len(messages)} events from {args.input}, "
           f"{'binding' if args.bind else 'connecting'} PUSH {address}", flush=True)
@@ -185,6 +187,7 @@ def add_daq_emulator_parser(subparsers) -> argparse.ArgumentParser:
     where.add_argument("--bind", metavar="ADDR", help="bind the PUSH socket to ADDR, e.g. tcp://127.0.0.1:5555")
     p.add_argument("--rate", type=float, default=0.0, help="events per second (0: as fast as possible)")
     p.add_argument("--tick-ms", type=float, default=1.0, help="with --rate: send what is due every TICK ms")
+    scheduling.add_scheduling_argument(p)
     p.add_argument("--loop", action="store_true", help="replay the file again and again (pass k: evt + k x the "
                    "file's evt span, so that event numbers stay unique)")
     p.add_argument("--events", type=int, default=0, help="stop after N events (0: the file once, or forever with --loop)")

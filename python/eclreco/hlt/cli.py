@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from eclreco.curve import add_curve_arguments
+from eclreco.scheduling import add_scheduling_argument
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -41,6 +42,7 @@ def add_distributor_arguments(p, local_farm: bool = False):
                    help="under load, at most one read/dispatch cycle per CYCLE ms (fewer wake-ups; 0: none)")
     p.add_argument("--max-message-bytes", type=int, default=1 << 20,
                    help="input messages above this size are refused by the socket (ZMQ_MAXMSGSIZE; 0: no limit)")
+    add_scheduling_argument(p)
 
 
 def add_hlt_parser(subparsers):
@@ -75,6 +77,7 @@ def add_hlt_parser(subparsers):
     p.add_argument("--flush-interval", type=float, default=0.25,
                    help="s: results are written to the ROOT file at least this often; only then are they SAVED "
                         "(until then the distributor keeps them for a replacement collector)")
+    add_scheduling_argument(p)
     _add_metrics(p, 9461)
     add_curve_arguments(p, "collector")
     p.set_defaults(func=lambda a: __import__("eclreco.hlt.collector", fromlist=["main"]).main(a))

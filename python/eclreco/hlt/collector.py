@@ -273,9 +273,11 @@ def output_filename(template: str, run_index: int) -> str:
 
 
 def main(args) -> int:
+    from eclreco import scheduling
     from eclreco.curve import Curve
     from eclreco.hlt.worker import curve_params
 
+    scheduling.apply(args.sched, "collector")  # before the ZeroMQ context: its threads inherit the policy
     link = CollectorLink(args.collector_addr, args.control, curve=Curve.from_args(args, "collector"),
                          dedup_window=args.dedup_window)
     exporter = None

@@ -19,6 +19,7 @@ import time
 import numpy as np
 import zmq
 
+from eclreco import scheduling
 from eclreco.curve import Curve
 from eclreco.hlt import protocol as P
 from eclreco.raw_sockets import ConnectionMonitor, recv_message
@@ -638,6 +639,7 @@ def summary_line(d: dict) -> str:
 
 
 def main(args) -> int:
+    scheduling.apply(args.sched, "distributor")  # before the ZeroMQ context: its threads inherit the policy
     d = Distributor(args.input, args.workers_addr, args.control, queue_size=args.queue_size,
                     max_held=args.max_held, chunk=args.chunk, heartbeat_timeout_s=args.heartbeat_timeout,
                     drop_when_busy=args.drop_when_busy, input_hwm=args.input_hwm, stop_drain_s=args.stop_drain,

@@ -72,7 +72,7 @@ class Farm:
                           "--input-hwm", str(a.input_hwm), "--stop-drain", str(a.stop_drain),
                           "--metrics-port", str(self.mport(0)), "--metrics-host", a.metrics_host,
                           "--max-message-bytes", str(a.max_message_bytes), "--cycle-ms", str(a.cycle_ms),
-                          *self.curve_args]
+                          "--sched", a.sched, *self.curve_args]
         if a.drop_when_busy:
             cmd.append("--drop-when-busy")
         if a.input_connect:
@@ -86,7 +86,7 @@ class Farm:
                                                 str(self.mport(1)), "--metrics-host", a.metrics_host,
                                                 "--max-latency", str(a.max_latency), "--flush-interval",
                                                 str(a.flush_interval), "--dedup-window", str(a.dedup_window),
-                                                *self.curve_args])
+                                                "--sched", a.sched, *self.curve_args])
 
     def worker_cmd(self, i: int):
         a = self.args
