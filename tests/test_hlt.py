@@ -217,6 +217,13 @@ def test_farm_ev_chunks_split_over_small_batches(farm_factory):
     n = 1500
     push_events(farm.input, range(n))
     farm.wait_confirmed(n, timeout=90)
+    # (and the light roles run under SCHED_BATCH, threads included, the workers under the normal policy)
+    policy = {p["role"]: [] for p in farm.status()["processes"]}
+    for p in farm.status()["processes"]:
+        if p["role"] in ("distributor", "collector", "worker"):
+            policy[p["role"]] += [os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{p['pid']}/task")]
+    assert set(policy["distributor"]) == set(policy["collector"]) == {os.SCHED_BATCH}, policy
+    assert set(policy["worker"]) == {os.SCHED_OTHER}, policy
     d = farm.distributor()
     assert d["received"] == n and d["redelivered"] == 0, d
     farm.command("stop")
@@ -378,3 +385,31 @@ def test_farm_keeps_rejected_raw_events_and_rejects_multipart_messages(farm_fact
                    ("trailing_bytes", envelope(5000) + b"\x00"), ("trailing_bytes", envelope(6000) + envelope(6001))])
     assert got == want, got
     ctx.term()
+
+
+def test_scheduling_policy_of_a_light_role():
+    """eclreco.scheduling.apply: 'batch' puts the process's threads, and the threads it starts
+    afterwards, under SCHED_BATCH, 'normal' leaves the policy alone, anything else is an error (run in a fresh
+    process: the policy stays with the thread)."""
+    code = """
+import os, threading
+from eclreco import scheduling
+go = threading.Event()
+before = threading.Thread(target=go.wait)  # a thread that exists already (as numpy's OpenBLAS threads do)
+before.start()
+assert scheduling.apply("normal", "test") == "normal" and os.sched_getscheduler(0) == os.SCHED_OTHER
+assert scheduling.apply("batch", "test") == "batch" and os.sched_getscheduler(0) == os.SCHED_BATCH
+assert os.sched_getscheduler(before.native_id) == os.SCHED_BATCH
+go.set(); before.join()
+seen = []
+t = threading.Thread(target=lambda: seen.append(os.sched_getscheduler(0)))
+t.start(); t.join()
+assert seen == [os.SCHED_BATCH], seen
+try:
+    scheduling.apply("fifo", "test")
+except ValueError as err:
+    print("refused:", err)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "refused: scheduling policy 'fifo'" in r.stdout

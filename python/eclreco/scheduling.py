@@ -8,8 +8,9 @@ one; it runs at the next scheduling point instead (their share of the CPU is unc
 on the 2-core reference machine (docs/performance.md): at 30 kHz offered the farm sustained
 29.1-29.7 k events/s with the light roles under SCHED_BATCH (one run of four 26.1 k) against
 25.8-28.2 k without; at 10 and 20 kHz the p99 latency was no higher (12.6 / 35.5 ms against 12.6 / 50.1).
-Threads inherit the policy of the thread that creates them: apply() runs before the role starts its
-ZeroMQ context and its metrics server, so their threads run under it too.
+apply() sets the threads the process has (numpy's OpenBLAS threads, started at its import) and the
+calling thread; threads inherit the policy of the thread that creates them, and apply() runs before the
+role starts its ZeroMQ context and its metrics server, so their threads run under it too.
 """
 from __future__ import annotations
 
@@ -41,4 +42,13 @@ def apply(policy: str, role: str) -> str:
     except OSError as err:
         print(f"[{role}] could not switch to SCHED_BATCH ({err}); running under the normal policy", flush=True)
         return "normal"
+    try:
+        tids = [int(t) for t in os.listdir("/proc/self/task")]
+    except OSError:  # no /proc: the calling thread only
+        tids = []
+    for tid in tids:
+        try:
+            os.sched_setscheduler(tid, os.SCHED_BATCH, os.sched_param(0))
+        except OSError:  # a thread that ended meanwhile
+            pass
     return "batch"
