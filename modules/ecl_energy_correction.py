@@ -201,7 +201,7 @@ class ECLEnergyCorrection(Module):
         image = np.asarray(cl["image"])
         features = np.asarray(cl["features"])
         det = np.asarray(batch.detector)
-        codes = det.tobytes()
+        codes = det.tobytes()  # uint8: one byte per event
         if codes.count(codes[:1]) == len(codes):
             groups = [(det[0], sel)]  # one detector in the batch (the usual case): no split
         else:

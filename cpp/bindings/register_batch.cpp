@@ -105,16 +105,12 @@ void register_batch(py::module_& m) {
         const float* v = values.data();
         const size_t n = static_cast<size_t>(values.shape(0));
         const float t = static_cast<float>(threshold);  // float32 comparison, as numpy's values >= threshold
+        py::array_t<int64_t> out(static_cast<py::ssize_t>(n + 1));  // room for every row and the scratch slot
+        int64_t* o = out.mutable_data();
         size_t k;
         {
           py::gil_scoped_release release;
-          k = fw::count_at_least(v, n, t);
-        }
-        py::array_t<int64_t> out(static_cast<py::ssize_t>(k + 1));
-        int64_t* o = out.mutable_data();
-        {
-          py::gil_scoped_release release;
-          fw::rows_at_least(v, n, t, o);
+          k = fw::rows_at_least(v, n, t, o);
         }
         return py::object(out[py::slice(0, static_cast<py::ssize_t>(k), 1)]);
       },

@@ -22,18 +22,13 @@ void gather_rows(const int64_t* rows, size_t n_rows, const int64_t* offsets, siz
   }
 }
 
-size_t count_at_least(const float* values, size_t n, float threshold) {
-  size_t k = 0;
-  for (size_t i = 0; i < n; ++i) k += values[i] >= threshold;
-  return k;
-}
-
-void rows_at_least(const float* values, size_t n, float threshold, int64_t* out) {
+size_t rows_at_least(const float* values, size_t n, float threshold, int64_t* out) {
   size_t k = 0;
   for (size_t i = 0; i < n; ++i) {
     out[k] = static_cast<int64_t>(i);  // written always, kept when selected: no branch to mispredict
     k += values[i] >= threshold;
   }
+  return k;
 }
 
 }  // namespace fw

@@ -17,11 +17,10 @@ struct GatherBlock {
 void gather_rows(const int64_t* rows, size_t n_rows, const int64_t* offsets, size_t n_events,
                  const GatherBlock* blocks, size_t n_blocks, float* out);
 
-// Number of values >= threshold (NaN never counts), and, with out, their indices ascending: the
-// rows that a batched call takes. One branch-free pass each; numpy's compare + flatnonzero did the
-// same in ~40 µs per batch after the clusterizer had run (cold code), against ~3 here.
-// rows_at_least writes up to count + 1 indices (the last one a scratch slot): out needs that room.
-size_t count_at_least(const float* values, size_t n, float threshold);
-void rows_at_least(const float* values, size_t n, float threshold, int64_t* out);
+// Writes the indices of the values >= threshold (NaN never counts) to out, ascending, and returns
+// their number: the rows that a batched call takes. One branch-free pass (out needs room for n + 1:
+// the slot after the last selected index is scratch); numpy's compare + flatnonzero did the same in
+// ~40 µs per batch after the clusterizer had run (cold code), against ~3 here.
+size_t rows_at_least(const float* values, size_t n, float threshold, int64_t* out);
 
 }  // namespace fw

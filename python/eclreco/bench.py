@@ -86,7 +86,8 @@ def cnn_measurements(raw: str, tmp: str, repeat: int, max_events: int) -> dict:
     from eclreco.modules.ecl_energy_correction import ECLEnergyCorrection, load_session, shipped_model
 
     sess, meta = load_session(shipped_model("belle2-ecl"), threads=1)
-    threshold = ECLEnergyCorrection().param("min_energy_gev")
+    defaults = ECLEnergyCorrection()  # the module's own selection threshold and call size
+    threshold = defaults.param("min_energy_gev")
 
     class CollectInputs(eclreco.Module):
         """keeps the CNN inputs of every batch, as ECLEnergyCorrection forms them"""
@@ -120,7 +121,7 @@ def cnn_measurements(raw: str, tmp: str, repeat: int, max_events: int) -> dict:
     col = path.add_module(CollectInputs())
     eclreco.process(path, threads=1, batch_size=DEFAULT_BATCH, max_events=max_events)
     n = sum(b[0].shape[0] for b in col.batches)
-    step = ECLEnergyCorrection().param("max_clusters_per_batch")
+    step = defaults.param("max_clusters_per_batch")
 
     def ort_pass(call_size):
         t0 = time.perf_counter()

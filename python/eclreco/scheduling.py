@@ -2,12 +2,9 @@
 
 They wake up thousands of times a second for a little work each (a read/dispatch cycle, a batch of
 results, a burst of events). Under the default policy every wake-up preempts a worker in the middle
-of its batch and takes its caches: at 30 kHz offered on two cores each worker was preempted
-1,100-1,700 times a second. Under Linux's SCHED_BATCH a waking thread does not preempt the running
-one; it runs at the next scheduling point instead (their share of the CPU is unchanged). Measured
-on the 2-core reference machine (docs/performance.md): at 30 kHz offered the farm sustained
-29.1-29.7 k events/s with the light roles under SCHED_BATCH (one run of four 26.1 k) against
-25.8-28.2 k without; at 10 and 20 kHz the p99 latency was no higher (12.6 / 35.5 ms against 12.6 / 50.1).
+of its batch and takes its caches. Under Linux's SCHED_BATCH a waking thread does not preempt the
+running one; it runs at the next scheduling point instead (their share of the CPU is unchanged).
+What it bought on the 2-core reference machine: docs/deployment.md, "Scheduling".
 apply() sets the threads the process has (numpy's OpenBLAS threads, started at its import) and the
 calling thread; threads inherit the policy of the thread that creates them, and apply() runs before the
 role starts its ZeroMQ context and its metrics server, so their threads run under it too.
