@@ -1,5 +1,8 @@
 """Framework core: batches, parameters, paths, the processor, statistics."""
 import os
+import platform
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -687,3 +690,51 @@ def test_an_exception_without_a_message_is_named_by_its_type(capfd):
     path.add_module(Silent())
     eclreco.process(path, install_signal_handlers=False)
     assert eclreco.statistics.state.error_messages()[0].endswith("ValueError: (no message)")
+
+
+# Page faults when 40 MB of 100 kB blocks are freed and taken again: glibc's default gives the
+# freed top of the heap back to the kernel (every page faults in again, zero-filled); after
+# retain_freed_memory (which process() calls) it keeps it. The HLT worker paid 4-5 faults per
+# event for this (docs/performance.md).
+_REFAULT_SCRIPT = r"""
+import ctypes, resource, sys
+import eclreco
+from eclreco import _core
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+mode = sys.argv[1]
+if mode == "retain":
+    assert _core.retain_freed_memory()
+elif mode == "process":
+    path = eclreco.create_path()
+    path.add_module("EventInfoSetter", events=10)
+    eclreco.process(path, install_signal_handlers=False)
+
+def round_trip():
+    blocks = [libc.malloc(100_000) for _ in range(400)]
+    for b in blocks:
+        libc.memset(b, 1, 100_000)
+    for b in reversed(blocks):
+        libc.free(b)
+
+round_trip()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+round_trip()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's allocator settings")
+def test_freed_memory_is_reused_not_faulted_in_again():
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", _REFAULT_SCRIPT, mode], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.split()[-1])
+
+    assert faults("default") > 5000  # 40 MB = 10,240 pages: glibc trimmed them (the case the setting is for)
+    assert faults("retain") < 500
+    assert faults("process") < 500

@@ -1,5 +1,6 @@
 #include <pybind11/stl.h>
 
+#include "framework/heap.hpp"
 #include "framework/processor.hpp"
 #include "framework/registry.hpp"
 #include "register.hpp"
@@ -354,6 +355,10 @@ void register_framework(py::module_& m) {
       .def_property_readonly("state", &fw::Processor::state)
       .def("statistics_table", &fw::Processor::statistics_table);
 
+  m.def("retain_freed_memory", &fw::retain_freed_memory, py::arg("trim_threshold") = std::size_t(64) << 20,
+        py::arg("mmap_threshold") = std::size_t(16) << 20,
+        "keep freed heap for reuse instead of returning it to the kernel (glibc; process() does this); "
+        "False where the C library cannot");
   m.def("request_stop", &fw::request_stop, "end the running process() after the batches in flight");
   m.def("stop_requested", &fw::stop_requested);
 }

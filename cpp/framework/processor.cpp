@@ -12,6 +12,8 @@
 #include <stdexcept>
 #include <thread>
 
+#include "framework/heap.hpp"
+
 namespace fw {
 
 namespace {
@@ -404,6 +406,7 @@ class Run {
 
 void Processor::process(Path& path, const ProcessOptions& options) {
   options.validate();  // before anything of the previous run's state is replaced
+  retain_freed_memory();  // the next batch reuses what this one frees (heap.hpp)
   state_ = std::make_shared<ProcessState>();
   for (auto& m : path.modules()) {
     state_->modules.push_back(std::make_unique<ModuleCounters>());
