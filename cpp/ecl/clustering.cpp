@@ -126,6 +126,7 @@ const Clusterer::ReverseN1& Clusterer::reverse_n1(const Geometry& g) {
 }
 
 Clusterer::ReverseN1::ReverseN1(const Geometry& g) {
+  if (g.n_cells > 65535) throw std::logic_error("clustering: cellIds do not fit the uint16 neighbour lists");
   // rev(c) = cells whose N1 list holds c (c itself excluded).
   std::vector<int32_t> count(g.n_cells + 1, 0);
   for (int a = 0; a < g.n_cells; ++a)
@@ -138,7 +139,7 @@ Clusterer::ReverseN1::ReverseN1(const Geometry& g) {
   for (int a = 0; a < g.n_cells; ++a)
     for (int k = g.n1_offsets[a]; k < g.n1_offsets[a + 1]; ++k) {
       const int c = g.n1_cells[k];
-      if (c != a + 1) cells[fill[c - 1]++] = a + 1;
+      if (c != a + 1) cells[fill[c - 1]++] = static_cast<uint16_t>(a + 1);
     }
   extra_offsets.assign(1, 0);
   for (int c = 0; c < g.n_cells; ++c) {
@@ -152,7 +153,7 @@ Clusterer::ReverseN1::ReverseN1(const Geometry& g) {
   n1x_offsets.assign(1, 0);
   for (int a = 0; a < g.n_cells; ++a) {
     for (int k = g.n1_offsets[a]; k < g.n1_offsets[a + 1]; ++k)
-      if (g.n1_cells[k] != a + 1) n1x_cells.push_back(g.n1_cells[k]);
+      if (g.n1_cells[k] != a + 1) n1x_cells.push_back(static_cast<uint16_t>(g.n1_cells[k]));
     n1x_offsets.push_back(static_cast<int32_t>(n1x_cells.size()));
   }
 }
@@ -224,11 +225,11 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
   // Flag kInRegion marks the digits already in a region.
   const ReverseN1& rev = reverse_n1(g);
   const int32_t* n1o = rev.n1x_offsets.data();  // N1 lists without the cell itself
-  const int32_t* n1c = rev.n1x_cells.data();
+  const uint16_t* n1c = rev.n1x_cells.data();
   const int32_t* rvo = rev.offsets.data();
-  const int32_t* rvc = rev.cells.data();
+  const uint16_t* rvc = rev.cells.data();
   const int32_t* rxo = rev.extra_offsets.data();
-  const int32_t* rxc = rev.extra_cells.data();
+  const uint16_t* rxc = rev.extra_cells.data();
   int32_t* queue = parent_.data();
   int n_reg = 0;
   int tail = 0;
@@ -251,7 +252,7 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
       // A growth digit links to the digits of its N1 list, and (as every digit) to the growth
       // digits whose N1 list holds it (rev); for a growth digit, the growth digits of rev that
       // are also in its N1 list are already taken (kGrow implies kDigit): only the extra part.
-      const int32_t *rb, *re;
+      const uint16_t *rb, *re;
       if (flag[i] & kGrow) {
         // the cell itself (n1x leaves it out): another digit only for a repeated cellId
         if (cdig[c + 1] != i && (cflag[c + 1] & (kInRegion | kDigit)) == kDigit) take(c + 1);
@@ -261,7 +262,7 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
       } else {
         rb = rvc + rvo[c], re = rvc + rvo[c + 1];
       }
-      for (const int32_t* p = rb; p < re; ++p)
+      for (const uint16_t* p = rb; p < re; ++p)
         if ((cflag[*p] & (kInRegion | kGrow)) == kGrow) take(*p);
     }
   };

@@ -129,12 +129,17 @@ class Clusterer {
                     const double* share, const double* w, int seed, int n_max, int region);
   struct ReverseN1 {
     explicit ReverseN1(const Geometry& g);
-    std::vector<int32_t> offsets, cells;  // CSR over cellId - 1
+    // The cellIds are uint16 (8736 cells): the lists are read for every digit of every region,
+    // and at half the size they stay in cache (int32: ~15 % more time in the region growth).
+    std::vector<int32_t> offsets;  // CSR over cellId - 1
+    std::vector<uint16_t> cells;
     // rev(c) minus N1(c) (non-empty only next to a change of ring size): a growth digit's N1
     // list already reaches every growth digit of rev(c) that is also in N1(c).
-    std::vector<int32_t> extra_offsets, extra_cells;
+    std::vector<int32_t> extra_offsets;
+    std::vector<uint16_t> extra_cells;
     // N1(c) without c itself.
-    std::vector<int32_t> n1x_offsets, n1x_cells;
+    std::vector<int32_t> n1x_offsets;
+    std::vector<uint16_t> n1x_cells;
   };
   static const ReverseN1& reverse_n1(const Geometry& g);
 
