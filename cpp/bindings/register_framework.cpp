@@ -355,8 +355,8 @@ void register_framework(py::module_& m) {
       .def_property_readonly("state", &fw::Processor::state)
       .def("statistics_table", &fw::Processor::statistics_table);
 
-  m.def("retain_freed_memory", &fw::retain_freed_memory, py::arg("trim_threshold") = std::size_t(64) << 20,
-        py::arg("mmap_threshold") = std::size_t(16) << 20,
+  m.def("retain_freed_memory", &fw::retain_freed_memory, py::arg("trim_threshold") = fw::kRetainedHeapBytes,
+        py::arg("mmap_threshold") = fw::kHeapMmapThresholdBytes,
         "keep freed heap for reuse instead of returning it to the kernel (glibc; process() does this); "
         "False where the C library cannot");
   m.def("request_stop", &fw::request_stop, "end the running process() after the batches in flight");

@@ -194,13 +194,13 @@ def zmq_input_measurement(raw: str, n_events: int) -> dict:
         """fills the input queue before the event loop starts"""
 
         def initialize(self):
-            send_all(port)
+            send_all(zmq_in.endpoint.rsplit(":", 1)[1])
 
-    with ctx.socket(zmq.PULL) as probe:
-        port = probe.bind_to_random_port("tcp://127.0.0.1")
     path = eclreco.create_path()
     # The idle timeout only bounds the run if messages went missing; the rate uses the events seen.
-    path.add_module("ZMQInput", address=f"tcp://127.0.0.1:{port}", rcvhwm=n + 10, idle_timeout_s=2.0)
+    # Port '*': the input binds a free port itself (a port probed by another socket and closed
+    # could still be bound when the input binds it: ZeroMQ closes sockets asynchronously).
+    zmq_in = path.add_module("ZMQInput", address="tcp://127.0.0.1:*", rcvhwm=n + 10, idle_timeout_s=2.0)
     path.add_module(SendAllFirst())
     eclreco.process(path, batch_size=DEFAULT_BATCH, max_events=n)
     mod = eclreco.statistics.summary()["modules"][0]
