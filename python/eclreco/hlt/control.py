@@ -10,11 +10,24 @@ import zmq
 
 from eclreco.curve import Curve
 from eclreco.hlt import protocol as P
-from eclreco.hlt.distributor import ms
 
 
 class ControlError(RuntimeError):
     pass
+
+
+def ms(seconds, digits: int = 2) -> str:
+    """A latency in ms for the logs and the status table; '-' before the first confirmed event."""
+    return "-" if seconds is None or seconds != seconds else f"{seconds * 1e3:.{digits}f} ms"
+
+
+def summary_line(d: dict) -> str:
+    """The distributor's status in one line (its final log line, and `hlt run`'s)."""
+    return (f"{d['confirmed']} events confirmed, {d['throughput_hz']:,.0f} events/s, latency p50 "
+            f"{ms(d['latency_p50_s'])}, p99 {ms(d['latency_p99_s'])}; redelivered "
+            f"{d['redelivered']}, dropped {d['dropped']}, lost at stop {d['lost_at_stop']}"
+            + (f" ({d['lost_unsaved']} of them confirmed, not known to be saved)" if d.get("lost_unsaved") else "")
+            + f", workers lost {d['workers_lost']}, restarted {d['workers_restarted']}")
 
 
 def request(control: str, cmd: bytes, timeout_s: float = 10.0, curve=None) -> dict:

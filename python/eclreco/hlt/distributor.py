@@ -22,6 +22,7 @@ import zmq
 from eclreco import scheduling
 from eclreco.curve import Curve
 from eclreco.hlt import protocol as P
+from eclreco.hlt.control import summary_line
 from eclreco.raw_sockets import ConnectionMonitor, recv_message
 
 # Latency histogram: log-spaced bounds from 10 us to 100 s (percentiles and Prometheus buckets).
@@ -623,19 +624,6 @@ class Distributor:
                                   "Event latency from distributor receipt to collector confirmation")
         h.add_metric([], self.latency.buckets(PROM_LATENCY_BUCKETS), sum_value=self.latency.total)
         yield h
-
-
-def ms(seconds, digits: int = 2) -> str:
-    """A latency in ms for the logs and the status table; '-' before the first confirmed event."""
-    return "-" if seconds is None or seconds != seconds else f"{seconds * 1e3:.{digits}f} ms"
-
-
-def summary_line(d: dict) -> str:
-    return (f"{d['confirmed']} events confirmed, {d['throughput_hz']:,.0f} events/s, latency p50 "
-            f"{ms(d['latency_p50_s'])}, p99 {ms(d['latency_p99_s'])}; redelivered "
-            f"{d['redelivered']}, dropped {d['dropped']}, lost at stop {d['lost_at_stop']}"
-            + (f" ({d['lost_unsaved']} of them confirmed, not known to be saved)" if d.get("lost_unsaved") else "")
-            + f", workers lost {d['workers_lost']}, restarted {d['workers_restarted']}")
 
 
 def main(args) -> int:

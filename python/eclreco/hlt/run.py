@@ -18,8 +18,7 @@ import zmq
 
 from eclreco.curve import Curve
 from eclreco.hlt import protocol as P
-from eclreco.hlt.control import ControlError, request, status
-from eclreco.hlt.distributor import summary_line
+from eclreco.hlt.control import ControlError, request, status, summary_line
 
 
 def _terminate_with_parent() -> None:
