@@ -13,18 +13,14 @@ import argparse
 import sys
 
 import eclreco
-from eclreco.hlt.worker import HLTWorkerInput, WorkerLink, add_worker_arguments, run_worker  # noqa: F401
 from eclreco.hlt.cli import HelpFormatter
-from eclreco.hlt.worker import add_output, start_worker
-from eclreco.reconstruction import add_reconstruction
+from eclreco.hlt.worker import add_chosen_reconstruction, add_worker_arguments, start_worker
 
 
 def build_reconstruction(path: eclreco.Path, args) -> None:
-    if args.modules == "standard":
-        add_reconstruction(path, cnn=not args.no_cnn, model=args.model)
-    elif args.modules != "none":
-        for name in args.modules.split(","):
-            path.add_module(name.strip())
+    """The worker's chain between HLTWorkerInput and the output: edit here. --modules picks the
+    standard chain (eclreco.reconstruction.add_reconstruction), 'none' or a list of modules."""
+    add_chosen_reconstruction(path, args)
 
 
 def main(argv=None) -> int:
