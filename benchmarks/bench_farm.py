@@ -94,9 +94,11 @@ def main():
     if args.json:
         print(json.dumps({"farm": rows, "relay": relays}, indent=1))
         return
-    print(f"{'chain':<12} {'offered':>8} {'sustained':>10} {'p50 ms':>7} {'p99 ms':>7}  CPU µs/event per role")
+    print(f"{'chain':<12} {'offered':>8} {'sustained':>10} {'p50 ms':>7} {'p99 ms':>7}  CPU µs/event per role "
+          "[page faults/event]")
     for r in rows:
-        cpu = ", ".join(f"{k.split(' ')[0]} {v:.1f}" for k, v in r["cpu_us_per_event"].items() if v)
+        faults = r["page_faults_per_event"]
+        cpu = ", ".join(f"{k.split(' ')[0]} {v:.1f} [{faults.get(k, 0):.2f}]" for k, v in r["cpu_us_per_event"].items() if v)
         print(f"{r['modules']:<12} {r['offered_events_per_s']:>8,.0f} {r['achieved_events_per_s']:>10,.0f} "
               f"{r['latency_p50_ms']:>7.1f} {r['latency_p99_ms']:>7.1f}  {cpu}")
     for r in relays:
