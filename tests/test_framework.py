@@ -738,3 +738,12 @@ def test_freed_memory_is_reused_not_faulted_in_again():
     assert faults("default") > 1500  # 12 MB = 2,930 pages: glibc trimmed them (the case the setting is for)
     assert faults("retain") < 500
     assert faults("process") < 500
+
+
+def test_retain_freed_memory_refuses_values_it_cannot_set():
+    from eclreco import _core
+
+    with pytest.raises(ValueError, match="at most"):
+        _core.retain_freed_memory(2**31)
+    if platform.libc_ver()[0] == "glibc":
+        assert _core.retain_freed_memory() is True

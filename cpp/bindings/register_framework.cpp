@@ -358,7 +358,7 @@ void register_framework(py::module_& m) {
   m.def("retain_freed_memory", &fw::retain_freed_memory, py::arg("trim_threshold") = fw::kRetainedHeapBytes,
         py::arg("mmap_threshold") = fw::kHeapMmapThresholdBytes,
         "keep freed heap for reuse instead of returning it to the kernel (glibc; process() does this); "
-        "False where the C library cannot");
+        "False where the C library cannot or refuses the values");
   m.def("request_stop", &fw::request_stop, "end the running process() after the batches in flight");
   m.def("stop_requested", &fw::stop_requested);
 }

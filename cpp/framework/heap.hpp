@@ -10,7 +10,8 @@ namespace fw {
 // the next batch faults the same pages back in, zero-filled by the kernel: 4-5 page faults
 // per event, ~15 % of an HLT worker's CPU (docs/performance.md). This keeps up to
 // `trim_threshold` bytes of freed heap for reuse and serves blocks below `mmap_threshold` from
-// the heap. Process-wide and idempotent; false where the C library has no such setting.
+// the heap. Process-wide and idempotent; false where the C library has no such setting or refuses
+// a value; std::invalid_argument above INT_MAX bytes (mallopt takes an int).
 // 16 MB covers the worker's batches (its page faults went from ~60,000/s to ~500/s); 64 MB did
 // no better there and added ~90 MB to the peak RSS of `eclreco bench` (2 threads, batch 1024).
 constexpr std::size_t kRetainedHeapBytes = std::size_t(16) << 20;
