@@ -53,10 +53,13 @@ def recv_message(sock: zmq.Socket, flags: int = zmq.NOBLOCK) -> bytes:
     event per message in a single frame: the frames of a multipart message are joined into one
     malformed message, which the envelope decoder rejects with its reason (and keeps), instead of
     each frame passing for an event of its own."""
-    first = sock.recv(flags)
-    if not sock.getsockopt(zmq.RCVMORE):
-        return first
-    parts = [first]
-    while sock.getsockopt(zmq.RCVMORE):
-        parts.append(sock.recv())
+    # A Frame's `more` instead of getsockopt(RCVMORE): pyzmq's getsockopt costs ~0.8 µs, more than
+    # the receive (0.4 µs for bytes, 0.86 µs for a Frame and its bytes; 5.75 kB messages).
+    frame = sock.recv(flags, copy=False)
+    if not frame.more:
+        return frame.bytes
+    parts = [frame.bytes]
+    while frame.more:
+        frame = sock.recv(copy=False)
+        parts.append(frame.bytes)
     return b"".join(parts)
