@@ -34,4 +34,18 @@ def test_bench_json_runs_every_measurement(tmp_path):
     assert 0 < farm["latency_p50_ms"] <= farm["latency_p99_ms"]
     assert {"distributor", "worker", "collector"} <= set(farm["cpu_us_per_event"])
     assert all(v >= 0 for v in farm["cpu_us_per_event"].values())
+    assert set(farm["page_faults_per_event"]) == set(farm["cpu_us_per_event"])
+    assert all(v >= 0 for v in farm["page_faults_per_event"].values())
     assert sorted(p.rsplit("/", 1)[1] for p in res["plots"]) == ["bench_batch_size.png", "bench_stages.png"]
+
+
+def test_bench_table_labels_the_farm_figures(capsys):
+    """The table names what each per-role figure is (CPU µs or page faults per event)."""
+    from eclreco.bench import print_table
+
+    print_table({"background": 1.0, "events": 10, "repeat": 1, "machine": {"cpus": 2}, "peak_rss_mb": 100.0,
+                 "farm": {"confirmed": 10, "cpu_us_per_event": {"worker": 41.26},
+                          "page_faults_per_event": {"worker": 0.0712}}})
+    out = capsys.readouterr().out
+    assert "farm CPU worker" in out and "41.3 µs/event" in out
+    assert "farm page faults worker" in out and "0.07 per event" in out

@@ -362,10 +362,13 @@ def print_table(res: dict) -> None:
             v = res[key]
             row(key, f"{v:,.2f}" if v < 100 else f"{v:,.0f}")
     if "farm" in res:
+        per_role = {"cpu_us_per_event": ("CPU", "{:.1f}", "µs/event"),
+                    "page_faults_per_event": ("page faults", "{:.2f}", "per event")}
         for k, v in res["farm"].items():
             if isinstance(v, dict):
-                for role, us in v.items():
-                    row(f"farm CPU {role}", f"{us:.1f}", "µs/event")
+                what, fmt, unit = per_role[k]
+                for role, x in v.items():
+                    row(f"farm {what} {role}", fmt.format(x), unit)
             else:
                 row(f"farm {k}", f"{v:,.2f}" if isinstance(v, float) else str(v))
     row("peak RSS", f"{res['peak_rss_mb']:.0f}", "MB")
