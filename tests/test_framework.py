@@ -298,7 +298,6 @@ def test_array_source_hands_out_the_collection_in_batches():
         ArraySource("X", [0, 2], {"a": np.zeros(2)}, detector="cms")
 
 
-
 def test_array_source_event_information_agrees_with_the_digits_it_hands_out():
     """ArraySource reads its (uncopied) arrays batch by batch; the out-of-time count it adds is
     counted from the same rows, so it agrees with the digits even when the caller changed the
@@ -330,6 +329,7 @@ def test_array_source_event_information_agrees_with_the_digits_it_hands_out():
     assert counts.tolist() == [0, 1, 0]
     for info, digits in got:
         np.testing.assert_array_equal(info, digits)
+
 
 def test_wrong_column_dtype_is_named_in_the_module_error(capfd):
     """A C++ module reading a column of another dtype flags the events and says which column."""
