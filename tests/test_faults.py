@@ -307,6 +307,40 @@ def test_replaced_collector_gets_the_events_the_killed_one_had_not_saved(tmp_pat
     assert set(evts.tolist()) == set(range(n)), f"missing {sorted(set(range(n)) - set(evts.tolist()))[:10]}"
 
 
+def test_second_collector_is_refused_and_leaves_the_running_ones_file_alone(tmp_path, roles):
+    """Two collectors on one control address used to take the registration from each other in
+    turn (the one left out registered again on its next report), each time with every unconfirmed
+    event produced again; and the second recreated its output file at start, over the first one's
+    when the path was the same. Now the second is refused before it opens a file: it says why and
+    exits 1, and the first writes every event into an intact file."""
+    from hlt_helpers import free_address
+
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import request
+
+    out = tmp_path / "out.root"
+    roles.distributor()
+    first = roles.collector(out, "a.log", "--flush-interval", "0.1")
+    roles.worker()
+    roles.wait_up()
+    push_events(roles.inp, range(500))
+    roles.wait_confirmed(500)
+    second = roles.start("collector", "--collector-addr", free_address(), "--control", roles.ctl,
+                         "--metrics-port", "-1", "-o", str(out), log="b.log")
+    assert second.wait(timeout=60) == 1
+    log = (tmp_path / "b.log").read_text()
+    assert f"refused this collector: another collector is registered and alive: pid {first.pid} " in log, log
+    push_events(roles.inp, range(500, 1000))
+    d = roles.wait_confirmed(1000)
+    assert d["redelivered"] == 0 and d["collectors_refused"] == 1, d
+    assert [p["pid"] for p in roles.status() if p["role"] == "collector"] == [first.pid]
+    assert request(roles.ctl, P.STOP, 60.0)["state"] == "stopped"
+    request(roles.ctl, P.TERMINATE, 60.0)
+    assert first.wait(timeout=60) == 0
+    evt, _ = read_evt(out)
+    assert np.array_equal(np.sort(evt), np.arange(1000))
+
+
 def test_restarted_distributor_events_are_not_taken_for_duplicates(tmp_path, roles):
     """A distributor restarted beside a collector that outlived it: the new events are written.
     Its sequence ids used to start at 0 again, below the collector's watermark of the first

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import os
 import socket
+import sys
 import time
 
 import numpy as np
@@ -79,6 +80,8 @@ class CollectorLink:
         self.filename = ""
         self.unsaved: collections.deque = collections.deque()  # (output batch count, seqs) not yet in the file
         self.saved = 0
+        self.registered = False  # the distributor took this collector (it answers HELLO with LOW)
+        self.refused = None      # why the distributor refused it (another live collector is registered)
         self.hello()
 
     def hello(self):
@@ -107,6 +110,7 @@ class CollectorLink:
                     self.bad_message("control", "LOW without a number")
                     continue
                 self.low = max(self.low, low)
+                self.registered = True
                 if len(self.seen) > 100000:
                     self.seen = {s for s in self.seen if s >= self.low}
             elif cmd == P.END_RUN:
@@ -118,11 +122,33 @@ class CollectorLink:
             elif cmd == P.TERMINATE:
                 self.end_run = self.terminate = True
             elif cmd == P.WHO:
-                self.hello()
+                self.registered = False
+                if self.refused is None:
+                    self.hello()
+            elif cmd == P.REFUSED:
+                try:
+                    self.refused = str(P.unpack(frames[1])["reason"])
+                except Exception:  # noqa: BLE001 - still a refusal
+                    self.refused = "(no reason given)"
+                self.end_run = self.terminate = True
         now = time.monotonic()
         if now >= self.next_report:
             self.next_report = now + 0.5
             self.ctl.send_multipart([P.STATUS, P.pack(self.status())])
+
+    def wait_registered(self, control: str) -> bool:
+        """Waits until the distributor has taken this collector (True) or refused it (False),
+        before the output file is created: a second collector must not recreate the file of the
+        one that is running. The distributor may start later (the roles start in any order)."""
+        t0 = time.monotonic()
+        told = False
+        while not self.registered and self.refused is None:
+            self.service()
+            if not told and time.monotonic() - t0 > 5.0:
+                print(f"[collector] waiting for the distributor at {control}", flush=True)
+                told = True
+            self.ctl.poll(100, zmq.POLLIN)
+        return self.refused is None
 
     def bad_message(self, where: str, why: str):
         """A message that cannot be understood (a stray peer, a bug): counted and logged, ignored."""
@@ -306,6 +332,18 @@ def main(args) -> int:
         except OSError:
             exporter = serve_process_metrics(0, args.metrics_host, role="collector", path=path, extra=extra)
         link.metrics_port = exporter.port
+    try:
+        registered = link.wait_registered(args.control)
+    except KeyboardInterrupt:
+        registered = False
+    if not registered:
+        if link.refused is not None:
+            print(f"[collector] error: the distributor refused this collector: {link.refused}", file=sys.stderr,
+                  flush=True)
+        link.close()
+        if exporter is not None:
+            exporter.close()
+        return 1 if link.refused is not None else 0
     source = HLTCollectorInput(link)
     path.add_module(source, max_latency_ms=args.max_latency)
     out = None

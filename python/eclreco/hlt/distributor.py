@@ -352,6 +352,9 @@ class Distributor:
             if info.get("role") == "collector":
                 if self.collector is not None and self.collector["ident"] == ident:
                     self.collector.update(last_seen=now, status=info)
+                elif self.collector is not None and self.other_collector_alive(info, now):
+                    self.refuse_collector(ident, info)
+                    return
                 else:
                     if self.collector is not None:
                         self.collector_replaced()
@@ -401,6 +404,34 @@ class Distributor:
         if self.c["bad_messages"] <= 20:  # the first ones: a flood must not flood the log
             print(f"[distributor] ignored a bad message on the {socket_name} socket "
                   f"({len(frames)} frames): {type(err).__name__}: {err or '(no message)'}", flush=True)
+
+    def other_collector_alive(self, info: dict, now: float) -> bool:
+        """True when the registered collector is another process (not `info`'s pid on its host,
+        which reconnected under a new identity) that is still heard from and still connected:
+        a probe (LOW) to it fails at once under ROUTER_MANDATORY when its connection is gone, as
+        it is when its process died."""
+        old = self.collector
+        same_process = (old["status"].get("pid"), old["status"].get("host")) == (info.get("pid"), info.get("host"))
+        if same_process or self.collector_silent(now):
+            return False
+        try:
+            self.ctl.send_multipart([old["ident"], P.LOW, str(self.low_watermark()).encode()], zmq.NOBLOCK)
+        except zmq.ZMQError as err:
+            return err.errno == zmq.EAGAIN  # connected, its queue full: alive
+        return True
+
+    def refuse_collector(self, ident: bytes, info: dict):
+        """A second collector while the registered one is alive would take its place, then lose
+        it again on the old one's next report, and so on, each time with every unconfirmed event
+        produced again (and its output file recreated over whatever was at that path). It is told
+        why and exits; a collector started after the registered one died is taken."""
+        old = self.collector["status"]
+        reason = (f"another collector is registered and alive: pid {old.get('pid')} on {old.get('host')}, "
+                  f"results address {old.get('address')}, output {old.get('output') or '-'}")
+        self.c["collectors_refused"] += 1
+        if self.c["collectors_refused"] <= 20:
+            print(f"[distributor] refused collector pid {info.get('pid')} on {info.get('host')}: {reason}", flush=True)
+        self._send(self.ctl, ident, P.REFUSED, P.pack({"reason": reason}))
 
     def collector_replaced(self):
         """A new collector: results the old one never confirmed, or confirmed but never saved, are
@@ -546,7 +577,7 @@ class Distributor:
             "redelivered": self.c["redelivered"], "dropped": self.c["dropped"],
             "lost_at_stop": self.c["lost_at_stop"], "lost_unsaved": self.c["lost_unsaved"],
             "input_disconnects": self.input_monitor.disconnects, "input_auth_failures": self.input_monitor.auth_failures,
-            "bad_messages": self.c["bad_messages"],
+            "bad_messages": self.c["bad_messages"], "collectors_refused": self.c["collectors_refused"],
             "held": len(self.events), "unsaved": len(self.unsaved), "queued": len(self.pending),
             "workers_alive": len(self.workers), "workers_restarted": self.workers_restarted,
             "workers_lost": self.workers_lost,
@@ -594,6 +625,8 @@ class Distributor:
                       "--max-message-bytes)", self.input_monitor.disconnects)
         yield counter("eclreco_hlt_bad_messages", "Messages on the workers/control sockets that were not understood "
                       "(ignored)", self.c["bad_messages"])
+        yield counter("eclreco_hlt_collectors_refused", "Collectors refused because another one was registered "
+                      "and alive", self.c["collectors_refused"])
         yield counter("eclreco_input_auth_failures", "Input handshakes refused (CURVE: unknown key or no CURVE)",
                       self.input_monitor.auth_failures)
         yield counter("eclreco_hlt_events_dispatched", "Events sent to workers (redeliveries included)",

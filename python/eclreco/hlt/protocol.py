@@ -28,6 +28,7 @@ SAVED = b"SAVED"        # collector: seqs now in the output file (a collector th
 STATUS = b"STATUS"      # collector/supervisor: periodic report {...}; client: request -> reply
 RUN_ENDED = b"RUN_ENDED"  # collector: output of the run closed {run_index, filename, events_written}
 LOW = b"LOW"            # distributor -> collector: b"<seq>", every seq below was confirmed
+REFUSED = b"REFUSED"    # distributor -> collector: {reason}; another live collector is registered
 STOP = b"STOP"          # client: end the run -> reply when the output is closed
 START = b"START"        # client: start a new run
 OK = b"OK"
