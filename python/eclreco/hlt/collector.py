@@ -289,6 +289,15 @@ class HLTCollectorInput(Module):
         self.link.state = "idle"
 
 
+def _refused_exit_code(link: CollectorLink) -> int:
+    """1, with the reason on stderr, when the distributor refused this collector (at start, or
+    after it restarted and took another collector first); else 0."""
+    if link.refused is None:
+        return 0
+    print(f"[collector] error: the distributor refused this collector: {link.refused}", file=sys.stderr, flush=True)
+    return 1
+
+
 def output_filename(template: str, run_index: int) -> str:
     if "{run_index}" in template:
         return template.format(run_index=run_index)
@@ -337,13 +346,10 @@ def main(args) -> int:
     except KeyboardInterrupt:
         registered = False
     if not registered:
-        if link.refused is not None:
-            print(f"[collector] error: the distributor refused this collector: {link.refused}", file=sys.stderr,
-                  flush=True)
         link.close()
         if exporter is not None:
             exporter.close()
-        return 1 if link.refused is not None else 0
+        return _refused_exit_code(link)
     source = HLTCollectorInput(link)
     path.add_module(source, max_latency_ms=args.max_latency)
     out = None
@@ -398,7 +404,7 @@ def main(args) -> int:
                     break
             if link.terminate:
                 break
-        return 0
+        return _refused_exit_code(link)
     finally:
         link.service()
         link.close()
