@@ -49,3 +49,22 @@ def test_bench_table_labels_the_farm_figures(capsys):
     out = capsys.readouterr().out
     assert "farm CPU worker" in out and "41.3 µs/event" in out
     assert "farm page faults worker" in out and "0.07 per event" in out
+
+
+@pytest.mark.timeout(120)
+def test_zmq_hop_benchmark_measures_both_codes():
+    """benchmarks/bench_zmq_hop.py: every message of each sender/receiver pair arrives (a receiver
+    that misses one fails the run) and each process reports its CPU per message; the C pair is
+    compiled against pyzmq's libzmq here, or left out with its reason."""
+    import os
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_zmq_hop.py")
+    r = subprocess.run([sys.executable, script, "--messages", "3000", "--repeat", "1", "--transports", "tcp",
+                        "--rate", "20000", "--json"], capture_output=True, text=True, timeout=110)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout)
+    assert res["message_bytes"] > 1000  # the mean raw event of the generator, not a toy size
+    rows = {row["sender/receiver"]: row for row in res["rows"]}
+    assert rows["pyzmq"]["send_us_per_msg"] > 0 and rows["pyzmq"]["recv_us_per_msg"] > 0
+    c = rows["C"]
+    assert ("skipped" in c) if "send_us_per_msg" not in c else (c["send_us_per_msg"] > 0 and c["recv_us_per_msg"] > 0)
