@@ -68,3 +68,17 @@ def test_zmq_hop_benchmark_measures_both_codes():
     assert rows["pyzmq"]["send_us_per_msg"] > 0 and rows["pyzmq"]["recv_us_per_msg"] > 0
     c = rows["C"]
     assert ("skipped" in c) if "send_us_per_msg" not in c else (c["send_us_per_msg"] > 0 and c["recv_us_per_msg"] > 0)
+
+
+@pytest.mark.timeout(120)
+def test_distributor_benchmark_runs_every_phase():
+    """benchmarks/bench_distributor.py: every queued event is read, dispatched, confirmed and saved
+    (it asserts so itself) and each phase reports its time."""
+    import os
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_distributor.py")
+    r = subprocess.run([sys.executable, script, "--events", "3000", "--repeat", "1"], capture_output=True, text=True,
+                       timeout=110)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for phase in ("read_input", "dispatch", "confirm", "SAVED", "total"):
+        assert phase in r.stdout, r.stdout
