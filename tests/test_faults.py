@@ -341,6 +341,50 @@ def test_second_collector_is_refused_and_leaves_the_running_ones_file_alone(tmp_
     assert np.array_equal(np.sort(evt), np.arange(1000))
 
 
+def test_collector_registration_refuses_only_a_live_other_process():
+    """The distributor's decision on a collector's HELLO, in process: another collector while the
+    registered one is connected is refused; the registered process reconnecting under a new
+    ZeroMQ identity (same instance token) is taken; so is any collector once the registered
+    one's connection is gone (the probe fails under ROUTER_MANDATORY)."""
+    import zmq
+    from hlt_helpers import free_address
+
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.distributor import Distributor
+
+    d = Distributor(free_address(), free_address(), free_address())
+    ctx = zmq.Context.instance()
+
+    def hello(instance, pid):
+        s = ctx.socket(zmq.DEALER)
+        s.connect(d.addresses["control"])
+        s.send_multipart([P.HELLO, P.pack({"role": "collector", "pid": pid, "host": "h", "instance": instance})])
+        assert d.ctl.poll(5000)
+        d.handle_control()
+        assert s.poll(5000)
+        return s, s.recv_multipart()[0]
+
+    try:
+        a, reply = hello("A", 1)
+        assert reply == P.LOW and d.collector["status"]["instance"] == "A"
+        b, reply = hello("B", 2)
+        assert reply == P.REFUSED and d.collector["status"]["instance"] == "A"
+        assert d.c["collectors_refused"] == 1
+        a2, reply = hello("A", 1)  # process A on a new connection
+        assert reply == P.LOW and d.collector["status"]["instance"] == "A"
+        a2.close(0)
+        time.sleep(0.3)  # the distributor's side of the connection is gone
+        c, reply = hello("C", 3)
+        assert reply == P.LOW and d.collector["status"]["instance"] == "C"
+        assert d.c["collectors_refused"] == 1
+        for s in (a, b, c):
+            s.close(0)
+    finally:
+        d.input_monitor.close()
+        for s in (d.inp, d.wrk, d.ctl):
+            s.close(0)
+
+
 def test_restarted_distributor_events_are_not_taken_for_duplicates(tmp_path, roles):
     """A distributor restarted beside a collector that outlived it: the new events are written.
     Its sequence ids used to start at 0 again, below the collector's watermark of the first

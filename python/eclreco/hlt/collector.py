@@ -80,6 +80,8 @@ class CollectorLink:
         self.filename = ""
         self.unsaved: collections.deque = collections.deque()  # (output batch count, seqs) not yet in the file
         self.saved = 0
+        # tells this process from another one with the same pid and host name (containers)
+        self.instance = os.urandom(8).hex()
         self.registered = False  # the distributor took this collector (it answers HELLO with LOW)
         self.refused = None      # why the distributor refused it (another live collector is registered)
         self.hello()
@@ -88,7 +90,8 @@ class CollectorLink:
         self.ctl.send_multipart([P.HELLO, P.pack(self.status())])
 
     def status(self) -> dict:
-        d = {"role": "collector", "pid": os.getpid(), "host": socket.gethostname(), "state": self.state,
+        d = {"role": "collector", "pid": os.getpid(), "host": socket.gethostname(), "instance": self.instance,
+             "state": self.state,
              "address": self.address, "run_index": self.run_index, "output": self.filename,
              "duplicates": self.duplicates, "bad_messages": self.bad_messages, "confirmed": self.confirmed,
              "saved": self.saved,

@@ -406,13 +406,13 @@ class Distributor:
                   f"({len(frames)} frames): {type(err).__name__}: {err or '(no message)'}", flush=True)
 
     def other_collector_alive(self, info: dict, now: float) -> bool:
-        """True when the registered collector is another process (not `info`'s pid on its host,
-        which reconnected under a new identity) that is still heard from and still connected:
+        """True when the registered collector is another process (not the one of `info`, which
+        reconnected under a new identity: same instance token) that is still heard from and connected:
         a probe (LOW) to it fails at once under ROUTER_MANDATORY when its connection is gone, as
         it is when its process died."""
         old = self.collector
-        same_process = (old["status"].get("pid"), old["status"].get("host")) == (info.get("pid"), info.get("host"))
-        if same_process or self.collector_silent(now):
+        token = old["status"].get("instance")
+        if (token is not None and token == info.get("instance")) or self.collector_silent(now):
             return False
         try:
             self.ctl.send_multipart([old["ident"], P.LOW, str(self.low_watermark()).encode()], zmq.NOBLOCK)
