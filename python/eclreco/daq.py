@@ -21,6 +21,11 @@ from eclreco import scheduling
 from eclreco.rawdata import read_raw_file
 
 
+# Messages from this size on are sent without a copy (libzmq keeps a reference to the buffer until
+# it has written it out); smaller ones are copied into the ZeroMQ message at send time.
+ZERO_COPY_MIN_BYTES = 65536
+
+
 class LoopRenumbering:
     """Event numbers for the passes of a looped replay: (exp, run, evt) must be unique in a
     stream (spec/wire-format.md), and the collector drops a repeated one as a duplicate. Pass k
@@ -45,6 +50,7 @@ class LoopRenumbering:
             self.evts.append(evt)
         valid = [e for e, o in zip(self.evts, self.offsets) if o >= 0]
         self.span = (max(valid) - min(valid) + 1) if valid else 1
+        self._patched: list = [None] * len(self.messages)  # one reusable copy per message, made on demand
 
     @staticmethod
     def _evt_span(m: bytes):
@@ -75,11 +81,21 @@ class LoopRenumbering:
         return start, stop, evt
 
     def message(self, idx: int, pass_k: int) -> bytes:
+        """The message of pass pass_k. Valid until the next call for the same idx: a message sent
+        with a copy gets the 4 bytes patched in one reusable buffer (a fresh copy per message cost
+        the emulator 0.7 µs); one sent without a copy gets a buffer of its own, because libzmq may
+        still hold the previous pass's."""
         m, off = self.messages[idx], self.offsets[idx]
         if pass_k == 0 or off < 0:
             return m
-        b = bytearray(m)
-        b[off: off + 4] = ((self.evts[idx] + pass_k * self.span) % 2 ** 32).to_bytes(4, "big")
+        value = ((self.evts[idx] + pass_k * self.span) % 2 ** 32).to_bytes(4, "big")
+        if len(m) >= ZERO_COPY_MIN_BYTES:
+            b = bytearray(m)
+        else:
+            b = self._patched[idx]
+            if b is None:
+                b = self._patched[idx] = bytearray(m)
+        b[off: off + 4] = value
         return b
 
 
@@ -130,7 +146,7 @@ def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: f
             burst = min(due, max_burst) if total == 0 else min(due, max_burst, total - sent)
             for _ in range(burst):
                 m = renumber.message(idx, pass_k) if pass_k else messages[idx]
-                sock.send(m, copy=len(m) < 65536)
+                sock.send(m, copy=len(m) < ZERO_COPY_MIN_BYTES)
                 sent += 1
                 idx += 1
                 if idx == n_msgs:
