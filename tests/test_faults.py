@@ -341,6 +341,41 @@ def test_second_collector_is_refused_and_leaves_the_running_ones_file_alone(tmp_
     assert np.array_equal(np.sort(evt), np.arange(1000))
 
 
+def test_collector_refused_after_a_distributor_restart_ends_cleanly(tmp_path, roles):
+    """The distributor restarts; collector A (paused meanwhile) comes back after a second collector
+    B registered with the new distributor: A is refused in the middle of its run. It closes its
+    file (readable, with every event it had) and exits 1 with the reason; B keeps the farm."""
+    from hlt_helpers import free_address
+
+    first = roles.distributor()
+    a = roles.collector(tmp_path / "a.root", "a.log", "--flush-interval", "0.1")
+    roles.worker()
+    roles.wait_up()
+    push_events(roles.inp, range(300))
+    roles.wait_confirmed(300)
+    time.sleep(0.5)  # A has written them (flush interval)
+    first.kill()
+    first.wait()
+    os.kill(a.pid, signal.SIGSTOP)
+    try:
+        roles.distributor(log="distributor2.log")
+        b = roles.start("collector", "--collector-addr", free_address(), "--control", roles.ctl,
+                        "--metrics-port", "-1", "-o", str(tmp_path / "b.root"), log="b.log")
+        t0 = time.monotonic()
+        while not any(p["role"] == "collector" and p["pid"] == b.pid for p in roles.status()):
+            assert time.monotonic() - t0 < 60, "B did not register"
+            time.sleep(0.2)
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    assert a.wait(timeout=60) == 1
+    log = (tmp_path / "a.log").read_text()
+    assert "refused this collector: another collector is registered and alive: pid " + str(b.pid) in log, log
+    evt, _ = read_evt(tmp_path / "a.root")
+    assert np.array_equal(np.sort(evt), np.arange(300))
+    assert b.poll() is None
+    assert [p["pid"] for p in roles.status() if p["role"] == "collector"] == [b.pid]
+
+
 def test_collector_registration_refuses_only_a_live_other_process():
     """The distributor's decision on a collector's HELLO, in process: another collector while the
     registered one is connected is refused; the registered process reconnecting under a new
