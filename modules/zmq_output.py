@@ -59,7 +59,7 @@ class ZMQOutput(Module):
         stop_since = None
         while True:
             if self._sock.poll(200, zmq.POLLOUT):
-                self._sock.send(data, copy=len(data) < 65536)
+                self._sock.send(data, copy=False)  # pyzmq copies what is below its copy_threshold
                 break
             if _core.stop_requested():
                 stop_since = stop_since or time.monotonic()

@@ -417,9 +417,9 @@ def test_loop_renumbering_changes_only_the_evt_bytes():
     assert rawdata.decode_envelope(bytes(r.message(0, 3)))["evt"] == 5 + 9
     # a message sent with a copy is patched in one reused buffer; one of >= 64 kB, which goes out
     # without a copy (libzmq may still hold the previous pass's buffer), gets a buffer per pass
-    from eclreco.daq import ZERO_COPY_MIN_BYTES
+    import zmq
 
-    big = msgpack.packb({"v": 1, "evt": 5, "pad": b"x" * ZERO_COPY_MIN_BYTES})
+    big = msgpack.packb({"v": 1, "evt": 5, "pad": b"x" * zmq.COPY_THRESHOLD})
     r = LoopRenumbering([good, big])
     assert r.message(0, 1) is r.message(0, 2)
     first, second = r.message(1, 1), r.message(1, 2)

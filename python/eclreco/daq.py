@@ -21,11 +21,6 @@ from eclreco import scheduling
 from eclreco.rawdata import read_raw_file
 
 
-# Messages from this size on are sent without a copy (libzmq keeps a reference to the buffer until
-# it has written it out); smaller ones are copied into the ZeroMQ message at send time.
-ZERO_COPY_MIN_BYTES = 65536
-
-
 class LoopRenumbering:
     """Event numbers for the passes of a looped replay: (exp, run, evt) must be unique in a
     stream (spec/wire-format.md), and the collector drops a repeated one as a duplicate. Pass k
@@ -51,6 +46,11 @@ class LoopRenumbering:
         valid = [e for e, o in zip(self.evts, self.offsets) if o >= 0]
         self.span = (max(valid) - min(valid) + 1) if valid else 1
         self._patched: list = [None] * len(self.messages)  # one reusable copy per message, made on demand
+        # pyzmq sends a buffer of this size or more without a copy (send(copy=False); smaller ones are
+        # copied into the ZeroMQ message at once): libzmq keeps a reference until it is written out
+        import zmq
+
+        self.zero_copy_min_bytes = zmq.COPY_THRESHOLD
 
     @staticmethod
     def _evt_span(m: bytes):
@@ -89,7 +89,7 @@ class LoopRenumbering:
         if pass_k == 0 or off < 0:
             return m
         value = ((self.evts[idx] + pass_k * self.span) % 2 ** 32).to_bytes(4, "big")
-        if len(m) >= ZERO_COPY_MIN_BYTES:
+        if len(m) >= self.zero_copy_min_bytes:
             b = bytearray(m)
         else:
             b = self._patched[idx]
@@ -146,7 +146,7 @@ def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: f
             burst = min(due, max_burst) if total == 0 else min(due, max_burst, total - sent)
             for _ in range(burst):
                 m = renumber.message(idx, pass_k) if pass_k else messages[idx]
-                sock.send(m, copy=len(m) < ZERO_COPY_MIN_BYTES)
+                sock.send(m, copy=False)  # pyzmq copies what is below its copy_threshold
                 sent += 1
                 idx += 1
                 if idx == n_msgs:
