@@ -355,8 +355,10 @@ def test_daq_emulator_delivers_everything(tmp_path):
     import argparse
     parser = argparse.ArgumentParser()
     daq.add_daq_emulator_parser(parser.add_subparsers(dest="command"))
+    # --sched normal: the emulator runs in this process, whose threads (and the processes the later
+    # tests start) would otherwise stay under SCHED_BATCH
     args = parser.parse_args(["daq-emulator", "--input", str(f), "--connect", f"tcp://127.0.0.1:{port}",
-                              "--rate", "20000"])
+                              "--rate", "20000", "--sched", "normal"])
     t = threading.Thread(target=args.func, args=(args,))
     t.start()
     got = []
