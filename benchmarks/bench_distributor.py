@@ -83,9 +83,9 @@ def measure(messages: list, n: int) -> dict:
             pop(s, None)
     out["SAVED (of 256)"] = _thread_cpu_s() - c0
     assert d.c["confirmed"] == n and not d.events and not d.unsaved
-    d.input_monitor.close()
-    for s in (worker, src, d.inp, d.wrk, d.ctl):
+    for s in (worker, src):
         s.close(0)
+    d.close(0)
     return {k: v / n * 1e6 for k, v in out.items()}
 
 

@@ -214,9 +214,10 @@ class SeparateRoles:
         return self.start("distributor", "--input", self.inp, "--workers-addr", self.wrk, "--control", self.ctl,
                           "--metrics-port", "-1", log=log)
 
-    def collector(self, output, log, *extra):
-        return self.start("collector", "--collector-addr", self.col, "--control", self.ctl, "--metrics-port", "-1",
-                          "-o", str(output), *extra, log=log)
+    def collector(self, output, log, *extra, address=None):
+        """A collector on the farm's results address (the workers send there), or on `address`."""
+        return self.start("collector", "--collector-addr", address or self.col, "--control", self.ctl,
+                          "--metrics-port", "-1", "-o", str(output), *extra, log=log)
 
     def worker(self, log="worker.log"):
         from test_hlt import worker_modules
@@ -325,8 +326,7 @@ def test_second_collector_is_refused_and_leaves_the_running_ones_file_alone(tmp_
     roles.wait_up()
     push_events(roles.inp, range(500))
     roles.wait_confirmed(500)
-    second = roles.start("collector", "--collector-addr", free_address(), "--control", roles.ctl,
-                         "--metrics-port", "-1", "-o", str(out), log="b.log")
+    second = roles.collector(out, "b.log", address=free_address())
     assert second.wait(timeout=60) == 1
     log = (tmp_path / "b.log").read_text()
     assert f"refused this collector: another collector is registered and alive: pid {first.pid} " in log, log
@@ -359,8 +359,7 @@ def test_collector_refused_after_a_distributor_restart_ends_cleanly(tmp_path, ro
     os.kill(a.pid, signal.SIGSTOP)
     try:
         roles.distributor(log="distributor2.log")
-        b = roles.start("collector", "--collector-addr", free_address(), "--control", roles.ctl,
-                        "--metrics-port", "-1", "-o", str(tmp_path / "b.root"), log="b.log")
+        b = roles.collector(tmp_path / "b.root", "b.log", address=free_address())
         t0 = time.monotonic()
         while not any(p["role"] == "collector" and p["pid"] == b.pid for p in roles.status()):
             assert time.monotonic() - t0 < 60, "B did not register"
@@ -415,9 +414,7 @@ def test_collector_registration_refuses_only_a_live_other_process():
         for s in (a, b, c):
             s.close(0)
     finally:
-        d.input_monitor.close()
-        for s in (d.inp, d.wrk, d.ctl):
-            s.close(0)
+        d.close(0)
 
 
 def test_restarted_distributor_events_are_not_taken_for_duplicates(tmp_path, roles):

@@ -566,6 +566,13 @@ class Distributor:
         except zmq.ZMQError:
             pass
 
+    def close(self, linger: int | None = None):
+        """Closes the input's monitor, then the sockets (the monitor needs its socket open). For a
+        distributor driven in process (tests, benchmarks/bench_distributor.py)."""
+        self.input_monitor.close()
+        for s in (self.inp, self.wrk, self.ctl):
+            s.close(linger)
+
     # ---------------------------------------------------------------- status and metrics
     def own_status(self) -> dict:
         wall = ((self.t_last_confirm or 0) - self.t_first_input) if self.t_first_input and self.t_last_confirm else 0
