@@ -1,8 +1,10 @@
 """Where the HLT distributor's own thread spends its time per event: its phases driven one after
 the other in this process on N queued raw events (belle2-ecl generic, nominal background), with
 one registered worker (a DEALER here) and a registered collector. CPU time of the calling thread
-only: libzmq's I/O threads (receiving and sending the bytes) are not in these figures, which is
-what they add to the distributor's CPU per event in the farm (bench_farm.py).
+only (time.thread_time: the scheduler's clock; getrusage counts in ticks of several ms, as long
+as a whole phase of a small run): libzmq's I/O threads (receiving and sending the bytes) are not
+in these figures, which is what they add to the distributor's CPU per event in the farm
+(bench_farm.py).
 
     .venv/bin/python benchmarks/bench_distributor.py [--events 40000] [--repeat 3]
 """
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import sys
 import tempfile
@@ -18,11 +19,6 @@ import time
 
 import numpy as np
 import zmq
-
-
-def _thread_cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_THREAD)
-    return r.ru_utime + r.ru_stime
 
 
 def measure(messages: list, n: int) -> dict:
@@ -52,17 +48,17 @@ def measure(messages: list, n: int) -> dict:
         time.sleep(0.01)
     time.sleep(0.5 + n / 100000)  # the I/O thread has queued them all at the PULL side
     out = {}
-    c0 = _thread_cpu_s()
+    c0 = time.thread_time()
     t0 = time.monotonic()
     while d.c["received"] < n:
         d.read_input()
         if time.monotonic() - t0 > 60:
             raise RuntimeError(f"only {d.c['received']} of {n} events arrived")
-    out["read_input (receive and hold)"] = _thread_cpu_s() - c0
-    c0 = _thread_cpu_s()
+    out["read_input (receive and hold)"] = time.thread_time() - c0
+    c0 = time.thread_time()
     while d.pending:
         d.dispatch()
-    out["dispatch (EV messages to the worker)"] = _thread_cpu_s() - c0
+    out["dispatch (EV messages to the worker)"] = time.thread_time() - c0
     parts, got = [], 0
     while got < n:
         frames = worker.recv_multipart()
@@ -71,17 +67,17 @@ def measure(messages: list, n: int) -> dict:
             got += len(parts[-1])
     seqs = np.concatenate(parts)
     d.collector = {"ident": b"bench", "last_seen": time.monotonic(), "status": {"saves": True}, "run_ended": None}
-    c0 = _thread_cpu_s()
+    c0 = time.thread_time()
     for a in range(0, n, 256):
         d.confirm(seqs[a:a + 256], time.monotonic())
-    out["confirm (CONFIRM of 256)"] = _thread_cpu_s() - c0
+    out["confirm (CONFIRM of 256)"] = time.thread_time() - c0
     # SAVED as the control handler applies it (distributor._on_control_message)
-    c0 = _thread_cpu_s()
+    c0 = time.thread_time()
     pop = d.unsaved.pop
     for a in range(0, n, 256):
         for s in P.seqs_from_bytes(P.seqs_to_bytes(seqs[a:a + 256])).tolist():
             pop(s, None)
-    out["SAVED (of 256)"] = _thread_cpu_s() - c0
+    out["SAVED (of 256)"] = time.thread_time() - c0
     assert d.c["confirmed"] == n and not d.events and not d.unsaved
     for s in (worker, src):
         s.close(0)

@@ -17,7 +17,6 @@ import argparse
 import glob
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -26,11 +25,6 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _cpu_s() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def py_send(address: str, n: int, size: int, rate: float) -> float:
@@ -43,7 +37,7 @@ def py_send(address: str, n: int, size: int, rate: float) -> float:
     s.connect(address)
     msg = b"\x5a" * size
     time.sleep(0.2)
-    c0, t0, sent = _cpu_s(), time.monotonic(), 0
+    c0, t0, sent = time.process_time(), time.monotonic(), 0
     while sent < n:  # what is due every 1 ms, as eclreco.daq.emulate
         due = int((time.monotonic() - t0) * rate) + 1 - sent
         if due <= 0:
@@ -52,7 +46,7 @@ def py_send(address: str, n: int, size: int, rate: float) -> float:
         for _ in range(min(due, n - sent)):
             s.send(msg, copy=False)  # as the emulator: pyzmq copies what is below its copy_threshold
             sent += 1
-    cpu = _cpu_s() - c0
+    cpu = time.process_time() - c0
     s.close()
     ctx.term()
     return cpu / n * 1e6
@@ -72,7 +66,7 @@ def py_recv(address: str, n: int) -> float:
             while True:  # drain, then sleep 0.5 ms (the distributor's cycle)
                 recv_message(s)
                 if c0 is None:
-                    c0 = _cpu_s()
+                    c0 = time.process_time()
                 got += 1
                 last = time.monotonic()
         except zmq.Again:
@@ -80,7 +74,7 @@ def py_recv(address: str, n: int) -> float:
         if time.monotonic() - last > 10.0:
             raise SystemExit(f"only {got} of {n} messages arrived")
         time.sleep(0.0005)
-    cpu = _cpu_s() - c0
+    cpu = time.process_time() - c0
     s.close(0)
     ctx.term()
     return cpu / n * 1e6
