@@ -38,6 +38,12 @@ def free_address() -> str:
 def push_events(address: str, evts, exp: int = 1, run: int = 1, rate_hz: float = 0.0, timeout_s: float = 60.0,
                 ctx=None) -> int:
     """Connect a PUSH socket to `address` and send one envelope per evt (blocking on backpressure)."""
+    return push_messages(address, (envelope(int(e), exp=exp, run=run) for e in evts), rate_hz=rate_hz,
+                         timeout_s=timeout_s, ctx=ctx)
+
+
+def push_messages(address: str, messages, rate_hz: float = 0.0, timeout_s: float = 60.0, ctx=None) -> int:
+    """Connect a PUSH socket to `address` and send each message (blocking on backpressure)."""
     ctx = ctx or zmq.Context.instance()
     s = ctx.socket(zmq.PUSH)
     s.setsockopt(zmq.SNDHWM, 1000)
@@ -46,13 +52,13 @@ def push_events(address: str, evts, exp: int = 1, run: int = 1, rate_hz: float =
     s.connect(address)
     t0 = time.monotonic()
     n = 0
-    for k, e in enumerate(evts):
+    for k, m in enumerate(messages):
         if rate_hz > 0:
             due = t0 + k / rate_hz
             delay = due - time.monotonic()
             if delay > 0.001:
                 time.sleep(delay)
-        s.send(envelope(int(e), exp=exp, run=run))
+        s.send(m)
         n += 1
     s.close()
     return n

@@ -67,7 +67,10 @@ def test_zmq_hop_benchmark_measures_both_codes():
     rows = {row["sender/receiver"]: row for row in res["rows"]}
     assert rows["pyzmq"]["send_us_per_msg"] > 0 and rows["pyzmq"]["recv_us_per_msg"] > 0
     c = rows["C"]
-    assert ("skipped" in c) if "send_us_per_msg" not in c else (c["send_us_per_msg"] > 0 and c["recv_us_per_msg"] > 0)
+    if "skipped" in c:  # only for what the machine lacks; a zmq_hop.c that no longer compiles fails here
+        assert c["skipped"] in ("no C compiler", "this pyzmq has no bundled libzmq in pyzmq.libs/"), c["skipped"]
+    else:
+        assert c["send_us_per_msg"] > 0 and c["recv_us_per_msg"] > 0
 
 
 @pytest.mark.timeout(120)

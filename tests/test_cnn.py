@@ -8,7 +8,7 @@ import eclreco
 from eclreco import _core, cnn_data
 from eclreco.cnn_model import sigma68
 
-onnxruntime = pytest.importorskip("onnxruntime")
+import onnxruntime  # noqa: F401 - a hard dependency: a missing one fails here, not skips
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SUBSET = {"array30": os.path.join(HERE, "data", "g4_array30_subset.npz"),
@@ -74,8 +74,9 @@ def test_correction_in_path_improves_energy(det):
     assert abs(np.median(cnn) - 1) < abs(np.median(raw) - 1)
     assert abs(np.median(cnn) - 1) < 0.03
     assert sigma68(cnn) < sigma68(raw)
-    if det == "belle2-ecl":  # the CNN must also beat the classical correction here (nominal background)
-        assert sigma68(cnn) < sigma68(res["classical"][k] / et) * 1.02
+    if det == "belle2-ecl":  # the CNN must also beat the classical correction here (nominal background:
+        # 0.0261 against 0.0285 on these 600 photons)
+        assert sigma68(cnn) < sigma68(res["classical"][k] / et)
 
 
 def _path_with(model, **params):

@@ -46,16 +46,17 @@ def test_gamma_gamma_masses_against_a_plain_loop():
     ref = []
     for a, b in zip(off[:-1], off[1:]):
         idx = [k for k in range(a, b) if e[k] >= 0.03][:5]
-        for x in range(len(idx)):
-            for y in range(x + 1, len(idx)):
-                i, j = idx[x], idx[y]
+        for ka in range(len(idx)):
+            for kb in range(ka + 1, len(idx)):
+                i, j = idx[ka], idx[kb]
                 u = [np.array([np.sin(t) * np.cos(p), np.sin(t) * np.sin(p), np.cos(t)], float)
                      for t, p in ((float(th[i]), float(ph[i])), (float(th[j]), float(ph[j])))]
                 ref.append(np.sqrt(max(2 * float(e[i]) * float(e[j]) * (1 - u[0] @ u[1]), 0.0)))
     assert len(ref) > 500 and got.size == len(ref)
     np.testing.assert_allclose(np.sort(got), np.sort(ref), rtol=2e-5, atol=1e-4)  # float trigonometry; DQM bins are 2 MeV
-    with pytest.raises(ValueError, match="shorter"):
-        _core.gamma_gamma_masses(off, e[:-1], x, y, z, 0.03, 5)
+    for short in ((e[:-1], x, y, z), (e, x, y[:-1], z), (e, x, y, z[:-1])):  # one column short
+        with pytest.raises(ValueError, match="shorter"):
+            _core.gamma_gamma_masses(off, *short, 0.03, 5)
 
 
 def pi0_source():

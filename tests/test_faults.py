@@ -407,11 +407,18 @@ def test_collector_registration_refuses_only_a_live_other_process():
         a2, reply = hello("A", 1)  # process A on a new connection
         assert reply == P.LOW and d.collector["status"]["instance"] == "A"
         a2.close(0)
-        time.sleep(0.3)  # the distributor's side of the connection is gone
-        c, reply = hello("C", 3)
-        assert reply == P.LOW and d.collector["status"]["instance"] == "C"
-        assert d.c["collectors_refused"] == 1
-        for s in (a, b, c):
+        # once libzmq has seen the connection go (a few ms; polled, not assumed), C is taken
+        t0, refused = time.monotonic(), []
+        while True:
+            c, reply = hello("C", 3)
+            if reply == P.LOW:
+                break
+            assert reply == P.REFUSED and time.monotonic() - t0 < 10
+            refused.append(c)
+            time.sleep(0.05)
+        assert d.collector["status"]["instance"] == "C"
+        assert d.c["collectors_refused"] == 1 + len(refused)
+        for s in (a, b, c, *refused):
             s.close(0)
     finally:
         d.close(0)
@@ -430,7 +437,16 @@ def test_restarted_distributor_events_are_not_taken_for_duplicates(tmp_path, rol
     roles.wait_up()
     push_events(roles.inp, range(1000))
     roles.wait_confirmed(1000)
-    time.sleep(1.0)  # the collector has the first distributor's watermark (LOW)
+    # wait until the collector has the first distributor's watermark (LOW) above all 1000 events:
+    # without it the old ids would not be taken for duplicates and the test would pass regardless
+    t0 = time.monotonic()
+    while True:
+        d = roles.dist()
+        col = next(p for p in roles.status() if p["role"] == "collector")
+        if d["held"] == d["unsaved"] == 0 and col["low_watermark"] >= d["low_watermark"]:
+            break
+        assert time.monotonic() - t0 < 20, (d, col)
+        time.sleep(0.1)
     first.kill()
     first.wait()
     roles.distributor(log="distributor2.log")

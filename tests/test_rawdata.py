@@ -342,7 +342,7 @@ def test_envelopes_in_one_frame_reach_the_batch_in_any_split():
 
 
 def test_daq_emulator_delivers_everything(tmp_path):
-    zmq = pytest.importorskip("zmq")
+    import zmq
     from eclreco import daq
 
     msgs = rawdata.encode_events("array30", 0, 1, np.arange(200), **random_digits(np.random.default_rng(1), "array30",

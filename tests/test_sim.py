@@ -169,9 +169,10 @@ def test_g4_comparison_1gev(det):
             a, b = a / et, b / et
         ma, mb = np.nanmean(a), np.nanmean(b)
         sa, sb = np.nanstd(a), np.nanstd(b)
-        # 2000 events: allow a little more than the 3 % / 20 % validation targets
+        # 2000 events: a little more than the 3 % / 20 % validation targets (measured here: means
+        # within 1.6 %, widths within 23 %, the largest the e9/e21 width of belle2-ecl)
         assert abs(mb / ma - 1) < 0.04, (k, ma, mb)
-        assert abs(sb / sa - 1) < 0.35, (k, sa, sb)
+        assert abs(sb / sa - 1) < 0.25, (k, sa, sb)
 
 
 def test_simulate_cli_writes_a_raw_file_and_says_its_size(tmp_path, capsys):

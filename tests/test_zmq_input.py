@@ -66,7 +66,8 @@ def test_zmq_input_idle_timeout_counts_from_first_message():
 def test_zmq_input_refuses_oversized_messages():
     address = free_address()
     path = eclreco.create_path()
-    inp = path.add_module("ZMQInput", address=address, idle_timeout_s=1.0, max_message_bytes=4096)
+    # idle_timeout_s well above the sender's pauses (0.8 s): a stall of the loaded machine must not end the run early
+    inp = path.add_module("ZMQInput", address=address, idle_timeout_s=5.0, max_message_bytes=4096)
     reduced_chain(path)
 
     def feed():

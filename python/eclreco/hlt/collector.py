@@ -94,7 +94,7 @@ class CollectorLink:
              "state": self.state,
              "address": self.address, "run_index": self.run_index, "output": self.filename,
              "duplicates": self.duplicates, "bad_messages": self.bad_messages, "confirmed": self.confirmed,
-             "saved": self.saved,
+             "saved": self.saved, "low_watermark": self.low,
              "saves": True, "metrics_port": self.metrics_port}
         d.update(eclreco.statistics.counters())
         return d

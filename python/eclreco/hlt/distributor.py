@@ -586,6 +586,7 @@ class Distributor:
             "input_disconnects": self.input_monitor.disconnects, "input_auth_failures": self.input_monitor.auth_failures,
             "bad_messages": self.c["bad_messages"], "collectors_refused": self.c["collectors_refused"],
             "held": len(self.events), "unsaved": len(self.unsaved), "queued": len(self.pending),
+            "low_watermark": self.low_watermark(),
             "workers_alive": len(self.workers), "workers_restarted": self.workers_restarted,
             "workers_lost": self.workers_lost,
             "latency_p50_s": self.latency.quantile(0.5), "latency_p99_s": self.latency.quantile(0.99),
