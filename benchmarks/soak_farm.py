@@ -8,7 +8,7 @@ came through. A farm that is left running for hours must not grow; this shows it
 --loop` (renumbered passes over a generated belle2-ecl file) at `--rate` for `--seconds`
 (eclreco.hlt.run.benchmark_farm); `ps` samples the resident memory of each role every `--every`
 seconds. Expected: flat distributor and workers; the collector grows until its duplicate window
-(`--dedup-window`, 1,000,000 events by default, ~60 B each) is full, then stays flat.
+(`--dedup-window`, 1,000,000 events by default, ~70 B each as measured) is full, then stays flat.
 """
 import argparse
 import os

@@ -11,7 +11,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """--help shows each option's default (where it has one: not for flags and empty strings)."""
 
     def _get_help_string(self, action):
-        if action.default in ("", None, False):
+        # identity, not ==: a default of 0 (== False) is a default to show
+        if action.default is None or action.default is False or action.default == "":
             return action.help
         return super()._get_help_string(action)
 
@@ -90,7 +91,7 @@ def add_hlt_parser(subparsers):
     p.add_argument("--worker-steering", default="", help="default: steering/hlt_worker.py")
     p.add_argument("--rejected", default=None,
                    help="quarantine file of each worker's rejected raw events ({worker} = its index, {pid}; "
-                        "default: OUTPUT_rejected_w{worker}.msgpack beside a ROOT output; '': none)")
+                        "default: OUTPUT_rejected_w{worker}_{pid}.msgpack beside a ROOT output; '': none)")
     p.add_argument("--modules", default="standard", help="worker chain: standard, none, or a list")
     p.add_argument("--no-cnn", action="store_true", help="workers: classical leakage correction only")
     p.add_argument("--threads", type=int, default=1, help="threads per worker")
