@@ -51,6 +51,50 @@ def test_cpp_matches_numpy(detector, n_bkg):
     b = numpy_clustering.find_clusters(detector, **ev)
     assert len(a["energy_raw"]) > 300
     assert (a["n_maxima"] > 1).sum() > 20  # overlapping showers were split
+    assert_same_clusters(a, b)
+
+
+# Every algorithm parameter of ECLClusterizer away from its default (digit threshold above the
+# toy events' zero suppression, 1.25 MeV, so that it matters; background_level and
+# image_size have tests of their own).
+OTHER_PARAMETERS = dict(seed_energy_gev=0.02, growth_energy_gev=0.003, digit_energy_gev=0.0014, lm_energy_gev=0.015,
+                        time_cut_ns=80.0, sharing_a=1.5, moliere_radius_cm=4.5, log_weight_w0=3.0,
+                        convergence_cm=0.002, max_iterations=3, lat_r0_cm=4.0)
+
+
+@pytest.mark.parametrize("detector,n_bkg", [("belle2-ecl", 250), ("array30", 15)])
+def test_cpp_matches_numpy_with_other_parameters(detector, n_bkg):
+    """The C++ and the reference agree with every parameter changed, and each parameter alone
+    changes the clusters (it reaches the algorithm; a parameter read but unused would pass the
+    comparison)."""
+    ev = make_events(detector, 250, np.random.default_rng(8), n_showers=(1, 3), n_background=n_bkg, overlap=True)
+    a = _core.find_clusters(detector, **OTHER_PARAMETERS, **ev)
+    assert_same_clusters(a, numpy_clustering.find_clusters(detector, **OTHER_PARAMETERS, **ev))
+    default = _core.find_clusters(detector, **ev)
+    for name, value in OTHER_PARAMETERS.items():
+        one = _core.find_clusters(detector, **{name: value}, **ev)
+        assert any(one[k].shape != default[k].shape or not np.array_equal(one[k], default[k])
+                   for k in ("offsets", "energy_raw", "x", "lat", "e1e9")), name
+
+
+def test_clusterizer_module_passes_its_parameters():
+    """ECLClusterizer in a path with every parameter changed (and other collection names) writes
+    what the kernel computes with those parameters."""
+    dig, _ = _g4_digits("belle2")
+    n = 200
+    dig = {k: (v[:n + 1] if k == "offsets" else v[:dig["offsets"][n]]) for k, v in dig.items()}
+    path = eclreco.create_path()
+    path.add_module(_Source(dig, 0, collection="MyDigits"))
+    path.add_module("ECLClusterizer", input="MyDigits", output="MyClusters", **OTHER_PARAMETERS)
+    sink = path.add_module(_Collect("MyClusters"))
+    eclreco.process(path, batch_size=1000, install_signal_handlers=False)
+    ref = _core.find_clusters("belle2-ecl", **OTHER_PARAMETERS, **dig)
+    assert len(ref["energy_raw"]) > n / 2
+    for k in ("offsets", "energy_raw", "seed_cell", "x", "lat", "e1e9", "image"):
+        np.testing.assert_array_equal(sink.out[k], ref[k], err_msg=k)
+
+
+def assert_same_clusters(a, b):
     np.testing.assert_array_equal(a["offsets"], b["offsets"])
     for k in ("seed_cell", "ring", "n_maxima", "region_index"):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
@@ -245,9 +289,9 @@ def test_g4_belle2_cpp_matches_numpy():
 class _Source(eclreco.Module):
     """test source: one batch of ECLDigits"""
 
-    def __init__(self, dig, detector, rejected=()):
+    def __init__(self, dig, detector, rejected=(), collection="ECLDigits"):
         super().__init__()
-        self.dig, self.det, self.rejected = dig, detector, rejected
+        self.dig, self.det, self.rejected, self.collection = dig, detector, rejected, collection
 
     def is_source(self):
         return True
@@ -266,24 +310,25 @@ class _Source(eclreco.Module):
             keep[offs[i]:offs[i + 1]] = False
             cols = {k: v[keep] for k, v in cols.items()}
             offs[i + 1:] -= cut
-        batch.add_collection("ECLDigits", offs, cols)
+        batch.add_collection(self.collection, offs, cols)
         for i in self.rejected:
             batch.reject(i, "test", "")
         return False
 
 
 class _Collect(eclreco.Module):
-    """test sink: copies ECLClusters"""
+    """test sink: copies ECLClusters (or another cluster collection)"""
 
-    def __init__(self):
+    def __init__(self, collection="ECLClusters"):
         super().__init__()
         self.out = None
+        self.collection = collection
 
     def ordered(self):
         return True
 
     def event(self, batch):
-        c = batch["ECLClusters"]
+        c = batch[self.collection]
         self.out = {k: np.array(c[k]) for k in c.columns()}
         self.out["offsets"] = np.array(c.offsets)
 
@@ -329,6 +374,30 @@ def test_modules_in_path():
     r_raw = np.median(out["energy_raw"][lead] / true[:n][has])
     r_cor = np.median(out["energy"][lead] / true[:n][has])
     assert abs(r_cor - 1) < abs(r_raw - 1) and abs(r_cor - 1) < 0.03
+
+
+def test_leakage_module_reads_its_table_and_collection_parameters(tmp_path):
+    """ECLLeakageCorrection with `table` (a table of its own: the shipped one with 10 % more
+    response) and `collection` (clusters under another name) corrects with that table, there."""
+    dig, _ = _g4_digits("array30")
+    n = 200
+    dig = {k: (v[:n + 1] if k == "offsets" else v[:dig["offsets"][n]]) for k, v in dig.items()}
+    shipped = Path(eclreco.__file__).parent / "data" / "leakage_array30.npz"
+    with np.load(shipped) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["response"] = (arrays["response"] * 1.1).astype(np.float32)
+    mine = tmp_path / "mine.npz"
+    np.savez(mine, **arrays)
+    path = eclreco.create_path()
+    path.add_module(_Source(dig, 1))
+    path.add_module("ECLClusterizer", output="MyClusters")
+    path.add_module("ECLLeakageCorrection", table=str(mine), collection="MyClusters")
+    sink = path.add_module(_Collect("MyClusters"))
+    eclreco.process(path, batch_size=1000, install_signal_handlers=False)
+    out = sink.out
+    args = (out["energy_raw"], out["ring"], out["local_u"], out["local_v"])
+    np.testing.assert_allclose(out["energy"], _core.leakage_correct(str(mine), *args), rtol=1e-6)
+    np.testing.assert_allclose(out["energy"] * 1.1, _core.leakage_correct(str(shipped), *args), rtol=1e-5)
 
 
 def test_leakage_table_cpp_matches_numpy(tmp_path):

@@ -86,6 +86,24 @@ def test_gg_mass_peak(tmp_path):
         assert mult[2] == 100
 
 
+@pytest.mark.parametrize("params,pairs,multiplicity_bin", [
+    ({"min_cluster_energy_gev": 0.07}, 0, 0),     # both photons (67.5 MeV) below the cut
+    ({"max_photons_per_event": 1}, 0, 2),         # one photon per event for pairs: none
+    ({"min_cluster_energy_gev": 0.06}, 100, 2),   # both above: one pair per event
+])
+def test_dqm_parameters(tmp_path, params, pairs, multiplicity_bin):
+    out = tmp_path / "dqm.root"
+    path = eclreco.create_path()
+    path.add_module(pi0_source())
+    path.add_module("ECLDQM", **params)
+    path.add_module("RootOutput", filename=str(out))
+    eclreco.process(path)
+    with uproot.open(out) as f:
+        assert f["dqm/gg_mass"].values().sum() == pairs
+        mult, _ = f["dqm/cluster_multiplicity"].to_numpy()
+        assert mult[multiplicity_bin] == 100
+
+
 def test_dqm_written_and_drawn(tmp_path):
     out = tmp_path / "d.root"
     path = eclreco.create_path()

@@ -194,6 +194,18 @@ def test_path_needs_one_source():
         eclreco.process(path)
 
 
+def test_progress_prints_every_n_events(capfd):
+    """Progress `every`: a line each time the count passes a multiple (batches of 100, every 250:
+    at 300, 500, 800 and 1000 events), and none by time (interval_s far away)."""
+    path = eclreco.create_path()
+    path.add_module(CountingSource(1000))
+    path.add_module("Progress", interval_s=1000.0, every=250)
+    eclreco.process(path, batch_size=100)
+    lines = [ln for ln in capfd.readouterr().out.splitlines() if ln.startswith("[Progress]")]
+    assert [int(ln.split()[1]) for ln in lines[:-1]] == [300, 500, 800, 1000], lines
+    assert lines[-1].startswith("[Progress] done: 1000 events")
+
+
 def test_statistics_table_lists_modules():
     path = eclreco.create_path()
     path.add_module(CountingSource(100))

@@ -116,7 +116,7 @@ def test_compression_is_a_parameter_and_a_bad_one_is_a_clear_error(tmp_path):
     import pytest
 
     sizes = {}
-    for spec in ("zstd:1", "zlib:1", "none"):
+    for spec in ("zstd:1", "zlib:1", "lzma:1", "lz4:1", "none"):
         out = tmp_path / f"{spec.replace(':', '')}.root"
         path = eclreco.create_path()
         path.add_module(CountingSource(3000))
@@ -129,9 +129,10 @@ def test_compression_is_a_parameter_and_a_bad_one_is_a_clear_error(tmp_path):
             if spec == "none":  # level 0: stored uncompressed
                 assert f.file.fCompress % 100 == 0, f.file.fCompress
             else:  # ROOT's algorithm * 100 + level
-                assert f.file.fCompress == {"zstd:1": 501, "zlib:1": 101}[spec], f.file.fCompress
+                assert f.file.fCompress == {"zstd:1": 501, "zlib:1": 101, "lzma:1": 201, "lz4:1": 401}[spec], \
+                    f.file.fCompress
         sizes[spec] = os.path.getsize(out)
-    assert sizes["zstd:1"] < sizes["none"] and sizes["zlib:1"] < sizes["none"]
+    assert all(sizes[spec] < sizes["none"] for spec in ("zstd:1", "zlib:1", "lzma:1", "lz4:1")), sizes
     path = eclreco.create_path()
     path.add_module(CountingSource(10))
     path.add_module("RootOutput", filename=str(tmp_path / "x.root"), compression="gzip:9")
@@ -197,3 +198,30 @@ def test_a_batch_without_clusters_keeps_the_basket_consistent(tmp_path):
         assert t.num_entries == n and "cluster_energy" in t.keys()
         ncl = t["ncluster"].array(library="np")
     assert (ncl[8:12] == 0).all() and (ncl[[0, 1, 2, 3, 12, 13]] > 0).all()
+
+
+def test_tree_name_and_flush_interval(tmp_path):
+    """`tree` names the TTree; `flush_interval_s` writes what is buffered when it is that old,
+    even far below `basket_events` (a run of ~1 s at 0.1 s per batch: several baskets, not one)."""
+    import time
+
+    class Slow(eclreco.Module):
+        def event(self, batch):
+            time.sleep(0.1)
+
+    out = tmp_path / "f.root"
+    path = eclreco.create_path()
+    path.add_module(CountingSource(1000))
+    path.add_module(Slow())
+    path.add_module("RootOutput", filename=str(out), tree="reco", basket_events=100000, flush_interval_s=0.2)
+    eclreco.process(path, batch_size=100)
+    with uproot.open(out) as f:
+        assert "events" not in f and f["reco"].num_entries == 1000
+        assert f["reco"]["evt"].num_baskets >= 3, f["reco"]["evt"].num_baskets
+    path = eclreco.create_path()
+    path.add_module(CountingSource(1000))
+    path.add_module(Slow())
+    path.add_module("RootOutput", filename=str(out), basket_events=100000)  # no flush interval: one basket
+    eclreco.process(path, batch_size=100)
+    with uproot.open(out) as f:
+        assert f["events"]["evt"].num_baskets == 1
