@@ -104,8 +104,11 @@ def seed_corpus(kind: str) -> list[bytes]:
     env = {"v": 1, "exp": 0, "run": 1, "evt": 5, "det": "belle2-ecl", "ecl": p}
     import zlib
 
-    return [msgpack.packb(env, use_bin_type=True),
-            msgpack.packb({**env, "crc32": zlib.crc32(p), "time_ns": 123, "truth": {"a": 1}}, use_bin_type=True)]
+    m = msgpack.packb(env, use_bin_type=True)
+    # a multipart ZeroMQ message as its receiver marks it (eclreco.raw_sockets.mark_multi_frame)
+    marked = core.MULTI_FRAME_TAG + struct.pack(">3Q", 2, 10, len(m) - 10) + m
+    return [m, msgpack.packb({**env, "crc32": zlib.crc32(p), "time_ns": 123, "truth": {"a": 1}}, use_bin_type=True),
+            marked]
 
 
 def main() -> None:

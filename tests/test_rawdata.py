@@ -10,6 +10,7 @@ import pytest
 
 import eclreco
 from eclreco import _core, rawdata
+from eclreco.raw_sockets import mark_multi_frame, recv_message
 from _raw_helpers import MessageSource, block, hit, random_digits, run_path, shaper, words
 
 GOOD_PAYLOAD = words(block(1, 3), shaper(1, 0b101), hit(40, 1, 0), hit(70, -1, 2))
@@ -35,10 +36,16 @@ def raw_map(*pairs):
 
 
 VALID = pack(env())
+MARK = _core.MULTI_FRAME_TAG  # in-band mark of a multipart ZeroMQ message (raw_sockets.mark_multi_frame)
 
 BAD_ENVELOPES = {
     "empty_message": [b""],
-    "not_msgpack": [b"\xc1", b"\x82\xa1v\x01\xc1"],
+    "not_msgpack": [b"\xc1", b"\x82\xa1v\x01\xc1",
+                    # the mark with sizes that do not account for the bytes (or 1 frame) is no mark
+                    MARK + struct.pack(">3Q", 2, 10, len(VALID) - 9) + VALID, MARK + struct.pack(">2Q", 1, len(VALID)) + VALID,
+                    MARK + struct.pack(">Q", 2), MARK + struct.pack(">Q", 1 << 61) + VALID, MARK + struct.pack(">3Q", 2, 1 << 63, 1 << 63)],
+    "multi_frame": [mark_multi_frame([VALID[:10], VALID[10:]]), mark_multi_frame([VALID, b""]),
+                    mark_multi_frame([b"", VALID]), mark_multi_frame([VALID, VALID]), mark_multi_frame([b""] * 20)],
     "truncated": [VALID[:-1], VALID[:10], b"\xc6\xff\xff\xff\xff"],
     "trailing_bytes": [VALID + b"\x00", VALID + VALID],
     "not_a_map": [pack([1, 2]), pack(5), pack("v"), pack(b"x"), pack(None)],
@@ -88,6 +95,38 @@ def test_envelope_rejection_in_path(reason):
     for e in (events[0], events[-1]):
         assert e["digits"]["cell"].tolist() == [1, 3] and e["digits"]["amplitude"].tolist() == [40, 70]
     assert [events[0]["evt"], events[-1]["evt"]] == [100, 101]
+
+
+def test_multipart_zmq_message_is_marked_and_rejected(tmp_path):
+    """Spec, Transport: one event per message, a single frame. recv_message marks a multipart
+    message (the tag, the frame count, each frame's size, the frames) and the decoder rejects it
+    as multi_frame, saying how many frames; a single frame is returned as it is."""
+    import zmq
+
+    second = pack(env(evt=4))
+    assert mark_multi_frame([VALID[:10], VALID[10:]]) == MARK + struct.pack(">3Q", 2, 10, len(VALID) - 10) + VALID
+    ctx = zmq.Context()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    pull.bind("inproc://multipart")
+    push.connect("inproc://multipart")
+    cases = [[VALID[:10], VALID[10:]], [VALID, b""], [b"", VALID], [VALID, second], [VALID, b"", second]]
+    for frames in cases + [[VALID]]:
+        push.send_multipart(frames)
+        got = recv_message(pull, 0)
+        if len(frames) == 1:
+            assert got == VALID and rawdata.decode_envelope(got)["evt"] == 3
+            continue
+        assert got == mark_multi_frame(frames)
+        with pytest.raises(rawdata.RawDataError) as e:
+            rawdata.decode_envelope(got)
+        assert e.value.reason == "multi_frame"
+        assert e.value.detail.startswith(f"a ZeroMQ message of {len(frames)} frames ({', '.join(str(len(f)) for f in frames)} bytes)")
+    ctx.destroy(0)
+    # only a ZeroMQ receiver marks: in a raw file (framed by decode_envelope_prefix) it is garbage
+    f = tmp_path / "marked.msgpack"
+    f.write_bytes(VALID + mark_multi_frame([VALID, VALID]))
+    events, stats = run_path(_file_source(f), unpack=False)
+    assert stats["rejected_by_reason"] == {"not_msgpack": 1}
 
 
 def test_valid_envelope_variants():

@@ -166,6 +166,8 @@ void register_rawdata(py::module_& m) {
       "Unpack one ECL payload: dict of numpy arrays (cell, energy, time, quality, amplitude) sorted by "
       "cellId; ValueError('reason: detail') when it breaks a rule of the format.");
 
+  m.attr("MULTI_FRAME_TAG") = py::bytes(ecl::kMultiFrameTag, ecl::kMultiFrameTagSize);
+
   m.def(
       "crc32",
       [](const py::bytes& data, uint32_t crc) {

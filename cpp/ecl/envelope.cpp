@@ -270,6 +270,33 @@ class EnvelopeVisitor : public msgpack::null_visitor {
   std::string version_detail_;
 };
 
+// A multipart ZeroMQ message marked by its receiver (kMultiFrameTag in envelope.hpp).
+bool multi_frame(const uint8_t* data, size_t size, Envelope& env) {
+  constexpr size_t head = kMultiFrameTagSize + 8;
+  if (size < head || std::memcmp(data, kMultiFrameTag, kMultiFrameTagSize) != 0) return false;
+  auto be64 = [](const uint8_t* p) {
+    uint64_t v = 0;
+    for (int i = 0; i < 8; ++i) v = v << 8 | p[i];
+    return v;
+  };
+  const uint64_t n = be64(data + kMultiFrameTagSize);
+  size_t rest = size - head;
+  if (n < 2 || n > rest / 8) return false;
+  rest -= 8 * n;
+  std::string sizes;
+  for (uint64_t k = 0; k < n; ++k) {
+    const uint64_t s = be64(data + head + 8 * k);
+    if (s > rest) return false;
+    rest -= s;
+    if (k < 8) sizes += (k ? ", " : "") + std::to_string(s);
+  }
+  if (rest != 0) return false;
+  env.reason = "multi_frame";
+  env.detail = "a ZeroMQ message of " + std::to_string(n) + " frames (" + sizes + (n > 8 ? ", ..." : "") +
+               " bytes); an event is a message of a single frame";
+  return true;
+}
+
 Envelope decode(const uint8_t* data, size_t size, bool whole) {
   Envelope env;
   if (size == 0) {
@@ -277,6 +304,7 @@ Envelope decode(const uint8_t* data, size_t size, bool whole) {
     env.detail = "the message has no bytes";
     return env;
   }
+  if (whole && data[0] == 0xc1 && multi_frame(data, size, env)) return env;
   EnvelopeVisitor vis(data, env);
   size_t off = 0;
   const bool complete = msgpack::parse(reinterpret_cast<const char*>(data), size, off, vis);

@@ -21,6 +21,8 @@ struct Envelope {
   //   not_msgpack    bytes that are not MessagePack (e.g. the never-used byte 0xc1)
   //   truncated      the MessagePack object ends after the bytes do
   //   trailing_bytes bytes after the first complete object (decode_envelope only)
+  //   multi_frame    a multipart ZeroMQ message, marked by its receiver (kMultiFrameTag;
+  //                  decode_envelope only)
   //   not_a_map      the top-level object is not a map
   //   wrong_type     a key is not a string, or a known key holds the wrong type (nil included)
   //   duplicate_key  a known key appears twice
@@ -47,6 +49,15 @@ struct Envelope {
 
   bool ok() const { return reason == nullptr; }
 };
+
+// The spec sends an event as one ZeroMQ message of a single frame. A receiver that gets a
+// multipart message hands it on in band (also through the HLT distributor to a worker) as:
+// this tag, the frame count n >= 2 and each frame's size (uint64 big-endian), the frames' bytes.
+// 0xc1 starts no MessagePack object, so no envelope reads like this; decode_envelope rejects it
+// as multi_frame and the marked bytes are what the quarantine keeps. Bytes that start with the
+// tag but whose sizes do not account for every byte are what they look like (not_msgpack).
+inline constexpr char kMultiFrameTag[] = "\xc1" "multi_frame";
+inline constexpr size_t kMultiFrameTagSize = sizeof(kMultiFrameTag) - 1;
 
 // Decodes one message that must be exactly one envelope (trailing bytes are an error).
 Envelope decode_envelope(const uint8_t* data, size_t size);
