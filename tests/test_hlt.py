@@ -410,6 +410,32 @@ def test_collector_drops_a_repeated_event_within_its_window(farm_factory, tmp_pa
     assert sorted(evt.tolist()) == sorted(list(range(2000)) + [10])
 
 
+def test_collector_keys_of_64_bit_exp_and_run_are_unique():
+    """exp and run are 64 bits (the spec bounds only evt): the collector's duplicate keys must
+    keep every (exp, run, evt) apart, at the bounds too (run << 32 made run 2^32 of exp 0 collide
+    with exp 1)."""
+    from eclreco.hlt.collector import event_key
+
+    m = 2 ** 64 - 1
+    ids = [(e, r, v) for e in (0, 1, 2 ** 32, m) for r in (0, 1, 2 ** 32, 202406011200, m) for v in (0, 1, 2 ** 32 - 1)]
+    assert len({event_key(*i) for i in ids}) == len(ids)
+
+
+def test_farm_64_bit_exp_and_run(farm_factory):
+    """exp = run = 2^64 - 1 and run = 202406011200 through the farm to the ROOT file; only the
+    true repeat is dropped as a duplicate."""
+    ids = [(0, 2 ** 32, 5), (1, 0, 5), (2 ** 64 - 1, 2 ** 64 - 1, 5), (1, 202406011200, 5), (0, 2 ** 32, 5)]
+    farm = farm_factory(workers=1)
+    push_messages(farm.input, [envelope(v, exp=e, run=r) for e, r, v in ids])
+    farm.wait_confirmed(len(ids))
+    farm.command("stop")
+    assert farm.process("collector")["duplicates"] == 1
+    with uproot.open(farm.output) as f:
+        t = f["events"].arrays(["exp", "run", "evt"], library="np")
+    assert t["exp"].dtype == np.uint64 and t["run"].dtype == np.uint64
+    assert sorted(zip(t["exp"].tolist(), t["run"].tolist(), t["evt"].tolist())) == sorted(set(ids))
+
+
 def test_farm_keeps_rejected_raw_events_and_rejects_multipart_messages(farm_factory, tmp_path):
     """Every event that enters is processed or rejected with its reason, counted AND kept: each
     worker of `hlt run` writes the raw bytes it rejects to its quarantine file beside the output

@@ -63,7 +63,7 @@ BAD_ENVELOPES = {
                     pack(env(det=DROP)), pack(env(ecl=DROP)), pack({})],
     "bad_version": [pack(env(v=2)), pack(env(v=0)), pack(env(v=-1)), pack({"v": 2, "whatever": 1})],
     "unknown_detector": [pack(env(det="belle2")), pack(env(det="")), pack(env(det="ARRAY30"))],
-    "out_of_range": [pack(env(exp=-1)), pack(env(run=1 << 32)), pack(env(evt=1 << 32)), pack(env(evt=-5)),
+    "out_of_range": [pack(env(exp=-1)), pack(env(run=-1)), pack(env(exp=-(1 << 63))), pack(env(evt=1 << 32)), pack(env(evt=-5)),
                      pack(env(time_ns=1 << 63)), pack(env(crc32=1 << 32)), pack(env(crc32=-1))],
     "crc_mismatch": [pack(env(crc32=zlib.crc32(GOOD_PAYLOAD) ^ 1)), pack(env(ecl=b"", crc32=1))],
 }
@@ -127,6 +127,76 @@ def test_multipart_zmq_message_is_marked_and_rejected(tmp_path):
     f.write_bytes(VALID + mark_multi_frame([VALID, VALID]))
     events, stats = run_path(_file_source(f), unpack=False)
     assert stats["rejected_by_reason"] == {"not_msgpack": 1}
+
+
+def test_exp_and_run_are_64_bit():
+    """Spec: exp and run are ints >= 0 (only evt is bounded, < 2^32): any MessagePack uint is
+    valid, in any width (they were rejected from 2^32 on). 2^64 cannot be a MessagePack int: the
+    encoder refuses it, and written as a float or an ext it is wrong_type; negative stays
+    out_of_range."""
+    for exp, run in [(2 ** 64 - 1, 2 ** 64 - 1), (1, 202406011200), (2 ** 32, 2 ** 32), (0, 2 ** 63)]:
+        d = rawdata.decode_envelope(pack(env(exp=exp, run=run)))
+        assert (d["exp"], d["run"]) == (exp, run)
+    m = b"\x86" + pack("v") + signed(0xD3, 1) + pack("exp") + signed(0xD3, 2 ** 63 - 1) + pack("run") + \
+        b"\xcf" + (2 ** 64 - 1).to_bytes(8, "big") + b"".join(pack(k) + pack(v) for k, v in env().items() if k in ("evt", "det", "ecl"))
+    assert (rawdata.decode_envelope(m)["exp"], rawdata.decode_envelope(m)["run"]) == (2 ** 63 - 1, 2 ** 64 - 1)
+    with pytest.raises(OverflowError):
+        pack(2 ** 64)
+    for bad, reason in [(pack(env(exp=float(2 ** 64))), "wrong_type"), (pack(env(run=msgpack.ExtType(1, b"\x01" * 9))), "wrong_type"),
+                        (pack(env(exp=-1)), "out_of_range"), (pack(env(run=-(2 ** 63))), "out_of_range")]:
+        with pytest.raises(rawdata.RawDataError) as e:
+            rawdata.decode_envelope(bad)
+        assert e.value.reason == reason
+    one = dict(offsets=[0, 1], cell=[1], amplitude=[100], time_ticks=[0], quality=[0])
+    msg, = rawdata.encode_events("belle2-ecl", 2 ** 64 - 1, np.array([202406011200], np.uint64), 2 ** 32 - 1, **one)
+    assert (msgpack.unpackb(msg)["exp"], msgpack.unpackb(msg)["run"]) == (2 ** 64 - 1, 202406011200)
+    for over, match in [({"exp": 2 ** 64}, "exp must be in 0..2\\^64-1"), ({"run": -1}, "run must be in 0..2\\^64-1"),
+                        ({"evt": 2 ** 32}, "evt must be in 0..2\\^32-1"), ({"exp": 1.0}, "exp must be an int"),
+                        ({"run": [1, 2]}, "one entry per event")]:
+        args = {"exp": 0, "run": 1, "evt": 0, **over}
+        with pytest.raises(ValueError, match=match):
+            rawdata.encode_events("belle2-ecl", args["exp"], args["run"], args["evt"], **one)
+
+
+def test_exp_and_run_64_bit_through_the_chain(tmp_path):
+    """exp = run = 2^64 - 1 and run = 202406011200 from the raw file to the ROOT file (uint64
+    branches), begin_run/end_run and the run boundaries, and the quarantine of a rejected one."""
+    import uproot
+
+    ids = [(2 ** 64 - 1, 2 ** 64 - 1, 1), (1, 202406011200, 2), (1, 202406011201, 3), (0, 2 ** 32, 4), (1, 0, 5)]
+    msgs = [pack(env(exp=e, run=r, evt=v)) for e, r, v in ids] + [pack(env(exp=2 ** 64 - 1, run=2 ** 63, evt=6, det="x"))]
+    raw = tmp_path / "ids.msgpack"
+    rawdata.write_raw_file(raw, msgs)
+
+    class Runs(eclreco.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def begin_run(self, exp, run):
+            self.calls.append(("begin", exp, run))
+
+        def end_run(self, exp, run):
+            self.calls.append(("end", exp, run))
+
+    runs = Runs()
+    path = eclreco.create_path()
+    path.add_module("RawFileInput", filename=str(raw))
+    path.add_module("ECLUnpacker")
+    path.add_module("ECLClusterizer")
+    path.add_module(runs)
+    path.add_module("RejectedOutput", filename=str(tmp_path / "rejected.msgpack"))
+    path.add_module("RootOutput", filename=str(tmp_path / "ids.root"))
+    eclreco.process(path, batch_size=4, install_signal_handlers=False)
+    assert eclreco.statistics.summary()["rejected_by_reason"] == {"unknown_detector": 1}
+    with uproot.open(tmp_path / "ids.root") as f:
+        t = f["events"].arrays(["exp", "run", "evt"], library="np")
+    assert t["exp"].dtype == np.uint64 and t["run"].dtype == np.uint64
+    assert list(zip(t["exp"].tolist(), t["run"].tolist(), t["evt"].tolist())) == ids
+    assert runs.calls == [c for e, r, _ in ids for c in (("begin", e, r), ("end", e, r))]
+    with open(tmp_path / "rejected.msgpack", "rb") as f:
+        rec, = msgpack.Unpacker(f, raw=False)
+    assert (rec["exp"], rec["run"], rec["evt"], rec["reason"]) == (2 ** 64 - 1, 2 ** 63, 6, "unknown_detector")
 
 
 def test_valid_envelope_variants():

@@ -49,9 +49,22 @@ class EnvelopeVisitor : public msgpack::null_visitor {
       case kV:
         if (v != 1) version_error("bad_version", "v = " + std::to_string(v) + ": only version 1 is known");
         break;
-      case kExp: set_id(env_.exp, kKnownExp, v); break;
-      case kRun: set_id(env_.run, kKnownRun, v); break;
-      case kEvt: set_id(env_.evt, kKnownEvt, v); break;
+      case kExp:
+        env_.exp = v;
+        env_.known |= kKnownExp;
+        break;
+      case kRun:
+        env_.run = v;
+        env_.known |= kKnownRun;
+        break;
+      case kEvt:
+        if (v > 0xFFFFFFFFull) {
+          error("out_of_range", "evt = " + std::to_string(v) + " is not below 2^32");
+        } else {
+          env_.evt = static_cast<uint32_t>(v);
+          env_.known |= kKnownEvt;
+        }
+        break;
       case kTimeNs:
         if (v > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
           error("out_of_range", "time_ns = " + std::to_string(v) + " does not fit int64");
@@ -227,14 +240,6 @@ class EnvelopeVisitor : public msgpack::null_visitor {
       version_error("wrong_type", what);
     else
       error("wrong_type", what);
-  }
-  void set_id(uint32_t& field, uint8_t bit, uint64_t v) {
-    if (v > 0xFFFFFFFFull) {
-      error("out_of_range", std::string(kKeyNames[key_]) + " = " + std::to_string(v) + " is not below 2^32");
-      return;
-    }
-    field = static_cast<uint32_t>(v);
-    env_.known |= bit;
   }
   void error(const char* reason, std::string detail) {
     if (first_reason_) return;

@@ -29,12 +29,13 @@ struct Envelope {
   //   missing_key    one of v, exp, run, evt, det, ecl is absent
   //   bad_version    v is an integer other than 1
   //   unknown_detector  det is a string other than "belle2-ecl" / "array30"
-  //   out_of_range   exp/run/evt negative or >= 2^32, time_ns beyond int64, crc32 beyond uint32
+  //   out_of_range   exp/run/evt negative, evt >= 2^32, time_ns beyond int64, crc32 beyond uint32
   //   crc_mismatch   crc32 present and not the zlib CRC-32 of the ecl bytes
   const char* reason = nullptr;
   std::string detail;  // human-readable explanation (empty when valid)
 
-  uint32_t exp = 0, run = 0, evt = 0;
+  uint64_t exp = 0, run = 0;  // any MessagePack uint (the spec bounds only evt)
+  uint32_t evt = 0;
   uint8_t known = 0;     // EnvelopeKnown bits
   uint8_t detector = 0;  // 0 belle2-ecl, 1 array30 (ecl::Detector)
   bool has_time = false;

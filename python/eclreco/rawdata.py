@@ -77,6 +77,28 @@ def _per_event(value, n: int, name: str, dtype) -> np.ndarray:
     return a.astype(dtype)
 
 
+def _per_event_ints(value, n: int, name: str, bits: int) -> list[int]:
+    """exp, run or evt of each event as Python ints in 0..2^bits-1 (the spec: exp and run any int
+    >= 0, a MessagePack uint reaches 2^64-1; evt < 2^32); numpy's int64 cannot hold them all."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, (np.ndarray, list, tuple, range)):
+        values = value.tolist() if isinstance(value, np.ndarray) else list(value)
+        if len(values) != n:
+            raise ValueError(f"{name} must be a scalar or have one entry per event ({n}), got {len(values)}")
+    else:
+        values = [value] * n
+    out = []
+    for v in values:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise ValueError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+        v = int(v)
+        if not 0 <= v < 1 << bits:
+            raise ValueError(f"{name} must be in 0..2^{bits}-1, got {v}")
+        out.append(v)
+    return out
+
+
 def encode_payloads(detector: str, offsets, cell, amplitude, time_ticks, quality) -> list[bytes]:
     """ECL payloads (bytes) of many events; digits of event i are [offsets[i], offsets[i+1])."""
     if detector not in N_CELLS:
@@ -164,19 +186,16 @@ def encode_events(detector: str, exp, run, evt, offsets, cell, amplitude, time_t
     """
     payloads = encode_payloads(detector, offsets, cell, amplitude, time_ticks, quality)
     n = len(payloads)
-    exp = _per_event(exp, n, "exp", np.int64)
-    run = _per_event(run, n, "run", np.int64)
-    evt = _per_event(evt, n, "evt", np.int64)
-    for name, a in (("exp", exp), ("run", run), ("evt", evt)):
-        if n and (a.min() < 0 or a.max() >= 1 << 32):
-            raise ValueError(f"{name} must be in 0..2^32-1")
+    exp = _per_event_ints(exp, n, "exp", 64)
+    run = _per_event_ints(run, n, "run", 64)
+    evt = _per_event_ints(evt, n, "evt", 32)
     tns = None if time_ns is None else _per_event(time_ns, n, "time_ns", np.int64)
     if truth is not None and len(truth) != n:
         raise ValueError(f"truth must have one entry per event ({n})")
     packer = msgpack.Packer(use_bin_type=True)
     out = []
     for k in range(n):
-        env = {"v": FORMAT_VERSION, "exp": int(exp[k]), "run": int(run[k]), "evt": int(evt[k]), "det": detector,
+        env = {"v": FORMAT_VERSION, "exp": exp[k], "run": run[k], "evt": evt[k], "det": detector,
                "ecl": payloads[k]}
         if tns is not None:
             env["time_ns"] = int(tns[k])
