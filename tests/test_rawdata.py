@@ -408,6 +408,29 @@ def test_append_envelopes_accepts_buffers_and_extends():
         _core.append_envelopes(b, [123])
 
 
+def test_append_envelopes_reads_strided_buffers_in_their_logical_order():
+    """A buffer that is not one run of memory (a strided or reversed view) is copied in its
+    logical order, as bytes(view) reads it: its bytes used to be read from its pointer as if
+    contiguous (other bytes decoded, or a read past the end of the memory for a reversed one).
+    Buffers of wider items or more dimensions are refused."""
+    m = pack(env(evt=77))
+    interleaved = np.full(2 * len(m), 0xC1, np.uint8)
+    interleaved[::2] = np.frombuffer(m, np.uint8)
+    reversed_ = np.frombuffer(m[::-1], np.uint8).copy()
+    views = [memoryview(interleaved)[::2], memoryview(reversed_)[::-1], interleaved[::2], reversed_[::-1],
+             np.frombuffer(m, np.uint8).astype(np.int8)[:]]
+    assert all(bytes(v) == m for v in views)
+    events, stats = run_path(MessageSource(views))
+    assert stats["rejected"] == 0 and [e["evt"] for e in events] == [77] * len(views)
+    b = eclreco.EventBatch(0)
+    _core.append_envelopes(b, [memoryview(interleaved)[::2]])
+    raw = b["RawEnvelopes"]
+    assert bytes(raw["bytes"][raw.offsets[0]:raw.offsets[1]]) == m  # the quarantine keeps the logical bytes
+    for bad in [np.frombuffer(m[:len(m) // 4 * 4], np.uint32), np.frombuffer(m[:40], np.uint8).reshape(4, 10)]:
+        with pytest.raises(TypeError, match="1-d buffer of bytes"):
+            _core.append_envelopes(b, [bad])
+
+
 def test_envelopes_in_one_frame_reach_the_batch_in_any_split():
     """The distributor's EV message carries its raw events back to back in one frame
     (protocol.envelope_frames); the worker splits them over batches of any size

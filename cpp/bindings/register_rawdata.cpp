@@ -13,19 +13,30 @@
 
 namespace {
 
-// Bytes of a Python object: bytes (zero copy, kept alive by `keep`) or anything with the buffer
-// protocol (copied into `copy`).
+// Bytes of a Python object: bytes (zero copy, kept alive by `keep`) or a 1-d buffer of bytes
+// (bytearray, memoryview, uint8 array), copied into `copy` in its logical order: a strided or
+// reversed view (memoryview(a)[::2], a[::-1]) is not one run of memory from its pointer, and
+// reading size bytes from there decoded other bytes or read past the end of its memory.
 rawdata::MessageRef message_of(py::handle obj, std::vector<py::object>& keep, std::string& copy) {
   if (PyBytes_Check(obj.ptr())) {
     keep.push_back(py::reinterpret_borrow<py::object>(obj));
     return {reinterpret_cast<const uint8_t*>(PyBytes_AS_STRING(obj.ptr())),
             static_cast<size_t>(PyBytes_GET_SIZE(obj.ptr()))};
   }
-  if (!PyObject_CheckBuffer(obj.ptr()))
-    throw py::type_error("a raw message must be bytes (or a buffer), got " +
-                         std::string(py::str(py::type::of(obj).attr("__name__"))));
-  py::buffer_info info = py::reinterpret_borrow<py::buffer>(obj).request();
-  copy.assign(static_cast<const char*>(info.ptr), static_cast<size_t>(info.size * info.itemsize));
+  const std::string type = py::str(py::type::of(obj).attr("__name__"));
+  if (!PyObject_CheckBuffer(obj.ptr())) throw py::type_error("a raw message must be bytes (or a buffer of bytes), got " + type);
+  Py_buffer view;
+  if (PyObject_GetBuffer(obj.ptr(), &view, PyBUF_FULL_RO) != 0) throw py::error_already_set();
+  struct Release {
+    Py_buffer* v;
+    ~Release() { PyBuffer_Release(v); }
+  } release{&view};
+  if (view.itemsize != 1 || view.ndim > 1)
+    throw py::type_error("a raw message must be bytes or a 1-d buffer of bytes, got a " + type + " of " +
+                         std::to_string(view.ndim) + " dimension(s) and " + std::to_string(view.itemsize) +
+                         "-byte items (pass bytes(...) or a uint8 view)");
+  copy.resize(static_cast<size_t>(view.len));
+  if (view.len && PyBuffer_ToContiguous(copy.data(), &view, view.len, 'C') != 0) throw py::error_already_set();
   return {reinterpret_cast<const uint8_t*>(copy.data()), copy.size()};
 }
 
