@@ -330,6 +330,55 @@ def test_raw_file_input_round_trip(tmp_path):
         assert sorted(d["cell"][off[i]:off[i + 1]].tolist()) == e["digits"]["cell"].tolist()
 
 
+def deep_truth(depth, evt=3):
+    """A valid envelope whose truth (ignored by the reconstruction) nests `depth` arrays deep."""
+    return b"\x87" + b"".join(pack(k) + pack(v) for k, v in env(evt=evt).items()) + pack("truth") \
+        + b"\x81\xa1a" + b"\x91" * depth + b"\xc0"
+
+
+def test_split_stream_frames_as_raw_file_input(tmp_path):
+    """read_raw_file / split_stream (the DAQ emulator, hlt run, benchmarks) frame a raw file with
+    the C++ decoder, exactly as RawFileInput does: a valid envelope whose truth nests 1024 levels
+    or more used to stop Python's msgpack (ValueError: the file could not be replayed at all).
+    Bytes that cannot be framed raise a ValueError naming their byte offset."""
+    msgs = [deep_truth(d, evt=k) for k, d in enumerate([10, 1023, 1024, 5000, 100_000])]
+    msgs += [pack([1, 2]), pack(env(evt=9, det="x")), pack(env(evt=10))]  # framed, then rejected / valid
+    f = tmp_path / "deep.msgpack"
+    rawdata.write_raw_file(f, msgs)
+    assert rawdata.split_stream(b"".join(msgs)) == msgs
+    assert rawdata.split_stream(bytearray(b"".join(msgs))) == msgs
+    assert rawdata.read_raw_file(f) == msgs
+    assert rawdata.split_stream(b"") == []
+
+    class Framed(eclreco.Module):  # what RawFileInput framed: each event's message and reason
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def ordered(self):
+            return True
+
+        def event(self, batch):
+            raw, rej = batch["RawEnvelopes"], batch.rejections()
+            self.seen += [(bytes(raw["bytes"][raw.offsets[i]:raw.offsets[i + 1]]), rej.get(i, ("",))[0])
+                          for i in range(len(batch))]
+
+    framed = Framed()
+    path = eclreco.create_path()
+    path.add_module(_file_source(f))
+    path.add_module(framed)
+    eclreco.process(path, batch_size=3, install_signal_handlers=False)
+    assert framed.seen == list(zip(msgs, [""] * 5 + ["not_a_map", "unknown_detector", ""]))
+    head = b"".join(msgs[:2])
+    for tail, reason in [(b"\xc1" + msgs[0], "not_msgpack"), (msgs[0][:-1], "truncated"),
+                         (b"\x81\xa1a\xc1", "not_msgpack")]:
+        with pytest.raises(ValueError, match=f"^{reason} at byte {len(head)} of {len(head + tail)}: .*2 message"):
+            rawdata.split_stream(head + tail)
+        f.write_bytes(head + tail)
+        with pytest.raises(ValueError, match=f"^raw file '{f}': {reason} at byte {len(head)} "):
+            rawdata.read_raw_file(f)
+
+
 def test_raw_file_input_missing_file(tmp_path):
     with pytest.raises(Exception, match="cannot open raw file"):
         run_path(_file_source(tmp_path / "none.msgpack"))

@@ -177,6 +177,41 @@ void register_rawdata(py::module_& m) {
       "Unpack one ECL payload: dict of numpy arrays (cell, energy, time, quality, amplitude) sorted by "
       "cellId; ValueError('reason: detail') when it breaks a rule of the format.");
 
+  m.def(
+      "frame_stream",
+      [](py::handle data) {
+        Py_buffer view;  // contiguous bytes (bytes, bytearray, mmap, ...), BufferError otherwise
+        if (PyObject_GetBuffer(data.ptr(), &view, PyBUF_SIMPLE) != 0) throw py::error_already_set();
+        struct Release {
+          Py_buffer* v;
+          ~Release() { PyBuffer_Release(v); }
+        } release{&view};
+        const auto* p = static_cast<const uint8_t*>(view.buf);
+        const auto size = static_cast<size_t>(view.len);
+        std::vector<int64_t> offsets{0};
+        size_t pos = 0;
+        ecl::Envelope e;
+        {
+          py::gil_scoped_release nogil;  // the exported buffer stays valid until `release`
+          while (pos < size) {
+            e = ecl::decode_envelope_prefix(p + pos, size - pos);
+            if (e.message_size == 0) break;
+            pos += e.message_size;
+            offsets.push_back(static_cast<int64_t>(pos));
+          }
+        }
+        py::array_t<int64_t> off(static_cast<py::ssize_t>(offsets.size()));
+        std::memcpy(off.mutable_data(), offsets.data(), offsets.size() * sizeof(int64_t));
+        py::object error = py::none();
+        if (pos < size) error = py::make_tuple(pos, e.reason, e.detail);
+        return py::make_tuple(off, error);
+      },
+      py::arg("data"),
+      "Frame a MessagePack stream (a raw file) as RawFileInput does (decode_envelope_prefix): (offsets "
+      "int64 [n + 1], error), message k being data[offsets[k]:offsets[k + 1]]; error is None when every "
+      "byte was framed, else (byte offset, reason, detail) of the first bytes that cannot be (not_msgpack, "
+      "truncated), where framing stopped. Invalid envelopes that are whole MessagePack objects are framed.");
+
   m.attr("MULTI_FRAME_TAG") = py::bytes(ecl::kMultiFrameTag, ecl::kMultiFrameTagSize);
 
   m.def(

@@ -218,27 +218,31 @@ def write_raw_file(path: str | os.PathLike, messages: Iterable[bytes]) -> int:
 
 
 def split_stream(data: bytes) -> list[bytes]:
-    """Split a MessagePack stream into the bytes of its objects; ValueError if it cannot be framed."""
-    unpacker = msgpack.Unpacker(raw=True, strict_map_key=False, max_buffer_size=max(len(data), 1 << 20))
-    unpacker.feed(data)
-    out, start = [], 0
-    while start < len(data):
-        try:
-            unpacker.skip()
-        except msgpack.OutOfData:
-            raise ValueError(f"truncated MessagePack object at byte {start}") from None
-        except Exception as e:  # noqa: BLE001 - msgpack raises various errors on garbage
-            raise ValueError(f"not MessagePack at byte {start}: {e or type(e).__name__}") from None
-        end = unpacker.tell()
-        out.append(data[start:end])
-        start = end
-    return out
+    """Split a MessagePack stream (a raw file's bytes) into the bytes of its objects, framed by the
+    C++ decoder exactly as RawFileInput frames them: a message that is not a valid envelope but a
+    whole MessagePack object is one message (the reconstruction rejects it). Python's msgpack
+    framed differently (it refused a valid envelope whose truth nests 1024 levels deep). Bytes
+    that cannot be framed raise ValueError naming their byte offset (RawFileInput stops there)."""
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    offsets, error = _core.frame_stream(data)
+    if error is not None:
+        at, reason, detail = error
+        raise ValueError(f"{reason} at byte {at} of {len(data)}: no MessagePack object can be framed from there "
+                         f"(the object starting there: {detail}; {len(offsets) - 1} message(s) before it)")
+    bounds = offsets.tolist()
+    return [data[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def read_raw_file(path: str | os.PathLike) -> list[bytes]:
-    """The messages of a raw file (bytes of each envelope, as on the wire)."""
+    """The messages of a raw file (bytes of each envelope, as on the wire), framed as RawFileInput
+    frames them; ValueError naming the file and the byte offset of bytes that cannot be framed."""
     with open(path, "rb") as f:
-        return split_stream(f.read())
+        data = f.read()
+    try:
+        return split_stream(data)
+    except ValueError as err:
+        raise ValueError(f"raw file '{os.fspath(path)}': {err}") from None
 
 
 def write_conditions(path: str | os.PathLike, detector: str, gain=None, t0=None) -> None:
