@@ -574,35 +574,55 @@ def test_daq_emulator_delivers_everything(tmp_path):
 
 
 def test_loop_renumbering_changes_only_the_evt_bytes():
-    """A looped replay keeps every byte but evt's: bad input stays bad (a repeated key, a wrong
-    CRC, a signed-int width); what has no single evt int is replayed unchanged."""
+    """A looped replay renumbers every valid envelope (found by the reconstruction's decoder, also
+    one with a truth nested 2000 levels deep or holding non-UTF-8 strings, whose evt used to repeat
+    in every pass) and changes only the bytes of its evt; a message that is not a valid envelope
+    (a repeated key, a wrong CRC, garbage ...) has no identity and is replayed unchanged."""
     from eclreco.daq import LoopRenumbering
 
-    good = pack(env(evt=5, crc32=zlib.crc32(GOOD_PAYLOAD)))
+    good = pack(env(evt=5, crc32=zlib.crc32(GOOD_PAYLOAD), time_ns=-7))
+    signed_evt = b"\x86" + b"".join(pack(k) + (signed(0xD3, v) if k == "evt" else pack(v)) for k, v in env(evt=7).items())
+    deep = deep_truth(2000, evt=6)
+    not_utf8 = b"\x87" + b"".join(pack(k) + pack(v) for k, v in env(evt=4).items()) + pack("truth") + b"\x81\xa1a\xa2\xff\xfe"
+    valid = [good, signed_evt, deep, not_utf8]
     dup_crc = raw_map(("v", 1), ("exp", 1), ("run", 2), ("evt", 7), ("det", "belle2-ecl"), ("ecl", GOOD_PAYLOAD),
                       ("crc32", 1), ("crc32", zlib.crc32(GOOD_PAYLOAD)))
+    bad_crc = pack(env(evt=8, crc32=1))
     dup_evt = BAD_ENVELOPES["duplicate_key"][0]
     wide = pack(env(evt=9))[:-len(pack(GOOD_PAYLOAD))]  # truncated before the payload: not framable
-    msgs = [good, dup_crc, dup_evt, wide, b"\xc1", pack([1, 2]), pack(env(evt=True))]
+    invalid = [dup_crc, bad_crc, dup_evt, wide, b"\xc1", pack([1, 2]), pack(env(evt=True)), mark_multi_frame([good, good])]
+    msgs = valid + invalid
     r = LoopRenumbering(msgs)
-    for k, m in enumerate(msgs):
-        assert r.message(k, 0) == m if r.offsets[k] < 0 else msgpack.unpackb(r.message(k, 0)) == msgpack.unpackb(m)
-    assert [o >= 0 for o in r.offsets] == [True, True, False, False, False, False, False]
-    assert r.span == 3  # evt 5 and 7
-    for k in (0, 1):
-        again = bytes(r.message(k, 2))
-        i = again.index(b"\xa3evt") + 4
-        assert again[i] == 0xCE and int.from_bytes(again[i + 1: i + 5], "big") == (5, 7)[k] + 6
-        assert again[:i] == msgs[k][:i] and again[i + 5:] == msgs[k][i + 1:]  # only evt's bytes differ (05 -> ce 00 00 00 0b)
+    assert [o >= 0 for o in r.offsets] == [True] * len(valid) + [False] * len(invalid)
+    assert r.span == 4  # evt 4..7 of the valid envelopes
+    seen = set()
+    for k, m in enumerate(valid):
+        orig = rawdata.decode_envelope(m)
+        start, stop = orig["evt_offset"], orig["evt_offset"] + orig["evt_size"]
+        assert msgpack.unpackb(m[start:stop]) == orig["evt"]
+        for p in range(4):
+            again = bytes(r.message(k, p))
+            d = rawdata.decode_envelope(again)
+            assert d["evt"] == orig["evt"] + p * r.span
+            assert {x: d[x] for x in d if x not in ("evt", "payload_offset", "evt_offset", "evt_size")} == \
+                {x: orig[x] for x in orig if x not in ("evt", "payload_offset", "evt_offset", "evt_size")}
+            # only evt's bytes differ: rewritten once as a uint32 (ce + 4 bytes)
+            assert again == m[:start] + b"\xce" + d["evt"].to_bytes(4, "big") + m[stop:]
+            seen.add((d["exp"], d["run"], d["evt"]))
+    assert len(seen) == 4 * len(valid)  # unique in the stream over the passes
+    for k, m in enumerate(invalid, len(valid)):
+        with pytest.raises(rawdata.RawDataError):  # no identity: never renumbered
+            rawdata.decode_envelope(m)
+        for p in range(4):
+            assert bytes(r.message(k, p)) == m
     with pytest.raises(rawdata.RawDataError) as e:  # the repeated crc32 key stays a repeated key
-        rawdata.decode_envelope(bytes(r.message(1, 3)))
+        rawdata.decode_envelope(bytes(r.message(len(valid), 3)))
     assert e.value.reason == "duplicate_key"
-    assert rawdata.decode_envelope(bytes(r.message(0, 3)))["evt"] == 5 + 9
     # a message sent with a copy is patched in one reused buffer; one of >= 64 kB, which goes out
     # without a copy (libzmq may still hold the previous pass's buffer), gets a buffer per pass
     import zmq
 
-    big = msgpack.packb({"v": 1, "evt": 5, "pad": b"x" * zmq.COPY_THRESHOLD})
+    big = pack(env(evt=5, pad=b"x" * zmq.COPY_THRESHOLD))
     r = LoopRenumbering([good, big])
     assert r.message(0, 1) is r.message(0, 2)
     first, second = r.message(1, 1), r.message(1, 2)

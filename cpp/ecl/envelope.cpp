@@ -25,6 +25,18 @@ Key key_of(const char* s, uint32_t n) {
   return kUnknown;
 }
 
+// Bytes of the MessagePack int whose first byte is b (0 when b starts no int).
+size_t int_size(uint8_t b) {
+  if (b <= 0x7f || b >= 0xe0) return 1;  // positive / negative fixint
+  switch (b) {
+    case 0xcc: case 0xd0: return 2;
+    case 0xcd: case 0xd1: return 3;
+    case 0xce: case 0xd2: return 5;
+    case 0xcf: case 0xd3: return 9;
+    default: return 0;
+  }
+}
+
 const char* type_word(int t) {
   static const char* names[] = {"nil", "bool", "int", "float", "str", "bin", "ext", "array", "map"};
   return names[t];
@@ -63,6 +75,8 @@ class EnvelopeVisitor : public msgpack::null_visitor {
         } else {
           env_.evt = static_cast<uint32_t>(v);
           env_.known |= kKnownEvt;
+          env_.evt_offset = value_offset_;
+          env_.evt_size = int_size(static_cast<uint8_t>(base_[value_offset_]));
         }
         break;
       case kTimeNs:
@@ -107,6 +121,7 @@ class EnvelopeVisitor : public msgpack::null_visitor {
   bool visit_str(const char* s, uint32_t n) {
     if (in_top_key()) {
       key_ = key_of(s, n);
+      value_offset_ = static_cast<size_t>(s + n - base_);  // the value follows the key's bytes
       return true;
     }
     if (top_value() && key_ == kDet) {
@@ -268,6 +283,7 @@ class EnvelopeVisitor : public msgpack::null_visitor {
   bool started_ = false, is_map_ = false, in_key_ = false;
   VType top_type_ = TNil;
   int key_ = kUnknown;
+  size_t value_offset_ = 0;  // where the value of the current top-level (string) key starts
   unsigned seen_ = 0;
   const char* first_reason_ = nullptr;
   std::string first_detail_;
