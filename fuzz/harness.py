@@ -17,6 +17,7 @@ import struct
 import sys
 
 import atheris
+import msgpack
 
 
 def load_core():
@@ -53,9 +54,13 @@ def fuzz_envelope(data: bytes) -> None:
     except ValueError as err:
         check_reason(err)
         return
-    # A decoded envelope's payload lies inside the message.
+    # A decoded envelope's payload lies inside the message, and so do the bytes of its evt int
+    # (the DAQ emulator's loop rewrites them).
     off, size = env["payload_offset"], env["payload_size"]
     assert 0 <= off and off + size <= len(data), (off, size, len(data))
+    off, size = env["evt_offset"], env["evt_size"]
+    assert 0 < off and off + size <= len(data) and size in (1, 2, 3, 5, 9), (off, size, len(data))
+    assert msgpack.unpackb(data[off:off + size]) == env["evt"]
 
 
 @atheris.instrument_func
@@ -78,8 +83,6 @@ def fuzz_payload(data: bytes) -> None:
 
 def seed_corpus(kind: str) -> list[bytes]:
     """A few valid inputs so that the fuzzer starts inside the format."""
-    import msgpack
-
     def payload(cell_ids):
         words_by_block = {}
         for cid in cell_ids:
@@ -104,8 +107,11 @@ def seed_corpus(kind: str) -> list[bytes]:
     env = {"v": 1, "exp": 0, "run": 1, "evt": 5, "det": "belle2-ecl", "ecl": p}
     import zlib
 
-    return [msgpack.packb(env, use_bin_type=True),
-            msgpack.packb({**env, "crc32": zlib.crc32(p), "time_ns": 123, "truth": {"a": 1}}, use_bin_type=True)]
+    m = msgpack.packb(env, use_bin_type=True)
+    # a multipart ZeroMQ message as its receiver marks it (eclreco.raw_sockets.mark_multi_frame)
+    marked = core.MULTI_FRAME_TAG + struct.pack(">3Q", 2, 10, len(m) - 10) + m
+    return [m, msgpack.packb({**env, "crc32": zlib.crc32(p), "time_ns": 123, "truth": {"a": 1}}, use_bin_type=True),
+            marked]
 
 
 def main() -> None:

@@ -18,9 +18,9 @@ class EventInfoSetter : public fw::Module {
       throw fw::ParameterError("EventInfoSetter: detector must be belle2-ecl or array30");
     if (events_ < 0) throw fw::ParameterError("EventInfoSetter: events must be >= 0");
     if (events_ > (int64_t{1} << 32)) throw fw::ParameterError("EventInfoSetter: events must be <= 2^32 (evt is 32 bits)");
+    // exp and run are 64-bit unsigned in the batch; an int parameter reaches 2^63-1
     for (auto [name, v] : {std::pair{"exp", exp_}, std::pair{"run", run_}})
-      if (v < 0 || v > 0xFFFFFFFFll)
-        throw fw::ParameterError(std::string("EventInfoSetter: ") + name + " must be in 0..2^32-1");
+      if (v < 0) throw fw::ParameterError(std::string("EventInfoSetter: ") + name + " must be >= 0");
     next_ = 0;
   }
   bool next_batch(fw::EventBatch& batch, size_t max_events) override {
@@ -28,8 +28,8 @@ class EventInfoSetter : public fw::Module {
     batch.resize(n);
     const uint8_t det = detector_ == "array30" ? 1 : 0;
     for (uint64_t i = 0; i < n; ++i) {
-      batch.exp()[i] = static_cast<uint32_t>(exp_);
-      batch.run()[i] = static_cast<uint32_t>(run_);
+      batch.exp()[i] = static_cast<uint64_t>(exp_);
+      batch.run()[i] = static_cast<uint64_t>(run_);
       batch.evt()[i] = static_cast<uint32_t>(next_ + i);
       batch.detector()[i] = det;
     }

@@ -69,8 +69,8 @@ void append_decoded(fw::EventBatch& batch, const MessageRef* messages, const ecl
   int64_t* r_size = ref.column("size").data<int64_t>() + rbase;
   uint8_t* r_known = ref.column("known").data<uint8_t>() + rbase;
 
-  uint32_t* exp = batch.exp();
-  uint32_t* run = batch.run();
+  uint64_t* exp = batch.exp();
+  uint64_t* run = batch.run();
   uint32_t* evt = batch.evt();
   int64_t* tns = batch.time_ns();
   uint8_t* det = batch.detector();

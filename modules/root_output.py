@@ -42,7 +42,7 @@ def compression_of(spec: str):
 class RootOutput(Module):
     """Writes events (metadata, digit counts, clusters) to a ROOT TTree `events` via uproot.
 
-    Event branches: exp, run, evt, error_flags, n_digits (ECLDigits), n_out_of_time_digits
+    Event branches: exp, run (uint64), evt, error_flags (uint32), n_digits (ECLDigits), n_out_of_time_digits
     (ECLEventInformation: digits with |t| > 125 ns, the beam-background level), and the clusters
     as cluster_<column> with the counter ncluster.
 
@@ -135,8 +135,8 @@ class RootOutput(Module):
                 self.batches_written = self.batches_taken  # nothing of it to write
             return
         part = {
-            "exp": batch.exp[keep].astype(np.uint32),
-            "run": batch.run[keep].astype(np.uint32),
+            "exp": batch.exp[keep].astype(np.uint64),  # 64 bits: the wire format bounds only evt
+            "run": batch.run[keep].astype(np.uint64),
             "evt": batch.evt[keep].astype(np.uint32),
             "error_flags": batch.error_flags[keep].astype(np.uint32),
         }
@@ -279,7 +279,7 @@ class RootOutput(Module):
         try:
             if self._file is not None and not self._tree_created:
                 # No event reached the output: still leave a readable, empty tree.
-                self._file.mktree(self.param("tree"), {"exp": np.uint32, "run": np.uint32, "evt": np.uint32,
+                self._file.mktree(self.param("tree"), {"exp": np.uint64, "run": np.uint64, "evt": np.uint32,
                                                        "error_flags": np.uint32})
             if self._file is not None:
                 self._file.close()

@@ -40,7 +40,7 @@ class SimulationInput(Module):
                                                  "(or both 0)"),
                   (0 <= self.param("background") <= 100, "background must be in 0..100 (1 = nominal)"),
                   (self.param("seed") >= 0, "seed must be >= 0"),
-                  (0 <= self.param("exp") < 2 ** 32 and 0 <= self.param("run") < 2 ** 32, "exp and run must be in 0..2^32-1")]
+                  (self.param("exp") >= 0 and self.param("run") >= 0, "exp and run must be >= 0")]
         for ok, what in checks:
             if not ok:
                 raise ValueError(f"SimulationInput: {what}")

@@ -538,7 +538,8 @@ def test_parameters_numpy_scalars_nan_and_range():
 
 @pytest.mark.parametrize("module,params,match", [
     ("EventInfoSetter", {"events": -5}, "events must be >= 0"),  # used to run forever (cast to uint64)
-    ("EventInfoSetter", {"exp": -1}, "exp must be in 0..2"),
+    ("EventInfoSetter", {"exp": -1}, "exp must be >= 0"),
+    ("SimulationInput", {"run": -1}, "exp and run must be >= 0"),
     ("SimulationInput", {"chunk": 0}, "chunk must be >= 1"),  # used to run forever
     ("SimulationInput", {"energy": -1.0}, "energy must be in"),
     ("SimulationInput", {"energy": float("inf")}, "energy must be in"),

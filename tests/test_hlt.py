@@ -410,28 +410,61 @@ def test_collector_drops_a_repeated_event_within_its_window(farm_factory, tmp_pa
     assert sorted(evt.tolist()) == sorted(list(range(2000)) + [10])
 
 
+def test_collector_keys_of_64_bit_exp_and_run_are_unique():
+    """exp and run are 64 bits (the spec bounds only evt): the collector's duplicate keys must
+    keep every (exp, run, evt) apart, at the bounds too (run << 32 made run 2^32 of exp 0 collide
+    with exp 1)."""
+    from eclreco.hlt.collector import event_key
+
+    m = 2 ** 64 - 1
+    ids = [(e, r, v) for e in (0, 1, 2 ** 32, m) for r in (0, 1, 2 ** 32, 202406011200, m) for v in (0, 1, 2 ** 32 - 1)]
+    assert len({event_key(*i) for i in ids}) == len(ids)
+
+
+def test_farm_64_bit_exp_and_run(farm_factory):
+    """exp = run = 2^64 - 1 and run = 202406011200 through the farm to the ROOT file; only the
+    true repeat is dropped as a duplicate."""
+    ids = [(0, 2 ** 32, 5), (1, 0, 5), (2 ** 64 - 1, 2 ** 64 - 1, 5), (1, 202406011200, 5), (0, 2 ** 32, 5)]
+    farm = farm_factory(workers=1)
+    push_messages(farm.input, [envelope(v, exp=e, run=r) for e, r, v in ids])
+    farm.wait_confirmed(len(ids))
+    farm.command("stop")
+    assert farm.process("collector")["duplicates"] == 1
+    with uproot.open(farm.output) as f:
+        t = f["events"].arrays(["exp", "run", "evt"], library="np")
+    assert t["exp"].dtype == np.uint64 and t["run"].dtype == np.uint64
+    assert sorted(zip(t["exp"].tolist(), t["run"].tolist(), t["evt"].tolist())) == sorted(set(ids))
+
+
 def test_farm_keeps_rejected_raw_events_and_rejects_multipart_messages(farm_factory, tmp_path):
     """Every event that enters is processed or rejected with its reason, counted AND kept: each
     worker of `hlt run` writes the raw bytes it rejects to its quarantine file beside the output
-    (they existed nowhere before). A multipart message is one malformed message (the frames of a
-    2-frame message used to pass for two events)."""
+    (they existed nowhere before). A multipart message is rejected as multi_frame (spec: one
+    event per message, a single frame): the distributor forwards it marked, the worker's decoder
+    rejects it (the frames of a 2-frame message used to pass for two events, then an envelope
+    split over two frames, or beside an empty frame, for one valid event)."""
     import glob
 
     import msgpack
     import zmq
 
+    from eclreco.raw_sockets import mark_multi_frame
+
     farm = farm_factory(workers=2)
     garbage = [b"", b"\xc1", b"\x92\x01\x02", envelope(5000) + b"\x00"]
+    m = envelope(6000)
+    multipart = [[m, envelope(6001)], [m[:10], m[10:]], [m, b""], [b"", m]]
     ctx = zmq.Context()
     s = ctx.socket(zmq.PUSH)
     s.setsockopt(zmq.LINGER, 5000)
     s.connect(farm.input)
-    for m in garbage:
-        s.send(m)
-    s.send_multipart([envelope(6000), envelope(6001)])
+    for g in garbage:
+        s.send(g)
+    for frames in multipart:
+        s.send_multipart(frames)
     s.close()
     push_events(farm.input, range(200))
-    farm.wait_confirmed(200 + len(garbage) + 1)
+    farm.wait_confirmed(200 + len(garbage) + len(multipart))
     farm.command("stop")
     evt, _ = read_evt(farm.output)
     assert np.array_equal(np.sort(evt), np.arange(200))
@@ -440,7 +473,8 @@ def test_farm_keeps_rejected_raw_events_and_rejects_multipart_messages(farm_fact
         kept += list(msgpack.Unpacker(open(f, "rb"), raw=False))
     got = sorted((r["reason"], r["message"]) for r in kept)
     want = sorted([("empty_message", b""), ("not_msgpack", b"\xc1"), ("not_a_map", b"\x92\x01\x02"),
-                   ("trailing_bytes", envelope(5000) + b"\x00"), ("trailing_bytes", envelope(6000) + envelope(6001))])
+                   ("trailing_bytes", envelope(5000) + b"\x00")]
+                  + [("multi_frame", mark_multi_frame(frames)) for frames in multipart])
     assert got == want, got
     ctx.term()
 

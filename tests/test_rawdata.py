@@ -10,6 +10,7 @@ import pytest
 
 import eclreco
 from eclreco import _core, rawdata
+from eclreco.raw_sockets import mark_multi_frame, recv_message
 from _raw_helpers import MessageSource, block, hit, random_digits, run_path, shaper, words
 
 GOOD_PAYLOAD = words(block(1, 3), shaper(1, 0b101), hit(40, 1, 0), hit(70, -1, 2))
@@ -35,10 +36,16 @@ def raw_map(*pairs):
 
 
 VALID = pack(env())
+MARK = _core.MULTI_FRAME_TAG  # in-band mark of a multipart ZeroMQ message (raw_sockets.mark_multi_frame)
 
 BAD_ENVELOPES = {
     "empty_message": [b""],
-    "not_msgpack": [b"\xc1", b"\x82\xa1v\x01\xc1"],
+    "not_msgpack": [b"\xc1", b"\x82\xa1v\x01\xc1",
+                    # the mark with sizes that do not account for the bytes (or 1 frame) is no mark
+                    MARK + struct.pack(">3Q", 2, 10, len(VALID) - 9) + VALID, MARK + struct.pack(">2Q", 1, len(VALID)) + VALID,
+                    MARK + struct.pack(">Q", 2), MARK + struct.pack(">Q", 1 << 61) + VALID, MARK + struct.pack(">3Q", 2, 1 << 63, 1 << 63)],
+    "multi_frame": [mark_multi_frame([VALID[:10], VALID[10:]]), mark_multi_frame([VALID, b""]),
+                    mark_multi_frame([b"", VALID]), mark_multi_frame([VALID, VALID]), mark_multi_frame([b""] * 20)],
     "truncated": [VALID[:-1], VALID[:10], b"\xc6\xff\xff\xff\xff"],
     "trailing_bytes": [VALID + b"\x00", VALID + VALID],
     "not_a_map": [pack([1, 2]), pack(5), pack("v"), pack(b"x"), pack(None)],
@@ -56,7 +63,7 @@ BAD_ENVELOPES = {
                     pack(env(det=DROP)), pack(env(ecl=DROP)), pack({})],
     "bad_version": [pack(env(v=2)), pack(env(v=0)), pack(env(v=-1)), pack({"v": 2, "whatever": 1})],
     "unknown_detector": [pack(env(det="belle2")), pack(env(det="")), pack(env(det="ARRAY30"))],
-    "out_of_range": [pack(env(exp=-1)), pack(env(run=1 << 32)), pack(env(evt=1 << 32)), pack(env(evt=-5)),
+    "out_of_range": [pack(env(exp=-1)), pack(env(run=-1)), pack(env(exp=-(1 << 63))), pack(env(evt=1 << 32)), pack(env(evt=-5)),
                      pack(env(time_ns=1 << 63)), pack(env(crc32=1 << 32)), pack(env(crc32=-1))],
     "crc_mismatch": [pack(env(crc32=zlib.crc32(GOOD_PAYLOAD) ^ 1)), pack(env(ecl=b"", crc32=1))],
 }
@@ -88,6 +95,108 @@ def test_envelope_rejection_in_path(reason):
     for e in (events[0], events[-1]):
         assert e["digits"]["cell"].tolist() == [1, 3] and e["digits"]["amplitude"].tolist() == [40, 70]
     assert [events[0]["evt"], events[-1]["evt"]] == [100, 101]
+
+
+def test_multipart_zmq_message_is_marked_and_rejected(tmp_path):
+    """Spec, Transport: one event per message, a single frame. recv_message marks a multipart
+    message (the tag, the frame count, each frame's size, the frames) and the decoder rejects it
+    as multi_frame, saying how many frames; a single frame is returned as it is."""
+    import zmq
+
+    second = pack(env(evt=4))
+    assert mark_multi_frame([VALID[:10], VALID[10:]]) == MARK + struct.pack(">3Q", 2, 10, len(VALID) - 10) + VALID
+    ctx = zmq.Context()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    pull.bind("inproc://multipart")
+    push.connect("inproc://multipart")
+    cases = [[VALID[:10], VALID[10:]], [VALID, b""], [b"", VALID], [VALID, second], [VALID, b"", second]]
+    for frames in cases + [[VALID]]:
+        push.send_multipart(frames)
+        got = recv_message(pull, 0)
+        if len(frames) == 1:
+            assert got == VALID and rawdata.decode_envelope(got)["evt"] == 3
+            continue
+        assert got == mark_multi_frame(frames)
+        with pytest.raises(rawdata.RawDataError) as e:
+            rawdata.decode_envelope(got)
+        assert e.value.reason == "multi_frame"
+        assert e.value.detail.startswith(f"a ZeroMQ message of {len(frames)} frames ({', '.join(str(len(f)) for f in frames)} bytes)")
+    ctx.destroy(0)
+    # only a ZeroMQ receiver marks: in a raw file (framed by decode_envelope_prefix) it is garbage
+    f = tmp_path / "marked.msgpack"
+    f.write_bytes(VALID + mark_multi_frame([VALID, VALID]))
+    events, stats = run_path(_file_source(f), unpack=False)
+    assert stats["rejected_by_reason"] == {"not_msgpack": 1}
+
+
+def test_exp_and_run_are_64_bit():
+    """Spec: exp and run are ints >= 0 (only evt is bounded, < 2^32): any MessagePack uint is
+    valid, in any width (they were rejected from 2^32 on). 2^64 cannot be a MessagePack int: the
+    encoder refuses it, and written as a float or an ext it is wrong_type; negative stays
+    out_of_range."""
+    for exp, run in [(2 ** 64 - 1, 2 ** 64 - 1), (1, 202406011200), (2 ** 32, 2 ** 32), (0, 2 ** 63)]:
+        d = rawdata.decode_envelope(pack(env(exp=exp, run=run)))
+        assert (d["exp"], d["run"]) == (exp, run)
+    m = b"\x86" + pack("v") + signed(0xD3, 1) + pack("exp") + signed(0xD3, 2 ** 63 - 1) + pack("run") + \
+        b"\xcf" + (2 ** 64 - 1).to_bytes(8, "big") + b"".join(pack(k) + pack(v) for k, v in env().items() if k in ("evt", "det", "ecl"))
+    assert (rawdata.decode_envelope(m)["exp"], rawdata.decode_envelope(m)["run"]) == (2 ** 63 - 1, 2 ** 64 - 1)
+    with pytest.raises(OverflowError):
+        pack(2 ** 64)
+    for bad, reason in [(pack(env(exp=float(2 ** 64))), "wrong_type"), (pack(env(run=msgpack.ExtType(1, b"\x01" * 9))), "wrong_type"),
+                        (pack(env(exp=-1)), "out_of_range"), (pack(env(run=-(2 ** 63))), "out_of_range")]:
+        with pytest.raises(rawdata.RawDataError) as e:
+            rawdata.decode_envelope(bad)
+        assert e.value.reason == reason
+    one = dict(offsets=[0, 1], cell=[1], amplitude=[100], time_ticks=[0], quality=[0])
+    msg, = rawdata.encode_events("belle2-ecl", 2 ** 64 - 1, np.array([202406011200], np.uint64), 2 ** 32 - 1, **one)
+    assert (msgpack.unpackb(msg)["exp"], msgpack.unpackb(msg)["run"]) == (2 ** 64 - 1, 202406011200)
+    for over, match in [({"exp": 2 ** 64}, "exp must be in 0..2\\^64-1"), ({"run": -1}, "run must be in 0..2\\^64-1"),
+                        ({"evt": 2 ** 32}, "evt must be in 0..2\\^32-1"), ({"exp": 1.0}, "exp must be an int"),
+                        ({"run": [1, 2]}, "one entry per event")]:
+        args = {"exp": 0, "run": 1, "evt": 0, **over}
+        with pytest.raises(ValueError, match=match):
+            rawdata.encode_events("belle2-ecl", args["exp"], args["run"], args["evt"], **one)
+
+
+def test_exp_and_run_64_bit_through_the_chain(tmp_path):
+    """exp = run = 2^64 - 1 and run = 202406011200 from the raw file to the ROOT file (uint64
+    branches), begin_run/end_run and the run boundaries, and the quarantine of a rejected one."""
+    import uproot
+
+    ids = [(2 ** 64 - 1, 2 ** 64 - 1, 1), (1, 202406011200, 2), (1, 202406011201, 3), (0, 2 ** 32, 4), (1, 0, 5)]
+    msgs = [pack(env(exp=e, run=r, evt=v)) for e, r, v in ids] + [pack(env(exp=2 ** 64 - 1, run=2 ** 63, evt=6, det="x"))]
+    raw = tmp_path / "ids.msgpack"
+    rawdata.write_raw_file(raw, msgs)
+
+    class Runs(eclreco.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def begin_run(self, exp, run):
+            self.calls.append(("begin", exp, run))
+
+        def end_run(self, exp, run):
+            self.calls.append(("end", exp, run))
+
+    runs = Runs()
+    path = eclreco.create_path()
+    path.add_module("RawFileInput", filename=str(raw))
+    path.add_module("ECLUnpacker")
+    path.add_module("ECLClusterizer")
+    path.add_module(runs)
+    path.add_module("RejectedOutput", filename=str(tmp_path / "rejected.msgpack"))
+    path.add_module("RootOutput", filename=str(tmp_path / "ids.root"))
+    eclreco.process(path, batch_size=4, install_signal_handlers=False)
+    assert eclreco.statistics.summary()["rejected_by_reason"] == {"unknown_detector": 1}
+    with uproot.open(tmp_path / "ids.root") as f:
+        t = f["events"].arrays(["exp", "run", "evt"], library="np")
+    assert t["exp"].dtype == np.uint64 and t["run"].dtype == np.uint64
+    assert list(zip(t["exp"].tolist(), t["run"].tolist(), t["evt"].tolist())) == ids
+    assert runs.calls == [c for e, r, _ in ids for c in (("begin", e, r), ("end", e, r))]
+    with open(tmp_path / "rejected.msgpack", "rb") as f:
+        rec, = msgpack.Unpacker(f, raw=False)
+    assert (rec["exp"], rec["run"], rec["evt"], rec["reason"]) == (2 ** 64 - 1, 2 ** 63, 6, "unknown_detector")
 
 
 def test_valid_envelope_variants():
@@ -221,6 +330,55 @@ def test_raw_file_input_round_trip(tmp_path):
         assert sorted(d["cell"][off[i]:off[i + 1]].tolist()) == e["digits"]["cell"].tolist()
 
 
+def deep_truth(depth, evt=3):
+    """A valid envelope whose truth (ignored by the reconstruction) nests `depth` arrays deep."""
+    return b"\x87" + b"".join(pack(k) + pack(v) for k, v in env(evt=evt).items()) + pack("truth") \
+        + b"\x81\xa1a" + b"\x91" * depth + b"\xc0"
+
+
+def test_split_stream_frames_as_raw_file_input(tmp_path):
+    """read_raw_file / split_stream (the DAQ emulator, hlt run, benchmarks) frame a raw file with
+    the C++ decoder, exactly as RawFileInput does: a valid envelope whose truth nests 1024 levels
+    or more used to stop Python's msgpack (ValueError: the file could not be replayed at all).
+    Bytes that cannot be framed raise a ValueError naming their byte offset."""
+    msgs = [deep_truth(d, evt=k) for k, d in enumerate([10, 1023, 1024, 5000, 100_000])]
+    msgs += [pack([1, 2]), pack(env(evt=9, det="x")), pack(env(evt=10))]  # framed, then rejected / valid
+    f = tmp_path / "deep.msgpack"
+    rawdata.write_raw_file(f, msgs)
+    assert rawdata.split_stream(b"".join(msgs)) == msgs
+    assert rawdata.split_stream(bytearray(b"".join(msgs))) == msgs
+    assert rawdata.read_raw_file(f) == msgs
+    assert rawdata.split_stream(b"") == []
+
+    class Framed(eclreco.Module):  # what RawFileInput framed: each event's message and reason
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def ordered(self):
+            return True
+
+        def event(self, batch):
+            raw, rej = batch["RawEnvelopes"], batch.rejections()
+            self.seen += [(bytes(raw["bytes"][raw.offsets[i]:raw.offsets[i + 1]]), rej.get(i, ("",))[0])
+                          for i in range(len(batch))]
+
+    framed = Framed()
+    path = eclreco.create_path()
+    path.add_module(_file_source(f))
+    path.add_module(framed)
+    eclreco.process(path, batch_size=3, install_signal_handlers=False)
+    assert framed.seen == list(zip(msgs, [""] * 5 + ["not_a_map", "unknown_detector", ""]))
+    head = b"".join(msgs[:2])
+    for tail, reason in [(b"\xc1" + msgs[0], "not_msgpack"), (msgs[0][:-1], "truncated"),
+                         (b"\x81\xa1a\xc1", "not_msgpack")]:
+        with pytest.raises(ValueError, match=f"^{reason} at byte {len(head)} of {len(head + tail)}: .*2 message"):
+            rawdata.split_stream(head + tail)
+        f.write_bytes(head + tail)
+        with pytest.raises(ValueError, match=f"^raw file '{f}': {reason} at byte {len(head)} "):
+            rawdata.read_raw_file(f)
+
+
 def test_raw_file_input_missing_file(tmp_path):
     with pytest.raises(Exception, match="cannot open raw file"):
         run_path(_file_source(tmp_path / "none.msgpack"))
@@ -297,6 +455,29 @@ def test_append_envelopes_accepts_buffers_and_extends():
     assert list(ref.offsets) == [0, 1, 2, 3, 4] and list(ref["size"]) == [16, 16, 16, 0]
     with pytest.raises(TypeError):
         _core.append_envelopes(b, [123])
+
+
+def test_append_envelopes_reads_strided_buffers_in_their_logical_order():
+    """A buffer that is not one run of memory (a strided or reversed view) is copied in its
+    logical order, as bytes(view) reads it: its bytes used to be read from its pointer as if
+    contiguous (other bytes decoded, or a read past the end of the memory for a reversed one).
+    Buffers of wider items or more dimensions are refused."""
+    m = pack(env(evt=77))
+    interleaved = np.full(2 * len(m), 0xC1, np.uint8)
+    interleaved[::2] = np.frombuffer(m, np.uint8)
+    reversed_ = np.frombuffer(m[::-1], np.uint8).copy()
+    views = [memoryview(interleaved)[::2], memoryview(reversed_)[::-1], interleaved[::2], reversed_[::-1],
+             np.frombuffer(m, np.uint8).astype(np.int8)[:]]
+    assert all(bytes(v) == m for v in views)
+    events, stats = run_path(MessageSource(views))
+    assert stats["rejected"] == 0 and [e["evt"] for e in events] == [77] * len(views)
+    b = eclreco.EventBatch(0)
+    _core.append_envelopes(b, [memoryview(interleaved)[::2]])
+    raw = b["RawEnvelopes"]
+    assert bytes(raw["bytes"][raw.offsets[0]:raw.offsets[1]]) == m  # the quarantine keeps the logical bytes
+    for bad in [np.frombuffer(m[:len(m) // 4 * 4], np.uint32), np.frombuffer(m[:40], np.uint8).reshape(4, 10)]:
+        with pytest.raises(TypeError, match="1-d buffer of bytes"):
+            _core.append_envelopes(b, [bad])
 
 
 def test_envelopes_in_one_frame_reach_the_batch_in_any_split():
@@ -393,35 +574,55 @@ def test_daq_emulator_delivers_everything(tmp_path):
 
 
 def test_loop_renumbering_changes_only_the_evt_bytes():
-    """A looped replay keeps every byte but evt's: bad input stays bad (a repeated key, a wrong
-    CRC, a signed-int width); what has no single evt int is replayed unchanged."""
+    """A looped replay renumbers every valid envelope (found by the reconstruction's decoder, also
+    one with a truth nested 2000 levels deep or holding non-UTF-8 strings, whose evt used to repeat
+    in every pass) and changes only the bytes of its evt; a message that is not a valid envelope
+    (a repeated key, a wrong CRC, garbage ...) has no identity and is replayed unchanged."""
     from eclreco.daq import LoopRenumbering
 
-    good = pack(env(evt=5, crc32=zlib.crc32(GOOD_PAYLOAD)))
+    good = pack(env(evt=5, crc32=zlib.crc32(GOOD_PAYLOAD), time_ns=-7))
+    signed_evt = b"\x86" + b"".join(pack(k) + (signed(0xD3, v) if k == "evt" else pack(v)) for k, v in env(evt=7).items())
+    deep = deep_truth(2000, evt=6)
+    not_utf8 = b"\x87" + b"".join(pack(k) + pack(v) for k, v in env(evt=4).items()) + pack("truth") + b"\x81\xa1a\xa2\xff\xfe"
+    valid = [good, signed_evt, deep, not_utf8]
     dup_crc = raw_map(("v", 1), ("exp", 1), ("run", 2), ("evt", 7), ("det", "belle2-ecl"), ("ecl", GOOD_PAYLOAD),
                       ("crc32", 1), ("crc32", zlib.crc32(GOOD_PAYLOAD)))
+    bad_crc = pack(env(evt=8, crc32=1))
     dup_evt = BAD_ENVELOPES["duplicate_key"][0]
     wide = pack(env(evt=9))[:-len(pack(GOOD_PAYLOAD))]  # truncated before the payload: not framable
-    msgs = [good, dup_crc, dup_evt, wide, b"\xc1", pack([1, 2]), pack(env(evt=True))]
+    invalid = [dup_crc, bad_crc, dup_evt, wide, b"\xc1", pack([1, 2]), pack(env(evt=True)), mark_multi_frame([good, good])]
+    msgs = valid + invalid
     r = LoopRenumbering(msgs)
-    for k, m in enumerate(msgs):
-        assert r.message(k, 0) == m if r.offsets[k] < 0 else msgpack.unpackb(r.message(k, 0)) == msgpack.unpackb(m)
-    assert [o >= 0 for o in r.offsets] == [True, True, False, False, False, False, False]
-    assert r.span == 3  # evt 5 and 7
-    for k in (0, 1):
-        again = bytes(r.message(k, 2))
-        i = again.index(b"\xa3evt") + 4
-        assert again[i] == 0xCE and int.from_bytes(again[i + 1: i + 5], "big") == (5, 7)[k] + 6
-        assert again[:i] == msgs[k][:i] and again[i + 5:] == msgs[k][i + 1:]  # only evt's bytes differ (05 -> ce 00 00 00 0b)
+    assert [o >= 0 for o in r.offsets] == [True] * len(valid) + [False] * len(invalid)
+    assert r.span == 4  # evt 4..7 of the valid envelopes
+    seen = set()
+    for k, m in enumerate(valid):
+        orig = rawdata.decode_envelope(m)
+        start, stop = orig["evt_offset"], orig["evt_offset"] + orig["evt_size"]
+        assert msgpack.unpackb(m[start:stop]) == orig["evt"]
+        for p in range(4):
+            again = bytes(r.message(k, p))
+            d = rawdata.decode_envelope(again)
+            assert d["evt"] == orig["evt"] + p * r.span
+            assert {x: d[x] for x in d if x not in ("evt", "payload_offset", "evt_offset", "evt_size")} == \
+                {x: orig[x] for x in orig if x not in ("evt", "payload_offset", "evt_offset", "evt_size")}
+            # only evt's bytes differ: rewritten once as a uint32 (ce + 4 bytes)
+            assert again == m[:start] + b"\xce" + d["evt"].to_bytes(4, "big") + m[stop:]
+            seen.add((d["exp"], d["run"], d["evt"]))
+    assert len(seen) == 4 * len(valid)  # unique in the stream over the passes
+    for k, m in enumerate(invalid, len(valid)):
+        with pytest.raises(rawdata.RawDataError):  # no identity: never renumbered
+            rawdata.decode_envelope(m)
+        for p in range(4):
+            assert bytes(r.message(k, p)) == m
     with pytest.raises(rawdata.RawDataError) as e:  # the repeated crc32 key stays a repeated key
-        rawdata.decode_envelope(bytes(r.message(1, 3)))
+        rawdata.decode_envelope(bytes(r.message(len(valid), 3)))
     assert e.value.reason == "duplicate_key"
-    assert rawdata.decode_envelope(bytes(r.message(0, 3)))["evt"] == 5 + 9
     # a message sent with a copy is patched in one reused buffer; one of >= 64 kB, which goes out
     # without a copy (libzmq may still hold the previous pass's buffer), gets a buffer per pass
     import zmq
 
-    big = msgpack.packb({"v": 1, "evt": 5, "pad": b"x" * zmq.COPY_THRESHOLD})
+    big = pack(env(evt=5, pad=b"x" * zmq.COPY_THRESHOLD))
     r = LoopRenumbering([good, big])
     assert r.message(0, 1) is r.message(0, 2)
     first, second = r.message(1, 1), r.message(1, 2)

@@ -95,6 +95,46 @@ def test_zmq_input_refuses_oversized_messages():
     assert inp.counters()["bytes_received"] < 100_000
 
 
+def test_zmq_input_rejects_and_keeps_multipart_messages(tmp_path):
+    """Spec, Transport: one event per message, a single frame. A multipart message (an envelope
+    split over two frames, beside an empty frame, two envelopes) is rejected as multi_frame,
+    counted and quarantined with its frames; the joined frames used to pass for a valid event."""
+    import msgpack
+
+    from eclreco.raw_sockets import mark_multi_frame
+
+    address = free_address()
+    quarantine = tmp_path / "rejected.msgpack"
+    path = eclreco.create_path()
+    path.add_module("ZMQInput", address=address, idle_timeout_s=1.0, max_latency_ms=5.0)
+    reduced_chain(path)
+    path.add_module("RejectedOutput", filename=str(quarantine))
+    m = envelope(42)
+    multipart = [[m[:10], m[10:]], [m, b""], [b"", m], [m, envelope(43)]]
+
+    def feed():
+        s = zmq.Context.instance().socket(zmq.PUSH)
+        s.setsockopt(zmq.LINGER, 5000)
+        s.connect(address)
+        s.send(envelope(1))
+        for frames in multipart:
+            s.send_multipart(frames)
+        s.send(envelope(2))
+        s.close()
+
+    t = threading.Thread(target=feed)
+    t.start()
+    eclreco.process(path, install_signal_handlers=False)
+    t.join()
+    s = eclreco.statistics.summary()
+    assert (s["received"], s["processed"], s["rejected"]) == (6, 2, 4)
+    assert s["rejected_by_reason"] == {"multi_frame": 4}
+    with open(quarantine, "rb") as f:
+        kept = list(msgpack.Unpacker(f, raw=False))
+    assert [(r["reason"], r["message"]) for r in kept] == [("multi_frame", mark_multi_frame(fr)) for fr in multipart]
+    assert all(r["detail"].startswith("a ZeroMQ message of 2 frames") for r in kept)
+
+
 def test_reco_steering_zmq_sigint(tmp_path, repo_dir):
     """steering/reco.py -i tcp://... ends cleanly on SIGINT with a readable output."""
     import urllib.request

@@ -150,7 +150,7 @@ void register_batch(py::module_& m) {
       .def_readwrite("sequence", &EventBatch::sequence)
 #define META(field, T)                                                                         \
   .def_property_readonly(#field, [](EventBatch& b) { return column_view(*b.metadata().at(#field), true); })
-      META(exp, uint32_t) META(run, uint32_t) META(evt, uint32_t) META(time_ns, int64_t) META(detector, uint8_t)
+      META(exp, uint64_t) META(run, uint64_t) META(evt, uint32_t) META(time_ns, int64_t) META(detector, uint8_t)
 #undef META
       // read-only: an event is rejected or flagged with its reason (reject, flag_error), so that it is counted
       .def_property_readonly("error_flags", [](EventBatch& b) { return column_view(*b.metadata().at("error_flags"), false); })

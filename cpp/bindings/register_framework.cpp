@@ -71,7 +71,7 @@ thread_local PythonCall::Kept PythonCall::kept_;
 class PyModule : public Module {
  public:
   void initialize() override { call("initialize"); }
-  void begin_run(uint32_t exp, uint32_t run) override { call("begin_run", exp, run); }
+  void begin_run(uint64_t exp, uint64_t run) override { call("begin_run", exp, run); }
   void event(fw::EventBatch& batch) override {
     PythonCall gil;
     struct InEvent {
@@ -85,7 +85,7 @@ class PyModule : public Module {
       rethrow_python(e);
     }
   }
-  void end_run(uint32_t exp, uint32_t run) override { call("end_run", exp, run); }
+  void end_run(uint64_t exp, uint64_t run) override { call("end_run", exp, run); }
   void terminate() override { call("terminate"); }
   bool is_source() const override { return flag("is_source", false); }
   bool ordered() const override { return flag("ordered", false); }

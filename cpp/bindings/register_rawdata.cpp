@@ -13,19 +13,30 @@
 
 namespace {
 
-// Bytes of a Python object: bytes (zero copy, kept alive by `keep`) or anything with the buffer
-// protocol (copied into `copy`).
+// Bytes of a Python object: bytes (zero copy, kept alive by `keep`) or a 1-d buffer of bytes
+// (bytearray, memoryview, uint8 array), copied into `copy` in its logical order: a strided or
+// reversed view (memoryview(a)[::2], a[::-1]) is not one run of memory from its pointer, and
+// reading size bytes from there decoded other bytes or read past the end of its memory.
 rawdata::MessageRef message_of(py::handle obj, std::vector<py::object>& keep, std::string& copy) {
   if (PyBytes_Check(obj.ptr())) {
     keep.push_back(py::reinterpret_borrow<py::object>(obj));
     return {reinterpret_cast<const uint8_t*>(PyBytes_AS_STRING(obj.ptr())),
             static_cast<size_t>(PyBytes_GET_SIZE(obj.ptr()))};
   }
-  if (!PyObject_CheckBuffer(obj.ptr()))
-    throw py::type_error("a raw message must be bytes (or a buffer), got " +
-                         std::string(py::str(py::type::of(obj).attr("__name__"))));
-  py::buffer_info info = py::reinterpret_borrow<py::buffer>(obj).request();
-  copy.assign(static_cast<const char*>(info.ptr), static_cast<size_t>(info.size * info.itemsize));
+  const std::string type = py::str(py::type::of(obj).attr("__name__"));
+  if (!PyObject_CheckBuffer(obj.ptr())) throw py::type_error("a raw message must be bytes (or a buffer of bytes), got " + type);
+  Py_buffer view;
+  if (PyObject_GetBuffer(obj.ptr(), &view, PyBUF_FULL_RO) != 0) throw py::error_already_set();
+  struct Release {
+    Py_buffer* v;
+    ~Release() { PyBuffer_Release(v); }
+  } release{&view};
+  if (view.itemsize != 1 || view.ndim > 1)
+    throw py::type_error("a raw message must be bytes or a 1-d buffer of bytes, got a " + type + " of " +
+                         std::to_string(view.ndim) + " dimension(s) and " + std::to_string(view.itemsize) +
+                         "-byte items (pass bytes(...) or a uint8 view)");
+  copy.resize(static_cast<size_t>(view.len));
+  if (view.len && PyBuffer_ToContiguous(copy.data(), &view, view.len, 'C') != 0) throw py::error_already_set();
   return {reinterpret_cast<const uint8_t*>(copy.data()), copy.size()};
 }
 
@@ -121,12 +132,15 @@ void register_rawdata(py::module_& m) {
         d["crc32"] = e.has_crc ? py::object(py::int_(e.crc32)) : py::none();
         d["payload_offset"] = e.payload_offset;
         d["payload_size"] = e.payload_size;
+        d["evt_offset"] = e.evt_offset;
+        d["evt_size"] = e.evt_size;
         d["ecl"] = py::bytes(v.data() + e.payload_offset, e.payload_size);
         return d;
       },
       py::arg("message"),
       "Decode one envelope: a dict (exp, run, evt, det, detector, time_ns, crc32, payload_offset, "
-      "payload_size, ecl); ValueError('reason: detail') when it is malformed.");
+      "payload_size, evt_offset, evt_size (the bytes of the evt int), ecl); ValueError('reason: detail') "
+      "when it is malformed.");
 
   m.def(
       "unpack_payload",
@@ -165,6 +179,43 @@ void register_rawdata(py::module_& m) {
       py::arg("t0") = py::none(),
       "Unpack one ECL payload: dict of numpy arrays (cell, energy, time, quality, amplitude) sorted by "
       "cellId; ValueError('reason: detail') when it breaks a rule of the format.");
+
+  m.def(
+      "frame_stream",
+      [](py::handle data) {
+        Py_buffer view;  // contiguous bytes (bytes, bytearray, mmap, ...), BufferError otherwise
+        if (PyObject_GetBuffer(data.ptr(), &view, PyBUF_SIMPLE) != 0) throw py::error_already_set();
+        struct Release {
+          Py_buffer* v;
+          ~Release() { PyBuffer_Release(v); }
+        } release{&view};
+        const auto* p = static_cast<const uint8_t*>(view.buf);
+        const auto size = static_cast<size_t>(view.len);
+        std::vector<int64_t> offsets{0};
+        size_t pos = 0;
+        ecl::Envelope e;
+        {
+          py::gil_scoped_release nogil;  // the exported buffer stays valid until `release`
+          while (pos < size) {
+            e = ecl::decode_envelope_prefix(p + pos, size - pos);
+            if (e.message_size == 0) break;
+            pos += e.message_size;
+            offsets.push_back(static_cast<int64_t>(pos));
+          }
+        }
+        py::array_t<int64_t> off(static_cast<py::ssize_t>(offsets.size()));
+        std::memcpy(off.mutable_data(), offsets.data(), offsets.size() * sizeof(int64_t));
+        py::object error = py::none();
+        if (pos < size) error = py::make_tuple(pos, e.reason, e.detail);
+        return py::make_tuple(off, error);
+      },
+      py::arg("data"),
+      "Frame a MessagePack stream (a raw file) as RawFileInput does (decode_envelope_prefix): (offsets "
+      "int64 [n + 1], error), message k being data[offsets[k]:offsets[k + 1]]; error is None when every "
+      "byte was framed, else (byte offset, reason, detail) of the first bytes that cannot be (not_msgpack, "
+      "truncated), where framing stopped. Invalid envelopes that are whole MessagePack objects are framed.");
+
+  m.attr("MULTI_FRAME_TAG") = py::bytes(ecl::kMultiFrameTag, ecl::kMultiFrameTagSize);
 
   m.def(
       "crc32",

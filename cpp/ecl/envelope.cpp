@@ -25,6 +25,18 @@ Key key_of(const char* s, uint32_t n) {
   return kUnknown;
 }
 
+// Bytes of the MessagePack int whose first byte is b (0 when b starts no int).
+size_t int_size(uint8_t b) {
+  if (b <= 0x7f || b >= 0xe0) return 1;  // positive / negative fixint
+  switch (b) {
+    case 0xcc: case 0xd0: return 2;
+    case 0xcd: case 0xd1: return 3;
+    case 0xce: case 0xd2: return 5;
+    case 0xcf: case 0xd3: return 9;
+    default: return 0;
+  }
+}
+
 const char* type_word(int t) {
   static const char* names[] = {"nil", "bool", "int", "float", "str", "bin", "ext", "array", "map"};
   return names[t];
@@ -49,9 +61,24 @@ class EnvelopeVisitor : public msgpack::null_visitor {
       case kV:
         if (v != 1) version_error("bad_version", "v = " + std::to_string(v) + ": only version 1 is known");
         break;
-      case kExp: set_id(env_.exp, kKnownExp, v); break;
-      case kRun: set_id(env_.run, kKnownRun, v); break;
-      case kEvt: set_id(env_.evt, kKnownEvt, v); break;
+      case kExp:
+        env_.exp = v;
+        env_.known |= kKnownExp;
+        break;
+      case kRun:
+        env_.run = v;
+        env_.known |= kKnownRun;
+        break;
+      case kEvt:
+        if (v > 0xFFFFFFFFull) {
+          error("out_of_range", "evt = " + std::to_string(v) + " is not below 2^32");
+        } else {
+          env_.evt = static_cast<uint32_t>(v);
+          env_.known |= kKnownEvt;
+          env_.evt_offset = value_offset_;
+          env_.evt_size = int_size(static_cast<uint8_t>(base_[value_offset_]));
+        }
+        break;
       case kTimeNs:
         if (v > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
           error("out_of_range", "time_ns = " + std::to_string(v) + " does not fit int64");
@@ -94,6 +121,7 @@ class EnvelopeVisitor : public msgpack::null_visitor {
   bool visit_str(const char* s, uint32_t n) {
     if (in_top_key()) {
       key_ = key_of(s, n);
+      value_offset_ = static_cast<size_t>(s + n - base_);  // the value follows the key's bytes
       return true;
     }
     if (top_value() && key_ == kDet) {
@@ -228,14 +256,6 @@ class EnvelopeVisitor : public msgpack::null_visitor {
     else
       error("wrong_type", what);
   }
-  void set_id(uint32_t& field, uint8_t bit, uint64_t v) {
-    if (v > 0xFFFFFFFFull) {
-      error("out_of_range", std::string(kKeyNames[key_]) + " = " + std::to_string(v) + " is not below 2^32");
-      return;
-    }
-    field = static_cast<uint32_t>(v);
-    env_.known |= bit;
-  }
   void error(const char* reason, std::string detail) {
     if (first_reason_) return;
     first_reason_ = reason;
@@ -263,12 +283,40 @@ class EnvelopeVisitor : public msgpack::null_visitor {
   bool started_ = false, is_map_ = false, in_key_ = false;
   VType top_type_ = TNil;
   int key_ = kUnknown;
+  size_t value_offset_ = 0;  // where the value of the current top-level (string) key starts
   unsigned seen_ = 0;
   const char* first_reason_ = nullptr;
   std::string first_detail_;
   const char* version_reason_ = nullptr;
   std::string version_detail_;
 };
+
+// A multipart ZeroMQ message marked by its receiver (kMultiFrameTag in envelope.hpp).
+bool multi_frame(const uint8_t* data, size_t size, Envelope& env) {
+  constexpr size_t head = kMultiFrameTagSize + 8;
+  if (size < head || std::memcmp(data, kMultiFrameTag, kMultiFrameTagSize) != 0) return false;
+  auto be64 = [](const uint8_t* p) {
+    uint64_t v = 0;
+    for (int i = 0; i < 8; ++i) v = v << 8 | p[i];
+    return v;
+  };
+  const uint64_t n = be64(data + kMultiFrameTagSize);
+  size_t rest = size - head;
+  if (n < 2 || n > rest / 8) return false;
+  rest -= 8 * n;
+  std::string sizes;
+  for (uint64_t k = 0; k < n; ++k) {
+    const uint64_t s = be64(data + head + 8 * k);
+    if (s > rest) return false;
+    rest -= s;
+    if (k < 8) sizes += (k ? ", " : "") + std::to_string(s);
+  }
+  if (rest != 0) return false;
+  env.reason = "multi_frame";
+  env.detail = "a ZeroMQ message of " + std::to_string(n) + " frames (" + sizes + (n > 8 ? ", ..." : "") +
+               " bytes); an event is a message of a single frame";
+  return true;
+}
 
 Envelope decode(const uint8_t* data, size_t size, bool whole) {
   Envelope env;
@@ -277,6 +325,7 @@ Envelope decode(const uint8_t* data, size_t size, bool whole) {
     env.detail = "the message has no bytes";
     return env;
   }
+  if (whole && data[0] == 0xc1 && multi_frame(data, size, env)) return env;
   EnvelopeVisitor vis(data, env);
   size_t off = 0;
   const bool complete = msgpack::parse(reinterpret_cast<const char*>(data), size, off, vis);

@@ -21,18 +21,21 @@ struct Envelope {
   //   not_msgpack    bytes that are not MessagePack (e.g. the never-used byte 0xc1)
   //   truncated      the MessagePack object ends after the bytes do
   //   trailing_bytes bytes after the first complete object (decode_envelope only)
+  //   multi_frame    a multipart ZeroMQ message, marked by its receiver (kMultiFrameTag;
+  //                  decode_envelope only)
   //   not_a_map      the top-level object is not a map
   //   wrong_type     a key is not a string, or a known key holds the wrong type (nil included)
   //   duplicate_key  a known key appears twice
   //   missing_key    one of v, exp, run, evt, det, ecl is absent
   //   bad_version    v is an integer other than 1
   //   unknown_detector  det is a string other than "belle2-ecl" / "array30"
-  //   out_of_range   exp/run/evt negative or >= 2^32, time_ns beyond int64, crc32 beyond uint32
+  //   out_of_range   exp/run/evt negative, evt >= 2^32, time_ns beyond int64, crc32 beyond uint32
   //   crc_mismatch   crc32 present and not the zlib CRC-32 of the ecl bytes
   const char* reason = nullptr;
   std::string detail;  // human-readable explanation (empty when valid)
 
-  uint32_t exp = 0, run = 0, evt = 0;
+  uint64_t exp = 0, run = 0;  // any MessagePack uint (the spec bounds only evt)
+  uint32_t evt = 0;
   uint8_t known = 0;     // EnvelopeKnown bits
   uint8_t detector = 0;  // 0 belle2-ecl, 1 array30 (ecl::Detector)
   bool has_time = false;
@@ -41,12 +44,24 @@ struct Envelope {
   uint32_t crc32 = 0;
   // Where the ECL payload (the `ecl` bin) lies, relative to the start of the message.
   size_t payload_offset = 0, payload_size = 0;
+  // Where the bytes of the `evt` int lie (set with kKnownEvt): a replay that renumbers events
+  // (the DAQ emulator's loop) rewrites exactly these.
+  size_t evt_offset = 0, evt_size = 0;
   // Length of the first MessagePack object of the input (0 when it cannot be framed:
   // empty_message, not_msgpack, truncated).
   size_t message_size = 0;
 
   bool ok() const { return reason == nullptr; }
 };
+
+// The spec sends an event as one ZeroMQ message of a single frame. A receiver that gets a
+// multipart message hands it on in band (also through the HLT distributor to a worker) as:
+// this tag, the frame count n >= 2 and each frame's size (uint64 big-endian), the frames' bytes.
+// 0xc1 starts no MessagePack object, so no envelope reads like this; decode_envelope rejects it
+// as multi_frame and the marked bytes are what the quarantine keeps. Bytes that start with the
+// tag but whose sizes do not account for every byte are what they look like (not_msgpack).
+inline constexpr char kMultiFrameTag[] = "\xc1" "multi_frame";
+inline constexpr size_t kMultiFrameTagSize = sizeof(kMultiFrameTag) - 1;
 
 // Decodes one message that must be exactly one envelope (trailing bytes are an error).
 Envelope decode_envelope(const uint8_t* data, size_t size);

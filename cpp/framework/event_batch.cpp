@@ -40,7 +40,7 @@ void Collection::set_counts(const std::vector<int64_t>& counts) {
 }
 
 EventBatch::EventBatch(size_t n)
-    : exp_(Column::of<uint32_t>()), run_(Column::of<uint32_t>()), evt_(Column::of<uint32_t>()),
+    : exp_(Column::of<uint64_t>()), run_(Column::of<uint64_t>()), evt_(Column::of<uint32_t>()),
       time_ns_(Column::of<int64_t>()), flags_(Column::of<uint32_t>()), det_(Column::of<uint8_t>()) {
   resize(n);
 }

@@ -64,14 +64,15 @@ class EventBatch {
   uint64_t sequence = 0;  // position in the input stream, set by the processor
 
   // Per-event metadata.
-  uint32_t* exp() { return exp_.data<uint32_t>(); }
-  uint32_t* run() { return run_.data<uint32_t>(); }
+  // exp and run: any unsigned 64-bit int (the wire format bounds only evt, to 32 bits)
+  uint64_t* exp() { return exp_.data<uint64_t>(); }
+  uint64_t* run() { return run_.data<uint64_t>(); }
   uint32_t* evt() { return evt_.data<uint32_t>(); }
   int64_t* time_ns() { return time_ns_.data<int64_t>(); }
   uint32_t* error_flags() { return flags_.data<uint32_t>(); }
   uint8_t* detector() { return det_.data<uint8_t>(); }
-  const uint32_t* exp() const { return exp_.data<uint32_t>(); }
-  const uint32_t* run() const { return run_.data<uint32_t>(); }
+  const uint64_t* exp() const { return exp_.data<uint64_t>(); }
+  const uint64_t* run() const { return run_.data<uint64_t>(); }
   const uint32_t* evt() const { return evt_.data<uint32_t>(); }
   const int64_t* time_ns() const { return time_ns_.data<int64_t>(); }
   const uint32_t* error_flags() const { return flags_.data<uint32_t>(); }

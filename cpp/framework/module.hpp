@@ -27,9 +27,9 @@ class Module {
   const Parameters& params() const { return params_; }
 
   virtual void initialize() {}
-  virtual void begin_run(uint32_t /*exp*/, uint32_t /*run*/) {}
+  virtual void begin_run(uint64_t /*exp*/, uint64_t /*run*/) {}
   virtual void event(EventBatch& /*batch*/) {}
-  virtual void end_run(uint32_t /*exp*/, uint32_t /*run*/) {}
+  virtual void end_run(uint64_t /*exp*/, uint64_t /*run*/) {}
   virtual void terminate() {}
 
   // A source fills `batch` with up to max_events events; false once the data has ended (a last

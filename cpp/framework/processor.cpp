@@ -216,7 +216,7 @@ class Run {
     std::vector<EventBatch> out;
     std::vector<size_t> idx;
     bool have_key = false;
-    uint32_t kexp = 0, krun = 0;
+    uint64_t kexp = 0, krun = 0;
     auto flush = [&] {
       if (!idx.empty()) out.push_back(idx.size() == batch.size() ? std::move(batch) : batch.select(idx));
       idx.clear();
@@ -238,7 +238,7 @@ class Run {
     // Run boundary: finish what is in flight, then end_run / begin_run everywhere.
     for (size_t i = 0; i < batch.size(); ++i) {
       if (batch.is_rejected(i)) continue;
-      const uint32_t e = batch.exp()[i], r = batch.run()[i];
+      const uint64_t e = batch.exp()[i], r = batch.run()[i];
       if (!in_run_ || e != exp_ || r != run_) {
         drain();
         if (in_run_)
@@ -389,7 +389,7 @@ class Run {
   size_t first_ordered_ = 0;
   uint64_t received_ = 0, next_sequence_ = 0;
   bool in_run_ = false;
-  uint32_t exp_ = 0, run_ = 0;
+  uint64_t exp_ = 0, run_ = 0;
 
   std::vector<std::thread> workers_;
   std::mutex mu_;

@@ -24,11 +24,14 @@ from eclreco.rawdata import read_raw_file
 class LoopRenumbering:
     """Event numbers for the passes of a looped replay: (exp, run, evt) must be unique in a
     stream (spec/wire-format.md), and the collector drops a repeated one as a duplicate. Pass k
-    sends evt + k * span (span = max evt - min evt + 1 of the file). Only the bytes of the `evt`
-    value change: it is rewritten once as a fixed-width uint32, so that a pass costs an in-place
-    patch of 4 bytes per message, and every other byte stays as in the file (a replay of bad input
-    keeps its defect). Messages without exactly one top-level `evt` int in 0..2^32-1 (not a map,
-    truncated, a repeated key ...) are sent unchanged in every pass."""
+    sends evt + k * span (span = max evt - min evt + 1 of the file's valid envelopes). Every valid
+    envelope is renumbered: the messages are decoded by the reconstruction's own decoder (C++),
+    which also says where the bytes of `evt` lie (Python's msgpack, used before, gave up on a
+    valid envelope with a truth nested 1024 levels deep, whose evt then repeated in every pass).
+    Only those bytes change: evt is rewritten once as a fixed-width uint32, so that a pass costs
+    an in-place patch of 4 bytes per message, and every other byte stays as in the file. A message
+    that is not a valid envelope has no identity: it is sent unchanged in every pass (and rejected
+    with its reason each time)."""
 
     def __init__(self, messages: Sequence[bytes]):
         self.messages, self.offsets, self.evts = [], [], []
@@ -54,31 +57,14 @@ class LoopRenumbering:
 
     @staticmethod
     def _evt_span(m: bytes):
-        """(start, stop, evt): the bytes of the value of the one top-level "evt" key, or None."""
-        import msgpack
+        """(start, stop, evt): the bytes of the evt int of a valid envelope, or None."""
+        from eclreco import _core
 
         try:
-            u = msgpack.Unpacker(raw=False, strict_map_key=False)
-            u.feed(m)
-            found = []
-            for _ in range(u.read_map_header()):
-                key = u.unpack()
-                start = u.tell()
-                u.skip()
-                if key == "evt":
-                    found.append((start, u.tell()))
-        except Exception:  # noqa: BLE001 - not a map, truncated, garbage: replayed as it is
+            d = _core.decode_envelope(m if isinstance(m, bytes) else bytes(m))
+        except ValueError:  # not a valid envelope (the reconstruction rejects it): replayed as it is
             return None
-        if len(found) != 1:
-            return None
-        start, stop = found[0]
-        try:
-            evt = msgpack.unpackb(m[start:stop])
-        except Exception:  # noqa: BLE001
-            return None
-        if not isinstance(evt, int) or isinstance(evt, bool) or not 0 <= evt < 2 ** 32:
-            return None
-        return start, stop, evt
+        return d["evt_offset"], d["evt_offset"] + d["evt_size"], d["evt"]
 
     def message(self, idx: int, pass_k: int) -> bytes:
         """The message of pass pass_k. Valid until the next call for the same idx: a message sent

@@ -77,6 +77,28 @@ def _per_event(value, n: int, name: str, dtype) -> np.ndarray:
     return a.astype(dtype)
 
 
+def _per_event_ints(value, n: int, name: str, bits: int) -> list[int]:
+    """exp, run or evt of each event as Python ints in 0..2^bits-1 (the spec: exp and run any int
+    >= 0, a MessagePack uint reaches 2^64-1; evt < 2^32); numpy's int64 cannot hold them all."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, (np.ndarray, list, tuple, range)):
+        values = value.tolist() if isinstance(value, np.ndarray) else list(value)
+        if len(values) != n:
+            raise ValueError(f"{name} must be a scalar or have one entry per event ({n}), got {len(values)}")
+    else:
+        values = [value] * n
+    out = []
+    for v in values:
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise ValueError(f"{name} must be an int, got {type(v).__name__} {v!r}")
+        v = int(v)
+        if not 0 <= v < 1 << bits:
+            raise ValueError(f"{name} must be in 0..2^{bits}-1, got {v}")
+        out.append(v)
+    return out
+
+
 def encode_payloads(detector: str, offsets, cell, amplitude, time_ticks, quality) -> list[bytes]:
     """ECL payloads (bytes) of many events; digits of event i are [offsets[i], offsets[i+1])."""
     if detector not in N_CELLS:
@@ -164,19 +186,16 @@ def encode_events(detector: str, exp, run, evt, offsets, cell, amplitude, time_t
     """
     payloads = encode_payloads(detector, offsets, cell, amplitude, time_ticks, quality)
     n = len(payloads)
-    exp = _per_event(exp, n, "exp", np.int64)
-    run = _per_event(run, n, "run", np.int64)
-    evt = _per_event(evt, n, "evt", np.int64)
-    for name, a in (("exp", exp), ("run", run), ("evt", evt)):
-        if n and (a.min() < 0 or a.max() >= 1 << 32):
-            raise ValueError(f"{name} must be in 0..2^32-1")
+    exp = _per_event_ints(exp, n, "exp", 64)
+    run = _per_event_ints(run, n, "run", 64)
+    evt = _per_event_ints(evt, n, "evt", 32)
     tns = None if time_ns is None else _per_event(time_ns, n, "time_ns", np.int64)
     if truth is not None and len(truth) != n:
         raise ValueError(f"truth must have one entry per event ({n})")
     packer = msgpack.Packer(use_bin_type=True)
     out = []
     for k in range(n):
-        env = {"v": FORMAT_VERSION, "exp": int(exp[k]), "run": int(run[k]), "evt": int(evt[k]), "det": detector,
+        env = {"v": FORMAT_VERSION, "exp": exp[k], "run": run[k], "evt": evt[k], "det": detector,
                "ecl": payloads[k]}
         if tns is not None:
             env["time_ns"] = int(tns[k])
@@ -199,27 +218,31 @@ def write_raw_file(path: str | os.PathLike, messages: Iterable[bytes]) -> int:
 
 
 def split_stream(data: bytes) -> list[bytes]:
-    """Split a MessagePack stream into the bytes of its objects; ValueError if it cannot be framed."""
-    unpacker = msgpack.Unpacker(raw=True, strict_map_key=False, max_buffer_size=max(len(data), 1 << 20))
-    unpacker.feed(data)
-    out, start = [], 0
-    while start < len(data):
-        try:
-            unpacker.skip()
-        except msgpack.OutOfData:
-            raise ValueError(f"truncated MessagePack object at byte {start}") from None
-        except Exception as e:  # noqa: BLE001 - msgpack raises various errors on garbage
-            raise ValueError(f"not MessagePack at byte {start}: {e or type(e).__name__}") from None
-        end = unpacker.tell()
-        out.append(data[start:end])
-        start = end
-    return out
+    """Split a MessagePack stream (a raw file's bytes) into the bytes of its objects, framed by the
+    C++ decoder exactly as RawFileInput frames them: a message that is not a valid envelope but a
+    whole MessagePack object is one message (the reconstruction rejects it). Python's msgpack
+    framed differently (it refused a valid envelope whose truth nests 1024 levels deep). Bytes
+    that cannot be framed raise ValueError naming their byte offset (RawFileInput stops there)."""
+    if not isinstance(data, bytes):
+        data = bytes(data)
+    offsets, error = _core.frame_stream(data)
+    if error is not None:
+        at, reason, detail = error
+        raise ValueError(f"{reason} at byte {at} of {len(data)}: no MessagePack object can be framed from there "
+                         f"(the object starting there: {detail}; {len(offsets) - 1} message(s) before it)")
+    bounds = offsets.tolist()
+    return [data[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def read_raw_file(path: str | os.PathLike) -> list[bytes]:
-    """The messages of a raw file (bytes of each envelope, as on the wire)."""
+    """The messages of a raw file (bytes of each envelope, as on the wire), framed as RawFileInput
+    frames them; ValueError naming the file and the byte offset of bytes that cannot be framed."""
     with open(path, "rb") as f:
-        return split_stream(f.read())
+        data = f.read()
+    try:
+        return split_stream(data)
+    except ValueError as err:
+        raise ValueError(f"raw file '{os.fspath(path)}': {err}") from None
 
 
 def write_conditions(path: str | os.PathLike, detector: str, gain=None, t0=None) -> None:

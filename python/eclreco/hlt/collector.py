@@ -25,6 +25,13 @@ from eclreco import Module, _core
 from eclreco.hlt import protocol as P
 
 
+def event_key(exp: int, run: int, evt: int) -> int:
+    """(exp, run, evt) as one Python int of 160 bits: exp and run are up to 64 bits, evt 32 (a
+    64-bit key with exp << 48 made run 65536 of exp 0 collide with exp 1; one with run << 32 made
+    run 2^32 of exp 0 collide with exp 1 once run had 64 bits)."""
+    return (exp << 96) | (run << 32) | evt
+
+
 class RecentKeys:
     """The (exp, run, evt) keys of the last `window` events written: a repeat within the window is a
     duplicate. Bounded, so that a collector can run for days (a set of every key of a long run
@@ -274,11 +281,9 @@ class HLTCollectorInput(Module):
                     else:
                         link.seen.add(s)
             flags = m.meta["error_flags"]
-            # (exp, run, evt) as one Python int of 96 bits: each is up to 32 bits (a 64-bit key with
-            # exp << 48 made run 65536 of exp 0 collide with exp 1)
             for i, (e, r, v) in enumerate(zip(m.meta["exp"].tolist(), m.meta["run"].tolist(), m.meta["evt"].tolist())):
                 if keep[i] and not (flags[i] & eclreco.ERROR_REJECTED):
-                    if not link.keys.add_new((e << 64) | (r << 32) | v):
+                    if not link.keys.add_new(event_key(e, r, v)):
                         keep[i] = False
             link.duplicates += int(m.n - keep.sum())
             keeps.append(keep)

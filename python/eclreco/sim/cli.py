@@ -18,7 +18,7 @@ def _run(args) -> int:
                  "--energy-range LO HI needs 0 < LO < HI < 1000 GeV"),
                 (args.background is not None and not 0 <= args.background <= 100, "--background must be in 0..100"),
                 (args.seed < 0, "--seed must be >= 0"),
-                (not (0 <= args.exp < 2 ** 32 and 0 <= args.run < 2 ** 32), "--exp and --run must be in 0..2^32-1")]
+                (not (0 <= args.exp < 2 ** 64 and 0 <= args.run < 2 ** 64), "--exp and --run must be in 0..2^64-1")]
     for bad, what in problems:
         if bad:
             print(f"eclreco simulate: {what}", file=sys.stderr)
