@@ -20,6 +20,7 @@ import zmq
 import eclreco
 from eclreco.curve import Curve, generate_keys
 from eclreco.daq import emulate
+from eclreco.rawdata import write_raw_file
 from hlt_helpers import envelope, free_address, free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -140,23 +141,53 @@ def _zmq_input_run(keys, senders, idle=1.5):
 
 def test_curve_authorized_peer_processed_unknown_key_refused(keys, rogue_keys):
     ctx = zmq.Context()
+    res = {}
 
     def rogue(address):  # CURVE with a key the server does not know: its events never arrive
-        emulate([envelope(e) for e in range(5000, 5100)], address, context=ctx, linger_ms=1500,
-                curve=Curve(rogue_keys, "daq"), curve_server="reco")
+        res["rogue"] = emulate([envelope(e) for e in range(5000, 5100)], address, context=ctx, linger_ms=1500,
+                               curve=Curve(rogue_keys, "daq"), curve_server="reco")
 
     def plain(address):  # no CURVE at all against a CURVE server: refused as well
-        emulate([envelope(e) for e in range(6000, 6100)], address, context=ctx, linger_ms=1500)
+        res["plain"] = emulate([envelope(e) for e in range(6000, 6100)], address, context=ctx, linger_ms=1500)
 
     def good(address):
         time.sleep(0.3)
-        emulate([envelope(e) for e in range(300)], address, context=ctx, linger_ms=5000,
-                curve=Curve(keys, "daq"), curve_server="reco")
+        res["good"] = emulate([envelope(e) for e in range(300)], address, context=ctx, linger_ms=5000,
+                              curve=Curve(keys, "daq"), curve_server="reco")
 
     got, counters = _zmq_input_run(keys, [rogue, plain, good])
     ctx.term()
     assert sorted(got) == list(range(300))  # the authorized sender's events, and only those
     assert counters["auth_failures"] >= 1
+    # and each sender knows: the refused ones completed no handshake (the emulator's CLI then exits 1)
+    assert res["good"]["handshakes"] >= 1
+    assert res["rogue"]["handshakes"] == 0 and res["plain"]["handshakes"] == 0, res
+
+
+def test_daq_emulator_says_when_nothing_was_delivered(tmp_path, keys):
+    """The CURVE example fed to reco.py with the distributor's server key (the emulator's default):
+    every event was queued, none delivered. The emulator says so and exits 1 (it said 'sent'
+    and exited 0); with --curve-server reco the same run delivers and exits 0."""
+    raw = tmp_path / "ev.msgpack"
+    write_raw_file(raw, (envelope(e) for e in range(50)))
+    address = free_address()
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    Curve(keys, "reco").apply(pull, True, "")
+    pull.bind(address)
+    try:
+        base = ECLRECO + ["daq-emulator", "--input", str(raw), "--connect", address, "--curve-dir", keys,
+                          "--sched", "normal"]
+        r = subprocess.run(base, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "no receiver completed a handshake" in r.stdout, r.stdout + r.stderr
+        assert "--curve-server" in r.stdout
+        r = subprocess.run(base + ["--curve-server", "reco"], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stdout + r.stderr
+        got = []
+        while pull.poll(2000) and len(got) < 50:
+            got.append(pull.recv())
+        assert len(got) == 50
+    finally:
+        pull.close(0)
 
 
 def test_curve_farm_end_to_end(tmp_path, keys, rogue_keys):

@@ -106,6 +106,11 @@ def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: f
     sock.setsockopt(zmq.SNDHWM, 100000)
     if curve is not None:  # eclreco.curve.Curve: CURVE server when binding, else client of curve_server
         curve.apply(sock, bind, curve_server)
+    # A PUSH socket takes messages whether or not a receiver ever completes the handshake (none
+    # listening, a CURVE key it does not know): the handshakes tell the run that delivered nothing.
+    from eclreco.raw_sockets import ConnectionMonitor
+
+    handshakes = ConnectionMonitor(sock)
     (sock.bind if bind else sock.connect)(address)
     # 0: unbounded; without loop the file is sent at most once
     total = events if events > 0 else (0 if loop else len(messages))
@@ -148,13 +153,22 @@ def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: f
         pass
     finally:
         seconds = time.monotonic() - start
+        if sent:  # what is queued goes out during the linger, once a receiver has shaken hands
+            handshakes.wait_for_handshake(linger_ms * 1e-3)
+        handshakes.close()
         sock.close()
         if own_context:
             ctx.term()
-    result = {"sent": sent, "seconds": seconds, "rate_hz": sent / seconds if seconds > 0 else 0.0}
+    result = {"sent": sent, "seconds": seconds, "rate_hz": sent / seconds if seconds > 0 else 0.0,
+              "handshakes": handshakes.handshakes, "handshake_failures": handshakes.auth_failures}
     if report:
         report(f"[daq-emulator] sent {sent} events in {seconds:.3f} s: {result['rate_hz']:,.0f} Hz achieved"
                + (f" (asked {rate:,.0f} Hz)" if rate > 0 else " (as fast as possible)"))
+        if sent and not handshakes.handshakes:
+            report(f"[daq-emulator] error: no receiver completed a handshake with {address} "
+                   f"({handshakes.auth_failures} failed handshakes); the {sent} events were not delivered"
+                   + (" (CURVE: does the receiver know this key, and is --curve-server its key name?)"
+                      if curve is not None else ""))
     return result
 
 
@@ -172,10 +186,10 @@ def run_daq_emulator(args: argparse.Namespace) -> int:
           f"{'binding' if args.bind else 'connecting'} PUSH {address}", flush=True)
     from eclreco.curve import Curve
 
-    emulate(messages, address, bind=bool(args.bind), rate=args.rate, loop=args.loop, events=args.events,
-            report=lambda s: print(s, flush=True), curve=Curve.from_args(args, "daq"),
-            curve_server=args.curve_server, tick_s=args.tick_ms * 1e-3)
-    return 0
+    res = emulate(messages, address, bind=bool(args.bind), rate=args.rate, loop=args.loop, events=args.events,
+                  report=lambda s: print(s, flush=True), curve=Curve.from_args(args, "daq"),
+                  curve_server=args.curve_server, tick_s=args.tick_ms * 1e-3)
+    return 1 if res["sent"] and not res["handshakes"] else 0  # nothing was delivered (said above)
 
 
 def add_daq_emulator_parser(subparsers) -> argparse.ArgumentParser:

@@ -1,8 +1,10 @@
-"""The sockets that receive raw events (ZMQInput, the HLT distributor's input): their connection
-events (libzmq's socket monitor) and multipart messages, so that nothing they drop goes unseen."""
+"""The sockets that carry raw events (ZMQInput and the HLT distributor's input receive, the DAQ
+emulator sends): their connection events (libzmq's socket monitor) and multipart messages, so
+that nothing they drop goes unseen."""
 from __future__ import annotations
 
 import struct
+import time
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -18,27 +20,36 @@ class ConnectionMonitor:
     connect). libzmq reports a message over ZMQ_MAXMSGSIZE only as a disconnect of that peer,
     which then reconnects at once: a rising disconnect count with a steady set of senders means
     oversized messages (a sender closing its socket counts there too). A refused handshake is a
-    CURVE peer with an unknown key, or a peer without CURVE."""
+    CURVE peer with an unknown key, or a peer without CURVE. A completed handshake (with or
+    without CURVE) is a peer that messages can reach: a sender that never sees one delivered
+    nothing, although its PUSH socket took every message."""
 
     def __init__(self, sock: zmq.Socket):
         self.sock = sock
         self.monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
-                                               | sum(_HANDSHAKE_FAILED))
-        self.connections = self.disconnects = self.auth_failures = 0
+                                               | zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(_HANDSHAKE_FAILED))
+        self.connections = self.disconnects = self.auth_failures = self.handshakes = 0
 
-    def poll(self) -> None:
-        """Takes the events that arrived (non-blocking)."""
-        while self.monitor is not None:
-            try:
-                ev = recv_monitor_message(self.monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                return
+    def poll(self, timeout_s: float = 0.0) -> None:
+        """Takes the events that arrived (waiting up to timeout_s for the first one)."""
+        while self.monitor is not None and self.monitor.poll(int(timeout_s * 1000)):
+            timeout_s = 0.0
+            ev = recv_monitor_message(self.monitor)
             if ev["event"] in (zmq.EVENT_ACCEPTED, zmq.EVENT_CONNECTED):
                 self.connections += 1
             elif ev["event"] == zmq.EVENT_DISCONNECTED:
                 self.disconnects += 1
+            elif ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.handshakes += 1
             elif ev["event"] in _HANDSHAKE_FAILED:
                 self.auth_failures += 1
+
+    def wait_for_handshake(self, timeout_s: float) -> None:
+        """Until a peer has completed a handshake, or timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        self.poll()
+        while not self.handshakes and self.monitor is not None and time.monotonic() < deadline:
+            self.poll(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def close(self) -> None:
         if self.monitor is not None:
