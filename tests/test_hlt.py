@@ -476,6 +476,23 @@ def test_farm_keeps_rejected_raw_events_and_rejects_multipart_messages(farm_fact
                    ("trailing_bytes", envelope(5000) + b"\x00")]
                   + [("multi_frame", mark_multi_frame(frames)) for frames in multipart])
     assert got == want, got
+    # the next run appends to the workers' quarantine files: run 1's records stay
+    farm.command("start")
+    s = ctx.socket(zmq.PUSH)
+    s.setsockopt(zmq.LINGER, 5000)
+    s.connect(farm.input)
+    run2 = [b"\xc1\x02", b"\x93\x01\x02\x03"]
+    for m in run2:
+        s.send(m)
+    s.close()
+    push_events(farm.input, range(1000, 1100), run=2)
+    farm.wait_confirmed(200 + len(garbage) + len(multipart) + len(run2) + 100)
+    farm.command("stop")
+    kept = []
+    for f in glob.glob(str(tmp_path / "farm_rejected_w*_*.msgpack")):
+        kept += list(msgpack.Unpacker(open(f, "rb"), raw=False))
+    got = sorted((r["reason"], r["message"]) for r in kept)
+    assert got == sorted(want + [("not_msgpack", run2[0]), ("not_a_map", run2[1])]), got
     ctx.term()
 
 
