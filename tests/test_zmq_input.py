@@ -175,3 +175,27 @@ def test_reco_steering_zmq_sigint(tmp_path, repo_dir):
     assert p.returncode == 0, stdout
     with uproot.open(out) as f:
         assert np.sort(f["events"]["evt"].array(library="np")).tolist() == list(range(500))
+
+
+def test_emulator_binds_and_reco_connects(tmp_path, repo_dir):
+    """The other direction of the link: `daq-emulator --bind` and `steering/reco.py -i ADDR
+    --connect` (ZMQInput with bind=False): every event arrives and is written."""
+    from eclreco.rawdata import write_raw_file
+
+    raw, out = tmp_path / "ev.msgpack", tmp_path / "out.root"
+    write_raw_file(raw, (envelope(e) for e in range(300)))
+    address = free_address()
+    daq = subprocess.Popen([sys.executable, "-m", "eclreco.cli", "daq-emulator", "--input", str(raw), "--bind",
+                            address, "--sched", "normal"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        r = subprocess.run([sys.executable, os.path.join(repo_dir, "steering", "reco.py"), "-i", address, "--connect",
+                            "--idle-timeout", "3", "--threads", "1", "-o", str(out)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        log, _ = daq.communicate(timeout=60)
+        assert daq.returncode == 0, log
+    finally:
+        if daq.poll() is None:
+            daq.kill()
+    with uproot.open(out) as f:
+        assert np.array_equal(np.sort(f["events"]["evt"].array(library="np")), np.arange(300))
