@@ -496,6 +496,38 @@ def test_farm_keeps_rejected_raw_events_and_rejects_multipart_messages(farm_fact
     ctx.term()
 
 
+def test_farm_forwards_results_onward_over_zeromq(farm_factory):
+    """`hlt run -o tcp://...`: the collector sends its results onward (ZMQOutput, batch messages
+    of docs/deployment.md) instead of writing a file; a receiver bound there gets every event once,
+    with its clusters' columns."""
+    import zmq
+
+    from eclreco.hlt import protocol as P
+
+    onward = free_address()
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull.bind(onward)
+    try:
+        farm = farm_factory(workers=2, extra=("--output", onward, "--modules", "standard"))
+        n = 500
+        push_events(farm.input, range(n))
+        farm.wait_confirmed(n)
+        assert farm.command("stop")["collector"]["events_written"] == n
+        evts, n_clusters = [], 0
+        while pull.poll(2000):
+            b = P.DecodedBatch(P.unpack(pull.recv()))
+            evts += b.meta["evt"].tolist()
+            counts, cols = b.collections["ECLClusters"]
+            assert {"energy", "energy_raw", "seed_cell"} <= set(cols)
+            n_clusters += int(counts.sum())
+        assert sorted(evts) == list(range(n)) and n_clusters > 0
+        farm.command("terminate")
+        rc, log = farm.wait_exit()
+        assert rc == 0, log
+    finally:
+        pull.close(0)
+
+
 def test_scheduling_policy_of_a_light_role():
     """eclreco.scheduling.apply: 'batch' puts the process's threads, and the threads it starts
     afterwards, under SCHED_BATCH, 'normal' leaves the policy alone, anything else is an error (run in a fresh
