@@ -263,6 +263,31 @@ def test_farm_worker_sigkill_exactly_once(farm_factory):
     assert rc == 0, log
 
 
+def test_farm_without_restarts_left_goes_on_with_the_other_worker(farm_factory):
+    """--max-restarts 0: a killed worker is not replaced (the supervisor says so), the distributor
+    notices it gone, and the farm goes on with the other one: every later event once."""
+    farm = farm_factory(workers=2, extra=("--max-restarts", "0"))
+    push_events(farm.input, range(500))
+    farm.wait_confirmed(500)
+    victim = next(p for p in farm.status()["processes"] if p["role"] == "worker")
+    os.kill(victim["pid"], signal.SIGKILL)
+    t0 = time.monotonic()
+    while farm.distributor()["workers_alive"] != 1:
+        assert time.monotonic() - t0 < 30, farm.logtext()
+        time.sleep(0.2)
+    push_events(farm.input, range(500, 2500))
+    farm.wait_confirmed(2500)
+    d = farm.distributor()
+    assert d["workers_alive"] == 1 and d["workers_restarted"] == 0 and d["received"] == 2500, d
+    assert [p["pid"] for p in farm.status()["processes"] if p["role"] == "worker"] != [victim["pid"]]
+    farm.command("stop")
+    evt, _ = read_evt(farm.output)
+    assert np.array_equal(np.sort(evt), np.arange(2500))
+    farm.command("terminate")
+    rc, log = farm.wait_exit()
+    assert rc == 0 and f"worker {victim['pid']} exited (-9); no restarts left" in log, log
+
+
 def test_farm_ev_chunks_split_over_small_batches(farm_factory):
     """An EV message carries up to --chunk events in one frame; with worker batches smaller than a
     chunk (and not dividing it), each chunk is split over several batches: every event is in the
