@@ -185,11 +185,13 @@ def test_farm_exactly_once_stop_start_terminate(farm_factory, tmp_path):
     assert "latency p50" in log and "events/s" in log
 
 
-def test_farm_full_chain_matches_single_process(farm_factory, tmp_path):
-    """The default worker chain (unpacker, clusterizer, leakage correction, CNN) on simulated
-    generic events at nominal background: the farm's file holds, event by event, the clusters a
-    single-process job of steering/reco.py's chain writes from the same raw events (every cluster
-    branch, the CNN energy included) and the same DQM histograms."""
+@pytest.mark.parametrize("cnn", [True, False])
+def test_farm_full_chain_matches_single_process(farm_factory, tmp_path, cnn):
+    """The default worker chain (unpacker, clusterizer, leakage correction, CNN; with --no-cnn
+    without the CNN) on simulated generic events at nominal background: the farm's file holds,
+    event by event, the clusters a single-process job of steering/reco.py's chain writes from the
+    same raw events (every cluster branch, the corrected energy included) and the same DQM
+    histograms."""
     from eclreco.bench import make_raw_file
     from eclreco.rawdata import read_raw_file
     from eclreco.reconstruction import add_reconstruction
@@ -197,13 +199,13 @@ def test_farm_full_chain_matches_single_process(farm_factory, tmp_path):
     n = 400
     raw = tmp_path / "generic.msgpack"
     make_raw_file(str(raw), n, background=1.0, seed=3)
-    farm = farm_factory(workers=2, extra=("--modules", "standard"))
+    farm = farm_factory(workers=2, extra=("--modules", "standard") + (() if cnn else ("--no-cnn",)))
     push_messages(farm.input, read_raw_file(raw))
     farm.wait_confirmed(n, timeout=90)
     assert farm.command("stop")["collector"]["events_written"] == n
     path = eclreco.create_path()
     path.add_module("RawFileInput", filename=str(raw))
-    add_reconstruction(path)
+    add_reconstruction(path, cnn=cnn)
     path.add_module("ECLDQM")
     path.add_module("RootOutput", filename=str(tmp_path / "single.root"))
     eclreco.process(path, install_signal_handlers=False)
@@ -286,6 +288,31 @@ def test_farm_without_restarts_left_goes_on_with_the_other_worker(farm_factory):
     farm.command("terminate")
     rc, log = farm.wait_exit()
     assert rc == 0 and f"worker {victim['pid']} exited (-9); no restarts left" in log, log
+
+
+def test_status_watch_follows_the_farm_until_it_is_gone(farm_factory):
+    """`hlt status --json --watch S`: one JSON line per refresh (the counts move as events flow);
+    when the farm terminates, the watcher says so and exits 1 instead of hanging."""
+    farm = farm_factory(workers=1)
+    watch = subprocess.Popen(ECLRECO + ["hlt", "status", "--json", "--watch", "0.2", "--control", farm.control,
+                                        "--timeout", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(watch.stdout.readline())
+        push_events(farm.input, range(300))
+        farm.wait_confirmed(300)
+        while True:  # a later refresh shows the events
+            d = next(p for p in json.loads(watch.stdout.readline())["processes"] if p["role"] == "distributor")
+            if d["confirmed"] == 300:
+                break
+        assert next(p for p in first["processes"] if p["role"] == "distributor")["confirmed"] == 0
+        farm.command("terminate")
+        rc, log = farm.wait_exit()
+        assert rc == 0, log
+        out, err = watch.communicate(timeout=30)
+        assert watch.returncode == 1 and "eclreco hlt status:" in err, err
+    finally:
+        if watch.poll() is None:
+            watch.kill()
 
 
 def test_farm_ev_chunks_split_over_small_batches(farm_factory):
