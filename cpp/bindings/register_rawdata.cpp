@@ -13,6 +13,12 @@
 
 namespace {
 
+// Releases a buffer exported by PyObject_GetBuffer when it goes out of scope.
+struct BufferRelease {
+  Py_buffer* view;
+  ~BufferRelease() { PyBuffer_Release(view); }
+};
+
 // Bytes of a Python object: bytes (zero copy, kept alive by `keep`) or a 1-d buffer of bytes
 // (bytearray, memoryview, uint8 array), copied into `copy` in its logical order: a strided or
 // reversed view (memoryview(a)[::2], a[::-1]) is not one run of memory from its pointer, and
@@ -27,10 +33,7 @@ rawdata::MessageRef message_of(py::handle obj, std::vector<py::object>& keep, st
   if (!PyObject_CheckBuffer(obj.ptr())) throw py::type_error("a raw message must be bytes (or a buffer of bytes), got " + type);
   Py_buffer view;
   if (PyObject_GetBuffer(obj.ptr(), &view, PyBUF_FULL_RO) != 0) throw py::error_already_set();
-  struct Release {
-    Py_buffer* v;
-    ~Release() { PyBuffer_Release(v); }
-  } release{&view};
+  BufferRelease release{&view};
   if (view.itemsize != 1 || view.ndim > 1)
     throw py::type_error("a raw message must be bytes or a 1-d buffer of bytes, got a " + type + " of " +
                          std::to_string(view.ndim) + " dimension(s) and " + std::to_string(view.itemsize) +
@@ -185,23 +188,14 @@ void register_rawdata(py::module_& m) {
       [](py::handle data) {
         Py_buffer view;  // contiguous bytes (bytes, bytearray, mmap, ...), BufferError otherwise
         if (PyObject_GetBuffer(data.ptr(), &view, PyBUF_SIMPLE) != 0) throw py::error_already_set();
-        struct Release {
-          Py_buffer* v;
-          ~Release() { PyBuffer_Release(v); }
-        } release{&view};
-        const auto* p = static_cast<const uint8_t*>(view.buf);
+        BufferRelease release{&view};
         const auto size = static_cast<size_t>(view.len);
         std::vector<int64_t> offsets{0};
-        size_t pos = 0;
         ecl::Envelope e;
+        size_t pos;
         {
           py::gil_scoped_release nogil;  // the exported buffer stays valid until `release`
-          while (pos < size) {
-            e = ecl::decode_envelope_prefix(p + pos, size - pos);
-            if (e.message_size == 0) break;
-            pos += e.message_size;
-            offsets.push_back(static_cast<int64_t>(pos));
-          }
+          pos = ecl::frame_stream(static_cast<const uint8_t*>(view.buf), size, offsets, e);
         }
         py::array_t<int64_t> off(static_cast<py::ssize_t>(offsets.size()));
         std::memcpy(off.mutable_data(), offsets.data(), offsets.size() * sizeof(int64_t));

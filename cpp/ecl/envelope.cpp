@@ -504,4 +504,18 @@ uint32_t crc32(const uint8_t* data, size_t size, uint32_t crc) {
 Envelope decode_envelope(const uint8_t* data, size_t size) { return decode(data, size, true); }
 Envelope decode_envelope_prefix(const uint8_t* data, size_t size) { return decode(data, size, false); }
 
+size_t frame_stream(const uint8_t* data, size_t size, std::vector<int64_t>& ends, Envelope& stop) {
+  size_t pos = 0;
+  while (pos < size) {
+    Envelope e = decode_envelope_prefix(data + pos, size - pos);
+    if (e.message_size == 0) {
+      stop = std::move(e);
+      break;
+    }
+    pos += e.message_size;
+    ends.push_back(static_cast<int64_t>(pos));
+  }
+  return pos;
+}
+
 }  // namespace ecl

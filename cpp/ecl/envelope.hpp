@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace ecl {
 
@@ -68,6 +69,11 @@ Envelope decode_envelope(const uint8_t* data, size_t size);
 // Decodes the first MessagePack object of a stream as an envelope; message_size tells where the
 // next one starts (framing of raw files). Trailing bytes are the rest of the stream.
 Envelope decode_envelope_prefix(const uint8_t* data, size_t size);
+// Frames a whole stream with decode_envelope_prefix: appends the end offset of each message to
+// `ends` (a message that is no valid envelope but a whole MessagePack object is framed too).
+// Returns the position where framing stopped: size, or the start of bytes that cannot be framed,
+// with `stop` the decoding of those bytes (its reason: not_msgpack or truncated).
+size_t frame_stream(const uint8_t* data, size_t size, std::vector<int64_t>& ends, Envelope& stop);
 
 // zlib's CRC-32 (reflected polynomial 0xEDB88320), same as zlib.crc32(data, crc) in Python.
 uint32_t crc32(const uint8_t* data, size_t size, uint32_t crc = 0);
