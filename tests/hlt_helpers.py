@@ -1,13 +1,14 @@
 """Helpers of the streaming/HLT tests: wire-format envelopes, free ports, a PUSH feeder."""
 from __future__ import annotations
 
-import socket
 import struct
 import time
 import zlib
 
 import msgpack
 import zmq
+
+from eclreco.hlt.run import free_address, free_port  # noqa: F401 - the tests' ports, as hlt run picks its own
 
 
 def payload(evt: int) -> bytes:
@@ -25,14 +26,6 @@ def envelope(evt: int, exp: int = 1, run: int = 1, det: str = "belle2-ecl") -> b
                          use_bin_type=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_address() -> str:
-    return f"tcp://127.0.0.1:{free_port()}"
 
 
 def push_events(address: str, evts, exp: int = 1, run: int = 1, rate_hz: float = 0.0, timeout_s: float = 60.0,

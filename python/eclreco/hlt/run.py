@@ -8,6 +8,7 @@ achieved throughput and the p50/p99 latency at the end.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -31,10 +32,33 @@ def _terminate_with_parent() -> None:
         pass  # not Linux: roles outlive a killed supervisor, as before
 
 
-def free_address(host: str = "127.0.0.1") -> str:
-    with socket.socket() as s:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that nothing listens on now, chosen below the kernel's ephemeral range: a port the
+    kernel hands out for bind(0) comes from the range it also gives outgoing connections, so
+    between choosing it and binding it a connecting socket (a worker, a ZeroMQ reconnect) could
+    take it ("Address already in use" at the bind)."""
+    lo = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    rng = random.SystemRandom()
+    for _ in range(100):
+        port = rng.randrange(10000, lo) if lo > 11000 else 0
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    with socket.socket() as s:  # no luck below the range: the kernel's choice
         s.bind((host, 0))
-        return f"tcp://{host}:{s.getsockname()[1]}"
+        return s.getsockname()[1]
+
+
+def free_address(host: str = "127.0.0.1") -> str:
+    return f"tcp://{host}:{free_port(host)}"
 
 
 class Farm:
