@@ -104,7 +104,11 @@ def test_reco_survives_every_bad_input(tmp_path):
                 text = scrape(mport)
             except OSError:
                 text = ""
-            if metric(text, "eclreco_events_received_total") >= expected and metric(
+            # (received counts at the input; processed and rejected once the batch is through the
+            # path: a scrape in between saw the last batch received but not yet processed)
+            settled = metric(text, "eclreco_events_processed_total") + sum(
+                float(v) for v in re.findall(r'^eclreco_events_rejected_total\{reason="[^"]+"\} (\S+)$', text, re.M))
+            if metric(text, "eclreco_events_received_total") >= expected and settled >= expected and metric(
                     text, "eclreco_input_disconnects_total", '{module="ZMQInput"}') >= 1:
                 break
             assert proc.poll() is None, proc.stdout.read()
