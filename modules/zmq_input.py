@@ -12,12 +12,14 @@ class ZMQInput(Module):
 
     A batch holds up to max_events messages or what arrived within max_latency_ms of its first
     message. idle_timeout_s > 0 ends the run that long after the last message (counting starts
-    at the first message). Messages larger than max_message_bytes are refused by libzmq before
-    they are read (ZMQ_MAXMSGSIZE): the receiver drops the sender's connection, the sender's
-    socket reconnects by itself, and the oversized message (and whatever the sender had already
-    written behind it on that connection) is lost. Such a drop is counted as a dropped
-    connection (``disconnects``; a sender closing its socket counts there too). The module
-    returns to the framework at least every poll_ms, so that SIGINT/SIGTERM end the run promptly.
+    at the first message). A message larger than max_message_bytes is rejected as ``oversize``,
+    counted and kept like any bad message, and the stream goes on. Only above
+    refuse_message_bytes (a memory guard, far higher) does libzmq refuse a message before it is
+    read (ZMQ_MAXMSGSIZE): the receiver drops the sender's connection, the sender's socket
+    reconnects by itself, and the message and whatever the sender had already written behind it
+    on that connection are lost; such a drop is counted as a dropped connection
+    (``disconnects``; a sender closing its socket counts there too). The module returns to the
+    framework at least every poll_ms, so that SIGINT/SIGTERM end the run promptly.
     """
 
     def __init__(self):
@@ -26,7 +28,9 @@ class ZMQInput(Module):
         self.add_param("bind", True, "bind the address (True) or connect to it (False)")
         self.add_param("idle_timeout_s", 0.0, "end the run this long after the last message (0: never)")
         self.add_param("max_latency_ms", 20.0, "longest wait for a batch to fill after its first message")
-        self.add_param("max_message_bytes", 1 << 20, "larger messages are refused by the socket (0: no limit)")
+        self.add_param("max_message_bytes", 1 << 20, "larger messages are rejected as oversize and kept (0: no limit)")
+        self.add_param("refuse_message_bytes", 64 << 20,
+                       "larger messages are refused by the socket unread, their connection dropped (0: no limit)")
         self.add_param("rcvhwm", 10000, "receive high-water mark (messages queued before the sender blocks)")
         self.add_param("poll_ms", 100.0, "longest time between returns to the framework")
         declare_curve_params(self, "reco", "daq")
@@ -47,19 +51,21 @@ class ZMQInput(Module):
                                ("max_latency_ms", self.param("max_latency_ms") >= 0, ">= 0"),
                                ("poll_ms", self.param("poll_ms") > 0, "> 0"),
                                ("max_message_bytes", self.param("max_message_bytes") >= 0, ">= 0 (0: no limit)"),
+                               ("refuse_message_bytes", self.param("refuse_message_bytes") >= 0, ">= 0 (0: no limit)"),
                                ("rcvhwm", self.param("rcvhwm") >= 0, ">= 0")):
             if not ok:
                 raise ValueError(f"ZMQInput: {name} must be {rule}")
+        from eclreco.raw_sockets import ConnectionMonitor, check_message_limits
+
+        check_message_limits("ZMQInput", self.param("max_message_bytes"), self.param("refuse_message_bytes"))
 
         self._zmq = zmq
         self._ctx = zmq.Context.instance()
         s = self._ctx.socket(zmq.PULL)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.RCVHWM, int(self.param("rcvhwm")))
-        if self.param("max_message_bytes") > 0:
-            s.setsockopt(zmq.MAXMSGSIZE, int(self.param("max_message_bytes")))
-        from eclreco.raw_sockets import ConnectionMonitor
-
+        if self.param("refuse_message_bytes") > 0:
+            s.setsockopt(zmq.MAXMSGSIZE, int(self.param("refuse_message_bytes")))
         self._monitor = ConnectionMonitor(s)
         apply_curve_params(self, s)
         address = self.param("address")
@@ -84,13 +90,14 @@ class ZMQInput(Module):
         msgs: list[bytes] = []
         latency = self.param("max_latency_ms") * 1e-3
         idle = self.param("idle_timeout_s")
+        max_bytes = int(self.param("max_message_bytes"))
         poll_s = self.param("poll_ms") * 1e-3
         t_enter = time.monotonic()
         t_batch = None
         while True:
             try:
                 while len(msgs) < max_events:
-                    msgs.append(recv_message(sock))
+                    msgs.append(recv_message(sock, max_bytes=max_bytes))
             except zmq.Again:
                 pass
             now = time.monotonic()

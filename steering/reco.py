@@ -41,7 +41,10 @@ def parse_args(argv=None):
     stream.add_argument("--idle-timeout", type=float, default=0.0,
                         help="end the run S seconds after the last message (0: never)")
     stream.add_argument("--max-latency", type=float, default=20.0, help="ms to wait for a batch to fill")
-    stream.add_argument("--max-message-bytes", type=int, default=1 << 20, help="larger messages are refused")
+    stream.add_argument("--max-message-bytes", type=int, default=1 << 20,
+                        help="larger messages are rejected as oversize and kept (0: no limit)")
+    stream.add_argument("--refuse-message-bytes", type=int, default=64 << 20,
+                        help="larger messages are refused by the socket unread, with their connection (0: no limit)")
     stream.add_argument("--curve-dir", default="", help="CURVE key directory (eclreco hlt keys); default: no CURVE")
     stream.add_argument("--curve-name", default="reco", help="own key name in DIR/private")
     stream.add_argument("--curve-secret", default="", help="own key pair file (default DIR/private/NAME.key_secret)")
@@ -76,7 +79,7 @@ def build_path(args) -> eclreco.Path:
     elif args.input.startswith("tcp://"):
         path.add_module("ZMQInput", address=args.input, bind=not args.connect, idle_timeout_s=args.idle_timeout,
                         max_latency_ms=args.max_latency, max_message_bytes=args.max_message_bytes,
-                        curve_dir=args.curve_dir, curve_name=args.curve_name, curve_secret=args.curve_secret,
+                        refuse_message_bytes=args.refuse_message_bytes, curve_dir=args.curve_dir, curve_name=args.curve_name, curve_secret=args.curve_secret,
                         curve_server=args.curve_server)
     else:
         if not os.path.exists(args.input):

@@ -26,6 +26,12 @@ def envelope(evt: int, exp: int = 1, run: int = 1, det: str = "belle2-ecl") -> b
                          use_bin_type=True)
 
 
+def big_envelope(evt: int, nbytes: int) -> bytes:
+    """A valid envelope of more than nbytes (the spec sets no size; `truth` may hold anything)."""
+    m = msgpack.unpackb(envelope(evt), raw=False)
+    m["truth"] = {"pad": b"t" * nbytes}
+    return msgpack.packb(m, use_bin_type=True)
+
 
 
 def push_events(address: str, evts, exp: int = 1, run: int = 1, rate_hz: float = 0.0, timeout_s: float = 60.0,

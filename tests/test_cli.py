@@ -37,6 +37,9 @@ def test_eclreco_bad_options_exit_2_with_one_line(argv, message, tmp_path, capsy
 @pytest.mark.parametrize("argv,message", [
     (["train", "--detector", "array30", "-o", "{tmp}", "--epochs", "0"], "--epochs must be >= 1"),
     (["hlt", "run", "-n", "0"], "--workers out of range"),
+    (["hlt", "run", "--model", "{tmp}/missing.onnx"], "is not a file"),
+    (["hlt", "run", "--no-cnn", "--model", os.path.join(MODELS, "belle2-ecl.onnx")], "does nothing with --no-cnn"),
+    (["hlt", "run", "--max-message-bytes", "100", "--refuse-message-bytes", "50"], "must exceed max_message_bytes"),
     (["bench", "--events", "0"], "--events >= 100"),
 ])
 def test_eclreco_refused_before_any_work(argv, message, tmp_path):

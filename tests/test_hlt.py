@@ -14,7 +14,7 @@ import pytest
 import uproot
 
 import eclreco
-from hlt_helpers import envelope, free_address, push_events, push_messages
+from hlt_helpers import big_envelope, envelope, free_address, push_events, push_messages
 
 
 def scrape(port):
@@ -185,13 +185,30 @@ def test_farm_exactly_once_stop_start_terminate(farm_factory, tmp_path):
     assert "latency p50" in log and "events/s" in log
 
 
-@pytest.mark.parametrize("cnn", [True, False])
-def test_farm_full_chain_matches_single_process(farm_factory, tmp_path, cnn):
+def scaled_model(path, factor: float) -> str:
+    """The shipped belle2-ecl model with its energies multiplied by `factor` (another model that
+    the module accepts, whose use shows in every corrected energy)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from eclreco.modules.ecl_energy_correction import shipped_model
+
+    m = onnx.load(shipped_model("belle2-ecl"))
+    m.graph.node[-1].output[0] = "energy_unscaled"
+    m.graph.initializer.append(numpy_helper.from_array(np.array(factor, np.float32), "energy_factor"))
+    m.graph.node.append(helper.make_node("Mul", ["energy_unscaled", "energy_factor"], ["energy"]))
+    onnx.checker.check_model(m)
+    onnx.save(m, str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("chain", ["cnn", "model", "no-cnn"])
+def test_farm_full_chain_matches_single_process(farm_factory, tmp_path, chain):
     """The default worker chain (unpacker, clusterizer, leakage correction, CNN; with --no-cnn
-    without the CNN) on simulated generic events at nominal background: the farm's file holds,
-    event by event, the clusters a single-process job of steering/reco.py's chain writes from the
-    same raw events (every cluster branch, the corrected energy included) and the same DQM
-    histograms."""
+    without the CNN; with --model the given model) on simulated generic events at nominal
+    background: the farm's file holds, event by event, the clusters a single-process job of
+    steering/reco.py's chain writes from the same raw events (every cluster branch, the corrected
+    energy included) and the same DQM histograms."""
     from eclreco.bench import make_raw_file
     from eclreco.rawdata import read_raw_file
     from eclreco.reconstruction import add_reconstruction
@@ -199,16 +216,30 @@ def test_farm_full_chain_matches_single_process(farm_factory, tmp_path, cnn):
     n = 400
     raw = tmp_path / "generic.msgpack"
     make_raw_file(str(raw), n, background=1.0, seed=3)
-    farm = farm_factory(workers=2, extra=("--modules", "standard") + (() if cnn else ("--no-cnn",)))
+    cnn, model = chain != "no-cnn", scaled_model(tmp_path / "scaled.onnx", 1.25) if chain == "model" else ""
+    farm = farm_factory(workers=2, extra=("--modules", "standard") + {"cnn": (), "no-cnn": ("--no-cnn",),
+                                                                      "model": ("--model", model)}[chain])
     push_messages(farm.input, read_raw_file(raw))
     farm.wait_confirmed(n, timeout=90)
     assert farm.command("stop")["collector"]["events_written"] == n
     path = eclreco.create_path()
     path.add_module("RawFileInput", filename=str(raw))
-    add_reconstruction(path, cnn=cnn)
+    add_reconstruction(path, cnn=cnn, model=model)
     path.add_module("ECLDQM")
     path.add_module("RootOutput", filename=str(tmp_path / "single.root"))
     eclreco.process(path, install_signal_handlers=False)
+    if chain == "model":  # the scaled model was used (a farm ignoring --model fails the comparison below)
+        path = eclreco.create_path()
+        path.add_module("RawFileInput", filename=str(raw))
+        add_reconstruction(path, cnn=True)
+        path.add_module("RootOutput", filename=str(tmp_path / "shipped.root"))
+        eclreco.process(path, install_signal_handlers=False)
+        with uproot.open(tmp_path / "single.root") as g, uproot.open(tmp_path / "shipped.root") as h:
+            e_scaled = ak.to_numpy(ak.flatten(g["events"]["cluster_energy"].array()))
+            e_shipped = ak.to_numpy(ak.flatten(h["events"]["cluster_energy"].array()))
+        changed = e_scaled != e_shipped
+        assert changed.mean() > 0.4  # 58 %: the clusters above the CNN's threshold
+        np.testing.assert_allclose(e_scaled[changed], 1.25 * e_shipped[changed], rtol=1e-5)
     with uproot.open(farm.output) as f, uproot.open(tmp_path / "single.root") as g:
         tf, tg = f["events"], g["events"]
         assert sorted(tf.keys()) == sorted(tg.keys())
@@ -365,12 +396,12 @@ def test_farm_sigterm_leaves_readable_output(farm_factory):
 
 
 def test_distributor_counts_a_refused_oversized_message(farm_factory):
-    """A message over --max-message-bytes never reaches the distributor (libzmq drops the
+    """A message over --refuse-message-bytes never reaches the distributor (libzmq drops the
     sender's connection): the drop is counted (status, Prometheus) and the other senders' events
     all arrive."""
     import zmq
 
-    farm = farm_factory(workers=1, extra=("--max-message-bytes", "4096"))
+    farm = farm_factory(workers=1, extra=("--max-message-bytes", "4096", "--refuse-message-bytes", "8192"))
     ctx = zmq.Context()
     big = ctx.socket(zmq.PUSH)
     big.setsockopt(zmq.LINGER, 0)
@@ -494,15 +525,17 @@ def test_farm_keeps_rejected_raw_events_and_rejects_multipart_messages(farm_fact
     (they existed nowhere before). A multipart message is rejected as multi_frame (spec: one
     event per message, a single frame): the distributor forwards it marked, the worker's decoder
     rejects it (the frames of a 2-frame message used to pass for two events, then an envelope
-    split over two frames, or beside an empty frame, for one valid event)."""
+    split over two frames, or beside an empty frame, for one valid event). A message over
+    --max-message-bytes goes the same way, as oversize."""
     import glob
 
     import msgpack
     import zmq
 
-    from eclreco.raw_sockets import mark_multi_frame
+    from eclreco.raw_sockets import mark_multi_frame, mark_oversize
 
-    farm = farm_factory(workers=2)
+    farm = farm_factory(workers=2, extra=("--max-message-bytes", "8192"))
+    oversized = [big_envelope(7000, 20_000), b"\x00" * 50_000]
     garbage = [b"", b"\xc1", b"\x92\x01\x02", envelope(5000) + b"\x00"]
     m = envelope(6000)
     multipart = [[m, envelope(6001)], [m[:10], m[10:]], [m, b""], [b"", m]]
@@ -514,9 +547,11 @@ def test_farm_keeps_rejected_raw_events_and_rejects_multipart_messages(farm_fact
         s.send(g)
     for frames in multipart:
         s.send_multipart(frames)
+    for m in oversized:
+        s.send(m)
     s.close()
     push_events(farm.input, range(200))
-    farm.wait_confirmed(200 + len(garbage) + len(multipart))
+    farm.wait_confirmed(200 + len(garbage) + len(multipart) + len(oversized))
     farm.command("stop")
     evt, _ = read_evt(farm.output)
     assert np.array_equal(np.sort(evt), np.arange(200))
@@ -526,8 +561,10 @@ def test_farm_keeps_rejected_raw_events_and_rejects_multipart_messages(farm_fact
     got = sorted((r["reason"], r["message"]) for r in kept)
     want = sorted([("empty_message", b""), ("not_msgpack", b"\xc1"), ("not_a_map", b"\x92\x01\x02"),
                    ("trailing_bytes", envelope(5000) + b"\x00")]
-                  + [("multi_frame", mark_multi_frame(frames)) for frames in multipart])
+                  + [("multi_frame", mark_multi_frame(frames)) for frames in multipart]
+                  + [("oversize", mark_oversize(m, 8192)) for m in oversized])
     assert got == want, got
+    assert [r.get("evt") for r in kept if r["reason"] == "oversize" and len(r["message"]) < 50_000] == [7000]
     # the next run appends to the workers' quarantine files: run 1's records stay
     farm.command("start")
     s = ctx.socket(zmq.PUSH)

@@ -10,7 +10,7 @@ import pytest
 
 import eclreco
 from eclreco import _core, rawdata
-from eclreco.raw_sockets import mark_multi_frame, recv_message
+from eclreco.raw_sockets import mark_multi_frame, mark_oversize, recv_message
 from _raw_helpers import MessageSource, block, hit, random_digits, run_path, shaper, words
 
 GOOD_PAYLOAD = words(block(1, 3), shaper(1, 0b101), hit(40, 1, 0), hit(70, -1, 2))
@@ -37,13 +37,18 @@ def raw_map(*pairs):
 
 VALID = pack(env())
 MARK = _core.MULTI_FRAME_TAG  # in-band mark of a multipart ZeroMQ message (raw_sockets.mark_multi_frame)
+OVERSIZE = _core.OVERSIZE_TAG  # in-band mark of a message over the receiver's limit (raw_sockets.mark_oversize)
 
 BAD_ENVELOPES = {
     "empty_message": [b""],
     "not_msgpack": [b"\xc1", b"\x82\xa1v\x01\xc1",
                     # the mark with sizes that do not account for the bytes (or 1 frame) is no mark
                     MARK + struct.pack(">3Q", 2, 10, len(VALID) - 9) + VALID, MARK + struct.pack(">2Q", 1, len(VALID)) + VALID,
-                    MARK + struct.pack(">Q", 2), MARK + struct.pack(">Q", 1 << 61) + VALID, MARK + struct.pack(">3Q", 2, 1 << 63, 1 << 63)],
+                    MARK + struct.pack(">Q", 2), MARK + struct.pack(">Q", 1 << 61) + VALID, MARK + struct.pack(">3Q", 2, 1 << 63, 1 << 63),
+                    # an oversize mark whose message is within its limit (or absent) is no mark
+                    OVERSIZE + struct.pack(">Q", len(VALID)) + VALID, OVERSIZE + struct.pack(">Q", 0), OVERSIZE],
+    "oversize": [mark_oversize(VALID, 10), mark_oversize(VALID, len(VALID) - 1), mark_oversize(b"\x00" * 100, 0),
+                 mark_oversize(mark_oversize(VALID, 1), 2)],
     "multi_frame": [mark_multi_frame([VALID[:10], VALID[10:]]), mark_multi_frame([VALID, b""]),
                     mark_multi_frame([b"", VALID]), mark_multi_frame([VALID, VALID]), mark_multi_frame([b""] * 20)],
     "truncated": [VALID[:-1], VALID[:10], b"\xc6\xff\xff\xff\xff"],
@@ -95,6 +100,35 @@ def test_envelope_rejection_in_path(reason):
     for e in (events[0], events[-1]):
         assert e["digits"]["cell"].tolist() == [1, 3] and e["digits"]["amplitude"].tolist() == [40, 70]
     assert [events[0]["evt"], events[-1]["evt"]] == [100, 101]
+
+
+def test_oversized_zmq_message_is_marked_and_rejected_with_its_identifiers():
+    """recv_message(max_bytes=L) hands a single-frame message of more than L bytes on marked (the
+    tag, L, the message): the decoder rejects it as oversize and still reads its exp/run/evt for
+    the quarantine record; a message of exactly L bytes passes as it is."""
+    import zmq
+
+    big = pack(env(evt=77, exp=5, run=6, truth={"pad": b"x" * 5000}))
+    assert mark_oversize(big, 4096) == OVERSIZE + struct.pack(">Q", 4096) + big
+    ctx = zmq.Context()
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    pull.bind("inproc://oversize")
+    push.connect("inproc://oversize")
+    for msg, limit, marked in [(big, 4096, True), (big, len(big), False), (big, len(big) - 1, True), (big, 0, False),
+                               (VALID, 10, True)]:
+        push.send(msg)
+        got = recv_message(pull, 0, max_bytes=limit)
+        assert got == (mark_oversize(msg, limit) if marked else msg)
+    push.send_multipart([big, b""])  # a multipart message stays multi_frame, whatever its size
+    assert recv_message(pull, 0, max_bytes=100) == mark_multi_frame([big, b""])
+    ctx.destroy(0)
+    with pytest.raises(rawdata.RawDataError) as e:
+        rawdata.decode_envelope(mark_oversize(big, 4096))
+    assert e.value.reason == "oversize"
+    assert e.value.detail == f"a message of {len(big)} bytes, over the receiver's limit of 4096 bytes (max_message_bytes)"
+    events, stats = run_path(MessageSource([mark_oversize(big, 4096), pack(env(evt=78))]), unpack=False)
+    assert stats["rejected_by_reason"] == {"oversize": 1} and stats["processed"] == 1
+    assert (events[0]["exp"], events[0]["run"], events[0]["evt"]) == (5, 6, 77)
 
 
 def test_multipart_zmq_message_is_marked_and_rejected(tmp_path):

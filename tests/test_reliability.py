@@ -16,7 +16,7 @@ import pytest
 import uproot
 import zmq
 
-from hlt_helpers import envelope, free_address, free_port
+from hlt_helpers import big_envelope, envelope, free_address, free_port
 
 pytestmark = pytest.mark.timeout(180)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,16 +62,20 @@ def read_quarantine(path) -> list[dict]:
 
 def test_reco_survives_every_bad_input(tmp_path):
     """The issue's first "must show": valid events interleaved with every malformed kind, over ZeroMQ,
-    into the real steering/reco.py; plus one oversized message on a separate connection."""
+    into the real steering/reco.py, among them a valid envelope over --max-message-bytes (rejected
+    as oversize and kept); plus a message over --refuse-message-bytes on a separate connection."""
+    from eclreco.raw_sockets import mark_oversize
+
     address, mport = free_address(), free_port()
     out, bad_file = tmp_path / "out.root", tmp_path / "BAD.msgpack"
-    max_bytes = 64 * 1024
+    max_bytes, refuse_bytes = 64 * 1024, 128 * 1024
     proc = subprocess.Popen(
         [sys.executable, RECO, "-i", address, "--idle-timeout", "5", "--rejected", str(bad_file), "-o", str(out),
-         "--threads", "1", "--max-message-bytes", str(max_bytes), "--metrics-port", str(mport), "--progress", "0"],
+         "--threads", "1", "--max-message-bytes", str(max_bytes), "--refuse-message-bytes", str(refuse_bytes),
+         "--metrics-port", str(mport), "--progress", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(tmp_path))
     try:
-        bad = bad_messages()
+        bad = bad_messages() + [("oversize", big_envelope(950_000, max_bytes))]
         n_valid = 3 * len(bad) + 50
         ctx = zmq.Context()
         push = ctx.socket(zmq.PUSH)
@@ -89,12 +93,12 @@ def test_reco_survives_every_bad_input(tmp_path):
         while evt < n_valid:
             push.send(envelope(evt))
             evt += 1
-        # A message above --max-message-bytes on its own connection: libzmq refuses it before it is read
-        # and drops that connection; nothing of it reaches the process, the other connection is untouched.
+        # A message above --refuse-message-bytes on its own connection: libzmq refuses it before it is
+        # read and drops that connection; nothing of it reaches the process, the other connection is untouched.
         big = ctx.socket(zmq.PUSH)
         big.setsockopt(zmq.LINGER, 0)
         big.connect(address)
-        big.send(b"\x00" * (4 * max_bytes))
+        big.send(b"\x00" * (2 * refuse_bytes))
         expected = n_valid + len(sent_bad)
         # While the process waits for its idle timeout: the metrics export the same accounting.
         deadline = time.monotonic() + 90
@@ -151,19 +155,20 @@ def test_reco_survives_every_bad_input(tmp_path):
     assert len(recs) == len(sent_bad)
     for rec, (kind, msg) in zip(recs, sent_bad):
         assert rec["reason"] and isinstance(rec["reason"], str)
-        assert rec["message"] == msg
+        assert rec["message"] == (mark_oversize(msg, max_bytes) if len(msg) > max_bytes else msg)
         if kind != "random":
             assert rec["reason"] == kind, (rec, kind)
     assert sorted(rejected) == sorted({r["reason"] for r in recs})
-    assert not any(r["message"] == b"\x00" * (4 * max_bytes) for r in recs)  # the oversized one never arrived
+    assert recs[-1]["reason"] == "oversize" and recs[-1]["evt"] == 950_000
+    assert not any(b"\x00" * (2 * refuse_bytes) in r["message"] for r in recs)  # the refused one never arrived
 
 
 def test_distributor_refuses_oversized_messages(tmp_path):
-    """The farm's input has the same limit (`--max-message-bytes`): an oversized message on its own
+    """The farm's input has the same limit (`--refuse-message-bytes`): a message over it on its own
     connection is refused by the socket; the valid stream is complete and the accounting holds."""
     from test_hlt import Farm
 
-    farm = Farm(tmp_path, workers=1, extra=("--max-message-bytes", "4096"))
+    farm = Farm(tmp_path, workers=1, extra=("--max-message-bytes", "4096", "--refuse-message-bytes", "8192"))
     try:
         ctx = zmq.Context()
         big = ctx.socket(zmq.PUSH)

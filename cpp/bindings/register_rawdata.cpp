@@ -210,6 +210,7 @@ void register_rawdata(py::module_& m) {
       "truncated), where framing stopped. Invalid envelopes that are whole MessagePack objects are framed.");
 
   m.attr("MULTI_FRAME_TAG") = py::bytes(ecl::kMultiFrameTag, ecl::kMultiFrameTagSize);
+  m.attr("OVERSIZE_TAG") = py::bytes(ecl::kOversizeTag, ecl::kOversizeTagSize);
 
   m.def(
       "crc32",

@@ -291,15 +291,16 @@ class EnvelopeVisitor : public msgpack::null_visitor {
   std::string version_detail_;
 };
 
+uint64_t be64(const uint8_t* p) {
+  uint64_t v = 0;
+  for (int i = 0; i < 8; ++i) v = v << 8 | p[i];
+  return v;
+}
+
 // A multipart ZeroMQ message marked by its receiver (kMultiFrameTag in envelope.hpp).
 bool multi_frame(const uint8_t* data, size_t size, Envelope& env) {
   constexpr size_t head = kMultiFrameTagSize + 8;
   if (size < head || std::memcmp(data, kMultiFrameTag, kMultiFrameTagSize) != 0) return false;
-  auto be64 = [](const uint8_t* p) {
-    uint64_t v = 0;
-    for (int i = 0; i < 8; ++i) v = v << 8 | p[i];
-    return v;
-  };
   const uint64_t n = be64(data + kMultiFrameTagSize);
   size_t rest = size - head;
   if (n < 2 || n > rest / 8) return false;
@@ -318,14 +319,33 @@ bool multi_frame(const uint8_t* data, size_t size, Envelope& env) {
   return true;
 }
 
-Envelope decode(const uint8_t* data, size_t size, bool whole) {
+Envelope decode(const uint8_t* data, size_t size, bool whole, bool marks = true);
+
+// A message marked by its receiver as over its size limit (kOversizeTag in envelope.hpp).
+bool oversize(const uint8_t* data, size_t size, Envelope& env) {
+  constexpr size_t head = kOversizeTagSize + 8;
+  if (size <= head || std::memcmp(data, kOversizeTag, kOversizeTagSize) != 0) return false;
+  const uint64_t limit = be64(data + kOversizeTagSize);
+  const size_t n = size - head;
+  if (n <= limit) return false;
+  // The identifiers, where the message has them (not a second mark: no recursion on bytes).
+  const Envelope inner = decode(data + head, n, true, false);
+  env.known = inner.known;
+  env.exp = inner.exp, env.run = inner.run, env.evt = inner.evt, env.detector = inner.detector;
+  env.reason = "oversize";
+  env.detail = "a message of " + std::to_string(n) + " bytes, over the receiver's limit of " +
+               std::to_string(limit) + " bytes (max_message_bytes)";
+  return true;
+}
+
+Envelope decode(const uint8_t* data, size_t size, bool whole, bool marks) {
   Envelope env;
   if (size == 0) {
     env.reason = "empty_message";
     env.detail = "the message has no bytes";
     return env;
   }
-  if (whole && data[0] == 0xc1 && multi_frame(data, size, env)) return env;
+  if (whole && marks && data[0] == 0xc1 && (multi_frame(data, size, env) || oversize(data, size, env))) return env;
   EnvelopeVisitor vis(data, env);
   size_t off = 0;
   const bool complete = msgpack::parse(reinterpret_cast<const char*>(data), size, off, vis);

@@ -24,6 +24,8 @@ struct Envelope {
   //   trailing_bytes bytes after the first complete object (decode_envelope only)
   //   multi_frame    a multipart ZeroMQ message, marked by its receiver (kMultiFrameTag;
   //                  decode_envelope only)
+  //   oversize       a message over its receiver's size limit, marked by the receiver
+  //                  (kOversizeTag; decode_envelope only)
   //   not_a_map      the top-level object is not a map
   //   wrong_type     a key is not a string, or a known key holds the wrong type (nil included)
   //   duplicate_key  a known key appears twice
@@ -63,6 +65,13 @@ struct Envelope {
 // tag but whose sizes do not account for every byte are what they look like (not_msgpack).
 inline constexpr char kMultiFrameTag[] = "\xc1" "multi_frame";
 inline constexpr size_t kMultiFrameTagSize = sizeof(kMultiFrameTag) - 1;
+// A message over the receiver's size limit (max_message_bytes) is handed on the same way, whole:
+// this tag, the limit (uint64 big-endian), the message's bytes. decode_envelope rejects it as
+// oversize, with exp/run/evt/det read from the message where they can be. The receiver refusing
+// it instead (ZMQ_MAXMSGSIZE) would drop the sender's connection and, with it, the valid events
+// written behind it; the socket's own limit stays only as a far higher memory guard.
+inline constexpr char kOversizeTag[] = "\xc1" "oversize";
+inline constexpr size_t kOversizeTagSize = sizeof(kOversizeTag) - 1;
 
 // Decodes one message that must be exactly one envelope (trailing bytes are an error).
 Envelope decode_envelope(const uint8_t* data, size_t size);

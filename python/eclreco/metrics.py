@@ -53,7 +53,7 @@ _KNOWN_COUNTERS = [
     ("bytes_received", "eclreco_input_bytes_received", "counter", "Bytes received by the input module"),
     ("messages_received", "eclreco_input_messages_received", "counter", "Messages received by the input"),
     ("disconnects", "eclreco_input_disconnects", "counter",
-     "Peer connections dropped at the input (a sender closing, or a message over max_message_bytes)"),
+     "Peer connections dropped at the input (a sender closing, or a message over refuse_message_bytes)"),
     ("queue_depth", "eclreco_input_queue_depth", "gauge", "Messages waiting in the input module"),
 ]
 

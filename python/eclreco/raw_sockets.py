@@ -72,19 +72,39 @@ def mark_multi_frame(frames) -> bytes:
     return b"".join([_core.MULTI_FRAME_TAG, struct.pack(f">{len(sizes) + 1}Q", len(sizes), *sizes), *frames])
 
 
-def recv_message(sock: zmq.Socket, flags: int = zmq.NOBLOCK) -> bytes:
+def check_message_limits(who: str, max_bytes: int, refuse_bytes: int) -> None:
+    """The two size limits of a raw-event input: above max_bytes a message is rejected and kept
+    (mark_oversize), above refuse_bytes the socket refuses it unread (ZMQ_MAXMSGSIZE)."""
+    if max_bytes > 0 and 0 < refuse_bytes <= max_bytes:
+        raise ValueError(f"{who}: refuse_message_bytes ({refuse_bytes}) must exceed max_message_bytes ({max_bytes}) "
+                         "or be 0: messages between the two would be refused with their connection instead of "
+                         "rejected and kept")
+
+
+def mark_oversize(message: bytes, limit: int) -> bytes:
+    """The in-band form of a message over the receiver's limit (cpp/ecl/envelope.hpp,
+    kOversizeTag): the tag, the limit (uint64 big-endian), the whole message. The envelope decoder
+    rejects it as oversize, with the identifiers it can read, and the quarantine keeps it."""
+    return b"".join([_core.OVERSIZE_TAG, struct.pack(">Q", limit), message])
+
+
+def recv_message(sock: zmq.Socket, flags: int = zmq.NOBLOCK, max_bytes: int = 0) -> bytes:
     """One message as one bytes object (zmq.Again when none is waiting). The wire format sends one
     event per message in a single frame: a multipart message comes back marked (mark_multi_frame),
     so that the envelope decoder rejects it as multi_frame, with its frames kept, instead of the
     joined frames passing for an event (an envelope split over two frames, or one beside an empty
-    frame) or each frame for an event of its own."""
+    frame) or each frame for an event of its own. A single-frame message of more than max_bytes
+    (> 0) comes back marked too (mark_oversize): rejected and kept, where the socket's own limit
+    would drop the sender's connection and the events behind the message on it."""
     # A Frame's `more` instead of getsockopt(RCVMORE): pyzmq's getsockopt costs ~0.8 µs, more than
     # the receive (0.4 µs for bytes, 0.86 µs for a Frame and its bytes; 5.75 kB messages).
     frame = sock.recv(flags, copy=False)
     if not frame.more:
-        return frame.bytes
+        msg = frame.bytes
+        return mark_oversize(msg, max_bytes) if 0 < max_bytes < len(msg) else msg
     frames = [frame.bytes]
     while frame.more:
         frame = sock.recv(copy=False)
         frames.append(frame.bytes)
     return mark_multi_frame(frames)
+

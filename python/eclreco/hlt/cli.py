@@ -42,7 +42,10 @@ def add_distributor_arguments(p, local_farm: bool = False):
     p.add_argument("--cycle-ms", type=float, default=0.5,
                    help="under load, at most one read/dispatch cycle per CYCLE ms (fewer wake-ups; 0: none)")
     p.add_argument("--max-message-bytes", type=int, default=1 << 20,
-                   help="input messages above this size are refused by the socket (ZMQ_MAXMSGSIZE; 0: no limit)")
+                   help="input messages above this size are rejected as oversize and kept (0: no limit)")
+    p.add_argument("--refuse-message-bytes", type=int, default=64 << 20,
+                   help="input messages above this size are refused by the socket unread, with their connection "
+                        "(ZMQ_MAXMSGSIZE, a memory guard; 0: no limit)")
     add_scheduling_argument(p)
 
 
@@ -94,6 +97,8 @@ def add_hlt_parser(subparsers):
                         "default: OUTPUT_rejected_w{worker}_{pid}.msgpack beside a ROOT output; '': none)")
     p.add_argument("--modules", default="standard", help="worker chain: standard, none, or a list")
     p.add_argument("--no-cnn", action="store_true", help="workers: classical leakage correction only")
+    p.add_argument("--model", default="", help="workers: ONNX model of the CNN (default: the shipped model of "
+                   "the events' detector)")
     p.add_argument("--threads", type=int, default=1, help="threads per worker")
     p.add_argument("--batch-size", type=int, default=256, help="events per batch in a worker")
     p.add_argument("--max-latency", type=float, default=2.0,

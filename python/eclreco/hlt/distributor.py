@@ -23,7 +23,7 @@ from eclreco import scheduling
 from eclreco.curve import Curve
 from eclreco.hlt import protocol as P
 from eclreco.hlt.control import summary_line
-from eclreco.raw_sockets import ConnectionMonitor, recv_message
+from eclreco.raw_sockets import ConnectionMonitor, check_message_limits, recv_message
 
 # Latency histogram: log-spaced bounds from 10 us to 100 s (percentiles and Prometheus buckets).
 LATENCY_BOUNDS = np.logspace(-5, 2, 141)
@@ -86,16 +86,18 @@ class Distributor:
                  max_held: int = 20000, chunk: int = 256, heartbeat_timeout_s: float = 5.0,
                  drop_when_busy: bool = False, input_hwm: int = 1000, stop_drain_s: float = 0.5,
                  stop_timeout_s: float = 120.0, input_bind: bool = True, curve=None,
-                 max_message_bytes: int = 0, cycle_s: float = 5e-4):
+                 max_message_bytes: int = 0, refuse_message_bytes: int = 0, cycle_s: float = 5e-4):
+        check_message_limits("distributor", max_message_bytes, refuse_message_bytes)
+        self.max_message_bytes = max_message_bytes
         self.ctx = zmq.Context.instance()
         self.inp = self.ctx.socket(zmq.PULL)
         self.inp.setsockopt(zmq.RCVHWM, input_hwm)
         self.inp.setsockopt(zmq.LINGER, 0)
-        if max_message_bytes > 0:
-            self.inp.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        if refuse_message_bytes > 0:
+            self.inp.setsockopt(zmq.MAXMSGSIZE, refuse_message_bytes)
         if curve is not None:  # optional CURVE (eclreco.curve): servers on bound sockets
             curve.apply(self.inp, input_bind, "daq")
-        # oversized messages (ZMQ_MAXMSGSIZE) are only seen as disconnects: counted, not silent
+        # messages refused by the socket (ZMQ_MAXMSGSIZE) are only seen as disconnects: counted, not silent
         self.input_monitor = ConnectionMonitor(self.inp)
         (self.inp.bind if input_bind else self.inp.connect)(input_addr)
         self.wrk = self.ctx.socket(zmq.ROUTER)
@@ -201,16 +203,17 @@ class Distributor:
         if self.t_first_input is None:
             self.t_first_input = now
         n = nbytes = 0
+        max_bytes = self.max_message_bytes
         busy_limit = min(self.queue_size - len(self.pending), self.max_held - len(self.events) - len(self.unsaved))
         try:
             for _ in range(2000):
                 if busy_limit <= 0:
                     if not self.drop_when_busy:
                         break
-                    recv_message(inp)
+                    recv_message(inp, max_bytes=max_bytes)
                     self.c["dropped"] += 1
                     continue
-                msg = recv_message(inp)
+                msg = recv_message(inp, max_bytes=max_bytes)
                 seq = self.next_seq
                 self.next_seq += 1
                 self.events[seq] = [msg, now, None]
@@ -630,7 +633,7 @@ class Distributor:
         yield counter("eclreco_events_received", "Events read from the input", self.c["received"])
         yield counter("eclreco_input_bytes_received", "Bytes read from the input", self.c["bytes_received"])
         yield counter("eclreco_input_disconnects", "Input connections dropped (a sender closing, or a message over "
-                      "--max-message-bytes)", self.input_monitor.disconnects)
+                      "--refuse-message-bytes)", self.input_monitor.disconnects)
         yield counter("eclreco_hlt_bad_messages", "Messages on the workers/control sockets that were not understood "
                       "(ignored)", self.c["bad_messages"])
         yield counter("eclreco_hlt_collectors_refused", "Collectors refused because another one was registered "
@@ -673,7 +676,8 @@ def main(args) -> int:
                     max_held=args.max_held, chunk=args.chunk, heartbeat_timeout_s=args.heartbeat_timeout,
                     drop_when_busy=args.drop_when_busy, input_hwm=args.input_hwm, stop_drain_s=args.stop_drain,
                     input_bind=not args.input_connect, curve=Curve.from_args(args, "distributor"),
-                    max_message_bytes=args.max_message_bytes, cycle_s=args.cycle_ms * 1e-3)
+                    max_message_bytes=args.max_message_bytes, refuse_message_bytes=args.refuse_message_bytes,
+                    cycle_s=args.cycle_ms * 1e-3)
     exporter = None
     if args.metrics_port >= 0:
         from eclreco.metrics import serve_process_metrics

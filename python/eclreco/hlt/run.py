@@ -20,6 +20,7 @@ import zmq
 from eclreco.curve import Curve
 from eclreco.hlt import protocol as P
 from eclreco.hlt.control import ControlError, request, status, summary_line
+from eclreco.raw_sockets import check_message_limits
 
 
 def _terminate_with_parent() -> None:
@@ -94,7 +95,8 @@ class Farm:
                           "--chunk", str(a.chunk), "--heartbeat-timeout", str(a.heartbeat_timeout),
                           "--input-hwm", str(a.input_hwm), "--stop-drain", str(a.stop_drain),
                           "--metrics-port", str(self.mport(0)), "--metrics-host", a.metrics_host,
-                          "--max-message-bytes", str(a.max_message_bytes), "--cycle-ms", str(a.cycle_ms),
+                          "--max-message-bytes", str(a.max_message_bytes),
+                          "--refuse-message-bytes", str(a.refuse_message_bytes), "--cycle-ms", str(a.cycle_ms),
                           "--sched", a.sched, *self.curve_args]
         if a.drop_when_busy:
             cmd.append("--drop-when-busy")
@@ -122,6 +124,8 @@ class Farm:
                 "--max-latency", str(a.max_latency), *self.curve_args]
         if a.no_cnn:
             cmd.append("--no-cnn")
+        if a.model:
+            cmd += ["--model", os.path.abspath(a.model)]
         if a.rejected:
             cmd += ["--rejected", a.rejected.replace("{worker}", str(i))]
         return cmd
@@ -273,6 +277,15 @@ def main(args) -> int:
             raise SystemExit(f"eclreco hlt run: {name} out of range ({getattr(args, name[2:].replace('-', '_'))})")
     if args.worker_steering and not os.path.isfile(args.worker_steering):
         raise SystemExit(f"eclreco hlt run: --worker-steering {args.worker_steering!r} is not a file")
+    if args.model and (args.no_cnn or args.modules != "standard"):
+        raise SystemExit("eclreco hlt run: --model is the CNN's model of the standard chain: it does nothing "
+                         "with --no-cnn or --modules")
+    if args.model and not os.path.isfile(args.model):
+        raise SystemExit(f"eclreco hlt run: --model {args.model!r} is not a file")
+    try:
+        check_message_limits("eclreco hlt run", args.max_message_bytes, args.refuse_message_bytes)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     farm = Farm(args)
     try:
         return farm.run()
