@@ -1,6 +1,7 @@
 """ZMQInput: raw events (spec/wire-format.md, one envelope per message) from a ZeroMQ PULL socket."""
 from __future__ import annotations
 
+import sys
 import time
 
 from eclreco import Module, _core
@@ -19,7 +20,11 @@ class ZMQInput(Module):
     reconnects by itself, and the message and whatever the sender had already written behind it
     on that connection are lost; such a drop is counted as a dropped connection
     (``disconnects``; a sender closing its socket counts there too). The module returns to the
-    framework at least every poll_ms, so that SIGINT/SIGTERM end the run promptly.
+    framework at least every poll_ms, so that SIGINT/SIGTERM end the run promptly: after a stop
+    request it reads on, and the chain processes what it reads, until the input has been quiet
+    for stop_drain_ms (at most stop_timeout_s), since the messages queued in the socket would be
+    lost with it. Messages still queued when the socket closes (the stop timeout reached, or sent
+    after the idle timeout ended the run) are counted as ``unread_at_end`` and reported.
     """
 
     def __init__(self):
@@ -33,16 +38,24 @@ class ZMQInput(Module):
                        "larger messages are refused by the socket unread, their connection dropped (0: no limit)")
         self.add_param("rcvhwm", 10000, "receive high-water mark (messages queued before the sender blocks)")
         self.add_param("poll_ms", 100.0, "longest time between returns to the framework")
+        self.add_param("stop_drain_ms", 200.0, "after SIGINT/SIGTERM, read on until the input is quiet this long "
+                       "(0: stop at once)")
+        self.add_param("stop_timeout_s", 10.0, "after SIGINT/SIGTERM, read on at most this long")
         declare_curve_params(self, "reco", "daq")
         self._ctx = self._sock = self._monitor = None
         self.messages_received = 0
         self.bytes_received = 0
+        self.unread_at_end = 0
         self._closed_counts = {}  # connection counters of the sockets of earlier runs (cumulative)
         self._first = self._last = None
         self._ended = False
+        self._stop_at = self._quiet_since = None
 
     def is_source(self):
         return True
+
+    def drains_at_stop(self):
+        return self.param("stop_drain_ms") > 0
 
     def initialize(self):
         import zmq
@@ -50,6 +63,8 @@ class ZMQInput(Module):
         for name, ok, rule in (("idle_timeout_s", self.param("idle_timeout_s") >= 0, ">= 0 (0: never)"),
                                ("max_latency_ms", self.param("max_latency_ms") >= 0, ">= 0"),
                                ("poll_ms", self.param("poll_ms") > 0, "> 0"),
+                               ("stop_drain_ms", self.param("stop_drain_ms") >= 0, ">= 0 (0: stop at once)"),
+                               ("stop_timeout_s", self.param("stop_timeout_s") >= 0, ">= 0"),
                                ("max_message_bytes", self.param("max_message_bytes") >= 0, ">= 0 (0: no limit)"),
                                ("refuse_message_bytes", self.param("refuse_message_bytes") >= 0, ">= 0 (0: no limit)"),
                                ("rcvhwm", self.param("rcvhwm") >= 0, ">= 0")):
@@ -76,6 +91,7 @@ class ZMQInput(Module):
         self._sock = s
         self._first = self._last = None
         self._ended = False
+        self._stop_at = self._quiet_since = None
 
     @property
     def endpoint(self) -> str:
@@ -85,6 +101,8 @@ class ZMQInput(Module):
     def next_batch(self, batch, max_events):
         from eclreco.raw_sockets import recv_message
 
+        if _core.stop_requested() and self.drains_at_stop():
+            return self._drain(batch, max_events)
         zmq = self._zmq
         sock = self._sock
         msgs: list[bytes] = []
@@ -119,6 +137,10 @@ class ZMQInput(Module):
                 if idle > 0 and self._last is not None:
                     wait = min(wait, self._last + idle - now)
             sock.poll(max(1, int(wait * 1000)), zmq.POLLIN)
+        self._take(batch, msgs)
+        return not self._ended
+
+    def _take(self, batch, msgs):
         if self._monitor is not None:
             self._monitor.poll()
         if msgs:
@@ -129,9 +151,59 @@ class ZMQInput(Module):
             self.messages_received += len(msgs)
             self.bytes_received += sum(map(len, msgs))
             _core.append_envelopes(batch, msgs)
+
+    def _drain(self, batch, max_events):
+        """After a stop request: what the socket holds and what still comes, until it has been
+        quiet for stop_drain_ms, or stop_timeout_s after the request."""
+        from eclreco.raw_sockets import recv_message
+
+        zmq, sock = self._zmq, self._sock
+        max_bytes = int(self.param("max_message_bytes"))
+        quiet_s, limit_s = self.param("stop_drain_ms") * 1e-3, self.param("stop_timeout_s")
+        now = time.monotonic()
+        if self._stop_at is None:
+            self._stop_at = self._quiet_since = now
+        if now - self._stop_at >= limit_s:
+            self._ended = True
+        msgs: list[bytes] = []
+        while len(msgs) < max_events and not self._ended:
+            try:
+                msgs.append(recv_message(sock, max_bytes=max_bytes))
+                continue
+            except zmq.Again:
+                pass
+            now = time.monotonic()
+            if now - self._stop_at >= limit_s or (not msgs and now - self._quiet_since >= quiet_s):
+                self._ended = True
+            elif msgs:
+                break
+            else:
+                left = min(self._quiet_since + quiet_s, self._stop_at + limit_s) - now
+                sock.poll(max(1, int(left * 1000)), zmq.POLLIN)
+        if msgs:
+            self._quiet_since = time.monotonic()
+        self._take(batch, msgs)
         return not self._ended
 
+    def _count_unread(self) -> int:
+        """Messages left in the socket's queue (they go with it): counted, not read into the chain."""
+        n = 0
+        try:
+            while self._sock is not None and n < 10_000_000:
+                self._sock.recv(self._zmq.NOBLOCK, copy=False)
+                n += 1
+        except self._zmq.Again:
+            pass
+        return n
+
     def terminate(self):
+        unread = self._count_unread()
+        if unread:
+            self.unread_at_end += unread
+            why = ("stop_timeout_s ended the drain after the stop request" if self._stop_at is not None
+                   else "they arrived after the run had ended")
+            print(f"ZMQInput: warning: {unread} messages were still queued at the input when the run ended and "
+                  f"were not processed ({why})", file=sys.stderr, flush=True)
         if self._monitor is not None:
             self._monitor.close()
             for k, v in self._monitor.counters().items():
@@ -143,6 +215,7 @@ class ZMQInput(Module):
 
     def counters(self):
         out = {"messages_received": float(self.messages_received), "bytes_received": float(self.bytes_received),
+               "unread_at_end": float(self.unread_at_end),
                "disconnects": 0.0, "connections": 0.0, "auth_failures": 0.0}
         live = self._monitor.counters() if self._monitor is not None else {}
         for k in ("disconnects", "connections", "auth_failures"):

@@ -254,3 +254,46 @@ def test_emulator_binds_and_reco_connects(tmp_path, repo_dir):
             daq.kill()
     with uproot.open(out) as f:
         assert np.array_equal(np.sort(f["events"]["evt"].array(library="np")), np.arange(300))
+
+
+class SlowChain(eclreco.Module):
+    """Holds each batch for a while: a busy chain, behind which messages queue up in the input."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def event(self, batch):
+        time.sleep(self.seconds)
+
+
+@pytest.mark.parametrize("params,drained", [({}, True), ({"stop_timeout_s": 0.0}, False),
+                                            ({"stop_drain_ms": 0.0}, False)])
+def test_zmq_input_reads_what_is_queued_when_the_run_is_stopped(params, drained, capfd):
+    """SIGINT/SIGTERM (request_stop) while 1000 messages wait in the input's queue: by default
+    the input reads on until it is quiet and the chain processes every one (they were lost with
+    the socket before); with the drain cut short (stop_timeout_s 0) or off (stop_drain_ms 0) the
+    ones left are counted as unread_at_end and reported, and received + unread is every message."""
+    n = 1000
+    address = f"inproc://stop-drain-{len(params)}-{int(drained)}-{os.getpid()}"
+    ctx = zmq.Context.instance()  # inproc: the one context of ZMQInput; every message sits in its queue
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, 0)
+    push.connect(address)
+    for e in range(n):
+        push.send(envelope(e))
+    path = eclreco.create_path()
+    inp = path.add_module("ZMQInput", address=address, **params)
+    path.add_module(SlowChain(0.01))
+    stopper = threading.Timer(0.3, eclreco._core.request_stop)
+    stopper.start()
+    eclreco.process(path, batch_size=16, threads=1, install_signal_handlers=False)
+    stopper.join()
+    push.close(0)
+    s = eclreco.statistics.summary()
+    unread = inp.counters()["unread_at_end"]
+    assert s["received"] == s["processed"] and s["received"] + unread == n, (s, unread)
+    if drained:
+        assert unread == 0
+    else:
+        assert 0 < s["received"] < n / 2 and f"ZMQInput: warning: {int(unread)} messages were still queued" in capfd.readouterr().err

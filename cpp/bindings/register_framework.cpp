@@ -88,6 +88,7 @@ class PyModule : public Module {
   void end_run(uint64_t exp, uint64_t run) override { call("end_run", exp, run); }
   void terminate() override { call("terminate"); }
   bool is_source() const override { return flag("is_source", false); }
+  bool drains_at_stop() const override { return flag("drains_at_stop", false); }
   bool ordered() const override { return flag("ordered", false); }
   bool needs_gil() const override { return true; }
   bool next_batch(fw::EventBatch& batch, size_t max_events) override {
@@ -268,6 +269,7 @@ void register_framework(py::module_& m) {
       .def("end_run", &Module::end_run)
       .def("terminate", &Module::terminate)
       .def("is_source", &Module::is_source)
+      .def("drains_at_stop", &Module::drains_at_stop)
       .def("ordered", &Module::ordered)
       .def("counters", &Module::counters)
       .def("set_param", [](Module& self, const std::string& name, py::handle v) {

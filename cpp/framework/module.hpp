@@ -36,6 +36,10 @@ class Module {
   // non-empty batch may come with false). Sources must return regularly (poll stop_requested()).
   virtual bool is_source() const { return false; }
   virtual bool next_batch(EventBatch& /*batch*/, size_t /*max_events*/) { return false; }
+  // A source whose input holds events that a stop would lose (a socket's receive queue) returns
+  // true: after a stop request (SIGINT/SIGTERM) the processor keeps calling next_batch, and
+  // processing what it returns, until it returns false; such a source bounds its own drain.
+  virtual bool drains_at_stop() const { return false; }
   // Ordered modules (outputs) see batches one at a time in input order, also with threads > 1;
   // every module after the first ordered one in a path runs ordered too.
   virtual bool ordered() const { return false; }

@@ -186,7 +186,8 @@ class Run {
     Module& source = *modules_.front();
     ModuleCounters& sc = *st_.modules[0];
     bool more = true;
-    while (more && !stop_requested()) {
+    const bool drains = source.drains_at_stop();
+    while (more && (drains || !stop_requested())) {
       size_t want = static_cast<size_t>(opt_.batch_size);
       if (opt_.max_events) {
         const uint64_t left = opt_.max_events - std::min<uint64_t>(opt_.max_events, received_);

@@ -20,7 +20,8 @@ Metric names follow the Prometheus conventions (base units, ``_total`` for count
     eclreco_module_events_total{module}
     eclreco_input_messages_received_total               ZeroMQ inputs
     eclreco_input_bytes_received_total
-    eclreco_input_disconnects_total                     closes and refused (oversized) messages
+    eclreco_input_disconnects_total                     closes and refused (over refuse_message_bytes) messages
+    eclreco_input_unread_at_end_total                   queued at the end of a run, not processed
     eclreco_input_queue_depth                           messages waiting in the input
     eclreco_cnn_inference_seconds_total                 CNN energy correction, if present
     eclreco_cnn_clusters_corrected_total
@@ -54,6 +55,8 @@ _KNOWN_COUNTERS = [
     ("messages_received", "eclreco_input_messages_received", "counter", "Messages received by the input"),
     ("disconnects", "eclreco_input_disconnects", "counter",
      "Peer connections dropped at the input (a sender closing, or a message over refuse_message_bytes)"),
+    ("unread_at_end", "eclreco_input_unread_at_end", "counter",
+     "Messages still queued at the input when a run ended (stop timeout, or after the idle timeout): not processed"),
     ("queue_depth", "eclreco_input_queue_depth", "gauge", "Messages waiting in the input module"),
 ]
 
