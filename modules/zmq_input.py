@@ -187,10 +187,12 @@ class ZMQInput(Module):
 
     def _count_unread(self) -> int:
         """Messages left in the socket's queue (they go with it): counted, not read into the chain."""
+        from eclreco.raw_sockets import recv_message  # a multipart message counts once
+
         n = 0
         try:
             while self._sock is not None and n < 10_000_000:
-                self._sock.recv(self._zmq.NOBLOCK, copy=False)
+                recv_message(self._sock)
                 n += 1
         except self._zmq.Again:
             pass
@@ -200,7 +202,7 @@ class ZMQInput(Module):
         unread = self._count_unread()
         if unread:
             self.unread_at_end += unread
-            why = ("stop_timeout_s ended the drain after the stop request" if self._stop_at is not None
+            why = ("the run was stopped and the drain (stop_drain_ms, stop_timeout_s) ended" if _core.stop_requested()
                    else "they arrived after the run had ended")
             print(f"ZMQInput: warning: {unread} messages were still queued at the input when the run ended and "
                   f"were not processed ({why})", file=sys.stderr, flush=True)

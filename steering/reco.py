@@ -79,8 +79,8 @@ def build_path(args) -> eclreco.Path:
     elif args.input.startswith("tcp://"):
         path.add_module("ZMQInput", address=args.input, bind=not args.connect, idle_timeout_s=args.idle_timeout,
                         max_latency_ms=args.max_latency, max_message_bytes=args.max_message_bytes,
-                        refuse_message_bytes=args.refuse_message_bytes, curve_dir=args.curve_dir, curve_name=args.curve_name, curve_secret=args.curve_secret,
-                        curve_server=args.curve_server)
+                        refuse_message_bytes=args.refuse_message_bytes, curve_dir=args.curve_dir,
+                        curve_name=args.curve_name, curve_secret=args.curve_secret, curve_server=args.curve_server)
     else:
         if not os.path.exists(args.input):
             sys.exit(f"reco.py: input file {args.input!r} does not exist")

@@ -22,6 +22,15 @@ def reduced_chain(path):
     path.add_module("ECLUnpacker")
 
 
+def process_fed(path, feed) -> dict:
+    """Runs `path` while feed() sends from a thread; the run's statistics summary."""
+    t = threading.Thread(target=feed)
+    t.start()
+    eclreco.process(path, install_signal_handlers=False)
+    t.join()
+    return eclreco.statistics.summary()
+
+
 def test_zmq_input_all_events_and_idle_timeout(tmp_path):
     address = free_address()
     out = tmp_path / "zmq.root"
@@ -92,11 +101,7 @@ def test_zmq_input_rejects_and_keeps_oversized_messages(tmp_path):
             s.send(envelope(e))
         s.close()
 
-    t = threading.Thread(target=feed)
-    t.start()
-    eclreco.process(path, install_signal_handlers=False)
-    t.join()
-    s = eclreco.statistics.summary()
+    s = process_fed(path, feed)
     assert (s["received"], s["processed"], s["rejected"]) == (2001, 1999, 2)
     assert s["rejected_by_reason"] == {"oversize": 2}
     with open(quarantine, "rb") as f:
@@ -131,11 +136,7 @@ def test_zmq_input_socket_refuses_messages_over_its_own_limit():
             s.send(envelope(e))
         s.close()
 
-    t = threading.Thread(target=feed)
-    t.start()
-    eclreco.process(path, install_signal_handlers=False)
-    t.join()
-    s = eclreco.statistics.summary()
+    s = process_fed(path, feed)
     # the refused message never reached the chain; the stream went on after it
     assert s["received"] == 200 and s["rejected"] == 0
     assert inp.counters()["disconnects"] >= 1
@@ -177,11 +178,7 @@ def test_zmq_input_rejects_and_keeps_multipart_messages(tmp_path):
         s.send(envelope(2))
         s.close()
 
-    t = threading.Thread(target=feed)
-    t.start()
-    eclreco.process(path, install_signal_handlers=False)
-    t.join()
-    s = eclreco.statistics.summary()
+    s = process_fed(path, feed)
     assert (s["received"], s["processed"], s["rejected"]) == (6, 2, 4)
     assert s["rejected_by_reason"] == {"multi_frame": 4}
     with open(quarantine, "rb") as f:

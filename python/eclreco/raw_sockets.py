@@ -107,4 +107,3 @@ def recv_message(sock: zmq.Socket, flags: int = zmq.NOBLOCK, max_bytes: int = 0)
         frame = sock.recv(copy=False)
         frames.append(frame.bytes)
     return mark_multi_frame(frames)
-

@@ -210,7 +210,7 @@ class Distributor:
                 if busy_limit <= 0:
                     if not self.drop_when_busy:
                         break
-                    recv_message(inp, max_bytes=max_bytes)
+                    recv_message(inp)  # dropped: no need to mark it
                     self.c["dropped"] += 1
                     continue
                 msg = recv_message(inp, max_bytes=max_bytes)
