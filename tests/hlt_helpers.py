@@ -26,6 +26,12 @@ def envelope(evt: int, exp: int = 1, run: int = 1, det: str = "belle2-ecl") -> b
                          use_bin_type=True)
 
 
+def read_quarantine(path) -> list[dict]:
+    """The records of a quarantine file (RejectedOutput, the HLT workers' --rejected)."""
+    with open(path, "rb") as f:
+        return list(msgpack.Unpacker(f, raw=False, strict_map_key=False))
+
+
 def big_envelope(evt: int, nbytes: int) -> bytes:
     """A valid envelope of more than nbytes (the spec sets no size; `truth` may hold anything)."""
     m = msgpack.unpackb(envelope(evt), raw=False)

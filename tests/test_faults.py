@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import uproot
 
-from hlt_helpers import envelope, push_events
+from hlt_helpers import envelope, push_events, read_quarantine
 from test_hlt import ECLRECO, farm_factory, read_evt  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.timeout(180)
@@ -189,8 +189,7 @@ def test_full_disk_on_quarantine_keeps_complete_records(tmp_path):
                        capture_output=True, text=True, timeout=150, preexec_fn=_limit_fsize(300_000))
     assert r.returncode == 1, r.stdout + r.stderr
     assert f"cannot write quarantine file '{q}'" in r.stderr, r.stderr
-    with open(q, "rb") as f:
-        recs = list(msgpack.Unpacker(f, raw=False))
+    recs = read_quarantine(q)
     assert 0 < len(recs) < 3000 and all(rec["reason"] == "bad_version" for rec in recs)
 
 

@@ -10,13 +10,12 @@ import sys
 import time
 import urllib.request
 
-import msgpack
 import numpy as np
 import pytest
 import uproot
 import zmq
 
-from hlt_helpers import big_envelope, envelope, free_address, free_port
+from hlt_helpers import big_envelope, envelope, free_address, free_port, read_quarantine
 
 pytestmark = pytest.mark.timeout(180)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,11 +52,6 @@ def scrape(port: int) -> str:
 def metric(text: str, name: str, labels: str = "") -> float:
     m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
-
-
-def read_quarantine(path) -> list[dict]:
-    with open(path, "rb") as f:
-        return list(msgpack.Unpacker(f, raw=False, strict_map_key=False))
 
 
 def test_reco_survives_every_bad_input(tmp_path):

@@ -12,7 +12,7 @@ import uproot
 import zmq
 
 import eclreco
-from hlt_helpers import big_envelope, envelope, free_address, push_events
+from hlt_helpers import big_envelope, envelope, free_address, push_events, read_quarantine
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -77,7 +77,6 @@ def test_zmq_input_rejects_and_keeps_oversized_messages(tmp_path):
     identifiers it has; the valid events sent right behind it on the same connection all arrive.
     (When the socket refused it, ZMQ_MAXMSGSIZE, libzmq dropped the connection and with it the
     events in flight behind it: 7 of 2000 in a measurement, counted nowhere.)"""
-    import msgpack
 
     from eclreco.raw_sockets import mark_oversize
 
@@ -104,8 +103,7 @@ def test_zmq_input_rejects_and_keeps_oversized_messages(tmp_path):
     s = process_fed(path, feed)
     assert (s["received"], s["processed"], s["rejected"]) == (2001, 1999, 2)
     assert s["rejected_by_reason"] == {"oversize": 2}
-    with open(quarantine, "rb") as f:
-        kept = list(msgpack.Unpacker(f, raw=False))
+    kept = read_quarantine(quarantine)
     assert [(r["reason"], r["message"]) for r in kept] == [("oversize", mark_oversize(m, 4096)) for m in big]
     assert kept[0]["evt"] == 100 and "evt" not in kept[1]
     assert kept[1]["detail"] == "a message of 100000 bytes, over the receiver's limit of 4096 bytes (max_message_bytes)"
@@ -155,7 +153,6 @@ def test_zmq_input_rejects_and_keeps_multipart_messages(tmp_path):
     """Spec, Transport: one event per message, a single frame. A multipart message (an envelope
     split over two frames, beside an empty frame, two envelopes) is rejected as multi_frame,
     counted and quarantined with its frames; the joined frames used to pass for a valid event."""
-    import msgpack
 
     from eclreco.raw_sockets import mark_multi_frame
 
@@ -181,8 +178,7 @@ def test_zmq_input_rejects_and_keeps_multipart_messages(tmp_path):
     s = process_fed(path, feed)
     assert (s["received"], s["processed"], s["rejected"]) == (6, 2, 4)
     assert s["rejected_by_reason"] == {"multi_frame": 4}
-    with open(quarantine, "rb") as f:
-        kept = list(msgpack.Unpacker(f, raw=False))
+    kept = read_quarantine(quarantine)
     assert [(r["reason"], r["message"]) for r in kept] == [("multi_frame", mark_multi_frame(fr)) for fr in multipart]
     assert all(r["detail"].startswith("a ZeroMQ message of 2 frames") for r in kept)
 
