@@ -1,6 +1,7 @@
 """`eclreco train`: train the CNN energy correction of a detector and export it to ONNX.
 
     eclreco train --detector array30 -o out/ [--g4 PATH] [--epochs N] [--seed S] [--sizes small]
+                  [--restarts N]
 
 The training set is made THROUGH THE PROJECT'S OWN CHAIN (eclreco.cnn_data): Geant4 deposits ->
 (belle2-ecl: beam-background overlay, one level per chunk of 250 events: 0 in 50 % of the chunks,
@@ -15,6 +16,10 @@ metrics of the model card); of the first 80 %, the last 1/8 is the validation se
 stopping, the rest the training set. Fixed seeds throughout, so the command reproduces the
 shipped models (python/eclreco/models/<detector>.onnx) bit for bit on the same platform / torch
 version (up to thread-count dependent float summation order).
+--restarts N trains the network from N initialisations (seeds S, S+1, ...; the same chain sample)
+and keeps the one with the lowest validation loss: an unlucky initialisation can stall (belle2-ecl,
+seed 5: validation loss 14 % above seeds 1-4, sigma68 9 % wider), and the validation loss shows it.
+The default, 1, is what reproduces the shipped models.
 """
 from __future__ import annotations
 
@@ -303,7 +308,10 @@ def write_card(out_dir, detector, card):
              f"- split: {card['data']['split']}; train {card['training']['n_train']}, validation {card['training']['n_val']} matched clusters",
              f"- training: {card['training']['epochs_run']} epochs (best {card['training']['best_epoch']}), "
              f"{card['training']['train_seconds']:.0f} s on {card['training']['threads']} CPU threads, seed {card['seed']}, "
-             f"torch {card['training']['torch']}",
+             f"torch {card['training']['torch']}"
+             + ("; kept the lowest validation loss of " + ", ".join(f"seed {r['seed']} {r['best_val_loss']:.6f}"
+                                                                     for r in card["restarts"]["tried"])
+                if card.get("restarts") else ""),
              f"- ONNX vs PyTorch: max abs diff {card['onnx_check']['max_abs_diff']:.2e} GeV, max rel {card['onnx_check']['max_rel_diff']:.2e}",
              f"- recommended min_energy_gev: {card['recommended_min_energy_gev']}", "",
              "## Test set (held-out last 20 % of the Geant4 file, all energies)", "",
@@ -317,12 +325,12 @@ def write_card(out_dir, detector, card):
                      f"{b['sigma68_cnn']:.4f} | {b['bias_cnn']:+.4f} |")
     lines += ["", f"Tails: E_CNN/E_true < 0.9 in {100 * t['tail_below_0.9']:.1f} %, < 0.8 in {100 * t['tail_below_0.8']:.1f} % of the test events."]
     if card.get("size_scan"):
-        lines += ["", "## Size scan (same data, same seed)", "",
-                  "| size | c1/c2/hidden | params | FLOPs/cluster | clusters/s (1 thread, batch 1024) | test sigma68 | val loss |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["", "## Size scan (same data)", "",
+                  "| size | seed | c1/c2/hidden | params | FLOPs/cluster | clusters/s (1 thread, batch 1024) | test sigma68 | val loss |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in card["size_scan"]:
             c = r["config"]
-            lines.append(f"| {r['size']} | {c['c1']}/{c['c2']}/{c['hidden']} | {r['n_params']} | {r['flops_per_cluster']} | "
+            lines.append(f"| {r['size']} | {r.get('seed', card['seed'])} | {c['c1']}/{c['c2']}/{c['hidden']} | {r['n_params']} | {r['flops_per_cluster']} | "
                          f"{r['clusters_per_second']:,.0f} | {r['test_sigma68']:.4f} | {r['best_val_loss']:.5f} |")
     with open(os.path.join(out_dir, f"{detector}.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -347,10 +355,12 @@ class TrainingInputError(ValueError):
 
 
 def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=None, max_events=0, quiet=False,
-                 samples=None, cache=None, augment=None):
+                 samples=None, cache=None, augment=None, restarts=1):
     import onnx  # noqa: F401  (fail early when the training extras are missing)
     import torch
 
+    if restarts < 1:
+        raise TrainingInputError(f"restarts must be >= 1, not {restarts}")
     torch.set_num_threads(2)
     g4_path = g4_path or default_g4_path(detector)
     if not os.path.exists(g4_path):
@@ -375,9 +385,18 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
     ship = DEFAULT_SIZE[detector] if DEFAULT_SIZE[detector] in sizes else sizes[0]
     scan, shipped = [], None
     for size in sizes:
-        model, info = train_model(train, val, SIZES[size], epochs=epochs, seed=seed, quiet=quiet,
-                                  event_features=extra, loss=LOSS[detector], residual=RESIDUAL[detector],
-                                  level0_weight=LEVEL0_WEIGHT[detector], ema=EMA[detector], bound=BOUND[detector])
+        tried = []  # (best validation loss, network seed, model, info); the chain sample keeps `seed`
+        for net_seed in range(seed, seed + restarts):
+            m_, i_ = train_model(train, val, SIZES[size], epochs=epochs, seed=net_seed, quiet=quiet,
+                                 event_features=extra, loss=LOSS[detector], residual=RESIDUAL[detector],
+                                 level0_weight=LEVEL0_WEIGHT[detector], ema=EMA[detector], bound=BOUND[detector])
+            tried.append((i_["best_val_loss"], net_seed, m_, i_))
+            if not quiet and restarts > 1:
+                print(f"[{size}] seed {net_seed}: validation loss {i_['best_val_loss']:.6f} "
+                      f"(best epoch {i_['best_epoch']})", flush=True)
+        _, net_seed, model, info = min(tried, key=lambda t: (t[0], t[1]))
+        restart_rows = [{"seed": sd, "best_val_loss": vl, "best_epoch": i_["best_epoch"], "epochs_run": i_["epochs_run"]}
+                        for vl, sd, _m, i_ in tried]
         tm = test_metrics(model, test, detector)
         path = os.path.join(out_dir, f"{detector}.onnx" if size == ship else f"{detector}-{size}.onnx")
         names = list(FEATURE_NAMES) + list(extra)
@@ -388,7 +407,9 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
                                  + "".join(f", {n}/{EVENT_FEATURE_SCALE[n]:g}" if n in EVENT_FEATURE_SCALE else
                                            f", clamp(log({n}/energy_raw), {X_IN_RANGE[0]}, {X_IN_RANGE[1]})" for n in extra),
                 "recommended_min_energy_gev": RECOMMENDED_MIN_ENERGY_GEV, "config": json.dumps(model.config),
-                "producer": "eclreco train", "seed": seed}
+                "producer": "eclreco train", "seed": net_seed}
+        if restarts > 1:
+            meta["chain_seed"] = seed
         export_onnx(model, path, meta)
         xi, xf, _, _ = _arrays(test, extra)
         mad, mrel = check_onnx_agreement(model, path, xi[:4096], xf[:4096])
@@ -397,7 +418,7 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
                   f"max rel diff {mrel:.3e}", flush=True)
         assert mrel < 1e-4, f"onnxruntime and PyTorch disagree: max relative difference {mrel}"
         cps = onnx_throughput(path, np.resize(xi, (1024,) + xi.shape[1:]), np.resize(xf, (1024,) + xf.shape[1:]))
-        row = {"size": size, "config": model.config, "n_params": count_params(model),
+        row = {"size": size, "seed": net_seed, "config": model.config, "n_params": count_params(model),
                "flops_per_cluster": flops_per_cluster(model.config), "clusters_per_second": cps,
                "test_sigma68": tm["cnn"]["sigma68"], "best_val_loss": info["best_val_loss"],
                "train_seconds": info["train_seconds"], "file": os.path.basename(path)}
@@ -408,11 +429,11 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
                   f"raw sum {tm['raw_sum']['sigma68']:.4f}), bias {tm['cnn']['bias']:+.4f}, "
                   f"{info['epochs_run']} epochs in {info['train_seconds']:.0f} s", flush=True)
         if size == ship:
-            shipped = (model, info, tm, path, mad, mrel, cps)
-    model, info, tm, path, mad, mrel, cps = shipped
+            shipped = (model, info, tm, path, mad, mrel, cps, net_seed, restart_rows)
+    model, info, tm, path, mad, mrel, cps, net_seed, restart_rows = shipped
     c = model.config
     card = {
-        "detector": detector, "seed": seed, "size": ship, "config": c,
+        "detector": detector, "seed": net_seed, "size": ship, "config": c,
         "feature_names": list(FEATURE_NAMES) + list(extra),
         "architecture": (f"image/E_raw [1x{c['image_size']}x{c['image_size']}] -> conv3x3({c['c1']}) ReLU -> conv3x3({c['c2']}) ReLU -> "
                          f"flatten + {10 + len(extra)} derived features -> dense({c['hidden']}) ReLU -> dense(1) = "
@@ -437,6 +458,9 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
         "history": info["history"], "test": tm, "size_scan": scan if len(scan) > 1 else [],
         "total_seconds": time.time() - t_start,
     }
+    if restarts > 1:  # (left out otherwise: the shipped cards stay as they were)
+        card["restarts"] = {"tried": restart_rows, "chain_seed": seed,
+                            "rule": "lowest validation loss (the early-stopping loss on the validation split)"}
     write_card(out_dir, detector, card)
     if not quiet:
         print(f"wrote {path} and {detector}.md/.json in {out_dir} ({time.time() - t_start:.0f} s)", flush=True)
@@ -448,6 +472,8 @@ def _cmd(args) -> int:
         raise SystemExit("eclreco train: --epochs must be >= 1")
     if args.max_events < 0:
         raise SystemExit("eclreco train: --max-events must be >= 0 (0: all)")
+    if args.restarts < 1:
+        raise SystemExit("eclreco train: --restarts must be >= 1")
     if args.augment is not None:
         try:  # before the Geant4 file is read
             cnn_data.check_copies(args.detector, args.augment)
@@ -459,7 +485,8 @@ def _cmd(args) -> int:
             raise SystemExit(f"eclreco train: unknown size {s!r} ({', '.join(SIZES)})")
     try:
         run_training(args.detector, args.output, g4_path=args.g4, epochs=args.epochs, seed=args.seed, sizes=sizes,
-                     max_events=args.max_events, quiet=args.quiet, cache=args.cache, augment=args.augment)
+                     max_events=args.max_events, quiet=args.quiet, cache=args.cache, augment=args.augment,
+                     restarts=args.restarts)
     except TrainingInputError as err:
         raise SystemExit(f"eclreco train: {err}") from None
     return 0
@@ -483,6 +510,8 @@ def add_train_parser(subparsers):
     p.add_argument("--augment", type=int, default=None, help="array30: the training events enter N times (1..8), "
                    "under the reflections and rotations of the beam spot, each with its own noise (default "
                    f"{AUGMENT['array30']}: not needed, see docs/physics-validation.md)")
+    p.add_argument("--restarts", type=int, default=1, help="train from this many initialisations (seeds S, S+1, ...) "
+                   "and keep the lowest validation loss (default 1: reproduces the shipped models)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd)
     return p
