@@ -268,7 +268,9 @@ def test_zmq_input_reads_what_is_queued_when_the_run_is_stopped(params, drained,
     the socket before); with the drain cut short (stop_timeout_s 0) or off (stop_drain_ms 0) the
     ones left are counted as unread_at_end and reported, and received + unread is every message."""
     n = 1000
-    address = f"inproc://stop-drain-{len(params)}-{int(drained)}-{os.getpid()}"
+    # one address per case: the two cut-short cases shared one ("1-0"), and a PUSH that connected while
+    # the previous case's PULL was still being closed sent its 1000 messages there (received 0, unread 0)
+    address = f"inproc://stop-drain-{'-'.join(params) or 'default'}-{os.getpid()}"
     ctx = zmq.Context.instance()  # inproc: the one context of ZMQInput; every message sits in its queue
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDHWM, 0)
