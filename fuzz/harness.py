@@ -54,13 +54,14 @@ def fuzz_envelope(data: bytes) -> None:
     except ValueError as err:
         check_reason(err)
         return
-    # A decoded envelope's payload lies inside the message, and so do the bytes of its evt int
-    # (the DAQ emulator's loop rewrites them).
+    # A decoded envelope's payload lies inside the message, and so do the bytes of its run and evt
+    # ints (the DAQ emulator's loop rewrites them).
     off, size = env["payload_offset"], env["payload_size"]
     assert 0 <= off and off + size <= len(data), (off, size, len(data))
-    off, size = env["evt_offset"], env["evt_size"]
-    assert 0 < off and off + size <= len(data) and size in (1, 2, 3, 5, 9), (off, size, len(data))
-    assert msgpack.unpackb(data[off:off + size]) == env["evt"]
+    for key in ("run", "evt"):
+        off, size = env[key + "_offset"], env[key + "_size"]
+        assert 0 < off and off + size <= len(data) and size in (1, 2, 3, 5, 9), (key, off, size, len(data))
+        assert msgpack.unpackb(data[off:off + size]) == env[key], key
 
 
 @atheris.instrument_func

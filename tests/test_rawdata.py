@@ -607,10 +607,38 @@ def test_daq_emulator_delivers_everything(tmp_path):
     ctx.term()
 
 
-def test_loop_renumbering_changes_only_the_evt_bytes():
+def test_loop_renumbering_carries_evt_into_run():
+    """Event numbers near 2^32 (a replay of ~40 h at 30 kHz gets there): evt carries into run, as
+    a DAQ starts a new run, instead of wrapping to (run, evt) already sent; a file of several runs
+    moves to new runs every pass; a run past 64 bits is a clear error, not a repeat."""
+    from eclreco.daq import LoopRenumbering
+
+    top = 2 ** 32 - 1
+    # run before evt in one map, after it in the other: both offsets must follow the rewrite
+    late_run = raw_map(("v", 1), ("exp", 1), ("evt", top), ("det", "belle2-ecl"), ("ecl", GOOD_PAYLOAD), ("run", 2))
+    r = LoopRenumbering([pack(env(run=2, evt=top - 5)), late_run])
+    assert r.span == 6
+    keys = [[tuple(rawdata.decode_envelope(bytes(r.message(k, p)))[x] for x in ("exp", "run", "evt")) for k in (0, 1)]
+            for p in range(3)]
+    assert keys == [[(1, 2, top - 5), (1, 2, top)], [(1, 3, 0), (1, 3, 5)], [(1, 3, 6), (1, 3, 11)]]
+    # two runs in the file: every pass moves to new runs, no (run, evt) twice
+    msgs = [pack(env(run=1, evt=e)) for e in (5, 9, top)] + [pack(env(run=2, evt=e)) for e in (0, 3)]
+    r = LoopRenumbering(msgs)
+    seen = [(d["run"], d["evt"]) for p in range(50) for k in range(len(msgs))
+            for d in [rawdata.decode_envelope(bytes(r.message(k, p)))]]
+    assert len(set(seen)) == len(seen) == 50 * len(msgs)
+    assert r.span == (2 * 2 ** 32 + 3) - (2 ** 32 + 5) + 1
+    assert seen[len(msgs)] == (2, 4)  # (1, 5) one span on
+    # the last run number of the wire format: the next pass has none left
+    r = LoopRenumbering([pack(env(run=2 ** 64 - 1, evt=top))])
+    with pytest.raises(OverflowError, match="64 bits"):
+        r.message(0, 1)
+
+
+def test_loop_renumbering_changes_only_the_run_and_evt_bytes():
     """A looped replay renumbers every valid envelope (found by the reconstruction's decoder, also
     one with a truth nested 2000 levels deep or holding non-UTF-8 strings, whose evt used to repeat
-    in every pass) and changes only the bytes of its evt; a message that is not a valid envelope
+    in every pass) and changes only the bytes of its run and evt; a message that is not a valid envelope
     (a repeated key, a wrong CRC, garbage ...) has no identity and is replayed unchanged."""
     from eclreco.daq import LoopRenumbering
 
@@ -630,18 +658,23 @@ def test_loop_renumbering_changes_only_the_evt_bytes():
     assert [o >= 0 for o in r.offsets] == [True] * len(valid) + [False] * len(invalid)
     assert r.span == 4  # evt 4..7 of the valid envelopes
     seen = set()
+    ids = ("run", "evt", "payload_offset", "run_offset", "run_size", "evt_offset", "evt_size")
     for k, m in enumerate(valid):
         orig = rawdata.decode_envelope(m)
-        start, stop = orig["evt_offset"], orig["evt_offset"] + orig["evt_size"]
-        assert msgpack.unpackb(m[start:stop]) == orig["evt"]
         for p in range(4):
             again = bytes(r.message(k, p))
             d = rawdata.decode_envelope(again)
-            assert d["evt"] == orig["evt"] + p * r.span
-            assert {x: d[x] for x in d if x not in ("evt", "payload_offset", "evt_offset", "evt_size")} == \
-                {x: orig[x] for x in orig if x not in ("evt", "payload_offset", "evt_offset", "evt_size")}
-            # only evt's bytes differ: rewritten once as a uint32 (ce + 4 bytes)
-            assert again == m[:start] + b"\xce" + d["evt"].to_bytes(4, "big") + m[stop:]
+            assert (d["run"], d["evt"]) == (orig["run"], orig["evt"] + p * r.span)  # no carry below 2^32
+            assert {x: d[x] for x in d if x not in ids} == {x: orig[x] for x in orig if x not in ids}
+            # only the bytes of run and evt differ: rewritten once as a uint64 (cf + 8 bytes) and a
+            # uint32 (ce + 4 bytes), wherever the producer put them in the map
+            expected = m
+            for key, tag, width in sorted([("run", b"\xcf", 8), ("evt", b"\xce", 4)],
+                                          key=lambda f: -orig[f[0] + "_offset"]):
+                start = orig[key + "_offset"]
+                assert msgpack.unpackb(m[start: start + orig[key + "_size"]]) == orig[key]
+                expected = expected[:start] + tag + d[key].to_bytes(width, "big") + expected[start + orig[key + "_size"]:]
+            assert again == expected
             seen.add((d["exp"], d["run"], d["evt"]))
     assert len(seen) == 4 * len(valid)  # unique in the stream over the passes
     for k, m in enumerate(invalid, len(valid)):

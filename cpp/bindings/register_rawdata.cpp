@@ -135,6 +135,8 @@ void register_rawdata(py::module_& m) {
         d["crc32"] = e.has_crc ? py::object(py::int_(e.crc32)) : py::none();
         d["payload_offset"] = e.payload_offset;
         d["payload_size"] = e.payload_size;
+        d["run_offset"] = e.run_offset;
+        d["run_size"] = e.run_size;
         d["evt_offset"] = e.evt_offset;
         d["evt_size"] = e.evt_size;
         d["ecl"] = py::bytes(v.data() + e.payload_offset, e.payload_size);
@@ -142,7 +144,7 @@ void register_rawdata(py::module_& m) {
       },
       py::arg("message"),
       "Decode one envelope: a dict (exp, run, evt, det, detector, time_ns, crc32, payload_offset, "
-      "payload_size, evt_offset, evt_size (the bytes of the evt int), ecl); ValueError('reason: detail') "
+      "payload_size, run_offset, run_size, evt_offset, evt_size (the bytes of the run and evt ints), ecl); ValueError('reason: detail') "
       "when it is malformed.");
 
   m.def(

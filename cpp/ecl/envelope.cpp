@@ -68,6 +68,8 @@ class EnvelopeVisitor : public msgpack::null_visitor {
       case kRun:
         env_.run = v;
         env_.known |= kKnownRun;
+        env_.run_offset = value_offset_;
+        env_.run_size = int_size(static_cast<uint8_t>(base_[value_offset_]));
         break;
       case kEvt:
         if (v > 0xFFFFFFFFull) {

@@ -47,8 +47,9 @@ struct Envelope {
   uint32_t crc32 = 0;
   // Where the ECL payload (the `ecl` bin) lies, relative to the start of the message.
   size_t payload_offset = 0, payload_size = 0;
-  // Where the bytes of the `evt` int lie (set with kKnownEvt): a replay that renumbers events
-  // (the DAQ emulator's loop) rewrites exactly these.
+  // Where the bytes of the `run` and `evt` ints lie (set with kKnownRun, kKnownEvt): a replay that
+  // renumbers events (the DAQ emulator's loop) rewrites exactly these.
+  size_t run_offset = 0, run_size = 0;
   size_t evt_offset = 0, evt_size = 0;
   // Length of the first MessagePack object of the input (0 when it cannot be framed:
   // empty_message, not_msgpack, truncated).

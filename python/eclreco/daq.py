@@ -13,6 +13,7 @@ address given and to nothing else.
 from __future__ import annotations
 
 import argparse
+import struct
 import sys
 import time
 from typing import Callable, Sequence
@@ -21,32 +22,49 @@ from eclreco import scheduling
 from eclreco.rawdata import read_raw_file
 
 
+_UINT64, _UINT32 = struct.Struct(">Q"), struct.Struct(">I")
+
+
 class LoopRenumbering:
     """Event numbers for the passes of a looped replay: (exp, run, evt) must be unique in a
-    stream (spec/wire-format.md), and the collector drops a repeated one as a duplicate. Pass k
-    sends evt + k * span (span = max evt - min evt + 1 of the file's valid envelopes). Every valid
-    envelope is renumbered: the messages are decoded by the reconstruction's own decoder (C++),
-    which also says where the bytes of `evt` lie (Python's msgpack, used before, gave up on a
-    valid envelope with a truth nested 1024 levels deep, whose evt then repeated in every pass).
-    Only those bytes change: evt is rewritten once as a fixed-width uint32, so that a pass costs
-    an in-place patch of 4 bytes per message, and every other byte stays as in the file. A message
-    that is not a valid envelope has no identity: it is sent unchanged in every pass (and rejected
-    with its reason each time)."""
+    stream (spec/wire-format.md), and the collector drops a repeat within its window as a
+    duplicate. An envelope's (run, evt) is read as one number n = run * 2^32 + evt (evt < 2^32 by
+    the spec); pass k sends n + k * span (span = max n - min n + 1 over the file's valid envelopes),
+    split back into run and evt. In a file of one run that is evt + k * span until evt would pass
+    2^32 (after ~40 h at 30 kHz), and then the next run, as a DAQ starts a new run, instead of
+    evt wrapping to numbers already sent; a file of several runs moves to new runs every pass.
+    Every valid envelope is renumbered: the messages are decoded by the reconstruction's own
+    decoder (C++), which also says where the bytes of `run` and `evt` lie (Python's msgpack, used
+    before, gave up on a valid envelope with a truth nested 1024 levels deep, whose evt then
+    repeated in every pass). Only those bytes change: run and evt are rewritten once as a
+    fixed-width uint64 and uint32, so that a pass costs an in-place patch of 12 bytes per message,
+    and every other byte stays as in the file. A message that is not a valid envelope has no
+    identity: it is sent unchanged in every pass (and rejected with its reason each time)."""
 
     def __init__(self, messages: Sequence[bytes]):
-        self.messages, self.offsets, self.evts = [], [], []
+        self.messages, self.run_offsets, self.offsets, self.numbers = [], [], [], []
         for m in messages:
-            span = self._evt_span(m)
-            if span is None:
+            d = self._identity(m)
+            if d is None:
                 self.messages.append(m)
+                self.run_offsets.append(-1)
                 self.offsets.append(-1)
-                self.evts.append(0)
+                self.numbers.append(0)
                 continue
-            start, stop, evt = span
-            self.messages.append(m[:start] + b"\xce" + evt.to_bytes(4, "big") + m[stop:])
-            self.offsets.append(start + 1)
-            self.evts.append(evt)
-        valid = [e for e, o in zip(self.evts, self.offsets) if o >= 0]
+            # rewrite the later int first, so that the earlier one's offset still holds
+            fields = sorted([(d["run_offset"], d["run_size"], b"\xcf", 8, "run"),
+                             (d["evt_offset"], d["evt_size"], b"\xce", 4, "evt")], reverse=True)
+            for start, size, tag, width, _ in fields:
+                m = m[:start] + tag + bytes(width) + m[start + size:]
+            first, second = fields[1], fields[0]
+            pos = {first[4]: first[0] + 1, second[4]: second[0] + 1 + (1 + first[3]) - first[1]}
+            self.run_offsets.append(pos["run"])
+            self.offsets.append(pos["evt"])
+            self.numbers.append((d["run"] << 32) | d["evt"])
+            b = bytearray(m)
+            self._patch(b, len(self.numbers) - 1, 0)
+            self.messages.append(bytes(b))
+        valid = [n for n, o in zip(self.numbers, self.offsets) if o >= 0]
         self.span = (max(valid) - min(valid) + 1) if valid else 1
         self._patched: list = [None] * len(self.messages)  # one reusable copy per message, made on demand
         # pyzmq sends a buffer of this size or more without a copy (send(copy=False); smaller ones are
@@ -56,32 +74,40 @@ class LoopRenumbering:
         self.zero_copy_min_bytes = zmq.COPY_THRESHOLD
 
     @staticmethod
-    def _evt_span(m: bytes):
-        """(start, stop, evt): the bytes of the evt int of a valid envelope, or None."""
+    def _identity(m: bytes):
+        """The decoded envelope (with where its run and evt bytes lie), or None if not valid."""
         from eclreco import _core
 
         try:
-            d = _core.decode_envelope(m if isinstance(m, bytes) else bytes(m))
+            return _core.decode_envelope(m if isinstance(m, bytes) else bytes(m))
         except ValueError:  # not a valid envelope (the reconstruction rejects it): replayed as it is
             return None
-        return d["evt_offset"], d["evt_offset"] + d["evt_size"], d["evt"]
+
+    def _patch(self, b: bytearray, idx: int, shift: int) -> None:
+        """Writes the run and evt of number numbers[idx] + shift into b, message idx's buffer."""
+        n = self.numbers[idx] + shift
+        try:
+            _UINT64.pack_into(b, self.run_offsets[idx], n >> 32)
+        except struct.error:
+            raise OverflowError(f"looped replay: run {n >> 32} of message {idx} does not fit the 64 bits of the "
+                                "wire format; restart the replay") from None
+        _UINT32.pack_into(b, self.offsets[idx], n & 0xFFFFFFFF)
 
     def message(self, idx: int, pass_k: int) -> bytes:
         """The message of pass pass_k. Valid until the next call for the same idx: a message sent
-        with a copy gets the 4 bytes patched in one reusable buffer (a fresh copy per message cost
+        with a copy gets the bytes patched in one reusable buffer (a fresh copy per message cost
         the emulator 0.7 µs); one sent without a copy gets a buffer of its own, because libzmq may
         still hold the previous pass's."""
         m, off = self.messages[idx], self.offsets[idx]
         if pass_k == 0 or off < 0:
             return m
-        value = ((self.evts[idx] + pass_k * self.span) % 2 ** 32).to_bytes(4, "big")
         if len(m) >= self.zero_copy_min_bytes:
             b = bytearray(m)
         else:
             b = self._patched[idx]
             if b is None:
                 b = self._patched[idx] = bytearray(m)
-        b[off: off + 4] = value
+        self._patch(b, idx, pass_k * self.span)
         return b
 
 
@@ -204,8 +230,8 @@ def add_daq_emulator_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=0.0, help="events per second (0: as fast as possible)")
     p.add_argument("--tick-ms", type=float, default=1.0, help="with --rate: send what is due every TICK ms")
     scheduling.add_scheduling_argument(p)
-    p.add_argument("--loop", action="store_true", help="replay the file again and again (pass k: evt + k x the "
-                   "file's evt span, so that event numbers stay unique)")
+    p.add_argument("--loop", action="store_true", help="replay the file again and again (pass k: "
+                   "(run, evt) shifted by k x the file's span, evt carrying into run, so that event numbers stay unique)")
     p.add_argument("--events", type=int, default=0, help="stop after N events (0: the file once, or forever with --loop)")
     from eclreco.curve import add_curve_arguments
 
