@@ -655,7 +655,7 @@ def test_loop_renumbering_changes_only_the_run_and_evt_bytes():
     invalid = [dup_crc, bad_crc, dup_evt, wide, b"\xc1", pack([1, 2]), pack(env(evt=True)), mark_multi_frame([good, good])]
     msgs = valid + invalid
     r = LoopRenumbering(msgs)
-    assert [o >= 0 for o in r.offsets] == [True] * len(valid) + [False] * len(invalid)
+    assert [o >= 0 for o in r.evt_offsets] == [True] * len(valid) + [False] * len(invalid)
     assert r.span == 4  # evt 4..7 of the valid envelopes
     seen = set()
     ids = ("run", "evt", "payload_offset", "run_offset", "run_size", "evt_offset", "evt_size")

@@ -42,29 +42,30 @@ class LoopRenumbering:
     identity: it is sent unchanged in every pass (and rejected with its reason each time)."""
 
     def __init__(self, messages: Sequence[bytes]):
-        self.messages, self.run_offsets, self.offsets, self.numbers = [], [], [], []
+        self.messages, self.run_offsets, self.evt_offsets, self.numbers = [], [], [], []
         for m in messages:
             d = self._identity(m)
             if d is None:
                 self.messages.append(m)
                 self.run_offsets.append(-1)
-                self.offsets.append(-1)
+                self.evt_offsets.append(-1)
                 self.numbers.append(0)
                 continue
-            # rewrite the later int first, so that the earlier one's offset still holds
-            fields = sorted([(d["run_offset"], d["run_size"], b"\xcf", 8, "run"),
-                             (d["evt_offset"], d["evt_size"], b"\xce", 4, "evt")], reverse=True)
-            for start, size, tag, width, _ in fields:
+            # in message order: a rewritten int moves the bytes after it by its change of width
+            pos, moved = {}, 0
+            for start, size, tag, width, key in sorted([(d["run_offset"], d["run_size"], b"\xcf", 8, "run"),
+                                                        (d["evt_offset"], d["evt_size"], b"\xce", 4, "evt")]):
+                start += moved
                 m = m[:start] + tag + bytes(width) + m[start + size:]
-            first, second = fields[1], fields[0]
-            pos = {first[4]: first[0] + 1, second[4]: second[0] + 1 + (1 + first[3]) - first[1]}
+                pos[key] = start + 1
+                moved += 1 + width - size
             self.run_offsets.append(pos["run"])
-            self.offsets.append(pos["evt"])
+            self.evt_offsets.append(pos["evt"])
             self.numbers.append((d["run"] << 32) | d["evt"])
             b = bytearray(m)
             self._patch(b, len(self.numbers) - 1, 0)
             self.messages.append(bytes(b))
-        valid = [n for n, o in zip(self.numbers, self.offsets) if o >= 0]
+        valid = [n for n, o in zip(self.numbers, self.evt_offsets) if o >= 0]
         self.span = (max(valid) - min(valid) + 1) if valid else 1
         self._patched: list = [None] * len(self.messages)  # one reusable copy per message, made on demand
         # pyzmq sends a buffer of this size or more without a copy (send(copy=False); smaller ones are
@@ -91,14 +92,14 @@ class LoopRenumbering:
         except struct.error:
             raise OverflowError(f"looped replay: run {n >> 32} of message {idx} does not fit the 64 bits of the "
                                 "wire format; restart the replay") from None
-        _UINT32.pack_into(b, self.offsets[idx], n & 0xFFFFFFFF)
+        _UINT32.pack_into(b, self.evt_offsets[idx], n & 0xFFFFFFFF)
 
     def message(self, idx: int, pass_k: int) -> bytes:
         """The message of pass pass_k. Valid until the next call for the same idx: a message sent
         with a copy gets the bytes patched in one reusable buffer (a fresh copy per message cost
         the emulator 0.7 µs); one sent without a copy gets a buffer of its own, because libzmq may
         still hold the previous pass's."""
-        m, off = self.messages[idx], self.offsets[idx]
+        m, off = self.messages[idx], self.evt_offsets[idx]
         if pass_k == 0 or off < 0:
             return m
         if len(m) >= self.zero_copy_min_bytes:
