@@ -477,7 +477,7 @@ def test_collector_sigkill_with_unwritten_results_counts_them_lost(farm_factory)
     assert f"lost at stop {n} ({n} of them confirmed, not known to be saved)," in log, log
 
 
-def test_malformed_messages_to_the_farm_are_counted_not_fatal(farm_factory):
+def test_malformed_messages_to_the_farm_are_counted_not_fatal(farm_factory, zmq_context):
     """Garbage on the distributor's control and workers sockets and on the collector's results
     socket (a stray peer, a bug): each used to kill the process it reached, losing every event it
     held. Now: counted (status bad_messages), and the farm writes every event exactly once."""
@@ -489,7 +489,7 @@ def test_malformed_messages_to_the_farm_are_counted_not_fatal(farm_factory):
     farm = farm_factory(workers=2)
     collector = farm.process("collector")
     workers_addr = farm.distributor()["addresses"]["workers"]
-    ctx = zmq.Context()
+    ctx = zmq_context
     bad_control = [[P.CONFIRM], [P.CONFIRM, b"abc"], [P.HELLO, b"\xc1"], [P.HELLO, msgpack.packb(5)], [P.SAVED],
                    [P.STATUS, b"\xc1"], [P.RUN_ENDED, b"\xc1"], [P.CONFIRM, P.seqs_to_bytes([1, 2])]]
     bad_workers = [[P.READY], [P.READY, b"\xc1"], [P.READY, msgpack.packb([1, 2])],

@@ -402,14 +402,14 @@ def test_farm_sigterm_leaves_readable_output(farm_factory):
     assert np.sort(evt).tolist() == list(range(n)), log
 
 
-def test_distributor_counts_a_refused_oversized_message(farm_factory):
+def test_distributor_counts_a_refused_oversized_message(farm_factory, zmq_context):
     """A message over --refuse-message-bytes never reaches the distributor (libzmq drops the
     sender's connection): the drop is counted (status, Prometheus) and the other senders' events
     all arrive."""
     import zmq
 
     farm = farm_factory(workers=1, extra=("--max-message-bytes", "4096", "--refuse-message-bytes", "8192"))
-    ctx = zmq.Context()
+    ctx = zmq_context
     big = ctx.socket(zmq.PUSH)
     big.setsockopt(zmq.LINGER, 0)
     big.connect(farm.input)
@@ -526,7 +526,7 @@ def test_farm_64_bit_exp_and_run(farm_factory):
     assert sorted(zip(t["exp"].tolist(), t["run"].tolist(), t["evt"].tolist())) == sorted(set(ids))
 
 
-def test_farm_keeps_rejected_raw_events_and_rejects_multipart_messages(farm_factory, tmp_path):
+def test_farm_keeps_rejected_raw_events_and_rejects_multipart_messages(farm_factory, tmp_path, zmq_context):
     """Every event that enters is processed or rejected with its reason, counted AND kept: each
     worker of `hlt run` writes the raw bytes it rejects to its quarantine file beside the output
     (they existed nowhere before). A multipart message is rejected as multi_frame (spec: one
@@ -546,7 +546,7 @@ def test_farm_keeps_rejected_raw_events_and_rejects_multipart_messages(farm_fact
     garbage = [b"", b"\xc1", b"\x92\x01\x02", envelope(5000) + b"\x00"]
     m = envelope(6000)
     multipart = [[m, envelope(6001)], [m[:10], m[10:]], [m, b""], [b"", m]]
-    ctx = zmq.Context()
+    ctx = zmq_context
     s = ctx.socket(zmq.PUSH)
     s.setsockopt(zmq.LINGER, 5000)
     s.connect(farm.input)

@@ -102,7 +102,7 @@ def test_envelope_rejection_in_path(reason):
     assert [events[0]["evt"], events[-1]["evt"]] == [100, 101]
 
 
-def test_oversized_zmq_message_is_marked_and_rejected_with_its_identifiers():
+def test_oversized_zmq_message_is_marked_and_rejected_with_its_identifiers(zmq_context):
     """recv_message(max_bytes=L) hands a single-frame message of more than L bytes on marked (the
     tag, L, the message): the decoder rejects it as oversize and still reads its exp/run/evt for
     the quarantine record; a message of exactly L bytes passes as it is."""
@@ -110,7 +110,7 @@ def test_oversized_zmq_message_is_marked_and_rejected_with_its_identifiers():
 
     big = pack(env(evt=77, exp=5, run=6, truth={"pad": b"x" * 5000}))
     assert mark_oversize(big, 4096) == OVERSIZE + struct.pack(">Q", 4096) + big
-    ctx = zmq.Context()
+    ctx = zmq_context
     pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     pull.bind("inproc://oversize")
     push.connect("inproc://oversize")
@@ -131,7 +131,7 @@ def test_oversized_zmq_message_is_marked_and_rejected_with_its_identifiers():
     assert (events[0]["exp"], events[0]["run"], events[0]["evt"]) == (5, 6, 77)
 
 
-def test_multipart_zmq_message_is_marked_and_rejected(tmp_path):
+def test_multipart_zmq_message_is_marked_and_rejected(tmp_path, zmq_context):
     """Spec, Transport: one event per message, a single frame. recv_message marks a multipart
     message (the tag, the frame count, each frame's size, the frames) and the decoder rejects it
     as multi_frame, saying how many frames; a single frame is returned as it is."""
@@ -139,7 +139,7 @@ def test_multipart_zmq_message_is_marked_and_rejected(tmp_path):
 
     second = pack(env(evt=4))
     assert mark_multi_frame([VALID[:10], VALID[10:]]) == MARK + struct.pack(">3Q", 2, 10, len(VALID) - 10) + VALID
-    ctx = zmq.Context()
+    ctx = zmq_context
     pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     pull.bind("inproc://multipart")
     push.connect("inproc://multipart")
@@ -556,7 +556,7 @@ def test_envelopes_in_one_frame_reach_the_batch_in_any_split():
         _core.append_envelope_blocks(eclreco.EventBatch(0), [(b"abc", np.array([0, 2, 1]))])
 
 
-def test_daq_emulator_delivers_everything(tmp_path):
+def test_daq_emulator_delivers_everything(tmp_path, zmq_context):
     import zmq
     from eclreco import daq
 
@@ -564,7 +564,7 @@ def test_daq_emulator_delivers_everything(tmp_path):
                                                                                   200, max_digits=30))
     f = tmp_path / "daq.msgpack"
     rawdata.write_raw_file(f, msgs)
-    ctx = zmq.Context()
+    ctx = zmq_context
     pull = ctx.socket(zmq.PULL)
     port = pull.bind_to_random_port("tcp://127.0.0.1")
     import argparse

@@ -54,7 +54,7 @@ def metric(text: str, name: str, labels: str = "") -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def test_reco_survives_every_bad_input(tmp_path):
+def test_reco_survives_every_bad_input(tmp_path, zmq_context):
     """The issue's first "must show": valid events interleaved with every malformed kind, over ZeroMQ,
     into the real steering/reco.py, among them a valid envelope over --max-message-bytes (rejected
     as oversize and kept); plus a message over --refuse-message-bytes on a separate connection."""
@@ -71,7 +71,7 @@ def test_reco_survives_every_bad_input(tmp_path):
     try:
         bad = bad_messages() + [("oversize", big_envelope(950_000, max_bytes))]
         n_valid = 3 * len(bad) + 50
-        ctx = zmq.Context()
+        ctx = zmq_context
         push = ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 10000)
         push.setsockopt(zmq.SNDTIMEO, 30000)
@@ -157,14 +157,14 @@ def test_reco_survives_every_bad_input(tmp_path):
     assert not any(b"\x00" * (2 * refuse_bytes) in r["message"] for r in recs)  # the refused one never arrived
 
 
-def test_distributor_refuses_oversized_messages(tmp_path):
+def test_distributor_refuses_oversized_messages(tmp_path, zmq_context):
     """The farm's input has the same limit (`--refuse-message-bytes`): a message over it on its own
     connection is refused by the socket; the valid stream is complete and the accounting holds."""
     from test_hlt import Farm
 
     farm = Farm(tmp_path, workers=1, extra=("--max-message-bytes", "4096", "--refuse-message-bytes", "8192"))
     try:
-        ctx = zmq.Context()
+        ctx = zmq_context
         big = ctx.socket(zmq.PUSH)
         big.setsockopt(zmq.LINGER, 0)
         big.connect(farm.input)

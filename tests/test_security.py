@@ -139,8 +139,8 @@ def _zmq_input_run(keys, senders, idle=1.5):
     return got, inp.counters()
 
 
-def test_curve_authorized_peer_processed_unknown_key_refused(keys, rogue_keys):
-    ctx = zmq.Context()
+def test_curve_authorized_peer_processed_unknown_key_refused(keys, rogue_keys, zmq_context):
+    ctx = zmq_context
     res = {}
 
     def rogue(address):  # CURVE with a key the server does not know: its events never arrive
@@ -190,7 +190,7 @@ def test_daq_emulator_says_when_nothing_was_delivered(tmp_path, keys):
         pull.close(0)
 
 
-def test_curve_farm_end_to_end(tmp_path, keys, rogue_keys):
+def test_curve_farm_end_to_end(tmp_path, keys, rogue_keys, zmq_context):
     """`hlt run --curve-dir`: every role authenticates; an authorized DAQ is processed, an unknown
     key never reaches the farm, and run control without a known key gets no answer."""
     from test_hlt import worker_modules
@@ -224,7 +224,7 @@ def test_curve_farm_end_to_end(tmp_path, keys, rogue_keys):
         # run control without keys: the handshake fails, no answer
         r = ctl_cmd("status", "--timeout", "1.5", curve=False)
         assert r.returncode == 1 and "no answer" in r.stderr
-        ctx = zmq.Context()
+        ctx = zmq_context
         emulate([envelope(e) for e in range(5000, 5050)], inp, context=ctx, linger_ms=0,
                 curve=Curve(rogue_keys, "daq"))
         n = 500
