@@ -518,7 +518,6 @@ def test_malformed_messages_to_the_farm_are_counted_not_fatal(farm_factory, zmq_
     farm.command("stop")
     evt, _ = read_evt(farm.output)
     assert np.array_equal(np.sort(evt), np.arange(n))
-    ctx.term()
 
 
 def test_collector_duplicate_key_holds_32_bit_exp_run_evt(farm_factory):
