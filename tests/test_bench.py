@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 
@@ -85,3 +86,53 @@ def test_distributor_benchmark_runs_every_phase():
     assert r.returncode == 0, r.stderr[-3000:]
     for phase in ("read_input", "dispatch", "confirm", "SAVED", "total"):
         assert phase in r.stdout, r.stdout
+
+
+def _load_benchmark(name):
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_convolutions_as_dense_matrices_compute_the_shipped_model(tmp_path):
+    """benchmarks/bench_cnn_variants.py's conv_as_gemm form of the belle2-ecl model gives the shipped
+    model's energies on real cluster inputs (a Toeplitz matrix transposed or shifted by one would not)."""
+    import onnx
+
+    from eclreco.bench import collect_cnn_inputs, make_raw_file
+    from eclreco.modules.ecl_energy_correction import load_session, shipped_model
+
+    bench = _load_benchmark("bench_cnn_variants")
+    raw = str(tmp_path / "generic.msgpack")
+    make_raw_file(raw, 300, 1.0)
+    shipped, meta = load_session(shipped_model("belle2-ecl"))
+    dense = str(tmp_path / "conv_as_gemm.onnx")
+    bench.convs_as_gemm(shipped_model("belle2-ecl"), dense)
+    rewritten, _ = load_session(dense)
+    assert not any(n.op_type == "Conv" for n in onnx.load(dense).graph.node)
+    image, features = collect_cnn_inputs(raw, 300, meta["extra_features"])[0]
+    assert image.shape[0] > 1000  # ~12 clusters per event above the model's threshold
+    ref = shipped.run(["energy"], {"image": image, "features": features})[0]
+    got = rewritten.run(["energy"], {"image": image, "features": features})[0]
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+
+
+@pytest.mark.timeout(180)
+def test_cnn_variants_benchmark_measures_every_variant():
+    """benchmarks/bench_cnn_variants.py: each form of the model (quantized ones included) is built,
+    loaded with the module's own checks and timed; the dense form matches the shipped model."""
+    import os
+
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_cnn_variants.py")
+    r = subprocess.run([sys.executable, script, "--events", "600", "--rounds", "1"], capture_output=True, text=True,
+                       timeout=170)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[2:]}
+    assert set(rows) == {"shipped", "conv_as_gemm", "int8_qdq", "int8_qoperator", "int8_dynamic"}, r.stdout
+    assert all(float(row[1].replace(",", "")) > 0 for row in rows.values()), r.stdout
+    assert float(rows["conv_as_gemm"][-1]) < 1e-5, r.stdout  # max |ΔE/E| against the shipped model

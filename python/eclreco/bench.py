@@ -79,18 +79,28 @@ def stage_us_per_event(summary: dict, key: str = "seconds") -> dict:
     return {m["name"]: m[key] / m["events"] * 1e6 for m in summary["modules"] if m["events"]}
 
 
-def cnn_measurements(raw: str, tmp: str, repeat: int, max_events: int) -> dict:
-    """CNN stage in the chain vs onnxruntime alone on the same inputs, and batched vs unbatched."""
+def _up_to_cnn(raw: str):
+    """RawFileInput → ECLUnpacker → ECLClusterizer → ECLLeakageCorrection: the chain before the CNN."""
+    import eclreco
+
+    path = eclreco.create_path()
+    path.add_module("RawFileInput", filename=raw)
+    path.add_module("ECLUnpacker")
+    path.add_module("ECLClusterizer")
+    path.add_module("ECLLeakageCorrection")  # the model refines the classical correction
+    return path
+
+
+def collect_cnn_inputs(raw: str, max_events: int, extra_features) -> list:
+    """The CNN inputs (image, features) of every batch of the chain, as ECLEnergyCorrection forms them."""
     import eclreco
     from eclreco import _core
-    from eclreco.modules.ecl_energy_correction import ECLEnergyCorrection, load_session, shipped_model
+    from eclreco.modules.ecl_energy_correction import ECLEnergyCorrection
 
-    sess, meta = load_session(shipped_model("belle2-ecl"), threads=1)
-    defaults = ECLEnergyCorrection()  # the module's own selection threshold and call size
-    threshold = defaults.param("min_energy_gev")
+    threshold = ECLEnergyCorrection().param("min_energy_gev")  # the module's own selection
 
     class CollectInputs(eclreco.Module):
-        """keeps the CNN inputs of every batch, as ECLEnergyCorrection forms them"""
+        """keeps the CNN inputs of every batch"""
 
         def __init__(self):
             super().__init__()
@@ -98,18 +108,24 @@ def cnn_measurements(raw: str, tmp: str, repeat: int, max_events: int) -> dict:
 
         def event(self, batch):
             sel = _core.rows_at_least(batch["ECLClusters"]["energy_raw"], threshold)
-            self.batches.append(ECLEnergyCorrection.model_inputs(batch, "ECLClusters", sel, meta["extra_features"]))
+            self.batches.append(ECLEnergyCorrection.model_inputs(batch, "ECLClusters", sel, extra_features))
 
-    def up_to_cnn():
-        path = eclreco.create_path()
-        path.add_module("RawFileInput", filename=raw)
-        path.add_module("ECLUnpacker")
-        path.add_module("ECLClusterizer")
-        path.add_module("ECLLeakageCorrection")  # the model refines the classical correction
-        return path
+    path = _up_to_cnn(raw)
+    col = path.add_module(CollectInputs())
+    eclreco.process(path, threads=1, batch_size=DEFAULT_BATCH, max_events=max_events)
+    return col.batches
+
+
+def cnn_measurements(raw: str, tmp: str, repeat: int, max_events: int) -> dict:
+    """CNN stage in the chain vs onnxruntime alone on the same inputs, and batched vs unbatched."""
+    import eclreco
+    from eclreco.modules.ecl_energy_correction import ECLEnergyCorrection, load_session, shipped_model
+
+    sess, meta = load_session(shipped_model("belle2-ecl"), threads=1)
+    batches = collect_cnn_inputs(raw, max_events, meta["extra_features"])
 
     def module_rate(batch_size, n_events):
-        path = up_to_cnn()
+        path = _up_to_cnn(raw)
         cnn = path.add_module("ECLEnergyCorrection", detector="belle2-ecl")
         eclreco.process(path, threads=1, batch_size=batch_size, max_events=n_events)
         mod = [m for m in eclreco.statistics.summary()["modules"] if m["name"] == "ECLEnergyCorrection"][0]
@@ -117,15 +133,12 @@ def cnn_measurements(raw: str, tmp: str, repeat: int, max_events: int) -> dict:
         # the module's rate, and that of its own onnxruntime calls (inference_seconds)
         return c["clusters_corrected"] / mod["seconds"], c["clusters_corrected"] / c["inference_seconds"]
 
-    path = up_to_cnn()
-    col = path.add_module(CollectInputs())
-    eclreco.process(path, threads=1, batch_size=DEFAULT_BATCH, max_events=max_events)
-    n = sum(b[0].shape[0] for b in col.batches)
-    step = defaults.param("max_clusters_per_batch")
+    n = sum(b[0].shape[0] for b in batches)
+    step = ECLEnergyCorrection().param("max_clusters_per_batch")
 
     def ort_pass(call_size):
         t0 = time.perf_counter()
-        for image, features in col.batches:
+        for image, features in batches:
             for a, b in ECLEnergyCorrection.call_slices(image.shape[0], call_size):
                 sess.run(["energy"], {"image": image[a:b], "features": features[a:b]})
         return n / (time.perf_counter() - t0)
