@@ -55,7 +55,7 @@ def convs_as_gemm(src: str, dst: str) -> None:
     for c in convs:
         attrs = {a.name: helper.get_attribute_value(a) for a in c.attribute}
         assert attrs.get("pads", [0] * 4) == [0] * 4 and attrs.get("strides", [1, 1]) == [1, 1], attrs
-    size = m.graph.input[[i.name for i in g.input].index("image")].type.tensor_type.shape.dim[1].dim_value
+    size = next(i for i in g.input if i.name == "image").type.tensor_type.shape.dim[1].dim_value
     dropped, new, x = {id(first)}, [helper.make_node("Flatten", [first.input[0]], ["gemm_in"], axis=1)], "gemm_in"
     for k, c in enumerate(convs):
         relu = by_input[c.output[0]][0]
@@ -117,22 +117,21 @@ def main():
     ap.add_argument("--events", type=int, default=10000)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    tmp = tempfile.mkdtemp(prefix="eclreco-bench-cnn-")
-    raw = os.path.join(tmp, "generic.msgpack")
-    make_raw_file(raw, args.events, 1.0)
-    src = shipped_model("belle2-ecl")
-    _, meta = load_session(src)
-    batches = [b for b in collect_cnn_inputs(raw, args.events, meta["extra_features"]) if b[0].shape[0]]
-    calibration, timed = batches[: len(batches) // 2], batches[len(batches) // 2:]
+    with tempfile.TemporaryDirectory(prefix="eclreco-bench-cnn-") as tmp:
+        raw = os.path.join(tmp, "generic.msgpack")
+        make_raw_file(raw, args.events, 1.0)
+        src = shipped_model("belle2-ecl")
+        shipped, meta = load_session(src, threads=1)
+        batches = [b for b in collect_cnn_inputs(raw, args.events, meta["extra_features"]) if b[0].shape[0]]
+        calibration, timed = batches[: len(batches) // 2], batches[len(batches) // 2:]
+        variants = {"conv_as_gemm": os.path.join(tmp, "conv_as_gemm.onnx")}
+        convs_as_gemm(src, variants["conv_as_gemm"])
+        for kind in ("int8_qdq", "int8_qoperator", "int8_dynamic"):
+            variants[kind] = os.path.join(tmp, f"{kind}.onnx")
+            quantized(src, variants[kind], kind, calibration)
+        sessions = {"shipped": shipped, **{k: load_session(p, threads=1)[0] for k, p in variants.items()}}
     n = sum(b[0].shape[0] for b in timed)
     step = ECLEnergyCorrection().param("max_clusters_per_batch")
-
-    paths = {"shipped": src, "conv_as_gemm": os.path.join(tmp, "conv_as_gemm.onnx")}
-    convs_as_gemm(src, paths["conv_as_gemm"])
-    for kind in ("int8_qdq", "int8_qoperator", "int8_dynamic"):
-        paths[kind] = os.path.join(tmp, f"{kind}.onnx")
-        quantized(src, paths[kind], kind, calibration)
-    sessions = {k: load_session(p, threads=1)[0] for k, p in paths.items()}
 
     def run(sess):
         return np.concatenate([sess.run(["energy"], {"image": i[a:b], "features": f[a:b]})[0]

@@ -3,9 +3,12 @@ consistent (the timings themselves are benchmarks, not tested)."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "benchmarks")]  # the benchmark scripts' functions
 
 
 @pytest.mark.timeout(300)
@@ -88,17 +91,6 @@ def test_distributor_benchmark_runs_every_phase():
         assert phase in r.stdout, r.stdout
 
 
-def _load_benchmark(name):
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_convolutions_as_dense_matrices_compute_the_shipped_model(tmp_path):
     """benchmarks/bench_cnn_variants.py's conv_as_gemm form of the belle2-ecl model gives the shipped
     model's energies on real cluster inputs (a Toeplitz matrix transposed or shifted by one would not)."""
@@ -107,12 +99,13 @@ def test_convolutions_as_dense_matrices_compute_the_shipped_model(tmp_path):
     from eclreco.bench import collect_cnn_inputs, make_raw_file
     from eclreco.modules.ecl_energy_correction import load_session, shipped_model
 
-    bench = _load_benchmark("bench_cnn_variants")
+    from bench_cnn_variants import convs_as_gemm
+
     raw = str(tmp_path / "generic.msgpack")
     make_raw_file(raw, 300, 1.0)
     shipped, meta = load_session(shipped_model("belle2-ecl"))
     dense = str(tmp_path / "conv_as_gemm.onnx")
-    bench.convs_as_gemm(shipped_model("belle2-ecl"), dense)
+    convs_as_gemm(shipped_model("belle2-ecl"), dense)
     rewritten, _ = load_session(dense)
     assert not any(n.op_type == "Conv" for n in onnx.load(dense).graph.node)
     image, features = collect_cnn_inputs(raw, 300, meta["extra_features"])[0]
