@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from eclreco.bench import collect_cnn_inputs, make_raw_file
+from eclreco.bench import DEFAULT_BATCH, collect_cnn_inputs, make_raw_file
 from eclreco.modules.ecl_energy_correction import ECLEnergyCorrection, load_session, shipped_model
 
 
@@ -117,6 +117,8 @@ def main():
     ap.add_argument("--events", type=int, default=10000)
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
+    if args.events < 2 * DEFAULT_BATCH or args.rounds < 1:  # a batch to calibrate on and one to time
+        ap.error(f"--events must be >= {2 * DEFAULT_BATCH} and --rounds >= 1")
     with tempfile.TemporaryDirectory(prefix="eclreco-bench-cnn-") as tmp:
         raw = os.path.join(tmp, "generic.msgpack")
         make_raw_file(raw, args.events, 1.0)

@@ -129,3 +129,6 @@ def test_cnn_variants_benchmark_measures_every_variant():
     assert set(rows) == {"shipped", "conv_as_gemm", "int8_qdq", "int8_qoperator", "int8_dynamic"}, r.stdout
     assert all(float(row[1].replace(",", "")) > 0 for row in rows.values()), r.stdout
     assert float(rows["conv_as_gemm"][-1]) < 1e-5, r.stdout  # max |ΔE/E| against the shipped model
+    # too few events for a calibration half and a timed half: refused with the reason
+    r = subprocess.run([sys.executable, script, "--events", "300"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--events must be >= 512" in r.stderr, r.stderr
