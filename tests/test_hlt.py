@@ -502,11 +502,39 @@ def test_collector_keys_of_64_bit_exp_and_run_are_unique():
     """exp and run are 64 bits (the spec bounds only evt): the collector's duplicate keys must
     keep every (exp, run, evt) apart, at the bounds too (run << 32 made run 2^32 of exp 0 collide
     with exp 1)."""
-    from eclreco.hlt.collector import event_key
+    from eclreco.hlt.collector import event_keys
 
     m = 2 ** 64 - 1
     ids = [(e, r, v) for e in (0, 1, 2 ** 32, m) for r in (0, 1, 2 ** 32, 202406011200, m) for v in (0, 1, 2 ** 32 - 1)]
-    assert len({event_key(*i) for i in ids}) == len(ids)
+    ids = sorted(set(ids) | {(e, r, v) for e in (0, 1, 2 ** 12 - 1, 2 ** 12) for r in (0, 2 ** 20 - 1, 2 ** 20)
+                             for v in (0, 2 ** 32 - 1)})  # and each side of the int keys' bounds
+    exp, run, evt = (np.array(c, dtype=np.uint64) for c in zip(*ids))
+    keys = event_keys(exp, run, evt.astype(np.uint32))
+    assert len(keys) == len(ids) and len(set(keys)) == len(ids)
+    # an event's key does not depend on the others of its batch (int keys beside bytes keys)
+    assert [event_keys(exp[i:i + 1], run[i:i + 1], evt[i:i + 1])[0] for i in range(len(ids))] == keys
+    # the key of what the batch stores: a stray message's int64 evt wraps to uint32 there
+    assert event_keys([0], [0], np.array([2 ** 32 + 5])) == event_keys([0], [0], [5])
+
+
+def test_collector_recent_keys_window_across_and_within_batches():
+    """The duplicate window is exact in events written, also when it ends inside a batch; a repeat
+    within a batch is a duplicate; what a batch repeats of itself is not remembered twice."""
+    from eclreco.hlt.collector import RecentKeys
+
+    r = RecentKeys(5)
+    assert r.add_new([1, 2, 3]).tolist() == [True] * 3
+    assert r.add_new([4, 2, 5, 5, 6]).tolist() == [True, False, True, False, True]  # 2 recent, 5 twice
+    assert r.count == 5 and r.set == {2, 3, 4, 5, 6}   # 1 left the window (7 written, window 5)
+    assert r.add_new([1, 3]).tolist() == [True, False]   # 1 is new again, 3 is still recent
+    assert r.set == {3, 4, 5, 6, 1}                      # the last 5 written: 3 4 5 6 1
+    assert r.add_new([]).tolist() == [] and r.count == 5
+    assert r.add_new([7, 8, 9, 10, 11, 12]).tolist() == [True] * 6
+    assert r.set == {8, 9, 10, 11, 12} and r.count == 5
+    assert r.add_new([13, 13]).tolist() == [True, False]  # a repeat of nothing recent, within the batch
+    assert r.set == {9, 10, 11, 12, 13} and r.count == 5
+    assert r.add_new([14, 9, 12]).tolist() == [True, True, False]  # 14 pushed 9 out of the window, not 12
+    assert r.set == {11, 12, 13, 14, 9} and r.count == 5
 
 
 def test_farm_64_bit_exp_and_run(farm_factory):

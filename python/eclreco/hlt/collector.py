@@ -25,33 +25,78 @@ from eclreco import Module, _core
 from eclreco.hlt import protocol as P
 
 
-def event_key(exp: int, run: int, evt: int) -> int:
-    """(exp, run, evt) as one Python int of 160 bits: exp and run are up to 64 bits, evt 32 (a
-    64-bit key with exp << 48 made run 65536 of exp 0 collide with exp 1; one with run << 32 made
-    run 2^32 of exp 0 collide with exp 1 once run had 64 bits)."""
-    return (exp << 96) | (run << 32) | evt
+def event_keys(exp, run, evt) -> list:
+    """One key per event, distinct for every (exp, run, evt) (exp and run are up to 64 bits, evt
+    32; a 64-bit key with exp << 48 made run 65536 of exp 0 collide with exp 1), built for a whole
+    batch in numpy: an int below 2^64 where exp < 2^12 and run < 2^20, the numbers a DAQ gives,
+    else 20 bytes, exp, run and evt big-endian. An int never equals a bytes object, and which form
+    an event gets follows from its own exp and run only."""
+    # the types of the EventBatch columns these fill (a stray message's wider evt wraps there too)
+    exp, run, evt = (np.asarray(a).astype(t).astype(np.uint64)
+                     for a, t in ((exp, np.uint64), (run, np.uint64), (evt, np.uint32)))
+    keys = ((exp << np.uint64(52)) | (run << np.uint64(32)) | evt).tolist()
+    large = np.flatnonzero((exp >= 1 << 12) | (run >= 1 << 20))
+    if len(large):
+        k = np.empty(len(large), dtype=[("exp", ">u8"), ("run", ">u8"), ("evt", ">u4")])
+        k["exp"], k["run"], k["evt"] = exp[large], run[large], evt[large]
+        for i, key in zip(large.tolist(), k.view("V20").tolist()):
+            keys[i] = key
+    return keys
+
+
+def take_new(known: set, keys: list, remember=None) -> np.ndarray:
+    """keep[i]: keys[i] is neither in `known` nor earlier in `keys`; the kept keys join `known`
+    (and are passed to `remember`, as one list). One set operation per batch when every key is new;
+    one key at a time only when the batch holds a repeat."""
+    fresh = set(keys)
+    if len(fresh) == len(keys) and known.isdisjoint(fresh):
+        known |= fresh
+        if remember is not None:
+            remember(keys)
+        return np.ones(len(keys), dtype=bool)
+    keep = np.zeros(len(keys), dtype=bool)
+    for i, k in enumerate(keys):
+        if k not in known:
+            known.add(k)
+            keep[i] = True
+            if remember is not None:  # before the next key: it may push an old repeat out of a window
+                remember([k])
+    return keep
 
 
 class RecentKeys:
     """The (exp, run, evt) keys of the last `window` events written: a repeat within the window is a
     duplicate. Bounded, so that a collector can run for days (a set of every key of a long run
     would grow by ~60 bytes per event). Redeliveries inside the farm are caught by sequence id
-    regardless of the window; this catches a source that sends an event twice."""
+    regardless of the window; this catches a source that sends an event twice. Keys are remembered
+    and forgotten a batch at a time (take_new), and the window is exact in events, also inside a
+    batch."""
 
     def __init__(self, window: int):
         self.window = max(1, int(window))
-        self.set: set[int] = set()
-        self.order: collections.deque = collections.deque()
+        self.set: set = set()
+        self.order: collections.deque = collections.deque()  # lists of keys, oldest first
+        self.count = 0
 
-    def add_new(self, k: int) -> bool:
-        """True (and remembered) if k is not among the recent keys."""
-        if k in self.set:
-            return False
-        self.set.add(k)
-        self.order.append(k)
-        if len(self.order) > self.window:
-            self.set.discard(self.order.popleft())
-        return True
+    def add_new(self, keys: list) -> np.ndarray:
+        """keep[i]: keys[i] is not among the recent keys nor earlier in `keys` (and is now remembered)."""
+        return take_new(self.set, keys, self._remember)
+
+    def _remember(self, keys: list):
+        # All new and distinct, so forgetting the oldest after the batch decides as after each key.
+        self.order.append(keys)
+        self.count += len(keys)
+        excess = self.count - self.window
+        while excess > 0:
+            oldest = self.order[0]
+            if len(oldest) <= excess:
+                self.order.popleft()
+                forget = oldest
+            else:
+                forget, self.order[0] = oldest[:excess], oldest[excess:]
+            self.set.difference_update(forget)
+            self.count -= len(forget)
+            excess -= len(forget)
 
 
 class CollectorLink:
@@ -273,18 +318,13 @@ class HLTCollectorInput(Module):
         for m in msgs:
             keep = np.ones(m.n, dtype=bool)
             if m.seq is not None:
-                seqs = m.seq
-                seqs_all.append(seqs)
-                for i, s in enumerate(seqs.tolist()):
-                    if s < link.low or s in link.seen:
-                        keep[i] = False
-                    else:
-                        link.seen.add(s)
-            flags = m.meta["error_flags"]
-            for i, (e, r, v) in enumerate(zip(m.meta["exp"].tolist(), m.meta["run"].tolist(), m.meta["evt"].tolist())):
-                if keep[i] and not (flags[i] & eclreco.ERROR_REJECTED):
-                    if not link.keys.add_new(event_key(e, r, v)):
-                        keep[i] = False
+                seqs_all.append(m.seq)
+                keep = m.seq >= link.low
+                above = np.flatnonzero(keep)
+                keep[above] = take_new(link.seen, m.seq[above].tolist())
+            cand = np.flatnonzero(keep & ((m.meta["error_flags"] & eclreco.ERROR_REJECTED) == 0))
+            keys = event_keys(m.meta["exp"][cand], m.meta["run"][cand], m.meta["evt"][cand])
+            keep[cand[~link.keys.add_new(keys)]] = False
             link.duplicates += int(m.n - keep.sum())
             keeps.append(keep)
         P.fill_batch(batch, msgs, keeps)
