@@ -528,7 +528,7 @@ def test_collector_recent_keys_window_across_and_within_batches():
     assert r.count == 5 and r.set == {2, 3, 4, 5, 6}   # 1 left the window (7 written, window 5)
     assert r.add_new([1, 3]).tolist() == [True, False]   # 1 is new again, 3 is still recent
     assert r.set == {3, 4, 5, 6, 1}                      # the last 5 written: 3 4 5 6 1
-    assert r.add_new([]).tolist() == [] and r.count == 5
+    assert r.add_new([]).tolist() == [] and r.count == 5 and len(r.order) == 5  # [3] [4] [5] [6] [1]
     assert r.add_new([7, 8, 9, 10, 11, 12]).tolist() == [True] * 6
     assert r.set == {8, 9, 10, 11, 12} and r.count == 5
     assert r.add_new([13, 13]).tolist() == [True, False]  # a repeat of nothing recent, within the batch

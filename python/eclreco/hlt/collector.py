@@ -84,6 +84,8 @@ class RecentKeys:
 
     def _remember(self, keys: list):
         # All new and distinct, so forgetting the oldest after the batch decides as after each key.
+        if not keys:  # a batch of rejected events only: nothing to hold (a list each would pile up)
+            return
         self.order.append(keys)
         self.count += len(keys)
         excess = self.count - self.window
