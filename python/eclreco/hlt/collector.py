@@ -32,8 +32,9 @@ def event_keys(exp, run, evt) -> list:
     else 20 bytes, exp, run and evt big-endian. An int never equals a bytes object, and which form
     an event gets follows from its own exp and run only."""
     # the types of the EventBatch columns these fill (a stray message's wider evt wraps there too)
-    exp, run, evt = (np.asarray(a).astype(t).astype(np.uint64)
-                     for a, t in ((exp, np.uint64), (run, np.uint64), (evt, np.uint32)))
+    exp = np.asarray(exp).astype(np.uint64)
+    run = np.asarray(run).astype(np.uint64)
+    evt = np.asarray(evt).astype(np.uint32).astype(np.uint64)
     keys = ((exp << np.uint64(52)) | (run << np.uint64(32)) | evt).tolist()
     large = np.flatnonzero((exp >= 1 << 12) | (run >= 1 << 20))
     if len(large):
