@@ -48,7 +48,8 @@ def push_events(address: str, evts, exp: int = 1, run: int = 1, rate_hz: float =
 
 
 def push_messages(address: str, messages, rate_hz: float = 0.0, timeout_s: float = 60.0, ctx=None) -> int:
-    """Connect a PUSH socket to `address` and send each message (blocking on backpressure)."""
+    """Connect a PUSH socket to `address` and send each message (blocking on backpressure); a
+    message given as a list of frames is sent as one multipart message."""
     ctx = ctx or zmq.Context.instance()
     s = ctx.socket(zmq.PUSH)
     s.setsockopt(zmq.SNDHWM, 1000)
@@ -63,7 +64,10 @@ def push_messages(address: str, messages, rate_hz: float = 0.0, timeout_s: float
             delay = due - time.monotonic()
             if delay > 0.001:
                 time.sleep(delay)
-        s.send(m)
+        if isinstance(m, list):
+            s.send_multipart(m)
+        else:
+            s.send(m)
         n += 1
     s.close()
     return n

@@ -12,14 +12,22 @@ import uproot
 import zmq
 
 import eclreco
-from hlt_helpers import big_envelope, envelope, free_address, push_events, read_quarantine
+from hlt_helpers import big_envelope, envelope, free_address, push_events, push_messages, read_quarantine
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def reduced_chain(path):
-    """The unpacker (the rest of the chain is not needed here)."""
+def zmq_input_path(address, output=None, quarantine=None, **params):
+    """ZMQInput with `params` → ECLUnpacker (the rest of the chain is not needed here), then
+    RootOutput and RejectedOutput where files are given; the path and the input module."""
+    path = eclreco.create_path()
+    inp = path.add_module("ZMQInput", address=address, **params)
     path.add_module("ECLUnpacker")
+    if output is not None:
+        path.add_module("RootOutput", filename=str(output))
+    if quarantine is not None:
+        path.add_module("RejectedOutput", filename=str(quarantine))
+    return path, inp
 
 
 def process_fed(path, feed) -> dict:
@@ -34,10 +42,7 @@ def process_fed(path, feed) -> dict:
 def test_zmq_input_all_events_and_idle_timeout(tmp_path):
     address = free_address()
     out = tmp_path / "zmq.root"
-    path = eclreco.create_path()
-    inp = path.add_module("ZMQInput", address=address, idle_timeout_s=0.5, max_latency_ms=5.0)
-    reduced_chain(path)
-    path.add_module("RootOutput", filename=str(out))
+    path, inp = zmq_input_path(address, output=out, idle_timeout_s=0.5, max_latency_ms=5.0)
     n = 3000
     feeder = threading.Thread(target=push_events, args=(address, range(n)))
     t0 = time.monotonic()
@@ -60,8 +65,7 @@ def test_zmq_input_all_events_and_idle_timeout(tmp_path):
 def test_zmq_input_idle_timeout_counts_from_first_message():
     """No message at all: the idle timeout does not end the run (it starts at the first message)."""
     address = free_address()
-    path = eclreco.create_path()
-    path.add_module("ZMQInput", address=address, idle_timeout_s=0.3, poll_ms=50.0)
+    path, _ = zmq_input_path(address, idle_timeout_s=0.3, poll_ms=50.0)
     stopper = threading.Timer(1.5, lambda: push_events(address, [7]))
     t0 = time.monotonic()
     stopper.start()
@@ -82,25 +86,12 @@ def test_zmq_input_rejects_and_keeps_oversized_messages(tmp_path):
 
     address = free_address()
     quarantine = tmp_path / "rejected.msgpack"
-    path = eclreco.create_path()
-    inp = path.add_module("ZMQInput", address=address, idle_timeout_s=1.0, max_message_bytes=4096)
-    reduced_chain(path)
-    path.add_module("RejectedOutput", filename=str(quarantine))
+    path, inp = zmq_input_path(address, quarantine=quarantine, idle_timeout_s=1.0, max_message_bytes=4096)
     big = [big_envelope(100, 20_000), b"\x00" * 100_000]
+    # back to back with the rest, on one connection
+    messages = [envelope(e) for e in range(100)] + big + [envelope(e) for e in range(101, 2000)]
 
-    def feed():
-        s = zmq.Context.instance().socket(zmq.PUSH)
-        s.setsockopt(zmq.LINGER, 5000)
-        s.connect(address)
-        for e in range(100):
-            s.send(envelope(e))
-        for m in big:  # back to back with the rest, on one connection
-            s.send(m)
-        for e in range(101, 2000):
-            s.send(envelope(e))
-        s.close()
-
-    s = process_fed(path, feed)
+    s = process_fed(path, lambda: push_messages(address, messages))
     assert (s["received"], s["processed"], s["rejected"]) == (2001, 1999, 2)
     assert s["rejected_by_reason"] == {"oversize": 2}
     kept = read_quarantine(quarantine)
@@ -114,11 +105,8 @@ def test_zmq_input_socket_refuses_messages_over_its_own_limit():
     """Above refuse_message_bytes (the memory guard) libzmq refuses a message unread and drops its
     connection: counted as a disconnect; the stream goes on when the sender reconnects."""
     address = free_address()
-    path = eclreco.create_path()
     # idle_timeout_s well above the sender's pauses (0.8 s): a stall of the loaded machine must not end the run early
-    inp = path.add_module("ZMQInput", address=address, idle_timeout_s=5.0, max_message_bytes=4096,
-                          refuse_message_bytes=16384)
-    reduced_chain(path)
+    path, inp = zmq_input_path(address, idle_timeout_s=5.0, max_message_bytes=4096, refuse_message_bytes=16384)
 
     def feed():
         ctx = zmq.Context.instance()
@@ -143,8 +131,7 @@ def test_zmq_input_socket_refuses_messages_over_its_own_limit():
 
 @pytest.mark.parametrize("limits", [(4096, 4096), (4096, 1000), (-1, 0), (0, -1)])
 def test_zmq_input_message_limits_are_checked(limits):
-    path = eclreco.create_path()
-    path.add_module("ZMQInput", address=free_address(), max_message_bytes=limits[0], refuse_message_bytes=limits[1])
+    path, _ = zmq_input_path(free_address(), max_message_bytes=limits[0], refuse_message_bytes=limits[1])
     with pytest.raises(RuntimeError, match="ZMQInput: .*(must exceed max_message_bytes|must be >= 0)"):
         eclreco.process(path, install_signal_handlers=False)
 
@@ -158,24 +145,11 @@ def test_zmq_input_rejects_and_keeps_multipart_messages(tmp_path):
 
     address = free_address()
     quarantine = tmp_path / "rejected.msgpack"
-    path = eclreco.create_path()
-    path.add_module("ZMQInput", address=address, idle_timeout_s=1.0, max_latency_ms=5.0)
-    reduced_chain(path)
-    path.add_module("RejectedOutput", filename=str(quarantine))
+    path, _ = zmq_input_path(address, quarantine=quarantine, idle_timeout_s=1.0, max_latency_ms=5.0)
     m = envelope(42)
     multipart = [[m[:10], m[10:]], [m, b""], [b"", m], [m, envelope(43)]]
 
-    def feed():
-        s = zmq.Context.instance().socket(zmq.PUSH)
-        s.setsockopt(zmq.LINGER, 5000)
-        s.connect(address)
-        s.send(envelope(1))
-        for frames in multipart:
-            s.send_multipart(frames)
-        s.send(envelope(2))
-        s.close()
-
-    s = process_fed(path, feed)
+    s = process_fed(path, lambda: push_messages(address, [envelope(1), *multipart, envelope(2)]))
     assert (s["received"], s["processed"], s["rejected"]) == (6, 2, 4)
     assert s["rejected_by_reason"] == {"multi_frame": 4}
     kept = read_quarantine(quarantine)
@@ -197,8 +171,7 @@ def test_reco_steering_zmq_sigint(tmp_path, repo_dir):
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         sys.path.insert(0, {os.path.join(repo_dir, "steering")!r})
         import reco
-        from test_zmq_input import reduced_chain
-        reco.add_reconstruction = lambda path, **kw: reduced_chain(path)
+        reco.add_reconstruction = lambda path, **kw: path.add_module("ECLUnpacker")  # the rest is not needed here
         sys.exit(reco.main(["-i", {address!r}, "-o", {str(out)!r}, "--threads", "1",
                             "--metrics-port", "{port}"]))
     """))

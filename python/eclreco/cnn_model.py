@@ -36,6 +36,7 @@ these tails pull down).
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -234,10 +235,15 @@ def export_onnx(model, path, metadata: dict, opset=17):
     kwargs = dict(input_names=["image", "features"], output_names=["energy"],
                   dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}, "energy": {0: "batch"}},
                   opset_version=opset)
-    try:
-        torch.onnx.export(model, (img, feat), path, dynamo=False, **kwargs)
-    except TypeError:  # torch < 2.5: no dynamo argument
-        torch.onnx.export(model, (img, feat), path, **kwargs)
+    # The TorchScript exporter on purpose: the shipped models are reproduced byte for byte with it
+    # (docs/models.md); torch >= 2.9 marks it deprecated, a warning on every export that says nothing here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*legacy TorchScript-based ONNX export")
+        try:
+            torch.onnx.export(model, (img, feat), path, dynamo=False, **kwargs)
+        except TypeError:  # torch < 2.5: no dynamo argument
+            torch.onnx.export(model, (img, feat), path, **kwargs)
     m = onnx.load(path)
     del m.metadata_props[:]
     for k, v in metadata.items():
