@@ -168,7 +168,6 @@ def test_reco_steering_zmq_sigint(tmp_path, repo_dir):
     script = tmp_path / "run.py"
     script.write_text(textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
         sys.path.insert(0, {os.path.join(repo_dir, "steering")!r})
         import reco
         reco.add_reconstruction = lambda path, **kw: path.add_module("ECLUnpacker")  # the rest is not needed here
