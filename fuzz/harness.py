@@ -111,8 +111,11 @@ def seed_corpus(kind: str) -> list[bytes]:
     m = msgpack.packb(env, use_bin_type=True)
     # a multipart ZeroMQ message as its receiver marks it (eclreco.raw_sockets.mark_multi_frame)
     marked = core.MULTI_FRAME_TAG + struct.pack(">3Q", 2, 10, len(m) - 10) + m
+    # over the receiver's limit, and a producer's message that started with 0xc1 (recv_message)
+    oversize = core.OVERSIZE_TAG + struct.pack(">Q", 16) + m
+    escaped = core.VERBATIM_TAG + marked
     return [m, msgpack.packb({**env, "crc32": zlib.crc32(p), "time_ns": 123, "truth": {"a": 1}}, use_bin_type=True),
-            marked]
+            marked, oversize, escaped]
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 // RejectedOutput: the quarantine of rejected events (`--rejected FILE.msgpack`). Every rejected
 // event of each batch is appended to `filename` as a MessagePack map
 //   {"reason": str, "detail": str, "message": bin (the original bytes, empty when the event has
-//    no RawEnvelopes entry), "exp"/"run"/"evt": int (only those that could be read)}
+//    no RawEnvelopes entry; a receiver's escape of a message that started with 0xc1 taken off),
+//    "exp"/"run"/"evt": int (only those that could be read)}
 // back to back, in input order (ordered module). Events with module errors are not written:
 // only rejected ones. The file is flushed after every batch that had rejections. A failed write
 // (disk full, size limit) is fatal: the run is asked to stop and ends with the error, and the
@@ -62,7 +63,12 @@ class RejectedOutput : public fw::Module {
       pk.pack(rej.detail);
       pk.pack(std::string("message"));
       if (bytes) {
-        const int64_t a = raw->offsets()[i], b = raw->offsets()[i + 1];
+        int64_t a = raw->offsets()[i];
+        const int64_t b = raw->offsets()[i + 1];
+        // A message its receiver escaped (kVerbatimTag) is kept as the producer sent it.
+        if (rej.detail.rfind(ecl::kVerbatimDetail, 0) == 0 && b - a > int64_t(ecl::kVerbatimTagSize) &&
+            std::memcmp(bytes + a, ecl::kVerbatimTag, ecl::kVerbatimTagSize) == 0)
+          a += ecl::kVerbatimTagSize;
         pk.pack_bin(static_cast<uint32_t>(b - a));
         pk.pack_bin_body(reinterpret_cast<const char*>(bytes + a), static_cast<uint32_t>(b - a));
       } else {

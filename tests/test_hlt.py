@@ -559,7 +559,8 @@ def test_farm_keeps_rejected_raw_events_and_rejects_multipart_messages(farm_fact
     event per message, a single frame): the distributor forwards it marked, the worker's decoder
     rejects it (the frames of a 2-frame message used to pass for two events, then an envelope
     split over two frames, or beside an empty frame, for one valid event). A message over
-    --max-message-bytes goes the same way, as oversize."""
+    --max-message-bytes goes the same way, as oversize. A single frame forged to look like one of
+    those marks is rejected as not_msgpack."""
     import glob
 
     import msgpack
@@ -569,8 +570,9 @@ def test_farm_keeps_rejected_raw_events_and_rejects_multipart_messages(farm_fact
 
     farm = farm_factory(workers=2, extra=("--max-message-bytes", "8192"))
     oversized = [big_envelope(7000, 20_000), b"\x00" * 50_000]
-    garbage = [b"", b"\xc1", b"\x92\x01\x02", envelope(5000) + b"\x00"]
     m = envelope(6000)
+    # b"\xc1..." and the forged marks: escaped by the distributor's receive, kept as sent
+    garbage = [b"", b"\xc1", b"\x92\x01\x02", envelope(5000) + b"\x00", mark_multi_frame([m, m]), mark_oversize(m, 1)]
     multipart = [[m, envelope(6001)], [m[:10], m[10:]], [m, b""], [b"", m]]
     ctx = zmq_context
     s = ctx.socket(zmq.PUSH)
@@ -593,7 +595,7 @@ def test_farm_keeps_rejected_raw_events_and_rejects_multipart_messages(farm_fact
         kept += list(msgpack.Unpacker(open(f, "rb"), raw=False))
     got = sorted((r["reason"], r["message"]) for r in kept)
     want = sorted([("empty_message", b""), ("not_msgpack", b"\xc1"), ("not_a_map", b"\x92\x01\x02"),
-                   ("trailing_bytes", envelope(5000) + b"\x00")]
+                   ("trailing_bytes", envelope(5000) + b"\x00"), ("not_msgpack", garbage[4]), ("not_msgpack", garbage[5])]
                   + [("multi_frame", mark_multi_frame(frames)) for frames in multipart]
                   + [("oversize", mark_oversize(m, 8192)) for m in oversized])
     assert got == want, got

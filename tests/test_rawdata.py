@@ -38,6 +38,7 @@ def raw_map(*pairs):
 VALID = pack(env())
 MARK = _core.MULTI_FRAME_TAG  # in-band mark of a multipart ZeroMQ message (raw_sockets.mark_multi_frame)
 OVERSIZE = _core.OVERSIZE_TAG  # in-band mark of a message over the receiver's limit (raw_sockets.mark_oversize)
+VERBATIM = _core.VERBATIM_TAG  # in-band escape of a producer's message that starts like a mark (recv_message)
 
 BAD_ENVELOPES = {
     "empty_message": [b""],
@@ -46,7 +47,10 @@ BAD_ENVELOPES = {
                     MARK + struct.pack(">3Q", 2, 10, len(VALID) - 9) + VALID, MARK + struct.pack(">2Q", 1, len(VALID)) + VALID,
                     MARK + struct.pack(">Q", 2), MARK + struct.pack(">Q", 1 << 61) + VALID, MARK + struct.pack(">3Q", 2, 1 << 63, 1 << 63),
                     # an oversize mark whose message is within its limit (or absent) is no mark
-                    OVERSIZE + struct.pack(">Q", len(VALID)) + VALID, OVERSIZE + struct.pack(">Q", 0), OVERSIZE],
+                    OVERSIZE + struct.pack(">Q", len(VALID)) + VALID, OVERSIZE + struct.pack(">Q", 0), OVERSIZE,
+                    # escaped messages are decoded as sent; behind the escape, bytes not starting with 0xc1 are no mark
+                    VERBATIM + b"\xc1", VERBATIM + mark_multi_frame([VALID, VALID]), VERBATIM + mark_oversize(VALID, 1),
+                    VERBATIM + VALID, VERBATIM],
     "oversize": [mark_oversize(VALID, 10), mark_oversize(VALID, len(VALID) - 1), mark_oversize(b"\x00" * 100, 0),
                  mark_oversize(mark_oversize(VALID, 1), 2)],
     "multi_frame": [mark_multi_frame([VALID[:10], VALID[10:]]), mark_multi_frame([VALID, b""]),
@@ -159,6 +163,33 @@ def test_multipart_zmq_message_is_marked_and_rejected(tmp_path, zmq_context):
     f.write_bytes(VALID + mark_multi_frame([VALID, VALID]))
     events, stats = run_path(_file_source(f), unpack=False)
     assert stats["rejected_by_reason"] == {"not_msgpack": 1}
+
+
+def test_producer_bytes_that_imitate_a_mark_are_rejected_as_sent(zmq_context):
+    """A receiver's marks start with 0xc1, which starts no envelope. A producer's single-frame
+    message that starts with it (a forged multi_frame or oversize mark, or a forged escape) comes
+    back from recv_message escaped, and is rejected as not_msgpack, not under the mark's reason;
+    a real multipart message is still multi_frame."""
+    import zmq
+
+    ctx = zmq_context
+    pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    pull.bind("inproc://forged")
+    push.connect("inproc://forged")
+    forged = [mark_multi_frame([VALID, VALID]), mark_oversize(VALID, 1), VERBATIM + b"\xc1" + VALID, b"\xc1"]
+    for msg in forged:
+        push.send(msg)
+        got = recv_message(pull, 0, max_bytes=1 << 20)
+        assert got == VERBATIM + msg
+        with pytest.raises(rawdata.RawDataError) as e:
+            rawdata.decode_envelope(got)
+        assert e.value.reason == "not_msgpack"
+        assert e.value.detail == "as sent (escaped by the receiver): not MessagePack: invalid byte 0xc1 at byte 0"
+    push.send(VALID)
+    assert recv_message(pull, 0) == VALID
+    events, stats = run_path(MessageSource([VERBATIM + m for m in forged] + [mark_multi_frame([VALID, VALID]), VALID]),
+                             unpack=False)
+    assert stats["rejected_by_reason"] == {"not_msgpack": len(forged), "multi_frame": 1} and stats["processed"] == 1
 
 
 def test_exp_and_run_are_64_bit():
@@ -423,7 +454,10 @@ def test_raw_file_input_empty_file(tmp_path):
     assert events == [] and stats.get("received", 0) == 0
 
 
-@pytest.mark.parametrize("tail,reason", [(b"\xc1\x00garbage", "not_msgpack"), (VALID[:-3], "truncated")])
+# (a receiver's escape in a file is no escape: the quarantine keeps its bytes whole)
+@pytest.mark.parametrize("tail,reason", [(b"\xc1\x00garbage", "not_msgpack"), (VALID[:-3], "truncated"),
+                                         (VERBATIM + b"\xc1" + VALID, "not_msgpack")],
+                         ids=["not_msgpack", "truncated", "escape_in_file"])
 def test_raw_file_garbage_stops_reading(tmp_path, tail, reason):
     good = [pack(env(evt=k)) for k in range(5)]
     bad_middle = pack([1, 2, 3])  # MessagePack but no envelope: rejected, reading goes on

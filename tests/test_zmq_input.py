@@ -139,22 +139,27 @@ def test_zmq_input_message_limits_are_checked(limits):
 def test_zmq_input_rejects_and_keeps_multipart_messages(tmp_path):
     """Spec, Transport: one event per message, a single frame. A multipart message (an envelope
     split over two frames, beside an empty frame, two envelopes) is rejected as multi_frame,
-    counted and quarantined with its frames; the joined frames used to pass for a valid event."""
+    counted and quarantined with its frames; the joined frames used to pass for a valid event.
+    A single frame forged to look like that mark (or the oversize one) is rejected as not_msgpack
+    and kept as sent (the receiver's escape taken off)."""
 
-    from eclreco.raw_sockets import mark_multi_frame
+    from eclreco.raw_sockets import mark_multi_frame, mark_oversize
 
     address = free_address()
     quarantine = tmp_path / "rejected.msgpack"
     path, _ = zmq_input_path(address, quarantine=quarantine, idle_timeout_s=1.0, max_latency_ms=5.0)
     m = envelope(42)
     multipart = [[m[:10], m[10:]], [m, b""], [b"", m], [m, envelope(43)]]
+    forged = [mark_multi_frame([m, m]), mark_oversize(m, 1)]
 
-    s = process_fed(path, lambda: push_messages(address, [envelope(1), *multipart, envelope(2)]))
-    assert (s["received"], s["processed"], s["rejected"]) == (6, 2, 4)
-    assert s["rejected_by_reason"] == {"multi_frame": 4}
+    s = process_fed(path, lambda: push_messages(address, [envelope(1), *multipart, *forged, envelope(2)]))
+    assert (s["received"], s["processed"], s["rejected"]) == (8, 2, 6)
+    assert s["rejected_by_reason"] == {"multi_frame": 4, "not_msgpack": 2}
     kept = read_quarantine(quarantine)
-    assert [(r["reason"], r["message"]) for r in kept] == [("multi_frame", mark_multi_frame(fr)) for fr in multipart]
-    assert all(r["detail"].startswith("a ZeroMQ message of 2 frames") for r in kept)
+    assert [(r["reason"], r["message"]) for r in kept] == (
+        [("multi_frame", mark_multi_frame(fr)) for fr in multipart] + [("not_msgpack", f) for f in forged])
+    assert all(r["detail"].startswith("a ZeroMQ message of 2 frames") for r in kept[:4])
+    assert all(r["detail"].startswith("as sent (escaped by the receiver)") for r in kept[4:])
 
 
 def test_reco_steering_zmq_sigint(tmp_path, repo_dir):

@@ -213,6 +213,7 @@ void register_rawdata(py::module_& m) {
 
   m.attr("MULTI_FRAME_TAG") = py::bytes(ecl::kMultiFrameTag, ecl::kMultiFrameTagSize);
   m.attr("OVERSIZE_TAG") = py::bytes(ecl::kOversizeTag, ecl::kOversizeTagSize);
+  m.attr("VERBATIM_TAG") = py::bytes(ecl::kVerbatimTag, ecl::kVerbatimTagSize);
 
   m.def(
       "crc32",

@@ -340,6 +340,17 @@ bool oversize(const uint8_t* data, size_t size, Envelope& env) {
   return true;
 }
 
+// A producer's message that starts with 0xc1, escaped by its receiver (kVerbatimTag): decoded as
+// it was sent, without marks. The receiver escapes only such messages, so other bytes behind the
+// tag are no mark (they are what they look like: not_msgpack).
+bool verbatim(const uint8_t* data, size_t size, Envelope& env) {
+  constexpr size_t head = kVerbatimTagSize;
+  if (size <= head || data[head] != 0xc1 || std::memcmp(data, kVerbatimTag, kVerbatimTagSize) != 0) return false;
+  env = decode(data + head, size - head, true, false);
+  env.detail = kVerbatimDetail + env.detail;
+  return true;
+}
+
 Envelope decode(const uint8_t* data, size_t size, bool whole, bool marks) {
   Envelope env;
   if (size == 0) {
@@ -347,7 +358,9 @@ Envelope decode(const uint8_t* data, size_t size, bool whole, bool marks) {
     env.detail = "the message has no bytes";
     return env;
   }
-  if (whole && marks && data[0] == 0xc1 && (multi_frame(data, size, env) || oversize(data, size, env))) return env;
+  if (whole && marks && data[0] == 0xc1 &&
+      (multi_frame(data, size, env) || oversize(data, size, env) || verbatim(data, size, env)))
+    return env;
   EnvelopeVisitor vis(data, env);
   size_t off = 0;
   const bool complete = msgpack::parse(reinterpret_cast<const char*>(data), size, off, vis);

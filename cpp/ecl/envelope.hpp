@@ -26,6 +26,7 @@ struct Envelope {
   //                  decode_envelope only)
   //   oversize       a message over its receiver's size limit, marked by the receiver
   //                  (kOversizeTag; decode_envelope only)
+  //   (a message the receiver escaped with kVerbatimTag is decoded as sent: not_msgpack)
   //   not_a_map      the top-level object is not a map
   //   wrong_type     a key is not a string, or a known key holds the wrong type (nil included)
   //   duplicate_key  a known key appears twice
@@ -73,6 +74,14 @@ inline constexpr size_t kMultiFrameTagSize = sizeof(kMultiFrameTag) - 1;
 // written behind it; the socket's own limit stays only as a far higher memory guard.
 inline constexpr char kOversizeTag[] = "\xc1" "oversize";
 inline constexpr size_t kOversizeTagSize = sizeof(kOversizeTag) - 1;
+// A single-frame message that itself starts with 0xc1 (the tags' first byte: no envelope does) is
+// handed on behind this tag, so that a producer's bytes can never pass for a receiver's mark;
+// decode_envelope reads the bytes after it as they were sent, without marks (not_msgpack).
+inline constexpr char kVerbatimTag[] = "\xc1" "verbatim";
+inline constexpr size_t kVerbatimTagSize = sizeof(kVerbatimTag) - 1;
+// The start of the detail of such a message's rejection: the quarantine (RejectedOutput) keeps the
+// bytes after the tag, i.e. exactly what the producer sent.
+inline constexpr char kVerbatimDetail[] = "as sent (escaped by the receiver): ";
 
 // Decodes one message that must be exactly one envelope (trailing bytes are an error).
 Envelope decode_envelope(const uint8_t* data, size_t size);
