@@ -66,8 +66,7 @@ class RejectedOutput : public fw::Module {
         int64_t a = raw->offsets()[i];
         const int64_t b = raw->offsets()[i + 1];
         // A message its receiver escaped (kVerbatimTag) is kept as the producer sent it.
-        if (rej.detail.rfind(ecl::kVerbatimDetail, 0) == 0 && b - a > int64_t(ecl::kVerbatimTagSize) &&
-            std::memcmp(bytes + a, ecl::kVerbatimTag, ecl::kVerbatimTagSize) == 0)
+        if (rej.detail.rfind(ecl::kVerbatimDetail, 0) == 0 && ecl::is_verbatim(bytes + a, static_cast<size_t>(b - a)))
           a += ecl::kVerbatimTagSize;
         pk.pack_bin(static_cast<uint32_t>(b - a));
         pk.pack_bin_body(reinterpret_cast<const char*>(bytes + a), static_cast<uint32_t>(b - a));

@@ -344,9 +344,8 @@ bool oversize(const uint8_t* data, size_t size, Envelope& env) {
 // it was sent, without marks. The receiver escapes only such messages, so other bytes behind the
 // tag are no mark (they are what they look like: not_msgpack).
 bool verbatim(const uint8_t* data, size_t size, Envelope& env) {
-  constexpr size_t head = kVerbatimTagSize;
-  if (size <= head || data[head] != 0xc1 || std::memcmp(data, kVerbatimTag, kVerbatimTagSize) != 0) return false;
-  env = decode(data + head, size - head, true, false);
+  if (!is_verbatim(data, size)) return false;
+  env = decode(data + kVerbatimTagSize, size - kVerbatimTagSize, true, false);
   env.detail = kVerbatimDetail + env.detail;
   return true;
 }

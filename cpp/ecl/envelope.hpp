@@ -8,6 +8,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -79,6 +80,11 @@ inline constexpr size_t kOversizeTagSize = sizeof(kOversizeTag) - 1;
 // decode_envelope reads the bytes after it as they were sent, without marks (not_msgpack).
 inline constexpr char kVerbatimTag[] = "\xc1" "verbatim";
 inline constexpr size_t kVerbatimTagSize = sizeof(kVerbatimTag) - 1;
+// Bytes as the receiver escapes them: the tag, then the sent message, which starts with 0xc1.
+inline bool is_verbatim(const uint8_t* data, size_t size) {
+  return size > kVerbatimTagSize && data[kVerbatimTagSize] == 0xc1 &&
+         std::memcmp(data, kVerbatimTag, kVerbatimTagSize) == 0;
+}
 // The start of the detail of such a message's rejection: the quarantine (RejectedOutput) keeps the
 // bytes after the tag, i.e. exactly what the producer sent.
 inline constexpr char kVerbatimDetail[] = "as sent (escaped by the receiver): ";
