@@ -498,6 +498,48 @@ def test_collector_drops_a_repeated_event_within_its_window(farm_factory, tmp_pa
     assert sorted(evt.tolist()) == sorted(list(range(2000)) + [10])
 
 
+def test_free_ports_are_not_handed_out_twice(monkeypatch):
+    """A chosen port stays free until its process binds it, so two choices can meet: once the
+    collector's port (chosen by hlt run) was the workers' (chosen by the test), and the farm did
+    not start. free_port hands a port out once per process and avoids the ports it is told of;
+    hlt run avoids those its command line names."""
+    import argparse
+    import random
+    import socket
+
+    from eclreco.hlt import run
+
+    with socket.socket() as s:  # two ports nothing listens on, from the kernel
+        s.bind(("127.0.0.1", 0))
+        p1 = s.getsockname()[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        p2 = s.getsockname()[1]
+    draws = []
+
+    class Draws:  # the random choices, made the same every time
+        def randrange(self, lo, hi):
+            return draws.pop(0) if draws else 0
+
+    monkeypatch.setattr(random, "SystemRandom", Draws)
+    monkeypatch.setattr(run, "_handed_out", set())
+    draws[:] = [p1, p1, p2]
+    assert run.free_port() == p1
+    assert run.free_port() == p2  # p1 drawn again: skipped
+    monkeypatch.setattr(run, "_handed_out", set())
+    draws[:] = [p1, p2]
+    assert run.free_port(exclude={p1}) == p2
+    assert run.address_ports("tcp://127.0.0.1:5556", "tcp://*:7", "ipc:///tmp/x:9", "", None) == {5556, 7}
+    # hlt run: the workers' and the collector's ports avoid the input, control and workers ports given
+    monkeypatch.setattr(run, "_handed_out", set())
+    draws[:] = [p1, p2]
+    args = argparse.Namespace(input=f"tcp://127.0.0.1:{p1}", control="tcp://127.0.0.1:1", workers_addr="",
+                              collector_addr="", rejected="", output="x.root", metrics_base_port=0, curve_dir="")
+    farm = run.Farm(args)
+    assert farm.workers_addr == f"tcp://127.0.0.1:{p2}"
+    assert farm.collector_addr not in (args.input, args.control, farm.workers_addr)
+
+
 def test_collector_keys_of_64_bit_exp_and_run_are_unique():
     """exp and run are 64 bits (the spec bounds only evt): the collector's duplicate keys must
     keep every (exp, run, evt) apart, at the bounds too (run << 32 made run 2^32 of exp 0 collide

@@ -33,45 +33,69 @@ def _terminate_with_parent() -> None:
         pass  # not Linux: roles outlive a killed supervisor, as before
 
 
-def free_port(host: str = "127.0.0.1") -> int:
+# The ports free_port has handed out in this process: it does not hand one out twice (they are
+# bound later, by the process they are given to).
+_handed_out: set[int] = set()
+
+
+def free_port(host: str = "127.0.0.1", exclude=()) -> int:
     """A port that nothing listens on now, chosen below the kernel's ephemeral range: a port the
     kernel hands out for bind(0) comes from the range it also gives outgoing connections, so
     between choosing it and binding it a connecting socket (a worker, a ZeroMQ reconnect) could
-    take it ("Address already in use" at the bind)."""
+    take it ("Address already in use" at the bind). Neither a port this process chose before nor
+    one of `exclude` (ports named to another process, not bound yet): a port is free until bound,
+    and two independent choices met once in a farm test (the collector's on the workers')."""
     lo = 32768
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
             lo = int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         pass
+    avoid = _handed_out | set(exclude)
     rng = random.SystemRandom()
-    for _ in range(100):
-        port = rng.randrange(10000, lo) if lo > 11000 else 0
+    for k in range(200):
+        # no luck below the range after 100 tries: the kernel's choice
+        port = rng.randrange(10000, lo) if lo > 11000 and k < 100 else 0
+        if port in avoid:
+            continue
         with socket.socket() as s:
             try:
                 s.bind((host, port))
             except OSError:
                 continue
-            return s.getsockname()[1]
-    with socket.socket() as s:  # no luck below the range: the kernel's choice
-        s.bind((host, 0))
-        return s.getsockname()[1]
+            port = s.getsockname()[1]
+        if port not in avoid:
+            _handed_out.add(port)
+            return port
+    raise OSError(f"no free TCP port on {host}")
 
 
-def free_address(host: str = "127.0.0.1") -> str:
-    return f"tcp://{host}:{free_port(host)}"
+def free_address(host: str = "127.0.0.1", exclude=()) -> str:
+    return f"tcp://{host}:{free_port(host, exclude)}"
+
+
+def address_ports(*addresses) -> set[int]:
+    """The TCP ports that ZeroMQ addresses name (tcp://HOST:PORT; other transports name none)."""
+    ports = set()
+    for a in addresses:
+        head, _, port = (a or "").rpartition(":")
+        if head.startswith("tcp://") and port.isdigit():
+            ports.add(int(port))
+    return ports
 
 
 class Farm:
     def __init__(self, args):
         self.args = args
         self.exe = [sys.executable, "-m", "eclreco.cli", "hlt"]
-        self.workers_addr = args.workers_addr or free_address()
+        # the ports chosen here avoid those the command line names (bound later, by the roles)
+        named = address_ports(args.input, args.control, args.workers_addr, args.collector_addr)
+        self.workers_addr = args.workers_addr or free_address(exclude=named)
         if args.rejected is None:  # default: each worker keeps the raw bytes of what it rejects beside the output
             out = args.output
             args.rejected = "" if out.startswith("tcp://") else (
                 os.path.splitext(out.replace("{run_index}", "all"))[0] + "_rejected_w{worker}_{pid}.msgpack")
-        self.collector_addr = args.collector_addr or free_address()
+        self.collector_addr = args.collector_addr or free_address(exclude=named)
         base = args.metrics_base_port
         self.mport = (lambda k: base + k) if base > 0 else (lambda k: base)
         self.workers: list[subprocess.Popen | None] = []
