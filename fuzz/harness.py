@@ -64,14 +64,32 @@ def fuzz_envelope(data: bytes) -> None:
         assert msgpack.unpackb(data[off:off + size]) == env[key], key
 
 
+def _channel_maps():
+    """Per detector, a channel map other than the linear one (a conditions override): the cells
+    in reverse address order, every 7th on a collector the linear map leaves unused."""
+    maps = {}
+    for detector, n_cells in (("belle2-ecl", 8736), ("array30", 900)):
+        rows = []
+        for k in range(n_cells):
+            i = n_cells - 1 - k
+            rows.append((i // 192 + 1, (i % 192) // 16 + 1, i % 16) if k % 7 else (200 + k // 192 % 50, k // 16 % 12 + 1, k % 16))
+        maps[detector] = rows
+    return maps
+
+
+CHANNEL_MAPS = _channel_maps()
+
+
 @atheris.instrument_func
 def fuzz_payload(data: bytes) -> None:
     if not data:
         return
+    # first byte: bit 0 the detector, bit 1 the spec's linear map or a conditions' channel map
     detector = "array30" if data[0] & 1 else "belle2-ecl"
+    channel_map = CHANNEL_MAPS[detector] if data[0] & 2 else None
     payload = data[1:]
     try:
-        digits = core.unpack_payload(payload, detector)
+        digits = core.unpack_payload(payload, detector, None, None, channel_map)
     except ValueError as err:
         check_reason(err)
         return

@@ -10,12 +10,20 @@
 // the cache: a later pass over all digits of the batch costs more than the count and evicts the
 // CNN's weights.
 //
-// Parameter `conditions`: path of a JSON file overriding the default calibration of one detector:
-//   {"detector": "belle2-ecl" | "array30", "gain": [n_cells numbers], "t0": [n_cells numbers]}
-// "gain" and "t0" are both optional (default 1.0 and 0.0), indexed by cellId - 1; any other key,
-// a wrong length or a non-finite number is an error at initialize. The other detector keeps the
-// defaults.
+// Parameter `conditions`: path of a JSON file with conditions data that override the spec's
+// defaults (wire-format "Channel map and calibration ... conditions data that a run may override"):
+// one payload, or an array of payloads,
+//   {"detector": "belle2-ecl" | "array30", "gain": [n_cells numbers], "t0": [n_cells numbers],
+//    "channel_map": [n_cells [collector, shaper, channel]], "iov": [exp_low, run_low, exp_high, run_high]}
+// "gain", "t0" and "channel_map" are indexed by cellId - 1 and optional (default 1.0, 0.0 and the
+// linear map); "iov" is basf2's interval of validity (-1: open; default: all runs). Payloads of one
+// detector must not overlap. Any other key, a wrong length, a non-finite number, an address used
+// twice is an error at initialize. A detector without a payload keeps the defaults for every run;
+// an event of a detector that has payloads, none of which covers its (exp, run), is rejected
+// [no_conditions] and kept like any rejected event.
+#include <algorithm>
 #include <atomic>
+#include <limits>
 #include <cctype>
 #include <cstring>
 #include <cmath>
@@ -199,33 +207,58 @@ class JsonParser {
   int depth_ = 0;
 };
 
-std::vector<double> number_array(const Json& v, const std::string& name, int n_cells, const std::string& path) {
-  if (v.kind != Json::Array) throw std::runtime_error(path + ": '" + name + "' must be an array of numbers");
+std::vector<double> number_array(const Json& v, const std::string& name, int n_cells, const std::string& where) {
+  if (v.kind != Json::Array) throw std::runtime_error(where + "'" + name + "' must be an array of numbers");
   if (v.items.size() != static_cast<size_t>(n_cells))
-    throw std::runtime_error(path + ": '" + name + "' has " + std::to_string(v.items.size()) +
+    throw std::runtime_error(where + "'" + name + "' has " + std::to_string(v.items.size()) +
                              " entries, the detector has " + std::to_string(n_cells) + " cells");
   std::vector<double> out;
   out.reserve(v.items.size());
   for (size_t k = 0; k < v.items.size(); ++k) {
     if (v.items[k].kind != Json::Number || !std::isfinite(v.items[k].number))
-      throw std::runtime_error(path + ": '" + name + "'[" + std::to_string(k) + "] (cellId " + std::to_string(k + 1) +
+      throw std::runtime_error(where + "'" + name + "'[" + std::to_string(k) + "] (cellId " + std::to_string(k + 1) +
                                ") is not a finite number");
     out.push_back(v.items[k].number);
   }
   return out;
 }
 
+// An integer-valued JSON number in lo..hi (JSON numbers are doubles: exact up to 2^53).
+int64_t integer(const Json& v, int64_t lo, int64_t hi, const std::string& what) {
+  if (v.kind != Json::Number || !(v.number >= static_cast<double>(lo) && v.number <= static_cast<double>(hi)) ||
+      v.number != std::floor(v.number))
+    throw std::runtime_error(what + " must be an integer in " + std::to_string(lo) + ".." + std::to_string(hi));
+  return static_cast<int64_t>(v.number);
+}
+
+// One payload of conditions data: the calibration and channel map of one detector over an
+// interval of validity, (exp, run) from lo to hi inclusive.
+struct ConditionsPayload {
+  uint64_t lo_exp = 0, lo_run = 0;
+  uint64_t hi_exp = std::numeric_limits<uint64_t>::max(), hi_run = std::numeric_limits<uint64_t>::max();
+  std::string iov;  // as written, for messages; "all runs" without one
+  ecl::Calibration calibration;
+  ecl::ChannelMap channel_map;
+  bool covers(uint64_t exp, uint64_t run) const {
+    return std::pair(lo_exp, lo_run) <= std::pair(exp, run) && std::pair(exp, run) <= std::pair(hi_exp, hi_run);
+  }
+};
+
 class ECLUnpacker : public fw::Module {
  public:
   ECLUnpacker() {
     params().add("conditions", &conditions_, std::string(),
-                 "JSON file with per-cell calibration of one detector: {\"detector\": name, \"gain\": [...], \"t0\": [...]} "
-                 "indexed by cellId - 1 (empty: gain 1, t0 0)");
+                 "JSON file of conditions payloads, one or an array: {\"detector\": name, \"gain\": [...], \"t0\": [...], "
+                 "\"channel_map\": [[collector, shaper, channel], ...], \"iov\": [exp_low, run_low, exp_high, run_high]}, "
+                 "each key but detector optional, lists indexed by cellId - 1 (empty: gain 1, t0 0, the linear map, all runs)");
   }
 
   void initialize() override {
-    calib_[0] = ecl::Calibration::defaults(ecl::Geometry::get(ecl::Detector::Belle2ECL).n_cells);
-    calib_[1] = ecl::Calibration::defaults(ecl::Geometry::get(ecl::Detector::Array30).n_cells);
+    for (ecl::Detector d : {ecl::Detector::Belle2ECL, ecl::Detector::Array30}) {
+      payloads_[static_cast<int>(d)].assign(1, ConditionsPayload{});
+      payloads_[static_cast<int>(d)][0].iov = "all runs";
+      payloads_[static_cast<int>(d)][0].calibration = ecl::Calibration::defaults(ecl::Geometry::get(d).n_cells);
+    }
     if (!conditions_.empty()) load_conditions(conditions_);
   }
 
@@ -259,13 +292,28 @@ class ECLUnpacker : public fw::Module {
     std::vector<uint64_t> scratch;
     size_t pos = 0;
     uint64_t rejected = 0;
+    const uint64_t* exps = batch.exp();
+    const uint64_t* runs = batch.run();
+    // The payload of the last (exp, run) looked up, per detector (a batch holds one run, as a rule).
+    const ConditionsPayload* cond[2] = {nullptr, nullptr};
+    bool looked_up[2] = {false, false};
+    uint64_t cond_exp[2] = {0, 0}, cond_run[2] = {0, 0};
     for (size_t i = 0; i < n; ++i) {
       if (batch.is_rejected(i) || roff[i + 1] == roff[i]) continue;
       const int64_t r = roff[i];
       const uint8_t d = det[i] <= 1 ? det[i] : 0;
+      if (!looked_up[d] || cond_exp[d] != exps[i] || cond_run[d] != runs[i]) {
+        cond[d] = find_payload(d, exps[i], runs[i]);
+        looked_up[d] = true, cond_exp[d] = exps[i], cond_run[d] = runs[i];
+      }
+      if (!cond[d]) {
+        batch.reject(i, "no_conditions", no_conditions_detail(d, exps[i], runs[i]));
+        ++rejected;
+        continue;
+      }
       ecl::DigitOut o{out.cell + pos, out.energy + pos, out.time + pos, out.quality + pos, out.amplitude + pos};
-      ecl::UnpackResult res =
-          ecl::unpack_payload(bytes + moff[i] + p_off[r], static_cast<size_t>(p_size[r]), calib_[d], o, &scratch);
+      ecl::UnpackResult res = ecl::unpack_payload(bytes + moff[i] + p_off[r], static_cast<size_t>(p_size[r]),
+                                                  cond[d]->calibration, cond[d]->channel_map, o, &scratch);
       if (!res.ok()) {
         batch.reject(i, res.reason, res.detail);
         ++rejected;
@@ -295,6 +343,21 @@ class ECLUnpacker : public fw::Module {
   }
 
  private:
+  const ConditionsPayload* find_payload(int d, uint64_t exp, uint64_t run) const {
+    for (const ConditionsPayload& p : payloads_[d])
+      if (p.covers(exp, run)) return &p;
+    return nullptr;
+  }
+
+  std::string no_conditions_detail(int d, uint64_t exp, uint64_t run) const {
+    std::string s = "no payload of conditions file '" + conditions_ + "' for " +
+                    ecl::detector_name(static_cast<ecl::Detector>(d)) + " covers exp " + std::to_string(exp) +
+                    " run " + std::to_string(run) + " (its intervals of validity:";
+    for (size_t k = 0; k < payloads_[d].size() && k < 4; ++k) s += " " + payloads_[d][k].iov;
+    if (payloads_[d].size() > 4) s += " ... " + std::to_string(payloads_[d].size()) + " in all";
+    return s + ")";
+  }
+
   void load_conditions(const std::string& path) {
     std::error_code ec;
     if (std::filesystem::exists(path, ec) && !std::filesystem::is_regular_file(path, ec))
@@ -310,35 +373,108 @@ class ECLUnpacker : public fw::Module {
     } catch (const std::exception& e) {
       throw std::runtime_error("conditions file '" + path + "': " + e.what());
     }
-    if (doc.kind != Json::Object) throw std::runtime_error(path + ": a conditions file is a JSON object");
-    const Json *det = nullptr, *gain = nullptr, *t0 = nullptr;
+    std::vector<const Json*> items;
+    if (doc.kind == Json::Object) {
+      items.push_back(&doc);
+    } else if (doc.kind == Json::Array) {
+      for (const Json& v : doc.items) items.push_back(&v);
+      if (items.empty()) throw std::runtime_error(path + ": an empty array of payloads");
+    } else {
+      throw std::runtime_error(path + ": a conditions file is a JSON object (one payload) or an array of payloads");
+    }
+    std::vector<ConditionsPayload> loaded[2];
+    for (size_t n = 0; n < items.size(); ++n) {
+      const std::string where = doc.kind == Json::Object ? path + ": " : path + ": payload " + std::to_string(n) + ": ";
+      load_payload(*items[n], where, loaded);
+    }
+    for (int d = 0; d < 2; ++d) {
+      if (loaded[d].empty()) continue;  // this detector keeps the defaults
+      std::vector<ConditionsPayload>& ps = loaded[d];
+      std::stable_sort(ps.begin(), ps.end(), [](const ConditionsPayload& a, const ConditionsPayload& b) {
+        return std::pair(a.lo_exp, a.lo_run) < std::pair(b.lo_exp, b.lo_run);
+      });
+      for (size_t k = 1; k < ps.size(); ++k)
+        if (std::pair(ps[k].lo_exp, ps[k].lo_run) <= std::pair(ps[k - 1].hi_exp, ps[k - 1].hi_run))
+          throw std::runtime_error(path + ": " + ecl::detector_name(static_cast<ecl::Detector>(d)) +
+                                   " payloads with overlapping intervals of validity " + ps[k - 1].iov + " and " +
+                                   ps[k].iov);
+      payloads_[d] = std::move(ps);
+    }
+  }
+
+  // Reads one payload into loaded[its detector].
+  void load_payload(const Json& doc, const std::string& where, std::vector<ConditionsPayload> (&loaded)[2]) {
+    if (doc.kind != Json::Object) throw std::runtime_error(where + "a payload is a JSON object");
+    const Json *det = nullptr, *gain = nullptr, *t0 = nullptr, *map = nullptr, *iov = nullptr;
     for (const auto& [k, v] : doc.members) {
       if (k == "detector") det = &v;
       else if (k == "gain") gain = &v;
       else if (k == "t0") t0 = &v;
-      else throw std::runtime_error(path + ": unknown key '" + printable(k) + "' (detector, gain, t0)");
+      else if (k == "channel_map") map = &v;
+      else if (k == "iov") iov = &v;
+      else throw std::runtime_error(where + "unknown key '" + printable(k) + "' (detector, gain, t0, channel_map, iov)");
     }
     if (!det || det->kind != Json::String)
-      throw std::runtime_error(path + ": 'detector' (\"belle2-ecl\" or \"array30\") is required");
-    auto d = ecl::detector_from_name(det->str);
-    if (!d) throw std::runtime_error(path + ": unknown detector '" + printable(det->str) + "'");
-    const int n_cells = ecl::Geometry::get(*d).n_cells;
+      throw std::runtime_error(where + "'detector' (\"belle2-ecl\" or \"array30\") is required");
+    auto dd = ecl::detector_from_name(det->str);
+    if (!dd) throw std::runtime_error(where + "unknown detector '" + printable(det->str) + "'");
+    const int d = static_cast<int>(*dd);
+    const int n_cells = ecl::Geometry::get(*dd).n_cells;
     std::vector<double> g, t;
-    if (gain) g = number_array(*gain, "gain", n_cells, path);
-    if (t0) t = number_array(*t0, "t0", n_cells, path);
+    if (gain) g = number_array(*gain, "gain", n_cells, where);
+    if (t0) t = number_array(*t0, "t0", n_cells, where);
     for (size_t k = 0; k < g.size(); ++k)  // E = amplitude / 20000 x gain: a gain <= 0 is no calibration
       if (!(g[k] > 0 && g[k] <= 1e6))
-        throw std::runtime_error(path + ": 'gain'[" + std::to_string(k) + "] (cellId " + std::to_string(k + 1) +
+        throw std::runtime_error(where + "'gain'[" + std::to_string(k) + "] (cellId " + std::to_string(k + 1) +
                                  ") must be in (0, 1e6]");
     for (size_t k = 0; k < t.size(); ++k)
       if (std::fabs(t[k]) > 1e6)
-        throw std::runtime_error(path + ": 't0'[" + std::to_string(k) + "] (cellId " + std::to_string(k + 1) +
+        throw std::runtime_error(where + "'t0'[" + std::to_string(k) + "] (cellId " + std::to_string(k + 1) +
                                  ") is beyond 1 ms");
-    calib_[static_cast<int>(*d)] = ecl::Calibration::from(n_cells, g, t);
+    ConditionsPayload p;
+    p.calibration = ecl::Calibration::from(n_cells, g, t);
+    if (map) {
+      if (map->kind != Json::Array)
+        throw std::runtime_error(where + "'channel_map' must be an array of [collector, shaper, channel]");
+      std::vector<std::array<int, 3>> addr(map->items.size());
+      for (size_t k = 0; k < map->items.size(); ++k) {
+        const Json& a = map->items[k];
+        const std::string what = where + "'channel_map'[" + std::to_string(k) + "] (cellId " + std::to_string(k + 1) + ")";
+        if (a.kind != Json::Array || a.items.size() != 3)
+          throw std::runtime_error(what + " must be [collector, shaper, channel]");
+        addr[k] = {static_cast<int>(integer(a.items[0], 1, ecl::kMaxCollector, what + ": collector")),
+                   static_cast<int>(integer(a.items[1], 1, ecl::kShapersPerCollector, what + ": shaper")),
+                   static_cast<int>(integer(a.items[2], 0, ecl::kChannelsPerShaper - 1, what + ": channel"))};
+      }
+      try {
+        p.channel_map = ecl::ChannelMap::from(n_cells, addr);
+      } catch (const std::invalid_argument& e) {
+        throw std::runtime_error(where + e.what());
+      }
+    }
+    p.iov = "all runs";
+    if (iov) {
+      if (iov->kind != Json::Array || iov->items.size() != 4)
+        throw std::runtime_error(where + "'iov' must be [exp_low, run_low, exp_high, run_high] (-1: open)");
+      constexpr int64_t kMax = int64_t(1) << 53;
+      const char* names[4] = {"exp_low", "run_low", "exp_high", "run_high"};
+      int64_t b[4];
+      for (int k = 0; k < 4; ++k) b[k] = integer(iov->items[k], -1, kMax, where + "'iov' " + names[k] + " (-1: open)");
+      p.iov = "[" + std::to_string(b[0]) + ", " + std::to_string(b[1]) + ", " + std::to_string(b[2]) + ", " +
+              std::to_string(b[3]) + "]";
+      if ((b[0] < 0 && b[1] >= 0) || (b[2] < 0 && b[3] >= 0))
+        throw std::runtime_error(where + "'iov' " + p.iov + ": a run bound needs its experiment (exp -1 with run -1)");
+      constexpr uint64_t kOpen = std::numeric_limits<uint64_t>::max();
+      p.lo_exp = b[0] < 0 ? 0 : b[0], p.lo_run = b[1] < 0 ? 0 : b[1];
+      p.hi_exp = b[2] < 0 ? kOpen : b[2], p.hi_run = b[3] < 0 ? kOpen : b[3];
+      if (std::pair(p.lo_exp, p.lo_run) > std::pair(p.hi_exp, p.hi_run))
+        throw std::runtime_error(where + "'iov' " + p.iov + " ends before it starts");
+    }
+    loaded[d].push_back(std::move(p));
   }
 
   std::string conditions_;
-  ecl::Calibration calib_[2];
+  std::vector<ConditionsPayload> payloads_[2];  // per detector, sorted, not overlapping
   std::atomic<uint64_t> digits_{0}, rejected_{0};
 };
 

@@ -53,6 +53,8 @@ def parse_args(argv=None):
     reco.add_argument("--no-cnn", action="store_true", help="classical leakage correction only")
     reco.add_argument("--no-dqm", action="store_true", help="no DQM histograms")
     reco.add_argument("--model", default="", help="ONNX model (default: the shipped model of the detector)")
+    reco.add_argument("--conditions", default="", help="ECLUnpacker's conditions file: gain, t0, channel map per "
+                      "run range (JSON, docs/wire-format.md; default: the spec's defaults)")
     mon = ap.add_argument_group("monitoring")
     mon.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port")
     mon.add_argument("--metrics-host", default="127.0.0.1")
@@ -66,6 +68,8 @@ def parse_args(argv=None):
         ap.error("-n/--max-events must be >= 0 (0: all)")
     if args.no_cnn and args.model:
         ap.error("--model is the CNN's model: it does nothing with --no-cnn")
+    if args.conditions and not os.path.isfile(args.conditions):
+        ap.error(f"--conditions {args.conditions!r} is not a file")
     if not 0 <= args.metrics_port <= 65535:
         ap.error("--metrics-port must be a port number (0: no metrics)")
     return args
@@ -85,7 +89,7 @@ def build_path(args) -> eclreco.Path:
         if not os.path.exists(args.input):
             sys.exit(f"reco.py: input file {args.input!r} does not exist")
         path.add_module("RawFileInput", filename=args.input)
-    add_reconstruction(path, cnn=not args.no_cnn, model=args.model)
+    add_reconstruction(path, cnn=not args.no_cnn, model=args.model, conditions=args.conditions)
     if not args.no_dqm:
         path.add_module("ECLDQM")
     if args.output:

@@ -40,6 +40,10 @@ def test_eclreco_bad_options_exit_2_with_one_line(argv, message, tmp_path, capsy
     (["hlt", "run", "--model", "{tmp}/missing.onnx"], "is not a file"),
     (["hlt", "run", "--no-cnn", "--model", os.path.join(MODELS, "belle2-ecl.onnx")], "does nothing with --no-cnn"),
     (["hlt", "run", "--max-message-bytes", "100", "--refuse-message-bytes", "50"], "must exceed max_message_bytes"),
+    (["hlt", "run", "--conditions", "{tmp}/missing.json"], "--conditions .* is not a file"),
+    (["hlt", "run", "--modules", "ECLUnpacker, Foo"], "unknown module\\(s\\) 'Foo'; available: .*ECLUnpacker"),
+    (["hlt", "run", "--conditions", os.path.join(MODELS, "belle2-ecl.onnx"), "--modules", "none"],
+     "has no ECLUnpacker"),
     (["bench", "--events", "0"], "--events >= 100"),
 ])
 def test_eclreco_refused_before_any_work(argv, message, tmp_path):
@@ -47,12 +51,26 @@ def test_eclreco_refused_before_any_work(argv, message, tmp_path):
         cli.main([a.format(tmp=tmp_path) for a in argv])
 
 
+def test_hlt_control_without_a_farm_fails_in_seconds(capsys):
+    """`hlt control stop` at an address where no farm answers: an error after the 5 s STATUS probe,
+    not after the 180 s that STOP itself may take (found by a newcomer's walk-through)."""
+    import time
+
+    from eclreco.hlt.run import free_address
+
+    t0 = time.monotonic()
+    assert cli.main(["hlt", "control", "stop", "--control", free_address()]) == 1
+    assert time.monotonic() - t0 < 60
+    assert "no answer from tcp://127.0.0.1:" in capsys.readouterr().err
+
+
 def test_reco_py_refuses_contradictions_and_an_output_over_its_input(tmp_path, capsys):
     reco = _reco()
     raw = tmp_path / "raw.msgpack"
     write_raw_file(raw, encode_events("array30", 0, 1, [0, 1], [0, 0, 0], [], [], [], []))
     before = raw.read_bytes()
-    for argv in (["-i", str(raw), "--events", "10"], ["--no-cnn", "--model", "m.onnx"], ["-n", "-1"]):
+    for argv in (["-i", str(raw), "--events", "10"], ["--no-cnn", "--model", "m.onnx"], ["-n", "-1"],
+                 ["-i", str(raw), "--conditions", str(tmp_path / "missing.json")]):
         with pytest.raises(SystemExit) as e:
             reco.main(argv)
         assert e.value.code == 2
@@ -96,3 +114,49 @@ def test_reco_py_writes_corrected_clusters_and_a_pi0_peak(tmp_path):
         assert counts.sum() > 200
         peak = 0.5 * (edges[np.argmax(counts)] + edges[np.argmax(counts) + 1])
         assert 0.120 < peak < 0.150, peak  # GeV; m(pi0) = 0.135
+
+
+def test_reco_py_conditions_channel_map_end_to_end(tmp_path):
+    """--conditions: the same events written by a producer whose cables follow another channel map
+    (a quarter of the crystals permuted among their addresses) give, with that map in the
+    conditions file, exactly the ROOT file the linear map gives; without it, other clusters."""
+    import numpy as np
+    import uproot
+
+    from eclreco import rawdata
+    from eclreco.bench import make_raw_file
+
+    reco = _reco()
+    linear = tmp_path / "linear.msgpack"
+    make_raw_file(str(linear), 300, background=1.0, seed=8)
+    rng = np.random.default_rng(2)
+    cmap = rawdata.linear_channel_map("belle2-ecl")
+    moved = rng.choice(8736, 2184, replace=False)
+    cmap[moved] = cmap[rng.permutation(moved)]
+    mapped = []
+    for m in rawdata.read_raw_file(linear):  # the same digits, under the other map
+        env = rawdata.decode_envelope(m)
+        d = rawdata.unpack_payload(env["ecl"], "belle2-ecl")
+        ticks = np.rint(d["time"].astype(np.float64) / rawdata.TICK_NS).astype(np.int64)
+        mapped += rawdata.encode_events("belle2-ecl", env["exp"], env["run"], [env["evt"]], [0, len(d["cell"])],
+                                        d["cell"], d["amplitude"], ticks, d["quality"], channel_map=cmap)
+    rawdata.write_raw_file(tmp_path / "mapped.msgpack", mapped)
+    cond = tmp_path / "cond.json"
+    rawdata.write_conditions(cond, "belle2-ecl", channel_map=cmap)
+    common = ["--threads", "1", "--no-dqm", "--progress", "0"]
+    assert reco.main(["-i", str(linear), "-o", str(tmp_path / "a.root"), *common]) == 0
+    assert reco.main(["-i", str(tmp_path / "mapped.msgpack"), "--conditions", str(cond),
+                      "-o", str(tmp_path / "b.root"), *common]) == 0
+    assert reco.main(["-i", str(tmp_path / "mapped.msgpack"), "-o", str(tmp_path / "c.root"), *common]) == 0
+    with uproot.open(tmp_path / "a.root") as a, uproot.open(tmp_path / "b.root") as b, \
+            uproot.open(tmp_path / "c.root") as c:
+        ta, tb, tc = a["events"], b["events"], c["events"]
+        assert ta.num_entries == tb.num_entries == 300
+        for name in ta.keys():
+            np.testing.assert_array_equal(np.concatenate(ta[name].array(library="np")) if name.startswith("cluster_")
+                                          else ta[name].array(library="np"),
+                                          np.concatenate(tb[name].array(library="np")) if name.startswith("cluster_")
+                                          else tb[name].array(library="np"), err_msg=name)
+        assert np.concatenate(ta["cluster_seed_cell"].array(library="np")).size > 1000
+        assert not np.array_equal(np.concatenate(ta["cluster_seed_cell"].array(library="np")),
+                                  np.concatenate(tc["cluster_seed_cell"].array(library="np")))

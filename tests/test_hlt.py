@@ -328,6 +328,31 @@ def test_farm_without_restarts_left_goes_on_with_the_other_worker(farm_factory):
     assert rc == 0 and f"worker {victim['pid']} exited (-9); no restarts left" in log, log
 
 
+def test_farm_without_any_worker_left_terminates(farm_factory):
+    """The last worker gone and no restarts left: nothing would take the input again, so `hlt run`
+    terminates the farm and exits 1 instead of staying up without workers (a worker chain that
+    fails at start used to leave such a farm running, its input backing up). What was confirmed
+    is in the output file."""
+    farm = farm_factory(workers=2, extra=("--max-restarts", "1"))
+    push_events(farm.input, range(300))
+    farm.wait_confirmed(300)
+    farm.command("stop")
+    for _ in range(5):  # two workers, one restart
+        st = farm.try_status()
+        if st is None or farm.proc.poll() is not None:
+            break
+        for pid in [p["pid"] for p in st["processes"] if p["role"] == "worker"]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(1.0)
+    rc, log = farm.wait_exit(timeout=60)
+    assert rc == 1 and "no worker left (1 restarts used, --max-restarts 1); terminating the farm" in log, log
+    evt, _ = read_evt(farm.output)
+    assert np.array_equal(np.sort(evt), np.arange(300))
+
+
 def test_status_watch_follows_the_farm_until_it_is_gone(farm_factory):
     """`hlt status --json --watch S`: one JSON line per refresh (the counts move as events flow);
     when the farm terminates, the watcher says so and exits 1 instead of hanging."""
@@ -602,15 +627,20 @@ def test_farm_keeps_rejected_raw_events_and_rejects_multipart_messages(farm_fact
     rejects it (the frames of a 2-frame message used to pass for two events, then an envelope
     split over two frames, or beside an empty frame, for one valid event). A message over
     --max-message-bytes goes the same way, as oversize. A single frame forged to look like one of
-    those marks is rejected as not_msgpack."""
+    those marks is rejected as not_msgpack. With --conditions, the workers' ECLUnpacker reads the
+    conditions file: run 2 lies outside its belle2-ecl payload's interval of validity, so its events
+    are rejected as no_conditions and kept."""
     import glob
 
     import msgpack
     import zmq
 
+    from eclreco import rawdata
     from eclreco.raw_sockets import mark_multi_frame, mark_oversize
 
-    farm = farm_factory(workers=2, extra=("--max-message-bytes", "8192"))
+    cond = tmp_path / "conditions.json"
+    rawdata.write_conditions(cond, "belle2-ecl", gain=np.full(8736, 1.1), iov=[-1, -1, 1, 1])
+    farm = farm_factory(workers=2, extra=("--max-message-bytes", "8192", "--conditions", str(cond)))
     oversized = [big_envelope(7000, 20_000), b"\x00" * 50_000]
     m = envelope(6000)
     # b"\xc1..." and the forged marks: escaped by the distributor's receive, kept as sent
@@ -658,7 +688,9 @@ def test_farm_keeps_rejected_raw_events_and_rejects_multipart_messages(farm_fact
     for f in glob.glob(str(tmp_path / "farm_rejected_w*_*.msgpack")):
         kept += list(msgpack.Unpacker(open(f, "rb"), raw=False))
     got = sorted((r["reason"], r["message"]) for r in kept)
-    assert got == sorted(want + [("not_msgpack", run2[0]), ("not_a_map", run2[1])]), got
+    no_conditions = [("no_conditions", envelope(e, run=2)) for e in range(1000, 1100)]
+    assert got == sorted(want + [("not_msgpack", run2[0]), ("not_a_map", run2[1])] + no_conditions), got
+    assert all("covers exp 1 run 2" in r["detail"] for r in kept if r["reason"] == "no_conditions")
 
 
 def test_farm_forwards_results_onward_over_zeromq(farm_factory):

@@ -1,5 +1,5 @@
 """ECLUnpacker and the payload rules of spec/wire-format.md: round trip through a real path,
-one test per payload rejection reason, conditions (gain / t0)."""
+one test per payload rejection reason, conditions (gain / t0, channel map, intervals of validity)."""
 import json
 
 import msgpack
@@ -9,6 +9,9 @@ import pytest
 import eclreco
 from eclreco import rawdata
 from _raw_helpers import MessageSource, block, hit, n_out_of_time, random_digits, run_path, shaper, words
+
+
+LINEAR30 = rawdata.linear_channel_map("array30").tolist()
 
 
 def envelope(payload, evt=0, det="belle2-ecl", exp=1, run=2, **extra):
@@ -183,6 +186,108 @@ def test_conditions_file(tmp_path):
     assert_digits_equal(rawdata.unpack_payload(env["ecl"], "belle2-ecl", gain, t0), want[5])
 
 
+def swapped_channel_map(rng, detector):
+    """The linear map with a random quarter of the cells permuted among their addresses and 20
+    cells moved to addresses the linear map does not use (collectors 200..255)."""
+    m = rawdata.linear_channel_map(detector)
+    n = len(m)
+    moved = rng.choice(n, n // 4, replace=False)
+    m[moved] = m[rng.permutation(moved)]
+    far = rng.choice(n, 20, replace=False)
+    m[far] = np.stack([rng.choice(np.arange(200, 256), 20, replace=False), rng.integers(1, 13, 20),
+                       rng.integers(0, 16, 20)], axis=1)
+    return m, far
+
+
+@pytest.mark.parametrize("detector", ["belle2-ecl", "array30"])
+def test_channel_map_from_conditions(tmp_path, detector):
+    """The spec's channel map is conditions data a run may override: a producer whose cables
+    differ from the linear map writes its payloads with its map; the conditions file tells the
+    unpacker, which then gives the same digits as the linear map gives the linear payloads."""
+    rng = np.random.default_rng(31)
+    n_cells = rawdata.N_CELLS[detector]
+    cmap, far = swapped_channel_map(rng, detector)
+    gain = rng.uniform(0.8, 1.2, n_cells)
+    d = random_digits(rng, detector, 119, max_digits=min(300, n_cells))
+    n = int(d["offsets"][-1])  # a last event with every cell on a far address
+    d = {"offsets": np.append(d["offsets"], n + len(far)), "cell": np.concatenate([d["cell"], far + 1]),
+         **{k: np.concatenate([d[k], d[k][: len(far)]]) for k in ("amplitude", "time_ticks", "quality")}}
+    msgs = rawdata.encode_events(detector, 0, 1, np.arange(120), channel_map=cmap, **d)
+    assert msgs != rawdata.encode_events(detector, 0, 1, np.arange(120), **d)
+    cond = tmp_path / "cond.json"
+    rawdata.write_conditions(cond, detector, gain=gain, channel_map=cmap)
+    events, stats = run_path(MessageSource(msgs), conditions=str(cond), threads=2, batch_size=32)
+    assert stats["processed"] == 120 and stats["rejected"] == 0
+    for e, w in zip(events, expected_events(detector, d, gain)):
+        assert_digits_equal(e["digits"], w)
+    # the same bytes read with the linear map: other cells, and the far addresses map to nothing
+    events, stats = run_path(MessageSource(msgs))
+    assert stats["rejected"] > 0 and {e["reason"] for e in events if e["rejected"]} == {"unmapped_channel"}
+    moved = np.flatnonzero((cmap != rawdata.linear_channel_map(detector)).any(axis=1)) + 1
+    kept = [(e, w) for e, w in zip(events, expected_events(detector, d))
+            if not e["rejected"] and np.isin(w["cell"], moved).any()]
+    assert len(kept) >= 10 and all(not np.array_equal(e["digits"]["cell"], w["cell"]) for e, w in kept)
+    # a linear address that the override leaves without a crystal is unmapped_channel
+    free = int(far[0])  # its linear address (collector, shaper, channel) is now unused
+    linear = rawdata.encode_events(detector, 0, 1, [7], [0, 1], [free + 1], [100], [0], [0])
+    events, stats = run_path(MessageSource(linear), conditions=str(cond))
+    assert events[0]["reason"] == "unmapped_channel"
+    # the direct binding with the same map
+    env = rawdata.decode_envelope(msgs[5])
+    assert_digits_equal(rawdata.unpack_payload(env["ecl"], detector, gain, None, cmap),
+                        expected_events(detector, d, gain)[5])
+
+
+def test_conditions_per_run(tmp_path):
+    """Payloads with intervals of validity (basf2's [exp_low, run_low, exp_high, run_high], -1
+    open): each event is unpacked with the payload of its (exp, run); a run no payload of its
+    detector covers is rejected as no_conditions and kept; a detector without payloads keeps the
+    defaults for every run."""
+    rng = np.random.default_rng(5)
+    g1, g2 = rng.uniform(0.8, 1.2, (2, 8736))
+    t0 = rng.uniform(-20, 20, 8736)
+    cmap, _ = swapped_channel_map(rng, "belle2-ecl")
+    cond = tmp_path / "cond.json"
+    rawdata.write_conditions(cond, payloads=[
+        rawdata.conditions_payload("belle2-ecl", gain=g2, t0=t0, channel_map=cmap, iov=[0, 6, 1, 3]),
+        rawdata.conditions_payload("belle2-ecl", gain=g1, iov=[-1, -1, 0, 5]),
+        rawdata.conditions_payload("belle2-ecl", iov=[2, -1, -1, -1]),
+    ])
+    runs = [(0, 1), (0, 5), (0, 6), (1, 3), (1, 4), (2, 0), (7, 99)]
+    want_cal = [(g1, None, None), (g1, None, None), (g2, t0, cmap), (g2, t0, cmap), None, (None, None, None),
+                (None, None, None)]
+    msgs, want = [], []
+    for k, ((exp, run), cal) in enumerate(zip(runs, want_cal)):
+        d = random_digits(rng, "belle2-ecl", 30)
+        cm = None if cal is None else cal[2]
+        msgs += rawdata.encode_events("belle2-ecl", exp, run, np.arange(30) + 100 * k, channel_map=cm, **d)
+        want += [None] * 30 if cal is None else expected_events("belle2-ecl", d, cal[0], cal[1])
+    d30 = random_digits(rng, "array30", 10, max_digits=50)  # array30: no payload, defaults in any run
+    msgs += rawdata.encode_events("array30", 1, 4, np.arange(10), **d30)
+    want += expected_events("array30", d30)
+    rejected = tmp_path / "rejected.msgpack"
+    path = eclreco.create_path()
+    path.add_module(MessageSource(msgs))
+    path.add_module("ECLUnpacker", conditions=str(cond))
+    from _raw_helpers import Collect
+    col = Collect()
+    path.add_module(col)
+    path.add_module("RejectedOutput", filename=str(rejected))
+    eclreco.process(path, batch_size=16, threads=2, install_signal_handlers=False)
+    stats = eclreco.statistics.summary()
+    assert stats["processed"] == len(msgs) - 30 and stats["rejected"] == 30
+    for e, w in zip(col.events, want):
+        if w is None:
+            assert e["rejected"] and e["reason"] == "no_conditions" and (e["exp"], e["run"]) == (1, 4)
+        else:
+            assert not e["rejected"]
+            assert_digits_equal(e["digits"], w)
+    kept = list(msgpack.Unpacker(open(rejected, "rb"), raw=False))
+    assert len(kept) == 30 and {k["reason"] for k in kept} == {"no_conditions"}
+    assert "covers exp 1 run 4" in kept[0]["detail"] and "[0, 6, 1, 3]" in kept[0]["detail"]
+    assert [k["message"] for k in kept] == msgs[4 * 30:5 * 30]
+
+
 @pytest.mark.parametrize("content,match", [
     ("{not json", "invalid JSON"),
     ('{"gain": [1.0]}', "detector"),
@@ -201,6 +306,31 @@ def test_conditions_file(tmp_path):
     ('{"detector": "array30", "detector": "array30"}', "appears twice"),
     ('\ufeff{"detector": "array30"}', r"unexpected character '\\xef'"),
     ('{"detector": "array30", "g\u00e4in": []}', r"unknown key 'g\\xc3\\xa4in'"),
+    # several payloads, channel maps, intervals of validity
+    ("[]", "empty array of payloads"),
+    ("5", "JSON object \\(one payload\\) or an array"),
+    ('[{"detector": "array30"}, {"detector": "array30", "gains": []}]', "payload 1: unknown key 'gains'"),
+    ('[{"detector": "array30"}, 3]', "payload 1: a payload is a JSON object"),
+    ('{"detector": "array30", "channel_map": ' + json.dumps(LINEAR30[:899]) + '}', "899 entries, expected 900"),
+    ('{"detector": "array30", "channel_map": ' + json.dumps(LINEAR30[:899] + [[256, 1, 0]]) + '}',
+     r"'channel_map'\[899\] \(cellId 900\): collector must be an integer in 1..255"),
+    ('{"detector": "array30", "channel_map": ' + json.dumps(LINEAR30[:899] + [[1, 13, 0]]) + '}', "shaper must be"),
+    ('{"detector": "array30", "channel_map": ' + json.dumps(LINEAR30[:899] + [[1, 1, 16]]) + '}', "channel must be"),
+    ('{"detector": "array30", "channel_map": ' + json.dumps(LINEAR30[:899] + [[1, 1, 0.5]]) + '}', "channel must be"),
+    ('{"detector": "array30", "channel_map": ' + json.dumps(LINEAR30[:899] + [[1, 1]]) + '}',
+     r"must be \[collector, shaper, channel\]"),
+    ('{"detector": "array30", "channel_map": ' + json.dumps(LINEAR30[:899] + [[1, 1, 0]]) + '}',
+     r"cellId 900\): address \(1, 1, 0\) already reads cellId 1"),
+    ('{"detector": "array30", "channel_map": 7}', "must be an array of"),
+    ('{"detector": "array30", "iov": [0, 1, 2]}', "exp_low, run_low, exp_high, run_high"),
+    ('{"detector": "array30", "iov": [0, 1.5, 2, 3]}', "run_low .* must be an integer in -1..9007199254740992"),
+    ('{"detector": "array30", "iov": [0, -2, 2, 3]}', "run_low"),
+    ('{"detector": "array30", "iov": [-1, 3, 2, 3]}', "a run bound needs its experiment"),
+    ('{"detector": "array30", "iov": [0, 3, -1, 3]}', "a run bound needs its experiment"),
+    ('{"detector": "array30", "iov": [2, 0, 1, 5]}', "ends before it starts"),
+    ('[{"detector": "array30", "iov": [0, 0, 0, 10]}, {"detector": "array30", "iov": [0, 10, -1, -1]}]',
+     r"overlapping intervals of validity \[0, 0, 0, 10\] and \[0, 10, -1, -1\]"),
+    ('[{"detector": "array30"}, {"detector": "array30", "iov": [5, -1, 5, -1]}]', "overlapping"),
 ])
 def test_bad_conditions_file(tmp_path, content, match):
     cond = tmp_path / "bad.json"

@@ -65,6 +65,21 @@ std::vector<double> optional_array(const py::object& a) {
   return std::vector<double>(arr.data(), arr.data() + arr.shape(0));
 }
 
+// None: the spec's linear map; else an (n_cells, 3) array of (collector, shaper, channel).
+ecl::ChannelMap optional_channel_map(const py::object& a, int n_cells) {
+  if (a.is_none()) return {};
+  auto arr = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
+  if (!arr || arr.ndim() != 2 || arr.shape(1) != 3)
+    throw py::value_error("channel_map must be an (n_cells, 3) array of (collector, shaper, channel)");
+  std::vector<std::array<int, 3>> addr(static_cast<size_t>(arr.shape(0)));
+  for (size_t k = 0; k < addr.size(); ++k)
+    for (int j = 0; j < 3; ++j) {
+      const int64_t v = arr.at(static_cast<py::ssize_t>(k), j);
+      addr[k][j] = v < -1 || v > 1 << 16 ? -1 : static_cast<int>(v);  // out of range either way
+    }
+  return ecl::ChannelMap::from(n_cells, addr);
+}
+
 }  // namespace
 
 void register_rawdata(py::module_& m) {
@@ -149,12 +164,14 @@ void register_rawdata(py::module_& m) {
 
   m.def(
       "unpack_payload",
-      [](const py::bytes& payload, py::object detector, py::object gain, py::object t0) {
+      [](const py::bytes& payload, py::object detector, py::object gain, py::object t0, py::object channel_map) {
         const ecl::Detector det = detector_arg(detector);
         const int n_cells = ecl::Geometry::get(det).n_cells;
         ecl::Calibration cal;
+        ecl::ChannelMap map;
         try {
           cal = ecl::Calibration::from(n_cells, optional_array(gain), optional_array(t0));
+          map = optional_channel_map(channel_map, n_cells);
         } catch (const std::invalid_argument& e) {
           throw py::value_error(e.what());
         }
@@ -168,7 +185,7 @@ void register_rawdata(py::module_& m) {
         ecl::UnpackResult r;
         {
           py::gil_scoped_release release;
-          r = ecl::unpack_payload(reinterpret_cast<const uint8_t*>(v.data()), v.size(), cal, out);
+          r = ecl::unpack_payload(reinterpret_cast<const uint8_t*>(v.data()), v.size(), cal, map, out);
         }
         if (!r.ok()) raise(r.reason, r.detail);
         const py::ssize_t n = static_cast<py::ssize_t>(r.n_digits);
@@ -181,9 +198,10 @@ void register_rawdata(py::module_& m) {
         return d;
       },
       py::arg("payload"), py::arg("detector") = "belle2-ecl", py::arg("gain") = py::none(),
-      py::arg("t0") = py::none(),
+      py::arg("t0") = py::none(), py::arg("channel_map") = py::none(),
       "Unpack one ECL payload: dict of numpy arrays (cell, energy, time, quality, amplitude) sorted by "
-      "cellId; ValueError('reason: detail') when it breaks a rule of the format.");
+      "cellId; ValueError('reason: detail') when it breaks a rule of the format. gain, t0: per cellId - 1 "
+      "(default 1, 0); channel_map: (n_cells, 3) addresses (collector, shaper, channel) (default the linear map).");
 
   m.def(
       "frame_stream",
@@ -253,7 +271,7 @@ void register_rawdata(py::module_& m) {
           for (size_t k = 0; k < n; ++k) {
             if (!env[k].ok()) continue;
             digits += ecl::unpack_payload(refs[k].data + env[k].payload_offset, env[k].payload_size,
-                                          cal[env[k].detector], out, &scratch)
+                                          cal[env[k].detector], ecl::ChannelMap{}, out, &scratch)
                           .n_digits;
           }
         const auto t3 = clock::now();

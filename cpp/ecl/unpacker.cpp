@@ -71,19 +71,56 @@ Calibration Calibration::from(int n_cells, const std::vector<double>& gain, cons
   return c;
 }
 
+ChannelMap ChannelMap::from(int n_cells, const std::vector<std::array<int, 3>>& address_of_cell) {
+  if (address_of_cell.size() != static_cast<size_t>(n_cells))
+    throw std::invalid_argument("channel map has " + std::to_string(address_of_cell.size()) + " entries, expected " +
+                                std::to_string(n_cells) + " (one address per cellId)");
+  ChannelMap m;
+  m.n_cells = n_cells;
+  m.cell_index.assign(kAddresses, -1);
+  for (size_t k = 0; k < address_of_cell.size(); ++k) {
+    const auto [coll, sh, ch] = address_of_cell[k];
+    const std::string where = "channel map entry " + std::to_string(k) + " (cellId " + std::to_string(k + 1) + "): ";
+    if (coll < 1 || coll > kMaxCollector || sh < 1 || sh > kShapersPerCollector || ch < 0 || ch >= kChannelsPerShaper)
+      throw std::invalid_argument(where + "address (" + std::to_string(coll) + ", " + std::to_string(sh) + ", " +
+                                  std::to_string(ch) + ") outside collector 1..255, shaper 1..12, channel 0..15");
+    int16_t& slot = m.cell_index[address_index(coll, sh, ch)];
+    if (slot >= 0)
+      throw std::invalid_argument(where + "address (" + std::to_string(coll) + ", " + std::to_string(sh) + ", " +
+                                  std::to_string(ch) + ") already reads cellId " + std::to_string(slot + 1));
+    slot = static_cast<int16_t>(k);
+  }
+  return m;
+}
+
 namespace {
 
-// The decoder body, instantiated twice: with the popcnt instruction (the shaper-to-shaper
-// dependency chain runs through the popcount of the channel mask) and without it.
-template <bool kPopcnt>
+// The decoder body, instantiated with the popcnt instruction (the shaper-to-shaper dependency
+// chain runs through the popcount of the channel mask) and without it, and for the spec's linear
+// channel map (cellId from the address by arithmetic) and for a conditions' map (a table).
+template <bool kPopcnt, bool kMapped>
 __attribute__((always_inline)) inline UnpackResult unpack_impl(const uint8_t* payload, size_t size,
-                                                               const Calibration& calib, DigitOut out,
-                                                               std::vector<uint64_t>* scratch) {
+                                                               const Calibration& calib, const ChannelMap& map,
+                                                               DigitOut out, std::vector<uint64_t>* scratch) {
   if (size % 4 != 0)
     return fail("payload_not_words", "payload of %lu bytes is not a whole number of 32-bit words", size);
   const size_t nw = size / 4;
   const long n_cells = calib.n_cells;
   const double* cal = calib.table.data();
+
+  // Mapped: the hits land in cellId order without a sort. Bit i of `present` marks cellId i + 1
+  // and hit[i] holds its hit word; the digits are emitted from the bits at the end.
+  uint64_t* present = nullptr;
+  uint64_t* hit = nullptr;
+  std::vector<uint64_t> local_map_scratch;
+  if constexpr (kMapped) {
+    const size_t n_bits = (static_cast<size_t>(n_cells) + 63) / 64;
+    std::vector<uint64_t>& buf = scratch ? *scratch : local_map_scratch;
+    buf.resize(n_bits + static_cast<size_t>(n_cells));
+    present = buf.data();
+    hit = present + n_bits;
+    std::memset(present, 0, n_bits * sizeof(uint64_t));
+  }
 
   uint64_t collectors_seen[4] = {0, 0, 0, 0};
   size_t w = 0, nd = 0;
@@ -124,7 +161,26 @@ __attribute__((always_inline)) inline UnpackResult unpack_impl(const uint8_t* pa
                     w, sh, coll, nh);
       ++w;
       if (!mask) continue;
-      const long base = coll_base + static_cast<long>(sh - 1) * 16;  // cellId - 1 of channel 0
+      const long base = coll_base + static_cast<long>(sh - 1) * 16;  // address index of channel 0
+      if constexpr (kMapped) {
+        // Every index in the table is below n_cells (ChannelMap::from, checked in unpack_payload);
+        // an address appears once per event (collectors and shapers do), so a cell does too.
+        const int16_t* index = map.cell_index.data() + base;
+        const uint8_t* hp = payload + 4 * w;
+        w += nh;
+        nd += nh;
+        for (uint32_t rest = mask; rest; rest &= rest - 1) {
+          const long i = index[__builtin_ctz(rest)];
+          if (i < 0)
+            return fail("unmapped_channel",
+                        "collector %lu shaper %lu channel %lu maps to no crystal in the conditions' channel map", coll,
+                        sh, static_cast<unsigned long>(__builtin_ctz(rest)));
+          present[i >> 6] |= uint64_t(1) << (i & 63);
+          hit[i] = load_le32(hp);
+          hp += 4;
+        }
+        continue;
+      }
       const long hi = base + 31 - __builtin_clz(mask);
       if (hi >= n_cells)
         return fail("unmapped_channel", "collector %lu shaper %lu channel %lu maps to no crystal of the detector", coll,
@@ -158,6 +214,18 @@ __attribute__((always_inline)) inline UnpackResult unpack_impl(const uint8_t* pa
     }
   }
 
+  if constexpr (kMapped) {
+    size_t k = 0;
+    const size_t n_bits = (static_cast<size_t>(n_cells) + 63) / 64;
+    for (size_t b = 0; b < n_bits; ++b)
+      for (uint64_t m = present[b]; m; m &= m - 1) {
+        const long i = static_cast<long>(b * 64 + __builtin_ctzll(m));
+        emit(out, k++, i, static_cast<uint32_t>(hit[i]), cal);
+      }
+    UnpackResult r;
+    r.n_digits = nd;
+    return r;
+  }
   if (!sorted && nd > 1) {
     // Blocks or shapers out of cellId order (allowed by the format): sort the event's digits.
     std::vector<uint64_t> local;
@@ -192,31 +260,40 @@ __attribute__((always_inline)) inline UnpackResult unpack_impl(const uint8_t* pa
 
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+template <bool kMapped>
 __attribute__((target("popcnt"))) UnpackResult unpack_fast(const uint8_t* payload, size_t size,
-                                                          const Calibration& calib, DigitOut out,
-                                                          std::vector<uint64_t>* scratch) {
-  return unpack_impl<true>(payload, size, calib, out, scratch);
+                                                          const Calibration& calib, const ChannelMap& map,
+                                                          DigitOut out, std::vector<uint64_t>* scratch) {
+  return unpack_impl<true, kMapped>(payload, size, calib, map, out, scratch);
 }
 const bool kHavePopcnt = __builtin_cpu_supports("popcnt");
 #else
-UnpackResult unpack_fast(const uint8_t* payload, size_t size, const Calibration& calib, DigitOut out,
-                         std::vector<uint64_t>* scratch) {
-  return unpack_impl<true>(payload, size, calib, out, scratch);
+template <bool kMapped>
+UnpackResult unpack_fast(const uint8_t* payload, size_t size, const Calibration& calib, const ChannelMap& map,
+                         DigitOut out, std::vector<uint64_t>* scratch) {
+  return unpack_impl<true, kMapped>(payload, size, calib, map, out, scratch);
 }
 const bool kHavePopcnt = true;
 #endif
 
-UnpackResult unpack_generic(const uint8_t* payload, size_t size, const Calibration& calib, DigitOut out,
-                            std::vector<uint64_t>* scratch) {
-  return unpack_impl<false>(payload, size, calib, out, scratch);
+template <bool kMapped>
+UnpackResult unpack_generic(const uint8_t* payload, size_t size, const Calibration& calib, const ChannelMap& map,
+                            DigitOut out, std::vector<uint64_t>* scratch) {
+  return unpack_impl<false, kMapped>(payload, size, calib, map, out, scratch);
 }
 
 }  // namespace
 
-UnpackResult unpack_payload(const uint8_t* payload, size_t size, const Calibration& calib, DigitOut out,
-                            std::vector<uint64_t>* scratch) {
-  return kHavePopcnt ? unpack_fast(payload, size, calib, out, scratch)
-                     : unpack_generic(payload, size, calib, out, scratch);
+UnpackResult unpack_payload(const uint8_t* payload, size_t size, const Calibration& calib, const ChannelMap& map,
+                            DigitOut out, std::vector<uint64_t>* scratch) {
+  if (!map.linear() && map.n_cells != calib.n_cells)
+    throw std::invalid_argument("channel map of " + std::to_string(map.n_cells) + " cells with a calibration of " +
+                                std::to_string(calib.n_cells));
+  if (map.linear())
+    return kHavePopcnt ? unpack_fast<false>(payload, size, calib, map, out, scratch)
+                       : unpack_generic<false>(payload, size, calib, map, out, scratch);
+  return kHavePopcnt ? unpack_fast<true>(payload, size, calib, map, out, scratch)
+                     : unpack_generic<true>(payload, size, calib, map, out, scratch);
 }
 
 }  // namespace ecl

@@ -60,10 +60,11 @@ def decode_envelope(message: bytes) -> dict:
         _reraise(e)
 
 
-def unpack_payload(payload: bytes, detector: str = "belle2-ecl", gain=None, t0=None) -> dict:
-    """Unpack one ECL payload (C++): dict of numpy arrays cell, energy, time, quality, amplitude."""
+def unpack_payload(payload: bytes, detector: str = "belle2-ecl", gain=None, t0=None, channel_map=None) -> dict:
+    """Unpack one ECL payload (C++): dict of numpy arrays cell, energy, time, quality, amplitude.
+    gain, t0: per cellId - 1; channel_map: (n_cells, 3) addresses (default: the spec's linear map)."""
     try:
-        return _core.unpack_payload(payload, detector, gain, t0)
+        return _core.unpack_payload(payload, detector, gain, t0, channel_map)
     except ValueError as e:
         _reraise(e)
 
@@ -99,10 +100,37 @@ def _per_event_ints(value, n: int, name: str, bits: int) -> list[int]:
     return out
 
 
-def encode_payloads(detector: str, offsets, cell, amplitude, time_ticks, quality) -> list[bytes]:
-    """ECL payloads (bytes) of many events; digits of event i are [offsets[i], offsets[i+1])."""
+def linear_channel_map(detector: str) -> np.ndarray:
+    """The spec's channel map: (n_cells, 3) int64 array, row cellId - 1 = (collector, shaper, channel).
+    The start for a conditions file that overrides it (e.g. two swapped cables)."""
     if detector not in N_CELLS:
         raise ValueError(f"unknown detector '{detector}' (belle2-ecl or array30)")
+    i = np.arange(N_CELLS[detector], dtype=np.int64)
+    return np.stack([i // 192 + 1, (i % 192) // 16 + 1, i % 16], axis=1)
+
+
+def _checked_channel_map(detector: str, channel_map) -> np.ndarray:
+    m = np.asarray(channel_map)
+    if m.shape != (N_CELLS[detector], 3) or m.dtype.kind not in "iu":
+        raise ValueError(f"channel_map must be an integer array of shape ({N_CELLS[detector]}, 3) for {detector}, "
+                         f"got {m.dtype} {m.shape}")
+    m = m.astype(np.int64)
+    if (m[:, 0].min() < 1 or m[:, 0].max() > 255 or m[:, 1].min() < 1 or m[:, 1].max() > 12
+            or m[:, 2].min() < 0 or m[:, 2].max() > 15):
+        raise ValueError("channel_map addresses must be collector 1..255, shaper 1..12, channel 0..15")
+    index = ((m[:, 0] - 1) * 12 + m[:, 1] - 1) * 16 + m[:, 2]
+    if len(np.unique(index)) != len(index):
+        raise ValueError("channel_map uses an address for two cells")
+    return m
+
+
+def encode_payloads(detector: str, offsets, cell, amplitude, time_ticks, quality, channel_map=None) -> list[bytes]:
+    """ECL payloads (bytes) of many events; digits of event i are [offsets[i], offsets[i+1]).
+    channel_map: (n_cells, 3) addresses of the cells (default: the spec's linear map)."""
+    if detector not in N_CELLS:
+        raise ValueError(f"unknown detector '{detector}' (belle2-ecl or array30)")
+    if channel_map is not None:
+        channel_map = _checked_channel_map(detector, channel_map)
     offsets = np.asarray(offsets, dtype=np.int64)
     if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or np.any(np.diff(offsets) < 0):
         raise ValueError("offsets must start at 0 and not decrease")
@@ -125,15 +153,19 @@ def encode_payloads(detector: str, offsets, cell, amplitude, time_ticks, quality
         raise ValueError("quality outside 0..3")
 
     event = np.repeat(np.arange(n_events, dtype=np.int64), np.diff(offsets))
-    order = np.lexsort((cell, event))
-    cell, amplitude, time_ticks, quality, event = (a[order] for a in (cell, amplitude, time_ticks, quality, event))
-    if n > 1 and np.any((event[1:] == event[:-1]) & (cell[1:] == cell[:-1])):
+    # Digits in address order (the index of (collector, shaper, channel); cellId - 1 under the
+    # linear map), so that each block and shaper is one contiguous run.
+    address = cell - 1 if channel_map is None else (
+        (channel_map[cell - 1, 0] - 1) * 12 + channel_map[cell - 1, 1] - 1) * 16 + channel_map[cell - 1, 2]
+    order = np.lexsort((address, event))
+    address, amplitude, time_ticks, quality, event = (
+        a[order] for a in (address, amplitude, time_ticks, quality, event))
+    if n > 1 and np.any((event[1:] == event[:-1]) & (address[1:] == address[:-1])):
         raise ValueError("a cell appears twice in an event")
 
-    i = cell - 1
-    collector = i // 192 + 1
-    shaper = (i % 192) // 16 + 1
-    channel = i % 16
+    collector = address // 192 + 1
+    shaper = (address % 192) // 16 + 1
+    channel = address % 16
     hit = ((quality << 30) | ((time_ticks & 0xFFF) << 18) | (amplitude + AMPLITUDE_OFFSET)).astype(np.uint32)
 
     # Group starts in the sorted digits: a new block at each (event, collector), a new shaper at
@@ -175,16 +207,18 @@ def encode_payloads(detector: str, offsets, cell, amplitude, time_ticks, quality
 
 
 def encode_events(detector: str, exp, run, evt, offsets, cell, amplitude, time_ticks, quality,
-                  truth: Sequence[Any] | None = None, time_ns=None, crc: bool = True) -> list[bytes]:
+                  truth: Sequence[Any] | None = None, time_ns=None, crc: bool = True,
+                  channel_map=None) -> list[bytes]:
     """Envelopes (MessagePack bytes) of many events of one detector configuration.
 
     exp, run, evt: scalars or one value per event; offsets: CSR offsets of the digits (event i owns
     digits offsets[i]:offsets[i+1]); cell (cellId), amplitude (ADC counts), time_ticks (0.4913 ns
     ticks) and quality per digit, in any order within an event. truth: optional per-event objects
     (put under the `truth` key); time_ns: optional scalar or per-event trigger times; crc: add the
-    `crc32` key.
+    `crc32` key; channel_map: the (n_cells, 3) addresses the producer's electronics use (default:
+    the spec's linear map).
     """
-    payloads = encode_payloads(detector, offsets, cell, amplitude, time_ticks, quality)
+    payloads = encode_payloads(detector, offsets, cell, amplitude, time_ticks, quality, channel_map)
     n = len(payloads)
     exp = _per_event_ints(exp, n, "exp", 64)
     run = _per_event_ints(run, n, "run", 64)
@@ -245,15 +279,40 @@ def read_raw_file(path: str | os.PathLike) -> list[bytes]:
         raise ValueError(f"raw file '{os.fspath(path)}': {err}") from None
 
 
-def write_conditions(path: str | os.PathLike, detector: str, gain=None, t0=None) -> None:
-    """Write a conditions file for ECLUnpacker(conditions=path): per-cell gain and t0 (cellId - 1)."""
-    import json
-
+def conditions_payload(detector: str, gain=None, t0=None, channel_map=None, iov=None) -> dict:
+    """One conditions payload for ECLUnpacker(conditions=...): per-cell gain and t0 (cellId - 1),
+    the channel map ((n_cells, 3) addresses), the interval of validity [exp_low, run_low,
+    exp_high, run_high] (-1: open); None: the spec's default (for iov: all runs)."""
+    if detector not in N_CELLS:
+        raise ValueError(f"unknown detector '{detector}' (belle2-ecl or array30)")
     doc: dict[str, Any] = {"detector": detector}
     if gain is not None:
         doc["gain"] = [float(x) for x in np.asarray(gain, dtype=np.float64)]
     if t0 is not None:
         doc["t0"] = [float(x) for x in np.asarray(t0, dtype=np.float64)]
+    if channel_map is not None:
+        doc["channel_map"] = _checked_channel_map(detector, channel_map).tolist()
+    if iov is not None:
+        if len(iov) != 4 or not all(isinstance(b, (int, np.integer)) and -1 <= b <= 1 << 53 for b in iov):
+            raise ValueError(f"iov must be [exp_low, run_low, exp_high, run_high], ints -1..2^53, got {iov!r}")
+        doc["iov"] = [int(b) for b in iov]
+    return doc
+
+
+def write_conditions(path: str | os.PathLike, detector: str | None = None, gain=None, t0=None, channel_map=None,
+                     iov=None, *, payloads: Sequence[dict] | None = None) -> None:
+    """Write a conditions file for ECLUnpacker(conditions=path): one payload (the arguments of
+    conditions_payload), or several (payloads=[conditions_payload(...), ...], e.g. per run range)."""
+    import json
+
+    if payloads is None:
+        if detector is None:
+            raise ValueError("write_conditions needs a detector, or payloads=[...]")
+        doc: Any = conditions_payload(detector, gain, t0, channel_map, iov)
+    else:
+        if detector is not None or any(a is not None for a in (gain, t0, channel_map, iov)):
+            raise ValueError("write_conditions takes either one payload's arguments or payloads=[...], not both")
+        doc = list(payloads)
     with open(path, "w") as f:
         json.dump(doc, f)
 

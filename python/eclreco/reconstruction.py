@@ -5,9 +5,10 @@ from eclreco.framework import Path
 
 
 def add_reconstruction(path: Path, cnn: bool = True, leakage: bool = True, model: str = "",
-                       cnn_threads: int = 1) -> Path:
-    """Unpacker -> clusterizer -> classical leakage correction -> CNN energy correction."""
-    path.add_module("ECLUnpacker")
+                       cnn_threads: int = 1, conditions: str = "") -> Path:
+    """Unpacker -> clusterizer -> classical leakage correction -> CNN energy correction.
+    conditions: ECLUnpacker's conditions file (docs/wire-format.md); '': the spec's defaults."""
+    path.add_module("ECLUnpacker", **({"conditions": conditions} if conditions else {}))
     path.add_module("ECLClusterizer")
     if leakage:
         path.add_module("ECLLeakageCorrection")

@@ -97,6 +97,8 @@ def add_hlt_parser(subparsers):
                         "default: OUTPUT_rejected_w{worker}_{pid}.msgpack beside a ROOT output; '': none)")
     p.add_argument("--modules", default="standard", help="worker chain: standard, none, or a list")
     p.add_argument("--no-cnn", action="store_true", help="workers: classical leakage correction only")
+    p.add_argument("--conditions", default="", help="workers: ECLUnpacker's conditions file (gain, t0, channel map "
+                   "per run range; docs/wire-format.md)")
     p.add_argument("--model", default="", help="workers: ONNX model of the CNN (default: the shipped model of "
                    "the events' detector)")
     p.add_argument("--threads", type=int, default=1, help="threads per worker")
@@ -116,17 +118,19 @@ def add_hlt_parser(subparsers):
     p = sub.add_parser("control", help="run control: stop (end of run), start (new run), terminate",
                        formatter_class=HelpFormatter)
     p.add_argument("action", choices=["stop", "start", "terminate"])
-    p.add_argument("--control", default="tcp://127.0.0.1:5557")
-    p.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for the answer")
+    p.add_argument("--control", default="tcp://127.0.0.1:5557", help="the distributor's control address")
+    p.add_argument("--timeout", type=float, default=180.0,
+                   help="seconds to wait for the answer (a farm that does not answer STATUS within 5 s: at once)")
     add_curve_arguments(p, "control")
     p.set_defaults(func=lambda a: __import__("eclreco.hlt.control", fromlist=["control_main"]).control_main(a))
 
     p = sub.add_parser("status", help="every process of the farm: role, pid, state, counters",
                        formatter_class=HelpFormatter)
-    p.add_argument("--control", default="tcp://127.0.0.1:5557")
+    p.add_argument("--control", default="tcp://127.0.0.1:5557", help="the distributor's control address")
     p.add_argument("--json", action="store_true", help='{"processes": [{"role": ..., "pid": ...}, ...]}')
-    p.add_argument("--watch", type=float, nargs="?", const=1.0, default=0.0, help="refresh every S s")
-    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--watch", type=float, nargs="?", const=1.0, default=0.0,
+                   help="refresh every S s (a bare --watch: 1 s; 0: once)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
     add_curve_arguments(p, "control")
     p.set_defaults(func=lambda a: __import__("eclreco.hlt.control", fromlist=["status_main"]).status_main(a))
 

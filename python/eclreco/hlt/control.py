@@ -114,8 +114,12 @@ def status_main(args) -> int:
 
 def control_main(args) -> int:
     cmd = {"stop": P.STOP, "start": P.START, "terminate": P.TERMINATE}[args.action]
+    curve = Curve.from_args(args, "control")
     try:
-        reply = request(args.control, cmd, timeout_s=args.timeout, curve=Curve.from_args(args, "control"))
+        # STOP may take minutes (in-flight events are finished): first make sure a farm answers, so
+        # that a wrong address or a farm that is not running fails in seconds, not after --timeout.
+        status(args.control, timeout_s=min(5.0, args.timeout), curve=curve)
+        reply = request(args.control, cmd, timeout_s=args.timeout, curve=curve)
     except ControlError as err:
         print(f"eclreco hlt control: {err}", file=sys.stderr)
         return 1

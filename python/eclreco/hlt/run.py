@@ -150,6 +150,8 @@ class Farm:
             cmd.append("--no-cnn")
         if a.model:
             cmd += ["--model", os.path.abspath(a.model)]
+        if a.conditions:
+            cmd += ["--conditions", os.path.abspath(a.conditions)]
         if a.rejected:
             cmd += ["--rejected", a.rejected.replace("{worker}", str(i))]
         return cmd
@@ -246,6 +248,14 @@ class Farm:
                     print(f"[hlt run] worker {w.pid} exited ({w.returncode}); restart {self.restarts}", flush=True)
                     self.workers[i] = self.popen(self.worker_cmd(i))
                     self.report(ctl)
+            if not self.terminating and all(w is None for w in self.workers):
+                # Nothing would ever take the input again (e.g. a worker chain that fails at start):
+                # the farm must not look alive. TERMINATE as for a dead collector.
+                print(f"[hlt run] no worker left ({self.restarts} restarts used, --max-restarts {a.max_restarts}); "
+                      f"terminating the farm", file=sys.stderr, flush=True)
+                rc = 1
+                self.terminating = True
+                ctl.send_multipart([P.TERMINATE])
             now = time.monotonic()
             if now >= next_report:
                 next_report = now + 1.0
@@ -306,6 +316,19 @@ def main(args) -> int:
                          "with --no-cnn or --modules")
     if args.model and not os.path.isfile(args.model):
         raise SystemExit(f"eclreco hlt run: --model {args.model!r} is not a file")
+    if args.modules not in ("standard", "none"):
+        from eclreco.framework import available_modules
+
+        unknown = [n.strip() for n in args.modules.split(",") if n.strip() not in available_modules()]
+        if unknown:
+            raise SystemExit(f"eclreco hlt run: --modules: unknown module(s) {', '.join(map(repr, unknown))}; "
+                             f"available: {', '.join(available_modules())}")
+    if args.conditions and not os.path.isfile(args.conditions):
+        raise SystemExit(f"eclreco hlt run: --conditions {args.conditions!r} is not a file")
+    if args.conditions and args.modules != "standard" and "ECLUnpacker" not in [
+            n.strip() for n in args.modules.split(",")]:
+        raise SystemExit("eclreco hlt run: --conditions is ECLUnpacker's conditions file: the workers' chain "
+                         f"({args.modules}) has no ECLUnpacker")
     try:
         check_message_limits("eclreco hlt run", args.max_message_bytes, args.refuse_message_bytes)
     except ValueError as e:

@@ -225,6 +225,8 @@ def add_worker_arguments(ap: argparse.ArgumentParser):
                     help="'standard' (add_reconstruction), 'none', or a comma-separated list of modules")
     ap.add_argument("--no-cnn", action="store_true", help="classical leakage correction only")
     ap.add_argument("--model", default="", help="ONNX model of the CNN")
+    ap.add_argument("--conditions", default="", help="ECLUnpacker's conditions file (gain, t0, channel map per "
+                    "run range; docs/wire-format.md)")
     ap.add_argument("--rejected", default="", help="quarantine file of the raw events this worker rejects "
                     "({pid} is replaced; '': none; hlt run gives each worker one beside its output)")
     from eclreco.curve import add_curve_arguments
@@ -292,10 +294,14 @@ def add_chosen_reconstruction(path, args):
     if args.modules == "standard":
         from eclreco.reconstruction import add_reconstruction
 
-        add_reconstruction(path, cnn=not args.no_cnn, model=args.model)
-    elif args.modules and args.modules != "none":
-        for name in args.modules.split(","):
-            path.add_module(name.strip())
+        add_reconstruction(path, cnn=not args.no_cnn, model=args.model, conditions=args.conditions)
+    else:
+        names = [n.strip() for n in args.modules.split(",")] if args.modules and args.modules != "none" else []
+        if args.conditions and "ECLUnpacker" not in names:
+            raise ValueError("--conditions is ECLUnpacker's conditions file: the chain has no ECLUnpacker")
+        for name in names:
+            conditions = {"conditions": args.conditions} if name == "ECLUnpacker" and args.conditions else {}
+            path.add_module(name, **conditions)
 
 
 def default_steering() -> str | None:
