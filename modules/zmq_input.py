@@ -70,7 +70,7 @@ class ZMQInput(Module):
                                ("rcvhwm", self.param("rcvhwm") >= 0, ">= 0")):
             if not ok:
                 raise ValueError(f"ZMQInput: {name} must be {rule}")
-        from eclreco.raw_sockets import ConnectionMonitor, check_message_limits
+        from eclreco.raw_sockets import ConnectionMonitor, attach, check_message_limits
 
         check_message_limits("ZMQInput", self.param("max_message_bytes"), self.param("refuse_message_bytes"))
 
@@ -84,10 +84,7 @@ class ZMQInput(Module):
         self._monitor = ConnectionMonitor(s)
         apply_curve_params(self, s)
         address = self.param("address")
-        if self.param("bind"):
-            s.bind(address)
-        else:
-            s.connect(address)
+        attach(s, address, bind=self.param("bind"))
         self._sock = s
         self._first = self._last = None
         self._ended = False

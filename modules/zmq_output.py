@@ -5,6 +5,7 @@ import time
 
 from eclreco import Module, _core
 from eclreco.curve import apply_curve_params, declare_curve_params
+from eclreco.raw_sockets import attach
 
 
 class ZMQOutput(Module):
@@ -44,9 +45,9 @@ class ZMQOutput(Module):
         s.setsockopt(zmq.LINGER, int(self.param("stop_timeout_s") * 1000))
         apply_curve_params(self, s)
         if self.param("bind"):
-            s.bind(self.param("address"))
+            attach(s, self.param("address"), bind=True)
         else:
-            s.connect(self.param("address"))
+            attach(s, self.param("address"), bind=False)
         self._sock = s
 
     def event(self, batch):

@@ -119,7 +119,8 @@ def main(argv=None) -> int:
         print(f"reco.py: error: {err}", file=sys.stderr, flush=True)
         return 2
     except RuntimeError as err:  # a fatal module error, e.g. an output that cannot be written
-        print(eclreco.statistics, flush=True)
+        if eclreco.statistics.summary()["received"]:  # not for a module that failed at initialize
+            print(eclreco.statistics, flush=True)
         print(f"reco.py: error: {err}", file=sys.stderr, flush=True)
         return 1
     finally:

@@ -77,8 +77,11 @@ def test_reco_py_refuses_contradictions_and_an_output_over_its_input(tmp_path, c
     assert reco.main(["-i", str(raw), "-o", str(raw)]) == 2
     assert reco.main(["-i", str(raw), "--rejected", str(raw)]) == 2
     assert reco.main(["-i", str(raw), "--threads", "0"]) == 2
-    err = capsys.readouterr().err
+    # libzmq would take port 99999 for 34463 and wait there for input nobody sends
+    assert reco.main(["-i", "tcp://127.0.0.1:99999", "--idle-timeout", "1"]) == 1
+    out, err = capsys.readouterr()
     assert "use another file" in err and "threads must be 1..256, not 0" in err and "use -n N" in err
+    assert "'tcp://127.0.0.1:99999': the port must be 0..65535 or *" in err and "Module" not in out
     assert raw.read_bytes() == before
 
 

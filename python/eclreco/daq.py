@@ -135,10 +135,10 @@ def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: f
         curve.apply(sock, bind, curve_server)
     # A PUSH socket takes messages whether or not a receiver ever completes the handshake (none
     # listening, a CURVE key it does not know): the handshakes tell the run that delivered nothing.
-    from eclreco.raw_sockets import ConnectionMonitor
+    from eclreco.raw_sockets import ConnectionMonitor, attach
 
     handshakes = ConnectionMonitor(sock)
-    (sock.bind if bind else sock.connect)(address)
+    attach(sock, address, bind=bind)
     # 0: unbounded; without loop the file is sent at most once
     total = events if events > 0 else (0 if loop else len(messages))
     n_msgs = len(messages)

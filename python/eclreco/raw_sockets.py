@@ -72,6 +72,17 @@ def mark_multi_frame(frames) -> bytes:
     return b"".join([_core.MULTI_FRAME_TAG, struct.pack(f">{len(sizes) + 1}Q", len(sizes), *sizes), *frames])
 
 
+def attach(sock: zmq.Socket, address: str, bind: bool) -> None:
+    """Bind or connect `sock`, after checking a tcp:// address's port: libzmq takes
+    tcp://127.0.0.1:99999 for port 34463 (the number modulo 2^16) without an error, and a job would
+    wait on a port nobody sends to."""
+    if address.startswith("tcp://"):
+        port = address.rsplit(":", 1)[-1] if ":" in address[6:] else ""
+        if port != "*" and not (port.isdigit() and int(port) <= 65535):
+            raise ValueError(f"ZeroMQ address {address!r}: the port must be 0..65535 or * (tcp://HOST:PORT)")
+    (sock.bind if bind else sock.connect)(address)
+
+
 def check_message_limits(who: str, max_bytes: int, refuse_bytes: int) -> None:
     """The two size limits of a raw-event input: above max_bytes a message is rejected and kept
     (mark_oversize), above refuse_bytes the socket refuses it unread (ZMQ_MAXMSGSIZE)."""

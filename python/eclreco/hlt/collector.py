@@ -23,6 +23,7 @@ import zmq
 import eclreco
 from eclreco import Module, _core
 from eclreco.hlt import protocol as P
+from eclreco.raw_sockets import attach
 
 
 def event_keys(exp, run, evt) -> list:
@@ -110,13 +111,13 @@ class CollectorLink:
         self.pull.setsockopt(zmq.LINGER, 0)
         if curve is not None:
             curve.server(self.pull)
-        self.pull.bind(collector_addr)
+        attach(self.pull, collector_addr, bind=True)
         self.address = self.pull.getsockopt_string(zmq.LAST_ENDPOINT)
         self.ctl = self.ctx.socket(zmq.DEALER)
         self.ctl.setsockopt(zmq.LINGER, 2000)
         if curve is not None:
             curve.client(self.ctl, "distributor")
-        self.ctl.connect(control)
+        attach(self.ctl, control, bind=False)
         self.low = 0                   # every seq below was confirmed by the distributor
         self.seen: set[int] = set()    # seqs at or above `low` already written
         self.dedup_window = dedup_window

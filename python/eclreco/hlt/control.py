@@ -10,6 +10,7 @@ import zmq
 
 from eclreco.curve import Curve
 from eclreco.hlt import protocol as P
+from eclreco.raw_sockets import attach
 
 
 class ControlError(RuntimeError):
@@ -37,7 +38,7 @@ def request(control: str, cmd: bytes, timeout_s: float = 10.0, curve=None) -> di
     s.setsockopt(zmq.LINGER, 0)
     if curve is not None:
         curve.client(s, "distributor")
-    s.connect(control)
+    attach(s, control, bind=False)
     try:
         s.send_multipart([cmd])
         deadline = time.monotonic() + timeout_s

@@ -23,7 +23,7 @@ from eclreco import scheduling
 from eclreco.curve import Curve
 from eclreco.hlt import protocol as P
 from eclreco.hlt.control import summary_line
-from eclreco.raw_sockets import ConnectionMonitor, check_message_limits, recv_message
+from eclreco.raw_sockets import ConnectionMonitor, attach, check_message_limits, recv_message
 
 # Latency histogram: log-spaced bounds from 10 us to 100 s (percentiles and Prometheus buckets).
 LATENCY_BOUNDS = np.logspace(-5, 2, 141)
@@ -99,20 +99,20 @@ class Distributor:
             curve.apply(self.inp, input_bind, "daq")
         # messages refused by the socket (ZMQ_MAXMSGSIZE) are only seen as disconnects: counted, not silent
         self.input_monitor = ConnectionMonitor(self.inp)
-        (self.inp.bind if input_bind else self.inp.connect)(input_addr)
+        attach(self.inp, input_addr, bind=input_bind)
         self.wrk = self.ctx.socket(zmq.ROUTER)
         self.wrk.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.wrk.setsockopt(zmq.SNDHWM, 0)  # bounded by credit instead
         self.wrk.setsockopt(zmq.LINGER, 0)
         if curve is not None:
             curve.server(self.wrk)
-        self.wrk.bind(workers_addr)
+        attach(self.wrk, workers_addr, bind=True)
         self.ctl = self.ctx.socket(zmq.ROUTER)
         self.ctl.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.ctl.setsockopt(zmq.LINGER, 1000)
         if curve is not None:
             curve.server(self.ctl)
-        self.ctl.bind(control_addr)
+        attach(self.ctl, control_addr, bind=True)
         self.addresses = {"input": self.inp.getsockopt_string(zmq.LAST_ENDPOINT),
                           "workers": self.wrk.getsockopt_string(zmq.LAST_ENDPOINT),
                           "control": self.ctl.getsockopt_string(zmq.LAST_ENDPOINT)}

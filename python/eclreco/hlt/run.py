@@ -20,7 +20,7 @@ import zmq
 from eclreco.curve import Curve
 from eclreco.hlt import protocol as P
 from eclreco.hlt.control import ControlError, request, status, summary_line
-from eclreco.raw_sockets import check_message_limits
+from eclreco.raw_sockets import attach, check_message_limits
 
 
 def _terminate_with_parent() -> None:
@@ -186,7 +186,7 @@ class Farm:
         ctl.setsockopt(zmq.LINGER, 1000)
         if self.curve is not None:
             self.curve.client(ctl, "distributor")
-        ctl.connect(a.control)
+        attach(ctl, a.control, bind=False)
         self.report(ctl)
         signals = {"n": 0}
 

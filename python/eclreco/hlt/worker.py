@@ -23,6 +23,7 @@ import zmq
 import eclreco
 from eclreco import Module, _core
 from eclreco.hlt import protocol as P
+from eclreco.raw_sockets import attach
 
 SEQ_COLLECTION = "HLTSequence"
 
@@ -37,7 +38,7 @@ class WorkerLink:
         self.sock.setsockopt(zmq.LINGER, 2000)
         if curve is not None:
             curve.client(self.sock, "distributor")
-        self.sock.connect(distributor)
+        attach(self.sock, distributor, bind=False)
         self.capacity = capacity
         self.heartbeat_s = heartbeat_s
         self.metrics_port = metrics_port
