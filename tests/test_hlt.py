@@ -168,13 +168,18 @@ def test_farm_exactly_once_stop_start_terminate(farm_factory, tmp_path):
     reply = farm.command("stop")
     # (the regression waited 30 s; 25 leaves room for a loaded machine)
     assert time.monotonic() - t0 < 25 and reply["collector"]["events_written"] == 0 and not reply["timeout"], reply
-    # A new run: a new output file.
+    # A new run: a new output file. The throughput counts the runs' own time, not the pause
+    # before this one (it was confirmed events over the time since the first run's first input).
+    h1 = farm.distributor()["throughput_hz"]
+    time.sleep(3.0)
     assert farm.command("start")["run_index"] == 3
     n2 = 1500
     push_events(farm.input, range(10_000, 10_000 + n2), run=2)
     farm.wait_confirmed(n1 + n2)
     reply = farm.command("stop")
     assert reply["collector"]["events_written"] == n2 and reply["collector"]["run_index"] == 3, reply
+    h3 = farm.distributor()["throughput_hz"]
+    assert h3 > 0.3 * h1 > 0, (h1, h3)
     final = farm.command("terminate")
     rc, log = farm.wait_exit()
     assert rc == 0, log

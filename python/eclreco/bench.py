@@ -406,7 +406,7 @@ def add_bench_parser(subparsers) -> None:
     p = subparsers.add_parser("bench", help="events/second benchmark of the reconstruction chain")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     p.add_argument("--events", type=int, default=20000, help="generated events")
-    p.add_argument("--background", type=float, default=1.0, help="beam-background level (0, 1, 2)")
+    p.add_argument("--background", type=float, default=1.0, help="beam-background level of the generated events (1 = nominal, 0 = none, 2 = twice nominal)")
     p.add_argument("--repeat", type=int, default=5, help="repetitions per measurement (median)")
     p.add_argument("--farm-rate", type=float, default=30000.0, help="offered rate for the farm, Hz")
     p.add_argument("--farm-seconds", type=float, default=5.0, help="duration of the farm measurement")

@@ -141,8 +141,9 @@ class Distributor:
         self.terminate_requester: bytes | None = None
         self.c = collections.Counter()               # counters (see metrics_families)
         self.latency = LatencyHistogram()
-        self.t_first_input = None
-        self.t_last_confirm = None
+        self.t_first_input = None   # of this run
+        self.t_last_confirm = None  # of this run
+        self.earlier_runs_s = 0.0   # first input to last confirmation, summed over the runs before
         self.workers_restarted = 0
         self.workers_lost = 0
         self.confirmed_low = 0
@@ -392,6 +393,9 @@ class Distributor:
                 self.stop_requesters.append(ident)
         elif cmd == P.START:
             if self.state == "stopped":
+                # the throughput counts the runs' own time, not the pauses between them
+                self.earlier_runs_s += self.run_seconds()
+                self.t_first_input = self.t_last_confirm = None
                 self.run_index += 1
                 self.state = "running"
                 print(f"[distributor] run {self.run_index} started", flush=True)
@@ -577,8 +581,12 @@ class Distributor:
             s.close(linger)
 
     # ---------------------------------------------------------------- status and metrics
+    def run_seconds(self) -> float:
+        """This run's time from its first input to its last confirmation (0 before both)."""
+        return self.t_last_confirm - self.t_first_input if self.t_first_input and self.t_last_confirm else 0.0
+
     def own_status(self) -> dict:
-        wall = ((self.t_last_confirm or 0) - self.t_first_input) if self.t_first_input and self.t_last_confirm else 0
+        wall = self.earlier_runs_s + self.run_seconds()
         return {
             "role": "distributor", "pid": os.getpid(), "host": socket.gethostname(), "state": self.state,
             "run_index": self.run_index, "addresses": self.addresses,
