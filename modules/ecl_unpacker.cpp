@@ -23,7 +23,6 @@
 // [no_conditions] and kept like any rejected event.
 #include <algorithm>
 #include <atomic>
-#include <limits>
 #include <cctype>
 #include <cstring>
 #include <cmath>
@@ -31,6 +30,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <sstream>
 #include <stdexcept>
 

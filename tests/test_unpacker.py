@@ -288,6 +288,34 @@ def test_conditions_per_run(tmp_path):
     assert [k["message"] for k in kept] == msgs[4 * 30:5 * 30]
 
 
+def test_conditions_writer_refuses_what_the_unpacker_would(tmp_path):
+    lin = rawdata.linear_channel_map("array30")
+    dup, far = lin.copy(), lin.copy()
+    dup[1] = dup[0]
+    far[0] = [256, 1, 0]
+    for kwargs, match in [({"iov": [0, 1, 2]}, "iov must be"), ({"iov": [0, True, 1, 1]}, "iov must be"),
+                          ({"iov": [0, -2, 1, 1]}, "iov must be"), ({"channel_map": lin[:899]}, r"shape \(900, 3\)"),
+                          ({"channel_map": lin.astype(float)}, "integer array"),
+                          ({"channel_map": dup}, "an address for two cells"), ({"channel_map": far}, "collector 1..255")]:
+        with pytest.raises(ValueError, match=match):
+            rawdata.conditions_payload("array30", **kwargs)
+    with pytest.raises(ValueError, match="an address for two cells"):
+        rawdata.encode_events("array30", 0, 1, [0], [0, 1], [5], [100], [0], [0], channel_map=dup)
+    with pytest.raises(ValueError, match="needs a detector"):
+        rawdata.write_conditions(tmp_path / "c.json")
+    with pytest.raises(ValueError, match="not both"):
+        rawdata.write_conditions(tmp_path / "c.json", "array30", payloads=[rawdata.conditions_payload("array30")])
+    # what it writes, the unpacker reads (the linear map given explicitly = the default)
+    rawdata.write_conditions(tmp_path / "c.json", payloads=[rawdata.conditions_payload("array30", channel_map=lin,
+                                                                                       iov=[0, -1, 0, -1])])
+    d = random_digits(np.random.default_rng(1), "array30", 20, max_digits=100)
+    events, stats = run_path(MessageSource(rawdata.encode_events("array30", 0, 3, np.arange(20), **d)),
+                             conditions=str(tmp_path / "c.json"))
+    assert stats["processed"] == 20 and stats["rejected"] == 0
+    for e, w in zip(events, expected_events("array30", d)):
+        assert_digits_equal(e["digits"], w)
+
+
 @pytest.mark.parametrize("content,match", [
     ("{not json", "invalid JSON"),
     ('{"gain": [1.0]}', "detector"),

@@ -293,7 +293,8 @@ def conditions_payload(detector: str, gain=None, t0=None, channel_map=None, iov=
     if channel_map is not None:
         doc["channel_map"] = _checked_channel_map(detector, channel_map).tolist()
     if iov is not None:
-        if len(iov) != 4 or not all(isinstance(b, (int, np.integer)) and -1 <= b <= 1 << 53 for b in iov):
+        if len(iov) != 4 or not all(
+                isinstance(b, (int, np.integer)) and not isinstance(b, bool) and -1 <= b <= 1 << 53 for b in iov):
             raise ValueError(f"iov must be [exp_low, run_low, exp_high, run_high], ints -1..2^53, got {iov!r}")
         doc["iov"] = [int(b) for b in iov]
     return doc
