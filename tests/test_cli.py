@@ -163,3 +163,16 @@ def test_reco_py_conditions_channel_map_end_to_end(tmp_path):
         assert np.concatenate(ta["cluster_seed_cell"].array(library="np")).size > 1000
         assert not np.array_equal(np.concatenate(ta["cluster_seed_cell"].array(library="np")),
                                   np.concatenate(tc["cluster_seed_cell"].array(library="np")))
+
+
+@pytest.mark.parametrize("argv,default", [(["hlt", "control", "--help"], "control"),
+                                          (["daq-emulator", "--help"], "daq")])
+def test_help_shows_the_curve_name_default_once(argv, default, capsys):
+    """The hlt roles' help formatter appends defaults; add_curve_arguments wrote it into the text
+    too ('(default control) (default: control)'); the DAQ emulator's parser appends none."""
+    import re
+
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    line = " ".join(re.search(r"own key name in DIR/private[^-]*", capsys.readouterr().out).group(0).split())
+    assert line.count("default") == 1 and default in line, line

@@ -16,6 +16,7 @@ handshake: none of its messages is ever delivered. Without ``--curve-dir`` nothi
 """
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import threading
@@ -120,7 +121,10 @@ def stop_authenticators():
 def add_curve_arguments(p, default_name: str):
     g = p.add_argument_group("CURVE (optional authentication and encryption; docs/reliability.md)")
     g.add_argument("--curve-dir", default="", help="key directory of `eclreco hlt keys` (default: no CURVE)")
-    g.add_argument("--curve-name", default=default_name, help=f"own key name in DIR/private (default {default_name})")
+    # a parser whose formatter appends defaults (the hlt roles') would show this one twice
+    shows_defaults = issubclass(p.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument("--curve-name", default=default_name,
+                   help="own key name in DIR/private" + ("" if shows_defaults else f" (default {default_name})"))
     g.add_argument("--curve-secret", default="", help="own key pair file (default DIR/private/NAME.key_secret)")
     return g
 
