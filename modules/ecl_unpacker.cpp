@@ -236,7 +236,7 @@ int64_t integer(const Json& v, int64_t lo, int64_t hi, const std::string& what) 
 struct ConditionsPayload {
   uint64_t lo_exp = 0, lo_run = 0;
   uint64_t hi_exp = std::numeric_limits<uint64_t>::max(), hi_run = std::numeric_limits<uint64_t>::max();
-  std::string iov;  // as written, for messages; "all runs" without one
+  std::string iov = "all runs";  // as written, for messages
   ecl::Calibration calibration;
   ecl::ChannelMap channel_map;
   bool covers(uint64_t exp, uint64_t run) const {
@@ -256,7 +256,6 @@ class ECLUnpacker : public fw::Module {
   void initialize() override {
     for (ecl::Detector d : {ecl::Detector::Belle2ECL, ecl::Detector::Array30}) {
       payloads_[static_cast<int>(d)].assign(1, ConditionsPayload{});
-      payloads_[static_cast<int>(d)][0].iov = "all runs";
       payloads_[static_cast<int>(d)][0].calibration = ecl::Calibration::defaults(ecl::Geometry::get(d).n_cells);
     }
     if (!conditions_.empty()) load_conditions(conditions_);
@@ -452,7 +451,6 @@ class ECLUnpacker : public fw::Module {
         throw std::runtime_error(where + e.what());
       }
     }
-    p.iov = "all runs";
     if (iov) {
       if (iov->kind != Json::Array || iov->items.size() != 4)
         throw std::runtime_error(where + "'iov' must be [exp_low, run_low, exp_high, run_high] (-1: open)");

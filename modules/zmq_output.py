@@ -44,10 +44,7 @@ class ZMQOutput(Module):
         s.setsockopt(zmq.SNDHWM, int(self.param("sndhwm")))
         s.setsockopt(zmq.LINGER, int(self.param("stop_timeout_s") * 1000))
         apply_curve_params(self, s)
-        if self.param("bind"):
-            attach(s, self.param("address"), bind=True)
-        else:
-            attach(s, self.param("address"), bind=False)
+        attach(s, self.param("address"), bind=self.param("bind"))
         self._sock = s
 
     def event(self, batch):

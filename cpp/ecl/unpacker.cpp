@@ -80,14 +80,14 @@ ChannelMap ChannelMap::from(int n_cells, const std::vector<std::array<int, 3>>& 
   m.cell_index.assign(kAddresses, -1);
   for (size_t k = 0; k < address_of_cell.size(); ++k) {
     const auto [coll, sh, ch] = address_of_cell[k];
-    const std::string where = "channel map entry " + std::to_string(k) + " (cellId " + std::to_string(k + 1) + "): ";
+    auto where = [&, coll = coll, sh = sh, ch = ch] {  // the message's start, built only for an error
+      return "channel map entry " + std::to_string(k) + " (cellId " + std::to_string(k + 1) + "): address (" +
+             std::to_string(coll) + ", " + std::to_string(sh) + ", " + std::to_string(ch) + ") ";
+    };
     if (coll < 1 || coll > kMaxCollector || sh < 1 || sh > kShapersPerCollector || ch < 0 || ch >= kChannelsPerShaper)
-      throw std::invalid_argument(where + "address (" + std::to_string(coll) + ", " + std::to_string(sh) + ", " +
-                                  std::to_string(ch) + ") outside collector 1..255, shaper 1..12, channel 0..15");
+      throw std::invalid_argument(where() + "outside collector 1..255, shaper 1..12, channel 0..15");
     int16_t& slot = m.cell_index[address_index(coll, sh, ch)];
-    if (slot >= 0)
-      throw std::invalid_argument(where + "address (" + std::to_string(coll) + ", " + std::to_string(sh) + ", " +
-                                  std::to_string(ch) + ") already reads cellId " + std::to_string(slot + 1));
+    if (slot >= 0) throw std::invalid_argument(where() + "already reads cellId " + std::to_string(slot + 1));
     slot = static_cast<int16_t>(k);
   }
   return m;
@@ -110,11 +110,11 @@ __attribute__((always_inline)) inline UnpackResult unpack_impl(const uint8_t* pa
 
   // Mapped: the hits land in cellId order without a sort. Bit i of `present` marks cellId i + 1
   // and hit[i] holds its hit word; the digits are emitted from the bits at the end.
+  [[maybe_unused]] const size_t n_bits = (static_cast<size_t>(n_cells) + 63) / 64;
   uint64_t* present = nullptr;
   uint64_t* hit = nullptr;
   std::vector<uint64_t> local_map_scratch;
   if constexpr (kMapped) {
-    const size_t n_bits = (static_cast<size_t>(n_cells) + 63) / 64;
     std::vector<uint64_t>& buf = scratch ? *scratch : local_map_scratch;
     buf.resize(n_bits + static_cast<size_t>(n_cells));
     present = buf.data();
@@ -216,7 +216,6 @@ __attribute__((always_inline)) inline UnpackResult unpack_impl(const uint8_t* pa
 
   if constexpr (kMapped) {
     size_t k = 0;
-    const size_t n_bits = (static_cast<size_t>(n_cells) + 63) / 64;
     for (size_t b = 0; b < n_bits; ++b)
       for (uint64_t m = present[b]; m; m &= m - 1) {
         const long i = static_cast<long>(b * 64 + __builtin_ctzll(m));

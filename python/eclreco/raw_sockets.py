@@ -72,12 +72,20 @@ def mark_multi_frame(frames) -> bytes:
     return b"".join([_core.MULTI_FRAME_TAG, struct.pack(f">{len(sizes) + 1}Q", len(sizes), *sizes), *frames])
 
 
+def tcp_port(address: str) -> str | None:
+    """The port part of a tcp://HOST:PORT address as written ('' without one); None for the other
+    transports."""
+    if not (address or "").startswith("tcp://"):
+        return None
+    return address.rsplit(":", 1)[-1] if ":" in address[6:] else ""
+
+
 def attach(sock: zmq.Socket, address: str, bind: bool) -> None:
     """Bind or connect `sock`, after checking a tcp:// address's port: libzmq takes
     tcp://127.0.0.1:99999 for port 34463 (the number modulo 2^16) without an error, and a job would
     wait on a port nobody sends to."""
-    if address.startswith("tcp://"):
-        port = address.rsplit(":", 1)[-1] if ":" in address[6:] else ""
+    port = tcp_port(address)
+    if port is not None:
         if port != "*" and not (port.isdigit() and int(port) <= 65535):
             raise ValueError(f"ZeroMQ address {address!r}: the port must be 0..65535 or * (tcp://HOST:PORT)")
     (sock.bind if bind else sock.connect)(address)

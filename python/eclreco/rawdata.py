@@ -105,8 +105,18 @@ def linear_channel_map(detector: str) -> np.ndarray:
     The start for a conditions file that overrides it (e.g. two swapped cables)."""
     if detector not in N_CELLS:
         raise ValueError(f"unknown detector '{detector}' (belle2-ecl or array30)")
-    i = np.arange(N_CELLS[detector], dtype=np.int64)
-    return np.stack([i // 192 + 1, (i % 192) // 16 + 1, i % 16], axis=1)
+    return np.stack(_address(np.arange(N_CELLS[detector], dtype=np.int64)), axis=1)
+
+
+def _address_index(collector, shaper, channel):
+    """Index of an electronics address, ((collector - 1) * 12 + shaper - 1) * 16 + channel: cellId - 1
+    under the linear map (ecl::address_index)."""
+    return ((collector - 1) * 12 + shaper - 1) * 16 + channel
+
+
+def _address(index):
+    """(collector, shaper, channel) of an address index (the inverse of _address_index)."""
+    return index // 192 + 1, (index % 192) // 16 + 1, index % 16
 
 
 def _checked_channel_map(detector: str, channel_map) -> np.ndarray:
@@ -118,8 +128,7 @@ def _checked_channel_map(detector: str, channel_map) -> np.ndarray:
     if (m[:, 0].min() < 1 or m[:, 0].max() > 255 or m[:, 1].min() < 1 or m[:, 1].max() > 12
             or m[:, 2].min() < 0 or m[:, 2].max() > 15):
         raise ValueError("channel_map addresses must be collector 1..255, shaper 1..12, channel 0..15")
-    index = ((m[:, 0] - 1) * 12 + m[:, 1] - 1) * 16 + m[:, 2]
-    if len(np.unique(index)) != len(index):
+    if len(np.unique(_address_index(*m.T))) != len(m):
         raise ValueError("channel_map uses an address for two cells")
     return m
 
@@ -155,17 +164,14 @@ def encode_payloads(detector: str, offsets, cell, amplitude, time_ticks, quality
     event = np.repeat(np.arange(n_events, dtype=np.int64), np.diff(offsets))
     # Digits in address order (the index of (collector, shaper, channel); cellId - 1 under the
     # linear map), so that each block and shaper is one contiguous run.
-    address = cell - 1 if channel_map is None else (
-        (channel_map[cell - 1, 0] - 1) * 12 + channel_map[cell - 1, 1] - 1) * 16 + channel_map[cell - 1, 2]
+    address = cell - 1 if channel_map is None else _address_index(*channel_map[cell - 1].T)
     order = np.lexsort((address, event))
     address, amplitude, time_ticks, quality, event = (
         a[order] for a in (address, amplitude, time_ticks, quality, event))
     if n > 1 and np.any((event[1:] == event[:-1]) & (address[1:] == address[:-1])):
         raise ValueError("a cell appears twice in an event")
 
-    collector = address // 192 + 1
-    shaper = (address % 192) // 16 + 1
-    channel = address % 16
+    collector, shaper, channel = _address(address)
     hit = ((quality << 30) | ((time_ticks & 0xFFF) << 18) | (amplitude + AMPLITUDE_OFFSET)).astype(np.uint32)
 
     # Group starts in the sorted digits: a new block at each (event, collector), a new shaper at

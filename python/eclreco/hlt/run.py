@@ -20,7 +20,8 @@ import zmq
 from eclreco.curve import Curve
 from eclreco.hlt import protocol as P
 from eclreco.hlt.control import ControlError, request, status, summary_line
-from eclreco.raw_sockets import attach, check_message_limits
+from eclreco.hlt.worker import module_names
+from eclreco.raw_sockets import attach, check_message_limits, tcp_port
 
 
 def _terminate_with_parent() -> None:
@@ -76,12 +77,7 @@ def free_address(host: str = "127.0.0.1", exclude=()) -> str:
 
 def address_ports(*addresses) -> set[int]:
     """The TCP ports that ZeroMQ addresses name (tcp://HOST:PORT; other transports name none)."""
-    ports = set()
-    for a in addresses:
-        head, _, port = (a or "").rpartition(":")
-        if head.startswith("tcp://") and port.isdigit():
-            ports.add(int(port))
-    return ports
+    return {int(p) for p in map(tcp_port, addresses) if p is not None and p.isdigit()}
 
 
 class Farm:
@@ -316,17 +312,18 @@ def main(args) -> int:
                          "with --no-cnn or --modules")
     if args.model and not os.path.isfile(args.model):
         raise SystemExit(f"eclreco hlt run: --model {args.model!r} is not a file")
-    if args.modules not in ("standard", "none"):
+    names = module_names(args.modules)
+    if names:
         from eclreco.framework import available_modules
 
-        unknown = [n.strip() for n in args.modules.split(",") if n.strip() not in available_modules()]
+        known = available_modules()
+        unknown = [n for n in names if n not in known]
         if unknown:
             raise SystemExit(f"eclreco hlt run: --modules: unknown module(s) {', '.join(map(repr, unknown))}; "
-                             f"available: {', '.join(available_modules())}")
+                             f"available: {', '.join(known)}")
     if args.conditions and not os.path.isfile(args.conditions):
         raise SystemExit(f"eclreco hlt run: --conditions {args.conditions!r} is not a file")
-    if args.conditions and args.modules != "standard" and "ECLUnpacker" not in [
-            n.strip() for n in args.modules.split(",")]:
+    if args.conditions and args.modules != "standard" and "ECLUnpacker" not in names:
         raise SystemExit("eclreco hlt run: --conditions is ECLUnpacker's conditions file: the workers' chain "
                          f"({args.modules}) has no ECLUnpacker")
     try:

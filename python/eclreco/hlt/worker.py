@@ -290,6 +290,11 @@ def curve_params(args, name: str, server: str) -> dict:
             "curve_secret": getattr(args, "curve_secret", "") or "", "curve_server": server}
 
 
+def module_names(modules: str) -> list[str]:
+    """The modules of an explicit --modules list ('standard' and 'none' name none)."""
+    return [] if modules in ("standard", "none", "") else [n.strip() for n in modules.split(",")]
+
+
 def add_chosen_reconstruction(path, args):
     """--modules: 'standard' -> add_reconstruction, 'none', or an explicit comma-separated list."""
     if args.modules == "standard":
@@ -297,7 +302,7 @@ def add_chosen_reconstruction(path, args):
 
         add_reconstruction(path, cnn=not args.no_cnn, model=args.model, conditions=args.conditions)
     else:
-        names = [n.strip() for n in args.modules.split(",")] if args.modules and args.modules != "none" else []
+        names = module_names(args.modules)
         if args.conditions and "ECLUnpacker" not in names:
             raise ValueError("--conditions is ECLUnpacker's conditions file: the chain has no ECLUnpacker")
         for name in names:
