@@ -50,6 +50,11 @@ class Geometry {
   // Phi index in `ring` of the crystal whose phi segment contains `phi` (belle2-ecl).
   int phi_index_at(int ring, double phi) const;
   // Phi index on `ring` nearest in phi to the crystal (ring_from, phi_from); the identity for array30.
+  // At an exact tie (the crystal's phi centre on a segment boundary of `ring`: 528 (cell, ring)
+  // pairs at the 48/64, 64/96 and 96/144 changes) the result is what the double arithmetic of
+  // phi_index_at gives: above for most, below for 69. Only IEEE basic operations (no libm, no
+  // a*b+c to contract), so every platform builds the same neighbour lists; the shipped models
+  // were trained with these, tests/test_geometry.py accepts either crystal at a tie.
   int nearest_phi_index(int ring_from, int phi_from, int ring) const;
   // Ring whose theta interval contains theta, or -1 in a gap / outside (belle2-ecl).
   int ring_at_theta(double theta) const;
