@@ -446,6 +446,24 @@ def test_validate_reports_ratio_intervals_and_gap_photons(tmp_path):
     assert "bootstrap 16–84 %" in md and "entered the aluminium" in md
 
 
+def test_validate_table_rms_is_a_resolution_not_the_window_width():
+    """The mean and RMS columns are of E x E_nominal / E_true: a perfect correction has RMS 0 and
+    mean E_nominal whatever the spread of E_true inside the +-5 % window (the RMS of E itself would
+    be ~2.9 % of E_nominal here), and a 3 % Gaussian smearing gives an RMS of 3 % of E_nominal."""
+    from eclreco import validate
+
+    rng = np.random.default_rng(3)
+    e_true = rng.uniform(0.95, 1.05, 4000)
+    smear = rng.normal(1.0, 0.03, e_true.size)
+    res = {"e_true": e_true, "has": np.ones(e_true.size, bool), "raw_sum": 0.9 * e_true * smear,
+           "energy_raw": 0.9 * e_true, "classical": e_true * smear, "energy": e_true.copy()}
+    (row,) = validate.energy_table(res, [1.0])
+    assert row["cnn"]["rms"] == pytest.approx(0.0, abs=1e-12) and row["cnn"]["mean"] == pytest.approx(1.0)
+    assert row["cluster_raw"]["rms"] == pytest.approx(0.0, abs=1e-12) and row["cluster_raw"]["mean"] == pytest.approx(0.9)
+    assert row["classical"]["rms"] == pytest.approx(np.std(smear)) and row["raw_sum"]["rms"] == pytest.approx(0.9 * np.std(smear))
+    assert row["classical"]["sigma68"] == pytest.approx(validate.sigma68(smear))
+
+
 def test_digits_from_arrays_run_the_standard_chain_like_unpacked_ones():
     """ArraySource("ECLDigits", ...) brings ECLEventInformation as ECLUnpacker does, so the
     belle2-ecl CNN (which reads the event's out-of-time digit count) gives the same energies."""

@@ -18,7 +18,7 @@ shipped models (python/eclreco/models/<detector>.onnx) bit for bit on the same p
 version (up to thread-count dependent float summation order).
 --restarts N trains the network from N initialisations (seeds S, S+1, ...; the same chain sample)
 and keeps the one with the lowest validation loss: an unlucky initialisation can stall (belle2-ecl,
-seed 5: validation loss 14 % above seeds 1-4, sigma68 9 % wider), and the validation loss shows it.
+seed 5: validation loss 14 % above seeds 1-4, sigma68 15 % wider), and the validation loss shows it.
 The default, 1, is what reproduces the shipped models.
 """
 from __future__ import annotations
@@ -315,10 +315,13 @@ def write_card(out_dir, detector, card):
              f"- ONNX vs PyTorch: max abs diff {card['onnx_check']['max_abs_diff']:.2e} GeV, max rel {card['onnx_check']['max_rel_diff']:.2e}",
              f"- recommended min_energy_gev: {card['recommended_min_energy_gev']}", "",
              "## Test set (held-out last 20 % of the Geant4 file, all energies)", "",
-             "| energy | n | bias (median E/E_true - 1) | sigma68 | RMS(E) GeV |", "|---|---|---|---|---|"]
+             "| energy | n | bias (median E/E_true - 1) | sigma68 | RMS(E) GeV (of the whole spectrum, not a resolution) |",
+             "|---|---|---|---|---|"]
     for k in ("raw_sum", "cluster_raw", "classical", "cnn"):
         s = t[k]
         lines.append(f"| {k} | {s['n']} | {s['bias']:+.4f} | {s['sigma68']:.4f} | {s['rms']:.3f} |")
+    lines += ["", "raw_sum: every read-out digit of the event (with the beam-background overlay where there is one); "
+              "cluster_raw: the matched cluster's raw energy. Resolutions per energy: docs/physics-validation.md."]
     lines += ["", "| E_true GeV | n | sigma68 raw sum | sigma68 classical | sigma68 CNN | bias CNN |", "|---|---|---|---|---|---|"]
     for b in t["by_energy"]:
         lines.append(f"| {b['e_lo']}-{b['e_hi']} | {b['n']} | {b['sigma68_raw_sum']:.4f} | {b['sigma68_classical']:.4f} | "

@@ -47,7 +47,9 @@ LABEL = {"raw_sum": "raw sum", "cluster_raw": "cluster raw", "classical": "class
 
 
 def energy_table(res, energies, window=WINDOW, reference="raw_sum", in_gap=None):
-    """Per energy: summaries of raw sum / cluster raw / classical / CNN on events with a cluster,
+    """Per energy: summaries of raw sum / cluster raw / classical / CNN on events with a cluster
+(each photon's energy scaled to the window's nominal energy, E e0 / E_true, so that the spread
+of E_true inside the window stays out of the mean and the RMS, as in a fixed-energy sample),
     σ68(CNN) / σ68(reference) with its paired-bootstrap 68 % interval and, when in_gap (per event:
     the photon entered the aluminium, truth) is given, the fraction of gap photons in the window."""
     rows = []
@@ -57,7 +59,7 @@ def energy_table(res, energies, window=WINDOW, reference="raw_sum", in_gap=None)
         et = res["e_true"][k]
         row = {"e_true": e0, "n_window": int(w.sum()), "n": int(k.sum()), "n_no_cluster": int((w & ~res["has"]).sum())}
         for name, col in COLUMN.items():
-            row[name] = summary(res[col][k], et)
+            row[name] = summary(res[col][k] * (e0 / et), np.full(et.shape, e0))
         q, lo, hi = sigma68_ratio_interval(res["energy"][k] / et, res[COLUMN[reference]][k] / et)
         row["sigma68_ratio"] = {"reference": reference, "ratio": q, "lo": lo, "hi": hi}
         if in_gap is not None:
@@ -85,7 +87,9 @@ def _fmt_table(rows, names, title):
         cells += [f"{r[n]['sigma68']:.4f}" for n in names]
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
-    out.append("mean and RMS in MeV; bias = median(E/E_true) - 1; σ68 = half-width of the central 68 % of E/E_true.")
+    out.append("mean and RMS in MeV of E × E_nominal / E_true (each photon's energy scaled to the window's nominal "
+               "energy, so that the spread of E_true inside the window does not enter them: RMS / E_nominal is the RMS "
+               "of E/E_true); bias = median(E/E_true) - 1; σ68 = half-width of the central 68 % of E/E_true.")
     return "\n".join(out) + "\n"
 
 
@@ -105,11 +109,12 @@ def plot_energy_hists(res, energies, path, names, title):
         bins = np.linspace(0, 1.5 * e0 * 1000, 61)
         for nm in names:
             key = {"raw_sum": "raw_sum", "cluster_raw": "energy_raw", "classical": "classical", "cnn": "energy"}[nm]
-            ax.hist(np.clip(res[key][k] * 1000, 0, bins[-1] - 1e-6), bins, histtype="step", color=col[nm],
+            e = res[key][k] * (e0 / res["e_true"][k])  # scaled to the nominal energy, as the tables
+            ax.hist(np.clip(e * 1000, 0, bins[-1] - 1e-6), bins, histtype="step", color=col[nm],
                     label=f"{LABEL[nm]} σ68={sigma68(res[key][k] / res['e_true'][k]):.3f}")
         ax.axvline(e0 * 1000, color="k", lw=0.6, ls=":")
         ax.set_title(f"E_true = {e0:g} GeV ±5 % (n={k.sum()})", fontsize=9)
-        ax.set_xlabel("E [MeV]", fontsize=8)
+        ax.set_xlabel("E × E_nominal / E_true [MeV]", fontsize=8)
         ax.legend(fontsize=7, loc="upper left")
     for ax in np.ravel(axes)[n:]:
         ax.axis("off")
