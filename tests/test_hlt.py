@@ -528,6 +528,28 @@ def test_collector_drops_a_repeated_event_within_its_window(farm_factory, tmp_pa
     assert sorted(evt.tolist()) == sorted(list(range(2000)) + [10])
 
 
+def test_collector_never_overwrites_an_existing_file(farm_factory, tmp_path):
+    """A collector started with an -o whose file exists (a replacement collector while the farm is
+    in run N, which names its first file after run 1, or a farm started again in the same place)
+    keeps that file and writes FILE.2.root, saying so; before, it recreated the finished file."""
+    earlier = tmp_path / "farm.root"
+    with uproot.recreate(earlier) as f:
+        f["events"] = {"evt": np.arange(3, dtype=np.uint32)}
+    before = earlier.read_bytes()
+    farm = farm_factory(workers=1)
+    push_events(farm.input, list(range(200)))
+    farm.wait_confirmed(200)
+    farm.command("stop")
+    assert farm.process("collector")["output"] == str(tmp_path / "farm.2.root")
+    farm.command("terminate")
+    rc, log = farm.wait_exit()
+    assert rc == 0, log
+    assert earlier.read_bytes() == before
+    assert f"{earlier} exists" in log and "farm.2.root" in log
+    evt, _ = read_evt(tmp_path / "farm.2.root")
+    assert sorted(evt.tolist()) == list(range(200))
+
+
 def test_free_ports_are_not_handed_out_twice(monkeypatch):
     """A chosen port stays free until its process binds it, so two choices can meet: once the
     collector's port (chosen by hlt run) was the workers' (chosen by the test), and the farm did

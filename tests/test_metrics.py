@@ -13,6 +13,7 @@ import urllib.request
 
 import pytest
 
+import eclreco
 from hlt_helpers import free_address, free_port, push_events
 
 pytestmark = pytest.mark.timeout(90)
@@ -158,3 +159,20 @@ def test_metrics_real_prometheus_server(steering_job, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=20)
+
+
+def test_cnn_counters_come_from_the_cnn_module_only():
+    """ECLLeakageCorrection counts its own "clusters_corrected" (every cluster it corrects
+    classically): it goes to eclreco_module_value, not to the CNN's metric, which the dashboards
+    sum over modules (that sum was ~3.7x the CNN's rate)."""
+    from eclreco.metrics import ProcessMetricsCollector
+
+    path = eclreco.create_path()
+    path.add_module("ECLLeakageCorrection")
+    path.add_module("ECLEnergyCorrection")
+    fams = {f.name: f for f in ProcessMetricsCollector("test", path).collect()}
+    cnn = fams["eclreco_cnn_clusters_corrected"].samples
+    assert {s.labels["module"] for s in cnn} == {"ECLEnergyCorrection"}
+    assert {s.labels["module"] for s in fams["eclreco_cnn_inference_seconds"].samples} == {"ECLEnergyCorrection"}
+    other = [s for s in fams["eclreco_module_value"].samples if s.labels["module"] == "ECLLeakageCorrection"]
+    assert [s.labels["name"] for s in other] == ["clusters_corrected"]

@@ -47,7 +47,10 @@ from eclreco import _core
 EVENTS_PER_BATCH_BUCKETS = [float(1 << k) for k in range(11)]  # 1 .. 1024, then +Inf
 
 # Module counter name (as returned by Module.counters()) -> (metric, type, help). Matched by
-# substring so that e.g. "cnn_inference_seconds" and "inference_seconds" both land.
+# substring so that e.g. "cnn_inference_seconds" and "inference_seconds" both land. The CNN's
+# two only from ECLEnergyCorrection: ECLLeakageCorrection has a "clusters_corrected" as well
+# (every cluster it corrects classically), which would triple the CNN's rate (eclreco_module_value).
+_CNN_MODULE = "ECLEnergyCorrection"
 _KNOWN_COUNTERS = [
     ("inference_seconds", "eclreco_cnn_inference_seconds", "counter", "Seconds spent in CNN inference"),
     ("clusters_corrected", "eclreco_cnn_clusters_corrected", "counter", "Clusters corrected by the CNN"),
@@ -230,7 +233,7 @@ class ProcessMetricsCollector(Collector):
                 continue
             for key, value in counters.items():
                 for pattern, name, kind, help_ in _KNOWN_COUNTERS:
-                    if pattern in key:
+                    if pattern in key and (m.type == _CNN_MODULE or not name.startswith("eclreco_cnn_")):
                         fam = families.get(name)
                         if fam is None:
                             cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily

@@ -359,6 +359,21 @@ def output_filename(template: str, run_index: int) -> str:
     return f"{stem}_run{run_index}{ext}"
 
 
+def unused_filename(path: str) -> str:
+    """path, or path with .2, .3, ... before the extension where a file is there already: a
+    collector never overwrites a file (a replacement collector, started with the same -o while the
+    distributor is in run N, would otherwise recreate the finished file of run 1)."""
+    if not os.path.exists(path):
+        return path
+    stem, ext = os.path.splitext(path)
+    k = 2
+    while os.path.exists(f"{stem}.{k}{ext}"):
+        k += 1
+    print(f"[collector] warning: {path} exists (an earlier run's or collector's file, kept); writing {stem}.{k}{ext}",
+          file=sys.stderr, flush=True)
+    return f"{stem}.{k}{ext}"
+
+
 def main(args) -> int:
     from eclreco import scheduling
     from eclreco.curve import Curve
@@ -419,7 +434,7 @@ def main(args) -> int:
     try:
         while True:
             if out is not None:
-                link.filename = output_filename(args.output, link.run_index)
+                link.filename = unused_filename(output_filename(args.output, link.run_index))
                 out.set_param("filename", link.filename)
             else:
                 link.filename = args.output
