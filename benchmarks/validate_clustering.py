@@ -76,13 +76,13 @@ def run_energy(e_gev, n, background, seed):
     fake = ~(angle < 0.2)
     geo = eclreco.Geometry.get("belle2-ecl")
     in_acceptance = np.array([geo.ring_at_theta(t) >= 0 for t in true_th])
+    ratio_raw, ratio_cls = cols["energy_raw"][m] / e_gev, cols["energy"][m] / e_gev
     res = {"E": e_gev, "n": int(evt.size), "n_matched": int(m.size), "efficiency": found.mean(),
            "eff_err": np.sqrt(found.mean() * (1 - found.mean()) / evt.size),
            "angle_res_mrad": 1e3 * np.median(angle[m]),
-           "raw_bias": np.median(cols["energy_raw"][m] / e_gev) - 1, "raw_s68": sigma68(cols["energy_raw"][m] / e_gev),
-           "raw_rms": np.std(cols["energy_raw"][m] / e_gev),
-           "cls_bias": np.median(cols["energy"][m] / e_gev) - 1, "cls_s68": sigma68(cols["energy"][m] / e_gev),
-           "cls_rms": np.std(cols["energy"][m] / e_gev)}
+           "raw_bias": np.median(ratio_raw) - 1, "raw_s68": sigma68(ratio_raw), "raw_rms": np.std(ratio_raw),
+           "cls_bias": np.median(ratio_cls) - 1, "cls_s68": sigma68(ratio_cls), "cls_rms": np.std(ratio_cls),
+           "ratio_raw": ratio_raw, "ratio_cls": ratio_cls}
     deposited = np.add.reduceat(np.append(ev.true_edep_gev, 0.0), ev.true_edep_offsets[:-1]) * (
         np.diff(ev.true_edep_offsets) > 0)
     contained = deposited[evt] > 0.5 * e_gev
@@ -92,8 +92,6 @@ def run_energy(e_gev, n, background, seed):
     res["n_acceptance"] = int(in_acceptance.sum())
     for thr in (0.02, 0.05, 0.1):
         res[f"fake_{int(thr * 1000)}"] = np.count_nonzero(fake & (cols["energy_raw"] > thr)) / evt.size
-    res["ratio_raw"] = cols["energy_raw"][m] / e_gev
-    res["ratio_cls"] = cols["energy"][m] / e_gev
     return res
 
 

@@ -46,21 +46,24 @@ from eclreco import _core
 
 EVENTS_PER_BATCH_BUCKETS = [float(1 << k) for k in range(11)]  # 1 .. 1024, then +Inf
 
-# Module counter name (as returned by Module.counters()) -> (metric, type, help). Matched by
-# substring so that e.g. "cnn_inference_seconds" and "inference_seconds" both land. The CNN's
-# two only from ECLEnergyCorrection: ECLLeakageCorrection has a "clusters_corrected" as well
-# (every cluster it corrects classically), which would triple the CNN's rate (eclreco_module_value).
-_CNN_MODULE = "ECLEnergyCorrection"
+# Module counter name (as returned by Module.counters()) -> (metric, type, help, module type or
+# None for any module). Matched by substring so that e.g. "cnn_inference_seconds" and
+# "inference_seconds" both land. The CNN's two only from ECLEnergyCorrection: ECLLeakageCorrection
+# has a "clusters_corrected" as well (every cluster it corrects classically), which would be added
+# to the CNN's rate; it goes to eclreco_module_value.
 _KNOWN_COUNTERS = [
-    ("inference_seconds", "eclreco_cnn_inference_seconds", "counter", "Seconds spent in CNN inference"),
-    ("clusters_corrected", "eclreco_cnn_clusters_corrected", "counter", "Clusters corrected by the CNN"),
-    ("bytes_received", "eclreco_input_bytes_received", "counter", "Bytes received by the input module"),
-    ("messages_received", "eclreco_input_messages_received", "counter", "Messages received by the input"),
+    ("inference_seconds", "eclreco_cnn_inference_seconds", "counter", "Seconds spent in CNN inference",
+     "ECLEnergyCorrection"),
+    ("clusters_corrected", "eclreco_cnn_clusters_corrected", "counter", "Clusters corrected by the CNN",
+     "ECLEnergyCorrection"),
+    ("bytes_received", "eclreco_input_bytes_received", "counter", "Bytes received by the input module", None),
+    ("messages_received", "eclreco_input_messages_received", "counter", "Messages received by the input", None),
     ("disconnects", "eclreco_input_disconnects", "counter",
-     "Peer connections dropped at the input (a sender closing, or a message over refuse_message_bytes)"),
+     "Peer connections dropped at the input (a sender closing, or a message over refuse_message_bytes)", None),
     ("unread_at_end", "eclreco_input_unread_at_end", "counter",
-     "Messages still queued at the input when a run ended (stop timeout, or after the idle timeout): not processed"),
-    ("queue_depth", "eclreco_input_queue_depth", "gauge", "Messages waiting in the input module"),
+     "Messages still queued at the input when a run ended (stop timeout, or after the idle timeout): not processed",
+     None),
+    ("queue_depth", "eclreco_input_queue_depth", "gauge", "Messages waiting in the input module", None),
 ]
 
 
@@ -232,8 +235,8 @@ class ProcessMetricsCollector(Collector):
             except Exception:  # noqa: BLE001 - a module's monitoring must never break the scrape
                 continue
             for key, value in counters.items():
-                for pattern, name, kind, help_ in _KNOWN_COUNTERS:
-                    if pattern in key and (m.type == _CNN_MODULE or not name.startswith("eclreco_cnn_")):
+                for pattern, name, kind, help_, only in _KNOWN_COUNTERS:
+                    if pattern in key and only in (None, m.type):
                         fam = families.get(name)
                         if fam is None:
                             cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily

@@ -100,12 +100,17 @@ def _per_event_ints(value, n: int, name: str, bits: int) -> list[int]:
     return out
 
 
+def _n_cells(detector: str) -> int:
+    """The detector's number of cells; ValueError for a name that is no detector."""
+    if detector not in N_CELLS:
+        raise ValueError(f"unknown detector '{detector}' (belle2-ecl or array30)")
+    return N_CELLS[detector]
+
+
 def linear_channel_map(detector: str) -> np.ndarray:
     """The spec's channel map: (n_cells, 3) int64 array, row cellId - 1 = (collector, shaper, channel).
     The start for a conditions file that overrides it (e.g. two swapped cables)."""
-    if detector not in N_CELLS:
-        raise ValueError(f"unknown detector '{detector}' (belle2-ecl or array30)")
-    return np.stack(_address(np.arange(N_CELLS[detector], dtype=np.int64)), axis=1)
+    return np.stack(_address(np.arange(_n_cells(detector), dtype=np.int64)), axis=1)
 
 
 def _address_index(collector, shaper, channel):
@@ -120,9 +125,9 @@ def _address(index):
 
 
 def _checked_channel_map(detector: str, channel_map) -> np.ndarray:
-    m = np.asarray(channel_map)
-    if m.shape != (N_CELLS[detector], 3) or m.dtype.kind not in "iu":
-        raise ValueError(f"channel_map must be an integer array of shape ({N_CELLS[detector]}, 3) for {detector}, "
+    m, n_cells = np.asarray(channel_map), _n_cells(detector)
+    if m.shape != (n_cells, 3) or m.dtype.kind not in "iu":
+        raise ValueError(f"channel_map must be an integer array of shape ({n_cells}, 3) for {detector}, "
                          f"got {m.dtype} {m.shape}")
     m = m.astype(np.int64)
     if (m[:, 0].min() < 1 or m[:, 0].max() > 255 or m[:, 1].min() < 1 or m[:, 1].max() > 12
@@ -136,8 +141,7 @@ def _checked_channel_map(detector: str, channel_map) -> np.ndarray:
 def encode_payloads(detector: str, offsets, cell, amplitude, time_ticks, quality, channel_map=None) -> list[bytes]:
     """ECL payloads (bytes) of many events; digits of event i are [offsets[i], offsets[i+1]).
     channel_map: (n_cells, 3) addresses of the cells (default: the spec's linear map)."""
-    if detector not in N_CELLS:
-        raise ValueError(f"unknown detector '{detector}' (belle2-ecl or array30)")
+    n_cells = _n_cells(detector)
     if channel_map is not None:
         channel_map = _checked_channel_map(detector, channel_map)
     offsets = np.asarray(offsets, dtype=np.int64)
@@ -152,8 +156,8 @@ def encode_payloads(detector: str, offsets, cell, amplitude, time_ticks, quality
     for name, a in (("cell", cell), ("amplitude", amplitude), ("time_ticks", time_ticks), ("quality", quality)):
         if a.shape != (n,):
             raise ValueError(f"{name} must have offsets[-1] = {n} entries, got shape {a.shape}")
-    if n and (cell.min() < 1 or cell.max() > N_CELLS[detector]):
-        raise ValueError(f"cellId outside 1..{N_CELLS[detector]} for {detector}")
+    if n and (cell.min() < 1 or cell.max() > n_cells):
+        raise ValueError(f"cellId outside 1..{n_cells} for {detector}")
     if n and (amplitude.min() < AMPLITUDE_MIN or amplitude.max() > AMPLITUDE_MAX):
         raise ValueError(f"amplitude outside {AMPLITUDE_MIN}..{AMPLITUDE_MAX}")
     if n and (time_ticks.min() < TICKS_MIN or time_ticks.max() > TICKS_MAX):
@@ -289,8 +293,7 @@ def conditions_payload(detector: str, gain=None, t0=None, channel_map=None, iov=
     """One conditions payload for ECLUnpacker(conditions=...): per-cell gain and t0 (cellId - 1),
     the channel map ((n_cells, 3) addresses), the interval of validity [exp_low, run_low,
     exp_high, run_high] (-1: open); None: the spec's default (for iov: all runs)."""
-    if detector not in N_CELLS:
-        raise ValueError(f"unknown detector '{detector}' (belle2-ecl or array30)")
+    _n_cells(detector)  # an unknown name is refused here, not first by the unpacker at initialize
     doc: dict[str, Any] = {"detector": detector}
     if gain is not None:
         doc["gain"] = [float(x) for x in np.asarray(gain, dtype=np.float64)]

@@ -46,20 +46,30 @@ COLUMN = {"raw_sum": "raw_sum", "cluster_raw": "energy_raw", "classical": "class
 LABEL = {"raw_sum": "raw sum", "cluster_raw": "cluster raw", "classical": "classical", "cnn": "CNN"}
 
 
+def in_window(res, e0, window=WINDOW):
+    """Per event: the true energy within e0 (1 +- window)."""
+    return (res["e_true"] >= e0 * (1 - window)) & (res["e_true"] <= e0 * (1 + window))
+
+
+def at_nominal(res, col, k, e0):
+    """Column col of the events k, each energy scaled to the window's nominal energy (E e0 / E_true):
+    the spread of E_true inside the window stays out of the mean and the RMS, as in a fixed-energy sample."""
+    return res[col][k] * (e0 / res["e_true"][k])
+
+
 def energy_table(res, energies, window=WINDOW, reference="raw_sum", in_gap=None):
     """Per energy: summaries of raw sum / cluster raw / classical / CNN on events with a cluster
-(each photon's energy scaled to the window's nominal energy, E e0 / E_true, so that the spread
-of E_true inside the window stays out of the mean and the RMS, as in a fixed-energy sample),
-    σ68(CNN) / σ68(reference) with its paired-bootstrap 68 % interval and, when in_gap (per event:
-    the photon entered the aluminium, truth) is given, the fraction of gap photons in the window."""
+    (energies at the window's nominal energy, at_nominal), σ68(CNN) / σ68(reference) with its
+    paired-bootstrap 68 % interval and, when in_gap (per event: the photon entered the aluminium,
+    truth) is given, the fraction of gap photons in the window."""
     rows = []
     for e0 in energies:
-        w = (res["e_true"] >= e0 * (1 - window)) & (res["e_true"] <= e0 * (1 + window))
+        w = in_window(res, e0, window)
         k = w & res["has"]
         et = res["e_true"][k]
         row = {"e_true": e0, "n_window": int(w.sum()), "n": int(k.sum()), "n_no_cluster": int((w & ~res["has"]).sum())}
         for name, col in COLUMN.items():
-            row[name] = summary(res[col][k] * (e0 / et), np.full(et.shape, e0))
+            row[name] = summary(at_nominal(res, col, k, e0), np.full(et.shape, e0))
         q, lo, hi = sigma68_ratio_interval(res["energy"][k] / et, res[COLUMN[reference]][k] / et)
         row["sigma68_ratio"] = {"reference": reference, "ratio": q, "lo": lo, "hi": hi}
         if in_gap is not None:
@@ -105,13 +115,12 @@ def plot_energy_hists(res, energies, path, names, title):
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows))
     col = {"raw_sum": "grey", "cluster_raw": "grey", "classical": "tab:blue", "cnn": "tab:red"}
     for ax, e0 in zip(np.ravel(axes), energies):
-        k = (res["e_true"] >= e0 * (1 - WINDOW)) & (res["e_true"] <= e0 * (1 + WINDOW)) & res["has"]
+        k = in_window(res, e0) & res["has"]
         bins = np.linspace(0, 1.5 * e0 * 1000, 61)
         for nm in names:
-            key = {"raw_sum": "raw_sum", "cluster_raw": "energy_raw", "classical": "classical", "cnn": "energy"}[nm]
-            e = res[key][k] * (e0 / res["e_true"][k])  # scaled to the nominal energy, as the tables
+            e = at_nominal(res, COLUMN[nm], k, e0)
             ax.hist(np.clip(e * 1000, 0, bins[-1] - 1e-6), bins, histtype="step", color=col[nm],
-                    label=f"{LABEL[nm]} σ68={sigma68(res[key][k] / res['e_true'][k]):.3f}")
+                    label=f"{LABEL[nm]} σ68={sigma68(e / e0):.3f}")
         ax.axvline(e0 * 1000, color="k", lw=0.6, ls=":")
         ax.set_title(f"E_true = {e0:g} GeV ±5 % (n={k.sum()})", fontsize=9)
         ax.set_xlabel("E × E_nominal / E_true [MeV]", fontsize=8)
