@@ -19,6 +19,9 @@ class ECLDQM(Module):
         self.h = {}
 
     def initialize(self):
+        # a negative count selected no photon at all (an empty gg_mass, silently)
+        if not self.param("min_cluster_energy_gev") >= 0 or self.param("max_photons_per_event") < 0:
+            raise ValueError("ECLDQM: min_cluster_energy_gev and max_photons_per_event must be >= 0")
         book = registry.book
         self.h = {
             "cluster_energy": book(Histogram1D("cluster_energy", "cluster energy;E [GeV]", 120, 0, 6, "GeV")),

@@ -14,6 +14,9 @@ class Progress : public fw::Module {
   }
   bool ordered() const override { return true; }  // counts events in input order
   void initialize() override {
+    // a negative interval printed a line per batch; say so instead
+    if (interval_s_ < 0) throw fw::ParameterError("Progress: interval_s must be >= 0 (0: a line per batch)");
+    if (every_ < 0) throw fw::ParameterError("Progress: every must be >= 0 (0: only by time)");
     start_ = last_ = Clock::now();
     events_ = last_events_ = 0;
   }

@@ -32,9 +32,12 @@ def parse_args(argv=None):
     sim.add_argument("--events", type=int, default=None, help="events to simulate (default 20000; with --input "
                      "use -n)")
     sim.add_argument("--detector", default="belle2-ecl", choices=["belle2-ecl", "array30"])
-    sim.add_argument("--particle", default="generic", choices=["gamma", "pi0", "generic"])
-    sim.add_argument("--energy", type=float, default=1.0, help="GeV, for gamma and pi0")
-    sim.add_argument("--background", type=float, default=1.0, help="beam-background level (1 = nominal)")
+    sim.add_argument("--particle", choices=["gamma", "pi0", "generic"],
+                     help="default: generic for belle2-ecl, gamma for array30 (it has no generic events)")
+    sim.add_argument("--energy", type=float, default=1.0, help="GeV: the photon's energy; for pi0 its momentum")
+    sim.add_argument("--background", type=float,
+                     help="beam-background level (1 = nominal); default: 1 for belle2-ecl, 0 for array30 (the "
+                          "test-beam array, whose model was trained without background)")
     sim.add_argument("--seed", type=int, default=1)
     stream = ap.add_argument_group("ZeroMQ input (-i tcp://...)")
     stream.add_argument("--connect", action="store_true", help="connect to the address instead of binding")
@@ -64,6 +67,10 @@ def parse_args(argv=None):
         ap.error("--events sets how many events to simulate; to stop after N events of --input use -n N")
     if args.events is None:
         args.events = 20000
+    if args.particle is None:
+        args.particle = "generic" if args.detector == "belle2-ecl" else "gamma"
+    if args.background is None:
+        args.background = 1.0 if args.detector == "belle2-ecl" else 0.0
     if args.max_events < 0:
         ap.error("-n/--max-events must be >= 0 (0: all)")
     if args.no_cnn and args.model:

@@ -551,3 +551,4 @@ def test_batch_mixing_both_detectors_uses_each_detectors_model(tmp_path):
     assert sum(v.size for v in both.values()) > 80
     for evt in both:
         np.testing.assert_allclose(both[evt], alone[evt], rtol=1e-5, err_msg=f"event {evt}")
+

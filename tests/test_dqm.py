@@ -139,3 +139,13 @@ def test_histogram_fill_in_cpp_matches_numpy_binning(dtype):
         assert h.counts[0] == ref[0] + 2 and h.counts[-1] == ref[-1] + 1
     with pytest.raises(TypeError):  # the counts are updated in place: no silent conversion to a copy
         _core.fill_uniform_histogram(np.zeros(122, np.float32), vals, 0.0, 6.0)
+
+
+def test_dqm_refuses_negative_parameters():
+    """max_photons_per_event = -3 selected no photon (an empty gg_mass, without a word)."""
+    for params in ({"max_photons_per_event": -3}, {"min_cluster_energy_gev": -1.0}):
+        path = eclreco.create_path()
+        path.add_module("EventInfoSetter", events=1)
+        path.add_module("ECLDQM", **params)
+        with pytest.raises(Exception, match="min_cluster_energy_gev and max_photons_per_event must be >= 0"):
+            eclreco.process(path, install_signal_handlers=False)

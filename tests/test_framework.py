@@ -511,14 +511,18 @@ def test_python_modules_keep_one_thread_state_per_framework_thread(threads):
 
 
 def test_parameters_numpy_scalars_nan_and_range():
-    """np.int64 / np.float32 are ints / floats; NaN is refused (every comparison with it is false);
+    """np.int64 / np.float32 are ints / floats; NaN is refused (every comparison with it is false), and
+    inf (a timeout of inf ms overflowed ZMQInput's poll once a message came);
     an int that the module's member cannot hold is refused, not truncated (2**32 + 5 was 5)."""
     m = eclreco.create_module("ECLClusterizer")
     m.set_param("max_iterations", np.int64(5))
     m.set_param("seed_energy_gev", np.float32(0.02))
     assert m.get_param("max_iterations") == 5 and abs(m.get_param("seed_energy_gev") - 0.02) < 1e-8
-    with pytest.raises(Exception, match="seed_energy_gev' must be a number, not NaN"):
-        m.set_param("seed_energy_gev", float("nan"))
+    for bad in (float("nan"), float("inf"), -float("inf"), np.float64("nan")):
+        with pytest.raises(Exception, match="seed_energy_gev' must be a finite number, not NaN or inf"):
+            m.set_param("seed_energy_gev", bad)
+    with pytest.raises(Exception, match="must be a finite number"):
+        eclreco.create_module("Progress").set_param("interval_s", float("inf"))
     with pytest.raises(Exception, match="max_iterations' = 4294967301 does not fit"):
         m.set_param("max_iterations", 2 ** 32 + 5)
     assert m.get_param("max_iterations") == 5  # unchanged by the refused value
@@ -542,13 +546,16 @@ def test_parameters_numpy_scalars_nan_and_range():
     ("SimulationInput", {"run": -1}, "exp and run must be >= 0"),
     ("SimulationInput", {"chunk": 0}, "chunk must be >= 1"),  # used to run forever
     ("SimulationInput", {"energy": -1.0}, "energy must be in"),
-    ("SimulationInput", {"energy": float("inf")}, "energy must be in"),
+    ("SimulationInput", {"energy": 1e6}, "energy must be in"),
     ("SimulationInput", {"background": -1.0}, "background must be in"),
     ("ZMQInput", {"idle_timeout_s": -1.0}, "idle_timeout_s must be >= 0"),  # used to run forever
     ("ZMQInput", {"poll_ms": 0.0}, "poll_ms must be > 0"),
+    ("Progress", {"interval_s": -1.0}, "interval_s must be >= 0"),  # printed a line per batch
 ])
 def test_source_parameters_out_of_range_fail_at_initialize(module, params, match):
     path = eclreco.create_path()
+    if module == "Progress":  # not a source: it needs one before it
+        path.add_module("EventInfoSetter", events=1)
     path.add_module(module, **params)
     with pytest.raises(Exception, match=match):
         eclreco.process(path, install_signal_handlers=False)
@@ -760,3 +767,56 @@ def test_retain_freed_memory_refuses_values_it_cannot_set():
         _core.retain_freed_memory(2**31)
     if platform.libc_ver()[0] == "glibc":
         assert _core.retain_freed_memory() is True
+
+
+class _RunLog(eclreco.Module):
+    """Logs begin_run/end_run into a shared list; raises in end_run/begin_run of the runs named."""
+
+    def __init__(self, name, log, fail_end=(), fail_begin=()):
+        super().__init__()
+        self.name, self.log, self.fail_end, self.fail_begin = name, log, fail_end, fail_begin
+
+    def begin_run(self, exp, run):
+        self.log.append((self.name, "begin", run))
+        if run in self.fail_begin:
+            raise RuntimeError(f"{self.name} cannot begin run {run}")
+
+    def end_run(self, exp, run):
+        self.log.append((self.name, "end", run))
+        if run in self.fail_end:
+            raise RuntimeError(f"{self.name} cannot end run {run}")
+
+    def event(self, batch):
+        pass
+
+
+@pytest.mark.parametrize("fail", ["end", "begin"])
+def test_a_failing_run_transition_ends_each_begun_run_once(fail):
+    """A failing end_run at a run boundary: every module still gets end_run of that run, once (the
+    failing one was called again at the end, the others twice); a failing begin_run: only the
+    modules before it, which began the run, get its end_run."""
+    log = []
+    path = eclreco.create_path()
+    path.add_module(CountingSource(n=30, run_length=10))
+    kw = {"fail_end": (0,)} if fail == "end" else {"fail_begin": (1,)}
+    for name in "ABC":
+        path.add_module(_RunLog(name, log, **(kw if name == "B" else {})))
+    with pytest.raises(Exception, match=f"_RunLog.{fail}_run failed: RuntimeError: B cannot {fail} run"):
+        eclreco.process(path, batch_size=5, install_signal_handlers=False)
+    ends = [(m, r) for m, what, r in log if what == "end"]
+    if fail == "end":
+        assert ends == [("A", 0), ("B", 0), ("C", 0)], log
+    else:
+        assert ends == [("A", 0), ("B", 0), ("C", 0), ("A", 1)], log  # C never began run 1, B failed to
+
+
+def test_float16_and_longdouble_columns_are_refused():
+    """numpy float16 / longdouble were taken as float64 (8 bytes read per 2-byte value: garbage)."""
+    b = eclreco.EventBatch(3)
+    for dtype in (np.float16, np.longdouble):
+        with pytest.raises(TypeError, match="unsupported dtype for a column: .*float32 or float64"):
+            b.add_collection("X", np.array([0, 1, 2, 3]), {"a": np.array([1.0, 2.0, 3.0], dtype)})
+    c = b.add_collection("X", np.array([0, 1, 2, 3]), {"a": np.array([1.0, 2.0, 3.0], np.float32)})
+    with pytest.raises(TypeError, match="unsupported dtype"):
+        c["b"] = np.ones(3, np.float16)
+    assert c["a"].tolist() == [1.0, 2.0, 3.0]

@@ -760,7 +760,7 @@ def test_scheduling_policy_of_a_light_role():
 import os, threading
 from eclreco import scheduling
 go = threading.Event()
-before = threading.Thread(target=go.wait)  # a thread that exists already (as numpy's OpenBLAS threads do)
+before = threading.Thread(target=go.wait, daemon=True)  # a thread that exists already (as numpy's OpenBLAS threads do)
 before.start()
 assert scheduling.apply("normal", "test") == "normal" and os.sched_getscheduler(0) == os.SCHED_OTHER
 assert scheduling.apply("batch", "test") == "batch" and os.sched_getscheduler(0) == os.SCHED_BATCH

@@ -16,7 +16,11 @@ py::dtype to_numpy(DType t) { return py::dtype(fw::dtype_name(t)); }
 DType from_numpy(const py::dtype& d) {
   const char kind = d.kind();
   const auto size = d.itemsize();
-  if (kind == 'f') return size == 4 ? DType::F32 : DType::F64;
+  // float16 and long double would be read as float64 (garbage, and past the end of a 2-byte buffer)
+  if (kind == 'f' && (size == 4 || size == 8)) return size == 4 ? DType::F32 : DType::F64;
+  if (kind == 'f')
+    throw py::type_error("unsupported dtype for a column: " + std::string(py::str(d)) +
+                         " (float32 or float64; convert with .astype)");
   if (kind == 'u') return size == 1 ? DType::U8 : size == 2 ? DType::U16 : size == 4 ? DType::U32 : DType::U64;
   if (kind == 'i') return size == 1 ? DType::I8 : size == 2 ? DType::I16 : size == 4 ? DType::I32 : DType::I64;
   if (kind == 'b') return DType::U8;

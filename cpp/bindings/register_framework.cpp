@@ -341,6 +341,10 @@ void register_framework(py::module_& m) {
       });
   m.attr("BATCH_SECONDS_BUCKETS") = std::vector<double>(fw::kBatchSecondsBuckets.begin(), fw::kBatchSecondsBuckets.end());
 
+  // the bounds of process(threads=, batch_size=), for the command lines' checks before any work starts
+  m.attr("MAX_THREADS") = fw::ProcessOptions::kMaxThreads;
+  m.attr("MAX_BATCH_SIZE") = fw::ProcessOptions::kMaxBatchSize;
+
   py::class_<fw::Processor>(m, "Processor")
       .def(py::init<>())
       .def("process", [](fw::Processor& p, fw::Path& path, uint64_t max_events, int threads, int64_t batch_size,

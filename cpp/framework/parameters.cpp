@@ -1,6 +1,7 @@
 #include "framework/parameters.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <sstream>
 
 namespace fw {
@@ -90,12 +91,14 @@ void Parameters::set(const std::string& name, ParamValue value) {
   }
   if (!matches(p->type, value))
     throw ParameterError(owner_ + ": parameter '" + name + "' must be " + param_type_name(p->type));
-  // NaN is no setting of anything (every comparison with it is false: a threshold would pass all)
-  auto nan = [](double x) { return x != x; };
-  if ((std::holds_alternative<double>(value) && nan(std::get<double>(value))) ||
+  // NaN is no setting of anything (every comparison with it is false: a threshold would pass all), and
+  // an infinite time or energy overflows the conversions after it (a poll timeout in ms, a bin index)
+  auto non_finite = [](double x) { return !std::isfinite(x); };
+  if ((std::holds_alternative<double>(value) && non_finite(std::get<double>(value))) ||
       (std::holds_alternative<std::vector<double>>(value) &&
-       std::any_of(std::get<std::vector<double>>(value).begin(), std::get<std::vector<double>>(value).end(), nan)))
-    throw ParameterError(owner_ + ": parameter '" + name + "' must be a number, not NaN");
+       std::any_of(std::get<std::vector<double>>(value).begin(), std::get<std::vector<double>>(value).end(),
+                   non_finite)))
+    throw ParameterError(owner_ + ": parameter '" + name + "' must be a finite number, not NaN or inf");
   if (p->store) {
     try {
       p->store(value);

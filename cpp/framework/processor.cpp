@@ -164,7 +164,7 @@ class Run {
       }
     };
     if (in_run_)
-      for (auto& m : modules_) guarded(*m, "end_run", [&] { m->end_run(exp_, run_); });
+      if (auto err = end_run_all(); err && !fatal) fatal = err;
     for (auto& m : modules_) guarded(*m, "terminate", [&] { m->terminate(); });
     if (fatal) std::rethrow_exception(fatal);
   }
@@ -180,6 +180,26 @@ class Run {
     } catch (const std::exception& e) {
       throw std::runtime_error(m.type() + "." + what + " failed: " + e.what());
     }
+  }
+
+  // end_run, once, on every module whose begin_run of the current run succeeded, even when one of
+  // them fails (an output that cannot write must not keep the others from closing their files):
+  // the first error is returned. (A failing end_run at a run boundary was called again at the end,
+  // and a failing begin_run sent end_run to the modules after it, which had not begun the run.)
+  std::exception_ptr end_run_all() {
+    std::exception_ptr first;
+    const size_t n = begun_;
+    in_run_ = false;
+    begun_ = 0;
+    for (size_t k = 0; k < n; ++k) {
+      Module& m = *modules_[k];
+      try {
+        lifecycle(m, "end_run", [&] { m.end_run(exp_, run_); });
+      } catch (...) {
+        if (!first) first = std::current_exception();
+      }
+    }
+    return first;
   }
 
   void read_loop() {
@@ -243,11 +263,15 @@ class Run {
       if (!in_run_ || e != exp_ || r != run_) {
         drain();
         if (in_run_)
-          for (auto& m : modules_) lifecycle(*m, "end_run", [&] { m->end_run(exp_, run_); });
+          if (auto err = end_run_all()) std::rethrow_exception(err);
         exp_ = e;
         run_ = r;
         in_run_ = true;
-        for (auto& m : modules_) lifecycle(*m, "begin_run", [&] { m->begin_run(exp_, run_); });
+        begun_ = 0;
+        for (auto& m : modules_) {
+          lifecycle(*m, "begin_run", [&] { m->begin_run(exp_, run_); });
+          ++begun_;
+        }
       }
       break;
     }
@@ -390,6 +414,7 @@ class Run {
   size_t first_ordered_ = 0;
   uint64_t received_ = 0, next_sequence_ = 0;
   bool in_run_ = false;
+  size_t begun_ = 0;  // modules that got begin_run of the current run (in path order)
   uint64_t exp_ = 0, run_ = 0;
 
   std::vector<std::thread> workers_;

@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from eclreco.cli_types import POSITIVE, POSITIVE_INT, integer, number
+
 DEFAULT_BATCH = 256
 
 
@@ -390,10 +392,6 @@ def print_table(res: dict) -> None:
 
 
 def _run(args) -> int:
-    if (args.events < 100 or args.repeat < 1 or args.farm_rate <= 0 or args.farm_seconds <= 0
-            or not 0 <= args.background <= 100):
-        raise SystemExit("eclreco bench: --events >= 100, --repeat >= 1, --farm-rate and --farm-seconds > 0, "
-                         "--background in 0..100")
     res = run_benchmark(args)
     if args.json:
         print(json.dumps(res, indent=1, default=float))
@@ -405,11 +403,11 @@ def _run(args) -> int:
 def add_bench_parser(subparsers) -> None:
     p = subparsers.add_parser("bench", help="events/second benchmark of the reconstruction chain")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
-    p.add_argument("--events", type=int, default=20000, help="generated events")
-    p.add_argument("--background", type=float, default=1.0, help="beam-background level of the generated events (1 = nominal, 0 = none, 2 = twice nominal)")
-    p.add_argument("--repeat", type=int, default=5, help="repetitions per measurement (median)")
-    p.add_argument("--farm-rate", type=float, default=30000.0, help="offered rate for the farm, Hz")
-    p.add_argument("--farm-seconds", type=float, default=5.0, help="duration of the farm measurement")
+    p.add_argument("--events", type=integer(100), default=20000, help="generated events")
+    p.add_argument("--background", type=number(0, 100), default=1.0, help="beam-background level of the generated events (1 = nominal, 0 = none, 2 = twice nominal)")
+    p.add_argument("--repeat", type=POSITIVE_INT, default=5, help="repetitions per measurement (median)")
+    p.add_argument("--farm-rate", type=POSITIVE, default=30000.0, help="offered rate for the farm, Hz")
+    p.add_argument("--farm-seconds", type=POSITIVE, default=5.0, help="duration of the farm measurement")
     p.add_argument("--plots", default="bench-plots", help="directory for the PNG plots")
     p.add_argument("--skip", nargs="*", choices=["e2e", "grid", "stages", "cnn", "zmq", "farm", "plots"],
                    help="measurements to leave out")

@@ -19,6 +19,7 @@ import time
 from typing import Callable, Sequence
 
 from eclreco import scheduling
+from eclreco.cli_types import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
 from eclreco.rawdata import read_raw_file
 
 
@@ -201,8 +202,6 @@ def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: f
 
 def run_daq_emulator(args: argparse.Namespace) -> int:
     messages = read_raw_file(args.input)
-    if args.events < 0:
-        raise SystemExit("--events must be >= 0")
     if not args.loop and args.events > len(messages):
         print(f"[daq-emulator] the file has {len(messages)} events; --events {args.events} needs --loop",
               file=sys.stderr)
@@ -228,12 +227,12 @@ def add_daq_emulator_parser(subparsers) -> argparse.ArgumentParser:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--connect", metavar="ADDR", help="connect the PUSH socket to ADDR, e.g. tcp://127.0.0.1:5555")
     where.add_argument("--bind", metavar="ADDR", help="bind the PUSH socket to ADDR, e.g. tcp://127.0.0.1:5555")
-    p.add_argument("--rate", type=float, default=0.0, help="events per second (0: as fast as possible)")
-    p.add_argument("--tick-ms", type=float, default=1.0, help="with --rate: send what is due every TICK ms")
+    p.add_argument("--rate", type=NON_NEGATIVE, default=0.0, help="events per second (0: as fast as possible)")
+    p.add_argument("--tick-ms", type=POSITIVE, default=1.0, help="with --rate: send what is due every TICK ms")
     scheduling.add_scheduling_argument(p)
     p.add_argument("--loop", action="store_true", help="replay the file again and again (pass k: "
                    "(run, evt) shifted by k x the file's span, evt carrying into run, so that event numbers stay unique)")
-    p.add_argument("--events", type=int, default=0, help="stop after N events (0: the file once, or forever with --loop)")
+    p.add_argument("--events", type=NON_NEGATIVE_INT, default=0, help="stop after N events (0: the file once, or forever with --loop)")
     from eclreco.curve import add_curve_arguments
 
     g = add_curve_arguments(p, "daq")

@@ -83,7 +83,11 @@ def tcp_port(address: str) -> str | None:
 def attach(sock: zmq.Socket, address: str, bind: bool) -> None:
     """Bind or connect `sock`, after checking a tcp:// address's port: libzmq takes
     tcp://127.0.0.1:99999 for port 34463 (the number modulo 2^16) without an error, and a job would
-    wait on a port nobody sends to."""
+    wait on a port nobody sends to. An address without a transport is named as such (libzmq's
+    EINVAL, "Invalid argument", does not say what is wrong with it)."""
+    if "://" not in (address or ""):
+        raise ValueError(f"ZeroMQ address {address!r} has no transport: write tcp://HOST:PORT "
+                         "(or ipc://PATH, inproc://NAME)")
     port = tcp_port(address)
     if port is not None:
         if port != "*" and not (port.isdigit() and int(port) <= 65535):

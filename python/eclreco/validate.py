@@ -316,8 +316,8 @@ def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed
         report["pi0"] = p
         plot_pi0(masses, os.path.join(out_dir, "cnn_pi0_mass.png"))
         md += ["### π0 → γγ mass peak (fast simulation, nominal background)", "",
-               f"{p['n_events']} π0 events, E(π0) log-uniform {p['pi0_energy_gev'][0]}-{p['pi0_energy_gev'][1]} GeV; "
-               f"two most energetic clusters, second > 30 MeV raw ({p['n_two_clusters']} events); "
+               f"{p['n_events']} π0 events, momentum p(π0) log-uniform {p['pi0_energy_gev'][0]}-{p['pi0_energy_gev'][1]} GeV; "
+               f"the two clusters of highest raw energy (the stored order), second > 30 MeV raw ({p['n_two_clusters']} events); "
                "median and σ68 of m(γγ) in 70-200 MeV.", "",
                "| energy | n in window | median MeV | σ68 MeV | σ68 / median |", "|---|---|---|---|---|"]
         for name in ("raw", "classical", "cnn"):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from eclreco.cli_types import (BATCH_SIZE, METRICS_PORT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT,
+                               THREADS)
 from eclreco.curve import add_curve_arguments
 from eclreco.scheduling import add_scheduling_argument
 
@@ -18,7 +20,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def _add_metrics(p, default_port: int):
-    p.add_argument("--metrics-port", type=int, default=default_port,
+    p.add_argument("--metrics-port", type=METRICS_PORT, default=default_port,
                    help="Prometheus exporter port (0: a free port; -1: none)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="interface of the exporter")
 
@@ -31,19 +33,20 @@ def add_distributor_arguments(p, local_farm: bool = False):
     else:
         p.add_argument("--workers-addr", default="tcp://127.0.0.1:5556", help="ROUTER address workers connect to")
     p.add_argument("--control", default="tcp://127.0.0.1:5557", help="ROUTER address of run control")
-    p.add_argument("--queue-size", type=int, default=4000, help="events read ahead of the workers")
-    p.add_argument("--max-held", type=int, default=20000, help="events held until confirmed, at most")
-    p.add_argument("--chunk", type=int, default=256, help="events per message to a worker, at most")
-    p.add_argument("--heartbeat-timeout", type=float, default=5.0, help="a silent worker is lost after S s")
+    p.add_argument("--queue-size", type=POSITIVE_INT, default=4000, help="events read ahead of the workers")
+    p.add_argument("--max-held", type=POSITIVE_INT, default=20000, help="events held until confirmed, at most")
+    p.add_argument("--chunk", type=POSITIVE_INT, default=256, help="events per message to a worker, at most")
+    p.add_argument("--heartbeat-timeout", type=POSITIVE, default=5.0, help="a silent worker is lost after S s")
     p.add_argument("--drop-when-busy", action="store_true", help="drop (and count) instead of backpressure")
-    p.add_argument("--input-hwm", type=int, default=1000, help="high-water mark of the input socket")
-    p.add_argument("--stop-drain", type=float, default=0.5,
+    p.add_argument("--input-hwm", type=NON_NEGATIVE_INT, default=1000,
+                   help="high-water mark of the input socket (0: no limit)")
+    p.add_argument("--stop-drain", type=NON_NEGATIVE, default=0.5,
                    help="at stop, keep reading the input until it is quiet for S s")
-    p.add_argument("--cycle-ms", type=float, default=0.5,
+    p.add_argument("--cycle-ms", type=NON_NEGATIVE, default=0.5,
                    help="under load, at most one read/dispatch cycle per CYCLE ms (fewer wake-ups; 0: none)")
-    p.add_argument("--max-message-bytes", type=int, default=1 << 20,
+    p.add_argument("--max-message-bytes", type=NON_NEGATIVE_INT, default=1 << 20,
                    help="input messages above this size are rejected as oversize and kept (0: no limit)")
-    p.add_argument("--refuse-message-bytes", type=int, default=64 << 20,
+    p.add_argument("--refuse-message-bytes", type=NON_NEGATIVE_INT, default=64 << 20,
                    help="input messages above this size are refused by the socket unread, with their connection "
                         "(ZMQ_MAXMSGSIZE, a memory guard; 0: no limit)")
     add_scheduling_argument(p)
@@ -74,11 +77,11 @@ def add_hlt_parser(subparsers):
     p.add_argument("-o", "--output", default="hlt.root",
                    help="ROOT file ({run_index} is replaced; else runs after the first get _runN) or tcp://")
     p.add_argument("--output-bind", action="store_true", help="bind a tcp:// output instead of connecting")
-    p.add_argument("--batch-size", type=int, default=1024, help="events per batch of the output path")
-    p.add_argument("--max-latency", type=float, default=2.0, help="ms to wait for more results after the first")
-    p.add_argument("--dedup-window", type=int, default=1_000_000,
+    p.add_argument("--batch-size", type=BATCH_SIZE, default=1024, help="events per batch of the output path")
+    p.add_argument("--max-latency", type=NON_NEGATIVE, default=2.0, help="ms to wait for more results after the first")
+    p.add_argument("--dedup-window", type=POSITIVE_INT, default=1_000_000,
                    help="events: a repeated (exp, run, evt) within this many events is dropped as a duplicate")
-    p.add_argument("--flush-interval", type=float, default=0.25,
+    p.add_argument("--flush-interval", type=NON_NEGATIVE, default=0.25,
                    help="s: results are written to the ROOT file at least this often; only then are they SAVED "
                         "(until then the distributor keeps them for a replacement collector)")
     add_scheduling_argument(p)
@@ -88,7 +91,7 @@ def add_hlt_parser(subparsers):
 
     p = sub.add_parser("run", help="a local farm: 1 distributor, N workers, 1 collector", formatter_class=HelpFormatter)
     add_distributor_arguments(p, local_farm=True)
-    p.add_argument("-n", "--workers", type=int, default=2, help="worker processes")
+    p.add_argument("-n", "--workers", type=POSITIVE_INT, default=2, help="worker processes")
     p.add_argument("--collector-addr", default="", help="default: a free local port")
     p.add_argument("-o", "--output", default="hlt.root", help="output of the collector (ROOT file or tcp://)")
     p.add_argument("--worker-steering", default="", help="default: steering/hlt_worker.py")
@@ -101,15 +104,15 @@ def add_hlt_parser(subparsers):
                    "per run range; docs/wire-format.md)")
     p.add_argument("--model", default="", help="workers: ONNX model of the CNN (default: the shipped model of "
                    "the events' detector)")
-    p.add_argument("--threads", type=int, default=1, help="threads per worker")
-    p.add_argument("--batch-size", type=int, default=256, help="events per batch in a worker")
-    p.add_argument("--max-latency", type=float, default=2.0,
+    p.add_argument("--threads", type=THREADS, default=1, help="threads per worker")
+    p.add_argument("--batch-size", type=BATCH_SIZE, default=256, help="events per batch in a worker")
+    p.add_argument("--max-latency", type=NON_NEGATIVE, default=2.0,
                    help="ms a worker waits for its batch to fill, and the collector for more results")
-    p.add_argument("--flush-interval", type=float, default=0.25, help="s between writes of the collector's file")
-    p.add_argument("--dedup-window", type=int, default=1_000_000,
+    p.add_argument("--flush-interval", type=NON_NEGATIVE, default=0.25, help="s between writes of the collector's file")
+    p.add_argument("--dedup-window", type=POSITIVE_INT, default=1_000_000,
                    help="events over which the collector drops a repeated (exp, run, evt)")
-    p.add_argument("--max-restarts", type=int, default=10, help="worker restarts allowed in total")
-    p.add_argument("--metrics-base-port", type=int, default=9460,
+    p.add_argument("--max-restarts", type=NON_NEGATIVE_INT, default=10, help="worker restarts allowed in total")
+    p.add_argument("--metrics-base-port", type=METRICS_PORT, default=9460,
                    help="distributor P, collector P+1, worker i P+2+i (0: free ports, -1: none)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="interface of the exporters")
     add_curve_arguments(p, "control")
@@ -119,7 +122,7 @@ def add_hlt_parser(subparsers):
                        formatter_class=HelpFormatter)
     p.add_argument("action", choices=["stop", "start", "terminate"])
     p.add_argument("--control", default="tcp://127.0.0.1:5557", help="the distributor's control address")
-    p.add_argument("--timeout", type=float, default=180.0,
+    p.add_argument("--timeout", type=POSITIVE, default=180.0,
                    help="seconds to wait for the answer (a farm that does not answer STATUS within 5 s: at once)")
     add_curve_arguments(p, "control")
     p.set_defaults(func=lambda a: __import__("eclreco.hlt.control", fromlist=["control_main"]).control_main(a))
@@ -128,9 +131,9 @@ def add_hlt_parser(subparsers):
                        formatter_class=HelpFormatter)
     p.add_argument("--control", default="tcp://127.0.0.1:5557", help="the distributor's control address")
     p.add_argument("--json", action="store_true", help='{"processes": [{"role": ..., "pid": ...}, ...]}')
-    p.add_argument("--watch", type=float, nargs="?", const=1.0, default=0.0,
+    p.add_argument("--watch", type=NON_NEGATIVE, nargs="?", const=1.0, default=0.0,
                    help="refresh every S s (a bare --watch: 1 s; 0: once)")
-    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
+    p.add_argument("--timeout", type=POSITIVE, default=5.0, help="seconds to wait for the answer")
     add_curve_arguments(p, "control")
     p.set_defaults(func=lambda a: __import__("eclreco.hlt.control", fromlist=["status_main"]).status_main(a))
 

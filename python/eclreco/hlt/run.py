@@ -301,10 +301,10 @@ class Farm:
 
 
 def main(args) -> int:
-    for name, ok in (("--workers", args.workers >= 1), ("--threads", 1 <= args.threads <= 256),
-                     ("--batch-size", args.batch_size >= 1), ("--max-restarts", args.max_restarts >= 0)):
-        if not ok:
-            raise SystemExit(f"eclreco hlt run: {name} out of range ({getattr(args, name[2:].replace('-', '_'))})")
+    # single values are range-checked by their argparse types (cli_types); here what needs two
+    if args.metrics_base_port > 0 and args.metrics_base_port + 1 + args.workers > 65535:
+        raise SystemExit(f"eclreco hlt run: --metrics-base-port {args.metrics_base_port}: the ports of the collector "
+                         f"and {args.workers} workers (P+1 .. P+{1 + args.workers}) must stay below 65536")
     if args.worker_steering and not os.path.isfile(args.worker_steering):
         raise SystemExit(f"eclreco hlt run: --worker-steering {args.worker_steering!r} is not a file")
     if args.model and (args.no_cnn or args.modules != "standard"):

@@ -22,6 +22,7 @@ import zmq
 
 import eclreco
 from eclreco import Module, _core
+from eclreco.cli_types import BATCH_SIZE, METRICS_PORT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, THREADS
 from eclreco.hlt import protocol as P
 from eclreco.raw_sockets import attach
 
@@ -215,12 +216,13 @@ def run_worker(path, link: WorkerLink, threads: int = 1, batch_size: int = 256, 
 def add_worker_arguments(ap: argparse.ArgumentParser):
     ap.add_argument("--distributor", default="tcp://127.0.0.1:5556", help="the distributor's workers address")
     ap.add_argument("--collector", default="tcp://127.0.0.1:5558", help="the collector's input address")
-    ap.add_argument("--threads", type=int, default=1, help="processing threads of this worker")
-    ap.add_argument("--batch-size", type=int, default=256, help="events per batch")
-    ap.add_argument("--capacity", type=int, default=0, help="events this worker holds at most (0: 4 batches/thread)")
-    ap.add_argument("--heartbeat", type=float, default=0.5, help="seconds between heartbeats")
-    ap.add_argument("--max-latency", type=float, default=2.0, help="ms to wait for a batch to fill")
-    ap.add_argument("--metrics-port", type=int, default=0, help="Prometheus port (0: a free port, -1: none)")
+    ap.add_argument("--threads", type=THREADS, default=1, help="processing threads of this worker")
+    ap.add_argument("--batch-size", type=BATCH_SIZE, default=256, help="events per batch")
+    ap.add_argument("--capacity", type=NON_NEGATIVE_INT, default=0,
+                    help="events this worker holds at most (0: 4 batches/thread)")
+    ap.add_argument("--heartbeat", type=POSITIVE, default=0.5, help="seconds between heartbeats")
+    ap.add_argument("--max-latency", type=NON_NEGATIVE, default=2.0, help="ms to wait for a batch to fill")
+    ap.add_argument("--metrics-port", type=METRICS_PORT, default=0, help="Prometheus port (0: a free port, -1: none)")
     ap.add_argument("--metrics-host", default="127.0.0.1", help="interface of the exporter")
     ap.add_argument("--modules", default="standard",
                     help="'standard' (add_reconstruction), 'none', or a comma-separated list of modules")

@@ -1,0 +1,56 @@
+"""argparse types that refuse numbers out of an option's range, so that a bad value is one line and exit
+code 2 at the command line, before any socket or file is opened.
+
+Without them `--chunk 0` started a distributor that never dispatched (and whose stop hung),
+`--heartbeat nan` a worker that never sent a heartbeat, `--timeout inf` an OverflowError.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+from eclreco import _core
+
+
+def integer(lo: int, hi: int | None = None, meaning: str = ""):
+    """An int in lo..hi (hi None: no upper bound); `meaning` names special values for the message."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < lo or (hi is not None and value > hi):
+            bounds = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}{meaning}, not {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse's message for a type error names it
+    return parse
+
+
+def number(lo: float = 0.0, hi: float | None = None, positive: bool = False, meaning: str = ""):
+    """A finite float in lo..hi (> lo with positive): NaN and inf are refused, they would wait forever
+    or overflow a timer."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not math.isfinite(value) or value < lo or (positive and value == lo) or (hi is not None and value > hi):
+            bounds = f"{'>' if positive else '>='} {lo:g}" if hi is None else f"in {lo:g}..{hi:g}"
+            raise argparse.ArgumentTypeError(f"must be a finite number {bounds}{meaning}, not {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE_INT = integer(1)
+NON_NEGATIVE_INT = integer(0)
+NON_NEGATIVE = number(0.0)  # seconds or ms where 0 means "none" or "at once"
+POSITIVE = number(0.0, positive=True)
+METRICS_PORT = integer(-1, 65535, " (-1: none, 0: a free port)")
+THREADS = integer(1, _core.MAX_THREADS)  # the bounds of eclreco.process, checked before a farm starts
+BATCH_SIZE = integer(1, _core.MAX_BATCH_SIZE)
