@@ -17,12 +17,13 @@ import os
 import sys
 
 import eclreco
+from eclreco.cli_types import NON_NEGATIVE_INT, integer
 from eclreco.reconstruction import add_reconstruction
 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-n", "--max-events", type=int, default=0, help="stop after N events (0: all)")
+    ap.add_argument("-n", "--max-events", type=NON_NEGATIVE_INT, default=0, help="stop after N events (0: all)")
     ap.add_argument("-i", "--input", help="raw file (.msgpack) or tcp:// address; default: simulation")
     ap.add_argument("-o", "--output", help="output ROOT file")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="processing threads")
@@ -59,7 +60,8 @@ def parse_args(argv=None):
     reco.add_argument("--conditions", default="", help="ECLUnpacker's conditions file: gain, t0, channel map per "
                       "run range (JSON, docs/wire-format.md; default: the spec's defaults)")
     mon = ap.add_argument_group("monitoring")
-    mon.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port")
+    mon.add_argument("--metrics-port", type=integer(0, 65535, " (0: no metrics)"), default=0,
+                     help="serve Prometheus metrics on this port")
     mon.add_argument("--metrics-host", default="127.0.0.1")
     mon.add_argument("--progress", type=float, default=10.0, help="seconds between progress lines")
     args = ap.parse_args(argv)
@@ -71,14 +73,10 @@ def parse_args(argv=None):
         args.particle = "generic" if args.detector == "belle2-ecl" else "gamma"
     if args.background is None:
         args.background = 1.0 if args.detector == "belle2-ecl" else 0.0
-    if args.max_events < 0:
-        ap.error("-n/--max-events must be >= 0 (0: all)")
     if args.no_cnn and args.model:
         ap.error("--model is the CNN's model: it does nothing with --no-cnn")
     if args.conditions and not os.path.isfile(args.conditions):
         ap.error(f"--conditions {args.conditions!r} is not a file")
-    if not 0 <= args.metrics_port <= 65535:
-        ap.error("--metrics-port must be a port number (0: no metrics)")
     return args
 
 

@@ -156,16 +156,8 @@ class Run {
     st_.loop_seconds = now_seconds() - loop_start;
     // Every module gets its end_run and terminate even when one of them fails (an output that
     // cannot write must not keep the others from closing their files); the first error wins.
-    auto guarded = [&](Module& m, const char* what, auto&& f) {
-      try {
-        lifecycle(m, what, f);
-      } catch (...) {
-        if (!fatal) fatal = std::current_exception();
-      }
-    };
-    if (in_run_)
-      if (auto err = end_run_all(); err && !fatal) fatal = err;
-    for (auto& m : modules_) guarded(*m, "terminate", [&] { m->terminate(); });
+    end_run_all(fatal);
+    for (auto& m : modules_) guarded(*m, "terminate", [&] { m->terminate(); }, fatal);
     if (fatal) std::rethrow_exception(fatal);
   }
 
@@ -182,24 +174,28 @@ class Run {
     }
   }
 
+  // lifecycle, keeping the first error in `first` instead of throwing it
+  template <class F>
+  void guarded(Module& m, const char* what, F&& f, std::exception_ptr& first) {
+    try {
+      lifecycle(m, what, f);
+    } catch (...) {
+      if (!first) first = std::current_exception();
+    }
+  }
+
   // end_run, once, on every module whose begin_run of the current run succeeded, even when one of
-  // them fails (an output that cannot write must not keep the others from closing their files):
-  // the first error is returned. (A failing end_run at a run boundary was called again at the end,
-  // and a failing begin_run sent end_run to the modules after it, which had not begun the run.)
-  std::exception_ptr end_run_all() {
-    std::exception_ptr first;
+  // them fails (guarded; nothing outside a run). A failing end_run at a run boundary was called
+  // again at the end, and a failing begin_run sent end_run to the modules after it, which had not
+  // begun the run.
+  void end_run_all(std::exception_ptr& first) {
     const size_t n = begun_;
     in_run_ = false;
     begun_ = 0;
     for (size_t k = 0; k < n; ++k) {
       Module& m = *modules_[k];
-      try {
-        lifecycle(m, "end_run", [&] { m.end_run(exp_, run_); });
-      } catch (...) {
-        if (!first) first = std::current_exception();
-      }
+      guarded(m, "end_run", [&] { m.end_run(exp_, run_); }, first);
     }
-    return first;
   }
 
   void read_loop() {
@@ -262,8 +258,9 @@ class Run {
       const uint64_t e = batch.exp()[i], r = batch.run()[i];
       if (!in_run_ || e != exp_ || r != run_) {
         drain();
-        if (in_run_)
-          if (auto err = end_run_all()) std::rethrow_exception(err);
+        std::exception_ptr err;
+        end_run_all(err);
+        if (err) std::rethrow_exception(err);
         exp_ = e;
         run_ = r;
         in_run_ = true;

@@ -20,7 +20,7 @@ import zmq
 from eclreco.curve import Curve
 from eclreco.hlt import protocol as P
 from eclreco.hlt.control import ControlError, request, status, summary_line
-from eclreco.hlt.worker import module_names
+from eclreco.hlt.worker import conditions_without_unpacker, module_names
 from eclreco.raw_sockets import attach, check_message_limits, tcp_port
 
 
@@ -323,7 +323,7 @@ def main(args) -> int:
                              f"available: {', '.join(known)}")
     if args.conditions and not os.path.isfile(args.conditions):
         raise SystemExit(f"eclreco hlt run: --conditions {args.conditions!r} is not a file")
-    if args.conditions and args.modules != "standard" and "ECLUnpacker" not in names:
+    if conditions_without_unpacker(args.modules, args.conditions):
         raise SystemExit("eclreco hlt run: --conditions is ECLUnpacker's conditions file: the workers' chain "
                          f"({args.modules}) has no ECLUnpacker")
     try:

@@ -297,6 +297,11 @@ def module_names(modules: str) -> list[str]:
     return [] if modules in ("standard", "none", "") else [n.strip() for n in modules.split(",")]
 
 
+def conditions_without_unpacker(modules: str, conditions: str) -> bool:
+    """--conditions given to a --modules chain without ECLUnpacker, the module that reads it."""
+    return bool(conditions) and modules != "standard" and "ECLUnpacker" not in module_names(modules)
+
+
 def add_chosen_reconstruction(path, args):
     """--modules: 'standard' -> add_reconstruction, 'none', or an explicit comma-separated list."""
     if args.modules == "standard":
@@ -304,10 +309,9 @@ def add_chosen_reconstruction(path, args):
 
         add_reconstruction(path, cnn=not args.no_cnn, model=args.model, conditions=args.conditions)
     else:
-        names = module_names(args.modules)
-        if args.conditions and "ECLUnpacker" not in names:
+        if conditions_without_unpacker(args.modules, args.conditions):
             raise ValueError("--conditions is ECLUnpacker's conditions file: the chain has no ECLUnpacker")
-        for name in names:
+        for name in module_names(args.modules):
             conditions = {"conditions": args.conditions} if name == "ECLUnpacker" and args.conditions else {}
             path.add_module(name, **conditions)
 
