@@ -16,6 +16,8 @@ class ECLDQM(Module):
         super().__init__()
         self.add_param("min_cluster_energy_gev", 0.03, "clusters counted in multiplicity and pi0 pairs")
         self.add_param("max_photons_per_event", 12, "most energetic clusters per event used for pairs")
+        self.add_param("max_abs_time_ns", 50.0, "pi0 photon candidates need |time| <= this (out-of-time clusters are "
+                                                "beam background); <= 0: no cut")
         self.h = {}
 
     def initialize(self):
@@ -65,11 +67,12 @@ class ECLDQM(Module):
         csum = np.zeros(sel.size + 1, np.int64)
         np.cumsum(sel, out=csum[1:])
         self.h["cluster_multiplicity"].fill(np.diff(csum[np.asarray(off)])[good])
-        if csum[-1] < 2 or "x" not in cl:
+        if csum[-1] < 2 or "x" not in cl or "time" not in cl:
             return
         # all pairs of the most energetic photon candidates per event, in one C++ pass without the
         # GIL (cpp/ecl/dqm.cpp; the numpy version was 60 % of this module's time); directions
         # from the cluster positions
-        masses = _core.gamma_gamma_masses(off, e, cl["x"], cl["y"], cl["z"], self.param("min_cluster_energy_gev"),
+        masses = _core.gamma_gamma_masses(off, e, cl["x"], cl["y"], cl["z"], cl["time"],
+                                          self.param("min_cluster_energy_gev"), self.param("max_abs_time_ns"),
                                           self.param("max_photons_per_event"))
         self.h["gg_mass"].fill(masses)

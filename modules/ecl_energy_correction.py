@@ -9,8 +9,13 @@ classical correction, which the shipped models refine as a residual), event-leve
 (belle2-ecl: event_oot_digits, which ECLUnpacker counts into ECLEventInformation) taken by
 eclreco.cnn_model.event_features and repeated per cluster. The network computes the corrected energy itself (normalisation inside the
 graph, see python/eclreco/cnn_model.py), so the module only writes the output into
-ECLClusters.energy. Clusters below the threshold keep the energy they have (the classical leakage
-correction, when ECLLeakageCorrection ran before).
+ECLClusters.energy. Clusters outside the model's domain keep the energy they have (the classical
+leakage correction, when ECLLeakageCorrection ran before): below `min_energy_gev`, out of time
+(|time| > `max_abs_time_ns`: beam background; the models saw only in-time photons), and, after
+inference, clusters whose CNN energy is more than `max_ratio_to_classical` times the energy they
+arrived with: the belle2-ecl network, trained on photons, raised in-time beam-background clusters of
+30-50 MeV to several GeV; of its held-out Geant4 photons 0.02-0.13 % are above 2x
+(docs/physics-validation.md, "Domain of the CNN").
 """
 from __future__ import annotations
 
@@ -26,6 +31,11 @@ from eclreco.cnn_model import E_RAW_INDEX, EVENT_FEATURE_NAMES, FEATURE_NAMES, e
 from eclreco.rawdata import DETECTORS
 
 DETECTOR_NAMES = {code: name for name, code in DETECTORS.items()}
+# max_ratio_to_classical = -1: belle2-ecl's beam-background clusters were raised up to ~600x (x2 keeps the
+# fakes at the classical rate); array30 has no background, and there the CNN's large raises are photons
+# that showered into the aluminium gaps: a x2 guard widened its sigma68 by up to a third (2 GeV: 0.41 -> 0.54
+# of the raw sum's). docs/physics-validation.md, "Domain of the CNN".
+DEFAULT_MAX_RATIO = {"belle2-ecl": 2.0, "array30": 0.0}
 MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 
 
@@ -103,6 +113,12 @@ class ECLEnergyCorrection(Module):
                                        "decide it: belle2-ecl or array30 ('' = from the events)")
         self.add_param("threads", 1, "onnxruntime intra-op threads per session")
         self.add_param("min_energy_gev", 0.03, "clusters with energy_raw below keep their (classical) energy, GeV")
+        self.add_param("max_abs_time_ns", 50.0, "clusters with |time| above keep their (classical) energy: out of time, "
+                                                "beam background; <= 0: no cut")
+        self.add_param("max_ratio_to_classical", -1.0, "a CNN energy more than this factor above the energy the cluster "
+                                                       "arrived with (the classical correction) is not written (the "
+                                                       "cluster keeps it); 0: no guard; -1: the detector's (belle2-ecl "
+                                                       "2, array30 none)")
         # 1024: onnxruntime's intermediate activations (~1.4 kB per cluster) of one call then stay
         # in the L2 cache; whole batches (~3000 clusters) ran 25 % slower in the chain (measured)
         self.add_param("max_clusters_per_batch", 1024, "at most this many clusters per inference call (a batch's "
@@ -112,6 +128,8 @@ class ECLEnergyCorrection(Module):
         self._image_shapes = {}
         self._lock = threading.Lock()
         self._n_corrected = 0
+        self._n_out_of_time = 0
+        self._n_guarded = 0
         self._n_calls = 0
         self._seconds = 0.0
         self._checked_energy_in = False
@@ -121,7 +139,12 @@ class ECLEnergyCorrection(Module):
         self._sessions = {}
         self._image_shapes = {}
         self._n_corrected, self._n_calls, self._seconds = 0, 0, 0.0
+        self._n_out_of_time = self._n_guarded = 0
         self._checked_energy_in = False
+        ratio = self.param("max_ratio_to_classical")
+        if ratio not in (0, -1) and ratio <= 1:
+            raise ValueError("ECLEnergyCorrection: max_ratio_to_classical must be > 1 (or 0: no guard, -1: the "
+                             f"detector's), not {ratio}")
         if not 1 <= self.param("threads") <= 64:
             raise ValueError("ECLEnergyCorrection: threads must be 1..64 (onnxruntime intra-op threads)")
         if self.param("max_clusters_per_batch") < 1:
@@ -194,10 +217,14 @@ class ECLEnergyCorrection(Module):
             return
         # The selection and the detector test avoid numpy's per-call cost, which after the
         # clusterizer (cold caches) was ~20 ns per selected cluster, 3 % of the module.
-        sel = _core.rows_at_least(e_raw, self.param("min_energy_gev"))
+        sel, n_oot = self.domain_rows(cl, self.param("min_energy_gev"), self.param("max_abs_time_ns"))
         if sel.size == 0:
+            if n_oot:
+                with self._lock:
+                    self._n_out_of_time += n_oot
             return
-        energy = np.array(cl["energy"], dtype=np.float32)  # copy, written back once
+        energy_in = np.asarray(cl["energy"])
+        energy = np.array(energy_in, dtype=np.float32)  # copy, written back once
         image = np.asarray(cl["image"])
         features = np.asarray(cl["features"])
         det = np.asarray(batch.detector)
@@ -209,7 +236,7 @@ class ECLEnergyCorrection(Module):
             ev_det = np.repeat(det, np.diff(off))[sel]
             groups = [(code, sel if np.all(ev_det == code) else sel[ev_det == code]) for code in np.unique(ev_det)]
         step = self.param("max_clusters_per_batch")
-        n_done, t_inf = 0, 0.0
+        n_done, n_guarded, t_inf = 0, 0, 0.0
         for code, rows in groups:
             sess, meta = self._session(code)
             shape = self._image_shape(sess)
@@ -226,11 +253,32 @@ class ECLEnergyCorrection(Module):
                 t_inf += time.perf_counter() - t0
                 energy[rows[a:b]] = out
                 n_done += out.shape[0]
+            n_guarded += self._guard(energy, energy_in, rows, code)
         cl["energy"] = energy
         with self._lock:
-            self._n_corrected += n_done
+            self._n_out_of_time += n_oot
+            self._n_guarded += n_guarded
+            self._n_corrected += n_done - n_guarded
             self._n_calls += 1
             self._seconds += t_inf
+
+    def _guard(self, energy, energy_in, rows, detector_code) -> int:
+        """Clusters `rows` whose CNN energy is above max_ratio_to_classical x energy_in get energy_in
+        back; returns how many."""
+        ratio = self.param("max_ratio_to_classical")
+        if ratio < 0:
+            ratio = DEFAULT_MAX_RATIO.get(DETECTOR_NAMES.get(int(detector_code)), 0.0)
+        if ratio == 0:
+            return 0
+        return _core.cap_at_ratio(energy, energy_in, rows, ratio)  # a NaN from the network is capped too
+
+    @staticmethod
+    def domain_rows(clusters, min_energy_gev, max_abs_time_ns):
+        """(rows of the clusters in the model's domain: energy_raw >= min_energy_gev and, when
+        max_abs_time_ns > 0, |time| <= max_abs_time_ns; how many were left out for their time)."""
+        if max_abs_time_ns <= 0:
+            return _core.rows_at_least(clusters["energy_raw"], min_energy_gev), 0
+        return _core.rows_at_least_within(clusters["energy_raw"], min_energy_gev, clusters["time"], max_abs_time_ns)
 
     @staticmethod
     def call_slices(n: int, max_per_call: int):
@@ -286,4 +334,5 @@ class ECLEnergyCorrection(Module):
 
     def counters(self):
         return {"clusters_corrected": float(self._n_corrected), "inference_seconds": float(self._seconds),
-                "inference_calls": float(self._n_calls)}
+                "inference_calls": float(self._n_calls), "clusters_out_of_time": float(self._n_out_of_time),
+                "clusters_guarded": float(self._n_guarded)}

@@ -283,7 +283,9 @@ def test_module_feeds_the_feature_vector_of_the_model_metadata(per_call):
     path.add_module("ECLLeakageCorrection")
     before = _Grab()
     path.add_module(before)
-    path.add_module("ECLEnergyCorrection", detector="belle2-ecl", min_energy_gev=0.0, max_clusters_per_batch=per_call)
+    # every cluster through the network: no domain cuts (tested on their own)
+    path.add_module("ECLEnergyCorrection", detector="belle2-ecl", min_energy_gev=0.0, max_clusters_per_batch=per_call,
+                    max_abs_time_ns=0.0, max_ratio_to_classical=0.0)
     after = _Grab()
     path.add_module(after)
     eclreco.process(path, threads=1, batch_size=16, install_signal_handlers=False)
@@ -312,6 +314,76 @@ def test_module_feeds_the_feature_vector_of_the_model_metadata(per_call):
             assert np.max(np.abs(run(bad) / q["energy"] - 1)) > 1e-3
         n_checked += int(n_cl.sum())
     assert n_checked > 40
+
+
+class _Energies(eclreco.Module):
+    """Keeps ECLClusters (energy, energy_raw, time) as they pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.parts = []
+
+    def ordered(self):
+        return True
+
+    def event(self, batch):
+        cl = batch["ECLClusters"]
+        self.parts.append({k: np.array(cl[k]) for k in ("energy", "energy_raw", "time")})
+
+    def column(self, name):
+        return np.concatenate([p[name] for p in self.parts])
+
+
+GENERIC = dict(events=400, detector="belle2-ecl", particle="generic", background=1.0, seed=5)
+
+
+def _domain_run(source=GENERIC, **params):
+    """Simulated events (SimulationInput parameters `source`; generic belle2-ecl events at nominal
+    background) through the chain; (energies before and after ECLEnergyCorrection, the module)."""
+    path = eclreco.create_path()
+    path.add_module("SimulationInput", **source)
+    for name in ("ECLUnpacker", "ECLClusterizer", "ECLLeakageCorrection"):
+        path.add_module(name)
+    before, after = _Energies(), _Energies()
+    path.add_module(before)
+    m = path.add_module("ECLEnergyCorrection", **params)
+    path.add_module(after)
+    eclreco.process(path, threads=1, install_signal_handlers=False)
+    return before, after, m
+
+
+def test_clusters_outside_the_model_domain_keep_their_classical_energy():
+    """Out-of-time clusters (beam background) and CNN energies more than max_ratio_to_classical above
+    the classical one keep the classical energy, and are counted. Without the cuts the same events
+    have both kinds (the network inflated 30 MeV background clusters to many GeV)."""
+    before, after, m = _domain_run(max_clusters_per_batch=256)
+    e_in, e_out, e_raw, t = (before.column("energy"), after.column("energy"), before.column("energy_raw"),
+                             before.column("time"))
+    dom = e_raw >= 0.03
+    oot = dom & (np.abs(t) > 50.0)
+    assert oot.sum() > 100
+    np.testing.assert_array_equal(e_out[oot], e_in[oot])
+    assert (e_out[dom] / e_in[dom]).max() <= 2.0
+    c = m.counters()
+    assert c["clusters_out_of_time"] == oot.sum()
+    changed = dom & ~oot & (e_out != e_in)
+    assert c["clusters_corrected"] == changed.sum() > 1000
+    assert c["clusters_guarded"] > 0
+    kept = dom & ~oot & (e_out == e_in)
+    assert kept.sum() == c["clusters_guarded"]
+
+    _, free, m_free = _domain_run(max_clusters_per_batch=256, max_abs_time_ns=0.0, max_ratio_to_classical=0.0)
+    e_free = free.column("energy")
+    assert np.any(e_free[oot] != e_in[oot])
+    assert (e_free[dom] / e_in[dom]).max() > 8.0 and (e_free[dom] / e_in[dom]).min() < 1.0
+    assert m_free.counters()["clusters_out_of_time"] == m_free.counters()["clusters_guarded"] == 0
+    # in the domain, the same energies (to onnxruntime's call-size dependence in the last bits)
+    np.testing.assert_allclose(e_out[changed], e_free[changed], rtol=1e-5)
+    with pytest.raises(Exception, match="max_ratio_to_classical must be > 1"):
+        _domain_run(max_ratio_to_classical=0.5)
+    # an explicit ratio for belle2-ecl is the default one
+    _, explicit, _ = _domain_run(max_clusters_per_batch=256, max_ratio_to_classical=2.0)
+    np.testing.assert_array_equal(explicit.column("energy"), e_out)
 
 
 def test_residual_model_warns_without_classical_correction():
@@ -552,3 +624,20 @@ def test_batch_mixing_both_detectors_uses_each_detectors_model(tmp_path):
     for evt in both:
         np.testing.assert_allclose(both[evt], alone[evt], rtol=1e-5, err_msg=f"event {evt}")
 
+
+
+def test_array30_has_no_ratio_guard_by_default():
+    """The x2 guard is belle2-ecl's (beam background); on array30 (no background) the CNN's large
+    raises are photons lost in the aluminium gaps, which it corrects: -1 means no guard there."""
+    photons = dict(events=600, detector="array30", particle="gamma", energy_min=0.3, energy_max=5.0, seed=8)
+
+    def run(**params):
+        before, after, m = _domain_run(photons, **params)
+        return before.column("energy"), after.column("energy"), m.counters()
+
+    e_in, e_default, c = run()
+    _, e_off, _ = run(max_ratio_to_classical=0.0)
+    _, e_two, c_two = run(max_ratio_to_classical=2.0)
+    np.testing.assert_array_equal(e_default, e_off)
+    assert c["clusters_guarded"] == 0 and c_two["clusters_guarded"] > 0
+    assert np.any(e_two != e_off) and (e_two / e_in).max() <= 2.0

@@ -29,7 +29,8 @@ def test_registry_merge_adds_counts():
 
 def test_gamma_gamma_masses_against_a_plain_loop():
     """The C++ kernel of ECLDQM against the definition, event by event: pairs among the first
-    max_per_event clusters >= min_energy, m^2 = 2 E1 E2 (1 - cos of the opening angle)."""
+    max_per_event clusters >= min_energy with |time| <= max_abs_time (when > 0),
+    m^2 = 2 E1 E2 (1 - cos of the opening angle)."""
     from eclreco import _core
 
     rng = np.random.default_rng(3)
@@ -42,21 +43,24 @@ def test_gamma_gamma_masses_against_a_plain_loop():
     r = rng.uniform(125, 200, n)  # cm: the photon direction does not depend on the distance
     x, y, z = (r * np.sin(th) * np.cos(ph)).astype(np.float32), (r * np.sin(th) * np.sin(ph)).astype(np.float32), \
         (r * np.cos(th)).astype(np.float32)
-    got = _core.gamma_gamma_masses(off, e, x, y, z, 0.03, 5)
-    ref = []
-    for a, b in zip(off[:-1], off[1:]):
-        idx = [k for k in range(a, b) if e[k] >= 0.03][:5]
-        for ka in range(len(idx)):
-            for kb in range(ka + 1, len(idx)):
-                i, j = idx[ka], idx[kb]
-                u = [np.array([np.sin(t) * np.cos(p), np.sin(t) * np.sin(p), np.cos(t)], float)
-                     for t, p in ((float(th[i]), float(ph[i])), (float(th[j]), float(ph[j])))]
-                ref.append(np.sqrt(max(2 * float(e[i]) * float(e[j]) * (1 - u[0] @ u[1]), 0.0)))
-    assert len(ref) > 500 and got.size == len(ref)
-    np.testing.assert_allclose(np.sort(got), np.sort(ref), rtol=2e-5, atol=1e-4)  # float trigonometry; DQM bins are 2 MeV
-    for short in ((e[:-1], x, y, z), (e, x, y[:-1], z), (e, x, y, z[:-1])):  # one column short
-        with pytest.raises(ValueError, match="shorter"):
-            _core.gamma_gamma_masses(off, *short, 0.03, 5)
+    t = rng.uniform(-300, 300, n).astype(np.float32)
+    t[::7] = np.float32(50.0)  # on the cut: kept
+    for max_t in (0.0, 50.0):
+        got = _core.gamma_gamma_masses(off, e, x, y, z, t, 0.03, max_t, 5)
+        ref = []
+        for a, b in zip(off[:-1], off[1:]):
+            idx = [k for k in range(a, b) if e[k] >= 0.03 and (max_t <= 0 or abs(t[k]) <= max_t)][:5]
+            for ka in range(len(idx)):
+                for kb in range(ka + 1, len(idx)):
+                    i, j = idx[ka], idx[kb]
+                    u = [np.array([np.sin(t_) * np.cos(p), np.sin(t_) * np.sin(p), np.cos(t_)], float)
+                         for t_, p in ((float(th[i]), float(ph[i])), (float(th[j]), float(ph[j])))]
+                    ref.append(np.sqrt(max(2 * float(e[i]) * float(e[j]) * (1 - u[0] @ u[1]), 0.0)))
+        assert len(ref) > (500 if max_t <= 0 else 50) and got.size == len(ref)
+        np.testing.assert_allclose(np.sort(got), np.sort(ref), rtol=2e-5, atol=1e-4)  # float trigonometry; DQM bins are 2 MeV
+    for short in ((e[:-1], x, y, z, t), (e, x, y[:-1], z, t), (e, x, y, z[:-1], t), (e, x, y, z, t[:-1])):
+        with pytest.raises(ValueError, match="shorter"):  # one column short
+            _core.gamma_gamma_masses(off, *short, 0.03, 50.0, 5)
 
 
 def pi0_source():

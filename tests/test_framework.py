@@ -261,6 +261,35 @@ def test_rows_at_least_matches_numpy_in_float32():
         _core.rows_at_least(np.zeros((2, 2), np.float32), 0.0)
 
 
+def test_rows_at_least_within_and_cap_at_ratio_match_numpy():
+    """The two kernels of ECLEnergyCorrection's domain: rows >= threshold with |within| <= max_abs
+    (and the count left out by the window), and the in-place cap values <= ratio * reference
+    (NaN capped), against numpy."""
+    from eclreco import _core
+
+    rng = np.random.default_rng(4)
+    v = rng.exponential(0.05, 5000).astype(np.float32)
+    t = rng.uniform(-300, 300, v.size).astype(np.float32)
+    t[::11] = np.float32(50.0)  # on the edge: inside
+    t[5], v[6] = np.nan, np.nan
+    rows, outside = _core.rows_at_least_within(v, 0.03, t, 50.0)
+    above = v >= np.float32(0.03)
+    np.testing.assert_array_equal(rows, np.flatnonzero(above & (np.abs(t) <= 50)))
+    assert outside == int(np.sum(above & ~(np.abs(t) <= 50))) > 0
+    ref = rng.uniform(0.03, 1.0, v.size).astype(np.float32)
+    val = (ref * rng.uniform(0.5, 4.0, v.size)).astype(np.float32)
+    val[rows[:3]] = np.nan
+    want = val.copy()
+    bad = ~(val[rows] <= np.float32(2.0) * ref[rows])
+    want[rows[bad]] = ref[rows[bad]]
+    assert _core.cap_at_ratio(val, ref, rows, 2.0) == bad.sum() > 3
+    np.testing.assert_array_equal(val, want)
+    with pytest.raises(IndexError):
+        _core.cap_at_ratio(val, ref, np.array([v.size], np.int64), 2.0)
+    with pytest.raises(ValueError, match="one length"):
+        _core.rows_at_least_within(v, 0.03, t[:-1], 50.0)
+
+
 def test_add_collection_rejects_decreasing_offsets():
     """Offsets that go down would give an event rows the collection does not have: a ValueError,
     not a collection that C++ modules would read past the end of."""
@@ -820,3 +849,47 @@ def test_float16_and_longdouble_columns_are_refused():
     with pytest.raises(TypeError, match="unsupported dtype"):
         c["b"] = np.ones(3, np.float16)
     assert c["a"].tolist() == [1.0, 2.0, 3.0]
+
+
+class _Interrupts(eclreco.Module):
+    """Raises `exc` on the batch holding event `at` (a user's sys.exit, or Ctrl-C without the
+    framework's signal handlers)."""
+
+    def __init__(self, exc, at):
+        super().__init__()
+        self.exc, self.at = exc, at
+
+    def event(self, batch):
+        if self.at in batch.evt.tolist():
+            raise self.exc
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("exc", [SystemExit(3), KeyboardInterrupt()])
+def test_sys_exit_and_keyboard_interrupt_in_a_module_end_the_job(threads, exc, capfd):
+    """KeyboardInterrupt and SystemExit from a module's event() stop the program, as in Python,
+    after a clean end: the source is read no more, the batches in flight finish, every module gets
+    end_run and terminate, and process() raises the same exception. The events of the interrupted
+    call are flagged (counted as errors, none lost). They were counted as module errors of every
+    event, one by one, and the job went on to the end."""
+    log = []
+    path = eclreco.create_path()
+    path.add_module(CountingSource(n=20000))
+    path.add_module(_RunLog("A", log))
+    path.add_module(_Interrupts(exc, at=300))
+    rec = Recorder()
+    path.add_module(rec)
+    with pytest.raises(type(exc)) as info:
+        eclreco.process(path, threads=threads, batch_size=100, install_signal_handlers=False)
+    if isinstance(exc, SystemExit):
+        assert info.value.code == 3
+    s = eclreco.statistics.summary()
+    assert 400 <= s["received"] < 20000  # stopped reading (the batches in flight are at most a few)
+    assert s["not_processed"] == 0 and s["processed"] == s["received"]
+    assert s["errors"] == 100  # the interrupted call: one batch of 100 events, each flagged
+    flagged = sorted(e for e, f in zip(rec.evt, rec.flags) if f)
+    assert flagged == list(range(300, 400))
+    assert sorted(rec.evt) == list(range(s["received"]))  # every event reached the output
+    assert ("A", "end", 0) in log
+    err = capfd.readouterr().err
+    assert err.count(f"job ended by {type(exc).__name__}") == 1, err

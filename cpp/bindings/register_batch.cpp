@@ -122,6 +122,48 @@ void register_batch(py::module_& m) {
       "indices (int64, ascending) of the values >= threshold, compared in float32 (NaN never): "
       "numpy's flatnonzero(values >= threshold) without its per-call cost");
 
+  m.def(
+      "rows_at_least_within",
+      [](carray<float> values, double threshold, carray<float> within, double max_abs) {
+        if (values.ndim() != 1 || within.ndim() != 1 || within.shape(0) != values.shape(0))
+          throw py::value_error("values and within must be 1-d of one length");
+        const size_t n = static_cast<size_t>(values.shape(0));
+        py::array_t<int64_t> out(static_cast<py::ssize_t>(n + 1));
+        size_t k, outside;
+        {
+          py::gil_scoped_release release;
+          k = fw::rows_at_least_within(values.data(), within.data(), n, static_cast<float>(threshold),
+                                       static_cast<float>(max_abs), out.mutable_data(), &outside);
+        }
+        return py::make_tuple(out[py::slice(0, static_cast<py::ssize_t>(k), 1)], outside);
+      },
+      py::arg("values"), py::arg("threshold"), py::arg("within"), py::arg("max_abs"),
+      "(indices of the values >= threshold whose |within| <= max_abs, how many >= threshold were outside): "
+      "rows_at_least with a window on a second column (float32, NaN never inside)");
+
+  m.def(
+      "cap_at_ratio",
+      [](py::array_t<float, py::array::c_style> values, carray<float> reference, carray<int64_t> rows, double ratio) {
+        if (values.ndim() != 1 || reference.ndim() != 1 || rows.ndim() != 1 || reference.shape(0) != values.shape(0))
+          throw py::value_error("values and reference must be 1-d of one length, rows 1-d");
+        if (!values.writeable()) throw py::value_error("values must be writable");
+        const int64_t n = values.shape(0);
+        const int64_t* r = rows.data();
+        const size_t nr = static_cast<size_t>(rows.shape(0));
+        for (size_t k = 0; k < nr; ++k)
+          if (r[k] < 0 || r[k] >= n) throw py::index_error("rows out of range");
+        float* v = values.mutable_data();
+        size_t capped;
+        {
+          py::gil_scoped_release release;
+          capped = fw::cap_at_ratio(v, reference.data(), r, nr, static_cast<float>(ratio));
+        }
+        return capped;
+      },
+      py::arg("values"), py::arg("reference"), py::arg("rows"), py::arg("ratio"),
+      "in place: values[r] = reference[r] at the rows where values[r] is not <= ratio * reference[r] (NaN "
+      "included); returns how many");
+
   py::class_<Collection>(m, "Collection", "Columns with per-event offsets (event i owns rows offsets[i]:offsets[i+1])")
       // read-only: the C++ modules trust the offsets (rows past a column's end would be read)
       .def_property_readonly("offsets", [](const Collection& c) { return column_view(c.offsets_column(), false); })

@@ -11,26 +11,26 @@ void register_dqm(py::module_& m) {
   m.def(
       "gamma_gamma_masses",
       [](carray<int64_t> offsets, carray<float> energy, carray<float> x, carray<float> y, carray<float> z,
-         double min_energy, int max_per_event) {
+         carray<float> time, double min_energy, double max_abs_time, int max_per_event) {
         const size_t n_events = checked_offsets(offsets);
         const int64_t* off = offsets.data();
         const int64_t rows = off[n_events];
-        for (auto* a : {&energy, &x, &y, &z})
+        for (auto* a : {&energy, &x, &y, &z, &time})
           if (a->ndim() != 1 || a->shape(0) < rows) throw py::value_error("cluster arrays shorter than offsets[-1]");
         std::vector<double> out;
         {
           py::gil_scoped_release release;
-          ecl::gamma_gamma_masses(off, n_events, energy.data(), x.data(), y.data(), z.data(), min_energy,
-                                  max_per_event, out);
+          ecl::gamma_gamma_masses(off, n_events, energy.data(), x.data(), y.data(), z.data(), time.data(),
+                                  min_energy, max_abs_time, max_per_event, out);
         }
         py::array_t<double> a(static_cast<py::ssize_t>(out.size()));
         if (!out.empty()) std::memcpy(a.mutable_data(), out.data(), out.size() * sizeof(double));
         return a;
       },
-      py::arg("offsets"), py::arg("energy"), py::arg("x"), py::arg("y"), py::arg("z"), py::arg("min_energy"),
-      py::arg("max_per_event"),
-      "two-photon masses (GeV) of all pairs among the first max_per_event clusters >= min_energy of each event, "
-      "photon directions from the cluster positions (x, y, z) seen from the origin");
+      py::arg("offsets"), py::arg("energy"), py::arg("x"), py::arg("y"), py::arg("z"), py::arg("time"),
+      py::arg("min_energy"), py::arg("max_abs_time"), py::arg("max_per_event"),
+      "two-photon masses (GeV) of all pairs among the first max_per_event clusters >= min_energy (and |time| <= "
+      "max_abs_time when > 0) of each event, photon directions from the cluster positions (x, y, z) seen from the origin");
 
   m.def(
       "fill_uniform_histogram",

@@ -19,8 +19,14 @@ bool is_bool(py::handle v) {
 }
 
 // A Python exception as a C++ one: the message without pybind11's traceback appendix.
+// KeyboardInterrupt and SystemExit stop the program in Python: they end the job (fw::AbortJob,
+// which process() turns back into the same Python exception) instead of flagging events.
 [[noreturn]] void rethrow_python(const py::error_already_set& e) {
   std::string msg = e.what();
+  if (e.matches(PyExc_KeyboardInterrupt) || e.matches(PyExc_SystemExit)) {
+    const auto nl = msg.find('\n');
+    throw fw::AbortJob("job ended by " + msg.substr(0, nl), std::make_exception_ptr(e));
+  }
   const auto at = msg.find("\n\nAt:");
   if (at != std::string::npos) msg = msg.substr(0, at);
   // an exception raised without a message: its type says what happened (pybind11 writes a placeholder)

@@ -6,8 +6,9 @@
 namespace ecl {
 
 void gamma_gamma_masses(const int64_t* offsets, size_t n_events, const float* energy, const float* x,
-                        const float* y, const float* z, double min_energy, int max_per_event,
-                        std::vector<double>& out) {
+                        const float* y, const float* z, const float* time, double min_energy,
+                        double max_abs_time, int max_per_event, std::vector<double>& out) {
+  const bool time_cut = max_abs_time > 0;
   // per event: the selected photons' energies and unit vectors, then every pair
   std::vector<double> e, ux, uy, uz;
   const size_t cap = static_cast<size_t>(std::max(max_per_event, 0));
@@ -16,6 +17,7 @@ void gamma_gamma_masses(const int64_t* offsets, size_t n_events, const float* en
     e.clear(), ux.clear(), uy.clear(), uz.clear();
     for (int64_t k = offsets[ev]; k < offsets[ev + 1] && e.size() < cap; ++k) {
       if (!(energy[k] >= min_energy)) continue;
+      if (time_cut && !(std::fabs(time[k]) <= max_abs_time)) continue;
       // unit vector from the position: one square root instead of four sines and cosines of
       // (theta, phi), which the clusterizer computed from this same position
       const double r = std::sqrt(double(x[k]) * x[k] + double(y[k]) * y[k] + double(z[k]) * z[k]);

@@ -7,13 +7,15 @@
 namespace ecl {
 
 // Two-photon invariant masses (GeV) of all pairs among the first `max_per_event` clusters of each
-// event with energy >= min_energy (clusters in their stored order, most energetic first), from
+// event with energy >= min_energy and, when max_abs_time > 0, |time| <= max_abs_time (in time:
+// beam-background clusters spread over the whole window; clusters in their stored order, most
+// energetic first), from
 // the energies and the cluster positions (x, y, z; the photon direction is the position seen
 // from the interaction point at the origin): m^2 = 2 E_i E_j (1 - cos(opening angle)).
 // Appends to `out`.
 void gamma_gamma_masses(const int64_t* offsets, size_t n_events, const float* energy, const float* x,
-                        const float* y, const float* z, double min_energy, int max_per_event,
-                        std::vector<double>& out);
+                        const float* y, const float* z, const float* time, double min_energy,
+                        double max_abs_time, int max_per_event, std::vector<double>& out);
 
 // Adds the values to a histogram of nb uniform bins over [lo, hi) with underflow (counts[0]) and
 // overflow (counts[nb + 1]): bin floor((v - lo) / (hi - lo) * nb) + 1 computed in double, as

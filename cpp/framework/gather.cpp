@@ -1,5 +1,6 @@
 #include "framework/gather.hpp"
 
+#include <cmath>
 #include <cstring>
 
 namespace fw {
@@ -29,6 +30,32 @@ size_t rows_at_least(const float* values, size_t n, float threshold, int64_t* ou
     k += values[i] >= threshold;
   }
   return k;
+}
+
+size_t rows_at_least_within(const float* values, const float* within, size_t n, float threshold, float max_abs,
+                            int64_t* out, size_t* n_outside) {
+  size_t k = 0, outside = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const bool above = values[i] >= threshold;
+    const bool inside = std::fabs(within[i]) <= max_abs;
+    out[k] = static_cast<int64_t>(i);
+    k += above & inside;
+    outside += above & !inside;
+  }
+  *n_outside = outside;
+  return k;
+}
+
+size_t cap_at_ratio(float* values, const float* reference, const int64_t* rows, size_t n_rows, float ratio) {
+  size_t capped = 0;
+  for (size_t k = 0; k < n_rows; ++k) {
+    const int64_t r = rows[k];
+    if (!(values[r] <= ratio * reference[r])) {
+      values[r] = reference[r];
+      ++capped;
+    }
+  }
+  return capped;
 }
 
 }  // namespace fw

@@ -23,4 +23,14 @@ void gather_rows(const int64_t* rows, size_t n_rows, const int64_t* offsets, siz
 // ~40 µs per batch after the clusterizer had run (cold code), against ~3 here.
 size_t rows_at_least(const float* values, size_t n, float threshold, int64_t* out);
 
+// rows_at_least, keeping of those only the rows with |within[i]| <= max_abs (NaN never); returns
+// their number and counts in *n_outside the rows >= threshold left out by |within| (a cluster time
+// outside the window). Same pass, same room needed in out.
+size_t rows_at_least_within(const float* values, const float* within, size_t n, float threshold, float max_abs,
+                            int64_t* out, size_t* n_outside);
+
+// values[r] = reference[r] for the rows r where values[r] is not <= ratio * reference[r] (NaN
+// included); returns how many: a cap on a correction relative to a reference (ECLEnergyCorrection).
+size_t cap_at_ratio(float* values, const float* reference, const int64_t* rows, size_t n_rows, float ratio);
+
 }  // namespace fw

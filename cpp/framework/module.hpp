@@ -3,14 +3,29 @@
 // they meet in the EventBatch.
 #pragma once
 #include <cstdint>
+#include <exception>
 #include <map>
 #include <memory>
+#include <stdexcept>
 #include <string>
 
 #include "framework/event_batch.hpp"
 #include "framework/parameters.hpp"
 
 namespace fw {
+
+// Thrown by a module to end the whole job instead of flagging events (a Python module's
+// KeyboardInterrupt or SystemExit: the user stopping the program, not a bad event). The
+// processor flags the events of that call with what(), reads no more, lets the batches in flight
+// finish, ends the run, terminates every module and then rethrows cause() from process().
+class AbortJob : public std::runtime_error {
+ public:
+  AbortJob(const std::string& what, std::exception_ptr cause) : std::runtime_error(what), cause_(std::move(cause)) {}
+  const std::exception_ptr& cause() const { return cause_; }
+
+ private:
+  std::exception_ptr cause_;
+};
 
 class Module {
  public:

@@ -158,7 +158,17 @@ class Run {
     // cannot write must not keep the others from closing their files); the first error wins.
     end_run_all(fatal);
     for (auto& m : modules_) guarded(*m, "terminate", [&] { m->terminate(); }, fatal);
-    if (fatal) std::rethrow_exception(fatal);
+    {
+      std::lock_guard<std::mutex> lock(abort_mu_);
+      if (!fatal) fatal = abort_;
+    }
+    if (!fatal) return;
+    try {
+      std::rethrow_exception(fatal);
+    } catch (const AbortJob& a) {
+      if (a.cause()) std::rethrow_exception(a.cause());  // the module's own exception (Python's SystemExit)
+      throw;
+    }
   }
 
  private:
@@ -169,6 +179,8 @@ class Run {
   void lifecycle(Module& m, const char* what, F&& f) {
     try {
       f();
+    } catch (const AbortJob&) {
+      throw;  // ends the job as it is
     } catch (const std::exception& e) {
       throw std::runtime_error(m.type() + "." + what + " failed: " + e.what());
     }
@@ -203,7 +215,7 @@ class Run {
     ModuleCounters& sc = *st_.modules[0];
     bool more = true;
     const bool drains = source.drains_at_stop();
-    while (more && (drains || !stop_requested())) {
+    while (more && !aborting_.load() && (drains || !stop_requested())) {
       size_t want = static_cast<size_t>(opt_.batch_size);
       if (opt_.max_events) {
         const uint64_t left = opt_.max_events - std::min<uint64_t>(opt_.max_events, received_);
@@ -335,9 +347,15 @@ class Run {
 
   // A module that raises on a batch is re-run event by event, so that only the events that
   // make it fail get the error flag and the others are processed normally.
+  // A module that ends the job (AbortJob) flags the events of its call, and those it was not
+  // called on yet in the re-run.
   void call_event(Module& m, EventBatch& batch) {
     try {
       m.event(batch);
+      return;
+    } catch (const AbortJob& a) {
+      abort_job(m, a);
+      for (size_t i = 0; i < batch.size(); ++i) flag(batch, i, m, a.what(), false);
       return;
     } catch (const std::exception& e) {
       if (batch.size() == 1) {
@@ -347,10 +365,20 @@ class Run {
     }
     std::vector<EventBatch> parts;
     parts.reserve(batch.size());
+    std::string aborted;
     for (size_t i = 0; i < batch.size(); ++i) {
       EventBatch one = batch.select({i});
+      if (!aborted.empty()) {
+        flag(one, 0, m, aborted.c_str(), false);
+        parts.push_back(std::move(one));
+        continue;
+      }
       try {
         m.event(one);
+      } catch (const AbortJob& a) {
+        abort_job(m, a);
+        aborted = a.what();
+        flag(one, 0, m, a.what(), false);
       } catch (const std::exception& e) {
         flag(one, 0, m, e.what());
       }
@@ -361,10 +389,20 @@ class Run {
     batch.sequence = seq;
   }
 
-  void flag(EventBatch& b, size_t i, Module& m, const char* what) {
+  // The first AbortJob is kept for execute(); the source is read no more.
+  void abort_job(Module& m, const AbortJob& a) {
+    std::lock_guard<std::mutex> lock(abort_mu_);
+    if (abort_) return;
+    abort_ = std::current_exception();
+    aborting_.store(true);
+    std::fprintf(stderr, "[ERROR] %s: %s; the batches in flight finish, then the run ends\n", m.type().c_str(), a.what());
+  }
+
+  void flag(EventBatch& b, size_t i, Module& m, const char* what, bool print = true) {
     const std::string msg = m.type() + " raised on " + event_id(b, i) + ": " + what;
     b.flag_error(i, msg);
     st_.record_error(msg);
+    if (!print) return;
     // A misconfigured module fails on every event: the log shows the first ones, not one line per
     // event at 30 kHz (each error is still counted, and its message stays with its event).
     const uint64_t k = errors_printed_.fetch_add(1, std::memory_order_relaxed);
@@ -423,6 +461,9 @@ class Run {
   std::mutex order_mu_;
   std::condition_variable order_cv_;
   uint64_t next_ordered_ = 0;
+  std::mutex abort_mu_;
+  std::exception_ptr abort_;  // the first AbortJob from a module's event()
+  std::atomic<bool> aborting_{false};
 };
 
 }  // namespace

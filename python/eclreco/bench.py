@@ -96,10 +96,10 @@ def _up_to_cnn(raw: str):
 def collect_cnn_inputs(raw: str, max_events: int, extra_features) -> list:
     """The CNN inputs (image, features) of every batch of the chain, as ECLEnergyCorrection forms them."""
     import eclreco
-    from eclreco import _core
     from eclreco.modules.ecl_energy_correction import ECLEnergyCorrection
 
-    threshold = ECLEnergyCorrection().param("min_energy_gev")  # the module's own selection
+    defaults = ECLEnergyCorrection()  # the module's own selection
+    threshold, max_t = defaults.param("min_energy_gev"), defaults.param("max_abs_time_ns")
 
     class CollectInputs(eclreco.Module):
         """keeps the CNN inputs of every batch"""
@@ -109,7 +109,7 @@ def collect_cnn_inputs(raw: str, max_events: int, extra_features) -> list:
             self.batches = []
 
         def event(self, batch):
-            sel = _core.rows_at_least(batch["ECLClusters"]["energy_raw"], threshold)
+            sel, _ = ECLEnergyCorrection.domain_rows(batch["ECLClusters"], threshold, max_t)
             self.batches.append(ECLEnergyCorrection.model_inputs(batch, "ECLClusters", sel, extra_features))
 
     path = _up_to_cnn(raw)
@@ -132,8 +132,10 @@ def cnn_measurements(raw: str, tmp: str, repeat: int, max_events: int) -> dict:
         eclreco.process(path, threads=1, batch_size=batch_size, max_events=n_events)
         mod = [m for m in eclreco.statistics.summary()["modules"] if m["name"] == "ECLEnergyCorrection"][0]
         c = cnn.counters()
-        # the module's rate, and that of its own onnxruntime calls (inference_seconds)
-        return c["clusters_corrected"] / mod["seconds"], c["clusters_corrected"] / c["inference_seconds"]
+        # the module's rate, and that of its own onnxruntime calls (inference_seconds), in the
+        # clusters it ran the network on (those its x2 guard did not write included)
+        inferred = c["clusters_corrected"] + c["clusters_guarded"]
+        return inferred / mod["seconds"], inferred / c["inference_seconds"]
 
     n = sum(b[0].shape[0] for b in batches)
     step = ECLEnergyCorrection().param("max_clusters_per_batch")
