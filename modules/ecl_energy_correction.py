@@ -219,9 +219,7 @@ class ECLEnergyCorrection(Module):
         # clusterizer (cold caches) was ~20 ns per selected cluster, 3 % of the module.
         sel, n_oot = self.domain_rows(cl, self.param("min_energy_gev"), self.param("max_abs_time_ns"))
         if sel.size == 0:
-            if n_oot:
-                with self._lock:
-                    self._n_out_of_time += n_oot
+            self._count(n_oot=n_oot)
             return
         energy_in = np.asarray(cl["energy"])
         energy = np.array(energy_in, dtype=np.float32)  # copy, written back once
@@ -255,12 +253,15 @@ class ECLEnergyCorrection(Module):
                 n_done += out.shape[0]
             n_guarded += self._guard(energy, energy_in, rows, code)
         cl["energy"] = energy
-        with self._lock:
+        self._count(n_oot, n_guarded, n_done - n_guarded, calls=1, seconds=t_inf)
+
+    def _count(self, n_oot=0, n_guarded=0, n_corrected=0, calls=0, seconds=0.0):
+        with self._lock:  # batches run on several framework threads
             self._n_out_of_time += n_oot
             self._n_guarded += n_guarded
-            self._n_corrected += n_done - n_guarded
-            self._n_calls += 1
-            self._seconds += t_inf
+            self._n_corrected += n_corrected
+            self._n_calls += calls
+            self._seconds += seconds
 
     def _guard(self, energy, energy_in, rows, detector_code) -> int:
         """Clusters `rows` whose CNN energy is above max_ratio_to_classical x energy_in get energy_in

@@ -286,6 +286,8 @@ def test_rows_at_least_within_and_cap_at_ratio_match_numpy():
     np.testing.assert_array_equal(val, want)
     with pytest.raises(IndexError):
         _core.cap_at_ratio(val, ref, np.array([v.size], np.int64), 2.0)
+    with pytest.raises(TypeError):  # not capped in a converted copy
+        _core.cap_at_ratio(val.astype(np.float64), ref, rows, 2.0)
     with pytest.raises(ValueError, match="one length"):
         _core.rows_at_least_within(v, 0.03, t[:-1], 50.0)
 
@@ -893,3 +895,33 @@ def test_sys_exit_and_keyboard_interrupt_in_a_module_end_the_job(threads, exc, c
     assert ("A", "end", 0) in log
     err = capfd.readouterr().err
     assert err.count(f"job ended by {type(exc).__name__}") == 1, err
+
+
+class _FailsThenExits(eclreco.Module):
+    """On the batch holding event `at`: a ValueError for the batch, then in the event-by-event
+    re-run SystemExit at `at`."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def event(self, batch):
+        evt = batch.evt.tolist()
+        if self.at in evt:
+            raise ValueError("the batch") if len(evt) > 1 else SystemExit(4)
+
+
+def test_sys_exit_in_the_event_by_event_rerun_flags_that_event_and_the_rest():
+    """The re-run of a failing batch meets SystemExit at event 350: 300..349 are processed
+    normally, 350..399 (the one that ended the job and those not re-run) are flagged, the job ends."""
+    path = eclreco.create_path()
+    path.add_module(CountingSource(n=20000))
+    path.add_module(_FailsThenExits(at=350))
+    rec = Recorder()
+    path.add_module(rec)
+    with pytest.raises(SystemExit) as info:
+        eclreco.process(path, threads=1, batch_size=100, install_signal_handlers=False)
+    assert info.value.code == 4
+    s = eclreco.statistics.summary()
+    assert s["received"] == 400 and s["processed"] == 400 and s["errors"] == 50
+    assert sorted(e for e, f in zip(rec.evt, rec.flags) if f) == list(range(350, 400))

@@ -160,8 +160,9 @@ void register_batch(py::module_& m) {
         }
         return capped;
       },
-      py::arg("values"), py::arg("reference"), py::arg("rows"), py::arg("ratio"),
-      "in place: values[r] = reference[r] at the rows where values[r] is not <= ratio * reference[r] (NaN "
+      // noconvert: a float64 array would be converted into a temporary copy and capped there, silently
+      py::arg("values").noconvert(), py::arg("reference"), py::arg("rows"), py::arg("ratio"),
+      "in place (values: float32): values[r] = reference[r] at the rows where values[r] is not <= ratio * reference[r] (NaN "
       "included); returns how many");
 
   py::class_<Collection>(m, "Collection", "Columns with per-event offsets (event i owns rows offsets[i]:offsets[i+1])")

@@ -365,23 +365,20 @@ class Run {
     }
     std::vector<EventBatch> parts;
     parts.reserve(batch.size());
-    std::string aborted;
+    std::string aborted;  // from the event that ended the job on, each event gets its message
     for (size_t i = 0; i < batch.size(); ++i) {
       EventBatch one = batch.select({i});
-      if (!aborted.empty()) {
-        flag(one, 0, m, aborted.c_str(), false);
-        parts.push_back(std::move(one));
-        continue;
+      if (aborted.empty()) {
+        try {
+          m.event(one);
+        } catch (const AbortJob& a) {
+          abort_job(m, a);
+          aborted = a.what();
+        } catch (const std::exception& e) {
+          flag(one, 0, m, e.what());
+        }
       }
-      try {
-        m.event(one);
-      } catch (const AbortJob& a) {
-        abort_job(m, a);
-        aborted = a.what();
-        flag(one, 0, m, a.what(), false);
-      } catch (const std::exception& e) {
-        flag(one, 0, m, e.what());
-      }
+      if (!aborted.empty()) flag(one, 0, m, aborted.c_str(), false);
       parts.push_back(std::move(one));
     }
     const uint64_t seq = batch.sequence;
