@@ -5,6 +5,7 @@
 #include <memory>
 #include <mutex>
 #include <stdexcept>
+#include <utility>
 #include <vector>
 
 #include "ecl/clustering.hpp"
@@ -63,7 +64,7 @@ class ECLClusterizer : public fw::Module {
     for (size_t i = 0; i < n; ++i) s->skip[i] = batch.is_rejected(i) ? 1 : 0;
     s->clusterer.run(n, digits.offsets(), digits.column("cell").values<int32_t>(),
                      digits.column("energy").values<float>(), digits.column("time").values<float>(),
-                     digits.column("quality").values<uint8_t>(), batch.detector(), s->skip.data(), s->out);
+                     digits.column("quality").values<uint8_t>(), std::as_const(batch).detector(), s->skip.data(), s->out);
     write(batch, &s->out);
     clusters_ += s->out.size();
     invalid_digits_ += s->out.invalid_digits;

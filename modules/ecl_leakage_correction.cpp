@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "ecl/geometry.hpp"
 #include "ecl/leakage.hpp"
@@ -58,13 +59,15 @@ class ECLLeakageCorrection : public fw::Module {
       return;
     }
     fw::Collection& c = batch.get(collection_);
-    const int64_t* off = c.offsets();
-    const float* e_raw = c.column("energy_raw").data<float>();
-    const int32_t* ring = c.column("ring").data<int32_t>();
-    const float* u = c.column("local_u").data<float>();
-    const float* v = c.column("local_v").data<float>();
+    // read through const: a non-const access unshares (copies) a column the processor's snapshot holds
+    const fw::Collection& in = c;
+    const int64_t* off = in.offsets();
+    const float* e_raw = in.column("energy_raw").data<float>();
+    const int32_t* ring = in.column("ring").data<int32_t>();
+    const float* u = in.column("local_u").data<float>();
+    const float* v = in.column("local_v").data<float>();
     float* e = c.column("energy").data<float>();
-    const uint8_t* det = batch.detector();
+    const uint8_t* det = std::as_const(batch).detector();
     uint64_t n = 0;
     for (size_t i = 0; i < batch.size(); ++i) {
       if (off[i + 1] == off[i]) continue;

@@ -33,6 +33,7 @@
 #include <limits>
 #include <sstream>
 #include <stdexcept>
+#include <utility>
 
 #include "ecl/digit_summary.hpp"
 #include "ecl/geometry.hpp"
@@ -274,7 +275,7 @@ class ECLUnpacker : public fw::Module {
     const int64_t* roff = ref.offsets();
     const int64_t* p_off = ref.column("offset").data<int64_t>();
     const int64_t* p_size = ref.column("size").data<int64_t>();
-    const uint8_t* det = batch.detector();
+    const uint8_t* det = std::as_const(batch).detector();
 
     size_t cap = 0;
     for (size_t i = 0; i < n; ++i)
@@ -291,7 +292,7 @@ class ECLUnpacker : public fw::Module {
     std::vector<uint64_t> scratch;
     size_t pos = 0;
     uint64_t rejected = 0;
-    const uint64_t* exps = batch.exp();
+    const uint64_t* exps = std::as_const(batch).exp();
     const uint64_t* runs = batch.run();
     // The payload of the last (exp, run) looked up, per detector (a batch holds one run, as a rule).
     const ConditionsPayload* cond[2] = {nullptr, nullptr};

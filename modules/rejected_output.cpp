@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstring>
 #include <stdexcept>
+#include <utility>
 
 #include <unistd.h>
 
@@ -75,15 +76,15 @@ class RejectedOutput : public fw::Module {
       }
       if (k & ecl::kKnownExp) {
         pk.pack(std::string("exp"));
-        pk.pack(batch.exp()[i]);
+        pk.pack(std::as_const(batch).exp()[i]);
       }
       if (k & ecl::kKnownRun) {
         pk.pack(std::string("run"));
-        pk.pack(batch.run()[i]);
+        pk.pack(std::as_const(batch).run()[i]);
       }
       if (k & ecl::kKnownEvt) {
         pk.pack(std::string("evt"));
-        pk.pack(batch.evt()[i]);
+        pk.pack(std::as_const(batch).evt()[i]);
       }
       ++written_;
     }

@@ -175,10 +175,12 @@ void register_batch(py::module_& m) {
         return names;
       })
       .def("__contains__", &Collection::has)
+      // read-only, zero-copy: a module that raises is re-run on the batch as it was before its call (the
+      // processor keeps that snapshot, sharing the buffers), which an in-place write would change too
       .def("__getitem__", [](const Collection& c, const std::string& name) {
         if (!c.has(name)) throw py::key_error("no column '" + name + "'");
-        return column_view(c.column(name), true);
-      })
+        return column_view(c.column(name), false);
+      }, "a read-only view of a column (no copy); write by assigning a new array: c[name] = c[name] * 2")
       .def("__setitem__", [](Collection& c, const std::string& name, const py::array& a) {
         c.set_column(name, column_from_array(a));
       }, "add or replace a column (copied); its length must be the collection's row count");
@@ -195,8 +197,10 @@ void register_batch(py::module_& m) {
         b.resize(n);
       }, py::arg("n_events"))
       .def_readwrite("sequence", &EventBatch::sequence)
+  // writable for a source (next_batch) and for code that builds a batch; read-only in a module's event():
+  // the event's identity is what its errors, rejections and outputs are keyed by
 #define META(field, T)                                                                         \
-  .def_property_readonly(#field, [](EventBatch& b) { return column_view(*b.metadata().at(#field), true); })
+  .def_property_readonly(#field, [](EventBatch& b) { return column_view(*b.metadata().at(#field), !in_python_event); })
       META(exp, uint64_t) META(run, uint64_t) META(evt, uint32_t) META(time_ns, int64_t) META(detector, uint8_t)
 #undef META
       // read-only: an event is rejected or flagged with its reason (reject, flag_error), so that it is counted

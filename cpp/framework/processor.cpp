@@ -347,20 +347,27 @@ class Run {
 
   // A module that raises on a batch is re-run event by event, so that only the events that
   // make it fail get the error flag and the others are processed normally.
+  // The re-run starts from the batch as it was before the call (a snapshot sharing the column
+  // buffers: copy-on-write, so it costs what the module writes), not as the module left it:
+  // what it wrote before raising would otherwise be applied twice to the innocent events.
   // A module that ends the job (AbortJob) flags the events of its call, and those it was not
   // called on yet in the re-run.
-  void call_event(Module& m, EventBatch& batch) {
+  // Returns the AbortJob's message when the module ended the job, "" otherwise.
+  std::string call_event(Module& m, EventBatch& batch) {
+    const EventBatch before = batch;
     try {
       m.event(batch);
-      return;
+      return {};
     } catch (const AbortJob& a) {
       abort_job(m, a);
+      batch = before;
       for (size_t i = 0; i < batch.size(); ++i) flag(batch, i, m, a.what(), false);
-      return;
+      return a.what();
     } catch (const std::exception& e) {
+      batch = before;
       if (batch.size() == 1) {
         flag(batch, 0, m, e.what());
-        return;
+        return {};
       }
     }
     std::vector<EventBatch> parts;
@@ -368,22 +375,15 @@ class Run {
     std::string aborted;  // from the event that ended the job on, each event gets its message
     for (size_t i = 0; i < batch.size(); ++i) {
       EventBatch one = batch.select({i});
-      if (aborted.empty()) {
-        try {
-          m.event(one);
-        } catch (const AbortJob& a) {
-          abort_job(m, a);
-          aborted = a.what();
-        } catch (const std::exception& e) {
-          flag(one, 0, m, e.what());
-        }
-      }
-      if (!aborted.empty()) flag(one, 0, m, aborted.c_str(), false);
+      if (aborted.empty())
+        aborted = call_event(m, one);
+      else
+        flag(one, 0, m, aborted.c_str(), false);
       parts.push_back(std::move(one));
     }
-    const uint64_t seq = batch.sequence;
     batch = EventBatch::concat(parts);
-    batch.sequence = seq;
+    batch.sequence = before.sequence;
+    return aborted;
   }
 
   // The first AbortJob is kept for execute(); the source is read no more.
