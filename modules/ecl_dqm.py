@@ -26,14 +26,17 @@ class ECLDQM(Module):
             raise ValueError("ECLDQM: min_cluster_energy_gev and max_photons_per_event must be >= 0")
         book = registry.book
         self.h = {
-            "cluster_energy": book(Histogram1D("cluster_energy", "cluster energy;E [GeV]", 120, 0, 6, "GeV")),
-            "cluster_multiplicity": book(Histogram1D("cluster_multiplicity", "clusters per event", 40, 0, 40)),
-            "cluster_time": book(Histogram1D("cluster_time", "cluster time;t [ns]", 100, -500, 500, "ns")),
-            "cluster_e1e9": book(Histogram1D("cluster_e1e9", "cluster E1/E9", 50, 0, 1)),
-            "gg_mass": book(Histogram1D("gg_mass", "two-photon invariant mass;m [GeV]", 100, 0.05, 0.25, "GeV")),
-            "digits_per_event": book(Histogram1D("digits_per_event", "ECL digits per event", 100, 0, 2000)),
+            "cluster_energy": book(Histogram1D("cluster_energy", "cluster energy", 120, 0, 6, "E [GeV]")),
+            "cluster_multiplicity": book(Histogram1D("cluster_multiplicity", "clusters per event", 40, 0, 40,
+                                                     "clusters with E >= min_cluster_energy_gev")),
+            "cluster_time": book(Histogram1D("cluster_time", "cluster time", 100, -500, 500, "t [ns]")),
+            # 51 bins of 0.02 up to 1.02: the last one holds E1/E9 = 1 (single-crystal clusters), which
+            # a [0, 1) axis put into the overflow
+            "cluster_e1e9": book(Histogram1D("cluster_e1e9", "cluster E1/E9", 51, 0, 1.02, "E1/E9")),
+            "gg_mass": book(Histogram1D("gg_mass", "two-photon invariant mass", 100, 0.05, 0.25, "two-photon mass [GeV]")),
+            "digits_per_event": book(Histogram1D("digits_per_event", "ECL digits per event", 100, 0, 2000, "digits")),
             "out_of_time_digits": book(Histogram1D("out_of_time_digits", "out-of-time digits per event "
-                                                   "(|t| > 125 ns: beam background)", 100, 0, 2000)),
+                                                   "(|t| > 125 ns: beam background)", 100, 0, 2000, "digits")),
             "rejections": book(CategoryHistogram("rejections", "rejected events by reason")),
         }
 

@@ -124,6 +124,45 @@ def test_dqm_written_and_drawn(tmp_path):
     assert (tmp_path / "png" / "digits_per_event.png").stat().st_size > 1000
 
 
+def test_dqm_root_histograms_carry_titles_flows_and_labels(tmp_path):
+    """What a ROOT user reads: title, x-axis title, under- and overflow, entries; category counts
+    as labelled bins, and one empty '(none)' bin when there is no category (a TAxis needs a bin)."""
+    from eclreco.dqm import CategoryHistogram
+
+    reg = DQMRegistry()
+    h = reg.book(Histogram1D("e", "cluster energy", 4, 0.0, 2.0, "E [GeV]"))
+    h.fill(np.array([-1.0, 0.1, 0.6, 0.6, 1.9, 2.0, 5.0]))
+    reg.book(CategoryHistogram("rejections", "rejected events by reason")).fill_counts({"crc_mismatch": 3, "bad_magic": 1})
+    reg.book(CategoryHistogram("nothing", "no categories"))
+    with uproot.recreate(tmp_path / "h.root") as f:
+        reg.write_root(f)
+    with uproot.open(tmp_path / "h.root") as f:
+        e = f["dqm/e"]
+        assert e.member("fTitle") == "cluster energy" and e.axis().member("fTitle") == "E [GeV]"
+        assert e.values(flow=True).tolist() == [1, 1, 2, 0, 1, 2] and e.member("fEntries") == 7
+        assert e.axis().edges().tolist() == [0.0, 0.5, 1.0, 1.5, 2.0]
+        r = f["dqm/rejections"]
+        assert list(r.axis().labels()) == ["bad_magic", "crc_mismatch"] and r.values().tolist() == [1, 3]
+        assert r.member("fTitle") == "rejected events by reason"
+        n = f["dqm/nothing"]
+        assert list(n.axis().labels()) == ["(none)"] and n.values().tolist() == [0]
+
+
+def test_ecldqm_e1e9_axis_holds_single_crystal_clusters(tmp_path):
+    """E1/E9 = 1 (a cluster of one crystal) is in the last bin, not the overflow."""
+    out = tmp_path / "e.root"
+    n = 50
+    path = eclreco.create_path()
+    path.add_module(ArraySource("ECLClusters", np.arange(n + 1), {
+        "energy": np.full(n, 0.5, np.float32), "e1e9": np.where(np.arange(n) % 2, 1.0, 0.7).astype(np.float32)}))
+    path.add_module("ECLDQM")
+    path.add_module("RootOutput", filename=str(out))
+    eclreco.process(path)
+    with uproot.open(out) as f:
+        v = f["dqm/cluster_e1e9"].values(flow=True)
+        assert v[0] == v[-1] == 0 and v[-2] == n // 2 and v.sum() == n
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int32, np.int64])
 def test_histogram_fill_in_cpp_matches_numpy_binning(dtype):
     """Histogram1D.fill (one C++ pass) puts every value where floor((v - lo) / (hi - lo) * nb) + 1

@@ -115,18 +115,35 @@ class DQMRegistry:
                     self.histograms[d["name"]] = Histogram1D.from_dict(d)
 
     def write_root(self, root_file, directory: str = "dqm") -> None:
-        """Writes every histogram into an open uproot file: TH1D for binned ones, and a TH1D with
-        one labelled bin per category (labels stored in the title) for category counts."""
+        """Writes every histogram into an open uproot file as a TH1D with its title, x-axis title,
+        under- and overflow and entries; category counts as a TH1D with one labelled bin per
+        category (ROOT's alphanumeric bins), sorted by label."""
         with self.lock:
             for name, h in self.histograms.items():
-                if isinstance(h, Histogram1D):
-                    root_file[f"{directory}/{name}"] = (h.counts[1:-1].copy(), h.edges.copy())
-                else:
-                    labels = sorted(h.counts)
-                    counts = np.array([h.counts[k] for k in labels], np.float64)
-                    edges = np.arange(len(labels) + 1, dtype=np.float64)
-                    root_file[f"{directory}/{name}"] = (counts, edges)
-                    root_file[f"{directory}/{name}_labels"] = ";".join(labels)
+                root_file[f"{directory}/{name}"] = _to_th1d(h)
+
+
+def _to_th1d(h):
+    from uproot.writing import to_TH1x, to_TObjString
+    from uproot.writing.identify import to_TAxis, to_THashList
+
+    if isinstance(h, Histogram1D):
+        counts, edges, labels, xlabel = h.counts, h.edges, None, h.xlabel
+    else:
+        names = sorted(h.counts) or ["(none)"]  # ROOT has no axis without bins
+        counts = np.array([0.0] + [h.counts.get(k, 0.0) for k in names] + [0.0])
+        edges = np.arange(len(names) + 1, dtype=np.float64)
+        labels = to_THashList([to_TObjString(k) for k in names])
+        for i, label in enumerate(labels):
+            label._bases[0]._members["@fUniqueID"] = i + 1  # the bin number, as TAxis::SetBinLabel sets it
+        xlabel = ""
+    inner = counts[1:-1]
+    centers = 0.5 * (edges[:-1] + edges[1:])
+    # ROOT's statistics (GetMean, GetStdDev) are of the in-range bins; entries count every fill
+    axis = to_TAxis("xaxis", xlabel, len(edges) - 1, float(edges[0]), float(edges[-1]), fLabels=labels)
+    return to_TH1x(h.name, h.title, np.asarray(counts, np.float64), float(counts.sum()), float(inner.sum()),
+                   float(inner.sum()), float((inner * centers).sum()), float((inner * centers**2).sum()),
+                   np.asarray(counts, np.float64), axis)
 
 
 registry = DQMRegistry()
@@ -148,18 +165,22 @@ def draw(root_path: str, out_dir: str) -> list[str]:
         d = f["dqm"]
         for key in sorted({k.split(";")[0] for k in d.keys(recursive=False)}):
             obj = d[key]
-            if key.endswith("_labels") or not hasattr(obj, "to_numpy"):
+            if not hasattr(obj, "to_numpy"):
                 continue
             counts, edges = obj.to_numpy()
+            flow = obj.values(flow=True)
             fig, ax = plt.subplots(figsize=(6, 4))
-            label_key = f"{key}_labels"
-            if label_key in {k.split(";")[0] for k in d.keys(recursive=False)}:
-                labels = str(d[label_key]).split(";") if str(d[label_key]) else []
+            labels = obj.axis().labels()
+            if labels:
                 ax.bar(range(len(counts)), counts)
                 ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
             else:
                 ax.stairs(counts, edges, fill=True, alpha=0.6)
+                if flow[0] or flow[-1]:  # what the axis range does not show is said
+                    ax.text(0.98, 0.95, f"underflow {flow[0]:g}, overflow {flow[-1]:g}", transform=ax.transAxes,
+                            ha="right", va="top", fontsize=8)
             ax.set_title(obj.member("fTitle") or key)
+            ax.set_xlabel(obj.axis().member("fTitle"))
             ax.set_ylabel("entries")
             fig.tight_layout()
             out = os.path.join(out_dir, f"{key}.png")
