@@ -986,3 +986,26 @@ def test_event_identity_is_read_only_in_a_module(capfd):
     assert rec.evt == list(range(10)) and all(rec.flags)
     err = capfd.readouterr().err
     assert "_RenumbersEvents raised on" in err and "read-only" in err, err
+
+
+def _divide(x):
+    return 1 / x  # the line the error message names
+
+
+class _DividesByZero(eclreco.Module):
+    def event(self, batch):
+        return _divide(0)  # and the line of event() that called it
+
+
+def test_a_python_module_error_names_the_line_that_raised_and_the_event_line(capfd):
+    import inspect
+
+    path = eclreco.create_path()
+    path.add_module(CountingSource(n=3))
+    path.add_module(_DividesByZero())
+    eclreco.process(path, install_signal_handlers=False)
+    raise_line = inspect.getsourcelines(_divide)[1] + 1
+    call_line = inspect.getsourcelines(_DividesByZero.event)[1] + 1
+    err = capfd.readouterr().err
+    assert (f"ZeroDivisionError: division by zero (at {__file__}:{raise_line} in _divide, "
+            f"called from {__file__}:{call_line} in event)") in err, err

@@ -1,5 +1,7 @@
 #include <pybind11/stl.h>
 
+#include <string>
+
 #include "framework/heap.hpp"
 #include "framework/processor.hpp"
 #include "framework/registry.hpp"
@@ -27,12 +29,27 @@ bool is_bool(py::handle v) {
     const auto nl = msg.find('\n');
     throw fw::AbortJob("job ended by " + msg.substr(0, nl), std::make_exception_ptr(e));
   }
+  // One line per event that still says where: the line that raised and, when that is in a
+  // function it called, the line of the module's own method (the traceback's first entry is
+  // the method called from C++); pybind11's "At:" text walks the whole stack instead.
   const auto at = msg.find("\n\nAt:");
   if (at != std::string::npos) msg = msg.substr(0, at);
+  std::string where;
+  py::object tb = e.trace();
+  if (tb && !tb.is_none()) {
+    auto frame = [](const py::handle& t) {
+      const py::object code = t.attr("tb_frame").attr("f_code");
+      return py::str(code.attr("co_filename")).cast<std::string>() + ":" +
+             std::to_string(t.attr("tb_lineno").cast<long>()) + " in " + py::str(code.attr("co_name")).cast<std::string>();
+    };
+    py::object last = tb;
+    while (!last.attr("tb_next").is_none()) last = last.attr("tb_next");
+    where = " (at " + frame(last) + (last.is(tb) ? "" : ", called from " + frame(tb)) + ")";
+  }
   // an exception raised without a message: its type says what happened (pybind11 writes a placeholder)
   const auto empty = msg.find("<EMPTY MESSAGE>");
   if (empty != std::string::npos) msg = msg.substr(0, empty) + "(no message)";
-  throw std::runtime_error(msg);
+  throw std::runtime_error(msg + where);
 }
 
 // The GIL for a call from a framework thread into Python. For a thread without a Python thread
