@@ -112,4 +112,4 @@ class RawFileInput : public fw::Module {
 }  // namespace
 
 ECLRECO_REGISTER_MODULE(RawFileInput, "RawFileInput",
-                        "reads a raw file of MessagePack envelopes (spec/wire-format.md) into batches")
+                        "reads a raw file of MessagePack envelopes (docs/wire-format.md) into batches")

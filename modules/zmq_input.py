@@ -1,4 +1,4 @@
-"""ZMQInput: raw events (spec/wire-format.md, one envelope per message) from a ZeroMQ PULL socket."""
+"""ZMQInput: raw events (docs/wire-format.md, one envelope per message) from a ZeroMQ PULL socket."""
 from __future__ import annotations
 
 import sys

@@ -575,6 +575,53 @@ def test_parameters_numpy_scalars_nan_and_range():
             eclreco.process(path, install_signal_handlers=False)
 
 
+class _Declares(eclreco.Module):
+    def __init__(self, **defaults):
+        super().__init__()
+        for name, value in defaults.items():
+            self.add_param(name, value, name)
+
+
+def test_python_parameter_defaults_are_checked_and_typed_like_values():
+    """add_param's default goes through the checks of set_param (NaN/inf refused, was accepted);
+    numpy scalars infer their type (np.True_ is a bool and was refused as a value); an empty list
+    needs type= (was typed list[float] silently)."""
+    m = _Declares(flag=np.True_, n=np.int64(3), x=np.float32(0.5), ints=[1, 2], mixed=[1, 2.5])
+    types = {p["name"]: p["type"] for p in m.param_list()}
+    assert types == {"flag": "bool", "n": "int", "x": "float", "ints": "list[int]", "mixed": "list[float]"}
+    m.set_param("flag", np.False_)
+    assert m.param("flag") is False
+    for bad in (float("nan"), float("inf"), [1.0, float("nan")]):
+        with pytest.raises(eclreco.ParameterError, match="'p' must be a finite number"):
+            _Declares(p=bad)
+    for bad, match in (([], "empty list default; pass type="), ([1, "a"], "mixed elements")):
+        with pytest.raises(TypeError, match=match):
+            _Declares(p=bad)
+
+
+class _OrderedAttribute(eclreco.Module):
+    ordered = True
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"max_events": -1}, ValueError, "max_events must be >= 0"),
+    ({"max_events": 1.5}, TypeError, "max_events must be an int, not float"),
+    ({"threads": "2"}, TypeError, "threads must be an int, not str"),
+    ({"batch_size": True}, TypeError, "batch_size must be an int, not bool"),
+])
+def test_process_arguments_get_one_line_errors(kwargs, error, match):
+    """Were pybind11's several-line 'incompatible function arguments'."""
+    path = eclreco.create_path()
+    path.add_module(CountingSource(n=3))
+    with pytest.raises(error, match=match):
+        eclreco.process(path, install_signal_handlers=False, **kwargs)
+
+
+def test_a_flag_that_is_not_a_method_is_refused_naming_the_module():
+    with pytest.raises(TypeError, match=r"_OrderedAttribute: ordered must be a method returning bool"):
+        eclreco.create_path().add_module(_OrderedAttribute())
+
+
 @pytest.mark.parametrize("module,params,match", [
     ("EventInfoSetter", {"events": -5}, "events must be >= 0"),  # used to run forever (cast to uint64)
     ("EventInfoSetter", {"exp": -1}, "exp must be >= 0"),
@@ -744,7 +791,7 @@ def test_an_exception_without_a_message_is_named_by_its_type(capfd):
     path.add_module(ArraySource("X", np.arange(3), {"a": np.zeros(2)}))
     path.add_module(Silent())
     eclreco.process(path, install_signal_handlers=False)
-    assert eclreco.statistics.state.error_messages()[0].endswith("ValueError: (no message)")
+    assert "ValueError: (no message) (at " in eclreco.statistics.state.error_messages()[0]
 
 
 # Page faults when 12 MB of 30 kB blocks are freed and taken again: glibc's default gives the
@@ -1009,3 +1056,16 @@ def test_a_python_module_error_names_the_line_that_raised_and_the_event_line(cap
     err = capfd.readouterr().err
     assert (f"ZeroDivisionError: division by zero (at {__file__}:{raise_line} in _divide, "
             f"called from {__file__}:{call_line} in event)") in err, err
+
+
+def test_a_module_type_twice_in_a_path_gets_numbered_in_the_statistics():
+    """The statistics table, summary() and the Prometheus labels name modules alike: the second
+    NoOp is NoOp#1 (the table showed two rows called NoOp)."""
+    path = eclreco.create_path()
+    path.add_module(CountingSource(n=10))
+    path.add_module("NoOp")
+    path.add_module("NoOp")
+    eclreco.process(path, install_signal_handlers=False)
+    assert [m["name"] for m in eclreco.statistics.summary()["modules"]] == ["CountingSource", "NoOp", "NoOp#1"]
+    rows = [line.split()[0] for line in str(eclreco.statistics).splitlines()[2:5]]
+    assert rows == ["CountingSource", "NoOp", "NoOp#1"]

@@ -15,9 +15,12 @@ thread_local bool in_python_event = false;
 
 namespace {
 
-// Python's bool or numpy's bool_.
+// Python's bool or numpy's (numpy.bool_, named numpy.bool since numpy 2).
 bool is_bool(py::handle v) {
-  return py::isinstance<py::bool_>(v) || std::string(py::str(py::type::of(v).attr("__name__"))) == "bool_";
+  if (py::isinstance<py::bool_>(v)) return true;
+  const py::handle t = py::type::of(v);
+  const std::string name = py::str(t.attr("__name__"));
+  return (name == "bool_" || name == "bool") && std::string(py::str(t.attr("__module__"))) == "numpy";
 }
 
 // A Python exception as a C++ one: the message without pybind11's traceback appendix.
@@ -223,15 +226,14 @@ std::optional<std::vector<T>> as_list(py::handle v, Pred ok) {
 }
 
 // Python value -> the declared parameter type; a TypeError names the module and the parameter.
-ParamValue to_param(const Module& m, const std::string& name, py::handle v) {
-  const ParamType t = m.params().get(name).type;
+ParamValue to_param(const Module& m, const std::string& name, ParamType t, py::handle v) {
   auto fail = [&]() -> ParamValue {
     throw py::type_error(m.type() + ": parameter '" + name + "' must be " + fw::param_type_name(t) +
                          ", got " + std::string(py::str(py::type::of(v).attr("__name__"))) + " (" +
                          std::string(py::repr(v)) + ")");
   };
   switch (t) {
-    case ParamType::Bool: return py::isinstance<py::bool_>(v) ? ParamValue(v.cast<bool>()) : fail();
+    case ParamType::Bool: return is_bool(v) ? ParamValue(PyObject_IsTrue(v.ptr()) == 1) : fail();
     case ParamType::Int: return is_int(v) ? ParamValue(to_int64(v)) : fail();
     case ParamType::Float: return is_number(v) ? ParamValue(to_double(v)) : fail();
     case ParamType::Str:
@@ -252,6 +254,10 @@ ParamValue to_param(const Module& m, const std::string& name, py::handle v) {
     }
   }
   return fail();
+}
+
+ParamValue to_param(const Module& m, const std::string& name, py::handle v) {
+  return to_param(m, name, m.params().get(name).type, v);
 }
 
 ParamType type_from_name(const std::string& s) {
@@ -302,14 +308,9 @@ void register_framework(py::module_& m) {
       .def("declare_param", [](Module& self, const std::string& name, const std::string& type,
                                py::object default_value, const std::string& description) {
         const ParamType t = type_from_name(type);
-        self.params().declare(name, t, std::nullopt, description);
-        if (!default_value.is_none()) {
-          ParamValue v = to_param(self, name, default_value);
-          // Re-declare with the converted default (declare() is the only way to set one).
-          auto& list = const_cast<std::vector<fw::Parameter>&>(self.params().list());
-          list.back().default_value = v;
-          list.back().value = v;
-        }
+        std::optional<ParamValue> d;
+        if (!default_value.is_none()) d = to_param(self, name, t, default_value);
+        self.params().declare(name, t, std::move(d), description);  // checks the default as set_param checks a value
       }, py::arg("name"), py::arg("type"), py::arg("default"), py::arg("description"))
       .def("param_list", [](const Module& self) {
         py::list out;

@@ -44,6 +44,7 @@ std::string format_param_value(const ParamValue& v) {
 void Parameters::declare(const std::string& name, ParamType type, std::optional<ParamValue> default_value,
                          const std::string& description, std::function<void(const ParamValue&)> store) {
   if (find(name)) throw std::logic_error(owner_ + ": parameter '" + name + "' declared twice");
+  if (default_value) default_value = checked(name, type, std::move(*default_value));
   Parameter p{name, type, default_value, description, default_value.value_or(ParamValue{}), false,
               std::move(store)};
   params_.push_back(std::move(p));
@@ -74,23 +75,17 @@ static bool matches(ParamType t, const ParamValue& v) {
   return false;
 }
 
-void Parameters::set(const std::string& name, ParamValue value) {
-  Parameter* p = const_cast<Parameter*>(find(name));
-  if (!p) {
-    std::string known;
-    for (const auto& q : params_) known += (known.empty() ? "" : ", ") + q.name;
-    throw ParameterError(owner_ + ": unknown parameter '" + name + "' (parameters: " +
-                         (known.empty() ? "none" : known) + ")");
-  }
-  // An int is a valid float (and a list of ints a valid list of floats), never the reverse.
-  if (p->type == ParamType::Float && std::holds_alternative<int64_t>(value))
+// The value as the parameter's type holds it (an int is a valid float, and a list of ints a valid
+// list of floats, never the reverse); ParameterError for another type or a non-finite number.
+ParamValue Parameters::checked(const std::string& name, ParamType type, ParamValue value) const {
+  if (type == ParamType::Float && std::holds_alternative<int64_t>(value))
     value = static_cast<double>(std::get<int64_t>(value));
-  if (p->type == ParamType::FloatList && std::holds_alternative<std::vector<int64_t>>(value)) {
+  if (type == ParamType::FloatList && std::holds_alternative<std::vector<int64_t>>(value)) {
     const auto& iv = std::get<std::vector<int64_t>>(value);
     value = std::vector<double>(iv.begin(), iv.end());
   }
-  if (!matches(p->type, value))
-    throw ParameterError(owner_ + ": parameter '" + name + "' must be " + param_type_name(p->type));
+  if (!matches(type, value))
+    throw ParameterError(owner_ + ": parameter '" + name + "' must be " + param_type_name(type));
   // NaN is no setting of anything (every comparison with it is false: a threshold would pass all), and
   // an infinite time or energy overflows the conversions after it (a poll timeout in ms, a bin index)
   auto non_finite = [](double x) { return !std::isfinite(x); };
@@ -99,6 +94,18 @@ void Parameters::set(const std::string& name, ParamValue value) {
        std::any_of(std::get<std::vector<double>>(value).begin(), std::get<std::vector<double>>(value).end(),
                    non_finite)))
     throw ParameterError(owner_ + ": parameter '" + name + "' must be a finite number, not NaN or inf");
+  return value;
+}
+
+void Parameters::set(const std::string& name, ParamValue value) {
+  Parameter* p = const_cast<Parameter*>(find(name));
+  if (!p) {
+    std::string known;
+    for (const auto& q : params_) known += (known.empty() ? "" : ", ") + q.name;
+    throw ParameterError(owner_ + ": unknown parameter '" + name + "' (parameters: " +
+                         (known.empty() ? "none" : known) + ")");
+  }
+  value = checked(name, p->type, std::move(value));
   if (p->store) {
     try {
       p->store(value);

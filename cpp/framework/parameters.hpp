@@ -71,6 +71,7 @@ class Parameters {
   const std::vector<Parameter>& list() const { return params_; }
 
  private:
+  ParamValue checked(const std::string& name, ParamType type, ParamValue value) const;
   // Writes a value into the module's member; an int64 that the member's type cannot hold is a
   // std::out_of_range (set() names the parameter), not a silent truncation.
   template <class T>

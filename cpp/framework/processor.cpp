@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <deque>
 #include <iomanip>
+#include <map>
 #include <sstream>
 #include <stdexcept>
 #include <thread>
@@ -469,9 +470,11 @@ void Processor::process(Path& path, const ProcessOptions& options) {
   options.validate();  // before anything of the previous run's state is replaced
   retain_freed_memory();  // the next batch reuses what this one frees (heap.hpp)
   state_ = std::make_shared<ProcessState>();
+  std::map<std::string, int> seen;  // the same module type twice in a path: RootOutput, RootOutput#1
   for (auto& m : path.modules()) {
     state_->modules.push_back(std::make_unique<ModuleCounters>());
-    state_->modules.back()->name = m->type();
+    const int k = seen[m->type()]++;
+    state_->modules.back()->name = k ? m->type() + "#" + std::to_string(k) : m->type();
   }
   SignalGuard guard(options.install_signal_handlers);
   clear_stop();

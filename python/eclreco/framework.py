@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import numbers
 import os
 import pkgutil
 import sys
@@ -12,22 +13,25 @@ from eclreco import _core
 
 REQUIRED = object()  # default of a parameter that a steering file must set
 
-_PY_TYPES = {bool: "bool", int: "int", float: "float", str: "str"}
-
-
 def _infer_type(default: Any) -> str:
-    if isinstance(default, bool):
+    # numpy's scalars too (np.True_, np.int64(5), np.float32(0.5)): numbers.Integral / Real
+    if isinstance(default, bool) or (type(default).__module__ == "numpy" and type(default).__name__ in ("bool", "bool_")):
         return "bool"
-    for py_type, name in _PY_TYPES.items():
-        if isinstance(default, py_type):
-            return name
+    if isinstance(default, numbers.Integral):
+        return "int"
+    if isinstance(default, numbers.Real):
+        return "float"
+    if isinstance(default, str):
+        return "str"
     if isinstance(default, (list, tuple)):
+        if not default:
+            raise TypeError("cannot infer the element type of an empty list default; pass type='list[float]', "
+                            "'list[int]' or 'list[str]'")
         kinds = {_infer_type(x) for x in default}
-        if kinds <= {"int"} and default:
-            return "list[int]"
-        if kinds <= {"str"} and default:
-            return "list[str]"
-        return "list[float]"
+        for kinds_in, name in (({"int"}, "list[int]"), ({"str"}, "list[str]"), ({"int", "float"}, "list[float]")):
+            if kinds <= kinds_in:
+                return name
+        raise TypeError(f"cannot infer a parameter type from {default!r} (mixed elements); pass type=")
     raise TypeError(f"cannot infer a parameter type from {default!r}; pass type=")
 
 
@@ -111,6 +115,11 @@ class Path:
             raise TypeError(f"add_module takes a module name or a Module, not {type(module).__name__}")
         elif any(m is module for m in self._modules):  # its event() would run twice on each batch
             raise ValueError(f"add_module: this {module.type} instance is already in the path (create another one)")
+        for flag in ("is_source", "ordered", "drains_at_stop"):
+            # the processor calls them; a class attribute `ordered = True` would fail there, unnamed
+            if not callable(getattr(module, flag)):
+                raise TypeError(f"{module.type}: {flag} must be a method returning bool "
+                                f"(def {flag}(self): return True), not {type(getattr(module, flag)).__name__}")
         for key, value in params.items():
             module.set_param(key, value)
         module.check_required()
@@ -221,10 +230,15 @@ def process(path: Path, max_events: int = 0, threads: int = 1, batch_size: int =
     threads > 1 processes batches concurrently; output modules still see them in input order.
     SIGINT/SIGTERM end the run cleanly (outputs are closed); a second signal kills.
     """
+    for name, value in (("max_events", max_events), ("threads", threads), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"process(): {name} must be an int, not {type(value).__name__} ({value!r})")
+    if max_events < 0:
+        raise ValueError(f"process(): max_events must be >= 0 (0: every event), not {max_events}")
     _check_files(path)
     processor = _core.Processor()
     statistics._attach(processor)
-    processor.process(path._cpp, max_events=max_events, threads=threads, batch_size=batch_size,
+    processor.process(path._cpp, max_events=int(max_events), threads=int(threads), batch_size=int(batch_size),
                       install_signal_handlers=install_signal_handlers)
     if sys.stdout:
         sys.stdout.flush()

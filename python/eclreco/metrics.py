@@ -207,14 +207,8 @@ class ProcessMetricsCollector(Collector):
         me = CounterMetricFamily("eclreco_module_events", "Events seen by a module", labels=["module"])
         mc = CounterMetricFamily("eclreco_module_cpu_seconds", "CPU time of the calling thread in a module",
                                  labels=["module"])
-        seen = {}
         for key, m in sorted(modules.items(), key=lambda kv: int(kv[0].split(":")[0])):
-            label = m["name"]
-            if label in seen:  # the same module type twice in a path
-                seen[label] += 1
-                label = f"{label}#{seen[label]}"
-            else:
-                seen[label] = 0
+            label = m["name"]  # unique in a path: the processor numbers a repeated type (RootOutput#1)
             mh.add_metric([label], _hist_buckets(_core.BATCH_SECONDS_BUCKETS, m["hist"]), sum_value=m["seconds"])
             me.add_metric([label], m["events"])
             mc.add_metric([label], m["cpu_seconds"])
