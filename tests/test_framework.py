@@ -1069,3 +1069,56 @@ def test_a_module_type_twice_in_a_path_gets_numbered_in_the_statistics():
     assert [m["name"] for m in eclreco.statistics.summary()["modules"]] == ["CountingSource", "NoOp", "NoOp#1"]
     rows = [line.split()[0] for line in str(eclreco.statistics).splitlines()[2:5]]
     assert rows == ["CountingSource", "NoOp", "NoOp#1"]
+
+
+class _ExitsIn(eclreco.Module):
+    """SystemExit(3) from the method named `where`; logs the calls it gets."""
+
+    def __init__(self, where):
+        super().__init__()
+        self.where, self.log = where, []
+
+    def initialize(self):
+        self.log.append("initialize")
+        if self.where == "initialize":
+            raise SystemExit(3)
+
+    def begin_run(self, exp, run):
+        self.log.append("begin_run")
+        if self.where == "begin_run":
+            raise SystemExit(3)
+
+    def end_run(self, exp, run):
+        self.log.append("end_run")
+
+    def terminate(self):
+        self.log.append("terminate")
+
+
+class _SourceExitsAfter(CountingSource):
+    def __init__(self, n, exit_after):
+        super().__init__(n=n)
+        self.exit_after = exit_after
+
+    def next_batch(self, batch, max_events):
+        more = super().next_batch(batch, max_events)
+        if self.next > self.exit_after:
+            raise SystemExit(3)
+        return more
+
+
+@pytest.mark.parametrize("where,log,received,processed", [
+    ("initialize", ["initialize"], 0, 0),  # was RuntimeError('job ended by SystemExit: 3')
+    ("begin_run", ["initialize", "begin_run", "terminate"], 100, 0),  # its run never began: no end_run
+    ("next_batch", ["initialize", "begin_run", "end_run", "terminate"], 500, 500),
+])
+def test_sys_exit_outside_event_ends_the_job_as_sys_exit(where, log, received, processed):
+    path = eclreco.create_path()
+    path.add_module(_SourceExitsAfter(n=2000, exit_after=500 if where == "next_batch" else 10 ** 9))
+    m = _ExitsIn(where)
+    path.add_module(m)
+    with pytest.raises(SystemExit) as info:
+        eclreco.process(path, batch_size=100, install_signal_handlers=False)
+    assert info.value.code == 3 and m.log == log
+    s = eclreco.statistics.summary()
+    assert (s["received"], s["processed"]) == (received, processed)

@@ -133,9 +133,13 @@ class Run {
   }
 
   void execute() {
-    for (auto& m : modules_) {
-      m->params().check_required();
-      lifecycle(*m, "initialize", [&] { m->initialize(); });
+    try {
+      for (auto& m : modules_) {
+        m->params().check_required();
+        lifecycle(*m, "initialize", [&] { m->initialize(); });
+      }
+    } catch (...) {
+      rethrow_unwrapped(std::current_exception());
     }
     const double loop_start = now_seconds();
     const int n_threads = opt_.threads;
@@ -163,16 +167,20 @@ class Run {
       std::lock_guard<std::mutex> lock(abort_mu_);
       if (!fatal) fatal = abort_;
     }
-    if (!fatal) return;
+    if (fatal) rethrow_unwrapped(fatal);
+  }
+
+ private:
+  // An AbortJob leaves process() as the module's own exception (Python's SystemExit).
+  [[noreturn]] static void rethrow_unwrapped(std::exception_ptr e) {
     try {
-      std::rethrow_exception(fatal);
+      std::rethrow_exception(e);
     } catch (const AbortJob& a) {
-      if (a.cause()) std::rethrow_exception(a.cause());  // the module's own exception (Python's SystemExit)
+      if (a.cause()) std::rethrow_exception(a.cause());
       throw;
     }
   }
 
- private:
   static constexpr uint64_t kErrorsPrinted = 20;
   std::atomic<uint64_t> errors_printed_{0};
 
