@@ -1,7 +1,9 @@
 """Envelope decoding (every rejection reason), RawFileInput, RejectedOutput, the encoder's
 helpers and the DAQ emulator."""
+import re
 import struct
 import threading
+import time
 import zlib
 
 import msgpack
@@ -635,6 +637,43 @@ def test_daq_emulator_delivers_everything(tmp_path, zmq_context):
         orig = msgpack.unpackb(msgs[i % len(msgs)], raw=False)
         assert e["ecl"] == orig["ecl"] and {k: v for k, v in e.items() if k != "evt"} == \
             {k: v for k, v in orig.items() if k != "evt"}
+
+
+def test_daq_emulator_stops_when_the_receiver_takes_nothing(tmp_path, zmq_context, capsys):
+    """A receiver that is not there (bound, nobody connected) or gone (after taking 100 events):
+    the send queue fills, the emulator says so and, with --stall-timeout-s, stops with exit 1
+    (it blocked in send for ever, silently)."""
+    import zmq
+    from eclreco import daq
+
+    msgs = rawdata.encode_events("array30", 0, 1, np.arange(50), **random_digits(np.random.default_rng(2), "array30",
+                                                                                 50, max_digits=10))
+    f = tmp_path / "daq.msgpack"
+    rawdata.write_raw_file(f, msgs)
+    import argparse
+    parser = argparse.ArgumentParser()
+    daq.add_daq_emulator_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["daq-emulator", "--input", str(f), "--bind", "tcp://127.0.0.1:*", "--loop",
+                              "--stall-timeout-s", "1.5", "--sched", "normal"])
+    t0 = time.monotonic()
+    assert args.func(args) == 1
+    assert time.monotonic() - t0 < 20
+    out = capsys.readouterr().out
+    assert re.search(r"error: stopped after 1\.[5-9] s in which the receiver", out) and "0 events were handed" in out, out
+    # a receiver that goes away
+    pull = zmq_context.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    res = {}
+    th = threading.Thread(target=lambda: res.update(daq.emulate(msgs, f"tcp://127.0.0.1:{port}", loop=True,
+                                                                linger_ms=0, stall_timeout_s=1.0)))
+    th.start()
+    for _ in range(100):
+        assert pull.poll(5000)
+        pull.recv()
+    pull.close()
+    th.join(120)
+    assert not th.is_alive() and res["stopped_stalled"] and res["sent"] >= 100 and res["stalled_s"] >= 1.0
 
 
 def test_loop_renumbering_carries_evt_into_run():

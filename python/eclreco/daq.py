@@ -115,11 +115,15 @@ class LoopRenumbering:
 
 def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: float = 0.0, loop: bool = False,
             events: int = 0, linger_ms: int = 10000, report: Callable[[str], None] | None = None,
-            context=None, curve=None, curve_server: str = "distributor", tick_s: float = 1e-3) -> dict:
-    """Send `messages` over a PUSH socket; returns {"sent", "seconds", "rate_hz"}.
+            context=None, curve=None, curve_server: str = "distributor", tick_s: float = 1e-3,
+            stall_timeout_s: float = 0.0) -> dict:
+    """Send `messages` over a PUSH socket; returns {"sent", "seconds", "rate_hz", "stalled_s", ...}.
 
     events: stop after this many messages (0: the whole file once, or forever with loop).
     tick_s: with a rate, the messages due are sent in bursts at most this far apart.
+    stall_timeout_s: a receiver that takes nothing (gone, or no receiver at a bound address: the
+    send queue is full) is reported every 5 s; after this long without a message taken the
+    replay stops (0: it waits).
     """
     import zmq
 
@@ -132,6 +136,7 @@ def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: f
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, linger_ms)
     sock.setsockopt(zmq.SNDHWM, 100000)
+    sock.setsockopt(zmq.SNDTIMEO, 250)  # a full queue: wake up to count the stall (and say so every 5 s)
     if curve is not None:  # eclreco.curve.Curve: CURVE server when binding, else client of curve_server
         curve.apply(sock, bind, curve_server)
     # A PUSH socket takes messages whether or not a receiver ever completes the handshake (none
@@ -150,8 +155,29 @@ def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: f
     start = time.monotonic()
     last_report, last_sent = start, 0
     max_burst = 4096
+    stalled_s, gave_up = 0.0, False
+
+    def send(m) -> bool:
+        """False when the replay is to stop: nothing taken for stall_timeout_s."""
+        nonlocal stalled_s, gave_up
+        t0, next_report = time.monotonic(), 5.0
+        while True:
+            try:
+                sock.send(m, copy=False)  # pyzmq copies what is below its copy_threshold
+                return True
+            except zmq.Again:
+                waited = time.monotonic() - t0
+                stalled_s = max(stalled_s, waited)
+                if stall_timeout_s > 0 and waited >= stall_timeout_s:
+                    gave_up = True
+                    return False
+                if report and waited >= next_report:
+                    next_report += 5.0
+                    report(f"[daq-emulator] blocked for {waited:.0f} s: the receiver at {address} takes no events "
+                           f"(gone, or not there); {sent} sent")
+
     try:
-        while total == 0 or sent < total:
+        while (total == 0 or sent < total) and not gave_up:
             now = time.monotonic()
             if rate > 0:
                 due = int((now - start) * rate) + 1 - sent
@@ -165,7 +191,8 @@ def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: f
             burst = min(due, max_burst) if total == 0 else min(due, max_burst, total - sent)
             for _ in range(burst):
                 m = renumber.message(idx, pass_k) if pass_k else messages[idx]
-                sock.send(m, copy=False)  # pyzmq copies what is below its copy_threshold
+                if not send(m):
+                    break
                 sent += 1
                 idx += 1
                 if idx == n_msgs:
@@ -188,10 +215,15 @@ def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: f
         if own_context:
             ctx.term()
     result = {"sent": sent, "seconds": seconds, "rate_hz": sent / seconds if seconds > 0 else 0.0,
-              "handshakes": handshakes.handshakes, "handshake_failures": handshakes.auth_failures}
+              "handshakes": handshakes.handshakes, "handshake_failures": handshakes.auth_failures,
+              "stalled_s": stalled_s, "stopped_stalled": gave_up}
     if report:
         report(f"[daq-emulator] sent {sent} events in {seconds:.3f} s: {result['rate_hz']:,.0f} Hz achieved"
                + (f" (asked {rate:,.0f} Hz)" if rate > 0 else " (as fast as possible)"))
+        if gave_up:
+            report(f"[daq-emulator] error: stopped after {stalled_s:.1f} s in which the receiver at {address} took "
+                   f"no event (--stall-timeout-s); {sent} events were handed to ZeroMQ, those still queued were not "
+                   f"delivered")
         if sent and not handshakes.handshakes:
             report(f"[daq-emulator] error: no receiver completed a handshake with {address} "
                    f"({handshakes.auth_failures} failed handshakes); the {sent} events were not delivered"
@@ -214,8 +246,9 @@ def run_daq_emulator(args: argparse.Namespace) -> int:
 
     res = emulate(messages, address, bind=bool(args.bind), rate=args.rate, loop=args.loop, events=args.events,
                   report=lambda s: print(s, flush=True), curve=Curve.from_args(args, "daq"),
-                  curve_server=args.curve_server, tick_s=args.tick_ms * 1e-3)
-    return 1 if res["sent"] and not res["handshakes"] else 0  # nothing was delivered (said above)
+                  curve_server=args.curve_server, tick_s=args.tick_ms * 1e-3, stall_timeout_s=args.stall_timeout_s)
+    # nothing was delivered, or the receiver stopped taking events (said above)
+    return 1 if (res["sent"] and not res["handshakes"]) or res["stopped_stalled"] else 0
 
 
 def add_daq_emulator_parser(subparsers) -> argparse.ArgumentParser:
@@ -229,6 +262,8 @@ def add_daq_emulator_parser(subparsers) -> argparse.ArgumentParser:
     where.add_argument("--bind", metavar="ADDR", help="bind the PUSH socket to ADDR, e.g. tcp://127.0.0.1:5555")
     p.add_argument("--rate", type=NON_NEGATIVE, default=0.0, help="events per second (0: as fast as possible)")
     p.add_argument("--tick-ms", type=POSITIVE, default=1.0, help="with --rate: send what is due every TICK ms")
+    p.add_argument("--stall-timeout-s", type=NON_NEGATIVE, default=0.0,
+                   help="stop (exit 1) when the receiver has taken no event for this long (0: wait, saying so every 5 s)")
     scheduling.add_scheduling_argument(p)
     p.add_argument("--loop", action="store_true", help="replay the file again and again (pass k: "
                    "(run, evt) shifted by k x the file's span, evt carrying into run, so that event numbers stay unique)")
