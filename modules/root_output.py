@@ -9,21 +9,9 @@ import numpy as np
 
 from eclreco import ERROR_REJECTED, Module, _core
 
-# ECLClusters column -> branch name after the "cluster_" prefix.
-CLUSTER_BRANCHES = {
-    "energy_raw": "energy_raw",
-    "energy": "energy",
-    "theta": "theta",
-    "phi": "phi",
-    "x": "x",
-    "y": "y",
-    "z": "z",
-    "time": "time",
-    "n_crystals": "n_crystals",
-    "seed_cell": "seed_cell",
-    "e1e9": "e1e9",
-    "e9e21": "e9e21",
-}
+# ECLClusters columns written by default, as branches cluster_<column> (the cluster_columns parameter)
+DEFAULT_CLUSTER_COLUMNS = ("energy_raw", "energy", "theta", "phi", "x", "y", "z", "time", "n_crystals", "seed_cell",
+                           "e1e9", "e9e21")
 
 
 def compression_of(spec: str):
@@ -44,7 +32,8 @@ class RootOutput(Module):
 
     Event branches: exp, run (uint64), evt, error_flags (uint32), n_digits (ECLDigits), n_out_of_time_digits
     (ECLEventInformation: digits with |t| > 125 ns, the beam-background level), and the clusters
-    as cluster_<column> with the counter ncluster.
+    as cluster_<column> with the counter ncluster (the columns of cluster_columns; one value per
+    cluster each).
 
     The DQM histograms of the run (eclreco.dqm.registry) are written under `dqm/` at end_run.
     Rejected events are not written (they go to the quarantine file). Branches whose data the
@@ -64,6 +53,9 @@ class RootOutput(Module):
         self.add_param("basket_events", 10000, "events buffered per basket (~1.3 kB each at nominal background)")
         self.add_param("compression", "zstd:1", "ROOT compression: zstd:L, zlib:L, lzma:L, lz4:L (L = level) or none; "
                        "zstd:1 writes 4x faster than zlib:1 for an 8 % larger file (benchmarks/bench_root_output.py)")
+        self.add_param("cluster_columns", list(DEFAULT_CLUSTER_COLUMNS),
+                       "ECLClusters columns written as branches cluster_<column> (one value per cluster: "
+                       "not image or features); those the chain does not produce are left out")
         self.add_param("flush_interval_s", 0.0, "also write the buffer when it is this old (0: only full baskets); "
                        "an uproot file is readable after every write, so this bounds what a crash can lose")
         self._file = None
@@ -89,6 +81,9 @@ class RootOutput(Module):
 
         if not self.param("tree") or self.param("basket_events") < 1 or self.param("flush_interval_s") < 0:
             raise ValueError("RootOutput: tree must be a name, basket_events >= 1, flush_interval_s >= 0")
+        cols = self.param("cluster_columns")
+        if len(set(cols)) != len(cols) or not all(c.isidentifier() for c in cols):
+            raise ValueError(f"RootOutput: cluster_columns must be distinct column names, not {cols}")
         path = self.param("filename")
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         self._error = None
@@ -151,9 +146,13 @@ class RootOutput(Module):
             # Rows of the kept events only.
             row_keep = np.repeat(keep, counts)
             cols = {}
-            for column, branch in CLUSTER_BRANCHES.items():
+            for column in self.param("cluster_columns"):
                 if column in clusters:
-                    cols[branch] = np.ascontiguousarray(clusters[column][row_keep])
+                    values = clusters[column]
+                    if values.ndim != 1:
+                        raise ValueError(f"RootOutput: cluster column '{column}' holds {values.shape[1:]} values per "
+                                         f"cluster; cluster_columns takes columns of one value per cluster")
+                    cols[column] = np.ascontiguousarray(values[row_keep])
             if cols:
                 part["_cluster_counts"] = counts[keep].astype(np.int32)
                 part["_cluster_cols"] = cols

@@ -6,6 +6,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 import uproot
 
 import eclreco
@@ -108,6 +109,39 @@ def test_cluster_branches(tmp_path):
         seeds = t["cluster_seed_cell"].array()
         # event 5 has 1 cluster: rows 0+1+2+3(rejected event)+0 -> row index 6, seed 7
         assert seeds[list(evt).index(5)].tolist() == [7]
+
+
+def test_cluster_columns_choose_the_cluster_branches(tmp_path, capfd):
+    """cluster_columns: the chosen columns only (a missing one left out); a column of several values per
+    cluster (image) is a module error naming it; duplicates are refused at initialize."""
+    out = tmp_path / "c.root"
+    path = eclreco.create_path()
+    path.add_module(ClusterSource())
+    path.add_module("RootOutput", filename=str(out), cluster_columns=["energy", "seed_cell", "lat"])
+    eclreco.process(path)
+    with uproot.open(out) as f:
+        t = f["events"]
+        assert {k for k in t.keys() if k.startswith("cluster_")} == {"cluster_energy", "cluster_seed_cell"}
+        assert t["cluster_seed_cell"].array()[list(t["evt"].array(library="np")).index(5)].tolist() == [7]
+
+    class WithImages(ClusterSource):
+        def next_batch(self, batch, max_events):
+            super().next_batch(batch, max_events)
+            cl = batch["ECLClusters"]
+            cl["image"] = np.zeros((cl.n_rows, 7, 7), np.float32)
+            return False
+
+    path = eclreco.create_path()
+    path.add_module(WithImages())
+    path.add_module("RootOutput", filename=str(tmp_path / "i.root"), cluster_columns=["energy", "image"])
+    eclreco.process(path)
+    assert eclreco.statistics.summary()["errors"] == 49
+    assert "cluster column 'image' holds (7, 7) values per cluster" in capfd.readouterr().err
+    path = eclreco.create_path()
+    path.add_module(ClusterSource())
+    path.add_module("RootOutput", filename=str(tmp_path / "d.root"), cluster_columns=["energy", "energy"])
+    with pytest.raises(Exception, match="cluster_columns must be distinct column names"):
+        eclreco.process(path)
 
 
 def test_compression_is_a_parameter_and_a_bad_one_is_a_clear_error(tmp_path):

@@ -270,17 +270,17 @@ def start_worker(args, build_reconstruction) -> int:
 
 def add_output(path, args):
     """ZMQOutput to the collector, with what RootOutput and ECLDQM there read: the cluster columns
-    RootOutput writes and the event's out-of-time digit count (ECLUnpacker). With --rejected, a
+    RootOutput writes by default and the event's out-of-time digit count (ECLUnpacker). With --rejected, a
     RejectedOutput first: the raw bytes of rejected events stay in this worker's quarantine file
     (the collector gets their reasons and counts)."""
-    from eclreco.modules.root_output import CLUSTER_BRANCHES
+    from eclreco.modules.root_output import DEFAULT_CLUSTER_COLUMNS
 
     if getattr(args, "rejected", ""):
         path.add_module("RejectedOutput", filename=args.rejected.replace("{pid}", str(os.getpid())), append=True)
 
     path.add_module("ZMQOutput", address=args.collector, bind=False,
                     collections=["ECLClusters", "ECLEventInformation"],
-                    columns=list(CLUSTER_BRANCHES) + ["n_out_of_time_digits"],
+                    columns=list(DEFAULT_CLUSTER_COLUMNS) + ["n_out_of_time_digits"],
                     **curve_params(args, "worker", "collector"))
 
 
