@@ -137,13 +137,14 @@ def _to_th1d(h):
         for i, label in enumerate(labels):
             label._bases[0]._members["@fUniqueID"] = i + 1  # the bin number, as TAxis::SetBinLabel sets it
         xlabel = ""
+    counts = np.asarray(counts, np.float64)
     inner = counts[1:-1]
     centers = 0.5 * (edges[:-1] + edges[1:])
-    # ROOT's statistics (GetMean, GetStdDev) are of the in-range bins; entries count every fill
+    # ROOT's statistics (GetMean, GetStdDev) are of the in-range bins; entries count every fill;
+    # unweighted fills: the sum of squared weights per bin (fSumw2) is the count
     axis = to_TAxis("xaxis", xlabel, len(edges) - 1, float(edges[0]), float(edges[-1]), fLabels=labels)
-    return to_TH1x(h.name, h.title, np.asarray(counts, np.float64), float(counts.sum()), float(inner.sum()),
-                   float(inner.sum()), float((inner * centers).sum()), float((inner * centers**2).sum()),
-                   np.asarray(counts, np.float64), axis)
+    return to_TH1x(h.name, h.title, counts, float(counts.sum()), float(inner.sum()), float(inner.sum()),
+                   float((inner * centers).sum()), float((inner * centers**2).sum()), counts, axis)
 
 
 registry = DQMRegistry()

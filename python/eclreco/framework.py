@@ -9,13 +9,16 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
+
 from eclreco import _core
 
 REQUIRED = object()  # default of a parameter that a steering file must set
 
+
 def _infer_type(default: Any) -> str:
-    # numpy's scalars too (np.True_, np.int64(5), np.float32(0.5)): numbers.Integral / Real
-    if isinstance(default, bool) or (type(default).__module__ == "numpy" and type(default).__name__ in ("bool", "bool_")):
+    # numpy's scalars too (np.True_, np.int64(5), np.float32(0.5)): np.bool_, numbers.Integral / Real
+    if isinstance(default, (bool, np.bool_)):
         return "bool"
     if isinstance(default, numbers.Integral):
         return "int"
@@ -41,7 +44,8 @@ class Module(_core.Module):
     Subclasses call ``super().__init__()`` and declare their parameters with :meth:`add_param`;
     the framework calls ``initialize``, ``begin_run(exp, run)``, ``event(batch)``,
     ``end_run(exp, run)`` and ``terminate``. ``event`` receives a whole :class:`EventBatch`;
-    its collections are numpy views, so work on them with array operations.
+    its collections are read-only numpy views, so work on them with array operations and write a
+    column by assigning a new array (``clusters["energy"] = clusters["energy"] * k``).
     """
 
     def __init__(self):

@@ -79,7 +79,7 @@ def _hist_buckets(bounds: Iterable[float], counts: list[int]) -> list[tuple[str,
 
 def _add_module_stats(acc: dict, modules: list) -> None:
     """Adds the per-module statistics of one run (ProcessState.modules()) to `acc`, keyed by
-    position and name (the same module type may stand twice in a path)."""
+    position and name (names are unique in a path, RootOutput#1; the position orders them)."""
     for i, m in enumerate(modules):
         a = acc.setdefault(f"{i}:{m['name']}", {"name": m["name"], "calls": 0, "events": 0, "seconds": 0.0,
                                                 "cpu_seconds": 0.0, "hist": [0] * len(m["batch_seconds_hist"])})
