@@ -1033,6 +1033,7 @@ def test_event_identity_is_read_only_in_a_module(capfd):
     assert rec.evt == list(range(10)) and all(rec.flags)
     err = capfd.readouterr().err
     assert "_RenumbersEvents raised on" in err and "read-only" in err, err
+    assert "write a column by assigning a new array" in err, err  # and what to do instead
 
 
 def _divide(x):

@@ -52,6 +52,11 @@ bool is_bool(py::handle v) {
   // an exception raised without a message: its type says what happened (pybind11 writes a placeholder)
   const auto empty = msg.find("<EMPTY MESSAGE>");
   if (empty != std::string::npos) msg = msg.substr(0, empty) + "(no message)";
+  // numpy's "assignment destination is read-only" / "output array is read-only" on a batch view
+  // does not say that the fix is to assign a new array (the views share the batch's snapshot)
+  if (e.matches(PyExc_ValueError) && msg.find("read-only") != std::string::npos)
+    msg += " [batch columns are read-only views: write a column by assigning a new array, "
+           "e.g. clusters[\"energy\"] = clusters[\"energy\"] * k]";
   throw std::runtime_error(msg + where);
 }
 
