@@ -54,14 +54,14 @@ class ECLClusterizer : public fw::Module {
     const size_t n = batch.size();
     if (!batch.has(input_)) {
       for (size_t i = 0; i < n; ++i)
-        if (!batch.is_rejected(i)) throw std::runtime_error("ECLClusterizer: no collection '" + input_ + "' in the batch");
+        if (!batch.skips(i)) throw std::runtime_error("ECLClusterizer: no collection '" + input_ + "' in the batch");
       write(batch, nullptr);
       return;
     }
     std::unique_ptr<Scratch> s = acquire();
     const fw::Collection& digits = batch.get(input_);
     s->skip.assign(n, 0);
-    for (size_t i = 0; i < n; ++i) s->skip[i] = batch.is_rejected(i) ? 1 : 0;
+    for (size_t i = 0; i < n; ++i) s->skip[i] = batch.skips(i) ? 1 : 0;
     s->clusterer.run(n, digits.offsets(), digits.column("cell").values<int32_t>(),
                      digits.column("energy").values<float>(), digits.column("time").values<float>(),
                      digits.column("quality").values<uint8_t>(), std::as_const(batch).detector(), s->skip.data(), s->out);

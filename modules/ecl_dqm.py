@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from eclreco import ERROR_REJECTED, Module, _core
+from eclreco import Module, _core
 from eclreco.dqm import CategoryHistogram, Histogram1D, registry
 
 PI0_MASS_GEV = 0.134977
@@ -44,7 +44,7 @@ class ECLDQM(Module):
         registry.reset()
 
     def event(self, batch):
-        good = (batch.error_flags & ERROR_REJECTED) == 0
+        good = batch.active()  # not rejected, not discarded by an event filter before this module
         rejections = batch.rejections()
         if rejections:
             reasons = {}
@@ -60,11 +60,15 @@ class ECLDQM(Module):
         cl = batch["ECLClusters"]
         off = cl.offsets
         e = cl["energy"]
-        self.h["cluster_energy"].fill(e)
+        rows = slice(None)
+        if batch.discards():  # the clusters of the discarded events are not histogrammed
+            rows = np.repeat(good, np.diff(off))
+            e = np.where(rows, e, -1.0)  # below any threshold: no multiplicity, no pairs
+        self.h["cluster_energy"].fill(e[rows])
         if "time" in cl:
-            self.h["cluster_time"].fill(cl["time"])
+            self.h["cluster_time"].fill(cl["time"][rows])
         if "e1e9" in cl:
-            self.h["cluster_e1e9"].fill(cl["e1e9"])
+            self.h["cluster_e1e9"].fill(cl["e1e9"][rows])
         sel = e >= self.param("min_cluster_energy_gev")
         # selected clusters before each event's first row: per-event multiplicities
         csum = np.zeros(sel.size + 1, np.int64)

@@ -55,7 +55,7 @@ class ECLLeakageCorrection : public fw::Module {
   void event(fw::EventBatch& batch) override {
     if (!batch.has(collection_)) {
       for (size_t i = 0; i < batch.size(); ++i)
-        if (!batch.is_rejected(i)) throw std::runtime_error("ECLLeakageCorrection: no collection '" + collection_ + "'");
+        if (!batch.skips(i)) throw std::runtime_error("ECLLeakageCorrection: no collection '" + collection_ + "'");
       return;
     }
     fw::Collection& c = batch.get(collection_);

@@ -279,7 +279,7 @@ class ECLUnpacker : public fw::Module {
 
     size_t cap = 0;
     for (size_t i = 0; i < n; ++i)
-      if (!batch.is_rejected(i) && roff[i + 1] > roff[i]) cap += ecl::max_digits(static_cast<size_t>(p_size[roff[i]]));
+      if (!batch.skips(i) && roff[i + 1] > roff[i]) cap += ecl::max_digits(static_cast<size_t>(p_size[roff[i]]));
 
     fw::Column cell = fw::Column::of<int32_t>(cap), energy = fw::Column::of<float>(cap),
                time = fw::Column::of<float>(cap), quality = fw::Column::of<uint8_t>(cap),
@@ -299,7 +299,7 @@ class ECLUnpacker : public fw::Module {
     bool looked_up[2] = {false, false};
     uint64_t cond_exp[2] = {0, 0}, cond_run[2] = {0, 0};
     for (size_t i = 0; i < n; ++i) {
-      if (batch.is_rejected(i) || roff[i + 1] == roff[i]) continue;
+      if (batch.skips(i) || roff[i + 1] == roff[i]) continue;
       const int64_t r = roff[i];
       const uint8_t d = det[i] <= 1 ? det[i] : 0;
       if (!looked_up[d] || cond_exp[d] != exps[i] || cond_run[d] != runs[i]) {

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from eclreco import ERROR_REJECTED, Module, _core
+from eclreco import Module, _core
 
 # ECLClusters columns written by default, as branches cluster_<column> (the cluster_columns parameter)
 DEFAULT_CLUSTER_COLUMNS = ("energy_raw", "energy", "theta", "phi", "x", "y", "z", "time", "n_crystals", "seed_cell",
@@ -123,7 +123,7 @@ class RootOutput(Module):
             self._join_writer()  # a failed background write fails the run here
         if self._error:
             raise RuntimeError(self._error)
-        keep = (batch.error_flags & ERROR_REJECTED) == 0
+        keep = batch.active()  # not rejected, not discarded by an event filter
         self.batches_taken += 1
         if not keep.any():
             if not self._parts and self._writer is None:

@@ -18,7 +18,7 @@ import sys
 
 import eclreco
 from eclreco.cli_types import NON_NEGATIVE_INT, integer
-from eclreco.reconstruction import add_reconstruction
+from eclreco.reconstruction import add_event_filter, add_event_filter_arguments, add_reconstruction
 
 
 def parse_args(argv=None):
@@ -59,6 +59,7 @@ def parse_args(argv=None):
     reco.add_argument("--model", default="", help="ONNX model (default: the shipped model of the detector)")
     reco.add_argument("--conditions", default="", help="ECLUnpacker's conditions file: gain, t0, channel map per "
                       "run range (JSON, docs/wire-format.md; default: the spec's defaults)")
+    add_event_filter_arguments(ap)
     mon = ap.add_argument_group("monitoring")
     mon.add_argument("--metrics-port", type=integer(0, 65535, " (0: no metrics)"), default=0,
                      help="serve Prometheus metrics on this port")
@@ -95,6 +96,7 @@ def build_path(args) -> eclreco.Path:
             sys.exit(f"reco.py: input file {args.input!r} does not exist")
         path.add_module("RawFileInput", filename=args.input)
     add_reconstruction(path, cnn=not args.no_cnn, model=args.model, conditions=args.conditions)
+    add_event_filter(path, args)  # the DQM after it, as in the farm (the collector's): it shows what is kept
     if not args.no_dqm:
         path.add_module("ECLDQM")
     if args.output:

@@ -207,32 +207,48 @@ def scaled_model(path, factor: float) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("chain", ["cnn", "model", "no-cnn"])
+FILTER_OPTIONS = ("--min-clusters", "2", "--min-energy-sum", "1.0")
+
+
+@pytest.mark.parametrize("chain", ["cnn", "model", "no-cnn", "filter"])
 def test_farm_full_chain_matches_single_process(farm_factory, tmp_path, chain):
     """The default worker chain (unpacker, clusterizer, leakage correction, CNN; with --no-cnn
-    without the CNN; with --model the given model) on simulated generic events at nominal
-    background: the farm's file holds, event by event, the clusters a single-process job of
-    steering/reco.py's chain writes from the same raw events (every cluster branch, the corrected
-    energy included) and the same DQM histograms."""
+    without the CNN; with --model the given model; with the event filter options ECLEventFilter
+    after it) on simulated generic events at nominal background: the farm's file holds, event by
+    event, the clusters a single-process job of steering/reco.py's chain writes from the same raw
+    events (every cluster branch, the corrected energy included) and the same DQM histograms.
+    With the filter, every event is still confirmed (none lost) and the discarded ones are counted."""
+    import argparse
+
     from eclreco.bench import make_raw_file
     from eclreco.rawdata import read_raw_file
-    from eclreco.reconstruction import add_reconstruction
+    from eclreco.reconstruction import add_event_filter, add_event_filter_arguments, add_reconstruction
 
     n = 400
     raw = tmp_path / "generic.msgpack"
     make_raw_file(str(raw), n, background=1.0, seed=3)
     cnn, model = chain != "no-cnn", scaled_model(tmp_path / "scaled.onnx", 1.25) if chain == "model" else ""
     farm = farm_factory(workers=2, extra=("--modules", "standard") + {"cnn": (), "no-cnn": ("--no-cnn",),
-                                                                      "model": ("--model", model)}[chain])
+                                                                      "model": ("--model", model),
+                                                                      "filter": FILTER_OPTIONS}[chain])
     push_messages(farm.input, read_raw_file(raw))
-    farm.wait_confirmed(n, timeout=90)
-    assert farm.command("stop")["collector"]["events_written"] == n
+    farm.wait_confirmed(n, timeout=90)  # discarded events too: each one is accounted for
+    ended = farm.command("stop")["collector"]
     path = eclreco.create_path()
     path.add_module("RawFileInput", filename=str(raw))
     add_reconstruction(path, cnn=cnn, model=model)
+    ap = argparse.ArgumentParser()
+    add_event_filter_arguments(ap)
+    add_event_filter(path, ap.parse_args(list(FILTER_OPTIONS) if chain == "filter" else []))
     path.add_module("ECLDQM")
     path.add_module("RootOutput", filename=str(tmp_path / "single.root"))
     eclreco.process(path, install_signal_handlers=False)
+    kept = n - eclreco.statistics.summary()["discarded"]
+    assert ended["events_written"] == kept and ended["discarded"] == n - kept
+    if chain == "filter":
+        assert 0.3 * n < kept < 0.9 * n, kept  # the cuts select a part (77 %), not nothing or everything
+    else:
+        assert kept == n
     if chain == "model":  # the scaled model was used (a farm ignoring --model fails the comparison below)
         path = eclreco.create_path()
         path.add_module("RawFileInput", filename=str(raw))
@@ -251,8 +267,10 @@ def test_farm_full_chain_matches_single_process(farm_factory, tmp_path, chain):
         assert sorted(tf.keys()) == sorted(tg.keys())
         order_f = np.argsort(tf["evt"].array(library="np"))
         order_g = np.argsort(tg["evt"].array(library="np"))
-        np.testing.assert_array_equal(tf["evt"].array(library="np")[order_f], np.arange(n))
-        np.testing.assert_array_equal(tg["evt"].array(library="np")[order_g], np.arange(n))
+        assert tg.num_entries == kept
+        np.testing.assert_array_equal(tf["evt"].array(library="np")[order_f], tg["evt"].array(library="np")[order_g])
+        if chain != "filter":
+            np.testing.assert_array_equal(tg["evt"].array(library="np")[order_g], np.arange(n))
         branches = [k for k in tg.keys() if k.startswith("cluster_")]
         assert {"cluster_energy", "cluster_energy_raw", "cluster_seed_cell"} <= set(branches)
         for name in branches:

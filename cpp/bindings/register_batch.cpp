@@ -237,10 +237,50 @@ void register_batch(py::module_& m) {
         for (const auto& [i, r] : b.rejections()) d[py::int_(i)] = py::make_tuple(r.reason, r.detail);
         return d;
       }, "{event index: (reason, detail)} of the rejected events")
+      .def("discard", [](EventBatch& b, py::object which, const std::string& reason) {
+        // an index, a list of indices or a boolean mask over the batch (what a numpy cut gives)
+        if (py::isinstance<py::int_>(which)) {
+          const auto i = which.cast<int64_t>();
+          if (i < 0) throw py::index_error("discard: event index " + std::to_string(i) + " is negative");
+          b.discard(static_cast<size_t>(i), reason);
+          return;
+        }
+        py::array a = py::array::ensure(which);
+        if (!a || a.ndim() != 1) throw py::type_error("discard: takes an event index, a list of indices or a 1-d boolean mask");
+        if (a.dtype().kind() == 'b') {
+          if (static_cast<size_t>(a.shape(0)) != b.size())
+            throw py::value_error("discard: the mask has " + std::to_string(a.shape(0)) + " entries for a batch of " +
+                                  std::to_string(b.size()) + " events");
+          auto m = py::array_t<bool, py::array::forcecast>(a);
+          auto v = m.unchecked<1>();
+          for (size_t i = 0; i < b.size(); ++i)
+            if (v(i)) b.discard(i, reason);
+          return;
+        }
+        if (a.dtype().kind() != 'i' && a.dtype().kind() != 'u' && a.size() != 0)
+          throw py::type_error("discard: indices must be integers or the mask booleans, not " +
+                               std::string(py::str(a.dtype())));
+        auto idx = py::array_t<int64_t, py::array::forcecast>(a);
+        auto v = idx.unchecked<1>();
+        for (py::ssize_t k = 0; k < v.shape(0); ++k) {
+          if (v(k) < 0) throw py::index_error("discard: event index " + std::to_string(v(k)) + " is negative");
+          b.discard(static_cast<size_t>(v(k)), reason);
+        }
+      }, py::arg("events"), py::arg("reason"),
+         "an event filter's decision: these events (an index, indices or a boolean mask) are counted as processed "
+         "and discarded with `reason`, and later modules and outputs skip them")
+      .def("discards", [](const EventBatch& b) { return b.discards(); }, "{event index: reason} of the discarded events")
+      .def("active", [](const EventBatch& b) {
+        py::array_t<bool> out(static_cast<py::ssize_t>(b.size()));
+        auto o = out.mutable_unchecked<1>();
+        for (size_t i = 0; i < b.size(); ++i) o(i) = !b.skips(i);
+        return out;
+      }, "boolean mask of the events a module works on: neither rejected nor discarded")
       .def("errors", [](const EventBatch& b) { return b.errors(); })
       .def("select", &EventBatch::select)
       .def_static("concat", &EventBatch::concat);
 
   m.attr("ERROR_REJECTED") = static_cast<uint32_t>(fw::kRejected);
   m.attr("ERROR_MODULE") = static_cast<uint32_t>(fw::kModuleError);
+  m.attr("ERROR_DISCARDED") = static_cast<uint32_t>(fw::kDiscarded);
 }

@@ -353,6 +353,7 @@ void register_framework(py::module_& m) {
       .def_property_readonly("received", [](const fw::ProcessState& s) { return s.received.load(); })
       .def_property_readonly("processed", [](const fw::ProcessState& s) { return s.processed.load(); })
       .def_property_readonly("rejected", [](const fw::ProcessState& s) { return s.rejected.load(); })
+      .def_property_readonly("discarded", [](const fw::ProcessState& s) { return s.discarded.load(); })
       .def_property_readonly("errors", [](const fw::ProcessState& s) { return s.errors.load(); })
       .def_property_readonly("batches", [](const fw::ProcessState& s) { return s.batches.load(); })
       .def_property_readonly("batches_in_flight", [](const fw::ProcessState& s) { return s.batches_in_flight.load(); })
@@ -361,6 +362,7 @@ void register_framework(py::module_& m) {
       .def_property_readonly("loop_seconds", [](const fw::ProcessState& s) { return s.loop_seconds.load(); })
       .def_property_readonly("start_time", [](const fw::ProcessState& s) { return s.start_time.load(); })
       .def("rejected_by_reason", &fw::ProcessState::rejected_by_reason)
+      .def("discarded_by_reason", &fw::ProcessState::discarded_by_reason)
       .def("error_messages", &fw::ProcessState::error_messages)
       .def("modules", &state_modules)
       .def("events_per_batch_hist", [](const fw::ProcessState& s) {

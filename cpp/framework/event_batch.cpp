@@ -72,6 +72,14 @@ void EventBatch::reject(size_t i, std::string reason, std::string detail) {
   rejections_.emplace(i, Rejection{std::move(reason), std::move(detail)});  // the first reason stays
 }
 
+void EventBatch::discard(size_t i, std::string reason) {
+  check_index(i);
+  if (reason.empty()) throw std::invalid_argument("discard: a discarded event needs a reason (its counter's label)");
+  if (is_rejected(i)) return;
+  error_flags()[i] |= kDiscarded;
+  discards_.emplace(i, std::move(reason));
+}
+
 void EventBatch::flag_error(size_t i, std::string message) {
   check_index(i);
   error_flags()[i] |= kModuleError;
@@ -107,6 +115,8 @@ EventBatch EventBatch::select(const std::vector<size_t>& events) const {
     if (r != rejections_.end()) out.rejections_[k] = r->second;
     auto e = errors_.find(events[k]);
     if (e != errors_.end()) out.errors_[k] = e->second;
+    auto d = discards_.find(events[k]);
+    if (d != discards_.end()) out.discards_[k] = d->second;
   }
   for (const auto& [name, coll] : collections_) {
     Collection c(0);
@@ -152,6 +162,7 @@ EventBatch EventBatch::concat(const std::vector<EventBatch>& parts) {
     for (auto& [name, col] : p.metadata()) dst[name]->append_rows(*col, 0, p.n_);
     for (const auto& [k, r] : p.rejections_) out.rejections_[base + k] = r;
     for (const auto& [k, e] : p.errors_) out.errors_[base + k] = e;
+    for (const auto& [k, d] : p.discards_) out.discards_[base + k] = d;
     out.n_ += p.n_;
     for (auto& [name, coll] : out.collections_) {
       auto it = p.collections_.find(name);

@@ -14,6 +14,7 @@ namespace fw {
 enum ErrorFlag : uint32_t {
   kRejected = 1u << 0,      // input could not be decoded; see rejection reason
   kModuleError = 1u << 1,   // a module raised while processing this event
+  kDiscarded = 1u << 2,     // a filter module decided not to keep it; see discard reason
 };
 
 struct Rejection {
@@ -88,6 +89,14 @@ class EventBatch {
   void reject(size_t i, std::string reason, std::string detail);
   bool is_rejected(size_t i) const { return error_flags()[i] & kRejected; }
   const std::map<size_t, Rejection>& rejections() const { return rejections_; }
+  // An event filter's decision (an HLT selection): the event was processed up to the filter and
+  // is counted, by reason, as processed and discarded; later modules and outputs skip it. A
+  // rejected event stays rejected (no decision on it), a second discard keeps the first reason.
+  void discard(size_t i, std::string reason);
+  bool is_discarded(size_t i) const { return error_flags()[i] & kDiscarded; }
+  const std::map<size_t, std::string>& discards() const { return discards_; }
+  // What modules skip: rejected (nothing to work on) and discarded events.
+  bool skips(size_t i) const { return error_flags()[i] & (kRejected | kDiscarded); }
   // Module errors: the event is flagged, the message kept.
   void flag_error(size_t i, std::string message);
   const std::map<size_t, std::string>& errors() const { return errors_; }
@@ -111,6 +120,7 @@ class EventBatch {
   Column exp_, run_, evt_, time_ns_, flags_, det_;
   std::map<size_t, Rejection> rejections_;
   std::map<size_t, std::string> errors_;
+  std::map<size_t, std::string> discards_;
   std::map<std::string, Collection> collections_;
 };
 

@@ -90,6 +90,20 @@ void ProcessState::count_rejection(const std::string& reason) {
   ++rejected_by_reason_[reason];
 }
 
+std::map<std::string, uint64_t> ProcessState::discarded_by_reason() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return discarded_by_reason_;
+}
+
+void ProcessState::count_discards(const std::map<size_t, std::string>& discards) {
+  if (discards.empty()) return;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& [i, reason] : discards) ++discarded_by_reason_[reason];
+  }
+  discarded += discards.size();
+}
+
 std::vector<std::string> ProcessState::error_messages() const {
   std::lock_guard<std::mutex> lock(mu_);
   return error_messages_;
@@ -440,6 +454,7 @@ class Run {
       st_.count_rejection(r.reason);
     }
     errors = batch.errors().size();
+    st_.count_discards(batch.discards());
     st_.rejected += rejected;
     st_.processed += batch.size() - rejected;
     st_.errors += errors;

@@ -53,7 +53,8 @@ struct ModuleCounters {
 // Live counters of a processing run, safe to read from another thread (metrics exporter).
 class ProcessState {
  public:
-  std::atomic<uint64_t> received{0}, processed{0}, rejected{0}, errors{0}, batches{0};
+  // processed counts the discarded events too (they went through the path up to their filter)
+  std::atomic<uint64_t> received{0}, processed{0}, rejected{0}, discarded{0}, errors{0}, batches{0};
   std::atomic<uint64_t> batches_in_flight{0};
   std::atomic<bool> running{false};
   std::atomic<double> start_time{0.0}, wall_seconds{0.0};
@@ -63,12 +64,15 @@ class ProcessState {
 
   std::map<std::string, uint64_t> rejected_by_reason() const;
   void count_rejection(const std::string& reason);
+  std::map<std::string, uint64_t> discarded_by_reason() const;
+  void count_discards(const std::map<size_t, std::string>& discards);  // one batch's, under one lock
   std::vector<std::string> error_messages() const;  // the first module errors, for the summary
   void record_error(const std::string& message);
 
  private:
   mutable std::mutex mu_;
   std::map<std::string, uint64_t> rejected_by_reason_;
+  std::map<std::string, uint64_t> discarded_by_reason_;
   std::vector<std::string> error_messages_;
 };
 

@@ -162,7 +162,7 @@ class Statistics:
         if s is None:
             return {}
         return {"received": s.received, "processed": s.processed, "rejected": s.rejected,
-                "errors": s.errors, "batches": s.batches}
+                "discarded": s.discarded, "errors": s.errors, "batches": s.batches}
 
     def summary(self) -> dict:
         s = self.state
@@ -177,6 +177,9 @@ class Statistics:
             # error (a module's begin_run, an output that cannot write) before they were done
             "not_processed": (s.received - s.processed - s.rejected) if not s.running else 0,
             "rejected_by_reason": s.rejected_by_reason(),
+            # processed, then not kept by an event filter (batch.discard): part of processed
+            "discarded": s.discarded,
+            "discarded_by_reason": s.discarded_by_reason(),
             "errors": s.errors,
             "batches": s.batches,
             "wall_seconds": wall,
@@ -199,6 +202,11 @@ class Statistics:
             lines.append(f"  not processed: {s['not_processed']} (the run stopped on an error before they were done)")
         for reason, n in sorted(s["rejected_by_reason"].items()):
             lines.append(f"  rejected [{reason}]: {n}")
+        if s["discarded"]:
+            kept = s["processed"] - s["discarded"]
+            lines.append(f"  kept {kept} of the processed, discarded {s['discarded']} by event filters:")
+            for reason, n in sorted(s["discarded_by_reason"].items()):
+                lines.append(f"  discarded [{reason}]: {n}")
         return "\n".join(lines)
 
 

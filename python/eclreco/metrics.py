@@ -11,6 +11,7 @@ Metric names follow the Prometheus conventions (base units, ``_total`` for count
     eclreco_events_received_total                       events read by the input module
     eclreco_events_processed_total                      events through the whole path
     eclreco_events_rejected_total{reason}               malformed input, by reason
+    eclreco_events_discarded_total{reason}              processed, not kept by an event filter
     eclreco_events_module_errors_total                  events flagged by a failing module
     eclreco_batches_total                               batches through the whole path
     eclreco_events_in_flight                            received, not yet through the path
@@ -95,6 +96,7 @@ class _Totals:
     def __init__(self):
         self.received = self.processed = self.errors = self.batches = 0
         self.rejected: dict[str, int] = {}
+        self.discarded: dict[str, int] = {}
         self.per_batch = [0] * 12
         self.modules: dict[str, dict] = {}
         self.counters: dict[tuple[str, str], float] = {}
@@ -106,6 +108,8 @@ class _Totals:
         self.batches += s.batches
         for k, v in s.rejected_by_reason().items():
             self.rejected[k] = self.rejected.get(k, 0) + v
+        for k, v in s.discarded_by_reason().items():
+            self.discarded[k] = self.discarded.get(k, 0) + v
         self.per_batch = [a + b for a, b in zip(self.per_batch, s.events_per_batch_hist())]
         _add_module_stats(self.modules, s.modules())
 
@@ -179,6 +183,17 @@ class ProcessMetricsCollector(Collector):
         for reason, n in sorted(rejected.items()):
             rej.add_metric([reason], n)
         yield rej
+
+        discarded = dict(t.discarded)
+        if s is not None:
+            for k, v in s.discarded_by_reason().items():
+                discarded[k] = discarded.get(k, 0) + v
+        dis = CounterMetricFamily("eclreco_events_discarded",
+                                  "Events processed and not kept by an event filter (part of processed), by reason",
+                                  labels=["reason"])
+        for reason, n in sorted(discarded.items()):
+            dis.add_metric([reason], n)
+        yield dis
 
         in_flight = GaugeMetricFamily("eclreco_events_in_flight", "Events received and not yet through the path")
         bif = GaugeMetricFamily("eclreco_batches_in_flight", "Batches dispatched and not yet through the path")

@@ -18,3 +18,24 @@ def add_reconstruction(path: Path, cnn: bool = True, leakage: bool = True, model
             params["model"] = model
         path.add_module("ECLEnergyCorrection", **params)
     return path
+
+
+def add_event_filter_arguments(ap) -> None:
+    """The event filter options of steering/reco.py and the HLT worker (off by default)."""
+    from eclreco.cli_types import NON_NEGATIVE, NON_NEGATIVE_INT
+
+    g = ap.add_argument_group("event filter (ECLEventFilter: off unless a cut is set)")
+    g.add_argument("--min-clusters", type=NON_NEGATIVE_INT, default=0,
+                   help="keep events with at least N in-time clusters above --filter-cluster-energy")
+    g.add_argument("--min-energy-sum", type=NON_NEGATIVE, default=0.0,
+                   help="keep events whose in-time clusters above --filter-cluster-energy sum to at least GEV")
+    g.add_argument("--filter-cluster-energy", type=NON_NEGATIVE, default=0.1, help="GeV: the clusters counted")
+
+
+def add_event_filter(path: Path, args) -> bool:
+    """ECLEventFilter with the options of add_event_filter_arguments, when a cut is set; True if added."""
+    if not (args.min_clusters or args.min_energy_sum):
+        return False
+    path.add_module("ECLEventFilter", min_clusters=args.min_clusters, min_energy_sum_gev=args.min_energy_sum,
+                    cluster_energy_gev=args.filter_cluster_energy)
+    return True

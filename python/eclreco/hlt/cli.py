@@ -6,6 +6,7 @@ import argparse
 from eclreco.cli_types import (BATCH_SIZE, METRICS_PORT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT,
                                THREADS)
 from eclreco.curve import add_curve_arguments
+from eclreco.reconstruction import add_event_filter_arguments
 from eclreco.scheduling import add_scheduling_argument
 
 
@@ -106,6 +107,7 @@ def add_hlt_parser(subparsers):
                    "the events' detector)")
     p.add_argument("--threads", type=THREADS, default=1, help="threads per worker")
     p.add_argument("--batch-size", type=BATCH_SIZE, default=256, help="events per batch in a worker")
+    add_event_filter_arguments(p)
     p.add_argument("--max-latency", type=NON_NEGATIVE, default=2.0,
                    help="ms a worker waits for its batch to fill, and the collector for more results")
     p.add_argument("--flush-interval", type=NON_NEGATIVE, default=0.25, help="s between writes of the collector's file")

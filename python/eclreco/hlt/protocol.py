@@ -100,6 +100,9 @@ def batch_to_message(batch, collections=("ECLClusters",), count_collections=("EC
     errors = batch.errors()
     if errors:
         msg["errors"] = [[int(i), m] for i, m in sorted(errors.items())]
+    discards = batch.discards()
+    if discards:
+        msg["discards"] = [[int(i), r] for i, r in sorted(discards.items())]
     cols = {}
     wanted = set(columns)
     for name in collections:
@@ -107,6 +110,7 @@ def batch_to_message(batch, collections=("ECLClusters",), count_collections=("EC
             continue
         c = batch[name]
         counts = np.diff(c.offsets).astype("<i4")
+        # a discarded event keeps its rows: a per-event collection (ECLEventInformation) has one for every event
         cols[name] = {"counts": encode_array(counts),
                       "columns": {k: encode_array(c[k]) for k in c.columns() if not wanted or k in wanted}}
     for name in count_collections:
@@ -127,6 +131,7 @@ class DecodedBatch:
         self.seq = decode_array(msg["seq"]) if "seq" in msg else None
         self.rejections = {int(i): (reason, detail) for i, reason, detail in msg.get("rejections", [])}
         self.errors = {int(i): m for i, m in msg.get("errors", [])}
+        self.discards = {int(i): r for i, r in msg.get("discards", [])}
         self.collections = {name: (decode_array(c["counts"]), {k: decode_array(v) for k, v in c["columns"].items()})
                             for name, c in msg.get("collections", {}).items()}
         # consistent before anything is built from it (a stray or damaged message must not crash
@@ -138,8 +143,10 @@ class DecodedBatch:
         for name, (counts, cols) in self.collections.items():
             if len(counts) != n or (counts < 0).any() or any(len(a) != int(counts.sum()) for a in cols.values()):
                 raise ValueError(f"batch message: collection {name!r} does not match its counts")
-        if any(not 0 <= i < n for i in list(self.rejections) + list(self.errors)):
-            raise ValueError("batch message: rejection or error index out of range")
+        if any(not 0 <= i < n for i in list(self.rejections) + list(self.errors) + list(self.discards)):
+            raise ValueError("batch message: rejection, error or discard index out of range")
+        if not all(isinstance(r, str) and r for r in self.discards.values()):
+            raise ValueError("batch message: a discard needs a reason (a non-empty string)")
 
 
 def fill_batch(batch, parts: list[DecodedBatch], keeps: list[np.ndarray]):
@@ -164,7 +171,7 @@ def fill_batch(batch, parts: list[DecodedBatch], keeps: list[np.ndarray]):
         counts = np.concatenate(counts_l).astype(np.int64)
         offsets = np.concatenate([[0], np.cumsum(counts)])
         batch.add_collection(name, offsets, {c: np.concatenate(v) for c, v in cols_l.items()})
-    # Rejections and module errors, renumbered to the kept events (they set the error flags; a flag
+    # Rejections, module errors and discards, renumbered to the kept events (they set the error flags; a flag
     # that came without its reason keeps a generic one, so that the event is still counted as such).
     from eclreco import _core
 
@@ -177,6 +184,9 @@ def fill_batch(batch, parts: list[DecodedBatch], keeps: list[np.ndarray]):
         for i, m in p.errors.items():
             if k[i]:
                 batch.flag_error(base + int(newidx[i]), m)
+        for i, r in p.discards.items():
+            if k[i]:
+                batch.discard(base + int(newidx[i]), r)
         flags = p.meta.get("error_flags")
         if flags is not None:
             for i in np.flatnonzero(k & ((flags & _core.ERROR_REJECTED) != 0)).tolist():
@@ -185,4 +195,7 @@ def fill_batch(batch, parts: list[DecodedBatch], keeps: list[np.ndarray]):
             for i in np.flatnonzero(k & ((flags & _core.ERROR_MODULE) != 0)).tolist():
                 if i not in p.errors:
                     batch.flag_error(base + int(newidx[i]), "module error upstream (no message)")
+            for i in np.flatnonzero(k & ((flags & _core.ERROR_DISCARDED) != 0)).tolist():
+                if i not in p.discards:
+                    batch.discard(base + int(newidx[i]), "discarded_upstream")
         base += int(k.sum())

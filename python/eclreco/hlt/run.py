@@ -150,6 +150,9 @@ class Farm:
             cmd += ["--conditions", os.path.abspath(a.conditions)]
         if a.rejected:
             cmd += ["--rejected", a.rejected.replace("{worker}", str(i))]
+        if a.min_clusters or a.min_energy_sum:
+            cmd += ["--min-clusters", str(a.min_clusters), "--min-energy-sum", repr(a.min_energy_sum),
+                    "--filter-cluster-energy", repr(a.filter_cluster_energy)]
         return cmd
 
     def report(self, sock):

@@ -232,6 +232,9 @@ def add_worker_arguments(ap: argparse.ArgumentParser):
                     "run range; docs/wire-format.md)")
     ap.add_argument("--rejected", default="", help="quarantine file of the raw events this worker rejects "
                     "({pid} is replaced; '': none; hlt run gives each worker one beside its output)")
+    from eclreco.reconstruction import add_event_filter_arguments
+
+    add_event_filter_arguments(ap)
     from eclreco.curve import add_curve_arguments
 
     add_curve_arguments(ap, "worker")
@@ -256,6 +259,9 @@ def start_worker(args, build_reconstruction) -> int:
                       curve=Curve.from_args(args, "worker"))
     path.add_module(HLTWorkerInput(link), max_latency_ms=args.max_latency)
     build_reconstruction(path)
+    from eclreco.reconstruction import add_event_filter
+
+    add_event_filter(path, args)  # after the chain that the steering file built: the selection of what is sent
     add_output(path, args)
     if exporter is not None:
         exporter.set_path(path)
