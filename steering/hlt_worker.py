@@ -27,7 +27,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="eclreco hlt worker", description=__doc__, formatter_class=HelpFormatter)
     add_worker_arguments(ap)
     args = ap.parse_args(argv)
-    # The path: HLTWorkerInput -> build_reconstruction(...) -> add_output (ZMQOutput to the collector)
+    # The path: HLTWorkerInput -> build_reconstruction(...) -> ECLEventFilter (with --min-clusters or
+    # --min-energy-sum) -> add_output (ZMQOutput to the collector)
     return start_worker(args, lambda path: build_reconstruction(path, args))
 
 

@@ -532,3 +532,25 @@ def test_collector_duplicate_key_holds_32_bit_exp_run_evt(farm_factory):
     with uproot.open(farm.output) as f:
         t = f["events"].arrays(["exp", "run", "evt"], library="np")
     assert len({(int(e), int(r), int(v)) for e, r, v in zip(t["exp"], t["run"], t["evt"])}) == 400
+
+
+@pytest.mark.parametrize("setting,value,message", [
+    ("chunk", 0, "chunk must be an int >= 1, not 0"),
+    ("queue_size", 2.5, "queue_size must be an int >= 1"),
+    ("input_hwm", -1, "input_hwm must be an int >= 0"),
+    ("heartbeat_timeout_s", float("nan"), "heartbeat_timeout_s must be a finite number > 0"),
+    ("heartbeat_timeout_s", 0.0, "heartbeat_timeout_s must be a finite number > 0"),
+    ("stop_timeout_s", float("inf"), "stop_timeout_s must be a finite number >= 0"),
+])
+def test_a_distributor_built_in_python_refuses_what_its_command_line_refuses(setting, value, message):
+    """The bounds of `eclreco hlt distributor`'s options hold for Distributor(...) too (chunk=0
+    dispatched nothing, and its stop hung), and nothing is bound before the refusal."""
+    from hlt_helpers import free_address
+
+    from eclreco.hlt.distributor import Distributor
+
+    addresses = [free_address(), free_address(), free_address()]
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        Distributor(*addresses, **{setting: value})
+    d = Distributor(*addresses)  # the addresses are still free
+    d.inp.close(0), d.wrk.close(0), d.ctl.close(0)

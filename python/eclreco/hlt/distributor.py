@@ -11,6 +11,8 @@ blocks on its high-water mark) or, with `drop_when_busy`, reads and drops (count
 from __future__ import annotations
 
 import collections
+import math
+import numbers
 import os
 import signal
 import socket
@@ -81,6 +83,24 @@ class LatencyHistogram:
         return [(repr(float(b)), int(cum[e - 1]) if e > 0 else 0) for b, e in zip(bounds, edges)] + [("+Inf", self.n)]
 
 
+# The bounds of `eclreco hlt distributor`'s options (cli.py's argparse types), for a Distributor built
+# in Python: chunk=0 never dispatched and its stop hung, a NaN heartbeat timeout never lost a worker.
+_AT_LEAST_ONE = ("queue_size", "max_held", "chunk")
+_POSITIVE_SECONDS = ("heartbeat_timeout_s",)
+
+
+def _check_settings(**values) -> None:
+    for name, value in values.items():
+        if name in _AT_LEAST_ONE or name == "input_hwm":
+            lo = 1 if name in _AT_LEAST_ONE else 0
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
+                raise ValueError(f"Distributor: {name} must be an int >= {lo}, not {value!r}")
+        elif (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+              or value < 0 or (name in _POSITIVE_SECONDS and value == 0)):
+            rule = "> 0" if name in _POSITIVE_SECONDS else ">= 0"
+            raise ValueError(f"Distributor: {name} must be a finite number {rule}, not {value!r}")
+
+
 class Distributor:
     def __init__(self, input_addr: str, workers_addr: str, control_addr: str, queue_size: int = 4000,
                  max_held: int = 20000, chunk: int = 256, heartbeat_timeout_s: float = 5.0,
@@ -88,6 +108,9 @@ class Distributor:
                  stop_timeout_s: float = 120.0, input_bind: bool = True, curve=None,
                  max_message_bytes: int = 0, refuse_message_bytes: int = 0, cycle_s: float = 5e-4):
         check_message_limits("distributor", max_message_bytes, refuse_message_bytes)
+        _check_settings(queue_size=queue_size, max_held=max_held, chunk=chunk, input_hwm=input_hwm,
+                        heartbeat_timeout_s=heartbeat_timeout_s, stop_drain_s=stop_drain_s,
+                        stop_timeout_s=stop_timeout_s, cycle_s=cycle_s)
         self.max_message_bytes = max_message_bytes
         self.ctx = zmq.Context.instance()
         self.inp = self.ctx.socket(zmq.PULL)
