@@ -17,7 +17,7 @@ import os
 import sys
 
 import eclreco
-from eclreco.cli_types import NON_NEGATIVE_INT, integer
+from eclreco.cli_types import NON_NEGATIVE_INT, add_cluster_columns_argument, integer
 from eclreco.reconstruction import add_event_filter, add_event_filter_arguments, add_reconstruction
 
 
@@ -26,6 +26,7 @@ def parse_args(argv=None):
     ap.add_argument("-n", "--max-events", type=NON_NEGATIVE_INT, default=0, help="stop after N events (0: all)")
     ap.add_argument("-i", "--input", help="raw file (.msgpack) or tcp:// address; default: simulation")
     ap.add_argument("-o", "--output", help="output ROOT file")
+    add_cluster_columns_argument(ap, "-o: ")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="processing threads")
     ap.add_argument("--batch-size", type=int, default=256, help="events per batch")
     ap.add_argument("--rejected", help="quarantine file (.msgpack) for rejected raw events")
@@ -100,7 +101,7 @@ def build_path(args) -> eclreco.Path:
     if not args.no_dqm:
         path.add_module("ECLDQM")
     if args.output:
-        path.add_module("RootOutput", filename=args.output)
+        path.add_module("RootOutput", filename=args.output, cluster_columns=args.cluster_columns)
     if args.rejected:
         path.add_module("RejectedOutput", filename=args.rejected)
     path.add_module("Progress", interval_s=args.progress)

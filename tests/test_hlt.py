@@ -797,3 +797,37 @@ except ValueError as err:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "refused: scheduling policy 'fifo'" in r.stdout
+
+
+def test_farm_writes_the_cluster_columns_it_is_asked_for(farm_factory, tmp_path):
+    """`hlt run --cluster-columns` reaches the workers (what they send) and the collector's
+    RootOutput (what it writes): the farm's file has those cluster branches, with the values of a
+    single-process job asked for the same, and its DQM still gets the columns it reads."""
+    from eclreco.bench import make_raw_file
+    from eclreco.rawdata import read_raw_file
+    from eclreco.reconstruction import add_reconstruction
+
+    n, columns = 200, ["energy", "lat", "n_maxima"]
+    raw = tmp_path / "generic.msgpack"
+    make_raw_file(str(raw), n, background=1.0, seed=4)
+    farm = farm_factory(workers=1, extra=("--modules", "standard", "--cluster-columns", ",".join(columns)))
+    push_messages(farm.input, read_raw_file(raw))
+    farm.wait_confirmed(n, timeout=90)
+    assert farm.command("stop")["collector"]["events_written"] == n
+    path = eclreco.create_path()
+    path.add_module("RawFileInput", filename=str(raw))
+    add_reconstruction(path)
+    path.add_module("RootOutput", filename=str(tmp_path / "single.root"), cluster_columns=columns)
+    eclreco.process(path, install_signal_handlers=False)
+    with uproot.open(farm.output) as f, uproot.open(tmp_path / "single.root") as g:
+        tf, tg = f["events"], g["events"]
+        assert sorted(k for k in tf.keys() if k.startswith("cluster_")) == ["cluster_energy", "cluster_lat",
+                                                                            "cluster_n_maxima"]
+        order_f = np.argsort(tf["evt"].array(library="np"))
+        for name in ("cluster_lat", "cluster_n_maxima", "cluster_energy"):
+            np.testing.assert_allclose(ak.to_numpy(ak.flatten(tf[name].array()[order_f])),
+                                       ak.to_numpy(ak.flatten(tg[name].array())), rtol=1e-6, err_msg=name)
+        assert f["dqm/gg_mass"].values().sum() > 0  # x, y, z, time still sent for the collector's DQM
+    farm.command("terminate")
+    rc, log = farm.wait_exit()
+    assert rc == 0, log

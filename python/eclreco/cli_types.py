@@ -54,3 +54,20 @@ POSITIVE = number(0.0, positive=True)
 METRICS_PORT = integer(-1, 65535, " (-1: none, 0: a free port)")
 THREADS = integer(1, _core.MAX_THREADS)  # the bounds of eclreco.process, checked before a farm starts
 BATCH_SIZE = integer(1, _core.MAX_BATCH_SIZE)
+
+
+def name_list(text: str) -> list[str]:
+    """A comma-separated list of distinct names (column names: identifiers), e.g. energy,theta,lat."""
+    names = [n.strip() for n in text.split(",")]
+    if not all(n.isidentifier() for n in names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"must be distinct names separated by commas, not {text!r}")
+    return names
+
+
+def add_cluster_columns_argument(ap, who: str) -> None:
+    """--cluster-columns: the ECLClusters columns RootOutput writes as cluster_<column> branches."""
+    from eclreco.modules.root_output import DEFAULT_CLUSTER_COLUMNS
+
+    ap.add_argument("--cluster-columns", type=name_list, default=list(DEFAULT_CLUSTER_COLUMNS),
+                    help=f"{who}ECLClusters columns written as cluster_<column> branches (comma-separated; default: "
+                         f"{','.join(DEFAULT_CLUSTER_COLUMNS)}; e.g. add lat,second_moment,n_maxima)")

@@ -5,6 +5,7 @@ import argparse
 
 from eclreco.cli_types import (BATCH_SIZE, METRICS_PORT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT,
                                THREADS)
+from eclreco.cli_types import add_cluster_columns_argument
 from eclreco.curve import add_curve_arguments
 from eclreco.reconstruction import add_event_filter_arguments
 from eclreco.scheduling import add_scheduling_argument
@@ -85,6 +86,7 @@ def add_hlt_parser(subparsers):
     p.add_argument("--flush-interval", type=NON_NEGATIVE, default=0.25,
                    help="s: results are written to the ROOT file at least this often; only then are they SAVED "
                         "(until then the distributor keeps them for a replacement collector)")
+    add_cluster_columns_argument(p, "the workers must send them (their --cluster-columns): ")
     add_scheduling_argument(p)
     _add_metrics(p, 9461)
     add_curve_arguments(p, "collector")
@@ -108,6 +110,7 @@ def add_hlt_parser(subparsers):
     p.add_argument("--threads", type=THREADS, default=1, help="threads per worker")
     p.add_argument("--batch-size", type=BATCH_SIZE, default=256, help="events per batch in a worker")
     add_event_filter_arguments(p)
+    add_cluster_columns_argument(p, "workers and collector: ")
     p.add_argument("--max-latency", type=NON_NEGATIVE, default=2.0,
                    help="ms a worker waits for its batch to fill, and the collector for more results")
     p.add_argument("--flush-interval", type=NON_NEGATIVE, default=0.25, help="s between writes of the collector's file")

@@ -427,7 +427,7 @@ def main(args) -> int:
         # the DQM histograms of the whole farm, in the file as in a single-process job (dqm/)
         path.add_module("ECLDQM")
         out = path.add_module("RootOutput", filename=output_filename(args.output, 1),
-                              flush_interval_s=args.flush_interval)
+                              flush_interval_s=args.flush_interval, cluster_columns=args.cluster_columns)
         source.output = out
     print(f"[collector] pid {os.getpid()} {path} on {link.address}, control {args.control}, metrics "
           f"{exporter.port if exporter else '-'}", flush=True)

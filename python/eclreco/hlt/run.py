@@ -131,6 +131,7 @@ class Farm:
                                                 str(self.mport(1)), "--metrics-host", a.metrics_host,
                                                 "--max-latency", str(a.max_latency), "--flush-interval",
                                                 str(a.flush_interval), "--dedup-window", str(a.dedup_window),
+                                                "--cluster-columns", ",".join(a.cluster_columns),
                                                 "--sched", a.sched, *self.curve_args])
 
     def worker_cmd(self, i: int):
@@ -150,6 +151,7 @@ class Farm:
             cmd += ["--conditions", os.path.abspath(a.conditions)]
         if a.rejected:
             cmd += ["--rejected", a.rejected.replace("{worker}", str(i))]
+        cmd += ["--cluster-columns", ",".join(a.cluster_columns)]
         if a.min_clusters or a.min_energy_sum:
             cmd += ["--min-clusters", str(a.min_clusters), "--min-energy-sum", repr(a.min_energy_sum),
                     "--filter-cluster-energy", repr(a.filter_cluster_energy)]

@@ -232,9 +232,11 @@ def add_worker_arguments(ap: argparse.ArgumentParser):
                     "run range; docs/wire-format.md)")
     ap.add_argument("--rejected", default="", help="quarantine file of the raw events this worker rejects "
                     "({pid} is replaced; '': none; hlt run gives each worker one beside its output)")
+    from eclreco.cli_types import add_cluster_columns_argument
     from eclreco.reconstruction import add_event_filter_arguments
 
     add_event_filter_arguments(ap)
+    add_cluster_columns_argument(ap, "sent to the collector: ")
     from eclreco.curve import add_curve_arguments
 
     add_curve_arguments(ap, "worker")
@@ -276,18 +278,24 @@ def start_worker(args, build_reconstruction) -> int:
 
 def add_output(path, args):
     """ZMQOutput to the collector, with what RootOutput and ECLDQM there read: the cluster columns
-    RootOutput writes by default and the event's out-of-time digit count (ECLUnpacker). With --rejected, a
-    RejectedOutput first: the raw bytes of rejected events stay in this worker's quarantine file
-    (the collector gets their reasons and counts)."""
+    RootOutput writes (--cluster-columns, the collector's as well), the ones ECLDQM reads, and the event's
+    out-of-time digit count (ECLUnpacker). With --rejected, a RejectedOutput first: the raw bytes of
+    rejected events stay in this worker's quarantine file (the collector gets their reasons and counts)."""
     from eclreco.modules.root_output import DEFAULT_CLUSTER_COLUMNS
 
+    columns = list(getattr(args, "cluster_columns", DEFAULT_CLUSTER_COLUMNS))
+    columns += [c for c in DQM_CLUSTER_COLUMNS if c not in columns]
     if getattr(args, "rejected", ""):
         path.add_module("RejectedOutput", filename=args.rejected.replace("{pid}", str(os.getpid())), append=True)
 
     path.add_module("ZMQOutput", address=args.collector, bind=False,
                     collections=["ECLClusters", "ECLEventInformation"],
-                    columns=list(DEFAULT_CLUSTER_COLUMNS) + ["n_out_of_time_digits"],
+                    columns=columns + ["n_out_of_time_digits"],
                     **curve_params(args, "worker", "collector"))
+
+
+# what the collector's ECLDQM reads of the clusters, whatever RootOutput writes
+DQM_CLUSTER_COLUMNS = ("energy", "time", "e1e9", "x", "y", "z")
 
 
 def curve_params(args, name: str, server: str) -> dict:
