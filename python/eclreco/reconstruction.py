@@ -33,9 +33,11 @@ def add_event_filter_arguments(ap) -> None:
 
 
 def add_event_filter(path: Path, args) -> bool:
-    """ECLEventFilter with the options of add_event_filter_arguments, when a cut is set; True if added."""
-    if not (args.min_clusters or args.min_energy_sum):
+    """ECLEventFilter with the options of add_event_filter_arguments, when a cut is set; True if added.
+    (An `args` without them, from a worker steering file's own parser: no filter.)"""
+    min_clusters, min_energy_sum = getattr(args, "min_clusters", 0), getattr(args, "min_energy_sum", 0.0)
+    if not (min_clusters or min_energy_sum):
         return False
-    path.add_module("ECLEventFilter", min_clusters=args.min_clusters, min_energy_sum_gev=args.min_energy_sum,
-                    cluster_energy_gev=args.filter_cluster_energy)
+    path.add_module("ECLEventFilter", min_clusters=min_clusters, min_energy_sum_gev=min_energy_sum,
+                    cluster_energy_gev=getattr(args, "filter_cluster_energy", 0.1))
     return True

@@ -233,12 +233,11 @@ def add_worker_arguments(ap: argparse.ArgumentParser):
     ap.add_argument("--rejected", default="", help="quarantine file of the raw events this worker rejects "
                     "({pid} is replaced; '': none; hlt run gives each worker one beside its output)")
     from eclreco.cli_types import add_cluster_columns_argument
+    from eclreco.curve import add_curve_arguments
     from eclreco.reconstruction import add_event_filter_arguments
 
     add_event_filter_arguments(ap)
     add_cluster_columns_argument(ap, "sent to the collector: ")
-    from eclreco.curve import add_curve_arguments
-
     add_curve_arguments(ap, "worker")
 
 
