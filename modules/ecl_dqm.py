@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from eclreco import Module, _core
+from eclreco import Module, _core, per_event_sum
 from eclreco.dqm import CategoryHistogram, Histogram1D, registry
 
 PI0_MASS_GEV = 0.134977
@@ -63,18 +63,16 @@ class ECLDQM(Module):
         rows = slice(None)
         if batch.discards():  # the clusters of the discarded events are not histogrammed
             rows = np.repeat(good, np.diff(off))
-            e = np.where(rows, e, -1.0)  # below any threshold: no multiplicity, no pairs
+            e = np.where(rows, e, np.float32(-1.0))  # below any threshold: no multiplicity, no pairs
         self.h["cluster_energy"].fill(e[rows])
         if "time" in cl:
             self.h["cluster_time"].fill(cl["time"][rows])
         if "e1e9" in cl:
             self.h["cluster_e1e9"].fill(cl["e1e9"][rows])
         sel = e >= self.param("min_cluster_energy_gev")
-        # selected clusters before each event's first row: per-event multiplicities
-        csum = np.zeros(sel.size + 1, np.int64)
-        np.cumsum(sel, out=csum[1:])
-        self.h["cluster_multiplicity"].fill(np.diff(csum[np.asarray(off)])[good])
-        if csum[-1] < 2 or "x" not in cl or "time" not in cl:
+        multiplicity = per_event_sum(sel, off)
+        self.h["cluster_multiplicity"].fill(multiplicity[good])
+        if multiplicity.sum() < 2 or "x" not in cl or "time" not in cl:
             return
         # all pairs of the most energetic photon candidates per event, in one C++ pass without the
         # GIL (cpp/ecl/dqm.cpp; the numpy version was 60 % of this module's time); directions

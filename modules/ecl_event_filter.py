@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from eclreco import Module
+from eclreco import Module, per_event_sum
 
 
 class ECLEventFilter(Module):
@@ -49,13 +49,8 @@ class ECLEventFilter(Module):
         t_cut = self.param("max_abs_time_ns")
         if t_cut > 0:
             counted &= np.abs(np.asarray(cl["time"])) <= t_cut
-        # per-event sums from cumulative sums at the event offsets: no loop over events
-        c_clusters = np.zeros(e.size + 1, np.int64)
-        np.cumsum(counted, out=c_clusters[1:])
-        c_energy = np.zeros(e.size + 1, np.float64)
-        np.cumsum(np.where(counted, e, 0.0), out=c_energy[1:])
-        n_clusters = np.diff(c_clusters[off])
-        energy_sum = np.diff(c_energy[off])
+        n_clusters = per_event_sum(counted, off)
+        energy_sum = per_event_sum(np.where(counted, e, 0.0), off)
         keep = (n_clusters >= self.param("min_clusters")) & (energy_sum >= self.param("min_energy_sum_gev"))
         drop = active & ~keep
         if drop.any():

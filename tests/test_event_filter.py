@@ -240,3 +240,13 @@ def test_ecldqm_after_a_filter_histograms_the_kept_events_only():
     assert kept["cluster_multiplicity"] == 150 and full["cluster_multiplicity"] == 300
     assert kept["digits_per_event"] == 150
     assert 0 < kept["gg_mass"] < full["gg_mass"]
+
+
+def test_per_event_sum_matches_a_loop_over_events():
+    off = np.array([0, 3, 3, 4, 8])  # an event without rows in between
+    e = np.array([0.1, 0.2, 0.3, 5.0, 1.0, 2.0, 3.0, 4.0], np.float32)
+    np.testing.assert_allclose(eclreco.per_event_sum(e, off), [sum(e[a:b]) for a, b in zip(off[:-1], off[1:])])
+    flags = e > 0.25
+    counts = eclreco.per_event_sum(flags, off)
+    assert counts.dtype == np.int64 and counts.tolist() == [1, 0, 1, 4]
+    assert eclreco.per_event_sum(np.zeros(0, np.float32), np.array([0, 0])).tolist() == [0.0]

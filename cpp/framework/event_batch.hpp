@@ -93,7 +93,6 @@ class EventBatch {
   // is counted, by reason, as processed and discarded; later modules and outputs skip it. A
   // rejected event stays rejected (no decision on it), a second discard keeps the first reason.
   void discard(size_t i, std::string reason);
-  bool is_discarded(size_t i) const { return error_flags()[i] & kDiscarded; }
   const std::map<size_t, std::string>& discards() const { return discards_; }
   // What modules skip: rejected (nothing to work on) and discarded events.
   bool skips(size_t i) const { return error_flags()[i] & (kRejected | kDiscarded); }

@@ -78,6 +78,24 @@ def _hist_buckets(bounds: Iterable[float], counts: list[int]) -> list[tuple[str,
     return out
 
 
+def _add_counts(acc: dict, counts: dict) -> None:
+    """Adds per-reason counts into `acc`."""
+    for k, v in counts.items():
+        acc[k] = acc.get(k, 0) + v
+
+
+def _by_reason(totals, state, kind: str, help_: str):
+    """(counts by reason of earlier runs plus the live one, the counter family eclreco_events_<kind>)
+    for kind "rejected" or "discarded"."""
+    counts = dict(getattr(totals, kind))
+    if state is not None:
+        _add_counts(counts, getattr(state, f"{kind}_by_reason")())
+    family = CounterMetricFamily(f"eclreco_events_{kind}", help_, labels=["reason"])
+    for reason, n in sorted(counts.items()):
+        family.add_metric([reason], n)
+    return counts, family
+
+
 def _add_module_stats(acc: dict, modules: list) -> None:
     """Adds the per-module statistics of one run (ProcessState.modules()) to `acc`, keyed by
     position and name (names are unique in a path, RootOutput#1; the position orders them)."""
@@ -106,10 +124,8 @@ class _Totals:
         self.processed += s.processed
         self.errors += s.errors
         self.batches += s.batches
-        for k, v in s.rejected_by_reason().items():
-            self.rejected[k] = self.rejected.get(k, 0) + v
-        for k, v in s.discarded_by_reason().items():
-            self.discarded[k] = self.discarded.get(k, 0) + v
+        _add_counts(self.rejected, s.rejected_by_reason())
+        _add_counts(self.discarded, s.discarded_by_reason())
         self.per_batch = [a + b for a, b in zip(self.per_batch, s.events_per_batch_hist())]
         _add_module_stats(self.modules, s.modules())
 
@@ -174,26 +190,10 @@ class ProcessMetricsCollector(Collector):
         err.add_metric([], val("errors"))
         yield err
 
-        rejected = dict(t.rejected)
-        if s is not None:
-            for k, v in s.rejected_by_reason().items():
-                rejected[k] = rejected.get(k, 0) + v
-        rej = CounterMetricFamily("eclreco_events_rejected", "Events rejected at input, by reason",
-                                  labels=["reason"])
-        for reason, n in sorted(rejected.items()):
-            rej.add_metric([reason], n)
-        yield rej
-
-        discarded = dict(t.discarded)
-        if s is not None:
-            for k, v in s.discarded_by_reason().items():
-                discarded[k] = discarded.get(k, 0) + v
-        dis = CounterMetricFamily("eclreco_events_discarded",
-                                  "Events processed and not kept by an event filter (part of processed), by reason",
-                                  labels=["reason"])
-        for reason, n in sorted(discarded.items()):
-            dis.add_metric([reason], n)
-        yield dis
+        rejected, family = _by_reason(t, s, "rejected", "Events rejected at input, by reason")
+        yield family
+        yield _by_reason(t, s, "discarded", "Events processed and not kept by an event filter (part of processed), "
+                                            "by reason")[1]
 
         in_flight = GaugeMetricFamily("eclreco_events_in_flight", "Events received and not yet through the path")
         bif = GaugeMetricFamily("eclreco_batches_in_flight", "Batches dispatched and not yet through the path")

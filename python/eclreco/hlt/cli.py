@@ -4,8 +4,7 @@ from __future__ import annotations
 import argparse
 
 from eclreco.cli_types import (BATCH_SIZE, METRICS_PORT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT,
-                               THREADS)
-from eclreco.cli_types import add_cluster_columns_argument
+                               THREADS, add_cluster_columns_argument)
 from eclreco.curve import add_curve_arguments
 from eclreco.reconstruction import add_event_filter_arguments
 from eclreco.scheduling import add_scheduling_argument
