@@ -36,8 +36,9 @@ class RootOutput(Module):
     cluster each).
 
     The DQM histograms of the run (eclreco.dqm.registry) are written under `dqm/` at end_run.
-    Rejected events are not written (they go to the quarantine file). Branches whose data the
-    chain does not produce are left out. Data are buffered and written in large baskets (ZSTD
+    Rejected events are not written (they go to the quarantine file). Event branches whose data
+    the chain does not produce are left out; a cluster column that ECLClusters lacks (a misspelt
+    name) is an error of every batch that has clusters. Data are buffered and written in large baskets (ZSTD
     level 1 by default) by a background thread, one basket at a time, while the chain goes on;
     the file is closed and valid at the end of the run, also after SIGINT/SIGTERM.
 
@@ -55,7 +56,7 @@ class RootOutput(Module):
                        "zstd:1 writes 4x faster than zlib:1 for an 8 % larger file (benchmarks/bench_root_output.py)")
         self.add_param("cluster_columns", list(DEFAULT_CLUSTER_COLUMNS),
                        "ECLClusters columns written as branches cluster_<column> (one value per cluster: "
-                       "not image or features); those the chain does not produce are left out")
+                       "not image or features); one that ECLClusters lacks is an error")
         self.add_param("flush_interval_s", 0.0, "also write the buffer when it is this old (0: only full baskets); "
                        "an uproot file is readable after every write, so this bounds what a crash can lose")
         self._file = None
@@ -146,13 +147,17 @@ class RootOutput(Module):
             # Rows of the kept events only.
             row_keep = np.repeat(keep, counts)
             cols = {}
+            missing = [c for c in self.param("cluster_columns") if c not in clusters]
+            if missing:  # a misspelt or unmade column is an error, never a silently absent branch
+                raise ValueError(f"RootOutput: cluster_columns {', '.join(missing)} not in ECLClusters, whose columns "
+                                 f"are {', '.join(sorted(clusters.columns()))} (in the HLT farm the workers send "
+                                 f"those of their --cluster-columns)")
             for column in self.param("cluster_columns"):
-                if column in clusters:
-                    values = clusters[column]
-                    if values.ndim != 1:
-                        raise ValueError(f"RootOutput: cluster column '{column}' holds {values.shape[1:]} values per "
-                                         f"cluster; cluster_columns takes columns of one value per cluster")
-                    cols[column] = np.ascontiguousarray(values[row_keep])
+                values = clusters[column]
+                if values.ndim != 1:
+                    raise ValueError(f"RootOutput: cluster column '{column}' holds {values.shape[1:]} values per "
+                                     f"cluster; cluster_columns takes columns of one value per cluster")
+                cols[column] = np.ascontiguousarray(values[row_keep])
             if cols:
                 part["_cluster_counts"] = counts[keep].astype(np.int32)
                 part["_cluster_cols"] = cols

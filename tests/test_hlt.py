@@ -831,3 +831,24 @@ def test_farm_writes_the_cluster_columns_it_is_asked_for(farm_factory, tmp_path)
     farm.command("terminate")
     rc, log = farm.wait_exit()
     assert rc == 0, log
+
+
+def test_farm_reports_a_cluster_column_the_workers_do_not_make(farm_factory, tmp_path):
+    """A misspelt --cluster-columns name is no silently missing branch: the collector's RootOutput
+    fails every event on it (counted as module errors, named in its log), and the stop's report says
+    that nothing was written and why; every event is still accounted for."""
+    from eclreco.bench import make_raw_file
+    from eclreco.rawdata import read_raw_file
+
+    n = 100
+    make_raw_file(str(tmp_path / "generic.msgpack"), n, background=1.0, seed=5)
+    farm = farm_factory(workers=1, extra=("--modules", "standard", "--cluster-columns", "energy,latt"))
+    push_messages(farm.input, read_raw_file(tmp_path / "generic.msgpack"))
+    farm.wait_confirmed(n, timeout=90)
+    report = farm.command("stop")["collector"]
+    assert (report["received"], report["events_written"], report["errors"]) == (n, 0, n)
+    farm.command("terminate")
+    rc, log = farm.wait_exit()
+    assert rc == 0, log
+    assert "RootOutput: cluster_columns latt not in ECLClusters, whose columns are e1e9, energy, time, x, y, z" in log
+    assert f"[collector] run 1 ended: 0 events written to {farm.output}" in log

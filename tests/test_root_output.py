@@ -112,17 +112,28 @@ def test_cluster_branches(tmp_path):
 
 
 def test_cluster_columns_choose_the_cluster_branches(tmp_path, capfd):
-    """cluster_columns: the chosen columns only (a missing one left out); a column of several values per
-    cluster (image) is a module error naming it; duplicates are refused at initialize."""
+    """cluster_columns: the chosen columns only; one that ECLClusters lacks (a misspelt name) and a column
+    of several values per cluster (image) are module errors naming them; duplicates are refused at
+    initialize."""
     out = tmp_path / "c.root"
     path = eclreco.create_path()
     path.add_module(ClusterSource())
-    path.add_module("RootOutput", filename=str(out), cluster_columns=["energy", "seed_cell", "lat"])
+    path.add_module("RootOutput", filename=str(out), cluster_columns=["energy", "seed_cell"])
     eclreco.process(path)
     with uproot.open(out) as f:
         t = f["events"]
         assert {k for k in t.keys() if k.startswith("cluster_")} == {"cluster_energy", "cluster_seed_cell"}
         assert t["cluster_seed_cell"].array()[list(t["evt"].array(library="np")).index(5)].tolist() == [7]
+
+    path = eclreco.create_path()
+    path.add_module(ClusterSource())
+    path.add_module("RootOutput", filename=str(tmp_path / "m.root"), cluster_columns=["energy", "enrgy", "lat"])
+    eclreco.process(path)
+    assert eclreco.statistics.summary()["errors"] == 49  # every event of the batch; the rejected one stays rejected
+    err = capfd.readouterr().err
+    assert "RootOutput: cluster_columns enrgy, lat not in ECLClusters, whose columns are e1e9, e9e21, energy," in err
+    with uproot.open(tmp_path / "m.root") as f:
+        assert f["events"].num_entries == 0  # no event is written without its requested branches
 
     class WithImages(ClusterSource):
         def next_batch(self, batch, max_events):

@@ -444,13 +444,14 @@ def main(args) -> int:
             link.release_saved(out, everything=True)  # the file of the run is closed
             s = eclreco.statistics.summary()
             # discarded: events a worker's event filter did not keep (processed, counted, not written)
-            link.run_ended({"run_index": link.run_index, "filename": link.filename,
-                            "events_written": out.events_written_run if out is not None else s.get("processed", 0),
+            # errors: events a module failed on here (e.g. RootOutput asked for a column the workers do not send)
+            written = out.events_written_run if out is not None else s.get("processed", 0) - s.get("discarded", 0)
+            link.run_ended({"run_index": link.run_index, "filename": link.filename, "events_written": written,
                             "received": s.get("received", 0), "duplicates": link.duplicates,
-                            "discarded": s.get("discarded", 0)})
+                            "discarded": s.get("discarded", 0), "errors": s.get("errors", 0)})
             # where the collector's time went in the run (module table, as the workers print it)
-            print(f"[collector] run {link.run_index} ended: {s.get('processed', 0) - s.get('discarded', 0)} events "
-                  f"to {link.filename}\n{eclreco.statistics}", flush=True)
+            print(f"[collector] run {link.run_index} ended: {written} events written to {link.filename}\n"
+                  f"{eclreco.statistics}", flush=True)
             if _core.stop_requested() or link.terminate:
                 break
             link.run_index = (link.ended_run_index or link.run_index) + 1
