@@ -206,6 +206,30 @@ def test_discards_travel_in_the_batch_message():
         P.DecodedBatch(bad)
 
 
+def test_flags_that_arrive_without_their_reasons_are_still_counted():
+    """A batch message whose error_flags mark events rejected, failed or discarded, without the
+    reason lists (an older or foreign producer): the collector keeps each event in its class, under a
+    generic reason, and the flags of the kept events only."""
+    from eclreco.hlt import protocol as P
+
+    b = eclreco.EventBatch(5)
+    b.evt[:] = np.arange(5)
+    b.reject(0, "bad_header", "x")
+    b.flag_error(1, "boom")
+    b.discard(2, "too_soft")
+    b.discard(4, "too_soft")
+    msg = P.unpack(P.pack(P.batch_to_message(b)))
+    for key in ("rejections", "errors", "discards"):
+        del msg[key]
+    out = eclreco.EventBatch(0)
+    P.fill_batch(out, [P.DecodedBatch(msg)], [np.array([True, True, True, True, False])])
+    assert out.evt.tolist() == [0, 1, 2, 3]
+    assert out.rejections() == {0: ("rejected_upstream", "flagged rejected without a reason")}
+    assert out.errors() == {1: "module error upstream (no message)"}
+    assert out.discards() == {2: "discarded_upstream"}
+    assert out.active().tolist() == [False, True, False, True]
+
+
 def test_discarded_events_are_exported_by_reason():
     from eclreco.metrics import ProcessMetricsCollector
 

@@ -188,14 +188,13 @@ def fill_batch(batch, parts: list[DecodedBatch], keeps: list[np.ndarray]):
             if k[i]:
                 batch.discard(base + int(newidx[i]), r)
         flags = p.meta.get("error_flags")
-        if flags is not None:
-            for i in np.flatnonzero(k & ((flags & _core.ERROR_REJECTED) != 0)).tolist():
-                if i not in p.rejections:
-                    batch.reject(base + int(newidx[i]), "rejected_upstream", "flagged rejected without a reason")
-            for i in np.flatnonzero(k & ((flags & _core.ERROR_MODULE) != 0)).tolist():
-                if i not in p.errors:
-                    batch.flag_error(base + int(newidx[i]), "module error upstream (no message)")
-            for i in np.flatnonzero(k & ((flags & _core.ERROR_DISCARDED) != 0)).tolist():
-                if i not in p.discards:
-                    batch.discard(base + int(newidx[i]), "discarded_upstream")
+        unexplained = [] if flags is None else [
+            (_core.ERROR_REJECTED, p.rejections,
+             lambda j: batch.reject(j, "rejected_upstream", "flagged rejected without a reason")),
+            (_core.ERROR_MODULE, p.errors, lambda j: batch.flag_error(j, "module error upstream (no message)")),
+            (_core.ERROR_DISCARDED, p.discards, lambda j: batch.discard(j, "discarded_upstream"))]
+        for bit, explained, mark in unexplained:
+            for i in np.flatnonzero(k & ((flags & bit) != 0)).tolist():
+                if i not in explained:
+                    mark(base + int(newidx[i]))
         base += int(k.sum())
