@@ -14,7 +14,9 @@ class ZMQOutput(Module):
     The message (docs/deployment.md, "batch message") holds the metadata columns exp, run, evt,
     error_flags, time_ns, detector, the per-event counts and the columns of `collections`
     (default ECLClusters), counts only of `count_collections` (default ECLDigits), the rejection
-    reasons and, inside the HLT, the distributor's sequence ids. Arrays are raw little-endian
+    reasons, discards and module errors and, inside the HLT, the distributor's sequence ids. The
+    events an event filter discarded go with their metadata and reason but without their rows in
+    `strip_discarded` (default ECLClusters). Arrays are raw little-endian
     bytes with dtype and shape. Sending blocks while the receiver is slow (high-water mark), so
     the chain feels backpressure; after a stop request it gives the receiver `stop_timeout_s`
     more and then drops (and counts) what it could not send.
@@ -27,6 +29,9 @@ class ZMQOutput(Module):
         self.add_param("collections", ["ECLClusters"], "collections sent with all their columns")
         self.add_param("count_collections", ["ECLDigits"], "collections sent as per-event counts only")
         self.add_param("columns", [], "restrict the columns sent (empty: all)", type="list[str]")
+        self.add_param("strip_discarded", ["ECLClusters"], "collections sent without the rows of events that an "
+                       "event filter discarded (their count 0; not a per-event collection such as ECLEventInformation)",
+                       type="list[str]")
         self.add_param("sndhwm", 100, "send high-water mark, in batch messages")
         self.add_param("stop_timeout_s", 10.0, "after a stop request, give up sending after this long")
         declare_curve_params(self, "worker", "collector")
@@ -52,7 +57,8 @@ class ZMQOutput(Module):
 
         columns = self.param("columns")
         data = pack(batch_to_message(batch, collections=self.param("collections"),
-                                     count_collections=self.param("count_collections"), columns=columns))
+                                     count_collections=self.param("count_collections"), columns=columns,
+                                     strip_discarded=self.param("strip_discarded")))
         zmq = self._zmq
         stop_since = None
         while True:

@@ -182,20 +182,33 @@ def test_ecl_event_filter_refuses_negative_cuts_and_a_path_without_clusters():
 
 def test_discards_travel_in_the_batch_message():
     """worker -> collector: the reasons come back on the same events, a flag without its reason
-    is still counted (discarded_upstream), and the events keep their rows."""
+    is still counted (discarded_upstream); the discarded events' clusters are not sent
+    (strip_discarded), a per-event collection keeps its row for every event."""
     from eclreco.hlt import protocol as P
 
     b = eclreco.EventBatch(3)
     b.evt[:] = [7, 8, 9]
-    b.add_collection("ECLClusters", np.array([0, 2, 3, 5]), {"energy": np.arange(5, dtype=np.float32)})
+    b.add_collection("ECLClusters", np.array([0, 2, 3, 5]), {"energy": np.arange(5, dtype=np.float32),
+                                                             "seed_cell": np.arange(5, dtype=np.int32) + 10})
+    b.add_collection("ECLEventInformation", np.arange(4), {"n_out_of_time_digits": np.array([4, 5, 6], np.int32)})
     b.discard([0, 2], "too_soft")
-    msg = P.unpack(P.pack(P.batch_to_message(b)))
+    kept_all = P.unpack(P.pack(P.batch_to_message(b, collections=["ECLClusters", "ECLEventInformation"],
+                                                  strip_discarded=())))
+    msg = P.unpack(P.pack(P.batch_to_message(b, collections=["ECLClusters", "ECLEventInformation"])))
+    assert len(P.pack(msg)) < len(P.pack(kept_all))
     assert msg["discards"] == [[0, "too_soft"], [2, "too_soft"]]
     out = eclreco.EventBatch(0)
     d = P.DecodedBatch(msg)
     P.fill_batch(out, [d], [np.array([True, True, True])])
     assert out.discards() == {0: "too_soft", 2: "too_soft"} and out.active().tolist() == [False, True, False]
-    np.testing.assert_array_equal(out["ECLClusters"]["energy"], np.arange(5))
+    assert out.evt.tolist() == [7, 8, 9]
+    np.testing.assert_array_equal(out["ECLClusters"].offsets, [0, 0, 1, 1])
+    np.testing.assert_array_equal(out["ECLClusters"]["energy"], [2])
+    np.testing.assert_array_equal(out["ECLClusters"]["seed_cell"], [12])
+    np.testing.assert_array_equal(out["ECLEventInformation"]["n_out_of_time_digits"], [4, 5, 6])
+    out = eclreco.EventBatch(0)
+    P.fill_batch(out, [P.DecodedBatch(kept_all)], [np.array([True, True, True])])
+    np.testing.assert_array_equal(out["ECLClusters"]["energy"], np.arange(5))  # strip_discarded=(): all rows
     del msg["discards"]  # the flag alone
     out = eclreco.EventBatch(0)
     P.fill_batch(out, [P.DecodedBatch(msg)], [np.array([False, True, True])])

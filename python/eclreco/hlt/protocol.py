@@ -87,8 +87,9 @@ META_COLUMNS = ("exp", "run", "evt", "error_flags", "time_ns", "detector")
 
 
 def batch_to_message(batch, collections=("ECLClusters",), count_collections=("ECLDigits",), columns=(),
-                     seq_collection="HLTSequence", include_rejected=True) -> dict:
-    """One batch as the ZMQOutput message (a dict, MessagePack-ready); see docs/deployment.md."""
+                     seq_collection="HLTSequence", include_rejected=True, strip_discarded=("ECLClusters",)) -> dict:
+    """One batch as the ZMQOutput message (a dict, MessagePack-ready); see docs/deployment.md.
+    The collections of strip_discarded go without the rows of discarded events (their count 0)."""
     n = len(batch)
     msg = {"v": FORMAT_VERSION, "type": BATCH_TYPE, "n": n,
            "meta": {name: encode_array(getattr(batch, name)) for name in META_COLUMNS}}
@@ -105,14 +106,24 @@ def batch_to_message(batch, collections=("ECLClusters",), count_collections=("EC
         msg["discards"] = [[int(i), r] for i, r in sorted(discards.items())]
     cols = {}
     wanted = set(columns)
+    discarded = None
+    if discards and strip_discarded:
+        discarded = np.zeros(n, bool)
+        discarded[list(discards)] = True
     for name in collections:
         if name not in batch:
             continue
         c = batch[name]
         counts = np.diff(c.offsets).astype("<i4")
-        # a discarded event keeps its rows: a per-event collection (ECLEventInformation) has one for every event
-        cols[name] = {"counts": encode_array(counts),
-                      "columns": {k: encode_array(c[k]) for k in c.columns() if not wanted or k in wanted}}
+        names = [k for k in c.columns() if not wanted or k in wanted]
+        if discarded is not None and name in strip_discarded:
+            # what an event filter drops costs no bandwidth; a per-event collection (ECLEventInformation,
+            # not stripped) keeps its one row per event
+            rows = np.repeat(~discarded, counts)
+            counts[discarded] = 0
+            cols[name] = {"counts": encode_array(counts), "columns": {k: encode_array(c[k][rows]) for k in names}}
+        else:
+            cols[name] = {"counts": encode_array(counts), "columns": {k: encode_array(c[k]) for k in names}}
     for name in count_collections:
         if name in batch and name not in cols:
             cols[name] = {"counts": encode_array(np.diff(batch[name].offsets).astype("<i4")), "columns": {}}
