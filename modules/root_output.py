@@ -38,9 +38,9 @@ class RootOutput(Module):
     The DQM histograms of the run (eclreco.dqm.registry) are written under `dqm/` at end_run.
     Rejected events are not written (they go to the quarantine file). Event branches whose data
     the chain does not produce are left out; a cluster column that ECLClusters lacks (a misspelt
-    name) is an error of every batch that has clusters. Data are buffered and written in large baskets (ZSTD
-    level 1 by default) by a background thread, one basket at a time, while the chain goes on;
-    the file is closed and valid at the end of the run, also after SIGINT/SIGTERM.
+    name) is an error of every batch that has clusters. Data are buffered and written in large
+    baskets (ZSTD level 1 by default) by a background thread, one basket at a time, while the
+    chain goes on; the file is closed and valid at the end of the run, also after SIGINT/SIGTERM.
 
     A write that fails (disk full, file size limit, I/O error) is fatal: the incomplete file is
     removed (never left silently truncated), the run is asked to stop, and the run ends with the
