@@ -835,9 +835,10 @@ def test_farm_writes_the_cluster_columns_it_is_asked_for(farm_factory, tmp_path)
 
 def test_farm_reports_a_cluster_column_the_workers_do_not_make(farm_factory, tmp_path):
     """A misspelt --cluster-columns name is no silently missing branch: the collector's RootOutput
-    fails every event on it (counted as module errors, named in its log), and the stop's report says
-    that nothing was written and why; every event is still accounted for."""
+    fails every event on it (counted as module errors, named in its log, shown by `hlt status`), and
+    the stop's report says that nothing was written and why; every event is still accounted for."""
     from eclreco.bench import make_raw_file
+    from eclreco.hlt.control import format_table, status
     from eclreco.rawdata import read_raw_file
 
     n = 100
@@ -845,6 +846,14 @@ def test_farm_reports_a_cluster_column_the_workers_do_not_make(farm_factory, tmp
     farm = farm_factory(workers=1, extra=("--modules", "standard", "--cluster-columns", "energy,latt"))
     push_messages(farm.input, read_raw_file(tmp_path / "generic.msgpack"))
     farm.wait_confirmed(n, timeout=90)
+    deadline = time.monotonic() + 10  # the collector reports its counts every 0.5 s
+    while True:
+        table = format_table(status(farm.control))
+        row = next(line for line in table.splitlines() if line.startswith("collector"))
+        if f"errors {n}" in row or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert f"errors {n}" in row, table
     report = farm.command("stop")["collector"]
     assert (report["received"], report["events_written"], report["errors"]) == (n, 0, n)
     farm.command("terminate")

@@ -87,6 +87,8 @@ def format_table(st: dict) -> str:
         else:
             received = processed = rejected = in_flight = "-"
             extra = f"restarted {p.get('workers_restarted', 0)}"
+        if role in ("worker", "collector"):  # what the run's modules failed on, or a filter did not keep
+            extra += "".join(f" {k} {p[k]}" for k in ("errors", "discarded") if p.get(k))
         row = [role, p.get("pid", "?"), str(p.get("host", ""))[:13], p.get("state", "?"), received, processed,
                rejected, in_flight, extra]
         lines.append("".join(f"{str(v):>{w - 1}} " if name not in ("role", "host", "state", "extra") else f"{str(v):<{w - 1}} "
