@@ -316,22 +316,23 @@ def test_module_feeds_the_feature_vector_of_the_model_metadata(per_call):
     assert n_checked > 40
 
 
-class _Energies(eclreco.Module):
-    """Keeps ECLClusters (energy, energy_raw, time) as they pass."""
+class _Keep(eclreco.Module):
+    """Keeps copies of the offsets and every column of `collections` in each batch that passes."""
 
-    def __init__(self):
+    def __init__(self, *collections):
         super().__init__()
-        self.parts = []
+        self.collections, self.parts = collections, []
 
     def ordered(self):
         return True
 
     def event(self, batch):
-        cl = batch["ECLClusters"]
-        self.parts.append({k: np.array(cl[k]) for k in ("energy", "energy_raw", "time")})
+        self.parts.append({(c, k): np.array(v) for c in self.collections
+                           for k, v in [("offsets", batch[c].offsets)] + [(n, batch[c][n]) for n in batch[c].columns()]})
 
-    def column(self, name):
-        return np.concatenate([p[name] for p in self.parts])
+    def column(self, name, collection="ECLClusters"):
+        """A column over all batches."""
+        return np.concatenate([p[(collection, name)] for p in self.parts])
 
 
 GENERIC = dict(events=400, detector="belle2-ecl", particle="generic", background=1.0, seed=5)
@@ -344,7 +345,7 @@ def _domain_run(source=GENERIC, **params):
     path.add_module("SimulationInput", **source)
     for name in ("ECLUnpacker", "ECLClusterizer", "ECLLeakageCorrection"):
         path.add_module(name)
-    before, after = _Energies(), _Energies()
+    before, after = _Keep("ECLClusters"), _Keep("ECLClusters")
     path.add_module(before)
     m = path.add_module("ECLEnergyCorrection", **params)
     path.add_module(after)
@@ -541,21 +542,12 @@ def test_digits_from_arrays_run_the_standard_chain_like_unpacked_ones():
     belle2-ecl CNN (which reads the event's out-of-time digit count) gives the same energies."""
     from eclreco.sources import ArraySource
 
-    class Keep(eclreco.Module):
-        def __init__(self, *collections):
-            super().__init__()
-            self.collections, self.parts = collections, []
-
-        def event(self, batch):
-            self.parts.append({(c, k): np.array(v) for c in self.collections
-                               for k, v in [("offsets", batch[c].offsets)] + [(n, batch[c][n]) for n in batch[c].columns()]})
-
     def reconstruct(sources, keep_before, batch_size):
-        """sources -> Keep(keep_before) -> clusterizer, classical and CNN corrections -> Keep(clusters)"""
+        """sources -> _Keep(keep_before) -> clusterizer, classical and CNN corrections -> _Keep(clusters)"""
         path = eclreco.create_path()
         for m in sources:
             path.add_module(m)
-        before, after = Keep(*keep_before), Keep("ECLClusters")
+        before, after = _Keep(*keep_before), _Keep("ECLClusters")
         path.add_module(before)
         for m in ("ECLClusterizer", "ECLLeakageCorrection", "ECLEnergyCorrection"):
             path.add_module(m)
@@ -574,9 +566,9 @@ def test_digits_from_arrays_run_the_standard_chain_like_unpacked_ones():
     source = ArraySource("ECLDigits", d[("ECLDigits", "offsets")], cols, detector="belle2-ecl")
     info, arrays = reconstruct([source], ("ECLEventInformation",), 32)
     assert eclreco.statistics.summary()["errors"] == 0
-    np.testing.assert_array_equal(np.concatenate([p[("ECLEventInformation", "n_out_of_time_digits")] for p in info.parts]),
+    np.testing.assert_array_equal(info.column("n_out_of_time_digits", "ECLEventInformation"),
                                   d[("ECLEventInformation", "n_out_of_time_digits")])
-    energy = np.concatenate([p[("ECLClusters", "energy")] for p in arrays.parts])
+    energy = arrays.column("energy")
     # (onnxruntime's sums depend on the call size: batches of 32 vs 80 events differ in the 7th digit)
     np.testing.assert_allclose(energy, c[("ECLClusters", "energy")], rtol=1e-5)
     assert not np.array_equal(energy, c[("ECLClusters", "energy_raw")])
