@@ -85,14 +85,14 @@ class LatencyHistogram:
 
 # The bounds of `eclreco hlt distributor`'s options (cli.py's argparse types), for a Distributor built
 # in Python: chunk=0 never dispatched and its stop hung, a NaN heartbeat timeout never lost a worker.
-_AT_LEAST_ONE = ("queue_size", "max_held", "chunk")
+_MIN_INT = {"queue_size": 1, "max_held": 1, "chunk": 1, "input_hwm": 0}
 _POSITIVE_SECONDS = ("heartbeat_timeout_s",)
 
 
 def _check_settings(**values) -> None:
     for name, value in values.items():
-        if name in _AT_LEAST_ONE or name == "input_hwm":
-            lo = 1 if name in _AT_LEAST_ONE else 0
+        if name in _MIN_INT:
+            lo = _MIN_INT[name]
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
                 raise ValueError(f"Distributor: {name} must be an int >= {lo}, not {value!r}")
         elif (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
