@@ -143,15 +143,15 @@ class RootOutput(Module):
         if "ECLClusters" in batch:
             clusters = batch["ECLClusters"]
             offsets = clusters.offsets
-            counts = np.diff(offsets)
-            # Rows of the kept events only.
-            row_keep = np.repeat(keep, counts)
-            cols = {}
             missing = [c for c in self.param("cluster_columns") if c not in clusters]
             if missing:  # a misspelt or unmade column is an error, never a silently absent branch
                 raise ValueError(f"RootOutput: cluster_columns {', '.join(missing)} not in ECLClusters, whose columns "
                                  f"are {', '.join(sorted(clusters.columns()))} (in the HLT farm the workers send "
                                  f"those of their --cluster-columns)")
+            counts = np.diff(offsets)
+            # Rows of the kept events only.
+            row_keep = np.repeat(keep, counts)
+            cols = {}
             for column in self.param("cluster_columns"):
                 values = clusters[column]
                 if values.ndim != 1:
