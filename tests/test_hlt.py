@@ -858,6 +858,11 @@ def test_farm_reports_a_cluster_column_the_workers_do_not_make(farm_factory, tmp
     assert (report["received"], report["events_written"], report["errors"]) == (n, 0, n)
     farm.command("terminate")
     rc, log = farm.wait_exit()
-    assert rc == 0, log
-    assert "RootOutput: cluster_columns latt not in ECLClusters, whose columns are e1e9, energy, time, x, y, z" in log
+    message = "RootOutput: cluster_columns latt not in ECLClusters, whose columns are e1e9, energy, time, x, y, z"
+    assert message in log
     assert f"[collector] run 1 ended: 0 events written to {farm.output}" in log
+    # hlt run's own end: the file side of the farm, and a failing exit as reco.py's for this case
+    assert rc == 1, log
+    assert (f"[hlt run] output: 0 events written in 1 run(s) of {n} received; module errors {n}, discarded 0 "
+            f"(first error: RootOutput raised on exp 0 run 1 evt 0: ValueError: {message}") in log
+    assert "[hlt run] error: every event failed in a module of the farm" in log

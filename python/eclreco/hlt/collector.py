@@ -446,9 +446,11 @@ def main(args) -> int:
             # discarded: events a worker's event filter did not keep (processed, counted, not written)
             # errors: events a module failed on here (e.g. RootOutput asked for a column the workers do not send)
             written = out.events_written_run if out is not None else s.get("processed", 0) - s.get("discarded", 0)
+            errors = eclreco.statistics.state.error_messages() if s.get("errors", 0) else []
             link.run_ended({"run_index": link.run_index, "filename": link.filename, "events_written": written,
                             "received": s.get("received", 0), "duplicates": link.duplicates,
-                            "discarded": s.get("discarded", 0), "errors": s.get("errors", 0)})
+                            "discarded": s.get("discarded", 0), "errors": s.get("errors", 0),
+                            "first_error": errors[0] if errors else ""})
             # where the collector's time went in the run (module table, as the workers print it)
             print(f"[collector] run {link.run_index} ended: {written} events written to {link.filename}\n"
                   f"{eclreco.statistics}", flush=True)

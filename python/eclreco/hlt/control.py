@@ -31,6 +31,23 @@ def summary_line(d: dict) -> str:
             + f", workers lost {d['workers_lost']}, restarted {d['workers_restarted']}")
 
 
+def output_line(d: dict) -> str:
+    """What the collector reported at the ends of the runs (the distributor's `output`): the file
+    side of the farm, which the confirmations do not show (a confirmed event may have failed in a
+    module, or been discarded by a filter)."""
+    o = d.get("output") or {}
+    line = (f"output: {o.get('events_written', 0)} events written in {o.get('runs', 0)} run(s) of "
+            f"{o.get('received', 0)} received; module errors {o.get('errors', 0)}, discarded {o.get('discarded', 0)}")
+    return line + (f" (first error: {o['first_error']})" if o.get("first_error") else "")
+
+
+def every_event_failed(d: dict) -> bool:
+    """Every event the collector received failed in a module: a misconfigured chain, not bad events
+    (the rule of steering/reco.py's exit code)."""
+    o = d.get("output") or {}
+    return o.get("received", 0) > 0 and o.get("errors", 0) >= o["received"]
+
+
 def request(control: str, cmd: bytes, timeout_s: float = 10.0, curve=None) -> dict:
     """Send a command to the distributor and wait for its reply (OK body as a dict)."""
     ctx = zmq.Context.instance()

@@ -24,7 +24,7 @@ import zmq
 from eclreco import scheduling
 from eclreco.curve import Curve
 from eclreco.hlt import protocol as P
-from eclreco.hlt.control import summary_line
+from eclreco.hlt.control import output_line, summary_line
 from eclreco.raw_sockets import ConnectionMonitor, attach, check_message_limits, recv_message
 
 # Latency histogram: log-spaced bounds from 10 us to 100 s (percentiles and Prometheus buckets).
@@ -170,6 +170,10 @@ class Distributor:
         self.workers_restarted = 0
         self.workers_lost = 0
         self.confirmed_low = 0
+        # What the collectors reported at the ends of the runs (RUN_ENDED), summed over the farm's
+        # life: the file side of the farm, which the confirmations alone do not show.
+        self.output = {"runs": 0, "received": 0, "events_written": 0, "errors": 0, "discarded": 0,
+                       "first_error": ""}
 
     # ---------------------------------------------------------------- main loop
     def serve(self):
@@ -205,7 +209,7 @@ class Distributor:
                 self.housekeeping(now)
                 # a live collector still has to say SAVED for what it holds (it does on END_RUN)
                 if (self.terminating and self.state == "stopped" and not self.stop_requesters
-                        and (not self.unsaved or self.collector_silent(now))):
+                        and (not self.unsaved or self.collector_silent(now)) and self.run_reported(now)):
                     self.finish_terminate()
                     return
 
@@ -385,7 +389,9 @@ class Distributor:
                 else:
                     if self.collector is not None:
                         self.collector_replaced()
-                    self.collector = {"ident": ident, "last_seen": now, "status": info, "run_ended": None}
+                    # registered between runs: it has no run to report on
+                    self.collector = {"ident": ident, "last_seen": now, "status": info,
+                                      "run_ended": {} if self.state == "stopped" else None}
                 self._send(self.ctl, ident, P.LOW, str(self.low_watermark()).encode())
             else:
                 self.supervisors[ident] = {"last_seen": now, "status": info}
@@ -407,6 +413,7 @@ class Distributor:
             if self.collector is not None and self.collector["ident"] == ident:
                 self.collector["run_ended"] = info
                 self.collector["last_seen"] = now
+                self.add_run_report(info)
         elif cmd == P.STOP:
             if self.state == "stopped":
                 self._send(self.ctl, ident, P.OK, P.pack({"state": "stopped", "run_index": self.run_index,
@@ -571,6 +578,20 @@ class Distributor:
         for w in self.workers.values():
             w.assigned.clear()
 
+    def add_run_report(self, info: dict):
+        o = self.output
+        if info.get("received", 0):
+            o["runs"] += 1
+        for k in ("received", "events_written", "errors", "discarded"):
+            o[k] += int(info.get(k, 0) or 0)
+        o["first_error"] = o["first_error"] or str(info.get("first_error", ""))
+
+    def run_reported(self, now: float) -> bool:
+        """The collector's RUN_ENDED for the stopped run is in (what it wrote and what failed there:
+        the final status carries it), or it cannot come: no live collector, or 30 s gone, as for STOP."""
+        return (self.collector_silent(now) or self.collector.get("run_ended") is not None
+                or now - self.stopped_at > 30)
+
     def collector_silent(self, now: float) -> bool:
         return self.collector is None or now - self.collector["last_seen"] > self.heartbeat_timeout_s
 
@@ -589,6 +610,7 @@ class Distributor:
         if self.terminate_requester is not None:
             self._send(self.ctl, self.terminate_requester, P.OK, P.pack(final))
         print("[distributor] terminated: " + summary_line(final["processes"][0]), flush=True)
+        print("[distributor] " + output_line(final["processes"][0]), flush=True)
 
     def _send(self, sock, ident, *frames):
         try:
@@ -625,6 +647,7 @@ class Distributor:
             "workers_lost": self.workers_lost,
             "latency_p50_s": self.latency.quantile(0.5), "latency_p99_s": self.latency.quantile(0.99),
             "throughput_hz": self.c["confirmed"] / wall if wall > 0 else 0.0,
+            "output": dict(self.output),
             "metrics_port": getattr(self, "metrics_port", 0),
         }
 

@@ -19,7 +19,7 @@ import zmq
 
 from eclreco.curve import Curve
 from eclreco.hlt import protocol as P
-from eclreco.hlt.control import ControlError, request, status, summary_line
+from eclreco.hlt.control import ControlError, every_event_failed, output_line, request, status, summary_line
 from eclreco.hlt.worker import conditions_without_unpacker, module_names
 from eclreco.raw_sockets import attach, check_message_limits, tcp_port
 
@@ -284,6 +284,10 @@ class Farm:
             d = self.final["processes"][0]
             d["workers_restarted"] = self.restarts
             print("[hlt run] " + summary_line(d), flush=True)
+            print("[hlt run] " + output_line(d), flush=True)
+            if every_event_failed(d):
+                print("[hlt run] error: every event failed in a module of the farm", file=sys.stderr, flush=True)
+                rc = 1
         return rc
 
     def sigterm_rest(self):
