@@ -702,7 +702,9 @@ def test_an_output_over_an_input_or_another_output_is_refused(tmp_path):
     raw = tmp_path / "raw.msgpack"
     write_raw_file(raw, encode_events("array30", 0, 1, [0, 1], [0, 0, 0], [], [], [], []))
     before = raw.read_bytes()
+    os.link(raw, tmp_path / "hard.msgpack")  # another name of the same file: it was truncated (SIGBUS)
     for outputs in ([("RootOutput", str(raw))], [("RejectedOutput", str(tmp_path / "." / "raw.msgpack"))],
+                    [("RejectedOutput", str(tmp_path / "hard.msgpack"))],
                     [("RootOutput", str(tmp_path / "x.root")), ("RejectedOutput", str(tmp_path / "x.root"))]):
         path = eclreco.create_path()
         path.add_module("RawFileInput", filename=str(raw))

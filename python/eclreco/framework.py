@@ -232,13 +232,17 @@ def _check_files(path: Path) -> None:
     """An output over an input of the same path, or two outputs on one file, is refused before
     anything is opened: the output would truncate the raw data being read (a crash of the
     memory-mapped reader, or the raw file replaced by ROOT bytes) or both writers corrupt it."""
-    seen: dict[str, tuple[str, str]] = {}  # real path -> (module, "reads" | "writes")
+    seen: dict[object, tuple[str, str]] = {}  # file -> (module, "reads" | "writes")
     for m in path.modules:
         role = "reads" if m.type in FILE_INPUTS else "writes" if m.type in FILE_OUTPUTS else None
         name = m.get_param("filename") if role else ""
         if not name:
             continue
-        key = os.path.realpath(name)
+        try:  # an existing file by its inode: a hard link is another name of the same file
+            st = os.stat(name)
+            key: object = (st.st_dev, st.st_ino)
+        except OSError:  # not there yet (an output): by its real path
+            key = os.path.realpath(name)
         if key in seen and "writes" in (role, seen[key][1]):
             raise ValueError(f"{m.type} {role} {name!r}, which {seen[key][0]} {seen[key][1]} in the same path: use another file")
         if key not in seen or role == "writes":
