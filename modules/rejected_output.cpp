@@ -45,8 +45,10 @@ class RejectedOutput : public fw::Module {
   }
 
   void event(fw::EventBatch& batch) override {
-    if (!error_.empty()) throw std::runtime_error(error_);
+    // After a failed write only the rejected events are refused (their records cannot be kept): in the
+    // event-by-event re-run of the failing batch the others pass, and are no module errors.
     if (batch.rejections().empty()) return;
+    if (!error_.empty()) throw std::runtime_error(error_);
     const fw::Collection* raw = batch.has("RawEnvelopes") ? &batch.get("RawEnvelopes") : nullptr;
     const fw::Collection* ref = batch.has("RawPayloadRef") ? &batch.get("RawPayloadRef") : nullptr;
     const uint8_t* bytes = raw && raw->has("bytes") ? raw->column("bytes").data<uint8_t>() : nullptr;

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 import eclreco
@@ -136,9 +137,24 @@ def main(argv=None) -> int:
             exporter.close()
     print(eclreco.statistics, flush=True)
     s = eclreco.statistics.summary()
+    sig = eclreco._core.stop_signal()
+    if sig and (args.input or "").startswith("tcp://"):  # how a stream's run ends: a service's clean stop
+        print(f"reco.py: stopped by {signal.Signals(sig).name} after {s['received']} events", flush=True)
+    elif sig:
+        # A file or the simulation, cut short: the outputs are closed and valid but hold only what came
+        # before the stop. Ending by the same signal tells the caller (a shell's 130/143, a batch system).
+        print(f"reco.py: stopped by {signal.Signals(sig).name} after {s['received']} events, before the end of "
+              f"the input", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        signal.signal(sig, signal.SIG_DFL)
+        os.kill(os.getpid(), sig)
     if s["processed"] and s["errors"] >= s["processed"]:  # a misconfigured chain, not bad events
         first = (eclreco.statistics.state.error_messages() or ["?"])[0]
         print(f"reco.py: error: every event failed in a module, e.g. {first}", file=sys.stderr, flush=True)
+        return 1
+    if s["rejected"] and not s["processed"]:  # not raw data of this format, or no conditions for its runs
+        reasons = ", ".join(f"{r} {n}" for r, n in sorted(s["rejected_by_reason"].items(), key=lambda kv: -kv[1]))
+        print(f"reco.py: error: every event was rejected ({reasons})", file=sys.stderr, flush=True)
         return 1
     return 0
 

@@ -139,6 +139,47 @@ def test_reco_py_fails_when_every_event_fails(capsys):
     assert rc == 1 and "every event failed in a module" in capsys.readouterr().err
 
 
+def test_reco_py_fails_when_every_event_is_rejected(tmp_path, capsys):
+    """A file that is not raw data of the wire format: every record rejected, nothing processed; the
+    job says so and exits 1 (it exited 0 with an empty output)."""
+    reco = _reco()
+    text = tmp_path / "notes.txt"
+    text.write_text("not raw data\n")
+    assert reco.main(["-i", str(text), "--threads", "1"]) == 1
+    assert "every event was rejected (not_a_map 13)" in capsys.readouterr().err
+    raw = tmp_path / "raw.msgpack"  # one good event with one bad: a job that did its work
+    write_raw_file(raw, encode_events("array30", 0, 1, [0, 1], [0, 0, 0], [], [], [], []))
+    with open(raw, "ab") as f:
+        f.write(b"x")
+    assert reco.main(["-i", str(raw), "--threads", "1", "--no-cnn"]) == 0
+
+
+def test_reco_py_cut_short_by_a_signal_ends_by_it(tmp_path):
+    """SIGTERM in the middle of a finite input (here the simulation): the output is closed and valid, the
+    job says where it stopped and ends by the same signal, so that a batch system or a shell (143) sees a
+    partial job (it exited 0 as if complete)."""
+    import signal
+    import subprocess
+    import time
+
+    import uproot
+
+    out = tmp_path / "part.root"
+    p = subprocess.Popen([sys.executable, os.path.join(REPO, "steering", "reco.py"), "--events", "1000000",
+                          "--threads", "1", "--batch-size", "64", "--no-cnn", "--progress", "0.2", "-o", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    while not p.stdout.readline().startswith("[Progress]"):  # the event loop runs, its handlers installed
+        assert p.poll() is None and time.monotonic() - t0 < 60
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGTERM, stdout + stderr
+    assert "reco.py: stopped by SIGTERM after " in stderr and "before the end of the input" in stderr
+    n = int(stderr.split("stopped by SIGTERM after ")[1].split()[0])
+    with uproot.open(out) as f:
+        assert 0 < f["events"].num_entries == n < 1000000
+
+
 def test_reco_py_writes_corrected_clusters_and_a_pi0_peak(tmp_path):
     """The main job end to end (steering/reco.py, the embedded simulation, the default chain): the
     ROOT file read back with uproot holds every event, clusters whose energy the CNN changed, and

@@ -177,12 +177,15 @@ def test_full_disk_on_output_clear_error_no_corrupt_file(tmp_path, small_disk):
 
 
 def test_full_disk_on_quarantine_keeps_complete_records(tmp_path):
-    """The quarantine file under a size limit: clear error, exit 1, only complete records left."""
-    from eclreco.rawdata import write_raw_file
+    """The quarantine file under a size limit: clear error, exit 1, only complete records left. The
+    good events of the batch on which the write failed are no module errors: only the rejected events
+    whose record could not be kept are (every event of the batch was, through the event-by-event re-run)."""
+    from eclreco.rawdata import encode_events, write_raw_file
 
     raw = tmp_path / "in.msgpack"
     bad = msgpack.packb({"v": 2, "pad": b"x" * 1000})  # bad_version, ~1 kB each
-    write_raw_file(raw, [bad] * 3000)
+    good = encode_events("array30", 0, 1, np.arange(3000), np.zeros(3001, int), [], [], [], [])
+    write_raw_file(raw, [e for pair in zip(good, [bad] * 3000) for e in pair])  # good, bad, good, bad, ...
     q = tmp_path / "bad.msgpack"
     r = subprocess.run([sys.executable, RECO, "-i", str(raw), "--rejected", str(q), "--threads", "1",
                         "--no-cnn", "--no-dqm", "--progress", "0", "--batch-size", "100"],
@@ -191,6 +194,7 @@ def test_full_disk_on_quarantine_keeps_complete_records(tmp_path):
     assert f"cannot write quarantine file '{q}'" in r.stderr, r.stderr
     recs = read_quarantine(q)
     assert 0 < len(recs) < 3000 and all(rec["reason"] == "bad_version" for rec in recs)
+    assert "with module errors 50;" in r.stdout, r.stdout  # the 50 rejected events of that batch of 100
 
 
 class SeparateRoles:

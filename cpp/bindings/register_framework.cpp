@@ -398,4 +398,6 @@ void register_framework(py::module_& m) {
         "False where the C library cannot or refuses the values");
   m.def("request_stop", &fw::request_stop, "end the running process() after the batches in flight");
   m.def("stop_requested", &fw::stop_requested);
+  m.def("stop_signal", &fw::stop_signal,
+        "the signal (SIGINT, SIGTERM) that stopped the last process() with its signal handlers; 0 if none");
 }

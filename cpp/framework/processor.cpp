@@ -21,8 +21,11 @@ namespace {
 
 std::atomic<bool> g_stop{false};
 std::atomic<int> g_signals{0};
+std::atomic<int> g_stop_signal{0};  // the first SIGINT/SIGTERM of the last run (0: none)
 
 extern "C" void on_signal(int sig) {
+  int none = 0;
+  g_stop_signal.compare_exchange_strong(none, sig);
   g_stop.store(true);
   // A second signal gets the default action: a stuck run can still be interrupted.
   if (g_signals.fetch_add(1) >= 1) std::signal(sig, SIG_DFL);
@@ -52,6 +55,7 @@ class SignalGuard {
   explicit SignalGuard(bool install) : installed_(install) {
     if (!installed_) return;
     g_signals = 0;
+    g_stop_signal = 0;
     struct sigaction sa {};
     sa.sa_handler = on_signal;
     sigemptyset(&sa.sa_mask);
@@ -79,6 +83,7 @@ std::string event_id(const EventBatch& b, size_t i) {
 void request_stop() { g_stop.store(true); }
 bool stop_requested() { return g_stop.load(std::memory_order_relaxed); }
 void clear_stop() { g_stop.store(false); }
+int stop_signal() { return g_stop_signal.load(); }
 
 std::map<std::string, uint64_t> ProcessState::rejected_by_reason() const {
   std::lock_guard<std::mutex> lock(mu_);

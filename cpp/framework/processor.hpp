@@ -80,6 +80,8 @@ class ProcessState {
 void request_stop();
 bool stop_requested();
 void clear_stop();
+// The signal (SIGINT, SIGTERM) that stopped the last run with signal handlers installed; 0 if none.
+int stop_signal();
 
 class Processor {
  public:
