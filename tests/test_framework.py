@@ -378,6 +378,46 @@ def test_array_source_event_information_agrees_with_the_digits_it_hands_out():
         np.testing.assert_array_equal(info, digits)
 
 
+def test_array_source_rejects_digits_the_unpacker_would_never_write():
+    """A cellId outside the detector, a NaN or infinite energy or time, two digits of one crystal:
+    the event is rejected with the reason (the clusterizer dropped such a digit unseen, or made two
+    clusters of one crystal), and the other events are clustered as before."""
+    from eclreco.sources import ArraySource
+
+    off = np.array([0, 2, 4, 6, 8, 10, 12, 13])
+    cell = np.array([0, 1, 100, 100, 5, 6, 7, 8, 901, 3, 40, 41, 50], np.int32)
+    e = np.array([0.5, 0.1, 0.5, 0.1, np.nan, 0.2, 0.3, 0.3, 0.4, 0.3, 0.3, 0.2, 0.6], np.float32)
+    t = np.zeros(13, np.float32)
+    t[7] = np.inf
+    kept = []
+
+    class Keep(eclreco.Module):
+        def event(self, batch):
+            active = np.flatnonzero(batch.active())
+            kept.extend(np.array(batch.evt)[active].tolist())
+            counts = np.diff(np.asarray(batch["ECLClusters"].offsets))
+            kept.extend(f"n{c}" for c in counts[active].tolist())
+
+    path = eclreco.create_path()
+    path.add_module(ArraySource("ECLDigits", off, {"cell": cell, "energy": e, "time": t,
+                                                    "quality": np.ones(13, np.uint8)}, detector="array30"))
+    path.add_module("ECLClusterizer")
+    path.add_module(Keep())
+    eclreco.process(path, batch_size=4, install_signal_handlers=False)
+    s = eclreco.statistics.summary()
+    assert (s["received"], s["processed"], s["rejected"], s["errors"]) == (7, 2, 5, 0)
+    assert s["rejected_by_reason"] == {"invalid_cell": 2, "duplicate_cell": 1, "non_finite_digit": 2}
+    assert kept == [5, 6, "n1", "n1"]  # one cluster each: cells 40, 41 touch; 50 alone
+    from eclreco.sources import digit_problems
+
+    cols = {"cell": cell, "energy": e, "time": t}
+    assert digit_problems(off, cols, 900) == {
+        0: ("invalid_cell", "digit 0: cellId 0 not in 1..900"),
+        1: ("duplicate_cell", "digit 1: a second digit of cellId 100"),
+        2: ("non_finite_digit", "digit 0: energy nan"), 3: ("non_finite_digit", "digit 1: time inf"),
+        4: ("invalid_cell", "digit 0: cellId 901 not in 1..900")}
+
+
 def test_wrong_column_dtype_is_named_in_the_module_error(capfd):
     """A C++ module reading a column of another dtype flags the events and says which column."""
     from eclreco.sources import ArraySource

@@ -6,7 +6,7 @@ import numpy as np
 
 from eclreco import _core
 from eclreco.framework import Module
-from eclreco.rawdata import DETECTORS
+from eclreco.rawdata import DETECTORS, N_CELLS
 
 
 class MessageSource(Module):
@@ -35,6 +35,10 @@ class ArraySource(Module):
     C++ modules read ECLDigits as the unpacker writes them (cell int32, energy and time float32,
     quality uint8) and name a column of another dtype in their error. ECLDigits with `time` and
     `quality` also bring ECLEventInformation (n_out_of_time_digits, counted as ECLUnpacker does).
+    ECLDigits are checked as ECLUnpacker checks raw data: an event with a cellId outside the
+    detector (invalid_cell), a NaN or infinite energy or time (non_finite_digit) or two digits of
+    one cell (duplicate_cell) is rejected with that reason (the clusterizer would skip such a digit
+    unseen, or make two clusters of one crystal).
     The arrays are not copied: each batch is read from them when the path gets to it, so they
     must not change while the path runs."""
 
@@ -57,6 +61,7 @@ class ArraySource(Module):
         self.with_oot = collection == "ECLDigits" and "time" in cols and "quality" in cols
         self.detector_code, self.repeat = DETECTORS[detector], repeat
         self.pos = self.passes = 0
+        self.n_cells = N_CELLS[detector] if collection == "ECLDigits" else 0
 
     def is_source(self):
         return True
@@ -76,7 +81,39 @@ class ArraySource(Module):
             batch.add_collection("ECLEventInformation", np.arange(b - a + 1, dtype=np.int64),
                                  {"n_out_of_time_digits": _core.count_out_of_time_digits(sub, cols["time"],
                                                                                          cols["quality"])})
+        if self.n_cells:  # checked on the rows of this batch, as they are now (as the out-of-time count)
+            for i, (reason, detail) in digit_problems(sub, cols, self.n_cells).items():
+                batch.reject(i, reason, detail)
         self.pos = b
         if self.pos >= n:
             self.pos, self.passes = 0, self.passes + 1
         return self.passes < self.repeat and n > 0
+
+
+def digit_problems(offsets: np.ndarray, columns: dict, n_cells: int) -> dict[int, tuple[str, str]]:
+    """Events whose ECLDigits ECLUnpacker would never write: {event index: (reason, detail)}, the first
+    problem of each event (invalid_cell, non_finite_digit, duplicate_cell, in that order)."""
+    n = offsets.size - 1
+    event = np.repeat(np.arange(n), np.diff(offsets))
+    found: dict[int, tuple[str, str]] = {}
+
+    def note(rows, reason, detail):
+        events, first = np.unique(event[rows], return_index=True)
+        for i, r in zip(events.tolist(), rows[first].tolist()):
+            found.setdefault(i, (reason, detail(r)))
+
+    cell = columns["cell"].astype(np.int64) if "cell" in columns else None
+    if cell is not None:
+        note(np.flatnonzero((cell < 1) | (cell > n_cells)), "invalid_cell",
+             lambda r: f"digit {r - offsets[event[r]]}: cellId {cell[r]} not in 1..{n_cells}")
+    for name in ("energy", "time"):
+        v = columns.get(name)
+        if v is not None and v.dtype.kind == "f":
+            note(np.flatnonzero(~np.isfinite(v)), "non_finite_digit",
+                 lambda r, v=v, name=name: f"digit {r - offsets[event[r]]}: {name} {v[r]}")
+    if cell is not None and cell.size:
+        order = np.lexsort((cell, event))
+        same = (event[order][1:] == event[order][:-1]) & (cell[order][1:] == cell[order][:-1])
+        note(np.sort(order[1:][same]), "duplicate_cell",
+             lambda r: f"digit {r - offsets[event[r]]}: a second digit of cellId {cell[r]}")
+    return found
