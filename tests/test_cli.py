@@ -139,6 +139,26 @@ def test_reco_py_fails_when_every_event_fails(capsys):
     assert rc == 1 and "every event failed in a module" in capsys.readouterr().err
 
 
+def test_validate_on_a_small_sample_writes_strict_json(tmp_path):
+    """`eclreco validate --max-events 40`: windows of a few photons have no defined width ratio; the
+    report says null there (it wrote bare NaN tokens, which strict JSON parsers refuse, after a
+    divide-by-zero warning) and keeps the numbers that are defined."""
+    import json
+    import warnings
+
+    def refuse(token):
+        raise ValueError(f"not JSON: {token}")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert cli.main(["validate", "--detector", "array30", "-o", str(tmp_path), "--max-events", "40",
+                         "--g4", os.path.join(REPO, "tests", "data", "g4_array30_heldout.npz"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "validation_array30.json").read_text(), parse_constant=refuse)
+    rows = report["tables"]["bg0"]
+    assert any(r["sigma68_ratio"]["ratio"] is None for r in rows), rows  # windows of 0 or 1 photon
+    assert any(isinstance(r["cnn"]["mean"], float) for r in rows), rows
+
+
 def test_reco_py_fails_when_every_event_is_rejected(tmp_path, capsys):
     """A file that is not raw data of the wire format: every record rejected, nothing processed; the
     job says so and exits 1 (it exited 0 with an empty output)."""

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 
+from eclreco import strict_json
 from eclreco.cli_types import POSITIVE, POSITIVE_INT, integer, number
 
 DEFAULT_BATCH = 256
@@ -396,7 +397,7 @@ def print_table(res: dict) -> None:
 def _run(args) -> int:
     res = run_benchmark(args)
     if args.json:
-        print(json.dumps(res, indent=1, default=float))
+        print(strict_json.dumps(res, indent=1))
     else:
         print_table(res)
     return 0

@@ -116,8 +116,12 @@ def sigma68_ratio_interval(a, b, n_boot=1000, seed=0):
         idx = rng.integers(0, a.size, (n, a.size))
         qa = np.quantile(a[idx], [0.16, 0.84], axis=1)
         qb = np.quantile(b[idx], [0.16, 0.84], axis=1)
-        boot.append((qa[1] - qa[0]) / (qb[1] - qb[0]))
-    lo, hi = np.quantile(np.concatenate(boot), [0.16, 0.84])
+        wa, wb = qa[1] - qa[0], qb[1] - qb[0]
+        boot.append(wa[wb > 0] / wb[wb > 0])  # a resampling of one repeated value has no width
+    boot = np.concatenate(boot)
+    if not boot.size or sigma68(b) <= 0:  # too few distinct events for a ratio
+        return float("nan"), float("nan"), float("nan")
+    lo, hi = np.quantile(boot, [0.16, 0.84])
     return sigma68(a) / sigma68(b), float(lo), float(hi)
 
 

@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from eclreco import cnn_data
+from eclreco import cnn_data, strict_json
 from eclreco.cnn_model import (EVENT_FEATURE_NAMES, EVENT_FEATURE_SCALE, FEATURE_NAMES, X_IN_RANGE, build_model,
                                check_onnx_agreement, count_params, export_onnx, flops_per_cluster, onnx_throughput,
                                sigma68, summary)
@@ -292,7 +292,7 @@ def test_metrics(model, test, detector):
 
 def write_card(out_dir, detector, card):
     with open(os.path.join(out_dir, f"{detector}.json"), "w") as f:
-        json.dump(card, f, indent=1, default=float)
+        strict_json.dump(card, f, indent=1)
     t = card["test"]
     lines = [f"# Model card: CNN energy correction, {detector}", "",
              f"- file: `{detector}.onnx` ({card['onnx_bytes']} bytes), inputs `image` float32 [N,{card['config']['image_size']},{card['config']['image_size']}] (GeV), "
@@ -506,7 +506,8 @@ def add_train_parser(subparsers):
                    f"default {', '.join(f'{d}: {n}' for d, n in EPOCHS.items())})")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--sizes", default="", help=f"comma-separated network sizes to train ({', '.join(SIZES)}); "
-                   "the default size of the detector is shipped as <detector>.onnx, others as <detector>-<size>.onnx")
+                   "the default size of the detector, or the first one listed when it is not among them, is written as "
+                   "<detector>.onnx with the model card, the others as <detector>-<size>.onnx")
     p.add_argument("--max-events", type=int, default=0, help="use only this many events of the file (0: all)")
     p.add_argument("--cache", default=None, help="npz file of the chain samples: written when missing, read when "
                    "present (the chain is deterministic, so this only saves time)")

@@ -20,7 +20,7 @@ import sys
 
 import numpy as np
 
-from eclreco import cnn_data
+from eclreco import cnn_data, strict_json
 from eclreco.cnn_model import sigma68, sigma68_ratio_interval, summary
 from eclreco.sim.showers import array30_in_gap
 
@@ -326,7 +326,7 @@ def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed
                       f"{s['sigma68_rel']:.4f} |")
         md.append("")
     with open(os.path.join(out_dir, f"validation_{detector}.json"), "w") as f:
-        json.dump(report, f, indent=1, default=float)
+        strict_json.dump(report, f, indent=1)
     with open(os.path.join(out_dir, f"validation_{detector}.md"), "w") as f:
         f.write("\n".join(md))
     if not quiet:
