@@ -86,7 +86,10 @@ class RootOutput(Module):
         if len(set(cols)) != len(cols) or not all(c.isidentifier() for c in cols):
             raise ValueError(f"RootOutput: cluster_columns must be distinct column names, not {cols}")
         path = self.param("filename")
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        # No directory is made: a misspelt one is an error, as for the quarantine file, not a new tree.
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise RuntimeError(f"cannot create output file '{path}': no directory '{folder}'")
         self._error = None
         self.batches_taken = self.batches_written = 0
         self.events_written_run = 0

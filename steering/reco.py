@@ -80,6 +80,9 @@ def parse_args(argv=None):
         ap.error("--model is the CNN's model: it does nothing with --no-cnn")
     if args.conditions and not os.path.isfile(args.conditions):
         ap.error(f"--conditions {args.conditions!r} is not a file")
+    for option, name in (("-o", args.output), ("--rejected", args.rejected)):
+        if name and not os.path.isdir(os.path.dirname(os.path.abspath(name))):
+            ap.error(f"{option} {name!r}: no directory {os.path.dirname(os.path.abspath(name))!r}")
     return args
 
 

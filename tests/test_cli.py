@@ -41,6 +41,7 @@ def test_eclreco_bad_options_exit_2_with_one_line(argv, message, tmp_path, capsy
     (["hlt", "run", "--no-cnn", "--model", os.path.join(MODELS, "belle2-ecl.onnx")], "does nothing with --no-cnn"),
     (["hlt", "run", "--max-message-bytes", "100", "--refuse-message-bytes", "50"], "must exceed max_message_bytes"),
     (["hlt", "run", "--conditions", "{tmp}/missing.json"], "--conditions .* is not a file"),
+    (["hlt", "run", "--output", "{tmp}/no/such/dir/run.root"], "--output .*: no directory .*no/such/dir"),
     (["hlt", "run", "--modules", "ECLUnpacker, Foo"], "unknown module\\(s\\) 'Foo'; available: .*ECLUnpacker"),
     (["hlt", "run", "--conditions", os.path.join(MODELS, "belle2-ecl.onnx"), "--modules", "none"],
      "has no ECLUnpacker"),
@@ -115,7 +116,10 @@ def test_reco_py_refuses_contradictions_and_an_output_over_its_input(tmp_path, c
     write_raw_file(raw, encode_events("array30", 0, 1, [0, 1], [0, 0, 0], [], [], [], []))
     before = raw.read_bytes()
     for argv in (["-i", str(raw), "--events", "10"], ["--no-cnn", "--model", "m.onnx"], ["-n", "-1"],
-                 ["-i", str(raw), "--conditions", str(tmp_path / "missing.json")]):
+                 ["-i", str(raw), "--conditions", str(tmp_path / "missing.json")],
+                 # a misspelt directory is no new directory tree (-o made one)
+                 ["-i", str(raw), "-o", str(tmp_path / "typo" / "x.root")],
+                 ["-i", str(raw), "--rejected", str(tmp_path / "typo" / "q.msgpack")]):
         with pytest.raises(SystemExit) as e:
             reco.main(argv)
         assert e.value.code == 2
@@ -127,7 +131,7 @@ def test_reco_py_refuses_contradictions_and_an_output_over_its_input(tmp_path, c
     out, err = capsys.readouterr()
     assert "use another file" in err and "threads must be 1..256, not 0" in err and "use -n N" in err
     assert "'tcp://127.0.0.1:99999': the port must be 0..65535 or *" in err and "Module" not in out
-    assert raw.read_bytes() == before
+    assert raw.read_bytes() == before and not (tmp_path / "typo").exists()
 
 
 def test_reco_py_fails_when_every_event_fails(capsys):

@@ -155,6 +155,17 @@ def test_cluster_columns_choose_the_cluster_branches(tmp_path, capfd):
         eclreco.process(path)
 
 
+def test_no_output_file_in_a_directory_that_does_not_exist(tmp_path):
+    """A misspelt directory is an error at initialize (the collector's --output too), not a new
+    directory tree: RootOutput made every missing directory of its path."""
+    path = eclreco.create_path()
+    path.add_module(CountingSource(10))
+    path.add_module("RootOutput", filename=str(tmp_path / "tpyo" / "out.root"))
+    with pytest.raises(RuntimeError, match="cannot create output file .*: no directory .*tpyo"):
+        eclreco.process(path, install_signal_handlers=False)
+    assert not (tmp_path / "tpyo").exists()
+
+
 def test_compression_is_a_parameter_and_a_bad_one_is_a_clear_error(tmp_path):
     """zstd:1 (default), zlib:1, none: the same events read back; the compressed files are smaller,
     and the file's compression setting (ROOT's fCompress) is the one asked for."""

@@ -332,6 +332,9 @@ def main(args) -> int:
                              f"available: {', '.join(known)}")
     if args.conditions and not os.path.isfile(args.conditions):
         raise SystemExit(f"eclreco hlt run: --conditions {args.conditions!r} is not a file")
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not args.output.startswith("tcp://") and not os.path.isdir(folder):
+        raise SystemExit(f"eclreco hlt run: --output {args.output!r}: no directory {folder!r}")
     if conditions_without_unpacker(args.modules, args.conditions):
         raise SystemExit("eclreco hlt run: --conditions is ECLUnpacker's conditions file: the workers' chain "
                          f"({args.modules}) has no ECLUnpacker")
