@@ -19,7 +19,8 @@ import sys
 
 import eclreco
 from eclreco.cli_types import NON_NEGATIVE_INT, add_cluster_columns_argument, integer
-from eclreco.reconstruction import add_event_filter, add_event_filter_arguments, add_reconstruction
+from eclreco.reconstruction import (add_event_filter, add_event_filter_arguments, add_reconstruction,
+                                   event_filter_option_unused)
 
 
 def parse_args(argv=None):
@@ -70,6 +71,18 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.input and args.events is not None:
         ap.error("--events sets how many events to simulate; to stop after N events of --input use -n N")
+    # an option of a part the job does not run is a mistake to point out, not to ignore
+    stream_input = (args.input or "").startswith("tcp://")
+    for group, applies, why in ((sim, not args.input, "the embedded simulation, which --input replaces"),
+                                (stream, stream_input, "a ZeroMQ input (-i tcp://...)")):
+        changed = [a.option_strings[-1] for a in group._group_actions if getattr(args, a.dest) != a.default]
+        if changed and not applies:
+            ap.error(f"{', '.join(changed)}: {'this option is' if len(changed) == 1 else 'these options are'} "
+                     f"for {why}")
+    if args.cluster_columns != ap.get_default("cluster_columns") and not args.output:
+        ap.error("--cluster-columns chooses the branches of the -o file: there is no -o")
+    if event_filter_option_unused(args):
+        ap.error(event_filter_option_unused(args))
     if args.events is None:
         args.events = 20000
     if args.particle is None:

@@ -42,6 +42,7 @@ def test_eclreco_bad_options_exit_2_with_one_line(argv, message, tmp_path, capsy
     (["hlt", "run", "--max-message-bytes", "100", "--refuse-message-bytes", "50"], "must exceed max_message_bytes"),
     (["hlt", "run", "--conditions", "{tmp}/missing.json"], "--conditions .* is not a file"),
     (["hlt", "run", "--output", "{tmp}/no/such/dir/run.root"], "--output .*: no directory .*no/such/dir"),
+    (["hlt", "run", "--filter-cluster-energy", "0.2"], "--filter-cluster-energy sets which clusters"),
     (["hlt", "run", "--modules", "ECLUnpacker, Foo"], "unknown module\\(s\\) 'Foo'; available: .*ECLUnpacker"),
     (["hlt", "run", "--conditions", os.path.join(MODELS, "belle2-ecl.onnx"), "--modules", "none"],
      "has no ECLUnpacker"),
@@ -119,7 +120,10 @@ def test_reco_py_refuses_contradictions_and_an_output_over_its_input(tmp_path, c
                  ["-i", str(raw), "--conditions", str(tmp_path / "missing.json")],
                  # a misspelt directory is no new directory tree (-o made one)
                  ["-i", str(raw), "-o", str(tmp_path / "typo" / "x.root")],
-                 ["-i", str(raw), "--rejected", str(tmp_path / "typo" / "q.msgpack")]):
+                 ["-i", str(raw), "--rejected", str(tmp_path / "typo" / "q.msgpack")],
+                 # options of a part the job does not run (they were ignored)
+                 ["-i", str(raw), "--detector", "array30"], ["-i", str(raw), "--connect"],
+                 ["--cluster-columns", "energy"], ["--filter-cluster-energy", "0.2"]):
         with pytest.raises(SystemExit) as e:
             reco.main(argv)
         assert e.value.code == 2
@@ -130,6 +134,9 @@ def test_reco_py_refuses_contradictions_and_an_output_over_its_input(tmp_path, c
     assert reco.main(["-i", "tcp://127.0.0.1:99999", "--idle-timeout", "1"]) == 1
     out, err = capsys.readouterr()
     assert "use another file" in err and "threads must be 1..256, not 0" in err and "use -n N" in err
+    assert "--detector: this option is for the embedded simulation, which --input replaces" in err
+    assert "--connect: this option is for a ZeroMQ input" in err and "there is no -o" in err
+    assert "--filter-cluster-energy sets which clusters --min-clusters and --min-energy-sum count" in err
     assert "'tcp://127.0.0.1:99999': the port must be 0..65535 or *" in err and "Module" not in out
     assert raw.read_bytes() == before and not (tmp_path / "typo").exists()
 

@@ -20,6 +20,9 @@ def add_reconstruction(path: Path, cnn: bool = True, leakage: bool = True, model
     return path
 
 
+FILTER_CLUSTER_ENERGY_GEV = 0.1  # the default of --filter-cluster-energy
+
+
 def add_event_filter_arguments(ap) -> None:
     """The event filter options of steering/reco.py and the HLT worker (off by default)."""
     from eclreco.cli_types import NON_NEGATIVE, NON_NEGATIVE_INT
@@ -29,7 +32,16 @@ def add_event_filter_arguments(ap) -> None:
                    help="keep events with at least N in-time clusters above --filter-cluster-energy")
     g.add_argument("--min-energy-sum", type=NON_NEGATIVE, default=0.0,
                    help="keep events whose in-time clusters above --filter-cluster-energy sum to at least GEV")
-    g.add_argument("--filter-cluster-energy", type=NON_NEGATIVE, default=0.1, help="GeV: the clusters counted")
+    g.add_argument("--filter-cluster-energy", type=NON_NEGATIVE, default=FILTER_CLUSTER_ENERGY_GEV,
+                   help="GeV: the clusters counted")
+
+
+def event_filter_option_unused(args) -> str:
+    """The complaint when --filter-cluster-energy is set without a cut (the filter is then off); '' if not."""
+    threshold = getattr(args, "filter_cluster_energy", FILTER_CLUSTER_ENERGY_GEV)
+    if threshold != FILTER_CLUSTER_ENERGY_GEV and not (args.min_clusters or args.min_energy_sum):
+        return "--filter-cluster-energy sets which clusters --min-clusters and --min-energy-sum count: neither is set"
+    return ""
 
 
 def add_event_filter(path: Path, args) -> bool:
@@ -39,5 +51,5 @@ def add_event_filter(path: Path, args) -> bool:
     if not (min_clusters or min_energy_sum):
         return False
     path.add_module("ECLEventFilter", min_clusters=min_clusters, min_energy_sum_gev=min_energy_sum,
-                    cluster_energy_gev=getattr(args, "filter_cluster_energy", 0.1))
+                    cluster_energy_gev=getattr(args, "filter_cluster_energy", FILTER_CLUSTER_ENERGY_GEV))
     return True

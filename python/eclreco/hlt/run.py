@@ -332,6 +332,10 @@ def main(args) -> int:
                              f"available: {', '.join(known)}")
     if args.conditions and not os.path.isfile(args.conditions):
         raise SystemExit(f"eclreco hlt run: --conditions {args.conditions!r} is not a file")
+    from eclreco.reconstruction import event_filter_option_unused
+
+    if event_filter_option_unused(args):
+        raise SystemExit(f"eclreco hlt run: {event_filter_option_unused(args)}")
     folder = os.path.dirname(os.path.abspath(args.output))
     if not args.output.startswith("tcp://") and not os.path.isdir(folder):
         raise SystemExit(f"eclreco hlt run: --output {args.output!r}: no directory {folder!r}")
