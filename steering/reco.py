@@ -18,7 +18,8 @@ import signal
 import sys
 
 import eclreco
-from eclreco.cli_types import NON_NEGATIVE_INT, add_cluster_columns_argument, integer
+from eclreco.cli_types import (BATCH_SIZE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, THREADS,
+                               add_cluster_columns_argument, integer)
 from eclreco.reconstruction import (add_event_filter, add_event_filter_arguments, add_reconstruction,
                                    event_filter_option_unused)
 
@@ -29,11 +30,11 @@ def parse_args(argv=None):
     ap.add_argument("-i", "--input", help="raw file (.msgpack) or tcp:// address; default: simulation")
     ap.add_argument("-o", "--output", help="output ROOT file")
     add_cluster_columns_argument(ap, "-o: ")
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="processing threads")
-    ap.add_argument("--batch-size", type=int, default=256, help="events per batch")
+    ap.add_argument("--threads", type=THREADS, default=min(2, os.cpu_count() or 1), help="processing threads")
+    ap.add_argument("--batch-size", type=BATCH_SIZE, default=256, help="events per batch")
     ap.add_argument("--rejected", help="quarantine file (.msgpack) for rejected raw events")
     sim = ap.add_argument_group("embedded simulation (no --input)")
-    sim.add_argument("--events", type=int, default=None, help="events to simulate (default 20000; with --input "
+    sim.add_argument("--events", type=POSITIVE_INT, default=None, help="events to simulate (default 20000; with --input "
                      "use -n)")
     sim.add_argument("--detector", default="belle2-ecl", choices=["belle2-ecl", "array30"])
     sim.add_argument("--particle", choices=["gamma", "pi0", "generic"],
@@ -67,7 +68,7 @@ def parse_args(argv=None):
     mon.add_argument("--metrics-port", type=integer(0, 65535, " (0: no metrics)"), default=0,
                      help="serve Prometheus metrics on this port")
     mon.add_argument("--metrics-host", default="127.0.0.1")
-    mon.add_argument("--progress", type=float, default=10.0, help="seconds between progress lines")
+    mon.add_argument("--progress", type=NON_NEGATIVE, default=10.0, help="seconds between progress lines (0: one per batch)")
     args = ap.parse_args(argv)
     if args.input and args.events is not None:
         ap.error("--events sets how many events to simulate; to stop after N events of --input use -n N")
@@ -93,6 +94,8 @@ def parse_args(argv=None):
         ap.error("--model is the CNN's model: it does nothing with --no-cnn")
     if args.conditions and not os.path.isfile(args.conditions):
         ap.error(f"--conditions {args.conditions!r} is not a file")
+    if args.input and not stream_input and not os.path.isfile(args.input):
+        ap.error(f"-i {args.input!r} is not a file (a raw file, or a tcp:// address)")
     for option, name in (("-o", args.output), ("--rejected", args.rejected)):
         if name and not os.path.isdir(os.path.dirname(os.path.abspath(name))):
             ap.error(f"{option} {name!r}: no directory {os.path.dirname(os.path.abspath(name))!r}")
@@ -110,8 +113,6 @@ def build_path(args) -> eclreco.Path:
                         refuse_message_bytes=args.refuse_message_bytes, curve_dir=args.curve_dir,
                         curve_name=args.curve_name, curve_secret=args.curve_secret, curve_server=args.curve_server)
     else:
-        if not os.path.exists(args.input):
-            sys.exit(f"reco.py: input file {args.input!r} does not exist")
         path.add_module("RawFileInput", filename=args.input)
     add_reconstruction(path, cnn=not args.no_cnn, model=args.model, conditions=args.conditions)
     add_event_filter(path, args)  # the DQM after it, as in the farm (the collector's): it shows what is kept

@@ -129,11 +129,16 @@ def test_reco_py_refuses_contradictions_and_an_output_over_its_input(tmp_path, c
         assert e.value.code == 2
     assert reco.main(["-i", str(raw), "-o", str(raw)]) == 2
     assert reco.main(["-i", str(raw), "--rejected", str(raw)]) == 2
-    assert reco.main(["-i", str(raw), "--threads", "0"]) == 2
+    for argv in (["-i", str(raw), "--threads", "0"], ["--events", "-3"], ["--progress", "-1"],
+                 ["-i", str(tmp_path / "missing.msgpack")]):  # exit 1 before, some with a module's message
+        with pytest.raises(SystemExit) as e:
+            reco.main(argv)
+        assert e.value.code == 2, argv
     # libzmq would take port 99999 for 34463 and wait there for input nobody sends
     assert reco.main(["-i", "tcp://127.0.0.1:99999", "--idle-timeout", "1"]) == 1
     out, err = capsys.readouterr()
-    assert "use another file" in err and "threads must be 1..256, not 0" in err and "use -n N" in err
+    assert "use another file" in err and "--threads: must be 1..256, not 0" in err and "use -n N" in err
+    assert "missing.msgpack' is not a file" in err
     assert "--detector: this option is for the embedded simulation, which --input replaces" in err
     assert "--connect: this option is for a ZeroMQ input" in err and "there is no -o" in err
     assert "--filter-cluster-energy sets which clusters --min-clusters and --min-energy-sum count" in err
