@@ -775,18 +775,37 @@ def test_a_run_stopped_by_an_error_says_what_it_did_not_process():
 def test_digit_columns_from_arrays_byte_order_shape_and_invalid_values():
     """Big-endian arrays are converted (were read as garbage: 3e38 GeV clusters); a 2-d column
     is an error naming it (was read interleaved); digits outside the detector or with a non-finite
-    energy are counted by the clusterizer (were dropped without a trace)."""
+    energy are rejected by ArraySource, and counted by the clusterizer when another source writes
+    them (were dropped without a trace)."""
+    from eclreco.rawdata import DETECTORS
     from eclreco.sources import ArraySource
+
+    class Unchecked(eclreco.Module):
+        """ECLDigits as a Python module might write them, without ArraySource's checks"""
+
+        def __init__(self, offsets, columns):
+            super().__init__()
+            self.offsets, self.columns = offsets, columns
+
+        def is_source(self):
+            return True
+
+        def next_batch(self, batch, max_events):
+            batch.resize(len(self.offsets) - 1)
+            batch.evt[:] = np.arange(len(batch))
+            batch.detector[:] = DETECTORS["belle2-ecl"]
+            batch.add_collection("ECLDigits", self.offsets, self.columns)
+            return False
 
     rng = np.random.default_rng(4)
     n_ev, per = 20, 30
-    cell = rng.integers(1, 8737, n_ev * per).astype(np.int32)
+    cell = np.concatenate([rng.choice(np.arange(1, 8737), per, replace=False) for _ in range(n_ev)]).astype(np.int32)
     energy = rng.exponential(0.05, n_ev * per).astype(np.float32)
     cols = {"cell": cell, "energy": energy, "time": np.zeros(n_ev * per, np.float32),
             "quality": np.zeros(n_ev * per, np.uint8)}
     off = np.arange(0, n_ev * per + 1, per)
 
-    def clusters(columns):
+    def clusters(columns, source=ArraySource):
         got = []
 
         class Grab(eclreco.Module):
@@ -794,7 +813,7 @@ def test_digit_columns_from_arrays_byte_order_shape_and_invalid_values():
                 got.append(np.array(batch["ECLClusters"]["energy_raw"]))
 
         path = eclreco.create_path()
-        path.add_module(ArraySource("ECLDigits", off, columns))
+        path.add_module(ArraySource("ECLDigits", off, columns) if source is ArraySource else source(off, columns))
         cl = path.add_module("ECLClusterizer")
         path.add_module(Grab())
         eclreco.process(path, install_signal_handlers=False)
@@ -809,8 +828,10 @@ def test_digit_columns_from_arrays_byte_order_shape_and_invalid_values():
     bad_cell, bad_e = cell.copy(), energy.copy()
     bad_cell[[0, 40]] = [0, 99999]
     bad_e[[80, 120]] = [np.nan, np.inf]
-    _, invalid, _ = clusters({**cols, "cell": bad_cell, "energy": bad_e})
-    assert invalid == 4
+    _, invalid, s = clusters({**cols, "cell": bad_cell, "energy": bad_e})
+    assert invalid == 0 and s["rejected_by_reason"] == {"invalid_cell": 2, "non_finite_digit": 2}
+    _, invalid, s = clusters({**cols, "cell": bad_cell, "energy": bad_e}, source=Unchecked)
+    assert invalid == 4 and s["rejected"] == 0
 
 
 def test_reject_needs_a_reason_and_keeps_the_first():

@@ -102,6 +102,8 @@ def digit_problems(offsets: np.ndarray, columns: dict, n_cells: int) -> dict[int
         for i, r in zip(events.tolist(), rows[first].tolist()):
             found.setdefault(i, (reason, detail(r)))
 
+    # a column of another shape is the reading module's error to name (ECLClusterizer's)
+    columns = {k: v for k, v in columns.items() if v.ndim == 1}
     cell = columns["cell"].astype(np.int64) if "cell" in columns else None
     if cell is not None:
         note(np.flatnonzero((cell < 1) | (cell > n_cells)), "invalid_cell",
