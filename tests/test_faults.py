@@ -67,6 +67,30 @@ def test_distributor_sigkill_workers_and_collector_close_cleanly(farm_factory):
     print(f"\ndistributor SIGKILL: farm exited with {rc} after {elapsed:.1f} s, {len(evt)} events in the file")
 
 
+def test_supervisor_sigkill_roles_drain_once(farm_factory):
+    """Promise: when `hlt run` itself is killed, its roles get SIGTERM (parent-death signal), drain and
+    exit. The kernel repeats that signal each time it reparents a role while the supervisor's threads
+    exit; the roles took the repeat for a second signal and died at once (distributor: no final line,
+    its held events not counted; collector: a ROOT file without keys)."""
+    farm = farm_factory(workers=1)
+    n = 3000
+    push_events(farm.input, range(n))
+    farm.wait_confirmed(n)
+    pids = {p["role"]: p["pid"] for p in farm.status()["processes"] if p["role"] in ("distributor", "collector")}
+    os.kill(farm.proc.pid, signal.SIGKILL)
+    farm.proc.wait(timeout=10)
+    t0 = time.monotonic()
+    while any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+              for pid in pids.values()):
+        assert time.monotonic() - t0 < 60, farm.logtext()
+        time.sleep(0.2)
+    log = farm.logtext()
+    assert "[distributor] terminated: 3000 events confirmed" in log, log
+    assert "[collector] run 1 ended: 3000 events written" in log, log
+    evt, _ = read_evt(farm.output)
+    assert np.array_equal(np.sort(evt), np.arange(n)), log
+
+
 SLOW_WORKER = '''
 import sys, time
 import eclreco

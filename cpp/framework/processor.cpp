@@ -13,6 +13,11 @@
 #include <stdexcept>
 #include <thread>
 
+#include <unistd.h>
+#ifdef __linux__
+#include <sys/prctl.h>
+#endif
+
 #include "framework/heap.hpp"
 
 namespace fw {
@@ -22,11 +27,18 @@ namespace {
 std::atomic<bool> g_stop{false};
 std::atomic<int> g_signals{0};
 std::atomic<int> g_stop_signal{0};  // the first SIGINT/SIGTERM of the last run (0: none)
+// The parent at the start of the run, when it asked for a signal at its death (PR_SET_PDEATHSIG:
+// the roles `hlt run` starts); 0 otherwise.
+std::atomic<pid_t> g_watched_parent{0};
 
-extern "C" void on_signal(int sig) {
+extern "C" void on_signal(int sig, siginfo_t* info, void*) {
   int none = 0;
   g_stop_signal.compare_exchange_strong(none, sig);
   g_stop.store(true);
+  // The kernel sends the parent-death signal again each time it reparents us while the parent's
+  // threads exit: those repeats are one request to stop, not a second signal.
+  const pid_t parent = g_watched_parent.load();
+  if (parent > 0 && info && info->si_pid == parent && getppid() != parent) return;
   // A second signal gets the default action: a stuck run can still be interrupted.
   if (g_signals.fetch_add(1) >= 1) std::signal(sig, SIG_DFL);
 }
@@ -56,8 +68,14 @@ class SignalGuard {
     if (!installed_) return;
     g_signals = 0;
     g_stop_signal = 0;
+    int pdeath = 0;
+#ifdef __linux__
+    if (prctl(PR_GET_PDEATHSIG, &pdeath) != 0) pdeath = 0;
+#endif
+    g_watched_parent = pdeath != 0 ? getppid() : 0;
     struct sigaction sa {};
-    sa.sa_handler = on_signal;
+    sa.sa_sigaction = on_signal;
+    sa.sa_flags = SA_SIGINFO;
     sigemptyset(&sa.sa_mask);
     sigaction(SIGINT, &sa, &old_int_);
     sigaction(SIGTERM, &sa, &old_term_);

@@ -744,9 +744,14 @@ def main(args) -> int:
             exporter = serve_process_metrics(0, args.metrics_host, role="distributor", extra=d.metrics_families,
                                              framework=False)
         d.metrics_port = exporter.port
+    from eclreco.hlt.run import orphaned_by_supervisor
+
     signals = {"n": 0}
+    orphaned = orphaned_by_supervisor()
 
     def on_signal(sig, frame):
+        if signals["n"] and orphaned():
+            return  # the kernel's repeat of the supervisor's death signal: the drain goes on
         signals["n"] += 1
         if signals["n"] > 1:
             os._exit(1)

@@ -34,6 +34,23 @@ def _terminate_with_parent() -> None:
         pass  # not Linux: roles outlive a killed supervisor, as before
 
 
+def orphaned_by_supervisor():
+    """In a role: a test, True once the process that started it with a parent-death signal (above) is
+    gone. The kernel sends that signal again each time it reparents the role while the supervisor's
+    threads exit; a role must take the repeats for one request to stop, not for a second signal (kill
+    now). (The C++ event loop does the same with the sender's pid: cpp/framework/processor.cpp.)"""
+    parent = 0
+    try:
+        import ctypes
+
+        pdeath = ctypes.c_int(0)
+        if ctypes.CDLL("libc.so.6", use_errno=True).prctl(2, ctypes.byref(pdeath)) == 0 and pdeath.value:
+            parent = os.getppid()  # PR_GET_PDEATHSIG = 2
+    except OSError:
+        pass
+    return lambda: parent > 0 and os.getppid() != parent
+
+
 # The ports free_port has handed out in this process: it does not hand one out twice (they are
 # bound later, by the process they are given to).
 _handed_out: set[int] = set()
