@@ -625,7 +625,7 @@ def test_daq_emulator_delivers_everything(tmp_path, zmq_context):
     while len(looped) < 450 and poller.poll(5000):
         looped.append(pull.recv())
     t.join(10)
-    assert len(looped) == 450 and res["sent"] == 450
+    assert len(looped) == 450 and res["sent"] == 450 and res["undelivered_at_close"] is False
     # the first pass is the file as it is; later passes renumber evt so (exp, run, evt) stays
     # unique in the stream (the contract; a collector drops repeats as duplicates)
     import msgpack
@@ -674,6 +674,24 @@ def test_daq_emulator_stops_when_the_receiver_takes_nothing(tmp_path, zmq_contex
     pull.close()
     th.join(120)
     assert not th.is_alive() and res["stopped_stalled"] and res["sent"] >= 100 and res["stalled_s"] >= 1.0
+    # a receiver that goes away while the queue still has room (the high-water mark holds seconds of
+    # events): every event is "sent", the rest is dropped when the linger runs out, and that is said
+    # (it printed "sent N" and exited 0)
+    pull = zmq_context.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    said = []
+    th = threading.Thread(target=lambda: res.update(daq.emulate(msgs, f"tcp://127.0.0.1:{port}", loop=True,
+                                                                events=3000, rate=3000, linger_ms=1000,
+                                                                report=said.append)))
+    th.start()
+    for _ in range(100):
+        assert pull.poll(5000)
+        pull.recv()
+    pull.close()
+    th.join(60)
+    assert res["sent"] == 3000 and res["undelivered_at_close"] is True
+    assert any("events were still queued" in line and "when the linger of 1 s ran out" in line for line in said), said
 
 
 def test_loop_renumbering_carries_evt_into_run():

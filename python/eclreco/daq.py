@@ -118,6 +118,7 @@ def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: f
             context=None, curve=None, curve_server: str = "distributor", tick_s: float = 1e-3,
             stall_timeout_s: float = 0.0) -> dict:
     """Send `messages` over a PUSH socket; returns {"sent", "seconds", "rate_hz", "stalled_s", ...}.
+    "undelivered_at_close": messages were still queued when the linger ran out (None with `context`).
 
     events: stop after this many messages (0: the whole file once, or forever with loop).
     tick_s: with a rate, the messages due are sent in bursts at most this far apart.
@@ -212,11 +213,17 @@ def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: f
             handshakes.wait_for_handshake(linger_ms * 1e-3)
         handshakes.close()
         sock.close()
+        # "sent" counts what ZeroMQ took; a receiver that went away leaves the rest in its queue (up to
+        # the high-water mark, seconds of events), dropped when the linger runs out: that shows as a
+        # close that lasts the whole linger. (None: not known, with a caller's context.)
+        undelivered = None
         if own_context:
+            t_close = time.monotonic()
             ctx.term()
+            undelivered = bool(sent) and linger_ms > 0 and time.monotonic() - t_close >= 0.95 * linger_ms * 1e-3
     result = {"sent": sent, "seconds": seconds, "rate_hz": sent / seconds if seconds > 0 else 0.0,
               "handshakes": handshakes.handshakes, "handshake_failures": handshakes.auth_failures,
-              "stalled_s": stalled_s, "stopped_stalled": gave_up}
+              "stalled_s": stalled_s, "stopped_stalled": gave_up, "undelivered_at_close": undelivered}
     if report:
         report(f"[daq-emulator] sent {sent} events in {seconds:.3f} s: {result['rate_hz']:,.0f} Hz achieved"
                + (f" (asked {rate:,.0f} Hz)" if rate > 0 else " (as fast as possible)"))
@@ -224,6 +231,10 @@ def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: f
             report(f"[daq-emulator] error: stopped after {stalled_s:.1f} s in which the receiver at {address} took "
                    f"no event (--stall-timeout-s); {sent} events were handed to ZeroMQ, those still queued were not "
                    f"delivered")
+        if undelivered and handshakes.handshakes:
+            report(f"[daq-emulator] error: events were still queued for {address} when the linger of "
+                   f"{linger_ms / 1000:g} s ran out: the receiver stopped taking them, and those were not "
+                   f"delivered (of the {sent} handed to ZeroMQ)")
         if sent and not handshakes.handshakes:
             report(f"[daq-emulator] error: no receiver completed a handshake with {address} "
                    f"({handshakes.auth_failures} failed handshakes); the {sent} events were not delivered"
@@ -248,7 +259,7 @@ def run_daq_emulator(args: argparse.Namespace) -> int:
                   report=lambda s: print(s, flush=True), curve=Curve.from_args(args, "daq"),
                   curve_server=args.curve_server, tick_s=args.tick_ms * 1e-3, stall_timeout_s=args.stall_timeout_s)
     # nothing was delivered, or the receiver stopped taking events (said above)
-    return 1 if (res["sent"] and not res["handshakes"]) or res["stopped_stalled"] else 0
+    return 1 if (res["sent"] and not res["handshakes"]) or res["stopped_stalled"] or res["undelivered_at_close"] else 0
 
 
 def add_daq_emulator_parser(subparsers) -> argparse.ArgumentParser:
