@@ -170,6 +170,7 @@ class Distributor:
         self.workers_restarted = 0
         self.workers_lost = 0
         self.confirmed_low = 0
+        self.reconfirm: set[int] = set()  # confirmed once, produced again for a new collector (collector_replaced)
         # What the collectors reported at the ends of the runs (RUN_ENDED), summed over the farm's
         # life: the file side of the farm, which the confirmations alone do not show.
         self.output = {"runs": 0, "received": 0, "events_written": 0, "errors": 0, "discarded": 0,
@@ -482,6 +483,8 @@ class Distributor:
         for seq, env in self.unsaved.items():
             self.events[seq] = [env, now, None]
             back.append(seq)
+        # confirmed but never in a file: the new collector confirms them again, which is not counted twice
+        self.reconfirm.update(self.unsaved)
         self.unsaved.clear()
         for w in self.workers.values():
             w.assigned.clear()
@@ -510,11 +513,15 @@ class Distributor:
         workers = self.workers
         saves = self.collector is not None and self.collector["status"].get("saves", False)
         unsaved = self.unsaved
+        reconfirm, again = self.reconfirm, 0
         for s in seqs.tolist():
             e = pop(s, None)
             if e is None:
                 self.c["confirmed_again"] += 1
                 continue
+            if reconfirm and s in reconfirm:
+                reconfirm.discard(s)
+                again += 1
             t.append(e[1])
             if saves:
                 unsaved[s] = e[0]
@@ -523,7 +530,7 @@ class Distributor:
                 w.assigned.discard(s)
         if t:
             self.latency.add(now - np.asarray(t))
-            self.c["confirmed"] += len(t)
+            self.c["confirmed"] += len(t) - again
             self.t_last_confirm = now
 
     def low_watermark(self) -> int:
@@ -571,7 +578,9 @@ class Distributor:
         the confirmed ones not known to be in the output file (lost_unsaved, also in `confirmed`;
         the collector may have written some of them before it died: at most this many are missing)."""
         self.c["lost_at_stop"] += len(self.events) + len(self.unsaved)
-        self.c["lost_unsaved"] += len(self.unsaved)
+        # unsaved: also those a replaced collector had confirmed and the next one had not yet
+        self.c["lost_unsaved"] += len(self.unsaved) + len(self.reconfirm)
+        self.reconfirm.clear()
         self.events.clear()
         self.unsaved.clear()
         self.pending.clear()
