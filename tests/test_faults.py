@@ -237,9 +237,9 @@ class SeparateRoles:
         self.procs.append(p)
         return p
 
-    def distributor(self, log="distributor.log"):
+    def distributor(self, *extra, log="distributor.log"):
         return self.start("distributor", "--input", self.inp, "--workers-addr", self.wrk, "--control", self.ctl,
-                          "--metrics-port", "-1", log=log)
+                          "--metrics-port", "-1", *extra, log=log)
 
     def collector(self, output, log, *extra, address=None):
         """A collector on the farm's results address (the workers send there), or on `address`."""
@@ -334,6 +334,37 @@ def test_replaced_collector_gets_the_events_the_killed_one_had_not_saved(tmp_pat
             assert name == "a.root"
     evts = np.concatenate(got)
     assert set(evts.tolist()) == set(range(n)), f"missing {sorted(set(range(n)) - set(evts.tolist()))[:10]}"
+
+
+def test_stop_without_a_live_collector_says_so(tmp_path, roles, capsys):
+    """A collector killed after it saved everything: `hlt status` shows it silent (it showed the state of
+    its last report, running), `hlt control stop` stops the run but exits 1 saying that no collector
+    reported the run's end (exit 0 after 30 s, as if the output were closed), and `start` warns that
+    nothing will take the events."""
+    from eclreco import cli
+    from eclreco.hlt.control import format_table, status
+
+    roles.distributor("--heartbeat-timeout", "1")
+    c = roles.collector(tmp_path / "a.root", "a.log", "--flush-interval", "0.05")
+    roles.worker()
+    roles.wait_up()
+    push_events(roles.inp, range(300))
+    t0 = time.monotonic()
+    while (d := roles.dist())["confirmed"] < 300 or d["unsaved"]:
+        assert time.monotonic() - t0 < 60, d
+        time.sleep(0.1)
+    c.kill()
+    c.wait()
+    time.sleep(1.5)  # past the heartbeat timeout
+    row = next(line for line in format_table(status(roles.ctl)).splitlines() if line.startswith("collector"))
+    assert " silent " in row, row
+    t0 = time.monotonic()
+    assert cli.main(["hlt", "control", "stop", "--control", roles.ctl]) == 1
+    assert time.monotonic() - t0 < 10
+    out, err = capsys.readouterr()
+    assert '"state": "stopped"' in out and "the collector did not report its end" in err, out + err
+    assert cli.main(["hlt", "control", "start", "--control", roles.ctl]) == 0
+    assert "warning: no live collector" in capsys.readouterr().err
 
 
 def test_second_collector_is_refused_and_leaves_the_running_ones_file_alone(tmp_path, roles):

@@ -144,4 +144,11 @@ def control_main(args) -> int:
         print(f"eclreco hlt control: {err}", file=sys.stderr)
         return 1
     print(json.dumps(reply, default=str), flush=True)
+    if reply.get("timeout"):  # stopped, but nobody said that the run's file is closed
+        print("eclreco hlt control: the run stopped, but the collector did not report its end within 30 s (is it "
+              "alive? `hlt status`): its output may not be closed", file=sys.stderr)
+        return 1
+    if reply.get("collector_alive") is False:
+        print("eclreco hlt control: warning: no live collector: the run's events wait at the distributor until one "
+              "registers", file=sys.stderr)
     return 0

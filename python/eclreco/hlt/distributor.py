@@ -430,7 +430,8 @@ class Distributor:
                 self.run_index += 1
                 self.state = "running"
                 print(f"[distributor] run {self.run_index} started", flush=True)
-            self._send(self.ctl, ident, P.OK, P.pack({"state": self.state, "run_index": self.run_index}))
+            self._send(self.ctl, ident, P.OK, P.pack({"state": self.state, "run_index": self.run_index,
+                                                      "collector_alive": not self.collector_silent(now)}))
         elif cmd == P.TERMINATE:
             self.terminate_requester = ident
             self.request_terminate()
@@ -556,7 +557,7 @@ class Distributor:
             self.lost_before_run = self.c["lost_at_stop"]
         if self.state == "stopped" and self.stop_requesters:
             ended = self.collector is None or self.collector.get("run_ended") is not None
-            if ended or now - self.stopped_at > 30:
+            if ended or self.collector_silent(now) or now - self.stopped_at > 30:  # silent: no report will come
                 info = {"state": "stopped", "run_index": self.run_index,
                         "collector": (self.collector or {}).get("run_ended"), "timeout": not ended}
                 for r in self.stop_requesters:
@@ -673,6 +674,8 @@ class Distributor:
         if self.collector is not None:
             d = dict(self.collector["status"])
             d.update(role="collector", last_seen_s=round(now - self.collector["last_seen"], 3))
+            if self.collector_silent(now):  # its last report said running; it has not been heard from since
+                d["state"] = "silent"
             procs.append(d)
         for s in list(self.supervisors.values()):
             d = dict(s["status"])
