@@ -36,9 +36,10 @@ extern "C" void on_signal(int sig, siginfo_t* info, void*) {
   g_stop_signal.compare_exchange_strong(none, sig);
   g_stop.store(true);
   // The kernel sends the parent-death signal again each time it reparents us while the parent's
-  // threads exit: those repeats are one request to stop, not a second signal.
+  // threads exit: those repeats are one request to stop, not a second signal. (The supervisor itself
+  // never relies on a second signal: it kills with SIGKILL.)
   const pid_t parent = g_watched_parent.load();
-  if (parent > 0 && info && info->si_pid == parent && getppid() != parent) return;
+  if (parent > 0 && info && info->si_pid == parent) return;
   // A second signal gets the default action: a stuck run can still be interrupted.
   if (g_signals.fetch_add(1) >= 1) std::signal(sig, SIG_DFL);
 }

@@ -756,15 +756,17 @@ def main(args) -> int:
             exporter = serve_process_metrics(0, args.metrics_host, role="distributor", extra=d.metrics_families,
                                              framework=False)
         d.metrics_port = exporter.port
-    from eclreco.hlt.run import orphaned_by_supervisor
+    from eclreco.hlt.run import started_with_parent_death_signal
 
-    signals = {"n": 0}
-    orphaned = orphaned_by_supervisor()
+    signals = {"n": 0, "t": 0.0}
+    supervised = started_with_parent_death_signal()
 
     def on_signal(sig, frame):
-        if signals["n"] and orphaned():
-            return  # the kernel's repeat of the supervisor's death signal: the drain goes on
+        now = time.monotonic()
+        if signals["n"] and supervised and now - signals["t"] < 2.0:
+            return  # the kernel's repeats of the supervisor's death signal: the drain goes on
         signals["n"] += 1
+        signals["t"] = now
         if signals["n"] > 1:
             os._exit(1)
         d.request_terminate()

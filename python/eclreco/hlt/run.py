@@ -34,21 +34,18 @@ def _terminate_with_parent() -> None:
         pass  # not Linux: roles outlive a killed supervisor, as before
 
 
-def orphaned_by_supervisor():
-    """In a role: a test, True once the process that started it with a parent-death signal (above) is
-    gone. The kernel sends that signal again each time it reparents the role while the supervisor's
-    threads exit; a role must take the repeats for one request to stop, not for a second signal (kill
-    now). (The C++ event loop does the same with the sender's pid: cpp/framework/processor.cpp.)"""
-    parent = 0
+def started_with_parent_death_signal() -> bool:
+    """In a role: True when its supervisor asked for a signal at its death (above). The kernel sends
+    that signal again each time it reparents the role while the supervisor's threads exit, within
+    milliseconds: a role must take the repeats for one request to stop, not for a second signal
+    (kill now). (The C++ event loop tells them by the sender's pid: cpp/framework/processor.cpp.)"""
     try:
         import ctypes
 
         pdeath = ctypes.c_int(0)
-        if ctypes.CDLL("libc.so.6", use_errno=True).prctl(2, ctypes.byref(pdeath)) == 0 and pdeath.value:
-            parent = os.getppid()  # PR_GET_PDEATHSIG = 2
-    except OSError:
-        pass
-    return lambda: parent > 0 and os.getppid() != parent
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl(2, ctypes.byref(pdeath)) == 0 and pdeath.value != 0
+    except OSError:  # PR_GET_PDEATHSIG = 2; not Linux
+        return False
 
 
 # The ports free_port has handed out in this process: it does not hand one out twice (they are
