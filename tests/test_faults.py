@@ -85,7 +85,7 @@ def test_supervisor_sigkill_roles_drain_once(farm_factory):
         assert time.monotonic() - t0 < 60, farm.logtext()
         time.sleep(0.2)
     log = farm.logtext()
-    assert "[distributor] terminated: 3000 events confirmed" in log, log
+    assert "[distributor] terminated: 3000 events confirmed of 3000 received" in log, log
     assert "[collector] run 1 ended: 3000 events written" in log, log
     evt, _ = read_evt(farm.output)
     assert np.array_equal(np.sort(evt), np.arange(n)), log
@@ -367,6 +367,22 @@ def test_stop_without_a_live_collector_says_so(tmp_path, roles, capsys):
     assert "warning: no live collector" in capsys.readouterr().err
 
 
+def test_a_distributor_that_gave_up_events_exits_1(tmp_path, roles):
+    """A distributor with events and nobody to process them, terminated: they are counted as lost, its
+    final line says how many it received, and its exit code says that events were lost (it exited 0)."""
+    d = roles.distributor("--heartbeat-timeout", "1")
+    roles.wait_up(("distributor",))
+    push_events(roles.inp, range(300))
+    t0 = time.monotonic()
+    while roles.dist()["received"] < 300:
+        assert time.monotonic() - t0 < 30
+        time.sleep(0.1)
+    d.send_signal(signal.SIGTERM)
+    assert d.wait(timeout=60) == 1
+    log = (tmp_path / "distributor.log").read_text()
+    assert "terminated: 0 events confirmed of 300 received" in log and "lost at stop 300" in log, log
+
+
 def test_second_collector_is_refused_and_leaves_the_running_ones_file_alone(tmp_path, roles):
     """Two collectors on one control address used to take the registration from each other in
     turn (the one left out registered again on its next report), each time with every unconfirmed
@@ -551,7 +567,11 @@ def test_malformed_messages_to_the_farm_are_counted_not_fatal(farm_factory, zmq_
     workers_addr = farm.distributor()["addresses"]["workers"]
     ctx = zmq_context
     bad_control = [[P.CONFIRM], [P.CONFIRM, b"abc"], [P.HELLO, b"\xc1"], [P.HELLO, msgpack.packb(5)], [P.SAVED],
-                   [P.STATUS, b"\xc1"], [P.RUN_ENDED, b"\xc1"], [P.CONFIRM, P.seqs_to_bytes([1, 2])]]
+                   [P.STATUS, b"\xc1"], [P.RUN_ENDED, b"\xc1"], [P.CONFIRM, P.seqs_to_bytes([1, 2])],
+                   # reports of no role the farm has, an unknown command: they left status rows that never went
+                   # away, and the last was answered but not counted
+                   [P.HELLO, msgpack.packb({"role": "x"})],
+                   [P.STATUS, msgpack.packb({"role": "supervisor", "workers_restarted": "x"})], [b"FOO"]]
     bad_workers = [[P.READY], [P.READY, b"\xc1"], [P.READY, msgpack.packb([1, 2])],
                    [P.READY, msgpack.packb({"credit": "x"})], [P.READY, msgpack.packb({"credit": 1})],
                    [P.CREDIT, b"lots"]]
@@ -574,6 +594,7 @@ def test_malformed_messages_to_the_farm_are_counted_not_fatal(farm_factory, zmq_
     farm.wait_confirmed(n)
     d, c = farm.distributor(), farm.process("collector")
     assert d["bad_messages"] >= len(bad_control) + len(bad_workers) - 1, d  # the valid READY registers a worker
+    assert [p["role"] for p in farm.status()["processes"]].count("supervisor") == 1  # hlt run's own
     assert c["bad_messages"] == 2 and c["pid"] == collector["pid"], c
     farm.command("stop")
     evt, _ = read_evt(farm.output)

@@ -176,6 +176,19 @@ def test_farm_exactly_once_stop_start_terminate(farm_factory, tmp_path):
     n2 = 1500
     push_events(farm.input, range(10_000, 10_000 + n2), run=2)
     farm.wait_confirmed(n1 + n2)
+    # the status table's worker rows: this run's counts, as the collector's row (received was the worker's
+    # count since it started, processed the run's), and the count since the start beside them (after the
+    # stop a worker is in its next run: 0)
+    from eclreco.hlt.control import format_table
+
+    deadline = time.monotonic() + 10  # the workers report every 0.5 s
+    while True:
+        rows = [line for line in format_table(farm.status()).splitlines() if line.startswith("worker")]
+        counts = [(int(r.split()[4]), int(r.split()[5]), int(r.split("all runs ")[1].split()[0])) for r in rows]
+        if sum(c[1] for c in counts) == n2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert [sum(c) for c in zip(*counts)] == [n2, n2, n1 + n2], rows
     reply = farm.command("stop")
     assert reply["collector"]["events_written"] == n2 and reply["collector"]["run_index"] == 3, reply
     h3 = farm.distributor()["throughput_hz"]

@@ -24,8 +24,8 @@ def ms(seconds, digits: int = 2) -> str:
 
 def summary_line(d: dict) -> str:
     """The distributor's status in one line (its final log line, and `hlt run`'s)."""
-    return (f"{d['confirmed']} events confirmed, {d['throughput_hz']:,.0f} events/s, latency p50 "
-            f"{ms(d['latency_p50_s'])}, p99 {ms(d['latency_p99_s'])}; redelivered "
+    return (f"{d['confirmed']} events confirmed of {d['received']} received, {d['throughput_hz']:,.0f} events/s, "
+            f"latency p50 {ms(d['latency_p50_s'])}, p99 {ms(d['latency_p99_s'])}; redelivered "
             f"{d['redelivered']}, dropped {d['dropped']}, lost at stop {d['lost_at_stop']}"
             + (f" ({d['lost_unsaved']} of them confirmed, not known to be saved)" if d.get("lost_unsaved") else "")
             + f", workers lost {d['workers_lost']}, restarted {d['workers_restarted']}")
@@ -94,9 +94,11 @@ def format_table(st: dict) -> str:
             extra = (f"workers {p.get('workers_alive', 0)} restarted {p.get('workers_restarted', 0)} "
                      f"p50 {ms(p.get('latency_p50_s'), 1)} p99 {ms(p.get('latency_p99_s'), 1)}")
         elif role == "worker":
-            received, processed, rejected = p.get("events_received", 0), p.get("processed", 0), p.get("rejected", 0)
+            # the run's counts, as the collector's row (events_received: since the worker started)
+            received, processed, rejected = p.get("received", 0), p.get("processed", 0), p.get("rejected", 0)
             in_flight = p.get("assigned", 0)
-            extra = f"credit {p.get('credit', 0)} seen {p.get('last_seen_s', 0):.1f}s ago"
+            extra = (f"credit {p.get('credit', 0)} seen {p.get('last_seen_s', 0):.1f}s ago "
+                     f"all runs {p.get('events_received', 0)}")
         elif role == "collector":
             received, processed, rejected = p.get("received", 0), p.get("processed", 0), p.get("rejected", 0)
             in_flight = "-"

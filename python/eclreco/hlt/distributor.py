@@ -395,7 +395,7 @@ class Distributor:
                                       "run_ended": {} if self.state == "stopped" else None}
                 self._send(self.ctl, ident, P.LOW, str(self.low_watermark()).encode())
             else:
-                self.supervisors[ident] = {"last_seen": now, "status": info}
+                self.add_supervisor(ident, info, now)
         elif cmd == P.STATUS and body:  # a report
             info = _map(frames, 2)
             if info.get("role") == "collector":
@@ -405,8 +405,7 @@ class Distributor:
                 self.collector.update(last_seen=now, status=info)
                 self._send(self.ctl, ident, P.LOW, str(self.low_watermark()).encode())
             else:
-                self.supervisors[ident] = {"last_seen": now, "status": info}
-                self.workers_restarted = int(info.get("workers_restarted", self.workers_restarted))
+                self.add_supervisor(ident, info, now)
         elif cmd == P.STATUS:  # a request
             self._send(self.ctl, ident, P.OK, P.pack(self.status()))
         elif cmd == P.RUN_ENDED:
@@ -435,8 +434,19 @@ class Distributor:
         elif cmd == P.TERMINATE:
             self.terminate_requester = ident
             self.request_terminate()
-        else:
-            self._send(self.ctl, ident, P.ERR, b"unknown command " + cmd[:64])
+        else:  # counted as a bad message, answered with ERR (handle_control)
+            raise ValueError(f"unknown command {cmd[:64]!r}")
+
+    def add_supervisor(self, ident: bytes, info: dict, now: float):
+        """The report of `hlt run`'s supervisor (checked before it is kept: a stray peer's message is a bad
+        message, not a row of the status table)."""
+        if info.get("role") != "supervisor":
+            raise ValueError(f"a report of role {str(info.get('role'))[:32]!r}: only a collector or a supervisor reports")
+        restarted = info.get("workers_restarted", self.workers_restarted)
+        if isinstance(restarted, bool) or not isinstance(restarted, int) or restarted < 0:
+            raise ValueError(f"workers_restarted {restarted!r} is not a count")
+        self.workers_restarted = restarted
+        self.supervisors[ident] = {"last_seen": now, "status": info}
 
     def _bad_message(self, socket_name: str, frames, err: Exception):
         self.c["bad_messages"] += 1
@@ -540,6 +550,8 @@ class Distributor:
 
     def housekeeping(self, now: float):
         self.input_monitor.poll()
+        for ident in [i for i, v in self.supervisors.items() if now - v["last_seen"] > 10 * self.heartbeat_timeout_s]:
+            del self.supervisors[ident]  # it reports every second: gone (FINAL goes to the live ones)
         for w in list(self.workers.values()):
             if now - w.last_seen > self.heartbeat_timeout_s:
                 self.lose_worker(w, f"no heartbeat for {self.heartbeat_timeout_s:g} s")
@@ -782,4 +794,6 @@ def main(args) -> int:
             exporter.close()
         d.input_monitor.close()
         time.sleep(0.2)  # let the last replies leave
-    return 0
+    # events given up (no live collector, a stop that timed out) break the farm's promise: say so by the
+    # exit code too (a service manager, or hlt run, which exits 1 with it)
+    return 1 if d.c["lost_at_stop"] else 0
