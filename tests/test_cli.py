@@ -35,7 +35,6 @@ def test_eclreco_bad_options_exit_2_with_one_line(argv, message, tmp_path, capsy
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["train", "--detector", "array30", "-o", "{tmp}", "--epochs", "0"], "--epochs must be >= 1"),
     (["hlt", "run", "-n", "3", "--metrics-base-port", "65532"], "P\\+1 \\.\\. P\\+4\\) must stay below 65536"),
     (["hlt", "run", "--model", "{tmp}/missing.onnx"], "is not a file"),
     (["hlt", "run", "--no-cnn", "--model", os.path.join(MODELS, "belle2-ecl.onnx")], "does nothing with --no-cnn"),
@@ -69,6 +68,10 @@ def test_eclreco_refused_before_any_work(argv, message, tmp_path):
     (["hlt", "run", "--threads", "300"], "argument --threads: must be 1..256, not 300"),
     (["hlt", "run", "--max-restarts", "-1"], "argument --max-restarts: must be >= 0, not -1"),
     (["hlt", "run", "--max-latency", "nan"], "argument --max-latency: must be a finite number >= 0, not nan"),
+    # exit 1 with their own message, or the top level's usage, before
+    (["train", "--detector", "array30", "-o", "unused", "--epochs", "0"], "argument --epochs: must be >= 1, not 0"),
+    (["validate", "--detector", "array30", "-o", "unused", "--max-events", "-1"], "argument --max-events: must be >= 0"),
+    (["hlt", "run", "--bogus"], "usage: eclreco hlt run"),
     (["hlt", "control", "stop", "--timeout", "inf"], "argument --timeout: must be a finite number > 0, not inf"),
     (["hlt", "status", "--timeout", "nan"], "argument --timeout: must be a finite number > 0, not nan"),
     (["daq-emulator", "--input", "x.msgpack", "--connect", "tcp://127.0.0.1:1", "--tick-ms", "0"],

@@ -471,12 +471,6 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
 
 
 def _cmd(args) -> int:
-    if args.epochs is not None and args.epochs < 1:
-        raise SystemExit("eclreco train: --epochs must be >= 1")
-    if args.max_events < 0:
-        raise SystemExit("eclreco train: --max-events must be >= 0 (0: all)")
-    if args.restarts < 1:
-        raise SystemExit("eclreco train: --restarts must be >= 1")
     if args.augment is not None:
         try:  # before the Geant4 file is read
             cnn_data.check_copies(args.detector, args.augment)
@@ -496,25 +490,27 @@ def _cmd(args) -> int:
 
 
 def add_train_parser(subparsers):
+    from eclreco.cli_types import NON_NEGATIVE_INT, POSITIVE_INT
+
     p = subparsers.add_parser("train", help="train the CNN energy correction of a detector (ONNX + model card)",
                               description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     p.add_argument("--detector", required=True, choices=["array30", "belle2-ecl"])
     p.add_argument("-o", "--output", required=True, help="output directory (<detector>.onnx, .md, .json)")
     p.add_argument("--g4", default=None, help="Geant4 file (default ../shared/data/g4_array30_train.npz or "
                    "g4_belle2_train.npz, from the working directory or the source tree)")
-    p.add_argument("--epochs", type=int, default=None, help="maximum epochs (early stopping on the validation set; "
+    p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="maximum epochs (early stopping on the validation set; "
                    f"default {', '.join(f'{d}: {n}' for d, n in EPOCHS.items())})")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--sizes", default="", help=f"comma-separated network sizes to train ({', '.join(SIZES)}); "
                    "the default size of the detector, or the first one listed when it is not among them, is written as "
                    "<detector>.onnx with the model card, the others as <detector>-<size>.onnx")
-    p.add_argument("--max-events", type=int, default=0, help="use only this many events of the file (0: all)")
+    p.add_argument("--max-events", type=NON_NEGATIVE_INT, default=0, help="use only this many events of the file (0: all)")
     p.add_argument("--cache", default=None, help="npz file of the chain samples: written when missing, read when "
                    "present (the chain is deterministic, so this only saves time)")
     p.add_argument("--augment", type=int, default=None, help="array30: the training events enter N times (1..8), "
                    "under the reflections and rotations of the beam spot, each with its own noise (default "
                    f"{AUGMENT['array30']}: not needed, see docs/physics-validation.md)")
-    p.add_argument("--restarts", type=int, default=1, help="train from this many initialisations (seeds S, S+1, ...) "
+    p.add_argument("--restarts", type=POSITIVE_INT, default=1, help="train from this many initialisations (seeds S, S+1, ...) "
                    "and keep the lowest validation loss (default 1: reproduces the shipped models)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd)

@@ -335,8 +335,6 @@ def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed
 
 
 def _cmd(args) -> int:
-    if args.max_events < 0 or args.pi0_events < 0:
-        raise SystemExit("eclreco validate: --max-events and --pi0-events must be >= 0")
     run_validation(args.detector, args.output, g4_path=args.g4, model=args.model, max_events=args.max_events,
                    pi0_events=args.pi0_events, quiet=args.quiet)
     return 0
@@ -345,6 +343,8 @@ def _cmd(args) -> int:
 def add_validate_parser(subparsers):
     import argparse
 
+    from eclreco.cli_types import NON_NEGATIVE_INT
+
     p = subparsers.add_parser("validate", help="physics validation of the CNN energy correction (tables, plots)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--detector", required=True, choices=["array30", "belle2-ecl"])
@@ -352,8 +352,8 @@ def add_validate_parser(subparsers):
     p.add_argument("--g4", default=None, help="Geant4 file (default ../shared/data/g4_array30_train.npz or "
                    "g4_belle2_train.npz, from the working directory or the source tree)")
     p.add_argument("--model", default="", help="ONNX model (default: the shipped model)")
-    p.add_argument("--max-events", type=int, default=0, help="use only this many held-out events (0: all)")
-    p.add_argument("--pi0-events", type=int, default=20000, help="pi0 events for the mass peak (belle2-ecl)")
+    p.add_argument("--max-events", type=NON_NEGATIVE_INT, default=0, help="use only this many held-out events (0: all)")
+    p.add_argument("--pi0-events", type=NON_NEGATIVE_INT, default=20000, help="pi0 events for the mass peak (belle2-ecl)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd)
     return p
