@@ -879,3 +879,41 @@ def test_farm_reports_a_cluster_column_the_workers_do_not_make(farm_factory, tmp
     assert (f"[hlt run] output: 0 events written in 1 run(s) of {n} received; module errors {n}, discarded 0 "
             f"(first error: RootOutput raised on exp 0 run 1 evt 0: ValueError: {message}") in log
     assert "[hlt run] error: every event failed in a module of the farm" in log
+
+
+def test_a_taken_metrics_port_is_said_by_every_role(farm_factory):
+    """--metrics-base-port P with P+1 (the collector's) and P+2 (the worker's) taken: each role serves on
+    a free port instead and says so, as the distributor did (the collector and the workers were silent,
+    and a scrape configuration for P+1 found another process)."""
+    import socket
+
+    taken = []
+    for _ in range(50):  # three consecutive free ports, the last two held here
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        try:
+            for k in (1, 2):
+                t = socket.socket()
+                t.bind(("127.0.0.1", base + k))
+                t.listen()
+                taken.append(t)
+            break
+        except OSError:
+            for t in taken:
+                t.close()
+            taken = []
+    assert taken
+    try:
+        farm = farm_factory(workers=1, extra=("--metrics-base-port", str(base)))
+        ports = {p["role"]: p.get("metrics_port") for p in farm.status()["processes"]}
+        assert ports["collector"] not in (0, base + 1) and ports["worker"] not in (0, base + 2), ports
+        assert 'role="collector"' in scrape(ports["collector"])
+        farm.command("terminate")
+        rc, log = farm.wait_exit()
+        assert rc == 0, log
+        assert f"[collector] metrics port {base + 1} unavailable" in log, log
+        assert f"[worker] metrics port {base + 2} unavailable" in log, log
+    finally:
+        for t in taken:
+            t.close()

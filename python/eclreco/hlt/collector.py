@@ -405,7 +405,8 @@ def main(args) -> int:
         try:
             exporter = serve_process_metrics(args.metrics_port, args.metrics_host, role="collector", path=path,
                                              extra=extra)
-        except OSError:
+        except OSError as err:
+            print(f"[collector] metrics port {args.metrics_port} unavailable ({err}); using a free port", flush=True)
             exporter = serve_process_metrics(0, args.metrics_host, role="collector", path=path, extra=extra)
         link.metrics_port = exporter.port
     try:

@@ -251,7 +251,8 @@ def start_worker(args, build_reconstruction) -> int:
 
         try:
             exporter = serve_process_metrics(args.metrics_port, args.metrics_host, role="worker")
-        except OSError:
+        except OSError as err:
+            print(f"[worker] metrics port {args.metrics_port} unavailable ({err}); using a free port", flush=True)
             exporter = serve_process_metrics(0, args.metrics_host, role="worker")
     from eclreco.curve import Curve
 
