@@ -367,6 +367,24 @@ def test_stop_without_a_live_collector_says_so(tmp_path, roles, capsys):
     assert "warning: no live collector" in capsys.readouterr().err
 
 
+def test_a_collector_stopped_between_runs_exits_cleanly(tmp_path, roles):
+    """SIGTERM to a collector waiting for the next run (a service stop after `hlt control stop`): it ends
+    with exit 0 (it was killed by the signal: the default action outside a run)."""
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import request
+
+    roles.distributor()
+    c = roles.collector(tmp_path / "a.root", "a.log")
+    roles.worker()
+    roles.wait_up()
+    push_events(roles.inp, range(200))
+    assert request(roles.ctl, P.STOP, 60.0)["collector"]["events_written"] == 200
+    time.sleep(0.5)
+    c.send_signal(signal.SIGTERM)
+    assert c.wait(timeout=30) == 0, (tmp_path / "a.log").read_text()
+    assert np.array_equal(np.sort(read_evt(tmp_path / "a.root")[0]), np.arange(200))
+
+
 def test_a_distributor_that_gave_up_events_exits_1(tmp_path, roles):
     """A distributor with events and nobody to process them, terminated: they are counted as lost, its
     final line says how many it received, and its exit code says that events were lost (it exited 0)."""

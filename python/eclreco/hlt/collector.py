@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import os
+import signal
 import socket
 import sys
 import time
@@ -430,6 +431,11 @@ def main(args) -> int:
         out = path.add_module("RootOutput", filename=output_filename(args.output, 1),
                               flush_interval_s=args.flush_interval, cluster_columns=args.cluster_columns)
         source.output = out
+    def on_signal(sig, frame):  # between runs; during one, eclreco.process handles them (the file is closed)
+        _core.request_stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     print(f"[collector] pid {os.getpid()} {path} on {link.address}, control {args.control}, metrics "
           f"{exporter.port if exporter else '-'}", flush=True)
     try:
@@ -475,7 +481,7 @@ def main(args) -> int:
                     continue
                 if link.pull.poll(100, zmq.POLLIN):
                     break
-            if link.terminate:
+            if link.terminate or _core.stop_requested():
                 break
         return _refused_exit_code(link)
     finally:
