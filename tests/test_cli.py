@@ -42,6 +42,9 @@ def test_eclreco_bad_options_exit_2_with_one_line(argv, message, tmp_path, capsy
     (["hlt", "run", "--conditions", "{tmp}/missing.json"], "--conditions .* is not a file"),
     (["hlt", "run", "--output", "{tmp}/no/such/dir/run.root"], "--output .*: no directory .*no/such/dir"),
     (["hlt", "run", "--filter-cluster-energy", "0.2"], "--filter-cluster-energy sets which clusters"),
+    # before any role starts (the distributor's error, then "the distributor failed to start"; or exit 2)
+    (["hlt", "run", "--input", "foo"], "--input: ZeroMQ address 'foo' has no transport"),
+    (["hlt", "run", "--control", "tcp://127.0.0.1:99999"], "--control: .*the port must be 0..65535"),
     (["hlt", "run", "--modules", "ECLUnpacker, Foo"], "unknown module\\(s\\) 'Foo'; available: .*ECLUnpacker"),
     (["hlt", "run", "--conditions", os.path.join(MODELS, "belle2-ecl.onnx"), "--modules", "none"],
      "has no ECLUnpacker"),

@@ -80,11 +80,11 @@ def tcp_port(address: str) -> str | None:
     return address.rsplit(":", 1)[-1] if ":" in address[6:] else ""
 
 
-def attach(sock: zmq.Socket, address: str, bind: bool) -> None:
-    """Bind or connect `sock`, after checking a tcp:// address's port: libzmq takes
-    tcp://127.0.0.1:99999 for port 34463 (the number modulo 2^16) without an error, and a job would
-    wait on a port nobody sends to. An address without a transport is named as such (libzmq's
-    EINVAL, "Invalid argument", does not say what is wrong with it)."""
+def check_address(address: str) -> None:
+    """ValueError for what libzmq would misread: tcp://127.0.0.1:99999 is taken for port 34463 (the
+    number modulo 2^16) without an error, and a job would wait on a port nobody sends to; an address
+    without a transport is named as such (libzmq's EINVAL, "Invalid argument", does not say what is
+    wrong with it)."""
     if "://" not in (address or ""):
         raise ValueError(f"ZeroMQ address {address!r} has no transport: write tcp://HOST:PORT "
                          "(or ipc://PATH, inproc://NAME)")
@@ -92,6 +92,11 @@ def attach(sock: zmq.Socket, address: str, bind: bool) -> None:
     if port is not None:
         if port != "*" and not (port.isdigit() and int(port) <= 65535):
             raise ValueError(f"ZeroMQ address {address!r}: the port must be 0..65535 or * (tcp://HOST:PORT)")
+
+
+def attach(sock: zmq.Socket, address: str, bind: bool) -> None:
+    """Bind or connect `sock`, after check_address."""
+    check_address(address)
     (sock.bind if bind else sock.connect)(address)
 
 

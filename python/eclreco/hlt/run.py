@@ -21,7 +21,7 @@ from eclreco.curve import Curve
 from eclreco.hlt import protocol as P
 from eclreco.hlt.control import ControlError, every_event_failed, output_line, request, status, summary_line
 from eclreco.hlt.worker import conditions_without_unpacker, module_names
-from eclreco.raw_sockets import attach, check_message_limits, tcp_port
+from eclreco.raw_sockets import attach, check_address, check_message_limits, tcp_port
 
 
 def _terminate_with_parent() -> None:
@@ -346,6 +346,13 @@ def main(args) -> int:
                              f"available: {', '.join(known)}")
     if args.conditions and not os.path.isfile(args.conditions):
         raise SystemExit(f"eclreco hlt run: --conditions {args.conditions!r} is not a file")
+    for option, address in (("--input", args.input), ("--control", args.control), ("--workers-addr", args.workers_addr),
+                            ("--collector-addr", args.collector_addr)):
+        if address:
+            try:
+                check_address(address)
+            except ValueError as err:  # before any role starts (the distributor's error, then a second line)
+                raise SystemExit(f"eclreco hlt run: {option}: {err}") from None
     from eclreco.reconstruction import event_filter_option_unused
 
     if event_filter_option_unused(args):
