@@ -194,6 +194,11 @@ def test_reco_py_fails_when_every_event_is_rejected(tmp_path, capsys):
     with open(raw, "ab") as f:
         f.write(b"x")
     assert reco.main(["-i", str(raw), "--threads", "1", "--no-cnn"]) == 0
+    empty = tmp_path / "empty.msgpack"  # an aborted run's file: no error, but said
+    empty.write_bytes(b"")
+    capsys.readouterr()
+    assert reco.main(["-i", str(empty), "--threads", "1", "-o", str(tmp_path / "e.root")]) == 0
+    assert "holds no events; " in capsys.readouterr().err
 
 
 def test_reco_py_cut_short_by_a_signal_ends_by_it(tmp_path):
