@@ -34,8 +34,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=BATCH_SIZE, default=256, help="events per batch")
     ap.add_argument("--rejected", help="quarantine file (.msgpack) for rejected raw events")
     sim = ap.add_argument_group("embedded simulation (no --input)")
-    sim.add_argument("--events", type=POSITIVE_INT, default=None, help="events to simulate (default 20000; with --input "
-                     "use -n)")
+    sim.add_argument("--events", type=POSITIVE_INT, default=None,
+                     help="events to simulate (default 20000; with --input use -n)")
     sim.add_argument("--detector", default="belle2-ecl", choices=["belle2-ecl", "array30"])
     sim.add_argument("--particle", choices=["gamma", "pi0", "generic"],
                      help="default: generic for belle2-ecl, gamma for array30 (it has no generic events)")
@@ -68,7 +68,8 @@ def parse_args(argv=None):
     mon.add_argument("--metrics-port", type=integer(0, 65535, " (0: no metrics)"), default=0,
                      help="serve Prometheus metrics on this port")
     mon.add_argument("--metrics-host", default="127.0.0.1")
-    mon.add_argument("--progress", type=NON_NEGATIVE, default=10.0, help="seconds between progress lines (0: one per batch)")
+    mon.add_argument("--progress", type=NON_NEGATIVE, default=10.0,
+                     help="seconds between progress lines (0: one per batch)")
     args = ap.parse_args(argv)
     if args.input and args.events is not None:
         ap.error("--events sets how many events to simulate; to stop after N events of --input use -n N")
@@ -154,8 +155,9 @@ def main(argv=None) -> int:
             exporter.close()
     print(eclreco.statistics, flush=True)
     s = eclreco.statistics.summary()
+    stream = (args.input or "").startswith("tcp://")
     sig = eclreco._core.stop_signal()
-    if sig and (args.input or "").startswith("tcp://"):  # how a stream's run ends: a service's clean stop
+    if sig and stream:  # how a stream's run ends: a service's clean stop
         print(f"reco.py: stopped by {signal.Signals(sig).name} after {s['received']} events", flush=True)
     elif sig:
         # A file or the simulation, cut short: the outputs are closed and valid but hold only what came
@@ -169,7 +171,7 @@ def main(argv=None) -> int:
         first = (eclreco.statistics.state.error_messages() or ["?"])[0]
         print(f"reco.py: error: every event failed in a module, e.g. {first}", file=sys.stderr, flush=True)
         return 1
-    if not s["received"] and args.input and not (args.input or "").startswith("tcp://"):
+    if not s["received"] and args.input and not stream:
         print(f"reco.py: warning: {args.input} holds no events" + (f"; {args.output} has an empty tree and no dqm/"
               if args.output else ""), file=sys.stderr, flush=True)
     if s["rejected"] and not s["processed"]:  # not raw data of this format, or no conditions for its runs

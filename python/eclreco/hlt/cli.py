@@ -35,8 +35,9 @@ def add_distributor_arguments(p, local_farm: bool = False):
         p.add_argument("--workers-addr", default="tcp://127.0.0.1:5556", help="ROUTER address workers connect to")
     p.add_argument("--control", default="tcp://127.0.0.1:5557", help="ROUTER address of run control")
     p.add_argument("--queue-size", type=POSITIVE_INT, default=4000, help="events read ahead of the workers")
-    p.add_argument("--max-held", type=POSITIVE_INT, default=20000, help="events held, at most: read and not yet in the collector's file (unconfirmed, or "
-                   "confirmed and waiting for the collector's SAVED)")
+    p.add_argument("--max-held", type=POSITIVE_INT, default=20000,
+                   help="events held, at most: read and not yet in the collector's file (unconfirmed, or "
+                        "confirmed and waiting for the collector's SAVED)")
     p.add_argument("--chunk", type=POSITIVE_INT, default=256, help="events per message to a worker, at most")
     p.add_argument("--heartbeat-timeout", type=POSITIVE, default=5.0, help="a silent worker is lost after S s")
     p.add_argument("--drop-when-busy", action="store_true", help="drop (and count) instead of backpressure")

@@ -441,7 +441,8 @@ class Distributor:
         """The report of `hlt run`'s supervisor (checked before it is kept: a stray peer's message is a bad
         message, not a row of the status table)."""
         if info.get("role") != "supervisor":
-            raise ValueError(f"a report of role {str(info.get('role'))[:32]!r}: only a collector or a supervisor reports")
+            raise ValueError(f"a report of role {str(info.get('role'))[:32]!r}: only a collector or a supervisor "
+                             "reports")
         restarted = info.get("workers_restarted", self.workers_restarted)
         if isinstance(restarted, bool) or not isinstance(restarted, int) or restarted < 0:
             raise ValueError(f"workers_restarted {restarted!r} is not a count")
