@@ -19,7 +19,7 @@ import sys
 
 import eclreco
 from eclreco.cli_types import (BATCH_SIZE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, THREADS,
-                               add_cluster_columns_argument, integer)
+                               add_cluster_columns_argument, integer, missing_folder)
 from eclreco.reconstruction import (add_event_filter, add_event_filter_arguments, add_reconstruction,
                                    event_filter_option_unused)
 
@@ -98,8 +98,9 @@ def parse_args(argv=None):
     if args.input and not stream_input and not os.path.isfile(args.input):
         ap.error(f"-i {args.input!r} is not a file (a raw file, or a tcp:// address)")
     for option, name in (("-o", args.output), ("--rejected", args.rejected)):
-        if name and not os.path.isdir(os.path.dirname(os.path.abspath(name))):
-            ap.error(f"{option} {name!r}: no directory {os.path.dirname(os.path.abspath(name))!r}")
+        folder = missing_folder(name) if name else ""
+        if folder:
+            ap.error(f"{option} {name!r}: no directory {folder!r}")
     return args
 
 

@@ -660,36 +660,30 @@ def test_daq_emulator_stops_when_the_receiver_takes_nothing(tmp_path, zmq_contex
     assert time.monotonic() - t0 < 20
     out = capsys.readouterr().out
     assert re.search(r"error: stopped after 1\.[5-9] s in which the receiver", out) and "0 events were handed" in out, out
-    # a receiver that goes away
-    pull = zmq_context.socket(zmq.PULL)
-    pull.setsockopt(zmq.LINGER, 0)
-    port = pull.bind_to_random_port("tcp://127.0.0.1")
-    res = {}
-    th = threading.Thread(target=lambda: res.update(daq.emulate(msgs, f"tcp://127.0.0.1:{port}", loop=True,
-                                                                linger_ms=0, stall_timeout_s=1.0)))
-    th.start()
-    for _ in range(100):
-        assert pull.poll(5000)
-        pull.recv()
-    pull.close()
-    th.join(120)
-    assert not th.is_alive() and res["stopped_stalled"] and res["sent"] >= 100 and res["stalled_s"] >= 1.0
+    def receiver_taking_100_then_gone(**emulate_kw) -> dict:
+        """emulate() into a receiver that takes 100 events and closes; its result"""
+        pull = zmq_context.socket(zmq.PULL)
+        pull.setsockopt(zmq.LINGER, 0)
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        res = {}
+        th = threading.Thread(target=lambda: res.update(daq.emulate(msgs, f"tcp://127.0.0.1:{port}", loop=True,
+                                                                    **emulate_kw)))
+        th.start()
+        for _ in range(100):
+            assert pull.poll(5000)
+            pull.recv()
+        pull.close()
+        th.join(120)
+        assert not th.is_alive()
+        return res
+
+    res = receiver_taking_100_then_gone(linger_ms=0, stall_timeout_s=1.0)
+    assert res["stopped_stalled"] and res["sent"] >= 100 and res["stalled_s"] >= 1.0
     # a receiver that goes away while the queue still has room (the high-water mark holds seconds of
     # events): every event is "sent", the rest is dropped when the linger runs out, and that is said
     # (it printed "sent N" and exited 0)
-    pull = zmq_context.socket(zmq.PULL)
-    pull.setsockopt(zmq.LINGER, 0)
-    port = pull.bind_to_random_port("tcp://127.0.0.1")
     said = []
-    th = threading.Thread(target=lambda: res.update(daq.emulate(msgs, f"tcp://127.0.0.1:{port}", loop=True,
-                                                                events=3000, rate=3000, linger_ms=1000,
-                                                                report=said.append)))
-    th.start()
-    for _ in range(100):
-        assert pull.poll(5000)
-        pull.recv()
-    pull.close()
-    th.join(60)
+    res = receiver_taking_100_then_gone(events=3000, rate=3000, linger_ms=1000, report=said.append)
     assert res["sent"] == 3000 and res["undelivered_at_close"] is True
     assert any("events were still queued" in line and "when the linger of 1 s ran out" in line for line in said), said
 

@@ -570,7 +570,7 @@ class Distributor:
             self.lost_before_run = self.c["lost_at_stop"]
         if self.state == "stopped" and self.stop_requesters:
             ended = self.collector is None or self.collector.get("run_ended") is not None
-            if ended or self.collector_silent(now) or now - self.stopped_at > 30:  # silent: no report will come
+            if self.run_reported(now):
                 info = {"state": "stopped", "run_index": self.run_index,
                         "collector": (self.collector or {}).get("run_ended"), "timeout": not ended}
                 for r in self.stop_requesters:
@@ -610,8 +610,8 @@ class Distributor:
         o["first_error"] = o["first_error"] or str(info.get("first_error", ""))
 
     def run_reported(self, now: float) -> bool:
-        """The collector's RUN_ENDED for the stopped run is in (what it wrote and what failed there:
-        the final status carries it), or it cannot come: no live collector, or 30 s gone, as for STOP."""
+        """The collector's RUN_ENDED for the stopped run is in (what it wrote and what failed there: the
+        STOP reply and the final status carry it), or it cannot come: no live collector, or 30 s gone."""
         return (self.collector_silent(now) or self.collector.get("run_ended") is not None
                 or now - self.stopped_at > 30)
 

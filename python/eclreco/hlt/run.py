@@ -353,12 +353,13 @@ def main(args) -> int:
                 check_address(address)
             except ValueError as err:  # before any role starts (the distributor's error, then a second line)
                 raise SystemExit(f"eclreco hlt run: {option}: {err}") from None
+    from eclreco.cli_types import missing_folder
     from eclreco.reconstruction import event_filter_option_unused
 
     if event_filter_option_unused(args):
         raise SystemExit(f"eclreco hlt run: {event_filter_option_unused(args)}")
-    folder = os.path.dirname(os.path.abspath(args.output))
-    if not args.output.startswith("tcp://") and not os.path.isdir(folder):
+    folder = "" if args.output.startswith("tcp://") else missing_folder(args.output)
+    if folder:
         raise SystemExit(f"eclreco hlt run: --output {args.output!r}: no directory {folder!r}")
     if conditions_without_unpacker(args.modules, args.conditions):
         raise SystemExit("eclreco hlt run: --conditions is ECLUnpacker's conditions file: the workers' chain "
