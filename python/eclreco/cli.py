@@ -44,9 +44,9 @@ def main(argv=None) -> int:
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # with the usage of the command that got them, not the top level's
         command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
+    if not getattr(args, "func", None):  # no command: a mistake in a script, so not exit 0
+        parser.print_help(sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except Exception as err:  # noqa: BLE001 - zmq.ZMQError, onnxruntime's, ... alike

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from eclreco.cli_types import (BATCH_SIZE, METRICS_PORT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT,
                                THREADS, add_cluster_columns_argument)
@@ -150,7 +151,7 @@ def add_hlt_parser(subparsers):
     p.add_argument("--force", action="store_true", help="replace existing keys")
     p.set_defaults(func=lambda a: __import__("eclreco.curve", fromlist=["keys_main"]).keys_main(a))
 
-    hlt.set_defaults(func=lambda a: hlt.print_help())
+    hlt.set_defaults(func=lambda a: hlt.print_help(sys.stderr) or 2)  # `eclreco hlt` alone: no role
 
 
 def _worker(args) -> int:
