@@ -292,9 +292,13 @@ class HLTCollectorInput(Module):
             link.release_saved(self.output)  # also while no result comes: the flush interval runs on
             try:
                 while n < max_events:
-                    data = link.pull.recv(zmq.NOBLOCK)
+                    frames = link.pull.recv_multipart(zmq.NOBLOCK)
                     link.messages += 1
-                    link.bytes += len(data)
+                    link.bytes += sum(map(len, frames))
+                    if len(frames) != 1:  # a worker sends one frame: a stray peer's message, counted once
+                        link.bad_message("results", f"{len(frames)} frames, not one")
+                        continue
+                    data = frames[0]
                     try:
                         m = P.DecodedBatch(P.unpack(data))
                     except Exception as err:  # noqa: BLE001 - not a worker's batch: its events stay held
