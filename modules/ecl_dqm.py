@@ -19,6 +19,7 @@ class ECLDQM(Module):
         self.add_param("max_abs_time_ns", 50.0, "pi0 photon candidates need |time| <= this (out-of-time clusters are "
                                                 "beam background); <= 0: no cut")
         self.h = {}
+        self._run_begun = False
 
     def initialize(self):
         # a negative count selected no photon at all (an empty gg_mass, silently)
@@ -39,9 +40,15 @@ class ECLDQM(Module):
                                                    "(|t| > 125 ns: beam background)", 100, 0, 2000, "digits")),
             "rejections": book(CategoryHistogram("rejections", "rejected events by reason")),
         }
+        registry.reset()  # a job's earlier path in this process (the HLT collector's runs) left its counts
+        self._run_begun = False
 
     def begin_run(self, exp, run):
-        registry.reset()
+        # Not at the first run: rejected events carry no run number, so those before the first
+        # good event do not start a run; their rejections were filled before it began.
+        if self._run_begun:
+            registry.reset()
+        self._run_begun = True
 
     def event(self, batch):
         good = batch.active()  # not rejected, not discarded by an event filter before this module

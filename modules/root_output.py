@@ -94,6 +94,7 @@ class RootOutput(Module):
         self.batches_taken = self.batches_written = 0
         self.events_written_run = 0
         self._oldest = None
+        self._dqm_written = False
         try:
             self._file = uproot.recreate(path, compression=compression_of(self.param("compression")))
         except OSError as err:
@@ -276,6 +277,7 @@ class RootOutput(Module):
 
         if self._file is not None and registry.histograms:
             registry.write_root(self._file)
+            self._dqm_written = True
 
     def terminate(self):
         if self._error:
@@ -288,6 +290,10 @@ class RootOutput(Module):
                 # No event reached the output: still leave a readable, empty tree.
                 self._file.mktree(self.param("tree"), {"exp": np.uint64, "run": np.uint64, "evt": np.uint32,
                                                        "error_flags": np.uint32})
+            if not self._dqm_written:
+                # No run began (no event, or every event rejected: no run number to trust), so no
+                # end_run wrote the DQM: its histograms still go in, the rejections above all.
+                self._write_dqm()
             if self._file is not None:
                 self._file.close()
                 self._file = None

@@ -173,7 +173,7 @@ def main(argv=None) -> int:
         print(f"reco.py: error: every event failed in a module, e.g. {first}", file=sys.stderr, flush=True)
         return 1
     if not s["received"] and args.input and not stream:
-        print(f"reco.py: warning: {args.input} holds no events" + (f"; {args.output} has an empty tree and no dqm/"
+        print(f"reco.py: warning: {args.input} holds no events" + (f"; {args.output} has an empty tree and empty dqm/ histograms"
               if args.output else ""), file=sys.stderr, flush=True)
     if s["rejected"] and not s["processed"]:  # not raw data of this format, or no conditions for its runs
         reasons = ", ".join(f"{r} {n}" for r, n in sorted(s["rejected_by_reason"].items(), key=lambda kv: -kv[1]))

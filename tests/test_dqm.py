@@ -192,3 +192,40 @@ def test_dqm_refuses_negative_parameters():
         path.add_module("ECLDQM", **params)
         with pytest.raises(Exception, match="min_cluster_energy_gev and max_photons_per_event must be >= 0"):
             eclreco.process(path, install_signal_handlers=False)
+
+
+@pytest.mark.parametrize("n_garbage,n_good", [(7, 20), (7, 0), (0, 0)])
+def test_dqm_counts_rejections_before_the_first_run_and_without_any(tmp_path, n_garbage, n_good):
+    """Rejected events carry no run number, so those before the first good one do not begin a run:
+    ECLDQM's begin_run wiped the rejections they had filled (3 of 7 kept with batches of 4), and a
+    file of rejected events only (or none) had no dqm/ at all, although its rejections are what
+    the shifter needs to see."""
+    import msgpack
+
+    from eclreco.rawdata import encode_events, write_raw_file
+
+    raw = tmp_path / "in.msgpack"
+    garbage = [msgpack.packb({"x": i}) for i in range(n_garbage)]
+    offsets = np.arange(n_good + 1) * 2
+    cells = np.tile([100, 101], n_good)
+    good = encode_events("array30", 0, 1, np.arange(n_good), offsets, cells, np.full(cells.size, 5000),
+                         np.zeros(cells.size, np.int64), np.zeros(cells.size, np.int64)) if n_good else []
+    write_raw_file(raw, garbage + good)
+    out = tmp_path / "out.root"
+    path = eclreco.create_path()
+    path.add_module("RawFileInput", filename=str(raw))
+    path.add_module("ECLUnpacker")
+    path.add_module("ECLClusterizer")
+    path.add_module("ECLDQM")
+    path.add_module("RootOutput", filename=str(out))
+    eclreco.process(path, batch_size=4, install_signal_handlers=False)
+    with uproot.open(out) as f:
+        assert f["events"].num_entries == n_good
+        r = f["dqm/rejections"]
+        assert dict(zip(r.axis().labels(), r.values().tolist())) == ({"missing_key": n_garbage} if n_garbage
+                                                                      else {"(none)": 0})
+        assert f["dqm/cluster_energy"].values().sum() == n_good
+    from eclreco.cli import main
+
+    assert main(["dqm", str(out), "-o", str(tmp_path / "png")]) == 0
+    assert (tmp_path / "png" / "rejections.png").stat().st_size > 1000
