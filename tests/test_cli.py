@@ -42,6 +42,7 @@ def test_eclreco_bad_options_exit_2_with_one_line(argv, message, tmp_path, capsy
     (["hlt", "run", "--conditions", "{tmp}/missing.json"], "--conditions .* is not a file"),
     (["hlt", "run", "--output", "{tmp}/no/such/dir/run.root"], "--output .*: no directory .*no/such/dir"),
     (["hlt", "run", "--filter-cluster-energy", "0.2"], "--filter-cluster-energy sets which clusters"),
+    (["hlt", "run", "--filter-cluster-energy", "0.1"], "--filter-cluster-energy sets which clusters"),
     # before any role starts (the distributor's error, then "the distributor failed to start"; or exit 2)
     (["hlt", "run", "--input", "foo"], "--input: ZeroMQ address 'foo' has no transport"),
     (["hlt", "run", "--control", "tcp://127.0.0.1:99999"], "--control: .*the port must be 0..65535"),
@@ -132,7 +133,8 @@ def test_reco_py_refuses_contradictions_and_an_output_over_its_input(tmp_path, c
                  ["-i", str(raw), "--rejected", str(tmp_path / "typo" / "q.msgpack")],
                  # options of a part the job does not run (they were ignored)
                  ["-i", str(raw), "--detector", "array30"], ["-i", str(raw), "--connect"],
-                 ["--cluster-columns", "energy"], ["--filter-cluster-energy", "0.2"]):
+                 ["--cluster-columns", "energy"], ["--filter-cluster-energy", "0.2"],
+                 ["--filter-cluster-energy", "0.1"]):  # the default given: it passed unnoticed
         with pytest.raises(SystemExit) as e:
             reco.main(argv)
         assert e.value.code == 2

@@ -20,26 +20,26 @@ def add_reconstruction(path: Path, cnn: bool = True, leakage: bool = True, model
     return path
 
 
-FILTER_CLUSTER_ENERGY_GEV = 0.1  # the default of --filter-cluster-energy
-
-
 def add_event_filter_arguments(ap) -> None:
     """The event filter options of steering/reco.py and the HLT worker (off by default)."""
     from eclreco.cli_types import NON_NEGATIVE, NON_NEGATIVE_INT
+    from eclreco.framework import create_module
 
     g = ap.add_argument_group("event filter (ECLEventFilter: off unless a cut is set)")
     g.add_argument("--min-clusters", type=NON_NEGATIVE_INT, default=0,
                    help="keep events with at least N in-time clusters above --filter-cluster-energy")
     g.add_argument("--min-energy-sum", type=NON_NEGATIVE, default=0.0,
                    help="keep events whose in-time clusters above --filter-cluster-energy sum to at least GEV")
-    g.add_argument("--filter-cluster-energy", type=NON_NEGATIVE, default=FILTER_CLUSTER_ENERGY_GEV,
-                   help="GeV: the clusters counted")
+    # None when not given: the module's own default applies (one place for it), and a value given
+    # without a cut is noticed even when it equals that default
+    default = create_module("ECLEventFilter").param("cluster_energy_gev")
+    g.add_argument("--filter-cluster-energy", type=NON_NEGATIVE, default=None,
+                   help=f"GeV: the clusters counted (default: {default:g}, ECLEventFilter's cluster_energy_gev)")
 
 
 def event_filter_option_unused(args) -> str:
     """The complaint when --filter-cluster-energy is set without a cut (the filter is then off); '' if not."""
-    threshold = getattr(args, "filter_cluster_energy", FILTER_CLUSTER_ENERGY_GEV)
-    if threshold != FILTER_CLUSTER_ENERGY_GEV and not (args.min_clusters or args.min_energy_sum):
+    if getattr(args, "filter_cluster_energy", None) is not None and not (args.min_clusters or args.min_energy_sum):
         return "--filter-cluster-energy sets which clusters --min-clusters and --min-energy-sum count: neither is set"
     return ""
 
@@ -50,6 +50,7 @@ def add_event_filter(path: Path, args) -> bool:
     min_clusters, min_energy_sum = getattr(args, "min_clusters", 0), getattr(args, "min_energy_sum", 0.0)
     if not (min_clusters or min_energy_sum):
         return False
+    threshold = getattr(args, "filter_cluster_energy", None)
     path.add_module("ECLEventFilter", min_clusters=min_clusters, min_energy_sum_gev=min_energy_sum,
-                    cluster_energy_gev=getattr(args, "filter_cluster_energy", FILTER_CLUSTER_ENERGY_GEV))
+                    **({} if threshold is None else {"cluster_energy_gev": threshold}))
     return True

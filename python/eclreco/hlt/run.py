@@ -167,8 +167,9 @@ class Farm:
             cmd += ["--rejected", a.rejected.replace("{worker}", str(i))]
         cmd += ["--cluster-columns", ",".join(a.cluster_columns)]
         if a.min_clusters or a.min_energy_sum:
-            cmd += ["--min-clusters", str(a.min_clusters), "--min-energy-sum", repr(a.min_energy_sum),
-                    "--filter-cluster-energy", repr(a.filter_cluster_energy)]
+            cmd += ["--min-clusters", str(a.min_clusters), "--min-energy-sum", repr(a.min_energy_sum)]
+            if a.filter_cluster_energy is not None:
+                cmd += ["--filter-cluster-energy", repr(a.filter_cluster_energy)]
         return cmd
 
     def report(self, sock):
