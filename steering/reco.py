@@ -168,16 +168,16 @@ def main(argv=None) -> int:
         sys.stdout.flush()
         signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
-    if s["processed"] and s["errors"] >= s["processed"]:  # a misconfigured chain, not bad events
+    failure = eclreco.job_failure(s)
+    if failure.startswith("every event failed"):
         first = (eclreco.statistics.state.error_messages() or ["?"])[0]
-        print(f"reco.py: error: every event failed in a module, e.g. {first}", file=sys.stderr, flush=True)
+        print(f"reco.py: error: {failure}, e.g. {first}", file=sys.stderr, flush=True)
         return 1
     if not s["received"] and args.input and not stream:
         print(f"reco.py: warning: {args.input} holds no events" + (f"; {args.output} has an empty tree and empty dqm/ histograms"
               if args.output else ""), file=sys.stderr, flush=True)
-    if s["rejected"] and not s["processed"]:  # not raw data of this format, or no conditions for its runs
-        reasons = ", ".join(f"{r} {n}" for r, n in sorted(s["rejected_by_reason"].items(), key=lambda kv: -kv[1]))
-        print(f"reco.py: error: every event was rejected ({reasons})", file=sys.stderr, flush=True)
+    if failure:  # every event rejected: not raw data of this format, or no conditions for its runs
+        print(f"reco.py: error: {failure}", file=sys.stderr, flush=True)
         return 1
     return 0
 

@@ -166,6 +166,20 @@ def test_reco_py_fails_when_every_event_fails(capsys):
     assert rc == 1 and "every event failed in a module" in capsys.readouterr().err
 
 
+def test_reco_py_fails_when_every_event_the_filter_kept_fails(tmp_path, capsys):
+    """A misspelt --cluster-columns with an event filter: every kept event fails in RootOutput, the
+    discarded ones never reach it; the job exited 0 with an empty file (errors < processed)."""
+    import eclreco
+
+    reco = _reco()
+    rc = reco.main(["--events", "40", "--threads", "1", "--no-dqm", "--min-energy-sum", "1.0",
+                    "-o", str(tmp_path / "x.root"), "--cluster-columns", "energy,latt"])
+    s = eclreco.statistics.summary()
+    assert 0 < s["discarded"] < s["processed"] and s["errors"] == s["processed"] - s["discarded"], s
+    assert rc == 1 and "every event failed in a module (of those the event filter kept)" in capsys.readouterr().err
+    assert eclreco.job_failure({"processed": 10, "discarded": 10}) == ""  # a filter that kept nothing: no error
+
+
 def test_validate_on_a_small_sample_writes_strict_json(tmp_path):
     """`eclreco validate --max-events 40`: windows of a few photons have no defined width ratio; the
     report says null there (it wrote bare NaN tokens, which strict JSON parsers refuse, after a

@@ -876,9 +876,30 @@ def test_farm_reports_a_cluster_column_the_workers_do_not_make(farm_factory, tmp
     assert f"[collector] run 1 ended: 0 events written to {farm.output}" in log
     # hlt run's own end: the file side of the farm, and a failing exit as reco.py's for this case
     assert rc == 1, log
-    assert (f"[hlt run] output: 0 events written in 1 run(s) of {n} received; module errors {n}, discarded 0 "
-            f"(first error: RootOutput raised on exp 0 run 1 evt 0: ValueError: {message}") in log
-    assert "[hlt run] error: every event failed in a module of the farm" in log
+    assert (f"[hlt run] output: 0 events written in 1 run(s) of {n} received; rejected 0, module errors {n}, "
+            f"discarded 0 (first error: RootOutput raised on exp 0 run 1 evt 0: ValueError: {message}") in log
+    assert "[hlt run] error: every event failed in a module\n" in log
+
+
+def test_a_farm_that_rejected_every_event_exits_1_with_its_dqm(farm_factory):
+    """Nothing but non-raw data through the farm: the workers reject every event; `hlt run` exited 0
+    and its output line did not mention them (reco.py exits 1 on the same input), and the file had
+    no dqm/ (no run began), so the shifter could not see why it was empty."""
+    import msgpack
+
+    n = 50
+    farm = farm_factory(workers=1)
+    push_messages(farm.input, [msgpack.packb(f"not an event {i}") for i in range(n)])
+    farm.wait_confirmed(n)
+    farm.command("terminate")
+    rc, log = farm.wait_exit()
+    assert rc == 1, log
+    assert f"0 events written in 1 run(s) of {n} received; rejected {n}, module errors 0" in log
+    assert f"[hlt run] error: every event was rejected (not_a_map {n})" in log
+    with uproot.open(farm.output) as f:
+        assert f["events"].num_entries == 0
+        r = f["dqm/rejections"]
+        assert dict(zip(r.axis().labels(), r.values().tolist())) == {"not_a_map": n}
 
 
 def test_a_taken_metrics_port_is_said_by_every_role(farm_factory):

@@ -12,11 +12,11 @@ in the manner of basf2::
 """
 from eclreco._core import ERROR_DISCARDED, ERROR_MODULE, ERROR_REJECTED, EventBatch, Geometry, ParameterError
 from eclreco.framework import (REQUIRED, Module, Path, available_modules, create_module, create_path,
-                               per_event_sum, process, statistics)
+                               job_failure, per_event_sum, process, statistics)
 
 __version__ = "0.1.0"
 __all__ = [
     "ERROR_DISCARDED", "ERROR_MODULE", "ERROR_REJECTED", "EventBatch", "Geometry", "Module", "ParameterError", "Path",
-    "REQUIRED", "available_modules", "create_module", "create_path", "per_event_sum", "process", "statistics",
-    "__version__",
+    "REQUIRED", "available_modules", "create_module", "create_path", "job_failure", "per_event_sum", "process",
+    "statistics", "__version__",
 ]

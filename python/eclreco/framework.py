@@ -223,6 +223,22 @@ class Statistics:
 statistics = Statistics()
 
 
+def job_failure(counts: dict) -> str:
+    """Why a finished job made nothing of its input ('' when it did), from the counters of
+    Statistics.summary() (or the HLT collector's, summed): every event rejected (not raw data of
+    this format, no conditions for its runs), or every event the filters kept failed in a module (a
+    misconfigured chain, not bad events). The rule of exit code 1 in steering/reco.py and `hlt run`."""
+    processed, discarded, errors = (int(counts.get(k, 0) or 0) for k in ("processed", "discarded", "errors"))
+    rejected = counts.get("rejected_by_reason") or {}
+    if counts.get("rejected") and not processed:
+        reasons = ", ".join(f"{r} {n}" for r, n in sorted(rejected.items(), key=lambda kv: -kv[1]))
+        return f"every event was rejected ({reasons})"
+    # discarded events never reach the modules after the filter, so they cannot fail there
+    if errors and errors >= processed - discarded:
+        return "every event failed in a module" + (" (of those the event filter kept)" if discarded else "")
+    return ""
+
+
 # Modules whose `filename` parameter is a file they read or (over)write.
 FILE_INPUTS = ("RawFileInput",)
 FILE_OUTPUTS = ("RootOutput", "RejectedOutput")

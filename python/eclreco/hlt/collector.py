@@ -461,6 +461,7 @@ def main(args) -> int:
             link.run_ended({"run_index": link.run_index, "filename": link.filename, "events_written": written,
                             "received": s.get("received", 0), "duplicates": link.duplicates,
                             "discarded": s.get("discarded", 0), "errors": s.get("errors", 0),
+                            "rejected": s.get("rejected", 0), "rejected_by_reason": s.get("rejected_by_reason", {}),
                             "first_error": errors[0] if errors else ""})
             # where the collector's time went in the run (module table, as the workers print it)
             print(f"[collector] run {link.run_index} ended: {written} events written to {link.filename}\n"

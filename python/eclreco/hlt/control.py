@@ -9,6 +9,7 @@ import time
 import zmq
 
 from eclreco.curve import Curve
+from eclreco.framework import job_failure
 from eclreco.hlt import protocol as P
 from eclreco.raw_sockets import attach
 
@@ -33,19 +34,24 @@ def summary_line(d: dict) -> str:
 
 def output_line(d: dict) -> str:
     """What the collector reported at the ends of the runs (the distributor's `output`): the file
-    side of the farm, which the confirmations do not show (a confirmed event may have failed in a
-    module, or been discarded by a filter)."""
+    side of the farm, which the confirmations do not show (a confirmed event may have been
+    rejected by a worker, failed in a module, or been discarded by a filter)."""
     o = d.get("output") or {}
     line = (f"output: {o.get('events_written', 0)} events written in {o.get('runs', 0)} run(s) of "
-            f"{o.get('received', 0)} received; module errors {o.get('errors', 0)}, discarded {o.get('discarded', 0)}")
+            f"{o.get('received', 0)} received; rejected {o.get('rejected', 0)}, module errors {o.get('errors', 0)}, "
+            f"discarded {o.get('discarded', 0)}")
     return line + (f" (first error: {o['first_error']})" if o.get("first_error") else "")
 
 
-def every_event_failed(d: dict) -> bool:
-    """Every event the collector received failed in a module: a misconfigured chain, not bad events
-    (the rule of steering/reco.py's exit code)."""
-    o = d.get("output") or {}
-    return o.get("received", 0) > 0 and o.get("errors", 0) >= o["received"]
+def farm_failure(d: dict) -> str:
+    """Why the farm made nothing of its input ('' when it did): reco.py's rule (eclreco.job_failure)
+    on what the collector reported (the distributor's `output`; its `received` counts the events the
+    workers rejected too)."""
+    o = dict(d.get("output") or {})
+    if not o.get("received"):
+        return ""
+    o["processed"] = int(o["received"]) - int(o.get("rejected", 0) or 0)
+    return job_failure(o)
 
 
 def request(control: str, cmd: bytes, timeout_s: float = 10.0, curve=None) -> dict:

@@ -174,7 +174,7 @@ class Distributor:
         # What the collectors reported at the ends of the runs (RUN_ENDED), summed over the farm's
         # life: the file side of the farm, which the confirmations alone do not show.
         self.output = {"runs": 0, "received": 0, "events_written": 0, "errors": 0, "discarded": 0,
-                       "first_error": ""}
+                       "rejected": 0, "rejected_by_reason": {}, "first_error": ""}
 
     # ---------------------------------------------------------------- main loop
     def serve(self):
@@ -605,8 +605,11 @@ class Distributor:
         o = self.output
         if info.get("received", 0):
             o["runs"] += 1
-        for k in ("received", "events_written", "errors", "discarded"):
+        for k in ("received", "events_written", "errors", "discarded", "rejected"):
             o[k] += int(info.get(k, 0) or 0)
+        reasons = info.get("rejected_by_reason")
+        for reason, n in (reasons.items() if isinstance(reasons, dict) else ()):
+            o["rejected_by_reason"][str(reason)] = o["rejected_by_reason"].get(str(reason), 0) + int(n)
         o["first_error"] = o["first_error"] or str(info.get("first_error", ""))
 
     def run_reported(self, now: float) -> bool:

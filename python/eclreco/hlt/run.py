@@ -19,7 +19,7 @@ import zmq
 
 from eclreco.curve import Curve
 from eclreco.hlt import protocol as P
-from eclreco.hlt.control import ControlError, every_event_failed, output_line, request, status, summary_line
+from eclreco.hlt.control import ControlError, farm_failure, output_line, request, status, summary_line
 from eclreco.hlt.worker import conditions_without_unpacker, module_names
 from eclreco.raw_sockets import attach, check_address, check_message_limits, tcp_port
 
@@ -300,8 +300,9 @@ class Farm:
             d["workers_restarted"] = self.restarts
             print("[hlt run] " + summary_line(d), flush=True)
             print("[hlt run] " + output_line(d), flush=True)
-            if every_event_failed(d):
-                print("[hlt run] error: every event failed in a module of the farm", file=sys.stderr, flush=True)
+            failure = farm_failure(d)
+            if failure:
+                print(f"[hlt run] error: {failure}", file=sys.stderr, flush=True)
                 rc = 1
         return rc
 
