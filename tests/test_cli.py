@@ -43,6 +43,9 @@ def test_eclreco_bad_options_exit_2_with_one_line(argv, message, tmp_path, capsy
     (["hlt", "run", "--output", "{tmp}/no/such/dir/run.root"], "--output .*: no directory .*no/such/dir"),
     (["hlt", "run", "--filter-cluster-energy", "0.2"], "--filter-cluster-energy sets which clusters"),
     (["hlt", "run", "--filter-cluster-energy", "0.1"], "--filter-cluster-energy sets which clusters"),
+    # the workers wrote one file together (interleaved records), a worker died at start-up in a typo
+    (["hlt", "run", "--rejected", "{tmp}/q.msgpack"], "2 workers would write one file; put {worker}"),
+    (["hlt", "run", "-n", "1", "--rejected", "{tmp}/typo/q.msgpack"], "--rejected .*: no directory .*typo"),
     # before any role starts (the distributor's error, then "the distributor failed to start"; or exit 2)
     (["hlt", "run", "--input", "foo"], "--input: ZeroMQ address 'foo' has no transport"),
     (["hlt", "run", "--control", "tcp://127.0.0.1:99999"], "--control: .*the port must be 0..65535"),

@@ -881,14 +881,17 @@ def test_farm_reports_a_cluster_column_the_workers_do_not_make(farm_factory, tmp
     assert "[hlt run] error: every event failed in a module\n" in log
 
 
-def test_a_farm_that_rejected_every_event_exits_1_with_its_dqm(farm_factory):
+def test_a_farm_that_rejected_every_event_exits_1_with_its_dqm(farm_factory, tmp_path):
     """Nothing but non-raw data through the farm: the workers reject every event; `hlt run` exited 0
     and its output line did not mention them (reco.py exits 1 on the same input), and the file had
-    no dqm/ (no run began), so the shifter could not see why it was empty."""
+    no dqm/ (no run began), so the shifter could not see why it was empty. A --rejected file of an
+    earlier job was appended to."""
     import msgpack
 
     n = 50
-    farm = farm_factory(workers=1)
+    quarantine = tmp_path / "quarantine.msgpack"
+    quarantine.write_bytes(msgpack.packb({"evt": -1, "reason": "an earlier job's"}))
+    farm = farm_factory(workers=1, extra=("--rejected", str(quarantine)))
     push_messages(farm.input, [msgpack.packb(f"not an event {i}") for i in range(n)])
     farm.wait_confirmed(n)
     farm.command("terminate")
@@ -896,6 +899,8 @@ def test_a_farm_that_rejected_every_event_exits_1_with_its_dqm(farm_factory):
     assert rc == 1, log
     assert f"0 events written in 1 run(s) of {n} received; rejected {n}, module errors 0" in log
     assert f"[hlt run] error: every event was rejected (not_a_map {n})" in log
+    with open(quarantine, "rb") as f:  # this job's records only: a worker appends, the supervisor empties it first
+        assert [r["reason"] for r in msgpack.Unpacker(f, raw=False)] == ["not_a_map"] * n
     with uproot.open(farm.output) as f:
         assert f["events"].num_entries == 0
         r = f["dqm/rejections"]

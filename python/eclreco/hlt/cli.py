@@ -102,7 +102,8 @@ def add_hlt_parser(subparsers):
     p.add_argument("--worker-steering", default="", help="default: steering/hlt_worker.py")
     p.add_argument("--rejected", default=None,
                    help="quarantine file of each worker's rejected raw events ({worker} = its index, {pid}; "
-                        "default: OUTPUT_rejected_w{worker}_{pid}.msgpack beside a ROOT output; '': none)")
+                        "default: OUTPUT_rejected_w{worker}_{pid}.msgpack beside a ROOT output; '': none). "
+                        "A name without {pid} is emptied at the start; a restarted worker appends to it")
     p.add_argument("--modules", default="standard", help="worker chain: standard, none, or a list")
     p.add_argument("--no-cnn", action="store_true", help="workers: classical leakage correction only")
     p.add_argument("--conditions", default="", help="workers: ECLUnpacker's conditions file (gain, t0, channel map "

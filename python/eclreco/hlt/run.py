@@ -194,6 +194,10 @@ class Farm:
                     self.kill_all()
                     return 1
         self.start_collector()
+        for i in range(a.workers):  # a worker appends (its restarts keep its file): this job's records only
+            name = a.rejected.replace("{worker}", str(i))
+            if name and "{pid}" not in name:
+                open(name, "wb").close()
         self.workers = [self.popen(self.worker_cmd(i)) for i in range(a.workers)]
         print(f"[hlt run] farm up: input {a.input} control {a.control} workers {a.workers} output {a.output}",
               flush=True)
@@ -363,6 +367,13 @@ def main(args) -> int:
     folder = "" if args.output.startswith("tcp://") else missing_folder(args.output)
     if folder:
         raise SystemExit(f"eclreco hlt run: --output {args.output!r}: no directory {folder!r}")
+    if args.rejected:
+        if args.workers > 1 and "{worker}" not in args.rejected and "{pid}" not in args.rejected:
+            raise SystemExit(f"eclreco hlt run: --rejected {args.rejected!r}: {args.workers} workers would write "
+                             "one file; put {worker} (their index) or {pid} in its name")
+        if missing_folder(args.rejected):
+            raise SystemExit(f"eclreco hlt run: --rejected {args.rejected!r}: no directory "
+                             f"{missing_folder(args.rejected)!r}")
     if conditions_without_unpacker(args.modules, args.conditions):
         raise SystemExit("eclreco hlt run: --conditions is ECLUnpacker's conditions file: the workers' chain "
                          f"({args.modules}) has no ECLUnpacker")
