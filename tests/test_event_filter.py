@@ -73,6 +73,14 @@ def test_discard_refuses_what_it_cannot_mean():
         b.discard(np.array([0.5]), "cut")
     with pytest.raises(ValueError, match="needs a reason"):
         b.discard(0, "")
+    # a 0/1 integer mask read as indices discarded events 0 and 1; a bad index after good ones
+    # left the good ones discarded
+    with pytest.raises(ValueError, match="index 1 is given twice; a mask must be boolean"):
+        b.discard(np.array([1, 0, 1, 1], np.int8), "cut")
+    with pytest.raises(IndexError, match="-1 is negative"):
+        b.discard([0, -1], "cut")
+    with pytest.raises(IndexError, match="4 is out of range for a batch of 4"):
+        b.discard([0, 4], "cut")
     assert b.discards() == {} and not (b.error_flags & eclreco.ERROR_DISCARDED).any()
     b.reject(1, "crc_mismatch")
     b.discard([1, 2], "cut")

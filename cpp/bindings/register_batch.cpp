@@ -1,4 +1,6 @@
 #include <pybind11/stl.h>
+#include <algorithm>
+#include <vector>
 
 #include "framework/event_batch.hpp"
 #include "framework/gather.hpp"
@@ -262,10 +264,19 @@ void register_batch(py::module_& m) {
                                std::string(py::str(a.dtype())));
         auto idx = py::array_t<int64_t, py::array::forcecast>(a);
         auto v = idx.unchecked<1>();
-        for (py::ssize_t k = 0; k < v.shape(0); ++k) {
-          if (v(k) < 0) throw py::index_error("discard: event index " + std::to_string(v(k)) + " is negative");
-          b.discard(static_cast<size_t>(v(k)), reason);
-        }
+        std::vector<int64_t> sorted(idx.data(), idx.data() + v.shape(0));
+        std::sort(sorted.begin(), sorted.end());
+        if (auto twice = std::adjacent_find(sorted.begin(), sorted.end()); twice != sorted.end())
+          // what a 0/1 integer mask gives (events 0 and 1 discarded): refused, not read as indices
+          throw py::value_error("discard: event index " + std::to_string(*twice) + " is given twice; a mask must be "
+                                "boolean (mask.astype(bool)), indices distinct");
+        // checked before any event is discarded: a refused call leaves the batch as it was
+        if (!sorted.empty() && sorted.front() < 0)
+          throw py::index_error("discard: event index " + std::to_string(sorted.front()) + " is negative");
+        if (!sorted.empty() && static_cast<size_t>(sorted.back()) >= b.size())
+          throw py::index_error("discard: event index " + std::to_string(sorted.back()) + " is out of range for a "
+                                "batch of " + std::to_string(b.size()) + " events");
+        for (py::ssize_t k = 0; k < v.shape(0); ++k) b.discard(static_cast<size_t>(v(k)), reason);
       }, py::arg("events"), py::arg("reason"),
          "an event filter's decision: these events (an index, indices or a boolean mask) are counted as processed "
          "and discarded with `reason`, and later modules and outputs skip them")
