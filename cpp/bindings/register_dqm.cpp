@@ -34,18 +34,21 @@ void register_dqm(py::module_& m) {
 
   m.def(
       "fill_uniform_histogram",
-      [](py::array_t<double, py::array::c_style> counts, py::array values, double lo, double hi) {
+      [](py::array_t<double, py::array::c_style> counts, py::array values, double lo, double hi,
+         py::array_t<double, py::array::c_style> moments) {
         if (counts.ndim() != 1 || counts.shape(0) < 3) throw py::value_error("counts must be 1-d with nb + 2 >= 3 bins");
+        if (moments.ndim() != 1 || moments.shape(0) != 2) throw py::value_error("moments must be 1-d with 2 entries");
         if (!(hi > lo)) throw py::value_error("hi must be > lo");
         if (values.ndim() != 1) throw py::value_error("values must be 1-d");
         const size_t nb = static_cast<size_t>(counts.shape(0)) - 2, n = static_cast<size_t>(values.shape(0));
         double* c = counts.mutable_data();
+        double* mom = moments.mutable_data();
         auto fill = [&](auto tag) {
           using T = decltype(tag);
           auto v = carray<T>::ensure(values);  // contiguous (a copy only for a strided view)
           // with the GIL held: two threads may fill the same histogram (ECLDQM runs on batches
           // in parallel), and a fill of a few thousand values takes microseconds
-          ecl::fill_uniform_histogram(v.data(), n, lo, hi, nb, c);
+          ecl::fill_uniform_histogram(v.data(), n, lo, hi, nb, c, mom);
         };
         const char kind = values.dtype().kind();
         const auto size = values.dtype().itemsize();
@@ -60,6 +63,7 @@ void register_dqm(py::module_& m) {
         else
           throw py::type_error("values must be float32, float64, int32 or int64");
       },
-      py::arg("counts").noconvert(), py::arg("values"), py::arg("lo"), py::arg("hi"),
-      "adds values to counts (float64, nb uniform bins over [lo, hi) + underflow and overflow) in place");
+      py::arg("counts").noconvert(), py::arg("values"), py::arg("lo"), py::arg("hi"), py::arg("moments").noconvert(),
+      "adds values to counts (float64, nb uniform bins over [lo, hi) + underflow and overflow) in place, and the "
+      "sum and sum of squares of the in-range values to moments (float64, 2 entries)");
 }

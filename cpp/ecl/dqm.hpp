@@ -19,21 +19,31 @@ void gamma_gamma_masses(const int64_t* offsets, size_t n_events, const float* en
 
 // Adds the values to a histogram of nb uniform bins over [lo, hi) with underflow (counts[0]) and
 // overflow (counts[nb + 1]): bin floor((v - lo) / (hi - lo) * nb) + 1 computed in double, as
-// numpy does it in eclreco.dqm.Histogram1D; NaN goes to the underflow.
+// numpy does it in eclreco.dqm.Histogram1D; NaN goes to the underflow. moments[0] and [1] get the
+// sum of the in-range values and of their squares (ROOT's fTsumwx, fTsumwx2: the mean of the
+// values, not of the bin centres).
 template <class T>
-void fill_uniform_histogram(const T* values, size_t n, double lo, double hi, size_t nb, double* counts) {
+void fill_uniform_histogram(const T* values, size_t n, double lo, double hi, size_t nb, double* counts,
+                            double* moments) {
   const double width = hi - lo, bins = static_cast<double>(nb);
+  double sx = 0, sxx = 0;
   for (size_t i = 0; i < n; ++i) {
-    const double x = (static_cast<double>(values[i]) - lo) / width * bins;  // numpy's order of operations
+    const double v = static_cast<double>(values[i]);
+    const double x = (v - lo) / width * bins;  // numpy's order of operations
     size_t b;
-    if (!(x >= 0))
+    if (!(x >= 0)) {
       b = 0;
-    else if (x >= static_cast<double>(nb))
+    } else if (x >= static_cast<double>(nb)) {
       b = nb + 1;
-    else
+    } else {
       b = static_cast<size_t>(x) + 1;
+      sx += v;
+      sxx += v * v;
+    }
     counts[b] += 1.0;
   }
+  moments[0] += sx;
+  moments[1] += sxx;
 }
 
 }  // namespace ecl

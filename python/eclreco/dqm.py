@@ -17,6 +17,7 @@ class Histogram1D:
         self.name, self.title, self.xlabel = name, title, xlabel
         self.edges = np.linspace(lo, hi, nbins + 1)
         self.counts = np.zeros(nbins + 2, np.float64)  # [underflow, bins..., overflow]
+        self.moments = np.zeros(2, np.float64)  # sum of w x and of w x^2 over the in-range fills (ROOT's statistics)
 
     def fill(self, values, weights=None) -> None:
         values = np.asarray(values)
@@ -24,7 +25,7 @@ class Histogram1D:
             return
         if weights is None and values.ndim == 1 and values.dtype.kind in "if" and values.dtype.itemsize in (4, 8):
             # one C++ pass instead of ~8 numpy passes and temporaries (the same bins)
-            _core.fill_uniform_histogram(self.counts, values, float(self.edges[0]), float(self.edges[-1]))
+            _core.fill_uniform_histogram(self.counts, values, float(self.edges[0]), float(self.edges[-1]), self.moments)
             return
         nb = self.edges.size - 1
         lo, hi = self.edges[0], self.edges[-1]
@@ -38,18 +39,24 @@ class Histogram1D:
         np.maximum(idx, 0, out=idx)
         np.minimum(idx, nb + 1, out=idx)
         self.counts += np.bincount(idx, weights=weights, minlength=nb + 2)
+        inside = (idx >= 1) & (idx <= nb)
+        v = np.asarray(values, np.float64)[inside]
+        w = np.ones_like(v) if weights is None else np.asarray(weights, np.float64)[inside]
+        self.moments += [(w * v).sum(), (w * v * v).sum()]
 
     def add(self, other: "Histogram1D") -> None:
         self.counts += other.counts
+        self.moments += other.moments
 
     def to_dict(self) -> dict:
         return {"name": self.name, "title": self.title, "xlabel": self.xlabel,
-                "edges": self.edges.tolist(), "counts": self.counts.tolist()}
+                "edges": self.edges.tolist(), "counts": self.counts.tolist(), "moments": self.moments.tolist()}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Histogram1D":
         h = cls(d["name"], d["title"], len(d["edges"]) - 1, d["edges"][0], d["edges"][-1], d.get("xlabel", ""))
         h.counts = np.asarray(d["counts"], np.float64)
+        h.moments = np.asarray(d["moments"], np.float64)
         return h
 
     @property
@@ -95,6 +102,7 @@ class DQMRegistry:
             for h in self.histograms.values():
                 if isinstance(h, Histogram1D):
                     h.counts[:] = 0
+                    h.moments[:] = 0
                 else:
                     h.counts.clear()
 
@@ -129,6 +137,7 @@ def _to_th1d(h):
 
     if isinstance(h, Histogram1D):
         counts, edges, labels, xlabel = h.counts, h.edges, None, h.xlabel
+        sumwx, sumwx2 = (float(m) for m in h.moments)
     else:
         names = sorted(h.counts) or ["(none)"]  # ROOT has no axis without bins
         counts = np.array([0.0] + [h.counts.get(k, 0.0) for k in names] + [0.0])
@@ -137,14 +146,16 @@ def _to_th1d(h):
         for i, label in enumerate(labels):
             label._bases[0]._members["@fUniqueID"] = i + 1  # the bin number, as TAxis::SetBinLabel sets it
         xlabel = ""
+        inner = np.asarray(counts[1:-1], np.float64)
+        centers = 0.5 * (edges[:-1] + edges[1:])  # a label's bin: its centre is the value
+        sumwx, sumwx2 = float((inner * centers).sum()), float((inner * centers**2).sum())
     counts = np.asarray(counts, np.float64)
     inner = counts[1:-1]
-    centers = 0.5 * (edges[:-1] + edges[1:])
-    # ROOT's statistics (GetMean, GetStdDev) are of the in-range bins; entries count every fill;
-    # unweighted fills: the sum of squared weights per bin (fSumw2) is the count
+    # ROOT's statistics (GetMean, GetStdDev) are of the in-range fills, from the values themselves;
+    # entries count every fill; unweighted fills: the sum of squared weights per bin (fSumw2) is the count
     axis = to_TAxis("xaxis", xlabel, len(edges) - 1, float(edges[0]), float(edges[-1]), fLabels=labels)
     return to_TH1x(h.name, h.title, counts, float(counts.sum()), float(inner.sum()), float(inner.sum()),
-                   float((inner * centers).sum()), float((inner * centers**2).sum()), counts, axis)
+                   sumwx, sumwx2, counts, axis)
 
 
 registry = DQMRegistry()
