@@ -43,6 +43,13 @@ def shipped_model(detector: str) -> str:
     return os.path.join(MODEL_DIR, f"{detector}.onnx")
 
 
+def _file_record(path: str) -> dict:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return {"path": os.path.abspath(path), "sha256": hashlib.sha256(f.read()).hexdigest()}
+
+
 class ModelError(RuntimeError):
     """A missing or incompatible ONNX model."""
 
@@ -125,6 +132,7 @@ class ECLEnergyCorrection(Module):
                                                        "clusters go in calls of equal size)")
         self.add_param("collection", "ECLClusters", "cluster collection to correct")
         self._sessions = {}
+        self._model_files = {}
         self._image_shapes = {}
         self._lock = threading.Lock()
         self._n_corrected = 0
@@ -137,6 +145,7 @@ class ECLEnergyCorrection(Module):
     # -- sessions -----------------------------------------------------------------------------
     def initialize(self):
         self._sessions = {}
+        self._model_files = {}
         self._image_shapes = {}
         self._n_corrected, self._n_calls, self._seconds = 0, 0, 0.0
         self._n_out_of_time = self._n_guarded = 0
@@ -158,14 +167,21 @@ class ECLEnergyCorrection(Module):
         if model:
             sess, meta = load_session(model, self.param("threads"), det or None, n_features=n_feat)
             self._sessions["*"] = (sess, meta)
+            self._model_files = {"*": _file_record(model)}
         else:
             # shipped models: load (and check) every detector's model now, so that a broken
             # installation fails at initialize and not in the middle of a run
             dets = [det] if det else list(DETECTOR_NAMES.values())
             for d in dets:
                 self._sessions[d] = load_session(shipped_model(d), self.param("threads"), d, n_features=n_feat)
+            self._model_files = {d: _file_record(shipped_model(d)) for d in dets}
         for sess, _ in self._sessions.values():
             self._warm_up(sess)
+
+    def provenance(self) -> dict:
+        """The model files loaded at initialize, by detector ('*': the model parameter's), for the
+        output file's metadata: which network made cluster_energy."""
+        return {"models": dict(self._model_files)}
 
     def _warm_up(self, sess):
         """Two calls of a full slice at initialize: onnxruntime's first calls allocate its buffers

@@ -35,7 +35,8 @@ class RootOutput(Module):
     as cluster_<column> with the counter ncluster (the columns of cluster_columns; one value per
     cluster each).
 
-    The DQM histograms of the run (eclreco.dqm.registry) are written under `dqm/` at end_run.
+    The DQM histograms of the run (eclreco.dqm.registry) are written under `dqm/` at end_run; a
+    TObjString `metadata` (JSON) at the end records what made the file and the job's counts.
     Rejected events are not written (they go to the quarantine file). Event branches whose data
     the chain does not produce are left out; a cluster column that ECLClusters lacks (a misspelt
     name) is an error of every batch that has clusters. Data are buffered and written in large
@@ -95,6 +96,7 @@ class RootOutput(Module):
         self.events_written_run = 0
         self._oldest = None
         self._dqm_written = False
+        self._detectors = set()
         try:
             self._file = uproot.recreate(path, compression=compression_of(self.param("compression")))
         except OSError as err:
@@ -130,6 +132,7 @@ class RootOutput(Module):
             raise RuntimeError(self._error)
         keep = batch.active()  # not rejected, not discarded by an event filter
         self.batches_taken += 1
+        self._detectors.update(np.unique(batch.detector[keep]).tolist())
         if not keep.any():
             if not self._parts and self._writer is None:
                 self.batches_written = self.batches_taken  # nothing of it to write
@@ -295,10 +298,33 @@ class RootOutput(Module):
                 # end_run wrote the DQM: its histograms still go in, the rejections above all.
                 self._write_dqm()
             if self._file is not None:
+                self._file["metadata"] = self._metadata()
                 self._file.close()
                 self._file = None
         except OSError as err:
             self._fail(err)
+
+    def _metadata(self) -> str:
+        """The file's `metadata` (a TObjString of JSON): what made it (eclreco.framework.job_provenance:
+        version, command, host, every module's parameters, the CNN's model files), the detectors of its
+        events, and the job's counts, so that a file says whether cluster_energy is the CNN's and
+        how many events of the input are not in it (rejected, discarded, failed)."""
+        import datetime
+        import json
+
+        from eclreco.framework import job_provenance, running_path, statistics
+        from eclreco.rawdata import DETECTORS
+
+        names = {code: name for name, code in DETECTORS.items()}
+        s = statistics.summary()
+        meta = job_provenance(running_path())
+        meta.update(
+            written_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            detectors=sorted(names.get(c, str(c)) for c in self._detectors),
+            events_written=self.events_written_run,
+            job={k: s.get(k) for k in ("received", "processed", "rejected", "rejected_by_reason", "discarded",
+                                       "discarded_by_reason", "errors")})
+        return json.dumps(meta, default=str)
 
     def counters(self):
         return {"events_written": float(self.events_written)}

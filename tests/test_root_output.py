@@ -281,3 +281,44 @@ def test_tree_name_and_flush_interval(tmp_path):
     eclreco.process(path, batch_size=100)
     with uproot.open(out) as f:
         assert f["events"]["evt"].num_baskets == 1
+
+
+def test_the_file_records_what_made_it_and_the_jobs_counts(tmp_path):
+    """An analyst's file said nothing of how it was made: with or without the CNN (which network),
+    which detector, how many input events are not in it. The `metadata` TObjString (JSON) says."""
+    import hashlib
+    import json
+
+    import msgpack
+
+    from eclreco.rawdata import encode_events, write_raw_file
+
+    n = 30
+    offsets = np.arange(n + 1) * 2
+    cells = np.tile([100, 101], n)
+    good = encode_events("array30", 0, 1, np.arange(n), offsets, cells, np.full(cells.size, 50000),
+                         np.zeros(cells.size, np.int64), np.zeros(cells.size, np.int64))
+    write_raw_file(tmp_path / "in.msgpack", [msgpack.packb(1)] + good)
+    model = os.path.join(os.path.dirname(eclreco.__file__), "models", "array30.onnx")
+    path = eclreco.create_path()
+    path.add_module("RawFileInput", filename=str(tmp_path / "in.msgpack"))
+    path.add_module("ECLUnpacker")
+    path.add_module("ECLClusterizer")
+    path.add_module("ECLLeakageCorrection")
+    path.add_module("ECLEnergyCorrection", model=model)
+    path.add_module("ECLEventFilter", min_clusters=1, cluster_energy_gev=0.0)
+    path.add_module("RootOutput", filename=str(tmp_path / "out.root"))
+    eclreco.process(path, install_signal_handlers=False)
+    with uproot.open(tmp_path / "out.root") as f:
+        meta = json.loads(str(f["metadata"]))
+        assert meta["events_written"] == f["events"].num_entries == n
+    assert meta["detectors"] == ["array30"] and meta["eclreco_version"] == eclreco.__version__
+    assert meta["job"]["received"] == n + 1 and meta["job"]["rejected_by_reason"] == {"not_a_map": 1}
+    assert [m["module"] for m in meta["path"]] == ["RawFileInput", "ECLUnpacker", "ECLClusterizer",
+                                                   "ECLLeakageCorrection", "ECLEnergyCorrection", "ECLEventFilter",
+                                                   "RootOutput"]
+    cnn = meta["path"][4]
+    assert cnn["params"]["model"] == model and cnn["params"]["min_energy_gev"] == 0.03
+    with open(model, "rb") as f:
+        assert cnn["models"] == {"*": {"path": model, "sha256": hashlib.sha256(f.read()).hexdigest()}}
+    assert meta["path"][5]["params"]["cluster_energy_gev"] == 0.0

@@ -153,6 +153,33 @@ def create_path() -> Path:
     return Path()
 
 
+_running_path: Path | None = None
+
+
+def running_path() -> Path | None:
+    """The path eclreco.process is running (None outside it)."""
+    return _running_path
+
+
+def job_provenance(path: Path | None) -> dict:
+    """What made an output file, for its metadata (RootOutput): the eclreco version, the command
+    line, the host, and each module of the path with every parameter's value, plus what a module's
+    provenance() adds (ECLEnergyCorrection: the model files it loaded and their SHA-256)."""
+    import socket
+
+    import eclreco
+
+    modules = []
+    for m in (path.modules if path is not None else []):
+        entry = {"module": m.type, "params": {p["name"]: p["value"] for p in m.param_list()}}
+        extra = getattr(m, "provenance", None)
+        if callable(extra):
+            entry.update(extra())
+        modules.append(entry)
+    return {"eclreco_version": eclreco.__version__, "command": list(sys.argv), "host": socket.gethostname(),
+            "path": modules}
+
+
 class Statistics:
     """Counters and per-module timing of the last process() call (basf2's statistics)."""
 
@@ -280,8 +307,13 @@ def process(path: Path, max_events: int = 0, threads: int = 1, batch_size: int =
     _check_files(path)
     processor = _core.Processor()
     statistics._attach(processor)
-    processor.process(path._cpp, max_events=int(max_events), threads=int(threads), batch_size=int(batch_size),
-                      install_signal_handlers=install_signal_handlers)
+    global _running_path
+    _running_path = path
+    try:
+        processor.process(path._cpp, max_events=int(max_events), threads=int(threads), batch_size=int(batch_size),
+                          install_signal_handlers=install_signal_handlers)
+    finally:
+        _running_path = None
     if sys.stdout:
         sys.stdout.flush()
     return statistics
