@@ -271,15 +271,15 @@ class RootOutput(Module):
         if self._error:
             return
         try:
-            self._write_dqm()
+            self._write_dqm(f"exp {exp}, run {run}")
         except OSError as err:
             self._fail(err)
 
-    def _write_dqm(self):
+    def _write_dqm(self, label: str):
         from eclreco.dqm import registry
 
         if self._file is not None and registry.histograms:
-            registry.write_root(self._file)
+            registry.write_root(self._file, label=label)
             self._dqm_written = True
 
     def terminate(self):
@@ -296,7 +296,7 @@ class RootOutput(Module):
             if not self._dqm_written:
                 # No run began (no event, or every event rejected: no run number to trust), so no
                 # end_run wrote the DQM: its histograms still go in, the rejections above all.
-                self._write_dqm()
+                self._write_dqm("no run: no event, or every event rejected")
             if self._file is not None:
                 self._file["metadata"] = self._metadata()
                 self._file.close()

@@ -255,3 +255,38 @@ def test_dqm_counts_rejections_before_the_first_run_and_without_any(tmp_path, n_
 
     assert main(["dqm", str(out), "-o", str(tmp_path / "png")]) == 0
     assert (tmp_path / "png" / "rejections.png").stat().st_size > 1000
+
+
+def test_a_file_of_several_runs_has_its_dqm_drawn_per_run(tmp_path, capsys):
+    """Runs 1 then 2 in one file: one cycle of each histogram per run. `eclreco dqm` drew only the
+    last cycle (run 2), and nothing said which run a histogram was; titles now end with the run and
+    every cycle is drawn. Its errors go to stderr (they went to stdout)."""
+    from eclreco.cli import main
+    from eclreco.rawdata import encode_events, write_raw_file
+
+    def events(run, n):
+        offsets = np.arange(n + 1) * 2
+        cells = np.tile([100, 101], n)
+        return encode_events("array30", 0, run, np.arange(n), offsets, cells, np.full(cells.size, 5000),
+                             np.zeros(cells.size, np.int64), np.zeros(cells.size, np.int64))
+
+    write_raw_file(tmp_path / "in.msgpack", events(1, 10) + events(2, 15))
+    path = eclreco.create_path()
+    path.add_module("RawFileInput", filename=str(tmp_path / "in.msgpack"))
+    path.add_module("ECLUnpacker")
+    path.add_module("ECLClusterizer")
+    path.add_module("ECLDQM")
+    path.add_module("RootOutput", filename=str(tmp_path / "out.root"))
+    eclreco.process(path, install_signal_handlers=False)
+    with uproot.open(tmp_path / "out.root") as f:
+        for cycle, run, n in ((1, 1, 10), (2, 2, 15)):
+            h = f[f"dqm/cluster_energy;{cycle}"]
+            assert h.member("fTitle") == f"cluster energy (exp 0, run {run})" and h.values().sum() == n
+    assert main(["dqm", str(tmp_path / "out.root"), "-o", str(tmp_path / "png")]) == 0
+    assert {p.name for p in (tmp_path / "png").iterdir()} >= {"cluster_energy_cycle1.png", "cluster_energy_cycle2.png"}
+    capsys.readouterr()
+    with uproot.recreate(tmp_path / "plain.root") as f:
+        f["x"] = "no dqm here"
+    assert main(["dqm", str(tmp_path / "plain.root")]) == 1
+    out, err = capsys.readouterr()
+    assert "has no dqm directory" in err and not out

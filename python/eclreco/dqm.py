@@ -3,6 +3,7 @@ RootOutput into the `dqm` directory of the ROOT file, drawn by `eclreco dqm FILE
 from __future__ import annotations
 
 import os
+import sys
 import threading
 
 import numpy as np
@@ -122,16 +123,17 @@ class DQMRegistry:
                 else:
                     self.histograms[d["name"]] = Histogram1D.from_dict(d)
 
-    def write_root(self, root_file, directory: str = "dqm") -> None:
-        """Writes every histogram into an open uproot file as a TH1D with its title, x-axis title,
-        under- and overflow and entries; category counts as a TH1D with one labelled bin per
-        category (ROOT's alphanumeric bins), sorted by label."""
+    def write_root(self, root_file, directory: str = "dqm", label: str = "") -> None:
+        """Writes every histogram into an open uproot file as a TH1D with its title (followed by
+        `label` in parentheses when given: the run), x-axis title, under- and overflow and entries;
+        category counts as a TH1D with one labelled bin per category (ROOT's alphanumeric bins),
+        sorted by label."""
         with self.lock:
             for name, h in self.histograms.items():
-                root_file[f"{directory}/{name}"] = _to_th1d(h)
+                root_file[f"{directory}/{name}"] = _to_th1d(h, label)
 
 
-def _to_th1d(h):
+def _to_th1d(h, run_label: str = ""):
     from uproot.writing import to_TH1x, to_TObjString
     from uproot.writing.identify import to_TAxis, to_THashList
 
@@ -154,7 +156,7 @@ def _to_th1d(h):
     # ROOT's statistics (GetMean, GetStdDev) are of the in-range fills, from the values themselves;
     # entries count every fill; unweighted fills: the sum of squared weights per bin (fSumw2) is the count
     axis = to_TAxis("xaxis", xlabel, len(edges) - 1, float(edges[0]), float(edges[-1]), fLabels=labels)
-    return to_TH1x(h.name, h.title, counts, float(counts.sum()), float(inner.sum()), float(inner.sum()),
+    return to_TH1x(h.name, f"{h.title} ({run_label})" if run_label else h.title, counts, float(counts.sum()), float(inner.sum()), float(inner.sum()),
                    sumwx, sumwx2, counts, axis)
 
 
@@ -162,7 +164,9 @@ registry = DQMRegistry()
 
 
 def draw(root_path: str, out_dir: str) -> list[str]:
-    """PNG of every histogram in the file's dqm directory; returns the files written."""
+    """PNG of every histogram in the file's dqm directory; returns the files written. A file of
+    several runs holds one cycle of each histogram per run (titles end with the run): each is drawn,
+    as NAME_cycleK.png."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,8 +179,12 @@ def draw(root_path: str, out_dir: str) -> list[str]:
         if "dqm" not in {k.split(";")[0] for k in f.keys(recursive=False)}:
             raise ValueError(f"{root_path} has no dqm directory")
         d = f["dqm"]
-        for key in sorted({k.split(";")[0] for k in d.keys(recursive=False)}):
-            obj = d[key]
+        cycles: dict[str, list[int]] = {}
+        for k in d.keys(recursive=False):
+            name, _, cycle = k.partition(";")
+            cycles.setdefault(name, []).append(int(cycle or 1))
+        for key, cycle in sorted((k, c) for k, cs in cycles.items() for c in sorted(set(cs))):
+            obj = d[f"{key};{cycle}"]
             if not hasattr(obj, "to_numpy"):
                 continue
             counts, edges = obj.to_numpy()
@@ -195,7 +203,7 @@ def draw(root_path: str, out_dir: str) -> list[str]:
             ax.set_xlabel(obj.axis().member("fTitle"))
             ax.set_ylabel("entries")
             fig.tight_layout()
-            out = os.path.join(out_dir, f"{key}.png")
+            out = os.path.join(out_dir, f"{key}.png" if len(set(cycles[key])) == 1 else f"{key}_cycle{cycle}.png")
             fig.savefig(out, dpi=90)
             plt.close(fig)
             written.append(out)
@@ -206,7 +214,7 @@ def _run(args) -> int:
     try:
         files = draw(args.file, args.output)
     except (OSError, ValueError) as err:
-        print(f"eclreco dqm: {err}")
+        print(f"eclreco dqm: {err}", file=sys.stderr)
         return 1
     for f in files:
         print(f)
