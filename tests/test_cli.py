@@ -198,6 +198,8 @@ def test_validate_on_a_small_sample_writes_strict_json(tmp_path):
         assert cli.main(["validate", "--detector", "array30", "-o", str(tmp_path), "--max-events", "40",
                          "--g4", os.path.join(REPO, "tests", "data", "g4_array30_heldout.npz"), "--quiet"]) == 0
     report = json.loads((tmp_path / "validation_array30.json").read_text(), parse_constant=refuse)
+    # the chain that made the sample (it named two of its five modules)
+    assert report["chain"] == "wire+ECLUnpacker+ECLClusterizer+ECLLeakageCorrection+ECLEnergyCorrection"
     rows = report["tables"]["bg0"]
     assert any(r["sigma68_ratio"]["ratio"] is None for r in rows), rows  # windows of 0 or 1 photon
     assert any(isinstance(r["cnn"]["mean"], float) for r in rows), rows

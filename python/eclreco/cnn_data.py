@@ -13,7 +13,6 @@ import numpy as np
 from eclreco import Module, _core
 from eclreco.cnn_model import EVENT_FEATURE_NAMES, event_features
 
-CHAIN = "wire+ECLUnpacker+ECLLeakageCorrection"  # what made the samples (model cards)
 G4_DEFAULT = {"array30": "g4_array30_train.npz", "belle2-ecl": "g4_belle2_train.npz"}
 MATCH_ANGLE_RAD = 0.1
 TEST_FRACTION = 0.2  # the last 20 % of every Geant4 file: never used in training or early stopping
@@ -267,7 +266,8 @@ def run_chain(detector, sample_iter, direction=None, model=None, min_energy_gev=
     path.add_module(col)
     eclreco.process(path, threads=1, batch_size=batch_size, install_signal_handlers=False)
     res = col.result()
-    res["chain"] = np.array(CHAIN)  # recorded in the model card
+    # what made the samples, recorded in the model card and the validation report
+    res["chain"] = np.array("+".join(["wire"] + [m.type for m in path.modules[1:-1] if m.type != "ClassicalSnapshot"]))
     return res
 
 
