@@ -228,6 +228,9 @@ def test_module_list_and_help(capsys):
     assert main(["modules", "Progress"]) == 0
     out = capsys.readouterr().out
     assert "interval_s" in out and "float" in out
+    assert main(["modules", "Foo"]) == 1  # an error, on stderr (it went to stdout)
+    out, err = capsys.readouterr()
+    assert "unknown module 'Foo'" in err and not out
 
 
 def test_gather_rows_per_row_and_per_event_blocks():
@@ -601,8 +604,10 @@ def test_parameters_numpy_scalars_nan_and_range():
     with pytest.raises(Exception, match="max_iterations' = 4294967301 does not fit"):
         m.set_param("max_iterations", 2 ** 32 + 5)
     assert m.get_param("max_iterations") == 5  # unchanged by the refused value
-    with pytest.raises(Exception, match="does not fit a 64-bit int"):
-        m.set_param("max_iterations", 2 ** 70)
+    with pytest.raises(ValueError, match="ECLClusterizer: parameter 'max_iterations': .* does not fit a 64-bit int"):
+        m.set_param("max_iterations", 2 ** 70)  # it named neither
+    with pytest.raises(TypeError, match=r"not the class CountingSource: add_module\(CountingSource\(\)\)"):
+        eclreco.create_path().add_module(CountingSource)  # it said "not pybind11_type"
     with pytest.raises(TypeError, match="must be int, got bool"):
         m.set_param("max_iterations", True)
     for bad, match in [({"image_size": 4}, "image_size must be odd"), ({"output": ""}, "output must be"),

@@ -237,26 +237,30 @@ ParamValue to_param(const Module& m, const std::string& name, ParamType t, py::h
                          ", got " + std::string(py::str(py::type::of(v).attr("__name__"))) + " (" +
                          std::string(py::repr(v)) + ")");
   };
-  switch (t) {
-    case ParamType::Bool: return is_bool(v) ? ParamValue(PyObject_IsTrue(v.ptr()) == 1) : fail();
-    case ParamType::Int: return is_int(v) ? ParamValue(to_int64(v)) : fail();
-    case ParamType::Float: return is_number(v) ? ParamValue(to_double(v)) : fail();
-    case ParamType::Str:
-      if (py::isinstance<py::str>(v)) return ParamValue(v.cast<std::string>());
-      if (py::hasattr(v, "__fspath__")) return ParamValue(py::str(v.attr("__fspath__")()).cast<std::string>());
-      return fail();
-    case ParamType::FloatList: {
-      auto l = as_list<double>(v, is_number);
-      return l ? ParamValue(*l) : fail();
+  try {  // 2**70 for an int: the message says whose parameter
+    switch (t) {
+      case ParamType::Bool: return is_bool(v) ? ParamValue(PyObject_IsTrue(v.ptr()) == 1) : fail();
+      case ParamType::Int: return is_int(v) ? ParamValue(to_int64(v)) : fail();
+      case ParamType::Float: return is_number(v) ? ParamValue(to_double(v)) : fail();
+      case ParamType::Str:
+        if (py::isinstance<py::str>(v)) return ParamValue(v.cast<std::string>());
+        if (py::hasattr(v, "__fspath__")) return ParamValue(py::str(v.attr("__fspath__")()).cast<std::string>());
+        return fail();
+      case ParamType::FloatList: {
+        auto l = as_list<double>(v, is_number);
+        return l ? ParamValue(*l) : fail();
+      }
+      case ParamType::IntList: {
+        auto l = as_list<int64_t>(v, is_int);
+        return l ? ParamValue(*l) : fail();
+      }
+      case ParamType::StrList: {
+        auto l = as_list<std::string>(v, [](py::handle x) { return py::isinstance<py::str>(x); });
+        return l ? ParamValue(*l) : fail();
+      }
     }
-    case ParamType::IntList: {
-      auto l = as_list<int64_t>(v, is_int);
-      return l ? ParamValue(*l) : fail();
-    }
-    case ParamType::StrList: {
-      auto l = as_list<std::string>(v, [](py::handle x) { return py::isinstance<py::str>(x); });
-      return l ? ParamValue(*l) : fail();
-    }
+  } catch (const py::value_error& e) {
+    throw py::value_error(m.type() + ": parameter '" + name + "': " + e.what());
   }
   return fail();
 }

@@ -49,6 +49,9 @@ def main(argv=None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:  # `eclreco modules | head`: the reader is gone, nothing to say to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 1
     except Exception as err:  # noqa: BLE001 - zmq.ZMQError, onnxruntime's, ... alike
         # bad options, a missing or unwritable file, a refused parameter: one line, not a traceback
         # (ECLRECO_TRACEBACK=1 shows it, for a bug report)

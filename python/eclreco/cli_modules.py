@@ -1,6 +1,7 @@
 """`eclreco modules [NAME]`: list modules, or print one module's parameters (like `basf2 -m`)."""
 from __future__ import annotations
 
+import sys
 import textwrap
 
 
@@ -38,7 +39,7 @@ def _run(args) -> int:
         try:
             print_module_help(args.name)
         except ValueError as err:
-            print(f"eclreco modules: {err}")
+            print(f"eclreco modules: {err}", file=sys.stderr)
             return 1
     else:
         print_module_list()

@@ -125,6 +125,9 @@ class Path:
         """Add a module by name (with parameters) or an instance; returns the module."""
         if isinstance(module, str):
             module = create_module(module)
+        elif isinstance(module, type) and issubclass(module, _core.Module):
+            raise TypeError(f"add_module takes a module name or a Module instance, not the class {module.__name__}: "
+                            f"add_module({module.__name__}())")
         elif not isinstance(module, _core.Module):
             raise TypeError(f"add_module takes a module name or a Module, not {type(module).__name__}")
         elif any(m is module for m in self._modules):  # its event() would run twice on each batch
