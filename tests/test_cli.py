@@ -27,6 +27,10 @@ def _reco():
     (["validate", "--detector", "belle2-ecl", "-o", "{tmp}/v", "--model", os.path.join(MODELS, "array30.onnx")],
      "trained for detector 'array30'"),
     (["daq-emulator", "--input", "{tmp}/missing.msgpack", "--connect", "tcp://127.0.0.1:1"], "No such file"),
+    # it said "cellId outside 1..900 for array30" from the middle of the chain
+    (["validate", "--detector", "array30", "-o", "{tmp}/v", "--g4", os.path.join(REPO, "tests", "data",
+                                                                          "g4_belle2_heldout.npz")],
+     "cellIds 1..8736 are not those of array30 (1..900): a Geant4 sample of another detector?"),
 ])
 def test_eclreco_bad_options_exit_2_with_one_line(argv, message, tmp_path, capsys):
     assert cli.main([a.format(tmp=tmp_path) for a in argv]) == 2

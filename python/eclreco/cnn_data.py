@@ -41,6 +41,11 @@ class G4Sample:
         self.detector = detector
         self.offsets = d["offsets"].astype(np.int64)
         self.cell = d["cell"].astype(np.int32)
+        from eclreco.rawdata import N_CELLS
+
+        if self.cell.size and (self.cell.min() < 1 or self.cell.max() > N_CELLS[detector]):
+            raise ValueError(f"{path}: cellIds {self.cell.min()}..{self.cell.max()} are not those of {detector} "
+                             f"(1..{N_CELLS[detector]}): a Geant4 sample of another detector?")
         self.edep_gev = d["edep_mev"].astype(np.float64) * 1e-3
         if "photons" in d.files:
             ph = d["photons"][:, 0, :].astype(np.float64)
