@@ -151,23 +151,29 @@ class RootOutput(Module):
             clusters = batch["ECLClusters"]
             offsets = clusters.offsets
             missing = [c for c in self.param("cluster_columns") if c not in clusters]
-            if missing:  # a misspelt or unmade column is an error, never a silently absent branch
+            if missing and not (batch.error_flags[keep] & _core.ERROR_MODULE).all():
+                # a misspelt or unmade column is an error, never a silently absent branch
                 raise ValueError(f"RootOutput: cluster_columns {', '.join(missing)} not in ECLClusters, whose columns "
                                  f"are {', '.join(sorted(clusters.columns()))} (in the HLT farm the workers send "
                                  f"those of their --cluster-columns)")
-            counts = np.diff(offsets)
-            # Rows of the kept events only.
-            row_keep = np.repeat(keep, counts)
-            cols = {}
-            for column in self.param("cluster_columns"):
-                values = clusters[column]
-                if values.ndim != 1:
-                    raise ValueError(f"RootOutput: cluster column '{column}' holds {values.shape[1:]} values per "
-                                     f"cluster; cluster_columns takes columns of one value per cluster")
-                cols[column] = np.ascontiguousarray(values[row_keep])
-            if cols:
-                part["_cluster_counts"] = counts[keep].astype(np.int32)
-                part["_cluster_cols"] = cols
+            # A batch without them whose every event failed in the module that makes them (re-run one
+            # by one, or a batch of one): written with their flags and no clusters, as in a batch where
+            # other events succeeded they are written with what they have (they were dropped, which
+            # made the file depend on the batch size).
+            if not missing:
+                counts = np.diff(offsets)
+                # Rows of the kept events only.
+                row_keep = np.repeat(keep, counts)
+                cols = {}
+                for column in self.param("cluster_columns"):
+                    values = clusters[column]
+                    if values.ndim != 1:
+                        raise ValueError(f"RootOutput: cluster column '{column}' holds {values.shape[1:]} values per "
+                                         f"cluster; cluster_columns takes columns of one value per cluster")
+                    cols[column] = np.ascontiguousarray(values[row_keep])
+                if cols:
+                    part["_cluster_counts"] = counts[keep].astype(np.int32)
+                    part["_cluster_cols"] = cols
         self._parts.append(part)
         self._buffered += int(keep.sum())
         if self._oldest is None:

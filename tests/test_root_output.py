@@ -322,3 +322,33 @@ def test_the_file_records_what_made_it_and_the_jobs_counts(tmp_path):
     with open(model, "rb") as f:
         assert cnn["models"] == {"*": {"path": model, "sha256": hashlib.sha256(f.read()).hexdigest()}}
     assert meta["path"][5]["params"]["cluster_energy_gev"] == 0.0
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, 256])
+def test_events_a_module_failed_on_are_written_whatever_the_batch_size(tmp_path, batch_size):
+    """A module that adds a cluster column raises on some events: those events were written (flagged,
+    the column 0) when their batch also held events it succeeded on, and dropped when every event of
+    the batch failed (batches of 1: 1960 of 2000 written, 'processed 2000'). Now always written."""
+    from eclreco.sources import ArraySource
+
+    class Tagger(eclreco.Module):
+        def event(self, batch):
+            if (batch.evt % 10 == 3).any():
+                raise RuntimeError("no tag for evt % 10 == 3")
+            clusters = batch["ECLClusters"]
+            clusters["tag"] = np.ones(clusters["energy"].size, np.int32)
+
+    n = 100
+    offsets = np.arange(n + 1) * 2
+    path = eclreco.create_path()
+    path.add_module(ArraySource("ECLClusters", offsets, {"energy": np.full(2 * n, 0.5, np.float32)}))
+    path.add_module(Tagger())
+    path.add_module("RootOutput", filename=str(tmp_path / "out.root"), cluster_columns=["energy", "tag"])
+    eclreco.process(path, batch_size=batch_size, install_signal_handlers=False)
+    assert eclreco.statistics.summary()["errors"] == n // 10
+    with uproot.open(tmp_path / "out.root") as f:
+        t = f["events"].arrays(["evt", "error_flags", "ncluster"], library="np")
+    assert np.array_equal(np.sort(t["evt"]), np.arange(n))
+    failed = t["evt"] % 10 == 3
+    assert (t["error_flags"][failed] & eclreco.ERROR_MODULE).all() and not t["error_flags"][~failed].any()
+    assert (t["ncluster"][~failed] == 2).all()
