@@ -15,8 +15,8 @@ class ECLDQM(Module):
     def __init__(self):
         super().__init__()
         self.add_param("min_cluster_energy_gev", 0.03, "clusters counted in multiplicity and pi0 pairs")
-        self.add_param("max_photons_per_event", 12, "clusters per event used for pairs: the first ones (in stored "
-                                                    "order, highest raw energy first) that pass the energy and time cuts")
+        self.add_param("max_photons_per_event", 12, "clusters per event used for pairs: the first ones (stored "
+                                                    "order: highest raw energy first) that pass the cuts")
         self.add_param("max_abs_time_ns", 50.0, "pi0 photon candidates need |time| <= this (out-of-time clusters are "
                                                 "beam background); <= 0: no cut")
         self.h = {}

@@ -174,8 +174,9 @@ def main(argv=None) -> int:
         print(f"reco.py: error: {failure}, e.g. {first}", file=sys.stderr, flush=True)
         return 1
     if not s["received"] and args.input and not stream:
-        print(f"reco.py: warning: {args.input} holds no events" + (f"; {args.output} has an empty tree and empty dqm/ histograms"
-              if args.output else ""), file=sys.stderr, flush=True)
+        print(f"reco.py: warning: {args.input} holds no events"
+              + (f"; {args.output} has an empty tree and empty dqm/ histograms" if args.output else ""),
+              file=sys.stderr, flush=True)
     if failure:  # every event rejected: not raw data of this format, or no conditions for its runs
         print(f"reco.py: error: {failure}", file=sys.stderr, flush=True)
         return 1

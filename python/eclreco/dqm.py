@@ -156,7 +156,8 @@ def _to_th1d(h, run_label: str = ""):
     # ROOT's statistics (GetMean, GetStdDev) are of the in-range fills, from the values themselves;
     # entries count every fill; unweighted fills: the sum of squared weights per bin (fSumw2) is the count
     axis = to_TAxis("xaxis", xlabel, len(edges) - 1, float(edges[0]), float(edges[-1]), fLabels=labels)
-    return to_TH1x(h.name, f"{h.title} ({run_label})" if run_label else h.title, counts, float(counts.sum()), float(inner.sum()), float(inner.sum()),
+    title = f"{h.title} ({run_label})" if run_label else h.title
+    return to_TH1x(h.name, title, counts, float(counts.sum()), float(inner.sum()), float(inner.sum()),
                    sumwx, sumwx2, counts, axis)
 
 
