@@ -71,10 +71,13 @@ class CategoryHistogram:
     def __init__(self, name: str, title: str):
         self.name, self.title = name, title
         self.counts: dict[str, float] = {}
+        # a module fills from several framework threads (threads > 1): get-then-set lost counts
+        self._lock = threading.Lock()
 
     def fill_counts(self, counts: dict) -> None:
-        for k, v in counts.items():
-            self.counts[k] = self.counts.get(k, 0.0) + v
+        with self._lock:
+            for k, v in counts.items():
+                self.counts[k] = self.counts.get(k, 0.0) + v
 
     def add(self, other: "CategoryHistogram") -> None:
         self.fill_counts(other.counts)
