@@ -116,8 +116,8 @@ class ECLEnergyCorrection(Module):
     def __init__(self):
         super().__init__()
         self.add_param("model", "", "ONNX model file; '' = the shipped model of the events' detector")
-        self.add_param("detector", "", "detector of the events when the model is '' and the first batch must not "
-                                       "decide it: belle2-ecl or array30 ('' = from the events)")
+        self.add_param("detector", "", "the events' detector, belle2-ecl or array30: only its shipped model is "
+                                       "loaded, and a model trained for another one is an error ('' = any)")
         self.add_param("threads", 1, "onnxruntime intra-op threads per session")
         self.add_param("min_energy_gev", 0.03, "clusters with energy_raw below keep their (classical) energy, GeV")
         self.add_param("max_abs_time_ns", 50.0, "clusters with |time| above keep their (classical) energy: out of time, "
