@@ -907,6 +907,23 @@ def test_a_farm_that_rejected_every_event_exits_1_with_its_dqm(farm_factory, tmp
         assert dict(zip(r.axis().labels(), r.values().tolist())) == {"not_a_map": n}
 
 
+def test_events_sent_while_the_farm_is_stopped_are_counted_at_terminate(farm_factory):
+    """A source that sends after the run stopped: terminate took the farm down and the messages in
+    the distributor's input went with it, in no counter, file or line (the emulator said 'sent')."""
+    farm = farm_factory(workers=1)
+    push_events(farm.input, range(100))
+    farm.wait_confirmed(100)
+    farm.command("stop")
+    push_events(farm.input, range(100, 150))
+    final = farm.command("terminate")
+    d = final["processes"][0]
+    assert (d["received"], d["confirmed"], d["unread_at_terminate"]) == (100, 100, 50), d
+    rc, log = farm.wait_exit()
+    assert rc == 0, log
+    assert "50 messages arrived after the last run stopped reading" in log
+    assert "unread at terminate 50" in log
+
+
 def test_a_taken_metrics_port_is_said_by_every_role(farm_factory):
     """--metrics-base-port P with P+1 (the collector's) and P+2 (the worker's) taken: each role serves on
     a free port instead and says so, as the distributor did (the collector and the workers were silent,

@@ -29,6 +29,7 @@ def summary_line(d: dict) -> str:
             f"latency p50 {ms(d['latency_p50_s'])}, p99 {ms(d['latency_p99_s'])}; redelivered "
             f"{d['redelivered']}, dropped {d['dropped']}, lost at stop {d['lost_at_stop']}"
             + (f" ({d['lost_unsaved']} of them confirmed, not known to be saved)" if d.get("lost_unsaved") else "")
+            + (f", unread at terminate {d['unread_at_terminate']}" if d.get("unread_at_terminate") else "")
             + f", workers lost {d['workers_lost']}, restarted {d['workers_restarted']}")
 
 

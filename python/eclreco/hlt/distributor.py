@@ -621,7 +621,31 @@ class Distributor:
     def collector_silent(self, now: float) -> bool:
         return self.collector is None or now - self.collector["last_seen"] > self.heartbeat_timeout_s
 
+    def count_unread_input(self, max_s: float = 10.0):
+        """At terminate: what a source sent after the last run stopped reading (a source that kept
+        sending, or sent while the farm was stopped) waits in the input socket and would go with it,
+        counted nowhere. It is read until the input is quiet for stop_drain_s (at most max_s),
+        counted as unread_at_terminate and said; it is not processed (no run is open), as reco.py's
+        ZMQInput counts unread_at_end."""
+        n, t0 = 0, time.monotonic()
+        last = t0
+        while True:
+            try:
+                recv_message(self.inp)
+                n += 1
+                last = time.monotonic()
+            except zmq.Again:
+                now = time.monotonic()
+                if now - last >= self.stop_drain_s or now - t0 >= max_s:
+                    break
+                self.inp.poll(20, zmq.POLLIN)
+        if n:
+            self.c["unread_at_terminate"] += n
+            print(f"[distributor] {n} messages arrived after the last run stopped reading: not processed, counted "
+                  "as unread_at_terminate", flush=True)
+
     def finish_terminate(self):
+        self.count_unread_input()
         if self.unsaved:  # confirmed, but the collector died before they were in its file
             print(f"[distributor] terminating without a live collector: {len(self.unsaved)} confirmed events that "
                   "were not in its file are lost", flush=True)
@@ -665,6 +689,7 @@ class Distributor:
             "dispatched": self.c["dispatched"], "confirmed": self.c["confirmed"],
             "redelivered": self.c["redelivered"], "dropped": self.c["dropped"],
             "lost_at_stop": self.c["lost_at_stop"], "lost_unsaved": self.c["lost_unsaved"],
+            "unread_at_terminate": self.c["unread_at_terminate"],
             "input_disconnects": self.input_monitor.disconnects, "input_auth_failures": self.input_monitor.auth_failures,
             "bad_messages": self.c["bad_messages"], "collectors_refused": self.c["collectors_refused"],
             "held": len(self.events), "unsaved": len(self.unsaved), "queued": len(self.pending),
@@ -731,6 +756,8 @@ class Distributor:
                       self.c["dropped"])
         yield counter("eclreco_hlt_events_lost_at_stop", "Events given up at a stop or terminate without a live "
                       "collector: unconfirmed, or confirmed but not known to be saved", self.c["lost_at_stop"])
+        yield counter("eclreco_hlt_input_unread_at_terminate", "Messages in the input at terminate that no run "
+                      "read (sent after the last stop): not processed", self.c["unread_at_terminate"])
         yield counter("eclreco_hlt_events_lost_unsaved", "Of lost_at_stop: confirmed, not known to be in the file "
                       "(the collector may have written them)", self.c["lost_unsaved"])
         yield gauge("eclreco_hlt_events_held", "Events held until the collector confirms them", len(self.events))
