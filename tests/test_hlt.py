@@ -907,6 +907,24 @@ def test_a_farm_that_rejected_every_event_exits_1_with_its_dqm(farm_factory, tmp
         assert dict(zip(r.axis().labels(), r.values().tolist())) == {"not_a_map": n}
 
 
+def test_the_farm_reports_the_first_module_error_of_its_workers(farm_factory, tmp_path):
+    """The model of the other detector: every event fails in the workers' ECLEnergyCorrection; hlt run's
+    output line gave the count without a message (only the collector's own errors had one)."""
+    from eclreco.bench import make_raw_file
+    from eclreco.rawdata import read_raw_file
+
+    n = 60
+    make_raw_file(str(tmp_path / "generic.msgpack"), n, background=1.0, seed=5)
+    model = os.path.join(os.path.dirname(eclreco.__file__), "models", "array30.onnx")
+    farm = farm_factory(workers=1, extra=("--modules", "standard", "--model", model))
+    push_messages(farm.input, read_raw_file(tmp_path / "generic.msgpack"))
+    farm.wait_confirmed(n, timeout=90)
+    farm.command("terminate")
+    rc, log = farm.wait_exit()
+    assert rc == 1, log
+    assert f"module errors {n}, discarded 0 (first error: ECLEnergyCorrection raised on exp 0 run 1 evt " in log, log
+
+
 def test_events_sent_while_the_farm_is_stopped_are_counted_at_terminate(farm_factory):
     """A source that sends after the run stopped: terminate took the farm down and the messages in
     the distributor's input went with it, in no counter, file or line (the emulator said 'sent')."""

@@ -129,6 +129,7 @@ class CollectorLink:
         self.state = "idle"
         self.next_report = 0.0
         self.duplicates = 0
+        self.first_upstream_error = ""
         self.bad_messages = 0
         self.confirmed = 0
         self.messages = 0
@@ -269,6 +270,7 @@ class HLTCollectorInput(Module):
         self.link.end_run = self.link.terminate
         self.link.keys = RecentKeys(self.link.dedup_window)
         self.link.state = "ready"
+        self.link.first_upstream_error = ""  # of the run: a worker's module error message
         self._unconfirmed = np.zeros(0, "<u8")
 
     def begin_run(self, exp, run):
@@ -305,6 +307,8 @@ class HLTCollectorInput(Module):
                         link.bad_message("results", f"{type(err).__name__}: {err or '(no message)'}")
                         continue
                     msgs.append(m)
+                    if m.errors and not link.first_upstream_error:
+                        link.first_upstream_error = str(next(iter(m.errors.values())))
                     n += m.n
             except zmq.Again:
                 pass
@@ -462,7 +466,8 @@ def main(args) -> int:
                             "received": s.get("received", 0), "duplicates": link.duplicates,
                             "discarded": s.get("discarded", 0), "errors": s.get("errors", 0),
                             "rejected": s.get("rejected", 0), "rejected_by_reason": s.get("rejected_by_reason", {}),
-                            "first_error": errors[0] if errors else ""})
+                            # the collector's own modules' first message, else the first a worker sent
+                            "first_error": errors[0] if errors else link.first_upstream_error})
             # where the collector's time went in the run (module table, as the workers print it)
             print(f"[collector] run {link.run_index} ended: {written} events written to {link.filename}\n"
                   f"{eclreco.statistics}", flush=True)
