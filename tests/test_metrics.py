@@ -176,3 +176,19 @@ def test_cnn_counters_come_from_the_cnn_module_only():
     assert {s.labels["module"] for s in fams["eclreco_cnn_inference_seconds"].samples} == {"ECLEnergyCorrection"}
     other = [s for s in fams["eclreco_module_value"].samples if s.labels["module"] == "ECLLeakageCorrection"]
     assert [s.labels["name"] for s in other] == ["clusters_corrected"]
+
+
+def test_the_dashboard_counts_each_event_once():
+    """Every role of the farm exports the eclreco_events_* counters, and the collector counts again
+    what the workers rejected or failed on; the dashboard's rejection and module-error panel summed
+    every role (twice the real rate). Each sum of these counters must pick one role or split by it."""
+    import json
+    import re
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(repo, "deploy", "grafana-eclreco.json")) as f:
+        exprs = [t["expr"] for p in json.load(f)["panels"] for t in p.get("targets", [])]
+    counted = [e for e in exprs if re.search(r"eclreco_events_(received|processed|rejected|module_errors)_total", e)]
+    assert len(counted) >= 4
+    for e in counted:
+        assert re.search(r'role="(collector|distributor|worker)"', e) or "by (role)" in e, e
