@@ -384,6 +384,36 @@ def test_a_collector_stopped_between_runs_exits_cleanly(tmp_path, roles):
     assert np.array_equal(np.sort(read_evt(tmp_path / "a.root")[0]), np.arange(200))
 
 
+def test_a_service_restart_of_the_distributor_leaves_the_farm_up(tmp_path, roles):
+    """SIGTERM to a distributor run as its own service (systemctl stop/restart) ended the whole farm, every
+    role with exit 0, so Restart=on-failure restarted none of them. Now its run ends, it exits, and the
+    workers and the collector stay and re-register with the next distributor; run control's terminate
+    still ends them all."""
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import request
+
+    d = roles.distributor()
+    c = roles.collector(tmp_path / "a.root", "a.log")
+    w = roles.worker()
+    roles.wait_up()
+    push_events(roles.inp, range(200))
+    roles.wait_confirmed(200)
+    d.send_signal(signal.SIGTERM)
+    assert d.wait(timeout=60) == 0
+    assert "exiting alone" in (tmp_path / "distributor.log").read_text()
+    time.sleep(1.0)
+    assert c.poll() is None and w.poll() is None  # they exited 0 with it
+    roles.distributor(log="distributor2.log")
+    roles.wait_up()
+    push_events(roles.inp, range(200, 300))
+    roles.wait_confirmed(100)
+    request(roles.ctl, P.TERMINATE, 60.0)
+    assert c.wait(timeout=60) == 0 and w.wait(timeout=60) == 0
+    files = sorted(tmp_path.glob("a*.root"))
+    evt = np.concatenate([read_evt(f)[0] for f in files])
+    assert np.array_equal(np.sort(evt), np.arange(300)), files
+
+
 def test_a_distributor_that_gave_up_events_exits_1(tmp_path, roles):
     """A distributor with events and nobody to process them, terminated: they are counted as lost, its
     final line says how many it received, and its exit code says that events were lost (it exited 0)."""

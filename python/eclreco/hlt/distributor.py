@@ -161,6 +161,7 @@ class Distributor:
         self.stop_since = 0.0
         self.last_input = 0.0
         self.terminating = False
+        self.terminate_farm = False  # at terminate: also tell the workers and the collector to exit
         self.terminate_requester: bytes | None = None
         self.c = collections.Counter()               # counters (see metrics_families)
         self.latency = LatencyHistogram()
@@ -506,8 +507,12 @@ class Distributor:
         print(f"[distributor] a new collector registered; {len(back)} unconfirmed events are processed again",
               flush=True)
 
-    def request_terminate(self):
+    def request_terminate(self, farm: bool = True):
+        """Stop the run, then exit; farm: tell the workers and the collector to exit too (run control's
+        TERMINATE, `hlt run`), else they stay and re-register with the next distributor (a service
+        stop or restart of this one)."""
         self.terminating = True
+        self.terminate_farm = self.terminate_farm or farm
         if self.state == "running":
             self.begin_stop()
 
@@ -651,10 +656,14 @@ class Distributor:
                   "were not in its file are lost", flush=True)
             self.give_up_held()
         final = self.status()
-        for w in list(self.workers.values()):
-            self._send(self.wrk, w.ident, P.TERMINATE)
-        if self.collector is not None:
-            self._send(self.ctl, self.collector["ident"], P.TERMINATE)
+        if self.terminate_farm:
+            for w in list(self.workers.values()):
+                self._send(self.wrk, w.ident, P.TERMINATE)
+            if self.collector is not None:
+                self._send(self.ctl, self.collector["ident"], P.TERMINATE)
+        else:
+            print("[distributor] exiting alone: the workers and the collector stay, for the next distributor",
+                  flush=True)
         for ident in self.supervisors:
             self._send(self.ctl, ident, P.FINAL, P.pack(final))
         if self.terminate_requester is not None:
@@ -812,7 +821,11 @@ def main(args) -> int:
         signals["t"] = now
         if signals["n"] > 1:
             os._exit(1)
-        d.request_terminate()
+        # A service stop or restart of this distributor alone (systemd sends SIGTERM): its run ends, the
+        # other roles stay and re-register with the next one; it took the whole farm down (every role
+        # exit 0, so Restart=on-failure restarted none). Under `hlt run` (a parent-death signal) the
+        # supervisor ends the farm.
+        d.request_terminate(farm=supervised)
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
