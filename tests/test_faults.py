@@ -430,6 +430,25 @@ def test_a_distributor_that_gave_up_events_exits_1(tmp_path, roles):
     assert "terminated: 0 events confirmed of 300 received" in log and "lost at stop 300" in log, log
 
 
+def test_run_control_exit_codes_say_lost_events_and_a_start_that_did_nothing(tmp_path, roles, capsys):
+    """`hlt control terminate` printed a final status with lost_at_stop 300 and exited 0 while the
+    distributor exited 1; `start` on a running farm changed nothing and said nothing."""
+    from eclreco import cli
+
+    d = roles.distributor("--heartbeat-timeout", "1")
+    roles.wait_up(("distributor",))
+    assert cli.main(["hlt", "control", "start", "--control", roles.ctl]) == 0
+    assert "run 1 was already running" in capsys.readouterr().err
+    push_events(roles.inp, range(300))
+    t0 = time.monotonic()
+    while roles.dist()["received"] < 300:
+        assert time.monotonic() - t0 < 30
+        time.sleep(0.1)
+    assert cli.main(["hlt", "control", "terminate", "--control", roles.ctl, "--timeout", "60"]) == 1
+    assert "300 events were given up (lost_at_stop" in capsys.readouterr().err
+    assert d.wait(timeout=60) == 1
+
+
 def test_second_collector_is_refused_and_leaves_the_running_ones_file_alone(tmp_path, roles):
     """Two collectors on one control address used to take the registration from each other in
     turn (the one left out registered again on its next report), each time with every unconfirmed

@@ -157,6 +157,14 @@ def control_main(args) -> int:
         print("eclreco hlt control: the run stopped, but the collector did not report its end within 30 s (is it "
               "alive? `hlt status`): its output may not be closed", file=sys.stderr)
         return 1
+    final = (reply.get("processes") or [{}])[0]  # terminate's reply: the final status
+    lost = reply.get("lost_at_stop") or final.get("lost_at_stop")
+    if lost:  # the distributor's own exit code says the same
+        print(f"eclreco hlt control: {lost} events were given up (lost_at_stop: no live collector, or a stop that "
+              "timed out)", file=sys.stderr)
+        return 1
+    if args.action == "start" and reply.get("already"):
+        print(f"eclreco hlt control: run {reply.get('run_index')} was already running", file=sys.stderr)
     if reply.get("collector_alive") is False:
         print("eclreco hlt control: warning: no live collector: the run's events wait at the distributor until one "
               "registers", file=sys.stderr)

@@ -162,6 +162,7 @@ class Distributor:
         self.last_input = 0.0
         self.terminating = False
         self.terminate_farm = False  # at terminate: also tell the workers and the collector to exit
+        self.lost_last_run = 0
         self.terminate_requester: bytes | None = None
         self.c = collections.Counter()               # counters (see metrics_families)
         self.latency = LatencyHistogram()
@@ -423,6 +424,7 @@ class Distributor:
                 self.begin_stop()
                 self.stop_requesters.append(ident)
         elif cmd == P.START:
+            already = self.state != "stopped"
             if self.state == "stopped":
                 # the throughput counts the runs' own time, not the pauses between them
                 self.earlier_runs_s += self.run_seconds()
@@ -431,7 +433,8 @@ class Distributor:
                 self.state = "running"
                 print(f"[distributor] run {self.run_index} started", flush=True)
             self._send(self.ctl, ident, P.OK, P.pack({"state": self.state, "run_index": self.run_index,
-                                                      "collector_alive": not self.collector_silent(now)}))
+                                                      "collector_alive": not self.collector_silent(now),
+                                                      "already": already}))
         elif cmd == P.TERMINATE:
             self.terminate_requester = ident
             self.request_terminate()
@@ -573,11 +576,13 @@ class Distributor:
             print(f"[distributor] run {self.run_index} stopped: " + (
                 "every event confirmed" if not lost else f"{lost} events given up, counted as lost_at_stop"), flush=True)
             self.lost_before_run = self.c["lost_at_stop"]
+            self.lost_last_run = lost
         if self.state == "stopped" and self.stop_requesters:
             ended = self.collector is None or self.collector.get("run_ended") is not None
             if self.run_reported(now):
                 info = {"state": "stopped", "run_index": self.run_index,
-                        "collector": (self.collector or {}).get("run_ended"), "timeout": not ended}
+                        "collector": (self.collector or {}).get("run_ended"), "timeout": not ended,
+                        "lost_at_stop": self.lost_last_run}
                 for r in self.stop_requesters:
                     self._send(self.ctl, r, P.OK, P.pack(info))
                 self.stop_requesters = []
