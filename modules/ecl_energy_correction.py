@@ -28,9 +28,8 @@ import numpy as np
 
 from eclreco import Module, _core
 from eclreco.cnn_model import E_RAW_INDEX, EVENT_FEATURE_NAMES, FEATURE_NAMES, event_features, split_feature_names
-from eclreco.rawdata import DETECTORS
+from eclreco.rawdata import DETECTOR_NAMES
 
-DETECTOR_NAMES = {code: name for name, code in DETECTORS.items()}
 # max_ratio_to_classical = -1: belle2-ecl's beam-background clusters were raised up to ~600x (x2 keeps the
 # fakes at the classical rate); array30 has no background, and there the CNN's large raises are photons
 # that showered into the aluminium gaps: a x2 guard widened its sigma68 by up to a third (2 GeV: 0.41 -> 0.54

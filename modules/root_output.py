@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from eclreco import Module, _core
+from eclreco.paths import missing_folder
 
 # ECLClusters columns written by default, as branches cluster_<column> (the cluster_columns parameter)
 DEFAULT_CLUSTER_COLUMNS = ("energy_raw", "energy", "theta", "phi", "x", "y", "z", "time", "n_crystals", "seed_cell",
@@ -88,8 +89,8 @@ class RootOutput(Module):
             raise ValueError(f"RootOutput: cluster_columns must be distinct column names, not {cols}")
         path = self.param("filename")
         # No directory is made: a misspelt one is an error, as for the quarantine file, not a new tree.
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
+        folder = missing_folder(path)
+        if folder:
             raise RuntimeError(f"cannot create output file '{path}': no directory '{folder}'")
         self._error = None
         self.batches_taken = self.batches_written = 0
@@ -319,14 +320,13 @@ class RootOutput(Module):
         import json
 
         from eclreco.framework import job_provenance, running_path, statistics
-        from eclreco.rawdata import DETECTORS
+        from eclreco.rawdata import DETECTOR_NAMES
 
-        names = {code: name for name, code in DETECTORS.items()}
         s = statistics.summary()
         meta = job_provenance(running_path())
         meta.update(
             written_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            detectors=sorted(names.get(c, str(c)) for c in self._detectors),
+            detectors=sorted(DETECTOR_NAMES.get(c, str(c)) for c in self._detectors),
             events_written=self.events_written_run,
             job={k: s.get(k) for k in ("received", "processed", "rejected", "rejected_by_reason", "discarded",
                                        "discarded_by_reason", "errors")})

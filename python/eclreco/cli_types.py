@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 
 from eclreco import _core
 
@@ -72,10 +71,3 @@ def add_cluster_columns_argument(ap, who: str) -> None:
     ap.add_argument("--cluster-columns", type=name_list, default=list(DEFAULT_CLUSTER_COLUMNS),
                     help=f"{who}ECLClusters columns written as cluster_<column> branches (comma-separated; default: "
                          f"{','.join(DEFAULT_CLUSTER_COLUMNS)}; e.g. add lat,second_moment,n_maxima)")
-
-
-def missing_folder(path: str) -> str:
-    """The folder of an output file when it does not exist ('' when it does): a misspelt one is an
-    error at the command line, not a new directory tree (RootOutput makes none either)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    return "" if os.path.isdir(folder) else folder

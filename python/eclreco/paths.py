@@ -1,4 +1,5 @@
-"""Files of the source tree (steering files) and beside it (../shared), found from an installed package."""
+"""Files of the source tree (steering files) and beside it (../shared), found from an installed package;
+the folder check of output files."""
 from __future__ import annotations
 
 import os
@@ -18,3 +19,11 @@ def find_beside_package(relative: str) -> str | None:
         if os.path.exists(cand):
             return cand
     return None
+
+
+def missing_folder(path: str) -> str:
+    """The folder of an output file when it does not exist ('' when it does): a misspelt one is an
+    error (RootOutput's at initialize, reco.py's and hlt run's at the command line), not a new
+    directory tree."""
+    folder = os.path.dirname(os.path.abspath(path))
+    return "" if os.path.isdir(folder) else folder

@@ -24,6 +24,7 @@ from eclreco import _core
 
 FORMAT_VERSION = 1
 DETECTORS = {"belle2-ecl": 0, "array30": 1}  # EventBatch.detector codes (ecl::Detector in cpp/ecl/geometry.hpp)
+DETECTOR_NAMES = {code: name for name, code in DETECTORS.items()}
 N_CELLS = {"belle2-ecl": 8736, "array30": 900}
 TICK_NS = 0.4913
 ADC_PER_GEV = 20000.0
