@@ -19,7 +19,8 @@ import sys
 
 import eclreco
 from eclreco.cli_types import (BATCH_SIZE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, THREADS,
-                               add_cluster_columns_argument, integer, missing_folder)
+                               add_cluster_columns_argument, integer)
+from eclreco.paths import missing_folder
 from eclreco.reconstruction import (add_event_filter, add_event_filter_arguments, add_reconstruction,
                                    event_filter_option_unused)
 
@@ -83,8 +84,8 @@ def parse_args(argv=None):
                      f"for {why}")
     if args.cluster_columns != ap.get_default("cluster_columns") and not args.output:
         ap.error("--cluster-columns chooses the branches of the -o file: there is no -o")
-    if event_filter_option_unused(args):
-        ap.error(event_filter_option_unused(args))
+    if unused := event_filter_option_unused(args):
+        ap.error(unused)
     if args.events is None:
         args.events = 20000
     if args.particle is None:
@@ -168,17 +169,15 @@ def main(argv=None) -> int:
         sys.stdout.flush()
         signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
-    failure = eclreco.job_failure(s)
-    if failure.startswith("every event failed"):
-        first = (eclreco.statistics.state.error_messages() or ["?"])[0]
-        print(f"reco.py: error: {failure}, e.g. {first}", file=sys.stderr, flush=True)
-        return 1
     if not s["received"] and args.input and not stream:
         print(f"reco.py: warning: {args.input} holds no events"
               + (f"; {args.output} has an empty tree and empty dqm/ histograms" if args.output else ""),
               file=sys.stderr, flush=True)
-    if failure:  # every event rejected: not raw data of this format, or no conditions for its runs
-        print(f"reco.py: error: {failure}", file=sys.stderr, flush=True)
+    # every event rejected (not raw data of this format, no conditions for its runs), or every event
+    # failed in a module (a misconfigured chain: its first message)
+    if failure := eclreco.job_failure(s):
+        first = eclreco.statistics.state.error_messages() if s["processed"] else []
+        print(f"reco.py: error: {failure}" + (f", e.g. {first[0]}" if first else ""), file=sys.stderr, flush=True)
         return 1
     return 0
 

@@ -142,7 +142,6 @@ def _to_th1d(h, run_label: str = ""):
 
     if isinstance(h, Histogram1D):
         counts, edges, labels, xlabel = h.counts, h.edges, None, h.xlabel
-        sumwx, sumwx2 = (float(m) for m in h.moments)
     else:
         names = sorted(h.counts) or ["(none)"]  # ROOT has no axis without bins
         counts = np.array([0.0] + [h.counts.get(k, 0.0) for k in names] + [0.0])
@@ -151,11 +150,13 @@ def _to_th1d(h, run_label: str = ""):
         for i, label in enumerate(labels):
             label._bases[0]._members["@fUniqueID"] = i + 1  # the bin number, as TAxis::SetBinLabel sets it
         xlabel = ""
-        inner = np.asarray(counts[1:-1], np.float64)
-        centers = 0.5 * (edges[:-1] + edges[1:])  # a label's bin: its centre is the value
-        sumwx, sumwx2 = float((inner * centers).sum()), float((inner * centers**2).sum())
     counts = np.asarray(counts, np.float64)
     inner = counts[1:-1]
+    if isinstance(h, Histogram1D):
+        sumwx, sumwx2 = (float(m) for m in h.moments)
+    else:  # a label's bin: its centre is the value
+        centers = 0.5 * (edges[:-1] + edges[1:])
+        sumwx, sumwx2 = float((inner * centers).sum()), float((inner * centers**2).sum())
     # ROOT's statistics (GetMean, GetStdDev) are of the in-range fills, from the values themselves;
     # entries count every fill; unweighted fills: the sum of squared weights per bin (fSumw2) is the count
     axis = to_TAxis("xaxis", xlabel, len(edges) - 1, float(edges[0]), float(edges[-1]), fLabels=labels)

@@ -359,11 +359,11 @@ def main(args) -> int:
                 check_address(address)
             except ValueError as err:  # before any role starts (the distributor's error, then a second line)
                 raise SystemExit(f"eclreco hlt run: {option}: {err}") from None
-    from eclreco.cli_types import missing_folder
+    from eclreco.paths import missing_folder
     from eclreco.reconstruction import event_filter_option_unused
 
-    if event_filter_option_unused(args):
-        raise SystemExit(f"eclreco hlt run: {event_filter_option_unused(args)}")
+    if unused := event_filter_option_unused(args):
+        raise SystemExit(f"eclreco hlt run: {unused}")
     folder = "" if args.output.startswith("tcp://") else missing_folder(args.output)
     if folder:
         raise SystemExit(f"eclreco hlt run: --output {args.output!r}: no directory {folder!r}")
@@ -371,9 +371,8 @@ def main(args) -> int:
         if args.workers > 1 and "{worker}" not in args.rejected and "{pid}" not in args.rejected:
             raise SystemExit(f"eclreco hlt run: --rejected {args.rejected!r}: {args.workers} workers would write "
                              "one file; put {worker} (their index) or {pid} in its name")
-        if missing_folder(args.rejected):
-            raise SystemExit(f"eclreco hlt run: --rejected {args.rejected!r}: no directory "
-                             f"{missing_folder(args.rejected)!r}")
+        if folder := missing_folder(args.rejected):
+            raise SystemExit(f"eclreco hlt run: --rejected {args.rejected!r}: no directory {folder!r}")
     if conditions_without_unpacker(args.modules, args.conditions):
         raise SystemExit("eclreco hlt run: --conditions is ECLUnpacker's conditions file: the workers' chain "
                          f"({args.modules}) has no ECLUnpacker")
