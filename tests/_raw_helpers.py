@@ -27,6 +27,16 @@ def random_digits(rng, detector, n_events, max_digits=300):
     }
 
 
+def two_digit_events(n, run=1, amplitude=5000):
+    """n array30 envelopes (exp 0, evt 0..n-1) of two in-time digits each, cells 100 and 101: a cluster
+    per event."""
+    offsets = np.arange(n + 1) * 2
+    cells = np.tile([100, 101], n)
+    zeros = np.zeros(cells.size, np.int64)
+    return rawdata.encode_events("array30", 0, run, np.arange(n), offsets, cells, np.full(cells.size, amplitude),
+                                 zeros, zeros)
+
+
 def n_out_of_time(time, quality):
     """Digits with a valid time (quality 0) outside +-125 ns: ECLEventInformation.n_out_of_time_digits."""
     return int(np.count_nonzero((np.asarray(quality) == 0) & (np.abs(time) > 125.0)))

@@ -1,7 +1,22 @@
 """Small modules shared by the tests."""
+import contextlib
+import sys
+
 import numpy as np
 
 import eclreco
+
+
+@contextlib.contextmanager
+def forced_thread_switches(interval_s=1e-6):
+    """Python threads switch every `interval_s` (5 ms by default): a race on module state shows
+    in nearly every run instead of now and then."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(interval_s)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
 
 
 class CountingSource(eclreco.Module):

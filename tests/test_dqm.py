@@ -228,15 +228,12 @@ def test_dqm_counts_rejections_before_the_first_run_and_without_any(tmp_path, n_
     the shifter needs to see."""
     import msgpack
 
-    from eclreco.rawdata import encode_events, write_raw_file
+    from _raw_helpers import two_digit_events
+    from eclreco.rawdata import write_raw_file
 
     raw = tmp_path / "in.msgpack"
     garbage = [msgpack.packb({"x": i}) for i in range(n_garbage)]
-    offsets = np.arange(n_good + 1) * 2
-    cells = np.tile([100, 101], n_good)
-    good = encode_events("array30", 0, 1, np.arange(n_good), offsets, cells, np.full(cells.size, 5000),
-                         np.zeros(cells.size, np.int64), np.zeros(cells.size, np.int64)) if n_good else []
-    write_raw_file(raw, garbage + good)
+    write_raw_file(raw, garbage + (two_digit_events(n_good) if n_good else []))
     out = tmp_path / "out.root"
     path = eclreco.create_path()
     path.add_module("RawFileInput", filename=str(raw))
@@ -262,15 +259,10 @@ def test_a_file_of_several_runs_has_its_dqm_drawn_per_run(tmp_path, capsys):
     last cycle (run 2), and nothing said which run a histogram was; titles now end with the run and
     every cycle is drawn. Its errors go to stderr (they went to stdout)."""
     from eclreco.cli import main
-    from eclreco.rawdata import encode_events, write_raw_file
+    from _raw_helpers import two_digit_events
+    from eclreco.rawdata import write_raw_file
 
-    def events(run, n):
-        offsets = np.arange(n + 1) * 2
-        cells = np.tile([100, 101], n)
-        return encode_events("array30", 0, run, np.arange(n), offsets, cells, np.full(cells.size, 5000),
-                             np.zeros(cells.size, np.int64), np.zeros(cells.size, np.int64))
-
-    write_raw_file(tmp_path / "in.msgpack", events(1, 10) + events(2, 15))
+    write_raw_file(tmp_path / "in.msgpack", two_digit_events(10, run=1) + two_digit_events(15, run=2))
     path = eclreco.create_path()
     path.add_module("RawFileInput", filename=str(tmp_path / "in.msgpack"))
     path.add_module("ECLUnpacker")
@@ -295,10 +287,10 @@ def test_a_file_of_several_runs_has_its_dqm_drawn_per_run(tmp_path, capsys):
 def test_category_counts_filled_from_two_threads_are_exact():
     """ECLDQM runs on two batches at once with threads > 1; the rejection counts' get-then-set lost
     fills (339,910 of 400,000 with forced thread switches)."""
-    import sys
     import threading
 
     from eclreco.dqm import CategoryHistogram
+    from helpers import forced_thread_switches
 
     h = CategoryHistogram("r", "r")
 
@@ -306,14 +298,10 @@ def test_category_counts_filled_from_two_threads_are_exact():
         for _ in range(50000):
             h.fill_counts({"a": 1})
 
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
+    with forced_thread_switches():
         threads = [threading.Thread(target=fill) for _ in range(2)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-    finally:
-        sys.setswitchinterval(old)
     assert h.counts == {"a": 100000}

@@ -1,12 +1,12 @@
 """The README's code examples run as printed, and give the right answer with threads > 1."""
 import os
 import re
-import sys
 
 import numpy as np
 
 import eclreco
 from eclreco.sources import ArraySource
+from helpers import forced_thread_switches
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
@@ -27,14 +27,10 @@ def test_high_energy_count_counts_every_cluster_with_two_threads():
     n_events = 20000
     offsets = np.arange(n_events + 1) * 3
     energy = np.tile(np.array([0.5, 1.5, 2.5], np.float32), n_events)
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
+    with forced_thread_switches():
         module = namespace["HighEnergyCount"]()
         path = eclreco.create_path()
         path.add_module(ArraySource("ECLClusters", offsets, {"energy": energy}))
         path.add_module(module)
         eclreco.process(path, threads=2, batch_size=1, install_signal_handlers=False)
-    finally:
-        sys.setswitchinterval(old)
     assert module.n == 2 * n_events

@@ -291,14 +291,11 @@ def test_the_file_records_what_made_it_and_the_jobs_counts(tmp_path):
 
     import msgpack
 
-    from eclreco.rawdata import encode_events, write_raw_file
+    from _raw_helpers import two_digit_events
+    from eclreco.rawdata import write_raw_file
 
     n = 30
-    offsets = np.arange(n + 1) * 2
-    cells = np.tile([100, 101], n)
-    good = encode_events("array30", 0, 1, np.arange(n), offsets, cells, np.full(cells.size, 50000),
-                         np.zeros(cells.size, np.int64), np.zeros(cells.size, np.int64))
-    write_raw_file(tmp_path / "in.msgpack", [msgpack.packb(1)] + good)
+    write_raw_file(tmp_path / "in.msgpack", [msgpack.packb(1)] + two_digit_events(n, amplitude=50000))
     model = os.path.join(os.path.dirname(eclreco.__file__), "models", "array30.onnx")
     path = eclreco.create_path()
     path.add_module("RawFileInput", filename=str(tmp_path / "in.msgpack"))
