@@ -10,6 +10,9 @@ import numpy as np
 from eclreco import Module, _core
 from eclreco.paths import missing_folder
 
+# The event branches in the tree's order; n_digits and n_out_of_time_digits where the chain makes them
+EVENT_BRANCHES = ("exp", "run", "evt", "time_ns", "n_digits", "n_out_of_time_digits", "error_flags")
+
 # ECLClusters columns written by default, as branches cluster_<column> (the cluster_columns parameter)
 DEFAULT_CLUSTER_COLUMNS = ("energy_raw", "energy", "theta", "phi", "x", "y", "z", "time", "n_crystals", "seed_cell",
                            "e1e9", "e9e21")
@@ -31,7 +34,8 @@ def compression_of(spec: str):
 class RootOutput(Module):
     """Writes events (metadata, digit counts, clusters) to a ROOT TTree `events` via uproot.
 
-    Event branches: exp, run (uint64), evt, error_flags (uint32), n_digits (ECLDigits), n_out_of_time_digits
+    Event branches: exp, run (uint64), evt, error_flags (uint32), time_ns (int64: the envelope's trigger
+    time, ns since the Unix epoch; 0 when the envelope had none), n_digits (ECLDigits), n_out_of_time_digits
     (ECLEventInformation: digits with |t| > 125 ns, the beam-background level), and the clusters
     as cluster_<column> with the counter ncluster (the columns of cluster_columns; one value per
     cluster each).
@@ -142,6 +146,7 @@ class RootOutput(Module):
             "exp": batch.exp[keep].astype(np.uint64),  # 64 bits: the wire format bounds only evt
             "run": batch.run[keep].astype(np.uint64),
             "evt": batch.evt[keep].astype(np.uint32),
+            "time_ns": batch.time_ns[keep].astype(np.int64, copy=False),  # the envelope's trigger time, 0 if absent
             "error_flags": batch.error_flags[keep].astype(np.uint32),
         }
         if "ECLDigits" in batch:
@@ -237,8 +242,7 @@ class RootOutput(Module):
         # one (ECLClusters missing where the clusterizer failed on all its events, say) gets zeros
         # / empty cluster lists: dropping the branch for the basket made the tree inconsistent.
         if self._schema is None:
-            ev = {k: p[k].dtype for k in ("exp", "run", "evt", "n_digits", "n_out_of_time_digits", "error_flags")
-                  for p in parts if k in p}
+            ev = {k: p[k].dtype for k in EVENT_BRANCHES for p in parts if k in p}
             cl = next(({n: a.dtype for n, a in p["_cluster_cols"].items()} for p in parts if "_cluster_cols" in p), None)
             self._schema = (ev, cl)
         ev_types, cl_types = self._schema

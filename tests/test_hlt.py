@@ -157,6 +157,9 @@ def test_farm_exactly_once_stop_start_terminate(farm_factory, tmp_path):
     eclreco.process(path, install_signal_handlers=False)
     with uproot.open(farm.output) as f, uproot.open(tmp_path / "single.root") as g:
         assert sorted(f["events"].keys()) == sorted(g["events"].keys()) and "n_out_of_time_digits" in f["events"]
+        # the envelopes' trigger times travel through the farm with their events
+        t = f["events"].arrays(["evt", "time_ns"], library="np")
+        np.testing.assert_array_equal(t["time_ns"], 1_700_000_000_000_000_000 + t["evt"].astype(np.int64))
         assert sorted(f["dqm"].keys()) == sorted(g["dqm"].keys())
         for name in ("digits_per_event", "out_of_time_digits"):
             np.testing.assert_array_equal(f[f"dqm/{name}"].values(), g[f"dqm/{name}"].values())

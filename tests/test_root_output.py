@@ -224,6 +224,32 @@ def test_background_measure_written_and_histogrammed(tmp_path):
     np.testing.assert_array_equal(counts, np.histogram(want, bins=edges)[0])
 
 
+def test_the_trigger_time_is_written_and_0_where_the_envelope_had_none(tmp_path):
+    """The wire format's optional time_ns reaches the file as the event branch time_ns (it was read
+    and carried to the collector, but written nowhere)."""
+    from _raw_helpers import MessageSource, random_digits
+    from eclreco import rawdata
+
+    rng = np.random.default_rng(5)
+    d = random_digits(rng, "belle2-ecl", 40)
+    times = 1_764_000_000_000_000_000 + rng.integers(0, 10**9, 40)
+    msgs = rawdata.encode_events("belle2-ecl", 0, 1, np.arange(40), **d, time_ns=times)
+    msgs[10:20] = rawdata.encode_events("belle2-ecl", 0, 1, np.arange(10, 20),
+                                        **{k: v for k, v in random_digits(rng, "belle2-ecl", 10).items()})
+    out = tmp_path / "t.root"
+    path = eclreco.create_path()
+    path.add_module(MessageSource(msgs))
+    path.add_module("ECLUnpacker")
+    path.add_module("RootOutput", filename=str(out))
+    eclreco.process(path, batch_size=16, threads=2)
+    want = times.copy()
+    want[10:20] = 0
+    with uproot.open(out) as f:
+        got = f["events"].arrays(["evt", "time_ns"], library="np")
+    assert got["time_ns"].dtype == np.int64 and got["evt"].tolist() == list(range(40))
+    np.testing.assert_array_equal(got["time_ns"], want)
+
+
 def test_a_batch_without_clusters_keeps_the_basket_consistent(tmp_path):
     """A batch whose events all failed before clustering has no ECLClusters: its events get empty
     cluster lists (the whole basket lost its cluster branches, or the tree became unwritable)."""
