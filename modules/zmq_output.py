@@ -1,6 +1,8 @@
 """ZMQOutput: reconstructed events downstream over ZeroMQ, one MessagePack message per batch."""
 from __future__ import annotations
 
+import os
+import socket
 import time
 
 from eclreco import Module, _core
@@ -14,7 +16,10 @@ class ZMQOutput(Module):
     The message (docs/deployment.md, "batch message") holds the metadata columns exp, run, evt,
     error_flags, time_ns, detector, the per-event counts and the columns of `collections`
     (default ECLClusters), counts only of `count_collections` (default ECLDigits), the rejection
-    reasons, discards and module errors and, inside the HLT, the distributor's sequence ids. The
+    reasons, discards and module errors and, inside the HLT, the distributor's sequence ids. Every
+    message names its producer (host, pid); the first one of a run, and one every
+    `provenance_interval_s`, also carry the producer's provenance (its path with every parameter
+    and the CNN's model files: what the HLT collector records in its file's metadata). The
     events an event filter discarded go with their metadata and reason but without their rows in
     `strip_discarded` (default ECLClusters). Arrays are raw little-endian
     bytes with dtype and shape. Sending blocks while the receiver is slow (high-water mark), so
@@ -34,6 +39,8 @@ class ZMQOutput(Module):
                        type="list[str]")
         self.add_param("sndhwm", 100, "send high-water mark, in batch messages")
         self.add_param("stop_timeout_s", 10.0, "after a stop request, give up sending after this long")
+        self.add_param("provenance_interval_s", 10.0, "resend the provenance (this process's path) this often, so that "
+                       "a receiver started later learns it too (it is always in the first message of a run)")
         declare_curve_params(self, "worker", "collector")
         self._sock = None
         self.batches_sent = self.events_sent = self.bytes_sent = self.batches_dropped = 0
@@ -51,14 +58,33 @@ class ZMQOutput(Module):
         apply_curve_params(self, s)
         attach(s, self.param("address"), bind=self.param("bind"))
         self._sock = s
+        self._producer = {"host": socket.gethostname(), "pid": os.getpid()}
+        self._provenance = None  # made at the first event: every module of the path has initialized by then
+        self._provenance_due = 0.0
+
+    def begin_run(self, exp, run):
+        self._provenance_due = 0.0
 
     def event(self, batch):
         from eclreco.hlt.protocol import batch_to_message, pack
 
         columns = self.param("columns")
-        data = pack(batch_to_message(batch, collections=self.param("collections"),
-                                     count_collections=self.param("count_collections"), columns=columns,
-                                     strip_discarded=self.param("strip_discarded")))
+        msg = batch_to_message(batch, collections=self.param("collections"),
+                               count_collections=self.param("count_collections"), columns=columns,
+                               strip_discarded=self.param("strip_discarded"))
+        msg["producer"] = self._producer
+        now = time.monotonic()
+        if now >= self._provenance_due:
+            if self._provenance is None:
+                import json
+
+                from eclreco.framework import job_provenance, running_path
+
+                # JSON text: a parameter value msgpack cannot pack must not fail the events
+                self._provenance = json.dumps(job_provenance(running_path()), default=str)
+            msg["provenance"] = self._provenance
+            self._provenance_due = now + self.param("provenance_interval_s")
+        data = pack(msg)
         zmq = self._zmq
         stop_since = None
         while True:

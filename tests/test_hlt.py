@@ -1,4 +1,5 @@
 """The HLT farm as real processes: `eclreco hlt run` fed over ZeroMQ, read back with uproot."""
+import hashlib
 import json
 import os
 import shutil
@@ -237,6 +238,7 @@ def test_farm_full_chain_matches_single_process(farm_factory, tmp_path, chain):
     import argparse
 
     from eclreco.bench import make_raw_file
+    from eclreco.modules.ecl_energy_correction import shipped_model
     from eclreco.rawdata import read_raw_file
     from eclreco.reconstruction import add_event_filter, add_event_filter_arguments, add_reconstruction
 
@@ -302,6 +304,23 @@ def test_farm_full_chain_matches_single_process(farm_factory, tmp_path, chain):
         for name in hists:
             np.testing.assert_allclose(f["dqm"][name].values(), g["dqm"][name].values(), rtol=1e-6, err_msg=name)
         assert g["dqm/gg_mass"].values().sum() > 0
+        # The file names the workers' chain and model, not only the collector's path (it did not)
+        meta = json.loads(str(f["metadata"]))
+    collector_entry = next(m for m in meta["path"] if m["module"] == "HLTCollectorInput")
+    workers = collector_entry["workers"]
+    assert sum(w["events"] for w in workers) == n and all(w["events"] > 0 for w in workers)
+    assert {w["pid"] for w in workers} <= {p["pid"] for p in farm.status()["processes"] if p["role"] == "worker"}
+    for w in workers:
+        chain_modules = [m["module"] for m in w["path"]]
+        assert chain_modules[:2] == ["HLTWorkerInput", "ECLUnpacker"] and chain_modules[-1] == "ZMQOutput"
+        assert ("ECLEnergyCorrection" in chain_modules) == cnn and ("ECLEventFilter" in chain_modules) == (
+            chain == "filter")
+        if cnn:
+            models = next(m for m in w["path"] if m["module"] == "ECLEnergyCorrection")["models"]
+            used = model or shipped_model("belle2-ecl")
+            with open(used, "rb") as fh:  # --model: the one model ("*"); else one per detector
+                assert models["*" if model else "belle2-ecl"] == {"path": used,
+                                                                  "sha256": hashlib.sha256(fh.read()).hexdigest()}
     farm.command("terminate")
     rc, log = farm.wait_exit()
     assert rc == 0, log
@@ -627,6 +646,23 @@ def test_free_ports_are_not_handed_out_twice(monkeypatch):
     assert farm.collector_addr not in (args.input, args.control, farm.workers_addr)
 
 
+def test_a_batch_message_names_its_producer_or_is_refused():
+    """producer and provenance are optional (a foreign producer may omit them); present, they must be
+    {host: str, pid: int} and a JSON string, else the message is a bad one, not a crash later."""
+    from eclreco.hlt import protocol as P
+
+    b = eclreco.EventBatch(2)
+    msg = P.batch_to_message(b)
+    d = P.DecodedBatch(P.unpack(P.pack(msg)))
+    assert d.producer is None and d.provenance is None
+    d = P.DecodedBatch(P.unpack(P.pack({**msg, "producer": {"host": "hlt07", "pid": 4242}, "provenance": "{}"})))
+    assert d.producer == ("hlt07", 4242) and d.provenance == "{}"
+    for bad in ({"producer": {"host": "hlt07"}}, {"producer": ["hlt07", 1]}, {"producer": {"host": 1, "pid": 2}},
+                {"provenance": {"path": []}}):
+        with pytest.raises(ValueError, match="producer|provenance"):
+            P.DecodedBatch(P.unpack(P.pack({**msg, **bad})))
+
+
 def test_collector_keys_of_64_bit_exp_and_run_are_unique():
     """exp and run are 64 bits (the spec bounds only evt): the collector's duplicate keys must
     keep every (exp, run, evt) apart, at the bounds too (run << 32 made run 2^32 of exp 0 collide
@@ -772,14 +808,21 @@ def test_farm_forwards_results_onward_over_zeromq(farm_factory):
         push_events(farm.input, range(n))
         farm.wait_confirmed(n)
         assert farm.command("stop")["collector"]["events_written"] == n
-        evts, n_clusters = [], 0
+        evts, n_clusters, provenance = [], 0, []
+        collector_pid = farm.process("collector")["pid"]
         while pull.poll(2000):
             b = P.DecodedBatch(P.unpack(pull.recv()))
+            assert b.producer[1] == collector_pid  # every message says who sent it
+            if b.provenance is not None:
+                provenance.append(json.loads(b.provenance))
             evts += b.meta["evt"].tolist()
             counts, cols = b.collections["ECLClusters"]
             assert {"energy", "energy_raw", "seed_cell"} <= set(cols)
             n_clusters += int(counts.sum())
         assert sorted(evts) == list(range(n)) and n_clusters > 0
+        # the first message of the run carries the sender's path (the collector's, which names its workers)
+        assert provenance and [m["module"] for m in provenance[0]["path"]][:2] == ["HLTCollectorInput", "ZMQOutput"]
+        assert provenance[0]["path"][0]["workers"][0]["path"][-1]["module"] == "ZMQOutput"
         farm.command("terminate")
         rc, log = farm.wait_exit()
         assert rc == 0, log

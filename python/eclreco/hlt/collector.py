@@ -260,6 +260,7 @@ class HLTCollectorInput(Module):
         self.link = link
         self.output = None  # the RootOutput of the path, set by main (None: results go on with ZMQOutput)
         self._unconfirmed = np.zeros(0, "<u8")
+        self._producers = {}
 
     def is_source(self):
         return True
@@ -272,6 +273,7 @@ class HLTCollectorInput(Module):
         self.link.state = "ready"
         self.link.first_upstream_error = ""  # of the run: a worker's module error message
         self._unconfirmed = np.zeros(0, "<u8")
+        self._producers = {}  # (host, pid) or None -> [events taken, provenance JSON or None], of the run
 
     def begin_run(self, exp, run):
         self.link.state = "running"
@@ -340,10 +342,36 @@ class HLTCollectorInput(Module):
             keep[cand[~link.keys.add_new(keys)]] = False
             link.duplicates += int(m.n - keep.sum())
             keeps.append(keep)
+            producer = self._producers.setdefault(m.producer, [0, None])
+            producer[0] += int(keep.sum())
+            if m.provenance is not None:
+                producer[1] = m.provenance
         P.fill_batch(batch, msgs, keeps)
         if seqs_all:
             self._unconfirmed = np.concatenate(seqs_all)
         return True
+
+    def provenance(self) -> dict:
+        """The producers of this run's events, for the output file's metadata: each worker's host, pid,
+        events taken from it (rejected ones included, duplicates not) and its path with every
+        parameter and the CNN's model files (the collector's own path only reads and writes)."""
+        import json
+
+        workers = []
+        for key, (events, prov) in sorted(self._producers.items(), key=lambda kv: (kv[0] is None, kv[0] or ("", 0))):
+            entry = {"host": key[0] if key else None, "pid": key[1] if key else None, "events": events}
+            if prov is None:
+                entry["path"] = None  # a producer that sends no provenance, or none received in this run
+            else:
+                try:
+                    d = json.loads(prov)
+                except ValueError:
+                    d = {"provenance_text": prov}
+                if isinstance(d, dict):
+                    d.pop("host", None)
+                    entry.update(d)
+            workers.append(entry)
+        return {"workers": workers}
 
     def terminate(self):
         self._confirm_previous()

@@ -145,6 +145,15 @@ class DecodedBatch:
         self.discards = {int(i): r for i, r in msg.get("discards", [])}
         self.collections = {name: (decode_array(c["counts"]), {k: decode_array(v) for k, v in c["columns"].items()})
                             for name, c in msg.get("collections", {}).items()}
+        # who sent it (ZMQOutput: host and pid in every message, its path as JSON now and then)
+        producer = msg.get("producer")
+        if producer is not None and not (isinstance(producer, dict) and isinstance(producer.get("host"), str)
+                                         and isinstance(producer.get("pid"), int)):
+            raise ValueError("batch message: producer must be {host: str, pid: int}")
+        self.producer = None if producer is None else (producer["host"], producer["pid"])
+        self.provenance = msg.get("provenance")
+        if self.provenance is not None and not isinstance(self.provenance, str):
+            raise ValueError("batch message: provenance must be a string (JSON)")
         # consistent before anything is built from it (a stray or damaged message must not crash
         # the collector, nor put rows under the wrong events)
         n = self.n
