@@ -366,6 +366,32 @@ def test_stop_without_a_live_collector_says_so(tmp_path, roles, capsys):
     assert "warning: no live collector" in capsys.readouterr().err
 
 
+def test_the_stop_time_out_is_an_option(tmp_path, roles, capsys):
+    """Events sent after the collector died are never confirmed: the stop waits for a replacement
+    collector up to the distributor's --stop-timeout (fixed at 120 s before), then counts them as
+    lost_at_stop and `hlt control stop` exits 1."""
+    from eclreco import cli
+
+    roles.distributor("--heartbeat-timeout", "1", "--stop-timeout", "4")
+    c = roles.collector(tmp_path / "a.root", "a.log", "--flush-interval", "0.05")
+    roles.worker()
+    roles.wait_up()
+    push_events(roles.inp, range(300))
+    t0 = time.monotonic()
+    while (d := roles.dist())["confirmed"] < 300 or d["unsaved"]:
+        assert time.monotonic() - t0 < 60, d
+        time.sleep(0.1)
+    c.kill()
+    c.wait()
+    push_events(roles.inp, range(300, 400))
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    assert cli.main(["hlt", "control", "stop", "--control", roles.ctl, "--timeout", "60"]) == 1
+    took = time.monotonic() - t0
+    out = capsys.readouterr().out
+    assert 2.5 < took < 30 and '"lost_at_stop": 100' in out, (took, out)
+
+
 def test_a_collector_stopped_between_runs_exits_cleanly(tmp_path, roles):
     """SIGTERM to a collector waiting for the next run (a service stop after `hlt control stop`): it ends
     with exit 0 (it was killed by the signal: the default action outside a run)."""

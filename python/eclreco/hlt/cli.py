@@ -45,7 +45,11 @@ def add_distributor_arguments(p, local_farm: bool = False):
     p.add_argument("--input-hwm", type=NON_NEGATIVE_INT, default=1000,
                    help="high-water mark of the input socket (0: no limit)")
     p.add_argument("--stop-drain", type=NON_NEGATIVE, default=0.5,
-                   help="at stop, keep reading the input until it is quiet for S s")
+                   help="at stop, keep reading the input until it is quiet for S s (at most half of --stop-timeout)")
+    p.add_argument("--stop-timeout", type=POSITIVE, default=120.0,
+                   help="a stop gives up the events still held after S s and counts them as lost_at_stop (a dead "
+                        "collector with events not yet in its file: the time a replacement has to take them); "
+                        "`hlt control stop` waits --timeout (180 s) for the answer")
     p.add_argument("--cycle-ms", type=NON_NEGATIVE, default=0.5,
                    help="under load, at most one read/dispatch cycle per CYCLE ms (fewer wake-ups; 0: none)")
     p.add_argument("--max-message-bytes", type=NON_NEGATIVE_INT, default=1 << 20,

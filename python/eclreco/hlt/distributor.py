@@ -798,6 +798,7 @@ def main(args) -> int:
     d = Distributor(args.input, args.workers_addr, args.control, queue_size=args.queue_size,
                     max_held=args.max_held, chunk=args.chunk, heartbeat_timeout_s=args.heartbeat_timeout,
                     drop_when_busy=args.drop_when_busy, input_hwm=args.input_hwm, stop_drain_s=args.stop_drain,
+                    stop_timeout_s=args.stop_timeout,
                     input_bind=not args.input_connect, curve=Curve.from_args(args, "distributor"),
                     max_message_bytes=args.max_message_bytes, refuse_message_bytes=args.refuse_message_bytes,
                     cycle_s=args.cycle_ms * 1e-3)

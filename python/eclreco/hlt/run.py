@@ -128,6 +128,7 @@ class Farm:
                           a.control, "--queue-size", str(a.queue_size), "--max-held", str(a.max_held),
                           "--chunk", str(a.chunk), "--heartbeat-timeout", str(a.heartbeat_timeout),
                           "--input-hwm", str(a.input_hwm), "--stop-drain", str(a.stop_drain),
+                          "--stop-timeout", str(a.stop_timeout),
                           "--metrics-port", str(self.mport(0)), "--metrics-host", a.metrics_host,
                           "--max-message-bytes", str(a.max_message_bytes),
                           "--refuse-message-bytes", str(a.refuse_message_bytes), "--cycle-ms", str(a.cycle_ms),
