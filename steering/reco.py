@@ -4,7 +4,7 @@ ECLEnergyCorrection (CNN) -> ECLDQM -> RootOutput.
 
 With no arguments it runs on the embedded default: simulated belle2-ecl generic events at
 nominal beam background. With -i it reads a raw file (.msgpack, spec/wire-format.md) or, for a
-tcp:// address, a ZeroMQ stream.
+tcp:// or ipc:// address, a ZeroMQ stream.
 
     python steering/reco.py                              # embedded default
     python steering/reco.py -i raw.msgpack -o reco.root  # a raw file
@@ -21,6 +21,7 @@ import eclreco
 from eclreco.cli_types import (BATCH_SIZE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, THREADS,
                                add_cluster_columns_argument, integer)
 from eclreco.paths import missing_folder
+from eclreco.raw_sockets import is_stream_address
 from eclreco.reconstruction import (add_event_filter, add_event_filter_arguments, add_reconstruction,
                                    event_filter_option_unused)
 
@@ -28,7 +29,8 @@ from eclreco.reconstruction import (add_event_filter, add_event_filter_arguments
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", "--max-events", type=NON_NEGATIVE_INT, default=0, help="stop after N events (0: all)")
-    ap.add_argument("-i", "--input", help="raw file (.msgpack) or tcp:// address; default: simulation")
+    ap.add_argument("-i", "--input", help="raw file (.msgpack) or ZeroMQ address (tcp://HOST:PORT, ipc://PATH); "
+                    "default: simulation")
     ap.add_argument("-o", "--output", help="output ROOT file")
     add_cluster_columns_argument(ap, "-o: ")
     ap.add_argument("--threads", type=THREADS, default=min(2, os.cpu_count() or 1), help="processing threads")
@@ -45,7 +47,7 @@ def parse_args(argv=None):
                      help="beam-background level (1 = nominal); default: 1 for belle2-ecl, 0 for array30 (the "
                           "test-beam array, whose model was trained without background)")
     sim.add_argument("--seed", type=int, default=1)
-    stream = ap.add_argument_group("ZeroMQ input (-i tcp://...)")
+    stream = ap.add_argument_group("ZeroMQ input (-i tcp://... or ipc://...)")
     stream.add_argument("--connect", action="store_true", help="connect to the address instead of binding")
     stream.add_argument("--idle-timeout", type=float, default=0.0,
                         help="end the run S seconds after the last message (0: never)")
@@ -75,9 +77,9 @@ def parse_args(argv=None):
     if args.input and args.events is not None:
         ap.error("--events sets how many events to simulate; to stop after N events of --input use -n N")
     # an option of a part the job does not run is a mistake to point out, not to ignore
-    stream_input = (args.input or "").startswith("tcp://")
+    args.stream = is_stream_address(args.input)
     for group, applies, why in ((sim, not args.input, "the embedded simulation, which --input replaces"),
-                                (stream, stream_input, "a ZeroMQ input (-i tcp://...)")):
+                                (stream, args.stream, "a ZeroMQ input (-i tcp://... or ipc://...)")):
         changed = [a.option_strings[-1] for a in group._group_actions if getattr(args, a.dest) != a.default]
         if changed and not applies:
             ap.error(f"{', '.join(changed)}: {'this option is' if len(changed) == 1 else 'these options are'} "
@@ -96,8 +98,8 @@ def parse_args(argv=None):
         ap.error("--model is the CNN's model: it does nothing with --no-cnn")
     if args.conditions and not os.path.isfile(args.conditions):
         ap.error(f"--conditions {args.conditions!r} is not a file")
-    if args.input and not stream_input and not os.path.isfile(args.input):
-        ap.error(f"-i {args.input!r} is not a file (a raw file, or a tcp:// address)")
+    if args.input and not args.stream and not os.path.isfile(args.input):
+        ap.error(f"-i {args.input!r} is not a file (a raw file, or a tcp:// or ipc:// address)")
     for option, name in (("-o", args.output), ("--rejected", args.rejected)):
         folder = missing_folder(name) if name else ""
         if folder:
@@ -110,7 +112,7 @@ def build_path(args) -> eclreco.Path:
     if not args.input:
         path.add_module("SimulationInput", events=args.events, detector=args.detector, particle=args.particle,
                         energy=args.energy, background=args.background, seed=args.seed)
-    elif args.input.startswith("tcp://"):
+    elif args.stream:
         path.add_module("ZMQInput", address=args.input, bind=not args.connect, idle_timeout_s=args.idle_timeout,
                         max_latency_ms=args.max_latency, max_message_bytes=args.max_message_bytes,
                         refuse_message_bytes=args.refuse_message_bytes, curve_dir=args.curve_dir,
@@ -157,9 +159,8 @@ def main(argv=None) -> int:
             exporter.close()
     print(eclreco.statistics, flush=True)
     s = eclreco.statistics.summary()
-    stream = (args.input or "").startswith("tcp://")
     sig = eclreco._core.stop_signal()
-    if sig and stream:  # how a stream's run ends: a service's clean stop
+    if sig and args.stream:  # how a stream's run ends: a service's clean stop
         print(f"reco.py: stopped by {signal.Signals(sig).name} after {s['received']} events", flush=True)
     elif sig:
         # A file or the simulation, cut short: the outputs are closed and valid but hold only what came
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
         sys.stdout.flush()
         signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
-    if not s["received"] and args.input and not stream:
+    if not s["received"] and args.input and not args.stream:
         print(f"reco.py: warning: {args.input} holds no events"
               + (f"; {args.output} has an empty tree and empty dqm/ histograms" if args.output else ""),
               file=sys.stderr, flush=True)

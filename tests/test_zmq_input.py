@@ -1,5 +1,6 @@
 """ZMQInput: a reco-like path fed by a real PUSH socket on a random local port."""
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -202,14 +203,19 @@ def test_reco_steering_zmq_sigint(tmp_path, repo_dir):
         assert np.sort(f["events"]["evt"].array(library="np")).tolist() == list(range(500))
 
 
-def test_emulator_binds_and_reco_connects(tmp_path, repo_dir):
+@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+def test_emulator_binds_and_reco_connects(tmp_path, repo_dir, transport):
     """The other direction of the link: `daq-emulator --bind` and `steering/reco.py -i ADDR
-    --connect` (ZMQInput with bind=False): every event arrives and is written."""
+    --connect` (ZMQInput with bind=False): every event arrives and is written. Over ipc:// as well
+    (reco.py took an ipc:// address for a file name and refused it)."""
+    import tempfile
+
     from eclreco.rawdata import write_raw_file
 
     raw, out = tmp_path / "ev.msgpack", tmp_path / "out.root"
     write_raw_file(raw, (envelope(e) for e in range(300)))
-    address = free_address()
+    ipc_dir = tempfile.mkdtemp(prefix="eclreco-")  # short: an ipc path has at most ~107 bytes
+    address = free_address() if transport == "tcp" else f"ipc://{ipc_dir}/daq"
     daq = subprocess.Popen([sys.executable, "-m", "eclreco.cli", "daq-emulator", "--input", str(raw), "--bind",
                             address, "--sched", "normal"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -222,6 +228,7 @@ def test_emulator_binds_and_reco_connects(tmp_path, repo_dir):
     finally:
         if daq.poll() is None:
             daq.kill()
+        shutil.rmtree(ipc_dir, ignore_errors=True)
     with uproot.open(out) as f:
         assert np.array_equal(np.sort(f["events"]["evt"].array(library="np")), np.arange(300))
 

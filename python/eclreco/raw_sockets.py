@@ -72,6 +72,15 @@ def mark_multi_frame(frames) -> bytes:
     return b"".join([_core.MULTI_FRAME_TAG, struct.pack(f">{len(sizes) + 1}Q", len(sizes), *sizes), *frames])
 
 
+# The transports a job's input can be read from by another process (inproc:// is one process's own)
+STREAM_TRANSPORTS = ("tcp://", "ipc://")
+
+
+def is_stream_address(name: str | None) -> bool:
+    """Whether an input name is a ZeroMQ address (tcp://HOST:PORT, ipc://PATH) rather than a file."""
+    return (name or "").startswith(STREAM_TRANSPORTS)
+
+
 def tcp_port(address: str) -> str | None:
     """The port part of a tcp://HOST:PORT address as written ('' without one); None for the other
     transports."""
