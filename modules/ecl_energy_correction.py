@@ -42,20 +42,17 @@ def shipped_model(detector: str) -> str:
     return os.path.join(MODEL_DIR, f"{detector}.onnx")
 
 
-def _file_record(path: str) -> dict:
-    import hashlib
-
-    with open(path, "rb") as f:
-        return {"path": os.path.abspath(path), "sha256": hashlib.sha256(f.read()).hexdigest()}
-
-
 class ModelError(RuntimeError):
     """A missing or incompatible ONNX model."""
 
 
 def load_session(path: str, threads: int = 1, expected_detector: str | None = None,
                  image_size: int | None = None, n_features: int | None = None):
-    """An onnxruntime session of a checked energy-correction model: (session, metadata dict)."""
+    """An onnxruntime session of a checked energy-correction model: (session, metadata dict). The
+    metadata's `file` is {path, sha256} of the bytes the session was made from (the file is read
+    once: a model replaced on disk meanwhile cannot be recorded under the wrong digest)."""
+    import hashlib
+
     import onnxruntime as ort
 
     if not path or not os.path.exists(path):
@@ -67,7 +64,9 @@ def load_session(path: str, threads: int = 1, expected_detector: str | None = No
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     try:
-        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        with open(path, "rb") as f:
+            model_bytes = f.read()
+        sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own exception types
         raise ModelError(f"ECLEnergyCorrection: cannot load model {path!r}: {err}") from err
     inputs = {i.name: i for i in sess.get_inputs()}
@@ -106,6 +105,7 @@ def load_session(path: str, threads: int = 1, expected_detector: str | None = No
         raise ModelError(f"ECLEnergyCorrection: model {path!r} expects {feat[1]} features, its metadata lists "
                          f"{n_features + len(extra)} ({names})")
     meta["extra_features"] = tuple(extra)
+    meta["file"] = {"path": os.path.abspath(path), "sha256": hashlib.sha256(model_bytes).hexdigest()}
     return sess, meta
 
 
@@ -166,14 +166,13 @@ class ECLEnergyCorrection(Module):
         if model:
             sess, meta = load_session(model, self.param("threads"), det or None, n_features=n_feat)
             self._sessions["*"] = (sess, meta)
-            self._model_files = {"*": _file_record(model)}
         else:
             # shipped models: load (and check) every detector's model now, so that a broken
             # installation fails at initialize and not in the middle of a run
             dets = [det] if det else list(DETECTOR_NAMES.values())
             for d in dets:
                 self._sessions[d] = load_session(shipped_model(d), self.param("threads"), d, n_features=n_feat)
-            self._model_files = {d: _file_record(shipped_model(d)) for d in dets}
+        self._model_files = {key: meta["file"] for key, (_, meta) in self._sessions.items()}
         for sess, _ in self._sessions.values():
             self._warm_up(sess)
 

@@ -347,6 +347,45 @@ def test_the_file_records_what_made_it_and_the_jobs_counts(tmp_path):
     assert meta["path"][5]["params"]["cluster_energy_gev"] == 0.0
 
 
+def test_the_recorded_model_digest_is_that_of_the_bytes_loaded(tmp_path, monkeypatch):
+    """The model file is read once: its SHA-256 in the metadata is that of what onnxruntime loaded,
+    even when the file is replaced right after (it was read a second time for the digest)."""
+    import hashlib
+    import json
+    import shutil
+
+    from _raw_helpers import two_digit_events
+    from eclreco.modules import ecl_energy_correction as ec
+
+    loaded = tmp_path / "model.onnx"
+    shutil.copy(ec.shipped_model("array30"), loaded)
+    with open(loaded, "rb") as f:
+        want = hashlib.sha256(f.read()).hexdigest()
+    real = ec.load_session
+
+    def load_then_replace(path, *a, **kw):
+        out = real(path, *a, **kw)
+        with open(path, "ab") as f:  # another file now (a redeployment between load and digest)
+            f.write(b"\0")
+        return out
+
+    monkeypatch.setattr(ec, "load_session", load_then_replace)
+    from eclreco.rawdata import write_raw_file
+
+    write_raw_file(tmp_path / "in.msgpack", two_digit_events(5, amplitude=50000))
+    path = eclreco.create_path()
+    path.add_module("RawFileInput", filename=str(tmp_path / "in.msgpack"))
+    path.add_module("ECLUnpacker")
+    path.add_module("ECLClusterizer")
+    path.add_module("ECLLeakageCorrection")
+    path.add_module("ECLEnergyCorrection", model=str(loaded))
+    path.add_module("RootOutput", filename=str(tmp_path / "out.root"))
+    eclreco.process(path, install_signal_handlers=False)
+    with uproot.open(tmp_path / "out.root") as f:
+        meta = json.loads(str(f["metadata"]))
+    assert meta["path"][4]["models"] == {"*": {"path": str(loaded), "sha256": want}}
+
+
 @pytest.mark.parametrize("batch_size", [1, 7, 256])
 def test_events_a_module_failed_on_are_written_whatever_the_batch_size(tmp_path, batch_size):
     """A module that adds a cluster column raises on some events: those events were written (flagged,
