@@ -16,7 +16,8 @@ class SimulationInput(Module):
         self.add_param("energy", 1.0, "particle energy in GeV (gamma, pi0) when energy_min/max are 0")
         self.add_param("energy_min", 0.0, "lower end of a log-uniform energy range in GeV (0: fixed energy)")
         self.add_param("energy_max", 0.0, "upper end of the energy range in GeV")
-        self.add_param("background", 1.0, "beam-background level (1.0 = nominal)")
+        self.add_param("background", -1.0, "beam-background level (1.0 = nominal; -1: the detector's default, as "
+                       "eclreco.sim.simulate: 1.0 for belle2-ecl, 0 for array30)")
         self.add_param("seed", 1, "random seed")
         self.add_param("exp", 0, "experiment number")
         self.add_param("run", 1, "run number")
@@ -38,7 +39,8 @@ class SimulationInput(Module):
                   (0 < self.param("energy") < 1e3, "energy must be in (0, 1000) GeV"),
                   (hi == 0 or 0 < lo < hi < 1e3, "energy_min and energy_max: 0 < energy_min < energy_max < 1000 GeV "
                                                  "(or both 0)"),
-                  (0 <= self.param("background") <= 100, "background must be in 0..100 (1 = nominal)"),
+                  (0 <= self.param("background") <= 100 or self.param("background") == -1,
+                   "background must be in 0..100 (1 = nominal), or -1 (the detector's default)"),
                   (self.param("seed") >= 0, "seed must be >= 0"),
                   (self.param("exp") >= 0 and self.param("run") >= 0, "exp and run must be >= 0")]
         for ok, what in checks:
@@ -54,7 +56,7 @@ class SimulationInput(Module):
         lo, hi = self.param("energy_min"), self.param("energy_max")
         ev = simulate(detector=self.param("detector"), n_events=n, particle=self.param("particle"),
                       energy=self.param("energy"), energy_range=(lo, hi) if hi > 0 else None,
-                      background=self.param("background"),
+                      background=None if self.param("background") == -1 else self.param("background"),
                       seed=self.param("seed") * 1_000_003 + self._generated)
         evt = list(range(self._generated, self._generated + n))
         self._pending = encode_events(self.param("detector"), self.param("exp"), self.param("run"), evt,
