@@ -10,7 +10,11 @@ classical correction, which the shipped models refine as a residual), event-leve
 eclreco.cnn_model.event_features and repeated per cluster. The network computes the corrected energy itself (normalisation inside the
 graph, see python/eclreco/cnn_model.py), so the module only writes the output into
 ECLClusters.energy. Clusters outside the model's domain keep the energy they have (the classical
-leakage correction, when ECLLeakageCorrection ran before): below `min_energy_gev`, out of time
+leakage correction, when ECLLeakageCorrection ran before): outside `min_energy_gev`..`max_energy_gev`
+(the Geant4 training samples span 50 MeV to 6 GeV of true energy: below 50 MeV raw the networks
+answer with what their sample says of a cluster that soft, a photon that lost energy, and raised
+35-45 MeV photons by 16-51 %; above 6 GeV they extrapolate, the array30 one to 0.86 x E_true at
+10 GeV; benchmarks/cnn_domain_scan.py), out of time
 (|time| > `max_abs_time_ns`: beam background; the models saw only in-time photons), and, after
 inference, clusters whose CNN energy is more than `max_ratio_to_classical` times the energy they
 arrived with: the belle2-ecl network, trained on photons, raised in-time beam-background clusters of
@@ -118,7 +122,10 @@ class ECLEnergyCorrection(Module):
         self.add_param("detector", "", "the events' detector, belle2-ecl or array30: only its shipped model is "
                                        "loaded, and a model trained for another one is an error ('' = any)")
         self.add_param("threads", 1, "onnxruntime intra-op threads per session")
-        self.add_param("min_energy_gev", 0.03, "clusters with energy_raw below keep their (classical) energy, GeV")
+        self.add_param("min_energy_gev", 0.05, "clusters with energy_raw below keep their (classical) energy, GeV "
+                                               "(the training samples start at 50 MeV of true energy)")
+        self.add_param("max_energy_gev", 6.0, "clusters with energy_raw above keep their (classical) energy, GeV "
+                                              "(the training samples end at 6 GeV of true energy); 0: no limit")
         self.add_param("max_abs_time_ns", 50.0, "clusters with |time| above keep their (classical) energy: out of time, "
                                                 "beam background; <= 0: no cut")
         self.add_param("max_ratio_to_classical", -1.0, "a CNN energy more than this factor above the energy the cluster "
@@ -157,6 +164,10 @@ class ECLEnergyCorrection(Module):
             raise ValueError("ECLEnergyCorrection: threads must be 1..64 (onnxruntime intra-op threads)")
         if self.param("max_clusters_per_batch") < 1:
             raise ValueError("ECLEnergyCorrection: max_clusters_per_batch must be >= 1")
+        lo, hi = self.param("min_energy_gev"), self.param("max_energy_gev")
+        if not (lo >= 0 and (hi == 0 or hi > lo)):
+            raise ValueError(f"ECLEnergyCorrection: need min_energy_gev >= 0 and max_energy_gev > min_energy_gev (or 0: "
+                             f"no limit), not {lo} and {hi}")
         det = self.param("detector")
         if det and det not in ("belle2-ecl", "array30"):
             raise ValueError(f"ECLEnergyCorrection: unknown detector {det!r}")
@@ -231,7 +242,8 @@ class ECLEnergyCorrection(Module):
             return
         # The selection and the detector test avoid numpy's per-call cost, which after the
         # clusterizer (cold caches) was ~20 ns per selected cluster, 3 % of the module.
-        sel, n_oot = self.domain_rows(cl, self.param("min_energy_gev"), self.param("max_abs_time_ns"))
+        sel, n_oot = self.domain_rows(cl, self.param("min_energy_gev"), self.param("max_abs_time_ns"),
+                                      self.param("max_energy_gev"))
         if batch.discards():  # an event filter before this module: its discarded events are skipped
             sel = sel[np.repeat(batch.active(), np.diff(np.asarray(cl.offsets)))[sel]]
         if sel.size == 0:
@@ -290,12 +302,21 @@ class ECLEnergyCorrection(Module):
         return _core.cap_at_ratio(energy, energy_in, rows, ratio)  # a NaN from the network is capped too
 
     @staticmethod
-    def domain_rows(clusters, min_energy_gev, max_abs_time_ns):
-        """(rows of the clusters in the model's domain: energy_raw >= min_energy_gev and, when
-        max_abs_time_ns > 0, |time| <= max_abs_time_ns; how many were left out for their time)."""
+    def domain_rows(clusters, min_energy_gev, max_abs_time_ns, max_energy_gev=0.0):
+        """(rows of the clusters in the model's domain: energy_raw >= min_energy_gev, <= max_energy_gev
+        when that is > 0 and, when max_abs_time_ns > 0, |time| <= max_abs_time_ns; how many were left
+        out for their time)."""
         if max_abs_time_ns <= 0:
-            return _core.rows_at_least(clusters["energy_raw"], min_energy_gev), 0
-        return _core.rows_at_least_within(clusters["energy_raw"], min_energy_gev, clusters["time"], max_abs_time_ns)
+            rows, n_oot = _core.rows_at_least(clusters["energy_raw"], min_energy_gev), 0
+        else:
+            rows, n_oot = _core.rows_at_least_within(clusters["energy_raw"], min_energy_gev, clusters["time"],
+                                                     max_abs_time_ns)
+        if max_energy_gev > 0 and rows.size:
+            # rare (a cluster above 6 GeV): a test over the selected rows, not a C++ pass of its own
+            e = np.asarray(clusters["energy_raw"])[rows]
+            if e.max() > max_energy_gev:
+                rows = rows[e <= max_energy_gev]
+        return rows, n_oot
 
     @staticmethod
     def call_slices(n: int, max_per_call: int):

@@ -7,6 +7,8 @@
 // only rejected ones. The file is flushed after every batch that had rejections. A failed write
 // (disk full, size limit) is fatal: the run is asked to stop and ends with the error, and the
 // file keeps only the complete records written before (it is truncated back to them).
+// With `when_needed` the file is made at the first rejected event (a default quarantine that a
+// clean job leaves no trace of); a file of that name from an earlier job is removed at initialize.
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -30,6 +32,8 @@ class RejectedOutput : public fw::Module {
     params().add_required("filename", &filename_, "quarantine file for rejected events (MessagePack maps back to back)");
     params().add("append", &append_, false, "append to the file (a process that runs several runs: the HLT "
                                             "worker) instead of replacing it");
+    params().add("when_needed", &when_needed_, false, "create the file at the first rejected event, not at "
+                                                      "initialize (a file of that name is removed there unless append)");
   }
   ~RejectedOutput() override { close(); }
   bool ordered() const override { return true; }
@@ -39,6 +43,16 @@ class RejectedOutput : public fw::Module {
     written_ = written_before_ = 0;
     good_bytes_ = 0;
     error_.clear();
+    if (when_needed_) {
+      // what an earlier job left under this name is not this job's quarantine
+      if (!append_ && std::remove(filename_.c_str()) != 0 && errno != ENOENT)
+        throw std::runtime_error("cannot remove the old quarantine file '" + filename_ + "': " + std::strerror(errno));
+      return;
+    }
+    open();
+  }
+
+  void open() {
     f_ = std::fopen(filename_.c_str(), append_ ? "ab" : "wb");
     if (!f_) throw std::runtime_error("cannot open quarantine file '" + filename_ + "': " + std::strerror(errno));
     if (append_ && std::fseek(f_, 0, SEEK_END) == 0) good_bytes_ = static_cast<size_t>(std::ftell(f_));
@@ -49,6 +63,15 @@ class RejectedOutput : public fw::Module {
     // event-by-event re-run of the failing batch the others pass, and are no module errors.
     if (batch.rejections().empty()) return;
     if (!error_.empty()) throw std::runtime_error(error_);
+    if (!f_) {
+      try {
+        open();
+      } catch (const std::exception& e) {  // as a failed write: fatal, every rejected event refused
+        error_ = e.what();
+        fw::request_stop();
+        throw;
+      }
+    }
     const fw::Collection* raw = batch.has("RawEnvelopes") ? &batch.get("RawEnvelopes") : nullptr;
     const fw::Collection* ref = batch.has("RawPayloadRef") ? &batch.get("RawPayloadRef") : nullptr;
     const uint8_t* bytes = raw && raw->has("bytes") ? raw->column("bytes").data<uint8_t>() : nullptr;
@@ -122,6 +145,7 @@ class RejectedOutput : public fw::Module {
   }
   std::string filename_;
   bool append_ = false;
+  bool when_needed_ = false;
   std::FILE* f_ = nullptr;
   uint64_t written_ = 0, written_before_ = 0;
   uint64_t good_bytes_ = 0;

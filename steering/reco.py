@@ -35,7 +35,9 @@ def parse_args(argv=None):
     add_cluster_columns_argument(ap, "-o: ")
     ap.add_argument("--threads", type=THREADS, default=min(2, os.cpu_count() or 1), help="processing threads")
     ap.add_argument("--batch-size", type=BATCH_SIZE, default=256, help="events per batch")
-    ap.add_argument("--rejected", help="quarantine file (.msgpack) for rejected raw events")
+    ap.add_argument("--rejected", help="quarantine file (.msgpack) for rejected raw events; default with -i: "
+                    "OUTPUT.rejected.msgpack next to -o (else rejected.msgpack), made at the first rejected event; "
+                    "'' keeps none (they are still counted)")
     sim = ap.add_argument_group("embedded simulation (no --input)")
     sim.add_argument("--events", type=POSITIVE_INT, default=None,
                      help="events to simulate (default 20000; with --input use -n)")
@@ -100,6 +102,10 @@ def parse_args(argv=None):
         ap.error(f"--conditions {args.conditions!r} is not a file")
     if args.input and not args.stream and not os.path.isfile(args.input):
         ap.error(f"-i {args.input!r} is not a file (a raw file, or a tcp:// or ipc:// address)")
+    # the spec keeps every rejected message for inspection: a job that reads raw data keeps them by default
+    args.rejected_when_needed = args.rejected is None and bool(args.input)
+    if args.rejected_when_needed:
+        args.rejected = os.path.splitext(args.output)[0] + ".rejected.msgpack" if args.output else "rejected.msgpack"
     for option, name in (("-o", args.output), ("--rejected", args.rejected)):
         folder = missing_folder(name) if name else ""
         if folder:
@@ -126,7 +132,7 @@ def build_path(args) -> eclreco.Path:
     if args.output:
         path.add_module("RootOutput", filename=args.output, cluster_columns=args.cluster_columns)
     if args.rejected:
-        path.add_module("RejectedOutput", filename=args.rejected)
+        path.add_module("RejectedOutput", filename=args.rejected, when_needed=args.rejected_when_needed)
     path.add_module("Progress", interval_s=args.progress)
     return path
 
@@ -174,6 +180,9 @@ def main(argv=None) -> int:
         print(f"reco.py: warning: {args.input} holds no events"
               + (f"; {args.output} has an empty tree and empty dqm/ histograms" if args.output else ""),
               file=sys.stderr, flush=True)
+    if s["rejected"]:  # where they are: the summary counts them by reason, the file holds their bytes
+        print(f"reco.py: {s['rejected']} rejected events " + (f"kept in {args.rejected}" if args.rejected else
+                                                              "counted, not kept (--rejected '')"), flush=True)
     # every event rejected (not raw data of this format, no conditions for its runs), or every event
     # failed in a module (a misconfigured chain: its first message)
     if failure := eclreco.job_failure(s):

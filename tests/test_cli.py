@@ -271,7 +271,7 @@ def test_reco_py_writes_corrected_clusters_and_a_pi0_peak(tmp_path):
         assert np.array_equal(np.sort(t["evt"].array(library="np")), np.arange(400))
         e = np.concatenate(t["cluster_energy"].array(library="np"))
         e_raw = np.concatenate(t["cluster_energy_raw"].array(library="np"))
-        above = e_raw > 0.03  # the CNN's domain (ECLEnergyCorrection min_energy_gev)
+        above = (e_raw >= 0.05) & (e_raw <= 6.0)  # the CNN's domain (ECLEnergyCorrection min/max_energy_gev)
         assert above.sum() > 400 and np.mean(e[above] != e_raw[above]) > 0.9
         h = f["dqm/gg_mass"]
         counts, edges = h.values(), h.axis().edges()
@@ -349,3 +349,36 @@ def test_reco_py_simulation_defaults_follow_the_detector():
     assert (b.detector, b.particle, b.background) == ("belle2-ecl", "generic", 1.0)
     c = reco.parse_args(["--detector", "array30", "--background", "2", "--particle", "pi0"])
     assert (c.particle, c.background) == ("pi0", 2.0)
+
+
+def test_reco_py_keeps_rejected_events_by_default(tmp_path, capsys, monkeypatch):
+    """The wire format keeps every rejected message for inspection: reco.py -i ... counted them and
+    kept none unless --rejected was given. Now OUTPUT.rejected.msgpack (rejected.msgpack without -o)
+    holds them, made only when there is one (a stale one of an earlier job is removed); --rejected ''
+    keeps none and says so."""
+    import msgpack
+
+    from _raw_helpers import two_digit_events
+
+    reco = _reco()
+    good = two_digit_events(6)
+    bad = [msgpack.packb({"v": 2}), msgpack.packb([1, 2])]
+    write_raw_file(tmp_path / "mixed.msgpack", good[:3] + bad + good[3:])
+    write_raw_file(tmp_path / "clean.msgpack", good)
+    out = tmp_path / "reco.root"
+    quarantine = tmp_path / "reco.rejected.msgpack"
+    assert reco.main(["-i", str(tmp_path / "mixed.msgpack"), "-o", str(out), "--no-cnn"]) == 0
+    with open(quarantine, "rb") as f:
+        records = list(msgpack.Unpacker(f, raw=False))
+    assert [r["message"] for r in records] == bad
+    assert f"2 rejected events kept in {quarantine}" in capsys.readouterr().out
+    assert reco.main(["-i", str(tmp_path / "clean.msgpack"), "-o", str(out), "--no-cnn"]) == 0
+    assert not quarantine.exists()  # the earlier job's records are not this one's
+    monkeypatch.chdir(tmp_path)
+    assert reco.main(["-i", "mixed.msgpack", "--no-cnn"]) == 0
+    assert len(list(msgpack.Unpacker(open(tmp_path / "rejected.msgpack", "rb")))) == 2
+    (tmp_path / "rejected.msgpack").unlink()
+    capsys.readouterr()
+    assert reco.main(["-i", "mixed.msgpack", "--no-cnn", "--rejected", ""]) == 0
+    assert not (tmp_path / "rejected.msgpack").exists()
+    assert "2 rejected events counted, not kept (--rejected '')" in capsys.readouterr().out

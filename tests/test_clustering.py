@@ -429,6 +429,33 @@ def test_leakage_table_cpp_matches_numpy(tmp_path):
                               np.zeros(1, np.float32), np.zeros(1, np.float32))
 
 
+def test_leakage_table_below_the_sample_and_in_rings_it_missed(tmp_path):
+    """Photons from 50 MeV with a response of 0.95 (5 % spread) and a 10 % tail at 0.3: the bins
+    wholly below 50 MeV raw hold only the tail, whose median (~0.3) made the table correct a 25 MeV
+    cluster x3.6. They now take the first bin above (flat below the sample). belle2-ecl rings without
+    events took the all-ring median; now the nearest ring's response."""
+    from eclreco.leakage import build_leakage_table, response
+
+    rng = np.random.default_rng(3)
+    n = 60000
+    true = np.exp(rng.uniform(np.log(0.05), np.log(6), n))
+    tail = rng.random(n) < 0.1
+    u, v = rng.uniform(-0.5, 0.5, n), rng.uniform(-0.5, 0.5, n)
+    raw = true * np.where(tail, 0.3, 0.95) * rng.normal(1, 0.05, n)
+    t = build_leakage_table("array30", raw, true, ring=np.zeros(n, int), local_u=u, local_v=v,
+                            out_path=tmp_path / "a.npz")
+    low = np.array([0.02, 0.025, 0.035, 0.045], np.float32)
+    r = response(t, low, np.zeros(4, np.int32), np.zeros(4, np.float32), np.zeros(4, np.float32))
+    np.testing.assert_allclose(r, 0.95, atol=0.02)
+    ring = rng.integers(5, 69, n).astype(np.int32)  # rings 0..4 never hit
+    resp_ring = 0.80 + 0.002 * ring
+    raw2 = true * resp_ring * rng.normal(1, 0.02, n)
+    t = build_leakage_table("belle2-ecl", raw2, true, ring=ring, out_path=tmp_path / "b.npz")
+    e = np.full(5, 0.5, np.float32)
+    r = response(t, e, np.arange(5, dtype=np.int32), np.zeros(5, np.float32), np.zeros(5, np.float32))
+    np.testing.assert_allclose(r, 0.80 + 0.002 * 5, atol=0.005)  # ring 5's, not the average (0.874)
+
+
 @pytest.mark.parametrize("detector", ["array30", "belle2-ecl"])
 def test_shipped_tables_load(detector):
     path = Path(eclreco.__file__).parent / "data" / f"leakage_{detector}.npz"
@@ -436,6 +463,11 @@ def test_shipped_tables_load(detector):
     e = _core.leakage_correct(str(path), np.array([0.1, 1.0], np.float32), np.array([30, 30], np.int32),
                               np.zeros(2, np.float32), np.zeros(2, np.float32))
     assert np.all(e > np.array([0.1, 1.0])) and np.all(e < 1.5 * np.array([0.1, 1.0]))
+    # below the Geant4 samples (50 MeV) and in every ring: a correction of a few per cent, not x3.6
+    low = np.repeat(np.float32([0.015, 0.02, 0.025, 0.03, 0.04, 0.05]), 69)
+    rings = np.tile(np.arange(69, dtype=np.int32), 6)
+    e = _core.leakage_correct(str(path), low, rings, np.zeros(low.size, np.float32), np.zeros(low.size, np.float32))
+    assert np.all(e / low < 1.2), (e / low).max()
 
 
 def test_bad_leakage_tables_are_refused_with_the_file_named(tmp_path):

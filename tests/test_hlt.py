@@ -277,7 +277,7 @@ def test_farm_full_chain_matches_single_process(farm_factory, tmp_path, chain):
             e_scaled = ak.to_numpy(ak.flatten(g["events"]["cluster_energy"].array()))
             e_shipped = ak.to_numpy(ak.flatten(h["events"]["cluster_energy"].array()))
         changed = e_scaled != e_shipped
-        assert changed.mean() > 0.4  # 58 %: the clusters above the CNN's threshold
+        assert changed.mean() > 0.3  # 38 %: the clusters above the CNN's threshold (50 MeV raw)
         # 1.25 x the shipped energy, but where either crosses ECLEnergyCorrection's x2 cap (3 % here)
         assert np.isclose(e_scaled[changed], 1.25 * e_shipped[changed], rtol=1e-5).mean() > 0.95
     with uproot.open(farm.output) as f, uproot.open(tmp_path / "single.root") as g:
@@ -572,14 +572,21 @@ def test_collector_drops_a_repeated_event_within_its_window(farm_factory, tmp_pa
     evts = list(range(1000)) + [10] + list(range(1000, 2000)) + [1990]
     push_events(farm.input, evts)  # evt 10 again 990 events later, evt 1990 again 10 events later
     farm.wait_confirmed(len(evts))
-    farm.command("stop")
+    ended = farm.command("stop")["collector"]
     col = farm.process("collector")
-    assert col["duplicates"] == 1
+    assert col["duplicates"] == 1 and ended["duplicates_run"] == ended["repeated_keys_run"] == 1
     farm.command("terminate")
     rc, log = farm.wait_exit()
     assert rc == 0, log
     evt, _ = read_evt(farm.output)
     assert sorted(evt.tolist()) == sorted(list(range(2000)) + [10])
+    # the drop is in the farm's last line and in the file (it was in `hlt status` and a metric only:
+    # "2001 events written of 2001 received" for 2002 sent)
+    assert "duplicates dropped 1 (of them 1 with the exp/run/evt of an event already taken" in log, log
+    with uproot.open(farm.output) as f:
+        meta = json.loads(str(f["metadata"]))
+    assert next(m for m in meta["path"] if m["module"] == "HLTCollectorInput")["dropped"] == {
+        "duplicates": 1, "repeated_keys": 1}
 
 
 def test_collector_never_overwrites_an_existing_file(farm_factory, tmp_path):

@@ -100,7 +100,7 @@ def collect_cnn_inputs(raw: str, max_events: int, extra_features) -> list:
     from eclreco.modules.ecl_energy_correction import ECLEnergyCorrection
 
     defaults = ECLEnergyCorrection()  # the module's own selection
-    threshold, max_t = defaults.param("min_energy_gev"), defaults.param("max_abs_time_ns")
+    threshold, max_t, max_e = (defaults.param(k) for k in ("min_energy_gev", "max_abs_time_ns", "max_energy_gev"))
 
     class CollectInputs(eclreco.Module):
         """keeps the CNN inputs of every batch"""
@@ -110,7 +110,7 @@ def collect_cnn_inputs(raw: str, max_events: int, extra_features) -> list:
             self.batches = []
 
         def event(self, batch):
-            sel, _ = ECLEnergyCorrection.domain_rows(batch["ECLClusters"], threshold, max_t)
+            sel, _ = ECLEnergyCorrection.domain_rows(batch["ECLClusters"], threshold, max_t, max_e)
             self.batches.append(ECLEnergyCorrection.model_inputs(batch, "ECLClusters", sel, extra_features))
 
     path = _up_to_cnn(raw)

@@ -58,8 +58,13 @@ def build_leakage_table(detector: str, energy_raw, true_energy, ring=None, local
 
     energy_raw, true_energy in GeV (one entry per event); ring (seed ring) for belle2-ecl;
     local_u, local_v for array30. Bins with fewer than `min_entries` entries take the response of
-    the nearest filled energy bin at the same position (or, for a position without any filled bin,
-    of the energy bin summed over positions).
+    the nearest filled energy bin at the same position; a position without any filled bin takes
+    the nearest filled ring's column (belle2-ecl) or the energy bin's median over all positions
+    (array30).
+    Energy bins that lie wholly below the sample's smallest true energy count as empty: only
+    photons that lost much of their energy land there (a sample from 50 MeV puts a median
+    response of 0.28 at E_raw = 25 MeV, a correction of x3.6 for every cluster that low), so
+    they take the response of the first bin above, i.e. the table is flat below the sample.
     Writes an uncompressed .npz (numpy.savez) when out_path is given; returns the arrays.
     """
     from eclreco.rawdata import DETECTORS
@@ -94,15 +99,20 @@ def build_leakage_table(detector: str, energy_raw, true_energy, ring=None, local
     counts = np.bincount(flat, minlength=response.size)
     order = np.argsort(flat, kind="stable")
     starts = np.searchsorted(flat[order], np.arange(response.size))
-    for b in np.flatnonzero(counts >= min_entries):
+    # energy bins below the sample (their upper edge at most its smallest true energy): biased
+    truncated = le[1:] <= np.log(t[ok].min())
+    usable = counts >= min_entries
+    usable.reshape(shape[0], -1)[truncated] = False
+    for b in np.flatnonzero(usable):
         response[b] = np.median(resp_ratio[order[starts[b]:starts[b] + counts[b]]])
     response = response.reshape(shape)
     # Fallbacks for bins with too few entries: the nearest filled energy bin at the same position,
-    # else the energy bin's median over all positions (else the nearest filled energy bin's).
+    # else the nearest filled ring (belle2-ecl) or the energy bin's median over all positions
+    # (else the nearest filled energy bin's).
     e_med = np.full(shape[0], np.nan)
     for k in range(shape[0]):
         sel = idx[0] == k
-        if sel.sum() >= min_entries:
+        if sel.sum() >= min_entries and not truncated[k]:
             e_med[k] = np.median(resp_ratio[sel])
     filled = np.flatnonzero(~np.isnan(e_med))
     if len(filled) == 0:
@@ -111,11 +121,18 @@ def build_leakage_table(detector: str, energy_raw, true_energy, ring=None, local
         if np.isnan(e_med[k]):
             e_med[k] = e_med[filled[np.argmin(np.abs(filled - k))]]
     cols = response.reshape(shape[0], -1)
-    for j in range(cols.shape[1]):
+    empty = np.isnan(cols).all(axis=0)
+    for j in np.flatnonzero(~empty):
         col = cols[:, j]
         ok_k = np.flatnonzero(~np.isnan(col))
         for k in np.flatnonzero(np.isnan(col)):
-            col[k] = col[ok_k[np.argmin(np.abs(ok_k - k))]] if len(ok_k) else e_med[k]
+            col[k] = col[ok_k[np.argmin(np.abs(ok_k - k))]]
+    filled_cols = np.flatnonzero(~empty)
+    for j in np.flatnonzero(empty):
+        # rings next to each other leak alike (the innermost endcap rings, which the sample may
+        # not reach, are closer to their neighbour than to the average over the detector)
+        cols[:, j] = (cols[:, filled_cols[np.argmin(np.abs(filled_cols - j))]]
+                      if detector == "belle2-ecl" and len(filled_cols) else e_med)
     response = cols.reshape(shape)
     out = dict(detector_code=np.int64(DETECTORS[detector]),
                axis_codes=np.array([AXIS_CODES[n] for n in names], np.int64),

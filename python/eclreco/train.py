@@ -101,7 +101,7 @@ def loss_text(spec):
         return (f"Huber (delta {spec['delta']}) on log(E_pred/E_true) + {spec['w_ratio']} x "
                 "max(E_pred/E_true - 1, 0)^2")
     return "(E_pred/E_true - 1)^2"
-RECOMMENDED_MIN_ENERGY_GEV = 0.03
+RECOMMENDED_MIN_ENERGY_GEV = 0.05  # the Geant4 samples start at 50 MeV (benchmarks/cnn_domain_scan.py)
 
 
 def default_g4_path(detector: str) -> str:

@@ -128,7 +128,8 @@ class CollectorLink:
         self.ended_run_index = None
         self.state = "idle"
         self.next_report = 0.0
-        self.duplicates = 0
+        self.duplicates = 0      # events dropped as copies of ones already taken (over the process's life)
+        self.repeated_keys = 0   # of them, a new event whose (exp, run, evt) was taken (not a redelivered copy)
         self.first_upstream_error = ""
         self.bad_messages = 0
         self.confirmed = 0
@@ -274,6 +275,7 @@ class HLTCollectorInput(Module):
         self.link.first_upstream_error = ""  # of the run: a worker's module error message
         self._unconfirmed = np.zeros(0, "<u8")
         self._producers = {}  # (host, pid) or None -> [events taken, provenance JSON or None], of the run
+        self._dropped_before = (self.link.duplicates, self.link.repeated_keys)
 
     def begin_run(self, exp, run):
         self.link.state = "running"
@@ -339,7 +341,9 @@ class HLTCollectorInput(Module):
                 keep[above] = take_new(link.seen, m.seq[above].tolist())
             cand = np.flatnonzero(keep & ((m.meta["error_flags"] & eclreco.ERROR_REJECTED) == 0))
             keys = event_keys(m.meta["exp"][cand], m.meta["run"][cand], m.meta["evt"][cand])
-            keep[cand[~link.keys.add_new(keys)]] = False
+            repeated = cand[~link.keys.add_new(keys)]
+            keep[repeated] = False
+            link.repeated_keys += int(repeated.size)
             link.duplicates += int(m.n - keep.sum())
             keeps.append(keep)
             producer = self._producers.setdefault(m.producer, [0, None])
@@ -350,6 +354,13 @@ class HLTCollectorInput(Module):
         if seqs_all:
             self._unconfirmed = np.concatenate(seqs_all)
         return True
+
+    def dropped_in_run(self) -> dict:
+        """This run's events dropped as duplicates: redelivered copies (a worker lost, a collector
+        replaced) and events whose (exp, run, evt) had been taken already (a producer that repeated
+        one: the spec makes them unique in a stream; reco.py processes both)."""
+        d0, r0 = self._dropped_before
+        return {"duplicates": self.link.duplicates - d0, "repeated_keys": self.link.repeated_keys - r0}
 
     def provenance(self) -> dict:
         """The producers of this run's events, for the output file's metadata: each worker's host, pid,
@@ -371,7 +382,7 @@ class HLTCollectorInput(Module):
                     d.pop("host", None)
                     entry.update(d)
             workers.append(entry)
-        return {"workers": workers}
+        return {"workers": workers, "dropped": self.dropped_in_run()}
 
     def terminate(self):
         self._confirm_previous()
@@ -492,6 +503,7 @@ def main(args) -> int:
             errors = eclreco.statistics.state.error_messages() if s.get("errors", 0) else []
             link.run_ended({"run_index": link.run_index, "filename": link.filename, "events_written": written,
                             "received": s.get("received", 0), "duplicates": link.duplicates,
+                            **{k + "_run": v for k, v in source.dropped_in_run().items()},
                             "discarded": s.get("discarded", 0), "errors": s.get("errors", 0),
                             "rejected": s.get("rejected", 0), "rejected_by_reason": s.get("rejected_by_reason", {}),
                             # the collector's own modules' first message, else the first a worker sent

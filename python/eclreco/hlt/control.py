@@ -41,6 +41,9 @@ def output_line(d: dict) -> str:
     line = (f"output: {o.get('events_written', 0)} events written in {o.get('runs', 0)} run(s) of "
             f"{o.get('received', 0)} received; rejected {o.get('rejected', 0)}, module errors {o.get('errors', 0)}, "
             f"discarded {o.get('discarded', 0)}")
+    if o.get("duplicates"):  # not in `received`: dropped before the collector's chain
+        line += (f"; duplicates dropped {o['duplicates']} (of them {o.get('repeated_keys', 0)} with the exp/run/evt "
+                 f"of an event already taken: a producer's repeat)")
     return line + (f" (first error: {o['first_error']})" if o.get("first_error") else "")
 
 

@@ -176,7 +176,7 @@ class Distributor:
         # What the collectors reported at the ends of the runs (RUN_ENDED), summed over the farm's
         # life: the file side of the farm, which the confirmations alone do not show.
         self.output = {"runs": 0, "received": 0, "events_written": 0, "errors": 0, "discarded": 0,
-                       "rejected": 0, "rejected_by_reason": {}, "first_error": ""}
+                       "rejected": 0, "rejected_by_reason": {}, "first_error": "", "duplicates": 0, "repeated_keys": 0}
 
     # ---------------------------------------------------------------- main loop
     def serve(self):
@@ -617,6 +617,8 @@ class Distributor:
             o["runs"] += 1
         for k in ("received", "events_written", "errors", "discarded", "rejected"):
             o[k] += int(info.get(k, 0) or 0)
+        for k in ("duplicates", "repeated_keys"):  # the collector's of this run (its `duplicates` is its life's)
+            o[k] += int(info.get(k + "_run", 0) or 0)
         reasons = info.get("rejected_by_reason")
         for reason, n in (reasons.items() if isinstance(reasons, dict) else ()):
             o["rejected_by_reason"][str(reason)] = o["rejected_by_reason"].get(str(reason), 0) + int(n)
