@@ -20,7 +20,7 @@ from scipy.sparse.csgraph import connected_components
 DEFAULTS = dict(seed_energy_gev=0.010, growth_energy_gev=0.0015, digit_energy_gev=0.0005,
                 lm_energy_gev=0.010, time_cut_ns=125.0, background_level=0.0, sharing_a=2.5,
                 moliere_radius_cm=3.57, log_weight_w0=4.0, convergence_cm=0.01, max_iterations=100,
-                lat_r0_cm=5.0, image_size=7)
+                lat_r0_cm=5.0, image_size=7, max_local_maxima=30)
 FEATURES = ("theta", "phi", "local_u", "local_v", "energy_raw", "ring", "region")
 
 _GEOM_CACHE: dict = {}
@@ -172,6 +172,10 @@ def find_clusters(detector, offsets, cell, energy, time, quality, skip=None, **p
         best = mem[np.lexsort((cell[mem], -E[mem]))[0]]
         is_lm[best] = True
         n_lm[r] = 1
+    for r in np.flatnonzero(n_lm > p["max_local_maxima"]):  # the highest ones (energy, then lower cellId)
+        mem = np.flatnonzero((region == r) & is_lm)
+        is_lm[mem[np.lexsort((cell[mem], -E[mem]))[p["max_local_maxima"]:]]] = False
+        n_lm[r] = p["max_local_maxima"]
 
     # 3. Clusters as (cluster, digit, weight) pairs.
     members = np.flatnonzero(region >= 0)

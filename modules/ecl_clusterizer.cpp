@@ -30,6 +30,9 @@ class ECLClusterizer : public fw::Module {
     p.add("log_weight_w0", &cp_.log_weight_w0, 4.0, "w0 of the logarithmic position weights max(0, w0 + ln(E_i/E))");
     p.add("convergence_cm", &cp_.convergence_cm, 0.01, "sharing iterations stop when no centroid moves more than this, cm");
     p.add("max_iterations", &cp_.max_iterations, 100, "maximum number of sharing iterations");
+    p.add("max_local_maxima", &cp_.max_local_maxima, 30, "per connected region: more local maxima than this keep "
+                                                         "the highest (a noise burst over the detector made ~1000 "
+                                                         "and took 10 s; physics events have <= 16)");
     p.add("lat_r0_cm", &cp_.lat_r0_cm, 5.0, "r0 of the lateral moment, cm");
     p.add("image_size", &cp_.image_size, 7, "N of the N x N cluster image around the seed (odd)");
   }

@@ -341,7 +341,7 @@ def test_the_file_records_what_made_it_and_the_jobs_counts(tmp_path):
                                                    "ECLLeakageCorrection", "ECLEnergyCorrection", "ECLEventFilter",
                                                    "RootOutput"]
     cnn = meta["path"][4]
-    assert cnn["params"]["model"] == model and cnn["params"]["min_energy_gev"] == 0.03
+    assert cnn["params"]["model"] == model and cnn["params"]["min_energy_gev"] == 0.05
     with open(model, "rb") as f:
         assert cnn["models"] == {"*": {"path": model, "sha256": hashlib.sha256(f.read()).hexdigest()}}
     assert meta["path"][5]["params"]["cluster_energy_gev"] == 0.0

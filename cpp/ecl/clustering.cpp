@@ -99,6 +99,7 @@ void ClusterParams::validate() const {
   if (image_size < 1 || image_size > 41 || image_size % 2 == 0) bad("image_size must be odd, in 1..41 (the seed at its centre)");
   if (!(lat_r0_cm > 0)) bad("lat_r0_cm must be > 0");
   if (max_iterations < 1) bad("max_iterations must be >= 1");
+  if (max_local_maxima < 1) bad("max_local_maxima must be >= 1");
   if (!(convergence_cm > 0)) bad("convergence_cm must be > 0");
 }
 
@@ -321,6 +322,14 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
         if ((flag[i] & kSeed) && (best < 0 || beats(cell, energy, i, best))) best = i;
       }
       flag[best] |= kMax;
+    } else if (count > p_.max_local_maxima) {
+      // keep the highest max_local_maxima (the "beats" order: energy, then the lower cellId)
+      capped_.clear();
+      for (int q = region_start_[r]; q < region_start_[r + 1]; ++q)
+        if (flag[members[q]] & kMax) capped_.push_back(members[q]);
+      std::nth_element(capped_.begin(), capped_.begin() + p_.max_local_maxima, capped_.end(),
+                       [&](int a, int b) { return beats(cell, energy, a, b); });
+      for (size_t k = p_.max_local_maxima; k < capped_.size(); ++k) flag[capped_[k]] &= ~kMax;
     }
   }
 

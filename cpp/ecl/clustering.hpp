@@ -25,7 +25,11 @@
 //  3. One cluster per LM. The cluster owns the whole CR (not a 5x5 subset): all the read-out
 //     energy of a region is distributed to its clusters, the classical leakage correction then
 //     corrects for what was not read out. A CR with one LM is one cluster with weight 1 for each
-//     digit. With K > 1 maxima, every digit i of the CR is shared with weights
+//     digit. A CR with more than max_local_maxima maxima keeps the highest ones (the others are
+//     ordinary digits of the region): a noise burst over the whole detector made ~1000 maxima in
+//     one region and took 10 s; physics events have at most 16, at 5x the nominal background
+//     (basf2's splitter caps them too, maxSplits). With K > 1 maxima, every digit i of the CR is
+//     shared with weights
 //        w_ik = E_k exp(-a d_ik / R_M) / sum_j E_j exp(-a d_ij / R_M)
 //     (a = sharing_a = 2.5, R_M = moliere_radius_cm = 3.57 cm, d_ik = distance between the digit's
 //     crystal position and the centroid of cluster k), starting from the LM positions and the LM
@@ -72,6 +76,7 @@ struct ClusterParams {
   double log_weight_w0 = 4.0;
   double convergence_cm = 0.01;
   int max_iterations = 100;
+  int max_local_maxima = 30;  // per region: the sharing costs maxima x crystals x iterations
   double lat_r0_cm = 5.0;
   int image_size = 7;
 
@@ -151,6 +156,7 @@ class Clusterer {
   std::vector<int32_t> parent_ /* BFS queue, all regions */, pos_in_region_;
   std::vector<uint8_t> flag_;
   std::vector<int32_t> region_start_ /* per region, in parent_ and members_ */, members_, lms_;
+  std::vector<int32_t> capped_;  // the maxima of a region above max_local_maxima, to sort
   std::vector<double> px_, py_, pz_;  // positions of the region's digits
   std::vector<double> wts_, share_, ek_, cx_, cy_, cz_, nx_, ny_, nz_, ones_;
   std::vector<Cand> cands_;
