@@ -153,8 +153,8 @@ class ECLEnergyCorrection(Module):
         self._sessions = {}
         self._model_files = {}
         self._image_shapes = {}
-        self._n_corrected, self._n_calls, self._seconds = 0, 0, 0.0
-        self._n_out_of_time = self._n_guarded = 0
+        # (the counters run on over the module's life: Prometheus counters of a process that runs
+        # many runs, as the HLT worker's, must not fall back to 0 at each one)
         self._checked_energy_in = False
         ratio = self.param("max_ratio_to_classical")
         if ratio not in (0, -1) and ratio <= 1:

@@ -40,7 +40,7 @@ class RejectedOutput : public fw::Module {
 
   void initialize() override {
     close();
-    written_ = written_before_ = 0;
+    written_before_ = file_start_ = written_;  // `written` counts over the module's life (a Prometheus counter)
     good_bytes_ = 0;
     error_.clear();
     if (when_needed_) {
@@ -122,7 +122,7 @@ class RejectedOutput : public fw::Module {
         std::fclose(f);
       }
       error_ = "cannot write quarantine file '" + filename_ + "': " + std::strerror(err) +
-               " (kept the " + std::to_string(written_before_) + " complete records before it)";
+               " (kept the " + std::to_string(written_before_ - file_start_) + " complete records before it)";
       written_ = written_before_;
       fw::request_stop();
       throw std::runtime_error(error_);
@@ -147,7 +147,7 @@ class RejectedOutput : public fw::Module {
   bool append_ = false;
   bool when_needed_ = false;
   std::FILE* f_ = nullptr;
-  uint64_t written_ = 0, written_before_ = 0;
+  uint64_t written_ = 0, written_before_ = 0, file_start_ = 0;  // file_start_: written_ at initialize
   uint64_t good_bytes_ = 0;
   std::string error_;
 };

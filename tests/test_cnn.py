@@ -662,3 +662,28 @@ def test_array30_has_no_ratio_guard_by_default():
     np.testing.assert_array_equal(e_default, e_off)
     assert c["clusters_guarded"] == 0 and c_two["clusters_guarded"] > 0
     assert np.any(e_two != e_off) and (e_two / e_in).max() <= 2.0
+
+
+def test_counters_run_on_across_runs(tmp_path):
+    """A process that runs many runs (the HLT worker: a path processed once per run) exports the
+    module counters as Prometheus counters: ECLEnergyCorrection's and RejectedOutput's fell back to
+    0 at each run (initialize), while the event counters and the C++ modules' went on."""
+    import msgpack
+
+    from _raw_helpers import two_digit_events
+    from eclreco.rawdata import write_raw_file
+
+    write_raw_file(tmp_path / "in.msgpack", two_digit_events(20, amplitude=50000) + [msgpack.packb(1)])
+    path = eclreco.create_path()
+    path.add_module("RawFileInput", filename=str(tmp_path / "in.msgpack"))
+    for name in ("ECLUnpacker", "ECLClusterizer", "ECLLeakageCorrection"):
+        path.add_module(name)
+    cnn = path.add_module("ECLEnergyCorrection")
+    quarantine = path.add_module("RejectedOutput", filename=str(tmp_path / "bad.msgpack"))
+    eclreco.process(path, install_signal_handlers=False)
+    first = dict(cnn.counters()), dict(quarantine.counters())
+    assert first[0]["clusters_corrected"] > 0 and first[0]["inference_calls"] > 0 and first[1]["written"] == 1
+    eclreco.process(path, install_signal_handlers=False)
+    assert cnn.counters()["clusters_corrected"] == 2 * first[0]["clusters_corrected"]
+    assert cnn.counters()["inference_calls"] == 2 * first[0]["inference_calls"]
+    assert quarantine.counters()["written"] == 2
