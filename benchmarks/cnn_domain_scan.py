@@ -9,7 +9,7 @@ file, never the test split) through the chain with the CNN applied to every clus
 (min_energy_gev 0, no upper limit), keeps the classical energy alongside, and prints, for lower
 raw-energy thresholds X, the median bias and sigma68 of E/E_true per true-energy bin when the CNN
 applies from X (classical below). The thresholds of ECLEnergyCorrection were chosen from it
-(docs/physics-validation.md, "Domain of the CNN").
+(docs/physics-validation.md, the "v3.1" paragraph of "CNN energy correction").
 """
 from __future__ import annotations
 
@@ -18,21 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-FILES = {"array30": "g4_array30_train.npz", "belle2-ecl": "g4_belle2_train.npz"}
 TRUE_BINS_GEV = [0.05, 0.06, 0.075, 0.1, 0.15, 0.2, 0.5]
 THRESHOLDS_GEV = [0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1]
 
 
-def sigma68(r):
-    q16, q84 = np.percentile(r, [15.865, 84.135])
-    return 0.5 * (q84 - q16)
-
-
 def scan(detector, g4_dir, level, max_events):
     from eclreco import cnn_data
+    from eclreco.cnn_model import sigma68
     from eclreco.modules.ecl_energy_correction import shipped_model
 
-    g4 = cnn_data.G4Sample(str(Path(g4_dir) / FILES[detector]), detector)
+    g4 = cnn_data.G4Sample(str(Path(g4_dir) / cnn_data.G4_DEFAULT[detector]), detector)
     _, val, _ = g4.split()
     val = val[g4.e_true[val] < TRUE_BINS_GEV[-1]][:max_events]
     res = cnn_data.g4_chain_sample(g4, val, seed=777 + int(10 * level), levels=level,
@@ -87,7 +82,7 @@ def fast_sim_scan(detector, level, energies, n):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--g4-dir", default="/work/shared/data")
-    ap.add_argument("--detectors", nargs="+", default=list(FILES))
+    ap.add_argument("--detectors", nargs="+", default=["array30", "belle2-ecl"])
     ap.add_argument("--levels", nargs="+", type=float, default=[0.0, 1.0],
                     help="belle2-ecl background levels (array30: 0 only)")
     ap.add_argument("--max-events", type=int, default=10000)

@@ -336,15 +336,10 @@ def test_replaced_collector_gets_the_events_the_killed_one_had_not_saved(tmp_pat
     assert set(evts.tolist()) == set(range(n)), f"missing {sorted(set(range(n)) - set(evts.tolist()))[:10]}"
 
 
-def test_stop_without_a_live_collector_says_so(tmp_path, roles, capsys):
-    """A collector killed after it saved everything: `hlt status` shows it silent (it showed the state of
-    its last report, running), `hlt control stop` stops the run but exits 1 saying that no collector
-    reported the run's end (exit 0 after 30 s, as if the output were closed), and `start` warns that
-    nothing will take the events."""
-    from eclreco import cli
-    from eclreco.hlt.control import format_table, status
-
-    roles.distributor("--heartbeat-timeout", "1")
+def kill_collector_after_300_saved(roles, tmp_path, *distributor_args):
+    """A farm (heartbeat timeout 1 s) whose collector is SIGKILLed once 300 events are confirmed and
+    saved (nothing is held any more)."""
+    roles.distributor("--heartbeat-timeout", "1", *distributor_args)
     c = roles.collector(tmp_path / "a.root", "a.log", "--flush-interval", "0.05")
     roles.worker()
     roles.wait_up()
@@ -355,6 +350,17 @@ def test_stop_without_a_live_collector_says_so(tmp_path, roles, capsys):
         time.sleep(0.1)
     c.kill()
     c.wait()
+
+
+def test_stop_without_a_live_collector_says_so(tmp_path, roles, capsys):
+    """A collector killed after it saved everything: `hlt status` shows it silent (it showed the state of
+    its last report, running), `hlt control stop` stops the run but exits 1 saying that no collector
+    reported the run's end (exit 0 after 30 s, as if the output were closed), and `start` warns that
+    nothing will take the events."""
+    from eclreco import cli
+    from eclreco.hlt.control import format_table, status
+
+    kill_collector_after_300_saved(roles, tmp_path)
     time.sleep(1.5)  # past the heartbeat timeout
     row = next(line for line in format_table(status(roles.ctl)).splitlines() if line.startswith("collector"))
     assert " silent " in row, row
@@ -372,17 +378,7 @@ def test_the_stop_time_out_is_an_option(tmp_path, roles, capsys):
     lost_at_stop and `hlt control stop` exits 1."""
     from eclreco import cli
 
-    roles.distributor("--heartbeat-timeout", "1", "--stop-timeout", "4")
-    c = roles.collector(tmp_path / "a.root", "a.log", "--flush-interval", "0.05")
-    roles.worker()
-    roles.wait_up()
-    push_events(roles.inp, range(300))
-    t0 = time.monotonic()
-    while (d := roles.dist())["confirmed"] < 300 or d["unsaved"]:
-        assert time.monotonic() - t0 < 60, d
-        time.sleep(0.1)
-    c.kill()
-    c.wait()
+    kill_collector_after_300_saved(roles, tmp_path, "--stop-timeout", "4")
     push_events(roles.inp, range(300, 400))
     time.sleep(1.0)
     t0 = time.monotonic()
