@@ -1,4 +1,5 @@
 """The HLT farm as real processes: `eclreco hlt run` fed over ZeroMQ, read back with uproot."""
+import glob
 import hashlib
 import json
 import os
@@ -120,6 +121,23 @@ def read_evt(path):
         return t["evt"].array(library="np"), t["run"].array(library="np")
 
 
+def documented_metrics() -> set[str]:
+    """The metric names docs/deployment.md names: `eclreco_hlt_events_{a,b}_total` stands for two, a
+    trailing `{labels}` is no part of the name."""
+    import re
+
+    text = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
+                             "deployment.md")).read()
+    names = set()
+    for token in re.findall(r"`(eclreco_[A-Za-z0-9_{},]+)", text):
+        if token.count("{") > token.count("}"):  # `name{label="value"}`
+            token = token[:token.rindex("{")]
+        token = re.sub(r"\{[a-z_,]*\}$", "", token)
+        m = re.match(r"(.*?)\{([a-z_,]+)\}(.*)$", token)
+        names |= {m.group(1) + alt + m.group(3) for alt in m.group(2).split(",")} if m else {token}
+    return names
+
+
 def test_farm_exactly_once_stop_start_terminate(farm_factory, tmp_path):
     farm = farm_factory(workers=2)
     n1 = 3000
@@ -137,6 +155,11 @@ def test_farm_exactly_once_stop_start_terminate(farm_factory, tmp_path):
     assert "eclreco_hlt_event_latency_seconds_bucket" in dist
     coll = scrape(ports["collector"])
     assert f"eclreco_events_processed_total {float(n1)}" in coll and 'role="collector"' in coll
+    # every family a role exports is in docs/deployment.md's Monitoring (eclreco_batches_total and
+    # eclreco_process_running were exported and named nowhere)
+    exported = {line.split()[2] for text in (dist, coll, scrape(ports["worker"])) for line in text.splitlines()
+                if line.startswith("# TYPE eclreco_")}
+    assert exported - documented_metrics() == set()
     promtool = shutil.which("promtool")
     if promtool:
         for text in (dist, coll, scrape(ports["worker"])):
@@ -172,6 +195,9 @@ def test_farm_exactly_once_stop_start_terminate(farm_factory, tmp_path):
     reply = farm.command("stop")
     # (the regression waited 30 s; 25 leaves room for a loaded machine)
     assert time.monotonic() - t0 < 25 and reply["collector"]["events_written"] == 0 and not reply["timeout"], reply
+    # with every key of a run's report (it had only the first five)
+    assert {"rejected", "rejected_by_reason", "errors", "discarded", "duplicates_run", "first_error"} \
+        <= set(reply["collector"]), reply
     # A new run: a new output file. The throughput counts the runs' own time, not the pause
     # before this one (it was confirmed events over the time since the first run's first input).
     h1 = farm.distributor()["throughput_hz"]
@@ -735,7 +761,6 @@ def test_farm_keeps_rejected_raw_events_and_rejects_multipart_messages(farm_fact
     those marks is rejected as not_msgpack. With --conditions, the workers' ECLUnpacker reads the
     conditions file: run 2 lies outside its belle2-ecl payload's interval of validity, so its events
     are rejected as no_conditions and kept."""
-    import glob
 
     import msgpack
     import zmq
@@ -774,7 +799,7 @@ def test_farm_keeps_rejected_raw_events_and_rejects_multipart_messages(farm_fact
     want = sorted([("empty_message", b""), ("not_msgpack", b"\xc1"), ("not_a_map", b"\x92\x01\x02"),
                    ("trailing_bytes", envelope(5000) + b"\x00"), ("not_msgpack", garbage[4]), ("not_msgpack", garbage[5])]
                   + [("multi_frame", mark_multi_frame(frames)) for frames in multipart]
-                  + [("oversize", mark_oversize(m, 8192)) for m in oversized])
+                  + [("oversize", m) for m in oversized])  # as sent (the mark used to stay)
     assert got == want, got
     assert [r.get("evt") for r in kept if r["reason"] == "oversize" and len(r["message"]) < 50_000] == [7000]
     # the next run appends to the workers' quarantine files: run 1's records stay
@@ -827,6 +852,8 @@ def test_farm_forwards_results_onward_over_zeromq(farm_factory):
             assert {"energy", "energy_raw", "seed_cell"} <= set(cols)
             n_clusters += int(counts.sum())
         assert sorted(evts) == list(range(n)) and n_clusters > 0
+        # what the workers reject is kept with a tcp:// output too (in the working directory; none before)
+        assert len(glob.glob(os.path.join(os.path.dirname(farm.output), "hlt_rejected_w*_*.msgpack"))) == 2
         # the first message of the run carries the sender's path (the collector's, which names its workers)
         assert provenance and [m["module"] for m in provenance[0]["path"]][:2] == ["HLTCollectorInput", "ZMQOutput"]
         assert provenance[0]["path"][0]["workers"][0]["path"][-1]["module"] == "ZMQOutput"

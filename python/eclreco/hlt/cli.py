@@ -106,7 +106,8 @@ def add_hlt_parser(subparsers):
     p.add_argument("--worker-steering", default="", help="default: steering/hlt_worker.py")
     p.add_argument("--rejected", default=None,
                    help="quarantine file of each worker's rejected raw events ({worker} = its index, {pid}; "
-                        "default: OUTPUT_rejected_w{worker}_{pid}.msgpack beside a ROOT output; '': none). "
+                        "default: OUTPUT_rejected_w{worker}_{pid}.msgpack beside a ROOT output, hlt_rejected_w{worker}_{pid}.msgpack "
+                        "in the working directory with a tcp:// output; '': none). "
                         "A name without {pid} is emptied at the start; a restarted worker appends to it")
     p.add_argument("--modules", default="standard", help="worker chain: standard, none, or a list")
     p.add_argument("--no-cnn", action="store_true", help="workers: classical leakage correction only")

@@ -251,6 +251,20 @@ class CollectorLink:
         self.ctl.close(2000)
 
 
+def run_report(link: CollectorLink, run_index: int, filename: str = "", written: int = 0, summary: dict | None = None,
+               dropped: dict | None = None, first_error: str = "") -> dict:
+    """RUN_ENDED: what the run wrote and what failed (the stop's reply and the farm's output line);
+    every key also for a run without events (it lacked all but the first five)."""
+    s = summary or {}
+    dropped = dropped or {"duplicates": 0, "repeated_keys": 0}
+    return {"run_index": run_index, "filename": filename, "events_written": written,
+            "received": s.get("received", 0), "duplicates": link.duplicates,
+            **{k + "_run": v for k, v in dropped.items()},
+            "discarded": s.get("discarded", 0), "errors": s.get("errors", 0),
+            "rejected": s.get("rejected", 0), "rejected_by_reason": s.get("rejected_by_reason", {}),
+            "first_error": first_error}
+
+
 class HLTCollectorInput(Module):
     """HLT collector source: batches from the workers, duplicates dropped; confirms what was written."""
 
@@ -501,13 +515,9 @@ def main(args) -> int:
             # errors: events a module failed on here (e.g. RootOutput asked for a column the workers do not send)
             written = out.events_written_run if out is not None else s.get("processed", 0) - s.get("discarded", 0)
             errors = eclreco.statistics.state.error_messages() if s.get("errors", 0) else []
-            link.run_ended({"run_index": link.run_index, "filename": link.filename, "events_written": written,
-                            "received": s.get("received", 0), "duplicates": link.duplicates,
-                            **{k + "_run": v for k, v in source.dropped_in_run().items()},
-                            "discarded": s.get("discarded", 0), "errors": s.get("errors", 0),
-                            "rejected": s.get("rejected", 0), "rejected_by_reason": s.get("rejected_by_reason", {}),
-                            # the collector's own modules' first message, else the first a worker sent
-                            "first_error": errors[0] if errors else link.first_upstream_error})
+            # the collector's own modules' first message, else the first a worker sent
+            link.run_ended(run_report(link, link.run_index, link.filename, written, s, source.dropped_in_run(),
+                                      errors[0] if errors else link.first_upstream_error))
             # where the collector's time went in the run (module table, as the workers print it)
             print(f"[collector] run {link.run_index} ended: {written} events written to {link.filename}\n"
                   f"{eclreco.statistics}", flush=True)
@@ -524,8 +534,7 @@ def main(args) -> int:
                 link.service()
                 if link.end_run and not link.terminate:
                     idx = link.ended_run_index or link.run_index
-                    link.run_ended({"run_index": idx, "filename": "", "events_written": 0, "received": 0,
-                                    "duplicates": link.duplicates})
+                    link.run_ended(run_report(link, idx))
                     print(f"[collector] run {idx} ended without events", flush=True)
                     link.run_index = idx + 1
                     continue

@@ -39,8 +39,15 @@ def output_line(d: dict) -> str:
     rejected by a worker, failed in a module, or been discarded by a filter)."""
     o = d.get("output") or {}
     line = (f"output: {o.get('events_written', 0)} events written in {o.get('runs', 0)} run(s) of "
-            f"{o.get('received', 0)} received; rejected {o.get('rejected', 0)}, module errors {o.get('errors', 0)}, "
-            f"discarded {o.get('discarded', 0)}")
+            f"{o.get('received', 0)} received")
+    if o.get("received_before"):  # a collector that outlived the previous distributor counts the whole run
+        line += f" ({o['received_before']} of them before this distributor took the collector)"
+    line += (f"; rejected {o.get('rejected', 0)}, module errors {o.get('errors', 0)}, "
+             f"discarded {o.get('discarded', 0)}")
+    if o.get("replaced_collectors"):
+        files = ", ".join(f for f in o.get("replaced_files", []) if f) or "-"
+        line += (f"; {o.get('saved_by_replaced', 0)} more saved by {o['replaced_collectors']} replaced "
+                 f"collector(s) in their own file(s): {files}")
     if o.get("duplicates"):  # not in `received`: dropped before the collector's chain
         line += (f"; duplicates dropped {o['duplicates']} (of them {o.get('repeated_keys', 0)} with the exp/run/evt "
                  f"of an event already taken: a producer's repeat)")

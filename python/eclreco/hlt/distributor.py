@@ -171,12 +171,16 @@ class Distributor:
         self.earlier_runs_s = 0.0   # first input to last confirmation, summed over the runs before
         self.workers_restarted = 0
         self.workers_lost = 0
+        self.lost_workers: dict[bytes, int] = {}  # ident -> run index in which it was given up on
         self.confirmed_low = 0
         self.reconfirm: set[int] = set()  # confirmed once, produced again for a new collector (collector_replaced)
         # What the collectors reported at the ends of the runs (RUN_ENDED), summed over the farm's
         # life: the file side of the farm, which the confirmations alone do not show.
         self.output = {"runs": 0, "received": 0, "events_written": 0, "errors": 0, "discarded": 0,
-                       "rejected": 0, "rejected_by_reason": {}, "first_error": "", "duplicates": 0, "repeated_keys": 0}
+                       "rejected": 0, "rejected_by_reason": {}, "first_error": "", "duplicates": 0, "repeated_keys": 0,
+                       "received_before": 0, "replaced_collectors": 0, "saved_by_replaced": 0, "replaced_files": []}
+        self.replaced_run: list[dict] = []  # collectors replaced in this run: their files hold part of it
+        self.unregistered: dict[bytes, dict] = {}  # CONFIRM/SAVED held until their sender registers (hold_unregistered)
 
     # ---------------------------------------------------------------- main loop
     def serve(self):
@@ -302,6 +306,9 @@ class Distributor:
         self.c["redelivered"] += len(back)
         if why not in ("bye", "re-registered"):
             self.workers_lost += 1
+            self.lost_workers[w.ident] = self.run_index
+            while len(self.lost_workers) > 1000:  # bounded: a farm that loses workers for days
+                del self.lost_workers[next(iter(self.lost_workers))]
         if why == "re-registered" and not back:
             return
         print(f"[distributor] worker {w.info.get('pid')} left ({why}); {len(back)} unconfirmed events go to "
@@ -332,6 +339,15 @@ class Distributor:
             if w is not None:  # re-registration (a new run): whatever it had is not coming back
                 self.lose_worker(w, "re-registered")
             self.workers[ident] = new
+            lost_in = self.lost_workers.pop(ident, None)
+            if (lost_in is not None and new.info.get("state") == "running"
+                    and (self.state == "stopped" or lost_in < self.run_index)):
+                # Given up on (hung) in run lost_in, it missed that run's END_RUN: its run would go on
+                # into the next one and merge their counts. Its results were redelivered or dropped as
+                # duplicates; it ends the run now and registers again for the next.
+                self._send(self.wrk, ident, P.END_RUN)
+                print(f"[distributor] worker {new.info.get('pid')} came back in the middle of run {lost_in}, "
+                      "which has ended: told to end it", flush=True)
             return
         if w is None:
             if cmd != P.BYE:
@@ -371,16 +387,14 @@ class Distributor:
         if cmd in (P.CONFIRM, P.SAVED):
             seqs = P.seqs_from_bytes(_frame(frames, 2))
             if self.collector is None or self.collector["ident"] != ident:
-                # only the registered collector speaks for the output file
+                # Only the registered collector speaks for the output file. A collector that outlived
+                # the previous distributor confirms before its HELLO (the answer to WHO) arrives:
+                # kept, and taken if that HELLO registers it (dropped, those events waited for the
+                # stop's time-out and were counted lost although they were in the file).
                 self._send(self.ctl, ident, P.WHO)
-                raise ValueError(f"{cmd.decode()} from a process that is not the registered collector")
-            if cmd == P.CONFIRM:
-                self.confirm(seqs, now)
-                self.collector["last_seen"] = now
-            else:
-                pop = self.unsaved.pop
-                for s in seqs.tolist():
-                    pop(s, None)
+                self.hold_unregistered(ident, cmd, seqs, now)
+                return
+            self.apply_confirmation(cmd, seqs, now)
         elif cmd == P.HELLO:
             info = _map(frames, 2)
             if info.get("role") == "collector":
@@ -390,11 +404,25 @@ class Distributor:
                     self.refuse_collector(ident, info)
                     return
                 else:
-                    if self.collector is not None:
-                        self.collector_replaced()
+                    old = self.collector
+                    same = old is not None and info.get("instance") is not None and \
+                        old["status"].get("instance") == info.get("instance")  # reconnected
+                    if same:
+                        carried = {"received_before": old.get("received_before", 0), "saved": old["saved"]}
+                    else:
+                        # One registered in the middle of its run by a distributor that had none (this
+                        # one restarted) reports at its end what it received from the previous
+                        # distributor too: noted, so that the output line can say so.
+                        received = info.get("received", 0) if old is None and info.get("state") == "running" else 0
+                        carried = {"received_before": max(0, int(received or 0)), "saved": 0}
+                    if old is not None:  # (after what can fail on a malformed HELLO)
+                        self.collector_replaced(same)
                     # registered between runs: it has no run to report on
                     self.collector = {"ident": ident, "last_seen": now, "status": info,
-                                      "run_ended": {} if self.state == "stopped" else None}
+                                      "run_ended": {} if self.state == "stopped" else None, **carried}
+                    held = self.unregistered.pop(ident, None)
+                    for c, seqs in (held["messages"] if held else ()):
+                        self.apply_confirmation(c, seqs, now)
                 self._send(self.ctl, ident, P.LOW, str(self.low_watermark()).encode())
             else:
                 self.add_supervisor(ident, info, now)
@@ -430,6 +458,9 @@ class Distributor:
                 self.earlier_runs_s += self.run_seconds()
                 self.t_first_input = self.t_last_confirm = None
                 self.run_index += 1
+                self.replaced_run = []
+                if self.collector is not None:
+                    self.collector["saved"] = 0
                 self.state = "running"
                 print(f"[distributor] run {self.run_index} started", flush=True)
             self._send(self.ctl, ident, P.OK, P.pack({"state": self.state, "run_index": self.run_index,
@@ -440,6 +471,32 @@ class Distributor:
             self.request_terminate()
         else:  # counted as a bad message, answered with ERR (handle_control)
             raise ValueError(f"unknown command {cmd[:64]!r}")
+
+    def apply_confirmation(self, cmd: bytes, seqs: np.ndarray, now: float):
+        """CONFIRM or SAVED of the registered collector."""
+        if cmd == P.CONFIRM:
+            self.confirm(seqs, now)
+            self.collector["last_seen"] = now
+        else:
+            pop = self.unsaved.pop
+            saved = 0
+            for s in seqs.tolist():
+                saved += pop(s, None) is not None
+            self.collector["saved"] += saved
+
+    def hold_unregistered(self, ident: bytes, cmd: bytes, seqs: np.ndarray, now: float):
+        """Keeps CONFIRM/SAVED of a process that is not the registered collector until its HELLO
+        (housekeeping drops them, as bad messages, when none comes within the heartbeat time-out).
+        Bounded: at most 8 such processes and max_held ids each."""
+        held = self.unregistered.get(ident)
+        if held is None:
+            if len(self.unregistered) >= 8:
+                raise ValueError(f"{cmd.decode()} from a process that is not the registered collector")
+            held = self.unregistered[ident] = {"since": now, "messages": [], "n": 0}
+        if held["n"] + len(seqs) > self.max_held:
+            raise ValueError(f"{cmd.decode()} from a process that is not the registered collector")
+        held["messages"].append((cmd, seqs))
+        held["n"] += len(seqs)
 
     def add_supervisor(self, ident: bytes, info: dict, now: float):
         """The report of `hlt run`'s supervisor (checked before it is kept: a stray peer's message is a bad
@@ -487,9 +544,22 @@ class Distributor:
             print(f"[distributor] refused collector pid {info.get('pid')} on {info.get('host')}: {reason}", flush=True)
         self._send(self.ctl, ident, P.REFUSED, P.pack({"reason": reason}))
 
-    def collector_replaced(self):
-        """A new collector: results the old one never confirmed, or confirmed but never saved, are
-        produced again."""
+    def collector_replaced(self, same_process: bool = False):
+        """A new collector (or the registered one on a new connection): results the old one never
+        confirmed, or confirmed but never saved, are produced again. What another process saved in a
+        run it did not report on is in its own file: counted in `output` (saved_by_replaced,
+        replaced_files) and in the stop's reply."""
+        old = self.collector
+        if old["run_ended"] is None and not same_process:
+            st = old["status"]
+            rec = {"pid": st.get("pid"), "host": st.get("host"), "output": str(st.get("output") or ""),
+                   "saved": old["saved"]}
+            self.replaced_run.append(rec)
+            o = self.output
+            o["replaced_collectors"] += 1
+            o["saved_by_replaced"] += rec["saved"]
+            if len(o["replaced_files"]) < 20:
+                o["replaced_files"].append(rec["output"])
         back = []
         for seq, e in self.events.items():
             if e[2] is not None:
@@ -559,6 +629,12 @@ class Distributor:
 
     def housekeeping(self, now: float):
         self.input_monitor.poll()
+        for ident in [i for i, h in self.unregistered.items() if now - h["since"] > self.heartbeat_timeout_s]:
+            held = self.unregistered.pop(ident)  # its sender never registered: a stray peer's, counted
+            self.c["bad_messages"] += len(held["messages"]) - 1
+            self._bad_message("control", [ident], ValueError(
+                f"{len(held['messages'])} CONFIRM/SAVED for {held['n']} events from a process that did not "
+                "register as the collector"))
         for ident in [i for i, v in self.supervisors.items() if now - v["last_seen"] > 10 * self.heartbeat_timeout_s]:
             del self.supervisors[ident]  # it reports every second: gone (FINAL goes to the live ones)
         for w in list(self.workers.values()):
@@ -582,7 +658,7 @@ class Distributor:
             if self.run_reported(now):
                 info = {"state": "stopped", "run_index": self.run_index,
                         "collector": (self.collector or {}).get("run_ended"), "timeout": not ended,
-                        "lost_at_stop": self.lost_last_run}
+                        "lost_at_stop": self.lost_last_run, "replaced_collectors": list(self.replaced_run)}
                 for r in self.stop_requesters:
                     self._send(self.ctl, r, P.OK, P.pack(info))
                 self.stop_requesters = []
@@ -613,6 +689,7 @@ class Distributor:
 
     def add_run_report(self, info: dict):
         o = self.output
+        o["received_before"] += self.collector.pop("received_before", 0)
         if info.get("received", 0):
             o["runs"] += 1
         for k in ("received", "events_written", "errors", "discarded", "rejected"):

@@ -103,8 +103,8 @@ class Farm:
         self.workers_addr = args.workers_addr or free_address(exclude=named)
         if args.rejected is None:  # default: each worker keeps the raw bytes of what it rejects beside the output
             out = args.output
-            args.rejected = "" if out.startswith("tcp://") else (
-                os.path.splitext(out.replace("{run_index}", "all"))[0] + "_rejected_w{worker}_{pid}.msgpack")
+            base = "hlt" if out.startswith("tcp://") else os.path.splitext(out.replace("{run_index}", "all"))[0]
+            args.rejected = base + "_rejected_w{worker}_{pid}.msgpack"  # tcp://: in the working directory
         self.collector_addr = args.collector_addr or free_address(exclude=named)
         base = args.metrics_base_port
         self.mport = (lambda k: base + k) if base > 0 else (lambda k: base)
@@ -164,8 +164,7 @@ class Farm:
             cmd += ["--model", os.path.abspath(a.model)]
         if a.conditions:
             cmd += ["--conditions", os.path.abspath(a.conditions)]
-        if a.rejected:
-            cmd += ["--rejected", a.rejected.replace("{worker}", str(i))]
+        cmd += ["--rejected", a.rejected.replace("{worker}", str(i))]  # '' too: a worker's own default is a file
         cmd += ["--cluster-columns", ",".join(a.cluster_columns)]
         if a.min_clusters or a.min_energy_sum:
             cmd += ["--min-clusters", str(a.min_clusters), "--min-energy-sum", repr(a.min_energy_sum)]

@@ -24,6 +24,7 @@ import eclreco
 from eclreco import Module, _core
 from eclreco.cli_types import BATCH_SIZE, METRICS_PORT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, THREADS
 from eclreco.hlt import protocol as P
+from eclreco.paths import missing_folder
 from eclreco.raw_sockets import attach
 
 SEQ_COLLECTION = "HLTSequence"
@@ -64,7 +65,8 @@ class WorkerLink:
         self.outstanding = max(0, self.capacity - self.in_worker() - self.buffered)
         self.sock.send_multipart([P.READY, P.pack({"pid": os.getpid(), "host": socket.gethostname(),
                                                    "credit": self.outstanding, "metrics_port": self.metrics_port,
-                                                   "threads": self.threads, "capacity": self.capacity})])
+                                                   "threads": self.threads, "capacity": self.capacity,
+                                                   "state": self.state})])
         self.registered = True
 
     def status(self) -> dict:
@@ -230,8 +232,9 @@ def add_worker_arguments(ap: argparse.ArgumentParser):
     ap.add_argument("--model", default="", help="ONNX model of the CNN")
     ap.add_argument("--conditions", default="", help="ECLUnpacker's conditions file (gain, t0, channel map per "
                     "run range; docs/wire-format.md)")
-    ap.add_argument("--rejected", default="", help="quarantine file of the raw events this worker rejects "
-                    "({pid} is replaced; '': none; hlt run gives each worker one beside its output)")
+    ap.add_argument("--rejected", default=None, help="quarantine file of the raw events this worker rejects "
+                    "({pid} is replaced; '': none; default: " + DEFAULT_REJECTED + " in the working directory, "
+                    "made at the first rejected event; hlt run gives each worker one beside its output)")
     from eclreco.cli_types import add_cluster_columns_argument
     from eclreco.curve import add_curve_arguments
     from eclreco.reconstruction import add_event_filter_arguments
@@ -241,8 +244,24 @@ def add_worker_arguments(ap: argparse.ArgumentParser):
     add_curve_arguments(ap, "worker")
 
 
+def default_quarantine(args) -> None:
+    """A worker keeps the raw bytes of what it rejects unless told not to (--rejected ''), as reco.py -i
+    does: by default in DEFAULT_REJECTED in its working directory, made at the first rejected event (a
+    worker that rejects nothing leaves no file). A directory it cannot write in is an error now, not
+    at the first rejection, which would stop the worker's run."""
+    args.rejected_when_needed = args.rejected is None
+    if args.rejected is None:
+        args.rejected = DEFAULT_REJECTED
+        if not os.access(os.getcwd(), os.W_OK):
+            raise SystemExit(f"eclreco hlt worker: cannot keep rejected raw events in {os.getcwd()!r} (not writable): "
+                             "pass --rejected FILE (or --rejected '' to keep none)")
+    elif args.rejected and (folder := missing_folder(args.rejected)):
+        raise SystemExit(f"eclreco hlt worker: --rejected {args.rejected!r}: no directory {folder!r}")
+
+
 def start_worker(args, build_reconstruction) -> int:
     """Common body of worker steering files: link, path, metrics, run loop."""
+    default_quarantine(args)
     capacity = args.capacity or 4 * args.batch_size * max(1, args.threads)
     exporter = None
     path = eclreco.create_path()
@@ -268,7 +287,8 @@ def start_worker(args, build_reconstruction) -> int:
     if exporter is not None:
         exporter.set_path(path)
     print(f"[worker] pid {os.getpid()} {path} distributor {args.distributor} collector {args.collector} "
-          f"metrics {exporter.port if exporter else '-'}", flush=True)
+          f"metrics {exporter.port if exporter else '-'} rejected raw events "
+          f"{os.path.abspath(args.rejected.replace('{pid}', str(os.getpid()))) if args.rejected else 'not kept'}", flush=True)
     try:
         return run_worker(path, link, threads=args.threads, batch_size=args.batch_size, exporter=exporter)
     finally:
@@ -286,13 +306,17 @@ def add_output(path, args):
     columns = list(getattr(args, "cluster_columns", DEFAULT_CLUSTER_COLUMNS))
     columns += [c for c in DQM_CLUSTER_COLUMNS if c not in columns]
     if getattr(args, "rejected", ""):
-        path.add_module("RejectedOutput", filename=args.rejected.replace("{pid}", str(os.getpid())), append=True)
+        path.add_module("RejectedOutput", filename=args.rejected.replace("{pid}", str(os.getpid())), append=True,
+                        when_needed=getattr(args, "rejected_when_needed", False))
 
     path.add_module("ZMQOutput", address=args.collector, bind=False,
                     collections=["ECLClusters", "ECLEventInformation"],
                     columns=columns + ["n_out_of_time_digits"],
                     **curve_params(args, "worker", "collector"))
 
+
+# the standalone worker's quarantine (its working directory; {pid}: one per process)
+DEFAULT_REJECTED = "rejected_{pid}.msgpack"
 
 # what the collector's ECLDQM reads of the clusters, whatever RootOutput writes
 DQM_CLUSTER_COLUMNS = ("energy", "time", "e1e9", "x", "y", "z")
@@ -355,5 +379,8 @@ def main(args) -> int:
     try:
         runpy.run_path(steering, run_name="__main__")
     except SystemExit as e:
+        if isinstance(e.code, str):  # an error message (default_quarantine)
+            print(e.code, file=sys.stderr, flush=True)
+            return 1
         return int(e.code or 0)
     return 0
