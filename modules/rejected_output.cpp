@@ -1,7 +1,8 @@
 // RejectedOutput: the quarantine of rejected events (`--rejected FILE.msgpack`). Every rejected
 // event of each batch is appended to `filename` as a MessagePack map
 //   {"reason": str, "detail": str, "message": bin (the original bytes, empty when the event has
-//    no RawEnvelopes entry; a receiver's escape of a message that started with 0xc1 taken off),
+//    no RawEnvelopes entry; a receiver's escape of a message that started with 0xc1, or its mark of
+//    an oversize message, taken off),
 //    "exp"/"run"/"evt": int (only those that could be read)}
 // back to back, in input order (ordered module). Events with module errors are not written:
 // only rejected ones. The file is flushed after every batch that had rejections. A failed write
@@ -91,9 +92,14 @@ class RejectedOutput : public fw::Module {
       if (bytes) {
         int64_t a = raw->offsets()[i];
         const int64_t b = raw->offsets()[i + 1];
-        // A message its receiver escaped (kVerbatimTag) is kept as the producer sent it.
+        // A message its receiver escaped (kVerbatimTag) or marked as over its limit (kOversizeTag, the
+        // limit is in the detail) is kept as the producer sent it; a multi_frame mark stays (it holds
+        // the frame boundaries).
         if (rej.detail.rfind(ecl::kVerbatimDetail, 0) == 0 && ecl::is_verbatim(bytes + a, static_cast<size_t>(b - a)))
           a += ecl::kVerbatimTagSize;
+        else if (rej.reason == "oversize" && b - a > static_cast<int64_t>(ecl::kOversizeTagSize + 8) &&
+                 std::memcmp(bytes + a, ecl::kOversizeTag, ecl::kOversizeTagSize) == 0)
+          a += ecl::kOversizeTagSize + 8;
         pk.pack_bin(static_cast<uint32_t>(b - a));
         pk.pack_bin_body(reinterpret_cast<const char*>(bytes + a), static_cast<uint32_t>(b - a));
       } else {

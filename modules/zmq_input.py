@@ -200,7 +200,8 @@ class ZMQInput(Module):
         if unread:
             self.unread_at_end += unread
             why = ("the run was stopped and the drain (stop_drain_ms, stop_timeout_s) ended" if _core.stop_requested()
-                   else "they arrived after the run had ended")
+                   else "the run had ended before they were read: its event count (-n) reached, or its input "
+                   "idle for idle_timeout_s")
             print(f"ZMQInput: warning: {unread} messages were still queued at the input when the run ended and "
                   f"were not processed ({why})", file=sys.stderr, flush=True)
         if self._monitor is not None:

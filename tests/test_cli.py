@@ -209,9 +209,10 @@ def test_validate_on_a_small_sample_writes_strict_json(tmp_path):
     assert any(isinstance(r["cnn"]["mean"], float) for r in rows), rows
 
 
-def test_reco_py_fails_when_every_event_is_rejected(tmp_path, capsys):
+def test_reco_py_fails_when_every_event_is_rejected(tmp_path, capsys, monkeypatch):
     """A file that is not raw data of the wire format: every record rejected, nothing processed; the
     job says so and exits 1 (it exited 0 with an empty output)."""
+    monkeypatch.chdir(tmp_path)  # without -o the job keeps what it rejects in ./rejected.msgpack
     reco = _reco()
     text = tmp_path / "notes.txt"
     text.write_text("not raw data\n")
@@ -382,3 +383,46 @@ def test_reco_py_keeps_rejected_events_by_default(tmp_path, capsys, monkeypatch)
     assert reco.main(["-i", "mixed.msgpack", "--no-cnn", "--rejected", ""]) == 0
     assert not (tmp_path / "rejected.msgpack").exists()
     assert "2 rejected events counted, not kept (--rejected '')" in capsys.readouterr().out
+
+
+def test_eclreco_quarantine_lists_and_extracts_what_reco_py_rejected(tmp_path, capsys):
+    """A quarantine file could only be read with a few lines of msgpack: `eclreco quarantine` counts its
+    records per reason (with the first detail), lists them (--list, --reason), and writes the messages
+    as sent back to back (--extract), a raw file that reco.py reads again, rejecting them again."""
+    import json
+
+    import msgpack
+
+    from _raw_helpers import two_digit_events
+
+    reco = _reco()
+    good = two_digit_events(4)
+    bad = [msgpack.packb({"v": 2}), msgpack.packb([1, 2]), msgpack.packb({"v": 2, "x": 1})]
+    write_raw_file(tmp_path / "mixed.msgpack", good[:2] + bad + good[2:])
+    assert reco.main(["-i", str(tmp_path / "mixed.msgpack"), "-o", str(tmp_path / "r.root"), "--no-cnn"]) == 0
+    quarantine = str(tmp_path / "r.rejected.msgpack")
+    capsys.readouterr()
+    assert cli.main(["quarantine", quarantine, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["records"] == 3 and summary["bytes"] == sum(map(len, bad))
+    assert summary["by_reason"] == {"bad_version": 2, "not_a_map": 1}, summary
+    assert cli.main(["quarantine", quarantine]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("3 rejected events") and "bad_version" in out and "not_a_map" in out, out
+    assert cli.main(["quarantine", quarantine, "--list", "--reason", "bad_version"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(" bad_version " in line for line in lines), lines
+    extracted = tmp_path / "again.msgpack"
+    assert cli.main(["quarantine", quarantine, "--extract", str(extracted)]) == 0
+    from eclreco.rawdata import read_raw_file
+
+    assert read_raw_file(extracted) == bad
+    # a file cut short, or one that is no quarantine file, is an error that says where
+    with open(quarantine, "rb") as f:
+        data = f.read()
+    (tmp_path / "cut.msgpack").write_bytes(data[:-3])
+    capsys.readouterr()
+    assert cli.main(["quarantine", str(tmp_path / "cut.msgpack")]) == 2
+    assert "ends inside a record" in capsys.readouterr().err
+    assert cli.main(["quarantine", str(tmp_path / "mixed.msgpack")]) == 2
+    assert "is this a quarantine file?" in capsys.readouterr().err

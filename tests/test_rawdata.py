@@ -272,6 +272,7 @@ def test_valid_envelope_variants():
         assert (d["exp"], d["run"], d["evt"]) == (e["exp"], e["run"], e["evt"])
         assert d["ecl"] == e["ecl"] and d["det"] == e["det"]
         assert d["time_ns"] == e.get("time_ns") and d["crc32"] == e.get("crc32")
+        assert d.get("truth") == e.get("truth")  # the simulation's truth comes back (it was left out)
     # bin8 / bin16 / bin32 payload headers
     for size in (0, 4, 252, 256, 65532, 65536, 70000):
         p = bytes(size)

@@ -345,6 +345,11 @@ def test_the_file_records_what_made_it_and_the_jobs_counts(tmp_path):
     with open(model, "rb") as f:
         assert cnn["models"] == {"*": {"path": model, "sha256": hashlib.sha256(f.read()).hexdigest()}}
     assert meta["path"][5]["params"]["cluster_energy_gev"] == 0.0
+    # the classical leakage tables ECLLeakageCorrection loads by default: which ones (a physicist could
+    # not tell, from the version, tables rebuilt within it)
+    data = os.path.join(os.path.dirname(eclreco.__file__), "data", "leakage_array30.npz")
+    with open(data, "rb") as f:
+        assert meta["package_data"]["data/leakage_array30.npz"] == hashlib.sha256(f.read()).hexdigest()
 
 
 def test_the_recorded_model_digest_is_that_of_the_bytes_loaded(tmp_path, monkeypatch):

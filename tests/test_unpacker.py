@@ -155,6 +155,21 @@ def test_payload_rejection(name, reason, payload, det):
         assert events[k]["digits"]["amplitude"].tolist() == [40, 70]
 
 
+def test_details_say_how_short_and_which_key():
+    """Two details a DAQ engineer found too vague: missing_hit_words said "fewer words left" (now how
+    many), and a non-string map key said only that (now which key, and what it is)."""
+    import msgpack
+
+    with pytest.raises(rawdata.RawDataError) as e:
+        rawdata.unpack_payload(words(block(1, 2), shaper(1, 0b111), hit(50)), "belle2-ecl")
+    assert e.value.detail == "word 1: shaper 1 of collector 1 has 3 channels set, only 1 words left in the block"
+    m = msgpack.unpackb(envelope(words(block(1, 2), shaper(1, 1), hit(50))), raw=False)
+    bad = msgpack.packb({**m, 7: b"x"}, use_bin_type=True, strict_types=False)
+    with pytest.raises(rawdata.RawDataError) as e:
+        rawdata.decode_envelope(bad)
+    assert (e.value.reason, e.value.detail) == ("wrong_type", f"map key {len(m) + 1} is int, not a string (keys are str)")
+
+
 def test_all_payload_reasons_covered():
     import re
     src = open(__import__("os").path.join(__import__("os").path.dirname(__file__), "..", "cpp", "ecl",

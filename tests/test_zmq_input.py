@@ -96,7 +96,9 @@ def test_zmq_input_rejects_and_keeps_oversized_messages(tmp_path):
     assert (s["received"], s["processed"], s["rejected"]) == (2001, 1999, 2)
     assert s["rejected_by_reason"] == {"oversize": 2}
     kept = read_quarantine(quarantine)
-    assert [(r["reason"], r["message"]) for r in kept] == [("oversize", mark_oversize(m, 4096)) for m in big]
+    # as the producer sent it: the receiver's mark is taken off (the record kept the mark before)
+    assert [(r["reason"], r["message"]) for r in kept] == [("oversize", m) for m in big]
+    assert all("over the receiver's limit of 4096 bytes" in r["detail"] for r in kept)
     assert kept[0]["evt"] == 100 and "evt" not in kept[1]
     assert kept[1]["detail"] == "a message of 100000 bytes, over the receiver's limit of 4096 bytes (max_message_bytes)"
     assert inp.counters()["disconnects"] <= 1  # at most the sender closing: no refusal
@@ -276,3 +278,23 @@ def test_zmq_input_reads_what_is_queued_when_the_run_is_stopped(params, drained,
         assert unread == 0
     else:
         assert 0 < s["received"] < n / 2 and f"ZMQInput: warning: {int(unread)} messages were still queued" in capfd.readouterr().err
+
+
+def test_messages_left_by_an_event_count_are_reported_as_such(capfd):
+    """`-n` (max_events) ends the run with messages still queued: counted as unread_at_end, and the
+    warning says why (it said they "arrived after the run had ended", which they had not)."""
+    address = f"inproc://max-events-{os.getpid()}"
+    ctx = zmq.Context.instance()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, 0)
+    push.connect(address)
+    path = eclreco.create_path()
+    inp = path.add_module("ZMQInput", address=address)
+    for e in range(200):
+        push.send(envelope(e))
+    eclreco.process(path, max_events=50, batch_size=16, threads=1, install_signal_handlers=False)
+    push.close(0)
+    s = eclreco.statistics.summary()
+    unread = inp.counters()["unread_at_end"]
+    assert s["received"] + unread == 200 and unread > 0, (s, unread)
+    assert "the run had ended before they were read: its event count (-n) reached" in capfd.readouterr().err

@@ -175,6 +175,7 @@ class EnvelopeVisitor : public msgpack::null_visitor {
     if (depth_ == 1) {
       in_key_ = true;
       key_ = kBadKey;  // stays so unless the key is a string
+      ++key_number_;
     }
     return true;
   }
@@ -182,7 +183,8 @@ class EnvelopeVisitor : public msgpack::null_visitor {
     if (depth_ == 1) {
       in_key_ = false;
       if (key_ == kBadKey) {
-        error("wrong_type", "a map key is not a string");
+        error("wrong_type", "map key " + std::to_string(key_number_) + " is " + type_word(key_type_) +
+                                ", not a string (keys are str)");
         key_ = kUnknown;
       } else if (key_ >= 0) {
         if (seen_ & (1u << key_)) {
@@ -234,7 +236,9 @@ class EnvelopeVisitor : public msgpack::null_visitor {
 
   // A scalar anywhere: records the top-level type, checks the type of a known key's value.
   bool scalar(VType t) {
-    if (!started_) {
+    if (in_top_key()) {  // not a string key (visit_str takes those): said at its end
+      key_type_ = t;
+    } else if (!started_) {
       started_ = true;
       top_type_ = t;
     } else if (top_value() && key_ >= 0) {
@@ -243,7 +247,9 @@ class EnvelopeVisitor : public msgpack::null_visitor {
     return true;
   }
   void container(VType t) {
-    if (!started_) {
+    if (in_top_key()) {
+      key_type_ = t;
+    } else if (!started_) {
       started_ = true;
       top_type_ = t;
     } else if (top_value() && key_ >= 0 && !(key_ == kTruth && t == TMap)) {
@@ -284,6 +290,8 @@ class EnvelopeVisitor : public msgpack::null_visitor {
   int depth_ = 0;
   bool started_ = false, is_map_ = false, in_key_ = false;
   VType top_type_ = TNil;
+  VType key_type_ = TNil;  // of the top-level map's key being read, when it is not a string
+  int key_number_ = 0;     // 1 for the map's first key
   int key_ = kUnknown;
   size_t value_offset_ = 0;  // where the value of the current top-level (string) key starts
   unsigned seen_ = 0;

@@ -41,11 +41,12 @@ inline void emit(const DigitOut& out, size_t k, long i, uint32_t word, const dou
 }
 
 __attribute__((noinline, cold)) UnpackResult fail(const char* reason, const char* fmt, unsigned long a = 0,
-                                                   unsigned long b = 0, unsigned long c = 0, unsigned long d = 0) {
+                                                   unsigned long b = 0, unsigned long c = 0, unsigned long d = 0,
+                                                   unsigned long e = 0) {
   UnpackResult r;
   r.reason = reason;
   char buf[192];
-  std::snprintf(buf, sizeof buf, fmt, a, b, c, d);
+  std::snprintf(buf, sizeof buf, fmt, a, b, c, d, e);
   r.detail = buf;
   return r;
 }
@@ -157,8 +158,8 @@ __attribute__((always_inline)) inline UnpackResult unpack_impl(const uint8_t* pa
       uint32_t mask = s & 0xffffu;
       const size_t nh = static_cast<size_t>(kPopcnt ? __builtin_popcount(mask) : popcount16(mask));
       if (nh > end - w - 1)
-        return fail("missing_hit_words", "word %lu: shaper %lu of collector %lu has %lu channels set, fewer words left in the block",
-                    w, sh, coll, nh);
+        return fail("missing_hit_words", "word %lu: shaper %lu of collector %lu has %lu channels set, only %lu words left in the block",
+                    w, sh, coll, nh, end - w - 1);
       ++w;
       if (!mask) continue;
       const long base = coll_base + static_cast<long>(sh - 1) * 16;  // address index of channel 0

@@ -18,6 +18,7 @@ SUBCOMMANDS = [
     ("eclreco.bench", "add_bench_parser"),
     ("eclreco.hlt.cli", "add_hlt_parser"),
     ("eclreco.dqm", "add_dqm_parser"),
+    ("eclreco.quarantine", "add_quarantine_parser"),
 ]
 
 

@@ -1,6 +1,8 @@
 """The user-facing framework API: Module, Path, create_path, process, statistics."""
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
 import numbers
 import os
@@ -164,10 +166,24 @@ def running_path() -> Path | None:
     return _running_path
 
 
+@functools.lru_cache(maxsize=1)
+def package_data_digests() -> dict:
+    """SHA-256 of the package's data files (eclreco/data: the classical leakage tables that
+    ECLLeakageCorrection loads by default), by name: the version number alone does not say which
+    tables a build shipped (they were rebuilt within one version)."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+    digests = {}
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        with open(os.path.join(folder, name), "rb") as f:
+            digests["data/" + name] = hashlib.sha256(f.read()).hexdigest()
+    return digests
+
+
 def job_provenance(path: Path | None) -> dict:
     """What made an output file, for its metadata (RootOutput): the eclreco version, the command
-    line, the host, and each module of the path with every parameter's value, plus what a module's
-    provenance() adds (ECLEnergyCorrection: the model files it loaded and their SHA-256)."""
+    line, the host, the digests of the package's data files (package_data_digests), and each module
+    of the path with every parameter's value, plus what a module's provenance() adds
+    (ECLEnergyCorrection: the model files it loaded and their SHA-256)."""
     import socket
 
     import eclreco
@@ -180,7 +196,7 @@ def job_provenance(path: Path | None) -> dict:
             entry.update(extra())
         modules.append(entry)
     return {"eclreco_version": eclreco.__version__, "command": list(sys.argv), "host": socket.gethostname(),
-            "path": modules}
+            "package_data": package_data_digests(), "path": modules}
 
 
 class Statistics:

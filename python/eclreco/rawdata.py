@@ -51,14 +51,23 @@ def _reraise(e: ValueError):
 
 
 def decode_envelope(message: bytes) -> dict:
-    """Decode one envelope (C++): dict with exp, run, evt, det, detector, time_ns, crc32, ecl, ...
+    """Decode one envelope (C++): dict with exp, run, evt, det, detector, time_ns, crc32, ecl, ...,
+    and `truth` (the simulation's per-event object, as MessagePack gives it back) when it has one.
 
     Raises :class:`RawDataError` (a ValueError) with the rejection reason.
     """
     try:
-        return _core.decode_envelope(message)
+        env = _core.decode_envelope(message)
     except ValueError as e:
         _reraise(e)
+    if b"truth" in message:  # the C++ decoder checks it is a map and skips it (the chain never reads it)
+        try:
+            m = msgpack.unpackb(message, raw=False, strict_map_key=False)
+        except (ValueError, msgpack.StackError):  # nested deeper than msgpack-python unpacks: valid, left out
+            return env
+        if "truth" in m:
+            env["truth"] = m["truth"]
+    return env
 
 
 def unpack_payload(payload: bytes, detector: str = "belle2-ecl", gain=None, t0=None, channel_map=None) -> dict:

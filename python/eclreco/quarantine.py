@@ -1,0 +1,92 @@
+"""Quarantine files: the rejected raw events that RejectedOutput keeps (`reco.py -i`, the HLT
+workers' `--rejected`). Each record is a MessagePack map {reason, detail, message (the bytes as
+sent), exp/run/evt where they could be read}, back to back.
+
+    eclreco quarantine FILE...                   records per reason, with the first detail of each
+    eclreco quarantine FILE... --list            one line per record
+    eclreco quarantine FILE... --extract OUT     the messages, back to back: a raw file to replay
+                                                 (reco.py -i OUT, eclreco daq-emulator --input OUT)
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+from typing import Iterator
+
+import msgpack
+
+
+def read_records(path: str | os.PathLike) -> Iterator[dict]:
+    """The records of one quarantine file, in the order they were rejected; a file that is not one,
+    or that ends inside a record (cut short), is an error that says at which byte."""
+    name = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=False, max_buffer_size=0)
+        try:
+            for rec in unpacker:
+                if not isinstance(rec, dict) or "reason" not in rec or not isinstance(rec.get("message"), bytes):
+                    raise ValueError(f"{name}: the object ending at byte {unpacker.tell()} is no quarantine "
+                                     "record (a map with reason, detail, message): is this a quarantine file?")
+                yield rec
+        except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as err:
+            raise ValueError(f"{name}: not MessagePack after byte {unpacker.tell()} ({err})") from None
+        if unpacker.tell() != size:
+            raise ValueError(f"{name}: ends inside a record (the last {size - unpacker.tell()} bytes)")
+
+
+def _ids(rec: dict) -> str:
+    return " ".join(f"{k} {rec[k]}" for k in ("exp", "run", "evt") if k in rec) or "(no exp/run/evt)"
+
+
+def _run(args) -> int:
+    reasons = set(args.reason or ())
+    counts: collections.Counter = collections.Counter()
+    first: dict[str, dict] = {}
+    n_bytes = 0
+    out = open(args.extract, "wb") if args.extract else None
+    try:
+        for path in args.files:
+            for i, rec in enumerate(read_records(path)):
+                if reasons and rec["reason"] not in reasons:
+                    continue
+                counts[rec["reason"]] += 1
+                first.setdefault(rec["reason"], rec)
+                n_bytes += len(rec["message"])
+                if args.list:
+                    print(f"{path}:{i}  {rec['reason']:<16} {_ids(rec):<28} {len(rec['message']):>9} bytes  "
+                          f"{rec.get('detail', '')}")
+                if out is not None:
+                    out.write(rec["message"])
+    finally:
+        if out is not None:
+            out.close()
+    total = sum(counts.values())
+    if args.json:
+        print(json.dumps({"records": total, "bytes": n_bytes, "by_reason": dict(counts.most_common()),
+                          "first_detail": {r: first[r].get("detail", "") for r in counts}}))
+    elif not args.list:
+        print(f"{total} rejected events, {n_bytes} bytes, in {len(args.files)} file(s)")
+        for reason, n in counts.most_common():
+            rec = first[reason]
+            print(f"  {reason:<16} {n:>8}   first: {_ids(rec)}: {rec.get('detail', '')}")
+    if out is not None:
+        print(f"{total} messages written to {args.extract} (a raw file: reco.py -i {args.extract})",
+              file=sys.stderr)
+    return 0
+
+
+def add_quarantine_parser(subparsers) -> None:
+    p = subparsers.add_parser("quarantine", help="list or extract the rejected raw events of quarantine files",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="+", help="quarantine files (.msgpack) written by RejectedOutput")
+    p.add_argument("--list", action="store_true", help="one line per record: reason, exp/run/evt, size, detail")
+    p.add_argument("--reason", action="append", help="only records of this reason (repeatable)")
+    p.add_argument("--extract", default="", metavar="OUT",
+                   help="write the messages as sent, back to back, to OUT (a raw file; a multi_frame record's "
+                        "message keeps its mark, which a raw file reads as not_msgpack)")
+    p.add_argument("--json", action="store_true", help="the summary as one JSON object")
+    p.set_defaults(func=_run)
