@@ -97,9 +97,8 @@ class RejectedOutput : public fw::Module {
         // the frame boundaries).
         if (rej.detail.rfind(ecl::kVerbatimDetail, 0) == 0 && ecl::is_verbatim(bytes + a, static_cast<size_t>(b - a)))
           a += ecl::kVerbatimTagSize;
-        else if (rej.reason == "oversize" && b - a > static_cast<int64_t>(ecl::kOversizeTagSize + 8) &&
-                 std::memcmp(bytes + a, ecl::kOversizeTag, ecl::kOversizeTagSize) == 0)
-          a += ecl::kOversizeTagSize + 8;
+        else if (rej.reason == "oversize" && ecl::has_oversize_head(bytes + a, static_cast<size_t>(b - a)))
+          a += ecl::kOversizeHeadSize;
         pk.pack_bin(static_cast<uint32_t>(b - a));
         pk.pack_bin_body(reinterpret_cast<const char*>(bytes + a), static_cast<uint32_t>(b - a));
       } else {

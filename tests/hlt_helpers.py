@@ -27,9 +27,11 @@ def envelope(evt: int, exp: int = 1, run: int = 1, det: str = "belle2-ecl") -> b
 
 
 def read_quarantine(path) -> list[dict]:
-    """The records of a quarantine file (RejectedOutput, the HLT workers' --rejected)."""
-    with open(path, "rb") as f:
-        return list(msgpack.Unpacker(f, raw=False, strict_map_key=False))
+    """The records of a quarantine file (RejectedOutput, the HLT workers' --rejected), as `eclreco
+    quarantine` reads them: a record that is not one, or a file cut inside a record, is an error."""
+    from eclreco.quarantine import read_records
+
+    return list(read_records(path))
 
 
 def big_envelope(evt: int, nbytes: int) -> bytes:

@@ -333,8 +333,8 @@ Envelope decode(const uint8_t* data, size_t size, bool whole, bool marks = true)
 
 // A message marked by its receiver as over its size limit (kOversizeTag in envelope.hpp).
 bool oversize(const uint8_t* data, size_t size, Envelope& env) {
-  constexpr size_t head = kOversizeTagSize + 8;
-  if (size <= head || std::memcmp(data, kOversizeTag, kOversizeTagSize) != 0) return false;
+  constexpr size_t head = kOversizeHeadSize;
+  if (!has_oversize_head(data, size)) return false;
   const uint64_t limit = be64(data + kOversizeTagSize);
   const size_t n = size - head;
   if (n <= limit) return false;

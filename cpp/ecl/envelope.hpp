@@ -75,6 +75,12 @@ inline constexpr size_t kMultiFrameTagSize = sizeof(kMultiFrameTag) - 1;
 // written behind it; the socket's own limit stays only as a far higher memory guard.
 inline constexpr char kOversizeTag[] = "\xc1" "oversize";
 inline constexpr size_t kOversizeTagSize = sizeof(kOversizeTag) - 1;
+// The tag and the limit in front of the message's bytes.
+inline constexpr size_t kOversizeHeadSize = kOversizeTagSize + 8;
+// Bytes that start like such a mark with a message behind it (decode_envelope also checks the limit).
+inline bool has_oversize_head(const uint8_t* data, size_t size) {
+  return size > kOversizeHeadSize && std::memcmp(data, kOversizeTag, kOversizeTagSize) == 0;
+}
 // A single-frame message that itself starts with 0xc1 (the tags' first byte: no envelope does) is
 // handed on behind this tag, so that a producer's bytes can never pass for a receiver's mark;
 // decode_envelope reads the bytes after it as they were sent, without marks (not_msgpack).

@@ -488,15 +488,12 @@ class Distributor:
         """Keeps CONFIRM/SAVED of a process that is not the registered collector until its HELLO
         (housekeeping drops them, as bad messages, when none comes within the heartbeat time-out).
         Bounded: at most 8 such processes and max_held ids each."""
-        held = self.unregistered.get(ident)
-        if held is None:
-            if len(self.unregistered) >= 8:
-                raise ValueError(f"{cmd.decode()} from a process that is not the registered collector")
-            held = self.unregistered[ident] = {"since": now, "messages": [], "n": 0}
-        if held["n"] + len(seqs) > self.max_held:
+        held = self.unregistered.get(ident) or {"since": now, "messages": [], "n": 0}
+        if (ident not in self.unregistered and len(self.unregistered) >= 8) or held["n"] + len(seqs) > self.max_held:
             raise ValueError(f"{cmd.decode()} from a process that is not the registered collector")
         held["messages"].append((cmd, seqs))
         held["n"] += len(seqs)
+        self.unregistered[ident] = held
 
     def add_supervisor(self, ident: bytes, info: dict, now: float):
         """The report of `hlt run`'s supervisor (checked before it is kept: a stray peer's message is a bad

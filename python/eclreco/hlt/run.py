@@ -103,8 +103,8 @@ class Farm:
         self.workers_addr = args.workers_addr or free_address(exclude=named)
         if args.rejected is None:  # default: each worker keeps the raw bytes of what it rejects beside the output
             out = args.output
-            base = "hlt" if out.startswith("tcp://") else os.path.splitext(out.replace("{run_index}", "all"))[0]
-            args.rejected = base + "_rejected_w{worker}_{pid}.msgpack"  # tcp://: in the working directory
+            stem = "hlt" if out.startswith("tcp://") else os.path.splitext(out.replace("{run_index}", "all"))[0]
+            args.rejected = stem + "_rejected_w{worker}_{pid}.msgpack"  # tcp://: in the working directory
         self.collector_addr = args.collector_addr or free_address(exclude=named)
         base = args.metrics_base_port
         self.mport = (lambda k: base + k) if base > 0 else (lambda k: base)

@@ -248,7 +248,8 @@ def default_quarantine(args) -> None:
     """A worker keeps the raw bytes of what it rejects unless told not to (--rejected ''), as reco.py -i
     does: by default in DEFAULT_REJECTED in its working directory, made at the first rejected event (a
     worker that rejects nothing leaves no file). A directory it cannot write in is an error now, not
-    at the first rejection, which would stop the worker's run."""
+    at the first rejection, which would stop the worker's run. Sets args.rejected to the file itself
+    ({pid} replaced)."""
     args.rejected_when_needed = args.rejected is None
     if args.rejected is None:
         args.rejected = DEFAULT_REJECTED
@@ -257,6 +258,7 @@ def default_quarantine(args) -> None:
                              "pass --rejected FILE (or --rejected '' to keep none)")
     elif args.rejected and (folder := missing_folder(args.rejected)):
         raise SystemExit(f"eclreco hlt worker: --rejected {args.rejected!r}: no directory {folder!r}")
+    args.rejected = args.rejected.replace("{pid}", str(os.getpid()))
 
 
 def start_worker(args, build_reconstruction) -> int:
@@ -288,7 +290,7 @@ def start_worker(args, build_reconstruction) -> int:
         exporter.set_path(path)
     print(f"[worker] pid {os.getpid()} {path} distributor {args.distributor} collector {args.collector} "
           f"metrics {exporter.port if exporter else '-'} rejected raw events "
-          f"{os.path.abspath(args.rejected.replace('{pid}', str(os.getpid()))) if args.rejected else 'not kept'}", flush=True)
+          f"{os.path.abspath(args.rejected) if args.rejected else 'not kept'}", flush=True)
     try:
         return run_worker(path, link, threads=args.threads, batch_size=args.batch_size, exporter=exporter)
     finally:
@@ -299,14 +301,15 @@ def start_worker(args, build_reconstruction) -> int:
 def add_output(path, args):
     """ZMQOutput to the collector, with what RootOutput and ECLDQM there read: the cluster columns
     RootOutput writes (--cluster-columns, the collector's as well), the ones ECLDQM reads, and the event's
-    out-of-time digit count (ECLUnpacker). With --rejected, a RejectedOutput first: the raw bytes of
-    rejected events stay in this worker's quarantine file (the collector gets their reasons and counts)."""
+    out-of-time digit count (ECLUnpacker). With --rejected (the file, default_quarantine), a RejectedOutput
+    first: the raw bytes of rejected events stay in this worker's quarantine file (the collector gets their
+    reasons and counts)."""
     from eclreco.modules.root_output import DEFAULT_CLUSTER_COLUMNS
 
     columns = list(getattr(args, "cluster_columns", DEFAULT_CLUSTER_COLUMNS))
     columns += [c for c in DQM_CLUSTER_COLUMNS if c not in columns]
     if getattr(args, "rejected", ""):
-        path.add_module("RejectedOutput", filename=args.rejected.replace("{pid}", str(os.getpid())), append=True,
+        path.add_module("RejectedOutput", filename=args.rejected, append=True,
                         when_needed=getattr(args, "rejected_when_needed", False))
 
     path.add_module("ZMQOutput", address=args.collector, bind=False,
