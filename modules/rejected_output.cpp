@@ -38,6 +38,7 @@ class RejectedOutput : public fw::Module {
   }
   ~RejectedOutput() override { close(); }
   bool ordered() const override { return true; }
+  bool writes_events() const override { return true; }
 
   void initialize() override {
     close();

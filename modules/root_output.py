@@ -83,6 +83,9 @@ class RootOutput(Module):
     def ordered(self):
         return True
 
+    def writes_events(self):
+        return True
+
     def initialize(self):
         import uproot
 

@@ -48,6 +48,9 @@ class ZMQOutput(Module):
     def ordered(self):
         return True
 
+    def writes_events(self):
+        return True
+
     def initialize(self):
         import zmq
 

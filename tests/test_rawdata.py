@@ -512,6 +512,60 @@ def test_rejected_output_quarantine(tmp_path):
     assert "exp" not in recs[3] and "evt" not in recs[3]
 
 
+class _LateRejecter(eclreco.Module):
+    """Rejects the events whose evt is in `which` (a user's module)."""
+
+    def __init__(self, which):
+        super().__init__()
+        self.which = set(which)
+
+    def event(self, batch):
+        for i, e in enumerate(np.asarray(batch.evt).tolist()):
+            if e in self.which and batch.active()[i]:
+                batch.reject(i, "late_check", f"evt {e} failed the check")
+
+
+@pytest.mark.parametrize("order", ["root_first", "quarantine_first"])
+def test_a_module_after_an_output_cannot_reject(tmp_path, order, capfd):
+    """An output has written the event (RootOutput first: it would be in both files and counted as
+    rejected) or passed it by (RejectedOutput first: it would be in neither file). Either way the
+    rejection after the output becomes a module error, counted and kept with the event, which stays
+    processed and in the ROOT file; a rejection before any output is a rejection as ever."""
+    import uproot
+
+    from eclreco.quarantine import read_records
+
+    rng = np.random.default_rng(3)
+    d = random_digits(rng, "array30", 12, max_digits=30)
+    f = tmp_path / "in.msgpack"
+    rawdata.write_raw_file(f, rawdata.encode_events("array30", 1, 2, np.arange(12), **d))
+    root, quarantine = tmp_path / "out.root", tmp_path / "rejected.msgpack"
+    outputs = [("RootOutput", root), ("RejectedOutput", quarantine)]
+    if order == "quarantine_first":
+        outputs.reverse()
+    path = eclreco.create_path()
+    path.add_module(_file_source(f))
+    path.add_module("ECLUnpacker")
+    path.add_module(_LateRejecter({0, 4}))
+    path.add_module(outputs[0][0], filename=str(outputs[0][1]))
+    path.add_module(_LateRejecter({4, 5, 9}))  # 4 is rejected already: no decision on it
+    path.add_module(outputs[1][0], filename=str(outputs[1][1]))
+    eclreco.process(path, batch_size=5, install_signal_handlers=False)
+    s = eclreco.statistics.summary()
+    assert s["received"] == 12 and s["processed"] == 10 and s["rejected"] == 2
+    assert s["rejected_by_reason"] == {"late_check": 2} and s["errors"] == 2
+    with uproot.open(root) as t:
+        events = t["events"].arrays(["evt", "error_flags"], library="np")
+    assert events["evt"].tolist() == [1, 2, 3, 5, 6, 7, 8, 9, 10, 11]
+    # written before the error (RootOutput first), or with it
+    flagged = events["evt"][events["error_flags"] == eclreco.ERROR_MODULE].tolist()
+    assert flagged == ([] if order == "root_first" else [5, 9]) and set(events["error_flags"]) <= {0, eclreco.ERROR_MODULE}
+    assert [r["evt"] for r in read_records(quarantine)] == [0, 4]
+    err = capfd.readouterr().err
+    assert (f"_LateRejecter rejected exp 1 run 2 evt 5 (late_check: evt 5 failed the check) after the output "
+            f"{outputs[0][0]}: a module after an output cannot reject") in err
+
+
 def test_append_envelopes_accepts_buffers_and_extends():
     b = eclreco.EventBatch(0)
     _core.append_envelopes(b, [VALID, bytearray(VALID), memoryview(pack(env(evt=9)))])

@@ -121,6 +121,7 @@ class PyModule : public Module {
   bool is_source() const override { return flag("is_source", false); }
   bool drains_at_stop() const override { return flag("drains_at_stop", false); }
   bool ordered() const override { return flag("ordered", false); }
+  bool writes_events() const override { return flag("writes_events", false); }
   bool needs_gil() const override { return true; }
   bool next_batch(fw::EventBatch& batch, size_t max_events) override {
     PythonCall gil;
@@ -309,6 +310,7 @@ void register_framework(py::module_& m) {
       .def("is_source", &Module::is_source)
       .def("drains_at_stop", &Module::drains_at_stop)
       .def("ordered", &Module::ordered)
+      .def("writes_events", &Module::writes_events)
       .def("counters", &Module::counters)
       .def("set_param", [](Module& self, const std::string& name, py::handle v) {
         self.params().set(name, to_param(self, name, v));

@@ -72,6 +72,15 @@ void EventBatch::reject(size_t i, std::string reason, std::string detail) {
   rejections_.emplace(i, Rejection{std::move(reason), std::move(detail)});  // the first reason stays
 }
 
+Rejection EventBatch::withdraw_rejection(size_t i) {
+  auto it = rejections_.find(i);
+  if (it == rejections_.end()) throw std::out_of_range("event index " + std::to_string(i) + " is not rejected");
+  Rejection r = std::move(it->second);
+  rejections_.erase(it);
+  error_flags()[i] &= ~kRejected;
+  return r;
+}
+
 void EventBatch::discard(size_t i, std::string reason) {
   check_index(i);
   if (reason.empty()) throw std::invalid_argument("discard: a discarded event needs a reason (its counter's label)");

@@ -89,6 +89,9 @@ class EventBatch {
   void reject(size_t i, std::string reason, std::string detail);
   bool is_rejected(size_t i) const { return error_flags()[i] & kRejected; }
   const std::map<size_t, Rejection>& rejections() const { return rejections_; }
+  // Takes a rejection back (the processor, for a module that may no longer reject): the event is
+  // no longer rejected; returns what the rejection said (std::out_of_range if it was not rejected).
+  Rejection withdraw_rejection(size_t i);
   // An event filter's decision (an HLT selection): the event was processed up to the filter and
   // is counted, by reason, as processed and discarded; later modules and outputs skip it. A
   // rejected event stays rejected (no decision on it), a second discard keeps the first reason.

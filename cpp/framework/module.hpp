@@ -58,6 +58,10 @@ class Module {
   // Ordered modules (outputs) see batches one at a time in input order, also with threads > 1;
   // every module after the first ordered one in a path runs ordered too.
   virtual bool ordered() const { return false; }
+  // Outputs (a file, a socket, the quarantine): the events they are given leave the process. A
+  // module after one can no longer reject an event (the processor makes such a rejection a module
+  // error): the event is already written, or, after the quarantine, would be in neither file.
+  virtual bool writes_events() const { return false; }
   // Python modules need the interpreter lock; the processor keeps them off the parallel stage
   // when asked to (see ProcessOptions).
   virtual bool needs_gil() const { return false; }

@@ -168,6 +168,12 @@ class Run {
         first_ordered_ = i;
         break;
       }
+    first_writer_ = modules_.size();
+    for (size_t i = 1; i < modules_.size(); ++i)
+      if (modules_[i]->writes_events()) {
+        first_writer_ = i;
+        break;
+      }
   }
 
   void execute() {
@@ -387,7 +393,7 @@ class Run {
   void run_modules(EventBatch& batch, size_t from, size_t to) {
     for (size_t k = from; k < to; ++k) {
       const CallStart t0;
-      call_event(*modules_[k], batch);
+      call_event(*modules_[k], batch, k > first_writer_ ? modules_[first_writer_].get() : nullptr);
       record(*st_.modules[k], batch.size(), t0);
     }
   }
@@ -400,10 +406,13 @@ class Run {
   // A module that ends the job (AbortJob) flags the events of its call, and those it was not
   // called on yet in the re-run.
   // Returns the AbortJob's message when the module ended the job, "" otherwise.
-  std::string call_event(Module& m, EventBatch& batch) {
+  // writer: the first output before m in the path (nullptr: none), after which m may not reject.
+  std::string call_event(Module& m, EventBatch& batch, const Module* writer) {
     const EventBatch before = batch;
     try {
       m.event(batch);
+      if (writer && batch.rejections().size() != before.rejections().size())
+        rejections_after_output(m, *writer, batch, before);
       return {};
     } catch (const AbortJob& a) {
       abort_job(m, a);
@@ -423,7 +432,7 @@ class Run {
     for (size_t i = 0; i < batch.size(); ++i) {
       EventBatch one = batch.select({i});
       if (aborted.empty())
-        aborted = call_event(m, one);
+        aborted = call_event(m, one, writer);
       else
         flag(one, 0, m, aborted.c_str(), false);
       parts.push_back(std::move(one));
@@ -431,6 +440,21 @@ class Run {
     batch = EventBatch::concat(parts);
     batch.sequence = before.sequence;
     return aborted;
+  }
+
+  // An output before m has written the event (or, the quarantine, has passed it by): a rejection
+  // now would count it as rejected while it is in the output file, or keep it in neither file.
+  // So the event stays processed, and the rejection is counted and kept as a module error.
+  void rejections_after_output(Module& m, const Module& writer, EventBatch& batch, const EventBatch& before) {
+    std::vector<size_t> late;
+    for (const auto& [i, r] : batch.rejections())
+      if (!before.rejections().count(i)) late.push_back(i);
+    for (size_t i : late) {
+      const Rejection r = batch.withdraw_rejection(i);
+      record_error(batch, i, m.type() + " rejected " + event_id(batch, i) + " (" + r.reason +
+                                 (r.detail.empty() ? "" : ": " + r.detail) + ") after the output " + writer.type() +
+                                 ": a module after an output cannot reject; the event stays, with this error");
+    }
   }
 
   // The first AbortJob is kept for execute(); the source is read no more.
@@ -443,7 +467,10 @@ class Run {
   }
 
   void flag(EventBatch& b, size_t i, Module& m, const char* what, bool print = true) {
-    const std::string msg = m.type() + " raised on " + event_id(b, i) + ": " + what;
+    record_error(b, i, m.type() + " raised on " + event_id(b, i) + ": " + what, print);
+  }
+
+  void record_error(EventBatch& b, size_t i, const std::string& msg, bool print = true) {
     b.flag_error(i, msg);
     st_.record_error(msg);
     if (!print) return;
@@ -492,6 +519,7 @@ class Run {
   const ProcessOptions& opt_;
   ProcessState& st_;
   size_t first_ordered_ = 0;
+  size_t first_writer_ = 0;  // the first output (writes_events), modules_.size() when none
   uint64_t received_ = 0, next_sequence_ = 0;
   bool in_run_ = false;
   size_t begun_ = 0;  // modules that got begin_run of the current run (in path order)

@@ -134,7 +134,7 @@ class Path:
             raise TypeError(f"add_module takes a module name or a Module, not {type(module).__name__}")
         elif any(m is module for m in self._modules):  # its event() would run twice on each batch
             raise ValueError(f"add_module: this {module.type} instance is already in the path (create another one)")
-        for flag in ("is_source", "ordered", "drains_at_stop"):
+        for flag in ("is_source", "ordered", "drains_at_stop", "writes_events"):
             # the processor calls them; a class attribute `ordered = True` would fail there, unnamed
             if not callable(getattr(module, flag)):
                 raise TypeError(f"{module.type}: {flag} must be a method returning bool "
