@@ -350,6 +350,27 @@ def test_the_file_records_what_made_it_and_the_jobs_counts(tmp_path):
     data = os.path.join(os.path.dirname(eclreco.__file__), "data", "leakage_array30.npz")
     with open(data, "rb") as f:
         assert meta["package_data"]["data/leakage_array30.npz"] == hashlib.sha256(f.read()).hexdigest()
+    assert meta["build"] == eclreco.framework.build_info()
+
+
+def test_the_build_records_its_git_commit():
+    """CMakeLists.txt writes the commit the package was built from; in a git checkout that is a commit
+    of this repository (not necessarily HEAD: one may commit after installing), and --version shows it."""
+    import re
+    import shutil
+
+    info = eclreco.framework.build_info()
+    out = subprocess.run([sys.executable, "-m", "eclreco.cli", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0
+    assert out.stdout.strip() == f"eclreco {eclreco.__version__} (commit {info['git_commit']}" + \
+        ("-dirty)" if info["git_dirty"] else ")")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    head = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True) \
+        if shutil.which("git") else None
+    if head is None or head.returncode != 0:
+        pytest.skip("the tests are not in a git checkout: the build cannot have recorded a commit")
+    assert re.fullmatch("[0-9a-f]{40}", info["git_commit"]) and isinstance(info["git_dirty"], bool)
+    assert subprocess.run(["git", "-C", repo, "cat-file", "-e", info["git_commit"] + "^{commit}"]).returncode == 0
 
 
 def test_the_recorded_model_digest_is_that_of_the_bytes_loaded(tmp_path, monkeypatch):

@@ -23,7 +23,10 @@ SUBCOMMANDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from eclreco.framework import version_text
+
     parser = argparse.ArgumentParser(prog="eclreco", description=__doc__)
+    parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name, func_name in SUBCOMMANDS:
         getattr(importlib.import_module(module_name), func_name)(sub)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
+import json
 import numbers
 import os
 import pkgutil
@@ -179,6 +180,28 @@ def package_data_digests() -> dict:
     return digests
 
 
+@functools.lru_cache(maxsize=1)
+def build_info() -> dict:
+    """The git commit the installed package was built from (CMakeLists.txt writes build_info.json at
+    build time): {"git_commit": hex or "unknown" (not built from a git checkout), "git_dirty": True when
+    tracked files differed from that commit, None when unknown}."""
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "build_info.json")) as f:
+            info = json.load(f)
+        return {"git_commit": str(info["git_commit"]), "git_dirty": info["git_dirty"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"git_commit": "unknown", "git_dirty": None}
+
+
+def version_text() -> str:
+    """`eclreco --version`: the version and the commit it was built from."""
+    import eclreco
+
+    b = build_info()
+    # "-dirty" as `git describe --dirty` marks it: tracked files differed from the commit
+    return f"eclreco {eclreco.__version__} (commit {b['git_commit']}{'-dirty' if b['git_dirty'] else ''})"
+
+
 def job_provenance(path: Path | None) -> dict:
     """What made an output file, for its metadata (RootOutput): the eclreco version, the command
     line, the host, the digests of the package's data files (package_data_digests), and each module
@@ -195,8 +218,8 @@ def job_provenance(path: Path | None) -> dict:
         if callable(extra):
             entry.update(extra())
         modules.append(entry)
-    return {"eclreco_version": eclreco.__version__, "command": list(sys.argv), "host": socket.gethostname(),
-            "package_data": package_data_digests(), "path": modules}
+    return {"eclreco_version": eclreco.__version__, "build": build_info(), "command": list(sys.argv),
+            "host": socket.gethostname(), "package_data": package_data_digests(), "path": modules}
 
 
 class Statistics:
