@@ -254,6 +254,31 @@ def test_dqm_counts_rejections_before_the_first_run_and_without_any(tmp_path, n_
     assert (tmp_path / "png" / "rejections.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("batch_size", [1, 4, 5, 256])
+def test_rejections_between_two_runs_count_in_the_run_in_progress(tmp_path, batch_size):
+    """3 events of run 1, 2 rejected events, 3 of run 2: the rejected ones came during run 1 and count
+    in its cycle of dqm/rejections, whatever the batch boundaries (with batches of 4, one counted in
+    run 1 and the other, at the start of the next batch, in run 2)."""
+    import msgpack
+
+    from _raw_helpers import two_digit_events
+    from eclreco.rawdata import write_raw_file
+
+    raw = tmp_path / "in.msgpack"
+    write_raw_file(raw, two_digit_events(3, run=1) + [msgpack.packb({"x": 1})] * 2 + two_digit_events(3, run=2))
+    out = tmp_path / "out.root"
+    path = eclreco.create_path()
+    path.add_module("RawFileInput", filename=str(raw))
+    path.add_module("ECLUnpacker")
+    path.add_module("ECLDQM")
+    path.add_module("RootOutput", filename=str(out))
+    eclreco.process(path, batch_size=batch_size, install_signal_handlers=False)
+    with uproot.open(out) as f:
+        cycles = sorted((k for k in f.keys() if k.startswith("dqm/rejections;")), key=lambda k: int(k.split(";")[1]))
+        counts = [(f[k].title.split("(")[-1], dict(zip(f[k].axis().labels(), f[k].values().tolist()))) for k in cycles]
+    assert counts == [("exp 0, run 1)", {"missing_key": 2}), ("exp 0, run 2)", {"(none)": 0})]
+
+
 def test_a_file_of_several_runs_has_its_dqm_drawn_per_run(tmp_path, capsys):
     """Runs 1 then 2 in one file: one cycle of each histogram per run. `eclreco dqm` drew only the
     last cycle (run 2), and nothing said which run a histogram was; titles now end with the run and

@@ -292,13 +292,14 @@ class Run {
     }
   }
 
-  // Splits a batch where (exp, run) changes; rejected events (run unknown) stay with their
-  // neighbours.
+  // Splits a batch where (exp, run) changes. Rejected events (run unknown) belong to the run in
+  // progress when they come, whatever the batch boundaries: those at the start of a batch to the
+  // run of the batch before, those before the first run to the first run.
   std::vector<EventBatch> split_runs(EventBatch& batch) {
     std::vector<EventBatch> out;
     std::vector<size_t> idx;
-    bool have_key = false;
-    uint64_t kexp = 0, krun = 0;
+    bool have_key = in_run_;
+    uint64_t kexp = exp_, krun = run_;
     auto flush = [&] {
       if (!idx.empty()) out.push_back(idx.size() == batch.size() ? std::move(batch) : batch.select(idx));
       idx.clear();
