@@ -672,7 +672,7 @@ def test_confirmations_sent_before_a_restarted_distributor_took_the_collector_co
         assert not d.events and not d.unsaved and d.collector["saved"] == 100
         farm.send(col, P.RUN_ENDED, P.pack({"received": 800, "events_written": 800}))
         line = output_line(d.own_status())
-        assert "800 events written in 1 run(s) of 800 received (700 of them before this distributor took " \
+        assert "800 events written in 1 farm run(s) of 800 received (700 of them before this distributor took " \
                "the collector)" in line, line
 
         more = farm.read_events(5)
@@ -723,7 +723,7 @@ def test_a_replaced_collectors_saved_events_are_in_the_report():
         assert d.state == "stopped" and d.output["saved_by_replaced"] == 70
         assert d.output["replaced_files"] == ["/data/a.root"]
         line = output_line(d.own_status())
-        assert "30 events written in 1 run(s) of 30 received" in line
+        assert "30 events written in 1 farm run(s) of 30 received" in line
         assert "70 more saved by 1 replaced collector(s) in their own file(s): /data/a.root" in line, line
         # the next run starts afresh: nothing replaced in it
         farm.send(farm.peer(), P.START)

@@ -956,7 +956,7 @@ def test_farm_reports_a_cluster_column_the_workers_do_not_make(farm_factory, tmp
     assert f"[collector] run 1 ended: 0 events written to {farm.output}" in log
     # hlt run's own end: the file side of the farm, and a failing exit as reco.py's for this case
     assert rc == 1, log
-    assert (f"[hlt run] output: 0 events written in 1 run(s) of {n} received; rejected 0, module errors {n}, "
+    assert (f"[hlt run] output: 0 events written in 1 farm run(s) of {n} received; rejected 0, module errors {n}, "
             f"discarded 0 (first error: RootOutput raised on exp 0 run 1 evt 0: ValueError: {message}") in log
     assert "[hlt run] error: every event failed in a module\n" in log
 
@@ -977,7 +977,7 @@ def test_a_farm_that_rejected_every_event_exits_1_with_its_dqm(farm_factory, tmp
     farm.command("terminate")
     rc, log = farm.wait_exit()
     assert rc == 1, log
-    assert f"0 events written in 1 run(s) of {n} received; rejected {n}, module errors 0" in log
+    assert f"0 events written in 1 farm run(s) of {n} received; rejected {n}, module errors 0" in log
     assert f"[hlt run] error: every event was rejected (not_a_map {n})" in log
     with open(quarantine, "rb") as f:  # this job's records only: a worker appends, the supervisor empties it first
         assert [r["reason"] for r in msgpack.Unpacker(f, raw=False)] == ["not_a_map"] * n

@@ -38,7 +38,7 @@ def output_line(d: dict) -> str:
     side of the farm, which the confirmations do not show (a confirmed event may have been
     rejected by a worker, failed in a module, or been discarded by a filter)."""
     o = d.get("output") or {}
-    line = (f"output: {o.get('events_written', 0)} events written in {o.get('runs', 0)} run(s) of "
+    line = (f"output: {o.get('events_written', 0)} events written in {o.get('runs', 0)} farm run(s) of "
             f"{o.get('received', 0)} received")
     if o.get("received_before"):  # a collector that outlived the previous distributor counts the whole run
         line += f" ({o['received_before']} of them before this distributor took the collector)"
