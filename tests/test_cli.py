@@ -84,7 +84,7 @@ def test_eclreco_refused_before_any_work(argv, message, tmp_path):
     (["validate", "--detector", "array30", "-o", "unused", "--max-events", "-1"], "argument --max-events: must be >= 0"),
     (["hlt", "run", "--bogus"], "usage: eclreco hlt run"),
     # no command at all: the help, and exit 0 before (a script's typo passed as success)
-    ([], "usage: eclreco [-h] COMMAND"),
+    ([], "usage: eclreco [-h] [--version] COMMAND"),
     (["hlt"], "usage: eclreco hlt [-h] ROLE"),
     (["hlt", "control", "stop", "--timeout", "inf"], "argument --timeout: must be a finite number > 0, not inf"),
     (["hlt", "status", "--timeout", "nan"], "argument --timeout: must be a finite number > 0, not nan"),
