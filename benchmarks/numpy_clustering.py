@@ -20,7 +20,7 @@ from scipy.sparse.csgraph import connected_components
 DEFAULTS = dict(seed_energy_gev=0.010, growth_energy_gev=0.0015, digit_energy_gev=0.0005,
                 lm_energy_gev=0.010, time_cut_ns=125.0, background_level=0.0, sharing_a=2.5,
                 moliere_radius_cm=3.57, log_weight_w0=4.0, convergence_cm=0.01, max_iterations=100,
-                lat_r0_cm=5.0, image_size=7, max_local_maxima=30)
+                lat_r0_cm=5.0, image_size=7, max_local_maxima=30, position_crystals=9)
 FEATURES = ("theta", "phi", "local_u", "local_v", "energy_raw", "ring", "region")
 
 _GEOM_CACHE: dict = {}
@@ -229,16 +229,26 @@ def find_clusters(detector, offsets, cell, energy, time, quality, skip=None, **p
     # 4. Cluster quantities.
     e_cl = np.bincount(pc, share, minlength=n_cl)
     wsum = np.bincount(pc, pw, minlength=n_cl)
+    seed_cell = cell[lms]
+    pkey = pc * (ncell + 1) + cell[pd]
+
+    def in_lists(off, lists):  # the pairs whose digit is in the list (N1, NC2) of its cluster's seed
+        own_, nb_ = _expand(off, lists, seed_cell)
+        return np.isin(pkey, own_ * (ncell + 1) + nb_)
+
+    in_n1, in_nc2 = in_lists(G["n1_off"], G["n1"]), in_lists(G["nc2_off"], G["nc2"])
+    # position: log weights over the cluster's crystals (0) or its seed's 3 x 3 (9) / 21 crystals
+    ps = share * {0: np.ones(len(pc), bool), 9: in_n1, 21: in_nc2}[p["position_crystals"]]
+    e_pos = np.bincount(pc, ps, minlength=n_cl)
     lw = np.zeros_like(share)
-    okw = share > 0
-    lw[okw] = np.maximum(0.0, w0 + np.log(share[okw] / e_cl[pc[okw]]))
+    okw = ps > 0
+    lw[okw] = np.maximum(0.0, w0 + np.log(ps[okw] / e_pos[pc[okw]]))
     lw_sum = np.bincount(pc, lw, minlength=n_cl)
     fallback = lw_sum <= 0
-    lw = np.where(fallback[pc], share, lw)
+    lw = np.where(fallback[pc], ps, lw)
     lw_sum = np.bincount(pc, lw, minlength=n_cl)
     cen = np.stack([np.bincount(pc, lw * ppos[:, k], minlength=n_cl) for k in range(3)], 1)
     cen = cen / np.where(lw_sum > 0, lw_sum, 1)[:, None]
-    seed_cell = cell[lms]
     sc = seed_cell - 1
     ring = G["cell_ring"][sc]
     x, y, z = cen[:, 0], cen[:, 1], cen[:, 2]
@@ -258,14 +268,8 @@ def find_clusters(detector, offsets, cell, energy, time, quality, skip=None, **p
         region_code = np.zeros(n_cl, np.int64)
 
     # 5. Shapes.
-    pkey = pc * (ncell + 1) + cell[pd]
-    def ring_sum(off, lists):
-        own_, nb_ = _expand(off, lists, seed_cell)
-        nkey = own_ * (ncell + 1) + nb_
-        hit = np.isin(pkey, nkey)
-        return np.bincount(pc[hit], share[hit], minlength=n_cl)
-    e9 = ring_sum(G["n1_off"], G["n1"])
-    e21 = ring_sum(G["nc2_off"], G["nc2"])
+    e9 = np.bincount(pc[in_n1], share[in_n1], minlength=n_cl)
+    e21 = np.bincount(pc[in_nc2], share[in_nc2], minlength=n_cl)
     e1 = np.bincount(pc[pd == lms[pc]], share[pd == lms[pc]], minlength=n_cl)
     e1e9 = np.where(e9 > 0, e1 / np.where(e9 > 0, e9, 1), 0.0)
     e9e21 = np.where(e21 > 0, e9 / np.where(e21 > 0, e21, 1), 0.0)

@@ -30,6 +30,7 @@ class ECLClusterizer : public fw::Module {
     p.add("log_weight_w0", &cp_.log_weight_w0, 4.0, "w0 of the logarithmic position weights max(0, w0 + ln(E_i/E))");
     p.add("convergence_cm", &cp_.convergence_cm, 0.01, "sharing iterations stop when no centroid moves more than this, cm");
     p.add("max_iterations", &cp_.max_iterations, 100, "maximum number of sharing iterations");
+    p.add("position_crystals", &cp_.position_crystals, 9, "crystals of the cluster position (log weights): 9 the seed's 3 x 3, 21 its 5 x 5 without corners, 0 all the cluster's (the whole region: background digits pull a small cluster)");
     p.add("max_local_maxima", &cp_.max_local_maxima, 30, "per connected region: more local maxima than this keep "
                                                          "the highest (a noise burst over the detector made ~1000 "
                                                          "and took 10 s; physics events have <= 16)");

@@ -38,6 +38,7 @@ ecl::ClusterParams params_from(const py::kwargs& kw) {
     else if (k == "max_iterations") p.max_iterations = h.cast<int>();
     else if (k == "max_local_maxima") p.max_local_maxima = h.cast<int>();
     else if (k == "lat_r0_cm") p.lat_r0_cm = h.cast<double>();
+    else if (k == "position_crystals") p.position_crystals = h.cast<int>();
     else if (k == "image_size") p.image_size = h.cast<int>();
     else throw py::type_error("find_clusters: unknown parameter '" + k + "'");
   }

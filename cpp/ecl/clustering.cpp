@@ -101,6 +101,8 @@ void ClusterParams::validate() const {
   if (max_iterations < 1) bad("max_iterations must be >= 1");
   if (max_local_maxima < 1) bad("max_local_maxima must be >= 1");
   if (!(convergence_cm > 0)) bad("convergence_cm must be > 0");
+  if (position_crystals != 0 && position_crystals != 9 && position_crystals != 21)
+    bad("position_crystals must be 0 (all the cluster's crystals), 9 or 21");
 }
 
 void ClusterOutput::clear() {
@@ -469,7 +471,6 @@ void Clusterer::make_cluster(const Geometry& g, const int32_t* cell, const float
   }
   c.e = e;
   c.wsum = wsum;
-  log_centroid(m, share, e, px_.data(), py_.data(), pz_.data(), p_.log_weight_w0, c.x, c.y, c.z);
   const int sc = cell[seed] - 1;
   c.seed_digit = seed;
   c.seed_cell = cell[seed];
@@ -478,20 +479,6 @@ void Clusterer::make_cluster(const Geometry& g, const int32_t* cell, const float
   c.region = region;
   c.time = time[seed];
   const bool belle = g.detector == Detector::Belle2ECL;
-  if (belle) {
-    c.theta = std::atan2(std::sqrt(c.x * c.x + c.y * c.y), c.z);
-    c.phi = std::atan2(c.y, c.x);
-    const int r = c.ring;
-    c.u = (c.theta - g.ring_theta[r]) / (g.ring_theta_hi[r] - g.ring_theta_lo[r]);
-    c.v = wrap_pi(c.phi - g.cell_phi[sc]) / (2 * kPi / g.ring_size[r]);
-  } else {
-    const double pitch = g.front_x[1] - g.front_x[0];
-    c.theta = 0.0;
-    c.phi = std::atan2(c.y, c.x);
-    c.u = (c.y - g.front_y[sc]) / pitch;
-    c.v = (c.x - g.front_x[sc]) / pitch;
-  }
-
   // The block of rings seed_ring - R .. seed_ring + R (R = max(N/2, 2)) around the seed; on
   // each ring the phi index nearest to the seed is the centre (as for the N1 / NC2 lists and the
   // image). A member at phi offset delta from its ring's centre (belle2-ecl: delta taken in
@@ -511,6 +498,8 @@ void Clusterer::make_cluster(const Geometry& g, const int32_t* cell, const float
                               : g.nearest_phi_index(c.ring, seed_phi, rr);
   }
   double grid[25] = {};
+  int grid_q[25];  // the member in each cell of the 5 x 5 grid, -1: none
+  std::fill(grid_q, grid_q + 25, -1);
   c.img = pix_used_;
   if (pix_idx_.size() < pix_used_ + m) pix_idx_.resize(2 * (pix_used_ + m)), pix_val_.resize(2 * (pix_used_ + m));
   int32_t* pidx = pix_idx_.data();
@@ -529,7 +518,10 @@ void Clusterer::make_cluster(const Geometry& g, const int32_t* cell, const float
       if (delta < 0) delta += nr;
       if (2 * delta > nr) delta -= nr;
     }
-    if (dr >= -2 && dr <= 2 && delta >= -2 && delta <= 2) grid[(dr + 2) * 5 + delta + 2] = share[q];
+    if (dr >= -2 && dr <= 2 && delta >= -2 && delta <= 2) {
+      grid[(dr + 2) * 5 + delta + 2] = share[q];
+      grid_q[(dr + 2) * 5 + delta + 2] = q;
+    }
     const int row = dr + h, col = delta + h;
     if (row >= 0 && row < N && col >= 0 && col < N) {
       pidx[np] = row * N + col;
@@ -538,6 +530,40 @@ void Clusterer::make_cluster(const Geometry& g, const int32_t* cell, const float
   }
   c.n_pix = static_cast<int>(np - c.img);
   pix_used_ = np;
+
+  // Position: logarithmic weights over the cluster's crystals, or (position_crystals 9 or 21) over
+  // the seed's 3 x 3 or 21 crystals only, as basf2 does: a small cluster in a region that holds
+  // background digits is otherwise pulled towards them.
+  if (p_.position_crystals == 0) {
+    log_centroid(m, share, e, px_.data(), py_.data(), pz_.data(), p_.log_weight_w0, c.x, c.y, c.z);
+  } else {
+    double ps[25], qx[25], qy[25], qz[25], es = 0;
+    int k = 0;
+    for (int j = 0; j < 25; ++j) {
+      if (grid_q[j] < 0) continue;
+      const int dr = j / 5 - 2, dp = j % 5 - 2;
+      if (p_.position_crystals == 9 ? (std::abs(dr) > 1 || std::abs(dp) > 1) : (std::abs(dr) == 2 && std::abs(dp) == 2))
+        continue;
+      const int q = grid_q[j];
+      ps[k] = share[q], qx[k] = px_[q], qy[k] = py_[q], qz[k] = pz_[q];
+      es += ps[k++];
+    }
+    log_centroid(k, ps, es, qx, qy, qz, p_.log_weight_w0, c.x, c.y, c.z);
+  }
+  if (belle) {
+    c.theta = std::atan2(std::sqrt(c.x * c.x + c.y * c.y), c.z);
+    c.phi = std::atan2(c.y, c.x);
+    const int r = c.ring;
+    c.u = (c.theta - g.ring_theta[r]) / (g.ring_theta_hi[r] - g.ring_theta_lo[r]);
+    c.v = wrap_pi(c.phi - g.cell_phi[sc]) / (2 * kPi / g.ring_size[r]);
+  } else {
+    const double pitch = g.front_x[1] - g.front_x[0];
+    c.theta = 0.0;
+    c.phi = std::atan2(c.y, c.x);
+    c.u = (c.y - g.front_y[sc]) / pitch;
+    c.v = (c.x - g.front_x[sc]) / pitch;
+  }
+
 
   // Shower shapes.
   const double e1 = share[pos_in_region_[seed]];

@@ -37,9 +37,11 @@
 //     from the shares w_ik E_i; iterate until no centroid moves by more than convergence_cm
 //     (or max_iterations). The cluster properties use the weights of the last iteration.
 //  4. Cluster quantities from the shares e_i = w_ik E_i of the cluster's digits:
-//     energy_raw = sum e_i; position = sum W_i p_i / sum W_i with W_i = max(0, w0 + ln(e_i /
-//     energy_raw)) (w0 = log_weight_w0 = 4; linear energy weights if all W_i vanish), p_i the
-//     centre of the crystal's front face (cm); theta, phi of that point seen from the origin
+//     energy_raw = sum e_i; position = sum W_i p_i / sum W_i over the seed's 3 x 3 crystals
+//     (position_crystals = 9; 21: its 5 x 5 without corners, 0: all the cluster's digits, which
+//     at nominal background lets the region's background digits pull a small cluster by crystals)
+//     with W_i = max(0, w0 + ln(e_i / E_pos)), E_pos the sum of those shares (w0 = log_weight_w0
+//     = 4; linear energy weights if all W_i vanish), p_i the centre of the crystal's front face (cm); theta, phi of that point seen from the origin
 //     (belle2-ecl), for array30 theta = 0 (beam along the crystal axes), phi = atan2(y, x);
 //     time = time of the seed (LM) digit; weight_sum = sum_i w_ik, n_crystals = round(weight_sum);
 //     local_u, local_v = centroid relative to the centre of the seed crystal in units of the cell
@@ -79,6 +81,7 @@ struct ClusterParams {
   int max_local_maxima = 30;  // per region: the sharing costs maxima x crystals x iterations
   double lat_r0_cm = 5.0;
   int image_size = 7;
+  int position_crystals = 9;  // the seed's 3 x 3 (9) or 21 crystals, or 0: all the cluster's
 
   double threshold_scale() const;  // sqrt(1 + background_level)
   void validate() const;           // throws std::invalid_argument
