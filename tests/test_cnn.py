@@ -357,7 +357,7 @@ def _domain_run(source=GENERIC, **params):
 def test_clusters_outside_the_model_domain_keep_their_classical_energy():
     """Out-of-time clusters (beam background) and CNN energies more than max_ratio_to_classical above
     the classical one keep the classical energy, and are counted. Without the cuts the same events
-    have both kinds (the network inflated 30 MeV background clusters to many GeV)."""
+    have both kinds (the network inflated background clusters several-fold)."""
     before, after, m = _domain_run(max_clusters_per_batch=256)
     e_in, e_out, e_raw, t = (before.column("energy"), after.column("energy"), before.column("energy_raw"),
                              before.column("time"))
@@ -378,7 +378,8 @@ def test_clusters_outside_the_model_domain_keep_their_classical_energy():
     _, free, m_free = _domain_run(max_clusters_per_batch=256, max_abs_time_ns=0.0, max_ratio_to_classical=0.0)
     e_free = free.column("energy")
     assert np.any(e_free[oot] != e_in[oot])
-    assert (e_free[dom] / e_in[dom]).max() > 8.0 and (e_free[dom] / e_in[dom]).min() < 1.0
+    # far beyond the x2 guard (x6 with the v3.2 network, x8 and more with earlier ones)
+    assert (e_free[dom] / e_in[dom]).max() > 4.0 and (e_free[dom] / e_in[dom]).min() < 1.0
     assert m_free.counters()["clusters_out_of_time"] == m_free.counters()["clusters_guarded"] == 0
     # in the domain, the same energies (to onnxruntime's call-size dependence in the last bits)
     np.testing.assert_allclose(e_out[changed], e_free[changed], rtol=1e-5)
