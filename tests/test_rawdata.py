@@ -520,8 +520,9 @@ class _LateRejecter(eclreco.Module):
         self.which = set(which)
 
     def event(self, batch):
+        active = batch.active()
         for i, e in enumerate(np.asarray(batch.evt).tolist()):
-            if e in self.which and batch.active()[i]:
+            if e in self.which and active[i]:
                 batch.reject(i, "late_check", f"evt {e} failed the check")
 
 

@@ -26,6 +26,13 @@ inline double wrap_pi(double d) {
   return d;
 }
 
+// Cell j (row-major) of the 5 x 5 grid of rings x phi around a cluster's seed lies in the seed's
+// 3 x 3 (n = 9) or in its 21 crystals (n = 21: the 5 x 5 without its corners).
+bool in_seed_block(int j, int n) {
+  const int dr = std::abs(j / 5 - 2), dp = std::abs(j % 5 - 2);
+  return n == 9 ? dr <= 1 && dp <= 1 : !(dr == 2 && dp == 2);
+}
+
 // Logarithmically weighted centroid of the shares (see clustering.hpp, step 4).
 void log_centroid(int m, const double* share, double etot, const double* px, const double* py,
                   const double* pz, double w0, double& cx, double& cy, double& cz) {
@@ -497,8 +504,7 @@ void Clusterer::make_cluster(const Geometry& g, const int32_t* cell, const float
                               ? seed_phi
                               : g.nearest_phi_index(c.ring, seed_phi, rr);
   }
-  double grid[25] = {};
-  int grid_q[25];  // the member in each cell of the 5 x 5 grid, -1: none
+  int grid_q[25];  // the member in each cell of the 5 x 5 grid around the seed, -1: none
   std::fill(grid_q, grid_q + 25, -1);
   c.img = pix_used_;
   if (pix_idx_.size() < pix_used_ + m) pix_idx_.resize(2 * (pix_used_ + m)), pix_val_.resize(2 * (pix_used_ + m));
@@ -518,10 +524,7 @@ void Clusterer::make_cluster(const Geometry& g, const int32_t* cell, const float
       if (delta < 0) delta += nr;
       if (2 * delta > nr) delta -= nr;
     }
-    if (dr >= -2 && dr <= 2 && delta >= -2 && delta <= 2) {
-      grid[(dr + 2) * 5 + delta + 2] = share[q];
-      grid_q[(dr + 2) * 5 + delta + 2] = q;
-    }
+    if (dr >= -2 && dr <= 2 && delta >= -2 && delta <= 2) grid_q[(dr + 2) * 5 + delta + 2] = q;
     const int row = dr + h, col = delta + h;
     if (row >= 0 && row < N && col >= 0 && col < N) {
       pidx[np] = row * N + col;
@@ -540,10 +543,7 @@ void Clusterer::make_cluster(const Geometry& g, const int32_t* cell, const float
     double ps[25], qx[25], qy[25], qz[25], es = 0;
     int k = 0;
     for (int j = 0; j < 25; ++j) {
-      if (grid_q[j] < 0) continue;
-      const int dr = j / 5 - 2, dp = j % 5 - 2;
-      if (p_.position_crystals == 9 ? (std::abs(dr) > 1 || std::abs(dp) > 1) : (std::abs(dr) == 2 && std::abs(dp) == 2))
-        continue;
+      if (grid_q[j] < 0 || !in_seed_block(j, p_.position_crystals)) continue;
       const int q = grid_q[j];
       ps[k] = share[q], qx[k] = px_[q], qy[k] = py_[q], qz[k] = pz_[q];
       es += ps[k++];
@@ -564,16 +564,15 @@ void Clusterer::make_cluster(const Geometry& g, const int32_t* cell, const float
     c.v = (c.x - g.front_x[sc]) / pitch;
   }
 
-
   // Shower shapes.
   const double e1 = share[pos_in_region_[seed]];
   double e9 = 0, e21 = 0;
   // Sums in the order of the neighbour lists (ring-major); the missing cells add +0.
-  for (int dr = 1; dr <= 3; ++dr)
-    for (int dp = 1; dp <= 3; ++dp) e9 += grid[dr * 5 + dp];
-  for (int dr = 0; dr < 5; ++dr)
-    for (int dp = 0; dp < 5; ++dp)
-      if (!((dr == 0 || dr == 4) && (dp == 0 || dp == 4))) e21 += grid[dr * 5 + dp];
+  for (int j = 0; j < 25; ++j) {
+    const double ej = grid_q[j] < 0 ? 0.0 : share[grid_q[j]];
+    if (in_seed_block(j, 9)) e9 += ej;
+    if (in_seed_block(j, 21)) e21 += ej;
+  }
   c.e1e9 = e9 > 0 ? e1 / e9 : 0.0;
   c.e9e21 = e21 > 0 ? e9 / e21 : 0.0;
   double nxv = 0, nyv = 0, nzv = 1;

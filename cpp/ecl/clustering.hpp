@@ -41,8 +41,8 @@
 //     (position_crystals = 9; 21: its 5 x 5 without corners, 0: all the cluster's digits, which
 //     at nominal background lets the region's background digits pull a small cluster by crystals)
 //     with W_i = max(0, w0 + ln(e_i / E_pos)), E_pos the sum of those shares (w0 = log_weight_w0
-//     = 4; linear energy weights if all W_i vanish), p_i the centre of the crystal's front face (cm); theta, phi of that point seen from the origin
-//     (belle2-ecl), for array30 theta = 0 (beam along the crystal axes), phi = atan2(y, x);
+//     = 4; linear energy weights if all W_i vanish), p_i the centre of the crystal's front face
+//     (cm); theta, phi of that point seen from the origin (belle2-ecl), for array30 theta = 0 (beam along the crystal axes), phi = atan2(y, x);
 //     time = time of the seed (LM) digit; weight_sum = sum_i w_ik, n_crystals = round(weight_sum);
 //     local_u, local_v = centroid relative to the centre of the seed crystal in units of the cell
 //     size: u along the ring (theta, array30: row = y) direction, v along phi (array30: col = x);
