@@ -204,6 +204,14 @@ def test_thresholds_and_background_level():
         _core.find_clusters("belle2-ecl", seed_energy=1.0, **d)
     with pytest.raises(ValueError):
         _core.find_clusters("belle2-ecl", growth_energy_gev=0.1, **d)
+    for n in (1, 8, 25, -9):  # the position's crystals: 9, 21 or 0 (all), nothing else
+        with pytest.raises(ValueError, match="position_crystals must be 0 .all the cluster's crystals., 9 or 21"):
+            _core.find_clusters("belle2-ecl", position_crystals=n, **d)
+    path = eclreco.create_path()
+    path.add_module("EventInfoSetter", events=1)
+    path.add_module("ECLClusterizer", position_crystals=5)
+    with pytest.raises(Exception, match="position_crystals must be 0"):  # refused at initialize
+        eclreco.process(path, install_signal_handlers=False)
 
 
 def test_single_crystal_shapes():
