@@ -69,12 +69,9 @@ def leading_clusters(detector, digits):
     return lead, has, containment
 
 
-def sigma68(r):
-    q16, q84 = np.percentile(r, [15.865, 84.135])
-    return 0.5 * (q84 - q16)
-
-
 def evaluate(true_gev, e_raw, e_corr):
+    from eclreco.cnn_model import sigma68
+
     rows = []
     for lo, hi in zip(TRUE_BINS_MEV[:-1], TRUE_BINS_MEV[1:]):
         sel = (true_gev * 1e3 >= lo) & (true_gev * 1e3 < hi)

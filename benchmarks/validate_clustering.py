@@ -18,6 +18,7 @@ import os
 import numpy as np
 
 import eclreco
+from eclreco.cnn_model import sigma68
 from eclreco.rawdata import encode_events
 from eclreco.sources import MessageSource
 from eclreco.sim import simulate
@@ -34,11 +35,6 @@ class CollectClusters(eclreco.Module):
         cl = batch["ECLClusters"]
         self.parts.append((batch.evt.copy(), np.diff(cl.offsets),
                            {k: np.array(cl[k]) for k in ("energy_raw", "energy", "theta", "phi")}))
-
-
-def sigma68(x):
-    lo, hi = np.percentile(x, [16, 84])
-    return 0.5 * (hi - lo)
 
 
 def run_energy(e_gev, n, background, seed):
