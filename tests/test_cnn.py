@@ -688,3 +688,25 @@ def test_counters_run_on_across_runs(tmp_path):
     assert cnn.counters()["clusters_corrected"] == 2 * first[0]["clusters_corrected"]
     assert cnn.counters()["inference_calls"] == 2 * first[0]["inference_calls"]
     assert quarantine.counters()["written"] == 2
+
+
+def test_validate_counts_the_clusters_away_from_the_photon():
+    """Single 1 GeV photons: without background almost nothing above 100 MeV lies 0.2 rad away from
+    the photon (the photon's own cluster is never counted); at nominal background several clusters
+    per event above 20 MeV do. The shipped CNN cannot raise a cluster beyond twice its classical
+    energy (the guard); without the domain cuts it may."""
+    from eclreco import validate
+    from eclreco.modules.ecl_energy_correction import shipped_model
+
+    model = shipped_model("belle2-ecl")
+    quiet = validate.fake_clusters("belle2-ecl", model, n_events=300, background=0.0)
+    assert quiet["raw"]["per_event"][2] < 0.05 and quiet["cnn"]["per_event"][2] < 0.05
+    f = validate.fake_clusters("belle2-ecl", model, n_events=300, background=1.0)
+    for key in ("raw", "classical", "cnn", "cnn_no_domain_cuts"):
+        rates = f[key]["per_event"]
+        assert rates == sorted(rates, reverse=True), key
+    assert f["raw"]["per_event"][0] > 2.0  # beam background
+    assert f["cnn"]["largest_gev"] <= 2.0 * f["classical"]["largest_gev"] + 1e-6
+    assert f["classical"]["per_event"][0] == f["cnn"]["per_event"][0]  # below 50 MeV the CNN does not act
+    md = validate._fmt_fakes(f)
+    assert "CNN without its domain cuts" in md and "300 single photons of 1 GeV" in md

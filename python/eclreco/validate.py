@@ -6,7 +6,8 @@ training (the held-out last 20 % of the Geant4 files, plus fast-simulation pi0 e
 array30: held-out Geant4 photons at true energies 0.1, 0.2, 0.5, 0.6, 1, 2, 3, 4, 5 GeV, each a
 window of +-5 % of the log-uniform sample. belle2-ecl: the held-out Geant4 photons at background
 levels 0, 1, 2 (overlay of the fast simulation) at 0.1 ... 5 GeV, and the pi0 -> gamma gamma
-mass peak of fast-simulation pi0 events (nominal background). Everything runs through the
+mass peak of fast-simulation pi0 events (nominal background), and the clusters away from single
+1 GeV photons (fast simulation, nominal background: beam background and split-offs). Everything runs through the
 production chain with ECLEnergyCorrection in the path (eclreco.cnn_data). Each table comes with
 the ratio that the targets are about (array30: sigma68 CNN / raw sum, belle2-ecl: CNN / classical)
 and its paired-bootstrap range; array30 also counts the photons that entered an aluminium gap
@@ -221,6 +222,82 @@ def plot_pi0(masses, path):
     plt.close(fig)
 
 
+# clusters away from the photon (beam background, split-offs)
+# ---------------------------------------------------------------------------------------------
+
+class _ClusterCollector(cnn_data.Module):
+    """Every cluster: its event, direction and raw / classical / CNN energies."""
+
+    def __init__(self):
+        super().__init__()
+        self.parts = []
+
+    def ordered(self):
+        return True
+
+    def event(self, batch):
+        cl = batch["ECLClusters"]
+        self.parts.append({"event": np.repeat(np.asarray(batch.evt, np.int64), np.diff(np.asarray(cl.offsets))),
+                           **{k: np.array(cl[k], np.float64)
+                              for k in ("theta", "phi", "energy_raw", "energy_classical", "energy")}})
+
+
+FAKE_THRESHOLDS_GEV = (0.02, 0.05, 0.1)
+
+
+def fake_clusters(detector, model, n_events=2000, energy=1.0, background=1.0, seed=31, min_angle=0.2):
+    """Single photons of the fast simulation: per event, the clusters more than min_angle rad from the
+    photon above each of FAKE_THRESHOLDS_GEV in raw, classical and CNN energy (each its own), and the
+    largest; the CNN once as shipped and once without its domain cuts (no time cut, no x2 guard)."""
+    import eclreco
+    from eclreco.rawdata import encode_events
+    from eclreco.sim import simulate
+    from eclreco.sources import MessageSource
+
+    ev = simulate(detector=detector, n_events=n_events, particle="gamma", energy=energy, background=background,
+                  seed=seed)
+    msgs = encode_events(detector, 0, 1, np.arange(n_events), ev.offsets, ev.cell, ev.amplitude, ev.time_ticks,
+                         ev.quality)
+    true_dir = np.array([[t["particles"][0]["theta"], t["particles"][0]["phi"]] for t in ev.truth])
+    out = {"n_events": n_events, "energy_gev": energy, "background": background, "seed": seed,
+           "min_angle_rad": min_angle, "thresholds_gev": list(FAKE_THRESHOLDS_GEV)}
+    for variant, cuts in (("shipped", {}), ("no_domain_cuts", {"max_abs_time_ns": 0.0, "max_ratio_to_classical": 0.0})):
+        path = eclreco.create_path()
+        path.add_module(MessageSource(msgs))
+        for name in ("ECLUnpacker", "ECLClusterizer", "ECLLeakageCorrection"):
+            path.add_module(name)
+        path.add_module(cnn_data.ClassicalSnapshot())
+        path.add_module("ECLEnergyCorrection", model=model, **cuts)
+        col = path.add_module(_ClusterCollector())
+        eclreco.process(path, threads=1, install_signal_handlers=False)
+        c = {k: np.concatenate([p[k] for p in col.parts]) for k in col.parts[0]}
+        th, ph = true_dir[c["event"], 0], true_dir[c["event"], 1]
+        cos_a = np.sin(c["theta"]) * np.sin(th) * np.cos(c["phi"] - ph) + np.cos(c["theta"]) * np.cos(th)
+        away = np.arccos(np.clip(cos_a, -1, 1)) > min_angle
+        names = (("raw", "energy_raw"), ("classical", "energy_classical"), ("cnn", "energy")) if variant == "shipped" \
+            else (("cnn", "energy"),)
+        for name, column in names:
+            e = c[column][away]
+            key = name if variant == "shipped" else f"{name}_{variant}"
+            out[key] = {"per_event": [float(np.count_nonzero(e > t)) / n_events for t in FAKE_THRESHOLDS_GEV],
+                        "largest_gev": float(e.max()) if e.size else 0.0}
+    return out
+
+
+def _fmt_fakes(f):
+    head = " | ".join(f"> {1000 * t:g} MeV" for t in f["thresholds_gev"])
+    lines = ["### Clusters away from the photon (fast simulation)", "",
+             f"{f['n_events']} single photons of {f['energy_gev']:g} GeV at background level {f['background']:g} "
+             f"(seed {f['seed']}); clusters more than {f['min_angle_rad']:g} rad from the photon (beam background, "
+             "split-offs) per event above each threshold, in each energy, and the largest:", "",
+             f"| energy | {head} | largest |", "|---|" + "---|" * (len(f["thresholds_gev"]) + 1)]
+    for key, label in (("raw", "raw"), ("classical", "classical"), ("cnn", "CNN (shipped: time cut and ×2 guard)"),
+                       ("cnn_no_domain_cuts", "CNN without its domain cuts")):
+        r = f[key]
+        lines.append(f"| {label} | " + " | ".join(f"{x:.2f}" for x in r["per_event"]) + f" | {r['largest_gev']:.3f} GeV |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------------------------
 
 def _fmt_ratio_table(rows, detector):
@@ -238,7 +315,8 @@ def _fmt_ratio_table(rows, detector):
     return "\n".join(out) + "\n"
 
 
-def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed=11, pi0_events=20000, quiet=False):
+def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed=11, pi0_events=20000,
+                   fake_events=2000, quiet=False):
     from tqdm import tqdm
 
     from eclreco.train import default_g4_path
@@ -325,6 +403,9 @@ def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed
             md.append(f"| {name} | {s['n_in_window']} | {1000 * s['median_gev']:.1f} | {1000 * s['sigma68_gev']:.2f} | "
                       f"{s['sigma68_rel']:.4f} |")
         md.append("")
+    if detector == "belle2-ecl" and fake_events:
+        report["fakes"] = fake_clusters(detector, model, n_events=fake_events)
+        md.append(_fmt_fakes(report["fakes"]))
     with open(os.path.join(out_dir, f"validation_{detector}.json"), "w") as f:
         strict_json.dump(report, f, indent=1)
     with open(os.path.join(out_dir, f"validation_{detector}.md"), "w") as f:
@@ -336,7 +417,7 @@ def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed
 
 def _cmd(args) -> int:
     run_validation(args.detector, args.output, g4_path=args.g4, model=args.model, max_events=args.max_events,
-                   pi0_events=args.pi0_events, quiet=args.quiet)
+                   pi0_events=args.pi0_events, fake_events=args.fake_events, quiet=args.quiet)
     return 0
 
 
@@ -354,6 +435,8 @@ def add_validate_parser(subparsers):
     p.add_argument("--model", default="", help="ONNX model (default: the shipped model)")
     p.add_argument("--max-events", type=NON_NEGATIVE_INT, default=0, help="use only this many held-out events (0: all)")
     p.add_argument("--pi0-events", type=NON_NEGATIVE_INT, default=20000, help="pi0 events for the mass peak (belle2-ecl)")
+    p.add_argument("--fake-events", type=NON_NEGATIVE_INT, default=2000,
+                   help="single 1 GeV photons at nominal background for the clusters away from the photon (belle2-ecl)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd)
     return p
