@@ -426,3 +426,23 @@ def test_eclreco_quarantine_lists_and_extracts_what_reco_py_rejected(tmp_path, c
     assert "ends inside a record" in capsys.readouterr().err
     assert cli.main(["quarantine", str(tmp_path / "mixed.msgpack")]) == 2
     assert "is this a quarantine file?" in capsys.readouterr().err
+
+
+def test_eclreco_quarantine_extract_refuses_to_write_over_its_input(tmp_path, capsys):
+    """`eclreco quarantine Q --extract Q` opened OUT for writing before reading the inputs: the quarantine
+    file was emptied, '0 rejected events' printed and exit 0 (the rejected events were gone). Now an OUT
+    that is one of the inputs (the same path, or another name of the same file) is refused, the file intact."""
+    import msgpack
+
+    q = tmp_path / "q.rejected.msgpack"
+    records = [{"reason": "not_a_map", "detail": "d", "message": msgpack.packb([1, 2])},
+               {"reason": "bad_version", "detail": "d", "message": msgpack.packb({"v": 2})}]
+    q.write_bytes(b"".join(msgpack.packb(r) for r in records))
+    before = q.read_bytes()
+    os.link(q, tmp_path / "hardlink.msgpack")
+    for out in (str(q), str(tmp_path / "." / q.name), str(tmp_path / "hardlink.msgpack")):
+        capsys.readouterr()
+        assert cli.main(["quarantine", str(q), "--extract", out]) == 2
+        err = capsys.readouterr().err
+        assert "is one of the quarantine files read" in err and "Traceback" not in err, err
+        assert q.read_bytes() == before

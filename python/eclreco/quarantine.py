@@ -47,6 +47,10 @@ def _run(args) -> int:
     counts: collections.Counter = collections.Counter()
     first: dict[str, dict] = {}
     n_bytes = 0
+    if args.extract and os.path.exists(args.extract) and any(
+            os.path.exists(p) and os.path.samefile(p, args.extract) for p in args.files):
+        # opening OUT for writing would empty that input before it is read: its records would be gone
+        raise ValueError(f"--extract {args.extract!r} is one of the quarantine files read: use another file")
     out = open(args.extract, "wb") if args.extract else None
     try:
         for path in args.files:
