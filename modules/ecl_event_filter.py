@@ -1,6 +1,8 @@
 """ECLEventFilter: an HLT selection on the ECL clusters (cluster count and energy sum)."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from eclreco import Module, per_event_sum
@@ -22,6 +24,9 @@ class ECLEventFilter(Module):
                        "before this module; energy_raw: the cluster sum)")
         self.add_param("reason", "", "label of the discarded events in the statistics and the "
                        "eclreco_events_discarded_total metric ('': the module's name)")
+        # event() runs on several batches at once (threads > 1): the counters' read-add-write lost counts
+        self._lock = threading.Lock()
+        self.kept = self.discarded = 0
 
     def initialize(self):
         for name in ("min_clusters", "min_energy_sum_gev", "cluster_energy_gev", "max_abs_time_ns"):
@@ -56,8 +61,10 @@ class ECLEventFilter(Module):
         if drop.any():
             batch.discard(drop, self._reason)
         n_drop = int(drop.sum())
-        self.discarded += n_drop
-        self.kept += int(active.sum()) - n_drop
+        n_kept = int(active.sum()) - n_drop
+        with self._lock:
+            self.discarded += n_drop
+            self.kept += n_kept
 
     def counters(self):
         return {"events_kept": float(self.kept), "events_discarded": float(self.discarded)}
