@@ -446,3 +446,21 @@ def test_eclreco_quarantine_extract_refuses_to_write_over_its_input(tmp_path, ca
         err = capsys.readouterr().err
         assert "is one of the quarantine files read" in err and "Traceback" not in err, err
         assert q.read_bytes() == before
+
+
+def test_every_hlt_role_help_prints_its_defaults():
+    """deployment.md: `--help` of each `eclreco hlt` role prints every default. `hlt keys` used the plain
+    formatter: its --names default (the six parties whose keys it makes) was in no help text."""
+    import argparse
+
+    hlt = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["hlt"]
+    roles = next(a for a in hlt._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for role, parser in roles.items():
+        if role == "worker":  # its options are the steering file's (hlt_worker.py --help, the same formatter)
+            continue
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            if action.default in (None, False, "", argparse.SUPPRESS) or not action.option_strings:
+                continue
+            shown = ",".join(action.default) if isinstance(action.default, list) else str(action.default)
+            assert f"(default: {action.default})" in text or shown in text, (role, action.dest, action.default)

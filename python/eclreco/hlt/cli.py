@@ -150,7 +150,8 @@ def add_hlt_parser(subparsers):
     add_curve_arguments(p, "control")
     p.set_defaults(func=lambda a: __import__("eclreco.hlt.control", fromlist=["status_main"]).status_main(a))
 
-    p = sub.add_parser("keys", help="generate CURVE key pairs (zmq.auth certificates) for --curve-dir")
+    p = sub.add_parser("keys", help="generate CURVE key pairs (zmq.auth certificates) for --curve-dir",
+                       formatter_class=HelpFormatter)
     p.add_argument("-o", "--output", required=True, help="key directory (public/ and private/ are made in it)")
     p.add_argument("--names", default="distributor,collector,worker,control,daq,reco",
                    help="comma-separated parties, one key pair each")
