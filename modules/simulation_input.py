@@ -12,7 +12,7 @@ class SimulationInput(Module):
         super().__init__()
         self.add_param("events", 10000, "number of events to generate")
         self.add_param("detector", "belle2-ecl", "detector configuration: belle2-ecl or array30")
-        self.add_param("particle", "generic", "event type: gamma, pi0 or generic")
+        self.add_param("particle", "generic", "event type: gamma, pi0 or generic (belle2-ecl only)")
         self.add_param("energy", 1.0, "particle energy in GeV (gamma, pi0) when energy_min/max are 0")
         self.add_param("energy_min", 0.0, "lower end of a log-uniform energy range in GeV (0: fixed energy)")
         self.add_param("energy_max", 0.0, "upper end of the energy range in GeV")
@@ -33,6 +33,10 @@ class SimulationInput(Module):
             raise ValueError(f"SimulationInput: unknown detector {self.param('detector')!r}")
         if self.param("particle") not in ("gamma", "pi0", "generic"):
             raise ValueError(f"SimulationInput: unknown particle {self.param('particle')!r}")
+        if self.param("particle") == "generic" and self.param("detector") != "belle2-ecl":
+            # else every module started (outputs created their files) and the first batch failed
+            raise ValueError("SimulationInput: generic events exist for belle2-ecl only: particle gamma or pi0 for "
+                             f"{self.param('detector')}")
         lo, hi = self.param("energy_min"), self.param("energy_max")
         checks = [(self.param("events") >= 0, "events must be >= 0"),
                   (self.param("chunk") >= 1, "chunk must be >= 1"),

@@ -1215,3 +1215,17 @@ def test_sys_exit_outside_event_ends_the_job_as_sys_exit(where, log, received, p
     assert info.value.code == 3 and m.log == log
     s = eclreco.statistics.summary()
     assert (s["received"], s["processed"]) == (received, processed)
+
+
+def test_simulation_input_refuses_generic_events_of_array30_at_initialize(tmp_path):
+    """SimulationInput(detector='array30') with its default particle, generic (belle2-ecl only), passed
+    initialize: every module started, RootOutput created its file, and the job failed at the first
+    batch ('SimulationInput.next_batch failed: ... generic events exist for belle2-ecl only'). Now
+    initialize refuses it, before the modules after it start."""
+    path = eclreco.create_path()
+    path.add_module("SimulationInput", detector="array30", events=10)
+    path.add_module("RootOutput", filename=str(tmp_path / "out.root"))
+    with pytest.raises(Exception, match=r"SimulationInput.initialize failed.*generic events exist for belle2-ecl "
+                                        r"only: particle gamma or pi0 for array30"):
+        eclreco.process(path, install_signal_handlers=False)
+    assert not (tmp_path / "out.root").exists()
