@@ -464,3 +464,25 @@ def test_every_hlt_role_help_prints_its_defaults():
                 continue
             shown = ",".join(action.default) if isinstance(action.default, list) else str(action.default)
             assert f"(default: {action.default})" in text or shown in text, (role, action.dest, action.default)
+
+
+def test_eclreco_quarantine_extract_leaves_out_as_it_was_when_an_input_fails(tmp_path, capsys):
+    """A missing or broken quarantine file among the inputs is an error (exit 2); OUT, written under a
+    temporary name and renamed at the end, keeps what it held (before: emptied, or half-written)."""
+    import msgpack
+
+    good = tmp_path / "good.rejected.msgpack"
+    good.write_bytes(msgpack.packb({"reason": "not_a_map", "detail": "d", "message": msgpack.packb([1, 2])}))
+    broken = tmp_path / "broken.rejected.msgpack"
+    broken.write_bytes(good.read_bytes()[:-3])  # ends inside a record
+    out = tmp_path / "out.msgpack"
+    for inputs in ([str(tmp_path / "missing.msgpack")], [str(good), str(broken)]):
+        out.write_bytes(b"keep me")
+        capsys.readouterr()
+        assert cli.main(["quarantine", *inputs, "--extract", str(out)]) == 2
+        assert "Traceback" not in capsys.readouterr().err
+        assert out.read_bytes() == b"keep me"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.rejected.msgpack", "good.rejected.msgpack",
+                                                              "out.msgpack"]
+    assert cli.main(["quarantine", str(good), "--extract", str(out)]) == 0
+    assert out.read_bytes() == msgpack.packb([1, 2])

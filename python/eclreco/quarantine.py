@@ -26,16 +26,18 @@ def read_records(path: str | os.PathLike) -> Iterator[dict]:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         unpacker = msgpack.Unpacker(f, raw=False, strict_map_key=False, max_buffer_size=0)
+        end = 0  # where the last whole record ends: tell() at the end of the iteration can count a cut one
         try:
             for rec in unpacker:
+                end = unpacker.tell()
                 if not isinstance(rec, dict) or "reason" not in rec or not isinstance(rec.get("message"), bytes):
-                    raise ValueError(f"{name}: the object ending at byte {unpacker.tell()} is no quarantine "
+                    raise ValueError(f"{name}: the object ending at byte {end} is no quarantine "
                                      "record (a map with reason, detail, message): is this a quarantine file?")
                 yield rec
         except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as err:
-            raise ValueError(f"{name}: not MessagePack after byte {unpacker.tell()} ({err})") from None
-        if unpacker.tell() != size:
-            raise ValueError(f"{name}: ends inside a record (the last {size - unpacker.tell()} bytes)")
+            raise ValueError(f"{name}: not MessagePack after byte {end} ({err})") from None
+        if end != size:
+            raise ValueError(f"{name}: ends inside a record (the last {size - end} bytes)")
 
 
 def _ids(rec: dict) -> str:
@@ -51,7 +53,11 @@ def _run(args) -> int:
             os.path.exists(p) and os.path.samefile(p, args.extract) for p in args.files):
         # opening OUT for writing would empty that input before it is read: its records would be gone
         raise ValueError(f"--extract {args.extract!r} is one of the quarantine files read: use another file")
-    out = open(args.extract, "wb") if args.extract else None
+    # OUT is written under a temporary name and renamed at the end: an input that is missing or broken
+    # leaves an existing OUT as it was, never emptied or half-written
+    tmp = f"{args.extract}.tmp-{os.getpid()}" if args.extract else ""
+    out = open(tmp, "wb") if tmp else None
+    done = False
     try:
         for path in args.files:
             for i, rec in enumerate(read_records(path)):
@@ -65,9 +71,14 @@ def _run(args) -> int:
                           f"{rec.get('detail', '')}")
                 if out is not None:
                     out.write(rec["message"])
+        done = True
     finally:
         if out is not None:
             out.close()
+            if done:
+                os.replace(tmp, args.extract)
+            else:
+                os.unlink(tmp)
     total = sum(counts.values())
     if args.json:
         print(json.dumps({"records": total, "bytes": n_bytes, "by_reason": dict(counts.most_common()),
