@@ -330,3 +330,27 @@ def test_category_counts_filled_from_two_threads_are_exact():
         for t in threads:
             t.join()
     assert h.counts == {"a": 100000}
+
+
+def test_a_job_without_ecldqm_writes_no_dqm_of_an_earlier_job(tmp_path):
+    """Two jobs in one process (a script, a notebook): the first with ECLDQM, the second without. The
+    second file had the first job's histograms under dqm/ (its 10 clusters, titled with its run), as if
+    they were its own: the registry kept what the first path had booked."""
+    from _raw_helpers import two_digit_events
+    from eclreco.rawdata import write_raw_file
+
+    write_raw_file(tmp_path / "in.msgpack", two_digit_events(10, run=1))
+    for out, dqm in (("first.root", True), ("second.root", False)):
+        path = eclreco.create_path()
+        path.add_module("RawFileInput", filename=str(tmp_path / "in.msgpack"))
+        path.add_module("ECLUnpacker")
+        path.add_module("ECLClusterizer")
+        if dqm:
+            path.add_module("ECLDQM")
+        path.add_module("RootOutput", filename=str(tmp_path / out))
+        eclreco.process(path, install_signal_handlers=False)
+    with uproot.open(tmp_path / "first.root") as f:
+        assert f["dqm/cluster_energy"].values().sum() == 10
+    with uproot.open(tmp_path / "second.root") as f:
+        assert f["events"].num_entries == 10
+        assert not any(k.startswith("dqm") for k in f.keys())

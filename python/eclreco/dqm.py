@@ -101,6 +101,12 @@ class DQMRegistry:
         with self.lock:
             return self.histograms.setdefault(hist.name, hist)
 
+    def clear(self) -> None:
+        """Forgets every booked histogram (eclreco.process, before a job: its modules book theirs at
+        initialize; a job without ECLDQM wrote the histograms of an earlier job in this process)."""
+        with self.lock:
+            self.histograms.clear()
+
     def reset(self) -> None:
         with self.lock:
             for h in self.histograms.values():

@@ -347,6 +347,9 @@ def process(path: Path, max_events: int = 0, threads: int = 1, batch_size: int =
     if max_events < 0:
         raise ValueError(f"process(): max_events must be >= 0 (0: every event), not {max_events}")
     _check_files(path)
+    from eclreco.dqm import registry
+
+    registry.clear()  # the DQM of this job is what its modules book; an earlier job's is not written again
     processor = _core.Processor()
     statistics._attach(processor)
     global _running_path
