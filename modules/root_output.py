@@ -322,19 +322,23 @@ class RootOutput(Module):
         """The file's `metadata` (a TObjString of JSON): what made it (eclreco.framework.job_provenance:
         version, command, host, every module's parameters, the CNN's model files), the detectors of its
         events, and the job's counts, so that a file says whether cluster_energy is the CNN's and
-        how many events of the input are not in it (rejected, discarded, failed)."""
+        how many events of the input are not in it (rejected, discarded, failed), and whether a signal
+        stopped the job before the end of its input (`stopped_by`)."""
         import datetime
         import json
+        import signal
 
         from eclreco.framework import job_provenance, running_path, statistics
         from eclreco.rawdata import DETECTOR_NAMES
 
         s = statistics.summary()
+        sig = _core.stop_signal()  # SIGINT/SIGTERM ended the job: the file holds the events before it
         meta = job_provenance(running_path())
         meta.update(
             written_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             detectors=sorted(DETECTOR_NAMES.get(c, str(c)) for c in self._detectors),
             events_written=self.events_written_run,
+            stopped_by=signal.Signals(sig).name if sig else None,
             job={k: s.get(k) for k in ("received", "processed", "rejected", "rejected_by_reason", "discarded",
                                        "discarded_by_reason", "errors")})
         return json.dumps(meta, default=str)

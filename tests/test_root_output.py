@@ -67,6 +67,36 @@ def test_root_output_valid_after_sigint(tmp_path):
     assert dqm_entries == n  # DQM histograms written at the end of the interrupted run
 
 
+class InterruptedSource(CountingSource):
+    """CountingSource that sends SIGINT to its own process after its third batch (as Ctrl-C would)."""
+
+    def next_batch(self, batch, max_events):
+        more = super().next_batch(batch, max_events)
+        if self.next == 3 * max_events:
+            os.kill(os.getpid(), signal.SIGINT)
+        return more
+
+
+def test_metadata_says_a_job_was_stopped_by_a_signal(tmp_path):
+    """A job cut short by SIGINT/SIGTERM writes a valid file of the events before the stop; its metadata
+    said nothing of it (the same counts as a complete job of that many events): `stopped_by` names the
+    signal, and is null for a job that read its input to the end."""
+    import json
+
+    for name, source in (("whole.root", CountingSource(1000)), ("cut.root", InterruptedSource(10**6))):
+        path = eclreco.create_path()
+        path.add_module(source)
+        path.add_module("RootOutput", filename=str(tmp_path / name))
+        eclreco.process(path, batch_size=100)
+    with uproot.open(tmp_path / "whole.root") as f:
+        assert f["events"].num_entries == 1000
+        assert json.loads(str(f["metadata"]))["stopped_by"] is None
+    with uproot.open(tmp_path / "cut.root") as f:
+        meta = json.loads(str(f["metadata"]))
+        assert 300 <= f["events"].num_entries == meta["events_written"] < 10**6
+        assert meta["stopped_by"] == "SIGINT"
+
+
 class ClusterSource(eclreco.Module):
     """events with 0..3 clusters"""
 
