@@ -279,6 +279,32 @@ def test_rejections_between_two_runs_count_in_the_run_in_progress(tmp_path, batc
     assert counts == [("exp 0, run 1)", {"missing_key": 2}), ("exp 0, run 2)", {"(none)": 0})]
 
 
+def test_a_payload_rejected_event_of_another_run_splits_the_run(tmp_path):
+    """What docs/architecture.md says of rejections and runs: an envelope-rejected message has no run;
+    one that ECLUnpacker rejects (here a payload of 3 bytes) has its envelope's run and begins it."""
+    import msgpack
+
+    from _raw_helpers import two_digit_events
+    from eclreco.rawdata import write_raw_file
+
+    bad = msgpack.packb({"v": 1, "exp": 0, "run": 5, "evt": 0, "det": "array30", "ecl": b"\0\0\0"})
+    raw = tmp_path / "in.msgpack"
+    write_raw_file(raw, two_digit_events(6, run=1)[:3] + [bad, msgpack.packb({"x": 1})] + two_digit_events(6, run=1)[3:])
+    path = eclreco.create_path()
+    path.add_module("RawFileInput", filename=str(raw))
+    path.add_module("ECLUnpacker")
+    path.add_module("ECLDQM")
+    path.add_module("RootOutput", filename=str(tmp_path / "out.root"))
+    eclreco.process(path, install_signal_handlers=False)
+    with uproot.open(tmp_path / "out.root") as f:
+        got = [(f[f"dqm/rejections;{c}"].title.split("(")[-1], f[f"dqm/digits_per_event;{c}"].values().sum(),
+                dict(zip(f[f"dqm/rejections;{c}"].axis().labels(), f[f"dqm/rejections;{c}"].values().tolist())))
+               for c in (1, 2, 3)]
+        assert f["dqm/digits_per_event"].values().sum() == 3  # the plain key: the last part of run 1
+    assert got == [("exp 0, run 1)", 3, {"(none)": 0}), ("exp 0, run 5)", 0, {"missing_key": 1, "payload_not_words": 1}),
+                   ("exp 0, run 1)", 3, {"(none)": 0})]
+
+
 def test_a_file_of_several_runs_has_its_dqm_drawn_per_run(tmp_path, capsys):
     """Runs 1 then 2 in one file: one cycle of each histogram per run. `eclreco dqm` drew only the
     last cycle (run 2), and nothing said which run a histogram was; titles now end with the run and
