@@ -97,6 +97,30 @@ def test_metadata_says_a_job_was_stopped_by_a_signal(tmp_path):
         assert meta["stopped_by"] == "SIGINT"
 
 
+class FailsAtInitialize(eclreco.Module):
+    def initialize(self):
+        raise ValueError("misconfigured")
+
+
+def test_a_module_failing_at_initialize_after_the_output_leaves_a_valid_file(tmp_path):
+    """A module after RootOutput (RejectedOutput with a quarantine file it cannot open, a user's module)
+    fails at initialize: RootOutput had recreated its file and never got terminate, which left a ROOT
+    file without keys (no `events`, no `metadata`) over the earlier file of that name. The modules
+    initialized before the failing one now get terminate: a valid file of 0 events that says so."""
+    import json
+
+    out = tmp_path / "out.root"
+    path = eclreco.create_path()
+    path.add_module(CountingSource(100))
+    path.add_module("RootOutput", filename=str(out))
+    path.add_module(FailsAtInitialize())
+    with pytest.raises(RuntimeError, match="misconfigured"):
+        eclreco.process(path, install_signal_handlers=False)
+    with uproot.open(out) as f:
+        assert f["events"].num_entries == 0
+        assert json.loads(str(f["metadata"]))["job"]["received"] == 0
+
+
 class ClusterSource(eclreco.Module):
     """events with 0..3 clusters"""
 

@@ -177,13 +177,21 @@ class Run {
   }
 
   void execute() {
+    size_t initialized = 0;
     try {
       for (auto& m : modules_) {
         m->params().check_required();
         lifecycle(*m, "initialize", [&] { m->initialize(); });
+        ++initialized;
       }
     } catch (...) {
-      rethrow_unwrapped(std::current_exception());
+      // The modules initialized before the one that failed get their terminate: an output closes
+      // the file it created (a RootOutput before a failing RejectedOutput left a ROOT file without
+      // keys in place of the one of that name), a socket is released; the first error is raised.
+      std::exception_ptr first = std::current_exception();
+      for (size_t k = 0; k < initialized; ++k)
+        guarded(*modules_[k], "terminate", [&] { modules_[k]->terminate(); }, first);
+      rethrow_unwrapped(first);
     }
     const double loop_start = now_seconds();
     const int n_threads = opt_.threads;
