@@ -35,7 +35,8 @@ class ECLEventFilter(Module):
         if not self.param("collection") or not self.param("energy_column"):
             raise ValueError("ECLEventFilter: collection and energy_column must be names")
         self._reason = self.param("reason") or self.type
-        self.kept = self.discarded = 0
+        # (the counters run on over the module's life, as ECLEnergyCorrection's: the HLT worker runs one
+        # process() per run, and its Prometheus counters must not fall back to 0 at each)
 
     def event(self, batch):
         n = len(batch)

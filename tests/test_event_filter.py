@@ -315,3 +315,18 @@ def test_event_filter_counters_are_exact_with_threads():
             eclreco.process(path, threads=2, batch_size=4, install_signal_handlers=False)
         s = eclreco.statistics.summary()
         assert f.counters() == {"events_kept": s["processed"] - s["discarded"], "events_discarded": s["discarded"]}
+
+
+def test_event_filter_counters_run_on_over_runs():
+    """An HLT worker runs one process() per run with the same path: ECLEventFilter's counters (exported
+    as eclreco_module_value, read as Prometheus counters) went back to 0 at each initialize."""
+    from eclreco.sources import ArraySource
+
+    off = np.array([0, 0, 1, 3, 3, 4])
+    cols = {"energy": np.full(4, 0.5, np.float32), "time": np.zeros(4, np.float32)}
+    path = eclreco.create_path()
+    path.add_module(ArraySource("ECLClusters", off, cols))
+    f = path.add_module("ECLEventFilter", min_clusters=1)
+    for k in (1, 2):
+        eclreco.process(path, install_signal_handlers=False)
+        assert f.counters() == {"events_kept": 3.0 * k, "events_discarded": 2.0 * k}
