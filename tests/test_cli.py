@@ -56,6 +56,11 @@ def test_eclreco_bad_options_exit_2_with_one_line(argv, message, tmp_path, capsy
     (["hlt", "run", "--modules", "ECLUnpacker, Foo"], "unknown module\\(s\\) 'Foo'; available: .*ECLUnpacker"),
     (["hlt", "run", "--conditions", os.path.join(MODELS, "belle2-ecl.onnx"), "--modules", "none"],
      "has no ECLUnpacker"),
+    # --no-cnn with an explicit chain was ignored without a word
+    (["hlt", "run", "--modules", "ECLUnpacker,ECLClusterizer", "--no-cnn"],
+     "--no-cnn is about the CNN of the standard chain: it does nothing with --modules"),
+    (["hlt", "run", "--modules", "ECLUnpacker", "--model", os.path.join(MODELS, "belle2-ecl.onnx")],
+     "--model is about the CNN of the standard chain"),
 ])
 def test_eclreco_refused_before_any_work(argv, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
@@ -486,3 +491,20 @@ def test_eclreco_quarantine_extract_leaves_out_as_it_was_when_an_input_fails(tmp
                                                               "out.msgpack"]
     assert cli.main(["quarantine", str(good), "--extract", str(out)]) == 0
     assert out.read_bytes() == msgpack.packb([1, 2])
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--no-cnn"], "--no-cnn is about the CNN of the standard chain: it does nothing with --modules ECLClusterizer"),
+    (["--model", os.path.join(MODELS, "belle2-ecl.onnx")], "--model is about the CNN of the standard chain"),
+    (["--conditions", os.path.join(MODELS, "belle2-ecl.json")], "the chain (ECLClusterizer) has no ECLUnpacker"),
+])
+def test_a_standalone_worker_refuses_chain_options_its_chain_ignores(extra, message):
+    """`eclreco hlt worker --modules ...` ran without a word with --no-cnn or --model (hlt run refused
+    --model only): the same check as hlt run's now, before any event."""
+    import subprocess
+
+    cmd = [sys.executable, "-c", "import sys; from eclreco import cli; sys.exit(cli.main(sys.argv[1:]))",
+           "hlt", "worker", "--modules", "ECLClusterizer", *extra,
+           "--distributor", "tcp://127.0.0.1:9", "--metrics-port", "-1", "--rejected", ""]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and message in r.stderr, r.stderr

@@ -20,7 +20,7 @@ import zmq
 from eclreco.curve import Curve
 from eclreco.hlt import protocol as P
 from eclreco.hlt.control import ControlError, farm_failure, output_line, request, status, summary_line
-from eclreco.hlt.worker import conditions_without_unpacker, module_names
+from eclreco.hlt.worker import chain_option_unused, module_names
 from eclreco.raw_sockets import attach, check_address, check_message_limits, tcp_port
 
 
@@ -336,9 +336,8 @@ def main(args) -> int:
                          f"and {args.workers} workers (P+1 .. P+{1 + args.workers}) must stay below 65536")
     if args.worker_steering and not os.path.isfile(args.worker_steering):
         raise SystemExit(f"eclreco hlt run: --worker-steering {args.worker_steering!r} is not a file")
-    if args.model and (args.no_cnn or args.modules != "standard"):
-        raise SystemExit("eclreco hlt run: --model is the CNN's model of the standard chain: it does nothing "
-                         "with --no-cnn or --modules")
+    if unused := chain_option_unused(args):
+        raise SystemExit(f"eclreco hlt run: {unused}")
     if args.model and not os.path.isfile(args.model):
         raise SystemExit(f"eclreco hlt run: --model {args.model!r} is not a file")
     names = module_names(args.modules)
@@ -373,9 +372,6 @@ def main(args) -> int:
                              "one file; put {worker} (their index) or {pid} in its name")
         if folder := missing_folder(args.rejected):
             raise SystemExit(f"eclreco hlt run: --rejected {args.rejected!r}: no directory {folder!r}")
-    if conditions_without_unpacker(args.modules, args.conditions):
-        raise SystemExit("eclreco hlt run: --conditions is ECLUnpacker's conditions file: the workers' chain "
-                         f"({args.modules}) has no ECLUnpacker")
     try:
         check_message_limits("eclreco hlt run", args.max_message_bytes, args.refuse_message_bytes)
     except ValueError as e:

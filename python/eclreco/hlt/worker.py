@@ -338,20 +338,29 @@ def module_names(modules: str) -> list[str]:
     return [] if modules in ("standard", "none", "") else [n.strip() for n in modules.split(",")]
 
 
-def conditions_without_unpacker(modules: str, conditions: str) -> bool:
-    """--conditions given to a --modules chain without ECLUnpacker, the module that reads it."""
-    return bool(conditions) and modules != "standard" and "ECLUnpacker" not in module_names(modules)
+def chain_option_unused(args) -> str:
+    """Which of --model, --no-cnn and --conditions the chosen chain would ignore, as an error message
+    ('' when none): --model and --no-cnn are about the CNN of the standard chain, --conditions is
+    ECLUnpacker's (hlt run and the worker refuse them rather than run without them)."""
+    if args.model and args.no_cnn:
+        return "--model is the CNN's model: it does nothing with --no-cnn"
+    if args.modules != "standard" and (args.model or args.no_cnn):
+        option = "--model" if args.model else "--no-cnn"
+        return f"{option} is about the CNN of the standard chain: it does nothing with --modules {args.modules}"
+    if args.conditions and args.modules != "standard" and "ECLUnpacker" not in module_names(args.modules):
+        return f"--conditions is ECLUnpacker's conditions file: the chain ({args.modules}) has no ECLUnpacker"
+    return ""
 
 
 def add_chosen_reconstruction(path, args):
     """--modules: 'standard' -> add_reconstruction, 'none', or an explicit comma-separated list."""
+    if unused := chain_option_unused(args):
+        raise ValueError(unused)
     if args.modules == "standard":
         from eclreco.reconstruction import add_reconstruction
 
         add_reconstruction(path, cnn=not args.no_cnn, model=args.model, conditions=args.conditions)
     else:
-        if conditions_without_unpacker(args.modules, args.conditions):
-            raise ValueError("--conditions is ECLUnpacker's conditions file: the chain has no ECLUnpacker")
         for name in module_names(args.modules):
             conditions = {"conditions": args.conditions} if name == "ECLUnpacker" and args.conditions else {}
             path.add_module(name, **conditions)
