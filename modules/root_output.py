@@ -11,7 +11,10 @@ from eclreco import Module, _core
 from eclreco.paths import missing_folder
 
 # The event branches in the tree's order; n_digits and n_out_of_time_digits where the chain makes them
-EVENT_BRANCHES = ("exp", "run", "evt", "time_ns", "n_digits", "n_out_of_time_digits", "error_flags")
+EVENT_BRANCH_TYPES = {"exp": np.uint64, "run": np.uint64, "evt": np.uint32, "time_ns": np.int64, "n_digits": np.int32,
+                      "n_out_of_time_digits": np.int32, "error_flags": np.uint32}
+# the integer columns of ECLClusters (the clusterizer's); every other column is float32
+INT_CLUSTER_COLUMNS = ("n_crystals", "seed_cell", "ring", "n_maxima", "region_index")
 
 # ECLClusters columns written by default, as branches cluster_<column> (the cluster_columns parameter)
 DEFAULT_CLUSTER_COLUMNS = ("energy_raw", "energy", "theta", "phi", "x", "y", "z", "time", "n_crystals", "seed_cell",
@@ -145,17 +148,19 @@ class RootOutput(Module):
             if not self._parts and self._writer is None:
                 self.batches_written = self.batches_taken  # nothing of it to write
             return
+        t = EVENT_BRANCH_TYPES
         part = {
-            "exp": batch.exp[keep].astype(np.uint64),  # 64 bits: the wire format bounds only evt
-            "run": batch.run[keep].astype(np.uint64),
-            "evt": batch.evt[keep].astype(np.uint32),
-            "time_ns": batch.time_ns[keep].astype(np.int64, copy=False),  # the envelope's trigger time, 0 if absent
-            "error_flags": batch.error_flags[keep].astype(np.uint32),
+            "exp": batch.exp[keep].astype(t["exp"]),  # 64 bits: the wire format bounds only evt
+            "run": batch.run[keep].astype(t["run"]),
+            "evt": batch.evt[keep].astype(t["evt"]),
+            "time_ns": batch.time_ns[keep].astype(t["time_ns"], copy=False),  # the envelope's trigger time, 0 if absent
+            "error_flags": batch.error_flags[keep].astype(t["error_flags"]),
         }
         if "ECLDigits" in batch:
-            part["n_digits"] = np.diff(batch["ECLDigits"].offsets)[keep].astype(np.int32)
+            part["n_digits"] = np.diff(batch["ECLDigits"].offsets)[keep].astype(t["n_digits"])
         if "ECLEventInformation" in batch:  # the event's background measure (ECLUnpacker)
-            part["n_out_of_time_digits"] = batch["ECLEventInformation"]["n_out_of_time_digits"][keep].astype(np.int32, copy=False)
+            part["n_out_of_time_digits"] = batch["ECLEventInformation"]["n_out_of_time_digits"][keep].astype(
+                t["n_out_of_time_digits"], copy=False)
         if "ECLClusters" in batch:
             clusters = batch["ECLClusters"]
             offsets = clusters.offsets
@@ -245,7 +250,7 @@ class RootOutput(Module):
         # one (ECLClusters missing where the clusterizer failed on all its events, say) gets zeros
         # / empty cluster lists: dropping the branch for the basket made the tree inconsistent.
         if self._schema is None:
-            ev = {k: p[k].dtype for k in EVENT_BRANCHES for p in parts if k in p}
+            ev = {k: p[k].dtype for k in EVENT_BRANCH_TYPES for p in parts if k in p}
             cl = next(({n: a.dtype for n, a in p["_cluster_cols"].items()} for p in parts if "_cluster_cols" in p), None)
             self._schema = (ev, cl)
         ev_types, cl_types = self._schema
@@ -271,14 +276,29 @@ class RootOutput(Module):
                                                                    ak.contents.RecordArray(fields, names)))
         n = len(data["evt"])
         if not self._tree_created:
-            # Branches cluster_<column> with one counter ncluster (uproot's default would be cluster.<column>).
-            types = {k: (v.dtype if isinstance(v, np.ndarray) else v.type) for k, v in data.items()}
-            self._file.mktree(self.param("tree"), types, counter_name=lambda name: "n" + name,
-                              field_name=lambda outer, inner: f"{outer}_{inner}")
-            self._tree_created = True
+            self._make_tree({k: (v.dtype if isinstance(v, np.ndarray) else v.type) for k, v in data.items()})
         self._file[self.param("tree")].extend(data)
         self.events_written += n
         self.events_written_run += n
+
+    def _make_tree(self, types):
+        # Branches cluster_<column> with one counter ncluster (uproot's default would be cluster.<column>).
+        self._file.mktree(self.param("tree"), types, counter_name=lambda name: "n" + name,
+                          field_name=lambda outer, inner: f"{outer}_{inner}")
+        self._tree_created = True
+
+    def _empty_tree_types(self):
+        """The branches of a tree that no event reached: every event branch and the cluster_columns (a
+        job's file with events has those its chain makes), so that an analysis reading the branches of
+        its other files reads empty arrays from this one, not a KeyError."""
+        import awkward as ak
+
+        names = list(self.param("cluster_columns"))
+        fields = [ak.contents.NumpyArray(np.zeros(0, np.int32 if n in INT_CLUSTER_COLUMNS else np.float32))
+                  for n in names]
+        cluster = ak.Array(ak.contents.ListOffsetArray(ak.index.Index64(np.zeros(1, np.int64)),
+                                                       ak.contents.RecordArray(fields, names)))
+        return {**{k: np.dtype(t) for k, t in EVENT_BRANCH_TYPES.items()}, **({"cluster": cluster.type} if names else {})}
 
     def end_run(self, exp, run):
         self._flush()
@@ -304,9 +324,7 @@ class RootOutput(Module):
             raise RuntimeError(self._error)
         try:
             if self._file is not None and not self._tree_created:
-                # No event reached the output: still leave a readable, empty tree.
-                self._file.mktree(self.param("tree"), {"exp": np.uint64, "run": np.uint64, "evt": np.uint32,
-                                                       "error_flags": np.uint32})
+                self._make_tree(self._empty_tree_types())  # no event reached the output: a readable empty tree
             if not self._dqm_written:
                 # No run began (no event, or every event rejected: no run number to trust), so no
                 # end_run wrote the DQM: its histograms still go in, the rejections above all.

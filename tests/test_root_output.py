@@ -494,3 +494,27 @@ def test_events_a_module_failed_on_are_written_whatever_the_batch_size(tmp_path,
     failed = t["evt"] % 10 == 3
     assert (t["error_flags"][failed] & eclreco.ERROR_MODULE).all() and not t["error_flags"][~failed].any()
     assert (t["ncluster"][~failed] == 2).all()
+
+
+@pytest.mark.parametrize("columns", [None, ["energy", "n_maxima", "region_index", "lat"]])
+def test_a_file_without_events_has_the_branches_of_one_with_events(tmp_path, columns):
+    """A job that wrote no event (an empty input, every event rejected) left a tree of exp, run, evt and
+    error_flags only: an analysis reading cluster_energy from each of its files got a KeyError on that
+    one. Its tree now has the branches and types of a file of the same chain with events."""
+    from eclreco.bench import make_raw_file
+    from eclreco.rawdata import write_raw_file
+    from eclreco.reconstruction import add_reconstruction
+
+    make_raw_file(str(tmp_path / "some.msgpack"), 20, 1.0)
+    write_raw_file(tmp_path / "none.msgpack", [])
+    extra = {} if columns is None else {"cluster_columns": columns}
+    for name in ("some", "none"):
+        path = eclreco.create_path()
+        path.add_module("RawFileInput", filename=str(tmp_path / f"{name}.msgpack"))
+        add_reconstruction(path, cnn=False)
+        path.add_module("RootOutput", filename=str(tmp_path / f"{name}.root"), **extra)
+        eclreco.process(path, install_signal_handlers=False)
+    with uproot.open(tmp_path / "some.root") as some, uproot.open(tmp_path / "none.root") as none:
+        assert some["events"].num_entries == 20 and none["events"].num_entries == 0
+        assert none["events"].typenames() == some["events"].typenames()
+        assert len(none["events"].arrays(["cluster_energy", "ncluster", "n_digits"])) == 0
