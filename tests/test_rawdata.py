@@ -279,6 +279,18 @@ def test_valid_envelope_variants():
         assert rawdata.decode_envelope(pack(env(ecl=p)))["payload_size"] == size
 
 
+
+def test_truth_with_array_or_map_keys_decodes():
+    """MessagePack map keys may be arrays or maps, and the spec lets a producer put anything in
+    `truth`: such an envelope is valid. Python's msgpack cannot build a dict with those keys
+    (TypeError: unhashable type), which escaped decode_envelope; the truth is left out instead,
+    as for one nested too deep for it."""
+    for truth in (b"\x81\x91\x01\x02", b"\x81\x80\xc0", b"\x81\xa1a\x81\x92\x01\x02\xa1b"):
+        m = b"\x87" + b"".join(pack(k) + pack(v) for k, v in env().items()) + pack("truth") + truth
+        d = rawdata.decode_envelope(m)
+        assert (d["exp"], d["run"], d["evt"], d["ecl"]) == (1, 2, 3, GOOD_PAYLOAD)
+        assert "truth" not in d
+
 def signed(fmt: int, v: int) -> bytes:
     """v in a MessagePack signed format (0xd0 int8 .. 0xd3 int64), as some producers write ints."""
     n = {0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}[fmt]

@@ -63,8 +63,8 @@ def decode_envelope(message: bytes) -> dict:
     if b"truth" in message:  # the C++ decoder checks it is a map and skips it (the chain never reads it)
         try:
             m = msgpack.unpackb(message, raw=False, strict_map_key=False)
-        except (ValueError, msgpack.StackError):  # nested deeper than msgpack-python unpacks: valid, left out
-            return env
+        except (ValueError, msgpack.StackError, TypeError):  # valid, left out: nested deeper than
+            return env  # msgpack-python unpacks, or a map key that is an array or a map (unhashable in Python)
         if "truth" in m:
             env["truth"] = m["truth"]
     return env
