@@ -732,6 +732,51 @@ def test_a_replaced_collectors_saved_events_are_in_the_report():
         farm.close()
 
 
+def test_a_collector_stopped_in_the_middle_of_a_run_is_in_the_report():
+    """A collector stopped by SIGINT/SIGTERM in the middle of a run (a service stop or restart) closes its
+    file and reports RUN_ENDED; a new collector writes the rest of the run in its own file. The first
+    report was taken for a run of its own: the output line said '3000 events written in 2 farm run(s)'
+    of one run, and the stop's reply named only the new collector's file (its replaced_collectors
+    empty), not the one that held the run's first 1257 events (audit, separate services)."""
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import output_line
+
+    farm = InProcessFarm(heartbeat_timeout_s=0.3)
+    d = farm.d
+    try:
+        seqs = farm.read_events(100)
+        a = farm.peer()
+        collector_hello(farm, a, output="/data/a.root")
+        farm.send(a, P.CONFIRM, P.seqs_to_bytes(seqs[:70]))
+        farm.send(a, P.SAVED, P.seqs_to_bytes(seqs[:70]))
+        # SIGTERM: a closes its file and reports while the farm's run goes on
+        farm.send(a, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "/data/a.root", "received": 70,
+                                          "events_written": 70}))
+        time.sleep(0.4)  # a is gone: the next collector is taken
+        b = farm.peer()
+        collector_hello(farm, b, instance="i8", pid=8, output="/data/a.2.root")
+        farm.send(b, P.CONFIRM, P.seqs_to_bytes(seqs[70:]))
+        farm.send(b, P.SAVED, P.seqs_to_bytes(seqs[70:]))
+        d.pending.clear()  # (no worker here to take the ids off the queue)
+        d.stop_drain_s = 0.0
+        control = farm.peer()
+        assert farm.send(control, P.STOP) == []
+        d.housekeeping(time.monotonic())
+        farm.send(b, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "/data/a.2.root", "received": 30,
+                                          "events_written": 30}))
+        d.housekeeping(time.monotonic())
+        assert control.poll(5000)
+        reply = P.unpack(control.recv_multipart()[1])
+        assert reply["replaced_collectors"] == [{"pid": 7, "host": "h", "output": "/data/a.root", "saved": 70}], reply
+        line = output_line(d.own_status())
+        assert "100 events written in 1 farm run(s) of 100 received" in line, line
+        assert "70 of them by 1 collector(s) stopped in the middle of a run, in their own file(s): /data/a.root" \
+            in line, line
+        assert "more saved by" not in line, line  # a's events are in the count: not a second time
+    finally:
+        farm.close()
+
+
 def test_a_worker_back_from_a_hang_ends_the_run_it_missed():
     """A worker hung (SIGSTOP) past the heartbeat time-out is given up on; if the run ends meanwhile,
     it missed END_RUN, stayed `running` after it resumed, and merged that run with the next (soak

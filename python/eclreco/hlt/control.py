@@ -44,6 +44,10 @@ def output_line(d: dict) -> str:
         line += f" ({o['received_before']} of them before this distributor took the collector)"
     line += (f"; rejected {o.get('rejected', 0)}, module errors {o.get('errors', 0)}, "
              f"discarded {o.get('discarded', 0)}")
+    if o.get("left_collectors"):  # stopped (SIGINT/SIGTERM) in a run that went on: their reports are counted
+        files = ", ".join(f for f in o.get("left_files", []) if f) or "-"
+        line += (f"; {o.get('written_by_left', 0)} of them by {o['left_collectors']} collector(s) stopped in the "
+                 f"middle of a run, in their own file(s): {files}")
     if o.get("replaced_collectors"):
         files = ", ".join(f for f in o.get("replaced_files", []) if f) or "-"
         line += (f"; {o.get('saved_by_replaced', 0)} more saved by {o['replaced_collectors']} replaced "

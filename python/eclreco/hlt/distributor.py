@@ -178,7 +178,9 @@ class Distributor:
         # life: the file side of the farm, which the confirmations alone do not show.
         self.output = {"runs": 0, "received": 0, "events_written": 0, "errors": 0, "discarded": 0,
                        "rejected": 0, "rejected_by_reason": {}, "first_error": "", "duplicates": 0, "repeated_keys": 0,
-                       "received_before": 0, "replaced_collectors": 0, "saved_by_replaced": 0, "replaced_files": []}
+                       "received_before": 0, "replaced_collectors": 0, "saved_by_replaced": 0, "replaced_files": [],
+                       "left_collectors": 0, "written_by_left": 0, "left_files": []}
+        self.output_run = 0  # the run index whose events the output counts last (a run is counted once)
         self.replaced_run: list[dict] = []  # collectors replaced in this run: their files hold part of it
         self.unregistered: dict[bytes, dict] = {}  # CONFIRM/SAVED held until their sender registers (hold_unregistered)
 
@@ -443,7 +445,9 @@ class Distributor:
             if self.collector is not None and self.collector["ident"] == ident:
                 self.collector["run_ended"] = info
                 self.collector["last_seen"] = now
-                self.add_run_report(info)
+                if self.state == "running":  # no END_RUN asked for it: the collector left the run (SIGINT/SIGTERM)
+                    self.collector["left"] = True
+                self.add_run_report(info, left=self.state == "running")
         elif cmd == P.STOP:
             if self.state == "stopped":
                 self._send(self.ctl, ident, P.OK, P.pack({"state": "stopped", "run_index": self.run_index,
@@ -547,7 +551,7 @@ class Distributor:
         run it did not report on is in its own file: counted in `output` (saved_by_replaced,
         replaced_files) and in the stop's reply."""
         old = self.collector
-        if old["run_ended"] is None and not same_process:
+        if old["run_ended"] is None and not same_process and not old.get("left"):  # (left: in the report already)
             st = old["status"]
             rec = {"pid": st.get("pid"), "host": st.get("host"), "output": str(st.get("output") or ""),
                    "saved": old["saved"]}
@@ -684,11 +688,26 @@ class Distributor:
         for w in self.workers.values():
             w.assigned.clear()
 
-    def add_run_report(self, info: dict):
+    def add_run_report(self, info: dict, left: bool = False):
+        """A collector's RUN_ENDED. left: it ended its run while the farm's run goes on (a service stop or
+        restart of the collector); its file holds the run's first events and a new collector writes the
+        rest in its own. Its counts are the run's, and the run is counted once: the stop's reply and the
+        output line name its file (they named only the new collector's, and counted a second run)."""
         o = self.output
         o["received_before"] += self.collector.pop("received_before", 0)
-        if info.get("received", 0):
+        if info.get("received", 0) and self.output_run != self.run_index:
             o["runs"] += 1
+            self.output_run = self.run_index
+        if left:
+            st = self.collector["status"]
+            rec = {"pid": st.get("pid"), "host": st.get("host"),
+                   "output": str(info.get("filename") or st.get("output") or ""),
+                   "saved": int(info.get("events_written", 0) or 0)}
+            self.replaced_run.append(rec)
+            o["left_collectors"] += 1
+            o["written_by_left"] += rec["saved"]
+            if len(o["left_files"]) < 20:
+                o["left_files"].append(rec["output"])
         for k in ("received", "events_written", "errors", "discarded", "rejected"):
             o[k] += int(info.get(k, 0) or 0)
         for k in ("duplicates", "repeated_keys"):  # the collector's of this run (its `duplicates` is its life's)
