@@ -1058,3 +1058,28 @@ def test_a_taken_metrics_port_is_said_by_every_role(farm_factory):
     finally:
         for t in taken:
             t.close()
+
+
+def test_a_workers_process_running_is_0_between_the_runs(farm_factory):
+    """docs/deployment.md: eclreco_process_running is 1 while an event loop runs, 0 between the runs of a worker
+    or collector. A worker starts its next event loop at once after a run (waiting for that run's events), so
+    its gauge stayed 1 through a stop: a stopped farm's workers looked busy (audit; the collector's said 0)."""
+    farm = farm_factory(workers=1)
+    push_events(farm.input, range(300))
+    farm.wait_confirmed(300)
+    port = farm.process("worker")["metrics_port"]
+    assert "eclreco_process_running 1.0" in scrape(port)
+    farm.command("stop")
+    t0 = time.monotonic()
+    while "eclreco_process_running 0.0" not in (text := scrape(port)):
+        assert time.monotonic() - t0 < 10, [line for line in text.splitlines() if "process_running" in line]
+        time.sleep(0.2)
+    assert "eclreco_process_running 0.0" in scrape(farm.process("collector")["metrics_port"])
+    assert "eclreco_events_processed_total 300.0" in scrape(port)  # the run's counts stay
+    farm.command("start")
+    push_events(farm.input, range(1000, 1100))
+    farm.wait_confirmed(400)
+    assert "eclreco_process_running 1.0" in scrape(port)
+    farm.command("terminate")
+    rc, log = farm.wait_exit()
+    assert rc == 0, log

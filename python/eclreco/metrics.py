@@ -141,6 +141,9 @@ class ProcessMetricsCollector(Collector):
         self.totals = _Totals()
         self._lock = threading.Lock()
         self._checkpointed_state = None
+        # A process whose event loop also waits between its runs (the HLT worker starts the next
+        # one at once) says here whether it is in a run: eclreco_process_running is 0 otherwise.
+        self.in_run: Callable[[], bool] | None = None
 
     def checkpoint(self):
         """Fold the counters of the process() call that just ended into the running totals."""
@@ -173,7 +176,7 @@ class ProcessMetricsCollector(Collector):
 
     def _collect_framework(self, t, s):
         running = GaugeMetricFamily("eclreco_process_running", "1 while an event loop is running")
-        running.add_metric([], 1 if (s is not None and s.running) else 0)
+        running.add_metric([], 1 if (s is not None and s.running and (self.in_run is None or self.in_run())) else 0)
         yield running
 
         def val(attr):

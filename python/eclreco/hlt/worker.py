@@ -288,6 +288,8 @@ def start_worker(args, build_reconstruction) -> int:
     add_output(path, args)
     if exporter is not None:
         exporter.set_path(path)
+        # its next event loop starts right after a run, waiting for the next run's events: running in a run only
+        exporter.collector.in_run = lambda: link.state == "running"
     print(f"[worker] pid {os.getpid()} {path} distributor {args.distributor} collector {args.collector} "
           f"metrics {exporter.port if exporter else '-'} rejected raw events "
           f"{os.path.abspath(args.rejected) if args.rejected else 'not kept'}", flush=True)
