@@ -154,7 +154,24 @@ class G4EnvelopeSource(Module):
         return True
 
 
-class MatchedClusterCollector(Module):
+class PartsCollector(Module):
+    """A module that keeps a dict of arrays per batch (self.parts, in input order) for a script to
+    read after the job: concatenated() joins them."""
+
+    def __init__(self):
+        super().__init__()
+        self.parts = []
+
+    def ordered(self):
+        return True
+
+    def concatenated(self) -> dict:
+        if not self.parts:
+            return {}
+        return {k: np.concatenate([p[k] for p in self.parts]) for k in self.parts[0]}
+
+
+class MatchedClusterCollector(PartsCollector):
     """Collects per event the cluster matched to the true photon (and the raw digit sum)."""
 
     def __init__(self, detector="array30", direction=None, match_angle=MATCH_ANGLE_RAD):
@@ -162,10 +179,6 @@ class MatchedClusterCollector(Module):
         self.detector = detector
         self.direction = direction  # (n_events, 3) true directions indexed by evt, belle2-ecl
         self.match_angle = match_angle
-        self.parts = []
-
-    def ordered(self):
-        return True
 
     def event(self, batch):
         n = len(batch)
@@ -217,9 +230,9 @@ class MatchedClusterCollector(Module):
         self.parts.append(rec)
 
     def result(self):
-        if not self.parts:
+        out = self.concatenated()
+        if not out:
             return {}
-        out = {k: np.concatenate([p[k] for p in self.parts]) for k in self.parts[0]}
         order = np.argsort(out["evt"], kind="stable")
         return {k: v[order] for k, v in out.items()}
 
@@ -231,6 +244,17 @@ class ClassicalSnapshot(Module):
         if "ECLClusters" in batch:
             cl = batch["ECLClusters"]
             cl["energy_classical"] = np.array(cl["energy"], np.float32)
+
+
+def add_correction_chain(path, model=None, **cnn_params):
+    """The chain the networks are trained and validated on, after a source of raw events: ECLUnpacker,
+    ECLClusterizer, ECLLeakageCorrection, the classical energy kept in energy_classical, then (model not
+    None) ECLEnergyCorrection with that model and cnn_params."""
+    for name in ("ECLUnpacker", "ECLClusterizer", "ECLLeakageCorrection"):
+        path.add_module(name)
+    path.add_module(ClassicalSnapshot())
+    if model is not None:
+        path.add_module("ECLEnergyCorrection", model=model, **cnn_params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,15 +282,7 @@ def run_chain(detector, sample_iter, direction=None, model=None, min_energy_gev=
     src = G4EnvelopeSource(sample_iter)
     src.set_param("detector", detector)
     path.add_module(src)
-    path.add_module("ECLUnpacker")
-    path.add_module("ECLClusterizer")
-    path.add_module("ECLLeakageCorrection")
-    path.add_module(ClassicalSnapshot())
-    if model is not None:
-        params = {"model": model}
-        if min_energy_gev is not None:
-            params["min_energy_gev"] = min_energy_gev
-        path.add_module("ECLEnergyCorrection", **params)
+    add_correction_chain(path, model, **({} if min_energy_gev is None else {"min_energy_gev": min_energy_gev}))
     col = MatchedClusterCollector(detector, direction)
     path.add_module(col)
     eclreco.process(path, threads=1, batch_size=batch_size, install_signal_handlers=False)

@@ -138,15 +138,8 @@ def plot_energy_hists(res, energies, path, names, title):
 # pi0
 # ---------------------------------------------------------------------------------------------
 
-class _Pi0Collector(cnn_data.Module):
+class _Pi0Collector(cnn_data.PartsCollector):
     """The two most energetic clusters of each event: raw / classical / CNN energies, directions."""
-
-    def __init__(self):
-        super().__init__()
-        self.parts = []
-
-    def ordered(self):
-        return True
 
     def event(self, batch):
         cl = batch["ECLClusters"]
@@ -169,9 +162,6 @@ class _Pi0Collector(cnn_data.Module):
             rec[name + "_e1"], rec[name + "_e2"] = e1, e2
         self.parts.append(rec)
 
-    def result(self):
-        return {k: np.concatenate([p[k] for p in self.parts]) for k in self.parts[0]}
-
 
 def pi0_peak(detector, model, n_events=20000, seed=7, background=1.0, e_min=0.3, e_max=1.5, min_e=0.03):
     import eclreco
@@ -179,15 +169,10 @@ def pi0_peak(detector, model, n_events=20000, seed=7, background=1.0, e_min=0.3,
     path = eclreco.create_path()
     path.add_module("SimulationInput", events=n_events, detector=detector, particle="pi0", energy_min=e_min,
                     energy_max=e_max, background=background, seed=seed)
-    path.add_module("ECLUnpacker")
-    path.add_module("ECLClusterizer")
-    path.add_module("ECLLeakageCorrection")
-    path.add_module(cnn_data.ClassicalSnapshot())
-    path.add_module("ECLEnergyCorrection", model=model)
-    col = _Pi0Collector()
-    path.add_module(col)
+    cnn_data.add_correction_chain(path, model)
+    col = path.add_module(_Pi0Collector())
     eclreco.process(path, threads=1, install_signal_handlers=False)
-    r = col.result()
+    r = col.concatenated()
     out = {"n_events": n_events, "pi0_energy_gev": [e_min, e_max], "background": background}
     ok = (r["raw_e2"] > min_e)
     masses = {}
@@ -225,15 +210,8 @@ def plot_pi0(masses, path):
 # clusters away from the photon (beam background, split-offs)
 # ---------------------------------------------------------------------------------------------
 
-class _ClusterCollector(cnn_data.Module):
+class _ClusterCollector(cnn_data.PartsCollector):
     """Every cluster: its event, direction and raw / classical / CNN energies."""
-
-    def __init__(self):
-        super().__init__()
-        self.parts = []
-
-    def ordered(self):
-        return True
 
     def event(self, batch):
         cl = batch["ECLClusters"]
@@ -264,13 +242,10 @@ def fake_clusters(detector, model, n_events=2000, energy=1.0, background=1.0, se
     for variant, cuts in (("shipped", {}), ("no_domain_cuts", {"max_abs_time_ns": 0.0, "max_ratio_to_classical": 0.0})):
         path = eclreco.create_path()
         path.add_module(MessageSource(msgs))
-        for name in ("ECLUnpacker", "ECLClusterizer", "ECLLeakageCorrection"):
-            path.add_module(name)
-        path.add_module(cnn_data.ClassicalSnapshot())
-        path.add_module("ECLEnergyCorrection", model=model, **cuts)
+        cnn_data.add_correction_chain(path, model, **cuts)
         col = path.add_module(_ClusterCollector())
         eclreco.process(path, threads=1, install_signal_handlers=False)
-        c = {k: np.concatenate([p[k] for p in col.parts]) for k in col.parts[0]}
+        c = col.concatenated()
         th, ph = true_dir[c["event"], 0], true_dir[c["event"], 1]
         cos_a = np.sin(c["theta"]) * np.sin(th) * np.cos(c["phi"] - ph) + np.cos(c["theta"]) * np.cos(th)
         away = np.arccos(np.clip(cos_a, -1, 1)) > min_angle

@@ -445,9 +445,9 @@ class Distributor:
             if self.collector is not None and self.collector["ident"] == ident:
                 self.collector["run_ended"] = info
                 self.collector["last_seen"] = now
-                if self.state == "running":  # no END_RUN asked for it: the collector left the run (SIGINT/SIGTERM)
-                    self.collector["left"] = True
-                self.add_run_report(info, left=self.state == "running")
+                left = self.state == "running"  # no END_RUN asked for it: the collector left the run (SIGINT/SIGTERM)
+                self.collector["left"] = left
+                self.add_run_report(info, left=left)
         elif cmd == P.STOP:
             if self.state == "stopped":
                 self._send(self.ctl, ident, P.OK, P.pack({"state": "stopped", "run_index": self.run_index,
@@ -552,15 +552,8 @@ class Distributor:
         replaced_files) and in the stop's reply."""
         old = self.collector
         if old["run_ended"] is None and not same_process and not old.get("left"):  # (left: in the report already)
-            st = old["status"]
-            rec = {"pid": st.get("pid"), "host": st.get("host"), "output": str(st.get("output") or ""),
-                   "saved": old["saved"]}
-            self.replaced_run.append(rec)
-            o = self.output
-            o["replaced_collectors"] += 1
-            o["saved_by_replaced"] += rec["saved"]
-            if len(o["replaced_files"]) < 20:
-                o["replaced_files"].append(rec["output"])
+            self.note_collector_file(old["status"], old["status"].get("output"), old["saved"],
+                                     ("replaced_collectors", "saved_by_replaced", "replaced_files"))
         back = []
         for seq, e in self.events.items():
             if e[2] is not None:
@@ -688,6 +681,18 @@ class Distributor:
         for w in self.workers.values():
             w.assigned.clear()
 
+    def note_collector_file(self, status: dict, output, saved: int, keys: tuple[str, str, str]):
+        """A collector other than the one that reports the run's end holds part of the run in its file:
+        listed in the stop's reply (replaced_run) and counted in `output` under keys (collectors, events,
+        files: at most 20 names)."""
+        rec = {"pid": status.get("pid"), "host": status.get("host"), "output": str(output or ""), "saved": saved}
+        self.replaced_run.append(rec)
+        n, events, files = keys
+        self.output[n] += 1
+        self.output[events] += saved
+        if len(self.output[files]) < 20:
+            self.output[files].append(rec["output"])
+
     def add_run_report(self, info: dict, left: bool = False):
         """A collector's RUN_ENDED. left: it ended its run while the farm's run goes on (a service stop or
         restart of the collector); its file holds the run's first events and a new collector writes the
@@ -700,14 +705,8 @@ class Distributor:
             self.output_run = self.run_index
         if left:
             st = self.collector["status"]
-            rec = {"pid": st.get("pid"), "host": st.get("host"),
-                   "output": str(info.get("filename") or st.get("output") or ""),
-                   "saved": int(info.get("events_written", 0) or 0)}
-            self.replaced_run.append(rec)
-            o["left_collectors"] += 1
-            o["written_by_left"] += rec["saved"]
-            if len(o["left_files"]) < 20:
-                o["left_files"].append(rec["output"])
+            self.note_collector_file(st, info.get("filename") or st.get("output"), int(info.get("events_written", 0) or 0),
+                                     ("left_collectors", "written_by_left", "left_files"))
         for k in ("received", "events_written", "errors", "discarded", "rejected"):
             o[k] += int(info.get(k, 0) or 0)
         for k in ("duplicates", "repeated_keys"):  # the collector's of this run (its `duplicates` is its life's)
