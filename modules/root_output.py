@@ -344,7 +344,7 @@ class RootOutput(Module):
         version, command, host, every module's parameters, the CNN's model files), the detectors of its
         events, and the job's counts, so that a file says whether cluster_energy is the CNN's and
         how many events of the input are not in it (rejected, discarded, failed), and whether a signal
-        stopped the job before the end of its input (`stopped_by`)."""
+        (`stopped_by`) or an error (`fatal_error`) stopped the job before the end of its input."""
         import datetime
         import json
         import signal
@@ -360,6 +360,7 @@ class RootOutput(Module):
             detectors=sorted(DETECTOR_NAMES.get(c, str(c)) for c in self._detectors),
             events_written=self.events_written_run,
             stopped_by=signal.Signals(sig).name if sig else None,
+            fatal_error=s.get("fatal_error"),
             job={k: s.get(k) for k in ("received", "processed", "rejected", "rejected_by_reason", "discarded",
                                        "discarded_by_reason", "errors")})
         return json.dumps(meta, default=str)

@@ -90,11 +90,20 @@ def test_metadata_says_a_job_was_stopped_by_a_signal(tmp_path):
         eclreco.process(path, batch_size=100)
     with uproot.open(tmp_path / "whole.root") as f:
         assert f["events"].num_entries == 1000
-        assert json.loads(str(f["metadata"]))["stopped_by"] is None
+        meta = json.loads(str(f["metadata"]))
+        assert meta["stopped_by"] is None and meta["fatal_error"] is None
     with uproot.open(tmp_path / "cut.root") as f:
         meta = json.loads(str(f["metadata"]))
         assert 300 <= f["events"].num_entries == meta["events_written"] < 10**6
-        assert meta["stopped_by"] == "SIGINT"
+        assert meta["stopped_by"] == "SIGINT" and meta["fatal_error"] is None
+    # the next job of the process, without signal handlers (as `eclreco validate` runs its chains), was
+    # said to be stopped by the SIGINT of the job before it
+    path = eclreco.create_path()
+    path.add_module(CountingSource(1000))
+    path.add_module("RootOutput", filename=str(tmp_path / "after.root"))
+    eclreco.process(path, batch_size=100, install_signal_handlers=False)
+    with uproot.open(tmp_path / "after.root") as f:
+        assert json.loads(str(f["metadata"]))["stopped_by"] is None
 
 
 class FailsAtInitialize(eclreco.Module):
@@ -118,7 +127,37 @@ def test_a_module_failing_at_initialize_after_the_output_leaves_a_valid_file(tmp
         eclreco.process(path, install_signal_handlers=False)
     with uproot.open(out) as f:
         assert f["events"].num_entries == 0
-        assert json.loads(str(f["metadata"]))["job"]["received"] == 0
+        meta = json.loads(str(f["metadata"]))
+    assert meta["job"]["received"] == 0
+    # the file says that its job failed, and why (it said 0 events, as a job of an empty input)
+    assert "FailsAtInitialize.initialize failed" in meta["fatal_error"] and "misconfigured" in meta["fatal_error"]
+    assert eclreco.statistics.summary()["fatal_error"] == meta["fatal_error"]
+
+
+class FailsAtSecondRun(eclreco.Module):
+    def begin_run(self, exp, run):
+        if run == 1:
+            raise OSError("conditions of run 1 unreadable")
+
+
+def test_a_job_ended_by_an_error_says_so_in_its_metadata(tmp_path):
+    """A job that an error ended in the middle of its input (here a module's begin_run of the second
+    run) writes the events before it; its metadata had the same counts as a complete job of that many
+    events. `fatal_error` now names the error (null for the complete job above)."""
+    import json
+
+    out = tmp_path / "out.root"
+    path = eclreco.create_path()
+    path.add_module(CountingSource(1000, run_length=500))
+    path.add_module(FailsAtSecondRun())
+    path.add_module("RootOutput", filename=str(out))
+    with pytest.raises(RuntimeError, match="run 1 unreadable"):
+        eclreco.process(path, batch_size=100, install_signal_handlers=False)
+    with uproot.open(out) as f:
+        meta = json.loads(str(f["metadata"]))
+        assert f["events"].num_entries == meta["events_written"] == 500
+    assert meta["stopped_by"] is None
+    assert "FailsAtSecondRun.begin_run failed" in meta["fatal_error"] and "run 1 unreadable" in meta["fatal_error"]
 
 
 class ClusterSource(eclreco.Module):

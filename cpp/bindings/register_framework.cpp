@@ -370,6 +370,8 @@ void register_framework(py::module_& m) {
       .def("rejected_by_reason", &fw::ProcessState::rejected_by_reason)
       .def("discarded_by_reason", &fw::ProcessState::discarded_by_reason)
       .def("error_messages", &fw::ProcessState::error_messages)
+      .def_property_readonly("fatal_error", &fw::ProcessState::fatal_error,
+                             "the error that ended the run (\"\" when none), known before the terminate calls")
       .def("modules", &state_modules)
       .def("events_per_batch_hist", [](const fw::ProcessState& s) {
         std::vector<uint64_t> out;

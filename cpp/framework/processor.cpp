@@ -68,7 +68,6 @@ class SignalGuard {
   explicit SignalGuard(bool install) : installed_(install) {
     if (!installed_) return;
     g_signals = 0;
-    g_stop_signal = 0;
     int pdeath = 0;
 #ifdef __linux__
     if (prctl(PR_GET_PDEATHSIG, &pdeath) != 0) pdeath = 0;
@@ -138,6 +137,16 @@ void ProcessState::record_error(const std::string& message) {
   if (error_messages_.size() < 100) error_messages_.push_back(message);
 }
 
+std::string ProcessState::fatal_error() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return fatal_error_;
+}
+
+void ProcessState::set_fatal_error(const std::string& message) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (fatal_error_.empty()) fatal_error_ = message.empty() ? "unknown error" : message;
+}
+
 void ProcessOptions::validate() const {
   if (threads < 1 || threads > kMaxThreads)
     throw std::invalid_argument("threads must be 1.." + std::to_string(kMaxThreads) + ", not " +
@@ -189,6 +198,7 @@ class Run {
       // the file it created (a RootOutput before a failing RejectedOutput left a ROOT file without
       // keys in place of the one of that name), a socket is released; the first error is raised.
       std::exception_ptr first = std::current_exception();
+      st_.set_fatal_error(describe(first));
       for (size_t k = 0; k < initialized; ++k)
         guarded(*modules_[k], "terminate", [&] { modules_[k]->terminate(); }, first);
       rethrow_unwrapped(first);
@@ -214,6 +224,12 @@ class Run {
     // Every module gets its end_run and terminate even when one of them fails (an output that
     // cannot write must not keep the others from closing their files); the first error wins.
     end_run_all(fatal);
+    std::exception_ptr ended_by = fatal;
+    if (!ended_by) {
+      std::lock_guard<std::mutex> lock(abort_mu_);
+      ended_by = abort_;
+    }
+    if (ended_by) st_.set_fatal_error(describe(ended_by));
     for (auto& m : modules_) guarded(*m, "terminate", [&] { m->terminate(); }, fatal);
     {
       std::lock_guard<std::mutex> lock(abort_mu_);
@@ -230,6 +246,16 @@ class Run {
     } catch (const AbortJob& a) {
       if (a.cause()) std::rethrow_exception(a.cause());
       throw;
+    }
+  }
+
+  static std::string describe(std::exception_ptr e) {
+    try {
+      std::rethrow_exception(e);
+    } catch (const std::exception& x) {
+      return x.what();
+    } catch (...) {
+      return "unknown error";
     }
   }
 
@@ -560,6 +586,7 @@ void Processor::process(Path& path, const ProcessOptions& options) {
     const int k = seen[m->type()]++;
     state_->modules.back()->name = k ? m->type() + "#" + std::to_string(k) : m->type();
   }
+  g_stop_signal = 0;  // a run without handlers was not stopped by the signal of the run before it
   SignalGuard guard(options.install_signal_handlers);
   clear_stop();
   state_->running = true;

@@ -68,19 +68,25 @@ class ProcessState {
   void count_discards(const std::map<size_t, std::string>& discards);  // one batch's, under one lock
   std::vector<std::string> error_messages() const;  // the first module errors, for the summary
   void record_error(const std::string& message);
+  // The error that ended the run (a module's initialize, begin_run or end_run, the source, a job
+  // aborted by a module), known before the modules' terminate, so that an output's file can say
+  // that its job failed; "" when none.
+  std::string fatal_error() const;
+  void set_fatal_error(const std::string& message);  // the first one is kept
 
  private:
   mutable std::mutex mu_;
   std::map<std::string, uint64_t> rejected_by_reason_;
   std::map<std::string, uint64_t> discarded_by_reason_;
   std::vector<std::string> error_messages_;
+  std::string fatal_error_;
 };
 
 // Request that a running process() ends after the batches in flight (what SIGINT/SIGTERM do).
 void request_stop();
 bool stop_requested();
 void clear_stop();
-// The signal (SIGINT, SIGTERM) that stopped the last run with signal handlers installed; 0 if none.
+// The signal (SIGINT, SIGTERM) that stopped the last run (one with signal handlers installed); 0 if none.
 int stop_signal();
 
 class Processor {

@@ -260,6 +260,8 @@ class Statistics:
             "discarded": s.discarded,
             "discarded_by_reason": s.discarded_by_reason(),
             "errors": s.errors,
+            # the error that ended the job before the end of its input (None: none did)
+            "fatal_error": s.fatal_error or None,
             "batches": s.batches,
             "wall_seconds": wall,
             "loop_seconds": s.loop_seconds if not s.running else wall,
