@@ -388,6 +388,34 @@ def test_farm_worker_sigkill_exactly_once(farm_factory):
     assert rc == 0, log
 
 
+def test_terminate_kills_a_stopped_worker_at_once(farm_factory):
+    """A worker stopped by SIGSTOP (an operator, a debugger) when the farm terminates can never exit by
+    itself: `hlt run` waited its 60 s deadline in silence, then killed it. It now kills a stopped role
+    at once and says so; its events had gone to the other worker."""
+    farm = farm_factory(workers=2)
+    push_events(farm.input, range(500))
+    farm.wait_confirmed(500)
+    victim = next(p for p in farm.status()["processes"] if p["role"] == "worker")["pid"]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        push_events(farm.input, range(500, 1500))
+        farm.wait_confirmed(1500)
+        farm.command("terminate")
+        t0 = time.monotonic()
+        rc, log = farm.wait_exit(timeout=40)
+        assert rc == 0 and time.monotonic() - t0 < 30, log
+        assert f"worker {victim} is stopped (SIGSTOP); killing it" in log, log
+        with pytest.raises(ProcessLookupError):
+            os.kill(victim, 0)  # killed and reaped
+        evt, _ = read_evt(farm.output)
+        assert np.array_equal(np.sort(evt), np.arange(1500))
+    finally:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_farm_without_restarts_left_goes_on_with_the_other_worker(farm_factory):
     """--max-restarts 0: a killed worker is not replaced (the supervisor says so), the distributor
     notices it gone, and the farm goes on with the other one: every later event once."""

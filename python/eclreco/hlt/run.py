@@ -281,15 +281,7 @@ class Farm:
                 next_report = now + 1.0
                 self.report(ctl)
             time.sleep(0.1)
-        # The distributor has gone (after terminate): the others follow it.
-        deadline = time.monotonic() + 60
-        for p in [self.collector, *[w for w in self.workers if w is not None]]:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                print(f"[hlt run] process {p.pid} did not exit; killing it", flush=True)
-                p.kill()
-                p.wait()
+        self.wait_roles_exit()
         while ctl.poll(200):
             frames = ctl.recv_multipart()
             if frames[0] in (P.FINAL, P.OK) and len(frames) > 1:
@@ -310,6 +302,32 @@ class Farm:
                 rc = 1
         return rc
 
+    def wait_roles_exit(self, deadline_s: float = 60.0, say_after_s: float = 5.0):
+        """The distributor has gone (after terminate): the others follow it, within deadline_s, else
+        they are killed. One stopped by a signal (SIGSTOP: an operator, a debugger) can never exit by
+        itself and is killed at once (the distributor gave its events to the others when it stopped
+        answering); a long wait is said, not silent."""
+        deadline = time.monotonic() + deadline_s
+        for p in [self.collector, *[w for w in self.workers if w is not None]]:
+            name = f"{'the collector' if p is self.collector else 'worker'} {p.pid}"
+            said = False
+            while p.poll() is None:
+                left = deadline - time.monotonic()
+                why = ("is stopped (SIGSTOP)" if process_state(p.pid) in ("T", "t")
+                       else f"did not exit within {deadline_s:.0f} s" if left <= 0 else "")
+                if why:
+                    print(f"[hlt run] {name} {why}; killing it", flush=True)
+                    p.kill()
+                    break
+                if not said and deadline_s - left >= say_after_s:
+                    print(f"[hlt run] waiting for {name} to exit; killed in {left:.0f} s", flush=True)
+                    said = True
+                try:
+                    p.wait(timeout=min(0.5, max(0.05, left)))
+                except subprocess.TimeoutExpired:
+                    pass
+            p.wait()
+
     def sigterm_rest(self):
         workers = [w for w in self.workers if w is not None and w.poll() is None]
         for w in workers:
@@ -327,6 +345,15 @@ class Farm:
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def process_state(pid: int) -> str:
+    """The state letter of /proc/PID/stat (R, S, D, T stopped, t traced, Z ...); "" where unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError, UnicodeDecodeError):
+        return ""
 
 
 def main(args) -> int:
