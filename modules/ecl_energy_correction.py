@@ -79,6 +79,10 @@ def load_session(path: str, threads: int = 1, expected_detector: str | None = No
         raise ModelError(f"ECLEnergyCorrection: model {path!r} has inputs {sorted(inputs)} and outputs {outputs}; "
                          "expected inputs ['features', 'image'] and output ['energy']")
     img, feat = inputs["image"].shape, inputs["features"].shape
+    out_shape = sess.get_outputs()[0].shape  # declared; _warm_up checks what a call returns
+    if out_shape is not None and len(out_shape) != 1:
+        raise ModelError(f"ECLEnergyCorrection: model {path!r} declares energy of shape {out_shape}; expected [N], "
+                         "one energy per cluster")
     if len(img) != 3 or len(feat) != 2:
         raise ModelError(f"ECLEnergyCorrection: model {path!r}: image must be [N,S,S] and features [N,F], got {img}, {feat}")
     if isinstance(img[0], int) or isinstance(feat[0], int):
@@ -111,6 +115,13 @@ def load_session(path: str, threads: int = 1, expected_detector: str | None = No
     meta["extra_features"] = tuple(extra)
     meta["file"] = {"path": os.path.abspath(path), "sha256": hashlib.sha256(model_bytes).hexdigest()}
     return sess, meta
+
+
+def _check_output(out, n: int, path: str):
+    """A model's energy must be one value per cluster: numpy would broadcast a [1] to every cluster."""
+    if out.shape != (n,):
+        raise ModelError(f"ECLEnergyCorrection: model {path!r} returned energy of shape {list(out.shape)} for {n} "
+                         f"clusters; expected [{n}], one energy per cluster")
 
 
 class ECLEnergyCorrection(Module):
@@ -184,17 +195,19 @@ class ECLEnergyCorrection(Module):
             for d in dets:
                 self._sessions[d] = load_session(shipped_model(d), self.param("threads"), d, n_features=n_feat)
         self._model_files = {key: meta["file"] for key, (_, meta) in self._sessions.items()}
-        for sess, _ in self._sessions.values():
-            self._warm_up(sess)
+        for sess, meta in self._sessions.values():
+            self._warm_up(sess, meta["file"]["path"])
 
     def provenance(self) -> dict:
         """The model files loaded at initialize, by detector ('*': the model parameter's), for the
         output file's metadata: which network made cluster_energy."""
         return {"models": dict(self._model_files)}
 
-    def _warm_up(self, sess):
+    def _warm_up(self, sess, path):
         """Two calls of a full slice at initialize: onnxruntime's first calls allocate its buffers
-        (~2 ms each, 3x a steady call); an online chain should not pay that on its first events."""
+        (~2 ms each, 3x a steady call); an online chain should not pay that on its first events.
+        They also check that the model returns one energy per cluster (a model declaring no output
+        shape, or a wrong one, fails here and not in every event)."""
         shapes = {i.name: i.shape for i in sess.get_inputs()}
         n = self.param("max_clusters_per_batch")
         img = np.zeros((n, *shapes["image"][1:]), np.float32)
@@ -202,7 +215,8 @@ class ECLEnergyCorrection(Module):
         feat[:, E_RAW_INDEX] = 0.1  # GeV: a valid cluster
         feat[:, len(FEATURE_NAMES):] = 0.1  # extra features (energy_in, counts): finite
         for _ in range(2):
-            sess.run(["energy"], {"image": img, "features": feat})
+            out = sess.run(["energy"], {"image": img, "features": feat})[0]
+            _check_output(out, n, path)
 
     def _session(self, detector_code: int):
         name = DETECTOR_NAMES.get(int(detector_code))
@@ -277,6 +291,7 @@ class ECLEnergyCorrection(Module):
                 t0 = time.perf_counter()
                 out = sess.run(["energy"], feeds)[0]
                 t_inf += time.perf_counter() - t0
+                _check_output(out, b - a, self.param("model") or meta["file"]["path"])
                 energy[rows[a:b]] = out
                 n_done += out.shape[0]
             n_guarded += self._guard(energy, energy_in, rows, code)

@@ -710,3 +710,39 @@ def test_validate_counts_the_clusters_away_from_the_photon():
     assert f["classical"]["per_event"][0] == f["cnn"]["per_event"][0]  # below 50 MeV the CNN does not act
     md = validate._fmt_fakes(f)
     assert "CNN without its domain cuts" in md and "300 single photons of 1 GeV" in md
+
+
+@pytest.mark.parametrize("kind", ["per_feature", "one_value", "scalar"])
+def test_a_model_whose_output_is_not_one_energy_per_cluster_is_refused(tmp_path, kind):
+    """A valid ONNX model with the right inputs and metadata whose `energy` is not one value per
+    cluster ([N, 9], [1] or a scalar for N clusters) is an error at initialize. Before, [1] was
+    broadcast to every cluster (each got the first cluster's value, no error, exit 0), and the others
+    failed every event with numpy's 'shape mismatch' or 'tuple index out of range'."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    src = onnx.load(_shipped("belle2-ecl"))
+    ins = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in src.graph.input}
+    i64 = lambda name, v: helper.make_tensor(name, TensorProto.INT64, [len(v)], v)  # noqa: E731
+    if kind == "per_feature":
+        nodes, init, shape = [helper.make_node("Identity", ["features"], ["energy"])], [], ["batch", ins["features"][1]]
+    elif kind == "one_value":  # the first cluster's summed features, for the whole batch
+        nodes = [helper.make_node("Slice", ["features", "start", "end", "axis"], ["first"]),
+                 helper.make_node("ReduceSum", ["first", "one"], ["energy"], keepdims=0)]
+        init, shape = [i64("start", [0]), i64("end", [1]), i64("axis", [0]), i64("one", [1])], [1]
+    else:
+        nodes, init, shape = [helper.make_node("ReduceSum", ["features"], ["energy"], keepdims=0)], [], []
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, ins[n])
+                                       for n in ("image", "features")],
+                          [helper.make_tensor_value_info("energy", TensorProto.FLOAT, shape)], initializer=init)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = src.ir_version
+    for p in src.metadata_props:
+        e = m.metadata_props.add()
+        e.key, e.value = p.key, p.value
+    path = tmp_path / f"{kind}.onnx"
+    onnx.save(m, str(path))
+    mod = eclreco.create_module("ECLEnergyCorrection")
+    mod.set_param("model", str(path))
+    with pytest.raises(Exception, match=r"one energy per cluster"):
+        mod.initialize()
