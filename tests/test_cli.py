@@ -493,6 +493,63 @@ def test_eclreco_quarantine_extract_leaves_out_as_it_was_when_an_input_fails(tmp
     assert out.read_bytes() == msgpack.packb([1, 2])
 
 
+def test_eclreco_quarantine_extract_writes_into_a_pipe_or_through_a_symlink(tmp_path):
+    """`--extract OUT` wrote OUT.tmp-PID beside OUT and renamed it over OUT: a FIFO (as `--extract
+    /dev/stdout` is when piped, `| ssh ...`) was replaced by a regular file and its reader got nothing
+    (as root `--extract /dev/stdout` replaced the /dev/stdout link itself; as a user it failed on
+    /dev/stdout.tmp-PID), and a symlink was replaced instead of its target written. Now a pipe or device
+    is written directly (its own stdout through sys.stdout, the summary then on stderr: it was mixed into
+    the messages), and a symlink's target is the file replaced."""
+    import select
+    import stat
+    import subprocess
+
+    import msgpack
+
+    messages = [msgpack.packb({"v": 2, "pad": "x" * 3000, "i": i}) for i in range(100)]  # > a pipe's buffer
+    q = tmp_path / "q.rejected.msgpack"
+    q.write_bytes(b"".join(msgpack.packb({"reason": "bad_version", "detail": "d", "message": m}) for m in messages))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader is there: the writer's open does not block
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "eclreco.cli", "quarantine", str(q), "--extract", str(fifo)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        got = bytearray()
+        while True:
+            select.select([fd], [], [], 0.1)
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                chunk = None
+            if chunk:
+                got += chunk
+            elif proc.poll() is not None:
+                break
+        _, err = proc.communicate(timeout=30)
+    finally:
+        os.close(fd)
+    assert proc.returncode == 0, err
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode), "the FIFO was replaced by a regular file"
+    assert bytes(got) == b"".join(messages), (len(got), err)
+    # a symlink: its target is written, the link stays a link
+    (tmp_path / "data").mkdir()
+    target = tmp_path / "data" / "extracted.msgpack"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.msgpack"
+    link.symlink_to(target)
+    assert cli.main(["quarantine", str(q), "--extract", str(link)]) == 0
+    assert link.is_symlink() and target.read_bytes() == b"".join(messages)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["extracted.msgpack"]
+    # its own stdout, piped: the messages alone on stdout, the summary on stderr (/proc/self/fd/1 is where
+    # /dev/stdout leads; named directly, the old code's rename could not replace a link under /dev)
+    run = subprocess.run([sys.executable, "-m", "eclreco.cli", "quarantine", str(q), "--extract", "/proc/self/fd/1"],
+                         capture_output=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == b"".join(messages), (len(run.stdout), run.stderr)
+    assert b"100 rejected events" in run.stderr and b"100 messages written" in run.stderr
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--no-cnn"], "--no-cnn is about the CNN of the standard chain: it does nothing with --modules ECLClusterizer"),
     (["--model", os.path.join(MODELS, "belle2-ecl.onnx")], "--model is about the CNN of the standard chain"),

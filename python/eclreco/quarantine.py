@@ -13,6 +13,7 @@ import argparse
 import collections
 import json
 import os
+import stat
 import sys
 from typing import Iterator
 
@@ -44,6 +45,14 @@ def _ids(rec: dict) -> str:
     return " ".join(f"{k} {rec[k]}" for k in ("exp", "run", "evt") if k in rec) or "(no exp/run/evt)"
 
 
+def _is_stdout(st: os.stat_result) -> bool:
+    """Whether `st` is the file (pipe, terminal, file) this process's stdout writes to."""
+    try:
+        return os.path.samestat(st, os.fstat(sys.stdout.fileno()))
+    except (OSError, ValueError, AttributeError):  # no stdout, or one without a file descriptor (a test's)
+        return False
+
+
 def _run(args) -> int:
     reasons = set(args.reason or ())
     counts: collections.Counter = collections.Counter()
@@ -53,10 +62,24 @@ def _run(args) -> int:
             os.path.exists(p) and os.path.samefile(p, args.extract) for p in args.files):
         # opening OUT for writing would empty that input before it is read: its records would be gone
         raise ValueError(f"--extract {args.extract!r} is one of the quarantine files read: use another file")
-    # OUT is written under a temporary name and renamed at the end: an input that is missing or broken
-    # leaves an existing OUT as it was, never emptied or half-written
-    tmp = f"{args.extract}.tmp-{os.getpid()}" if args.extract else ""
-    out = open(tmp, "wb") if tmp else None
+    # A file OUT is written under a temporary name and renamed at the end: an input that is missing or
+    # broken leaves an existing OUT as it was, never emptied or half-written. Through a symlink the target
+    # is that file (the link stays). A pipe or a device is written directly, and OUT that is this process's
+    # stdout (`--extract /dev/stdout | ...` or `> FILE`) through sys.stdout, the text going to stderr: a
+    # rename put a regular file in the pipe's place (as root, in place of /dev/stdout itself), the reader
+    # got nothing, and the summary was mixed into the messages.
+    # (os.stat follows the links: /dev/stdout -> /proc/self/fd/1 -> a pipe, which realpath cannot name)
+    st = os.stat(args.extract) if args.extract and os.path.exists(args.extract) else None
+    to_stdout = st is not None and _is_stdout(st)
+    direct = st is not None and (to_stdout or not stat.S_ISREG(st.st_mode))
+    target = os.path.realpath(args.extract) if args.extract and not direct else ""
+    tmp = f"{target}.tmp-{os.getpid()}" if target else ""
+    text = sys.stderr if to_stdout else sys.stdout
+    if to_stdout:
+        sys.stdout.flush()
+        out = sys.stdout.buffer
+    else:
+        out = open(args.extract if direct else tmp, "wb") if args.extract else None
     done = False
     try:
         for path in args.files:
@@ -68,26 +91,30 @@ def _run(args) -> int:
                 n_bytes += len(rec["message"])
                 if args.list:
                     print(f"{path}:{i}  {rec['reason']:<16} {_ids(rec):<28} {len(rec['message']):>9} bytes  "
-                          f"{rec.get('detail', '')}")
+                          f"{rec.get('detail', '')}", file=text)
                 if out is not None:
                     out.write(rec["message"])
         done = True
     finally:
-        if out is not None:
+        if to_stdout:
+            out.flush()
+        elif out is not None:
             out.close()
-            if done:
-                os.replace(tmp, args.extract)
+            if not tmp:
+                pass
+            elif done:
+                os.replace(tmp, target)
             else:
                 os.unlink(tmp)
     total = sum(counts.values())
     if args.json:
         print(json.dumps({"records": total, "bytes": n_bytes, "by_reason": dict(counts.most_common()),
-                          "first_detail": {r: first[r].get("detail", "") for r in counts}}))
+                          "first_detail": {r: first[r].get("detail", "") for r in counts}}), file=text)
     elif not args.list:
-        print(f"{total} rejected events, {n_bytes} bytes, in {len(args.files)} file(s)")
+        print(f"{total} rejected events, {n_bytes} bytes, in {len(args.files)} file(s)", file=text)
         for reason, n in counts.most_common():
             rec = first[reason]
-            print(f"  {reason:<16} {n:>8}   first: {_ids(rec)}: {rec.get('detail', '')}")
+            print(f"  {reason:<16} {n:>8}   first: {_ids(rec)}: {rec.get('detail', '')}", file=text)
     if out is not None:
         print(f"{total} messages written to {args.extract} (a raw file: reco.py -i {args.extract})",
               file=sys.stderr)
