@@ -844,3 +844,83 @@ def test_loop_renumbering_changes_only_the_run_and_evt_bytes():
     first, second = r.message(1, 1), r.message(1, 2)
     assert first is not second
     assert (msgpack.unpackb(bytes(first))["evt"], msgpack.unpackb(bytes(second))["evt"]) == (5 + 1, 5 + 2)
+
+
+def test_raw_file_truncated_while_being_read_is_an_error_not_a_crash(tmp_path):
+    """A raw file cut short while RawFileInput reads it (a copy or a DAQ rewriting it in place): the
+    memory-mapped file raised SIGBUS at the first page past the new end, killing the job without a word
+    ('Bus error', exit 135, the ROOT file left unclosed). Now the read ends with an error naming the file
+    and both sizes; the events read before it are processed and the outputs closed."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(7)
+    n = 4000
+    d = random_digits(rng, "belle2-ecl", n, max_digits=400)
+    f = tmp_path / "big.msgpack"
+    rawdata.write_raw_file(f, rawdata.encode_events("belle2-ecl", 1, 1, np.arange(n), **d))
+    size = f.stat().st_size
+    assert size > 4 << 20, size  # well beyond what a reader takes at once
+    script = f"""
+import os, eclreco
+class CutTheFile(eclreco.Module):
+    done = False
+    def event(self, batch):
+        if not self.done:
+            self.done = True
+            os.truncate({str(f)!r}, {size // 10})
+path = eclreco.create_path()
+path.add_module("RawFileInput", filename={str(f)!r})
+path.add_module(CutTheFile())
+path.add_module("RootOutput", filename={str(tmp_path / "out.root")!r}, cluster_columns=[])
+try:
+    eclreco.process(path, threads=1, batch_size=64)
+except RuntimeError as err:
+    print("ERROR", err, flush=True)
+    print("received", eclreco.statistics.summary()["received"], flush=True)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, (run.returncode, run.stdout[-2000:], run.stderr[-2000:])
+    assert f"raw file '{f}' was cut short while being read: {size} bytes when opened" in run.stdout, run.stdout
+    received = int(run.stdout.split("received")[-1])
+    assert 64 <= received < n
+    import uproot
+
+    with uproot.open(tmp_path / "out.root") as out:  # closed and valid, with what was read
+        assert out["events"].num_entries == received
+
+
+def test_raw_file_input_frames_across_its_read_window(tmp_path):
+    """RawFileInput reads the file in windows of 1 MiB and more: messages across a window's end, one
+    larger than a window (a 3 MiB truth) and garbage after megabytes of events (a bin declaring 4 GB)
+    are framed as they were with the whole file mapped."""
+    rng = np.random.default_rng(11)
+    n = 1500
+    d = random_digits(rng, "belle2-ecl", n, max_digits=400)
+    truth = [{"k": k} for k in range(n)]
+    truth[700] = {"blob": b"\x01" * (3 << 20)}
+    msgs = rawdata.encode_events("belle2-ecl", 1, 1, np.arange(n), **d, truth=truth)
+    tail = b"\xc6\xff\xff\xff\xff" + b"\x00" * 100  # bin32 of 4 GB, cut by the end of the file
+    f = tmp_path / "big.msgpack"
+    f.write_bytes(b"".join(msgs) + tail)
+    assert f.stat().st_size > 5 << 20
+
+    class Framed(eclreco.Module):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def event(self, batch):
+            raw = batch["RawEnvelopes"]
+            off, data = np.asarray(raw.offsets), np.asarray(raw["bytes"])
+            self.seen += [bytes(data[off[i]:off[i + 1]]) for i in range(len(batch))]
+
+    framed = Framed()
+    path = eclreco.create_path()
+    path.add_module(_file_source(f))
+    path.add_module(framed)
+    eclreco.process(path, batch_size=256, install_signal_handlers=False)
+    s = eclreco.statistics.summary()
+    assert s["received"] == n + 1 and s["rejected_by_reason"] == {"truncated": 1}, s
+    assert framed.seen[:n] == msgs
+    assert framed.seen[n] == tail
