@@ -493,6 +493,34 @@ def test_eclreco_quarantine_extract_leaves_out_as_it_was_when_an_input_fails(tmp
     assert out.read_bytes() == msgpack.packb([1, 2])
 
 
+def test_a_metrics_address_that_cannot_be_served_is_named(tmp_path, capsys):
+    """reco.py --metrics-port on a taken port said only `reco.py: error: [Errno 98] Address already in
+    use` (with -i tcp://… it read like the input's address), and an HLT role with a --metrics-host that
+    does not resolve printed 'metrics port 0 unavailable (...); using a free port', tried again on the same
+    host and failed with `gaierror: [Errno -2] Name or service not known`. Both errors now name the
+    metrics address; a role falls back to a free port only when the port is taken."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    raw = tmp_path / "in.msgpack"
+    write_raw_file(raw, encode_events("array30", 0, 1, [0], [0, 1], [100], [5000], [0], [0]))
+    try:
+        assert _reco().main(["-i", str(raw), "--no-cnn", "--metrics-port", str(port)]) == 2
+        err = capsys.readouterr().err
+        assert f"reco.py: error: [Errno 98] cannot serve metrics on 127.0.0.1:{port}: Address already in use" in err, err
+        assert cli.main(["hlt", "distributor", "--input", "tcp://127.0.0.1:0", "--workers-addr", "tcp://127.0.0.1:0",
+                         "--control", "tcp://127.0.0.1:0", "--sched", "normal", "--metrics-port", "0",
+                         "--metrics-host", "nosuch.invalid"]) == 2
+        out, err = capsys.readouterr()
+        assert "using a free port" not in out, out
+        assert "cannot serve metrics on nosuch.invalid:0" in err and "Traceback" not in err, err
+    finally:
+        taken.close()
+
+
 def test_eclreco_quarantine_extract_writes_into_a_pipe_or_through_a_symlink(tmp_path):
     """`--extract OUT` wrote OUT.tmp-PID beside OUT and renamed it over OUT: a FIFO (as `--extract
     /dev/stdout` is when piped, `| ssh ...`) was replaced by a regular file and its reader got nothing

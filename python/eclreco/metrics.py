@@ -33,6 +33,7 @@ e.g. the distributor's workers alive / restarted, drops and latency.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import threading
@@ -305,5 +306,22 @@ def serve_process_metrics(port: int, host: str = "127.0.0.1", role: str = "reco"
     collector = ProcessMetricsCollector(role, path, extra, framework)
     registry.register(collector)
     ProcessCollector(registry=registry)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as err:  # say which address: "Address already in use" alone read like the input's
+        raise OSError(err.errno, f"cannot serve metrics on {host}:{port}: {err.strerror or err}") from err
     return MetricsExporter(server, thread, collector, registry)
+
+
+def serve_role_metrics(role: str, port: int, host: str = "127.0.0.1", **kw) -> MetricsExporter:
+    """serve_process_metrics for an HLT role: a port that is taken (or privileged) falls back to a free
+    one, said in a line; any other error (a host that does not resolve or is not this machine's) is
+    raised as it is (it fell back to a free port on the same bad host and failed again, after a line
+    blaming the port)."""
+    try:
+        return serve_process_metrics(port, host, role=role, **kw)
+    except OSError as err:
+        if err.errno not in (errno.EADDRINUSE, errno.EACCES):
+            raise
+        print(f"[{role}] metrics port {port} unavailable ({err.strerror}); using a free port", flush=True)
+        return serve_process_metrics(0, host, role=role, **kw)

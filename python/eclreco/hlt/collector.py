@@ -447,7 +447,7 @@ def main(args) -> int:
     exporter = None
     path = eclreco.create_path()
     if args.metrics_port >= 0:
-        from eclreco.metrics import serve_process_metrics
+        from eclreco.metrics import serve_role_metrics
         from prometheus_client.core import CounterMetricFamily
 
         def extra():
@@ -464,12 +464,7 @@ def main(args) -> int:
             f.add_metric([], link.bytes)
             yield f
 
-        try:
-            exporter = serve_process_metrics(args.metrics_port, args.metrics_host, role="collector", path=path,
-                                             extra=extra)
-        except OSError as err:
-            print(f"[collector] metrics port {args.metrics_port} unavailable ({err}); using a free port", flush=True)
-            exporter = serve_process_metrics(0, args.metrics_host, role="collector", path=path, extra=extra)
+        exporter = serve_role_metrics("collector", args.metrics_port, args.metrics_host, path=path, extra=extra)
         link.metrics_port = exporter.port
     try:
         registered = link.wait_registered(args.control)

@@ -898,15 +898,10 @@ def main(args) -> int:
                     cycle_s=args.cycle_ms * 1e-3)
     exporter = None
     if args.metrics_port >= 0:
-        from eclreco.metrics import serve_process_metrics
+        from eclreco.metrics import serve_role_metrics
 
-        try:
-            exporter = serve_process_metrics(args.metrics_port, args.metrics_host, role="distributor",
-                                             extra=d.metrics_families, framework=False)
-        except OSError as err:
-            print(f"[distributor] metrics port {args.metrics_port} unavailable ({err}); using a free port", flush=True)
-            exporter = serve_process_metrics(0, args.metrics_host, role="distributor", extra=d.metrics_families,
-                                             framework=False)
+        exporter = serve_role_metrics("distributor", args.metrics_port, args.metrics_host, extra=d.metrics_families,
+                                      framework=False)
         d.metrics_port = exporter.port
     from eclreco.hlt.run import started_with_parent_death_signal
 

@@ -268,13 +268,9 @@ def start_worker(args, build_reconstruction) -> int:
     exporter = None
     path = eclreco.create_path()
     if args.metrics_port >= 0:
-        from eclreco.metrics import serve_process_metrics
+        from eclreco.metrics import serve_role_metrics
 
-        try:
-            exporter = serve_process_metrics(args.metrics_port, args.metrics_host, role="worker")
-        except OSError as err:
-            print(f"[worker] metrics port {args.metrics_port} unavailable ({err}); using a free port", flush=True)
-            exporter = serve_process_metrics(0, args.metrics_host, role="worker")
+        exporter = serve_role_metrics("worker", args.metrics_port, args.metrics_host)
     from eclreco.curve import Curve
 
     link = WorkerLink(args.distributor, capacity=capacity, heartbeat_s=args.heartbeat,
