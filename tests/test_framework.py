@@ -1229,3 +1229,17 @@ def test_simulation_input_refuses_generic_events_of_array30_at_initialize(tmp_pa
                                         r"only: particle gamma or pi0 for array30"):
         eclreco.process(path, install_signal_handlers=False)
     assert not (tmp_path / "out.root").exists()
+
+
+def test_a_boolean_column_stays_a_boolean_mask():
+    """A boolean column (a selection a module computes for the next one) came back as uint8, so that
+    `c["energy"][c["sel"]]` indexed rows 0 and 1 instead of masking: a silently wrong selection."""
+    b = eclreco.EventBatch(2)
+    c = b.add_collection("C", np.array([0, 2, 4]), {"e": np.array([1.0, 2.0, 3.0, 4.0], np.float32),
+                                                   "m": np.array([True, False, True, True])})
+    c["sel"] = c["e"] > 2.5
+    assert c["sel"].dtype == np.bool_ and c["m"].dtype == np.bool_
+    assert c["e"][c["sel"]].tolist() == [3.0, 4.0]
+    assert c["e"][c["m"]].tolist() == [1.0, 3.0, 4.0]
+    s = eclreco.EventBatch.concat([b.select([1]), b.select([0])])  # select / concat keep the dtype
+    assert s["C"]["sel"].dtype == np.bool_ and s["C"]["sel"].tolist() == [True, True, False, False]

@@ -204,6 +204,29 @@ def test_cluster_branches(tmp_path):
         assert seeds[list(evt).index(5)].tolist() == [7]
 
 
+class _MarksHighEnergy(eclreco.Module):
+    """adds a boolean cluster column, as an analysis module would"""
+
+    def event(self, batch):
+        c = batch["ECLClusters"]
+        c["high"] = c["energy"] > 10
+
+
+def test_a_boolean_cluster_column_is_a_bool_branch(tmp_path):
+    """A boolean column a module adds was written as uint8_t[] (the batch stored it as uint8)."""
+    out = tmp_path / "b.root"
+    path = eclreco.create_path()
+    path.add_module(ClusterSource())
+    path.add_module(_MarksHighEnergy())
+    path.add_module("RootOutput", filename=str(out), cluster_columns=["energy", "high"])
+    eclreco.process(path)
+    with uproot.open(out) as f:
+        t = f["events"]
+        assert t["cluster_high"].typename == "bool[]"
+        a = t.arrays(["cluster_energy", "cluster_high"])
+        assert (a.cluster_high == (a.cluster_energy > 10)).tolist() == [[True] * len(e) for e in a.cluster_energy]
+
+
 def test_cluster_columns_choose_the_cluster_branches(tmp_path, capfd):
     """cluster_columns: the chosen columns only; one that ECLClusters lacks (a misspelt name) and a column
     of several values per cluster (image) are module errors naming them; duplicates are refused at

@@ -25,7 +25,7 @@ DType from_numpy(const py::dtype& d) {
                          " (float32 or float64; convert with .astype)");
   if (kind == 'u') return size == 1 ? DType::U8 : size == 2 ? DType::U16 : size == 4 ? DType::U32 : DType::U64;
   if (kind == 'i') return size == 1 ? DType::I8 : size == 2 ? DType::I16 : size == 4 ? DType::I32 : DType::I64;
-  if (kind == 'b') return DType::U8;
+  if (kind == 'b') return DType::Bool;  // a mask stays a mask (uint8 would index rows 0 and 1)
   throw py::type_error("unsupported dtype for a column: " + std::string(py::str(d)));
 }
 

@@ -2,9 +2,11 @@
 
 namespace fw {
 
+static_assert(sizeof(bool) == 1, "DType::Bool columns share their bytes with numpy bool arrays");
+
 size_t dtype_size(DType t) {
   switch (t) {
-    case DType::U8: case DType::I8: return 1;
+    case DType::U8: case DType::I8: case DType::Bool: return 1;
     case DType::U16: case DType::I16: return 2;
     case DType::U32: case DType::I32: case DType::F32: return 4;
     default: return 8;
@@ -13,7 +15,7 @@ size_t dtype_size(DType t) {
 
 const char* dtype_name(DType t) {
   static const char* names[] = {"uint8", "uint16", "uint32", "uint64", "int8",
-                                "int16", "int32",  "int64",  "float32", "float64"};
+                                "int16", "int32",  "int64",  "float32", "float64", "bool"};
   return names[static_cast<int>(t)];
 }
 

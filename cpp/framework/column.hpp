@@ -13,10 +13,12 @@
 
 namespace fw {
 
-enum class DType : uint8_t { U8, U16, U32, U64, I8, I16, I32, I64, F32, F64 };
+// Bool: one byte per value, 0 or 1 (numpy's bool): a mask a Python module computes stays a mask for the next
+// one (as uint8 it would index rows 0 and 1 instead of selecting)
+enum class DType : uint8_t { U8, U16, U32, U64, I8, I16, I32, I64, F32, F64, Bool };
 
 size_t dtype_size(DType t);
-const char* dtype_name(DType t);  // numpy-style: "uint8", "float32", ...
+const char* dtype_name(DType t);  // numpy-style: "uint8", "float32", "bool", ...
 
 template <class T> constexpr DType dtype_of();
 template <> constexpr DType dtype_of<uint8_t>() { return DType::U8; }
@@ -29,6 +31,7 @@ template <> constexpr DType dtype_of<int32_t>() { return DType::I32; }
 template <> constexpr DType dtype_of<int64_t>() { return DType::I64; }
 template <> constexpr DType dtype_of<float>() { return DType::F32; }
 template <> constexpr DType dtype_of<double>() { return DType::F64; }
+template <> constexpr DType dtype_of<bool>() { return DType::Bool; }
 
 using Buffer = std::vector<unsigned char>;
 
