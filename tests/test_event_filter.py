@@ -91,6 +91,27 @@ def test_discard_refuses_what_it_cannot_mean():
     assert eclreco.EventBatch.concat([b, b]).discards() == {2: "cut", 6: "cut"}
 
 
+def test_discard_and_reject_take_numpy_indices_and_refuse_a_bool():
+    """An index from numpy (`for i in np.flatnonzero(cut): batch.discard(i, ...)`, `np.argmax`) was refused
+    with a TypeError, and `discard(True, ...)` / `reject(True, ...)` took the bool for index 1."""
+    b = eclreco.EventBatch(4)
+    for i in np.flatnonzero(np.array([False, True, False, True])):
+        b.discard(i, "cut")
+    assert b.discards() == {1: "cut", 3: "cut"}
+    b.reject(np.int32(0), "crc_mismatch")
+    assert list(b.rejections()) == [0]
+    for scalar in (True, np.True_, False):
+        with pytest.raises(TypeError, match="is not an event index"):
+            b.discard(scalar, "cut")
+        with pytest.raises(TypeError, match="is not an event index"):
+            b.reject(scalar, "crc_mismatch")
+    with pytest.raises(IndexError, match="-1 is negative"):
+        b.reject(-1, "crc_mismatch")
+    with pytest.raises(IndexError, match="event index 4 out of range"):
+        b.discard(np.uint64(4), "cut")
+    assert b.discards() == {1: "cut", 3: "cut"} and list(b.rejections()) == [0]
+
+
 class _DropsOdd(eclreco.Module):
     def event(self, batch):
         batch.discard(batch.evt % 2 == 1, "odd")

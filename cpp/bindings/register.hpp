@@ -27,6 +27,9 @@ py::array column_view(const fw::Column& c, bool writable);
 // Copies a numpy array into a new column of the array's dtype.
 fw::Column column_from_array(const py::array& a);
 
+// Python's bool or numpy's (numpy.bool_, named numpy.bool since numpy 2).
+bool is_bool(py::handle v);
+
 // True while a Python module's event() runs on this thread: a batch may not change its number of
 // events there (EventBatch.resize), only in a source's next_batch.
 extern thread_local bool in_python_event;

@@ -1,5 +1,6 @@
 #include <pybind11/stl.h>
 #include <algorithm>
+#include <optional>
 #include <vector>
 
 #include "framework/event_batch.hpp"
@@ -27,6 +28,24 @@ DType from_numpy(const py::dtype& d) {
   if (kind == 'i') return size == 1 ? DType::I8 : size == 2 ? DType::I16 : size == 4 ? DType::I32 : DType::I64;
   if (kind == 'b') return DType::Bool;  // a mask stays a mask (uint8 would index rows 0 and 1)
   throw py::type_error("unsupported dtype for a column: " + std::string(py::str(d)));
+}
+
+// One event index given as a scalar: Python's int or numpy's integer scalars (the elements of
+// np.flatnonzero, np.argmax); nullopt for anything else (a list, an array). A bool is refused, not
+// read as event 0 or 1 (a mask is an array over the batch), and so is a negative index.
+std::optional<size_t> event_index(py::handle v, const char* what) {
+  if (is_bool(v))
+    throw py::type_error(std::string(what) + ": " + std::string(py::repr(v)) +
+                         " is not an event index (a mask is a boolean array with one entry per event)");
+  if (py::isinstance<py::array>(v) || !PyIndex_Check(v.ptr())) return std::nullopt;
+  const auto i = py::reinterpret_steal<py::int_>(PyNumber_Index(v.ptr()));
+  if (!i) throw py::error_already_set();
+  if (PyObject_RichCompareBool(i.ptr(), py::int_(0).ptr(), Py_LT) == 1)
+    throw py::index_error(std::string(what) + ": event index " + std::string(py::str(i)) + " is negative");
+  int overflow = 0;
+  const long long x = PyLong_AsLongLongAndOverflow(i.ptr(), &overflow);
+  if (overflow) throw py::index_error(std::string(what) + ": event index " + std::string(py::str(i)) + " is out of range");
+  return static_cast<size_t>(x);
 }
 
 }  // namespace
@@ -232,7 +251,11 @@ void register_batch(py::module_& m) {
       }, py::arg("name"), py::arg("offsets"), py::arg("columns"), py::return_value_policy::reference_internal,
          "add a collection from per-event offsets and a dict of equally long arrays (copied)")
       .def("remove", &EventBatch::remove)
-      .def("reject", &EventBatch::reject, py::arg("index"), py::arg("reason"), py::arg("detail") = "")
+      .def("reject", [](EventBatch& b, py::object index, const std::string& reason, const std::string& detail) {
+        const auto i = event_index(index, "reject");
+        if (!i) throw py::type_error("reject: takes one event index, not " + std::string(py::repr(index)));
+        b.reject(*i, reason, detail);
+      }, py::arg("index"), py::arg("reason"), py::arg("detail") = "")
       .def("flag_error", &EventBatch::flag_error)
       .def("rejections", [](const EventBatch& b) {
         py::dict d;
@@ -241,10 +264,8 @@ void register_batch(py::module_& m) {
       }, "{event index: (reason, detail)} of the rejected events")
       .def("discard", [](EventBatch& b, py::object which, const std::string& reason) {
         // an index, a list of indices or a boolean mask over the batch (what a numpy cut gives)
-        if (py::isinstance<py::int_>(which)) {
-          const auto i = which.cast<int64_t>();
-          if (i < 0) throw py::index_error("discard: event index " + std::to_string(i) + " is negative");
-          b.discard(static_cast<size_t>(i), reason);
+        if (const auto i = event_index(which, "discard")) {
+          b.discard(*i, reason);
           return;
         }
         py::array a = py::array::ensure(which);

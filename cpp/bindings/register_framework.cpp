@@ -13,15 +13,14 @@ using fw::ParamValue;
 
 thread_local bool in_python_event = false;
 
-namespace {
-
-// Python's bool or numpy's (numpy.bool_, named numpy.bool since numpy 2).
 bool is_bool(py::handle v) {
   if (py::isinstance<py::bool_>(v)) return true;
   const py::handle t = py::type::of(v);
   const std::string name = py::str(t.attr("__name__"));
   return (name == "bool_" || name == "bool") && std::string(py::str(t.attr("__module__"))) == "numpy";
 }
+
+namespace {
 
 // A Python exception as a C++ one: the message without pybind11's traceback appendix.
 // KeyboardInterrupt and SystemExit stop the program in Python: they end the job (fw::AbortJob,
