@@ -61,6 +61,28 @@ def test_unknown_parameter_and_wrong_type_raise_at_add_module():
         path.add_module("NoSuchModule")
 
 
+def test_an_unknown_parameter_error_lists_the_modules_parameters():
+    """A misspelt parameter (basf2's outputFileName for RootOutput's filename) was refused without
+    saying which names the module takes: the list that Parameters::set builds was never reached from
+    add_module, which looked the name up with get() first."""
+    path = eclreco.create_path()
+    with pytest.raises(eclreco.ParameterError, match=r"^RootOutput: unknown parameter 'outputFileName' "
+                                                     r"\(parameters: filename, tree, basket_events, .*flush_interval_s\)$"):
+        path.add_module("RootOutput", outputFileName="out.root")
+    with pytest.raises(eclreco.ParameterError, match=r"NoOp: unknown parameter 'x' \(parameters: none\)"):
+        path.add_module("NoOp", x=1)
+
+    class Cut(eclreco.Module):
+        def __init__(self):
+            super().__init__()
+            self.add_param("threshold_gev", 1.0, "energy threshold")
+
+    with pytest.raises(eclreco.ParameterError, match=r"Cut: unknown parameter 'threshold' \(parameters: threshold_gev\)"):
+        path.add_module(Cut(), threshold=2.0)
+    with pytest.raises(eclreco.ParameterError, match=r"Cut: unknown parameter 'thr' \(parameters: threshold_gev\)"):
+        Cut().param("thr")
+
+
 def test_required_parameter():
     class NeedsX(eclreco.Module):
         """needs x"""

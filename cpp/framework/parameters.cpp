@@ -56,9 +56,17 @@ const Parameter* Parameters::find(const std::string& name) const {
   return nullptr;
 }
 
+// A misspelt name: the message lists the names the module takes (as `eclreco modules NAME` does).
+ParameterError Parameters::unknown(const std::string& name) const {
+  std::string known;
+  for (const auto& q : params_) known += (known.empty() ? "" : ", ") + q.name;
+  return ParameterError(owner_ + ": unknown parameter '" + name + "' (parameters: " + (known.empty() ? "none" : known) +
+                        ")");
+}
+
 const Parameter& Parameters::get(const std::string& name) const {
   const Parameter* p = find(name);
-  if (!p) throw ParameterError(owner_ + ": unknown parameter '" + name + "'");
+  if (!p) throw unknown(name);
   return *p;
 }
 
@@ -99,12 +107,7 @@ ParamValue Parameters::checked(const std::string& name, ParamType type, ParamVal
 
 void Parameters::set(const std::string& name, ParamValue value) {
   Parameter* p = const_cast<Parameter*>(find(name));
-  if (!p) {
-    std::string known;
-    for (const auto& q : params_) known += (known.empty() ? "" : ", ") + q.name;
-    throw ParameterError(owner_ + ": unknown parameter '" + name + "' (parameters: " +
-                         (known.empty() ? "none" : known) + ")");
-  }
+  if (!p) throw unknown(name);
   value = checked(name, p->type, std::move(value));
   if (p->store) {
     try {

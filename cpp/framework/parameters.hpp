@@ -67,7 +67,7 @@ class Parameters {
   void set(const std::string& name, ParamValue value);
   void check_required() const;
   bool has(const std::string& name) const { return find(name) != nullptr; }
-  const Parameter& get(const std::string& name) const;
+  const Parameter& get(const std::string& name) const;  // ParameterError listing the names on an unknown one
   const std::vector<Parameter>& list() const { return params_; }
 
  private:
@@ -89,6 +89,7 @@ class Parameters {
     };
   }
   const Parameter* find(const std::string& name) const;
+  ParameterError unknown(const std::string& name) const;
   std::string owner_;
   std::vector<Parameter> params_;
 };
