@@ -28,6 +28,28 @@ def test_batch_columns_are_zero_copy_views():
         b.add_collection("Y", np.array([0, 1]), {})
 
 
+def test_a_column_is_set_from_a_list_like_a_new_collection_and_a_scalar_gets_one_line():
+    """Collection[name] = [...] was refused with pybind11's multi-line 'incompatible function arguments'
+    (only an ndarray was taken there, while add_collection converts lists), and so was a scalar."""
+    b = eclreco.EventBatch(2)
+    c = b.add_collection("X", np.array([0, 1, 3]), {"e": [1.0, 2.0, 3.0]})
+    c["n"] = [1, 2, 3]
+    assert c["n"].tolist() == [1, 2, 3] and c["n"].dtype == np.asarray([1, 2, 3]).dtype
+    c["k"] = (True, False, True)
+    assert c["k"].dtype == np.bool_
+    with pytest.raises(ValueError, match=r"^column 'z' needs one value per row \(3 rows\), not a scalar$"):
+        c["z"] = 1.0
+    with pytest.raises(ValueError, match=r"^column 'w' has 2 rows, collection has 3$"):
+        c["w"] = [1.0, 2.0]
+    with pytest.raises(TypeError, match=r"^unsupported dtype for a column: object$"):
+        c["o"] = [None, 1, 2]
+    with pytest.raises(ValueError, match=r"^column 'r': setting an array element with a sequence"):
+        c["r"] = [[1], [1, 2], [3]]
+    with pytest.raises(ValueError, match=r"^column 'r': setting an array element with a sequence"):
+        b.add_collection("Y", np.array([0, 1, 3]), {"r": [[1], [1, 2], [3]]})
+    assert set(c.columns()) == {"e", "n", "k"}
+
+
 def test_view_survives_batch():
     b = eclreco.EventBatch(1)
     b.add_collection("X", np.array([0, 3]), {"e": np.array([1.0, 2.0, 3.0])})

@@ -48,6 +48,18 @@ std::optional<size_t> event_index(py::handle v, const char* what) {
   return static_cast<size_t>(x);
 }
 
+// A column's values as an array: an array, or what numpy makes one of (a list, a tuple); what numpy
+// cannot make one of (a ragged list) is numpy's error, naming the column.
+py::array column_array(const std::string& name, py::handle value) {
+  try {
+    return py::module_::import("numpy").attr("asarray")(value);
+  } catch (py::error_already_set& e) {
+    const std::string msg = "column '" + name + "': " + std::string(py::str(e.value()));
+    if (e.matches(PyExc_TypeError)) throw py::type_error(msg);
+    throw py::value_error(msg);
+  }
+}
+
 }  // namespace
 
 py::array column_view(const Column& c, bool writable) {
@@ -202,9 +214,13 @@ void register_batch(py::module_& m) {
         if (!c.has(name)) throw py::key_error("no column '" + name + "'");
         return column_view(c.column(name), false);
       }, "a read-only view of a column (no copy); write by assigning a new array: c[name] = c[name] * 2")
-      .def("__setitem__", [](Collection& c, const std::string& name, const py::array& a) {
+      .def("__setitem__", [](Collection& c, const std::string& name, const py::object& value) {
+        py::array a = column_array(name, value);
+        if (a.ndim() == 0)
+          throw py::value_error("column '" + name + "' needs one value per row (" + std::to_string(c.n_rows()) +
+                                " rows), not a scalar");
         c.set_column(name, column_from_array(a));
-      }, "add or replace a column (copied); its length must be the collection's row count");
+      }, "add or replace a column (copied) from an array or a list; its length must be the collection's row count");
 
   py::class_<EventBatch>(m, "EventBatch", "A batch of events in columnar form")
       .def(py::init<size_t>(), py::arg("n_events") = 0)
@@ -246,7 +262,10 @@ void register_batch(py::module_& m) {
         for (size_t i = 0; i < b.size(); ++i) counts[i] = off.at(i + 1) - off.at(i);
         Collection& c = b.add(name);
         c.set_counts(counts);
-        for (auto item : columns) c.set_column(py::str(item.first), column_from_array(py::reinterpret_borrow<py::array>(py::array::ensure(item.second))));
+        for (auto item : columns) {
+          const std::string col = py::str(item.first);
+          c.set_column(col, column_from_array(column_array(col, item.second)));
+        }
         return c;
       }, py::arg("name"), py::arg("offsets"), py::arg("columns"), py::return_value_policy::reference_internal,
          "add a collection from per-event offsets and a dict of equally long arrays (copied)")
