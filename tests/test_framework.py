@@ -105,6 +105,24 @@ def test_an_unknown_parameter_error_lists_the_modules_parameters():
         Cut().param("thr")
 
 
+def test_reading_a_required_parameter_that_is_not_set_raises():
+    """Module.param of a required parameter not set yet gave False (the empty value), whatever its type:
+    a module tried outside a path (m = MyModule(); m.initialize()) computed with it silently."""
+
+    class NeedsCut(eclreco.Module):
+        def __init__(self):
+            super().__init__()
+            self.add_param("cut_gev", description="energy cut", type="float")
+
+    m = NeedsCut()
+    with pytest.raises(eclreco.ParameterError, match="^NeedsCut: required parameter 'cut_gev' is not set$"):
+        m.param("cut_gev")
+    with pytest.raises(eclreco.ParameterError, match="^RawFileInput: required parameter 'filename' is not set$"):
+        eclreco.create_module("RawFileInput").get_param("filename")
+    m.set_param("cut_gev", 0.5)
+    assert m.param("cut_gev") == 0.5
+
+
 def test_required_parameter():
     class NeedsX(eclreco.Module):
         """needs x"""

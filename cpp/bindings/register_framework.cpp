@@ -314,7 +314,7 @@ void register_framework(py::module_& m) {
       .def("set_param", [](Module& self, const std::string& name, py::handle v) {
         self.params().set(name, to_param(self, name, v));
       })
-      .def("get_param", [](const Module& self, const std::string& name) { return self.params().get(name).value; })
+      .def("get_param", [](const Module& self, const std::string& name) { return self.params().value(name); })
       .def("declare_param", [](Module& self, const std::string& name, const std::string& type,
                                py::object default_value, const std::string& description) {
         const ParamType t = type_from_name(type);

@@ -120,6 +120,12 @@ void Parameters::set(const std::string& name, ParamValue value) {
   p->is_set = true;
 }
 
+const ParamValue& Parameters::value(const std::string& name) const {
+  const Parameter& p = get(name);
+  if (!p.default_value && !p.is_set) throw ParameterError(owner_ + ": required parameter '" + name + "' is not set");
+  return p.value;
+}
+
 void Parameters::check_required() const {
   for (const auto& p : params_)
     if (!p.default_value && !p.is_set)

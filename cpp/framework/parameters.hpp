@@ -68,6 +68,8 @@ class Parameters {
   void check_required() const;
   bool has(const std::string& name) const { return find(name) != nullptr; }
   const Parameter& get(const std::string& name) const;  // ParameterError listing the names on an unknown one
+  // The current value; ParameterError for a required parameter not set yet (it has none).
+  const ParamValue& value(const std::string& name) const;
   const std::vector<Parameter>& list() const { return params_; }
 
  private:
