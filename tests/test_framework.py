@@ -509,6 +509,9 @@ def test_process_options_out_of_bounds_are_refused_before_the_run():
         def initialize(self):
             Init.calls += 1
 
+    path = eclreco.create_path()
+    path.add_module(ArraySource("X", np.arange(8), {"a": np.zeros(7)}))
+    eclreco.process(path, install_signal_handlers=False)
     for kw, what in [({"threads": 0}, "threads must be 1..256, not 0"), ({"threads": -1}, "not -1"),
                      ({"threads": 30000}, "threads must be 1..256, not 30000"),
                      ({"batch_size": 0}, "batch_size must be 1..1048576, not 0"),
@@ -518,6 +521,8 @@ def test_process_options_out_of_bounds_are_refused_before_the_run():
         path.add_module(Init())
         with pytest.raises(ValueError, match=what):
             eclreco.process(path, install_signal_handlers=False, **kw)
+        # the statistics of the last job that ran are kept (a refused call emptied them)
+        assert eclreco.statistics.summary()["processed"] == 7, kw
     assert Init.calls == 0
     eclreco.process(path, threads=256, batch_size=1 << 20, install_signal_handlers=False)
     assert Init.calls == 1 and eclreco.statistics.summary()["processed"] == 10
@@ -1305,3 +1310,29 @@ def test_a_boolean_column_stays_a_boolean_mask():
     assert c["e"][c["m"]].tolist() == [1.0, 3.0, 4.0]
     s = eclreco.EventBatch.concat([b.select([1]), b.select([0])])  # select / concat keep the dtype
     assert s["C"]["sel"].dtype == np.bool_ and s["C"]["sel"].tolist() == [True, True, False, False]
+
+
+def test_list_parameters_take_one_dimensional_numpy_arrays():
+    """Bin edges from np.linspace, cuts from an np.array, column names from np.array of str were
+    refused ("must be float list, got ndarray"): a 1-d array is taken like a list; 2-d is not."""
+
+    class Lists(eclreco.Module):
+        def __init__(self):
+            super().__init__()
+            self.add_param("edges", [0.0, 1.0], "bin edges")
+            self.add_param("cells", [1], "cells")
+            self.add_param("names", ["a"], "names")
+
+    m = Lists()
+    m.set_param("edges", np.linspace(0.0, 2.0, 5))
+    m.set_param("cells", np.array([3, 5, 7], dtype=np.int32))
+    m.set_param("names", np.array(["energy", "theta"]))
+    assert m.param("edges") == [0.0, 0.5, 1.0, 1.5, 2.0]
+    assert m.param("cells") == [3, 5, 7] and m.param("names") == ["energy", "theta"]
+    with pytest.raises(TypeError, match=r"'cells' must be list\[int\], got ndarray"):
+        m.set_param("cells", np.array([1.5, 2.0]))
+    with pytest.raises(TypeError, match=r"'edges' must be list\[float\], got ndarray"):
+        m.set_param("edges", np.zeros((2, 2)))
+    path = eclreco.create_path()
+    out = path.add_module("RootOutput", filename="unused.root", cluster_columns=np.array(["energy", "theta"]))
+    assert out.get_param("cluster_columns") == ["energy", "theta"]

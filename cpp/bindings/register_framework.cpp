@@ -214,9 +214,16 @@ int64_t to_int64(py::handle v) {
 }
 double to_double(py::handle v) { return py::float_(py::reinterpret_borrow<py::object>(v)).cast<double>(); }
 
+// A list or tuple, or a 1-d numpy array (bin edges from np.linspace, cuts from np.array): its
+// elements are numpy scalars, which the predicates take.
+bool is_sequence_param(py::handle v) {
+  if (py::isinstance<py::list>(v) || py::isinstance<py::tuple>(v)) return true;
+  return py::isinstance<py::array>(v) && py::reinterpret_borrow<py::array>(v).ndim() == 1;
+}
+
 template <class T, class Pred>
 std::optional<std::vector<T>> as_list(py::handle v, Pred ok) {
-  if (!py::isinstance<py::list>(v) && !py::isinstance<py::tuple>(v)) return std::nullopt;
+  if (!is_sequence_param(v)) return std::nullopt;
   std::vector<T> out;
   for (auto x : v) {
     if (!ok(x)) return std::nullopt;
@@ -379,6 +386,13 @@ void register_framework(py::module_& m) {
       });
   m.attr("BATCH_SECONDS_BUCKETS") = std::vector<double>(fw::kBatchSecondsBuckets.begin(), fw::kBatchSecondsBuckets.end());
 
+  m.def("check_process_options", [](int threads, int64_t batch_size) {
+    fw::ProcessOptions o;
+    o.threads = threads;
+    o.batch_size = batch_size;
+    o.validate();
+  }, py::arg("threads"), py::arg("batch_size"),
+     "ValueError when process() would refuse these threads or batch_size (before the statistics are replaced)");
   // the bounds of process(threads=, batch_size=), for the command lines' checks before any work starts
   m.attr("MAX_THREADS") = fw::ProcessOptions::kMaxThreads;
   m.attr("MAX_BATCH_SIZE") = fw::ProcessOptions::kMaxBatchSize;

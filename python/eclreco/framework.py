@@ -348,6 +348,10 @@ def process(path: Path, max_events: int = 0, threads: int = 1, batch_size: int =
             raise TypeError(f"process(): {name} must be an int, not {type(value).__name__} ({value!r})")
     if max_events < 0:
         raise ValueError(f"process(): max_events must be >= 0 (0: every event), not {max_events}")
+    try:  # refused before the statistics of the previous job are replaced
+        _core.check_process_options(threads=threads, batch_size=batch_size)
+    except (ValueError, TypeError, OverflowError) as err:
+        raise ValueError(f"process(): {err}") from None
     _check_files(path)
     from eclreco.dqm import registry
 
