@@ -222,3 +222,43 @@ def test_the_distributors_latency_buckets_count_every_event_up_to_their_bound():
     finally:
         exporter.close()
         d.close()
+
+
+def test_a_scrape_during_a_confirmation_sees_a_whole_latency_histogram():
+    """The distributor's main thread adds confirmed events' latencies while the exporter's thread reads
+    them: the buckets, the +Inf bucket (the count) and the sum were read at different moments, so a scrape
+    between two of the updates saw le="30.0" above le="+Inf" (a histogram Prometheus must repair) or a sum
+    without its count. Each scrape now reads one state."""
+    import threading
+
+    import numpy as np
+
+    from eclreco.hlt.distributor import Distributor
+
+    d = Distributor(free_address(), free_address(), free_address())
+    stop = threading.Event()
+
+    def confirm():
+        v = np.full(7, 0.005)
+        while not stop.is_set():
+            d.latency.add(v)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # thread switches anywhere, as a busy distributor meets them over hours
+    t = threading.Thread(target=confirm)
+    t.start()
+    bad = []
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 5 and not bad:  # ~3 torn scrapes a second before
+            h = next(f for f in d.metrics_families() if f.name == "eclreco_hlt_event_latency_seconds")
+            buckets = [s.value for s in h.samples if s.name.endswith("_bucket")]
+            total = next(s.value for s in h.samples if s.name.endswith("_sum"))
+            if buckets != sorted(buckets) or abs(total - 0.005 * buckets[-1]) > 1e-6 * max(1.0, total):
+                bad.append((buckets[-3:], total))
+    finally:
+        stop.set()
+        t.join()
+        sys.setswitchinterval(interval)
+        d.close()
+    assert not bad, bad

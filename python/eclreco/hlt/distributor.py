@@ -16,6 +16,7 @@ import numbers
 import os
 import signal
 import socket
+import threading
 import time
 
 import numpy as np
@@ -68,13 +69,19 @@ class LatencyHistogram:
         self.prom_counts = np.zeros(len(self.prom_bounds) + 1, dtype=np.int64)  # bin i: (bound[i-1], bound[i]]
         self.total = 0.0
         self.n = 0
+        # the exporter's thread reads what the distributor's adds: one state per scrape (buckets, count, sum)
+        self._lock = threading.Lock()
 
     def add(self, values: np.ndarray):
         if len(values):
-            self.counts += np.bincount(np.searchsorted(LATENCY_BOUNDS, values), minlength=len(self.counts))
-            self.prom_counts += np.bincount(np.searchsorted(self.prom_bounds, values), minlength=len(self.prom_counts))
-            self.total += float(values.sum())
-            self.n += len(values)
+            counts = np.bincount(np.searchsorted(LATENCY_BOUNDS, values), minlength=len(self.counts))
+            prom = np.bincount(np.searchsorted(self.prom_bounds, values), minlength=len(self.prom_counts))
+            total = float(values.sum())
+            with self._lock:
+                self.counts += counts
+                self.prom_counts += prom
+                self.total += total
+                self.n += len(values)
 
     def quantile(self, q: float) -> float:
         if self.n == 0:
@@ -83,9 +90,10 @@ class LatencyHistogram:
         return float(LATENCY_BOUNDS[min(k, len(LATENCY_BOUNDS) - 1)])  # upper bound of the bin
 
     def buckets(self):
-        """Cumulative Prometheus buckets: le=B counts every latency <= B."""
-        cum = np.cumsum(self.prom_counts)
-        return [(repr(float(b)), int(c)) for b, c in zip(self.prom_bounds, cum)] + [("+Inf", self.n)]
+        """(cumulative Prometheus buckets, sum) of one state: le=B counts every latency <= B."""
+        with self._lock:
+            cum, n, total = np.cumsum(self.prom_counts), self.n, self.total
+        return [(repr(float(b)), int(c)) for b, c in zip(self.prom_bounds, cum)] + [("+Inf", n)], total
 
 
 # The bounds of `eclreco hlt distributor`'s options (cli.py's argparse types), for a Distributor built
@@ -888,7 +896,8 @@ class Distributor:
         yield gauge("eclreco_hlt_run_index", "Run of the farm (1, 2, ... after each start)", self.run_index)
         h = HistogramMetricFamily("eclreco_hlt_event_latency_seconds",
                                   "Event latency from distributor receipt to collector confirmation")
-        h.add_metric([], self.latency.buckets(), sum_value=self.latency.total)
+        buckets, total = self.latency.buckets()
+        h.add_metric([], buckets, sum_value=total)
         yield h
 
 
