@@ -262,3 +262,41 @@ def test_a_scrape_during_a_confirmation_sees_a_whole_latency_histogram():
         sys.setswitchinterval(interval)
         d.close()
     assert not bad, bad
+
+
+def test_idle_polls_of_a_source_are_not_batches_in_the_time_histogram():
+    """A stream input's poll that brings no event (ZMQInput, HLTWorkerInput, HLTCollectorInput wait up to
+    0.1 s each) was recorded as a batch of eclreco_module_batch_seconds: an idle worker added ten 0.1 s
+    "batches" a second, and the dashboard's module time per batch (p99) showed 0.28 s for its input. The
+    calls are still counted (the statistics table), the histogram holds the calls that brought events."""
+    import numpy as np
+
+    from eclreco.metrics import ProcessMetricsCollector
+
+    class IdleThenEvents(eclreco.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def is_source(self):
+            return True
+
+        def next_batch(self, batch, max_events):
+            self.calls += 1
+            if self.calls <= 6:  # idle: waits and brings nothing
+                time.sleep(0.02)
+                return True
+            batch.resize(10)
+            batch.evt[:] = np.arange(10) + 10 * self.calls
+            return self.calls < 9
+
+    path = eclreco.create_path()
+    path.add_module(IdleThenEvents())
+    eclreco.process(path, batch_size=10, install_signal_handlers=False)
+    src = eclreco.statistics.summary()["modules"][0]
+    assert src["calls"] == 9 and src["events"] == 30
+    assert sum(src["batch_seconds_hist"]) == 3, src["batch_seconds_hist"]  # the three calls with events
+    family = next(f for f in ProcessMetricsCollector("reco", path).collect()
+                  if f.name == "eclreco_module_batch_seconds")
+    counts = {s.labels["module"]: s.value for s in family.samples if s.name.endswith("_count")}
+    assert counts["IdleThenEvents"] == 3, counts

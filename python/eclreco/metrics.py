@@ -17,13 +17,15 @@ Metric names follow the Prometheus conventions (base units, ``_total`` for count
     eclreco_events_in_flight                            received, not yet through the path
     eclreco_batches_in_flight
     eclreco_events_per_batch                            histogram (1, 2, 4, ... 1024)
-    eclreco_module_batch_seconds{module}                histogram of module time per batch
+    eclreco_module_batch_seconds{module}                histogram of module time per batch (a source's
+                                                        calls that bring no event, idle polls, are not batches)
     eclreco_module_events_total{module}
     eclreco_input_messages_received_total               ZeroMQ inputs
     eclreco_input_bytes_received_total
     eclreco_input_disconnects_total                     closes and refused (over refuse_message_bytes) messages
     eclreco_input_unread_at_end_total                   queued at the end of a run, not processed
-    eclreco_input_queue_depth                           messages waiting in the input
+    eclreco_input_queue_depth                           messages waiting in the input (a module's
+                                                        counter `queue_depth`; the HLT distributor's own)
     eclreco_cnn_inference_seconds_total                 CNN energy correction, if present
     eclreco_cnn_clusters_corrected_total
     eclreco_module_value{module, name}                  every other module counter
