@@ -32,12 +32,12 @@ class ZMQInput(Module):
         self.add_param("address", "tcp://127.0.0.1:5555", "ZeroMQ endpoint, e.g. tcp://127.0.0.1:5555")
         self.add_param("bind", True, "bind the address (True) or connect to it (False)")
         self.add_param("idle_timeout_s", 0.0, "end the run this long after the last message (0: never)")
-        self.add_param("max_latency_ms", 20.0, "longest wait for a batch to fill after its first message")
+        self.add_param("max_latency_ms", 20.0, "longest wait for a batch to fill after its first message (<= 60000)")
         self.add_param("max_message_bytes", 1 << 20, "larger messages are rejected as oversize and kept (0: no limit)")
         self.add_param("refuse_message_bytes", 64 << 20,
                        "larger messages are refused by the socket unread, their connection dropped (0: no limit)")
         self.add_param("rcvhwm", 10000, "receive high-water mark (messages queued before the sender blocks)")
-        self.add_param("poll_ms", 100.0, "longest time between returns to the framework")
+        self.add_param("poll_ms", 100.0, "longest time between returns to the framework (<= 60000)")
         self.add_param("stop_drain_ms", 200.0, "after SIGINT/SIGTERM, read on until the input is quiet this long "
                        "(0: stop at once)")
         self.add_param("stop_timeout_s", 10.0, "after SIGINT/SIGTERM, read on at most this long")
@@ -62,7 +62,8 @@ class ZMQInput(Module):
 
         for name, ok, rule in (("idle_timeout_s", self.param("idle_timeout_s") >= 0, ">= 0 (0: never)"),
                                ("max_latency_ms", self.param("max_latency_ms") >= 0, ">= 0"),
-                               ("poll_ms", self.param("poll_ms") > 0, "> 0"),
+                               ("max_latency_ms", self.param("max_latency_ms") <= 60_000, "<= 60000 (a minute)"),
+                               ("poll_ms", 0 < self.param("poll_ms") <= 60_000, "> 0 and <= 60000 (a minute)"),
                                ("stop_drain_ms", self.param("stop_drain_ms") >= 0, ">= 0 (0: stop at once)"),
                                ("stop_timeout_s", self.param("stop_timeout_s") >= 0, ">= 0"),
                                ("max_message_bytes", self.param("max_message_bytes") >= 0, ">= 0 (0: no limit)"),
@@ -85,6 +86,7 @@ class ZMQInput(Module):
         apply_curve_params(self, s)
         address = self.param("address")
         attach(s, address, bind=self.param("bind"))
+        self._waits_for_peer = not self.param("bind")
         self._sock = s
         self._first = self._last = None
         self._ended = False
@@ -139,7 +141,10 @@ class ZMQInput(Module):
 
     def _take(self, batch, msgs):
         if self._monitor is not None:
-            self._monitor.poll()
+            if self._waits_for_peer:  # connecting: a sender that is not there is said, not waited for in silence
+                self._waits_for_peer = not self._monitor.say_while_unconnected("[ZMQInput]", self.param("address"))
+            else:
+                self._monitor.poll()
         if msgs:
             now = time.monotonic()
             if self._first is None:

@@ -826,6 +826,33 @@ def test_a_worker_back_from_a_hang_ends_the_run_it_missed():
         farm.close()
 
 
+def test_a_worker_says_that_it_waits_for_its_distributor(tmp_path, roles):
+    """A worker whose distributor is not there (not started yet, a wrong port, a host name that does not
+    resolve) waited without a word: its DEALER takes READY and heartbeats either way. After 5 s without a
+    handshake it now says where it waits, and says so again when the distributor comes."""
+    w = roles.worker(log="worker.log")
+    log = tmp_path / "worker.log"
+    t0 = time.monotonic()
+    while f"waiting for the distributor at {roles.wrk}" not in log.read_text():
+        assert w.poll() is None and time.monotonic() - t0 < 30, log.read_text()
+        time.sleep(0.2)
+    assert time.monotonic() - t0 >= 4.0  # not at once: a distributor that starts a moment later is normal
+    roles.distributor()
+    roles.collector(tmp_path / "out.root", "collector.log")
+    roles.wait_up()
+    t0 = time.monotonic()
+    while f"connected to the distributor at {roles.wrk}" not in log.read_text():
+        assert time.monotonic() - t0 < 30, log.read_text()
+        time.sleep(0.2)
+    assert log.read_text().count("waiting for the distributor") == 1
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import request
+
+    request(roles.ctl, P.TERMINATE, 60.0)
+    for p in roles.procs:
+        assert p.wait(timeout=60) == 0, log.read_text()
+
+
 def test_a_standalone_worker_keeps_what_it_rejects_by_default(tmp_path, roles):
     """`hlt worker` without --rejected kept no raw bytes of what it rejected (only `hlt run` gave its
     workers a file). Now it keeps them in rejected_{pid}.msgpack in its working directory, made at the

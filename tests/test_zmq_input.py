@@ -1,6 +1,7 @@
 """ZMQInput: a reco-like path fed by a real PUSH socket on a random local port."""
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -130,6 +131,37 @@ def test_zmq_input_socket_refuses_messages_over_its_own_limit():
     assert s["received"] == 200 and s["rejected"] == 0
     assert inp.counters()["disconnects"] >= 1
     assert inp.counters()["bytes_received"] < 100_000
+
+
+@pytest.mark.parametrize("param", ["poll_ms", "max_latency_ms"])
+def test_zmq_input_waits_are_bounded_at_initialize(param):
+    """poll_ms=1e12 passed initialize and failed at the first batch ('OverflowError: value too large to
+    convert to int' in the socket's poll): the waits are now at most a minute, checked at initialize."""
+    path, _ = zmq_input_path(free_address(), **{param: 1e12})
+    with pytest.raises(RuntimeError, match=f"ZMQInput: {param} must be .*<= 60000"):
+        eclreco.process(path, install_signal_handlers=False)
+
+
+def test_reco_connecting_to_an_absent_sender_says_that_it_waits(tmp_path, repo_dir):
+    """reco.py -i ADDR --connect to a sender that is not there (a wrong port, a host name that does not
+    resolve) waited without a word: after 5 s without a handshake it says where it waits."""
+    address = free_address()
+    p = subprocess.Popen([sys.executable, os.path.join(repo_dir, "steering", "reco.py"), "-i", address, "--connect",
+                          "--threads", "1", "-o", str(tmp_path / "out.root")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True)
+    try:
+        out = []
+        t0 = time.monotonic()
+        while not any(f"waiting for {address}: no connection after" in line for line in out):
+            line = p.stdout.readline()
+            assert line and time.monotonic() - t0 < 60, "".join(out)
+            out.append(line)
+        p.send_signal(signal.SIGINT)
+        rest, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert "[ZMQInput] waiting for" in "".join(out), "".join(out)
 
 
 @pytest.mark.parametrize("limits", [(4096, 4096), (4096, 1000), (-1, 0), (0, -1)])

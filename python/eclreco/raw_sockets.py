@@ -29,6 +29,8 @@ class ConnectionMonitor:
         self.monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
                                                | zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(_HANDSHAKE_FAILED))
         self.connections = self.disconnects = self.auth_failures = self.handshakes = 0
+        self.started = time.monotonic()
+        self.said_waiting = False
 
     def poll(self, timeout_s: float = 0.0) -> None:
         """Takes the events that arrived (waiting up to timeout_s for the first one)."""
@@ -43,6 +45,25 @@ class ConnectionMonitor:
                 self.handshakes += 1
             elif ev["event"] in _HANDSHAKE_FAILED:
                 self.auth_failures += 1
+
+    def say_while_unconnected(self, who: str, address: str, after_s: float = 5.0) -> bool:
+        """For a socket that connects: a peer that is not there (not started yet, a wrong port, a host name
+        that does not resolve) leaves it waiting without a word, since it queues what it sends. Prints once
+        that `who` waits for `address` when no handshake completed within after_s of the monitor's start,
+        and that it connected when one does after that. True once a handshake completed."""
+        self.poll()
+        if self.handshakes:
+            if self.said_waiting:
+                print(f"{who} connected to {address}", flush=True)
+                self.said_waiting = False
+            return True
+        waited = time.monotonic() - self.started
+        if not self.said_waiting and waited >= after_s:
+            refused = f"; {self.auth_failures} handshakes refused (CURVE keys?)" if self.auth_failures else ""
+            print(f"{who} waiting for {address}: no connection after {waited:.0f} s (is it running there? does the "
+                  f"host name resolve?){refused}", flush=True)
+            self.said_waiting = True
+        return False
 
     def wait_for_handshake(self, timeout_s: float) -> None:
         """Until a peer has completed a handshake, or timeout_s."""

@@ -25,7 +25,7 @@ from eclreco import Module, _core
 from eclreco.cli_types import BATCH_SIZE, METRICS_PORT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, THREADS
 from eclreco.hlt import protocol as P
 from eclreco.paths import missing_folder
-from eclreco.raw_sockets import attach
+from eclreco.raw_sockets import ConnectionMonitor, attach
 
 SEQ_COLLECTION = "HLTSequence"
 
@@ -40,6 +40,10 @@ class WorkerLink:
         self.sock.setsockopt(zmq.LINGER, 2000)
         if curve is not None:
             curve.client(self.sock, "distributor")
+        # A DEALER takes READY and heartbeats whether or not the distributor is there (a wrong port, a
+        # host name that does not resolve): until a handshake completes, the worker says that it waits.
+        self.address = distributor
+        self.handshake = ConnectionMonitor(self.sock)
         attach(self.sock, distributor, bind=False)
         self.capacity = capacity
         self.heartbeat_s = heartbeat_s
@@ -108,6 +112,10 @@ class WorkerLink:
         if now >= self.next_hb:
             self.next_hb = now + self.heartbeat_s
             self.sock.send_multipart([P.HB, P.pack(self.status())])
+            if self.handshake is not None and self.handshake.say_while_unconnected(
+                    f"[worker] pid {os.getpid()}", f"the distributor at {self.address}"):
+                self.handshake.close()
+                self.handshake = None
 
     def take(self, max_events: int):
         """(seqs, blocks) of up to max_events buffered events: blocks for _core.append_envelope_blocks,
@@ -132,6 +140,9 @@ class WorkerLink:
         self.sock.poll(max(1, int(timeout_s * 1000)), zmq.POLLIN)
 
     def bye(self):
+        if self.handshake is not None:
+            self.handshake.close()
+            self.handshake = None
         try:
             self.sock.send_multipart([P.BYE], zmq.NOBLOCK)
         except zmq.ZMQError:
