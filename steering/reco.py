@@ -119,6 +119,10 @@ def build_path(args) -> eclreco.Path:
         path.add_module("SimulationInput", events=args.events, detector=args.detector, particle=args.particle,
                         energy=args.energy, background=args.background, seed=args.seed)
     elif args.stream:
+        if not args.connect:  # it accepts the senders' connections
+            from eclreco import open_files
+
+            open_files.raise_soft_limit("reco.py")
         path.add_module("ZMQInput", address=args.input, bind=not args.connect, idle_timeout_s=args.idle_timeout,
                         max_latency_ms=args.max_latency, max_message_bytes=args.max_message_bytes,
                         refuse_message_bytes=args.refuse_message_bytes, curve_dir=args.curve_dir,

@@ -437,11 +437,12 @@ def unused_filename(path: str) -> str:
 
 
 def main(args) -> int:
-    from eclreco import scheduling
+    from eclreco import open_files, scheduling
     from eclreco.curve import Curve
     from eclreco.hlt.worker import curve_params
 
     scheduling.apply(args.sched, "collector")  # before the ZeroMQ context: its threads inherit the policy
+    open_files.raise_soft_limit("collector")  # it accepts the connections of every worker
     link = CollectorLink(args.collector_addr, args.control, curve=Curve.from_args(args, "collector"),
                          dedup_window=args.dedup_window)
     exporter = None

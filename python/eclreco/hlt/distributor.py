@@ -22,7 +22,7 @@ import time
 import numpy as np
 import zmq
 
-from eclreco import scheduling
+from eclreco import open_files, scheduling
 from eclreco.curve import Curve
 from eclreco.hlt import protocol as P
 from eclreco.hlt.control import output_line, summary_line
@@ -903,6 +903,7 @@ class Distributor:
 
 def main(args) -> int:
     scheduling.apply(args.sched, "distributor")  # before the ZeroMQ context: its threads inherit the policy
+    open_files.raise_soft_limit("distributor")  # it accepts the connections of every worker (and sender)
     d = Distributor(args.input, args.workers_addr, args.control, queue_size=args.queue_size,
                     max_held=args.max_held, chunk=args.chunk, heartbeat_timeout_s=args.heartbeat_timeout,
                     drop_when_busy=args.drop_when_busy, input_hwm=args.input_hwm, stop_drain_s=args.stop_drain,
