@@ -293,6 +293,24 @@ def test_module_list_and_help(capsys):
     assert main(["modules", "Foo"]) == 1  # an error, on stderr (it went to stdout)
     out, err = capsys.readouterr()
     assert "unknown module 'Foo'" in err and not out
+    # every module's table fits a terminal: RootOutput's default list of cluster columns made it 194
+    # characters wide; a wrapped default still reads back whole
+    for name in eclreco.available_modules():
+        assert main(["modules", name]) == 0
+        out = capsys.readouterr().out
+        assert max(len(line) for line in out.splitlines()[1:]) <= 125, (name, out)
+    assert main(["modules", "RootOutput"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("Parameter"))
+    a, b = header.index("Default"), header.index("Description")
+    first = next(i for i, line in enumerate(lines) if line.startswith("cluster_columns"))
+    parts = [lines[first][a:b].strip()]
+    for line in lines[first + 1:]:
+        if line[:a].strip() or not line[a:b].strip():  # the next parameter, or the default has ended
+            break
+        parts.append(line[a:b].strip())
+    default = " ".join(parts)
+    assert default == repr(eclreco.create_module("RootOutput").get_param("cluster_columns"))
 
 
 def test_gather_rows_per_row_and_per_event_blocks():

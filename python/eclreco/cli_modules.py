@@ -14,6 +14,9 @@ def print_module_list() -> None:
         print(f"{name:<{width}}  {description}")
 
 
+DEFAULT_WIDTH = 30  # characters of the Default column
+
+
 def print_module_help(name: str) -> None:
     from eclreco.framework import create_module
 
@@ -23,15 +26,19 @@ def print_module_help(name: str) -> None:
     if not params:
         print("(no parameters)")
         return
-    rows = [(p["name"], p["type"], p["default_repr"], p["description"]) for p in params]
-    w = [max(len(r[i]) for r in rows + [("Parameter", "Type", "Default", "")]) for i in range(3)]
+    # a long default (RootOutput's list of cluster columns) is wrapped in its column, as the description
+    # is: the table stays ~100 characters wide
+    rows = [(p["name"], p["type"], textwrap.wrap(p["default_repr"], DEFAULT_WIDTH, break_on_hyphens=False) or [""],
+             textwrap.wrap(p["description"], 60) or [""]) for p in params]
+    w = [max(len(r[0]) for r in rows + [("Parameter",)]), max(len(r[1]) for r in rows + [("", "Type")]),
+         max([len("Default")] + [len(line) for r in rows for line in r[2]])]
     print(f"{'Parameter':<{w[0]}}  {'Type':<{w[1]}}  {'Default':<{w[2]}}  Description")
     print("-" * (sum(w) + 6 + 40))
-    for n, t, d, desc in rows:
-        wrapped = textwrap.wrap(desc, 60) or [""]
-        print(f"{n:<{w[0]}}  {t:<{w[1]}}  {d:<{w[2]}}  {wrapped[0]}")
-        for line in wrapped[1:]:
-            print(" " * (sum(w) + 6) + line)
+    for n, t, default, desc in rows:
+        for k in range(max(len(default), len(desc))):
+            d = default[k] if k < len(default) else ""
+            line = desc[k] if k < len(desc) else ""
+            print(f"{n if k == 0 else '':<{w[0]}}  {t if k == 0 else '':<{w[1]}}  {d:<{w[2]}}  {line}".rstrip())
 
 
 def _run(args) -> int:
