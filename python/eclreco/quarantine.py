@@ -100,11 +100,9 @@ def _run(args) -> int:
             out.flush()
         elif out is not None:
             out.close()
-            if not tmp:
-                pass
-            elif done:
+            if tmp and done:
                 os.replace(tmp, target)
-            else:
+            elif tmp:
                 os.unlink(tmp)
     total = sum(counts.values())
     if args.json:
