@@ -689,7 +689,7 @@ def test_parameters_numpy_scalars_nan_and_range():
     with pytest.raises(Exception, match="max_iterations' = 4294967301 does not fit"):
         m.set_param("max_iterations", 2 ** 32 + 5)
     assert m.get_param("max_iterations") == 5  # unchanged by the refused value
-    with pytest.raises(ValueError, match="ECLClusterizer: parameter 'max_iterations': .* does not fit a 64-bit int"):
+    with pytest.raises(eclreco.ParameterError, match="ECLClusterizer: parameter 'max_iterations': .* does not fit a 64-bit int"):
         m.set_param("max_iterations", 2 ** 70)  # it named neither
     with pytest.raises(TypeError, match=r"not the class CountingSource: add_module\(CountingSource\(\)\)"):
         eclreco.create_path().add_module(CountingSource)  # it said "not pybind11_type"
@@ -1354,3 +1354,17 @@ def test_list_parameters_take_one_dimensional_numpy_arrays():
     path = eclreco.create_path()
     out = path.add_module("RootOutput", filename="unused.root", cluster_columns=np.array(["energy", "theta"]))
     assert out.get_param("cluster_columns") == ["energy", "theta"]
+
+
+def test_every_parameter_mistake_is_a_parameter_error():
+    """A steering file that catches eclreco.ParameterError (as basf2 users catch its parameter errors) missed
+    two of them: a value of the wrong type was a plain TypeError, an int beyond 64 bits a plain ValueError.
+    Both are ParameterErrors now; the wrong type is also still a TypeError."""
+    path = eclreco.create_path()
+    for kw in ({"max_iterations": "100"}, {"max_iterations": 2**70}, {"seed_energy_gev": [0.01]},
+               {"nonexistent": 1}):
+        with pytest.raises(eclreco.ParameterError, match="ECLClusterizer"):
+            path.add_module("ECLClusterizer", **kw)
+    with pytest.raises(TypeError, match="must be int, got str"):
+        path.add_module("ECLClusterizer", max_iterations="100")
+    assert issubclass(eclreco.ParameterTypeError, eclreco.ParameterError)

@@ -237,12 +237,21 @@ std::optional<std::vector<T>> as_list(py::handle v, Pred ok) {
   return out;
 }
 
-// Python value -> the declared parameter type; a TypeError names the module and the parameter.
+// eclreco.ParameterTypeError: a value of the wrong type is a TypeError (as Python's own) and a ParameterError
+// (what a steering file catches for every parameter mistake); set in register_framework.
+py::object& parameter_type_error() {
+  static auto* cls = new py::object();  // never destroyed: no decref after the interpreter has finalized
+  return *cls;
+}
+
+// Python value -> the declared parameter type; a ParameterTypeError names the module and the parameter.
 ParamValue to_param(const Module& m, const std::string& name, ParamType t, py::handle v) {
   auto fail = [&]() -> ParamValue {
-    throw py::type_error(m.type() + ": parameter '" + name + "' must be " + fw::param_type_name(t) +
-                         ", got " + std::string(py::str(py::type::of(v).attr("__name__"))) + " (" +
-                         std::string(py::repr(v)) + ")");
+    const std::string msg = m.type() + ": parameter '" + name + "' must be " + fw::param_type_name(t) + ", got " +
+                            std::string(py::str(py::type::of(v).attr("__name__"))) + " (" + std::string(py::repr(v)) +
+                            ")";
+    PyErr_SetString(parameter_type_error().ptr(), msg.c_str());
+    throw py::error_already_set();
   };
   try {  // 2**70 for an int: the message says whose parameter
     switch (t) {
@@ -267,7 +276,7 @@ ParamValue to_param(const Module& m, const std::string& name, ParamType t, py::h
       }
     }
   } catch (const py::value_error& e) {
-    throw py::value_error(m.type() + ": parameter '" + name + "': " + e.what());
+    throw fw::ParameterError(m.type() + ": parameter '" + name + "': " + e.what());
   }
   return fail();
 }
@@ -347,6 +356,15 @@ void register_framework(py::module_& m) {
       .def("check_required", [](const Module& self) { self.params().check_required(); });
 
   py::register_exception<fw::ParameterError>(m, "ParameterError", PyExc_ValueError);
+  {
+    const py::tuple bases = py::make_tuple(m.attr("ParameterError"), py::handle(PyExc_TypeError));
+    PyObject* cls = PyErr_NewExceptionWithDoc("eclreco._core.ParameterTypeError",
+                                              "a parameter value of the wrong type: a ParameterError and a TypeError",
+                                              bases.ptr(), nullptr);
+    if (!cls) throw py::error_already_set();
+    parameter_type_error() = py::reinterpret_steal<py::object>(cls);
+    m.attr("ParameterTypeError") = parameter_type_error();
+  }
 
   m.def("cpp_modules", [] {
     std::vector<std::pair<std::string, std::string>> out;

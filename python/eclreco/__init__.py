@@ -10,13 +10,15 @@ in the manner of basf2::
     eclreco.process(path)
     print(eclreco.statistics)
 """
-from eclreco._core import ERROR_DISCARDED, ERROR_MODULE, ERROR_REJECTED, EventBatch, Geometry, ParameterError
+from eclreco._core import (ERROR_DISCARDED, ERROR_MODULE, ERROR_REJECTED, EventBatch, Geometry, ParameterError,
+                           ParameterTypeError)
 from eclreco.framework import (REQUIRED, Module, Path, available_modules, create_module, create_path,
                                job_failure, per_event_sum, process, statistics)
 
 __version__ = "0.1.0"
 __all__ = [
-    "ERROR_DISCARDED", "ERROR_MODULE", "ERROR_REJECTED", "EventBatch", "Geometry", "Module", "ParameterError", "Path",
+    "ERROR_DISCARDED", "ERROR_MODULE", "ERROR_REJECTED", "EventBatch", "Geometry", "Module", "ParameterError",
+    "ParameterTypeError", "Path",
     "REQUIRED", "available_modules", "create_module", "create_path", "job_failure", "per_event_sum", "process",
     "statistics", "__version__",
 ]
