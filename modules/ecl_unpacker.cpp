@@ -277,9 +277,20 @@ class ECLUnpacker : public fw::Module {
     const int64_t* p_size = ref.column("size").data<int64_t>();
     const uint8_t* det = std::as_const(batch).detector();
 
+    // The payload must lie in the event's message: a source that builds RawPayloadRef itself (not
+    // with _core.append_envelopes) and gets it wrong made the unpacker read outside the buffer. Its
+    // events fail (module errors, the processor re-runs the batch one event at a time); two compares
+    // per event.
     size_t cap = 0;
-    for (size_t i = 0; i < n; ++i)
-      if (!batch.skips(i) && roff[i + 1] > roff[i]) cap += ecl::max_digits(static_cast<size_t>(p_size[roff[i]]));
+    for (size_t i = 0; i < n; ++i) {
+      if (batch.skips(i) || roff[i + 1] == roff[i]) continue;
+      const int64_t r = roff[i], len = moff[i + 1] - moff[i];
+      if (p_off[r] < 0 || p_size[r] < 0 || p_off[r] > len || p_size[r] > len - p_off[r])
+        throw std::runtime_error("RawPayloadRef puts the payload at offset " + std::to_string(p_off[r]) + ", size " +
+                                 std::to_string(p_size[r]) + " of a message of " + std::to_string(len) +
+                                 " bytes (a source's own RawPayloadRef; _core.append_envelopes writes it)");
+      cap += ecl::max_digits(static_cast<size_t>(p_size[r]));
+    }
 
     fw::Column cell = fw::Column::of<int32_t>(cap), energy = fw::Column::of<float>(cap),
                time = fw::Column::of<float>(cap), quality = fw::Column::of<uint8_t>(cap),

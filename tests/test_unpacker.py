@@ -430,3 +430,48 @@ def test_mutated_payloads_never_crash():
                 continue
             c = got["cell"]
             assert np.all((c >= 1) & (c <= n_cells)) and np.all(np.diff(c) > 0)
+
+
+@pytest.mark.parametrize("offset,size", [(10**8, 16), (-10**8, 16), (40, 10**5), (0, -5)])
+def test_a_payload_ref_outside_its_message_is_an_event_error(tmp_path, offset, size):
+    """A source that builds RawPayloadRef itself (not with _core.append_envelopes) and gets an
+    event's offset or size wrong: the unpacker read bytes outside the message (a segfault for
+    offset 1e8, a read past its end for size 1e5, a bad_alloc text for size -5). It is now that
+    event's module error, naming RawPayloadRef; the other event is unpacked."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "run.py"
+    script.write_text(textwrap.dedent(f"""
+        import json
+        import numpy as np, eclreco
+        from eclreco import _core, rawdata
+        msgs = rawdata.encode_events("belle2-ecl", 0, 1, [0, 1], [0, 2, 4], np.array([10, 11, 20, 21], np.int32),
+                                     np.full(4, 1000, np.int32), np.zeros(4, np.int32), np.zeros(4, np.uint8))
+        class Src(eclreco.Module):
+            def is_source(self):
+                return True
+            def next_batch(self, batch, max_events):
+                _core.append_envelopes(batch, msgs)
+                ref = batch["RawPayloadRef"]
+                cols = {{k: np.array(ref[k]) for k in ref.columns()}}
+                cols["offset"][0], cols["size"][0] = {offset}, {size}
+                batch.add_collection("RawPayloadRef", ref.offsets, cols)
+                return False
+        class Rec(eclreco.Module):
+            def event(self, batch):
+                print("digits", np.diff(batch["ECLDigits"].offsets).tolist())
+                print("errors", json.dumps(batch.errors()))
+        p = eclreco.create_path()
+        p.add_module(Src())
+        p.add_module("ECLUnpacker")
+        p.add_module(Rec())
+        eclreco.process(p, install_signal_handlers=False)
+    """))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert "digits [0, 2]" in r.stdout, r.stdout
+    errors = json.loads(r.stdout.split("errors ", 1)[1])
+    assert list(errors) == ["0"], errors
+    assert errors["0"].startswith("ECLUnpacker raised on exp 0 run 1 evt 0: RawPayloadRef puts the payload at offset "), errors
