@@ -1111,3 +1111,39 @@ def test_a_workers_process_running_is_0_between_the_runs(farm_factory):
     farm.command("terminate")
     rc, log = farm.wait_exit()
     assert rc == 0, log
+
+
+def test_the_collector_keeps_the_clusters_of_events_merged_with_a_batch_without_them():
+    """A worker's batch whose every event failed in the clusterizer (a batch of one event, at a low
+    rate) has no ECLClusters, and its message none. The collector merges the messages it reads at
+    once into one batch: it took only the collections of every message, so the clusters of all the
+    events merged with that one were lost (written without clusters, not flagged). Now a message
+    without a collection gives its events no rows of it, as EventBatch::concat does."""
+    from eclreco.hlt import protocol as P
+
+    def message(first_evt, n, with_clusters):
+        b = eclreco.EventBatch(n)
+        b.evt[:] = np.arange(first_evt, first_evt + n)
+        b.add_collection("ECLDigits", np.arange(n + 1), {})
+        if with_clusters:
+            b.add_collection("ECLClusters", np.arange(0, 2 * n + 1, 2),
+                             {"energy": np.arange(2 * n, dtype=np.float32), "seed_cell": np.arange(2 * n, dtype=np.int32)})
+        else:
+            for i in range(n):
+                b.flag_error(i, "ECLClusterizer raised on exp 0 run 0: clustering: more than 32767 digits in one event")
+        return P.DecodedBatch(P.unpack(P.pack(P.batch_to_message(b))))
+
+    parts = [message(0, 2, True), message(2, 1, False), message(3, 3, True)]
+    out = eclreco.EventBatch(0)
+    P.fill_batch(out, parts, [np.ones(p.n, bool) for p in parts])
+    assert out.evt.tolist() == [0, 1, 2, 3, 4, 5]
+    assert "ECLClusters" in out.collections()
+    c = out["ECLClusters"]
+    assert np.diff(c.offsets).tolist() == [2, 2, 0, 2, 2, 2]
+    assert c["energy"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3, 4, 5] and c["seed_cell"].dtype == np.int32
+    assert (out.error_flags != 0).tolist() == [False, False, True, False, False, False]
+    # the events that were dropped by the collector's dedup (keep False) take no rows either
+    out = eclreco.EventBatch(0)
+    P.fill_batch(out, parts, [np.array([True, False]), np.array([True]), np.array([False, True, True])])
+    assert out.evt.tolist() == [0, 2, 4, 5] and np.diff(out["ECLClusters"].offsets).tolist() == [2, 0, 2, 2]
+    assert out["ECLClusters"]["energy"].tolist() == [0, 1, 2, 3, 4, 5]

@@ -178,11 +178,18 @@ def fill_batch(batch, parts: list[DecodedBatch], keeps: list[np.ndarray]):
     for name in META_COLUMNS:
         if name != "error_flags" and all(name in p.meta for p in parts):  # flags: from the reasons below
             getattr(batch, name)[:] = np.concatenate([p.meta[name][k] for p, k in zip(parts, keeps)])
-    names = set.intersection(*[set(p.collections) for p in parts]) if parts else set()
+    # Every collection of any part: a message without one (a worker's batch whose every event failed in
+    # the module that makes it: one event, at a low rate) gives its events none of its rows, as
+    # EventBatch::concat does; taking only the collections of every message dropped the clusters of all
+    # the events merged with it. The columns: those of every message that has the collection.
+    names = set().union(*[set(p.collections) for p in parts])
     for name in sorted(names):
         counts_l, cols_l = [], {}
-        colnames = set.intersection(*[set(p.collections[name][1]) for p in parts])
+        colnames = set.intersection(*[set(p.collections[name][1]) for p in parts if name in p.collections])
         for p, k in zip(parts, keeps):
+            if name not in p.collections:
+                counts_l.append(np.zeros(int(k.sum()), np.int64))
+                continue
             counts, cols = p.collections[name]
             counts_l.append(counts[k])
             row_keep = np.repeat(k, counts)
