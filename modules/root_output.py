@@ -173,11 +173,16 @@ class RootOutput(Module):
         if "ECLEventInformation" in batch:  # the event's background measure (ECLUnpacker)
             part["n_out_of_time_digits"] = batch["ECLEventInformation"]["n_out_of_time_digits"][keep].astype(
                 t["n_out_of_time_digits"], copy=False)
+        failed = (batch.error_flags[keep] & _core.ERROR_MODULE).all()
+        if "ECLClusters" not in batch and failed and self.param("cluster_columns"):
+            # every event failed before clustering (the clusterizer made nothing of this batch): their
+            # cluster lists are empty, in the tree's first basket too (not a tree without cluster branches)
+            part["_clusters_failed"] = True
         if "ECLClusters" in batch:
             clusters = batch["ECLClusters"]
             offsets = clusters.offsets
             missing = [c for c in self.param("cluster_columns") if c not in clusters]
-            if missing and not (batch.error_flags[keep] & _core.ERROR_MODULE).all():
+            if missing and not failed:
                 # a misspelt or unmade column is an error, never a silently absent branch
                 raise ValueError(f"RootOutput: cluster_columns {', '.join(missing)} not in ECLClusters, whose columns "
                                  f"are {', '.join(sorted(clusters.columns()))} (in the HLT farm the workers send "
@@ -186,7 +191,9 @@ class RootOutput(Module):
             # by one, or a batch of one): written with their flags and no clusters, as in a batch where
             # other events succeeded they are written with what they have (they were dropped, which
             # made the file depend on the batch size).
-            if not missing:
+            if missing:
+                part["_clusters_failed"] = True
+            else:
                 counts = np.diff(offsets)
                 # Rows of the kept events only.
                 row_keep = np.repeat(keep, counts)
@@ -259,9 +266,15 @@ class RootOutput(Module):
         # The branches: those of the tree once it exists, else those of any part. A batch without
         # one (ECLClusters missing where the clusterizer failed on all its events, say) gets zeros
         # / empty cluster lists: dropping the branch for the basket made the tree inconsistent.
+        # A first basket whose events all failed before clustering has the cluster branches of
+        # cluster_columns with the clusterizer's types (as a file without events): a tree made without
+        # them could take no later clusters, and the job stopped with its file removed.
         if self._schema is None:
             ev = {k: p[k].dtype for k in EVENT_BRANCH_TYPES for p in parts if k in p}
             cl = next(({n: a.dtype for n, a in p["_cluster_cols"].items()} for p in parts if "_cluster_cols" in p), None)
+            if cl is None and any(p.get("_clusters_failed") for p in parts):
+                cl = {n: np.dtype(np.int32 if n in INT_CLUSTER_COLUMNS else np.float32)
+                      for n in self.param("cluster_columns")}
             self._schema = (ev, cl)
         ev_types, cl_types = self._schema
         if cl_types is None and any("_cluster_cols" in p for p in parts):
@@ -276,7 +289,9 @@ class RootOutput(Module):
                                      for p, k in zip(parts, sizes)])
             offsets = np.zeros(counts.size + 1, np.int64)
             np.cumsum(counts, out=offsets[1:])
-            data["cluster"] = _cluster_array(offsets, {n: np.concatenate([p["_cluster_cols"][n] if "_cluster_cols" in p
+            # astype: a user's column under the clusterizer's types of a first basket without clusters
+            data["cluster"] = _cluster_array(offsets, {n: np.concatenate([p["_cluster_cols"][n].astype(dt, copy=False)
+                                                                          if "_cluster_cols" in p
                                                                           else np.zeros(0, dt) for p in parts])
                                                        for n, dt in cl_types.items()})
         n = len(data["evt"])

@@ -398,6 +398,52 @@ def test_a_batch_without_clusters_keeps_the_basket_consistent(tmp_path):
     assert (ncl[8:12] == 0).all() and (ncl[[0, 1, 2, 3, 12, 13]] > 0).all()
 
 
+def test_a_first_basket_whose_events_failed_before_clustering_keeps_the_cluster_branches(tmp_path):
+    """The tree's branches are fixed by its first basket. When every event of it failed in the
+    clusterizer (one event in a batch of its own: more digits than the clusterizer takes; in the farm's
+    collector, which writes every 0.25 s, the first results of a run), the tree was made without
+    cluster branches, the next basket with clusters raised 'a TTree gets no new branches', and the
+    job stopped with its file removed: one bad event cost the whole output. The failed events now
+    get empty cluster lists there too, and the clusters of the others are written."""
+
+    class Src(eclreco.Module):
+        """event 0: 40000 digits (the clusterizer fails on it); events 1..5: 20 digits"""
+
+        def __init__(self):
+            super().__init__()
+            self.i = 0
+
+        def is_source(self):
+            return True
+
+        def next_batch(self, batch, max_events):
+            k = 40000 if self.i == 0 else 20
+            batch.resize(1)
+            batch.evt[:] = self.i
+            batch.add_collection("ECLDigits", np.array([0, k]), {
+                "cell": (np.arange(k) % 8736 + 1).astype(np.int32), "energy": np.full(k, 0.05, np.float32),
+                "time": np.zeros(k, np.float32), "quality": np.zeros(k, np.uint8)})
+            self.i += 1
+            return self.i < 6
+
+    out = tmp_path / "o.root"
+    path = eclreco.create_path()
+    path.add_module(Src())
+    path.add_module("ECLClusterizer")
+    path.add_module("RootOutput", filename=str(out), basket_events=1,
+                    cluster_columns=["energy", "seed_cell", "n_crystals"])
+    eclreco.process(path, batch_size=1, install_signal_handlers=False)
+    assert eclreco.statistics.summary()["fatal_error"] is None
+    with uproot.open(out) as f:
+        t = f["events"]
+        a = t.arrays(["evt", "error_flags", "ncluster", "cluster_energy", "cluster_seed_cell"], library="np")
+        assert t["cluster_seed_cell"].interpretation.content.from_dtype == np.dtype(">i4")
+    assert a["evt"].tolist() == list(range(6))
+    assert a["error_flags"].tolist() == [eclreco.ERROR_MODULE] + [0] * 5
+    assert a["ncluster"][0] == 0 and (a["ncluster"][1:] > 0).all()
+    assert all(e.sum() > 0 for e in a["cluster_energy"][1:])
+
+
 def test_tree_name_and_flush_interval(tmp_path):
     """`tree` names the TTree; `flush_interval_s` writes what is buffered when it is that old,
     even far below `basket_events` (a run of ~1 s at 0.1 s per batch: several baskets, not one)."""
