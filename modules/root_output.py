@@ -171,8 +171,16 @@ class RootOutput(Module):
         if "ECLDigits" in batch:
             part["n_digits"] = np.diff(batch["ECLDigits"].offsets)[keep].astype(t["n_digits"])
         if "ECLEventInformation" in batch:  # the event's background measure (ECLUnpacker)
-            part["n_out_of_time_digits"] = batch["ECLEventInformation"]["n_out_of_time_digits"][keep].astype(
-                t["n_out_of_time_digits"], copy=False)
+            info = batch["ECLEventInformation"]
+            oot = info["n_out_of_time_digits"]
+            if oot.shape[0] != len(batch):
+                # one row per event, but none for an event on which the unpacker failed (the batch is put
+                # together again from its events): 0 there, as for a rejected event
+                has = np.diff(info.offsets) > 0
+                full = np.zeros(len(batch), oot.dtype)
+                full[has] = oot[info.offsets[:-1][has]]
+                oot = full
+            part["n_out_of_time_digits"] = oot[keep].astype(t["n_out_of_time_digits"], copy=False)
         failed = (batch.error_flags[keep] & _core.ERROR_MODULE).all()
         if "ECLClusters" not in batch and failed and self.param("cluster_columns"):
             # every event failed before clustering (the clusterizer made nothing of this batch): their

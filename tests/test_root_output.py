@@ -444,6 +444,46 @@ def test_a_first_basket_whose_events_failed_before_clustering_keeps_the_cluster_
     assert all(e.sum() > 0 for e in a["cluster_energy"][1:])
 
 
+def test_an_event_on_which_the_unpacker_failed_is_written_with_its_flags(tmp_path):
+    """An event on which ECLUnpacker failed (a module error: here a source's RawPayloadRef that puts
+    its payload outside the message) has no row in ECLEventInformation, a collection of one row per
+    event. RootOutput indexed that column with the batch's mask: IndexError, and the event was not
+    written, though an event on which an earlier module failed is written with its error_flags. It is
+    now written, n_out_of_time_digits 0, beside the events of its batch."""
+    from eclreco import _core, rawdata
+
+    msgs = rawdata.encode_events("belle2-ecl", 0, 1, [0, 1, 2], [0, 2, 4, 6],
+                                 np.array([10, 11, 20, 21, 30, 31], np.int32), np.full(6, 1000, np.int32),
+                                 np.array([0, 0, 0, 900, 0, 0], np.int32), np.zeros(6, np.uint8))
+
+    class Src(eclreco.Module):
+        def is_source(self):
+            return True
+
+        def next_batch(self, batch, max_events):
+            _core.append_envelopes(batch, msgs)
+            ref = batch["RawPayloadRef"]
+            cols = {k: np.array(ref[k]) for k in ref.columns()}
+            cols["offset"][0] = 10**6  # outside event 0's message: ECLUnpacker fails on it
+            batch.add_collection("RawPayloadRef", ref.offsets, cols)
+            return False
+
+    out = tmp_path / "u.root"
+    path = eclreco.create_path()
+    path.add_module(Src())
+    path.add_module("ECLUnpacker")
+    path.add_module("ECLClusterizer")
+    path.add_module("RootOutput", filename=str(out))
+    eclreco.process(path, install_signal_handlers=False)
+    s = eclreco.statistics.summary()
+    assert s["errors"] == 1, s["errors"]
+    with uproot.open(out) as f:
+        a = f["events"].arrays(["evt", "error_flags", "n_digits", "n_out_of_time_digits"], library="np")
+    assert a["evt"].tolist() == [0, 1, 2]
+    assert a["error_flags"].tolist() == [eclreco.ERROR_MODULE, 0, 0]
+    assert a["n_digits"].tolist() == [0, 2, 2] and a["n_out_of_time_digits"][0] == 0
+
+
 def test_tree_name_and_flush_interval(tmp_path):
     """`tree` names the TTree; `flush_interval_s` writes what is buffered when it is that old,
     even far below `basket_events` (a run of ~1 s at 0.1 s per batch: several baskets, not one)."""
