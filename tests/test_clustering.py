@@ -594,3 +594,38 @@ def test_the_seeds_3x3_gives_the_photon_direction_at_nominal_background():
         angle = angle[angle < 0.2]  # the photon's (not a background cluster where the photon left nothing)
         q[pc] = np.percentile(angle, [50, 90])
     assert q[9][0] < 0.85 * q[0][0] and q[9][1] < 0.75 * q[0][1], q
+
+
+def test_an_unknown_detector_code_is_the_events_error_not_belle2_ecl():
+    """The clusterizer took any detector code but 1 (array30) for belle2-ecl: a custom source's events of
+    detector 5 got belle2-ecl clusters without a word. Such an event is now a module error of its own;
+    the other events of the batch are clustered as before."""
+
+    class ThreeDetectors(eclreco.Module):
+        def is_source(self):
+            return True
+
+        def next_batch(self, batch, max_events):
+            batch.resize(3)
+            batch.evt[:] = [0, 1, 2]
+            batch.detector[:] = [0, 5, 1]
+            cell = np.array([100, 101, 100, 101, 455, 456], np.int32)  # cells of both detectors
+            batch.add_collection("ECLDigits", np.array([0, 2, 4, 6]),
+                                 {"cell": cell, "energy": np.full(6, 0.2, np.float32),
+                                  "time": np.zeros(6, np.float32), "quality": np.zeros(6, np.uint8)})
+            return False
+
+    class Keep(eclreco.Module):
+        def event(self, batch):
+            Keep.flags = batch.error_flags.copy()
+            Keep.clusters = np.diff(batch["ECLClusters"].offsets)
+
+    path = eclreco.create_path()
+    path.add_module(ThreeDetectors())
+    path.add_module("ECLClusterizer")
+    path.add_module(Keep())
+    eclreco.process(path, install_signal_handlers=False)
+    assert eclreco.statistics.summary()["errors"] == 1
+    assert [bool(f) for f in Keep.flags] == [False, True, False]
+    assert Keep.clusters.tolist() == [1, 0, 1]
+    assert any("unknown detector code 5" in m for m in eclreco.statistics.state.error_messages())

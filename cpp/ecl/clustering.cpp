@@ -177,6 +177,11 @@ void Clusterer::run(size_t n_events, const int64_t* offsets, const int32_t* cell
   for (size_t ev = 0; ev < n_events; ++ev) {
     const int64_t b = offsets[ev], e = offsets[ev + 1];
     if ((!skip || !skip[ev]) && e > b) {
+      // 0 belle2-ecl, 1 array30 (rawdata's codes); another code (a custom source's) was clustered as
+      // belle2-ecl without a word: the event's error instead
+      if (detector && detector[ev] > 1)
+        throw std::invalid_argument("clustering: unknown detector code " + std::to_string(detector[ev]) +
+                                    " (0 belle2-ecl, 1 array30)");
       const Detector det = (detector && detector[ev] == 1) ? Detector::Array30 : Detector::Belle2ECL;
       event(Geometry::get(det), cell + b, energy + b, time + b, quality + b, static_cast<size_t>(e - b), out);
     }
