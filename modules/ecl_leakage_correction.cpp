@@ -62,10 +62,12 @@ class ECLLeakageCorrection : public fw::Module {
     // read through const: a non-const access unshares (copies) a column the processor's snapshot holds
     const fw::Collection& in = c;
     const int64_t* off = in.offsets();
-    const float* e_raw = in.column("energy_raw").data<float>();
-    const int32_t* ring = in.column("ring").data<int32_t>();
-    const float* u = in.column("local_u").data<float>();
-    const float* v = in.column("local_v").data<float>();
+    // values<>: one value per row (a column of another shape, from a custom module, was read interleaved)
+    const float* e_raw = in.column("energy_raw").values<float>();
+    const int32_t* ring = in.column("ring").values<int32_t>();
+    const float* u = in.column("local_u").values<float>();
+    const float* v = in.column("local_v").values<float>();
+    in.column("energy").values<float>();  // its shape, before the write access
     float* e = c.column("energy").data<float>();
     const uint8_t* det = std::as_const(batch).detector();
     uint64_t n = 0;

@@ -629,3 +629,45 @@ def test_an_unknown_detector_code_is_the_events_error_not_belle2_ecl():
     assert [bool(f) for f in Keep.flags] == [False, True, False]
     assert Keep.clusters.tolist() == [1, 0, 1]
     assert any("unknown detector code 5" in m for m in eclreco.statistics.state.error_messages())
+
+
+def test_leakage_correction_refuses_a_column_of_two_values_per_cluster():
+    """ECLLeakageCorrection read its columns with data<>(): a custom module's (n, 2) energy_raw was read
+    interleaved (energies of other clusters, no error). A column of more than one value per cluster is now
+    the events' error, naming it; a well-formed batch is corrected as before."""
+
+    class Clusters(eclreco.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.width = width
+
+        def is_source(self):
+            return True
+
+        def next_batch(self, batch, max_events):
+            batch.resize(2)
+            batch.evt[:] = [0, 1]
+            raw = np.ones((3, self.width), np.float32) if self.width > 1 else np.ones(3, np.float32)
+            batch.add_collection("ECLClusters", np.array([0, 2, 3]),
+                                 {"energy_raw": raw, "energy": np.ones(3, np.float32),
+                                  "ring": np.full(3, 30, np.int32), "local_u": np.zeros(3, np.float32),
+                                  "local_v": np.zeros(3, np.float32)})
+            return False
+
+    class Keep(eclreco.Module):
+        def event(self, batch):
+            Keep.energy = batch["ECLClusters"]["energy"].copy()
+            Keep.flags = batch.error_flags.copy()
+
+    for width in (1, 2):
+        path = eclreco.create_path()
+        path.add_module(Clusters(width))
+        path.add_module("ECLLeakageCorrection")
+        path.add_module(Keep())
+        eclreco.process(path, install_signal_handlers=False)
+        if width == 1:
+            assert not Keep.flags.any() and np.all(Keep.energy > 1.0)  # corrected upwards
+        else:
+            assert Keep.flags.all() and eclreco.statistics.summary()["errors"] == 2
+            assert any("column 'energy_raw' holds rows of 2 values" in m
+                       for m in eclreco.statistics.state.error_messages())
