@@ -182,6 +182,10 @@ class RootOutput(Module):
                 oot = full
             part["n_out_of_time_digits"] = oot[keep].astype(t["n_out_of_time_digits"], copy=False)
         failed = (batch.error_flags[keep] & _core.ERROR_MODULE).all()
+        if "ECLDigits" not in batch and failed:
+            # every event failed before or in the unpacker: no digit counts, but the branches of a chain
+            # that makes them (a first basket without them dropped those of every later basket)
+            part["_digits_failed"] = True
         if "ECLClusters" not in batch and failed and self.param("cluster_columns"):
             # every event failed before clustering (the clusterizer made nothing of this batch): their
             # cluster lists are empty, in the tree's first basket too (not a tree without cluster branches)
@@ -278,7 +282,10 @@ class RootOutput(Module):
         # cluster_columns with the clusterizer's types (as a file without events): a tree made without
         # them could take no later clusters, and the job stopped with its file removed.
         if self._schema is None:
-            ev = {k: p[k].dtype for k in EVENT_BRANCH_TYPES for p in parts if k in p}
+            present = {k for p in parts for k in p}
+            if any(p.get("_digits_failed") for p in parts):
+                present |= {"n_digits", "n_out_of_time_digits"}
+            ev = {k: np.dtype(t) for k, t in EVENT_BRANCH_TYPES.items() if k in present}
             cl = next(({n: a.dtype for n, a in p["_cluster_cols"].items()} for p in parts if "_cluster_cols" in p), None)
             if cl is None and any(p.get("_clusters_failed") for p in parts):
                 cl = {n: np.dtype(np.int32 if n in INT_CLUSTER_COLUMNS else np.float32)

@@ -484,6 +484,53 @@ def test_an_event_on_which_the_unpacker_failed_is_written_with_its_flags(tmp_pat
     assert a["n_digits"].tolist() == [0, 2, 2] and a["n_out_of_time_digits"][0] == 0
 
 
+def test_a_first_basket_whose_events_failed_in_the_unpacker_keeps_the_digit_branches(tmp_path):
+    """The tree's event branches were those of its first basket: when every event of it failed in the
+    unpacker (no ECLDigits, no ECLEventInformation), n_digits and n_out_of_time_digits were missing from
+    the file and the digit counts of every later basket were dropped without a word. Such a basket now
+    gets them (0 for its events), as it gets empty cluster lists."""
+    from eclreco import _core, rawdata
+
+    msgs = rawdata.encode_events("belle2-ecl", 0, 1, [0, 1, 2], [0, 2, 4, 6],
+                                 np.array([10, 11, 20, 21, 30, 31], np.int32), np.full(6, 1000, np.int32),
+                                 np.zeros(6, np.int32), np.zeros(6, np.uint8))
+
+    class Src(eclreco.Module):
+        """one event per batch; event 0's payload outside its message (ECLUnpacker fails on it)"""
+
+        def __init__(self):
+            super().__init__()
+            self.i = 0
+
+        def is_source(self):
+            return True
+
+        def next_batch(self, batch, max_events):
+            _core.append_envelopes(batch, [msgs[self.i]])
+            if self.i == 0:
+                ref = batch["RawPayloadRef"]
+                cols = {k: np.array(ref[k]) for k in ref.columns()}
+                cols["offset"][0] = 10**6
+                batch.add_collection("RawPayloadRef", ref.offsets, cols)
+            self.i += 1
+            return self.i < 3
+
+    out = tmp_path / "d.root"
+    path = eclreco.create_path()
+    path.add_module(Src())
+    path.add_module("ECLUnpacker")
+    path.add_module("ECLClusterizer")
+    path.add_module("RootOutput", filename=str(out), basket_events=1)
+    eclreco.process(path, batch_size=1, install_signal_handlers=False)
+    assert eclreco.statistics.summary()["errors"] == 1
+    with uproot.open(out) as f:
+        t = f["events"]
+        assert {"n_digits", "n_out_of_time_digits"} <= set(t.keys()), t.keys()
+        a = t.arrays(["evt", "error_flags", "n_digits"], library="np")
+    assert a["evt"].tolist() == [0, 1, 2] and a["error_flags"].tolist() == [eclreco.ERROR_MODULE, 0, 0]
+    assert a["n_digits"].tolist() == [0, 2, 2]
+
+
 def test_tree_name_and_flush_interval(tmp_path):
     """`tree` names the TTree; `flush_interval_s` writes what is buffered when it is that old,
     even far below `basket_events` (a run of ~1 s at 0.1 s per batch: several baskets, not one)."""
