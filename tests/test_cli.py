@@ -593,3 +593,28 @@ def test_a_standalone_worker_refuses_chain_options_its_chain_ignores(extra, mess
            "--distributor", "tcp://127.0.0.1:9", "--metrics-port", "-1", "--rejected", ""]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_train_and_validate_refuse_a_geant4_file_that_is_not_the_detectors(tmp_path, capsys):
+    """array30's Geant4 file given to --detector belle2-ecl: its cellIds (1..900) are belle2-ecl
+    cellIds too, so it passed. `validate` wrote a report of NaN tables (no photon direction to match,
+    exit 0) and `train` ran the whole chain, then died in a ZeroDivisionError (no matched cluster).
+    A file that is not an .npz of arrays said only "File is not a zip file" or "pickled (object) data",
+    without naming the file. Each is now one line naming the file, exit 2, before any output."""
+    array30 = os.path.join(REPO, "tests", "data", "g4_array30_subset.npz")
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(open(array30, "rb").read()[:100000])
+    text = tmp_path / "notes.npz"
+    text.write_text("not a sample\n")
+    cases = [(["validate", "--pi0-events", "0", "--fake-events", "0"], array30, "belle2-ecl",
+              "has no 'photons' array (the photons' directions): not a Geant4 sample of belle2-ecl"),
+             (["train", "--sizes", "tiny", "--epochs", "1"], array30, "belle2-ecl",
+              "has no 'photons' array (the photons' directions): not a Geant4 sample of belle2-ecl"),
+             (["train", "--sizes", "tiny", "--epochs", "1"], str(truncated), "array30", "not a readable Geant4 sample"),
+             (["validate"], str(text), "array30", "not a readable Geant4 sample")]
+    for i, (argv, g4, det, message) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        assert cli.main(argv + ["--detector", det, "-o", str(out), "--g4", g4, "--quiet"]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and g4 in err and "Traceback" not in err, err
+        assert not out.exists() or not os.listdir(out), os.listdir(out)

@@ -8,6 +8,8 @@ the clusters (images, features, raw and classical energies) that the online reco
 """
 from __future__ import annotations
 
+import zipfile
+
 import numpy as np
 
 from eclreco import Module, _core
@@ -36,8 +38,26 @@ def check_copies(detector: str, copies: int) -> None:
 class G4Sample:
     """Events of a Geant4 file (columnar deposits) with their true energy / direction."""
 
+    # the arrays a Geant4 file of each detector holds (/work/shared/data/README.md): belle2-ecl's photons
+    # come from the interaction point in every direction (`photons`: energy and direction), array30's at
+    # normal incidence (`true_energy_mev`; `xy_mm`, the entry point, optional)
+    REQUIRED = {"array30": {"true_energy_mev": "the photons' true energies"},
+                "belle2-ecl": {"photons": "the photons' directions"}}
+
     def __init__(self, path: str, detector: str):
-        d = np.load(path)
+        needed = {"offsets": "the events' deposits", "cell": "the cellIds", "edep_mev": "the deposits",
+                  **self.REQUIRED[detector]}
+        try:  # (a missing file or a folder: np.load's own error, which names it)
+            with np.load(path) as d:
+                names = list(d.files)
+                missing = [n for n in needed if n not in names]
+                d = {} if missing else {n: d[n] for n in names if n in (*needed, "photons", "xy_mm")}
+        except (ValueError, EOFError, TypeError, zipfile.BadZipFile) as err:  # a text, pickle, .npy, truncated file
+            raise ValueError(f"{path}: not a readable Geant4 sample (an .npz of the arrays offsets, cell, edep_mev, "
+                             f"...): {err}") from None
+        if missing:
+            raise ValueError(f"{path}: has no {missing[0]!r} array ({needed[missing[0]]}): not a Geant4 sample "
+                             f"of {detector}" + (f" (it holds {', '.join(names)})" if names else ""))
         self.detector = detector
         self.offsets = d["offsets"].astype(np.int64)
         self.cell = d["cell"].astype(np.int32)
@@ -47,7 +67,7 @@ class G4Sample:
             raise ValueError(f"{path}: cellIds {self.cell.min()}..{self.cell.max()} are not those of {detector} "
                              f"(1..{N_CELLS[detector]}): a Geant4 sample of another detector?")
         self.edep_gev = d["edep_mev"].astype(np.float64) * 1e-3
-        if "photons" in d.files:
+        if "photons" in d:
             ph = d["photons"][:, 0, :].astype(np.float64)
             self.e_true = ph[:, 0] * 1e-3
             self.direction = ph[:, 1:4]
@@ -55,8 +75,12 @@ class G4Sample:
             self.e_true = d["true_energy_mev"].astype(np.float64) * 1e-3
             self.direction = np.tile([0.0, 0.0, 1.0], (self.e_true.size, 1))
         # array30: the photon's entry point on the front plane (truth, for validation only)
-        self.entry_xy_mm = d["xy_mm"].astype(np.float64) if "xy_mm" in d.files else None
+        self.entry_xy_mm = d["xy_mm"].astype(np.float64) if "xy_mm" in d else None
         self.n = self.e_true.size
+        if (self.offsets.size != self.n + 1 or self.offsets[0] != 0 or self.offsets[-1] != self.cell.size
+                or self.edep_gev.size != self.cell.size or np.any(np.diff(self.offsets) < 0)):
+            raise ValueError(f"{path}: {self.n} photons, {self.offsets.size} offsets (0..{self.offsets[-1]}), "
+                             f"{self.cell.size} cellIds, {self.edep_gev.size} deposits do not fit together")
 
     def split(self):
         """(train, validation, test) event indices: test = the last TEST_FRACTION of the file."""
