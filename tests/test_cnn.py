@@ -746,3 +746,51 @@ def test_a_model_whose_output_is_not_one_energy_per_cluster_is_refused(tmp_path,
     mod.set_param("model", str(path))
     with pytest.raises(Exception, match=r"one energy per cluster"):
         mod.initialize()
+
+
+def test_train_cache_is_only_used_for_the_sample_it_holds(tmp_path):
+    """`--cache FILE` is "read when present": a cache of another detector, another Geant4 file, another
+    --max-events or another eclreco build was used without a word (an array30 network trained on
+    belle2-ecl clusters, its card naming the array30 file), a corrupted one said "File is not a zip file"
+    without naming it, and `--cache c` wrote c.npz, so the next run never found it. The cache now
+    records what made it and is refused (naming the difference) when that differs; it is written
+    whole under the given name."""
+    import json
+    import re
+
+    pytest.importorskip("torch")
+    from eclreco import cli, train
+
+    base = ["train", "--sizes", "tiny", "--epochs", "1", "--quiet"]
+    cache = tmp_path / "chain"  # no .npz
+    assert cli.main(base + ["--detector", "belle2-ecl", "--g4", SUBSET["belle2-ecl"], "--cache", str(cache),
+                            "-o", str(tmp_path / "b")]) == 0
+    assert cache.is_file() and not (tmp_path / "chain.npz").exists()
+    made = cache.stat().st_mtime_ns
+    assert cli.main(base + ["--detector", "belle2-ecl", "--g4", SUBSET["belle2-ecl"], "--cache", str(cache),
+                            "-o", str(tmp_path / "b2")]) == 0  # read, not remade
+    assert cache.stat().st_mtime_ns == made
+    assert (tmp_path / "b" / "belle2-ecl.onnx").read_bytes() == (tmp_path / "b2" / "belle2-ecl.onnx").read_bytes()
+    for argv, message in [
+            (["--detector", "array30", "--g4", SUBSET["array30"]], "holds belle2-ecl chain samples, not array30's"),
+            (["--detector", "belle2-ecl", "--g4", SUBSET["array30"]], "was made from g4_belle2_subset.npz (sha256 "),
+            (["--detector", "belle2-ecl", "--g4", SUBSET["belle2-ecl"], "--max-events", "500"],
+             "was made with --max-events 0, not 500")]:
+        with pytest.raises(SystemExit, match="eclreco train: the cache .*chain' " + re.escape(message)):
+            cli.main(base + argv + ["--cache", str(cache), "-o", str(tmp_path / "x")])
+        assert not (tmp_path / "x").exists()
+    # another build of eclreco: its chain may make other clusters
+    with np.load(cache) as d:
+        arrays = dict(d)
+    meta = json.loads(str(arrays["meta"]))
+    meta["eclreco"] = "eclreco 0.0.1 (commit 0123abc)"
+    arrays["meta"] = np.array(json.dumps(meta))
+    old = tmp_path / "old.npz"
+    np.savez(old, **arrays)
+    with pytest.raises(train.TrainingInputError, match="was made by eclreco 0.0.1 .commit 0123abc., this is eclreco"):
+        train.run_training("belle2-ecl", str(tmp_path / "x"), g4_path=SUBSET["belle2-ecl"], cache=str(old), quiet=True)
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(cache.read_bytes()[: cache.stat().st_size // 2])
+    with pytest.raises(SystemExit, match="the cache .*broken.npz' is not readable .*: remove it"):
+        cli.main(base + ["--detector", "belle2-ecl", "--g4", SUBSET["belle2-ecl"], "--cache", str(broken),
+                         "-o", str(tmp_path / "x")])

@@ -339,18 +339,90 @@ def write_card(out_dir, detector, card):
         f.write("\n".join(lines) + "\n")
 
 
-def save_samples(path, samples):
-    """The (train, val, test) chain samples in one .npz (to train again without re-running the chain)."""
-    np.savez(path, **{f"{i}/{k}": v for i, s in enumerate(samples) for k, v in s.items()})
+def save_samples(path, samples, meta=None):
+    """The (train, val, test) chain samples in one .npz (to train again without re-running the chain),
+    with `meta` (cache_provenance: what made them) as a JSON string. Written to a temporary file of the
+    same folder that then takes the name `path` (exactly that name: np.savez adds .npz to a file name),
+    so that an interrupted run leaves no half-written cache."""
+    import tempfile
+
+    arrays = {f"{i}/{k}": v for i, s in enumerate(samples) for k, v in s.items()}
+    if meta is not None:
+        arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def load_samples(path):
-    d = np.load(path)
-    out = [{}, {}, {}]
-    for key in d.files:
-        i, k = key.split("/", 1)
-        out[int(i)][k] = d[key]
-    return out
+    return load_cache(path)[0]
+
+
+def load_cache(path):
+    """(samples, meta) of a file save_samples wrote; meta None when it records none."""
+    import zipfile
+
+    out, meta = [{}, {}, {}], None
+    try:
+        with np.load(path) as d:
+            for key in d.files:
+                if key == "meta":
+                    meta = json.loads(str(d[key]))
+                    continue
+                i, k = key.split("/", 1)
+                out[int(i)][k] = d[key]
+    except (ValueError, EOFError, TypeError, KeyError, IndexError, zipfile.BadZipFile) as err:
+        raise TrainingInputError(f"the cache {path!r} is not readable ({type(err).__name__}: {err}): remove it "
+                                 "(it is remade) or use another --cache") from None
+    return out, meta
+
+
+def _sha256(path):
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_provenance(detector, g4_path, max_events):
+    """What made a cache's chain samples, besides its seed and training copies (which the card records):
+    a cache that differs in any of these holds other clusters than the chain would make now."""
+    from eclreco.framework import package_data_digests, version_text
+
+    return {"detector": detector, "g4": os.path.basename(g4_path), "g4_sha256": _sha256(g4_path),
+            "max_events": int(max_events), "eclreco": version_text(), "package_data": package_data_digests()}
+
+
+def check_cache(cache, had, now):
+    """TrainingInputError when the cache's provenance `had` is not `now` (cache_provenance)."""
+    fix = ": use another --cache file, or remove this one (it is remade)"
+    if had is None:
+        raise TrainingInputError(f"the cache {cache!r} does not record what made it (written by an older eclreco)"
+                                 + fix)
+    if had.get("detector") != now["detector"]:
+        raise TrainingInputError(f"the cache {cache!r} holds {had.get('detector')} chain samples, not "
+                                 f"{now['detector']}'s" + fix)
+    if had.get("g4_sha256") != now["g4_sha256"]:
+        raise TrainingInputError(f"the cache {cache!r} was made from {had.get('g4')} (sha256 "
+                                 f"{str(had.get('g4_sha256'))[:12]}...), not from {now['g4']} (sha256 "
+                                 f"{now['g4_sha256'][:12]}...)" + fix)
+    if had.get("max_events") != now["max_events"]:
+        raise TrainingInputError(f"the cache {cache!r} was made with --max-events {had.get('max_events')}, not "
+                                 f"{now['max_events']}" + fix)
+    if had.get("eclreco") != now["eclreco"] or had.get("package_data") != now["package_data"]:
+        same = had.get("eclreco") == now["eclreco"]
+        raise TrainingInputError(f"the cache {cache!r} was made by {had.get('eclreco')}"
+                                 + (" with other leakage tables" if same else "") + f", this is {now['eclreco']}: "
+                                 "its chain may make other clusters" + fix)
 
 
 class TrainingInputError(ValueError):
@@ -368,18 +440,20 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
     g4_path = g4_path or default_g4_path(detector)
     if not os.path.exists(g4_path):
         raise FileNotFoundError(f"eclreco train: Geant4 file {g4_path!r} not found (use --g4)")
-    os.makedirs(out_dir, exist_ok=True)
     t_start = time.time()
+    provenance = cache_provenance(detector, g4_path, max_events) if samples is None and cache else None
     if samples is None and cache and os.path.exists(cache):
-        samples = load_samples(cache)
+        samples, made_by = load_cache(cache)
         had = int(samples[0].get("copies", 1))
         if augment is not None and int(augment) != had:
             raise TrainingInputError(f"the cache {cache!r} holds {had} cop{'y' if had == 1 else 'ies'} of the "
                                      f"training events, not --augment {augment}: use another --cache file")
+        check_cache(cache, made_by, provenance)
+    os.makedirs(out_dir, exist_ok=True)
     if samples is None:
         samples = chain_samples(detector, g4_path, seed=seed, max_events=max_events, quiet=quiet, copies=augment)
         if cache:
-            save_samples(cache, samples)
+            save_samples(cache, samples, provenance)
     train, val, test = samples
     epochs = epochs or EPOCHS[detector]
     extra = EXTRA_FEATURES[detector]
@@ -506,7 +580,8 @@ def add_train_parser(subparsers):
                    "<detector>.onnx with the model card, the others as <detector>-<size>.onnx")
     p.add_argument("--max-events", type=NON_NEGATIVE_INT, default=0, help="use only this many events of the file (0: all)")
     p.add_argument("--cache", default=None, help="npz file of the chain samples: written when missing, read when "
-                   "present (the chain is deterministic, so this only saves time)")
+                   "present (the chain is deterministic, so this only saves time); refused when made from another "
+                   "detector, Geant4 file, --max-events or eclreco build")
     p.add_argument("--augment", type=int, default=None, help="array30: the training events enter N times (1..8), "
                    "under the reflections and rotations of the beam spot, each with its own noise (default "
                    f"{AUGMENT['array30']}: not needed, see docs/physics-validation.md)")
