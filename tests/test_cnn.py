@@ -794,3 +794,42 @@ def test_train_cache_is_only_used_for_the_sample_it_holds(tmp_path):
     with pytest.raises(SystemExit, match="the cache .*broken.npz' is not readable .*: remove it"):
         cli.main(base + ["--detector", "belle2-ecl", "--g4", SUBSET["belle2-ecl"], "--cache", str(broken),
                          "-o", str(tmp_path / "x")])
+
+
+def test_an_interrupted_training_leaves_the_output_folder_as_it_was(tmp_path):
+    """Ctrl-C in the middle of `eclreco train --sizes tiny,medium`: the shipped-size network (tiny,
+    trained first) was already written as array30.onnx, so the folder held the new network beside the
+    model card of the previous run (another size and seed: a card that looks complete and describes
+    another file), or an .onnx without any card. The networks and the card now take their names
+    together at the end; an interrupted run leaves the previous files as they were, no partial file,
+    and says that it was interrupted (exit 130)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    from eclreco import cli
+
+    out = tmp_path / "out"
+    assert cli.main(["train", "--detector", "array30", "-o", str(out), "--g4", SUBSET["array30"], "--sizes", "tiny",
+                     "--epochs", "1", "--quiet"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["array30.json", "array30.md", "array30.onnx"]
+    proc = subprocess.Popen([sys.executable, "-m", "eclreco.cli", "train", "--detector", "array30", "-o", str(out),
+                             "--g4", SUBSET["array30"], "--sizes", "tiny,medium", "--seed", "2", "--epochs", "40"],
+                            stdout=subprocess.PIPE, stderr=(tmp_path / "err").open("w"), text=True)
+    try:
+        for line in proc.stdout:  # the first network is exported, the second one trains
+            if line.startswith("[tiny] params"):
+                break
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    err = (tmp_path / "err").read_text()
+    assert proc.returncode == 130, err[-2000:]
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after == before, [n for n in sorted(after) if after[n] != before.get(n)]
+    assert "eclreco train: interrupted" in err
+    assert json.loads(after["array30.json"])["seed"] == 1

@@ -64,7 +64,9 @@ def main(argv=None) -> int:
         command = " ".join(filter(None, [args.command, getattr(args, "hlt_command", None)]))
         print(f"eclreco {command}: error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: say so (a job cut short is not a job that ended), 128 + SIGINT
+        command = " ".join(filter(None, [args.command, getattr(args, "hlt_command", None)]))
+        print(f"eclreco {command}: interrupted", file=sys.stderr, flush=True)
         return 130
 
 

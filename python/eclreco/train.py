@@ -290,9 +290,33 @@ def test_metrics(model, test, detector):
     return res
 
 
+def _staged(final):
+    """A new empty file beside `final` for its content, which then takes the name with os.replace: so
+    that an interrupted or failed run never leaves a half-written file, or one that does not belong
+    with the files beside it, under an output's name. (Not tempfile.mkstemp: its files are 0600, and a
+    model or a cache is for others to read too.)"""
+    folder, name = os.path.split(os.path.abspath(final))
+    return os.path.join(folder, f".{name}.{os.getpid()}.partial")
+
+
+def _write_text(path, text):
+    tmp = _staged(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def write_card(out_dir, detector, card):
-    with open(os.path.join(out_dir, f"{detector}.json"), "w") as f:
-        strict_json.dump(card, f, indent=1)
+    import io
+
+    buf = io.StringIO()
+    strict_json.dump(card, buf, indent=1)
+    _write_text(os.path.join(out_dir, f"{detector}.json"), buf.getvalue())
     t = card["test"]
     lines = [f"# Model card: CNN energy correction, {detector}", "",
              f"- file: `{detector}.onnx` ({card['onnx_bytes']} bytes), inputs `image` float32 [N,{card['config']['image_size']},{card['config']['image_size']}] (GeV), "
@@ -335,8 +359,7 @@ def write_card(out_dir, detector, card):
             c = r["config"]
             lines.append(f"| {r['size']} | {r.get('seed', card['seed'])} | {c['c1']}/{c['c2']}/{c['hidden']} | {r['n_params']} | {r['flops_per_cluster']} | "
                          f"{r['clusters_per_second']:,.0f} | {r['test_sigma68']:.4f} | {r['best_val_loss']:.5f} |")
-    with open(os.path.join(out_dir, f"{detector}.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    _write_text(os.path.join(out_dir, f"{detector}.md"), "\n".join(lines) + "\n")
 
 
 def save_samples(path, samples, meta=None):
@@ -344,19 +367,17 @@ def save_samples(path, samples, meta=None):
     with `meta` (cache_provenance: what made them) as a JSON string. Written to a temporary file of the
     same folder that then takes the name `path` (exactly that name: np.savez adds .npz to a file name),
     so that an interrupted run leaves no half-written cache."""
-    import tempfile
-
     arrays = {f"{i}/{k}": v for i, s in enumerate(samples) for k, v in s.items()}
     if meta is not None:
         arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".partial",
-                               dir=os.path.dirname(os.path.abspath(path)))
+    tmp = _staged(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
 
 
@@ -456,9 +477,31 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
             save_samples(cache, samples, provenance)
     train, val, test = samples
     epochs = epochs or EPOCHS[detector]
+    sizes = sizes or [DEFAULT_SIZE[detector]]
+    staged = {}  # output name -> the temporary file that holds it until the end (_staged)
+    try:
+        card = _train_sizes(detector, out_dir, g4_path, sizes, seed, restarts, epochs, max_events, quiet, train, val,
+                            test, t_start, staged)
+        for final, tmp in staged.items():  # the networks, then their card: one set, as late as possible
+            os.replace(tmp, final)
+        write_card(out_dir, detector, card)
+    finally:
+        for tmp in staged.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    if not quiet:
+        print(f"wrote {', '.join(os.path.basename(f) for f in staged)} and {detector}.md/.json in {out_dir} "
+              f"({time.time() - t_start:.0f} s)", flush=True)
+    return card
+
+
+def _train_sizes(detector, out_dir, g4_path, sizes, seed, restarts, epochs, max_events, quiet, train, val, test,
+                 t_start, staged):
+    """run_training's networks, each exported to the temporary file staged[its output name]; the card."""
+    import torch
+
     extra = EXTRA_FEATURES[detector]
     chain = str(train["chain"])
-    sizes = sizes or [DEFAULT_SIZE[detector]]
     ship = DEFAULT_SIZE[detector] if DEFAULT_SIZE[detector] in sizes else sizes[0]
     scan, shipped = [], None
     for size in sizes:
@@ -475,7 +518,8 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
         restart_rows = [{"seed": sd, "best_val_loss": vl, "best_epoch": i_["best_epoch"], "epochs_run": i_["epochs_run"]}
                         for vl, sd, _m, i_ in tried]
         tm = test_metrics(model, test, detector)
-        path = os.path.join(out_dir, f"{detector}.onnx" if size == ship else f"{detector}-{size}.onnx")
+        final = os.path.join(out_dir, f"{detector}.onnx" if size == ship else f"{detector}-{size}.onnx")
+        path = staged[final] = staged.get(final) or _staged(final)
         names = list(FEATURE_NAMES) + list(extra)
         meta = {"detector": detector, "feature_names": ",".join(names), "image_size": model.config["image_size"],
                 "output": "energy: corrected cluster energy in GeV (E_raw * exp(y), y = predicted log(E_true/E_raw))"
@@ -498,7 +542,7 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
         row = {"size": size, "seed": net_seed, "config": model.config, "n_params": count_params(model),
                "flops_per_cluster": flops_per_cluster(model.config), "clusters_per_second": cps,
                "test_sigma68": tm["cnn"]["sigma68"], "best_val_loss": info["best_val_loss"],
-               "train_seconds": info["train_seconds"], "file": os.path.basename(path)}
+               "train_seconds": info["train_seconds"], "file": os.path.basename(final)}
         scan.append(row)
         if not quiet:
             print(f"[{size}] params {row['n_params']}, {row['flops_per_cluster']} FLOPs/cluster, {cps:,.0f} clusters/s, "
@@ -538,9 +582,6 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
     if restarts > 1:  # (left out otherwise: the shipped cards stay as they were)
         card["restarts"] = {"tried": restart_rows, "chain_seed": seed,
                             "rule": "lowest validation loss (the early-stopping loss on the validation split)"}
-    write_card(out_dir, detector, card)
-    if not quiet:
-        print(f"wrote {path} and {detector}.md/.json in {out_dir} ({time.time() - t_start:.0f} s)", flush=True)
     return card
 
 
