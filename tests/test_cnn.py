@@ -833,3 +833,35 @@ def test_an_interrupted_training_leaves_the_output_folder_as_it_was(tmp_path):
     assert after == before, [n for n in sorted(after) if after[n] != before.get(n)]
     assert "eclreco train: interrupted" in err
     assert json.loads(after["array30.json"])["seed"] == 1
+
+
+def test_validation_reports_say_which_model_and_sample_they_used(tmp_path):
+    """A retrained network is array30.onnx like the shipped one, and the report named only that
+    (`"model": "array30.onnx"`, "through the chain with `array30.onnx`"): two reports, of the shipped
+    and of a retrained network, could not be told apart. The report now gives the model's path and
+    SHA-256 and what its metadata says of it (seed, size), and the Geant4 file's path and SHA-256."""
+    import hashlib
+    import json
+
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    from eclreco import cli
+
+    assert cli.main(["train", "--detector", "array30", "-o", str(tmp_path / "m"), "--g4", SUBSET["array30"],
+                     "--sizes", "tiny", "--epochs", "1", "--seed", "3", "--quiet"]) == 0
+    reports = []
+    for i, model in enumerate([_shipped("array30"), str(tmp_path / "m" / "array30.onnx")]):
+        assert cli.main(["validate", "--detector", "array30", "-o", str(tmp_path / f"v{i}"), "--max-events", "40",
+                         "--g4", SUBSET["array30"], "--model", model, "--quiet"]) == 0
+        rep = json.loads((tmp_path / f"v{i}" / "validation_array30.json").read_text())
+        md = (tmp_path / f"v{i}" / "validation_array30.md").read_text()
+        sha = hashlib.sha256(open(model, "rb").read()).hexdigest()
+        assert rep["model"] == "array30.onnx"  # as before
+        assert rep["model_file"] == {"path": os.path.abspath(model), "sha256": sha}
+        assert rep["g4_file"] == {"path": os.path.abspath(SUBSET["array30"]),
+                                  "sha256": hashlib.sha256(open(SUBSET["array30"], "rb").read()).hexdigest()}
+        assert os.path.abspath(model) in md and sha[:12] in md
+        reports.append(rep)
+    assert reports[0]["model_file"] != reports[1]["model_file"]
+    assert reports[1]["model_metadata"]["seed"] == "3" and json.loads(reports[1]["model_metadata"]["config"])["hidden"] == 16
+    assert reports[0]["model_metadata"]["producer"] == "eclreco train"

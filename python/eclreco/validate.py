@@ -186,7 +186,7 @@ def pi0_peak(detector, model, n_events=20000, seed=7, background=1.0, e_min=0.3,
     return out, masses
 
 
-def plot_pi0(masses, path):
+def plot_pi0(masses, path, model_label=""):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,7 +201,8 @@ def plot_pi0(masses, path):
     ax.axvline(PI0_MASS, color="k", ls=":", lw=0.7)
     ax.set_xlabel("m(γγ) [GeV]")
     ax.legend(fontsize=8)
-    ax.set_title("π0 → γγ, belle2-ecl fast simulation, nominal background")
+    ax.set_title("π0 → γγ, belle2-ecl fast simulation, nominal background" + (f"\n{model_label}" if model_label else ""),
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -301,14 +302,30 @@ def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed
     model = _model_path(detector, model)
     from eclreco.modules.ecl_energy_correction import load_session
 
-    load_session(model, expected_detector=detector)  # a model of the other detector: an error, not a report
+    from eclreco.framework import version_text
+    from eclreco.train import _sha256
+
+    _, meta = load_session(model, expected_detector=detector)  # a model of the other detector: an error, not a report
     g4 = cnn_data.G4Sample(g4_path, detector)
     _, _, test = g4.split()
     if max_events:
         test = test[:max_events]
+    # which network and which sample: a retrained network has the shipped one's file name
+    model_file = meta.pop("file")
+    model_meta = {k: v for k, v in meta.items() if isinstance(v, str)}
+    g4_file = {"path": os.path.abspath(g4_path), "sha256": _sha256(g4_path)}
     report = {"detector": detector, "g4": os.path.basename(g4_path), "model": os.path.basename(model),
+              "model_file": model_file, "model_metadata": model_meta, "g4_file": g4_file, "eclreco": version_text(),
               "test_events": [int(test[0]), int(test[-1]) + 1], "window": WINDOW}
+    try:
+        config = json.loads(model_meta.get("config", "{}"))
+        network = "/".join(str(config[k]) for k in ("c1", "c2", "hidden"))
+    except (ValueError, KeyError, TypeError):
+        network = "?"
     md = [f"## {detector}: CNN energy correction on held-out Geant4 photons", "",
+          f"Model `{model_file['path']}` (sha256 {model_file['sha256'][:12]}..., {model_meta.get('producer', '?')}, "
+          f"seed {model_meta.get('seed', '?')}, c1/c2/hidden {network}); Geant4 file `{g4_file['path']}` (sha256 "
+          f"{g4_file['sha256'][:12]}...); {version_text()}.", "",
           f"Events {test[0]}..{test[-1]} of `{os.path.basename(g4_path)}` (the last 20 %, never used in training "
           f"or early stopping), through the chain with `{os.path.basename(model)}`; true-energy windows ±{100 * WINDOW:.0f} % "
           "of the log-uniform sample; E = energy of the event's "
@@ -331,7 +348,8 @@ def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed
         md.append(_fmt_table(rows, names, title))
         md.append(_fmt_ratio_table(rows, detector))
         png = os.path.join(out_dir, f"cnn_{detector}_bg{bg:g}.png")
-        plot_energy_hists(res, ENERGIES[detector], png, names, title)
+        plot_energy_hists(res, ENERGIES[detector], png, names,
+                          f"{title}; {os.path.basename(model)} (sha256 {model_file['sha256'][:12]})")
         if detector == "array30":
             k = res["has"]
             r = res["energy"][k] / res["e_true"][k]
@@ -367,7 +385,8 @@ def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed
     if detector == "belle2-ecl" and pi0_events:
         p, masses = pi0_peak(detector, model, n_events=pi0_events)
         report["pi0"] = p
-        plot_pi0(masses, os.path.join(out_dir, "cnn_pi0_mass.png"))
+        plot_pi0(masses, os.path.join(out_dir, "cnn_pi0_mass.png"),
+                 f"{os.path.basename(model)} (sha256 {model_file['sha256'][:12]})")
         md += ["### π0 → γγ mass peak (fast simulation, nominal background)", "",
                f"{p['n_events']} π0 events, momentum p(π0) log-uniform {p['pi0_energy_gev'][0]}-{p['pi0_energy_gev'][1]} GeV; "
                f"the two clusters of highest raw energy (the stored order), second > 30 MeV raw ({p['n_two_clusters']} events); "
