@@ -61,6 +61,10 @@ def test_eclreco_bad_options_exit_2_with_one_line(argv, message, tmp_path, capsy
      "--no-cnn is about the CNN of the standard chain: it does nothing with --modules"),
     (["hlt", "run", "--modules", "ECLUnpacker", "--model", os.path.join(MODELS, "belle2-ecl.onnx")],
      "--model is about the CNN of the standard chain"),
+    # the second network's seed, 2**32, failed after the chain and the first network
+    (["train", "--detector", "array30", "-o", "{tmp}/t", "--seed", "4294967295", "--restarts", "2", "--g4",
+      os.path.join(REPO, "tests", "data", "g4_array30_subset.npz")],
+     "--seed 4294967295 with --restarts 2 tries seeds up to 4294967296: at most 4294967295"),
 ])
 def test_eclreco_refused_before_any_work(argv, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
@@ -86,6 +90,11 @@ def test_eclreco_refused_before_any_work(argv, message, tmp_path):
     (["hlt", "run", "--max-latency", "nan"], "argument --max-latency: must be a finite number >= 0, not nan"),
     # exit 1 with their own message, or the top level's usage, before
     (["train", "--detector", "array30", "-o", "unused", "--epochs", "0"], "argument --epochs: must be >= 1, not 0"),
+    # numpy's error after the Geant4 file was read ("expected non-negative integer"), or after the whole
+    # chain ("Seed must be between 0 and 2**32 - 1")
+    (["train", "--detector", "array30", "-o", "unused", "--seed", "-1"], "argument --seed: must be 0..4294967295, not -1"),
+    (["train", "--detector", "array30", "-o", "unused", "--seed", "4294967296"],
+     "argument --seed: must be 0..4294967295, not 4294967296"),
     (["validate", "--detector", "array30", "-o", "unused", "--max-events", "-1"], "argument --max-events: must be >= 0"),
     (["hlt", "run", "--bogus"], "usage: eclreco hlt run"),
     # no command at all: the help, and exit 0 before (a script's typo passed as success)

@@ -446,6 +446,9 @@ def check_cache(cache, had, now):
                                  "its chain may make other clusters" + fix)
 
 
+MAX_SEED = 2 ** 32 - 1  # np.random.seed's bound (train_model seeds numpy and torch with the network seed)
+
+
 class TrainingInputError(ValueError):
     """Inputs of run_training that do not fit together (the CLI prints it without a traceback)."""
 
@@ -457,6 +460,9 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
 
     if restarts < 1:
         raise TrainingInputError(f"restarts must be >= 1, not {restarts}")
+    if not 0 <= seed <= MAX_SEED or seed + restarts - 1 > MAX_SEED:  # numpy's and torch's seeds: 32 bits
+        raise TrainingInputError(f"--seed {seed} with --restarts {restarts} tries seeds up to {seed + restarts - 1}: "
+                                 f"at most {MAX_SEED}" if seed >= 0 else f"--seed must be >= 0, not {seed}")
     torch.set_num_threads(2)
     g4_path = g4_path or default_g4_path(detector)
     if not os.path.exists(g4_path):
@@ -605,7 +611,7 @@ def _cmd(args) -> int:
 
 
 def add_train_parser(subparsers):
-    from eclreco.cli_types import NON_NEGATIVE_INT, POSITIVE_INT
+    from eclreco.cli_types import NON_NEGATIVE_INT, POSITIVE_INT, integer
 
     p = subparsers.add_parser("train", help="train the CNN energy correction of a detector (ONNX + model card)",
                               description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
@@ -615,7 +621,8 @@ def add_train_parser(subparsers):
                    "g4_belle2_train.npz, from the working directory or the source tree)")
     p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="maximum epochs (early stopping on the validation set; "
                    f"default {', '.join(f'{d}: {n}' for d, n in EPOCHS.items())})")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=integer(0, MAX_SEED), default=1,
+                   help="seed of the chain sample and of the first network (default 1: the shipped models)")
     p.add_argument("--sizes", default="", help=f"comma-separated network sizes to train ({', '.join(SIZES)}); "
                    "the default size of the detector, or the first one listed when it is not among them, is written as "
                    "<detector>.onnx with the model card, the others as <detector>-<size>.onnx")
