@@ -865,3 +865,32 @@ def test_validation_reports_say_which_model_and_sample_they_used(tmp_path):
     assert reports[0]["model_file"] != reports[1]["model_file"]
     assert reports[1]["model_metadata"]["seed"] == "3" and json.loads(reports[1]["model_metadata"]["config"])["hidden"] == 16
     assert reports[0]["model_metadata"]["producer"] == "eclreco train"
+
+
+def test_a_failed_validation_leaves_its_output_folder_as_it_was(tmp_path, monkeypatch):
+    """`eclreco validate` made its -o folder before it checked --model and --g4 (an empty folder after
+    a typo), and wrote each plot as it was made, the report at the end: a run that failed or was
+    interrupted in between left new plots beside the old report. The folder is now made once the model
+    and the sample are known good, and the plots and the report take their names together at the end."""
+    pytest.importorskip("matplotlib")
+    from eclreco import cli, validate
+
+    missing = tmp_path / "typo"
+    assert cli.main(["validate", "--detector", "array30", "-o", str(missing), "--model", str(tmp_path / "nope.onnx"),
+                     "--g4", SUBSET["array30"], "--quiet"]) != 0
+    assert not missing.exists()
+    out = tmp_path / "v"
+    args = ["validate", "--detector", "array30", "-o", str(out), "--max-events", "40", "--g4", SUBSET["array30"],
+            "--quiet"]
+    assert cli.main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "cnn_array30_bg0.png" in before and "validation_array30.json" in before
+
+    def fail(*a, **k):
+        raise RuntimeError("the disk went away")
+
+    monkeypatch.setattr(validate.strict_json, "dump", fail)  # after the plot, at the report
+    with pytest.raises(RuntimeError, match="the disk went away"):
+        validate.run_validation("array30", str(out), g4_path=SUBSET["array30"], max_events=30, quiet=True)
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert after == before, sorted(set(after) ^ set(before))

@@ -1,5 +1,5 @@
 """Files of the source tree (steering files) and beside it (../shared), found from an installed package;
-the folder check of output files."""
+the folder check of output files; outputs written whole (a temporary name, then the file's own)."""
 from __future__ import annotations
 
 import os
@@ -27,3 +27,26 @@ def missing_folder(path: str) -> str:
     directory tree."""
     folder = os.path.dirname(os.path.abspath(path))
     return "" if os.path.isdir(folder) else folder
+
+
+def partial_name(final: str) -> str:
+    """A new file beside `final` for its content, which then takes the name with os.replace: so that an
+    interrupted or failed run never leaves a half-written file, or one that does not belong with the files
+    beside it, under an output's name. It keeps final's extension (matplotlib takes the format from it).
+    (Not tempfile.mkstemp: its files are 0600, and a model, a cache or a plot is for others to read too.)"""
+    folder, name = os.path.split(os.path.abspath(final))
+    stem, ext = os.path.splitext(name)
+    return os.path.join(folder, f".{stem}.{os.getpid()}.partial{ext}")
+
+
+def write_whole(path: str, text: str) -> None:
+    """`text` into `path` through partial_name: the old file until the new one is complete."""
+    tmp = partial_name(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

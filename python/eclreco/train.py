@@ -32,6 +32,7 @@ import time
 import numpy as np
 
 from eclreco import cnn_data, strict_json
+from eclreco.paths import partial_name, write_whole
 from eclreco.cnn_model import (EVENT_FEATURE_NAMES, EVENT_FEATURE_SCALE, FEATURE_NAMES, X_IN_RANGE, build_model,
                                check_onnx_agreement, count_params, export_onnx, flops_per_cluster, onnx_throughput,
                                sigma68, summary)
@@ -290,33 +291,12 @@ def test_metrics(model, test, detector):
     return res
 
 
-def _staged(final):
-    """A new empty file beside `final` for its content, which then takes the name with os.replace: so
-    that an interrupted or failed run never leaves a half-written file, or one that does not belong
-    with the files beside it, under an output's name. (Not tempfile.mkstemp: its files are 0600, and a
-    model or a cache is for others to read too.)"""
-    folder, name = os.path.split(os.path.abspath(final))
-    return os.path.join(folder, f".{name}.{os.getpid()}.partial")
-
-
-def _write_text(path, text):
-    tmp = _staged(path)
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_card(out_dir, detector, card):
     import io
 
     buf = io.StringIO()
     strict_json.dump(card, buf, indent=1)
-    _write_text(os.path.join(out_dir, f"{detector}.json"), buf.getvalue())
+    write_whole(os.path.join(out_dir, f"{detector}.json"), buf.getvalue())
     t = card["test"]
     lines = [f"# Model card: CNN energy correction, {detector}", "",
              f"- file: `{detector}.onnx` ({card['onnx_bytes']} bytes), inputs `image` float32 [N,{card['config']['image_size']},{card['config']['image_size']}] (GeV), "
@@ -359,7 +339,7 @@ def write_card(out_dir, detector, card):
             c = r["config"]
             lines.append(f"| {r['size']} | {r.get('seed', card['seed'])} | {c['c1']}/{c['c2']}/{c['hidden']} | {r['n_params']} | {r['flops_per_cluster']} | "
                          f"{r['clusters_per_second']:,.0f} | {r['test_sigma68']:.4f} | {r['best_val_loss']:.5f} |")
-    _write_text(os.path.join(out_dir, f"{detector}.md"), "\n".join(lines) + "\n")
+    write_whole(os.path.join(out_dir, f"{detector}.md"), "\n".join(lines) + "\n")
 
 
 def save_samples(path, samples, meta=None):
@@ -370,7 +350,7 @@ def save_samples(path, samples, meta=None):
     arrays = {f"{i}/{k}": v for i, s in enumerate(samples) for k, v in s.items()}
     if meta is not None:
         arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
-    tmp = _staged(path)
+    tmp = partial_name(path)
     try:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
@@ -484,7 +464,7 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
     train, val, test = samples
     epochs = epochs or EPOCHS[detector]
     sizes = sizes or [DEFAULT_SIZE[detector]]
-    staged = {}  # output name -> the temporary file that holds it until the end (_staged)
+    staged = {}  # output name -> the temporary file that holds it until the end (paths.partial_name)
     try:
         card = _train_sizes(detector, out_dir, g4_path, sizes, seed, restarts, epochs, max_events, quiet, train, val,
                             test, t_start, staged)
@@ -525,7 +505,7 @@ def _train_sizes(detector, out_dir, g4_path, sizes, seed, restarts, epochs, max_
                         for vl, sd, _m, i_ in tried]
         tm = test_metrics(model, test, detector)
         final = os.path.join(out_dir, f"{detector}.onnx" if size == ship else f"{detector}-{size}.onnx")
-        path = staged[final] = staged.get(final) or _staged(final)
+        path = staged[final] = staged.get(final) or partial_name(final)
         names = list(FEATURE_NAMES) + list(extra)
         meta = {"detector": detector, "feature_names": ",".join(names), "image_size": model.config["image_size"],
                 "output": "energy: corrected cluster energy in GeV (E_raw * exp(y), y = predicted log(E_true/E_raw))"

@@ -15,6 +15,7 @@ and its paired-bootstrap range; array30 also counts the photons that entered an 
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
@@ -22,6 +23,7 @@ import sys
 import numpy as np
 
 from eclreco import cnn_data, strict_json
+from eclreco.paths import partial_name, write_whole
 from eclreco.cnn_model import sigma68, sigma68_ratio_interval, summary
 from eclreco.sim.showers import array30_in_gap
 
@@ -293,11 +295,23 @@ def _fmt_ratio_table(rows, detector):
 
 def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed=11, pi0_events=20000,
                    fake_events=2000, quiet=False):
+    """Validates `model` on the held-out events; writes the plots, validation_DETECTOR.json and .md into
+    out_dir, all at the end (each under a temporary name until then: an interrupted or failed run leaves
+    out_dir as it was, not new plots beside an old report), and returns the report."""
+    staged = {}  # output name -> the temporary file that holds it until the end (paths.partial_name)
+    try:
+        return _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, fake_events, quiet, staged)
+    finally:
+        for tmp in staged.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, fake_events, quiet, staged):
     from tqdm import tqdm
 
     from eclreco.train import default_g4_path
 
-    os.makedirs(out_dir, exist_ok=True)
     g4_path = g4_path or default_g4_path(detector)
     model = _model_path(detector, model)
     from eclreco.modules.ecl_energy_correction import load_session
@@ -307,6 +321,7 @@ def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed
 
     _, meta = load_session(model, expected_detector=detector)  # a model of the other detector: an error, not a report
     g4 = cnn_data.G4Sample(g4_path, detector)
+    os.makedirs(out_dir, exist_ok=True)  # once the model and the sample are known good: no empty folder
     _, _, test = g4.split()
     if max_events:
         test = test[:max_events]
@@ -347,8 +362,8 @@ def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed
         title = f"{detector}, background level {bg:g}" if detector != "array30" else "array30 (no background)"
         md.append(_fmt_table(rows, names, title))
         md.append(_fmt_ratio_table(rows, detector))
-        png = os.path.join(out_dir, f"cnn_{detector}_bg{bg:g}.png")
-        plot_energy_hists(res, ENERGIES[detector], png, names,
+        final = os.path.join(out_dir, f"cnn_{detector}_bg{bg:g}.png")
+        plot_energy_hists(res, ENERGIES[detector], staged.setdefault(final, partial_name(final)), names,
                           f"{title}; {os.path.basename(model)} (sha256 {model_file['sha256'][:12]})")
         if detector == "array30":
             k = res["has"]
@@ -385,7 +400,8 @@ def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed
     if detector == "belle2-ecl" and pi0_events:
         p, masses = pi0_peak(detector, model, n_events=pi0_events)
         report["pi0"] = p
-        plot_pi0(masses, os.path.join(out_dir, "cnn_pi0_mass.png"),
+        final = os.path.join(out_dir, "cnn_pi0_mass.png")
+        plot_pi0(masses, staged.setdefault(final, partial_name(final)),
                  f"{os.path.basename(model)} (sha256 {model_file['sha256'][:12]})")
         md += ["### π0 → γγ mass peak (fast simulation, nominal background)", "",
                f"{p['n_events']} π0 events, momentum p(π0) log-uniform {p['pi0_energy_gev'][0]}-{p['pi0_energy_gev'][1]} GeV; "
@@ -400,10 +416,12 @@ def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed
     if detector == "belle2-ecl" and fake_events:
         report["fakes"] = fake_clusters(detector, model, n_events=fake_events)
         md.append(_fmt_fakes(report["fakes"]))
-    with open(os.path.join(out_dir, f"validation_{detector}.json"), "w") as f:
-        strict_json.dump(report, f, indent=1)
-    with open(os.path.join(out_dir, f"validation_{detector}.md"), "w") as f:
-        f.write("\n".join(md))
+    buf = io.StringIO()
+    strict_json.dump(report, buf, indent=1)
+    for final, tmp in staged.items():  # the plots, then the report: one set, as late as possible
+        os.replace(tmp, final)
+    write_whole(os.path.join(out_dir, f"validation_{detector}.json"), buf.getvalue())
+    write_whole(os.path.join(out_dir, f"validation_{detector}.md"), "\n".join(md))
     if not quiet:
         print("\n".join(md))
     return report
