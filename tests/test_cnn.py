@@ -501,14 +501,22 @@ def test_array30_symmetric_copies_map_cells_and_entry_points():
         train.chain_samples("array30", SUBSET["array30"], copies=0, quiet=True)
 
 
-def test_train_refuses_copies_that_do_not_fit(tmp_path):
+def test_train_refuses_copies_that_do_not_fit(tmp_path, capsys):
     """--augment: the CLI says why before reading the Geant4 file; a cache made with another count
     is refused rather than silently used."""
     from eclreco import cli, train
 
-    for det, n in [("belle2-ecl", 2), ("array30", 9)]:
-        with pytest.raises(SystemExit, match="eclreco train: training copies"):
-            cli.main(["train", "--detector", det, "--augment", str(n), "-o", str(tmp_path), "--g4", "/nonexistent.npz"])
+    # a bad option, exit 2 naming it, as argparse's (--augment 9 and an unknown size exited 1)
+    assert cli.main(["train", "--detector", "belle2-ecl", "--augment", "2", "-o", str(tmp_path), "--g4",
+                     "/nonexistent.npz"]) == 2
+    assert "eclreco train: error: training copies (--augment) above 1 need" in capsys.readouterr().err
+    for bad, said in ((["--augment", "9"], "argument --augment: must be 1..8, not 9"),
+                      (["--augment", "0"], "argument --augment: must be 1..8, not 0"),
+                      (["--sizes", "tiny,huge"], "argument --sizes: unknown size 'huge'"),
+                      (["--sizes", "tiny,tiny"], "argument --sizes: size 'tiny' is listed twice")):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["train", "--detector", "array30", *bad, "-o", str(tmp_path), "--g4", "/nonexistent.npz"])
+        assert exit_.value.code == 2 and said in capsys.readouterr().err
     cache = tmp_path / "cache.npz"
     np.savez(cache, **{"0/copies": np.array(1)})
     with pytest.raises(train.TrainingInputError, match="holds 1 copy"):

@@ -571,16 +571,27 @@ def _train_sizes(detector, out_dir, g4_path, sizes, seed, restarts, epochs, max_
     return card
 
 
+def _size_list(text: str) -> list[str]:
+    """--sizes: known sizes, each once (a repeated one trained the same network twice)."""
+    import argparse
+
+    sizes = [s.strip() for s in text.split(",")] if text else []
+    for k, s in enumerate(sizes):
+        if s not in SIZES:
+            raise argparse.ArgumentTypeError(f"unknown size {s!r} ({', '.join(SIZES)})")
+        if s in sizes[:k]:
+            raise argparse.ArgumentTypeError(f"size {s!r} is listed twice")
+    return sizes
+
+
 def _cmd(args) -> int:
     if args.augment is not None:
-        try:  # before the Geant4 file is read
+        try:  # before the Geant4 file is read: a bad option, exit 2 as argparse's
             cnn_data.check_copies(args.detector, args.augment)
         except ValueError as err:
-            raise SystemExit(f"eclreco train: {err}") from None
-    sizes = [s.strip() for s in args.sizes.split(",")] if args.sizes else None
-    for s in sizes or []:
-        if s not in SIZES:
-            raise SystemExit(f"eclreco train: unknown size {s!r} ({', '.join(SIZES)})")
+            print(f"eclreco train: error: {err}", file=sys.stderr)
+            return 2
+    sizes = args.sizes or None
     try:
         run_training(args.detector, args.output, g4_path=args.g4, epochs=args.epochs, seed=args.seed, sizes=sizes,
                      max_events=args.max_events, quiet=args.quiet, cache=args.cache, augment=args.augment,
@@ -603,14 +614,14 @@ def add_train_parser(subparsers):
                    f"default {', '.join(f'{d}: {n}' for d, n in EPOCHS.items())})")
     p.add_argument("--seed", type=integer(0, MAX_SEED), default=1,
                    help="seed of the chain sample and of the first network (default 1: the shipped models)")
-    p.add_argument("--sizes", default="", help=f"comma-separated network sizes to train ({', '.join(SIZES)}); "
+    p.add_argument("--sizes", type=_size_list, default=[], help=f"comma-separated network sizes to train ({', '.join(SIZES)}); "
                    "the default size of the detector, or the first one listed when it is not among them, is written as "
                    "<detector>.onnx with the model card, the others as <detector>-<size>.onnx")
     p.add_argument("--max-events", type=NON_NEGATIVE_INT, default=0, help="use only this many events of the file (0: all)")
     p.add_argument("--cache", default=None, help="npz file of the chain samples: written when missing, read when "
                    "present (the chain is deterministic, so this only saves time); refused when made from another "
                    "detector, Geant4 file, --max-events or eclreco build")
-    p.add_argument("--augment", type=int, default=None, help="array30: the training events enter N times (1..8), "
+    p.add_argument("--augment", type=integer(1, 8), default=None, help="array30: the training events enter N times (1..8), "
                    "under the reflections and rotations of the beam spot, each with its own noise (default "
                    f"{AUGMENT['array30']}: not needed, see docs/physics-validation.md)")
     p.add_argument("--restarts", type=POSITIVE_INT, default=1, help="train from this many initialisations (seeds S, S+1, ...) "
