@@ -671,3 +671,27 @@ def test_leakage_correction_refuses_a_column_of_two_values_per_cluster():
             assert Keep.flags.all() and eclreco.statistics.summary()["errors"] == 2
             assert any("column 'energy_raw' holds rows of 2 values" in m
                        for m in eclreco.statistics.state.error_messages())
+
+
+def test_a_missing_column_error_names_the_columns_there_are():
+    """A custom source's ECLDigits without 'time' failed every event with "no column 'time' in collection":
+    which collection, and what it had, went unsaid. The error now lists the collection's columns."""
+
+    class NoTime(eclreco.Module):
+        def is_source(self):
+            return True
+
+        def next_batch(self, batch, max_events):
+            batch.resize(1)
+            batch.add_collection("ECLDigits", np.array([0, 2]), {
+                "cell": np.array([100, 101], np.int32), "energy": np.full(2, 0.2, np.float32),
+                "quality": np.zeros(2, np.uint8)})
+            return False
+
+    path = eclreco.create_path()
+    path.add_module(NoTime())
+    path.add_module("ECLClusterizer")
+    eclreco.process(path, install_signal_handlers=False)
+    assert eclreco.statistics.summary()["errors"] == 1
+    [message] = eclreco.statistics.state.error_messages()
+    assert "no column 'time' in the collection (its columns: cell, energy, quality)" in message, message

@@ -6,15 +6,24 @@ namespace fw {
 
 Collection::Collection(size_t n_events) : offsets_(Column::of<int64_t>(n_events + 1)) {}
 
+// A collection does not know its own name: the columns it has say which one it is (a custom
+// source's ECLDigits without 'time', say).
+[[noreturn]] static void no_column(const std::string& name, const std::map<std::string, Column>& columns) {
+  std::string have;
+  for (const auto& [k, c] : columns) have += (have.empty() ? "" : ", ") + k;
+  throw std::out_of_range("no column '" + name + "' in the collection (its columns: " +
+                          (have.empty() ? std::string("none") : have) + ")");
+}
+
 Column& Collection::column(const std::string& name) {
   auto it = columns_.find(name);
-  if (it == columns_.end()) throw std::out_of_range("no column '" + name + "' in collection");
+  if (it == columns_.end()) no_column(name, columns_);
   return it->second;
 }
 
 const Column& Collection::column(const std::string& name) const {
   auto it = columns_.find(name);
-  if (it == columns_.end()) throw std::out_of_range("no column '" + name + "' in collection");
+  if (it == columns_.end()) no_column(name, columns_);
   return it->second;
 }
 
