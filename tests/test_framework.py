@@ -946,6 +946,11 @@ def test_digit_columns_from_arrays_byte_order_shape_and_invalid_values():
     assert invalid == 0 and s["rejected_by_reason"] == {"invalid_cell": 2, "non_finite_digit": 2}
     _, invalid, s = clusters({**cols, "cell": bad_cell, "energy": bad_e}, source=Unchecked)
     assert invalid == 4 and s["rejected"] == 0
+    # a NaN or infinite time too (it made the digit out of time without a count)
+    bad_t = np.zeros(n_ev * per, np.float32)
+    bad_t[[200, 230]] = [np.nan, -np.inf]
+    _, invalid, s = clusters({**cols, "time": bad_t}, source=Unchecked)
+    assert invalid == 2 and s["rejected"] == 0
 
 
 def test_reject_needs_a_reason_and_keeps_the_first():

@@ -76,9 +76,11 @@ int digit_flags(int n, const int32_t* __restrict cell, const float* __restrict e
   for (int i = 0; i < n; ++i) {
     const int32_t c = cell[i];
     const float en = energy[i];
-    // a cellId of the detector and a finite energy (NaN compares false)
+    // a cellId of the detector, a finite energy and a finite time (NaN compares false; a custom
+    // source's NaN time made the digit out of time without a count; raw data has integer times)
     const uint32_t valid = uint32_t(static_cast<uint32_t>(c - 1) < n_cells) &
-                           uint32_t(std::fabs(en) <= std::numeric_limits<float>::max());
+                           uint32_t(std::fabs(en) <= std::numeric_limits<float>::max()) &
+                           uint32_t(std::fabs(time[i]) <= std::numeric_limits<float>::max());
     invalid += static_cast<int>(1u - valid);
     const uint32_t in_time = ntc | uint32_t(quality[i] != 0) | uint32_t(std::fabs(time[i]) < f_tcut);
     const uint32_t f = (in_time * kInTime) | (uint32_t(en >= f_digit) * kDigit) |
