@@ -67,8 +67,7 @@ class ECLLeakageCorrection : public fw::Module {
     const int32_t* ring = in.column("ring").values<int32_t>();
     const float* u = in.column("local_u").values<float>();
     const float* v = in.column("local_v").values<float>();
-    in.column("energy").values<float>();  // its shape, before the write access
-    float* e = c.column("energy").data<float>();
+    float* e = c.column("energy").values<float>();
     const uint8_t* det = std::as_const(batch).detector();
     uint64_t n = 0;
     for (size_t i = 0; i < batch.size(); ++i) {

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from eclreco import Module, _core
+from eclreco import Module, _core, per_event_sum
 from eclreco.paths import missing_folder
 
 # The event branches in the tree's order; n_digits and n_out_of_time_digits where the chain makes them
@@ -175,11 +175,8 @@ class RootOutput(Module):
             oot = info["n_out_of_time_digits"]
             if oot.shape[0] != len(batch):
                 # one row per event, but none for an event on which the unpacker failed (the batch is put
-                # together again from its events): 0 there, as for a rejected event
-                has = np.diff(info.offsets) > 0
-                full = np.zeros(len(batch), oot.dtype)
-                full[has] = oot[info.offsets[:-1][has]]
-                oot = full
+                # together again from its events): 0 there, as for a rejected event (the sum of 0 or 1 rows)
+                oot = per_event_sum(oot, info.offsets)
             part["n_out_of_time_digits"] = oot[keep].astype(t["n_out_of_time_digits"], copy=False)
         failed = (batch.error_flags[keep] & _core.ERROR_MODULE).all()
         if "ECLDigits" not in batch and failed:
@@ -288,8 +285,7 @@ class RootOutput(Module):
             ev = {k: np.dtype(t) for k, t in EVENT_BRANCH_TYPES.items() if k in present}
             cl = next(({n: a.dtype for n, a in p["_cluster_cols"].items()} for p in parts if "_cluster_cols" in p), None)
             if cl is None and any(p.get("_clusters_failed") for p in parts):
-                cl = {n: np.dtype(np.int32 if n in INT_CLUSTER_COLUMNS else np.float32)
-                      for n in self.param("cluster_columns")}
+                cl = self._cluster_types()
             self._schema = (ev, cl)
         ev_types, cl_types = self._schema
         if cl_types is None and any("_cluster_cols" in p for p in parts):
@@ -322,12 +318,15 @@ class RootOutput(Module):
                           field_name=lambda outer, inner: f"{outer}_{inner}")
         self._tree_created = True
 
+    def _cluster_types(self) -> dict:
+        """The clusterizer's types of the cluster_columns, for branches made before any cluster was seen."""
+        return {n: np.dtype(np.int32 if n in INT_CLUSTER_COLUMNS else np.float32) for n in self.param("cluster_columns")}
+
     def _empty_tree_types(self):
         """The branches of a tree that no event reached: every event branch and the cluster_columns (a
         job's file with events has those its chain makes), so that an analysis reading the branches of
         its other files reads empty arrays from this one, not a KeyError."""
-        columns = {n: np.zeros(0, np.int32 if n in INT_CLUSTER_COLUMNS else np.float32)
-                   for n in self.param("cluster_columns")}
+        columns = {n: np.zeros(0, dt) for n, dt in self._cluster_types().items()}
         types = {k: np.dtype(t) for k, t in EVENT_BRANCH_TYPES.items()}
         if columns:
             types["cluster"] = _cluster_array(np.zeros(1, np.int64), columns).type

@@ -444,6 +444,14 @@ def test_a_first_basket_whose_events_failed_before_clustering_keeps_the_cluster_
     assert all(e.sum() > 0 for e in a["cluster_energy"][1:])
 
 
+def move_payload_outside(batch):
+    """Points the batch's first event's RawPayloadRef outside its message: ECLUnpacker fails on it."""
+    ref = batch["RawPayloadRef"]
+    cols = {k: np.array(ref[k]) for k in ref.columns()}
+    cols["offset"][0] = 10**6
+    batch.add_collection("RawPayloadRef", ref.offsets, cols)
+
+
 def test_an_event_on_which_the_unpacker_failed_is_written_with_its_flags(tmp_path):
     """An event on which ECLUnpacker failed (a module error: here a source's RawPayloadRef that puts
     its payload outside the message) has no row in ECLEventInformation, a collection of one row per
@@ -462,10 +470,7 @@ def test_an_event_on_which_the_unpacker_failed_is_written_with_its_flags(tmp_pat
 
         def next_batch(self, batch, max_events):
             _core.append_envelopes(batch, msgs)
-            ref = batch["RawPayloadRef"]
-            cols = {k: np.array(ref[k]) for k in ref.columns()}
-            cols["offset"][0] = 10**6  # outside event 0's message: ECLUnpacker fails on it
-            batch.add_collection("RawPayloadRef", ref.offsets, cols)
+            move_payload_outside(batch)
             return False
 
     out = tmp_path / "u.root"
@@ -508,10 +513,7 @@ def test_a_first_basket_whose_events_failed_in_the_unpacker_keeps_the_digit_bran
         def next_batch(self, batch, max_events):
             _core.append_envelopes(batch, [msgs[self.i]])
             if self.i == 0:
-                ref = batch["RawPayloadRef"]
-                cols = {k: np.array(ref[k]) for k in ref.columns()}
-                cols["offset"][0] = 10**6
-                batch.add_collection("RawPayloadRef", ref.offsets, cols)
+                move_payload_outside(batch)
             self.i += 1
             return self.i < 3
 

@@ -71,9 +71,12 @@ class Column {
   // naming the column otherwise.
   template <class T>
   const T* values() const {
-    if (width_ != 1)
-      throw std::logic_error((name_.empty() ? std::string("column") : "column '" + name_ + "'") +
-                             " holds rows of " + std::to_string(width_) + " values, one value per row expected");
+    check_one_per_row();
+    return data<T>();
+  }
+  template <class T>
+  T* values() {
+    check_one_per_row();
     return data<T>();
   }
   template <class T>
@@ -100,6 +103,11 @@ class Column {
     if (dtype_of<T>() != dtype_)
       throw std::logic_error((name_.empty() ? std::string("column") : "column '" + name_ + "'") + " holds " +
                              dtype_name(dtype_) + ", accessed as " + dtype_name(dtype_of<T>()));
+  }
+  void check_one_per_row() const {
+    if (width_ != 1)
+      throw std::logic_error((name_.empty() ? std::string("column") : "column '" + name_ + "'") +
+                             " holds rows of " + std::to_string(width_) + " values, one value per row expected");
   }
   void detach();  // unshare the buffer before a write
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib
 import json
 import numbers
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from eclreco import _core
+from eclreco.paths import file_sha256
 
 REQUIRED = object()  # default of a parameter that a steering file must set
 
@@ -175,8 +175,7 @@ def package_data_digests() -> dict:
     folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
     digests = {}
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-        with open(os.path.join(folder, name), "rb") as f:
-            digests["data/" + name] = hashlib.sha256(f.read()).hexdigest()
+        digests["data/" + name] = file_sha256(os.path.join(folder, name))
     return digests
 
 

@@ -2,6 +2,7 @@
 the folder check of output files; outputs written whole (a temporary name, then the file's own)."""
 from __future__ import annotations
 
+import hashlib
 import os
 
 
@@ -39,14 +40,42 @@ def partial_name(final: str) -> str:
     return os.path.join(folder, f".{stem}.{os.getpid()}.partial{ext}")
 
 
+class StagedOutputs:
+    """Output files written whole at the end: path(final) is the temporary file (partial_name) that holds
+    final's content until publish() gives them all their names; leaving the `with` block removes what
+    was not published, so that an interrupted or failed run leaves the outputs as they were."""
+
+    def __init__(self):
+        self.files: dict[str, str] = {}  # final name -> temporary file
+
+    def path(self, final: str) -> str:
+        return self.files.setdefault(final, partial_name(final))
+
+    def publish(self) -> None:
+        for final, tmp in self.files.items():
+            os.replace(tmp, final)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for tmp in self.files.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
 def write_whole(path: str, text: str) -> None:
-    """`text` into `path` through partial_name: the old file until the new one is complete."""
-    tmp = partial_name(path)
-    try:
-        with open(tmp, "w") as f:
+    """`text` into `path` through StagedOutputs: the old file until the new one is complete."""
+    with StagedOutputs() as staged:
+        with open(staged.path(path), "w") as f:
             f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        staged.publish()
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file (hex), read in 1 MiB blocks (a Geant4 sample is hundreds of MB)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -19,6 +19,8 @@ from typing import Iterator
 
 import msgpack
 
+from eclreco.paths import StagedOutputs
+
 
 def read_records(path: str | os.PathLike) -> Iterator[dict]:
     """The records of one quarantine file, in the order they were rejected; a file that is not one,
@@ -73,37 +75,32 @@ def _run(args) -> int:
     to_stdout = st is not None and _is_stdout(st)
     direct = st is not None and (to_stdout or not stat.S_ISREG(st.st_mode))
     target = os.path.realpath(args.extract) if args.extract and not direct else ""
-    tmp = f"{target}.tmp-{os.getpid()}" if target else ""
     text = sys.stderr if to_stdout else sys.stdout
-    if to_stdout:
-        sys.stdout.flush()
-        out = sys.stdout.buffer
-    else:
-        out = open(args.extract if direct else tmp, "wb") if args.extract else None
-    done = False
-    try:
-        for path in args.files:
-            for i, rec in enumerate(read_records(path)):
-                if reasons and rec["reason"] not in reasons:
-                    continue
-                counts[rec["reason"]] += 1
-                first.setdefault(rec["reason"], rec)
-                n_bytes += len(rec["message"])
-                if args.list:
-                    print(f"{path}:{i}  {rec['reason']:<16} {_ids(rec):<28} {len(rec['message']):>9} bytes  "
-                          f"{rec.get('detail', '')}", file=text)
-                if out is not None:
-                    out.write(rec["message"])
-        done = True
-    finally:
+    with StagedOutputs() as staged:
         if to_stdout:
-            out.flush()
-        elif out is not None:
-            out.close()
-            if tmp and done:
-                os.replace(tmp, target)
-            elif tmp:
-                os.unlink(tmp)
+            sys.stdout.flush()
+            out = sys.stdout.buffer
+        else:
+            out = open(args.extract if direct else staged.path(target), "wb") if args.extract else None
+        try:
+            for path in args.files:
+                for i, rec in enumerate(read_records(path)):
+                    if reasons and rec["reason"] not in reasons:
+                        continue
+                    counts[rec["reason"]] += 1
+                    first.setdefault(rec["reason"], rec)
+                    n_bytes += len(rec["message"])
+                    if args.list:
+                        print(f"{path}:{i}  {rec['reason']:<16} {_ids(rec):<28} {len(rec['message']):>9} bytes  "
+                              f"{rec.get('detail', '')}", file=text)
+                    if out is not None:
+                        out.write(rec["message"])
+        finally:
+            if to_stdout:
+                out.flush()
+            elif out is not None:
+                out.close()
+        staged.publish()  # a file OUT: every record read (an error above leaves OUT as it was)
     total = sum(counts.values())
     if args.json:
         print(json.dumps({"records": total, "bytes": n_bytes, "by_reason": dict(counts.most_common()),

@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 from eclreco import cnn_data, strict_json
-from eclreco.paths import partial_name, write_whole
+from eclreco.paths import StagedOutputs, file_sha256, write_whole
 from eclreco.cnn_model import (EVENT_FEATURE_NAMES, EVENT_FEATURE_SCALE, FEATURE_NAMES, X_IN_RANGE, build_model,
                                check_onnx_agreement, count_params, export_onnx, flops_per_cluster, onnx_throughput,
                                sigma68, summary)
@@ -350,15 +350,10 @@ def save_samples(path, samples, meta=None):
     arrays = {f"{i}/{k}": v for i, s in enumerate(samples) for k, v in s.items()}
     if meta is not None:
         arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
-    tmp = partial_name(path)
-    try:
-        with open(tmp, "wb") as f:
+    with StagedOutputs() as staged:
+        with open(staged.path(path), "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        staged.publish()
 
 
 def load_samples(path):
@@ -384,22 +379,12 @@ def load_cache(path):
     return out, meta
 
 
-def _sha256(path):
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def cache_provenance(detector, g4_path, max_events):
     """What made a cache's chain samples, besides its seed and training copies (which the card records):
     a cache that differs in any of these holds other clusters than the chain would make now."""
     from eclreco.framework import package_data_digests, version_text
 
-    return {"detector": detector, "g4": os.path.basename(g4_path), "g4_sha256": _sha256(g4_path),
+    return {"detector": detector, "g4": os.path.basename(g4_path), "g4_sha256": file_sha256(g4_path),
             "max_events": int(max_events), "eclreco": version_text(), "package_data": package_data_digests()}
 
 
@@ -464,26 +449,20 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
     train, val, test = samples
     epochs = epochs or EPOCHS[detector]
     sizes = sizes or [DEFAULT_SIZE[detector]]
-    staged = {}  # output name -> the temporary file that holds it until the end (paths.partial_name)
-    try:
+    with StagedOutputs() as staged:
         card = _train_sizes(detector, out_dir, g4_path, sizes, seed, restarts, epochs, max_events, quiet, train, val,
                             test, t_start, staged)
-        for final, tmp in staged.items():  # the networks, then their card: one set, as late as possible
-            os.replace(tmp, final)
+        staged.publish()  # the networks, then their card: one set, as late as possible
         write_card(out_dir, detector, card)
-    finally:
-        for tmp in staged.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     if not quiet:
-        print(f"wrote {', '.join(os.path.basename(f) for f in staged)} and {detector}.md/.json in {out_dir} "
+        print(f"wrote {', '.join(os.path.basename(f) for f in staged.files)} and {detector}.md/.json in {out_dir} "
               f"({time.time() - t_start:.0f} s)", flush=True)
     return card
 
 
 def _train_sizes(detector, out_dir, g4_path, sizes, seed, restarts, epochs, max_events, quiet, train, val, test,
                  t_start, staged):
-    """run_training's networks, each exported to the temporary file staged[its output name]; the card."""
+    """run_training's networks, each exported to its temporary file staged.path(its output name); the card."""
     import torch
 
     extra = EXTRA_FEATURES[detector]
@@ -505,7 +484,7 @@ def _train_sizes(detector, out_dir, g4_path, sizes, seed, restarts, epochs, max_
                         for vl, sd, _m, i_ in tried]
         tm = test_metrics(model, test, detector)
         final = os.path.join(out_dir, f"{detector}.onnx" if size == ship else f"{detector}-{size}.onnx")
-        path = staged[final] = staged.get(final) or partial_name(final)
+        path = staged.path(final)
         names = list(FEATURE_NAMES) + list(extra)
         meta = {"detector": detector, "feature_names": ",".join(names), "image_size": model.config["image_size"],
                 "output": "energy: corrected cluster energy in GeV (E_raw * exp(y), y = predicted log(E_true/E_raw))"

@@ -23,7 +23,7 @@ import sys
 import numpy as np
 
 from eclreco import cnn_data, strict_json
-from eclreco.paths import partial_name, write_whole
+from eclreco.paths import StagedOutputs, file_sha256, write_whole
 from eclreco.cnn_model import sigma68, sigma68_ratio_interval, summary
 from eclreco.sim.showers import array30_in_gap
 
@@ -298,13 +298,8 @@ def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed
     """Validates `model` on the held-out events; writes the plots, validation_DETECTOR.json and .md into
     out_dir, all at the end (each under a temporary name until then: an interrupted or failed run leaves
     out_dir as it was, not new plots beside an old report), and returns the report."""
-    staged = {}  # output name -> the temporary file that holds it until the end (paths.partial_name)
-    try:
+    with StagedOutputs() as staged:
         return _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, fake_events, quiet, staged)
-    finally:
-        for tmp in staged.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
 
 def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, fake_events, quiet, staged):
@@ -317,7 +312,6 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
     from eclreco.modules.ecl_energy_correction import load_session
 
     from eclreco.framework import version_text
-    from eclreco.train import _sha256
 
     _, meta = load_session(model, expected_detector=detector)  # a model of the other detector: an error, not a report
     g4 = cnn_data.G4Sample(g4_path, detector)
@@ -328,7 +322,7 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
     # which network and which sample: a retrained network has the shipped one's file name
     model_file = meta.pop("file")
     model_meta = {k: v for k, v in meta.items() if isinstance(v, str)}
-    g4_file = {"path": os.path.abspath(g4_path), "sha256": _sha256(g4_path)}
+    g4_file = {"path": os.path.abspath(g4_path), "sha256": file_sha256(g4_path)}
     report = {"detector": detector, "g4": os.path.basename(g4_path), "model": os.path.basename(model),
               "model_file": model_file, "model_metadata": model_meta, "g4_file": g4_file, "eclreco": version_text(),
               "test_events": [int(test[0]), int(test[-1]) + 1], "window": WINDOW}
@@ -363,7 +357,7 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
         md.append(_fmt_table(rows, names, title))
         md.append(_fmt_ratio_table(rows, detector))
         final = os.path.join(out_dir, f"cnn_{detector}_bg{bg:g}.png")
-        plot_energy_hists(res, ENERGIES[detector], staged.setdefault(final, partial_name(final)), names,
+        plot_energy_hists(res, ENERGIES[detector], staged.path(final), names,
                           f"{title}; {os.path.basename(model)} (sha256 {model_file['sha256'][:12]})")
         if detector == "array30":
             k = res["has"]
@@ -401,7 +395,7 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
         p, masses = pi0_peak(detector, model, n_events=pi0_events)
         report["pi0"] = p
         final = os.path.join(out_dir, "cnn_pi0_mass.png")
-        plot_pi0(masses, staged.setdefault(final, partial_name(final)),
+        plot_pi0(masses, staged.path(final),
                  f"{os.path.basename(model)} (sha256 {model_file['sha256'][:12]})")
         md += ["### π0 → γγ mass peak (fast simulation, nominal background)", "",
                f"{p['n_events']} π0 events, momentum p(π0) log-uniform {p['pi0_energy_gev'][0]}-{p['pi0_energy_gev'][1]} GeV; "
@@ -418,8 +412,7 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
         md.append(_fmt_fakes(report["fakes"]))
     buf = io.StringIO()
     strict_json.dump(report, buf, indent=1)
-    for final, tmp in staged.items():  # the plots, then the report: one set, as late as possible
-        os.replace(tmp, final)
+    staged.publish()  # the plots, then the report: one set, as late as possible
     write_whole(os.path.join(out_dir, f"validation_{detector}.json"), buf.getvalue())
     write_whole(os.path.join(out_dir, f"validation_{detector}.md"), "\n".join(md))
     if not quiet:
