@@ -695,3 +695,28 @@ def test_a_missing_column_error_names_the_columns_there_are():
     assert eclreco.statistics.summary()["errors"] == 1
     [message] = eclreco.statistics.state.error_messages()
     assert "no column 'time' in the collection (its columns: cell, energy, quality)" in message, message
+
+
+def test_a_repeated_cell_is_an_invalid_digit_not_a_second_cluster():
+    """A custom source's event with two digits of one cell (raw data cannot have them; ArraySource
+    rejects them) had the crystal counted twice: one cluster with both energies, or two clusters
+    seeded by one crystal. The second digit is now invalid: counted in invalid_digits and dropped,
+    the first one kept."""
+    shower = toy_shower("belle2-ecl", 4000, 0.5)
+    lone = [(7000, 0.2)]
+    clean = digits(shower + lone, shower)
+    seed_cell, seed_e = max(shower, key=lambda d: d[1])
+    # event 0: a copy of the isolated crystal (a second cluster before); event 1: a copy of the
+    # shower's seed with more energy than the original (it took the seed's place before)
+    dup = digits(shower + lone + [(7000, 0.25)], shower + [(seed_cell, seed_e * 2)])
+    path = eclreco.create_path()
+    path.add_module(_Source(dup, 0))
+    cl = path.add_module("ECLClusterizer")
+    sink = path.add_module(_Collect())
+    eclreco.process(path, install_signal_handlers=False)
+    assert cl.counters()["invalid_digits"] == 2
+    # digits() sorts each event's digits by cell: the copy follows the original, which is kept
+    ref = _core.find_clusters("belle2-ecl", **clean)
+    assert np.diff(ref["offsets"]).tolist() == [2, 1]
+    for k in ("offsets", "energy_raw", "seed_cell", "n_crystals", "image"):
+        np.testing.assert_array_equal(sink.out[k], ref[k], err_msg=k)

@@ -227,10 +227,17 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
   // Beside it, the cell's copy of that digit's flags (kPresent: a digit is there): a neighbour
   // test is then one load, and the ~90 % of neighbour cells without a digit cost no second one.
   // kInRegion is set in both (take()); the other bits do not change while they are read.
+  // A second digit of a cell (a custom source's; raw data cannot repeat a cell) is invalid: counted
+  // and dropped like a NaN, the first one kept. Mapped as it was, it made two clusters of one crystal.
   int16_t* cdig = cell_digit_.data();
   uint8_t* cflag = cell_flag_.data();
-#pragma GCC unroll 8
-  for (int i = 0; i < n; ++i) cdig[cidx[i]] = static_cast<int16_t>(i), cflag[cidx[i]] = flag[i] | kPresent;
+  for (int i = 0; i < n; ++i) {
+    if (cidx[i] != 0 && (cflag[cidx[i]] & kPresent)) {
+      flag[i] = 0, cidx[i] = 0;
+      ++out.invalid_digits;
+    }
+    cdig[cidx[i]] = static_cast<int16_t>(i), cflag[cidx[i]] = flag[i] | kPresent;
+  }
   auto cleanup = [&] {
 #pragma GCC unroll 8
     for (int i = 0; i < n; ++i) cdig[cidx[i]] = -1, cflag[cidx[i]] = 0;
@@ -262,7 +269,7 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
     int head = tail;
     queue[tail++] = s0;
     flag[s0] |= kInRegion;
-    if (cdig[cell[s0]] == s0) cflag[cell[s0]] |= kInRegion;
+    cflag[cell[s0]] |= kInRegion;
     while (head < tail) {
       const int i = queue[head++];
       const int c = cell[i] - 1;
@@ -271,8 +278,6 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
       // are also in its N1 list are already taken (kGrow implies kDigit): only the extra part.
       const uint16_t *rb, *re;
       if (flag[i] & kGrow) {
-        // the cell itself (n1x leaves it out): another digit only for a repeated cellId
-        if (cdig[c + 1] != i && (cflag[c + 1] & (kInRegion | kDigit)) == kDigit) take(c + 1);
         for (int k = n1o[c]; k < n1o[c + 1]; ++k)
           if ((cflag[n1c[k]] & (kInRegion | kDigit)) == kDigit) take(n1c[k]);
         rb = rxc + rxo[c], re = rxc + rxo[c + 1];
@@ -319,8 +324,7 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
       const int i = members[q];
       if (!(flag[i] & kInTime) || energy[i] < t_lm) continue;
       const int c = cell[i] - 1;
-      const int js = cdig[c + 1];  // the cell itself: another digit only for a repeated cellId
-      bool is_max = !(js != i && js >= 0 && beats(cell, energy, js, i));
+      bool is_max = true;
       for (int k = n1o[c]; k < n1o[c + 1] && is_max; ++k) {
         const int j = cdig[n1c[k]];
         if (j >= 0 && beats(cell, energy, j, i)) is_max = false;
@@ -497,8 +501,7 @@ void Clusterer::make_cluster(const Geometry& g, const int32_t* cell, const float
   // each ring the phi index nearest to the seed is the centre (as for the N1 / NC2 lists and the
   // image). A member at phi offset delta from its ring's centre (belle2-ecl: delta taken in
   // (-n/2, n/2], n >= 48 > 2R + 1, so no crystal appears twice) goes into the 5 x 5 grid of the
-  // NC2 sums and into the sparse image when in the N x N block. It is only taken when it is the
-  // digit its cellId maps to (as a look-up by cellId would find it); everything else is 0.
+  // NC2 sums and into the sparse image when in the N x N block; everything else is 0.
   const int N = p_.image_size, h = N / 2;
   const int R = std::max(h, 2);
   if (static_cast<int>(row_centre_.size()) < 2 * R + 1) row_centre_.resize(2 * R + 1);
@@ -518,12 +521,11 @@ void Clusterer::make_cluster(const Geometry& g, const int32_t* cell, const float
   int32_t* pidx = pix_idx_.data();
   float* pval = pix_val_.data();
   size_t np = pix_used_;
-  const int16_t* cdig = cell_digit_.data();
   for (int q = 0; q < m; ++q) {
-    const int i = mem[q], id = cell[i], ci = id - 1;
+    const int ci = cell[mem[q]] - 1;
     const int ring = g.cell_ring[ci];
     const int dr = ring - c.ring;
-    if (dr < -R || dr > R || cdig[id] != i) continue;
+    if (dr < -R || dr > R) continue;
     int delta = g.cell_phi_index[ci] - row_centre_[dr + R];
     if (belle) {
       const int nr = g.ring_size[ring];

@@ -101,8 +101,9 @@ struct ClusterOutput {
   std::vector<float> image;     // rows x image_size x image_size
   std::vector<float> features;  // rows x kNumFeatures
   int image_size = 7;
-  // digits ignored because their cellId is outside the detector or their energy is not finite
-  // (the unpacker never makes them; digits from arrays may hold them): counted, not clustered
+  // digits ignored because their cellId is outside the detector, their energy or time is not
+  // finite, or an earlier digit of the event has their cell (the unpacker never makes them;
+  // digits from arrays may hold them): counted, not clustered
   uint64_t invalid_digits = 0;
   size_t size() const { return energy_raw.size(); }
   void clear();

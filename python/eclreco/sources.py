@@ -37,8 +37,8 @@ class ArraySource(Module):
     `quality` also bring ECLEventInformation (n_out_of_time_digits, counted as ECLUnpacker does).
     ECLDigits are checked as ECLUnpacker checks raw data: an event with a cellId outside the
     detector (invalid_cell), a NaN or infinite energy or time (non_finite_digit) or two digits of
-    one cell (duplicate_cell) is rejected with that reason (the clusterizer would skip such a digit
-    unseen, or make two clusters of one crystal).
+    one cell (duplicate_cell) is rejected with that reason (the clusterizer would only count such
+    a digit in its invalid_digits and skip it).
     The arrays are not copied: each batch is read from them when the path gets to it, so they
     must not change while the path runs."""
 
