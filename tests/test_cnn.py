@@ -902,3 +902,74 @@ def test_a_failed_validation_leaves_its_output_folder_as_it_was(tmp_path, monkey
         validate.run_validation("array30", str(out), g4_path=SUBSET["array30"], max_events=30, quiet=True)
     after = {p.name: p.read_bytes() for p in out.iterdir()}
     assert after == before, sorted(set(after) ^ set(before))
+
+
+def test_an_event_without_event_features_fails_alone_not_its_batch():
+    """ECLUnpacker writes no ECLEventInformation row for an event it failed on (here a source's
+    RawPayloadRef that points outside the message). The belle2-ecl model's event feature
+    (event_oot_digits) was read as one value per row: the whole batch's features failed, and the
+    batch was run again one event at a time (19 inference calls for 19 good events). The event
+    without a row has no clusters and is left out; a custom source's event WITH clusters but
+    without a row is that event's error, which says so."""
+    from eclreco import rawdata
+    from eclreco.sim import simulate
+
+    ev = simulate(detector="belle2-ecl", n_events=20, particle="generic", background=1.0, seed=3)
+    msgs = [bytes(m) for m in rawdata.encode_events("belle2-ecl", 0, 1, np.arange(20), ev.offsets, ev.cell,
+                                                    ev.amplitude, ev.time_ticks, ev.quality)]
+
+    class Src(eclreco.Module):
+        def __init__(self, payload_outside):
+            super().__init__()
+            self.payload_outside = payload_outside
+
+        def is_source(self):
+            return True
+
+        def next_batch(self, batch, max_events):
+            _core.append_envelopes(batch, msgs)
+            if self.payload_outside:
+                ref = batch["RawPayloadRef"]
+                cols = {k: np.array(ref[k]) for k in ref.columns()}
+                cols["offset"][0] = 10**6
+                batch.add_collection("RawPayloadRef", ref.offsets, cols)
+            return False
+
+    class DropInfo(eclreco.Module):
+        """the custom source's case: event 5's row of ECLEventInformation removed"""
+
+        def event(self, batch):
+            info = batch["ECLEventInformation"]
+            cols = {k: np.delete(np.array(info[k]), 5, axis=0) for k in info.columns()}
+            off = np.array(info.offsets)
+            off[6:] -= 1
+            batch.add_collection("ECLEventInformation", off, cols)
+
+    def run(payload_outside, drop_info=False):
+        path = eclreco.create_path()
+        path.add_module(Src(payload_outside))
+        path.add_module("ECLUnpacker")
+        path.add_module("ECLClusterizer")
+        path.add_module("ECLLeakageCorrection")
+        if drop_info:
+            path.add_module(DropInfo())
+        ec = path.add_module("ECLEnergyCorrection")
+        keep = path.add_module(_Keep("ECLClusters"))
+        eclreco.process(path, threads=1, install_signal_handlers=False)
+        off = keep.parts[0][("ECLClusters", "offsets")]
+        energy = keep.column("energy")
+        return ec.counters(), [energy[a:b] for a, b in zip(off[:-1], off[1:])], eclreco.statistics
+
+    _, e_good, _ = run(False)
+    counters, e_bad, state = run(True)
+    assert state.summary()["errors"] == 1 and "RawPayloadRef" in state.state.error_messages()[0]
+    assert counters["inference_calls"] == 1
+    assert e_bad[0].size == 0 and e_good[0].size > 0
+    for a, b in zip(e_good[1:], e_bad[1:]):
+        np.testing.assert_allclose(a, b, rtol=1e-5)  # other batch sizes in onnxruntime
+    _, e_drop, state = run(False, drop_info=True)
+    assert e_good[5].size > 0 and state.summary()["errors"] == 1
+    assert ("1 event(s) with clusters have no row in the collection of the event features ['event_oot_digits']"
+            in state.state.error_messages()[0]), state.state.error_messages()
+    for i in set(range(20)) - {5}:
+        np.testing.assert_allclose(e_good[i], e_drop[i], rtol=1e-5)

@@ -63,8 +63,10 @@ EVENT_FEATURE_COLUMNS = {"event_oot_digits": ("ECLEventInformation", "n_out_of_t
 
 def event_features(batch, names):
     """Per-event values [n_events, len(names)] float32 of the event-level features `names`
-    (EVENT_FEATURE_COLUMNS: the event-level collections ECLUnpacker writes)."""
-    out = np.zeros((len(batch), len(names)), np.float32)
+    (EVENT_FEATURE_COLUMNS: the event-level collections ECLUnpacker writes, one row per event).
+    An event without a row gets NaN: ECLUnpacker writes none for an event it failed on (which has
+    no clusters either); before, such an event failed the features of its whole batch."""
+    out = np.full((len(batch), len(names)), np.nan, np.float32)
     for j, name in enumerate(names):
         if name not in EVENT_FEATURE_COLUMNS:
             raise ValueError(f"unknown event feature {name!r} (known: {', '.join(EVENT_FEATURE_NAMES)})")
@@ -72,7 +74,12 @@ def event_features(batch, names):
         if coll not in batch:
             raise ValueError(f"event feature {name!r} needs {coll}.{col}, which ECLUnpacker writes; "
                              "this batch has no " + coll)
-        out[:, j] = batch[coll][col]
+        c = batch[coll]
+        rows = np.diff(np.asarray(c.offsets))
+        if rows.size and rows.max() > 1:
+            raise ValueError(f"event feature {name!r} needs one row of {coll} per event; "
+                             f"event {int(np.argmax(rows > 1))} of the batch has {int(rows.max())}")
+        out[rows == 1, j] = c[col]
     return out
 
 
