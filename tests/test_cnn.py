@@ -973,3 +973,20 @@ def test_an_event_without_event_features_fails_alone_not_its_batch():
             in state.state.error_messages()[0]), state.state.error_messages()
     for i in set(range(20)) - {5}:
         np.testing.assert_allclose(e_good[i], e_drop[i], rtol=1e-5)
+
+
+def test_a_split_without_matched_clusters_is_a_clear_error():
+    """A training or validation split without a matched cluster (a tiny --max-events, photons that
+    all missed the crystals) raised ZeroDivisionError at the end of the first epoch, or trained with
+    early stopping on a NaN validation loss. It is now a TrainingInputError that says which split."""
+    pytest.importorskip("torch")
+    from eclreco import train
+
+    g4 = cnn_data.G4Sample(SUBSET["array30"], "array30")
+    s = cnn_data.g4_chain_sample(g4, np.arange(60), seed=5)
+    v = cnn_data.g4_chain_sample(g4, np.arange(60, 80), seed=6)
+    assert s["has"].sum() > 0 and v["has"].sum() > 0
+    none = {**s, "has": np.zeros_like(s["has"])}
+    for tr, va, split in ((none, v, "training"), (s, {**v, "has": np.zeros_like(v["has"])}, "validation")):
+        with pytest.raises(train.TrainingInputError, match=f"the {split} split has no matched cluster"):
+            train.train_model(tr, va, train.SIZES["tiny"], epochs=1, seed=1, quiet=True)

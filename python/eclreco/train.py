@@ -187,6 +187,10 @@ def train_model(train, val, size_cfg, epochs=60, seed=1, batch_size=512, lr=3e-3
     extra = tuple(event_features)
     xi, xf, y, m = _arrays(train, extra)
     vi, vf, vy, vm = _arrays(val, extra)
+    for split, n_clusters, s in (("training", xi.shape[0], train), ("validation", vi.shape[0], val)):
+        if n_clusters == 0:  # (the epoch's loss divided by zero, or early stopping ran on NaN)
+            raise TrainingInputError(f"the {split} split has no matched cluster in its {len(s['has'])} events: "
+                                     "use more events (--max-events) or another Geant4 file")
     model = build_model(image_size=image_size, n_features=len(FEATURE_NAMES) + len(extra), extra_names=extra,
                         residual=residual, bound=bound, **size_cfg)
     model.event_features = extra
