@@ -502,18 +502,70 @@ def test_array_source_rejects_digits_the_unpacker_would_never_write():
 
 
 def test_wrong_column_dtype_is_named_in_the_module_error(capfd):
-    """A C++ module reading a column of another dtype flags the events and says which column."""
-    from eclreco.sources import ArraySource
-
+    """A C++ module reading a column of another dtype (here from a Python module's collection;
+    ArraySource converts ECLDigits' own columns) flags the events and says which column."""
     off = np.array([0, 2, 3])
     cols = {"cell": np.array([100, 101, 5000], np.int32), "energy": np.array([0.5, 0.1, 0.2], np.float32),
             "time": np.zeros(3), "quality": np.zeros(3, np.uint8)}  # time float64, the clusterizer reads float32
+
+    class Source(eclreco.Module):
+        def is_source(self):
+            return True
+
+        def next_batch(self, batch, max_events):
+            batch.resize(2)
+            batch.add_collection("ECLDigits", off, cols)
+            return False
+
     path = eclreco.create_path()
-    path.add_module(ArraySource("ECLDigits", off, cols))
+    path.add_module(Source())
     path.add_module("ECLClusterizer")
     eclreco.process(path, install_signal_handlers=False)
     assert eclreco.statistics.summary()["errors"] == 2
     assert "column 'time' holds float64, accessed as float32" in capfd.readouterr().err
+
+
+def test_array_source_takes_digits_in_numpys_default_dtypes():
+    """The README's ArraySource example with arrays as numpy makes them from lists (int64 cells and
+    quality, float64 energies and times) failed every event in ECLClusterizer ("column 'quality'
+    holds int64, accessed as uint8"), one column per attempt. ArraySource now converts ECLDigits'
+    own columns once; a value the column's dtype cannot hold, or a column that is not numbers, is an
+    error when the source is made, naming the column."""
+    from eclreco.sources import ArraySource
+
+    off = [0, 3, 4]
+    plain = {"cell": np.array([100, 101, 245, 5000]), "energy": np.array([0.5, 0.1, 0.05, 0.2]),
+             "time": np.array([0.0, 3.0, -5.0, 1.0]), "quality": np.array([0, 0, 0, 0])}
+    typed = {"cell": plain["cell"].astype(np.int32), "energy": plain["energy"].astype(np.float32),
+             "time": plain["time"].astype(np.float32), "quality": plain["quality"].astype(np.uint8)}
+
+    def clusters(cols):
+        got = []
+
+        class Grab(eclreco.Module):
+            def event(self, batch):
+                got.append(np.array(batch["ECLClusters"]["energy_raw"]))
+
+        path = eclreco.create_path()
+        path.add_module(ArraySource("ECLDigits", off, cols))
+        path.add_module("ECLClusterizer")
+        path.add_module(Grab())
+        eclreco.process(path, install_signal_handlers=False)
+        assert eclreco.statistics.summary()["errors"] == 0, eclreco.statistics.state.error_messages()
+        return np.concatenate(got)
+
+    ref = clusters(typed)
+    assert ref.size == 3
+    np.testing.assert_array_equal(clusters(plain), ref)
+    assert plain["cell"].dtype == np.int64  # the caller's arrays are left as they were
+    with pytest.raises(ValueError, match="column 'quality' holds 300, which uint8"):
+        ArraySource("ECLDigits", off, {**plain, "quality": np.array([0, 0, 300, 0])})
+    with pytest.raises(ValueError, match="column 'cell' holds float64, not numbers that convert to int32"):
+        ArraySource("ECLDigits", off, {**plain, "cell": plain["cell"] + 0.5})
+    with pytest.raises(ValueError, match="column 'energy' holds <U"):
+        ArraySource("ECLDigits", off, {**plain, "energy": np.array(["a", "b", "c", "d"])})
+    # other collections keep their columns as they are
+    assert ArraySource("MyDigits", off, plain).columns["quality"].dtype == np.int64
 
 
 def test_process_options_out_of_bounds_are_refused_before_the_run():
@@ -935,7 +987,7 @@ def test_digit_columns_from_arrays_byte_order_shape_and_invalid_values():
 
     ref, invalid, _ = clusters(cols)
     assert ref.size > 20 and invalid == 0
-    swapped, _, _ = clusters({**cols, "energy": energy.astype(">f4"), "cell": cell.astype(">i4")})
+    swapped, _, _ = clusters({**cols, "energy": energy.astype(">f4"), "cell": cell.astype(">i4")}, source=Unchecked)
     np.testing.assert_array_equal(swapped, ref)
     _, _, s = clusters({**cols, "energy": np.stack([energy, energy], 1)})
     assert s["errors"] == n_ev and "column 'energy' holds rows of 2 values" in eclreco.statistics.state.error_messages()[0]

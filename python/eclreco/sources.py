@@ -27,20 +27,46 @@ class MessageSource(Module):
         return self.pos < len(self.messages)
 
 
+# ECLDigits as ECLUnpacker writes them (docs/architecture.md): the dtypes the C++ modules read
+DIGIT_DTYPES = {"cell": np.int32, "energy": np.float32, "time": np.float32, "quality": np.uint8,
+                "amplitude": np.int32}
+
+
+def as_digit_column(name: str, values: np.ndarray) -> np.ndarray:
+    """`values` as the ECLDigits column `name` (DIGIT_DTYPES): the array itself when it has that dtype, else
+    a converted copy (numpy's default int64 / float64 failed every event in the clusterizer); integers
+    must fit, floats become float32 (one beyond its range becomes inf: a non_finite_digit)."""
+    want = np.dtype(DIGIT_DTYPES[name])
+    if values.dtype == want:
+        return values
+    kind = values.dtype.kind
+    if want.kind == "f" and kind in "biuf" or want.kind in "iu" and kind in "biu":
+        if want.kind in "iu" and values.size:
+            info = np.iinfo(want)
+            lo, hi = int(values.min()), int(values.max())
+            if lo < info.min or hi > info.max:
+                raise ValueError(f"ArraySource: ECLDigits column {name!r} holds {lo if lo < info.min else hi}, "
+                                 f"which {want} (as ECLUnpacker writes {name}) cannot hold")
+        return values.astype(want)
+    raise ValueError(f"ArraySource: ECLDigits column {name!r} holds {values.dtype}, not numbers that convert to "
+                     f"{want} (as ECLUnpacker writes {name})")
+
+
 class ArraySource(Module):
     """Hands one collection held in numpy arrays to the path: event i owns rows
     offsets[i]:offsets[i + 1] of every column; at most max_events events per batch, `repeat`
     passes over the events (evt = pass * n_events + i). For analysis scripts, tests and
-    benchmarks that already hold digits or clusters in memory. Columns keep their dtypes: the
-    C++ modules read ECLDigits as the unpacker writes them (cell int32, energy and time float32,
-    quality uint8) and name a column of another dtype in their error. ECLDigits with `time` and
+    benchmarks that already hold digits or clusters in memory. Columns keep their dtypes, except
+    ECLDigits' own (DIGIT_DTYPES: cell int32, energy and time float32, quality uint8, amplitude
+    int32, as the unpacker writes them and the C++ modules read them), which are converted once,
+    here, when they have another (numpy's default int64 / float64). ECLDigits with `time` and
     `quality` also bring ECLEventInformation (n_out_of_time_digits, counted as ECLUnpacker does).
     ECLDigits are checked as ECLUnpacker checks raw data: an event with a cellId outside the
     detector (invalid_cell), a NaN or infinite energy or time (non_finite_digit) or two digits of
     one cell (duplicate_cell) is rejected with that reason (the clusterizer would only count such
     a digit in its invalid_digits and skip it).
-    The arrays are not copied: each batch is read from them when the path gets to it, so they
-    must not change while the path runs."""
+    The arrays are not copied (but for those converted): each batch is read from them when the
+    path gets to it, so they must not change while the path runs."""
 
     def __init__(self, collection: str, offsets, columns: dict, detector: str = "belle2-ecl", repeat: int = 1):
         super().__init__()
@@ -48,6 +74,8 @@ class ArraySource(Module):
         if off.ndim != 1 or off.size < 1 or off[0] != 0 or np.any(np.diff(off) < 0):
             raise ValueError("ArraySource: offsets must be 1-d, start at 0 and not decrease")
         cols = {k: np.asarray(v) for k, v in columns.items()}
+        if collection == "ECLDigits":
+            cols = {k: as_digit_column(k, v) if k in DIGIT_DTYPES else v for k, v in cols.items()}
         for k, v in cols.items():
             if v.shape[:1] != (off[-1],):
                 raise ValueError(f"ArraySource: column {k!r} has {v.shape[:1]} rows, offsets end at {off[-1]}")
