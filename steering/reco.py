@@ -19,7 +19,7 @@ import sys
 
 import eclreco
 from eclreco.cli_types import (BATCH_SIZE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, THREADS,
-                               add_cluster_columns_argument, integer)
+                               add_cluster_columns_argument, integer, name_list)
 from eclreco.paths import missing_folder
 from eclreco.raw_sockets import is_stream_address
 from eclreco.reconstruction import (add_event_filter, add_event_filter_arguments, add_reconstruction,
@@ -86,7 +86,7 @@ def parse_args(argv=None):
         if changed and not applies:
             ap.error(f"{', '.join(changed)}: {'this option is' if len(changed) == 1 else 'these options are'} "
                      f"for {why}")
-    if args.cluster_columns != ap.get_default("cluster_columns") and not args.output:
+    if args.cluster_columns != name_list(ap.get_default("cluster_columns")) and not args.output:
         ap.error("--cluster-columns chooses the branches of the -o file: there is no -o")
     if unused := event_filter_option_unused(args):
         ap.error(unused)

@@ -627,3 +627,28 @@ def test_train_and_validate_refuse_a_geant4_file_that_is_not_the_detectors(tmp_p
         err = capsys.readouterr().err
         assert message in err and g4 in err and "Traceback" not in err, err
         assert not out.exists() or not os.listdir(out), os.listdir(out)
+
+
+def test_cluster_columns_default_is_shown_once_and_parses_to_the_list():
+    """--cluster-columns' help showed its default twice in the hlt roles (its own text, cut mid-word as
+    'e nergy_raw', then argparse's list): once now, wrapped between names; the parsed default is still
+    RootOutput's list, and reco.py without -o still takes the default as no choice."""
+    import argparse
+
+    from eclreco.cli_types import add_cluster_columns_argument
+    from eclreco.hlt.cli import HelpFormatter
+    from eclreco.modules.root_output import DEFAULT_CLUSTER_COLUMNS
+
+    for formatter in (HelpFormatter, argparse.HelpFormatter):
+        ap = argparse.ArgumentParser(formatter_class=formatter)
+        add_cluster_columns_argument(ap, "")
+        text = " ".join(ap.format_help().split())
+        assert text.count("energy_raw") == 1 and "default: energy_raw, energy, theta," in text, text
+        assert ap.parse_args([]).cluster_columns == list(DEFAULT_CLUSTER_COLUMNS)
+        assert ap.parse_args(["--cluster-columns", "energy,lat"]).cluster_columns == ["energy", "lat"]
+    import subprocess
+
+    reco = [sys.executable, os.path.join(REPO, "steering", "reco.py"), "--events", "5"]
+    r = subprocess.run(reco + ["--cluster-columns", "energy"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "there is no -o" in r.stderr
+    assert subprocess.run(reco, capture_output=True, cwd=REPO).returncode == 0

@@ -68,6 +68,8 @@ def add_cluster_columns_argument(ap, who: str) -> None:
     """--cluster-columns: the ECLClusters columns RootOutput writes as cluster_<column> branches."""
     from eclreco.modules.root_output import DEFAULT_CLUSTER_COLUMNS
 
-    ap.add_argument("--cluster-columns", type=name_list, default=list(DEFAULT_CLUSTER_COLUMNS),
+    # The default is a string, which argparse passes through name_list like a given value: shown once
+    # as %(default)s, with spaces where --help may wrap it (a list was shown twice, cut mid-word).
+    ap.add_argument("--cluster-columns", type=name_list, default=", ".join(DEFAULT_CLUSTER_COLUMNS),
                     help=f"{who}ECLClusters columns written as cluster_<column> branches (comma-separated; default: "
-                         f"{','.join(DEFAULT_CLUSTER_COLUMNS)}; e.g. add lat,second_moment,n_maxima)")
+                         "%(default)s; e.g. add lat,second_moment,n_maxima)")
