@@ -924,3 +924,27 @@ def test_raw_file_input_frames_across_its_read_window(tmp_path):
     assert s["received"] == n + 1 and s["rejected_by_reason"] == {"truncated": 1}, s
     assert framed.seen[:n] == msgs
     assert framed.seen[n] == tail
+
+
+def test_daq_emulator_says_at_once_that_it_waits_for_a_receiver(zmq_context):
+    """--connect to an address where nothing listens: the events go into ZeroMQ's queue, and the emulator
+    waited twice its linger (20 s by default) in silence before its error. It now says at once that it
+    waits, where and how long."""
+    from eclreco import daq
+    from hlt_helpers import free_address
+
+    msgs = rawdata.encode_events("array30", 0, 1, np.arange(20), **random_digits(np.random.default_rng(2), "array30",
+                                                                                 20, max_digits=10))
+    address = free_address()
+    lines = []
+
+    def report(line):
+        lines.append((time.monotonic(), line))
+    t0 = time.monotonic()
+    res = daq.emulate(msgs, address, linger_ms=1000, report=report, context=None)
+    assert res["sent"] == 20 and res["handshakes"] == 0
+    said = [(t, s) for t, s in lines if "no receiver at" in s]
+    assert said and said[0][1] == (f"[daq-emulator] 20 events queued, no receiver at {address} yet: waiting up to "
+                                   "2 s (the linger) for one to take them"), lines
+    assert said[0][0] - t0 < 0.9  # before the linger, not after it
+    assert "error: no receiver completed a handshake" in lines[-1][1]

@@ -210,6 +210,10 @@ def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: f
     finally:
         seconds = time.monotonic() - start
         if sent:  # what is queued goes out during the linger, once a receiver has shaken hands
+            handshakes.poll()
+            if report and not handshakes.handshakes and linger_ms > 0:  # (it waited twice the linger in silence)
+                report(f"[daq-emulator] {sent} events queued, no receiver at {address} yet: waiting up to "
+                       f"{2 * linger_ms / 1000:g} s (the linger) for one to take them")
             handshakes.wait_for_handshake(linger_ms * 1e-3)
         handshakes.close()
         sock.close()
