@@ -19,9 +19,9 @@ import sys
 
 import eclreco
 from eclreco.cli_types import (BATCH_SIZE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, THREADS,
-                               add_cluster_columns_argument, integer, name_list)
+                               add_cluster_columns_argument, integer, name_list, number)
 from eclreco.paths import missing_folder
-from eclreco.raw_sockets import is_stream_address
+from eclreco.raw_sockets import check_message_limits, is_stream_address
 from eclreco.reconstruction import (add_event_filter, add_event_filter_arguments, add_reconstruction,
                                    event_filter_option_unused)
 
@@ -44,19 +44,22 @@ def parse_args(argv=None):
     sim.add_argument("--detector", default="belle2-ecl", choices=["belle2-ecl", "array30"])
     sim.add_argument("--particle", choices=["gamma", "pi0", "generic"],
                      help="default: generic for belle2-ecl, gamma for array30 (it has no generic events)")
-    sim.add_argument("--energy", type=float, default=1.0, help="GeV: the photon's energy; for pi0 its momentum")
-    sim.add_argument("--background", type=float,
+    # the ranges of SimulationInput (checked at its initialize: exit 1 after the other modules had started)
+    sim.add_argument("--energy", type=number(0.0, 1e3, positive=True, below=True), default=1.0,
+                     help="GeV: the photon's energy; for pi0 its momentum (below 1000)")
+    sim.add_argument("--background", type=number(0.0, 100.0),
                      help="beam-background level (1 = nominal); default: 1 for belle2-ecl, 0 for array30 (the "
                           "test-beam array, whose model was trained without background)")
-    sim.add_argument("--seed", type=int, default=1)
+    sim.add_argument("--seed", type=integer(0, 2**63 - 1), default=1)
     stream = ap.add_argument_group("ZeroMQ input (-i tcp://... or ipc://...)")
     stream.add_argument("--connect", action="store_true", help="connect to the address instead of binding")
-    stream.add_argument("--idle-timeout", type=float, default=0.0,
+    stream.add_argument("--idle-timeout", type=NON_NEGATIVE, default=0.0,
                         help="end the run S seconds after the last message (0: never)")
-    stream.add_argument("--max-latency", type=float, default=20.0, help="ms to wait for a batch to fill")
-    stream.add_argument("--max-message-bytes", type=int, default=1 << 20,
+    stream.add_argument("--max-latency", type=number(0.0, 60_000.0), default=20.0,
+                        help="ms to wait for a batch to fill (at most a minute)")
+    stream.add_argument("--max-message-bytes", type=NON_NEGATIVE_INT, default=1 << 20,
                         help="larger messages are rejected as oversize and kept (0: no limit)")
-    stream.add_argument("--refuse-message-bytes", type=int, default=64 << 20,
+    stream.add_argument("--refuse-message-bytes", type=NON_NEGATIVE_INT, default=64 << 20,
                         help="larger messages are refused by the socket unread, with their connection (0: no limit)")
     stream.add_argument("--curve-dir", default="", help="CURVE key directory (eclreco hlt keys); default: no CURVE")
     stream.add_argument("--curve-name", default="reco", help="own key name in DIR/private")
@@ -90,6 +93,11 @@ def parse_args(argv=None):
         ap.error("--cluster-columns chooses the branches of the -o file: there is no -o")
     if unused := event_filter_option_unused(args):
         ap.error(unused)
+    try:
+        check_message_limits("", args.max_message_bytes, args.refuse_message_bytes,
+                             ("--max-message-bytes", "--refuse-message-bytes"))
+    except ValueError as err:
+        ap.error(str(err))
     if args.events is None:
         args.events = 20000
     if args.particle is None:

@@ -178,6 +178,37 @@ def test_reco_py_refuses_contradictions_and_an_output_over_its_input(tmp_path, c
     assert raw.read_bytes() == before and not (tmp_path / "typo").exists()
 
 
+@pytest.mark.parametrize("argv,message", [
+    # SimulationInput's and ZMQInput's ranges, checked only at their initialize: exit 1 and a module's
+    # message after the job had started ('SimulationInput.initialize failed: ...'), or (--background -1,
+    # the module's "detector default") a job at nominal background and exit 0
+    (["--energy", "-1"], "argument --energy: must be a finite number > 0 and < 1000, not -1"),
+    (["--energy", "1000"], "argument --energy: must be a finite number > 0 and < 1000, not 1000"),
+    (["--background", "-1"], "argument --background: must be a finite number in 0..100, not -1"),
+    (["--seed", "-1"], "argument --seed: must be 0..9223372036854775807, not -1"),
+    (["--seed", str(2**64)], "argument --seed: must be 0..9223372036854775807"),
+    (["-i", "tcp://127.0.0.1:5555", "--idle-timeout", "-1"], "argument --idle-timeout: must be a finite number >= 0"),
+    (["-i", "tcp://127.0.0.1:5555", "--idle-timeout", "inf"], "argument --idle-timeout: must be a finite number >= 0"),
+    (["-i", "tcp://127.0.0.1:5555", "--max-latency", "60001"],
+     "argument --max-latency: must be a finite number in 0..60000, not 60001"),
+    (["-i", "tcp://127.0.0.1:5555", "--max-message-bytes", "-1"], "argument --max-message-bytes: must be >= 0, not -1"),
+    (["-i", "tcp://127.0.0.1:5555", "--refuse-message-bytes", "-1"],
+     "argument --refuse-message-bytes: must be >= 0, not -1"),
+    (["-i", "tcp://127.0.0.1:5555", "--max-message-bytes", "100", "--refuse-message-bytes", "50"],
+     "--refuse-message-bytes (50) must exceed --max-message-bytes (100) or be 0"),
+])
+def test_reco_py_numbers_out_of_range_exit_2_naming_the_option(argv, message, tmp_path, capsys):
+    """Each number reco.py passes to a module is refused at the command line when the module would
+    refuse it: one line naming the option, exit 2, before any module starts or file is written."""
+    reco = _reco()
+    out = tmp_path / "x.root"
+    with pytest.raises(SystemExit) as e:
+        reco.main(argv + ["--no-cnn", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
 def test_reco_py_fails_when_every_event_fails(capsys):
     """--model of the other detector: every event gets a module error; the job says so and exits 1
     (it exited 0 with a module error on each event)."""

@@ -29,17 +29,24 @@ def integer(lo: int, hi: int | None = None, meaning: str = ""):
     return parse
 
 
-def number(lo: float = 0.0, hi: float | None = None, positive: bool = False, meaning: str = ""):
-    """A finite float in lo..hi (> lo with positive): NaN and inf are refused, they would wait forever
-    or overflow a timer."""
+def number(lo: float = 0.0, hi: float | None = None, positive: bool = False, meaning: str = "",
+           below: bool = False):
+    """A finite float in lo..hi (> lo with positive, < hi with below): NaN and inf are refused, they would
+    wait forever or overflow a timer."""
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if not math.isfinite(value) or value < lo or (positive and value == lo) or (hi is not None and value > hi):
-            bounds = f"{'>' if positive else '>='} {lo:g}" if hi is None else f"in {lo:g}..{hi:g}"
+        if (not math.isfinite(value) or value < lo or (positive and value == lo)
+                or (hi is not None and (value > hi or (below and value == hi)))):
+            if hi is None:
+                bounds = f"{'>' if positive else '>='} {lo:g}"
+            elif positive or below:
+                bounds = f"{'>' if positive else '>='} {lo:g} and {'<' if below else '<='} {hi:g}"
+            else:
+                bounds = f"in {lo:g}..{hi:g}"
             raise argparse.ArgumentTypeError(f"must be a finite number {bounds}{meaning}, not {text}")
         return value
 

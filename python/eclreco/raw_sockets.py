@@ -130,11 +130,13 @@ def attach(sock: zmq.Socket, address: str, bind: bool) -> None:
     (sock.bind if bind else sock.connect)(address)
 
 
-def check_message_limits(who: str, max_bytes: int, refuse_bytes: int) -> None:
+def check_message_limits(who: str, max_bytes: int, refuse_bytes: int,
+                         names: tuple[str, str] = ("max_message_bytes", "refuse_message_bytes")) -> None:
     """The two size limits of a raw-event input: above max_bytes a message is rejected and kept
-    (mark_oversize), above refuse_bytes the socket refuses it unread (ZMQ_MAXMSGSIZE)."""
+    (mark_oversize), above refuse_bytes the socket refuses it unread (ZMQ_MAXMSGSIZE). `names`: what the
+    caller calls them (a command line's options); `who` ('' for none) begins the message."""
     if max_bytes > 0 and 0 < refuse_bytes <= max_bytes:
-        raise ValueError(f"{who}: refuse_message_bytes ({refuse_bytes}) must exceed max_message_bytes ({max_bytes}) "
+        raise ValueError(f"{who}{': ' if who else ''}{names[1]} ({refuse_bytes}) must exceed {names[0]} ({max_bytes}) "
                          "or be 0: messages between the two would be refused with their connection instead of "
                          "rejected and kept")
 
