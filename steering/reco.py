@@ -21,7 +21,7 @@ import eclreco
 from eclreco.cli_types import (BATCH_SIZE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, THREADS,
                                add_cluster_columns_argument, integer, name_list, number)
 from eclreco.paths import missing_folder
-from eclreco.raw_sockets import check_message_limits, is_stream_address
+from eclreco.raw_sockets import check_address, check_message_limits, is_stream_address
 from eclreco.reconstruction import (add_event_filter, add_event_filter_arguments, add_reconstruction,
                                    event_filter_option_unused)
 
@@ -106,10 +106,25 @@ def parse_args(argv=None):
         args.background = 1.0 if args.detector == "belle2-ecl" else 0.0
     if args.no_cnn and args.model:
         ap.error("--model is the CNN's model: it does nothing with --no-cnn")
-    if args.conditions and not os.path.isfile(args.conditions):
-        ap.error(f"--conditions {args.conditions!r} is not a file")
+    # files and addresses the modules would refuse at initialize (exit 1, after the others had started)
+    for option, name in (("--conditions", args.conditions), ("--model", args.model)):
+        if name and not os.path.isfile(name):
+            ap.error(f"{option} {name!r} is not a file")
     if args.input and not args.stream and not os.path.isfile(args.input):
         ap.error(f"-i {args.input!r} is not a file (a raw file, or a tcp:// or ipc:// address)")
+    if args.input and not args.stream:
+        try:
+            with open(args.input, "rb") as f:
+                head = f.read(4)
+        except OSError as err:
+            ap.error(f"-i {args.input!r}: cannot read it ({err.strerror})")
+        if head == b"root":  # the raw reader would reject its every record
+            ap.error(f"-i {args.input!r} is a ROOT file (an output of reco.py): -i reads raw files (.msgpack)")
+    if args.stream:
+        try:
+            check_address(args.input)
+        except ValueError as err:
+            ap.error(f"-i: {err}")
     # the spec keeps every rejected message for inspection: a job that reads raw data keeps them by default
     args.rejected_when_needed = args.rejected is None and bool(args.input)
     if args.rejected_when_needed:
@@ -118,6 +133,8 @@ def parse_args(argv=None):
         folder = missing_folder(name) if name else ""
         if folder:
             ap.error(f"{option} {name!r}: no directory {folder!r}")
+        if name and os.path.isdir(name):
+            ap.error(f"{option} {name!r} is a directory: name a file in it")
     return args
 
 

@@ -167,7 +167,9 @@ def test_reco_py_refuses_contradictions_and_an_output_over_its_input(tmp_path, c
             reco.main(argv)
         assert e.value.code == 2, argv
     # libzmq would take port 99999 for 34463 and wait there for input nobody sends
-    assert reco.main(["-i", "tcp://127.0.0.1:99999", "--idle-timeout", "1"]) == 1
+    with pytest.raises(SystemExit) as e:
+        reco.main(["-i", "tcp://127.0.0.1:99999", "--idle-timeout", "1"])
+    assert e.value.code == 2
     out, err = capsys.readouterr()
     assert "use another file" in err and "--threads: must be 1..256, not 0" in err and "use -n N" in err
     assert "missing.msgpack' is not a file" in err
@@ -207,6 +209,38 @@ def test_reco_py_numbers_out_of_range_exit_2_naming_the_option(argv, message, tm
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_reco_py_refuses_files_and_addresses_its_modules_would_refuse(tmp_path, capsys):
+    """A --model that is no file, an -o or --rejected that is a directory, a tcp:// port above 65535 and a
+    ROOT file given as -i got past the command line: the first three exited 1 with the message of a
+    module's initialize ('ECLEnergyCorrection.initialize failed: ModelError: ... (at .../x.py:65 in
+    load_session ...)'), a ROOT file ran, rejected its every 'record' into a quarantine file as large as
+    itself, wrote an empty -o and exited 1. Each is now one line naming the option, exit 2, nothing
+    written."""
+    reco = _reco()
+    raw = tmp_path / "raw.msgpack"
+    write_raw_file(raw, encode_events("array30", 0, 1, [0], [0, 1], [100], [5000], [0], [0]))
+    (tmp_path / "dir").mkdir()
+    root = tmp_path / "reco.root"
+    root.write_bytes(b"root\x00\x00\xf4\x4a" + bytes(200))  # how every ROOT file begins
+    cases = [(["-i", str(raw), "--model", str(tmp_path / "missing.onnx")], "--model '%s' is not a file"
+              % (tmp_path / "missing.onnx")),
+             (["-i", str(raw), "--model", str(tmp_path / "dir")], "is not a file"),
+             (["-i", str(raw), "-o", str(tmp_path / "dir")], "-o '%s' is a directory: name a file in it"
+              % (tmp_path / "dir")),
+             (["-i", str(raw), "--rejected", str(tmp_path / "dir")], "--rejected '%s' is a directory"
+              % (tmp_path / "dir")),
+             (["-i", str(root), "-o", str(tmp_path / "out.root")],
+              "is a ROOT file (an output of reco.py): -i reads raw files (.msgpack)"),
+             (["-i", "tcp://127.0.0.1", "--idle-timeout", "1"], "-i: ZeroMQ address 'tcp://127.0.0.1': the port must be")]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as e:
+            reco.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "Traceback" not in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "raw.msgpack", "reco.root"]
+    assert not os.listdir(tmp_path / "dir")
 
 
 def test_reco_py_fails_when_every_event_fails(capsys):
