@@ -330,7 +330,7 @@ def test_a_file_of_several_runs_has_its_dqm_drawn_per_run(tmp_path, capsys):
     capsys.readouterr()
     with uproot.recreate(tmp_path / "plain.root") as f:
         f["x"] = "no dqm here"
-    assert main(["dqm", str(tmp_path / "plain.root")]) == 1
+    assert main(["dqm", str(tmp_path / "plain.root"), "-o", str(tmp_path / "none")]) == 2
     out, err = capsys.readouterr()
     assert "has no dqm directory" in err and not out
 
@@ -380,3 +380,56 @@ def test_a_job_without_ecldqm_writes_no_dqm_of_an_earlier_job(tmp_path):
     with uproot.open(tmp_path / "second.root") as f:
         assert f["events"].num_entries == 10
         assert not any(k.startswith("dqm") for k in f.keys())
+
+
+def _dqm_file(path, titles):
+    """A ROOT file whose dqm/ holds one histogram per title, named h0, h1, ... (one entry each)."""
+    from eclreco.dqm import _to_th1d
+
+    with uproot.recreate(path) as f:
+        for i, title in enumerate(titles):
+            h = Histogram1D(f"h{i}", title, 10, 0.0, 1.0, "x")
+            h.fill(np.array([0.5]))
+            f[f"dqm/h{i}"] = _to_th1d(h)
+
+
+def test_eclreco_dqm_refuses_a_bad_file_in_one_line_and_leaves_the_output_folder_as_it_was(tmp_path, capsys):
+    """`eclreco dqm` made its -o folder before it opened the file (an empty folder after a typo), said
+    uproot's error over three lines ('expected Chunk of length 403,\nreceived 0 bytes from FSSpecSource\n
+    for file path ...') with exit 1 (a bad argument is exit 2 elsewhere), and wrote each plot as it was
+    drawn: a histogram that failed to draw left the plots before it new and those after it old, mixed
+    in one folder. The file is now read first, each refusal is one line naming it (exit 2), and the plots
+    take their names together at the end (or the folder stays as it was)."""
+    from eclreco.cli import main
+
+    _dqm_file(tmp_path / "good.root", ["fine", "fine too"])
+    data = (tmp_path / "good.root").read_bytes()
+    (tmp_path / "empty.root").write_bytes(b"")
+    (tmp_path / "cut.root").write_bytes(data[:200])  # its keys are further on
+    (tmp_path / "notes.txt").write_text("not ROOT\n")
+    (tmp_path / "adir").mkdir()
+    cases = [("missing.root", "no such file"), ("adir", "is a directory"),
+             ("empty.root", "not a ROOT file (empty)"), ("cut.root", "not a readable ROOT file, cut short or damaged?"),
+             ("notes.txt", "not a ROOT file")]
+    for name, message in cases:
+        capsys.readouterr()
+        assert main(["dqm", str(tmp_path / name), "-o", str(tmp_path / "png")]) == 2, name
+        out, err = capsys.readouterr()
+        assert err.count("\n") == 1 and message in err and str(tmp_path / name) in err and not out, err
+        assert not (tmp_path / "png").exists(), name
+    assert main(["dqm", str(tmp_path / "good.root"), "-o", str(tmp_path / "notes.txt")]) == 2
+    assert "-o '%s' is not a directory" % (tmp_path / "notes.txt") in capsys.readouterr().err
+    # a histogram that matplotlib cannot draw (its title is no valid mathtext), after one it can
+    _dqm_file(tmp_path / "bad.root", ["fine", "cost [$\\nosuch$]"])
+    folder = tmp_path / "old"
+    folder.mkdir()
+    for name in ("h0.png", "h1.png"):
+        (folder / name).write_bytes(b"an earlier run's plot")
+    assert main(["dqm", str(tmp_path / "bad.root"), "-o", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bad.root: cannot draw dqm/h1;1: " in err and "Traceback" not in err, err
+    assert sorted(p.name for p in folder.iterdir()) == ["h0.png", "h1.png"]
+    assert all(p.read_bytes() == b"an earlier run's plot" for p in folder.iterdir())
+    assert main(["dqm", str(tmp_path / "good.root"), "-o", str(folder)]) == 0
+    assert capsys.readouterr().out.split() == [str(folder / "h0.png"), str(folder / "h1.png")]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in folder.iterdir())

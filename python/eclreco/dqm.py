@@ -174,59 +174,124 @@ def _to_th1d(h, run_label: str = ""):
 registry = DQMRegistry()
 
 
+def _one_line(err: Exception) -> str:
+    """An error's text on one line (uproot's and matplotlib's run over several)."""
+    return " ".join(str(err).split())
+
+
+def read_histograms(root_path: str) -> list[dict]:
+    """Every histogram of the file's dqm directory, each cycle (run) of it: name, cycle, counts and edges,
+    under- and overflow, bin labels, title, x-axis title. A file that is missing, not ROOT, cut short or
+    without dqm/ is a ValueError of one line naming it."""
+    import uproot
+
+    try:
+        with open(root_path, "rb") as f:
+            head = f.read(4)
+    except FileNotFoundError:
+        raise ValueError(f"{root_path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{root_path} is a directory, not a ROOT file") from None
+    except OSError as err:
+        raise ValueError(f"{root_path}: cannot read it ({err.strerror})") from None
+    if head != b"root":  # (uproot says "expected Chunk of length 403" for a short file that is not ROOT)
+        raise ValueError(f"{root_path}: not a ROOT file " + (f"(it begins with {head!r})" if head else "(empty)"))
+    hists = None  # no dqm directory
+    try:
+        with uproot.open(root_path) as f:
+            if "dqm" in {k.split(";")[0] for k in f.keys(recursive=False)}:
+                d = f["dqm"]
+                cycles: dict[str, set[int]] = {}
+                for k in d.keys(recursive=False):
+                    name, _, cycle = k.partition(";")
+                    cycles.setdefault(name, set()).add(int(cycle or 1))
+                hists = []
+                for name, cycle in sorted((k, c) for k, cs in cycles.items() for c in cs):
+                    obj = d[f"{name};{cycle}"]
+                    if not hasattr(obj, "to_numpy"):
+                        continue
+                    counts, edges = obj.to_numpy()
+                    hists.append({"name": name, "cycle": cycle, "runs": len(cycles[name]), "counts": counts,
+                                  "edges": edges, "flow": obj.values(flow=True)[[0, -1]],
+                                  "labels": obj.axis().labels(), "title": obj.member("fTitle") or name,
+                                  "xlabel": obj.axis().member("fTitle")})
+    except Exception as err:  # noqa: BLE001 - uproot's OSError for a file cut short, its DeserializationError, ...
+        raise ValueError(f"{root_path}: not a readable ROOT file, cut short or damaged? ({_one_line(err)})") from None
+    if hists is None:
+        raise ValueError(f"{root_path} has no dqm directory (a job without ECLDQM, or not a RootOutput file)")
+    return hists
+
+
 def draw(root_path: str, out_dir: str) -> list[str]:
     """PNG of every histogram in the file's dqm directory; returns the files written. A file of
     several runs holds one cycle of each histogram per run (titles end with the run): each is drawn,
-    as NAME_cycleK.png."""
+    as NAME_cycleK.png. The file is read before out_dir is made, and the PNGs take their names together
+    at the end (paths.StagedOutputs): a file that cannot be read, or a failure while drawing, leaves
+    out_dir as it was (no new empty folder, no mix of new and old plots)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import uproot
 
-    os.makedirs(out_dir, exist_ok=True)
+    from eclreco.paths import StagedOutputs
+
+    hists = read_histograms(root_path)
+    if not out_dir:
+        raise ValueError("-o '': no directory named (. for this one)")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"-o {out_dir!r} is not a directory")
+    made = not os.path.exists(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"-o {out_dir!r}: cannot make the directory ({err.strerror}: {err.filename!r})") from None
     written = []
-    with uproot.open(root_path) as f:
-        if "dqm" not in {k.split(";")[0] for k in f.keys(recursive=False)}:
-            raise ValueError(f"{root_path} has no dqm directory")
-        d = f["dqm"]
-        cycles: dict[str, list[int]] = {}
-        for k in d.keys(recursive=False):
-            name, _, cycle = k.partition(";")
-            cycles.setdefault(name, []).append(int(cycle or 1))
-        for key, cycle in sorted((k, c) for k, cs in cycles.items() for c in sorted(set(cs))):
-            obj = d[f"{key};{cycle}"]
-            if not hasattr(obj, "to_numpy"):
-                continue
-            counts, edges = obj.to_numpy()
-            flow = obj.values(flow=True)
-            fig, ax = plt.subplots(figsize=(6, 4))
-            labels = obj.axis().labels()
-            if labels:
-                ax.bar(range(len(counts)), counts)
-                ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=7)
-            else:
-                ax.stairs(counts, edges, fill=True, alpha=0.6)
-                if flow[0] or flow[-1]:  # what the axis range does not show is said
-                    ax.text(0.98, 0.95, f"underflow {flow[0]:g}, overflow {flow[-1]:g}", transform=ax.transAxes,
-                            ha="right", va="top", fontsize=8)
-            ax.set_title(obj.member("fTitle") or key)
-            ax.set_xlabel(obj.axis().member("fTitle"))
-            ax.set_ylabel("entries")
-            fig.tight_layout()
-            out = os.path.join(out_dir, f"{key}.png" if len(set(cycles[key])) == 1 else f"{key}_cycle{cycle}.png")
-            fig.savefig(out, dpi=90)
-            plt.close(fig)
-            written.append(out)
+    try:
+        with StagedOutputs() as staged:
+            for h in hists:
+                out = os.path.join(out_dir, f"{h['name']}.png" if h["runs"] == 1 else
+                                   f"{h['name']}_cycle{h['cycle']}.png")
+                fig, ax = plt.subplots(figsize=(6, 4))
+                try:
+                    _plot(ax, h)
+                    fig.tight_layout()
+                    fig.savefig(staged.path(out), dpi=90)
+                except ValueError as err:  # matplotlib's, e.g. a title that is no valid mathtext
+                    raise ValueError(f"{root_path}: cannot draw dqm/{h['name']};{h['cycle']}: {_one_line(err)}") from None
+                finally:
+                    plt.close(fig)
+                written.append(out)
+            staged.publish()
+    except BaseException:
+        if made and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+        raise
     return written
+
+
+def _plot(ax, h: dict) -> None:
+    """One histogram of read_histograms on `ax`: bars for labelled bins, else the bins as stairs and
+    what the axis range does not show (under- and overflow) said."""
+    counts, edges, flow = h["counts"], h["edges"], h["flow"]
+    if h["labels"]:
+        ax.bar(range(len(counts)), counts)
+        ax.set_xticks(range(len(h["labels"])), h["labels"], rotation=45, ha="right", fontsize=7)
+    else:
+        ax.stairs(counts, edges, fill=True, alpha=0.6)
+        if flow[0] or flow[-1]:
+            ax.text(0.98, 0.95, f"underflow {flow[0]:g}, overflow {flow[-1]:g}", transform=ax.transAxes,
+                    ha="right", va="top", fontsize=8)
+    ax.set_title(h["title"])
+    ax.set_xlabel(h["xlabel"])
+    ax.set_ylabel("entries")
 
 
 def _run(args) -> int:
     try:
         files = draw(args.file, args.output)
-    except (OSError, ValueError) as err:
-        print(f"eclreco dqm: {err}", file=sys.stderr)
-        return 1
+    except (OSError, ValueError) as err:  # a bad FILE or -o: one line, exit 2 as for any bad argument
+        print(f"eclreco dqm: error: {err}", file=sys.stderr)
+        return 2
     for f in files:
         print(f)
     return 0
