@@ -290,9 +290,11 @@ def test_module_list_and_help(capsys):
     assert main(["modules", "Progress"]) == 0
     out = capsys.readouterr().out
     assert "interval_s" in out and "float" in out
-    assert main(["modules", "Foo"]) == 1  # an error, on stderr (it went to stdout)
-    out, err = capsys.readouterr()
-    assert "unknown module 'Foo'" in err and not out
+    # an error, on stderr (it went to stdout), exit 2 as for any bad argument (it was 1); '' printed the list
+    for name in ("Foo", ""):
+        assert main(["modules", name]) == 2
+        out, err = capsys.readouterr()
+        assert f"eclreco modules: error: unknown module '{name}'; available: " in err and not out, err
     # every module's table fits a terminal: RootOutput's default list of cluster columns made it 194
     # characters wide; a wrapped default still reads back whole
     for name in eclreco.available_modules():

@@ -42,12 +42,12 @@ def print_module_help(name: str) -> None:
 
 
 def _run(args) -> int:
-    if args.name:
+    if args.name is not None:  # '' too: no module has that name (it printed the list)
         try:
             print_module_help(args.name)
-        except ValueError as err:
-            print(f"eclreco modules: {err}", file=sys.stderr)
-            return 1
+        except ValueError as err:  # a bad argument: one line, exit 2 as argparse's
+            print(f"eclreco modules: error: {err}", file=sys.stderr)
+            return 2
     else:
         print_module_list()
     return 0
