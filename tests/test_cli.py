@@ -527,6 +527,26 @@ def test_eclreco_quarantine_extract_refuses_to_write_over_its_input(tmp_path, ca
         assert q.read_bytes() == before
 
 
+def test_eclreco_quarantine_extract_names_a_directory_or_a_missing_one(tmp_path, capsys):
+    """`--extract DIR` said 'IsADirectoryError: [Errno 21] Is a directory' without the option, and
+    `--extract typo/out.msgpack` named a file the user never gave ('No such file or directory:
+    .../typo/.out.PID.partial.msgpack', the temporary file). Both now name --extract, before any input is
+    read, and write nothing."""
+    import msgpack
+
+    q = tmp_path / "q.rejected.msgpack"
+    q.write_bytes(msgpack.packb({"reason": "not_a_map", "detail": "d", "message": msgpack.packb([1, 2])}))
+    (tmp_path / "out").mkdir()
+    for out, message in ((tmp_path / "out", f"--extract '{tmp_path / 'out'}' is a directory: name a file in it"),
+                         (tmp_path / "typo" / "x.msgpack",
+                          f"--extract '{tmp_path / 'typo' / 'x.msgpack'}': no directory '{tmp_path / 'typo'}'")):
+        assert cli.main(["quarantine", str(q), "--extract", str(out)]) == 2
+        out_, err = capsys.readouterr()
+        assert message in err and "partial" not in err and not out_, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "q.rejected.msgpack"]
+    assert not os.listdir(tmp_path / "out")
+
+
 def test_every_hlt_role_help_prints_its_defaults():
     """deployment.md: `--help` of each `eclreco hlt` role prints every default. `hlt keys` used the plain
     formatter: its --names default (the six parties whose keys it makes) was in no help text."""

@@ -19,7 +19,7 @@ from typing import Iterator
 
 import msgpack
 
-from eclreco.paths import StagedOutputs
+from eclreco.paths import StagedOutputs, missing_folder
 
 
 def read_records(path: str | os.PathLike) -> Iterator[dict]:
@@ -60,6 +60,10 @@ def _run(args) -> int:
     counts: collections.Counter = collections.Counter()
     first: dict[str, dict] = {}
     n_bytes = 0
+    if args.extract and os.path.isdir(args.extract):
+        raise ValueError(f"--extract {args.extract!r} is a directory: name a file in it")
+    if args.extract and (folder := missing_folder(args.extract)):  # not the temporary file's name, in an error
+        raise ValueError(f"--extract {args.extract!r}: no directory {folder!r}")
     if args.extract and os.path.exists(args.extract) and any(
             os.path.exists(p) and os.path.samefile(p, args.extract) for p in args.files):
         # opening OUT for writing would empty that input before it is read: its records would be gone
