@@ -547,6 +547,23 @@ def test_eclreco_quarantine_extract_names_a_directory_or_a_missing_one(tmp_path,
     assert not os.listdir(tmp_path / "out")
 
 
+def test_eclreco_quarantine_json_is_one_json_object(tmp_path, capsys):
+    """`--list --json` printed the list lines and then the JSON object on stdout, exit 0: `| jq` or
+    json.loads failed on the first line. The two are now exclusive (argparse: exit 2 naming both)."""
+    import json
+
+    import msgpack
+
+    q = tmp_path / "q.rejected.msgpack"
+    q.write_bytes(msgpack.packb({"reason": "not_a_map", "detail": "d", "message": msgpack.packb([1, 2])}))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["quarantine", str(q), "--list", "--json"])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and "argument --json: not allowed with argument --list" in err and not out, err
+    assert cli.main(["quarantine", str(q), "--json", "--reason", "not_a_map"]) == 0
+    assert json.loads(capsys.readouterr().out)["by_reason"] == {"not_a_map": 1}
+
+
 def test_every_hlt_role_help_prints_its_defaults():
     """deployment.md: `--help` of each `eclreco hlt` role prints every default. `hlt keys` used the plain
     formatter: its --names default (the six parties whose keys it makes) was in no help text."""

@@ -124,10 +124,11 @@ def add_quarantine_parser(subparsers) -> None:
     p = subparsers.add_parser("quarantine", help="list or extract the rejected raw events of quarantine files",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("files", nargs="+", help="quarantine files (.msgpack) written by RejectedOutput")
-    p.add_argument("--list", action="store_true", help="one line per record: reason, exp/run/evt, size, detail")
+    shown = p.add_mutually_exclusive_group()  # both on stdout: the lines made the JSON unreadable
+    shown.add_argument("--list", action="store_true", help="one line per record: reason, exp/run/evt, size, detail")
     p.add_argument("--reason", action="append", help="only records of this reason (repeatable)")
     p.add_argument("--extract", default="", metavar="OUT",
                    help="write the messages as sent, back to back, to OUT (a raw file; a multi_frame record's "
                         "message keeps its mark, which a raw file reads as not_msgpack)")
-    p.add_argument("--json", action="store_true", help="the summary as one JSON object")
+    shown.add_argument("--json", action="store_true", help="the summary as one JSON object (not with --list)")
     p.set_defaults(func=_run)
