@@ -564,6 +564,28 @@ def test_eclreco_quarantine_json_is_one_json_object(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["by_reason"] == {"not_a_map": 1}
 
 
+def test_eclreco_bench_removes_its_files_and_checks_plots_first(tmp_path, monkeypatch, capsys):
+    """`eclreco bench` left its temporary folder behind, eclreco-bench-XXXX with the generated raw file
+    (~5 kB/event: 100 MB a run at the default --events) and the ROOT output, in /tmp at every run; and
+    a --plots that is a file failed at the very end, after every measurement ('FileExistsError'). The
+    folder is now removed at the end (an error too), and --plots is checked before any work."""
+    import json
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where this run's temporary folder goes
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "file").write_text("x")
+    only_generate = ["--skip", "e2e", "grid", "stages", "cnn", "zmq", "farm", "plots"]
+    assert cli.main(["bench", "--json", "--events", "200", "--repeat", "1", *only_generate]) == 0
+    assert json.loads(capsys.readouterr().out)["input"]["events"] == 200
+    assert os.listdir(tmp_path / "tmp") == []
+    for plots in (str(tmp_path / "file"), ""):
+        assert cli.main(["bench", "--events", "200", "--repeat", "1", "--plots", plots]) == 2
+        out, err = capsys.readouterr()
+        assert f"--plots {plots!r} is not a directory" in err and not out, err
+    assert os.listdir(tmp_path / "tmp") == []
+
+
 def test_every_hlt_role_help_prints_its_defaults():
     """deployment.md: `--help` of each `eclreco hlt` role prints every default. `hlt keys` used the plain
     formatter: its --names default (the six parties whose keys it makes) was in no help text."""

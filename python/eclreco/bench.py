@@ -273,13 +273,20 @@ def plot(results: dict, out_dir: str) -> list[str]:
 
 
 def run_benchmark(args) -> dict:
-    from tqdm import tqdm
-
     steps = ["generate", "e2e", "grid", "stages", "cnn", "zmq", "farm", "plots"]
     skip = set(args.skip or [])
     res = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
            "background": args.background, "events": args.events, "repeat": args.repeat}
-    tmp = tempfile.mkdtemp(prefix="eclreco-bench-")
+    # the raw file (~5 kB/event: 100 MB at the default --events) and the ROOT output are removed at the end
+    with tempfile.TemporaryDirectory(prefix="eclreco-bench-") as tmp:
+        _run_steps(args, steps, skip, res, tmp)
+    res["peak_rss_mb"] = _peak_rss_mb()
+    return res
+
+
+def _run_steps(args, steps, skip, res: dict, tmp: str) -> None:
+    from tqdm import tqdm
+
     raw = os.path.join(tmp, "generic.msgpack")
     out_root = os.path.join(tmp, "out.root")
     bar = tqdm(steps, desc="bench", disable=args.json and not sys.stderr.isatty(), file=sys.stderr)
@@ -318,8 +325,6 @@ def run_benchmark(args) -> dict:
             res["farm"] = farm_measurement(raw, args.farm_rate, args.farm_seconds)
         elif step == "plots" and "grid" in res and "stage_us_per_event" in res:
             res["plots"] = plot(res, args.plots)
-    res["peak_rss_mb"] = _peak_rss_mb()
-    return res
 
 
 def framework_run_seconds(events: int, n_modules: int = 5, batch_size: int = DEFAULT_BATCH, threads: int = 1,
@@ -395,6 +400,9 @@ def print_table(res: dict) -> None:
 
 
 def _run(args) -> int:
+    if "plots" not in (args.skip or []):  # not after minutes of measurements
+        if not args.plots or (os.path.exists(args.plots) and not os.path.isdir(args.plots)):
+            raise ValueError(f"--plots {args.plots!r} is not a directory (or --skip plots)")
     res = run_benchmark(args)
     if args.json:
         print(strict_json.dumps(res, indent=1))
