@@ -243,6 +243,43 @@ def test_reco_py_refuses_files_and_addresses_its_modules_would_refuse(tmp_path, 
     assert not os.listdir(tmp_path / "dir")
 
 
+def test_reco_py_refuses_an_output_over_its_model_conditions_or_table(tmp_path, capsys):
+    """`reco.py --model m.onnx -o m.onnx` loaded the network, then RootOutput replaced it by the ROOT file:
+    a trained model lost and exit 0 (likewise --conditions c.json -o c.json, or a leakage table); the
+    framework's check of an output over an input knew only RawFileInput's filename. It now knows every
+    file parameter a module reads, and refuses before anything is opened."""
+    import shutil
+
+    import eclreco
+    from eclreco import rawdata
+
+    reco = _reco()
+    raw = tmp_path / "raw.msgpack"
+    write_raw_file(raw, encode_events("array30", 0, 1, [0], [0, 1], [100], [5000], [0], [0]))
+    model = tmp_path / "m.onnx"
+    shutil.copy(os.path.join(MODELS, "array30.onnx"), model)
+    cond = tmp_path / "c.json"
+    rawdata.write_conditions(cond, "array30")
+    kept = {p: p.read_bytes() for p in (model, cond)}
+    for argv, message in (
+            (["--model", str(model), "-o", str(model)], f"RootOutput writes '{model}', which ECLEnergyCorrection reads"),
+            (["--conditions", str(cond), "--rejected", str(cond)], f"RejectedOutput writes '{cond}', which "
+                                                                    "ECLUnpacker reads")):
+        assert reco.main(["-i", str(raw), "--threads", "1", *argv]) == 2, argv
+        assert message in capsys.readouterr().err
+    assert all(p.read_bytes() == b for p, b in kept.items())
+    table = tmp_path / "table.npz"
+    path = eclreco.create_path()
+    path.add_module("RawFileInput", filename=str(raw))
+    path.add_module("ECLUnpacker")
+    path.add_module("ECLClusterizer")
+    path.add_module("ECLLeakageCorrection", table=str(table))
+    path.add_module("RootOutput", filename=str(table))
+    with pytest.raises(ValueError, match="which ECLLeakageCorrection reads in the same path"):
+        eclreco.process(path, install_signal_handlers=False)
+    assert not table.exists()
+
+
 def test_reco_py_fails_when_every_event_fails(capsys):
     """--model of the other detector: every event gets a module error; the job says so and exits 1
     (it exited 0 with a module error on each event)."""

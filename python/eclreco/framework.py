@@ -309,19 +309,22 @@ def job_failure(counts: dict) -> str:
     return ""
 
 
-# Modules whose `filename` parameter is a file they read or (over)write.
-FILE_INPUTS = ("RawFileInput",)
-FILE_OUTPUTS = ("RootOutput", "RejectedOutput")
+# Module parameters that name a file the module reads or (over)writes: module type -> parameter.
+FILE_INPUTS = {"RawFileInput": "filename", "ECLUnpacker": "conditions", "ECLLeakageCorrection": "table",
+               "ECLEnergyCorrection": "model"}
+FILE_OUTPUTS = {"RootOutput": "filename", "RejectedOutput": "filename"}
 
 
 def _check_files(path: Path) -> None:
     """An output over an input of the same path, or two outputs on one file, is refused before
     anything is opened: the output would truncate the raw data being read (a crash of the
-    memory-mapped reader, or the raw file replaced by ROOT bytes) or both writers corrupt it."""
+    memory-mapped reader, or the raw file replaced by ROOT bytes), replace a model, conditions or
+    table read at initialize by ROOT bytes (a trained network lost, the job exiting 0), or both
+    writers corrupt it."""
     seen: dict[object, tuple[str, str]] = {}  # file -> (module, "reads" | "writes")
     for m in path.modules:
         role = "reads" if m.type in FILE_INPUTS else "writes" if m.type in FILE_OUTPUTS else None
-        name = m.get_param("filename") if role else ""
+        name = m.get_param((FILE_INPUTS if role == "reads" else FILE_OUTPUTS)[m.type]) if role else ""
         if not name:
             continue
         try:  # an existing file by its inode: a hard link is another name of the same file
