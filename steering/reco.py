@@ -125,6 +125,10 @@ def parse_args(argv=None):
             check_address(args.input)
         except ValueError as err:
             ap.error(f"-i: {err}")
+        # the socket file of an ipc:// address it binds (one it connects to may appear later)
+        ipc_folder = missing_folder(args.input[len("ipc://"):]) if args.input.startswith("ipc://") else ""
+        if ipc_folder and not args.connect:
+            ap.error(f"-i {args.input!r}: no directory {ipc_folder!r} for the socket file")
     # the spec keeps every rejected message for inspection: a job that reads raw data keeps them by default
     args.rejected_when_needed = args.rejected is None and bool(args.input)
     if args.rejected_when_needed:

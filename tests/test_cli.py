@@ -233,7 +233,10 @@ def test_reco_py_refuses_files_and_addresses_its_modules_would_refuse(tmp_path, 
               % (tmp_path / "dir")),
              (["-i", str(root), "-o", str(tmp_path / "out.root")],
               "is a ROOT file (an output of reco.py): -i reads raw files (.msgpack)"),
-             (["-i", "tcp://127.0.0.1", "--idle-timeout", "1"], "-i: ZeroMQ address 'tcp://127.0.0.1': the port must be")]
+             (["-i", "tcp://127.0.0.1", "--idle-timeout", "1"], "-i: ZeroMQ address 'tcp://127.0.0.1': the port must be"),
+             # libzmq's 'ZMQError: No such file or directory for ipc path', exit 1 from ZMQInput's initialize
+             (["-i", f"ipc://{tmp_path}/typo/sock", "--idle-timeout", "1"],
+              f"-i 'ipc://{tmp_path}/typo/sock': no directory '{tmp_path}/typo' for the socket file")]
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:
             reco.main(argv)
