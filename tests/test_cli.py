@@ -604,6 +604,23 @@ def test_eclreco_quarantine_json_is_one_json_object(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["by_reason"] == {"not_a_map": 1}
 
 
+def test_eclreco_quarantine_says_when_a_reason_matches_no_record(tmp_path, capsys):
+    """`--reason oversized` (for oversize) said '0 rejected events, 0 bytes', as for a file without such
+    records: a typo read as "none". A --reason that no record has is now said on stderr, with the
+    reasons the files hold (the summary on stdout and exit 0 unchanged: none is an answer)."""
+    import msgpack
+
+    q = tmp_path / "q.rejected.msgpack"
+    q.write_bytes(b"".join(msgpack.packb({"reason": r, "detail": "d", "message": b"x"})
+                           for r in ("oversize", "truncated", "oversize")))
+    assert cli.main(["quarantine", str(q), "--reason", "oversized", "--reason", "truncated"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("1 rejected events, 1 bytes") and "truncated" in out, out
+    assert "no record has reason 'oversized' (the files' reasons: oversize, truncated)" in err, err
+    assert cli.main(["quarantine", str(q), "--reason", "oversize"]) == 0
+    assert capsys.readouterr().err == ""
+
+
 def test_eclreco_bench_removes_its_files_and_checks_plots_first(tmp_path, monkeypatch, capsys):
     """`eclreco bench` left its temporary folder behind, eclreco-bench-XXXX with the generated raw file
     (~5 kB/event: 100 MB a run at the default --events) and the ROOT output, in /tmp at every run; and

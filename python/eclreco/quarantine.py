@@ -60,6 +60,7 @@ def _run(args) -> int:
     counts: collections.Counter = collections.Counter()
     first: dict[str, dict] = {}
     n_bytes = 0
+    every_reason: set[str] = set()  # of every record read, for a --reason that matches none
     if args.extract and os.path.isdir(args.extract):
         raise ValueError(f"--extract {args.extract!r} is a directory: name a file in it")
     if args.extract and (folder := missing_folder(args.extract)):  # not the temporary file's name, in an error
@@ -89,6 +90,7 @@ def _run(args) -> int:
         try:
             for path in args.files:
                 for i, rec in enumerate(read_records(path)):
+                    every_reason.add(rec["reason"])
                     if reasons and rec["reason"] not in reasons:
                         continue
                     counts[rec["reason"]] += 1
@@ -106,6 +108,9 @@ def _run(args) -> int:
                 out.close()
         staged.publish()  # a file OUT: every record read (an error above leaves OUT as it was)
     total = sum(counts.values())
+    if unmatched := sorted(reasons - every_reason):  # a misspelt reason read as "0 rejected events"
+        print(f"eclreco quarantine: note: no record has reason {', '.join(map(repr, unmatched))} (the files' "
+              f"reasons: {', '.join(sorted(every_reason)) or 'none'})", file=sys.stderr)
     if args.json:
         print(json.dumps({"records": total, "bytes": n_bytes, "by_reason": dict(counts.most_common()),
                           "first_detail": {r: first[r].get("detail", "") for r in counts}}), file=text)
