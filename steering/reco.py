@@ -102,6 +102,9 @@ def parse_args(argv=None):
         args.events = 20000
     if args.particle is None:
         args.particle = "generic" if args.detector == "belle2-ecl" else "gamma"
+    elif args.particle == "generic" and args.detector != "belle2-ecl":
+        ap.error(f"--particle generic: generic events exist for belle2-ecl only (--detector {args.detector}: "
+                 "gamma or pi0)")
     if args.background is None:
         args.background = 1.0 if args.detector == "belle2-ecl" else 0.0
     if args.no_cnn and args.model:
