@@ -16,7 +16,7 @@ import pytest
 import uproot
 
 import eclreco
-from hlt_helpers import big_envelope, envelope, free_address, push_events, push_messages
+from hlt_helpers import big_envelope, envelope, free_address, push_events, push_messages, read_quarantine
 
 
 def scrape(port):
@@ -880,8 +880,10 @@ def test_farm_forwards_results_onward_over_zeromq(farm_factory):
             assert {"energy", "energy_raw", "seed_cell"} <= set(cols)
             n_clusters += int(counts.sum())
         assert sorted(evts) == list(range(n)) and n_clusters > 0
-        # what the workers reject is kept with a tcp:// output too (in the working directory; none before)
-        assert len(glob.glob(os.path.join(os.path.dirname(farm.output), "hlt_rejected_w*_*.msgpack"))) == 2
+        # what the workers reject is kept with a tcp:// output too (in the working directory; none before),
+        # in a file made at the first rejected event (none here)
+        where = "rejected raw events " + os.path.join(os.path.dirname(farm.output), "hlt_rejected_w")
+        assert farm.logtext().count(where) == 2, farm.logtext()
         # the first message of the run carries the sender's path (the collector's, which names its workers)
         assert provenance and [m["module"] for m in provenance[0]["path"]][:2] == ["HLTCollectorInput", "ZMQOutput"]
         assert provenance[0]["path"][0]["workers"][0]["path"][-1]["module"] == "ZMQOutput"
@@ -1147,3 +1149,30 @@ def test_the_collector_keeps_the_clusters_of_events_merged_with_a_batch_without_
     P.fill_batch(out, parts, [np.array([True, False]), np.array([True]), np.array([False, True, True])])
     assert out.evt.tolist() == [0, 2, 4, 5] and np.diff(out["ECLClusters"].offsets).tolist() == [2, 0, 2, 2]
     assert out["ECLClusters"]["energy"].tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_farm_leaves_no_empty_quarantine_files(farm_factory, tmp_path):
+    """`hlt run` gave every worker process a quarantine file named by its pid and each worker made it at its
+    start: a farm that rejected nothing left one empty file per worker and per restart (audit: a day of
+    restarts, a folder of empty files). A worker's file is now made at its first rejected event, as a
+    standalone worker's default one, and each worker says where it goes."""
+    farm = farm_factory(workers=2)
+    push_events(farm.input, range(200))
+    farm.wait_confirmed(200)
+    killed = farm.process("worker")["pid"]
+    os.kill(killed, signal.SIGKILL)
+    t0 = time.monotonic()
+    while sorted(p["pid"] for p in farm.status()["processes"] if p["role"] == "worker").count(killed) or \
+            sum(p["role"] == "worker" for p in farm.status()["processes"]) < 2:
+        assert time.monotonic() - t0 < 60, farm.logtext()
+        time.sleep(0.2)
+    push_messages(farm.input, [b"\xc1"])  # one rejected event: one record in one file
+    push_events(farm.input, range(200, 300))
+    farm.wait_confirmed(301)
+    farm.command("terminate")
+    rc, log = farm.wait_exit()
+    assert rc == 0, log
+    files = glob.glob(str(tmp_path / "farm_rejected_w*_*.msgpack"))
+    assert len(files) == 1 and os.path.getsize(files[0]) > 0, [(f, os.path.getsize(f)) for f in files]
+    assert [r["message"] for r in read_quarantine(files[0])] == [b"\xc1"]
+    assert log.count("rejected raw events " + str(tmp_path / "farm_rejected_w")) == 3, log  # 2 workers, 1 restart

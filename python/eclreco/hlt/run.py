@@ -197,7 +197,10 @@ class Farm:
         for i in range(a.workers):  # a worker appends (its restarts keep its file): this job's records only
             name = a.rejected.replace("{worker}", str(i))
             if name and "{pid}" not in name:
-                open(name, "wb").close()
+                try:  # made again at the worker's first rejected event (none: no file, not an empty one)
+                    os.remove(name)
+                except FileNotFoundError:
+                    pass
         self.workers = [self.popen(self.worker_cmd(i)) for i in range(a.workers)]
         print(f"[hlt run] farm up: input {a.input} control {a.control} workers {a.workers} output {a.output}",
               flush=True)

@@ -257,18 +257,23 @@ def add_worker_arguments(ap: argparse.ArgumentParser):
 
 def default_quarantine(args) -> None:
     """A worker keeps the raw bytes of what it rejects unless told not to (--rejected ''), as reco.py -i
-    does: by default in DEFAULT_REJECTED in its working directory, made at the first rejected event (a
-    worker that rejects nothing leaves no file). A directory it cannot write in is an error now, not
-    at the first rejection, which would stop the worker's run. Sets args.rejected to the file itself
-    ({pid} replaced)."""
-    args.rejected_when_needed = args.rejected is None
-    if args.rejected is None:
+    does: by default in DEFAULT_REJECTED in its working directory. The file is made at the first rejected
+    event, a given one too: a worker that rejects nothing leaves no file (hlt run names one per worker
+    process, and each made it at its start: a farm that rejected nothing, restarts included, left a folder
+    of empty files). A directory it cannot write in is an error now, not at the first rejection, which
+    would stop the worker's run. Sets args.rejected to the file itself ({pid} replaced)."""
+    args.rejected_when_needed = True
+    given = args.rejected is not None
+    if not given:
         args.rejected = DEFAULT_REJECTED
-        if not os.access(os.getcwd(), os.W_OK):
-            raise SystemExit(f"eclreco hlt worker: cannot keep rejected raw events in {os.getcwd()!r} (not writable): "
-                             "pass --rejected FILE (or --rejected '' to keep none)")
-    elif args.rejected and (folder := missing_folder(args.rejected)):
-        raise SystemExit(f"eclreco hlt worker: --rejected {args.rejected!r}: no directory {folder!r}")
+    if args.rejected:
+        if folder := missing_folder(args.rejected):
+            raise SystemExit(f"eclreco hlt worker: --rejected {args.rejected!r}: no directory {folder!r}")
+        where = os.path.dirname(os.path.abspath(args.rejected))
+        if not os.access(where, os.W_OK):
+            raise SystemExit(f"eclreco hlt worker: cannot keep rejected raw events in {where!r} (not writable): "
+                             + ("choose another --rejected FILE" if given else
+                                "pass --rejected FILE (or --rejected '' to keep none)"))
     args.rejected = args.rejected.replace("{pid}", str(os.getpid()))
 
 
