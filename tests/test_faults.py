@@ -338,6 +338,41 @@ def test_replaced_collector_gets_the_events_the_killed_one_had_not_saved(tmp_pat
     assert set(evts.tolist()) == set(range(n)), f"missing {sorted(set(range(n)) - set(evts.tolist()))[:10]}"
 
 
+def test_a_killed_collectors_count_is_what_its_file_holds(tmp_path, roles):
+    """A collector SIGKILLed in the middle of a run is listed in the stop's reply (replaced_collectors) with
+    the events in its file. That count was the sequence ids it had said SAVED for, which include the events
+    it did not write: those the workers rejected and the producer's repeats it dropped (farm audit: 1000
+    reported for a file of 882). Its SAVED now carries its file's count of the run."""
+    from hlt_helpers import push_messages
+
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import output_line, request
+
+    roles.distributor("--heartbeat-timeout", "1")
+    a = roles.collector(tmp_path / "a.root", "a.log", "--flush-interval", "0.05")
+    roles.worker()
+    roles.wait_up()
+    time.sleep(1.0)  # a's reports name its file
+    # 300 messages: 10 that are no envelope (rejected), 29 repeats of an (exp, run, evt) already sent
+    push_messages(roles.inp, [envelope(k % 270) if k % 30 else b"junk %d" % k for k in range(300)])
+    t0 = time.monotonic()
+    while (d := roles.dist())["confirmed"] < 300 or d["unsaved"]:
+        assert time.monotonic() - t0 < 60, d
+        time.sleep(0.1)
+    a.kill()
+    a.wait()
+    in_a = len(read_evt(tmp_path / "a.root")[0])
+    assert in_a == 261  # 300 - 10 - 29
+    roles.collector(tmp_path / "b.root", "b.log", "--flush-interval", "0.05")
+    push_events(roles.inp, range(1000, 1200))
+    roles.wait_confirmed(500)
+    reply = request(roles.ctl, P.STOP, 60.0)
+    assert [(r["output"], r["saved"]) for r in reply["replaced_collectors"]] == [(str(tmp_path / "a.root"), in_a)], reply
+    assert reply["collector"]["events_written"] == len(read_evt(tmp_path / "b.root")[0]) == 200, reply
+    line = output_line(request(roles.ctl, P.TERMINATE, 60.0)["processes"][0])
+    assert f"{in_a} more saved by 1 replaced collector(s)" in line, line
+
+
 def kill_collector_after_300_saved(roles, tmp_path, *distributor_args):
     """A farm (heartbeat timeout 1 s) whose collector is SIGKILLed once 300 events are confirmed and
     saved (nothing is held any more)."""

@@ -237,10 +237,14 @@ class CollectorLink:
         while self.unsaved and (everything or self.unsaved[0][0] <= output.batches_written):
             done.append(self.unsaved.popleft()[1])
         if done:
-            self._saved(np.concatenate(done))
+            self._saved(np.concatenate(done), None if output is None else output.events_written_run)
 
-    def _saved(self, seqs):
-        self.ctl.send_multipart([P.SAVED, P.seqs_to_bytes(seqs)])
+    def _saved(self, seqs, written: int | None = None):
+        """SAVED for seqs; written: the events in the run's file now. The seqs include events the file does
+        not hold (rejected by a worker, discarded, a producer's repeat dropped here): the distributor reports
+        a replaced collector's file by this count, not by the seqs it released."""
+        extra = [] if written is None else [str(int(written)).encode()]
+        self.ctl.send_multipart([P.SAVED, P.seqs_to_bytes(seqs), *extra])
         self.saved += len(seqs)
 
     def run_ended(self, info: dict):

@@ -401,15 +401,19 @@ class Distributor:
         ident, cmd, body = frames[0], frames[1], frames[2:]
         if cmd in (P.CONFIRM, P.SAVED):
             seqs = P.seqs_from_bytes(_frame(frames, 2))
+            # SAVED's optional third frame: the events in the collector's file of the run so far
+            written = int(frames[3]) if cmd == P.SAVED and len(frames) > 3 else None
+            if written is not None and not 0 <= written < 1 << 63:
+                raise ValueError(f"SAVED: events written {written}")
             if self.collector is None or self.collector["ident"] != ident:
                 # Only the registered collector speaks for the output file. A collector that outlived
                 # the previous distributor confirms before its HELLO (the answer to WHO) arrives:
                 # kept, and taken if that HELLO registers it (dropped, those events waited for the
                 # stop's time-out and were counted lost although they were in the file).
                 self._send(self.ctl, ident, P.WHO)
-                self.hold_unregistered(ident, cmd, seqs, now)
+                self.hold_unregistered(ident, cmd, seqs, now, written)
                 return
-            self.apply_confirmation(cmd, seqs, now)
+            self.apply_confirmation(cmd, seqs, now, written)
         elif cmd == P.HELLO:
             info = _map(frames, 2)
             if info.get("role") == "collector":
@@ -423,21 +427,22 @@ class Distributor:
                     same = old is not None and info.get("instance") is not None and \
                         old["status"].get("instance") == info.get("instance")  # reconnected
                     if same:
-                        carried = {"received_before": old.get("received_before", 0), "saved": old["saved"]}
+                        carried = {"received_before": old.get("received_before", 0), "saved": old["saved"],
+                                   "written": old.get("written")}
                     else:
                         # One registered in the middle of its run by a distributor that had none (this
                         # one restarted) reports at its end what it received from the previous
                         # distributor too: noted, so that the output line can say so.
                         received = info.get("received", 0) if old is None and info.get("state") == "running" else 0
-                        carried = {"received_before": max(0, int(received or 0)), "saved": 0}
+                        carried = {"received_before": max(0, int(received or 0)), "saved": 0, "written": None}
                     if old is not None:  # (after what can fail on a malformed HELLO)
                         self.collector_replaced(same)
                     # registered between runs: it has no run to report on
                     self.collector = {"ident": ident, "last_seen": now, "status": info,
                                       "run_ended": {} if self.state == "stopped" else None, **carried}
                     held = self.unregistered.pop(ident, None)
-                    for c, seqs in (held["messages"] if held else ()):
-                        self.apply_confirmation(c, seqs, now)
+                    for c, seqs, written in (held["messages"] if held else ()):
+                        self.apply_confirmation(c, seqs, now, written)
                 self._send(self.ctl, ident, P.LOW, str(self.low_watermark()).encode())
             else:
                 self.add_supervisor(ident, info, now)
@@ -477,7 +482,7 @@ class Distributor:
                 self.run_index += 1
                 self.replaced_run = []
                 if self.collector is not None:
-                    self.collector["saved"] = 0
+                    self.collector["saved"], self.collector["written"] = 0, None
                 self.state = "running"
                 print(f"[distributor] run {self.run_index} started", flush=True)
             self._send(self.ctl, ident, P.OK, P.pack({"state": self.state, "run_index": self.run_index,
@@ -489,8 +494,8 @@ class Distributor:
         else:  # counted as a bad message, answered with ERR (handle_control)
             raise ValueError(f"unknown command {cmd[:64]!r}")
 
-    def apply_confirmation(self, cmd: bytes, seqs: np.ndarray, now: float):
-        """CONFIRM or SAVED of the registered collector."""
+    def apply_confirmation(self, cmd: bytes, seqs: np.ndarray, now: float, written: int | None = None):
+        """CONFIRM or SAVED of the registered collector (written: SAVED's count of the events in its file)."""
         if cmd == P.CONFIRM:
             self.confirm(seqs, now)
             self.collector["last_seen"] = now
@@ -500,15 +505,17 @@ class Distributor:
             for s in seqs.tolist():
                 saved += pop(s, None) is not None
             self.collector["saved"] += saved
+            if written is not None:
+                self.collector["written"] = written
 
-    def hold_unregistered(self, ident: bytes, cmd: bytes, seqs: np.ndarray, now: float):
+    def hold_unregistered(self, ident: bytes, cmd: bytes, seqs: np.ndarray, now: float, written: int | None = None):
         """Keeps CONFIRM/SAVED of a process that is not the registered collector until its HELLO
         (housekeeping drops them, as bad messages, when none comes within the heartbeat time-out).
         Bounded: at most 8 such processes and max_held ids each."""
         held = self.unregistered.get(ident) or {"since": now, "messages": [], "n": 0}
         if (ident not in self.unregistered and len(self.unregistered) >= 8) or held["n"] + len(seqs) > self.max_held:
             raise ValueError(f"{cmd.decode()} from a process that is not the registered collector")
-        held["messages"].append((cmd, seqs))
+        held["messages"].append((cmd, seqs, written))
         held["n"] += len(seqs)
         self.unregistered[ident] = held
 
@@ -565,7 +572,9 @@ class Distributor:
         replaced_files) and in the stop's reply."""
         old = self.collector
         if old["run_ended"] is None and not same_process and not old.get("left"):  # (left: in the report already)
-            self.note_collector_file(old["status"], old["status"].get("output"), old["saved"],
+            # its file's count where it said it (the ids it released include events no file holds)
+            in_file = old["saved"] if old.get("written") is None else old["written"]
+            self.note_collector_file(old["status"], old["status"].get("output"), in_file,
                                      ("replaced_collectors", "saved_by_replaced", "replaced_files"))
         back = []
         for seq, e in self.events.items():
