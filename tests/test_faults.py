@@ -767,6 +767,70 @@ def test_a_replaced_collectors_saved_events_are_in_the_report():
         farm.close()
 
 
+def test_a_collector_registered_after_the_stop_is_no_report_of_the_run():
+    """The collector dies as its run stops (no RUN_ENDED) and a replacement registers before the stop is
+    answered: the stop's reply gave the replacement's placeholder, `collector: {}` with `timeout: false`, as
+    the run's report (`hlt control stop` exited 0: an empty report for a file nobody said was closed). Now
+    the reply says that no collector reported the run (collector null, timeout true: exit 1) and lists the
+    dead one in replaced_collectors; a collector registered between runs still holds no stop or
+    terminate up, and reports the next run."""
+    from eclreco.hlt import protocol as P
+
+    farm = InProcessFarm(heartbeat_timeout_s=5.0, stop_drain_s=0.0)
+    d = farm.d
+    try:
+        a = farm.peer()
+        collector_hello(farm, a, output="/data/a.root")
+        control = farm.peer()
+        assert farm.send(control, P.STOP) == []
+        d.housekeeping(time.monotonic())
+        assert d.state == "stopped" and not control.poll(100)  # waits for a's RUN_ENDED
+        a.close(0)  # a dies before its report
+        t0 = time.monotonic()
+        while True:  # b is taken once libzmq has seen a's connection go (a few ms)
+            replies = collector_hello(farm, farm.peer(), instance="i8", pid=8, output="/data/a.2.root")
+            if replies[-1][0] == P.LOW:
+                break
+            assert time.monotonic() - t0 < 10, replies
+            time.sleep(0.05)
+        d.housekeeping(time.monotonic())
+        assert control.poll(5000)
+        reply = P.unpack(control.recv_multipart()[1])
+        assert reply["collector"] is None and reply["timeout"] is True, reply
+        assert [r["pid"] for r in reply["replaced_collectors"]] == [7], reply
+        # b registered between runs: the next run's stop gets its report; a terminate is not held up
+        farm.send(control, P.START)
+        farm.send(control, P.STOP)
+        d.housekeeping(time.monotonic())
+        assert d.state == "stopped" and not control.poll(100)
+        b = farm.peers[-1]
+        farm.send(b, P.RUN_ENDED, P.pack({"run_index": 2, "filename": "/data/a.2.root", "received": 0,
+                                          "events_written": 0}))
+        d.housekeeping(time.monotonic())
+        assert control.poll(5000)
+        reply = P.unpack(control.recv_multipart()[1])
+        assert reply["collector"]["filename"] == "/data/a.2.root" and reply["timeout"] is False, reply
+        # b dies between runs; the next run starts and stops without a collector; c registers after it: b took no
+        # part in run 3 and is no replaced collector of it (it was: '0 more saved by 2 replaced collector(s)')
+        b.close(0)
+        d.collector["last_seen"] -= 10  # silent
+        farm.send(control, P.START)
+        farm.send(control, P.STOP)
+        d.housekeeping(time.monotonic())
+        assert control.poll(5000)
+        reply = P.unpack(control.recv_multipart()[1])
+        assert reply["collector"] is None and reply["replaced_collectors"] == [], reply
+        t0 = time.monotonic()
+        while collector_hello(farm, farm.peer(), instance="i9", pid=9)[-1][0] != P.LOW:
+            assert time.monotonic() - t0 < 10
+            time.sleep(0.05)
+        assert d.output["replaced_collectors"] == 1, d.output  # a, in run 1
+        # c registered between runs has nothing to report: a terminate does not wait for it
+        assert d.collector["status"]["pid"] == 9 and d.run_reported(time.monotonic())
+    finally:
+        farm.close()
+
+
 def test_a_collector_stopped_in_the_middle_of_a_run_is_in_the_report():
     """A collector stopped by SIGINT/SIGTERM in the middle of a run (a service stop or restart) closes its
     file and reports RUN_ENDED; a new collector writes the rest of the run in its own file. The first

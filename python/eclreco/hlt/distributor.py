@@ -426,20 +426,23 @@ class Distributor:
                     old = self.collector
                     same = old is not None and info.get("instance") is not None and \
                         old["status"].get("instance") == info.get("instance")  # reconnected
-                    if same:
-                        carried = {"received_before": old.get("received_before", 0), "saved": old["saved"],
-                                   "written": old.get("written")}
+                    if same:  # what it reported, or has to report, stays
+                        carried = {k: old.get(k) for k in ("received_before", "saved", "written", "run_ended",
+                                                           "between_runs", "left")}
                     else:
                         # One registered in the middle of its run by a distributor that had none (this
                         # one restarted) reports at its end what it received from the previous
                         # distributor too: noted, so that the output line can say so.
                         received = info.get("received", 0) if old is None and info.get("state") == "running" else 0
-                        carried = {"received_before": max(0, int(received or 0)), "saved": 0, "written": None}
+                        # between_runs: registered while the farm is stopped (or silent at a run's start): it
+                        # takes no part in the run, has no report of it to wait for, and its file holds none
+                        # of it (it had `run_ended: {}`, which a stop's reply gave as the report of a run whose
+                        # collector had died)
+                        carried = {"received_before": max(0, int(received or 0)), "saved": 0, "written": None,
+                                   "run_ended": None, "between_runs": self.state == "stopped"}
                     if old is not None:  # (after what can fail on a malformed HELLO)
                         self.collector_replaced(same)
-                    # registered between runs: it has no run to report on
-                    self.collector = {"ident": ident, "last_seen": now, "status": info,
-                                      "run_ended": {} if self.state == "stopped" else None, **carried}
+                    self.collector = {"ident": ident, "last_seen": now, "status": info, **carried}
                     held = self.unregistered.pop(ident, None)
                     for c, seqs, written in (held["messages"] if held else ()):
                         self.apply_confirmation(c, seqs, now, written)
@@ -482,7 +485,8 @@ class Distributor:
                 self.run_index += 1
                 self.replaced_run = []
                 if self.collector is not None:
-                    self.collector["saved"], self.collector["written"] = 0, None
+                    # in this run unless it is silent (dead): a file of its earlier run holds none of this one
+                    self.collector.update(saved=0, written=None, between_runs=self.collector_silent(now))
                 self.state = "running"
                 print(f"[distributor] run {self.run_index} started", flush=True)
             self._send(self.ctl, ident, P.OK, P.pack({"state": self.state, "run_index": self.run_index,
@@ -496,6 +500,7 @@ class Distributor:
 
     def apply_confirmation(self, cmd: bytes, seqs: np.ndarray, now: float, written: int | None = None):
         """CONFIRM or SAVED of the registered collector (written: SAVED's count of the events in its file)."""
+        self.collector["between_runs"] = False  # (one silent at the start, back) its file holds part of the run
         if cmd == P.CONFIRM:
             self.confirm(seqs, now)
             self.collector["last_seen"] = now
@@ -571,7 +576,8 @@ class Distributor:
         run it did not report on is in its own file: counted in `output` (saved_by_replaced,
         replaced_files) and in the stop's reply."""
         old = self.collector
-        if old["run_ended"] is None and not same_process and not old.get("left"):  # (left: in the report already)
+        # (left: in the report already; between_runs: it took no part in the run)
+        if old["run_ended"] is None and not same_process and not old.get("left") and not old.get("between_runs"):
             # its file's count where it said it (the ids it released include events no file holds)
             in_file = old["saved"] if old.get("written") is None else old["written"]
             self.note_collector_file(old["status"], old["status"].get("output"), in_file,
@@ -609,8 +615,10 @@ class Distributor:
         if self.state == "running":
             self.state = "stopping"
             self.stop_since = time.monotonic()
-            if self.collector is not None:
-                self.collector["run_ended"] = None
+            if self.collector is not None:  # a live one reports this run's end: waited for
+                c = self.collector
+                c["run_ended"] = None
+                c["between_runs"] = bool(c.get("between_runs")) and self.collector_silent(self.stop_since)
             print(f"[distributor] stopping run {self.run_index}", flush=True)
 
     def confirm(self, seqs: np.ndarray, now: float):
@@ -742,7 +750,7 @@ class Distributor:
         """The collector's RUN_ENDED for the stopped run is in (what it wrote and what failed there: the
         STOP reply and the final status carry it), or it cannot come: no live collector, or 30 s gone."""
         return (self.collector_silent(now) or self.collector.get("run_ended") is not None
-                or now - self.stopped_at > 30)
+                or self.collector.get("between_runs", False) or now - self.stopped_at > 30)
 
     def collector_silent(self, now: float) -> bool:
         return self.collector is None or now - self.collector["last_seen"] > self.heartbeat_timeout_s
