@@ -587,6 +587,10 @@ def test_eclreco_quarantine_extract_names_a_directory_or_a_missing_one(tmp_path,
         assert message in err and "partial" not in err and not out_, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "q.rejected.msgpack"]
     assert not os.listdir(tmp_path / "out")
+    # an empty OUT (an unset shell variable) extracted nothing and said only the count, exit 0
+    with pytest.raises(SystemExit) as e:
+        cli.main(["quarantine", str(q), "--extract", ""])
+    assert e.value.code == 2 and "--extract: names no file" in capsys.readouterr().err
 
 
 def test_eclreco_quarantine_json_is_one_json_object(tmp_path, capsys):

@@ -125,6 +125,13 @@ def _run(args) -> int:
     return 0
 
 
+def _out_file(text: str) -> str:
+    """--extract: a file name (an empty one, from an unset shell variable, extracted nothing, silently)."""
+    if not text:
+        raise argparse.ArgumentTypeError("names no file")
+    return text
+
+
 def add_quarantine_parser(subparsers) -> None:
     p = subparsers.add_parser("quarantine", help="list or extract the rejected raw events of quarantine files",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -132,7 +139,7 @@ def add_quarantine_parser(subparsers) -> None:
     shown = p.add_mutually_exclusive_group()  # both on stdout: the lines made the JSON unreadable
     shown.add_argument("--list", action="store_true", help="one line per record: reason, exp/run/evt, size, detail")
     p.add_argument("--reason", action="append", help="only records of this reason (repeatable)")
-    p.add_argument("--extract", default="", metavar="OUT",
+    p.add_argument("--extract", type=_out_file, default=None, metavar="OUT",
                    help="write the messages as sent, back to back, to OUT (a raw file; a multi_frame record's "
                         "message keeps its mark, which a raw file reads as not_msgpack)")
     shown.add_argument("--json", action="store_true", help="the summary as one JSON object (not with --list)")
