@@ -291,6 +291,17 @@ def test_farm_full_chain_matches_single_process(farm_factory, tmp_path, chain):
     assert ended["events_written"] == kept and ended["discarded"] == n - kept
     if chain == "filter":
         assert 0.3 * n < kept < 0.9 * n, kept  # the cuts select a part (77 %), not nothing or everything
+        # the workers count the discarded events and the collector again (as rejections): the dashboard's
+        # panel of discarded events sums the collector's
+        from prometheus_client.parser import text_string_to_metric_families
+
+        by_role = {}
+        for p in farm.status()["processes"]:
+            if p["role"] in ("worker", "collector") and p.get("metrics_port"):
+                fams = {f.name: f for f in text_string_to_metric_families(scrape(p["metrics_port"]))}
+                by_role[p["role"]] = by_role.get(p["role"], 0) + sum(
+                    x.value for x in fams["eclreco_events_discarded"].samples if x.name.endswith("_total"))
+        assert by_role == {"worker": n - kept, "collector": n - kept}, by_role
     else:
         assert kept == n
     if chain == "model":  # the scaled model was used (a farm ignoring --model fails the comparison below)

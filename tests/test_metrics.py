@@ -188,8 +188,9 @@ def test_the_dashboard_counts_each_event_once():
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     with open(os.path.join(repo, "deploy", "grafana-eclreco.json")) as f:
         exprs = [t["expr"] for p in json.load(f)["panels"] for t in p.get("targets", [])]
-    counted = [e for e in exprs if re.search(r"eclreco_events_(received|processed|rejected|module_errors)_total", e)]
-    assert len(counted) >= 4
+    counted = [e for e in exprs if re.search(r"eclreco_events_(received|processed|rejected|module_errors|discarded)_total",
+                                              e)]
+    assert len(counted) >= 5
     for e in counted:
         assert re.search(r'role="(collector|distributor|worker)"', e) or "by (role)" in e, e
 
