@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import NoReturn
 
 import zmq
 
@@ -359,17 +360,23 @@ def process_state(pid: int) -> str:
         return ""
 
 
+def refuse(message: str) -> NoReturn:
+    """A bad option or combination: one line, exit 2, as argparse's own checks (it was exit 1)."""
+    print(f"eclreco hlt run: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(args) -> int:
     # single values are range-checked by their argparse types (cli_types); here what needs two
     if args.metrics_base_port > 0 and args.metrics_base_port + 1 + args.workers > 65535:
-        raise SystemExit(f"eclreco hlt run: --metrics-base-port {args.metrics_base_port}: the ports of the collector "
-                         f"and {args.workers} workers (P+1 .. P+{1 + args.workers}) must stay below 65536")
+        refuse(f"--metrics-base-port {args.metrics_base_port}: the ports of the collector "
+               f"and {args.workers} workers (P+1 .. P+{1 + args.workers}) must stay below 65536")
     if args.worker_steering and not os.path.isfile(args.worker_steering):
-        raise SystemExit(f"eclreco hlt run: --worker-steering {args.worker_steering!r} is not a file")
+        refuse(f"--worker-steering {args.worker_steering!r} is not a file")
     if unused := chain_option_unused(args):
-        raise SystemExit(f"eclreco hlt run: {unused}")
+        refuse(unused)
     if args.model and not os.path.isfile(args.model):
-        raise SystemExit(f"eclreco hlt run: --model {args.model!r} is not a file")
+        refuse(f"--model {args.model!r} is not a file")
     names = module_names(args.modules)
     if names:
         from eclreco.framework import available_modules
@@ -377,35 +384,36 @@ def main(args) -> int:
         known = available_modules()
         unknown = [n for n in names if n not in known]
         if unknown:
-            raise SystemExit(f"eclreco hlt run: --modules: unknown module(s) {', '.join(map(repr, unknown))}; "
-                             f"available: {', '.join(known)}")
+            refuse(f"--modules: unknown module(s) {', '.join(map(repr, unknown))}; "
+                   f"available: {', '.join(known)}")
     if args.conditions and not os.path.isfile(args.conditions):
-        raise SystemExit(f"eclreco hlt run: --conditions {args.conditions!r} is not a file")
+        refuse(f"--conditions {args.conditions!r} is not a file")
     for option, address in (("--input", args.input), ("--control", args.control), ("--workers-addr", args.workers_addr),
                             ("--collector-addr", args.collector_addr)):
         if address:
             try:
                 check_address(address)
             except ValueError as err:  # before any role starts (the distributor's error, then a second line)
-                raise SystemExit(f"eclreco hlt run: {option}: {err}") from None
+                refuse(f"{option}: {err}")
     from eclreco.paths import missing_folder
     from eclreco.reconstruction import event_filter_option_unused
 
     if unused := event_filter_option_unused(args):
-        raise SystemExit(f"eclreco hlt run: {unused}")
+        refuse(unused)
     folder = "" if args.output.startswith("tcp://") else missing_folder(args.output)
     if folder:
-        raise SystemExit(f"eclreco hlt run: --output {args.output!r}: no directory {folder!r}")
+        refuse(f"--output {args.output!r}: no directory {folder!r}")
     if args.rejected:
         if args.workers > 1 and "{worker}" not in args.rejected and "{pid}" not in args.rejected:
-            raise SystemExit(f"eclreco hlt run: --rejected {args.rejected!r}: {args.workers} workers would write "
-                             "one file; put {worker} (their index) or {pid} in its name")
+            refuse(f"--rejected {args.rejected!r}: {args.workers} workers would write "
+                   "one file; put {worker} (their index) or {pid} in its name")
         if folder := missing_folder(args.rejected):
-            raise SystemExit(f"eclreco hlt run: --rejected {args.rejected!r}: no directory {folder!r}")
+            refuse(f"--rejected {args.rejected!r}: no directory {folder!r}")
     try:
-        check_message_limits("eclreco hlt run", args.max_message_bytes, args.refuse_message_bytes)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
+        check_message_limits("", args.max_message_bytes, args.refuse_message_bytes,
+                             ("--max-message-bytes", "--refuse-message-bytes"))
+    except ValueError as err:
+        refuse(str(err))
     farm = Farm(args)
     try:
         return farm.run()
