@@ -316,7 +316,7 @@ def find_clusters(detector, offsets, cell, energy, time, quality, skip=None, **p
     features = np.stack([theta, phi, u, v, e_cl, ring.astype(np.float64), region_code.astype(np.float64)], 1)
     return dict(
         offsets=out_offsets, energy_raw=f32(e_cl), theta=f32(theta), phi=f32(phi), x=f32(x), y=f32(y), z=f32(z),
-        time=f32(T[lms]), e1e9=f32(e1e9), e9e21=f32(e9e21), second_moment=f32(m2), lat=f32(lat),
+        time=f32(np.where(Q[lms] == 0, T[lms], 0.0)), e1e9=f32(e1e9), e9e21=f32(e9e21), second_moment=f32(m2), lat=f32(lat),
         local_u=f32(u), local_v=f32(v), weight_sum=f32(wsum), n_crystals=i32(np.rint(wsum)),
         seed_cell=i32(seed_cell), ring=i32(ring), n_maxima=i32(cl_nmax), region_index=i32(reg_local[cl_reg]),
         image=image[so].astype(np.float32), features=features[so].astype(np.float32))

@@ -720,3 +720,18 @@ def test_a_repeated_cell_is_an_invalid_digit_not_a_second_cluster():
     assert np.diff(ref["offsets"]).tolist() == [2, 1]
     for k in ("offsets", "energy_raw", "seed_cell", "n_crystals", "image"):
         np.testing.assert_array_equal(sink.out[k], ref[k], err_msg=k)
+
+
+def test_a_seed_without_a_valid_time_gives_its_cluster_time_0():
+    """A digit of quality 1-3 has no valid time (wire-format.md: its time bits mean nothing); the
+    clusterizer takes it as in time, but a cluster seeded by it took the seed's time field as its time
+    (up to +-1006 ns), which then put it outside the CNN's time domain. Its time is now 0, as the seed
+    was taken: in time. A seed of quality 0 keeps its time; the NumPy twin agrees."""
+    ev = [(4000, 0.8, 1006.0, 2), (3999, 0.1, 3.0, 0), (4001, 0.1, -2.0, 0), (7000, 0.3, 40.0, 0)]
+    d = digits(ev)
+    out = _core.find_clusters("belle2-ecl", **d)
+    assert dict(zip(out["seed_cell"].tolist(), out["time"].tolist())) == {4000: 0.0, 7000: 40.0}
+    ref = numpy_clustering.find_clusters("belle2-ecl", **d)
+    np.testing.assert_array_equal(out["time"], ref["time"])
+    good = _core.find_clusters("belle2-ecl", **digits([(4000, 0.8, 12.0, 0)] + ev[1:]))
+    assert good["time"].tolist() == [12.0, 40.0]

@@ -370,7 +370,7 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
     }
     if (K == 1) {
       for (int q = 0; q < m; ++q) share_[q] = energy[mem[q]];
-      make_cluster(g, cell, time, mem, m, share_.data(), nullptr, lms_[0], 1, r);
+      make_cluster(g, cell, time, quality, mem, m, share_.data(), nullptr, lms_[0], 1, r);
       continue;
     }
     // 3. Iterative exponential sharing between K maxima.
@@ -423,7 +423,7 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
         ones_[q] = wts_[static_cast<size_t>(q) * K + k];
         share_[q] = ones_[q] * energy[mem[q]];
       }
-      make_cluster(g, cell, time, mem, m, share_.data(), ones_.data(), lms_[k], K, r);
+      make_cluster(g, cell, time, quality, mem, m, share_.data(), ones_.data(), lms_[k], K, r);
     }
   }
 
@@ -477,8 +477,8 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
   cleanup();
 }
 
-void Clusterer::make_cluster(const Geometry& g, const int32_t* cell, const float* time, const int* mem,
-                             int m, const double* share, const double* w, int seed, int n_max, int region) {
+void Clusterer::make_cluster(const Geometry& g, const int32_t* cell, const float* time, const uint8_t* quality,
+                             const int* mem, int m, const double* share, const double* w, int seed, int n_max, int region) {
   Cand c{};
   double e = 0, wsum = 0;
   if (w) {
@@ -495,7 +495,7 @@ void Clusterer::make_cluster(const Geometry& g, const int32_t* cell, const float
   c.ring = g.cell_ring[sc];
   c.n_max = n_max;
   c.region = region;
-  c.time = time[seed];
+  c.time = quality[seed] == 0 ? time[seed] : 0.0f;
   const bool belle = g.detector == Detector::Belle2ECL;
   // The block of rings seed_ring - R .. seed_ring + R (R = max(N/2, 2)) around the seed; on
   // each ring the phi index nearest to the seed is the centre (as for the N1 / NC2 lists and the
