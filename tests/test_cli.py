@@ -559,6 +559,37 @@ def test_eclreco_quarantine_lists_and_extracts_what_reco_py_rejected(tmp_path, c
     assert "is this a quarantine file?" in capsys.readouterr().err
 
 
+def test_eclreco_quarantine_columns_line_up_for_long_reasons(tmp_path, capsys):
+    """The summary and --list padded the reason to 16 characters: for duplicate_collector,
+    payload_not_words, missing_hit_words or bad_shaper_marker (17-19) the count and the ids moved
+    right, so the columns of one summary did not line up (independent-producer audit)."""
+    import struct
+
+    import msgpack
+
+    def envelope(evt, words):
+        payload = struct.pack(f"<{len(words)}I", *words)
+        return msgpack.packb({"v": 1, "exp": 0, "run": 1, "evt": evt, "det": "array30", "ecl": payload},
+                             use_bin_type=True)
+
+    block, shaper = (lambda c, n: 0xEC << 24 | c << 16 | n), (lambda s, m: 0x10 << 24 | s << 16 | m)
+    msgs = [envelope(0, [block(1, 0), block(1, 0)]),  # duplicate_collector (19 characters)
+            envelope(1, [block(1, 1), shaper(1, 1)]),  # missing_hit_words (17)
+            envelope(2, [block(0, 0)]),  # bad_collector_id (16)
+            msgpack.packb([1])]  # not_a_map (9)
+    write_raw_file(tmp_path / "bad.msgpack", msgs)
+    quarantine = str(tmp_path / "r.rejected.msgpack")
+    assert _reco().main(["-i", str(tmp_path / "bad.msgpack"), "-o", str(tmp_path / "r.root"), "--no-cnn"]) == 1
+    capsys.readouterr()
+    assert cli.main(["quarantine", quarantine]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert len(rows) == 4 and len({row.index("first:") for row in rows}) == 1, rows
+    assert cli.main(["quarantine", quarantine, "--list"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    starts = {row.index(" exp 0 run 1") if "exp 0" in row else row.index(" (no exp/run/evt)") for row in rows}
+    assert len(rows) == 4 and len(starts) == 1, rows
+
+
 def test_eclreco_quarantine_extract_refuses_to_write_over_its_input(tmp_path, capsys):
     """`eclreco quarantine Q --extract Q` opened OUT for writing before reading the inputs: the quarantine
     file was emptied, '0 rejected events' printed and exit 0 (the rejected events were gone). Now an OUT

@@ -21,6 +21,10 @@ import msgpack
 
 from eclreco.paths import StagedOutputs, missing_folder
 
+# --list pads the reason to this: the longest of eclreco's own (duplicate_collector); the records are
+# listed as they are read, so the width cannot come from the file
+LIST_REASON_WIDTH = 19
+
 
 def read_records(path: str | os.PathLike) -> Iterator[dict]:
     """The records of one quarantine file, in the order they were rejected; a file that is not one,
@@ -97,8 +101,8 @@ def _run(args) -> int:
                     first.setdefault(rec["reason"], rec)
                     n_bytes += len(rec["message"])
                     if args.list:
-                        print(f"{path}:{i}  {rec['reason']:<16} {_ids(rec):<28} {len(rec['message']):>9} bytes  "
-                              f"{rec.get('detail', '')}", file=text)
+                        print(f"{path}:{i}  {rec['reason']:<{LIST_REASON_WIDTH}} {_ids(rec):<28} "
+                              f"{len(rec['message']):>9} bytes  {rec.get('detail', '')}", file=text)
                     if out is not None:
                         out.write(rec["message"])
         finally:
@@ -116,9 +120,10 @@ def _run(args) -> int:
                           "first_detail": {r: first[r].get("detail", "") for r in counts}}), file=text)
     elif not args.list:
         print(f"{total} rejected events, {n_bytes} bytes, in {len(args.files)} file(s)", file=text)
+        width = max(map(len, counts), default=0)
         for reason, n in counts.most_common():
             rec = first[reason]
-            print(f"  {reason:<16} {n:>8}   first: {_ids(rec)}: {rec.get('detail', '')}", file=text)
+            print(f"  {reason:<{width}} {n:>8}   first: {_ids(rec)}: {rec.get('detail', '')}", file=text)
     if out is not None:
         print(f"{total} messages written to {args.extract} (a raw file: reco.py -i {args.extract})",
               file=sys.stderr)
