@@ -311,3 +311,19 @@ def test_lookups_match_tables(detector):
         np.testing.assert_array_equal([g.ring_at_theta(x) for x in t], np.arange(g.n_rings), err_msg="ring_at_theta")
     outside = np.radians([0.0, 12.3, 31.8, 129.7, 155.2, 180.0])  # before, in the two gaps, after
     assert [g.ring_at_theta(x) for x in outside] == [-1] * len(outside), "ring_at_theta in a gap or outside"
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_phi_index_at_outside_the_detector_is_minus_one(detector):
+    """phi_index_at of a ring that does not exist, of a NaN or infinite phi, or in array30 (no phi
+    segments) is -1, as ring_at_theta answers outside: it read ring_size past its end (a garbage
+    index such as -1079594741 for ring 69) and cast NaN to int (-2147483648)."""
+    g = eclreco.Geometry.get(detector)
+    bad_rings = [-1, g.n_rings, 100_000, -100_000]
+    assert [g.phi_index_at(r, 0.1) for r in bad_rings] == [-1] * len(bad_rings)
+    phis = [float("nan"), float("inf"), -float("inf")]
+    assert [g.phi_index_at(0, p) for p in phis] == [-1] * len(phis)
+    if detector == "array30":
+        assert g.phi_index_at(0, 0.1) == -1
+    else:
+        assert g.phi_index_at(0, 0.1) == 0 and g.phi_index_at(68, 2 * np.pi - 1e-9) == 63

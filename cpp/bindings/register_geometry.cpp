@@ -41,7 +41,9 @@ void register_geometry(py::module_& m) {
 #undef ECL_VIEW
       .def("cell_id", &Geometry::cell_id, py::arg("ring"), py::arg("phi_index"),
            "cellId at (ring, phi index); 0 outside the detector")
-      .def("phi_index_at", &Geometry::phi_index_at, py::arg("ring"), py::arg("phi"))
+      .def("phi_index_at", &Geometry::phi_index_at, py::arg("ring"), py::arg("phi"),
+           "phi index of the crystal of `ring` whose segment contains phi (rad, belle2-ecl); -1 for no "
+           "such ring, a phi that is not finite, or array30")
       .def("ring_at_theta", &Geometry::ring_at_theta, py::arg("theta"),
            "ring containing theta, -1 in a gap or outside (belle2-ecl)");
 }

@@ -134,6 +134,8 @@ int Geometry::cell_id(int ring, int phi_index) const {
 }
 
 int Geometry::phi_index_at(int ring, double phi) const {
+  // Python passes any int and double: a ring past the table, or NaN cast to int, is undefined.
+  if (detector != Detector::Belle2ECL || ring < 0 || ring >= n_rings || !std::isfinite(phi)) return -1;
   const int n = ring_size[ring];
   double u = phi / (2 * kPi);
   u -= std::floor(u);

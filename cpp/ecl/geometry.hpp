@@ -47,7 +47,8 @@ class Geometry {
 
   // cellId at (ring, phi index): phi wraps for belle2-ecl; 0 when outside (array30 edges, bad ring).
   int cell_id(int ring, int phi_index) const;
-  // Phi index in `ring` of the crystal whose phi segment contains `phi` (belle2-ecl).
+  // Phi index in `ring` of the crystal whose phi segment contains `phi` (belle2-ecl); -1 for a ring
+  // outside 0..n_rings-1, a phi that is not finite, or array30 (no phi segments).
   int phi_index_at(int ring, double phi) const;
   // Phi index on `ring` nearest in phi to the crystal (ring_from, phi_from); the identity for array30.
   // At an exact tie (the crystal's phi centre on a segment boundary of `ring`: 528 (cell, ring)
