@@ -36,7 +36,9 @@ class Geometry {
   std::vector<double> cell_theta, cell_phi;        // direction of the crystal axis
   std::vector<double> front_x, front_y, front_z;   // centre of the front face, cm
   std::vector<double> dir_x, dir_y, dir_z;         // unit vector of the crystal axis
-  std::vector<double> width;                       // transverse size at the front face, cm
+  // Transverse size of the front face, cm: array30 the crystal (5.5, without the aluminium),
+  // belle2-ecl sqrt(theta x phi extent) of the solid-angle cell, the ~1 mm air gap included.
+  std::vector<double> width;
 
   double crystal_length_cm = 30.0;
   double moliere_radius_cm = 3.57;
