@@ -990,3 +990,20 @@ def test_a_split_without_matched_clusters_is_a_clear_error():
     for tr, va, split in ((none, v, "training"), (s, {**v, "has": np.zeros_like(v["has"])}, "validation")):
         with pytest.raises(train.TrainingInputError, match=f"the {split} split has no matched cluster"):
             train.train_model(tr, va, train.SIZES["tiny"], epochs=1, seed=1, quiet=True)
+
+
+def test_a_geant4_file_of_several_photons_per_event_is_refused(tmp_path):
+    """data/README.md: `photons` is (n_events, 1, 4), one photon per event. A file of the same
+    generator with two (a pi0 sample) was read as if each event held its first photon only: the
+    truth energy and the direction the clusters are matched to were those of one photon of the
+    two, silently. It is a ValueError naming the array's shape now; a (n_events, 4) array, which
+    said 'too many indices for array', too."""
+    with np.load(SUBSET["belle2-ecl"]) as f:
+        arrays = {k: f[k] for k in f.files}
+    ph = arrays["photons"]
+    for bad in (np.concatenate([ph, ph], axis=1), ph[:, 0, :]):
+        path = tmp_path / f"g4_{bad.ndim}.npz"
+        np.savez(path, **{**arrays, "photons": bad})
+        with pytest.raises(ValueError, match=r"'photons' has shape \(2000, (2, 4|4)\), not \(n_events, 1, 4\)"):
+            cnn_data.G4Sample(str(path), "belle2-ecl")
+    assert cnn_data.G4Sample(SUBSET["belle2-ecl"], "belle2-ecl").n == 2000

@@ -58,6 +58,10 @@ class G4Sample:
         if missing:
             raise ValueError(f"{path}: has no {missing[0]!r} array ({needed[missing[0]]}): not a Geant4 sample "
                              f"of {detector}" + (f" (it holds {', '.join(names)})" if names else ""))
+        if "photons" in d and (d["photons"].ndim != 3 or d["photons"].shape[1:] != (1, 4)):
+            # a sample of several photons per event (pi0s) has no single true energy and direction
+            raise ValueError(f"{path}: 'photons' has shape {d['photons'].shape}, not (n_events, 1, 4): one photon "
+                             "per event (energy in MeV, unit direction) is what a Geant4 sample holds")
         self.detector = detector
         self.offsets = d["offsets"].astype(np.int64)
         self.cell = d["cell"].astype(np.int32)
