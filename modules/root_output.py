@@ -120,6 +120,7 @@ class RootOutput(Module):
         self._oldest = None
         self._dqm_written = False
         self._detectors = set()
+        self._upstream_error = ""  # the first module error message among the events taken (the farm's workers')
         try:
             self._file = uproot.recreate(path, compression=compression_of(self.param("compression")))
         except OSError as err:
@@ -156,6 +157,10 @@ class RootOutput(Module):
         keep = batch.active()  # not rejected, not discarded by an event filter
         self.batches_taken += 1
         self._detectors.update(np.unique(batch.detector[keep]).tolist())
+        if not self._upstream_error and (batch.error_flags[keep] & _core.ERROR_MODULE).any():
+            errors = batch.errors()
+            first = min((i for i in errors if keep[i]), default=None)
+            self._upstream_error = errors[first] if first is not None else ""
         if not keep.any():
             if not self._parts and self._writer is None:
                 self.batches_written = self.batches_taken  # nothing of it to write
@@ -372,7 +377,8 @@ class RootOutput(Module):
         """The file's `metadata` (a TObjString of JSON): what made it (eclreco.framework.job_provenance:
         version, command, host, every module's parameters, the CNN's model files), the detectors of its
         events, and the job's counts, so that a file says whether cluster_energy is the CNN's and
-        how many events of the input are not in it (rejected, discarded, failed), and whether a signal
+        how many events of the input are not in it (rejected, discarded, failed; the first module error's message),
+        and whether a signal
         (`stopped_by`) or an error (`fatal_error`) stopped the job before the end of its input."""
         import datetime
         import json
@@ -382,6 +388,11 @@ class RootOutput(Module):
         from eclreco.rawdata import DETECTOR_NAMES
 
         s = statistics.summary()
+        # first_error: the message of the first module error, of this process's modules (RootOutput's own
+        # included, whose events are not written) or else of an event written (a farm worker's): the file
+        # says which module failed on the events whose error_flags are set, as hlt run's output line does
+        own = statistics.state.error_messages() if s.get("errors") else []
+        first_error = own[0] if own else self._upstream_error or None
         sig = _core.stop_signal()  # SIGINT/SIGTERM ended the job: the file holds the events before it
         meta = job_provenance(running_path())
         meta.update(
@@ -390,8 +401,8 @@ class RootOutput(Module):
             events_written=self.events_written_run,
             stopped_by=signal.Signals(sig).name if sig else None,
             fatal_error=s.get("fatal_error"),
-            job={k: s.get(k) for k in ("received", "processed", "rejected", "rejected_by_reason", "discarded",
-                                       "discarded_by_reason", "errors")})
+            job={**{k: s.get(k) for k in ("received", "processed", "rejected", "rejected_by_reason", "discarded",
+                                          "discarded_by_reason", "errors")}, "first_error": first_error})
         return json.dumps(meta, default=str)
 
     def counters(self):

@@ -1044,6 +1044,13 @@ def test_the_farm_reports_the_first_module_error_of_its_workers(farm_factory, tm
     rc, log = farm.wait_exit()
     assert rc == 1, log
     assert f"module errors {n}, discarded 0 (first error: ECLEnergyCorrection raised on exp 0 run 1 evt " in log, log
+    # and the file: its events are written with their error_flags, its metadata says why (it said how many)
+    with uproot.open(farm.output) as f:
+        meta = json.loads(str(f["metadata"]))
+        assert (f["events"]["error_flags"].array(library="np") == eclreco.ERROR_MODULE).all()
+    assert meta["job"]["errors"] == meta["events_written"] == n
+    assert meta["job"]["first_error"].startswith("ECLEnergyCorrection raised on exp 0 run 1 evt "), meta["job"]
+    assert "trained for detector 'array30', the events are 'belle2-ecl'" in meta["job"]["first_error"]
 
 
 def test_events_sent_while_the_farm_is_stopped_are_counted_at_terminate(farm_factory):

@@ -160,6 +160,54 @@ def test_a_job_ended_by_an_error_says_so_in_its_metadata(tmp_path):
     assert "FailsAtSecondRun.begin_run failed" in meta["fatal_error"] and "run 1 unreadable" in meta["fatal_error"]
 
 
+
+class FailsOnEvent7(eclreco.Module):
+    def event(self, batch):
+        if 7 in batch.evt:
+            raise ValueError("digit 3 unreadable")
+
+
+@pytest.mark.parametrize("batch_size", [1, 100])
+def test_the_metadata_names_the_first_module_error(tmp_path, batch_size):
+    """A file with events whose error_flags were set said how many (job.errors) but not which module
+    nor why: that was only in the job's log (and, for the farm, in hlt run's output line). job.first_error
+    is the first message now: a module before the output (its event is written, flagged), the output
+    itself (its events are not written), none (null)."""
+    import json
+
+    def first_error(*modules, cluster_columns=None):
+        out = tmp_path / "out.root"
+        path = eclreco.create_path()
+        path.add_module(CountingSource(300))
+        for m in modules:
+            path.add_module(m)
+        path.add_module("RootOutput", filename=str(out), **({"cluster_columns": cluster_columns}
+                                                             if cluster_columns is not None else {}))
+        eclreco.process(path, batch_size=batch_size, install_signal_handlers=False)
+        with uproot.open(out) as f:
+            meta = json.loads(str(f["metadata"]))
+            flags = f["events"]["error_flags"].array(library="np")
+        return meta, flags
+
+    meta, flags = first_error(FailsOnEvent7())
+    assert meta["job"]["errors"] == 1 and np.flatnonzero(flags).tolist() == [7]
+    assert "FailsOnEvent7 raised on exp 1 run 0 evt 7" in meta["job"]["first_error"]
+    assert "digit 3 unreadable" in meta["job"]["first_error"]
+    meta, _ = first_error(ClusterSourceOf300(), cluster_columns=["energy", "latt"])
+    assert meta["events_written"] == 0 and meta["job"]["errors"] == 300
+    assert "RootOutput raised on exp 1 run 0 evt 0" in meta["job"]["first_error"]
+    assert "cluster_columns latt not in ECLClusters" in meta["job"]["first_error"]
+    meta, _ = first_error()
+    assert meta["job"]["errors"] == 0 and meta["job"]["first_error"] is None
+
+
+class ClusterSourceOf300(eclreco.Module):
+    """Replaces CountingSource's events by ones with one cluster each (only `energy`)."""
+
+    def event(self, batch):
+        n = len(batch)
+        batch.add_collection("ECLClusters", np.arange(n + 1), {"energy": np.ones(n, np.float32)})
+
 class ClusterSource(eclreco.Module):
     """events with 0..3 clusters"""
 
