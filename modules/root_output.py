@@ -377,9 +377,9 @@ class RootOutput(Module):
         """The file's `metadata` (a TObjString of JSON): what made it (eclreco.framework.job_provenance:
         version, command, host, every module's parameters, the CNN's model files), the detectors of its
         events, and the job's counts, so that a file says whether cluster_energy is the CNN's and
-        how many events of the input are not in it (rejected, discarded, failed; the first module error's message),
-        and whether a signal
-        (`stopped_by`) or an error (`fatal_error`) stopped the job before the end of its input."""
+        how many events of the input are not in it (rejected, discarded, failed; the first module error's
+        message), and whether a signal (`stopped_by`) or an error (`fatal_error`) stopped the job before
+        the end of its input."""
         import datetime
         import json
         import signal
