@@ -301,3 +301,61 @@ def test_idle_polls_of_a_source_are_not_batches_in_the_time_histogram():
                   if f.name == "eclreco_module_batch_seconds")
     counts = {s.labels["module"]: s.value for s in family.samples if s.name.endswith("_count")}
     assert counts["IdleThenEvents"] == 3, counts
+
+
+def test_every_event_of_a_job_is_in_the_exported_accounting():
+    """docs/reliability.md, "Loss semantics": received = processed + rejected, the rejections by reason,
+    the events a module failed on in eclreco_events_module_errors_total, an event filter's in
+    eclreco_events_discarded_total{reason}, and the messages still queued when the run ended in
+    eclreco_input_unread_at_end_total; scraped over HTTP from the exporter reco.py serves, after the run,
+    and equal to the job's own statistics."""
+    import numpy as np
+    import zmq
+
+    from eclreco.metrics import serve_process_metrics
+    from hlt_helpers import envelope
+
+    fail_on, cut = {3, 17, 18}, {5, 6, 7, 30}
+    bad = {"not_a_map": b"\x92\x01\x02", "missing_key": b"\x81\xa1v\x01", "empty_message": b""}
+    address = f"inproc://accounting-{os.getpid()}"
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, 0)
+    push.connect(address)
+    messages = [envelope(e) for e in range(40)]
+    for k, m in enumerate(bad.values()):
+        messages.insert(5 + 10 * k, m)
+    messages += [envelope(e) for e in range(1000, 1020)]  # the job stops before these: unread at its end
+
+    class FailOn(eclreco.Module):
+        def event(self, batch):  # raises on a batch holding one of them: the re-run flags that event only
+            if set(np.asarray(batch.evt)[batch.active()].tolist()) & fail_on:
+                raise RuntimeError("a module failed")
+
+    class Cut(eclreco.Module):
+        def event(self, batch):
+            batch.discard(np.isin(np.asarray(batch.evt), list(cut)) & batch.active(), "test_cut")
+
+    path = eclreco.create_path()
+    path.add_module("ZMQInput", address=address, idle_timeout_s=1.0)
+    path.add_module("ECLUnpacker")
+    path.add_module(Cut())
+    path.add_module(FailOn())
+    exporter = serve_process_metrics(0, role="reco", path=path)
+    try:
+        for m in messages:
+            push.send(m)
+        eclreco.process(path, max_events=len(messages) - 20, batch_size=8, threads=1, install_signal_handlers=False)
+        text = scrape(exporter.port)
+    finally:
+        exporter.close()
+        push.close(0)
+    s = eclreco.statistics.summary()
+    n_valid, n_bad = 40, len(bad)
+    assert (s["received"], s["processed"], s["rejected"]) == (n_valid + n_bad, n_valid, n_bad), s
+    assert sample(text, "eclreco_events_received_total") == n_valid + n_bad
+    assert sample(text, "eclreco_events_processed_total") == n_valid
+    for reason in bad:
+        assert sample(text, "eclreco_events_rejected_total", f'{{reason="{reason}"}}') == 1, (reason, text)
+    assert sample(text, "eclreco_events_module_errors_total") == len(fail_on) == s["errors"], text
+    assert sample(text, "eclreco_events_discarded_total", '{reason="test_cut"}') == len(cut), text
+    assert sample(text, "eclreco_input_unread_at_end_total", '{module="ZMQInput"}') == 20, text
