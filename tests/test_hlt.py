@@ -399,6 +399,36 @@ def test_farm_worker_sigkill_exactly_once(farm_factory):
     assert rc == 0, log
 
 
+def test_a_worker_stopped_by_sigterm_in_a_stream_loses_nothing(farm_factory):
+    """docs/deployment.md, "Loss semantics": a worker on SIGINT/SIGTERM (a service stop) finishes and sends
+    its in-flight batches, says BYE and exits; the events it had not started go to the other worker. Every
+    event is written exactly once, the worker left cleanly (BYE: not counted lost) and `hlt run` restarts it."""
+    farm = farm_factory(workers=2)
+    n = 6000
+    feeder = threading.Thread(target=push_events, args=(farm.input, range(n)), kwargs={"rate_hz": 3000})
+    feeder.start()
+    t0 = time.monotonic()
+    while not (busy := [p for p in farm.status()["processes"] if p["role"] == "worker" and p.get("assigned", 0) > 0]):
+        assert feeder.is_alive() and time.monotonic() - t0 < 30, farm.logtext()
+        time.sleep(0.05)
+    victim = busy[0]["pid"]
+    os.kill(victim, signal.SIGTERM)
+    feeder.join()
+    farm.wait_confirmed(n, timeout=90)
+    t0 = time.monotonic()
+    while not ((d := farm.distributor())["workers_restarted"] >= 1 and d["workers_alive"] == 2):
+        assert time.monotonic() - t0 < 30, farm.logtext()
+        time.sleep(0.2)
+    assert f"[hlt run] worker {victim} exited (0)" in farm.logtext()
+    assert d["received"] == n and d["workers_lost"] == 0, d  # it said BYE: not lost to a heartbeat time-out
+    farm.command("stop")
+    evt, _ = read_evt(farm.output)
+    assert len(evt) == n and np.sort(evt).tolist() == list(range(n)), farm.logtext()  # every event exactly once
+    farm.command("terminate")
+    rc, log = farm.wait_exit()
+    assert rc == 0, log
+
+
 def test_terminate_kills_a_stopped_worker_at_once(farm_factory):
     """A worker stopped by SIGSTOP (an operator, a debugger) when the farm terminates can never exit by
     itself: `hlt run` waited its 60 s deadline in silence, then killed it. It now kills a stopped role
