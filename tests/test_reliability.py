@@ -187,20 +187,24 @@ def test_distributor_refuses_oversized_messages(tmp_path, zmq_context):
         assert np.array_equal(np.sort(f["events"]["evt"].array(library="np")), np.arange(n))
 
 
-def test_the_accepting_roles_raise_their_open_files_limit():
+@pytest.mark.parametrize("role", ["distributor", "collector", "reco.py"])
+def test_the_accepting_roles_raise_their_open_files_limit(role, tmp_path):
     """At its open-files limit a distributor cannot accept a connection: libzmq retried at once and spun a
     core without a word (`ulimit -n 64` and 100 connections: 80 % of a core), and no worker or sender got
-    in. The distributor and the collector now raise their soft limit to the hard one (up to 65536), and
-    say in one line when the limit stays low."""
+    in. The roles that accept connections (the distributor, the collector, reco.py with a bound -i) now
+    raise their soft limit to the hard one (up to 65536), and say in one line when the limit stays low."""
     import resource
 
+    cmd = {"distributor": [sys.executable, "-m", "eclreco.cli", "hlt", "distributor", "--input", free_address(),
+                           "--workers-addr", free_address(), "--control", free_address(), "--metrics-port", "-1"],
+           "collector": [sys.executable, "-m", "eclreco.cli", "hlt", "collector", "--collector-addr", free_address(),
+                         "--control", free_address(), "--metrics-port", "-1", "-o", str(tmp_path / "c.root")],
+           "reco.py": [sys.executable, RECO, "-i", free_address(), "--no-cnn", "--progress", "0"]}[role]
     for soft, hard in ((64, 4096), (64, 64)):
-        p = subprocess.Popen([sys.executable, "-m", "eclreco.cli", "hlt", "distributor", "--input", free_address(),
-                              "--workers-addr", free_address(), "--control", free_address(), "--metrics-port", "-1"],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(tmp_path),
                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)))
         try:
-            line = p.stdout.readline()  # the distributor's first line comes after the limit is set
+            line = p.stdout.readline()  # the role's first line comes after the limit is set
             assert line, p.communicate(timeout=30)[0]
             with open(f"/proc/{p.pid}/limits") as fh:
                 limit = next(int(l.split()[3]) for l in fh if l.startswith("Max open files"))
@@ -209,5 +213,5 @@ def test_the_accepting_roles_raise_their_open_files_limit():
         finally:
             if p.poll() is None:
                 p.kill()
-        assert limit == hard, (soft, hard, limit)
+        assert limit == hard, (soft, hard, limit, out)
         assert ("may open only 64 files" in out) == (hard == 64), out
