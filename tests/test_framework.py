@@ -1427,3 +1427,38 @@ def test_every_parameter_mistake_is_a_parameter_error():
     with pytest.raises(TypeError, match="must be int, got str"):
         path.add_module("ECLClusterizer", max_iterations="100")
     assert issubclass(eclreco.ParameterTypeError, eclreco.ParameterError)
+
+
+@pytest.mark.parametrize("first,second", [("SIGINT", "SIGINT"), ("SIGTERM", "SIGINT")])
+def test_a_second_signal_kills_a_run_at_once(first, second):
+    """process(): SIGINT/SIGTERM ask the run to stop; a second signal kills at once, so that a run stuck in
+    a module can still be interrupted (docs/reliability.md). The handler set the default action for the
+    signals after the second, not for the second itself: a stuck job survived two Ctrl-C and needed a third."""
+    import signal
+    import textwrap
+    import time
+
+    script = textwrap.dedent("""
+        import time, eclreco
+        class Stuck(eclreco.Module):
+            def event(self, batch):
+                print("stuck", flush=True)
+                time.sleep(60)  # does not return when the run is asked to stop
+        path = eclreco.create_path()
+        path.add_module("EventInfoSetter", events=100)
+        path.add_module(Stuck())
+        eclreco.process(path, batch_size=10)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert p.stdout.readline() == "stuck\n"  # in the run: its handlers are installed
+        p.send_signal(getattr(signal, first))
+        time.sleep(0.5)
+        assert p.poll() is None  # the first signal asks the run to stop; the module goes on
+        p.send_signal(getattr(signal, second))
+        p.wait(timeout=10)
+        assert p.returncode == -getattr(signal, second)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

@@ -40,8 +40,13 @@ extern "C" void on_signal(int sig, siginfo_t* info, void*) {
   // never relies on a second signal: it kills with SIGKILL.)
   const pid_t parent = g_watched_parent.load();
   if (parent > 0 && info && info->si_pid == parent) return;
-  // A second signal gets the default action: a stuck run can still be interrupted.
-  if (g_signals.fetch_add(1) >= 1) std::signal(sig, SIG_DFL);
+  // A second signal gets the default action: a stuck run can still be interrupted. This one too:
+  // resetting the action alone left it to a third signal (raise is async-signal-safe; the signal,
+  // blocked while its handler runs, is delivered when the handler returns).
+  if (g_signals.fetch_add(1) >= 1) {
+    std::signal(sig, SIG_DFL);
+    std::raise(sig);
+  }
 }
 
 double now_seconds() {
