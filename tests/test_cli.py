@@ -97,6 +97,7 @@ def test_eclreco_refused_before_any_work(argv, message, tmp_path, capsys):
     (["hlt", "run", "-n", "0"], "argument -n/--workers: must be >= 1, not 0"),
     (["hlt", "run", "--threads", "300"], "argument --threads: must be 1..256, not 300"),
     (["hlt", "run", "--max-restarts", "-1"], "argument --max-restarts: must be >= 0, not -1"),
+    (["hlt", "run", "--collector-restarts", "-1"], "argument --collector-restarts: must be >= 0, not -1"),
     (["hlt", "run", "--max-latency", "nan"], "argument --max-latency: must be a finite number >= 0, not nan"),
     # exit 1 with their own message, or the top level's usage, before
     (["train", "--detector", "array30", "-o", "unused", "--epochs", "0"], "argument --epochs: must be >= 1, not 0"),

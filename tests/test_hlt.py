@@ -35,11 +35,11 @@ def worker_modules() -> str:
 
 
 class Farm:
-    def __init__(self, tmp_path, workers=2, extra=(), workers_addr=True):
-        """workers_addr=False: hlt run picks the workers' port itself."""
+    def __init__(self, tmp_path, workers=2, extra=(), workers_addr=True, output=None):
+        """workers_addr=False: hlt run picks the workers' port itself. output: default tmp_path/farm.root."""
         self.input, self.control = free_address(), free_address()
         wa = ["--workers-addr", free_address()] if workers_addr else []
-        self.output = str(tmp_path / "farm.root")
+        self.output = str(output or tmp_path / "farm.root")
         self.log = open(tmp_path / "farm.log", "w+")
         self.proc = subprocess.Popen(
             ECLRECO + ["hlt", "run", "--workers", str(workers), "--input", self.input, "--control", self.control,

@@ -125,6 +125,9 @@ def add_hlt_parser(subparsers):
     p.add_argument("--dedup-window", type=POSITIVE_INT, default=1_000_000,
                    help="events over which the collector drops a repeated (exp, run, evt)")
     p.add_argument("--max-restarts", type=NON_NEGATIVE_INT, default=10, help="worker restarts allowed in total")
+    p.add_argument("--collector-restarts", type=NON_NEGATIVE_INT, default=3,
+                   help="collector restarts allowed within a minute (the new one writes its own file and gets the "
+                        "events the dead one had not saved); the exit after them ends the farm (0: the first does)")
     p.add_argument("--metrics-base-port", type=METRICS_PORT, default=9460,
                    help="distributor P, collector P+1, worker i P+2+i (0: free ports, -1: none)")
     p.add_argument("--metrics-host", default="127.0.0.1", help="interface of the exporters")

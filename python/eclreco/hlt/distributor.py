@@ -183,6 +183,7 @@ class Distributor:
         self.t_last_confirm = None  # of this run
         self.earlier_runs_s = 0.0   # first input to last confirmation, summed over the runs before
         self.workers_restarted = 0
+        self.collectors_restarted = 0  # by hlt run's supervisor (its report), as workers_restarted
         self.workers_lost = 0
         self.lost_workers: dict[bytes, int] = {}  # ident -> run index in which it was given up on
         self.confirmed_low = 0
@@ -530,10 +531,11 @@ class Distributor:
         if info.get("role") != "supervisor":
             raise ValueError(f"a report of role {str(info.get('role'))[:32]!r}: only a collector or a supervisor "
                              "reports")
-        restarted = info.get("workers_restarted", self.workers_restarted)
-        if isinstance(restarted, bool) or not isinstance(restarted, int) or restarted < 0:
-            raise ValueError(f"workers_restarted {restarted!r} is not a count")
-        self.workers_restarted = restarted
+        counts = {k: info.get(k, getattr(self, k)) for k in ("workers_restarted", "collectors_restarted")}
+        for k, n in counts.items():
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ValueError(f"{k} {n!r} is not a count")
+        self.workers_restarted, self.collectors_restarted = counts["workers_restarted"], counts["collectors_restarted"]
         self.supervisors[ident] = {"last_seen": now, "status": info}
 
     def _bad_message(self, socket_name: str, frames, err: Exception):
@@ -833,7 +835,7 @@ class Distributor:
             "held": len(self.events), "unsaved": len(self.unsaved), "queued": len(self.pending),
             "low_watermark": self.low_watermark(),
             "workers_alive": len(self.workers), "workers_restarted": self.workers_restarted,
-            "workers_lost": self.workers_lost,
+            "workers_lost": self.workers_lost, "collectors_restarted": self.collectors_restarted,
             "latency_p50_s": self.latency.quantile(0.5), "latency_p99_s": self.latency.quantile(0.99),
             "throughput_hz": self.c["confirmed"] / wall if wall > 0 else 0.0,
             "output": dict(self.output),
@@ -908,6 +910,8 @@ class Distributor:
         yield counter("eclreco_hlt_workers_restarted", "Workers restarted by the farm supervisor",
                       self.workers_restarted)
         yield counter("eclreco_hlt_workers_lost", "Workers lost (no heartbeat, unreachable)", self.workers_lost)
+        yield counter("eclreco_hlt_collectors_restarted", "Collectors restarted by the farm supervisor (each one's "
+                      "successor writes its own file)", self.collectors_restarted)
         yield gauge("eclreco_hlt_worker_credit", "Events the workers can take now",
                     sum(w.credit for w in list(self.workers.values())))
         yield gauge("eclreco_hlt_run_index", "Run of the farm (1, 2, ... after each start)", self.run_index)

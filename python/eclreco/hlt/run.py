@@ -2,11 +2,13 @@
 
 The supervisor starts each role as its own OS process (in its own session, so that a Ctrl-C on
 the terminal reaches only the supervisor), restarts dead workers (up to --max-restarts, counted
-and reported to the distributor), turns SIGINT/SIGTERM into stop + terminate, and prints the
-achieved throughput and the p50/p99 latency at the end.
+and reported to the distributor) and a dead collector (up to --collector-restarts a minute: its
+successor gets every event it had not saved and writes its own file), turns SIGINT/SIGTERM into
+stop + terminate, and prints the achieved throughput and the p50/p99 latency at the end.
 """
 from __future__ import annotations
 
+import collections
 import os
 import random
 import signal
@@ -95,6 +97,11 @@ def address_ports(*addresses) -> set[int]:
     return {int(p) for p in map(tcp_port, addresses) if p is not None and p.isdigit()}
 
 
+# --collector-restarts counts the restarts within this many seconds: a collector that fails at its start
+# (an output folder gone, a full disk) is not restarted in a loop; the exit after them ends the farm.
+COLLECTOR_RESTART_WINDOW_S = 60.0
+
+
 class Farm:
     def __init__(self, args):
         self.args = args
@@ -111,6 +118,8 @@ class Farm:
         self.mport = (lambda k: base + k) if base > 0 else (lambda k: base)
         self.workers: list[subprocess.Popen | None] = []
         self.restarts = 0
+        self.collector_restarts = 0
+        self.collector_restart_times: collections.deque[float] = collections.deque()  # monotonic, of the window
         self.final: dict | None = None
         self.terminating = False
         self.curve = Curve.from_args(args, "control")
@@ -176,7 +185,30 @@ class Farm:
     def report(self, sock):
         sock.send_multipart([P.STATUS, P.pack({"role": "supervisor", "pid": os.getpid(), "host": socket.gethostname(),
                                                "state": "terminating" if self.terminating else "running",
-                                               "workers": len(self.workers), "workers_restarted": self.restarts})])
+                                               "workers": len(self.workers), "workers_restarted": self.restarts,
+                                               "collectors_restarted": self.collector_restarts})])
+
+    def restart_collector(self) -> bool:
+        """Starts a new collector in place of the one that exited (True), unless --collector-restarts
+        restarts were made within the last COLLECTOR_RESTART_WINDOW_S (False: the exit is fatal). The
+        distributor kept every event the dead one had not SAVED and gives them to the new one, which
+        writes them to a file of its own (a collector never overwrites one: NAME.2.root)."""
+        now = time.monotonic()
+        recent = self.collector_restart_times
+        while recent and now - recent[0] > COLLECTOR_RESTART_WINDOW_S:
+            recent.popleft()
+        rc = self.collector.returncode
+        if len(recent) >= self.args.collector_restarts:
+            print(f"[hlt run] the collector exited ({rc}); {len(recent)} restart(s) within the last "
+                  f"{COLLECTOR_RESTART_WINDOW_S:.0f} s (--collector-restarts {self.args.collector_restarts}): "
+                  "terminating the farm", file=sys.stderr, flush=True)
+            return False
+        recent.append(now)
+        self.collector_restarts += 1
+        print(f"[hlt run] the collector exited ({rc}); restart {self.collector_restarts}: the events it had not "
+              "saved go to the new one, into a file of its own", file=sys.stderr, flush=True)
+        self.start_collector()
+        return True
 
     def run(self) -> int:
         a = self.args
@@ -233,13 +265,7 @@ class Farm:
                     print("[hlt run] second signal: killing the farm", flush=True)
                     self.kill_all()
                     return 1
-            while ctl.poll(0):
-                frames = ctl.recv_multipart()
-                if frames[0] == P.FINAL or (frames[0] == P.OK and len(frames) > 1):
-                    body = P.unpack(frames[1])
-                    if "processes" in body:
-                        self.final = body
-                        self.terminating = True
+            self.read_final(ctl)
             if self.distributor.poll() is not None:
                 if self.final is None and not self.terminating:
                     # The distributor died (crash, SIGKILL): nobody will say TERMINATE. The workers
@@ -251,17 +277,21 @@ class Farm:
                 self.terminating = True
                 break
             if self.collector.poll() is not None and not self.terminating:
-                print(f"[hlt run] the collector exited ({self.collector.returncode}); terminating the farm",
-                      file=sys.stderr, flush=True)
-                rc = 1
-                self.terminating = True
-                ctl.send_multipart([P.TERMINATE])
-                # Workers blocked sending results to the dead collector would not read TERMINATE:
-                # SIGTERM makes their ZMQOutput give up (its stop_timeout_s) and them exit; what they
-                # held is counted as lost by the distributor.
-                for w in self.workers:
-                    if w is not None and w.poll() is None:
-                        w.send_signal(signal.SIGTERM)
+                # one that exited on run control's terminate is no death: the distributor's FINAL follows at once
+                self.read_final(ctl, 300)
+            if self.collector.poll() is not None and not self.terminating:
+                if self.restart_collector():
+                    self.report(ctl)
+                else:
+                    rc = 1
+                    self.terminating = True
+                    ctl.send_multipart([P.TERMINATE])
+                    # Workers blocked sending results to the dead collector would not read TERMINATE:
+                    # SIGTERM makes their ZMQOutput give up (its stop_timeout_s) and them exit; what they
+                    # held is counted as lost by the distributor.
+                    for w in self.workers:
+                        if w is not None and w.poll() is None:
+                            w.send_signal(signal.SIGTERM)
             for i, w in enumerate(self.workers):
                 if w is not None and w.poll() is not None and not self.terminating:
                     if self.restarts >= a.max_restarts:
@@ -286,18 +316,13 @@ class Farm:
                 self.report(ctl)
             time.sleep(0.1)
         self.wait_roles_exit()
-        while ctl.poll(200):
-            frames = ctl.recv_multipart()
-            if frames[0] in (P.FINAL, P.OK) and len(frames) > 1:
-                body = P.unpack(frames[1])
-                if "processes" in body:
-                    self.final = body
+        self.read_final(ctl, 200)
         ctl.close(0)
         if self.distributor.returncode not in (0, None):
             rc = 1
         if self.final is not None:
             d = self.final["processes"][0]
-            d["workers_restarted"] = self.restarts
+            d["workers_restarted"], d["collectors_restarted"] = self.restarts, self.collector_restarts
             print("[hlt run] " + summary_line(d), flush=True)
             print("[hlt run] " + output_line(d), flush=True)
             failure = farm_failure(d)
@@ -305,6 +330,17 @@ class Farm:
                 print(f"[hlt run] error: {failure}", file=sys.stderr, flush=True)
                 rc = 1
         return rc
+
+    def read_final(self, ctl, wait_ms: int = 0):
+        """Takes what the control socket holds, waiting up to wait_ms for each message: the distributor's
+        final status (FINAL, or the OK of a TERMINATE) means that the farm terminates."""
+        while ctl.poll(wait_ms):
+            frames = ctl.recv_multipart()
+            if frames[0] in (P.FINAL, P.OK) and len(frames) > 1:
+                body = P.unpack(frames[1])
+                if "processes" in body:
+                    self.final = body
+                    self.terminating = True
 
     def wait_roles_exit(self, deadline_s: float = 60.0, say_after_s: float = 5.0):
         """The distributor has gone (after terminate): the others follow it, within deadline_s, else
