@@ -444,6 +444,31 @@ def test_a_killed_collectors_count_is_what_its_file_holds(tmp_path, roles):
     assert f"{in_a} more saved by 1 replaced collector(s)" in line, line
 
 
+def test_a_collector_killed_right_after_naming_its_file_is_reported_with_it(tmp_path, roles):
+    """A collector killed within ~0.5 s of registering was listed in replaced_collectors with output '': it named
+    its file in its next periodic report only. It now reports at once when it names its file (before it creates
+    it): killed as soon as a.root exists, it is listed with a.root."""
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import request
+
+    roles.distributor()
+    a = roles.collector(tmp_path / "a.root", "a.log")
+    t0 = time.monotonic()
+    while not (tmp_path / "a.root").exists():
+        assert a.poll() is None and time.monotonic() - t0 < 60, (tmp_path / "a.log").read_text()
+        time.sleep(0.002)
+    a.kill()
+    a.wait()
+    roles.collector(tmp_path / "b.root", "b.log")
+    roles.worker()
+    roles.wait_up()
+    push_events(roles.inp, range(100))
+    roles.wait_confirmed(100)
+    reply = request(roles.ctl, P.STOP, 60.0)
+    assert [(r["output"], r["saved"]) for r in reply["replaced_collectors"]] == [(str(tmp_path / "a.root"), 0)], reply
+    request(roles.ctl, P.TERMINATE, 60.0)
+
+
 def kill_collector_after_300_saved(roles, tmp_path, *distributor_args):
     """A farm (heartbeat timeout 1 s) whose collector is SIGKILLed once 300 events are confirmed and
     saved (nothing is held any more)."""

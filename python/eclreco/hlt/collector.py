@@ -193,10 +193,15 @@ class CollectorLink:
                 except Exception:  # noqa: BLE001 - still a refusal
                     self.refused = "(no reason given)"
                 self.end_run = self.terminate = True
-        now = time.monotonic()
-        if now >= self.next_report:
-            self.next_report = now + 0.5
-            self.ctl.send_multipart([P.STATUS, P.pack(self.status())])
+        if time.monotonic() >= self.next_report:
+            self.report()
+
+    def report(self):
+        """STATUS now; service() sends one every 0.5 s. Also at once when the output file is named: the
+        distributor lists a collector that dies in the run by the file of its last report (it was '' for
+        one killed within 0.5 s of registering)."""
+        self.next_report = time.monotonic() + 0.5
+        self.ctl.send_multipart([P.STATUS, P.pack(self.status())])
 
     def wait_registered(self, control: str) -> bool:
         """Waits until the distributor has taken this collector (True) or refused it (False),
@@ -506,6 +511,7 @@ def main(args) -> int:
                 out.set_param("filename", link.filename)
             else:
                 link.filename = args.output
+            link.report()  # before the file is made: a collector killed at once is reported with it
             eclreco.process(path, threads=1, batch_size=args.batch_size)
             if exporter is not None:
                 exporter.checkpoint()
