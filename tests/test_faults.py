@@ -863,6 +863,39 @@ def test_a_replaced_collectors_saved_events_are_in_the_report():
         farm.close()
 
 
+def test_a_collector_replaced_in_a_later_run_is_in_that_runs_report():
+    """A collector replaced in run 2 (or later) was not listed in replaced_collectors, and the events in its file
+    were in no count of the output line: its report of run 1 (RUN_ENDED) stayed with it at START and was taken
+    for a report of run 2. START now clears it, as it clears saved and written."""
+    from eclreco.hlt import protocol as P
+
+    farm = InProcessFarm(heartbeat_timeout_s=0.3)
+    d = farm.d
+    d.stop_drain_s = 0.0
+    try:
+        a = farm.peer()
+        collector_hello(farm, a, output="/data/a.root")
+        seqs = farm.read_events(10)
+        farm.send(a, P.CONFIRM, P.seqs_to_bytes(seqs))
+        farm.send(a, P.SAVED, P.seqs_to_bytes(seqs), b"10")
+        d.pending.clear()  # (no worker here to take the ids off the queue)
+        farm.send(farm.peer(), P.STOP)
+        d.housekeeping(time.monotonic())
+        farm.send(a, P.RUN_ENDED, P.pack({"run_index": 1, "received": 10, "events_written": 10}))
+        farm.send(farm.peer(), P.START)
+        assert d.run_index == 2 and d.state == "running"
+        seqs = farm.read_events(20)  # run 2: a saves 15 of them, then dies
+        farm.send(a, P.CONFIRM, P.seqs_to_bytes(seqs))
+        farm.send(a, P.SAVED, P.seqs_to_bytes(seqs[:15]), b"15")
+        time.sleep(0.4)  # a is silent: the next collector is taken
+        collector_hello(farm, farm.peer(), instance="i8", pid=8, output="/data/a_run2.root")
+        assert d.replaced_run == [{"pid": 7, "host": "h", "output": "/data/a.root", "saved": 15}], d.replaced_run
+        assert d.output["replaced_collectors"] == 1 and d.output["saved_by_replaced"] == 15, d.output
+        assert d.c["redelivered"] == 5
+    finally:
+        farm.close()
+
+
 def test_a_collector_registered_after_the_stop_is_no_report_of_the_run():
     """The collector dies as its run stops (no RUN_ENDED) and a replacement registers before the stop is
     answered: the stop's reply gave the replacement's placeholder, `collector: {}` with `timeout: false`, as

@@ -486,8 +486,11 @@ class Distributor:
                 self.run_index += 1
                 self.replaced_run = []
                 if self.collector is not None:
-                    # in this run unless it is silent (dead): a file of its earlier run holds none of this one
-                    self.collector.update(saved=0, written=None, between_runs=self.collector_silent(now))
+                    # in this run unless it is silent (dead): a file of its earlier run holds none of this one;
+                    # its report of the earlier run is none of this one (kept, it was taken for one, and a collector
+                    # replaced in this run was not listed in replaced_collectors)
+                    self.collector.update(saved=0, written=None, run_ended=None,
+                                          between_runs=self.collector_silent(now))
                 self.state = "running"
                 print(f"[distributor] run {self.run_index} started", flush=True)
             self._send(self.ctl, ident, P.OK, P.pack({"state": self.state, "run_index": self.run_index,
