@@ -101,6 +101,44 @@ def test_hlt_run_restarts_a_collector_and_loses_no_event(farm_factory, tmp_path,
     print(f"\ncollector {sig.name}: restarted; {', '.join(f'{len(e)} events in {os.path.basename(f)}' for f, e in in_file.items())}")
 
 
+def test_a_collector_restarted_in_run_2_names_its_file_after_run_2(farm_factory, tmp_path):
+    """A collector started while the farm is in run N counted its runs from 1: restarted in run 2 it wrote that
+    run's events to farm.2.root (named as a second file of run 1, farm.root being there) beside the dead one's
+    farm_run2.root. The distributor's answer to its HELLO now gives the run it joins: farm_run2.2.root."""
+    from eclreco.hlt.control import output_line
+
+    farm = farm_factory(workers=1)
+    push_events(farm.input, range(200))
+    farm.wait_confirmed(200)
+    farm.command("stop")
+    farm.command("start")
+    push_events(farm.input, range(200, 400))
+    farm.wait_confirmed(400)
+    t0 = time.monotonic()
+    while farm.distributor()["unsaved"]:  # its file holds them (a tree to read)
+        assert time.monotonic() - t0 < 60, farm.logtext()
+        time.sleep(0.1)
+    first = farm.process("collector")["pid"]
+    os.kill(first, signal.SIGKILL)
+    t0 = time.monotonic()
+    while (c := farm.process("collector"))["pid"] == first or c["state"] == "silent":
+        assert time.monotonic() - t0 < 60, farm.logtext()
+        time.sleep(0.2)
+    assert c["run_index"] == 2 and c["output"] == str(tmp_path / "farm_run2.2.root"), c
+    push_events(farm.input, range(400, 600))
+    farm.wait_confirmed(600)
+    reply = farm.command("stop")
+    assert reply["collector"]["filename"] == str(tmp_path / "farm_run2.2.root"), reply
+    assert [r["output"] for r in reply["replaced_collectors"]] == [str(tmp_path / "farm_run2.root")], reply
+    line = output_line(farm.command("terminate")["processes"][0])
+    assert f"replaced collector(s) in their own file(s): {tmp_path / 'farm_run2.root'}" in line, line
+    assert farm.wait_exit()[0] == 0, farm.logtext()
+    assert sorted(os.listdir(tmp_path)) == ["farm.log", "farm.root", "farm_run2.2.root", "farm_run2.root"]
+    assert np.array_equal(np.sort(read_evt(tmp_path / "farm.root")[0]), np.arange(200))
+    run2 = np.concatenate([read_evt(tmp_path / f)[0] for f in ("farm_run2.root", "farm_run2.2.root")])
+    assert set(run2.tolist()) == set(range(200, 600))
+
+
 def test_hlt_run_does_not_restart_a_failing_collector_in_a_loop(farm_factory, tmp_path):
     """Promise: collector restarts are bounded (--collector-restarts within a minute): a collector that fails at
     its start (here its output folder is gone: exit 2) is restarted that many times, then its exit ends the farm

@@ -142,6 +142,7 @@ class CollectorLink:
         # tells this process from another one with the same pid and host name (containers)
         self.instance = os.urandom(8).hex()
         self.registered = False  # the distributor took this collector (it answers HELLO with LOW)
+        self.joins_run = None    # the distributor's run index in that answer
         self.refused = None      # why the distributor refused it (another live collector is registered)
         self.hello()
 
@@ -173,6 +174,8 @@ class CollectorLink:
                     continue
                 self.low = max(self.low, low)
                 self.registered = True
+                if len(frames) > 2 and frames[2].isdigit():  # the answer to HELLO: the run this collector joins
+                    self.joins_run = int(frames[2])
                 if len(self.seen) > 100000:
                     self.seen = {s for s in self.seen if s >= self.low}
             elif cmd == P.END_RUN:
@@ -206,7 +209,8 @@ class CollectorLink:
     def wait_registered(self, control: str) -> bool:
         """Waits until the distributor has taken this collector (True) or refused it (False),
         before the output file is created: a second collector must not recreate the file of the
-        one that is running. The distributor may start later (the roles start in any order)."""
+        one that is running, and the file is named after the run it joins. The distributor may
+        start later (the roles start in any order)."""
         t0 = time.monotonic()
         told = False
         while not self.registered and self.refused is None:
@@ -215,6 +219,8 @@ class CollectorLink:
                 print(f"[collector] waiting for the distributor at {control}", flush=True)
                 told = True
             self.ctl.poll(100, zmq.POLLIN)
+        if self.joins_run:  # started in the middle of the farm's life (a replacement): its run, not 1
+            self.run_index = self.joins_run
         return self.refused is None
 
     def bad_message(self, where: str, why: str):

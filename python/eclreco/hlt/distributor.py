@@ -447,7 +447,9 @@ class Distributor:
                     held = self.unregistered.pop(ident, None)
                     for c, seqs, written in (held["messages"] if held else ()):
                         self.apply_confirmation(c, seqs, now, written)
-                self._send(self.ctl, ident, P.LOW, str(self.low_watermark()).encode())
+                # and the run it joins (between runs: the next), which a new collector's first file is named after
+                joins = self.run_index + (self.state == "stopped")
+                self._send(self.ctl, ident, P.LOW, str(self.low_watermark()).encode(), str(joins).encode())
             else:
                 self.add_supervisor(ident, info, now)
         elif cmd == P.STATUS and body:  # a report
