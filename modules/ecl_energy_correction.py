@@ -360,11 +360,12 @@ class ECLEnergyCorrection(Module):
                 per_ev = event_features(batch, ev_names)
             except ValueError as err:
                 raise ModelError(f"ECLEnergyCorrection: {err}") from err
-            lacking = np.isnan(per_ev).any(axis=1) & (np.diff(off) > 0)
-            if lacking.any():
-                raise ModelError(f"ECLEnergyCorrection: {int(lacking.sum())} event(s) with clusters have no row "
-                                 f"in the collection of the event features {ev_names} (first: event "
-                                 f"{int(np.argmax(lacking))} of the batch)")
+            if np.isnan(per_ev).any():  # events without a row: an error where they have clusters
+                lacking = np.isnan(per_ev).any(axis=1) & (np.diff(off) > 0)
+                if lacking.any():
+                    raise ModelError(f"ECLEnergyCorrection: {int(lacking.sum())} event(s) with clusters have no "
+                                     f"row in the collection of the event features {ev_names} (first: event "
+                                     f"{int(np.argmax(lacking))} of the batch)")
         for n in names:
             if n == "energy_in":
                 blocks.append(np.asarray(cl["energy"]).reshape(-1, 1))

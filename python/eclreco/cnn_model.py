@@ -66,7 +66,7 @@ def event_features(batch, names):
     (EVENT_FEATURE_COLUMNS: the event-level collections ECLUnpacker writes, one row per event).
     An event without a row gets NaN: ECLUnpacker writes none for an event it failed on (which has
     no clusters either); before, such an event failed the features of its whole batch."""
-    out = np.full((len(batch), len(names)), np.nan, np.float32)
+    out = np.empty((len(batch), len(names)), np.float32)
     for j, name in enumerate(names):
         if name not in EVENT_FEATURE_COLUMNS:
             raise ValueError(f"unknown event feature {name!r} (known: {', '.join(EVENT_FEATURE_NAMES)})")
@@ -79,7 +79,12 @@ def event_features(batch, names):
         if rows.size and rows.max() > 1:
             raise ValueError(f"event feature {name!r} needs one row of {coll} per event; "
                              f"event {int(np.argmax(rows > 1))} of the batch has {int(rows.max())}")
-        out[rows == 1, j] = c[col]
+        values = c[col]
+        if len(values) == len(rows):  # a row for every event (at most one each, as many as events)
+            out[:, j] = values
+        else:
+            out[:, j] = np.nan
+            out[rows == 1, j] = values
     return out
 
 
