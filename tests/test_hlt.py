@@ -363,18 +363,33 @@ def test_farm_full_chain_matches_single_process(farm_factory, tmp_path, chain):
     assert rc == 0, log
 
 
-def test_farm_worker_sigkill_exactly_once(farm_factory):
-    farm = farm_factory(workers=2)
-    n = 6000
+def stream_to_a_busy_worker(farm, n):
+    """Starts feeding events 0..n-1 at 3 kHz; (the feeder thread, the pid of a worker that holds events)."""
     feeder = threading.Thread(target=push_events, args=(farm.input, range(n)), kwargs={"rate_hz": 3000})
     feeder.start()
     t0 = time.monotonic()
-    while not (victims := [p for p in farm.status()["processes"] if p["role"] == "worker" and p.get("assigned", 0) > 0]):
+    while not (busy := [p for p in farm.status()["processes"] if p["role"] == "worker" and p.get("assigned", 0) > 0]):
         assert feeder.is_alive() and time.monotonic() - t0 < 30, farm.logtext()
         time.sleep(0.05)
+    return feeder, busy[0]["pid"]
+
+
+def wait_worker_restarted(farm) -> dict:
+    """The distributor's status once the supervisor has restarted a worker and both are alive."""
+    t0 = time.monotonic()
+    while not ((d := farm.distributor())["workers_restarted"] >= 1 and d["workers_alive"] == 2):
+        assert time.monotonic() - t0 < 30, farm.logtext()
+        time.sleep(0.2)
+    return d
+
+
+def test_farm_worker_sigkill_exactly_once(farm_factory):
+    farm = farm_factory(workers=2)
+    n = 6000
+    feeder, victim = stream_to_a_busy_worker(farm, n)
+    t0 = time.monotonic()
     # Frozen first, so that it still holds events when it dies: a victim that had confirmed what it
     # held between the status and the kill left nothing to redeliver (a flaky failure, once).
-    victim = victims[0]["pid"]
     os.kill(victim, signal.SIGSTOP)
     while not [p for p in farm.status()["processes"] if p.get("pid") == victim and p.get("assigned", 0) > 0]:
         assert feeder.is_alive() and time.monotonic() - t0 < 30, farm.logtext()
@@ -382,13 +397,7 @@ def test_farm_worker_sigkill_exactly_once(farm_factory):
     os.kill(victim, signal.SIGKILL)
     feeder.join()
     farm.wait_confirmed(n, timeout=90)
-    t0 = time.monotonic()
-    while True:  # the supervisor restarts the worker and reports it
-        d = farm.distributor()
-        if d["workers_restarted"] >= 1 and d["workers_alive"] == 2:
-            break
-        assert time.monotonic() - t0 < 30, farm.logtext()
-        time.sleep(0.2)
+    d = wait_worker_restarted(farm)  # the supervisor restarts the worker and reports it
     assert d["workers_lost"] >= 1 and d["received"] == n
     assert d["redelivered"] > 0, d  # the victim held events: they went to the other worker
     farm.command("stop")
@@ -405,20 +414,11 @@ def test_a_worker_stopped_by_sigterm_in_a_stream_loses_nothing(farm_factory):
     event is written exactly once, the worker left cleanly (BYE: not counted lost) and `hlt run` restarts it."""
     farm = farm_factory(workers=2)
     n = 6000
-    feeder = threading.Thread(target=push_events, args=(farm.input, range(n)), kwargs={"rate_hz": 3000})
-    feeder.start()
-    t0 = time.monotonic()
-    while not (busy := [p for p in farm.status()["processes"] if p["role"] == "worker" and p.get("assigned", 0) > 0]):
-        assert feeder.is_alive() and time.monotonic() - t0 < 30, farm.logtext()
-        time.sleep(0.05)
-    victim = busy[0]["pid"]
+    feeder, victim = stream_to_a_busy_worker(farm, n)
     os.kill(victim, signal.SIGTERM)
     feeder.join()
     farm.wait_confirmed(n, timeout=90)
-    t0 = time.monotonic()
-    while not ((d := farm.distributor())["workers_restarted"] >= 1 and d["workers_alive"] == 2):
-        assert time.monotonic() - t0 < 30, farm.logtext()
-        time.sleep(0.2)
+    d = wait_worker_restarted(farm)
     assert f"[hlt run] worker {victim} exited (0)" in farm.logtext()
     assert d["received"] == n and d["workers_lost"] == 0, d  # it said BYE: not lost to a heartbeat time-out
     farm.command("stop")
