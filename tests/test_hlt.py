@@ -457,6 +457,45 @@ def test_terminate_kills_a_stopped_worker_at_once(farm_factory):
             pass
 
 
+def test_a_second_signal_kills_the_farm_at_once(farm_factory):
+    """deployment.md: SIGINT/SIGTERM on `hlt run` stop the run and terminate the farm; a second signal kills
+    it, for a farm whose stop does not end (here a distributor stopped by SIGSTOP never answers the
+    supervisor's TERMINATE). Every role is killed, none is left behind, exit 1."""
+    farm = farm_factory(workers=1)
+    push_events(farm.input, range(200))
+    farm.wait_confirmed(200)
+    roles = [p["pid"] for p in farm.status()["processes"] if p["role"] in ("distributor", "worker", "collector")]
+    distributor = farm.distributor()["pid"]
+    assert len(roles) == 3 and distributor in roles
+    os.kill(distributor, signal.SIGSTOP)
+    try:
+        farm.proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        while "[hlt run] signal: stop the run, then terminate the farm" not in farm.logtext():
+            assert time.monotonic() - t0 < 10, farm.logtext()
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert farm.proc.poll() is None, farm.logtext()  # the stop waits for the distributor
+        farm.proc.send_signal(signal.SIGINT)
+        rc, log = farm.wait_exit(timeout=20)
+        assert rc == 1 and "[hlt run] second signal: killing the farm" in log, log
+        for pid in roles:  # killed and reaped (hlt run's children; or init's, once it exited)
+            t0 = time.monotonic()
+            while True:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                assert time.monotonic() - t0 < 10, (pid, log)
+                time.sleep(0.05)
+    finally:
+        for pid in roles:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_farm_without_restarts_left_goes_on_with_the_other_worker(farm_factory):
     """--max-restarts 0: a killed worker is not replaced (the supervisor says so), the distributor
     notices it gone, and the farm goes on with the other one: every later event once."""
