@@ -118,6 +118,26 @@ def test_keys_refuse_to_overwrite(keys):
     assert r.returncode != 0 and "exists" in r.stderr
 
 
+def test_keys_refusal_makes_nothing_and_force_makes_a_matching_pair(tmp_path):
+    """`hlt keys --names reco,daq` where daq's keys exist made reco's pair and then refused daq's: a refusal
+    now makes nothing. --force (untested) replaces the pair: a new public key that matches its secret one,
+    the secret file 0600 in a 0700 private/."""
+    from eclreco import cli
+
+    d = tmp_path / "k"
+    generate_keys(str(d), ["daq"])
+    before = {p: p.read_bytes() for p in d.rglob("*") if p.is_file()}
+    assert cli.main(["hlt", "keys", "-o", str(d), "--names", "reco,daq"]) == 2
+    assert {p: p.read_bytes() for p in d.rglob("*") if p.is_file()} == before  # no reco pair, daq's untouched
+    assert cli.main(["hlt", "keys", "-o", str(d), "--names", "reco,daq", "--force"]) == 0
+    pub, sec = d / "public" / "daq.key", d / "private" / "daq.key_secret"
+    assert pub.read_bytes() != before[pub] and sec.read_bytes() != before[sec]
+    public, secret = zmq.auth.load_certificate(str(sec))
+    assert secret and public == zmq.auth.load_certificate(str(pub))[0]
+    assert (sec.stat().st_mode & 0o777, (d / "private").stat().st_mode & 0o777) == (0o600, 0o700)
+    assert (d / "public" / "reco.key").exists()
+
+
 def _zmq_input_run(keys, senders, idle=1.5):
     """A ZMQInput (CURVE server 'reco') fed by `senders` (callables taking the address) in threads."""
     address = free_address()

@@ -37,13 +37,16 @@ def generate_keys(directory: str, names=DEFAULT_NAMES, overwrite: bool = False) 
     os.makedirs(pub, exist_ok=True)
     os.makedirs(priv, exist_ok=True)
     os.chmod(priv, 0o700)
-    out = {}
-    for name in names:
+    files = {}
+    for name in names:  # every name checked before any pair is made (a refusal made those before it)
         if not name or os.sep in name or name.startswith("."):
             raise ValueError(f"bad key name {name!r}")
         pf, sf = os.path.join(pub, f"{name}.key"), os.path.join(priv, f"{name}.key_secret")
         if not overwrite and (os.path.exists(pf) or os.path.exists(sf)):
             raise FileExistsError(f"{pf} or {sf} exists (use --force to replace)")
+        files[name] = (pf, sf)
+    out = {}
+    for name, (pf, sf) in files.items():
         tmp_pub, tmp_sec = zmq.auth.create_certificates(priv, name)  # both files in private/
         os.chmod(tmp_sec, 0o600)
         shutil.move(tmp_pub, pf)
