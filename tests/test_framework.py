@@ -503,24 +503,35 @@ def test_array_source_rejects_digits_the_unpacker_would_never_write():
         4: ("invalid_cell", "digit 0: cellId 901 not in 1..900")}
 
 
+class UncheckedDigits(eclreco.Module):
+    """ECLDigits (belle2-ecl) as a Python module might write them, without ArraySource's checks and
+    conversions: one batch of all the events."""
+
+    def __init__(self, offsets, columns):
+        super().__init__()
+        self.offsets, self.columns = offsets, columns
+
+    def is_source(self):
+        return True
+
+    def next_batch(self, batch, max_events):
+        from eclreco.rawdata import DETECTORS
+
+        batch.resize(len(self.offsets) - 1)
+        batch.evt[:] = np.arange(len(batch))
+        batch.detector[:] = DETECTORS["belle2-ecl"]
+        batch.add_collection("ECLDigits", self.offsets, self.columns)
+        return False
+
+
 def test_wrong_column_dtype_is_named_in_the_module_error(capfd):
     """A C++ module reading a column of another dtype (here from a Python module's collection;
     ArraySource converts ECLDigits' own columns) flags the events and says which column."""
     off = np.array([0, 2, 3])
     cols = {"cell": np.array([100, 101, 5000], np.int32), "energy": np.array([0.5, 0.1, 0.2], np.float32),
             "time": np.zeros(3), "quality": np.zeros(3, np.uint8)}  # time float64, the clusterizer reads float32
-
-    class Source(eclreco.Module):
-        def is_source(self):
-            return True
-
-        def next_batch(self, batch, max_events):
-            batch.resize(2)
-            batch.add_collection("ECLDigits", off, cols)
-            return False
-
     path = eclreco.create_path()
-    path.add_module(Source())
+    path.add_module(UncheckedDigits(off, cols))
     path.add_module("ECLClusterizer")
     eclreco.process(path, install_signal_handlers=False)
     assert eclreco.statistics.summary()["errors"] == 2
@@ -945,25 +956,7 @@ def test_digit_columns_from_arrays_byte_order_shape_and_invalid_values():
     is an error naming it (was read interleaved); digits outside the detector or with a non-finite
     energy are rejected by ArraySource, and counted by the clusterizer when another source writes
     them (were dropped without a trace)."""
-    from eclreco.rawdata import DETECTORS
     from eclreco.sources import ArraySource
-
-    class Unchecked(eclreco.Module):
-        """ECLDigits as a Python module might write them, without ArraySource's checks"""
-
-        def __init__(self, offsets, columns):
-            super().__init__()
-            self.offsets, self.columns = offsets, columns
-
-        def is_source(self):
-            return True
-
-        def next_batch(self, batch, max_events):
-            batch.resize(len(self.offsets) - 1)
-            batch.evt[:] = np.arange(len(batch))
-            batch.detector[:] = DETECTORS["belle2-ecl"]
-            batch.add_collection("ECLDigits", self.offsets, self.columns)
-            return False
 
     rng = np.random.default_rng(4)
     n_ev, per = 20, 30
@@ -989,7 +982,8 @@ def test_digit_columns_from_arrays_byte_order_shape_and_invalid_values():
 
     ref, invalid, _ = clusters(cols)
     assert ref.size > 20 and invalid == 0
-    swapped, _, _ = clusters({**cols, "energy": energy.astype(">f4"), "cell": cell.astype(">i4")}, source=Unchecked)
+    swapped, _, _ = clusters({**cols, "energy": energy.astype(">f4"), "cell": cell.astype(">i4")},
+                             source=UncheckedDigits)  # (ArraySource converts them)
     np.testing.assert_array_equal(swapped, ref)
     _, _, s = clusters({**cols, "energy": np.stack([energy, energy], 1)})
     assert s["errors"] == n_ev and "column 'energy' holds rows of 2 values" in eclreco.statistics.state.error_messages()[0]
@@ -998,12 +992,12 @@ def test_digit_columns_from_arrays_byte_order_shape_and_invalid_values():
     bad_e[[80, 120]] = [np.nan, np.inf]
     _, invalid, s = clusters({**cols, "cell": bad_cell, "energy": bad_e})
     assert invalid == 0 and s["rejected_by_reason"] == {"invalid_cell": 2, "non_finite_digit": 2}
-    _, invalid, s = clusters({**cols, "cell": bad_cell, "energy": bad_e}, source=Unchecked)
+    _, invalid, s = clusters({**cols, "cell": bad_cell, "energy": bad_e}, source=UncheckedDigits)
     assert invalid == 4 and s["rejected"] == 0
     # a NaN or infinite time too (it made the digit out of time without a count)
     bad_t = np.zeros(n_ev * per, np.float32)
     bad_t[[200, 230]] = [np.nan, -np.inf]
-    _, invalid, s = clusters({**cols, "time": bad_t}, source=Unchecked)
+    _, invalid, s = clusters({**cols, "time": bad_t}, source=UncheckedDigits)
     assert invalid == 2 and s["rejected"] == 0
 
 

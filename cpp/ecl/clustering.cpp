@@ -478,7 +478,8 @@ void Clusterer::event(const Geometry& g, const int32_t* cell, const float* energ
 }
 
 void Clusterer::make_cluster(const Geometry& g, const int32_t* cell, const float* time, const uint8_t* quality,
-                             const int* mem, int m, const double* share, const double* w, int seed, int n_max, int region) {
+                             const int* mem, int m, const double* share, const double* w, int seed, int n_max,
+                             int region) {
   Cand c{};
   double e = 0, wsum = 0;
   if (w) {

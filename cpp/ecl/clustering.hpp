@@ -44,7 +44,8 @@
 //     = 4; linear energy weights if all W_i vanish), p_i the centre of the crystal's front face
 //     (cm); theta, phi of that point seen from the origin (belle2-ecl), for array30 theta = 0 (beam along the crystal axes), phi = atan2(y, x);
 //     time = time of the seed (LM) digit, 0 when it has no valid time (quality != 0: taken as in
-//     time, above; the bits of its time field mean nothing, wire-format.md); weight_sum = sum_i w_ik, n_crystals = round(weight_sum);
+//     time, above; the bits of its time field mean nothing, wire-format.md);
+//     weight_sum = sum_i w_ik, n_crystals = round(weight_sum);
 //     local_u, local_v = centroid relative to the centre of the seed crystal in units of the cell
 //     size: u along the ring (theta, array30: row = y) direction, v along phi (array30: col = x);
 //     +-0.5 are the cell edges (array30: the middle of the aluminium gaps, pitch 6 cm).
@@ -136,8 +137,8 @@ class Clusterer {
              const uint8_t* quality, size_t n, ClusterOutput& out);
   // w == nullptr: all weights 1 (a region with one maximum).
   void make_cluster(const Geometry& g, const int32_t* cell, const float* time, const uint8_t* quality,
-                    const int* members, int m,
-                    const double* share, const double* w, int seed, int n_max, int region);
+                    const int* members, int m, const double* share, const double* w, int seed, int n_max,
+                    int region);
   struct ReverseN1 {
     explicit ReverseN1(const Geometry& g);
     // The cellIds are uint16 (8736 cells): the lists are read for every digit of every region;

@@ -101,14 +101,15 @@ class Column {
   template <class T>
   void check() const {
     if (dtype_of<T>() != dtype_)
-      throw std::logic_error((name_.empty() ? std::string("column") : "column '" + name_ + "'") + " holds " +
-                             dtype_name(dtype_) + ", accessed as " + dtype_name(dtype_of<T>()));
+      throw std::logic_error(label() + " holds " + dtype_name(dtype_) + ", accessed as " + dtype_name(dtype_of<T>()));
   }
   void check_one_per_row() const {
     if (width_ != 1)
-      throw std::logic_error((name_.empty() ? std::string("column") : "column '" + name_ + "'") +
-                             " holds rows of " + std::to_string(width_) + " values, one value per row expected");
+      throw std::logic_error(label() + " holds rows of " + std::to_string(width_) +
+                             " values, one value per row expected");
   }
+  // how an error names the column
+  std::string label() const { return name_.empty() ? std::string("column") : "column '" + name_ + "'"; }
   void detach();  // unshare the buffer before a write
 
   DType dtype_ = DType::U8;
