@@ -320,3 +320,32 @@ def test_metrics_expose_counts_never_payloads(tmp_path):
             assert re.fullmatch(r'[a-zA-Z_:][a-zA-Z0-9_:]*(\{[^}]*\})? [-+0-9.eEinfNa]+', line), line
             labels = re.findall(r'="([^"]*)"', line)
             assert all(re.fullmatch(r"[A-Za-z0-9_.#:+\-]*", v) for v in labels), line
+
+
+# ------------------------------------------------------------------ no telemetry from the CNN's runtime
+def test_the_cnn_runtime_sends_no_telemetry_unless_the_user_asks(tmp_path):
+    """onnxruntime 1.32's Linux wheel made, at the first session of every job and worker, a device id and
+    an SQLite telemetry store in ~/.cache/Microsoft/DeveloperTools/.onnxruntime and a .ses file in the
+    temporary directory, for uploads to events.data.microsoft.com. `import eclreco` now turns that off
+    (ORT_DISABLE_TELEMETRY=1), unless the user set the variable: a reconstruction with the CNN leaves
+    nothing in HOME or the temporary directory."""
+    script = ("import os, eclreco\n"
+              "from eclreco.reconstruction import add_reconstruction\n"
+              "path = eclreco.create_path()\n"
+              "path.add_module('SimulationInput', events=20)\n"
+              "add_reconstruction(path)\n"
+              "eclreco.process(path)\n"
+              "assert 'ECLEnergyCorrection' in [m['name'] for m in eclreco.statistics.summary()['modules']]\n"
+              "print(os.environ.get('ORT_DISABLE_TELEMETRY', 'unset'))\n")
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    for given, expected in ((None, "1"), ("0", "0")):
+        home, tmp = tmp_path / f"home{expected}", tmp_path / f"tmp{expected}"
+        home.mkdir()
+        tmp.mkdir()
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                           env={**env, "HOME": str(home), "TMPDIR": str(tmp),
+                                **({"ORT_DISABLE_TELEMETRY": given} if given else {})})
+        assert r.returncode == 0, r.stderr[-2000:]
+        if given is None:
+            assert sorted(os.listdir(home)) == [] and sorted(os.listdir(tmp)) == []
+        assert r.stdout.split() == [expected]  # the user's own setting is kept

@@ -10,6 +10,14 @@ in the manner of basf2::
     eclreco.process(path)
     print(eclreco.statistics)
 """
+import os as _os
+
+# onnxruntime >= 1.2x's Linux wheels send usage telemetry (a device id and an SQLite event store under
+# ~/.cache/Microsoft, a .ses file in the temporary directory, uploads to events.data.microsoft.com):
+# nothing an HLT node should do. Off unless the user says otherwise; read once, at onnxruntime's first
+# session, so it must be set before any.
+_os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 from eclreco._core import (ERROR_DISCARDED, ERROR_MODULE, ERROR_REJECTED, EventBatch, Geometry, ParameterError,
                            ParameterTypeError)
 from eclreco.framework import (REQUIRED, Module, Path, available_modules, create_module, create_path,
