@@ -30,7 +30,7 @@ def relay(raw: str, n: int, rate: float, transport: str) -> dict:
 
     ctx = zmq.Context()
     inp, out = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
-    tmp = tempfile.mkdtemp()
+    tmp = os.path.dirname(raw)  # the caller's temporary folder, for the ipc endpoints
     if transport == "ipc":
         a_in, a_out = f"ipc://{tmp}/in", f"ipc://{tmp}/out"
         inp.bind(a_in)
@@ -82,15 +82,17 @@ def main():
     ap.add_argument("--no-relay", action="store_true", help="leave out the bare relay measurements")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    raw = os.path.join(tempfile.mkdtemp(prefix="eclreco-bench-farm-"), "generic.msgpack")
-    make_raw_file(raw, args.events, 1.0)
     rates = [float(r) for r in args.rates.split(",")]
     rows = []
-    for modules in args.modules.split(","):
-        for rate in rates if modules == "standard" else rates[-1:]:
-            rows.append({"modules": modules, **benchmark_farm(raw, rate, args.seconds, modules=modules,
-                                                                     farm_args=args.farm_args.split())})
-    relays = [] if args.no_relay else [relay(raw, int(rates[-1] * args.seconds), rates[-1], t) for t in ("tcp", "ipc")]
+    with tempfile.TemporaryDirectory(prefix="eclreco-bench-farm-") as tmp:  # the raw file: ~5 kB/event
+        raw = os.path.join(tmp, "generic.msgpack")
+        make_raw_file(raw, args.events, 1.0)
+        for modules in args.modules.split(","):
+            for rate in rates if modules == "standard" else rates[-1:]:
+                rows.append({"modules": modules, **benchmark_farm(raw, rate, args.seconds, modules=modules,
+                                                                  farm_args=args.farm_args.split())})
+        relays = [] if args.no_relay else [relay(raw, int(rates[-1] * args.seconds), rates[-1], t)
+                                           for t in ("tcp", "ipc")]
     if args.json:
         print(json.dumps({"farm": rows, "relay": relays}, indent=1))
         return

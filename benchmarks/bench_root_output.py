@@ -21,7 +21,8 @@ def main():
     ap.add_argument("--events", type=int, default=10000)
     ap.add_argument("--compression", default="zlib:1,zstd:1,zstd:3,lz4:1,none")
     args = ap.parse_args()
-    tmp = tempfile.mkdtemp(prefix="eclreco-bench-root-")
+    tmp_dir = tempfile.TemporaryDirectory(prefix="eclreco-bench-root-")  # the raw file and the outputs, removed at exit
+    tmp = tmp_dir.name
     raw = os.path.join(tmp, "generic.msgpack")
     make_raw_file(raw, args.events, 1.0)
     spent = {"s": 0.0}

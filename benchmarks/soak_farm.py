@@ -43,7 +43,8 @@ def main():
     ap.add_argument("--modules", default="standard", help="worker chain (hlt run --modules)")
     ap.add_argument("--events", type=int, default=10000, help="events in the replayed file")
     args = ap.parse_args()
-    raw = os.path.join(tempfile.mkdtemp(prefix="eclreco-soak-"), "generic.msgpack")
+    tmp = tempfile.TemporaryDirectory(prefix="eclreco-soak-")  # the raw file, removed at exit
+    raw = os.path.join(tmp.name, "generic.msgpack")
     make_raw_file(raw, args.events, 1.0)
     samples, done = [], threading.Event()
 
@@ -60,6 +61,7 @@ def main():
     finally:
         done.set()
         th.join()
+        tmp.cleanup()
     print(f"{r['confirmed']} of {r['events']} events confirmed, {r['achieved_events_per_s']:,.0f} events/s, "
           f"latency p50 {r['latency_p50_ms']:.1f} ms, p99 {r['latency_p99_ms']:.1f} ms")
     print("RSS MiB by role over time (s):")

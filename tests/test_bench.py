@@ -13,10 +13,17 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1] / "benchmarks")]  # the 
 
 @pytest.mark.timeout(300)
 def test_bench_json_runs_every_measurement(tmp_path):
+    """... and leaves no temporary file: the farm measurement left its folder, with the farm's ROOT
+    file (~6 kB/event, 118 MB at 30 kHz for 5 s), in the temporary directory at every run."""
+    import os
+
+    (tmp_path / "tmp").mkdir()
     r = subprocess.run([sys.executable, "-m", "eclreco.cli", "bench", "--json", "--events", "600", "--repeat", "1",
                         "--farm-rate", "2000", "--farm-seconds", "1", "--plots", str(tmp_path / "plots")],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=280)
+                       capture_output=True, text=True, cwd=tmp_path, timeout=280,
+                       env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
     assert r.returncode == 0, r.stderr[-3000:]
+    assert os.listdir(tmp_path / "tmp") == []
     res = json.loads(r.stdout)
     assert res["input"]["events"] == 600 and res["input"]["digits_per_event"] > 100
     for key in ("e2e_events_per_s", "e2e_no_cnn_events_per_s", "framework_overhead_us_per_event",

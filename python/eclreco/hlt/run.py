@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -496,7 +497,7 @@ def benchmark_farm(raw: str, rate: float, seconds: float, workers: int = 2, time
 
     n_file = len(read_raw_file(raw))
     n = int(rate * seconds)
-    tmp = tempfile.mkdtemp(prefix="eclreco-farm-")
+    tmp, failed = tempfile.mkdtemp(prefix="eclreco-farm-"), False
     addr_in, addr_ctl, addr_w = free_address(), free_address(), free_address()
     exe = [sys.executable, "-m", "eclreco.cli"]
     log = open(os.path.join(tmp, "farm.log"), "w+")
@@ -563,8 +564,13 @@ def benchmark_farm(raw: str, rate: float, seconds: float, workers: int = 2, time
                 "latency_p50_ms": d["latency_p50_s"] * 1e3, "latency_p99_ms": d["latency_p99_s"] * 1e3,
                 "cpu_us_per_event": cpu_us, "page_faults_per_event": faults,
                 "cpu_cores_used": sum(cpu_us.values()) * 1e-6 * n / all_s}
+    except BaseException:
+        failed = True
+        raise
     finally:
         if farm.poll() is None:
             farm.kill()
             farm.wait()
         log.close()
+        if not failed:  # the farm's ROOT file (~6 kB/event) goes; after an error, its log stays for the message
+            shutil.rmtree(tmp, ignore_errors=True)
