@@ -13,7 +13,7 @@ import argparse
 import sys
 
 import eclreco
-from eclreco.hlt.cli import HelpFormatter
+from eclreco.cli_types import HelpFormatter
 from eclreco.hlt.worker import add_chosen_reconstruction, add_worker_arguments, start_worker
 
 

@@ -691,22 +691,36 @@ def test_eclreco_bench_removes_its_files_and_checks_plots_first(tmp_path, monkey
     assert os.listdir(tmp_path / "tmp") == []
 
 
-def test_every_hlt_role_help_prints_its_defaults():
-    """deployment.md: `--help` of each `eclreco hlt` role prints every default. `hlt keys` used the plain
-    formatter: its --names default (the six parties whose keys it makes) was in no help text."""
+def _commands(parser, name="eclreco"):
+    """(name, parser) of `eclreco` and of every command and subcommand under it."""
     import argparse
 
-    hlt = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["hlt"]
-    roles = next(a for a in hlt._actions if isinstance(a, argparse._SubParsersAction)).choices
-    for role, parser in roles.items():
-        if role == "worker":  # its options are the steering file's (hlt_worker.py --help, the same formatter)
+    yield name, parser
+    for subs in (a for a in parser._actions if isinstance(a, argparse._SubParsersAction)):
+        for command, sub in subs.choices.items():
+            yield from _commands(sub, f"{name} {command}")
+
+
+def test_every_command_help_says_what_it_does_and_prints_its_defaults():
+    """deployment.md: `--help` of each command prints every default, in the option's own help (`hlt keys`
+    --names was in no help text; simulate's and bench's options showed none, simulate's and dqm's --help
+    said nothing of what the command does). Once: a default written into the text too was shown twice."""
+    import argparse
+
+    for name, parser in _commands(cli.build_parser()):
+        if name == "eclreco hlt worker":  # its options are the steering file's (hlt_worker.py --help, the same formatter)
             continue
-        text = " ".join(parser.format_help().split())
+        assert parser.description, name
+        formatter = parser._get_formatter()
         for action in parser._actions:
-            if action.default in (None, False, "", argparse.SUPPRESS) or not action.option_strings:
+            if (action.default is None or action.default is False or action.default in ("", [])
+                    or action.default == argparse.SUPPRESS or not action.option_strings):
                 continue
-            shown = ",".join(action.default) if isinstance(action.default, list) else str(action.default)
-            assert f"(default: {action.default})" in text or shown in text, (role, action.dest, action.default)
+            shown = str(action.default)
+            assert action.help, (name, action.dest, shown)  # argparse prints no default without a help text
+            text = " ".join(formatter._expand_help(action).split())
+            assert re.search(rf"\bdefault:? {re.escape(shown)}", text) and text.count("default") == 1, (
+                name, action.dest, text)
 
 
 def test_eclreco_quarantine_extract_leaves_out_as_it_was_when_an_input_fails(tmp_path, capsys):
@@ -865,7 +879,7 @@ def test_cluster_columns_default_is_shown_once_and_parses_to_the_list():
     import argparse
 
     from eclreco.cli_types import add_cluster_columns_argument
-    from eclreco.hlt.cli import HelpFormatter
+    from eclreco.cli_types import HelpFormatter
     from eclreco.modules.root_output import DEFAULT_CLUSTER_COLUMNS
 
     for formatter in (HelpFormatter, argparse.HelpFormatter):

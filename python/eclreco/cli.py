@@ -23,14 +23,27 @@ SUBCOMMANDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from eclreco.cli_types import CommandParser
     from eclreco.framework import version_text
 
-    parser = argparse.ArgumentParser(prog="eclreco", description=__doc__)
+    parser = CommandParser(prog="eclreco", description=__doc__)
     parser.add_argument("--version", action="version", version=version_text())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name, func_name in SUBCOMMANDS:
         getattr(importlib.import_module(module_name), func_name)(sub)
+    _describe_commands(parser)
     return parser
+
+
+def _describe_commands(parser: argparse.ArgumentParser) -> None:
+    """A command without a description of its own says in its --help what the command list says of it
+    (`eclreco simulate --help` said nothing of what simulate does)."""
+    for subs in (a for a in parser._actions if isinstance(a, argparse._SubParsersAction)):
+        for listed in subs._choices_actions:
+            command = subs.choices[listed.dest]
+            if command.description is None:
+                command.description = listed.help
+            _describe_commands(command)
 
 
 def command_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentParser:

@@ -12,6 +12,25 @@ import math
 from eclreco import _core
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each option's default (where it has one: not for flags, empty strings and lists), and
+    a command's description as written."""
+
+    def _get_help_string(self, action):
+        # identity, not ==: a default of 0 (== False) is a default to show
+        if action.default is None or action.default is False or action.default in ("", []):
+            return action.help
+        return super()._get_help_string(action)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The parser of `eclreco` and of each of its commands (add_subparsers makes the parent's class):
+    one formatter for all, so that every --help shows the defaults (simulate's and bench's showed none)."""
+
+    def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
 def integer(lo: int, hi: int | None = None, meaning: str = ""):
     """An int in lo..hi (hi None: no upper bound); `meaning` names special values for the message."""
 

@@ -19,7 +19,7 @@ import time
 from typing import Callable, Sequence
 
 from eclreco import scheduling
-from eclreco.cli_types import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE
+from eclreco.cli_types import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, CommandParser
 from eclreco.rawdata import read_raw_file
 
 
@@ -270,7 +270,7 @@ def add_daq_emulator_parser(subparsers) -> argparse.ArgumentParser:
     """Register `daq-emulator` on the CLI's subparsers; the handler is in `func` (run_daq_emulator)."""
     p = subparsers.add_parser(
         "daq-emulator", help="replay a raw file over ZeroMQ (PUSH) at a steady rate",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__)
     p.add_argument("--input", required=True, help="raw file (.msgpack, envelopes back to back)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--connect", metavar="ADDR", help="connect the PUSH socket to ADDR, e.g. tcp://127.0.0.1:5555")
@@ -293,7 +293,7 @@ def add_daq_emulator_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="eclreco-daq-emulator")
+    parser = CommandParser(prog="eclreco-daq-emulator")
     sub = parser.add_subparsers(dest="command", required=True)
     add_daq_emulator_parser(sub)
     args = parser.parse_args(["daq-emulator", *(sys.argv[1:] if argv is None else argv)])

@@ -139,7 +139,7 @@ def _out_file(text: str) -> str:
 
 def add_quarantine_parser(subparsers) -> None:
     p = subparsers.add_parser("quarantine", help="list or extract the rejected raw events of quarantine files",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__)
     p.add_argument("files", nargs="+", help="quarantine files (.msgpack) written by RejectedOutput")
     shown = p.add_mutually_exclusive_group()  # both on stdout: the lines made the JSON unreadable
     shown.add_argument("--list", action="store_true", help="one line per record: reason, exp/run/evt, size, detail")

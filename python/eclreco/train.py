@@ -588,7 +588,7 @@ def add_train_parser(subparsers):
     from eclreco.cli_types import NON_NEGATIVE_INT, POSITIVE_INT, integer
 
     p = subparsers.add_parser("train", help="train the CNN energy correction of a detector (ONNX + model card)",
-                              description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+                              description=__doc__)
     p.add_argument("--detector", required=True, choices=["array30", "belle2-ecl"])
     p.add_argument("-o", "--output", required=True, help="output directory (<detector>.onnx, .md, .json)")
     p.add_argument("--g4", default=None, help="Geant4 file (default ../shared/data/g4_array30_train.npz or "
@@ -596,7 +596,7 @@ def add_train_parser(subparsers):
     p.add_argument("--epochs", type=POSITIVE_INT, default=None, help="maximum epochs (early stopping on the validation set; "
                    f"default {', '.join(f'{d}: {n}' for d, n in EPOCHS.items())})")
     p.add_argument("--seed", type=integer(0, MAX_SEED), default=1,
-                   help="seed of the chain sample and of the first network (default 1: the shipped models)")
+                   help="seed of the chain sample and of the first network (1: the shipped models)")
     p.add_argument("--sizes", type=_size_list, default=[], help=f"comma-separated network sizes to train ({', '.join(SIZES)}); "
                    "the default size of the detector, or the first one listed when it is not among them, is written as "
                    "<detector>.onnx with the model card, the others as <detector>-<size>.onnx")
@@ -608,7 +608,7 @@ def add_train_parser(subparsers):
                    "under the reflections and rotations of the beam spot, each with its own noise (default "
                    f"{AUGMENT['array30']}: not needed, see docs/physics-validation.md)")
     p.add_argument("--restarts", type=POSITIVE_INT, default=1, help="train from this many initialisations (seeds S, S+1, ...) "
-                   "and keep the lowest validation loss (default 1: reproduces the shipped models)")
+                   "and keep the lowest validation loss (1: reproduces the shipped models)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd)
     return p

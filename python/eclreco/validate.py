@@ -432,7 +432,7 @@ def add_validate_parser(subparsers):
     from eclreco.cli_types import NON_NEGATIVE_INT
 
     p = subparsers.add_parser("validate", help="physics validation of the CNN energy correction (tables, plots)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__)
     p.add_argument("--detector", required=True, choices=["array30", "belle2-ecl"])
     p.add_argument("-o", "--output", required=True, help="output directory (validation_<det>.md/.json, PNGs)")
     p.add_argument("--g4", default=None, help="Geant4 file (default ../shared/data/g4_array30_train.npz or "

@@ -11,16 +11,6 @@ from eclreco.reconstruction import add_event_filter_arguments
 from eclreco.scheduling import add_scheduling_argument
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows each option's default (where it has one: not for flags and empty strings)."""
-
-    def _get_help_string(self, action):
-        # identity, not ==: a default of 0 (== False) is a default to show
-        if action.default is None or action.default is False or action.default == "":
-            return action.help
-        return super()._get_help_string(action)
-
-
 def _add_metrics(p, default_port: int):
     p.add_argument("--metrics-port", type=METRICS_PORT, default=default_port,
                    help="Prometheus exporter port (0: a free port; -1: none)")
@@ -65,8 +55,7 @@ def add_hlt_parser(subparsers):
                                 description=__doc__)
     sub = hlt.add_subparsers(dest="hlt_command", metavar="ROLE")
 
-    p = sub.add_parser("distributor", help="event source -> workers (credit-based), run control",
-                       formatter_class=HelpFormatter)
+    p = sub.add_parser("distributor", help="event source -> workers (credit-based), run control")
     add_distributor_arguments(p)
     _add_metrics(p, 9460)
     add_curve_arguments(p, "distributor")
@@ -78,8 +67,7 @@ def add_hlt_parser(subparsers):
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_worker)
 
-    p = sub.add_parser("collector", help="results of all workers -> output file, confirmations",
-                       formatter_class=HelpFormatter)
+    p = sub.add_parser("collector", help="results of all workers -> output file, confirmations")
     p.add_argument("--collector-addr", default="tcp://127.0.0.1:5558", help="PULL address workers push to")
     p.add_argument("--control", default="tcp://127.0.0.1:5557", help="the distributor's control address")
     p.add_argument("-o", "--output", default="hlt.root",
@@ -98,7 +86,7 @@ def add_hlt_parser(subparsers):
     add_curve_arguments(p, "collector")
     p.set_defaults(func=lambda a: __import__("eclreco.hlt.collector", fromlist=["main"]).main(a))
 
-    p = sub.add_parser("run", help="a local farm: 1 distributor, N workers, 1 collector", formatter_class=HelpFormatter)
+    p = sub.add_parser("run", help="a local farm: 1 distributor, N workers, 1 collector")
     add_distributor_arguments(p, local_farm=True)
     p.add_argument("-n", "--workers", type=POSITIVE_INT, default=2, help="worker processes")
     p.add_argument("--collector-addr", default="", help="default: a free local port")
@@ -134,8 +122,7 @@ def add_hlt_parser(subparsers):
     add_curve_arguments(p, "control")
     p.set_defaults(func=lambda a: __import__("eclreco.hlt.run", fromlist=["main"]).main(a))
 
-    p = sub.add_parser("control", help="run control: stop (end of run), start (new run), terminate",
-                       formatter_class=HelpFormatter)
+    p = sub.add_parser("control", help="run control: stop (end of run), start (new run), terminate")
     p.add_argument("action", choices=["stop", "start", "terminate"])
     p.add_argument("--control", default="tcp://127.0.0.1:5557", help="the distributor's control address")
     p.add_argument("--timeout", type=POSITIVE, default=180.0,
@@ -143,8 +130,7 @@ def add_hlt_parser(subparsers):
     add_curve_arguments(p, "control")
     p.set_defaults(func=lambda a: __import__("eclreco.hlt.control", fromlist=["control_main"]).control_main(a))
 
-    p = sub.add_parser("status", help="every process of the farm: role, pid, state, counters",
-                       formatter_class=HelpFormatter)
+    p = sub.add_parser("status", help="every process of the farm: role, pid, state, counters")
     p.add_argument("--control", default="tcp://127.0.0.1:5557", help="the distributor's control address")
     p.add_argument("--json", action="store_true", help='{"processes": [{"role": ..., "pid": ...}, ...]}')
     p.add_argument("--watch", type=NON_NEGATIVE, nargs="?", const=1.0, default=0.0,
@@ -153,8 +139,7 @@ def add_hlt_parser(subparsers):
     add_curve_arguments(p, "control")
     p.set_defaults(func=lambda a: __import__("eclreco.hlt.control", fromlist=["status_main"]).status_main(a))
 
-    p = sub.add_parser("keys", help="generate CURVE key pairs (zmq.auth certificates) for --curve-dir",
-                       formatter_class=HelpFormatter)
+    p = sub.add_parser("keys", help="generate CURVE key pairs (zmq.auth certificates) for --curve-dir")
     p.add_argument("-o", "--output", required=True, help="key directory (public/ and private/ are made in it)")
     p.add_argument("--names", default="distributor,collector,worker,control,daq,reco",
                    help="comma-separated parties, one key pair each")

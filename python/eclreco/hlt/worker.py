@@ -395,7 +395,7 @@ def main(args) -> int:
     steering = args.steering or default_steering()
     argv = list(args.worker_args)
     if steering is None:  # installed without the source tree: the same path, built in
-        from eclreco.hlt.cli import HelpFormatter
+        from eclreco.cli_types import HelpFormatter
 
         ap = argparse.ArgumentParser(prog="eclreco hlt worker", formatter_class=HelpFormatter)
         add_worker_arguments(ap)

@@ -49,17 +49,18 @@ def _run(args) -> int:
 
 def add_simulate_parser(subparsers) -> None:
     p = subparsers.add_parser("simulate", help="simulate events into a raw file (.msgpack)")
-    p.add_argument("--detector", default="belle2-ecl", choices=["belle2-ecl", "array30"])
-    p.add_argument("--events", type=int, default=1000)
-    p.add_argument("--particle", default="gamma", choices=["gamma", "pi0", "generic"])
+    p.add_argument("--detector", default="belle2-ecl", choices=["belle2-ecl", "array30"], help="detector geometry")
+    p.add_argument("--events", type=int, default=1000, help="events to simulate")
+    p.add_argument("--particle", default="gamma", choices=["gamma", "pi0", "generic"],
+                   help="what each event holds (generic: several photons and e+e- pairs, belle2-ecl only)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--energy", type=float, default=1.0, help="GeV")
     g.add_argument("--energy-range", type=float, nargs=2, metavar=("LO", "HI"), help="GeV, log-uniform")
     p.add_argument("--background", type=float, default=None,
                    help="beam-background level (default: 1 for belle2-ecl, 0 for array30)")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--exp", type=int, default=0)
-    p.add_argument("--run", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="random seed (the same seed: the same events)")
+    p.add_argument("--exp", type=int, default=0, help="experiment number written in each event")
+    p.add_argument("--run", type=int, default=1, help="run number written in each event")
     p.add_argument("-o", "--output", required=True, help="raw file to write (.msgpack)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
