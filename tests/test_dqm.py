@@ -432,4 +432,38 @@ def test_eclreco_dqm_refuses_a_bad_file_in_one_line_and_leaves_the_output_folder
     assert all(p.read_bytes() == b"an earlier run's plot" for p in folder.iterdir())
     assert main(["dqm", str(tmp_path / "good.root"), "-o", str(folder)]) == 0
     assert capsys.readouterr().out.split() == [str(folder / "h0.png"), str(folder / "h1.png")]
-    assert all(p.read_bytes().startswith(b"\x89PNG") for p in folder.iterdir())
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in folder.glob("*.png"))
+
+
+def test_eclreco_dqm_into_a_reused_folder_removes_its_own_earlier_plots_only(tmp_path, capsys):
+    """`eclreco dqm B.root -o DIR` into the DIR of an earlier A.root left A's PNGs of the histograms (or
+    cycles) that B lacks: DIR mixed two files' plots. The command now lists what it made in
+    DIR/eclreco-dqm.json and removes, the next time, those it does not make again; a file a user put
+    there, or one of its PNGs changed since, stays (and is named on stderr)."""
+    import json
+
+    from eclreco.cli import main
+
+    _dqm_file(tmp_path / "a.root", ["a0", "a1", "a2"])
+    _dqm_file(tmp_path / "b.root", ["b0"])
+    folder = tmp_path / "png"
+    assert main(["dqm", str(tmp_path / "a.root"), "-o", str(folder)]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["eclreco-dqm.json", "h0.png", "h1.png", "h2.png"]
+    (folder / "mine.png").write_bytes(b"a user's plot")
+    (folder / "h1.png").write_bytes(b"a user's plot, saved over one of a.root's")
+    capsys.readouterr()
+    assert main(["dqm", str(tmp_path / "b.root"), "-o", str(folder)]) == 0
+    out, err = capsys.readouterr()
+    assert out.split() == [str(folder / "h0.png")]
+    assert sorted(p.name for p in folder.iterdir()) == ["eclreco-dqm.json", "h0.png", "h1.png", "mine.png"]
+    assert (folder / "mine.png").read_bytes() == b"a user's plot"
+    assert (folder / "h1.png").read_bytes() == b"a user's plot, saved over one of a.root's"
+    assert err.count("\n") == 1 and "also holds 2 PNG file(s) not drawn from" in err and "h1.png, mine.png" in err, err
+    manifest = json.loads((folder / "eclreco-dqm.json").read_text())
+    assert manifest["file"] == str(tmp_path / "b.root") and list(manifest["plots"]) == ["h0.png"]
+    # a manifest that is not one removes nothing, and says so
+    (folder / "eclreco-dqm.json").write_text('{"plots": ["../a.root"]}')
+    assert main(["dqm", str(tmp_path / "a.root"), "-o", str(folder)]) == 0
+    assert "is not a readable list of this command's plots" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["eclreco-dqm.json", "h0.png", "h1.png", "h2.png", "mine.png"]
+    assert (tmp_path / "a.root").exists()

@@ -222,18 +222,47 @@ def read_histograms(root_path: str) -> list[dict]:
     return hists
 
 
+# In the -o folder: the PNGs that `eclreco dqm` made there last, and of which file, so that the next file
+# drawn into the folder removes those it does not make again (its plots would have mixed with the
+# earlier file's) and nothing else (files a user put there, or changed since).
+MANIFEST = "eclreco-dqm.json"
+
+
+def _previous_plots(out_dir: str) -> dict[str, str]:
+    """{PNG name: SHA-256} of the folder's manifest; {} when there is none or it is not one (said)."""
+    import json
+
+    path = os.path.join(out_dir, MANIFEST)
+    try:
+        with open(path) as f:
+            plots = json.load(f)["plots"]
+        if not (isinstance(plots, dict) and all(isinstance(v, str) for v in plots.values())):
+            raise TypeError("'plots' is not a map of names to hashes")
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        print(f"eclreco dqm: warning: {path} is not a readable list of this command's plots ({_one_line(err)}): "
+              "no earlier plot is removed", file=sys.stderr)
+        return {}
+    # names only, in the folder itself: a manifest never removes a file elsewhere
+    return {name: sha for name, sha in plots.items() if os.path.basename(name) == name and name.endswith(".png")}
+
+
 def draw(root_path: str, out_dir: str) -> list[str]:
     """PNG of every histogram in the file's dqm directory; returns the files written. A file of
     several runs holds one cycle of each histogram per run (titles end with the run): each is drawn,
     as NAME_cycleK.png. The file is read before out_dir is made, and the PNGs take their names together
     at the end (paths.StagedOutputs): a file that cannot be read, or a failure while drawing, leaves
-    out_dir as it was (no new empty folder, no mix of new and old plots)."""
+    out_dir as it was (no new empty folder, no mix of new and old plots). Then the PNGs that the last
+    `eclreco dqm` into out_dir made (its MANIFEST) and this one did not make again are removed, unless
+    changed since; other files stay."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from eclreco.paths import StagedOutputs
+    from eclreco.paths import StagedOutputs, file_sha256
+    from eclreco.strict_json import dumps
 
     hists = read_histograms(root_path)
     if not out_dir:
@@ -261,7 +290,15 @@ def draw(root_path: str, out_dir: str) -> list[str]:
                 finally:
                     plt.close(fig)
                 written.append(out)
+            plots = {os.path.basename(out): file_sha256(staged.path(out)) for out in written}
+            with open(staged.path(os.path.join(out_dir, MANIFEST)), "w") as f:
+                f.write(dumps({"file": os.path.abspath(root_path), "plots": plots}, indent=1) + "\n")
+            previous = _previous_plots(out_dir)
             staged.publish()
+        for name, sha in previous.items():
+            stale = os.path.join(out_dir, name)
+            if name not in plots and os.path.isfile(stale) and file_sha256(stale) == sha:
+                os.unlink(stale)
     except BaseException:
         if made and not os.listdir(out_dir):
             os.rmdir(out_dir)
@@ -294,11 +331,18 @@ def _run(args) -> int:
         return 2
     for f in files:
         print(f)
+    ours = {os.path.basename(f) for f in files}
+    others = sorted(n for n in os.listdir(args.output) if n.endswith(".png") and n not in ours)
+    if others:  # made by hand, by an eclreco before the manifest, or changed since: not this file's plots
+        print(f"eclreco dqm: note: {args.output} also holds {len(others)} PNG file(s) not drawn from {args.file}, "
+              f"left as they are: {', '.join(others[:5])}{', ...' if len(others) > 5 else ''}", file=sys.stderr)
     return 0
 
 
 def add_dqm_parser(subparsers) -> None:
     p = subparsers.add_parser("dqm", help="draw the DQM histograms of a ROOT file as PNG")
     p.add_argument("file", help="ROOT file written by RootOutput")
-    p.add_argument("-o", "--output", default="dqm", help="directory for the PNG files")
+    p.add_argument("-o", "--output", default="dqm",
+                   help=f"directory for the PNG files; the PNGs that an earlier `eclreco dqm` made there (its {MANIFEST}) "
+                        "and this file has not are removed, other files stay")
     p.set_defaults(func=_run)
