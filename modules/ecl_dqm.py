@@ -22,6 +22,9 @@ class ECLDQM(Module):
         self.h = {}
         self._run_begun = False
 
+    def makes(self):
+        return ()
+
     def initialize(self):
         # a negative count selected no photon at all (an empty gg_mass, silently)
         if not self.param("min_cluster_energy_gev") >= 0 or self.param("max_photons_per_event") < 0:

@@ -160,6 +160,9 @@ class ECLEnergyCorrection(Module):
         self._checked_energy_in = False
 
     # -- sessions -----------------------------------------------------------------------------
+    def makes(self):  # it changes ECLClusters.energy
+        return ()
+
     def initialize(self):
         self._sessions = {}
         self._model_files = {}

@@ -28,6 +28,9 @@ class ECLEventFilter(Module):
         self._lock = threading.Lock()
         self.kept = self.discarded = 0
 
+    def makes(self):
+        return ()
+
     def initialize(self):
         for name in ("min_clusters", "min_energy_sum_gev", "cluster_energy_gev", "max_abs_time_ns"):
             if not self.param(name) >= 0:

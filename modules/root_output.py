@@ -101,6 +101,9 @@ class RootOutput(Module):
     def writes_events(self):
         return True
 
+    def makes(self):
+        return ()
+
     def initialize(self):
         import uproot
 
@@ -127,6 +130,15 @@ class RootOutput(Module):
             raise RuntimeError(f"cannot create output file '{path}': {err}") from None
         self._tree_created = False
         self._schema = None  # (event branch dtypes, cluster field dtypes or None), fixed by the first basket
+        self._made_before = self._collections_made_before()
+
+    def _collections_made_before(self) -> set[str] | None:
+        """The collections that the modules before this one in the running path make (None: not known)."""
+        from eclreco.framework import collections_made, running_path
+
+        path = running_path()
+        mine = next((i for i, m in enumerate(path.modules) if m is self), None) if path is not None else None
+        return None if mine is None else collections_made(path.modules[:mine])
 
     def _fail(self, err: BaseException):
         """A failed write: remove the incomplete file, stop the run, remember the error."""
@@ -328,12 +340,17 @@ class RootOutput(Module):
         return {n: np.dtype(np.int32 if n in INT_CLUSTER_COLUMNS else np.float32) for n in self.param("cluster_columns")}
 
     def _empty_tree_types(self):
-        """The branches of a tree that no event reached: every event branch and the cluster_columns (a
-        job's file with events has those its chain makes), so that an analysis reading the branches of
-        its other files reads empty arrays from this one, not a KeyError."""
+        """The branches of a tree that no event reached: those a file of the same chain with events has
+        (the digit counts where a module before this one makes ECLDigits / ECLEventInformation, the
+        cluster_columns where one makes ECLClusters), so that an analysis reading the branches of its
+        other files reads empty arrays from this one, neither a KeyError nor branches the others lack.
+        A chain with a module that does not say what it makes (Module.makes): every branch."""
+        made = self._made_before
+        wanted = {"n_digits": "ECLDigits", "n_out_of_time_digits": "ECLEventInformation"}
+        types = {k: np.dtype(t) for k, t in EVENT_BRANCH_TYPES.items()
+                 if k not in wanted or made is None or wanted[k] in made}
         columns = {n: np.zeros(0, dt) for n, dt in self._cluster_types().items()}
-        types = {k: np.dtype(t) for k, t in EVENT_BRANCH_TYPES.items()}
-        if columns:
+        if columns and (made is None or "ECLClusters" in made):
             types["cluster"] = _cluster_array(np.zeros(1, np.int64), columns).type
         return types
 

@@ -3,6 +3,7 @@ raw envelopes of the wire format, so that the chain downstream sees exactly what
 from __future__ import annotations
 
 from eclreco import Module, _core
+from eclreco.framework import RAW
 
 
 class SimulationInput(Module):
@@ -27,6 +28,9 @@ class SimulationInput(Module):
 
     def is_source(self):
         return True
+
+    def makes(self):
+        return RAW
 
     def initialize(self):
         if self.param("detector") not in ("belle2-ecl", "array30"):

@@ -6,6 +6,7 @@ import time
 
 from eclreco import Module, _core
 from eclreco.curve import apply_curve_params, declare_curve_params
+from eclreco.framework import RAW
 
 
 class ZMQInput(Module):
@@ -56,6 +57,9 @@ class ZMQInput(Module):
 
     def drains_at_stop(self):
         return self.param("stop_drain_ms") > 0
+
+    def makes(self):
+        return RAW
 
     def initialize(self):
         import zmq

@@ -51,6 +51,9 @@ class ZMQOutput(Module):
     def writes_events(self):
         return True
 
+    def makes(self):
+        return ()
+
     def initialize(self):
         import zmq
 

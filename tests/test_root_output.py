@@ -741,25 +741,61 @@ def test_events_a_module_failed_on_are_written_whatever_the_batch_size(tmp_path,
     assert (t["ncluster"][~failed] == 2).all()
 
 
-@pytest.mark.parametrize("columns", [None, ["energy", "n_maxima", "region_index", "lat"]])
-def test_a_file_without_events_has_the_branches_of_one_with_events(tmp_path, columns):
+@pytest.mark.parametrize("chain,columns", [("standard", None), ("standard", ["energy", "n_maxima", "region_index", "lat"]),
+                                           ("unpacker", None), ("raw", None), ("array digits", None)])
+def test_a_file_without_events_has_the_branches_of_one_with_events(tmp_path, chain, columns):
     """A job that wrote no event (an empty input, every event rejected) left a tree of exp, run, evt and
     error_flags only: an analysis reading cluster_energy from each of its files got a KeyError on that
-    one. Its tree now has the branches and types of a file of the same chain with events."""
+    one. Then it got every branch, also where its chain makes no clusters (an unpacker and RootOutput):
+    branches that the files with events of the same chain lack. Its tree now has the branches and types of
+    a file of the same chain with events (the collections that the modules before it make)."""
     from eclreco.bench import make_raw_file
     from eclreco.rawdata import write_raw_file
     from eclreco.reconstruction import add_reconstruction
+    from eclreco.sources import ArraySource
 
     make_raw_file(str(tmp_path / "some.msgpack"), 20, 1.0)
     write_raw_file(tmp_path / "none.msgpack", [])
     extra = {} if columns is None else {"cluster_columns": columns}
-    for name in ("some", "none"):
+    for name, n in (("some", 20), ("none", 0)):
         path = eclreco.create_path()
-        path.add_module("RawFileInput", filename=str(tmp_path / f"{name}.msgpack"))
-        add_reconstruction(path, cnn=False)
+        if chain == "array digits":  # digits without times: no ECLEventInformation
+            cells = np.tile(np.arange(1, 6, dtype=np.int32), n)
+            path.add_module(ArraySource("ECLDigits", np.arange(n + 1) * 5, {
+                "cell": cells, "energy": np.full(cells.size, 0.1), "quality": np.zeros(cells.size, np.uint8)}))
+            path.add_module("ECLClusterizer")
+        else:
+            path.add_module("RawFileInput", filename=str(tmp_path / f"{name}.msgpack"))
+        if chain == "standard":
+            add_reconstruction(path, cnn=False)
+        elif chain == "unpacker":
+            path.add_module("ECLUnpacker")
         path.add_module("RootOutput", filename=str(tmp_path / f"{name}.root"), **extra)
         eclreco.process(path, install_signal_handlers=False)
     with uproot.open(tmp_path / "some.root") as some, uproot.open(tmp_path / "none.root") as none:
         assert some["events"].num_entries == 20 and none["events"].num_entries == 0
         assert none["events"].typenames() == some["events"].typenames()
-        assert len(none["events"].arrays(["cluster_energy", "ncluster", "n_digits"])) == 0
+        assert len(none["events"].arrays(list(some["events"].keys()))) == 0
+        made = set(none["events"].keys()) & {"n_digits", "n_out_of_time_digits", "cluster_energy"}
+    assert made == {"standard": {"n_digits", "n_out_of_time_digits", "cluster_energy"},
+                    "unpacker": {"n_digits", "n_out_of_time_digits"}, "raw": set(),
+                    "array digits": {"n_digits", "cluster_energy"}}[chain]
+
+
+def test_a_file_without_events_of_a_module_that_does_not_say_what_it_makes_has_every_branch(tmp_path):
+    """A Python module whose makes() is not defined may add any collection (a source of clusters of
+    its own): the tree of a job without events then has every branch, as before makes() existed."""
+
+    class Nothing(eclreco.Module):
+        def is_source(self):
+            return True
+
+        def next_batch(self, batch, max_events):
+            return False
+
+    path = eclreco.create_path()
+    path.add_module(Nothing())
+    path.add_module("RootOutput", filename=str(tmp_path / "none.root"))
+    eclreco.process(path, install_signal_handlers=False)
+    with uproot.open(tmp_path / "none.root") as f:
+        assert {"n_digits", "n_out_of_time_digits", "cluster_energy", "ncluster"} <= set(f["events"].keys())

@@ -68,6 +68,12 @@ class Module(_core.Module):
         """The current value of a parameter."""
         return self.get_param(name)
 
+    def makes(self) -> tuple[str, ...] | None:
+        """The collections this module adds to its batches; None (the default): not said, it may add any.
+        An output of a job without events writes what the modules before it make (RootOutput: the
+        branches of a file of the same chain with events)."""
+        return None
+
     def __repr__(self):
         return f"<{self.type}>"
 
@@ -105,6 +111,24 @@ def create_module(name: str) -> _core.Module:
     if name in classes:
         return classes[name]()
     raise ValueError(f"unknown module '{name}'; available: {', '.join(available_modules())}")
+
+
+# The collections that the C++ modules add (makes(), which they cannot define in Python); the others add none.
+RAW = ("RawEnvelopes", "RawPayloadRef")
+CPP_MAKES = {"RawFileInput": lambda m: RAW, "ECLUnpacker": lambda m: ("ECLDigits", "ECLEventInformation"),
+             "ECLClusterizer": lambda m: (m.get_param("output"),)}
+
+
+def collections_made(modules) -> set[str] | None:
+    """The collections that `modules` add to a batch (Module.makes, CPP_MAKES); None when one of them
+    does not say."""
+    made: set[str] = set()
+    for m in modules:
+        names = m.makes() if isinstance(m, Module) else CPP_MAKES.get(m.type, lambda m: ())(m)
+        if names is None:
+            return None
+        made.update(names)
+    return made
 
 
 def per_event_sum(values, offsets) -> np.ndarray:

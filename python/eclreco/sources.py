@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from eclreco import _core
-from eclreco.framework import Module
+from eclreco.framework import RAW, Module
 from eclreco.rawdata import DETECTORS, N_CELLS
 
 
@@ -19,6 +19,9 @@ class MessageSource(Module):
 
     def is_source(self):
         return True
+
+    def makes(self):
+        return RAW
 
     def next_batch(self, batch, max_events):
         chunk = self.messages[self.pos:self.pos + max_events]
@@ -93,6 +96,9 @@ class ArraySource(Module):
 
     def is_source(self):
         return True
+
+    def makes(self):
+        return (self.collection, "ECLEventInformation") if self.with_oot else (self.collection,)
 
     def next_batch(self, batch, max_events):
         n = self.offsets.size - 1

@@ -295,6 +295,9 @@ class HLTCollectorInput(Module):
     def is_source(self):
         return True
 
+    def makes(self):
+        return None  # the collections the workers send: those of their chain, which this process does not run
+
     def initialize(self):
         if self.link is None:
             raise RuntimeError("HLTCollectorInput needs a CollectorLink")

@@ -23,6 +23,7 @@ import zmq
 import eclreco
 from eclreco import Module, _core
 from eclreco.cli_types import BATCH_SIZE, METRICS_PORT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, THREADS
+from eclreco.framework import RAW
 from eclreco.hlt import protocol as P
 from eclreco.paths import missing_folder
 from eclreco.raw_sockets import ConnectionMonitor, attach
@@ -161,6 +162,9 @@ class HLTWorkerInput(Module):
 
     def is_source(self):
         return True
+
+    def makes(self):
+        return (*RAW, SEQ_COLLECTION)
 
     def initialize(self):
         if self.link is None:
