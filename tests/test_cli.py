@@ -24,7 +24,7 @@ def _reco():
 
 @pytest.mark.parametrize("argv,message", [
     (["simulate", "--events", "5", "--energy-range", "5", "1", "-q", "-o", "{tmp}/x.msgpack"], "0 < LO < HI"),
-    (["simulate", "--events", "5", "-q", "-o", "/proc/nonexistent/x.msgpack"], "error: FileNotFoundError"),
+    (["simulate", "--events", "5", "-q", "-o", "/proc/nonexistent/x.msgpack"], "-o '/proc/nonexistent/x.msgpack': no directory '/proc/nonexistent'"),
     (["validate", "--detector", "belle2-ecl", "-o", "{tmp}/v", "--model", os.path.join(MODELS, "array30.onnx")],
      "trained for detector 'array30'"),
     (["daq-emulator", "--input", "{tmp}/missing.msgpack", "--connect", "tcp://127.0.0.1:1"], "No such file"),
@@ -895,3 +895,15 @@ def test_cluster_columns_default_is_shown_once_and_parses_to_the_list():
     r = subprocess.run(reco + ["--cluster-columns", "energy"], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and "there is no -o" in r.stderr
     assert subprocess.run(reco, capture_output=True, cwd=REPO).returncode == 0
+
+
+def test_eclreco_simulate_checks_its_output_before_simulating(tmp_path, capsys):
+    """-o in a misspelt folder, or -o a folder: `eclreco simulate` simulated every event (minutes for a
+    million), then failed to write them (FileNotFoundError, IsADirectoryError). Now one line before the
+    first event (no progress bar), exit 2, nothing made."""
+    for output, message in ((tmp_path / "typo" / "raw.msgpack", f"no directory '{tmp_path / 'typo'}'"),
+                            (tmp_path, "is a directory: name a file in it")):
+        assert cli.main(["simulate", "--events", "2", "-o", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("eclreco simulate: -o ") and message in err, err
+    assert os.listdir(tmp_path) == []

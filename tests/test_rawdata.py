@@ -1,5 +1,6 @@
 """Envelope decoding (every rejection reason), RawFileInput, RejectedOutput, the encoder's
 helpers and the DAQ emulator."""
+import os
 import re
 import struct
 import threading
@@ -948,3 +949,28 @@ def test_daq_emulator_says_at_once_that_it_waits_for_a_receiver(zmq_context):
                                    "2 s (the linger) for one to take them"), lines
     assert said[0][0] - t0 < 0.9  # before the linger, not after it
     assert "error: no receiver completed a handshake" in lines[-1][1]
+
+
+def test_a_raw_file_write_that_fails_leaves_the_old_file_and_no_partial_one(tmp_path):
+    """write_raw_file (eclreco simulate -o, bench) opened the file for writing at once: a write that
+    failed or was interrupted (disk full, Ctrl-C during the gigabytes of a long simulation) left a
+    half-written raw file under the output's name, the old one gone. It is now written under a
+    temporary name that it takes at the end; a device is still written directly."""
+    from eclreco.rawdata import read_raw_file, write_raw_file
+
+    out = tmp_path / "run.msgpack"
+    write_raw_file(out, [msgpack.packb(1), msgpack.packb(2)])
+    before = out.read_bytes()
+
+    def interrupted():
+        yield msgpack.packb(3)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_raw_file(out, interrupted())
+    assert out.read_bytes() == before and os.listdir(tmp_path) == ["run.msgpack"]
+    link = tmp_path / "link.msgpack"
+    link.symlink_to(out)
+    assert write_raw_file(link, [msgpack.packb(4)]) == 1
+    assert link.is_symlink() and read_raw_file(out) == [msgpack.packb(4)]
+    assert write_raw_file(os.devnull, [msgpack.packb(5)]) == 1 and os.path.exists(os.devnull)

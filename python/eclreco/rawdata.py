@@ -262,12 +262,22 @@ def encode_events(detector: str, exp, run, evt, offsets, cell, amplitude, time_t
 
 
 def write_raw_file(path: str | os.PathLike, messages: Iterable[bytes]) -> int:
-    """Write messages back to back (a raw file); returns the number written."""
+    """Write messages back to back (a raw file); returns the number written. A file is written under a
+    temporary name that it takes at the end (paths.StagedOutputs; through a symlink, its target): a write
+    that fails or is interrupted (disk full, Ctrl-C in `eclreco simulate`'s gigabytes) leaves no
+    half-written raw file, and an existing one as it was. A pipe or a device is written directly."""
+    import stat
+
+    from eclreco.paths import StagedOutputs
+
+    direct = os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode)
     n = 0
-    with open(path, "wb") as f:
-        for m in messages:
-            f.write(m)
-            n += 1
+    with StagedOutputs() as staged:
+        with open(path if direct else staged.path(os.path.realpath(path)), "wb") as f:
+            for m in messages:
+                f.write(m)
+                n += 1
+        staged.publish()
     return n
 
 

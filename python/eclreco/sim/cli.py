@@ -10,6 +10,7 @@ def _run(args) -> int:
     import numpy as np
     from tqdm import tqdm
 
+    from eclreco.paths import missing_folder
     from eclreco.rawdata import encode_events, write_raw_file
     from eclreco.sim import simulate
 
@@ -18,7 +19,10 @@ def _run(args) -> int:
                  "--energy-range LO HI needs 0 < LO < HI < 1000 GeV"),
                 (args.background is not None and not 0 <= args.background <= 100, "--background must be in 0..100"),
                 (args.seed < 0, "--seed must be >= 0"),
-                (not (0 <= args.exp < 2 ** 64 and 0 <= args.run < 2 ** 64), "--exp and --run must be in 0..2^64-1")]
+                (not (0 <= args.exp < 2 ** 64 and 0 <= args.run < 2 ** 64), "--exp and --run must be in 0..2^64-1"),
+                # before the simulation, not after its minutes (the file is written at the end)
+                (os.path.isdir(args.output), f"-o {args.output!r} is a directory: name a file in it"),
+                (bool(missing_folder(args.output)), f"-o {args.output!r}: no directory {missing_folder(args.output)!r}")]
     for bad, what in problems:
         if bad:
             print(f"eclreco simulate: {what}", file=sys.stderr)
