@@ -47,7 +47,12 @@ class G4Sample:
     def __init__(self, path: str, detector: str):
         needed = {"offsets": "the events' deposits", "cell": "the cellIds", "edep_mev": "the deposits",
                   **self.REQUIRED[detector]}
-        try:  # (a missing file or a folder: np.load's own error, which names it)
+        with open(path, "rb") as f:  # (a missing file or a folder: open's error, which names it)
+            head = f.read(4)
+        if head != b"PK\x03\x04":  # np.load's "pickled (object) data ... load it unsafely" is no advice to follow
+            raise ValueError(f"{path}: not a readable Geant4 sample (an .npz of the arrays offsets, cell, edep_mev, "
+                             f"...): not an .npz file " + (f"(it begins with {head!r})" if head else "(empty)"))
+        try:
             with np.load(path) as d:
                 names = list(d.files)
                 missing = [n for n in needed if n not in names]

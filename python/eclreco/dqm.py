@@ -261,21 +261,12 @@ def draw(root_path: str, out_dir: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from eclreco.paths import StagedOutputs, file_sha256
+    from eclreco.paths import StagedOutputs, file_sha256, output_folder
     from eclreco.strict_json import dumps
 
     hists = read_histograms(root_path)
-    if not out_dir:
-        raise ValueError("-o '': no directory named (. for this one)")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"-o {out_dir!r} is not a directory")
-    made = not os.path.exists(out_dir)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"-o {out_dir!r}: cannot make the directory ({err.strerror}: {err.filename!r})") from None
     written = []
-    try:
+    with output_folder(out_dir):
         with StagedOutputs() as staged:
             for h in hists:
                 out = os.path.join(out_dir, f"{h['name']}.png" if h["runs"] == 1 else
@@ -299,10 +290,6 @@ def draw(root_path: str, out_dir: str) -> list[str]:
             stale = os.path.join(out_dir, name)
             if name not in plots and os.path.isfile(stale) and file_sha256(stale) == sha:
                 os.unlink(stale)
-    except BaseException:
-        if made and not os.listdir(out_dir):
-            os.rmdir(out_dir)
-        raise
     return written
 
 

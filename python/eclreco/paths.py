@@ -2,6 +2,7 @@
 the folder check of output files; outputs written whole (a temporary name, then the file's own)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 
@@ -28,6 +29,36 @@ def missing_folder(path: str) -> str:
     directory tree."""
     folder = os.path.dirname(os.path.abspath(path))
     return "" if os.path.isdir(folder) else folder
+
+
+@contextlib.contextmanager
+def output_folder(path: str, option: str = "-o"):
+    """The folder of a command's outputs (`option` names it in errors), made with its missing parents on
+    entering, before the work (a path that cannot be one fails at once, not after it); an error or an
+    interrupt inside the block removes the folders it made that are still empty, so that a failed
+    command leaves no new empty folder behind."""
+    if not path:
+        raise ValueError(f"{option} '': no directory named (. for this one)")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{option} {path!r} is not a directory")
+    made = []  # the leaf first
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        made.append(folder)
+        folder = os.path.dirname(folder)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{option} {path!r}: cannot make the directory ({err.strerror}: {err.filename!r})") from None
+    try:
+        yield path
+    except BaseException:
+        for folder in made:
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty (or gone): what is in it stays
+                break
+        raise
 
 
 def partial_name(final: str) -> str:

@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 from eclreco import cnn_data, strict_json
-from eclreco.paths import StagedOutputs, file_sha256, write_whole
+from eclreco.paths import StagedOutputs, file_sha256, output_folder, write_whole
 from eclreco.cnn_model import (EVENT_FEATURE_NAMES, EVENT_FEATURE_SCALE, FEATURE_NAMES, X_IN_RANGE, build_model,
                                check_onnx_agreement, count_params, export_onnx, flops_per_cluster, onnx_throughput,
                                sigma68, summary)
@@ -435,7 +435,7 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
     torch.set_num_threads(2)
     g4_path = g4_path or default_g4_path(detector)
     if not os.path.exists(g4_path):
-        raise FileNotFoundError(f"eclreco train: Geant4 file {g4_path!r} not found (use --g4)")
+        raise FileNotFoundError(f"Geant4 file {g4_path!r} not found (use --g4)")
     t_start = time.time()
     provenance = cache_provenance(detector, g4_path, max_events) if samples is None and cache else None
     if samples is None and cache and os.path.exists(cache):
@@ -445,19 +445,19 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
             raise TrainingInputError(f"the cache {cache!r} holds {had} cop{'y' if had == 1 else 'ies'} of the "
                                      f"training events, not --augment {augment}: use another --cache file")
         check_cache(cache, made_by, provenance)
-    os.makedirs(out_dir, exist_ok=True)
-    if samples is None:
-        samples = chain_samples(detector, g4_path, seed=seed, max_events=max_events, quiet=quiet, copies=augment)
-        if cache:
-            save_samples(cache, samples, provenance)
-    train, val, test = samples
-    epochs = epochs or EPOCHS[detector]
-    sizes = sizes or [DEFAULT_SIZE[detector]]
-    with StagedOutputs() as staged:
-        card = _train_sizes(detector, out_dir, g4_path, sizes, seed, restarts, epochs, max_events, quiet, train, val,
-                            test, t_start, staged)
-        staged.publish()  # the networks, then their card: one set, as late as possible
-        write_card(out_dir, detector, card)
+    with output_folder(out_dir):  # made now (an -o that cannot be one fails at once), gone again if left empty
+        if samples is None:
+            samples = chain_samples(detector, g4_path, seed=seed, max_events=max_events, quiet=quiet, copies=augment)
+            if cache:
+                save_samples(cache, samples, provenance)
+        train, val, test = samples
+        epochs = epochs or EPOCHS[detector]
+        sizes = sizes or [DEFAULT_SIZE[detector]]
+        with StagedOutputs() as staged:
+            card = _train_sizes(detector, out_dir, g4_path, sizes, seed, restarts, epochs, max_events, quiet, train,
+                                val, test, t_start, staged)
+            staged.publish()  # the networks, then their card: one set, as late as possible
+            write_card(out_dir, detector, card)
     if not quiet:
         print(f"wrote {', '.join(os.path.basename(f) for f in staged.files)} and {detector}.md/.json in {out_dir} "
               f"({time.time() - t_start:.0f} s)", flush=True)
