@@ -28,6 +28,10 @@ def _reco():
     (["validate", "--detector", "belle2-ecl", "-o", "{tmp}/v", "--model", os.path.join(MODELS, "array30.onnx")],
      "trained for detector 'array30'"),
     (["daq-emulator", "--input", "{tmp}/missing.msgpack", "--connect", "tcp://127.0.0.1:1"], "No such file"),
+    # 'FileExistsError: [Errno 17] File exists' before
+    (["validate", "--detector", "array30", "-o", os.path.join(REPO, "README.md")], "README.md' is not a directory"),
+    (["train", "--detector", "array30", "-o", os.path.join(REPO, "README.md"), "--g4",
+      os.path.join(REPO, "tests", "data", "g4_array30_subset.npz")], "README.md' is not a directory"),
     # it said "cellId outside 1..900 for array30" from the middle of the chain
     (["validate", "--detector", "array30", "-o", "{tmp}/v", "--g4", os.path.join(REPO, "tests", "data",
                                                                           "g4_belle2_heldout.npz")],

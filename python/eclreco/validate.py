@@ -23,7 +23,7 @@ import sys
 import numpy as np
 
 from eclreco import cnn_data, strict_json
-from eclreco.paths import StagedOutputs, file_sha256, write_whole
+from eclreco.paths import StagedOutputs, file_sha256, output_folder, write_whole
 from eclreco.cnn_model import sigma68, sigma68_ratio_interval, summary
 from eclreco.sim.showers import array30_in_gap
 
@@ -297,8 +297,8 @@ def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed
                    fake_events=2000, quiet=False):
     """Validates `model` on the held-out events; writes the plots, validation_DETECTOR.json and .md into
     out_dir, all at the end (each under a temporary name until then: an interrupted or failed run leaves
-    out_dir as it was, not new plots beside an old report), and returns the report."""
-    with StagedOutputs() as staged:
+    out_dir as it was, not new plots beside an old report, and no new empty folder), and returns the report."""
+    with output_folder(out_dir), StagedOutputs() as staged:
         return _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, fake_events, quiet, staged)
 
 
@@ -315,7 +315,6 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
 
     _, meta = load_session(model, expected_detector=detector)  # a model of the other detector: an error, not a report
     g4 = cnn_data.G4Sample(g4_path, detector)
-    os.makedirs(out_dir, exist_ok=True)  # once the model and the sample are known good: no empty folder
     _, _, test = g4.split()
     if max_events:
         test = test[:max_events]
