@@ -20,7 +20,6 @@ class ECLDQM(Module):
         self.add_param("max_abs_time_ns", 50.0, "pi0 photon candidates need |time| <= this (out-of-time clusters are "
                                                 "beam background); <= 0: no cut")
         self.h = {}
-        self._run_begun = False
 
     def makes(self):
         return ()
@@ -45,16 +44,15 @@ class ECLDQM(Module):
             "rejections": book(CategoryHistogram("rejections", "rejected events by reason")),
         }
         registry.reset()  # a job's earlier path in this process (the HLT collector's runs) left its counts
-        self._run_begun = False
 
     def begin_run(self, exp, run):
-        # Not at the first run: rejected events carry no run number, so those before the first
-        # good event do not start a run; their rejections were filled before it began.
-        if self._run_begun:
-            registry.reset()
-        self._run_begun = True
+        # Empty histograms, but not at the first run: rejected events carry no run number, so those before
+        # the first good event do not start a run; their rejections were filled before it began. (Where the
+        # registry keeps runs open, the HLT collector, those of (exp, run) so far.)
+        registry.begin_run(exp, run)
 
     def event(self, batch):
+        registry.filled()
         good = batch.active()  # not rejected, not discarded by an event filter before this module
         rejections = batch.rejections()
         if rejections:

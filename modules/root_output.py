@@ -8,6 +8,7 @@ import time
 import numpy as np
 
 from eclreco import Module, _core, per_event_sum
+from eclreco.dqm import NO_RUN_LABEL, registry
 from eclreco.paths import missing_folder
 
 # The event branches in the tree's order; n_digits and n_out_of_time_digits where the chain makes them
@@ -55,7 +56,8 @@ class RootOutput(Module):
     as cluster_<column> with the counter ncluster (the columns of cluster_columns; one value per
     cluster each).
 
-    The DQM histograms of the run (eclreco.dqm.registry) are written under `dqm/` at end_run; a
+    The DQM histograms of the run (eclreco.dqm.registry) are written under `dqm/` at end_run (where the
+    registry keeps runs open, the HLT collector: each run's when it is closed, at the latest at terminate); a
     TObjString `metadata` (JSON) at the end records what made the file and the job's counts.
     Rejected events are not written (they go to the quarantine file). Event branches whose data
     the chain does not produce are left out; a cluster column that ECLClusters lacks (a misspelt
@@ -251,6 +253,11 @@ class RootOutput(Module):
         iv = self.param("flush_interval_s")
         if iv > 0 and self._oldest is not None and time.monotonic() - self._oldest >= iv:
             self._start_write()
+        elif self._writer is None and registry.runs_kept_open and registry.has_closed() and not self._error:
+            try:  # a run closed while the file is not being written: its cycle now (not with the next basket)
+                self._write_dqm("")
+            except OSError as err:
+                self._fail(err)
 
     # Writing (compression + uproot) runs in one background thread, one basket at a time, so that
     # the chain (and the HLT collector's confirmations) go on meanwhile; the next basket waits for
@@ -364,9 +371,13 @@ class RootOutput(Module):
             self._fail(err)
 
     def _write_dqm(self, label: str):
-        from eclreco.dqm import registry
-
-        if self._file is not None and registry.histograms:
+        """The DQM of the run that ended (label: its run), or where the registry keeps runs open, of the
+        runs closed so far, one cycle each (label unused)."""
+        if self._file is None:
+            return
+        if registry.runs_kept_open:
+            self._dqm_written |= registry.write_closed(self._file)
+        elif registry.histograms:
             registry.write_root(self._file, label=label)
             self._dqm_written = True
 
@@ -379,10 +390,13 @@ class RootOutput(Module):
         try:
             if self._file is not None and not self._tree_created:
                 self._make_tree(self._empty_tree_types())  # no event reached the output: a readable empty tree
-            if not self._dqm_written:
+            if registry.runs_kept_open:
+                registry.close_all()  # the runs still open: their cycles now (or what came without a run)
+                self._write_dqm("")
+            elif not self._dqm_written:
                 # No run began (no event, or every event rejected: no run number to trust), so no
                 # end_run wrote the DQM: its histograms still go in, the rejections above all.
-                self._write_dqm("no run: no event, or every event rejected")
+                self._write_dqm(NO_RUN_LABEL)
             if self._file is not None:
                 self._file["metadata"] = self._metadata()
                 self._file.close()

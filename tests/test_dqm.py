@@ -467,3 +467,32 @@ def test_eclreco_dqm_into_a_reused_folder_removes_its_own_earlier_plots_only(tmp
     assert "is not a readable list of this command's plots" in capsys.readouterr().err
     assert sorted(p.name for p in folder.iterdir()) == ["eclreco-dqm.json", "h0.png", "h1.png", "h2.png", "mine.png"]
     assert (tmp_path / "a.root").exists()
+
+
+def test_a_registry_that_keeps_runs_open_writes_one_cycle_per_run(tmp_path, capsys):
+    """The HLT collector's DQM (docs/architecture.md, "The ROOT output"): runs 1 and 2 alternate, each keeps its
+    own contents until it is closed; the run in progress is written when it is closed, and what comes of it
+    afterwards is a further part, written only if a batch came (a run left right after its close has none)."""
+    r = DQMRegistry()
+    h = r.book(Histogram1D("x", "x", 4, 0, 4))
+    r.keep_runs_open()
+    for run, values in ((1, [0.5]), (2, [1.5, 1.5]), (1, [0.5])):
+        r.begin_run(0, run)
+        r.filled()
+        h.fill(values)
+    assert r.open_runs() == [(0, 2), (0, 1)]
+    r.close_run(0, 1)  # in progress: ready at once
+    r.begin_run(0, 2)  # nothing came into run 1 since: no further part
+    assert r.open_runs() == [(0, 2)] and h.entries == 2
+    r.close_run(0, 2)
+    r.filled()
+    h.fill([3.5])  # a late event of run 2, still in progress
+    r.close_all()
+    with uproot.recreate(tmp_path / "dqm.root") as f:
+        assert r.write_closed(f)
+    with uproot.open(tmp_path / "dqm.root") as f:
+        got = [(f[f"dqm/x;{c}"].member("fTitle"), f[f"dqm/x;{c}"].values().tolist()) for c in (1, 2, 3)]
+    assert got == [("x (exp 0, run 1)", [2, 0, 0, 0]), ("x (exp 0, run 2)", [0, 2, 0, 0]),
+                   ("x (exp 0, run 2, part 2)", [0, 0, 0, 1])]
+    assert "[DQM] warning: events of exp 0, run 2 after its histograms were written" in capsys.readouterr().err
+    assert r.open_runs() == [] and not r.write_closed(None)

@@ -1097,6 +1097,153 @@ def test_a_farm_that_rejected_every_event_exits_1_with_its_dqm(farm_factory, tmp
         assert dict(zip(r.axis().labels(), r.values().tolist())) == {"not_a_map": n}
 
 
+
+def dqm_cycles(path) -> list[tuple[str, dict]]:
+    """The cycles of the file's dqm/ in cycle order: (the run of the title, {histogram: entries})."""
+    with uproot.open(path) as f:
+        d = f["dqm"]
+        by_cycle: dict[int, dict] = {}
+        for key in d.keys(recursive=False):
+            name, _, cycle = key.partition(";")
+            h = d[key]
+            by_cycle.setdefault(int(cycle), {})[name] = (h.member("fTitle").rpartition(" (")[2].rstrip(")"),
+                                                         float(h.values(flow=True).sum()))
+    out = []
+    for cycle in sorted(by_cycle):
+        labels = {label for label, _ in by_cycle[cycle].values()}
+        assert len(labels) == 1, by_cycle[cycle]  # every histogram of a cycle is of one run
+        out.append((labels.pop(), {name: n for name, (_, n) in by_cycle[cycle].items()}))
+    return out
+
+
+def test_the_farm_writes_one_dqm_cycle_per_run(farm_factory):
+    """Three runs in one farm run (START ... STOP), and a worker that holds events of run 1 while the other
+    one goes on with runs 2 and 3 (SIGSTOP, then SIGCONT): the results of run 1 reach the collector before
+    and after those of the later runs. Its DQM was written at every change of the results' run, so run 1
+    was split over two cycles (uproot's plain key read a part of a run); now the collector keeps each run's
+    histograms until no more of its events can come (docs/architecture.md): one cycle per run, whose
+    entries are that run's events, and the events are written as they come."""
+    farm = farm_factory(workers=2, extra=("--chunk", "16", "--heartbeat-timeout", "60"))
+    frozen = threading.Event()
+    sent = {1: 0, 2: 0, 3: 0}
+
+    def messages():
+        evt = 0
+        while not frozen.is_set():  # run 1 until a worker holds some of it, frozen
+            assert evt < 60000
+            yield envelope(evt, run=1)
+            sent[1] += 1
+            evt += 1
+        for run in (2, 3):
+            for _ in range(300):
+                yield envelope(evt, run=run)
+                sent[run] += 1
+                evt += 1
+
+    feeder = threading.Thread(target=push_messages, args=(farm.input, messages()), kwargs={"rate_hz": 2000})
+    feeder.start()
+    t0 = time.monotonic()
+    try:
+        while not (busy := [p for p in farm.status()["processes"] if p["role"] == "worker" and p.get("assigned")]):
+            assert time.monotonic() - t0 < 30, farm.logtext()
+            time.sleep(0.05)
+        victim = busy[0]["pid"]
+        os.kill(victim, signal.SIGSTOP)
+        while not [p for p in farm.status()["processes"] if p.get("pid") == victim and p.get("assigned")]:
+            assert time.monotonic() - t0 < 30, farm.logtext()
+            time.sleep(0.05)
+    finally:
+        frozen.set()
+    try:
+        feeder.join()
+        total = sum(sent.values())
+        # the other worker has done runs 2 and 3: all but what the frozen one holds is confirmed
+        while True:
+            st = farm.status()["processes"]
+            held = next(p for p in st if p.get("pid") == victim)["assigned"]
+            if next(p for p in st if p["role"] == "distributor")["confirmed"] + held >= total:
+                break
+            assert time.monotonic() - t0 < 60, farm.logtext()
+            time.sleep(0.1)
+        assert held > 0
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    farm.wait_confirmed(total)
+    assert farm.command("stop")["collector"]["events_written"] == total
+    farm.command("terminate")
+    rc, log = farm.wait_exit()
+    assert rc == 0, log
+    _, run = read_evt(farm.output)
+    assert {r: int((run == r).sum()) for r in (1, 2, 3)} == sent
+    cycles = dqm_cycles(farm.output)
+    assert sorted((label, h["digits_per_event"]) for label, h in cycles) == [
+        (f"exp 1, run {r}", sent[r]) for r in (1, 2, 3)], cycles
+
+
+
+def wait_dqm_open_runs(farm, runs: list, timeout=30):
+    """Until the collector reports these (exp, run) as the runs whose DQM it has not written."""
+    t0 = time.monotonic()
+    while (col := farm.process("collector"))["dqm_open_runs"] != runs:
+        assert time.monotonic() - t0 < timeout, (col, farm.logtext())
+        time.sleep(0.2)
+
+
+def test_a_late_event_of_a_run_already_written_goes_to_a_further_cycle(farm_factory):
+    """Runs 1 and 2, and once run 1's DQM is written (every event before run 2's is confirmed and saved), more
+    events of run 1 (an input whose runs are not in order). They are neither dropped nor lost in a cycle
+    already written: a further cycle of run 1, titled "part 2", and a warning in the log."""
+    farm = farm_factory(workers=2)
+    # one sender: run 2's events after all of run 1's (two senders' would interleave in the input)
+    push_messages(farm.input, [envelope(e, run=1) for e in range(100)] + [envelope(e, run=2) for e in range(100, 250)])
+    farm.wait_confirmed(250)
+    wait_dqm_open_runs(farm, [[1, 2]])  # run 1 is written, in the middle of the farm run
+    push_events(farm.input, range(250, 280), run=1)
+    farm.wait_confirmed(280)
+    farm.command("stop")
+    farm.command("terminate")
+    rc, log = farm.wait_exit()
+    assert rc == 0, log
+    assert [(label, h["digits_per_event"]) for label, h in dqm_cycles(farm.output)] == [
+        ("exp 1, run 1", 100), ("exp 1, run 2", 150), ("exp 1, run 1, part 2", 30)]
+    assert ("[DQM] warning: events of exp 1, run 1 after its histograms were written" in log
+            and "they go to a further cycle, 'exp 1, run 1, part 2'" in log), log
+
+
+@pytest.mark.parametrize("open_runs", [8, 1])  # the default, and 1
+def test_results_without_sequence_ids_keep_their_run_open_up_to_dqm_open_runs(farm_factory, zmq_context, open_runs):
+    """Results of runs 1, 2, 1 pushed to the collector by a producer of its own (no sequence ids: no rule can
+    tell when a run is complete): with the default --dqm-open-runs each run stays open to the end, one cycle
+    each; with --dqm-open-runs 1 run 1 is written when run 2 begins, and its later events are a further cycle."""
+    import zmq
+
+    from eclreco.hlt import protocol as P
+
+    farm = farm_factory(workers=1, extra=() if open_runs == 8 else ("--dqm-open-runs", str(open_runs)))
+    push = zmq_context.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 5000)
+    push.connect(farm.process("collector")["address"])
+    taken = 0
+    for run, first, n in ((1, 0, 20), (2, 20, 30), (1, 50, 5)):
+        b = eclreco.EventBatch(n)
+        b.exp[:], b.run[:], b.evt[:] = 1, run, np.arange(first, first + n)
+        b.add_collection("ECLDigits", np.arange(n + 1), {})
+        push.send(P.pack(P.batch_to_message(b)))
+        taken += n
+        t0 = time.monotonic()  # the collector has it (one batch each)
+        while farm.process("collector")["received"] < taken:
+            assert time.monotonic() - t0 < 30, farm.logtext()
+            time.sleep(0.1)
+    push.close()
+    farm.command("stop")
+    farm.command("terminate")
+    rc, log = farm.wait_exit()
+    assert rc == 0, log
+    cycles = sorted((label, h["digits_per_event"]) for label, h in dqm_cycles(farm.output))
+    assert cycles == ([("exp 1, run 1", 25), ("exp 1, run 2", 30)] if open_runs > 1 else
+                      [("exp 1, run 1", 20), ("exp 1, run 1, part 2", 5), ("exp 1, run 2", 30)]), log
+
+
 def test_the_farm_reports_the_first_module_error_of_its_workers(farm_factory, tmp_path):
     """The model of the other detector: every event fails in the workers' ECLEnergyCorrection; hlt run's
     output line gave the count without a message (only the collector's own errors had one)."""

@@ -2,6 +2,8 @@
 RootOutput into the `dqm` directory of the ROOT file, drawn by `eclreco dqm FILE.root -o DIR`."""
 from __future__ import annotations
 
+import collections
+import copy
 import os
 import sys
 import threading
@@ -90,31 +92,193 @@ class CategoryHistogram:
         return float(sum(self.counts.values()))
 
 
+# the title's run of histograms filled in a job in which no run began
+NO_RUN_LABEL = "no run: no event, or every event rejected"
+
+
 class DQMRegistry:
-    """The histograms of the current run in this process; modules fill, outputs write."""
+    """The histograms of the current run in this process; modules fill, outputs write.
+
+    One run at a time by default: a run's histograms are written at its end_run and start empty at the
+    next begin_run. With keep_runs_open() (the HLT collector, whose results of two runs arrive
+    interleaved), each (exp, run) keeps its own contents until close_run() says that no more of its
+    events can come (or close_all() at the end of the job), and an output writes one cycle per run
+    (write_closed)."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.histograms: dict[str, Histogram1D | CategoryHistogram] = {}
+        self._new_job()
+
+    def _new_job(self):
+        self.runs_kept_open = False
+        self._current = None        # the (exp, run) of the histograms' contents; None: before the first run
+        # runs kept open: the current part began when its run was closed (written) while the job was in it; it
+        # is a further cycle of the run only if a batch came into it (filled())
+        self._fresh = False
+        self._filled = False
+        self._open: dict[tuple, dict] = {}   # (exp, run) -> contents put aside (open runs but the current)
+        self._closed: list[tuple] = []       # (label, histograms with their contents) to write
+        # (exp, run) -> cycles written (a late event's run gets one more); the recent runs only: bounded
+        self._written: collections.OrderedDict = collections.OrderedDict()
 
     def book(self, hist):
         with self.lock:
             return self.histograms.setdefault(hist.name, hist)
 
     def clear(self) -> None:
-        """Forgets every booked histogram (eclreco.process, before a job: its modules book theirs at
+        """Forgets every booked histogram and run (eclreco.process, before a job: its modules book theirs at
         initialize; a job without ECLDQM wrote the histograms of an earlier job in this process)."""
         with self.lock:
             self.histograms.clear()
+            self._new_job()
 
     def reset(self) -> None:
         with self.lock:
-            for h in self.histograms.values():
+            self._reset()
+
+    def _reset(self) -> None:
+        for h in self.histograms.values():
+            if isinstance(h, Histogram1D):
+                h.counts[:] = 0
+                h.moments[:] = 0
+            else:
+                h.counts.clear()
+
+    def _take(self) -> dict:
+        """The contents of every histogram (their arrays, not copies), which start empty again."""
+        contents = {}
+        for name, h in self.histograms.items():
+            if isinstance(h, Histogram1D):
+                contents[name] = (h.counts, h.moments)
+                h.counts, h.moments = np.zeros_like(h.counts), np.zeros_like(h.moments)
+            else:
+                contents[name] = h.counts
+                h.counts = {}
+        return contents
+
+    def _put(self, contents: dict) -> None:
+        for name, h in self.histograms.items():
+            if name in contents:  # (a histogram booked after the run was put aside starts empty)
                 if isinstance(h, Histogram1D):
-                    h.counts[:] = 0
-                    h.moments[:] = 0
+                    h.counts, h.moments = contents[name]
                 else:
-                    h.counts.clear()
+                    h.counts = contents[name]
+
+    def keep_runs_open(self) -> None:
+        """Each (exp, run) keeps its own histograms until close_run / close_all (the HLT collector; for the
+        job: clear() ends it)."""
+        with self.lock:
+            self.runs_kept_open = True
+
+    def begin_run(self, exp, run) -> None:
+        """The job's events are now of (exp, run) (ECLDQM.begin_run). The first run keeps what was filled
+        before it (rejected events before the first good one). One run at a time, a later run starts
+        empty. Runs kept open: the contents of the run left are put aside and those of (exp, run) taken up;
+        a run whose cycle was written already starts empty and gets one more cycle, titled "part 2",
+        "part 3", ... (late events: never dropped, never added to a cycle written)."""
+        key = (int(exp), int(run))
+        with self.lock:
+            if not self.runs_kept_open:
+                if self._current is not None:
+                    self._reset()
+                self._current = key
+                return
+            if key == self._current:
+                return
+            if self._current is not None:
+                contents = self._take()
+                if self._current_part_kept():
+                    self._open[self._current] = contents
+            self._current, self._fresh, self._filled = key, False, False
+            if key in self._open:
+                self._put(self._open.pop(key))
+            elif key in self._written:
+                self._warn_late(key)
+
+    def filled(self) -> None:
+        """A batch went into the histograms (ECLDQM.event): a part begun at close_run has late events."""
+        self._filled = True
+
+    def _current_part_kept(self) -> bool:
+        """The current part is to be kept: not one begun at close_run that no batch came into."""
+        if not self._fresh:
+            return True
+        if self._filled:
+            self._warn_late(self._current)
+            self._fresh = False
+        return self._filled
+
+    def _warn_late(self, key) -> None:
+        print(f"[DQM] warning: events of exp {key[0]}, run {key[1]} after its histograms were written (the run "
+              f"was complete by the farm's sequence ids, or more runs were open than the collector keeps): they "
+              f"go to a further cycle, '{self._label(key)}'", file=sys.stderr, flush=True)
+
+    def close_run(self, exp, run) -> None:
+        """Runs kept open: no more events of (exp, run) can come; its cycle is ready to write. Events of it
+        that still come (the current run's in the job's hands, a late one) go to a further cycle."""
+        key = (int(exp), int(run))
+        with self.lock:
+            if key == self._current:
+                contents = self._take()
+                if self._current_part_kept():
+                    self._closed.append(self._part(key, contents))
+                self._fresh, self._filled = True, False
+            elif key in self._open:
+                self._closed.append(self._part(key, self._open.pop(key)))
+
+    def close_all(self) -> None:
+        """Runs kept open: the job ends; every open run is ready to write (the current one too, or, if no
+        run began, what was filled: rejected events without a run)."""
+        with self.lock:
+            for key in list(self._open):
+                self._closed.append(self._part(key, self._open.pop(key)))
+            contents = self._take()
+            if self._current is None or self._current_part_kept():
+                self._closed.append(self._part(self._current, contents))
+            self._current, self._fresh, self._filled = None, False, False
+
+    def open_runs(self) -> list[tuple]:
+        """Runs kept open: the (exp, run) whose histograms are not yet written, in the order they began."""
+        with self.lock:
+            current = [self._current] if self._current is not None and (not self._fresh or self._filled) else []
+            return list(self._open) + current
+
+    def _label(self, key) -> str:
+        if key is None:
+            return NO_RUN_LABEL
+        part = self._written.get(key, 0) + 1
+        return f"exp {key[0]}, run {key[1]}" + (f", part {part}" if part > 1 else "")
+
+    def _part(self, key, contents: dict) -> tuple:
+        """(label, histograms holding `contents`) of a closed run; its cycle is counted as written."""
+        label = self._label(key)
+        if key is not None:
+            self._written[key] = self._written.pop(key, 0) + 1
+            while len(self._written) > 10000:
+                self._written.popitem(last=False)
+        hists = []
+        for name, h in self.histograms.items():
+            c = copy.copy(h)
+            if isinstance(h, Histogram1D):
+                c.counts, c.moments = contents.get(name, (np.zeros_like(h.counts), np.zeros_like(h.moments)))
+            else:
+                c.counts = contents.get(name, {})
+            hists.append(c)
+        return label, hists
+
+    def write_closed(self, root_file, directory: str = "dqm") -> bool:
+        """Writes the closed runs' histograms, one cycle per run, each title followed by its run (see
+        write_root); True when there was any."""
+        with self.lock:
+            closed, self._closed = self._closed, []
+        for label, hists in closed:
+            for h in hists:
+                root_file[f"{directory}/{h.name}"] = _to_th1d(h, label)
+        return bool(closed)
+
+    def has_closed(self) -> bool:
+        return bool(self._closed)
 
     def to_dicts(self) -> list[dict]:
         with self.lock:

@@ -80,6 +80,9 @@ def add_hlt_parser(subparsers):
     p.add_argument("--flush-interval", type=NON_NEGATIVE, default=0.25,
                    help="s: results are written to the ROOT file at least this often; only then are they SAVED "
                         "(until then the distributor keeps them for a replacement collector)")
+    p.add_argument("--dqm-open-runs", type=POSITIVE_INT, default=8,
+                   help="runs whose DQM histograms are kept apart at once (each run is one cycle of dqm/, written "
+                        "once no more of its events can come); with more, the oldest is written")
     add_cluster_columns_argument(p, "the workers must send them (their --cluster-columns): ")
     add_scheduling_argument(p)
     _add_metrics(p, 9461)
@@ -112,6 +115,8 @@ def add_hlt_parser(subparsers):
     p.add_argument("--flush-interval", type=NON_NEGATIVE, default=0.25, help="s between writes of the collector's file")
     p.add_argument("--dedup-window", type=POSITIVE_INT, default=1_000_000,
                    help="events over which the collector drops a repeated (exp, run, evt)")
+    p.add_argument("--dqm-open-runs", type=POSITIVE_INT, default=8,
+                   help="runs whose DQM histograms the collector keeps apart at once (one cycle per run)")
     p.add_argument("--max-restarts", type=NON_NEGATIVE_INT, default=10, help="worker restarts allowed in total")
     p.add_argument("--collector-restarts", type=NON_NEGATIVE_INT, default=3,
                    help="collector restarts allowed within a minute (the new one writes its own file and gets the "

@@ -23,6 +23,7 @@ import zmq
 
 import eclreco
 from eclreco import Module, _core
+from eclreco.dqm import registry
 from eclreco.hlt import protocol as P
 from eclreco.raw_sockets import attach
 
@@ -155,7 +156,8 @@ class CollectorLink:
              "address": self.address, "run_index": self.run_index, "output": self.filename,
              "duplicates": self.duplicates, "bad_messages": self.bad_messages, "confirmed": self.confirmed,
              "saved": self.saved, "low_watermark": self.low,
-             "saves": True, "metrics_port": self.metrics_port}
+             "saves": True, "metrics_port": self.metrics_port,
+             "dqm_open_runs": [list(k) for k in registry.open_runs()]}
         d.update(eclreco.statistics.counters())
         return d
 
@@ -287,10 +289,14 @@ class HLTCollectorInput(Module):
         super().__init__()
         self.add_param("max_latency_ms", 2.0, "longest wait for more results after the first")
         self.add_param("poll_ms", 100.0, "longest time between returns to the framework")
+        self.add_param("max_open_runs", 8, "runs whose DQM histograms are kept apart at once (results of "
+                       "several runs interleave); with more, the oldest run's are written (a later event of "
+                       "it goes to a further cycle)")
         self.link = link
         self.output = None  # the RootOutput of the path, set by main (None: results go on with ZMQOutput)
         self._unconfirmed = np.zeros(0, "<u8")
         self._producers = {}
+        self._runs = {}
 
     def is_source(self):
         return True
@@ -301,6 +307,12 @@ class HLTCollectorInput(Module):
     def initialize(self):
         if self.link is None:
             raise RuntimeError("HLTCollectorInput needs a CollectorLink")
+        if self.param("max_open_runs") < 1:
+            raise ValueError(f"HLTCollectorInput: max_open_runs must be >= 1, not {self.param('max_open_runs')}")
+        # One DQM cycle per run: the workers' results of two runs interleave (docs/architecture.md)
+        registry.keep_runs_open()
+        # (exp, run) -> [first, last sequence id of its events taken, all of them had one], in order of arrival
+        self._runs = {}
         self.link.end_run = self.link.terminate
         self.link.keys = RecentKeys(self.link.dedup_window)
         self.link.state = "ready"
@@ -321,6 +333,7 @@ class HLTCollectorInput(Module):
     def next_batch(self, batch, max_events):
         link = self.link
         self._confirm_previous()
+        self._close_complete_runs()
         latency = self.param("max_latency_ms") * 1e-3
         t0 = time.monotonic()
         t_first = None
@@ -375,6 +388,7 @@ class HLTCollectorInput(Module):
             keys = event_keys(m.meta["exp"][cand], m.meta["run"][cand], m.meta["evt"][cand])
             repeated = cand[~link.keys.add_new(keys)]
             keep[repeated] = False
+            self._note_runs(m, cand[keep[cand]])
             link.repeated_keys += int(repeated.size)
             link.duplicates += int(m.n - keep.sum())
             keeps.append(keep)
@@ -386,6 +400,51 @@ class HLTCollectorInput(Module):
         if seqs_all:
             self._unconfirmed = np.concatenate(seqs_all)
         return True
+
+    def _note_runs(self, m: P.DecodedBatch, taken: np.ndarray):
+        """Notes the runs of a message's events taken (indices; rejected ones have no run to trust) and the
+        first and last sequence id of each: numpy over the message, one Python step per run in it."""
+        if not len(taken):
+            return
+        exp, run = m.meta["exp"][taken], m.meta["run"][taken]
+        seq = None if m.seq is None else m.seq[taken]
+        if (exp == exp[0]).all() and (run == run[0]).all():
+            groups = [((int(exp[0]), int(run[0])), seq)]
+        else:
+            pairs, inverse = np.unique(np.stack([exp, run], axis=1), axis=0, return_inverse=True)
+            inverse = inverse.ravel()
+            groups = [((int(e), int(r)), None if seq is None else seq[inverse == i]) for i, (e, r) in enumerate(pairs)]
+        for key, s in groups:
+            r = self._runs.get(key)
+            if r is None:
+                r = self._runs[key] = [None, None, True]
+            if s is None:
+                r[2] = False  # an event without a sequence id (not from the distributor): no rule can close it
+            else:
+                lo, hi = int(s.min()), int(s.max())
+                r[0] = lo if r[0] is None else min(r[0], lo)
+                r[1] = hi if r[1] is None else max(r[1], hi)
+
+    def _close_complete_runs(self):
+        """Closes the DQM of the runs of which no more events can come: one whose events come before those of
+        a later run (by sequence id: the distributor numbers the events in input order, and the input gives
+        them run after run) when every sequence id before that later run's is confirmed and saved (the
+        distributor's LOW); and beyond max_open_runs, the oldest. The rest at the end of the job
+        (RootOutput). A run closed too early (an input whose runs interleave, an event held longer than
+        max_open_runs runs) gets a further cycle for its late events (DQMRegistry.begin_run)."""
+        runs = self._runs
+        if len(runs) < 2:  # (the common case: one run, nothing to decide)
+            return
+        low = self.link.low
+        firsts = [r[0] for r in runs.values() if r[0] is not None]
+        done = [key for key, (_, last, sequenced) in runs.items()
+                if sequenced and last is not None and any(last < first <= low for first in firsts)]
+        excess = len(runs) - len(done) - self.param("max_open_runs")
+        if excess > 0:
+            done += [key for key in runs if key not in done][:excess]
+        for key in done:
+            del runs[key]
+            registry.close_run(*key)
 
     def dropped_in_run(self) -> dict:
         """This run's events dropped as duplicates: redelivered copies (a worker lost, a collector
@@ -495,7 +554,7 @@ def main(args) -> int:
             exporter.close()
         return _refused_exit_code(link)
     source = HLTCollectorInput(link)
-    path.add_module(source, max_latency_ms=args.max_latency)
+    path.add_module(source, max_latency_ms=args.max_latency, max_open_runs=args.dqm_open_runs)
     out = None
     if args.output.startswith("tcp://"):
         path.add_module("ZMQOutput", address=args.output, bind=args.output_bind,

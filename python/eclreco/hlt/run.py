@@ -157,6 +157,7 @@ class Farm:
                                                 str(self.mport(1)), "--metrics-host", a.metrics_host,
                                                 "--max-latency", str(a.max_latency), "--flush-interval",
                                                 str(a.flush_interval), "--dedup-window", str(a.dedup_window),
+                                                "--dqm-open-runs", str(a.dqm_open_runs),
                                                 "--cluster-columns", ",".join(a.cluster_columns),
                                                 "--sched", a.sched, *self.curve_args])
 
