@@ -1456,3 +1456,62 @@ def test_a_second_signal_kills_a_run_at_once(first, second):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+_RERUN_DTYPE_SCRIPT = """
+import sys
+import numpy as np
+import eclreco
+from helpers import CountingSource, Recorder
+
+
+class TagsFromAList(eclreco.Module):
+    '''Adds a column from a Python list (int64, float64 where the event has no digits) and raises on
+    the batch of event 303; with cast=1 it also writes 'energy' in float64 (it was float32).'''
+
+    def event(self, batch):
+        d = batch["ECLDigits"]
+        d["n_hi"] = [int(e > 5e-4) for e in d["energy"]]
+        if int(sys.argv[2]):
+            d["energy"] = d["energy"] * np.float64(2)
+        if 303 in batch.evt.tolist():
+            raise ValueError("event 303")
+
+
+class Types(Recorder):
+    def event(self, batch):
+        super().event(batch)
+        d = batch["ECLDigits"]
+        self.types = getattr(self, "types", set()) | {str(d["n_hi"].dtype) if "n_hi" in d else "-"}
+
+
+path = eclreco.create_path()
+path.add_module(CountingSource(n=1000))
+path.add_module(TagsFromAList())
+rec = path.add_module(Types())
+eclreco.process(path, threads=int(sys.argv[1]), batch_size=128, install_signal_handlers=False)
+s = eclreco.statistics.summary()
+print("RESULT", s["processed"], s["errors"], sorted(e for e, f in zip(rec.evt, rec.flags) if f) == [303],
+      sorted(e for e, f in zip(rec.evt, rec.flags) if f) == list(range(256, 384)), sorted(rec.types))
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_rerun_whose_events_give_a_column_different_dtypes_does_not_end_the_job(threads):
+    """A failing batch is re-run event by event and the events joined again. A column written from a
+    Python list is float64 in an event without rows (np.asarray([])) and int64 in the others: the join
+    raised 'append_rows: columns differ in dtype or shape', which ended the job (threads=1) or aborted
+    the process (threads=2: std::terminate in a worker thread). Now an event without rows does not
+    decide a column's dtype, so only event 303 is flagged; a column written in another dtype for some
+    events than for others (energy float64 where the module ran, float32 where it failed) flags the
+    batch's events with a message that names the module and the column, and the run goes on."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    for cast, flagged, types in ((0, "True False ['int64']", "1000 1"), (1, "False True", "1000 128")):
+        out = subprocess.run([sys.executable, "-c", _RERUN_DTYPE_SCRIPT, str(threads), str(cast)], cwd=tests,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        result = out.stdout.split("RESULT ", 1)[1]
+        assert result.startswith(types + " " + flagged), result
+        if cast:
+            assert ("TagsFromAList" in out.stderr and "'ECLDigits.energy'" in out.stderr and "float64" in out.stderr
+                    and "float32" in out.stderr), out.stderr[-2000:]

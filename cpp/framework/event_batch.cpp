@@ -158,17 +158,38 @@ EventBatch EventBatch::select(const std::vector<size_t>& events) const {
   return out;
 }
 
+// "float32", "float32[7x7]": a column's dtype and inner shape, for concat's error.
+static std::string layout_name(const Column& c) {
+  std::string s = dtype_name(c.dtype());
+  for (size_t k = 0; k < c.inner_shape().size(); ++k)
+    s += (k ? "x" : "[") + std::to_string(c.inner_shape()[k]) + (k + 1 == c.inner_shape().size() ? "]" : "");
+  return s;
+}
+
 EventBatch EventBatch::concat(const std::vector<EventBatch>& parts) {
   EventBatch out(0);
   if (parts.empty()) return out;
   out.sequence = parts.front().sequence;
   auto dst = out.metadata();
   // Union of collection names and their column layouts: a part may lack a collection (for
-  // instance when a module failed on it), which then contributes empty events.
+  // instance when a module failed on it), which then contributes empty events. A part without rows
+  // does not decide a column's dtype and shape (a Python module's column made from an event's empty
+  // list is float64 whatever the other events' lists hold); parts with rows must agree.
   std::map<std::string, std::map<std::string, const Column*>> layout;
   for (const auto& p : parts)
     for (const auto& [name, coll] : p.collections_)
-      for (const auto& [cname, col] : coll.columns()) layout[name].emplace(cname, &col);
+      for (const auto& [cname, col] : coll.columns()) {
+        auto [it, added] = layout[name].emplace(cname, &col);
+        const Column& have = *it->second;
+        if (added || col.rows() == 0 || (have.dtype() == col.dtype() && have.inner_shape() == col.inner_shape()))
+          continue;
+        if (have.rows() == 0) {
+          it->second = &col;
+          continue;
+        }
+        throw std::invalid_argument("column '" + name + "." + cname + "' is " + layout_name(have) + " in one part, " +
+                                    layout_name(col) + " in another");
+      }
   for (const auto& [name, cols] : layout) {
     Collection c(0);
     for (const auto& [cname, col] : cols) c.put_column(cname, Column(col->dtype(), col->inner_shape()));
@@ -192,6 +213,7 @@ EventBatch EventBatch::concat(const std::vector<EventBatch>& parts) {
       const Collection& src = it->second;
       for (size_t i = 0; i < p.n_; ++i) cnt.push_back(src.offsets()[i + 1] - src.offsets()[i]);
       const size_t rows = src.n_rows();
+      if (rows == 0) continue;  // nothing to append; its columns may have another dtype (see above)
       for (auto& [cname, col] : coll.columns()) {
         if (src.has(cname))
           col.append_rows(src.column(cname), 0, rows);

@@ -114,6 +114,8 @@ class EventBatch {
   // Copies of a subset of events / a concatenation, used to split batches at run boundaries
   // and to isolate an event that makes a module fail.
   EventBatch select(const std::vector<size_t>& events) const;
+  // Parts with rows of a column must agree on its dtype and inner shape (std::invalid_argument
+  // naming the column otherwise); a part without rows of it takes no part in that.
   static EventBatch concat(const std::vector<EventBatch>& parts);
 
  private:

@@ -479,7 +479,18 @@ class Run {
         flag(one, 0, m, aborted.c_str(), false);
       parts.push_back(std::move(one));
     }
-    batch = EventBatch::concat(parts);
+    try {
+      batch = EventBatch::concat(parts);
+    } catch (const std::invalid_argument& e) {
+      // The module wrote a column in one dtype for some events and in another for the others (or the
+      // failed events kept theirs from before the call): the events cannot be joined again. Each event
+      // of the batch, as it was before the call (batch still is), gets an error that says so; the run
+      // goes on (the exception escaped: it ended the job, and with threads > 1 aborted the process).
+      for (size_t i = 0; i < batch.size(); ++i)
+        record_error(batch, i, m.type() + " raised on a batch with " + event_id(batch, i) + "; re-run event by " +
+                                   "event, its events cannot be joined again: " + e.what() + " (a module writes a " +
+                                   "column in one dtype whatever the event: np.asarray(values, dtype=...))");
+    }
     batch.sequence = before.sequence;
     return aborted;
   }
