@@ -1515,3 +1515,32 @@ def test_a_rerun_whose_events_give_a_column_different_dtypes_does_not_end_the_jo
         if cast:
             assert ("TagsFromAList" in out.stderr and "'ECLDigits.energy'" in out.stderr and "float64" in out.stderr
                     and "float32" in out.stderr), out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["Progress", "ECLDQM"])
+def test_a_module_name_taken_twice_is_an_error_naming_both(name, capsys):
+    """A class in eclreco.modules named as a C++ module (Progress) or as another Python module
+    (ECLDQM) was shadowed silently: the C++ Progress, or whichever file pkgutil imported last, was
+    the module of that name in steering files and `eclreco modules`. Now both are named in the error."""
+    import gc
+
+    from eclreco.cli import main
+
+    clash = type(name, (eclreco.Module,), {"__module__": "eclreco.modules.user_clash", "__doc__": "a user's module"})
+    try:
+        other = "C++ module Progress" if name == "Progress" else "eclreco.modules.ecl_dqm.ECLDQM"
+        for create in (lambda: eclreco.create_module(name), lambda: eclreco.create_module("NoOp"),
+                       eclreco.available_modules):
+            try:
+                create()
+                message = "no error"
+            except ValueError as err:  # its traceback's frames hold the class: not kept beyond this block
+                message = str(err)
+            assert f"eclreco.modules.user_clash.{name}" in message and other in message, message
+        assert main(["modules"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("eclreco: error: ") and f"user_clash.{name}" in err and len(err.splitlines()) == 1
+    finally:
+        del clash
+        gc.collect()  # out of Module.__subclasses__() for the tests after this one
+    assert type(eclreco.create_module(name)).__module__ != "eclreco.modules.user_clash"

@@ -57,7 +57,13 @@ def command_parser(parser: argparse.ArgumentParser, args) -> argparse.ArgumentPa
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # it creates modules for their defaults
+    except ValueError as err:  # two modules of one name (framework._python_module_classes): one line, exit 2
+        if os.environ.get("ECLRECO_TRACEBACK"):
+            raise
+        print(f"eclreco: error: {err}", file=sys.stderr, flush=True)
+        return 2
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # with the usage of the command that got them, not the top level's
         command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -79,18 +79,34 @@ class Module(_core.Module):
 
 
 def _python_module_classes() -> dict[str, type]:
-    """Python modules shipped in eclreco.modules (installed from the repository's modules/)."""
+    """Python modules shipped in eclreco.modules (installed from the repository's modules/).
+
+    A class's name is its module name in steering files: a name taken twice (two files of modules/, or
+    a Python module named as a C++ one) is a ValueError naming both, not one of them taken silently
+    (the other one never ran: the C++ module, or the file that pkgutil imported last, won)."""
     import eclreco.modules as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):
         importlib.import_module(f"{pkg.__name__}.{info.name}")
+    cpp = dict(_core.cpp_modules())
+
+    def where(cls):
+        return f"{cls.__module__}.{cls.__qualname__} ({getattr(sys.modules.get(cls.__module__), '__file__', '?')})"
+
     found = {}
     stack = list(Module.__subclasses__())
     while stack:
         cls = stack.pop()
         stack.extend(cls.__subclasses__())
         if cls.__module__.startswith("eclreco.modules."):
-            found[cls.__name__] = cls
+            name = cls.__name__
+            if name in cpp:
+                raise ValueError(f"the Python module {where(cls)} has the name of the C++ module {name}: rename "
+                                 f"the class (its name is the module's name in steering files)")
+            if found.get(name, cls) is not cls:
+                raise ValueError(f"two Python modules are named {name}: {where(found[name])} and {where(cls)}: "
+                                 f"rename one (a class's name is the module's name in steering files)")
+            found[name] = cls
     return found
 
 
@@ -104,10 +120,10 @@ def available_modules() -> dict[str, str]:
 
 
 def create_module(name: str) -> _core.Module:
-    """A new instance of the module registered under `name` (C++ first, then Python)."""
+    """A new instance of the module registered under `name` (C++ or Python)."""
+    classes = _python_module_classes()  # first: a Python module with a C++ module's name is an error
     if name in dict(_core.cpp_modules()):
         return _core.create_cpp_module(name)
-    classes = _python_module_classes()
     if name in classes:
         return classes[name]()
     raise ValueError(f"unknown module '{name}'; available: {', '.join(available_modules())}")
