@@ -1544,3 +1544,32 @@ def test_a_module_name_taken_twice_is_an_error_naming_both(name, capsys):
         del clash
         gc.collect()  # out of Module.__subclasses__() for the tests after this one
     assert type(eclreco.create_module(name)).__module__ != "eclreco.modules.user_clash"
+
+
+def test_a_cpp_module_name_registered_twice_is_a_conflict_naming_both_files(tmp_path, repo_dir):
+    """ECLRECO_REGISTER_MODULE of a name already taken (a module copied from no_op.cpp whose name
+    was left 'NoOp') was dropped without a word, and which of the two was 'NoOp' depended on the link
+    order. The registry now records the conflict with both files, and importing eclreco fails on it
+    (register_framework). A program of two modules of one name, built like eclreco_core, shows it."""
+    import shutil
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if not cxx:
+        pytest.skip("no C++ compiler")
+    for name in ("first", "second"):
+        (tmp_path / f"{name}.cpp").write_text(
+            '#include "framework/registry.hpp"\nnamespace { class M : public fw::Module {}; }\n'
+            f'ECLRECO_REGISTER_MODULE(M, "Twice", "{name}")\n')
+    (tmp_path / "main.cpp").write_text(
+        '#include <cstdio>\n#include "framework/registry.hpp"\nint main() {\n'
+        '  auto& r = fw::ModuleRegistry::instance();\n'
+        '  for (const auto& c : r.conflicts()) std::printf("%s\\n", c.c_str());\n'
+        '  std::printf("kept %s\\n", r.find("Twice")->description.c_str());\n}\n')
+    cpp = os.path.join(repo_dir, "cpp")
+    exe = tmp_path / "twice"
+    subprocess.run([cxx, "-std=c++17", "-I", cpp, "-o", str(exe), str(tmp_path / "main.cpp"), str(tmp_path / "first.cpp"),
+                    str(tmp_path / "second.cpp"), os.path.join(cpp, "framework", "registry.cpp"),
+                    os.path.join(cpp, "framework", "parameters.cpp")], check=True, timeout=300)
+    lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert len(lines) == 2 and lines[1] in ("kept first", "kept second"), lines
+    assert "'Twice' is registered twice" in lines[0] and "first.cpp" in lines[0] and "second.cpp" in lines[0], lines

@@ -312,6 +312,9 @@ py::list state_modules(const fw::ProcessState& s) {
 }  // namespace
 
 void register_framework(py::module_& m) {
+  // Two C++ modules registered one name: the registry kept the one linked first, and the other would
+  // never run. Importing eclreco fails instead (an ImportError naming both files).
+  for (const auto& conflict : fw::ModuleRegistry::instance().conflicts()) throw std::runtime_error(conflict);
   py::class_<Module, PyModule, std::shared_ptr<Module>>(m, "Module", "Base of all modules (C++ and Python)")
       .def(py::init<>())
       .def_property_readonly("type", &Module::type)

@@ -11,7 +11,11 @@ ModuleRegistry& ModuleRegistry::instance() {
 
 bool ModuleRegistry::add(ModuleInfo info) {
   const std::string name = info.name;
-  return modules_.emplace(name, std::move(info)).second;
+  auto [it, added] = modules_.emplace(name, info);
+  if (!added)
+    conflicts_.push_back("C++ module name '" + name + "' is registered twice: by " + it->second.source + " and by " +
+                         info.source + " (ECLRECO_REGISTER_MODULE): rename one");
+  return added;
 }
 
 const ModuleInfo* ModuleRegistry::find(const std::string& name) const {
