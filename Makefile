@@ -9,8 +9,11 @@ PIP    := $(PY) -m pip --disable-pip-version-check
 PYTEST_ARGS ?=
 
 SOURCES := $(shell find cpp modules python third_party/msgpack-cxx/include -type f 2>/dev/null) CMakeLists.txt pyproject.toml
+# A source removed (a module deleted or renamed away) leaves no newer file behind: the list of the
+# sources is a prerequisite too, rewritten only when it changes (make then sees it newer).
+SOURCE_LIST := $(VENV)/.sources
 
-.PHONY: all install run test bench clean
+.PHONY: all install run test bench clean FORCE
 all: install
 
 $(VENV)/.deps: pyproject.toml
@@ -26,7 +29,11 @@ $(VENV)/.deps: pyproject.toml
 	$(PIP) install -q atheris || echo "make: atheris could not be installed; the fuzz tests will be skipped"
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.deps $(SOURCES)
+$(SOURCE_LIST): FORCE
+	@mkdir -p $(VENV)
+	@echo '$(SOURCES)' | cmp -s - $@ || echo '$(SOURCES)' > $@
+
+$(VENV)/.installed: $(VENV)/.deps $(SOURCE_LIST) $(SOURCES)
 	$(PIP) install -q --no-build-isolation --no-deps .
 	touch $@
 

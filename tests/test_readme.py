@@ -54,3 +54,35 @@ def test_every_test_the_docs_cite_exists():
                 f"{os.path.basename(doc)} cites {file}::{name}, which tests/{file} does not define"
             cited += 1
     assert cited >= 50, cited
+
+
+def test_make_install_rebuilds_when_a_source_is_removed(tmp_path):
+    """`make install` rebuilds when a source changed, and nothing when none did (README, "The two
+    commands"). A source removed (a module deleted, or renamed into another folder) left no newer file,
+    so the installed package kept it: its C++ module registered, its Python module importable. The
+    repository's Makefile runs here on a tree of two sources and a stand-in python that logs the install."""
+    import shutil
+    import subprocess
+
+    repo = os.path.dirname(README)
+    shutil.copy(os.path.join(repo, "Makefile"), tmp_path)
+    for name in ("cpp/a.cpp", "modules/b.cpp", "CMakeLists.txt", "pyproject.toml"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    python = tmp_path / ".venv" / "bin" / "python"
+    python.write_text('#!/bin/sh\necho "$*" >> "$(dirname "$0")/../installs"\n')
+    python.chmod(0o755)
+    os.utime(tmp_path / "pyproject.toml", (1, 1))  # older than .deps: the dependencies are in place
+    (tmp_path / ".venv" / ".deps").write_text("")
+
+    def installs():
+        subprocess.run(["make", "install"], cwd=tmp_path, check=True, capture_output=True, timeout=60)
+        log = tmp_path / ".venv" / "installs"
+        return log.read_text().count("install") if log.exists() else 0
+
+    assert installs() == 1
+    assert installs() == 1  # nothing changed: nothing rebuilt
+    (tmp_path / "modules" / "b.cpp").unlink()
+    assert installs() == 2
+    assert installs() == 2
