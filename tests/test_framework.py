@@ -789,9 +789,18 @@ def test_python_parameter_defaults_are_checked_and_typed_like_values():
     for bad in (float("nan"), float("inf"), [1.0, float("nan")]):
         with pytest.raises(eclreco.ParameterError, match="'p' must be a finite number"):
             _Declares(p=bad)
-    for bad, match in (([], "empty list default; pass type="), ([1, "a"], "mixed elements")):
-        with pytest.raises(TypeError, match=match):
+    # naming the module and the parameter (a None default said only "cannot infer a parameter type from None")
+    for bad, match in (([], "empty list default; pass type="), ([1, "a"], "mixed elements"), (None, "from None")):
+        with pytest.raises(TypeError, match="_Declares: parameter 'p': .*" + match):
             _Declares(p=bad)
+    with pytest.raises(ValueError, match=r"_Typed: parameter 'p' has an unknown type 'float64' \(types: bool, int, "):
+        _Typed()
+
+
+class _Typed(eclreco.Module):
+    def __init__(self):
+        super().__init__()
+        self.add_param("p", 1.0, "numpy's name for float", type="float64")
 
 
 class _OrderedAttribute(eclreco.Module):

@@ -285,11 +285,15 @@ ParamValue to_param(const Module& m, const std::string& name, py::handle v) {
   return to_param(m, name, m.params().get(name).type, v);
 }
 
-ParamType type_from_name(const std::string& s) {
+// add_param's type=: a ValueError naming the module, the parameter and the types there are.
+ParamType type_from_name(const Module& m, const std::string& name, const std::string& s) {
+  std::string known;
   for (ParamType t : {ParamType::Bool, ParamType::Int, ParamType::Float, ParamType::Str,
-                      ParamType::FloatList, ParamType::IntList, ParamType::StrList})
+                      ParamType::FloatList, ParamType::IntList, ParamType::StrList}) {
     if (s == fw::param_type_name(t)) return t;
-  throw py::value_error("unknown parameter type '" + s + "'");
+    known += std::string(known.empty() ? "" : ", ") + fw::param_type_name(t);
+  }
+  throw py::value_error(m.type() + ": parameter '" + name + "' has an unknown type '" + s + "' (types: " + known + ")");
 }
 
 py::list state_modules(const fw::ProcessState& s) {
@@ -336,7 +340,7 @@ void register_framework(py::module_& m) {
       .def("get_param", [](const Module& self, const std::string& name) { return self.params().value(name); })
       .def("declare_param", [](Module& self, const std::string& name, const std::string& type,
                                py::object default_value, const std::string& description) {
-        const ParamType t = type_from_name(type);
+        const ParamType t = type_from_name(self, name, type);
         std::optional<ParamValue> d;
         if (!default_value.is_none()) d = to_param(self, name, t, default_value);
         self.params().declare(name, t, std::move(d), description);  // checks the default as set_param checks a value

@@ -61,7 +61,10 @@ class Module(_core.Module):
         if type is None:
             if default is REQUIRED:
                 raise TypeError(f"{self.type}: required parameter '{name}' needs type=")
-            type = _infer_type(default)
+            try:
+                type = _infer_type(default)
+            except TypeError as err:  # whose parameter: the module's constructor may declare many
+                raise TypeError(f"{self.type}: parameter '{name}': {err}") from None
         self.declare_param(name, type, None if default is REQUIRED else default, description)
 
     def param(self, name: str) -> Any:
