@@ -1582,3 +1582,28 @@ def test_a_cpp_module_name_registered_twice_is_a_conflict_naming_both_files(tmp_
     lines = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.splitlines()
     assert len(lines) == 2 and lines[1] in ("kept first", "kept second"), lines
     assert "'Twice' is registered twice" in lines[0] and "first.cpp" in lines[0] and "second.cpp" in lines[0], lines
+
+
+class _ReadsMisspelt(eclreco.Module):
+    def __init__(self, collection, column):
+        super().__init__()
+        self.collection, self.column = collection, column
+
+    def event(self, batch):
+        batch[self.collection][self.column]
+
+
+@pytest.mark.parametrize("collection,column,listed", [
+    ("ECLDigit", "energy", "no collection 'ECLDigit' in the batch (its collections: ECLDigits)"),
+    ("ECLDigits", "energie", "no column 'energie' in the collection (its columns: cell, energy)"),
+])
+def test_a_missing_column_or_collection_error_lists_what_there_is(collection, column, listed):
+    """A Python module reading a column or collection that no module wrote got "no column 'energie'"
+    (or "no collection 'ECLDigit' in the batch") on every event: the names there are were not said, as
+    the C++ modules' "(its columns: ...)" says them, so a misspelling took a print() to see."""
+    path = eclreco.create_path()
+    path.add_module(CountingSource(n=5))
+    path.add_module(_ReadsMisspelt(collection, column))
+    eclreco.process(path, install_signal_handlers=False)
+    messages = eclreco.statistics.state.error_messages()
+    assert len(messages) == 5 and all(listed in m and "_ReadsMisspelt raised on" in m for m in messages), messages

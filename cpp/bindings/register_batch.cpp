@@ -211,7 +211,13 @@ void register_batch(py::module_& m) {
       // read-only, zero-copy: a module that raises is re-run on the batch as it was before its call (the
       // processor keeps that snapshot, sharing the buffers), which an in-place write would change too
       .def("__getitem__", [](const Collection& c, const std::string& name) {
-        if (!c.has(name)) throw py::key_error("no column '" + name + "'");
+        if (!c.has(name)) {
+          // what there is, as the C++ modules' error says it: a misspelt name is seen at once
+          std::string have;
+          for (const auto& [k, v] : c.columns()) have += (have.empty() ? "" : ", ") + k;
+          throw py::key_error("no column '" + name + "' in the collection (its columns: " +
+                              (have.empty() ? std::string("none") : have) + ")");
+        }
         return column_view(c.column(name), false);
       }, "a read-only view of a column (no copy); write by assigning a new array: c[name] = c[name] * 2")
       .def("__setitem__", [](Collection& c, const std::string& name, const py::object& value) {
@@ -249,7 +255,12 @@ void register_batch(py::module_& m) {
       })
       .def("__contains__", &EventBatch::has)
       .def("__getitem__", [](EventBatch& b, const std::string& name) -> Collection& {
-        if (!b.has(name)) throw py::key_error("no collection '" + name + "' in the batch");
+        if (!b.has(name)) {
+          std::string have;
+          for (const auto& [k, v] : b.collections()) have += (have.empty() ? "" : ", ") + k;
+          throw py::key_error("no collection '" + name + "' in the batch (its collections: " +
+                              (have.empty() ? std::string("none") : have) + ")");
+        }
         return b.get(name);
       }, py::return_value_policy::reference_internal)
       .def("add_collection", [](EventBatch& b, const std::string& name, const py::array& offsets,
