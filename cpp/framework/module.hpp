@@ -62,8 +62,8 @@ class Module {
   // module after one can no longer reject an event (the processor makes such a rejection a module
   // error): the event is already written, or, after the quarantine, would be in neither file.
   virtual bool writes_events() const { return false; }
-  // Python modules need the interpreter lock; the processor keeps them off the parallel stage
-  // when asked to (see ProcessOptions).
+  // Python modules need the interpreter lock (they take it for their own call only; the processor
+  // runs them in the parallel stage like the others).
   virtual bool needs_gil() const { return false; }
   // Module-specific counters for monitoring (e.g. clusters corrected), read between batches.
   virtual std::map<std::string, double> counters() const { return {}; }
