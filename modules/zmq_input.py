@@ -160,34 +160,46 @@ class ZMQInput(Module):
 
     def _drain(self, batch, max_events):
         """After a stop request: what the socket holds and what still comes, until it has been
-        quiet for stop_drain_ms, or stop_timeout_s after the request."""
+        quiet for stop_drain_ms, or stop_timeout_s after the request. Batches fill as in the run
+        (max_events, or max_latency_ms after their first message): returned at the first empty
+        poll, a source still sending at 2 kHz made batches of one or two events, each paying the
+        chain's per-batch cost (the CNN's call): 213 against 19 us of CPU per event in the chain."""
         from eclreco.raw_sockets import recv_message
 
         zmq, sock = self._zmq, self._sock
         max_bytes = int(self.param("max_message_bytes"))
         quiet_s, limit_s = self.param("stop_drain_ms") * 1e-3, self.param("stop_timeout_s")
+        latency = self.param("max_latency_ms") * 1e-3
         now = time.monotonic()
         if self._stop_at is None:
             self._stop_at = self._quiet_since = now
         if now - self._stop_at >= limit_s:
             self._ended = True
         msgs: list[bytes] = []
+        t_batch = None
         while len(msgs) < max_events and not self._ended:
+            n = len(msgs)
             try:
-                msgs.append(recv_message(sock, max_bytes=max_bytes))
-                continue
+                while len(msgs) < max_events:
+                    msgs.append(recv_message(sock, max_bytes=max_bytes))
             except zmq.Again:
                 pass
             now = time.monotonic()
-            if now - self._stop_at >= limit_s or (not msgs and now - self._quiet_since >= quiet_s):
+            if len(msgs) > n:
+                self._quiet_since = now  # quiet counts from the last message read
+                if t_batch is None:
+                    t_batch = now
+            if len(msgs) >= max_events:
+                break
+            if now - self._stop_at >= limit_s or now - self._quiet_since >= quiet_s:
                 self._ended = True
-            elif msgs:
+            elif msgs and now - t_batch >= latency:
                 break
             else:
-                left = min(self._quiet_since + quiet_s, self._stop_at + limit_s) - now
-                sock.poll(max(1, int(left * 1000)), zmq.POLLIN)
-        if msgs:
-            self._quiet_since = time.monotonic()
+                deadline = min(self._quiet_since + quiet_s, self._stop_at + limit_s)
+                if msgs:
+                    deadline = min(deadline, t_batch + latency)
+                sock.poll(max(1, int((deadline - now) * 1000)), zmq.POLLIN)
         self._take(batch, msgs)
         return not self._ended
 

@@ -312,6 +312,46 @@ def test_zmq_input_reads_what_is_queued_when_the_run_is_stopped(params, drained,
         assert 0 < s["received"] < n / 2 and f"ZMQInput: warning: {int(unread)} messages were still queued" in capfd.readouterr().err
 
 
+def test_the_drain_after_a_stop_fills_its_batches_as_the_run_does():
+    """A source that goes on sending after SIGINT/SIGTERM (one message every 2 ms): the drain returned
+    each batch at its first empty poll, so the chain ran batches of one event (1.0 on average; the full
+    chain then spent ~10x the CPU per event, its CNN call being per batch). It now fills them as the
+    run does, until max_latency_ms after their first message, and still reads every message."""
+    address = f"inproc://drain-batches-{os.getpid()}"
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, 0)
+    push.connect(address)
+    n = 600
+    sizes = []
+
+    class DrainBatchSizes(eclreco.Module):
+        def event(self, batch):
+            if eclreco._core.stop_requested():
+                sizes.append(len(batch))
+
+    path = eclreco.create_path()
+    # a long latency and quiet time: a loaded machine's late feeder still fills batches, never ends the drain
+    inp = path.add_module("ZMQInput", address=address, max_latency_ms=200.0, stop_drain_ms=1000.0)
+    path.add_module(DrainBatchSizes())
+
+    def feed():
+        for e in range(n):
+            push.send(envelope(e))
+            time.sleep(0.002)
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    stopper = threading.Timer(0.3, eclreco._core.request_stop)
+    stopper.start()
+    eclreco.process(path, threads=1, install_signal_handlers=False)
+    stopper.join()
+    feeder.join()
+    push.close(0)
+    s = eclreco.statistics.summary()
+    assert s["received"] == s["processed"] == n and inp.counters()["unread_at_end"] == 0, s
+    assert sizes and sum(sizes) / len(sizes) >= 4, sizes
+
+
 def test_messages_left_by_an_event_count_are_reported_as_such(capfd):
     """`-n` (max_events) ends the run with messages still queued: counted as unread_at_end, and the
     warning says why (it said they "arrived after the run had ended", which they had not)."""
