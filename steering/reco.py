@@ -76,6 +76,9 @@ def parse_args(argv=None):
     mon.add_argument("--metrics-port", type=integer(0, 65535, " (0: no metrics)"), default=0,
                      help="serve Prometheus metrics on this port")
     mon.add_argument("--metrics-host", default="127.0.0.1")
+    mon.add_argument("--metrics-linger", type=NON_NEGATIVE, default=0.0,
+                     help="after the run, serve the final counts until a scrape has read them, at most S seconds "
+                          "(0: stop serving at once; unread_at_end is counted at the very end)")
     mon.add_argument("--progress", type=NON_NEGATIVE, default=10.0,
                      help="seconds between progress lines (0: one per batch)")
     args = ap.parse_args(argv)
@@ -91,6 +94,8 @@ def parse_args(argv=None):
                      f"for {why}")
     if args.cluster_columns != name_list(ap.get_default("cluster_columns")) and not args.output:
         ap.error("--cluster-columns chooses the branches of the -o file: there is no -o")
+    if args.metrics_linger and not args.metrics_port:
+        ap.error("--metrics-linger keeps the metrics served after the run: there is no --metrics-port")
     if unused := event_filter_option_unused(args):
         ap.error(unused)
     try:
@@ -182,13 +187,53 @@ def main(argv=None) -> int:
         return 2
     print(f"eclreco {eclreco.__version__}: {path}", flush=True)
     exporter = None
-    try:
-        if args.metrics_port:
-            from eclreco.metrics import serve_process_metrics
+    if args.metrics_port:
+        from eclreco.metrics import serve_process_metrics
 
+        try:
             exporter = serve_process_metrics(args.metrics_port, args.metrics_host, role="reco", path=path)
+        except OSError as err:  # refused before the run: its message names the metrics address
+            print(f"reco.py: error: {err}", file=sys.stderr, flush=True)
+            return 2
+    try:
+        return run(args, path)
+    finally:
+        if exporter is not None:
+            if args.metrics_linger and eclreco.statistics.summary().get("received"):
+                linger(exporter, args.metrics_linger)
+            exporter.close()
+
+
+def linger(exporter, seconds: float) -> None:
+    """Serves the job's final counts until a scrape has read them, at most `seconds`: the exporter closes
+    with the job, and what is counted at its end (ZMQInput's unread_at_end, when its socket closes; the events
+    of a stopped run's drain) was never seen by a Prometheus scraping every few seconds. SIGINT/SIGTERM
+    end the wait (the outputs are closed already)."""
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(sig, frame):
+        raise Interrupted
+
+    before = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        print(f"reco.py: serving the final metrics on {exporter.url} until they are scraped (at most "
+              f"{seconds:g} s)", flush=True)
+        if not exporter.wait_for_scrape(seconds):
+            print(f"reco.py: warning: no scrape of {exporter.url} within {seconds:g} s after the run",
+                  file=sys.stderr, flush=True)
+    except Interrupted:
+        pass
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def run(args, path) -> int:
+    """Processes `path` and reports: the exit code."""
+    try:
         eclreco.process(path, max_events=args.max_events, threads=args.threads, batch_size=args.batch_size)
-    except (ValueError, OSError) as err:  # refused before the run: options, files, the metrics port
+    except (ValueError, OSError) as err:  # refused before the run: options, files
         print(f"reco.py: error: {err}", file=sys.stderr, flush=True)
         return 2
     except RuntimeError as err:  # a fatal module error, e.g. an output that cannot be written
@@ -196,9 +241,6 @@ def main(argv=None) -> int:
             print(eclreco.statistics, flush=True)
         print(f"reco.py: error: {err}", file=sys.stderr, flush=True)
         return 1
-    finally:
-        if exporter is not None:
-            exporter.close()
     print(eclreco.statistics, flush=True)
     s = eclreco.statistics.summary()
     sig = eclreco._core.stop_signal()

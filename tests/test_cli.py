@@ -171,6 +171,7 @@ def test_reco_py_refuses_contradictions_and_an_output_over_its_input(tmp_path, c
                  ["-i", str(raw), "--detector", "array30"], ["-i", str(raw), "--connect"],
                  ["--cluster-columns", "energy"], ["--filter-cluster-energy", "0.2"],
                  ["--filter-cluster-energy", "0.1"],  # the default given: it passed unnoticed
+                 ["-i", "tcp://127.0.0.1:5555", "--metrics-linger", "5"],
                  ["--detector", "array30", "--particle", "generic"]):  # exit 1 at initialize, outputs made
         with pytest.raises(SystemExit) as e:
             reco.main(argv)
@@ -191,6 +192,7 @@ def test_reco_py_refuses_contradictions_and_an_output_over_its_input(tmp_path, c
     assert "missing.msgpack' is not a file" in err
     assert "--detector: this option is for the embedded simulation, which --input replaces" in err
     assert "--connect: this option is for a ZeroMQ input" in err and "there is no -o" in err
+    assert "--metrics-linger keeps the metrics served after the run: there is no --metrics-port" in err
     assert "--filter-cluster-energy sets which clusters --min-clusters and --min-energy-sum count" in err
     assert "'tcp://127.0.0.1:99999': the port must be 0..65535 or *" in err and "Module" not in out
     assert "--particle generic: generic events exist for belle2-ecl only (--detector array30: gamma or pi0)" in err

@@ -1,5 +1,6 @@
 """Prometheus metrics: a running steering job scraped with plain HTTP, by promtool and by a real
 Prometheus server (Debian's `prometheus` package; skipped, saying so, where it is missing)."""
+import contextlib
 import json
 import os
 import shutil
@@ -109,12 +110,14 @@ def test_metrics_plain_http_and_promtool(steering_job):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_metrics_real_prometheus_server(steering_job, tmp_path):
+@contextlib.contextmanager
+def prometheus_server(tmp_path, target_port: int):
+    """A real Prometheus server scraping 127.0.0.1:target_port every second; yields query(PromQL): the
+    value of its first result, None when there is none (the test is skipped without the binary)."""
     prom = shutil.which("prometheus")
     if prom is None:
         pytest.skip("the 'prometheus' binary is not installed (apt-get install prometheus; .ci/run does); "
                     "real-server scrape test skipped")
-    address, port, _ = steering_job
     web = free_port()
     cfg = tmp_path / "prometheus.yml"
     cfg.write_text(textwrap.dedent(f"""
@@ -124,7 +127,7 @@ def test_metrics_real_prometheus_server(steering_job, tmp_path):
         scrape_configs:
           - job_name: eclreco
             static_configs:
-              - targets: ["127.0.0.1:{port}"]
+              - targets: ["127.0.0.1:{target_port}"]
     """))
     server = subprocess.Popen([prom, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                                f"--web.listen-address=127.0.0.1:{web}", "--log.level=warn"],
@@ -141,6 +144,15 @@ def test_metrics_real_prometheus_server(steering_job, tmp_path):
         return float(res[0]["value"][1]) if res else None
 
     try:
+        yield query
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def test_metrics_real_prometheus_server(steering_job, tmp_path):
+    address, port, _ = steering_job
+    with prometheus_server(tmp_path, port) as query:
         # Prometheus has scraped the idle job at least twice before any event arrives.
         wait_for(lambda: (query('count_over_time(eclreco_events_processed_total[1m])') or 0) >= 2, timeout=40)
         n = 2000
@@ -156,9 +168,39 @@ def test_metrics_real_prometheus_server(steering_job, tmp_path):
         inc = query("increase(eclreco_events_processed_total[1m])")
         assert inc is not None and 0.5 * n <= inc <= 3 * n  # extrapolated by Prometheus
         assert query('sum(eclreco_module_batch_seconds_count{module="ZMQInput"})') > 0
-    finally:
-        server.terminate()
-        server.wait(timeout=20)
+
+
+def test_prometheus_reads_the_counts_of_a_jobs_end_with_metrics_linger(tmp_path, repo_dir):
+    """What reco.py counts at the very end of its run was never seen by a real Prometheus: the exporter closed
+    with the job, milliseconds after ZMQInput counted the messages still queued (unread_at_end) when its socket
+    closed (checked: with a 1 s scrape interval Prometheus read eclreco_input_unread_at_end_total 0 while the
+    job warned of 200). With --metrics-linger the job serves its final counts until a scrape has read them."""
+    address, port = free_address(), free_port()
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {os.path.join(repo_dir, "steering")!r})
+        import reco
+        reco.add_reconstruction = lambda path, **kw: path.add_module("ECLUnpacker")  # the rest is not needed here
+        sys.exit(reco.main(["-i", {address!r}, "-n", "100", "--metrics-port", "{port}", "--metrics-linger", "60",
+                            "--threads", "1", "--batch-size", "10"]))
+    """))
+    with prometheus_server(tmp_path, port) as query:
+        p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+        try:
+            # the job is up and scraped, then gets 300 messages at once: it reads 100, 200 stay queued
+            wait_for(lambda: query("eclreco_events_received_total") == 0, timeout=40)
+            push_events(address, range(300))
+            out, _ = p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+        assert p.returncode == 0, out
+        unread = int(out.split("ZMQInput: warning: ")[1].split()[0])
+        assert unread > 0 and "serving the final metrics" in out and "no scrape" not in out, out
+        assert query("max_over_time(eclreco_events_received_total[5m])") == 100  # the series is stale once the job is gone
+        assert query('max_over_time(eclreco_input_unread_at_end_total{module="ZMQInput"}[5m])') == unread
 
 
 def test_cnn_counters_come_from_the_cnn_module_only():

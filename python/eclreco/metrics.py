@@ -39,6 +39,7 @@ import errno
 import os
 import re
 import threading
+import time
 from typing import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
@@ -142,7 +143,9 @@ class ProcessMetricsCollector(Collector):
         self.path = path
         self.extra = extra
         self.totals = _Totals()
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()  # notified when a scrape begins (MetricsExporter.wait_for_scrape)
+        self.scrapes = 0
+        self._scrape_thread: threading.Thread | None = None  # the server's thread of the latest scrape
         self._checkpointed_state = None
         # A process whose event loop also waits between its runs (the HLT worker starts the next
         # one at once) says here whether it is in a run: eclreco_process_running is 0 otherwise.
@@ -163,6 +166,9 @@ class ProcessMetricsCollector(Collector):
 
     def collect(self):
         with self._lock:
+            self.scrapes += 1
+            self._scrape_thread = threading.current_thread()
+            self._lock.notify_all()
             yield from self._collect()
 
     def _collect(self):
@@ -279,6 +285,23 @@ class MetricsExporter:
 
     def checkpoint(self):
         self.collector.checkpoint()
+
+    def wait_for_scrape(self, timeout_s: float) -> bool:
+        """Waits until a scrape that begins after this call has been answered, at most timeout_s; True
+        when one was. For a process about to exit: counters set at the end of its run (ZMQInput's
+        unread_at_end, counted when its socket closes; the last events of a stopped run) are otherwise
+        gone with the exporter before any scrape reads them."""
+        deadline = time.monotonic() + timeout_s
+        c = self.collector
+        with c._lock:
+            seen = c.scrapes
+            if not c._lock.wait_for(lambda: c.scrapes > seen, timeout_s):
+                return False
+            thread = c._scrape_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))  # the answer is written on that thread
+            return not thread.is_alive()
+        return True
 
     def set_path(self, path):
         self.collector.path = path
