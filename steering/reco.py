@@ -21,7 +21,7 @@ import eclreco
 from eclreco.cli_types import (BATCH_SIZE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, THREADS,
                                add_cluster_columns_argument, integer, name_list, number)
 from eclreco.paths import missing_folder
-from eclreco.raw_sockets import check_address, check_message_limits, is_stream_address
+from eclreco.raw_sockets import check_address, check_message_limits, is_stream_address, tcp_port
 from eclreco.reconstruction import (add_event_filter, add_event_filter_arguments, add_reconstruction,
                                    event_filter_option_unused)
 
@@ -133,6 +133,11 @@ def parse_args(argv=None):
             check_address(args.input)
         except ValueError as err:
             ap.error(f"-i: {err}")
+        # libzmq binds a free port (or ipc path) for these, and reco.py does not say which: no sender could know it
+        port = tcp_port(args.input)
+        if (port is not None and (port == "*" or (port.isdigit() and int(port) == 0))) or args.input == "ipc://*":
+            ap.error(f"-i {args.input!r}: name the port: a wildcard stands for one chosen at random, which no "
+                     "sender would know" + (" (nor can one connect to it)" if args.connect else ""))
         # the socket file of an ipc:// address it binds (one it connects to may appear later)
         ipc_folder = missing_folder(args.input[len("ipc://"):]) if args.input.startswith("ipc://") else ""
         if ipc_folder and not args.connect:

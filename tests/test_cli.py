@@ -236,7 +236,7 @@ def test_reco_py_refuses_files_and_addresses_its_modules_would_refuse(tmp_path, 
     module's initialize ('ECLEnergyCorrection.initialize failed: ModelError: ... (at .../x.py:65 in
     load_session ...)'), a ROOT file ran, rejected its every 'record' into a quarantine file as large as
     itself, wrote an empty -o and exited 1. Each is now one line naming the option, exit 2, nothing
-    written."""
+    written. So is an input address with a wildcard port."""
     reco = _reco()
     raw = tmp_path / "raw.msgpack"
     write_raw_file(raw, encode_events("array30", 0, 1, [0], [0, 1], [100], [5000], [0], [0]))
@@ -256,6 +256,12 @@ def test_reco_py_refuses_files_and_addresses_its_modules_would_refuse(tmp_path, 
              # libzmq's 'ZMQError: No such file or directory for ipc path', exit 1 from ZMQInput's initialize
              (["-i", f"ipc://{tmp_path}/typo/sock", "--idle-timeout", "1"],
               f"-i 'ipc://{tmp_path}/typo/sock': no directory '{tmp_path}/typo' for the socket file")]
+    # a port (or ipc path) libzmq picks at random: reco.py bound one and waited there, saying nothing, for
+    # senders that could not know it (with --connect, libzmq's 'Invalid argument', exit 1)
+    for address in ("tcp://127.0.0.1:*", "tcp://127.0.0.1:0", "tcp://*:00", "ipc://*"):
+        for connect in ([], ["--connect"]):
+            cases.append((["-i", address, "--idle-timeout", "1", *connect],
+                          f"-i '{address}': name the port: a wildcard stands for one chosen at random"))
     for argv, message in cases:
         with pytest.raises(SystemExit) as e:
             reco.main(argv)
