@@ -164,6 +164,43 @@ def test_reco_connecting_to_an_absent_sender_says_that_it_waits(tmp_path, repo_d
     assert "[ZMQInput] waiting for" in "".join(out), "".join(out)
 
 
+def test_reco_refuses_to_take_over_an_ipc_address_a_live_process_listens_on(repo_dir):
+    """A second `reco.py -i ipc://PATH` (one still running there) made libzmq unlink the socket file and bind
+    its own: the first job stayed up with no sender able to reach it (0 events, waiting until stopped) and the
+    second took the stream. reco.py now refuses, exit 2; a socket file that nobody listens on is free."""
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="eclreco-")  # short: an ipc path has at most ~107 bytes
+    address = f"ipc://{folder}/daq"
+    ctx = zmq.Context.instance()
+    live = ctx.socket(zmq.PULL)
+    live.bind(address)
+    reco = [sys.executable, os.path.join(repo_dir, "steering", "reco.py"), "-i", address, "--idle-timeout", "1",
+            "--threads", "1", "--no-cnn", "--no-dqm"]
+    try:
+        r = subprocess.run(reco, capture_output=True, text=True, timeout=30)  # it waited for a sender before
+        assert r.returncode == 2 and "another process listens there" in r.stderr, r.stdout + r.stderr
+        push = ctx.socket(zmq.PUSH)  # the live listener still has its address
+        push.connect(address)
+        push.send(envelope(1))
+        assert live.poll(10_000) and live.recv() == envelope(1)
+        push.close(0)
+        # the socket file of a process that died (bound, never listened, not unlinked) is free
+        import socket
+        stale = f"ipc://{folder}/stale"
+        dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        dead.bind(stale[len("ipc://"):])
+        dead.close()
+        reco[reco.index(address)] = stale
+        p = subprocess.Popen(reco, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        push_events(stale, range(5))
+        out, _ = p.communicate(timeout=60)
+        assert p.returncode == 0 and "events received 5, processed 5" in out, out
+    finally:
+        live.close(0)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.mark.parametrize("limits", [(4096, 4096), (4096, 1000), (-1, 0), (0, -1)])
 def test_zmq_input_message_limits_are_checked(limits):
     path, _ = zmq_input_path(free_address(), max_message_bytes=limits[0], refuse_message_bytes=limits[1])

@@ -124,6 +124,29 @@ def check_address(address: str) -> None:
             raise ValueError(f"ZeroMQ address {address!r}: the port must be 0..65535 or * (tcp://HOST:PORT)")
 
 
+def ipc_address_in_use(address: str) -> bool:
+    """Whether a live process listens on an ipc:// address's socket file. libzmq binding it unlinks the file
+    and binds a new one: the first process stays up, bound to a file that is gone, and no new sender
+    reaches it (a second `reco.py -i ipc://PATH` took a running one's stream over without a word). An
+    abstract address (ipc://@NAME) is refused by the kernel itself, and a file without a listener (left by
+    a process that died) is free."""
+    import os
+    import socket
+
+    path = address[len("ipc://"):] if (address or "").startswith("ipc://") else ""
+    if not path or path == "*" or path.startswith("@") or not os.path.exists(path):
+        return False
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(1.0)
+        s.connect(path)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
 def attach(sock: zmq.Socket, address: str, bind: bool) -> None:
     """Bind or connect `sock`, after check_address."""
     check_address(address)
