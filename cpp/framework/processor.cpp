@@ -265,6 +265,7 @@ class Run {
   }
 
   static constexpr uint64_t kErrorsPrinted = 20;
+  static constexpr const char* kNotStdException = "an exception not derived from std::exception";
   std::atomic<uint64_t> errors_printed_{0};
 
   template <class F>
@@ -275,6 +276,8 @@ class Run {
       throw;  // ends the job as it is
     } catch (const std::exception& e) {
       throw std::runtime_error(m.type() + "." + what + " failed: " + e.what());
+    } catch (...) {
+      throw std::runtime_error(m.type() + "." + what + " failed: " + kNotStdException);
     }
   }
 
@@ -465,6 +468,12 @@ class Run {
       batch = before;
       if (batch.size() == 1) {
         flag(batch, 0, m, e.what());
+        return {};
+      }
+    } catch (...) {  // a C++ module's `throw 42`: an error of its events too (it left the thread: abort)
+      batch = before;
+      if (batch.size() == 1) {
+        flag(batch, 0, m, kNotStdException);
         return {};
       }
     }
