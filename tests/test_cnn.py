@@ -1012,3 +1012,84 @@ def test_a_geant4_file_of_several_photons_per_event_is_refused(tmp_path):
         with pytest.raises(ValueError, match=r"'photons' has shape \(2000, (2, 4|4)\), not \(n_events, 1, 4\)"):
             cnn_data.G4Sample(str(path), "belle2-ecl")
     assert cnn_data.G4Sample(SUBSET["belle2-ecl"], "belle2-ecl").n == 2000
+
+
+def _mutated(tmp_path, name, det="array30", **arrays):
+    """The test subset of `det` with some arrays replaced, as a file."""
+    with np.load(SUBSET[det]) as f:
+        d = {k: f[k] for k in f.files}
+    path = tmp_path / f"{name}.npz"
+    np.savez(path, **{**d, **arrays})
+    return str(path)
+
+
+def _first_events(k, det="array30"):
+    with np.load(SUBSET[det]) as f:
+        off = f["offsets"][: k + 1]
+        return dict(true_energy_mev=f["true_energy_mev"][:k], xy_mm=f["xy_mm"][:k], offsets=off,
+                    cell=f["cell"][: off[-1]], edep_mev=f["edep_mev"][: off[-1]])
+
+
+def _with_nan(a, every, value=np.nan):
+    a = a.astype(np.float32)
+    a[::every] = value
+    return a
+
+
+def test_a_geant4_sample_that_cannot_train_is_refused_naming_the_array(tmp_path):
+    """A physicist's own Geant4 file was read without checking what it held: a 2-D `edep_mev` was
+    broadcast against the 1-D arrays until the kernel killed the training (memory without bound), a 2-D
+    true energy failed in torch ('The size of tensor a (512) must match ...'), float cellIds were
+    truncated to other crystals, a NaN, infinite or negative deposit trained a network (one went through
+    the electronics as a saturated crystal: test sigma68 6.9), a zero or infinite true energy made
+    log(E_true/E_raw) infinite and the training wrote its untrained network as trained (best epoch -1,
+    exit 0), a NaN or negative one failed at the ONNX check ('disagree: max relative difference nan'),
+    a crystal listed twice failed in the middle of the chain, and a file of 0-5 events raised
+    KeyError: 'evt'. Each is now a ValueError naming the file, the array and the first bad value."""
+    with np.load(SUBSET["array30"]) as f:
+        d = {k: f[k] for k in f.files}
+    n = d["true_energy_mev"].size
+    off = d["offsets"]
+    ev = np.repeat(np.arange(n), np.diff(off))
+    twice = np.argsort(np.concatenate([ev, ev]), kind="stable")  # every deposit split in two hits
+    cases = [
+        (dict(edep_mev=d["edep_mev"][:, None]), r"'edep_mev' has shape \(46906, 1\), not one value per entry"),
+        (dict(true_energy_mev=d["true_energy_mev"][:, None]), r"'true_energy_mev' has shape \(2000, 1\)"),
+        (dict(cell=d["cell"] + np.float32(0.5)), r"'cell' \(float32\) holds values that are not integers"),
+        (dict(true_energy_mev=np.array(["1000"] * n)), r"'true_energy_mev' is <U4, not an array of numbers"),
+        (dict(edep_mev=_with_nan(d["edep_mev"], 50)), r"'edep_mev' holds 939 deposit\(s\) that are not finite .*nan"),
+        (dict(edep_mev=_with_nan(d["edep_mev"], 50, np.inf)), r"'edep_mev' holds 939 .*first inf MeV, in event 0"),
+        (dict(edep_mev=-d["edep_mev"]), r"'edep_mev' holds 46906 deposit\(s\) that are not finite energies >= 0"),
+        (dict(true_energy_mev=_with_nan(d["true_energy_mev"], 10, 0.0)),
+         r"'true_energy_mev' gives 200 photon\(s\) a true energy that is not finite and > 0 \(the first 0 MeV, event 0\)"),
+        (dict(true_energy_mev=_with_nan(d["true_energy_mev"], 10, np.inf)), r"'true_energy_mev' gives 200 photon"),
+        (dict(true_energy_mev=_with_nan(d["true_energy_mev"], 10)), r"'true_energy_mev' gives 200 .*the first nan MeV"),
+        (dict(offsets=np.concatenate([[0], np.cumsum(2 * np.diff(off))]),
+              cell=np.concatenate([d["cell"], d["cell"]])[twice],
+              edep_mev=np.concatenate([d["edep_mev"], d["edep_mev"]])[twice] / 2),
+         r"event 0 lists cellId 403 twice: .* \(sum the hits of a crystal\)"),
+        (dict(xy_mm=d["xy_mm"][:, :1]), r"'xy_mm' has shape \(2000, 1\), not \(2000, 2\)"),
+        (_first_events(0), "holds no events"),
+        (_first_events(5), "5 events are too few for the split .*: the validation split would be empty"),
+    ]
+    for k, (arrays, message) in enumerate(cases):
+        path = _mutated(tmp_path, f"case{k}", **arrays)
+        with pytest.raises(ValueError, match=f"case{k}.npz: {message}"):
+            cnn_data.G4Sample(path, "array30").split()
+    with np.load(SUBSET["belle2-ecl"]) as f:
+        ph = f["photons"].copy()
+    ph[7, 0, 1:] *= 1000.0  # a momentum, not a unit direction: the cluster matching takes cosines
+    path = _mutated(tmp_path, "momentum", det="belle2-ecl", photons=ph)
+    with pytest.raises(ValueError, match=r"'photons' gives 1 photon\(s\) a direction that is not a unit vector "
+                                         r"\(the first of length 1000, event 7\)"):
+        cnn_data.G4Sample(path, "belle2-ecl")
+    # the commands say so in one line, before any work
+    from eclreco import cli
+
+    small = _mutated(tmp_path, "small", **_first_events(5))
+    for command in ("train", "validate"):
+        out = tmp_path / command
+        assert cli.main([command, "--detector", "array30", "-o", str(out), "--g4", small, "--quiet"]) == 2
+    assert not (tmp_path / "validate").exists()
+    cnn_data.G4Sample(SUBSET["array30"], "array30").split()  # the real files pass
+    cnn_data.G4Sample(SUBSET["belle2-ecl"], "belle2-ecl").split()

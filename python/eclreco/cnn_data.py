@@ -67,6 +67,8 @@ class G4Sample:
             # a sample of several photons per event (pi0s) has no single true energy and direction
             raise ValueError(f"{path}: 'photons' has shape {d['photons'].shape}, not (n_events, 1, 4): one photon "
                              "per event (energy in MeV, unit direction) is what a Geant4 sample holds")
+        self._check_arrays(path, d)
+        self.path = path
         self.detector = detector
         self.offsets = d["offsets"].astype(np.int64)
         self.cell = d["cell"].astype(np.int32)
@@ -90,6 +92,61 @@ class G4Sample:
                 or self.edep_gev.size != self.cell.size or np.any(np.diff(self.offsets) < 0)):
             raise ValueError(f"{path}: {self.n} photons, {self.offsets.size} offsets (0..{self.offsets[-1]}), "
                              f"{self.cell.size} cellIds, {self.edep_gev.size} deposits do not fit together")
+        if self.entry_xy_mm is not None and self.entry_xy_mm.shape != (self.n, 2):
+            raise ValueError(f"{path}: 'xy_mm' has shape {self.entry_xy_mm.shape}, not ({self.n}, 2): one entry "
+                             "point (x, y in mm) per photon")
+        self._check_values(path)
+
+    @staticmethod
+    def _check_arrays(path, d):
+        """Shapes and dtypes (data/README.md): a 2-D deposit array was broadcast against the 1-D ones (memory
+        without bound), a 2-D true energy failed in torch, a float cellId was truncated to another crystal."""
+        kinds = {"offsets": "i", "cell": "i", "edep_mev": "f", "true_energy_mev": "f", "photons": "f", "xy_mm": "f"}
+        for name, kind in kinds.items():
+            if name not in d:
+                continue
+            a = d[name]
+            if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
+                raise ValueError(f"{path}: {name!r} is {a.dtype}, not an array of numbers (data/README.md)")
+            if kind == "i" and np.issubdtype(a.dtype, np.floating) and not np.all(a == np.round(a)):
+                raise ValueError(f"{path}: {name!r} ({a.dtype}) holds values that are not integers (the first "
+                                 f"{a[a != np.round(a)][0]:g})")
+            if name not in ("photons", "xy_mm") and a.ndim != 1:
+                raise ValueError(f"{path}: {name!r} has shape {a.shape}, not one value per "
+                                 + ("event" if name == "true_energy_mev" else "entry" if name != "offsets"
+                                    else "event boundary") + " (a 1-D array)")
+
+    def _check_values(self, path):
+        """Energies and directions a training can learn from: a NaN or infinite deposit went through the
+        electronics as a saturated crystal or none, a true energy <= 0, NaN or infinite made the target
+        log(E_true / E_raw) non-finite (a network that never left its initial weights, written as trained),
+        and a crystal listed twice in an event failed in the middle of the chain."""
+        if self.n == 0:
+            raise ValueError(f"{path}: holds no events")
+
+        def event_of(entry):
+            return int(np.searchsorted(self.offsets, entry, side="right") - 1)
+        bad = np.flatnonzero(~np.isfinite(self.edep_gev) | (self.edep_gev < 0))
+        if bad.size:
+            raise ValueError(f"{path}: 'edep_mev' holds {bad.size} deposit(s) that are not finite energies >= 0 (the "
+                             f"first {self.edep_gev[bad[0]] * 1e3:g} MeV, in event {event_of(bad[0])})")
+        bad = np.flatnonzero(~np.isfinite(self.e_true) | (self.e_true <= 0))
+        if bad.size:
+            name = "photons" if self.detector == "belle2-ecl" else "true_energy_mev"
+            raise ValueError(f"{path}: {name!r} gives {bad.size} photon(s) a true energy that is not finite and > 0 "
+                             f"(the first {self.e_true[bad[0]] * 1e3:g} MeV, event {bad[0]})")
+        norm = np.linalg.norm(self.direction, axis=1)
+        bad = np.flatnonzero(~(np.abs(norm - 1) < 1e-3))  # (NaN too) the cluster matching takes cosines
+        if bad.size:
+            raise ValueError(f"{path}: 'photons' gives {bad.size} photon(s) a direction that is not a unit vector "
+                             f"(the first of length {norm[bad[0]]:g}, event {bad[0]})")
+        stride = int(self.cell.max()) + 1 if self.cell.size else 1
+        key = np.sort(np.repeat(np.arange(self.n, dtype=np.int64), np.diff(self.offsets)) * stride + self.cell)
+        twice = np.flatnonzero(np.diff(key) == 0)
+        if twice.size:
+            k = int(key[twice[0]])
+            raise ValueError(f"{path}: event {k // stride} lists cellId {k % stride} twice: a Geant4 sample holds one "
+                             "deposit per crystal and event (sum the hits of a crystal)")
 
     def split(self):
         """(train, validation, test) event indices: test = the last TEST_FRACTION of the file."""
@@ -97,7 +154,13 @@ class G4Sample:
         n_rest = self.n - n_test
         n_val = int(round(n_rest * VAL_FRACTION))
         idx = np.arange(self.n)
-        return idx[: n_rest - n_val], idx[n_rest - n_val: n_rest], idx[n_rest:]
+        splits = idx[: n_rest - n_val], idx[n_rest - n_val: n_rest], idx[n_rest:]
+        for name, part in zip(("training", "validation", "test"), splits):
+            if part.size == 0:  # (the chain of an empty split returned nothing: KeyError 'evt', IndexError)
+                raise ValueError(f"{self.path}: {self.n} events are too few for the split "
+                                 f"(test: the last {TEST_FRACTION:.0%}, validation: {VAL_FRACTION:g} of the rest): "
+                                 f"the {name} split would be empty")
+        return splits
 
     def symmetric_copies(self, idx, copies=8):
         """A G4Sample with the events idx seen under `copies` (1..8) symmetries of the array30
@@ -128,6 +191,7 @@ class G4Sample:
             energies.append(e[keep])
             counts.append(np.bincount(ev_of[keep], minlength=idx.size))
         out = object.__new__(G4Sample)
+        out.path = self.path
         out.detector = self.detector
         out.offsets = np.concatenate([[0], np.cumsum(np.concatenate(counts))]).astype(np.int64)
         out.cell = np.concatenate(cells).astype(np.int32)
