@@ -1093,3 +1093,76 @@ def test_a_geant4_sample_that_cannot_train_is_refused_naming_the_array(tmp_path)
     assert not (tmp_path / "validate").exists()
     cnn_data.G4Sample(SUBSET["array30"], "array30").split()  # the real files pass
     cnn_data.G4Sample(SUBSET["belle2-ecl"], "belle2-ecl").split()
+
+
+class _Unwritable:
+    """A folder no file can be made in: mode 0555, and for root (whom the mode does not stop) immutable
+    (chattr +i); skips where neither holds."""
+
+    def __init__(self, folder):
+        import subprocess
+
+        self.folder, self.immutable = folder, False
+        folder.mkdir()
+        os.chmod(folder, 0o555)
+        if self._writable():
+            self.immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+            if not self.immutable or self._writable():
+                self.restore()
+                pytest.skip("cannot make a folder unwritable here (root without chattr)")
+
+    def _writable(self):
+        try:
+            (self.folder / "probe").touch()
+        except OSError:
+            return False
+        (self.folder / "probe").unlink()
+        return True
+
+    def restore(self):
+        import subprocess
+
+        if self.immutable:
+            subprocess.run(["chattr", "-i", str(self.folder)], check=True)
+        os.chmod(self.folder, 0o755)
+
+
+def test_train_and_validate_refuse_an_output_they_cannot_write_before_any_work(tmp_path, capsys):
+    """`eclreco train -o DIR` into a folder it cannot write ran the chain (and wrote --cache), trained
+    a network and only then failed at its export (PermissionError on .array30.PID.partial.onnx; with
+    the full sample and --restarts, minutes to hours lost), and `--cache` in a missing folder failed
+    after the chain; `eclreco validate` failed at its first plot, after the first chain. A new -o
+    folder was made before the chain, so a run that failed or was interrupted left it behind, empty.
+    Both now say so before any work, and a failed run removes the folders it made."""
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    from eclreco import cli
+
+    ro = _Unwritable(tmp_path / "ro")
+    try:
+        cache = tmp_path / "chain.npz"
+        base = ["--detector", "array30", "--g4", SUBSET["array30"], "--quiet"]
+        for out in (ro.folder, ro.folder / "new" / "deeper"):
+            with pytest.raises(SystemExit, match=rf"eclreco train: -o '{out}': cannot write into '{ro.folder}' \("):
+                cli.main(["train", "-o", str(out), "--sizes", "tiny", "--epochs", "1", "--cache", str(cache)] + base)
+            assert not cache.exists()  # refused before the chain
+        assert cli.main(["validate", "-o", str(ro.folder), "--max-events", "30"] + base) == 2
+        err = capsys.readouterr().err
+        assert f"eclreco validate: error: ValueError: -o '{ro.folder}': cannot write into '{ro.folder}' (" in err
+        assert list(ro.folder.iterdir()) == []
+    finally:
+        ro.restore()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=rf"-o '{tmp_path}/file/x': '{tmp_path}/file' is a file, not a folder"):
+        cli.main(["train", "-o", str(tmp_path / "file" / "x")] + base)
+    with pytest.raises(SystemExit, match=rf"--cache '{tmp_path}/no/c.npz': no directory '{tmp_path}/no'"):
+        cli.main(["train", "-o", str(tmp_path / "o"), "--cache", str(tmp_path / "no" / "c.npz")] + base)
+    # a run that fails after the chain (energies in GeV where MeV are due: no cluster above threshold)
+    # leaves no new folder
+    with np.load(SUBSET["array30"]) as f:
+        gev = {k: f[k] / 1000 if k in ("true_energy_mev", "edep_mev") else f[k] for k in f.files}
+    np.savez(tmp_path / "gev.npz", **gev)
+    with pytest.raises(SystemExit, match="the training split has no matched cluster"):
+        cli.main(["train", "-o", str(tmp_path / "new" / "out"), "--sizes", "tiny", "--epochs", "1", "--detector",
+                  "array30", "--g4", str(tmp_path / "gev.npz"), "--quiet"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "gev.npz", "ro"]

@@ -1,5 +1,5 @@
 """Files of the source tree (steering files) and beside it (../shared), found from an installed package;
-the folder check of output files; outputs written whole (a temporary name, then the file's own)."""
+the folder checks of outputs; outputs written whole (a temporary name, then the file's own)."""
 from __future__ import annotations
 
 import contextlib
@@ -51,6 +51,8 @@ def output_folder(path: str, option: str = "-o"):
     except OSError as err:
         raise ValueError(f"{option} {path!r}: cannot make the directory ({err.strerror}: {err.filename!r})") from None
     try:
+        if why := unwritable_folder(path):  # at once, not at the first output after hours of training
+            raise ValueError(f"{option} {path!r}: {why}")
         yield path
     except BaseException:
         for folder in made:
@@ -93,6 +95,25 @@ class StagedOutputs:
         for tmp in self.files.values():
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def unwritable_folder(folder: str) -> str:
+    """Why files cannot be made in `folder`, or, where it is missing, in the nearest folder above it (where
+    it would be made); '' when they can. Said before a long job, not by its first output at the end. A file
+    is made there and removed: os.access says yes to root for a read-only file system or an immutable folder."""
+    base = os.path.abspath(folder)
+    while not os.path.lexists(base):
+        base = os.path.dirname(base)
+    if not os.path.isdir(base):
+        return f"{base!r} is a file, not a folder"
+    probe = partial_name(os.path.join(base, "probe"))
+    try:
+        with open(probe, "x"):
+            pass
+        os.unlink(probe)
+    except OSError as err:
+        return f"cannot write into {base!r} ({err.strerror})"
+    return ""
 
 
 def write_whole(path: str, text: str) -> None:

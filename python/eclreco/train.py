@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 from eclreco import cnn_data, strict_json
-from eclreco.paths import StagedOutputs, file_sha256, output_folder, write_whole
+from eclreco.paths import StagedOutputs, file_sha256, missing_folder, output_folder, unwritable_folder, write_whole
 from eclreco.cnn_model import (EVENT_FEATURE_NAMES, EVENT_FEATURE_SCALE, FEATURE_NAMES, X_IN_RANGE, build_model,
                                check_onnx_agreement, count_params, export_onnx, flops_per_cluster, onnx_throughput,
                                sigma68, summary)
@@ -436,6 +436,11 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
     g4_path = g4_path or default_g4_path(detector)
     if not os.path.exists(g4_path):
         raise FileNotFoundError(f"Geant4 file {g4_path!r} not found (use --g4)")
+    if samples is None and cache and not os.path.exists(cache):  # before the chain, not after it
+        folder = missing_folder(cache)  # (a cache is a file in a folder that exists, as reco.py's -o)
+        why = f"no directory {folder!r}" if folder else unwritable_folder(os.path.dirname(os.path.abspath(cache)))
+        if why:
+            raise TrainingInputError(f"--cache {cache!r}: {why}")
     t_start = time.time()
     provenance = cache_provenance(detector, g4_path, max_events) if samples is None and cache else None
     if samples is None and cache and os.path.exists(cache):
