@@ -584,8 +584,9 @@ def _cmd(args) -> int:
         run_training(args.detector, args.output, g4_path=args.g4, epochs=args.epochs, seed=args.seed, sizes=sizes,
                      max_events=args.max_events, quiet=args.quiet, cache=args.cache, augment=args.augment,
                      restarts=args.restarts)
-    except TrainingInputError as err:
-        raise SystemExit(f"eclreco train: {err}") from None
+    except TrainingInputError as err:  # an input it cannot train on: one line, exit 2, as every bad input
+        print(f"eclreco train: error: {err}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 
