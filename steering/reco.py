@@ -175,7 +175,9 @@ def build_path(args) -> eclreco.Path:
                         curve_name=args.curve_name, curve_secret=args.curve_secret, curve_server=args.curve_server)
     else:
         path.add_module("RawFileInput", filename=args.input)
-    add_reconstruction(path, cnn=not args.no_cnn, model=args.model, conditions=args.conditions)
+    # the simulation's detector is known: a --model of the other one is an error at initialize, not one per event
+    add_reconstruction(path, cnn=not args.no_cnn, model=args.model, conditions=args.conditions,
+                       detector="" if args.input else args.detector)
     add_event_filter(path, args)  # the DQM after it, as in the farm (the collector's): it shows what is kept
     if not args.no_dqm:
         path.add_module("ECLDQM")

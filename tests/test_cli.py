@@ -311,13 +311,36 @@ def test_reco_py_refuses_an_output_over_its_model_conditions_or_table(tmp_path, 
     assert not table.exists()
 
 
-def test_reco_py_fails_when_every_event_fails(capsys):
-    """--model of the other detector: every event gets a module error; the job says so and exits 1
-    (it exited 0 with a module error on each event)."""
+def test_reco_py_fails_when_every_event_fails(tmp_path, capsys):
+    """--model of the other detector on a raw file (whose events say their detector): every event gets a
+    module error; the job says so and exits 1 (it exited 0 with a module error on each event)."""
+    from eclreco.sim import simulate
+
     reco = _reco()
-    rc = reco.main(["--events", "20", "--detector", "belle2-ecl", "--model", os.path.join(MODELS, "array30.onnx"),
-                    "--threads", "1", "--no-dqm"])
+    ev = simulate(detector="belle2-ecl", n_events=20, particle="generic", background=1.0, seed=3)
+    raw = tmp_path / "raw.msgpack"
+    write_raw_file(raw, encode_events("belle2-ecl", 0, 1, list(range(20)), ev.offsets, ev.cell, ev.amplitude,
+                                      ev.time_ticks, ev.quality))
+    rc = reco.main(["-i", str(raw), "--model", os.path.join(MODELS, "array30.onnx"), "--threads", "1", "--no-dqm",
+                    "--rejected", ""])
     assert rc == 1 and "every event failed in a module" in capsys.readouterr().err
+
+
+def test_reco_py_refuses_a_model_of_the_simulated_detector_s_other_at_initialize(capsys):
+    """reco.py knows the detector it simulates, but did not tell ECLEnergyCorrection: a --model of the other
+    detector (a physicist's new array30 network on belle2-ecl events) simulated and reconstructed the whole
+    sample (20000 events by default), each event failing, before it said so. It is now an error at
+    initialize that names the file, before the first event."""
+    import eclreco
+
+    reco = _reco()
+    model = os.path.join(MODELS, "array30.onnx")
+    rc = reco.main(["--events", "300", "--detector", "belle2-ecl", "--model", model, "--threads", "1", "--no-dqm"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "ECLEnergyCorrection.initialize failed" in err, err
+    assert f"model '{model}' was trained for detector 'array30', the events are 'belle2-ecl'" in err
+    assert eclreco.statistics.summary()["received"] == 0
+    assert reco.main(["--events", "20", "--detector", "array30", "--model", model, "--threads", "1", "--no-dqm"]) == 0
 
 
 def test_reco_py_fails_when_every_event_the_filter_kept_fails(tmp_path, capsys):

@@ -5,9 +5,11 @@ from eclreco.framework import Path
 
 
 def add_reconstruction(path: Path, cnn: bool = True, leakage: bool = True, model: str = "",
-                       cnn_threads: int = 1, conditions: str = "") -> Path:
+                       cnn_threads: int = 1, conditions: str = "", detector: str = "") -> Path:
     """Unpacker -> clusterizer -> classical leakage correction -> CNN energy correction.
-    conditions: ECLUnpacker's conditions file (docs/wire-format.md); '': the spec's defaults."""
+    conditions: ECLUnpacker's conditions file (docs/wire-format.md); '': the spec's defaults.
+    detector: the events' detector when the job knows it (its own simulation): ECLEnergyCorrection then
+    refuses a model of another detector at initialize ('': each event's, checked per event)."""
     path.add_module("ECLUnpacker", **({"conditions": conditions} if conditions else {}))
     path.add_module("ECLClusterizer")
     if leakage:
@@ -16,6 +18,8 @@ def add_reconstruction(path: Path, cnn: bool = True, leakage: bool = True, model
         params = {"threads": cnn_threads}
         if model:
             params["model"] = model
+        if detector:
+            params["detector"] = detector
         path.add_module("ECLEnergyCorrection", **params)
     return path
 
