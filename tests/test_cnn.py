@@ -1167,3 +1167,29 @@ def test_train_and_validate_refuse_an_output_they_cannot_write_before_any_work(t
                      "array30", "--g4", str(tmp_path / "gev.npz"), "--quiet"]) == 2
     assert "the training split has no matched cluster" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "gev.npz", "ro"]
+
+
+def test_the_model_card_names_its_sample_and_the_command_that_trains_it_again(tmp_path):
+    """A card named its Geant4 file by the base name only (`data.g4`) and no command line: a network of a
+    physicist's own sample (often named like the shipped one) could not be traced to its file or trained
+    again. The card now gives the file's path and SHA-256 and the `eclreco train` command (every option
+    that changes the network), which makes the same bytes."""
+    import hashlib
+    import json
+    import shlex
+
+    pytest.importorskip("torch")
+    from eclreco import cli
+
+    assert cli.main(["train", "--detector", "array30", "-o", str(tmp_path / "a"), "--g4", SUBSET["array30"],
+                     "--sizes", "tiny", "--epochs", "2", "--seed", "4", "--max-events", "1500", "--quiet"]) == 0
+    card = json.loads((tmp_path / "a" / "array30.json").read_text())
+    assert card["data"]["g4_path"] == os.path.abspath(SUBSET["array30"])
+    assert card["data"]["g4_sha256"] == hashlib.sha256(open(SUBSET["array30"], "rb").read()).hexdigest()
+    md = (tmp_path / "a" / "array30.md").read_text()
+    assert f"- reproduce: `{card['command']}`" in md and card["data"]["g4_sha256"][:12] in md
+    argv = shlex.split(card["command"])
+    assert argv[:2] == ["eclreco", "train"] and "--max-events" in argv and "--seed" in argv
+    argv[argv.index("-o") + 1] = str(tmp_path / "b")
+    assert cli.main(argv[1:] + ["--quiet"]) == 0
+    assert (tmp_path / "a" / "array30.onnx").read_bytes() == (tmp_path / "b" / "array30.onnx").read_bytes()

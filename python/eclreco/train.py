@@ -310,7 +310,8 @@ def write_card(out_dir, detector, card):
              f"- parameters: {card['n_params']}, FLOPs per cluster: {card['flops_per_cluster']}",
              f"- throughput (onnxruntime, 1 thread, batch 1024): {card['clusters_per_second']:,.0f} clusters/s "
              f"({1e6 / card['clusters_per_second']:.2f} us/cluster)",
-             f"- data: `{card['data']['g4']}` ({card['data']['chain']}); background: {card['data']['background']}"
+             f"- data: `{card['data']['g4']}` (sha256 {card['data']['g4_sha256'][:12]}..., `{card['data']['g4_path']}`; "
+             f"{card['data']['chain']}); background: {card['data']['background']}"
              + (f"; every training event {card['data']['training_copies']} times, under the symmetries of the beam spot "
                 "(--augment)" if card["data"].get("training_copies", 1) > 1 else ""),
              f"- split: {card['data']['split']}; train {card['training']['n_train']}, validation {card['training']['n_val']} matched clusters",
@@ -321,7 +322,8 @@ def write_card(out_dir, detector, card):
                                                                      for r in card["restarts"]["tried"])
                 if card.get("restarts") else ""),
              f"- ONNX vs PyTorch: max abs diff {card['onnx_check']['max_abs_diff']:.2e} GeV, max rel {card['onnx_check']['max_rel_diff']:.2e}",
-             f"- recommended min_energy_gev: {card['recommended_min_energy_gev']}", "",
+             f"- recommended min_energy_gev: {card['recommended_min_energy_gev']}",
+             f"- reproduce: `{card['command']}`", "",
              "## Test set (held-out last 20 % of the Geant4 file, all energies)", "",
              "| energy | n | bias (median E/E_true - 1) | sigma68 | RMS(E) GeV (of the whole spectrum, not a resolution) |",
              "|---|---|---|---|---|"]
@@ -538,7 +540,10 @@ def _train_sizes(detector, out_dir, g4_path, sizes, seed, restarts, epochs, max_
         "n_params": count_params(model), "flops_per_cluster": flops_per_cluster(c), "clusters_per_second": cps,
         "onnx_bytes": os.path.getsize(path), "onnx_check": {"max_abs_diff": mad, "max_rel_diff": mrel},
         "recommended_min_energy_gev": RECOMMENDED_MIN_ENERGY_GEV,
-        "data": {"g4": os.path.basename(g4_path), "chain": chain,
+        "command": reproduce_command(detector, out_dir, g4_path, seed, epochs, sizes, max_events, restarts,
+                                     int(train.get("copies", 1))),
+        "data": {"g4": os.path.basename(g4_path), "g4_path": os.path.abspath(g4_path), "g4_sha256": file_sha256(g4_path),
+                 "chain": chain,
                  "background": (f"level 0 in {100 * BACKGROUND_RANGE[detector][2]:.0f} % of the chunks, else uniform in "
                                 f"[{BACKGROUND_RANGE[detector][0]:g}, {BACKGROUND_RANGE[detector][1]:g}]; one level per "
                                 f"chunk of {BACKGROUND_CHUNK[detector]} events; level-0 events weigh "
@@ -557,6 +562,19 @@ def _train_sizes(detector, out_dir, g4_path, sizes, seed, restarts, epochs, max_
         card["restarts"] = {"tried": restart_rows, "chain_seed": seed,
                             "rule": "lowest validation loss (the early-stopping loss on the validation split)"}
     return card
+
+
+def reproduce_command(detector, out_dir, g4_path, seed, epochs, sizes, max_events, restarts, copies) -> str:
+    """The `eclreco train` command line that trains the card's networks again (the card's `command`): a
+    network of a physicist's own sample is otherwise known by the file's base name only."""
+    import shlex
+
+    argv = ["eclreco", "train", "--detector", detector, "-o", out_dir, "--g4", os.path.abspath(g4_path),
+            "--seed", str(seed), "--epochs", str(epochs), "--sizes", ",".join(sizes)]
+    argv += ["--max-events", str(max_events)] if max_events else []
+    argv += ["--restarts", str(restarts)] if restarts > 1 else []
+    argv += ["--augment", str(copies)] if copies != 1 else []
+    return shlex.join(argv)
 
 
 def _size_list(text: str) -> list[str]:
