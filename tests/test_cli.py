@@ -71,6 +71,9 @@ def test_eclreco_bad_options_exit_2_with_one_line(argv, message, tmp_path, capsy
     (["train", "--detector", "array30", "-o", "{tmp}/t", "--seed", "4294967295", "--restarts", "2", "--g4",
       os.path.join(REPO, "tests", "data", "g4_array30_subset.npz")],
      "--seed 4294967295 with --restarts 2 tries seeds up to 4294967296: at most 4294967295"),
+    # belle2-ecl's validation sections: ignored for array30, which has none
+    (["validate", "--detector", "array30", "-o", "{tmp}/v", "--pi0-events", "5000", "--fake-events", "0"],
+     "--pi0-events, --fake-events: the pi0 peak and the clusters away from the photon are belle2-ecl's sections"),
 ])
 def test_eclreco_refused_before_any_work(argv, message, tmp_path, capsys):
     """hlt run's own checks of options (what takes two values or a file) are one line and exit 2, as

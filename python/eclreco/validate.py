@@ -420,9 +420,18 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
     return report
 
 
+PI0_EVENTS, FAKE_EVENTS = 20000, 2000  # the belle2-ecl sections' defaults
+
+
 def _cmd(args) -> int:
+    # belle2-ecl's sections: an option of one that does not run is a mistake to point out (it was ignored)
+    given = [o for o, v in (("--pi0-events", args.pi0_events), ("--fake-events", args.fake_events)) if v is not None]
+    if given and args.detector != "belle2-ecl":
+        raise SystemExit(f"eclreco validate: {', '.join(given)}: the pi0 peak and the clusters away from the photon "
+                         f"are belle2-ecl's sections (fast simulation with beam background), not {args.detector}'s")
     run_validation(args.detector, args.output, g4_path=args.g4, model=args.model, max_events=args.max_events,
-                   pi0_events=args.pi0_events, fake_events=args.fake_events, quiet=args.quiet)
+                   pi0_events=PI0_EVENTS if args.pi0_events is None else args.pi0_events,
+                   fake_events=FAKE_EVENTS if args.fake_events is None else args.fake_events, quiet=args.quiet)
     return 0
 
 
@@ -439,9 +448,11 @@ def add_validate_parser(subparsers):
                    "g4_belle2_train.npz, from the working directory or the source tree)")
     p.add_argument("--model", default="", help="ONNX model (default: the shipped model)")
     p.add_argument("--max-events", type=NON_NEGATIVE_INT, default=0, help="use only this many held-out events (0: all)")
-    p.add_argument("--pi0-events", type=NON_NEGATIVE_INT, default=20000, help="pi0 events for the mass peak (belle2-ecl)")
-    p.add_argument("--fake-events", type=NON_NEGATIVE_INT, default=2000,
-                   help="single 1 GeV photons at nominal background for the clusters away from the photon (belle2-ecl)")
+    p.add_argument("--pi0-events", type=NON_NEGATIVE_INT, default=None,
+                   help=f"pi0 events for the mass peak (belle2-ecl; default {PI0_EVENTS}, 0: none)")
+    p.add_argument("--fake-events", type=NON_NEGATIVE_INT, default=None,
+                   help=f"single 1 GeV photons at nominal background for the clusters away from the photon (belle2-ecl; "
+                        f"default {FAKE_EVENTS}, 0: none)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd)
     return p
