@@ -138,6 +138,9 @@ class CollectorLink:
         self.bytes = 0
         self.metrics_port = 0
         self.filename = ""
+        # the run's output is open (every module of the path initialized: its file exists): a collector that
+        # exits before (an output folder gone, a crash at its start) made no file, and none is named for it
+        self.output_made = False
         self.unsaved: collections.deque = collections.deque()  # (output batch count, seqs) not yet in the file
         self.saved = 0
         # tells this process from another one with the same pid and host name (containers)
@@ -154,6 +157,7 @@ class CollectorLink:
         d = {"role": "collector", "pid": os.getpid(), "host": socket.gethostname(), "instance": self.instance,
              "state": self.state,
              "address": self.address, "run_index": self.run_index, "output": self.filename,
+             "output_made": self.output_made,
              "duplicates": self.duplicates, "bad_messages": self.bad_messages, "confirmed": self.confirmed,
              "saved": self.saved, "low_watermark": self.low,
              "saves": True, "metrics_port": self.metrics_port,
@@ -332,6 +336,9 @@ class HLTCollectorInput(Module):
 
     def next_batch(self, batch, max_events):
         link = self.link
+        if not link.output_made:  # the first call of the run: every module initialized, the file made
+            link.output_made = True
+            link.report()
         self._confirm_previous()
         self._close_complete_runs()
         latency = self.param("max_latency_ms") * 1e-3
@@ -579,7 +586,8 @@ def main(args) -> int:
                 out.set_param("filename", link.filename)
             else:
                 link.filename = args.output
-            link.report()  # before the file is made: a collector killed at once is reported with it
+            link.output_made = False
+            link.report()  # the name before the file is made; output_made follows once it is (next_batch)
             eclreco.process(path, threads=1, batch_size=args.batch_size)
             if exporter is not None:
                 exporter.checkpoint()

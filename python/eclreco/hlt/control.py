@@ -31,7 +31,9 @@ def summary_line(d: dict) -> str:
             + (f" ({d['lost_unsaved']} of them confirmed, not known to be saved)" if d.get("lost_unsaved") else "")
             + (f", unread at terminate {d['unread_at_terminate']}" if d.get("unread_at_terminate") else "")
             + f", workers lost {d['workers_lost']}, restarted {d['workers_restarted']}"
-            + (f", collector restarted {d['collectors_restarted']}" if d.get("collectors_restarted") else ""))
+            + (f", collector restarted {d['collectors_restarted']}" if d.get("collectors_restarted") else "")
+            + (f" ({d['collector_restarts_failed']} of them failed: no output file made)"
+               if d.get("collector_restarts_failed") else ""))
 
 
 def output_line(d: dict) -> str:
@@ -128,7 +130,8 @@ def format_table(st: dict) -> str:
         else:
             received = processed = rejected = in_flight = "-"
             extra = (f"restarted {p.get('workers_restarted', 0)}"
-                     + (f" collector restarted {p['collectors_restarted']}" if p.get("collectors_restarted") else ""))
+                     + (f" collector restarted {p['collectors_restarted']}" if p.get("collectors_restarted") else "")
+                     + (f" ({p['collector_restarts_failed']} failed)" if p.get("collector_restarts_failed") else ""))
         if role in ("worker", "collector"):  # what the run's modules failed on, or a filter did not keep
             extra += "".join(f" {k} {p[k]}" for k in ("errors", "discarded") if p.get(k))
         row = [role, p.get("pid", "?"), str(p.get("host", ""))[:13], p.get("state", "?"), received, processed,

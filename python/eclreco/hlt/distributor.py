@@ -184,6 +184,7 @@ class Distributor:
         self.earlier_runs_s = 0.0   # first input to last confirmation, summed over the runs before
         self.workers_restarted = 0
         self.collectors_restarted = 0  # by hlt run's supervisor (its report), as workers_restarted
+        self.collector_restarts_failed = 0  # of them, collectors that exited before they made their file
         self.workers_lost = 0
         self.lost_workers: dict[bytes, int] = {}  # ident -> run index in which it was given up on
         self.confirmed_low = 0
@@ -536,11 +537,13 @@ class Distributor:
         if info.get("role") != "supervisor":
             raise ValueError(f"a report of role {str(info.get('role'))[:32]!r}: only a collector or a supervisor "
                              "reports")
-        counts = {k: info.get(k, getattr(self, k)) for k in ("workers_restarted", "collectors_restarted")}
+        counts = {k: info.get(k, getattr(self, k))
+                  for k in ("workers_restarted", "collectors_restarted", "collector_restarts_failed")}
         for k, n in counts.items():
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
                 raise ValueError(f"{k} {n!r} is not a count")
-        self.workers_restarted, self.collectors_restarted = counts["workers_restarted"], counts["collectors_restarted"]
+        for k, n in counts.items():
+            setattr(self, k, n)
         self.supervisors[ident] = {"last_seen": now, "status": info}
 
     def _bad_message(self, socket_name: str, frames, err: Exception):
@@ -583,12 +586,17 @@ class Distributor:
         run it did not report on is in its own file: counted in `output` (saved_by_replaced,
         replaced_files) and in the stop's reply."""
         old = self.collector
+        st = old["status"]
         # (left: in the report already; between_runs: it took no part in the run)
         if old["run_ended"] is None and not same_process and not old.get("left") and not old.get("between_runs"):
-            # its file's count where it said it (the ids it released include events no file holds)
-            in_file = old["saved"] if old.get("written") is None else old["written"]
-            self.note_collector_file(old["status"], old["status"].get("output"), in_file,
-                                     ("replaced_collectors", "saved_by_replaced", "replaced_files"))
+            if st.get("output_made", True):
+                # its file's count where it said it (the ids it released include events no file holds)
+                in_file = old["saved"] if old.get("written") is None else old["written"]
+                self.note_collector_file(st, st.get("output"), in_file,
+                                         ("replaced_collectors", "saved_by_replaced", "replaced_files"))
+            else:  # it named a file and never made it (a failed start): no file to list, nothing of the run in it
+                print(f"[distributor] collector pid {st.get('pid')} went before it made its output file "
+                      f"{st.get('output') or '-'} (a failed start): not listed", flush=True)
         back = []
         for seq, e in self.events.items():
             if e[2] is not None:
@@ -841,6 +849,7 @@ class Distributor:
             "low_watermark": self.low_watermark(),
             "workers_alive": len(self.workers), "workers_restarted": self.workers_restarted,
             "workers_lost": self.workers_lost, "collectors_restarted": self.collectors_restarted,
+            "collector_restarts_failed": self.collector_restarts_failed,
             "latency_p50_s": self.latency.quantile(0.5), "latency_p99_s": self.latency.quantile(0.99),
             "throughput_hz": self.c["confirmed"] / wall if wall > 0 else 0.0,
             "output": dict(self.output),
@@ -917,6 +926,8 @@ class Distributor:
         yield counter("eclreco_hlt_workers_lost", "Workers lost (no heartbeat, unreachable)", self.workers_lost)
         yield counter("eclreco_hlt_collectors_restarted", "Collectors restarted by the farm supervisor (each one's "
                       "successor writes its own file)", self.collectors_restarted)
+        yield counter("eclreco_hlt_collector_restarts_failed", "Of the collector restarts, those whose collector "
+                      "exited before it made its output file", self.collector_restarts_failed)
         yield gauge("eclreco_hlt_worker_credit", "Events the workers can take now",
                     sum(w.credit for w in list(self.workers.values())))
         yield gauge("eclreco_hlt_run_index", "Run of the farm (1, 2, ... after each start)", self.run_index)

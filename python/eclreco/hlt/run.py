@@ -120,6 +120,7 @@ class Farm:
         self.workers: list[subprocess.Popen | None] = []
         self.restarts = 0
         self.collector_restarts = 0
+        self.collector_restarts_failed = 0  # of them, collectors that exited before they made their output file
         self.collector_restart_times: collections.deque[float] = collections.deque()  # monotonic, of the window
         self.final: dict | None = None
         self.terminating = False
@@ -188,7 +189,8 @@ class Farm:
         sock.send_multipart([P.STATUS, P.pack({"role": "supervisor", "pid": os.getpid(), "host": socket.gethostname(),
                                                "state": "terminating" if self.terminating else "running",
                                                "workers": len(self.workers), "workers_restarted": self.restarts,
-                                               "collectors_restarted": self.collector_restarts})])
+                                               "collectors_restarted": self.collector_restarts,
+                                               "collector_restarts_failed": self.collector_restarts_failed})])
 
     def restart_collector(self) -> bool:
         """Starts a new collector in place of the one that exited (True), unless --collector-restarts
@@ -199,18 +201,34 @@ class Farm:
         recent = self.collector_restart_times
         while recent and now - recent[0] > COLLECTOR_RESTART_WINDOW_S:
             recent.popleft()
-        rc = self.collector.returncode
+        what = f"the collector exited ({self.collector.returncode})"
+        if not self.collector_made_its_file():
+            what += " before it made its output file"
+            if self.collector_restarts:  # every collector after the first is a restart
+                self.collector_restarts_failed += 1
+                what += f" (restart {self.collector_restarts} failed)"
         if len(recent) >= self.args.collector_restarts:
-            print(f"[hlt run] the collector exited ({rc}); {len(recent)} restart(s) within the last "
+            print(f"[hlt run] {what}; {len(recent)} restart(s) within the last "
                   f"{COLLECTOR_RESTART_WINDOW_S:.0f} s (--collector-restarts {self.args.collector_restarts}): "
                   "terminating the farm", file=sys.stderr, flush=True)
             return False
         recent.append(now)
         self.collector_restarts += 1
-        print(f"[hlt run] the collector exited ({rc}); restart {self.collector_restarts}: the events it had not "
+        print(f"[hlt run] {what}; restart {self.collector_restarts}: the events it had not "
               "saved go to the new one, into a file of its own", file=sys.stderr, flush=True)
         self.start_collector()
         return True
+
+    def collector_made_its_file(self) -> bool:
+        """Whether the collector that exited had made its output file, as the distributor last heard
+        from it: False when it never registered there or its last report said output_made false (a
+        failed start: an output folder gone, a crash at its start). No answer: True (not known)."""
+        try:
+            st = status(self.args.control, timeout_s=2.0, curve=self.curve)
+        except ControlError:
+            return True
+        row = next((p for p in st.get("processes", []) if p.get("role") == "collector"), None)
+        return row is not None and row.get("pid") == self.collector.pid and bool(row.get("output_made", True))
 
     def run(self) -> int:
         a = self.args
@@ -282,9 +300,9 @@ class Farm:
                 # one that exited on run control's terminate is no death: the distributor's FINAL follows at once
                 self.read_final(ctl, 300)
             if self.collector.poll() is not None and not self.terminating:
-                if self.restart_collector():
-                    self.report(ctl)
-                else:
+                restarted = self.restart_collector()
+                self.report(ctl)  # its counts (a failed restart's too) before the terminate below
+                if not restarted:
                     rc = 1
                     self.terminating = True
                     ctl.send_multipart([P.TERMINATE])
@@ -325,6 +343,7 @@ class Farm:
         if self.final is not None:
             d = self.final["processes"][0]
             d["workers_restarted"], d["collectors_restarted"] = self.restarts, self.collector_restarts
+            d["collector_restarts_failed"] = self.collector_restarts_failed
             print("[hlt run] " + summary_line(d), flush=True)
             print("[hlt run] " + output_line(d), flush=True)
             failure = farm_failure(d)
