@@ -24,7 +24,8 @@ class ZMQOutput(Module):
     `strip_discarded` (default ECLClusters). Arrays are raw little-endian
     bytes with dtype and shape. Sending blocks while the receiver is slow (high-water mark), so
     the chain feels backpressure; after a stop request it gives the receiver `stop_timeout_s`
-    more and then drops (and counts) what it could not send.
+    more and then drops (and counts) what it could not send. With `give_up_unconnected` it gives a
+    receiver that is not connected (dead) no time at all.
     """
 
     def __init__(self):
@@ -39,10 +40,14 @@ class ZMQOutput(Module):
                        type="list[str]")
         self.add_param("sndhwm", 100, "send high-water mark, in batch messages")
         self.add_param("stop_timeout_s", 10.0, "after a stop request, give up sending after this long")
+        self.add_param("give_up_unconnected", False, "after a stop request, drop at once what waits for a receiver "
+                       "that is not connected (one that died), and close without lingering for it: for results "
+                       "that are kept upstream until confirmed (the HLT worker's: the distributor has them)")
         self.add_param("provenance_interval_s", 10.0, "resend the provenance (this process's path) this often, so that "
                        "a receiver started later learns it too (it is always in the first message of a run)")
         declare_curve_params(self, "worker", "collector")
         self._sock = None
+        self._monitor = None
         self.batches_sent = self.events_sent = self.bytes_sent = self.batches_dropped = 0
 
     def ordered(self):
@@ -62,6 +67,10 @@ class ZMQOutput(Module):
         s.setsockopt(zmq.SNDHWM, int(self.param("sndhwm")))
         s.setsockopt(zmq.LINGER, int(self.param("stop_timeout_s") * 1000))
         apply_curve_params(self, s)
+        if self.param("give_up_unconnected"):
+            from eclreco.raw_sockets import ConnectionMonitor
+
+            self._monitor = ConnectionMonitor(s)  # before the connect: it sees every connection
         attach(s, self.param("address"), bind=self.param("bind"))
         self._sock = s
         self._producer = {"host": socket.gethostname(), "pid": os.getpid()}
@@ -99,16 +108,29 @@ class ZMQOutput(Module):
                 break
             if _core.stop_requested():
                 stop_since = stop_since or time.monotonic()
-                if time.monotonic() - stop_since > self.param("stop_timeout_s"):
+                if time.monotonic() - stop_since > self.param("stop_timeout_s") or self._receiver_gone():
                     self.batches_dropped += 1
                     return
         self.batches_sent += 1
         self.events_sent += len(batch)
         self.bytes_sent += len(data)
 
+    def _receiver_gone(self) -> bool:
+        """give_up_unconnected: no receiver is connected now (a dead one's connection is closed by its
+        kernel; one that is alive but stopped keeps it)."""
+        m = self._monitor
+        if m is None:
+            return False
+        m.poll()
+        return m.connections <= m.disconnects
+
     def terminate(self):
         if self._sock is not None:
-            self._sock.close()  # lingers up to stop_timeout_s to deliver what is queued
+            gone = self._receiver_gone()
+            if self._monitor is not None:
+                self._monitor.close()
+                self._monitor = None
+            self._sock.close(0 if gone else None)  # else it lingers up to stop_timeout_s to deliver what is queued
             self._sock = None
 
     def counters(self):

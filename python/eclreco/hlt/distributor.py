@@ -233,7 +233,8 @@ class Distributor:
                 self.housekeeping(now)
                 # a live collector still has to say SAVED for what it holds (it does on END_RUN)
                 if (self.terminating and self.state == "stopped" and not self.stop_requesters
-                        and (not self.unsaved or self.collector_silent(now)) and self.run_reported(now)):
+                        and (not self.unsaved or self.collector_gone(now))
+                        and (self.run_reported(now) or self.collector_gone(now))):
                     self.finish_terminate()
                     return
 
@@ -554,18 +555,12 @@ class Distributor:
 
     def other_collector_alive(self, info: dict, now: float) -> bool:
         """True when the registered collector is another process (not the one of `info`, which
-        reconnected under a new identity: same instance token) that is still heard from and connected:
-        a probe (LOW) to it fails at once under ROUTER_MANDATORY when its connection is gone, as
-        it is when its process died."""
-        old = self.collector
-        token = old["status"].get("instance")
+        reconnected under a new identity: same instance token) that is still heard from and connected
+        (collector_connected)."""
+        token = self.collector["status"].get("instance")
         if (token is not None and token == info.get("instance")) or self.collector_silent(now):
             return False
-        try:
-            self.ctl.send_multipart([old["ident"], P.LOW, str(self.low_watermark()).encode()], zmq.NOBLOCK)
-        except zmq.ZMQError as err:
-            return err.errno == zmq.EAGAIN  # connected, its queue full: alive
-        return True
+        return self.collector_connected()
 
     def refuse_collector(self, ident: bytes, info: dict):
         """A second collector while the registered one is alive would take its place, then lose
@@ -701,10 +696,11 @@ class Distributor:
                 for r in self.stop_requesters:
                     self._send(self.ctl, r, P.OK, P.pack(info))
                 self.stop_requesters = []
-        if (self.state == "stopping" and self.terminating and self.collector_silent(now) and self.events
-                and self.stop_drain_over() and now - self.stop_since > self.heartbeat_timeout_s):
-            # Terminating with no live collector: nobody can confirm any more; do not wait for
-            # stop_timeout_s. What was held is lost, and counted.
+        if (self.state == "stopping" and self.terminating and self.events and self.stop_drain_over()
+                and ((self.collector_silent(now) and now - self.stop_since > self.heartbeat_timeout_s)
+                     or not self.collector_connected())):
+            # Terminating with no live collector (silent, or its connection closed: dead): nobody can
+            # confirm any more; do not wait for stop_timeout_s. What was held is lost, and counted.
             print(f"[distributor] terminating without a live collector: {len(self.events)} unconfirmed events lost",
                   flush=True)
             self.give_up_held()
@@ -769,6 +765,21 @@ class Distributor:
 
     def collector_silent(self, now: float) -> bool:
         return self.collector is None or now - self.collector["last_seen"] > self.heartbeat_timeout_s
+
+    def collector_connected(self) -> bool:
+        """Whether the registered collector's connection is open: a probe (LOW) fails at once under
+        ROUTER_MANDATORY when it is closed, as it is when the process died (a hung one keeps it)."""
+        if self.collector is None:
+            return False
+        try:
+            self.ctl.send_multipart([self.collector["ident"], P.LOW, str(self.low_watermark()).encode()], zmq.NOBLOCK)
+        except zmq.ZMQError as err:
+            return err.errno == zmq.EAGAIN  # connected, its queue full: alive
+        return True
+
+    def collector_gone(self, now: float) -> bool:
+        """At terminate: no collector will confirm, save or report any more (none, silent, or dead)."""
+        return self.collector_silent(now) or not self.collector_connected()
 
     def count_unread_input(self, max_s: float = 10.0):
         """At terminate: what a source sent after the last run stopped reading (a source that kept

@@ -123,6 +123,7 @@ class Farm:
         self.collector_restarts_failed = 0  # of them, collectors that exited before they made their output file
         self.collector_restart_times: collections.deque[float] = collections.deque()  # monotonic, of the window
         self.final: dict | None = None
+        self.fatal = ""  # why the farm was terminated (a collector exit with no restart left): its last line
         self.terminating = False
         self.curve = Curve.from_args(args, "control")
         # children use their own keys (role names) from the same directory
@@ -208,9 +209,9 @@ class Farm:
                 self.collector_restarts_failed += 1
                 what += f" (restart {self.collector_restarts} failed)"
         if len(recent) >= self.args.collector_restarts:
-            print(f"[hlt run] {what}; {len(recent)} restart(s) within the last "
-                  f"{COLLECTOR_RESTART_WINDOW_S:.0f} s (--collector-restarts {self.args.collector_restarts}): "
-                  "terminating the farm", file=sys.stderr, flush=True)
+            self.fatal = (f"{what}; {len(recent)} restart(s) within the last {COLLECTOR_RESTART_WINDOW_S:.0f} s "
+                          f"(--collector-restarts {self.args.collector_restarts})")
+            print(f"[hlt run] {self.fatal}: terminating the farm", file=sys.stderr, flush=True)
             return False
         recent.append(now)
         self.collector_restarts += 1
@@ -347,6 +348,9 @@ class Farm:
             print("[hlt run] " + summary_line(d), flush=True)
             print("[hlt run] " + output_line(d), flush=True)
             failure = farm_failure(d)
+            if self.fatal:  # the last line says it, with what it cost
+                print(f"[hlt run] error: the farm was terminated: {self.fatal}; {d['lost_at_stop']} events given up "
+                      f"(lost_at_stop)", file=sys.stderr, flush=True)
             if failure:
                 print(f"[hlt run] error: {failure}", file=sys.stderr, flush=True)
                 rc = 1

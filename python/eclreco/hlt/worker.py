@@ -330,7 +330,9 @@ def add_output(path, args):
         path.add_module("RejectedOutput", filename=args.rejected, append=True,
                         when_needed=getattr(args, "rejected_when_needed", False))
 
-    path.add_module("ZMQOutput", address=args.collector, bind=False,
+    # give_up_unconnected: stopped (SIGTERM) while its collector is dead, a worker exits at once (it waited
+    # stop_timeout_s, 10 s); the distributor keeps what it could not send until a collector confirms it
+    path.add_module("ZMQOutput", address=args.collector, bind=False, give_up_unconnected=True,
                     collections=["ECLClusters", "ECLEventInformation"],
                     columns=columns + ["n_out_of_time_digits"],
                     **curve_params(args, "worker", "collector"))
