@@ -115,6 +115,46 @@ def test_hlt_run_restarts_a_collector_and_loses_no_event(farm_factory, tmp_path,
     print(f"\ncollector {sig.name}: restarted; {', '.join(f'{len(e)} events in {os.path.basename(f)}' for f, e in in_file.items())}")
 
 
+def test_hlt_run_kills_and_restarts_a_hung_collector(farm_factory, tmp_path):
+    """A collector stopped by SIGSTOP (hung: it reads no result, confirms nothing and never exits) left the farm
+    looking alive: no word from `hlt run`, the collector 'silent' in hlt status, the events held until --max-held
+    and then the input blocked, for ever; a terminate then gave up every held event (lost_at_stop) and the file of
+    the stopped collector was named nowhere. `hlt run` now says that the collector is stopped, kills it after
+    --heartbeat-timeout (2 s here) and restarts it: every event is in the union of the files, no worker is
+    counted lost, the farm exits 0."""
+    import glob
+    import threading
+
+    farm = farm_factory(workers=2, extra=("--collector-restarts", "1"))
+    push_events(farm.input, range(2000))
+    farm.wait_confirmed(2000)
+    feed = threading.Thread(target=lambda: push_events(farm.input, range(2000, 10000), rate_hz=4000, timeout_s=30),
+                            daemon=True)
+    feed.start()
+    time.sleep(0.5)
+    pid = farm.process("collector")["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        feed.join(40)
+        farm.wait_confirmed(10000, timeout=30)
+        final = farm.command("terminate")["processes"][0]
+        rc, log = farm.wait_exit()
+    finally:  # (not killed: the parent-death SIGTERM of the farm's close must reach it)
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    assert rc == 0, log
+    assert f"[hlt run] the collector {pid} is stopped (SIGSTOP) and has not read results for 2 s " \
+           "(--heartbeat-timeout): killing it" in log, log
+    assert "[hlt run] the collector, stopped (SIGSTOP) and killed, exited (-9); restart 1:" in log, log
+    assert final["lost_at_stop"] == 0 and final["workers_lost"] == 0 and final["collectors_restarted"] == 1, final
+    files = sorted(glob.glob(str(tmp_path / "farm*.root")))
+    assert files == [str(tmp_path / "farm.2.root"), farm.output], files
+    evts = np.concatenate([read_evt(f)[0] for f in files])
+    assert set(evts.tolist()) == set(range(10000)), log
+
+
 def test_a_collector_restarted_in_run_2_names_its_file_after_run_2(farm_factory, tmp_path):
     """A collector started while the farm is in run N counted its runs from 1: restarted in run 2 it wrote that
     run's events to farm.2.root (named as a second file of run 1, farm.root being there) beside the dead one's

@@ -3,7 +3,8 @@
 The supervisor starts each role as its own OS process (in its own session, so that a Ctrl-C on
 the terminal reaches only the supervisor), restarts dead workers (up to --max-restarts, counted
 and reported to the distributor) and a dead collector (up to --collector-restarts a minute: its
-successor gets every event it had not saved and writes its own file), turns SIGINT/SIGTERM into
+successor gets every event it had not saved and writes its own file; one stopped by SIGSTOP is killed
+first), turns SIGINT/SIGTERM into
 stop + terminate, and prints the achieved throughput and the p50/p99 latency at the end.
 """
 from __future__ import annotations
@@ -123,6 +124,8 @@ class Farm:
         self.collector_restarts_failed = 0  # of them, collectors that exited before they made their output file
         self.collector_restart_times: collections.deque[float] = collections.deque()  # monotonic, of the window
         self.final: dict | None = None
+        self.collector_stopped_since: float | None = None  # monotonic: since when the collector is stopped (SIGSTOP)
+        self.killed_hung_collector = False
         self.fatal = ""  # why the farm was terminated (a collector exit with no restart left): its last line
         self.terminating = False
         self.curve = Curve.from_args(args, "control")
@@ -203,6 +206,9 @@ class Farm:
         while recent and now - recent[0] > COLLECTOR_RESTART_WINDOW_S:
             recent.popleft()
         what = f"the collector exited ({self.collector.returncode})"
+        if self.killed_hung_collector:
+            what = f"the collector, stopped (SIGSTOP) and killed, exited ({self.collector.returncode})"
+            self.killed_hung_collector = False
         if not self.collector_made_its_file():
             what += " before it made its output file"
             if self.collector_restarts:  # every collector after the first is a restart
@@ -219,6 +225,26 @@ class Farm:
               "saved go to the new one, into a file of its own", file=sys.stderr, flush=True)
         self.start_collector()
         return True
+
+    def kill_hung_collector(self) -> None:
+        """A collector stopped by a signal (SIGSTOP) for --heartbeat-timeout seconds reads nothing, confirms
+        nothing and will not exit by itself: the workers' results wait for it, and the farm only looked
+        alive (hlt status: 'silent'). It is killed, and its exit handled as any other (a restart, if
+        --collector-restarts allows, else the farm terminates)."""
+        if process_state(self.collector.pid) != "T":  # not 't': a debugger's stop is an operator's
+            self.collector_stopped_since = None
+            return
+        now = time.monotonic()
+        if self.collector_stopped_since is None:
+            self.collector_stopped_since = now
+        elif now - self.collector_stopped_since >= self.args.heartbeat_timeout:
+            print(f"[hlt run] the collector {self.collector.pid} is stopped (SIGSTOP) and has not read results for "
+                  f"{now - self.collector_stopped_since:.0f} s (--heartbeat-timeout): killing it", file=sys.stderr,
+                  flush=True)
+            self.collector.kill()
+            self.collector.wait()
+            self.collector_stopped_since = None
+            self.killed_hung_collector = True
 
     def collector_made_its_file(self) -> bool:
         """Whether the collector that exited had made its output file, as the distributor last heard
@@ -297,6 +323,8 @@ class Farm:
                     self.sigterm_rest()
                 self.terminating = True
                 break
+            if self.collector.poll() is None and not self.terminating:
+                self.kill_hung_collector()
             if self.collector.poll() is not None and not self.terminating:
                 # one that exited on run control's terminate is no death: the distributor's FINAL follows at once
                 self.read_final(ctl, 300)
