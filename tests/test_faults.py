@@ -60,6 +60,12 @@ def test_collector_sigkill_ends_the_farm_promptly(farm_factory):
     assert log.rstrip().splitlines()[-1] == (
         "[hlt run] error: the farm was terminated: the collector exited (-9); 0 restart(s) within the last 60 s "
         f"(--collector-restarts 0); {lost} events given up (lost_at_stop)"), log
+    # the dead collector's file, which holds what it saved, is named (the line said "0 events written", no file)
+    line = next(x for x in log.splitlines() if x.startswith("[hlt run] output: "))
+    m = re.search(r"; (\d+) more saved by 1 collector\(s\) that did not report the run's end \(dead or hung\), in "
+                  r"their own file\(s\): (\S+)$", line)
+    assert m and m.group(2) == farm.output and confirmed - unsaved <= int(m.group(1)) <= len(read_evt(farm.output)[0]), \
+        line
     print(f"\ncollector SIGKILL: farm exited with {rc} after {elapsed:.1f} s")
 
 

@@ -194,7 +194,8 @@ class Distributor:
         self.output = {"runs": 0, "received": 0, "events_written": 0, "errors": 0, "discarded": 0,
                        "rejected": 0, "rejected_by_reason": {}, "first_error": "", "duplicates": 0, "repeated_keys": 0,
                        "received_before": 0, "replaced_collectors": 0, "saved_by_replaced": 0, "replaced_files": [],
-                       "left_collectors": 0, "written_by_left": 0, "left_files": []}
+                       "left_collectors": 0, "written_by_left": 0, "left_files": [],
+                       "unreported_collectors": 0, "saved_by_unreported": 0, "unreported_files": []}
         self.output_run = 0  # the run index whose events the output counts last (a run is counted once)
         self.replaced_run: list[dict] = []  # collectors replaced in this run: their files hold part of it
         self.unregistered: dict[bytes, dict] = {}  # CONFIRM/SAVED held until their sender registers (hold_unregistered)
@@ -580,18 +581,8 @@ class Distributor:
         confirmed, or confirmed but never saved, are produced again. What another process saved in a
         run it did not report on is in its own file: counted in `output` (saved_by_replaced,
         replaced_files) and in the stop's reply."""
-        old = self.collector
-        st = old["status"]
-        # (left: in the report already; between_runs: it took no part in the run)
-        if old["run_ended"] is None and not same_process and not old.get("left") and not old.get("between_runs"):
-            if st.get("output_made", True):
-                # its file's count where it said it (the ids it released include events no file holds)
-                in_file = old["saved"] if old.get("written") is None else old["written"]
-                self.note_collector_file(st, st.get("output"), in_file,
-                                         ("replaced_collectors", "saved_by_replaced", "replaced_files"))
-            else:  # it named a file and never made it (a failed start): no file to list, nothing of the run in it
-                print(f"[distributor] collector pid {st.get('pid')} went before it made its output file "
-                      f"{st.get('output') or '-'} (a failed start): not listed", flush=True)
+        if not same_process:
+            self.note_unreported_collector(("replaced_collectors", "saved_by_replaced", "replaced_files"))
         back = []
         for seq, e in self.events.items():
             if e[2] is not None:
@@ -611,6 +602,23 @@ class Distributor:
         self.c["redelivered"] += len(back)
         print(f"[distributor] a new collector registered; {len(back)} unconfirmed events are processed again",
               flush=True)
+
+    def note_unreported_collector(self, keys: tuple[str, str, str]):
+        """The registered collector goes without a report of its run (replaced by a new one, or dead or hung
+        at the farm's terminate): its file holds what it saved, listed under keys (note_collector_file) when
+        it made one; a collector that went before it made its file (a failed start) has nothing of the run."""
+        old = self.collector
+        st = old["status"]
+        # (left: in the report already; between_runs: it took no part in the run)
+        if old["run_ended"] is not None or old.get("left") or old.get("between_runs"):
+            return
+        if st.get("output_made", True):
+            # its file's count where it said it (the ids it released include events no file holds)
+            in_file = old["saved"] if old.get("written") is None else old["written"]
+            self.note_collector_file(st, st.get("output"), in_file, keys)
+        else:
+            print(f"[distributor] collector pid {st.get('pid')} went before it made its output file "
+                  f"{st.get('output') or '-'} (a failed start): not listed", flush=True)
 
     def request_terminate(self, farm: bool = True):
         """Stop the run, then exit; farm: tell the workers and the collector to exit too (run control's
@@ -806,6 +814,9 @@ class Distributor:
 
     def finish_terminate(self):
         self.count_unread_input()
+        if self.collector is not None and self.collector_gone(time.monotonic()):
+            # dead or hung, not replaced, no report of the run: its file was named nowhere ("0 events written")
+            self.note_unreported_collector(("unreported_collectors", "saved_by_unreported", "unreported_files"))
         if self.unsaved:  # confirmed, but the collector died before they were in its file
             print(f"[distributor] terminating without a live collector: {len(self.unsaved)} confirmed events that "
                   "were not in its file are lost", flush=True)
