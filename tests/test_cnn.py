@@ -997,6 +997,22 @@ def test_a_split_without_matched_clusters_is_a_clear_error():
             train.train_model(tr, va, train.SIZES["tiny"], epochs=1, seed=1, quiet=True)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # sigma68 of the diverged network's NaN
+def test_a_training_whose_validation_loss_is_never_finite_is_an_error():
+    """A diverging training (validation loss inf or NaN in every epoch) returned the initial network as
+    the trained one (best_epoch -1), and eclreco train wrote it, its card and exit 0. Now an error."""
+    pytest.importorskip("torch")
+    from eclreco import train
+
+    g4 = cnn_data.G4Sample(SUBSET["array30"], "array30")
+    s = cnn_data.g4_chain_sample(g4, np.arange(60), seed=5)
+    v = cnn_data.g4_chain_sample(g4, np.arange(60, 80), seed=6)
+    with pytest.raises(train.TrainingInputError, match="the validation loss was not finite in any of the 3 epochs"):
+        train.train_model(s, v, train.SIZES["tiny"], epochs=3, seed=1, quiet=True, lr=1e12)
+    _, info = train.train_model(s, v, train.SIZES["tiny"], epochs=3, seed=1, quiet=True)
+    assert info["best_epoch"] >= 0 and np.isfinite(info["best_val_loss"])
+
+
 def test_a_geant4_file_of_several_photons_per_event_is_refused(tmp_path):
     """data/README.md: `photons` is (n_events, 1, 4), one photon per event. A file of the same
     generator with two (a pi0 sample) was read as if each event held its first photon only: the

@@ -255,6 +255,10 @@ def train_model(train, val, size_cfg, epochs=60, seed=1, batch_size=512, lr=3e-3
         if bad >= patience:
             break
     bar.close()
+    if history and best_state is None:  # else the untrained network was written as the trained one (exit 0)
+        raise TrainingInputError(f"the validation loss was not finite in any of the {len(history)} epochs (the "
+                                 f"training diverged: {history[-1]['val_loss']}): lower the learning rate, or "
+                                 "check the sample's energies")
     if best_state is not None:  # (epochs=0: the initial network)
         model.load_state_dict(best_state)
     model.eval()
