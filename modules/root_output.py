@@ -35,6 +35,15 @@ def compression_of(spec: str):
     return kinds[algo](int(level))
 
 
+def incomplete_name(path: str) -> str:
+    """Where an output whose writing failed is kept: path.incomplete, or path.2.incomplete, ... where that
+    is taken (an earlier failure's): a name that says what the file is, and never another file's."""
+    name, k = f"{path}.incomplete", 2
+    while os.path.lexists(name):
+        name, k = f"{path}.{k}.incomplete", k + 1
+    return name
+
+
 def _cluster_array(offsets, columns: dict):
     """The jagged record array of the clusters (the field `cluster` of the tree: branches cluster_<column>),
     built from its layout with one offsets array for all fields: what ak.zip of ak.unflatten per field
@@ -65,9 +74,10 @@ class RootOutput(Module):
     baskets (ZSTD level 1 by default) by a background thread, one basket at a time, while the
     chain goes on; the file is closed and valid at the end of the run, also after SIGINT/SIGTERM.
 
-    A write that fails (disk full, file size limit, I/O error) is fatal: the incomplete file is
-    removed (never left silently truncated), the run is asked to stop, and the run ends with the
-    error ``cannot write output file 'NAME': ...`` (eclreco.process raises, reco.py exits 1).
+    A write that fails (disk full, file size limit, I/O error) is fatal: the run is asked to stop and
+    ends with the error ``cannot write output file 'NAME': ...; the N events written before it are
+    kept in 'NAME.incomplete' (readable, incomplete)`` (eclreco.process raises, reco.py exits 1): never
+    a truncated file under the output's name, and no event thrown away (kept_file names that file).
     """
 
     def __init__(self):
@@ -90,6 +100,7 @@ class RootOutput(Module):
         self._error = None
         self._writer = None
         self._write_error = None
+        self.kept_file = ""  # after a failed write: the file that holds the events written before it
         self.events_written = 0  # over the module's life (a counter); events_written_run: this run's file
         self.events_written_run = 0
         # batches handed to event() / of those, how many are in the file: the HLT collector
@@ -120,6 +131,7 @@ class RootOutput(Module):
         if folder:
             raise RuntimeError(f"cannot create output file '{path}': no directory '{folder}'")
         self._error = None
+        self.kept_file = ""
         self.batches_taken = self.batches_written = 0
         self.events_written_run = 0
         self._oldest = None
@@ -143,7 +155,12 @@ class RootOutput(Module):
         return None if mine is None else collections_made(path.modules[:mine])
 
     def _fail(self, err: BaseException):
-        """A failed write: remove the incomplete file, stop the run, remember the error."""
+        """A failed write: keep what the file holds, stop the run, remember the error. uproot leaves the
+        file readable with every write completed before the failed one (checked under a file-size limit
+        and on a full tmpfs, failing in a basket, the tree's metadata, the DQM or at close), and those
+        events may exist nowhere else (a stream's; the farm's distributor forgets the events its
+        collector has said SAVED for): the file is kept, renamed NAME.incomplete, so that it is not taken
+        for a complete job's file. A file without events is removed."""
         path = self.param("filename")
         f, self._file = self._file, None
         if f is not None:
@@ -151,15 +168,24 @@ class RootOutput(Module):
                 f.close()
             except Exception:  # noqa: BLE001 - the file is broken anyway
                 pass
-        removed = ""
+        n = self.events_written_run
+        kept = ""
         try:
-            os.remove(path)
-            removed = "; the incomplete file was removed"
-        except OSError:
-            pass
+            if n:
+                kept = incomplete_name(path)
+                os.rename(path, kept)
+                what = f"; the {n} events written before it are kept in '{kept}' (readable, incomplete)"
+            else:
+                os.remove(path)
+                what = "; it held no event and was removed"
+        except OSError as why:
+            kept = path if kept else ""
+            what = (f"; the {n} events written before it are in it (it could not be renamed: {why.strerror})" if n
+                    else "")
+        self.kept_file = kept if os.path.exists(kept) else ""
         self._parts.clear()
         self._buffered = 0
-        self._error = f"cannot write output file '{path}': {err}{removed}"
+        self._error = f"cannot write output file '{path}': {err}{what}"
         _core.request_stop()
         raise RuntimeError(self._error) from None
 
