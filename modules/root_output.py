@@ -189,6 +189,11 @@ class RootOutput(Module):
         _core.request_stop()
         raise RuntimeError(self._error) from None
 
+    @property
+    def write_error(self) -> str:
+        """The error of a failed write ('' while the file is being written): the run ended with it."""
+        return self._error or ""
+
     def event(self, batch):
         if self._writer is not None and not self._writer.is_alive():
             self._join_writer()  # a failed background write fails the run here

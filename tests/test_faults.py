@@ -1,6 +1,7 @@
 """Faults (issue 9): SIGKILL of the collector and of the distributor, a slow consumer (bounded memory),
 a full disk on the output. The worker SIGKILL (no loss) and SIGTERM (valid output) are in test_hlt.py;
 an exception inside a module (only that event flagged) is in test_framework.py."""
+import glob
 import os
 import resource
 import signal
@@ -119,6 +120,56 @@ def test_hlt_run_restarts_a_collector_and_loses_no_event(farm_factory, tmp_path,
         assert 0 < saved <= len(in_file[farm.output]), final
         assert f"{saved} more saved by 1 replaced collector(s) in their own file(s): {farm.output}" in log, log
     print(f"\ncollector {sig.name}: restarted; {', '.join(f'{len(e)} events in {os.path.basename(f)}' for f, e in in_file.items())}")
+
+
+def test_a_collector_that_cannot_write_its_file_keeps_its_events_and_the_report_names_them(farm_factory, tmp_path):
+    """A collector whose output cannot be written (here a file-size limit set on it alone, EFBIG; a full disk
+    gives ENOSPC the same way) in the middle of a stream: its file keeps the events written before the error,
+    as farm.root.incomplete, it says SAVED for exactly those and exits 1, `hlt run` restarts it, the new one
+    writes the rest (farm.root), and the output line names the kept file, its count and the error; exit 0, no
+    event lost. Before, the file was removed with every event it had said SAVED for, which the distributor had
+    forgotten: 19877 of 30000 events in no file and counted nowhere, the report naming the new collector's file
+    as the dead one's, exit 0."""
+    import re
+    import resource
+    import threading
+
+    from test_hlt import scrape
+
+    farm = farm_factory(workers=2)
+    push_events(farm.input, range(3000))
+    farm.wait_confirmed(3000)
+    while (d := farm.distributor())["unsaved"]:
+        time.sleep(0.1)
+    first = farm.process("collector")["pid"]
+    limit = os.path.getsize(farm.output) + 50_000  # ~5000 more events (8 B each)
+    resource.prlimit(first, resource.RLIMIT_FSIZE, (limit, limit))  # Python ignores SIGXFSZ: write() fails
+    n = 15_000
+    feed = threading.Thread(target=lambda: push_events(farm.input, range(3000, n), rate_hz=3000, timeout_s=60),
+                            daemon=True)
+    feed.start()
+    t0 = time.monotonic()
+    while (c := farm.process("collector"))["pid"] == first or c["state"] == "silent":  # the new one registered
+        assert time.monotonic() - t0 < 60, farm.logtext()
+        time.sleep(0.2)
+    feed.join(60)
+    farm.wait_confirmed(n)
+    metrics = scrape(farm.distributor()["metrics_port"])
+    final = farm.command("terminate")["processes"][0]
+    rc, log = farm.wait_exit()
+    assert rc == 0 and final["lost_at_stop"] == 0, log
+    kept = farm.output + ".incomplete"
+    assert sorted(glob.glob(str(tmp_path / "farm*.root*"))) == [farm.output, kept], log
+    in_kept, in_new = read_evt(kept)[0], read_evt(farm.output)[0]
+    assert 3000 < len(in_kept) < n and set(np.concatenate([in_kept, in_new]).tolist()) == set(range(n)), log
+    error = (f"cannot write output file '{farm.output}': [Errno 27] File too large; the {len(in_kept)} events "
+             f"written before it are kept in '{kept}' (readable, incomplete)")
+    assert f"[collector] error: {error}" in log, log
+    line = next(x for x in log.splitlines() if x.startswith("[hlt run] output: "))
+    # its count is what the kept file holds (its last SAVED), and the line names that file and why
+    assert f"; {len(in_kept)} more saved by 1 replaced collector(s) in their own file(s): {kept}; 1 collector(s) " \
+           f"could not write their file: {error}" in line, line
+    assert "eclreco_hlt_collector_output_errors_total 1.0" in metrics, metrics
 
 
 def test_hlt_run_kills_and_restarts_a_hung_collector(farm_factory, tmp_path):

@@ -141,6 +141,8 @@ class CollectorLink:
         # the run's output is open (every module of the path initialized: its file exists): a collector that
         # exits before (an output folder gone, a crash at its start) made no file, and none is named for it
         self.output_made = False
+        # why the output file could not be written (RootOutput's error, which names where its events are kept)
+        self.output_error = ""
         self.unsaved: collections.deque = collections.deque()  # (output batch count, seqs) not yet in the file
         self.saved = 0
         # tells this process from another one with the same pid and host name (containers)
@@ -157,7 +159,7 @@ class CollectorLink:
         d = {"role": "collector", "pid": os.getpid(), "host": socket.gethostname(), "instance": self.instance,
              "state": self.state,
              "address": self.address, "run_index": self.run_index, "output": self.filename,
-             "output_made": self.output_made,
+             "output_made": self.output_made, "output_error": self.output_error,
              "duplicates": self.duplicates, "bad_messages": self.bad_messages, "confirmed": self.confirmed,
              "saved": self.saved, "low_watermark": self.low,
              "saves": True, "metrics_port": self.metrics_port,
@@ -487,6 +489,22 @@ class HLTCollectorInput(Module):
         self.link.state = "idle"
 
 
+def _output_failed(link: CollectorLink, out) -> int:
+    """RootOutput could not write its file (disk full, file-size limit, I/O error): this collector can save
+    nothing more. Its file keeps what was written (RootOutput: NAME.incomplete), and the distributor has
+    forgotten the events it was told SAVED for: SAVED now for every batch in the file (with its count), and a
+    report that names the kept file and the error, so that the farm's report lists them (as a replaced
+    collector's, or at the terminate an unreported one's); the events not in the file stay at the
+    distributor for the next collector. Exit 1 (hlt run restarts it, within --collector-restarts)."""
+    link.release_saved(out)
+    link.filename = out.kept_file
+    link.output_error = out.write_error
+    link.report()
+    print(f"[collector] error: {out.write_error}; the distributor keeps the events not in it for the next collector",
+          file=sys.stderr, flush=True)
+    return 1
+
+
 def _refused_exit_code(link: CollectorLink) -> int:
     """1, with the reason on stderr, when the distributor refused this collector (at start, or
     after it restarted and took another collector first); else 0."""
@@ -588,7 +606,12 @@ def main(args) -> int:
                 link.filename = args.output
             link.output_made = False
             link.report()  # the name before the file is made; output_made follows once it is (next_batch)
-            eclreco.process(path, threads=1, batch_size=args.batch_size)
+            try:
+                eclreco.process(path, threads=1, batch_size=args.batch_size)
+            except Exception:
+                if out is None or not out.write_error:
+                    raise
+                return _output_failed(link, out)
             if exporter is not None:
                 exporter.checkpoint()
             link.release_saved(out, everything=True)  # the file of the run is closed

@@ -59,6 +59,8 @@ def output_line(d: dict) -> str:
         files = ", ".join(f for f in o.get("unreported_files", []) if f) or "-"
         line += (f"; {o.get('saved_by_unreported', 0)} more saved by {o['unreported_collectors']} collector(s) that "
                  f"did not report the run's end (dead or hung), in their own file(s): {files}")
+    if o.get("output_errors"):  # a collector's full disk: what it wrote is in the file named above, kept
+        line += f"; {len(o['output_errors'])} collector(s) could not write their file: " + " | ".join(o["output_errors"])
     if o.get("duplicates"):  # not in `received`: dropped before the collector's chain
         line += (f"; duplicates dropped {o['duplicates']} (of them {o.get('repeated_keys', 0)} with the exp/run/evt "
                  f"of an event already taken: a producer's repeat)")

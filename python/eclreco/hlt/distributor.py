@@ -195,7 +195,8 @@ class Distributor:
                        "rejected": 0, "rejected_by_reason": {}, "first_error": "", "duplicates": 0, "repeated_keys": 0,
                        "received_before": 0, "replaced_collectors": 0, "saved_by_replaced": 0, "replaced_files": [],
                        "left_collectors": 0, "written_by_left": 0, "left_files": [],
-                       "unreported_collectors": 0, "saved_by_unreported": 0, "unreported_files": []}
+                       "unreported_collectors": 0, "saved_by_unreported": 0, "unreported_files": [],
+                       "output_errors": []}
         self.output_run = 0  # the run index whose events the output counts last (a run is counted once)
         self.replaced_run: list[dict] = []  # collectors replaced in this run: their files hold part of it
         self.unregistered: dict[bytes, dict] = {}  # CONFIRM/SAVED held until their sender registers (hold_unregistered)
@@ -735,6 +736,11 @@ class Distributor:
         listed in the stop's reply (replaced_run) and counted in `output` under keys (collectors, events,
         files: at most 20 names)."""
         rec = {"pid": status.get("pid"), "host": status.get("host"), "output": str(output or ""), "saved": saved}
+        if status.get("output_error"):  # it could not write its file (a full disk): its error says what it kept
+            rec["error"] = str(status["output_error"])
+            self.c["collector_output_errors"] += 1
+            if len(self.output["output_errors"]) < 20:
+                self.output["output_errors"].append(rec["error"])
         self.replaced_run.append(rec)
         n, events, files = keys
         self.output[n] += 1
@@ -948,6 +954,9 @@ class Distributor:
         yield counter("eclreco_hlt_workers_lost", "Workers lost (no heartbeat, unreachable)", self.workers_lost)
         yield counter("eclreco_hlt_collectors_restarted", "Collectors restarted by the farm supervisor (each one's "
                       "successor writes its own file)", self.collectors_restarted)
+        yield counter("eclreco_hlt_collector_output_errors", "Collectors that could not write their output file "
+                      "(disk full, file-size limit, I/O error; their file keeps what they wrote)",
+                      self.c["collector_output_errors"])
         yield counter("eclreco_hlt_collector_restarts_failed", "Of the collector restarts, those whose collector "
                       "exited before it made its output file", self.collector_restarts_failed)
         yield gauge("eclreco_hlt_worker_credit", "Events the workers can take now",
