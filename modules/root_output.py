@@ -138,9 +138,15 @@ class RootOutput(Module):
         self._dqm_written = False
         self._detectors = set()
         self._upstream_error = ""  # the first module error message among the events taken (the farm's workers')
+        existed = os.path.lexists(path)
         try:
             self._file = uproot.recreate(path, compression=compression_of(self.param("compression")))
         except OSError as err:
+            if not existed:  # made, then its header could not be written (a full disk): no unreadable file left
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass
             raise RuntimeError(f"cannot create output file '{path}': {err}") from None
         self._tree_created = False
         self._schema = None  # (event branch dtypes, cluster field dtypes or None), fixed by the first basket

@@ -456,6 +456,21 @@ def test_full_disk_on_output_clear_error_no_corrupt_file(tmp_path, small_disk):
     assert np.array_equal(read_evt(m.group(2))[0], np.arange(int(m.group(1)))) and int(m.group(1)) > 0, r.stderr
 
 
+def test_an_output_that_cannot_be_created_leaves_no_file(tmp_path):
+    """A disk too full for the ROOT file's header: reco.py fails at the start with 'cannot create output file',
+    exit 1, and leaves no file. Before, an empty file stayed under the output's name, unreadable ('not a ROOT
+    file'); in the farm each failed collector restart left one more (farm.root, farm.2.root, farm.3.root)."""
+    raw = tmp_path / "in.msgpack"
+    from eclreco.rawdata import write_raw_file
+
+    write_raw_file(raw, (envelope(e) for e in range(100)))
+    out = tmp_path / "out.root"
+    r = subprocess.run([sys.executable, RECO, "-i", str(raw), "-o", str(out), "--threads", "1", "--no-cnn", "--no-dqm",
+                        "--progress", "0"], capture_output=True, text=True, timeout=150, preexec_fn=_limit_fsize(200))
+    assert r.returncode == 1 and f"cannot create output file '{out}': [Errno 27] File too large" in r.stderr, r.stderr
+    assert not out.exists()
+
+
 def test_full_disk_on_quarantine_keeps_complete_records(tmp_path):
     """The quarantine file under a size limit: clear error, exit 1, only complete records left. The
     good events of the batch on which the write failed are no module errors: only the rejected events
