@@ -70,7 +70,7 @@ class RejectedOutput : public fw::Module {
         open();
       } catch (const std::exception& e) {  // as a failed write: fatal, every rejected event refused
         error_ = e.what();
-        fw::request_stop();
+        fw::request_stop(/*output_failed=*/true);
         throw;
       }
     }
@@ -130,7 +130,7 @@ class RejectedOutput : public fw::Module {
       error_ = "cannot write quarantine file '" + filename_ + "': " + std::strerror(err) +
                " (kept the " + std::to_string(written_before_ - file_start_) + " complete records before it)";
       written_ = written_before_;
-      fw::request_stop();
+      fw::request_stop(/*output_failed=*/true);
       throw std::runtime_error(error_);
     }
     good_bytes_ += buf.size();

@@ -192,7 +192,7 @@ class RootOutput(Module):
         self._parts.clear()
         self._buffered = 0
         self._error = f"cannot write output file '{path}': {err}{what}"
-        _core.request_stop()
+        _core.request_stop(output_failed=True)
         raise RuntimeError(self._error) from None
 
     @property

@@ -24,7 +24,7 @@ class ZMQInput(Module):
     framework at least every poll_ms, so that SIGINT/SIGTERM end the run promptly: after a stop
     request it reads on, and the chain processes what it reads, until the input has been quiet
     for stop_drain_ms (at most stop_timeout_s), since the messages queued in the socket would be
-    lost with it. Messages still queued when the socket closes (the stop timeout reached, or sent
+    lost with it; not after an output that cannot write ended the run (they would be lost in it). Messages still queued when the socket closes (the stop timeout reached, or sent
     after the idle timeout ended the run) are counted as ``unread_at_end`` and reported.
     """
 
@@ -104,6 +104,11 @@ class ZMQInput(Module):
     def next_batch(self, batch, max_events):
         from eclreco.raw_sockets import recv_message
 
+        if _core.stop_requested() and _core.output_failed():
+            # An output can keep nothing more: what is queued stays unread (counted as unread_at_end), and
+            # what the sender still holds stays with it. Read on, it was processed into no file (18240 of
+            # 40000 events of a stream, flagged as module errors, after a full disk under reco.py).
+            return False
         if _core.stop_requested() and self.drains_at_stop():
             return self._drain(batch, max_events)
         zmq = self._zmq
@@ -220,7 +225,8 @@ class ZMQInput(Module):
         unread = self._count_unread()
         if unread:
             self.unread_at_end += unread
-            why = ("the run was stopped and the drain (stop_drain_ms, stop_timeout_s) ended" if _core.stop_requested()
+            why = ("an output could not write, which ended the run" if _core.output_failed()
+                   else "the run was stopped and the drain (stop_drain_ms, stop_timeout_s) ended" if _core.stop_requested()
                    else "the run had ended before they were read: its event count (-n) reached, or its input "
                    "idle for idle_timeout_s")
             print(f"ZMQInput: warning: {unread} messages were still queued at the input when the run ended and "

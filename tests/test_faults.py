@@ -456,6 +456,50 @@ def test_full_disk_on_output_clear_error_no_corrupt_file(tmp_path, small_disk):
     assert np.array_equal(read_evt(m.group(2))[0], np.arange(int(m.group(1)))) and int(m.group(1)) > 0, r.stderr
 
 
+def test_a_stream_job_whose_output_fails_reads_its_input_no_more(tmp_path):
+    """reco.py -i tcp:// whose ROOT output cannot be written (RLIMIT_FSIZE 500 kB): the job ends at once, exit 1,
+    and the messages still queued at its input are counted as not processed (unread_at_end, said), not read into
+    a chain that can keep nothing. Before, the stop's drain (meant for SIGINT/SIGTERM) read on for up to 10 s:
+    every message the sender had (18240 of 40000) was processed into no file, flagged as module errors."""
+    import re
+    import threading
+
+    import zmq
+
+    from hlt_helpers import free_address
+
+    address = free_address()
+    proc = subprocess.Popen([sys.executable, RECO, "-i", address, "--idle-timeout", "3", "-o", str(tmp_path / "o.root"),
+                             "--threads", "1", "--no-cnn", "--no-dqm", "--progress", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_limit_fsize(500_000), cwd=str(tmp_path))
+    sent = [0]
+
+    def feed():
+        push = zmq.Context.instance().socket(zmq.PUSH)
+        push.setsockopt(zmq.SNDTIMEO, 3000)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(address)
+        try:
+            for e in range(40_000):
+                push.send(envelope(e))
+                sent[0] += 1
+        except zmq.Again:  # the job has gone: what is left stays here
+            pass
+        push.close()
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    out, err = proc.communicate(timeout=120)
+    feeder.join(30)
+    assert proc.returncode == 1 and "cannot write output file" in err, out + err[-3000:]
+    received, errors = map(int, re.search(r"events received (\d+), processed \d+, rejected 0, with module errors (\d+)",
+                                          out).groups())
+    m = re.search(r"ZMQInput: warning: (\d+) messages were still queued at the input when the run ended and were not "
+                  r"processed \(an output could not write, which ended the run\)", err)
+    assert m and received + int(m.group(1)) <= sent[0], (sent, out[-500:], err[-2000:])
+    assert errors <= 512, out[-500:]  # the batches in flight when the write failed (batch size 256), no more
+
+
 def test_an_output_that_cannot_be_created_leaves_no_file(tmp_path):
     """A disk too full for the ROOT file's header: reco.py fails at the start with 'cannot create output file',
     exit 1, and leaves no file. Before, an empty file stayed under the output's name, unreadable ('not a ROOT

@@ -442,7 +442,10 @@ void register_framework(py::module_& m) {
         py::arg("mmap_threshold") = fw::kHeapMmapThresholdBytes,
         "keep freed heap for reuse instead of returning it to the kernel (glibc; process() does this); "
         "False where the C library cannot or refuses the values");
-  m.def("request_stop", &fw::request_stop, "end the running process() after the batches in flight");
+  m.def("request_stop", &fw::request_stop, py::arg("output_failed") = false,
+        "end the running process() after the batches in flight; output_failed: an output can keep no more "
+        "events, and a source that reads on after a stop (ZMQInput's drain) reads nothing more");
+  m.def("output_failed", &fw::output_failed, "whether an output asked for the stop of the running process()");
   m.def("stop_requested", &fw::stop_requested);
   m.def("stop_signal", &fw::stop_signal,
         "the signal (SIGINT, SIGTERM) that stopped the last process() with its signal handlers; 0 if none");

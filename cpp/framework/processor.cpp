@@ -27,6 +27,7 @@ namespace {
 std::atomic<bool> g_stop{false};
 std::atomic<int> g_signals{0};
 std::atomic<int> g_stop_signal{0};  // the first SIGINT/SIGTERM of the last run (0: none)
+std::atomic<bool> g_output_failed{false};  // an output that cannot write asked for the stop
 // The parent at the start of the run, when it asked for a signal at its death (PR_SET_PDEATHSIG:
 // the roles `hlt run` starts); 0 otherwise.
 std::atomic<pid_t> g_watched_parent{0};
@@ -103,9 +104,16 @@ std::string event_id(const EventBatch& b, size_t i) {
 
 }  // namespace
 
-void request_stop() { g_stop.store(true); }
+void request_stop(bool output_failed) {
+  if (output_failed) g_output_failed.store(true);
+  g_stop.store(true);
+}
 bool stop_requested() { return g_stop.load(std::memory_order_relaxed); }
-void clear_stop() { g_stop.store(false); }
+bool output_failed() { return g_output_failed.load(); }
+void clear_stop() {
+  g_stop.store(false);
+  g_output_failed.store(false);
+}
 int stop_signal() { return g_stop_signal.load(); }
 
 std::map<std::string, uint64_t> ProcessState::rejected_by_reason() const {

@@ -83,8 +83,12 @@ class ProcessState {
 };
 
 // Request that a running process() ends after the batches in flight (what SIGINT/SIGTERM do).
-void request_stop();
+// output_failed: an output can keep no more events (a full disk): a source that reads on after a stop
+// (ZMQInput's drain) reads nothing more, since what it read would be lost.
+void request_stop(bool output_failed = false);
 bool stop_requested();
+// Whether an output asked for the stop of this run (request_stop(true)).
+bool output_failed();
 void clear_stop();
 // The signal (SIGINT, SIGTERM) that stopped the last run (one with signal handlers installed); 0 if none.
 int stop_signal();
