@@ -185,12 +185,13 @@ def test_hlt_run_kills_and_restarts_a_hung_collector(farm_factory, tmp_path):
     farm = farm_factory(workers=2, extra=("--collector-restarts", "1"))
     push_events(farm.input, range(2000))
     farm.wait_confirmed(2000)
+    # stopped before the feed, so that its events come while it hangs (stopped 0.5 s into the feed, it had
+    # confirmed the whole feed first where the status request that gave its pid was slow: a flaky test)
+    pid = farm.process("collector")["pid"]
+    os.kill(pid, signal.SIGSTOP)
     feed = threading.Thread(target=lambda: push_events(farm.input, range(2000, 10000), rate_hz=4000, timeout_s=30),
                             daemon=True)
     feed.start()
-    time.sleep(0.5)
-    pid = farm.process("collector")["pid"]
-    os.kill(pid, signal.SIGSTOP)
     try:
         feed.join(40)
         farm.wait_confirmed(10000, timeout=30)
