@@ -89,7 +89,7 @@ class ZMQInput(Module):
         self._monitor = ConnectionMonitor(s)
         apply_curve_params(self, s)
         address = self.param("address")
-        attach(s, address, bind=self.param("bind"))
+        attach(s, address, bind=self.param("bind"), what="ZMQInput address")
         self._waits_for_peer = not self.param("bind")
         self._sock = s
         self._first = self._last = None

@@ -71,7 +71,7 @@ class ZMQOutput(Module):
             from eclreco.raw_sockets import ConnectionMonitor
 
             self._monitor = ConnectionMonitor(s)  # before the connect: it sees every connection
-        attach(s, self.param("address"), bind=self.param("bind"))
+        attach(s, self.param("address"), bind=self.param("bind"), what="ZMQOutput address")
         self._sock = s
         self._producer = {"host": socket.gethostname(), "pid": os.getpid()}
         self._provenance = None  # made at the first event: every module of the path has initialized by then

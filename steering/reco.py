@@ -21,8 +21,7 @@ import eclreco
 from eclreco.cli_types import (BATCH_SIZE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, THREADS,
                                add_cluster_columns_argument, integer, name_list, number)
 from eclreco.paths import missing_folder
-from eclreco.raw_sockets import (check_address, check_message_limits, ipc_address_in_use, is_stream_address,
-                                 tcp_port)
+from eclreco.raw_sockets import address_in_use, check_address, check_message_limits, is_stream_address, tcp_port
 from eclreco.reconstruction import (add_event_filter, add_event_filter_arguments, add_reconstruction,
                                    event_filter_option_unused)
 
@@ -143,9 +142,8 @@ def parse_args(argv=None):
         ipc_folder = missing_folder(args.input[len("ipc://"):]) if args.input.startswith("ipc://") else ""
         if ipc_folder and not args.connect:
             ap.error(f"-i {args.input!r}: no directory {ipc_folder!r} for the socket file")
-        if not args.connect and ipc_address_in_use(args.input):
-            ap.error(f"-i {args.input!r}: another process listens there (a running reco.py?); binding would take "
-                     "its socket file over and leave it without senders")
+        if not args.connect and (why := address_in_use(args.input)):
+            ap.error(f"-i {args.input!r}: {why}")
     # the spec keeps every rejected message for inspection: a job that reads raw data keeps them by default
     args.rejected_when_needed = args.rejected is None and bool(args.input)
     if args.rejected_when_needed:

@@ -1410,3 +1410,121 @@ def test_a_farm_leaves_no_empty_quarantine_files(farm_factory, tmp_path):
     assert len(files) == 1 and os.path.getsize(files[0]) > 0, [(f, os.path.getsize(f)) for f in files]
     assert [r["message"] for r in read_quarantine(files[0])] == [b"\xc1"]
     assert log.count("rejected raw events " + str(tmp_path / "farm_rejected_w")) == 3, log  # 2 workers, 1 restart
+
+
+def test_a_farm_role_refuses_to_bind_over_an_ipc_address_a_live_process_listens_on(tmp_path):
+    """libzmq binding an ipc:// path unlinks the socket file and binds a new one, even under a live listener:
+    a second distributor, collector, `daq-emulator --bind` or `hlt run` started on a running farm's ipc address
+    took its stream over without a word (the first stayed up, bound to a file that is gone). Each now refuses,
+    one line naming the option, exit 2, and the live listener keeps its address."""
+    import socket
+    import tempfile
+
+    import zmq
+
+    from eclreco.rawdata import write_raw_file
+
+    folder = tempfile.mkdtemp(prefix="eclreco-")  # short: an ipc path has at most ~107 bytes
+    live_addr = f"ipc://{folder}/farm"
+    raw = tmp_path / "raw.msgpack"
+    write_raw_file(raw, [envelope(0)])
+    ctx = zmq.Context.instance()
+    live = ctx.socket(zmq.PULL)
+    live.bind(live_addr)
+    tcp = [free_address() for _ in range(3)]
+    quiet = ["--metrics-port", "-1", "--sched", "normal"]
+    commands = {
+        "--input": ["hlt", "distributor", "--input", live_addr, "--workers-addr", tcp[0], "--control", tcp[1], *quiet],
+        "--workers-addr": ["hlt", "distributor", "--input", tcp[2], "--workers-addr", live_addr, "--control", tcp[1],
+                           *quiet],
+        "--control": ["hlt", "distributor", "--input", tcp[2], "--workers-addr", tcp[0], "--control", live_addr, *quiet],
+        "--collector-addr": ["hlt", "collector", "--collector-addr", live_addr, "--control", tcp[1],
+                             "-o", str(tmp_path / "c.root"), *quiet],
+        "--bind": ["daq-emulator", "--input", str(raw), "--bind", live_addr, "--sched", "normal"],
+    }
+    try:
+        for option, argv in commands.items():
+            r = subprocess.run(ECLRECO + argv, capture_output=True, text=True, timeout=30)  # it ran on before
+            assert r.returncode == 2, (argv, r.stdout + r.stderr)
+            assert f"{option} {live_addr!r}: another process listens there" in r.stderr, r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+        for option in ("--input", "--collector-addr"):  # refused before any role starts
+            argv = ["hlt", "run", "--workers", "1", "--control", tcp[1], "-o", str(tmp_path / "farm.root"),
+                    "--metrics-base-port", "-1", option, live_addr]
+            r = subprocess.run(ECLRECO + argv, capture_output=True, text=True, timeout=30)
+            assert r.returncode == 2, r.stdout + r.stderr
+            assert r.stderr.startswith(f"eclreco hlt run: error: {option} {live_addr!r}: another process listens there")
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+            assert "farm up" not in r.stdout, r.stdout
+        push_events(live_addr, [7])  # the live listener still has its address
+        assert live.poll(10_000) and live.recv() == envelope(7)
+        # the socket file of a process that died (bound, not unlinked) is free: a distributor binds it
+        stale = f"ipc://{folder}/stale"
+        dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        dead.bind(stale[len("ipc://"):])
+        dead.close()
+        p = subprocess.Popen(ECLRECO + ["hlt", "distributor", "--input", stale, "--workers-addr", tcp[0],
+                                        "--control", tcp[1], *quiet], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+        try:
+            assert f"input {stale}" in p.stdout.readline()
+            push_events(stale, range(3))
+            t0 = time.monotonic()
+            while (d := json.loads(subprocess.run(ECLRECO + ["hlt", "status", "--json", "--control", tcp[1]],
+                                                  capture_output=True, text=True).stdout)["processes"][0])["received"] < 3:
+                assert time.monotonic() - t0 < 30, d
+                time.sleep(0.2)
+        finally:
+            p.kill()
+            p.communicate()
+    finally:
+        live.close(0)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_collector_binds_the_ipc_address_of_a_killed_one_not_of_a_stopped_one(tmp_path):
+    """`hlt run` restarts its collector on the same address; a collector stopped by SIGSTOP is killed first.
+    On an ipc:// address the new one must bind the socket file the killed one left (a file without a listener),
+    and a collector started while the stopped one still holds the address is refused (it took the file over:
+    the stopped one, once resumed, would read nothing more)."""
+    import socket
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="eclreco-")  # short: an ipc path has at most ~107 bytes
+    address = f"ipc://{folder}/collector"
+
+    def collector(name):
+        return subprocess.Popen(ECLRECO + ["hlt", "collector", "--collector-addr", address, "--control",
+                                           free_address(), "-o", str(tmp_path / f"{name}.root"), "--metrics-port",
+                                           "-1", "--sched", "normal"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def listened_on():
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            return s.connect_ex(address[len("ipc://"):]) == 0
+
+    procs = []
+    try:
+        procs.append(first := collector("first"))
+        t0 = time.monotonic()
+        while not (os.path.exists(address[len("ipc://"):]) and listened_on()):
+            assert first.poll() is None and time.monotonic() - t0 < 30, first.stdout.read()
+            time.sleep(0.1)
+        os.kill(first.pid, signal.SIGSTOP)
+        procs.append(second := collector("second"))
+        out, _ = second.communicate(timeout=30)  # it ran on, the stopped one's address taken over
+        assert second.returncode == 2 and f"--collector-addr {address!r}: another process listens there" in out, out
+        first.kill()  # as hlt run does before the restart: killed, waited for
+        first.wait()
+        assert os.path.exists(address[len("ipc://"):]) and not listened_on()  # the file it left
+        procs.append(third := collector("third"))
+        t0 = time.monotonic()
+        while not listened_on():
+            assert third.poll() is None and time.monotonic() - t0 < 30, third.communicate()[0]
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+        shutil.rmtree(folder, ignore_errors=True)

@@ -145,7 +145,7 @@ def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: f
     from eclreco.raw_sockets import ConnectionMonitor, attach
 
     handshakes = ConnectionMonitor(sock)
-    attach(sock, address, bind=bind)
+    attach(sock, address, bind=bind, what="--bind" if bind else "--connect")
     # 0: unbounded; without loop the file is sent at most once
     total = events if events > 0 else (0 if loop else len(messages))
     n_msgs = len(messages)

@@ -124,18 +124,11 @@ def check_address(address: str) -> None:
             raise ValueError(f"ZeroMQ address {address!r}: the port must be 0..65535 or * (tcp://HOST:PORT)")
 
 
-def ipc_address_in_use(address: str) -> bool:
-    """Whether a live process listens on an ipc:// address's socket file. libzmq binding it unlinks the file
-    and binds a new one: the first process stays up, bound to a file that is gone, and no new sender
-    reaches it (a second `reco.py -i ipc://PATH` took a running one's stream over without a word). An
-    abstract address (ipc://@NAME) is refused by the kernel itself, and a file without a listener (left by
-    a process that died) is free."""
-    import os
+def _ipc_listened_on(path: str) -> bool:
+    """Whether a live process listens on the socket file `path` (a connect is answered; the file of a
+    process that died, or of one killed, is not)."""
     import socket
 
-    path = address[len("ipc://"):] if (address or "").startswith("ipc://") else ""
-    if not path or path == "*" or path.startswith("@") or not os.path.exists(path):
-        return False
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.settimeout(1.0)
@@ -147,9 +140,47 @@ def ipc_address_in_use(address: str) -> bool:
         s.close()
 
 
-def attach(sock: zmq.Socket, address: str, bind: bool) -> None:
-    """Bind or connect `sock`, after check_address."""
+# What to say of an address another process holds
+_IN_USE = {"ipc://": "another process listens there (one already running?): binding would take its socket file "
+                     "over and leave that process without senders; stop it, or choose another path"}
+
+
+def address_in_use(address: str) -> str:
+    """Why binding `address` would do harm, '' when it would not: an ipc:// socket file a live process
+    listens on. libzmq binding such a file unlinks it and binds a new one, without an error: the first
+    process stays up, bound to a file that is gone, and no new sender reaches it (a second farm or
+    `reco.py -i ipc://PATH` took a running one's stream over without a word). The socket file of a
+    process that died is free (a collector restarted on its address by `hlt run`); an abstract address
+    (ipc://@NAME) is refused by the kernel itself."""
+    import os
+
+    address = address or ""
+    path = address[len("ipc://"):] if address.startswith("ipc://") else ""
+    if not path or path == "*" or path.startswith("@") or not os.path.exists(path):
+        return ""
+    return _IN_USE["ipc://"] if _ipc_listened_on(path) else ""
+
+
+class AddressInUse(OSError):
+    """A bind refused because another process holds the address (address_in_use); errno EADDRINUSE."""
+
+    def __init__(self, address: str, what: str, why: str):
+        import errno
+
+        self.address, self.what = address, what
+        super().__init__(errno.EADDRINUSE, f"{what}{' ' if what else ''}{address!r}: {why}")
+
+    def __str__(self):
+        return self.strerror
+
+
+def attach(sock: zmq.Socket, address: str, bind: bool, what: str = "") -> None:
+    """Bind or connect `sock`, after check_address. A bind refuses an ipc:// address a live process listens
+    on (AddressInUse, naming `what`: the option or parameter that gave the address), which libzmq would
+    take over (address_in_use)."""
     check_address(address)
+    if bind and (why := address_in_use(address)):
+        raise AddressInUse(address, what, why)
     (sock.bind if bind else sock.connect)(address)
 
 

@@ -113,7 +113,7 @@ class CollectorLink:
         self.pull.setsockopt(zmq.LINGER, 0)
         if curve is not None:
             curve.server(self.pull)
-        attach(self.pull, collector_addr, bind=True)
+        attach(self.pull, collector_addr, bind=True, what="--collector-addr")
         self.address = self.pull.getsockopt_string(zmq.LAST_ENDPOINT)
         self.ctl = self.ctx.socket(zmq.DEALER)
         self.ctl.setsockopt(zmq.LINGER, 2000)

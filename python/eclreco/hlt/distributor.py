@@ -135,20 +135,20 @@ class Distributor:
             curve.apply(self.inp, input_bind, "daq")
         # messages refused by the socket (ZMQ_MAXMSGSIZE) are only seen as disconnects: counted, not silent
         self.input_monitor = ConnectionMonitor(self.inp)
-        attach(self.inp, input_addr, bind=input_bind)
+        attach(self.inp, input_addr, bind=input_bind, what="--input")
         self.wrk = self.ctx.socket(zmq.ROUTER)
         self.wrk.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.wrk.setsockopt(zmq.SNDHWM, 0)  # bounded by credit instead
         self.wrk.setsockopt(zmq.LINGER, 0)
         if curve is not None:
             curve.server(self.wrk)
-        attach(self.wrk, workers_addr, bind=True)
+        attach(self.wrk, workers_addr, bind=True, what="--workers-addr")
         self.ctl = self.ctx.socket(zmq.ROUTER)
         self.ctl.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.ctl.setsockopt(zmq.LINGER, 1000)
         if curve is not None:
             curve.server(self.ctl)
-        attach(self.ctl, control_addr, bind=True)
+        attach(self.ctl, control_addr, bind=True, what="--control")
         self.addresses = {"input": self.inp.getsockopt_string(zmq.LAST_ENDPOINT),
                           "workers": self.wrk.getsockopt_string(zmq.LAST_ENDPOINT),
                           "control": self.ctl.getsockopt_string(zmq.LAST_ENDPOINT)}
