@@ -1528,3 +1528,48 @@ def test_a_collector_binds_the_ipc_address_of_a_killed_one_not_of_a_stopped_one(
                 p.kill()
             p.communicate()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_farm_role_refuses_a_taken_tcp_port_naming_its_option(tmp_path):
+    """A role given a TCP port another process listens on said `error: ZMQError: Address already in use
+    (addr='tcp://...')`, naming no option and nothing to do, and `hlt run` started its distributor, which failed
+    ('the distributor failed to start', exit 1). Each now says which option's address is taken and what to do,
+    one line, exit 2; hlt run before it starts any role."""
+    import socket
+
+    from eclreco.rawdata import write_raw_file
+
+    raw = tmp_path / "raw.msgpack"
+    write_raw_file(raw, [envelope(0)])
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    taken = f"tcp://127.0.0.1:{held.getsockname()[1]}"
+    tcp = [free_address() for _ in range(3)]
+    quiet = ["--metrics-port", "-1", "--sched", "normal"]
+    commands = {
+        "--input": ["hlt", "distributor", "--input", taken, "--workers-addr", tcp[0], "--control", tcp[1], *quiet],
+        "--workers-addr": ["hlt", "distributor", "--input", tcp[2], "--workers-addr", taken, "--control", tcp[1],
+                           *quiet],
+        "--control": ["hlt", "distributor", "--input", tcp[2], "--workers-addr", tcp[0], "--control", taken, *quiet],
+        "--collector-addr": ["hlt", "collector", "--collector-addr", taken, "--control", tcp[1],
+                             "-o", str(tmp_path / "c.root"), *quiet],
+        "--bind": ["daq-emulator", "--input", str(raw), "--bind", taken, "--sched", "normal"],
+    }
+    try:
+        for option, argv in commands.items():
+            r = subprocess.run(ECLRECO + argv, capture_output=True, text=True, timeout=30)
+            assert r.returncode == 2, (argv, r.stdout + r.stderr)
+            assert r.stderr.strip().endswith(f"{option} {taken!r}: another process listens there (one already "
+                                             "running?); stop it, or choose another port"), r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        for option in ("--input", "--control", "--workers-addr", "--collector-addr"):
+            addresses = {"--input": tcp[2], "--control": tcp[1], option: taken}
+            argv = ["hlt", "run", "--workers", "1", "-o", str(tmp_path / "farm.root"), "--metrics-base-port", "-1",
+                    *[x for kv in addresses.items() for x in kv]]
+            r = subprocess.run(ECLRECO + argv, capture_output=True, text=True, timeout=60)
+            assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr  # no role started
+            assert r.stderr.strip() == f"eclreco hlt run: error: {option} {taken!r}: another process listens there " \
+                "(one already running?); stop it, or choose another port", r.stderr
+    finally:
+        held.close()

@@ -201,6 +201,33 @@ def test_reco_refuses_to_take_over_an_ipc_address_a_live_process_listens_on(repo
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def test_reco_refuses_a_taken_tcp_port_before_any_work(repo_dir, tmp_path):
+    """`reco.py -i tcp://127.0.0.1:P` with P taken by another process exited 1 after the chain had started:
+    'ZMQInput.initialize failed: ZMQError: Address already in use (addr=...) (at zmq/backend/...)'. It is now
+    refused as a taken --metrics-port is: one line naming the address and what to do, exit 2, before any module
+    is made; a port in TIME_WAIT only (the closed connections of a job that ended) is free."""
+    ctx = zmq.Context.instance()
+    live = ctx.socket(zmq.PULL)
+    live.bind("tcp://127.0.0.1:*")
+    address = live.getsockopt_string(zmq.LAST_ENDPOINT)
+    reco = [sys.executable, os.path.join(repo_dir, "steering", "reco.py"), "-i", address, "--idle-timeout", "1",
+            "--threads", "1", "--no-cnn", "--no-dqm", "-o", str(tmp_path / "out.root")]
+    try:
+        r = subprocess.run(reco, capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert r.stderr.splitlines()[-1] == f"reco.py: error: -i {address!r}: another process listens there (one " \
+            "already running?); stop it, or choose another port", r.stderr
+        assert "eclreco" not in r.stdout and not os.path.exists(tmp_path / "out.root"), r.stdout  # no path made
+        push_events(address, [3])  # the listener keeps its port; then a connection of it closes (TIME_WAIT)
+        assert live.poll(10_000) and live.recv() == envelope(3)
+    finally:
+        live.close(0)
+    p = subprocess.Popen(reco, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    push_events(address, range(5))
+    out, _ = p.communicate(timeout=60)
+    assert p.returncode == 0 and "events received 5, processed 5" in out, out
+
+
 @pytest.mark.parametrize("limits", [(4096, 4096), (4096, 1000), (-1, 0), (0, -1)])
 def test_zmq_input_message_limits_are_checked(limits):
     path, _ = zmq_input_path(free_address(), max_message_bytes=limits[0], refuse_message_bytes=limits[1])

@@ -140,21 +140,54 @@ def _ipc_listened_on(path: str) -> bool:
         s.close()
 
 
-# What to say of an address another process holds
-_IN_USE = {"ipc://": "another process listens there (one already running?): binding would take its socket file "
-                     "over and leave that process without senders; stop it, or choose another path"}
+def _tcp_port_taken(address: str) -> bool:
+    """Whether binding tcp://HOST:PORT (a numbered port) would fail with "Address already in use": a
+    probe bind with SO_REUSEADDR, as libzmq binds (a port of closed connections in TIME_WAIT is free). A
+    host this cannot resolve (libzmq also takes interface names: eth0) is left to libzmq."""
+    import errno
+    import socket
+
+    host, _, port = address[len("tcp://"):].rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return False
+    host = host.strip("[]")
+    try:  # libzmq binds IPv4 (its IPV6 option off): '*' is 0.0.0.0, a name its IPv4 address
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            "0.0.0.0" if host in ("*", "") else host, int(port), socket.AF_INET6 if ":" in host else socket.AF_INET,
+            socket.SOCK_STREAM, 0, socket.AI_PASSIVE)[0]
+    except (OSError, IndexError):
+        return False
+    s = socket.socket(family, kind, proto)
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(sockaddr)
+        return False
+    except OSError as err:
+        return err.errno == errno.EADDRINUSE
+    finally:
+        s.close()
+
+
+# What to say of an address another process holds: a TCP port, an ipc:// socket file, another (ipc://@NAME)
+_IN_USE = {"tcp://": "another process listens there (one already running?); stop it, or choose another port",
+           "ipc://": "another process listens there (one already running?): binding would take its socket file "
+                     "over and leave that process without senders; stop it, or choose another path",
+           "": "another process listens there (one already running?); stop it, or choose another address"}
 
 
 def address_in_use(address: str) -> str:
-    """Why binding `address` would do harm, '' when it would not: an ipc:// socket file a live process
+    """Why binding `address` would fail or do harm, '' when it would not: a TCP port another process
+    listens on (libzmq fails with "Address already in use"), or an ipc:// socket file a live process
     listens on. libzmq binding such a file unlinks it and binds a new one, without an error: the first
     process stays up, bound to a file that is gone, and no new sender reaches it (a second farm or
     `reco.py -i ipc://PATH` took a running one's stream over without a word). The socket file of a
     process that died is free (a collector restarted on its address by `hlt run`); an abstract address
-    (ipc://@NAME) is refused by the kernel itself."""
+    (ipc://@NAME) is refused by the kernel itself, with "Address already in use"."""
     import os
 
     address = address or ""
+    if address.startswith("tcp://"):
+        return _IN_USE["tcp://"] if _tcp_port_taken(address) else ""
     path = address[len("ipc://"):] if address.startswith("ipc://") else ""
     if not path or path == "*" or path.startswith("@") or not os.path.exists(path):
         return ""
@@ -175,13 +208,18 @@ class AddressInUse(OSError):
 
 
 def attach(sock: zmq.Socket, address: str, bind: bool, what: str = "") -> None:
-    """Bind or connect `sock`, after check_address. A bind refuses an ipc:// address a live process listens
-    on (AddressInUse, naming `what`: the option or parameter that gave the address), which libzmq would
-    take over (address_in_use)."""
+    """Bind or connect `sock`, after check_address. A bind refuses an address another process holds
+    (AddressInUse, naming `what`: the option or parameter that gave the address), where libzmq would take an
+    ipc:// socket file over (address_in_use) or fail with a bare "Address already in use"."""
     check_address(address)
-    if bind and (why := address_in_use(address)):
+    if bind and address.startswith("ipc://") and (why := address_in_use(address)):
         raise AddressInUse(address, what, why)
-    (sock.bind if bind else sock.connect)(address)
+    try:
+        (sock.bind if bind else sock.connect)(address)
+    except zmq.ZMQError as err:
+        if not bind or err.errno != zmq.EADDRINUSE:
+            raise
+        raise AddressInUse(address, what, _IN_USE["tcp://" if address.startswith("tcp://") else ""]) from None
 
 
 def check_message_limits(who: str, max_bytes: int, refuse_bytes: int,
