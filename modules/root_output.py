@@ -445,8 +445,8 @@ class RootOutput(Module):
         """The file's `metadata` (a TObjString of JSON): what made it (eclreco.framework.job_provenance:
         version, command, host, every module's parameters, the CNN's model files), the detectors of its
         events, and the job's counts, so that a file says whether cluster_energy is the CNN's and
-        how many events of the input are not in it (rejected, discarded, failed; the first module error's
-        message), and whether a signal (`stopped_by`) or an error (`fatal_error`) stopped the job before
+        how many events of the input are not in it (rejected, discarded, failed, never read from a stream:
+        unread_at_end; the first module error's message), and whether a signal (`stopped_by`) or an error (`fatal_error`) stopped the job before
         the end of its input."""
         import datetime
         import json
@@ -470,7 +470,8 @@ class RootOutput(Module):
             stopped_by=signal.Signals(sig).name if sig else None,
             fatal_error=s.get("fatal_error"),
             job={**{k: s.get(k) for k in ("received", "processed", "rejected", "rejected_by_reason", "discarded",
-                                          "discarded_by_reason", "errors")}, "first_error": first_error})
+                                          "discarded_by_reason", "errors", "unread_at_end")},
+                 "first_error": first_error})
         return json.dumps(meta, default=str)
 
     def counters(self):

@@ -434,3 +434,29 @@ def test_messages_left_by_an_event_count_are_reported_as_such(capfd):
     unread = inp.counters()["unread_at_end"]
     assert s["received"] + unread == 200 and unread > 0, (s, unread)
     assert "the run had ended before they were read: its event count (-n) reached" in capfd.readouterr().err
+
+
+def test_reco_reports_the_messages_left_unread_in_its_summary_and_file(repo_dir, tmp_path):
+    """Messages still queued at the input when a job ends (-n reached here; a stop's drain cut short, or sent after
+    the idle timeout) were counted as unread_at_end but said only in a `ZMQInput: warning` line on stderr: not in
+    the job's summary lines, nor in the ROOT file's metadata, where a DAQ engineer reading the file later looks
+    for what became of the stream. Both now say how many."""
+    import json
+    import re
+
+    address = free_address()
+    out = tmp_path / "out.root"
+    p = subprocess.Popen([sys.executable, os.path.join(repo_dir, "steering", "reco.py"), "-i", address, "-n", "50",
+                          "--batch-size", "16", "--threads", "1", "--no-cnn", "--no-dqm", "-o", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    push_events(address, range(400), timeout_s=5)
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 0, stdout + stderr
+    m = re.search(r"ZMQInput: warning: (\d+) messages were still queued", stderr)
+    assert m and int(m.group(1)) > 0, stderr
+    unread = int(m.group(1))
+    assert "events received 50, processed 50" in stdout, stdout
+    assert f"  unread at end: {unread} messages still queued at the input when the run ended" in stdout, stdout
+    with uproot.open(out) as f:
+        job = json.loads(str(f["metadata"]))["job"]
+    assert job["received"] == 50 and job["unread_at_end"] == unread, job

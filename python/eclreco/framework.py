@@ -269,9 +269,26 @@ class Statistics:
 
     def __init__(self):
         self._processor = None
+        self._path = None
+        self._unread_before = 0
 
-    def _attach(self, processor):
+    def _attach(self, processor, path=None):
         self._processor = processor
+        self._path = path
+        self._unread_before = self._unread_total()
+
+    def _unread_total(self) -> int:
+        """The `unread_at_end` counters of the path's sources, summed: messages still queued in an input that
+        goes with its source (ZMQInput's socket) when a run ends, counted at its terminate (cumulative per
+        module, as its metrics are)."""
+        total = 0
+        for m in self._path.modules if self._path is not None else []:
+            try:
+                if m.is_source():
+                    total += int(m.counters().get("unread_at_end", 0))
+            except Exception:  # noqa: BLE001 - a module's counters must never break the job's summary
+                pass
+        return total
 
     @property
     def state(self):
@@ -302,6 +319,8 @@ class Statistics:
             "discarded": s.discarded,
             "discarded_by_reason": s.discarded_by_reason(),
             "errors": s.errors,
+            # never read: still queued at the input when the run ended (its stop timeout, -n, the idle timeout)
+            "unread_at_end": self._unread_total() - self._unread_before,
             # the error that ended the job before the end of its input (None: none did)
             "fatal_error": s.fatal_error or None,
             "batches": s.batches,
@@ -323,6 +342,9 @@ class Statistics:
         )
         if s["not_processed"]:
             lines.append(f"  not processed: {s['not_processed']} (the run stopped on an error before they were done)")
+        if s["unread_at_end"]:
+            lines.append(f"  unread at end: {s['unread_at_end']} messages still queued at the input when the run "
+                         "ended: never read, not in the counts above")
         for reason, n in sorted(s["rejected_by_reason"].items()):
             lines.append(f"  rejected [{reason}]: {n}")
         if s["discarded"]:
@@ -402,7 +424,7 @@ def process(path: Path, max_events: int = 0, threads: int = 1, batch_size: int =
 
     registry.clear()  # the DQM of this job is what its modules book; an earlier job's is not written again
     processor = _core.Processor()
-    statistics._attach(processor)
+    statistics._attach(processor, path)
     global _running_path
     _running_path = path
     try:
