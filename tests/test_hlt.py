@@ -1385,6 +1385,21 @@ def test_the_collector_keeps_the_clusters_of_events_merged_with_a_batch_without_
     assert out["ECLClusters"]["energy"].tolist() == [0, 1, 2, 3, 4, 5]
 
 
+def _roles_binding(address, tcp, quiet, tmp_path, raw):
+    """The command line of each role that binds, by the option that gives `address` (its other addresses
+    the free tcp:// ones `tcp`): the distributor's three, the collector's, daq-emulator --bind of `raw`."""
+    return {
+        "--input": ["hlt", "distributor", "--input", address, "--workers-addr", tcp[0], "--control", tcp[1], *quiet],
+        "--workers-addr": ["hlt", "distributor", "--input", tcp[2], "--workers-addr", address, "--control", tcp[1],
+                           *quiet],
+        "--control": ["hlt", "distributor", "--input", tcp[2], "--workers-addr", tcp[0], "--control", address, *quiet],
+        "--collector-addr": ["hlt", "collector", "--collector-addr", address, "--control", tcp[1],
+                             "-o", str(tmp_path / "c.root"), *quiet],
+        "--bind": ["daq-emulator", "--input", str(raw), "--bind", address, "--sched", "normal"],
+    }
+
+
+
 def test_a_farm_leaves_no_empty_quarantine_files(farm_factory, tmp_path):
     """`hlt run` gave every worker process a quarantine file named by its pid and each worker made it at its
     start: a farm that rejected nothing left one empty file per worker and per restart (audit: a day of
@@ -1433,15 +1448,7 @@ def test_a_farm_role_refuses_to_bind_over_an_ipc_address_a_live_process_listens_
     live.bind(live_addr)
     tcp = [free_address() for _ in range(3)]
     quiet = ["--metrics-port", "-1", "--sched", "normal"]
-    commands = {
-        "--input": ["hlt", "distributor", "--input", live_addr, "--workers-addr", tcp[0], "--control", tcp[1], *quiet],
-        "--workers-addr": ["hlt", "distributor", "--input", tcp[2], "--workers-addr", live_addr, "--control", tcp[1],
-                           *quiet],
-        "--control": ["hlt", "distributor", "--input", tcp[2], "--workers-addr", tcp[0], "--control", live_addr, *quiet],
-        "--collector-addr": ["hlt", "collector", "--collector-addr", live_addr, "--control", tcp[1],
-                             "-o", str(tmp_path / "c.root"), *quiet],
-        "--bind": ["daq-emulator", "--input", str(raw), "--bind", live_addr, "--sched", "normal"],
-    }
+    commands = _roles_binding(live_addr, tcp, quiet, tmp_path, raw)
     try:
         for option, argv in commands.items():
             r = subprocess.run(ECLRECO + argv, capture_output=True, text=True, timeout=30)  # it ran on before
@@ -1547,15 +1554,7 @@ def test_a_farm_role_refuses_a_taken_tcp_port_naming_its_option(tmp_path):
     taken = f"tcp://127.0.0.1:{held.getsockname()[1]}"
     tcp = [free_address() for _ in range(3)]
     quiet = ["--metrics-port", "-1", "--sched", "normal"]
-    commands = {
-        "--input": ["hlt", "distributor", "--input", taken, "--workers-addr", tcp[0], "--control", tcp[1], *quiet],
-        "--workers-addr": ["hlt", "distributor", "--input", tcp[2], "--workers-addr", taken, "--control", tcp[1],
-                           *quiet],
-        "--control": ["hlt", "distributor", "--input", tcp[2], "--workers-addr", tcp[0], "--control", taken, *quiet],
-        "--collector-addr": ["hlt", "collector", "--collector-addr", taken, "--control", tcp[1],
-                             "-o", str(tmp_path / "c.root"), *quiet],
-        "--bind": ["daq-emulator", "--input", str(raw), "--bind", taken, "--sched", "normal"],
-    }
+    commands = _roles_binding(taken, tcp, quiet, tmp_path, raw)
     try:
         for option, argv in commands.items():
             r = subprocess.run(ECLRECO + argv, capture_output=True, text=True, timeout=30)
