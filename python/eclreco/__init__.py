@@ -12,8 +12,8 @@ in the manner of basf2::
 """
 import os as _os
 
-# onnxruntime >= 1.2x's Linux wheels send usage telemetry (a device id and an SQLite event store under
-# ~/.cache/Microsoft, a .ses file in the temporary directory, uploads to events.data.microsoft.com):
+# onnxruntime 1.32's Linux wheel collects usage telemetry (a device id and an SQLite event store under
+# ~/.cache/Microsoft, a .ses file in the temporary directory, for upload to events.data.microsoft.com):
 # nothing an HLT node should do. Off unless the user says otherwise; read once, at onnxruntime's first
 # session, so it must be set before any.
 _os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
