@@ -1678,3 +1678,22 @@ int main() {
     assert sorted(lines[1:11], key=lambda m: int(m.split()[8].rstrip(":"))) == [  # two threads: in any order
         f"Throws42 raised on exp 0 run 1 evt {e}: an exception not derived from std::exception" for e in range(3, 100, 10)]
     assert lines[11:] == ["process failed: Throws42.initialize failed: an exception not derived from std::exception"]
+
+
+def test_a_float_parameter_default_is_shown_as_python_writes_it():
+    """`eclreco modules NAME` showed a float default with a stream's 6 significant digits: 1.23456789 as
+    1.23457 (not the value the module uses) and 1.0 as 1 (an int's look). It is now Python's repr."""
+
+    class Floats(eclreco.Module):
+        def __init__(self):
+            super().__init__()
+            self.add_param("precise", 1.23456789, "a float")
+            self.add_param("whole", 1.0, "a whole float")
+            self.add_param("small", 2.5e-7, "a small one")
+            self.add_param("edges", [0.1, 2.0, 1e20], "a list")
+            self.add_param("count", 3, "an int")
+
+    shown = {p["name"]: p["default_repr"] for p in Floats().param_list()}
+    assert shown == {"precise": "1.23456789", "whole": "1.0", "small": "2.5e-07", "edges": "[0.1, 2.0, 1e+20]",
+                     "count": "3"}, shown
+    assert all(repr(float(v)) == v for v in ("1.23456789", "1.0", "0.1"))  # Python's own spelling

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <sstream>
 
 namespace fw {
@@ -19,6 +21,21 @@ const char* param_type_name(ParamType t) {
   return "?";
 }
 
+namespace {
+// As Python's repr: the shortest text that reads back to the same double, with ".0" on a whole number
+// (a stream's 6 significant digits showed 1.23456789 as 1.23457 and 1.0 as 1, an int's look).
+std::string float_repr(double x) {
+  char buf[32];
+  for (int precision = 1; precision <= 17; ++precision) {
+    std::snprintf(buf, sizeof buf, "%.*g", precision, x);
+    if (std::strtod(buf, nullptr) == x) break;
+  }
+  std::string s = buf;
+  if (s.find_first_of(".eni") == std::string::npos) s += ".0";  // (not 1e+20, nan, inf)
+  return s;
+}
+}  // namespace
+
 std::string format_param_value(const ParamValue& v) {
   std::ostringstream os;
   std::visit(
@@ -26,12 +43,14 @@ std::string format_param_value(const ParamValue& v) {
         using X = std::decay_t<decltype(x)>;
         if constexpr (std::is_same_v<X, bool>) os << (x ? "True" : "False");
         else if constexpr (std::is_same_v<X, std::string>) os << '\'' << x << '\'';
-        else if constexpr (std::is_same_v<X, int64_t> || std::is_same_v<X, double>) os << x;
+        else if constexpr (std::is_same_v<X, int64_t>) os << x;
+        else if constexpr (std::is_same_v<X, double>) os << float_repr(x);
         else {
           os << '[';
           for (size_t i = 0; i < x.size(); ++i) {
             if (i) os << ", ";
             if constexpr (std::is_same_v<X, std::vector<std::string>>) os << '\'' << x[i] << '\'';
+            else if constexpr (std::is_same_v<X, std::vector<double>>) os << float_repr(x[i]);
             else os << x[i];
           }
           os << ']';
