@@ -1,6 +1,7 @@
 #include <pybind11/stl.h>
 #include <algorithm>
 #include <optional>
+#include <stdexcept>
 #include <vector>
 
 #include "framework/event_batch.hpp"
@@ -211,14 +212,13 @@ void register_batch(py::module_& m) {
       // read-only, zero-copy: a module that raises is re-run on the batch as it was before its call (the
       // processor keeps that snapshot, sharing the buffers), which an in-place write would change too
       .def("__getitem__", [](const Collection& c, const std::string& name) {
-        if (!c.has(name)) {
-          // what there is, as the C++ modules' error says it: a misspelt name is seen at once
-          std::string have;
-          for (const auto& [k, v] : c.columns()) have += (have.empty() ? "" : ", ") + k;
-          throw py::key_error("no column '" + name + "' in the collection (its columns: " +
-                              (have.empty() ? std::string("none") : have) + ")");
+        const Column* col;
+        try {
+          col = &c.column(name);
+        } catch (const std::out_of_range& e) {  // its message lists the columns there are; a KeyError in Python
+          throw py::key_error(e.what());
         }
-        return column_view(c.column(name), false);
+        return column_view(*col, false);
       }, "a read-only view of a column (no copy); write by assigning a new array: c[name] = c[name] * 2")
       .def("__setitem__", [](Collection& c, const std::string& name, const py::object& value) {
         py::array a = column_array(name, value);
@@ -255,13 +255,11 @@ void register_batch(py::module_& m) {
       })
       .def("__contains__", &EventBatch::has)
       .def("__getitem__", [](EventBatch& b, const std::string& name) -> Collection& {
-        if (!b.has(name)) {
-          std::string have;
-          for (const auto& [k, v] : b.collections()) have += (have.empty() ? "" : ", ") + k;
-          throw py::key_error("no collection '" + name + "' in the batch (its collections: " +
-                              (have.empty() ? std::string("none") : have) + ")");
+        try {
+          return b.get(name);
+        } catch (const std::out_of_range& e) {  // its message lists the collections there are
+          throw py::key_error(e.what());
         }
-        return b.get(name);
       }, py::return_value_policy::reference_internal)
       .def("add_collection", [](EventBatch& b, const std::string& name, const py::array& offsets,
                                 const py::dict& columns) -> Collection& {

@@ -6,13 +6,22 @@ namespace fw {
 
 Collection::Collection(size_t n_events) : offsets_(Column::of<int64_t>(n_events + 1)) {}
 
+// "a, b, c" (or "none"): the names a missing one's error lists, so that a misspelt name is seen at once.
+template <class Map>
+static std::string names_of(const Map& m) {
+  std::string have;
+  for (const auto& [k, v] : m) have += (have.empty() ? "" : ", ") + k;
+  return have.empty() ? std::string("none") : have;
+}
+
 // A collection does not know its own name: the columns it has say which one it is (a custom
 // source's ECLDigits without 'time', say).
 [[noreturn]] static void no_column(const std::string& name, const std::map<std::string, Column>& columns) {
-  std::string have;
-  for (const auto& [k, c] : columns) have += (have.empty() ? "" : ", ") + k;
-  throw std::out_of_range("no column '" + name + "' in the collection (its columns: " +
-                          (have.empty() ? std::string("none") : have) + ")");
+  throw std::out_of_range("no column '" + name + "' in the collection (its columns: " + names_of(columns) + ")");
+}
+
+[[noreturn]] static void no_collection(const std::string& name, const std::map<std::string, Collection>& collections) {
+  throw std::out_of_range("no collection '" + name + "' in the batch (its collections: " + names_of(collections) + ")");
 }
 
 Column& Collection::column(const std::string& name) {
@@ -106,13 +115,13 @@ void EventBatch::flag_error(size_t i, std::string message) {
 
 Collection& EventBatch::get(const std::string& name) {
   auto it = collections_.find(name);
-  if (it == collections_.end()) throw std::out_of_range("no collection '" + name + "' in the batch");
+  if (it == collections_.end()) no_collection(name, collections_);
   return it->second;
 }
 
 const Collection& EventBatch::get(const std::string& name) const {
   auto it = collections_.find(name);
-  if (it == collections_.end()) throw std::out_of_range("no collection '" + name + "' in the batch");
+  if (it == collections_.end()) no_collection(name, collections_);
   return it->second;
 }
 
