@@ -234,11 +234,11 @@ class Distributor:
                 next_housekeeping = now + 0.2
                 self.housekeeping(now)
                 # a live collector still has to say SAVED for what it holds (it does on END_RUN)
-                if (self.terminating and self.state == "stopped" and not self.stop_requesters
-                        and (not self.unsaved or self.collector_gone(now))
-                        and (self.run_reported(now) or self.collector_gone(now))):
-                    self.finish_terminate()
-                    return
+                if self.terminating and self.state == "stopped" and not self.stop_requesters:
+                    gone = self.collector_gone(now)  # (once: each call probes the collector's connection)
+                    if (not self.unsaved or gone) and (self.run_reported(now) or gone):
+                        self.finish_terminate()
+                        return
 
     def accepting_input(self) -> bool:
         if self.state == "stopped" or (self.state == "stopping" and self.stop_drain_over()):
