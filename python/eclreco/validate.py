@@ -316,7 +316,6 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
     _, meta = load_session(model, expected_detector=detector)  # a model of the other detector: an error, not a report
     g4 = cnn_data.G4Sample(g4_path, detector)
     _, _, test = g4.split()
-    os.makedirs(out_dir, exist_ok=True)  # once the model and the sample are known good: no empty folder
     if max_events:
         test = test[:max_events]
     # which network and which sample: a retrained network has the shipped one's file name
