@@ -2,7 +2,8 @@
 
 A generated sample is a flat list of *photons* to be showered (event index, energy, direction,
 start point) plus the per-event truth.  Electrons/positrons of the Bhabha-like pairs in `generic`
-are simulated as photon showers (same shape within a fraction of X0).
+are simulated as photon showers: same profile, but starting at a photon's first-interaction depth,
+on average 9/7 X0 deeper than an electron's shower starts (docs/simulation.md, "Not modelled").
 """
 from __future__ import annotations
 

@@ -261,9 +261,10 @@ def array30_in_gap(xy_cm):
 def deposit_array30(e_gev, xy_cm, dirs, rng, params: ShowerParams = DEFAULT_PARAMS):
     """Photon showers entering the array30 front plane (z = 0) at xy_cm (n, 2) along dirs (n, 3).
 
-    A photon entering through an aluminium gap showers in aluminium (X0 = 8.9 cm) and its
-    spots that fall back in the gap, or behind the 30 cm, are lost; a photon entering a crystal
-    showers in CsI and its spots in the gaps are lost.
+    A photon entering through an aluminium gap showers in an effective Al+CsI medium
+    (X0 = params.gap_x0_cm, 6 cm by default; not aluminium's 8.9 cm, since the particles that
+    leak sideways develop in CsI) and its spots that fall back in the gap, or behind the 30 cm,
+    are lost; a photon entering a crystal showers in CsI and its spots in the gaps are lost.
     """
     e_gev = np.asarray(e_gev, dtype=np.float64)
     xy = np.asarray(xy_cm, dtype=np.float64).reshape(-1, 2)
