@@ -3,13 +3,18 @@
 //   {"reason": str, "detail": str, "message": bin (the original bytes, empty when the event has
 //    no RawEnvelopes entry; a receiver's escape of a message that started with 0xc1, or its mark of
 //    an oversize message, taken off),
-//    "exp"/"run"/"evt": int (only those that could be read)}
+//    "exp"/"run"/"evt": int (only those that could be read),
+//    "seq": int (with `sequence_collection`: the HLT distributor's sequence id of the event)}
 // back to back, in input order (ordered module). Events with module errors are not written:
 // only rejected ones. The file is flushed after every batch that had rejections. A failed write
 // (disk full, size limit) is fatal: the run is asked to stop and ends with the error, and the
 // file keeps only the complete records written before (it is truncated back to them).
 // With `when_needed` the file is made at the first rejected event (a default quarantine that a
 // clean job leaves no trace of); a file of that name from an earlier job is removed at initialize.
+// The sequence id is the HLT distributor's number of an event, which a redelivery keeps: an event
+// redelivered after its worker died is rejected again by the worker that takes it, in that worker's
+// file, and `eclreco quarantine` counts the records of one id once (a file cannot know what another
+// process wrote).
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -35,6 +40,9 @@ class RejectedOutput : public fw::Module {
                                             "worker) instead of replacing it");
     params().add("when_needed", &when_needed_, false, "create the file at the first rejected event, not at "
                                                       "initialize (a file of that name is removed there unless append)");
+    params().add("sequence_collection", &sequence_collection_, std::string(),
+                 "collection with a uint64 column `seq`, one row per event (the HLT worker's HLTSequence): each "
+                 "record gets its event's `seq`, by which the records of a redelivered event are one ('': none)");
   }
   ~RejectedOutput() override { close(); }
   bool ordered() const override { return true; }
@@ -78,13 +86,19 @@ class RejectedOutput : public fw::Module {
     const fw::Collection* ref = batch.has("RawPayloadRef") ? &batch.get("RawPayloadRef") : nullptr;
     const uint8_t* bytes = raw && raw->has("bytes") ? raw->column("bytes").data<uint8_t>() : nullptr;
     const uint8_t* known = ref && ref->has("known") ? ref->column("known").data<uint8_t>() : nullptr;
+    // A batch without the ids still has its records written (without `seq`): the raw bytes come first.
+    const fw::Collection* seqs = !sequence_collection_.empty() && batch.has(sequence_collection_) &&
+                                         batch.get(sequence_collection_).has("seq")
+                                     ? &batch.get(sequence_collection_)
+                                     : nullptr;
     msgpack::sbuffer buf;
     msgpack::packer<msgpack::sbuffer> pk(buf);
     for (const auto& [i, rej] : batch.rejections()) {
       uint8_t k = ecl::kKnownExp | ecl::kKnownRun | ecl::kKnownEvt;  // no envelope info: trust the metadata
       if (known && ref->offsets()[i + 1] > ref->offsets()[i]) k = known[ref->offsets()[i]];
       const int n_ids = !!(k & ecl::kKnownExp) + !!(k & ecl::kKnownRun) + !!(k & ecl::kKnownEvt);
-      pk.pack_map(3 + n_ids);
+      const bool has_seq = seqs && seqs->offsets()[i + 1] > seqs->offsets()[i];
+      pk.pack_map(3 + n_ids + (has_seq ? 1 : 0));
       pk.pack(std::string("reason"));
       pk.pack(rej.reason);
       pk.pack(std::string("detail"));
@@ -116,6 +130,10 @@ class RejectedOutput : public fw::Module {
       if (k & ecl::kKnownEvt) {
         pk.pack(std::string("evt"));
         pk.pack(std::as_const(batch).evt()[i]);
+      }
+      if (has_seq) {
+        pk.pack(std::string("seq"));
+        pk.pack(seqs->column("seq").values<uint64_t>()[seqs->offsets()[i]]);
       }
       ++written_;
     }
@@ -150,6 +168,7 @@ class RejectedOutput : public fw::Module {
     f_ = nullptr;
   }
   std::string filename_;
+  std::string sequence_collection_;
   bool append_ = false;
   bool when_needed_ = false;
   std::FILE* f_ = nullptr;

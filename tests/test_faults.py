@@ -2,6 +2,7 @@
 a full disk on the output. The worker SIGKILL (no loss) and SIGTERM (valid output) are in test_hlt.py;
 an exception inside a module (only that event flagged) is in test_framework.py."""
 import glob
+import json
 import os
 import resource
 import signal
@@ -1506,3 +1507,72 @@ def test_a_distributor_built_in_python_refuses_what_its_command_line_refuses(set
         Distributor(*addresses, **{setting: value})
     d = Distributor(*addresses)  # the addresses are still free
     d.inp.close(0), d.wrk.close(0), d.ctl.close(0)
+
+
+# A worker chain that dies (SIGKILL) right after its RejectedOutput has kept the first batch with a rejected event,
+# before ZMQOutput sends that batch's results: the distributor redelivers the batch to another worker, which
+# rejects and keeps it again. (The marker file lets one worker die, once.)
+DIES_AFTER_QUARANTINE = '''
+import os, signal, sys
+import eclreco
+from eclreco.framework import Path
+from eclreco.hlt.worker import add_worker_arguments, add_chosen_reconstruction, start_worker
+
+MARK = {mark!r}
+
+class DieAfterQuarantine(eclreco.Module):
+    def event(self, batch):
+        if (batch.error_flags & eclreco.ERROR_REJECTED).any() and not os.path.exists(MARK):
+            open(MARK, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+add_module = Path.add_module
+def add_before_the_results(self, module, **params):  # between RejectedOutput and ZMQOutput
+    if module == "ZMQOutput":
+        add_module(self, DieAfterQuarantine())
+    return add_module(self, module, **params)
+Path.add_module = add_before_the_results
+
+import argparse
+ap = argparse.ArgumentParser()
+add_worker_arguments(ap)
+args = ap.parse_args()
+sys.exit(start_worker(args, lambda path: add_chosen_reconstruction(path, args)))
+'''
+
+
+def test_a_redelivered_rejected_event_is_one_rejected_event_in_the_quarantine(farm_factory, tmp_path, capsys):
+    """A worker died after it had kept a rejected event and before its results reached the collector: the
+    distributor redelivered the event, and the worker that took it rejected and kept it again. The collector
+    counted it once, but the quarantine files held two records and `eclreco quarantine` counted (and
+    --extract wrote) both. The workers' records now carry the distributor's sequence id, and `eclreco
+    quarantine` counts the records of one id and message once, the others as repeats."""
+    from eclreco import cli
+
+    mark = tmp_path / "died"
+    steering = tmp_path / "dies_after_quarantine.py"
+    steering.write_text(DIES_AFTER_QUARANTINE.replace("{mark!r}", repr(str(mark))))
+    farm = farm_factory(workers=2, extra=("--worker-steering", str(steering)))
+    from hlt_helpers import push_messages
+
+    bad = [b"not an envelope %d" % i for i in range(5)]
+    push_messages(farm.input, [envelope(i) for i in range(100)] + bad + [envelope(i) for i in range(100, 200)])
+    farm.wait_confirmed(205, timeout=90)
+    ended = farm.command("stop")["collector"]
+    assert mark.exists() and ended["rejected"] == 5, ended  # the collector counts each once
+    d = farm.distributor()
+    assert d["redelivered"] >= 1 and d["workers_lost"] >= 1, d
+    farm.command("terminate")
+    rc, log = farm.wait_exit()
+    assert rc == 0, log
+    files = sorted(glob.glob(str(tmp_path / "farm_rejected_w*_*.msgpack")))
+    recs = [r for f in files for r in read_quarantine(f)]
+    assert len(recs) > 5 and all("seq" in r for r in recs), recs  # the dead worker's records and the repeats
+    assert len({r["seq"] for r in recs}) == 5
+    out = tmp_path / "extracted.msgpack"
+    capsys.readouterr()
+    assert cli.main(["quarantine", *files, "--json", "--extract", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["records"] == 5 and summary["repeats"] == len(recs) - 5, summary
+    extracted = out.read_bytes()  # each message once
+    assert len(extracted) == sum(map(len, bad)) and all(b in extracted for b in bad)

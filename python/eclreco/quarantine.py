@@ -6,11 +6,17 @@ sent), exp/run/evt where they could be read}, back to back.
     eclreco quarantine FILE... --list            one line per record
     eclreco quarantine FILE... --extract OUT     the messages, back to back: a raw file to replay
                                                  (reco.py -i OUT, eclreco daq-emulator --input OUT)
+
+A farm worker's records carry the distributor's sequence id (`seq`). An event redelivered after its
+worker died is rejected, and kept, again by the worker that takes it: the records of one sequence id
+and one message, in any of the files read, are one rejected event, counted and extracted once; the
+others are counted as repeats.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import json
 import os
 import stat
@@ -47,6 +53,14 @@ def read_records(path: str | os.PathLike) -> Iterator[dict]:
             raise ValueError(f"{name}: ends inside a record (the last {size - end} bytes)")
 
 
+def repeat_key(rec: dict):
+    """What makes two records one rejected event: the same sequence id (the HLT distributor's, which a
+    redelivery keeps) and the same message; None for a record without one (reco.py's: no redelivery)."""
+    if "seq" not in rec:
+        return None
+    return rec["seq"], hashlib.blake2b(rec["message"], digest_size=16).digest()
+
+
 def _ids(rec: dict) -> str:
     return " ".join(f"{k} {rec[k]}" for k in ("exp", "run", "evt") if k in rec) or "(no exp/run/evt)"
 
@@ -65,6 +79,8 @@ def _run(args) -> int:
     first: dict[str, dict] = {}
     n_bytes = 0
     every_reason: set[str] = set()  # of every record read, for a --reason that matches none
+    seen: set = set()  # repeat_key of the records counted
+    repeats = 0
     if args.extract and os.path.isdir(args.extract):
         raise ValueError(f"--extract {args.extract!r} is a directory: name a file in it")
     if args.extract and (folder := missing_folder(args.extract)):  # not the temporary file's name, in an error
@@ -97,6 +113,15 @@ def _run(args) -> int:
                     every_reason.add(rec["reason"])
                     if reasons and rec["reason"] not in reasons:
                         continue
+                    key = repeat_key(rec)
+                    if key is not None and key in seen:  # a redelivered event rejected again
+                        repeats += 1
+                        if args.list:
+                            print(f"{path}:{i}  {rec['reason']:<{LIST_REASON_WIDTH}} {_ids(rec):<28} "
+                                  f"(a repeat: seq {rec['seq']}, counted once)", file=text)
+                        continue
+                    if key is not None:
+                        seen.add(key)
                     counts[rec["reason"]] += 1
                     first.setdefault(rec["reason"], rec)
                     n_bytes += len(rec["message"])
@@ -117,9 +142,12 @@ def _run(args) -> int:
               f"reasons: {', '.join(sorted(every_reason)) or 'none'})", file=sys.stderr)
     if args.json:
         print(json.dumps({"records": total, "bytes": n_bytes, "by_reason": dict(counts.most_common()),
-                          "first_detail": {r: first[r].get("detail", "") for r in counts}}), file=text)
+                          "first_detail": {r: first[r].get("detail", "") for r in counts}, "repeats": repeats}),
+              file=text)
     elif not args.list:
-        print(f"{total} rejected events, {n_bytes} bytes, in {len(args.files)} file(s)", file=text)
+        print(f"{total} rejected events, {n_bytes} bytes, in {len(args.files)} file(s)"
+              + (f"; {repeats} repeated record(s) not counted (a redelivered event rejected again: the same "
+                 "sequence id and message)" if repeats else ""), file=text)
         width = max(map(len, counts), default=0)
         for reason, n in counts.most_common():
             rec = first[reason]

@@ -327,8 +327,9 @@ def add_output(path, args):
     columns = list(getattr(args, "cluster_columns", DEFAULT_CLUSTER_COLUMNS))
     columns += [c for c in DQM_CLUSTER_COLUMNS if c not in columns]
     if getattr(args, "rejected", ""):
+        # each record with its sequence id: a redelivered event's records are one (eclreco quarantine)
         path.add_module("RejectedOutput", filename=args.rejected, append=True,
-                        when_needed=getattr(args, "rejected_when_needed", False))
+                        when_needed=getattr(args, "rejected_when_needed", False), sequence_collection=SEQ_COLLECTION)
 
     # give_up_unconnected: stopped (SIGTERM) while its collector is dead, a worker exits at once (it waited
     # stop_timeout_s, 10 s); the distributor keeps what it could not send until a collector confirms it
