@@ -44,7 +44,7 @@ def incomplete_name(path: str) -> str:
     return name
 
 
-def _cluster_array(offsets, columns: dict):
+def cluster_array(offsets, columns: dict):
     """The jagged record array of the clusters (the field `cluster` of the tree: branches cluster_<column>),
     built from its layout with one offsets array for all fields: what ak.zip of ak.unflatten per field
     makes, without their per-field checks, which were ~45 % of the write time (cProfile, 12 cluster
@@ -54,6 +54,14 @@ def _cluster_array(offsets, columns: dict):
     fields = [ak.contents.NumpyArray(a) for a in columns.values()]
     return ak.Array(ak.contents.ListOffsetArray(ak.index.Index64(offsets),
                                                 ak.contents.RecordArray(fields, list(columns))))
+
+
+def make_events_tree(file, name: str, types: dict):
+    """The TTree of eclreco's files in an uproot file: `types` of the event branches and of `cluster`
+    (cluster_array's type), which becomes the branches cluster_<column> with one counter ncluster (uproot's
+    default would be cluster.<column>). RootOutput and `eclreco hlt merge` write the same layout."""
+    return file.mktree(name, types, counter_name=lambda outer: "n" + outer,
+                       field_name=lambda outer, inner: f"{outer}_{inner}")
 
 
 class RootOutput(Module):
@@ -362,7 +370,7 @@ class RootOutput(Module):
             offsets = np.zeros(counts.size + 1, np.int64)
             np.cumsum(counts, out=offsets[1:])
             # astype: a user's column under the clusterizer's types of a first basket without clusters
-            data["cluster"] = _cluster_array(offsets, {n: np.concatenate([p["_cluster_cols"][n].astype(dt, copy=False)
+            data["cluster"] = cluster_array(offsets, {n: np.concatenate([p["_cluster_cols"][n].astype(dt, copy=False)
                                                                           if "_cluster_cols" in p
                                                                           else np.zeros(0, dt) for p in parts])
                                                        for n, dt in cl_types.items()})
@@ -374,9 +382,7 @@ class RootOutput(Module):
         self.events_written_run += n
 
     def _make_tree(self, types):
-        # Branches cluster_<column> with one counter ncluster (uproot's default would be cluster.<column>).
-        self._file.mktree(self.param("tree"), types, counter_name=lambda name: "n" + name,
-                          field_name=lambda outer, inner: f"{outer}_{inner}")
+        make_events_tree(self._file, self.param("tree"), types)
         self._tree_created = True
 
     def _cluster_types(self) -> dict:
@@ -395,7 +401,7 @@ class RootOutput(Module):
                  if k not in wanted or made is None or wanted[k] in made}
         columns = {n: np.zeros(0, dt) for n, dt in self._cluster_types().items()}
         if columns and (made is None or "ECLClusters" in made):
-            types["cluster"] = _cluster_array(np.zeros(1, np.int64), columns).type
+            types["cluster"] = cluster_array(np.zeros(1, np.int64), columns).type
         return types
 
     def end_run(self, exp, run):

@@ -121,6 +121,14 @@ def test_hlt_run_restarts_a_collector_and_loses_no_event(farm_factory, tmp_path,
         assert 0 < saved <= len(in_file[farm.output]), final
         assert f"{saved} more saved by 1 replaced collector(s) in their own file(s): {farm.output}" in log, log
     print(f"\ncollector {sig.name}: restarted; {', '.join(f'{len(e)} events in {os.path.basename(f)}' for f, e in in_file.items())}")
+    # one file with every event once (deployment.md: the files' union held the events of a SIGKILL twice, and
+    # there was no tool to write them once)
+    merged = tmp_path / "merged.root"
+    r = subprocess.run(ECLRECO + ["hlt", "merge", farm.output, files[0], "-o", str(merged)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert np.array_equal(np.sort(read_evt(merged)[0]), np.arange(n))
+    assert f"{n} events written to {merged} from 2 file(s); {len(evts) - n} duplicate(s) dropped" in r.stdout, r.stdout
 
 
 def test_a_collector_that_cannot_write_its_file_keeps_its_events_and_the_report_names_them(farm_factory, tmp_path):

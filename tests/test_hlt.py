@@ -1572,3 +1572,48 @@ def test_a_farm_role_refuses_a_taken_tcp_port_naming_its_option(tmp_path):
                 "(one already running?); stop it, or choose another port", r.stderr
     finally:
         held.close()
+
+
+def test_hlt_merge_writes_each_event_of_overlapping_farm_files_once(tmp_path, capsys):
+    """deployment.md: after a collector SIGKILL the events whose SAVED had not left are in both farm.root and
+    farm.2.root (at least once), and there was no tool to write them once. `eclreco hlt merge` writes the
+    events of its files, each (exp, run, evt) once (the first file's copy), with the branches of the inputs,
+    and says what it dropped, per file and in the output's metadata. Two overlapping files of reco.py (0-399,
+    200-599, and 150 again in the second): the merge holds the 600 events as a single job on 0-599 writes them."""
+    from eclreco import cli
+    from eclreco.rawdata import write_raw_file
+
+    reco = [sys.executable, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "steering",
+                                         "reco.py"), "--no-cnn", "--threads", "1"]
+    parts = {"a": list(range(400)), "b": list(range(200, 600)) + [150], "all": list(range(600))}
+    for name, evts in parts.items():
+        write_raw_file(tmp_path / f"{name}.msgpack", (envelope(e) for e in evts))
+        r = subprocess.run(reco + ["-i", str(tmp_path / f"{name}.msgpack"), "-o", str(tmp_path / f"{name}.root")],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+    merged = tmp_path / "merged.root"
+    capsys.readouterr()
+    assert cli.main(["hlt", "merge", str(tmp_path / "a.root"), str(tmp_path / "b.root"), "-o", str(merged)]) == 0
+    out = capsys.readouterr().out
+    assert f"600 events written to {merged} from 2 file(s); 201 duplicate(s) dropped" in out, out
+    assert f"b.root: 401 events, 200 written, 201 dropped" in out, out
+    with uproot.open(merged) as f, uproot.open(tmp_path / "all.root") as g:
+        got, want = f["events"].arrays(library="ak"), g["events"].arrays(library="ak")
+        assert f["events"].typenames() == g["events"].typenames()
+        meta = json.loads(str(f["metadata"]))
+    order = np.argsort(ak.to_numpy(got["evt"]), kind="stable")
+    assert ak.to_list(got[order]) == ak.to_list(want)  # every branch, clusters included
+    assert [(i["events"], i["written"], i["dropped"]) for i in meta["inputs"]] == [(400, 400, 0), (401, 200, 201)]
+    assert meta["inputs"][1]["metadata"]["job"]["processed"] == 401  # the input's own metadata kept
+    # never over a file, nor files of different branches, nor a file twice: one line, exit 2
+    for argv, says in ((["-o", str(merged)], "exists"),
+                       ([str(tmp_path / "a.root"), "-o", str(tmp_path / "m2.root")], "named twice")):
+        assert cli.main(["hlt", "merge", str(tmp_path / "a.root"), *argv]) == 2
+        assert says in capsys.readouterr().err
+    r = subprocess.run(reco + ["-i", str(tmp_path / "a.msgpack"), "-o", str(tmp_path / "c.root"),
+                               "--cluster-columns", "energy"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert cli.main(["hlt", "merge", str(tmp_path / "a.root"), str(tmp_path / "c.root"), "-o",
+                     str(tmp_path / "m3.root")]) == 2
+    assert "branches differ" in capsys.readouterr().err
+    assert not (tmp_path / "m3.root").exists()

@@ -1,0 +1,161 @@
+"""`eclreco hlt merge FILES... -o OUT`: the events of a farm's files, each (exp, run, evt) once.
+
+A collector killed (SIGKILL) in a run may have written events whose SAVED never reached the
+distributor; its replacement writes them again in its own file (NAME.2.root, ...): every event is in
+the union of the files, at least once (docs/deployment.md, "Loss semantics"). This writes one file
+with each event once: the first copy in the order of FILES (the killed collector's file first), the
+others dropped and counted per file. A repeat within one file (a producer's, further apart than the
+collector's --dedup-window) is dropped too: the spec makes (exp, run, evt) unique in a stream.
+
+OUT has the TTree `events` with the inputs' branches, and a `metadata` string (JSON) naming each input,
+its events, those written and dropped, and the input's own metadata. The inputs' `dqm/` histograms are
+not merged: they count the copies too (read them in the input files).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from eclreco.paths import StagedOutputs, missing_folder
+
+CLUSTER_PREFIX = "cluster_"  # RootOutput's cluster branches, with the counter n + "cluster"
+KEY_BRANCHES = ("exp", "run", "evt")
+STEP_EVENTS = 100_000  # events read and written at a time: memory bounded by a step, not by a file
+_KEY = np.dtype([("exp", "<u8"), ("run", "<u8"), ("evt", "<u4")])  # 20 bytes per event of every file, in memory
+
+
+def _open(name: str, tree: str):
+    """The uproot file and its tree (None: no tree, a collector killed before its first write)."""
+    import uproot
+
+    try:
+        f = uproot.open(name)
+    except Exception as err:  # noqa: BLE001 - not a ROOT file, or cut inside its header
+        raise ValueError(f"{name}: not a readable ROOT file ({type(err).__name__}: {err})") from None
+    if tree not in f:
+        return f, None
+    return f, f[tree]
+
+
+def _layout(t) -> dict:
+    """Branch -> its type name, the counter excluded: what two files must share to be merged."""
+    return {k: v for k, v in t.typenames().items() if k != "n" + CLUSTER_PREFIX[:-1]}
+
+
+def first_copies(keys: list[np.ndarray]) -> list[np.ndarray]:
+    """keep masks, one per file: True for the first event of each (exp, run, evt), in file order."""
+    allk = np.concatenate(keys) if keys else np.zeros(0, _KEY)
+    keep = np.zeros(len(allk), dtype=bool)
+    if len(allk):
+        _, first = np.unique(allk, return_index=True)  # the index of each key's first occurrence
+        keep[first] = True
+    bounds = np.cumsum([0] + [len(k) for k in keys])
+    return [keep[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+
+def merge(files: list[str], output: str, tree: str = "events") -> dict:
+    """Writes the events of `files` to `output`, each (exp, run, evt) once; the report (also the
+    output's `metadata`)."""
+    import awkward as ak
+    import uproot
+
+    from eclreco import __version__
+    from eclreco.modules.root_output import cluster_array, make_events_tree
+
+    if os.path.lexists(output):
+        raise ValueError(f"-o {output!r} exists: merge never overwrites a file (choose another name)")
+    if folder := missing_folder(output):
+        raise ValueError(f"-o {output!r}: no directory {folder!r}")
+    if len(set(map(os.path.realpath, files))) != len(files):
+        raise ValueError("a file is named twice: each of its events would be dropped as its own duplicate")
+    opened, keys, layout, first_with_tree = [], [], None, None
+    try:
+        for name in files:
+            f, t = _open(name, tree)
+            opened.append((f, t))
+            if t is None:
+                keys.append(np.zeros(0, _KEY))
+                continue
+            if layout is None:
+                layout, first_with_tree = _layout(t), name
+            elif _layout(t) != layout:
+                mine = _layout(t)
+                diff = sorted(set(mine.items()) ^ set(layout.items()))
+                raise ValueError(f"{name}: its {tree!r} branches differ from those of {first_with_tree} "
+                                 f"({', '.join(f'{b} {ty}' for b, ty in diff)}): not files of one farm")
+            k = np.zeros(t.num_entries, _KEY)
+            for b in KEY_BRANCHES:
+                k[b] = t[b].array(library="np")
+            keys.append(k)
+        if layout is None:
+            raise ValueError(f"none of the files has a TTree {tree!r}")
+        keeps = first_copies(keys)
+        report = {"merged_by": "eclreco hlt merge", "eclreco_version": __version__, "tree": tree, "inputs": [],
+                  "events_written": 0, "duplicates_dropped": 0}
+        event_branches = [b for b in layout if not b.startswith(CLUSTER_PREFIX)]
+        cluster_branches = [b for b in layout if b.startswith(CLUSTER_PREFIX)]
+        with StagedOutputs() as staged:
+            out = uproot.recreate(staged.path(os.path.realpath(output)))
+            made = False
+            for name, (f, t), keep in zip(files, opened, keeps):
+                entry = {"file": name, "events": 0 if t is None else int(t.num_entries), "written": int(keep.sum()),
+                         "dropped": int((~keep).sum()), "metadata": _metadata(f)}
+                if t is None:
+                    entry["note"] = f"no TTree {tree!r} (a collector killed before its first write)"
+                report["inputs"].append(entry)
+                report["events_written"] += entry["written"]
+                report["duplicates_dropped"] += entry["dropped"]
+                start = 0
+                for chunk in ([] if t is None else t.iterate(event_branches + cluster_branches,
+                                                              step_size=STEP_EVENTS, library="ak")):
+                    n = len(chunk)
+                    sel = keep[start:start + n]
+                    start += n
+                    if not sel.any() and made:
+                        continue
+                    chunk = chunk[sel]
+                    data = {b: ak.to_numpy(chunk[b]) for b in event_branches}
+                    if cluster_branches:
+                        counts = ak.to_numpy(ak.num(chunk[cluster_branches[0]]))
+                        offsets = np.zeros(len(counts) + 1, np.int64)
+                        np.cumsum(counts, out=offsets[1:])
+                        data["cluster"] = cluster_array(offsets, {b[len(CLUSTER_PREFIX):]: ak.to_numpy(ak.flatten(chunk[b]))
+                                                                  for b in cluster_branches})
+                    if not made:
+                        make_events_tree(out, tree, {k: (v.dtype if isinstance(v, np.ndarray) else v.type)
+                                                     for k, v in data.items()})
+                        made = True
+                    out[tree].extend(data)
+            if not made:  # inputs whose trees are all empty: an empty tree of their branches
+                raise ValueError(f"the files hold no events in their TTree {tree!r}: nothing to merge")
+            out["metadata"] = json.dumps(report, default=str)
+            out.close()
+            staged.publish()
+    finally:
+        for f, _ in opened:
+            f.close()
+    return report
+
+
+def _metadata(f):
+    """An input's own `metadata` (RootOutput's JSON), None where it has none (a killed collector's file)."""
+    if "metadata" not in f:
+        return None
+    text = str(f["metadata"])
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def main(args) -> int:
+    report = merge(args.files, args.output, args.tree)
+    print(f"[hlt merge] {report['events_written']} events written to {args.output} from {len(args.files)} file(s); "
+          f"{report['duplicates_dropped']} duplicate(s) dropped (an (exp, run, evt) already taken)", flush=True)
+    for entry in report["inputs"]:
+        print(f"  {entry['file']}: {entry['events']} events, {entry['written']} written, {entry['dropped']} dropped"
+              + (f" ({entry['note']})" if "note" in entry else ""), flush=True)
+    return 0
