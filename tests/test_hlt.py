@@ -1617,3 +1617,24 @@ def test_hlt_merge_writes_each_event_of_overlapping_farm_files_once(tmp_path, ca
                      str(tmp_path / "m3.root")]) == 2
     assert "branches differ" in capsys.readouterr().err
     assert not (tmp_path / "m3.root").exists()
+
+
+def test_reco_py_writes_a_repeated_event_twice_as_the_wire_format_page_says(tmp_path):
+    """docs/wire-format.md, "A repeated (exp, run, evt)": the farm's collector drops a repeat within its window
+    (test_collector_drops_a_repeated_event_within_its_window), reco.py processes and writes both copies, and
+    `eclreco hlt merge` writes the event once. The page compares the three and says why they differ."""
+    from eclreco.rawdata import write_raw_file
+
+    raw = tmp_path / "raw.msgpack"
+    write_raw_file(raw, (envelope(e) for e in [1, 2, 3, 2]))
+    reco = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "steering", "reco.py")
+    r = subprocess.run([sys.executable, reco, "-i", str(raw), "-o", str(tmp_path / "r.root"), "--no-cnn"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "events received 4, processed 4" in r.stdout, r.stdout + r.stderr
+    assert sorted(read_evt(tmp_path / "r.root")[0].tolist()) == [1, 2, 2, 3]
+    r = subprocess.run(ECLRECO + ["hlt", "merge", str(tmp_path / "r.root"), "-o", str(tmp_path / "m.root")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "1 duplicate(s) dropped" in r.stdout, r.stdout + r.stderr
+    assert sorted(read_evt(tmp_path / "m.root")[0].tolist()) == [1, 2, 3]
+    page = open(os.path.join(os.path.dirname(reco), "..", "docs", "wire-format.md")).read()
+    assert "**A repeated (exp, run, evt)**" in page

@@ -458,7 +458,7 @@ class HLTCollectorInput(Module):
     def dropped_in_run(self) -> dict:
         """This run's events dropped as duplicates: redelivered copies (a worker lost, a collector
         replaced) and events whose (exp, run, evt) had been taken already (a producer that repeated
-        one: the spec makes them unique in a stream; reco.py processes both)."""
+        one: the spec makes them unique in a stream; reco.py processes both: docs/wire-format.md says why)."""
         d0, r0 = self._dropped_before
         return {"duplicates": self.link.duplicates - d0, "repeated_keys": self.link.repeated_keys - r0}
 
