@@ -55,7 +55,6 @@ def first_copies(keys: list[np.ndarray]) -> list[np.ndarray]:
     return [keep[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-
 def merge(files: list[str], output: str, tree: str = "events") -> dict:
     """Writes the events of `files` to `output`, each (exp, run, evt) once; the report (also the
     output's `metadata`)."""
@@ -129,7 +128,7 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
                                                      for k, v in data.items()})
                         made = True
                     out[tree].extend(data)
-            if not made:  # inputs whose trees are all empty: an empty tree of their branches
+            if not made:  # trees that are all empty: no file is written
                 raise ValueError(f"the files hold no events in their TTree {tree!r}: nothing to merge")
             out["metadata"] = json.dumps(report, default=str)
             out.close()
