@@ -38,6 +38,9 @@ class ECLClusterizer : public fw::Module {
     p.add("image_size", &cp_.image_size, 7, "N of the N x N cluster image around the seed (odd)");
   }
 
+  Collections makes() const override { return Names{output_}; }
+  Collections needs() const override { return Names{input_}; }
+
   void initialize() override {
     try {
       cp_.validate();

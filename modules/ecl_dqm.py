@@ -24,6 +24,9 @@ class ECLDQM(Module):
     def makes(self):
         return ()
 
+    def requires(self):  # each histogram is filled where the batch has its collection
+        return ()
+
     def initialize(self):
         # a negative count selected no photon at all (an empty gg_mass, silently)
         if not self.param("min_cluster_energy_gev") >= 0 or self.param("max_photons_per_event") < 0:

@@ -163,6 +163,9 @@ class ECLEnergyCorrection(Module):
     def makes(self):  # it changes ECLClusters.energy
         return ()
 
+    def requires(self):
+        return (self.param("collection"),)
+
     def initialize(self):
         self._sessions = {}
         self._model_files = {}

@@ -31,6 +31,9 @@ class ECLEventFilter(Module):
     def makes(self):
         return ()
 
+    def requires(self):
+        return (self.param("collection"),)
+
     def initialize(self):
         for name in ("min_clusters", "min_energy_sum_gev", "cluster_energy_gev", "max_abs_time_ns"):
             if not self.param(name) >= 0:

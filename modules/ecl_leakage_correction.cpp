@@ -33,6 +33,9 @@ class ECLLeakageCorrection : public fw::Module {
                  "cluster collection: reads energy_raw, ring, local_u, local_v, overwrites energy");
   }
 
+  Collections makes() const override { return Names{}; }  // it overwrites energy of its collection
+  Collections needs() const override { return Names{collection_}; }
+
   void initialize() override {
     for (auto& t : tables_) t = ecl::LeakageTable();
     if (!table_.empty()) {

@@ -254,6 +254,9 @@ class ECLUnpacker : public fw::Module {
                  "each key but detector optional, lists indexed by cellId - 1 (empty: gain 1, t0 0, the linear map, all runs)");
   }
 
+  Collections makes() const override { return Names{"ECLDigits", "ECLEventInformation"}; }
+  Collections needs() const override { return Names{"RawEnvelopes", "RawPayloadRef"}; }
+
   void initialize() override {
     for (ecl::Detector d : {ecl::Detector::Belle2ECL, ecl::Detector::Array30}) {
       payloads_[static_cast<int>(d)].assign(1, ConditionsPayload{});

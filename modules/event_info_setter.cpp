@@ -13,6 +13,8 @@ class EventInfoSetter : public fw::Module {
     params().add("detector", &detector_, std::string("belle2-ecl"), "detector configuration of the events");
   }
   bool is_source() const override { return true; }
+  Collections makes() const override { return Names{}; }  // empty events: metadata only
+  Collections needs() const override { return Names{}; }
   void initialize() override {
     if (detector_ != "belle2-ecl" && detector_ != "array30")
       throw fw::ParameterError("EventInfoSetter: detector must be belle2-ecl or array30");

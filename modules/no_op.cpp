@@ -2,7 +2,11 @@
 #include "framework/registry.hpp"
 
 namespace {
-class NoOp : public fw::Module {};
+class NoOp : public fw::Module {
+ public:
+  Collections makes() const override { return Names{}; }
+  Collections needs() const override { return Names{}; }
+};
 }  // namespace
 
 ECLRECO_REGISTER_MODULE(NoOp, "NoOp", "does nothing (framework overhead measurements)")

@@ -13,6 +13,8 @@ class Progress : public fw::Module {
     params().add("every", &every_, int64_t{0}, "also print every this many events (0: only by time)");
   }
   bool ordered() const override { return true; }  // counts events in input order
+  Collections makes() const override { return Names{}; }
+  Collections needs() const override { return Names{}; }
   void initialize() override {
     // a negative interval printed a line per batch; say so instead
     if (interval_s_ < 0) throw fw::ParameterError("Progress: interval_s must be >= 0 (0: a line per batch)");

@@ -43,6 +43,8 @@ class RawFileInput : public fw::Module {
   ~RawFileInput() override { close_file(); }
 
   bool is_source() const override { return true; }
+  Collections makes() const override { return Names{"RawEnvelopes", "RawPayloadRef"}; }  // rawdata::append_decoded
+  Collections needs() const override { return Names{}; }
 
   void initialize() override {
     close_file();

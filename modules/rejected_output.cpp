@@ -47,6 +47,8 @@ class RejectedOutput : public fw::Module {
   ~RejectedOutput() override { close(); }
   bool ordered() const override { return true; }
   bool writes_events() const override { return true; }
+  Collections makes() const override { return Names{}; }
+  Collections needs() const override { return Names{}; }  // the raw bytes where the batch has them
 
   void initialize() override {
     close();

@@ -125,6 +125,9 @@ class RootOutput(Module):
     def makes(self):
         return ()
 
+    def requires(self):  # it writes what the batch has
+        return ()
+
     def initialize(self):
         import uproot
 

@@ -32,6 +32,9 @@ class SimulationInput(Module):
     def makes(self):
         return RAW
 
+    def requires(self):
+        return ()
+
     def initialize(self):
         if self.param("detector") not in ("belle2-ecl", "array30"):
             raise ValueError(f"SimulationInput: unknown detector {self.param('detector')!r}")

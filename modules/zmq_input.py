@@ -61,6 +61,9 @@ class ZMQInput(Module):
     def makes(self):
         return RAW
 
+    def requires(self):
+        return ()
+
     def initialize(self):
         import zmq
 

@@ -59,6 +59,9 @@ class ZMQOutput(Module):
     def makes(self):
         return ()
 
+    def requires(self):  # it sends what the batch has of its collections
+        return ()
+
     def initialize(self):
         import zmq
 

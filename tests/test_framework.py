@@ -1697,3 +1697,38 @@ def test_a_float_parameter_default_is_shown_as_python_writes_it():
     assert shown == {"precise": "1.23456789", "whole": "1.0", "small": "2.5e-07", "edges": "[0.1, 2.0, 1e+20]",
                      "count": "3"}, shown
     assert all(repr(float(v)) == v for v in ("1.23456789", "1.0", "0.1"))  # Python's own spelling
+
+
+# What each shipped module adds to its batches and reads (with its default parameters): declared by the
+# module itself, C++ (Module::makes / needs) or Python (makes / requires).
+RAW = ("RawEnvelopes", "RawPayloadRef")
+DECLARED = {
+    "RawFileInput": (RAW, ()), "SimulationInput": (RAW, ()), "ZMQInput": (RAW, ()), "EventInfoSetter": ((), ()),
+    "ECLUnpacker": (("ECLDigits", "ECLEventInformation"), RAW), "ECLClusterizer": (("ECLClusters",), ("ECLDigits",)),
+    "ECLLeakageCorrection": ((), ("ECLClusters",)), "ECLEnergyCorrection": ((), ("ECLClusters",)),
+    "ECLEventFilter": ((), ("ECLClusters",)), "ECLDQM": ((), ()), "RootOutput": ((), ()), "ZMQOutput": ((), ()),
+    "RejectedOutput": ((), ()), "Progress": ((), ()), "NoOp": ((), ()),
+}
+
+
+def test_every_module_says_what_it_makes_and_requires():
+    """framework.CPP_MAKES, a table in Python, said what three C++ modules add; every other C++ module,
+    a user's own included, was taken to add nothing (a clusterizer of one's own: a file without events
+    lacked its cluster branches), and what a module reads was said nowhere. Each module now says it
+    itself, C++ modules through the bindings, from its parameters."""
+    import eclreco.framework
+
+    assert not hasattr(eclreco.framework, "CPP_MAKES")
+    assert set(DECLARED) == set(eclreco.available_modules())
+    for name, (makes, requires) in DECLARED.items():
+        m = eclreco.create_module(name)
+        assert (tuple(m.makes()), tuple(m.requires())) == (makes, requires), name
+    m = eclreco.create_module("ECLClusterizer")
+    m.set_param("input", "MyDigits")
+    m.set_param("output", "MyClusters")
+    assert (list(m.makes()), list(m.requires())) == (["MyClusters"], ["MyDigits"])
+    m = eclreco.create_module("ECLLeakageCorrection")
+    m.set_param("collection", "MyClusters")
+    assert list(m.requires()) == ["MyClusters"]
+    # a Python module that does not say: None, it may add or read anything
+    assert (Recorder().makes(), Recorder().requires()) == (None, None)

@@ -122,6 +122,8 @@ class PyModule : public Module {
   bool ordered() const override { return flag("ordered", false); }
   bool writes_events() const override { return flag("writes_events", false); }
   bool needs_gil() const override { return true; }
+  Collections makes() const override { return collections("makes"); }
+  Collections needs() const override { return collections("requires"); }
   bool next_batch(fw::EventBatch& batch, size_t max_events) override {
     PythonCall gil;
     try {
@@ -183,6 +185,30 @@ class PyModule : public Module {
     try {
       py::function f = py::get_override(static_cast<const Module*>(this), name);
       if (f) f(py::cast(args, py::return_value_policy::reference)...);
+    } catch (py::error_already_set& e) {
+      rethrow_python(e);
+    }
+  }
+  // makes() / requires(): None (not said) or collection names; a str (a tuple without its comma) is
+  // refused, not read letter by letter.
+  Collections collections(const char* name) const {
+    PythonCall gil;
+    try {
+      py::function f = py::get_override(static_cast<const Module*>(this), name);
+      if (!f) return std::nullopt;
+      py::object r = f();
+      if (r.is_none()) return std::nullopt;
+      auto fail = [&] {
+        throw py::type_error(type() + "." + name + "() must return None (not said) or collection names, e.g. "
+                             "('ECLClusters',), not " + std::string(py::repr(r)));
+      };
+      if (py::isinstance<py::str>(r) || py::isinstance<py::bytes>(r) || !py::isinstance<py::iterable>(r)) fail();
+      Names out;
+      for (py::handle x : r) {
+        if (!py::isinstance<py::str>(x)) fail();
+        out.push_back(x.cast<std::string>());
+      }
+      return out;
     } catch (py::error_already_set& e) {
       rethrow_python(e);
     }
@@ -334,6 +360,8 @@ void register_framework(py::module_& m) {
       .def("ordered", &Module::ordered)
       .def("writes_events", &Module::writes_events)
       .def("counters", &Module::counters)
+      .def("makes", &Module::makes, "the collections the module adds to its batches; None: not said")
+      .def("requires", &Module::needs, "the collections the module reads and cannot do without; None: not said")
       .def("set_param", [](Module& self, const std::string& name, py::handle v) {
         self.params().set(name, to_param(self, name, v));
       })

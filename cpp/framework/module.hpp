@@ -6,8 +6,10 @@
 #include <exception>
 #include <map>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "framework/event_batch.hpp"
 #include "framework/parameters.hpp"
@@ -67,6 +69,16 @@ class Module {
   virtual bool needs_gil() const { return false; }
   // Module-specific counters for monitoring (e.g. clusters corrected), read between batches.
   virtual std::map<std::string, double> counters() const { return {}; }
+
+  // The collections the module adds to its batches (makes) and those it reads and cannot do without
+  // (needs; Python's requires(): `requires` is a C++20 keyword), from its parameters; std::nullopt: not
+  // said. A module that rewrites a collection made before it (filters its rows) needs it and does not
+  // make it. An output of a job without events writes what the modules before it make (RootOutput's
+  // branches); a module that does not say may add anything.
+  using Names = std::vector<std::string>;
+  using Collections = std::optional<Names>;  // return Names{...} (a bare {} would be std::nullopt)
+  virtual Collections makes() const { return std::nullopt; }
+  virtual Collections needs() const { return std::nullopt; }
 
  private:
   std::string type_, description_;

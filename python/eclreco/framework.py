@@ -74,7 +74,13 @@ class Module(_core.Module):
     def makes(self) -> tuple[str, ...] | None:
         """The collections this module adds to its batches; None (the default): not said, it may add any.
         An output of a job without events writes what the modules before it make (RootOutput: the
-        branches of a file of the same chain with events)."""
+        branches of a file of the same chain with events). A module that rewrites a collection made
+        before it (filters its rows) does not make it: it requires it."""
+        return None
+
+    def requires(self) -> tuple[str, ...] | None:
+        """The collections this module reads and cannot do without (a module that reads one only where
+        the batch has it does not require it); None (the default): not said."""
         return None
 
     def __repr__(self):
@@ -132,18 +138,16 @@ def create_module(name: str) -> _core.Module:
     raise ValueError(f"unknown module '{name}'; available: {', '.join(available_modules())}")
 
 
-# The collections that the C++ modules add (makes(), which they cannot define in Python); the others add none.
+# The collections of raw events that _core.append_envelopes writes: what the Python raw sources make.
 RAW = ("RawEnvelopes", "RawPayloadRef")
-CPP_MAKES = {"RawFileInput": lambda m: RAW, "ECLUnpacker": lambda m: ("ECLDigits", "ECLEventInformation"),
-             "ECLClusterizer": lambda m: (m.get_param("output"),)}
 
 
 def collections_made(modules) -> set[str] | None:
-    """The collections that `modules` add to a batch (Module.makes, CPP_MAKES); None when one of them
-    does not say."""
+    """The collections that `modules` add to a batch (their makes(), C++ and Python); None when one of
+    them does not say."""
     made: set[str] = set()
     for m in modules:
-        names = m.makes() if isinstance(m, Module) else CPP_MAKES.get(m.type, lambda m: ())(m)
+        names = m.makes()
         if names is None:
             return None
         made.update(names)

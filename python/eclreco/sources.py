@@ -23,6 +23,9 @@ class MessageSource(Module):
     def makes(self):
         return RAW
 
+    def requires(self):
+        return ()
+
     def next_batch(self, batch, max_events):
         chunk = self.messages[self.pos:self.pos + max_events]
         self.pos += len(chunk)
@@ -99,6 +102,9 @@ class ArraySource(Module):
 
     def makes(self):
         return (self.collection, "ECLEventInformation") if self.with_oot else (self.collection,)
+
+    def requires(self):
+        return ()
 
     def next_batch(self, batch, max_events):
         n = self.offsets.size - 1

@@ -310,6 +310,9 @@ class HLTCollectorInput(Module):
     def makes(self):
         return None  # the collections the workers send: those of their chain, which this process does not run
 
+    def requires(self):
+        return ()
+
     def initialize(self):
         if self.link is None:
             raise RuntimeError("HLTCollectorInput needs a CollectorLink")

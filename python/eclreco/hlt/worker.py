@@ -166,6 +166,9 @@ class HLTWorkerInput(Module):
     def makes(self):
         return (*RAW, SEQ_COLLECTION)
 
+    def requires(self):
+        return ()
+
     def initialize(self):
         if self.link is None:
             raise RuntimeError("HLTWorkerInput needs a WorkerLink (use eclreco.hlt.worker.run_worker)")
