@@ -917,10 +917,12 @@ def test_energy_correction_needs_its_collection():
     path = eclreco.create_path()
     path.add_module("SimulationInput", events=20, detector="array30", particle="gamma", seed=3)
     path.add_module("ECLUnpacker")
-    path.add_module("ECLEnergyCorrection")  # no clusterizer: was silently no correction
-    eclreco.process(path, install_signal_handlers=False)
+    path.add_module("ECLEnergyCorrection")  # no clusterizer: was silently no correction, then an error per event
+    with pytest.raises(ValueError, match="ECLEnergyCorrection .module 3 of the path. requires the collection "
+                                         "'ECLClusters', which no module before it makes"):
+        eclreco.process(path, install_signal_handlers=False)
     s = eclreco.statistics.summary()
-    assert s["errors"] == 20 and "no collection 'ECLClusters'" in eclreco.statistics.state.error_messages()[0]
+    assert s["received"] == 0 and "requires the collection 'ECLClusters'" in s["fatal_error"]
 
 
 def test_an_output_over_an_input_or_another_output_is_refused(tmp_path):
@@ -1732,3 +1734,86 @@ def test_every_module_says_what_it_makes_and_requires():
     assert list(m.requires()) == ["MyClusters"]
     # a Python module that does not say: None, it may add or read anything
     assert (Recorder().makes(), Recorder().requires()) == (None, None)
+
+
+class _Requires(eclreco.Module):
+    """Declares what it reads (None: does not say)."""
+
+    def __init__(self, requires=None, makes=None):
+        super().__init__()
+        self._requires, self._makes = requires, makes
+
+    def requires(self):
+        return self._requires
+
+    def makes(self):
+        return self._makes
+
+
+def test_a_collection_that_no_module_before_makes_is_an_error_at_initialize(tmp_path):
+    """A chain whose module reads a collection that nobody writes (a misspelt input, a module left out or
+    put after its reader) ran the whole input, every event failing in that module ("no collection
+    'ECLDigit'"), and an output wrote them all with their error flags. It is now refused at initialize
+    (after the module's own initialize: its parameters are checked first), naming the module, the
+    collection and what the modules before it make; no event is read, an output after it makes no file."""
+    from eclreco.sources import MessageSource
+
+    def run(*modules, output=None):
+        path = eclreco.create_path()
+        path.add_module("SimulationInput", events=5, detector="array30", particle="gamma", seed=3)
+        for name, params in modules:
+            path.add_module(name, **params)
+        if output:
+            path.add_module("RootOutput", filename=str(output))
+        return eclreco.process(path, install_signal_handlers=False)
+
+    out = tmp_path / "out.root"
+    with pytest.raises(ValueError) as err:
+        run(("ECLUnpacker", {}), ("ECLClusterizer", {"input": "ECLDigit"}), output=out)
+    assert str(err.value) == (
+        "ECLClusterizer (module 3 of the path) requires the collection 'ECLDigit', which no module before it "
+        "makes (made before it: RawEnvelopes, RawPayloadRef by SimulationInput; ECLDigits, ECLEventInformation "
+        "by ECLUnpacker)")
+    assert eclreco.statistics.summary()["received"] == 0 and not out.exists()
+    with pytest.raises(ValueError, match=r"ECLClusterizer .module 2 of the path. requires the collection 'ECLDigits', "
+                                         r"which no module before it makes: ECLUnpacker .module 3 of the path. makes "
+                                         r"it, after it \(made before it: RawEnvelopes, RawPayloadRef by SimulationInput\)"):
+        run(("ECLClusterizer", {}), ("ECLUnpacker", {}))
+    with pytest.raises(ValueError, match="ECLLeakageCorrection .module 4 of the path. requires the collection "
+                                         "'MyClusters'"):
+        run(("ECLUnpacker", {}), ("ECLClusterizer", {}), ("ECLLeakageCorrection", {"collection": "MyClusters"}))
+    # the module's own parameter check comes first (its names may come from a bad value)
+    with pytest.raises(Exception, match="image_size must be odd"):
+        run(("ECLClusterizer", {"image_size": 4}))
+    run(("ECLUnpacker", {}), ("ECLClusterizer", {}), ("ECLLeakageCorrection", {}), ("ECLDQM", {}), output=out)
+    assert eclreco.statistics.summary()["processed"] == 5
+
+    # a Python module: what it requires is checked as a C++ module's; one that does not say is never refused
+    def python_path(*modules):
+        path = eclreco.create_path()
+        for m in modules:
+            path.add_module(m)
+        return eclreco.process(path, install_signal_handlers=False)
+
+    with pytest.raises(ValueError, match=r"_Requires .module 2 of the path. requires the collection 'Mine', which no "
+                                         r"module before it makes \(made before it: RawEnvelopes, RawPayloadRef by "
+                                         r"MessageSource\)"):
+        python_path(MessageSource([]), _Requires(("Mine",)))
+    python_path(MessageSource([]), _Requires(makes=("Mine",)), _Requires(("Mine",)))
+    python_path(MessageSource([]), _Requires(None))  # requires() not said: not refused
+    python_path(CountingSource(5), _Requires(("Mine",)))  # its source does not say what it makes: may make Mine
+    with pytest.raises(ValueError, match=r"_Requires .module 2 of the path. requires the collection 'Mine', which no "
+                                         r"module before it makes \(no module before it makes a collection\)"):
+        python_path(_Source(makes=()), _Requires(("Mine",)))
+    # a str is no tuple of names (read letter by letter it required 'M', 'i', ...)
+    with pytest.raises(TypeError, match=r"_Requires.requires\(\) must return None \(not said\) or collection names, "
+                                        r"e.g. \('ECLClusters',\), not 'Mine'"):
+        python_path(MessageSource([]), _Requires("Mine"))
+
+
+class _Source(_Requires):
+    def is_source(self):
+        return True
+
+    def next_batch(self, batch, max_events):
+        return False

@@ -1,5 +1,6 @@
 #include "framework/processor.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -173,6 +174,62 @@ Processor::Processor() : state_(std::make_shared<ProcessState>()) {}
 
 namespace {
 
+// What the path's modules say they make and need (Module::makes, needs), checked module by module at
+// initialize, after the module's own initialize (which validates the parameters the names come from),
+// as basf2's isRequired: a collection that no module before it makes failed every event of the job, one
+// at a time, instead. A module that does not say is never refused, and after one that does not say
+// what it makes (it may make anything) no collection is missing.
+class CollectionCheck {
+ public:
+  explicit CollectionCheck(const std::vector<std::shared_ptr<Module>>& modules) : modules_(modules) {}
+
+  void check(size_t k) {
+    const Module& m = *modules_[k];
+    if (const Module::Collections needs = m.needs(); needs && !unknown_maker_)
+      for (const std::string& name : *needs)
+        if (!made_by_.count(name)) throw std::invalid_argument(missing(k, name));
+    const Module::Collections makes = m.makes();
+    if (!makes) {
+      unknown_maker_ = true;
+      return;
+    }
+    for (const std::string& name : *makes) {
+      made_by_.emplace(name, k);
+      made_.emplace_back(name, k);
+    }
+  }
+
+ private:
+  std::string named(size_t k) const {
+    return modules_[k]->type() + " (module " + std::to_string(k + 1) + " of the path)";
+  }
+
+  std::string missing(size_t k, const std::string& name) const {
+    std::string msg = named(k) + " requires the collection '" + name + "', which no module before it makes";
+    for (size_t j = k + 1; j < modules_.size(); ++j) {
+      const Module::Collections later = modules_[j]->makes();
+      if (later && std::find(later->begin(), later->end(), name) != later->end()) {
+        msg += ": " + named(j) + " makes it, after it";
+        break;
+      }
+    }
+    if (made_.empty()) return msg + " (no module before it makes a collection)";
+    msg += " (made before it: ";
+    for (size_t i = 0; i < made_.size(); ++i) {
+      const bool first_of_module = i == 0 || made_[i - 1].second != made_[i].second;
+      const bool last_of_module = i + 1 == made_.size() || made_[i + 1].second != made_[i].second;
+      msg += (i == 0 ? "" : first_of_module ? "; " : ", ") + made_[i].first;
+      if (last_of_module) msg += " by " + modules_[made_[i].second]->type();
+    }
+    return msg + ")";
+  }
+
+  const std::vector<std::shared_ptr<Module>>& modules_;
+  std::map<std::string, size_t> made_by_;              // collection -> the module that makes it
+  std::vector<std::pair<std::string, size_t>> made_;   // the same in path order, for the message
+  bool unknown_maker_ = false;
+};
+
 // One run of process(): the state that the stages share.
 class Run {
  public:
@@ -201,10 +258,11 @@ class Run {
   void execute() {
     size_t initialized = 0;
     try {
+      CollectionCheck collections(modules_);
       for (auto& m : modules_) {
         m->params().check_required();
         lifecycle(*m, "initialize", [&] { m->initialize(); });
-        ++initialized;
+        collections.check(initialized++);
       }
     } catch (...) {
       // The modules initialized before the one that failed get their terminate: an output closes
