@@ -1817,3 +1817,38 @@ class _Source(_Requires):
 
     def next_batch(self, batch, max_events):
         return False
+
+
+def test_a_second_module_making_a_collection_is_an_error_naming_both():
+    """A second ECLClusterizer in a chain (another seed threshold, say) replaced ECLClusters without a
+    word: the modules after it and the output saw the second's clusters only. Two modules that say they
+    make one collection are refused at initialize, naming both; another output name, or a module that
+    rewrites the collection (requires it, makes nothing), is not."""
+    from eclreco.sources import MessageSource
+
+    def run(*modules):
+        path = eclreco.create_path()
+        path.add_module("SimulationInput", events=5, detector="array30", particle="gamma", seed=3)
+        for m, params in modules:
+            path.add_module(m, **params)
+        return eclreco.process(path, install_signal_handlers=False)
+
+    with pytest.raises(ValueError) as err:
+        run(("ECLUnpacker", {}), ("ECLClusterizer", {}), ("ECLLeakageCorrection", {}),
+            ("ECLClusterizer", {"seed_energy_gev": 0.02}))
+    assert str(err.value).startswith(
+        "ECLClusterizer (module 5 of the path) makes the collection 'ECLClusters', which ECLClusterizer (module 3 of "
+        "the path) makes already: it would replace it")
+    assert eclreco.statistics.summary()["received"] == 0
+    run(("ECLUnpacker", {}), ("ECLClusterizer", {}), ("ECLClusterizer", {"seed_energy_gev": 0.02, "output": "Tight"}))
+    assert eclreco.statistics.summary()["processed"] == 5
+    with pytest.raises(ValueError, match=r"_Requires .module 3 of the path. makes the collection 'RawPayloadRef', which "
+                                         r"MessageSource .module 1 of the path. makes already"):
+        path = eclreco.create_path()
+        for m in (MessageSource([]), _Requires((), ("Mine",)), _Requires((), ("RawPayloadRef",))):
+            path.add_module(m)
+        eclreco.process(path, install_signal_handlers=False)
+    path = eclreco.create_path()  # a module that rewrites a collection requires it
+    for m in (MessageSource([]), _Requires((), ("Mine",)), _Requires(("Mine",), ())):
+        path.add_module(m)
+    eclreco.process(path, install_signal_handlers=False)

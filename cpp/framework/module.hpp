@@ -75,7 +75,8 @@ class Module {
   // said. A module that rewrites a collection made before it (filters its rows) needs it and does not
   // make it. An output of a job without events writes what the modules before it make (RootOutput's
   // branches); a module that does not say may add anything. The processor checks them at initialize
-  // (processor.cpp, CollectionCheck): what a module needs is made by a module before it.
+  // (processor.cpp, CollectionCheck): what a module needs is made by a module before it, and no two
+  // modules make one collection.
   using Names = std::vector<std::string>;
   using Collections = std::optional<Names>;  // return Names{...} (a bare {} would be std::nullopt)
   virtual Collections makes() const { return std::nullopt; }

@@ -177,8 +177,9 @@ namespace {
 // What the path's modules say they make and need (Module::makes, needs), checked module by module at
 // initialize, after the module's own initialize (which validates the parameters the names come from),
 // as basf2's isRequired: a collection that no module before it makes failed every event of the job, one
-// at a time, instead. A module that does not say is never refused, and after one that does not say
-// what it makes (it may make anything) no collection is missing.
+// at a time, instead; a second module making a collection replaced the first one's silently. A module
+// that does not say is never refused, and after one that does not say what it makes (it may make
+// anything) no collection is missing.
 class CollectionCheck {
  public:
   explicit CollectionCheck(const std::vector<std::shared_ptr<Module>>& modules) : modules_(modules) {}
@@ -194,8 +195,13 @@ class CollectionCheck {
       return;
     }
     for (const std::string& name : *makes) {
-      made_by_.emplace(name, k);
-      made_.emplace_back(name, k);
+      const auto [it, first] = made_by_.emplace(name, k);
+      if (it->second != k)  // the second would replace the first's collection without a word
+        throw std::invalid_argument(
+            named(k) + " makes the collection '" + name + "', which " + named(it->second) + " makes already: it "
+            "would replace it; give one of them another name (a parameter such as ECLClusterizer's output), or "
+            "leave one out (a module that rewrites a collection made before it requires it and does not make it)");
+      if (first) made_.emplace_back(name, k);
     }
   }
 
