@@ -291,6 +291,12 @@ def test_module_list_and_help(capsys):
     assert main(["modules", "Progress"]) == 0
     out = capsys.readouterr().out
     assert "interval_s" in out and "float" in out
+    # what a module reads and adds, checked at initialize: said where its parameters are
+    assert "\nRequires: (none)\nMakes: (none)\n" in out
+    assert main(["modules", "ECLUnpacker"]) == 0
+    out = capsys.readouterr().out
+    assert ("\nRequires: RawEnvelopes, RawPayloadRef (default parameters)\n"
+            "Makes: ECLDigits, ECLEventInformation (default parameters)\n") in out
     # an error, on stderr (it went to stdout), exit 2 as for any bad argument (it was 1); '' printed the list
     for name in ("Foo", ""):
         assert main(["modules", name]) == 2

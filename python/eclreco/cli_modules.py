@@ -22,6 +22,11 @@ def print_module_help(name: str) -> None:
 
     module = create_module(name)
     print(f"{module.type}: {module.description}\n")
+    # what the processor checks at initialize (docs/architecture.md, "Modules and paths")
+    for what, names in (("Requires", module.requires()), ("Makes", module.makes())):
+        print(f"{what}: {'(not said)' if names is None else ', '.join(names) or '(none)'}"
+              f"{' (default parameters)' if names else ''}")
+    print()
     params = module.param_list()
     if not params:
         print("(no parameters)")
