@@ -725,10 +725,10 @@ def test_eclreco_bench_removes_its_files_and_checks_plots_first(tmp_path, monkey
     assert cli.main(["bench", "--json", "--events", "200", "--repeat", "1", *only_generate]) == 0
     assert json.loads(capsys.readouterr().out)["input"]["events"] == 200
     assert os.listdir(tmp_path / "tmp") == []
-    for plots in (str(tmp_path / "file"), ""):
+    for plots, message in ((str(tmp_path / "file"), "is not a directory"), ("", "no directory named")):
         assert cli.main(["bench", "--events", "200", "--repeat", "1", "--plots", plots]) == 2
         out, err = capsys.readouterr()
-        assert f"--plots {plots!r} is not a directory" in err and not out, err
+        assert f"--plots {plots!r}" in err and message in err and "(or --skip plots)" in err and not out, err
     assert os.listdir(tmp_path / "tmp") == []
 
 
@@ -908,11 +908,11 @@ def test_train_and_validate_refuse_a_geant4_file_that_is_not_the_detectors(tmp_p
              (["validate"], str(text), "array30", "not a readable Geant4 sample"),
              (["train", "--sizes", "tiny", "--epochs", "1"], str(text), "array30", "not an .npz file (it begins with b'not ')")]
     for i, (argv, g4, det, message) in enumerate(cases):
-        out = tmp_path / f"out{i}" / "models"
+        out = tmp_path / f"out{i}"
         assert cli.main(argv + ["--detector", det, "-o", str(out), "--g4", g4, "--quiet"]) == 2, argv
         err = capsys.readouterr().err
         assert message in err and g4 in err and "Traceback" not in err and "pickle" not in err, err
-        assert not out.parent.exists(), argv
+        assert not out.exists(), argv
 
 
 def test_cluster_columns_default_is_shown_once_and_parses_to_the_list():
@@ -950,3 +950,36 @@ def test_eclreco_simulate_checks_its_output_before_simulating(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("eclreco simulate: -o ") and message in err, err
     assert os.listdir(tmp_path) == []
+
+
+def test_output_folders_are_made_in_a_folder_that_exists_only(tmp_path, capsys):
+    """-o of train, validate and dqm, and bench's --plots, were made with every missing folder above them
+    (os.makedirs): a typo in a folder above (/data/rnus/x) made /data/rnus without a word, where an output
+    file in a misspelt folder is refused. Now the same as for a file: one line naming the option and the
+    missing folder, exit 2, nothing made; the last component alone is made."""
+    import numpy as np
+    import uproot
+
+    from eclreco.dqm import Histogram1D, _to_th1d
+
+    root = tmp_path / "dqm.root"
+    with uproot.recreate(root) as f:
+        h = Histogram1D("h0", "a histogram", 10, 0.0, 1.0, "x")
+        h.fill(np.array([0.5]))
+        f["dqm/h0"] = _to_th1d(h)
+    typo = tmp_path / "rnus" / "x"
+    g4 = os.path.join(REPO, "tests", "data", "g4_array30_subset.npz")
+    for argv, option in ((["train", "--detector", "array30", "--g4", g4, "-o", str(typo), "--sizes", "tiny",
+                           "--epochs", "1", "--quiet"], "-o"),
+                         (["validate", "--detector", "array30", "--g4", g4, "-o", str(typo), "--max-events", "30",
+                           "--quiet"], "-o"),
+                         (["dqm", str(root), "-o", str(typo)], "-o"),
+                         # (with every measurement skipped but the plots, which need them: it ran, exit 0)
+                         (["bench", "--events", "100", "--repeat", "1", "--plots", str(typo),
+                           "--skip", "e2e", "grid", "stages", "cnn", "zmq", "farm"], "--plots")):
+        assert cli.main(argv) == 2, argv
+        out, err = capsys.readouterr()
+        assert err.count("\n") == 1 and f"{option} '{typo}': no directory '{typo.parent}'" in err, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["dqm.root"], argv
+    assert cli.main(["dqm", str(root), "-o", str(tmp_path / "png")]) == 0
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["eclreco-dqm.json", "h0.png"]

@@ -1149,7 +1149,7 @@ def test_train_and_validate_refuse_an_output_they_cannot_write_before_any_work(t
     the full sample and --restarts, minutes to hours lost), and `--cache` in a missing folder failed
     after the chain; `eclreco validate` failed at its first plot, after the first chain. A new -o
     folder was made before the chain, so a run that failed or was interrupted left it behind, empty.
-    Both now say so before any work, and a failed run removes the folders it made."""
+    Both now say so before any work, and a failed run removes the folder it made."""
     pytest.importorskip("torch")
     pytest.importorskip("matplotlib")
     from eclreco import cli
@@ -1158,7 +1158,7 @@ def test_train_and_validate_refuse_an_output_they_cannot_write_before_any_work(t
     try:
         cache = tmp_path / "chain.npz"
         base = ["--detector", "array30", "--g4", SUBSET["array30"], "--quiet"]
-        for out in (ro.folder, ro.folder / "new" / "deeper"):
+        for out in (ro.folder, ro.folder / "new"):
             assert cli.main(["train", "-o", str(out), "--sizes", "tiny", "--epochs", "1", "--cache", str(cache)]
                             + base) == 2
             assert f"eclreco train: error: ValueError: -o '{out}': " in capsys.readouterr().err
@@ -1171,7 +1171,7 @@ def test_train_and_validate_refuse_an_output_they_cannot_write_before_any_work(t
         ro.restore()
     (tmp_path / "file").write_text("")
     assert cli.main(["train", "-o", str(tmp_path / "file" / "x")] + base) == 2
-    assert f"-o '{tmp_path}/file/x': cannot make the directory (Not a directory" in capsys.readouterr().err
+    assert f"-o '{tmp_path}/file/x': no directory '{tmp_path}/file'" in capsys.readouterr().err
     assert cli.main(["train", "-o", str(tmp_path / "o"), "--cache", str(tmp_path / "no" / "c.npz")] + base) == 2
     assert f"--cache '{tmp_path}/no/c.npz': no directory '{tmp_path}/no'" in capsys.readouterr().err
     # a run that fails after the chain (energies in GeV where MeV are due: no cluster above threshold)
@@ -1179,7 +1179,7 @@ def test_train_and_validate_refuse_an_output_they_cannot_write_before_any_work(t
     with np.load(SUBSET["array30"]) as f:
         gev = {k: f[k] / 1000 if k in ("true_energy_mev", "edep_mev") else f[k] for k in f.files}
     np.savez(tmp_path / "gev.npz", **gev)
-    assert cli.main(["train", "-o", str(tmp_path / "new" / "out"), "--sizes", "tiny", "--epochs", "1", "--detector",
+    assert cli.main(["train", "-o", str(tmp_path / "new"), "--sizes", "tiny", "--epochs", "1", "--detector",
                      "array30", "--g4", str(tmp_path / "gev.npz"), "--quiet"]) == 2
     assert "the training split has no matched cluster" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "gev.npz", "ro"]

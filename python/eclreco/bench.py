@@ -242,7 +242,8 @@ def plot(results: dict, out_dir: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    os.makedirs(out_dir, exist_ok=True)
+    if not os.path.isdir(out_dir):  # its last component only: _run checked the folder above it
+        os.mkdir(out_dir)
     grid = results["grid"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for threads in sorted({g["threads"] for g in grid}):
@@ -401,8 +402,10 @@ def print_table(res: dict) -> None:
 
 def _run(args) -> int:
     if "plots" not in (args.skip or []):  # not after minutes of measurements
-        if not args.plots or (os.path.exists(args.plots) and not os.path.isdir(args.plots)):
-            raise ValueError(f"--plots {args.plots!r} is not a directory (or --skip plots)")
+        from eclreco.paths import output_folder_error
+
+        if why := output_folder_error(args.plots, "--plots"):
+            raise ValueError(f"{why} (or --skip plots)")
     res = run_benchmark(args)
     if args.json:
         print(strict_json.dumps(res, indent=1))

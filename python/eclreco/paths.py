@@ -31,35 +31,46 @@ def missing_folder(path: str) -> str:
     return "" if os.path.isdir(folder) else folder
 
 
+def output_folder_error(path: str, option: str = "-o") -> str:
+    """Why `path` cannot be the folder of a command's outputs (a line naming `option` and the path), '' when
+    it can: it is a folder, or one that can be made in a folder that exists, and files can be made in it.
+    Only the last component is ever made, as an output file must be in a folder that exists: a typo above it
+    (/data/rnus/x) is an error, not a new directory tree."""
+    if not path:
+        return f"{option} '': no directory named (. for this one)"
+    if os.path.exists(path) and not os.path.isdir(path):
+        return f"{option} {path!r} is not a directory"
+    if folder := missing_folder(path):
+        return f"{option} {path!r}: no directory {folder!r}"
+    if why := unwritable_folder(path):  # at once, not at the first output after hours of training
+        return f"{option} {path!r}: {why}"
+    return ""
+
+
 @contextlib.contextmanager
 def output_folder(path: str, option: str = "-o"):
-    """The folder of a command's outputs (`option` names it in errors), made with its missing parents on
-    entering, before the work (a path that cannot be one fails at once, not after it); an error or an
-    interrupt inside the block removes the folders it made that are still empty, so that a failed
+    """The folder of a command's outputs (`option` names it in errors), checked (output_folder_error) and
+    made on entering, before the work (a path that cannot be one fails at once, not after it); an error or
+    an interrupt inside the block removes it again if it made it and it is still empty, so that a failed
     command leaves no new empty folder behind."""
-    if not path:
-        raise ValueError(f"{option} '': no directory named (. for this one)")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{option} {path!r} is not a directory")
-    made = []  # the leaf first
-    folder = os.path.abspath(path)
-    while not os.path.exists(folder):
-        made.append(folder)
-        folder = os.path.dirname(folder)
+    if why := output_folder_error(path, option):
+        raise ValueError(why)
+    made = not os.path.isdir(path)
+    if made:
+        try:
+            os.mkdir(path)
+        except FileExistsError:  # made meanwhile by another process: its, not ours to remove
+            made = False
+        except OSError as err:
+            raise ValueError(f"{option} {path!r}: cannot make the directory ({err.strerror})") from None
     try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"{option} {path!r}: cannot make the directory ({err.strerror}: {err.filename!r})") from None
-    try:
-        if why := unwritable_folder(path):  # at once, not at the first output after hours of training
-            raise ValueError(f"{option} {path!r}: {why}")
         yield path
     except BaseException:
-        for folder in made:
+        if made:
             try:
-                os.rmdir(folder)
+                os.rmdir(path)
             except OSError:  # not empty (or gone): what is in it stays
-                break
+                pass
         raise
 
 
