@@ -34,17 +34,17 @@ def generate_keys(directory: str, names=DEFAULT_NAMES, overwrite: bool = False) 
     """Create one key pair per name; returns {name: (public_file, secret_file)}."""
     pub = os.path.join(directory, "public")
     priv = os.path.join(directory, "private")
-    os.makedirs(pub, exist_ok=True)
-    os.makedirs(priv, exist_ok=True)
-    os.chmod(priv, 0o700)
     files = {}
-    for name in names:  # every name checked before any pair is made (a refusal made those before it)
+    for name in names:  # every name checked before anything is made (a refusal left public/ and private/)
         if not name or os.sep in name or name.startswith("."):
-            raise ValueError(f"bad key name {name!r}")
+            raise ValueError(f"bad key name {name!r} (a file name: no {os.sep!r}, not beginning with '.')")
         pf, sf = os.path.join(pub, f"{name}.key"), os.path.join(priv, f"{name}.key_secret")
         if not overwrite and (os.path.exists(pf) or os.path.exists(sf)):
             raise FileExistsError(f"{pf} or {sf} exists (use --force to replace)")
         files[name] = (pf, sf)
+    os.makedirs(pub, exist_ok=True)
+    os.makedirs(priv, exist_ok=True)
+    os.chmod(priv, 0o700)
     out = {}
     for name, (pf, sf) in files.items():
         tmp_pub, tmp_sec = zmq.auth.create_certificates(priv, name)  # both files in private/
@@ -149,8 +149,18 @@ def apply_curve_params(module, socket) -> None:
 
 
 def keys_main(args) -> int:
+    """`eclreco hlt keys`: -o is an output folder as any command's (paths.output_folder: a misspelt folder
+    above it is an error, not a new tree, said in one line, as is a bad name of --names)."""
+    from eclreco.paths import output_folder
+
     names = [n.strip() for n in args.names.split(",") if n.strip()]
-    made = generate_keys(args.output, names, overwrite=args.force)
+    if not names:
+        raise ValueError(f"--names {args.names!r} names no party")
+    with output_folder(args.output):
+        try:
+            made = generate_keys(args.output, names, overwrite=args.force)
+        except ValueError as err:
+            raise ValueError(f"--names: {err}") from None
     for name, (pf, sf) in made.items():
         print(f"{name}: public {pf}  secret {sf}")
     return 0
