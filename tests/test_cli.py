@@ -27,7 +27,6 @@ def _reco():
     (["simulate", "--events", "5", "-q", "-o", "/proc/nonexistent/x.msgpack"], "-o '/proc/nonexistent/x.msgpack': no directory '/proc/nonexistent'"),
     (["validate", "--detector", "belle2-ecl", "-o", "{tmp}/v", "--model", os.path.join(MODELS, "array30.onnx")],
      "trained for detector 'array30'"),
-    (["daq-emulator", "--input", "{tmp}/missing.msgpack", "--connect", "tcp://127.0.0.1:1"], "No such file"),
     # 'FileExistsError: [Errno 17] File exists' before
     (["validate", "--detector", "array30", "-o", os.path.join(REPO, "README.md")], "README.md' is not a directory"),
     (["train", "--detector", "array30", "-o", os.path.join(REPO, "README.md"), "--g4",
@@ -123,9 +122,10 @@ def test_eclreco_refused_before_any_work(argv, message, tmp_path, capsys):
     (["hlt"], "usage: eclreco hlt [-h] ROLE"),
     (["hlt", "control", "stop", "--timeout", "inf"], "argument --timeout: must be a finite number > 0, not inf"),
     (["hlt", "status", "--timeout", "nan"], "argument --timeout: must be a finite number > 0, not nan"),
-    (["daq-emulator", "--input", "x.msgpack", "--connect", "tcp://127.0.0.1:1", "--tick-ms", "0"],
+    # (--input: a file that exists, which the parser checks first)
+    (["daq-emulator", "--input", __file__, "--connect", "tcp://127.0.0.1:1", "--tick-ms", "0"],
      "argument --tick-ms: must be a finite number > 0, not 0"),
-    (["daq-emulator", "--input", "x.msgpack", "--connect", "tcp://127.0.0.1:1", "--events", "-1"],
+    (["daq-emulator", "--input", __file__, "--connect", "tcp://127.0.0.1:1", "--events", "-1"],
      "argument --events: must be >= 0, not -1"),
     (["bench", "--events", "0"], "argument --events: must be >= 100, not 0"),
     (["bench", "--farm-rate", "inf"], "argument --farm-rate: must be a finite number > 0, not inf"),
@@ -777,7 +777,11 @@ def test_eclreco_quarantine_extract_leaves_out_as_it_was_when_an_input_fails(tmp
     for inputs in ([str(tmp_path / "missing.msgpack")], [str(good), str(broken)]):
         out.write_bytes(b"keep me")
         capsys.readouterr()
-        assert cli.main(["quarantine", *inputs, "--extract", str(out)]) == 2
+        try:
+            code = cli.main(["quarantine", *inputs, "--extract", str(out)])
+        except SystemExit as e:  # a missing file: refused by the parser
+            code = e.code
+        assert code == 2
         assert "Traceback" not in capsys.readouterr().err
         assert out.read_bytes() == b"keep me"
         assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.rejected.msgpack", "good.rejected.msgpack",
@@ -1003,3 +1007,31 @@ def test_hlt_keys_output_folder_and_names_are_checked_in_one_line(tmp_path, caps
     assert cli.main(["hlt", "keys", "-o", str(tmp_path / "k"), "--names", "daq"]) == 0
     assert sorted(str(p.relative_to(tmp_path / "k")) for p in (tmp_path / "k").rglob("*")) == [
         "private", "private/daq.key_secret", "public", "public/daq.key"]
+
+
+def test_input_files_that_cannot_be_read_are_named_with_their_option(tmp_path, capsys):
+    """A directory or a missing file given where a file is read said open's error, naming neither the
+    option nor what was expected: `train --g4 DIR` 'IsADirectoryError: [Errno 21] Is a directory: ...',
+    `validate --g4 typo.npz` and `daq-emulator --input typo` 'FileNotFoundError: [Errno 2] ...', as did
+    `eclreco quarantine` for its files, and `train --cache DIR`. Each is now one line naming the option
+    and the path (argparse's, for what it reads as the value), exit 2, before any work."""
+    g4 = os.path.join(REPO, "tests", "data", "g4_array30_subset.npz")
+    missing = tmp_path / "missing.npz"
+    for argv, message in (
+            (["train", "--g4", str(tmp_path)], f"--g4 '{tmp_path}': a directory, not a Geant4 file"),
+            (["validate", "--g4", str(missing)], f"--g4 '{missing}': no such file"),
+            (["train", "--g4", g4, "--cache", str(tmp_path)], f"--cache '{tmp_path}' is a directory: name a file in it")):
+        assert cli.main([*argv, "--detector", "array30", "-o", str(tmp_path / "out"), "--quiet"]) == 2, argv
+        out, err = capsys.readouterr()
+        assert err == f"eclreco {argv[0]}: error: {message}\n", err
+        assert not (tmp_path / "out").exists()
+    for argv, message in (
+            (["quarantine", str(tmp_path)], f"argument FILE: '{tmp_path}': a directory, not a quarantine file"),
+            (["quarantine", str(missing), "--list"], f"argument FILE: '{missing}': no such file"),
+            (["daq-emulator", "--input", str(tmp_path), "--connect", "tcp://127.0.0.1:1"],
+             f"argument --input: '{tmp_path}': a directory, not a raw file")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.endswith(f"eclreco {argv[0]}: error: {message}\n"), err
+        assert "Errno" not in err

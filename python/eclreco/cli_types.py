@@ -82,6 +82,20 @@ THREADS = integer(1, _core.MAX_THREADS)  # the bounds of eclreco.process, checke
 BATCH_SIZE = integer(1, _core.MAX_BATCH_SIZE)
 
 
+def input_file(what: str):
+    """A file that can be read (argparse type; `what` says what it should be): a missing path, a directory
+    or an unreadable file is the option's one line naming it, exit 2, not open's OSError after the parse."""
+    from eclreco.paths import unreadable_file
+
+    def parse(text: str) -> str:
+        if why := unreadable_file(text, what):
+            raise argparse.ArgumentTypeError(f"{text!r}: {why}")
+        return text
+
+    parse.__name__ = "input_file"
+    return parse
+
+
 def name_list(text: str) -> list[str]:
     """A comma-separated list of distinct names (column names: identifiers), e.g. energy,theta,lat."""
     names = [n.strip() for n in text.split(",")]

@@ -19,7 +19,7 @@ import time
 from typing import Callable, Sequence
 
 from eclreco import scheduling
-from eclreco.cli_types import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, CommandParser
+from eclreco.cli_types import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, CommandParser, input_file
 from eclreco.rawdata import read_raw_file
 
 
@@ -271,7 +271,8 @@ def add_daq_emulator_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "daq-emulator", help="replay a raw file over ZeroMQ (PUSH) at a steady rate",
         description=__doc__)
-    p.add_argument("--input", required=True, help="raw file (.msgpack, envelopes back to back)")
+    p.add_argument("--input", type=input_file("raw file"), required=True,
+                   help="raw file (.msgpack, envelopes back to back)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--connect", metavar="ADDR", help="connect the PUSH socket to ADDR, e.g. tcp://127.0.0.1:5555")
     where.add_argument("--bind", metavar="ADDR", help="bind the PUSH socket to ADDR, e.g. tcp://127.0.0.1:5555")

@@ -1,10 +1,12 @@
 """Files of the source tree (steering files) and beside it (../shared), found from an installed package;
-the folder checks of outputs; outputs written whole (a temporary name, then the file's own)."""
+the checks of input files and of the folders of outputs; outputs written whole (a temporary name, then the
+file's own)."""
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import stat
 
 
 def find_beside_package(relative: str) -> str | None:
@@ -106,6 +108,26 @@ class StagedOutputs:
         for tmp in self.files.values():
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def unreadable_file(path: str, what: str = "file") -> str:
+    """Why `path` cannot be read as a `what` ('' when it can), to follow `OPTION 'path': ` in a refusal:
+    open's OSError ('[Errno 21] Is a directory: ...') names neither the option nor what was expected."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as err:  # a path through a file, a loop of links, ...
+        return f"cannot read it ({err.strerror})"
+    if stat.S_ISDIR(st.st_mode):
+        return f"a directory, not a {what}"
+    if stat.S_ISREG(st.st_mode):  # opened to know (os.access says yes to root); a pipe is read once, later
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as err:
+            return f"cannot read it ({err.strerror})"
+    return ""
 
 
 def unwritable_folder(folder: str) -> str:

@@ -25,6 +25,7 @@ from typing import Iterator
 
 import msgpack
 
+from eclreco.cli_types import input_file
 from eclreco.paths import StagedOutputs, missing_folder
 
 # --list pads the reason to this: the longest of eclreco's own (duplicate_collector); the records are
@@ -168,7 +169,8 @@ def _out_file(text: str) -> str:
 def add_quarantine_parser(subparsers) -> None:
     p = subparsers.add_parser("quarantine", help="list or extract the rejected raw events of quarantine files",
                               description=__doc__)
-    p.add_argument("files", nargs="+", help="quarantine files (.msgpack) written by RejectedOutput")
+    p.add_argument("files", nargs="+", type=input_file("quarantine file"), metavar="FILE",
+                   help="quarantine files (.msgpack) written by RejectedOutput")
     shown = p.add_mutually_exclusive_group()  # both on stdout: the lines made the JSON unreadable
     shown.add_argument("--list", action="store_true", help="one line per record: reason, exp/run/evt, size, detail")
     p.add_argument("--reason", action="append", help="only records of this reason (repeatable)")

@@ -113,6 +113,19 @@ def default_g4_path(detector: str) -> str:
     return find_beside_package(rel) or rel
 
 
+def checked_g4_path(g4_path, detector) -> str:
+    """The Geant4 file of train and validate: --g4, or the detector's default (default_g4_path), checked
+    before any work: a TrainingInputError names --g4 and the path (open's OSError, '[Errno 21] Is a
+    directory: ...', named neither)."""
+    from eclreco.paths import unreadable_file
+
+    path = g4_path or default_g4_path(detector)
+    if why := unreadable_file(path, "Geant4 file"):
+        raise TrainingInputError(f"--g4 {path!r}: {why}" if g4_path else
+                                 f"the default Geant4 file {path!r}: {why} (use --g4)")
+    return path
+
+
 def chain_samples(detector, g4_path, seed=1, max_events=0, quiet=False, copies=None):
     """(train, val, test) dicts of matched clusters through the chain; copies: how many times the
     training events enter (array30: under the symmetries of the beam, G4Sample.symmetric_copies;
@@ -439,9 +452,9 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
         raise TrainingInputError(f"--seed {seed} with --restarts {restarts} tries seeds up to {seed + restarts - 1}: "
                                  f"at most {MAX_SEED}" if seed >= 0 else f"--seed must be >= 0, not {seed}")
     torch.set_num_threads(2)
-    g4_path = g4_path or default_g4_path(detector)
-    if not os.path.exists(g4_path):
-        raise FileNotFoundError(f"Geant4 file {g4_path!r} not found (use --g4)")
+    g4_path = checked_g4_path(g4_path, detector)
+    if cache and os.path.isdir(cache):
+        raise TrainingInputError(f"--cache {cache!r} is a directory: name a file in it")
     if samples is None and cache and not os.path.exists(cache):  # before the chain, not after it
         folder = missing_folder(cache)  # (a cache is a file in a folder that exists, as reco.py's -o)
         why = f"no directory {folder!r}" if folder else unwritable_folder(os.path.dirname(os.path.abspath(cache)))

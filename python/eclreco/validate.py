@@ -305,9 +305,9 @@ def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed
 def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, fake_events, quiet, staged):
     from tqdm import tqdm
 
-    from eclreco.train import default_g4_path
+    from eclreco.train import checked_g4_path
 
-    g4_path = g4_path or default_g4_path(detector)
+    g4_path = checked_g4_path(g4_path, detector)
     model = _model_path(detector, model)
     from eclreco.modules.ecl_energy_correction import load_session
 
@@ -428,9 +428,15 @@ def _cmd(args) -> int:
     if given and args.detector != "belle2-ecl":
         raise SystemExit(f"eclreco validate: {', '.join(given)}: the pi0 peak and the clusters away from the photon "
                          f"are belle2-ecl's sections (fast simulation with beam background), not {args.detector}'s")
-    run_validation(args.detector, args.output, g4_path=args.g4, model=args.model, max_events=args.max_events,
-                   pi0_events=PI0_EVENTS if args.pi0_events is None else args.pi0_events,
-                   fake_events=FAKE_EVENTS if args.fake_events is None else args.fake_events, quiet=args.quiet)
+    from eclreco.train import TrainingInputError
+
+    try:
+        run_validation(args.detector, args.output, g4_path=args.g4, model=args.model, max_events=args.max_events,
+                       pi0_events=PI0_EVENTS if args.pi0_events is None else args.pi0_events,
+                       fake_events=FAKE_EVENTS if args.fake_events is None else args.fake_events, quiet=args.quiet)
+    except TrainingInputError as err:  # a Geant4 file it cannot use: one line, exit 2, as train's
+        print(f"eclreco validate: error: {err}", file=sys.stderr, flush=True)
+        return 2
     return 0
 
 
