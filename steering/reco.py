@@ -18,7 +18,7 @@ import signal
 import sys
 
 import eclreco
-from eclreco.cli_types import (BATCH_SIZE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, THREADS,
+from eclreco.cli_types import (BATCH_SIZE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, THREADS, HelpFormatter,
                                add_cluster_columns_argument, integer, name_list, number)
 from eclreco.paths import missing_folder
 from eclreco.raw_sockets import address_in_use, check_address, check_message_limits, is_stream_address, tcp_port
@@ -26,8 +26,10 @@ from eclreco.reconstruction import (add_event_filter, add_event_filter_arguments
                                    event_filter_option_unused)
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    """The parser, and its groups of the embedded simulation and of a ZeroMQ input (parse_args refuses their
+    options where the job does not run that part). --help shows every default, as the eclreco commands do."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     ap.add_argument("-n", "--max-events", type=NON_NEGATIVE_INT, default=0, help="stop after N events (0: all)")
     ap.add_argument("-i", "--input", help="raw file (.msgpack) or ZeroMQ address (tcp://HOST:PORT, ipc://PATH); "
                     "default: simulation")
@@ -41,7 +43,8 @@ def parse_args(argv=None):
     sim = ap.add_argument_group("embedded simulation (no --input)")
     sim.add_argument("--events", type=POSITIVE_INT, default=None,
                      help="events to simulate (default 20000; with --input use -n)")
-    sim.add_argument("--detector", default="belle2-ecl", choices=["belle2-ecl", "array30"])
+    sim.add_argument("--detector", default="belle2-ecl", choices=["belle2-ecl", "array30"],
+                     help="the detector simulated")
     sim.add_argument("--particle", choices=["gamma", "pi0", "generic"],
                      help="default: generic for belle2-ecl, gamma for array30 (it has no generic events)")
     # the ranges of SimulationInput (checked at its initialize: exit 1 after the other modules had started)
@@ -50,7 +53,7 @@ def parse_args(argv=None):
     sim.add_argument("--background", type=number(0.0, 100.0),
                      help="beam-background level (1 = nominal); default: 1 for belle2-ecl, 0 for array30 (the "
                           "test-beam array, whose model was trained without background)")
-    sim.add_argument("--seed", type=integer(0, 2**63 - 1), default=1)
+    sim.add_argument("--seed", type=integer(0, 2**63 - 1), default=1, help="seed of the simulation")
     stream = ap.add_argument_group("ZeroMQ input (-i tcp://... or ipc://...)")
     stream.add_argument("--connect", action="store_true", help="connect to the address instead of binding")
     stream.add_argument("--idle-timeout", type=NON_NEGATIVE, default=0.0,
@@ -74,13 +77,18 @@ def parse_args(argv=None):
     add_event_filter_arguments(ap)
     mon = ap.add_argument_group("monitoring")
     mon.add_argument("--metrics-port", type=integer(0, 65535, " (0: no metrics)"), default=0,
-                     help="serve Prometheus metrics on this port")
-    mon.add_argument("--metrics-host", default="127.0.0.1")
+                     help="serve Prometheus metrics on this port (0: none)")
+    mon.add_argument("--metrics-host", default="127.0.0.1", help="interface of the exporter")
     mon.add_argument("--metrics-linger", type=NON_NEGATIVE, default=0.0,
                      help="after the run, serve the final counts until a scrape has read them, at most S seconds "
                           "(0: stop serving at once; unread_at_end is counted at the very end)")
     mon.add_argument("--progress", type=NON_NEGATIVE, default=10.0,
                      help="seconds between progress lines (0: one per batch)")
+    return ap, sim, stream
+
+
+def parse_args(argv=None):
+    ap, sim, stream = build_parser()
     args = ap.parse_args(argv)
     if args.input and args.events is not None:
         ap.error("--events sets how many events to simulate; to stop after N events of --input use -n N")

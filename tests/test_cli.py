@@ -745,12 +745,19 @@ def _commands(parser, name="eclreco"):
 def test_every_command_help_says_what_it_does_and_prints_its_defaults():
     """deployment.md: `--help` of each command prints every default, in the option's own help (`hlt keys`
     --names was in no help text; simulate's and bench's options showed none, simulate's and dqm's --help
-    said nothing of what the command does). Once: a default written into the text too was shown twice."""
+    said nothing of what the command does). Once: a default written into the text too was shown twice.
+    The steering files' too: `python steering/reco.py --help` showed none (its own formatter), and
+    --detector, --seed and --metrics-host had no help text to show one in."""
     import argparse
 
-    for name, parser in _commands(cli.build_parser()):
-        if name == "eclreco hlt worker":  # its options are the steering file's (hlt_worker.py --help, the same formatter)
-            continue
+    from eclreco.cli_types import HelpFormatter
+    from eclreco.hlt.worker import add_worker_arguments
+
+    # hlt worker's options are its steering file's (hlt_worker.py: add_worker_arguments, this formatter)
+    worker = argparse.ArgumentParser(prog="eclreco hlt worker", description="a worker", formatter_class=HelpFormatter)
+    add_worker_arguments(worker)
+    parsers = [(n, p) for n, p in _commands(cli.build_parser()) if n != "eclreco hlt worker"]
+    for name, parser in parsers + [("reco.py", _reco().build_parser()[0]), ("eclreco hlt worker", worker)]:
         assert parser.description, name
         formatter = parser._get_formatter()
         for action in parser._actions:
