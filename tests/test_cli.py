@@ -103,6 +103,9 @@ def test_eclreco_refused_before_any_work(argv, message, tmp_path, capsys):
     (["hlt", "collector", "--flush-interval", "-1"], "--flush-interval: must be a finite number >= 0, not -1"),
     (["hlt", "worker", "--heartbeat", "inf"], "argument --heartbeat: must be a finite number > 0, not inf"),
     (["hlt", "worker", "--capacity", "-5"], "argument --capacity: must be >= 0, not -5"),
+    # exit 1 before, where `hlt run` refuses the same --rejected with 2
+    (["hlt", "worker", "--rejected", "/proc/nonexistent/q.msgpack"],
+     "eclreco hlt worker: error: --rejected '/proc/nonexistent/q.msgpack': no directory '/proc/nonexistent'"),
     (["hlt", "run", "-n", "0"], "argument -n/--workers: must be >= 1, not 0"),
     (["hlt", "run", "--threads", "300"], "argument --threads: must be 1..256, not 300"),
     (["hlt", "run", "--max-restarts", "-1"], "argument --max-restarts: must be >= 0, not -1"),

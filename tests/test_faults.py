@@ -1345,7 +1345,7 @@ def test_a_standalone_worker_keeps_what_it_rejects_by_default(tmp_path, roles):
     bad = subprocess.run(ECLRECO + ["hlt", "worker", "--distributor", roles.wrk, "--collector", roles.col,
                                     "--rejected", str(tmp_path / "nowhere" / "r.msgpack")],
                          capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and "no directory" in bad.stderr, bad.stdout + bad.stderr
+    assert bad.returncode == 2 and "error: --rejected" in bad.stderr and "no directory" in bad.stderr, bad.stderr
     (tmp_path / "w").mkdir()
     roles.distributor()
     roles.collector(tmp_path / "out.root", "collector.log")

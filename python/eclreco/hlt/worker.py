@@ -273,14 +273,16 @@ def default_quarantine(args) -> None:
     given = args.rejected is not None
     if not given:
         args.rejected = DEFAULT_REJECTED
+    why = ""
     if args.rejected:
         if folder := missing_folder(args.rejected):
-            raise SystemExit(f"eclreco hlt worker: --rejected {args.rejected!r}: no directory {folder!r}")
-        where = os.path.dirname(os.path.abspath(args.rejected))
-        if not os.access(where, os.W_OK):
-            raise SystemExit(f"eclreco hlt worker: cannot keep rejected raw events in {where!r} (not writable): "
-                             + ("choose another --rejected FILE" if given else
-                                "pass --rejected FILE (or --rejected '' to keep none)"))
+            why = f"--rejected {args.rejected!r}: no directory {folder!r}"
+        elif not os.access(where := os.path.dirname(os.path.abspath(args.rejected)), os.W_OK):
+            why = (f"cannot keep rejected raw events in {where!r} (not writable): "
+                   + ("choose another --rejected FILE" if given else "pass --rejected FILE (or --rejected '' to keep none)"))
+    if why:  # a bad option: exit 2, as argparse's and as `hlt run`'s refusal of the same --rejected (it was 1)
+        print(f"eclreco hlt worker: error: {why}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
     args.rejected = args.rejected.replace("{pid}", str(os.getpid()))
 
 
@@ -415,7 +417,7 @@ def main(args) -> int:
     try:
         runpy.run_path(steering, run_name="__main__")
     except SystemExit as e:
-        if isinstance(e.code, str):  # an error message (default_quarantine)
+        if isinstance(e.code, str):  # an error message (a steering file's sys.exit("..."))
             print(e.code, file=sys.stderr, flush=True)
             return 1
         return int(e.code or 0)
