@@ -20,7 +20,7 @@ import sys
 import eclreco
 from eclreco.cli_types import (BATCH_SIZE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, THREADS, HelpFormatter,
                                add_cluster_columns_argument, integer, name_list, number)
-from eclreco.paths import missing_folder
+from eclreco.paths import missing_folder, output_file_error
 from eclreco.raw_sockets import address_in_use, check_address, check_message_limits, is_stream_address, tcp_port
 from eclreco.reconstruction import (add_event_filter, add_event_filter_arguments, add_reconstruction,
                                    event_filter_option_unused)
@@ -157,11 +157,8 @@ def parse_args(argv=None):
     if args.rejected_when_needed:
         args.rejected = os.path.splitext(args.output)[0] + ".rejected.msgpack" if args.output else "rejected.msgpack"
     for option, name in (("-o", args.output), ("--rejected", args.rejected)):
-        folder = missing_folder(name) if name else ""
-        if folder:
-            ap.error(f"{option} {name!r}: no directory {folder!r}")
-        if name and os.path.isdir(name):
-            ap.error(f"{option} {name!r} is a directory: name a file in it")
+        if name and (why := output_file_error(name, option)):
+            ap.error(why)
     return args
 
 

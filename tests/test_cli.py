@@ -50,6 +50,8 @@ def test_eclreco_bad_options_exit_2_with_one_line(argv, message, tmp_path, capsy
      "--refuse-message-bytes \\(50\\) must exceed --max-message-bytes \\(100\\)"),
     (["hlt", "run", "--conditions", "{tmp}/missing.json"], "--conditions .* is not a file"),
     (["hlt", "run", "--output", "{tmp}/no/such/dir/run.root"], "--output .*: no directory .*no/such/dir"),
+    # the collector wrote DIR.2 beside it (it never overwrites: unused_filename)
+    (["hlt", "run", "--output", "{tmp}"], "--output .* is a directory: name a file in it"),
     (["hlt", "run", "--filter-cluster-energy", "0.2"], "--filter-cluster-energy sets which clusters"),
     (["hlt", "run", "--filter-cluster-energy", "0.1"], "--filter-cluster-energy sets which clusters"),
     # the workers wrote one file together (interleaved records), a worker died at start-up in a typo
@@ -1045,3 +1047,20 @@ def test_input_files_that_cannot_be_read_are_named_with_their_option(tmp_path, c
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.endswith(f"eclreco {argv[0]}: error: {message}\n"), err
         assert "Errno" not in err
+
+
+def test_a_standalone_collector_refuses_an_output_it_cannot_write_before_it_registers(tmp_path):
+    """`eclreco hlt collector -o typo/x.root` bound its sockets, waited for the distributor, registered,
+    and only then failed to make its file (the distributor then held the farm's results for a replacement);
+    with no distributor yet it waited forever. `-o DIR` wrote DIR.2 beside the folder. Both are now one
+    line naming --output, exit 2, at once, as `hlt run` refuses them."""
+    import subprocess
+
+    for output, message in ((tmp_path / "typo" / "x.root", f"--output '{tmp_path}/typo/x.root': no directory "
+                                                           f"'{tmp_path}/typo'"),
+                            (tmp_path, f"--output '{tmp_path}' is a directory: name a file in it")):
+        r = subprocess.run([sys.executable, "-m", "eclreco.cli", "hlt", "collector", "-o", str(output),
+                            "--metrics-port", "-1", "--collector-addr", "tcp://127.0.0.1:0",
+                            "--control", "tcp://127.0.0.1:9"], capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and r.stderr == f"eclreco hlt collector: error: ValueError: {message}\n", r.stderr
+    assert os.listdir(tmp_path) == []

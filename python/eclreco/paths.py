@@ -33,6 +33,17 @@ def missing_folder(path: str) -> str:
     return "" if os.path.isdir(folder) else folder
 
 
+def output_file_error(path: str, option: str) -> str:
+    """Why `path` cannot be an output file of `option` (a line naming both), '' when it can be: a directory
+    (a name in it is meant) or a file in a folder that does not exist (missing_folder), refused before the
+    work, not by the write at its end."""
+    if os.path.isdir(path):
+        return f"{option} {path!r} is a directory: name a file in it"
+    if folder := missing_folder(path):
+        return f"{option} {path!r}: no directory {folder!r}"
+    return ""
+
+
 def output_folder_error(path: str, option: str = "-o") -> str:
     """Why `path` cannot be the folder of a command's outputs (a line naming `option` and the path), '' when
     it can: it is a folder, or one that can be made in a folder that exists, and files can be made in it.

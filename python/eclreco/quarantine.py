@@ -26,7 +26,7 @@ from typing import Iterator
 import msgpack
 
 from eclreco.cli_types import input_file
-from eclreco.paths import StagedOutputs, missing_folder
+from eclreco.paths import StagedOutputs, output_file_error
 
 # --list pads the reason to this: the longest of eclreco's own (duplicate_collector); the records are
 # listed as they are read, so the width cannot come from the file
@@ -82,10 +82,8 @@ def _run(args) -> int:
     every_reason: set[str] = set()  # of every record read, for a --reason that matches none
     seen: set = set()  # repeat_key of the records counted
     repeats = 0
-    if args.extract and os.path.isdir(args.extract):
-        raise ValueError(f"--extract {args.extract!r} is a directory: name a file in it")
-    if args.extract and (folder := missing_folder(args.extract)):  # not the temporary file's name, in an error
-        raise ValueError(f"--extract {args.extract!r}: no directory {folder!r}")
+    if args.extract and (why := output_file_error(args.extract, "--extract")):  # not the temporary file's name
+        raise ValueError(why)
     if args.extract and os.path.exists(args.extract) and any(
             os.path.exists(p) and os.path.samefile(p, args.extract) for p in args.files):
         # opening OUT for writing would empty that input before it is read: its records would be gone

@@ -517,6 +517,17 @@ def _refused_exit_code(link: CollectorLink) -> int:
     return 1
 
 
+def output_error(output: str) -> str:
+    """Why a collector cannot write --output (hlt run's and hlt collector's check before any socket), '' when
+    it can: a directory was written beside itself as DIR.2 (unused_filename), a missing folder failed
+    only once the collector had registered with the distributor."""
+    if output.startswith("tcp://"):
+        return ""
+    from eclreco.paths import output_file_error
+
+    return output_file_error(output_filename(output, 1), "--output")
+
+
 def output_filename(template: str, run_index: int) -> str:
     if "{run_index}" in template:
         return template.format(run_index=run_index)
@@ -546,6 +557,8 @@ def main(args) -> int:
     from eclreco.curve import Curve
     from eclreco.hlt.worker import curve_params
 
+    if why := output_error(args.output):  # a bad option: exit 2 (cli.main), before the distributor knows it
+        raise ValueError(why)
     scheduling.apply(args.sched, "collector")  # before the ZeroMQ context: its threads inherit the policy
     open_files.raise_soft_limit("collector")  # it accepts the connections of every worker
     link = CollectorLink(args.collector_addr, args.control, curve=Curve.from_args(args, "collector"),

@@ -488,20 +488,20 @@ def main(args) -> int:
             # role would refuse at its start (a collector's, after the rest of the farm had started)
             if not (option == "--input" and args.input_connect) and (why := address_in_use(address)):
                 refuse(f"{option} {address!r}: {why}")
-    from eclreco.paths import missing_folder
+    from eclreco.hlt.collector import output_error
+    from eclreco.paths import output_file_error
     from eclreco.reconstruction import event_filter_option_unused
 
     if unused := event_filter_option_unused(args):
         refuse(unused)
-    folder = "" if args.output.startswith("tcp://") else missing_folder(args.output)
-    if folder:
-        refuse(f"--output {args.output!r}: no directory {folder!r}")
+    if why := output_error(args.output):
+        refuse(why)
     if args.rejected:
         if args.workers > 1 and "{worker}" not in args.rejected and "{pid}" not in args.rejected:
             refuse(f"--rejected {args.rejected!r}: {args.workers} workers would write "
                    "one file; put {worker} (their index) or {pid} in its name")
-        if folder := missing_folder(args.rejected):
-            refuse(f"--rejected {args.rejected!r}: no directory {folder!r}")
+        if why := output_file_error(args.rejected, "--rejected"):
+            refuse(why)
     try:
         check_message_limits("", args.max_message_bytes, args.refuse_message_bytes,
                              ("--max-message-bytes", "--refuse-message-bytes"))
