@@ -147,7 +147,8 @@ def add_hlt_parser(subparsers):
     p = sub.add_parser("merge", help="the events of a farm's files (a killed collector's and its replacement's), "
                                      "each (exp, run, evt) once, into one file",
                        description=__import__("eclreco.hlt.merge", fromlist=["merge"]).__doc__)
-    p.add_argument("files", nargs="+", help="ROOT files of the farm, the killed collector's first (its copy is kept)")
+    p.add_argument("files", nargs="+", type=input_file("ROOT file"), metavar="FILE",
+                   help="ROOT files of the farm, the killed collector's first (its copy is kept)")
     p.add_argument("-o", "--output", required=True, help="the merged ROOT file (not overwritten)")
     p.add_argument("--tree", default="events", help="the TTree to merge")
     p.set_defaults(func=lambda a: __import__("eclreco.hlt.merge", fromlist=["main"]).main(a))

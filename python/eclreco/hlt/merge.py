@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from eclreco.paths import StagedOutputs, missing_folder
+from eclreco.paths import StagedOutputs, output_file_error
 
 CLUSTER_PREFIX = "cluster_"  # RootOutput's cluster branches, with the counter n + "cluster"
 KEY_BRANCHES = ("exp", "run", "evt")
@@ -66,8 +66,8 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
 
     if os.path.lexists(output):
         raise ValueError(f"-o {output!r} exists: merge never overwrites a file (choose another name)")
-    if folder := missing_folder(output):
-        raise ValueError(f"-o {output!r}: no directory {folder!r}")
+    if why := output_file_error(output, "-o"):
+        raise ValueError(why)
     if len(set(map(os.path.realpath, files))) != len(files):
         raise ValueError("a file is named twice: each of its events would be dropped as its own duplicate")
     opened, keys, layout, first_with_tree = [], [], None, None
