@@ -1,5 +1,6 @@
 """CNN energy correction: shipped models, ECLEnergyCorrection in a real path, errors, training smoke test."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -1111,6 +1112,37 @@ def test_a_geant4_sample_that_cannot_train_is_refused_naming_the_array(tmp_path)
     cnn_data.G4Sample(SUBSET["belle2-ecl"], "belle2-ecl").split()
 
 
+def test_a_geant4_sample_in_gev_is_refused_naming_the_array_and_the_unit(tmp_path, capsys):
+    """A Geant4 sample written in GeV (the unit of the reconstruction) where data/README.md says MeV passed
+    every check: `eclreco train` ran the chain and then said 'the training split has no matched cluster'
+    (nothing above the thresholds), `eclreco validate` wrote a report of empty rows; deposits alone in GeV
+    or keV were not noticed either. Now a ValueError before any work that names the array and the unit,
+    for both detectors' files."""
+    from eclreco import cli
+
+    with np.load(SUBSET["belle2-ecl"]) as f:
+        ph = f["photons"].copy()
+    ph[:, 0, 0] /= 1000
+    cases = [("array30", dict(true_energy_mev=_first_events(2000)["true_energy_mev"] / 1000),
+              r"the true energies \('true_energy_mev'\) are 0.9\d*\.\.1.09\d* MeV, far below the 50-6000 MeV "
+              r"of a Geant4 sample: are they in GeV\?"),
+             ("belle2-ecl", dict(photons=ph), r"the true energies \('photons' \[:, 0, 0\]\) are 0.9"),
+             ("array30", dict(edep_mev=_first_events(2000)["edep_mev"] / 1000),
+              r"the deposits \('edep_mev'\) of an event sum to a median 0.000894 times .* in GeV\?"),
+             ("belle2-ecl", dict(edep_mev=np.load(SUBSET["belle2-ecl"])["edep_mev"] * 1000),
+              r"the deposits \('edep_mev'\) of an event sum to a median 972 times .* in keV\?")]
+    for k, (det, arrays, message) in enumerate(cases):
+        path = _mutated(tmp_path, f"unit{k}", det=det, **arrays)
+        with pytest.raises(ValueError, match=f"unit{k}.npz: {message}"):
+            cnn_data.G4Sample(path, det)
+        command = "train" if k % 2 == 0 else "validate"
+        assert cli.main([command, "--detector", det, "-o", str(tmp_path / "out"), "--g4", path, "--quiet"]) == 2
+        assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+    for det in SUBSET:  # the samples in MeV pass
+        assert cnn_data.G4Sample(SUBSET[det], det).n == 2000
+
+
 class _Unwritable:
     """A folder no file can be made in: mode 0555, and for root (whom the mode does not stop) immutable
     (chattr +i); skips where neither holds."""
@@ -1174,15 +1206,12 @@ def test_train_and_validate_refuse_an_output_they_cannot_write_before_any_work(t
     assert f"-o '{tmp_path}/file/x': no directory '{tmp_path}/file'" in capsys.readouterr().err
     assert cli.main(["train", "-o", str(tmp_path / "o"), "--cache", str(tmp_path / "no" / "c.npz")] + base) == 2
     assert f"--cache '{tmp_path}/no/c.npz': no directory '{tmp_path}/no'" in capsys.readouterr().err
-    # a run that fails after the chain (energies in GeV where MeV are due: no cluster above threshold)
-    # leaves no new folder
-    with np.load(SUBSET["array30"]) as f:
-        gev = {k: f[k] / 1000 if k in ("true_energy_mev", "edep_mev") else f[k] for k in f.files}
-    np.savez(tmp_path / "gev.npz", **gev)
+    # a run that fails after the chain (photons that all missed the crystals: no cluster) leaves no new folder
+    np.savez(tmp_path / "missed.npz", **_first_events(2000) | {"edep_mev": np.zeros(46906, np.float32)})
     assert cli.main(["train", "-o", str(tmp_path / "new"), "--sizes", "tiny", "--epochs", "1", "--detector",
-                     "array30", "--g4", str(tmp_path / "gev.npz"), "--quiet"]) == 2
+                     "array30", "--g4", str(tmp_path / "missed.npz"), "--quiet"]) == 2
     assert "the training split has no matched cluster" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "gev.npz", "ro"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "missed.npz", "ro"]
 
 
 def test_the_model_card_names_its_sample_and_the_command_that_trains_it_again(tmp_path):

@@ -19,6 +19,14 @@ G4_DEFAULT = {"array30": "g4_array30_train.npz", "belle2-ecl": "g4_belle2_train.
 MATCH_ANGLE_RAD = 0.1
 TEST_FRACTION = 0.2  # the last 20 % of every Geant4 file: never used in training or early stopping
 VAL_FRACTION = 0.125  # of the remaining 80 %: validation set for early stopping (10 % of the file)
+# The units of a Geant4 sample (MeV): its photons have 50-6000 MeV (/work/shared/data/README.md) and their
+# showers leave most of it in the crystals (the median of an event's deposits over its true energy is 0.89 in
+# array30's reference file, 0.97 in belle2-ecl's). A file written in GeV passed every check and failed after
+# the chain with "no matched cluster" (nothing above the thresholds), which pointed away from the mistake;
+# the bounds are a factor 5 below the lowest energy of such a sample, a factor 18 below the median fraction and,
+# above, twice what energy conservation allows (an event's deposits cannot exceed its photon's energy).
+MIN_LARGEST_TRUE_MEV = 10.0
+DEPOSIT_FRACTION_RANGE = (0.05, 2.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,6 +143,7 @@ class G4Sample:
             name = "photons" if self.detector == "belle2-ecl" else "true_energy_mev"
             raise ValueError(f"{path}: {name!r} gives {bad.size} photon(s) a true energy that is not finite and > 0 "
                              f"(the first {self.e_true[bad[0]] * 1e3:g} MeV, event {bad[0]})")
+        self._check_units(path)
         norm = np.linalg.norm(self.direction, axis=1)
         bad = np.flatnonzero(~(np.abs(norm - 1) < 1e-3))  # (NaN too) the cluster matching takes cosines
         if bad.size:
@@ -147,6 +156,26 @@ class G4Sample:
             k = int(key[twice[0]])
             raise ValueError(f"{path}: event {k // stride} lists cellId {k % stride} twice: a Geant4 sample holds one "
                              "deposit per crystal and event (sum the hits of a crystal)")
+
+    def _check_units(self, path):
+        """MeV where MeV are due (MIN_LARGEST_TRUE_MEV, DEPOSIT_FRACTION_RANGE): the true energies, then the
+        deposits against them."""
+        name = "'photons' [:, 0, 0]" if self.detector == "belle2-ecl" else "'true_energy_mev'"
+        lo, hi = float(self.e_true.min()) * 1e3, float(self.e_true.max()) * 1e3
+        if hi < MIN_LARGEST_TRUE_MEV:
+            raise ValueError(f"{path}: the true energies ({name}) are {lo:g}..{hi:g} MeV, far below the 50-6000 MeV "
+                             "of a Geant4 sample: are they in GeV? The file holds energies in MeV (data/README.md)")
+        cs = np.concatenate([[0.0], np.cumsum(self.edep_gev)])
+        sums = cs[self.offsets[1:]] - cs[self.offsets[:-1]]
+        hit = sums > 0  # (a photon that missed the crystals says nothing of the units)
+        if not hit.any():
+            return
+        frac = float(np.median(sums[hit] / self.e_true[hit]))
+        if not DEPOSIT_FRACTION_RANGE[0] <= frac <= DEPOSIT_FRACTION_RANGE[1]:
+            unit = "GeV" if frac < DEPOSIT_FRACTION_RANGE[0] else "keV"
+            raise ValueError(f"{path}: the deposits ('edep_mev') of an event sum to a median {frac:.3g} times its "
+                             f"photon's true energy ({name}), where a shower leaves most of it (about 0.9) in the "
+                             f"crystals: are the deposits in {unit}? The file holds both in MeV (data/README.md)")
 
     def split(self):
         """(train, validation, test) event indices: test = the last TEST_FRACTION of the file."""
