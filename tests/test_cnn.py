@@ -1143,6 +1143,30 @@ def test_a_geant4_sample_in_gev_is_refused_naming_the_array_and_the_unit(tmp_pat
         assert cnn_data.G4Sample(SUBSET[det], det).n == 2000
 
 
+def test_a_sample_too_small_to_choose_a_network_is_refused(tmp_path, capsys):
+    """`eclreco train` on a 10-event Geant4 file trained on 7 events, early-stopped on 1 validation cluster
+    and wrote the network and its card, exit 0, without a word. A validation split of fewer than
+    MIN_VALIDATION_CLUSTERS matched clusters is now an input error: one line, exit 2, no output folder."""
+    pytest.importorskip("torch")
+    from eclreco import cli, train
+
+    ten = _mutated(tmp_path, "ten", **_first_events(10))
+    base = ["train", "--detector", "array30", "--sizes", "tiny", "--epochs", "1", "--quiet"]
+    assert cli.main(base + ["-o", str(tmp_path / "a"), "--g4", ten]) == 2
+    err = capsys.readouterr().err
+    assert err == ("eclreco train: error: the validation split (10% of the events) holds 1 matched cluster in its 1 "
+                   f"event: at least {train.MIN_VALIDATION_CLUSTERS} are needed to choose the network by its "
+                   "validation loss (early stopping, --restarts): train on 1000 events or more\n")
+    assert cli.main(base + ["-o", str(tmp_path / "a"), "--g4", SUBSET["array30"], "--max-events", "500"]) == 2
+    assert "holds 50 matched clusters in its 50 events: at least 100 are needed to choose the network by its " \
+           "validation loss (early stopping, --restarts): train on 1000 events or more (not --max-events 500)" \
+           in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+    # the 2000-event subset (175 validation events) trains
+    assert cli.main(base + ["-o", str(tmp_path / "b"), "--g4", SUBSET["array30"]]) == 0
+    assert (tmp_path / "b" / "array30.onnx").exists()
+
+
 class _Unwritable:
     """A folder no file can be made in: mode 0555, and for root (whom the mode does not stop) immutable
     (chattr +i); skips where neither holds."""
@@ -1210,7 +1234,8 @@ def test_train_and_validate_refuse_an_output_they_cannot_write_before_any_work(t
     np.savez(tmp_path / "missed.npz", **_first_events(2000) | {"edep_mev": np.zeros(46906, np.float32)})
     assert cli.main(["train", "-o", str(tmp_path / "new"), "--sizes", "tiny", "--epochs", "1", "--detector",
                      "array30", "--g4", str(tmp_path / "missed.npz"), "--quiet"]) == 2
-    assert "the training split has no matched cluster" in capsys.readouterr().err
+    assert "holds 0 matched clusters in its 200 events: at least 100 are needed to choose the network by its " \
+           "validation loss (early stopping, --restarts): most of its photons made no cluster" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "missed.npz", "ro"]
 
 

@@ -102,6 +102,13 @@ def loss_text(spec):
         return (f"Huber (delta {spec['delta']}) on log(E_pred/E_true) + {spec['w_ratio']} x "
                 "max(E_pred/E_true - 1, 0)^2")
     return "(E_pred/E_true - 1)^2"
+# The fewest matched clusters the validation split may hold (eclreco train; about 1000 events of a file, whose
+# validation split is 10 %). The network kept (early stopping, --restarts) is the one of the lowest validation
+# loss, the only check against over-fitting 1-11 k parameters, and that loss spreads over the clusters by 3-4
+# times its mean (the classical correction's Huber loss, 3000 photons of each reference file): with n clusters it
+# is known to about 3.5 / sqrt(n), +-35 % at 100, below which the kept network is chosen by noise. A floor that
+# catches a truncated or wrong file, not a recommendation: the reference files hold 100 000 events.
+MIN_VALIDATION_CLUSTERS = 100
 RECOMMENDED_MIN_ENERGY_GEV = 0.05  # the Geant4 samples start at 50 MeV (benchmarks/cnn_domain_scan.py)
 
 
@@ -475,6 +482,7 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
             if cache:
                 save_samples(cache, samples, provenance)
         train, val, test = samples
+        check_sample_size(val, max_events)
         epochs = epochs or EPOCHS[detector]
         sizes = sizes or [DEFAULT_SIZE[detector]]
         with StagedOutputs() as staged:
@@ -486,6 +494,20 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
         print(f"wrote {', '.join(os.path.basename(f) for f in staged.files)} and {detector}.md/.json in {out_dir} "
               f"({time.time() - t_start:.0f} s)", flush=True)
     return card
+
+
+def check_sample_size(val, max_events=0):
+    """TrainingInputError when the validation split has fewer than MIN_VALIDATION_CLUSTERS matched clusters (a
+    10-event file trained and wrote a network and its card, exit 0, without a word)."""
+    n, events = int(_arrays(val)[3].sum()), len(val["has"])
+    if n < MIN_VALIDATION_CLUSTERS:
+        share = (1 - cnn_data.TEST_FRACTION) * cnn_data.VAL_FRACTION
+        raise TrainingInputError(
+            f"the validation split ({share:.0%} of the events) holds {n} matched cluster{'' if n == 1 else 's'} in "
+            f"its {events} event{'' if events == 1 else 's'}: at least {MIN_VALIDATION_CLUSTERS} are needed to "
+            "choose the network by its validation loss (early stopping, --restarts): "
+            + ("most of its photons made no cluster (check the sample's energies and detector)" if 2 * n < events else
+               "train on 1000 events or more" + (f" (not --max-events {max_events})" if max_events else "")))
 
 
 def _train_sizes(detector, out_dir, g4_path, sizes, seed, restarts, epochs, max_events, quiet, train, val, test,
