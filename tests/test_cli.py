@@ -42,6 +42,17 @@ def test_eclreco_bad_options_exit_2_with_one_line(argv, message, tmp_path, capsy
     assert message in err and "Traceback" not in err
 
 
+def test_validate_refuses_belle2_sections_for_array30_with_exit_2(tmp_path, capsys):
+    """`eclreco validate --detector array30 --pi0-events N` (or --fake-events) was refused by
+    SystemExit(message): exit 1, the code of a failed run, where every other bad option exits 2."""
+    for given in (["--pi0-events", "10"], ["--fake-events", "0"]):
+        assert cli.main(["validate", "--detector", "array30", "-o", str(tmp_path / "v")] + given) == 2
+        assert capsys.readouterr().err == (f"eclreco validate: error: {given[0]}: the pi0 peak and the clusters away "
+                                           "from the photon are belle2-ecl's sections (fast simulation with beam "
+                                           "background), not array30's\n")
+    assert not (tmp_path / "v").exists()
+
+
 @pytest.mark.parametrize("argv,message", [
     (["hlt", "run", "-n", "3", "--metrics-base-port", "65532"], "P\\+1 \\.\\. P\\+4\\) must stay below 65536"),
     (["hlt", "run", "--model", "{tmp}/missing.onnx"], "is not a file"),

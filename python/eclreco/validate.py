@@ -425,9 +425,11 @@ PI0_EVENTS, FAKE_EVENTS = 20000, 2000  # the belle2-ecl sections' defaults
 def _cmd(args) -> int:
     # belle2-ecl's sections: an option of one that does not run is a mistake to point out (it was ignored)
     given = [o for o, v in (("--pi0-events", args.pi0_events), ("--fake-events", args.fake_events)) if v is not None]
-    if given and args.detector != "belle2-ecl":
-        raise SystemExit(f"eclreco validate: {', '.join(given)}: the pi0 peak and the clusters away from the photon "
-                         f"are belle2-ecl's sections (fast simulation with beam background), not {args.detector}'s")
+    if given and args.detector != "belle2-ecl":  # a bad option: one line, exit 2, as argparse's (SystemExit said 1)
+        print(f"eclreco validate: error: {', '.join(given)}: the pi0 peak and the clusters away from the photon are "
+              f"belle2-ecl's sections (fast simulation with beam background), not {args.detector}'s", file=sys.stderr,
+              flush=True)
+        return 2
     from eclreco.train import TrainingInputError
 
     try:
