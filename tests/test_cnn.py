@@ -1167,6 +1167,46 @@ def test_a_sample_too_small_to_choose_a_network_is_refused(tmp_path, capsys):
     assert (tmp_path / "b" / "array30.onnx").exists()
 
 
+def test_a_retraining_replaces_the_previous_trainings_networks_and_no_other_file(tmp_path, capsys):
+    """`eclreco train --sizes tiny,small -o out` then `--sizes tiny -o out` left the first training's
+    array30-small.onnx beside the second's card: one folder mixed two trainings. The card now lists its
+    networks (`files`, name: SHA-256) and the next training into the folder removes those it does not write
+    again, if they are unchanged; a file the card does not list, or one changed since, stays (a warning)."""
+    import json
+
+    pytest.importorskip("torch")
+    from eclreco import cli
+
+    out = tmp_path / "out"
+    base = ["train", "--detector", "array30", "-o", str(out), "--g4", SUBSET["array30"], "--epochs", "1",
+            "--cache", str(tmp_path / "chain.npz")]
+
+    def train(sizes):
+        assert cli.main(base + ["--sizes", sizes]) == 0
+        return sorted(p.name for p in out.iterdir())
+
+    assert train("tiny,small") == ["array30-small.onnx", "array30.json", "array30.md", "array30.onnx"]
+    (out / "array30-medium.onnx").write_bytes(b"the user's own")  # named like a network, listed by no card
+    (out / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert train("tiny") == ["array30-medium.onnx", "array30.json", "array30.md", "array30.onnx", "notes.txt"]
+    assert "removed the previous training's array30-small.onnx from" in capsys.readouterr().out
+    assert list(json.loads((out / "array30.json").read_text())["files"]) == ["array30.onnx"]
+    # a listed network changed since stays, with a warning
+    train("tiny,small")
+    (out / "array30-small.onnx").write_bytes(b"edited")
+    capsys.readouterr()
+    assert "array30-small.onnx" in train("tiny")
+    assert "warning: kept array30-small.onnx" in capsys.readouterr().err
+    # a card written before `files`: the size scan's networks
+    train("tiny,small")
+    card = json.loads((out / "array30.json").read_text())
+    del card["files"]
+    (out / "array30.json").write_text(json.dumps(card))
+    assert "array30-small.onnx" not in train("tiny")
+    assert (out / "array30-medium.onnx").read_bytes() == b"the user's own" and (out / "notes.txt").exists()
+
+
 class _Unwritable:
     """A folder no file can be made in: mode 0555, and for root (whom the mode does not stop) immutable
     (chattr +i); skips where neither holds."""

@@ -488,8 +488,16 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
         with StagedOutputs() as staged:
             card = _train_sizes(detector, out_dir, g4_path, sizes, seed, restarts, epochs, max_events, quiet, train,
                                 val, test, t_start, staged)
+            stale, changed = previous_networks(out_dir, detector, card)  # (the old card, before the new one)
             staged.publish()  # the networks, then their card: one set, as late as possible
             write_card(out_dir, detector, card)
+            for name in stale:  # then the previous training's other networks: a folder holds one training
+                os.unlink(os.path.join(out_dir, name))
+    for name in changed:
+        print(f"eclreco train: warning: kept {name} in {out_dir}: the previous training's card lists it, but it "
+              "was changed since (remove it if it is not yours)", file=sys.stderr, flush=True)
+    if not quiet and stale:
+        print(f"removed the previous training's {', '.join(stale)} from {out_dir}", flush=True)
     if not quiet:
         print(f"wrote {', '.join(os.path.basename(f) for f in staged.files)} and {detector}.md/.json in {out_dir} "
               f"({time.time() - t_start:.0f} s)", flush=True)
@@ -510,6 +518,32 @@ def check_sample_size(val, max_events=0):
                "train on 1000 events or more" + (f" (not --max-events {max_events})" if max_events else "")))
 
 
+def network_names(detector) -> set[str]:
+    """The file names of the networks train writes (<detector>.onnx, <detector>-<size>.onnx)."""
+    return {f"{detector}.onnx"} | {f"{detector}-{size}.onnx" for size in SIZES}
+
+
+def previous_networks(out_dir, detector, card):
+    """(stale, changed): the networks of the previous training in out_dir (its card, <detector>.json, lists them:
+    `files`, or the size scan's for a card written before `files`) that `card`'s training does not write again;
+    stale are still as that training wrote them (its SHA-256; a card without one: every listed file), changed
+    are not (a user's file under that name now: it stays). Only names train writes are considered."""
+    try:
+        with open(os.path.join(out_dir, f"{detector}.json")) as f:
+            old = json.load(f)
+        listed = old.get("files") or {r["file"]: None for r in old.get("size_scan") or []}
+        listed = {str(k): v for k, v in listed.items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # no card, or none of train's
+        return [], []
+    stale, changed = [], []
+    for name, sha in sorted(listed.items()):
+        path = os.path.join(out_dir, name)
+        if name not in network_names(detector) or name in card["files"] or not os.path.isfile(path):
+            continue
+        (stale if sha is None or file_sha256(path) == sha else changed).append(name)
+    return stale, changed
+
+
 def _train_sizes(detector, out_dir, g4_path, sizes, seed, restarts, epochs, max_events, quiet, train, val, test,
                  t_start, staged):
     """run_training's networks, each exported to its temporary file staged.path(its output name); the card."""
@@ -518,7 +552,7 @@ def _train_sizes(detector, out_dir, g4_path, sizes, seed, restarts, epochs, max_
     extra = EXTRA_FEATURES[detector]
     chain = str(train["chain"])
     ship = DEFAULT_SIZE[detector] if DEFAULT_SIZE[detector] in sizes else sizes[0]
-    scan, shipped = [], None
+    scan, shipped, files = [], None, {}
     for size in sizes:
         tried = []  # (best validation loss, network seed, model, info); the chain sample keeps `seed`
         for net_seed in range(seed, seed + restarts):
@@ -553,6 +587,7 @@ def _train_sizes(detector, out_dir, g4_path, sizes, seed, restarts, epochs, max_
             print(f"[{size}] ONNX vs PyTorch on {min(4096, xi.shape[0])} test clusters: max abs diff {mad:.3e} GeV, "
                   f"max rel diff {mrel:.3e}", flush=True)
         assert mrel < 1e-4, f"onnxruntime and PyTorch disagree: max relative difference {mrel}"
+        files[os.path.basename(final)] = file_sha256(path)
         cps = onnx_throughput(path, np.resize(xi, (1024,) + xi.shape[1:]), np.resize(xf, (1024,) + xf.shape[1:]))
         row = {"size": size, "seed": net_seed, "config": model.config, "n_params": count_params(model),
                "flops_per_cluster": flops_per_cluster(model.config), "clusters_per_second": cps,
@@ -578,6 +613,7 @@ def _train_sizes(detector, out_dir, g4_path, sizes, seed, restarts, epochs, max_
         "target": f"y = log(E_true / E_raw), {loss_text(LOSS[detector])}; energy = E_raw * exp(y)",
         "n_params": count_params(model), "flops_per_cluster": flops_per_cluster(c), "clusters_per_second": cps,
         "onnx_bytes": os.path.getsize(path), "onnx_check": {"max_abs_diff": mad, "max_rel_diff": mrel},
+        "files": files,  # every network of this training (name: SHA-256): the next one into -o replaces them all
         "recommended_min_energy_gev": RECOMMENDED_MIN_ENERGY_GEV,
         "command": reproduce_command(detector, out_dir, g4_path, seed, epochs, sizes, max_events, restarts,
                                      int(train.get("copies", 1))),
