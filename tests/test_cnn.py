@@ -558,6 +558,33 @@ def test_validate_reports_ratio_intervals_and_gap_photons(tmp_path):
     assert "bootstrap 16–84 %" in md and "entered the aluminium" in md
 
 
+def test_a_validation_with_empty_rows_says_so(tmp_path, capsys):
+    """`eclreco validate --max-events 3` wrote every energy row with n = 0 as 'nan' and exited 0; with
+    --max-events 40 of the 1 GeV subset, 8 rows of 9 were 'nan' among numbers. A validation without a photon
+    in any window is now an error before any work (exit 2, no folder); empty rows are dashes with a note
+    naming their energies, listed in the JSON (`empty_windows`) and in a warning on stderr."""
+    import json
+
+    pytest.importorskip("matplotlib")
+    from eclreco import cli
+
+    heldout = os.path.join(HERE, "data", "g4_array30_heldout.npz")
+    base = ["validate", "--detector", "array30", "--quiet"]
+    assert cli.main(base + ["-o", str(tmp_path / "v3"), "--g4", heldout, "--max-events", "3"]) == 2
+    assert ("none of the 3 held-out photons (true energies 0.148..1.86 GeV) is within ±5 % of 0.1, 0.2, 0.5, 0.6, 1, "
+            "2, 3, 4, 5 GeV: nothing to validate") in capsys.readouterr().err
+    assert not (tmp_path / "v3").exists()
+    out = tmp_path / "v40"
+    assert cli.main(base + ["-o", str(out), "--g4", SUBSET["array30"], "--max-events", "40"]) == 0
+    md = (out / "validation_array30.md").read_text()
+    assert "nan" not in md and "| 0.1 | 0 | – | – |" in md and "| 1 | 23 | " in md
+    assert "No held-out photon with a cluster at 0.1, 0.2, 0.5, 0.6, 2, 3, 4, 5 GeV: these rows are empty" in md
+    assert json.loads((out / "validation_array30.json").read_text())["empty_windows"] == {
+        "bg0": [0.1, 0.2, 0.5, 0.6, 2.0, 3.0, 4.0, 5.0]}
+    assert capsys.readouterr().err == ("eclreco validate: warning: windows without a held-out photon with a cluster "
+                                       "(empty rows): bg0 at 0.1, 0.2, 0.5, 0.6, 2, 3, 4, 5 GeV (of 40 events)\n")
+
+
 def test_validate_table_rms_is_a_resolution_not_the_window_width():
     """The mean and RMS columns are of E x E_nominal / E_true: a perfect correction has RMS 0 and
     mean E_nominal whatever the spread of E_true inside the +-5 % window (the RMS of E itself would

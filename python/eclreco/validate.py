@@ -86,6 +86,30 @@ def energy_table(res, energies, window=WINDOW, reference="raw_sum", in_gap=None)
     return rows
 
 
+def _num(x, fmt, unit=""):
+    """A table's number; a dash where there is none (a window of fewer than 2 photons: 'nan' read as a result)."""
+    return format(x, fmt) + unit if np.isfinite(x) else "–"
+
+
+def empty_windows(rows):
+    """The energies of a table whose windows hold no photon with a cluster (rows without a number)."""
+    return [r["e_true"] for r in rows if r["n"] == 0]
+
+
+def _empty_note(rows):
+    empty = empty_windows(rows)
+    return (f"\nNo held-out photon with a cluster at {', '.join(f'{e:g}' for e in empty)} GeV: "
+            f"{'this row is' if len(empty) == 1 else 'these rows are'} empty (–).\n") if empty else ""
+
+
+def check_windows(e_true, energies, window=WINDOW):
+    """ValueError when no event of e_true (GeV) lies in any window: a report of empty rows is no validation."""
+    if not any(np.any((e_true >= e0 * (1 - window)) & (e_true <= e0 * (1 + window))) for e0 in energies):
+        raise ValueError(f"none of the {e_true.size} held-out photons (true energies {e_true.min():.3g}.."
+                         f"{e_true.max():.3g} GeV) is within ±{100 * window:.0f} % of {', '.join(f'{e:g}' for e in energies)} "
+                         "GeV: nothing to validate (use more events, --max-events, or a sample of these energies)")
+
+
 def _fmt_table(rows, names, title):
     out = [f"### {title}", "",
            "| E_true GeV | n | " + " | ".join(f"mean {LABEL[n]}" for n in names) + " | "
@@ -94,12 +118,12 @@ def _fmt_table(rows, names, title):
            "|" + "---|" * (2 + 4 * len(names))]
     for r in rows:
         cells = [f"{r['e_true']:g}", f"{r['n']}" + (f" (+{r['n_no_cluster']} no cl.)" if r["n_no_cluster"] else "")]
-        cells += [f"{1000 * r[n]['mean']:.0f}" for n in names]
-        cells += [f"{1000 * r[n]['rms']:.1f}" for n in names]
-        cells += [f"{100 * r[n]['bias']:+.1f}%" for n in names]
-        cells += [f"{r[n]['sigma68']:.4f}" for n in names]
+        cells += [_num(1000 * r[n]["mean"], ".0f") for n in names]
+        cells += [_num(1000 * r[n]["rms"], ".1f") for n in names]
+        cells += [_num(100 * r[n]["bias"], "+.1f", "%") for n in names]
+        cells += [_num(r[n]["sigma68"], ".4f") for n in names]
         out.append("| " + " | ".join(cells) + " |")
-    out.append("")
+    out.append(_empty_note(rows))
     out.append("mean and RMS in MeV of E × E_nominal / E_true (each photon's energy scaled to the window's nominal "
                "energy, so that the spread of E_true inside the window does not enter them: RMS / E_nominal is the RMS "
                "of E/E_true); bias = median(E/E_true) - 1; σ68 = half-width of the central 68 % of E/E_true.")
@@ -288,8 +312,9 @@ def _fmt_ratio_table(rows, detector):
            "|---|---|---|---|" + ("---|" if gap else "")]
     for r in rows:
         q = r["sigma68_ratio"]
-        out.append(f"| {r['e_true']:g} | {r['n']} | {q['ratio']:.2f} | {q['lo']:.2f}–{q['hi']:.2f} |"
-                   + (f" {100 * r['gap_fraction']:.1f} % |" if gap else ""))
+        out.append(f"| {r['e_true']:g} | {r['n']} | {_num(q['ratio'], '.2f')} | "
+                   + (f"{q['lo']:.2f}–{q['hi']:.2f}" if np.isfinite(q["lo"]) else "–") + " |"
+                   + (f" {_num(100 * r['gap_fraction'], '.1f', ' %')} |" if gap else ""))
     return "\n".join(out) + "\n"
 
 
@@ -318,6 +343,7 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
     _, _, test = g4.split()
     if max_events:
         test = test[:max_events]
+    check_windows(g4.e_true[test], ENERGIES[detector])  # before any work
     # which network and which sample: a retrained network has the shipped one's file name
     model_file = meta.pop("file")
     model_meta = {k: v for k, v in meta.items() if isinstance(v, str)}
@@ -351,6 +377,8 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
             in_gap = array30_in_gap(g4.entry_xy_mm[res["g4_index"]] / 10.0)
         rows = energy_table(res, ENERGIES[detector], reference=REFERENCE[detector], in_gap=in_gap)
         report["tables"][f"bg{bg:g}"] = rows
+        if empty_windows(rows):  # said, not only written as rows of dashes (they were 'nan', exit 0)
+            report.setdefault("empty_windows", {})[f"bg{bg:g}"] = empty_windows(rows)
         report["chain"] = str(res["chain"])
         title = f"{detector}, background level {bg:g}" if detector != "array30" else "array30 (no background)"
         md.append(_fmt_table(rows, names, title))
@@ -409,6 +437,10 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
     if detector == "belle2-ecl" and fake_events:
         report["fakes"] = fake_clusters(detector, model, n_events=fake_events)
         md.append(_fmt_fakes(report["fakes"]))
+    if report.get("empty_windows"):
+        print(f"eclreco validate: warning: windows without a held-out photon with a cluster (empty rows): "
+              + "; ".join(f"{bg} at {', '.join(f'{e:g}' for e in es)} GeV" for bg, es in report["empty_windows"].items())
+              + f" (of {test.size} events)", file=sys.stderr, flush=True)
     buf = io.StringIO()
     strict_json.dump(report, buf, indent=1)
     staged.publish()  # the plots, then the report: one set, as late as possible
