@@ -1234,6 +1234,32 @@ def test_a_retraining_replaces_the_previous_trainings_networks_and_no_other_file
     assert (out / "array30-medium.onnx").read_bytes() == b"the user's own" and (out / "notes.txt").exists()
 
 
+def test_the_command_of_a_card_trained_from_a_cache_of_another_seed_trains_it_again(tmp_path, capsys):
+    """A --cache keeps the chain sample of the --seed that made it; trained from it with another --seed, the
+    card's command ('--seed 2', no cache) made the chain sample of seed 2 and another network. The samples
+    record their chain seed, and the command names it (--chain-seed 1) when it is not --seed; a --chain-seed
+    that the cache does not hold is refused."""
+    import json
+    import shlex
+
+    pytest.importorskip("torch")
+    from eclreco import cli
+
+    cache = str(tmp_path / "chain.npz")
+    base = ["train", "--detector", "array30", "--g4", SUBSET["array30"], "--sizes", "tiny", "--epochs", "2", "--quiet"]
+    assert cli.main(base + ["-o", str(tmp_path / "a"), "--seed", "1", "--cache", cache]) == 0
+    assert cli.main(base + ["-o", str(tmp_path / "b"), "--seed", "2", "--cache", cache]) == 0
+    card = json.loads((tmp_path / "b" / "array30.json").read_text())
+    argv = shlex.split(card["command"])
+    argv[argv.index("-o") + 1] = str(tmp_path / "c")
+    assert cli.main(argv[1:] + ["--quiet"]) == 0
+    assert (tmp_path / "b" / "array30.onnx").read_bytes() == (tmp_path / "c" / "array30.onnx").read_bytes()
+    assert card["seed"] == 2 and card["data"]["chain_seed"] == 1
+    assert "--chain-seed" not in json.loads((tmp_path / "a" / "array30.json").read_text())["command"]
+    assert cli.main(base + ["-o", str(tmp_path / "d"), "--seed", "2", "--chain-seed", "3", "--cache", cache]) == 2
+    assert f"the cache {cache!r} holds the chain sample of seed 1, not --chain-seed 3" in capsys.readouterr().err
+
+
 class _Unwritable:
     """A folder no file can be made in: mode 0555, and for root (whom the mode does not stop) immutable
     (chattr +i); skips where neither holds."""

@@ -157,6 +157,7 @@ def chain_samples(detector, g4_path, seed=1, max_events=0, quiet=False, copies=N
             s = cnn_data.g4_chain_sample(src, idx, seed=seed * 100 + k, levels=levels, progress=bar,
                                          chunk=BACKGROUND_CHUNK[detector])
             s["copies"] = np.array(copies if k == 0 else 1)
+            s["chain_seed"] = np.array(seed)  # (a cache's is its own: the card's command names it)
             out.append(s)
     return out
 
@@ -449,7 +450,9 @@ class TrainingInputError(ValueError):
 
 
 def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=None, max_events=0, quiet=False,
-                 samples=None, cache=None, augment=None, restarts=1):
+                 samples=None, cache=None, augment=None, restarts=1, chain_seed=None):
+    """Trains and writes the networks and their card; chain_seed: the chain sample's seed (default seed; a
+    --cache holds the sample of its own, which a chain_seed given must match)."""
     import onnx  # noqa: F401  (fail early when the training extras are missing)
     import torch
 
@@ -476,9 +479,17 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
             raise TrainingInputError(f"the cache {cache!r} holds {had} cop{'y' if had == 1 else 'ies'} of the "
                                      f"training events, not --augment {augment}: use another --cache file")
         check_cache(cache, made_by, provenance)
+        had = int(samples[0]["chain_seed"]) if "chain_seed" in samples[0] else None
+        if had is None or chain_seed not in (None, had):
+            raise TrainingInputError(f"the cache {cache!r} " + (f"holds the chain sample of seed {had}, not "
+                                     f"--chain-seed {chain_seed}" if had is not None else "does not record its "
+                                     "chain sample's seed (written by an older eclreco)") + ": use another --cache file")
+        chain_seed = had
+    chain_seed = seed if chain_seed is None else chain_seed
     with output_folder(out_dir):  # made now (an -o that cannot be one fails at once), gone again if left empty
         if samples is None:
-            samples = chain_samples(detector, g4_path, seed=seed, max_events=max_events, quiet=quiet, copies=augment)
+            samples = chain_samples(detector, g4_path, seed=chain_seed, max_events=max_events, quiet=quiet,
+                                    copies=augment)
             if cache:
                 save_samples(cache, samples, provenance)
         train, val, test = samples
@@ -486,8 +497,8 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
         epochs = epochs or EPOCHS[detector]
         sizes = sizes or [DEFAULT_SIZE[detector]]
         with StagedOutputs() as staged:
-            card = _train_sizes(detector, out_dir, g4_path, sizes, seed, restarts, epochs, max_events, quiet, train,
-                                val, test, t_start, staged)
+            card = _train_sizes(detector, out_dir, g4_path, sizes, seed, chain_seed, restarts, epochs, max_events,
+                                quiet, train, val, test, t_start, staged)
             stale, changed = previous_networks(out_dir, detector, card)  # (the old card, before the new one)
             staged.publish()  # the networks, then their card: one set, as late as possible
             write_card(out_dir, detector, card)
@@ -544,8 +555,8 @@ def previous_networks(out_dir, detector, card):
     return stale, changed
 
 
-def _train_sizes(detector, out_dir, g4_path, sizes, seed, restarts, epochs, max_events, quiet, train, val, test,
-                 t_start, staged):
+def _train_sizes(detector, out_dir, g4_path, sizes, seed, chain_seed, restarts, epochs, max_events, quiet, train, val,
+                 test, t_start, staged):
     """run_training's networks, each exported to its temporary file staged.path(its output name); the card."""
     import torch
 
@@ -554,7 +565,7 @@ def _train_sizes(detector, out_dir, g4_path, sizes, seed, restarts, epochs, max_
     ship = DEFAULT_SIZE[detector] if DEFAULT_SIZE[detector] in sizes else sizes[0]
     scan, shipped, files = [], None, {}
     for size in sizes:
-        tried = []  # (best validation loss, network seed, model, info); the chain sample keeps `seed`
+        tried = []  # (best validation loss, network seed, model, info); the chain sample keeps `chain_seed`
         for net_seed in range(seed, seed + restarts):
             m_, i_ = train_model(train, val, SIZES[size], epochs=epochs, seed=net_seed, quiet=quiet,
                                  event_features=extra, loss=LOSS[detector], residual=RESIDUAL[detector],
@@ -578,8 +589,8 @@ def _train_sizes(detector, out_dir, g4_path, sizes, seed, restarts, epochs, max_
                                            f", clamp(log({n}/energy_raw), {X_IN_RANGE[0]}, {X_IN_RANGE[1]})" for n in extra),
                 "recommended_min_energy_gev": RECOMMENDED_MIN_ENERGY_GEV, "config": json.dumps(model.config),
                 "producer": "eclreco train", "seed": net_seed}
-        if restarts > 1:
-            meta["chain_seed"] = seed
+        if restarts > 1 or chain_seed != net_seed:
+            meta["chain_seed"] = chain_seed
         export_onnx(model, path, meta)
         xi, xf, _, _ = _arrays(test, extra)
         mad, mrel = check_onnx_agreement(model, path, xi[:4096], xf[:4096])
@@ -616,7 +627,7 @@ def _train_sizes(detector, out_dir, g4_path, sizes, seed, restarts, epochs, max_
         "files": files,  # every network of this training (name: SHA-256): the next one into -o replaces them all
         "recommended_min_energy_gev": RECOMMENDED_MIN_ENERGY_GEV,
         "command": reproduce_command(detector, out_dir, g4_path, seed, epochs, sizes, max_events, restarts,
-                                     int(train.get("copies", 1))),
+                                     int(train.get("copies", 1)), chain_seed),
         "data": {"g4": os.path.basename(g4_path), "g4_path": os.path.abspath(g4_path), "g4_sha256": file_sha256(g4_path),
                  "chain": chain,
                  "background": (f"level 0 in {100 * BACKGROUND_RANGE[detector][2]:.0f} % of the chunks, else uniform in "
@@ -625,7 +636,7 @@ def _train_sizes(detector, out_dir, g4_path, sizes, seed, restarts, epochs, max_
                                 f"{LEVEL0_WEIGHT[detector]:g}x in the loss" if BACKGROUND_RANGE[detector] else "none"),
                  "split": (f"test = last {int(cnn_data.TEST_FRACTION * 100)} % of the file; validation = the "
                            f"last {cnn_data.VAL_FRACTION:.3f} of the rest (early stopping); train = the rest"),
-                 "max_events": max_events, "training_copies": int(train.get("copies", 1))},
+                 "max_events": max_events, "training_copies": int(train.get("copies", 1)), "chain_seed": chain_seed},
         "training": {k: v for k, v in info.items() if k != "history"} | {
             "threads": 2, "torch": torch.__version__, "python": platform.python_version(),
             "optimizer": f"Adam lr 3e-3, batch 512, ReduceLROnPlateau(0.5, 3), at most {epochs} epochs, early stopping patience 10"
@@ -634,14 +645,16 @@ def _train_sizes(detector, out_dir, g4_path, sizes, seed, restarts, epochs, max_
         "total_seconds": time.time() - t_start,
     }
     if restarts > 1:  # (left out otherwise: the shipped cards stay as they were)
-        card["restarts"] = {"tried": restart_rows, "chain_seed": seed,
+        card["restarts"] = {"tried": restart_rows, "chain_seed": chain_seed,
                             "rule": "lowest validation loss (the early-stopping loss on the validation split)"}
     return card
 
 
-def reproduce_command(detector, out_dir, g4_path, seed, epochs, sizes, max_events, restarts, copies) -> str:
+def reproduce_command(detector, out_dir, g4_path, seed, epochs, sizes, max_events, restarts, copies,
+                      chain_seed=None) -> str:
     """The `eclreco train` command line that trains the card's networks again (the card's `command`): a
-    network of a physicist's own sample is otherwise known by the file's base name only."""
+    network of a physicist's own sample is otherwise known by the file's base name only. (--chain-seed: a
+    network trained on a --cache made with another --seed; the command without it made another sample.)"""
     import shlex
 
     argv = ["eclreco", "train", "--detector", detector, "-o", out_dir, "--g4", os.path.abspath(g4_path),
@@ -649,6 +662,7 @@ def reproduce_command(detector, out_dir, g4_path, seed, epochs, sizes, max_event
     argv += ["--max-events", str(max_events)] if max_events else []
     argv += ["--restarts", str(restarts)] if restarts > 1 else []
     argv += ["--augment", str(copies)] if copies != 1 else []
+    argv += ["--chain-seed", str(chain_seed)] if chain_seed not in (None, seed) else []
     return shlex.join(argv)
 
 
@@ -676,7 +690,7 @@ def _cmd(args) -> int:
     try:
         run_training(args.detector, args.output, g4_path=args.g4, epochs=args.epochs, seed=args.seed, sizes=sizes,
                      max_events=args.max_events, quiet=args.quiet, cache=args.cache, augment=args.augment,
-                     restarts=args.restarts)
+                     restarts=args.restarts, chain_seed=args.chain_seed)
     except TrainingInputError as err:  # an input it cannot train on: one line, exit 2, as every bad input
         print(f"eclreco train: error: {err}", file=sys.stderr, flush=True)
         return 2
@@ -696,6 +710,9 @@ def add_train_parser(subparsers):
                    f"default {', '.join(f'{d}: {n}' for d, n in EPOCHS.items())})")
     p.add_argument("--seed", type=integer(0, MAX_SEED), default=1,
                    help="seed of the chain sample and of the first network (1: the shipped models)")
+    p.add_argument("--chain-seed", type=integer(0, MAX_SEED), default=None,
+                   help="seed of the chain sample (electronics noise, background overlay) when not --seed: a --cache "
+                        "holds the sample of its own, and the model card's command names it")
     p.add_argument("--sizes", type=_size_list, default=[], help=f"comma-separated network sizes to train ({', '.join(SIZES)}); "
                    "the default size of the detector, or the first one listed when it is not among them, is written as "
                    "<detector>.onnx with the model card, the others as <detector>-<size>.onnx")
