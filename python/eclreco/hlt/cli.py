@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from eclreco.cli_types import (BATCH_SIZE, METRICS_PORT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT,
-                               THREADS, add_cluster_columns_argument)
+                               THREADS, add_cluster_columns_argument, input_file)
 from eclreco.curve import add_curve_arguments
 from eclreco.reconstruction import add_event_filter_arguments
 from eclreco.scheduling import add_scheduling_argument
