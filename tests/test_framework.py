@@ -2,6 +2,7 @@
 import glob
 import os
 import platform
+import re
 import subprocess
 import sys
 
@@ -40,7 +41,7 @@ def test_a_column_is_set_from_a_list_like_a_new_collection_and_a_scalar_gets_one
     assert c["k"].dtype == np.bool_
     with pytest.raises(ValueError, match=r"^column 'z' needs one value per row \(3 rows\), not a scalar$"):
         c["z"] = 1.0
-    with pytest.raises(ValueError, match=r"^column 'w' has 2 rows, collection has 3$"):
+    with pytest.raises(ValueError, match=r"^column 'w' has 2 rows, collection 'X' has 3$"):  # which collection
         c["w"] = [1.0, 2.0]
     with pytest.raises(TypeError, match=r"^unsupported dtype for a column: object$"):
         c["o"] = [None, 1, 2]
@@ -1858,3 +1859,20 @@ def test_a_second_module_making_a_collection_is_an_error_naming_both():
     for m in (MessageSource([]), _Requires((), ("Mine",)), _Requires(("Mine",), ())):
         path.add_module(m)
     eclreco.process(path, install_signal_handlers=False)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])  # the batch as the source made it; the re-run's one-event parts
+def test_a_column_of_the_wrong_length_names_its_collection(batch_size):
+    """A module that writes a column of the wrong length gets an error naming the collection as well as the
+    column: 'column 'bad' has 3 rows, collection has 21' did not say which of the batch's collections."""
+    class WrongLength(eclreco.Module):
+        def event(self, batch):
+            batch["ECLDigits"]["bad"] = np.zeros(batch["ECLDigits"].n_rows + 1, np.float32)
+
+    path = eclreco.create_path()
+    path.add_module(CountingSource(n=8))
+    path.add_module(WrongLength())
+    eclreco.process(path, batch_size=batch_size)
+    first = eclreco.statistics.state.error_messages()[0]
+    assert re.search(r"column 'bad' has \d+ rows, collection 'ECLDigits' has \d+", first), first
+    assert eclreco.statistics.summary()["errors"] == 8

@@ -1,10 +1,12 @@
 #include "framework/event_batch.hpp"
 
 #include <stdexcept>
+#include <utility>
 
 namespace fw {
 
-Collection::Collection(size_t n_events) : offsets_(Column::of<int64_t>(n_events + 1)) {}
+Collection::Collection(size_t n_events, std::string name)
+    : offsets_(Column::of<int64_t>(n_events + 1)), name_(std::move(name)) {}
 
 // "a, b, c" (or "none"): the names a missing one's error lists, so that a misspelt name is seen at once.
 template <class Map>
@@ -38,8 +40,9 @@ const Column& Collection::column(const std::string& name) const {
 
 Column& Collection::set_column(const std::string& name, Column c) {
   if (c.rows() != n_rows())
-    throw std::length_error("column '" + name + "' has " + std::to_string(c.rows()) +
-                            " rows, collection has " + std::to_string(n_rows()));
+    throw std::length_error("column '" + name + "' has " + std::to_string(c.rows()) + " rows, " +
+                            (name_.empty() ? std::string("collection") : "collection '" + name_ + "'") + " has " +
+                            std::to_string(n_rows()));
   return put_column(name, std::move(c));
 }
 
@@ -126,7 +129,7 @@ const Collection& EventBatch::get(const std::string& name) const {
 }
 
 Collection& EventBatch::add(const std::string& name) {
-  return collections_[name] = Collection(n_);
+  return collections_[name] = Collection(n_, name);
 }
 
 EventBatch EventBatch::select(const std::vector<size_t>& events) const {
@@ -146,7 +149,7 @@ EventBatch EventBatch::select(const std::vector<size_t>& events) const {
     if (d != discards_.end()) out.discards_[k] = d->second;
   }
   for (const auto& [name, coll] : collections_) {
-    Collection c(0);
+    Collection c(0, name);
     std::vector<int64_t> counts;
     counts.reserve(events.size());
     for (size_t i : events) counts.push_back(coll.offsets()[i + 1] - coll.offsets()[i]);
@@ -200,7 +203,7 @@ EventBatch EventBatch::concat(const std::vector<EventBatch>& parts) {
                                     layout_name(col) + " in another");
       }
   for (const auto& [name, cols] : layout) {
-    Collection c(0);
+    Collection c(0, name);
     for (const auto& [cname, col] : cols) c.put_column(cname, Column(col->dtype(), col->inner_shape()));
     out.collections_.emplace(name, std::move(c));
   }

@@ -24,7 +24,9 @@ struct Rejection {
 
 class Collection {
  public:
-  explicit Collection(size_t n_events = 0);
+  // name: the collection's name in its batch (EventBatch gives it), for the errors that name it
+  explicit Collection(size_t n_events = 0, std::string name = {});
+  const std::string& name() const { return name_; }
   size_t n_events() const { return offsets_.rows() - 1; }
   size_t n_rows() const { return static_cast<size_t>(offsets()[n_events()]); }
   const int64_t* offsets() const { return offsets_.data<int64_t>(); }
@@ -40,7 +42,7 @@ class Collection {
   Column& add_column(const std::string& name, std::vector<int64_t> inner_shape = {}) {
     return put_column(name, Column::of<T>(n_rows(), std::move(inner_shape)));
   }
-  // Adds (or replaces) a column that has n_rows() rows (std::length_error otherwise).
+  // Adds (or replaces) a column that has n_rows() rows (std::length_error naming both otherwise).
   Column& set_column(const std::string& name, Column c);
   // Adds (or replaces) a column without the row check, for builders that set the offsets after
   // filling the columns. The one place where a column gets its name (for its dtype errors).
@@ -53,6 +55,7 @@ class Collection {
  private:
   Column offsets_;
   std::map<std::string, Column> columns_;
+  std::string name_;
 };
 
 class EventBatch {
