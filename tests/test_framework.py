@@ -1876,3 +1876,29 @@ def test_a_column_of_the_wrong_length_names_its_collection(batch_size):
     first = eclreco.statistics.state.error_messages()[0]
     assert re.search(r"column 'bad' has \d+ rows, collection 'ECLDigits' has \d+", first), first
     assert eclreco.statistics.summary()["errors"] == 8
+
+
+class FailsAtTerminate(eclreco.Module):
+    def terminate(self):
+        raise OSError("cannot close the histogram file")
+
+
+def test_a_module_failing_at_terminate_is_the_jobs_fatal_error(tmp_path):
+    """process() raises a module's terminate error, and summary()["fatal_error"] says it: it stayed None, so a
+    job that failed at its end looked clean in its summary, and an output terminated after the module wrote
+    fatal_error null into its file."""
+    import json
+
+    import uproot
+
+    out = tmp_path / "out.root"
+    path = eclreco.create_path()
+    path.add_module(CountingSource(n=10))
+    path.add_module(FailsAtTerminate())
+    path.add_module("RootOutput", filename=str(out))
+    with pytest.raises(RuntimeError, match="FailsAtTerminate.terminate failed: OSError: cannot close"):
+        eclreco.process(path, install_signal_handlers=False)
+    fatal = eclreco.statistics.summary()["fatal_error"]
+    assert fatal and "FailsAtTerminate.terminate failed" in fatal and "cannot close the histogram file" in fatal
+    with uproot.open(out) as f:  # written after the failed terminate: the file says its job failed
+        assert json.loads(str(f["metadata"]))["fatal_error"] == fatal

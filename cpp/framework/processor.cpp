@@ -307,7 +307,12 @@ class Run {
       ended_by = abort_;
     }
     if (ended_by) st_.set_fatal_error(describe(ended_by));
-    for (auto& m : modules_) guarded(*m, "terminate", [&] { m->terminate(); }, fatal);
+    for (auto& m : modules_) {
+      guarded(*m, "terminate", [&] { m->terminate(); }, fatal);
+      // a terminate that fails ends the job with an error too (an output that could not close its file):
+      // known at once, so that the outputs terminated after it say so in their files
+      if (fatal) st_.set_fatal_error(describe(fatal));
+    }
     {
       std::lock_guard<std::mutex> lock(abort_mu_);
       if (!fatal) fatal = abort_;

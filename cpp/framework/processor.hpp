@@ -70,7 +70,7 @@ class ProcessState {
   void record_error(const std::string& message);
   // The error that ended the run (a module's initialize, begin_run or end_run, the source, a job
   // aborted by a module), known before the modules' terminate, so that an output's file can say
-  // that its job failed; "" when none.
+  // that its job failed; or a module's terminate (known to the outputs terminated after it); "" when none.
   std::string fatal_error() const;
   void set_fatal_error(const std::string& message);  // the first one is kept
 
