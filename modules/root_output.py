@@ -86,6 +86,8 @@ class RootOutput(Module):
     ends with the error ``cannot write output file 'NAME': ...; the N events written before it are
     kept in 'NAME.incomplete' (readable, incomplete)`` (eclreco.process raises, reco.py exits 1): never
     a truncated file under the output's name, and no event thrown away (kept_file names that file).
+    The events it had taken but not yet written then are in no file: they are counted (``events_lost``,
+    the job summary's ``lost_with_output``), not left among the processed events as if they were kept.
     """
 
     def __init__(self):
@@ -111,6 +113,9 @@ class RootOutput(Module):
         self.kept_file = ""  # after a failed write: the file that holds the events written before it
         self.events_written = 0  # over the module's life (a counter); events_written_run: this run's file
         self.events_written_run = 0
+        # over the module's life: events taken that a failed write left in no file (taken this run - written)
+        self.events_lost = 0
+        self.events_taken_run = 0  # events of this run taken into the buffer (kept by the filters)
         # batches handed to event() / of those, how many are in the file: the HLT collector
         # confirms an event as saved only when its batch is (eclreco.hlt.collector)
         self.batches_taken = self.batches_written = 0
@@ -144,7 +149,7 @@ class RootOutput(Module):
         self._error = None
         self.kept_file = ""
         self.batches_taken = self.batches_written = 0
-        self.events_written_run = 0
+        self.events_written_run = self.events_taken_run = 0
         self._oldest = None
         self._dqm_written = False
         self._detectors = set()
@@ -200,6 +205,8 @@ class RootOutput(Module):
             what = (f"; the {n} events written before it are in it (it could not be renamed: {why.strerror})" if n
                     else "")
         self.kept_file = kept if os.path.exists(kept) else ""
+        # taken, never written (the failed basket, and those buffered since): processed, in no file
+        self.events_lost += self.events_taken_run - n
         self._parts.clear()
         self._buffered = 0
         self._error = f"cannot write output file '{path}': {err}{what}"
@@ -291,6 +298,8 @@ class RootOutput(Module):
             self._start_write()
         else:
             self.flush_if_due()
+        # taken once event() returns: the events of a call that raised (a write failing in it) are module errors
+        self.events_taken_run += int(keep.sum())
 
     def flush_if_due(self):
         """Starts writing the buffer when flush_interval_s is set and its oldest batch is that old
@@ -484,4 +493,4 @@ class RootOutput(Module):
         return json.dumps(meta, default=str)
 
     def counters(self):
-        return {"events_written": float(self.events_written)}
+        return {"events_written": float(self.events_written), "events_lost": float(self.events_lost)}

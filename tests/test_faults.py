@@ -464,6 +464,22 @@ def test_full_disk_on_output_clear_error_no_corrupt_file(tmp_path, small_disk):
     assert not os.path.exists(out) and m and m.group(2) == out + ".incomplete", r.stderr
     # every event written before the error, in input order (one thread), readable
     assert np.array_equal(read_evt(m.group(2))[0], np.arange(int(m.group(1)))) and int(m.group(1)) > 0, r.stderr
+    # the summary says where the processed events are: in the file, lost with it (taken into its buffer when it
+    # failed), or module errors (the output raised on them). The lost ones counted as processed, said nowhere.
+    assert _output_accounting(r.stdout) == int(m.group(1)), r.stdout[-800:]
+
+
+def _output_accounting(stdout: str) -> int:
+    """Checks reco.py's summary after its RootOutput failed: processed = in its file + lost with it + module errors,
+    some lost; returns the events in the file."""
+    import re
+
+    processed, errors = map(int, re.search(r"events received \d+, processed (\d+), rejected 0, with module errors (\d+)",
+                                           stdout).groups())
+    lost, written = map(int, re.search(r"  lost with the failed output RootOutput: (\d+) processed events that it had "
+                                       r"taken are in no file \((\d+) events are in its file\)", stdout).groups())
+    assert lost > 0 and processed == written + lost + errors, (processed, written, lost, errors)
+    return written
 
 
 def test_a_stream_job_whose_output_fails_reads_its_input_no_more(tmp_path):
@@ -508,6 +524,9 @@ def test_a_stream_job_whose_output_fails_reads_its_input_no_more(tmp_path):
                   r"processed \(an output could not write, which ended the run\)", err)
     assert m and received + int(m.group(1)) <= sent[0], (sent, out[-500:], err[-2000:])
     assert errors <= 512, out[-500:]  # the batches in flight when the write failed (batch size 256), no more
+    # the stream's events are nowhere else: the summary says how many are in the kept file, how many were lost
+    kept = re.search(r"the (\d+) events written before it are kept in '[^']+\.incomplete'", err)
+    assert kept and _output_accounting(out) == int(kept.group(1)), out[-800:]
 
 
 def test_an_output_that_cannot_be_created_leaves_no_file(tmp_path):

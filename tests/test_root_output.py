@@ -799,3 +799,36 @@ def test_a_file_without_events_of_a_module_that_does_not_say_what_it_makes_has_e
     eclreco.process(path, install_signal_handlers=False)
     with uproot.open(tmp_path / "none.root") as f:
         assert {"n_digits", "n_out_of_time_digits", "cluster_energy", "ncluster"} <= set(f["events"].keys())
+
+
+def test_the_summary_counts_the_events_lost_with_a_failed_output(tmp_path):
+    """A write that fails (here a 300 kB file size limit) leaves the events RootOutput had taken into its buffer in no
+    file: summary() says how many are in its file and how many were lost with it; they were counted as processed
+    only (the error line alone said how many the file kept)."""
+    import resource
+
+    from hlt_helpers import envelope
+    from eclreco.sources import MessageSource
+
+    out = tmp_path / "out.root"
+    path = eclreco.create_path()
+    path.add_module(MessageSource([envelope(e) for e in range(12_000)]))
+    path.add_module("ECLUnpacker")
+    path.add_module("ECLClusterizer")
+    path.add_module("RootOutput", filename=str(out), basket_events=2000)
+    old_limit, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, old_limit[1]))  # a write beyond it fails with EFBIG
+    try:
+        with pytest.raises(RuntimeError, match="cannot write output file"):
+            eclreco.process(path, batch_size=500, install_signal_handlers=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    s = eclreco.statistics.summary()
+    with uproot.open(f"{out}.incomplete") as f:
+        written = f["events"].num_entries
+    o = s["outputs"]["RootOutput"]
+    assert o["written"] == written > 0 and o["lost"] > 0 and s["lost_with_output"] == o["lost"], s["outputs"]
+    assert s["processed"] == written + o["lost"] + s["errors"], s  # the errors: the batch on which it raised
+    assert f"lost with the failed output RootOutput: {o['lost']} processed events" in str(eclreco.statistics)
+    assert path.modules[-1].counters()["events_lost"] == o["lost"]

@@ -275,11 +275,13 @@ class Statistics:
         self._processor = None
         self._path = None
         self._unread_before = 0
+        self._outputs_before: dict[str, tuple[int, int]] = {}
 
     def _attach(self, processor, path=None):
         self._processor = processor
         self._path = path
         self._unread_before = self._unread_total()
+        self._outputs_before = self._output_counts()
 
     def _unread_total(self) -> int:
         """The `unread_at_end` counters of the path's sources, summed: messages still queued in an input that
@@ -293,6 +295,21 @@ class Statistics:
             except Exception:  # noqa: BLE001 - a module's counters must never break the job's summary
                 pass
         return total
+
+    def _output_counts(self) -> dict[str, tuple[int, int]]:
+        """(events written, events lost) of the path's outputs that count their losses (RootOutput's
+        `events_written`, `events_lost`: taken, then in no file when its file failed), by module name as in
+        the module table (RootOutput#1 for a second one; cumulative per module, as its metrics are)."""
+        out, seen = {}, {}
+        for m in self._path.modules if self._path is not None else []:
+            k = seen[m.type] = seen.get(m.type, -1) + 1
+            try:
+                c = m.counters() if m.writes_events() else {}
+                if "events_lost" in c:
+                    out[f"{m.type}#{k}" if k else m.type] = (int(c.get("events_written", 0)), int(c["events_lost"]))
+            except Exception:  # noqa: BLE001 - a module's counters must never break the job's summary
+                pass
+        return out
 
     @property
     def state(self):
@@ -311,6 +328,9 @@ class Statistics:
         if s is None:
             return {}
         wall = s.wall_seconds if not s.running else time.time() - s.start_time
+        outputs = {name: {"written": w - self._outputs_before.get(name, (0, 0))[0],
+                          "lost": lost - self._outputs_before.get(name, (0, 0))[1]}
+                   for name, (w, lost) in self._output_counts().items()}
         return {
             "received": s.received,
             "processed": s.processed,
@@ -323,6 +343,9 @@ class Statistics:
             "discarded": s.discarded,
             "discarded_by_reason": s.discarded_by_reason(),
             "errors": s.errors,
+            # events in each output, and those it had taken when its file failed: processed, in no file
+            "outputs": outputs,
+            "lost_with_output": sum(o["lost"] for o in outputs.values()),
             # never read: still queued at the input when the run ended (its stop timeout, -n, the idle timeout)
             "unread_at_end": self._unread_total() - self._unread_before,
             # the error that ended the job before the end of its input (None: none did)
@@ -346,6 +369,10 @@ class Statistics:
         )
         if s["not_processed"]:
             lines.append(f"  not processed: {s['not_processed']} (the run stopped on an error before they were done)")
+        for name, o in s["outputs"].items():
+            if o["lost"]:
+                lines.append(f"  lost with the failed output {name}: {o['lost']} processed events that it had taken "
+                             f"are in no file ({o['written']} events are in its file)")
         if s["unread_at_end"]:
             lines.append(f"  unread at end: {s['unread_at_end']} messages still queued at the input when the run "
                          "ended: never read, not in the counts above")
