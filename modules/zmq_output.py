@@ -48,6 +48,9 @@ class ZMQOutput(Module):
         declare_curve_params(self, "worker", "collector")
         self._sock = None
         self._monitor = None
+        # called with the seconds waited, about every 0.2 s, while the receiver takes nothing: the HLT worker
+        # heartbeats from it (its source, which heartbeats otherwise, is not called while this blocks)
+        self.on_wait = None
         self.batches_sent = self.events_sent = self.bytes_sent = self.batches_dropped = 0
 
     def ordered(self):
@@ -105,10 +108,14 @@ class ZMQOutput(Module):
         data = pack(msg)
         zmq = self._zmq
         stop_since = None
+        t_wait = None
         while True:
             if self._sock.poll(200, zmq.POLLOUT):
                 self._sock.send(data, copy=False)  # pyzmq copies what is below its copy_threshold
                 break
+            t_wait = t_wait or time.monotonic()
+            if self.on_wait is not None:
+                self.on_wait(time.monotonic() - t_wait)
             if _core.stop_requested():
                 stop_since = stop_since or time.monotonic()
                 if time.monotonic() - stop_since > self.param("stop_timeout_s") or self._receiver_gone():

@@ -181,7 +181,8 @@ def test_a_collector_that_cannot_write_its_file_keeps_its_events_and_the_report_
     assert "eclreco_hlt_collector_output_errors_total 1.0" in metrics, metrics
 
 
-def test_hlt_run_kills_and_restarts_a_hung_collector(farm_factory, tmp_path):
+@pytest.mark.parametrize("transport", ["tcp", "ipc"])
+def test_hlt_run_kills_and_restarts_a_hung_collector(farm_factory, tmp_path, transport):
     """A collector stopped by SIGSTOP (hung: it reads no result, confirms nothing and never exits) left the farm
     looking alive: no word from `hlt run`, the collector 'silent' in hlt status, the events held until --max-held
     and then the input blocked, for ever; a terminate then gave up every held event (lost_at_stop) and the file of
@@ -191,7 +192,9 @@ def test_hlt_run_kills_and_restarts_a_hung_collector(farm_factory, tmp_path):
     import glob
     import threading
 
-    farm = farm_factory(workers=2, extra=("--collector-restarts", "1"))
+    # over ipc:// the workers' sends block sooner than over TCP (a unix socket buffers less)
+    addr = ("--collector-addr", f"ipc://{tmp_path}/collector.ipc") if transport == "ipc" else ()
+    farm = farm_factory(workers=2, extra=("--collector-restarts", "1", *addr))
     push_events(farm.input, range(2000))
     farm.wait_confirmed(2000)
     # stopped before the feed, so that its events come while it hangs (stopped 0.5 s into the feed, it had
@@ -1326,6 +1329,44 @@ def test_a_worker_back_from_a_hang_ends_the_run_it_missed():
     finally:
         for link in links:
             link.sock.close(0)
+        farm.close()
+
+
+def test_a_worker_blocked_on_its_results_is_given_up_only_while_the_collector_is_heard_from():
+    """A worker whose results wait for the collector (ZMQOutput blocked) heartbeats with state "blocked".
+    Behind a silent (hung or dead) collector it stays: every worker is blocked there, and counting them lost
+    (workers_lost 2 behind a stopped collector on ipc://) redelivered their events to workers as blocked.
+    One that stays blocked while the collector is heard from and confirms none of its events (a broken link
+    to it) is given up after twice the heartbeat time-out, its events going to the others."""
+    from eclreco.hlt import protocol as P
+
+    farm = InProcessFarm(heartbeat_timeout_s=0.3)
+    d = farm.d
+    try:
+        col = farm.peer()
+        collector_hello(farm, col, state="running")
+        w = farm.peer("workers")
+        farm.send(w, P.READY, P.pack({"pid": 1, "host": "h", "credit": 0}), address="workers")
+
+        def blocked_for(seconds, collector_reports):
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < seconds and d.workers:
+                w.send_multipart([P.HB, P.pack({"state": "blocked"})])
+                assert d.wrk.poll(5000)
+                d.handle_workers()
+                if collector_reports:
+                    col.send_multipart([P.STATUS, P.pack({"role": "collector", "state": "running"})])
+                    assert d.ctl.poll(5000)
+                    d.handle_control()
+                d.housekeeping(time.monotonic())
+                time.sleep(0.05)
+            return time.monotonic() - t0
+
+        blocked_for(2.0, collector_reports=False)  # the collector silent: its wait, not the worker's
+        assert len(d.workers) == 1 and d.workers_lost == 0
+        took = blocked_for(3.0, collector_reports=True)
+        assert not d.workers and d.workers_lost == 1 and 0.6 <= took < 1.5, took
+    finally:
         farm.close()
 
 

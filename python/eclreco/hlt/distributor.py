@@ -46,6 +46,10 @@ class Worker:
         self.last_seen = now
         self.status: dict = {}
         self.sent = 0
+        # its heartbeats say "blocked" (its results wait for the collector): since when, and when one of its
+        # events was last confirmed or the collector last silent (its wait is then the collector's, not its own)
+        self.blocked_since: float | None = None
+        self.progress = now
 
 
 def _frame(frames, i: int) -> bytes:
@@ -381,6 +385,10 @@ class Distributor:
             w.credit += n
         elif cmd == P.HB:
             w.status = _map(frames, 2)
+            if w.status.get("state") != "blocked":
+                w.blocked_since = None
+            elif w.blocked_since is None:
+                w.blocked_since = now
         elif cmd == P.BYE:
             self.lose_worker(w, "bye")
         else:
@@ -661,6 +669,7 @@ class Distributor:
             w = workers.get(e[2]) if e[2] is not None else None
             if w is not None:
                 w.assigned.discard(s)
+                w.progress = now
         if t:
             self.latency.add(now - np.asarray(t))
             self.c["confirmed"] += len(t) - again
@@ -680,9 +689,20 @@ class Distributor:
                 "register as the collector"))
         for ident in [i for i, v in self.supervisors.items() if now - v["last_seen"] > 10 * self.heartbeat_timeout_s]:
             del self.supervisors[ident]  # it reports every second: gone (FINAL goes to the live ones)
+        collector_silent = self.collector_silent(now)
         for w in list(self.workers.values()):
             if now - w.last_seen > self.heartbeat_timeout_s:
                 self.lose_worker(w, f"no heartbeat for {self.heartbeat_timeout_s:g} s")
+            elif w.blocked_since is not None:
+                # Blocked sending its results. Behind a hung or dead collector every worker is: they stay (counted
+                # lost, their events went to workers as blocked, and came back as duplicates). One whose results
+                # the collector does not take while it takes others' (a broken link to it) is given up, after
+                # twice the time-out (a collector that has just hung is silent only after one).
+                if collector_silent:
+                    w.progress = now
+                elif now - max(w.progress, w.blocked_since) > 2 * self.heartbeat_timeout_s:
+                    self.lose_worker(w, f"its results blocked for {2 * self.heartbeat_timeout_s:g} s while the "
+                                     "collector confirmed none of them")
         if self.state == "stopping" and self.stop_drain_over() and not self.events and not self.pending:
             # Every event of the run is confirmed: end the run everywhere.
             for w in list(self.workers.values()):

@@ -14,6 +14,7 @@ import os
 import runpy
 import socket
 import sys
+import threading
 import time
 import uuid
 
@@ -60,6 +61,9 @@ class WorkerLink:
         self.registered = False
         self.state = "idle"
         self.events_received = 0
+        # the socket is the reader thread's; the output's thread heartbeats on it while its sends block
+        # (output_blocked), never at the same time
+        self.lock = threading.Lock()
 
     def in_worker(self) -> int:
         s = eclreco.statistics.state
@@ -81,6 +85,27 @@ class WorkerLink:
 
     def service(self):
         """Non-blocking: read what the distributor sent, send credit and heartbeats when due."""
+        with self.lock:
+            self._service()
+
+    def output_blocked(self, waited_s: float):
+        """ZMQOutput's sends have waited waited_s for the collector (a hung, dead or slow one): this
+        worker is alive, and says so with state "blocked" (it missed its heartbeats, and the
+        distributor counted it lost and redelivered its events to workers as blocked as it). The
+        distributor gives up on a blocked worker only while the collector is heard from and confirms
+        none of its events. Skipped while the reader thread holds the socket: it heartbeats itself."""
+        if not self.lock.acquire(blocking=False):
+            return
+        try:
+            now = time.monotonic()
+            if now >= self.next_hb:
+                self.next_hb = now + self.heartbeat_s
+                self.sock.send_multipart([P.HB, P.pack({**self.status(), "state": "blocked",
+                                                        "blocked_s": round(waited_s, 3)})])
+        finally:
+            self.lock.release()
+
+    def _service(self):
         while True:
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK)
@@ -138,7 +163,8 @@ class WorkerLink:
         return (np.concatenate(seqs) if seqs else np.zeros(0, "<u8")), blocks
 
     def wait(self, timeout_s: float):
-        self.sock.poll(max(1, int(timeout_s * 1000)), zmq.POLLIN)
+        with self.lock:
+            self.sock.poll(max(1, int(timeout_s * 1000)), zmq.POLLIN)
 
     def bye(self):
         if self.handshake is not None:
@@ -306,7 +332,7 @@ def start_worker(args, build_reconstruction) -> int:
     from eclreco.reconstruction import add_event_filter
 
     add_event_filter(path, args)  # after the chain that the steering file built: the selection of what is sent
-    add_output(path, args)
+    add_output(path, args).on_wait = link.output_blocked
     if exporter is not None:
         exporter.set_path(path)
         # its next event loop starts right after a run, waiting for the next run's events: running in a run only
@@ -326,7 +352,7 @@ def add_output(path, args):
     RootOutput writes (--cluster-columns, the collector's as well), the ones ECLDQM reads, and the event's
     out-of-time digit count (ECLUnpacker). With --rejected (the file, default_quarantine), a RejectedOutput
     first: the raw bytes of rejected events stay in this worker's quarantine file (the collector gets their
-    reasons and counts)."""
+    reasons and counts). Returns the ZMQOutput."""
     from eclreco.modules.root_output import DEFAULT_CLUSTER_COLUMNS
 
     columns = list(getattr(args, "cluster_columns", DEFAULT_CLUSTER_COLUMNS))
@@ -338,7 +364,7 @@ def add_output(path, args):
 
     # give_up_unconnected: stopped (SIGTERM) while its collector is dead, a worker exits at once (it waited
     # stop_timeout_s, 10 s); the distributor keeps what it could not send until a collector confirms it
-    path.add_module("ZMQOutput", address=args.collector, bind=False, give_up_unconnected=True,
+    return path.add_module("ZMQOutput", address=args.collector, bind=False, give_up_unconnected=True,
                     collections=["ECLClusters", "ECLEventInformation"],
                     columns=columns + ["n_out_of_time_digits"],
                     **curve_params(args, "worker", "collector"))
