@@ -181,6 +181,45 @@ def test_a_collector_that_cannot_write_its_file_keeps_its_events_and_the_report_
     assert "eclreco_hlt_collector_output_errors_total 1.0" in metrics, metrics
 
 
+def test_a_stop_whose_last_write_fails_names_the_error_and_the_kept_file(farm_factory, tmp_path):
+    """The collector's last write of a run (at the stop: the DQM histograms, the metadata) fails (a file-size
+    limit here; a full disk the same): `hlt control stop` said that the collector did not report the run's end
+    within 30 s (is it alive?), exit 1, and the error and the kept file were only in replaced_collectors, as if
+    another collector had written them. The collector's RUN_ENDED now names them: the reply's `collector` has the
+    kept file, its count and `output_error`, and the command says the error (exit 1)."""
+    import json
+    import resource
+
+    farm = farm_factory(workers=1)
+    push_events(farm.input, range(3000))
+    farm.wait_confirmed(3000)
+    t0 = time.monotonic()
+    while farm.distributor()["unsaved"]:  # every event in the file: only the close writes more
+        assert time.monotonic() - t0 < 30, farm.logtext()
+        time.sleep(0.1)
+    size = os.path.getsize(farm.output)
+    first = farm.process("collector")["pid"]
+    resource.prlimit(first, resource.RLIMIT_FSIZE, (size, size))
+    r = subprocess.run(ECLRECO + ["hlt", "control", "stop", "--control", farm.control], capture_output=True,
+                       text=True, timeout=90)
+    reply = json.loads(r.stdout)
+    kept = farm.output + ".incomplete"
+    error = (f"cannot write output file '{farm.output}': [Errno 27] File too large; the 3000 events written before "
+             f"it are kept in '{kept}' (readable, incomplete)")
+    assert r.returncode == 1 and not reply["timeout"] and reply["replaced_collectors"] == [], r.stdout
+    assert reply["collector"]["filename"] == kept and reply["collector"]["events_written"] == 3000, reply
+    assert reply["collector"]["output_error"] == error and reply["unsaved"] == 0, reply
+    assert r.stderr == f"eclreco hlt control: the collector could not write the run's file: {error}\n", r.stderr
+    assert len(read_evt(kept)[0]) == 3000
+    while (c := farm.process("collector"))["pid"] == first or c["state"] == "silent":  # hlt run restarted it
+        assert time.monotonic() - t0 < 60, farm.logtext()
+        time.sleep(0.2)
+    final = farm.command("terminate")["processes"][0]
+    rc, log = farm.wait_exit()
+    assert final["output"]["output_errors"] == [error] and final["lost_at_stop"] == 0, final
+    assert f"3000 events written in 1 farm run(s) of 3000 received" in log, log
+
+
 @pytest.mark.parametrize("transport", ["tcp", "ipc"])
 def test_hlt_run_kills_and_restarts_a_hung_collector(farm_factory, tmp_path, transport):
     """A collector stopped by SIGSTOP (hung: it reads no result, confirms nothing and never exits) left the farm

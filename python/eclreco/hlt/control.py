@@ -178,6 +178,13 @@ def control_main(args) -> int:
         print(f"eclreco hlt control: {err}", file=sys.stderr)
         return 1
     print(json.dumps(reply, default=str), flush=True)
+    error = (reply.get("collector") or {}).get("output_error")
+    if error:  # the run's file could not be written at its close: what it keeps, and where the rest goes
+        unsaved = reply.get("unsaved") or 0
+        print(f"eclreco hlt control: the collector could not write the run's file: {error}"
+              + (f"; {unsaved} events of the run are not in it: the distributor holds them for the next collector"
+                 if unsaved else ""), file=sys.stderr)
+        return 1
     if reply.get("timeout"):  # stopped, but nobody said that the run's file is closed
         print("eclreco hlt control: the run stopped, but the collector did not report its end within 30 s (is it "
               "alive? `hlt status`): its output may not be closed", file=sys.stderr)

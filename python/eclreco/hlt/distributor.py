@@ -721,7 +721,8 @@ class Distributor:
             if self.run_reported(now):
                 info = {"state": "stopped", "run_index": self.run_index,
                         "collector": (self.collector or {}).get("run_ended"), "timeout": not ended,
-                        "lost_at_stop": self.lost_last_run, "replaced_collectors": list(self.replaced_run)}
+                        "lost_at_stop": self.lost_last_run, "replaced_collectors": list(self.replaced_run),
+                        "unsaved": len(self.unsaved)}
                 for r in self.stop_requesters:
                     self._send(self.ctl, r, P.OK, P.pack(info))
                 self.stop_requesters = []
@@ -758,15 +759,18 @@ class Distributor:
         rec = {"pid": status.get("pid"), "host": status.get("host"), "output": str(output or ""), "saved": saved}
         if status.get("output_error"):  # it could not write its file (a full disk): its error says what it kept
             rec["error"] = str(status["output_error"])
-            self.c["collector_output_errors"] += 1
-            if len(self.output["output_errors"]) < 20:
-                self.output["output_errors"].append(rec["error"])
+            self.count_output_error(rec["error"])
         self.replaced_run.append(rec)
         n, events, files = keys
         self.output[n] += 1
         self.output[events] += saved
         if len(self.output[files]) < 20:
             self.output[files].append(rec["output"])
+
+    def count_output_error(self, error: str):
+        self.c["collector_output_errors"] += 1
+        if len(self.output["output_errors"]) < 20:
+            self.output["output_errors"].append(error)
 
     def add_run_report(self, info: dict, left: bool = False):
         """A collector's RUN_ENDED. left: it ended its run while the farm's run goes on (a service stop or
@@ -790,6 +794,8 @@ class Distributor:
         for reason, n in (reasons.items() if isinstance(reasons, dict) else ()):
             o["rejected_by_reason"][str(reason)] = o["rejected_by_reason"].get(str(reason), 0) + int(n)
         o["first_error"] = o["first_error"] or str(info.get("first_error", ""))
+        if info.get("output_error"):  # its file could not be written at the run's end (it names the kept file)
+            self.count_output_error(str(info["output_error"]))
 
     def run_reported(self, now: float) -> bool:
         """The collector's RUN_ENDED for the stopped run is in (what it wrote and what failed there: the
