@@ -571,6 +571,21 @@ def test_status_watch_follows_the_farm_until_it_is_gone(farm_factory):
             watch.kill()
 
 
+def test_an_idle_workers_credit_is_its_capacity(farm_factory):
+    """A worker grants credit in steps of a quarter of its capacity (fewer messages), so that after a burst of
+    fewer events than that it stayed below its capacity for good, idle: 924 of 1024 after 100 events, in
+    `hlt status` and eclreco_hlt_worker_credit (which then says that the farm is busier than it is). An idle
+    worker now grants the rest at once."""
+    farm = farm_factory(workers=1)
+    push_events(farm.input, range(100))
+    farm.wait_confirmed(100)
+    t0 = time.monotonic()
+    while (w := farm.process("worker"))["credit"] != 1024:
+        assert time.monotonic() - t0 < 5, w
+        time.sleep(0.2)
+    assert "eclreco_hlt_worker_credit 1024.0" in scrape(farm.distributor()["metrics_port"])
+
+
 def test_farm_ev_chunks_split_over_small_batches(farm_factory):
     """An EV message carries up to --chunk events in one frame; with worker batches smaller than a
     chunk (and not dividing it), each chunk is split over several batches: every event is in the

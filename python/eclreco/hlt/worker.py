@@ -130,8 +130,12 @@ class WorkerLink:
         if not self.registered:
             self.register()
         if not self.end_run:
-            grant = self.capacity - self.outstanding - self.in_worker() - self.buffered
-            if grant >= max(1, self.capacity // 4) or (grant > 0 and self.outstanding == 0):
+            in_worker = self.in_worker()
+            grant = self.capacity - self.outstanding - in_worker - self.buffered
+            # in steps of a quarter of the capacity (fewer messages), and the rest once idle: it stayed below
+            # its capacity for good after a burst of fewer events than a step (eclreco_hlt_worker_credit)
+            idle = not in_worker and not self.buffered
+            if grant >= max(1, self.capacity // 4) or (grant > 0 and (self.outstanding == 0 or idle)):
                 self.sock.send_multipart([P.CREDIT, str(grant).encode()])
                 self.outstanding += grant
         now = time.monotonic()
