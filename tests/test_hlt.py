@@ -1301,6 +1301,50 @@ def test_events_sent_while_the_farm_is_stopped_are_counted_at_terminate(farm_fac
     assert "unread at terminate 50" in log
 
 
+def test_a_terminate_with_a_live_source_is_prompt_and_accounts_for_every_event(farm_factory, zmq_context):
+    """A source that keeps sending: terminate drained the input until it was quiet, which it never is, for half
+    the stop time-out (60 s), then counted what came for 10 s more (71 s in all). The terminate's drain now ends
+    --stop-drain after it, and the input is closed before what it holds is counted: every event the source sent
+    is processed, counted unread_at_terminate, or still queued at the source (it goes to the next distributor:
+    here a PULL bound on the address after the exit takes it)."""
+    import zmq
+
+    farm = farm_factory(workers=1)
+    push = zmq_context.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDTIMEO, 100)
+    push.connect(farm.input)
+    done, sent = threading.Event(), [0]
+
+    def feed():  # ~2 kHz until told to stop
+        while not done.is_set():
+            try:
+                push.send(envelope(sent[0]))
+                sent[0] += 1
+            except zmq.Again:
+                continue
+            if sent[0] % 20 == 0:
+                time.sleep(0.01)
+
+    t = threading.Thread(target=feed, daemon=True)
+    t.start()
+    farm.wait_confirmed(2000)
+    t0 = time.monotonic()
+    d = farm.command("terminate")["processes"][0]
+    took = time.monotonic() - t0
+    done.set()
+    t.join(5)
+    rc, log = farm.wait_exit()
+    assert rc == 0 and took < 10, (took, log)
+    assert d["received"] == d["confirmed"] and d["unread_at_terminate"] > 0 and d["lost_at_stop"] == 0, d
+    pull = zmq_context.socket(zmq.PULL)  # the next distributor: what the source still holds comes to it
+    pull.bind(farm.input)
+    later = 0
+    while pull.poll(1000):
+        pull.recv()
+        later += 1
+    assert d["received"] + d["unread_at_terminate"] + later == sent[0], (d, later, sent[0])
+
+
 def test_a_taken_metrics_port_is_said_by_every_role(farm_factory):
     """--metrics-base-port P with P+1 (the collector's) and P+2 (the worker's) taken: each role serves on
     a free port instead and says so, as the distributor did (the collector and the workers were silent,

@@ -140,6 +140,7 @@ class Distributor:
         # messages refused by the socket (ZMQ_MAXMSGSIZE) are only seen as disconnects: counted, not silent
         self.input_monitor = ConnectionMonitor(self.inp)
         attach(self.inp, input_addr, bind=input_bind, what="--input")
+        self.input_addr, self.input_bind = input_addr, input_bind
         self.wrk = self.ctx.socket(zmq.ROUTER)
         self.wrk.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.wrk.setsockopt(zmq.SNDHWM, 0)  # bounded by credit instead
@@ -178,6 +179,7 @@ class Distributor:
         self.stop_since = 0.0
         self.last_input = 0.0
         self.terminating = False
+        self.terminate_since = 0.0
         self.terminate_farm = False  # at terminate: also tell the workers and the collector to exit
         self.lost_last_run = 0
         self.terminate_requester: bytes | None = None
@@ -252,9 +254,14 @@ class Distributor:
         return len(self.pending) < self.queue_size and len(self.events) + len(self.unsaved) < self.max_held
 
     def stop_drain_over(self) -> bool:
+        """The stop reads the input until it is quiet for stop_drain_s (a source that sends on: at most half
+        the stop's time-out); a terminate's, stop_drain_s after the terminate, quiet or not: with a live source
+        it drained for stop_timeout_s / 2 (60 s) and then counted the unread input for 10 s more. What comes
+        after is counted at the exit (count_unread_input)."""
         now = time.monotonic()
         return (now - max(self.last_input, self.stop_since) >= self.stop_drain_s
-                or now - self.stop_since > self.stop_timeout_s / 2)
+                or now - self.stop_since > self.stop_timeout_s / 2
+                or (self.terminating and now - self.terminate_since >= self.stop_drain_s))
 
     def read_input(self):
         inp = self.inp
@@ -633,6 +640,8 @@ class Distributor:
         """Stop the run, then exit; farm: tell the workers and the collector to exit too (run control's
         TERMINATE, `hlt run`), else they stay and re-register with the next distributor (a service
         stop or restart of this one)."""
+        if not self.terminating:
+            self.terminate_since = time.monotonic()
         self.terminating = True
         self.terminate_farm = self.terminate_farm or farm
         if self.state == "running":
@@ -824,21 +833,25 @@ class Distributor:
     def count_unread_input(self, max_s: float = 10.0):
         """At terminate: what a source sent after the last run stopped reading (a source that kept
         sending, or sent while the farm was stopped) waits in the input socket and would go with it,
-        counted nowhere. It is read until the input is quiet for stop_drain_s (at most max_s),
-        counted as unread_at_terminate and said; it is not processed (no run is open), as reco.py's
-        ZMQInput counts unread_at_end."""
+        counted nowhere. The input is closed first (unbound, or disconnected): what the socket has taken
+        is still read, nothing more comes (a live source's further messages stay queued at its end, for
+        the next distributor or its own count; read until quiet, a live source kept this going for
+        max_s, 10 s). Counted as unread_at_terminate and said; not processed (no run is open), as
+        reco.py's ZMQInput counts unread_at_end."""
+        try:
+            (self.inp.unbind if self.input_bind else self.inp.disconnect)(
+                self.addresses["input"] if self.input_bind else self.input_addr)
+        except zmq.ZMQError:
+            pass
         n, t0 = 0, time.monotonic()
-        last = t0
         while True:
             try:
                 recv_message(self.inp)
                 n += 1
-                last = time.monotonic()
             except zmq.Again:
-                now = time.monotonic()
-                if now - last >= self.stop_drain_s or now - t0 >= max_s:
+                # what the closed connections had delivered is in the socket's queue by now
+                if time.monotonic() - t0 >= max_s or not self.inp.poll(50, zmq.POLLIN):
                     break
-                self.inp.poll(20, zmq.POLLIN)
         if n:
             self.c["unread_at_terminate"] += n
             print(f"[distributor] {n} messages arrived after the last run stopped reading: not processed, counted "
