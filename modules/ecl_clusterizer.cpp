@@ -67,6 +67,7 @@ class ECLClusterizer : public fw::Module {
     }
     std::unique_ptr<Scratch> s = acquire();
     const fw::Collection& digits = batch.get(input_);
+    fw::require_columns(*this, digits, {"cell", "energy", "time", "quality"});
     s->skip.assign(n, 0);
     for (size_t i = 0; i < n; ++i) s->skip[i] = batch.skips(i) ? 1 : 0;
     s->clusterer.run(n, digits.offsets(), digits.column("cell").values<int32_t>(),

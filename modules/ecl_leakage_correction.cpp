@@ -62,6 +62,7 @@ class ECLLeakageCorrection : public fw::Module {
       return;
     }
     fw::Collection& c = batch.get(collection_);
+    fw::require_columns(*this, c, {"energy_raw", "ring", "local_u", "local_v", "energy"});
     // read through const: a non-const access unshares (copies) a column the processor's snapshot holds
     const fw::Collection& in = c;
     const int64_t* off = in.offsets();

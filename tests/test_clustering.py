@@ -675,7 +675,8 @@ def test_leakage_correction_refuses_a_column_of_two_values_per_cluster():
 
 def test_a_missing_column_error_names_the_columns_there_are():
     """A custom source's ECLDigits without 'time' failed every event with "no column 'time' in collection":
-    which collection, and what it had, went unsaid. The error now lists the collection's columns."""
+    which collection, and what it had, went unsaid. The clusterizer now checks the columns it reads at its
+    first batch and ends the job there, naming them and what the collection has."""
 
     class NoTime(eclreco.Module):
         def is_source(self):
@@ -691,10 +692,11 @@ def test_a_missing_column_error_names_the_columns_there_are():
     path = eclreco.create_path()
     path.add_module(NoTime())
     path.add_module("ECLClusterizer")
-    eclreco.process(path, install_signal_handlers=False)
+    with pytest.raises(RuntimeError, match=r"ECLClusterizer reads the columns cell, energy, time, quality of the "
+                                           r"collection 'ECLDigits', which has no 'time' \(its columns: cell, "
+                                           r"energy, quality\)"):
+        eclreco.process(path, install_signal_handlers=False)
     assert eclreco.statistics.summary()["errors"] == 1
-    [message] = eclreco.statistics.state.error_messages()
-    assert "no column 'time' in the collection (its columns: cell, energy, quality)" in message, message
 
 
 def test_a_repeated_cell_is_an_invalid_digit_not_a_second_cluster():

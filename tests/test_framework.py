@@ -1605,7 +1605,7 @@ class _ReadsMisspelt(eclreco.Module):
 
 @pytest.mark.parametrize("collection,column,listed", [
     ("ECLDigit", "energy", "no collection 'ECLDigit' in the batch (its collections: ECLDigits)"),
-    ("ECLDigits", "energie", "no column 'energie' in the collection (its columns: cell, energy)"),
+    ("ECLDigits", "energie", "no column 'energie' in the collection 'ECLDigits' (its columns: cell, energy)"),
 ])
 def test_a_missing_column_or_collection_error_lists_what_there_is(collection, column, listed):
     """A Python module reading a column or collection that no module wrote got "no column 'energie'"
@@ -1859,6 +1859,31 @@ def test_a_second_module_making_a_collection_is_an_error_naming_both():
     for m in (MessageSource([]), _Requires((), ("Mine",)), _Requires(("Mine",), ())):
         path.add_module(m)
     eclreco.process(path, install_signal_handlers=False)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_cluster_collection_without_a_column_the_correction_reads_ends_the_job_at_its_first_batch(threads):
+    """A custom cluster source without `ring` (ArraySource with energy_raw and energy) before
+    ECLLeakageCorrection failed every event, each re-run on its own, with "no column 'ring' in the
+    collection": not which collection, nor that every event of the job would fail so. The module checks the
+    columns it reads at its first batch: the job ends there, naming the module, the collection and what
+    it lacks; the source is read no more."""
+    from eclreco.sources import ArraySource
+
+    n = 2000
+    off = np.arange(n + 1)
+    e = np.ones(n, np.float32)
+    path = eclreco.create_path()
+    path.add_module(ArraySource("ECLClusters", off, {"energy_raw": e, "energy": e}))
+    path.add_module("ECLLeakageCorrection")
+    with pytest.raises(RuntimeError) as err:
+        eclreco.process(path, threads=threads, batch_size=100, install_signal_handlers=False)
+    assert str(err.value) == (
+        "ECLLeakageCorrection reads the columns energy_raw, ring, local_u, local_v, energy of the collection "
+        "'ECLClusters', which has no 'ring', 'local_u', 'local_v' (its columns: energy, energy_raw): the module "
+        "that makes 'ECLClusters' must write them; the job ends at its first batch")
+    s = eclreco.statistics.summary()
+    assert s["received"] < n and s["errors"] == s["received"] and s["fatal_error"] == str(err.value), s
 
 
 @pytest.mark.parametrize("batch_size", [1, 4])  # the batch as the source made it; the re-run's one-event parts

@@ -16,10 +16,12 @@ static std::string names_of(const Map& m) {
   return have.empty() ? std::string("none") : have;
 }
 
-// A collection does not know its own name: the columns it has say which one it is (a custom
-// source's ECLDigits without 'time', say).
-[[noreturn]] static void no_column(const std::string& name, const std::map<std::string, Column>& columns) {
-  throw std::out_of_range("no column '" + name + "' in the collection (its columns: " + names_of(columns) + ")");
+// The collection's name where the batch gave it one, and the columns it has (a custom source's
+// ECLClusters without 'ring', say).
+[[noreturn]] static void no_column(const std::string& name, const std::string& collection,
+                                   const std::map<std::string, Column>& columns) {
+  throw std::out_of_range("no column '" + name + "' in the collection" + (collection.empty() ? "" : " '" + collection + "'") +
+                          " (its columns: " + names_of(columns) + ")");
 }
 
 [[noreturn]] static void no_collection(const std::string& name, const std::map<std::string, Collection>& collections) {
@@ -28,13 +30,13 @@ static std::string names_of(const Map& m) {
 
 Column& Collection::column(const std::string& name) {
   auto it = columns_.find(name);
-  if (it == columns_.end()) no_column(name, columns_);
+  if (it == columns_.end()) no_column(name, name_, columns_);
   return it->second;
 }
 
 const Column& Collection::column(const std::string& name) const {
   auto it = columns_.find(name);
-  if (it == columns_.end()) no_column(name, columns_);
+  if (it == columns_.end()) no_column(name, name_, columns_);
   return it->second;
 }
 

@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <exception>
+#include <initializer_list>
 #include <map>
 #include <memory>
 #include <optional>
@@ -86,5 +87,26 @@ class Module {
   std::string type_, description_;
   Parameters params_;
 };
+
+// A module's check, at the top of its event(), of the columns it reads in collection c. A column that
+// a collection lacks is lacking in every batch (the module that makes it writes the same columns each
+// time): a chain error as a collection that no module makes, which initialize refuses. Columns are not
+// declared (makes()/needs() name collections, as basf2's isRequired does: what a custom source writes
+// is known at its first batch, not before), so this ends the job at the first batch (AbortJob), with
+// one message that names the module, the collection and the columns, instead of failing every event,
+// each re-run on its own, with "no column 'ring'".
+inline void require_columns(const Module& m, const Collection& c, std::initializer_list<const char*> names) {
+  std::string lacking, have, wanted;
+  for (const char* name : names) {
+    wanted += (wanted.empty() ? "" : ", ") + std::string(name);
+    if (!c.has(name)) lacking += (lacking.empty() ? "'" : ", '") + std::string(name) + "'";
+  }
+  if (lacking.empty()) return;
+  for (const auto& [name, column] : c.columns()) have += (have.empty() ? "" : ", ") + name;
+  throw AbortJob(m.type() + " reads the columns " + wanted + " of the collection '" + c.name() + "', which has no " +
+                     lacking + " (its columns: " + (have.empty() ? "none" : have) + "): the module that makes '" +
+                     c.name() + "' must write them; the job ends at its first batch",
+                 nullptr);
+}
 
 }  // namespace fw
