@@ -1818,6 +1818,31 @@ def test_a_collection_that_no_module_before_makes_is_an_error_at_initialize(tmp_
         python_path(MessageSource([]), _Requires("Mine"))
 
 
+class _MakesAfterInitialize(eclreco.Module):
+    """What it makes comes from its initialize (before it, makes() raises AttributeError)."""
+
+    def initialize(self):
+        self.output = "Mine"
+
+    def makes(self):
+        return (self.output,)
+
+
+def test_a_later_module_whose_makes_raises_leaves_the_missing_collection_message_as_it_is():
+    """A missing collection's error asks the modules after it whether they make it; a later Python module
+    whose makes() raised there (it reads what its initialize sets, not run yet) replaced the message with
+    its AttributeError: which collection was missing, and for whom, went unsaid."""
+    from eclreco.sources import MessageSource
+
+    path = eclreco.create_path()
+    for m in (MessageSource([]), _Requires(("Mine",)), _MakesAfterInitialize()):
+        path.add_module(m)
+    with pytest.raises(ValueError, match=r"^_Requires .module 2 of the path. requires the collection 'Mine', which no "
+                                         r"module before it makes \(made before it: RawEnvelopes, RawPayloadRef by "
+                                         r"MessageSource\)$"):
+        eclreco.process(path, install_signal_handlers=False)
+
+
 class _Source(_Requires):
     def is_source(self):
         return True

@@ -213,7 +213,14 @@ class CollectionCheck {
   std::string missing(size_t k, const std::string& name) const {
     std::string msg = named(k) + " requires the collection '" + name + "', which no module before it makes";
     for (size_t j = k + 1; j < modules_.size(); ++j) {
-      const Module::Collections later = modules_[j]->makes();
+      // a hint only: a later module not yet initialized may fail to say (a Python makes() that reads an
+      // attribute its initialize sets); its exception would replace this message
+      Module::Collections later;
+      try {
+        later = modules_[j]->makes();
+      } catch (...) {
+        continue;
+      }
       if (later && std::find(later->begin(), later->end(), name) != later->end()) {
         msg += ": " + named(j) + " makes it, after it";
         break;
