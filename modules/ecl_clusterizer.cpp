@@ -47,10 +47,8 @@ class ECLClusterizer : public fw::Module {
     } catch (const std::invalid_argument& e) {
       throw fw::ParameterError(std::string("ECLClusterizer: ") + e.what());
     }
-    // not over its input, nor over what the unpacker writes (RejectedOutput needs RawEnvelopes)
-    for (const char* taken : {"RawEnvelopes", "RawPayloadRef", "ECLDigits", "ECLEventInformation", "HLTSequence"})
-      if (output_ == taken)
-        throw fw::ParameterError("ECLClusterizer: output '" + output_ + "' is a collection of the input stage");
+    // An output over a collection another module makes (the unpacker's, the source's) is refused by the
+    // processor's check of makes() (CollectionCheck), naming both modules; over its own input, here.
     if (output_.empty() || output_ == input_)
       throw fw::ParameterError("ECLClusterizer: output must be a collection name other than the input '" + input_ + "'");
     std::lock_guard<std::mutex> lock(mu_);

@@ -769,12 +769,20 @@ def test_parameters_numpy_scalars_nan_and_range():
     with pytest.raises(TypeError, match="must be int, got bool"):
         m.set_param("max_iterations", True)
     for bad, match in [({"image_size": 4}, "image_size must be odd"), ({"output": ""}, "output must be"),
-                       ({"output": "ECLDigits"}, "collection of the input stage"),
-                       ({"output": "RawEnvelopes"}, "collection of the input stage")]:
+                       ({"output": "ECLDigits"}, "output must be a collection name other than the input")]:
         path = eclreco.create_path()
         path.add_module("EventInfoSetter", events=1)
         path.add_module("ECLClusterizer", **bad)
         with pytest.raises(Exception, match=match):
+            eclreco.process(path, install_signal_handlers=False)
+    # over a collection of the input stage: the path's check of what modules make (it named no module)
+    for taken, maker in [("ECLEventInformation", "ECLUnpacker (module 2"), ("RawEnvelopes", "SimulationInput (module 1")]:
+        path = eclreco.create_path()
+        path.add_module("SimulationInput", events=1, detector="array30", particle="gamma", seed=3)
+        path.add_module("ECLUnpacker")
+        path.add_module("ECLClusterizer", output=taken)
+        with pytest.raises(ValueError, match=rf"ECLClusterizer \(module 3 of the path\) makes the collection '{taken}', "
+                                             rf"which {re.escape(maker)} of the path\) makes already"):
             eclreco.process(path, install_signal_handlers=False)
 
 
