@@ -31,6 +31,12 @@ class CollectClusters(eclreco.Module):
         super().__init__()
         self.parts = []
 
+    def makes(self):
+        return ()
+
+    def requires(self):
+        return ("ECLClusters",)
+
     def event(self, batch):
         cl = batch["ECLClusters"]
         self.parts.append((batch.evt.copy(), np.diff(cl.offsets),

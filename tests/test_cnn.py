@@ -1356,3 +1356,32 @@ def test_the_model_card_names_its_sample_and_the_command_that_trains_it_again(tm
     argv[argv.index("-o") + 1] = str(tmp_path / "b")
     assert cli.main(argv[1:] + ["--quiet"]) == 0
     assert (tmp_path / "a" / "array30.onnx").read_bytes() == (tmp_path / "b" / "array30.onnx").read_bytes()
+
+
+def test_the_training_chain_modules_say_what_they_make_and_require(tmp_path):
+    """G4EnvelopeSource, ClassicalSnapshot and the collectors declared neither makes() nor requires(): a chain
+    after the source was never checked (ClassicalSnapshot without a clusterizer before it ran, and the
+    collector then took the leakage-corrected energy for the classical one), and an output of a job without
+    events wrote every branch, cluster branches included where the chain makes no clusters."""
+    import uproot
+
+    assert (cnn_data.G4EnvelopeSource().makes(), cnn_data.G4EnvelopeSource().requires()) == (
+        ("RawEnvelopes", "RawPayloadRef"), ())
+    assert (cnn_data.ClassicalSnapshot().makes(), cnn_data.ClassicalSnapshot().requires()) == ((), ("ECLClusters",))
+    assert (cnn_data.MatchedClusterCollector().makes(), cnn_data.MatchedClusterCollector().requires()) == (
+        (), ("ECLDigits", "ECLClusters"))
+    path = eclreco.create_path()
+    path.add_module(cnn_data.G4EnvelopeSource(iter([])))
+    path.add_module("ECLUnpacker")
+    path.add_module(cnn_data.ClassicalSnapshot())
+    with pytest.raises(ValueError, match=r"ClassicalSnapshot \(module 3 of the path\) requires the collection "
+                                         r"'ECLClusters', which no module before it makes"):
+        eclreco.process(path, install_signal_handlers=False)
+    path = eclreco.create_path()
+    path.add_module(cnn_data.G4EnvelopeSource(iter([])))
+    path.add_module("ECLUnpacker")
+    path.add_module("RootOutput", filename=str(tmp_path / "none.root"))
+    eclreco.process(path, install_signal_handlers=False)
+    with uproot.open(tmp_path / "none.root") as f:
+        keys = set(f["events"].keys())
+    assert "n_digits" in keys and "cluster_energy" not in keys, sorted(keys)

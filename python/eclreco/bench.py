@@ -109,6 +109,12 @@ def collect_cnn_inputs(raw: str, max_events: int, extra_features) -> list:
             super().__init__()
             self.batches = []
 
+        def makes(self):
+            return ()
+
+        def requires(self):
+            return ("ECLClusters",)
+
         def event(self, batch):
             sel, _ = ECLEnergyCorrection.domain_rows(batch["ECLClusters"], threshold, max_t, max_e)
             self.batches.append(ECLEnergyCorrection.model_inputs(batch, "ECLClusters", sel, extra_features))
@@ -210,6 +216,12 @@ def zmq_input_measurement(raw: str, n_events: int) -> dict:
 
     class SendAllFirst(eclreco.Module):
         """fills the input queue before the event loop starts"""
+
+        def makes(self):
+            return ()
+
+        def requires(self):
+            return ()
 
         def initialize(self):
             send_all(zmq_in.endpoint.rsplit(":", 1)[1])
@@ -336,6 +348,12 @@ def framework_run_seconds(events: int, n_modules: int = 5, batch_size: int = DEF
 
     class PyNoOp(eclreco.Module):
         """a Python module that does nothing (the cost of a Python call per batch)"""
+
+        def makes(self):
+            return ()
+
+        def requires(self):
+            return ()
 
         def event(self, batch):
             pass

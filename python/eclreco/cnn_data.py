@@ -13,6 +13,7 @@ import zipfile
 import numpy as np
 
 from eclreco import Module, _core
+from eclreco.framework import RAW
 from eclreco.cnn_model import EVENT_FEATURE_NAMES, event_features
 
 G4_DEFAULT = {"array30": "g4_array30_train.npz", "belle2-ecl": "g4_belle2_train.npz"}
@@ -260,6 +261,12 @@ class G4EnvelopeSource(Module):
     def is_source(self):
         return True
 
+    def makes(self):
+        return RAW
+
+    def requires(self):
+        return ()
+
     def _next_chunk(self):
         try:
             self._pending = next(self._chunks)
@@ -291,6 +298,9 @@ class PartsCollector(Module):
     def ordered(self):
         return True
 
+    def makes(self):  # it keeps what it reads, outside the batch
+        return ()
+
     def concatenated(self) -> dict:
         if not self.parts:
             return {}
@@ -305,6 +315,9 @@ class MatchedClusterCollector(PartsCollector):
         self.detector = detector
         self.direction = direction  # (n_events, 3) true directions indexed by evt, belle2-ecl
         self.match_angle = match_angle
+
+    def requires(self):  # the event features (ECLEventInformation) are NaN where the batch lacks them
+        return ("ECLDigits", "ECLClusters")
 
     def event(self, batch):
         n = len(batch)
@@ -366,10 +379,15 @@ class MatchedClusterCollector(PartsCollector):
 class ClassicalSnapshot(Module):
     """Copies ECLClusters.energy (after the classical correction) into energy_classical."""
 
+    def makes(self):  # a column of ECLClusters, not a collection
+        return ()
+
+    def requires(self):  # without it, MatchedClusterCollector took the energy it finds for the classical one
+        return ("ECLClusters",)
+
     def event(self, batch):
-        if "ECLClusters" in batch:
-            cl = batch["ECLClusters"]
-            cl["energy_classical"] = np.array(cl["energy"], np.float32)
+        cl = batch["ECLClusters"]
+        cl["energy_classical"] = np.array(cl["energy"], np.float32)
 
 
 def add_correction_chain(path, model=None, **cnn_params):
