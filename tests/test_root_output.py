@@ -832,3 +832,8 @@ def test_the_summary_counts_the_events_lost_with_a_failed_output(tmp_path):
     assert s["processed"] == written + o["lost"] + s["errors"], s  # the errors: the batch on which it raised
     assert f"lost with the failed output RootOutput: {o['lost']} processed events" in str(eclreco.statistics)
     assert path.modules[-1].counters()["events_lost"] == o["lost"]
+    # the events RootOutput raised on after its write failed are told apart from the errors of the modules
+    # before it (nothing in the summary separated them: the output's message repeated on each)
+    assert s["errors"] > 0 and s["errors_in_outputs"] == o["errors"] == s["errors"], s
+    assert [m["errors"] for m in s["modules"]] == [0, 0, 0, s["errors"]], s["modules"]
+    assert f"module errors in the outputs: {s['errors']} (events an output raised on" in str(eclreco.statistics)

@@ -331,6 +331,7 @@ py::list state_modules(const fw::ProcessState& s) {
     d["events"] = m->events.load();
     d["seconds"] = m->nanoseconds.load() * 1e-9;
     d["cpu_seconds"] = m->cpu_nanoseconds.load() * 1e-9;
+    d["errors"] = m->errors.load();
     py::list hist;
     for (const auto& h : m->batch_seconds_hist) hist.append(h.load());
     d["batch_seconds_hist"] = hist;

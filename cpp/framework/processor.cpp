@@ -580,7 +580,7 @@ class Run {
       // of the batch, as it was before the call (batch still is), gets an error that says so; the run
       // goes on (the exception escaped: it ended the job, and with threads > 1 aborted the process).
       for (size_t i = 0; i < batch.size(); ++i)
-        record_error(batch, i, m.type() + " raised on a batch with " + event_id(batch, i) + "; re-run event by " +
+        record_error(m, batch, i, m.type() + " raised on a batch with " + event_id(batch, i) + "; re-run event by " +
                                    "event, its events cannot be joined again: " + e.what() + " (a module writes a " +
                                    "column in one dtype whatever the event: np.asarray(values, dtype=...))");
     }
@@ -597,7 +597,7 @@ class Run {
       if (!before.rejections().count(i)) late.push_back(i);
     for (size_t i : late) {
       const Rejection r = batch.withdraw_rejection(i);
-      record_error(batch, i, m.type() + " rejected " + event_id(batch, i) + " (" + r.reason +
+      record_error(m, batch, i, m.type() + " rejected " + event_id(batch, i) + " (" + r.reason +
                                  (r.detail.empty() ? "" : ": " + r.detail) + ") after the output " + writer.type() +
                                  ": a module after an output cannot reject; the event stays, with this error");
     }
@@ -613,12 +613,14 @@ class Run {
   }
 
   void flag(EventBatch& b, size_t i, Module& m, const char* what, bool print = true) {
-    record_error(b, i, m.type() + " raised on " + event_id(b, i) + ": " + what, print);
+    record_error(m, b, i, m.type() + " raised on " + event_id(b, i) + ": " + what, print);
   }
 
-  void record_error(EventBatch& b, size_t i, const std::string& msg, bool print = true) {
+  void record_error(const Module& m, EventBatch& b, size_t i, const std::string& msg, bool print = true) {
     b.flag_error(i, msg);
     st_.record_error(msg);
+    for (size_t k = 0; k < modules_.size(); ++k)  // an instance is in a path once (Path.add_module)
+      if (modules_[k].get() == &m) st_.modules[k]->errors.fetch_add(1, std::memory_order_relaxed);
     if (!print) return;
     // A misconfigured module fails on every event: the log shows the first ones, not one line per
     // event at 30 kHz (each error is still counted, and its message stays with its event).

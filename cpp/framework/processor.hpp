@@ -47,6 +47,10 @@ struct ModuleCounters {
   // (less than the wall time when the thread waits or the machine's cores are shared; helper
   // threads a module starts, e.g. RootOutput's writer, are not counted)
   std::atomic<uint64_t> calls{0}, events{0}, nanoseconds{0}, cpu_nanoseconds{0};
+  // the module errors it gave events (it raised on them, or rejected them after an output): the job's
+  // `errors` counts events, whichever module failed; this says which one (an output whose write failed
+  // raises on every event it is given after, apart from the errors of the modules before it)
+  std::atomic<uint64_t> errors{0};
   std::array<std::atomic<uint64_t>, kBatchSecondsBuckets.size() + 1> batch_seconds_hist{};
 };
 

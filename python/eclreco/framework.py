@@ -311,6 +311,18 @@ class Statistics:
                 pass
         return out
 
+    def _output_names(self) -> list[str]:
+        """The path's outputs (writes_events), by module name as in the module table (RootOutput#1)."""
+        out, seen = [], {}
+        for m in self._path.modules if self._path is not None else []:
+            k = seen[m.type] = seen.get(m.type, -1) + 1
+            try:
+                if m.writes_events():
+                    out.append(f"{m.type}#{k}" if k else m.type)
+            except Exception:  # noqa: BLE001 - a module's flags must never break the job's summary
+                pass
+        return out
+
     @property
     def state(self):
         return None if self._processor is None else self._processor.state
@@ -331,6 +343,10 @@ class Statistics:
         outputs = {name: {"written": w - self._outputs_before.get(name, (0, 0))[0],
                           "lost": lost - self._outputs_before.get(name, (0, 0))[1]}
                    for name, (w, lost) in self._output_counts().items()}
+        modules = s.modules()
+        module_errors = {m["name"]: m["errors"] for m in modules}
+        for name, o in outputs.items():
+            o["errors"] = module_errors.get(name, 0)
         return {
             "received": s.received,
             "processed": s.processed,
@@ -343,6 +359,9 @@ class Statistics:
             "discarded": s.discarded,
             "discarded_by_reason": s.discarded_by_reason(),
             "errors": s.errors,
+            # of those, the module errors that the outputs gave (an output whose write failed raises on each
+            # event it is given after: not an error of the event, nor of the modules before it)
+            "errors_in_outputs": sum(module_errors.get(name, 0) for name in self._output_names()),
             # events in each output, and those it had taken when its file failed: processed, in no file
             "outputs": outputs,
             "lost_with_output": sum(o["lost"] for o in outputs.values()),
@@ -354,7 +373,7 @@ class Statistics:
             "wall_seconds": wall,
             "loop_seconds": s.loop_seconds if not s.running else wall,
             "events_per_second": s.received / wall if wall > 0 else 0.0,
-            "modules": s.modules(),
+            "modules": modules,
         }
 
     def __str__(self):
@@ -367,6 +386,9 @@ class Statistics:
             f"with module errors {s['errors']}; {s['wall_seconds']:.2f} s, "
             f"{s['events_per_second']:,.0f} events/s"
         )
+        if s["errors_in_outputs"]:
+            lines.append(f"  module errors in the outputs: {s['errors_in_outputs']} (events an output raised on, e.g. after its "
+                         f"write failed; {s['errors'] - s['errors_in_outputs']} at most are errors of the modules before)")
         if s["not_processed"]:
             lines.append(f"  not processed: {s['not_processed']} (the run stopped on an error before they were done)")
         for name, o in s["outputs"].items():
