@@ -270,6 +270,9 @@ def test_a_collector_restarted_in_run_2_names_its_file_after_run_2(farm_factory,
     farm_run2.root. The distributor's answer to its HELLO now gives the run it joins: farm_run2.2.root."""
     from eclreco.hlt.control import output_line
 
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import request
+
     farm = farm_factory(workers=1)
     push_events(farm.input, range(200))
     farm.wait_confirmed(200)
@@ -1683,3 +1686,29 @@ def test_a_redelivered_rejected_event_is_one_rejected_event_in_the_quarantine(fa
     assert summary["records"] == 5 and summary["repeats"] == len(recs) - 5, summary
     extracted = out.read_bytes()  # each message once
     assert len(extracted) == sum(map(len, bad)) and all(b in extracted for b in bad)
+
+
+def test_a_collector_restarted_during_the_terminate_does_not_hold_the_farm(farm_factory):
+    """A collector that `hlt run` restarts while a terminate is under way (here: the old one killed between
+    runs, the terminate sent as soon as the restart is said; the same after a stop whose last write failed) starts after the distributor has gone: nobody answers its
+    HELLO. It waited for the distributor ("[collector] waiting for the distributor") and `hlt run` killed it
+    after 60 s. Roles still alive a few seconds after the distributor's exit now get SIGTERM, and a collector
+    that no distributor took leaves on it: the farm exits within seconds."""
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import request
+
+    farm = farm_factory(workers=1)
+    push_events(farm.input, range(200))
+    farm.wait_confirmed(200)
+    farm.command("stop")  # between runs the terminate waits for no collector
+    os.kill(farm.process("collector")["pid"], signal.SIGKILL)
+    t0 = time.monotonic()
+    while "restart 1:" not in farm.logtext():
+        assert time.monotonic() - t0 < 20, farm.logtext()
+        time.sleep(0.01)
+    request(farm.control, P.TERMINATE, 60.0)  # from this process: before the new collector's imports are done
+    t1 = time.monotonic()
+    rc, log = farm.wait_exit(timeout=90)
+    assert time.monotonic() - t1 < 20, log
+    assert rc == 0 and "did not exit within" not in log, log
+    assert "after the distributor: SIGTERM" in log and "[collector] stopped before a distributor took it" in log, log

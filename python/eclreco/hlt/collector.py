@@ -592,9 +592,14 @@ def main(args) -> int:
 
         exporter = serve_role_metrics("collector", args.metrics_port, args.metrics_host, path=path, extra=extra)
         link.metrics_port = exporter.port
+    def interrupt(sig, frame):  # before a distributor took it: no file is made, leave at once
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # (SIGINT raises it already) it was the default: killed by it
     try:
         registered = link.wait_registered(args.control)
     except KeyboardInterrupt:
+        print("[collector] stopped before a distributor took it: no file made", flush=True)
         registered = False
     if not registered:
         link.close()

@@ -395,15 +395,17 @@ class Farm:
                     self.final = body
                     self.terminating = True
 
-    def wait_roles_exit(self, deadline_s: float = 60.0, say_after_s: float = 5.0):
-        """The distributor has gone (after terminate): the others follow it, within deadline_s, else
-        they are killed. One stopped by a signal (SIGSTOP: an operator, a debugger) can never exit by
-        itself and is killed at once (the distributor gave its events to the others when it stopped
-        answering); a long wait is said, not silent."""
-        deadline = time.monotonic() + deadline_s
+    def wait_roles_exit(self, deadline_s: float = 60.0, sigterm_after_s: float = 5.0):
+        """The distributor has gone (after terminate): the others follow it. One still there sigterm_after_s
+        later gets SIGTERM (a collector started while the farm terminated waits for a distributor that has
+        gone: it was killed after the whole deadline_s), and one still there after deadline_s is killed. One
+        stopped by a signal (SIGSTOP: an operator, a debugger) can never exit by itself and is killed at once
+        (the distributor gave its events to the others when it stopped answering); a wait is said, not silent."""
+        t0 = time.monotonic()
+        deadline = t0 + deadline_s
         for p in [self.collector, *[w for w in self.workers if w is not None]]:
             name = f"{'the collector' if p is self.collector else 'worker'} {p.pid}"
-            said = False
+            signalled = False
             while p.poll() is None:
                 left = deadline - time.monotonic()
                 why = ("is stopped (SIGSTOP)" if process_state(p.pid) in ("T", "t")
@@ -412,9 +414,11 @@ class Farm:
                     print(f"[hlt run] {name} {why}; killing it", flush=True)
                     p.kill()
                     break
-                if not said and deadline_s - left >= say_after_s:
-                    print(f"[hlt run] waiting for {name} to exit; killed in {left:.0f} s", flush=True)
-                    said = True
+                if not signalled and deadline_s - left >= sigterm_after_s:
+                    print(f"[hlt run] {name} has not exited {sigterm_after_s:.0f} s after the distributor: SIGTERM "
+                          f"(killed in {left:.0f} s)", flush=True)
+                    p.send_signal(signal.SIGTERM)
+                    signalled = True
                 try:
                     p.wait(timeout=min(0.5, max(0.05, left)))
                 except subprocess.TimeoutExpired:
