@@ -1712,3 +1712,44 @@ def test_a_collector_restarted_during_the_terminate_does_not_hold_the_farm(farm_
     assert time.monotonic() - t1 < 20, log
     assert rc == 0 and "did not exit within" not in log, log
     assert "after the distributor: SIGTERM" in log and "[collector] stopped before a distributor took it" in log, log
+
+
+def test_a_worker_gets_no_events_of_the_next_run_before_its_ready():
+    """A worker ends its run on END_RUN and registers again (READY) for the next. The distributor kept the credit it
+    had left from the run that ended: a START right after the stop sent it events of the new run before its READY
+    came, and the READY then gave them to other workers ("re-registered"; redelivered though no worker was lost)
+    while the worker kept them in its buffer and processed them too (each result twice, one dropped as a duplicate).
+    A worker's credit now ends with its run: it gets the new run's events once its READY has said its credit."""
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.worker import WorkerLink
+
+    farm = InProcessFarm(heartbeat_timeout_s=5.0, stop_drain_s=0.0)
+    d = farm.d
+    link = WorkerLink(d.addresses["workers"], capacity=100)
+    try:
+        link.register()
+        assert d.wrk.poll(5000)
+        d.handle_workers()
+        assert d.workers[link.ident].credit == 100
+        d.begin_stop()
+        d.housekeeping(time.monotonic())
+        assert d.state == "stopped"
+        assert farm.send(farm.peer(), P.START)[0][0] == P.OK
+        farm.read_events(10)
+        d.dispatch()  # the worker's READY for run 2 is not there yet
+        assert link.sock.poll(2000)
+        link.service()  # END_RUN
+        if link.sock.poll(300):
+            link.service()  # anything sent with it
+        assert link.end_run and link.buffered == 0, link.buffered
+        link.received_run, link.end_run = 0, False  # the next run of the worker: HLTWorkerInput.initialize
+        link.register()
+        assert d.wrk.poll(5000)
+        d.handle_workers()
+        d.dispatch()
+        assert link.sock.poll(2000)
+        link.service()
+        assert link.buffered == 10 and d.c["redelivered"] == 0 and d.c["dispatched"] == 10, (link.buffered, d.c)
+    finally:
+        link.sock.close(0)
+        farm.close()

@@ -50,6 +50,13 @@ class Worker:
         # events was last confirmed or the collector last silent (its wait is then the collector's, not its own)
         self.blocked_since: float | None = None
         self.progress = now
+        # told END_RUN: its credit was of the run that ended, and its READY for the next run says the new one
+        # (events sent on the old credit before that READY came were taken back by it, and processed twice)
+        self.ended = False
+
+    def end_run(self):
+        self.credit = 0
+        self.ended = True
 
 
 def _frame(frames, i: int) -> bytes:
@@ -377,6 +384,7 @@ class Distributor:
                 # into the next one and merge their counts. Its results were redelivered or dropped as
                 # duplicates; it ends the run now and registers again for the next.
                 self._send(self.wrk, ident, P.END_RUN)
+                new.end_run()
                 print(f"[distributor] worker {new.info.get('pid')} came back in the middle of run {lost_in}, "
                       "which has ended: told to end it", flush=True)
             return
@@ -389,7 +397,8 @@ class Distributor:
             n = int(_frame(frames, 2))
             if not 0 <= n <= 1 << 30:
                 raise ValueError(f"credit {n}")
-            w.credit += n
+            if not w.ended:  # sent before END_RUN reached it: its next READY says its credit
+                w.credit += n
         elif cmd == P.HB:
             w.status = _map(frames, 2)
             if w.status.get("state") != "blocked":
@@ -716,6 +725,7 @@ class Distributor:
             # Every event of the run is confirmed: end the run everywhere.
             for w in list(self.workers.values()):
                 self._send(self.wrk, w.ident, P.END_RUN)
+                w.end_run()
             if self.collector is not None:
                 self._send(self.ctl, self.collector["ident"], P.END_RUN, str(self.run_index).encode())
             self.state = "stopped"
