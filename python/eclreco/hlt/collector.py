@@ -131,6 +131,12 @@ class CollectorLink:
         self.next_report = 0.0
         self.duplicates = 0      # events dropped as copies of ones already taken (over the process's life)
         self.repeated_keys = 0   # of them, a new event whose (exp, run, evt) was taken (not a redelivered copy)
+        # First results of events of a distributor this collector was registered with before the one now (its
+        # predecessor, restarted): below the new one's LOW, but never taken here. They were dropped as duplicates;
+        # no distributor holds them any more (they are lost with the one that died): dropped, counted apart.
+        self.orphaned = 0
+        # [its low when last heard, the next one's first LOW): the ids of that distributor not known to be saved
+        self.previous_ids = (0, 0)
         self.first_upstream_error = ""
         self.bad_messages = 0
         self.confirmed = 0
@@ -160,7 +166,7 @@ class CollectorLink:
              "state": self.state,
              "address": self.address, "run_index": self.run_index, "output": self.filename,
              "output_made": self.output_made, "output_error": self.output_error,
-             "duplicates": self.duplicates, "bad_messages": self.bad_messages, "confirmed": self.confirmed,
+             "duplicates": self.duplicates, "orphaned": self.orphaned, "bad_messages": self.bad_messages, "confirmed": self.confirmed,
              "saved": self.saved, "low_watermark": self.low,
              "saves": True, "metrics_port": self.metrics_port,
              "dqm_open_runs": [list(k) for k in registry.open_runs()]}
@@ -180,12 +186,15 @@ class CollectorLink:
                 except (IndexError, ValueError):
                     self.bad_message("control", "LOW without a number")
                     continue
-                self.low = max(self.low, low)
-                self.registered = True
                 if len(frames) > 2 and frames[2].isdigit():  # the answer to HELLO: the run this collector joins
                     self.joins_run = int(frames[2])
-                if len(self.seen) > 100000:
-                    self.seen = {s for s in self.seen if s >= self.low}
+                    if self.low and low > self.low:  # registered again, with a restarted distributor (ids above)
+                        self.previous_ids = (self.low, low)
+                self.low = max(self.low, low)
+                self.registered = True
+                if len(self.seen) > 100000:  # (those of the previous ids stay: a later copy is a duplicate)
+                    lo, hi = self.previous_ids
+                    self.seen = {s for s in self.seen if s >= self.low or lo <= s < hi}
             elif cmd == P.END_RUN:
                 self.end_run = True
                 try:  # the distributor's index of the run that ended (the collector follows it)
@@ -279,7 +288,7 @@ def run_report(link: CollectorLink, run_index: int, filename: str = "", written:
     """RUN_ENDED: what the run wrote and what failed (the stop's reply and the farm's output line);
     every key also for a run without events (it lacked all but the first five)."""
     s = summary or {}
-    dropped = dropped or {"duplicates": 0, "repeated_keys": 0}
+    dropped = dropped or {"duplicates": 0, "repeated_keys": 0, "orphaned": 0}
     return {"run_index": run_index, "filename": filename, "events_written": written,
             "received": s.get("received", 0), "duplicates": link.duplicates,
             **{k + "_run": v for k, v in dropped.items()},
@@ -328,7 +337,7 @@ class HLTCollectorInput(Module):
         self.link.first_upstream_error = ""  # of the run: a worker's module error message
         self._unconfirmed = np.zeros(0, "<u8")
         self._producers = {}  # (host, pid) or None -> [events taken, provenance JSON or None], of the run
-        self._dropped_before = (self.link.duplicates, self.link.repeated_keys)
+        self._dropped_before = (self.link.duplicates, self.link.repeated_keys, self.link.orphaned)
 
     def begin_run(self, exp, run):
         self.link.state = "running"
@@ -391,18 +400,23 @@ class HLTCollectorInput(Module):
         keeps, seqs_all = [], []
         for m in msgs:
             keep = np.ones(m.n, dtype=bool)
+            orphaned = 0
             if m.seq is not None:
                 seqs_all.append(m.seq)
                 keep = m.seq >= link.low
                 above = np.flatnonzero(keep)
                 keep[above] = take_new(link.seen, m.seq[above].tolist())
+                lo, hi = link.previous_ids
+                if hi and len(old := np.flatnonzero((m.seq >= lo) & (m.seq < hi))):  # below LOW: not kept
+                    orphaned = int(take_new(link.seen, m.seq[old].tolist()).sum())  # first copies; later ones: duplicates
             cand = np.flatnonzero(keep & ((m.meta["error_flags"] & eclreco.ERROR_REJECTED) == 0))
             keys = event_keys(m.meta["exp"][cand], m.meta["run"][cand], m.meta["evt"][cand])
             repeated = cand[~link.keys.add_new(keys)]
             keep[repeated] = False
             self._note_runs(m, cand[keep[cand]])
             link.repeated_keys += int(repeated.size)
-            link.duplicates += int(m.n - keep.sum())
+            link.duplicates += int(m.n - keep.sum()) - orphaned
+            link.orphaned += orphaned
             keeps.append(keep)
             producer = self._producers.setdefault(m.producer, [0, None])
             producer[0] += int(keep.sum())
@@ -461,9 +475,11 @@ class HLTCollectorInput(Module):
     def dropped_in_run(self) -> dict:
         """This run's events dropped as duplicates: redelivered copies (a worker lost, a collector
         replaced) and events whose (exp, run, evt) had been taken already (a producer that repeated
-        one: the spec makes them unique in a stream; reco.py processes both: docs/wire-format.md says why)."""
-        d0, r0 = self._dropped_before
-        return {"duplicates": self.link.duplicates - d0, "repeated_keys": self.link.repeated_keys - r0}
+        one: the spec makes them unique in a stream; reco.py processes both: docs/wire-format.md says why); apart,
+        the orphaned: first results of events of a distributor that died (this collector's earlier one)."""
+        d0, r0, o0 = self._dropped_before
+        return {"duplicates": self.link.duplicates - d0, "repeated_keys": self.link.repeated_keys - r0,
+                "orphaned": self.link.orphaned - o0}
 
     def provenance(self) -> dict:
         """The producers of this run's events, for the output file's metadata: each worker's host, pid,
@@ -579,6 +595,10 @@ def main(args) -> int:
         def extra():
             f = CounterMetricFamily("eclreco_hlt_duplicates", "Duplicate events dropped by the collector")
             f.add_metric([], link.duplicates)
+            yield f
+            f = CounterMetricFamily("eclreco_hlt_orphaned_results", "Results of events of a distributor that died "
+                                    "(first copies, not duplicates): dropped, no distributor holds them")
+            f.add_metric([], link.orphaned)
             yield f
             f = CounterMetricFamily("eclreco_hlt_bad_messages", "Messages that were not understood (ignored)")
             f.add_metric([], link.bad_messages)

@@ -206,7 +206,7 @@ class Distributor:
         # life: the file side of the farm, which the confirmations alone do not show.
         self.output = {"runs": 0, "received": 0, "events_written": 0, "errors": 0, "discarded": 0,
                        "rejected": 0, "rejected_by_reason": {}, "first_error": "", "duplicates": 0, "repeated_keys": 0,
-                       "received_before": 0, "replaced_collectors": 0, "saved_by_replaced": 0, "replaced_files": [],
+                       "orphaned": 0, "received_before": 0, "replaced_collectors": 0, "saved_by_replaced": 0, "replaced_files": [],
                        "left_collectors": 0, "written_by_left": 0, "left_files": [],
                        "unreported_collectors": 0, "saved_by_unreported": 0, "unreported_files": [],
                        "output_errors": []}
@@ -807,7 +807,7 @@ class Distributor:
                                      ("left_collectors", "written_by_left", "left_files"))
         for k in ("received", "events_written", "errors", "discarded", "rejected"):
             o[k] += int(info.get(k, 0) or 0)
-        for k in ("duplicates", "repeated_keys"):  # the collector's of this run (its `duplicates` is its life's)
+        for k in ("duplicates", "repeated_keys", "orphaned"):  # the collector's of this run (its `duplicates` is its life's)
             o[k] += int(info.get(k + "_run", 0) or 0)
         reasons = info.get("rejected_by_reason")
         for reason, n in (reasons.items() if isinstance(reasons, dict) else ()):
