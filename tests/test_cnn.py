@@ -1385,3 +1385,49 @@ def test_the_training_chain_modules_say_what_they_make_and_require(tmp_path):
     with uproot.open(tmp_path / "none.root") as f:
         keys = set(f["events"].keys())
     assert "n_digits" in keys and "cluster_energy" not in keys, sorted(keys)
+
+
+def test_a_revalidation_replaces_the_previous_validations_plots_and_no_other_file(tmp_path, capsys):
+    """`eclreco validate --pi0-events 3 -o V`, then `--pi0-events 0 -o V` left the first validation's
+    cnn_pi0_mass.png beside a report without a pi0 section. The report now lists its plots (`files`, name:
+    SHA-256) and the next validation into the folder removes those it does not write again, if unchanged, as
+    train does with its networks (paths.previous_outputs); a file the report does not list, or one changed
+    since, stays (a warning)."""
+    import json
+
+    pytest.importorskip("matplotlib")
+    from eclreco import cli
+
+    out = tmp_path / "V"
+    pi0 = out / "cnn_pi0_mass.png"
+
+    def validate(pi0_events, quiet=True):
+        assert cli.main(["validate", "--detector", "belle2-ecl", "-o", str(out), "--g4", SUBSET["belle2-ecl"],
+                         "--max-events", "30", "--pi0-events", str(pi0_events), "--fake-events", "0"]
+                        + (["--quiet"] if quiet else [])) == 0
+        return json.loads((out / "validation_belle2-ecl.json").read_text())
+
+    report = validate(3)
+    assert sorted(report["files"]) == ["cnn_belle2-ecl_bg0.png", "cnn_belle2-ecl_bg1.png", "cnn_belle2-ecl_bg2.png",
+                                       "cnn_pi0_mass.png"]
+    pi0.write_bytes(pi0.read_bytes() + b"edited")  # a listed plot changed since stays, with a warning
+    capsys.readouterr()
+    assert "pi0" not in validate(0) and pi0.exists()
+    assert "eclreco validate: warning: kept cnn_pi0_mass.png in" in capsys.readouterr().err
+    validate(3)
+    capsys.readouterr()
+    assert "cnn_pi0_mass.png" not in validate(0, quiet=False)["files"]
+    assert not pi0.exists() and "π0" not in (out / "validation_belle2-ecl.md").read_text()
+    assert f"removed the previous validation's cnn_pi0_mass.png from {out}" in capsys.readouterr().out
+    pi0.write_bytes(b"the user's own")  # named like a plot, listed by no report
+    validate(0)
+    assert pi0.read_bytes() == b"the user's own"
+    # a report written before `files`: the plots of its tables and its pi0 section
+    validate(3)
+    report = json.loads((out / "validation_belle2-ecl.json").read_text())
+    del report["files"]
+    (out / "validation_belle2-ecl.json").write_text(json.dumps(report))
+    validate(0)
+    assert sorted(p.name for p in out.iterdir()) == ["cnn_belle2-ecl_bg0.png", "cnn_belle2-ecl_bg1.png",
+                                                     "cnn_belle2-ecl_bg2.png", "validation_belle2-ecl.json",
+                                                     "validation_belle2-ecl.md"]

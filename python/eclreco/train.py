@@ -32,7 +32,8 @@ import time
 import numpy as np
 
 from eclreco import cnn_data, strict_json
-from eclreco.paths import StagedOutputs, file_sha256, missing_folder, output_folder, unwritable_folder, write_whole
+from eclreco.paths import (StagedOutputs, file_sha256, missing_folder, output_folder, previous_outputs,
+                           remove_previous_outputs, unwritable_folder, write_whole)
 from eclreco.cnn_model import (EVENT_FEATURE_NAMES, EVENT_FEATURE_SCALE, FEATURE_NAMES, X_IN_RANGE, build_model,
                                check_onnx_agreement, count_params, export_onnx, flops_per_cluster, onnx_throughput,
                                sigma68, summary)
@@ -502,13 +503,8 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
             stale, changed = previous_networks(out_dir, detector, card)  # (the old card, before the new one)
             staged.publish()  # the networks, then their card: one set, as late as possible
             write_card(out_dir, detector, card)
-            for name in stale:  # then the previous training's other networks: a folder holds one training
-                os.unlink(os.path.join(out_dir, name))
-    for name in changed:
-        print(f"eclreco train: warning: kept {name} in {out_dir}: the previous training's card lists it, but it "
-              "was changed since (remove it if it is not yours)", file=sys.stderr, flush=True)
-    if not quiet and stale:
-        print(f"removed the previous training's {', '.join(stale)} from {out_dir}", flush=True)
+            # then the previous training's other networks: a folder holds one training
+            remove_previous_outputs(out_dir, stale, changed, "eclreco train", "training", quiet)
     if not quiet:
         print(f"wrote {', '.join(os.path.basename(f) for f in staged.files)} and {detector}.md/.json in {out_dir} "
               f"({time.time() - t_start:.0f} s)", flush=True)
@@ -535,24 +531,11 @@ def network_names(detector) -> set[str]:
 
 
 def previous_networks(out_dir, detector, card):
-    """(stale, changed): the networks of the previous training in out_dir (its card, <detector>.json, lists them:
-    `files`, or the size scan's for a card written before `files`) that `card`'s training does not write again;
-    stale are still as that training wrote them (its SHA-256; a card without one: every listed file), changed
-    are not (a user's file under that name now: it stays). Only names train writes are considered."""
-    try:
-        with open(os.path.join(out_dir, f"{detector}.json")) as f:
-            old = json.load(f)
-        listed = old.get("files") or {r["file"]: None for r in old.get("size_scan") or []}
-        listed = {str(k): v for k, v in listed.items()}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # no card, or none of train's
-        return [], []
-    stale, changed = [], []
-    for name, sha in sorted(listed.items()):
-        path = os.path.join(out_dir, name)
-        if name not in network_names(detector) or name in card["files"] or not os.path.isfile(path):
-            continue
-        (stale if sha is None or file_sha256(path) == sha else changed).append(name)
-    return stale, changed
+    """paths.previous_outputs of a training: the networks that the previous card in out_dir (<detector>.json)
+    lists (`files`, or the size scan's for a card written before `files`) and `card`'s training does not write."""
+    return previous_outputs(out_dir, f"{detector}.json",
+                            lambda old: old.get("files") or {r["file"]: None for r in old.get("size_scan") or []},
+                            network_names(detector), card["files"])
 
 
 def _train_sizes(detector, out_dir, g4_path, sizes, seed, chain_seed, restarts, epochs, max_events, quiet, train, val,

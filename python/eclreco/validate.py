@@ -23,7 +23,8 @@ import sys
 import numpy as np
 
 from eclreco import cnn_data, strict_json
-from eclreco.paths import StagedOutputs, file_sha256, output_folder, write_whole
+from eclreco.paths import (StagedOutputs, file_sha256, output_folder, previous_outputs, remove_previous_outputs,
+                           write_whole)
 from eclreco.cnn_model import sigma68, sigma68_ratio_interval, summary
 from eclreco.sim.showers import array30_in_gap
 
@@ -302,6 +303,22 @@ def _fmt_fakes(f):
 
 # ---------------------------------------------------------------------------------------------
 
+def plot_names(detector) -> set[str]:
+    """The file names of the plots validate writes for `detector` (each background level's, the pi0 peak's)."""
+    return ({f"cnn_{detector}_bg{bg:g}.png" for bg in [0.0, *BACKGROUNDS]}
+            | ({"cnn_pi0_mass.png"} if detector == "belle2-ecl" else set()))
+
+
+def previous_plots(out_dir, detector, report):
+    """paths.previous_outputs of a validation: the plots that the previous report in out_dir
+    (validation_<detector>.json) lists (`files`, or, for a report written before `files`, those of its tables
+    and its pi0 section) and `report`'s validation does not write."""
+    def listed(old):
+        return old.get("files") or ({f"cnn_{detector}_{t}.png": None for t in old["tables"]}
+                                    | ({"cnn_pi0_mass.png": None} if "pi0" in old else {}))
+    return previous_outputs(out_dir, f"validation_{detector}.json", listed, plot_names(detector), report["files"])
+
+
 def _fmt_ratio_table(rows, detector):
     lab = LABEL[REFERENCE[detector]]
     gap = "gap_fraction" in rows[0]
@@ -368,6 +385,7 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
     bgs = [0.0] if detector == "array30" else BACKGROUNDS
     names = ["raw_sum", "classical", "cnn"] if detector == "array30" else ["cluster_raw", "classical", "cnn"]
     report["tables"] = {}
+    report["files"] = {}  # every plot of this validation (name: SHA-256): the next one into -o replaces them all
     for bg in bgs:
         with tqdm(total=test.size, desc=f"validate {detector} bg {bg:g}", disable=quiet, file=sys.stderr) as bar:
             res = cnn_data.g4_chain_sample(g4, test, seed=seed + int(10 * bg), levels=bg if bg > 0 else None,
@@ -386,6 +404,7 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
         final = os.path.join(out_dir, f"cnn_{detector}_bg{bg:g}.png")
         plot_energy_hists(res, ENERGIES[detector], staged.path(final), names,
                           f"{title}; {os.path.basename(model)} (sha256 {model_file['sha256'][:12]})")
+        report["files"][os.path.basename(final)] = file_sha256(staged.path(final))
         if detector == "array30":
             k = res["has"]
             r = res["energy"][k] / res["e_true"][k]
@@ -424,6 +443,7 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
         final = os.path.join(out_dir, "cnn_pi0_mass.png")
         plot_pi0(masses, staged.path(final),
                  f"{os.path.basename(model)} (sha256 {model_file['sha256'][:12]})")
+        report["files"][os.path.basename(final)] = file_sha256(staged.path(final))
         md += ["### π0 → γγ mass peak (fast simulation, nominal background)", "",
                f"{p['n_events']} π0 events, momentum p(π0) log-uniform {p['pi0_energy_gev'][0]}-{p['pi0_energy_gev'][1]} GeV; "
                f"the two clusters of highest raw energy (the stored order), second > 30 MeV raw ({p['n_two_clusters']} events); "
@@ -443,11 +463,14 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
               + f" (of {test.size} events)", file=sys.stderr, flush=True)
     buf = io.StringIO()
     strict_json.dump(report, buf, indent=1)
+    stale, changed = previous_plots(out_dir, detector, report)  # (the old report, before the new one)
     staged.publish()  # the plots, then the report: one set, as late as possible
     write_whole(os.path.join(out_dir, f"validation_{detector}.json"), buf.getvalue())
     write_whole(os.path.join(out_dir, f"validation_{detector}.md"), "\n".join(md))
     if not quiet:
         print("\n".join(md))
+    # then the previous validation's other plots (a pi0 peak that this one, --pi0-events 0, has not)
+    remove_previous_outputs(out_dir, stale, changed, "eclreco validate", "validation", quiet)
     return report
 
 
