@@ -1431,3 +1431,30 @@ def test_a_revalidation_replaces_the_previous_validations_plots_and_no_other_fil
     assert sorted(p.name for p in out.iterdir()) == ["cnn_belle2-ecl_bg0.png", "cnn_belle2-ecl_bg1.png",
                                                      "cnn_belle2-ecl_bg2.png", "validation_belle2-ecl.json",
                                                      "validation_belle2-ecl.md"]
+
+
+def test_a_pi0_section_without_a_peak_says_so_and_prints_no_nan(tmp_path):
+    """`eclreco validate --pi0-events 1` printed `nan` in the σ68 and σ68 / median columns of the pi0 table (one
+    mass has no spread), and pi0_peak raised KeyError: 'raw_e2' when no event had two clusters. Values that do not
+    exist are dashes, as in the photon tables, and a section without a two-cluster event says why it has no peak
+    (and draws no plot)."""
+    import json
+
+    pytest.importorskip("matplotlib")
+    from eclreco import cli, validate
+
+    out = tmp_path / "V"
+    assert cli.main(["validate", "--detector", "belle2-ecl", "-o", str(out), "--g4", SUBSET["belle2-ecl"],
+                     "--max-events", "30", "--pi0-events", "1", "--fake-events", "0", "--quiet"]) == 0
+    md = (out / "validation_belle2-ecl.md").read_text()
+    section = md[md.index("### π0"):]
+    assert "nan" not in section and "1 π0 event, " in section and "(1 event)" in section
+    assert re.search(r"\| cnn \| 1 \| 1\d\d\.\d \| – \| – \|", section), section
+    assert json.loads((out / "validation_belle2-ecl.json").read_text())["pi0"]["cnn"]["sigma68_gev"] is None
+    # three π0s almost at rest, without background (seed 5): no event has two clusters
+    p, masses = validate.pi0_peak("belle2-ecl", _shipped("belle2-ecl"), n_events=3, seed=5, background=0.0,
+                                  e_min=0.14, e_max=0.15)
+    assert p["n_two_clusters"] == 0 and all(m.size == 0 for m in masses.values())
+    text = validate._fmt_pi0(p)
+    assert "nan" not in text and "| raw | 0 | – | – | – |" in text
+    assert "none of the 3 π0 events has two clusters with the second above 30 MeV raw: no mass peak" in text

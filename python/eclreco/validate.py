@@ -190,7 +190,11 @@ class _Pi0Collector(cnn_data.PartsCollector):
         self.parts.append(rec)
 
 
-def pi0_peak(detector, model, n_events=20000, seed=7, background=1.0, e_min=0.3, e_max=1.5, min_e=0.03):
+PI0_MIN_E2_MEV = 30  # pi0_peak's min_e: the second cluster's raw energy
+
+
+def pi0_peak(detector, model, n_events=20000, seed=7, background=1.0, e_min=0.3, e_max=1.5,
+             min_e=PI0_MIN_E2_MEV / 1000):
     import eclreco
 
     path = eclreco.create_path()
@@ -199,18 +203,43 @@ def pi0_peak(detector, model, n_events=20000, seed=7, background=1.0, e_min=0.3,
     cnn_data.add_correction_chain(path, model)
     col = path.add_module(_Pi0Collector())
     eclreco.process(path, threads=1, install_signal_handlers=False)
-    r = col.concatenated()
+    r = col.concatenated()  # {} when no event has two clusters
     out = {"n_events": n_events, "pi0_energy_gev": [e_min, e_max], "background": background}
-    ok = (r["raw_e2"] > min_e)
+    ok = r["raw_e2"] > min_e if r else np.zeros(0, bool)
     masses = {}
     for name in ("raw", "classical", "cnn"):
-        m = np.sqrt(np.maximum(2 * r[name + "_e1"] * r[name + "_e2"] * (1 - r["cos12"]), 0))[ok]
+        m = np.sqrt(np.maximum(2 * r[name + "_e1"] * r[name + "_e2"] * (1 - r["cos12"]), 0))[ok] if r else np.zeros(0)
         masses[name] = m
         w = m[(m > 0.07) & (m < 0.2)]
-        out[name] = {"n_in_window": int(w.size), "median_gev": float(np.median(w)),
-                     "sigma68_gev": sigma68(w), "sigma68_rel": sigma68(w) / float(np.median(w))}
+        median = float(np.median(w)) if w.size else float("nan")  # (none in the window: no number, not a warning)
+        out[name] = {"n_in_window": int(w.size), "median_gev": median, "sigma68_gev": sigma68(w),
+                     "sigma68_rel": sigma68(w) / median}
     out["n_two_clusters"] = int(ok.sum())
     return out, masses
+
+
+def _fmt_pi0(p):
+    """The pi0 section of the report: a dash where there is no number (fewer than 2 masses in the window: one
+    π0 event, --pi0-events 1, printed 'nan'), and a note when no event has two clusters."""
+    n2 = p["n_two_clusters"]
+    lines = ["### π0 → γγ mass peak (fast simulation, nominal background)", "",
+             f"{p['n_events']} π0 event{'' if p['n_events'] == 1 else 's'}, momentum p(π0) log-uniform {p['pi0_energy_gev'][0]}-{p['pi0_energy_gev'][1]} GeV; "
+             f"the two clusters of highest raw energy (the stored order), second > {PI0_MIN_E2_MEV} MeV raw ({n2} "
+             f"event{'' if n2 == 1 else 's'}); median and σ68 of m(γγ) in 70-200 MeV.", "",
+             "| energy | n in window | median MeV | σ68 MeV | σ68 / median |", "|---|---|---|---|---|"]
+    for name in ("raw", "classical", "cnn"):
+        s = p[name]
+        lines.append(f"| {name} | {s['n_in_window']} | {_num(1000 * s['median_gev'], '.1f')} | "
+                     f"{_num(1000 * s['sigma68_gev'], '.2f')} | {_num(s['sigma68_rel'], '.4f')} |")
+    if n2 == 0:
+        lines += ["", pi0_none_text(p) + ": no mass peak (use more events, --pi0-events)."]
+    return "\n".join(lines) + "\n"
+
+
+def pi0_none_text(p):
+    """What is missing when no pi0 event has two clusters (the report's note and the warning)."""
+    return (f"none of the {p['n_events']} π0 event{'' if p['n_events'] == 1 else 's'} has two clusters with the "
+            f"second above {PI0_MIN_E2_MEV} MeV raw")
 
 
 def plot_pi0(masses, path, model_label=""):
@@ -223,8 +252,9 @@ def plot_pi0(masses, path, model_label=""):
     bins = np.linspace(0.05, 0.22, 69)
     for name, c in (("raw", "grey"), ("classical", "tab:blue"), ("cnn", "tab:red")):
         w = masses[name][(masses[name] > 0.07) & (masses[name] < 0.2)]
+        median = np.median(w) if w.size else float("nan")
         ax.hist(masses[name], bins, histtype="step", color=c,
-                label=f"{name}: median {1000 * np.median(w):.1f} MeV, σ68 {1000 * sigma68(w):.1f} MeV")
+                label=f"{name}: median {_num(1000 * median, '.1f', ' MeV')}, σ68 {_num(1000 * sigma68(w), '.1f', ' MeV')}")
     ax.axvline(PI0_MASS, color="k", ls=":", lw=0.7)
     ax.set_xlabel("m(γγ) [GeV]")
     ax.legend(fontsize=8)
@@ -440,23 +470,18 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
     if detector == "belle2-ecl" and pi0_events:
         p, masses = pi0_peak(detector, model, n_events=pi0_events)
         report["pi0"] = p
-        final = os.path.join(out_dir, "cnn_pi0_mass.png")
-        plot_pi0(masses, staged.path(final),
-                 f"{os.path.basename(model)} (sha256 {model_file['sha256'][:12]})")
-        report["files"][os.path.basename(final)] = file_sha256(staged.path(final))
-        md += ["### π0 → γγ mass peak (fast simulation, nominal background)", "",
-               f"{p['n_events']} π0 events, momentum p(π0) log-uniform {p['pi0_energy_gev'][0]}-{p['pi0_energy_gev'][1]} GeV; "
-               f"the two clusters of highest raw energy (the stored order), second > 30 MeV raw ({p['n_two_clusters']} events); "
-               "median and σ68 of m(γγ) in 70-200 MeV.", "",
-               "| energy | n in window | median MeV | σ68 MeV | σ68 / median |", "|---|---|---|---|---|"]
-        for name in ("raw", "classical", "cnn"):
-            s = p[name]
-            md.append(f"| {name} | {s['n_in_window']} | {1000 * s['median_gev']:.1f} | {1000 * s['sigma68_gev']:.2f} | "
-                      f"{s['sigma68_rel']:.4f} |")
-        md.append("")
+        if p["n_two_clusters"]:  # (else nothing to draw: the section says so)
+            final = os.path.join(out_dir, "cnn_pi0_mass.png")
+            plot_pi0(masses, staged.path(final),
+                     f"{os.path.basename(model)} (sha256 {model_file['sha256'][:12]})")
+            report["files"][os.path.basename(final)] = file_sha256(staged.path(final))
+        md.append(_fmt_pi0(p))
     if detector == "belle2-ecl" and fake_events:
         report["fakes"] = fake_clusters(detector, model, n_events=fake_events)
         md.append(_fmt_fakes(report["fakes"]))
+    if report.get("pi0", {}).get("n_two_clusters") == 0:
+        print(f"eclreco validate: warning: {pi0_none_text(report['pi0'])}: the pi0 section has no mass peak",
+              file=sys.stderr, flush=True)
     if report.get("empty_windows"):
         print(f"eclreco validate: warning: windows without a held-out photon with a cluster (empty rows): "
               + "; ".join(f"{bg} at {', '.join(f'{e:g}' for e in es)} GeV" for bg, es in report["empty_windows"].items())
