@@ -1458,3 +1458,24 @@ def test_a_pi0_section_without_a_peak_says_so_and_prints_no_nan(tmp_path):
     text = validate._fmt_pi0(p)
     assert "nan" not in text and "| raw | 0 | – | – | – |" in text
     assert "none of the 3 π0 events has two clusters with the second above 30 MeV raw: no mass peak" in text
+
+
+def test_max_events_beyond_the_file_is_refused_by_train_and_validate(tmp_path, capsys):
+    """`eclreco train --max-events 5000` on a 2000-event file trained on the whole file, exit 0, and its card
+    recorded `max_events: 5000` (and a reproduce command with it); validate likewise ran on all held-out events
+    without a word. Both now refuse, before any work, a --max-events beyond the events there are (train: the
+    file's, validate: its held-out part's), naming both numbers: one line, exit 2, no output folder."""
+    pytest.importorskip("matplotlib")
+    from eclreco import cli
+
+    g4 = SUBSET["array30"]  # 2000 events, 400 held out
+    assert cli.main(["train", "--detector", "array30", "-o", str(tmp_path / "t"), "--g4", g4, "--max-events", "5000",
+                     "--sizes", "tiny", "--epochs", "1", "--quiet"]) == 2
+    assert capsys.readouterr().err == (f"eclreco train: error: --max-events 5000: the Geant4 file {g4!r} holds 2000 "
+                                       "events (0: all of them)\n")
+    validate = ["validate", "--detector", "array30", "-o", str(tmp_path / "v"), "--g4", g4, "--quiet", "--max-events"]
+    assert cli.main(validate + ["401"]) == 2
+    assert capsys.readouterr().err == (f"eclreco validate: error: --max-events 401: the held-out part of {g4!r} (its "
+                                       "last 20%) holds 400 events (0: all of them)\n")
+    assert not (tmp_path / "t").exists() and not (tmp_path / "v").exists()
+    assert cli.main(validate + ["400"]) == 0  # all of them

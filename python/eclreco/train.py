@@ -134,6 +134,15 @@ def checked_g4_path(g4_path, detector) -> str:
     return path
 
 
+def check_max_events(max_events, available, what):
+    """TrainingInputError when --max-events asks for more than the `available` events of `what` (train: the
+    Geant4 file; validate: its held-out part), before any work: both ran on all of them without a word, and
+    train's card and reproduce command recorded the number asked for, not the events it trained on."""
+    if max_events > available:
+        raise TrainingInputError(f"--max-events {max_events}: {what} holds {available} event"
+                                 f"{'' if available == 1 else 's'} (0: all of them)")
+
+
 def chain_samples(detector, g4_path, seed=1, max_events=0, quiet=False, copies=None):
     """(train, val, test) dicts of matched clusters through the chain; copies: how many times the
     training events enter (array30: under the symmetries of the beam, G4Sample.symmetric_copies;
@@ -142,6 +151,7 @@ def chain_samples(detector, g4_path, seed=1, max_events=0, quiet=False, copies=N
 
     g4 = cnn_data.G4Sample(g4_path, detector)
     tr, va, te = g4.split()
+    check_max_events(max_events, g4.n, f"the Geant4 file {g4_path!r}")
     if max_events:
         f = max_events / g4.n
         tr, va, te = tr[: max(int(tr.size * f), 1)], va[: max(int(va.size * f), 1)], te[: max(int(te.size * f), 1)]
@@ -699,7 +709,8 @@ def add_train_parser(subparsers):
     p.add_argument("--sizes", type=_size_list, default=[], help=f"comma-separated network sizes to train ({', '.join(SIZES)}); "
                    "the default size of the detector, or the first one listed when it is not among them, is written as "
                    "<detector>.onnx with the model card, the others as <detector>-<size>.onnx")
-    p.add_argument("--max-events", type=NON_NEGATIVE_INT, default=0, help="use only this many events of the file (0: all)")
+    p.add_argument("--max-events", type=NON_NEGATIVE_INT, default=0, help="use only this many events of the file (0: all; more than "
+                   "it holds: an error)")
     p.add_argument("--cache", default=None, help="npz file of the chain samples: written when missing, read when "
                    "present (the chain is deterministic, so this only saves time); refused when made from another "
                    "detector, Geant4 file, --max-events or eclreco build")

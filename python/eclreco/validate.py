@@ -377,7 +377,7 @@ def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed
 def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, fake_events, quiet, staged):
     from tqdm import tqdm
 
-    from eclreco.train import checked_g4_path
+    from eclreco.train import check_max_events, checked_g4_path
 
     g4_path = checked_g4_path(g4_path, detector)
     model = _model_path(detector, model)
@@ -388,6 +388,8 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
     _, meta = load_session(model, expected_detector=detector)  # a model of the other detector: an error, not a report
     g4 = cnn_data.G4Sample(g4_path, detector)
     _, _, test = g4.split()
+    check_max_events(max_events, test.size, f"the held-out part of {g4_path!r} (its last "
+                     f"{cnn_data.TEST_FRACTION:.0%})")
     if max_events:
         test = test[:max_events]
     check_windows(g4.e_true[test], ENERGIES[detector])  # before any work
@@ -534,7 +536,8 @@ def add_validate_parser(subparsers):
     p.add_argument("--g4", default=None, help="Geant4 file (default ../shared/data/g4_array30_train.npz or "
                    "g4_belle2_train.npz, from the working directory or the source tree)")
     p.add_argument("--model", default="", help="ONNX model (default: the shipped model)")
-    p.add_argument("--max-events", type=NON_NEGATIVE_INT, default=0, help="use only this many held-out events (0: all)")
+    p.add_argument("--max-events", type=NON_NEGATIVE_INT, default=0, help="use only this many held-out events (0: all; more than "
+                   "there are: an error)")
     p.add_argument("--pi0-events", type=NON_NEGATIVE_INT, default=None,
                    help=f"pi0 events for the mass peak (belle2-ecl; default {PI0_EVENTS}, 0: none)")
     p.add_argument("--fake-events", type=NON_NEGATIVE_INT, default=None,
