@@ -77,12 +77,11 @@ def energy_table(res, energies, window=WINDOW, reference="raw_sum", in_gap=None)
         q, lo, hi = sigma68_ratio_interval(res["energy"][k] / et, res[COLUMN[reference]][k] / et)
         row["sigma68_ratio"] = {"reference": reference, "ratio": q, "lo": lo, "hi": hi}
         if in_gap is not None:
-            row["gap_fraction"] = float(np.mean(in_gap[k])) if k.any() else float("nan")
+            row["gap_fraction"] = _mean(in_gap[k])
         r = res["energy"][k] / et
-        row["cnn_tail_below_0.9"] = float(np.mean(r < 0.9)) if r.size else float("nan")
-        row["cnn_tail_below_0.8"] = float(np.mean(r < 0.8)) if r.size else float("nan")
+        row["cnn_tail_below_0.9"], row["cnn_tail_below_0.8"] = _mean(r < 0.9), _mean(r < 0.8)
         rr = res["raw_sum"][k] / et
-        row["raw_tail_below_0.8"] = float(np.mean(rr < 0.8)) if rr.size else float("nan")
+        row["raw_tail_below_0.8"] = _mean(rr < 0.8)
         rows.append(row)
     return rows
 
@@ -90,6 +89,17 @@ def energy_table(res, energies, window=WINDOW, reference="raw_sum", in_gap=None)
 def _num(x, fmt, unit=""):
     """A table's number; a dash where there is none (a window of fewer than 2 photons: 'nan' read as a result)."""
     return format(x, fmt) + unit if np.isfinite(x) else "–"
+
+
+def _mean(x):
+    """The mean of x (a share, of a boolean x); nan, without numpy's 'Mean of empty slice', when x is empty
+    (no photon entered a gap, none fell below a threshold): a dash in the report (_num), null in the JSON."""
+    return float(np.mean(x)) if np.size(x) else float("nan")
+
+
+def _median(x):
+    """The median of x; nan, without a warning, when x is empty (as _mean)."""
+    return float(np.median(x)) if np.size(x) else float("nan")
 
 
 def empty_windows(rows):
@@ -211,7 +221,7 @@ def pi0_peak(detector, model, n_events=20000, seed=7, background=1.0, e_min=0.3,
         m = np.sqrt(np.maximum(2 * r[name + "_e1"] * r[name + "_e2"] * (1 - r["cos12"]), 0))[ok] if r else np.zeros(0)
         masses[name] = m
         w = m[(m > 0.07) & (m < 0.2)]
-        median = float(np.median(w)) if w.size else float("nan")  # (none in the window: no number, not a warning)
+        median = _median(w)
         out[name] = {"n_in_window": int(w.size), "median_gev": median, "sigma68_gev": sigma68(w),
                      "sigma68_rel": sigma68(w) / median}
     out["n_two_clusters"] = int(ok.sum())
@@ -252,7 +262,7 @@ def plot_pi0(masses, path, model_label=""):
     bins = np.linspace(0.05, 0.22, 69)
     for name, c in (("raw", "grey"), ("classical", "tab:blue"), ("cnn", "tab:red")):
         w = masses[name][(masses[name] > 0.07) & (masses[name] < 0.2)]
-        median = np.median(w) if w.size else float("nan")
+        median = _median(w)
         ax.hist(masses[name], bins, histtype="step", color=c,
                 label=f"{name}: median {_num(1000 * median, '.1f', ' MeV')}, σ68 {_num(1000 * sigma68(w), '.1f', ' MeV')}")
     ax.axvline(PI0_MASS, color="k", ls=":", lw=0.7)
@@ -443,32 +453,31 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
             rr = res["raw_sum"][k] / res["e_true"][k]
             rc = res["classical"][k] / res["e_true"][k]
             report["tails"] = {"n": int(k.sum()), "n_no_cluster": int((~k).sum()),
-                               "cnn_below_0.9": float(np.mean(r < 0.9)), "cnn_below_0.8": float(np.mean(r < 0.8)),
-                               "cnn_below_0.5": float(np.mean(r < 0.5)),
-                               "cnn_above_1.5": float(np.mean(r > 1.5)), "cnn_above_2": float(np.mean(r > 2)),
+                               "cnn_below_0.9": _mean(r < 0.9), "cnn_below_0.8": _mean(r < 0.8),
+                               "cnn_below_0.5": _mean(r < 0.5), "cnn_above_1.5": _mean(r > 1.5), "cnn_above_2": _mean(r > 2),
                                "cnn_max": float(r.max()) if r.size else float("nan"),
-                               "classical_below_0.8": float(np.mean(rc < 0.8)),
-                               "classical_below_0.5": float(np.mean(rc < 0.5)),
-                               "classical_above_1.5": float(np.mean(rc > 1.5)),
-                               "raw_below_0.8": float(np.mean(rr < 0.8)), "raw_below_0.5": float(np.mean(rr < 0.5))}
+                               "classical_below_0.8": _mean(rc < 0.8), "classical_below_0.5": _mean(rc < 0.5),
+                               "classical_above_1.5": _mean(rc > 1.5),
+                               "raw_below_0.8": _mean(rr < 0.8), "raw_below_0.5": _mean(rr < 0.5)}
             t = report["tails"]
             gap_text = ""
             if in_gap is not None:
                 g = in_gap[k]
-                t.update({"gap_fraction": float(np.mean(in_gap)), "gap_cnn_median": float(np.median(r[g])),
-                          "gap_raw_median": float(np.median(rr[g])), "cnn_below_0.8_in_gap": float(np.mean(g[r < 0.8]))})
-                gap_text = (f"{100 * t['gap_fraction']:.1f} % of the photons entered the aluminium between the crystals "
-                            f"(truth); with a cluster, their median E/E_true is {t['gap_raw_median']:.2f} (raw sum) and "
-                            f"{t['gap_cnn_median']:.2f} (CNN), and they are {100 * t['cnn_below_0.8_in_gap']:.0f} % of "
-                            "the photons with E_CNN/E_true < 0.8. ")
+                t.update({"gap_fraction": _mean(in_gap), "gap_cnn_median": _median(r[g]),
+                          "gap_raw_median": _median(rr[g]), "cnn_below_0.8_in_gap": _mean(g[r < 0.8])})
+                gap_text = (f"{_num(100 * t['gap_fraction'], '.1f', ' %')} of the photons entered the aluminium between "
+                            f"the crystals (truth); with a cluster, their median E/E_true is {_num(t['gap_raw_median'], '.2f')} "
+                            f"(raw sum) and {_num(t['gap_cnn_median'], '.2f')} (CNN), and they are "
+                            f"{_num(100 * t['cnn_below_0.8_in_gap'], '.0f', ' %')} of the photons with E_CNN/E_true < 0.8. ")
             md.append(f"Gap tails (all test energies): {gap_text}{t['n_no_cluster']} of {t['n'] + t['n_no_cluster']} events "
-                      f"without any cluster; E_CNN/E_true < 0.9: {100 * t['cnn_below_0.9']:.1f} %, < 0.8: "
-                      f"{100 * t['cnn_below_0.8']:.1f} %, < 0.5: {100 * t['cnn_below_0.5']:.1f} % "
-                      f"(classical < 0.8: {100 * t['classical_below_0.8']:.1f} %, < 0.5: "
-                      f"{100 * t['classical_below_0.5']:.1f} %; raw sum < 0.8: {100 * t['raw_below_0.8']:.1f} %, "
-                      f"< 0.5: {100 * t['raw_below_0.5']:.1f} %). Over-correction: E_CNN/E_true > 1.5 in "
-                      f"{100 * t['cnn_above_1.5']:.2f} %, > 2 in {100 * t['cnn_above_2']:.2f} % (largest "
-                      f"{t['cnn_max']:.2f}; classical > 1.5: {100 * t['classical_above_1.5']:.2f} %).\n")
+                      f"without any cluster; E_CNN/E_true < 0.9: {_num(100 * t['cnn_below_0.9'], '.1f', ' %')}, < 0.8: "
+                      f"{_num(100 * t['cnn_below_0.8'], '.1f', ' %')}, < 0.5: {_num(100 * t['cnn_below_0.5'], '.1f', ' %')} "
+                      f"(classical < 0.8: {_num(100 * t['classical_below_0.8'], '.1f', ' %')}, < 0.5: "
+                      f"{_num(100 * t['classical_below_0.5'], '.1f', ' %')}; raw sum < 0.8: "
+                      f"{_num(100 * t['raw_below_0.8'], '.1f', ' %')}, < 0.5: {_num(100 * t['raw_below_0.5'], '.1f', ' %')}). "
+                      f"Over-correction: E_CNN/E_true > 1.5 in {_num(100 * t['cnn_above_1.5'], '.2f', ' %')}, > 2 in "
+                      f"{_num(100 * t['cnn_above_2'], '.2f', ' %')} (largest {_num(t['cnn_max'], '.2f')}; classical > 1.5: "
+                      f"{_num(100 * t['classical_above_1.5'], '.2f', ' %')}).\n")
     if detector == "belle2-ecl" and pi0_events:
         p, masses = pi0_peak(detector, model, n_events=pi0_events)
         report["pi0"] = p
