@@ -1075,3 +1075,13 @@ def test_a_standalone_collector_refuses_an_output_it_cannot_write_before_it_regi
                             "--control", "tcp://127.0.0.1:9"], capture_output=True, text=True, timeout=30)
         assert r.returncode == 2 and r.stderr == f"eclreco hlt collector: error: ValueError: {message}\n", r.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_a_run_index_output_name_with_other_braces_is_taken_as_written(tmp_path):
+    """`hlt run -o 'x_{run_index}_{shift}.root'` (or a '{' alone) failed with KeyError: 'shift' (ValueError for
+    the lone brace) from str.format: only {run_index} is replaced, the rest of the name is the user's."""
+    from eclreco.hlt.collector import output_error, output_filename
+
+    assert output_filename("x_{run_index}_{shift}.root", 3) == "x_3_{shift}.root"
+    assert output_filename("x_{run_index}_{.root", 1) == "x_1_{.root"
+    assert output_error(str(tmp_path / "x_{run_index}_{shift}.root")) == ""

@@ -552,8 +552,10 @@ def output_error(output: str) -> str:
 
 
 def output_filename(template: str, run_index: int) -> str:
+    """The output file of run `run_index`: {run_index} replaced, else _runN after the first run's. Replaced
+    as text, not by str.format: any other brace in a file name ({date}, a '{' alone) is part of the name."""
     if "{run_index}" in template:
-        return template.format(run_index=run_index)
+        return template.replace("{run_index}", str(run_index))
     if run_index <= 1:
         return template
     stem, ext = os.path.splitext(template)
