@@ -1085,3 +1085,22 @@ def test_a_run_index_output_name_with_other_braces_is_taken_as_written(tmp_path)
     assert output_filename("x_{run_index}_{shift}.root", 3) == "x_3_{shift}.root"
     assert output_filename("x_{run_index}_{.root", 1) == "x_1_{.root"
     assert output_error(str(tmp_path / "x_{run_index}_{shift}.root")) == ""
+
+
+def test_a_worker_refuses_a_rejected_file_in_a_folder_it_cannot_write(capsys):
+    """`hlt worker --rejected /sys/x.msgpack` started (os.access says yes to root there) and would have
+    failed at its first rejected event, ending its run: the folder is now tried by making a file in it
+    (paths.unwritable_folder, as every other output folder), one line naming --rejected, exit 2."""
+    import argparse
+
+    from eclreco.hlt.worker import default_quarantine
+    from eclreco.paths import unwritable_folder
+
+    if not os.access("/sys", os.W_OK) or not unwritable_folder("/sys"):
+        pytest.skip("needs a folder that os.access calls writable and is not (/sys as root)")
+    with pytest.raises(SystemExit) as e:
+        default_quarantine(argparse.Namespace(rejected="/sys/x.msgpack"))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("eclreco hlt worker: error: cannot keep rejected raw events: cannot write into '/sys'"), err
+    assert "choose another --rejected FILE" in err

@@ -26,7 +26,7 @@ from eclreco import Module, _core
 from eclreco.cli_types import BATCH_SIZE, METRICS_PORT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, THREADS
 from eclreco.framework import RAW
 from eclreco.hlt import protocol as P
-from eclreco.paths import missing_folder
+from eclreco.paths import missing_folder, unwritable_folder
 from eclreco.raw_sockets import ConnectionMonitor, attach
 
 SEQ_COLLECTION = "HLTSequence"
@@ -307,8 +307,8 @@ def default_quarantine(args) -> None:
     if args.rejected:
         if folder := missing_folder(args.rejected):
             why = f"--rejected {args.rejected!r}: no directory {folder!r}"
-        elif not os.access(where := os.path.dirname(os.path.abspath(args.rejected)), os.W_OK):
-            why = (f"cannot keep rejected raw events in {where!r} (not writable): "
+        elif cannot := unwritable_folder(os.path.dirname(os.path.abspath(args.rejected))):
+            why = (f"cannot keep rejected raw events: {cannot}: "
                    + ("choose another --rejected FILE" if given else "pass --rejected FILE (or --rejected '' to keep none)"))
     if why:  # a bad option: exit 2, as argparse's and as `hlt run`'s refusal of the same --rejected (it was 1)
         print(f"eclreco hlt worker: error: {why}", file=sys.stderr, flush=True)
