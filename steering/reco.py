@@ -23,7 +23,7 @@ from eclreco.cli_types import (BATCH_SIZE, NON_NEGATIVE, NON_NEGATIVE_INT, POSIT
 from eclreco.paths import missing_folder, output_file_error
 from eclreco.raw_sockets import address_in_use, check_address, check_message_limits, is_stream_address, tcp_port
 from eclreco.reconstruction import (add_event_filter, add_event_filter_arguments, add_reconstruction,
-                                   event_filter_option_unused)
+                                   chain_file_error, event_filter_option_unused)
 
 
 def build_parser():
@@ -126,6 +126,8 @@ def parse_args(argv=None):
     for option, name in (("--conditions", args.conditions), ("--model", args.model)):
         if name and not os.path.isfile(name):
             ap.error(f"{option} {name!r} is not a file")
+    if why := chain_file_error(args):  # a file, but not one its module can read
+        ap.error(why)
     if args.input and not args.stream and not os.path.isfile(args.input):
         ap.error(f"-i {args.input!r} is not a file (a raw file, or a tcp:// or ipc:// address)")
     if args.input and not args.stream:

@@ -1104,3 +1104,28 @@ def test_a_worker_refuses_a_rejected_file_in_a_folder_it_cannot_write(capsys):
     assert e.value.code == 2 and err.count("\n") == 1, err
     assert err.startswith("eclreco hlt worker: error: cannot keep rejected raw events: cannot write into '/sys'"), err
     assert "choose another --rejected FILE" in err
+
+
+@pytest.mark.parametrize("option,message", [
+    ("--conditions", "--conditions: conditions file '{file}': invalid JSON at character 0"),
+    ("--model", "--model: ECLEnergyCorrection: cannot load model '{file}'"),
+])
+def test_a_conditions_or_model_file_its_module_cannot_read_is_refused_before_the_job(option, message, capsys):
+    """`reco.py --conditions README.md` exited 1 with 'ECLUnpacker.initialize failed: ... invalid JSON' (for
+    --model, with source locations too) after the other modules had started, and `hlt worker` exited 2 only
+    once its link and metrics were up. The module reads the file before the job now: one line naming the
+    option, exit 2, in both."""
+    import subprocess
+
+    readme = os.path.join(REPO, "README.md")
+    expected = message.format(file=readme)
+    with pytest.raises(SystemExit) as e:
+        _reco().main([option, readme, "--events", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and expected in err and "(at " not in err, err
+    assert f"error: {expected}" in err.splitlines()[-1], err  # argparse's usage, then the one line
+    r = subprocess.run([sys.executable, "-m", "eclreco.cli", "hlt", "worker", option, readme,
+                        "--distributor", "tcp://127.0.0.1:9", "--metrics-port", "-1", "--rejected", ""],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith(f"eclreco hlt worker: error: {expected}"), r.stderr
+    assert r.stderr.count("\n") == 1 and not r.stdout, (r.stdout, r.stderr)

@@ -24,6 +24,32 @@ def add_reconstruction(path: Path, cnn: bool = True, leakage: bool = True, model
     return path
 
 
+# The files that options of the standard chain give to its modules: (option, module, parameter, args attribute)
+CHAIN_FILE_OPTIONS = (("--conditions", "ECLUnpacker", "conditions", "conditions"),
+                      ("--model", "ECLEnergyCorrection", "model", "model"))
+
+
+def chain_file_error(args) -> str:
+    """Why a file of --conditions or --model cannot be used (one line naming the option), '' when each can:
+    the module that reads it is initialized with it, so that its own checks (JSON, payloads; an ONNX model)
+    refuse it before the job, not at the job's initialize (reco.py: exit 1, after the other modules had
+    started, with source locations; a worker: once its link and metrics were up)."""
+    from eclreco.framework import create_module
+
+    for option, module_name, param, dest in CHAIN_FILE_OPTIONS:
+        path = getattr(args, dest, "")
+        if not path:
+            continue
+        module = create_module(module_name)
+        module.set_param(param, path)
+        try:
+            module.initialize()
+        except RuntimeError as err:  # the message names the file (and the module, for the model)
+            return f"{option}: {err}"
+        module.terminate()
+    return ""
+
+
 def add_event_filter_arguments(ap) -> None:
     """The event filter options of steering/reco.py and the HLT worker (off by default)."""
     from eclreco.cli_types import NON_NEGATIVE, NON_NEGATIVE_INT

@@ -481,6 +481,10 @@ def main(args) -> int:
                    f"available: {', '.join(known)}")
     if args.conditions and not os.path.isfile(args.conditions):
         refuse(f"--conditions {args.conditions!r} is not a file")
+    from eclreco.reconstruction import chain_file_error
+
+    if why := chain_file_error(args):  # each worker would fail at its start, and be restarted to fail again
+        refuse(why)
     for option, address in (("--input", args.input), ("--control", args.control), ("--workers-addr", args.workers_addr),
                             ("--collector-addr", args.collector_addr)):
         if address:

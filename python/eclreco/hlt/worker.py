@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import uuid
+from typing import NoReturn
 
 import numpy as np
 import zmq
@@ -311,13 +312,26 @@ def default_quarantine(args) -> None:
             why = (f"cannot keep rejected raw events: {cannot}: "
                    + ("choose another --rejected FILE" if given else "pass --rejected FILE (or --rejected '' to keep none)"))
     if why:  # a bad option: exit 2, as argparse's and as `hlt run`'s refusal of the same --rejected (it was 1)
-        print(f"eclreco hlt worker: error: {why}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
+        refuse(why)
     args.rejected = args.rejected.replace("{pid}", str(os.getpid()))
+
+
+def refuse(why: str) -> NoReturn:
+    """A bad option of a worker: one line, exit 2, before its link, metrics or path exist."""
+    print(f"eclreco hlt worker: error: {why}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
 
 
 def start_worker(args, build_reconstruction) -> int:
     """Common body of worker steering files: link, path, metrics, run loop."""
+    from eclreco.reconstruction import chain_file_error
+
+    # options its chain ignores first (a file of one is not read at all); a steering file's own parser may
+    # have no --modules, --conditions or --model
+    if hasattr(args, "modules") and (why := chain_option_unused(args)):
+        refuse(why)
+    if why := chain_file_error(args):
+        refuse(why)
     default_quarantine(args)
     capacity = args.capacity or 4 * args.batch_size * max(1, args.threads)
     exporter = None
