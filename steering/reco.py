@@ -20,6 +20,7 @@ import sys
 import eclreco
 from eclreco.cli_types import (BATCH_SIZE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, THREADS, HelpFormatter,
                                add_cluster_columns_argument, integer, name_list, number)
+from eclreco.curve import curve_option_error
 from eclreco.paths import missing_folder, output_file_error
 from eclreco.raw_sockets import address_in_use, check_address, check_message_limits, is_stream_address, tcp_port
 from eclreco.reconstruction import (add_event_filter, add_event_filter_arguments, add_reconstruction,
@@ -154,6 +155,8 @@ def parse_args(argv=None):
             ap.error(f"-i {args.input!r}: no directory {ipc_folder!r} for the socket file")
         if not args.connect and (why := address_in_use(args.input)):
             ap.error(f"-i {args.input!r}: {why}")
+        if why := curve_option_error(args, "reco", (args.curve_server,) if args.connect else (), "--curve-server"):
+            ap.error(why)
     # the spec keeps every rejected message for inspection: a job that reads raw data keeps them by default
     args.rejected_when_needed = args.rejected is None and bool(args.input)
     if args.rejected_when_needed:

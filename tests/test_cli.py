@@ -1129,3 +1129,41 @@ def test_a_conditions_or_model_file_its_module_cannot_read_is_refused_before_the
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.startswith(f"eclreco hlt worker: error: {expected}"), r.stderr
     assert r.stderr.count("\n") == 1 and not r.stdout, (r.stdout, r.stderr)
+
+
+def test_every_command_with_curve_dir_checks_its_keys_first_naming_the_option(tmp_path, capsys):
+    """`reco.py -i tcp://... --curve-dir /tmp/nokeys` exited 1 from ZMQInput's initialize with source
+    locations ('(at .../curve.py:66 in __init__ ...)'), `hlt run --curve-dir /missing` said
+    'FileNotFoundError: CURVE secret key ... not found' without the option. Every command that takes
+    --curve-dir now checks the directory, its own key and its peers' public keys first: one line naming the
+    option, exit 2."""
+    import subprocess
+
+    from eclreco.curve import generate_keys
+
+    generate_keys(str(tmp_path / "k"), ["reco", "control"])  # no distributor, collector, worker or daq key
+    missing, keys = str(tmp_path / "nokeys"), str(tmp_path / "k")
+    no_dir = f"--curve-dir '{missing}': no such directory"
+    commands = [["hlt", "distributor", "--metrics-port", "-1"],
+                ["hlt", "collector", "--metrics-port", "-1", "-o", str(tmp_path / "c.root")],
+                ["hlt", "run", "-o", str(tmp_path / "r.root")], ["hlt", "control", "stop"], ["hlt", "status"],
+                ["hlt", "worker", "--metrics-port", "-1", "--rejected", ""],
+                ["daq-emulator", "--input", os.path.join(REPO, "README.md"), "--connect", "tcp://127.0.0.1:9"]]
+    for argv in commands:
+        # the keys' directory without the own key or the distributor's public key
+        for directory, message in ((missing, no_dir), (keys, f"--curve-dir '{keys}': CURVE ")):
+            r = subprocess.run([sys.executable, "-m", "eclreco.cli", *argv, "--curve-dir", directory],
+                               capture_output=True, text=True, timeout=60)
+            command = " ".join(argv[:2] if argv[0] == "hlt" else argv[:1])
+            assert r.returncode == 2 and r.stderr.startswith(f"eclreco {command}: error: "), (argv, r.stderr)
+            assert message in r.stderr and r.stderr.count("\n") == 1, (argv, r.stderr)
+    reco = _reco()
+    for argv, message in ((["--curve-dir", missing], no_dir),
+                          (["--curve-dir", keys, "--connect", "--curve-server", "daqq"],
+                           "--curve-server 'daqq': CURVE public key of 'daqq' not found"),
+                          (["--curve-dir", keys, "--curve-secret", os.path.join(REPO, "README.md")],
+                           f"--curve-secret '{os.path.join(REPO, 'README.md')}': No public key found")):
+        with pytest.raises(SystemExit) as e:
+            reco.main(["-i", "tcp://127.0.0.1:5999", "--idle-timeout", "1", *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"error: {message}" in err.splitlines()[-1] and "(at " not in err, err

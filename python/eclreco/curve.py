@@ -100,6 +100,34 @@ class Curve:
         return self.server(sock) if bind else self.client(sock, server)
 
 
+def curve_option_error(args, default_name: str, servers=(), server_option: str = "--curve-dir") -> str:
+    """Why the CURVE options of `args` (add_curve_arguments') cannot be used, '' when they can or there is no
+    --curve-dir: one line naming the option, said before any socket or module starts. A key directory with
+    public/, the own key pair (--curve-secret, else private/NAME.key_secret), and the public key of each
+    of `servers`, the parties it connects to (`server_option` names the option that chose them). Without
+    it a missing key failed at ZMQInput's initialize (reco.py: exit 1, source locations) or as a
+    FileNotFoundError naming no option."""
+    directory = getattr(args, "curve_dir", "") or ""
+    if not directory:
+        return ""
+    if not os.path.isdir(directory):
+        return (f"--curve-dir {directory!r}: {'not a directory' if os.path.exists(directory) else 'no such directory'}"
+                f" (a key directory is made by eclreco hlt keys -o DIR)")
+    if not os.path.isdir(os.path.join(directory, "public")):
+        return f"--curve-dir {directory!r}: no public/ in it (not a key directory of eclreco hlt keys)"
+    secret = getattr(args, "curve_secret", "") or ""
+    try:
+        curve = Curve(directory, getattr(args, "curve_name", "") or default_name, secret)
+    except (OSError, ValueError) as err:  # missing, a directory, not a key file
+        return f"{'--curve-secret' if secret else '--curve-dir'} {secret or directory!r}: {err}"
+    for server in servers:
+        try:
+            curve.server_key(server)
+        except (OSError, ValueError) as err:
+            return f"{server_option} {server if server_option != '--curve-dir' else directory!r}: {err}"
+    return ""
+
+
 def start_authenticator(ctx: zmq.Context, public_dir: str):
     """One ZAP handler per context, accepting the public keys found in `public_dir`."""
     from zmq.auth.thread import ThreadAuthenticator

@@ -248,6 +248,10 @@ def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: f
 
 
 def run_daq_emulator(args: argparse.Namespace) -> int:
+    from eclreco.curve import curve_option_error
+
+    if why := curve_option_error(args, "daq", (args.curve_server,) if args.connect else (), "--curve-server"):
+        raise ValueError(why)  # a bad option: one line, exit 2 (cli.main), before the file is read
     messages = read_raw_file(args.input)
     if not args.loop and args.events > len(messages):
         print(f"[daq-emulator] the file has {len(messages)} events; --events {args.events} needs --loop",

@@ -551,6 +551,12 @@ def output_error(output: str) -> str:
     return output_file_error(output_filename(output, 1), "--output")
 
 
+def collector_output_servers(args) -> tuple[str, ...]:
+    """The CURVE key names of what the collector's output connects to: reco (steering/reco.py -i), for a tcp://
+    output it does not bind."""
+    return ("reco",) if args.output.startswith("tcp://") and not getattr(args, "output_bind", False) else ()
+
+
 def output_filename(template: str, run_index: int) -> str:
     """The output file of run `run_index`: {run_index} replaced, else _runN after the first run's. Replaced
     as text, not by str.format: any other brace in a file name ({date}, a '{' alone) is part of the name."""
@@ -579,10 +585,12 @@ def unused_filename(path: str) -> str:
 
 def main(args) -> int:
     from eclreco import open_files, scheduling
-    from eclreco.curve import Curve
+    from eclreco.curve import Curve, curve_option_error
     from eclreco.hlt.worker import curve_params
 
     if why := output_error(args.output):  # a bad option: exit 2 (cli.main), before the distributor knows it
+        raise ValueError(why)
+    if why := curve_option_error(args, "collector", ("distributor",) + collector_output_servers(args)):
         raise ValueError(why)
     scheduling.apply(args.sched, "collector")  # before the ZeroMQ context: its threads inherit the policy
     open_files.raise_soft_limit("collector")  # it accepts the connections of every worker

@@ -8,7 +8,7 @@ import time
 
 import zmq
 
-from eclreco.curve import Curve
+from eclreco.curve import Curve, curve_option_error
 from eclreco.framework import job_failure
 from eclreco.hlt import protocol as P
 from eclreco.raw_sockets import attach
@@ -151,6 +151,8 @@ def format_table(st: dict) -> str:
 
 
 def status_main(args) -> int:
+    if why := curve_option_error(args, "control", ("distributor",)):
+        raise ValueError(why)  # a bad option: one line, exit 2 (cli.main); a farm that does not answer: 1
     while True:
         try:
             st = status(args.control, timeout_s=args.timeout, curve=Curve.from_args(args, "control"))
@@ -171,6 +173,8 @@ def status_main(args) -> int:
 
 def control_main(args) -> int:
     cmd = {"stop": P.STOP, "start": P.START, "terminate": P.TERMINATE}[args.action]
+    if why := curve_option_error(args, "control", ("distributor",)):
+        raise ValueError(why)
     curve = Curve.from_args(args, "control")
     try:
         # STOP may take minutes (in-flight events are finished): first make sure a farm answers, so

@@ -23,7 +23,7 @@ import numpy as np
 import zmq
 
 from eclreco import open_files, scheduling
-from eclreco.curve import Curve
+from eclreco.curve import Curve, curve_option_error
 from eclreco.hlt import protocol as P
 from eclreco.hlt.control import output_line, summary_line
 from eclreco.raw_sockets import ConnectionMonitor, attach, check_message_limits, recv_message
@@ -1019,6 +1019,8 @@ class Distributor:
 
 
 def main(args) -> int:
+    if why := curve_option_error(args, "distributor", ("daq",) if args.input_connect else ()):
+        raise ValueError(why)  # a bad option: one line, exit 2 (cli.main), before any socket
     scheduling.apply(args.sched, "distributor")  # before the ZeroMQ context: its threads inherit the policy
     open_files.raise_soft_limit("distributor")  # it accepts the connections of every worker (and sender)
     d = Distributor(args.input, args.workers_addr, args.control, queue_size=args.queue_size,

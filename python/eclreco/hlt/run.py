@@ -9,6 +9,7 @@ stop + terminate, and prints the achieved throughput and the p50/p99 latency at 
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import os
 import random
@@ -22,7 +23,7 @@ from typing import NoReturn
 
 import zmq
 
-from eclreco.curve import Curve
+from eclreco.curve import Curve, curve_option_error
 from eclreco.hlt import protocol as P
 from eclreco.hlt.control import ControlError, farm_failure, output_line, request, status, summary_line
 from eclreco.hlt.worker import chain_option_unused, module_names
@@ -515,6 +516,15 @@ def main(args) -> int:
                              ("--max-message-bytes", "--refuse-message-bytes"))
     except ValueError as err:
         refuse(str(err))
+    # its own key (control), and those the roles it starts take from --curve-dir by their names
+    from eclreco.hlt.collector import collector_output_servers
+
+    for role, own, servers in (("control", args, ("distributor",)),
+                               ("distributor", None, ("daq",) if args.input_connect else ()),
+                               ("collector", None, ("distributor",) + collector_output_servers(args)),
+                               ("worker", None, ("distributor", "collector"))):
+        if why := curve_option_error(own or argparse.Namespace(curve_dir=args.curve_dir), role, servers):
+            refuse(why)
     farm = Farm(args)
     try:
         return farm.run()

@@ -332,6 +332,10 @@ def start_worker(args, build_reconstruction) -> int:
         refuse(why)
     if why := chain_file_error(args):
         refuse(why)
+    from eclreco.curve import curve_option_error
+
+    if why := curve_option_error(args, "worker", ("distributor", "collector")):
+        refuse(why)
     default_quarantine(args)
     capacity = args.capacity or 4 * args.batch_size * max(1, args.threads)
     exporter = None
