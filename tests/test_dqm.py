@@ -408,14 +408,14 @@ def test_eclreco_dqm_refuses_a_bad_file_in_one_line_and_leaves_the_output_folder
     (tmp_path / "cut.root").write_bytes(data[:200])  # its keys are further on
     (tmp_path / "notes.txt").write_text("not ROOT\n")
     (tmp_path / "adir").mkdir()
-    cases = [("missing.root", "no such file"), ("adir", "is a directory"),
-             ("empty.root", "not a ROOT file (empty)"), ("cut.root", "not a readable ROOT file, cut short or damaged?"),
-             ("notes.txt", "not a ROOT file")]
+    cases = [("missing.root", ": no such file"), ("adir", ": a directory, not a ROOT file"),
+             ("empty.root", ": not a ROOT file (empty)"), ("cut.root", ": not a readable ROOT file, cut short or damaged?"),
+             ("notes.txt", ": not a ROOT file")]
     for name, message in cases:
         capsys.readouterr()
         assert main(["dqm", str(tmp_path / name), "-o", str(tmp_path / "png")]) == 2, name
         out, err = capsys.readouterr()
-        assert err.count("\n") == 1 and message in err and str(tmp_path / name) in err and not out, err
+        assert err.count("\n") == 1 and f"{tmp_path / name}{message}" in err and not out, err
         assert not (tmp_path / "png").exists(), name
     assert main(["dqm", str(tmp_path / "good.root"), "-o", str(tmp_path / "notes.txt")]) == 2
     assert "-o '%s' is not a directory" % (tmp_path / "notes.txt") in capsys.readouterr().err

@@ -349,14 +349,14 @@ def read_histograms(root_path: str) -> list[dict]:
     without dqm/ is a ValueError of one line naming it."""
     import uproot
 
+    from eclreco.paths import unreadable_file
+
+    if why := unreadable_file(root_path, "ROOT file"):  # missing, a directory, unreadable: the input files' words
+        raise ValueError(f"{root_path}: {why}")
     try:
         with open(root_path, "rb") as f:
             head = f.read(4)
-    except FileNotFoundError:
-        raise ValueError(f"{root_path}: no such file") from None
-    except IsADirectoryError:
-        raise ValueError(f"{root_path} is a directory, not a ROOT file") from None
-    except OSError as err:
+    except OSError as err:  # gone or changed since
         raise ValueError(f"{root_path}: cannot read it ({err.strerror})") from None
     if head != b"root":  # (uproot says "expected Chunk of length 403" for a short file that is not ROOT)
         raise ValueError(f"{root_path}: not a ROOT file " + (f"(it begins with {head!r})" if head else "(empty)"))
