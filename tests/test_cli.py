@@ -1167,3 +1167,12 @@ def test_every_command_with_curve_dir_checks_its_keys_first_naming_the_option(tm
             reco.main(["-i", "tcp://127.0.0.1:5999", "--idle-timeout", "1", *argv])
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"error: {message}" in err.splitlines()[-1] and "(at " not in err, err
+
+
+def test_hlt_merge_refuses_a_file_that_is_not_root_in_one_line(tmp_path, capsys):
+    """`hlt merge README.md -o m.root` printed uproot's message as it came, over two lines ('... b'# ec'\\nin
+    file ...'): one line now, as every refusal."""
+    assert cli.main(["hlt", "merge", os.path.join(REPO, "README.md"), "-o", str(tmp_path / "m.root")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "README.md: not a readable ROOT file" in err, err
+    assert not os.listdir(tmp_path)

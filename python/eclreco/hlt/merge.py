@@ -33,7 +33,9 @@ def _open(name: str, tree: str):
     try:
         f = uproot.open(name)
     except Exception as err:  # noqa: BLE001 - not a ROOT file, or cut inside its header
-        raise ValueError(f"{name}: not a readable ROOT file ({type(err).__name__}: {err})") from None
+        from eclreco.dqm import _one_line  # uproot's messages run over several lines
+
+        raise ValueError(f"{name}: not a readable ROOT file ({type(err).__name__}: {_one_line(err)})") from None
     if tree not in f:
         return f, None
     return f, f[tree]
