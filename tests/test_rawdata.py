@@ -757,6 +757,91 @@ def test_daq_emulator_stops_when_the_receiver_takes_nothing(tmp_path, zmq_contex
     assert any("events were still queued" in line and "when the linger of 1 s ran out" in line for line in said), said
 
 
+def _run_daq_emulator_into(zmq_context, argv, expect: int, keep_from: int = 0) -> tuple[int, list, list, int]:
+    """`daq-emulator ARGV --connect` (in this process) to a PULL socket that takes `expect` messages;
+    (exit code, the CRC-32 of each message taken, the messages from index keep_from, the peak of
+    Python's memory while it ran, in bytes)."""
+    import argparse
+    import tracemalloc
+
+    import zmq
+    from eclreco import daq
+
+    pull = zmq_context.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    parser = argparse.ArgumentParser()
+    daq.add_daq_emulator_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["daq-emulator", *argv, "--connect", f"tcp://127.0.0.1:{port}", "--sched", "normal"])
+    crcs, got, rc = [], [], []
+    tracemalloc.start()
+    try:
+        t = threading.Thread(target=lambda: rc.append(args.func(args)))
+        t.start()
+        while len(crcs) < expect and pull.poll(10000):
+            m = pull.recv()
+            if len(crcs) >= keep_from:
+                got.append(m)
+            crcs.append(zlib.crc32(m))
+        t.join(60)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        pull.close()
+    assert not t.is_alive()
+    return rc[0], crcs, got, peak
+
+
+def test_daq_emulator_holds_a_message_not_the_file(tmp_path, zmq_context):
+    """`daq-emulator` read its whole input before it sent the first event (read_raw_file: a slow start
+    and the file in memory, twice: its bytes and the list of messages), and --loop kept a patched copy
+    of every message. It now reads the file one message at a time (a window of 1 MiB), --loop
+    re-reading it for each pass: its memory stays a few MiB with a file of 24 MB."""
+    msgs = rawdata.encode_events("belle2-ecl", 0, 1, np.arange(1000), **random_digits(
+        np.random.default_rng(5), "belle2-ecl", 1000, max_digits=600))
+    f = tmp_path / "big.msgpack"
+    with open(f, "wb") as out:
+        for _ in range(12):
+            out.write(b"".join(msgs))
+    n = 12 * len(msgs)
+    assert f.stat().st_size > 24e6
+    crcs_file = [zlib.crc32(m) for m in msgs] * 12
+    rc, crcs, _, peak = _run_daq_emulator_into(zmq_context, ["--input", str(f)], n, keep_from=n)
+    assert rc == 0 and crcs == crcs_file
+    assert peak < 6e6, peak
+    # looped: a first pass for the span, then the file read again for each pass
+    rc, crcs, got, peak = _run_daq_emulator_into(zmq_context, ["--input", str(f), "--loop", "--events", str(n + 500)],
+                                                 n + 500, keep_from=n)
+    assert rc == 0 and crcs[:n] == crcs_file and len(got) == 500
+    assert [msgpack.unpackb(m)["evt"] for m in got] == list(range(1000, 1500))  # the span: evt 0..999
+    assert peak < 6e6, peak
+
+
+def test_daq_emulator_reports_a_file_that_goes_bad(tmp_path, zmq_context, capsys):
+    """A raw file with bytes that cannot be framed after some events: the events before them are sent,
+    then the replay stops with an error naming the file and the byte (exit 1); with --loop the first
+    pass finds them before anything is sent (exit 2, naming --input). Fewer events than --events without
+    --loop: all are sent and that is said (exit 1)."""
+    msgs = rawdata.encode_events("array30", 0, 1, np.arange(20), **random_digits(np.random.default_rng(3), "array30",
+                                                                                 20, max_digits=10))
+    f = tmp_path / "bad.msgpack"
+    head = b"".join(msgs[:12])
+    f.write_bytes(head + b"\xc1" + b"".join(msgs[12:]))
+    rc, _, got, _ = _run_daq_emulator_into(zmq_context, ["--input", str(f)], 12)
+    out = capsys.readouterr().out
+    assert rc == 1 and got == msgs[:12]
+    assert (f"[daq-emulator] error: raw file '{f}': not_msgpack at byte {len(head)} of {f.stat().st_size}" in out
+            and "12 message(s) before it): the replay stopped there, after 12 events" in out), out
+    rc, _, got, _ = _run_daq_emulator_into(zmq_context, ["--input", str(f), "--loop"], 0)
+    err = capsys.readouterr().err
+    assert rc == 2 and got == [] and err.startswith(f"eclreco daq-emulator: error: --input: raw file '{f}': not_msgpack"), err
+    g = tmp_path / "short.msgpack"
+    rawdata.write_raw_file(g, msgs)
+    rc, _, got, _ = _run_daq_emulator_into(zmq_context, ["--input", str(g), "--events", "25"], 20)
+    out = capsys.readouterr().out
+    assert rc == 1 and got == msgs and "error: the file has 20 events, all sent; --events 25 needs --loop" in out, out
+
+
 def test_loop_renumbering_carries_evt_into_run():
     """Event numbers near 2^32 (a replay of ~40 h at 30 kHz gets there): evt carries into run, as
     a DAQ starts a new run, instead of wrapping to (run, evt) already sent; a file of several runs
@@ -768,21 +853,22 @@ def test_loop_renumbering_carries_evt_into_run():
     late_run = raw_map(("v", 1), ("exp", 1), ("evt", top), ("det", "belle2-ecl"), ("ecl", GOOD_PAYLOAD), ("run", 2))
     r = LoopRenumbering([pack(env(run=2, evt=top - 5)), late_run])
     assert r.span == 6
-    keys = [[tuple(rawdata.decode_envelope(bytes(r.message(k, p)))[x] for x in ("exp", "run", "evt")) for k in (0, 1)]
-            for p in range(3)]
+    keys = [[tuple(rawdata.decode_envelope(bytes(r.message(m, p)))[x] for x in ("exp", "run", "evt"))
+             for m in (pack(env(run=2, evt=top - 5)), late_run)] for p in range(3)]
     assert keys == [[(1, 2, top - 5), (1, 2, top)], [(1, 3, 0), (1, 3, 5)], [(1, 3, 6), (1, 3, 11)]]
     # two runs in the file: every pass moves to new runs, no (run, evt) twice
     msgs = [pack(env(run=1, evt=e)) for e in (5, 9, top)] + [pack(env(run=2, evt=e)) for e in (0, 3)]
     r = LoopRenumbering(msgs)
-    seen = [(d["run"], d["evt"]) for p in range(50) for k in range(len(msgs))
-            for d in [rawdata.decode_envelope(bytes(r.message(k, p)))]]
+    seen = [(d["run"], d["evt"]) for p in range(50) for m in msgs
+            for d in [rawdata.decode_envelope(bytes(r.message(m, p)))]]
     assert len(set(seen)) == len(seen) == 50 * len(msgs)
     assert r.span == (2 * 2 ** 32 + 3) - (2 ** 32 + 5) + 1
     assert seen[len(msgs)] == (2, 4)  # (1, 5) one span on
     # the last run number of the wire format: the next pass has none left
-    r = LoopRenumbering([pack(env(run=2 ** 64 - 1, evt=top))])
+    last = pack(env(run=2 ** 64 - 1, evt=top))
+    r = LoopRenumbering([last])
     with pytest.raises(OverflowError, match="64 bits"):
-        r.message(0, 1)
+        r.message(last, 1)
 
 
 def test_loop_renumbering_changes_only_the_run_and_evt_bytes():
@@ -805,25 +891,26 @@ def test_loop_renumbering_changes_only_the_run_and_evt_bytes():
     invalid = [dup_crc, bad_crc, dup_evt, wide, b"\xc1", pack([1, 2]), pack(env(evt=True)), mark_multi_frame([good, good])]
     msgs = valid + invalid
     r = LoopRenumbering(msgs)
-    assert [o >= 0 for o in r.evt_offsets] == [True] * len(valid) + [False] * len(invalid)
+    assert r.count == len(msgs) and [bytes(r.message(m, 1)) != m for m in msgs] == [True] * len(valid) + [False] * len(invalid)
     assert r.span == 4  # evt 4..7 of the valid envelopes
     seen = set()
     ids = ("run", "evt", "payload_offset", "run_offset", "run_size", "evt_offset", "evt_size")
     for k, m in enumerate(valid):
         orig = rawdata.decode_envelope(m)
         for p in range(4):
-            again = bytes(r.message(k, p))
+            again = bytes(r.message(m, p))
             d = rawdata.decode_envelope(again)
             assert (d["run"], d["evt"]) == (orig["run"], orig["evt"] + p * r.span)  # no carry below 2^32
             assert {x: d[x] for x in d if x not in ids} == {x: orig[x] for x in orig if x not in ids}
-            # only the bytes of run and evt differ: rewritten once as a uint64 (cf + 8 bytes) and a
-            # uint32 (ce + 4 bytes), wherever the producer put them in the map
+            # the first pass sends the file as it is; in the others only the bytes of run and evt differ:
+            # rewritten as a uint64 (cf + 8 bytes) and a uint32 (ce + 4 bytes), wherever the producer put them
             expected = m
             for key, tag, width in sorted([("run", b"\xcf", 8), ("evt", b"\xce", 4)],
                                           key=lambda f: -orig[f[0] + "_offset"]):
                 start = orig[key + "_offset"]
                 assert msgpack.unpackb(m[start: start + orig[key + "_size"]]) == orig[key]
-                expected = expected[:start] + tag + d[key].to_bytes(width, "big") + expected[start + orig[key + "_size"]:]
+                if p:
+                    expected = expected[:start] + tag + d[key].to_bytes(width, "big") + expected[start + orig[key + "_size"]:]
             assert again == expected
             seen.add((d["exp"], d["run"], d["evt"]))
     assert len(seen) == 4 * len(valid)  # unique in the stream over the passes
@@ -831,18 +918,17 @@ def test_loop_renumbering_changes_only_the_run_and_evt_bytes():
         with pytest.raises(rawdata.RawDataError):  # no identity: never renumbered
             rawdata.decode_envelope(m)
         for p in range(4):
-            assert bytes(r.message(k, p)) == m
+            assert bytes(r.message(m, p)) == m
     with pytest.raises(rawdata.RawDataError) as e:  # the repeated crc32 key stays a repeated key
-        rawdata.decode_envelope(bytes(r.message(len(valid), 3)))
+        rawdata.decode_envelope(bytes(r.message(dup_crc, 3)))
     assert e.value.reason == "duplicate_key"
-    # a message sent with a copy is patched in one reused buffer; one of >= 64 kB, which goes out
-    # without a copy (libzmq may still hold the previous pass's buffer), gets a buffer per pass
+    # a renumbered message is a new object per pass: one of >= 64 kB goes out without a copy, and
+    # libzmq may still hold the previous pass's
     import zmq
 
     big = pack(env(evt=5, pad=b"x" * zmq.COPY_THRESHOLD))
     r = LoopRenumbering([good, big])
-    assert r.message(0, 1) is r.message(0, 2)
-    first, second = r.message(1, 1), r.message(1, 2)
+    first, second = r.message(big, 1), r.message(big, 2)
     assert first is not second
     assert (msgpack.unpackb(bytes(first))["evt"], msgpack.unpackb(bytes(second))["evt"]) == (5 + 1, 5 + 2)
 

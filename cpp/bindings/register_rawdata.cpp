@@ -163,6 +163,19 @@ void register_rawdata(py::module_& m) {
       "when it is malformed.");
 
   m.def(
+      "envelope_numbers",
+      [](const py::bytes& message) -> py::object {
+        std::string_view v = message;
+        const ecl::Envelope e = ecl::decode_envelope(reinterpret_cast<const uint8_t*>(v.data()), v.size());
+        if (!e.ok()) return py::none();
+        return py::make_tuple(e.run, e.evt, e.run_offset, e.run_size, e.evt_offset, e.evt_size);
+      },
+      py::arg("message"),
+      "(run, evt, run_offset, run_size, evt_offset, evt_size) of a valid envelope (where the bytes of its run "
+      "and evt ints lie), None for a message that is not one: decode_envelope without the dict and the "
+      "payload's copy, for the DAQ emulator's looped replay, which renumbers every message of a pass.");
+
+  m.def(
       "unpack_payload",
       [](const py::bytes& payload, py::object detector, py::object gain, py::object t0, py::object channel_map) {
         const ecl::Detector det = detector_arg(detector);

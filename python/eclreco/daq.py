@@ -13,14 +13,16 @@ address given and to nothing else.
 from __future__ import annotations
 
 import argparse
+import itertools
+import os
 import struct
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Callable, Iterable
 
 from eclreco import scheduling
 from eclreco.cli_types import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, CommandParser, input_file
-from eclreco.rawdata import read_raw_file
+from eclreco.rawdata import RawFile, RawFileError
 
 
 _UINT64, _UINT32 = struct.Struct(">Q"), struct.Struct(">I")
@@ -37,88 +39,61 @@ class LoopRenumbering:
     Every valid envelope is renumbered: the messages are decoded by the reconstruction's own
     decoder (C++), which also says where the bytes of `run` and `evt` lie (Python's msgpack, used
     before, gave up on a valid envelope with a truth nested 1024 levels deep, whose evt then
-    repeated in every pass). Only those bytes change: run and evt are rewritten once as a
-    fixed-width uint64 and uint32, so that a pass costs an in-place patch of 12 bytes per message,
-    and every other byte stays as in the file. A message that is not a valid envelope has no
-    identity: it is sent unchanged in every pass (and rejected with its reason each time)."""
+    repeated in every pass). Only those bytes change: run and evt are rewritten as a fixed-width
+    uint64 and uint32, and every other byte stays as in the file. A message that is not a valid
+    envelope has no identity: it is sent unchanged in every pass (and rejected with its reason each time).
 
-    def __init__(self, messages: Sequence[bytes]):
-        self.messages, self.run_offsets, self.evt_offsets, self.numbers = [], [], [], []
+    Nothing is kept per message: the span comes from one pass over `messages` here, and message()
+    decodes each message of a later pass again (a file of millions of events held a patched copy
+    of each, memory proportional to the file)."""
+
+    def __init__(self, messages: Iterable[bytes]):
+        lo = hi = None
+        self.count = 0  # messages in the pass
         for m in messages:
+            self.count += 1
             d = self._identity(m)
-            if d is None:
-                self.messages.append(m)
-                self.run_offsets.append(-1)
-                self.evt_offsets.append(-1)
-                self.numbers.append(0)
-                continue
-            # in message order: a rewritten int moves the bytes after it by its change of width
-            pos, moved = {}, 0
-            for start, size, tag, width, key in sorted([(d["run_offset"], d["run_size"], b"\xcf", 8, "run"),
-                                                        (d["evt_offset"], d["evt_size"], b"\xce", 4, "evt")]):
-                start += moved
-                m = m[:start] + tag + bytes(width) + m[start + size:]
-                pos[key] = start + 1
-                moved += 1 + width - size
-            self.run_offsets.append(pos["run"])
-            self.evt_offsets.append(pos["evt"])
-            self.numbers.append((d["run"] << 32) | d["evt"])
-            b = bytearray(m)
-            self._patch(b, len(self.numbers) - 1, 0)
-            self.messages.append(bytes(b))
-        valid = [n for n, o in zip(self.numbers, self.evt_offsets) if o >= 0]
-        self.span = (max(valid) - min(valid) + 1) if valid else 1
-        self._patched: list = [None] * len(self.messages)  # one reusable copy per message, made on demand
-        # pyzmq sends a buffer of this size or more without a copy (send(copy=False); smaller ones are
-        # copied into the ZeroMQ message at once): libzmq keeps a reference until it is written out
-        import zmq
-
-        self.zero_copy_min_bytes = zmq.COPY_THRESHOLD
+            if d is not None:
+                n = (d[0] << 32) | d[1]
+                lo, hi = (n, n) if lo is None else (min(lo, n), max(hi, n))
+        self.span = hi - lo + 1 if lo is not None else 1
 
     @staticmethod
     def _identity(m: bytes):
-        """The decoded envelope (with where its run and evt bytes lie), or None if not valid."""
+        """(run, evt, run_offset, run_size, evt_offset, evt_size), or None for a message that is not a
+        valid envelope (the reconstruction rejects it: replayed as it is)."""
         from eclreco import _core
 
-        try:
-            return _core.decode_envelope(m if isinstance(m, bytes) else bytes(m))
-        except ValueError:  # not a valid envelope (the reconstruction rejects it): replayed as it is
-            return None
+        return _core.envelope_numbers(m if isinstance(m, bytes) else bytes(m))
 
-    def _patch(self, b: bytearray, idx: int, shift: int) -> None:
-        """Writes the run and evt of number numbers[idx] + shift into b, message idx's buffer."""
-        n = self.numbers[idx] + shift
-        try:
-            _UINT64.pack_into(b, self.run_offsets[idx], n >> 32)
-        except struct.error:
-            raise OverflowError(f"looped replay: run {n >> 32} of message {idx} does not fit the 64 bits of the "
-                                "wire format; restart the replay") from None
-        _UINT32.pack_into(b, self.evt_offsets[idx], n & 0xFFFFFFFF)
-
-    def message(self, idx: int, pass_k: int) -> bytes:
-        """The message of pass pass_k. Valid until the next call for the same idx: a message sent
-        with a copy gets the bytes patched in one reusable buffer (a fresh copy per message cost
-        the emulator 0.7 µs); one sent without a copy gets a buffer of its own, because libzmq may
-        still hold the previous pass's."""
-        m, off = self.messages[idx], self.evt_offsets[idx]
-        if pass_k == 0 or off < 0:
+    def message(self, m: bytes, pass_k: int) -> bytes | bytearray:
+        """Message m as pass pass_k sends it; renumbered, a new bytes object (libzmq may still hold the
+        previous pass's when it went out without a copy)."""
+        d = self._identity(m) if pass_k else None
+        if d is None:
             return m
-        if len(m) >= self.zero_copy_min_bytes:
-            b = bytearray(m)
-        else:
-            b = self._patched[idx]
-            if b is None:
-                b = self._patched[idx] = bytearray(m)
-        self._patch(b, idx, pass_k * self.span)
-        return b
+        run, evt, run_offset, run_size, evt_offset, evt_size = d
+        n = ((run << 32) | evt) + pass_k * self.span
+        if n >> 96:
+            raise OverflowError(f"looped replay: run {n >> 32} of pass {pass_k} does not fit the 64 bits of the "
+                                "wire format; restart the replay")
+        new = {run_offset: (run_size, b"\xcf" + _UINT64.pack(n >> 32)),
+               evt_offset: (evt_size, b"\xce" + _UINT32.pack(n & 0xFFFFFFFF))}
+        (a, (a_size, a_new)), (b, (b_size, b_new)) = sorted(new.items())
+        return b"".join((m[:a], a_new, m[a + a_size:b], b_new, m[b + b_size:]))
 
 
-def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: float = 0.0, loop: bool = False,
+def emulate(messages: Iterable[bytes], address: str, bind: bool = False, rate: float = 0.0, loop: bool = False,
             events: int = 0, linger_ms: int = 10000, report: Callable[[str], None] | None = None,
             context=None, curve=None, curve_server: str = "distributor", tick_s: float = 1e-3,
             stall_timeout_s: float = 0.0) -> dict:
     """Send `messages` over a PUSH socket; returns {"sent", "seconds", "rate_hz", "stalled_s", ...}.
-    "undelivered_at_close": messages were still queued when the linger ran out (None with `context`).
+    "undelivered_at_close": messages were still queued when the linger ran out (None with `context`);
+    "read_error": why the input could not be read on (RawFileError: bytes that cannot be framed), the
+    replay stopped there, else None; "input_ended": the end of the input was reached (without loop).
+
+    messages: a list, or an iterable read anew for each pass (RawFile: a file read one message at a
+    time); with loop, one pass is read first for the renumbering span (LoopRenumbering).
 
     events: stop after this many messages (0: the whole file once, or forever with loop).
     tick_s: with a rate, the messages due are sent in bursts at most this far apart.
@@ -128,10 +103,11 @@ def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: f
     """
     import zmq
 
-    if not messages:
-        raise ValueError("no messages to send (empty input)")
     if rate < 0:
         raise ValueError("rate must be >= 0 (0: as fast as possible)")
+    renumber = LoopRenumbering(messages) if loop else None
+    if (renumber.count if loop else sum(1 for _ in itertools.islice(messages, 1))) == 0:
+        raise ValueError("no messages to send (empty input)")
     own_context = context is None
     ctx = context or zmq.Context()
     sock = ctx.socket(zmq.PUSH)
@@ -146,13 +122,23 @@ def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: f
 
     handshakes = ConnectionMonitor(sock)
     attach(sock, address, bind=bind, what="--bind" if bind else "--connect")
-    # 0: unbounded; without loop the file is sent at most once
-    total = events if events > 0 else (0 if loop else len(messages))
-    n_msgs = len(messages)
-    renumber = LoopRenumbering(messages) if loop else None
-    pass_k = 0
-    sent = 0
-    idx = 0
+    total = events  # 0: the file once, or unbounded with loop
+
+    def stream():
+        """The messages to send: the file once, or pass after pass with loop (renumbered)."""
+        pass_k, n = 0, 1
+        while loop or pass_k == 0:
+            if n == 0:  # a pass with nothing in it (the file emptied since): no end otherwise
+                return
+            n = 0
+            for m in messages:
+                n += 1
+                yield renumber.message(m, pass_k) if pass_k else m
+            pass_k += 1
+
+    upcoming = stream()
+    sent, done = 0, False
+    read_error = None
     start = time.monotonic()
     last_report, last_sent = start, 0
     max_burst = 4096
@@ -178,7 +164,7 @@ def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: f
                            f"(gone, or not there); {sent} sent")
 
     try:
-        while (total == 0 or sent < total) and not gave_up:
+        while not done and (total == 0 or sent < total) and not gave_up:
             now = time.monotonic()
             if rate > 0:
                 due = int((now - start) * rate) + 1 - sent
@@ -191,17 +177,17 @@ def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: f
                 due = max_burst
             burst = min(due, max_burst) if total == 0 else min(due, max_burst, total - sent)
             for _ in range(burst):
-                m = renumber.message(idx, pass_k) if pass_k else messages[idx]
+                try:
+                    m = next(upcoming)
+                except StopIteration:  # the file once: done
+                    done = True
+                    break
+                except RawFileError as err:  # bytes that cannot be framed: nothing after them can be sent
+                    read_error, done = str(err), True
+                    break
                 if not send(m):
                     break
                 sent += 1
-                idx += 1
-                if idx == n_msgs:
-                    idx = 0
-                    pass_k += 1
-                    if not loop:
-                        total = sent  # the file once: done
-                        break
             if report and now - last_report >= 5.0:
                 report(f"[daq-emulator] {sent} events sent, {(sent - last_sent) / (now - last_report):,.0f} Hz")
                 last_report, last_sent = now, sent
@@ -227,10 +213,13 @@ def emulate(messages: Sequence[bytes], address: str, bind: bool = False, rate: f
             undelivered = bool(sent) and linger_ms > 0 and time.monotonic() - t_close >= 0.95 * linger_ms * 1e-3
     result = {"sent": sent, "seconds": seconds, "rate_hz": sent / seconds if seconds > 0 else 0.0,
               "handshakes": handshakes.handshakes, "handshake_failures": handshakes.auth_failures,
-              "stalled_s": stalled_s, "stopped_stalled": gave_up, "undelivered_at_close": undelivered}
+              "stalled_s": stalled_s, "stopped_stalled": gave_up, "undelivered_at_close": undelivered,
+              "read_error": read_error, "input_ended": done and not read_error}
     if report:
         report(f"[daq-emulator] sent {sent} events in {seconds:.3f} s: {result['rate_hz']:,.0f} Hz achieved"
                + (f" (asked {rate:,.0f} Hz)" if rate > 0 else " (as fast as possible)"))
+        if read_error:
+            report(f"[daq-emulator] error: {read_error}: the replay stopped there, after {sent} events")
         if gave_up:
             report(f"[daq-emulator] error: stopped after {stalled_s:.1f} s in which the receiver at {address} took "
                    f"no event (--stall-timeout-s); {sent} events were handed to ZeroMQ, those still queued were not "
@@ -252,22 +241,28 @@ def run_daq_emulator(args: argparse.Namespace) -> int:
 
     if why := curve_option_error(args, "daq", (args.curve_server,) if args.connect else (), "--curve-server"):
         raise ValueError(why)  # a bad option: one line, exit 2 (cli.main), before the file is read
-    messages = read_raw_file(args.input)
-    if not args.loop and args.events > len(messages):
-        print(f"[daq-emulator] the file has {len(messages)} events; --events {args.events} needs --loop",
-              file=sys.stderr)
-        return 2
     scheduling.apply(args.sched, "daq-emulator")  # a load generator beside the workers should not preempt them
     address = args.bind or args.connect
-    print(f"[daq-emulator] {len(messages)} events from {args.input}, "
+    print(f"[daq-emulator] {args.input} ({os.path.getsize(args.input):,} bytes, read one event at a time"
+          f"{'; a first pass for the renumbering span' if args.loop else ''}), "
           f"{'binding' if args.bind else 'connecting'} PUSH {address}", flush=True)
     from eclreco.curve import Curve
 
-    res = emulate(messages, address, bind=bool(args.bind), rate=args.rate, loop=args.loop, events=args.events,
-                  report=lambda s: print(s, flush=True), curve=Curve.from_args(args, "daq"),
-                  curve_server=args.curve_server, tick_s=args.tick_ms * 1e-3, stall_timeout_s=args.stall_timeout_s)
-    # nothing was delivered, or the receiver stopped taking events (said above)
-    return 1 if (res["sent"] and not res["handshakes"]) or res["stopped_stalled"] or res["undelivered_at_close"] else 0
+    try:
+        res = emulate(RawFile(args.input), address, bind=bool(args.bind), rate=args.rate, loop=args.loop,
+                      events=args.events, report=lambda s: print(s, flush=True), curve=Curve.from_args(args, "daq"),
+                      curve_server=args.curve_server, tick_s=args.tick_ms * 1e-3,
+                      stall_timeout_s=args.stall_timeout_s)
+    except RawFileError as err:  # found by --loop's first pass, before anything was sent
+        print(f"eclreco daq-emulator: error: --input: {err}", file=sys.stderr, flush=True)
+        return 2
+    short = not args.loop and res["input_ended"] and res["sent"] < args.events
+    if short:
+        print(f"[daq-emulator] error: the file has {res['sent']} events, all sent; --events {args.events} needs --loop",
+              flush=True)
+    # nothing was delivered, the receiver stopped taking events, the file went bad (said above), or it was short
+    return 1 if ((res["sent"] and not res["handshakes"]) or res["stopped_stalled"] or res["undelivered_at_close"]
+                 or res["read_error"] or short) else 0
 
 
 def add_daq_emulator_parser(subparsers) -> argparse.ArgumentParser:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import msgpack
 import numpy as np
@@ -298,15 +298,68 @@ def split_stream(data: bytes) -> list[bytes]:
     return [data[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+class RawFileError(ValueError):
+    """Bytes of a raw file that cannot be framed: the file, the reason (not_msgpack, truncated), the byte
+    offset where framing stopped and the number of messages framed before it."""
+
+    def __init__(self, path, reason: str, at: int, size: int, detail: str, before: int):
+        super().__init__(f"raw file '{os.fspath(path)}': {reason} at byte {at} of {size}: no MessagePack object "
+                         f"can be framed from there (the object starting there: {detail}; {before} message(s) "
+                         "before it)")
+        self.reason, self.at, self.before = reason, at, before
+
+
+READ_WINDOW = 1 << 20  # bytes read at a time, as RawFileInput (kWindow)
+MAX_FRAME = 256 << 20  # the most read to frame one message, as RawFileInput (kMaxFrame)
+
+
+def iter_raw_file(path: str | os.PathLike, window: int = READ_WINDOW) -> Iterator[bytes]:
+    """The messages of a raw file one after the other, framed as RawFileInput frames them (the C++
+    decoder, _core.frame_stream), reading `window` bytes at a time: memory is a window and the message
+    being framed (at most MAX_FRAME), not the file. Bytes that cannot be framed raise RawFileError (a
+    ValueError) when the iteration reaches them, after the messages before them."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        buf, base, n, eof, need = b"", 0, 0, False, window  # base: the file offset of buf[0]
+        while True:
+            while not eof and len(buf) < need:
+                chunk = f.read(need - len(buf))
+                eof = not chunk
+                buf += chunk
+            if not buf:
+                return
+            offsets, error = _core.frame_stream(buf)
+            bounds = offsets.tolist()
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                yield buf[a:b]
+            n += len(bounds) - 1
+            pos = bounds[-1]
+            buf, base = buf[pos:], base + pos
+            if error is None:
+                need = window
+                continue
+            # an object cut by the window, not by the file, is read on (the window doubles) up to MAX_FRAME
+            if eof or error[1] != "truncated" or len(buf) >= MAX_FRAME:
+                raise RawFileError(path, error[1], base, max(size, base + len(buf)), error[2], n)
+            need = window if pos else min(2 * len(buf), MAX_FRAME)
+
+
+class RawFile:
+    """A raw file as the iterable of its messages: each iteration reads the file anew, one message at a
+    time (iter_raw_file), so that a replay of many passes holds a message, not the file."""
+
+    def __init__(self, path: str | os.PathLike, window: int = READ_WINDOW):
+        self.path, self.window = path, window
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter_raw_file(self.path, self.window)
+
+
 def read_raw_file(path: str | os.PathLike) -> list[bytes]:
     """The messages of a raw file (bytes of each envelope, as on the wire), framed as RawFileInput
-    frames them; ValueError naming the file and the byte offset of bytes that cannot be framed."""
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        return split_stream(data)
-    except ValueError as err:
-        raise ValueError(f"raw file '{os.fspath(path)}': {err}") from None
+    frames them; RawFileError (a ValueError) naming the file and the byte offset of bytes that cannot be
+    framed. The whole file in memory: iter_raw_file reads one message at a time."""
+    return list(iter_raw_file(path))
 
 
 def conditions_payload(detector: str, gain=None, t0=None, channel_map=None, iov=None) -> dict:
