@@ -1060,6 +1060,38 @@ def test_input_files_that_cannot_be_read_are_named_with_their_option(tmp_path, c
         assert "Errno" not in err
 
 
+def test_daq_emulator_refuses_a_file_that_is_not_a_raw_file(tmp_path, capsys):
+    """Read message by message, any bytes are some MessagePack (each ASCII byte is an int): `echo hello > t;
+    daq-emulator --input t` said "6 events from t" and sent each byte as an event. A file whose first
+    message is no envelope (text, a ROOT file, an empty file, a quarantine file) is now one line naming
+    --input, exit 2, before any socket; a raw file whose first event is merely invalid is still replayed."""
+    import msgpack
+
+    files = {"text": (b"hello\n", "its first message is no envelope (the message is a MessagePack int, not a map)"),
+             "root": (b"root\x00\x00\xf4\x4a", "its first message is no envelope"),
+             "empty": (b"", "an empty file, not a raw file"),
+             "garbage": (b"\xc1\xc1", "no MessagePack object at its start (not_msgpack)"),
+             "quarantine": (msgpack.packb({"reason": "crc_mismatch", "detail": "", "message": b"x"}),
+                            "a map with none of an envelope's keys")}
+    for name, (data, message) in files.items():
+        f = tmp_path / name
+        f.write_bytes(data)
+        rc = cli.main(["daq-emulator", "--input", str(f), "--connect", "tcp://127.0.0.1:1"])
+        out, err = capsys.readouterr()
+        assert rc == 2 and out == "" and err.count("\n") == 1, (name, out, err)
+        assert err.startswith(f"eclreco daq-emulator: error: --input '{f}': ") and message in err, (name, err)
+    # not the reconstruction's to judge here: a first event with a wrong CRC is an event to replay
+    from eclreco import rawdata
+
+    bad_first = msgpack.packb({"v": 1, "exp": 0, "run": 1, "evt": 0, "det": "array30", "ecl": b"", "crc32": 1})
+    assert rawdata.not_a_raw_file(tmp_path / "text") and not rawdata.not_a_raw_file(_write(tmp_path / "r", bad_first))
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
 def test_a_standalone_collector_refuses_an_output_it_cannot_write_before_it_registers(tmp_path):
     """`eclreco hlt collector -o typo/x.root` bound its sockets, waited for the distributor, registered,
     and only then failed to make its file (the distributor then held the farm's results for a replacement);

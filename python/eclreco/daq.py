@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 
 from eclreco import scheduling
 from eclreco.cli_types import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, CommandParser, input_file
-from eclreco.rawdata import RawFile, RawFileError
+from eclreco.rawdata import RawFile, RawFileError, not_a_raw_file
 
 
 _UINT64, _UINT32 = struct.Struct(">Q"), struct.Struct(">I")
@@ -241,6 +241,11 @@ def run_daq_emulator(args: argparse.Namespace) -> int:
 
     if why := curve_option_error(args, "daq", (args.curve_server,) if args.connect else (), "--curve-server"):
         raise ValueError(why)  # a bad option: one line, exit 2 (cli.main), before the file is read
+    # one line naming --input, exit 2, before any socket: read message by message, any bytes are some
+    # MessagePack, and `hello` went out as 6 events
+    if why := not_a_raw_file(args.input):
+        print(f"eclreco daq-emulator: error: --input {args.input!r}: {why}", file=sys.stderr, flush=True)
+        return 2
     scheduling.apply(args.sched, "daq-emulator")  # a load generator beside the workers should not preempt them
     address = args.bind or args.connect
     print(f"[daq-emulator] {args.input} ({os.path.getsize(args.input):,} bytes, read one event at a time"

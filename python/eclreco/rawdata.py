@@ -355,6 +355,35 @@ class RawFile:
         return iter_raw_file(self.path, self.window)
 
 
+ENVELOPE_KEYS = ("v", "exp", "run", "evt", "det", "ecl")  # the required keys (spec/wire-format.md)
+
+
+def not_a_raw_file(path: str | os.PathLike) -> str:
+    """Why `path` is not a raw file of the wire format, judged by its first message ('' when it may be
+    one): no MessagePack object can be framed there, it is no map, or a map with none of an envelope's
+    keys (a quarantine file, a stream of other maps). Read message by message, any bytes are some
+    MessagePack (each ASCII byte is an int): `hello` was replayed as 6 events. A raw file whose first
+    message is an envelope, valid or not, is one; later messages are the reconstruction's to reject."""
+    try:
+        first = next(iter(RawFile(path)), None)
+    except RawFileError as err:
+        return f"not a raw file of the wire format: no MessagePack object at its start ({err.reason})"
+    if first is None:
+        return "an empty file, not a raw file (no event in it)"
+    try:
+        _core.decode_envelope(first)
+        return ""
+    except ValueError as err:
+        reason, _, detail = str(err).partition(": ")
+    if reason == "not_a_map":
+        return f"not a raw file of the wire format: its first message is no envelope ({detail})"
+    if reason == "missing_key" and detail.endswith(", ".join(ENVELOPE_KEYS)):
+        return ("not a raw file of the wire format: its first message is a map with none of an envelope's keys "
+                f"({', '.join(ENVELOPE_KEYS)}); a quarantine file's messages are written out by "
+                "`eclreco quarantine FILE --extract OUT`")
+    return ""
+
+
 def read_raw_file(path: str | os.PathLike) -> list[bytes]:
     """The messages of a raw file (bytes of each envelope, as on the wire), framed as RawFileInput
     frames them; RawFileError (a ValueError) naming the file and the byte offset of bytes that cannot be
