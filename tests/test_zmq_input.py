@@ -460,3 +460,55 @@ def test_reco_reports_the_messages_left_unread_in_its_summary_and_file(repo_dir,
     with uproot.open(out) as f:
         job = json.loads(str(f["metadata"]))["job"]
     assert job["received"] == 50 and job["unread_at_end"] == unread, job
+
+
+@pytest.mark.parametrize("reads", [True, False])
+def test_emulator_holds_its_ipc_connection_until_the_receiver_has_read_it(reads):
+    """libzmq stops reading an ipc:// connection while the receiver's pipe is full (ZMQ_RCVHWM) and drops
+    it, with the bytes still unread in the kernel, when told that the sender closed it: the emulator
+    binding ipc:// and exiting lost up to ~200 kB of events (here 28 of 50 1-kB messages, all written
+    to the kernel before the receiver read any) and said it sent them all. It now keeps the connection
+    open until the receiver has read it, or the linger runs out, and then says how many bytes were left
+    unread."""
+    import tempfile
+
+    from eclreco.daq import emulate
+
+    ipc_dir = tempfile.mkdtemp(prefix="eclreco-")  # short: an ipc path has at most ~107 bytes
+    address, n = f"ipc://{ipc_dir}/daq", 50  # 50 kB: the pipe, libzmq's and the kernel's buffers hold them
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, 16)
+    pull.setsockopt(zmq.LINGER, 0)
+    res, said, waiting = {}, [], threading.Event()
+
+    def report(line):
+        said.append(line)
+        if "to read the" in line:
+            waiting.set()
+
+    sender = threading.Thread(target=lambda: res.update(emulate([b"x" * 1000] * n, address, bind=True,
+                                                                linger_ms=3000 if reads else 500, report=report)))
+    try:
+        sender.start()
+        while not os.path.exists(address[len("ipc://"):]):
+            time.sleep(0.01)
+        pull.connect(address)
+        # nothing read until the sender closed its socket (before the fix: returned) or waits for us to read
+        while sender.is_alive() and not waiting.is_set():
+            time.sleep(0.01)
+        received = 0
+        while reads and pull.poll(1000):
+            pull.recv()
+            received += 1
+        sender.join(10)
+    finally:
+        pull.close()
+        ctx.term()
+        shutil.rmtree(ipc_dir, ignore_errors=True)
+    if reads:
+        assert received == n, said
+        assert res["undelivered_at_close"] is False and res["unread_bytes_at_close"] == 0, res
+    else:  # the receiver took nothing: what it did not read is said, not passed over
+        assert res["undelivered_at_close"] and res["unread_bytes_at_close"] > 0, res
+        assert any("written to it and still unread: " in s for s in said), said

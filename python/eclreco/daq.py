@@ -89,6 +89,8 @@ def emulate(messages: Iterable[bytes], address: str, bind: bool = False, rate: f
             stall_timeout_s: float = 0.0) -> dict:
     """Send `messages` over a PUSH socket; returns {"sent", "seconds", "rate_hz", "stalled_s", ...}.
     "undelivered_at_close": messages were still queued when the linger ran out (None with `context`);
+    "unread_bytes_at_close": of them, what was written to an ipc:// receiver and not read by it (the kernel's
+    count: the bytes of the writes with its own overhead, more than the events' bytes).
     "read_error": why the input could not be read on (RawFileError: bytes that cannot be framed), the
     replay stopped there, else None; "input_ended": the end of the input was reached (without loop).
 
@@ -120,7 +122,9 @@ def emulate(messages: Iterable[bytes], address: str, bind: bool = False, rate: f
     # listening, a CURVE key it does not know): the handshakes tell the run that delivered nothing.
     from eclreco.raw_sockets import ConnectionMonitor, attach
 
-    handshakes = ConnectionMonitor(sock)
+    # With our own context, its term is the end of libzmq's writing: the ipc:// connections are held
+    # open after it until the receivers have read them (ConnectionMonitor.hold_ipc_until_read).
+    handshakes = ConnectionMonitor(sock, hold_ipc=own_context)
     attach(sock, address, bind=bind, what="--bind" if bind else "--connect")
     total = events  # 0: the file once, or unbounded with loop
 
@@ -206,15 +210,23 @@ def emulate(messages: Iterable[bytes], address: str, bind: bool = False, rate: f
         # "sent" counts what ZeroMQ took; a receiver that went away leaves the rest in its queue (up to
         # the high-water mark, seconds of events), dropped when the linger runs out: that shows as a
         # close that lasts the whole linger. (None: not known, with a caller's context.)
-        undelivered = None
+        undelivered, unread_bytes = None, 0
         if own_context:
             t_close = time.monotonic()
             ctx.term()
             undelivered = bool(sent) and linger_ms > 0 and time.monotonic() - t_close >= 0.95 * linger_ms * 1e-3
+            # written, not yet read: a receiver's libzmq would drop it at our close (ipc://), so the
+            # rest of the linger is waited for it
+            wait_s = max(0.0, linger_ms * 1e-3 - (time.monotonic() - t_close))
+            if report and wait_s > 0 and (unread := handshakes.unread_ipc_bytes()):
+                report(f"[daq-emulator] waiting up to {wait_s:.1f} s for the receiver at {address} to read the "
+                       f"events written to it ({unread} bytes, the kernel's count)")
+            unread_bytes = handshakes.hold_ipc_until_read(wait_s)
+            undelivered = undelivered or unread_bytes > 0
     result = {"sent": sent, "seconds": seconds, "rate_hz": sent / seconds if seconds > 0 else 0.0,
               "handshakes": handshakes.handshakes, "handshake_failures": handshakes.auth_failures,
               "stalled_s": stalled_s, "stopped_stalled": gave_up, "undelivered_at_close": undelivered,
-              "read_error": read_error, "input_ended": done and not read_error}
+              "unread_bytes_at_close": unread_bytes, "read_error": read_error, "input_ended": done and not read_error}
     if report:
         report(f"[daq-emulator] sent {sent} events in {seconds:.3f} s: {result['rate_hz']:,.0f} Hz achieved"
                + (f" (asked {rate:,.0f} Hz)" if rate > 0 else " (as fast as possible)"))
@@ -225,9 +237,11 @@ def emulate(messages: Iterable[bytes], address: str, bind: bool = False, rate: f
                    f"no event (--stall-timeout-s); {sent} events were handed to ZeroMQ, those still queued were not "
                    f"delivered")
         if undelivered and handshakes.handshakes:
+            unread = (f"; written to it and still unread: {unread_bytes} bytes (the kernel's count)"
+                      if unread_bytes else "")
             report(f"[daq-emulator] error: events were still queued for {address} when the linger of "
                    f"{linger_ms / 1000:g} s ran out: the receiver stopped taking them, and those were not "
-                   f"delivered (of the {sent} handed to ZeroMQ)")
+                   f"delivered (of the {sent} handed to ZeroMQ){unread}")
         if sent and not handshakes.handshakes:
             report(f"[daq-emulator] error: no receiver completed a handshake with {address} "
                    f"({handshakes.auth_failures} failed handshakes); the {sent} events were not delivered"
