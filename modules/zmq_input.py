@@ -20,7 +20,10 @@ class ZMQInput(Module):
     read (ZMQ_MAXMSGSIZE): the receiver drops the sender's connection, the sender's socket
     reconnects by itself, and the message and whatever the sender had already written behind it
     on that connection are lost; such a drop is counted as a dropped connection
-    (``disconnects``; a sender closing its socket counts there too). The module returns to the
+    (``disconnects``; a sender closing its socket counts there too). An ipc:// sender that closes its
+    connection while this input's queue is full (rcvhwm) loses what it had written and the input not
+    read (libzmq drops the connection with it): counted in bytes (``lost_bytes_at_disconnect``) and
+    said. The module returns to the
     framework at least every poll_ms, so that SIGINT/SIGTERM end the run promptly: after a stop
     request it reads on, and the chain processes what it reads, until the input has been quiet
     for stop_drain_ms (at most stop_timeout_s), since the messages queued in the socket would be
@@ -89,7 +92,8 @@ class ZMQInput(Module):
         s.setsockopt(zmq.RCVHWM, int(self.param("rcvhwm")))
         if self.param("refuse_message_bytes") > 0:
             s.setsockopt(zmq.MAXMSGSIZE, int(self.param("refuse_message_bytes")))
-        self._monitor = ConnectionMonitor(s)
+        # ipc:// connections held, so that events libzmq drops unread with one are counted (raw_sockets)
+        self._monitor = ConnectionMonitor(s, hold_ipc=True)
         apply_curve_params(self, s)
         address = self.param("address")
         attach(s, address, bind=self.param("bind"), what="ZMQInput address")
@@ -153,10 +157,12 @@ class ZMQInput(Module):
 
     def _take(self, batch, msgs):
         if self._monitor is not None:
+            lost = self._monitor.lost_bytes
             if self._waits_for_peer:  # connecting: a sender that is not there is said, not waited for in silence
                 self._waits_for_peer = not self._monitor.say_while_unconnected("[ZMQInput]", self.param("address"))
             else:
                 self._monitor.poll()
+            self._monitor.say_lost("ZMQInput:", self.param("address"), lost)
         if msgs:
             now = time.monotonic()
             if self._first is None:
@@ -235,7 +241,9 @@ class ZMQInput(Module):
             print(f"ZMQInput: warning: {unread} messages were still queued at the input when the run ended and "
                   f"were not processed ({why})", file=sys.stderr, flush=True)
         if self._monitor is not None:
+            lost = self._monitor.lost_bytes
             self._monitor.close()
+            self._monitor.say_lost("ZMQInput:", self.param("address"), lost)
             for k, v in self._monitor.counters().items():
                 self._closed_counts[k] = self._closed_counts.get(k, 0.0) + v
             self._monitor = None
@@ -246,8 +254,8 @@ class ZMQInput(Module):
     def counters(self):
         out = {"messages_received": float(self.messages_received), "bytes_received": float(self.bytes_received),
                "unread_at_end": float(self.unread_at_end),
-               "disconnects": 0.0, "connections": 0.0, "auth_failures": 0.0}
+               "disconnects": 0.0, "connections": 0.0, "auth_failures": 0.0, "lost_bytes_at_disconnect": 0.0}
         live = self._monitor.counters() if self._monitor is not None else {}
-        for k in ("disconnects", "connections", "auth_failures"):
+        for k in ("disconnects", "connections", "auth_failures", "lost_bytes_at_disconnect"):
             out[k] = self._closed_counts.get(k, 0.0) + live.get(k, 0.0)
         return out

@@ -660,6 +660,52 @@ def test_distributor_counts_a_refused_oversized_message(farm_factory, zmq_contex
                       if line.startswith("eclreco_input_disconnects_total "))) >= 1, text
 
 
+def test_distributor_counts_what_libzmq_drops_unread_with_a_closed_ipc_input_connection(capfd):
+    """An ipc:// sender that writes and closes while the distributor's input queue is full (--input-hwm,
+    the distributor not reading: no worker) loses what the kernel still held for the connection: libzmq
+    drops it unread (docs/deployment.md). That loss was silent; it is now counted in bytes (status
+    input_lost_bytes, eclreco_input_lost_bytes_at_disconnect_total) and said."""
+    import tempfile
+
+    import zmq
+
+    from eclreco.hlt.distributor import Distributor
+
+    ipc_dir = tempfile.mkdtemp(prefix="eclreco-")
+    n, size = 50, 1000
+    d = Distributor(f"ipc://{ipc_dir}/in", free_address(), free_address(), input_hwm=16, input_bind=False)
+    try:
+        ctx = zmq.Context()  # the sender's own: its term returns once libzmq has written everything
+        s = ctx.socket(zmq.PUSH)
+        s.setsockopt(zmq.LINGER, 5000)
+        s.bind(f"ipc://{ipc_dir}/in")
+        mon = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        assert mon.poll(10000)
+        time.sleep(0.1)
+        d.housekeeping(time.monotonic())  # the connection seen (as every 0.2 s in serve())
+        for _ in range(n):
+            s.send(b"x" * size)
+        s.disable_monitor()
+        mon.close()
+        s.close()
+        ctx.term()
+        t0 = time.monotonic()
+        while d.input_monitor.disconnects < 1 and time.monotonic() - t0 < 10:
+            d.read_input()
+            d.pending.clear()  # no worker: the queue is let go, so that the input is read to its end
+            d.housekeeping(time.monotonic())
+            time.sleep(0.01)
+        d.read_input()
+        status = d.own_status()
+    finally:
+        d.close()
+        shutil.rmtree(ipc_dir, ignore_errors=True)
+    received, lost = status["received"], status["input_lost_bytes"]
+    assert 0 < received < n and lost > 0, status
+    assert received + -(-lost // (size + 9)) == n  # 9: ZMTP's header of a long frame; a message cut counts once
+    assert f"{lost} bytes of events sent to ipc://{ipc_dir}/in were lost unread" in capfd.readouterr().err
+
+
 def test_farm_drop_when_busy_counts_every_drop(farm_factory):
     farm = farm_factory(workers=2, extra=("--drop-when-busy", "--queue-size", "20", "--max-held", "40",
                                           "--chunk", "16"))

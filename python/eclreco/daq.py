@@ -205,7 +205,7 @@ def emulate(messages: Iterable[bytes], address: str, bind: bool = False, rate: f
                 report(f"[daq-emulator] {sent} events queued, no receiver at {address} yet: waiting up to "
                        f"{2 * linger_ms / 1000:g} s (the linger) for one to take them")
             handshakes.wait_for_handshake(linger_ms * 1e-3)
-        handshakes.close()
+        handshakes.close(keep_held=True)
         sock.close()
         # "sent" counts what ZeroMQ took; a receiver that went away leaves the rest in its queue (up to
         # the high-water mark, seconds of events), dropped when the linger runs out: that shows as a

@@ -24,6 +24,7 @@ Metric names follow the Prometheus conventions (base units, ``_total`` for count
     eclreco_input_bytes_received_total
     eclreco_input_disconnects_total                     closes and refused (over refuse_message_bytes) messages
     eclreco_input_unread_at_end_total                   queued at the end of a run, not processed
+    eclreco_input_lost_bytes_at_disconnect_total        ipc:// bytes libzmq dropped unread with a closed connection
     eclreco_input_queue_depth                           messages waiting in the input (a module's
                                                         counter `queue_depth`; the HLT distributor's own)
     eclreco_cnn_inference_seconds_total                 CNN energy correction, if present
@@ -68,6 +69,9 @@ _KNOWN_COUNTERS = [
     ("unread_at_end", "eclreco_input_unread_at_end", "counter",
      "Messages still queued at the input when a run ended (stop timeout, or after the idle timeout): not processed",
      None),
+    ("lost_bytes_at_disconnect", "eclreco_input_lost_bytes_at_disconnect", "counter",
+     "Bytes of events lost unread with an ipc:// connection its sender closed while the input's queue was full "
+     "(libzmq drops them; docs/deployment.md)", None),
     ("queue_depth", "eclreco_input_queue_depth", "gauge", "Messages waiting in the input module", None),
 ]
 

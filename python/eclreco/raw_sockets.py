@@ -4,6 +4,7 @@ that nothing they drop goes unseen."""
 from __future__ import annotations
 
 import struct
+import sys
 import time
 
 import zmq
@@ -25,11 +26,13 @@ class ConnectionMonitor:
     nothing, although its PUSH socket took every message."""
 
     def __init__(self, sock: zmq.Socket, hold_ipc: bool = False):
-        """hold_ipc: keep each ipc:// connection open past the socket's close until its peer has read
-        it (hold_ipc_until_read), for a sender whose context is terminated before it exits."""
+        """hold_ipc: keep a duplicate of each ipc:// connection. A sender keeps them open past the socket's
+        close until its peer has read them (close(keep_held=True), then hold_ipc_until_read); a receiver
+        counts, when libzmq has dropped one, the bytes it left unread there (lost_bytes)."""
         self.sock = sock
         self.held: dict[int, int] = {}  # libzmq's fd of an ipc:// connection -> our duplicate of it
         self.hold_ipc = hold_ipc
+        self.lost_bytes = 0  # left unread in ipc:// connections that libzmq dropped
         self.monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
                                                | zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(_HANDSHAKE_FAILED))
         self.connections = self.disconnects = self.auth_failures = self.handshakes = 0
@@ -38,16 +41,22 @@ class ConnectionMonitor:
 
     def poll(self, timeout_s: float = 0.0) -> None:
         """Takes the events that arrived (waiting up to timeout_s for the first one)."""
+        events = []
         while self.monitor is not None and self.monitor.poll(int(timeout_s * 1000)):
             timeout_s = 0.0
-            ev = recv_monitor_message(self.monitor)
+            events.append(recv_monitor_message(self.monitor))
+        for i, ev in enumerate(events):
             if ev["event"] in (zmq.EVENT_ACCEPTED, zmq.EVENT_CONNECTED):
                 self.connections += 1
-                if self.hold_ipc and ev["endpoint"].startswith(b"ipc://"):
-                    self._hold(int(ev["value"]))
+                # a connection already gone (its close read in the same go) is not held: its fd's number
+                # may be another connection's by now
+                fd = int(ev["value"])
+                if self.hold_ipc and ev["endpoint"].startswith(b"ipc://") and not any(
+                        e["event"] == zmq.EVENT_DISCONNECTED and int(e["value"]) == fd for e in events[i + 1:]):
+                    self._hold(fd, ev["endpoint"], accepted=ev["event"] == zmq.EVENT_ACCEPTED)
             elif ev["event"] == zmq.EVENT_DISCONNECTED:
                 self.disconnects += 1
-                self._release(int(ev["value"]))
+                self._release(int(ev["value"]), count_unread=True)
             elif ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.handshakes += 1
             elif ev["event"] in _HANDSHAKE_FAILED:
@@ -79,9 +88,10 @@ class ConnectionMonitor:
         while not self.handshakes and self.monitor is not None and time.monotonic() < deadline:
             self.poll(min(0.1, max(0.0, deadline - time.monotonic())))
 
-    def _hold(self, fd: int) -> None:
+    def _hold(self, fd: int, endpoint: bytes, accepted: bool) -> None:
         """Duplicates libzmq's fd of a new ipc:// connection (the events' value). Read after the fact, the
-        number may be another file's by now: only a Unix stream socket is kept."""
+        number may be another file's by now: only a Unix stream socket on `endpoint`'s path is kept (our
+        end of it when accepted, the peer's when connected; an abstract ipc://@NAME is not held)."""
         import os
         import socket
 
@@ -92,7 +102,9 @@ class ConnectionMonitor:
             return
         try:
             with socket.socket(fileno=os.dup(dup)) as probe:
-                ok = probe.family == socket.AF_UNIX and probe.type == socket.SOCK_STREAM
+                name = probe.getsockname() if accepted else probe.getpeername()
+                ok = (probe.family == socket.AF_UNIX and probe.type == socket.SOCK_STREAM
+                      and name == os.fsdecode(endpoint[len(b"ipc://"):]))
         except OSError:
             ok = False
         if ok:
@@ -100,12 +112,25 @@ class ConnectionMonitor:
         else:
             os.close(dup)
 
-    def _release(self, fd: int) -> None:
+    def _release(self, fd: int, count_unread: bool = False) -> None:
+        """Closes our duplicate of a connection; count_unread: libzmq dropped it, and what the peer had
+        written to it and libzmq not read is lost (counted in lost_bytes)."""
+        import array
+        import fcntl
         import os
+        import termios
 
         dup = self.held.pop(fd, None)
-        if dup is not None:
-            os.close(dup)
+        if dup is None:
+            return
+        if count_unread:
+            unread = array.array("i", [0])
+            try:
+                fcntl.ioctl(dup, termios.FIONREAD, unread)
+            except OSError:
+                unread[0] = 0
+            self.lost_bytes += unread[0]
+        os.close(dup)
 
     def hold_ipc_until_read(self, timeout_s: float) -> int:
         """After the socket's close and its context's term: waits until the peers have read what was
@@ -143,17 +168,28 @@ class ConnectionMonitor:
             left += queued[0]
         return left
 
-    def close(self) -> None:
-        """Stops monitoring; held ipc:// connections stay held (hold_ipc_until_read closes them)."""
+    def close(self, keep_held: bool = False) -> None:
+        """Stops monitoring; keep_held: the held ipc:// connections stay open (hold_ipc_until_read closes
+        them)."""
         if self.monitor is not None:
             self.poll()
             self.sock.disable_monitor()
             self.monitor.close(0)
             self.monitor = None
+        for fd in list(self.held) if not keep_held else ():
+            self._release(fd)
+
+    def say_lost(self, who: str, address: str, before: int) -> None:
+        """Prints what was lost in dropped ipc:// connections since lost_bytes was `before`."""
+        if self.lost_bytes > before:
+            print(f"{who} error: {self.lost_bytes - before} bytes of events sent to {address} were lost unread: "
+                  "libzmq dropped a connection that the sender closed while this input's queue was full "
+                  "(rcvhwm reached; an ipc:// sender must keep its connection open until its events are read, "
+                  f"docs/deployment.md); {self.lost_bytes} bytes in all", file=sys.stderr, flush=True)
 
     def counters(self) -> dict:
         return {"disconnects": float(self.disconnects), "connections": float(self.connections),
-                "auth_failures": float(self.auth_failures)}
+                "auth_failures": float(self.auth_failures), "lost_bytes_at_disconnect": float(self.lost_bytes)}
 
 
 def mark_multi_frame(frames) -> bytes:

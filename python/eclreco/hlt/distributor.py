@@ -145,7 +145,8 @@ class Distributor:
         if curve is not None:  # optional CURVE (eclreco.curve): servers on bound sockets
             curve.apply(self.inp, input_bind, "daq")
         # messages refused by the socket (ZMQ_MAXMSGSIZE) are only seen as disconnects: counted, not silent
-        self.input_monitor = ConnectionMonitor(self.inp)
+        # ipc:// connections held: events libzmq drops unread with one are counted (lost_bytes, raw_sockets)
+        self.input_monitor = ConnectionMonitor(self.inp, hold_ipc=True)
         attach(self.inp, input_addr, bind=input_bind, what="--input")
         self.input_addr, self.input_bind = input_addr, input_bind
         self.wrk = self.ctx.socket(zmq.ROUTER)
@@ -698,7 +699,9 @@ class Distributor:
         return min(min(self.events, default=self.next_seq), min(self.unsaved, default=self.next_seq))
 
     def housekeeping(self, now: float):
+        lost = self.input_monitor.lost_bytes
         self.input_monitor.poll()
+        self.input_monitor.say_lost("[distributor]", self.input_addr, lost)
         for ident in [i for i, h in self.unregistered.items() if now - h["since"] > self.heartbeat_timeout_s]:
             held = self.unregistered.pop(ident)  # its sender never registered: a stray peer's, counted
             self.c["bad_messages"] += len(held["messages"]) - 1
@@ -921,6 +924,7 @@ class Distributor:
             "lost_at_stop": self.c["lost_at_stop"], "lost_unsaved": self.c["lost_unsaved"],
             "unread_at_terminate": self.c["unread_at_terminate"],
             "input_disconnects": self.input_monitor.disconnects, "input_auth_failures": self.input_monitor.auth_failures,
+            "input_lost_bytes": self.input_monitor.lost_bytes,
             "bad_messages": self.c["bad_messages"], "collectors_refused": self.c["collectors_refused"],
             "held": len(self.events), "unsaved": len(self.unsaved), "queued": len(self.pending),
             "low_watermark": self.low_watermark(),
@@ -972,6 +976,9 @@ class Distributor:
         yield counter("eclreco_input_bytes_received", "Bytes read from the input", self.c["bytes_received"])
         yield counter("eclreco_input_disconnects", "Input connections dropped (a sender closing, or a message over "
                       "--refuse-message-bytes)", self.input_monitor.disconnects)
+        yield counter("eclreco_input_lost_bytes_at_disconnect", "Bytes of events lost unread with an ipc:// input "
+                      "connection its sender closed while the input queue was full (docs/deployment.md)",
+                      self.input_monitor.lost_bytes)
         yield counter("eclreco_hlt_bad_messages", "Messages on the workers/control sockets that were not understood "
                       "(ignored)", self.c["bad_messages"])
         yield counter("eclreco_hlt_collectors_refused", "Collectors refused because another one was registered "
