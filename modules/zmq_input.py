@@ -29,6 +29,15 @@ class ZMQInput(Module):
     for stop_drain_ms (at most stop_timeout_s), since the messages queued in the socket would be
     lost with it; not after an output that cannot write ended the run (they would be lost in it). Messages still queued when the socket closes (the stop timeout reached, or sent
     after the idle timeout ended the run) are counted as ``unread_at_end`` and reported.
+
+    Memory is bounded in bytes by max_queue_bytes, with back-pressure (nothing is dropped): a sender
+    connection's receive queue holds at most max_queue_bytes // refuse_message_bytes messages (rcvhwm
+    lowered to that, at least 1; libzmq counts its queue in messages, each up to refuse_message_bytes),
+    beyond which libzmq stops reading that connection and the sender blocks; and a batch ends at the
+    message that brings it to max_queue_bytes (the rest wait in the queue). Worst case: connections x
+    max_queue_bytes queued (+ the kernel's socket buffers) and, per batch the processor holds (at most
+    3 x threads + 1), max_queue_bytes + refuse_message_bytes. rcvhwm x refuse_message_bytes alone was
+    640 GiB per connection.
     """
 
     def __init__(self):
@@ -40,7 +49,11 @@ class ZMQInput(Module):
         self.add_param("max_message_bytes", 1 << 20, "larger messages are rejected as oversize and kept (0: no limit)")
         self.add_param("refuse_message_bytes", 64 << 20,
                        "larger messages are refused by the socket unread, their connection dropped (0: no limit)")
-        self.add_param("rcvhwm", 10000, "receive high-water mark (messages queued before the sender blocks)")
+        self.add_param("rcvhwm", 10000, "receive high-water mark (messages queued per connection before the sender "
+                       "blocks); lowered to max_queue_bytes // refuse_message_bytes")
+        self.add_param("max_queue_bytes", 1 << 30, "bytes a connection's receive queue holds at most (the sender blocks "
+                       "beyond), and a batch ends at the message that reaches them (0: no bound: rcvhwm x "
+                       "refuse_message_bytes per connection)")
         self.add_param("poll_ms", 100.0, "longest time between returns to the framework (<= 60000)")
         self.add_param("stop_drain_ms", 200.0, "after SIGINT/SIGTERM, read on until the input is quiet this long "
                        "(0: stop at once)")
@@ -54,6 +67,7 @@ class ZMQInput(Module):
         self._first = self._last = None
         self._ended = False
         self._stop_at = self._quiet_since = None
+        self._msgs_bytes = 0  # the bytes of the batch being read
 
     def is_source(self):
         return True
@@ -78,18 +92,20 @@ class ZMQInput(Module):
                                ("stop_timeout_s", self.param("stop_timeout_s") >= 0, ">= 0"),
                                ("max_message_bytes", self.param("max_message_bytes") >= 0, ">= 0 (0: no limit)"),
                                ("refuse_message_bytes", self.param("refuse_message_bytes") >= 0, ">= 0 (0: no limit)"),
-                               ("rcvhwm", self.param("rcvhwm") >= 0, ">= 0")):
+                               ("rcvhwm", self.param("rcvhwm") >= 0, ">= 0"),
+                               ("max_queue_bytes", self.param("max_queue_bytes") >= 0, ">= 0 (0: no bound)")):
             if not ok:
                 raise ValueError(f"ZMQInput: {name} must be {rule}")
-        from eclreco.raw_sockets import ConnectionMonitor, attach, check_message_limits
+        from eclreco.raw_sockets import ConnectionMonitor, attach, check_message_limits, check_queue_bound
 
         check_message_limits("ZMQInput", self.param("max_message_bytes"), self.param("refuse_message_bytes"))
+        check_queue_bound("ZMQInput", self.param("max_queue_bytes"), self.param("refuse_message_bytes"))
 
         self._zmq = zmq
         self._ctx = zmq.Context.instance()
         s = self._ctx.socket(zmq.PULL)
         s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.RCVHWM, int(self.param("rcvhwm")))
+        s.setsockopt(zmq.RCVHWM, self.queue_hwm)
         if self.param("refuse_message_bytes") > 0:
             s.setsockopt(zmq.MAXMSGSIZE, int(self.param("refuse_message_bytes")))
         # ipc:// connections held, so that events libzmq drops unread with one are counted (raw_sockets)
@@ -104,13 +120,34 @@ class ZMQInput(Module):
         self._stop_at = self._quiet_since = None
 
     @property
+    def queue_hwm(self) -> int:
+        """The receive high-water mark set on the socket: rcvhwm, lowered so that a connection's queue of
+        messages of up to refuse_message_bytes holds at most max_queue_bytes (0: unlimited, as libzmq reads it)."""
+        hwm, bound, largest = (int(self.param(k)) for k in ("rcvhwm", "max_queue_bytes", "refuse_message_bytes"))
+        if not bound or not largest:
+            return hwm
+        return max(1, bound // largest) if hwm == 0 else min(hwm, max(1, bound // largest))
+
+    def _read_waiting(self, msgs: list, max_events: int) -> bool:
+        """Appends the messages waiting in the socket to msgs until it holds max_events or max_queue_bytes (the
+        rest wait in the queue, whose sender blocks when it is full); True when msgs is full."""
+        from eclreco.raw_sockets import recv_message
+
+        bound = int(self.param("max_queue_bytes"))
+        try:
+            while len(msgs) < max_events and not (bound and self._msgs_bytes >= bound):
+                msgs.append(recv_message(self._sock, max_bytes=int(self.param("max_message_bytes"))))
+                self._msgs_bytes += len(msgs[-1])
+        except self._zmq.Again:
+            pass
+        return len(msgs) >= max_events or bool(bound and self._msgs_bytes >= bound)
+
+    @property
     def endpoint(self) -> str:
         """The bound endpoint (with the real port when the address asked for port 0 or '*')."""
         return self._sock.getsockopt_string(self._zmq.LAST_ENDPOINT) if self._sock is not None else ""
 
     def next_batch(self, batch, max_events):
-        from eclreco.raw_sockets import recv_message
-
         if _core.stop_requested() and _core.output_failed():
             # An output can keep nothing more: what is queued stays unread (counted as unread_at_end), and
             # what the sender still holds stays with it. Read on, it was processed into no file (18240 of
@@ -121,22 +158,18 @@ class ZMQInput(Module):
         zmq = self._zmq
         sock = self._sock
         msgs: list[bytes] = []
+        self._msgs_bytes = 0
         latency = self.param("max_latency_ms") * 1e-3
         idle = self.param("idle_timeout_s")
-        max_bytes = int(self.param("max_message_bytes"))
         poll_s = self.param("poll_ms") * 1e-3
         t_enter = time.monotonic()
         t_batch = None
         while True:
-            try:
-                while len(msgs) < max_events:
-                    msgs.append(recv_message(sock, max_bytes=max_bytes))
-            except zmq.Again:
-                pass
+            full = self._read_waiting(msgs, max_events)
             now = time.monotonic()
             if msgs and t_batch is None:
                 t_batch = now
-            if len(msgs) >= max_events or _core.stop_requested():
+            if full or _core.stop_requested():
                 break
             if t_batch is not None:
                 wait = t_batch + latency - now
@@ -178,10 +211,7 @@ class ZMQInput(Module):
         (max_events, or max_latency_ms after their first message): returned at the first empty
         poll, a source still sending at 2 kHz made batches of one or two events, each paying the
         chain's per-batch cost (the CNN's call): 213 against 19 us of CPU per event in the chain."""
-        from eclreco.raw_sockets import recv_message
-
         zmq, sock = self._zmq, self._sock
-        max_bytes = int(self.param("max_message_bytes"))
         quiet_s, limit_s = self.param("stop_drain_ms") * 1e-3, self.param("stop_timeout_s")
         latency = self.param("max_latency_ms") * 1e-3
         now = time.monotonic()
@@ -190,20 +220,17 @@ class ZMQInput(Module):
         if now - self._stop_at >= limit_s:
             self._ended = True
         msgs: list[bytes] = []
+        self._msgs_bytes = 0
         t_batch = None
-        while len(msgs) < max_events and not self._ended:
+        while not self._ended:
             n = len(msgs)
-            try:
-                while len(msgs) < max_events:
-                    msgs.append(recv_message(sock, max_bytes=max_bytes))
-            except zmq.Again:
-                pass
+            full = self._read_waiting(msgs, max_events)
             now = time.monotonic()
             if len(msgs) > n:
                 self._quiet_since = now  # quiet counts from the last message read
                 if t_batch is None:
                     t_batch = now
-            if len(msgs) >= max_events:
+            if full:
                 break
             if now - self._stop_at >= limit_s or now - self._quiet_since >= quiet_s:
                 self._ended = True

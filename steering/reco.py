@@ -22,7 +22,8 @@ from eclreco.cli_types import (BATCH_SIZE, NON_NEGATIVE, NON_NEGATIVE_INT, POSIT
                                add_cluster_columns_argument, integer, name_list, number)
 from eclreco.curve import curve_option_error
 from eclreco.paths import missing_folder, output_file_error
-from eclreco.raw_sockets import address_in_use, check_address, check_message_limits, is_stream_address, tcp_port
+from eclreco.raw_sockets import (address_in_use, check_address, check_message_limits, check_queue_bound,
+                                 is_stream_address, tcp_port)
 from eclreco.reconstruction import (add_event_filter, add_event_filter_arguments, add_reconstruction,
                                    chain_file_error, event_filter_option_unused)
 
@@ -65,6 +66,10 @@ def build_parser():
                         help="larger messages are rejected as oversize and kept (0: no limit)")
     stream.add_argument("--refuse-message-bytes", type=NON_NEGATIVE_INT, default=64 << 20,
                         help="larger messages are refused by the socket unread, with their connection (0: no limit)")
+    stream.add_argument("--max-queue-bytes", type=NON_NEGATIVE_INT, default=1 << 30,
+                        help="bytes a sender connection's receive queue holds at most (default 1 GiB; the sender "
+                             "blocks beyond), and a batch ends at the message that reaches them (0: no bound; "
+                             "docs/deployment.md)")
     stream.add_argument("--curve-dir", default="", help="CURVE key directory (eclreco hlt keys); default: no CURVE")
     stream.add_argument("--curve-name", default="reco", help="own key name in DIR/private")
     stream.add_argument("--curve-secret", default="", help="own key pair file (default DIR/private/NAME.key_secret)")
@@ -110,6 +115,9 @@ def parse_args(argv=None):
     try:
         check_message_limits("", args.max_message_bytes, args.refuse_message_bytes,
                              ("--max-message-bytes", "--refuse-message-bytes"))
+        if args.stream:
+            check_queue_bound("", args.max_queue_bytes, args.refuse_message_bytes,
+                              ("--max-queue-bytes", "--refuse-message-bytes"))
     except ValueError as err:
         ap.error(str(err))
     if args.events is None:
@@ -179,7 +187,8 @@ def build_path(args) -> eclreco.Path:
             open_files.raise_soft_limit("reco.py")
         path.add_module("ZMQInput", address=args.input, bind=not args.connect, idle_timeout_s=args.idle_timeout,
                         max_latency_ms=args.max_latency, max_message_bytes=args.max_message_bytes,
-                        refuse_message_bytes=args.refuse_message_bytes, curve_dir=args.curve_dir,
+                        refuse_message_bytes=args.refuse_message_bytes, max_queue_bytes=args.max_queue_bytes,
+                        curve_dir=args.curve_dir,
                         curve_name=args.curve_name, curve_secret=args.curve_secret, curve_server=args.curve_server)
     else:
         path.add_module("RawFileInput", filename=args.input)

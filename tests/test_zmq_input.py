@@ -558,3 +558,57 @@ def test_zmq_input_counts_what_libzmq_drops_unread_with_a_closed_ipc_connection(
     assert 0 < received < n and lost > 0, (received, lost)
     assert received + -(-lost // (size + 9)) == n  # 9: ZMTP's header of a long frame; a message cut counts once
     assert f"{lost} bytes of events sent to {address} were lost unread" in capfd.readouterr().err
+
+
+def test_the_input_holds_at_most_max_queue_bytes_and_the_sender_blocks_beyond():
+    """The input's memory is bounded in bytes with back-pressure: libzmq's receive queue of a connection holds at
+    most max_queue_bytes // refuse_message_bytes messages (rcvhwm lowered), a batch ends at the message that reaches
+    max_queue_bytes, and a sender beyond them blocks; nothing is dropped. Before, rcvhwm alone (10,000 messages of up to 64 MiB: 640 GiB)
+    bounded the queue: here a stalled chain let the sender put all 2000 messages of 64 kB (128 MB) into it, and
+    batches took up to batch_size messages whatever their size."""
+    address = free_address()
+    n, size = 2000, 64 * 1024
+    messages = [big_envelope(e, size) for e in range(n)]
+    size = len(messages[0])
+    release = threading.Event()
+    sizes, stalled_at = [], []
+
+    class StallsOnTheFirstBatch(eclreco.Module):
+        def event(self, batch):
+            sizes.append(sum(np.diff(batch["RawEnvelopes"].offsets)))
+            release.wait(60)  # the chain stalls: the input's socket is read no more meanwhile
+
+    path = eclreco.create_path()
+    inp = path.add_module("ZMQInput", address=address, idle_timeout_s=2.0, max_message_bytes=100_000,
+                          refuse_message_bytes=128 * 1024, max_queue_bytes=1 << 20)
+    path.add_module(StallsOnTheFirstBatch())
+    assert inp.queue_hwm == 8  # 1 MiB // 128 kiB
+
+    def feed():
+        push = zmq.Context.instance().socket(zmq.PUSH)
+        push.setsockopt(zmq.SNDHWM, 1)
+        push.setsockopt(zmq.LINGER, 30_000)
+        push.connect(address)
+        sent = 0
+        try:
+            push.setsockopt(zmq.SNDTIMEO, 2000)
+            for m in messages:
+                try:
+                    push.send(m)
+                except zmq.Again:  # the receiver's queue and the TCP buffers are full: the sender blocks
+                    stalled_at.append(sent)
+                    break
+                sent += 1
+            release.set()
+            push.setsockopt(zmq.SNDTIMEO, 30_000)
+            for m in messages[sent:]:  # the rest, once the chain goes on: all arrive
+                push.send(m)
+        finally:
+            release.set()
+            push.close()
+
+    s = process_fed(path, feed)
+    # the loopback's socket buffers hold some MB besides the 8 messages queued: far fewer than the 2000
+    assert stalled_at and stalled_at[0] < n // 2, stalled_at
+    assert s["received"] == s["processed"] == n and inp.counters()["unread_at_end"] == 0, s
+    assert (1 << 20) <= max(sizes) < (1 << 20) + size, sizes  # a batch ends at the message that reaches the bound

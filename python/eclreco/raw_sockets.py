@@ -341,6 +341,15 @@ def check_message_limits(who: str, max_bytes: int, refuse_bytes: int,
                          "rejected and kept")
 
 
+def check_queue_bound(who: str, queue_bytes: int, refuse_bytes: int,
+                      names: tuple[str, str] = ("max_queue_bytes", "refuse_message_bytes")) -> None:
+    """ZMQInput's byte bound on its receive queue: libzmq counts the queue in messages, so the bound is
+    queue_bytes // refuse_bytes messages of up to refuse_bytes each, which needs a refuse_bytes."""
+    if queue_bytes > 0 and refuse_bytes == 0:
+        raise ValueError(f"{who}{': ' if who else ''}{names[0]} bounds the receive queue through {names[1]} (the largest "
+                         f"message it can hold), which is 0 (no limit): set {names[1]}, or {names[0]} 0 (no bound)")
+
+
 def mark_oversize(message: bytes, limit: int) -> bytes:
     """The in-band form of a message over the receiver's limit (cpp/ecl/envelope.hpp,
     kOversizeTag): the tag, the limit (uint64 big-endian), the whole message. The envelope decoder
