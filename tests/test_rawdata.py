@@ -821,7 +821,7 @@ def test_daq_emulator_reports_a_file_that_goes_bad(tmp_path, zmq_context, capsys
     """A raw file with bytes that cannot be framed after some events: the events before them are sent,
     then the replay stops with an error naming the file and the byte (exit 1); with --loop the first
     pass finds them before anything is sent (exit 2, naming --input). Fewer events than --events without
-    --loop: all are sent and that is said (exit 1)."""
+    --loop: refused before anything is sent (exit 2), from a counting pass that holds a message at a time."""
     msgs = rawdata.encode_events("array30", 0, 1, np.arange(20), **random_digits(np.random.default_rng(3), "array30",
                                                                                  20, max_digits=10))
     f = tmp_path / "bad.msgpack"
@@ -837,9 +837,11 @@ def test_daq_emulator_reports_a_file_that_goes_bad(tmp_path, zmq_context, capsys
     assert rc == 2 and got == [] and err.startswith(f"eclreco daq-emulator: error: --input: raw file '{f}': not_msgpack"), err
     g = tmp_path / "short.msgpack"
     rawdata.write_raw_file(g, msgs)
-    rc, _, got, _ = _run_daq_emulator_into(zmq_context, ["--input", str(g), "--events", "25"], 20)
-    out = capsys.readouterr().out
-    assert rc == 1 and got == msgs and "error: the file has 20 events, all sent; --events 25 needs --loop" in out, out
+    rc, _, got, _ = _run_daq_emulator_into(zmq_context, ["--input", str(g), "--events", "25"], 0)
+    err = capsys.readouterr().err
+    assert rc == 2 and got == [] and "error: the file has 20 events; --events 25 needs --loop" in err, err
+    rc, _, got, _ = _run_daq_emulator_into(zmq_context, ["--input", str(g), "--events", "20"], 20)
+    assert rc == 0 and got == msgs
 
 
 def test_loop_renumbering_carries_evt_into_run():

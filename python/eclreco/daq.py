@@ -260,6 +260,16 @@ def run_daq_emulator(args: argparse.Namespace) -> int:
     if why := not_a_raw_file(args.input):
         print(f"eclreco daq-emulator: error: --input {args.input!r}: {why}", file=sys.stderr, flush=True)
         return 2
+    if args.events and not args.loop:  # refused before anything is sent: a counting pass, a message at a time
+        try:
+            n = sum(1 for _ in RawFile(args.input))
+        except RawFileError as err:
+            print(f"eclreco daq-emulator: error: --input: {err}", file=sys.stderr, flush=True)
+            return 2
+        if n < args.events:
+            print(f"eclreco daq-emulator: error: the file has {n} events; --events {args.events} needs --loop",
+                  file=sys.stderr, flush=True)
+            return 2
     scheduling.apply(args.sched, "daq-emulator")  # a load generator beside the workers should not preempt them
     address = args.bind or args.connect
     print(f"[daq-emulator] {args.input} ({os.path.getsize(args.input):,} bytes, read one event at a time"
@@ -275,7 +285,7 @@ def run_daq_emulator(args: argparse.Namespace) -> int:
     except RawFileError as err:  # found by --loop's first pass, before anything was sent
         print(f"eclreco daq-emulator: error: --input: {err}", file=sys.stderr, flush=True)
         return 2
-    short = not args.loop and res["input_ended"] and res["sent"] < args.events
+    short = not args.loop and res["input_ended"] and res["sent"] < args.events  # the file shrank since it was counted
     if short:
         print(f"[daq-emulator] error: the file has {res['sent']} events, all sent; --events {args.events} needs --loop",
               flush=True)
