@@ -792,11 +792,14 @@ def _run_daq_emulator_into(zmq_context, argv, expect: int, keep_from: int = 0) -
     return rc[0], crcs, got, peak
 
 
-def test_daq_emulator_holds_a_message_not_the_file(tmp_path, zmq_context):
+def test_daq_emulator_holds_a_message_not_the_file(tmp_path, zmq_context, monkeypatch):
     """`daq-emulator` read its whole input before it sent the first event (read_raw_file: a slow start
     and the file in memory, twice: its bytes and the list of messages), and --loop kept a patched copy
     of every message. It now reads the file one message at a time (a window of 1 MiB), --loop
-    re-reading it for each pass: its memory stays a few MiB with a file of 24 MB."""
+    re-reading it for each pass (a file over LOOP_HOLD_BYTES; a smaller one is held, as the same
+    messages show): its memory stays a few MiB with a file of 24 MB."""
+    from eclreco import daq
+
     msgs = rawdata.encode_events("belle2-ecl", 0, 1, np.arange(1000), **random_digits(
         np.random.default_rng(5), "belle2-ecl", 1000, max_digits=600))
     f = tmp_path / "big.msgpack"
@@ -810,11 +813,14 @@ def test_daq_emulator_holds_a_message_not_the_file(tmp_path, zmq_context):
     assert rc == 0 and crcs == crcs_file
     assert peak < 6e6, peak
     # looped: a first pass for the span, then the file read again for each pass
-    rc, crcs, got, peak = _run_daq_emulator_into(zmq_context, ["--input", str(f), "--loop", "--events", str(n + 500)],
-                                                 n + 500, keep_from=n)
+    looped = ["--input", str(f), "--loop", "--events", str(n + 500)]
+    monkeypatch.setattr(daq, "LOOP_HOLD_BYTES", 1 << 20)
+    rc, crcs, got, peak = _run_daq_emulator_into(zmq_context, looped, n + 500, keep_from=n)
     assert rc == 0 and crcs[:n] == crcs_file and len(got) == 500
     assert [msgpack.unpackb(m)["evt"] for m in got] == list(range(1000, 1500))  # the span: evt 0..999
     assert peak < 6e6, peak
+    monkeypatch.setattr(daq, "LOOP_HOLD_BYTES", 1 << 30)  # held: the same messages
+    assert _run_daq_emulator_into(zmq_context, looped, n + 500, keep_from=n)[1:3] == (crcs, got)
 
 
 def test_daq_emulator_reports_a_file_that_goes_bad(tmp_path, zmq_context, capsys):
