@@ -230,7 +230,10 @@ def zmq_input_measurement(raw: str, n_events: int) -> dict:
     # The idle timeout only bounds the run if messages went missing; the rate uses the events seen.
     # Port '*': the input binds a free port itself (a port probed by another socket and closed
     # could still be bound when the input binds it: ZeroMQ closes sockets asynchronously).
-    zmq_in = path.add_module("ZMQInput", address="tcp://127.0.0.1:*", rcvhwm=n + 10, idle_timeout_s=2.0)
+    # max_queue_bytes=0: the whole sample is queued before the loop reads (with the byte bound's high-water mark,
+    # 16 messages at the defaults, the sender waited for a reader that starts only after it: the bench hung)
+    zmq_in = path.add_module("ZMQInput", address="tcp://127.0.0.1:*", rcvhwm=n + 10, max_queue_bytes=0,
+                             idle_timeout_s=2.0)
     path.add_module(SendAllFirst())
     eclreco.process(path, batch_size=DEFAULT_BATCH, max_events=n)
     mod = eclreco.statistics.summary()["modules"][0]
