@@ -67,8 +67,8 @@ def build_parser():
     stream.add_argument("--refuse-message-bytes", type=NON_NEGATIVE_INT, default=64 << 20,
                         help="larger messages are refused by the socket unread, with their connection (0: no limit)")
     stream.add_argument("--max-queue-bytes", type=NON_NEGATIVE_INT, default=1 << 30,
-                        help="bytes a sender connection's receive queue holds at most (default 1 GiB; the sender "
-                             "blocks beyond), and a batch ends at the message that reaches them (0: no bound; "
+                        help="bytes a sender connection's receive queue holds at most (1 GiB; the sender blocks "
+                             "beyond), and a batch ends at the message that reaches them (0: no bound; "
                              "docs/deployment.md)")
     stream.add_argument("--curve-dir", default="", help="CURVE key directory (eclreco hlt keys); default: no CURVE")
     stream.add_argument("--curve-name", default="reco", help="own key name in DIR/private")

@@ -781,7 +781,7 @@ def test_collector_drops_a_repeated_event_within_its_window(farm_factory, tmp_pa
     with uproot.open(farm.output) as f:
         meta = json.loads(str(f["metadata"]))
     assert next(m for m in meta["path"] if m["module"] == "HLTCollectorInput")["dropped"] == {
-        "duplicates": 1, "repeated_keys": 1}
+        "duplicates": 1, "repeated_keys": 1, "orphaned": 0}
 
 
 def test_collector_never_overwrites_an_existing_file(farm_factory, tmp_path):
