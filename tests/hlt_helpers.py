@@ -73,3 +73,23 @@ def push_messages(address: str, messages, rate_hz: float = 0.0, timeout_s: float
         n += 1
     s.close()
     return n
+
+
+def bind_send_and_close(address: str, messages, after_handshake=None) -> None:
+    """A plain pyzmq sender that binds `address`, waits for a receiver's handshake (then calls
+    after_handshake), writes `messages` and closes: its own context's term returns once libzmq has
+    written everything, which on ipc:// the kernel may still hold unread (a DAQ sender's exit)."""
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.PUSH)
+    s.setsockopt(zmq.LINGER, 5000)
+    s.bind(address)
+    mon = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    assert mon.poll(10000), f"no receiver connected to {address}"
+    if after_handshake is not None:
+        after_handshake()
+    for m in messages:
+        s.send(m)
+    s.disable_monitor()
+    mon.close()
+    s.close()
+    ctx.term()

@@ -16,7 +16,8 @@ import pytest
 import uproot
 
 import eclreco
-from hlt_helpers import big_envelope, envelope, free_address, push_events, push_messages, read_quarantine
+from hlt_helpers import (big_envelope, bind_send_and_close, envelope, free_address, push_events, push_messages,
+                         read_quarantine)
 
 
 def scrape(port):
@@ -667,28 +668,17 @@ def test_distributor_counts_what_libzmq_drops_unread_with_a_closed_ipc_input_con
     input_lost_bytes, eclreco_input_lost_bytes_at_disconnect_total) and said."""
     import tempfile
 
-    import zmq
-
     from eclreco.hlt.distributor import Distributor
 
     ipc_dir = tempfile.mkdtemp(prefix="eclreco-")
     n, size = 50, 1000
     d = Distributor(f"ipc://{ipc_dir}/in", free_address(), free_address(), input_hwm=16, input_bind=False)
     try:
-        ctx = zmq.Context()  # the sender's own: its term returns once libzmq has written everything
-        s = ctx.socket(zmq.PUSH)
-        s.setsockopt(zmq.LINGER, 5000)
-        s.bind(f"ipc://{ipc_dir}/in")
-        mon = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-        assert mon.poll(10000)
-        time.sleep(0.1)
-        d.housekeeping(time.monotonic())  # the connection seen (as every 0.2 s in serve())
-        for _ in range(n):
-            s.send(b"x" * size)
-        s.disable_monitor()
-        mon.close()
-        s.close()
-        ctx.term()
+        def seen():  # the connection seen by the distributor (as every 0.2 s in serve())
+            time.sleep(0.1)
+            d.housekeeping(time.monotonic())
+
+        bind_send_and_close(f"ipc://{ipc_dir}/in", [b"x" * size] * n, after_handshake=seen)
         t0 = time.monotonic()
         while d.input_monitor.disconnects < 1 and time.monotonic() - t0 < 10:
             d.read_input()

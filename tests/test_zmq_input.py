@@ -14,7 +14,8 @@ import uproot
 import zmq
 
 import eclreco
-from hlt_helpers import big_envelope, envelope, free_address, push_events, push_messages, read_quarantine
+from hlt_helpers import (big_envelope, bind_send_and_close, envelope, free_address, push_events, push_messages,
+                         read_quarantine)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -526,18 +527,7 @@ def test_zmq_input_counts_what_libzmq_drops_unread_with_a_closed_ipc_connection(
     closed = threading.Event()
 
     def send():  # plain pyzmq: a sender that exits once libzmq has written everything
-        ctx = zmq.Context()
-        s = ctx.socket(zmq.PUSH)
-        s.setsockopt(zmq.LINGER, 5000)
-        s.bind(address)
-        mon = s.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-        mon.poll(10000)
-        for _ in range(n):
-            s.send(b"x" * size)
-        s.disable_monitor()
-        mon.close()
-        s.close()
-        ctx.term()
+        bind_send_and_close(address, [b"x" * size] * n)
         closed.set()
 
     class WaitForTheSender(eclreco.Module):  # the chain holds the first event until the sender is gone
