@@ -18,10 +18,11 @@ static std::string names_of(const Map& m) {
 
 // The collection's name where the batch gave it one, and the columns it has (a custom source's
 // ECLClusters without 'ring', say).
-[[noreturn]] static void no_column(const std::string& name, const std::string& collection,
-                                   const std::map<std::string, Column>& columns) {
-  throw std::out_of_range("no column '" + name + "' in the collection" + (collection.empty() ? "" : " '" + collection + "'") +
-                          " (its columns: " + names_of(columns) + ")");
+std::string Collection::column_names() const { return names_of(columns_); }
+
+[[noreturn]] static void no_column(const std::string& name, const Collection& c) {
+  throw std::out_of_range("no column '" + name + "' in the collection" + (c.name().empty() ? "" : " '" + c.name() + "'") +
+                          " (its columns: " + c.column_names() + ")");
 }
 
 [[noreturn]] static void no_collection(const std::string& name, const std::map<std::string, Collection>& collections) {
@@ -30,13 +31,13 @@ static std::string names_of(const Map& m) {
 
 Column& Collection::column(const std::string& name) {
   auto it = columns_.find(name);
-  if (it == columns_.end()) no_column(name, name_, columns_);
+  if (it == columns_.end()) no_column(name, *this);
   return it->second;
 }
 
 const Column& Collection::column(const std::string& name) const {
   auto it = columns_.find(name);
-  if (it == columns_.end()) no_column(name, name_, columns_);
+  if (it == columns_.end()) no_column(name, *this);
   return it->second;
 }
 

@@ -49,6 +49,8 @@ class Collection {
   Column& put_column(const std::string& name, Column c);
   std::map<std::string, Column>& columns() { return columns_; }
   const std::map<std::string, Column>& columns() const { return columns_; }
+  // "a, b, c" (or "none"): the columns a missing one's error lists
+  std::string column_names() const;
   // Sets offsets from per-event counts and resizes every column to the new row total.
   void set_counts(const std::vector<int64_t>& counts);
 

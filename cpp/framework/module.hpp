@@ -96,15 +96,14 @@ class Module {
 // one message that names the module, the collection and the columns, instead of failing every event,
 // each re-run on its own, with "no column 'ring'".
 inline void require_columns(const Module& m, const Collection& c, std::initializer_list<const char*> names) {
-  std::string lacking, have, wanted;
+  std::string lacking, wanted;
   for (const char* name : names) {
     wanted += (wanted.empty() ? "" : ", ") + std::string(name);
     if (!c.has(name)) lacking += (lacking.empty() ? "'" : ", '") + std::string(name) + "'";
   }
   if (lacking.empty()) return;
-  for (const auto& [name, column] : c.columns()) have += (have.empty() ? "" : ", ") + name;
   throw AbortJob(m.type() + " reads the columns " + wanted + " of the collection '" + c.name() + "', which has no " +
-                     lacking + " (its columns: " + (have.empty() ? "none" : have) + "): the module that makes '" +
+                     lacking + " (its columns: " + c.column_names() + "): the module that makes '" +
                      c.name() + "' must write them; the job ends at its first batch",
                  nullptr);
 }
