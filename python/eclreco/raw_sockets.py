@@ -115,8 +115,6 @@ class ConnectionMonitor:
     def _release(self, fd: int, count_unread: bool = False) -> None:
         """Closes our duplicate of a connection; count_unread: libzmq dropped it, and what the peer had
         written to it and libzmq not read is lost (counted in lost_bytes)."""
-        import array
-        import fcntl
         import os
         import termios
 
@@ -124,12 +122,7 @@ class ConnectionMonitor:
         if dup is None:
             return
         if count_unread:
-            unread = array.array("i", [0])
-            try:
-                fcntl.ioctl(dup, termios.FIONREAD, unread)
-            except OSError:
-                unread[0] = 0
-            self.lost_bytes += unread[0]
+            self.lost_bytes += _socket_queue_bytes(dup, termios.FIONREAD)
         os.close(dup)
 
     def hold_ipc_until_read(self, timeout_s: float) -> int:
@@ -151,21 +144,14 @@ class ConnectionMonitor:
         """What was written to the held ipc:// connections and not yet read by their peers, in the kernel's
         count (TIOCOUTQ: the memory of the writes, with its overhead); a connection read to the end is
         closed."""
-        import array
-        import fcntl
-        import os
         import termios
 
         left = 0
         for fd, dup in list(self.held.items()):
-            queued = array.array("i", [0])
-            try:  # for a Unix stream socket: the bytes written and not yet read by the peer
-                fcntl.ioctl(dup, termios.TIOCOUTQ, queued)
-            except OSError:
-                queued[0] = 0
-            if queued[0] == 0:
-                os.close(self.held.pop(fd))
-            left += queued[0]
+            queued = _socket_queue_bytes(dup, termios.TIOCOUTQ)  # written, not yet read by the peer
+            if queued == 0:
+                self._release(fd)
+            left += queued
         return left
 
     def close(self, keep_held: bool = False) -> None:
@@ -190,6 +176,20 @@ class ConnectionMonitor:
     def counters(self) -> dict:
         return {"disconnects": float(self.disconnects), "connections": float(self.connections),
                 "auth_failures": float(self.auth_failures), "lost_bytes_at_disconnect": float(self.lost_bytes)}
+
+
+def _socket_queue_bytes(fd: int, request: int) -> int:
+    """The bytes a socket's queue holds, as ioctl `request` counts them (FIONREAD: received, not read;
+    TIOCOUTQ: written, not read by the peer); 0 when it cannot say (a closed connection)."""
+    import array
+    import fcntl
+
+    n = array.array("i", [0])
+    try:
+        fcntl.ioctl(fd, request, n)
+    except OSError:
+        return 0
+    return n[0]
 
 
 def mark_multi_frame(frames) -> bytes:
