@@ -300,28 +300,33 @@ class Statistics:
         """(events written, events lost) of the path's outputs that count their losses (RootOutput's
         `events_written`, `events_lost`: taken, then in no file when its file failed), by module name as in
         the module table (RootOutput#1 for a second one; cumulative per module, as its metrics are)."""
-        out, seen = {}, {}
-        for m in self._path.modules if self._path is not None else []:
-            k = seen[m.type] = seen.get(m.type, -1) + 1
+        out = {}
+        for name, m in self._named_modules():
             try:
                 c = m.counters() if m.writes_events() else {}
                 if "events_lost" in c:
-                    out[f"{m.type}#{k}" if k else m.type] = (int(c.get("events_written", 0)), int(c["events_lost"]))
+                    out[name] = (int(c.get("events_written", 0)), int(c["events_lost"]))
             except Exception:  # noqa: BLE001 - a module's counters must never break the job's summary
                 pass
         return out
 
     def _output_names(self) -> list[str]:
         """The path's outputs (writes_events), by module name as in the module table (RootOutput#1)."""
-        out, seen = [], {}
-        for m in self._path.modules if self._path is not None else []:
-            k = seen[m.type] = seen.get(m.type, -1) + 1
+        out = []
+        for name, m in self._named_modules():
             try:
                 if m.writes_events():
-                    out.append(f"{m.type}#{k}" if k else m.type)
+                    out.append(name)
             except Exception:  # noqa: BLE001 - a module's flags must never break the job's summary
                 pass
         return out
+
+    def _named_modules(self):
+        """(name, module) of the path's modules, named as in the module table: RootOutput#1 for a second one."""
+        seen: dict[str, int] = {}
+        for m in self._path.modules if self._path is not None else []:
+            k = seen[m.type] = seen.get(m.type, -1) + 1
+            yield (f"{m.type}#{k}" if k else m.type), m
 
     @property
     def state(self):
