@@ -126,7 +126,8 @@ class ZMQInput(Module):
         hwm, bound, largest = (int(self.param(k)) for k in ("rcvhwm", "max_queue_bytes", "refuse_message_bytes"))
         if not bound or not largest:
             return hwm
-        return max(1, bound // largest) if hwm == 0 else min(hwm, max(1, bound // largest))
+        cap = max(1, bound // largest)
+        return cap if hwm == 0 else min(hwm, cap)
 
     def _read_waiting(self, msgs: list, max_events: int) -> bool:
         """Appends the messages waiting in the socket to msgs until it holds max_events or max_queue_bytes (the

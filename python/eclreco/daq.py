@@ -28,8 +28,9 @@ from eclreco.rawdata import RawFile, RawFileError, not_a_raw_file, read_raw_file
 _UINT64, _UINT32 = struct.Struct(">Q"), struct.Struct(">I")
 
 
-# A looped replay of a file up to this size holds it in memory: a pass then costs ~0.4 us per message, not the ~7 us
-# of reading and decoding it again (at 30 kHz, a fifth of a core taken from the farm the replay feeds).
+# A looped replay of a file up to this size holds it in memory, its envelopes decoded once: a pass then costs ~2 us
+# per message, not the ~7 us of reading and decoding it again (at 30 kHz, a fifth of a core taken from the farm the
+# replay feeds; docs/performance.md).
 LOOP_HOLD_BYTES = 256 << 20
 
 
@@ -48,9 +49,10 @@ class LoopRenumbering:
     uint64 and uint32, and every other byte stays as in the file. A message that is not a valid
     envelope has no identity: it is sent unchanged in every pass (and rejected with its reason each time).
 
-    Nothing is kept per message: the span comes from one pass over `messages` here, and message()
-    decodes each message of a later pass again (a file of millions of events held a patched copy
-    of each, memory proportional to the file)."""
+    The span comes from one pass over `messages` here. Messages held in a list keep their decoded
+    numbers and offsets from that pass; an iterable read anew (RawFile) keeps nothing per message, and
+    message() decodes each message of a later pass again (a file of millions of events held a patched
+    copy of each, memory proportional to the file)."""
 
     def __init__(self, messages: Iterable[bytes]):
         lo = hi = None
@@ -76,7 +78,7 @@ class LoopRenumbering:
 
         return _core.envelope_numbers(m if isinstance(m, bytes) else bytes(m))
 
-    def message(self, m: bytes, pass_k: int, i: int | None = None) -> bytes | bytearray:
+    def message(self, m: bytes, pass_k: int, i: int | None = None) -> bytes:
         """Message m (index i of a held list) as pass pass_k sends it; renumbered, a new bytes object
         (libzmq may still hold the previous pass's when it went out without a copy)."""
         d = (self._ids[i] if self._ids is not None and i is not None else self._identity(m)) if pass_k else None

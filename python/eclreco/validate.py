@@ -437,8 +437,8 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
             in_gap = array30_in_gap(g4.entry_xy_mm[res["g4_index"]] / 10.0)
         rows = energy_table(res, ENERGIES[detector], reference=REFERENCE[detector], in_gap=in_gap)
         report["tables"][f"bg{bg:g}"] = rows
-        if empty_windows(rows):  # said, not only written as rows of dashes (they were 'nan', exit 0)
-            report.setdefault("empty_windows", {})[f"bg{bg:g}"] = empty_windows(rows)
+        if empty := empty_windows(rows):  # said, not only written as rows of dashes (they were 'nan', exit 0)
+            report.setdefault("empty_windows", {})[f"bg{bg:g}"] = empty
         report["chain"] = str(res["chain"])
         title = f"{detector}, background level {bg:g}" if detector != "array30" else "array30 (no background)"
         md.append(_fmt_table(rows, names, title))

@@ -849,7 +849,9 @@ class Distributor:
         counted nowhere. The input is closed first (unbound, or disconnected): what the socket has taken
         is still read, nothing more comes (a live source's further messages stay queued at its end, for
         the next distributor or its own count; read until quiet, a live source kept this going for
-        max_s, 10 s). Counted as unread_at_terminate and said; not processed (no run is open), as
+        max_s, 10 s). What is in flight in the kernel's socket buffers when the close tears a connection
+        down is lost with it: counted in bytes over ipc:// (input_lost_bytes), not over tcp://
+        (docs/deployment.md). Counted as unread_at_terminate and said; not processed (no run is open), as
         reco.py's ZMQInput counts unread_at_end."""
         try:
             (self.inp.unbind if self.input_bind else self.inp.disconnect)(
