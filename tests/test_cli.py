@@ -1087,6 +1087,24 @@ def test_daq_emulator_refuses_a_file_that_is_not_a_raw_file(tmp_path, capsys):
     assert rawdata.not_a_raw_file(tmp_path / "text") and not rawdata.not_a_raw_file(_write(tmp_path / "r", bad_first))
 
 
+def test_python_m_eclreco_daq_refuses_as_eclreco_daq_emulator_does(tmp_path):
+    """`python -m eclreco.daq ... --curve-dir /nonexistent` showed a traceback (ValueError) and exited 1, where
+    `eclreco daq-emulator` said one line and exited 2: its own parser called the command without the CLI's
+    handling. Both entry points now say the same line with the same exit code."""
+    import subprocess
+
+    raw = tmp_path / "raw.msgpack"
+    write_raw_file(raw, encode_events("array30", 0, 1, [0], [0, 1], [1], [1000], [0], [0]))
+    for argv in (["--input", str(raw), "--connect", "tcp://127.0.0.1:9", "--curve-dir", str(tmp_path / "nokeys")],
+                 ["--input", os.path.join(REPO, "README.md"), "--connect", "tcp://127.0.0.1:9"]):
+        runs = [subprocess.run([sys.executable, "-m", *entry, *argv], capture_output=True, text=True, timeout=60)
+                for entry in (["eclreco.daq"], ["eclreco.cli", "daq-emulator"])]
+        for r in runs:
+            assert r.returncode == 2 and r.stderr.startswith("eclreco daq-emulator: error: "), (argv, r.stderr)
+            assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, (argv, r.stderr)
+        assert runs[0].stderr == runs[1].stderr
+
+
 def _write(path, data: bytes):
     path.write_bytes(data)
     return path

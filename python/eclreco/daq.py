@@ -21,7 +21,7 @@ import time
 from typing import Callable, Iterable
 
 from eclreco import scheduling
-from eclreco.cli_types import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, CommandParser, input_file
+from eclreco.cli_types import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, input_file
 from eclreco.rawdata import RawFile, RawFileError, not_a_raw_file, read_raw_file
 
 
@@ -338,11 +338,11 @@ def add_daq_emulator_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = CommandParser(prog="eclreco-daq-emulator")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_daq_emulator_parser(sub)
-    args = parser.parse_args(["daq-emulator", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    """`python -m eclreco.daq ARGS` is `eclreco daq-emulator ARGS`, through the CLI's own handling: a refusal is one
+    line and exit 2, Ctrl-C exit 130 (its own parser showed a traceback and exited 1)."""
+    from eclreco import cli
+
+    return cli.main(["daq-emulator", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
