@@ -83,6 +83,11 @@ def test_validate_refuses_belle2_sections_for_array30_with_exit_2(tmp_path, caps
     (["train", "--detector", "array30", "-o", "{tmp}/t", "--seed", "4294967295", "--restarts", "2", "--g4",
       os.path.join(REPO, "tests", "data", "g4_array30_subset.npz")],
      "--seed 4294967295 with --restarts 2 tries seeds up to 4294967296: at most 4294967295"),
+    # a pacing option without the rate it paces: silently ignored before (the events went out as fast as possible)
+    (["daq-emulator", "--input", __file__, "--connect", "tcp://127.0.0.1:1", "--tick-ms", "5"],
+     r"--tick-ms 5 paces the bursts of --rate: it does nothing without a --rate > 0"),
+    (["daq-emulator", "--input", __file__, "--connect", "tcp://127.0.0.1:1", "--rate", "0", "--tick-ms", "5"],
+     r"--tick-ms 5 paces the bursts of --rate: it does nothing without a --rate > 0"),
     # belle2-ecl's validation sections: ignored for array30, which has none
     (["validate", "--detector", "array30", "-o", "{tmp}/v", "--pi0-events", "5000", "--fake-events", "0"],
      "--pi0-events, --fake-events: the pi0 peak and the clusters away from the photon are belle2-ecl's sections"),

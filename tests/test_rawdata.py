@@ -848,6 +848,9 @@ def test_daq_emulator_reports_a_file_that_goes_bad(tmp_path, zmq_context, capsys
     assert rc == 2 and got == [] and "error: the file has 20 events; --events 25 needs --loop" in err, err
     rc, _, got, _ = _run_daq_emulator_into(zmq_context, ["--input", str(g), "--events", "20"], 20)
     assert rc == 0 and got == msgs
+    # --tick-ms with the --rate it paces (without one it is refused: tests/test_cli.py)
+    rc, _, got, _ = _run_daq_emulator_into(zmq_context, ["--input", str(g), "--rate", "2000", "--tick-ms", "5"], 20)
+    assert rc == 0 and got == msgs
 
 
 def test_loop_renumbering_carries_evt_into_run():

@@ -7,8 +7,8 @@ Pacing: the number of messages due is computed from a monotonic clock (rate x el
 the emulator sends whatever is due in one burst, then sleeps for a tick (--tick-ms, 1 ms), so
 that rates of 30-100 kHz are reachable despite the coarse granularity of sleep() and the
 receivers are not woken once per event (a DAQ readout sends in bursts too). Rate 0 sends as
-fast as the socket takes them. The socket binds (--bind) or connects (--connect) exactly to the
-address given and to nothing else.
+fast as the socket takes them (--tick-ms is then refused: it would do nothing). The socket binds
+(--bind) or connects (--connect) exactly to the address given and to nothing else.
 """
 from __future__ import annotations
 
@@ -27,6 +27,9 @@ from eclreco.rawdata import RawFile, RawFileError, not_a_raw_file, read_raw_file
 
 _UINT64, _UINT32 = struct.Struct(">Q"), struct.Struct(">I")
 
+
+# --tick-ms when not given: with a rate, what is due goes out at least every millisecond
+TICK_MS = 1.0
 
 # A looped replay of a file up to this size holds it in memory, its envelopes decoded once: a pass then costs ~2 us
 # per message, not the ~7 us of reading and decoding it again (at 30 kHz, a fifth of a core taken from the farm the
@@ -262,26 +265,38 @@ def emulate(messages: Iterable[bytes], address: str, bind: bool = False, rate: f
     return result
 
 
+def _refuse(message: str) -> int:
+    """A bad option or combination: one line, exit 2, as argparse's own checks (before any socket)."""
+    print(f"eclreco daq-emulator: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def option_error(args: argparse.Namespace) -> str:
+    """Why the options contradict one another or one of them would do nothing ('' when they do not):
+    an option that is silently ignored looks like a setting that took effect."""
+    if args.tick_ms is not None and not args.rate:
+        return (f"--tick-ms {args.tick_ms:g} paces the bursts of --rate: it does nothing without a --rate > 0 "
+                "(the events go out as fast as possible)")
+    return ""
+
+
 def run_daq_emulator(args: argparse.Namespace) -> int:
     from eclreco.curve import curve_option_error
 
-    if why := curve_option_error(args, "daq", (args.curve_server,) if args.connect else (), "--curve-server"):
-        raise ValueError(why)  # a bad option: one line, exit 2 (cli.main), before the file is read
+    if why := option_error(args) or curve_option_error(args, "daq", (args.curve_server,) if args.connect else (),
+                                                       "--curve-server"):
+        return _refuse(why)  # before the file is read
     # one line naming --input, exit 2, before any socket: read message by message, any bytes are some
     # MessagePack, and `hello` went out as 6 events
     if why := not_a_raw_file(args.input):
-        print(f"eclreco daq-emulator: error: --input {args.input!r}: {why}", file=sys.stderr, flush=True)
-        return 2
+        return _refuse(f"--input {args.input!r}: {why}")
     if args.events and not args.loop:  # refused before anything is sent: a counting pass, a message at a time
         try:
             n = sum(1 for _ in RawFile(args.input))
         except RawFileError as err:
-            print(f"eclreco daq-emulator: error: --input: {err}", file=sys.stderr, flush=True)
-            return 2
+            return _refuse(f"--input: {err}")
         if n < args.events:
-            print(f"eclreco daq-emulator: error: the file has {n} events; --events {args.events} needs --loop",
-                  file=sys.stderr, flush=True)
-            return 2
+            return _refuse(f"the file has {n} events; --events {args.events} needs --loop")
     scheduling.apply(args.sched, "daq-emulator")  # a load generator beside the workers should not preempt them
     address = args.bind or args.connect
     # looped, a file up to LOOP_HOLD_BYTES is held (read once, decoded once); a larger one is read anew each pass
@@ -296,11 +311,10 @@ def run_daq_emulator(args: argparse.Namespace) -> int:
         res = emulate(read_raw_file(args.input) if held else RawFile(args.input), address, bind=bool(args.bind),
                       rate=args.rate, loop=args.loop,
                       events=args.events, report=lambda s: print(s, flush=True), curve=Curve.from_args(args, "daq"),
-                      curve_server=args.curve_server, tick_s=args.tick_ms * 1e-3,
+                      curve_server=args.curve_server, tick_s=(args.tick_ms or TICK_MS) * 1e-3,
                       stall_timeout_s=args.stall_timeout_s)
     except RawFileError as err:  # found by --loop's first pass, before anything was sent
-        print(f"eclreco daq-emulator: error: --input: {err}", file=sys.stderr, flush=True)
-        return 2
+        return _refuse(f"--input: {err}")
     short = not args.loop and res["input_ended"] and res["sent"] < args.events  # the file shrank since it was counted
     if short:
         print(f"[daq-emulator] error: the file has {res['sent']} events, all sent; --events {args.events} needs --loop",
@@ -321,7 +335,8 @@ def add_daq_emulator_parser(subparsers) -> argparse.ArgumentParser:
     where.add_argument("--connect", metavar="ADDR", help="connect the PUSH socket to ADDR, e.g. tcp://127.0.0.1:5555")
     where.add_argument("--bind", metavar="ADDR", help="bind the PUSH socket to ADDR, e.g. tcp://127.0.0.1:5555")
     p.add_argument("--rate", type=NON_NEGATIVE, default=0.0, help="events per second (0: as fast as possible)")
-    p.add_argument("--tick-ms", type=POSITIVE, default=1.0, help="with --rate: send what is due every TICK ms")
+    # no default here: given without --rate, it is refused (option_error)
+    p.add_argument("--tick-ms", type=POSITIVE, help=f"with --rate: send what is due every TICK ms (default {TICK_MS:g})")
     p.add_argument("--stall-timeout-s", type=NON_NEGATIVE, default=0.0,
                    help="stop (exit 1) when the receiver has taken no event for this long (0: wait, saying so every 5 s)")
     scheduling.add_scheduling_argument(p)
