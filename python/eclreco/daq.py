@@ -30,6 +30,8 @@ _UINT64, _UINT32 = struct.Struct(">Q"), struct.Struct(">I")
 
 # --tick-ms when not given: with a rate, what is due goes out at least every millisecond
 TICK_MS = 1.0
+# --curve-server when not given: the key name of the farm's input (a reco.py -i tcp:// is 'reco')
+CURVE_SERVER = "distributor"
 
 # A looped replay of a file up to this size holds it in memory, its envelopes decoded once: a pass then costs ~2 us
 # per message, not the ~7 us of reading and decoding it again (at 30 kHz, a fifth of a core taken from the farm the
@@ -277,14 +279,22 @@ def option_error(args: argparse.Namespace) -> str:
     if args.tick_ms is not None and not args.rate:
         return (f"--tick-ms {args.tick_ms:g} paces the bursts of --rate: it does nothing without a --rate > 0 "
                 "(the events go out as fast as possible)")
+    if args.curve_server is not None:
+        if args.bind:  # a bound socket is the CURVE server: its clients are whoever public/ holds a key of
+            return (f"--curve-server {args.curve_server!r} names the receiver's key when connecting: with --bind the "
+                    "emulator is the CURVE server itself (it accepts the receivers whose keys are in --curve-dir's "
+                    "public/)")
+        if not args.curve_dir:
+            return (f"--curve-server {args.curve_server!r} names the receiver's CURVE key: it does nothing without "
+                    "--curve-dir")
     return ""
 
 
 def run_daq_emulator(args: argparse.Namespace) -> int:
     from eclreco.curve import curve_option_error
 
-    if why := option_error(args) or curve_option_error(args, "daq", (args.curve_server,) if args.connect else (),
-                                                       "--curve-server"):
+    if why := option_error(args) or curve_option_error(args, "daq", (args.curve_server or CURVE_SERVER,)
+                                                       if args.connect else (), "--curve-server"):
         return _refuse(why)  # before the file is read
     # one line naming --input, exit 2, before any socket: read message by message, any bytes are some
     # MessagePack, and `hello` went out as 6 events
@@ -311,7 +321,7 @@ def run_daq_emulator(args: argparse.Namespace) -> int:
         res = emulate(read_raw_file(args.input) if held else RawFile(args.input), address, bind=bool(args.bind),
                       rate=args.rate, loop=args.loop,
                       events=args.events, report=lambda s: print(s, flush=True), curve=Curve.from_args(args, "daq"),
-                      curve_server=args.curve_server, tick_s=(args.tick_ms or TICK_MS) * 1e-3,
+                      curve_server=args.curve_server or CURVE_SERVER, tick_s=(args.tick_ms or TICK_MS) * 1e-3,
                       stall_timeout_s=args.stall_timeout_s)
     except RawFileError as err:  # found by --loop's first pass, before anything was sent
         return _refuse(f"--input: {err}")
@@ -346,8 +356,9 @@ def add_daq_emulator_parser(subparsers) -> argparse.ArgumentParser:
     from eclreco.curve import add_curve_arguments
 
     g = add_curve_arguments(p, "daq")
-    g.add_argument("--curve-server", default="distributor",
-                   help="key name of the receiver when connecting (distributor, or reco for steering/reco.py)")
+    # no default here: given with --bind or without --curve-dir, it is refused (option_error)
+    g.add_argument("--curve-server", help=f"with --connect: key name of the receiver ({CURVE_SERVER}, the default, or "
+                                          "reco for steering/reco.py)")
     p.set_defaults(func=run_daq_emulator)
     return p
 
