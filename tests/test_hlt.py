@@ -1736,3 +1736,33 @@ def test_reco_py_writes_a_repeated_event_twice_as_the_wire_format_page_says(tmp_
     assert sorted(read_evt(tmp_path / "m.root")[0].tolist()) == [1, 2, 3]
     page = open(os.path.join(os.path.dirname(reco), "..", "docs", "wire-format.md")).read()
     assert "**A repeated (exp, run, evt)**" in page
+
+
+def test_benchmark_farm_counts_the_raw_file_a_message_at_a_time(tmp_path, monkeypatch):
+    """benchmark_farm (`eclreco bench`'s farm part, benchmarks/bench_farm.py) read the whole raw file into a list
+    (read_raw_file) only to count its events, before the farm started: a replay of 30 kHz for minutes is
+    gigabytes, all held in Python. It now counts a message at a time, up to the events it replays
+    (rawdata.count_messages). A 48 MB file, and a farm that refuses its options at once (--bogus): the peak of
+    Python's memory up to that failure is a read window, not the file."""
+    import tempfile
+    import tracemalloc
+
+    from eclreco.hlt.run import benchmark_farm
+    from eclreco.rawdata import count_messages
+
+    raw = tmp_path / "big.msgpack"
+    block = b"".join(big_envelope(e, 8000) for e in range(600))
+    with open(raw, "wb") as f:
+        for _ in range(10):
+            f.write(block)
+    size = raw.stat().st_size
+    assert size > 48e6 and count_messages(raw) == 6000 and count_messages(raw, 10) == 10
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the failed farm's log stays there
+    tracemalloc.start()
+    try:
+        with pytest.raises(RuntimeError, match="the farm did not start"):
+            benchmark_farm(str(raw), rate=1000.0, seconds=10.0, workers=1, modules="none", farm_args=["--bogus"])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < size / 8, f"{peak:,} bytes of Python memory to count the events of a file of {size:,}"

@@ -841,6 +841,11 @@ def test_daq_emulator_reports_a_file_that_goes_bad(tmp_path, zmq_context, capsys
     rc, _, got, _ = _run_daq_emulator_into(zmq_context, ["--input", str(f), "--loop"], 0)
     err = capsys.readouterr().err
     assert rc == 2 and got == [] and err.startswith(f"eclreco daq-emulator: error: --input: raw file '{f}': not_msgpack"), err
+    # --events within the good part: the counting pass stops at --events (it read the whole file, here to the
+    # bad bytes that the replay never reaches: refused, exit 2; of a file of gigabytes, all of it for 12 events)
+    rc, _, got, _ = _run_daq_emulator_into(zmq_context, ["--input", str(f), "--events", "12"], 12)
+    assert rc == 0 and got == msgs[:12]
+    assert rawdata.count_messages(f, 12) == 12
     g = tmp_path / "short.msgpack"
     rawdata.write_raw_file(g, msgs)
     rc, _, got, _ = _run_daq_emulator_into(zmq_context, ["--input", str(g), "--events", "25"], 0)

@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 
 from eclreco import scheduling
 from eclreco.cli_types import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, input_file
-from eclreco.rawdata import RawFile, RawFileError, not_a_raw_file, read_raw_file
+from eclreco.rawdata import RawFile, RawFileError, count_messages, not_a_raw_file, read_raw_file
 
 
 _UINT64, _UINT32 = struct.Struct(">Q"), struct.Struct(">I")
@@ -300,9 +300,9 @@ def run_daq_emulator(args: argparse.Namespace) -> int:
     # MessagePack, and `hello` went out as 6 events
     if why := not_a_raw_file(args.input):
         return _refuse(f"--input {args.input!r}: {why}")
-    if args.events and not args.loop:  # refused before anything is sent: a counting pass, a message at a time
+    if args.events and not args.loop:  # refused before anything is sent: a counting pass up to --events
         try:
-            n = sum(1 for _ in RawFile(args.input))
+            n = count_messages(args.input, args.events)
         except RawFileError as err:
             return _refuse(f"--input: {err}")
         if n < args.events:

@@ -13,6 +13,7 @@ batches, and the ``RawFileInput`` / ``ECLUnpacker`` / ``RejectedOutput`` modules
 """
 from __future__ import annotations
 
+import itertools
 import os
 import zlib
 from typing import Any, Iterable, Iterator, Sequence
@@ -353,6 +354,13 @@ class RawFile:
 
     def __iter__(self) -> Iterator[bytes]:
         return iter_raw_file(self.path, self.window)
+
+
+def count_messages(path: str | os.PathLike, limit: int | None = None) -> int:
+    """The number of messages of a raw file, counting stopped at `limit` (None: the whole file), framed one at a
+    time (iter_raw_file): memory is a read window, not the file, and whether a file holds N events is known
+    after N of them. RawFileError as iter_raw_file, for bytes before the limit."""
+    return sum(1 for _ in itertools.islice(iter_raw_file(path), limit))
 
 
 ENVELOPE_KEYS = ("v", "exp", "run", "evt", "det", "ecl")  # the required keys (spec/wire-format.md)

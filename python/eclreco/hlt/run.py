@@ -567,10 +567,12 @@ def benchmark_farm(raw: str, rate: float, seconds: float, workers: int = 2, time
     farm_args: further `eclreco hlt run` options (e.g. ["--max-latency", "5"])."""
     import tempfile
 
-    from eclreco.rawdata import read_raw_file
+    from eclreco.rawdata import count_messages
 
-    n_file = len(read_raw_file(raw))
     n = int(rate * seconds)
+    # whether the replay must loop: counted a message at a time, up to n (the file is not held: at 30 kHz for
+    # minutes it is gigabytes); a file that cannot be framed fails here, before the farm starts
+    loop = count_messages(raw, n) < n
     tmp, failed = tempfile.mkdtemp(prefix="eclreco-farm-"), False
     addr_in, addr_ctl, addr_w = free_address(), free_address(), free_address()
     exe = [sys.executable, "-m", "eclreco.cli"]
@@ -593,7 +595,7 @@ def benchmark_farm(raw: str, rate: float, seconds: float, workers: int = 2, time
                 raise RuntimeError("the farm did not start; log in " + log.name)
             time.sleep(0.3)
         emu = [*exe, "daq-emulator", "--input", raw, "--connect", addr_in, "--rate", str(rate), "--events", str(n)]
-        if n > n_file:
+        if loop:
             emu.append("--loop")
         roles = {p["pid"]: p["role"] for p in st["processes"] if "pid" in p}
         start = {pid: _cpu_and_faults(pid) for pid in roles}
