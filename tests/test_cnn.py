@@ -1225,12 +1225,18 @@ def test_a_retraining_replaces_the_previous_trainings_networks_and_no_other_file
     capsys.readouterr()
     assert "array30-small.onnx" in train("tiny")
     assert "warning: kept array30-small.onnx" in capsys.readouterr().err
-    # a card written before `files`: the size scan's networks
+    # a card written before `files` lists its size scan's networks without a SHA-256: an edit since cannot be
+    # ruled out, so they stay, with a warning (they were removed, the user's edit with them)
     train("tiny,small")
     card = json.loads((out / "array30.json").read_text())
     del card["files"]
     (out / "array30.json").write_text(json.dumps(card))
-    assert "array30-small.onnx" not in train("tiny")
+    (out / "array30-small.onnx").write_bytes(b"edited since")
+    capsys.readouterr()
+    assert "array30-small.onnx" in train("tiny")
+    assert (out / "array30-small.onnx").read_bytes() == b"edited since"
+    assert "warning: kept array30-small.onnx in " + str(out) + ": the previous training's record lists it without " \
+           "its SHA-256" in capsys.readouterr().err
     assert (out / "array30-medium.onnx").read_bytes() == b"the user's own" and (out / "notes.txt").exists()
 
 
@@ -1422,15 +1428,18 @@ def test_a_revalidation_replaces_the_previous_validations_plots_and_no_other_fil
     pi0.write_bytes(b"the user's own")  # named like a plot, listed by no report
     validate(0)
     assert pi0.read_bytes() == b"the user's own"
-    # a report written before `files`: the plots of its tables and its pi0 section
+    # a report written before `files` lists the plots of its tables and its pi0 section without a SHA-256: an
+    # edit since cannot be ruled out, so they stay, with a warning (they were removed, the user's edit with them)
     validate(3)
     report = json.loads((out / "validation_belle2-ecl.json").read_text())
     del report["files"]
     (out / "validation_belle2-ecl.json").write_text(json.dumps(report))
+    pi0.write_bytes(b"annotated since")
+    capsys.readouterr()
     validate(0)
-    assert sorted(p.name for p in out.iterdir()) == ["cnn_belle2-ecl_bg0.png", "cnn_belle2-ecl_bg1.png",
-                                                     "cnn_belle2-ecl_bg2.png", "validation_belle2-ecl.json",
-                                                     "validation_belle2-ecl.md"]
+    assert pi0.read_bytes() == b"annotated since"
+    assert "eclreco validate: warning: kept cnn_pi0_mass.png in " + str(out) + ": the previous validation's record " \
+           "lists it without its SHA-256" in capsys.readouterr().err
 
 
 def test_a_pi0_section_without_a_peak_says_so_and_prints_no_nan(tmp_path):

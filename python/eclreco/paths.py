@@ -178,38 +178,45 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def previous_outputs(out_dir: str, record: str, listed_of, ours, rewritten) -> tuple[list[str], list[str]]:
-    """(stale, changed): the files that the previous run's record in out_dir (`record`, a JSON file: the model
-    card of train, the report of validate) lists and this run does not write again (`rewritten`), so that a
-    folder holds one run's outputs, not an old plot or network beside a new report. listed_of(the record's
-    JSON) gives {name: SHA-256 as that run wrote it, or None for a record written before it kept them (every
-    listed file)}; stale files are still as that run wrote them, changed ones are not (a user's file under
-    that name now: it stays, and so does every name not in `ours`, the names the command writes). Read before
-    the new record replaces the old one; a missing or unreadable record lists nothing."""
+def previous_outputs(out_dir: str, record: str, listed_of, ours, rewritten) -> tuple[list[str], list[str], list[str]]:
+    """(stale, changed, unrecorded): the files that the previous run's record in out_dir (`record`, a JSON file:
+    the model card of train, the report of validate) lists and this run does not write again (`rewritten`), so
+    that a folder holds one run's outputs, not an old plot or network beside a new report. listed_of(the record's
+    JSON) gives {name: SHA-256 as that run wrote it, or None for a record written before it kept them}; stale
+    files are still as that run wrote them, changed ones are not (a user's file under that name now), unrecorded
+    ones have no SHA-256 to tell (a user's edit cannot be ruled out): only stale ones are removed, and every name
+    not in `ours` (the names the command writes) stays. Read before the new record replaces the old one; a missing
+    or unreadable record lists nothing."""
     import json
 
     try:
         with open(os.path.join(out_dir, record)) as f:
             listed = {str(k): v for k, v in listed_of(json.load(f)).items()}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):  # no record, or none of this command's
-        return [], []
-    stale, changed = [], []
+        return [], [], []
+    stale, changed, unrecorded = [], [], []
     for name, sha in sorted(listed.items()):
         path = os.path.join(out_dir, name)
         if name not in ours or name in rewritten or not os.path.isfile(path):
             continue
-        (stale if sha is None or file_sha256(path) == sha else changed).append(name)
-    return stale, changed
+        (unrecorded if sha is None else stale if file_sha256(path) == sha else changed).append(name)
+    return stale, changed, unrecorded
 
 
-def remove_previous_outputs(out_dir: str, stale, changed, command: str, run: str, quiet: bool = False) -> None:
+def remove_previous_outputs(out_dir: str, stale, changed, unrecorded, command: str, run: str,
+                            quiet: bool = False) -> None:
     """Removes previous_outputs' stale files (once the new outputs and their record are written) and says so
-    (unless quiet); warns of the changed ones, which stay. command: 'eclreco train'; run: 'training'."""
+    (unless quiet); warns of the changed and unrecorded ones, which stay. command: 'eclreco train'; run:
+    'training'."""
     for name in stale:
         with contextlib.suppress(FileNotFoundError):  # (removed meanwhile: gone as it should be)
             os.unlink(os.path.join(out_dir, name))
     for name in changed:
         print(f"{command}: warning: kept {name} in {out_dir}: the previous {run} wrote it, but it was changed "
               "since (remove it if it is not yours)", file=sys.stderr, flush=True)
+    for name in unrecorded:
+        print(f"{command}: warning: kept {name} in {out_dir}: the previous {run}'s record lists it without its "
+              "SHA-256 (written by an older eclreco), so a change since cannot be ruled out (remove it if it is "
+              "not yours)", file=sys.stderr, flush=True)
     if stale and not quiet:
         print(f"removed the previous {run}'s {', '.join(stale)} from {out_dir}", flush=True)

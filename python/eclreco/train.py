@@ -510,11 +510,11 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
         with StagedOutputs() as staged:
             card = _train_sizes(detector, out_dir, g4_path, sizes, seed, chain_seed, restarts, epochs, max_events,
                                 quiet, train, val, test, t_start, staged)
-            stale, changed = previous_networks(out_dir, detector, card)  # (the old card, before the new one)
+            previous = previous_networks(out_dir, detector, card)  # (the old card, before the new one)
             staged.publish()  # the networks, then their card: one set, as late as possible
             write_card(out_dir, detector, card)
             # then the previous training's other networks: a folder holds one training
-            remove_previous_outputs(out_dir, stale, changed, "eclreco train", "training", quiet)
+            remove_previous_outputs(out_dir, *previous, "eclreco train", "training", quiet)
     if not quiet:
         print(f"wrote {', '.join(os.path.basename(f) for f in staged.files)} and {detector}.md/.json in {out_dir} "
               f"({time.time() - t_start:.0f} s)", flush=True)

@@ -499,14 +499,14 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
               + f" (of {test.size} events)", file=sys.stderr, flush=True)
     buf = io.StringIO()
     strict_json.dump(report, buf, indent=1)
-    stale, changed = previous_plots(out_dir, detector, report)  # (the old report, before the new one)
+    previous = previous_plots(out_dir, detector, report)  # (the old report, before the new one)
     staged.publish()  # the plots, then the report: one set, as late as possible
     write_whole(os.path.join(out_dir, f"validation_{detector}.json"), buf.getvalue())
     write_whole(os.path.join(out_dir, f"validation_{detector}.md"), "\n".join(md))
     if not quiet:
         print("\n".join(md))
     # then the previous validation's other plots (a pi0 peak that this one, --pi0-events 0, has not)
-    remove_previous_outputs(out_dir, stale, changed, "eclreco validate", "validation", quiet)
+    remove_previous_outputs(out_dir, *previous, "eclreco validate", "validation", quiet)
     return report
 
 
