@@ -490,6 +490,12 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
             raise TrainingInputError(f"the cache {cache!r} holds {had} cop{'y' if had == 1 else 'ies'} of the "
                                      f"training events, not --augment {augment}: use another --cache file")
         check_cache(cache, made_by, provenance)
+        if max_events:  # a cache of a build that did not check it: the card would record events it never had
+            n = cnn_data.G4Sample(g4_path, detector).n
+            if max_events > n:
+                raise TrainingInputError(f"the cache {cache!r} was made with --max-events {max_events}, but the Geant4 "
+                                         f"file {g4_path!r} holds {n} event{'' if n == 1 else 's'}: remove the cache "
+                                         f"and run again with --max-events {n} or fewer (0: all of them)")
         had = int(samples[0]["chain_seed"]) if "chain_seed" in samples[0] else None
         if had is None or chain_seed not in (None, had):
             raise TrainingInputError(f"the cache {cache!r} " + (f"holds the chain sample of seed {had}, not "

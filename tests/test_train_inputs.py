@@ -1,0 +1,41 @@
+"""`eclreco train`'s inputs refused before any work: a training-set cache (--cache) that cannot be what the
+command asks for."""
+import os
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ARRAY30 = os.path.join(HERE, "data", "g4_array30_subset.npz")  # 2000 events
+
+
+def _cache(path, max_events, **drop):
+    """A cache of the array30 subset's chain samples that records `max_events`, as save_samples writes it;
+    drop: sample keys to leave out (as an older eclreco wrote them)."""
+    from eclreco import train
+
+    samples = train.chain_samples("array30", ARRAY30, quiet=True)
+    for s in samples:
+        for key in drop:
+            del s[key]
+    train.save_samples(str(path), samples, train.cache_provenance("array30", ARRAY30, max_events))
+
+
+def test_a_cache_whose_max_events_exceeds_its_geant4_file_is_refused(tmp_path, capsys):
+    """A cache made by a build that did not check --max-events against the file (5000 of a 2000-event file)
+    was read without a word: the training ran on the 2000 events and the card recorded '--max-events 5000' in
+    its command, which the current eclreco refuses, so the card's command did not train its network again.
+    It is one line naming the cache, the file and its event count now, exit 2, and no -o folder."""
+    pytest.importorskip("torch")
+    from eclreco import cli
+
+    cache = tmp_path / "chain.npz"
+    _cache(cache, 5000)
+    out = tmp_path / "out"
+    assert cli.main(["train", "--detector", "array30", "-o", str(out), "--g4", ARRAY30, "--cache", str(cache),
+                     "--max-events", "5000", "--sizes", "tiny", "--epochs", "1", "--quiet"]) == 2
+    assert capsys.readouterr().err == (
+        f"eclreco train: error: the cache {str(cache)!r} was made with --max-events 5000, but the Geant4 file "
+        f"{ARRAY30!r} holds 2000 events: remove the cache and run again with --max-events 2000 or fewer (0: all "
+        "of them)\n")
+    assert not out.exists() and cache.exists()
