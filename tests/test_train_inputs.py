@@ -39,3 +39,27 @@ def test_a_cache_whose_max_events_exceeds_its_geant4_file_is_refused(tmp_path, c
         f"{ARRAY30!r} holds 2000 events: remove the cache and run again with --max-events 2000 or fewer (0: all "
         "of them)\n")
     assert not out.exists() and cache.exists()
+
+
+def test_a_cache_without_its_chain_seed_says_the_command_that_remakes_it(tmp_path, capsys):
+    """A cache written before the samples recorded their chain seed was refused with 'use another --cache file',
+    which did not say that removing it and running again remakes it. The line now gives that command; the
+    refusal exits 2 before any work (no -o folder, the cache untouched), and doing what it says trains."""
+    pytest.importorskip("torch")
+    from eclreco import cli
+
+    cache = tmp_path / "old chain.npz"  # (a space: the rm command quotes the path)
+    _cache(cache, 0, chain_seed=None)
+    made = cache.read_bytes()
+    out = tmp_path / "out"
+    argv = ["train", "--detector", "array30", "-o", str(out), "--g4", ARRAY30, "--cache", str(cache), "--sizes", "tiny",
+            "--epochs", "1", "--quiet"]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"eclreco train: error: the cache {str(cache)!r} does not record its chain sample's seed (written by an older "
+        f"eclreco): remove it (rm '{cache}') and run this command again, which remakes it, or use another --cache "
+        "file\n")
+    assert not out.exists() and cache.read_bytes() == made
+    cache.unlink()  # as it says
+    assert cli.main(argv) == 0
+    assert (out / "array30.onnx").exists() and cache.exists()

@@ -416,8 +416,8 @@ def load_cache(path):
                 i, k = key.split("/", 1)
                 out[int(i)][k] = d[key]
     except (ValueError, EOFError, TypeError, KeyError, IndexError, zipfile.BadZipFile) as err:
-        raise TrainingInputError(f"the cache {path!r} is not readable ({type(err).__name__}: {err}): remove it "
-                                 "(it is remade) or use another --cache") from None
+        raise TrainingInputError(f"the cache {path!r} is not readable ({type(err).__name__}: {err})"
+                                 + cache_fix(path)) from None
     return out, meta
 
 
@@ -430,9 +430,17 @@ def cache_provenance(detector, g4_path, max_events):
             "max_events": int(max_events), "eclreco": version_text(), "package_data": package_data_digests()}
 
 
+def cache_fix(cache) -> str:
+    """The end of a refusal of the --cache `cache` that the chain would make otherwise: what to do, as a command
+    (the same training without that file remakes it)."""
+    import shlex
+
+    return f": remove it (rm {shlex.quote(cache)}) and run this command again, which remakes it, or use another --cache file"
+
+
 def check_cache(cache, had, now):
     """TrainingInputError when the cache's provenance `had` is not `now` (cache_provenance)."""
-    fix = ": use another --cache file, or remove this one (it is remade)"
+    fix = cache_fix(cache)
     if had is None:
         raise TrainingInputError(f"the cache {cache!r} does not record what made it (written by an older eclreco)"
                                  + fix)
@@ -488,7 +496,7 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
         had = int(samples[0].get("copies", 1))
         if augment is not None and int(augment) != had:
             raise TrainingInputError(f"the cache {cache!r} holds {had} cop{'y' if had == 1 else 'ies'} of the "
-                                     f"training events, not --augment {augment}: use another --cache file")
+                                     f"training events, not --augment {augment}" + cache_fix(cache))
         check_cache(cache, made_by, provenance)
         if max_events:  # a cache of a build that did not check it: the card would record events it never had
             n = cnn_data.G4Sample(g4_path, detector).n
@@ -497,10 +505,12 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
                                          f"file {g4_path!r} holds {n} event{'' if n == 1 else 's'}: remove the cache "
                                          f"and run again with --max-events {n} or fewer (0: all of them)")
         had = int(samples[0]["chain_seed"]) if "chain_seed" in samples[0] else None
-        if had is None or chain_seed not in (None, had):
-            raise TrainingInputError(f"the cache {cache!r} " + (f"holds the chain sample of seed {had}, not "
-                                     f"--chain-seed {chain_seed}" if had is not None else "does not record its "
-                                     "chain sample's seed (written by an older eclreco)") + ": use another --cache file")
+        if had is None:  # (the card's command could not name the sample's seed)
+            raise TrainingInputError(f"the cache {cache!r} does not record its chain sample's seed (written by an "
+                                     "older eclreco)" + cache_fix(cache))
+        if chain_seed not in (None, had):
+            raise TrainingInputError(f"the cache {cache!r} holds the chain sample of seed {had}, not --chain-seed "
+                                     f"{chain_seed}: use --chain-seed {had} (or none), or another --cache file")
         chain_seed = had
     chain_seed = seed if chain_seed is None else chain_seed
     with output_folder(out_dir):  # made now (an -o that cannot be one fails at once), gone again if left empty
