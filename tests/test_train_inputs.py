@@ -1,6 +1,7 @@
 """`eclreco train`'s inputs refused before any work: a training-set cache (--cache) that cannot be what the
 command asks for."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -63,3 +64,41 @@ def test_a_cache_without_its_chain_seed_says_the_command_that_remakes_it(tmp_pat
     cache.unlink()  # as it says
     assert cli.main(argv) == 0
     assert (out / "array30.onnx").exists() and cache.exists()
+
+
+def _sample(tmp_path, name, **arrays):
+    """A small array30 Geant4 sample (the subset's first 1000 events) with some arrays replaced, as a file."""
+    with np.load(ARRAY30) as f:
+        off = f["offsets"][:1001]
+        d = dict(true_energy_mev=f["true_energy_mev"][:1000], xy_mm=f["xy_mm"][:1000], offsets=off,
+                 cell=f["cell"][: off[-1]], edep_mev=f["edep_mev"][: off[-1]])
+    path = tmp_path / f"{name}.npz"
+    np.savez(path, **{**d, **arrays})
+    return str(path)
+
+
+def test_a_geant4_sample_with_out_of_range_cells_or_entry_points_is_refused(tmp_path, capsys):
+    """Two wrong samples were read as right ones: int64 cellIds above 2**31 (a packed volume ID, 2**32 + 403)
+    were cast to int32 before the range check, which then saw their low bits (403) and trained on them; a NaN
+    entry point (xy_mm) was counted outside the aluminium gaps in validate's gap truth. Each is one line naming
+    the array, from G4Sample and from the command, before any work (no -o folder)."""
+    from eclreco import cli, cnn_data
+
+    with np.load(ARRAY30) as f:
+        cell, xy = f["cell"][: f["offsets"][1000]].astype(np.int64), f["xy_mm"][:1000].copy()
+    xy[7] = np.nan
+    cases = [("packed", dict(cell=cell + 2 ** 32),  # (cellIds 58..766)
+              r"cellIds 4294967354\.\.4294968062 are not those of array30 \(1\.\.900\)"),
+             ("xynan", dict(xy_mm=xy),
+              r"'xy_mm' gives 1 photon\(s\) an entry point that is not finite \(the first \[nan, nan\] mm, event 7\)")]
+    for name, arrays, message in cases:
+        path = _sample(tmp_path, name, **arrays)
+        with pytest.raises(ValueError, match=f"{name}.npz: {message}"):
+            cnn_data.G4Sample(path, "array30")
+        for command in ("train", "validate"):
+            assert cli.main([command, "--detector", "array30", "-o", str(tmp_path / "out"), "--g4", path,
+                             "--quiet"]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and re.search(f"eclreco {command}: error: .*{message}", err)
+    assert not (tmp_path / "out").exists()
+    assert cnn_data.G4Sample(_sample(tmp_path, "good"), "array30").n == 1000

@@ -80,12 +80,13 @@ class G4Sample:
         self.path = path
         self.detector = detector
         self.offsets = d["offsets"].astype(np.int64)
-        self.cell = d["cell"].astype(np.int32)
         from eclreco.rawdata import N_CELLS
 
-        if self.cell.size and (self.cell.min() < 1 or self.cell.max() > N_CELLS[detector]):
-            raise ValueError(f"{path}: cellIds {self.cell.min()}..{self.cell.max()} are not those of {detector} "
+        cell = d["cell"]  # checked before the cast: int32 kept the low bits of an int64 2**32 + 403, as 403
+        if cell.size and (cell.min() < 1 or cell.max() > N_CELLS[detector]):
+            raise ValueError(f"{path}: cellIds {cell.min()}..{cell.max()} are not those of {detector} "
                              f"(1..{N_CELLS[detector]}): a Geant4 sample of another detector?")
+        self.cell = cell.astype(np.int32)
         self.edep_gev = d["edep_mev"].astype(np.float64) * 1e-3
         if "photons" in d:
             ph = d["photons"][:, 0, :].astype(np.float64)
@@ -126,8 +127,8 @@ class G4Sample:
                                     else "event boundary") + " (a 1-D array)")
 
     def _check_values(self, path):
-        """Energies and directions a training can learn from: a NaN or infinite deposit went through the
-        electronics as a saturated crystal or none, a true energy <= 0, NaN or infinite made the target
+        """Energies, entry points and directions a training can learn from: a NaN or infinite deposit went through
+        the electronics as a saturated crystal or none, a true energy <= 0, NaN or infinite made the target
         log(E_true / E_raw) non-finite (a network that never left its initial weights, written as trained),
         and a crystal listed twice in an event failed in the middle of the chain."""
         if self.n == 0:
@@ -139,6 +140,11 @@ class G4Sample:
         if bad.size:
             raise ValueError(f"{path}: 'edep_mev' holds {bad.size} deposit(s) that are not finite energies >= 0 (the "
                              f"first {self.edep_gev[bad[0]] * 1e3:g} MeV, in event {event_of(bad[0])})")
+        if self.entry_xy_mm is not None:  # a NaN entry point was counted outside the gaps (validate's gap truth)
+            bad = np.flatnonzero(~np.isfinite(self.entry_xy_mm).all(1))
+            if bad.size:
+                raise ValueError(f"{path}: 'xy_mm' gives {bad.size} photon(s) an entry point that is not finite (the "
+                                 f"first {self.entry_xy_mm[bad[0]].tolist()} mm, event {bad[0]})")
         bad = np.flatnonzero(~np.isfinite(self.e_true) | (self.e_true <= 0))
         if bad.size:
             name = "photons" if self.detector == "belle2-ecl" else "true_energy_mev"
