@@ -102,3 +102,36 @@ def test_a_geant4_sample_with_out_of_range_cells_or_entry_points_is_refused(tmp_
             assert err.count("\n") == 1 and re.search(f"eclreco {command}: error: .*{message}", err)
     assert not (tmp_path / "out").exists()
     assert cnn_data.G4Sample(_sample(tmp_path, "good"), "array30").n == 1000
+
+
+def test_a_geant4_sample_of_ragged_or_mismatched_arrays_names_the_array(tmp_path, capsys):
+    """Deposits saved as a list of per-event arrays (an object array) were refused with numpy's 'Object arrays
+    cannot be loaded when allow_pickle=False', and arrays of different lengths with '1999 photons, 2001 offsets
+    (0..46906), 46906 cellIds, 46906 deposits do not fit together': neither named the array to fix. Each line
+    names it now (and says what a flat array with offsets is), from the command too, before any work."""
+    from eclreco import cli, cnn_data
+
+    with np.load(ARRAY30) as f:
+        off = f["offsets"][:1001]
+        true, cell, edep = f["true_energy_mev"][:1000], f["cell"][: off[-1]], f["edep_mev"][: off[-1]]
+    ragged = np.empty(1000, object)
+    ragged[:] = [edep[a:b] for a, b in zip(off[:-1], off[1:])]
+    down = off.copy()
+    down[5] = down[7] + 3
+    cases = [("ragged", dict(edep_mev=ragged), r"'edep_mev' holds Python objects \(a list of arrays per event\?\), not "
+              r"an array of numbers: one flat array for all events, their boundaries in 'offsets'"),
+             ("short", dict(true_energy_mev=true[:-1]), r"'offsets' holds 1001 event boundaries, not 1000 \(one more "
+              r"than the 999 photons of 'true_energy_mev'\)"),
+             ("start", dict(offsets=off + 1), r"'offsets' begins at 1, not 0"),
+             ("end", dict(cell=cell[:-1], edep_mev=edep[:-1]), rf"'offsets' ends at {off[-1]}, but 'cell' holds "
+              rf"{off[-1] - 1} entries"),
+             ("edep", dict(edep_mev=edep[:-1]), rf"'edep_mev' holds {off[-1] - 1} entries, 'cell' {off[-1]}"),
+             ("down", dict(offsets=down), rf"'offsets' decreases at event 5 \({down[5]} then {down[6]}\)")]
+    for name, arrays, message in cases:
+        path = _sample(tmp_path, name, **arrays)
+        with pytest.raises(ValueError, match=f"{name}.npz: {message}"):
+            cnn_data.G4Sample(path, "array30")
+        assert cli.main(["train", "--detector", "array30", "-o", str(tmp_path / "out"), "--g4", path, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.search(f"eclreco train: error: .*{message}", err)
+    assert not (tmp_path / "out").exists()

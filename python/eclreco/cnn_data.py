@@ -61,14 +61,21 @@ class G4Sample:
         if head != b"PK\x03\x04":  # np.load's "pickled (object) data ... load it unsafely" is no advice to follow
             raise ValueError(f"{path}: not a readable Geant4 sample (an .npz of the arrays offsets, cell, edep_mev, "
                              f"...): not an .npz file " + (f"(it begins with {head!r})" if head else "(empty)"))
+        key = None  # the array being read: numpy's errors name none
         try:
-            with np.load(path) as d:
-                names = list(d.files)
+            with np.load(path) as npz:
+                names = list(npz.files)
                 missing = [n for n in needed if n not in names]
-                d = {} if missing else {n: d[n] for n in names if n in (*needed, "photons", "xy_mm")}
+                d = {}
+                for key in ([] if missing else [n for n in names if n in (*needed, "photons", "xy_mm")]):
+                    d[key] = npz[key]
         except (ValueError, EOFError, TypeError, zipfile.BadZipFile) as err:  # a text, pickle, .npy, truncated file
+            if key is not None and "allow_pickle" in str(err):  # np.savez of a list of per-event arrays
+                raise ValueError(f"{path}: {key!r} holds Python objects (a list of arrays per event?), not an array of "
+                                 "numbers: one flat array for all events, their boundaries in 'offsets' "
+                                 "(data/README.md)") from None
             raise ValueError(f"{path}: not a readable Geant4 sample (an .npz of the arrays offsets, cell, edep_mev, "
-                             f"...): {err}") from None
+                             f"...): " + (f"{key!r}: " if key is not None else "") + f"{err}") from None
         if missing:
             raise ValueError(f"{path}: has no {missing[0]!r} array ({needed[missing[0]]}): not a Geant4 sample "
                              f"of {detector}" + (f" (it holds {', '.join(names)})" if names else ""))
@@ -98,10 +105,7 @@ class G4Sample:
         # array30: the photon's entry point on the front plane (truth, for validation only)
         self.entry_xy_mm = d["xy_mm"].astype(np.float64) if "xy_mm" in d else None
         self.n = self.e_true.size
-        if (self.offsets.size != self.n + 1 or self.offsets[0] != 0 or self.offsets[-1] != self.cell.size
-                or self.edep_gev.size != self.cell.size or np.any(np.diff(self.offsets) < 0)):
-            raise ValueError(f"{path}: {self.n} photons, {self.offsets.size} offsets (0..{self.offsets[-1]}), "
-                             f"{self.cell.size} cellIds, {self.edep_gev.size} deposits do not fit together")
+        self._check_lengths(path)
         if self.entry_xy_mm is not None and self.entry_xy_mm.shape != (self.n, 2):
             raise ValueError(f"{path}: 'xy_mm' has shape {self.entry_xy_mm.shape}, not ({self.n}, 2): one entry "
                              "point (x, y in mm) per photon")
@@ -125,6 +129,21 @@ class G4Sample:
                 raise ValueError(f"{path}: {name!r} has shape {a.shape}, not one value per "
                                  + ("event" if name == "true_energy_mev" else "entry" if name != "offsets"
                                     else "event boundary") + " (a 1-D array)")
+
+    def _check_lengths(self, path):
+        """The arrays describe the same events and entries (data/README.md), each mismatch named by its arrays."""
+        true = "'photons'" if self.detector == "belle2-ecl" else "'true_energy_mev'"
+        off, n = self.offsets, self.n
+        why = (f"'offsets' holds {off.size} event boundaries, not {n + 1} (one more than the {n} photons of {true})"
+               if off.size != n + 1 else
+               f"'offsets' begins at {off[0]}, not 0" if off[0] != 0 else
+               f"'offsets' ends at {off[-1]}, but 'cell' holds {self.cell.size} entries" if off[-1] != self.cell.size
+               else f"'edep_mev' holds {self.edep_gev.size} entries, 'cell' {self.cell.size}"
+               if self.edep_gev.size != self.cell.size else "")
+        if not why and (down := np.flatnonzero(np.diff(off) < 0)).size:
+            why = f"'offsets' decreases at event {down[0]} ({off[down[0]]} then {off[down[0] + 1]})"
+        if why:
+            raise ValueError(f"{path}: {why}: the arrays do not describe the same events and entries")
 
     def _check_values(self, path):
         """Energies, entry points and directions a training can learn from: a NaN or infinite deposit went through
