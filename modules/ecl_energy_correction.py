@@ -39,6 +39,8 @@ from eclreco.rawdata import DETECTOR_NAMES
 # that showered into the aluminium gaps: a x2 guard widened its sigma68 by up to a third (2 GeV: 0.41 -> 0.54
 # of the raw sum's). docs/physics-validation.md, "Domain of the CNN".
 DEFAULT_MAX_RATIO = {"belle2-ecl": 2.0, "array30": 0.0}
+# The cluster columns event() reads; time (last) only with the max_abs_time_ns cut.
+READ_COLUMNS = ("energy_raw", "energy", "image", "features", "time")
 MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
 
 
@@ -257,6 +259,8 @@ class ECLEnergyCorrection(Module):
         if coll not in batch:  # a path without the clusterizer, or a typo: not silently uncorrected
             raise ModelError(f"ECLEnergyCorrection: no collection {coll!r} in the batch (ECLClusterizer makes it)")
         cl = batch[coll]
+        # the columns it reads: a collection without one ends the job here, not every event on its own
+        self.require_columns(cl, READ_COLUMNS if self.param("max_abs_time_ns") > 0 else READ_COLUMNS[:-1])
         e_raw = np.asarray(cl["energy_raw"])
         if e_raw.size == 0:
             return

@@ -1510,3 +1510,35 @@ def test_the_gap_tails_of_a_small_validation_print_no_nan(tmp_path):
             "E/E_true is – (raw sum) and – (CNN), and they are – of the photons with E_CNN/E_true < 0.8") in tails
     t = json.loads((out / "validation_array30.json").read_text())["tails"]
     assert t["gap_fraction"] == 0.0 and t["gap_raw_median"] is None and t["cnn_below_0.8_in_gap"] is None
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_cluster_collection_without_a_column_the_cnn_reads_ends_the_job_at_its_first_batch(threads):
+    """A custom cluster source without `time` before ECLEnergyCorrection failed every event, each re-run on
+    its own, with "no column 'time'", not which module nor collection. It checks the columns it reads at its
+    first batch as the C++ modules do (Module.require_columns): the job ends there with one message."""
+    from eclreco.sources import ArraySource
+
+    n = 2000
+    e = np.full(n, 0.5, np.float32)
+    path = eclreco.create_path()
+    path.add_module(ArraySource("ECLClusters", np.arange(n + 1), {
+        "energy_raw": e, "energy": e, "image": np.zeros((n, 7, 7), np.float32),
+        "features": np.zeros((n, len(_core.cluster_feature_names())), np.float32)}))
+    path.add_module("ECLEnergyCorrection", detector="belle2-ecl")
+    with pytest.raises(RuntimeError) as err:
+        eclreco.process(path, threads=threads, batch_size=100, install_signal_handlers=False)
+    assert str(err.value) == (
+        "ECLEnergyCorrection reads the columns energy_raw, energy, image, features, time of the collection "
+        "'ECLClusters', which has no 'time' (its columns: energy, energy_raw, features, image): the module "
+        "that makes 'ECLClusters' must write them; the job ends at its first batch")
+    assert type(err.value) is RuntimeError  # as from the C++ modules' check
+    s = eclreco.statistics.summary()
+    assert s["received"] < n and s["errors"] == s["received"] and s["fatal_error"] == str(err.value), s
+    # without the time cut, time is not asked for
+    path = eclreco.create_path()
+    path.add_module(ArraySource("ECLClusters", np.arange(n + 1), {"energy_raw": e, "energy": e}))
+    path.add_module("ECLEnergyCorrection", detector="belle2-ecl", max_abs_time_ns=0.0)
+    with pytest.raises(RuntimeError, match=r"reads the columns energy_raw, energy, image, features of the "
+                                           r"collection 'ECLClusters', which has no 'image', 'features'"):
+        eclreco.process(path, batch_size=100, install_signal_handlers=False)

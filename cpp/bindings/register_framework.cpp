@@ -22,11 +22,19 @@ bool is_bool(py::handle v) {
 
 namespace {
 
+// eclreco._core.AbortJob: fw::AbortJob raised by Module.require_columns in Python, set by register_framework
+py::object& abort_job_type() {
+  static auto* cls = new py::object();  // never destroyed: no decref after the interpreter has finalized
+  return *cls;
+}
+
 // A Python exception as a C++ one: the message without pybind11's traceback appendix.
 // KeyboardInterrupt and SystemExit stop the program in Python: they end the job (fw::AbortJob,
 // which process() turns back into the same Python exception) instead of flagging events.
 [[noreturn]] void rethrow_python(const py::error_already_set& e) {
   std::string msg = e.what();
+  // a module's require_columns from Python (fw::AbortJob there): the job ends with its one message
+  if (e.matches(abort_job_type().ptr())) throw fw::AbortJob(py::str(e.value()), nullptr);
   if (e.matches(PyExc_KeyboardInterrupt) || e.matches(PyExc_SystemExit)) {
     const auto nl = msg.find('\n');
     throw fw::AbortJob("job ended by " + msg.substr(0, nl), std::make_exception_ptr(e));
@@ -389,7 +397,25 @@ void register_framework(py::module_& m) {
         }
         return out;
       })
-      .def("check_required", [](const Module& self) { self.params().check_required(); });
+      .def("check_required", [](const Module& self) { self.params().check_required(); })
+      .def("require_columns", [](const Module& self, const fw::Collection& c, const std::vector<std::string>& names) {
+        try {
+          fw::require_columns(self, c, names);
+        } catch (const fw::AbortJob& a) {  // through Python to PyModule::event, which ends the job with it
+          PyErr_SetString(abort_job_type().ptr(), a.what());
+          throw py::error_already_set();
+        }
+      }, py::arg("collection"), py::arg("names"),
+         "at the top of event(): a collection that lacks a column the module reads ends the job at its first "
+         "batch (process() raises a RuntimeError), with one message naming the module, the collection and the columns");
+
+  {  // fw::AbortJob on its way out of a Python module's event(); process() raises it as the C++ modules' (RuntimeError)
+    PyObject* cls = PyErr_NewExceptionWithDoc("eclreco._core.AbortJob", "a module ended the job (Module.require_columns)",
+                                              PyExc_RuntimeError, nullptr);
+    if (!cls) throw py::error_already_set();
+    abort_job_type() = py::reinterpret_steal<py::object>(cls);
+    m.attr("AbortJob") = abort_job_type();
+  }
 
   py::register_exception<fw::ParameterError>(m, "ParameterError", PyExc_ValueError);
   {

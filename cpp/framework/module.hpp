@@ -4,7 +4,6 @@
 #pragma once
 #include <cstdint>
 #include <exception>
-#include <initializer_list>
 #include <map>
 #include <memory>
 #include <optional>
@@ -94,12 +93,12 @@ class Module {
 // declared (makes()/needs() name collections, as basf2's isRequired does: what a custom source writes
 // is known at its first batch, not before), so this ends the job at the first batch (AbortJob), with
 // one message that names the module, the collection and the columns, instead of failing every event,
-// each re-run on its own, with "no column 'ring'".
-inline void require_columns(const Module& m, const Collection& c, std::initializer_list<const char*> names) {
+// each re-run on its own, with "no column 'ring'". Python modules call it as Module.require_columns.
+inline void require_columns(const Module& m, const Collection& c, const std::vector<std::string>& names) {
   std::string lacking, wanted;
-  for (const char* name : names) {
-    wanted += (wanted.empty() ? "" : ", ") + std::string(name);
-    if (!c.has(name)) lacking += (lacking.empty() ? "'" : ", '") + std::string(name) + "'";
+  for (const std::string& name : names) {
+    wanted += (wanted.empty() ? "" : ", ") + name;
+    if (!c.has(name)) lacking += (lacking.empty() ? "'" : ", '") + name + "'";
   }
   if (lacking.empty()) return;
   throw AbortJob(m.type() + " reads the columns " + wanted + " of the collection '" + c.name() + "', which has no " +

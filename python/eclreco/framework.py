@@ -48,7 +48,9 @@ class Module(_core.Module):
     the framework calls ``initialize``, ``begin_run(exp, run)``, ``event(batch)``,
     ``end_run(exp, run)`` and ``terminate``. ``event`` receives a whole :class:`EventBatch`;
     its collections are read-only numpy views, so work on them with array operations and write a
-    column by assigning a new array (``clusters["energy"] = clusters["energy"] * k``).
+    column by assigning a new array (``clusters["energy"] = clusters["energy"] * k``). A module that
+    reads columns of a collection checks them with ``self.require_columns(collection, names)``: one the
+    collection lacks ends the job at its first batch, with one message (the C++ modules' check).
     """
 
     def __init__(self):
