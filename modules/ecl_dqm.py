@@ -55,20 +55,32 @@ class ECLDQM(Module):
         registry.begin_run(exp, run)
 
     def event(self, batch):
+        # Everything is computed first and filled at the end: a call that raises (a column the collection
+        # lacks) is re-run event by event from the batch as it was, and what it had filled was counted twice.
+        fills = self._fills(batch)
         registry.filled()
+        for name, values in fills:
+            if name == "rejections":
+                self.h[name].fill_counts(values)
+            else:
+                self.h[name].fill(values)
+
+    def _fills(self, batch):
+        """(histogram name, values) of a batch, in filling order; nothing is filled here."""
+        fills = []
         good = batch.active()  # not rejected, not discarded by an event filter before this module
         rejections = batch.rejections()
         if rejections:
             reasons = {}
             for reason, _detail in rejections.values():
                 reasons[reason] = reasons.get(reason, 0) + 1
-            self.h["rejections"].fill_counts(reasons)
+            fills.append(("rejections", reasons))
         if "ECLDigits" in batch:
-            self.h["digits_per_event"].fill(np.diff(batch["ECLDigits"].offsets)[good])
+            fills.append(("digits_per_event", np.diff(batch["ECLDigits"].offsets)[good]))
         if "ECLEventInformation" in batch:
-            self.h["out_of_time_digits"].fill(batch["ECLEventInformation"]["n_out_of_time_digits"][good])
+            fills.append(("out_of_time_digits", batch["ECLEventInformation"]["n_out_of_time_digits"][good]))
         if "ECLClusters" not in batch:
-            return
+            return fills
         cl = batch["ECLClusters"]
         off = cl.offsets
         e = cl["energy"]
@@ -76,20 +88,21 @@ class ECLDQM(Module):
         if batch.discards():  # the clusters of the discarded events are not histogrammed
             rows = np.repeat(good, np.diff(off))
             e = np.where(rows, e, np.float32(-1.0))  # below any threshold: no multiplicity, no pairs
-        self.h["cluster_energy"].fill(e[rows])
+        fills.append(("cluster_energy", e[rows]))
         if "time" in cl:
-            self.h["cluster_time"].fill(cl["time"][rows])
+            fills.append(("cluster_time", cl["time"][rows]))
         if "e1e9" in cl:
-            self.h["cluster_e1e9"].fill(cl["e1e9"][rows])
+            fills.append(("cluster_e1e9", cl["e1e9"][rows]))
         sel = e >= self.param("min_cluster_energy_gev")
         multiplicity = per_event_sum(sel, off)
-        self.h["cluster_multiplicity"].fill(multiplicity[good])
+        fills.append(("cluster_multiplicity", multiplicity[good]))
         if multiplicity.sum() < 2 or "x" not in cl or "time" not in cl:
-            return
+            return fills
         # all pairs of the most energetic photon candidates per event, in one C++ pass without the
         # GIL (cpp/ecl/dqm.cpp; the numpy version was 60 % of this module's time); directions
         # from the cluster positions
         masses = _core.gamma_gamma_masses(off, e, cl["x"], cl["y"], cl["z"], cl["time"],
                                           self.param("min_cluster_energy_gev"), self.param("max_abs_time_ns"),
                                           self.param("max_photons_per_event"))
-        self.h["gg_mass"].fill(masses)
+        fills.append(("gg_mass", masses))
+        return fills

@@ -496,3 +496,64 @@ def test_a_registry_that_keeps_runs_open_writes_one_cycle_per_run(tmp_path, caps
                    ("x (exp 0, run 2, part 2)", [0, 0, 0, 1])]
     assert "[DQM] warning: events of exp 0, run 2 after its histograms were written" in capsys.readouterr().err
     assert r.open_runs() == [] and not r.write_closed(None)
+
+
+class _ChainOutputSource(eclreco.Module):
+    """n events as the reconstruction leaves them: ECLDigits (i % 4 digits), ECLEventInformation (without a
+    row for every 5th event when `unpacker_failures`: ECLUnpacker failed on it), every 7th event rejected, and
+    ECLClusters (i % 3 clusters with energy, time, x; with y and z when `positions`)."""
+
+    def __init__(self, n=40, positions=True, unpacker_failures=True):
+        super().__init__()
+        self.n, self.positions, self.failures, self.next = n, positions, unpacker_failures, 0
+
+    def is_source(self):
+        return True
+
+    def next_batch(self, batch, max_events):
+        k = min(max_events, self.n - self.next)
+        evt = np.arange(self.next, self.next + k)
+        batch.resize(k)
+        batch.evt[:] = evt
+        batch.exp[:] = 1
+        batch.run[:] = 1
+        for i in np.flatnonzero(evt % 7 == 6):
+            batch.reject(int(i), "bad_payload", "")
+        digits = np.concatenate([[0], np.cumsum(evt % 4)])
+        batch.add_collection("ECLDigits", digits, {"cell": np.ones(digits[-1], np.int32)})
+        has_row = (evt % 5 != 4) | (not self.failures)
+        info = np.concatenate([[0], np.cumsum(has_row)])
+        batch.add_collection("ECLEventInformation", info, {"n_out_of_time_digits": evt[has_row].astype(np.int32)})
+        off = np.concatenate([[0], np.cumsum(evt % 3)])
+        rows = off[-1]
+        cols = {"energy": np.full(rows, 0.2, np.float32), "time": np.zeros(rows, np.float32),
+                "x": np.linspace(-50, 50, rows, dtype=np.float32)}
+        if self.positions:
+            cols.update(y=np.full(rows, 100.0, np.float32), z=np.linspace(-20, 20, rows, dtype=np.float32))
+        batch.add_collection("ECLClusters", off, cols)
+        self.next += k
+        return self.next < self.n
+
+
+def _dqm_counts(batch_size, **source):
+    from eclreco.dqm import registry
+
+    path = eclreco.create_path()
+    path.add_module(_ChainOutputSource(**source))
+    path.add_module("ECLDQM")
+    eclreco.process(path, batch_size=batch_size, install_signal_handlers=False)
+    return ({name: (dict(h.counts) if name == "rejections" else h.counts.tolist())
+             for name, h in registry.histograms.items()}, eclreco.statistics.summary())
+
+
+def test_a_dqm_call_that_raises_fills_nothing_before_its_rerun():
+    """A batch on which ECLDQM raises (here clusters with x but without y, read for the pi0 masses) is re-run
+    event by event: what the call had filled before it raised (rejections, digits, cluster energies) was
+    filled again by the re-run, so the histograms depended on the batch size. They are those of batches
+    of one event."""
+    one, s_one = _dqm_counts(1, positions=False, unpacker_failures=False)
+    assert s_one["errors"] > 0  # the events with two clusters
+    eight, s_eight = _dqm_counts(8, positions=False, unpacker_failures=False)
+    assert s_eight["errors"] == s_one["errors"]
+    assert eight == one
+    assert sum(one["cluster_energy"]) > 0 and sum(one["digits_per_event"]) > 0
