@@ -78,7 +78,13 @@ class ECLDQM(Module):
         if "ECLDigits" in batch:
             fills.append(("digits_per_event", np.diff(batch["ECLDigits"].offsets)[good]))
         if "ECLEventInformation" in batch:
-            fills.append(("out_of_time_digits", batch["ECLEventInformation"]["n_out_of_time_digits"][good]))
+            info = batch["ECLEventInformation"]
+            oot = info["n_out_of_time_digits"]
+            if oot.shape[0] != len(batch):
+                # one row per event, but none for an event on which the unpacker failed (the batch is put
+                # together again from its events): 0 there, as in RootOutput's branch (the sum of 0 or 1 rows)
+                oot = per_event_sum(oot, info.offsets)
+            fills.append(("out_of_time_digits", oot[good]))
         if "ECLClusters" not in batch:
             return fills
         cl = batch["ECLClusters"]

@@ -546,6 +546,19 @@ def _dqm_counts(batch_size, **source):
              for name, h in registry.histograms.items()}, eclreco.statistics.summary())
 
 
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_an_event_without_its_event_information_row_is_histogrammed_not_an_error(batch_size):
+    """An event on which ECLUnpacker failed has no row of ECLEventInformation: ECLDQM failed with an
+    IndexError on every batch with one (its boolean selection had one value per event), re-run event by
+    event, and the event got an ECLDQM error too. It counts 0 out-of-time digits, as in RootOutput's branch."""
+    counts, s = _dqm_counts(batch_size)
+    assert s["errors"] == 0, s
+    good = 40 - 40 // 7  # every 7th event rejected
+    assert sum(counts["digits_per_event"]) == sum(counts["out_of_time_digits"]) == good
+    assert counts["out_of_time_digits"][1] >= sum(1 for i in range(40) if i % 5 == 4 and i % 7 != 6)
+    assert counts["rejections"] == {"bad_payload": 40 // 7}
+
+
 def test_a_dqm_call_that_raises_fills_nothing_before_its_rerun():
     """A batch on which ECLDQM raises (here clusters with x but without y, read for the pi0 masses) is re-run
     event by event: what the call had filled before it raised (rejections, digits, cluster energies) was
