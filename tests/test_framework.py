@@ -1960,3 +1960,51 @@ def test_a_module_failing_at_terminate_is_the_jobs_fatal_error(tmp_path):
     assert fatal and "FailsAtTerminate.terminate failed" in fatal and "cannot close the histogram file" in fatal
     with uproot.open(out) as f:  # written after the failed terminate: the file says its job failed
         assert json.loads(str(f["metadata"]))["fatal_error"] == fatal
+
+
+def test_a_path_run_twice_or_rerun_event_by_event_gives_what_one_run_gives(tmp_path):
+    """The same path processed twice (the HLT worker's runs), and batches re-run event by event after an
+    error (here ECLEnergyCorrection without a model for half of the events' detector), give what one run in
+    batches of one event gives: ECLEnergyCorrection's counters grow by the same amount (nothing counted
+    for a call that raised), ECLDQM's histograms and RootOutput's events are the same (nothing of the
+    earlier run or of the failed call carried over)."""
+    import json
+
+    import uproot
+
+    from eclreco.rawdata import encode_events, write_raw_file
+    from eclreco.sim import simulate
+
+    msgs = []
+    for k, det in enumerate(("belle2-ecl", "array30")):
+        ev = simulate(detector=det, n_events=24, particle="gamma", energy=0.8, seed=21 + k)
+        msgs.append(encode_events(det, 0, 1, np.arange(24) + 100 * k, ev.offsets, ev.cell, ev.amplitude,
+                                  ev.time_ticks, ev.quality))
+    raw = tmp_path / "in.raw"
+    write_raw_file(raw, [m for pair in zip(*msgs) for m in pair])
+    path = eclreco.create_path()
+    path.add_module("RawFileInput", filename=str(raw))
+    for name in ("ECLUnpacker", "ECLClusterizer", "ECLLeakageCorrection"):
+        path.add_module(name)
+    cnn = path.add_module("ECLEnergyCorrection", detector="array30")  # the belle2-ecl events fail in it
+    path.add_module("ECLDQM")
+    out = path.add_module("RootOutput")
+
+    def run(name, batch_size):
+        before = cnn.counters()
+        out.set_param("filename", str(tmp_path / name))
+        eclreco.process(path, batch_size=batch_size, install_signal_handlers=False)
+        s = eclreco.statistics.summary()
+        with uproot.open(tmp_path / name) as f:
+            events = f["events"].arrays().to_list()
+            dqm = {k.split(";")[0]: f["dqm"][k].values().tolist() for k in f["dqm"].keys()}
+            job = json.loads(str(f["metadata"]))["job"]
+        grown = {k: v - before[k] for k, v in cnn.counters().items() if k != "inference_seconds"}
+        return grown, events, dqm, job, (s["processed"], s["errors"], s["outputs"])
+
+    one = run("one.root", 1)
+    assert one[0]["clusters_corrected"] > 0 and one[4][1] > 12, one[4]  # the belle2-ecl events with clusters failed
+    for name in ("first.root", "second.root"):
+        got = run(name, 16)
+        assert got[0] == {**one[0], "inference_calls": got[0]["inference_calls"]}
+        assert got[1:] == one[1:], name
