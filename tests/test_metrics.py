@@ -401,3 +401,54 @@ def test_every_event_of_a_job_is_in_the_exported_accounting():
     assert sample(text, "eclreco_events_module_errors_total") == len(fail_on) == s["errors"], text
     assert sample(text, "eclreco_events_discarded_total", '{reason="test_cut"}') == len(cut), text
     assert sample(text, "eclreco_input_unread_at_end_total", '{module="ZMQInput"}') == 20, text
+
+
+def test_prometheus_reads_the_module_errors_by_module(tmp_path):
+    """summary()'s per-module errors were not exported: Prometheus saw only eclreco_events_module_errors_total,
+    one count per event, and could not tell which module failed (an output's failed writes from the errors
+    of the chain before it). eclreco_module_errors_total{module} counts them, monotonic over the runs of a
+    process (checkpoint), as read by a real Prometheus server."""
+    import numpy as np
+
+    from eclreco.metrics import serve_process_metrics
+    from helpers import CountingSource
+
+    class Source(CountingSource):
+        def initialize(self):
+            self.next = 0  # every run reads the same events
+
+    class FailOn(eclreco.Module):
+        def __init__(self, events):
+            super().__init__()
+            self.events = events
+
+        def event(self, batch):  # the re-run flags only the events named
+            if set(np.asarray(batch.evt).tolist()) & self.events:
+                raise RuntimeError("failed")
+
+    class FailA(FailOn):
+        pass
+
+    class FailB(FailOn):
+        pass
+
+    path = eclreco.create_path()
+    path.add_module(Source(n=40))
+    path.add_module(FailA({3, 5}))
+    path.add_module(FailB({5, 30}))
+    exporter = serve_process_metrics(0, role="reco", path=path)
+    try:
+        with prometheus_server(tmp_path, exporter.port) as query:
+            for _ in range(2):
+                eclreco.process(path, batch_size=8, install_signal_handlers=False)
+                exporter.checkpoint()
+            s = eclreco.statistics.summary()
+            assert {m["name"]: m["errors"] for m in s["modules"]} == {"Source": 0, "FailA": 2, "FailB": 2}, s
+            text = scrape(exporter.port)
+            assert sample(text, "eclreco_module_errors_total", '{module="FailA"}') == 4, text
+            assert sample(text, "eclreco_events_module_errors_total") == 6  # event 5 once
+            wait_for(lambda: query('eclreco_module_errors_total{module="FailB"}') == 4, timeout=40)
+            assert query('eclreco_module_errors_total{module="FailA"}') == 4
+            assert query('eclreco_module_errors_total{module="Source"}') == 0
+    finally:
+        exporter.close()

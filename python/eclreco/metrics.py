@@ -20,6 +20,9 @@ Metric names follow the Prometheus conventions (base units, ``_total`` for count
     eclreco_module_batch_seconds{module}                histogram of module time per batch (a source's
                                                         calls that bring no event, idle polls, are not batches)
     eclreco_module_events_total{module}
+    eclreco_module_errors_total{module}                 events a module raised on (summary()'s per-module
+                                                        errors; eclreco_events_module_errors_total counts an
+                                                        event once, whatever the modules that failed on it)
     eclreco_input_messages_received_total               ZeroMQ inputs
     eclreco_input_bytes_received_total
     eclreco_input_disconnects_total                     closes and refused (over refuse_message_bytes) messages
@@ -109,8 +112,9 @@ def _add_module_stats(acc: dict, modules: list) -> None:
     position and name (names are unique in a path, RootOutput#1; the position orders them)."""
     for i, m in enumerate(modules):
         a = acc.setdefault(f"{i}:{m['name']}", {"name": m["name"], "calls": 0, "events": 0, "seconds": 0.0,
-                                                "cpu_seconds": 0.0, "hist": [0] * len(m["batch_seconds_hist"])})
-        for k in ("calls", "events", "seconds", "cpu_seconds"):
+                                                "cpu_seconds": 0.0, "errors": 0,
+                                                "hist": [0] * len(m["batch_seconds_hist"])})
+        for k in ("calls", "events", "seconds", "cpu_seconds", "errors"):
             a[k] += m[k]
         a["hist"] = [x + y for x, y in zip(a["hist"], m["batch_seconds_hist"])]
 
@@ -238,14 +242,18 @@ class ProcessMetricsCollector(Collector):
         me = CounterMetricFamily("eclreco_module_events", "Events seen by a module", labels=["module"])
         mc = CounterMetricFamily("eclreco_module_cpu_seconds", "CPU time of the calling thread in a module",
                                  labels=["module"])
+        merr = CounterMetricFamily("eclreco_module_errors", "Events a module raised on (flagged ERROR_MODULE)",
+                                   labels=["module"])
         for key, m in sorted(modules.items(), key=lambda kv: int(kv[0].split(":")[0])):
             label = m["name"]  # unique in a path: the processor numbers a repeated type (RootOutput#1)
             mh.add_metric([label], _hist_buckets(_core.BATCH_SECONDS_BUCKETS, m["hist"]), sum_value=m["seconds"])
             me.add_metric([label], m["events"])
             mc.add_metric([label], m["cpu_seconds"])
+            merr.add_metric([label], m["errors"])
         yield mh
         yield me
         yield mc
+        yield merr
 
         yield from self._module_counters()
 
