@@ -1832,3 +1832,57 @@ def test_late_results_of_a_dead_distributors_events_are_not_duplicates(zmq_conte
         push.close(0)
         link.close()
         distributor.close(0)
+
+
+def test_the_farms_output_counts_the_errors_of_the_collectors_output_apart():
+    """The collector's RUN_ENDED, summed by the distributor into the farm's output counts, had the module
+    errors but not, of them, those of the collector's output (summary()'s errors_in_outputs: the events its
+    output raised on, e.g. after its write failed), which reco.py's summary tells apart: in the farm a failing
+    output looked like a failing chain. The report carries it, the distributor sums it over the runs and the
+    output line says it."""
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.collector import CollectorLink, run_report
+    from eclreco.hlt.control import output_line
+    import eclreco
+    from helpers import CountingSource
+    from hlt_helpers import free_address
+
+    class FailingOutput(eclreco.Module):  # an output that raises on some events, as one whose write failed
+        def writes_events(self):
+            return True
+
+        def event(self, batch):
+            if set(np.asarray(batch.evt).tolist()) & {2, 9}:
+                raise OSError("no space left on device")
+
+    class FailingStep(eclreco.Module):
+        def event(self, batch):
+            if 4 in np.asarray(batch.evt).tolist():
+                raise RuntimeError("a chain error")
+
+    path = eclreco.create_path()
+    path.add_module(CountingSource(n=20))
+    path.add_module(FailingStep())
+    path.add_module(FailingOutput())
+    eclreco.process(path, batch_size=8, install_signal_handlers=False)
+    s = eclreco.statistics.summary()
+    assert (s["errors"], s["errors_in_outputs"]) == (3, 2), s
+
+    farm = InProcessFarm()
+    link = CollectorLink(free_address(), farm.d.addresses["control"])
+    try:
+        assert farm.d.ctl.poll(5000)
+        farm.d.handle_control()  # its HELLO: the distributor takes it
+        assert farm.d.collector is not None
+        for run, name in ((1, "a.root"), (2, "b.root")):
+            link.run_ended(run_report(link, run, name, 17, s))
+            assert farm.d.ctl.poll(5000)
+            farm.d.handle_control()
+        o = farm.d.output
+        assert (o["errors"], o["errors_in_outputs"]) == (6, 4), o
+        line = output_line(farm.d.own_status())
+        assert "module errors 6 (4 of them in the collector's output" in line, line
+    finally:
+        link.ctl.close(0)
+        link.close()
+        farm.close()

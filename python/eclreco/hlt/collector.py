@@ -293,6 +293,8 @@ def run_report(link: CollectorLink, run_index: int, filename: str = "", written:
             "received": s.get("received", 0), "duplicates": link.duplicates,
             **{k + "_run": v for k, v in dropped.items()},
             "discarded": s.get("discarded", 0), "errors": s.get("errors", 0),
+            # of those, the events its output raised on (a write that failed): not errors of the chain
+            "errors_in_outputs": s.get("errors_in_outputs", 0),
             "rejected": s.get("rejected", 0), "rejected_by_reason": s.get("rejected_by_reason", {}),
             "first_error": first_error}
 

@@ -45,8 +45,10 @@ def output_line(d: dict) -> str:
             f"{o.get('received', 0)} received")
     if o.get("received_before"):  # a collector that outlived the previous distributor counts the whole run
         line += f" ({o['received_before']} of them before this distributor took the collector)"
-    line += (f"; rejected {o.get('rejected', 0)}, module errors {o.get('errors', 0)}, "
-             f"discarded {o.get('discarded', 0)}")
+    line += (f"; rejected {o.get('rejected', 0)}, module errors {o.get('errors', 0)}"
+             + (f" ({o['errors_in_outputs']} of them in the collector's output: events it raised on, e.g. after "
+                f"its write failed)" if o.get("errors_in_outputs") else "")
+             + f", discarded {o.get('discarded', 0)}")
     if o.get("left_collectors"):  # stopped (SIGINT/SIGTERM) in a run that went on: their reports are counted
         files = ", ".join(f for f in o.get("left_files", []) if f) or "-"
         line += (f"; {o.get('written_by_left', 0)} of them by {o['left_collectors']} collector(s) stopped in the "

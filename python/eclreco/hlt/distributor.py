@@ -205,8 +205,8 @@ class Distributor:
         self.reconfirm: set[int] = set()  # confirmed once, produced again for a new collector (collector_replaced)
         # What the collectors reported at the ends of the runs (RUN_ENDED), summed over the farm's
         # life: the file side of the farm, which the confirmations alone do not show.
-        self.output = {"runs": 0, "received": 0, "events_written": 0, "errors": 0, "discarded": 0,
-                       "rejected": 0, "rejected_by_reason": {}, "first_error": "", "duplicates": 0, "repeated_keys": 0,
+        self.output = {"runs": 0, "received": 0, "events_written": 0, "errors": 0, "errors_in_outputs": 0,
+                       "discarded": 0, "rejected": 0, "rejected_by_reason": {}, "first_error": "", "duplicates": 0, "repeated_keys": 0,
                        "orphaned": 0, "received_before": 0, "replaced_collectors": 0, "saved_by_replaced": 0, "replaced_files": [],
                        "left_collectors": 0, "written_by_left": 0, "left_files": [],
                        "unreported_collectors": 0, "saved_by_unreported": 0, "unreported_files": [],
@@ -808,7 +808,7 @@ class Distributor:
             st = self.collector["status"]
             self.note_collector_file(st, info.get("filename") or st.get("output"), int(info.get("events_written", 0) or 0),
                                      ("left_collectors", "written_by_left", "left_files"))
-        for k in ("received", "events_written", "errors", "discarded", "rejected"):
+        for k in ("received", "events_written", "errors", "errors_in_outputs", "discarded", "rejected"):
             o[k] += int(info.get(k, 0) or 0)
         for k in ("duplicates", "repeated_keys", "orphaned"):  # the collector's of this run (its `duplicates` is its life's)
             o[k] += int(info.get(k + "_run", 0) or 0)
