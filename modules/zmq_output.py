@@ -24,8 +24,9 @@ class ZMQOutput(Module):
     `strip_discarded` (default ECLClusters). Arrays are raw little-endian
     bytes with dtype and shape. Sending blocks while the receiver is slow (high-water mark), so
     the chain feels backpressure; after a stop request it gives the receiver `stop_timeout_s`
-    more and then drops (and counts) what it could not send. With `give_up_unconnected` it gives a
-    receiver that is not connected (dead) no time at all.
+    more and then drops (and counts) what it could not send; at terminate it waits up to
+    `stop_timeout_s` for the receiver to take what is queued (one started late, a slow one). With
+    `give_up_unconnected` it gives a receiver that is not connected (dead) no time at all.
     """
 
     def __init__(self):
@@ -47,6 +48,7 @@ class ZMQOutput(Module):
                        "a receiver started later learns it too (it is always in the first message of a run)")
         declare_curve_params(self, "worker", "collector")
         self._sock = None
+        self._ctx = None
         self._monitor = None
         # called with the seconds waited, about every 0.2 s, while the receiver takes nothing: the HLT worker
         # heartbeats from it (its source, which heartbeats otherwise, is not called while this blocks)
@@ -69,7 +71,11 @@ class ZMQOutput(Module):
         import zmq
 
         self._zmq = zmq
-        s = zmq.Context.instance().socket(zmq.PUSH)
+        # Its own context, terminated at terminate(): a socket's linger is kept only by the context's
+        # term (its I/O thread delivers the queue), and the shared Context.instance() is never
+        # terminated: a job that exited after its last send dropped what was queued, counted as sent.
+        self._ctx = zmq.Context()
+        s = self._ctx.socket(zmq.PUSH)
         s.setsockopt(zmq.SNDHWM, int(self.param("sndhwm")))
         s.setsockopt(zmq.LINGER, int(self.param("stop_timeout_s") * 1000))
         apply_curve_params(self, s)
@@ -77,7 +83,13 @@ class ZMQOutput(Module):
             from eclreco.raw_sockets import ConnectionMonitor
 
             self._monitor = ConnectionMonitor(s)  # before the connect: it sees every connection
-        attach(s, self.param("address"), bind=self.param("bind"), what="ZMQOutput address")
+        try:
+            attach(s, self.param("address"), bind=self.param("bind"), what="ZMQOutput address")
+        except Exception:
+            s.close(0)
+            self._ctx.term()
+            self._ctx = None
+            raise
         self._sock = s
         self._producer = {"host": socket.gethostname(), "pid": os.getpid()}
         self._provenance = None  # made at the first event: every module of the path has initialized by then
@@ -142,6 +154,9 @@ class ZMQOutput(Module):
                 self._monitor = None
             self._sock.close(0 if gone else None)  # else it lingers up to stop_timeout_s to deliver what is queued
             self._sock = None
+        if self._ctx is not None:
+            self._ctx.term()  # waits for that linger
+            self._ctx = None
 
     def counters(self):
         return {"batches_sent": float(self.batches_sent), "events_sent": float(self.events_sent),

@@ -602,3 +602,46 @@ def test_the_input_holds_at_most_max_queue_bytes_and_the_sender_blocks_beyond():
     assert stalled_at and stalled_at[0] < n // 2, stalled_at
     assert s["received"] == s["processed"] == n and inp.counters()["unread_at_end"] == 0, s
     assert (1 << 20) <= max(sizes) < (1 << 20) + size, sizes  # a batch ends at the message that reaches the bound
+
+
+def test_zmq_output_delivers_its_queue_to_a_receiver_that_binds_after_the_last_send():
+    """ZMQOutput to a receiver that binds late: the job exited after its last send and the batches in
+    the socket's queue went with it (50 of 50 here, counted as sent): its socket lingered in the shared
+    Context.instance(), which nothing terminates, so no linger was kept. It now terminates a context
+    of its own at terminate(), which waits up to stop_timeout_s for the receiver."""
+    address = free_address()
+    job = textwrap.dedent(f"""
+        import threading, time
+        import eclreco
+        path = eclreco.create_path()
+        path.add_module("SimulationInput", events=400, detector="array30", particle="gamma", seed=3)
+        out = path.add_module("ZMQOutput", address={address!r}, stop_timeout_s=30.0)
+        def say_sent():  # every send returned (the queue holds them, below sndhwm): the receiver may bind
+            while out.batches_sent < 50:
+                time.sleep(0.01)
+            print("SENT", flush=True)
+        threading.Thread(target=say_sent, daemon=True).start()
+        eclreco.process(path, batch_size=8, install_signal_handlers=False)
+        print("batches_sent", out.batches_sent, flush=True)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", job], stdout=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline().strip()  # or the job's last line: it ended before its thread spoke
+        assert first in ("SENT", "batches_sent 50"), first
+        try:  # the job closes and exits at once when nothing waits for the linger (as before)
+            proc.wait(3)
+        except subprocess.TimeoutExpired:
+            pass
+        pull = zmq.Context.instance().socket(zmq.PULL)
+        pull.bind(address)
+        n = 0
+        while pull.poll(3000):
+            pull.recv()
+            n += 1
+        pull.close(0)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    out = first + "\n" + out
+    assert proc.returncode == 0 and "batches_sent 50" in out, out
+    assert n == 50, (n, out)
