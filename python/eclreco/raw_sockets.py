@@ -25,13 +25,18 @@ class ConnectionMonitor:
     without CURVE) is a peer that messages can reach: a sender that never sees one delivered
     nothing, although its PUSH socket took every message."""
 
-    def __init__(self, sock: zmq.Socket, hold_ipc: bool = False):
+    def __init__(self, sock: zmq.Socket, hold_ipc: bool = False, track_tcp: bool = False):
         """hold_ipc: keep a duplicate of each ipc:// connection. A sender keeps them open past the socket's
         close until its peer has read them (close(keep_held=True), then hold_ipc_until_read); a receiver
-        counts, when libzmq has dropped one, the bytes it left unread there (lost_bytes)."""
+        counts, when libzmq has dropped one, the bytes it left unread there (lost_bytes). track_tcp: know
+        libzmq's fds of the open tcp:// connections, for a receiver's end_tcp_input."""
         self.sock = sock
-        self.held: dict[int, int] = {}  # libzmq's fd of an ipc:// connection -> our duplicate of it
+        self.held: dict[int, int] = {}  # libzmq's fd of a held connection -> our duplicate of it
         self.hold_ipc = hold_ipc
+        self.tcp_open: dict[int, tuple[bytes, bool]] = {} if track_tcp else None  # fd -> (endpoint, accepted)
+        self.tcp_ending: dict[int, int] = {}  # libzmq's fd of a tcp:// connection end_tcp_input ended -> our dup
+        self.tcp_ended: list[int] = []  # our dups of those that libzmq has closed since
+        self.tcp_fin: set[int] = set()  # our dups whose connection is half-closed (shutdown SHUT_WR)
         self.lost_bytes = 0  # left unread in ipc:// connections that libzmq dropped
         self.monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
                                                | zmq.EVENT_HANDSHAKE_SUCCEEDED | sum(_HANDSHAKE_FAILED))
@@ -51,11 +56,17 @@ class ConnectionMonitor:
                 # a connection already gone (its close read in the same go) is not held: its fd's number
                 # may be another connection's by now
                 fd = int(ev["value"])
-                if self.hold_ipc and ev["endpoint"].startswith(b"ipc://") and not any(
-                        e["event"] == zmq.EVENT_DISCONNECTED and int(e["value"]) == fd for e in events[i + 1:]):
+                gone = any(e["event"] == zmq.EVENT_DISCONNECTED and int(e["value"]) == fd for e in events[i + 1:])
+                if self.hold_ipc and ev["endpoint"].startswith(b"ipc://") and not gone:
                     self._hold(fd, ev["endpoint"], accepted=ev["event"] == zmq.EVENT_ACCEPTED)
+                if self.tcp_open is not None and ev["endpoint"].startswith(b"tcp://") and not gone:
+                    self.tcp_open[fd] = (ev["endpoint"], ev["event"] == zmq.EVENT_ACCEPTED)
             elif ev["event"] == zmq.EVENT_DISCONNECTED:
                 self.disconnects += 1
+                if self.tcp_open is not None:
+                    self.tcp_open.pop(int(ev["value"]), None)
+                    if (dup := self.tcp_ending.pop(int(ev["value"]), None)) is not None:
+                        self.tcp_ended.append(dup)  # read out by unread_tcp_input
                 self._release(int(ev["value"]), count_unread=True)
             elif ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.handshakes += 1
@@ -112,6 +123,81 @@ class ConnectionMonitor:
         else:
             os.close(dup)
 
+    def end_tcp_input(self, force: bool = True) -> int:
+        """A receiver's graceful end of its open tcp:// connections, before the socket closes them: libzmq
+        closes a connection with what the kernel holds for it unread (received, and what the sender's
+        kernel has yet to send), which is lost on both sides without a word (the sender's libzmq counted it
+        sent; ZeroMQ has no acknowledgement). Here each connection is half-closed (shutdown SHUT_WR on a
+        duplicate of libzmq's fd): the sender's libzmq takes that for the connection's end and closes its
+        side after what its kernel holds, which libzmq here reads to the end like any other input, then
+        reports the disconnect; what the sender's libzmq had not written yet stays queued there (for its
+        next connection). The duplicates are held until unread_tcp_input, which counts what is left in
+        those that the socket closed before their end. A connection is ended once libzmq has read what
+        arrived on it (force: at once): libzmq, its queue full (rcvhwm) when the sender's close comes,
+        drops the connection with what is left unread (lost_bytes then, as over ipc://). Returns how many
+        connections libzmq has open (0: none left; call again, for connections made since)."""
+        import os
+        import socket
+        import termios
+
+        self.poll()
+        for fd, (endpoint, accepted) in list(self.tcp_open.items()):
+            dup = self.tcp_ending.get(fd)
+            if dup is None:
+                try:
+                    dup = os.dup(fd)
+                except OSError:  # closed since
+                    self.tcp_open.pop(fd)
+                    continue
+                try:
+                    with socket.socket(fileno=os.dup(dup)) as probe:
+                        # the number may be another file's by now: only a TCP connection on the endpoint's port
+                        port = (probe.getsockname() if accepted else probe.getpeername())[1]
+                        ok = (probe.type == socket.SOCK_STREAM and probe.family in (socket.AF_INET, socket.AF_INET6)
+                              and str(port) == endpoint.rsplit(b":", 1)[-1].decode())
+                except OSError:
+                    ok = False
+                if not ok:
+                    os.close(dup)
+                    self.tcp_open.pop(fd)
+                    continue
+                self.tcp_ending[fd] = dup
+            if dup not in self.tcp_fin and (force or not _socket_queue_bytes(dup, termios.FIONREAD)):
+                try:
+                    with socket.socket(fileno=os.dup(dup)) as conn:
+                        conn.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                self.tcp_fin.add(dup)
+        return len(self.tcp_open)
+
+    def unread_tcp_input(self, timeout_s: float) -> int:
+        """After end_tcp_input and the socket's unbind or disconnect: the bytes left in the connections that
+        the socket closed before it had read them to the end, read off their duplicates until each sender
+        has closed its side (it does after end_tcp_input) or timeout_s; added to lost_bytes and returned.
+        Bytes, not events: libzmq stopped reading at any point of a message."""
+        import socket
+
+        self.poll()
+        lost, deadline = 0, time.monotonic() + timeout_s
+        dups, self.tcp_ended = self.tcp_ended + list(self.tcp_ending.values()), []
+        self.tcp_ending.clear()
+        self.tcp_fin.clear()
+        for dup in dups:
+            with socket.socket(fileno=dup) as conn:
+                try:
+                    conn.shutdown(socket.SHUT_WR)  # (again) its sender closes its side after what it wrote
+                    while (left := deadline - time.monotonic()) > 0:
+                        conn.settimeout(left)
+                        data = conn.recv(1 << 16)
+                        if not data:
+                            break
+                        lost += len(data)
+                except OSError:  # reset, or timed out: what came is counted
+                    pass
+        self.lost_bytes += lost
+        return lost
+
     def _release(self, fd: int, count_unread: bool = False) -> None:
         """Closes our duplicate of a connection; count_unread: libzmq dropped it, and what the peer had
         written to it and libzmq not read is lost (counted in lost_bytes)."""
@@ -164,6 +250,11 @@ class ConnectionMonitor:
             self.monitor = None
         for fd in list(self.held) if not keep_held else ():
             self._release(fd)
+        import os
+
+        for dup in self.tcp_ended + list(self.tcp_ending.values()):  # not read out (unread_tcp_input)
+            os.close(dup)
+        self.tcp_ended, self.tcp_ending, self.tcp_fin = [], {}, set()
 
     def say_lost(self, who: str, address: str, before: int) -> None:
         """Prints what was lost in dropped ipc:// connections since lost_bytes was `before`."""

@@ -146,7 +146,8 @@ class Distributor:
             curve.apply(self.inp, input_bind, "daq")
         # messages refused by the socket (ZMQ_MAXMSGSIZE) are only seen as disconnects: counted, not silent
         # ipc:// connections held: events libzmq drops unread with one are counted (lost_bytes, raw_sockets)
-        self.input_monitor = ConnectionMonitor(self.inp, hold_ipc=True)
+        # tcp:// connections tracked: the terminate ends them before it closes the input (count_unread_input)
+        self.input_monitor = ConnectionMonitor(self.inp, hold_ipc=True, track_tcp=True)
         attach(self.inp, input_addr, bind=input_bind, what="--input")
         self.input_addr, self.input_bind = input_addr, input_bind
         self.wrk = self.ctx.socket(zmq.ROUTER)
@@ -850,27 +851,47 @@ class Distributor:
         is still read, nothing more comes (a live source's further messages stay queued at its end, for
         the next distributor or its own count; read until quiet, a live source kept this going for
         max_s, 10 s). What is in flight in the kernel's socket buffers when the close tears a connection
-        down is lost with it: counted in bytes over ipc:// (input_lost_bytes), not over tcp://
-        (docs/deployment.md). Counted as unread_at_terminate and said; not processed (no run is open), as
-        reco.py's ZMQInput counts unread_at_end."""
+        down would be lost with it: the tcp:// connections are ended first (end_tcp_input: each sender
+        closes its side after what it wrote, which is read here), and what is left in one that the close
+        tore down all the same is counted in bytes, as over ipc:// (input_lost_bytes; docs/deployment.md).
+        Counted as unread_at_terminate and said; not processed (no run is open), as reco.py's ZMQInput
+        counts unread_at_end."""
+        n, t0 = 0, time.monotonic()
+        lost = self.input_monitor.lost_bytes
+        # a connection is ended once what arrived on it is read, or after stop_drain_s (a source faster than
+        # this); its sender closes its side at once (1 s more: one that is stopped)
+        while (self.input_monitor.end_tcp_input(force=time.monotonic() - t0 >= self.stop_drain_s)
+               and time.monotonic() - t0 < self.stop_drain_s + 1.0):
+            n += self._read_unread_input()  # the socket reads on (a full queue would stop it)
+            self.input_monitor.poll(0.005)
         try:
             (self.inp.unbind if self.input_bind else self.inp.disconnect)(
                 self.addresses["input"] if self.input_bind else self.input_addr)
         except zmq.ZMQError:
             pass
-        n, t0 = 0, time.monotonic()
         while True:
-            try:
-                recv_message(self.inp)
-                n += 1
-            except zmq.Again:
-                # what the closed connections had delivered is in the socket's queue by now
-                if time.monotonic() - t0 >= max_s or not self.inp.poll(50, zmq.POLLIN):
-                    break
+            n += self._read_unread_input()
+            # what the closed connections had delivered is in the socket's queue by now
+            if time.monotonic() - t0 >= max_s or not self.inp.poll(50, zmq.POLLIN):
+                break
+        self.input_monitor.unread_tcp_input(2.0)  # a sender closes its side at once when told (end_tcp_input)
+        if self.input_monitor.lost_bytes > lost:
+            print(f"[distributor] error: {self.input_monitor.lost_bytes - lost} bytes of events were lost unread in "
+                  "the input connections that the terminate closed (counted in input_lost_bytes)", flush=True)
         if n:
             self.c["unread_at_terminate"] += n
             print(f"[distributor] {n} messages arrived after the last run stopped reading: not processed, counted "
                   "as unread_at_terminate", flush=True)
+
+    def _read_unread_input(self) -> int:
+        """Reads what the input socket holds, unprocessed; how many messages."""
+        n = 0
+        try:
+            while True:
+                recv_message(self.inp)
+                n += 1
+        except zmq.Again:
+            return n
 
     def finish_terminate(self):
         self.count_unread_input()
@@ -979,7 +1000,8 @@ class Distributor:
         yield counter("eclreco_input_disconnects", "Input connections dropped (a sender closing, or a message over "
                       "--refuse-message-bytes)", self.input_monitor.disconnects)
         yield counter("eclreco_input_lost_bytes_at_disconnect", "Bytes of events lost unread with an ipc:// input "
-                      "connection its sender closed while the input queue was full (docs/deployment.md)",
+                      "connection its sender closed while the input queue was full, or with an input connection "
+                      "the terminate closed (docs/deployment.md)",
                       self.input_monitor.lost_bytes)
         yield counter("eclreco_hlt_bad_messages", "Messages on the workers/control sockets that were not understood "
                       "(ignored)", self.c["bad_messages"])
