@@ -123,11 +123,9 @@ class ZMQInput(Module):
     def queue_hwm(self) -> int:
         """The receive high-water mark set on the socket: rcvhwm, lowered so that a connection's queue of
         messages of up to refuse_message_bytes holds at most max_queue_bytes (0: unlimited, as libzmq reads it)."""
-        hwm, bound, largest = (int(self.param(k)) for k in ("rcvhwm", "max_queue_bytes", "refuse_message_bytes"))
-        if not bound or not largest:
-            return hwm
-        cap = max(1, bound // largest)
-        return cap if hwm == 0 else min(hwm, cap)
+        from eclreco.raw_sockets import queue_hwm
+
+        return queue_hwm(*(int(self.param(k)) for k in ("rcvhwm", "max_queue_bytes", "refuse_message_bytes")))
 
     def _read_waiting(self, msgs: list, max_events: int) -> bool:
         """Appends the messages waiting in the socket to msgs until it holds max_events or max_queue_bytes (the

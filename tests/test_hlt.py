@@ -696,6 +696,67 @@ def test_distributor_counts_what_libzmq_drops_unread_with_a_closed_ipc_input_con
     assert f"{lost} bytes of events sent to ipc://{ipc_dir}/in were lost unread" in capfd.readouterr().err
 
 
+def test_the_distributors_input_queue_is_bounded_in_bytes():
+    """The distributor's input queue was bounded in messages only (--input-hwm 1000 per sender connection, each up
+    to --refuse-message-bytes: 64 GiB at the defaults): a sender of large events while no worker took any filled
+    the distributor's memory. max_queue_bytes bounds it as ZMQInput's (raw_sockets.queue_hwm): here 4 messages of
+    up to 1 MiB + 64 kB; a sender of 1 MiB events blocks after a handful (its own high-water mark of 1, and what
+    the ipc:// connection holds), where all 40 went in."""
+    import tempfile
+
+    import zmq
+
+    from eclreco.hlt.distributor import Distributor
+
+    refuse = (1 << 20) + (64 << 10)
+    ipc_dir = tempfile.mkdtemp(prefix="eclreco-")
+    d = Distributor(f"ipc://{ipc_dir}/in", free_address(), free_address(), refuse_message_bytes=refuse,
+                    max_queue_bytes=4 * refuse)
+    s = zmq.Context.instance().socket(zmq.PUSH)
+    sent = 0
+    try:
+        assert d.inp.getsockopt(zmq.RCVHWM) == 4
+        s.setsockopt(zmq.SNDHWM, 1)
+        s.setsockopt(zmq.SNDTIMEO, 500)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(f"ipc://{ipc_dir}/in")
+        event = big_envelope(1, 1 << 20)
+        for _ in range(40):  # the distributor reads nothing (it is not serving)
+            try:
+                s.send(event)
+            except zmq.Again:
+                break
+            sent += 1
+        d.read_input()
+        received = d.c["received"]
+    finally:
+        s.close()
+        d.close()
+        shutil.rmtree(ipc_dir, ignore_errors=True)
+    assert 4 <= received <= sent <= 10, (received, sent)
+
+
+@pytest.mark.parametrize("max_queue_bytes,refuse,message", [
+    (-1, 1 << 20, "max_queue_bytes must be an int >= 0"),
+    (1 << 30, 0, "distributor: max_queue_bytes bounds the receive queue through refuse_message_bytes"),
+])
+def test_a_distributors_queue_bound_needs_a_message_bound(max_queue_bytes, refuse, message):
+    from eclreco.hlt.distributor import Distributor
+
+    with pytest.raises(ValueError, match=message):
+        Distributor(free_address(), free_address(), free_address(), max_queue_bytes=max_queue_bytes,
+                    refuse_message_bytes=refuse)
+
+
+@pytest.mark.parametrize("role", ["distributor", "run"])
+def test_hlt_distributor_names_its_queue_options_when_they_clash(role):
+    r = subprocess.run(ECLRECO + ["hlt", role, "--max-queue-bytes", str(1 << 30), "--refuse-message-bytes", "0",
+                                  "--metrics-port" if role == "distributor" else "--metrics-base-port", "-1"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2, r
+    assert "--max-queue-bytes bounds the receive queue through --refuse-message-bytes" in r.stderr, r.stderr
+
+
 def test_farm_drop_when_busy_counts_every_drop(farm_factory):
     farm = farm_factory(workers=2, extra=("--drop-when-busy", "--queue-size", "20", "--max-held", "40",
                                           "--chunk", "16"))

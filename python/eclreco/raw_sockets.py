@@ -441,6 +441,16 @@ def check_queue_bound(who: str, queue_bytes: int, refuse_bytes: int,
                          f"message it can hold), which is 0 (no limit): set {names[1]}, or {names[0]} 0 (no bound)")
 
 
+def queue_hwm(hwm: int, queue_bytes: int, refuse_bytes: int) -> int:
+    """The receive high-water mark that bounds a connection's queue in bytes (check_queue_bound): hwm
+    messages, lowered so that messages of up to refuse_bytes each hold at most queue_bytes (at least 1);
+    hwm itself when either is 0 (no bound; an hwm of 0 is libzmq's unlimited)."""
+    if not queue_bytes or not refuse_bytes:
+        return hwm
+    cap = max(1, queue_bytes // refuse_bytes)
+    return cap if hwm == 0 else min(hwm, cap)
+
+
 def mark_oversize(message: bytes, limit: int) -> bytes:
     """The in-band form of a message over the receiver's limit (cpp/ecl/envelope.hpp,
     kOversizeTag): the tag, the limit (uint64 big-endian), the whole message. The envelope decoder

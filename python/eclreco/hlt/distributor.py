@@ -26,7 +26,8 @@ from eclreco import open_files, scheduling
 from eclreco.curve import Curve, curve_option_error
 from eclreco.hlt import protocol as P
 from eclreco.hlt.control import output_line, summary_line
-from eclreco.raw_sockets import ConnectionMonitor, attach, check_message_limits, recv_message
+from eclreco.raw_sockets import (ConnectionMonitor, attach, check_message_limits, check_queue_bound, queue_hwm,
+                                 recv_message)
 
 # Latency histogram: log-spaced bounds from 10 us to 100 s (percentiles), and the Prometheus buckets,
 # counted apart: the grid holds 1e-x but not 3e-x (a bucket read off it counted up to 2.82e-x only).
@@ -109,7 +110,7 @@ class LatencyHistogram:
 
 # The bounds of `eclreco hlt distributor`'s options (cli.py's argparse types), for a Distributor built
 # in Python: chunk=0 never dispatched and its stop hung, a NaN heartbeat timeout never lost a worker.
-_MIN_INT = {"queue_size": 1, "max_held": 1, "chunk": 1, "input_hwm": 0}
+_MIN_INT = {"queue_size": 1, "max_held": 1, "chunk": 1, "input_hwm": 0, "max_queue_bytes": 0}
 _POSITIVE_SECONDS = ("heartbeat_timeout_s",)
 
 
@@ -130,15 +131,20 @@ class Distributor:
                  max_held: int = 20000, chunk: int = 256, heartbeat_timeout_s: float = 5.0,
                  drop_when_busy: bool = False, input_hwm: int = 1000, stop_drain_s: float = 0.5,
                  stop_timeout_s: float = 120.0, input_bind: bool = True, curve=None,
-                 max_message_bytes: int = 0, refuse_message_bytes: int = 0, cycle_s: float = 5e-4):
+                 max_message_bytes: int = 0, refuse_message_bytes: int = 0, cycle_s: float = 5e-4,
+                 max_queue_bytes: int = 0):
         check_message_limits("distributor", max_message_bytes, refuse_message_bytes)
         _check_settings(queue_size=queue_size, max_held=max_held, chunk=chunk, input_hwm=input_hwm,
+                        max_queue_bytes=max_queue_bytes,
                         heartbeat_timeout_s=heartbeat_timeout_s, stop_drain_s=stop_drain_s,
                         stop_timeout_s=stop_timeout_s, cycle_s=cycle_s)
+        check_queue_bound("distributor", max_queue_bytes, refuse_message_bytes)
         self.max_message_bytes = max_message_bytes
         self.ctx = zmq.Context.instance()
         self.inp = self.ctx.socket(zmq.PULL)
-        self.inp.setsockopt(zmq.RCVHWM, input_hwm)
+        # a connection's queue bounded in bytes as ZMQInput's (docs/deployment.md): input_hwm messages of up to
+        # refuse_message_bytes were 64 GiB per sender at the command line's defaults
+        self.inp.setsockopt(zmq.RCVHWM, queue_hwm(input_hwm, max_queue_bytes, refuse_message_bytes))
         self.inp.setsockopt(zmq.LINGER, 0)
         if refuse_message_bytes > 0:
             self.inp.setsockopt(zmq.MAXMSGSIZE, refuse_message_bytes)
@@ -1052,6 +1058,8 @@ class Distributor:
 def main(args) -> int:
     if why := curve_option_error(args, "distributor", ("daq",) if args.input_connect else ()):
         raise ValueError(why)  # a bad option: one line, exit 2 (cli.main), before any socket
+    check_queue_bound("", args.max_queue_bytes, args.refuse_message_bytes,
+                      ("--max-queue-bytes", "--refuse-message-bytes"))  # named by their options, not Distributor's
     scheduling.apply(args.sched, "distributor")  # before the ZeroMQ context: its threads inherit the policy
     open_files.raise_soft_limit("distributor")  # it accepts the connections of every worker (and sender)
     d = Distributor(args.input, args.workers_addr, args.control, queue_size=args.queue_size,
@@ -1060,7 +1068,7 @@ def main(args) -> int:
                     stop_timeout_s=args.stop_timeout,
                     input_bind=not args.input_connect, curve=Curve.from_args(args, "distributor"),
                     max_message_bytes=args.max_message_bytes, refuse_message_bytes=args.refuse_message_bytes,
-                    cycle_s=args.cycle_ms * 1e-3)
+                    cycle_s=args.cycle_ms * 1e-3, max_queue_bytes=args.max_queue_bytes)
     exporter = None
     if args.metrics_port >= 0:
         from eclreco.metrics import serve_role_metrics

@@ -27,7 +27,8 @@ from eclreco.curve import Curve, curve_option_error
 from eclreco.hlt import protocol as P
 from eclreco.hlt.control import ControlError, farm_failure, output_line, request, status, summary_line
 from eclreco.hlt.worker import chain_option_unused, module_names
-from eclreco.raw_sockets import address_in_use, attach, check_address, check_message_limits, tcp_port
+from eclreco.raw_sockets import (address_in_use, attach, check_address, check_message_limits, check_queue_bound,
+                                 tcp_port)
 
 
 def _terminate_with_parent() -> None:
@@ -144,7 +145,7 @@ class Farm:
         cmd = self.exe + ["distributor", "--input", a.input, "--workers-addr", self.workers_addr, "--control",
                           a.control, "--queue-size", str(a.queue_size), "--max-held", str(a.max_held),
                           "--chunk", str(a.chunk), "--heartbeat-timeout", str(a.heartbeat_timeout),
-                          "--input-hwm", str(a.input_hwm), "--stop-drain", str(a.stop_drain),
+                          "--input-hwm", str(a.input_hwm), "--max-queue-bytes", str(a.max_queue_bytes), "--stop-drain", str(a.stop_drain),
                           "--stop-timeout", str(a.stop_timeout),
                           "--metrics-port", str(self.mport(0)), "--metrics-host", a.metrics_host,
                           "--max-message-bytes", str(a.max_message_bytes),
@@ -514,6 +515,8 @@ def main(args) -> int:
     try:
         check_message_limits("", args.max_message_bytes, args.refuse_message_bytes,
                              ("--max-message-bytes", "--refuse-message-bytes"))
+        check_queue_bound("", args.max_queue_bytes, args.refuse_message_bytes,
+                          ("--max-queue-bytes", "--refuse-message-bytes"))
     except ValueError as err:
         refuse(str(err))
     # its own key (control), and those the roles it starts take from --curve-dir by their names
