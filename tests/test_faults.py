@@ -227,6 +227,65 @@ def test_a_stop_whose_last_write_fails_names_the_error_and_the_kept_file(farm_fa
     assert f"3000 events written in 1 farm run(s) of 3000 received" in log, log
 
 
+def test_the_events_a_failed_stop_left_unsaved_go_to_a_file_of_their_run(farm_factory, tmp_path):
+    """The collector's write at the stop fails with the run's events still unwritten (--flush-interval long: all
+    of them): the distributor keeps them for the next collector, which hlt run starts between the runs. It
+    joined the next run: it wrote run 1's events to farm_run2.root, a file of a run that never started. It now
+    joins run 1 for them and writes them to a file of run 1 (farm.root: the failed one held no event and was
+    removed; else farm.2.root beside farm.root.incomplete), is told END_RUN when they are confirmed, and makes
+    no file for run 2, which never starts."""
+    import glob
+
+    farm = farm_factory(workers=1, extra=("--flush-interval", "600"))
+    push_events(farm.input, range(1000))
+    farm.wait_confirmed(1000)
+    first = farm.process("collector")["pid"]
+    size = os.path.getsize(farm.output)
+    resource.prlimit(first, resource.RLIMIT_FSIZE, (size, size))
+    r = subprocess.run(ECLRECO + ["hlt", "control", "stop", "--control", farm.control], capture_output=True,
+                       text=True, timeout=90)
+    reply = json.loads(r.stdout)
+    assert r.returncode == 1 and reply["unsaved"] == 1000 and reply["lost_at_stop"] == 0, r.stdout
+    t0 = time.monotonic()
+    while (d := farm.distributor())["held"] or farm.process("collector")["pid"] == first:  # all confirmed again
+        assert time.monotonic() - t0 < 60, farm.logtext()
+        time.sleep(0.2)
+    final = farm.command("terminate")["processes"][0]
+    rc, log = farm.wait_exit()
+    # the failed file held no event and was removed: run 1's file is the new collector's
+    assert "it held no event and was removed" in log, log
+    assert f"[collector] run 1 ended: 1000 events written to {farm.output}" in log, log
+    assert sorted(glob.glob(str(tmp_path / "farm*.root*"))) == [farm.output], log
+    assert sorted(read_evt(farm.output)[0].tolist()) == list(range(1000)), log
+    assert final["lost_at_stop"] == 0 and final["output"]["runs"] == 1, final
+    assert final["output"]["events_written"] == 1000, final
+
+
+def test_a_collector_restarted_between_runs_makes_no_file_for_a_run_that_never_starts(farm_factory, tmp_path):
+    """A collector that registers while the farm is stopped (hlt run restarted it after a crash between the runs)
+    made its file of the next run at once: an empty farm_run2.root stayed when the farm then terminated. The
+    distributor's answer to its HELLO now says that the run has not started, and the file is made at its first
+    result, as between the runs of one collector."""
+    import glob
+
+    farm = farm_factory(workers=1)
+    push_events(farm.input, range(200))
+    farm.wait_confirmed(200)
+    farm.command("stop")
+    first = farm.process("collector")["pid"]
+    os.kill(first, signal.SIGKILL)
+    t0 = time.monotonic()
+    while not ((c := farm.process("collector"))["pid"] != first and c["state"] != "silent"):  # restarted, registered
+        assert time.monotonic() - t0 < 60, farm.logtext()
+        time.sleep(0.2)
+    time.sleep(1.0)  # (where it made its file, it did within this)
+    assert not (c := farm.process("collector"))["output_made"], c
+    farm.command("terminate")
+    rc, log = farm.wait_exit()
+    assert sorted(glob.glob(str(tmp_path / "farm*.root*"))) == [farm.output], log
+    assert len(read_evt(farm.output)[0]) == 200
+
+
 @pytest.mark.parametrize("transport", ["tcp", "ipc"])
 def test_hlt_run_kills_and_restarts_a_hung_collector(farm_factory, tmp_path, transport):
     """A collector stopped by SIGSTOP (hung: it reads no result, confirms nothing and never exits) left the farm

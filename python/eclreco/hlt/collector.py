@@ -155,6 +155,7 @@ class CollectorLink:
         self.instance = os.urandom(8).hex()
         self.registered = False  # the distributor took this collector (it answers HELLO with LOW)
         self.joins_run = None    # the distributor's run index in that answer
+        self.joins_unstarted = False  # and that the run has not started: the file is made at its first result
         self.refused = None      # why the distributor refused it (another live collector is registered)
         self.hello()
 
@@ -188,6 +189,7 @@ class CollectorLink:
                     continue
                 if len(frames) > 2 and frames[2].isdigit():  # the answer to HELLO: the run this collector joins
                     self.joins_run = int(frames[2])
+                    self.joins_unstarted = len(frames) > 3 and frames[3] == b"1"
                     if self.low and low > self.low:  # registered again, with a restarted distributor (ids above)
                         self.previous_ids = (self.low, low)
                 self.low = max(self.low, low)
@@ -585,6 +587,26 @@ def unused_filename(path: str) -> str:
     return f"{stem}.{k}{ext}"
 
 
+def _wait_for_results(link: CollectorLink) -> bool:
+    """Between runs: the next run (and its output file) begins with its first result (True); False at a
+    terminate or a signal. A run without any result (start, then stop) still ends here: reported at once (no
+    file), and the next file is named after the distributor's run index (the stop used to wait 30 s for the
+    report, and the file names then lagged one run behind)."""
+    link.state = "idle"
+    while not link.terminate and not _core.stop_requested():
+        link.end_run = False
+        link.service()
+        if link.end_run and not link.terminate:
+            idx = link.ended_run_index or link.run_index
+            link.run_ended(run_report(link, idx))
+            print(f"[collector] run {idx} ended without events", flush=True)
+            link.run_index = idx + 1
+            continue
+        if link.pull.poll(100, zmq.POLLIN):
+            return True
+    return False
+
+
 def main(args) -> int:
     from eclreco import open_files, scheduling
     from eclreco.curve import Curve, curve_option_error
@@ -658,6 +680,9 @@ def main(args) -> int:
     print(f"[collector] pid {os.getpid()} {path} on {link.address}, control {args.control}, metrics "
           f"{exporter.port if exporter else '-'}", flush=True)
     try:
+        # registered between runs: the next run's file is made at its first result (the run may never start)
+        if link.joins_unstarted and not _wait_for_results(link):
+            return _refused_exit_code(link)
         while True:
             if out is not None:
                 link.filename = unused_filename(output_filename(args.output, link.run_index))
@@ -689,23 +714,7 @@ def main(args) -> int:
             if _core.stop_requested() or link.terminate:
                 break
             link.run_index = (link.ended_run_index or link.run_index) + 1
-            link.state = "idle"
-            # The next run (and its output file) begins with its first result. A run without any
-            # result (start, then stop) still ends here: reported at once (no file), and the next
-            # file is named after the distributor's run index (the stop used to wait 30 s for the
-            # report, and the file names then lagged one run behind).
-            while not link.terminate and not _core.stop_requested():
-                link.end_run = False
-                link.service()
-                if link.end_run and not link.terminate:
-                    idx = link.ended_run_index or link.run_index
-                    link.run_ended(run_report(link, idx))
-                    print(f"[collector] run {idx} ended without events", flush=True)
-                    link.run_index = idx + 1
-                    continue
-                if link.pull.poll(100, zmq.POLLIN):
-                    break
-            if link.terminate or _core.stop_requested():
+            if not _wait_for_results(link):
                 break
         return _refused_exit_code(link)
     finally:

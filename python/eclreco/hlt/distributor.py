@@ -264,6 +264,8 @@ class Distributor:
     def accepting_input(self) -> bool:
         if self.state == "stopped" or (self.state == "stopping" and self.stop_drain_over()):
             return False
+        if self.collector is not None and self.collector.get("leftovers"):
+            return False  # the next run's events wait until the collector's file of the ended run has its leftovers
         if self.drop_when_busy:
             return True
         return len(self.pending) < self.queue_size and len(self.events) + len(self.unsaved) < self.max_held
@@ -465,7 +467,7 @@ class Distributor:
                         old["status"].get("instance") == info.get("instance")  # reconnected
                     if same:  # what it reported, or has to report, stays
                         carried = {k: old.get(k) for k in ("received_before", "saved", "written", "run_ended",
-                                                           "between_runs", "left")}
+                                                           "between_runs", "left", "leftovers", "leftovers_run")}
                     else:
                         # One registered in the middle of its run by a distributor that had none (this
                         # one restarted) reports at its end what it received from the previous
@@ -479,13 +481,23 @@ class Distributor:
                                    "run_ended": None, "between_runs": self.state == "stopped"}
                     if old is not None:  # (after what can fail on a malformed HELLO)
                         self.collector_replaced(same)
+                    if not same and self.state == "stopped" and self.events:
+                        # Between runs, with events of the run that ended to write again (its collector's last write
+                        # failed): this one joins that run for them, in a file named after it, and is told END_RUN
+                        # once they are confirmed (housekeeping). It joined the next run and wrote them to that
+                        # run's file, one of a run that may never start.
+                        carried.update(leftovers=True, leftovers_run=self.run_index, between_runs=False)
                     self.collector = {"ident": ident, "last_seen": now, "status": info, **carried}
                     held = self.unregistered.pop(ident, None)
                     for c, seqs, written in (held["messages"] if held else ()):
                         self.apply_confirmation(c, seqs, now, written)
-                # and the run it joins (between runs: the next), which a new collector's first file is named after
-                joins = self.run_index + (self.state == "stopped")
-                self._send(self.ctl, ident, P.LOW, str(self.low_watermark()).encode(), str(joins).encode())
+                # and the run it joins (between runs: the next, unless it writes the ended run's leftovers), which a
+                # new collector's first file is named after; "1": that run has not started, the collector makes its
+                # file at its first result (it made an empty one for a run that never started)
+                leftovers = self.collector.get("leftovers_run")
+                joins = leftovers or self.run_index + (self.state == "stopped")
+                self._send(self.ctl, ident, P.LOW, str(self.low_watermark()).encode(), str(joins).encode(),
+                           b"1" if self.state == "stopped" and not leftovers else b"0")
             else:
                 self.add_supervisor(ident, info, now)
         elif cmd == P.STATUS and body:  # a report
@@ -503,8 +515,15 @@ class Distributor:
         elif cmd == P.RUN_ENDED:
             info = _map(frames, 2)
             if self.collector is not None and self.collector["ident"] == ident:
-                self.collector["run_ended"] = info
                 self.collector["last_seen"] = now
+                run = self.collector.get("leftovers_run")
+                if run is not None and info.get("run_index") == run:  # the leftovers' run, ended by housekeeping
+                    self.collector["leftovers_run"] = None
+                    if self.state == "stopped":  # (after a START it is no report of the run now)
+                        self.collector["run_ended"] = info
+                    self.add_run_report(info, run_index=run)
+                    return
+                self.collector["run_ended"] = info
                 left = self.state == "running"  # no END_RUN asked for it: the collector left the run (SIGINT/SIGTERM)
                 self.collector["left"] = left
                 self.add_run_report(info, left=left)
@@ -731,6 +750,11 @@ class Distributor:
                 elif now - max(w.progress, w.blocked_since) > 2 * self.heartbeat_timeout_s:
                     self.lose_worker(w, f"its results blocked for {2 * self.heartbeat_timeout_s:g} s while the "
                                      "collector confirmed none of them")
+        c = self.collector
+        if c is not None and c.get("leftovers") and not self.events and not self.pending:
+            # the leftovers of the run that ended are confirmed: their run ends (RUN_ENDED, SAVED at the file's close)
+            self._send(self.ctl, c["ident"], P.END_RUN, str(c["leftovers_run"]).encode())
+            c["leftovers"] = False
         if self.state == "stopping" and self.stop_drain_over() and not self.events and not self.pending:
             # Every event of the run is confirmed: end the run everywhere.
             for w in list(self.workers.values()):
@@ -801,16 +825,18 @@ class Distributor:
         if len(self.output["output_errors"]) < 20:
             self.output["output_errors"].append(error)
 
-    def add_run_report(self, info: dict, left: bool = False):
+    def add_run_report(self, info: dict, left: bool = False, run_index: int | None = None):
         """A collector's RUN_ENDED. left: it ended its run while the farm's run goes on (a service stop or
         restart of the collector); its file holds the run's first events and a new collector writes the
         rest in its own. Its counts are the run's, and the run is counted once: the stop's reply and the
-        output line name its file (they named only the new collector's, and counted a second run)."""
+        output line name its file (they named only the new collector's, and counted a second run). run_index: the
+        farm's run the report is of (default: the current one)."""
         o = self.output
         o["received_before"] += self.collector.pop("received_before", 0)
-        if info.get("received", 0) and self.output_run != self.run_index:
+        run = self.run_index if run_index is None else run_index
+        if info.get("received", 0) and self.output_run != run:
             o["runs"] += 1
-            self.output_run = self.run_index
+            self.output_run = run
         if left:
             st = self.collector["status"]
             self.note_collector_file(st, info.get("filename") or st.get("output"), int(info.get("events_written", 0) or 0),

@@ -27,7 +27,8 @@ CONFIRM = b"CONFIRM"    # collector: seqs (uint64 LE bytes) taken by the output 
 SAVED = b"SAVED"        # collector: seqs now in the output file (a collector that says "saves" in HELLO)
 STATUS = b"STATUS"      # collector/supervisor: periodic report {...}; client: request -> reply
 RUN_ENDED = b"RUN_ENDED"  # collector: output of the run closed {run_index, filename, events_written}
-LOW = b"LOW"            # distributor -> collector: b"<seq>", every seq below was confirmed
+LOW = b"LOW"            # distributor -> collector: b"<seq>", every seq below was confirmed; answering HELLO also
+                        # b"<run_index>" joined, b"1" when that run has not started (docs/deployment.md)
 REFUSED = b"REFUSED"    # distributor -> collector: {reason}; another live collector is registered
 STOP = b"STOP"          # client: end the run -> reply when the output is closed
 START = b"START"        # client: start a new run
