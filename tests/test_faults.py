@@ -1828,7 +1828,10 @@ def test_late_results_of_a_dead_distributors_events_are_not_duplicates(zmq_conte
     every id of its predecessor. Results of the predecessor's events that the workers still held arrive late: the
     collector dropped every one as a duplicate (`m.seq >= link.low`), also those it had never taken, which were
     lost with the dead distributor and said nowhere. A copy of one it took is still a duplicate; a first result
-    is counted apart, as orphaned (status, the run's report, eclreco_hlt_orphaned_results_total)."""
+    is counted apart, as orphaned (status, the run's report, eclreco_hlt_orphaned_results_total), and written: no
+    distributor holds the event any more, and it was dropped (the only copy of a processed event). The collector
+    remembered only the last handover: after a second distributor restart, the first one's late results were
+    counted as duplicates and dropped; every handover's ids are now remembered (the last 16)."""
     import zmq
 
     import eclreco
@@ -1883,10 +1886,19 @@ def test_late_results_of_a_dead_distributors_events_are_not_duplicates(zmq_conte
         while link.low < 10**15:
             link.service()
             assert time.monotonic() - t0 < 5
-        assert results(list(range(105, 115))) == 0  # 5 copies of results taken, 5 first results of old events
+        assert results(list(range(105, 115))) == 5  # 5 copies of results taken, 5 first results of old events
         assert link.duplicates == 5 and link.orphaned == 5, (link.duplicates, link.orphaned)
         assert results(list(range(110, 115))) == 0 and link.duplicates == 10 and link.orphaned == 5
         assert source.dropped_in_run() == {"duplicates": 10, "repeated_keys": 0, "orphaned": 5}
+        distributor.send_multipart([ident, P.WHO])  # and again: a third distributor, above the second's ids
+        answer_hello(2 * 10**15)
+        t0 = time.monotonic()
+        while link.low < 2 * 10**15:
+            link.service()
+            assert time.monotonic() - t0 < 5
+        assert results(list(range(115, 120))) == 5  # the first one's, late: first copies still
+        assert results([10**15, 10**15 + 1]) == 2  # the second one's
+        assert results(list(range(115, 120))) == 0 and link.duplicates == 15 and link.orphaned == 12
     finally:
         push.close(0)
         link.close()

@@ -131,12 +131,15 @@ class CollectorLink:
         self.next_report = 0.0
         self.duplicates = 0      # events dropped as copies of ones already taken (over the process's life)
         self.repeated_keys = 0   # of them, a new event whose (exp, run, evt) was taken (not a redelivered copy)
-        # First results of events of a distributor this collector was registered with before the one now (its
-        # predecessor, restarted): below the new one's LOW, but never taken here. They were dropped as duplicates;
-        # no distributor holds them any more (they are lost with the one that died): dropped, counted apart.
+        # First results of events of a distributor this collector was registered with before the one now (a
+        # predecessor, restarted): below the new one's LOW, never taken here, and no distributor holds them any more:
+        # the only copy, written and counted apart (they were dropped, first as duplicates). A copy is still caught
+        # by its id (seen) and by its (exp, run, evt) (keys; `hlt merge` across files).
         self.orphaned = 0
-        # [its low when last heard, the next one's first LOW): the ids of that distributor not known to be saved
-        self.previous_ids = (0, 0)
+        # per handover, [the old one's low when last heard, the next one's first LOW): the ids of the distributors
+        # that died not known to be saved (the last 16 handovers; it kept only the last: a late result of the
+        # one before was counted as a duplicate)
+        self.previous_ids: collections.deque = collections.deque(maxlen=16)
         self.first_upstream_error = ""
         self.bad_messages = 0
         self.confirmed = 0
@@ -161,6 +164,13 @@ class CollectorLink:
 
     def hello(self):
         self.ctl.send_multipart([P.HELLO, P.pack(self.status())])
+
+    def previous_id(self, seq) -> bool | np.ndarray:
+        """Whether seq (or each of an array) is an id of a distributor that died (previous_ids)."""
+        hit = False
+        for lo, hi in self.previous_ids:
+            hit = hit | ((seq >= lo) & (seq < hi))
+        return hit
 
     def status(self) -> dict:
         d = {"role": "collector", "pid": os.getpid(), "host": socket.gethostname(), "instance": self.instance,
@@ -191,12 +201,11 @@ class CollectorLink:
                     self.joins_run = int(frames[2])
                     self.joins_unstarted = len(frames) > 3 and frames[3] == b"1"
                     if self.low and low > self.low:  # registered again, with a restarted distributor (ids above)
-                        self.previous_ids = (self.low, low)
+                        self.previous_ids.append((self.low, low))
                 self.low = max(self.low, low)
                 self.registered = True
                 if len(self.seen) > 100000:  # (those of the previous ids stay: a later copy is a duplicate)
-                    lo, hi = self.previous_ids
-                    self.seen = {s for s in self.seen if s >= self.low or lo <= s < hi}
+                    self.seen = {s for s in self.seen if s >= self.low or self.previous_id(s)}
             elif cmd == P.END_RUN:
                 self.end_run = True
                 try:  # the distributor's index of the run that ended (the collector follows it)
@@ -404,23 +413,24 @@ class HLTCollectorInput(Module):
         keeps, seqs_all = [], []
         for m in msgs:
             keep = np.ones(m.n, dtype=bool)
-            orphaned = 0
+            orphan = None
             if m.seq is not None:
                 seqs_all.append(m.seq)
                 keep = m.seq >= link.low
                 above = np.flatnonzero(keep)
                 keep[above] = take_new(link.seen, m.seq[above].tolist())
-                lo, hi = link.previous_ids
-                if hi and len(old := np.flatnonzero((m.seq >= lo) & (m.seq < hi))):  # below LOW: not kept
-                    orphaned = int(take_new(link.seen, m.seq[old].tolist()).sum())  # first copies; later ones: duplicates
+                if link.previous_ids and len(old := np.flatnonzero(~keep & link.previous_id(m.seq) & (m.seq < link.low))):
+                    orphan = np.zeros(m.n, dtype=bool)  # first copies, written; later ones: duplicates
+                    orphan[old] = take_new(link.seen, m.seq[old].tolist())
+                    keep |= orphan
             cand = np.flatnonzero(keep & ((m.meta["error_flags"] & eclreco.ERROR_REJECTED) == 0))
             keys = event_keys(m.meta["exp"][cand], m.meta["run"][cand], m.meta["evt"][cand])
             repeated = cand[~link.keys.add_new(keys)]
             keep[repeated] = False
             self._note_runs(m, cand[keep[cand]])
             link.repeated_keys += int(repeated.size)
-            link.duplicates += int(m.n - keep.sum()) - orphaned
-            link.orphaned += orphaned
+            link.duplicates += int(m.n - keep.sum())
+            link.orphaned += 0 if orphan is None else int((orphan & keep).sum())
             keeps.append(keep)
             producer = self._producers.setdefault(m.producer, [0, None])
             producer[0] += int(keep.sum())
@@ -631,7 +641,7 @@ def main(args) -> int:
             f.add_metric([], link.duplicates)
             yield f
             f = CounterMetricFamily("eclreco_hlt_orphaned_results", "Results of events of a distributor that died "
-                                    "(first copies, not duplicates): dropped, no distributor holds them")
+                                    "(first copies, not duplicates): written, no distributor holds them")
             f.add_metric([], link.orphaned)
             yield f
             f = CounterMetricFamily("eclreco_hlt_bad_messages", "Messages that were not understood (ignored)")

@@ -66,9 +66,9 @@ def output_line(d: dict) -> str:
     if o.get("duplicates"):  # not in `received`: dropped before the collector's chain
         line += (f"; duplicates dropped {o['duplicates']} (of them {o.get('repeated_keys', 0)} with the exp/run/evt "
                  f"of an event already taken: a producer's repeat)")
-    if o.get("orphaned"):  # not in `received` either, and not duplicates: their distributor died with them
-        line += (f"; {o['orphaned']} results of events of a distributor that died dropped (it held them: "
-                 "lost with it, not duplicates)")
+    if o.get("orphaned"):  # in `received` and written: late results of events whose distributor died
+        line += (f"; {o['orphaned']} late results of events of a distributor that died written (no distributor "
+                 "held them any more)")
     return line + (f" (first error: {o['first_error']})" if o.get("first_error") else "")
 
 
