@@ -3,8 +3,11 @@ emulator sends): their connection events (libzmq's socket monitor) and multipart
 that nothing they drop goes unseen."""
 from __future__ import annotations
 
+import os
+import socket
 import struct
 import sys
+import termios
 import time
 
 import zmq
@@ -103,8 +106,6 @@ class ConnectionMonitor:
         """Duplicates libzmq's fd of a new ipc:// connection (the events' value). Read after the fact, the
         number may be another file's by now: only a Unix stream socket on `endpoint`'s path is kept (our
         end of it when accepted, the peer's when connected; an abstract ipc://@NAME is not held)."""
-        import os
-        import socket
 
         self._release(fd)
         try:
@@ -136,9 +137,6 @@ class ConnectionMonitor:
         arrived on it (force: at once): libzmq, its queue full (rcvhwm) when the sender's close comes,
         drops the connection with what is left unread (lost_bytes then, as over ipc://). Returns how many
         connections libzmq has open (0: none left; call again, for connections made since)."""
-        import os
-        import socket
-        import termios
 
         self.poll()
         for fd, (endpoint, accepted) in list(self.tcp_open.items()):
@@ -176,7 +174,6 @@ class ConnectionMonitor:
         the socket closed before it had read them to the end, read off their duplicates until each sender
         has closed its side (it does after end_tcp_input) or timeout_s; added to lost_bytes and returned.
         Bytes, not events: libzmq stopped reading at any point of a message."""
-        import socket
 
         self.poll()
         lost, deadline = 0, time.monotonic() + timeout_s
@@ -201,8 +198,6 @@ class ConnectionMonitor:
     def _release(self, fd: int, count_unread: bool = False) -> None:
         """Closes our duplicate of a connection; count_unread: libzmq dropped it, and what the peer had
         written to it and libzmq not read is lost (counted in lost_bytes)."""
-        import os
-        import termios
 
         dup = self.held.pop(fd, None)
         if dup is None:
@@ -230,7 +225,6 @@ class ConnectionMonitor:
         """What was written to the held ipc:// connections and not yet read by their peers, in the kernel's
         count (TIOCOUTQ: the memory of the writes, with its overhead); a connection read to the end is
         closed."""
-        import termios
 
         left = 0
         for fd, dup in list(self.held.items()):
@@ -250,7 +244,6 @@ class ConnectionMonitor:
             self.monitor = None
         for fd in list(self.held) if not keep_held else ():
             self._release(fd)
-        import os
 
         for dup in self.tcp_ended + list(self.tcp_ending.values()):  # not read out (unread_tcp_input)
             os.close(dup)
@@ -326,7 +319,6 @@ def check_address(address: str) -> None:
 def _ipc_listened_on(path: str) -> bool:
     """Whether a live process listens on the socket file `path` (a connect is answered; the file of a
     process that died, or of one killed, is not)."""
-    import socket
 
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -344,7 +336,6 @@ def _tcp_port_taken(address: str) -> bool:
     probe bind with SO_REUSEADDR, as libzmq binds (a port of closed connections in TIME_WAIT is free). A
     host this cannot resolve (libzmq also takes interface names: eth0) is left to libzmq."""
     import errno
-    import socket
 
     host, _, port = address[len("tcp://"):].rpartition(":")
     if not port.isdigit() or int(port) == 0:
@@ -382,7 +373,6 @@ def address_in_use(address: str) -> str:
     `reco.py -i ipc://PATH` took a running one's stream over without a word). The socket file of a
     process that died is free (a collector restarted on its address by `hlt run`); an abstract address
     (ipc://@NAME) is refused by the kernel itself, with "Address already in use"."""
-    import os
 
     address = address or ""
     if address.startswith("tcp://"):
