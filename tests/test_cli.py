@@ -68,9 +68,6 @@ def test_validate_refuses_belle2_sections_for_array30_with_exit_2(tmp_path, caps
     # the workers wrote one file together (interleaved records), a worker died at start-up in a typo
     (["hlt", "run", "--rejected", "{tmp}/q.msgpack"], "2 workers would write one file; put {worker}"),
     (["hlt", "run", "-n", "1", "--rejected", "{tmp}/typo/q.msgpack"], "--rejected .*: no directory .*typo"),
-    # before any role starts (the distributor's error, then "the distributor failed to start"; or exit 2)
-    (["hlt", "run", "--input", "foo"], "--input: ZeroMQ address 'foo' has no transport"),
-    (["hlt", "run", "--control", "tcp://127.0.0.1:99999"], "--control: .*the port must be 0..65535"),
     (["hlt", "run", "--modules", "ECLUnpacker, Foo"], "unknown module\\(s\\) 'Foo'; available: .*ECLUnpacker"),
     (["hlt", "run", "--conditions", os.path.join(MODELS, "belle2-ecl.onnx"), "--modules", "none"],
      "has no ECLUnpacker"),
@@ -144,6 +141,10 @@ def test_eclreco_refused_before_any_work(argv, message, tmp_path, capsys):
      "argument --seed: must be 0..4294967295, not 4294967296"),
     (["validate", "--detector", "array30", "-o", "unused", "--max-events", "-1"], "argument --max-events: must be >= 0"),
     (["hlt", "run", "--bogus"], "usage: eclreco hlt run"),
+    # before any role starts (the distributor's error, then "the distributor failed to start"; or exit 2)
+    (["hlt", "run", "--input", "foo"], "argument --input: ZeroMQ address 'foo' has no transport"),
+    (["hlt", "run", "--control", "tcp://127.0.0.1:99999"], "argument --control: ZeroMQ address 'tcp://127.0.0.1:99999': "
+                                                           "the port must be 0..65535"),
     # no command at all: the help, and exit 0 before (a script's typo passed as success)
     ([], "usage: eclreco [-h] [--version] COMMAND"),
     (["hlt"], "usage: eclreco hlt [-h] ROLE"),
@@ -174,6 +175,47 @@ def test_eclreco_numbers_out_of_range_exit_2_naming_the_option(argv, message, ca
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
     err = capsys.readouterr().err
     assert rc == 2 and message in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("argv,option", [
+    (["hlt", "worker", "--distributor", "foo"], "--distributor"),
+    (["hlt", "worker", "--collector", "tcp://127.0.0.1:99999"], "--collector"),
+    (["hlt", "status", "--control", "foo"], "--control"),
+    (["hlt", "control", "stop", "--control", "tcp://*:99999"], "--control"),
+    (["hlt", "collector", "--collector-addr", "tcp://*:99999"], "--collector-addr"),
+    (["hlt", "collector", "--control", "127.0.0.1:5557"], "--control"),
+    (["hlt", "distributor", "--input", "foo"], "--input"),
+    (["hlt", "distributor", "--workers-addr", "tcp://127.0.0.1:x"], "--workers-addr"),
+    (["hlt", "run", "--collector-addr", "foo"], "--collector-addr"),
+    (["daq-emulator", "--input", __file__, "--connect", "foo"], "--connect"),
+    (["daq-emulator", "--input", __file__, "--bind", "tcp://*:99999"], "--bind"),
+    (["hlt", "distributor", "--metrics-host", "999.1.1.1"], "--metrics-host"),
+    (["hlt", "collector", "--metrics-host", "nosuch.invalid"], "--metrics-host"),
+    (["hlt", "worker", "--metrics-host", "nosuch.invalid"], "--metrics-host"),
+    (["hlt", "run", "--metrics-host", "nosuch.invalid"], "--metrics-host"),
+])
+def test_a_bad_address_is_refused_naming_its_option(argv, option, capsys):
+    """`hlt status --control foo`, `hlt collector --collector-addr tcp://*:99999` or `daq-emulator --connect foo`
+    said `error: ValueError: ZeroMQ address 'foo' has no transport` from the socket's attach, naming no option
+    (daq-emulator after its first line), and a --metrics-host that does not resolve was an OSError of the
+    exporter, in a role after its sockets. The parser refuses both (cli_types.ADDRESS, metrics_host): one
+    line naming the option, exit 2, nothing started."""
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:  # argparse's
+        rc = e.code
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "", out + err
+    assert err.splitlines()[-1].startswith(f"eclreco {' '.join(argv[:2] if argv[0] == 'hlt' else argv[:1])}: "
+                                           f"error: argument {option}: "), err
+    assert "Traceback" not in err and "ValueError" not in err
+
+
+def test_reco_refuses_a_metrics_host_it_cannot_serve_on_naming_the_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        _reco().parse_args(["--metrics-port", "9460", "--metrics-host", "nosuch.invalid"])
+    assert e.value.code == 2
+    assert "error: argument --metrics-host: cannot serve metrics on 'nosuch.invalid'" in capsys.readouterr().err
 
 
 def test_hlt_control_without_a_farm_fails_in_seconds(capsys):
@@ -842,12 +884,14 @@ def test_a_metrics_address_that_cannot_be_served_is_named(tmp_path, capsys):
         assert _reco().main(["-i", str(raw), "--no-cnn", "--metrics-port", str(port)]) == 2
         err = capsys.readouterr().err
         assert f"reco.py: error: [Errno 98] cannot serve metrics on 127.0.0.1:{port}: Address already in use" in err, err
-        assert cli.main(["hlt", "distributor", "--input", "tcp://127.0.0.1:0", "--workers-addr", "tcp://127.0.0.1:0",
-                         "--control", "tcp://127.0.0.1:0", "--sched", "normal", "--metrics-port", "0",
-                         "--metrics-host", "nosuch.invalid"]) == 2
+        with pytest.raises(SystemExit) as e:  # the parser's refusal (cli_types.metrics_host), before any socket
+            cli.main(["hlt", "distributor", "--input", "tcp://127.0.0.1:0", "--workers-addr", "tcp://127.0.0.1:0",
+                      "--control", "tcp://127.0.0.1:0", "--sched", "normal", "--metrics-port", "0",
+                      "--metrics-host", "nosuch.invalid"])
+        assert e.value.code == 2
         out, err = capsys.readouterr()
         assert "using a free port" not in out, out
-        assert "cannot serve metrics on nosuch.invalid:0" in err and "Traceback" not in err, err
+        assert "argument --metrics-host: cannot serve metrics on 'nosuch.invalid'" in err and "Traceback" not in err, err
     finally:
         taken.close()
 

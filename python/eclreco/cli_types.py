@@ -82,6 +82,46 @@ THREADS = integer(1, _core.MAX_THREADS)  # the bounds of eclreco.process, checke
 BATCH_SIZE = integer(1, _core.MAX_BATCH_SIZE)
 
 
+def zmq_address(free: bool = False):
+    """A ZeroMQ address (argparse type) that libzmq would not misread (raw_sockets.check_address): a typo is the
+    option's one line, exit 2, before any socket (a role's ValueError after the parse named no option).
+    free: '' is taken too, for "a free local port" (hlt run's own addresses)."""
+
+    def parse(text: str) -> str:
+        from eclreco.raw_sockets import check_address
+
+        if not (free and text == ""):
+            try:
+                check_address(text)
+            except ValueError as err:
+                raise argparse.ArgumentTypeError(str(err)) from None
+        return text
+
+    parse.__name__ = "zmq_address"
+    return parse
+
+
+ADDRESS = zmq_address()
+ADDRESS_OR_FREE = zmq_address(free=True)
+
+
+def metrics_host(text: str) -> str:
+    """An interface the Prometheus exporter can listen on (argparse type): the name resolves and is this machine's,
+    tried by binding a free port of it, as prometheus_client binds (first address of getaddrinfo), and closing it.
+    Found at the exporter's start, a typo was an OSError that named no option, in an HLT role after its sockets."""
+    import socket
+
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(text, 0, type=socket.SOCK_STREAM,
+                                                              flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.bind(sockaddr)
+    except (OSError, UnicodeError) as err:  # gaierror (no such name), EADDRNOTAVAIL (another machine's address)
+        why = getattr(err, "strerror", None) or str(err)
+        raise argparse.ArgumentTypeError(f"cannot serve metrics on {text!r}: {why}") from None
+    return text
+
+
 def input_file(what: str):
     """A file that can be read (argparse type; `what` says what it should be): a missing path, a directory
     or an unreadable file is the option's one line naming it, exit 2, not open's OSError after the parse."""

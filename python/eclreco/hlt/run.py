@@ -27,8 +27,7 @@ from eclreco.curve import Curve, curve_option_error
 from eclreco.hlt import protocol as P
 from eclreco.hlt.control import ControlError, farm_failure, output_line, request, status, summary_line
 from eclreco.hlt.worker import chain_option_unused, module_names
-from eclreco.raw_sockets import (address_in_use, attach, check_address, check_message_limits, check_queue_bound,
-                                 tcp_port)
+from eclreco.raw_sockets import address_in_use, attach, check_message_limits, check_queue_bound, tcp_port
 
 
 def _terminate_with_parent() -> None:
@@ -489,15 +488,11 @@ def main(args) -> int:
         refuse(why)
     for option, address in (("--input", args.input), ("--control", args.control), ("--workers-addr", args.workers_addr),
                             ("--collector-addr", args.collector_addr)):
-        if address:
-            try:
-                check_address(address)
-            except ValueError as err:  # before any role starts (the distributor's error, then a second line)
-                refuse(f"{option}: {err}")
-            # the roles bind them (the input unless --input-connect): one another process holds, the farm's
-            # role would refuse at its start (a collector's, after the rest of the farm had started)
-            if not (option == "--input" and args.input_connect) and (why := address_in_use(address)):
-                refuse(f"{option} {address!r}: {why}")
+        # (their form is checked by the parser: cli_types.ADDRESS) the roles bind them (the input unless
+        # --input-connect): one another process holds, the farm's role would refuse at its start (a collector's,
+        # after the rest of the farm had started)
+        if address and not (option == "--input" and args.input_connect) and (why := address_in_use(address)):
+            refuse(f"{option} {address!r}: {why}")
     from eclreco.hlt.collector import output_error
     from eclreco.paths import output_file_error
     from eclreco.reconstruction import event_filter_option_unused

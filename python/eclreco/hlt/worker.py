@@ -24,7 +24,8 @@ import zmq
 
 import eclreco
 from eclreco import Module, _core
-from eclreco.cli_types import BATCH_SIZE, METRICS_PORT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, THREADS
+from eclreco.cli_types import (ADDRESS, BATCH_SIZE, METRICS_PORT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, THREADS,
+                               metrics_host)
 from eclreco.framework import RAW
 from eclreco.hlt import protocol as P
 from eclreco.paths import missing_folder, unwritable_folder
@@ -265,8 +266,8 @@ def run_worker(path, link: WorkerLink, threads: int = 1, batch_size: int = 256, 
 
 
 def add_worker_arguments(ap: argparse.ArgumentParser):
-    ap.add_argument("--distributor", default="tcp://127.0.0.1:5556", help="the distributor's workers address")
-    ap.add_argument("--collector", default="tcp://127.0.0.1:5558", help="the collector's input address")
+    ap.add_argument("--distributor", type=ADDRESS, default="tcp://127.0.0.1:5556", help="the distributor's workers address")
+    ap.add_argument("--collector", type=ADDRESS, default="tcp://127.0.0.1:5558", help="the collector's input address")
     ap.add_argument("--threads", type=THREADS, default=1, help="processing threads of this worker")
     ap.add_argument("--batch-size", type=BATCH_SIZE, default=256, help="events per batch")
     ap.add_argument("--capacity", type=NON_NEGATIVE_INT, default=0,
@@ -274,7 +275,7 @@ def add_worker_arguments(ap: argparse.ArgumentParser):
     ap.add_argument("--heartbeat", type=POSITIVE, default=0.5, help="seconds between heartbeats")
     ap.add_argument("--max-latency", type=NON_NEGATIVE, default=2.0, help="ms to wait for a batch to fill")
     ap.add_argument("--metrics-port", type=METRICS_PORT, default=0, help="Prometheus port (0: a free port, -1: none)")
-    ap.add_argument("--metrics-host", default="127.0.0.1", help="interface of the exporter")
+    ap.add_argument("--metrics-host", type=metrics_host, default="127.0.0.1", help="interface of the exporter")
     ap.add_argument("--modules", default="standard",
                     help="'standard' (add_reconstruction), 'none', or a comma-separated list of modules")
     ap.add_argument("--no-cnn", action="store_true", help="classical leakage correction only")
