@@ -81,7 +81,10 @@ def main(argv=None) -> int:
         if os.environ.get("ECLRECO_TRACEBACK"):
             raise
         command = " ".join(filter(None, [args.command, getattr(args, "hlt_command", None)]))
-        print(f"eclreco {command}: error: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        # a ValueError or OSError is a refusal whose message says what is wrong (an option, a file): the line
+        # argparse and the commands' own checks print; any other type is named (KeyError: 'x' says little alone)
+        kind = "" if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: "
+        print(f"eclreco {command}: error: {kind}{err}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: say so (a job cut short is not a job that ended), 128 + SIGINT
         command = " ".join(filter(None, [args.command, getattr(args, "hlt_command", None)]))
