@@ -218,6 +218,44 @@ def test_reco_refuses_a_metrics_host_it_cannot_serve_on_naming_the_option(capsys
     assert "error: argument --metrics-host: cannot serve metrics on 'nosuch.invalid'" in capsys.readouterr().err
 
 
+def test_an_output_file_in_a_folder_that_takes_no_file_is_refused_naming_its_option(tmp_path, capsys):
+    """An output file in a folder where no file can be made (here /proc; a read-only file system, a folder of
+    another user) passed the checks of the folder's existence: `reco.py -o` (or --rejected) failed at its
+    module's initialize, exit 1, with 'RootOutput.initialize failed: RuntimeError: cannot create output file
+    ... (at .../root_output.py:166 in initialize ...)', `hlt run -o` started a farm whose collector failed and
+    was restarted until the workers gave up (exit 1, a minute later), `hlt collector -o` registered and hung,
+    `hlt merge -o` and `quarantine --extract` said '[Errno 2] No such file or directory: /proc/.m.PID.partial.root'
+    (a temporary name the user never gave). Each is now one line naming the option, exit 2, before any work."""
+    import subprocess
+
+    raw = tmp_path / "in.msgpack"
+    write_raw_file(raw, encode_events("array30", 0, 1, [0], [0, 1], [100], [5000], [0], [0]))
+    why = "cannot write into '/proc' (No such file or directory)"
+    for argv, option in ((["-i", str(raw), "--no-cnn", "-o", "/proc/r.root"], "-o"),
+                         (["-i", str(raw), "--no-cnn", "--rejected", "/proc/q.msgpack"], "--rejected")):
+        with pytest.raises(SystemExit) as e:
+            _reco().parse_args(argv)
+        assert e.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1].endswith(f": error: {option} '{argv[-1]}': {why}")
+    for argv, option in ((["hlt", "run", "-o", "/proc/r.root", "--input", "tcp://127.0.0.1:0", "--control",
+                           "tcp://127.0.0.1:0"], "--output"),
+                         (["hlt", "merge", str(raw), "-o", "/proc/m.root"], "-o"),
+                         (["quarantine", str(raw), "--extract", "/proc/x"], "--extract")):
+        out = [a for a in argv if a.startswith("/proc")][0]
+        try:
+            rc = cli.main(argv)
+        except SystemExit as e:  # hlt run's refusals
+            rc = e.code
+        assert rc == 2
+        assert capsys.readouterr().err == f"eclreco {' '.join(argv[:2] if argv[0] == 'hlt' else argv[:1])}: " \
+                                          f"error: {option} '{out}': {why}\n"
+    r = subprocess.run([sys.executable, "-m", "eclreco.cli", "hlt", "collector", "-o", "/proc/r.root",
+                        "--metrics-port", "-1", "--collector-addr", "tcp://127.0.0.1:0", "--control", "tcp://127.0.0.1:9"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and r.stderr == f"eclreco hlt collector: error: --output '/proc/r.root': {why}\n", r.stderr
+    assert os.listdir(tmp_path) == ["in.msgpack"]
+
+
 def test_hlt_control_without_a_farm_fails_in_seconds(capsys):
     """`hlt control stop` at an address where no farm answers: an error after the 5 s STATUS probe,
     not after the 180 s that STOP itself may take (found by a newcomer's walk-through)."""

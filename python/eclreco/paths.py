@@ -36,12 +36,19 @@ def missing_folder(path: str) -> str:
 
 def output_file_error(path: str, option: str) -> str:
     """Why `path` cannot be an output file of `option` (a line naming both), '' when it can be: a directory
-    (a name in it is meant) or a file in a folder that does not exist (missing_folder), refused before the
-    work, not by the write at its end."""
+    (a name in it is meant), a file in a folder that does not exist (missing_folder) or in one where no file
+    can be made (unwritable_folder: the file, or its temporary name, is made there), refused before the work,
+    not by the write at its end (reco.py's RootOutput failed at initialize, exit 1, naming no option; an hlt
+    collector at its first flush, after it had registered). A pipe or a device is written as it is
+    (quarantine --extract /dev/stdout): nothing is made beside it."""
     if os.path.isdir(path):
         return f"{option} {path!r} is a directory: name a file in it"
     if folder := missing_folder(path):
         return f"{option} {path!r}: no directory {folder!r}"
+    if os.path.exists(path) and not os.path.isfile(path):
+        return ""
+    if why := unwritable_folder(os.path.dirname(os.path.realpath(path))):  # a symlink's target is written
+        return f"{option} {path!r}: {why}"
     return ""
 
 
