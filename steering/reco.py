@@ -220,8 +220,8 @@ def main(argv=None) -> int:
 
         try:
             exporter = serve_process_metrics(args.metrics_port, args.metrics_host, role="reco", path=path)
-        except OSError as err:  # refused before the run: its message names the metrics address
-            print(f"reco.py: error: {err}", file=sys.stderr, flush=True)
+        except OSError as err:  # refused before the run; the parser took the host (metrics_host): the port is taken
+            print(f"reco.py: error: --metrics-port {args.metrics_port}: {err.strerror}", file=sys.stderr, flush=True)
             return 2
     try:
         return run(args, path)

@@ -909,7 +909,9 @@ def test_a_metrics_address_that_cannot_be_served_is_named(tmp_path, capsys):
     use` (with -i tcp://… it read like the input's address), and an HLT role with a --metrics-host that
     does not resolve printed 'metrics port 0 unavailable (...); using a free port', tried again on the same
     host and failed with `gaierror: [Errno -2] Name or service not known`. Both errors now name the
-    metrics address; a role falls back to a free port only when the port is taken."""
+    metrics address; a role falls back to a free port only when the port is taken. reco.py's also names the
+    option (--metrics-port N: ...; it said '[Errno 98] cannot serve ...'), and a --metrics-host that cannot be
+    served is the parser's refusal naming --metrics-host (cli_types.metrics_host)."""
     import socket
 
     taken = socket.socket()
@@ -921,7 +923,8 @@ def test_a_metrics_address_that_cannot_be_served_is_named(tmp_path, capsys):
     try:
         assert _reco().main(["-i", str(raw), "--no-cnn", "--metrics-port", str(port)]) == 2
         err = capsys.readouterr().err
-        assert f"reco.py: error: [Errno 98] cannot serve metrics on 127.0.0.1:{port}: Address already in use" in err, err
+        assert err == (f"reco.py: error: --metrics-port {port}: cannot serve metrics on 127.0.0.1:{port}: Address already "
+                       "in use\n"), err
         with pytest.raises(SystemExit) as e:  # the parser's refusal (cli_types.metrics_host), before any socket
             cli.main(["hlt", "distributor", "--input", "tcp://127.0.0.1:0", "--workers-addr", "tcp://127.0.0.1:0",
                       "--control", "tcp://127.0.0.1:0", "--sched", "normal", "--metrics-port", "0",
