@@ -42,6 +42,20 @@ def test_eclreco_bad_options_exit_2_with_one_line(argv, message, tmp_path, capsy
     assert message in err and "Traceback" not in err
 
 
+def test_validate_refuses_a_model_it_cannot_use_naming_model(tmp_path, capsys):
+    """`eclreco validate --model FILE` with a missing file, a file that is no ONNX model or a model of the other
+    detector said `error: ModelError: ECLEnergyCorrection: ...`, naming no option; it is now the line reco.py
+    prints for its --model, exit 2, and no -o folder is left behind."""
+    for model, why in (("nofile.onnx", "model file 'nofile.onnx' does not exist"),
+                       (__file__, f"cannot load model {__file__!r}: "),
+                       (os.path.join(MODELS, "belle2-ecl.onnx"), "was trained for detector 'belle2-ecl'")):
+        assert cli.main(["validate", "--detector", "array30", "-o", str(tmp_path / "v"), "--model", model]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("eclreco validate: error: --model: ECLEnergyCorrection: ") and why in err, err
+        assert err.count("\n") == 1, err
+    assert os.listdir(tmp_path) == []
+
+
 def test_validate_refuses_belle2_sections_for_array30_with_exit_2(tmp_path, capsys):
     """`eclreco validate --detector array30 --pi0-events N` (or --fake-events) was refused by
     SystemExit(message): exit 1, the code of a failed run, where every other bad option exits 2."""

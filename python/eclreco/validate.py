@@ -390,12 +390,16 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
     from eclreco.train import check_max_events, checked_g4_path
 
     g4_path = checked_g4_path(g4_path, detector)
+    given = bool(model)
     model = _model_path(detector, model)
-    from eclreco.modules.ecl_energy_correction import load_session
+    from eclreco.modules.ecl_energy_correction import ModelError, load_session
 
     from eclreco.framework import version_text
 
-    _, meta = load_session(model, expected_detector=detector)  # a model of the other detector: an error, not a report
+    try:  # a model of the other detector: an error, not a report
+        _, meta = load_session(model, expected_detector=detector)
+    except ModelError as err:  # one line naming the option, as reco.py's (it was 'error: ModelError: ...')
+        raise ValueError(f"--model: {err}" if given else str(err)) from None
     g4 = cnn_data.G4Sample(g4_path, detector)
     _, _, test = g4.split()
     check_max_events(max_events, test.size, f"the held-out part of {g4_path!r} (its last "
