@@ -270,6 +270,33 @@ def test_an_output_file_in_a_folder_that_takes_no_file_is_refused_naming_its_opt
     assert os.listdir(tmp_path) == ["in.msgpack"]
 
 
+def test_a_worker_steering_file_that_is_missing_or_no_python_is_refused(tmp_path, capsys):
+    """`eclreco hlt worker typo.py` said `error: [Errno 2] No such file or directory: '/abs/typo.py'`, and
+    `hlt run --worker-steering raw.msgpack` (or a .py with a syntax error) started the farm, whose every worker
+    died on it and was restarted until --max-restarts ran out (exit 1). Both are now one line naming the file and
+    what gave it, exit 2, before anything starts (the file is compiled, not run)."""
+    import subprocess
+
+    bad = tmp_path / "bad.py"
+    bad.write_text("x = (\n")
+    raw = tmp_path / "raw.py"  # a raw file under a .py name: hlt worker takes a first argument *.py as STEERING
+    write_raw_file(raw, encode_events("array30", 0, 1, [0], [0, 1], [100], [5000], [0], [0]))
+    for steering, why in (("typo.py", "no such file"), (str(bad), "not a Python steering file (SyntaxError: "),
+                          (str(raw), "not a Python steering file (")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["hlt", "worker", steering, "--metrics-port", "-1"])
+        assert e.value.code == 2
+        assert capsys.readouterr().err.startswith(f"eclreco hlt worker: error: STEERING {steering!r}: {why}")
+    r = subprocess.run([sys.executable, "-m", "eclreco.cli", "hlt", "run", "-n", "1", "--max-restarts", "0",
+                        "--worker-steering", str(raw), "--input", "tcp://127.0.0.1:0", "--control", "tcp://127.0.0.1:0",
+                        "--metrics-base-port", "-1", "-o", str(tmp_path / "farm.root")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+    assert r.stderr.startswith(f"eclreco hlt run: error: --worker-steering {str(raw)!r}: not a Python steering file")
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["bad.py", "raw.py"]
+
+
 def test_hlt_control_without_a_farm_fails_in_seconds(capsys):
     """`hlt control stop` at an address where no farm answers: an error after the 5 s STATUS probe,
     not after the 180 s that STOP itself may take (found by a newcomer's walk-through)."""

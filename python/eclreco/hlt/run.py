@@ -26,7 +26,7 @@ import zmq
 from eclreco.curve import Curve, curve_option_error
 from eclreco.hlt import protocol as P
 from eclreco.hlt.control import ControlError, farm_failure, output_line, request, status, summary_line
-from eclreco.hlt.worker import chain_option_unused, module_names
+from eclreco.hlt.worker import chain_option_unused, module_names, steering_file_error
 from eclreco.raw_sockets import address_in_use, attach, check_message_limits, check_queue_bound, tcp_port
 
 
@@ -465,8 +465,8 @@ def main(args) -> int:
     if args.metrics_base_port > 0 and args.metrics_base_port + 1 + args.workers > 65535:
         refuse(f"--metrics-base-port {args.metrics_base_port}: the ports of the collector "
                f"and {args.workers} workers (P+1 .. P+{1 + args.workers}) must stay below 65536")
-    if args.worker_steering and not os.path.isfile(args.worker_steering):
-        refuse(f"--worker-steering {args.worker_steering!r} is not a file")
+    if args.worker_steering and (why := steering_file_error(args.worker_steering, "--worker-steering")):
+        refuse(why)
     if unused := chain_option_unused(args):
         refuse(unused)
     if args.model and not os.path.isfile(args.model):

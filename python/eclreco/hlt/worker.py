@@ -451,10 +451,29 @@ def default_steering() -> str | None:
     return find_beside_package(os.path.join("steering", "hlt_worker.py"))
 
 
+def steering_file_error(path: str, what: str) -> str:
+    """Why `path` cannot be a worker's steering file (a line naming `what`, the option or argument that gave it),
+    '' when it can: a missing or unreadable file, or one that is no Python (compiled here, not run). `hlt worker`
+    said '[Errno 2] No such file or directory: ...', and every worker of `hlt run --worker-steering` failed on
+    it and was restarted until --max-restarts ran out (exit 1, a minute later)."""
+    from eclreco.paths import unreadable_file
+
+    if why := unreadable_file(path, "steering file"):
+        return f"{what} {path!r}: {why}"
+    try:
+        with open(path, "rb") as f:
+            compile(f.read(), path, "exec")
+    except (SyntaxError, ValueError) as err:  # ValueError: null bytes, bytes that are no UTF-8 (a raw file)
+        return f"{what} {path!r}: not a Python steering file ({type(err).__name__}: {err})"
+    return ""
+
+
 def main(args) -> int:
     """`eclreco hlt worker [STEERING.py] [args...]`: run the steering file as __main__."""
     steering = args.steering or default_steering()
     argv = list(args.worker_args)
+    if args.steering and (why := steering_file_error(args.steering, "STEERING")):
+        refuse(why)
     if steering is None:  # installed without the source tree: the same path, built in
         from eclreco.cli_types import HelpFormatter
 
