@@ -1264,6 +1264,25 @@ def test_a_standalone_collector_refuses_an_output_it_cannot_write_before_it_regi
     assert os.listdir(tmp_path) == []
 
 
+def test_a_tcp_output_libzmq_would_misread_is_refused_naming_output(tmp_path):
+    """`hlt collector -o tcp://host` (no port) or `hlt run -o tcp://host:99999` passed the output checks (only
+    files were checked): the collector bound its sockets and waited for the distributor, and the address was
+    only checked by its ZMQOutput at the run's start. Now one line naming --output, exit 2, before any socket
+    or role."""
+    import subprocess
+
+    for argv, address in ((["hlt", "collector", "--metrics-port", "-1", "--sched", "normal", "--collector-addr",
+                            "tcp://127.0.0.1:0", "--control", "tcp://127.0.0.1:9"], "tcp://localhost"),
+                          (["hlt", "run", "--input", "tcp://127.0.0.1:0", "--control", "tcp://127.0.0.1:0",
+                            "--metrics-base-port", "-1"], "tcp://localhost:99999")):
+        r = subprocess.run([sys.executable, "-m", "eclreco.cli", *argv, "-o", address], capture_output=True,
+                           text=True, timeout=30, cwd=tmp_path)
+        assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+        assert r.stderr == f"eclreco {' '.join(argv[:2])}: error: --output: ZeroMQ address {address!r}: the port " \
+                           "must be 0..65535 or * (tcp://HOST:PORT)\n", r.stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_run_index_output_name_with_other_braces_is_taken_as_written(tmp_path):
     """`hlt run -o 'x_{run_index}_{shift}.root'` (or a '{' alone) failed with KeyError: 'shift' (ValueError for
     the lone brace) from str.format: only {run_index} is replaced, the rest of the name is the user's."""

@@ -557,8 +557,15 @@ def _refused_exit_code(link: CollectorLink) -> int:
 def output_error(output: str) -> str:
     """Why a collector cannot write --output (hlt run's and hlt collector's check before any socket), '' when
     it can: a directory was written beside itself as DIR.2 (unused_filename), a missing folder failed
-    only once the collector had registered with the distributor."""
+    only once the collector had registered with the distributor; a tcp:// output libzmq would misread (no port,
+    a port above 65535) was found only by ZMQOutput at the run's start, after the collector had registered."""
     if output.startswith("tcp://"):
+        from eclreco.raw_sockets import check_address
+
+        try:
+            check_address(output)
+        except ValueError as err:
+            return f"--output: {err}"
         return ""
     from eclreco.paths import output_file_error
 
