@@ -21,8 +21,8 @@ import eclreco
 from eclreco.cli_types import (BATCH_SIZE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, THREADS, HelpFormatter,
                                add_cluster_columns_argument, integer, metrics_host, name_list, number)
 from eclreco.curve import curve_option_error
-from eclreco.paths import missing_folder, output_file_error
-from eclreco.raw_sockets import (address_in_use, check_address, check_message_limits, check_queue_bound,
+from eclreco.paths import output_file_error
+from eclreco.raw_sockets import (bind_error, check_address, check_message_limits, check_queue_bound,
                                  is_stream_address, tcp_port)
 from eclreco.reconstruction import (add_event_filter, add_event_filter_arguments, add_reconstruction,
                                    chain_file_error, event_filter_option_unused)
@@ -157,11 +157,8 @@ def parse_args(argv=None):
         if (port is not None and (port == "*" or (port.isdigit() and int(port) == 0))) or args.input == "ipc://*":
             ap.error(f"-i {args.input!r}: name the port: a wildcard stands for one chosen at random, which no "
                      "sender would know" + (" (nor can one connect to it)" if args.connect else ""))
-        # the socket file of an ipc:// address it binds (one it connects to may appear later)
-        ipc_folder = missing_folder(args.input[len("ipc://"):]) if args.input.startswith("ipc://") else ""
-        if ipc_folder and not args.connect:
-            ap.error(f"-i {args.input!r}: no directory {ipc_folder!r} for the socket file")
-        if not args.connect and (why := address_in_use(args.input)):
+        # an address it binds (the socket file of one it connects to may appear later)
+        if not args.connect and (why := bind_error(args.input)):
             ap.error(f"-i {args.input!r}: {why}")
         if why := curve_option_error(args, "reco", (args.curve_server,) if args.connect else (), "--curve-server"):
             ap.error(why)

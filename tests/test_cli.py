@@ -1283,6 +1283,34 @@ def test_a_tcp_output_libzmq_would_misread_is_refused_naming_output(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_an_ipc_address_bound_in_a_missing_folder_is_refused_naming_its_option(tmp_path):
+    """A role binding ipc:///typo/x said `error: ZMQError: No such file or directory for ipc path "/typo/x".`,
+    naming no option (daq-emulator --bind after its first lines), and `hlt run --collector-addr ipc:///typo/x`
+    started the farm, whose collector failed and was restarted. reco.py -i said which folder was missing; all now
+    say it alike (raw_sockets.bind_error), one line naming the option, exit 2."""
+    import subprocess
+
+    from eclreco.rawdata import write_raw_file
+
+    raw = tmp_path / "raw.msgpack"
+    write_raw_file(raw, encode_events("array30", 0, 1, [0], [0, 1], [100], [5000], [0], [0]))
+    address = f"ipc://{tmp_path}/typo/x"
+    quiet = ["--metrics-port", "-1", "--sched", "normal"]
+    for option, argv in (("--input", ["hlt", "distributor", "--input", address, "--workers-addr", "tcp://127.0.0.1:0",
+                                      "--control", "tcp://127.0.0.1:0", *quiet]),
+                         ("--collector-addr", ["hlt", "collector", "--collector-addr", address, "--control",
+                                               "tcp://127.0.0.1:9", *quiet]),
+                         ("--bind", ["daq-emulator", "--input", str(raw), "--bind", address, "--sched", "normal"]),
+                         ("--collector-addr", ["hlt", "run", "--collector-addr", address, "--input", "tcp://127.0.0.1:0",
+                                               "--control", "tcp://127.0.0.1:0", "--metrics-base-port", "-1",
+                                               "-o", str(tmp_path / "farm.root")])):
+        r = subprocess.run([sys.executable, "-m", "eclreco.cli", *argv], capture_output=True, text=True, timeout=30)
+        command = " ".join(argv[:2] if argv[0] == "hlt" else argv[:1])
+        assert r.returncode == 2 and r.stderr == (f"eclreco {command}: error: {option} {address!r}: no directory "
+                                                  f"'{tmp_path}/typo' for the socket file\n"), r.stdout + r.stderr
+    assert os.listdir(tmp_path) == ["raw.msgpack"]
+
+
 def test_a_run_index_output_name_with_other_braces_is_taken_as_written(tmp_path):
     """`hlt run -o 'x_{run_index}_{shift}.root'` (or a '{' alone) failed with KeyError: 'shift' (ValueError for
     the lone brace) from str.format: only {run_index} is replaced, the rest of the name is the user's."""

@@ -383,14 +383,27 @@ def address_in_use(address: str) -> str:
     return _IN_USE["ipc://"] if _ipc_listened_on(path) else ""
 
 
+def bind_error(address: str) -> str:
+    """Why binding `address` would fail or do harm, '' when it would not: an ipc:// socket file in a folder that
+    does not exist (libzmq: 'No such file or directory for ipc path', naming no option), or address_in_use."""
+    from eclreco.paths import missing_folder
+
+    path = address[len("ipc://"):] if (address or "").startswith("ipc://") else ""
+    if path and path != "*" and not path.startswith("@") and (folder := missing_folder(path)):
+        return f"no directory {folder!r} for the socket file"
+    return address_in_use(address)
+
+
 class AddressInUse(OSError):
-    """A bind refused because another process holds the address (address_in_use); errno EADDRINUSE."""
+    """A bind refused because another process holds the address (address_in_use; errno EADDRINUSE), or because
+    the folder of its ipc:// socket file does not exist (bind_error; errno ENOENT)."""
 
     def __init__(self, address: str, what: str, why: str):
         import errno
 
         self.address, self.what = address, what
-        super().__init__(errno.EADDRINUSE, f"{what}{' ' if what else ''}{address!r}: {why}")
+        code = errno.ENOENT if why.startswith("no directory") else errno.EADDRINUSE
+        super().__init__(code, f"{what}{' ' if what else ''}{address!r}: {why}")
 
     def __str__(self):
         return self.strerror
@@ -399,9 +412,10 @@ class AddressInUse(OSError):
 def attach(sock: zmq.Socket, address: str, bind: bool, what: str = "") -> None:
     """Bind or connect `sock`, after check_address. A bind refuses an address another process holds
     (AddressInUse, naming `what`: the option or parameter that gave the address), where libzmq would take an
-    ipc:// socket file over (address_in_use) or fail with a bare "Address already in use"."""
+    ipc:// socket file over (address_in_use) or fail with a bare "Address already in use", and an ipc:// address
+    in a folder that does not exist (bind_error)."""
     check_address(address)
-    if bind and address.startswith("ipc://") and (why := address_in_use(address)):
+    if bind and address.startswith("ipc://") and (why := bind_error(address)):
         raise AddressInUse(address, what, why)
     try:
         (sock.bind if bind else sock.connect)(address)

@@ -27,7 +27,7 @@ from eclreco.curve import Curve, curve_option_error
 from eclreco.hlt import protocol as P
 from eclreco.hlt.control import ControlError, farm_failure, output_line, request, status, summary_line
 from eclreco.hlt.worker import chain_option_unused, module_names, steering_file_error
-from eclreco.raw_sockets import address_in_use, attach, check_message_limits, check_queue_bound, tcp_port
+from eclreco.raw_sockets import attach, bind_error, check_message_limits, check_queue_bound, tcp_port
 
 
 def _terminate_with_parent() -> None:
@@ -489,9 +489,9 @@ def main(args) -> int:
     for option, address in (("--input", args.input), ("--control", args.control), ("--workers-addr", args.workers_addr),
                             ("--collector-addr", args.collector_addr)):
         # (their form is checked by the parser: cli_types.ADDRESS) the roles bind them (the input unless
-        # --input-connect): one another process holds, the farm's role would refuse at its start (a collector's,
-        # after the rest of the farm had started)
-        if address and not (option == "--input" and args.input_connect) and (why := address_in_use(address)):
+        # --input-connect): one another process holds, or an ipc:// one in a missing folder, the farm's role would
+        # refuse at its start (a collector's, after the rest of the farm had started)
+        if address and not (option == "--input" and args.input_connect) and (why := bind_error(address)):
             refuse(f"{option} {address!r}: {why}")
     from eclreco.hlt.collector import output_error
     from eclreco.paths import output_file_error
