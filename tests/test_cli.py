@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from eclreco import cli
+from eclreco.hlt.run import free_address
 from eclreco.rawdata import encode_events, write_raw_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,6 +204,11 @@ def test_eclreco_numbers_out_of_range_exit_2_naming_the_option(argv, message, ca
     (["hlt", "run", "--collector-addr", "foo"], "--collector-addr"),
     (["daq-emulator", "--input", __file__, "--connect", "foo"], "--connect"),
     (["daq-emulator", "--input", __file__, "--bind", "tcp://*:99999"], "--bind"),
+    # an address only connected to, with a wildcard: libzmq's bare 'ZMQError: Invalid argument'
+    (["hlt", "status", "--control", "tcp://127.0.0.1:*"], "--control"),
+    (["hlt", "control", "stop", "--control", "tcp://*:5557"], "--control"),
+    (["hlt", "worker", "--distributor", "tcp://127.0.0.1:*"], "--distributor"),
+    (["daq-emulator", "--input", __file__, "--connect", "tcp://*:5555"], "--connect"),
     (["hlt", "distributor", "--metrics-host", "999.1.1.1"], "--metrics-host"),
     (["hlt", "collector", "--metrics-host", "nosuch.invalid"], "--metrics-host"),
     (["hlt", "worker", "--metrics-host", "nosuch.invalid"], "--metrics-host"),
@@ -223,6 +229,27 @@ def test_a_bad_address_is_refused_naming_its_option(argv, option, capsys):
     assert err.splitlines()[-1].startswith(f"eclreco {' '.join(argv[:2] if argv[0] == 'hlt' else argv[:1])}: "
                                            f"error: argument {option}: "), err
     assert "Traceback" not in err and "ValueError" not in err
+
+
+def test_an_address_connected_to_may_not_be_a_wildcard(tmp_path):
+    """hlt run's roles connect to its --control, --workers-addr and --collector-addr, and a collector to its
+    --control: with port 0 or a wildcard (tcp://127.0.0.1:0, tcp://*:5556) the farm started and waited on a
+    connection to nothing (the collector, alone, for ever). The parser refuses them (cli_types.CONNECT_ADDRESS),
+    one line naming the option, exit 2, nothing started."""
+    import subprocess
+
+    for argv, option in ((["hlt", "collector", "--control", "tcp://127.0.0.1:0", "--metrics-port", "-1", "--sched",
+                           "normal", "--collector-addr", "tcp://127.0.0.1:0"], "--control"),
+                         (["hlt", "run", "--control", "tcp://127.0.0.1:0"], "--control"),
+                         (["hlt", "run", "--workers-addr", "tcp://*:5556"], "--workers-addr"),
+                         (["hlt", "run", "--collector-addr", "tcp://127.0.0.1:*"], "--collector-addr")):
+        r = subprocess.run([sys.executable, "-m", "eclreco.cli", *argv, "--input" if argv[1] == "run" else "-o",
+                            "tcp://127.0.0.1:0" if argv[1] == "run" else "x.root"], capture_output=True, text=True,
+                           timeout=30, cwd=tmp_path)
+        assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
+        assert r.stderr.splitlines()[-1].startswith(f"eclreco hlt {argv[1]}: error: argument {option}: ZeroMQ address ")
+        assert "is connected to: name its host and port" in r.stderr, r.stderr
+    assert os.listdir(tmp_path) == []
 
 
 def test_reco_refuses_a_metrics_host_it_cannot_serve_on_naming_the_option(capsys):
@@ -252,7 +279,7 @@ def test_an_output_file_in_a_folder_that_takes_no_file_is_refused_naming_its_opt
         assert e.value.code == 2
         assert capsys.readouterr().err.splitlines()[-1].endswith(f": error: {option} '{argv[-1]}': {why}")
     for argv, option in ((["hlt", "run", "-o", "/proc/r.root", "--input", "tcp://127.0.0.1:0", "--control",
-                           "tcp://127.0.0.1:0"], "--output"),
+                           free_address()], "--output"),
                          (["hlt", "merge", str(raw), "-o", "/proc/m.root"], "-o"),
                          (["quarantine", str(raw), "--extract", "/proc/x"], "--extract")):
         out = [a for a in argv if a.startswith("/proc")][0]
@@ -288,7 +315,7 @@ def test_a_worker_steering_file_that_is_missing_or_no_python_is_refused(tmp_path
         assert e.value.code == 2
         assert capsys.readouterr().err.startswith(f"eclreco hlt worker: error: STEERING {steering!r}: {why}")
     r = subprocess.run([sys.executable, "-m", "eclreco.cli", "hlt", "run", "-n", "1", "--max-restarts", "0",
-                        "--worker-steering", str(raw), "--input", "tcp://127.0.0.1:0", "--control", "tcp://127.0.0.1:0",
+                        "--worker-steering", str(raw), "--input", "tcp://127.0.0.1:0", "--control", free_address(),
                         "--metrics-base-port", "-1", "-o", str(tmp_path / "farm.root")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr
@@ -1273,7 +1300,7 @@ def test_a_tcp_output_libzmq_would_misread_is_refused_naming_output(tmp_path):
 
     for argv, address in ((["hlt", "collector", "--metrics-port", "-1", "--sched", "normal", "--collector-addr",
                             "tcp://127.0.0.1:0", "--control", "tcp://127.0.0.1:9"], "tcp://localhost"),
-                          (["hlt", "run", "--input", "tcp://127.0.0.1:0", "--control", "tcp://127.0.0.1:0",
+                          (["hlt", "run", "--input", "tcp://127.0.0.1:0", "--control", free_address(),
                             "--metrics-base-port", "-1"], "tcp://localhost:99999")):
         r = subprocess.run([sys.executable, "-m", "eclreco.cli", *argv, "-o", address], capture_output=True,
                            text=True, timeout=30, cwd=tmp_path)
@@ -1302,7 +1329,7 @@ def test_an_ipc_address_bound_in_a_missing_folder_is_refused_naming_its_option(t
                                                "tcp://127.0.0.1:9", *quiet]),
                          ("--bind", ["daq-emulator", "--input", str(raw), "--bind", address, "--sched", "normal"]),
                          ("--collector-addr", ["hlt", "run", "--collector-addr", address, "--input", "tcp://127.0.0.1:0",
-                                               "--control", "tcp://127.0.0.1:0", "--metrics-base-port", "-1",
+                                               "--control", free_address(), "--metrics-base-port", "-1",
                                                "-o", str(tmp_path / "farm.root")])):
         r = subprocess.run([sys.executable, "-m", "eclreco.cli", *argv], capture_output=True, text=True, timeout=30)
         command = " ".join(argv[:2] if argv[0] == "hlt" else argv[:1])

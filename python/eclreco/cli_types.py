@@ -82,19 +82,27 @@ THREADS = integer(1, _core.MAX_THREADS)  # the bounds of eclreco.process, checke
 BATCH_SIZE = integer(1, _core.MAX_BATCH_SIZE)
 
 
-def zmq_address(free: bool = False):
+def zmq_address(free: bool = False, connect: bool = False):
     """A ZeroMQ address (argparse type) that libzmq would not misread (raw_sockets.check_address): a typo is the
     option's one line, exit 2, before any socket (a role's ValueError after the parse named no option).
-    free: '' is taken too, for "a free local port" (hlt run's own addresses)."""
+    free: '' is taken too, for "a free local port" (hlt run's own addresses). connect: an address only connected
+    to, where a wildcard (tcp://*:P, tcp://H:* or port 0, ipc://*) was libzmq's bare 'ZMQError: Invalid argument'
+    (port 0: a connection to nothing, and a wait for an answer)."""
 
     def parse(text: str) -> str:
-        from eclreco.raw_sockets import check_address
+        from eclreco.raw_sockets import check_address, tcp_port
 
-        if not (free and text == ""):
-            try:
-                check_address(text)
-            except ValueError as err:
-                raise argparse.ArgumentTypeError(str(err)) from None
+        if free and text == "":
+            return text
+        try:
+            check_address(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        port = tcp_port(text)
+        if connect and (text == "ipc://*" or (port is not None and (port in ("*", "0") or
+                                                                    text[6:].startswith(("*:", ":"))))):
+            raise argparse.ArgumentTypeError(f"ZeroMQ address {text!r} is connected to: name its host and port "
+                                             "(a wildcard or port 0 is for an address that is bound)")
         return text
 
     parse.__name__ = "zmq_address"
@@ -102,7 +110,7 @@ def zmq_address(free: bool = False):
 
 
 ADDRESS = zmq_address()
-ADDRESS_OR_FREE = zmq_address(free=True)
+CONNECT_ADDRESS = zmq_address(connect=True)
 
 
 def metrics_host(text: str) -> str:

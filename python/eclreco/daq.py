@@ -21,7 +21,7 @@ import time
 from typing import Callable, Iterable
 
 from eclreco import scheduling
-from eclreco.cli_types import ADDRESS, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, input_file
+from eclreco.cli_types import ADDRESS, CONNECT_ADDRESS, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, input_file
 from eclreco.rawdata import RawFile, RawFileError, count_messages, not_a_raw_file, read_raw_file
 
 
@@ -342,7 +342,7 @@ def add_daq_emulator_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--input", type=input_file("raw file"), required=True,
                    help="raw file (.msgpack, envelopes back to back)")
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--connect", metavar="ADDR", type=ADDRESS, help="connect the PUSH socket to ADDR, e.g. tcp://127.0.0.1:5555")
+    where.add_argument("--connect", metavar="ADDR", type=CONNECT_ADDRESS, help="connect the PUSH socket to ADDR, e.g. tcp://127.0.0.1:5555")
     where.add_argument("--bind", metavar="ADDR", type=ADDRESS, help="bind the PUSH socket to ADDR, e.g. tcp://127.0.0.1:5555")
     p.add_argument("--rate", type=NON_NEGATIVE, default=0.0, help="events per second (0: as fast as possible)")
     # no default here: given without --rate, it is refused (option_error)

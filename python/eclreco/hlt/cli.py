@@ -4,11 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from eclreco.cli_types import (ADDRESS, ADDRESS_OR_FREE, BATCH_SIZE, METRICS_PORT, NON_NEGATIVE, NON_NEGATIVE_INT,
-                               POSITIVE, POSITIVE_INT, THREADS, add_cluster_columns_argument, input_file, metrics_host)
+from eclreco.cli_types import (ADDRESS, BATCH_SIZE, CONNECT_ADDRESS, METRICS_PORT, NON_NEGATIVE, NON_NEGATIVE_INT,
+                               POSITIVE, POSITIVE_INT, THREADS, add_cluster_columns_argument, input_file, metrics_host,
+                               zmq_address)
 from eclreco.curve import add_curve_arguments
 from eclreco.reconstruction import add_event_filter_arguments
 from eclreco.scheduling import add_scheduling_argument
+
+FARM_ADDRESS_OR_FREE = zmq_address(free=True, connect=True)  # hlt run's --workers-addr, --collector-addr
 
 
 def _add_metrics(p, default_port: int):
@@ -20,11 +23,13 @@ def _add_metrics(p, default_port: int):
 def add_distributor_arguments(p, local_farm: bool = False):
     p.add_argument("--input", type=ADDRESS, default="tcp://127.0.0.1:5555", help="PULL address that event builders push to")
     p.add_argument("--input-connect", action="store_true", help="connect the input instead of binding it")
+    # hlt run's roles connect to the addresses its distributor and collector bind: no wildcard, no port 0
     if local_farm:  # hlt run: its own workers, so any free port (a second farm on the host does not clash)
-        p.add_argument("--workers-addr", type=ADDRESS_OR_FREE, default="", help="ROUTER address workers connect to (default: a free local port)")
+        p.add_argument("--workers-addr", type=FARM_ADDRESS_OR_FREE, default="", help="ROUTER address workers connect to (default: a free local port)")
     else:
         p.add_argument("--workers-addr", type=ADDRESS, default="tcp://127.0.0.1:5556", help="ROUTER address workers connect to")
-    p.add_argument("--control", type=ADDRESS, default="tcp://127.0.0.1:5557", help="ROUTER address of run control")
+    p.add_argument("--control", type=CONNECT_ADDRESS if local_farm else ADDRESS, default="tcp://127.0.0.1:5557",
+                   help="ROUTER address of run control")
     p.add_argument("--queue-size", type=POSITIVE_INT, default=4000, help="events read ahead of the workers")
     p.add_argument("--max-held", type=POSITIVE_INT, default=20000,
                    help="events held, at most: read and not yet in the collector's file (unconfirmed, or "
@@ -73,7 +78,7 @@ def add_hlt_parser(subparsers):
 
     p = sub.add_parser("collector", help="results of all workers -> output file, confirmations")
     p.add_argument("--collector-addr", type=ADDRESS, default="tcp://127.0.0.1:5558", help="PULL address workers push to")
-    p.add_argument("--control", type=ADDRESS, default="tcp://127.0.0.1:5557", help="the distributor's control address")
+    p.add_argument("--control", type=CONNECT_ADDRESS, default="tcp://127.0.0.1:5557", help="the distributor's control address")
     p.add_argument("-o", "--output", default="hlt.root",
                    help="ROOT file ({run_index} is replaced; else runs after the first get _runN) or tcp://")
     p.add_argument("--output-bind", action="store_true", help="bind a tcp:// output instead of connecting")
@@ -96,7 +101,7 @@ def add_hlt_parser(subparsers):
     p = sub.add_parser("run", help="a local farm: 1 distributor, N workers, 1 collector")
     add_distributor_arguments(p, local_farm=True)
     p.add_argument("-n", "--workers", type=POSITIVE_INT, default=2, help="worker processes")
-    p.add_argument("--collector-addr", type=ADDRESS_OR_FREE, default="", help="default: a free local port")
+    p.add_argument("--collector-addr", type=FARM_ADDRESS_OR_FREE, default="", help="default: a free local port")
     p.add_argument("-o", "--output", default="hlt.root", help="output of the collector (ROOT file or tcp://)")
     p.add_argument("--worker-steering", default="", help="default: steering/hlt_worker.py")
     p.add_argument("--rejected", default=None,
@@ -133,14 +138,14 @@ def add_hlt_parser(subparsers):
 
     p = sub.add_parser("control", help="run control: stop (end of run), start (new run), terminate")
     p.add_argument("action", choices=["stop", "start", "terminate"])
-    p.add_argument("--control", type=ADDRESS, default="tcp://127.0.0.1:5557", help="the distributor's control address")
+    p.add_argument("--control", type=CONNECT_ADDRESS, default="tcp://127.0.0.1:5557", help="the distributor's control address")
     p.add_argument("--timeout", type=POSITIVE, default=180.0,
                    help="seconds to wait for the answer (a farm that does not answer STATUS within 5 s: at once)")
     add_curve_arguments(p, "control")
     p.set_defaults(func=lambda a: __import__("eclreco.hlt.control", fromlist=["control_main"]).control_main(a))
 
     p = sub.add_parser("status", help="every process of the farm: role, pid, state, counters")
-    p.add_argument("--control", type=ADDRESS, default="tcp://127.0.0.1:5557", help="the distributor's control address")
+    p.add_argument("--control", type=CONNECT_ADDRESS, default="tcp://127.0.0.1:5557", help="the distributor's control address")
     p.add_argument("--json", action="store_true", help='{"processes": [{"role": ..., "pid": ...}, ...]}')
     p.add_argument("--watch", type=NON_NEGATIVE, nargs="?", const=1.0, default=0.0,
                    help="refresh every S s (a bare --watch: 1 s; 0: once)")

@@ -24,8 +24,8 @@ import zmq
 
 import eclreco
 from eclreco import Module, _core
-from eclreco.cli_types import (ADDRESS, BATCH_SIZE, METRICS_PORT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, THREADS,
-                               metrics_host)
+from eclreco.cli_types import (BATCH_SIZE, CONNECT_ADDRESS, METRICS_PORT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE,
+                               THREADS, metrics_host)
 from eclreco.framework import RAW
 from eclreco.hlt import protocol as P
 from eclreco.paths import missing_folder, unwritable_folder
@@ -266,8 +266,8 @@ def run_worker(path, link: WorkerLink, threads: int = 1, batch_size: int = 256, 
 
 
 def add_worker_arguments(ap: argparse.ArgumentParser):
-    ap.add_argument("--distributor", type=ADDRESS, default="tcp://127.0.0.1:5556", help="the distributor's workers address")
-    ap.add_argument("--collector", type=ADDRESS, default="tcp://127.0.0.1:5558", help="the collector's input address")
+    ap.add_argument("--distributor", type=CONNECT_ADDRESS, default="tcp://127.0.0.1:5556", help="the distributor's workers address")
+    ap.add_argument("--collector", type=CONNECT_ADDRESS, default="tcp://127.0.0.1:5558", help="the collector's input address")
     ap.add_argument("--threads", type=THREADS, default=1, help="processing threads of this worker")
     ap.add_argument("--batch-size", type=BATCH_SIZE, default=256, help="events per batch")
     ap.add_argument("--capacity", type=NON_NEGATIVE_INT, default=0,
