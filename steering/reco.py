@@ -22,6 +22,7 @@ from eclreco.cli_types import (BATCH_SIZE, NON_NEGATIVE, NON_NEGATIVE_INT, POSIT
                                add_cluster_columns_argument, integer, metrics_host, name_list, number)
 from eclreco.curve import curve_option_error
 from eclreco.paths import output_file_error
+from eclreco.rawdata import not_a_raw_file
 from eclreco.raw_sockets import (bind_error, check_address, check_message_limits, check_queue_bound,
                                  is_stream_address, tcp_port)
 from eclreco.reconstruction import (add_event_filter, add_event_filter_arguments, add_reconstruction,
@@ -147,6 +148,11 @@ def parse_args(argv=None):
             ap.error(f"-i {args.input!r}: cannot read it ({err.strerror})")
         if head == b"root":  # the raw reader would reject its every record
             ap.error(f"-i {args.input!r} is a ROOT file (an output of reco.py): -i reads raw files (.msgpack)")
+        # a file of another kind (any bytes are some MessagePack: a text ran as events, each rejected, and left an
+        # empty -o and a quarantine file behind, exit 1), judged by its first message as daq-emulator --input is;
+        # an empty file is a run with no events, said after it
+        if head and (why := not_a_raw_file(args.input)):
+            ap.error(f"-i {args.input!r}: {why}")
     if args.stream:
         try:
             check_address(args.input)

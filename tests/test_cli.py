@@ -558,14 +558,27 @@ def test_validate_on_a_small_sample_writes_strict_json(tmp_path):
 
 
 def test_reco_py_fails_when_every_event_is_rejected(tmp_path, capsys, monkeypatch):
-    """A file that is not raw data of the wire format: every record rejected, nothing processed; the
-    job says so and exits 1 (it exited 0 with an empty output)."""
+    """Raw data whose every record is rejected, nothing processed: the job says so and exits 1 (it exited 0
+    with an empty output). A file that is not raw data of the wire format at all (a text: each byte some
+    MessagePack) ran the same way, rejecting 13 'events' into a quarantine file beside an empty -o; it is
+    refused before the job, as daq-emulator --input refuses it: one line naming -i, exit 2, nothing written."""
+    import msgpack
+
     monkeypatch.chdir(tmp_path)  # without -o the job keeps what it rejects in ./rejected.msgpack
     reco = _reco()
     text = tmp_path / "notes.txt"
     text.write_text("not raw data\n")
-    assert reco.main(["-i", str(text), "--threads", "1"]) == 1
-    assert "every event was rejected (not_a_map 13)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        reco.main(["-i", str(text), "--threads", "1", "-o", str(tmp_path / "t.root")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f"error: -i '{text}': not a raw file of the wire format: its first message is no envelope (the message is "
+        "a MessagePack int, not a map)")
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+    wrong = tmp_path / "v2.msgpack"  # envelopes of another version: each rejected
+    write_raw_file(wrong, [msgpack.packb({"v": 2})] * 3)
+    assert reco.main(["-i", str(wrong), "--threads", "1"]) == 1
+    assert "every event was rejected (bad_version 3)" in capsys.readouterr().err
     raw = tmp_path / "raw.msgpack"  # one good event with one bad: a job that did its work
     write_raw_file(raw, encode_events("array30", 0, 1, [0, 1], [0, 0, 0], [], [], [], []))
     with open(raw, "ab") as f:
