@@ -72,7 +72,8 @@ def build_parser():
                              "beyond), and a batch ends at the message that reaches them (0: no bound; "
                              "docs/deployment.md)")
     stream.add_argument("--curve-dir", default="", help="CURVE key directory (eclreco hlt keys); default: no CURVE")
-    stream.add_argument("--curve-name", default="reco", help="own key name in DIR/private")
+    # no default here (build_path applies it): given without --curve-dir, it is refused (curve_option_error)
+    stream.add_argument("--curve-name", help="own key name in DIR/private (default reco)")
     stream.add_argument("--curve-secret", default="", help="own key pair file (default DIR/private/NAME.key_secret)")
     stream.add_argument("--curve-server", default="daq", help="key name of the sender with --connect")
     reco = ap.add_argument_group("reconstruction")
@@ -192,7 +193,7 @@ def build_path(args) -> eclreco.Path:
                         max_latency_ms=args.max_latency, max_message_bytes=args.max_message_bytes,
                         refuse_message_bytes=args.refuse_message_bytes, max_queue_bytes=args.max_queue_bytes,
                         curve_dir=args.curve_dir,
-                        curve_name=args.curve_name, curve_secret=args.curve_secret, curve_server=args.curve_server)
+                        curve_name=args.curve_name or "reco", curve_secret=args.curve_secret, curve_server=args.curve_server)
     else:
         path.add_module("RawFileInput", filename=args.input)
     # the simulation's detector is known: a --model of the other one is an error at initialize, not one per event

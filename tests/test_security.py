@@ -349,3 +349,30 @@ def test_the_cnn_runtime_sends_no_telemetry_unless_the_user_asks(tmp_path):
         if given is None:
             assert sorted(os.listdir(home)) == [] and sorted(os.listdir(tmp)) == []
         assert r.stdout.split() == [expected]  # the user's own setting is kept
+
+
+def test_curve_key_options_without_curve_dir_are_refused_not_ignored(tmp_path):
+    """`daq-emulator --connect ... --curve-secret x` (and --curve-name, in every command that takes the CURVE
+    options) started a plaintext link without a word: the operator believed it encrypted. Without --curve-dir
+    they are now one line naming them, exit 2, before any socket."""
+    raw = tmp_path / "ev.msgpack"
+    write_raw_file(raw, (envelope(e) for e in range(3)))
+    commands = [["daq-emulator", "--input", str(raw), "--connect", "tcp://127.0.0.1:9"],
+                ["hlt", "distributor", "--metrics-port", "-1", "--input", free_address()],
+                ["hlt", "collector", "--metrics-port", "-1", "-o", str(tmp_path / "c.root")],
+                ["hlt", "worker", "--metrics-port", "-1", "--rejected", ""],
+                ["hlt", "run", "-o", str(tmp_path / "r.root"), "--metrics-base-port", "-1"],
+                ["hlt", "control", "stop", "--timeout", "1"], ["hlt", "status", "--timeout", "1"]]
+    options = (["--curve-secret", str(tmp_path / "own.key_secret")], ["--curve-name", "daq2"])
+    runs = [(ECLRECO + argv + opts, " ".join(argv[:2] if argv[0] == "hlt" else argv[:1]), "--curve-")
+            for argv in commands for opts in options]
+    runs += [([sys.executable, os.path.join(REPO, "steering", "reco.py"), "-i", free_address(), "--idle-timeout",
+               "1", "--curve-name", "r", "--curve-secret", "s"], "reco.py", "--curve-name, --curve-secret: ")]
+    for cmd, command, named in runs:
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=str(tmp_path))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{cmd}: started without CURVE")
+        err = r.stderr.strip().splitlines()  # reco.py's argparse shows its usage first
+        assert r.returncode == 2 and (len(err) == 1 or command == "reco.py"), (cmd, r.stdout, r.stderr)
+        assert f"{command}: error: " in err[-1] and named in err[-1] and "without --curve-dir" in err[-1], r.stderr

@@ -16,7 +16,6 @@ handshake: none of its messages is ever delivered. Without ``--curve-dir`` nothi
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import threading
@@ -106,9 +105,16 @@ def curve_option_error(args, default_name: str, servers=(), server_option: str =
     public/, the own key pair (--curve-secret, else private/NAME.key_secret), and the public key of each
     of `servers`, the parties it connects to (`server_option` names the option that chose them). Without
     it a missing key failed at ZMQInput's initialize (reco.py: exit 1, source locations) or as a
-    FileNotFoundError naming no option."""
+    FileNotFoundError naming no option. Without --curve-dir, a --curve-name or --curve-secret given is the
+    error (they were ignored: a plaintext link); their defaults are therefore None and ''."""
     directory = getattr(args, "curve_dir", "") or ""
     if not directory:
+        # the own key of a process without CURVE: a plaintext link its operator believes encrypted
+        given = [option for option, dest in (("--curve-name", "curve_name"), ("--curve-secret", "curve_secret"))
+                 if getattr(args, dest, None)]
+        if given:
+            return (f"{', '.join(given)}: {'it chooses' if len(given) == 1 else 'they choose'} the own CURVE key, "
+                    "which does nothing without --curve-dir (the link would be plain, unencrypted ZeroMQ)")
         return ""
     if not os.path.isdir(directory):
         return (f"--curve-dir {directory!r}: {'not a directory' if os.path.exists(directory) else 'no such directory'}"
@@ -152,10 +158,8 @@ def stop_authenticators():
 def add_curve_arguments(p, default_name: str):
     g = p.add_argument_group("CURVE (optional authentication and encryption; docs/reliability.md)")
     g.add_argument("--curve-dir", default="", help="key directory of `eclreco hlt keys` (default: no CURVE)")
-    # a parser whose formatter appends defaults (the hlt roles') would show this one twice
-    shows_defaults = issubclass(p.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
-    g.add_argument("--curve-name", default=default_name,
-                   help="own key name in DIR/private" + ("" if shows_defaults else f" (default {default_name})"))
+    # no default here (Curve.from_args applies it): given without --curve-dir, it is refused (curve_option_error)
+    g.add_argument("--curve-name", help=f"own key name in DIR/private (default {default_name})")
     g.add_argument("--curve-secret", default="", help="own key pair file (default DIR/private/NAME.key_secret)")
     return g
 
