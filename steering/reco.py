@@ -28,6 +28,9 @@ from eclreco.raw_sockets import (bind_error, check_address, check_message_limits
 from eclreco.reconstruction import (add_event_filter, add_event_filter_arguments, add_reconstruction,
                                    chain_file_error, event_filter_option_unused)
 
+# CURVE key names when not given: its own (--curve-name), and the sender's it connects to (--curve-server)
+CURVE_NAME, CURVE_SERVER = "reco", "daq"
+
 
 def build_parser():
     """The parser, and its groups of the embedded simulation and of a ZeroMQ input (parse_args refuses their
@@ -73,9 +76,10 @@ def build_parser():
                              "docs/deployment.md)")
     stream.add_argument("--curve-dir", default="", help="CURVE key directory (eclreco hlt keys); default: no CURVE")
     # no default here (build_path applies it): given without --curve-dir, it is refused (curve_option_error)
-    stream.add_argument("--curve-name", help="own key name in DIR/private (default reco)")
+    stream.add_argument("--curve-name", help=f"own key name in DIR/private (default {CURVE_NAME})")
     stream.add_argument("--curve-secret", default="", help="own key pair file (default DIR/private/NAME.key_secret)")
-    stream.add_argument("--curve-server", default="daq", help="key name of the sender with --connect")
+    # no default here: given without --connect or without --curve-dir, it is refused (curve_option_error)
+    stream.add_argument("--curve-server", help=f"key name of the sender with --connect (default {CURVE_SERVER})")
     reco = ap.add_argument_group("reconstruction")
     reco.add_argument("--no-cnn", action="store_true", help="classical leakage correction only")
     reco.add_argument("--no-dqm", action="store_true", help="no DQM histograms")
@@ -167,7 +171,8 @@ def parse_args(argv=None):
         # an address it binds (the socket file of one it connects to may appear later)
         if not args.connect and (why := bind_error(args.input)):
             ap.error(f"-i {args.input!r}: {why}")
-        if why := curve_option_error(args, "reco", (args.curve_server,) if args.connect else (), "--curve-server"):
+        if why := curve_option_error(args, CURVE_NAME, (args.curve_server or CURVE_SERVER,) if args.connect else (),
+                                     "--curve-server"):
             ap.error(why)
     # the spec keeps every rejected message for inspection: a job that reads raw data keeps them by default
     args.rejected_when_needed = args.rejected is None and bool(args.input)
@@ -193,7 +198,8 @@ def build_path(args) -> eclreco.Path:
                         max_latency_ms=args.max_latency, max_message_bytes=args.max_message_bytes,
                         refuse_message_bytes=args.refuse_message_bytes, max_queue_bytes=args.max_queue_bytes,
                         curve_dir=args.curve_dir,
-                        curve_name=args.curve_name or "reco", curve_secret=args.curve_secret, curve_server=args.curve_server)
+                        curve_name=args.curve_name or CURVE_NAME, curve_secret=args.curve_secret,
+                        curve_server=args.curve_server or CURVE_SERVER)
     else:
         path.add_module("RawFileInput", filename=args.input)
     # the simulation's detector is known: a --model of the other one is an error at initialize, not one per event

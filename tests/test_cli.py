@@ -102,10 +102,10 @@ def test_validate_refuses_belle2_sections_for_array30_with_exit_2(tmp_path, caps
      r"--tick-ms 5 paces the bursts of --rate: it does nothing without a --rate > 0"),
     # the receiver's key name: with --bind the emulator is the CURVE server, and without keys there is no CURVE
     (["daq-emulator", "--input", __file__, "--bind", "tcp://127.0.0.1:1", "--curve-dir", "{tmp}/keys",
-      "--curve-server", "reco"], r"--curve-server 'reco' names the receiver's key when connecting: with --bind the "
-                                 r"emulator is the CURVE server itself"),
+      "--curve-server", "reco"], r"--curve-server 'reco' names the peer's CURVE key when connecting: this socket "
+                                 r"binds, and is the CURVE server itself"),
     (["daq-emulator", "--input", __file__, "--connect", "tcp://127.0.0.1:1", "--curve-server", "reco"],
-     r"--curve-server 'reco' names the receiver's CURVE key: it does nothing without --curve-dir"),
+     r"--curve-server: it names a CURVE key, which does nothing without --curve-dir"),
     # belle2-ecl's validation sections: ignored for array30, which has none
     (["validate", "--detector", "array30", "-o", "{tmp}/v", "--pi0-events", "5000", "--fake-events", "0"],
      "--pi0-events, --fake-events: the pi0 peak and the clusters away from the photon are belle2-ecl's sections"),

@@ -376,3 +376,19 @@ def test_curve_key_options_without_curve_dir_are_refused_not_ignored(tmp_path):
         err = r.stderr.strip().splitlines()  # reco.py's argparse shows its usage first
         assert r.returncode == 2 and (len(err) == 1 or command == "reco.py"), (cmd, r.stdout, r.stderr)
         assert f"{command}: error: " in err[-1] and named in err[-1] and "without --curve-dir" in err[-1], r.stderr
+
+
+def test_reco_py_refuses_a_curve_server_it_would_not_use(tmp_path, keys):
+    """`reco.py -i tcp://... --curve-dir K --curve-server x` binds: it is the CURVE server and asks no peer for a
+    key, and the --curve-server was ignored (as one without --curve-dir was): it ran, the operator believing the
+    sender checked. Both are refused now, as daq-emulator refuses them, one line naming the option, exit 2."""
+    reco = [sys.executable, os.path.join(REPO, "steering", "reco.py"), "-i", free_address(), "--idle-timeout", "1"]
+    for extra, message in ((["--curve-dir", keys, "--curve-server", "daq"], "--curve-server 'daq' names the peer's "
+                            "CURVE key when connecting: this socket binds, and is the CURVE server itself"),
+                           (["--connect", "--curve-server", "daq"],
+                            "--curve-server: it names a CURVE key, which does nothing without --curve-dir")):
+        try:
+            r = subprocess.run(reco + extra, capture_output=True, text=True, timeout=20, cwd=str(tmp_path))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{extra}: reco.py started, the --curve-server ignored")
+        assert r.returncode == 2 and f"reco.py: error: {message}" in r.stderr.splitlines()[-1], (extra, r.stderr)

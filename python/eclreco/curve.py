@@ -105,16 +105,25 @@ def curve_option_error(args, default_name: str, servers=(), server_option: str =
     public/, the own key pair (--curve-secret, else private/NAME.key_secret), and the public key of each
     of `servers`, the parties it connects to (`server_option` names the option that chose them). Without
     it a missing key failed at ZMQInput's initialize (reco.py: exit 1, source locations) or as a
-    FileNotFoundError naming no option. Without --curve-dir, a --curve-name or --curve-secret given is the
-    error (they were ignored: a plaintext link); their defaults are therefore None and ''."""
+    FileNotFoundError naming no option.
+
+    An option that would do nothing is refused too (it was ignored: a plaintext link, or a peer's key never
+    asked for, that its operator believed set): without --curve-dir a --curve-name, --curve-secret or
+    --curve-server given (their defaults are therefore None and ''); and with `server_option` '--curve-server'
+    (daq-emulator, reco.py: the option naming the one peer a connecting socket knows, None when not given),
+    a --curve-server given to a socket that binds (`servers` empty): it is the CURVE server itself."""
     directory = getattr(args, "curve_dir", "") or ""
+    server = getattr(args, "curve_server", None) if server_option == "--curve-server" else None
+    if server is not None and not servers:
+        return (f"--curve-server {server!r} names the peer's CURVE key when connecting: this socket binds, and is the "
+                "CURVE server itself (it accepts the peers whose keys are in --curve-dir's public/)")
     if not directory:
-        # the own key of a process without CURVE: a plaintext link its operator believes encrypted
-        given = [option for option, dest in (("--curve-name", "curve_name"), ("--curve-secret", "curve_secret"))
-                 if getattr(args, dest, None)]
+        given = [option for option, value in (("--curve-name", getattr(args, "curve_name", None)),
+                                              ("--curve-secret", getattr(args, "curve_secret", None)),
+                                              ("--curve-server", server)) if value]
         if given:
-            return (f"{', '.join(given)}: {'it chooses' if len(given) == 1 else 'they choose'} the own CURVE key, "
-                    "which does nothing without --curve-dir (the link would be plain, unencrypted ZeroMQ)")
+            return (f"{', '.join(given)}: {'it names a' if len(given) == 1 else 'they name'} CURVE key, which does "
+                    "nothing without --curve-dir (the link would be plain, unencrypted ZeroMQ)")
         return ""
     if not os.path.isdir(directory):
         return (f"--curve-dir {directory!r}: {'not a directory' if os.path.exists(directory) else 'no such directory'}"

@@ -279,14 +279,6 @@ def option_error(args: argparse.Namespace) -> str:
     if args.tick_ms is not None and not args.rate:
         return (f"--tick-ms {args.tick_ms:g} paces the bursts of --rate: it does nothing without a --rate > 0 "
                 "(the events go out as fast as possible)")
-    if args.curve_server is not None:
-        if args.bind:  # a bound socket is the CURVE server: its clients are whoever public/ holds a key of
-            return (f"--curve-server {args.curve_server!r} names the receiver's key when connecting: with --bind the "
-                    "emulator is the CURVE server itself (it accepts the receivers whose keys are in --curve-dir's "
-                    "public/)")
-        if not args.curve_dir:
-            return (f"--curve-server {args.curve_server!r} names the receiver's CURVE key: it does nothing without "
-                    "--curve-dir")
     return ""
 
 
@@ -356,7 +348,7 @@ def add_daq_emulator_parser(subparsers) -> argparse.ArgumentParser:
     from eclreco.curve import add_curve_arguments
 
     g = add_curve_arguments(p, "daq")
-    # no default here: given with --bind or without --curve-dir, it is refused (option_error)
+    # no default here: given with --bind or without --curve-dir, it is refused (curve_option_error)
     g.add_argument("--curve-server", help=f"with --connect: key name of the receiver ({CURVE_SERVER}, the default, or "
                                           "reco for steering/reco.py)")
     p.set_defaults(func=run_daq_emulator)
