@@ -139,3 +139,32 @@ def test_cnn_variants_benchmark_measures_every_variant():
     # too few events for a calibration half and a timed half: refused with the reason
     r = subprocess.run([sys.executable, script, "--events", "300"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--events must be >= 512" in r.stderr, r.stderr
+
+
+def test_bench_zmq_sender_reads_only_the_messages_it_sends(tmp_path):
+    """The zmq step of `eclreco bench` sends 5000 events of a ~100 MB file, and read the whole file to do so,
+    twice (its count and its sender process, read_raw_file). It reads the first N now (push_raw_messages,
+    rawdata.count_messages): a file whose bytes after them cannot be framed sends them all."""
+    import zmq
+
+    from eclreco.bench import push_raw_messages
+    from eclreco.rawdata import RawFileError, count_messages, read_raw_file, write_raw_file
+    from hlt_helpers import envelope
+
+    raw = tmp_path / "raw.msgpack"
+    write_raw_file(raw, (envelope(e) for e in range(5)))
+    with open(raw, "ab") as f:
+        f.write(b"\xc1 not a message")  # read to the end, the file is an error
+    with pytest.raises(RawFileError):
+        read_raw_file(raw)
+    assert count_messages(raw, 3) == 3
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    try:
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        assert push_raw_messages(str(raw), 3, f"tcp://127.0.0.1:{port}") == 3
+        got = [pull.recv() for _ in range(3) if pull.poll(5000)]
+        assert got == [envelope(e) for e in range(3)] and not pull.poll(200)
+    finally:
+        pull.close(0)
+        ctx.term()

@@ -177,6 +177,29 @@ def cnn_measurements(raw: str, tmp: str, repeat: int, max_events: int) -> dict:
             "cnn_clusters_per_event": n / max_events}
 
 
+def push_raw_messages(raw: str, n: int, address: str) -> int:
+    """Sends the first n messages of the raw file `raw` over a PUSH socket connected to `address` and returns when
+    they are delivered; returns how many there were (fewer in a shorter file). Only those messages are read
+    (the bench's file is ~100 MB, its zmq step sends 5000 of them; reading it all took memory and time)."""
+    import itertools
+
+    import zmq
+
+    from eclreco.rawdata import iter_raw_file
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, n + 10)
+    sock.connect(address)
+    sent = 0
+    for m in itertools.islice(iter_raw_file(raw), n):
+        sock.send(m)
+        sent += 1
+    sock.close(linger=-1)  # term() blocks until every message is delivered (a bare exit lost some)
+    ctx.term()
+    return sent
+
+
 def zmq_input_measurement(raw: str, n_events: int) -> dict:
     """ZMQInput (messages into a batch, envelopes decoded in C++) vs a bare pyzmq + msgpack receive
     loop. Both drain the same n messages already queued at the receiving socket, so the sender's
@@ -187,18 +210,12 @@ def zmq_input_measurement(raw: str, n_events: int) -> dict:
     import zmq
 
     import eclreco
-    from eclreco.rawdata import read_raw_file
+    from eclreco.rawdata import count_messages
 
-    n = min(n_events, len(read_raw_file(raw)))
+    n = count_messages(raw, n_events)  # the first n_events, not the whole file
 
     def send_all(port):
-        code = ("import zmq\nfrom eclreco.rawdata import read_raw_file\n"
-                f"m = read_raw_file({raw!r})[:{n}]\n"
-                f"c = zmq.Context(); s = c.socket(zmq.PUSH); s.setsockopt(zmq.SNDHWM, {n + 10})\n"
-                f"s.connect('tcp://127.0.0.1:{port}')\n"
-                "for x in m: s.send(x)\n"
-                # term() blocks until every message is delivered (a bare exit lost some)
-                "s.close(linger=-1); c.term()\n")
+        code = f"from eclreco.bench import push_raw_messages\npush_raw_messages({raw!r}, {n}, 'tcp://127.0.0.1:{port}')"
         subprocess.run([sys.executable, "-c", code], check=True)
 
     ctx = zmq.Context.instance()
