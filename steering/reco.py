@@ -116,6 +116,9 @@ def parse_args(argv=None):
         ap.error("--cluster-columns chooses the branches of the -o file: there is no -o")
     if args.metrics_linger and not args.metrics_port:
         ap.error("--metrics-linger keeps the metrics served after the run: there is no --metrics-port")
+    if args.metrics_host != ap.get_default("metrics_host") and not args.metrics_port:  # ran with no exporter at all
+        ap.error(f"--metrics-host {args.metrics_host!r} is the interface of the metrics exporter: there is no "
+                 "--metrics-port")
     if unused := event_filter_option_unused(args):
         ap.error(unused)
     try:

@@ -1450,3 +1450,16 @@ def test_hlt_merge_refuses_a_file_that_is_not_root_in_one_line(tmp_path, capsys)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "README.md: not a readable ROOT file" in err, err
     assert not os.listdir(tmp_path)
+
+
+def test_reco_py_refuses_a_metrics_host_without_metrics_port(tmp_path, capsys):
+    """`reco.py -i raw --metrics-host 0.0.0.0` ran without any exporter (--metrics-port 0 is none), the
+    interface silently ignored, as --metrics-linger was before it was refused: a scrape found nothing."""
+    reco = _reco()
+    raw = tmp_path / "raw.msgpack"
+    write_raw_file(raw, encode_events("array30", 0, 1, [0], [0, 1], [1], [1000], [0], [0]))
+    with pytest.raises(SystemExit) as e:
+        reco.main(["-i", str(raw), "--no-cnn", "--metrics-host", "0.0.0.0"])
+    err = capsys.readouterr().err.splitlines()
+    assert e.value.code == 2 and err[-1].endswith(
+        "error: --metrics-host '0.0.0.0' is the interface of the metrics exporter: there is no --metrics-port"), err
