@@ -1463,3 +1463,18 @@ def test_reco_py_refuses_a_metrics_host_without_metrics_port(tmp_path, capsys):
     err = capsys.readouterr().err.splitlines()
     assert e.value.code == 2 and err[-1].endswith(
         "error: --metrics-host '0.0.0.0' is the interface of the metrics exporter: there is no --metrics-port"), err
+
+
+def test_a_collector_refuses_output_bind_with_a_root_file(tmp_path):
+    """`hlt collector -o run.root --output-bind` (meant: serve the results on a socket) waited for the distributor
+    and wrote the file, the --output-bind silently ignored; it is one line naming both options now, exit 2."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "eclreco.cli", "hlt", "collector", "-o", str(tmp_path / "run.root"), "--output-bind",
+           "--metrics-port", "-1", "--control", "tcp://127.0.0.1:9"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=15, cwd=str(tmp_path))
+    except subprocess.TimeoutExpired:
+        pytest.fail("the collector started, --output-bind ignored")
+    assert r.returncode == 2 and r.stderr.startswith("eclreco hlt collector: error: "), r.stderr
+    assert "--output-bind binds a tcp:// output: --output" in r.stderr and r.stderr.count("\n") == 1, r.stderr

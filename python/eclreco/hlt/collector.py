@@ -631,6 +631,8 @@ def main(args) -> int:
 
     if why := output_error(args.output):  # a bad option: exit 2 (cli.main), before the distributor knows it
         raise ValueError(why)
+    if args.output_bind and not args.output.startswith("tcp://"):  # ignored, it wrote the file as if not given
+        raise ValueError(f"--output-bind binds a tcp:// output: --output {args.output!r} is a ROOT file")
     if why := curve_option_error(args, "collector", ("distributor",) + collector_output_servers(args)):
         raise ValueError(why)
     scheduling.apply(args.sched, "collector")  # before the ZeroMQ context: its threads inherit the policy
