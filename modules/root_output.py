@@ -224,16 +224,33 @@ class RootOutput(Module):
         if self._error:
             raise RuntimeError(self._error)
         keep = batch.active()  # not rejected, not discarded by an event filter
+        # Built before anything is counted: a call that raises (a missing cluster column) is re-run event
+        # by event, and its events are in no file (their detectors were in the metadata of a file of 0 events).
+        part = self._part_of(batch, keep) if keep.any() else None
         self.batches_taken += 1
         self._detectors.update(np.unique(batch.detector[keep]).tolist())
         if not self._upstream_error and (batch.error_flags[keep] & _core.ERROR_MODULE).any():
             errors = batch.errors()
             first = min((i for i in errors if keep[i]), default=None)
             self._upstream_error = errors[first] if first is not None else ""
-        if not keep.any():
+        if part is None:
             if not self._parts and self._writer is None:
                 self.batches_written = self.batches_taken  # nothing of it to write
             return
+        self._parts.append(part)
+        self._buffered += int(keep.sum())
+        if self._oldest is None:
+            self._oldest = time.monotonic()
+        if self._buffered >= self.param("basket_events"):
+            self._start_write()
+        else:
+            self.flush_if_due()
+        # taken once event() returns: the events of a call that raised (a write failing in it) are module errors
+        self.events_taken_run += int(keep.sum())
+
+    def _part_of(self, batch, keep) -> dict:
+        """The branches' data of the batch's kept events (and markers of what the chain failed to make); a
+        ValueError for cluster_columns that ECLClusters lacks or that hold several values per cluster."""
         t = EVENT_BRANCH_TYPES
         part = {
             "exp": batch.exp[keep].astype(t["exp"]),  # 64 bits: the wire format bounds only evt
@@ -290,16 +307,7 @@ class RootOutput(Module):
                 if cols:
                     part["_cluster_counts"] = counts[keep].astype(np.int32)
                     part["_cluster_cols"] = cols
-        self._parts.append(part)
-        self._buffered += int(keep.sum())
-        if self._oldest is None:
-            self._oldest = time.monotonic()
-        if self._buffered >= self.param("basket_events"):
-            self._start_write()
-        else:
-            self.flush_if_due()
-        # taken once event() returns: the events of a call that raised (a write failing in it) are module errors
-        self.events_taken_run += int(keep.sum())
+        return part
 
     def flush_if_due(self):
         """Starts writing the buffer when flush_interval_s is set and its oldest batch is that old

@@ -836,3 +836,43 @@ def test_the_summary_counts_the_events_lost_with_a_failed_output(tmp_path):
     assert s["errors"] > 0 and s["errors_in_outputs"] == o["errors"] == s["errors"], s
     assert [m["errors"] for m in s["modules"]] == [0, 0, 0, s["errors"]], s["modules"]
     assert f"module errors in the outputs: {s['errors']} (events an output raised on" in str(eclreco.statistics)
+
+
+class TwoDetectorClusters(eclreco.Module):
+    """Two batches of 10 events with a cluster each: array30's with the column `tag`, then belle2-ecl's without it."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def is_source(self):
+        return True
+
+    def next_batch(self, batch, max_events):
+        n, self.calls = 10, self.calls + 1
+        batch.resize(n)
+        batch.evt[:] = np.arange(n) + 10 * (self.calls - 1)
+        batch.detector[:] = 1 if self.calls == 1 else 0
+        cols = {"energy": np.ones(n, np.float32)}
+        if self.calls == 1:
+            cols["tag"] = np.ones(n, np.float32)
+        batch.add_collection("ECLClusters", np.arange(n + 1), cols)
+        return self.calls < 2
+
+
+def test_a_batch_the_output_raises_on_is_not_counted_in_the_file(tmp_path):
+    """RootOutput counted a batch (batches_taken, the metadata's detectors) before the check of cluster_columns
+    that raises: a file of array30 events only said detectors ["array30", "belle2-ecl"], and batches_taken rose
+    once for the call and again for each event of its re-run."""
+    import json
+
+    path = eclreco.create_path()
+    path.add_module(TwoDetectorClusters())
+    out = path.add_module("RootOutput", filename=str(tmp_path / "out.root"), cluster_columns=["energy", "tag"])
+    eclreco.process(path, batch_size=10, install_signal_handlers=False)
+    assert eclreco.statistics.summary()["errors"] == 10  # the belle2-ecl events, without `tag`
+    with uproot.open(tmp_path / "out.root") as f:
+        meta = json.loads(str(f["metadata"]))
+        assert f["events"]["evt"].array(library="np").tolist() == list(range(10))
+    assert meta["detectors"] == ["array30"] and meta["events_written"] == 10
+    assert out.batches_taken == out.batches_written == 1
