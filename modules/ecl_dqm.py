@@ -55,15 +55,17 @@ class ECLDQM(Module):
         registry.begin_run(exp, run)
 
     def event(self, batch):
-        # Everything is computed first and filled at the end: a call that raises (a column the collection
-        # lacks) is re-run event by event from the batch as it was, and what it had filled was counted twice.
-        fills = self._fills(batch)
+        # Every histogram's bins are computed first and added at the end, where nothing can raise: a call that
+        # raises (a column the collection lacks, values a histogram cannot take) is re-run event by event
+        # from the batch as it was, and what it had filled was counted twice.
+        bins = [(name, values if name == "rejections" else self.h[name].bins(values))
+                for name, values in self._fills(batch)]
         registry.filled()
-        for name, values in fills:
+        for name, b in bins:
             if name == "rejections":
-                self.h[name].fill_counts(values)
+                self.h[name].fill_counts(b)
             else:
-                self.h[name].fill(values)
+                self.h[name].add_bins(b)
 
     def _fills(self, batch):
         """(histogram name, values) of a batch, in filling order; nothing is filled here."""

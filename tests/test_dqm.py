@@ -501,11 +501,13 @@ def test_a_registry_that_keeps_runs_open_writes_one_cycle_per_run(tmp_path, caps
 class _ChainOutputSource(eclreco.Module):
     """n events as the reconstruction leaves them: ECLDigits (i % 4 digits), ECLEventInformation (without a
     row for every 5th event when `unpacker_failures`: ECLUnpacker failed on it), every 7th event rejected, and
-    ECLClusters (i % 3 clusters with energy, time, x; with y and z when `positions`)."""
+    ECLClusters (i % 3 clusters with energy, time, x; with y and z when `positions`; time of shape (rows, 2) when
+    `two_times`, a custom source's column that no histogram takes)."""
 
-    def __init__(self, n=40, positions=True, unpacker_failures=True):
+    def __init__(self, n=40, positions=True, unpacker_failures=True, two_times=False):
         super().__init__()
         self.n, self.positions, self.failures, self.next = n, positions, unpacker_failures, 0
+        self.two_times = two_times
 
     def is_source(self):
         return True
@@ -526,7 +528,8 @@ class _ChainOutputSource(eclreco.Module):
         batch.add_collection("ECLEventInformation", info, {"n_out_of_time_digits": evt[has_row].astype(np.int32)})
         off = np.concatenate([[0], np.cumsum(evt % 3)])
         rows = off[-1]
-        cols = {"energy": np.full(rows, 0.2, np.float32), "time": np.zeros(rows, np.float32),
+        cols = {"energy": np.full(rows, 0.2, np.float32),
+                "time": np.zeros((rows, 2) if self.two_times else rows, np.float32),
                 "x": np.linspace(-50, 50, rows, dtype=np.float32)}
         if self.positions:
             cols.update(y=np.full(rows, 100.0, np.float32), z=np.linspace(-20, 20, rows, dtype=np.float32))
@@ -535,12 +538,12 @@ class _ChainOutputSource(eclreco.Module):
         return self.next < self.n
 
 
-def _dqm_counts(batch_size, **source):
+def _dqm_counts(batch_size, dqm=None, **source):
     from eclreco.dqm import registry
 
     path = eclreco.create_path()
     path.add_module(_ChainOutputSource(**source))
-    path.add_module("ECLDQM")
+    path.add_module("ECLDQM", **(dqm or {}))
     eclreco.process(path, batch_size=batch_size, install_signal_handlers=False)
     return ({name: (dict(h.counts) if name == "rejections" else h.counts.tolist())
              for name, h in registry.histograms.items()}, eclreco.statistics.summary())
@@ -570,3 +573,20 @@ def test_a_dqm_call_that_raises_fills_nothing_before_its_rerun():
     assert s_eight["errors"] == s_one["errors"]
     assert eight == one
     assert sum(one["cluster_energy"]) > 0 and sum(one["digits_per_event"]) > 0
+
+
+def test_a_histogram_whose_own_fill_raises_fills_no_histogram_of_its_batch(capfd):
+    """Values no histogram can take (a custom source's cluster time of two values per cluster) raised in
+    Histogram1D.fill of cluster_time (numpy's bincount), after the batch's rejections, digits and cluster
+    energies were filled: the re-run event by event filled them again. Every histogram's bins of a batch are
+    computed before any is filled, and the error names the histogram."""
+    no_pairs = {"min_cluster_energy_gev": 1.0}  # (the pi0 masses, computed first, would raise first)
+    one, s_one = _dqm_counts(1, no_pairs, two_times=True)
+    assert s_one["errors"] > 0  # the events with clusters
+    eight, s_eight = _dqm_counts(8, no_pairs, two_times=True)
+    assert s_eight["errors"] == s_one["errors"]
+    assert eight == one
+    assert sum(one["digits_per_event"]) > 0 and sum(one["cluster_energy"]) == 0
+    assert "histogram 'cluster_time' takes one value per entry, not values of shape" in capfd.readouterr().err
+    with pytest.raises(ValueError, match="histogram 'h' takes one value per entry"):
+        Histogram1D("h", "h", 4, 0, 4).fill(np.zeros((3, 2)))

@@ -23,13 +23,22 @@ class Histogram1D:
         self.moments = np.zeros(2, np.float64)  # sum of w x and of w x^2 over the in-range fills (ROOT's statistics)
 
     def fill(self, values, weights=None) -> None:
+        self.add_bins(self.bins(values, weights))
+
+    def bins(self, values, weights=None):
+        """What fill(values, weights) adds, computed without changing the histogram; add_bins adds it and
+        cannot fail (ECLDQM computes every histogram's bins of a batch before it adds any: a call that
+        raised is re-run event by event, and what it had added was counted twice). A ValueError naming the
+        histogram for values that are not one per entry."""
         values = np.asarray(values)
         if values.size == 0:
-            return
-        if weights is None and values.ndim == 1 and values.dtype.kind in "if" and values.dtype.itemsize in (4, 8):
-            # one C++ pass instead of ~8 numpy passes and temporaries (the same bins)
-            _core.fill_uniform_histogram(self.counts, values, float(self.edges[0]), float(self.edges[-1]), self.moments)
-            return
+            return None
+        if values.ndim != 1:
+            raise ValueError(f"histogram '{self.name}' takes one value per entry, not values of shape {values.shape}")
+        if weights is None and values.dtype.kind in "if" and values.dtype.itemsize in (4, 8):
+            # one C++ pass instead of ~8 numpy passes and temporaries (the same bins), in place in add_bins:
+            # it takes any 1-d array of these types
+            return values
         nb = self.edges.size - 1
         lo, hi = self.edges[0], self.edges[-1]
         # floor((values - lo) / (hi - lo) * nb) in float64, in place on one temporary
@@ -41,11 +50,21 @@ class Histogram1D:
         idx += 1
         np.maximum(idx, 0, out=idx)
         np.minimum(idx, nb + 1, out=idx)
-        self.counts += np.bincount(idx, weights=weights, minlength=nb + 2)
+        counts = np.bincount(idx, weights=weights, minlength=nb + 2)
         inside = (idx >= 1) & (idx <= nb)
         v = np.asarray(values, np.float64)[inside]
         w = np.ones_like(v) if weights is None else np.asarray(weights, np.float64)[inside]
-        self.moments += [(w * v).sum(), (w * v * v).sum()]
+        return counts, np.array([(w * v).sum(), (w * v * v).sum()])
+
+    def add_bins(self, bins) -> None:
+        """Adds what bins() computed."""
+        if bins is None:
+            return
+        if isinstance(bins, np.ndarray):
+            _core.fill_uniform_histogram(self.counts, bins, float(self.edges[0]), float(self.edges[-1]), self.moments)
+        else:
+            self.counts += bins[0]
+            self.moments += bins[1]
 
     def add(self, other: "Histogram1D") -> None:
         self.counts += other.counts
