@@ -5,6 +5,7 @@ import numpy as np
 
 from eclreco import Module, _core, per_event_sum
 from eclreco.dqm import CategoryHistogram, Histogram1D, registry
+from eclreco.framework import per_event_value
 
 PI0_MASS_GEV = 0.134977
 
@@ -80,12 +81,8 @@ class ECLDQM(Module):
         if "ECLDigits" in batch:
             fills.append(("digits_per_event", np.diff(batch["ECLDigits"].offsets)[good]))
         if "ECLEventInformation" in batch:
-            info = batch["ECLEventInformation"]
-            oot = info["n_out_of_time_digits"]
-            if oot.shape[0] != len(batch):
-                # one row per event, but none for an event on which the unpacker failed (the batch is put
-                # together again from its events): 0 there, as in RootOutput's branch (the sum of 0 or 1 rows)
-                oot = per_event_sum(oot, info.offsets)
+            # 0 for an event without a row (one on which the unpacker failed), as in RootOutput's branch
+            oot = per_event_value(batch, "ECLEventInformation", "n_out_of_time_digits", 0)
             fills.append(("out_of_time_digits", oot[good]))
         if "ECLClusters" not in batch:
             return fills

@@ -7,8 +7,9 @@ import time
 
 import numpy as np
 
-from eclreco import Module, _core, per_event_sum
+from eclreco import Module, _core
 from eclreco.dqm import NO_RUN_LABEL, registry
+from eclreco.framework import per_event_value
 from eclreco.paths import missing_folder
 
 # The event branches in the tree's order; n_digits and n_out_of_time_digits where the chain makes them
@@ -262,12 +263,8 @@ class RootOutput(Module):
         if "ECLDigits" in batch:
             part["n_digits"] = np.diff(batch["ECLDigits"].offsets)[keep].astype(t["n_digits"])
         if "ECLEventInformation" in batch:  # the event's background measure (ECLUnpacker)
-            info = batch["ECLEventInformation"]
-            oot = info["n_out_of_time_digits"]
-            if oot.shape[0] != len(batch):
-                # one row per event, but none for an event on which the unpacker failed (the batch is put
-                # together again from its events): 0 there, as for a rejected event (the sum of 0 or 1 rows)
-                oot = per_event_sum(oot, info.offsets)
+            # 0 for an event without a row (one on which the unpacker failed), as for a rejected event
+            oot = per_event_value(batch, "ECLEventInformation", "n_out_of_time_digits", 0)
             part["n_out_of_time_digits"] = oot[keep].astype(t["n_out_of_time_digits"], copy=False)
         failed = (batch.error_flags[keep] & _core.ERROR_MODULE).all()
         if "ECLDigits" not in batch and failed:

@@ -876,3 +876,34 @@ def test_a_batch_the_output_raises_on_is_not_counted_in_the_file(tmp_path):
         assert f["events"]["evt"].array(library="np").tolist() == list(range(10))
     assert meta["detectors"] == ["array30"] and meta["events_written"] == 10
     assert out.batches_taken == out.batches_written == 1
+
+
+class EventInformationRows(eclreco.Module):
+    """ECLEventInformation as a custom module could make it: event 0 of the batch with two rows, event 1 with none."""
+
+    def event(self, batch):
+        rows = np.ones(len(batch), np.int64)
+        rows[:2] = 2, 0
+        off = np.concatenate([[0], np.cumsum(rows)])
+        batch.add_collection("ECLEventInformation", off, {"n_out_of_time_digits": np.arange(off[-1], dtype=np.int32) + 100})
+
+
+def test_an_event_with_several_event_information_rows_is_an_error_not_another_events_value(tmp_path):
+    """RootOutput and ECLDQM took ECLEventInformation as one value per event whenever it had as many rows as the
+    batch has events: event 0 with two rows and event 1 with none gave event 1 event 0's second row (101) and
+    event 2 its own. They read it as the CNN's event features do now (framework.per_event_value): an event
+    without a row counts 0, one with several is an error of that event."""
+    from eclreco.dqm import registry
+
+    path = eclreco.create_path()
+    path.add_module(CountingSource(3))
+    path.add_module(EventInformationRows())
+    path.add_module("ECLDQM")
+    path.add_module("RootOutput", filename=str(tmp_path / "out.root"))
+    eclreco.process(path, batch_size=3, install_signal_handlers=False)
+    errors = eclreco.statistics.state.error_messages()
+    assert len(errors) == 2 and all("evt 0" in e and "event 0 of the batch has 2" in e for e in errors), errors
+    with uproot.open(tmp_path / "out.root") as f:
+        a = f["events"].arrays(["evt", "n_out_of_time_digits"], library="np")
+    assert a["evt"].tolist() == [1, 2] and a["n_out_of_time_digits"].tolist() == [0, 102]
+    assert registry.histograms["out_of_time_digits"].entries == 2  # events 1 and 2

@@ -64,8 +64,10 @@ EVENT_FEATURE_COLUMNS = {"event_oot_digits": ("ECLEventInformation", "n_out_of_t
 def event_features(batch, names):
     """Per-event values [n_events, len(names)] float32 of the event-level features `names`
     (EVENT_FEATURE_COLUMNS: the event-level collections ECLUnpacker writes, one row per event).
-    An event without a row gets NaN: ECLUnpacker writes none for an event it failed on (which has
-    no clusters either); before, such an event failed the features of its whole batch."""
+    An event without a row gets NaN (framework.per_event_value): ECLUnpacker writes none for an event
+    it failed on (which has no clusters either); before, such an event failed the features of its whole batch."""
+    from eclreco.framework import per_event_value
+
     out = np.empty((len(batch), len(names)), np.float32)
     for j, name in enumerate(names):
         if name not in EVENT_FEATURE_COLUMNS:
@@ -74,17 +76,10 @@ def event_features(batch, names):
         if coll not in batch:
             raise ValueError(f"event feature {name!r} needs {coll}.{col}, which ECLUnpacker writes; "
                              "this batch has no " + coll)
-        c = batch[coll]
-        rows = np.diff(np.asarray(c.offsets))
-        if rows.size and rows.max() > 1:
-            raise ValueError(f"event feature {name!r} needs one row of {coll} per event; "
-                             f"event {int(np.argmax(rows > 1))} of the batch has {int(rows.max())}")
-        values = c[col]
-        if len(values) == len(rows):  # a row for every event (at most one each, as many as events)
-            out[:, j] = values
-        else:
-            out[:, j] = np.nan
-            out[rows == 1, j] = values
+        try:
+            out[:, j] = per_event_value(batch, coll, col, np.nan)
+        except ValueError as err:  # an event with several rows
+            raise ValueError(f"event feature {name!r}: {err}") from None
     return out
 
 

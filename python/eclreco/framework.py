@@ -166,6 +166,26 @@ def per_event_sum(values, offsets) -> np.ndarray:
     return np.diff(cum[np.asarray(offsets)])
 
 
+
+def per_event_value(batch, collection: str, column: str, missing) -> np.ndarray:
+    """One value per event of an event-level collection of the batch (at most one row per event:
+    ECLEventInformation): the event's row, `missing` for an event without one (ECLUnpacker writes none
+    for an event it failed on, and the batch is put together again from its events). The column's dtype,
+    or what also holds `missing` (float64 for NaN and an integer column). An event with several rows is a
+    ValueError naming the collection: RootOutput, ECLDQM and the CNN's event features read it alike."""
+    c = batch[collection]
+    rows = np.diff(np.asarray(c.offsets))
+    values = np.asarray(c[column])
+    if rows.size and rows.max() > 1:
+        k = int(np.argmax(rows > 1))
+        raise ValueError(f"{collection}.{column} has one row per event, but event {k} of the batch has {int(rows[k])}")
+    if len(values) == len(rows):  # a row for every event (at most one each, as many as events)
+        return values
+    out = np.full(len(rows), missing, np.result_type(values, missing))
+    out[rows == 1] = values
+    return out
+
+
 class Path:
     """An ordered list of modules: one input module first, then processing and output modules."""
 
