@@ -139,6 +139,33 @@ def documented_metrics() -> set[str]:
     return names
 
 
+
+def dashboard_metrics() -> set[str]:
+    """The metric names the Grafana dashboard (deploy/grafana-eclreco.json) queries, its variables' too."""
+    import re
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deploy",
+                           "grafana-eclreco.json")) as f:
+        d = json.load(f)
+    queries = [t["expr"] for p in d["panels"] for t in p.get("targets", [])]
+    queries += [v["query"] for v in d["templating"]["list"] if v.get("type") == "query"]
+    return {name for q in queries for name in re.findall(r"\b((?:eclreco|process)_[a-z0-9_]+)", q)}
+
+
+def exported_metrics(text: str) -> set[str]:
+    """The series names a scrape can hold: its samples' and, for a family without samples yet (a counter by
+    reason before the first rejection), those its type gives (counter X: X_total; histogram X: X_bucket,
+    X_sum, X_count)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = set()
+    for f in text_string_to_metric_families(text):
+        names |= {x.name for x in f.samples}
+        names |= {"counter": {f.name + "_total"}, "histogram": {f.name + s for s in ("_bucket", "_sum", "_count")}
+                  }.get(f.type, {f.name})
+    return names
+
+
 def test_farm_exactly_once_stop_start_terminate(farm_factory, tmp_path):
     farm = farm_factory(workers=2)
     n1 = 3000
@@ -305,6 +332,13 @@ def test_farm_full_chain_matches_single_process(farm_factory, tmp_path, chain):
         assert by_role == {"worker": n - kept, "collector": n - kept}, by_role
     else:
         assert kept == n
+    if chain == "filter":  # the full chain: every metric the dashboard queries is exported by a role of the farm
+        exported = set().union(*(exported_metrics(scrape(p["metrics_port"])) for p in farm.status()["processes"]
+                                 if p.get("metrics_port")))
+        dashboard = dashboard_metrics()
+        assert {"eclreco_module_errors_total", "eclreco_cnn_clusters_corrected_total",
+                "eclreco_hlt_event_latency_seconds_bucket"} <= dashboard
+        assert dashboard - exported == set(), sorted(exported)
     if chain == "model":  # the scaled model was used (a farm ignoring --model fails the comparison below)
         path = eclreco.create_path()
         path.add_module("RawFileInput", filename=str(raw))
