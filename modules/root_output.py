@@ -12,9 +12,10 @@ from eclreco.dqm import NO_RUN_LABEL, registry
 from eclreco.framework import per_event_value
 from eclreco.paths import missing_folder
 
-# The event branches in the tree's order; n_digits and n_out_of_time_digits where the chain makes them
-EVENT_BRANCH_TYPES = {"exp": np.uint64, "run": np.uint64, "evt": np.uint32, "time_ns": np.int64, "n_digits": np.int32,
-                      "n_out_of_time_digits": np.int32, "error_flags": np.uint32}
+# The event branches in the tree's order; n_digits and n_out_of_time_digits where the chain makes them.
+# detector: the event's code (rawdata.DETECTORS, the batch's column), so that a file of both detectors splits
+EVENT_BRANCH_TYPES = {"exp": np.uint64, "run": np.uint64, "evt": np.uint32, "time_ns": np.int64, "detector": np.uint8,
+                      "n_digits": np.int32, "n_out_of_time_digits": np.int32, "error_flags": np.uint32}
 # the integer columns of ECLClusters (the clusterizer's); every other column is float32
 INT_CLUSTER_COLUMNS = ("n_crystals", "seed_cell", "ring", "n_maxima", "region_index")
 
@@ -69,7 +70,8 @@ class RootOutput(Module):
     """Writes events (metadata, digit counts, clusters) to a ROOT TTree `events` via uproot.
 
     Event branches: exp, run (uint64), evt, error_flags (uint32), time_ns (int64: the envelope's trigger
-    time, ns since the Unix epoch; 0 when the envelope had none), n_digits (ECLDigits), n_out_of_time_digits
+    time, ns since the Unix epoch; 0 when the envelope had none), detector (uint8: 0 belle2-ecl, 1 array30, the
+    codes of eclreco.rawdata.DETECTORS), n_digits (ECLDigits), n_out_of_time_digits
     (ECLEventInformation: digits with |t| > 125 ns, the beam-background level), and the clusters
     as cluster_<column> with the counter ncluster (the columns of cluster_columns; one value per
     cluster each).
@@ -258,6 +260,7 @@ class RootOutput(Module):
             "run": batch.run[keep].astype(t["run"]),
             "evt": batch.evt[keep].astype(t["evt"]),
             "time_ns": batch.time_ns[keep].astype(t["time_ns"], copy=False),  # the envelope's trigger time, 0 if absent
+            "detector": batch.detector[keep].astype(t["detector"], copy=False),
             "error_flags": batch.error_flags[keep].astype(t["error_flags"]),
         }
         if "ECLDigits" in batch:

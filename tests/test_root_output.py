@@ -907,3 +907,39 @@ def test_an_event_with_several_event_information_rows_is_an_error_not_another_ev
         a = f["events"].arrays(["evt", "n_out_of_time_digits"], library="np")
     assert a["evt"].tolist() == [1, 2] and a["n_out_of_time_digits"].tolist() == [0, 102]
     assert registry.histograms["out_of_time_digits"].entries == 2  # events 1 and 2
+
+
+def test_each_event_says_its_detector_and_a_file_of_both_splits_with_uproot(tmp_path):
+    """The metadata listed the detectors of a file, but no event said its own: a file with events of both
+    (one input of belle2-ecl and array30 envelopes) could not be split. The branch `detector` (uint8, the
+    codes of rawdata.DETECTORS, as in the batch) holds each event's, a file without events has it too."""
+    import json
+
+    from eclreco.rawdata import DETECTORS, encode_events, write_raw_file
+    from eclreco.reconstruction import add_reconstruction
+    from eclreco.sim import simulate
+
+    messages = {}
+    for det in DETECTORS:
+        ev = simulate(detector=det, n_events=12, seed=5)
+        messages[det] = encode_events(det, 0, 1, np.arange(12) + 100 * DETECTORS[det], ev.offsets, ev.cell,
+                                      ev.amplitude, ev.time_ticks, ev.quality)
+    write_raw_file(tmp_path / "both.msgpack", [m for pair in zip(*messages.values()) for m in pair])  # interleaved
+    path = eclreco.create_path()
+    path.add_module("RawFileInput", filename=str(tmp_path / "both.msgpack"))
+    add_reconstruction(path, cnn=False)
+    path.add_module("RootOutput", filename=str(tmp_path / "both.root"))
+    eclreco.process(path, batch_size=8, install_signal_handlers=False)
+    with uproot.open(tmp_path / "both.root") as f:
+        t = f["events"]
+        assert t["detector"].typename == "uint8_t" and json.loads(str(f["metadata"]))["detectors"] == sorted(DETECTORS)
+        for det, code in DETECTORS.items():
+            part = t.arrays(["evt", "ncluster"], cut=f"detector == {code}", library="np")
+            assert part["evt"].tolist() == [e + 100 * code for e in range(12)], det
+            assert part["ncluster"].sum() > 0
+    path = eclreco.create_path()
+    path.add_module(CountingSource(0))
+    path.add_module("RootOutput", filename=str(tmp_path / "none.root"))
+    eclreco.process(path, install_signal_handlers=False)
+    with uproot.open(tmp_path / "none.root") as f:
+        assert f["events"]["detector"].typename == "uint8_t" and f["events"].num_entries == 0
