@@ -1957,3 +1957,85 @@ def test_the_farms_output_counts_the_errors_of_the_collectors_output_apart():
         link.ctl.close(0)
         link.close()
         farm.close()
+
+
+def failed_stop_with_leftovers(farm, n=100, saved=30):
+    """Collector a confirms n events and saves `saved` of them; the stop's last write fails (its RUN_ENDED has
+    output_error) and a dies; b registers between the runs for the rest (leftovers of run 1). Returns (seqs, control
+    peer, b)."""
+    from eclreco.hlt import protocol as P
+
+    d = farm.d
+    a = farm.peer()
+    collector_hello(farm, a, output="/data/a.root")
+    seqs = farm.read_events(n)
+    farm.send(a, P.CONFIRM, P.seqs_to_bytes(seqs))
+    farm.send(a, P.SAVED, P.seqs_to_bytes(seqs[:saved]), str(saved).encode())
+    d.pending.clear()  # (no worker here to take the ids off the queue)
+    control = farm.peer()
+    farm.send(control, P.STOP)
+    d.housekeeping(time.monotonic())
+    assert d.state == "stopped" and len(d.unsaved) == n - saved
+    farm.send(a, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "/data/a.root.incomplete", "received": n,
+                                      "events_written": saved, "output_error": "cannot write output file"}))
+    d.housekeeping(time.monotonic())
+    assert control.poll(5000) and P.unpack(control.recv_multipart()[1])["collector"]["output_error"]
+    a.close(0)
+    t0 = time.monotonic()
+    while True:  # b is taken once libzmq has seen a's connection go (a few ms)
+        b = farm.peer()
+        replies = collector_hello(farm, b, instance="i8", pid=8, output="/data/a.2.root")
+        if replies[-1][0] == P.LOW:
+            break
+        assert time.monotonic() - t0 < 10, replies
+        time.sleep(0.05)
+    assert replies[-1][2:] == [b"1", b"0"] and d.collector["leftovers_run"] == 1  # joins run 1, started
+    assert len(d.events) == n - saved
+    return seqs, control, b
+
+
+def test_a_terminate_during_the_leftovers_of_a_failed_stop_counts_what_it_gives_up():
+    """A terminate more than 30 s after a failed stop, while the next collector still writes the run's leftovers
+    (a worker hung): the distributor took the stop's 30 s for the end of the run's report and exited with the
+    leftovers held, counted nowhere (lost_at_stop 0). The terminate now waits for the leftovers (their run's
+    RUN_ENDED) up to the stop's time-out, and counts what is still held then as lost_at_stop."""
+    from eclreco.hlt import protocol as P
+
+    farm = InProcessFarm(heartbeat_timeout_s=30.0, stop_drain_s=0.0, stop_timeout_s=1.0)
+    d = farm.d
+    try:
+        seqs, control, b = failed_stop_with_leftovers(farm)
+        d.stopped_at -= 31  # the terminate comes more than 30 s after the stop
+        t0 = time.monotonic()
+        farm.send(control, P.TERMINATE)
+        d.serve()  # returns once the terminate is done
+        waited = time.monotonic() - t0
+        assert control.poll(5000)
+        final = P.unpack(control.recv_multipart()[1])["processes"][0]
+        assert final["lost_at_stop"] == 70 and final["held"] == 0, final
+        assert waited >= 1.0, waited  # it waited for the leftovers, up to the stop's time-out
+    finally:
+        farm.close()
+
+
+def test_a_terminate_waits_for_the_leftovers_of_a_failed_stop_to_be_written():
+    """The other side of the above: leftovers written during the terminate are not given up."""
+    from eclreco.hlt import protocol as P
+
+    farm = InProcessFarm(heartbeat_timeout_s=30.0, stop_drain_s=0.0, stop_timeout_s=60.0)
+    d = farm.d
+    try:
+        seqs, control, b = failed_stop_with_leftovers(farm)
+        d.stopped_at -= 31
+        farm.send(control, P.TERMINATE)
+        d.pending.clear()
+        b.send_multipart([P.CONFIRM, P.seqs_to_bytes(seqs[30:])])  # b writes them; its report ends their run
+        b.send_multipart([P.SAVED, P.seqs_to_bytes(seqs[30:]), b"70"])
+        b.send_multipart([P.RUN_ENDED, P.pack({"run_index": 1, "filename": "/data/a.2.root", "received": 70,
+                                               "events_written": 70})])
+        d.serve()
+        assert control.poll(5000)
+        final = P.unpack(control.recv_multipart()[1])["processes"][0]
+        assert final["lost_at_stop"] == 0 and final["output"]["events_written"] == 100, final
+    finally:
+        farm.close()

@@ -257,7 +257,7 @@ class Distributor:
                 # a live collector still has to say SAVED for what it holds (it does on END_RUN)
                 if self.terminating and self.state == "stopped" and not self.stop_requesters:
                     gone = self.collector_gone(now)  # (once: each call probes the collector's connection)
-                    if (not self.unsaved or gone) and (self.run_reported(now) or gone):
+                    if gone or (not self.unsaved and self.run_reported(now) and not self.writing_leftovers(now)):
                         self.finish_terminate()
                         return
 
@@ -858,6 +858,14 @@ class Distributor:
         return (self.collector_silent(now) or self.collector.get("run_ended") is not None
                 or self.collector.get("between_runs", False) or now - self.stopped_at > 30)
 
+    def writing_leftovers(self, now: float) -> bool:
+        """At terminate: the collector still writes the leftovers of the run that ended (its events held here, or
+        its report of that run not in) and the terminate has waited less than stop_timeout_s: waited for, as a stop
+        waits for its run's events (the terminate went 30 s after the stop, and the leftovers with it, uncounted)."""
+        c = self.collector
+        return (c is not None and c.get("leftovers_run") is not None and not self.collector_silent(now)
+                and now - self.terminate_since <= self.stop_timeout_s)
+
     def collector_silent(self, now: float) -> bool:
         return self.collector is None or now - self.collector["last_seen"] > self.heartbeat_timeout_s
 
@@ -927,12 +935,16 @@ class Distributor:
 
     def finish_terminate(self):
         self.count_unread_input()
-        if self.collector is not None and self.collector_gone(time.monotonic()):
+        gone = self.collector_gone(time.monotonic())
+        if self.collector is not None and gone:
             # dead or hung, not replaced, no report of the run: its file was named nowhere ("0 events written")
             self.note_unreported_collector(("unreported_collectors", "saved_by_unreported", "unreported_files"))
-        if self.unsaved:  # confirmed, but the collector died before they were in its file
-            print(f"[distributor] terminating without a live collector: {len(self.unsaved)} confirmed events that "
-                  "were not in its file are lost", flush=True)
+        if self.unsaved or self.events:
+            # confirmed, but the collector died before they were in its file; or, also unconfirmed, the leftovers of
+            # a failed stop that the next collector did not write within the stop's time-out (they went uncounted)
+            why = "without a live collector" if gone else "before the leftovers of the failed stop were written"
+            print(f"[distributor] terminating {why}: {len(self.unsaved)} confirmed events that were not in its file "
+                  f"are lost" + (f", and {len(self.events)} unconfirmed ones" if self.events else ""), flush=True)
             self.give_up_held()
         final = self.status()
         if self.terminate_farm:
