@@ -2039,3 +2039,78 @@ def test_a_terminate_waits_for_the_leftovers_of_a_failed_stop_to_be_written():
         assert final["lost_at_stop"] == 0 and final["output"]["events_written"] == 100, final
     finally:
         farm.close()
+
+
+def test_a_stop_as_the_leftovers_of_a_failed_stop_end_gets_its_own_runs_report():
+    """A START, then a STOP while the next collector writes the leftovers of a failed stop of run 1: once they are
+    confirmed, END_RUN 1 (the leftovers) and END_RUN 2 (the stop) go out together. The leftovers' RUN_ENDED came
+    first and, the farm being stopped again, was taken as run 2's report: the stop's reply named run 1's file as
+    run 2's. Only run 2's report answers the stop of run 2."""
+    from eclreco.hlt import protocol as P
+
+    farm = InProcessFarm(heartbeat_timeout_s=30.0, stop_drain_s=0.0)
+    d = farm.d
+    try:
+        seqs, control, b = failed_stop_with_leftovers(farm)
+        farm.send(control, P.START)
+        assert d.run_index == 2 and not d.accepting_input()  # no input before the leftovers are written
+        farm.send(control, P.STOP)
+        d.pending.clear()  # (no worker here to take the ids off the queue)
+        farm.send(b, P.CONFIRM, P.seqs_to_bytes(seqs[30:]))
+        d.housekeeping(time.monotonic())
+        assert d.state == "stopped"
+        got = []
+        while b.poll(200):
+            got.append(b.recv_multipart())
+        assert [f for f in got if f[0] == P.END_RUN] == [[P.END_RUN, b"1"], [P.END_RUN, b"2"]], got
+        farm.send(b, P.SAVED, P.seqs_to_bytes(seqs[30:]), b"70")
+        farm.send(b, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "/data/a.2.root", "received": 70,
+                                          "events_written": 70}))
+        d.housekeeping(time.monotonic())
+        assert not control.poll(300), P.unpack(control.recv_multipart()[1])  # run 1's report answers no stop of run 2
+        farm.send(b, P.RUN_ENDED, P.pack({"run_index": 2, "filename": "", "received": 0, "events_written": 0}))
+        d.housekeeping(time.monotonic())
+        assert control.poll(5000)
+        reply = P.unpack(control.recv_multipart()[1])
+        assert reply["run_index"] == 2 and reply["collector"]["run_index"] == 2 and not reply["timeout"], reply
+        assert d.output["events_written"] == 100 and d.output["runs"] == 1, d.output
+    finally:
+        farm.close()
+
+
+def test_a_collector_ends_one_run_per_end_run_read_together(zmq_context):
+    """END_RUN N and N+1 read in one go (a stop just as the leftovers of a failed stop end): the collector took N+1
+    as the index of the run that ended and never reported N+1 (its stop waited 30 s: "did not report the run's
+    end"). Each END_RUN now ends one run: N the one in progress, N+1 the wait (or run) that follows."""
+    import zmq
+
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.collector import CollectorLink, HLTCollectorInput
+    from hlt_helpers import free_address
+
+    ctl = free_address()
+    distributor = zmq_context.socket(zmq.ROUTER)  # the distributor's side of the control link, by hand
+    distributor.setsockopt(zmq.LINGER, 0)
+    distributor.bind(ctl)
+    link = CollectorLink(free_address(), ctl)
+    try:
+        assert distributor.poll(5000)
+        ident, cmd, *_ = distributor.recv_multipart()
+        assert cmd == P.HELLO
+        distributor.send_multipart([ident, P.LOW, b"100", b"1", b"0"])  # joins run 1 (leftovers)
+        assert link.wait_registered(ctl) and link.run_index == 1
+        source = HLTCollectorInput(link)
+        source.initialize()
+        distributor.send_multipart([ident, P.END_RUN, b"1"])
+        distributor.send_multipart([ident, P.END_RUN, b"2"])
+        assert link.ctl.poll(5000)
+        time.sleep(0.3)  # both arrived: read in one service()
+        link.service()
+        assert link.end_run and link.ended_run_index == 1, link.ended_run_index
+        source.initialize()  # the next run (or wait) begins: ended by the second END_RUN
+        assert link.end_run and link.ended_run_index == 2, link.ended_run_index
+        source.initialize()
+        assert not link.end_run
+    finally:
+        link.close()
+        distributor.close(0)

@@ -127,6 +127,9 @@ class CollectorLink:
         self.end_run = self.terminate = False
         self.run_index = 1
         self.ended_run_index = None
+        # END_RUNs read behind the one that ends the run now (a stop just as a failed stop's leftovers end: END_RUN N
+        # and N+1 in one read, and N+1 taken for the leftovers' run): each ends the run or wait that follows
+        self.later_end_runs: collections.deque = collections.deque()
         self.state = "idle"
         self.next_report = 0.0
         self.duplicates = 0      # events dropped as copies of ones already taken (over the process's life)
@@ -207,11 +210,14 @@ class CollectorLink:
                 if len(self.seen) > 100000:  # (those of the previous ids stay: a later copy is a duplicate)
                     self.seen = {s for s in self.seen if s >= self.low or self.previous_id(s)}
             elif cmd == P.END_RUN:
-                self.end_run = True
                 try:  # the distributor's index of the run that ended (the collector follows it)
-                    self.ended_run_index = int(frames[1])
+                    index = int(frames[1])
                 except (IndexError, ValueError):
-                    self.ended_run_index = None
+                    index = None
+                if self.end_run and not self.terminate:
+                    self.later_end_runs.append(index)
+                else:
+                    self.end_run, self.ended_run_index = True, index
             elif cmd == P.TERMINATE:
                 self.end_run = self.terminate = True
             elif cmd == P.WHO:
@@ -226,6 +232,12 @@ class CollectorLink:
                 self.end_run = self.terminate = True
         if time.monotonic() >= self.next_report:
             self.report()
+
+    def reset_end_run(self):
+        """A run, or the wait between runs, begins: not ended, unless by an END_RUN read behind the last one's."""
+        self.end_run = self.terminate
+        if self.later_end_runs and not self.terminate:
+            self.end_run, self.ended_run_index = True, self.later_end_runs.popleft()
 
     def report(self):
         """STATUS now; service() sends one every 0.5 s. Also at once when the output file is named: the
@@ -344,7 +356,7 @@ class HLTCollectorInput(Module):
         registry.keep_runs_open()
         # (exp, run) -> [first, last sequence id of its events taken, all of them had one], in order of arrival
         self._runs = {}
-        self.link.end_run = self.link.terminate
+        self.link.reset_end_run()
         self.link.keys = RecentKeys(self.link.dedup_window)
         self.link.state = "ready"
         self.link.first_upstream_error = ""  # of the run: a worker's module error message
@@ -611,7 +623,7 @@ def _wait_for_results(link: CollectorLink) -> bool:
     report, and the file names then lagged one run behind)."""
     link.state = "idle"
     while not link.terminate and not _core.stop_requested():
-        link.end_run = False
+        link.reset_end_run()
         link.service()
         if link.end_run and not link.terminate:
             idx = link.ended_run_index or link.run_index

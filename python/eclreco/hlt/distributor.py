@@ -519,7 +519,9 @@ class Distributor:
                 run = self.collector.get("leftovers_run")
                 if run is not None and info.get("run_index") == run:  # the leftovers' run, ended by housekeeping
                     self.collector["leftovers_run"] = None
-                    if self.state == "stopped":  # (after a START it is no report of the run now)
+                    # (after a START it is no report of the run now, also once that run has stopped: the stop's reply
+                    # gave run N's leftovers as run N+1's report)
+                    if self.state == "stopped" and run == self.run_index:
                         self.collector["run_ended"] = info
                     self.add_run_report(info, run_index=run)
                     return
