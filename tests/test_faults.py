@@ -259,6 +259,8 @@ def test_the_events_a_failed_stop_left_unsaved_go_to_a_file_of_their_run(farm_fa
     assert sorted(read_evt(farm.output)[0].tolist()) == list(range(1000)), log
     assert final["lost_at_stop"] == 0 and final["output"]["runs"] == 1, final
     assert final["output"]["events_written"] == 1000, final
+    # each event received once (the failed collector's 1000 were counted again with its replacement's)
+    assert "[hlt run] output: 1000 events written in 1 farm run(s) of 1000 received" in log, log
 
 
 def test_a_collector_restarted_between_runs_makes_no_file_for_a_run_that_never_starts(farm_factory, tmp_path):
@@ -2114,3 +2116,25 @@ def test_a_collector_ends_one_run_per_end_run_read_together(zmq_context):
     finally:
         link.close()
         distributor.close(0)
+
+
+def test_the_events_a_failed_stop_hands_on_are_received_once_in_the_output():
+    """The collector whose last write failed at the stop reported every event it received, and so did its
+    replacement for the events it wrote again: "100 events written in 1 farm run(s) of 170 received". The failed
+    one's report counts only the events it did not hand on (those still held unsaved when it came)."""
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import output_line
+
+    farm = InProcessFarm(heartbeat_timeout_s=30.0, stop_drain_s=0.0)
+    d = farm.d
+    try:
+        seqs, control, b = failed_stop_with_leftovers(farm)
+        d.pending.clear()  # (no worker here to take the ids off the queue)
+        farm.send(b, P.CONFIRM, P.seqs_to_bytes(seqs[30:]))
+        farm.send(b, P.SAVED, P.seqs_to_bytes(seqs[30:]), b"70")
+        farm.send(b, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "/data/a.2.root", "received": 70,
+                                          "events_written": 70}))
+        line = output_line(d.own_status())
+        assert line.startswith("output: 100 events written in 1 farm run(s) of 100 received;"), line
+    finally:
+        farm.close()
