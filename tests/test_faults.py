@@ -60,7 +60,11 @@ def test_collector_sigkill_ends_the_farm_promptly(farm_factory):
     assert "the collector exited (-9)" in log
     # (the feed goes on ~2 s after the kill, and the stop reads it; the workers' wait alone was 10 s)
     assert elapsed < 8, log
-    assert log.count("left (bye)") == 2 and "no heartbeat" not in log, log
+    # the workers leave by themselves at once: none lost (no heartbeat), none SIGTERMed again or killed by hlt run
+    # (wait_roles_exit says so). Their BYE is in the log only where it came before the distributor's exit, which
+    # does not wait for it: a loaded machine (a worker 1.5 s slow) made that 0 of 2
+    assert "no heartbeat" not in log and "has not exited" not in log and "killing it" not in log, log
+    assert log.count("left (bye)") <= 2, log
     summary = next(x for x in log.splitlines() if x.startswith("[hlt run] ") and " events confirmed of " in x)
     confirmed, received, lost, unsaved, workers_lost = map(int, re.search(
         r"(\d+) events confirmed of (\d+) received.*lost at stop (\d+)(?: \((\d+) of them confirmed)?.*workers lost (\d+)",
