@@ -1212,7 +1212,8 @@ def test_farm_reports_a_cluster_column_the_workers_do_not_make(farm_factory, tmp
     assert f"[collector] run 1 ended: 0 events written to {farm.output}" in log
     # hlt run's own end: the file side of the farm, and a failing exit as reco.py's for this case
     assert rc == 1, log
-    assert (f"[hlt run] output: 0 events written in 1 farm run(s) of {n} received; rejected 0, module errors {n}, "
+    assert (f"[hlt run] output: 0 events written in 1 farm run(s) of {n} received; rejected 0, module errors {n} "
+            f"({n} of them in the collector's output: events it raised on, e.g. after its write failed), "
             f"discarded 0 (first error: RootOutput raised on exp 0 run 1 evt 0: ValueError: {message}") in log
     assert "[hlt run] error: every event failed in a module\n" in log
 
