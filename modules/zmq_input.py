@@ -27,8 +27,9 @@ class ZMQInput(Module):
     framework at least every poll_ms, so that SIGINT/SIGTERM end the run promptly: after a stop
     request it reads on, and the chain processes what it reads, until the input has been quiet
     for stop_drain_ms (at most stop_timeout_s), since the messages queued in the socket would be
-    lost with it; not after an output that cannot write ended the run (they would be lost in it). Messages still queued when the socket closes (the stop timeout reached, or sent
-    after the idle timeout ended the run) are counted as ``unread_at_end`` and reported.
+    lost with it; not after an output that cannot write ended the run (they would be lost in it). Messages still queued when the run ends (the stop timeout reached, or sent
+    after the idle timeout or the event count ended the run), and those in flight in its tcp:// connections
+    (each ended first and read to its end: raw_sockets.end_input), are counted as ``unread_at_end`` and reported.
 
     Memory is bounded in bytes by max_queue_bytes, with back-pressure (nothing is dropped): a sender
     connection's receive queue holds at most max_queue_bytes // refuse_message_bytes messages (rcvhwm
@@ -108,8 +109,9 @@ class ZMQInput(Module):
         s.setsockopt(zmq.RCVHWM, self.queue_hwm)
         if self.param("refuse_message_bytes") > 0:
             s.setsockopt(zmq.MAXMSGSIZE, int(self.param("refuse_message_bytes")))
-        # ipc:// connections held, so that events libzmq drops unread with one are counted (raw_sockets)
-        self._monitor = ConnectionMonitor(s, hold_ipc=True)
+        # ipc:// connections held, so that events libzmq drops unread with one are counted (raw_sockets);
+        # tcp:// connections tracked, to end them before the close tears them down (terminate)
+        self._monitor = ConnectionMonitor(s, hold_ipc=True, track_tcp=True)
         apply_curve_params(self, s)
         address = self.param("address")
         attach(s, address, bind=self.param("bind"), what="ZMQInput address")
@@ -244,19 +246,26 @@ class ZMQInput(Module):
         return not self._ended
 
     def _count_unread(self) -> int:
-        """Messages left in the socket's queue (they go with it): counted, not read into the chain."""
-        from eclreco.raw_sockets import recv_message  # a multipart message counts once
+        """Messages left in the socket's queue and in the kernels' buffers of its tcp:// connections, which its
+        close would tear down with them (the sender's libzmq had them sent): read to their end and counted, not
+        read into the chain (raw_sockets.end_input: a source that sends on is ended after stop_drain_ms). What
+        libzmq dropped unread all the same is counted in lost_bytes_at_disconnect."""
+        from eclreco.raw_sockets import end_input
 
-        n = 0
-        try:
-            while self._sock is not None and n < 10_000_000:
-                recv_message(self._sock)
-                n += 1
-        except self._zmq.Again:
-            pass
-        return n
+        if self._sock is None or self._monitor is None:
+            return 0
+        sock = self._sock
+
+        def detach():
+            if self.param("bind"):
+                sock.unbind(sock.getsockopt_string(self._zmq.LAST_ENDPOINT))
+            else:
+                sock.disconnect(self.param("address"))
+
+        return end_input(sock, self._monitor, detach, force_after_s=self.param("stop_drain_ms") / 1000)
 
     def terminate(self):
+        lost = self._monitor.lost_bytes if self._monitor is not None else 0
         unread = self._count_unread()
         if unread:
             self.unread_at_end += unread
@@ -267,7 +276,6 @@ class ZMQInput(Module):
             print(f"ZMQInput: warning: {unread} messages were still queued at the input when the run ended and "
                   f"were not processed ({why})", file=sys.stderr, flush=True)
         if self._monitor is not None:
-            lost = self._monitor.lost_bytes
             self._monitor.close()
             self._monitor.say_lost("ZMQInput:", self.param("address"), lost)
             for k, v in self._monitor.counters().items():

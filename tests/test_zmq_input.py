@@ -645,3 +645,57 @@ def test_zmq_output_delivers_its_queue_to_a_receiver_that_binds_after_the_last_s
     out = first + "\n" + out
     assert proc.returncode == 0 and "batches_sent 50" in out, out
     assert n == 50, (n, out)
+
+
+def test_an_end_with_a_backlog_in_a_tcp_input_connection_loses_nothing_uncounted():
+    """`-n` ends the run while a tcp:// sender's queue is full: the input's queue, the kernels' buffers of
+    the connection and the sender's queue hold its events. ZMQInput's close tore the connection down with
+    what the kernels held: lost, in no counter (the sender's libzmq had them sent). The connection is now
+    ended first (the sender closes its side after what it wrote, which is counted unread_at_end); the rest
+    stays queued at the sender, for the next receiver."""
+    address = free_address()
+    ctx = zmq.Context.instance()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDTIMEO, 200)
+    push.connect(address)
+    sent = [0]
+
+    def feed():  # until the sender's queue is full (the run reads one batch, waits, and ends)
+        while True:
+            try:
+                push.send(envelope(sent[0]))
+            except zmq.Again:
+                return
+            sent[0] += 1
+
+    class WaitForTheFeed(eclreco.Module):  # meanwhile the input is not read: the kernels' buffers fill
+        def event(self, batch):
+            t.join(30)
+
+    path = eclreco.create_path()
+    inp = path.add_module("ZMQInput", address=address, rcvhwm=1000)
+    path.add_module("ECLUnpacker")
+    path.add_module(WaitForTheFeed())
+
+    t = threading.Thread(target=feed)
+    t.start()
+    try:
+        eclreco.process(path, max_events=16, batch_size=16, threads=1, install_signal_handlers=False)
+        pull = ctx.socket(zmq.PULL)  # the next receiver: what the sender still holds comes to it
+        for _ in range(50):  # once the closed socket's I/O thread has let the port go
+            try:
+                pull.bind(address)
+                break
+            except zmq.ZMQError:
+                time.sleep(0.1)
+        later = 0
+        while pull.poll(1000):
+            pull.recv()
+            later += 1
+        pull.close(0)
+    finally:
+        push.close(0)
+    s = eclreco.statistics.summary()
+    c = inp.counters()
+    assert c["unread_at_end"] > 0, c
+    assert (s["received"] + c["unread_at_end"] + later, c["lost_bytes_at_disconnect"]) == (sent[0], 0), (s, c, later, sent)

@@ -124,19 +124,19 @@ class ConnectionMonitor:
         else:
             os.close(dup)
 
-    def end_tcp_input(self, force: bool = True) -> int:
-        """A receiver's graceful end of its open tcp:// connections, before the socket closes them: libzmq
-        closes a connection with what the kernel holds for it unread (received, and what the sender's
-        kernel has yet to send), which is lost on both sides without a word (the sender's libzmq counted it
-        sent; ZeroMQ has no acknowledgement). Here each connection is half-closed (shutdown SHUT_WR on a
-        duplicate of libzmq's fd): the sender's libzmq takes that for the connection's end and closes its
-        side after what its kernel holds, which libzmq here reads to the end like any other input, then
-        reports the disconnect; what the sender's libzmq had not written yet stays queued there (for its
-        next connection). The duplicates are held until unread_tcp_input, which counts what is left in
-        those that the socket closed before their end. A connection is ended once libzmq has read what
-        arrived on it (force: at once): libzmq, its queue full (rcvhwm) when the sender's close comes,
-        drops the connection with what is left unread (lost_bytes then, as over ipc://). Returns how many
-        connections libzmq has open (0: none left; call again, for connections made since)."""
+    def end_tcp_input(self, end: bool = True) -> int:
+        """A receiver's graceful end of its open tcp:// connections, before the socket closes them (end_input
+        drives it): libzmq closes a connection with what the kernel holds for it unread (received, and what
+        the sender's kernel has yet to send), which is lost on both sides without a word (the sender's libzmq
+        counted it sent; ZeroMQ has no acknowledgement). end: each connection is half-closed (shutdown
+        SHUT_WR on a duplicate of libzmq's fd): the sender's libzmq takes that for the connection's end and
+        closes its side after what its kernel holds, which libzmq here reads to the end like any other input,
+        then reports the disconnect; what the sender's libzmq had not written yet stays queued there (for its
+        next connection). Not end: the connections are only taken (duplicated), for tcp_unread_bytes. The
+        duplicates are held until unread_tcp_input, which counts what is left in those that the socket
+        closed before their end (lost_bytes: libzmq, its queue full when the sender's close comes, drops the
+        connection with what is left unread, as over ipc://). Returns how many connections libzmq has open
+        (0: none left; call again, for connections made since)."""
 
         self.poll()
         for fd, (endpoint, accepted) in list(self.tcp_open.items()):
@@ -160,7 +160,7 @@ class ConnectionMonitor:
                     self.tcp_open.pop(fd)
                     continue
                 self.tcp_ending[fd] = dup
-            if dup not in self.tcp_fin and (force or not _socket_queue_bytes(dup, termios.FIONREAD)):
+            if end and dup not in self.tcp_fin:
                 try:
                     with socket.socket(fileno=os.dup(dup)) as conn:
                         conn.shutdown(socket.SHUT_WR)
@@ -168,6 +168,11 @@ class ConnectionMonitor:
                     pass
                 self.tcp_fin.add(dup)
         return len(self.tcp_open)
+
+    def tcp_unread_bytes(self) -> int:
+        """What the kernel holds received and unread by libzmq in the tcp:// connections taken by
+        end_tcp_input (FIONREAD): more than 0 while a sender's bytes are on their way."""
+        return sum(_socket_queue_bytes(dup, termios.FIONREAD) for dup in self.tcp_ending.values())
 
     def unread_tcp_input(self, timeout_s: float) -> int:
         """After end_tcp_input and the socket's unbind or disconnect: the bytes left in the connections that
@@ -260,6 +265,63 @@ class ConnectionMonitor:
     def counters(self) -> dict:
         return {"disconnects": float(self.disconnects), "connections": float(self.connections),
                 "auth_failures": float(self.auth_failures), "lost_bytes_at_disconnect": float(self.lost_bytes)}
+
+
+def count_queued(sock: zmq.Socket, limit: int = 10_000_000) -> int:
+    """Reads what `sock` holds now, unprocessed (a receiver's end: what no run will take); how many
+    messages (a multipart message counts once), at most `limit`."""
+    n = 0
+    try:
+        while n < limit:
+            recv_message(sock)
+            n += 1
+    except zmq.Again:
+        pass
+    return n
+
+
+# A sender's libzmq writes what it holds without pausing: an input connection quiet this long (nothing queued,
+# nothing unread in the kernel) has nothing more on its way, and its end brings no more than the sender's close.
+INPUT_QUIET_S = 0.05
+
+
+def end_input(sock: zmq.Socket, monitor: ConnectionMonitor, detach, force_after_s: float, max_s: float = 10.0) -> int:
+    """A receiver's end of its input (ZMQInput's terminate, the distributor's): what its sockets and connections
+    hold when it stops reading, read and counted here (not processed), so that none of it goes uncounted.
+    Returns how many messages it read (a multipart message counts once).
+
+    The tcp:// connections (monitor made with track_tcp) are ended (end_tcp_input) once the input has been
+    quiet for INPUT_QUIET_S, at the latest after force_after_s (a source that sends on), while the socket is
+    read as fast as messages come: ended while the sender still writes, a receive queue that fills (its
+    high-water mark: 16 messages at ZMQInput's default byte bound) stops libzmq reading the connection, and the
+    sender's close then makes libzmq drop it with what the kernel held (counted in bytes only), while the
+    sender's libzmq drops the batch it had not written yet (up to 8 kB, in no count). Then `detach()` unbinds
+    or disconnects the socket (nothing more comes), what it holds is read until quiet (at most max_s from the
+    start), and monitor.unread_tcp_input counts in bytes what a connection closed before its end left unread
+    (monitor.lost_bytes)."""
+    n = 0
+    t0 = quiet_since = time.monotonic()
+    while True:
+        got = count_queued(sock)
+        now = time.monotonic()
+        if got or monitor.tcp_unread_bytes():
+            quiet_since = now
+        n += got
+        quiet = now - quiet_since >= INPUT_QUIET_S
+        if not monitor.end_tcp_input(end=quiet or now - t0 >= force_after_s) or now - t0 >= force_after_s + 1.0:
+            break  # none open any more (a sender closes at once when ended; 1 s more for one that is stopped)
+        sock.poll(1, zmq.POLLIN)
+    try:
+        detach()
+    except zmq.ZMQError:
+        pass
+    while True:
+        n += count_queued(sock)
+        # what the closed connections had delivered is in the socket's queue by now
+        if time.monotonic() - t0 >= max_s or not sock.poll(int(INPUT_QUIET_S * 1000), zmq.POLLIN):
+            break
+    monitor.unread_tcp_input(2.0)  # a sender closes its side at once when told (end_tcp_input)
+    return n
 
 
 def _socket_queue_bytes(fd: int, request: int) -> int:

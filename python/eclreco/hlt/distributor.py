@@ -26,8 +26,8 @@ from eclreco import open_files, scheduling
 from eclreco.curve import Curve, curve_option_error
 from eclreco.hlt import protocol as P
 from eclreco.hlt.control import output_line, summary_line
-from eclreco.raw_sockets import (ConnectionMonitor, attach, check_message_limits, check_queue_bound, queue_hwm,
-                                 recv_message)
+from eclreco.raw_sockets import (ConnectionMonitor, attach, check_message_limits, check_queue_bound, end_input,
+                                 queue_hwm, recv_message)
 
 # Latency histogram: log-spaced bounds from 10 us to 100 s (percentiles), and the Prometheus buckets,
 # counted apart: the grid holds 1e-x but not 3e-x (a bucket read off it counted up to 2.82e-x only).
@@ -900,30 +900,19 @@ class Distributor:
         is still read, nothing more comes (a live source's further messages stay queued at its end, for
         the next distributor or its own count; read until quiet, a live source kept this going for
         max_s, 10 s). What is in flight in the kernel's socket buffers when the close tears a connection
-        down would be lost with it: the tcp:// connections are ended first (end_tcp_input: each sender
-        closes its side after what it wrote, which is read here), and what is left in one that the close
+        down would be lost with it: the tcp:// connections are ended first (raw_sockets.end_input, as ZMQInput's:
+        once quiet, at the latest --stop-drain after; each sender closes its side after what it wrote, which is
+        read here), and what is left in one that the close
         tore down all the same is counted in bytes, as over ipc:// (input_lost_bytes; docs/deployment.md).
         Counted as unread_at_terminate and said; not processed (no run is open), as reco.py's ZMQInput
         counts unread_at_end."""
-        n, t0 = 0, time.monotonic()
         lost = self.input_monitor.lost_bytes
-        # a connection is ended once what arrived on it is read, or after stop_drain_s (a source faster than
-        # this); its sender closes its side at once (1 s more: one that is stopped)
-        while (self.input_monitor.end_tcp_input(force=time.monotonic() - t0 >= self.stop_drain_s)
-               and time.monotonic() - t0 < self.stop_drain_s + 1.0):
-            n += self._read_unread_input()  # the socket reads on (a full queue would stop it)
-            self.input_monitor.poll(0.005)
-        try:
+
+        def detach():
             (self.inp.unbind if self.input_bind else self.inp.disconnect)(
                 self.addresses["input"] if self.input_bind else self.input_addr)
-        except zmq.ZMQError:
-            pass
-        while True:
-            n += self._read_unread_input()
-            # what the closed connections had delivered is in the socket's queue by now
-            if time.monotonic() - t0 >= max_s or not self.inp.poll(50, zmq.POLLIN):
-                break
-        self.input_monitor.unread_tcp_input(2.0)  # a sender closes its side at once when told (end_tcp_input)
+
+        n = end_input(self.inp, self.input_monitor, detach, force_after_s=self.stop_drain_s, max_s=max_s)
         if self.input_monitor.lost_bytes > lost:
             print(f"[distributor] error: {self.input_monitor.lost_bytes - lost} bytes of events were lost unread in "
                   "the input connections that the terminate closed (counted in input_lost_bytes)", flush=True)
@@ -931,16 +920,6 @@ class Distributor:
             self.c["unread_at_terminate"] += n
             print(f"[distributor] {n} messages arrived after the last run stopped reading: not processed, counted "
                   "as unread_at_terminate", flush=True)
-
-    def _read_unread_input(self) -> int:
-        """Reads what the input socket holds, unprocessed; how many messages."""
-        n = 0
-        try:
-            while True:
-                recv_message(self.inp)
-                n += 1
-        except zmq.Again:
-            return n
 
     def finish_terminate(self):
         self.count_unread_input()
