@@ -291,11 +291,12 @@ def end_input(sock: zmq.Socket, monitor: ConnectionMonitor, detach, force_after_
     Returns how many messages it read (a multipart message counts once).
 
     The tcp:// connections (monitor made with track_tcp) are ended (end_tcp_input) once the input has been
-    quiet for INPUT_QUIET_S, at the latest after force_after_s (a source that sends on), while the socket is
-    read as fast as messages come: ended while the sender still writes, a receive queue that fills (its
-    high-water mark: 16 messages at ZMQInput's default byte bound) stops libzmq reading the connection, and the
-    sender's close then makes libzmq drop it with what the kernel held (counted in bytes only), while the
-    sender's libzmq drops the batch it had not written yet (up to 8 kB, in no count). Then `detach()` unbinds
+    quiet for INPUT_QUIET_S; a source that sends on, once force_after_s has passed and what it had sent is
+    read, and one faster than this reads 1 s later. Meanwhile the socket is read as fast as messages come.
+    Ended while the sender still writes its backlog, a receive queue that fills (its high-water mark: 16
+    messages at ZMQInput's default byte bound) stops libzmq reading the connection, and the sender's close
+    then makes libzmq drop it with what the kernel held (counted in bytes only), while the sender's libzmq
+    drops the batch it had not written yet (up to 8 kB, in no count). Then `detach()` unbinds
     or disconnects the socket (nothing more comes), what it holds is read until quiet (at most max_s from the
     start), and monitor.unread_tcp_input counts in bytes what a connection closed before its end left unread
     (monitor.lost_bytes)."""
@@ -304,11 +305,16 @@ def end_input(sock: zmq.Socket, monitor: ConnectionMonitor, detach, force_after_
     while True:
         got = count_queued(sock)
         now = time.monotonic()
-        if got or monitor.tcp_unread_bytes():
+        unread = monitor.tcp_unread_bytes()
+        if got or unread:
             quiet_since = now
         n += got
-        quiet = now - quiet_since >= INPUT_QUIET_S
-        if not monitor.end_tcp_input(end=quiet or now - t0 >= force_after_s) or now - t0 >= force_after_s + 1.0:
+        waited = now - t0
+        # a source that sends on: after force_after_s, at a moment when all it had sent is read (it then writes
+        # what it sends as it sends it); one faster than this is read, 1 s later whatever it holds
+        end = (now - quiet_since >= INPUT_QUIET_S or (waited >= force_after_s and not (got or unread))
+               or waited >= force_after_s + 1.0)
+        if not monitor.end_tcp_input(end=end) or waited >= force_after_s + 2.0:
             break  # none open any more (a sender closes at once when ended; 1 s more for one that is stopped)
         sock.poll(1, zmq.POLLIN)
     try:
