@@ -702,3 +702,41 @@ def test_an_end_with_a_backlog_in_a_tcp_input_connection_loses_nothing_uncounted
     c = inp.counters()
     assert c["unread_at_end"] > 0, c
     assert (s["received"] + c["unread_at_end"] + later, c["lost_bytes_at_disconnect"]) == (sent[0], 0), (s, c, later, sent)
+
+
+def test_what_an_ended_tcp_connection_leaves_unread_is_counted_in_bytes():
+    """A tcp:// connection ended (end_tcp_input) while the receiver's queue is full and the kernel holds the
+    rest: the sender closes its side at once, libzmq does not read on, and the socket's close leaves those
+    bytes unread. unread_tcp_input is to count them (lost_bytes: what the terminates report as
+    lost_bytes_at_disconnect and input_lost_bytes), but its second shutdown of a connection that both sides had
+    closed raised ENOTCONN, and it skipped the read: 0 bytes counted for about 47,000 lost (all but the queue's
+    and what libzmq had read into its own buffer, up to 8 kB)."""
+    from eclreco.raw_sockets import ConnectionMonitor, count_queued
+
+    address = free_address()
+    ctx = zmq.Context.instance()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.RCVHWM, 16)
+    pull.setsockopt(zmq.LINGER, 0)
+    monitor = ConnectionMonitor(pull, track_tcp=True)
+    pull.bind(address)
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(address)
+    n, size = 500, 102  # on the wire: a flags byte, a size byte and 100 bytes
+    try:
+        for _ in range(n):
+            push.send(b"\x01" * 100)
+        time.sleep(0.5)  # written: 16 in the queue, the rest in the kernel's buffers
+        monitor.poll()
+        assert monitor.end_tcp_input(end=True) == 1
+        time.sleep(0.2)  # the sender closes its side
+        pull.unbind(pull.getsockopt_string(zmq.LAST_ENDPOINT))
+        time.sleep(0.1)
+        read = count_queued(pull)
+        lost = monitor.unread_tcp_input(2.0)
+    finally:
+        monitor.close()
+        pull.close(0)
+        push.close(0)
+    assert read < n and 0 < lost <= (n - read) * size <= lost + 8192 + size, (read, lost)

@@ -189,6 +189,9 @@ class ConnectionMonitor:
             with socket.socket(fileno=dup) as conn:
                 try:
                     conn.shutdown(socket.SHUT_WR)  # (again) its sender closes its side after what it wrote
+                except OSError:  # closed on both sides already (ENOTCONN): what the kernel holds is still there
+                    pass
+                try:
                     while (left := deadline - time.monotonic()) > 0:
                         conn.settimeout(left)
                         data = conn.recv(1 << 16)
