@@ -1433,6 +1433,36 @@ def test_events_sent_while_the_farm_is_stopped_are_counted_at_terminate(farm_fac
     assert "unread at terminate 50" in log
 
 
+def test_the_farms_input_queue_is_bounded_in_bytes_by_default_and_what_it_holds_is_counted(farm_factory, zmq_context):
+    """The distributor's input queue was bounded by default in messages only (--input-hwm 1000 per sender
+    connection, each up to --refuse-message-bytes: 64 GiB): a source of 1 MiB events while the farm was stopped
+    put all 60 of them into the distributor's memory. --max-queue-bytes is 1 GiB by default now, as reco.py's
+    (16 messages of up to 64 MiB): the source blocks after the queue and the kernel's buffers, and the terminate
+    counts every event it sent (the tcp:// ending; with a bound it counted 32 of 50 before that)."""
+    import zmq
+
+    farm = farm_factory(workers=1)
+    push_events(farm.input, range(10))
+    farm.wait_confirmed(10)
+    farm.command("stop")
+    push = zmq_context.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDHWM, 1)
+    push.setsockopt(zmq.SNDTIMEO, 1000)
+    push.connect(farm.input)
+    event, sent = big_envelope(1, 1 << 20), 0
+    for _ in range(60):
+        try:
+            push.send(event)
+        except zmq.Again:
+            break
+        sent += 1
+    d = farm.command("terminate")["processes"][0]
+    rc, log = farm.wait_exit()
+    assert rc == 0, log
+    assert 16 <= sent < 60, sent
+    assert (d["received"], d["unread_at_terminate"], d["input_lost_bytes"]) == (10, sent, 0), d
+
+
 def test_a_terminate_with_a_live_source_is_prompt_and_accounts_for_every_event(farm_factory, zmq_context):
     """A source that keeps sending: terminate drained the input until it was quiet, which it never is, for half
     the stop time-out (60 s), then counted what came for 10 s more (71 s in all). The terminate's drain now ends
