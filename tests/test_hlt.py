@@ -770,6 +770,48 @@ def test_the_distributors_input_queue_is_bounded_in_bytes():
     assert 4 <= received <= sent <= 10, (received, sent)
 
 
+def test_the_distributors_held_events_are_bounded_in_bytes():
+    """The events the distributor holds until they are saved were bounded in number only (--max-held 20000, each up
+    to --refuse-message-bytes: 1.25 TiB at the defaults; 20 GiB of valid 1 MiB events): a source of large events
+    filled its memory. max_held_bytes stops the input once the held envelopes reach it (the message that reaches
+    it is taken), and a confirmation frees it: here 3 of 10 events of 1 MiB are read, where all 10 were."""
+    import tempfile
+
+    import numpy as np
+    import zmq
+
+    from eclreco.hlt.distributor import Distributor
+
+    ipc_dir = tempfile.mkdtemp(prefix="eclreco-")
+    d = Distributor(f"ipc://{ipc_dir}/in", free_address(), free_address(), max_held_bytes=3 << 20)
+    s = zmq.Context.instance().socket(zmq.PUSH)
+    try:
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(f"ipc://{ipc_dir}/in")
+        event = big_envelope(1, 1 << 20)
+        for _ in range(10):
+            s.send(event)
+
+        def read_all():
+            for _ in range(20):  # until nothing more comes
+                d.inp.poll(100, zmq.POLLIN)
+                before = d.c["received"]
+                d.read_input()
+                if d.c["received"] == before:
+                    return d.c["received"]
+
+        assert (read_all(), d.held_bytes, d.accepting_input()) == (3, 3 * len(event), False)
+        d.confirm(np.array(sorted(d.events)[:2]), time.monotonic())  # no collector that saves: freed at once
+        assert (d.held_bytes, d.accepting_input()) == (len(event), True)
+        assert (read_all(), d.own_status()["held_bytes"]) == (5, 3 * len(event))
+        d.give_up_held()
+        assert d.held_bytes == 0
+    finally:
+        s.close()
+        d.close()
+        shutil.rmtree(ipc_dir, ignore_errors=True)
+
+
 @pytest.mark.parametrize("max_queue_bytes,refuse,message", [
     (-1, 1 << 20, "max_queue_bytes must be an int >= 0"),
     (1 << 30, 0, "distributor: max_queue_bytes bounds the receive queue through refuse_message_bytes"),
@@ -1461,6 +1503,7 @@ def test_the_farms_input_queue_is_bounded_in_bytes_by_default_and_what_it_holds_
     assert rc == 0, log
     assert 16 <= sent < 60, sent
     assert (d["received"], d["unread_at_terminate"], d["input_lost_bytes"]) == (10, sent, 0), d
+    assert (d["held"], d["unsaved"], d["held_bytes"]) == (0, 0, 0), d  # each saved event's bytes freed
 
 
 def test_a_terminate_with_a_live_source_is_prompt_and_accounts_for_every_event(farm_factory, zmq_context):

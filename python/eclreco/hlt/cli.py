@@ -34,6 +34,9 @@ def add_distributor_arguments(p, local_farm: bool = False):
     p.add_argument("--max-held", type=POSITIVE_INT, default=20000,
                    help="events held, at most: read and not yet in the collector's file (unconfirmed, or "
                         "confirmed and waiting for the collector's SAVED)")
+    p.add_argument("--max-held-bytes", type=NON_NEGATIVE_INT, default=4 << 30,
+                   help="bytes of the events held, at most (--max-held of them, each up to --refuse-message-bytes, "
+                        "were 1.25 TiB): the input is read no further beyond (0: no bound; docs/deployment.md)")
     p.add_argument("--chunk", type=POSITIVE_INT, default=256, help="events per message to a worker, at most")
     p.add_argument("--heartbeat-timeout", type=POSITIVE, default=5.0, help="a silent worker is lost after S s")
     p.add_argument("--drop-when-busy", action="store_true", help="drop (and count) instead of backpressure")

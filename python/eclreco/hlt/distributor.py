@@ -110,7 +110,7 @@ class LatencyHistogram:
 
 # The bounds of `eclreco hlt distributor`'s options (cli.py's argparse types), for a Distributor built
 # in Python: chunk=0 never dispatched and its stop hung, a NaN heartbeat timeout never lost a worker.
-_MIN_INT = {"queue_size": 1, "max_held": 1, "chunk": 1, "input_hwm": 0, "max_queue_bytes": 0}
+_MIN_INT = {"queue_size": 1, "max_held": 1, "chunk": 1, "input_hwm": 0, "max_queue_bytes": 0, "max_held_bytes": 0}
 _POSITIVE_SECONDS = ("heartbeat_timeout_s",)
 
 
@@ -132,10 +132,10 @@ class Distributor:
                  drop_when_busy: bool = False, input_hwm: int = 1000, stop_drain_s: float = 0.5,
                  stop_timeout_s: float = 120.0, input_bind: bool = True, curve=None,
                  max_message_bytes: int = 0, refuse_message_bytes: int = 0, cycle_s: float = 5e-4,
-                 max_queue_bytes: int = 0):
+                 max_queue_bytes: int = 0, max_held_bytes: int = 0):
         check_message_limits("distributor", max_message_bytes, refuse_message_bytes)
         _check_settings(queue_size=queue_size, max_held=max_held, chunk=chunk, input_hwm=input_hwm,
-                        max_queue_bytes=max_queue_bytes,
+                        max_queue_bytes=max_queue_bytes, max_held_bytes=max_held_bytes,
                         heartbeat_timeout_s=heartbeat_timeout_s, stop_drain_s=stop_drain_s,
                         stop_timeout_s=stop_timeout_s, cycle_s=cycle_s)
         check_queue_bound("distributor", max_queue_bytes, refuse_message_bytes)
@@ -173,6 +173,9 @@ class Distributor:
                           "workers": self.wrk.getsockopt_string(zmq.LAST_ENDPOINT),
                           "control": self.ctl.getsockopt_string(zmq.LAST_ENDPOINT)}
         self.queue_size, self.max_held, self.chunk = queue_size, max_held, chunk
+        # held in bytes too (0: no bound): max_held events of up to refuse_message_bytes were 1.25 TiB
+        self.max_held_bytes = max_held_bytes
+        self.held_bytes = 0  # of the envelopes in events and unsaved
         self.heartbeat_timeout_s, self.drop_when_busy = heartbeat_timeout_s, drop_when_busy
         self.stop_drain_s, self.stop_timeout_s = stop_drain_s, stop_timeout_s
         self.cycle_s = cycle_s
@@ -268,7 +271,12 @@ class Distributor:
             return False  # the next run's events wait until the collector's file of the ended run has its leftovers
         if self.drop_when_busy:
             return True
-        return len(self.pending) < self.queue_size and len(self.events) + len(self.unsaved) < self.max_held
+        return (len(self.pending) < self.queue_size and len(self.events) + len(self.unsaved) < self.max_held
+                and not self.held_bytes_full())
+
+    def held_bytes_full(self) -> bool:
+        """max_held_bytes reached: the input is read no further (the message that reached it was taken)."""
+        return 0 < self.max_held_bytes <= self.held_bytes
 
     def stop_drain_over(self) -> bool:
         """The stop reads the input until it is quiet for stop_drain_s (a source that sends on: at most half
@@ -290,7 +298,7 @@ class Distributor:
         busy_limit = min(self.queue_size - len(self.pending), self.max_held - len(self.events) - len(self.unsaved))
         try:
             for _ in range(2000):
-                if busy_limit <= 0:
+                if busy_limit <= 0 or self.held_bytes_full():
                     if not self.drop_when_busy:
                         break
                     recv_message(inp)  # dropped: no need to mark it
@@ -303,6 +311,7 @@ class Distributor:
                 self.pending.append(seq)
                 n += 1
                 nbytes += len(msg)
+                self.held_bytes += len(msg)
                 busy_limit -= 1
         except zmq.Again:
             pass
@@ -571,7 +580,10 @@ class Distributor:
             pop = self.unsaved.pop
             saved = 0
             for s in seqs.tolist():
-                saved += pop(s, None) is not None
+                env = pop(s, None)
+                if env is not None:
+                    saved += 1
+                    self.held_bytes -= len(env)
             self.collector["saved"] += saved
             if written is not None:
                 self.collector["written"] = written
@@ -713,6 +725,8 @@ class Distributor:
             t.append(e[1])
             if saves:
                 unsaved[s] = e[0]
+            else:
+                self.held_bytes -= len(e[0])
             w = workers.get(e[2]) if e[2] is not None else None
             if w is not None:
                 w.assigned.discard(s)
@@ -803,6 +817,7 @@ class Distributor:
         self.reconfirm.clear()
         self.events.clear()
         self.unsaved.clear()
+        self.held_bytes = 0
         self.pending.clear()
         for w in self.workers.values():
             w.assigned.clear()
@@ -982,6 +997,7 @@ class Distributor:
             "input_lost_bytes": self.input_monitor.lost_bytes,
             "bad_messages": self.c["bad_messages"], "collectors_refused": self.c["collectors_refused"],
             "held": len(self.events), "unsaved": len(self.unsaved), "queued": len(self.pending),
+            "held_bytes": self.held_bytes,
             "low_watermark": self.low_watermark(),
             "workers_alive": len(self.workers), "workers_restarted": self.workers_restarted,
             "workers_lost": self.workers_lost, "collectors_restarted": self.collectors_restarted,
@@ -1057,6 +1073,8 @@ class Distributor:
         yield gauge("eclreco_hlt_events_held", "Events held until the collector confirms them", len(self.events))
         yield gauge("eclreco_hlt_events_unsaved", "Events confirmed, held until the collector has them in its file",
                     len(self.unsaved))
+        yield gauge("eclreco_hlt_events_held_bytes", "Bytes of the events held and unsaved (bounded by --max-held-bytes)",
+                    self.held_bytes)
         yield gauge("eclreco_input_queue_depth", "Events read and waiting for a worker", len(self.pending))
         yield gauge("eclreco_events_in_flight", "Events at workers, not yet confirmed",
                     len(self.events) - len(self.pending))
@@ -1094,7 +1112,8 @@ def main(args) -> int:
                     stop_timeout_s=args.stop_timeout,
                     input_bind=not args.input_connect, curve=Curve.from_args(args, "distributor"),
                     max_message_bytes=args.max_message_bytes, refuse_message_bytes=args.refuse_message_bytes,
-                    cycle_s=args.cycle_ms * 1e-3, max_queue_bytes=args.max_queue_bytes)
+                    cycle_s=args.cycle_ms * 1e-3, max_queue_bytes=args.max_queue_bytes,
+                    max_held_bytes=args.max_held_bytes)
     exporter = None
     if args.metrics_port >= 0:
         from eclreco.metrics import serve_role_metrics

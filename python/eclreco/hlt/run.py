@@ -143,6 +143,7 @@ class Farm:
         a = self.args
         cmd = self.exe + ["distributor", "--input", a.input, "--workers-addr", self.workers_addr, "--control",
                           a.control, "--queue-size", str(a.queue_size), "--max-held", str(a.max_held),
+                          "--max-held-bytes", str(a.max_held_bytes),
                           "--chunk", str(a.chunk), "--heartbeat-timeout", str(a.heartbeat_timeout),
                           "--input-hwm", str(a.input_hwm), "--max-queue-bytes", str(a.max_queue_bytes), "--stop-drain", str(a.stop_drain),
                           "--stop-timeout", str(a.stop_timeout),
