@@ -21,6 +21,9 @@ class Histogram1D:
         self.edges = np.linspace(lo, hi, nbins + 1)
         self.counts = np.zeros(nbins + 2, np.float64)  # [underflow, bins..., overflow]
         self.moments = np.zeros(2, np.float64)  # sum of w x and of w x^2 over the in-range fills (ROOT's statistics)
+        # numpy releases the GIL in an add of more than 500 bins: two framework threads (threads > 1) adding
+        # to one histogram at once lost counts. The C++ fill holds the GIL.
+        self._lock = threading.Lock()
 
     def fill(self, values, weights=None) -> None:
         self.add_bins(self.bins(values, weights))
@@ -63,12 +66,17 @@ class Histogram1D:
         if isinstance(bins, np.ndarray):
             _core.fill_uniform_histogram(self.counts, bins, float(self.edges[0]), float(self.edges[-1]), self.moments)
         else:
-            self.counts += bins[0]
-            self.moments += bins[1]
+            self._add(bins[0], bins[1])
 
     def add(self, other: "Histogram1D") -> None:
-        self.counts += other.counts
-        self.moments += other.moments
+        self._add(other.counts, other.moments)
+
+    def _add(self, counts, moments) -> None:
+        with self._lock:
+            # in place, never assigned back: the registry may have swapped the arrays meanwhile (DQMRegistry._take)
+            c, m = self.counts, self.moments
+            c += counts
+            m += moments
 
     def to_dict(self) -> dict:
         return {"name": self.name, "title": self.title, "xlabel": self.xlabel,
