@@ -1972,3 +1972,82 @@ def test_a_terminate_with_a_backlog_in_the_input_connection_loses_nothing_uncoun
         later += 1
     assert d["received"] == d["confirmed"] == 100 and d["unread_at_terminate"] > 1000, d
     assert (d["received"] + d["unread_at_terminate"] + later, d["input_lost_bytes"]) == (sent, 0), (d, later, sent)
+
+
+def reco_file(path, evts, det="belle2-ecl"):
+    """A RootOutput file of the reconstruction (no CNN) of the events `evts` of detector `det`."""
+    from eclreco.rawdata import write_raw_file
+    from eclreco.reconstruction import add_reconstruction
+
+    raw = f"{path}.msgpack"
+    write_raw_file(raw, (envelope(e, det=det) for e in evts))
+    p = eclreco.create_path()
+    p.add_module("RawFileInput", filename=raw)
+    add_reconstruction(p, cnn=False)
+    p.add_module("RootOutput", filename=str(path))
+    eclreco.process(p, install_signal_handlers=False)
+
+
+def without_detector_branch(src, dst, metadata="keep"):
+    """dst: src as RootOutput wrote it before its `detector` branch (the same branches but that one), with
+    src's metadata, another (a JSON-able object) or none (None: a collector killed before its end)."""
+    from eclreco.modules.root_output import cluster_array, make_events_tree
+
+    with uproot.open(src) as f:
+        t = f["events"]
+        a = t.arrays(library="ak")
+        meta = str(f["metadata"]) if metadata == "keep" else json.dumps(metadata)
+    data = {b: ak.to_numpy(a[b]) for b in a.fields if not b.startswith("cluster_") and b not in ("detector", "ncluster")}
+    offsets = np.concatenate([[0], np.cumsum(ak.to_numpy(ak.num(a["cluster_energy"])))]).astype(np.int64)
+    data["cluster"] = cluster_array(offsets, {b[len("cluster_"):]: ak.to_numpy(ak.flatten(a[b]))
+                                              for b in a.fields if b.startswith("cluster_")})
+    with uproot.recreate(dst) as out:
+        make_events_tree(out, "events", {k: (v.dtype if isinstance(v, np.ndarray) else v.type) for k, v in data.items()})
+        out["events"].extend(data)
+        if metadata is not None:
+            out["metadata"] = meta
+
+
+def test_hlt_merge_takes_a_file_written_before_the_detector_branch(tmp_path, capsys):
+    """RootOutput's files have had a per-event `detector` branch since f811560; `hlt merge` refused a file
+    written before it beside a newer one ("branches differ ... detector uint8_t: not files of one farm"): last
+    week's farm files and this week's could not be merged. The older file's events now get the detector its
+    metadata names (said in its entry's note); where its metadata names both detectors, or it has none (a
+    collector killed before its end), the merge is refused, saying why."""
+    from eclreco import cli
+
+    reco_file(tmp_path / "new.root", range(20, 40))
+    without_detector_branch(tmp_path / "new.root", tmp_path / "old_new.root")  # the layout of the code before
+    reco_file(tmp_path / "ref.root", range(20))
+    without_detector_branch(tmp_path / "ref.root", tmp_path / "old.root")
+    reco_file(tmp_path / "empty.root", [])
+    without_detector_branch(tmp_path / "empty.root", tmp_path / "old_empty.root")  # its metadata names none
+    with uproot.open(tmp_path / "old.root") as f:
+        assert "detector" not in f["events"].keys() and json.loads(str(f["metadata"]))["detectors"] == ["belle2-ecl"]
+    merged = tmp_path / "merged.root"
+    capsys.readouterr()
+    assert cli.main(["hlt", "merge", str(tmp_path / "old.root"), str(tmp_path / "old_empty.root"),
+                     str(tmp_path / "new.root"), "-o", str(merged)]) == 0
+    out = capsys.readouterr().out
+    assert "40 events written" in out and "old_empty.root: 0 events" in out and "detector belle2-ecl for its events, from its metadata" in out, out
+    with uproot.open(merged) as f, uproot.open(tmp_path / "new.root") as g:
+        assert f["events"].typenames() == g["events"].typenames()  # the newer layout, in its order
+        got = f["events"].arrays(["evt", "detector", "ncluster"], library="np")
+        ref = uproot.open(tmp_path / "ref.root")["events"].arrays(["evt", "ncluster"], library="np")
+    assert sorted(got["evt"].tolist()) == list(range(40)) and set(got["detector"].tolist()) == {0}
+    assert got["ncluster"][:20].tolist() == ref["ncluster"].tolist()
+    # files all older: merged as before, without the branch
+    assert cli.main(["hlt", "merge", str(tmp_path / "old.root"), str(tmp_path / "old_new.root"),
+                     "-o", str(tmp_path / "m_old.root")]) == 0
+    with uproot.open(tmp_path / "m_old.root") as f:
+        assert "detector" not in f["events"].keys() and f["events"].num_entries == 40
+    for name, meta, says in (("old_both.root", {"detectors": ["array30", "belle2-ecl"]},
+                              "its metadata names the detectors ['array30', 'belle2-ecl']"),
+                             ("old_killed.root", None, "it has no metadata naming its detector")):
+        without_detector_branch(tmp_path / "ref.root", tmp_path / name, metadata=meta)
+        capsys.readouterr()
+        assert cli.main(["hlt", "merge", str(tmp_path / "new.root"), str(tmp_path / name),
+                         "-o", str(tmp_path / "m.root")]) == 2
+        err = capsys.readouterr().err
+        assert f"{tmp_path / name}: its 20 events have no 'detector' branch" in err and says in err, err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "m.root").exists()

@@ -10,6 +10,10 @@ collector's --dedup-window) is dropped too: the spec makes (exp, run, evt) uniqu
 OUT has the TTree `events` with the inputs' branches, and a `metadata` string (JSON) naming each input,
 its events, those written and dropped, and the input's own metadata. The inputs' `dqm/` histograms are
 not merged: they count the copies too (read them in the input files).
+
+Files written before RootOutput's per-event `detector` branch merge with newer ones: such a file's branch is
+filled from its metadata where that names one detector (recorded in its entry's `note`); a file of events
+whose detector its metadata does not name (both detectors, no metadata) is refused, saying so.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import numpy as np
 
 from eclreco.paths import StagedOutputs, output_file_error
 
+DETECTOR = "detector"  # RootOutput's per-event branch, absent from the files written before it
 CLUSTER_PREFIX = "cluster_"  # RootOutput's cluster branches, with the counter n + "cluster"
 KEY_BRANCHES = ("exp", "run", "evt")
 STEP_EVENTS = 100_000  # events read and written at a time: memory bounded by a step, not by a file
@@ -44,6 +49,24 @@ def _open(name: str, tree: str):
 def _layout(t) -> dict:
     """Branch -> its type name, the counter excluded: what two files must share to be merged."""
     return {k: v for k, v in t.typenames().items() if k != "n" + CLUSTER_PREFIX[:-1]}
+
+
+def _detector_of(name: str, f, t) -> int:
+    """The detector code of every event of a file without the `detector` branch, from its metadata; a
+    ValueError saying why where the metadata does not name one detector."""
+    from eclreco.rawdata import DETECTORS
+
+    meta = _metadata(f)
+    names = meta.get("detectors") if isinstance(meta, dict) else None
+    old = (f"{name}: its {t.num_entries} events have no {DETECTOR!r} branch (a file written before RootOutput "
+           f"had it) and the other files' do")
+    if not isinstance(names, list):
+        raise ValueError(f"{old}, but it has no metadata naming its detector (a collector killed before its "
+                         f"end): its events cannot be given one; merge it with files without the branch")
+    if len(names) != 1 or names[0] not in DETECTORS:
+        raise ValueError(f"{old}, but its metadata names the detectors {names} and not one of "
+                         f"{', '.join(DETECTORS)}: which event is of which cannot be told")
+    return DETECTORS[names[0]]
 
 
 def first_copies(keys: list[np.ndarray]) -> list[np.ndarray]:
@@ -75,24 +98,33 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
     opened, keys, layout, first_with_tree = [], [], None, None
     try:
         for name in files:
-            f, t = _open(name, tree)
-            opened.append((f, t))
+            opened.append(_open(name, tree))
+        # the layout of the first file with the detector branch (else of the first with a tree): an older
+        # file lacks only that branch, and gets it
+        for name, (f, t) in zip(files, opened):
+            if t is not None and (layout is None or (DETECTOR in _layout(t) and DETECTOR not in layout)):
+                layout, first_with_tree = _layout(t), name
+        if layout is None:
+            raise ValueError(f"none of the files has a TTree {tree!r}")
+        filled = {}  # file index -> the detector code its events get (a file without the branch)
+        for i, (name, (f, t)) in enumerate(zip(files, opened)):
             if t is None:
                 keys.append(np.zeros(0, _KEY))
                 continue
-            if layout is None:
-                layout, first_with_tree = _layout(t), name
-            elif _layout(t) != layout:
-                mine = _layout(t)
+            mine = _layout(t)
+            lacks_detector = DETECTOR in layout and DETECTOR not in mine
+            if lacks_detector:
+                mine[DETECTOR] = layout[DETECTOR]
+            if mine != layout:
                 diff = sorted(set(mine.items()) ^ set(layout.items()))
                 raise ValueError(f"{name}: its {tree!r} branches differ from those of {first_with_tree} "
                                  f"({', '.join(f'{b} {ty}' for b, ty in diff)}): not files of one farm")
+            if lacks_detector and t.num_entries:
+                filled[i] = _detector_of(name, f, t)
             k = np.zeros(t.num_entries, _KEY)
             for b in KEY_BRANCHES:
                 k[b] = t[b].array(library="np")
             keys.append(k)
-        if layout is None:
-            raise ValueError(f"none of the files has a TTree {tree!r}")
         keeps = first_copies(keys)
         report = {"merged_by": "eclreco hlt merge", "eclreco_version": __version__, "tree": tree, "inputs": [],
                   "events_written": 0, "duplicates_dropped": 0}
@@ -101,24 +133,30 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
         with StagedOutputs() as staged:
             out = uproot.recreate(staged.path(os.path.realpath(output)))
             made = False
-            for name, (f, t), keep in zip(files, opened, keeps):
+            for i, (name, (f, t), keep) in enumerate(zip(files, opened, keeps)):
                 entry = {"file": name, "events": 0 if t is None else int(t.num_entries), "written": int(keep.sum()),
                          "dropped": int((~keep).sum()), "metadata": _metadata(f)}
                 if t is None:
                     entry["note"] = f"no TTree {tree!r} (a collector killed before its first write)"
+                elif i in filled:
+                    from eclreco.rawdata import DETECTOR_NAMES
+
+                    entry["note"] = (f"no {DETECTOR!r} branch (written before it): {DETECTOR} "
+                                     f"{DETECTOR_NAMES[filled[i]]} for its events, from its metadata")
                 report["inputs"].append(entry)
                 report["events_written"] += entry["written"]
                 report["duplicates_dropped"] += entry["dropped"]
                 start = 0
-                for chunk in ([] if t is None else t.iterate(event_branches + cluster_branches,
-                                                              step_size=STEP_EVENTS, library="ak")):
+                read = [] if t is None else [b for b in event_branches + cluster_branches if b in t.keys()]
+                for chunk in ([] if t is None else t.iterate(read, step_size=STEP_EVENTS, library="ak")):
                     n = len(chunk)
                     sel = keep[start:start + n]
                     start += n
                     if not sel.any() and made:
                         continue
                     chunk = chunk[sel]
-                    data = {b: ak.to_numpy(chunk[b]) for b in event_branches}
+                    data = {b: np.full(len(chunk), filled[i], np.uint8) if i in filled and b == DETECTOR
+                            else ak.to_numpy(chunk[b]) for b in event_branches}
                     if cluster_branches:
                         counts = ak.to_numpy(ak.num(chunk[cluster_branches[0]]))
                         offsets = np.zeros(len(counts) + 1, np.int64)
