@@ -2051,3 +2051,28 @@ def test_hlt_merge_takes_a_file_written_before_the_detector_branch(tmp_path, cap
         err = capsys.readouterr().err
         assert f"{tmp_path / name}: its 20 events have no 'detector' branch" in err and says in err, err
         assert len(err.strip().splitlines()) == 1 and not (tmp_path / "m.root").exists()
+
+
+def test_hlt_merge_keeps_events_of_two_detectors_with_one_exp_run_evt(tmp_path, capsys):
+    """`hlt merge` dropped an event as a duplicate when a file before it held one of the same (exp, run, evt) of
+    the other detector: a belle2-ecl farm's file and an array30 one's (two streams, each numbered from 0) lost
+    the second file's events, counted as duplicates. A copy of an event has its detector: the key is now (exp,
+    run, evt, detector), and a true copy (same detector) is still dropped, an older file's too (its detector
+    from its metadata)."""
+    from eclreco import cli
+
+    reco_file(tmp_path / "ecl.root", range(10))
+    reco_file(tmp_path / "a30.root", range(5, 15), det="array30")
+    reco_file(tmp_path / "ecl2.root", range(8, 12))
+    without_detector_branch(tmp_path / "ecl2.root", tmp_path / "ecl2_old.root")
+    merged = tmp_path / "m.root"
+    capsys.readouterr()
+    assert cli.main(["hlt", "merge", str(tmp_path / "ecl.root"), str(tmp_path / "a30.root"),
+                     str(tmp_path / "ecl2_old.root"), "-o", str(merged)]) == 0
+    out = capsys.readouterr().out
+    assert f"22 events written to {merged} from 3 file(s); 2 duplicate(s) dropped" in out, out
+    assert "a30.root: 10 events, 10 written, 0 dropped" in out and "ecl2_old.root: 4 events, 2 written, 2 dropped" in out
+    with uproot.open(merged) as f:
+        got = f["events"].arrays(["evt", "detector"], library="np")
+    assert sorted(zip(got["detector"].tolist(), got["evt"].tolist())) == \
+        [(0, e) for e in range(12)] + [(1, e) for e in range(5, 15)]

@@ -157,7 +157,7 @@ def add_hlt_parser(subparsers):
     p.set_defaults(func=lambda a: __import__("eclreco.hlt.control", fromlist=["status_main"]).status_main(a))
 
     p = sub.add_parser("merge", help="the events of a farm's files (a killed collector's and its replacement's), "
-                                     "each (exp, run, evt) once, into one file",
+                                     "each (exp, run, evt) of a detector once, into one file",
                        description=__import__("eclreco.hlt.merge", fromlist=["merge"]).__doc__)
     p.add_argument("files", nargs="+", type=input_file("ROOT file"), metavar="FILE",
                    help="ROOT files of the farm, the killed collector's first (its copy is kept)")

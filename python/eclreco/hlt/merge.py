@@ -1,11 +1,13 @@
-"""`eclreco hlt merge FILES... -o OUT`: the events of a farm's files, each (exp, run, evt) once.
+"""`eclreco hlt merge FILES... -o OUT`: the events of a farm's files, each (exp, run, evt) of a detector once.
 
 A collector killed (SIGKILL) in a run may have written events whose SAVED never reached the
 distributor; its replacement writes them again in its own file (NAME.2.root, ...): every event is in
 the union of the files, at least once (docs/deployment.md, "Loss semantics"). This writes one file
 with each event once: the first copy in the order of FILES (the killed collector's file first), the
 others dropped and counted per file. A repeat within one file (a producer's, further apart than the
-collector's --dedup-window) is dropped too: the spec makes (exp, run, evt) unique in a stream.
+collector's --dedup-window) is dropped too: the spec makes (exp, run, evt) unique in a stream. Events of
+two detectors with one (exp, run, evt) are two events (the files of two streams), never copies of one: a
+copy has its event's detector; both are written.
 
 OUT has the TTree `events` with the inputs' branches, and a `metadata` string (JSON) naming each input,
 its events, those written and dropped, and the input's own metadata. The inputs' `dqm/` histograms are
@@ -28,7 +30,8 @@ DETECTOR = "detector"  # RootOutput's per-event branch, absent from the files wr
 CLUSTER_PREFIX = "cluster_"  # RootOutput's cluster branches, with the counter n + "cluster"
 KEY_BRANCHES = ("exp", "run", "evt")
 STEP_EVENTS = 100_000  # events read and written at a time: memory bounded by a step, not by a file
-_KEY = np.dtype([("exp", "<u8"), ("run", "<u8"), ("evt", "<u4")])  # 20 bytes per event of every file, in memory
+# 21 bytes per event of every file, in memory; detector 0 in files all without the branch (as before it)
+_KEY = np.dtype([("exp", "<u8"), ("run", "<u8"), ("evt", "<u4"), ("detector", "u1")])
 
 
 def _open(name: str, tree: str):
@@ -70,7 +73,7 @@ def _detector_of(name: str, f, t) -> int:
 
 
 def first_copies(keys: list[np.ndarray]) -> list[np.ndarray]:
-    """keep masks, one per file: True for the first event of each (exp, run, evt), in file order."""
+    """keep masks, one per file: True for the first event of each (exp, run, evt, detector), in file order."""
     allk = np.concatenate(keys) if keys else np.zeros(0, _KEY)
     keep = np.zeros(len(allk), dtype=bool)
     if len(allk):
@@ -81,7 +84,7 @@ def first_copies(keys: list[np.ndarray]) -> list[np.ndarray]:
 
 
 def merge(files: list[str], output: str, tree: str = "events") -> dict:
-    """Writes the events of `files` to `output`, each (exp, run, evt) once; the report (also the
+    """Writes the events of `files` to `output`, each (exp, run, evt) of a detector once; the report (also the
     output's `metadata`)."""
     import awkward as ak
     import uproot
@@ -124,6 +127,10 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
             k = np.zeros(t.num_entries, _KEY)
             for b in KEY_BRANCHES:
                 k[b] = t[b].array(library="np")
+            if DETECTOR in t.keys():
+                k[DETECTOR] = t[DETECTOR].array(library="np")
+            elif i in filled:
+                k[DETECTOR] = filled[i]
             keys.append(k)
         keeps = first_copies(keys)
         report = {"merged_by": "eclreco hlt merge", "eclreco_version": __version__, "tree": tree, "inputs": [],
