@@ -1147,12 +1147,17 @@ def test_cluster_columns_default_is_shown_once_and_parses_to_the_list():
 def test_eclreco_simulate_checks_its_output_before_simulating(tmp_path, capsys):
     """-o in a misspelt folder, or -o a folder: `eclreco simulate` simulated every event (minutes for a
     million), then failed to write them (FileNotFoundError, IsADirectoryError). Now one line before the
-    first event (no progress bar), exit 2, nothing made."""
+    first event (no progress bar), exit 2, nothing made. -o in a folder where no file can be made (/proc)
+    simulated, then named the temporary .partial file, not -o; and its refusals lacked `error:`."""
     for output, message in ((tmp_path / "typo" / "raw.msgpack", f"no directory '{tmp_path / 'typo'}'"),
-                            (tmp_path, "is a directory: name a file in it")):
+                            (tmp_path, "is a directory: name a file in it"),
+                            ("/proc/x.msgpack", "cannot write into '/proc'")):
         assert cli.main(["simulate", "--events", "2", "-o", str(output)]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith("eclreco simulate: -o ") and message in err, err
+        out, err = capsys.readouterr()
+        assert err.count("\n") == 1 and err.startswith(f"eclreco simulate: error: -o '{output}'") and message in err, err
+        assert ".partial" not in err and not out, err
+    assert cli.main(["simulate", "--events", "2", "--seed", "-1", "-o", str(tmp_path / "x.msgpack")]) == 2
+    assert capsys.readouterr().err == "eclreco simulate: error: --seed must be >= 0\n"
     assert os.listdir(tmp_path) == []
 
 

@@ -10,7 +10,7 @@ def _run(args) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from eclreco.paths import missing_folder
+    from eclreco.paths import output_file_error
     from eclreco.rawdata import encode_events, write_raw_file
     from eclreco.sim import simulate
 
@@ -20,12 +20,12 @@ def _run(args) -> int:
                 (args.background is not None and not 0 <= args.background <= 100, "--background must be in 0..100"),
                 (args.seed < 0, "--seed must be >= 0"),
                 (not (0 <= args.exp < 2 ** 64 and 0 <= args.run < 2 ** 64), "--exp and --run must be in 0..2^64-1"),
-                # before the simulation, not after its minutes (the file is written at the end)
-                (os.path.isdir(args.output), f"-o {args.output!r} is a directory: name a file in it"),
-                (bool(missing_folder(args.output)), f"-o {args.output!r}: no directory {missing_folder(args.output)!r}")]
+                # before the simulation, not after its minutes (the file is written at the end, through a
+                # temporary name beside it, which write_raw_file's error named instead of -o)
+                (bool(why := output_file_error(args.output, "-o")), why)]
     for bad, what in problems:
-        if bad:
-            print(f"eclreco simulate: {what}", file=sys.stderr)
+        if bad:  # one line, exit 2, as argparse's and every command's refusal
+            print(f"eclreco simulate: error: {what}", file=sys.stderr)
             return 2
     messages = []
     chunk = 2000
