@@ -1197,14 +1197,19 @@ def test_output_folders_are_made_in_a_folder_that_exists_only(tmp_path, capsys):
 def test_hlt_keys_output_folder_and_names_are_checked_in_one_line(tmp_path, capsys):
     """`eclreco hlt keys -o typo/keys` made typo/ and the keys in it, exit 0; -o under a file said
     'NotADirectoryError: [Errno 20] Not a directory', and a bad --names left public/ and private/ behind
-    ('bad key name', without the option). Each is now one line naming the option, exit 2, nothing made."""
+    ('bad key name', without the option); `--names a,,b` dropped the empty name, exit 0. Each is now one line
+    naming the option, exit 2, nothing made."""
     (tmp_path / "file").write_text("")
     for argv, message in (
             (["-o", str(tmp_path / "typo" / "keys")], f"-o '{tmp_path}/typo/keys': no directory '{tmp_path}/typo'"),
             (["-o", str(tmp_path / "file" / "keys")], f"-o '{tmp_path}/file/keys': no directory '{tmp_path}/file'"),
             (["-o", str(tmp_path / "file")], f"-o '{tmp_path}/file' is not a directory"),
             (["-o", str(tmp_path / "k"), "--names", "daq,a/b"], "--names: bad key name 'a/b'"),
-            (["-o", str(tmp_path / "k"), "--names", " , "], "--names ' , ' names no party")):
+            (["-o", str(tmp_path / "k"), "--names", " , "], "--names ' , ' names no party"),
+            # the empty name was dropped, the repeated one made twice, exit 0
+            (["-o", str(tmp_path / "k"), "--names", "daq,,reco"], "--names 'daq,,reco': an empty name"),
+            (["-o", str(tmp_path / "k"), "--names", "daq,"], "--names 'daq,': an empty name"),
+            (["-o", str(tmp_path / "k"), "--names", "daq, daq"], "--names 'daq, daq': a name given twice")):
         assert cli.main(["hlt", "keys", *argv]) == 2, argv
         out, err = capsys.readouterr()
         assert err.count("\n") == 1 and err.startswith("eclreco hlt keys: error: ") and message in err, err

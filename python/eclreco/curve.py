@@ -194,9 +194,13 @@ def keys_main(args) -> int:
     above it is an error, not a new tree, said in one line, as is a bad name of --names)."""
     from eclreco.paths import output_folder
 
-    names = [n.strip() for n in args.names.split(",") if n.strip()]
-    if not names:
+    names = [n.strip() for n in args.names.split(",")]
+    if not any(names):
         raise ValueError(f"--names {args.names!r} names no party")
+    # an empty name (a,,b: a typo, perhaps a party left out) was dropped and a repeated one made twice, exit 0
+    if "" in names or len(set(names)) != len(names):
+        raise ValueError(f"--names {args.names!r}: {'an empty name' if '' in names else 'a name given twice'} "
+                         "(comma-separated parties, one key pair each)")
     with output_folder(args.output):
         try:
             made = generate_keys(args.output, names, overwrite=args.force)
