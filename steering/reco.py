@@ -226,7 +226,6 @@ def main(argv=None) -> int:
     except (ValueError, TypeError, OSError) as err:
         print(f"reco.py: error: {err}", file=sys.stderr, flush=True)
         return 2
-    print(f"eclreco {eclreco.__version__}: {path}", flush=True)
     exporter = None
     if args.metrics_port:
         from eclreco.metrics import serve_process_metrics
@@ -236,6 +235,8 @@ def main(argv=None) -> int:
         except OSError as err:  # refused before the run; the parser took the host (metrics_host): the port is taken
             print(f"reco.py: error: --metrics-port {args.metrics_port}: {err.strerror}", file=sys.stderr, flush=True)
             return 2
+    # the job's first line once it runs: a refused --metrics-port is the only line, as any refusal
+    print(f"eclreco {eclreco.__version__}: {path}", flush=True)
     try:
         return run(args, path)
     finally:

@@ -992,7 +992,8 @@ def test_a_metrics_address_that_cannot_be_served_is_named(tmp_path, capsys):
     host and failed with `gaierror: [Errno -2] Name or service not known`. Both errors now name the
     metrics address; a role falls back to a free port only when the port is taken. reco.py's also names the
     option (--metrics-port N: ...; it said '[Errno 98] cannot serve ...'), and a --metrics-host that cannot be
-    served is the parser's refusal naming --metrics-host (cli_types.metrics_host)."""
+    served is the parser's refusal naming --metrics-host (cli_types.metrics_host). reco.py's refusal is the
+    only line: it printed the job's first line (`eclreco 0.1.0: [path]`) on stdout before it."""
     import socket
 
     taken = socket.socket()
@@ -1003,9 +1004,10 @@ def test_a_metrics_address_that_cannot_be_served_is_named(tmp_path, capsys):
     write_raw_file(raw, encode_events("array30", 0, 1, [0], [0, 1], [100], [5000], [0], [0]))
     try:
         assert _reco().main(["-i", str(raw), "--no-cnn", "--metrics-port", str(port)]) == 2
-        err = capsys.readouterr().err
+        out, err = capsys.readouterr()
         assert err == (f"reco.py: error: --metrics-port {port}: cannot serve metrics on 127.0.0.1:{port}: Address already "
                        "in use\n"), err
+        assert out == "", out  # the job's `eclreco 0.1.0: [path]` line came first, as if it ran
         with pytest.raises(SystemExit) as e:  # the parser's refusal (cli_types.metrics_host), before any socket
             cli.main(["hlt", "distributor", "--input", "tcp://127.0.0.1:0", "--workers-addr", "tcp://127.0.0.1:0",
                       "--control", "tcp://127.0.0.1:0", "--sched", "normal", "--metrics-port", "0",
