@@ -44,6 +44,15 @@ def check_copies(detector: str, copies: int) -> None:
                          f"which {detector} does not have")
 
 
+class G4SampleError(ValueError):
+    """A file that is not a usable Geant4 sample: `why`, of `path` (the message is PATH: WHY). The commands
+    name the option that gave the file instead of the bare path (train.g4_file_named)."""
+
+    def __init__(self, path: str, why: str):
+        super().__init__(f"{path}: {why}")
+        self.path, self.why = path, why
+
+
 class G4Sample:
     """Events of a Geant4 file (columnar deposits) with their true energy / direction."""
 
@@ -59,8 +68,8 @@ class G4Sample:
         with open(path, "rb") as f:  # (a missing file or a folder: open's error, which names it)
             head = f.read(4)
         if head != b"PK\x03\x04":  # np.load's "pickled (object) data ... load it unsafely" is no advice to follow
-            raise ValueError(f"{path}: not a readable Geant4 sample (an .npz of the arrays offsets, cell, edep_mev, "
-                             f"...): not an .npz file " + (f"(it begins with {head!r})" if head else "(empty)"))
+            raise G4SampleError(path, f"not a readable Geant4 sample (an .npz of the arrays offsets, cell, edep_mev, "
+                               f"...): not an .npz file " + (f"(it begins with {head!r})" if head else "(empty)"))
         key = None  # the array being read: numpy's errors name none
         try:
             with np.load(path) as npz:
@@ -71,18 +80,18 @@ class G4Sample:
                     d[key] = npz[key]
         except (ValueError, EOFError, TypeError, zipfile.BadZipFile) as err:  # a text, pickle, .npy, truncated file
             if key is not None and "allow_pickle" in str(err):  # np.savez of a list of per-event arrays
-                raise ValueError(f"{path}: {key!r} holds Python objects (a list of arrays per event?), not an array of "
-                                 "numbers: one flat array for all events, their boundaries in 'offsets' "
-                                 "(data/README.md)") from None
-            raise ValueError(f"{path}: not a readable Geant4 sample (an .npz of the arrays offsets, cell, edep_mev, "
-                             f"...): " + (f"{key!r}: " if key is not None else "") + f"{err}") from None
+                raise G4SampleError(path, f"{key!r} holds Python objects (a list of arrays per event?), not an "
+                                   "array of numbers: one flat array for all events, their boundaries in 'offsets' "
+                                   "(data/README.md)") from None
+            raise G4SampleError(path, f"not a readable Geant4 sample (an .npz of the arrays offsets, cell, edep_mev, "
+                               f"...): " + (f"{key!r}: " if key is not None else "") + f"{err}") from None
         if missing:
-            raise ValueError(f"{path}: has no {missing[0]!r} array ({needed[missing[0]]}): not a Geant4 sample "
-                             f"of {detector}" + (f" (it holds {', '.join(names)})" if names else ""))
+            raise G4SampleError(path, f"has no {missing[0]!r} array ({needed[missing[0]]}): not a Geant4 sample "
+                               f"of {detector}" + (f" (it holds {', '.join(names)})" if names else ""))
         if "photons" in d and (d["photons"].ndim != 3 or d["photons"].shape[1:] != (1, 4)):
             # a sample of several photons per event (pi0s) has no single true energy and direction
-            raise ValueError(f"{path}: 'photons' has shape {d['photons'].shape}, not (n_events, 1, 4): one photon "
-                             "per event (energy in MeV, unit direction) is what a Geant4 sample holds")
+            raise G4SampleError(path, f"'photons' has shape {d['photons'].shape}, not (n_events, 1, 4): one photon "
+                               "per event (energy in MeV, unit direction) is what a Geant4 sample holds")
         self._check_arrays(path, d)
         self.path = path
         self.detector = detector
@@ -91,8 +100,8 @@ class G4Sample:
 
         cell = d["cell"]  # checked before the cast: int32 kept the low bits of an int64 2**32 + 403, as 403
         if cell.size and (cell.min() < 1 or cell.max() > N_CELLS[detector]):
-            raise ValueError(f"{path}: cellIds {cell.min()}..{cell.max()} are not those of {detector} "
-                             f"(1..{N_CELLS[detector]}): a Geant4 sample of another detector?")
+            raise G4SampleError(path, f"cellIds {cell.min()}..{cell.max()} are not those of {detector} "
+                               f"(1..{N_CELLS[detector]}): a Geant4 sample of another detector?")
         self.cell = cell.astype(np.int32)
         self.edep_gev = d["edep_mev"].astype(np.float64) * 1e-3
         if "photons" in d:
@@ -107,8 +116,8 @@ class G4Sample:
         self.n = self.e_true.size
         self._check_lengths(path)
         if self.entry_xy_mm is not None and self.entry_xy_mm.shape != (self.n, 2):
-            raise ValueError(f"{path}: 'xy_mm' has shape {self.entry_xy_mm.shape}, not ({self.n}, 2): one entry "
-                             "point (x, y in mm) per photon")
+            raise G4SampleError(path, f"'xy_mm' has shape {self.entry_xy_mm.shape}, not ({self.n}, 2): one entry "
+                               "point (x, y in mm) per photon")
         self._check_values(path)
 
     @staticmethod
@@ -121,14 +130,14 @@ class G4Sample:
                 continue
             a = d[name]
             if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
-                raise ValueError(f"{path}: {name!r} is {a.dtype}, not an array of numbers (data/README.md)")
+                raise G4SampleError(path, f"{name!r} is {a.dtype}, not an array of numbers (data/README.md)")
             if kind == "i" and np.issubdtype(a.dtype, np.floating) and not np.all(a == np.round(a)):
-                raise ValueError(f"{path}: {name!r} ({a.dtype}) holds values that are not integers (the first "
-                                 f"{a[a != np.round(a)][0]:g})")
+                raise G4SampleError(path, f"{name!r} ({a.dtype}) holds values that are not integers (the first "
+                                   f"{a[a != np.round(a)][0]:g})")
             if name not in ("photons", "xy_mm") and a.ndim != 1:
-                raise ValueError(f"{path}: {name!r} has shape {a.shape}, not one value per "
-                                 + ("event" if name == "true_energy_mev" else "entry" if name != "offsets"
-                                    else "event boundary") + " (a 1-D array)")
+                raise G4SampleError(path, f"{name!r} has shape {a.shape}, not one value per "
+                                   + ("event" if name == "true_energy_mev" else "entry" if name != "offsets"
+                                      else "event boundary") + " (a 1-D array)")
 
     def _check_lengths(self, path):
         """The arrays describe the same events and entries (data/README.md), each mismatch named by its arrays."""
@@ -143,7 +152,7 @@ class G4Sample:
         if not why and (down := np.flatnonzero(np.diff(off) < 0)).size:
             why = f"'offsets' decreases at event {down[0]} ({off[down[0]]} then {off[down[0] + 1]})"
         if why:
-            raise ValueError(f"{path}: {why}: the arrays do not describe the same events and entries")
+            raise G4SampleError(path, f"{why}: the arrays do not describe the same events and entries")
 
     def _check_values(self, path):
         """Energies, entry points and directions a training can learn from: a NaN or infinite deposit went through
@@ -151,37 +160,37 @@ class G4Sample:
         log(E_true / E_raw) non-finite (a network that never left its initial weights, written as trained),
         and a crystal listed twice in an event failed in the middle of the chain."""
         if self.n == 0:
-            raise ValueError(f"{path}: holds no events")
+            raise G4SampleError(path, "holds no events")
 
         def event_of(entry):
             return int(np.searchsorted(self.offsets, entry, side="right") - 1)
         bad = np.flatnonzero(~np.isfinite(self.edep_gev) | (self.edep_gev < 0))
         if bad.size:
-            raise ValueError(f"{path}: 'edep_mev' holds {bad.size} deposit(s) that are not finite energies >= 0 (the "
-                             f"first {self.edep_gev[bad[0]] * 1e3:g} MeV, in event {event_of(bad[0])})")
+            raise G4SampleError(path, f"'edep_mev' holds {bad.size} deposit(s) that are not finite energies >= 0 (the "
+                               f"first {self.edep_gev[bad[0]] * 1e3:g} MeV, in event {event_of(bad[0])})")
         if self.entry_xy_mm is not None:  # a NaN entry point was counted outside the gaps (validate's gap truth)
             bad = np.flatnonzero(~np.isfinite(self.entry_xy_mm).all(1))
             if bad.size:
-                raise ValueError(f"{path}: 'xy_mm' gives {bad.size} photon(s) an entry point that is not finite (the "
-                                 f"first {self.entry_xy_mm[bad[0]].tolist()} mm, event {bad[0]})")
+                raise G4SampleError(path, f"'xy_mm' gives {bad.size} photon(s) an entry point that is not finite (the "
+                                   f"first {self.entry_xy_mm[bad[0]].tolist()} mm, event {bad[0]})")
         bad = np.flatnonzero(~np.isfinite(self.e_true) | (self.e_true <= 0))
         if bad.size:
             name = "photons" if self.detector == "belle2-ecl" else "true_energy_mev"
-            raise ValueError(f"{path}: {name!r} gives {bad.size} photon(s) a true energy that is not finite and > 0 "
-                             f"(the first {self.e_true[bad[0]] * 1e3:g} MeV, event {bad[0]})")
+            raise G4SampleError(path, f"{name!r} gives {bad.size} photon(s) a true energy that is not finite and > 0 "
+                               f"(the first {self.e_true[bad[0]] * 1e3:g} MeV, event {bad[0]})")
         self._check_units(path)
         norm = np.linalg.norm(self.direction, axis=1)
         bad = np.flatnonzero(~(np.abs(norm - 1) < 1e-3))  # (NaN too) the cluster matching takes cosines
         if bad.size:
-            raise ValueError(f"{path}: 'photons' gives {bad.size} photon(s) a direction that is not a unit vector "
-                             f"(the first of length {norm[bad[0]]:g}, event {bad[0]})")
+            raise G4SampleError(path, f"'photons' gives {bad.size} photon(s) a direction that is not a unit vector "
+                               f"(the first of length {norm[bad[0]]:g}, event {bad[0]})")
         stride = int(self.cell.max()) + 1 if self.cell.size else 1
         key = np.sort(np.repeat(np.arange(self.n, dtype=np.int64), np.diff(self.offsets)) * stride + self.cell)
         twice = np.flatnonzero(np.diff(key) == 0)
         if twice.size:
             k = int(key[twice[0]])
-            raise ValueError(f"{path}: event {k // stride} lists cellId {k % stride} twice: a Geant4 sample holds one "
-                             "deposit per crystal and event (sum the hits of a crystal)")
+            raise G4SampleError(path, f"event {k // stride} lists cellId {k % stride} twice: a Geant4 sample holds one "
+                               "deposit per crystal and event (sum the hits of a crystal)")
 
     def _check_units(self, path):
         """MeV where MeV are due (MIN_LARGEST_TRUE_MEV, DEPOSIT_FRACTION_RANGE): the true energies, then the
@@ -189,8 +198,8 @@ class G4Sample:
         name = "'photons' [:, 0, 0]" if self.detector == "belle2-ecl" else "'true_energy_mev'"
         lo, hi = float(self.e_true.min()) * 1e3, float(self.e_true.max()) * 1e3
         if hi < MIN_LARGEST_TRUE_MEV:
-            raise ValueError(f"{path}: the true energies ({name}) are {lo:g}..{hi:g} MeV, far below the 50-6000 MeV "
-                             "of a Geant4 sample: are they in GeV? The file holds energies in MeV (data/README.md)")
+            raise G4SampleError(path, f"the true energies ({name}) are {lo:g}..{hi:g} MeV, far below the 50-6000 MeV "
+                               "of a Geant4 sample: are they in GeV? The file holds energies in MeV (data/README.md)")
         cs = np.concatenate([[0.0], np.cumsum(self.edep_gev)])
         sums = cs[self.offsets[1:]] - cs[self.offsets[:-1]]
         hit = sums > 0  # (a photon that missed the crystals says nothing of the units)
@@ -199,9 +208,9 @@ class G4Sample:
         frac = float(np.median(sums[hit] / self.e_true[hit]))
         if not DEPOSIT_FRACTION_RANGE[0] <= frac <= DEPOSIT_FRACTION_RANGE[1]:
             unit = "GeV" if frac < DEPOSIT_FRACTION_RANGE[0] else "keV"
-            raise ValueError(f"{path}: the deposits ('edep_mev') of an event sum to a median {frac:.3g} times its "
-                             f"photon's true energy ({name}), where a shower leaves most of it (about 0.9) in the "
-                             f"crystals: are the deposits in {unit}? The file holds both in MeV (data/README.md)")
+            raise G4SampleError(path, f"the deposits ('edep_mev') of an event sum to a median {frac:.3g} times its "
+                               f"photon's true energy ({name}), where a shower leaves most of it (about 0.9) in the "
+                               f"crystals: are the deposits in {unit}? The file holds both in MeV (data/README.md)")
 
     def split(self):
         """(train, validation, test) event indices: test = the last TEST_FRACTION of the file."""
@@ -212,9 +221,9 @@ class G4Sample:
         splits = idx[: n_rest - n_val], idx[n_rest - n_val: n_rest], idx[n_rest:]
         for name, part in zip(("training", "validation", "test"), splits):
             if part.size == 0:  # (the chain of an empty split returned nothing: KeyError 'evt', IndexError)
-                raise ValueError(f"{self.path}: {self.n} events are too few for the split "
-                                 f"(test: the last {TEST_FRACTION:.0%}, validation: {VAL_FRACTION:g} of the rest): "
-                                 f"the {name} split would be empty")
+                raise G4SampleError(self.path, f"{self.n} events are too few for the split "
+                                   f"(test: the last {TEST_FRACTION:.0%}, validation: {VAL_FRACTION:g} of the rest): "
+                                   f"the {name} split would be empty")
         return splits
 
     def symmetric_copies(self, idx, copies=8):

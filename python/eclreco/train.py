@@ -129,9 +129,14 @@ def checked_g4_path(g4_path, detector) -> str:
 
     path = g4_path or default_g4_path(detector)
     if why := unreadable_file(path, "Geant4 file"):
-        raise TrainingInputError(f"--g4 {path!r}: {why}" if g4_path else
-                                 f"the default Geant4 file {path!r}: {why} (use --g4)")
+        raise TrainingInputError(g4_file_error(bool(g4_path), path, why))
     return path
+
+
+def g4_file_error(given: bool, path: str, why: str) -> str:
+    """The line of a Geant4 file that train and validate cannot use: it names --g4 (`given`), else says that
+    the file is the detector's default, which --g4 replaces (G4Sample's own errors named the path alone)."""
+    return f"--g4 {path!r}: {why}" if given else f"the default Geant4 file {path!r}: {why} (use --g4)"
 
 
 def check_max_events(max_events, available, what):
@@ -702,6 +707,9 @@ def _cmd(args) -> int:
                      restarts=args.restarts, chain_seed=args.chain_seed)
     except TrainingInputError as err:  # an input it cannot train on: one line, exit 2, as every bad input
         print(f"eclreco train: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except cnn_data.G4SampleError as err:  # the file that --g4 (or the default) gave
+        print(f"eclreco train: error: {g4_file_error(bool(args.g4), err.path, err.why)}", file=sys.stderr, flush=True)
         return 2
     return 0
 

@@ -525,7 +525,7 @@ def _cmd(args) -> int:
               f"belle2-ecl's sections (fast simulation with beam background), not {args.detector}'s", file=sys.stderr,
               flush=True)
         return 2
-    from eclreco.train import TrainingInputError
+    from eclreco.train import TrainingInputError, g4_file_error
 
     try:
         run_validation(args.detector, args.output, g4_path=args.g4, model=args.model, max_events=args.max_events,
@@ -533,6 +533,10 @@ def _cmd(args) -> int:
                        fake_events=FAKE_EVENTS if args.fake_events is None else args.fake_events, quiet=args.quiet)
     except TrainingInputError as err:  # a Geant4 file it cannot use: one line, exit 2, as train's
         print(f"eclreco validate: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except cnn_data.G4SampleError as err:  # named by its option, as train's
+        print(f"eclreco validate: error: {g4_file_error(bool(args.g4), err.path, err.why)}", file=sys.stderr,
+              flush=True)
         return 2
     return 0
 
