@@ -1495,3 +1495,29 @@ def test_a_collector_refuses_output_bind_with_a_root_file(tmp_path):
         pytest.fail("the collector started, --output-bind ignored")
     assert r.returncode == 2 and r.stderr.startswith("eclreco hlt collector: error: "), r.stderr
     assert "--output-bind binds a tcp:// output: --output" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_an_hlt_role_refuses_a_metrics_host_without_an_exporter(tmp_path):
+    """`hlt distributor|collector|worker --metrics-port -1 --metrics-host 0.0.0.0` (and `hlt run
+    --metrics-base-port -1 --metrics-host ...`) started with no exporter at all, the interface silently ignored:
+    a scrape found nothing. One line naming both options now, exit 2, before any socket, as reco.py's."""
+    import subprocess
+
+    roles = [["hlt", "distributor", "--metrics-port", "-1", "--input", "tcp://127.0.0.1:0", "--workers-addr",
+              "tcp://127.0.0.1:0", "--control", "tcp://127.0.0.1:0", "--sched", "normal"],
+             ["hlt", "collector", "--metrics-port", "-1", "-o", str(tmp_path / "c.root"), "--control",
+              "tcp://127.0.0.1:9", "--collector-addr", "tcp://127.0.0.1:0", "--sched", "normal"],
+             ["hlt", "worker", "--metrics-port", "-1", "--distributor", "tcp://127.0.0.1:9", "--rejected", ""],
+             ["hlt", "run", "--metrics-base-port", "-1", "-n", "1", "-o", str(tmp_path / "r.root"), "--input",
+              free_address(), "--control", free_address()]]
+    for argv in roles:
+        option = "--metrics-base-port" if argv[1] == "run" else "--metrics-port"
+        try:
+            r = subprocess.run([sys.executable, "-m", "eclreco.cli", *argv, "--metrics-host", "0.0.0.0"],
+                               capture_output=True, text=True, timeout=20, cwd=tmp_path)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{argv[:2]}: started without an exporter, --metrics-host ignored")
+        assert r.returncode == 2 and not r.stdout, (argv, r.stdout, r.stderr)
+        assert r.stderr == (f"eclreco hlt {argv[1]}: error: --metrics-host '0.0.0.0' is the interface of the metrics "
+                            f"exporter: {option} -1 starts none\n"), r.stderr
+    assert os.listdir(tmp_path) == []

@@ -113,6 +113,20 @@ ADDRESS = zmq_address()
 CONNECT_ADDRESS = zmq_address(connect=True)
 
 
+METRICS_HOST = "127.0.0.1"  # the interface of every exporter unless --metrics-host says another
+
+
+def metrics_host_unused(args, port_option: str = "--metrics-port") -> str:
+    """Why an HLT role's --metrics-host does nothing, '' when it does: `port_option` (its value in `args`) is -1,
+    no exporter, and --metrics-host names another interface than METRICS_HOST (it was ignored: a scrape of it
+    found nothing). reco.py, whose 'none' is port 0, refuses the same in its parser."""
+    port = getattr(args, port_option.lstrip("-").replace("-", "_"))
+    if port < 0 and args.metrics_host != METRICS_HOST:
+        return (f"--metrics-host {args.metrics_host!r} is the interface of the metrics exporter: {port_option} -1 "
+                "starts none")
+    return ""
+
+
 def metrics_host(text: str) -> str:
     """An interface the Prometheus exporter can listen on (argparse type): the name resolves and is this machine's,
     tried by binding a free port of it, as prometheus_client binds (first address of getaddrinfo), and closing it.

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from eclreco.cli_types import (ADDRESS, BATCH_SIZE, CONNECT_ADDRESS, METRICS_PORT, NON_NEGATIVE, NON_NEGATIVE_INT,
-                               POSITIVE, POSITIVE_INT, THREADS, add_cluster_columns_argument, input_file, metrics_host,
-                               zmq_address)
+from eclreco.cli_types import (ADDRESS, BATCH_SIZE, CONNECT_ADDRESS, METRICS_HOST, METRICS_PORT, NON_NEGATIVE,
+                               NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, THREADS, add_cluster_columns_argument,
+                               input_file, metrics_host, zmq_address)
 from eclreco.curve import add_curve_arguments
 from eclreco.reconstruction import add_event_filter_arguments
 from eclreco.scheduling import add_scheduling_argument
@@ -17,7 +17,7 @@ FARM_ADDRESS_OR_FREE = zmq_address(free=True, connect=True)  # hlt run's --worke
 def _add_metrics(p, default_port: int):
     p.add_argument("--metrics-port", type=METRICS_PORT, default=default_port,
                    help="Prometheus exporter port (0: a free port; -1: none)")
-    p.add_argument("--metrics-host", type=metrics_host, default="127.0.0.1", help="interface of the exporter")
+    p.add_argument("--metrics-host", type=metrics_host, default=METRICS_HOST, help="interface of the exporter")
 
 
 def add_distributor_arguments(p, local_farm: bool = False):
@@ -135,7 +135,7 @@ def add_hlt_parser(subparsers):
                         "events the dead one had not saved); the exit after them ends the farm (0: the first does)")
     p.add_argument("--metrics-base-port", type=METRICS_PORT, default=9460,
                    help="distributor P, collector P+1, worker i P+2+i (0: free ports, -1: none)")
-    p.add_argument("--metrics-host", type=metrics_host, default="127.0.0.1", help="interface of the exporters")
+    p.add_argument("--metrics-host", type=metrics_host, default=METRICS_HOST, help="interface of the exporters")
     add_curve_arguments(p, "control")
     p.set_defaults(func=lambda a: __import__("eclreco.hlt.run", fromlist=["main"]).main(a))
 

@@ -638,6 +638,7 @@ def _wait_for_results(link: CollectorLink) -> bool:
 
 def main(args) -> int:
     from eclreco import open_files, scheduling
+    from eclreco.cli_types import metrics_host_unused
     from eclreco.curve import Curve, curve_option_error
     from eclreco.hlt.worker import curve_params
 
@@ -646,6 +647,8 @@ def main(args) -> int:
     if args.output_bind and not args.output.startswith("tcp://"):  # ignored, it wrote the file as if not given
         raise ValueError(f"--output-bind binds a tcp:// output: --output {args.output!r} is a ROOT file")
     if why := curve_option_error(args, "collector", ("distributor",) + collector_output_servers(args)):
+        raise ValueError(why)
+    if why := metrics_host_unused(args):
         raise ValueError(why)
     scheduling.apply(args.sched, "collector")  # before the ZeroMQ context: its threads inherit the policy
     open_files.raise_soft_limit("collector")  # it accepts the connections of every worker

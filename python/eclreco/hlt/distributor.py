@@ -23,6 +23,7 @@ import numpy as np
 import zmq
 
 from eclreco import open_files, scheduling
+from eclreco.cli_types import metrics_host_unused
 from eclreco.curve import Curve, curve_option_error
 from eclreco.hlt import protocol as P
 from eclreco.hlt.control import output_line, summary_line
@@ -1102,6 +1103,8 @@ class Distributor:
 def main(args) -> int:
     if why := curve_option_error(args, "distributor", ("daq",) if args.input_connect else ()):
         raise ValueError(why)  # a bad option: one line, exit 2 (cli.main), before any socket
+    if why := metrics_host_unused(args):
+        raise ValueError(why)
     check_queue_bound("", args.max_queue_bytes, args.refuse_message_bytes,
                       ("--max-queue-bytes", "--refuse-message-bytes"))  # named by their options, not Distributor's
     scheduling.apply(args.sched, "distributor")  # before the ZeroMQ context: its threads inherit the policy

@@ -23,6 +23,7 @@ from typing import NoReturn
 
 import zmq
 
+from eclreco.cli_types import metrics_host_unused
 from eclreco.curve import Curve, curve_option_error
 from eclreco.hlt import protocol as P
 from eclreco.hlt.control import ControlError, farm_failure, output_line, request, status, summary_line
@@ -463,6 +464,8 @@ def refuse(message: str) -> NoReturn:
 
 def main(args) -> int:
     # single values are range-checked by their argparse types (cli_types); here what needs two
+    if why := metrics_host_unused(args, "--metrics-base-port"):
+        refuse(why)
     if args.metrics_base_port > 0 and args.metrics_base_port + 1 + args.workers > 65535:
         refuse(f"--metrics-base-port {args.metrics_base_port}: the ports of the collector "
                f"and {args.workers} workers (P+1 .. P+{1 + args.workers}) must stay below 65536")

@@ -24,8 +24,8 @@ import zmq
 
 import eclreco
 from eclreco import Module, _core
-from eclreco.cli_types import (BATCH_SIZE, CONNECT_ADDRESS, METRICS_PORT, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE,
-                               THREADS, metrics_host)
+from eclreco.cli_types import (BATCH_SIZE, CONNECT_ADDRESS, METRICS_HOST, METRICS_PORT, NON_NEGATIVE, NON_NEGATIVE_INT,
+                               POSITIVE, THREADS, metrics_host, metrics_host_unused)
 from eclreco.framework import RAW
 from eclreco.hlt import protocol as P
 from eclreco.paths import missing_folder, unwritable_folder
@@ -275,7 +275,7 @@ def add_worker_arguments(ap: argparse.ArgumentParser):
     ap.add_argument("--heartbeat", type=POSITIVE, default=0.5, help="seconds between heartbeats")
     ap.add_argument("--max-latency", type=NON_NEGATIVE, default=2.0, help="ms to wait for a batch to fill")
     ap.add_argument("--metrics-port", type=METRICS_PORT, default=0, help="Prometheus port (0: a free port, -1: none)")
-    ap.add_argument("--metrics-host", type=metrics_host, default="127.0.0.1", help="interface of the exporter")
+    ap.add_argument("--metrics-host", type=metrics_host, default=METRICS_HOST, help="interface of the exporter")
     ap.add_argument("--modules", default="standard",
                     help="'standard' (add_reconstruction), 'none', or a comma-separated list of modules")
     ap.add_argument("--no-cnn", action="store_true", help="classical leakage correction only")
@@ -336,6 +336,8 @@ def start_worker(args, build_reconstruction) -> int:
     from eclreco.curve import curve_option_error
 
     if why := curve_option_error(args, "worker", ("distributor", "collector")):
+        refuse(why)
+    if hasattr(args, "metrics_host") and (why := metrics_host_unused(args)):  # (a steering file's may have none)
         refuse(why)
     default_quarantine(args)
     capacity = args.capacity or 4 * args.batch_size * max(1, args.threads)
