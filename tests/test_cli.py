@@ -1521,3 +1521,44 @@ def test_an_hlt_role_refuses_a_metrics_host_without_an_exporter(tmp_path):
         assert r.stderr == (f"eclreco hlt {argv[1]}: error: --metrics-host '0.0.0.0' is the interface of the metrics "
                             f"exporter: {option} -1 starts none\n"), r.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_root_file_options_of_the_collector_are_refused_with_a_tcp_output(tmp_path):
+    """`hlt collector -o tcp://... --output-bind --flush-interval 9` (or --dqm-open-runs, --cluster-columns) started
+    without a word: they are RootOutput's and ECLDQM's, which a tcp:// output does not have; so did `hlt run -o
+    tcp://... --flush-interval 9`. One line naming them now, exit 2, before any socket. hlt run passes them to its
+    collector with a ROOT file only: its --cluster-columns chooses what the workers send, and stays accepted."""
+    import subprocess
+
+    out = free_address()
+    collector = ["hlt", "collector", "-o", out, "--output-bind", "--metrics-port", "-1", "--control",
+                 "tcp://127.0.0.1:9", "--collector-addr", "tcp://127.0.0.1:0", "--sched", "normal"]
+    farm = ["hlt", "run", "-o", out, "--metrics-base-port", "-1", "-n", "1", "--input", free_address(), "--control",
+            free_address()]
+    for argv, extra, named in ((collector, ["--flush-interval", "9"], "--flush-interval: this option is"),
+                               (collector, ["--dqm-open-runs", "3", "--cluster-columns", "energy"],
+                                "--dqm-open-runs, --cluster-columns: these options are"),
+                               (farm, ["--flush-interval", "9", "--dqm-open-runs", "3"],
+                                "--flush-interval, --dqm-open-runs: these options are")):
+        try:
+            r = subprocess.run([sys.executable, "-m", "eclreco.cli", *argv, *extra], capture_output=True, text=True,
+                               timeout=20, cwd=tmp_path)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{argv[:2]} {extra}: started, the options ignored")
+        assert r.returncode == 2 and not r.stdout, (extra, r.stdout, r.stderr)
+        assert r.stderr == (f"eclreco hlt {argv[1]}: error: {named} for a ROOT file --output (its writes, DQM "
+                            f"histograms and branches): --output {out!r} sends the results on as the workers made "
+                            "them\n"), r.stderr
+    assert os.listdir(tmp_path) == []
+    # what hlt run gives its collector passes the collector's own check (it passed them all, defaults or not)
+    from eclreco.hlt.collector import root_output_options_unused
+    from eclreco.hlt.run import Farm
+
+    parser = cli.build_parser()
+    for output, passed in ((out, False), (str(tmp_path / "f.root"), True)):
+        args = parser.parse_args(["hlt", "run", "-o", output, "--cluster-columns", "energy", "--metrics-base-port",
+                                  "-1"])
+        cmd = Farm(args).collector_cmd()
+        assert ("--cluster-columns" in cmd) == passed and ("--flush-interval" in cmd) == passed, cmd
+        role = parser.parse_args(cmd[cmd.index("hlt"):])
+        assert role.hlt_command == "collector" and root_output_options_unused(role) == "", cmd

@@ -13,6 +13,11 @@ from eclreco.scheduling import add_scheduling_argument
 
 FARM_ADDRESS_OR_FREE = zmq_address(free=True, connect=True)  # hlt run's --workers-addr, --collector-addr
 
+# the collector's options of a ROOT file output (hlt collector's and hlt run's): a tcp:// output refuses them
+# when not these (collector.root_output_options_unused)
+FLUSH_INTERVAL_S = 0.25
+DQM_OPEN_RUNS = 8
+
 
 def _add_metrics(p, default_port: int):
     p.add_argument("--metrics-port", type=METRICS_PORT, default=default_port,
@@ -89,13 +94,13 @@ def add_hlt_parser(subparsers):
     p.add_argument("--max-latency", type=NON_NEGATIVE, default=2.0, help="ms to wait for more results after the first")
     p.add_argument("--dedup-window", type=POSITIVE_INT, default=1_000_000,
                    help="events: a repeated (exp, run, evt) within this many events is dropped as a duplicate")
-    p.add_argument("--flush-interval", type=NON_NEGATIVE, default=0.25,
+    p.add_argument("--flush-interval", type=NON_NEGATIVE, default=FLUSH_INTERVAL_S,
                    help="s: results are written to the ROOT file at least this often; only then are they SAVED "
                         "(until then the distributor keeps them for a replacement collector)")
-    p.add_argument("--dqm-open-runs", type=POSITIVE_INT, default=8,
+    p.add_argument("--dqm-open-runs", type=POSITIVE_INT, default=DQM_OPEN_RUNS,
                    help="runs whose DQM histograms are kept apart at once (each run is one cycle of dqm/, written "
                         "once no more of its events can come); with more, the oldest is written")
-    add_cluster_columns_argument(p, "the workers must send them (their --cluster-columns): ")
+    add_cluster_columns_argument(p, "ROOT file output; the workers must send them (their --cluster-columns): ")
     add_scheduling_argument(p)
     _add_metrics(p, 9461)
     add_curve_arguments(p, "collector")
@@ -124,11 +129,13 @@ def add_hlt_parser(subparsers):
     add_cluster_columns_argument(p, "workers and collector: ")
     p.add_argument("--max-latency", type=NON_NEGATIVE, default=2.0,
                    help="ms a worker waits for its batch to fill, and the collector for more results")
-    p.add_argument("--flush-interval", type=NON_NEGATIVE, default=0.25, help="s between writes of the collector's file")
+    p.add_argument("--flush-interval", type=NON_NEGATIVE, default=FLUSH_INTERVAL_S,
+                   help="s between writes of the collector's ROOT file")
     p.add_argument("--dedup-window", type=POSITIVE_INT, default=1_000_000,
                    help="events over which the collector drops a repeated (exp, run, evt)")
-    p.add_argument("--dqm-open-runs", type=POSITIVE_INT, default=8,
-                   help="runs whose DQM histograms the collector keeps apart at once (one cycle per run)")
+    p.add_argument("--dqm-open-runs", type=POSITIVE_INT, default=DQM_OPEN_RUNS,
+                   help="runs whose DQM histograms the collector keeps apart at once (one cycle per run; ROOT file "
+                        "output)")
     p.add_argument("--max-restarts", type=NON_NEGATIVE_INT, default=10, help="worker restarts allowed in total")
     p.add_argument("--collector-restarts", type=NON_NEGATIVE_INT, default=3,
                    help="collector restarts allowed within a minute (the new one writes its own file and gets the "

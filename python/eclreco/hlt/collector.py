@@ -584,6 +584,27 @@ def output_error(output: str) -> str:
     return output_file_error(output_filename(output, 1), "--output")
 
 
+def root_output_options_unused(args, options=("--flush-interval", "--dqm-open-runs", "--cluster-columns")) -> str:
+    """Which of `options` a tcp:// --output would ignore, as an error message ('' when none, or a ROOT file): the
+    flush interval, the DQM runs and the branches are RootOutput's and ECLDQM's, which only a ROOT file output has
+    (the results go on as the workers sent them). Compared with the parser's defaults, which hlt run passes on.
+    (hlt run's --cluster-columns chooses what its workers send: it acts with a tcp:// output too.)"""
+    from eclreco.hlt.cli import DQM_OPEN_RUNS, FLUSH_INTERVAL_S
+    from eclreco.modules.root_output import DEFAULT_CLUSTER_COLUMNS
+
+    if not args.output.startswith("tcp://"):
+        return ""
+    defaults = {"--flush-interval": (args.flush_interval, FLUSH_INTERVAL_S),
+                "--dqm-open-runs": (args.dqm_open_runs, DQM_OPEN_RUNS),
+                "--cluster-columns": (args.cluster_columns, list(DEFAULT_CLUSTER_COLUMNS))}
+    given = [option for option in options if defaults[option][0] != defaults[option][1]]
+    if not given:
+        return ""
+    return (f"{', '.join(given)}: {'this option is' if len(given) == 1 else 'these options are'} for a ROOT file "
+            f"--output (its writes, DQM histograms and branches): --output {args.output!r} sends the results on as "
+            "the workers made them")
+
+
 def collector_output_servers(args) -> tuple[str, ...]:
     """The CURVE key names of what the collector's output connects to: reco (steering/reco.py -i), for a tcp://
     output it does not bind."""
@@ -646,6 +667,8 @@ def main(args) -> int:
         raise ValueError(why)
     if args.output_bind and not args.output.startswith("tcp://"):  # ignored, it wrote the file as if not given
         raise ValueError(f"--output-bind binds a tcp:// output: --output {args.output!r} is a ROOT file")
+    if why := root_output_options_unused(args):  # and these ignored with a tcp:// one
+        raise ValueError(why)
     if why := curve_option_error(args, "collector", ("distributor",) + collector_output_servers(args)):
         raise ValueError(why)
     if why := metrics_host_unused(args):

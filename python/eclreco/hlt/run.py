@@ -159,15 +159,18 @@ class Farm:
         self.distributor = self.popen(cmd)
 
     def start_collector(self):
+        self.collector = self.popen(self.collector_cmd())
+
+    def collector_cmd(self):
         a = self.args
-        self.collector = self.popen(self.exe + ["collector", "--collector-addr", self.collector_addr, "--control",
-                                                a.control, "--output", a.output, "--metrics-port",
-                                                str(self.mport(1)), "--metrics-host", a.metrics_host,
-                                                "--max-latency", str(a.max_latency), "--flush-interval",
-                                                str(a.flush_interval), "--dedup-window", str(a.dedup_window),
-                                                "--dqm-open-runs", str(a.dqm_open_runs),
-                                                "--cluster-columns", ",".join(a.cluster_columns),
-                                                "--sched", a.sched, *self.curve_args])
+        cmd = self.exe + ["collector", "--collector-addr", self.collector_addr, "--control", a.control, "--output",
+                          a.output, "--metrics-port", str(self.mport(1)), "--metrics-host", a.metrics_host,
+                          "--max-latency", str(a.max_latency), "--dedup-window", str(a.dedup_window),
+                          "--sched", a.sched, *self.curve_args]
+        if not a.output.startswith("tcp://"):  # a ROOT file's (a tcp:// output refuses them)
+            cmd += ["--flush-interval", str(a.flush_interval), "--dqm-open-runs", str(a.dqm_open_runs),
+                    "--cluster-columns", ",".join(a.cluster_columns)]
+        return cmd
 
     def worker_cmd(self, i: int):
         a = self.args
@@ -497,13 +500,15 @@ def main(args) -> int:
         # refuse at its start (a collector's, after the rest of the farm had started)
         if address and not (option == "--input" and args.input_connect) and (why := bind_error(address)):
             refuse(f"{option} {address!r}: {why}")
-    from eclreco.hlt.collector import output_error
+    from eclreco.hlt.collector import output_error, root_output_options_unused
     from eclreco.paths import output_file_error
     from eclreco.reconstruction import event_filter_option_unused
 
     if unused := event_filter_option_unused(args):
         refuse(unused)
     if why := output_error(args.output):
+        refuse(why)
+    if why := root_output_options_unused(args, ("--flush-interval", "--dqm-open-runs")):  # --cluster-columns: workers'
         refuse(why)
     if args.rejected:
         if args.workers > 1 and "{worker}" not in args.rejected and "{pid}" not in args.rejected:
