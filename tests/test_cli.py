@@ -1562,3 +1562,32 @@ def test_root_file_options_of_the_collector_are_refused_with_a_tcp_output(tmp_pa
         assert ("--cluster-columns" in cmd) == passed and ("--flush-interval" in cmd) == passed, cmd
         role = parser.parse_args(cmd[cmd.index("hlt"):])
         assert role.hlt_command == "collector" and root_output_options_unused(role) == "", cmd
+
+
+def test_hlt_run_says_its_option_errors_before_an_address_in_use(tmp_path, capsys):
+    """With 5555 held by a farm already running, `hlt run --rejected x.msgpack -n 2` or a
+    --filter-cluster-energy without a cut said "--input ...: another process listens there": the option error,
+    which the operator must fix too, came only once the address was free. Every option check comes first now."""
+    import socket
+
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    taken = f"tcp://127.0.0.1:{held.getsockname()[1]}"
+    base = ["hlt", "run", "--input", taken, "-o", str(tmp_path / "farm.root"), "--metrics-base-port", "-1"]
+    try:
+        for extra, message in ((["-n", "2", "--rejected", str(tmp_path / "x.msgpack")],
+                                f"--rejected '{tmp_path}/x.msgpack': 2 workers would write one file"),
+                               (["--filter-cluster-energy", "0.1"], "--filter-cluster-energy sets which clusters"),
+                               (["--metrics-base-port", "65535"], "--metrics-base-port 65535: the ports")):
+            with pytest.raises(SystemExit) as e:
+                cli.main([*base, *extra])
+            out, err = capsys.readouterr()
+            assert e.value.code == 2 and err.startswith(f"eclreco hlt run: error: {message}"), (extra, err)
+        with pytest.raises(SystemExit) as e:  # the address is still checked, once the options are right
+            cli.main(base)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"eclreco hlt run: error: --input {taken!r}: another process"), err
+    finally:
+        held.close()
+    assert os.listdir(tmp_path) == []

@@ -493,13 +493,6 @@ def main(args) -> int:
 
     if why := chain_file_error(args):  # each worker would fail at its start, and be restarted to fail again
         refuse(why)
-    for option, address in (("--input", args.input), ("--control", args.control), ("--workers-addr", args.workers_addr),
-                            ("--collector-addr", args.collector_addr)):
-        # (their form is checked by the parser: cli_types.ADDRESS) the roles bind them (the input unless
-        # --input-connect): one another process holds, or an ipc:// one in a missing folder, the farm's role would
-        # refuse at its start (a collector's, after the rest of the farm had started)
-        if address and not (option == "--input" and args.input_connect) and (why := bind_error(address)):
-            refuse(f"{option} {address!r}: {why}")
     from eclreco.hlt.collector import output_error, root_output_options_unused
     from eclreco.paths import output_file_error
     from eclreco.reconstruction import event_filter_option_unused
@@ -532,6 +525,15 @@ def main(args) -> int:
                                ("worker", None, ("distributor", "collector"))):
         if why := curve_option_error(own or argparse.Namespace(curve_dir=args.curve_dir), role, servers):
             refuse(why)
+    # last, after every check of the options: a farm already on the host holds the default addresses, and its
+    # "another process listens there" hid the option error the operator had to fix first
+    for option, address in (("--input", args.input), ("--control", args.control), ("--workers-addr", args.workers_addr),
+                            ("--collector-addr", args.collector_addr)):
+        # (their form is checked by the parser: cli_types.ADDRESS) the roles bind them (the input unless
+        # --input-connect): one another process holds, or an ipc:// one in a missing folder, the farm's role would
+        # refuse at its start (a collector's, after the rest of the farm had started)
+        if address and not (option == "--input" and args.input_connect) and (why := bind_error(address)):
+            refuse(f"{option} {address!r}: {why}")
     farm = Farm(args)
     try:
         return farm.run()
