@@ -392,3 +392,24 @@ def test_reco_py_refuses_a_curve_server_it_would_not_use(tmp_path, keys):
         except subprocess.TimeoutExpired:
             pytest.fail(f"{extra}: reco.py started, the --curve-server ignored")
         assert r.returncode == 2 and f"reco.py: error: {message}" in r.stderr.splitlines()[-1], (extra, r.stderr)
+
+
+def test_hlt_run_refuses_one_key_for_the_roles_it_starts(tmp_path, keys):
+    """`hlt run --curve-dir K --curve-name ops` (or --curve-secret F) started the farm: the name or file applied
+    to the supervisor's own control link only, every role it started used its role's key, and the operator
+    believed the farm used ops's. One line naming the option now, exit 2, before any role; --help says it."""
+    generate_keys(keys, ["ops"])
+    farm = ECLRECO + ["hlt", "run", "-n", "1", "-o", str(tmp_path / "r.root"), "--metrics-base-port", "-1",
+                      "--input", free_address(), "--control", free_address(), "--curve-dir", keys]
+    for extra, named in ((["--curve-name", "ops"], "--curve-name"),
+                         (["--curve-secret", os.path.join(keys, "private", "ops.key_secret")], "--curve-secret")):
+        try:
+            r = subprocess.run(farm + extra, capture_output=True, text=True, timeout=20, cwd=str(tmp_path))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{extra}: the farm started, its roles with their own keys")
+        assert r.returncode == 2 and not r.stdout, (extra, r.stdout, r.stderr)
+        assert r.stderr.startswith(f"eclreco hlt run: error: {named}: hlt run's roles use their own keys of "
+                                   "--curve-dir") and r.stderr.count("\n") == 1, r.stderr
+    r = subprocess.run(ECLRECO + ["hlt", "run", "--help"], capture_output=True, text=True, timeout=30)
+    assert "refused: each role uses its own key" in " ".join(r.stdout.split()), r.stdout
+    assert not os.path.exists(tmp_path / "r.root")

@@ -143,7 +143,7 @@ def add_hlt_parser(subparsers):
     p.add_argument("--metrics-base-port", type=METRICS_PORT, default=9460,
                    help="distributor P, collector P+1, worker i P+2+i (0: free ports, -1: none)")
     p.add_argument("--metrics-host", type=metrics_host, default=METRICS_HOST, help="interface of the exporters")
-    add_curve_arguments(p, "control")
+    add_curve_arguments(p, "control", roles_own_keys=True)
     p.set_defaults(func=lambda a: __import__("eclreco.hlt.run", fromlist=["main"]).main(a))
 
     p = sub.add_parser("control", help="run control: stop (end of run), start (new run), terminate")

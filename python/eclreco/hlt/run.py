@@ -24,7 +24,7 @@ from typing import NoReturn
 import zmq
 
 from eclreco.cli_types import metrics_host_unused
-from eclreco.curve import Curve, curve_option_error
+from eclreco.curve import Curve, curve_option_error, roles_key_options_error
 from eclreco.hlt import protocol as P
 from eclreco.hlt.control import ControlError, farm_failure, output_line, request, status, summary_line
 from eclreco.hlt.worker import chain_option_unused, module_names, steering_file_error
@@ -518,6 +518,9 @@ def main(args) -> int:
         refuse(str(err))
     # its own key (control), and those the roles it starts take from --curve-dir by their names
     from eclreco.hlt.collector import collector_output_servers
+
+    if why := roles_key_options_error(args):
+        refuse(why)
 
     for role, own, servers in (("control", args, ("distributor",)),
                                ("distributor", None, ("daq",) if args.input_connect else ()),
