@@ -229,6 +229,19 @@ def test_a_stop_whose_last_write_fails_names_the_error_and_the_kept_file(farm_fa
     rc, log = farm.wait_exit()
     assert final["output"]["output_errors"] == [error] and final["lost_at_stop"] == 0, final
     assert f"3000 events written in 1 farm run(s) of 3000 received" in log, log
+    assert_output_adds_up(next(x for x in log.splitlines() if x.startswith("[hlt run] output: ")))
+
+
+def assert_output_adds_up(line: str):
+    """The farm's output line counts each event once: written + rejected + module errors + discarded = received
+    (module errors here: events an output raised on, in no file; a chain's flagged events are written too)."""
+    import re
+
+    m = re.search(r"output: (\d+) events written in \d+ farm run\(s\) of (\d+) received; rejected (\d+), module "
+                  r"errors (\d+).*?, discarded (\d+)", line)
+    assert m, line
+    written, received, rejected, errors, discarded = map(int, m.groups())
+    assert written + rejected + errors + discarded == received, line
 
 
 def test_the_events_a_failed_stop_left_unsaved_go_to_a_file_of_their_run(farm_factory, tmp_path):
@@ -237,19 +250,23 @@ def test_the_events_a_failed_stop_left_unsaved_go_to_a_file_of_their_run(farm_fa
     joined the next run: it wrote run 1's events to farm_run2.root, a file of a run that never started. It now
     joins run 1 for them and writes them to a file of run 1 (farm.root: the failed one held no event and was
     removed; else farm.2.root beside farm.root.incomplete), is told END_RUN when they are confirmed, and makes
-    no file for run 2, which never starts."""
+    no file for run 2, which never starts. The failed collector's report counts only what it said SAVED: the
+    events it handed on that a worker rejected were counted as rejected by it and by its replacement ("1000
+    events written ... of 1050 received; rejected 100")."""
     import glob
 
+    from hlt_helpers import push_messages
+
     farm = farm_factory(workers=1, extra=("--flush-interval", "600"))
-    push_events(farm.input, range(1000))
-    farm.wait_confirmed(1000)
+    push_messages(farm.input, [envelope(k) for k in range(1000)] + [b"\xc1"] * 50)  # (50 rejected: not msgpack)
+    farm.wait_confirmed(1050)
     first = farm.process("collector")["pid"]
     size = os.path.getsize(farm.output)
     resource.prlimit(first, resource.RLIMIT_FSIZE, (size, size))
     r = subprocess.run(ECLRECO + ["hlt", "control", "stop", "--control", farm.control], capture_output=True,
                        text=True, timeout=90)
     reply = json.loads(r.stdout)
-    assert r.returncode == 1 and reply["unsaved"] == 1000 and reply["lost_at_stop"] == 0, r.stdout
+    assert r.returncode == 1 and reply["unsaved"] == 1050 and reply["lost_at_stop"] == 0, r.stdout
     t0 = time.monotonic()
     while (d := farm.distributor())["held"] or farm.process("collector")["pid"] == first:  # all confirmed again
         assert time.monotonic() - t0 < 60, farm.logtext()
@@ -264,7 +281,9 @@ def test_the_events_a_failed_stop_left_unsaved_go_to_a_file_of_their_run(farm_fa
     assert final["lost_at_stop"] == 0 and final["output"]["runs"] == 1, final
     assert final["output"]["events_written"] == 1000, final
     # each event received once (the failed collector's 1000 were counted again with its replacement's)
-    assert "[hlt run] output: 1000 events written in 1 farm run(s) of 1000 received" in log, log
+    line = next(x for x in log.splitlines() if x.startswith("[hlt run] output: "))
+    assert line.startswith("[hlt run] output: 1000 events written in 1 farm run(s) of 1050 received; rejected 50,"), line
+    assert_output_adds_up(line)
 
 
 def test_a_collector_restarted_between_runs_makes_no_file_for_a_run_that_never_starts(farm_factory, tmp_path):
@@ -1967,7 +1986,7 @@ def test_the_farms_output_counts_the_errors_of_the_collectors_output_apart():
 
 def failed_stop_with_leftovers(farm, n=100, saved=30):
     """Collector a confirms n events and saves `saved` of them; the stop's last write fails (its RUN_ENDED has
-    output_error) and a dies; b registers between the runs for the rest (leftovers of run 1). Returns (seqs, control
+    output_error and, as the collector's, counts only the events it said SAVED) and a dies; b registers between the runs for the rest (leftovers of run 1). Returns (seqs, control
     peer, b)."""
     from eclreco.hlt import protocol as P
 
@@ -1982,7 +2001,7 @@ def failed_stop_with_leftovers(farm, n=100, saved=30):
     farm.send(control, P.STOP)
     d.housekeeping(time.monotonic())
     assert d.state == "stopped" and len(d.unsaved) == n - saved
-    farm.send(a, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "/data/a.root.incomplete", "received": n,
+    farm.send(a, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "/data/a.root.incomplete", "received": saved,
                                       "events_written": saved, "output_error": "cannot write output file"}))
     d.housekeeping(time.monotonic())
     assert control.poll(5000) and P.unpack(control.recv_multipart()[1])["collector"]["output_error"]
@@ -2125,7 +2144,8 @@ def test_a_collector_ends_one_run_per_end_run_read_together(zmq_context):
 def test_the_events_a_failed_stop_hands_on_are_received_once_in_the_output():
     """The collector whose last write failed at the stop reported every event it received, and so did its
     replacement for the events it wrote again: "100 events written in 1 farm run(s) of 170 received". The failed
-    one's report counts only the events it did not hand on (those still held unsaved when it came)."""
+    one's report counts only the events it did not hand on (those it said SAVED: the collector's side is
+    test_the_events_a_failed_stop_left_unsaved_go_to_a_file_of_their_run)."""
     from eclreco.hlt import protocol as P
     from eclreco.hlt.control import output_line
 
@@ -2140,5 +2160,6 @@ def test_the_events_a_failed_stop_hands_on_are_received_once_in_the_output():
                                           "events_written": 70}))
         line = output_line(d.own_status())
         assert line.startswith("output: 100 events written in 1 farm run(s) of 100 received;"), line
+        assert_output_adds_up(line)
     finally:
         farm.close()

@@ -155,8 +155,12 @@ class CollectorLink:
         self.output_made = False
         # why the output file could not be written (RootOutput's error, which names where its events are kept)
         self.output_error = ""
-        self.unsaved: collections.deque = collections.deque()  # (output batch count, seqs) not yet in the file
+        # (output batch count, seqs, the run's counts through that batch) not yet in the file
+        self.unsaved: collections.deque = collections.deque()
         self.saved = 0
+        # the run's counts (run_counts) through its last batch said SAVED: after a failed write, the events of the
+        # later batches go to the next collector, which counts them
+        self.saved_counts = run_counts(None)
         # tells this process from another one with the same pid and host name (containers)
         self.instance = os.urandom(8).hex()
         self.registered = False  # the distributor took this collector (it answers HELLO with LOW)
@@ -277,8 +281,8 @@ class CollectorLink:
             self.confirmed += len(seqs)
             if output is None:
                 self._saved(seqs)
-            else:
-                self.unsaved.append((output.batches_taken, seqs))
+            else:  # (one thread: the run's statistics count the batch, which went through the whole path)
+                self.unsaved.append((output.batches_taken, seqs, run_counts(eclreco.statistics.summary())))
 
     def release_saved(self, output=None, everything: bool = False):
         """SAVED for the batches now in the output file (everything: the file was closed)."""
@@ -286,7 +290,8 @@ class CollectorLink:
             output.flush_if_due()
         done = []
         while self.unsaved and (everything or self.unsaved[0][0] <= output.batches_written):
-            done.append(self.unsaved.popleft()[1])
+            _, seqs, self.saved_counts = self.unsaved.popleft()
+            done.append(seqs)
         if done:
             self._saved(np.concatenate(done), None if output is None else output.events_written_run)
 
@@ -306,20 +311,22 @@ class CollectorLink:
         self.ctl.close(2000)
 
 
+def run_counts(summary: dict | None) -> dict:
+    """The counts of a run that RUN_ENDED carries, of eclreco.statistics.summary() (None: all 0)."""
+    s = summary or {}
+    return {"received": s.get("received", 0), "discarded": s.get("discarded", 0), "errors": s.get("errors", 0),
+            # of those, the events its output raised on (a write that failed): not errors of the chain
+            "errors_in_outputs": s.get("errors_in_outputs", 0),
+            "rejected": s.get("rejected", 0), "rejected_by_reason": dict(s.get("rejected_by_reason", {}))}
+
+
 def run_report(link: CollectorLink, run_index: int, filename: str = "", written: int = 0, summary: dict | None = None,
                dropped: dict | None = None, first_error: str = "") -> dict:
     """RUN_ENDED: what the run wrote and what failed (the stop's reply and the farm's output line);
     every key also for a run without events (it lacked all but the first five)."""
-    s = summary or {}
     dropped = dropped or {"duplicates": 0, "repeated_keys": 0, "orphaned": 0}
-    return {"run_index": run_index, "filename": filename, "events_written": written,
-            "received": s.get("received", 0), "duplicates": link.duplicates,
-            **{k + "_run": v for k, v in dropped.items()},
-            "discarded": s.get("discarded", 0), "errors": s.get("errors", 0),
-            # of those, the events its output raised on (a write that failed): not errors of the chain
-            "errors_in_outputs": s.get("errors_in_outputs", 0),
-            "rejected": s.get("rejected", 0), "rejected_by_reason": s.get("rejected_by_reason", {}),
-            "first_error": first_error}
+    return {"run_index": run_index, "filename": filename, "events_written": written, **run_counts(summary),
+            "duplicates": link.duplicates, **{k + "_run": v for k, v in dropped.items()}, "first_error": first_error}
 
 
 class HLTCollectorInput(Module):
@@ -363,6 +370,7 @@ class HLTCollectorInput(Module):
         self._unconfirmed = np.zeros(0, "<u8")
         self._producers = {}  # (host, pid) or None -> [events taken, provenance JSON or None], of the run
         self._dropped_before = (self.link.duplicates, self.link.repeated_keys, self.link.orphaned)
+        self.link.saved_counts = run_counts(None)
 
     def begin_run(self, exp, run):
         self.link.state = "running"
@@ -543,14 +551,17 @@ def _output_failed(link: CollectorLink, out) -> int:
     distributor for the next collector. When the distributor had ended the run (the last write, at the
     close, failed), the report is the run's RUN_ENDED too: the stop's reply names the error and the kept
     file (it said that the collector did not report the run's end within 30 s, the error only in
-    replaced_collectors). Exit 1 (hlt run restarts it, within --collector-restarts)."""
+    replaced_collectors); its counts are those of the events it said SAVED. Exit 1 (hlt run restarts it, within
+    --collector-restarts)."""
     link.release_saved(out)
     link.filename = out.kept_file
     link.output_error = out.write_error
     link.report()
     if link.end_run:
+        # the counts of the events it said SAVED only: the others go to the next collector, whose report counts them
+        # (they were counted by both: received, rejected and discarded twice)
         report = run_report(link, link.ended_run_index or link.run_index, out.kept_file,
-                            out.events_written_run if out.kept_file else 0, eclreco.statistics.summary())
+                            out.events_written_run if out.kept_file else 0, link.saved_counts)
         link.run_ended({**report, "output_error": out.write_error})
     print(f"[collector] error: {out.write_error}; the distributor keeps the events not in it for the next collector",
           file=sys.stderr, flush=True)

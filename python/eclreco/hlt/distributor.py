@@ -861,11 +861,7 @@ class Distributor:
                                      ("left_collectors", "written_by_left", "left_files"))
         counts = {k: int(info.get(k, 0) or 0)
                   for k in ("received", "events_written", "errors", "errors_in_outputs", "discarded", "rejected")}
-        if info.get("output_error"):
-            # its file could not be written: the events it received and confirmed that are not in the file are still
-            # held (its SAVED came first) and go to the next collector, whose report counts them (received twice:
-            # "1000 events written ... of 2000 received")
-            counts["received"] = max(0, counts["received"] - len(self.unsaved))
+        # (a report with output_error counts the events its collector said SAVED only: the rest were handed on)
         for k, n in counts.items():
             o[k] += n
         for k in ("duplicates", "repeated_keys", "orphaned"):  # the collector's of this run (its `duplicates` is its life's)
