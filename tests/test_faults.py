@@ -1984,10 +1984,10 @@ def test_the_farms_output_counts_the_errors_of_the_collectors_output_apart():
         farm.close()
 
 
-def failed_stop_with_leftovers(farm, n=100, saved=30):
+def failed_stop_with_leftovers(farm, n=100, saved=30, start_first=False):
     """Collector a confirms n events and saves `saved` of them; the stop's last write fails (its RUN_ENDED has
-    output_error and, as the collector's, counts only the events it said SAVED) and a dies; b registers between the runs for the rest (leftovers of run 1). Returns (seqs, control
-    peer, b)."""
+    output_error and, as the collector's, counts only the events it said SAVED) and a dies; b registers between the
+    runs for the rest (leftovers of run 1; start_first: after a START of run 2). Returns (seqs, control peer, b)."""
     from eclreco.hlt import protocol as P
 
     d = farm.d
@@ -2006,6 +2006,9 @@ def failed_stop_with_leftovers(farm, n=100, saved=30):
     d.housekeeping(time.monotonic())
     assert control.poll(5000) and P.unpack(control.recv_multipart()[1])["collector"]["output_error"]
     a.close(0)
+    if start_first:  # the operator starts run 2 before hlt run's replacement collector registers
+        reply = P.unpack(farm.send(control, P.START)[-1][1])
+        assert reply["run_index"] == 2 and reply["leftovers_of"] == 1 and not d.accepting_input(), reply
     t0 = time.monotonic()
     while True:  # b is taken once libzmq has seen a's connection go (a few ms)
         b = farm.peer()
@@ -2158,6 +2161,39 @@ def test_the_events_a_failed_stop_hands_on_are_received_once_in_the_output():
         farm.send(b, P.SAVED, P.seqs_to_bytes(seqs[30:]), b"70")
         farm.send(b, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "/data/a.2.root", "received": 70,
                                           "events_written": 70}))
+        line = output_line(d.own_status())
+        assert line.startswith("output: 100 events written in 1 farm run(s) of 100 received;"), line
+        assert_output_adds_up(line)
+    finally:
+        farm.close()
+
+
+def test_a_start_before_the_next_collector_registers_waits_for_the_failed_stops_leftovers():
+    """A START after a failed stop, before hlt run's replacement collector registers: the new collector joined
+    run 2 and wrote run 1's events to farm_run2.root, mixed with run 2's input, and the failed collector was
+    listed as a replaced collector of run 2 (its error counted twice). The next collector now joins run 1 for
+    them, run 2 reads no input until they are written, and the output line adds up."""
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import output_line
+
+    farm = InProcessFarm(heartbeat_timeout_s=30.0, stop_drain_s=0.0)
+    d = farm.d
+    try:
+        seqs, control, b = failed_stop_with_leftovers(farm, start_first=True)
+        assert d.run_index == 2 and d.state == "running" and not d.accepting_input()
+        d.pending.clear()  # (no worker here to take the ids off the queue)
+        farm.send(b, P.CONFIRM, P.seqs_to_bytes(seqs[30:]))
+        d.housekeeping(time.monotonic())
+        got = []
+        while b.poll(200):
+            got.append(b.recv_multipart())
+        assert [f for f in got if f[0] == P.END_RUN] == [[P.END_RUN, b"1"]], got
+        assert d.accepting_input()  # run 2's input, once run 1's leftovers are confirmed
+        farm.send(b, P.SAVED, P.seqs_to_bytes(seqs[30:]), b"70")
+        farm.send(b, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "/data/a.2.root", "received": 70,
+                                          "events_written": 70}))
+        o = d.output
+        assert o["replaced_collectors"] == 0 and len(o["output_errors"]) == 1, o
         line = output_line(d.own_status())
         assert line.startswith("output: 100 events written in 1 farm run(s) of 100 received;"), line
         assert_output_adds_up(line)

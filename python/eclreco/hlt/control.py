@@ -206,6 +206,10 @@ def control_main(args) -> int:
         return 1
     if args.action == "start" and reply.get("already"):
         print(f"eclreco hlt control: run {reply.get('run_index')} was already running", file=sys.stderr)
+    if reply.get("leftovers_of") is not None:  # a failed stop's events still to write: the new run waits for them
+        print(f"eclreco hlt control: warning: run {reply.get('run_index')} reads no input until the events of run "
+              f"{reply['leftovers_of']} that its collector could not write are in a file of that run (the next "
+              "collector writes them)", file=sys.stderr)
     if reply.get("collector_alive") is False:
         print("eclreco hlt control: warning: no live collector: the run's events wait at the distributor until one "
               "registers", file=sys.stderr)

@@ -225,6 +225,10 @@ class Distributor:
         self.output_run = 0  # the run index whose events the output counts last (a run is counted once)
         self.replaced_run: list[dict] = []  # collectors replaced in this run: their files hold part of it
         self.unregistered: dict[bytes, dict] = {}  # CONFIRM/SAVED held until their sender registers (hold_unregistered)
+        # A START came while the events of the run that ended waited for a new collector (its collector's last write
+        # failed, or it died at the stop): that run's index. The next collector joins that run for them, and the new
+        # run reads no input until they are written (the collector joined the new run and wrote them to its file).
+        self.leftovers_waiting: int | None = None
 
     # ---------------------------------------------------------------- main loop
     def serve(self):
@@ -268,7 +272,7 @@ class Distributor:
     def accepting_input(self) -> bool:
         if self.state == "stopped" or (self.state == "stopping" and self.stop_drain_over()):
             return False
-        if self.collector is not None and self.collector.get("leftovers"):
+        if self.leftovers_waiting is not None or (self.collector is not None and self.collector.get("leftovers")):
             return False  # the next run's events wait until the collector's file of the ended run has its leftovers
         if self.drop_when_busy:
             return True
@@ -491,12 +495,14 @@ class Distributor:
                                    "run_ended": None, "between_runs": self.state == "stopped"}
                     if old is not None:  # (after what can fail on a malformed HELLO)
                         self.collector_replaced(same)
-                    if not same and self.state == "stopped" and self.events:
-                        # Between runs, with events of the run that ended to write again (its collector's last write
-                        # failed): this one joins that run for them, in a file named after it, and is told END_RUN
-                        # once they are confirmed (housekeeping). It joined the next run and wrote them to that
-                        # run's file, one of a run that may never start.
-                        carried.update(leftovers=True, leftovers_run=self.run_index, between_runs=False)
+                    if not same and ((self.state == "stopped" and self.events) or self.leftovers_waiting is not None):
+                        # Between runs (or after a START that came first), with events of the run that ended to write
+                        # again (its collector's last write failed): this one joins that run for them, in a file named
+                        # after it, and is told END_RUN once they are confirmed (housekeeping). It joined the next run
+                        # and wrote them to that run's file, one of a run that may never start.
+                        run = self.run_index if self.leftovers_waiting is None else self.leftovers_waiting
+                        carried.update(leftovers=True, leftovers_run=run, between_runs=False)
+                        self.leftovers_waiting = None
                     self.collector = {"ident": ident, "last_seen": now, "status": info, **carried}
                     held = self.unregistered.pop(ident, None)
                     for c, seqs, written in (held["messages"] if held else ()):
@@ -552,19 +558,31 @@ class Distributor:
                 # the throughput counts the runs' own time, not the pauses between them
                 self.earlier_runs_s += self.run_seconds()
                 self.t_first_input = self.t_last_confirm = None
+                c = self.collector
+                # its last write failed (it exits): no part of the next run (it was listed as a replaced collector of
+                # it, its error counted twice)
+                failed = c is not None and bool((c.get("run_ended") or {}).get("output_error"))
+                if (self.events or self.unsaved) and (failed or self.collector_gone(now)) and not (
+                        c is not None and c.get("leftovers")):
+                    self.leftovers_waiting = self.run_index
+                    print(f"[distributor] run {self.run_index + 1} reads no input until the next collector has "
+                          f"written the {len(self.events) + len(self.unsaved)} events of run {self.run_index} that "
+                          "its collector did not", flush=True)
                 self.run_index += 1
                 self.replaced_run = []
-                if self.collector is not None:
+                if c is not None:
                     # in this run unless it is silent (dead): a file of its earlier run holds none of this one;
                     # its report of the earlier run is none of this one (kept, it was taken for one, and a collector
                     # replaced in this run was not listed in replaced_collectors)
-                    self.collector.update(saved=0, written=None, run_ended=None,
-                                          between_runs=self.collector_silent(now))
+                    c.update(saved=0, written=None, run_ended=None, between_runs=failed or self.collector_silent(now))
                 self.state = "running"
                 print(f"[distributor] run {self.run_index} started", flush=True)
+            c = self.collector
+            waits = self.leftovers_waiting if self.leftovers_waiting is not None else (
+                c.get("leftovers_run") if c is not None and c.get("leftovers") else None)
             self._send(self.ctl, ident, P.OK, P.pack({"state": self.state, "run_index": self.run_index,
                                                       "collector_alive": not self.collector_silent(now),
-                                                      "already": already}))
+                                                      "already": already, "leftovers_of": waits}))
         elif cmd == P.TERMINATE:
             self.terminate_requester = ident
             self.request_terminate()
