@@ -2199,3 +2199,54 @@ def test_a_start_before_the_next_collector_registers_waits_for_the_failed_stops_
         assert_output_adds_up(line)
     finally:
         farm.close()
+
+
+def test_a_collector_takes_no_result_read_after_the_end_run_into_the_run_that_ended(zmq_context):
+    """END_RUN N and the first results of run N+1 waiting together (a START came while the leftovers of a failed
+    stop were written: their END_RUN opens the next run's input at once): the collector, woken by the results, read
+    END_RUN and then took the results into run N's file, counted in run N's report (and a write of that batch that
+    failed counted them as run N's). Every result of run N is confirmed before its END_RUN: what is read after it
+    is the next run's, taken by the next run."""
+    import zmq
+
+    import eclreco
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.collector import CollectorLink, HLTCollectorInput
+    from hlt_helpers import free_address
+
+    ctl = free_address()
+    distributor = zmq_context.socket(zmq.ROUTER)  # the distributor's side of the control link, by hand
+    distributor.setsockopt(zmq.LINGER, 0)
+    distributor.bind(ctl)
+    link = CollectorLink(free_address(), ctl)
+    push = zmq_context.socket(zmq.PUSH)  # a worker's results
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(link.address)
+    try:
+        assert distributor.poll(5000)
+        ident, cmd, *_ = distributor.recv_multipart()
+        assert cmd == P.HELLO
+        distributor.send_multipart([ident, P.LOW, b"100", b"1", b"0"])  # joins run 1 (the leftovers)
+        assert link.wait_registered(ctl)
+        source = HLTCollectorInput(link)
+        source.initialize()
+        distributor.send_multipart([ident, P.END_RUN, b"1"])
+        b = eclreco.EventBatch(5)
+        b.exp[:], b.run[:], b.evt[:] = 1, 2, np.arange(5)
+        b.add_collection("ECLDigits", np.arange(6), {})
+        b.add_collection("HLTSequence", np.arange(6), {"seq": np.arange(200, 205, dtype="<u8")})
+        push.send(P.pack(P.batch_to_message(b)))
+        assert link.ctl.poll(5000) and link.pull.poll(5000)
+        time.sleep(0.2)
+        out = eclreco.EventBatch(0)
+        assert source.next_batch(out, 1000) is False and len(out) == 0, len(out)  # run 1 ends with none of them
+        source.initialize()  # the next run takes them
+        t0 = time.monotonic()
+        while not len(out):
+            assert time.monotonic() - t0 < 5
+            source.next_batch(out, 1000)
+        assert len(out) == 5 and set(np.asarray(out.run).tolist()) == {2}
+    finally:
+        push.close(0)
+        link.close()
+        distributor.close(0)

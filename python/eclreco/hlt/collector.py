@@ -395,6 +395,12 @@ class HLTCollectorInput(Module):
         while True:
             link.service()
             link.release_saved(self.output)  # also while no result comes: the flush interval runs on
+            if link.end_run and not link.terminate:
+                # Every result of the run was confirmed before its END_RUN: one read after it is the next run's (a
+                # START while a failed stop's leftovers were written opens its input at once), taken by that run.
+                if not msgs:
+                    return False
+                break
             try:
                 while n < max_events:
                     frames = link.pull.recv_multipart(zmq.NOBLOCK)
