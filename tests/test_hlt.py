@@ -1475,15 +1475,16 @@ def test_events_sent_while_the_farm_is_stopped_are_counted_at_terminate(farm_fac
     assert "unread at terminate 50" in log
 
 
-def test_the_farms_input_queue_is_bounded_in_bytes_by_default_and_what_it_holds_is_counted(farm_factory, zmq_context):
-    """The distributor's input queue was bounded by default in messages only (--input-hwm 1000 per sender
-    connection, each up to --refuse-message-bytes: 64 GiB): a source of 1 MiB events while the farm was stopped
-    put all 60 of them into the distributor's memory. --max-queue-bytes is 1 GiB by default now, as reco.py's
-    (16 messages of up to 64 MiB): the source blocks after the queue and the kernel's buffers, and the terminate
-    counts every event it sent (the tcp:// ending; with a bound it counted 32 of 50 before that)."""
+def test_the_farms_input_queue_is_bounded_in_bytes_and_what_it_holds_is_counted(farm_factory, zmq_context):
+    """Without a byte bound the distributor's input queue holds --input-hwm 1000 messages per sender connection,
+    each up to --refuse-message-bytes (64 GiB): a source of 1 MiB events while the farm was stopped put all 60 of
+    them into the distributor's memory. With --max-queue-bytes 1 GiB, as reco.py's (16 messages of up to 64 MiB;
+    off by default in the farm, for its throughput: docs/deployment.md), the source blocks after the queue and the
+    kernel's buffers, and the terminate counts every event it sent (the tcp:// ending; with a bound it counted 32
+    of 50 before that)."""
     import zmq
 
-    farm = farm_factory(workers=1)
+    farm = farm_factory(workers=1, extra=("--max-queue-bytes", str(1 << 30)))
     push_events(farm.input, range(10))
     farm.wait_confirmed(10)
     farm.command("stop")
