@@ -52,7 +52,7 @@ def add_distributor_arguments(p, local_farm: bool = False):
     # and the farm sustained 12.9k of 30k events/s offered against 22.1k without it (docs/deployment.md)
     p.add_argument("--max-queue-bytes", type=NON_NEGATIVE_INT, default=0,
                    help="bytes a sender connection's input queue holds at most (the sender blocks beyond; lowers the "
-                        "high-water mark to N // --refuse-message-bytes messages; 0, the default: no bound, "
+                        "high-water mark to N // --refuse-message-bytes messages; 0: no bound, "
                         "--input-hwm messages; docs/deployment.md)")
     p.add_argument("--stop-drain", type=NON_NEGATIVE, default=0.5,
                    help="at stop, keep reading the input until it is quiet for S s (at most half of --stop-timeout)")
