@@ -75,22 +75,19 @@ class ZMQOutput(Module):
         # term (its I/O thread delivers the queue), and the shared Context.instance() is never
         # terminated: a job that exited after its last send dropped what was queued, counted as sent.
         self._ctx = zmq.Context()
-        s = self._ctx.socket(zmq.PUSH)
-        s.setsockopt(zmq.SNDHWM, int(self.param("sndhwm")))
-        s.setsockopt(zmq.LINGER, int(self.param("stop_timeout_s") * 1000))
-        apply_curve_params(self, s)
-        if self.param("give_up_unconnected"):
-            from eclreco.raw_sockets import ConnectionMonitor
-
-            self._monitor = ConnectionMonitor(s)  # before the connect: it sees every connection
+        self._sock = s = self._ctx.socket(zmq.PUSH)
         try:
+            s.setsockopt(zmq.SNDHWM, int(self.param("sndhwm")))
+            s.setsockopt(zmq.LINGER, int(self.param("stop_timeout_s") * 1000))
+            apply_curve_params(self, s)
+            if self.param("give_up_unconnected"):
+                from eclreco.raw_sockets import ConnectionMonitor
+
+                self._monitor = ConnectionMonitor(s)  # before the connect: it sees every connection
             attach(s, self.param("address"), bind=self.param("bind"), what="ZMQOutput address")
         except Exception:
-            s.close(0)
-            self._ctx.term()
-            self._ctx = None
+            self._close(linger=0)
             raise
-        self._sock = s
         self._producer = {"host": socket.gethostname(), "pid": os.getpid()}
         self._provenance = None  # made at the first event: every module of the path has initialized by then
         self._provenance_due = 0.0
@@ -148,15 +145,19 @@ class ZMQOutput(Module):
 
     def terminate(self):
         if self._sock is not None:
-            gone = self._receiver_gone()
-            if self._monitor is not None:
-                self._monitor.close()
-                self._monitor = None
-            self._sock.close(0 if gone else None)  # else it lingers up to stop_timeout_s to deliver what is queued
-            self._sock = None
-        if self._ctx is not None:
-            self._ctx.term()  # waits for that linger
-            self._ctx = None
+            # else it lingers up to stop_timeout_s to deliver what is queued
+            self._close(linger=0 if self._receiver_gone() else None)
+
+    def _close(self, linger):
+        """Closes the socket, its monitor's socket and then the context, whose term waits for the linger: a
+        context with a socket still open (the monitor's, after a failed attach) never terminates."""
+        if self._monitor is not None:
+            self._monitor.close()
+            self._monitor = None
+        self._sock.close(linger)
+        self._sock = None
+        self._ctx.term()
+        self._ctx = None
 
     def counters(self):
         return {"batches_sent": float(self.batches_sent), "events_sent": float(self.events_sent),

@@ -604,6 +604,29 @@ def test_the_input_holds_at_most_max_queue_bytes_and_the_sender_blocks_beyond():
     assert (1 << 20) <= max(sizes) < (1 << 20) + size, sizes  # a batch ends at the message that reaches the bound
 
 
+def test_zmq_output_that_cannot_attach_its_monitored_socket_fails_without_hanging():
+    """ZMQOutput with give_up_unconnected (as the HLT worker's) on an address it cannot bind: its failed
+    initialize terminated its own context while the monitor's socket was still open, and the context's term
+    waited for it for ever (the job hung instead of failing). The monitor is closed first now."""
+    address = free_address()
+    job = textwrap.dedent(f"""
+        import zmq
+        import eclreco
+        taken = zmq.Context.instance().socket(zmq.PULL)
+        taken.bind({address!r})
+        path = eclreco.create_path()
+        path.add_module("SimulationInput", events=5, detector="array30", particle="gamma", seed=3)
+        path.add_module("ZMQOutput", address={address!r}, bind=True, give_up_unconnected=True)
+        try:
+            eclreco.process(path, install_signal_handlers=False)
+        except RuntimeError as err:
+            print("FAILED", err, flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", job], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "FAILED ZMQOutput.initialize failed: AddressInUse" in proc.stdout, (
+        proc.stdout, proc.stderr)
+
+
 def test_zmq_output_delivers_its_queue_to_a_receiver_that_binds_after_the_last_send():
     """ZMQOutput to a receiver that binds late: the job exited after its last send and the batches in
     the socket's queue went with it (50 of 50 here, counted as sent): its socket lingered in the shared
