@@ -59,14 +59,10 @@ class ECLDQM(Module):
         # Every histogram's bins are computed first and added at the end, where nothing can raise: a call that
         # raises (a column the collection lacks, values a histogram cannot take) is re-run event by event
         # from the batch as it was, and what it had filled was counted twice.
-        bins = [(name, values if name == "rejections" else self.h[name].bins(values))
-                for name, values in self._fills(batch)]
+        bins = [(self.h[name], self.h[name].bins(values)) for name, values in self._fills(batch)]
         registry.filled()
-        for name, b in bins:
-            if name == "rejections":
-                self.h[name].fill_counts(b)
-            else:
-                self.h[name].add_bins(b)
+        for h, b in bins:
+            h.add_bins(b)
 
     def _fills(self, batch):
         """(histogram name, values) of a batch, in filling order; nothing is filled here."""

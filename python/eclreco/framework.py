@@ -166,7 +166,6 @@ def per_event_sum(values, offsets) -> np.ndarray:
     return np.diff(cum[np.asarray(offsets)])
 
 
-
 def per_event_value(batch, collection: str, column: str, missing) -> np.ndarray:
     """One value per event of an event-level collection of the batch (at most one row per event:
     ECLEventInformation): the event's row, `missing` for an event without one (ECLUnpacker writes none
