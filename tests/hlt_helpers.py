@@ -41,7 +41,6 @@ def big_envelope(evt: int, nbytes: int) -> bytes:
     return msgpack.packb(m, use_bin_type=True)
 
 
-
 def push_events(address: str, evts, exp: int = 1, run: int = 1, rate_hz: float = 0.0, timeout_s: float = 60.0,
                 ctx=None) -> int:
     """Connect a PUSH socket to `address` and send one envelope per evt (blocking on backpressure)."""
@@ -72,6 +71,19 @@ def push_messages(address: str, messages, rate_hz: float = 0.0, timeout_s: float
             s.send(m)
         n += 1
     s.close()
+    return n
+
+
+def send_until_blocked(push, messages) -> int:
+    """Sends `messages` on `push` (a socket with a SNDTIMEO) until one is refused (zmq.Again: the receiver's
+    queue, the kernels' buffers and the socket's own queue are full); how many were sent."""
+    n = 0
+    for m in messages:
+        try:
+            push.send(m)
+        except zmq.Again:
+            break
+        n += 1
     return n
 
 

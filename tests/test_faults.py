@@ -1,6 +1,7 @@
 """Faults (issue 9): SIGKILL of the collector and of the distributor, a slow consumer (bounded memory),
 a full disk on the output. The worker SIGKILL (no loss) and SIGTERM (valid output) are in test_hlt.py;
 an exception inside a module (only that event flagged) is in test_framework.py."""
+import contextlib
 import glob
 import json
 import os
@@ -1848,6 +1849,61 @@ def test_a_worker_gets_no_events_of_the_next_run_before_its_ready():
         farm.close()
 
 
+@contextlib.contextmanager
+def collector_link_by_hand(zmq_context):
+    """A CollectorLink whose distributor is driven by the test (a ROUTER on its control address), and a worker's
+    PUSH to its results address: yields (control address, the distributor's socket, link, push)."""
+    import zmq
+
+    from eclreco.hlt.collector import CollectorLink
+    from hlt_helpers import free_address
+
+    ctl = free_address()
+    distributor = zmq_context.socket(zmq.ROUTER)
+    distributor.setsockopt(zmq.LINGER, 0)
+    distributor.bind(ctl)
+    link = CollectorLink(free_address(), ctl)
+    push = zmq_context.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(link.address)
+    try:
+        yield ctl, distributor, link, push
+    finally:
+        push.close(0)
+        link.close()
+        distributor.close(0)
+
+
+def answer_hello(distributor, link, low: int, *frames: bytes) -> bytes:
+    """The distributor's answer to the link's HELLO (LOW, its first id, "1": its generation, and `frames`);
+    the link is serviced meanwhile (a HELLO after a WHO). Returns the collector's identity."""
+    from eclreco.hlt import protocol as P
+
+    t0 = time.monotonic()
+    while True:
+        assert time.monotonic() - t0 < 5
+        if distributor.poll(10):
+            ident, cmd, *_ = distributor.recv_multipart()
+            if cmd == P.HELLO:
+                distributor.send_multipart([ident, P.LOW, str(low).encode(), b"1", *frames])
+                return ident
+        else:
+            link.service()
+
+
+def results_message(seqs, evt, run: int = 1) -> bytes:
+    """A worker's results message: events `evt` of exp 1, `run`, with HLT sequence ids `seqs`, digits only."""
+    import eclreco
+    from eclreco.hlt import protocol as P
+
+    n = len(seqs)
+    b = eclreco.EventBatch(n)
+    b.exp[:], b.run[:], b.evt[:] = 1, run, np.asarray(evt)
+    b.add_collection("ECLDigits", np.arange(n + 1), {})
+    b.add_collection("HLTSequence", np.arange(n + 1), {"seq": np.asarray(seqs, "<u8")})
+    return P.pack(P.batch_to_message(b))
+
+
 def test_late_results_of_a_dead_distributors_events_are_not_duplicates(zmq_context):
     """A collector that outlives its distributor registers with the restarted one, whose LOW (its first id) is above
     every id of its predecessor. Results of the predecessor's events that the workers still held arrive late: the
@@ -1857,41 +1913,13 @@ def test_late_results_of_a_dead_distributors_events_are_not_duplicates(zmq_conte
     distributor holds the event any more, and it was dropped (the only copy of a processed event). The collector
     remembered only the last handover: after a second distributor restart, the first one's late results were
     counted as duplicates and dropped; every handover's ids are now remembered (the last 16)."""
-    import zmq
-
     import eclreco
     from eclreco.hlt import protocol as P
-    from eclreco.hlt.collector import CollectorLink, HLTCollectorInput
-    from hlt_helpers import free_address
-
-    ctl = free_address()
-    distributor = zmq_context.socket(zmq.ROUTER)  # the distributor's side of the control link, by hand
-    distributor.setsockopt(zmq.LINGER, 0)
-    distributor.bind(ctl)
-    link = CollectorLink(free_address(), ctl)
-    push = zmq_context.socket(zmq.PUSH)  # a worker's results
-    push.setsockopt(zmq.LINGER, 0)
-    push.connect(link.address)
-
-    def answer_hello(low):
-        t0 = time.monotonic()
-        while True:
-            assert time.monotonic() - t0 < 5
-            if distributor.poll(10):
-                ident, cmd, *_ = distributor.recv_multipart()
-                if cmd == P.HELLO:
-                    distributor.send_multipart([ident, P.LOW, str(low).encode(), b"1"])
-                    return ident
-            else:
-                link.service()
+    from eclreco.hlt.collector import HLTCollectorInput
 
     def results(seqs):
         n = len(seqs)
-        b = eclreco.EventBatch(n)
-        b.exp[:], b.run[:], b.evt[:] = 1, 1, np.asarray(seqs)
-        b.add_collection("ECLDigits", np.arange(n + 1), {})
-        b.add_collection("HLTSequence", np.arange(n + 1), {"seq": np.asarray(seqs, "<u8")})
-        push.send(P.pack(P.batch_to_message(b)))
+        push.send(results_message(seqs, seqs))
         out = eclreco.EventBatch(0)
         t0, dropped = time.monotonic(), link.duplicates + link.orphaned
         while not len(out) and link.duplicates + link.orphaned - dropped < n:
@@ -1899,14 +1927,14 @@ def test_late_results_of_a_dead_distributors_events_are_not_duplicates(zmq_conte
             source.next_batch(out, 1000)
         return len(out)
 
-    try:
-        ident = answer_hello(100)
+    with collector_link_by_hand(zmq_context) as (ctl, distributor, link, push):
+        ident = answer_hello(distributor, link, 100)
         assert link.wait_registered(ctl)
         source = HLTCollectorInput(link)
         source.initialize()
         assert results(list(range(100, 110))) == 10
         distributor.send_multipart([ident, P.WHO])  # the distributor restarted: the new one does not know it
-        answer_hello(10**15)  # the new one's first id (its start time in µs), above every old one
+        answer_hello(distributor, link, 10**15)  # the new one's first id (its start time in µs), above every old one
         t0 = time.monotonic()
         while link.low < 10**15:
             link.service()
@@ -1916,7 +1944,7 @@ def test_late_results_of_a_dead_distributors_events_are_not_duplicates(zmq_conte
         assert results(list(range(110, 115))) == 0 and link.duplicates == 10 and link.orphaned == 5
         assert source.dropped_in_run() == {"duplicates": 10, "repeated_keys": 0, "orphaned": 5}
         distributor.send_multipart([ident, P.WHO])  # and again: a third distributor, above the second's ids
-        answer_hello(2 * 10**15)
+        answer_hello(distributor, link, 2 * 10**15)
         t0 = time.monotonic()
         while link.low < 2 * 10**15:
             link.service()
@@ -1924,10 +1952,6 @@ def test_late_results_of_a_dead_distributors_events_are_not_duplicates(zmq_conte
         assert results(list(range(115, 120))) == 5  # the first one's, late: first copies still
         assert results([10**15, 10**15 + 1]) == 2  # the second one's
         assert results(list(range(115, 120))) == 0 and link.duplicates == 15 and link.orphaned == 12
-    finally:
-        push.close(0)
-        link.close()
-        distributor.close(0)
 
 
 def test_the_farms_output_counts_the_errors_of_the_collectors_output_apart():
@@ -2110,22 +2134,11 @@ def test_a_collector_ends_one_run_per_end_run_read_together(zmq_context):
     """END_RUN N and N+1 read in one go (a stop just as the leftovers of a failed stop end): the collector took N+1
     as the index of the run that ended and never reported N+1 (its stop waited 30 s: "did not report the run's
     end"). Each END_RUN now ends one run: N the one in progress, N+1 the wait (or run) that follows."""
-    import zmq
-
     from eclreco.hlt import protocol as P
-    from eclreco.hlt.collector import CollectorLink, HLTCollectorInput
-    from hlt_helpers import free_address
+    from eclreco.hlt.collector import HLTCollectorInput
 
-    ctl = free_address()
-    distributor = zmq_context.socket(zmq.ROUTER)  # the distributor's side of the control link, by hand
-    distributor.setsockopt(zmq.LINGER, 0)
-    distributor.bind(ctl)
-    link = CollectorLink(free_address(), ctl)
-    try:
-        assert distributor.poll(5000)
-        ident, cmd, *_ = distributor.recv_multipart()
-        assert cmd == P.HELLO
-        distributor.send_multipart([ident, P.LOW, b"100", b"1", b"0"])  # joins run 1 (leftovers)
+    with collector_link_by_hand(zmq_context) as (ctl, distributor, link, _):
+        ident = answer_hello(distributor, link, 100, b"0")  # joins run 1 (leftovers)
         assert link.wait_registered(ctl) and link.run_index == 1
         source = HLTCollectorInput(link)
         source.initialize()
@@ -2139,9 +2152,6 @@ def test_a_collector_ends_one_run_per_end_run_read_together(zmq_context):
         assert link.end_run and link.ended_run_index == 2, link.ended_run_index
         source.initialize()
         assert not link.end_run
-    finally:
-        link.close()
-        distributor.close(0)
 
 
 def test_the_events_a_failed_stop_hands_on_are_received_once_in_the_output():
@@ -2207,35 +2217,17 @@ def test_a_collector_takes_no_result_read_after_the_end_run_into_the_run_that_en
     END_RUN and then took the results into run N's file, counted in run N's report (and a write of that batch that
     failed counted them as run N's). Every result of run N is confirmed before its END_RUN: what is read after it
     is the next run's, taken by the next run."""
-    import zmq
-
     import eclreco
     from eclreco.hlt import protocol as P
-    from eclreco.hlt.collector import CollectorLink, HLTCollectorInput
-    from hlt_helpers import free_address
+    from eclreco.hlt.collector import HLTCollectorInput
 
-    ctl = free_address()
-    distributor = zmq_context.socket(zmq.ROUTER)  # the distributor's side of the control link, by hand
-    distributor.setsockopt(zmq.LINGER, 0)
-    distributor.bind(ctl)
-    link = CollectorLink(free_address(), ctl)
-    push = zmq_context.socket(zmq.PUSH)  # a worker's results
-    push.setsockopt(zmq.LINGER, 0)
-    push.connect(link.address)
-    try:
-        assert distributor.poll(5000)
-        ident, cmd, *_ = distributor.recv_multipart()
-        assert cmd == P.HELLO
-        distributor.send_multipart([ident, P.LOW, b"100", b"1", b"0"])  # joins run 1 (the leftovers)
+    with collector_link_by_hand(zmq_context) as (ctl, distributor, link, push):
+        ident = answer_hello(distributor, link, 100, b"0")  # joins run 1 (the leftovers)
         assert link.wait_registered(ctl)
         source = HLTCollectorInput(link)
         source.initialize()
         distributor.send_multipart([ident, P.END_RUN, b"1"])
-        b = eclreco.EventBatch(5)
-        b.exp[:], b.run[:], b.evt[:] = 1, 2, np.arange(5)
-        b.add_collection("ECLDigits", np.arange(6), {})
-        b.add_collection("HLTSequence", np.arange(6), {"seq": np.arange(200, 205, dtype="<u8")})
-        push.send(P.pack(P.batch_to_message(b)))
+        push.send(results_message(np.arange(200, 205), np.arange(5), run=2))
         assert link.ctl.poll(5000) and link.pull.poll(5000)
         time.sleep(0.2)
         out = eclreco.EventBatch(0)
@@ -2246,7 +2238,3 @@ def test_a_collector_takes_no_result_read_after_the_end_run_into_the_run_that_en
             assert time.monotonic() - t0 < 5
             source.next_batch(out, 1000)
         assert len(out) == 5 and set(np.asarray(out.run).tolist()) == {2}
-    finally:
-        push.close(0)
-        link.close()
-        distributor.close(0)

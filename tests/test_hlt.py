@@ -1,5 +1,6 @@
 """The HLT farm as real processes: `eclreco hlt run` fed over ZeroMQ, read back with uproot."""
 import glob
+import itertools
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ import uproot
 
 import eclreco
 from hlt_helpers import (big_envelope, bind_send_and_close, envelope, free_address, push_events, push_messages,
-                         read_quarantine)
+                         read_quarantine, send_until_blocked)
 
 
 def scrape(port):
@@ -1492,13 +1493,7 @@ def test_the_farms_input_queue_is_bounded_in_bytes_and_what_it_holds_is_counted(
     push.setsockopt(zmq.SNDHWM, 1)
     push.setsockopt(zmq.SNDTIMEO, 1000)
     push.connect(farm.input)
-    event, sent = big_envelope(1, 1 << 20), 0
-    for _ in range(60):
-        try:
-            push.send(event)
-        except zmq.Again:
-            break
-        sent += 1
+    sent = send_until_blocked(push, [big_envelope(1, 1 << 20)] * 60)
     d = farm.command("terminate")["processes"][0]
     rc, log = farm.wait_exit()
     assert rc == 0, log
@@ -1955,13 +1950,7 @@ def test_a_terminate_with_a_backlog_in_the_input_connection_loses_nothing_uncoun
         push.send(envelope(i))
     farm.wait_confirmed(100)
     farm.command("stop")
-    sent = 100
-    while True:  # until the source's queue is full too
-        try:
-            push.send(envelope(sent))
-        except zmq.Again:
-            break
-        sent += 1
+    sent = 100 + send_until_blocked(push, (envelope(i) for i in itertools.count(100)))  # the source's queue full too
     d = farm.command("terminate")["processes"][0]
     rc, log = farm.wait_exit()
     assert rc == 0, log

@@ -1,4 +1,5 @@
 """ZMQInput: a reco-like path fed by a real PUSH socket on a random local port."""
+import itertools
 import os
 import shutil
 import signal
@@ -15,7 +16,7 @@ import zmq
 
 import eclreco
 from hlt_helpers import (big_envelope, bind_send_and_close, envelope, free_address, push_events, push_messages,
-                         read_quarantine)
+                         read_quarantine, send_until_blocked)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -687,12 +688,7 @@ def test_an_end_with_a_backlog_in_a_tcp_input_connection_loses_nothing_uncounted
     sent = [0]
 
     def feed():  # until the sender's queue is full (the run reads one batch, waits, and ends)
-        while True:
-            try:
-                push.send(envelope(sent[0]))
-            except zmq.Again:
-                return
-            sent[0] += 1
+        sent[0] = send_until_blocked(push, (envelope(i) for i in itertools.count()))
 
     class WaitForTheFeed(eclreco.Module):  # meanwhile the input is not read: the kernels' buffers fill
         def event(self, batch):
