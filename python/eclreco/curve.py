@@ -118,9 +118,7 @@ def curve_option_error(args, default_name: str, servers=(), server_option: str =
         return (f"--curve-server {server!r} names the peer's CURVE key when connecting: this socket binds, and is the "
                 "CURVE server itself (it accepts the peers whose keys are in --curve-dir's public/)")
     if not directory:
-        given = [option for option, value in (("--curve-name", getattr(args, "curve_name", None)),
-                                              ("--curve-secret", getattr(args, "curve_secret", None)),
-                                              ("--curve-server", server)) if value]
+        given = _key_options_given(args) + (["--curve-server"] if server else [])
         if given:
             return (f"{', '.join(given)}: {'it names a' if len(given) == 1 else 'they name'} CURVE key, which does "
                     "nothing without --curve-dir (the link would be plain, unencrypted ZeroMQ)")
@@ -178,12 +176,17 @@ def add_curve_arguments(p, default_name: str, roles_own_keys: bool = False):
     return g
 
 
+def _key_options_given(args) -> list[str]:
+    """Which of --curve-name and --curve-secret the command line gave (neither has a parser default)."""
+    return [option for option, value in (("--curve-name", getattr(args, "curve_name", None)),
+                                         ("--curve-secret", getattr(args, "curve_secret", None))) if value]
+
+
 def roles_key_options_error(args) -> str:
     """Why hlt run refuses its --curve-name or --curve-secret (with --curve-dir; without it curve_option_error
     refuses them), '' when neither is given: the roles it starts use their own keys of --curve-dir, so they
     applied to the supervisor's control link alone, and the operator believed the farm used that key."""
-    given = [option for option, value in (("--curve-name", getattr(args, "curve_name", None)),
-                                          ("--curve-secret", getattr(args, "curve_secret", None))) if value]
+    given = _key_options_given(args)
     if not given or not getattr(args, "curve_dir", ""):
         return ""
     return (f"{', '.join(given)}: hlt run's roles use their own keys of --curve-dir (DIR/private/ROLE.key_secret: "

@@ -932,8 +932,8 @@ class Distributor:
         max_s, 10 s). What is in flight in the kernel's socket buffers when the close tears a connection
         down would be lost with it: the tcp:// connections are ended first (raw_sockets.end_input, as ZMQInput's:
         once quiet, at the latest --stop-drain after; each sender closes its side after what it wrote, which is
-        read here), and what is left in one that the close
-        tore down all the same is counted in bytes, as over ipc:// (input_lost_bytes; docs/deployment.md).
+        read here), and what is left in one that the close tore down all the same is counted in bytes, as over
+        ipc:// (input_lost_bytes; docs/deployment.md).
         Counted as unread_at_terminate and said; not processed (no run is open), as reco.py's ZMQInput
         counts unread_at_end."""
         lost = self.input_monitor.lost_bytes
