@@ -18,8 +18,8 @@ import signal
 import sys
 
 import eclreco
-from eclreco.cli_types import (BATCH_SIZE, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, THREADS, HelpFormatter,
-                               add_cluster_columns_argument, integer, metrics_host, name_list, number)
+from eclreco.cli_types import (BATCH_SIZE, METRICS_HOST, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, THREADS,
+                               HelpFormatter, add_cluster_columns_argument, integer, metrics_host, name_list, number)
 from eclreco.curve import curve_option_error
 from eclreco.paths import output_file_error
 from eclreco.rawdata import not_a_raw_file
@@ -90,7 +90,7 @@ def build_parser():
     mon = ap.add_argument_group("monitoring")
     mon.add_argument("--metrics-port", type=integer(0, 65535, " (0: no metrics)"), default=0,
                      help="serve Prometheus metrics on this port (0: none)")
-    mon.add_argument("--metrics-host", type=metrics_host, default="127.0.0.1", help="interface of the exporter")
+    mon.add_argument("--metrics-host", type=metrics_host, default=METRICS_HOST, help="interface of the exporter")
     mon.add_argument("--metrics-linger", type=NON_NEGATIVE, default=0.0,
                      help="after the run, serve the final counts until a scrape has read them, at most S seconds "
                           "(0: stop serving at once; unread_at_end is counted at the very end)")
