@@ -18,8 +18,9 @@ import signal
 import sys
 
 import eclreco
-from eclreco.cli_types import (BATCH_SIZE, METRICS_HOST, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, THREADS,
-                               HelpFormatter, add_cluster_columns_argument, integer, metrics_host, name_list, number)
+from eclreco.cli_types import (BATCH_SIZE, METRICS_HOST, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, SIM_BACKGROUND,
+                               SIM_ENERGY, SIM_SEED, THREADS, HelpFormatter, add_cluster_columns_argument, integer,
+                               metrics_host, name_list, number)
 from eclreco.curve import curve_option_error
 from eclreco.paths import output_file_error
 from eclreco.rawdata import not_a_raw_file
@@ -54,12 +55,12 @@ def build_parser():
     sim.add_argument("--particle", choices=["gamma", "pi0", "generic"],
                      help="default: generic for belle2-ecl, gamma for array30 (it has no generic events)")
     # the ranges of SimulationInput (checked at its initialize: exit 1 after the other modules had started)
-    sim.add_argument("--energy", type=number(0.0, 1e3, positive=True, below=True), default=1.0,
+    sim.add_argument("--energy", type=SIM_ENERGY, default=1.0,
                      help="GeV: the photon's energy; for pi0 its momentum (below 1000)")
-    sim.add_argument("--background", type=number(0.0, 100.0),
+    sim.add_argument("--background", type=SIM_BACKGROUND,
                      help="beam-background level (1 = nominal); default: 1 for belle2-ecl, 0 for array30 (the "
                           "test-beam array, whose model was trained without background)")
-    sim.add_argument("--seed", type=integer(0, 2**63 - 1), default=1, help="seed of the simulation")
+    sim.add_argument("--seed", type=SIM_SEED, default=1, help="seed of the simulation")
     stream = ap.add_argument_group("ZeroMQ input (-i tcp://... or ipc://...)")
     stream.add_argument("--connect", action="store_true", help="connect to the address instead of binding")
     stream.add_argument("--idle-timeout", type=NON_NEGATIVE, default=0.0,

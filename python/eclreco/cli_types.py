@@ -80,6 +80,11 @@ POSITIVE = number(0.0, positive=True)
 METRICS_PORT = integer(-1, 65535, " (-1: none, 0: a free port)")
 THREADS = integer(1, _core.MAX_THREADS)  # the bounds of eclreco.process, checked before a farm starts
 BATCH_SIZE = integer(1, _core.MAX_BATCH_SIZE)
+# the simulation's numbers, as SimulationInput takes them (reco.py's embedded simulation) and `eclreco simulate`
+SIM_ENERGY = number(0.0, 1e3, positive=True, below=True)  # GeV
+SIM_BACKGROUND = number(0.0, 100.0)  # 1 = nominal
+SIM_SEED = integer(0, 2**63 - 1)  # SimulationInput's int64 parameter: one seed means the same events in both
+EXP_RUN = integer(0, 2**64 - 1)  # exp and run of the wire format: 64-bit unsigned
 
 
 def zmq_address(free: bool = False, connect: bool = False):

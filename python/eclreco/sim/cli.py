@@ -1,6 +1,7 @@
 """`eclreco simulate`: fast-simulated events written as a raw file of the wire format."""
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -14,19 +15,11 @@ def _run(args) -> int:
     from eclreco.rawdata import encode_events, write_raw_file
     from eclreco.sim import simulate
 
-    problems = [(args.events <= 0, "--events must be positive"), (not 0 < args.energy < 1e3, "--energy must be in (0, 1000) GeV"),
-                (bool(args.energy_range) and not 0 < args.energy_range[0] < args.energy_range[1] < 1e3,
-                 "--energy-range LO HI needs 0 < LO < HI < 1000 GeV"),
-                (args.background is not None and not 0 <= args.background <= 100, "--background must be in 0..100"),
-                (args.seed < 0, "--seed must be >= 0"),
-                (not (0 <= args.exp < 2 ** 64 and 0 <= args.run < 2 ** 64), "--exp and --run must be in 0..2^64-1"),
-                # before the simulation, not after its minutes (the file is written at the end, through a
-                # temporary name beside it, which write_raw_file's error named instead of -o)
-                (bool(why := output_file_error(args.output, "-o")), why)]
-    for bad, what in problems:
-        if bad:  # one line, exit 2, as argparse's and every command's refusal
-            print(f"eclreco simulate: error: {what}", file=sys.stderr)
-            return 2
+    # the numbers are checked by the parser (cli_types); the output before the simulation, not after its minutes
+    # (the file is written at the end, through a temporary name beside it, which write_raw_file's error named)
+    if why := output_file_error(args.output, "-o"):
+        print(f"eclreco simulate: error: {why}", file=sys.stderr)  # one line, exit 2, as every command's refusal
+        return 2
     messages = []
     chunk = 2000
     t0 = time.perf_counter()
@@ -51,20 +44,32 @@ def _run(args) -> int:
     return 0
 
 
+class _EnergyRange(argparse.Action):
+    """--energy-range LO HI: each an energy of the simulation, and LO below HI (argparse's one line naming it)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not values[0] < values[1]:
+            raise argparse.ArgumentError(self, f"LO must be below HI, not {values[0]:g} {values[1]:g}")
+        setattr(namespace, self.dest, values)
+
+
 def add_simulate_parser(subparsers) -> None:
+    from eclreco.cli_types import EXP_RUN, POSITIVE_INT, SIM_BACKGROUND, SIM_ENERGY, SIM_SEED
+
     p = subparsers.add_parser("simulate", help="simulate events into a raw file (.msgpack)")
     p.add_argument("--detector", default="belle2-ecl", choices=["belle2-ecl", "array30"], help="detector geometry")
-    p.add_argument("--events", type=int, default=1000, help="events to simulate")
+    p.add_argument("--events", type=POSITIVE_INT, default=1000, help="events to simulate")
     p.add_argument("--particle", default="gamma", choices=["gamma", "pi0", "generic"],
                    help="what each event holds (generic: several photons and e+e- pairs, belle2-ecl only)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--energy", type=float, default=1.0, help="GeV")
-    g.add_argument("--energy-range", type=float, nargs=2, metavar=("LO", "HI"), help="GeV, log-uniform")
-    p.add_argument("--background", type=float, default=None,
+    g.add_argument("--energy", type=SIM_ENERGY, default=1.0, help="GeV (below 1000)")
+    g.add_argument("--energy-range", type=SIM_ENERGY, nargs=2, action=_EnergyRange, metavar=("LO", "HI"),
+                   help="GeV, log-uniform (0 < LO < HI < 1000)")
+    p.add_argument("--background", type=SIM_BACKGROUND, default=None,
                    help="beam-background level (default: 1 for belle2-ecl, 0 for array30)")
-    p.add_argument("--seed", type=int, default=1, help="random seed (the same seed: the same events)")
-    p.add_argument("--exp", type=int, default=0, help="experiment number written in each event")
-    p.add_argument("--run", type=int, default=1, help="run number written in each event")
+    p.add_argument("--seed", type=SIM_SEED, default=1, help="random seed (the same seed: the same events)")
+    p.add_argument("--exp", type=EXP_RUN, default=0, help="experiment number written in each event")
+    p.add_argument("--run", type=EXP_RUN, default=1, help="run number written in each event")
     p.add_argument("-o", "--output", required=True, help="raw file to write (.msgpack)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
