@@ -9,11 +9,10 @@ reduced one), and ZMQOutput sends each batch to the collector. One eclreco.proce
 run of the farm; the process exits when the distributor says TERMINATE or on SIGINT/SIGTERM
 (in-flight batches are finished and sent first).
 """
-import argparse
 import sys
 
 import eclreco
-from eclreco.cli_types import HelpFormatter
+from eclreco.cli_types import CommandParser
 from eclreco.hlt.worker import add_chosen_reconstruction, add_worker_arguments, start_worker
 
 
@@ -24,7 +23,7 @@ def build_reconstruction(path: eclreco.Path, args) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="eclreco hlt worker", description=__doc__, formatter_class=HelpFormatter)
+    ap = CommandParser(prog="eclreco hlt worker", description=__doc__)  # it records the options given
     add_worker_arguments(ap)
     args = ap.parse_args(argv)
     # The path: HLTWorkerInput -> build_reconstruction(...) -> ECLEventFilter (with --min-clusters or

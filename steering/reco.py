@@ -12,15 +12,14 @@ tcp:// or ipc:// address, a ZeroMQ stream.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
 
 import eclreco
 from eclreco.cli_types import (BATCH_SIZE, METRICS_HOST, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT, SIM_BACKGROUND,
-                               SIM_ENERGY, SIM_SEED, THREADS, HelpFormatter, add_cluster_columns_argument, integer,
-                               metrics_host, name_list, number)
+                               SIM_ENERGY, SIM_SEED, THREADS, CommandParser, add_cluster_columns_argument, integer,
+                               metrics_host, number, option_given)
 from eclreco.curve import curve_option_error
 from eclreco.paths import output_file_error
 from eclreco.rawdata import not_a_raw_file
@@ -35,8 +34,9 @@ CURVE_NAME, CURVE_SERVER = "reco", "daq"
 
 def build_parser():
     """The parser, and its groups of the embedded simulation and of a ZeroMQ input (parse_args refuses their
-    options where the job does not run that part). --help shows every default, as the eclreco commands do."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    options where the job does not run that part). --help shows every default, and the parser records which options
+    were given (option_given), as the eclreco commands' do."""
+    ap = CommandParser(description=__doc__)
     ap.add_argument("-n", "--max-events", type=NON_NEGATIVE_INT, default=0, help="stop after N events (0: all)")
     ap.add_argument("-i", "--input", help="raw file (.msgpack) or ZeroMQ address (tcp://HOST:PORT, ipc://PATH); "
                     "default: simulation")
@@ -105,19 +105,20 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.input and args.events is not None:
         ap.error("--events sets how many events to simulate; to stop after N events of --input use -n N")
-    # an option of a part the job does not run is a mistake to point out, not to ignore
+    # an option of a part the job does not run is a mistake to point out, not to ignore: when given, whatever its
+    # value (one equal to the default passed silently)
     args.stream = is_stream_address(args.input)
     for group, applies, why in ((sim, not args.input, "the embedded simulation, which --input replaces"),
                                 (stream, args.stream, "a ZeroMQ input (-i tcp://... or ipc://...)")):
-        changed = [a.option_strings[-1] for a in group._group_actions if getattr(args, a.dest) != a.default]
-        if changed and not applies:
-            ap.error(f"{', '.join(changed)}: {'this option is' if len(changed) == 1 else 'these options are'} "
+        given = [a.option_strings[-1] for a in group._group_actions if option_given(args, a.option_strings[-1])]
+        if given and not applies:
+            ap.error(f"{', '.join(given)}: {'this option is' if len(given) == 1 else 'these options are'} "
                      f"for {why}")
-    if args.cluster_columns != name_list(ap.get_default("cluster_columns")) and not args.output:
+    if option_given(args, "--cluster-columns") and not args.output:
         ap.error("--cluster-columns chooses the branches of the -o file: there is no -o")
-    if args.metrics_linger and not args.metrics_port:
+    if option_given(args, "--metrics-linger") and not args.metrics_port:
         ap.error("--metrics-linger keeps the metrics served after the run: there is no --metrics-port")
-    if args.metrics_host != ap.get_default("metrics_host") and not args.metrics_port:  # ran with no exporter at all
+    if option_given(args, "--metrics-host") and not args.metrics_port:  # ran with no exporter at all
         ap.error(f"--metrics-host {args.metrics_host!r} is the interface of the metrics exporter: there is no "
                  "--metrics-port")
     if unused := event_filter_option_unused(args):
@@ -139,7 +140,7 @@ def parse_args(argv=None):
                  "gamma or pi0)")
     if args.background is None:
         args.background = 1.0 if args.detector == "belle2-ecl" else 0.0
-    if args.no_cnn and args.model:
+    if args.no_cnn and option_given(args, "--model"):
         ap.error("--model is the CNN's model: it does nothing with --no-cnn")
     # files and addresses the modules would refuse at initialize (exit 1, after the others had started)
     for option, name in (("--conditions", args.conditions), ("--model", args.model)):

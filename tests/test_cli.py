@@ -7,11 +7,14 @@ import sys
 import pytest
 
 from eclreco import cli
+from eclreco.cli_types import METRICS_HOST
+from eclreco.modules.root_output import DEFAULT_CLUSTER_COLUMNS
 from eclreco.hlt.run import free_address
 from eclreco.rawdata import encode_events, write_raw_file
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = os.path.join(os.path.dirname(cli.__file__), "models")
+DEFAULT_COLUMNS = ",".join(DEFAULT_CLUSTER_COLUMNS)  # --cluster-columns given as its default
 
 
 def _reco():
@@ -1494,6 +1497,26 @@ def test_reco_py_refuses_a_metrics_host_without_metrics_port(tmp_path, capsys):
         "error: --metrics-host '0.0.0.0' is the interface of the metrics exporter: there is no --metrics-port"), err
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["-i", "tcp://127.0.0.1:9", "--seed", "1"], "--seed: this option is for the embedded simulation"),
+    (["-i", "tcp://127.0.0.1:9", "--detector", "belle2-ecl"], "--detector: this option is for the embedded simulation"),
+    (["--max-latency", "20"], "--max-latency: this option is for a ZeroMQ input"),
+    (["--curve-dir", ""], "--curve-dir: this option is for a ZeroMQ input"),
+    (["--cluster-columns", DEFAULT_COLUMNS], "--cluster-columns chooses the branches of the -o file: there is no -o"),
+    (["--metrics-linger", "0"], "--metrics-linger keeps the metrics served after the run: there is no --metrics-port"),
+    (["--metrics-host", METRICS_HOST], f"--metrics-host '{METRICS_HOST}' is the interface of the metrics exporter"),
+    (["--no-cnn", "--model", ""], "--model is the CNN's model: it does nothing with --no-cnn"),
+])
+def test_reco_py_refuses_an_option_that_does_not_apply_also_with_its_default_value(argv, message, capsys):
+    """reco.py refused an option of a part the job does not run (-i tcp:// --seed, --max-latency without a stream,
+    --cluster-columns without -o, ...) only when its value differed from the default: `-i tcp://... --seed 1` ran
+    without a word, the user believing the seed set. An option given is refused whatever its value."""
+    with pytest.raises(SystemExit) as e:
+        _reco().parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err.splitlines()[-1], err
+
+
 def test_a_collector_refuses_output_bind_with_a_root_file(tmp_path):
     """`hlt collector -o run.root --output-bind` (meant: serve the results on a socket) waited for the distributor
     and wrote the file, the --output-bind silently ignored; it is one line naming both options now, exit 2."""
@@ -1512,7 +1535,8 @@ def test_a_collector_refuses_output_bind_with_a_root_file(tmp_path):
 def test_an_hlt_role_refuses_a_metrics_host_without_an_exporter(tmp_path):
     """`hlt distributor|collector|worker --metrics-port -1 --metrics-host 0.0.0.0` (and `hlt run
     --metrics-base-port -1 --metrics-host ...`) started with no exporter at all, the interface silently ignored:
-    a scrape found nothing. One line naming both options now, exit 2, before any socket, as reco.py's."""
+    a scrape found nothing. One line naming both options now, exit 2, before any socket, as reco.py's; also when
+    the interface given is the default one (it was compared with the default: ignored without a word)."""
     import subprocess
 
     roles = [["hlt", "distributor", "--metrics-port", "-1", "--input", "tcp://127.0.0.1:0", "--workers-addr",
@@ -1522,15 +1546,16 @@ def test_an_hlt_role_refuses_a_metrics_host_without_an_exporter(tmp_path):
              ["hlt", "worker", "--metrics-port", "-1", "--distributor", "tcp://127.0.0.1:9", "--rejected", ""],
              ["hlt", "run", "--metrics-base-port", "-1", "-n", "1", "-o", str(tmp_path / "r.root"), "--input",
               free_address(), "--control", free_address()]]
-    for argv in roles:
+    # given with the default interface too: it was compared with the default, and passed silently
+    for argv, host in [(argv, "0.0.0.0") for argv in roles] + [(argv, METRICS_HOST) for argv in roles]:
         option = "--metrics-base-port" if argv[1] == "run" else "--metrics-port"
         try:
-            r = subprocess.run([sys.executable, "-m", "eclreco.cli", *argv, "--metrics-host", "0.0.0.0"],
+            r = subprocess.run([sys.executable, "-m", "eclreco.cli", *argv, "--metrics-host", host],
                                capture_output=True, text=True, timeout=20, cwd=tmp_path)
         except subprocess.TimeoutExpired:
-            pytest.fail(f"{argv[:2]}: started without an exporter, --metrics-host ignored")
+            pytest.fail(f"{argv[:2]} --metrics-host {host}: started without an exporter, --metrics-host ignored")
         assert r.returncode == 2 and not r.stdout, (argv, r.stdout, r.stderr)
-        assert r.stderr == (f"eclreco hlt {argv[1]}: error: --metrics-host '0.0.0.0' is the interface of the metrics "
+        assert r.stderr == (f"eclreco hlt {argv[1]}: error: --metrics-host '{host}' is the interface of the metrics "
                             f"exporter: {option} -1 starts none\n"), r.stderr
     assert os.listdir(tmp_path) == []
 
@@ -1551,7 +1576,12 @@ def test_root_file_options_of_the_collector_are_refused_with_a_tcp_output(tmp_pa
                                (collector, ["--dqm-open-runs", "3", "--cluster-columns", "energy"],
                                 "--dqm-open-runs, --cluster-columns: these options are"),
                                (farm, ["--flush-interval", "9", "--dqm-open-runs", "3"],
-                                "--flush-interval, --dqm-open-runs: these options are")):
+                                "--flush-interval, --dqm-open-runs: these options are"),
+                               # given with their defaults' values: compared with the defaults, they passed
+                               (collector, ["--flush-interval", "0.25"], "--flush-interval: this option is"),
+                               (collector, ["--dqm-open-runs", "8", "--cluster-columns", DEFAULT_COLUMNS],
+                                "--dqm-open-runs, --cluster-columns: these options are"),
+                               (farm, ["--flush-interval", "0.25"], "--flush-interval: this option is")):
         try:
             r = subprocess.run([sys.executable, "-m", "eclreco.cli", *argv, *extra], capture_output=True, text=True,
                                timeout=20, cwd=tmp_path)
@@ -1562,18 +1592,23 @@ def test_root_file_options_of_the_collector_are_refused_with_a_tcp_output(tmp_pa
                             f"histograms and branches): --output {out!r} sends the results on as the workers made "
                             "them\n"), r.stderr
     assert os.listdir(tmp_path) == []
-    # what hlt run gives its collector passes the collector's own check (it passed them all, defaults or not)
+    # what hlt run gives its roles passes their own checks (it passed them all, defaults or not; and --metrics-host
+    # with no exporter, now refused when given)
+    from eclreco.cli_types import metrics_host_unused
     from eclreco.hlt.collector import root_output_options_unused
     from eclreco.hlt.run import Farm
 
     parser = cli.build_parser()
     for output, passed in ((out, False), (str(tmp_path / "f.root"), True)):
-        args = parser.parse_args(["hlt", "run", "-o", output, "--cluster-columns", "energy", "--metrics-base-port",
-                                  "-1"])
-        cmd = Farm(args).collector_cmd()
-        assert ("--cluster-columns" in cmd) == passed and ("--flush-interval" in cmd) == passed, cmd
-        role = parser.parse_args(cmd[cmd.index("hlt"):])
-        assert role.hlt_command == "collector" and root_output_options_unused(role) == "", cmd
+        for base in ("-1", "0"):
+            args = parser.parse_args(["hlt", "run", "-o", output, "--cluster-columns", "energy",
+                                      "--metrics-base-port", base])
+            cmd = Farm(args).collector_cmd()
+            assert ("--cluster-columns" in cmd) == passed and ("--flush-interval" in cmd) == passed, cmd
+            assert ("--metrics-host" in cmd) == (base == "0"), cmd
+            role = parser.parse_args(cmd[cmd.index("hlt"):])
+            assert role.hlt_command == "collector" and root_output_options_unused(role) == "", cmd
+            assert metrics_host_unused(role) == "", cmd
 
 
 def test_hlt_run_says_its_option_errors_before_an_address_in_use(tmp_path, capsys):

@@ -23,12 +23,47 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
+GIVEN = "options_given"  # the namespace attribute: the dests of the options on the command line
+
+
+def _recording(action_class):
+    """`action_class`, which also notes its dest in the namespace's GIVEN set when the command line gives it."""
+
+    class Recording(action_class):
+        def __call__(self, parser, namespace, values, option_string=None):
+            super().__call__(parser, namespace, values, option_string)
+            namespace.__dict__.setdefault(GIVEN, set()).add(self.dest)
+
+    Recording.__name__ = action_class.__name__
+    return Recording
+
+
 class CommandParser(argparse.ArgumentParser):
-    """The parser of `eclreco` and of each of its commands (add_subparsers makes the parent's class):
-    one formatter for all, so that every --help shows the defaults (simulate's and bench's showed none)."""
+    """The parser of `eclreco`, of each of its commands (add_subparsers makes the parent's class) and of reco.py:
+    one formatter for all, so that every --help shows the defaults (simulate's and bench's showed none); and
+    each records which options the command line gave (option_given)."""
 
     def __init__(self, *args, formatter_class=HelpFormatter, **kwargs):
         super().__init__(*args, formatter_class=formatter_class, **kwargs)
+        for name in (None, "store", "store_const", "store_true", "store_false", "append", "append_const", "count",
+                     "extend"):
+            self.register("action", name, _recording(self._registry_get("action", name)))
+
+    def parse_known_args(self, args=None, namespace=None):
+        # an empty record where nothing is given, so that option_given can tell "none" from "not recorded"
+        # (a command's sub-parser records in its own namespace, which argparse copies over its parent's)
+        return super().parse_known_args(args, argparse.Namespace(**{GIVEN: set()}) if namespace is None else namespace)
+
+
+def option_given(args, option: str, default=None) -> bool:
+    """Whether the command line gave `option` ('--flush-interval'), whatever its value: an option that does not
+    apply is refused when given, also with its default's value (compared with the default, that one passed
+    silently). Where the parser recorded nothing (a steering file's own argparse parser), a value other than
+    `default`."""
+    dest = option.lstrip("-").replace("-", "_")
+    if hasattr(args, GIVEN):
+        return dest in getattr(args, GIVEN)
+    return getattr(args, dest) != default
 
 
 def integer(lo: int, hi: int | None = None, meaning: str = ""):
@@ -123,10 +158,10 @@ METRICS_HOST = "127.0.0.1"  # the interface of every exporter unless --metrics-h
 
 def metrics_host_unused(args, port_option: str = "--metrics-port") -> str:
     """Why an HLT role's --metrics-host does nothing, '' when it does: `port_option` (its value in `args`) is -1,
-    no exporter, and --metrics-host names another interface than METRICS_HOST (it was ignored: a scrape of it
-    found nothing). reco.py, whose 'none' is port 0, refuses the same in its parser."""
+    no exporter, and --metrics-host is given (option_given; it was ignored: a scrape of it found nothing). reco.py,
+    whose 'none' is port 0, refuses the same in its parser."""
     port = getattr(args, port_option.lstrip("-").replace("-", "_"))
-    if port < 0 and args.metrics_host != METRICS_HOST:
+    if port < 0 and option_given(args, "--metrics-host", METRICS_HOST):
         return (f"--metrics-host {args.metrics_host!r} is the interface of the metrics exporter: {port_option} -1 "
                 "starts none")
     return ""

@@ -604,17 +604,18 @@ def output_error(output: str) -> str:
 def root_output_options_unused(args, options=("--flush-interval", "--dqm-open-runs", "--cluster-columns")) -> str:
     """Which of `options` a tcp:// --output would ignore, as an error message ('' when none, or a ROOT file): the
     flush interval, the DQM runs and the branches are RootOutput's and ECLDQM's, which only a ROOT file output has
-    (the results go on as the workers sent them). Compared with the parser's defaults, which hlt run passes on.
-    (hlt run's --cluster-columns chooses what its workers send: it acts with a tcp:// output too.)"""
+    (the results go on as the workers sent them). Refused when given, whatever the value (hlt run passes them on
+    to a ROOT file's collector only). (hlt run's --cluster-columns chooses what its workers send: it acts with a
+    tcp:// output too.)"""
+    from eclreco.cli_types import option_given
     from eclreco.hlt.cli import DQM_OPEN_RUNS, FLUSH_INTERVAL_S
     from eclreco.modules.root_output import DEFAULT_CLUSTER_COLUMNS
 
     if not args.output.startswith("tcp://"):
         return ""
-    defaults = {"--flush-interval": (args.flush_interval, FLUSH_INTERVAL_S),
-                "--dqm-open-runs": (args.dqm_open_runs, DQM_OPEN_RUNS),
-                "--cluster-columns": (args.cluster_columns, list(DEFAULT_CLUSTER_COLUMNS))}
-    given = [option for option in options if defaults[option][0] != defaults[option][1]]
+    defaults = {"--flush-interval": FLUSH_INTERVAL_S, "--dqm-open-runs": DQM_OPEN_RUNS,
+                "--cluster-columns": list(DEFAULT_CLUSTER_COLUMNS)}
+    given = [option for option in options if option_given(args, option, defaults[option])]
     if not given:
         return ""
     return (f"{', '.join(given)}: {'this option is' if len(given) == 1 else 'these options are'} for a ROOT file "

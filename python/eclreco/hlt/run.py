@@ -148,7 +148,7 @@ class Farm:
                           "--chunk", str(a.chunk), "--heartbeat-timeout", str(a.heartbeat_timeout),
                           "--input-hwm", str(a.input_hwm), "--max-queue-bytes", str(a.max_queue_bytes), "--stop-drain", str(a.stop_drain),
                           "--stop-timeout", str(a.stop_timeout),
-                          "--metrics-port", str(self.mport(0)), "--metrics-host", a.metrics_host,
+                          *self.metrics_args(0),
                           "--max-message-bytes", str(a.max_message_bytes),
                           "--refuse-message-bytes", str(a.refuse_message_bytes), "--cycle-ms", str(a.cycle_ms),
                           "--sched", a.sched, *self.curve_args]
@@ -158,13 +158,19 @@ class Farm:
             cmd.append("--input-connect")
         self.distributor = self.popen(cmd)
 
+    def metrics_args(self, k: int) -> list[str]:
+        """Role k's exporter options; --metrics-host only where it has an exporter (a role refuses a --metrics-host
+        given with --metrics-port -1)."""
+        port = self.mport(k)
+        return ["--metrics-port", str(port)] + (["--metrics-host", self.args.metrics_host] if port >= 0 else [])
+
     def start_collector(self):
         self.collector = self.popen(self.collector_cmd())
 
     def collector_cmd(self):
         a = self.args
         cmd = self.exe + ["collector", "--collector-addr", self.collector_addr, "--control", a.control, "--output",
-                          a.output, "--metrics-port", str(self.mport(1)), "--metrics-host", a.metrics_host,
+                          a.output, *self.metrics_args(1),
                           "--max-latency", str(a.max_latency), "--dedup-window", str(a.dedup_window),
                           "--sched", a.sched, *self.curve_args]
         if not a.output.startswith("tcp://"):  # a ROOT file's (a tcp:// output refuses them)
@@ -178,8 +184,8 @@ class Farm:
         if a.worker_steering:
             cmd.append(a.worker_steering)
         cmd += ["--distributor", self.workers_addr, "--collector", self.collector_addr, "--threads", str(a.threads),
-                "--batch-size", str(a.batch_size), "--modules", a.modules, "--metrics-port", str(self.mport(2 + i)),
-                "--metrics-host", a.metrics_host, "--heartbeat", str(min(0.5, a.heartbeat_timeout / 5)),
+                "--batch-size", str(a.batch_size), "--modules", a.modules, *self.metrics_args(2 + i),
+                "--heartbeat", str(min(0.5, a.heartbeat_timeout / 5)),
                 "--max-latency", str(a.max_latency), *self.curve_args]
         if a.no_cnn:
             cmd.append("--no-cnn")

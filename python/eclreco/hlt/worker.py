@@ -477,9 +477,9 @@ def main(args) -> int:
     if args.steering and (why := steering_file_error(args.steering, "STEERING")):
         refuse(why)
     if steering is None:  # installed without the source tree: the same path, built in
-        from eclreco.cli_types import HelpFormatter
+        from eclreco.cli_types import CommandParser
 
-        ap = argparse.ArgumentParser(prog="eclreco hlt worker", formatter_class=HelpFormatter)
+        ap = CommandParser(prog="eclreco hlt worker")
         add_worker_arguments(ap)
         wargs = ap.parse_args(argv)
         return start_worker(wargs, lambda path: add_chosen_reconstruction(path, wargs))
