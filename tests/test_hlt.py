@@ -1858,7 +1858,7 @@ def test_hlt_merge_writes_each_event_of_overlapping_farm_files_once(tmp_path, ca
     capsys.readouterr()
     assert cli.main(["hlt", "merge", str(tmp_path / "a.root"), str(tmp_path / "b.root"), "-o", str(merged)]) == 0
     out = capsys.readouterr().out
-    assert f"600 events written to {merged} from 2 file(s); 201 duplicate(s) dropped" in out, out
+    assert f"600 events written to {merged} from 2 file(s), detector belle2-ecl; 201 duplicate(s) dropped" in out, out
     assert f"b.root: 401 events, 200 written, 201 dropped" in out, out
     with uproot.open(merged) as f, uproot.open(tmp_path / "all.root") as g:
         got, want = f["events"].arrays(library="ak"), g["events"].arrays(library="ak")
@@ -2060,9 +2060,38 @@ def test_hlt_merge_keeps_events_of_two_detectors_with_one_exp_run_evt(tmp_path, 
     assert cli.main(["hlt", "merge", str(tmp_path / "ecl.root"), str(tmp_path / "a30.root"),
                      str(tmp_path / "ecl2_old.root"), "-o", str(merged)]) == 0
     out = capsys.readouterr().out
-    assert f"22 events written to {merged} from 3 file(s); 2 duplicate(s) dropped" in out, out
+    assert f"22 events written to {merged} from 3 file(s), detectors array30, belle2-ecl; 2 duplicate(s) dropped" in out, out
     assert "a30.root: 10 events, 10 written, 0 dropped" in out and "ecl2_old.root: 4 events, 2 written, 2 dropped" in out
     with uproot.open(merged) as f:
         got = f["events"].arrays(["evt", "detector"], library="np")
     assert sorted(zip(got["detector"].tolist(), got["evt"].tolist())) == \
         [(0, e) for e in range(12)] + [(1, e) for e in range(5, 15)]
+
+
+def test_hlt_merge_names_the_detectors_of_the_events_written(tmp_path, capsys):
+    """`hlt merge` said how many events it wrote but not of which detector, and its file had no top-level
+    `detectors` in its metadata, where RootOutput's file of the same events has one (what dqm, a reader of the
+    metadata and the physicist rely on): the merged file said less than its inputs. Both now name the detectors
+    of the events written: from the `detector` branch, or the metadata of files written before it."""
+    from eclreco import cli
+
+    reco_file(tmp_path / "ecl.root", range(10))
+    reco_file(tmp_path / "ecl2.root", range(5, 15))
+    reco_file(tmp_path / "a30.root", range(3), det="array30")
+    without_detector_branch(tmp_path / "ecl.root", tmp_path / "ecl_old.root")
+    without_detector_branch(tmp_path / "ecl2.root", tmp_path / "ecl2_old.root")
+    for inputs, detectors in ((["ecl.root", "ecl2.root"], ["belle2-ecl"]),
+                              (["ecl.root", "a30.root"], ["array30", "belle2-ecl"]),
+                              (["ecl_old.root", "ecl2_old.root"], ["belle2-ecl"]),  # all before the branch
+                              (["a30.root", "ecl_old.root"], ["array30", "belle2-ecl"])):  # branch filled
+        merged = tmp_path / f"m{len(os.listdir(tmp_path))}.root"
+        capsys.readouterr()
+        assert cli.main(["hlt", "merge", *(str(tmp_path / n) for n in inputs), "-o", str(merged)]) == 0
+        out = capsys.readouterr().out.splitlines()[0]
+        word = "detector" if len(detectors) == 1 else "detectors"
+        assert f"file(s), {word} {', '.join(detectors)}; " in out, out
+        with uproot.open(merged) as f:
+            assert json.loads(str(f["metadata"]))["detectors"] == detectors
+    # as RootOutput writes it for the same events
+    with uproot.open(tmp_path / "ecl.root") as f:
+        assert json.loads(str(f["metadata"]))["detectors"] == ["belle2-ecl"]

@@ -9,8 +9,9 @@ collector's --dedup-window) is dropped too: the spec makes (exp, run, evt) uniqu
 two detectors with one (exp, run, evt) are two events (the files of two streams), never copies of one: a
 copy has its event's detector; both are written.
 
-OUT has the TTree `events` with the inputs' branches, and a `metadata` string (JSON) naming each input,
-its events, those written and dropped, and the input's own metadata. The inputs' `dqm/` histograms are
+OUT has the TTree `events` with the inputs' branches, and a `metadata` string (JSON) naming the detectors of the
+events written (`detectors`, sorted names, as RootOutput writes it), each input, its events, those written and
+dropped, and the input's own metadata. The inputs' `dqm/` histograms are
 not merged: they count the copies too (read them in the input files).
 
 Files written before RootOutput's per-event `detector` branch merge with newer ones: such a file's branch is
@@ -91,6 +92,7 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
 
     from eclreco import __version__
     from eclreco.modules.root_output import cluster_array, make_events_tree
+    from eclreco.rawdata import DETECTOR_NAMES
 
     if os.path.lexists(output):
         raise ValueError(f"-o {output!r} exists: merge never overwrites a file (choose another name)")
@@ -133,8 +135,9 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
                 k[DETECTOR] = filled[i]
             keys.append(k)
         keeps = first_copies(keys)
-        report = {"merged_by": "eclreco hlt merge", "eclreco_version": __version__, "tree": tree, "inputs": [],
-                  "events_written": 0, "duplicates_dropped": 0}
+        report = {"merged_by": "eclreco hlt merge", "eclreco_version": __version__, "tree": tree, "detectors": [],
+                  "inputs": [], "events_written": 0, "duplicates_dropped": 0}
+        written = set()  # the detector codes of the events written (None: one of an input that does not say)
         event_branches = [b for b in layout if not b.startswith(CLUSTER_PREFIX)]
         cluster_branches = [b for b in layout if b.startswith(CLUSTER_PREFIX)]
         with StagedOutputs() as staged:
@@ -146,12 +149,12 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
                 if t is None:
                     entry["note"] = f"no TTree {tree!r} (a collector killed before its first write)"
                 elif i in filled:
-                    from eclreco.rawdata import DETECTOR_NAMES
-
                     entry["note"] = (f"no {DETECTOR!r} branch (written before it): {DETECTOR} "
                                      f"{DETECTOR_NAMES[filled[i]]} for its events, from its metadata")
                 report["inputs"].append(entry)
                 report["events_written"] += entry["written"]
+                if entry["written"]:
+                    written.update(_written_detectors(f, t, keep, filled.get(i)))
                 report["duplicates_dropped"] += entry["dropped"]
                 start = 0
                 read = [] if t is None else [b for b in event_branches + cluster_branches if b in t.keys()]
@@ -177,6 +180,7 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
                     out[tree].extend(data)
             if not made:  # trees that are all empty: no file is written
                 raise ValueError(f"the files hold no events in their TTree {tree!r}: nothing to merge")
+            report["detectors"] = None if None in written else sorted(DETECTOR_NAMES.get(c, str(c)) for c in written)
             out["metadata"] = json.dumps(report, default=str)
             out.close()
             staged.publish()
@@ -184,6 +188,23 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
         for f, _ in opened:
             f.close()
     return report
+
+
+def _written_detectors(f, t, keep, filled) -> set:
+    """The detector codes of an input's events that are written (`keep`): from its `detector` branch, the code its
+    events were given (`filled`), or, in a merge of files all without the branch, its metadata's `detectors` (a
+    set with None where it names none: a collector killed before its end)."""
+    from eclreco.rawdata import DETECTORS
+
+    if DETECTOR in t.keys():
+        return set(np.unique(t[DETECTOR].array(library="np")[keep]).tolist())
+    if filled is not None:
+        return {filled}
+    meta = _metadata(f)
+    names = meta.get("detectors") if isinstance(meta, dict) else None
+    if not isinstance(names, list):
+        return {None}
+    return {DETECTORS.get(n, n) for n in names}
 
 
 def _metadata(f):
@@ -199,7 +220,10 @@ def _metadata(f):
 
 def main(args) -> int:
     report = merge(args.files, args.output, args.tree)
-    print(f"[hlt merge] {report['events_written']} events written to {args.output} from {len(args.files)} file(s); "
+    detectors = report["detectors"]
+    print(f"[hlt merge] {report['events_written']} events written to {args.output} from {len(args.files)} file(s), "
+          f"detector{'s' if detectors is None or len(detectors) != 1 else ''} "
+          f"{', '.join(detectors) if detectors is not None else 'unknown (an input without the branch names none)'}; "
           f"{report['duplicates_dropped']} duplicate(s) dropped (an (exp, run, evt) already taken)", flush=True)
     for entry in report["inputs"]:
         print(f"  {entry['file']}: {entry['events']} events, {entry['written']} written, {entry['dropped']} dropped"
