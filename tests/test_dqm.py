@@ -616,3 +616,42 @@ def test_a_large_histogram_filled_with_weights_from_two_threads_counts_every_fil
     batches = 20000 // 16
     assert m.h.entries == batches * (4 * 201 + 1)
     assert m.h.counts[-1] == batches  # the adds, each one count in the overflow
+
+
+@pytest.mark.parametrize("weighted", [True, False], ids=["numpy_add", "cpp_fill"])
+def test_a_reset_while_two_threads_fill_splits_no_fill(weighted):
+    """DQMRegistry.reset zeroed the histograms without their lock while two threads filled them: a fill
+    went partly before the reset and partly after it (bins of one fill at 1 and 2, moments of 2 fills
+    beside counts of 1, rejection reasons {'a': 1, 'b': 2} of fills that each add one of both). Every
+    fill must go wholly before or after the reset."""
+    import threading
+
+    from eclreco.dqm import CategoryHistogram
+    from helpers import forced_thread_switches
+
+    v = np.arange(0.5, 20_000, 97.0)  # one value in each of 207 bins spread over 20,000 (numpy drops the GIL)
+    bins = np.floor(v).astype(int) + 1
+    for _ in range(5):
+        reg = DQMRegistry()
+        h = reg.book(Histogram1D("big", "big", 20_000, 0, 20_000))
+        c = reg.book(CategoryHistogram("r", "r"))
+        stop = threading.Event()
+
+        def fill():
+            while not stop.is_set():
+                h.fill(v, np.ones(v.size) if weighted else None)
+                c.fill_counts({"a": 1, "b": 1})
+
+        with forced_thread_switches():
+            threads = [threading.Thread(target=fill) for _ in range(2)]
+            for t in threads:
+                t.start()
+            for _ in range(300):
+                reg.reset()
+            stop.set()
+            for t in threads:
+                t.join()
+        fills = h.counts[bins[0]]  # those after the last reset
+        assert h.counts[bins].tolist() == [fills] * bins.size and h.entries == fills * bins.size
+        assert h.moments.tolist() == [fills * v.sum(), fills * (v * v).sum()]
+        assert c.counts.get("a") == c.counts.get("b")

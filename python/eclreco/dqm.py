@@ -64,7 +64,9 @@ class Histogram1D:
         if bins is None:
             return
         if isinstance(bins, np.ndarray):
-            _core.fill_uniform_histogram(self.counts, bins, float(self.edges[0]), float(self.edges[-1]), self.moments)
+            with self._lock:  # a reset's zeroing (numpy, without the GIL) would overlap it
+                _core.fill_uniform_histogram(self.counts, bins, float(self.edges[0]), float(self.edges[-1]),
+                                             self.moments)
         else:
             self._add(bins[0], bins[1])
 
@@ -73,10 +75,22 @@ class Histogram1D:
 
     def _add(self, counts, moments) -> None:
         with self._lock:
-            # in place, never assigned back: the registry may have swapped the arrays meanwhile (DQMRegistry._take)
-            c, m = self.counts, self.moments
-            c += counts
-            m += moments
+            self.counts += counts
+            self.moments += moments
+
+    # The registry's reset and run switches take the histogram's lock as a fill does: each fill goes wholly
+    # before or after them (a reset between a fill's counts and its moments, or within its bins, split it).
+    def clear(self) -> None:
+        with self._lock:
+            self.counts[:] = 0
+            self.moments[:] = 0
+
+    def swap(self, contents=None):
+        """Puts `contents` ((counts, moments); None: empty) in place of the histogram's; returns the old."""
+        with self._lock:
+            old = self.counts, self.moments
+            self.counts, self.moments = contents or (np.zeros_like(self.counts), np.zeros_like(self.moments))
+            return old
 
     def to_dict(self) -> dict:
         return {"name": self.name, "title": self.title, "xlabel": self.xlabel,
@@ -117,6 +131,16 @@ class CategoryHistogram:
 
     def add(self, other: "CategoryHistogram") -> None:
         self.fill_counts(other.counts)
+
+    def clear(self) -> None:
+        with self._lock:
+            self.counts.clear()
+
+    def swap(self, contents=None):
+        """Puts `contents` (None: empty) in place of the histogram's counts; returns the old."""
+        with self._lock:
+            old, self.counts = self.counts, ({} if contents is None else contents)
+            return old
 
     def to_dict(self) -> dict:
         return {"name": self.name, "title": self.title, "labels": dict(self.counts)}
@@ -173,31 +197,16 @@ class DQMRegistry:
 
     def _reset(self) -> None:
         for h in self.histograms.values():
-            if isinstance(h, Histogram1D):
-                h.counts[:] = 0
-                h.moments[:] = 0
-            else:
-                h.counts.clear()
+            h.clear()
 
     def _take(self) -> dict:
         """The contents of every histogram (their arrays, not copies), which start empty again."""
-        contents = {}
-        for name, h in self.histograms.items():
-            if isinstance(h, Histogram1D):
-                contents[name] = (h.counts, h.moments)
-                h.counts, h.moments = np.zeros_like(h.counts), np.zeros_like(h.moments)
-            else:
-                contents[name] = h.counts
-                h.counts = {}
-        return contents
+        return {name: h.swap() for name, h in self.histograms.items()}
 
     def _put(self, contents: dict) -> None:
         for name, h in self.histograms.items():
             if name in contents:  # (a histogram booked after the run was put aside starts empty)
-                if isinstance(h, Histogram1D):
-                    h.counts, h.moments = contents[name]
-                else:
-                    h.counts = contents[name]
+                h.swap(contents[name])
 
     def keep_runs_open(self) -> None:
         """Each (exp, run) keeps its own histograms until close_run / close_all (the HLT collector; for the
