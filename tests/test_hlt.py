@@ -1549,10 +1549,12 @@ def test_a_terminate_with_a_live_source_is_prompt_and_accounts_for_every_event(f
     assert (accounted, d["input_lost_bytes"]) == (sent[0], 0), (d, later, sent[0])
 
 
-def test_a_taken_metrics_port_is_said_by_every_role(farm_factory):
-    """--metrics-base-port P with P+1 (the collector's) and P+2 (the worker's) taken: each role serves on
-    a free port instead and says so, as the distributor did (the collector and the workers were silent,
-    and a scrape configuration for P+1 found another process)."""
+def test_hlt_run_refuses_a_taken_metrics_port_naming_the_role(tmp_path):
+    """--metrics-base-port P with P+1 (the collector's) and P+2 (the worker's) taken: each role served on a free
+    port instead and said so in a line of the farm's log, and the scrape configuration of P+1 read the process that
+    held it. Each role refuses a taken port now (test_metrics.py::test_an_hlt_role_refuses_a_taken_metrics_port_naming_it),
+    and `hlt run` checks them all before it starts any (a worker would be restarted to fail again): exit 2, one line
+    naming the first port taken and its role."""
     import socket
 
     taken = []
@@ -1573,15 +1575,17 @@ def test_a_taken_metrics_port_is_said_by_every_role(farm_factory):
             taken = []
     assert taken
     try:
-        farm = farm_factory(workers=1, extra=("--metrics-base-port", str(base)))
-        ports = {p["role"]: p.get("metrics_port") for p in farm.status()["processes"]}
-        assert ports["collector"] not in (0, base + 1) and ports["worker"] not in (0, base + 2), ports
-        assert 'role="collector"' in scrape(ports["collector"])
-        farm.command("terminate")
-        rc, log = farm.wait_exit()
-        assert rc == 0, log
-        assert f"[collector] metrics port {base + 1} unavailable" in log, log
-        assert f"[worker] metrics port {base + 2} unavailable" in log, log
+        argv = ["hlt", "run", "--workers", "1", "--input", free_address(), "--control", free_address(),
+                "-o", str(tmp_path / "farm.root"), "--metrics-base-port", str(base), "--no-cnn"]
+        try:
+            r = subprocess.run(ECLRECO + argv, capture_output=True, text=True, timeout=60)
+        except subprocess.TimeoutExpired as err:  # the farm ran
+            raise AssertionError(f"the farm ran: {err.stdout!r}") from None
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert r.stderr == (f"eclreco hlt run: error: --metrics-base-port {base}: port {base + 1} (the collector's): "
+                            f"cannot serve metrics on 127.0.0.1:{base + 1}: Address already in use "
+                            "(0: free ports, -1: no exporters)\n"), r.stderr
+        assert "farm up" not in r.stdout and not (tmp_path / "farm.root").exists(), r.stdout
     finally:
         for t in taken:
             t.close()

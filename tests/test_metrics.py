@@ -452,3 +452,33 @@ def test_prometheus_reads_the_module_errors_by_module(tmp_path):
             assert query('eclreco_module_errors_total{module="Source"}') == 0
     finally:
         exporter.close()
+
+
+@pytest.mark.parametrize("role", ["distributor", "collector", "worker"])
+def test_an_hlt_role_refuses_a_taken_metrics_port_naming_it(tmp_path, role):
+    """A scrape configuration names each role's port. A role whose --metrics-port another process held served
+    on a free port instead, said in one line among its output, and ran on: Prometheus read the process that held
+    the port (here an exporter of role "holder"; in a farm, another farm's role) and never this one, whose alerts
+    stayed silent. It refuses now, exit 2, one line naming the port, before its sockets, as reco.py does."""
+    from eclreco.metrics import serve_process_metrics
+
+    holder = serve_process_metrics(0, role="holder", framework=False)
+    port = holder.port
+    ctl, work, coll = free_address(), free_address(), free_address()
+    argv = {"distributor": ["--input", free_address(), "--workers-addr", work, "--control", ctl],
+            "collector": ["--collector-addr", coll, "--control", ctl, "-o", str(tmp_path / "c.root")],
+            "worker": ["--distributor", work, "--collector", coll, "--no-cnn"]}[role]
+    try:
+        try:  # it ran on (waiting for a farm), on another port
+            r = subprocess.run([sys.executable, "-m", "eclreco.cli", "hlt", role, *argv, "--metrics-port", str(port),
+                                *(["--sched", "normal"] if role != "worker" else [])],
+                               capture_output=True, text=True, timeout=30)
+        except subprocess.TimeoutExpired as err:
+            raise AssertionError(f"the {role} ran on: {err.stdout!r}") from None
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert r.stderr == (f"eclreco hlt {role}: error: --metrics-port {port}: cannot serve metrics on 127.0.0.1:{port}: "
+                            "Address already in use (0: a free port, -1: no exporter)\n"), r.stderr
+        info = [line for line in scrape(port).splitlines() if line.startswith("eclreco_process_info{")]
+        assert info and 'role="holder"' in info[0] and f'pid="{os.getpid()}"' in info[0], info  # what a scrape reads
+    finally:
+        holder.close()

@@ -39,7 +39,6 @@ e.g. the distributor's workers alive / restarted, drops and latency.
 """
 from __future__ import annotations
 
-import errno
 import os
 import re
 import threading
@@ -351,14 +350,22 @@ def serve_process_metrics(port: int, host: str = "127.0.0.1", role: str = "reco"
 
 
 def serve_role_metrics(role: str, port: int, host: str = "127.0.0.1", **kw) -> MetricsExporter:
-    """serve_process_metrics for an HLT role: a port that is taken (or privileged) falls back to a free
-    one, said in a line; any other error (a host that does not resolve or is not this machine's) is
-    raised as it is (it fell back to a free port on the same bad host and failed again, after a line
-    blaming the port)."""
+    """serve_process_metrics for an HLT role. A --metrics-port that cannot be served (taken, privileged) is an
+    OSError naming it: the role exits 2 before its sockets (eclreco.cli), as reco.py does. It fell back to a free
+    port, said in one line of the role's output: a scrape configuration, which names the port, then read the
+    process that held it (another farm's role) or nothing, and the role's alerts stayed silent. Port 0 asks for
+    a free one (reported as metrics_port in `hlt status --json`)."""
     try:
         return serve_process_metrics(port, host, role=role, **kw)
     except OSError as err:
-        if err.errno not in (errno.EADDRINUSE, errno.EACCES):
-            raise
-        print(f"[{role}] metrics port {port} unavailable ({err.strerror}); using a free port", flush=True)
-        return serve_process_metrics(0, host, role=role, **kw)
+        raise OSError(f"--metrics-port {port}: {err.strerror} (0: a free port, -1: no exporter)") from None
+
+
+def metrics_port_error(port: int, host: str = "127.0.0.1") -> str:
+    """Why an exporter cannot be served on host:port now (its error line), '' when it can: tried by serving one
+    and closing it (`hlt run` checks its roles' ports before it starts them)."""
+    try:
+        serve_process_metrics(port, host, framework=False).close()
+    except OSError as err:
+        return err.strerror or str(err)
+    return ""

@@ -478,6 +478,14 @@ def main(args) -> int:
     if args.metrics_base_port > 0 and args.metrics_base_port + 1 + args.workers > 65535:
         refuse(f"--metrics-base-port {args.metrics_base_port}: the ports of the collector "
                f"and {args.workers} workers (P+1 .. P+{1 + args.workers}) must stay below 65536")
+    if args.metrics_base_port > 0:  # each role would refuse its port; a worker's, restarted, again up to --max-restarts
+        from eclreco.metrics import metrics_port_error
+
+        for k in range(2 + args.workers):
+            if why := metrics_port_error(args.metrics_base_port + k, args.metrics_host):
+                whose = ("the distributor's", "the collector's")[k] if k < 2 else f"worker {k - 2}'s"
+                refuse(f"--metrics-base-port {args.metrics_base_port}: port {args.metrics_base_port + k} ({whose}): "
+                       f"{why} (0: free ports, -1: no exporters)")
     if args.worker_steering and (why := steering_file_error(args.worker_steering, "--worker-steering")):
         refuse(why)
     if unused := chain_option_unused(args):
