@@ -277,7 +277,7 @@ class ZMQInput(Module):
                   f"were not processed ({why})", file=sys.stderr, flush=True)
         if self._monitor is not None:
             self._monitor.close()
-            self._monitor.say_lost("ZMQInput:", self.param("address"), lost)
+            self._monitor.say_lost("ZMQInput:", self.param("address"), lost, at_end=True)
             for k, v in self._monitor.counters().items():
                 self._closed_counts[k] = self._closed_counts.get(k, 0.0) + v
             self._monitor = None

@@ -731,6 +731,35 @@ def test_distributor_counts_what_libzmq_drops_unread_with_a_closed_ipc_input_con
     assert f"{lost} bytes of events sent to ipc://{ipc_dir}/in were lost unread" in capfd.readouterr().err
 
 
+def test_the_distributors_terminate_says_lost_input_bytes_as_its_running_input_does(capfd):
+    """Bytes lost unread in the input connections at a terminate were said in a line of the distributor's own,
+    on stdout, without the address or the total ("[distributor] error: N bytes of events were lost unread in the
+    input connections that the terminate closed"), beside raw_sockets.say_lost, which says the same loss on
+    stderr while the farm runs and at ZMQInput's end: an alert on the roles' stderr missed it. One line for both."""
+    import tempfile
+
+    from eclreco.hlt.distributor import Distributor
+
+    ipc_dir = tempfile.mkdtemp(prefix="eclreco-")
+    address = f"ipc://{ipc_dir}/in"
+    d = Distributor(address, free_address(), free_address(), input_hwm=16, input_bind=False, stop_drain_s=0.1)
+    try:
+        def seen():  # the connection held by the distributor (its housekeeping, every 0.2 s in serve())
+            time.sleep(0.1)
+            d.housekeeping(time.monotonic())
+
+        bind_send_and_close(address, [b"x" * 1000] * 50, after_handshake=seen)
+        d.count_unread_input(max_s=2.0)  # the terminate's end of the input, nothing read before
+        lost = d.input_monitor.lost_bytes
+    finally:
+        d.close()
+        shutil.rmtree(ipc_dir, ignore_errors=True)
+    out, err = capfd.readouterr()
+    assert lost > 0, (out, err)
+    assert "were lost unread" not in out, out
+    assert f"[distributor] error: {lost} bytes of events sent to {address} were lost unread" in err, err
+
+
 def test_the_distributors_input_queue_is_bounded_in_bytes():
     """The distributor's input queue was bounded in messages only (--input-hwm 1000 per sender connection, each up
     to --refuse-message-bytes: 64 GiB at the defaults): a sender of large events while no worker took any filled

@@ -257,13 +257,17 @@ class ConnectionMonitor:
             os.close(dup)
         self.tcp_ended, self.tcp_ending, self.tcp_fin = [], {}, set()
 
-    def say_lost(self, who: str, address: str, before: int) -> None:
-        """Prints what was lost in dropped ipc:// connections since lost_bytes was `before`."""
+    def say_lost(self, who: str, address: str, before: int, at_end: bool = False) -> None:
+        """Prints (stderr) what was lost in dropped connections since lost_bytes was `before`; at_end: at the end
+        of the input (end_input), whose close also tears down the tcp:// connections that still held some."""
         if self.lost_bytes > before:
+            why = ("libzmq dropped a connection that the sender closed while this input's queue was full "
+                   "(rcvhwm reached; an ipc:// sender must keep its connection open until its events are read, "
+                   "docs/deployment.md)")
+            if at_end:
+                why = f"the end of the input closed connections that still held them (tcp://), or {why}"
             print(f"{who} error: {self.lost_bytes - before} bytes of events sent to {address} were lost unread: "
-                  "libzmq dropped a connection that the sender closed while this input's queue was full "
-                  "(rcvhwm reached; an ipc:// sender must keep its connection open until its events are read, "
-                  f"docs/deployment.md); {self.lost_bytes} bytes in all", file=sys.stderr, flush=True)
+                  f"{why}; {self.lost_bytes} bytes in all", file=sys.stderr, flush=True)
 
     def counters(self) -> dict:
         return {"disconnects": float(self.disconnects), "connections": float(self.connections),

@@ -943,9 +943,7 @@ class Distributor:
                 self.addresses["input"] if self.input_bind else self.input_addr)
 
         n = end_input(self.inp, self.input_monitor, detach, force_after_s=self.stop_drain_s, max_s=max_s)
-        if self.input_monitor.lost_bytes > lost:
-            print(f"[distributor] error: {self.input_monitor.lost_bytes - lost} bytes of events were lost unread in "
-                  "the input connections that the terminate closed (counted in input_lost_bytes)", flush=True)
+        self.input_monitor.say_lost("[distributor]", self.input_addr, lost, at_end=True)
         if n:
             self.c["unread_at_terminate"] += n
             print(f"[distributor] {n} messages arrived after the last run stopped reading: not processed, counted "
