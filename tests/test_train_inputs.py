@@ -135,3 +135,25 @@ def test_a_geant4_sample_of_ragged_or_mismatched_arrays_names_the_array(tmp_path
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and re.search(f"eclreco train: error: .*{message}", err)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_geant4_sample_with_entry_points_in_cm_is_refused_naming_the_array_and_the_unit(tmp_path, capsys):
+    """array30 entry points (xy_mm) written in cm, 10x too small, were read as mm: a third of the photons then
+    'entered' the aluminium gap at x or y = 0 in validate's gap truth. The deposits' energy centroid says where
+    each photon entered: such a file is one line naming the array and the unit, from G4Sample and from train
+    and validate, before any work; the file in mm passes."""
+    from eclreco import cli, cnn_data
+
+    with np.load(ARRAY30) as f:
+        xy = f["xy_mm"][:1000]
+    path = _sample(tmp_path, "xycm", xy_mm=xy / 10)
+    message = (r"'xy_mm' puts the photons' entry points a median 3\d\.\d mm from the energy centroid of their "
+               r"deposits, 1\d\.\d mm if they were cm: are they in cm\? The file holds them in mm")
+    with pytest.raises(ValueError, match=f"xycm.npz: {message}"):
+        cnn_data.G4Sample(path, "array30")
+    for command in ("train", "validate"):
+        assert cli.main([command, "--detector", "array30", "-o", str(tmp_path / "out"), "--g4", path, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.search(f"eclreco {command}: error: .*{message}", err)
+    assert not (tmp_path / "out").exists()
+    assert cnn_data.G4Sample(_sample(tmp_path, "good"), "array30").n == 1000

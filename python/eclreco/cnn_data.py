@@ -28,6 +28,12 @@ VAL_FRACTION = 0.125  # of the remaining 80 %: validation set for early stopping
 # above, twice what energy conservation allows (an event's deposits cannot exceed its photon's energy).
 MIN_LARGEST_TRUE_MEV = 10.0
 DEPOSIT_FRACTION_RANGE = (0.05, 2.0)
+# array30's entry points (xy_mm) in mm: they lie a median 14 mm from the energy centroid of their event's deposits
+# in the reference file (crystals on a 60 mm pitch), 39 mm when the file gives them in cm (10x too small: two
+# thirds of the photons, not 15 %, then "entered" the aluminium gap at x or y = 0 in validate's gap truth). An
+# entry point that fits the deposits this many times better when read as cm is refused as such; near the origin,
+# where the two readings agree, neither wins.
+ENTRY_CM_FACTOR = 2.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +185,7 @@ class G4Sample:
             raise G4SampleError(path, f"{name!r} gives {bad.size} photon(s) a true energy that is not finite and > 0 "
                                f"(the first {self.e_true[bad[0]] * 1e3:g} MeV, event {bad[0]})")
         self._check_units(path)
+        self._check_entry_units(path)
         norm = np.linalg.norm(self.direction, axis=1)
         bad = np.flatnonzero(~(np.abs(norm - 1) < 1e-3))  # (NaN too) the cluster matching takes cosines
         if bad.size:
@@ -211,6 +218,26 @@ class G4Sample:
             raise G4SampleError(path, f"the deposits ('edep_mev') of an event sum to a median {frac:.3g} times its "
                                f"photon's true energy ({name}), where a shower leaves most of it (about 0.9) in the "
                                f"crystals: are the deposits in {unit}? The file holds both in MeV (data/README.md)")
+
+    def _check_entry_units(self, path):
+        """array30's entry points in mm (ENTRY_CM_FACTOR): where the deposits' energy centroid says the photon
+        entered, on the crystals' front faces (spec/detector.md), against 'xy_mm' read as mm and as cm."""
+        if self.entry_xy_mm is None or self.detector != "array30":
+            return
+        geo = _core.Geometry.get(self.detector)
+        front = np.stack([np.asarray(geo.front_x), np.asarray(geo.front_y)], 1)[self.cell - 1] * 10.0  # cm -> mm
+        ev = np.repeat(np.arange(self.n), np.diff(self.offsets))
+        total = np.bincount(ev, self.edep_gev, minlength=self.n)
+        hit = total > 0  # (a photon that missed the crystals has no centroid)
+        if not hit.any():
+            return
+        centroid = np.stack([np.bincount(ev, self.edep_gev * front[:, k], minlength=self.n)[hit] for k in (0, 1)],
+                            1) / total[hit, None]
+        as_mm, as_cm = (float(np.median(np.hypot(*(centroid - f * self.entry_xy_mm[hit]).T))) for f in (1.0, 10.0))
+        if as_cm * ENTRY_CM_FACTOR < as_mm:
+            raise G4SampleError(path, f"'xy_mm' puts the photons' entry points a median {as_mm:.3g} mm from the energy "
+                               f"centroid of their deposits, {as_cm:.3g} mm if they were cm: are they in cm? The file "
+                               "holds them in mm (data/README.md)")
 
     def split(self):
         """(train, validation, test) event indices: test = the last TEST_FRACTION of the file."""
