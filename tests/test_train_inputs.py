@@ -157,3 +157,34 @@ def test_a_geant4_sample_with_entry_points_in_cm_is_refused_naming_the_array_and
         assert err.count("\n") == 1 and re.search(f"eclreco {command}: error: .*{message}", err)
     assert not (tmp_path / "out").exists()
     assert cnn_data.G4Sample(_sample(tmp_path, "good"), "array30").n == 1000
+
+
+def test_offsets_beyond_int64_are_named_as_the_file_holds_them(tmp_path, capsys):
+    """G4Sample cast 'offsets' to int64 before checking it: a uint64 boundary near 2**64 wrapped to -3 and a
+    float one of 1e20 (or 2**63) to -2**63, and the refusal named those values, which the file does not hold
+    ('decreases at event 4 (76 then -3)'). 'offsets' is checked as stored now: a boundary outside the entries of
+    'cell' is named with its value and index, a decrease of a uint64 array (where np.diff wraps) with its values;
+    uint64 offsets that fit pass."""
+    from eclreco import cli, cnn_data
+
+    with np.load(ARRAY30) as f:
+        off = f["offsets"][:1001]
+    n = int(off[-1])
+    wrap, huge, down = off.astype(np.uint64), off.astype(np.float64), off.astype(np.uint64)
+    wrap[5] = 2 ** 64 - 3
+    huge[5] = 1e20
+    down[5] = down[7] + 3
+    cases = [("wrap", wrap, rf"'offsets' holds 18446744073709551613 at event boundary 5, outside the 0\.\.{n} entries "
+              "of 'cell'"),
+             ("huge", huge, rf"'offsets' holds 100000000000000000000 at event boundary 5, outside the 0\.\.{n} "
+              "entries of 'cell'"),
+             ("down", down, rf"'offsets' decreases at event 5 \({down[5]} then {down[6]}\)")]
+    for name, offsets, message in cases:
+        path = _sample(tmp_path, name, offsets=offsets)
+        with pytest.raises(ValueError, match=f"{name}.npz: {message}"):
+            cnn_data.G4Sample(path, "array30")
+        assert cli.main(["train", "--detector", "array30", "-o", str(tmp_path / "out"), "--g4", path, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.search(f"eclreco train: error: .*{message}", err)
+    assert not (tmp_path / "out").exists()
+    assert cnn_data.G4Sample(_sample(tmp_path, "uint64", offsets=off.astype(np.uint64)), "array30").n == 1000

@@ -101,7 +101,6 @@ class G4Sample:
         self._check_arrays(path, d)
         self.path = path
         self.detector = detector
-        self.offsets = d["offsets"].astype(np.int64)
         from eclreco.rawdata import N_CELLS
 
         cell = d["cell"]  # checked before the cast: int32 kept the low bits of an int64 2**32 + 403, as 403
@@ -120,7 +119,8 @@ class G4Sample:
         # array30: the photon's entry point on the front plane (truth, for validation only)
         self.entry_xy_mm = d["xy_mm"].astype(np.float64) if "xy_mm" in d else None
         self.n = self.e_true.size
-        self._check_lengths(path)
+        self._check_lengths(path, d["offsets"])
+        self.offsets = d["offsets"].astype(np.int64)  # (0..len(cell) now: the cast keeps every value)
         if self.entry_xy_mm is not None and self.entry_xy_mm.shape != (self.n, 2):
             raise G4SampleError(path, f"'xy_mm' has shape {self.entry_xy_mm.shape}, not ({self.n}, 2): one entry "
                                "point (x, y in mm) per photon")
@@ -145,18 +145,27 @@ class G4Sample:
                                    + ("event" if name == "true_energy_mev" else "entry" if name != "offsets"
                                       else "event boundary") + " (a 1-D array)")
 
-    def _check_lengths(self, path):
-        """The arrays describe the same events and entries (data/README.md), each mismatch named by its arrays."""
+    def _check_lengths(self, path, off):
+        """The arrays describe the same events and entries (data/README.md), each mismatch named by its arrays.
+        `off`: 'offsets' as stored, checked in its own dtype: cast to int64 first, a uint64 2**64 - 3 was
+        named as -3 (and a float above 2**63 as -2**63), values the file does not hold; np.diff of a uint64
+        array wraps instead of going below 0, so the decrease is found by comparing neighbours."""
         true = "'photons'" if self.detector == "belle2-ecl" else "'true_energy_mev'"
-        off, n = self.offsets, self.n
+        n, n_entries = self.n, self.cell.size
+
+        def value(x):  # as stored (an integral float, checked by _check_arrays, as an integer; inf as inf)
+            return int(x) if np.isfinite(x) else float(x)
+        out = np.flatnonzero(~((off >= 0) & (off <= n_entries))) if off.size == n + 1 else []
         why = (f"'offsets' holds {off.size} event boundaries, not {n + 1} (one more than the {n} photons of {true})"
                if off.size != n + 1 else
-               f"'offsets' begins at {off[0]}, not 0" if off[0] != 0 else
-               f"'offsets' ends at {off[-1]}, but 'cell' holds {self.cell.size} entries" if off[-1] != self.cell.size
-               else f"'edep_mev' holds {self.edep_gev.size} entries, 'cell' {self.cell.size}"
-               if self.edep_gev.size != self.cell.size else "")
-        if not why and (down := np.flatnonzero(np.diff(off) < 0)).size:
-            why = f"'offsets' decreases at event {down[0]} ({off[down[0]]} then {off[down[0] + 1]})"
+               f"'offsets' begins at {value(off[0])}, not 0" if off[0] != 0 else
+               f"'offsets' ends at {value(off[-1])}, but 'cell' holds {n_entries} entries" if off[-1] != n_entries
+               else f"'offsets' holds {value(off[out[0]])} at event boundary {out[0]}, outside the 0..{n_entries} "
+               "entries of 'cell'" if len(out)
+               else f"'edep_mev' holds {self.edep_gev.size} entries, 'cell' {n_entries}"
+               if self.edep_gev.size != n_entries else "")
+        if not why and (down := np.flatnonzero(off[1:] < off[:-1])).size:
+            why = f"'offsets' decreases at event {down[0]} ({value(off[down[0]])} then {value(off[down[0] + 1])})"
         if why:
             raise G4SampleError(path, f"{why}: the arrays do not describe the same events and entries")
 
