@@ -188,3 +188,47 @@ def test_offsets_beyond_int64_are_named_as_the_file_holds_them(tmp_path, capsys)
         assert err.count("\n") == 1 and re.search(f"eclreco train: error: .*{message}", err)
     assert not (tmp_path / "out").exists()
     assert cnn_data.G4Sample(_sample(tmp_path, "uint64", offsets=off.astype(np.uint64)), "array30").n == 1000
+
+
+def test_the_max_events_check_of_a_cache_reads_the_geant4_files_length_only(tmp_path, capsys):
+    """`eclreco train --cache` checked the cache's --max-events against the Geant4 file by reading and checking
+    the whole file (G4Sample): for a 1 GB sample seconds and several GB of memory, for one number. It reads the
+    length from the true-energy array's header now: refusing a cache of more events than a 100 000-event file
+    holds takes less memory than the file's deposits alone, and the refusal (and that of a cache made with
+    another --max-events) is as before."""
+    import tracemalloc
+
+    pytest.importorskip("torch")
+    import onnx  # noqa: F401  (run_training imports both: their import is no part of the check)
+    import torch  # noqa: F401
+    from eclreco import cli, train
+
+    with np.load(ARRAY30) as f:  # the subset 50 times over: 100 000 events, 1.2 M deposits
+        d = {k: f[k] for k in f.files}
+    k = 50
+    counts = np.tile(np.diff(d["offsets"]), k)
+    big = dict(true_energy_mev=np.tile(d["true_energy_mev"], k), xy_mm=np.tile(d["xy_mm"], (k, 1)),
+               offsets=np.concatenate([[0], np.cumsum(counts)]), cell=np.tile(d["cell"], k),
+               edep_mev=np.tile(d["edep_mev"], k))
+    g4 = tmp_path / "big.npz"
+    np.savez(g4, **big)
+    deposit_bytes = big["cell"].nbytes + big["edep_mev"].nbytes
+    samples = train.chain_samples("array30", ARRAY30, max_events=300, quiet=True)
+    out = tmp_path / "out"
+    for made_with, asked, message in [
+            (200000, 200000, f"was made with --max-events 200000, but the Geant4 file {str(g4)!r} holds 100000 "
+                             "events: remove the cache and run again with --max-events 100000 or fewer"),
+            (5000, 6000, "was made with --max-events 5000, not 6000: remove it")]:
+        cache = tmp_path / f"chain{made_with}.npz"
+        train.save_samples(str(cache), samples, train.cache_provenance("array30", str(g4), made_with))
+        tracemalloc.start()
+        try:
+            assert cli.main(["train", "--detector", "array30", "-o", str(out), "--g4", str(g4), "--cache", str(cache),
+                             "--max-events", str(asked), "--sizes", "tiny", "--epochs", "1", "--quiet"]) == 2
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        err = capsys.readouterr().err
+        assert err.startswith(f"eclreco train: error: the cache {str(cache)!r} {message}") and err.count("\n") == 1
+        assert peak < deposit_bytes, (peak, deposit_bytes)
+    assert not out.exists()

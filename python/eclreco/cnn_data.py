@@ -50,6 +50,23 @@ def check_copies(detector: str, copies: int) -> None:
                          f"which {detector} does not have")
 
 
+def g4_event_count(path: str, detector: str) -> int:
+    """The number of events of the Geant4 file `path` of `detector`, from the header of its true-energy array
+    (G4Sample.REQUIRED) without its data: `eclreco train` checks a --cache's --max-events against it, and
+    G4Sample reads and checks every array (seconds, and a few times the file's size in memory, for a 1 GB
+    sample). A file whose header does not give it so is read by G4Sample, whose error names what is wrong."""
+    name = next(iter(G4Sample.REQUIRED[detector]))
+    headers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with zipfile.ZipFile(path) as z, z.open(f"{name}.npy") as f:
+            shape = headers[np.lib.format.read_magic(f)](f)[0]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        shape = None
+    if shape is not None and (shape[1:] == ((1, 4) if name == "photons" else ())):
+        return int(shape[0])
+    return G4Sample(path, detector).n
+
+
 class G4SampleError(ValueError):
     """A file that is not a usable Geant4 sample: `why`, of `path` (the message is PATH: WHY). The commands
     name the option that gave the file instead of the bare path (train.g4_file_named)."""

@@ -504,7 +504,7 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
                                      f"training events, not --augment {augment}" + cache_fix(cache))
         check_cache(cache, made_by, provenance)
         if max_events:  # a cache of a build that did not check it: the card would record events it never had
-            n = cnn_data.G4Sample(g4_path, detector).n
+            n = cnn_data.g4_event_count(g4_path, detector)  # (the file that made the cache: its SHA-256 is checked)
             if max_events > n:
                 raise TrainingInputError(f"the cache {cache!r} was made with --max-events {max_events}, but the Geant4 "
                                          f"file {g4_path!r} holds {n} event{'' if n == 1 else 's'}: remove the cache "
