@@ -264,3 +264,27 @@ def test_true_energies_out_of_step_with_the_deposits_are_refused(tmp_path, capsy
             assert err.count("\n") == 1 and re.search(f"eclreco {command}: error: .*{message}", err)
     assert not (tmp_path / "out").exists()
     assert cnn_data.G4Sample(ARRAY30, "array30").n == 2000 and cnn_data.G4Sample(belle2, "belle2-ecl").n == 2000
+
+
+def test_entry_points_away_from_their_deposits_are_refused(tmp_path, capsys):
+    """An array30 sample with cellIds counted from 0 passed the range check (the corner crystal, 0 then, is never
+    hit by the reference beam), so every deposit lay one crystal off its photon's entry point; entry points of
+    zeros (a placeholder) put the photons in the aluminium gap at the origin in validate's gap truth. Entry points
+    a median more than half a crystal pitch from their deposits' energy centroid are one line naming 'xy_mm',
+    from G4Sample and the commands, before any work."""
+    from eclreco import cli, cnn_data
+
+    with np.load(ARRAY30) as f:
+        cell, xy = f["cell"][: f["offsets"][1000]], f["xy_mm"][:1000]
+    message = (r"'xy_mm' puts the photons' entry points a median {} mm from the energy centroid of their deposits, "
+               r"more than 30 mm \(half the crystal pitch\): entry points of other events, or cellIds \('cell'\) "
+               r"counted from 0, not 1\?")
+    for name, arrays, median in [("from0", dict(cell=cell - 1), r"6\d\.\d"), ("zeros", dict(xy_mm=0 * xy), r"4\d\.\d")]:
+        path = _sample(tmp_path, name, **arrays)
+        with pytest.raises(ValueError, match=f"{name}.npz: {message.format(median)}"):
+            cnn_data.G4Sample(path, "array30")
+        assert cli.main(["train", "--detector", "array30", "-o", str(tmp_path / "out"), "--g4", path, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.search(f"eclreco train: error: .*{message.format(median)}", err)
+    assert not (tmp_path / "out").exists()
+    assert cnn_data.G4Sample(_sample(tmp_path, "good"), "array30").n == 1000

@@ -38,6 +38,11 @@ MAX_DEPOSIT_FRACTION = 1.01
 # entry point that fits the deposits this many times better when read as cm is refused as such; near the origin,
 # where the two readings agree, neither wins.
 ENTRY_CM_FACTOR = 2.0
+# ... and where their deposits are: a median 14 mm from the centroid (18 mm for 50-100 MeV photons, which leave most
+# of their energy in one crystal), against 61 mm for cellIds counted from 0 (every deposit one crystal off: the
+# corner crystal, cellId 0 then, is never hit, so the range check passed) and 43 mm for entry points of zeros. Half
+# the 60 mm crystal pitch.
+ENTRY_CENTROID_MAX_MM = 30.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +220,7 @@ class G4Sample:
             raise G4SampleError(path, f"{name!r} gives {bad.size} photon(s) a true energy that is not finite and > 0 "
                                f"(the first {self.e_true[bad[0]] * 1e3:g} MeV, event {bad[0]})")
         self._check_units(path)
-        self._check_entry_units(path)
+        self._check_entry_points(path)
         norm = np.linalg.norm(self.direction, axis=1)
         bad = np.flatnonzero(~(np.abs(norm - 1) < 1e-3))  # (NaN too) the cluster matching takes cosines
         if bad.size:
@@ -256,9 +261,10 @@ class G4Sample:
                                f"{self.e_true[k] * 1e3:g} MeV): are the true energies in the order of the events' "
                                "deposits, and the deposits without beam background? (data/README.md)")
 
-    def _check_entry_units(self, path):
-        """array30's entry points in mm (ENTRY_CM_FACTOR): where the deposits' energy centroid says the photon
-        entered, on the crystals' front faces (spec/detector.md), against 'xy_mm' read as mm and as cm."""
+    def _check_entry_points(self, path):
+        """array30's entry points in mm (ENTRY_CM_FACTOR) and those of the events' deposits (ENTRY_CENTROID_MAX_MM):
+        where the deposits' energy centroid says the photon entered, on the crystals' front faces
+        (spec/detector.md), against 'xy_mm' read as mm and as cm."""
         if self.entry_xy_mm is None or self.detector != "array30":
             return
         geo = _core.Geometry.get(self.detector)
@@ -275,6 +281,11 @@ class G4Sample:
             raise G4SampleError(path, f"'xy_mm' puts the photons' entry points a median {as_mm:.3g} mm from the energy "
                                f"centroid of their deposits, {as_cm:.3g} mm if they were cm: are they in cm? The file "
                                "holds them in mm (data/README.md)")
+        if as_mm > ENTRY_CENTROID_MAX_MM:
+            raise G4SampleError(path, f"'xy_mm' puts the photons' entry points a median {as_mm:.3g} mm from the energy "
+                               f"centroid of their deposits, more than {ENTRY_CENTROID_MAX_MM:g} mm (half the crystal "
+                               "pitch): entry points of other events, or cellIds ('cell') counted from 0, not 1? "
+                               "(data/README.md)")
 
     def split(self):
         """(train, validation, test) event indices: test = the last TEST_FRACTION of the file."""
