@@ -1024,21 +1024,37 @@ def test_a_batch_message_names_its_producer_or_is_refused():
 
 def test_collector_keys_of_64_bit_exp_and_run_are_unique():
     """exp and run are 64 bits (the spec bounds only evt): the collector's duplicate keys must
-    keep every (exp, run, evt) apart, at the bounds too (run << 32 made run 2^32 of exp 0 collide
-    with exp 1)."""
+    keep every (exp, run, evt, detector) apart, at the bounds too (run << 32 made run 2^32 of exp 0 collide
+    with exp 1; an array30 event had the key of the belle2-ecl one of its numbers)."""
     from eclreco.hlt.collector import event_keys
 
     m = 2 ** 64 - 1
     ids = [(e, r, v) for e in (0, 1, 2 ** 32, m) for r in (0, 1, 2 ** 32, 202406011200, m) for v in (0, 1, 2 ** 32 - 1)]
     ids = sorted(set(ids) | {(e, r, v) for e in (0, 1, 2 ** 12 - 1, 2 ** 12) for r in (0, 2 ** 20 - 1, 2 ** 20)
                              for v in (0, 2 ** 32 - 1)})  # and each side of the int keys' bounds
-    exp, run, evt = (np.array(c, dtype=np.uint64) for c in zip(*ids))
-    keys = event_keys(exp, run, evt.astype(np.uint32))
+    ids = [(e, r, v, d) for e, r, v in ids for d in (0, 1, 255)]  # each of every detector (uint8 codes)
+    exp, run, evt, det = (np.array(c, dtype=np.uint64) for c in zip(*ids))
+    keys = event_keys(exp, run, evt.astype(np.uint32), det.astype(np.uint8))
     assert len(keys) == len(ids) and len(set(keys)) == len(ids)
     # an event's key does not depend on the others of its batch (int keys beside bytes keys)
-    assert [event_keys(exp[i:i + 1], run[i:i + 1], evt[i:i + 1])[0] for i in range(len(ids))] == keys
+    assert [event_keys(exp[i:i + 1], run[i:i + 1], evt[i:i + 1], det[i:i + 1])[0] for i in range(len(ids))] == keys
     # the key of what the batch stores: a stray message's int64 evt wraps to uint32 there
-    assert event_keys([0], [0], np.array([2 ** 32 + 5])) == event_keys([0], [0], [5])
+    assert event_keys([0], [0], np.array([2 ** 32 + 5]), [1]) == event_keys([0], [0], [5], [1])
+
+
+def test_farm_keeps_the_events_of_two_detectors_with_one_exp_run_evt(farm_factory):
+    """The collector's repeat check keyed on (exp, run, evt) without the detector: a farm fed a belle2-ecl and an
+    array30 stream, each numbered from 0 (two sources), dropped the second stream's events as repeated_keys, which
+    `hlt merge` (keyed on the detector too) keeps. A true repeat (same detector) is still dropped."""
+    farm = farm_factory(workers=1)
+    push_messages(farm.input, [envelope(v, det="belle2-ecl") for v in range(20)])
+    push_messages(farm.input, [envelope(v, det="array30") for v in range(20)] + [envelope(3, det="array30")])
+    farm.wait_confirmed(41)
+    reply = farm.command("stop")
+    assert reply["collector"]["repeated_keys_run"] == 1 and reply["collector"]["events_written"] == 40, reply
+    with uproot.open(farm.output) as f:
+        t = f["events"].arrays(["evt", "detector"], library="np")
+    assert sorted(zip(t["detector"].tolist(), t["evt"].tolist())) == [(d, v) for d in (0, 1) for v in range(20)]
 
 
 def test_collector_recent_keys_window_across_and_within_batches():

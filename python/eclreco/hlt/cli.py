@@ -96,7 +96,8 @@ def add_hlt_parser(subparsers):
     p.add_argument("--batch-size", type=BATCH_SIZE, default=1024, help="events per batch of the output path")
     p.add_argument("--max-latency", type=NON_NEGATIVE, default=2.0, help="ms to wait for more results after the first")
     p.add_argument("--dedup-window", type=POSITIVE_INT, default=1_000_000,
-                   help="events: a repeated (exp, run, evt) within this many events is dropped as a duplicate")
+                   help="events: a repeated (exp, run, evt) of a detector within this many events is dropped as a "
+                        "duplicate")
     p.add_argument("--flush-interval", type=NON_NEGATIVE, default=FLUSH_INTERVAL_S,
                    help="s: results are written to the ROOT file at least this often; only then are they SAVED "
                         "(until then the distributor keeps them for a replacement collector)")
@@ -135,7 +136,7 @@ def add_hlt_parser(subparsers):
     p.add_argument("--flush-interval", type=NON_NEGATIVE, default=FLUSH_INTERVAL_S,
                    help="s between writes of the collector's ROOT file")
     p.add_argument("--dedup-window", type=POSITIVE_INT, default=1_000_000,
-                   help="events over which the collector drops a repeated (exp, run, evt)")
+                   help="events over which the collector drops a repeated (exp, run, evt) of a detector")
     p.add_argument("--dqm-open-runs", type=POSITIVE_INT, default=DQM_OPEN_RUNS,
                    help="runs whose DQM histograms the collector keeps apart at once (one cycle per run; ROOT file "
                         "output)")

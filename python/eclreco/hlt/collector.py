@@ -28,22 +28,29 @@ from eclreco.hlt import protocol as P
 from eclreco.raw_sockets import attach
 
 
-def event_keys(exp, run, evt) -> list:
-    """One key per event, distinct for every (exp, run, evt) (exp and run are up to 64 bits, evt
-    32; a 64-bit key with exp << 48 made run 65536 of exp 0 collide with exp 1), built for a whole
-    batch in numpy: an int below 2^64 where exp < 2^12 and run < 2^20, the numbers a DAQ gives,
-    else 20 bytes, exp, run and evt big-endian. An int never equals a bytes object, and which form
-    an event gets follows from its own exp and run only."""
+def event_keys(exp, run, evt, detector) -> list:
+    """One key per event, distinct for every (exp, run, evt, detector) (exp and run are up to 64 bits, evt
+    32; a 64-bit key with exp << 48 made run 65536 of exp 0 collide with exp 1): the detector is part of an
+    event's identity, as in `hlt merge` (a copy has its event's detector; two streams, a belle2-ecl and an
+    array30 one, each numbered from 0, are not copies of each other). Built for a whole batch in numpy: an
+    int where exp < 2^12 and run < 2^20, the numbers a DAQ gives (below 2^64 for detector 0; another
+    detector's code above bit 64, one Python step per such event), else 21 bytes, exp, run, evt and detector
+    big-endian. An int never equals a bytes object, and which form an event gets follows from its own
+    exp and run only."""
     # the types of the EventBatch columns these fill (a stray message's wider evt wraps there too)
     exp = np.asarray(exp).astype(np.uint64)
     run = np.asarray(run).astype(np.uint64)
     evt = np.asarray(evt).astype(np.uint32).astype(np.uint64)
+    detector = np.asarray(detector).astype(np.uint8)
     keys = ((exp << np.uint64(52)) | (run << np.uint64(32)) | evt).tolist()
+    other = np.flatnonzero(detector)
+    for i, d in zip(other.tolist(), detector[other].tolist()):
+        keys[i] |= d << 64
     large = np.flatnonzero((exp >= 1 << 12) | (run >= 1 << 20))
     if len(large):
-        k = np.empty(len(large), dtype=[("exp", ">u8"), ("run", ">u8"), ("evt", ">u4")])
-        k["exp"], k["run"], k["evt"] = exp[large], run[large], evt[large]
-        for i, key in zip(large.tolist(), k.view("V20").tolist()):
+        k = np.empty(len(large), dtype=[("exp", ">u8"), ("run", ">u8"), ("evt", ">u4"), ("detector", "u1")])
+        k["exp"], k["run"], k["evt"], k["detector"] = exp[large], run[large], evt[large], detector[large]
+        for i, key in zip(large.tolist(), k.view("V21").tolist()):
             keys[i] = key
     return keys
 
@@ -69,7 +76,7 @@ def take_new(known: set, keys: list, remember=None) -> np.ndarray:
 
 
 class RecentKeys:
-    """The (exp, run, evt) keys of the last `window` events written: a repeat within the window is a
+    """The (exp, run, evt, detector) keys of the last `window` events written: a repeat within the window is a
     duplicate. Bounded, so that a collector can run for days (a set of every key of a long run
     would grow by ~60 bytes per event). Redeliveries inside the farm are caught by sequence id
     regardless of the window; this catches a source that sends an event twice. Keys are remembered
@@ -123,7 +130,7 @@ class CollectorLink:
         self.low = 0                   # every seq below was confirmed by the distributor
         self.seen: set[int] = set()    # seqs at or above `low` already written
         self.dedup_window = dedup_window
-        self.keys = RecentKeys(dedup_window)  # (exp, run, evt) of the recent events written (per run)
+        self.keys = RecentKeys(dedup_window)  # (exp, run, evt, detector) of the recent events written (per run)
         self.end_run = self.terminate = False
         self.run_index = 1
         self.ended_run_index = None
@@ -133,7 +140,7 @@ class CollectorLink:
         self.state = "idle"
         self.next_report = 0.0
         self.duplicates = 0      # events dropped as copies of ones already taken (over the process's life)
-        self.repeated_keys = 0   # of them, a new event whose (exp, run, evt) was taken (not a redelivered copy)
+        self.repeated_keys = 0   # of them, a new event whose (exp, run, evt, detector) was taken (not a redelivery)
         # First results of events of a distributor this collector was registered with before the one now (a
         # predecessor, restarted): below the new one's LOW, never taken here, and no distributor holds them any more:
         # the only copy, written and counted apart (they were dropped, first as duplicates). A copy is still caught
@@ -450,7 +457,7 @@ class HLTCollectorInput(Module):
                     orphan[old] = take_new(link.seen, m.seq[old].tolist())
                     keep |= orphan
             cand = np.flatnonzero(keep & ((m.meta["error_flags"] & eclreco.ERROR_REJECTED) == 0))
-            keys = event_keys(m.meta["exp"][cand], m.meta["run"][cand], m.meta["evt"][cand])
+            keys = event_keys(*(m.meta[c][cand] for c in ("exp", "run", "evt", "detector")))
             repeated = cand[~link.keys.add_new(keys)]
             keep[repeated] = False
             self._note_runs(m, cand[keep[cand]])
@@ -514,7 +521,7 @@ class HLTCollectorInput(Module):
 
     def dropped_in_run(self) -> dict:
         """This run's events dropped as duplicates: redelivered copies (a worker lost, a collector
-        replaced) and events whose (exp, run, evt) had been taken already (a producer that repeated
+        replaced) and events whose (exp, run, evt, detector) had been taken already (a producer that repeated
         one: the spec makes them unique in a stream; reco.py processes both: docs/wire-format.md says why); apart,
         the orphaned: first results of events of a distributor that died (this collector's earlier one)."""
         d0, r0, o0 = self._dropped_before
