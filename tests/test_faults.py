@@ -2008,10 +2008,11 @@ def test_the_farms_output_counts_the_errors_of_the_collectors_output_apart():
         farm.close()
 
 
-def failed_stop_with_leftovers(farm, n=100, saved=30, start_first=False):
+def failed_stop_with_leftovers(farm, n=100, saved=30, start_first=False, before_next=None):
     """Collector a confirms n events and saves `saved` of them; the stop's last write fails (its RUN_ENDED has
     output_error and, as the collector's, counts only the events it said SAVED) and a dies; b registers between the
-    runs for the rest (leftovers of run 1; start_first: after a START of run 2). Returns (seqs, control peer, b)."""
+    runs for the rest (leftovers of run 1; start_first: after a START of run 2, and before_next(control) is called
+    before b registers). Returns (seqs, control peer, b)."""
     from eclreco.hlt import protocol as P
 
     d = farm.d
@@ -2033,6 +2034,8 @@ def failed_stop_with_leftovers(farm, n=100, saved=30, start_first=False):
     if start_first:  # the operator starts run 2 before hlt run's replacement collector registers
         reply = P.unpack(farm.send(control, P.START)[-1][1])
         assert reply["run_index"] == 2 and reply["leftovers_of"] == 1 and not d.accepting_input(), reply
+        if before_next is not None:
+            before_next(control)
     t0 = time.monotonic()
     while True:  # b is taken once libzmq has seen a's connection go (a few ms)
         b = farm.peer()
@@ -2044,6 +2047,44 @@ def failed_stop_with_leftovers(farm, n=100, saved=30, start_first=False):
     assert replies[-1][2:] == [b"1", b"0"] and d.collector["leftovers_run"] == 1  # joins run 1, started
     assert len(d.events) == n - saved
     return seqs, control, b
+
+
+def test_a_run_whose_input_waits_for_a_failed_stops_leftovers_says_so_in_the_status():
+    """A START while a failed stop's leftovers wait for the next collector holds the new run's input until one has
+    written them; when none registers (hlt run's restarts spent, a collector service down) the run reads nothing for
+    ever, and only a line of the distributor's log and the START's reply said so: the status showed a running farm.
+    The status says what holds the input and since when (`input_waits`, `hlt status`'s distributor row, the gauge
+    eclreco_hlt_input_wait_seconds), until the leftovers are written."""
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import format_table
+
+    farm = InProcessFarm(heartbeat_timeout_s=30.0, stop_drain_s=0.0)
+    d = farm.d
+
+    def input_waits(control):
+        status = P.unpack(farm.send(control, P.STATUS)[-1][1])
+        gauge = next(f for f in d.metrics_families() if f.name == "eclreco_hlt_input_wait_seconds").samples[0].value
+        return status["processes"][0]["input_waits"], format_table(status), gauge
+
+    def no_collector(control):
+        d.run_started_at -= 5  # the run started 5 s ago and has read nothing since
+        wait, table, gauge = input_waits(control)
+        assert wait is not None and wait["leftovers_of"] == 1 and wait["events"] == 70, wait
+        assert not wait["collector_writing"] and 5 <= wait["waited_s"] <= gauge < 30, (wait, gauge)
+        assert "input held 5 s: 70 events of run 1 wait for a collector to register" in table, table
+
+    try:
+        assert d.own_status()["input_waits"] is None
+        seqs, control, b = failed_stop_with_leftovers(farm, start_first=True, before_next=no_collector)
+        wait, table, _ = input_waits(control)  # b registered: it writes them
+        assert wait["collector_writing"] and "70 events of run 1 being written" in table, (wait, table)
+        d.pending.clear()  # (no worker here to take the ids off the queue)
+        farm.send(b, P.CONFIRM, P.seqs_to_bytes(seqs[30:]))
+        d.housekeeping(time.monotonic())
+        wait, table, gauge = input_waits(control)
+        assert wait is None and gauge == 0 and "input held" not in table and d.accepting_input(), (wait, table)
+    finally:
+        farm.close()
 
 
 def test_a_terminate_during_the_leftovers_of_a_failed_stop_counts_what_it_gives_up():

@@ -128,6 +128,9 @@ def format_table(st: dict) -> str:
             in_flight = p.get("held", 0)
             extra = (f"workers {p.get('workers_alive', 0)} restarted {p.get('workers_restarted', 0)} "
                      f"p50 {ms(p.get('latency_p50_s'), 1)} p99 {ms(p.get('latency_p99_s'), 1)}")
+            if wait := p.get("input_waits"):  # the run reads nothing until the ended run's leftovers are written
+                extra += (f" input held {wait['waited_s']:.0f} s: {wait['events']} events of run {wait['leftovers_of']} "
+                          + ("being written" if wait["collector_writing"] else "wait for a collector to register"))
         elif role == "worker":
             # the run's counts, as the collector's row (events_received: since the worker started)
             received, processed, rejected = p.get("received", 0), p.get("processed", 0), p.get("rejected", 0)

@@ -229,6 +229,7 @@ class Distributor:
         # failed, or it died at the stop): that run's index. The next collector joins that run for them, and the new
         # run reads no input until they are written (the collector joined the new run and wrote them to its file).
         self.leftovers_waiting: int | None = None
+        self.run_started_at = time.monotonic()  # of the run now (its input waits from here for leftovers)
 
     # ---------------------------------------------------------------- main loop
     def serve(self):
@@ -272,12 +273,31 @@ class Distributor:
     def accepting_input(self) -> bool:
         if self.state == "stopped" or (self.state == "stopping" and self.stop_drain_over()):
             return False
-        if self.leftovers_waiting is not None or (self.collector is not None and self.collector.get("leftovers")):
+        if self.input_waits_for_leftovers() is not None:
             return False  # the next run's events wait until the collector's file of the ended run has its leftovers
         if self.drop_when_busy:
             return True
         return (len(self.pending) < self.queue_size and len(self.events) + len(self.unsaved) < self.max_held
                 and not self.held_bytes_full())
+
+    def input_waits_for_leftovers(self) -> int | None:
+        """The index of the ended run whose leftovers (events its collector could not write: a failed stop) hold the
+        input of the next run until a collector has written them (leftovers_waiting: none has registered yet; or the
+        registered one writes them); None when nothing holds it."""
+        if self.leftovers_waiting is not None:
+            return self.leftovers_waiting
+        c = self.collector
+        return c.get("leftovers_run") if c is not None and c.get("leftovers") else None
+
+    def input_wait(self, now: float) -> dict | None:
+        """What holds the run's input, for the status and `hlt status` (a wait with no collector lasts until one
+        registers: hlt run's restarts spent, a collector service down; only a log line and the START's reply said
+        so); None when the input is not held for leftovers."""
+        run = self.input_waits_for_leftovers()
+        if run is None or self.state == "stopped":
+            return None
+        return {"leftovers_of": run, "events": len(self.events) + len(self.unsaved),
+                "collector_writing": self.leftovers_waiting is None, "waited_s": round(now - self.run_started_at, 3)}
 
     def held_bytes_full(self) -> bool:
         """max_held_bytes reached: the input is read no further (the message that reached it was taken)."""
@@ -576,10 +596,9 @@ class Distributor:
                     # replaced in this run was not listed in replaced_collectors)
                     c.update(saved=0, written=None, run_ended=None, between_runs=failed or self.collector_silent(now))
                 self.state = "running"
+                self.run_started_at = now
                 print(f"[distributor] run {self.run_index} started", flush=True)
-            c = self.collector
-            waits = self.leftovers_waiting if self.leftovers_waiting is not None else (
-                c.get("leftovers_run") if c is not None and c.get("leftovers") else None)
+            waits = self.input_waits_for_leftovers()
             self._send(self.ctl, ident, P.OK, P.pack({"state": self.state, "run_index": self.run_index,
                                                       "collector_alive": not self.collector_silent(now),
                                                       "already": already, "leftovers_of": waits}))
@@ -1018,6 +1037,7 @@ class Distributor:
             "latency_p50_s": self.latency.quantile(0.5), "latency_p99_s": self.latency.quantile(0.99),
             "throughput_hz": self.c["confirmed"] / wall if wall > 0 else 0.0,
             "output": dict(self.output),
+            "input_waits": self.input_wait(time.monotonic()),
             "metrics_port": getattr(self, "metrics_port", 0),
         }
 
@@ -1105,6 +1125,10 @@ class Distributor:
         yield gauge("eclreco_hlt_worker_credit", "Events the workers can take now",
                     sum(w.credit for w in list(self.workers.values())))
         yield gauge("eclreco_hlt_run_index", "Run of the farm (1, 2, ... after each start)", self.run_index)
+        wait = self.input_wait(time.monotonic())
+        yield gauge("eclreco_hlt_input_wait_seconds", "How long the run's input has been held for the events of "
+                    "the run before that its collector could not write, until a collector writes them (0: not held)",
+                    wait["waited_s"] if wait else 0.0)
         h = HistogramMetricFamily("eclreco_hlt_event_latency_seconds",
                                   "Event latency from distributor receipt to collector confirmation")
         buckets, total = self.latency.buckets()
