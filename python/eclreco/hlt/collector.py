@@ -630,12 +630,6 @@ def root_output_options_unused(args, options=("--flush-interval", "--dqm-open-ru
             "the workers made them")
 
 
-def collector_output_servers(args) -> tuple[str, ...]:
-    """The CURVE key names of what the collector's output connects to: reco (steering/reco.py -i), for a tcp://
-    output it does not bind."""
-    return ("reco",) if args.output.startswith("tcp://") and not getattr(args, "output_bind", False) else ()
-
-
 def output_filename(template: str, run_index: int) -> str:
     """The output file of run `run_index`: {run_index} replaced, else _runN after the first run's. Replaced
     as text, not by str.format: any other brace in a file name ({date}, a '{' alone) is part of the name."""
@@ -694,7 +688,7 @@ def main(args) -> int:
         raise ValueError(f"--output-bind binds a tcp:// output: --output {args.output!r} is a ROOT file")
     if why := root_output_options_unused(args):  # and these ignored with a tcp:// one
         raise ValueError(why)
-    if why := curve_option_error(args, "collector", ("distributor",) + collector_output_servers(args)):
+    if why := curve_option_error(args, "collector", P.curve_servers("collector", args)):
         raise ValueError(why)
     if why := metrics_host_unused(args):
         raise ValueError(why)

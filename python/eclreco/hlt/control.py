@@ -156,7 +156,7 @@ def format_table(st: dict) -> str:
 
 
 def status_main(args) -> int:
-    if why := curve_option_error(args, "control", ("distributor",)):
+    if why := curve_option_error(args, "control", P.curve_servers("control", args)):
         raise ValueError(why)  # a bad option: one line, exit 2 (cli.main); a farm that does not answer: 1
     while True:
         try:
@@ -178,7 +178,7 @@ def status_main(args) -> int:
 
 def control_main(args) -> int:
     cmd = {"stop": P.STOP, "start": P.START, "terminate": P.TERMINATE}[args.action]
-    if why := curve_option_error(args, "control", ("distributor",)):
+    if why := curve_option_error(args, "control", P.curve_servers("control", args)):
         raise ValueError(why)
     curve = Curve.from_args(args, "control")
     try:

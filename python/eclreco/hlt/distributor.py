@@ -1137,7 +1137,7 @@ class Distributor:
 
 
 def main(args) -> int:
-    if why := curve_option_error(args, "distributor", ("daq",) if args.input_connect else ()):
+    if why := curve_option_error(args, "distributor", P.curve_servers("distributor", args)):
         raise ValueError(why)  # a bad option: one line, exit 2 (cli.main), before any socket
     if why := metrics_host_unused(args):
         raise ValueError(why)

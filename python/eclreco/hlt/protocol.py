@@ -36,6 +36,25 @@ OK = b"OK"
 ERR = b"ERR"
 FINAL = b"FINAL"        # distributor -> supervisors: final statistics, just before exiting
 
+# the roles of `hlt run` (each with its own key of --curve-dir, by its role name) and whom their sockets connect to
+CURVE_ROLES = ("control", "distributor", "collector", "worker")
+
+
+def curve_servers(role: str, args) -> tuple[str, ...]:
+    """The CURVE key names of the parties a farm role's sockets connect to (curve_option_error checks their public
+    keys before any socket): the one list for the role's own command and for hlt run, which checks every role it
+    starts with its own options. args: the role's options (hlt run's for all of them)."""
+    if role == "control":
+        return ("distributor",)
+    if role == "distributor":  # --input-connect: its input connects to a DAQ that binds
+        return ("daq",) if args.input_connect else ()
+    if role == "worker":
+        return ("distributor", "collector")
+    if role == "collector":  # and reco (steering/reco.py -i) for a tcp:// output it does not bind
+        output = ("reco",) if args.output.startswith("tcp://") and not getattr(args, "output_bind", False) else ()
+        return ("distributor",) + output
+    raise ValueError(f"unknown farm role {role!r} (one of {', '.join(CURVE_ROLES)})")
+
 
 def pack(obj) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)

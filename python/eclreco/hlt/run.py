@@ -531,16 +531,11 @@ def main(args) -> int:
     except ValueError as err:
         refuse(str(err))
     # its own key (control), and those the roles it starts take from --curve-dir by their names
-    from eclreco.hlt.collector import collector_output_servers
-
     if why := roles_key_options_error(args):
         refuse(why)
-
-    for role, own, servers in (("control", args, ("distributor",)),
-                               ("distributor", None, ("daq",) if args.input_connect else ()),
-                               ("collector", None, ("distributor",) + collector_output_servers(args)),
-                               ("worker", None, ("distributor", "collector"))):
-        if why := curve_option_error(own or argparse.Namespace(curve_dir=args.curve_dir), role, servers):
+    for role in P.CURVE_ROLES:
+        own = args if role == "control" else argparse.Namespace(curve_dir=args.curve_dir)
+        if why := curve_option_error(own, role, P.curve_servers(role, args)):
             refuse(why)
     # last, after every check of the options: a farm already on the host holds the default addresses, and its
     # "another process listens there" hid the option error the operator had to fix first

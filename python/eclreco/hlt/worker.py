@@ -335,7 +335,7 @@ def start_worker(args, build_reconstruction) -> int:
         refuse(why)
     from eclreco.curve import curve_option_error
 
-    if why := curve_option_error(args, "worker", ("distributor", "collector")):
+    if why := curve_option_error(args, "worker", P.curve_servers("worker", args)):
         refuse(why)
     if hasattr(args, "metrics_host") and (why := metrics_host_unused(args)):  # (a steering file's may have none)
         refuse(why)
