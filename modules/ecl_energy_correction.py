@@ -23,6 +23,8 @@ arrived with: the belle2-ecl network, trained on photons, raised in-time beam-ba
 """
 from __future__ import annotations
 
+import collections
+import hashlib
 import os
 import threading
 import time
@@ -52,27 +54,51 @@ class ModelError(RuntimeError):
     """A missing or incompatible ONNX model."""
 
 
+# The sessions made in this process, by (SHA-256 of the model's bytes, intra-op threads), the last few: a --model
+# was loaded twice at a job's start, by the check of its option (reconstruction.chain_file_error) and by the
+# chain's initialize, and an HLT worker loaded its models again at every run. Same bytes and options, same
+# session (onnxruntime's run is thread-safe); a file replaced on disk has other bytes and gets its own.
+_SESSIONS: collections.OrderedDict = collections.OrderedDict()
+_SESSIONS_KEPT = 4  # the two shipped models and a --model, with room for one more
+_SESSIONS_LOCK = threading.Lock()
+
+
+def _session_of(model_bytes: bytes, digest: str, threads: int):
+    """The onnxruntime session of these model bytes with `threads` intra-op threads: made once (_SESSIONS)."""
+    import onnxruntime as ort
+
+    key = (digest, int(threads))
+    with _SESSIONS_LOCK:  # (paths initialized on two threads at once)
+        sess = _SESSIONS.get(key)
+        if sess is None:
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = int(threads)
+            so.inter_op_num_threads = 1
+            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+            _SESSIONS[key] = sess
+            while len(_SESSIONS) > _SESSIONS_KEPT:
+                _SESSIONS.popitem(last=False)
+        _SESSIONS.move_to_end(key)
+        return sess
+
+
 def load_session(path: str, threads: int = 1, expected_detector: str | None = None,
                  image_size: int | None = None, n_features: int | None = None):
     """An onnxruntime session of a checked energy-correction model: (session, metadata dict). The
     metadata's `file` is {path, sha256} of the bytes the session was made from (the file is read
-    once: a model replaced on disk meanwhile cannot be recorded under the wrong digest)."""
-    import hashlib
-
-    import onnxruntime as ort
-
+    once: a model replaced on disk meanwhile cannot be recorded under the wrong digest). A session
+    of the same bytes and threads made before in the process is reused (_SESSIONS); the checks run
+    every time."""
     if not path or not os.path.exists(path):
         raise ModelError(f"ECLEnergyCorrection: model file {path!r} does not exist")
     if not os.path.isfile(path):
         raise ModelError(f"ECLEnergyCorrection: model {path!r} is not a file")
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = int(threads)
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     try:
         with open(path, "rb") as f:
             model_bytes = f.read()
-        sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+        digest = hashlib.sha256(model_bytes).hexdigest()
+        sess = _session_of(model_bytes, digest, threads)
     except Exception as err:  # onnxruntime raises its own exception types
         raise ModelError(f"ECLEnergyCorrection: cannot load model {path!r}: {err}") from err
     inputs = {i.name: i for i in sess.get_inputs()}
@@ -115,7 +141,7 @@ def load_session(path: str, threads: int = 1, expected_detector: str | None = No
         raise ModelError(f"ECLEnergyCorrection: model {path!r} expects {feat[1]} features, its metadata lists "
                          f"{n_features + len(extra)} ({names})")
     meta["extra_features"] = tuple(extra)
-    meta["file"] = {"path": os.path.abspath(path), "sha256": hashlib.sha256(model_bytes).hexdigest()}
+    meta["file"] = {"path": os.path.abspath(path), "sha256": digest}
     return sess, meta
 
 

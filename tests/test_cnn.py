@@ -1542,3 +1542,51 @@ def test_a_cluster_collection_without_a_column_the_cnn_reads_ends_the_job_at_its
     with pytest.raises(RuntimeError, match=r"reads the columns energy_raw, energy, image, features of the "
                                            r"collection 'ECLClusters', which has no 'image', 'features'"):
         eclreco.process(path, batch_size=100, install_signal_handlers=False)
+
+
+def test_a_model_is_loaded_once_by_the_option_check_and_the_chain(tmp_path, monkeypatch):
+    """reco.py and the HLT worker check --model before the job (reconstruction.chain_file_error initializes an
+    ECLEnergyCorrection with it), then the chain's ECLEnergyCorrection initializes with it again: two onnxruntime
+    sessions of one file at the start, and a worker made one more at every run. One session per model bytes and
+    threads now; a file replaced on disk (other bytes) and other threads get their own. Counted with the real
+    onnxruntime: each InferenceSession made goes through the counting subclass."""
+    import argparse
+
+    import onnx
+    import onnxruntime
+
+    from eclreco.reconstruction import add_reconstruction, chain_file_error
+
+    def model_file(name, tag):  # the shipped model's graph in bytes no other test loaded
+        m = onnx.load(_shipped("array30"))
+        e = m.metadata_props.add()
+        e.key, e.value = "test_tag", f"{tmp_path} {tag}"
+        onnx.save(m, str(tmp_path / name))
+        return str(tmp_path / name)
+
+    made = []
+
+    class CountingSession(onnxruntime.InferenceSession):
+        def __init__(self, *args, **kwargs):
+            made.append(kwargs.get("providers"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", CountingSession)
+    model = model_file("m.onnx", 1)
+    assert chain_file_error(argparse.Namespace(conditions="", model=model)) == ""
+    assert len(made) == 1
+    path = eclreco.create_path()
+    path.add_module("SimulationInput", events=20, detector="array30", particle="gamma", energy=1.0, seed=3)
+    add_reconstruction(path, model=model, detector="array30")
+    for _ in range(2):  # two runs, as a worker's
+        eclreco.process(path, batch_size=8)
+        assert eclreco.statistics.summary()["processed"] == 20
+    assert len(made) == 1, made  # the check's session served both runs (it was 3)
+    model_file("m.onnx", 2)  # replaced on disk: other bytes, loaded again
+    eclreco.process(path, batch_size=8)
+    assert len(made) == 2, made
+    mod = eclreco.create_module("ECLEnergyCorrection")
+    mod.set_param("model", model)
+    mod.set_param("threads", 2)  # other session options: a session of its own
+    mod.initialize()
+    assert len(made) == 3, made
