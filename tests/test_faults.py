@@ -234,15 +234,63 @@ def test_a_stop_whose_last_write_fails_names_the_error_and_the_kept_file(farm_fa
 
 
 def assert_output_adds_up(line: str):
-    """The farm's output line counts each event once: written + rejected + module errors + discarded = received
-    (module errors here: events an output raised on, in no file; a chain's flagged events are written too)."""
+    """The farm's output line counts each event once: written + rejected + module errors in the collector's output
+    + discarded = received (those are the events an output raised on, in no file; the events a chain's module
+    failed on are written, flagged, and were counted twice)."""
     import re
 
     m = re.search(r"output: (\d+) events written in \d+ farm run\(s\) of (\d+) received; rejected (\d+), module "
-                  r"errors (\d+).*?, discarded (\d+)", line)
+                  r"errors (\d+)(?: \((\d+) of them in the collector's output)?.*?, discarded (\d+)", line)
     assert m, line
-    written, received, rejected, errors, discarded = map(int, m.groups())
-    assert written + rejected + errors + discarded == received, line
+    written, received, rejected, errors, in_output, discarded = (int(x or 0) for x in m.groups())
+    assert in_output <= errors and written + rejected + in_output + discarded == received, line
+
+
+FAILING_WORKER = '''
+import sys
+import numpy as np
+import eclreco
+from eclreco.hlt.worker import add_chosen_reconstruction, add_worker_arguments, start_worker
+
+class FailOnSome(eclreco.Module):
+    """Raises on a batch with an event whose evt ends in 3: re-run event by event, only those fail."""
+    def event(self, batch):
+        if (np.asarray(batch.evt)[batch.active()] % 10 == 3).any():
+            raise RuntimeError("injected failure")
+
+def main():
+    import argparse
+    ap = argparse.ArgumentParser()
+    add_worker_arguments(ap)
+    args = ap.parse_args()
+    return start_worker(args, lambda path: (add_chosen_reconstruction(path, args), path.add_module(FailOnSome())))
+
+sys.exit(main())
+'''
+
+
+def test_the_output_line_adds_up_when_a_workers_module_fails_on_some_events(farm_factory, tmp_path):
+    """A worker's module raises on 20 of 200 events: they are written with their error flags (RootOutput keeps
+    every event neither rejected nor discarded), and the output line's "written + rejected + module errors +
+    discarded = received" counted them twice (240 of 220). The sum takes the module errors that kept an event
+    out of the file (the collector's output's), and the line says that the others are written."""
+    import eclreco
+    from hlt_helpers import push_messages
+
+    steering = tmp_path / "failing_worker.py"
+    steering.write_text(FAILING_WORKER)
+    farm = farm_factory(workers=1, extra=("--worker-steering", str(steering)))
+    push_messages(farm.input, [envelope(k) for k in range(200)] + [b"\xc1"] * 20)  # (20 rejected: not msgpack)
+    farm.wait_confirmed(220)
+    farm.command("terminate")
+    rc, log = farm.wait_exit()
+    with uproot.open(farm.output) as f:
+        flags = f["events"]["error_flags"].array(library="np")
+    assert len(flags) == 200 and ((flags & eclreco.ERROR_MODULE) != 0).sum() == 20, log
+    line = next(x for x in log.splitlines() if x.startswith("[hlt run] output: "))
+    assert line.startswith("[hlt run] output: 200 events written in 1 farm run(s) of 220 received; rejected 20, "
+                           "module errors 20 (written with their error flags), discarded 0"), line
+    assert_output_adds_up(line)
 
 
 def test_the_events_a_failed_stop_left_unsaved_go_to_a_file_of_their_run(farm_factory, tmp_path):

@@ -1494,7 +1494,8 @@ def test_the_farm_reports_the_first_module_error_of_its_workers(farm_factory, tm
     farm.command("terminate")
     rc, log = farm.wait_exit()
     assert rc == 1, log
-    assert f"module errors {n}, discarded 0 (first error: ECLEnergyCorrection raised on exp 0 run 1 evt " in log, log
+    assert (f"module errors {n} (written with their error flags), discarded 0 (first error: ECLEnergyCorrection "
+            "raised on exp 0 run 1 evt ") in log, log
     # and the file: its events are written with their error_flags, its metadata says why (it said how many)
     with uproot.open(farm.output) as f:
         meta = json.loads(str(f["metadata"]))

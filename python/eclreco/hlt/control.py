@@ -45,9 +45,15 @@ def output_line(d: dict) -> str:
             f"{o.get('received', 0)} received")
     if o.get("received_before"):  # a collector that outlived the previous distributor counts the whole run
         line += f" ({o['received_before']} of them before this distributor took the collector)"
-    line += (f"; rejected {o.get('rejected', 0)}, module errors {o.get('errors', 0)}"
-             + (f" ({o['errors_in_outputs']} of them in the collector's output: events it raised on, e.g. after "
-                f"its write failed)" if o.get("errors_in_outputs") else "")
+    # A module error of the chain flags its event, which is written all the same (or discarded by a filter); only
+    # the events the collector's output raised on are in no file: written + rejected + those + discarded = received.
+    errors, in_output = o.get("errors", 0), o.get("errors_in_outputs", 0)
+    notes = []
+    if in_output:
+        notes.append(f"{in_output} of them in the collector's output: events it raised on, e.g. after its write failed")
+    if errors > in_output:
+        notes.append(f"{'the others ' if in_output else ''}written with their error flags")
+    line += (f"; rejected {o.get('rejected', 0)}, module errors {errors}" + (f" ({'; '.join(notes)})" if notes else "")
              + f", discarded {o.get('discarded', 0)}")
     if o.get("left_collectors"):  # stopped (SIGINT/SIGTERM) in a run that went on: their reports are counted
         files = ", ".join(f for f in o.get("left_files", []) if f) or "-"
