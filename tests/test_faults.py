@@ -187,10 +187,56 @@ def test_a_collector_that_cannot_write_its_file_keeps_its_events_and_the_report_
              f"written before it are kept in '{kept}' (readable, incomplete)")
     assert f"[collector] error: {error}" in log, log
     line = next(x for x in log.splitlines() if x.startswith("[hlt run] output: "))
-    # its count is what the kept file holds (its last SAVED), and the line names that file and why
-    assert f"; {len(in_kept)} more saved by 1 replaced collector(s) in their own file(s): {kept}; 1 collector(s) " \
-           f"could not write their file: {error}" in line, line
+    # its report counts what the kept file holds (its last SAVED), and the line names that file and why
+    assert f"; {len(in_kept)} of them by 1 collector(s) whose write failed in the middle of a run, in their own " \
+           f"file(s): {kept}; 1 collector(s) could not write their file: {error}" in line, line
+    assert_output_adds_up(line)
     assert "eclreco_hlt_collector_output_errors_total 1.0" in metrics, metrics
+
+
+def test_a_collector_whose_write_fails_in_the_middle_of_a_run_reports_what_it_saved(farm_factory, tmp_path):
+    """A collector whose write fails in the middle of a run (not at the stop) sent no RUN_ENDED: the 100 events
+    the workers rejected, which it had received and said SAVED before the failure (the distributor forgot them),
+    were in no count ("... of 5000 received; rejected 0"). It now reports what it saved, counted as the report
+    of a collector that left the run: the line counts every event once and names its kept file, the stop's reply
+    lists it."""
+    import resource
+    import threading
+
+    from hlt_helpers import push_messages
+
+    farm = farm_factory(workers=1)
+    push_messages(farm.input, [envelope(k) for k in range(1000)] + [b"\xc1"] * 100)  # (100 rejected: not msgpack)
+    farm.wait_confirmed(1100)
+    while farm.distributor()["unsaved"]:  # every one said SAVED
+        time.sleep(0.1)
+    first = farm.process("collector")["pid"]
+    limit = os.path.getsize(farm.output) + 20_000  # ~2000 more events
+    resource.prlimit(first, resource.RLIMIT_FSIZE, (limit, limit))
+    n = 6000
+    feed = threading.Thread(target=lambda: push_events(farm.input, range(1000, n), rate_hz=3000, timeout_s=60),
+                            daemon=True)
+    feed.start()
+    t0 = time.monotonic()
+    while (c := farm.process("collector"))["pid"] == first or c["state"] == "silent":  # the new one registered
+        assert time.monotonic() - t0 < 60, farm.logtext()
+        time.sleep(0.2)
+    feed.join(60)
+    farm.wait_confirmed(n + 100)
+    reply = farm.command("stop")
+    final = farm.command("terminate")["processes"][0]
+    rc, log = farm.wait_exit()
+    kept = farm.output + ".incomplete"
+    assert rc == 0 and final["lost_at_stop"] == 0, log
+    in_kept = len(read_evt(kept)[0])
+    assert [(r["output"], r["saved"]) for r in reply["replaced_collectors"]] == [(kept, in_kept)], reply
+    assert final["output"]["output_errors"] == [reply["replaced_collectors"][0]["error"]], final
+    line = next(x for x in log.splitlines() if x.startswith("[hlt run] output: "))
+    assert line.startswith(f"[hlt run] output: {n} events written in 1 farm run(s) of {n + 100} received; "
+                           "rejected 100,"), line
+    assert f"; {in_kept} of them by 1 collector(s) whose write failed in the middle of a run, in their own " \
+           f"file(s): {kept}; 1 collector(s) could not write their file: " in line, line
+    assert_output_adds_up(line)
 
 
 def test_a_stop_whose_last_write_fails_names_the_error_and_the_kept_file(farm_factory, tmp_path):

@@ -559,23 +559,21 @@ def _output_failed(link: CollectorLink, out) -> int:
     """RootOutput could not write its file (disk full, file-size limit, I/O error): this collector can save
     nothing more. Its file keeps what was written (RootOutput: NAME.incomplete), and the distributor has
     forgotten the events it was told SAVED for: SAVED now for every batch in the file (with its count), and a
-    report that names the kept file and the error, so that the farm's report lists them (as a replaced
-    collector's, or at the terminate an unreported one's); the events not in the file stay at the
-    distributor for the next collector. When the distributor had ended the run (the last write, at the
-    close, failed), the report is the run's RUN_ENDED too: the stop's reply names the error and the kept
-    file (it said that the collector did not report the run's end within 30 s, the error only in
-    replaced_collectors); its counts are those of the events it said SAVED. Exit 1 (hlt run restarts it, within
-    --collector-restarts)."""
+    RUN_ENDED that names the kept file and the error; the events not in the file stay at the distributor for
+    the next collector. Its counts are those of the events it said SAVED: the others go to the next collector,
+    whose report counts them (they were counted by both: received, rejected and discarded twice). When the
+    distributor had ended the run (the last write, at the close, failed), it is the run's report: the stop's
+    reply names the error and the kept file (it said that the collector did not report the run's end within
+    30 s, the error only in replaced_collectors). In the middle of the run the distributor counts it as a
+    collector's that left the run (it sent none: the rejected and discarded events it had saved were counted
+    nowhere). Exit 1 (hlt run restarts it, within --collector-restarts)."""
     link.release_saved(out)
     link.filename = out.kept_file
     link.output_error = out.write_error
     link.report()
-    if link.end_run:
-        # the counts of the events it said SAVED only: the others go to the next collector, whose report counts them
-        # (they were counted by both: received, rejected and discarded twice)
-        report = run_report(link, link.ended_run_index or link.run_index, out.kept_file,
-                            out.events_written_run if out.kept_file else 0, link.saved_counts)
-        link.run_ended({**report, "output_error": out.write_error})
+    report = run_report(link, (link.ended_run_index if link.end_run else None) or link.run_index, out.kept_file,
+                        out.events_written_run if out.kept_file else 0, link.saved_counts)
+    link.run_ended({**report, "output_error": out.write_error})
     print(f"[collector] error: {out.write_error}; the distributor keeps the events not in it for the next collector",
           file=sys.stderr, flush=True)
     return 1

@@ -59,6 +59,10 @@ def output_line(d: dict) -> str:
         files = ", ".join(f for f in o.get("left_files", []) if f) or "-"
         line += (f"; {o.get('written_by_left', 0)} of them by {o['left_collectors']} collector(s) stopped in the "
                  f"middle of a run, in their own file(s): {files}")
+    if o.get("failed_collectors"):  # their write failed in the middle of a run: reports of what they saved
+        files = ", ".join(f for f in o.get("failed_files", []) if f) or "-"
+        line += (f"; {o.get('written_by_failed', 0)} of them by {o['failed_collectors']} collector(s) whose write "
+                 f"failed in the middle of a run, in their own file(s): {files}")
     if o.get("replaced_collectors"):
         files = ", ".join(f for f in o.get("replaced_files", []) if f) or "-"
         line += (f"; {o.get('saved_by_replaced', 0)} more saved by {o['replaced_collectors']} replaced "

@@ -220,6 +220,7 @@ class Distributor:
                        "discarded": 0, "rejected": 0, "rejected_by_reason": {}, "first_error": "", "duplicates": 0, "repeated_keys": 0,
                        "orphaned": 0, "received_before": 0, "replaced_collectors": 0, "saved_by_replaced": 0, "replaced_files": [],
                        "left_collectors": 0, "written_by_left": 0, "left_files": [],
+                       "failed_collectors": 0, "written_by_failed": 0, "failed_files": [],
                        "unreported_collectors": 0, "saved_by_unreported": 0, "unreported_files": [],
                        "output_errors": []}
         self.output_run = 0  # the run index whose events the output counts last (a run is counted once)
@@ -555,6 +556,11 @@ class Distributor:
                 run = self.collector.get("leftovers_run")
                 if run is not None and info.get("run_index") == run:  # the leftovers' run, ended by housekeeping
                     self.collector["leftovers_run"] = None
+                    if self.collector.get("leftovers"):  # its write failed before their END_RUN: the next one's
+                        self.collector["left"] = True
+                        self.leftovers_waiting = run
+                        self.add_run_report(info, left=True, run_index=run)
+                        return
                     # (after a START it is no report of the run now, also once that run has stopped: the stop's reply
                     # gave run N's leftovers as run N+1's report)
                     if self.state == "stopped" and run == self.run_index:
@@ -562,7 +568,9 @@ class Distributor:
                     self.add_run_report(info, run_index=run)
                     return
                 self.collector["run_ended"] = info
-                left = self.state == "running"  # no END_RUN asked for it: the collector left the run (SIGINT/SIGTERM)
+                # no END_RUN asked for it: the collector left the run (SIGINT/SIGTERM), or its write failed before the
+                # run's end (the END_RUN goes out as the state becomes stopped; the next collector writes the rest)
+                left = self.state == "running" or (bool(info.get("output_error")) and self.state != "stopped")
                 self.collector["left"] = left
                 self.add_run_report(info, left=left)
         elif cmd == P.STOP:
@@ -860,13 +868,14 @@ class Distributor:
         for w in self.workers.values():
             w.assigned.clear()
 
-    def note_collector_file(self, status: dict, output, saved: int, keys: tuple[str, str, str]):
+    def note_collector_file(self, status: dict, output, saved: int, keys: tuple[str, str, str], error: str = ""):
         """A collector other than the one that reports the run's end holds part of the run in its file:
         listed in the stop's reply (replaced_run) and counted in `output` under keys (collectors, events,
-        files: at most 20 names)."""
+        files: at most 20 names). error: why it could not write its file (default: its last status's)."""
         rec = {"pid": status.get("pid"), "host": status.get("host"), "output": str(output or ""), "saved": saved}
-        if status.get("output_error"):  # it could not write its file (a full disk): its error says what it kept
-            rec["error"] = str(status["output_error"])
+        error = error or status.get("output_error")
+        if error:  # it could not write its file (a full disk): its error says what it kept
+            rec["error"] = str(error)
             self.count_output_error(rec["error"])
         self.replaced_run.append(rec)
         n, events, files = keys
@@ -892,10 +901,13 @@ class Distributor:
         if info.get("received", 0) and self.output_run != run:
             o["runs"] += 1
             self.output_run = run
+        error = str(info.get("output_error") or "")
         if left:
             st = self.collector["status"]
+            keys = (("failed_collectors", "written_by_failed", "failed_files") if error else
+                    ("left_collectors", "written_by_left", "left_files"))
             self.note_collector_file(st, info.get("filename") or st.get("output"), int(info.get("events_written", 0) or 0),
-                                     ("left_collectors", "written_by_left", "left_files"))
+                                     keys, error)
         counts = {k: int(info.get(k, 0) or 0)
                   for k in ("received", "events_written", "errors", "errors_in_outputs", "discarded", "rejected")}
         # (a report with output_error counts the events its collector said SAVED only: the rest were handed on)
@@ -907,8 +919,8 @@ class Distributor:
         for reason, n in (reasons.items() if isinstance(reasons, dict) else ()):
             o["rejected_by_reason"][str(reason)] = o["rejected_by_reason"].get(str(reason), 0) + int(n)
         o["first_error"] = o["first_error"] or str(info.get("first_error", ""))
-        if info.get("output_error"):  # its file could not be written at the run's end (it names the kept file)
-            self.count_output_error(str(info["output_error"]))
+        if error and not left:  # its file could not be written at the run's end (it names the kept file)
+            self.count_output_error(error)
 
     def run_reported(self, now: float) -> bool:
         """The collector's RUN_ENDED for the stopped run is in (what it wrote and what failed there: the
