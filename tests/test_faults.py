@@ -2181,6 +2181,34 @@ def test_a_run_whose_input_waits_for_a_failed_stops_leftovers_says_so_in_the_sta
         farm.close()
 
 
+def test_the_start_after_a_failed_stop_does_not_call_the_failed_collector_alive():
+    """A START just after a stop whose last write failed: the reply said "collector_alive": true for the
+    collector that had reported its error and was exiting (heard from within the heartbeat time-out), and
+    `hlt control start` did not warn that the run's events wait for the next collector. It says false now."""
+    from eclreco.hlt import protocol as P
+
+    farm = InProcessFarm(heartbeat_timeout_s=30.0, stop_drain_s=0.0)
+    d = farm.d
+    try:
+        a = farm.peer()
+        collector_hello(farm, a, output="/data/a.root")
+        seqs = farm.read_events(10)
+        farm.send(a, P.CONFIRM, P.seqs_to_bytes(seqs))
+        d.pending.clear()  # (no worker here to take the ids off the queue)
+        control = farm.peer()
+        farm.send(control, P.STOP)
+        d.housekeeping(time.monotonic())
+        farm.send(a, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "", "received": 0, "events_written": 0,
+                                          "output_error": "cannot write output file"}))
+        d.housekeeping(time.monotonic())
+        assert control.poll(5000) and P.unpack(control.recv_multipart()[1])["collector"]["output_error"]
+        reply = P.unpack(farm.send(control, P.START)[-1][1])
+        assert reply["run_index"] == 2 and reply["leftovers_of"] == 1, reply
+        assert reply["collector_alive"] is False, reply
+    finally:
+        farm.close()
+
+
 def test_a_terminate_during_the_leftovers_of_a_failed_stop_counts_what_it_gives_up():
     """A terminate more than 30 s after a failed stop, while the next collector still writes the run's leftovers
     (a worker hung): the distributor took the stop's 30 s for the end of the run's report and exited with the

@@ -582,14 +582,14 @@ class Distributor:
                 self.stop_requesters.append(ident)
         elif cmd == P.START:
             already = self.state != "stopped"
+            # its last write failed (it exits): no part of the next run (it was listed as a replaced collector of it,
+            # its error counted twice), and not alive (the reply said it was)
+            failed = self.collector_failed()
             if self.state == "stopped":
                 # the throughput counts the runs' own time, not the pauses between them
                 self.earlier_runs_s += self.run_seconds()
                 self.t_first_input = self.t_last_confirm = None
                 c = self.collector
-                # its last write failed (it exits): no part of the next run (it was listed as a replaced collector of
-                # it, its error counted twice)
-                failed = c is not None and bool((c.get("run_ended") or {}).get("output_error"))
                 if (self.events or self.unsaved) and (failed or self.collector_gone(now)) and not (
                         c is not None and c.get("leftovers")):
                     self.leftovers_waiting = self.run_index
@@ -608,7 +608,7 @@ class Distributor:
                 print(f"[distributor] run {self.run_index} started", flush=True)
             waits = self.input_waits_for_leftovers()
             self._send(self.ctl, ident, P.OK, P.pack({"state": self.state, "run_index": self.run_index,
-                                                      "collector_alive": not self.collector_silent(now),
+                                                      "collector_alive": not (failed or self.collector_silent(now)),
                                                       "already": already, "leftovers_of": waits}))
         elif cmd == P.TERMINATE:
             self.terminate_requester = ident
@@ -935,6 +935,12 @@ class Distributor:
         c = self.collector
         return (c is not None and c.get("leftovers_run") is not None and not self.collector_silent(now)
                 and now - self.terminate_since <= self.stop_timeout_s)
+
+    def collector_failed(self) -> bool:
+        """The registered collector could not write its file (its report or last status says output_error): it
+        exits, and the next collector takes what it did not save."""
+        c = self.collector
+        return c is not None and bool((c.get("run_ended") or {}).get("output_error") or c["status"].get("output_error"))
 
     def collector_silent(self, now: float) -> bool:
         return self.collector is None or now - self.collector["last_seen"] > self.heartbeat_timeout_s
