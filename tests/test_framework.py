@@ -401,6 +401,39 @@ def test_add_collection_rejects_decreasing_offsets():
     assert np.asarray(b["X"].offsets).tolist() == [0, 2, 3]
 
 
+def test_offsets_are_checked_as_given_not_as_converted():
+    """The C++ kernels converted offsets to int64 before checking them: a uint64 above 2**63 - 1 wrapped to a
+    negative value and was named "non-decreasing" among values that increase, the first entry of a batch with
+    no events was never checked (a uint64 2**64 - 1 was accepted), and a float offset was truncated (1.7 read
+    as 1). Each is now an error naming the entry or the dtype, in every function that takes offsets."""
+    from eclreco import _core
+
+    none_f, none_u = np.zeros(0, np.float32), np.zeros(0, np.uint8)
+    with pytest.raises(ValueError, match=r"offsets\[1\] = 9223372036854775809 is out of range \(above 2\*\*63 - 1\)"):
+        _core.count_out_of_time_digits(np.array([0, 2**63 + 1], np.uint64), none_f, none_u)
+    with pytest.raises(ValueError, match=r"offsets\[0\] = 18446744073709551615 is out of range"):
+        _core.EventBatch(0).add_collection("X", np.array([2**64 - 1], np.uint64), {})
+    with pytest.raises(ValueError, match=r"offsets\[0\] = -1 is negative"):
+        _core.EventBatch(0).add_collection("X", np.array([-1]), {})
+    for call in (lambda o: _core.count_out_of_time_digits(o, np.zeros(2, np.float32), np.zeros(2, np.uint8)),
+                 lambda o: _core.EventBatch(1).add_collection("X", o, {}),
+                 lambda o: _core.gather_rows(np.zeros(0, np.int64), o, [], []),
+                 lambda o: _core.find_clusters("array30", o, np.ones(2, np.int32), *[np.zeros(2, np.float32)] * 2,
+                                               np.zeros(2, np.uint8)),
+                 lambda o: _core.gamma_gamma_masses(o, *[np.zeros(2, np.float32)] * 5, 0.1, 0.0, 4)):
+        with pytest.raises(TypeError, match=r"offsets must be an integer array, not float64"):
+            call(np.array([0, 1.7]))
+        with pytest.raises(TypeError, match=r"offsets must be an integer array, not bool"):
+            call(np.array([False, True]))
+        with pytest.raises(ValueError, match=r"non-decreasing: offsets\[0\] = 2, offsets\[1\] = 1"):
+            call(np.array([2, 1], np.uint64))
+        for ok in (np.array([0, 1], np.int64), np.array([0, 1], np.uint64), np.array([0, 1], np.int32), [0, 1]):
+            call(ok)  # integer offsets of any width, and a list of ints, are read as before
+    empty = _core.EventBatch(0)
+    empty.add_collection("X", np.array([0], np.uint64), {})
+    assert np.asarray(empty["X"].offsets).tolist() == [0]
+
+
 def test_array_source_hands_out_the_collection_in_batches():
     from eclreco.sources import ArraySource
 

@@ -18,9 +18,18 @@ void register_dqm(py::module_& m);
 template <class T>
 using carray = py::array_t<T, py::array::c_style | py::array::forcecast>;
 
-// Per-event offsets of a collection (n_events + 1 entries, non-decreasing from >= 0): returns
-// n_events, or raises ValueError saying what is wrong.
-size_t checked_offsets(const carray<int64_t>& offsets);
+// Per-event offsets of a collection (n_events + 1 entries, non-decreasing from >= 0) as int64: the array
+// itself when it is C-contiguous int64 (no copy), else a converted one. Taken as any array (or list), not as a
+// carray: its conversion truncated a float (1.7 read as 1) and wrapped a uint64 above 2**63 - 1 to a negative
+// value, then named "non-decreasing" values that increase. Raises TypeError for a dtype that is not an integer
+// one, ValueError naming the entry that is wrong.
+struct Offsets {
+  carray<int64_t> array;
+  size_t n_events;
+  const int64_t* data() const { return array.data(); }
+  int64_t back() const { return array.data()[n_events]; }  // the collection's rows
+};
+Offsets checked_offsets(py::handle offsets);
 
 // Zero-copy numpy view of a column (shape: rows x inner shape); keeps the buffer alive.
 py::array column_view(const fw::Column& c, bool writable);

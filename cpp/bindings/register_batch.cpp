@@ -87,23 +87,39 @@ Column column_from_array(const py::array& input) {
   return c;
 }
 
-size_t checked_offsets(const carray<int64_t>& offsets) {
+Offsets checked_offsets(py::handle input) {
+  const auto offsets = py::array::ensure(input);  // (a list: numpy's dtype for it, int64 for ints)
+  if (!offsets) throw py::type_error("offsets must be an array of integers, not " + std::string(py::repr(input)));
   if (offsets.ndim() != 1 || offsets.shape(0) < 1) throw py::value_error("offsets must be 1-d with n_events + 1 entries");
-  const size_t n_events = static_cast<size_t>(offsets.shape(0) - 1);
-  const int64_t* off = offsets.data();
-  for (size_t i = 0; i < n_events; ++i)
-    if (off[i + 1] < off[i] || off[i] < 0) throw py::value_error("offsets must be non-decreasing");
-  return n_events;
+  const char kind = offsets.dtype().kind();
+  if (kind != 'i' && kind != 'u')
+    throw py::type_error("offsets must be an integer array, not " + std::string(py::str(offsets.dtype())) +
+                         " (row numbers; convert with .astype(np.int64) where the values are whole)");
+  Offsets o{carray<int64_t>::ensure(offsets), static_cast<size_t>(offsets.shape(0) - 1)};
+  if (!o.array) throw py::error_already_set();
+  const int64_t* off = o.data();
+  // every entry, the first too (with no events it is the only one); a uint64 above 2**63 - 1 is negative here
+  for (size_t i = 0; i <= o.n_events; ++i) {
+    if (off[i] < 0)
+      throw py::value_error("offsets[" + std::to_string(i) + "] = " +
+                            (kind == 'u' ? std::to_string(static_cast<uint64_t>(off[i])) + " is out of range (above 2**63 - 1)"
+                                         : std::to_string(off[i]) + " is negative"));
+    if (i && off[i] < off[i - 1])
+      throw py::value_error("offsets must be non-decreasing: offsets[" + std::to_string(i - 1) + "] = " +
+                            std::to_string(off[i - 1]) + ", offsets[" + std::to_string(i) + "] = " + std::to_string(off[i]));
+  }
+  return o;
 }
 
 void register_batch(py::module_& m) {
   m.def(
       "gather_rows",
-      [](carray<int64_t> rows, carray<int64_t> offsets, const py::list& blocks, const std::vector<bool>& per_event) {
-        const size_t n_events = checked_offsets(offsets);
+      [](carray<int64_t> rows, const py::object& offsets, const py::list& blocks, const std::vector<bool>& per_event) {
+        const Offsets offs = checked_offsets(offsets);
+        const size_t n_events = offs.n_events;
         if (rows.ndim() != 1) throw py::value_error("rows must be 1-d");
         if (per_event.size() != blocks.size()) throw py::value_error("one per_event flag per block");
-        const int64_t* off = offsets.data();
+        const int64_t* off = offs.data();
         const int64_t n_coll = off[n_events];
         const int64_t* r = rows.data();
         const size_t n = static_cast<size_t>(rows.shape(0));
@@ -261,14 +277,13 @@ void register_batch(py::module_& m) {
           throw py::key_error(e.what());
         }
       }, py::return_value_policy::reference_internal)
-      .def("add_collection", [](EventBatch& b, const std::string& name, const py::array& offsets,
+      .def("add_collection", [](EventBatch& b, const std::string& name, const py::object& offsets,
                                 const py::dict& columns) -> Collection& {
-        auto off = carray<int64_t>::ensure(offsets);
-        if (!off || off.ndim() != 1 || static_cast<size_t>(off.shape(0)) != b.size() + 1)
-          throw py::value_error("offsets must have len(batch) + 1 entries");
-        checked_offsets(off);
+        const Offsets offs = checked_offsets(offsets);  // (held: a converted copy lives as long as it)
+        if (offs.n_events != b.size()) throw py::value_error("offsets must have len(batch) + 1 entries");
+        const int64_t* off = offs.data();
         std::vector<int64_t> counts(b.size());
-        for (size_t i = 0; i < b.size(); ++i) counts[i] = off.at(i + 1) - off.at(i);
+        for (size_t i = 0; i < b.size(); ++i) counts[i] = off[i + 1] - off[i];
         Collection& c = b.add(name);
         c.set_counts(counts);
         for (auto item : columns) {

@@ -79,9 +79,10 @@ void register_clustering(py::module_& m) {
   m.attr("OUT_OF_TIME_NS") = ecl::kOutOfTimeNs;
   m.def(
       "count_out_of_time_digits",
-      [](carray<int64_t> offsets, carray<float> time, carray<uint8_t> quality) {
-        const size_t n = checked_offsets(offsets);
-        const int64_t* off = offsets.data();
+      [](const py::object& offsets, carray<float> time, carray<uint8_t> quality) {
+        const Offsets offs = checked_offsets(offsets);
+        const size_t n = offs.n_events;
+        const int64_t* off = offs.data();
         if (time.ndim() != 1 || quality.ndim() != 1 || time.shape(0) < off[n] || quality.shape(0) < off[n])
           throw py::value_error("time / quality shorter than offsets[-1]");
         py::array_t<int32_t> out(static_cast<py::ssize_t>(n));
@@ -106,16 +107,17 @@ void register_clustering(py::module_& m) {
 
   m.def(
       "find_clusters",
-      [](py::object detector, carray<int64_t> offsets, carray<int32_t> cell, carray<float> energy,
+      [](py::object detector, const py::object& offsets, carray<int32_t> cell, carray<float> energy,
          carray<float> time, carray<uint8_t> quality, py::object skip, int repeat,
          const py::kwargs& kw) {
         const ecl::ClusterParams p = params_from(kw);
-        const size_t n_events = checked_offsets(offsets);
-        const int64_t n_digits = offsets.at(n_events);
+        const Offsets offs = checked_offsets(offsets);
+        const size_t n_events = offs.n_events;
+        const int64_t n_digits = offs.back();
         for (auto* a : {static_cast<py::array*>(&cell), static_cast<py::array*>(&energy),
                         static_cast<py::array*>(&time), static_cast<py::array*>(&quality)})
           if (a->ndim() != 1 || a->shape(0) < n_digits) throw py::value_error("digit arrays shorter than offsets[-1]");
-        const int64_t* off = offsets.data();
+        const int64_t* off = offs.data();
         // Detector: a name / number for all events, or a per-event uint8 array.
         std::vector<uint8_t> det(n_events, 0);
         if (py::isinstance<py::str>(detector)) {

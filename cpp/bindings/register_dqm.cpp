@@ -10,10 +10,11 @@
 void register_dqm(py::module_& m) {
   m.def(
       "gamma_gamma_masses",
-      [](carray<int64_t> offsets, carray<float> energy, carray<float> x, carray<float> y, carray<float> z,
+      [](const py::object& offsets, carray<float> energy, carray<float> x, carray<float> y, carray<float> z,
          carray<float> time, double min_energy, double max_abs_time, int max_per_event) {
-        const size_t n_events = checked_offsets(offsets);
-        const int64_t* off = offsets.data();
+        const Offsets offs = checked_offsets(offsets);
+        const size_t n_events = offs.n_events;
+        const int64_t* off = offs.data();
         const int64_t rows = off[n_events];
         for (auto* a : {&energy, &x, &y, &z, &time})
           if (a->ndim() != 1 || a->shape(0) < rows) throw py::value_error("cluster arrays shorter than offsets[-1]");
