@@ -378,6 +378,28 @@ def test_curve_key_options_without_curve_dir_are_refused_not_ignored(tmp_path):
         assert f"{command}: error: " in err[-1] and named in err[-1] and "without --curve-dir" in err[-1], r.stderr
 
 
+def test_empty_curve_key_options_without_curve_dir_are_refused_too(tmp_path):
+    """`reco.py -i ... --curve-name ''` (or --curve-secret '', --connect --curve-server '': a shell variable
+    left unset) started a plaintext link: the check tested the options' values for truth, so an empty one
+    counted as not given. They are refused as any value is, one line naming them, exit 2, before any socket."""
+    reco = [sys.executable, os.path.join(REPO, "steering", "reco.py"), "-i", free_address(), "--idle-timeout", "1"]
+    runs = [(reco + ["--curve-name", ""], "reco.py", "--curve-name"),
+            (reco + ["--curve-secret", ""], "reco.py", "--curve-secret"),
+            (reco + ["--connect", "--curve-server", ""], "reco.py", "--curve-server"),
+            (ECLRECO + ["hlt", "distributor", "--metrics-port", "-1", "--input", free_address(), "--curve-name", ""],
+             "hlt distributor", "--curve-name"),
+            (ECLRECO + ["hlt", "worker", "--metrics-port", "-1", "--rejected", "", "--curve-secret", ""],
+             "hlt worker", "--curve-secret")]
+    for cmd, command, named in runs:
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=str(tmp_path))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{cmd}: started without CURVE")
+        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+        assert r.returncode == 2 and f"{command}: error: {named}: it names a CURVE key, which does nothing without " \
+            "--curve-dir" in last, (cmd, r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+
+
 def test_reco_py_refuses_a_curve_server_it_would_not_use(tmp_path, keys):
     """`reco.py -i tcp://... --curve-dir K --curve-server x` binds: it is the CURVE server and asks no peer for a
     key, and the --curve-server was ignored (as one without --curve-dir was): it ran, the operator believing the

@@ -59,11 +59,11 @@ def option_given(args, option: str, default=None) -> bool:
     """Whether the command line gave `option` ('--flush-interval'), whatever its value: an option that does not
     apply is refused when given, also with its default's value (compared with the default, that one passed
     silently). Where the parser recorded nothing (a steering file's own argparse parser), a value other than
-    `default`."""
+    `default`; an option `args` does not have is not given."""
     dest = option.lstrip("-").replace("-", "_")
     if hasattr(args, GIVEN):
         return dest in getattr(args, GIVEN)
-    return getattr(args, dest) != default
+    return getattr(args, dest, default) != default
 
 
 def integer(lo: int, hi: int | None = None, meaning: str = ""):

@@ -23,6 +23,8 @@ import threading
 import zmq
 import zmq.auth
 
+from eclreco.cli_types import option_given
+
 DEFAULT_NAMES = ("distributor", "collector", "worker", "control", "daq", "reco")
 
 _auth_lock = threading.Lock()
@@ -118,7 +120,7 @@ def curve_option_error(args, default_name: str, servers=(), server_option: str =
         return (f"--curve-server {server!r} names the peer's CURVE key when connecting: this socket binds, and is the "
                 "CURVE server itself (it accepts the peers whose keys are in --curve-dir's public/)")
     if not directory:
-        given = _key_options_given(args) + (["--curve-server"] if server else [])
+        given = _key_options_given(args) + (["--curve-server"] if server is not None else [])
         if given:
             return (f"{', '.join(given)}: {'it names a' if len(given) == 1 else 'they name'} CURVE key, which does "
                     "nothing without --curve-dir (the link would be plain, unencrypted ZeroMQ)")
@@ -177,9 +179,10 @@ def add_curve_arguments(p, default_name: str, roles_own_keys: bool = False):
 
 
 def _key_options_given(args) -> list[str]:
-    """Which of --curve-name and --curve-secret the command line gave (neither has a parser default)."""
-    return [option for option, value in (("--curve-name", getattr(args, "curve_name", None)),
-                                         ("--curve-secret", getattr(args, "curve_secret", None))) if value]
+    """Which of --curve-name and --curve-secret the command line gave, whatever their value: tested for truth,
+    an empty one (`--curve-name ''`, a variable left unset) was taken for none and passed silently."""
+    return [option for option, default in (("--curve-name", None), ("--curve-secret", ""))
+            if option_given(args, option, default)]
 
 
 def roles_key_options_error(args) -> str:
