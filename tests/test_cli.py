@@ -209,6 +209,27 @@ def test_eclreco_numbers_out_of_range_exit_2_naming_the_option(argv, message, ca
     assert rc == 2 and message in err and "Traceback" not in err, err
 
 
+def test_every_background_option_takes_the_shared_range():
+    """The beam-background level is one idea with one range (cli_types.SIM_BACKGROUND): bench defined its own
+    number(0, 100), which a change of the shared range would have left behind. Every --background of the
+    commands (and reco.py's) is that type."""
+    import argparse
+
+    from eclreco.cli_types import SIM_BACKGROUND
+
+    def background_types(parser):
+        for action in parser._actions:
+            if "--background" in action.option_strings:
+                yield parser.prog, action.type
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from background_types(sub)
+
+    found = [*background_types(cli.build_parser()), *background_types(_reco().build_parser()[0])]
+    assert {"eclreco simulate", "eclreco bench"} <= {prog for prog, _ in found} and len(found) == 3, found
+    assert all(t is SIM_BACKGROUND for _, t in found), found
+
+
 @pytest.mark.parametrize("argv,option", [
     (["hlt", "worker", "--distributor", "foo"], "--distributor"),
     (["hlt", "worker", "--collector", "tcp://127.0.0.1:99999"], "--collector"),

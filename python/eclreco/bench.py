@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from eclreco import strict_json
-from eclreco.cli_types import POSITIVE, POSITIVE_INT, integer, number
+from eclreco.cli_types import POSITIVE, POSITIVE_INT, SIM_BACKGROUND, integer
 
 DEFAULT_BATCH = 256
 
@@ -456,7 +456,7 @@ def add_bench_parser(subparsers) -> None:
     p = subparsers.add_parser("bench", help="events/second benchmark of the reconstruction chain")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     p.add_argument("--events", type=integer(100), default=20000, help="generated events")
-    p.add_argument("--background", type=number(0, 100), default=1.0, help="beam-background level of the generated events (1 = nominal, 0 = none, 2 = twice nominal)")
+    p.add_argument("--background", type=SIM_BACKGROUND, default=1.0, help="beam-background level of the generated events (1 = nominal, 0 = none, 2 = twice nominal)")
     p.add_argument("--repeat", type=POSITIVE_INT, default=5, help="repetitions per measurement (median)")
     p.add_argument("--farm-rate", type=POSITIVE, default=30000.0, help="offered rate for the farm, Hz")
     p.add_argument("--farm-seconds", type=POSITIVE, default=5.0, help="duration of the farm measurement")
