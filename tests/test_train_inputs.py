@@ -290,6 +290,33 @@ def test_entry_points_away_from_their_deposits_are_refused(tmp_path, capsys):
     assert cnn_data.G4Sample(_sample(tmp_path, "good"), "array30").n == 1000
 
 
+def test_cells_counted_from_0_are_refused_without_entry_points(tmp_path, capsys):
+    """Without xy_mm (the held-out file has none) an array30 sample with cellIds counted from 0 passed every
+    check: the corner crystal, 0 then, is never hit by the reference beam, and nothing compared the deposits
+    with a place. Their energy centroid a median more than half a crystal pitch from the reference beam's
+    crystal (61 mm shifted, 9.8 mm as shipped) is one line naming 'cell', from G4Sample and the commands."""
+    from eclreco import cli, cnn_data
+
+    heldout = os.path.join(HERE, "data", "g4_array30_heldout.npz")
+    with np.load(heldout) as f:
+        d = {k: f[k] for k in f.files}
+    assert "xy_mm" not in d
+    path = str(tmp_path / "from0.npz")
+    np.savez(path, **{**d, "cell": d["cell"] - 1})
+    message = (r"the energy centroid of the events' deposits \('cell'\) lies a median 6\d\.\d mm from the centre of "
+               r"the reference beam's crystal \(x, y = 30, 30 mm: col 15, row 15\), more than 30 mm \(half the "
+               r"crystal pitch\): cellIds counted from 0, not 1, or a beam elsewhere\?")
+    with pytest.raises(ValueError, match=f"from0.npz: {message}"):
+        cnn_data.G4Sample(path, "array30")
+    for command in ("train", "validate"):
+        assert cli.main([command, "--detector", "array30", "-o", str(tmp_path / "out"), "--g4", path,
+                         "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.search(f"eclreco {command}: error: .*{message}", err)
+    assert not (tmp_path / "out").exists()
+    assert cnn_data.G4Sample(heldout, "array30").n == 2000
+
+
 def test_photon_directions_away_from_their_deposits_are_refused(tmp_path, capsys):
     """belle2-ecl directions in another frame (z reversed, x and y swapped) passed the unit-vector check; the chain
     then matched a cluster to the 4-6 % of the photons near the symmetry plane only, and train ran on those

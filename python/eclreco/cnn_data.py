@@ -43,6 +43,11 @@ ENTRY_CM_FACTOR = 2.0
 # corner crystal, cellId 0 then, is never hit, so the range check passed) and 43 mm for entry points of zeros. Half
 # the 60 mm crystal pitch.
 ENTRY_CENTROID_MAX_MM = 30.0
+# The beam of array30's reference samples: x, y uniform over the 60 x 60 mm cell of the crystal at col 15, row 15
+# (spec/detector.md), centred here; it stands for the entry point of a sample without xy_mm. The deposits' energy
+# centroid lies a median 9.7 mm from it in the reference file (9.8 mm in the held-out file, which has no xy_mm),
+# 61 mm for cellIds counted from 0, which then passed every check without xy_mm: ENTRY_CENTROID_MAX_MM applies.
+BEAM_CENTRE_MM = (30.0, 30.0)
 # belle2-ecl's photon directions and where their deposits are: the energy centroid of an event's crystals lies more
 # than MATCH_ANGLE_RAD from the photon's direction in 0.25 % of the reference file's events (1.6 % at 50-70 MeV),
 # which the chain leaves without a matched cluster. Directions in another frame (z reversed: 94 %, x and y swapped:
@@ -280,13 +285,23 @@ class G4Sample:
 
     def _check_entry_points(self, path):
         """array30's entry points: in mm (ENTRY_CM_FACTOR) and where the events' deposits are
-        (ENTRY_CENTROID_MAX_MM), against the deposits' energy centroid on the front plane."""
-        if self.entry_xy_mm is None or self.detector != "array30":
+        (ENTRY_CENTROID_MAX_MM), against the deposits' energy centroid on the front plane; without xy_mm, the
+        deposits where the reference beam is (BEAM_CENTRE_MM)."""
+        if self.detector != "array30":
             return
         hit, centroid = self._deposit_centroids("xy")
         if not hit.any():
             return
         centroid = centroid * 10.0  # cm -> mm
+        if self.entry_xy_mm is None:
+            beam = float(np.median(np.hypot(*(centroid - BEAM_CENTRE_MM).T)))
+            if beam > ENTRY_CENTROID_MAX_MM:
+                raise G4SampleError(path, f"the energy centroid of the events' deposits ('cell') lies a median "
+                                   f"{beam:.3g} mm from the centre of the reference beam's crystal (x, y = "
+                                   f"{BEAM_CENTRE_MM[0]:g}, {BEAM_CENTRE_MM[1]:g} mm: col 15, row 15), more than "
+                                   f"{ENTRY_CENTROID_MAX_MM:g} mm (half the crystal pitch): cellIds counted from 0, not "
+                                   "1, or a beam elsewhere? (spec/detector.md, data/README.md)")
+            return
         as_mm, as_cm = (float(np.median(np.hypot(*(centroid - f * self.entry_xy_mm[hit]).T))) for f in (1.0, 10.0))
         if as_cm * ENTRY_CM_FACTOR < as_mm:
             raise G4SampleError(path, f"'xy_mm' puts the photons' entry points a median {as_mm:.3g} mm from the energy "
@@ -343,7 +358,7 @@ class G4Sample:
         row, col = (cell - 1) // 30, (cell - 1) % 30
         cells, energies, counts, entries, dropped = [], [], [], [], 0.0
         ev_of = np.repeat(np.arange(idx.size), np.diff(off))
-        xy = self.entry_xy_mm[idx] if self.entry_xy_mm is not None else np.full((idx.size, 2), 30.0)
+        xy = self.entry_xy_mm[idx] if self.entry_xy_mm is not None else np.tile(BEAM_CENTRE_MM, (idx.size, 1))
         for k in range(copies):
             r = 30 - row if k & 1 else row
             c = 30 - col if k & 2 else col
