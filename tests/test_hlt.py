@@ -1595,6 +1595,52 @@ def test_a_terminate_with_a_live_source_is_prompt_and_accounts_for_every_event(f
     assert (accounted, d["input_lost_bytes"]) == (sent[0], 0), (d, later, sent[0])
 
 
+def test_a_stop_under_a_source_that_never_pauses_takes_seconds_and_says_so(farm_factory, zmq_context):
+    """`hlt control stop` under a source that never pauses read the input until it was quiet for --stop-drain,
+    which it never is, for half of --stop-timeout: 60 s at the defaults, with not a word to the operator. The
+    drain is bounded by --stop-drain-max (10 s), the distributor says when it cut the input off, and `hlt
+    control stop` says what it waits for when no answer comes within a second."""
+    import zmq
+
+    farm = farm_factory(workers=1)
+    push = zmq_context.socket(zmq.PUSH)
+    push.setsockopt(zmq.SNDTIMEO, 100)
+    push.connect(farm.input)
+    done, sent = threading.Event(), [0]
+
+    def feed():  # ~2 kHz until told to stop: never quiet for --stop-drain (0.3 s)
+        while not done.is_set():
+            try:
+                push.send(envelope(sent[0]))
+                sent[0] += 1
+            except zmq.Again:
+                continue
+            if sent[0] % 20 == 0:
+                time.sleep(0.01)
+
+    t = threading.Thread(target=feed, daemon=True)
+    t.start()
+    try:
+        farm.wait_confirmed(500)
+        t0 = time.monotonic()
+        r = subprocess.run(ECLRECO + ["hlt", "control", "stop", "--control", farm.control], capture_output=True,
+                           text=True, timeout=110)
+        took = time.monotonic() - t0
+    finally:
+        done.set()
+        t.join(5)
+    assert r.returncode == 0, r.stderr + farm.logtext()
+    assert 9 < took < 30, (took, farm.logtext())  # 10 s of drain, then the events held are finished
+    assert ("eclreco hlt control: stopping run 1: the input still delivers; the farm reads it until it is quiet for "
+            "0.3 s (at most 10 s, --stop-drain-max), then finishes the events it holds\n") == r.stderr, r.stderr
+    assert json.loads(r.stdout)["state"] == "stopped"
+    assert ("[distributor] run 1: the input was never quiet for 0.3 s (--stop-drain) within 10 s (--stop-drain-max): "
+            "it is read no further") in farm.logtext()
+    d = farm.command("terminate")["processes"][0]
+    rc, log = farm.wait_exit()
+    assert rc == 0 and d["received"] == d["confirmed"] and d["lost_at_stop"] == 0, (d, log)
+
+
 def test_hlt_run_refuses_a_taken_metrics_port_naming_the_role(tmp_path):
     """--metrics-base-port P with P+1 (the collector's) and P+2 (the worker's) taken: each role served on a free
     port instead and said so in a line of the farm's log, and the scrape configuration of P+1 read the process that

@@ -17,6 +17,9 @@ FARM_ADDRESS_OR_FREE = zmq_address(free=True, connect=True)  # hlt run's --worke
 # when not these (collector.root_output_options_unused)
 FLUSH_INTERVAL_S = 0.25
 DQM_OPEN_RUNS = 8
+# A stop reads the input until it is quiet for --stop-drain, at most this long (--stop-drain-max): a run stop
+# under a source that never pauses took half the stop's time-out, 60 s, with no word to the operator.
+STOP_DRAIN_MAX_S = 10.0
 
 
 def _add_metrics(p, default_port: int):
@@ -55,7 +58,10 @@ def add_distributor_arguments(p, local_farm: bool = False):
                         "high-water mark to N // --refuse-message-bytes messages; 0: no bound, "
                         "--input-hwm messages; docs/deployment.md)")
     p.add_argument("--stop-drain", type=NON_NEGATIVE, default=0.5,
-                   help="at stop, keep reading the input until it is quiet for S s (at most half of --stop-timeout)")
+                   help="at stop, keep reading the input until it is quiet for S s (at most --stop-drain-max)")
+    p.add_argument("--stop-drain-max", type=NON_NEGATIVE, default=STOP_DRAIN_MAX_S,
+                   help="at stop, read a source that never pauses for at most S s (and at most half of "
+                        "--stop-timeout); what it sends later waits for the next run")
     p.add_argument("--stop-timeout", type=POSITIVE, default=120.0,
                    help="a stop gives up the events still held after S s and counts them as lost_at_stop (a dead "
                         "collector with events not yet in its file: the time a replacement has to take them); "

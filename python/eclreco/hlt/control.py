@@ -93,8 +93,9 @@ def farm_failure(d: dict) -> str:
     return job_failure(o)
 
 
-def request(control: str, cmd: bytes, timeout_s: float = 10.0, curve=None) -> dict:
-    """Send a command to the distributor and wait for its reply (OK body as a dict)."""
+def request(control: str, cmd: bytes, timeout_s: float = 10.0, curve=None, waiting=None) -> dict:
+    """Send a command to the distributor and wait for its reply (OK body as a dict). waiting (S, CALL): CALL()
+    once when no reply came within S s (an operator waiting on a stop is told what for)."""
     ctx = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
@@ -106,6 +107,10 @@ def request(control: str, cmd: bytes, timeout_s: float = 10.0, curve=None) -> di
         deadline = time.monotonic() + timeout_s
         while True:
             left = deadline - time.monotonic()
+            if waiting is not None and left > 0 and not s.poll(int(min(left, waiting[0]) * 1000) + 1, zmq.POLLIN):
+                waiting[1]()
+                waiting = None
+                continue
             if left <= 0 or not s.poll(int(left * 1000) + 1, zmq.POLLIN):
                 hint = "" if curve is not None else " (is it a farm with CURVE? then pass its --curve-dir)"
                 raise ControlError(f"no answer from {control} to {cmd.decode()} within {timeout_s:g} s{hint}")
@@ -186,6 +191,14 @@ def status_main(args) -> int:
         time.sleep(args.watch)
 
 
+# a stop not answered within this while its input still delivers is said (a quick one stays silent)
+STOP_NOTICE_S = 1.0
+
+
+def _distributor_row(st: dict) -> dict:
+    return next((p for p in st.get("processes", []) if p.get("role") == "distributor"), {})
+
+
 def control_main(args) -> int:
     cmd = {"stop": P.STOP, "start": P.START, "terminate": P.TERMINATE}[args.action]
     if why := curve_option_error(args, "control", P.curve_servers("control", args)):
@@ -195,7 +208,19 @@ def control_main(args) -> int:
         # STOP may take minutes (in-flight events are finished): first make sure a farm answers, so
         # that a wrong address or a farm that is not running fails in seconds, not after --timeout.
         status(args.control, timeout_s=min(5.0, args.timeout), curve=curve)
-        reply = request(args.control, cmd, timeout_s=args.timeout, curve=curve)
+
+        def still_reading():  # a stop under a source that sends on takes seconds: said, with its bound
+            try:
+                d = _distributor_row(status(args.control, timeout_s=min(5.0, args.timeout), curve=curve))
+            except ControlError:
+                return  # the stop's own answer (or its time-out) says the rest
+            if d.get("draining"):
+                print(f"eclreco hlt control: stopping run {d.get('run_index')}: the input still delivers; the farm reads "
+                      f"it until it is quiet for {d['stop_drain_s']:g} s (at most {d['stop_drain_max_s']:g} s, "
+                      "--stop-drain-max), then finishes the events it holds", file=sys.stderr, flush=True)
+
+        waiting = (STOP_NOTICE_S, still_reading) if args.action == "stop" else None
+        reply = request(args.control, cmd, timeout_s=args.timeout, curve=curve, waiting=waiting)
     except ControlError as err:
         print(f"eclreco hlt control: {err}", file=sys.stderr)
         return 1

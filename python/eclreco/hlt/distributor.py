@@ -26,6 +26,7 @@ from eclreco import open_files, scheduling
 from eclreco.cli_types import metrics_host_unused
 from eclreco.curve import Curve, curve_option_error
 from eclreco.hlt import protocol as P
+from eclreco.hlt.cli import STOP_DRAIN_MAX_S
 from eclreco.hlt.control import output_line, summary_line
 from eclreco.raw_sockets import (ConnectionMonitor, attach, check_message_limits, check_queue_bound, end_input,
                                  queue_hwm, recv_message)
@@ -132,13 +133,14 @@ class Distributor:
                  max_held: int = 20000, chunk: int = 256, heartbeat_timeout_s: float = 5.0,
                  drop_when_busy: bool = False, input_hwm: int = 1000, stop_drain_s: float = 0.5,
                  stop_timeout_s: float = 120.0, input_bind: bool = True, curve=None,
+                 stop_drain_max_s: float = STOP_DRAIN_MAX_S,
                  max_message_bytes: int = 0, refuse_message_bytes: int = 0, cycle_s: float = 5e-4,
                  max_queue_bytes: int = 0, max_held_bytes: int = 0):
         check_message_limits("distributor", max_message_bytes, refuse_message_bytes)
         _check_settings(queue_size=queue_size, max_held=max_held, chunk=chunk, input_hwm=input_hwm,
                         max_queue_bytes=max_queue_bytes, max_held_bytes=max_held_bytes,
                         heartbeat_timeout_s=heartbeat_timeout_s, stop_drain_s=stop_drain_s,
-                        stop_timeout_s=stop_timeout_s, cycle_s=cycle_s)
+                        stop_drain_max_s=stop_drain_max_s, stop_timeout_s=stop_timeout_s, cycle_s=cycle_s)
         check_queue_bound("distributor", max_queue_bytes, refuse_message_bytes)
         self.max_message_bytes = max_message_bytes
         self.ctx = zmq.Context.instance()
@@ -179,6 +181,9 @@ class Distributor:
         self.held_bytes = 0  # of the envelopes in events and unsaved
         self.heartbeat_timeout_s, self.drop_when_busy = heartbeat_timeout_s, drop_when_busy
         self.stop_drain_s, self.stop_timeout_s = stop_drain_s, stop_timeout_s
+        # a stop's drain under a source that never pauses; within half the time-out, which is the events' too
+        self.stop_drain_max_s = min(stop_drain_max_s, stop_timeout_s / 2)
+        self.drain_cut_said = False
         self.cycle_s = cycle_s
 
         self.events: dict[int, list] = {}          # seq -> [envelope, t_received, worker ident or None]
@@ -305,14 +310,22 @@ class Distributor:
         return 0 < self.max_held_bytes <= self.held_bytes
 
     def stop_drain_over(self) -> bool:
-        """The stop reads the input until it is quiet for stop_drain_s (a source that sends on: at most half
-        the stop's time-out); a terminate's, stop_drain_s after the terminate, quiet or not: with a live source
-        it drained for stop_timeout_s / 2 (60 s) and then counted the unread input for 10 s more. What comes
+        """The stop reads the input until it is quiet for stop_drain_s (a source that sends on: at most
+        stop_drain_max_s, said once); a terminate's, stop_drain_s after the terminate, quiet or not: with a live
+        source it drained for stop_timeout_s / 2 (60 s) and then counted the unread input for 10 s more. What comes
         after is counted at the exit (count_unread_input)."""
         now = time.monotonic()
-        return (now - max(self.last_input, self.stop_since) >= self.stop_drain_s
-                or now - self.stop_since > self.stop_timeout_s / 2
-                or (self.terminating and now - self.terminate_since >= self.stop_drain_s))
+        if now - max(self.last_input, self.stop_since) >= self.stop_drain_s or (
+                self.terminating and now - self.terminate_since >= self.stop_drain_s):
+            return True
+        if now - self.stop_since <= self.stop_drain_max_s:
+            return False
+        if not self.drain_cut_said:
+            self.drain_cut_said = True
+            print(f"[distributor] run {self.run_index}: the input was never quiet for {self.stop_drain_s:g} s "
+                  f"(--stop-drain) within {self.stop_drain_max_s:g} s (--stop-drain-max): it is read no further; "
+                  "what the source sends now waits for the next run", flush=True)
+        return True
 
     def read_input(self):
         inp = self.inp
@@ -751,7 +764,9 @@ class Distributor:
                 c = self.collector
                 c["run_ended"] = None
                 c["between_runs"] = bool(c.get("between_runs")) and self.collector_silent(self.stop_since)
-            print(f"[distributor] stopping run {self.run_index}", flush=True)
+            self.drain_cut_said = False
+            print(f"[distributor] stopping run {self.run_index}: reading the input until it is quiet for "
+                  f"{self.stop_drain_s:g} s, at most {self.stop_drain_max_s:g} s", flush=True)
 
     def confirm(self, seqs: np.ndarray, now: float):
         t = []
@@ -1038,6 +1053,9 @@ class Distributor:
         return {
             "role": "distributor", "pid": os.getpid(), "host": socket.gethostname(), "state": self.state,
             "run_index": self.run_index, "addresses": self.addresses,
+            # a stop that still reads its input, and for how long it may (hlt control stop says it)
+            "draining": self.state == "stopping" and not self.stop_drain_over(),
+            "stop_drain_s": self.stop_drain_s, "stop_drain_max_s": self.stop_drain_max_s,
             "received": self.c["received"], "bytes_received": self.c["bytes_received"],
             "dispatched": self.c["dispatched"], "confirmed": self.c["confirmed"],
             "redelivered": self.c["redelivered"], "dropped": self.c["dropped"],
@@ -1166,7 +1184,7 @@ def main(args) -> int:
     d = Distributor(args.input, args.workers_addr, args.control, queue_size=args.queue_size,
                     max_held=args.max_held, chunk=args.chunk, heartbeat_timeout_s=args.heartbeat_timeout,
                     drop_when_busy=args.drop_when_busy, input_hwm=args.input_hwm, stop_drain_s=args.stop_drain,
-                    stop_timeout_s=args.stop_timeout,
+                    stop_drain_max_s=args.stop_drain_max, stop_timeout_s=args.stop_timeout,
                     input_bind=not args.input_connect, curve=Curve.from_args(args, "distributor"),
                     max_message_bytes=args.max_message_bytes, refuse_message_bytes=args.refuse_message_bytes,
                     cycle_s=args.cycle_ms * 1e-3, max_queue_bytes=args.max_queue_bytes,

@@ -147,6 +147,7 @@ class Farm:
                           "--max-held-bytes", str(a.max_held_bytes),
                           "--chunk", str(a.chunk), "--heartbeat-timeout", str(a.heartbeat_timeout),
                           "--input-hwm", str(a.input_hwm), "--max-queue-bytes", str(a.max_queue_bytes), "--stop-drain", str(a.stop_drain),
+                          "--stop-drain-max", str(a.stop_drain_max),
                           "--stop-timeout", str(a.stop_timeout),
                           *self.metrics_args(0),
                           "--max-message-bytes", str(a.max_message_bytes),
