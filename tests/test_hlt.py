@@ -682,6 +682,32 @@ def test_farm_sigterm_leaves_readable_output(farm_factory):
     assert np.sort(evt).tolist() == list(range(n)), log
 
 
+def test_a_signal_while_the_farm_starts_stops_it_cleanly(tmp_path):
+    """SIGTERM to `hlt run` while it waits for its distributor to answer (a service stop right after the start):
+    its handler was installed only once every role had started, so the signal killed it outright (exit -15, no
+    summary) and its roles were left to their parent-death signal. It now stops the distributor it started, starts
+    nothing more and exits 0, as after a signal in the run."""
+    proc = subprocess.Popen(ECLRECO + ["hlt", "run", "--workers", "1", "--input", free_address(), "--control",
+                                       free_address(), "--output", str(tmp_path / "farm.root"), "--modules",
+                                       worker_modules(), "--metrics-base-port", "-1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(tmp_path))
+    t0 = time.monotonic()
+    children = []
+    while not children:  # the distributor is started: the supervisor waits for its answer (its imports take ~1 s)
+        assert proc.poll() is None and time.monotonic() - t0 < 30
+        with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+            children = [int(c) for c in f.read().split()]
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "[hlt run] signal before the farm was up: stopping the distributor" in out, out
+    assert "farm up" not in out and "[worker]" not in out and "[collector]" not in out, out
+    for pid in children:  # reaped: no role left behind
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
 def test_distributor_counts_a_refused_oversized_message(farm_factory, zmq_context):
     """A message over --refuse-message-bytes never reaches the distributor (libzmq drops the
     sender's connection): the drop is counted (status, Prometheus) and the other senders' events

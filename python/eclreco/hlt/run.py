@@ -272,12 +272,22 @@ class Farm:
 
     def run(self) -> int:
         a = self.args
+        # Before any role starts: a signal while the farm starts killed the supervisor outright (exit -15).
+        signals = {"n": 0}
+
+        def on_signal(sig, frame):
+            signals["n"] += 1
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
         self.start_distributor()
         t0 = time.monotonic()
         while True:  # the control address answers once the distributor is up
             if self.distributor.poll() is not None:
                 print("[hlt run] the distributor failed to start", file=sys.stderr, flush=True)
                 return 1
+            if signals["n"]:
+                return self.stop_before_up()
             try:
                 status(a.control, timeout_s=1.0, curve=self.curve)
                 break
@@ -286,6 +296,8 @@ class Farm:
                     print("[hlt run] the distributor does not answer", file=sys.stderr, flush=True)
                     self.kill_all()
                     return 1
+        if signals["n"]:  # (during the last status request)
+            return self.stop_before_up()
         self.start_collector()
         for i in range(a.workers):  # a worker appends (its restarts keep its file): this job's records only
             name = a.rejected.replace("{worker}", str(i))
@@ -304,13 +316,6 @@ class Farm:
             self.curve.client(ctl, "distributor")
         attach(ctl, a.control, bind=False)
         self.report(ctl)
-        signals = {"n": 0}
-
-        def on_signal(sig, frame):
-            signals["n"] += 1
-
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
         handled_signals = 0
         next_report = 0.0
         rc = 0
@@ -396,6 +401,18 @@ class Farm:
                 print(f"[hlt run] error: {failure}", file=sys.stderr, flush=True)
                 rc = 1
         return rc
+
+    def stop_before_up(self) -> int:
+        """A signal before the collector and the workers started: nothing can have been processed, so the
+        distributor alone ends (its SIGTERM: a terminate without a farm, which counts and says what it had read
+        from a source already sending, exit 1) and nothing else starts."""
+        print("[hlt run] signal before the farm was up: stopping the distributor", flush=True)
+        self.distributor.send_signal(signal.SIGTERM)
+        try:
+            self.distributor.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.kill_all()
+        return 0 if self.distributor.returncode in (0, -signal.SIGTERM) else 1
 
     def read_final(self, ctl, wait_ms: int = 0):
         """Takes what the control socket holds, waiting up to wait_ms for each message: the distributor's
