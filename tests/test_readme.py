@@ -86,3 +86,28 @@ def test_make_install_rebuilds_when_a_source_is_removed(tmp_path):
     (tmp_path / "modules" / "b.cpp").unlink()
     assert installs() == 2
     assert installs() == 2
+
+
+def test_the_command_table_names_every_command():
+    """README's "Command line" table is where a newcomer learns the commands: `eclreco hlt merge` (the files
+    of a killed collector and its replacement, docs/deployment.md) was missing from its `hlt` row. Every
+    command of `eclreco --help` and every role of `eclreco hlt --help` is named in the table."""
+    import argparse
+
+    from eclreco.cli import build_parser
+
+    def choices(parser):
+        action, = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return action.choices
+
+    text = open(README).read()
+    table = text[text.index("## Command line"):text.index("## Documentation")]
+    rows = [line for line in table.splitlines() if line.startswith("| `eclreco ")]
+    commands = choices(build_parser())
+    for command in commands:
+        assert any(line.startswith(f"| `eclreco {command}") or f"`eclreco {command}`" in line for line in rows), \
+            f"README.md's command table does not name `eclreco {command}`"
+    hlt_row, = [line for line in rows if line.startswith("| `eclreco hlt ")]
+    named = re.match(r"\| `eclreco hlt ([\w/-]+)`", hlt_row).group(1).split("/")
+    assert sorted(named) == sorted(choices(commands["hlt"])), \
+        f"README.md's `eclreco hlt` row names {named}, the command has {sorted(choices(commands['hlt']))}"
