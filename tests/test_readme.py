@@ -111,3 +111,22 @@ def test_the_command_table_names_every_command():
     named = re.match(r"\| `eclreco hlt ([\w/-]+)`", hlt_row).group(1).split("/")
     assert sorted(named) == sorted(choices(commands["hlt"])), \
         f"README.md's `eclreco hlt` row names {named}, the command has {sorted(choices(commands['hlt']))}"
+
+
+def test_the_farms_output_line_of_docs_deployment_is_the_one_hlt_run_prints():
+    """docs/deployment.md shows `hlt run`'s output line for a misconfigured chain (`--cluster-columns
+    energy,latt`: the collector's RootOutput raises on all 100 events). The farm prints, and has since the
+    errors of the collector's output were counted apart, `module errors 100 (100 of them in the collector's
+    output: ...)`; the doc's example lacked that part. The line is rebuilt here from the `output` report such
+    a farm gives (its counts as an audit's run printed them) and must match the doc's, `…` standing for any text."""
+    from eclreco.hlt.control import output_line
+
+    text = open(os.path.join(os.path.dirname(README), "docs", "deployment.md")).read()
+    quoted, = re.findall(r"`\[hlt run\] (output: 0 events written in 1 farm run\(s\).*?)`", text, re.S)
+    quoted = " ".join(quoted.split())
+    line = "[hlt run] " + output_line({"output": {
+        "runs": 1, "received": 100, "events_written": 0, "errors": 100, "errors_in_outputs": 100, "rejected": 0,
+        "discarded": 0, "first_error": "RootOutput raised on exp 0 run 1 evt 0: ValueError: RootOutput: "
+                                       "cluster_columns latt not in ECLClusters, whose columns are e1e9, energy"}})
+    pattern = ".*".join(re.escape(part) for part in ("[hlt run] " + quoted).split("…"))
+    assert re.fullmatch(pattern, line), f"docs/deployment.md shows\n{'[hlt run] ' + quoted}\nhlt run prints\n{line}"
