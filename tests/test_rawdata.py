@@ -1048,7 +1048,7 @@ def test_daq_emulator_says_at_once_that_it_waits_for_a_receiver(zmq_context):
     assert res["sent"] == 20 and res["handshakes"] == 0
     said = [(t, s) for t, s in lines if "no receiver at" in s]
     assert said and said[0][1] == (f"[daq-emulator] 20 events queued, no receiver at {address} yet: waiting up to "
-                                   "2 s (the linger) for one to take them"), lines
+                                   "2 s (a handshake, then the close's linger of 1 s) for one to take them"), lines
     assert said[0][0] - t0 < 0.9  # before the linger, not after it
     assert "error: no receiver completed a handshake" in lines[-1][1]
 

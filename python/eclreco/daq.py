@@ -220,7 +220,8 @@ def emulate(messages: Iterable[bytes], address: str, bind: bool = False, rate: f
             handshakes.poll()
             if report and not handshakes.handshakes and linger_ms > 0:  # (it waited twice the linger in silence)
                 report(f"[daq-emulator] {sent} events queued, no receiver at {address} yet: waiting up to "
-                       f"{2 * linger_ms / 1000:g} s (the linger) for one to take them")
+                       f"{2 * linger_ms / 1000:g} s (a handshake, then the close's linger of {linger_ms / 1000:g} s) "
+                       f"for one to take them")
             handshakes.wait_for_handshake(linger_ms * 1e-3)
         handshakes.close(keep_held=True)
         sock.close()
