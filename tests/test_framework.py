@@ -1784,6 +1784,16 @@ def test_every_module_says_what_it_makes_and_requires():
     assert (Recorder().makes(), Recorder().requires()) == (None, None)
 
 
+def test_makes_and_requires_are_tuples_for_cpp_and_python_modules():
+    """docs/architecture.md gives makes()/requires() as a tuple of names (`ECLClusterizer`'s `(output,)`), as a
+    Python module returns them; a C++ module's came through pybind11's stl.h as a list, so that
+    `create_module("ECLClusterizer").makes() == ("ECLClusters",)` was False and `NoOp`'s `[]` was not `()`."""
+    for name, (makes, requires) in DECLARED.items():
+        m = eclreco.create_module(name)
+        assert (m.makes(), m.requires()) == (makes, requires), (name, m.makes(), m.requires())
+        assert type(m.makes()) is tuple and type(m.requires()) is tuple, name
+
+
 class _Requires(eclreco.Module):
     """Declares what it reads (None: does not say)."""
 

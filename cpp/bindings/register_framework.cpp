@@ -11,6 +11,16 @@ using fw::Module;
 using fw::ParamType;
 using fw::ParamValue;
 
+namespace {
+// makes()/requires() of a module to Python: None (not said) or a tuple of collection names.
+py::object names_or_none(const fw::Module::Collections& names) {
+  if (!names) return py::none();
+  py::tuple out(names->size());
+  for (size_t i = 0; i < names->size(); ++i) out[i] = py::str((*names)[i]);
+  return out;
+}
+}  // namespace
+
 thread_local bool in_python_event = false;
 
 bool is_bool(py::handle v) {
@@ -369,8 +379,11 @@ void register_framework(py::module_& m) {
       .def("ordered", &Module::ordered)
       .def("writes_events", &Module::writes_events)
       .def("counters", &Module::counters)
-      .def("makes", &Module::makes, "the collections the module adds to its batches; None: not said")
-      .def("requires", &Module::needs, "the collections the module reads and cannot do without; None: not said")
+      // a tuple, as a Python module's makes()/requires() and the docs give them (stl.h made a C++ module's a list)
+      .def("makes", [](const Module& self) { return names_or_none(self.makes()); },
+           "the collections the module adds to its batches (a tuple); None: not said")
+      .def("requires", [](const Module& self) { return names_or_none(self.needs()); },
+           "the collections the module reads and cannot do without (a tuple); None: not said")
       .def("set_param", [](Module& self, const std::string& name, py::handle v) {
         self.params().set(name, to_param(self, name, v));
       })
