@@ -140,7 +140,7 @@ def test_hlt_run_restarts_a_collector_and_loses_no_event(farm_factory, tmp_path,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     assert np.array_equal(np.sort(read_evt(merged)[0]), np.arange(n))
-    assert f"{n} events written to {merged} from 2 file(s); {len(evts) - n} duplicate(s) dropped" in r.stdout, r.stdout
+    assert f"{n} events written to {merged} from 2 file(s), detector belle2-ecl; {len(evts) - n} duplicate(s) dropped" in r.stdout, r.stdout
 
 
 def test_a_collector_that_cannot_write_its_file_keeps_its_events_and_the_report_names_them(farm_factory, tmp_path):
