@@ -471,6 +471,19 @@ def test_array_source_hands_out_the_collection_in_batches():
         ArraySource("X", [0, 2], {"a": np.zeros(2)}, detector="cms")
 
 
+def test_array_source_checks_offsets_as_given():
+    """ArraySource cast its offsets to int64 before checking them: float offsets were truncated (0, 1.7, 3.2 read
+    as 0, 1, 3: event 0 lost a row to event 1) and a uint64 above 2**63 - 1 wrapped to a negative number. Both are
+    refused, naming what the offsets hold."""
+    from eclreco.sources import ArraySource
+
+    with pytest.raises(ValueError, match="offsets must be integers .*not float64"):
+        ArraySource("ECLDigits", np.array([0, 1.7, 3.2]), {"cell": np.ones(3, np.int32)}, detector="array30")
+    with pytest.raises(ValueError, match=f"offsets hold {2**64 - 1}, above 2\\*\\*63 - 1"):
+        ArraySource("X", np.array([0, 2**64 - 1], np.uint64), {"a": np.zeros(2)})
+    assert ArraySource("X", np.array([0, 1, 2], np.uint32), {"a": np.zeros(2)}).offsets.tolist() == [0, 1, 2]
+
+
 def test_array_source_event_information_agrees_with_the_digits_it_hands_out():
     """ArraySource reads its (uncopied) arrays batch by batch; the out-of-time count it adds is
     counted from the same rows, so it agrees with the digits even when the caller changed the

@@ -76,7 +76,13 @@ class ArraySource(Module):
 
     def __init__(self, collection: str, offsets, columns: dict, detector: str = "belle2-ecl", repeat: int = 1):
         super().__init__()
-        off = np.asarray(offsets, np.int64)
+        given = np.asarray(offsets)
+        # checked as given: the cast truncated float offsets (1.7 read as 1) and wrapped a uint64 above 2**63 - 1
+        if given.size and given.dtype.kind not in "iu":
+            raise ValueError(f"ArraySource: offsets must be integers (row numbers), not {given.dtype}")
+        if given.dtype.kind == "u" and given.size and given.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"ArraySource: offsets hold {int(given.max())}, above 2**63 - 1 rows")
+        off = given.astype(np.int64, copy=False)
         if off.ndim != 1 or off.size < 1 or off[0] != 0 or np.any(np.diff(off) < 0):
             raise ValueError("ArraySource: offsets must be 1-d, start at 0 and not decrease")
         cols = {k: np.asarray(v) for k, v in columns.items()}
