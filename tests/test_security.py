@@ -400,6 +400,27 @@ def test_empty_curve_key_options_without_curve_dir_are_refused_too(tmp_path):
             "--curve-dir" in last, (cmd, r.returncode, r.stdout[-2000:], r.stderr[-2000:])
 
 
+def test_empty_curve_key_options_with_curve_dir_are_refused(tmp_path, keys):
+    """`--curve-dir K --curve-name ''` (a shell variable left unset) took the role's default key in silence, as if the
+    option were not given (`name or default`), where the operator meant another key; an empty --curve-secret the same.
+    Refused, one line naming the option, exit 2, before any socket."""
+    reco = [sys.executable, os.path.join(REPO, "steering", "reco.py"), "-i", free_address(), "--idle-timeout", "1",
+            "--curve-dir", keys]
+    runs = [(reco + ["--curve-name", ""], "reco.py", "--curve-name", "reco"),
+            (reco + ["--curve-secret", ""], "reco.py", "--curve-secret", "reco"),
+            (ECLRECO + ["hlt", "distributor", "--metrics-port", "-1", "--input", free_address(), "--curve-dir", keys,
+                        "--curve-name", ""], "hlt distributor", "--curve-name", "distributor")]
+    for cmd, command, named, default in runs:
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=str(tmp_path))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{cmd}: started with the default key")
+        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+        assert r.returncode == 2 and last.endswith(f"{command}: error: {named} '': names no key (leave it out for the "
+                                                   f"default: private/{default}.key_secret in --curve-dir)"), \
+            (cmd, r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+
+
 def test_reco_py_refuses_a_curve_server_it_would_not_use(tmp_path, keys):
     """`reco.py -i tcp://... --curve-dir K --curve-server x` binds: it is the CURVE server and asks no peer for a
     key, and the --curve-server was ignored (as one without --curve-dir was): it ran, the operator believing the

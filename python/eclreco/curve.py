@@ -130,6 +130,11 @@ def curve_option_error(args, default_name: str, servers=(), server_option: str =
                 f" (a key directory is made by eclreco hlt keys -o DIR)")
     if not os.path.isdir(os.path.join(directory, "public")):
         return f"--curve-dir {directory!r}: no public/ in it (not a key directory of eclreco hlt keys)"
+    # given but empty (a variable left unset): the default key was taken in silence, not the one the operator meant
+    empty = [option for option in _key_options_given(args) if not getattr(args, option[2:].replace("-", "_"))]
+    if empty:
+        return (f"{empty[0]} '': names no key (leave it out for the default: private/{default_name}.key_secret in "
+                "--curve-dir)")
     secret = getattr(args, "curve_secret", "") or ""
     try:
         curve = Curve(directory, getattr(args, "curve_name", "") or default_name, secret)
