@@ -77,12 +77,25 @@ def _sample(tmp_path, name, **arrays):
     return str(path)
 
 
+def _refused(tmp_path, capsys, path, detector, message, commands=("train", "validate")):
+    """G4Sample refuses `path` with `message` (a pattern) after the file's name, and so does each of `commands`:
+    exit 2, one line."""
+    from eclreco import cli, cnn_data
+
+    with pytest.raises(ValueError, match=f"{os.path.basename(path)}: {message}"):
+        cnn_data.G4Sample(path, detector)
+    for command in commands:
+        assert cli.main([command, "--detector", detector, "-o", str(tmp_path / "out"), "--g4", path, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.search(f"eclreco {command}: error: .*{message}", err)
+
+
 def test_a_geant4_sample_with_out_of_range_cells_or_entry_points_is_refused(tmp_path, capsys):
     """Two wrong samples were read as right ones: int64 cellIds above 2**31 (a packed volume ID, 2**32 + 403)
     were cast to int32 before the range check, which then saw their low bits (403) and trained on them; a NaN
     entry point (xy_mm) was counted outside the aluminium gaps in validate's gap truth. Each is one line naming
     the array, from G4Sample and from the command, before any work (no -o folder)."""
-    from eclreco import cli, cnn_data
+    from eclreco import cnn_data
 
     with np.load(ARRAY30) as f:
         cell, xy = f["cell"][: f["offsets"][1000]].astype(np.int64), f["xy_mm"][:1000].copy()
@@ -93,13 +106,7 @@ def test_a_geant4_sample_with_out_of_range_cells_or_entry_points_is_refused(tmp_
               r"'xy_mm' gives 1 photon\(s\) an entry point that is not finite \(the first \[nan, nan\] mm, event 7\)")]
     for name, arrays, message in cases:
         path = _sample(tmp_path, name, **arrays)
-        with pytest.raises(ValueError, match=f"{name}.npz: {message}"):
-            cnn_data.G4Sample(path, "array30")
-        for command in ("train", "validate"):
-            assert cli.main([command, "--detector", "array30", "-o", str(tmp_path / "out"), "--g4", path,
-                             "--quiet"]) == 2
-            err = capsys.readouterr().err
-            assert err.count("\n") == 1 and re.search(f"eclreco {command}: error: .*{message}", err)
+        _refused(tmp_path, capsys, path, "array30", message)
     assert not (tmp_path / "out").exists()
     assert cnn_data.G4Sample(_sample(tmp_path, "good"), "array30").n == 1000
 
@@ -109,7 +116,6 @@ def test_a_geant4_sample_of_ragged_or_mismatched_arrays_names_the_array(tmp_path
     cannot be loaded when allow_pickle=False', and arrays of different lengths with '1999 photons, 2001 offsets
     (0..46906), 46906 cellIds, 46906 deposits do not fit together': neither named the array to fix. Each line
     names it now (and says what a flat array with offsets is), from the command too, before any work."""
-    from eclreco import cli, cnn_data
 
     with np.load(ARRAY30) as f:
         off = f["offsets"][:1001]
@@ -129,11 +135,7 @@ def test_a_geant4_sample_of_ragged_or_mismatched_arrays_names_the_array(tmp_path
              ("down", dict(offsets=down), rf"'offsets' decreases at event 5 \({down[5]} then {down[6]}\)")]
     for name, arrays, message in cases:
         path = _sample(tmp_path, name, **arrays)
-        with pytest.raises(ValueError, match=f"{name}.npz: {message}"):
-            cnn_data.G4Sample(path, "array30")
-        assert cli.main(["train", "--detector", "array30", "-o", str(tmp_path / "out"), "--g4", path, "--quiet"]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and re.search(f"eclreco train: error: .*{message}", err)
+        _refused(tmp_path, capsys, path, "array30", message, ("train",))
     assert not (tmp_path / "out").exists()
 
 
@@ -142,19 +144,14 @@ def test_a_geant4_sample_with_entry_points_in_cm_is_refused_naming_the_array_and
     'entered' the aluminium gap at x or y = 0 in validate's gap truth. The deposits' energy centroid says where
     each photon entered: such a file is one line naming the array and the unit, from G4Sample and from train
     and validate, before any work; the file in mm passes."""
-    from eclreco import cli, cnn_data
+    from eclreco import cnn_data
 
     with np.load(ARRAY30) as f:
         xy = f["xy_mm"][:1000]
     path = _sample(tmp_path, "xycm", xy_mm=xy / 10)
     message = (r"'xy_mm' puts the photons' entry points a median 3\d\.\d mm from the energy centroid of their "
                r"deposits, 1\d\.\d mm if they were cm: are they in cm\? The file holds them in mm")
-    with pytest.raises(ValueError, match=f"xycm.npz: {message}"):
-        cnn_data.G4Sample(path, "array30")
-    for command in ("train", "validate"):
-        assert cli.main([command, "--detector", "array30", "-o", str(tmp_path / "out"), "--g4", path, "--quiet"]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and re.search(f"eclreco {command}: error: .*{message}", err)
+    _refused(tmp_path, capsys, path, "array30", message)
     assert not (tmp_path / "out").exists()
     assert cnn_data.G4Sample(_sample(tmp_path, "good"), "array30").n == 1000
 
@@ -165,7 +162,7 @@ def test_offsets_beyond_int64_are_named_as_the_file_holds_them(tmp_path, capsys)
     ('decreases at event 4 (76 then -3)'). 'offsets' is checked as stored now: a boundary outside the entries of
     'cell' is named with its value and index, a decrease of a uint64 array (where np.diff wraps) with its values;
     uint64 offsets that fit pass."""
-    from eclreco import cli, cnn_data
+    from eclreco import cnn_data
 
     with np.load(ARRAY30) as f:
         off = f["offsets"][:1001]
@@ -181,11 +178,7 @@ def test_offsets_beyond_int64_are_named_as_the_file_holds_them(tmp_path, capsys)
              ("down", down, rf"'offsets' decreases at event 5 \({down[5]} then {down[6]}\)")]
     for name, offsets, message in cases:
         path = _sample(tmp_path, name, offsets=offsets)
-        with pytest.raises(ValueError, match=f"{name}.npz: {message}"):
-            cnn_data.G4Sample(path, "array30")
-        assert cli.main(["train", "--detector", "array30", "-o", str(tmp_path / "out"), "--g4", path, "--quiet"]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and re.search(f"eclreco train: error: .*{message}", err)
+        _refused(tmp_path, capsys, path, "array30", message, ("train",))
     assert not (tmp_path / "out").exists()
     assert cnn_data.G4Sample(_sample(tmp_path, "uint64", offsets=off.astype(np.uint64)), "array30").n == 1000
 
@@ -240,7 +233,7 @@ def test_true_energies_out_of_step_with_the_deposits_are_refused(tmp_path, capsy
     belle2-ecl, within 0.05-2), and trained on targets of other photons. An event cannot deposit more than its
     photon's energy: 43-47 % of such events do, which is one line naming the array and the first event, from
     G4Sample and from the commands, before any work; the files in step pass."""
-    from eclreco import cli, cnn_data
+    from eclreco import cnn_data
 
     rng = np.random.default_rng(5)
     belle2 = os.path.join(HERE, "data", "g4_belle2_subset.npz")
@@ -256,12 +249,7 @@ def test_true_energies_out_of_step_with_the_deposits_are_refused(tmp_path, capsy
         message = (rf"\d+ event\(s\) deposit more than their photon's true energy \({name}\), which energy conservation "
                    r"forbids \(the first, event \d+: [\d.]+ MeV of [\d.]+ MeV\): are the true energies in the order of "
                    "the events' deposits")
-        with pytest.raises(ValueError, match=f"{os.path.basename(path)}: {message}"):
-            cnn_data.G4Sample(path, det)
-        for command in ("train", "validate"):
-            assert cli.main([command, "--detector", det, "-o", str(tmp_path / "out"), "--g4", path, "--quiet"]) == 2
-            err = capsys.readouterr().err
-            assert err.count("\n") == 1 and re.search(f"eclreco {command}: error: .*{message}", err)
+        _refused(tmp_path, capsys, path, det, message)
     assert not (tmp_path / "out").exists()
     assert cnn_data.G4Sample(ARRAY30, "array30").n == 2000 and cnn_data.G4Sample(belle2, "belle2-ecl").n == 2000
 
@@ -272,7 +260,7 @@ def test_entry_points_away_from_their_deposits_are_refused(tmp_path, capsys):
     zeros (a placeholder) put the photons in the aluminium gap at the origin in validate's gap truth. Entry points
     a median more than half a crystal pitch from their deposits' energy centroid are one line naming 'xy_mm',
     from G4Sample and the commands, before any work."""
-    from eclreco import cli, cnn_data
+    from eclreco import cnn_data
 
     with np.load(ARRAY30) as f:
         cell, xy = f["cell"][: f["offsets"][1000]], f["xy_mm"][:1000]
@@ -281,11 +269,7 @@ def test_entry_points_away_from_their_deposits_are_refused(tmp_path, capsys):
                r"counted from 0, not 1\?")
     for name, arrays, median in [("from0", dict(cell=cell - 1), r"6\d\.\d"), ("zeros", dict(xy_mm=0 * xy), r"4\d\.\d")]:
         path = _sample(tmp_path, name, **arrays)
-        with pytest.raises(ValueError, match=f"{name}.npz: {message.format(median)}"):
-            cnn_data.G4Sample(path, "array30")
-        assert cli.main(["train", "--detector", "array30", "-o", str(tmp_path / "out"), "--g4", path, "--quiet"]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and re.search(f"eclreco train: error: .*{message.format(median)}", err)
+        _refused(tmp_path, capsys, path, "array30", message.format(median), ("train",))
     assert not (tmp_path / "out").exists()
     assert cnn_data.G4Sample(_sample(tmp_path, "good"), "array30").n == 1000
 
@@ -295,7 +279,7 @@ def test_cells_counted_from_0_are_refused_without_entry_points(tmp_path, capsys)
     check: the corner crystal, 0 then, is never hit by the reference beam, and nothing compared the deposits
     with a place. Their energy centroid a median more than half a crystal pitch from the reference beam's
     crystal (61 mm shifted, 9.8 mm as shipped) is one line naming 'cell', from G4Sample and the commands."""
-    from eclreco import cli, cnn_data
+    from eclreco import cnn_data
 
     heldout = os.path.join(HERE, "data", "g4_array30_heldout.npz")
     with np.load(heldout) as f:
@@ -306,13 +290,7 @@ def test_cells_counted_from_0_are_refused_without_entry_points(tmp_path, capsys)
     message = (r"the energy centroid of the events' deposits \('cell'\) lies a median 6\d\.\d mm from the centre of "
                r"the reference beam's crystal \(x, y = 30, 30 mm: col 15, row 15\), more than 30 mm \(half the "
                r"crystal pitch\): cellIds counted from 0, not 1, or a beam elsewhere\?")
-    with pytest.raises(ValueError, match=f"from0.npz: {message}"):
-        cnn_data.G4Sample(path, "array30")
-    for command in ("train", "validate"):
-        assert cli.main([command, "--detector", "array30", "-o", str(tmp_path / "out"), "--g4", path,
-                         "--quiet"]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and re.search(f"eclreco {command}: error: .*{message}", err)
+    _refused(tmp_path, capsys, path, "array30", message)
     assert not (tmp_path / "out").exists()
     assert cnn_data.G4Sample(heldout, "array30").n == 2000
 
@@ -322,7 +300,7 @@ def test_photon_directions_away_from_their_deposits_are_refused(tmp_path, capsys
     then matched a cluster to the 4-6 % of the photons near the symmetry plane only, and train ran on those
     without a word. More than 10 % of the photons directed more than the matching cone from their deposits'
     energy centroid is one line naming 'photons', from G4Sample and the commands, before any work."""
-    from eclreco import cli, cnn_data
+    from eclreco import cnn_data
 
     belle2 = os.path.join(HERE, "data", "g4_belle2_subset.npz")
     with np.load(belle2) as f:
@@ -336,12 +314,6 @@ def test_photon_directions_away_from_their_deposits_are_refused(tmp_path, capsys
     for name, photons in [("flipped", flipped), ("swapped", swapped)]:
         path = str(tmp_path / f"{name}.npz")
         np.savez(path, **{**d, "photons": photons})
-        with pytest.raises(ValueError, match=f"{name}.npz: {message}"):
-            cnn_data.G4Sample(path, "belle2-ecl")
-        for command in ("train", "validate"):
-            assert cli.main([command, "--detector", "belle2-ecl", "-o", str(tmp_path / "out"), "--g4", path,
-                             "--quiet"]) == 2
-            err = capsys.readouterr().err
-            assert err.count("\n") == 1 and re.search(f"eclreco {command}: error: .*{message}", err)
+        _refused(tmp_path, capsys, path, "belle2-ecl", message)
     assert not (tmp_path / "out").exists()
     assert cnn_data.G4Sample(belle2, "belle2-ecl").n == 2000
