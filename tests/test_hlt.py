@@ -1,4 +1,5 @@
 """The HLT farm as real processes: `eclreco hlt run` fed over ZeroMQ, read back with uproot."""
+import contextlib
 import glob
 import itertools
 import hashlib
@@ -1585,23 +1586,19 @@ def test_the_farms_input_queue_is_bounded_in_bytes_and_what_it_holds_is_counted(
     assert (d["held"], d["unsaved"], d["held_bytes"]) == (0, 0, 0), d  # each saved event's bytes freed
 
 
-def test_a_terminate_with_a_live_source_is_prompt_and_accounts_for_every_event(farm_factory, zmq_context):
-    """A source that keeps sending: terminate drained the input until it was quiet, which it never is, for half
-    the stop time-out (60 s), then counted what came for 10 s more (71 s in all). The terminate's drain now ends
-    --stop-drain after it, and the input is closed before what it holds is counted: an event the source sent
-    is processed, counted unread_at_terminate, or still queued at the source (it goes to the next distributor:
-    here a PULL bound on the address after the exit takes it). What was in flight in the kernel's socket buffers
-    when the input closed was dropped uncounted over tcp:// (one fresh-clone run lost 20 of 5540): the input's
-    connections are now ended before the close, and the sender's last bytes read (docs/deployment.md)."""
+@contextlib.contextmanager
+def source_that_never_pauses(zmq_context, address):
+    """A PUSH connected to `address` sending events 0, 1, ... at ~2 kHz until the block ends (never quiet for a
+    --stop-drain of 0.3 s); yields [the number sent so far]. The socket stays connected: what it still holds goes to
+    whoever binds the address next."""
     import zmq
 
-    farm = farm_factory(workers=1)
     push = zmq_context.socket(zmq.PUSH)
     push.setsockopt(zmq.SNDTIMEO, 100)
-    push.connect(farm.input)
+    push.connect(address)
     done, sent = threading.Event(), [0]
 
-    def feed():  # ~2 kHz until told to stop
+    def feed():
         while not done.is_set():
             try:
                 push.send(envelope(sent[0]))
@@ -1613,12 +1610,29 @@ def test_a_terminate_with_a_live_source_is_prompt_and_accounts_for_every_event(f
 
     t = threading.Thread(target=feed, daemon=True)
     t.start()
-    farm.wait_confirmed(2000)
-    t0 = time.monotonic()
-    d = farm.command("terminate")["processes"][0]
-    took = time.monotonic() - t0
-    done.set()
-    t.join(5)
+    try:
+        yield sent
+    finally:
+        done.set()
+        t.join(5)
+
+
+def test_a_terminate_with_a_live_source_is_prompt_and_accounts_for_every_event(farm_factory, zmq_context):
+    """A source that keeps sending: terminate drained the input until it was quiet, which it never is, for half
+    the stop time-out (60 s), then counted what came for 10 s more (71 s in all). The terminate's drain now ends
+    --stop-drain after it, and the input is closed before what it holds is counted: an event the source sent
+    is processed, counted unread_at_terminate, or still queued at the source (it goes to the next distributor:
+    here a PULL bound on the address after the exit takes it). What was in flight in the kernel's socket buffers
+    when the input closed was dropped uncounted over tcp:// (one fresh-clone run lost 20 of 5540): the input's
+    connections are now ended before the close, and the sender's last bytes read (docs/deployment.md)."""
+    import zmq
+
+    farm = farm_factory(workers=1)
+    with source_that_never_pauses(zmq_context, farm.input) as sent:
+        farm.wait_confirmed(2000)
+        t0 = time.monotonic()
+        d = farm.command("terminate")["processes"][0]
+        took = time.monotonic() - t0
     rc, log = farm.wait_exit()
     assert rc == 0 and took < 10, (took, log)
     assert d["received"] == d["confirmed"] and d["unread_at_terminate"] > 0 and d["lost_at_stop"] == 0, d
@@ -1637,35 +1651,13 @@ def test_a_stop_under_a_source_that_never_pauses_takes_seconds_and_says_so(farm_
     which it never is, for half of --stop-timeout: 60 s at the defaults, with not a word to the operator. The
     drain is bounded by --stop-drain-max (10 s), the distributor says when it cut the input off, and `hlt
     control stop` says what it waits for when no answer comes within a second."""
-    import zmq
-
     farm = farm_factory(workers=1)
-    push = zmq_context.socket(zmq.PUSH)
-    push.setsockopt(zmq.SNDTIMEO, 100)
-    push.connect(farm.input)
-    done, sent = threading.Event(), [0]
-
-    def feed():  # ~2 kHz until told to stop: never quiet for --stop-drain (0.3 s)
-        while not done.is_set():
-            try:
-                push.send(envelope(sent[0]))
-                sent[0] += 1
-            except zmq.Again:
-                continue
-            if sent[0] % 20 == 0:
-                time.sleep(0.01)
-
-    t = threading.Thread(target=feed, daemon=True)
-    t.start()
-    try:
+    with source_that_never_pauses(zmq_context, farm.input):
         farm.wait_confirmed(500)
         t0 = time.monotonic()
         r = subprocess.run(ECLRECO + ["hlt", "control", "stop", "--control", farm.control], capture_output=True,
                            text=True, timeout=110)
         took = time.monotonic() - t0
-    finally:
-        done.set()
-        t.join(5)
     assert r.returncode == 0, r.stderr + farm.logtext()
     assert 9 < took < 30, (took, farm.logtext())  # 10 s of drain, then the events held are finished
     assert ("eclreco hlt control: stopping run 1: the input still delivers; the farm reads it until it is quiet for "
