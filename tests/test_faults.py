@@ -143,6 +143,27 @@ def test_hlt_run_restarts_a_collector_and_loses_no_event(farm_factory, tmp_path,
     assert f"{n} events written to {merged} from 2 file(s), detector belle2-ecl; {len(evts) - n} duplicate(s) dropped" in r.stdout, r.stdout
 
 
+def fail_the_collectors_write_midway(farm, first: int, n: int, room_bytes: int):
+    """Once every event so far is SAVED, a file-size limit on the collector alone, `room_bytes` beyond its file now
+    (Python ignores SIGXFSZ: write() fails, EFBIG), while events first..n-1 come at 3 kHz: its write fails in the
+    middle of the run. Returns when the restarted collector has registered and the events are sent."""
+    import threading
+
+    while farm.distributor()["unsaved"]:  # every one said SAVED
+        time.sleep(0.1)
+    failing = farm.process("collector")["pid"]
+    limit = os.path.getsize(farm.output) + room_bytes
+    resource.prlimit(failing, resource.RLIMIT_FSIZE, (limit, limit))
+    feed = threading.Thread(target=lambda: push_events(farm.input, range(first, n), rate_hz=3000, timeout_s=60),
+                            daemon=True)
+    feed.start()
+    t0 = time.monotonic()
+    while (c := farm.process("collector"))["pid"] == failing or c["state"] == "silent":  # the new one registered
+        assert time.monotonic() - t0 < 60, farm.logtext()
+        time.sleep(0.2)
+    feed.join(60)
+
+
 def test_a_collector_that_cannot_write_its_file_keeps_its_events_and_the_report_names_them(farm_factory, tmp_path):
     """A collector whose output cannot be written (here a file-size limit set on it alone, EFBIG; a full disk
     gives ENOSPC the same way) in the middle of a stream: its file keeps the events written before the error,
@@ -151,29 +172,13 @@ def test_a_collector_that_cannot_write_its_file_keeps_its_events_and_the_report_
     event lost. Before, the file was removed with every event it had said SAVED for, which the distributor had
     forgotten: 19877 of 30000 events in no file and counted nowhere, the report naming the new collector's file
     as the dead one's, exit 0."""
-    import re
-    import resource
-    import threading
-
     from test_hlt import scrape
 
     farm = farm_factory(workers=2)
     push_events(farm.input, range(3000))
     farm.wait_confirmed(3000)
-    while (d := farm.distributor())["unsaved"]:
-        time.sleep(0.1)
-    first = farm.process("collector")["pid"]
-    limit = os.path.getsize(farm.output) + 50_000  # ~5000 more events (8 B each)
-    resource.prlimit(first, resource.RLIMIT_FSIZE, (limit, limit))  # Python ignores SIGXFSZ: write() fails
     n = 15_000
-    feed = threading.Thread(target=lambda: push_events(farm.input, range(3000, n), rate_hz=3000, timeout_s=60),
-                            daemon=True)
-    feed.start()
-    t0 = time.monotonic()
-    while (c := farm.process("collector"))["pid"] == first or c["state"] == "silent":  # the new one registered
-        assert time.monotonic() - t0 < 60, farm.logtext()
-        time.sleep(0.2)
-    feed.join(60)
+    fail_the_collectors_write_midway(farm, 3000, n, room_bytes=50_000)  # ~5000 more events (8 B each)
     farm.wait_confirmed(n)
     metrics = scrape(farm.distributor()["metrics_port"])
     final = farm.command("terminate")["processes"][0]
@@ -200,28 +205,13 @@ def test_a_collector_whose_write_fails_in_the_middle_of_a_run_reports_what_it_sa
     were in no count ("... of 5000 received; rejected 0"). It now reports what it saved, counted as the report
     of a collector that left the run: the line counts every event once and names its kept file, the stop's reply
     lists it."""
-    import resource
-    import threading
-
     from hlt_helpers import push_messages
 
     farm = farm_factory(workers=1)
     push_messages(farm.input, [envelope(k) for k in range(1000)] + [b"\xc1"] * 100)  # (100 rejected: not msgpack)
     farm.wait_confirmed(1100)
-    while farm.distributor()["unsaved"]:  # every one said SAVED
-        time.sleep(0.1)
-    first = farm.process("collector")["pid"]
-    limit = os.path.getsize(farm.output) + 20_000  # ~2000 more events
-    resource.prlimit(first, resource.RLIMIT_FSIZE, (limit, limit))
     n = 6000
-    feed = threading.Thread(target=lambda: push_events(farm.input, range(1000, n), rate_hz=3000, timeout_s=60),
-                            daemon=True)
-    feed.start()
-    t0 = time.monotonic()
-    while (c := farm.process("collector"))["pid"] == first or c["state"] == "silent":  # the new one registered
-        assert time.monotonic() - t0 < 60, farm.logtext()
-        time.sleep(0.2)
-    feed.join(60)
+    fail_the_collectors_write_midway(farm, 1000, n, room_bytes=20_000)  # ~2000 more events
     farm.wait_confirmed(n + 100)
     reply = farm.command("stop")
     final = farm.command("terminate")["processes"][0]
