@@ -55,12 +55,17 @@ class CommandParser(argparse.ArgumentParser):
         return super().parse_known_args(args, argparse.Namespace(**{GIVEN: set()}) if namespace is None else namespace)
 
 
+def option_dest(option: str) -> str:
+    """argparse's attribute of `option`: '--metrics-port' -> 'metrics_port'."""
+    return option.lstrip("-").replace("-", "_")
+
+
 def option_given(args, option: str, default=None) -> bool:
     """Whether the command line gave `option` ('--flush-interval'), whatever its value: an option that does not
     apply is refused when given, also with its default's value (compared with the default, that one passed
     silently). Where the parser recorded nothing (a steering file's own argparse parser), a value other than
     `default`; an option `args` does not have is not given."""
-    dest = option.lstrip("-").replace("-", "_")
+    dest = option_dest(option)
     if hasattr(args, GIVEN):
         return dest in getattr(args, GIVEN)
     return getattr(args, dest, default) != default
@@ -160,7 +165,7 @@ def metrics_host_unused(args, port_option: str = "--metrics-port") -> str:
     """Why an HLT role's --metrics-host does nothing, '' when it does: `port_option` (its value in `args`) is -1,
     no exporter, and --metrics-host is given (option_given; it was ignored: a scrape of it found nothing). reco.py,
     whose 'none' is port 0, refuses the same in its parser."""
-    port = getattr(args, port_option.lstrip("-").replace("-", "_"))
+    port = getattr(args, option_dest(port_option))
     if port < 0 and option_given(args, "--metrics-host", METRICS_HOST):
         return (f"--metrics-host {args.metrics_host!r} is the interface of the metrics exporter: {port_option} -1 "
                 "starts none")

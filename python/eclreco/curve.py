@@ -23,7 +23,7 @@ import threading
 import zmq
 import zmq.auth
 
-from eclreco.cli_types import option_given
+from eclreco.cli_types import option_dest, option_given
 
 DEFAULT_NAMES = ("distributor", "collector", "worker", "control", "daq", "reco")
 
@@ -131,7 +131,7 @@ def curve_option_error(args, default_name: str, servers=(), server_option: str =
     if not os.path.isdir(os.path.join(directory, "public")):
         return f"--curve-dir {directory!r}: no public/ in it (not a key directory of eclreco hlt keys)"
     # given but empty (a variable left unset): the default key was taken in silence, not the one the operator meant
-    empty = [option for option in _key_options_given(args) if not getattr(args, option[2:].replace("-", "_"))]
+    empty = [option for option in _key_options_given(args) if not getattr(args, option_dest(option))]
     if empty:
         return (f"{empty[0]} '': names no key (leave it out for the default: private/{default_name}.key_secret in "
                 "--curve-dir)")

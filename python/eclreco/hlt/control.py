@@ -195,7 +195,8 @@ def status_main(args) -> int:
 STOP_NOTICE_S = 1.0
 
 
-def _distributor_row(st: dict) -> dict:
+def distributor_row(st: dict) -> dict:
+    """The distributor's row of a farm status ({} without one)."""
     return next((p for p in st.get("processes", []) if p.get("role") == "distributor"), {})
 
 
@@ -211,7 +212,7 @@ def control_main(args) -> int:
 
         def still_reading():  # a stop under a source that sends on takes seconds: said, with its bound
             try:
-                d = _distributor_row(status(args.control, timeout_s=min(5.0, args.timeout), curve=curve))
+                d = distributor_row(status(args.control, timeout_s=min(5.0, args.timeout), curve=curve))
             except ControlError:
                 return  # the stop's own answer (or its time-out) says the rest
             if d.get("draining"):

@@ -283,7 +283,7 @@ class Distributor:
             return False  # the next run's events wait until the collector's file of the ended run has its leftovers
         if self.drop_when_busy:
             return True
-        return (len(self.pending) < self.queue_size and len(self.events) + len(self.unsaved) < self.max_held
+        return (len(self.pending) < self.queue_size and self.held_events() < self.max_held
                 and not self.held_bytes_full())
 
     def input_waits_for_leftovers(self) -> int | None:
@@ -302,8 +302,12 @@ class Distributor:
         run = self.input_waits_for_leftovers()
         if run is None or self.state == "stopped":
             return None
-        return {"leftovers_of": run, "events": len(self.events) + len(self.unsaved),
+        return {"leftovers_of": run, "events": self.held_events(),
                 "collector_writing": self.leftovers_waiting is None, "waited_s": round(now - self.run_started_at, 3)}
+
+    def held_events(self) -> int:
+        """The events held for the next collector, confirmed or not (--max-held bounds them)."""
+        return len(self.events) + len(self.unsaved)
 
     def held_bytes_full(self) -> bool:
         """max_held_bytes reached: the input is read no further (the message that reached it was taken)."""
@@ -607,7 +611,7 @@ class Distributor:
                         c is not None and c.get("leftovers")):
                     self.leftovers_waiting = self.run_index
                     print(f"[distributor] run {self.run_index + 1} reads no input until the next collector has "
-                          f"written the {len(self.events) + len(self.unsaved)} events of run {self.run_index} that "
+                          f"written the {self.held_events()} events of run {self.run_index} that "
                           "its collector did not", flush=True)
                 self.run_index += 1
                 self.replaced_run = []
@@ -872,7 +876,7 @@ class Distributor:
         """Every event still held is lost, and counted as lost_at_stop: the unconfirmed ones, and
         the confirmed ones not known to be in the output file (lost_unsaved, also in `confirmed`;
         the collector may have written some of them before it died: at most this many are missing)."""
-        self.c["lost_at_stop"] += len(self.events) + len(self.unsaved)
+        self.c["lost_at_stop"] += self.held_events()
         # unsaved: also those a replaced collector had confirmed and the next one had not yet
         self.c["lost_unsaved"] += len(self.unsaved) + len(self.reconfirm)
         self.reconfirm.clear()

@@ -60,8 +60,7 @@ def _detector_of(name: str, f, t) -> int:
     ValueError saying why where the metadata does not name one detector."""
     from eclreco.rawdata import DETECTORS
 
-    meta = _metadata(f)
-    names = meta.get("detectors") if isinstance(meta, dict) else None
+    names = _metadata_detectors(f)
     old = (f"{name}: its {t.num_entries} events have no {DETECTOR!r} branch (a file written before RootOutput "
            f"had it) and the other files' do")
     if not isinstance(names, list):
@@ -190,6 +189,12 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
     return report
 
 
+def _metadata_detectors(f):
+    """The `detectors` that the file's metadata names (RootOutput's list of names), None where it has none."""
+    meta = _metadata(f)
+    return meta.get("detectors") if isinstance(meta, dict) else None
+
+
 def _written_detectors(f, t, keep, filled) -> set:
     """The detector codes of an input's events that are written (`keep`): from its `detector` branch, the code its
     events were given (`filled`), or, in a merge of files all without the branch, its metadata's `detectors` (a
@@ -200,8 +205,7 @@ def _written_detectors(f, t, keep, filled) -> set:
         return set(np.unique(t[DETECTOR].array(library="np")[keep]).tolist())
     if filled is not None:
         return {filled}
-    meta = _metadata(f)
-    names = meta.get("detectors") if isinstance(meta, dict) else None
+    names = _metadata_detectors(f)
     if not isinstance(names, list):
         return {None}
     return {DETECTORS.get(n, n) for n in names}

@@ -26,7 +26,8 @@ import zmq
 from eclreco.cli_types import metrics_host_unused
 from eclreco.curve import Curve, curve_option_error, roles_key_options_error
 from eclreco.hlt import protocol as P
-from eclreco.hlt.control import ControlError, farm_failure, output_line, request, status, summary_line
+from eclreco.hlt.control import (ControlError, distributor_row, farm_failure, output_line, request, status,
+                                  summary_line)
 from eclreco.hlt.worker import chain_option_unused, module_names, steering_file_error
 from eclreco.raw_sockets import attach, bind_error, check_message_limits, check_queue_bound, tcp_port
 
@@ -656,7 +657,7 @@ def benchmark_farm(raw: str, rate: float, seconds: float, workers: int = 2, time
         m = re.search(r"sent (\d+) events in ([0-9.]+) s", out)
         offered_s = float(m.group(2)) if m else time.monotonic() - t_start
         while True:
-            d = next(p for p in status(addr_ctl, 5.0)["processes"] if p["role"] == "distributor")
+            d = distributor_row(status(addr_ctl, 5.0))
             if d["confirmed"] >= n or time.monotonic() - t_start > timeout_s:
                 break
             time.sleep(0.2)
