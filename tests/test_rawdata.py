@@ -525,6 +525,37 @@ def test_rejected_output_quarantine(tmp_path):
     assert "exp" not in recs[3] and "evt" not in recs[3]
 
 
+def test_a_quarantine_file_is_not_taken_for_a_raw_file(tmp_path, capsys):
+    """A quarantine record keeps exp, run and evt wherever they could be read, so the file RejectedOutput
+    writes starts with a map that has those keys of an envelope, and not_a_raw_file (judged by "none of
+    v, exp, run, evt, det, ecl") passed it: `reco.py -i job.rejected.msgpack` ran every record as an
+    event, each rejected (missing_key) into a quarantine of the quarantine, and `daq-emulator --input`
+    replayed it. A map without v, det and ecl, the keys only an envelope has, is refused."""
+    from eclreco import cli
+
+    q = tmp_path / "rejected.msgpack"
+    path = eclreco.create_path()
+    path.add_module(MessageSource([pack(env(exp=4, run=5, evt=100, crc32=1))]))
+    path.add_module("RejectedOutput", filename=str(q))
+    eclreco.process(path, install_signal_handlers=False)
+    recs = list(msgpack.Unpacker(open(q, "rb"), raw=False))
+    assert [(r["reason"], r["exp"], r["run"], r["evt"]) for r in recs] == [("crc_mismatch", 4, 5, 100)]
+    why = rawdata.not_a_raw_file(q)
+    assert why.startswith("not a raw file of the wire format: its first message is a map with none of an "
+                          "envelope's keys v, det, ecl; a quarantine file's messages are written out by"), why
+    rc = cli.main(["daq-emulator", "--input", str(q), "--connect", "tcp://127.0.0.1:1"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and out == "" and err == f"eclreco daq-emulator: error: --input '{q}': {why}\n"
+    # an envelope that lacks only some of them is an event to replay (and to reject)
+    assert not rawdata.not_a_raw_file(_write_bytes(tmp_path / "r", pack(env(v=DROP, ecl=DROP))))
+    assert not rawdata.not_a_raw_file(_write_bytes(tmp_path / "r2", raw_map(("exp", 1), ("det", "array30"))))
+
+
+def _write_bytes(path, data):
+    path.write_bytes(data)
+    return path
+
+
 class _LateRejecter(eclreco.Module):
     """Rejects the events whose evt is in `which` (a user's module)."""
 

@@ -364,12 +364,16 @@ def count_messages(path: str | os.PathLike, limit: int | None = None) -> int:
 
 
 ENVELOPE_KEYS = ("v", "exp", "run", "evt", "det", "ecl")  # the required keys (spec/wire-format.md)
+# The required keys that only an envelope has: a quarantine record (RejectedOutput) has exp, run and evt too,
+# wherever they could be read, i.e. for almost every rejected event.
+ENVELOPE_OWN_KEYS = ("v", "det", "ecl")
 
 
 def not_a_raw_file(path: str | os.PathLike) -> str:
     """Why `path` is not a raw file of the wire format, judged by its first message ('' when it may be
     one): no MessagePack object can be framed there, it is no map, or a map with none of an envelope's
-    keys (a quarantine file, a stream of other maps). Read message by message, any bytes are some
+    own keys v, det and ecl (a quarantine file, whose records also hold exp, run and evt; a stream of
+    other maps). Read message by message, any bytes are some
     MessagePack (each ASCII byte is an int): `hello` was replayed as 6 events. A raw file whose first
     message is an envelope, valid or not, is one; later messages are the reconstruction's to reject."""
     try:
@@ -385,9 +389,10 @@ def not_a_raw_file(path: str | os.PathLike) -> str:
         reason, _, detail = str(err).partition(": ")
     if reason == "not_a_map":
         return f"not a raw file of the wire format: its first message is no envelope ({detail})"
-    if reason == "missing_key" and detail.endswith(", ".join(ENVELOPE_KEYS)):
+    missing = detail.rpartition(": ")[2].split(", ") if reason == "missing_key" else ()
+    if all(k in missing for k in ENVELOPE_OWN_KEYS):
         return ("not a raw file of the wire format: its first message is a map with none of an envelope's keys "
-                f"({', '.join(ENVELOPE_KEYS)}); a quarantine file's messages are written out by "
+                f"{', '.join(ENVELOPE_OWN_KEYS)}; a quarantine file's messages are written out by "
                 "`eclreco quarantine FILE --extract OUT`")
     return ""
 
