@@ -20,6 +20,7 @@ import zmq
 import eclreco
 from eclreco.curve import Curve, generate_keys
 from eclreco.daq import emulate
+from eclreco.hlt.protocol import CURVE_ROLES
 from eclreco.rawdata import write_raw_file
 from hlt_helpers import envelope, free_address, free_port
 
@@ -453,6 +454,9 @@ def test_hlt_run_refuses_one_key_for_the_roles_it_starts(tmp_path, keys):
         assert r.returncode == 2 and not r.stdout, (extra, r.stdout, r.stderr)
         assert r.stderr.startswith(f"eclreco hlt run: error: {named}: hlt run's roles use their own keys of "
                                    "--curve-dir") and r.stderr.count("\n") == 1, r.stderr
+        # the roles named are those hlt run starts (hlt.protocol.CURVE_ROLES), not a list written out by hand
+        assert f"DIR/private/ROLE.key_secret ({', '.join(CURVE_ROLES)})" in r.stderr, r.stderr
     r = subprocess.run(ECLRECO + ["hlt", "run", "--help"], capture_output=True, text=True, timeout=30)
-    assert "refused: each role uses its own key" in " ".join(r.stdout.split()), r.stdout
+    assert (f"refused: each role uses its own key, DIR/private/ROLE.key_secret ({', '.join(CURVE_ROLES)})"
+            in " ".join(r.stdout.split())), r.stdout
     assert not os.path.exists(tmp_path / "r.root")

@@ -24,6 +24,7 @@ import zmq
 import zmq.auth
 
 from eclreco.cli_types import option_dest, option_given
+from eclreco.hlt.protocol import CURVE_ROLES
 
 DEFAULT_NAMES = ("distributor", "collector", "worker", "control", "daq", "reco")
 
@@ -169,14 +170,17 @@ def stop_authenticators():
         _authenticators.clear()
 
 
+# the keys of hlt run's roles, as its messages name them
+_ROLE_KEYS = f"DIR/private/ROLE.key_secret ({', '.join(CURVE_ROLES)})"
+
+
 def add_curve_arguments(p, default_name: str, roles_own_keys: bool = False):
     """The CURVE options of a command whose key is `default_name`; roles_own_keys (hlt run): the processes it
     starts take their own keys, by their roles, from --curve-dir, and its --curve-name and --curve-secret, which
     would choose one key for the supervisor alone, are refused (roles_key_options_error)."""
     g = p.add_argument_group("CURVE (optional authentication and encryption; docs/reliability.md)")
     g.add_argument("--curve-dir", default="", help="key directory of `eclreco hlt keys` (default: no CURVE)")
-    own = ("refused: each role uses its own key, DIR/private/ROLE.key_secret (distributor, collector, worker, "
-           "control)") if roles_own_keys else ""
+    own = f"refused: each role uses its own key, {_ROLE_KEYS}" if roles_own_keys else ""
     # no default here (Curve.from_args applies it): given without --curve-dir, it is refused (curve_option_error)
     g.add_argument("--curve-name", help=own or f"own key name in DIR/private (default {default_name})")
     g.add_argument("--curve-secret", default="", help=own or "own key pair file (default DIR/private/NAME.key_secret)")
@@ -197,9 +201,8 @@ def roles_key_options_error(args) -> str:
     given = _key_options_given(args)
     if not given or not getattr(args, "curve_dir", ""):
         return ""
-    return (f"{', '.join(given)}: hlt run's roles use their own keys of --curve-dir (DIR/private/ROLE.key_secret: "
-            "distributor, collector, worker, control), not one chosen for all; start the roles one by one "
-            "(hlt distributor|collector|worker --curve-name ...) for other keys")
+    return (f"{', '.join(given)}: hlt run's roles use their own keys of --curve-dir, {_ROLE_KEYS}, not one chosen "
+            "for all; start the roles one by one (hlt distributor|collector|worker --curve-name ...) for other keys")
 
 
 def declare_curve_params(module, own_name: str, server_name: str) -> None:
