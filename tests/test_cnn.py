@@ -1590,3 +1590,26 @@ def test_a_model_is_loaded_once_by_the_option_check_and_the_chain(tmp_path, monk
     mod.set_param("threads", 2)  # other session options: a session of its own
     mod.initialize()
     assert len(made) == 3, made
+
+
+@pytest.mark.parametrize("detector", ["array30", "belle2-ecl"])
+def test_a_shipped_card_renders_saying_what_it_does_not_record(tmp_path, detector):
+    """The shipped cards were written before data.g4_sha256, data.g4_path and command: write_card, the one reader that
+    renders a card, failed on them (KeyError: 'g4_sha256'), and their .md said nothing of the sample's digest or of
+    the command. It renders them with 'not recorded (older card)' for each, no value made up; the JSON (every
+    number) is written back byte for byte, and the shipped .md is that rendering."""
+    import json
+
+    from eclreco.train import NOT_RECORDED, write_card
+
+    models = os.path.join(os.path.dirname(eclreco.__file__), "models")
+    with open(os.path.join(models, f"{detector}.json")) as f:
+        shipped = f.read()
+    card = json.loads(shipped)
+    assert "g4_sha256" not in card["data"] and "command" not in card  # (a retrained card has them: test above)
+    write_card(str(tmp_path), detector, card)
+    assert (tmp_path / f"{detector}.json").read_text() == shipped
+    md = (tmp_path / f"{detector}.md").read_text()
+    assert f"(sha256 {NOT_RECORDED}, path {NOT_RECORDED}; " in md and f"- reproduce: {NOT_RECORDED}\n" in md
+    with open(os.path.join(models, f"{detector}.md")) as f:
+        assert f.read() == md

@@ -336,13 +336,24 @@ def test_metrics(model, test, detector):
     return res
 
 
+# What a card written before a provenance key (the shipped ones: no data.g4_sha256, data.g4_path, command, files)
+# says for it: the key is not filled in with a guess
+NOT_RECORDED = "not recorded (older card)"
+
+
 def write_card(out_dir, detector, card):
+    """The card as <detector>.json and, readable, <detector>.md; a card written before a provenance key (the shipped
+    ones) is rendered too, with NOT_RECORDED for what it lacks."""
     import io
 
     buf = io.StringIO()
     strict_json.dump(card, buf, indent=1)
     write_whole(os.path.join(out_dir, f"{detector}.json"), buf.getvalue())
     t = card["test"]
+    data = card["data"]
+    sha = f"sha256 {data['g4_sha256'][:12]}..." if "g4_sha256" in data else f"sha256 {NOT_RECORDED}"
+    g4_path = f"`{data['g4_path']}`" if "g4_path" in data else f"path {NOT_RECORDED}"
+    command = f"`{card['command']}`" if "command" in card else NOT_RECORDED
     lines = [f"# Model card: CNN energy correction, {detector}", "",
              f"- file: `{detector}.onnx` ({card['onnx_bytes']} bytes), inputs `image` float32 [N,{card['config']['image_size']},{card['config']['image_size']}] (GeV), "
              f"`features` float32 [N,{card['config']['n_features']}] ({', '.join(card['feature_names'])}); output `energy` float32 [N] (GeV, corrected)",
@@ -351,8 +362,7 @@ def write_card(out_dir, detector, card):
              f"- parameters: {card['n_params']}, FLOPs per cluster: {card['flops_per_cluster']}",
              f"- throughput (onnxruntime, 1 thread, batch 1024): {card['clusters_per_second']:,.0f} clusters/s "
              f"({1e6 / card['clusters_per_second']:.2f} us/cluster)",
-             f"- data: `{card['data']['g4']}` (sha256 {card['data']['g4_sha256'][:12]}..., `{card['data']['g4_path']}`; "
-             f"{card['data']['chain']}); background: {card['data']['background']}"
+             f"- data: `{data['g4']}` ({sha}, {g4_path}; {data['chain']}); background: {data['background']}"
              + (f"; every training event {card['data']['training_copies']} times, under the symmetries of the beam spot "
                 "(--augment)" if card["data"].get("training_copies", 1) > 1 else ""),
              f"- split: {card['data']['split']}; train {card['training']['n_train']}, validation {card['training']['n_val']} matched clusters",
@@ -364,7 +374,7 @@ def write_card(out_dir, detector, card):
                 if card.get("restarts") else ""),
              f"- ONNX vs PyTorch: max abs diff {card['onnx_check']['max_abs_diff']:.2e} GeV, max rel {card['onnx_check']['max_rel_diff']:.2e}",
              f"- recommended min_energy_gev: {card['recommended_min_energy_gev']}",
-             f"- reproduce: `{card['command']}`", "",
+             f"- reproduce: {command}", "",
              "## Test set (held-out last 20 % of the Geant4 file, all energies)", "",
              "| energy | n | bias (median E/E_true - 1) | sigma68 | RMS(E) GeV (of the whole spectrum, not a resolution) |",
              "|---|---|---|---|---|"]
