@@ -1,4 +1,5 @@
 """Framework core: batches, parameters, paths, the processor, statistics."""
+import ast
 import glob
 import os
 import platform
@@ -1760,6 +1761,22 @@ def test_a_float_parameter_default_is_shown_as_python_writes_it():
     assert shown == {"precise": "1.23456789", "whole": "1.0", "small": "2.5e-07", "edges": "[0.1, 2.0, 1e+20]",
                      "count": "3"}, shown
     assert all(repr(float(v)) == v for v in ("1.23456789", "1.0", "0.1"))  # Python's own spelling
+    # %g's shortest wrote a whole float of two or more digits as 5e+01 (ECLDQM's, ECLEnergyCorrection's and
+    # ECLEventFilter's max_abs_time_ns, ZMQInput's and ZMQOutput's timeouts)
+    values = [50.0, 100.0, 200.0, 1e15, 1e16, 0.0001, 1e-05, 123.456, -0.0, 0.0, -7.5e-12, 2.0 ** 60, 1.7976931348623157e+308]
+
+    class Many(eclreco.Module):
+        def __init__(self):
+            super().__init__()
+            self.add_param("values", values, "floats")
+
+    assert Many().param_list()[0]["default_repr"] == repr(values)
+    from eclreco.framework import available_modules, create_module
+
+    for name in available_modules():  # every float default that `eclreco modules NAME` shows
+        for p in create_module(name).param_list():
+            if p["type"] in ("float", "list[float]") and p["default_repr"] != "(required)":
+                assert p["default_repr"] == repr(ast.literal_eval(p["default_repr"])), (name, p["name"], p["default_repr"])
 
 
 # What each shipped module adds to its batches and reads (with its default parameters): declared by the

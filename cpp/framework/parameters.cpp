@@ -4,6 +4,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <sstream>
 
 namespace fw {
@@ -23,12 +24,23 @@ const char* param_type_name(ParamType t) {
 
 namespace {
 // As Python's repr: the shortest text that reads back to the same double, with ".0" on a whole number
-// (a stream's 6 significant digits showed 1.23456789 as 1.23457 and 1.0 as 1, an int's look).
+// (a stream's 6 significant digits showed 1.23456789 as 1.23457 and 1.0 as 1, an int's look), and, as
+// repr, positional for decimal exponents -4..15 (%g's shortest wrote 50.0 as 5e+01).
 std::string float_repr(double x) {
-  char buf[32];
-  for (int precision = 1; precision <= 17; ++precision) {
-    std::snprintf(buf, sizeof buf, "%.*g", precision, x);
+  char buf[40];
+  int precision = 1;
+  for (; precision <= 17; ++precision) {
+    std::snprintf(buf, sizeof buf, "%.*e", precision - 1, x);
     if (std::strtod(buf, nullptr) == x) break;
+  }
+  if (std::isfinite(x) && x != 0) {
+    const int exponent = std::atoi(std::strchr(buf, 'e') + 1);  // of the shortest digits, as rounded
+    if (exponent >= -4 && exponent < 16)
+      std::snprintf(buf, sizeof buf, "%.*f", std::max(0, precision - 1 - exponent), x);
+    else  // scientific, as repr: no ".0" and no trailing zeros in the mantissa
+      std::snprintf(buf, sizeof buf, "%.*e", precision - 1, x);
+  } else {
+    std::snprintf(buf, sizeof buf, "%g", x);  // 0, -0, nan, inf
   }
   std::string s = buf;
   if (s.find_first_of(".eni") == std::string::npos) s += ".0";  // (not 1e+20, nan, inf)
