@@ -2391,3 +2391,58 @@ def test_a_collector_takes_no_result_read_after_the_end_run_into_the_run_that_en
             assert time.monotonic() - t0 < 5
             source.next_batch(out, 1000)
         assert len(out) == 5 and set(np.asarray(out.run).tolist()) == {2}
+
+
+def test_a_collector_stopped_while_the_run_stops_is_in_the_report_not_the_runs_report():
+    """A collector stopped by SIGINT/SIGTERM while the distributor is stopping the run (draining its input, or
+    waiting for the last confirmations): its RUN_ENDED came before any END_RUN and counts only its part of the run,
+    but it was taken as the run's report. Its file was then named nowhere: not in the stop's replaced_collectors,
+    not in the output line (as it is for one stopped while the run goes on), and the next collector's file,
+    which holds the rest of the run, was the only one `hlt control stop` named. It is now a collector that left
+    the run, as in a running one."""
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import output_line
+
+    farm = InProcessFarm(heartbeat_timeout_s=30.0, stop_drain_s=0.0)
+    d = farm.d
+    try:
+        seqs = farm.read_events(100)
+        a = farm.peer()
+        collector_hello(farm, a, output="/data/a.root")
+        farm.send(a, P.CONFIRM, P.seqs_to_bytes(seqs[:70]))
+        farm.send(a, P.SAVED, P.seqs_to_bytes(seqs[:70]), b"70")
+        control = farm.peer()
+        assert farm.send(control, P.STOP) == []
+        d.housekeeping(time.monotonic())
+        assert d.state == "stopping"  # 30 events held: it waits for their confirmation
+        # SIGINT: a closes its file and reports, no END_RUN having asked for it
+        farm.send(a, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "/data/a.root", "received": 70,
+                                          "events_written": 70}))
+        d.housekeeping(time.monotonic())
+        assert not control.poll(200)  # no answer to the stop: 30 events are not written
+        a.close(0)
+        t0 = time.monotonic()
+        while True:  # b is taken once libzmq has seen a's connection go (a few ms)
+            b = farm.peer()
+            if collector_hello(farm, b, instance="i8", pid=8, output="/data/a.2.root")[-1][0] == P.LOW:
+                break
+            assert time.monotonic() - t0 < 10
+            time.sleep(0.05)
+        d.pending.clear()  # (no worker here to take the ids off the queue)
+        farm.send(b, P.CONFIRM, P.seqs_to_bytes(seqs[70:]))
+        farm.send(b, P.SAVED, P.seqs_to_bytes(seqs[70:]), b"30")
+        d.housekeeping(time.monotonic())
+        assert d.state == "stopped"
+        farm.send(b, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "/data/a.2.root", "received": 30,
+                                          "events_written": 30}))
+        d.housekeeping(time.monotonic())
+        assert control.poll(5000)
+        reply = P.unpack(control.recv_multipart()[1])
+        assert reply["collector"]["filename"] == "/data/a.2.root" and not reply["timeout"], reply
+        assert reply["replaced_collectors"] == [{"pid": 7, "host": "h", "output": "/data/a.root", "saved": 70}], reply
+        line = output_line(d.own_status())
+        assert "100 events written in 1 farm run(s) of 100 received" in line, line
+        assert "70 of them by 1 collector(s) stopped in the middle of a run, in their own file(s): /data/a.root" \
+            in line, line
+    finally:
+        farm.close()

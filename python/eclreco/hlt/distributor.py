@@ -585,9 +585,10 @@ class Distributor:
                     self.add_run_report(info, run_index=run)
                     return
                 self.collector["run_ended"] = info
-                # no END_RUN asked for it: the collector left the run (SIGINT/SIGTERM), or its write failed before the
-                # run's end (the END_RUN goes out as the state becomes stopped; the next collector writes the rest)
-                left = self.state == "running" or (bool(info.get("output_error")) and self.state != "stopped")
+                # no END_RUN asked for it (the END_RUN goes out as the state becomes stopped): the collector left the
+                # run (SIGINT/SIGTERM, also while the run stops), or its write failed before the run's end; the next
+                # collector writes the rest. (A report while stopping was taken as the run's: its file named nowhere.)
+                left = self.state != "stopped"
                 self.collector["left"] = left
                 self.add_run_report(info, left=left)
         elif cmd == P.STOP:
