@@ -2446,3 +2446,42 @@ def test_a_collector_stopped_while_the_run_stops_is_in_the_report_not_the_runs_r
             in line, line
     finally:
         farm.close()
+
+
+@pytest.mark.parametrize("confirmed", [20, 70], ids=["some_confirmed", "all_confirmed_none_saved"])
+def test_a_collector_that_dies_writing_a_failed_stops_leftovers_hands_them_to_the_next_for_their_run(confirmed):
+    """A START came after a failed stop of run 1; collector b registered and joined run 1 for its leftovers, and died
+    (SIGKILL) before it had them in its file. The next collector c joined run 2 (the farm's run now): the leftovers
+    went back to the queue and into c's file of run 2 (farm_run2.root), mixed with run 2's input, which was no longer
+    held for them. c now joins run 1 for them as b did, and run 2's input waits again until they are written."""
+    from eclreco.hlt import protocol as P
+
+    farm = InProcessFarm(heartbeat_timeout_s=30.0, stop_drain_s=0.0)
+    d = farm.d
+    try:
+        seqs, control, b = failed_stop_with_leftovers(farm, start_first=True)
+        d.pending.clear()  # (no worker here to take the ids off the queue)
+        farm.send(b, P.CONFIRM, P.seqs_to_bytes(seqs[30:30 + confirmed]))
+        d.housekeeping(time.monotonic())
+        b.close(0)  # SIGKILL: nothing of them said SAVED
+        t0 = time.monotonic()
+        while True:  # c is taken once libzmq has seen b's connection go (a few ms)
+            c = farm.peer()
+            replies = collector_hello(farm, c, instance="i9", pid=9, output="/data/a.3.root")
+            if replies[-1][0] == P.LOW:
+                break
+            assert time.monotonic() - t0 < 10, replies
+            time.sleep(0.05)
+        assert replies[-1][2:] == [b"1", b"0"], replies  # joins run 1, not run 2
+        assert d.collector["leftovers_run"] == 1 and d.input_waits_for_leftovers() == 1, d.collector
+        assert not d.accepting_input() and len(d.events) == 70
+        d.pending.clear()
+        farm.send(c, P.CONFIRM, P.seqs_to_bytes(seqs[30:]))
+        d.housekeeping(time.monotonic())
+        got = []
+        while c.poll(200):
+            got.append(c.recv_multipart())
+        assert [f for f in got if f[0] == P.END_RUN] == [[P.END_RUN, b"1"]], got
+        assert d.accepting_input()
+    finally:
+        farm.close()

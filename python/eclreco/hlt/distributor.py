@@ -533,12 +533,16 @@ class Distributor:
                                    "run_ended": None, "between_runs": self.state == "stopped"}
                     if old is not None:  # (after what can fail on a malformed HELLO)
                         self.collector_replaced(same)
-                    if not same and ((self.state == "stopped" and self.events) or self.leftovers_waiting is not None):
+                    # the old one wrote the leftovers of a failed stop and died before its report of them: they are
+                    # back in the queue (after a START too: it joined the run now, and wrote them to its file)
+                    dying = None if same or old is None else old.get("leftovers_run")
+                    if not same and ((self.state == "stopped" and self.events) or self.leftovers_waiting is not None
+                                     or (dying is not None and self.events)):
                         # Between runs (or after a START that came first), with events of the run that ended to write
                         # again (its collector's last write failed): this one joins that run for them, in a file named
                         # after it, and is told END_RUN once they are confirmed (housekeeping). It joined the next run
                         # and wrote them to that run's file, one of a run that may never start.
-                        run = self.run_index if self.leftovers_waiting is None else self.leftovers_waiting
+                        run = next(r for r in (self.leftovers_waiting, dying, self.run_index) if r is not None)
                         carried.update(leftovers=True, leftovers_run=run, between_runs=False)
                         self.leftovers_waiting = None
                     self.collector = {"ident": ident, "last_seen": now, "status": info, **carried}
