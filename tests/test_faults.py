@@ -271,15 +271,17 @@ def test_a_stop_whose_last_write_fails_names_the_error_and_the_kept_file(farm_fa
 
 def assert_output_adds_up(line: str):
     """The farm's output line counts each event once: written + rejected + module errors in the collector's output
-    + discarded = received (those are the events an output raised on, in no file; the events a chain's module
-    failed on are written, flagged, and were counted twice)."""
+    + discarded (+ late results a failed write lost) = received (those are the events an output raised on, in no
+    file; the events a chain's module failed on are written, flagged, and were counted twice)."""
     import re
 
     m = re.search(r"output: (\d+) events written in \d+ farm run\(s\) of (\d+) received; rejected (\d+), module "
                   r"errors (\d+)(?: \((\d+) of them in the collector's output)?.*?, discarded (\d+)", line)
     assert m, line
     written, received, rejected, errors, in_output, discarded = (int(x or 0) for x in m.groups())
-    assert in_output <= errors and written + rejected + in_output + discarded == received, line
+    lost = re.search(r"; (\d+) late results of events of a distributor that died lost", line)
+    lost = int(lost.group(1)) if lost else 0
+    assert in_output <= errors and written + rejected + in_output + discarded + lost == received, line
 
 
 FAILING_WORKER = '''
@@ -2485,3 +2487,88 @@ def test_a_collector_that_dies_writing_a_failed_stops_leftovers_hands_them_to_th
         assert d.accepting_input()
     finally:
         farm.close()
+
+
+def test_late_results_a_failed_write_leaves_unsaved_are_counted_lost_not_dropped_silently(tmp_path, zmq_context):
+    """A collector that outlived its distributor takes the late first results of the dead one's events (orphaned:
+    no distributor holds them any more) and its write fails before they are in its file. The events of the
+    distributor now go to the next collector; these go nowhere, and the collector's failure report (RUN_ENDED,
+    output_error) counted them nowhere: received, rejected and the output line left them out, as if they had
+    never arrived. The report counts them as received (the rejected ones as rejected) and the others as
+    orphaned_lost, so that written + rejected + ... + orphaned_lost = received. A real collector process; the test
+    is its distributor (ROUTER) and a worker (PUSH)."""
+    import zmq
+
+    from eclreco.hlt import protocol as P
+    from hlt_helpers import free_address
+
+    ctl, results = free_address(), free_address()
+    distributor = zmq_context.socket(zmq.ROUTER)
+    distributor.setsockopt(zmq.LINGER, 0)
+    distributor.bind(ctl)
+    push = zmq_context.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    output = tmp_path / "farm.root"
+    proc = subprocess.Popen(ECLRECO + ["hlt", "collector", "--collector-addr", results, "--control", ctl, "-o",
+                                       str(output), "--flush-interval", "600", "--metrics-port", "-1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def until(what, t=30.0):
+        """The collector's next message whose command is `what` (answering nothing else)."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < t:
+            if distributor.poll(200):
+                frames = distributor.recv_multipart()
+                if frames[1] == what:
+                    return frames
+        raise AssertionError(f"no {what} from the collector")
+
+    try:
+        ident = until(P.HELLO)[0]
+        distributor.send_multipart([ident, P.LOW, b"100", b"1", b"0"])  # registered, in run 1
+        push.connect(results)
+        push.send(results_message(np.arange(100, 110), np.arange(10)))
+        assert P.seqs_from_bytes(until(P.CONFIRM)[2]).tolist() == list(range(100, 110))
+        distributor.send_multipart([ident, P.WHO])  # the distributor restarted: the new one's ids start far above
+        ident = until(P.HELLO)[0]
+        distributor.send_multipart([ident, P.LOW, str(10**15).encode(), b"1", b"0"])
+        t0 = time.monotonic()
+        while P.unpack(until(P.STATUS)[2])["low_watermark"] != 10**15:
+            assert time.monotonic() - t0 < 10
+        # late first results of the dead one's events, 3 of them rejected by the worker
+        m = P.unpack(results_message(np.arange(110, 120), np.arange(10, 20)))
+        m["rejections"] = [[i, "not_msgpack", "bad"] for i in (0, 1, 2)]
+        m["meta"]["error_flags"]["data"] = np.array([1, 1, 1] + [0] * 7, "<u4").tobytes()
+        push.send(P.pack(m))
+        assert P.seqs_from_bytes(until(P.CONFIRM)[2]).tolist() == list(range(110, 120))
+        size = os.path.getsize(output)  # the file's header: the results wait for the flush interval
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (size, size))
+        distributor.send_multipart([ident, P.END_RUN, b"1"])  # the close writes them: it fails
+        report = P.unpack(until(P.RUN_ENDED)[2])
+        assert proc.wait(30) == 1
+        assert "File too large" in report["output_error"] and report["events_written"] == 0, report
+        # the 10 events of the distributor now are handed on (unsaved, the distributor has them); the 10 orphans
+        # are in no file and held by no distributor: received, 3 rejected (in the worker's quarantine), 7 lost
+        assert (report["received"], report["rejected"], report.get("orphaned_lost")) == (10, 3, 7), report
+        assert report["rejected_by_reason"] == {"not_msgpack": 3}, report
+        # the distributor sums them into the farm's output line, which adds up
+        from eclreco.hlt.control import output_line
+
+        farm = InProcessFarm()
+        try:
+            peer = farm.peer()
+            collector_hello(farm, peer)
+            farm.send(peer, P.RUN_ENDED, P.pack(report))
+            line = output_line(farm.d.own_status())
+        finally:
+            farm.close()
+        assert "output: 0 events written in 1 farm run(s) of 10 received; rejected 3," in line, line
+        assert "; 7 late results of events of a distributor that died lost: a collector's write failed" in line, line
+        assert_output_adds_up(line)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out = proc.communicate()[0]
+        push.close(0)
+        distributor.close(0)
+    assert "; 7 late results of events of a distributor that died are lost with it (none holds them)" in out, out

@@ -162,7 +162,7 @@ class CollectorLink:
         self.output_made = False
         # why the output file could not be written (RootOutput's error, which names where its events are kept)
         self.output_error = ""
-        # (output batch count, seqs, the run's counts through that batch) not yet in the file
+        # (output batch count, seqs, the run's counts through that batch, its orphan_counts or None) not yet in the file
         self.unsaved: collections.deque = collections.deque()
         self.saved = 0
         # the run's counts (run_counts) through its last batch said SAVED: after a failed write, the events of the
@@ -280,16 +280,17 @@ class CollectorLink:
         if self.bad_messages <= 20:
             print(f"[collector] ignored a bad message on the {where} socket: {why}", flush=True)
 
-    def confirm(self, seqs: np.ndarray, output=None):
+    def confirm(self, seqs: np.ndarray, output=None, orphans: dict | None = None):
         """CONFIRM the seqs of a batch the output has taken; SAVED now when the output keeps
-        nothing back (output None: ZMQOutput), else once `output.batches_written` covers it."""
+        nothing back (output None: ZMQOutput), else once `output.batches_written` covers it. orphans: the
+        batch's orphaned results (orphan_counts), which only this collector holds until they are in the file."""
         if len(seqs):
             self.ctl.send_multipart([P.CONFIRM, P.seqs_to_bytes(seqs)])
             self.confirmed += len(seqs)
             if output is None:
                 self._saved(seqs)
             else:  # (one thread: the run's statistics count the batch, which went through the whole path)
-                self.unsaved.append((output.batches_taken, seqs, run_counts(eclreco.statistics.summary())))
+                self.unsaved.append((output.batches_taken, seqs, run_counts(eclreco.statistics.summary()), orphans))
 
     def release_saved(self, output=None, everything: bool = False):
         """SAVED for the batches now in the output file (everything: the file was closed)."""
@@ -297,7 +298,7 @@ class CollectorLink:
             output.flush_if_due()
         done = []
         while self.unsaved and (everything or self.unsaved[0][0] <= output.batches_written):
-            _, seqs, self.saved_counts = self.unsaved.popleft()
+            _, seqs, self.saved_counts, _ = self.unsaved.popleft()
             done.append(seqs)
         if done:
             self._saved(np.concatenate(done), None if output is None else output.events_written_run)
@@ -327,6 +328,33 @@ def run_counts(summary: dict | None) -> dict:
             "rejected": s.get("rejected", 0), "rejected_by_reason": dict(s.get("rejected_by_reason", {}))}
 
 
+def orphan_counts(m: P.DecodedBatch, taken: np.ndarray, into: dict | None = None) -> dict:
+    """The orphaned results of a message taken (indices), added to `into` (None: new counts): received, rejected
+    (by reason: a worker keeps them in its quarantine file), discarded (by a filter) and the others, which are in
+    no file until written (`lost` when a failed write leaves them unsaved: no distributor holds them to hand on)."""
+    rejected = [m.rejections[i][0] for i in taken.tolist() if i in m.rejections]
+    discarded = sum(1 for i in taken.tolist() if i in m.discards and i not in m.rejections)
+    reasons = {}
+    for reason in rejected:
+        reasons[reason] = reasons.get(reason, 0) + 1
+    return add_counts(into, {"received": len(taken), "rejected": len(rejected), "rejected_by_reason": reasons,
+                             "discarded": discarded, "lost": len(taken) - len(rejected) - discarded})
+
+
+def add_counts(into: dict | None, more: dict) -> dict:
+    """`into` (None: nothing) plus `more`, key by key, for the keys of `more` (rejected_by_reason by reason)."""
+    total = dict(into or {})
+    for k, n in more.items():
+        if k == "rejected_by_reason":
+            reasons = dict(total.get(k, {}))
+            for reason, r in n.items():
+                reasons[reason] = reasons.get(reason, 0) + r
+            total[k] = reasons
+        else:
+            total[k] = total.get(k, 0) + n
+    return total
+
+
 def run_report(link: CollectorLink, run_index: int, filename: str = "", written: int = 0, summary: dict | None = None,
                dropped: dict | None = None, first_error: str = "") -> dict:
     """RUN_ENDED: what the run wrote and what failed (the stop's reply and the farm's output line);
@@ -349,6 +377,7 @@ class HLTCollectorInput(Module):
         self.link = link
         self.output = None  # the RootOutput of the path, set by main (None: results go on with ZMQOutput)
         self._unconfirmed = np.zeros(0, "<u8")
+        self._orphans = None  # orphan_counts of the batch of _unconfirmed (None: it has none)
         self._producers = {}
         self._runs = {}
 
@@ -375,6 +404,7 @@ class HLTCollectorInput(Module):
         self.link.state = "ready"
         self.link.first_upstream_error = ""  # of the run: a worker's module error message
         self._unconfirmed = np.zeros(0, "<u8")
+        self._orphans = None
         self._producers = {}  # (host, pid) or None -> [events taken, provenance JSON or None], of the run
         self._dropped_before = (self.link.duplicates, self.link.repeated_keys, self.link.orphaned)
         self.link.saved_counts = run_counts(None)
@@ -384,8 +414,9 @@ class HLTCollectorInput(Module):
 
     def _confirm_previous(self):
         # One thread: the previous batch went through the output before this call.
-        self.link.confirm(self._unconfirmed, self.output)
+        self.link.confirm(self._unconfirmed, self.output, self._orphans)
         self._unconfirmed = np.zeros(0, "<u8")
+        self._orphans = None
         self.link.release_saved(self.output)
 
     def next_batch(self, batch, max_events):
@@ -443,7 +474,7 @@ class HLTCollectorInput(Module):
             link.pull.poll(max(1, int(wait * 1000)), zmq.POLLIN)
         if not msgs:
             return True
-        keeps, seqs_all = [], []
+        keeps, seqs_all, orphans = [], [], None
         for m in msgs:
             keep = np.ones(m.n, dtype=bool)
             orphan = None
@@ -463,7 +494,9 @@ class HLTCollectorInput(Module):
             self._note_runs(m, cand[keep[cand]])
             link.repeated_keys += int(repeated.size)
             link.duplicates += int(m.n - keep.sum())
-            link.orphaned += 0 if orphan is None else int((orphan & keep).sum())
+            if orphan is not None and len(taken := np.flatnonzero(orphan & keep)):
+                link.orphaned += len(taken)
+                orphans = orphan_counts(m, taken, orphans)
             keeps.append(keep)
             producer = self._producers.setdefault(m.producer, [0, None])
             producer[0] += int(keep.sum())
@@ -472,7 +505,17 @@ class HLTCollectorInput(Module):
         P.fill_batch(batch, msgs, keeps)
         if seqs_all:
             self._unconfirmed = np.concatenate(seqs_all)
+        self._orphans = orphans
         return True
+
+    def orphans_not_saved(self) -> dict:
+        """orphan_counts of the orphaned results not in the file: of the batches confirmed and not saved, and of the
+        one taken and not confirmed (the output raised on it)."""
+        total = {"received": 0, "rejected": 0, "rejected_by_reason": {}, "discarded": 0, "lost": 0}
+        for orphans in [entry[3] for entry in self.link.unsaved] + [self._orphans]:
+            if orphans is not None:
+                total = add_counts(total, orphans)
+        return total
 
     def _note_runs(self, m: P.DecodedBatch, taken: np.ndarray):
         """Notes the runs of a message's events taken (indices; rejected ones have no run to trust) and the
@@ -555,7 +598,7 @@ class HLTCollectorInput(Module):
         self.link.state = "idle"
 
 
-def _output_failed(link: CollectorLink, out) -> int:
+def _output_failed(link: CollectorLink, out, source: HLTCollectorInput) -> int:
     """RootOutput could not write its file (disk full, file-size limit, I/O error): this collector can save
     nothing more. Its file keeps what was written (RootOutput: NAME.incomplete), and the distributor has
     forgotten the events it was told SAVED for: SAVED now for every batch in the file (with its count), and a
@@ -566,16 +609,22 @@ def _output_failed(link: CollectorLink, out) -> int:
     reply names the error and the kept file (it said that the collector did not report the run's end within
     30 s, the error only in replaced_collectors). In the middle of the run the distributor counts it as a
     collector's that left the run (it sent none: the rejected and discarded events it had saved were counted
-    nowhere). Exit 1 (hlt run restarts it, within --collector-restarts)."""
+    nowhere). Exit 1 (hlt run restarts it, within --collector-restarts).
+    The orphaned results among the events not in the file (late results of a dead distributor's events) are held
+    by no distributor: nobody hands them on, and they were counted nowhere. The report counts them as received
+    (rejected and discarded as such) and the others as `orphaned_lost`, in no file."""
     link.release_saved(out)
     link.filename = out.kept_file
     link.output_error = out.write_error
     link.report()
+    unsaved = source.orphans_not_saved()
+    lost = unsaved.pop("lost")
     report = run_report(link, (link.ended_run_index if link.end_run else None) or link.run_index, out.kept_file,
-                        out.events_written_run if out.kept_file else 0, link.saved_counts)
-    link.run_ended({**report, "output_error": out.write_error})
-    print(f"[collector] error: {out.write_error}; the distributor keeps the events not in it for the next collector",
-          file=sys.stderr, flush=True)
+                        out.events_written_run if out.kept_file else 0, add_counts(link.saved_counts, unsaved))
+    link.run_ended({**report, "output_error": out.write_error, "orphaned_lost": lost})
+    print(f"[collector] error: {out.write_error}; the distributor keeps the events not in it for the next collector"
+          + (f"; {lost} late results of events of a distributor that died are lost with it (none holds them)"
+             if lost else ""), file=sys.stderr, flush=True)
     return 1
 
 
@@ -770,7 +819,7 @@ def main(args) -> int:
             except Exception:
                 if out is None or not out.write_error:
                     raise
-                return _output_failed(link, out)
+                return _output_failed(link, out, source)
             if exporter is not None:
                 exporter.checkpoint()
             link.release_saved(out, everything=True)  # the file of the run is closed

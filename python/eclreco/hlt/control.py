@@ -46,7 +46,8 @@ def output_line(d: dict) -> str:
     if o.get("received_before"):  # a collector that outlived the previous distributor counts the whole run
         line += f" ({o['received_before']} of them before this distributor took the collector)"
     # A module error of the chain flags its event, which is written all the same (or discarded by a filter); only
-    # the events the collector's output raised on are in no file: written + rejected + those + discarded = received.
+    # the events the collector's output raised on are in no file: written + rejected + those + discarded = received
+    # (+ orphaned_lost, below).
     errors, in_output = o.get("errors", 0), o.get("errors_in_outputs", 0)
     notes = []
     if in_output:
@@ -79,6 +80,9 @@ def output_line(d: dict) -> str:
     if o.get("orphaned"):  # in `received` and written: late results of events whose distributor died
         line += (f"; {o['orphaned']} late results of events of a distributor that died written (no distributor "
                  "held them any more)")
+    if o.get("orphaned_lost"):  # in `received`, in no file: the collector's write failed before they were in it
+        line += (f"; {o['orphaned_lost']} late results of events of a distributor that died lost: a collector's write "
+                 "failed before they were in its file, and no distributor held them to hand on")
     return line + (f" (first error: {o['first_error']})" if o.get("first_error") else "")
 
 

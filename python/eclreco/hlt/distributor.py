@@ -223,7 +223,7 @@ class Distributor:
         # life: the file side of the farm, which the confirmations alone do not show.
         self.output = {"runs": 0, "received": 0, "events_written": 0, "errors": 0, "errors_in_outputs": 0,
                        "discarded": 0, "rejected": 0, "rejected_by_reason": {}, "first_error": "", "duplicates": 0, "repeated_keys": 0,
-                       "orphaned": 0, "received_before": 0, "replaced_collectors": 0, "saved_by_replaced": 0, "replaced_files": [],
+                       "orphaned": 0, "orphaned_lost": 0, "received_before": 0, "replaced_collectors": 0, "saved_by_replaced": 0, "replaced_files": [],
                        "left_collectors": 0, "written_by_left": 0, "left_files": [],
                        "failed_collectors": 0, "written_by_failed": 0, "failed_files": [],
                        "unreported_collectors": 0, "saved_by_unreported": 0, "unreported_files": [],
@@ -933,7 +933,9 @@ class Distributor:
             self.note_collector_file(st, info.get("filename") or st.get("output"), int(info.get("events_written", 0) or 0),
                                      keys, error)
         counts = {k: int(info.get(k, 0) or 0)
-                  for k in ("received", "events_written", "errors", "errors_in_outputs", "discarded", "rejected")}
+                  for k in ("received", "events_written", "errors", "errors_in_outputs", "discarded", "rejected",
+                            # late results of a dead distributor's events a failed write left unsaved: in no file
+                            "orphaned_lost")}
         # (a report with output_error counts the events its collector said SAVED only: the rest were handed on)
         for k, n in counts.items():
             o[k] += n
