@@ -435,6 +435,40 @@ def test_offsets_are_checked_as_given_not_as_converted():
     assert np.asarray(empty["X"].offsets).tolist() == [0]
 
 
+def test_row_and_cell_numbers_are_checked_as_given():
+    """gather_rows' and cap_at_ratio's rows and find_clusters' cell were converted with pybind11's forcecast: a
+    float was truncated (rows 1.7 read as row 1, cell 100.7 as cell 100), an int64 cellId above 2**31 - 1 wrapped
+    to another cell (2**32 + 100 clustered as cell 100) and a uint64 above 2**63 - 1 became a negative row. Each
+    is now an error naming the argument and its first bad entry, as for offsets."""
+    from eclreco import _core
+
+    off, block = np.array([0, 4], np.int64), [np.arange(8, dtype=np.float32).reshape(4, 2)]
+    digit = dict(offsets=np.array([0, 2], np.int64), energy=np.full(2, 0.5, np.float32), time=np.zeros(2, np.float32),
+                 quality=np.zeros(2, np.uint8))
+    calls = {"rows": (lambda r: _core.gather_rows(r, off, block, [False]),
+                      lambda r: _core.cap_at_ratio(np.full(4, 9, np.float32), np.ones(4, np.float32), r, 2.0)),
+             "cell": (lambda c: _core.find_clusters("belle2-ecl", cell=c, **digit),)}
+    for name, fns in calls.items():
+        for call in fns:
+            with pytest.raises(TypeError, match=f"{name} must be an integer array, not float64"):
+                call(np.array([1, 2.7]))
+            with pytest.raises(TypeError, match=f"{name} must be an integer array, not bool"):
+                call(np.array([False, True]))
+            with pytest.raises(ValueError, match=rf"{name}\[1\] = -5 is negative"):
+                call(np.array([1, -5], np.int64))
+            with pytest.raises(ValueError, match=rf"{name}\[1\] = {2**64 - 1} is out of range \(above 2\*\*"):
+                call(np.array([1, 2**64 - 1], np.uint64))
+            for ok in (np.array([1, 2], np.int64), np.array([1, 2], np.uint64), np.array([1, 2], np.int16), [1, 2],
+                       np.array([1, 2], ">i8")):
+                call(ok)  # integers of any width that fit, and a list of ints, are read as before
+    with pytest.raises(ValueError, match=rf"cell\[0\] = {2**32 + 100} is out of range \(above 2\*\*31 - 1\)"):
+        _core.find_clusters("belle2-ecl", cell=np.array([2**32 + 100, 101], np.int64), **digit)
+    assert _core.gather_rows(np.array([1, 3], ">u4"), np.array([0, 4], ">i8"), block, [False]).tolist() == [[2, 3], [6, 7]]
+    assert _core.gather_rows(np.zeros(0), off, block, [False]).shape == (0, 2)  # no rows: any dtype, as np.array([])
+    out = _core.find_clusters("belle2-ecl", cell=np.array([100, 2**20], np.int64), **digit)
+    assert out["seed_cell"].tolist() == [100]  # a cellId outside the detector is still left out, not refused
+
+
 def test_array_source_hands_out_the_collection_in_batches():
     from eclreco.sources import ArraySource
 

@@ -18,11 +18,19 @@ void register_dqm(py::module_& m);
 template <class T>
 using carray = py::array_t<T, py::array::c_style | py::array::forcecast>;
 
+// Row or cell numbers (an array, or a list, of integers >= 0; 1-d) as a C-contiguous array of T (int32_t or
+// int64_t): the array itself when it is one (no copy), else a converted one. Taken as any array, not as a carray:
+// its forcecast truncated a float (rows 1.7 read as 1) and wrapped a value past T (a uint64 above 2**63 - 1, an
+// int64 cellId above 2**31 - 1 read as another cell). Raises TypeError for a dtype that is not an integer one (an
+// empty array may have any), ValueError naming `name` and its first entry that is negative or does not fit T.
+template <class T>
+carray<T> checked_numbers(py::handle values, const char* name);
+
 // Per-event offsets of a collection (n_events + 1 entries, non-decreasing from >= 0) as int64: the array
 // itself when it is C-contiguous int64 (no copy), else a converted one. Taken as any array (or list), not as a
 // carray: its conversion truncated a float (1.7 read as 1) and wrapped a uint64 above 2**63 - 1 to a negative
-// value, then named "non-decreasing" values that increase. Raises TypeError for a dtype that is not an integer
-// one, ValueError naming the entry that is wrong.
+// value, then named "non-decreasing" values that increase. Raises as checked_numbers, and ValueError naming the
+// entries that decrease.
 struct Offsets {
   carray<int64_t> array;
   size_t n_events;

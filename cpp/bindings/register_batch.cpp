@@ -1,7 +1,9 @@
 #include <pybind11/stl.h>
 #include <algorithm>
+#include <limits>
 #include <optional>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "framework/event_batch.hpp"
@@ -87,37 +89,97 @@ Column column_from_array(const py::array& input) {
   return c;
 }
 
+namespace {
+
+// Whether any of v[0..n) is negative or above T's maximum, in one pass that the compiler vectorizes (find_clusters
+// checks every digit's cell on each call): the limit, the smaller of T's and S's maximum, is 2**k - 1, so a value
+// (a negative one read as unsigned) is above it when it has a bit above it, and the OR of all values keeps those.
+template <class T, class S>
+bool any_outside(const S* v, size_t n) {
+  using U = std::make_unsigned_t<S>;
+  constexpr uint64_t limit = std::min<uint64_t>(std::numeric_limits<T>::max(), std::numeric_limits<S>::max());
+  U bits = 0;
+  for (size_t i = 0; i < n; ++i) bits |= static_cast<U>(v[i]);
+  return bits > limit;
+}
+
+// The ValueError for the first entry of v that any_outside refuses.
+template <class T, class S>
+[[noreturn]] void refuse_first_outside(const S* v, size_t n, const char* name) {
+  constexpr auto max = std::numeric_limits<T>::max();
+  for (size_t i = 0; i < n; ++i) {
+    const std::string entry = std::string(name) + "[" + std::to_string(i) + "] = " + std::to_string(v[i]);
+    if constexpr (std::is_signed_v<S>) {
+      if (v[i] < 0) throw py::value_error(entry + " is negative");
+      if (static_cast<int64_t>(v[i]) > static_cast<int64_t>(max))
+        throw py::value_error(entry + " is out of range (above 2**" + std::to_string(sizeof(T) * 8 - 1) + " - 1)");
+    } else if (static_cast<uint64_t>(v[i]) > static_cast<uint64_t>(max)) {
+      throw py::value_error(entry + " is out of range (above 2**" + std::to_string(sizeof(T) * 8 - 1) + " - 1)");
+    }
+  }
+  throw std::logic_error("refuse_first_outside: no entry is outside");
+}
+
+template <class T, class S>
+void check_range(const py::array& a, const char* name) {
+  const S* v = static_cast<const S*>(a.data());
+  const size_t n = static_cast<size_t>(a.shape(0));
+  if (any_outside<T>(v, n)) refuse_first_outside<T>(v, n, name);
+}
+
+}  // namespace
+
+template <class T>
+carray<T> checked_numbers(py::handle input, const char* name) {
+  // as given, C-contiguous, in its own dtype (a list: numpy's dtype for it, int64 for ints)
+  auto a = py::array::ensure(input, py::array::c_style);
+  if (!a) throw py::type_error(std::string(name) + " must be an array of integers, not " + std::string(py::repr(input)));
+  // read below as native integers: a big-endian array ('>i8') is converted first, not reinterpreted
+  if (!a.dtype().attr("isnative").cast<bool>())
+    a = py::array::ensure(a.attr("astype")(a.dtype().attr("newbyteorder")("=")), py::array::c_style);
+  if (a.ndim() != 1) throw py::value_error(std::string(name) + " must be 1-d, not " + std::to_string(a.ndim()) + "-d");
+  const char kind = a.dtype().kind();
+  if (kind != 'i' && kind != 'u' && a.size() != 0)
+    throw py::type_error(std::string(name) + " must be an integer array, not " + std::string(py::str(a.dtype())) +
+                         " (row or cell numbers; convert with .astype(np.int64) where the values are whole)");
+  if (kind == 'i' || kind == 'u') {
+    const bool s = kind == 'i';
+    switch (a.dtype().itemsize()) {
+      case 1: s ? check_range<T, int8_t>(a, name) : check_range<T, uint8_t>(a, name); break;
+      case 2: s ? check_range<T, int16_t>(a, name) : check_range<T, uint16_t>(a, name); break;
+      case 4: s ? check_range<T, int32_t>(a, name) : check_range<T, uint32_t>(a, name); break;
+      case 8: s ? check_range<T, int64_t>(a, name) : check_range<T, uint64_t>(a, name); break;
+      default: throw py::type_error(std::string(name) + ": unsupported integer dtype " + std::string(py::str(a.dtype())));
+    }
+  }
+  auto out = carray<T>::ensure(a);  // lossless now: every value fits T
+  if (!out) throw py::error_already_set();
+  return out;
+}
+template carray<int32_t> checked_numbers<int32_t>(py::handle, const char*);
+template carray<int64_t> checked_numbers<int64_t>(py::handle, const char*);
+
 Offsets checked_offsets(py::handle input) {
-  const auto offsets = py::array::ensure(input);  // (a list: numpy's dtype for it, int64 for ints)
+  const auto offsets = py::array::ensure(input);
   if (!offsets) throw py::type_error("offsets must be an array of integers, not " + std::string(py::repr(input)));
   if (offsets.ndim() != 1 || offsets.shape(0) < 1) throw py::value_error("offsets must be 1-d with n_events + 1 entries");
-  const char kind = offsets.dtype().kind();
-  if (kind != 'i' && kind != 'u')
-    throw py::type_error("offsets must be an integer array, not " + std::string(py::str(offsets.dtype())) +
-                         " (row numbers; convert with .astype(np.int64) where the values are whole)");
-  Offsets o{carray<int64_t>::ensure(offsets), static_cast<size_t>(offsets.shape(0) - 1)};
-  if (!o.array) throw py::error_already_set();
+  // every entry, the first too (with no events it is the only one)
+  Offsets o{checked_numbers<int64_t>(offsets, "offsets"), static_cast<size_t>(offsets.shape(0) - 1)};
   const int64_t* off = o.data();
-  // every entry, the first too (with no events it is the only one); a uint64 above 2**63 - 1 is negative here
-  for (size_t i = 0; i <= o.n_events; ++i) {
-    if (off[i] < 0)
-      throw py::value_error("offsets[" + std::to_string(i) + "] = " +
-                            (kind == 'u' ? std::to_string(static_cast<uint64_t>(off[i])) + " is out of range (above 2**63 - 1)"
-                                         : std::to_string(off[i]) + " is negative"));
-    if (i && off[i] < off[i - 1])
+  for (size_t i = 1; i <= o.n_events; ++i)
+    if (off[i] < off[i - 1])
       throw py::value_error("offsets must be non-decreasing: offsets[" + std::to_string(i - 1) + "] = " +
                             std::to_string(off[i - 1]) + ", offsets[" + std::to_string(i) + "] = " + std::to_string(off[i]));
-  }
   return o;
 }
 
 void register_batch(py::module_& m) {
   m.def(
       "gather_rows",
-      [](carray<int64_t> rows, const py::object& offsets, const py::list& blocks, const std::vector<bool>& per_event) {
+      [](const py::object& rows_in, const py::object& offsets, const py::list& blocks, const std::vector<bool>& per_event) {
         const Offsets offs = checked_offsets(offsets);
         const size_t n_events = offs.n_events;
-        if (rows.ndim() != 1) throw py::value_error("rows must be 1-d");
+        const auto rows = checked_numbers<int64_t>(rows_in, "rows");
         if (per_event.size() != blocks.size()) throw py::value_error("one per_event flag per block");
         const int64_t* off = offs.data();
         const int64_t n_coll = off[n_events];
@@ -193,9 +255,10 @@ void register_batch(py::module_& m) {
 
   m.def(
       "cap_at_ratio",
-      [](py::array_t<float, py::array::c_style> values, carray<float> reference, carray<int64_t> rows, double ratio) {
-        if (values.ndim() != 1 || reference.ndim() != 1 || rows.ndim() != 1 || reference.shape(0) != values.shape(0))
-          throw py::value_error("values and reference must be 1-d of one length, rows 1-d");
+      [](py::array_t<float, py::array::c_style> values, carray<float> reference, const py::object& rows_in, double ratio) {
+        if (values.ndim() != 1 || reference.ndim() != 1 || reference.shape(0) != values.shape(0))
+          throw py::value_error("values and reference must be 1-d of one length");
+        const auto rows = checked_numbers<int64_t>(rows_in, "rows");
         if (!values.writeable()) throw py::value_error("values must be writable");
         const int64_t n = values.shape(0);
         const int64_t* r = rows.data();

@@ -107,15 +107,16 @@ void register_clustering(py::module_& m) {
 
   m.def(
       "find_clusters",
-      [](py::object detector, const py::object& offsets, carray<int32_t> cell, carray<float> energy,
+      [](py::object detector, const py::object& offsets, const py::object& cell_in, carray<float> energy,
          carray<float> time, carray<uint8_t> quality, py::object skip, int repeat,
          const py::kwargs& kw) {
         const ecl::ClusterParams p = params_from(kw);
         const Offsets offs = checked_offsets(offsets);
         const size_t n_events = offs.n_events;
         const int64_t n_digits = offs.back();
-        for (auto* a : {static_cast<py::array*>(&cell), static_cast<py::array*>(&energy),
-                        static_cast<py::array*>(&time), static_cast<py::array*>(&quality)})
+        const auto cell = checked_numbers<int32_t>(cell_in, "cell");
+        for (auto* a : {static_cast<const py::array*>(&cell), static_cast<const py::array*>(&energy),
+                        static_cast<const py::array*>(&time), static_cast<const py::array*>(&quality)})
           if (a->ndim() != 1 || a->shape(0) < n_digits) throw py::value_error("digit arrays shorter than offsets[-1]");
         const int64_t* off = offs.data();
         // Detector: a name / number for all events, or a per-event uint8 array.
