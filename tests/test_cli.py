@@ -34,15 +34,32 @@ def _reco():
     (["validate", "--detector", "array30", "-o", os.path.join(REPO, "README.md")], "README.md' is not a directory"),
     (["train", "--detector", "array30", "-o", os.path.join(REPO, "README.md"), "--g4",
       os.path.join(REPO, "tests", "data", "g4_array30_subset.npz")], "README.md' is not a directory"),
-    # it said "cellId outside 1..900 for array30" from the middle of the chain
+    # it said "cellId outside 1..900 for array30" from the middle of the chain; the file is a belle2-ecl sample
     (["validate", "--detector", "array30", "-o", "{tmp}/v", "--g4", os.path.join(REPO, "tests", "data",
                                                                           "g4_belle2_heldout.npz")],
-     "cellIds 1..8736 are not those of array30 (1..900): a Geant4 sample of another detector?"),
+     "not a Geant4 sample of array30 (it holds photons, offsets, cell, edep_mev, source): a sample of belle2-ecl, "
+     "whose photons its 'photons' array gives?"),
 ])
 def test_eclreco_bad_options_exit_2_with_one_line(argv, message, tmp_path, capsys):
     assert cli.main([a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_the_belle2_sample_used_as_the_other_detector_is_a_valid_belle2_sample():
+    """tests/data/g4_belle2_heldout.npz, the "sample of the other detector" above, held 'true_energy_mev' (array30's
+    layout) instead of 'photons', so it was no belle2-ecl sample either: G4Sample refused it for belle2-ecl ("has
+    no 'photons' array"), and the test above passed on a file that no detector reads. It is the events
+    95000..95499 of /work/shared/data/g4_belle2_train.npz, made with
+        t = np.load(".../g4_belle2_train.npz"); o = t["offsets"]; a, b = o[95000], o[95500]
+        np.savez_compressed(out, photons=t["photons"][95000:95500], offsets=o[95000:95501] - a,
+                            cell=t["cell"][a:b], edep_mev=t["edep_mev"][a:b],
+                            source=np.array("g4_belle2_train.npz events 95000..95499"))"""
+    from eclreco.cnn_data import G4Sample
+
+    sample = G4Sample(os.path.join(REPO, "tests", "data", "g4_belle2_heldout.npz"), "belle2-ecl")
+    assert sample.n == 500 and sample.direction.shape == (500, 3)
+    assert sample.cell.max() > 900  # (a cellId array30 has not: what the refusal above names)
 
 
 def test_validate_refuses_a_model_it_cannot_use_naming_model(tmp_path, capsys):

@@ -134,8 +134,12 @@ class G4Sample:
             raise G4SampleError(path, f"not a readable Geant4 sample (an .npz of the arrays offsets, cell, edep_mev, "
                                f"...): " + (f"{key!r}: " if key is not None else "") + f"{err}") from None
         if missing:
+            # a sample of the other detector is named as such: its true-energy array is that detector's
+            other = [o for o, arrays in self.REQUIRED.items() if o != detector and all(a in names for a in arrays)]
             raise G4SampleError(path, f"has no {missing[0]!r} array ({needed[missing[0]]}): not a Geant4 sample "
-                               f"of {detector}" + (f" (it holds {', '.join(names)})" if names else ""))
+                               f"of {detector}" + (f" (it holds {', '.join(names)})" if names else "")
+                               + (f": a sample of {other[0]}, whose photons its {next(iter(self.REQUIRED[other[0]]))!r} "
+                                  "array gives?" if other else ""))
         if "photons" in d and (d["photons"].ndim != 3 or d["photons"].shape[1:] != (1, 4)):
             # a sample of several photons per event (pi0s) has no single true energy and direction
             raise G4SampleError(path, f"'photons' has shape {d['photons'].shape}, not (n_events, 1, 4): one photon "
