@@ -156,24 +156,6 @@ def test_a_geant4_sample_with_entry_points_in_cm_is_refused_naming_the_array_and
     assert cnn_data.G4Sample(_sample(tmp_path, "good"), "array30").n == 1000
 
 
-def test_a_geant4_sample_with_entry_points_written_y_x_is_refused(tmp_path, capsys):
-    """array30 entry points (xy_mm) written (y, x) passed every check: they lie a median 22 mm from their deposits'
-    energy centroid, under half the crystal pitch, since the beam's cell is symmetric about its diagonal. Read as
-    given, the centroid is nearer the mirror image (y, x) than the entry point for ~85 % of the photons (~15 % in
-    the file as shipped): one line naming the array and the swap, from G4Sample and from train and validate."""
-    from eclreco import cnn_data
-
-    with np.load(ARRAY30) as f:
-        xy = f["xy_mm"][:1000]
-    path = _sample(tmp_path, "yx", xy_mm=xy[:, ::-1])
-    message = (r"'xy_mm' read as \(y, x\) puts 8\d% of the photons' entry points nearer the energy centroid of their "
-               r"deposits than read as \(x, y\), where a file in that order has about 15 % \(at most 67%\): are its two "
-               r"columns swapped\?")
-    _refused(tmp_path, capsys, path, "array30", message)
-    assert not (tmp_path / "out").exists()
-    assert cnn_data.G4Sample(_sample(tmp_path, "good"), "array30").n == 1000
-
-
 def test_offsets_beyond_int64_are_named_as_the_file_holds_them(tmp_path, capsys):
     """G4Sample cast 'offsets' to int64 before checking it: a uint64 boundary near 2**64 wrapped to -3 and a
     float one of 1e20 (or 2**63) to -2**63, and the refusal named those values, which the file does not hold

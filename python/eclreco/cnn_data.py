@@ -43,12 +43,6 @@ ENTRY_CM_FACTOR = 2.0
 # corner crystal, cellId 0 then, is never hit, so the range check passed) and 43 mm for entry points of zeros. Half
 # the 60 mm crystal pitch.
 ENTRY_CENTROID_MAX_MM = 30.0
-# ... and in their order (x, y; spec/detector.md: x from the col, y from the row of cellId): the centroid is nearer
-# the entry point than its mirror image (y, x) in 84.5 % of the reference file's events with deposits (74 % at 50-100
-# MeV; near the diagonal the two agree). A file written (y, x) passed the checks above (a median 22.8 mm, the beam's
-# cell being symmetric about its diagonal); it is refused when the mirror image is nearer in more than this fraction
-# of the events, which a correct file of 10 photons of 50-100 MeV reaches with a probability of 0.4 %, of 20 with 4e-5.
-ENTRY_SWAPPED_FRACTION = 2 / 3
 # The beam of array30's reference samples: x, y uniform over the 60 x 60 mm cell of the crystal at col 15, row 15
 # (spec/detector.md), centred here; it stands for the entry point of a sample without xy_mm. The deposits' energy
 # centroid lies a median 9.7 mm from it in the reference file (9.8 mm in the held-out file, which has no xy_mm),
@@ -294,8 +288,8 @@ class G4Sample:
         return hit, np.stack(sums, 1) / total[hit, None]
 
     def _check_entry_points(self, path):
-        """array30's entry points: in mm (ENTRY_CM_FACTOR), in the order x, y (ENTRY_SWAPPED_FRACTION) and where
-        the events' deposits are (ENTRY_CENTROID_MAX_MM), against the deposits' energy centroid on the front plane; without xy_mm, the
+        """array30's entry points: in mm (ENTRY_CM_FACTOR) and where the events' deposits are
+        (ENTRY_CENTROID_MAX_MM), against the deposits' energy centroid on the front plane; without xy_mm, the
         deposits where the reference beam is (BEAM_CENTRE_MM)."""
         if self.detector != "array30":
             return
@@ -317,14 +311,6 @@ class G4Sample:
             raise G4SampleError(path, f"'xy_mm' puts the photons' entry points a median {as_mm:.3g} mm from the energy "
                                f"centroid of their deposits, {as_cm:.3g} mm if they were cm: are they in cm? The file "
                                "holds them in mm (data/README.md)")
-        xy = self.entry_xy_mm[hit]
-        swapped = float(np.mean(np.hypot(*(centroid - xy[:, ::-1]).T) < np.hypot(*(centroid - xy).T)))
-        if swapped > ENTRY_SWAPPED_FRACTION:
-            raise G4SampleError(path, f"'xy_mm' read as (y, x) puts {swapped:.0%} of the photons' entry points nearer the "
-                               "energy centroid of their deposits than read as (x, y), where a file in that order has "
-                               f"about 15 % (at most {ENTRY_SWAPPED_FRACTION:.0%}): are its two columns swapped? The "
-                               "file holds x, then y, in mm; x from a cellId's col, y from its row (spec/detector.md, "
-                               "data/README.md)")
         if as_mm > ENTRY_CENTROID_MAX_MM:
             raise G4SampleError(path, f"'xy_mm' puts the photons' entry points a median {as_mm:.3g} mm from the energy "
                                f"centroid of their deposits, more than {ENTRY_CENTROID_MAX_MM:g} mm (half the crystal "
