@@ -1503,6 +1503,39 @@ def test_a_collector_stopped_in_the_middle_of_a_run_is_in_the_report():
         farm.close()
 
 
+def test_a_farm_run_without_events_is_counted_and_said_to_have_none():
+    """A START ... STOP in which no event came is a farm run: the output line counted only the runs whose
+    collector received an event and said '0 events written in 0 farm run(s)' of a farm that had run twice."""
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import output_line
+
+    farm = InProcessFarm(heartbeat_timeout_s=30.0, stop_drain_s=0.0)
+    d = farm.d
+    try:
+        col, control = farm.peer(), farm.peer()
+        collector_hello(farm, col)
+
+        def run(received):
+            farm.send(control, P.STOP)
+            d.housekeeping(time.monotonic())
+            farm.send(col, P.RUN_ENDED, P.pack({"run_index": d.run_index, "filename": "a.root",
+                                                "received": received, "events_written": received}))
+            d.housekeeping(time.monotonic())
+            assert control.poll(5000) and P.unpack(control.recv_multipart()[1])["state"] == "stopped"
+            line = output_line(d.own_status())
+            farm.send(control, P.START)
+            return line
+
+        assert run(0).startswith("output: 0 events written in 1 farm run(s) of 0 received; the farm run had no "
+                                 "events; rejected 0")
+        assert run(0).startswith("output: 0 events written in 2 farm run(s) of 0 received; none of the 2 farm runs "
+                                 "had events;")
+        assert run(50).startswith("output: 50 events written in 3 farm run(s) of 50 received; 2 of the 3 farm runs "
+                                  "had no events;")
+    finally:
+        farm.close()
+
+
 def test_a_worker_back_from_a_hang_ends_the_run_it_missed():
     """A worker hung (SIGSTOP) past the heartbeat time-out is given up on; if the run ends meanwhile,
     it missed END_RUN, stayed `running` after it resumed, and merged that run with the next (soak
@@ -2280,7 +2313,8 @@ def test_a_stop_as_the_leftovers_of_a_failed_stop_end_gets_its_own_runs_report()
         assert control.poll(5000)
         reply = P.unpack(control.recv_multipart()[1])
         assert reply["run_index"] == 2 and reply["collector"]["run_index"] == 2 and not reply["timeout"], reply
-        assert d.output["events_written"] == 100 and d.output["runs"] == 1, d.output
+        # run 2 was started and stopped without events: a farm run of its own, one without events
+        assert (d.output["events_written"], d.output["runs"], d.output["runs_without_events"]) == (100, 2, 1), d.output
     finally:
         farm.close()
 

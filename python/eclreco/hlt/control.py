@@ -45,6 +45,11 @@ def output_line(d: dict) -> str:
             f"{o.get('received', 0)} received")
     if o.get("received_before"):  # a collector that outlived the previous distributor counts the whole run
         line += f" ({o['received_before']} of them before this distributor took the collector)"
+    runs, empty = o.get("runs", 0), o.get("runs_without_events", 0)
+    if empty:  # a START ... STOP without input is a run too (it was left out, and the line said "0 farm run(s)")
+        line += ("; the farm run had no events" if runs == empty == 1 else
+                 f"; none of the {runs} farm runs had events" if runs == empty else
+                 f"; {empty} of the {runs} farm runs had no events")
     # A module error of the chain flags its event, which is written all the same (or discarded by a filter); only
     # the events the collector's output raised on are in no file: written + rejected + those + discarded = received
     # (+ orphaned_lost, below).

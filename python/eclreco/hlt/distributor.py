@@ -221,14 +221,17 @@ class Distributor:
         self.reconfirm: set[int] = set()  # confirmed once, produced again for a new collector (collector_replaced)
         # What the collectors reported at the ends of the runs (RUN_ENDED), summed over the farm's
         # life: the file side of the farm, which the confirmations alone do not show.
-        self.output = {"runs": 0, "received": 0, "events_written": 0, "errors": 0, "errors_in_outputs": 0,
+        self.output = {"runs": 0, "runs_without_events": 0, "received": 0, "events_written": 0, "errors": 0, "errors_in_outputs": 0,
                        "discarded": 0, "rejected": 0, "rejected_by_reason": {}, "first_error": "", "duplicates": 0, "repeated_keys": 0,
                        "orphaned": 0, "orphaned_lost": 0, "received_before": 0, "replaced_collectors": 0, "saved_by_replaced": 0, "replaced_files": [],
                        "left_collectors": 0, "written_by_left": 0, "left_files": [],
                        "failed_collectors": 0, "written_by_failed": 0, "failed_files": [],
                        "unreported_collectors": 0, "saved_by_unreported": 0, "unreported_files": [],
                        "output_errors": []}
-        self.output_run = 0  # the run index whose events the output counts last (a run is counted once)
+        # The farm's runs (their indices) whose end a collector reported, and of them those it received events in:
+        # a run is counted once, also when several collectors report on it, and a run without events counts too.
+        self.reported_runs: set[int] = set()
+        self.runs_with_events: set[int] = set()
         self.replaced_run: list[dict] = []  # collectors replaced in this run: their files hold part of it
         self.unregistered: dict[bytes, dict] = {}  # CONFIRM/SAVED held until their sender registers (hold_unregistered)
         # A START came while the events of the run that ended waited for a new collector (its collector's last write
@@ -922,9 +925,11 @@ class Distributor:
         o = self.output
         o["received_before"] += self.collector.pop("received_before", 0)
         run = self.run_index if run_index is None else run_index
-        if info.get("received", 0) and self.output_run != run:
-            o["runs"] += 1
-            self.output_run = run
+        self.reported_runs.add(run)
+        if info.get("received", 0):
+            self.runs_with_events.add(run)
+        o["runs"] = len(self.reported_runs)
+        o["runs_without_events"] = len(self.reported_runs - self.runs_with_events)
         error = str(info.get("output_error") or "")
         if left:
             st = self.collector["status"]
