@@ -1650,6 +1650,23 @@ def test_a_worker_says_that_it_waits_for_its_distributor(tmp_path, roles):
         assert p.wait(timeout=60) == 0, log.read_text()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_worker_stopped_before_its_first_run_says_so(tmp_path, roles, sig):
+    """A standalone worker stopped (SIGINT/SIGTERM) before any event came said 'run ended' with a module table of
+    zeros, of a run that never started. It now says that it stopped before its first run."""
+    w = roles.worker(log="worker.log")
+    log = tmp_path / "worker.log"
+    t0 = time.monotonic()
+    while "waiting for the distributor" not in log.read_text():  # said from within its event loop
+        assert w.poll() is None and time.monotonic() - t0 < 30, log.read_text()
+        time.sleep(0.2)
+    w.send_signal(sig)
+    assert w.wait(timeout=30) == 0, log.read_text()
+    text = log.read_text()
+    assert "run ended" not in text and "Module" not in text, text
+    assert f"[worker] pid {w.pid} stopped before its first run: no event received" in text, text
+
+
 def test_a_standalone_worker_keeps_what_it_rejects_by_default(tmp_path, roles):
     """`hlt worker` without --rejected kept no raw bytes of what it rejected (only `hlt run` gave its
     workers a file). Now it keeps them in rejected_{pid}.msgpack in its working directory, made at the

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import os
 import runpy
 import socket
@@ -248,12 +249,16 @@ class HLTWorkerInput(Module):
 def run_worker(path, link: WorkerLink, threads: int = 1, batch_size: int = 256, exporter=None) -> int:
     """One eclreco.process() per run until the distributor says TERMINATE or a signal arrives."""
     try:
-        while True:
+        for runs in itertools.count():
             eclreco.process(path, threads=threads, batch_size=batch_size)
-            # where this worker's time went in the run (module table, as basf2 prints it); not for
-            # the empty run that a TERMINATE ends right after its start
-            if link.received_run or not link.terminate:
+            # where this worker's time went in the run (module table, as basf2 prints it): of a run that had events
+            # here or that END_RUN ended; not for the empty wait that a TERMINATE or a signal ends (a worker stopped
+            # before any event said "run ended" with a table of zeros, of a run that never started)
+            if link.received_run or (link.end_run and not link.terminate):
                 print(f"[worker] pid {os.getpid()} run ended\n{eclreco.statistics}", flush=True)
+            elif _core.stop_requested():
+                print(f"[worker] pid {os.getpid()} stopped " + ("before its first run" if runs == 0 else "between runs")
+                      + ": no event received", flush=True)
             if exporter is not None:
                 exporter.checkpoint()
             if _core.stop_requested() or link.terminate:
