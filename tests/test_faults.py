@@ -32,7 +32,7 @@ def test_collector_sigkill_ends_the_farm_promptly(farm_factory):
     up at once (give_up_unconnected) and leave with BYE."""
     import re
 
-    farm = farm_factory(workers=2, extra=("--collector-restarts", "0"))
+    farm = farm_factory(heartbeat_timeout=2, workers=2, extra=("--collector-restarts", "0"))
     n = 2000
     push_events(farm.input, range(n))
     farm.wait_confirmed(n)
@@ -96,7 +96,7 @@ def test_hlt_run_restarts_a_collector_and_loses_no_event(farm_factory, tmp_path,
 
     from eclreco.hlt.control import status
 
-    farm = farm_factory(workers=2)
+    farm = farm_factory(heartbeat_timeout=2, workers=2)
     first = farm.process("collector")["pid"]
     n = 4000
     feed = threading.Thread(target=lambda: push_events(farm.input, range(n), rate_hz=2000, timeout_s=60), daemon=True)
@@ -174,7 +174,7 @@ def test_a_collector_that_cannot_write_its_file_keeps_its_events_and_the_report_
     as the dead one's, exit 0."""
     from test_hlt import scrape
 
-    farm = farm_factory(workers=2)
+    farm = farm_factory(heartbeat_timeout=2, workers=2)
     push_events(farm.input, range(3000))
     farm.wait_confirmed(3000)
     n = 15_000
@@ -207,7 +207,7 @@ def test_a_collector_whose_write_fails_in_the_middle_of_a_run_reports_what_it_sa
     lists it."""
     from hlt_helpers import push_messages
 
-    farm = farm_factory(workers=1)
+    farm = farm_factory(heartbeat_timeout=2, workers=1)
     push_messages(farm.input, [envelope(k) for k in range(1000)] + [b"\xc1"] * 100)  # (100 rejected: not msgpack)
     farm.wait_confirmed(1100)
     n = 6000
@@ -238,7 +238,7 @@ def test_a_stop_whose_last_write_fails_names_the_error_and_the_kept_file(farm_fa
     import json
     import resource
 
-    farm = farm_factory(workers=1)
+    farm = farm_factory(heartbeat_timeout=2, workers=1)
     push_events(farm.input, range(3000))
     farm.wait_confirmed(3000)
     t0 = time.monotonic()
@@ -344,7 +344,7 @@ def test_the_events_a_failed_stop_left_unsaved_go_to_a_file_of_their_run(farm_fa
 
     from hlt_helpers import push_messages
 
-    farm = farm_factory(workers=1, extra=("--flush-interval", "600"))
+    farm = farm_factory(heartbeat_timeout=2, workers=1, extra=("--flush-interval", "600"))
     push_messages(farm.input, [envelope(k) for k in range(1000)] + [b"\xc1"] * 50)  # (50 rejected: not msgpack)
     farm.wait_confirmed(1050)
     first = farm.process("collector")["pid"]
@@ -380,7 +380,7 @@ def test_a_collector_restarted_between_runs_makes_no_file_for_a_run_that_never_s
     result, as between the runs of one collector."""
     import glob
 
-    farm = farm_factory(workers=1)
+    farm = farm_factory(heartbeat_timeout=2, workers=1)
     push_events(farm.input, range(200))
     farm.wait_confirmed(200)
     farm.command("stop")
@@ -411,7 +411,7 @@ def test_hlt_run_kills_and_restarts_a_hung_collector(farm_factory, tmp_path, tra
 
     # over ipc:// the workers' sends block sooner than over TCP (a unix socket buffers less)
     addr = ("--collector-addr", f"ipc://{tmp_path}/collector.ipc") if transport == "ipc" else ()
-    farm = farm_factory(workers=2, extra=("--collector-restarts", "1", *addr))
+    farm = farm_factory(heartbeat_timeout=2, workers=2, extra=("--collector-restarts", "1", *addr))
     push_events(farm.input, range(2000))
     farm.wait_confirmed(2000)
     # stopped before the feed, so that its events come while it hangs (stopped 0.5 s into the feed, it had
@@ -451,7 +451,7 @@ def test_a_collector_restarted_in_run_2_names_its_file_after_run_2(farm_factory,
     from eclreco.hlt import protocol as P
     from eclreco.hlt.control import request
 
-    farm = farm_factory(workers=1)
+    farm = farm_factory(heartbeat_timeout=2, workers=1)
     push_events(farm.input, range(200))
     farm.wait_confirmed(200)
     farm.command("stop")
@@ -491,7 +491,7 @@ def test_hlt_run_does_not_restart_a_failing_collector_in_a_loop(farm_factory, tm
 
     out = tmp_path / "out"
     out.mkdir()
-    farm = farm_factory(workers=1, output=out / "farm.root", extra=("--collector-restarts", "2"))
+    farm = farm_factory(heartbeat_timeout=2, workers=1, output=out / "farm.root", extra=("--collector-restarts", "2"))
     push_events(farm.input, range(100))
     farm.wait_confirmed(100)
     shutil.rmtree(out)
@@ -513,7 +513,7 @@ def test_a_failed_collector_restart_names_no_file_and_is_reported_as_failed(farm
     import re
 
     (tmp_path / "farm.2.root").symlink_to(tmp_path / "no_such_folder" / "x.root")
-    farm = farm_factory(workers=1, extra=("--collector-restarts", "2"))
+    farm = farm_factory(heartbeat_timeout=2, workers=1, extra=("--collector-restarts", "2"))
     push_events(farm.input, range(300))
     farm.wait_confirmed(300)
     t0 = time.monotonic()
@@ -536,7 +536,7 @@ def test_a_failed_collector_restart_names_no_file_and_is_reported_as_failed(farm
 def test_distributor_sigkill_workers_and_collector_close_cleanly(farm_factory):
     """Promise: when the distributor dies, `hlt run` stops the workers and the collector with SIGTERM:
     the output file is valid and holds every event confirmed before the kill; the farm exits with 1."""
-    farm = farm_factory(workers=2)
+    farm = farm_factory(heartbeat_timeout=2, workers=2)
     n = 2500
     push_events(farm.input, range(n))
     farm.wait_confirmed(n)
@@ -557,7 +557,7 @@ def test_supervisor_sigkill_roles_drain_once(farm_factory):
     exit. The kernel repeats that signal each time it reparents a role while the supervisor's threads
     exit; the roles took the repeat for a second signal and died at once (distributor: no final line,
     its held events not counted; collector: a ROOT file without keys)."""
-    farm = farm_factory(workers=1)
+    farm = farm_factory(heartbeat_timeout=2, workers=1)
     n = 3000
     push_events(farm.input, range(n))
     farm.wait_confirmed(n)
@@ -615,7 +615,7 @@ def test_slow_consumer_keeps_distributor_memory_bounded(farm_factory, tmp_path):
     steering.write_text(SLOW_WORKER.replace("{ms}", "50"))
     raw = tmp_path / "run.msgpack"
     write_raw_file(raw, (envelope(e) for e in range(5000)))
-    farm = farm_factory(workers=1, extra=("--worker-steering", str(steering), "--batch-size", "64",
+    farm = farm_factory(heartbeat_timeout=2, workers=1, extra=("--worker-steering", str(steering), "--batch-size", "64",
                                           "--max-held", "5000", "--queue-size", "2000"))
     pid = farm.distributor()["pid"]
     daq = subprocess.Popen(ECLRECO + ["daq-emulator", "--input", str(raw), "--connect", farm.input, "--loop"],
@@ -1743,7 +1743,7 @@ def test_collector_sigkill_with_unwritten_results_counts_them_lost(farm_factory)
     """Promise: events the collector had confirmed but not yet written (its flush interval is long)
     are not forgotten when it dies: the distributor holds them as unsaved, and when the farm ends
     without a live collector (one not restarted) they are counted as lost_at_stop (not silently gone)."""
-    farm = farm_factory(workers=1, extra=("--flush-interval", "60", "--collector-restarts", "0"))
+    farm = farm_factory(heartbeat_timeout=2, workers=1, extra=("--flush-interval", "60", "--collector-restarts", "0"))
     n = 1000
     push_events(farm.input, range(n))
     farm.wait_confirmed(n)
@@ -1766,7 +1766,7 @@ def test_malformed_messages_to_the_farm_are_counted_not_fatal(farm_factory, zmq_
 
     from eclreco.hlt import protocol as P
 
-    farm = farm_factory(workers=2)
+    farm = farm_factory(heartbeat_timeout=2, workers=2)
     collector = farm.process("collector")
     workers_addr = farm.distributor()["addresses"]["workers"]
     ctx = zmq_context
@@ -1890,7 +1890,7 @@ def test_a_redelivered_rejected_event_is_one_rejected_event_in_the_quarantine(fa
     mark = tmp_path / "died"
     steering = tmp_path / "dies_after_quarantine.py"
     steering.write_text(DIES_AFTER_QUARANTINE.replace("{mark!r}", repr(str(mark))))
-    farm = farm_factory(workers=2, extra=("--worker-steering", str(steering)))
+    farm = farm_factory(heartbeat_timeout=2, workers=2, extra=("--worker-steering", str(steering)))
     from hlt_helpers import push_messages
 
     bad = [b"not an envelope %d" % i for i in range(5)]
@@ -1925,7 +1925,7 @@ def test_a_collector_restarted_during_the_terminate_does_not_hold_the_farm(farm_
     from eclreco.hlt import protocol as P
     from eclreco.hlt.control import request
 
-    farm = farm_factory(workers=1)
+    farm = farm_factory(heartbeat_timeout=2, workers=1)
     push_events(farm.input, range(200))
     farm.wait_confirmed(200)
     farm.command("stop")  # between runs the terminate waits for no collector

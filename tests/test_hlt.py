@@ -37,8 +37,18 @@ def worker_modules() -> str:
     return "ECLUnpacker"
 
 
+# The farm tests' --heartbeat-timeout. A worker or collector silent this long is given up on: a worker is counted
+# lost and its events redelivered, a stop answers without the silent collector's report (`hlt control stop` exits 1,
+# which Farm.command asserts against). At 2 s (4-5 heartbeats) a role stalled that long on a loaded 2-core machine
+# (other jobs, the farm's own processes) could fail a test that promises nothing about heartbeats (commit e1342e8
+# gave test_farm_ev_chunks_split_over_small_batches 30 s for that); 10 s is 20 heartbeats. Tests of a role that
+# dies, hangs or is stopped pass heartbeat_timeout=2: they wait for the time-out, and their bounds count with it.
+HEARTBEAT_TIMEOUT_S = 10
+
+
 class Farm:
-    def __init__(self, tmp_path, workers=2, extra=(), workers_addr=True, output=None):
+    def __init__(self, tmp_path, workers=2, extra=(), workers_addr=True, output=None,
+                 heartbeat_timeout=HEARTBEAT_TIMEOUT_S):
         """workers_addr=False: hlt run picks the workers' port itself. output: default tmp_path/farm.root."""
         self.input, self.control = free_address(), free_address()
         wa = ["--workers-addr", free_address()] if workers_addr else []
@@ -47,7 +57,8 @@ class Farm:
         self.proc = subprocess.Popen(
             ECLRECO + ["hlt", "run", "--workers", str(workers), "--input", self.input, "--control", self.control,
                        *wa, "--output", self.output, "--modules", worker_modules(),
-                       "--metrics-base-port", "0", "--heartbeat-timeout", "2", "--stop-drain", "0.3", *extra],
+                       "--metrics-base-port", "0", "--heartbeat-timeout", str(heartbeat_timeout), "--stop-drain", "0.3",
+                       *extra],
             stdout=self.log, stderr=subprocess.STDOUT, cwd=str(tmp_path))
         t0 = time.monotonic()
         while True:
@@ -421,7 +432,7 @@ def wait_worker_restarted(farm) -> dict:
 
 
 def test_farm_worker_sigkill_exactly_once(farm_factory):
-    farm = farm_factory(workers=2)
+    farm = farm_factory(heartbeat_timeout=2, workers=2)
     n = 6000
     feeder, victim = stream_to_a_busy_worker(farm, n)
     t0 = time.monotonic()
@@ -449,7 +460,7 @@ def test_a_worker_stopped_by_sigterm_in_a_stream_loses_nothing(farm_factory):
     """docs/deployment.md, "Loss semantics": a worker on SIGINT/SIGTERM (a service stop) finishes and sends
     its in-flight batches, says BYE and exits; the events it had not started go to the other worker. Every
     event is written exactly once, the worker left cleanly (BYE: not counted lost) and `hlt run` restarts it."""
-    farm = farm_factory(workers=2)
+    farm = farm_factory(heartbeat_timeout=2, workers=2)
     n = 6000
     feeder, victim = stream_to_a_busy_worker(farm, n)
     os.kill(victim, signal.SIGTERM)
@@ -470,7 +481,7 @@ def test_terminate_kills_a_stopped_worker_at_once(farm_factory):
     """A worker stopped by SIGSTOP (an operator, a debugger) when the farm terminates can never exit by
     itself: `hlt run` waited its 60 s deadline in silence, then killed it. It now kills a stopped role
     at once and says so; its events had gone to the other worker."""
-    farm = farm_factory(workers=2)
+    farm = farm_factory(heartbeat_timeout=2, workers=2)
     push_events(farm.input, range(500))
     farm.wait_confirmed(500)
     victim = next(p for p in farm.status()["processes"] if p["role"] == "worker")["pid"]
@@ -498,7 +509,7 @@ def test_a_second_signal_kills_the_farm_at_once(farm_factory):
     """deployment.md: SIGINT/SIGTERM on `hlt run` stop the run and terminate the farm; a second signal kills
     it, for a farm whose stop does not end (here a distributor stopped by SIGSTOP never answers the
     supervisor's TERMINATE). Every role is killed, none is left behind, exit 1."""
-    farm = farm_factory(workers=1)
+    farm = farm_factory(heartbeat_timeout=2, workers=1)
     push_events(farm.input, range(200))
     farm.wait_confirmed(200)
     roles = [p["pid"] for p in farm.status()["processes"] if p["role"] in ("distributor", "worker", "collector")]
@@ -536,7 +547,7 @@ def test_a_second_signal_kills_the_farm_at_once(farm_factory):
 def test_farm_without_restarts_left_goes_on_with_the_other_worker(farm_factory):
     """--max-restarts 0: a killed worker is not replaced (the supervisor says so), the distributor
     notices it gone, and the farm goes on with the other one: every later event once."""
-    farm = farm_factory(workers=2, extra=("--max-restarts", "0"))
+    farm = farm_factory(heartbeat_timeout=2, workers=2, extra=("--max-restarts", "0"))
     push_events(farm.input, range(500))
     farm.wait_confirmed(500)
     victim = next(p for p in farm.status()["processes"] if p["role"] == "worker")
@@ -563,7 +574,7 @@ def test_farm_without_any_worker_left_terminates(farm_factory):
     terminates the farm and exits 1 instead of staying up without workers (a worker chain that
     fails at start used to leave such a farm running, its input backing up). What was confirmed
     is in the output file."""
-    farm = farm_factory(workers=2, extra=("--max-restarts", "1"))
+    farm = farm_factory(heartbeat_timeout=2, workers=2, extra=("--max-restarts", "1"))
     push_events(farm.input, range(300))
     farm.wait_confirmed(300)
     farm.command("stop")
@@ -586,7 +597,7 @@ def test_farm_without_any_worker_left_terminates(farm_factory):
 def test_status_watch_follows_the_farm_until_it_is_gone(farm_factory):
     """`hlt status --json --watch S`: one JSON line per refresh (the counts move as events flow);
     when the farm terminates, the watcher says so and exits 1 instead of hanging."""
-    farm = farm_factory(workers=1)
+    farm = farm_factory(heartbeat_timeout=2, workers=1)
     watch = subprocess.Popen(ECLRECO + ["hlt", "status", "--json", "--watch", "0.2", "--control", farm.control,
                                         "--timeout", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -628,7 +639,7 @@ def test_farm_ev_chunks_split_over_small_batches(farm_factory):
     chunk (and not dividing it), each chunk is split over several batches: every event is in the
     output exactly once, with its own evt (its bytes and its sequence id stayed together)."""
     # (a heartbeat timeout no stall of a loaded machine reaches: redelivered must stay 0)
-    farm = farm_factory(workers=2, extra=("--chunk", "64", "--batch-size", "10", "--heartbeat-timeout", "30"))
+    farm = farm_factory(workers=2, extra=("--chunk", "64", "--batch-size", "10"), heartbeat_timeout=30)
     n = 1500
     push_events(farm.input, range(n))
     farm.wait_confirmed(n, timeout=90)
@@ -660,7 +671,7 @@ def test_farm_sigterm_leaves_readable_output(farm_factory):
     except zmq.ZMQError:
         pass  # taken already
     try:
-        farm = farm_factory(workers=2, workers_addr=False)
+        farm = farm_factory(heartbeat_timeout=2, workers=2, workers_addr=False)
     finally:
         taken.close(0)
     n = 2500
@@ -1396,7 +1407,7 @@ def test_the_farm_writes_one_dqm_cycle_per_run(farm_factory):
     was split over two cycles (uproot's plain key read a part of a run); now the collector keeps each run's
     histograms until no more of its events can come (docs/architecture.md): one cycle per run, whose
     entries are that run's events, and the events are written as they come."""
-    farm = farm_factory(workers=2, extra=("--chunk", "16", "--heartbeat-timeout", "60"))
+    farm = farm_factory(workers=2, extra=("--chunk", "16"), heartbeat_timeout=60)
     frozen = threading.Event()
     sent = {1: 0, 2: 0, 3: 0}
 
@@ -1793,7 +1804,7 @@ def test_a_farm_leaves_no_empty_quarantine_files(farm_factory, tmp_path):
     start: a farm that rejected nothing left one empty file per worker and per restart (audit: a day of
     restarts, a folder of empty files). A worker's file is now made at its first rejected event, as a
     standalone worker's default one, and each worker says where it goes."""
-    farm = farm_factory(workers=2)
+    farm = farm_factory(heartbeat_timeout=2, workers=2)
     push_events(farm.input, range(200))
     farm.wait_confirmed(200)
     killed = farm.process("worker")["pid"]
