@@ -2623,3 +2623,87 @@ def test_late_results_a_failed_write_leaves_unsaved_are_counted_lost_not_dropped
         push.close(0)
         distributor.close(0)
     assert "; 7 late results of events of a distributor that died are lost with it (none holds them)" in out, out
+
+
+def test_a_failed_writes_report_counts_the_duplicates_and_orphans_of_what_it_saved(tmp_path, zmq_context):
+    """A collector whose write fails in the middle of a run reports what it said SAVED (_output_failed); its
+    duplicates_run, repeated_keys_run and orphaned_run were 0: the copies it dropped and the late results of a dead
+    distributor's events that are in its kept file were missing from the output line ("duplicates dropped", "late
+    results ... written"). They are those of the batches in its file, and every copy it dropped by sequence id; a
+    producer's repeat in the batch it could not write is not counted (that batch goes to the next collector, which
+    takes or drops it). A real collector process; the test is its distributor (ROUTER) and a worker (PUSH)."""
+    import zmq
+
+    from eclreco.hlt import protocol as P
+    from hlt_helpers import free_address
+
+    ctl, results = free_address(), free_address()
+    distributor = zmq_context.socket(zmq.ROUTER)
+    distributor.setsockopt(zmq.LINGER, 0)
+    distributor.bind(ctl)
+    push = zmq_context.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    output = tmp_path / "farm.root"
+    proc = subprocess.Popen(ECLRECO + ["hlt", "collector", "--collector-addr", results, "--control", ctl, "-o",
+                                       str(output), "--flush-interval", "0.01", "--metrics-port", "-1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def until(what, t=30.0):
+        """The collector's next message whose command is `what` (answering nothing else)."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < t:
+            if distributor.poll(200):
+                frames = distributor.recv_multipart()
+                if frames[1] == what:
+                    return frames
+        raise AssertionError(f"no {what} from the collector")
+
+    def until_status(key, value):
+        t0 = time.monotonic()
+        while (st := P.unpack(until(P.STATUS)[2]))[key] != value:
+            assert time.monotonic() - t0 < 10, st
+
+    low = 10**15
+    try:
+        ident = until(P.HELLO)[0]
+        distributor.send_multipart([ident, P.LOW, b"100", b"1", b"0"])  # registered, in run 1
+        push.connect(results)
+        push.send(results_message(np.arange(100, 110), np.arange(10)))
+        until_status("saved", 10)
+        distributor.send_multipart([ident, P.WHO])  # the distributor restarted: the new one's ids start far above
+        ident = until(P.HELLO)[0]
+        distributor.send_multipart([ident, P.LOW, str(low).encode(), b"1", b"0"])
+        until_status("low_watermark", low)
+        push.send(results_message(np.arange(110, 120), np.arange(10, 20)))  # 10 orphans, written and SAVED
+        push.send(results_message([105, 106, 107], [5, 6, 7]))  # 3 copies (by sequence id)
+        push.send(results_message([low], [0]))  # a producer's repeat of evt 0
+        until_status("saved", 24)
+        size = os.path.getsize(output)
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (size, size))
+        # its write fails: 5 new events, a repeat of evt 1 (handed on with the batch) and a copy of 108
+        push.send(results_message([low + 1, low + 2, low + 3, low + 4, low + 5, low + 6, 108], [100, 101, 102, 103,
+                                                                                               104, 1, 8]))
+        report = P.unpack(until(P.RUN_ENDED)[2])
+        assert proc.wait(30) == 1
+        assert "File too large" in report["output_error"] and report["events_written"] == 20, report
+        assert (report["received"], report["orphaned_run"], report["duplicates_run"],
+                report["repeated_keys_run"]) == (20, 10, 5, 1), report
+        from eclreco.hlt.control import output_line
+
+        farm = InProcessFarm()
+        try:
+            peer = farm.peer()
+            collector_hello(farm, peer)
+            farm.send(peer, P.RUN_ENDED, P.pack(report))
+            line = output_line(farm.d.own_status())
+        finally:
+            farm.close()
+        assert "; duplicates dropped 5 (of them 1 with the exp/run/evt" in line, line
+        assert "; 10 late results of events of a distributor that died written" in line, line
+        assert_output_adds_up(line)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+        push.close(0)
+        distributor.close(0)

@@ -162,12 +162,14 @@ class CollectorLink:
         self.output_made = False
         # why the output file could not be written (RootOutput's error, which names where its events are kept)
         self.output_error = ""
-        # (output batch count, seqs, the run's counts through that batch, its orphan_counts or None) not yet in the file
+        # (output batch count, seqs, the run's counts through that batch, its orphan_counts or None, the run's
+        # dropped_in_run through that batch) not yet in the file
         self.unsaved: collections.deque = collections.deque()
         self.saved = 0
-        # the run's counts (run_counts) through its last batch said SAVED: after a failed write, the events of the
-        # later batches go to the next collector, which counts them
+        # the run's counts (run_counts) and drops (dropped_in_run) through its last batch said SAVED: after a failed
+        # write, the events of the later batches go to the next collector, which counts them
         self.saved_counts = run_counts(None)
+        self.saved_dropped = NO_DROPS
         # tells this process from another one with the same pid and host name (containers)
         self.instance = os.urandom(8).hex()
         self.registered = False  # the distributor took this collector (it answers HELLO with LOW)
@@ -280,17 +282,19 @@ class CollectorLink:
         if self.bad_messages <= 20:
             print(f"[collector] ignored a bad message on the {where} socket: {why}", flush=True)
 
-    def confirm(self, seqs: np.ndarray, output=None, orphans: dict | None = None):
+    def confirm(self, seqs: np.ndarray, output=None, orphans: dict | None = None, dropped: dict | None = None):
         """CONFIRM the seqs of a batch the output has taken; SAVED now when the output keeps
         nothing back (output None: ZMQOutput), else once `output.batches_written` covers it. orphans: the
-        batch's orphaned results (orphan_counts), which only this collector holds until they are in the file."""
+        batch's orphaned results (orphan_counts), which only this collector holds until they are in the file;
+        dropped: the run's dropped_in_run through this batch."""
         if len(seqs):
             self.ctl.send_multipart([P.CONFIRM, P.seqs_to_bytes(seqs)])
             self.confirmed += len(seqs)
             if output is None:
                 self._saved(seqs)
             else:  # (one thread: the run's statistics count the batch, which went through the whole path)
-                self.unsaved.append((output.batches_taken, seqs, run_counts(eclreco.statistics.summary()), orphans))
+                self.unsaved.append((output.batches_taken, seqs, run_counts(eclreco.statistics.summary()), orphans,
+                                     dropped or NO_DROPS))
 
     def release_saved(self, output=None, everything: bool = False):
         """SAVED for the batches now in the output file (everything: the file was closed)."""
@@ -298,7 +302,7 @@ class CollectorLink:
             output.flush_if_due()
         done = []
         while self.unsaved and (everything or self.unsaved[0][0] <= output.batches_written):
-            _, seqs, self.saved_counts, _ = self.unsaved.popleft()
+            _, seqs, self.saved_counts, _, self.saved_dropped = self.unsaved.popleft()
             done.append(seqs)
         if done:
             self._saved(np.concatenate(done), None if output is None else output.events_written_run)
@@ -317,6 +321,10 @@ class CollectorLink:
     def close(self):
         self.pull.close(0)
         self.ctl.close(2000)
+
+
+# dropped_in_run of a run that dropped nothing
+NO_DROPS = {"duplicates": 0, "repeated_keys": 0, "orphaned": 0}
 
 
 def run_counts(summary: dict | None) -> dict:
@@ -359,7 +367,7 @@ def run_report(link: CollectorLink, run_index: int, filename: str = "", written:
                dropped: dict | None = None, first_error: str = "") -> dict:
     """RUN_ENDED: what the run wrote and what failed (the stop's reply and the farm's output line);
     every key also for a run without events (it lacked all but the first five)."""
-    dropped = dropped or {"duplicates": 0, "repeated_keys": 0, "orphaned": 0}
+    dropped = dropped or NO_DROPS
     return {"run_index": run_index, "filename": filename, "events_written": written, **run_counts(summary),
             "duplicates": link.duplicates, **{k + "_run": v for k, v in dropped.items()}, "first_error": first_error}
 
@@ -408,13 +416,14 @@ class HLTCollectorInput(Module):
         self._producers = {}  # (host, pid) or None -> [events taken, provenance JSON or None], of the run
         self._dropped_before = (self.link.duplicates, self.link.repeated_keys, self.link.orphaned)
         self.link.saved_counts = run_counts(None)
+        self.link.saved_dropped = NO_DROPS
 
     def begin_run(self, exp, run):
         self.link.state = "running"
 
     def _confirm_previous(self):
         # One thread: the previous batch went through the output before this call.
-        self.link.confirm(self._unconfirmed, self.output, self._orphans)
+        self.link.confirm(self._unconfirmed, self.output, self._orphans, self.dropped_in_run())
         self._unconfirmed = np.zeros(0, "<u8")
         self._orphans = None
         self.link.release_saved(self.output)
@@ -507,6 +516,15 @@ class HLTCollectorInput(Module):
             self._unconfirmed = np.concatenate(seqs_all)
         self._orphans = orphans
         return True
+
+    def dropped_saved(self) -> dict:
+        """dropped_in_run for the report of a failed write, which counts the events it said SAVED (the others go to the
+        next collector): the orphaned results and producer's repeats (repeated_keys) of the batches in the file (a
+        repeat it dropped from a later batch is handed on with its batch, the next collector takes or drops it), and
+        every copy it dropped by sequence id (its event is held once at the distributor: the copy comes no more)."""
+        now, saved = self.dropped_in_run(), self.link.saved_dropped
+        return {"duplicates": now["duplicates"] - (now["repeated_keys"] - saved["repeated_keys"]),
+                "repeated_keys": saved["repeated_keys"], "orphaned": saved["orphaned"]}
 
     def orphans_not_saved(self) -> dict:
         """orphan_counts of the orphaned results not in the file: of the batches confirmed and not saved, and of the
@@ -612,7 +630,8 @@ def _output_failed(link: CollectorLink, out, source: HLTCollectorInput) -> int:
     nowhere). Exit 1 (hlt run restarts it, within --collector-restarts).
     The orphaned results among the events not in the file (late results of a dead distributor's events) are held
     by no distributor: nobody hands them on, and they were counted nowhere. The report counts them as received
-    (rejected and discarded as such) and the others as `orphaned_lost`, in no file."""
+    (rejected and discarded as such) and the others as `orphaned_lost`, in no file. Its drops are those of the
+    events it said SAVED too (dropped_saved: it sent none, the orphans in its file were not counted as written)."""
     link.release_saved(out)
     link.filename = out.kept_file
     link.output_error = out.write_error
@@ -620,7 +639,8 @@ def _output_failed(link: CollectorLink, out, source: HLTCollectorInput) -> int:
     unsaved = source.orphans_not_saved()
     lost = unsaved.pop("lost")
     report = run_report(link, (link.ended_run_index if link.end_run else None) or link.run_index, out.kept_file,
-                        out.events_written_run if out.kept_file else 0, add_counts(link.saved_counts, unsaved))
+                        out.events_written_run if out.kept_file else 0, add_counts(link.saved_counts, unsaved),
+                        source.dropped_saved())
     link.run_ended({**report, "output_error": out.write_error, "orphaned_lost": lost})
     print(f"[collector] error: {out.write_error}; the distributor keeps the events not in it for the next collector"
           + (f"; {lost} late results of events of a distributor that died are lost with it (none holds them)"
