@@ -2707,3 +2707,54 @@ def test_a_failed_writes_report_counts_the_duplicates_and_orphans_of_what_it_sav
         proc.communicate()
         push.close(0)
         distributor.close(0)
+
+
+@pytest.mark.parametrize("how", ["killed", "write_failed"])
+def test_a_collector_that_went_writing_a_failed_stops_leftovers_is_no_collector_of_the_next_run(how):
+    """After a failed stop of run 1 and a START, collector b joined run 1 for its leftovers and went (SIGKILL, or its
+    write failed) before they were all in its file; c wrote the rest. b was listed in run 2's stop reply
+    (replaced_collectors), although its file holds run 1's events only. It is counted in the farm's output (its file
+    named in the output line), not in run 2's reply."""
+    from eclreco.hlt import protocol as P
+
+    farm = InProcessFarm(heartbeat_timeout_s=30.0, stop_drain_s=0.0)
+    d = farm.d
+    try:
+        seqs, control, b = failed_stop_with_leftovers(farm, start_first=True)
+        d.pending.clear()  # (no worker here to take the ids off the queue)
+        farm.send(b, P.CONFIRM, P.seqs_to_bytes(seqs[30:50]))
+        farm.send(b, P.SAVED, P.seqs_to_bytes(seqs[30:50]), b"20")
+        if how == "write_failed":
+            farm.send(b, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "/data/a.2.root.incomplete", "received": 20,
+                                              "events_written": 20, "output_error": "cannot write output file"}))
+        b.close(0)
+        t0 = time.monotonic()
+        while True:  # c is taken once libzmq has seen b's connection go (a few ms)
+            c = farm.peer()
+            replies = collector_hello(farm, c, instance="i9", pid=9, output="/data/a.3.root")
+            if replies[-1][0] == P.LOW:
+                break
+            assert time.monotonic() - t0 < 10, replies
+            time.sleep(0.05)
+        assert replies[-1][2:] == [b"1", b"0"], replies  # joins run 1 for the leftovers
+        d.pending.clear()
+        farm.send(c, P.CONFIRM, P.seqs_to_bytes(seqs[50:]))
+        d.housekeeping(time.monotonic())
+        farm.send(c, P.SAVED, P.seqs_to_bytes(seqs[50:]), b"50")
+        farm.send(c, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "/data/a.3.root", "received": 50,
+                                          "events_written": 50}))
+        farm.send(control, P.STOP)
+        d.housekeeping(time.monotonic())
+        assert d.state == "stopped"
+        farm.send(c, P.RUN_ENDED, P.pack({"run_index": 2, "filename": "", "received": 0, "events_written": 0}))
+        d.housekeeping(time.monotonic())
+        assert control.poll(5000)
+        reply = P.unpack(control.recv_multipart()[1])
+        assert reply["run_index"] == 2 and reply["replaced_collectors"] == [], reply
+        o = d.output
+        if how == "write_failed":  # its report counts the 20 in its kept file
+            assert o["failed_files"] == ["/data/a.2.root.incomplete"] and o["events_written"] == 100, o
+        else:  # the 20 in its file, as its last SAVED said: "20 more saved by 1 replaced collector(s) ..."
+            assert o["replaced_files"] == ["/data/a.2.root"] and (o["events_written"], o["saved_by_replaced"]) == (80, 20), o
+    finally:
+        farm.close()

@@ -752,7 +752,8 @@ class Distributor:
         if st.get("output_made", True):
             # its file's count where it said it (the ids it released include events no file holds)
             in_file = old["saved"] if old.get("written") is None else old["written"]
-            self.note_collector_file(st, st.get("output"), in_file, keys)
+            # (one that wrote the leftovers of a failed stop holds that run's events)
+            self.note_collector_file(st, st.get("output"), in_file, keys, run_index=old.get("leftovers_run"))
         else:
             print(f"[distributor] collector pid {st.get('pid')} went before it made its output file "
                   f"{st.get('output') or '-'} (a failed start): not listed", flush=True)
@@ -895,16 +896,20 @@ class Distributor:
         for w in self.workers.values():
             w.assigned.clear()
 
-    def note_collector_file(self, status: dict, output, saved: int, keys: tuple[str, str, str], error: str = ""):
+    def note_collector_file(self, status: dict, output, saved: int, keys: tuple[str, str, str], error: str = "",
+                            run_index: int | None = None):
         """A collector other than the one that reports the run's end holds part of the run in its file:
         listed in the stop's reply (replaced_run) and counted in `output` under keys (collectors, events,
-        files: at most 20 names). error: why it could not write its file (default: its last status's)."""
+        files: at most 20 names). error: why it could not write its file (default: its last status's). run_index: the
+        run its file holds (default: the run now); one of a run that ended (a failed stop's leftovers, written after a
+        START) is no part of the run now: counted in `output` only (it was listed in the next run's stop reply)."""
         rec = {"pid": status.get("pid"), "host": status.get("host"), "output": str(output or ""), "saved": saved}
         error = error or status.get("output_error")
         if error:  # it could not write its file (a full disk): its error says what it kept
             rec["error"] = str(error)
             self.count_output_error(rec["error"])
-        self.replaced_run.append(rec)
+        if run_index is None or run_index == self.run_index:
+            self.replaced_run.append(rec)
         n, events, files = keys
         self.output[n] += 1
         self.output[events] += saved
@@ -936,7 +941,7 @@ class Distributor:
             keys = (("failed_collectors", "written_by_failed", "failed_files") if error else
                     ("left_collectors", "written_by_left", "left_files"))
             self.note_collector_file(st, info.get("filename") or st.get("output"), int(info.get("events_written", 0) or 0),
-                                     keys, error)
+                                     keys, error, run)
         counts = {k: int(info.get(k, 0) or 0)
                   for k in ("received", "events_written", "errors", "errors_in_outputs", "discarded", "rejected",
                             # late results of a dead distributor's events a failed write left unsaved: in no file
