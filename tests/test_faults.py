@@ -2217,6 +2217,10 @@ def test_a_run_whose_input_waits_for_a_failed_stops_leftovers_says_so_in_the_sta
         d.pending.clear()  # (no worker here to take the ids off the queue)
         farm.send(b, P.CONFIRM, P.seqs_to_bytes(seqs[30:]))
         d.housekeeping(time.monotonic())
+        assert input_waits(control)[0]["collector_writing"]  # confirmed, not yet in its file
+        farm.send(b, P.SAVED, P.seqs_to_bytes(seqs[30:]), b"70")
+        farm.send(b, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "/data/a.2.root", "received": 70,
+                                          "events_written": 70}))
         wait, table, gauge = input_waits(control)
         assert wait is None and gauge == 0 and "input held" not in table and d.accepting_input(), (wait, table)
     finally:
@@ -2404,10 +2408,11 @@ def test_a_start_before_the_next_collector_registers_waits_for_the_failed_stops_
         while b.poll(200):
             got.append(b.recv_multipart())
         assert [f for f in got if f[0] == P.END_RUN] == [[P.END_RUN, b"1"]], got
-        assert d.accepting_input()  # run 2's input, once run 1's leftovers are confirmed
+        assert not d.accepting_input()  # confirmed, not yet in the file
         farm.send(b, P.SAVED, P.seqs_to_bytes(seqs[30:]), b"70")
         farm.send(b, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "/data/a.2.root", "received": 70,
                                           "events_written": 70}))
+        assert d.accepting_input()  # run 2's input, once run 1's leftovers are in their file
         o = d.output
         assert o["replaced_collectors"] == 0 and len(o["output_errors"]) == 1, o
         line = output_line(d.own_status())
@@ -2535,6 +2540,9 @@ def test_a_collector_that_dies_writing_a_failed_stops_leftovers_hands_them_to_th
         while c.poll(200):
             got.append(c.recv_multipart())
         assert [f for f in got if f[0] == P.END_RUN] == [[P.END_RUN, b"1"]], got
+        farm.send(c, P.SAVED, P.seqs_to_bytes(seqs[30:]), b"70")
+        farm.send(c, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "/data/a.3.root", "received": 70,
+                                          "events_written": 70}))
         assert d.accepting_input()
     finally:
         farm.close()
@@ -2756,5 +2764,45 @@ def test_a_collector_that_went_writing_a_failed_stops_leftovers_is_no_collector_
             assert o["failed_files"] == ["/data/a.2.root.incomplete"] and o["events_written"] == 100, o
         else:  # the 20 in its file, as its last SAVED said: "20 more saved by 1 replaced collector(s) ..."
             assert o["replaced_files"] == ["/data/a.2.root"] and (o["events_written"], o["saved_by_replaced"]) == (80, 20), o
+    finally:
+        farm.close()
+
+
+def test_a_collector_that_dies_after_confirming_a_failed_stops_leftovers_keeps_the_next_runs_events_apart():
+    """After a failed stop of run 1 and a START, collector b confirms every leftover of run 1: END_RUN 1 went out and
+    run 2's input opened at once. b died before SAVED: c joined run 1 for the leftovers and got run 2's events read
+    meanwhile with them, all written to run 1's file. Run 2's input now opens only once the leftovers are in their
+    file (b's report of run 1): c gets the 70 leftovers of run 1 and nothing of run 2. The test reads the input
+    whenever the distributor's loop would (accepting_input)."""
+    from eclreco.hlt import protocol as P
+
+    farm = InProcessFarm(heartbeat_timeout_s=30.0, stop_drain_s=0.0)
+    d = farm.d
+    try:
+        seqs, control, b = failed_stop_with_leftovers(farm, start_first=True)
+        d.pending.clear()  # (no worker here to take the ids off the queue)
+        farm.send(b, P.CONFIRM, P.seqs_to_bytes(seqs[30:]))
+        d.housekeeping(time.monotonic())
+        if d.accepting_input():  # as serve() does: run 2's events come in
+            farm.read_events(20)
+        b.close(0)  # SIGKILL: nothing of the leftovers said SAVED
+        t0 = time.monotonic()
+        while True:  # c is taken once libzmq has seen b's connection go (a few ms)
+            c = farm.peer()
+            replies = collector_hello(farm, c, instance="i9", pid=9, output="/data/a.3.root")
+            if replies[-1][0] == P.LOW:
+                break
+            assert time.monotonic() - t0 < 10, replies
+            time.sleep(0.05)
+        assert replies[-1][2:] == [b"1", b"0"], replies  # joins run 1
+        assert sorted(d.events) == seqs[30:].tolist() and not d.accepting_input(), len(d.events)
+        d.pending.clear()
+        farm.send(c, P.CONFIRM, P.seqs_to_bytes(seqs[30:]))
+        d.housekeeping(time.monotonic())
+        assert not d.accepting_input()
+        farm.send(c, P.SAVED, P.seqs_to_bytes(seqs[30:]), b"70")
+        farm.send(c, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "/data/a.3.root", "received": 70,
+                                          "events_written": 70}))
+        assert d.accepting_input() and d.input_waits_for_leftovers() is None  # run 2's input, now
     finally:
         farm.close()

@@ -292,11 +292,13 @@ class Distributor:
     def input_waits_for_leftovers(self) -> int | None:
         """The index of the ended run whose leftovers (events its collector could not write: a failed stop) hold the
         input of the next run until a collector has written them (leftovers_waiting: none has registered yet; or the
-        registered one writes them); None when nothing holds it."""
+        registered one writes them, until its report of that run: confirmed is not yet in its file, and the next
+        run's events read meanwhile went, with the leftovers, to the file of the ended run when it died before SAVED);
+        None when nothing holds it."""
         if self.leftovers_waiting is not None:
             return self.leftovers_waiting
         c = self.collector
-        return c.get("leftovers_run") if c is not None and c.get("leftovers") else None
+        return c.get("leftovers_run") if c is not None else None
 
     def input_wait(self, now: float) -> dict | None:
         """What holds the run's input, for the status and `hlt status` (a wait with no collector lasts until one
