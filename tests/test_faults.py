@@ -2806,3 +2806,34 @@ def test_a_collector_that_dies_after_confirming_a_failed_stops_leftovers_keeps_t
         assert d.accepting_input() and d.input_waits_for_leftovers() is None  # run 2's input, now
     finally:
         farm.close()
+
+
+def test_a_failed_stops_leftovers_whose_close_fails_go_to_a_file_of_their_run():
+    """After a failed stop of run 1 and a START, collector b confirms every leftover of run 1 (END_RUN 1) and its write
+    fails at the file's close: its RUN_ENDED (output_error) cleared the leftovers' run, run 2's input opened with the
+    70 events held unsaved, and the next collector c joined run 2 with them (run 1's events in run 2's file). c now
+    joins run 1 for them and run 2's input waits again."""
+    from eclreco.hlt import protocol as P
+
+    farm = InProcessFarm(heartbeat_timeout_s=30.0, stop_drain_s=0.0)
+    d = farm.d
+    try:
+        seqs, control, b = failed_stop_with_leftovers(farm, start_first=True)
+        d.pending.clear()  # (no worker here to take the ids off the queue)
+        farm.send(b, P.CONFIRM, P.seqs_to_bytes(seqs[30:]))
+        d.housekeeping(time.monotonic())
+        farm.send(b, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "/data/a.2.root.incomplete", "received": 0,
+                                          "events_written": 0, "output_error": "cannot write output file"}))
+        assert not d.accepting_input() and len(d.unsaved) == 70
+        b.close(0)
+        t0 = time.monotonic()
+        while True:  # c is taken once libzmq has seen b's connection go (a few ms)
+            c = farm.peer()
+            replies = collector_hello(farm, c, instance="i9", pid=9, output="/data/a.3.root")
+            if replies[-1][0] == P.LOW:
+                break
+            assert time.monotonic() - t0 < 10, replies
+            time.sleep(0.05)
+        assert replies[-1][2:] == [b"1", b"0"] and len(d.events) == 70, replies  # joins run 1, not run 2
+    finally:
+        farm.close()

@@ -582,7 +582,9 @@ class Distributor:
                 run = self.collector.get("leftovers_run")
                 if run is not None and info.get("run_index") == run:  # the leftovers' run, ended by housekeeping
                     self.collector["leftovers_run"] = None
-                    if self.collector.get("leftovers"):  # its write failed before their END_RUN: the next one's
+                    # its write failed before their END_RUN, or at the file's close after it (events not in its file
+                    # held: they went to the next run's collector, into that run's file): the next one's
+                    if self.collector.get("leftovers") or (info.get("output_error") and self.held_events()):
                         self.collector["left"] = True
                         self.leftovers_waiting = run
                         self.add_run_report(info, left=True, run_index=run)
