@@ -305,6 +305,47 @@ def test_a_payload_rejected_event_of_another_run_splits_the_run(tmp_path):
                    ("exp 0, run 1)", 3, {"(none)": 0})]
 
 
+def test_eclreco_dqm_sums_the_parts_of_a_run_and_names_the_plots_by_run(tmp_path, capsys):
+    """A run written in two DQM cycles (here by RootOutput: run 1, an event of run 5, run 1 again; the farm's
+    collector writes late events of a run as a further part too). `eclreco dqm` drew each cycle apart as
+    NAME_cycleK.png, so that a run's plots were its parts and a user had to add them up (the docs promise that
+    a run's totals are the sum of its parts); it now draws one plot per run, its parts summed, named by (exp,
+    run), and says how many parts it summed; --parts draws them apart."""
+    import msgpack
+
+    from _raw_helpers import two_digit_events
+    from eclreco.cli import main
+    from eclreco.dqm import by_run, read_histograms
+    from eclreco.rawdata import write_raw_file
+
+    bad = msgpack.packb({"v": 1, "exp": 0, "run": 5, "evt": 0, "det": "array30", "ecl": b"\0\0\0"})
+    write_raw_file(tmp_path / "in.msgpack", two_digit_events(6, run=1)[:2] + [bad] + two_digit_events(6, run=1)[2:])
+    path = eclreco.create_path()
+    path.add_module("RawFileInput", filename=str(tmp_path / "in.msgpack"))
+    path.add_module("ECLUnpacker")
+    path.add_module("ECLDQM")
+    path.add_module("RootOutput", filename=str(tmp_path / "out.root"))
+    eclreco.process(path, install_signal_handlers=False)
+    runs = {(h["name"], h["run"]): h for h in by_run(read_histograms(str(tmp_path / "out.root")))}
+    run1 = runs[("digits_per_event", (0, 1))]
+    assert run1["counts"].sum() == 6 and run1["cycles"] == [1, 3] and run1["title"].endswith("(exp 0, run 1: 2 parts summed)")
+    assert run1["png"] == "digits_per_event_exp0_run1.png"
+    assert runs[("rejections", (0, 5))]["labels"] == ["payload_not_words"]
+    assert runs[("rejections", (0, 1))]["labels"] == ["(none)"]  # two parts without rejections: the empty bin once
+    out_dir = tmp_path / "png"
+    capsys.readouterr()
+    assert main(["dqm", str(tmp_path / "out.root"), "-o", str(out_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert str(out_dir / "digits_per_event_exp0_run1.png") in out.split()
+    assert str(out_dir / "digits_per_event_exp0_run5.png") in out.split()
+    assert not list(out_dir.glob("*_cycle*")) and not list(out_dir.glob("*_part*"))
+    assert "exp 0, run 1 was written in 2 DQM parts (cycles 1, 3): their sum drawn (--parts: apart)" in err, err
+    assert main(["dqm", str(tmp_path / "out.root"), "-o", str(out_dir), "--parts"]) == 0
+    assert {p.name for p in out_dir.glob("digits_per_event*")} == {
+        "digits_per_event_exp0_run1_part1.png", "digits_per_event_exp0_run1_part2.png", "digits_per_event_exp0_run5.png"}
+    assert "(cycles 1, 3): drawn apart" in capsys.readouterr().err
+
+
 def test_a_file_of_several_runs_has_its_dqm_drawn_per_run(tmp_path, capsys):
     """Runs 1 then 2 in one file: one cycle of each histogram per run. `eclreco dqm` drew only the
     last cycle (run 2), and nothing said which run a histogram was; titles now end with the run and
@@ -326,7 +367,7 @@ def test_a_file_of_several_runs_has_its_dqm_drawn_per_run(tmp_path, capsys):
             h = f[f"dqm/cluster_energy;{cycle}"]
             assert h.member("fTitle") == f"cluster energy (exp 0, run {run})" and h.values().sum() == n
     assert main(["dqm", str(tmp_path / "out.root"), "-o", str(tmp_path / "png")]) == 0
-    assert {p.name for p in (tmp_path / "png").iterdir()} >= {"cluster_energy_cycle1.png", "cluster_energy_cycle2.png"}
+    assert {p.name for p in (tmp_path / "png").iterdir()} >= {"cluster_energy_exp0_run1.png", "cluster_energy_exp0_run2.png"}
     capsys.readouterr()
     with uproot.recreate(tmp_path / "plain.root") as f:
         f["x"] = "no dqm here"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import copy
 import os
+import re
 import sys
 import threading
 
@@ -455,10 +456,75 @@ def _previous_plots(out_dir: str) -> dict[str, str]:
     return {name: sha for name, sha in plots.items() if os.path.basename(name) == name and name.endswith(".png")}
 
 
-def draw(root_path: str, out_dir: str) -> list[str]:
+# the run at the end of a histogram's title: "(exp 1, run 2)" or "(exp 1, run 2, part 3)" (DQMRegistry._label)
+_RUN_IN_TITLE = re.compile(r" \(exp (\d+), run (\d+)(?:, part \d+)?\)$")
+
+
+def by_run(hists: list[dict], parts: bool = False) -> list[dict]:
+    """read_histograms' cycles, one entry per histogram and (exp, run) of its title: the cycles of a run written
+    in several parts (the farm's collector, a run that came back in one job) are summed, as the run's totals are
+    the sum of its parts (docs/architecture.md); each entry names its `run` ((exp, run), None when the title
+    gives none: such cycles stay apart) and its `cycles`. parts=True: every cycle apart, each with its `part`
+    (1, 2, ... in cycle order within its run). Each entry's `png` is its file name: NAME.png where the
+    histogram has one entry, else NAME_expE_runR.png (NAME_expE_runR_partK.png for a part of a run of several,
+    NAME_cycleK.png for a cycle without a run)."""
+    groups: dict[tuple, list[dict]] = {}
+    for h in hists:  # (read_histograms: sorted by name, then cycle)
+        m = _RUN_IN_TITLE.search(h["title"])
+        run = (int(m.group(1)), int(m.group(2))) if m else None
+        groups.setdefault((h["name"], run if run is not None else ("cycle", h["cycle"])), []).append(
+            {**h, "run": run, "base_title": h["title"][:m.start()] if m else h["title"]})
+    out = []
+    for (name, _), cycles in groups.items():
+        if parts or len(cycles) == 1:
+            out += [{**c, "cycles": [c["cycle"]], "part": k if len(cycles) > 1 else None}
+                    for k, c in enumerate(cycles, 1)]
+        else:
+            out.append(_summed(cycles))
+    per_name = collections.Counter(e["name"] for e in out)
+    for e in out:
+        if per_name[e["name"]] == 1:
+            e["png"] = f"{e['name']}.png"
+        elif e["run"] is None:
+            e["png"] = f"{e['name']}_cycle{e['cycle']}.png"
+        else:
+            e["png"] = (f"{e['name']}_exp{e['run'][0]}_run{e['run'][1]}"
+                        + (f"_part{e['part']}" if e["part"] else "") + ".png")
+    return out
+
+
+def _summed(cycles: list[dict]) -> dict:
+    """One histogram of the cycles (parts) of one run: the counts bin by bin, labelled bins by label (a part
+    without rejections has only the empty bin `(none)`)."""
+    first = cycles[0]
+    exp, run = first["run"]
+    total = {**first, "cycles": [c["cycle"] for c in cycles], "part": None,
+             "title": f"{first['base_title']} (exp {exp}, run {run}: {len(cycles)} parts summed)",
+             "flow": sum(c["flow"] for c in cycles)}
+    if first["labels"]:
+        counts: dict[str, float] = {}
+        for c in cycles:
+            for label, n in zip(c["labels"], c["counts"]):
+                counts[label] = counts.get(label, 0.0) + float(n)
+        if len(counts) > 1:
+            counts.pop("(none)", None)
+        labels = sorted(counts)
+        total.update(labels=labels, counts=np.array([counts[k] for k in labels]),
+                     edges=np.arange(len(labels) + 1, dtype=np.float64))
+        return total
+    for c in cycles[1:]:
+        if c["labels"] or not np.array_equal(c["edges"], first["edges"]):
+            raise ValueError(f"cannot sum the parts of dqm/{first['name']} of exp {exp}, run {run}: cycle "
+                             f"{c['cycle']} has other bins than cycle {first['cycle']}")
+    total["counts"] = sum(c["counts"] for c in cycles)
+    return total
+
+
+def draw(root_path: str, out_dir: str, parts: bool = False) -> list[str]:
     """PNG of every histogram in the file's dqm directory; returns the files written. A file of
-    several runs holds one cycle of each histogram per run (titles end with the run): each is drawn,
-    as NAME_cycleK.png. The file is read before out_dir is made, and the PNGs take their names together
+    several runs holds one cycle of each histogram per run (titles end with the run), and a run written in
+    several parts one cycle per part: one PNG per histogram and run, its parts summed (by_run; parts=True:
+    one per part), named by run. The file is read before out_dir is made, and the PNGs take their names together
     at the end (paths.StagedOutputs): a file that cannot be read, or a failure while drawing, leaves
     out_dir as it was (no new empty folder, no mix of new and old plots). Then the PNGs that the last
     `eclreco dqm` into out_dir made (its MANIFEST) and this one did not make again are removed, unless
@@ -472,12 +538,15 @@ def draw(root_path: str, out_dir: str) -> list[str]:
     from eclreco.strict_json import dumps
 
     hists = read_histograms(root_path)
+    try:
+        hists = by_run(hists, parts)
+    except ValueError as err:
+        raise ValueError(f"{root_path}: {err}") from None
     written = []
     with output_folder(out_dir):
         with StagedOutputs() as staged:
             for h in hists:
-                out = os.path.join(out_dir, f"{h['name']}.png" if h["runs"] == 1 else
-                                   f"{h['name']}_cycle{h['cycle']}.png")
+                out = os.path.join(out_dir, h["png"])
                 fig, ax = plt.subplots(figsize=(6, 4))
                 try:
                     _plot(ax, h)
@@ -497,7 +566,21 @@ def draw(root_path: str, out_dir: str) -> list[str]:
             stale = os.path.join(out_dir, name)
             if name not in plots and os.path.isfile(stale) and file_sha256(stale) == sha:
                 os.unlink(stale)
+    for (exp, run), cycles in _runs_in_parts(hists).items():
+        print(f"eclreco dqm: exp {exp}, run {run} was written in {len(cycles)} DQM parts (cycles "
+              f"{', '.join(map(str, cycles))}): " + ("drawn apart" if parts else "their sum drawn (--parts: apart)"),
+              file=sys.stderr)
     return written
+
+
+def _runs_in_parts(hists: list[dict]) -> dict[tuple, list[int]]:
+    """(exp, run) -> its cycles, of the runs of by_run's entries written in more than one part (by the first
+    histogram of the run: each part is one cycle of every histogram)."""
+    runs: dict[tuple, tuple] = {}
+    for h in hists:
+        if h["run"] is not None and runs.setdefault(h["run"], (h["name"], []))[0] == h["name"]:
+            runs[h["run"]][1].extend(h["cycles"])
+    return {key: sorted(cycles) for key, (_, cycles) in runs.items() if len(cycles) > 1}
 
 
 def _plot(ax, h: dict) -> None:
@@ -519,7 +602,7 @@ def _plot(ax, h: dict) -> None:
 
 def _run(args) -> int:
     try:
-        files = draw(args.file, args.output)
+        files = draw(args.file, args.output, parts=args.parts)
     except (OSError, ValueError) as err:  # a bad FILE or -o: one line, exit 2 as for any bad argument
         print(f"eclreco dqm: error: {err}", file=sys.stderr)
         return 2
@@ -539,4 +622,7 @@ def add_dqm_parser(subparsers) -> None:
     p.add_argument("-o", "--output", default="dqm",
                    help=f"directory for the PNG files; the PNGs that an earlier `eclreco dqm` made there (its {MANIFEST}) "
                         "and this file has not are removed, other files stay")
+    p.add_argument("--parts", action="store_true",
+                   help="draw each DQM part of a run apart (NAME_expE_runR_partK.png); by default the parts of a run "
+                        "(the farm's collector writes a run whose events came late in several) are summed into one plot")
     p.set_defaults(func=_run)
