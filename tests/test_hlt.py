@@ -1494,6 +1494,47 @@ def test_a_late_event_of_a_run_already_written_goes_to_a_further_cycle(farm_fact
             and "they go to a further cycle, 'exp 1, run 1, part 2'" in log), log
 
 
+def test_a_run_written_in_dqm_parts_is_reported_and_drawn_summed(farm_factory, tmp_path):
+    """Run 1's late events go to a further DQM cycle, 'part 2' (as when two senders interleave and one pauses in
+    run 1 after the other moved to run 2). Only the plot titles and one '[DQM] warning' line on stderr said so:
+    the stop's reply, `hlt status`, the output line did not, and `eclreco dqm` drew the parts as *_cycleK.png. The
+    collector now reports the runs it wrote in parts (status, RUN_ENDED: the stop's reply and the output line),
+    and `eclreco dqm` draws the run's sum, named by run."""
+    from eclreco.cli import main
+    from eclreco.dqm import by_run, read_histograms
+
+    farm = farm_factory(workers=2)
+    push_messages(farm.input, [envelope(e, run=1) for e in range(100)] + [envelope(e, run=2) for e in range(100, 250)])
+    farm.wait_confirmed(250)
+    wait_dqm_open_runs(farm, [[1, 2]])  # run 1 is written, in the middle of the farm run
+    assert farm.process("collector")["dqm_runs_in_parts"] == []
+    push_events(farm.input, range(250, 280), run=1)
+    farm.wait_confirmed(280)
+    t0 = time.monotonic()
+    while (col := farm.process("collector"))["dqm_runs_in_parts"] != [[1, 1, 2]]:  # part 2 open: said already
+        assert time.monotonic() - t0 < 30, (col, farm.logtext())
+        time.sleep(0.2)
+    table = subprocess.run(ECLRECO + ["hlt", "status", "--control", farm.control], capture_output=True, text=True)
+    assert "dqm parts (1,1)x2" in table.stdout, table.stdout + table.stderr
+    stop = subprocess.run(ECLRECO + ["hlt", "control", "stop", "--control", farm.control], capture_output=True,
+                          text=True, timeout=90)
+    assert stop.returncode == 0, stop.stderr + farm.logtext()
+    assert json.loads(stop.stdout)["collector"]["dqm_parts"] == [[1, 1, 2]]
+    assert f"note: run (1, 1) written in 2 DQM parts in {farm.output} (a run's totals" in stop.stderr, stop.stderr
+    farm.command("terminate")
+    rc, log = farm.wait_exit()
+    assert rc == 0, log
+    line = next(x for x in log.splitlines() if x.startswith("[hlt run] output: "))
+    assert f"; run (1, 1) written in 2 DQM parts in {farm.output} (a run's totals are the sum" in line, line
+    # the file, read back: two cycles of run 1, drawn as one plot of their sum
+    runs = {(h["name"], h["run"]): h for h in by_run(read_histograms(farm.output))}
+    assert runs[("digits_per_event", (1, 1))]["counts"].sum() == 130
+    assert runs[("digits_per_event", (1, 2))]["counts"].sum() == 150
+    assert main(["dqm", farm.output, "-o", str(tmp_path / "png")]) == 0
+    assert {"digits_per_event_exp1_run1.png", "digits_per_event_exp1_run2.png"} <= {
+        p.name for p in (tmp_path / "png").iterdir()}
+
+
 @pytest.mark.parametrize("open_runs", [8, 1])  # the default, and 1
 def test_results_without_sequence_ids_keep_their_run_open_up_to_dqm_open_runs(farm_factory, zmq_context, open_runs):
     """Results of runs 1, 2, 1 pushed to the collector by a producer of its own (no sequence ids: no rule can

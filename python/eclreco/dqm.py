@@ -285,8 +285,21 @@ class DQMRegistry:
     def open_runs(self) -> list[tuple]:
         """Runs kept open: the (exp, run) whose histograms are not yet written, in the order they began."""
         with self.lock:
-            current = [self._current] if self._current is not None and (not self._fresh or self._filled) else []
-            return list(self._open) + current
+            return self._open_runs()
+
+    def _open_runs(self) -> list[tuple]:
+        current = [self._current] if self._current is not None and (not self._fresh or self._filled) else []
+        return list(self._open) + current
+
+    def runs_in_parts(self) -> list[tuple]:
+        """Runs kept open: the (exp, run, parts) of the job's runs whose DQM is in more than one cycle (written, or
+        a further part open now), in the order they were first written (the collector's report of its run)."""
+        with self.lock:
+            if not self.histograms:  # no ECLDQM in the job (the collector's tcp:// output): no DQM written
+                return []
+            now_open = set(self._open_runs())
+            parts = ((key, n + (key in now_open)) for key, n in self._written.items())
+            return [(*key, n) for key, n in parts if n > 1]
 
     def _label(self, key) -> str:
         if key is None:

@@ -196,7 +196,9 @@ class CollectorLink:
              "duplicates": self.duplicates, "orphaned": self.orphaned, "bad_messages": self.bad_messages, "confirmed": self.confirmed,
              "saved": self.saved, "low_watermark": self.low,
              "saves": True, "metrics_port": self.metrics_port,
-             "dqm_open_runs": [list(k) for k in registry.open_runs()]}
+             "dqm_open_runs": [list(k) for k in registry.open_runs()],
+             # [exp, run, parts] of the runs whose DQM is in several cycles (the run in progress, or the last one)
+             "dqm_runs_in_parts": [list(k) for k in registry.runs_in_parts()]}
         d.update(eclreco.statistics.counters())
         return d
 
@@ -364,12 +366,14 @@ def add_counts(into: dict | None, more: dict) -> dict:
 
 
 def run_report(link: CollectorLink, run_index: int, filename: str = "", written: int = 0, summary: dict | None = None,
-               dropped: dict | None = None, first_error: str = "") -> dict:
+               dropped: dict | None = None, first_error: str = "", dqm_parts: list | None = None) -> dict:
     """RUN_ENDED: what the run wrote and what failed (the stop's reply and the farm's output line);
-    every key also for a run without events (it lacked all but the first five)."""
+    every key also for a run without events (it lacked all but the first five). dqm_parts: [exp, run, parts] of
+    the runs whose DQM the file holds in several cycles (their totals are the sum: `eclreco dqm` sums them)."""
     dropped = dropped or NO_DROPS
     return {"run_index": run_index, "filename": filename, "events_written": written, **run_counts(summary),
-            "duplicates": link.duplicates, **{k + "_run": v for k, v in dropped.items()}, "first_error": first_error}
+            "duplicates": link.duplicates, **{k + "_run": v for k, v in dropped.items()}, "first_error": first_error,
+            "dqm_parts": [list(p) for p in dqm_parts or ()]}
 
 
 class HLTCollectorInput(Module):
@@ -850,7 +854,8 @@ def main(args) -> int:
             errors = eclreco.statistics.state.error_messages() if s.get("errors", 0) else []
             # the collector's own modules' first message, else the first a worker sent
             link.run_ended(run_report(link, link.run_index, link.filename, written, s, source.dropped_in_run(),
-                                      errors[0] if errors else link.first_upstream_error))
+                                      errors[0] if errors else link.first_upstream_error,
+                                      registry.runs_in_parts()))
             # where the collector's time went in the run (module table, as the workers print it)
             print(f"[collector] run {link.run_index} ended: {written} events written to {link.filename}\n"
                   f"{eclreco.statistics}", flush=True)

@@ -36,6 +36,16 @@ def summary_line(d: dict) -> str:
                if d.get("collector_restarts_failed") else ""))
 
 
+def dqm_parts_text(entries: list[dict], total: int | None = None) -> str:
+    """The runs whose DQM a collector wrote in several cycles ({exp, run, parts, file} each): 'run (1, 1) written
+    in 2 DQM parts in FILE, ...'; a run's totals are the sum of its parts, which `eclreco dqm FILE` draws."""
+    text = ", ".join(f"run ({e['exp']}, {e['run']}) written in {e['parts']} DQM parts"
+                     + (f" in {e['file']}" if e.get("file") else "") for e in entries)
+    if total is not None and total > len(entries):
+        text += f" and {total - len(entries)} more run(s)"
+    return text + " (a run's totals are the sum of its parts: `eclreco dqm FILE` draws them summed)"
+
+
 def output_line(d: dict) -> str:
     """What the collector reported at the ends of the runs (the distributor's `output`): the file
     side of the farm, which the confirmations do not show (a confirmed event may have been
@@ -88,6 +98,8 @@ def output_line(d: dict) -> str:
     if o.get("orphaned_lost"):  # in `received`, in no file: the collector's write failed before they were in it
         line += (f"; {o['orphaned_lost']} late results of events of a distributor that died lost: a collector's write "
                  "failed before they were in its file, and no distributor held them to hand on")
+    if o.get("dqm_runs_in_parts"):  # events of a run that came after its DQM was written (docs/architecture.md)
+        line += "; " + dqm_parts_text(o["dqm_runs_in_parts"], o.get("dqm_runs_in_parts_total"))
     return line + (f" (first error: {o['first_error']})" if o.get("first_error") else "")
 
 
@@ -165,6 +177,8 @@ def format_table(st: dict) -> str:
             received, processed, rejected = p.get("received", 0), p.get("processed", 0), p.get("rejected", 0)
             in_flight = "-"
             extra = f"dup {p.get('duplicates', 0)} out {os.path.basename(str(p.get('output', '')))}"
+            if p.get("dqm_runs_in_parts"):  # [exp, run, parts]: its DQM in several cycles (--json lists them)
+                extra += " dqm parts " + " ".join(f"({e},{r})x{n}" for e, r, n in p["dqm_runs_in_parts"][:3])
         else:
             received = processed = rejected = in_flight = "-"
             extra = (f"restarted {p.get('workers_restarted', 0)}"
@@ -242,6 +256,11 @@ def control_main(args) -> int:
               + (f"; {unsaved} events of the run are not in it: the distributor holds them for the next collector"
                  if unsaved else ""), file=sys.stderr)
         return 1
+    collector = reply.get("collector") or {}
+    if collector.get("dqm_parts"):  # said, the run is fine: late events of a run went to a further DQM cycle
+        print("eclreco hlt control: note: " + dqm_parts_text(
+            [{"exp": e, "run": r, "parts": n, "file": collector.get("filename")} for e, r, n in collector["dqm_parts"]]),
+            file=sys.stderr)
     if reply.get("timeout"):  # stopped, but nobody said that the run's file is closed
         print("eclreco hlt control: the run stopped, but the collector did not report its end within 30 s (is it "
               "alive? `hlt status`): its output may not be closed", file=sys.stderr)

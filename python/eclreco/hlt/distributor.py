@@ -76,6 +76,16 @@ def _map(frames, i: int) -> dict:
     return obj
 
 
+def _dqm_parts(value) -> list[tuple[int, int, int]]:
+    """RUN_ENDED's dqm_parts, [exp, run, parts] each; an entry that is not one is left out (a report is counted
+    as it comes: one malformed entry must not lose the rest)."""
+    out = []
+    for item in value if isinstance(value, list) else ():
+        if isinstance(item, list) and len(item) == 3 and all(isinstance(x, int) for x in item):
+            out.append((item[0], item[1], item[2]))
+    return out
+
+
 class LatencyHistogram:
     def __init__(self):
         self.counts = np.zeros(len(LATENCY_BOUNDS) + 1, dtype=np.int64)
@@ -227,7 +237,10 @@ class Distributor:
                        "left_collectors": 0, "written_by_left": 0, "left_files": [],
                        "failed_collectors": 0, "written_by_failed": 0, "failed_files": [],
                        "unreported_collectors": 0, "saved_by_unreported": 0, "unreported_files": [],
-                       "output_errors": []}
+                       "output_errors": [],
+                       # runs whose DQM a collector wrote in several cycles (parts): {run_index, exp, run, parts,
+                       # file}, the first 20, and how many
+                       "dqm_runs_in_parts": [], "dqm_runs_in_parts_total": 0}
         # The farm's runs (their indices) whose end a collector reported, and of them those it received events in:
         # a run is counted once, also when several collectors report on it, and a run without events counts too.
         self.reported_runs: set[int] = set()
@@ -959,6 +972,11 @@ class Distributor:
         for reason, n in (reasons.items() if isinstance(reasons, dict) else ()):
             o["rejected_by_reason"][str(reason)] = o["rejected_by_reason"].get(str(reason), 0) + int(n)
         o["first_error"] = o["first_error"] or str(info.get("first_error", ""))
+        for exp, run_number, parts in _dqm_parts(info.get("dqm_parts")):
+            o["dqm_runs_in_parts_total"] += 1
+            if len(o["dqm_runs_in_parts"]) < 20:
+                o["dqm_runs_in_parts"].append({"run_index": run, "exp": exp, "run": run_number, "parts": parts,
+                                               "file": str(info.get("filename") or "")})
         if error and not left:  # its file could not be written at the run's end (it names the kept file)
             self.count_output_error(error)
 
