@@ -1227,17 +1227,68 @@ def test_a_retraining_replaces_the_previous_trainings_networks_and_no_other_file
     assert "warning: kept array30-small.onnx" in capsys.readouterr().err
     # a card written before `files` lists its size scan's networks without a SHA-256: an edit since cannot be
     # ruled out, so they stay, with a warning (they were removed, the user's edit with them)
+    (out / "array30-small.onnx").unlink()  # (the kept file, which no card lists: a training would not overwrite it)
     train("tiny,small")
     card = json.loads((out / "array30.json").read_text())
     del card["files"]
     (out / "array30.json").write_text(json.dumps(card))
     (out / "array30-small.onnx").write_bytes(b"edited since")
+    (out / "array30.onnx").unlink()  # (listed without a SHA-256 too: a training would not overwrite it)
     capsys.readouterr()
     assert "array30-small.onnx" in train("tiny")
     assert (out / "array30-small.onnx").read_bytes() == b"edited since"
     assert "warning: kept array30-small.onnx in " + str(out) + ": the previous training's record lists it without " \
            "its SHA-256" in capsys.readouterr().err
     assert (out / "array30-medium.onnx").read_bytes() == b"the user's own" and (out / "notes.txt").exists()
+
+
+def test_a_training_does_not_overwrite_a_network_that_is_not_the_previous_trainings(tmp_path, capsys):
+    """`eclreco train -o DIR` into a folder holding a card written before `files` (the shipped ones) and its
+    <detector>.onnx replaced that network without a word, and so it did a network changed since its card was
+    written or one no card lists, the files that a training keeps (with a warning) when it would remove them. It
+    refuses them before any work, exit 2, naming each file and why; the unchanged networks of the previous
+    card are replaced, as before."""
+    import json
+    import shutil
+
+    pytest.importorskip("torch")
+    from eclreco import cli
+
+    models = os.path.join(os.path.dirname(eclreco.__file__), "models")
+    shipped = tmp_path / "models"
+    shutil.copytree(models, shipped)
+    card = json.loads((shipped / "array30.json").read_text())
+    card.pop("files", None)  # a card written before `files`, as the shipped ones were
+    (shipped / "array30.json").write_text(json.dumps(card))
+    before = (shipped / "array30.onnx").read_bytes()
+    base = ["train", "--detector", "array30", "--g4", SUBSET["array30"], "--epochs", "1", "--sizes", "tiny",
+            "--quiet", "--cache", str(tmp_path / "chain.npz")]
+
+    def refused(out, *extra):
+        capsys.readouterr()
+        assert cli.main(base + ["-o", str(out), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"eclreco train: error: -o {str(out)!r} holds ") and "or choose another -o" in err
+        return err
+
+    err = refused(shipped)
+    assert "array30.onnx (array30.json lists it without its SHA-256" in err
+    assert (shipped / "array30.onnx").read_bytes() == before and not (tmp_path / "chain.npz").exists()
+    # a network changed since its card: kept
+    out = tmp_path / "out"
+    assert cli.main(base + ["-o", str(out)]) == 0
+    assert cli.main(base + ["-o", str(out)]) == 0  # its own unchanged network: replaced
+    (out / "array30.onnx").write_bytes(b"edited")
+    assert "array30.onnx (changed since the run of array30.json wrote it)" in refused(out)
+    assert (out / "array30.onnx").read_bytes() == b"edited"
+    # a file the card does not list, and one in a folder without a card
+    (out / "array30.onnx").unlink()
+    (out / "array30-small.onnx").write_bytes(b"mine")
+    assert "array30-small.onnx (array30.json does not list it)" in refused(out, "--sizes", "tiny,small")
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "array30.onnx").write_bytes(b"mine")
+    assert "array30.onnx (no array30.json there records it)" in refused(tmp_path / "bare")
+    assert (out / "array30-small.onnx").read_bytes() == b"mine"
 
 
 def test_the_command_of_a_card_trained_from_a_cache_of_another_seed_trains_it_again(tmp_path, capsys):

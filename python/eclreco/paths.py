@@ -194,12 +194,8 @@ def previous_outputs(out_dir: str, record: str, listed_of, ours, rewritten) -> t
     ones have no SHA-256 to tell (a user's edit cannot be ruled out): only stale ones are removed, and every name
     not in `ours` (the names the command writes) stays. Read before the new record replaces the old one; a missing
     or unreadable record lists nothing."""
-    import json
-
-    try:
-        with open(os.path.join(out_dir, record)) as f:
-            listed = {str(k): v for k, v in listed_of(json.load(f)).items()}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # no record, or none of this command's
+    listed = _listed_outputs(out_dir, record, listed_of)
+    if listed is None:
         return [], [], []
     stale, changed, unrecorded = [], [], []
     for name, sha in sorted(listed.items()):
@@ -208,6 +204,43 @@ def previous_outputs(out_dir: str, record: str, listed_of, ours, rewritten) -> t
             continue
         (unrecorded if sha is None else stale if file_sha256(path) == sha else changed).append(name)
     return stale, changed, unrecorded
+
+
+def _listed_outputs(out_dir: str, record: str, listed_of) -> dict | None:
+    """{name: SHA-256 or None} that the previous run's record in out_dir lists (previous_outputs); None without
+    a readable record."""
+    import json
+
+    try:
+        with open(os.path.join(out_dir, record)) as f:
+            return {str(k): v for k, v in listed_of(json.load(f)).items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # no record, or none of this command's
+        return None
+
+
+def overwritten_outputs(out_dir: str, record: str, listed_of, rewritten) -> list[str]:
+    """The files of out_dir that this run would write again (`rewritten`, names) and that are not the previous
+    run's unchanged outputs, each as 'NAME (why)': no record there, one that does not list it, lists it without its
+    SHA-256 (written before it kept them), or a file changed since (a user's file under that name). A run refuses
+    them before any work: previous_outputs keeps such files when it would remove them, and writing a new file under
+    their name destroys them as surely."""
+    listed = _listed_outputs(out_dir, record, listed_of)
+    out = []
+    for name in sorted(rewritten):
+        path = os.path.join(out_dir, name)
+        if not os.path.isfile(path):
+            continue
+        sha = (listed or {}).get(name)
+        if listed is None:
+            out.append(f"{name} (no {record} there records it)")
+        elif name not in listed:
+            out.append(f"{name} ({record} does not list it)")
+        elif sha is None:
+            out.append(f"{name} ({record} lists it without its SHA-256: written by an older eclreco, so a change "
+                       "since cannot be ruled out)")
+        elif file_sha256(path) != sha:
+            out.append(f"{name} (changed since the run of {record} wrote it)")
+    return out
 
 
 def remove_previous_outputs(out_dir: str, stale, changed, unrecorded, command: str, run: str,

@@ -32,8 +32,8 @@ import time
 import numpy as np
 
 from eclreco import cnn_data, strict_json
-from eclreco.paths import (StagedOutputs, file_sha256, missing_folder, output_folder, previous_outputs,
-                           remove_previous_outputs, unwritable_folder, write_whole)
+from eclreco.paths import (StagedOutputs, file_sha256, missing_folder, output_folder, overwritten_outputs,
+                           previous_outputs, remove_previous_outputs, unwritable_folder, write_whole)
 from eclreco.cnn_model import (EVENT_FEATURE_NAMES, EVENT_FEATURE_SCALE, FEATURE_NAMES, X_IN_RANGE, build_model,
                                check_onnx_agreement, count_params, export_onnx, flops_per_cluster, onnx_throughput,
                                sigma68, summary)
@@ -528,6 +528,8 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
                                      f"{chain_seed}: use --chain-seed {had} (or none), or another --cache file")
         chain_seed = had
     chain_seed = seed if chain_seed is None else chain_seed
+    sizes = sizes or [DEFAULT_SIZE[detector]]
+    check_overwrites(out_dir, detector, sizes)
     with output_folder(out_dir):  # made now (an -o that cannot be one fails at once), gone again if left empty
         if samples is None:
             samples = chain_samples(detector, g4_path, seed=chain_seed, max_events=max_events, quiet=quiet,
@@ -537,7 +539,6 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
         train, val, test = samples
         check_sample_size(val, max_events)
         epochs = epochs or EPOCHS[detector]
-        sizes = sizes or [DEFAULT_SIZE[detector]]
         with StagedOutputs() as staged:
             card = _train_sizes(detector, out_dir, g4_path, sizes, seed, chain_seed, restarts, epochs, max_events,
                                 quiet, train, val, test, t_start, staged)
@@ -571,12 +572,40 @@ def network_names(detector) -> set[str]:
     return {f"{detector}.onnx"} | {f"{detector}-{size}.onnx" for size in SIZES}
 
 
+def network_files(detector, sizes) -> dict[str, str]:
+    """{size: file name} of the networks a training of `sizes` writes: the detector's default size, or the first
+    one listed when it is not among them, as <detector>.onnx (with the card), the others as <detector>-<size>.onnx."""
+    ship = DEFAULT_SIZE[detector] if DEFAULT_SIZE[detector] in sizes else sizes[0]
+    return {size: f"{detector}.onnx" if size == ship else f"{detector}-{size}.onnx" for size in sizes}
+
+
+def _card_networks(old):
+    """The networks a card lists: `files`, or for a card written before `files` (the shipped ones) its own
+    <detector>.onnx and its size scan's, without a SHA-256 (nothing recorded one)."""
+    if old.get("files"):
+        return old["files"]
+    return {f"{old['detector']}.onnx": None} | {r["file"]: None for r in old.get("size_scan") or []}
+
+
 def previous_networks(out_dir, detector, card):
     """paths.previous_outputs of a training: the networks that the previous card in out_dir (<detector>.json)
-    lists (`files`, or the size scan's for a card written before `files`) and `card`'s training does not write."""
-    return previous_outputs(out_dir, f"{detector}.json",
-                            lambda old: old.get("files") or {r["file"]: None for r in old.get("size_scan") or []},
-                            network_names(detector), card["files"])
+    lists (_card_networks) and `card`'s training does not write."""
+    return previous_outputs(out_dir, f"{detector}.json", _card_networks, network_names(detector), card["files"])
+
+
+def check_overwrites(out_dir, detector, sizes):
+    """TrainingInputError, before any work, when a network this training would write is in out_dir and is not the
+    previous training's unchanged output (paths.overwritten_outputs): a shipped card's <detector>.onnx (no SHA-256
+    recorded), a network changed since its card, or a file no card lists were replaced without a word."""
+    import shlex
+
+    if would := overwritten_outputs(out_dir, f"{detector}.json", _card_networks,
+                                    set(network_files(detector, sizes).values())):
+        names = [w.split(" ", 1)[0] for w in would]
+        raise TrainingInputError(
+            f"-o {out_dir!r} holds {'; '.join(would)}: this training would overwrite "
+            f"{'it' if len(would) == 1 else 'them'}; remove {'it' if len(would) == 1 else 'them'} (rm "
+            + " ".join(shlex.quote(os.path.join(out_dir, n)) for n in names) + ") or choose another -o")
 
 
 def _train_sizes(detector, out_dir, g4_path, sizes, seed, chain_seed, restarts, epochs, max_events, quiet, train, val,
@@ -586,7 +615,8 @@ def _train_sizes(detector, out_dir, g4_path, sizes, seed, chain_seed, restarts, 
 
     extra = EXTRA_FEATURES[detector]
     chain = str(train["chain"])
-    ship = DEFAULT_SIZE[detector] if DEFAULT_SIZE[detector] in sizes else sizes[0]
+    file_names = network_files(detector, sizes)
+    ship = next(size for size, name in file_names.items() if name == f"{detector}.onnx")
     scan, shipped, files = [], None, {}
     for size in sizes:
         tried = []  # (best validation loss, network seed, model, info); the chain sample keeps `chain_seed`
@@ -602,7 +632,7 @@ def _train_sizes(detector, out_dir, g4_path, sizes, seed, chain_seed, restarts, 
         restart_rows = [{"seed": sd, "best_val_loss": vl, "best_epoch": i_["best_epoch"], "epochs_run": i_["epochs_run"]}
                         for vl, sd, _m, i_ in tried]
         tm = test_metrics(model, test, detector)
-        final = os.path.join(out_dir, f"{detector}.onnx" if size == ship else f"{detector}-{size}.onnx")
+        final = os.path.join(out_dir, file_names[size])
         path = staged.path(final)
         names = list(FEATURE_NAMES) + list(extra)
         meta = {"detector": detector, "feature_names": ",".join(names), "image_size": model.config["image_size"],
