@@ -1644,6 +1644,23 @@ def test_a_model_is_loaded_once_by_the_option_check_and_the_chain(tmp_path, monk
 
 
 @pytest.mark.parametrize("detector", ["array30", "belle2-ecl"])
+def test_the_shipped_cards_record_the_digest_of_the_shipped_models(detector):
+    """A shipped card listed no `files`: nothing tied it to the network beside it (a model file replaced without its
+    card went unnoticed), and a training into a copy of the folder could not tell the network as the card's. The card
+    lists <detector>.onnx with the SHA-256 of the shipped file, as `eclreco train` writes `files`."""
+    import json
+
+    from eclreco.paths import file_sha256
+
+    models = os.path.join(os.path.dirname(eclreco.__file__), "models")
+    with open(os.path.join(models, f"{detector}.json")) as f:
+        card = json.load(f)
+    onnx_file = os.path.join(models, f"{detector}.onnx")
+    assert card.get("files") == {f"{detector}.onnx": file_sha256(onnx_file)}
+    assert card["onnx_bytes"] == os.path.getsize(onnx_file)
+
+
+@pytest.mark.parametrize("detector", ["array30", "belle2-ecl"])
 def test_a_shipped_card_renders_saying_what_it_does_not_record(tmp_path, detector):
     """The shipped cards were written before data.g4_sha256, data.g4_path and command: write_card, the one reader that
     renders a card, failed on them (KeyError: 'g4_sha256'), and their .md said nothing of the sample's digest or of
