@@ -1014,6 +1014,18 @@ def test_every_command_help_says_what_it_does_and_prints_its_defaults():
                 name, action.dest, text)
 
 
+def test_every_option_of_every_command_has_a_help_text():
+    """`eclreco train --help` and `eclreco validate --help` listed --detector and --quiet with nothing after them
+    (the test above looks only at options with a default to show): what a flag does, or which detector's what,
+    was nowhere in the help. Every option of every command says what it does."""
+    import argparse
+
+    missing = [(name, action.option_strings[0]) for name, parser in _commands(cli.build_parser())
+               for action in parser._actions if action.option_strings and not action.help
+               and action.help != argparse.SUPPRESS]
+    assert missing == []
+
+
 def test_eclreco_quarantine_extract_leaves_out_as_it_was_when_an_input_fails(tmp_path, capsys):
     """A missing or broken quarantine file among the inputs is an error (exit 2); OUT, written under a
     temporary name and renamed at the end, keeps what it held (before: emptied, or half-written)."""

@@ -759,7 +759,8 @@ def add_train_parser(subparsers):
 
     p = subparsers.add_parser("train", help="train the CNN energy correction of a detector (ONNX + model card)",
                               description=__doc__)
-    p.add_argument("--detector", required=True, choices=["array30", "belle2-ecl"])
+    p.add_argument("--detector", required=True, choices=["array30", "belle2-ecl"],
+                   help="the detector whose network is trained (its Geant4 sample, chain and features)")
     p.add_argument("-o", "--output", required=True, help="output directory (<detector>.onnx, .md, .json)")
     p.add_argument("--g4", default=None, help="Geant4 file (default ../shared/data/g4_array30_train.npz or "
                    "g4_belle2_train.npz, from the working directory or the source tree)")
@@ -783,6 +784,7 @@ def add_train_parser(subparsers):
                    f"{AUGMENT['array30']}: not needed, see docs/physics-validation.md)")
     p.add_argument("--restarts", type=POSITIVE_INT, default=1, help="train from this many initialisations (seeds S, S+1, ...) "
                    "and keep the lowest validation loss (1: reproduces the shipped models)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary lines (warnings and errors "
+                   "still go to stderr)")
     p.set_defaults(func=_cmd)
     return p

@@ -548,7 +548,8 @@ def add_validate_parser(subparsers):
 
     p = subparsers.add_parser("validate", help="physics validation of the CNN energy correction (tables, plots)",
                               description=__doc__)
-    p.add_argument("--detector", required=True, choices=["array30", "belle2-ecl"])
+    p.add_argument("--detector", required=True, choices=["array30", "belle2-ecl"],
+                   help="the detector whose model is validated (its held-out sample and sections)")
     p.add_argument("-o", "--output", required=True, help="output directory (validation_<det>.md/.json, PNGs)")
     p.add_argument("--g4", default=None, help="Geant4 file (default ../shared/data/g4_array30_train.npz or "
                    "g4_belle2_train.npz, from the working directory or the source tree)")
@@ -560,6 +561,7 @@ def add_validate_parser(subparsers):
     p.add_argument("--fake-events", type=NON_NEGATIVE_INT, default=None,
                    help=f"single 1 GeV photons at nominal background for the clusters away from the photon (belle2-ecl; "
                         f"default {FAKE_EVENTS}, 0: none)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary lines (warnings and errors "
+                   "still go to stderr)")
     p.set_defaults(func=_cmd)
     return p
