@@ -510,7 +510,7 @@ def test_train_refuses_copies_that_do_not_fit(tmp_path, capsys):
     # a bad option, exit 2 naming it, as argparse's (--augment 9 and an unknown size exited 1)
     assert cli.main(["train", "--detector", "belle2-ecl", "--augment", "2", "-o", str(tmp_path), "--g4",
                      "/nonexistent.npz"]) == 2
-    assert "eclreco train: error: training copies (--augment) above 1 need" in capsys.readouterr().err
+    assert "eclreco train: error: --augment: the training copies are made under the symmetries" in capsys.readouterr().err
     for bad, said in ((["--augment", "9"], "argument --augment: must be 1..8, not 9"),
                       (["--augment", "0"], "argument --augment: must be 1..8, not 0"),
                       (["--sizes", "tiny,huge"], "argument --sizes: unknown size 'huge'"),
@@ -523,6 +523,20 @@ def test_train_refuses_copies_that_do_not_fit(tmp_path, capsys):
     with pytest.raises(train.TrainingInputError, match="holds 1 copy"):
         train.run_training("array30", str(tmp_path / "out"), g4_path=SUBSET["array30"], cache=str(cache), augment=4,
                            quiet=True)
+
+
+def test_augment_is_refused_for_belle2_ecl_whatever_its_value(tmp_path, capsys):
+    """`eclreco train --detector belle2-ecl --augment 1` trained, exit 0, as without it: an option of array30 alone
+    (the symmetries of its beam spot) passed where it does not apply because its value was the default, while
+    --augment 2 was refused. Given at all with belle2-ecl it is one line, exit 2, before the Geant4 file is read
+    (cli_types.option_given, as validate's --pi0-events with array30)."""
+    from eclreco import cli
+
+    assert cli.main(["train", "--detector", "belle2-ecl", "--augment", "1", "-o", str(tmp_path / "out"), "--g4",
+                     "/nonexistent.npz"]) == 2
+    assert capsys.readouterr().err == ("eclreco train: error: --augment: the training copies are made under the "
+                                       "symmetries of array30's beam spot; belle2-ecl's training events enter once\n")
+    assert not (tmp_path / "out").exists()
 
 
 def test_sigma68_ratio_interval():

@@ -734,6 +734,12 @@ def _size_list(text: str) -> list[str]:
 
 
 def _cmd(args) -> int:
+    from eclreco.cli_types import option_given
+
+    if option_given(args, "--augment") and args.detector != "array30":  # (--augment 1 too: ignored, without a word)
+        print(f"eclreco train: error: --augment: the training copies are made under the symmetries of array30's beam "
+              f"spot; {args.detector}'s training events enter once", file=sys.stderr, flush=True)
+        return 2
     if args.augment is not None:
         try:  # before the Geant4 file is read: a bad option, exit 2 as argparse's
             cnn_data.check_copies(args.detector, args.augment)
@@ -779,7 +785,7 @@ def add_train_parser(subparsers):
     p.add_argument("--cache", default=None, help="npz file of the chain samples: written when missing, read when "
                    "present (the chain is deterministic, so this only saves time); refused when made from another "
                    "detector, Geant4 file, --max-events or eclreco build")
-    p.add_argument("--augment", type=integer(1, 8), default=None, help="array30: the training events enter N times (1..8), "
+    p.add_argument("--augment", type=integer(1, 8), default=None, help="array30 only: the training events enter N times (1..8), "
                    "under the reflections and rotations of the beam spot, each with its own noise (default "
                    f"{AUGMENT['array30']}: not needed, see docs/physics-validation.md)")
     p.add_argument("--restarts", type=POSITIVE_INT, default=1, help="train from this many initialisations (seeds S, S+1, ...) "
