@@ -264,6 +264,27 @@ def test_array30_edges():
     np.testing.assert_allclose(ref["image"], _core.find_clusters("array30", **digits(ev))["image"], rtol=1e-6)
 
 
+def test_a_per_event_detector_array_is_checked_as_given():
+    """find_clusters' per-event detector array was converted with pybind11's forcecast to uint8: a code 257 wrapped
+    to 1 and the event was clustered as array30, 1.7 was truncated to 1, -255 wrapped to 1. Now each is an error
+    naming detector and its first bad entry (as for cell); codes that fit are read as before."""
+    d = digits([(100, 0.5)], [(200, 0.5)])
+    with pytest.raises(ValueError, match=r"detector\[1\] = 257 is out of range \(above 2\*\*8 - 1\)"):
+        _core.find_clusters(np.array([0, 257]), **d)
+    with pytest.raises(ValueError, match=r"detector\[0\] = -255 is negative"):
+        _core.find_clusters(np.array([-255, 0], np.int16), **d)
+    with pytest.raises(TypeError, match="detector must be an integer array, not float64"):
+        _core.find_clusters(np.array([0, 1.7]), **d)
+    with pytest.raises(ValueError, match="unknown detector code 2"):  # fits uint8: the clustering's own error
+        _core.find_clusters(np.array([0, 2]), **d)
+    with pytest.raises(ValueError, match="one entry per event"):
+        _core.find_clusters(np.array([0]), **d)
+    ref = _core.find_clusters("array30", **digits([(200, 0.5)]))["seed_cell"].tolist()
+    for ok in (np.array([0, 1], np.uint8), np.array([0, 1]), [0, 1], np.array([0, 1], ">i4")):
+        out = _core.find_clusters(ok, **d)
+        assert out["seed_cell"].tolist() == [100] + ref and out["offsets"].tolist() == [0, 1, 2]
+
+
 def test_skip_and_empty_events():
     d = digits([(100, 0.05)], [], [(200, 0.05)])
     out = _core.find_clusters("belle2-ecl", skip=np.array([0, 0, 1], np.uint8), **d)

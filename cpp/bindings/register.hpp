@@ -18,10 +18,10 @@ void register_dqm(py::module_& m);
 template <class T>
 using carray = py::array_t<T, py::array::c_style | py::array::forcecast>;
 
-// Row or cell numbers (an array, or a list, of integers >= 0; 1-d) as a C-contiguous array of T (int32_t or
-// int64_t): the array itself when it is one (no copy), else a converted one. Taken as any array, not as a carray:
+// Row or cell numbers, detector codes (an array, or a list, of integers >= 0; 1-d) as a C-contiguous array of T
+// (int32_t, int64_t or uint8_t): the array itself when it is one (no copy), else a converted one. Taken as any array, not as a carray:
 // its forcecast truncated a float (rows 1.7 read as 1) and wrapped a value past T (a uint64 above 2**63 - 1, an
-// int64 cellId above 2**31 - 1 read as another cell). Raises TypeError for a dtype that is not an integer one (an
+// int64 cellId above 2**31 - 1 read as another cell, a detector code 257 as 1). Raises TypeError for a dtype that is not an integer one (an
 // empty array may have any), ValueError naming `name` and its first entry that is negative or does not fit T.
 template <class T>
 carray<T> checked_numbers(py::handle values, const char* name);

@@ -106,15 +106,16 @@ bool any_outside(const S* v, size_t n) {
 // The ValueError for the first entry of v that any_outside refuses.
 template <class T, class S>
 [[noreturn]] void refuse_first_outside(const S* v, size_t n, const char* name) {
-  constexpr auto max = std::numeric_limits<T>::max();
+  constexpr auto max = std::numeric_limits<T>::max();  // 2**digits - 1 (int32: 31, uint8: 8)
+  const std::string above = " is out of range (above 2**" + std::to_string(std::numeric_limits<T>::digits) + " - 1)";
   for (size_t i = 0; i < n; ++i) {
     const std::string entry = std::string(name) + "[" + std::to_string(i) + "] = " + std::to_string(v[i]);
     if constexpr (std::is_signed_v<S>) {
       if (v[i] < 0) throw py::value_error(entry + " is negative");
       if (static_cast<int64_t>(v[i]) > static_cast<int64_t>(max))
-        throw py::value_error(entry + " is out of range (above 2**" + std::to_string(sizeof(T) * 8 - 1) + " - 1)");
+        throw py::value_error(entry + above);
     } else if (static_cast<uint64_t>(v[i]) > static_cast<uint64_t>(max)) {
-      throw py::value_error(entry + " is out of range (above 2**" + std::to_string(sizeof(T) * 8 - 1) + " - 1)");
+      throw py::value_error(entry + above);
     }
   }
   throw std::logic_error("refuse_first_outside: no entry is outside");
@@ -141,7 +142,7 @@ carray<T> checked_numbers(py::handle input, const char* name) {
   const char kind = a.dtype().kind();
   if (kind != 'i' && kind != 'u' && a.size() != 0)
     throw py::type_error(std::string(name) + " must be an integer array, not " + std::string(py::str(a.dtype())) +
-                         " (row or cell numbers; convert with .astype(np.int64) where the values are whole)");
+                         " (convert with .astype(np.int64) where the values are whole)");
   if (kind == 'i' || kind == 'u') {
     const bool s = kind == 'i';
     switch (a.dtype().itemsize()) {
@@ -158,6 +159,7 @@ carray<T> checked_numbers(py::handle input, const char* name) {
 }
 template carray<int32_t> checked_numbers<int32_t>(py::handle, const char*);
 template carray<int64_t> checked_numbers<int64_t>(py::handle, const char*);
+template carray<uint8_t> checked_numbers<uint8_t>(py::handle, const char*);
 
 Offsets checked_offsets(py::handle input) {
   const auto offsets = py::array::ensure(input);

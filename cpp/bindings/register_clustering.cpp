@@ -128,8 +128,8 @@ void register_clustering(py::module_& m) {
         } else if (py::isinstance<py::int_>(detector)) {
           std::fill(det.begin(), det.end(), detector.cast<uint8_t>());
         } else {
-          auto a = carray<uint8_t>::ensure(detector);
-          if (!a || a.ndim() != 1 || static_cast<size_t>(a.shape(0)) != n_events)
+          const auto a = checked_numbers<uint8_t>(detector, "detector");
+          if (static_cast<size_t>(a.shape(0)) != n_events)
             throw py::value_error("detector array must have one entry per event");
           std::memcpy(det.data(), a.data(), n_events);
         }
