@@ -291,6 +291,24 @@ def test_skip_and_empty_events():
     assert list(out["offsets"]) == [0, 1, 1, 1]
 
 
+def test_skip_flags_are_checked_as_given():
+    """find_clusters' skip flags were converted with pybind11's forcecast to uint8: 0.5 was truncated and 256
+    wrapped to 0, and the event was clustered although the caller had flagged it. Now a float array is a
+    TypeError naming skip, an integer past uint8 a ValueError naming its first bad entry; bools and integers
+    that fit are read as before (nonzero: skip)."""
+    d = digits([(100, 0.05)], [(200, 0.05)])
+    with pytest.raises(TypeError, match="skip must be a bool or integer array, not float64"):
+        _core.find_clusters("belle2-ecl", skip=np.array([0, 0.5]), **d)
+    with pytest.raises(ValueError, match=r"skip\[1\] = 256 is out of range \(above 2\*\*8 - 1\)"):
+        _core.find_clusters("belle2-ecl", skip=np.array([0, 256]), **d)
+    with pytest.raises(ValueError, match=r"skip\[0\] = -1 is negative"):
+        _core.find_clusters("belle2-ecl", skip=np.array([-1, 0]), **d)
+    with pytest.raises(ValueError, match="one entry per event"):
+        _core.find_clusters("belle2-ecl", skip=np.array([True]), **d)
+    for ok in (np.array([False, True]), np.array([0, 1], np.uint8), np.array([0, 2]), [0, 1], [False, True]):
+        assert _core.find_clusters("belle2-ecl", skip=ok, **d)["offsets"].tolist() == [0, 1, 1]
+
+
 # ---------------------------------------------------------------------------------------------
 # Geant4 array30 showers: the clusters collect the read-out energy
 

@@ -26,6 +26,10 @@ using carray = py::array_t<T, py::array::c_style | py::array::forcecast>;
 template <class T>
 carray<T> checked_numbers(py::handle values, const char* name);
 
+// Per-event flags (a bool or integer array, or a list; 1-d) as uint8, nonzero where set: a bool array as is,
+// integers as checked_numbers<uint8_t> (forcecast read 0.5 and 256 as 0, a flag not set).
+carray<uint8_t> checked_flags(py::handle values, const char* name);
+
 // Per-event offsets of a collection (n_events + 1 entries, non-decreasing from >= 0) as int64: the array
 // itself when it is C-contiguous int64 (no copy), else a converted one. Taken as any array (or list), not as a
 // carray: its conversion truncated a float (1.7 read as 1) and wrapped a uint64 above 2**63 - 1 to a negative

@@ -161,6 +161,20 @@ template carray<int32_t> checked_numbers<int32_t>(py::handle, const char*);
 template carray<int64_t> checked_numbers<int64_t>(py::handle, const char*);
 template carray<uint8_t> checked_numbers<uint8_t>(py::handle, const char*);
 
+carray<uint8_t> checked_flags(py::handle input, const char* name) {
+  const auto a = py::array::ensure(input, py::array::c_style);
+  const char kind = a ? a.dtype().kind() : 0;
+  if (kind != 'b') {
+    if (a && kind != 'i' && kind != 'u' && a.size() != 0)
+      throw py::type_error(std::string(name) + " must be a bool or integer array, not " + std::string(py::str(a.dtype())));
+    return checked_numbers<uint8_t>(input, name);
+  }
+  if (a.ndim() != 1) throw py::value_error(std::string(name) + " must be 1-d, not " + std::to_string(a.ndim()) + "-d");
+  auto out = carray<uint8_t>::ensure(a);  // False / True: 0 / 1
+  if (!out) throw py::error_already_set();
+  return out;
+}
+
 Offsets checked_offsets(py::handle input) {
   const auto offsets = py::array::ensure(input);
   if (!offsets) throw py::type_error("offsets must be an array of integers, not " + std::string(py::repr(input)));

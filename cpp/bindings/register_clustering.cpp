@@ -135,8 +135,8 @@ void register_clustering(py::module_& m) {
         }
         std::vector<uint8_t> sk;
         if (!skip.is_none()) {
-          auto a = carray<uint8_t>::ensure(skip);
-          if (!a || a.ndim() != 1 || static_cast<size_t>(a.shape(0)) != n_events)
+          const auto a = checked_flags(skip, "skip");
+          if (static_cast<size_t>(a.shape(0)) != n_events)
             throw py::value_error("skip must have one entry per event");
           sk.assign(a.data(), a.data() + n_events);
         }
@@ -164,7 +164,8 @@ void register_clustering(py::module_& m) {
       py::arg("detector"), py::arg("offsets"), py::arg("cell"), py::arg("energy"), py::arg("time"),
       py::arg("quality"), py::arg("skip") = py::none(), py::arg("repeat") = 1,
       "Cluster a batch of digits (cpp/ecl/clustering.hpp). detector: 'belle2-ecl' / 'array30' / "
-      "0 / 1 or a per-event uint8 array; skip: per-event flags of events to leave out; keyword "
+      "0 / 1 or a per-event array of those codes; skip: per-event flags (bool, or integers: nonzero) of events to "
+      "leave out; keyword "
       "parameters as the ECLClusterizer module's (seed_energy_gev, ..., image_size). repeat runs "
       "the clustering that many times (benchmarks). Returns a dict of numpy arrays, one entry per "
       "cluster, and 'offsets' (per event).");
