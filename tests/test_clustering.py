@@ -462,6 +462,24 @@ def test_leakage_module_reads_its_table_and_collection_parameters(tmp_path):
     np.testing.assert_allclose(out["energy"] * 1.1, _core.leakage_correct(str(shipped), *args), rtol=1e-5)
 
 
+def test_leakage_correct_reads_the_ring_as_given():
+    """leakage_correct's ring was converted with pybind11's forcecast to int32: ring 30.9 was truncated to 30 and
+    an int64 2**32 + 30 wrapped to ring 30, each corrected with ring 30's response without a word. Now a float ring
+    is a TypeError naming ring, one that is negative or past int32 a ValueError naming its first bad entry."""
+    table = str(Path(eclreco.__file__).parent / "data" / "leakage_belle2-ecl.npz")
+    e, u = np.full(3, 0.5, np.float32), np.zeros(3, np.float32)
+    with pytest.raises(TypeError, match="ring must be an integer array, not float64"):
+        _core.leakage_correct(table, e, np.array([3, 30.9, 60]), u, u)
+    with pytest.raises(ValueError, match=rf"ring\[1\] = {2**32 + 30} is out of range \(above 2\*\*31 - 1\)"):
+        _core.leakage_correct(table, e, np.array([3, 2**32 + 30, 60]), u, u)
+    with pytest.raises(ValueError, match=r"ring\[0\] = -1 is negative"):
+        _core.leakage_correct(table, e, np.array([-1, 30, 60]), u, u)
+    ref = _core.leakage_correct(table, e, np.array([3, 30, 60], np.int32), u, u)
+    assert ref[0] != ref[1]  # the table's response depends on the ring
+    for ok in (np.array([3, 30, 60]), np.array([3, 30, 60], np.uint8), [3, 30, 60]):
+        np.testing.assert_array_equal(_core.leakage_correct(table, e, ok, u, u), ref)
+
+
 def test_leakage_table_cpp_matches_numpy(tmp_path):
     from eclreco.leakage import build_leakage_table, load_table, response
     rng = np.random.default_rng(1)

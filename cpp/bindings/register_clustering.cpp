@@ -55,8 +55,9 @@ ecl::ClusterParams params_from(const py::kwargs& kw) {
 void register_clustering(py::module_& m) {
   m.def(
       "leakage_correct",
-      [](const std::string& table, carray<float> energy_raw, carray<int32_t> ring, carray<float> local_u,
+      [](const std::string& table, carray<float> energy_raw, const py::object& ring_in, carray<float> local_u,
          carray<float> local_v) {
+        const auto ring = checked_numbers<int32_t>(ring_in, "ring");
         ecl::LeakageTable t;
         try {
           t = ecl::LeakageTable::load(table);
