@@ -684,10 +684,40 @@ def test_envelopes_in_one_frame_reach_the_batch_in_any_split():
         P.envelopes_from_frames([P.envelope_frames(msgs[:2])[0], msgs[0]], 2)
     with pytest.raises(ValueError, match="1 lengths for 2"):
         P.envelopes_from_frames(P.envelope_frames(msgs[:1]), 2)
-    with pytest.raises(ValueError, match="outside"):
-        _core.append_envelope_blocks(eclreco.EventBatch(0), [(b"abc", np.array([0, 4]))])
-    with pytest.raises(ValueError, match="decrease"):
-        _core.append_envelope_blocks(eclreco.EventBatch(0), [(b"abc", np.array([0, 2, 1]))])
+
+
+def test_block_offsets_are_checked_as_given():
+    """append_envelope_blocks (the HLT worker's EV frames) converted each block's offsets with pybind11's forcecast
+    to int64: a float offset was truncated (60.7 read as 60, the messages cut there without a word), a uint64 above
+    2**63 - 1 wrapped negative and was named 'must not decrease'. They now go through checked_offsets, as every
+    _core offsets: each error names the block and its first bad entry."""
+    msgs = rawdata.encode_events("array30", 0, 1, np.arange(2), [0, 1, 2], np.array([5, 6], np.int32),
+                                 np.array([500, 600]), np.zeros(2, int), np.zeros(2, int))
+    blob, n0 = b"".join(msgs), len(msgs[0])
+
+    def append(*blocks):
+        b = eclreco.EventBatch(0)
+        _core.append_envelope_blocks(b, list(blocks))
+        return b
+
+    with pytest.raises(TypeError, match=r"blocks\[1\] offsets must be an integer array, not float64"):
+        append((blob, np.array([0, n0])), (blob, np.array([0.0, n0 + 0.7, len(blob)])))
+    with pytest.raises(ValueError, match=rf"blocks\[0\] offsets\[2\] = {2**64 - 1} is out of range"):
+        append((blob, np.array([0, n0, 2**64 - 1], np.uint64)))
+    with pytest.raises(ValueError, match=r"blocks\[0\] offsets\[0\] = -1 is negative"):
+        append((blob, np.array([-1, n0])))
+    with pytest.raises(ValueError, match=rf"blocks\[0\] offsets\[1\] = {len(blob) + 1} is outside the block's "
+                                         rf"{len(blob)} bytes"):
+        append((blob, np.array([0, len(blob) + 1])))
+    with pytest.raises(ValueError, match=rf"blocks\[0\] offsets must be non-decreasing: blocks\[0\] offsets\[1\] = "
+                                         rf"{n0}, blocks\[0\] offsets\[2\] = 1"):
+        append((blob, np.array([0, n0, 1])))
+    for ok in (np.array([0, n0, len(blob)]), np.array([0, n0, len(blob)], np.uint32), [0, n0, len(blob)],
+               np.array([0, n0, len(blob)], ">i8")):
+        b = append((blob, ok))
+        assert b.evt.tolist() == [0, 1] and not b.rejections()
+    b = append((blob, np.array([n0, len(blob)])))  # a block's tail, as WorkerLink.take hands out
+    assert b.evt.tolist() == [1] and not b.rejections()
 
 
 def test_daq_emulator_delivers_everything(tmp_path, zmq_context):

@@ -41,7 +41,7 @@ struct Offsets {
   const int64_t* data() const { return array.data(); }
   int64_t back() const { return array.data()[n_events]; }  // the collection's rows
 };
-Offsets checked_offsets(py::handle offsets);
+Offsets checked_offsets(py::handle offsets, const char* name = "offsets");  // name: in the errors
 
 // Zero-copy numpy view of a column (shape: rows x inner shape); keeps the buffer alive.
 py::array column_view(const fw::Column& c, bool writable);

@@ -175,17 +175,18 @@ carray<uint8_t> checked_flags(py::handle input, const char* name) {
   return out;
 }
 
-Offsets checked_offsets(py::handle input) {
+Offsets checked_offsets(py::handle input, const char* name) {
+  const std::string n(name);
   const auto offsets = py::array::ensure(input);
-  if (!offsets) throw py::type_error("offsets must be an array of integers, not " + std::string(py::repr(input)));
-  if (offsets.ndim() != 1 || offsets.shape(0) < 1) throw py::value_error("offsets must be 1-d with n_events + 1 entries");
+  if (!offsets) throw py::type_error(n + " must be an array of integers, not " + std::string(py::repr(input)));
+  if (offsets.ndim() != 1 || offsets.shape(0) < 1) throw py::value_error(n + " must be 1-d with n_events + 1 entries");
   // every entry, the first too (with no events it is the only one)
-  Offsets o{checked_numbers<int64_t>(offsets, "offsets"), static_cast<size_t>(offsets.shape(0) - 1)};
+  Offsets o{checked_numbers<int64_t>(offsets, name), static_cast<size_t>(offsets.shape(0) - 1)};
   const int64_t* off = o.data();
   for (size_t i = 1; i <= o.n_events; ++i)
     if (off[i] < off[i - 1])
-      throw py::value_error("offsets must be non-decreasing: offsets[" + std::to_string(i - 1) + "] = " +
-                            std::to_string(off[i - 1]) + ", offsets[" + std::to_string(i) + "] = " + std::to_string(off[i]));
+      throw py::value_error(n + " must be non-decreasing: " + n + "[" + std::to_string(i - 1) + "] = " +
+                            std::to_string(off[i - 1]) + ", " + n + "[" + std::to_string(i) + "] = " + std::to_string(off[i]));
   return o;
 }
 

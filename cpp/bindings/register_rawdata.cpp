@@ -113,15 +113,15 @@ void register_rawdata(py::module_& m) {
           keep.push_back(t[0]);
           const auto* data = reinterpret_cast<const uint8_t*>(PyBytes_AS_STRING(t[0].ptr()));
           const auto size = static_cast<int64_t>(PyBytes_GET_SIZE(t[0].ptr()));
-          auto off = carray<int64_t>::ensure(t[1]);
-          if (!off || off.ndim() != 1 || off.shape(0) < 1) throw py::value_error("block offsets must be 1-d, n + 1 values");
+          // checked as given (>= 0, non-decreasing, integers): forcecast truncated a float offset
+          const std::string name = "blocks[" + std::to_string(b) + "] offsets";
+          const Offsets off = checked_offsets(t[1], name.c_str());
           const int64_t* o = off.data();
-          const auto n = static_cast<size_t>(off.shape(0) - 1);
-          if (o[0] < 0 || o[n] > size) throw py::value_error("block offsets outside the block's bytes");
-          for (size_t k = 0; k < n; ++k) {
-            if (o[k + 1] < o[k]) throw py::value_error("block offsets must not decrease");
-            refs.push_back({data + o[k], static_cast<size_t>(o[k + 1] - o[k])});
-          }
+          const size_t n = off.n_events;
+          if (o[n] > size)
+            throw py::value_error(name + "[" + std::to_string(n) + "] = " + std::to_string(o[n]) +
+                                  " is outside the block's " + std::to_string(size) + " bytes");
+          for (size_t k = 0; k < n; ++k) refs.push_back({data + o[k], static_cast<size_t>(o[k + 1] - o[k])});
         }
         py::gil_scoped_release release;  // `keep` holds the blocks: their bytes stay alive
         rawdata::append_envelopes(batch, refs);
