@@ -285,6 +285,27 @@ def test_a_per_event_detector_array_is_checked_as_given():
         assert out["seed_cell"].tolist() == [100] + ref and out["offsets"].tolist() == [0, 1, 2]
 
 
+
+def test_a_detector_for_all_events_is_checked_as_given():
+    """find_clusters' detector for all events was cast with pybind11: 257, -1 or 2**70 raised "RuntimeError: Unable to
+    cast Python instance of type <class 'int'> to C++ type '?'" naming nothing, a numpy int was refused as '0-d',
+    True was read as array30. It now goes through detector_arg, as unpack_payload's: errors name detector and its
+    value; names, Python and numpy ints 0 / 1 are read as before."""
+    d = digits([(100, 0.5)])
+    for bad in (257, -1, 2, 2**70, np.int64(5)):
+        with pytest.raises(ValueError, match=rf"detector = {int(bad)} is not a detector code \(0 belle2-ecl, 1 array30\)"):
+            _core.find_clusters(bad, **d)
+    with pytest.raises(ValueError, match=r"detector = 'belle2' is not a detector name \(belle2-ecl or array30\)"):
+        _core.find_clusters("belle2", **d)
+    for bad, shown in ((1.5, "float 1.5"), (True, "bool True"), (None, "NoneType None")):
+        with pytest.raises(TypeError, match=rf"detector must be a detector name \(belle2-ecl or array30\) or code "
+                                            rf"\(0 or 1\), not {shown}"):
+            _core.find_clusters(bad, **d)
+    for name, code in (("belle2-ecl", 0), ("array30", 1)):
+        want = _core.find_clusters(name, **d)["seed_cell"].tolist()
+        for ok in (code, np.int64(code), np.uint8(code)):
+            assert _core.find_clusters(ok, **d)["seed_cell"].tolist() == want
+
 def test_skip_and_empty_events():
     d = digits([(100, 0.05)], [], [(200, 0.05)])
     out = _core.find_clusters("belle2-ecl", skip=np.array([0, 0, 1], np.uint8), **d)

@@ -720,6 +720,27 @@ def test_block_offsets_are_checked_as_given():
     assert b.evt.tolist() == [1] and not b.rejections()
 
 
+
+def test_unpack_payload_checks_its_detector_as_given():
+    """unpack_payload's detector was cast with pybind11: 2**40 and 1.5 raised "RuntimeError: Unable to cast Python
+    instance of type ... to C++ type '?'" naming nothing. It now goes through detector_arg, as find_clusters': errors
+    name detector and its value; names and codes are read as before."""
+    for bad in (2**40, -1, 2):
+        with pytest.raises(ValueError, match=rf"detector = {bad} is not a detector code \(0 belle2-ecl, 1 array30\)"):
+            _core.unpack_payload(GOOD_PAYLOAD, bad)
+    with pytest.raises(ValueError, match=r"detector = 'cms' is not a detector name \(belle2-ecl or array30\)"):
+        _core.unpack_payload(GOOD_PAYLOAD, "cms")
+    for bad, shown in ((1.5, "float 1.5"), (True, "bool True"), (None, "NoneType None"), (np.array([0, 1]), "ndarray")):
+        with pytest.raises(TypeError, match=rf"detector must be a detector name \(belle2-ecl or array30\) or code "
+                                            rf"\(0 or 1\), not {re.escape(shown)}"):
+            _core.unpack_payload(GOOD_PAYLOAD, bad)
+    want = _core.unpack_payload(GOOD_PAYLOAD, "belle2-ecl")["cell"].tolist()
+    assert len(want) == 2
+    for ok in (0, np.int64(0), np.uint8(0)):
+        assert _core.unpack_payload(GOOD_PAYLOAD, ok)["cell"].tolist() == want
+    assert _core.unpack_payload(words(block(5, 2), shaper(9, 1 << 3), hit(30)), 1)["cell"].tolist() == \
+        _core.unpack_payload(words(block(5, 2), shaper(9, 1 << 3), hit(30)), "array30")["cell"].tolist()
+
 def test_daq_emulator_delivers_everything(tmp_path, zmq_context):
     import zmq
     from eclreco import daq

@@ -3,6 +3,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include "ecl/geometry.hpp"
 #include "framework/column.hpp"
 
 namespace py = pybind11;
@@ -42,6 +43,12 @@ struct Offsets {
   int64_t back() const { return array.data()[n_events]; }  // the collection's rows
 };
 Offsets checked_offsets(py::handle offsets, const char* name = "offsets");  // name: in the errors
+
+// A detector argument: its name ('belle2-ecl', 'array30') or code (0, 1; a Python or numpy int). The code is
+// range-checked before any cast (pybind11's cast of 257 or -1 to a C++ int type raised "Unable to cast ... to
+// C++ type '?'" naming nothing); ValueError naming `name` and the value for an unknown name or code, TypeError
+// for anything else (a float, a bool, None).
+ecl::Detector detector_arg(py::handle value, const char* name);
 
 // Zero-copy numpy view of a column (shape: rows x inner shape); keeps the buffer alive.
 py::array column_view(const fw::Column& c, bool writable);

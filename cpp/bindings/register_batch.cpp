@@ -190,6 +190,30 @@ Offsets checked_offsets(py::handle input, const char* name) {
   return o;
 }
 
+ecl::Detector detector_arg(py::handle value, const char* name) {
+  const std::string n(name);
+  if (py::isinstance<py::str>(value)) {
+    const auto d = ecl::detector_from_name(value.cast<std::string>());
+    if (!d) throw py::value_error(n + " = " + std::string(py::repr(value)) + " is not a detector name (belle2-ecl or array30)");
+    return *d;
+  }
+  auto refuse_type = [&] {
+    throw py::type_error(n + " must be a detector name (belle2-ecl or array30) or code (0 or 1), not " +
+                         std::string(py::str(py::type::of(value).attr("__name__"))) + " " + std::string(py::repr(value)));
+  };
+  if (is_bool(value) || !PyIndex_Check(value.ptr())) refuse_type();  // True is no code; 1.5 is not truncated
+  const auto code = py::reinterpret_steal<py::object>(PyNumber_Index(value.ptr()));
+  if (!code) {  // an array of more than one entry has __index__ but no single value
+    PyErr_Clear();
+    refuse_type();
+  }
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(code.ptr(), &overflow);
+  if (overflow || v < 0 || v > static_cast<long long>(ecl::Detector::Array30))  // Array30: the last code
+    throw py::value_error(n + " = " + std::string(py::str(code)) + " is not a detector code (0 belle2-ecl, 1 array30)");
+  return static_cast<ecl::Detector>(v);
+}
+
 void register_batch(py::module_& m) {
   m.def(
       "gather_rows",

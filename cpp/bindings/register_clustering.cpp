@@ -120,19 +120,15 @@ void register_clustering(py::module_& m) {
                         static_cast<const py::array*>(&time), static_cast<const py::array*>(&quality)})
           if (a->ndim() != 1 || a->shape(0) < n_digits) throw py::value_error("digit arrays shorter than offsets[-1]");
         const int64_t* off = offs.data();
-        // Detector: a name / number for all events, or a per-event uint8 array.
+        // Detector: a per-event array (or list) of codes, else a name / code for all events.
         std::vector<uint8_t> det(n_events, 0);
-        if (py::isinstance<py::str>(detector)) {
-          auto d = ecl::detector_from_name(detector.cast<std::string>());
-          if (!d) throw py::value_error("unknown detector (belle2-ecl or array30)");
-          std::fill(det.begin(), det.end(), static_cast<uint8_t>(*d));
-        } else if (py::isinstance<py::int_>(detector)) {
-          std::fill(det.begin(), det.end(), detector.cast<uint8_t>());
-        } else {
+        if (py::isinstance<py::array>(detector) || py::isinstance<py::list>(detector) || py::isinstance<py::tuple>(detector)) {
           const auto a = checked_numbers<uint8_t>(detector, "detector");
           if (static_cast<size_t>(a.shape(0)) != n_events)
             throw py::value_error("detector array must have one entry per event");
           std::memcpy(det.data(), a.data(), n_events);
+        } else {
+          std::fill(det.begin(), det.end(), static_cast<uint8_t>(detector_arg(detector, "detector")));
         }
         std::vector<uint8_t> sk;
         if (!skip.is_none()) {
@@ -165,7 +161,7 @@ void register_clustering(py::module_& m) {
       py::arg("detector"), py::arg("offsets"), py::arg("cell"), py::arg("energy"), py::arg("time"),
       py::arg("quality"), py::arg("skip") = py::none(), py::arg("repeat") = 1,
       "Cluster a batch of digits (cpp/ecl/clustering.hpp). detector: 'belle2-ecl' / 'array30' / "
-      "0 / 1 or a per-event array of those codes; skip: per-event flags (bool, or integers: nonzero) of events to "
+      "0 / 1 (an int) or a per-event array (or list) of those codes; skip: per-event flags (bool, or integers: nonzero) of events to "
       "leave out; keyword "
       "parameters as the ECLClusterizer module's (seed_energy_gev, ..., image_size). repeat runs "
       "the clustering that many times (benchmarks). Returns a dict of numpy arrays, one entry per "

@@ -47,17 +47,6 @@ rawdata::MessageRef message_of(py::handle obj, std::vector<py::object>& keep, st
   throw py::value_error(std::string(reason) + ": " + detail);
 }
 
-ecl::Detector detector_arg(py::handle det) {
-  if (py::isinstance<py::str>(det)) {
-    auto d = ecl::detector_from_name(det.cast<std::string>());
-    if (!d) throw py::value_error("unknown detector '" + det.cast<std::string>() + "' (belle2-ecl or array30)");
-    return *d;
-  }
-  const int v = det.cast<int>();
-  if (v != 0 && v != 1) throw py::value_error("detector index must be 0 (belle2-ecl) or 1 (array30)");
-  return static_cast<ecl::Detector>(v);
-}
-
 std::vector<double> optional_array(const py::object& a) {
   if (a.is_none()) return {};
   auto arr = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(a);
@@ -178,7 +167,7 @@ void register_rawdata(py::module_& m) {
   m.def(
       "unpack_payload",
       [](const py::bytes& payload, py::object detector, py::object gain, py::object t0, py::object channel_map) {
-        const ecl::Detector det = detector_arg(detector);
+        const ecl::Detector det = detector_arg(detector, "detector");
         const int n_cells = ecl::Geometry::get(det).n_cells;
         ecl::Calibration cal;
         ecl::ChannelMap map;
