@@ -741,6 +741,41 @@ def test_unpack_payload_checks_its_detector_as_given():
     assert _core.unpack_payload(words(block(5, 2), shaper(9, 1 << 3), hit(30)), 1)["cell"].tolist() == \
         _core.unpack_payload(words(block(5, 2), shaper(9, 1 << 3), hit(30)), "array30")["cell"].tolist()
 
+
+def test_unpack_payload_reads_the_channel_map_as_given():
+    """unpack_payload converted channel_map with pybind11's forcecast to int64: a float channel 3.7 was read as 3 (the
+    digit landed in another cell without a word) and a uint64 2**64 - 1 wrapped negative. Each column now goes through
+    checked_numbers: a float or bool map is a TypeError, an entry that is negative or past int32 a ValueError naming
+    the column and the entry; integer maps of any width are read as before."""
+    payload = words(block(5, 2), shaper(9, 1 << 3), hit(30))
+    lin = rawdata.linear_channel_map("array30")
+    want = _core.unpack_payload(payload, "array30")["cell"].tolist()
+
+    def unpack(channel_map):
+        return _core.unpack_payload(payload, "array30", None, None, channel_map)["cell"].tolist()
+
+    for bad in (lin.astype(float), lin.astype(bool)):
+        with pytest.raises(TypeError, match=rf"channel_map collector must be an integer array, not {bad.dtype}"):
+            unpack(bad)
+    frac = lin.astype(float)
+    frac[3, 2] += 0.7
+    with pytest.raises(TypeError, match="channel_map collector must be an integer array, not float64"):
+        unpack(frac)
+    wrapped = lin.astype(np.uint64)
+    wrapped[1, 0] = 2**64 - 1
+    with pytest.raises(ValueError, match=rf"channel_map collector\[1\] = {2**64 - 1} is out of range \(above 2\*\*31 - 1\)"):
+        unpack(wrapped)
+    neg = lin.copy()
+    neg[4, 2] = -1
+    with pytest.raises(ValueError, match=r"channel_map channel\[4\] = -1 is negative"):
+        unpack(neg)
+    far = lin.copy()
+    far[0, 1] = 13
+    with pytest.raises(ValueError, match=r"channel map entry 0 \(cellId 1\): address \(1, 13, 0\) outside"):
+        unpack(far)
+    for ok in (lin, lin.astype(np.uint8), lin.astype(">i4"), lin.tolist(), np.asfortranarray(lin)):
+        assert unpack(ok) == want
+
 def test_daq_emulator_delivers_everything(tmp_path, zmq_context):
     import zmq
     from eclreco import daq

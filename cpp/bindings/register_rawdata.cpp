@@ -54,18 +54,20 @@ std::vector<double> optional_array(const py::object& a) {
   return std::vector<double>(arr.data(), arr.data() + arr.shape(0));
 }
 
-// None: the spec's linear map; else an (n_cells, 3) array of (collector, shaper, channel).
+// None: the spec's linear map; else an (n_cells, 3) integer array of (collector, shaper, channel). Each column
+// as given (checked_numbers): a forcecast to int64 read a float 3.7 as channel 3 and wrapped a uint64 past
+// 2**63 - 1 to a negative one; ChannelMap::from checks the addresses.
 ecl::ChannelMap optional_channel_map(const py::object& a, int n_cells) {
   if (a.is_none()) return {};
-  auto arr = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(a);
+  const auto arr = py::array::ensure(a);
   if (!arr || arr.ndim() != 2 || arr.shape(1) != 3)
     throw py::value_error("channel_map must be an (n_cells, 3) array of (collector, shaper, channel)");
+  static const char* const column_name[3] = {"channel_map collector", "channel_map shaper", "channel_map channel"};
   std::vector<std::array<int, 3>> addr(static_cast<size_t>(arr.shape(0)));
-  for (size_t k = 0; k < addr.size(); ++k)
-    for (int j = 0; j < 3; ++j) {
-      const int64_t v = arr.at(static_cast<py::ssize_t>(k), j);
-      addr[k][j] = v < -1 || v > 1 << 16 ? -1 : static_cast<int>(v);  // out of range either way
-    }
+  for (int j = 0; j < 3; ++j) {
+    const auto column = checked_numbers<int32_t>(arr.attr("T")[py::int_(j)], column_name[j]);
+    for (size_t k = 0; k < addr.size(); ++k) addr[k][j] = column.data()[k];
+  }
   return ecl::ChannelMap::from(n_cells, addr);
 }
 
