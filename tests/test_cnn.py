@@ -525,6 +525,21 @@ def test_train_refuses_copies_that_do_not_fit(tmp_path, capsys):
                            quiet=True)
 
 
+def test_an_empty_sizes_is_refused(tmp_path, capsys):
+    """`eclreco train --sizes ''` read the empty value as no list and trained the detector's default size without
+    a word (a shell variable that was unset, say). It is the option's one line, exit 2, before any file is read
+    (cli_types.choice_list); an empty name in the list was and is refused."""
+    from eclreco import cli
+
+    for bad, said in (("", "argument --sizes: no size named (one or more of tiny, "),
+                      (" ", "argument --sizes: no size named"),
+                      ("tiny,", "argument --sizes: unknown size ''")):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["train", "--detector", "array30", "--sizes", bad, "-o", str(tmp_path / "out"), "--g4",
+                      "/nonexistent.npz"])  # (the parser's refusal, not the missing file's)
+        assert exit_.value.code == 2 and said in capsys.readouterr().err
+
+
 def test_augment_is_refused_for_belle2_ecl_whatever_its_value(tmp_path, capsys):
     """`eclreco train --detector belle2-ecl --augment 1` trained, exit 0, as without it: an option of array30 alone
     (the symmetries of its beam spot) passed where it does not apply because its value was the default, while

@@ -211,6 +211,26 @@ def name_list(text: str) -> list[str]:
     return names
 
 
+def choice_list(choices, what: str):
+    """A comma-separated list of distinct names of `choices` (argparse type; `what` names one: 'size'). An empty
+    value is refused: `--sizes ''` was read as no list, and the default was used without a word."""
+
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",")]
+        if names == [""]:
+            raise argparse.ArgumentTypeError(f"no {what} named (one or more of {', '.join(choices)}, "
+                                             "separated by commas)")
+        for k, name in enumerate(names):
+            if name not in choices:
+                raise argparse.ArgumentTypeError(f"unknown {what} {name!r} ({', '.join(choices)})")
+            if name in names[:k]:
+                raise argparse.ArgumentTypeError(f"{what} {name!r} is listed twice")
+        return names
+
+    parse.__name__ = "choice_list"
+    return parse
+
+
 def add_cluster_columns_argument(ap, who: str) -> None:
     """--cluster-columns: the ECLClusters columns RootOutput writes as cluster_<column> branches."""
     from eclreco.modules.root_output import DEFAULT_CLUSTER_COLUMNS

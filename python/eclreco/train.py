@@ -720,19 +720,6 @@ def reproduce_command(detector, out_dir, g4_path, seed, epochs, sizes, max_event
     return shlex.join(argv)
 
 
-def _size_list(text: str) -> list[str]:
-    """--sizes: known sizes, each once (a repeated one trained the same network twice)."""
-    import argparse
-
-    sizes = [s.strip() for s in text.split(",")] if text else []
-    for k, s in enumerate(sizes):
-        if s not in SIZES:
-            raise argparse.ArgumentTypeError(f"unknown size {s!r} ({', '.join(SIZES)})")
-        if s in sizes[:k]:
-            raise argparse.ArgumentTypeError(f"size {s!r} is listed twice")
-    return sizes
-
-
 def _cmd(args) -> int:
     from eclreco.cli_types import option_given
 
@@ -761,7 +748,7 @@ def _cmd(args) -> int:
 
 
 def add_train_parser(subparsers):
-    from eclreco.cli_types import NON_NEGATIVE_INT, POSITIVE_INT, integer
+    from eclreco.cli_types import NON_NEGATIVE_INT, POSITIVE_INT, choice_list, integer
 
     p = subparsers.add_parser("train", help="train the CNN energy correction of a detector (ONNX + model card)",
                               description=__doc__)
@@ -777,7 +764,7 @@ def add_train_parser(subparsers):
     p.add_argument("--chain-seed", type=integer(0, MAX_SEED), default=None,
                    help="seed of the chain sample (electronics noise, background overlay) when not --seed: a --cache "
                         "holds the sample of its own, and the model card's command names it")
-    p.add_argument("--sizes", type=_size_list, default=[], help=f"comma-separated network sizes to train ({', '.join(SIZES)}); "
+    p.add_argument("--sizes", type=choice_list(SIZES, "size"), default=[], help=f"comma-separated network sizes to train ({', '.join(SIZES)}); "
                    "the default size of the detector, or the first one listed when it is not among them, is written as "
                    "<detector>.onnx with the model card, the others as <detector>-<size>.onnx")
     p.add_argument("--max-events", type=NON_NEGATIVE_INT, default=0, help="use only this many events of the file (0: all; more than "
