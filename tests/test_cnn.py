@@ -1500,6 +1500,7 @@ def test_a_revalidation_replaces_the_previous_validations_plots_and_no_other_fil
     capsys.readouterr()
     assert "pi0" not in validate(0) and pi0.exists()
     assert "eclreco validate: warning: kept cnn_pi0_mass.png in" in capsys.readouterr().err
+    pi0.unlink()  # (the kept plot, which no report lists: a validation with a pi0 section would not overwrite it)
     validate(3)
     capsys.readouterr()
     assert "cnn_pi0_mass.png" not in validate(0, quiet=False)["files"]
@@ -1508,6 +1509,7 @@ def test_a_revalidation_replaces_the_previous_validations_plots_and_no_other_fil
     pi0.write_bytes(b"the user's own")  # named like a plot, listed by no report
     validate(0)
     assert pi0.read_bytes() == b"the user's own"
+    pi0.unlink()  # (listed by no report: a validation with a pi0 section would not overwrite it)
     # a report written before `files` lists the plots of its tables and its pi0 section without a SHA-256: an
     # edit since cannot be ruled out, so they stay, with a warning (they were removed, the user's edit with them)
     validate(3)
@@ -1515,11 +1517,59 @@ def test_a_revalidation_replaces_the_previous_validations_plots_and_no_other_fil
     del report["files"]
     (out / "validation_belle2-ecl.json").write_text(json.dumps(report))
     pi0.write_bytes(b"annotated since")
+    for level in (out / f"cnn_belle2-ecl_bg{bg}.png" for bg in (0, 1, 2)):
+        level.unlink()  # (listed without a SHA-256 too: a validation would not overwrite them)
     capsys.readouterr()
     validate(0)
     assert pi0.read_bytes() == b"annotated since"
     assert "eclreco validate: warning: kept cnn_pi0_mass.png in " + str(out) + ": the previous validation's record " \
            "lists it without its SHA-256" in capsys.readouterr().err
+
+
+def test_a_validation_does_not_overwrite_a_plot_that_is_not_the_previous_validations(tmp_path, capsys):
+    """`eclreco validate -o DIR` wrote its plots over those in DIR without a word: a plot edited since the report
+    that lists it, one of a report written before `files` (no SHA-256 to tell), one the report does not list or
+    one in a folder without a report, the files that a validation keeps (with a warning) when it would remove
+    them. It refuses them before any work, as train does with its networks (paths.overwrite_refusal): exit 2, one
+    line naming each file and why; the previous validation's unchanged plots are replaced, as before."""
+    import json
+
+    pytest.importorskip("matplotlib")
+    from eclreco import cli
+
+    out = tmp_path / "V"
+    plot, record = out / "cnn_array30_bg0.png", out / "validation_array30.json"
+
+    def validate(folder=out):
+        capsys.readouterr()
+        code = cli.main(["validate", "--detector", "array30", "-o", str(folder), "--g4", SUBSET["array30"],
+                         "--max-events", "30", "--quiet"])
+        return code, capsys.readouterr().err
+
+    def refused(why, folder=out):
+        before = (folder / "cnn_array30_bg0.png").read_bytes()
+        code, err = validate(folder)
+        assert code == 2 and err.startswith(f"eclreco validate: error: -o {str(folder)!r} holds cnn_array30_bg0.png "
+                                            f"({why}): this validation would overwrite it; remove it (rm "), err
+        assert (folder / "cnn_array30_bg0.png").read_bytes() == before
+
+    assert validate()[0] == 0
+    assert validate()[0] == 0  # its own unchanged plot: replaced
+    plot.write_bytes(plot.read_bytes() + b"annotated")
+    refused("changed since the run of validation_array30.json wrote it")
+    plot.unlink()
+    assert validate()[0] == 0
+    report = json.loads(record.read_text())
+    del report["files"]  # a report written before `files`
+    record.write_text(json.dumps(report))
+    refused("validation_array30.json lists it without its SHA-256: written by an older eclreco, so a change since "
+            "cannot be ruled out")
+    report["files"] = {"cnn_array30_bg1.png": None}
+    record.write_text(json.dumps(report))
+    refused("validation_array30.json does not list it")
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "cnn_array30_bg0.png").write_bytes(b"mine")
+    refused("no validation_array30.json there records it", tmp_path / "bare")
 
 
 def test_a_pi0_section_without_a_peak_says_so_and_prints_no_nan(tmp_path):

@@ -243,6 +243,20 @@ def overwritten_outputs(out_dir: str, record: str, listed_of, rewritten) -> list
     return out
 
 
+def overwrite_refusal(out_dir: str, record: str, listed_of, rewritten, run: str) -> str:
+    """Why a run (`run`: 'training', 'validation') must not write into out_dir, '' when it may: the files of
+    overwritten_outputs, in one line that names -o, each file and why, and what to do. Said before any work (train
+    and validate refuse with it)."""
+    import shlex
+
+    if not (would := overwritten_outputs(out_dir, record, listed_of, rewritten)):
+        return ""
+    them = "it" if len(would) == 1 else "them"
+    paths = " ".join(shlex.quote(os.path.join(out_dir, w.split(" ", 1)[0])) for w in would)
+    return (f"-o {out_dir!r} holds {'; '.join(would)}: this {run} would overwrite {them}; remove {them} (rm {paths}) "
+            "or choose another -o")
+
+
 def remove_previous_outputs(out_dir: str, stale, changed, unrecorded, command: str, run: str,
                             quiet: bool = False) -> None:
     """Removes previous_outputs' stale files (once the new outputs and their record are written) and says so

@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 from eclreco import cnn_data, strict_json
-from eclreco.paths import (StagedOutputs, file_sha256, missing_folder, output_folder, overwritten_outputs,
+from eclreco.paths import (StagedOutputs, file_sha256, missing_folder, output_folder, overwrite_refusal,
                            previous_outputs, remove_previous_outputs, unwritable_folder, write_whole)
 from eclreco.cnn_model import (EVENT_FEATURE_NAMES, EVENT_FEATURE_SCALE, FEATURE_NAMES, X_IN_RANGE, build_model,
                                check_onnx_agreement, count_params, export_onnx, flops_per_cluster, onnx_throughput,
@@ -595,17 +595,11 @@ def previous_networks(out_dir, detector, card):
 
 def check_overwrites(out_dir, detector, sizes):
     """TrainingInputError, before any work, when a network this training would write is in out_dir and is not the
-    previous training's unchanged output (paths.overwritten_outputs): a shipped card's <detector>.onnx (no SHA-256
+    previous training's unchanged output (paths.overwrite_refusal): a shipped card's <detector>.onnx (no SHA-256
     recorded), a network changed since its card, or a file no card lists were replaced without a word."""
-    import shlex
-
-    if would := overwritten_outputs(out_dir, f"{detector}.json", _card_networks,
-                                    set(network_files(detector, sizes).values())):
-        names = [w.split(" ", 1)[0] for w in would]
-        raise TrainingInputError(
-            f"-o {out_dir!r} holds {'; '.join(would)}: this training would overwrite "
-            f"{'it' if len(would) == 1 else 'them'}; remove {'it' if len(would) == 1 else 'them'} (rm "
-            + " ".join(shlex.quote(os.path.join(out_dir, n)) for n in names) + ") or choose another -o")
+    if why := overwrite_refusal(out_dir, f"{detector}.json", _card_networks,
+                                set(network_files(detector, sizes).values()), "training"):
+        raise TrainingInputError(why)
 
 
 def _train_sizes(detector, out_dir, g4_path, sizes, seed, chain_seed, restarts, epochs, max_events, quiet, train, val,

@@ -23,8 +23,8 @@ import sys
 import numpy as np
 
 from eclreco import cnn_data, strict_json
-from eclreco.paths import (StagedOutputs, file_sha256, output_folder, previous_outputs, remove_previous_outputs,
-                           write_whole)
+from eclreco.paths import (StagedOutputs, file_sha256, output_folder, overwrite_refusal, previous_outputs,
+                           remove_previous_outputs, write_whole)
 from eclreco.cnn_model import sigma68, sigma68_ratio_interval, summary
 from eclreco.sim.showers import array30_in_gap
 
@@ -343,20 +343,55 @@ def _fmt_fakes(f):
 
 # ---------------------------------------------------------------------------------------------
 
+PI0_PLOT = "cnn_pi0_mass.png"
+
+
+def levels(detector) -> list[float]:
+    """The background levels of a validation's photon tables, one plot each (array30: none)."""
+    return [0.0] if detector == "array30" else BACKGROUNDS
+
+
+def level_plot(detector, bg) -> str:
+    """The file name of the plot of background level `bg`'s photon table."""
+    return f"cnn_{detector}_bg{bg:g}.png"
+
+
 def plot_names(detector) -> set[str]:
     """The file names of the plots validate writes for `detector` (each background level's, the pi0 peak's)."""
-    return ({f"cnn_{detector}_bg{bg:g}.png" for bg in [0.0, *BACKGROUNDS]}
-            | ({"cnn_pi0_mass.png"} if detector == "belle2-ecl" else set()))
+    return ({level_plot(detector, bg) for bg in [0.0, *BACKGROUNDS]}
+            | ({PI0_PLOT} if detector == "belle2-ecl" else set()))
+
+
+def written_plots(detector, pi0_events) -> set[str]:
+    """The plots a validation of `detector` with `pi0_events` may write: each level's, and the pi0 peak's (not
+    drawn when no event has two clusters, which is known only at the end)."""
+    return ({level_plot(detector, bg) for bg in levels(detector)}
+            | ({PI0_PLOT} if detector == "belle2-ecl" and pi0_events else set()))
+
+
+def _report_plots(detector):
+    """listed_of (paths.previous_outputs) of a report: its `files`, or, for a report written before `files`, the
+    plots of its tables and its pi0 section, without a SHA-256."""
+    def listed(old):
+        return old.get("files") or ({f"cnn_{detector}_{t}.png": None for t in old["tables"]}
+                                    | ({PI0_PLOT: None} if "pi0" in old else {}))
+    return listed
 
 
 def previous_plots(out_dir, detector, report):
     """paths.previous_outputs of a validation: the plots that the previous report in out_dir
-    (validation_<detector>.json) lists (`files`, or, for a report written before `files`, those of its tables
-    and its pi0 section) and `report`'s validation does not write."""
-    def listed(old):
-        return old.get("files") or ({f"cnn_{detector}_{t}.png": None for t in old["tables"]}
-                                    | ({"cnn_pi0_mass.png": None} if "pi0" in old else {}))
-    return previous_outputs(out_dir, f"validation_{detector}.json", listed, plot_names(detector), report["files"])
+    (validation_<detector>.json) lists (_report_plots) and `report`'s validation does not write."""
+    return previous_outputs(out_dir, f"validation_{detector}.json", _report_plots(detector), plot_names(detector),
+                            report["files"])
+
+
+def check_overwrites(out_dir, detector, pi0_events):
+    """ValueError, before any work, when a plot this validation may write (written_plots) is in out_dir and is not
+    the previous validation's unchanged output (paths.overwrite_refusal): a plot edited since its report, one of a
+    report written before `files`, or a file no report lists were replaced without a word."""
+    if why := overwrite_refusal(out_dir, f"validation_{detector}.json", _report_plots(detector),
+                                written_plots(detector, pi0_events), "validation"):
+        raise ValueError(why)
 
 
 def _fmt_ratio_table(rows, detector):
@@ -379,8 +414,10 @@ def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed
                    fake_events=2000, quiet=False):
     """Validates `model` on the held-out events; writes the plots, validation_DETECTOR.json and .md into
     out_dir, all at the end (each under a temporary name until then: an interrupted or failed run leaves
-    out_dir as it was, not new plots beside an old report, and no new empty folder), and returns the report."""
-    with output_folder(out_dir), StagedOutputs() as staged:
+    out_dir as it was, not new plots beside an old report, and no new empty folder), and returns the report. A plot
+    in out_dir that is not the previous validation's unchanged output is refused first (check_overwrites)."""
+    with output_folder(out_dir), StagedOutputs() as staged:  # (-o checked first: '' is not this folder's plots)
+        check_overwrites(out_dir, detector, pi0_events)
         return _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, fake_events, quiet, staged)
 
 
@@ -428,11 +465,10 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
           "of the log-uniform sample; E = energy of the event's "
           + ("most energetic cluster" if detector == "array30" else "most energetic cluster within 0.1 rad of the photon")
           + "; events without such a cluster are counted (no cl.) and left out of all columns.", ""]
-    bgs = [0.0] if detector == "array30" else BACKGROUNDS
     names = ["raw_sum", "classical", "cnn"] if detector == "array30" else ["cluster_raw", "classical", "cnn"]
     report["tables"] = {}
     report["files"] = {}  # every plot of this validation (name: SHA-256): the next one into -o replaces them all
-    for bg in bgs:
+    for bg in levels(detector):
         with tqdm(total=test.size, desc=f"validate {detector} bg {bg:g}", disable=quiet, file=sys.stderr) as bar:
             res = cnn_data.g4_chain_sample(g4, test, seed=seed + int(10 * bg), levels=bg if bg > 0 else None,
                                            model=model, progress=bar)
@@ -447,7 +483,7 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
         title = f"{detector}, background level {bg:g}" if detector != "array30" else "array30 (no background)"
         md.append(_fmt_table(rows, names, title))
         md.append(_fmt_ratio_table(rows, detector))
-        final = os.path.join(out_dir, f"cnn_{detector}_bg{bg:g}.png")
+        final = os.path.join(out_dir, level_plot(detector, bg))
         plot_energy_hists(res, ENERGIES[detector], staged.path(final), names,
                           f"{title}; {os.path.basename(model)} (sha256 {model_file['sha256'][:12]})")
         report["files"][os.path.basename(final)] = file_sha256(staged.path(final))
@@ -486,7 +522,7 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
         p, masses = pi0_peak(detector, model, n_events=pi0_events)
         report["pi0"] = p
         if p["n_two_clusters"]:  # (else nothing to draw: the section says so)
-            final = os.path.join(out_dir, "cnn_pi0_mass.png")
+            final = os.path.join(out_dir, PI0_PLOT)
             plot_pi0(masses, staged.path(final),
                      f"{os.path.basename(model)} (sha256 {model_file['sha256'][:12]})")
             report["files"][os.path.basename(final)] = file_sha256(staged.path(final))
