@@ -1320,6 +1320,23 @@ def test_a_training_does_not_overwrite_a_network_that_is_not_the_previous_traini
     assert (out / "array30-small.onnx").read_bytes() == b"mine"
 
 
+def test_an_empty_output_folder_is_refused_as_such_whatever_the_working_directory_holds(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """`eclreco train -o ''` in a folder holding array30.onnx said "-o '' holds array30.onnx (no array30.json
+    there records it): ... (rm array30.onnx)": the overwrite check read '' as the working directory, before -o's
+    own check. Both commands now say what is wrong with -o, as in any other folder."""
+    from eclreco import cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "array30.onnx").write_bytes(b"mine")
+    (tmp_path / "cnn_array30_bg0.png").write_bytes(b"mine")
+    for command, extra in (("train", ["--sizes", "tiny", "--epochs", "1"]), ("validate", ["--max-events", "30"])):
+        assert cli.main([command, "--detector", "array30", "-o", "", "--g4", SUBSET["array30"], "--quiet",
+                         *extra]) == 2
+        assert capsys.readouterr().err == f"eclreco {command}: error: -o '': no directory named (. for this one)\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["array30.onnx", "cnn_array30_bg0.png"]
+
+
 def test_the_command_of_a_card_trained_from_a_cache_of_another_seed_trains_it_again(tmp_path, capsys):
     """A --cache keeps the chain sample of the --seed that made it; trained from it with another --seed, the
     card's command ('--seed 2', no cache) made the chain sample of seed 2 and another network. The samples

@@ -529,8 +529,8 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
         chain_seed = had
     chain_seed = seed if chain_seed is None else chain_seed
     sizes = sizes or [DEFAULT_SIZE[detector]]
-    check_overwrites(out_dir, detector, sizes)
     with output_folder(out_dir):  # made now (an -o that cannot be one fails at once), gone again if left empty
+        check_overwrites(out_dir, detector, sizes)  # (after -o's own check: '' is not this folder's networks)
         if samples is None:
             samples = chain_samples(detector, g4_path, seed=chain_seed, max_events=max_events, quiet=quiet,
                                     copies=augment)
