@@ -2010,6 +2010,69 @@ def collector_link_by_hand(zmq_context):
         distributor.close(0)
 
 
+class CollectorByHand:
+    """A real `hlt collector` process writing `output` whose distributor (a ROUTER on its control address) and
+    worker (a PUSH to its results address, connected by the test when it wants) are the test."""
+
+    def __init__(self, zmq_context, output, flush_interval: str):
+        import zmq
+
+        from hlt_helpers import free_address
+
+        ctl, self.results = free_address(), free_address()
+        self.distributor = zmq_context.socket(zmq.ROUTER)
+        self.distributor.setsockopt(zmq.LINGER, 0)
+        self.distributor.bind(ctl)
+        self.push = zmq_context.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.LINGER, 0)
+        self.proc = subprocess.Popen(ECLRECO + ["hlt", "collector", "--collector-addr", self.results, "--control", ctl,
+                                                "-o", str(output), "--flush-interval", flush_interval,
+                                                "--metrics-port", "-1"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def until(self, what, t=30.0):
+        """The collector's next message whose command is `what` (answering nothing else)."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < t:
+            if self.distributor.poll(200):
+                frames = self.distributor.recv_multipart()
+                if frames[1] == what:
+                    return frames
+        raise AssertionError(f"no {what} from the collector")
+
+    def until_status(self, key, value):
+        """Waits (10 s at most) for a STATUS of the collector whose `key` is `value`."""
+        from eclreco.hlt import protocol as P
+
+        t0 = time.monotonic()
+        while (st := P.unpack(self.until(P.STATUS)[2]))[key] != value:
+            assert time.monotonic() - t0 < 10, st
+
+    def close(self) -> str:
+        """Kills the collector if it still runs; returns what it printed."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        out = self.proc.communicate()[0]
+        self.push.close(0)
+        self.distributor.close(0)
+        return out
+
+
+def output_line_of_report(report: dict) -> str:
+    """The farm's output line of a distributor whose collector sent `report` (RUN_ENDED)."""
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import output_line
+
+    farm = InProcessFarm()
+    try:
+        peer = farm.peer()
+        collector_hello(farm, peer)
+        farm.send(peer, P.RUN_ENDED, P.pack(report))
+        return output_line(farm.d.own_status())
+    finally:
+        farm.close()
+
+
 def answer_hello(distributor, link, low: int, *frames: bytes) -> bytes:
     """The distributor's answer to the link's HELLO (LOW, its first id, "1": its generation, and `frames`);
     the link is serviced meanwhile (a HELLO after a WHO). Returns the collector's identity."""
@@ -2556,44 +2619,21 @@ def test_late_results_a_failed_write_leaves_unsaved_are_counted_lost_not_dropped
     never arrived. The report counts them as received (the rejected ones as rejected) and the others as
     orphaned_lost, so that written + rejected + ... + orphaned_lost = received. A real collector process; the test
     is its distributor (ROUTER) and a worker (PUSH)."""
-    import zmq
-
     from eclreco.hlt import protocol as P
-    from hlt_helpers import free_address
 
-    ctl, results = free_address(), free_address()
-    distributor = zmq_context.socket(zmq.ROUTER)
-    distributor.setsockopt(zmq.LINGER, 0)
-    distributor.bind(ctl)
-    push = zmq_context.socket(zmq.PUSH)
-    push.setsockopt(zmq.LINGER, 0)
     output = tmp_path / "farm.root"
-    proc = subprocess.Popen(ECLRECO + ["hlt", "collector", "--collector-addr", results, "--control", ctl, "-o",
-                                       str(output), "--flush-interval", "600", "--metrics-port", "-1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    def until(what, t=30.0):
-        """The collector's next message whose command is `what` (answering nothing else)."""
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < t:
-            if distributor.poll(200):
-                frames = distributor.recv_multipart()
-                if frames[1] == what:
-                    return frames
-        raise AssertionError(f"no {what} from the collector")
-
+    c = CollectorByHand(zmq_context, output, "600")
+    proc, distributor, push, until = c.proc, c.distributor, c.push, c.until
     try:
         ident = until(P.HELLO)[0]
         distributor.send_multipart([ident, P.LOW, b"100", b"1", b"0"])  # registered, in run 1
-        push.connect(results)
+        push.connect(c.results)
         push.send(results_message(np.arange(100, 110), np.arange(10)))
         assert P.seqs_from_bytes(until(P.CONFIRM)[2]).tolist() == list(range(100, 110))
         distributor.send_multipart([ident, P.WHO])  # the distributor restarted: the new one's ids start far above
         ident = until(P.HELLO)[0]
         distributor.send_multipart([ident, P.LOW, str(10**15).encode(), b"1", b"0"])
-        t0 = time.monotonic()
-        while P.unpack(until(P.STATUS)[2])["low_watermark"] != 10**15:
-            assert time.monotonic() - t0 < 10
+        c.until_status("low_watermark", 10**15)
         # late first results of the dead one's events, 3 of them rejected by the worker
         m = P.unpack(results_message(np.arange(110, 120), np.arange(10, 20)))
         m["rejections"] = [[i, "not_msgpack", "bad"] for i in (0, 1, 2)]
@@ -2611,25 +2651,12 @@ def test_late_results_a_failed_write_leaves_unsaved_are_counted_lost_not_dropped
         assert (report["received"], report["rejected"], report.get("orphaned_lost")) == (10, 3, 7), report
         assert report["rejected_by_reason"] == {"not_msgpack": 3}, report
         # the distributor sums them into the farm's output line, which adds up
-        from eclreco.hlt.control import output_line
-
-        farm = InProcessFarm()
-        try:
-            peer = farm.peer()
-            collector_hello(farm, peer)
-            farm.send(peer, P.RUN_ENDED, P.pack(report))
-            line = output_line(farm.d.own_status())
-        finally:
-            farm.close()
+        line = output_line_of_report(report)
         assert "output: 0 events written in 1 farm run(s) of 10 received; rejected 3," in line, line
         assert "; 7 late results of events of a distributor that died lost: a collector's write failed" in line, line
         assert_output_adds_up(line)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        out = proc.communicate()[0]
-        push.close(0)
-        distributor.close(0)
+        out = c.close()
     assert "; 7 late results of events of a distributor that died are lost with it (none holds them)" in out, out
 
 
@@ -2640,42 +2667,17 @@ def test_a_failed_writes_report_counts_the_duplicates_and_orphans_of_what_it_sav
     results ... written"). They are those of the batches in its file, and every copy it dropped by sequence id; a
     producer's repeat in the batch it could not write is not counted (that batch goes to the next collector, which
     takes or drops it). A real collector process; the test is its distributor (ROUTER) and a worker (PUSH)."""
-    import zmq
-
     from eclreco.hlt import protocol as P
-    from hlt_helpers import free_address
 
-    ctl, results = free_address(), free_address()
-    distributor = zmq_context.socket(zmq.ROUTER)
-    distributor.setsockopt(zmq.LINGER, 0)
-    distributor.bind(ctl)
-    push = zmq_context.socket(zmq.PUSH)
-    push.setsockopt(zmq.LINGER, 0)
     output = tmp_path / "farm.root"
-    proc = subprocess.Popen(ECLRECO + ["hlt", "collector", "--collector-addr", results, "--control", ctl, "-o",
-                                       str(output), "--flush-interval", "0.01", "--metrics-port", "-1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    def until(what, t=30.0):
-        """The collector's next message whose command is `what` (answering nothing else)."""
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < t:
-            if distributor.poll(200):
-                frames = distributor.recv_multipart()
-                if frames[1] == what:
-                    return frames
-        raise AssertionError(f"no {what} from the collector")
-
-    def until_status(key, value):
-        t0 = time.monotonic()
-        while (st := P.unpack(until(P.STATUS)[2]))[key] != value:
-            assert time.monotonic() - t0 < 10, st
+    c = CollectorByHand(zmq_context, output, "0.01")
+    proc, distributor, push, until, until_status = c.proc, c.distributor, c.push, c.until, c.until_status
 
     low = 10**15
     try:
         ident = until(P.HELLO)[0]
         distributor.send_multipart([ident, P.LOW, b"100", b"1", b"0"])  # registered, in run 1
-        push.connect(results)
+        push.connect(c.results)
         push.send(results_message(np.arange(100, 110), np.arange(10)))
         until_status("saved", 10)
         distributor.send_multipart([ident, P.WHO])  # the distributor restarted: the new one's ids start far above
@@ -2696,25 +2698,12 @@ def test_a_failed_writes_report_counts_the_duplicates_and_orphans_of_what_it_sav
         assert "File too large" in report["output_error"] and report["events_written"] == 20, report
         assert (report["received"], report["orphaned_run"], report["duplicates_run"],
                 report["repeated_keys_run"]) == (20, 10, 5, 1), report
-        from eclreco.hlt.control import output_line
-
-        farm = InProcessFarm()
-        try:
-            peer = farm.peer()
-            collector_hello(farm, peer)
-            farm.send(peer, P.RUN_ENDED, P.pack(report))
-            line = output_line(farm.d.own_status())
-        finally:
-            farm.close()
+        line = output_line_of_report(report)
         assert "; duplicates dropped 5 (of them 1 with the exp/run/evt" in line, line
         assert "; 10 late results of events of a distributor that died written" in line, line
         assert_output_adds_up(line)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.communicate()
-        push.close(0)
-        distributor.close(0)
+        c.close()
 
 
 @pytest.mark.parametrize("how", ["killed", "write_failed"])
