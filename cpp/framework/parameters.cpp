@@ -35,10 +35,9 @@ std::string float_repr(double x) {
   }
   if (std::isfinite(x) && x != 0) {
     const int exponent = std::atoi(std::strchr(buf, 'e') + 1);  // of the shortest digits, as rounded
+    // beyond, buf's shortest scientific form is repr's (no ".0", no trailing zeros in the mantissa)
     if (exponent >= -4 && exponent < 16)
       std::snprintf(buf, sizeof buf, "%.*f", std::max(0, precision - 1 - exponent), x);
-    else  // scientific, as repr: no ".0" and no trailing zeros in the mantissa
-      std::snprintf(buf, sizeof buf, "%.*e", precision - 1, x);
   } else {
     std::snprintf(buf, sizeof buf, "%g", x);  // 0, -0, nan, inf
   }
