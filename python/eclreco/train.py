@@ -717,16 +717,12 @@ def reproduce_command(detector, out_dir, g4_path, seed, epochs, sizes, max_event
 def _cmd(args) -> int:
     from eclreco.cli_types import option_given
 
-    if option_given(args, "--augment") and args.detector != "array30":  # (--augment 1 too: ignored, without a word)
+    # Before the Geant4 file is read (cnn_data.check_copies would refuse it there): --augment's range is argparse's,
+    # and any value for another detector is refused here (--augment 1 too: it was ignored without a word).
+    if option_given(args, "--augment") and args.detector != "array30":
         print(f"eclreco train: error: --augment: the training copies are made under the symmetries of array30's beam "
               f"spot; {args.detector}'s training events enter once", file=sys.stderr, flush=True)
         return 2
-    if args.augment is not None:
-        try:  # before the Geant4 file is read: a bad option, exit 2 as argparse's
-            cnn_data.check_copies(args.detector, args.augment)
-        except ValueError as err:
-            print(f"eclreco train: error: {err}", file=sys.stderr)
-            return 2
     sizes = args.sizes or None
     try:
         run_training(args.detector, args.output, g4_path=args.g4, epochs=args.epochs, seed=args.seed, sizes=sizes,
