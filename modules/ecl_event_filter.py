@@ -55,10 +55,13 @@ class ECLEventFilter(Module):
                 raise RuntimeError(f"ECLEventFilter: no collection {coll!r} in the batch (ECLClusterizer makes it)")
             return
         cl = batch[coll]
+        t_cut = self.param("max_abs_time_ns")
+        # the columns it reads: a collection without one (a custom source, a misspelt energy_column) ends
+        # the job here, not every event on its own
+        self.require_columns(cl, [self.param("energy_column")] + (["time"] if t_cut > 0 else []))
         off = np.asarray(cl.offsets)
         e = np.asarray(cl[self.param("energy_column")])
         counted = e >= self.param("cluster_energy_gev")
-        t_cut = self.param("max_abs_time_ns")
         if t_cut > 0:
             counted &= np.abs(np.asarray(cl["time"])) <= t_cut
         n_clusters = per_event_sum(counted, off)

@@ -351,3 +351,39 @@ def test_event_filter_counters_run_on_over_runs():
     for k in (1, 2):
         eclreco.process(path, install_signal_handlers=False)
         assert f.counters() == {"events_kept": 3.0 * k, "events_discarded": 2.0 * k}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_cluster_collection_without_a_column_the_filter_reads_ends_the_job_at_its_first_batch(threads):
+    """ECLEventFilter on clusters without `time` (an ArraySource of energies, as README's) or with a misspelt
+    `energy_column` failed every event, each re-run on its own, with a KeyError: 2000 module errors for one
+    mistake. It checks the columns it reads at its first batch, as the chain's other modules do
+    (Module.require_columns): the job ends there with one message naming the module and the column."""
+    from eclreco.sources import ArraySource
+
+    n = 2000
+    offsets = np.arange(n + 1) * 2
+    energy = np.tile(np.array([0.5, 1.5], np.float32), n)
+    for params, message in (
+            ({}, "ECLEventFilter reads the columns energy, time of the collection 'ECLClusters', which has no "
+                 "'time' (its columns: energy): the module that makes 'ECLClusters' must write them; the job "
+                 "ends at its first batch"),
+            ({"energy_column": "enrgy", "max_abs_time_ns": 0.0},
+             "ECLEventFilter reads the columns enrgy of the collection 'ECLClusters', which has no 'enrgy' (its "
+             "columns: energy): the module that makes 'ECLClusters' must write them; the job ends at its first "
+             "batch")):
+        path = eclreco.create_path()
+        path.add_module(ArraySource("ECLClusters", offsets, {"energy": energy}))
+        path.add_module("ECLEventFilter", min_clusters=2, **params)
+        with pytest.raises(RuntimeError) as err:
+            eclreco.process(path, threads=threads, batch_size=100, install_signal_handlers=False)
+        assert str(err.value) == message
+        s = eclreco.statistics.summary()
+        assert s["received"] < n and s["fatal_error"] == message, s
+    # without the time cut, energies alone are enough
+    path = eclreco.create_path()
+    path.add_module(ArraySource("ECLClusters", offsets, {"energy": energy}))
+    path.add_module("ECLEventFilter", min_clusters=2, min_energy_sum_gev=1.0, max_abs_time_ns=0.0)
+    eclreco.process(path, threads=threads, batch_size=100, install_signal_handlers=False)
+    s = eclreco.statistics.summary()
+    assert s["processed"] == n and s["errors"] == 0 and s["discarded"] == 0, s
