@@ -2706,6 +2706,66 @@ def test_a_failed_writes_report_counts_the_duplicates_and_orphans_of_what_it_sav
         c.close()
 
 
+def test_a_failed_writes_report_names_the_runs_its_kept_file_holds_in_dqm_parts(tmp_path, zmq_context):
+    """Run 1's DQM is written, its late events go to a written 'part 2' and a 'part 3' still open, and the write
+    fails (_output_failed): the report (RUN_ENDED with output_error) had no dqm_parts, so the output line and the
+    stop's reply of such a run could not say that its DQM was in parts, as a successful one's do. It now names the
+    parts in the kept file: 2 (part 3, open at the failure, is in no file). A real collector process; the test is
+    its distributor (ROUTER) and a worker (PUSH)."""
+    from eclreco.dqm import by_run, read_histograms
+    from eclreco.hlt import protocol as P
+
+    output = tmp_path / "farm.root"
+    kept = str(output) + ".incomplete"
+    c = CollectorByHand(zmq_context, output, "0.01")
+    proc, distributor, push, until, until_status = c.proc, c.distributor, c.push, c.until, c.until_status
+
+    def send(first, run, low=None):  # 5 results of `run` from sequence id `first`; then LOW (closes earlier runs)
+        push.send(results_message(np.arange(first, first + 5), np.arange(first, first + 5), run=run))
+        until_status("saved", first - 95)
+        if low is not None:
+            distributor.send_multipart([ident, P.LOW, str(low).encode()])
+
+    def run1_cycles_in_file(n):  # the file, read while written (uproot: readable after every write)
+        t0 = time.monotonic()
+        while True:
+            try:
+                if len([h for h in read_histograms(str(output)) if h["name"] == "digits_per_event"
+                        and "run 1" in h["title"]]) == n:
+                    return
+            except ValueError:
+                pass
+            assert time.monotonic() - t0 < 10
+            time.sleep(0.1)
+
+    try:
+        ident = until(P.HELLO)[0]
+        distributor.send_multipart([ident, P.LOW, b"100", b"1", b"0"])  # registered, in run 1
+        push.connect(c.results)
+        send(100, 1)
+        send(105, 2, low=105)  # run 1 complete (its events all before run 2's first): written
+        until_status("dqm_open_runs", [[1, 2]])
+        send(110, 1)  # late: part 2
+        send(115, 3, low=115)  # run 1's part 2 (and run 2) complete: written
+        until_status("dqm_open_runs", [[1, 3]])
+        run1_cycles_in_file(2)
+        send(120, 1)  # late again: part 3, open
+        until_status("dqm_runs_in_parts", [[1, 1, 3]])
+        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (os.path.getsize(output),) * 2)
+        # its write fails (more than the space the file's rewritten metadata left free inside it)
+        push.send(results_message(np.arange(125, 5125), np.arange(125, 5125), run=3))
+        report = P.unpack(until(P.RUN_ENDED)[2])
+        assert proc.wait(30) == 1
+        assert "File too large" in report["output_error"] and report["filename"] == kept, report
+        assert report["dqm_parts"] == [[1, 1, 2]], report
+        line = output_line_of_report(report)
+        assert f"; run (1, 1) written in 2 DQM parts in {kept} (a run's totals are the sum" in line, line
+    finally:
+        c.close()
+    runs = {h["run"]: h for h in by_run(read_histograms(kept)) if h["name"] == "digits_per_event"}
+    assert len(runs[(1, 1)]["cycles"]) == 2 and runs[(1, 1)]["counts"].sum() == 10, runs
+
+
 @pytest.mark.parametrize("how", ["killed", "write_failed"])
 def test_a_collector_that_went_writing_a_failed_stops_leftovers_is_no_collector_of_the_next_run(how):
     """After a failed stop of run 1 and a START, collector b joined run 1 for its leftovers and went (SIGKILL, or its

@@ -177,9 +177,11 @@ class DQMRegistry:
         self._fresh = False
         self._filled = False
         self._open: dict[tuple, dict] = {}   # (exp, run) -> contents put aside (open runs but the current)
-        self._closed: list[tuple] = []       # (label, histograms with their contents) to write
+        self._closed: list[tuple] = []       # ((exp, run), label, histograms with their contents) to write
         # (exp, run) -> cycles written (a late event's run gets one more); the recent runs only: bounded
         self._written: collections.OrderedDict = collections.OrderedDict()
+        # of them, those write_closed has put in the file (a failed write leaves the rest out of it)
+        self._in_file: collections.OrderedDict = collections.OrderedDict()
 
     def book(self, hist):
         with self.lock:
@@ -291,12 +293,16 @@ class DQMRegistry:
         current = [self._current] if self._current is not None and (not self._fresh or self._filled) else []
         return list(self._open) + current
 
-    def runs_in_parts(self) -> list[tuple]:
+    def runs_in_parts(self, in_file: bool = False) -> list[tuple]:
         """Runs kept open: the (exp, run, parts) of the job's runs whose DQM is in more than one cycle (written, or
-        a further part open now), in the order they were first written (the collector's report of its run)."""
+        a further part open now), in the order they were first written (the collector's report of its run).
+        in_file: the cycles that write_closed has put in the output file only (after a failed write: what the
+        kept file holds; the parts closed or open since are in no file)."""
         with self.lock:
             if not self.histograms:  # no ECLDQM in the job (the collector's tcp:// output): no DQM written
                 return []
+            if in_file:
+                return [(*key, n) for key, n in self._in_file.items() if n > 1]
             now_open = set(self._open_runs())
             parts = ((key, n + (key in now_open)) for key, n in self._written.items())
             return [(*key, n) for key, n in parts if n > 1]
@@ -311,9 +317,7 @@ class DQMRegistry:
         """(label, histograms holding `contents`) of a closed run; its cycle is counted as written."""
         label = self._label(key)
         if key is not None:
-            self._written[key] = self._written.pop(key, 0) + 1
-            while len(self._written) > 10000:
-                self._written.popitem(last=False)
+            _count(self._written, key)
         hists = []
         for name, h in self.histograms.items():
             c = copy.copy(h)
@@ -322,16 +326,20 @@ class DQMRegistry:
             else:
                 c.counts = contents.get(name, {})
             hists.append(c)
-        return label, hists
+        return key, label, hists
 
     def write_closed(self, root_file, directory: str = "dqm") -> bool:
         """Writes the closed runs' histograms, one cycle per run, each title followed by its run (see
-        write_root); True when there was any."""
+        write_root); True when there was any. A cycle counts as in the file (runs_in_parts(in_file=True)) once
+        all its histograms are written."""
         with self.lock:
             closed, self._closed = self._closed, []
-        for label, hists in closed:
+        for key, label, hists in closed:
             for h in hists:
                 root_file[f"{directory}/{h.name}"] = _to_th1d(h, label)
+            if key is not None:
+                with self.lock:
+                    _count(self._in_file, key)
         return bool(closed)
 
     def has_closed(self) -> bool:
@@ -390,6 +398,13 @@ def _to_th1d(h, run_label: str = ""):
     title = f"{h.title} ({run_label})" if run_label else h.title
     return to_TH1x(h.name, title, counts, float(counts.sum()), float(inner.sum()), float(inner.sum()),
                    sumwx, sumwx2, counts, axis)
+
+
+def _count(counts: collections.OrderedDict, key) -> None:
+    """One more cycle of run `key`; the 10000 runs counted last are kept (a farm's life: bounded)."""
+    counts[key] = counts.pop(key, 0) + 1
+    while len(counts) > 10000:
+        counts.popitem(last=False)
 
 
 registry = DQMRegistry()

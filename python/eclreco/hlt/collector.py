@@ -642,9 +642,10 @@ def _output_failed(link: CollectorLink, out, source: HLTCollectorInput) -> int:
     link.report()
     unsaved = source.orphans_not_saved()
     lost = unsaved.pop("lost")
+    # the runs whose DQM the kept file holds in parts (those closed or open since are in no file)
     report = run_report(link, (link.ended_run_index if link.end_run else None) or link.run_index, out.kept_file,
                         out.events_written_run if out.kept_file else 0, add_counts(link.saved_counts, unsaved),
-                        source.dropped_saved())
+                        source.dropped_saved(), dqm_parts=registry.runs_in_parts(in_file=True) if out.kept_file else [])
     link.run_ended({**report, "output_error": out.write_error, "orphaned_lost": lost})
     print(f"[collector] error: {out.write_error}; the distributor keeps the events not in it for the next collector"
           + (f"; {lost} late results of events of a distributor that died are lost with it (none holds them)"
