@@ -2766,6 +2766,31 @@ def test_a_failed_writes_report_names_the_runs_its_kept_file_holds_in_dqm_parts(
     assert len(runs[(1, 1)]["cycles"]) == 2 and runs[(1, 1)]["counts"].sum() == 10, runs
 
 
+def test_the_runs_written_in_dqm_parts_are_counted_in_a_prometheus_metric():
+    """The runs a collector wrote in DQM parts were said in the output line, the stop's reply and `hlt status`,
+    but no metric counted them: an alert could not see a farm whose runs' DQM is split (senders that interleave).
+    eclreco_hlt_dqm_runs_in_parts_total counts each run of each RUN_ENDED's dqm_parts (dqm_runs_in_parts_total),
+    read from the distributor's real exporter."""
+    from test_hlt import scrape
+
+    from eclreco.hlt import protocol as P
+    from eclreco.metrics import serve_role_metrics
+
+    farm = InProcessFarm()
+    exporter = serve_role_metrics("distributor", 0, extra=farm.d.metrics_families, framework=False)
+    try:
+        assert "eclreco_hlt_dqm_runs_in_parts_total 0.0" in scrape(exporter.port)
+        peer = farm.peer()
+        collector_hello(farm, peer)
+        farm.send(peer, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "a.root", "received": 30,
+                                             "events_written": 30, "dqm_parts": [[1, 1, 2], [1, 3, 3]]}))
+        assert "eclreco_hlt_dqm_runs_in_parts_total 2.0" in scrape(exporter.port)
+        assert farm.d.own_status()["output"]["dqm_runs_in_parts_total"] == 2
+    finally:
+        exporter.close()
+        farm.close()
+
+
 @pytest.mark.parametrize("how", ["killed", "write_failed"])
 def test_a_collector_that_went_writing_a_failed_stops_leftovers_is_no_collector_of_the_next_run(how):
     """After a failed stop of run 1 and a START, collector b joined run 1 for its leftovers and went (SIGKILL, or its

@@ -1199,6 +1199,9 @@ class Distributor:
         yield counter("eclreco_hlt_collector_output_errors", "Collectors that could not write their output file "
                       "(disk full, file-size limit, I/O error; their file keeps what they wrote)",
                       self.c["collector_output_errors"])
+        yield counter("eclreco_hlt_dqm_runs_in_parts", "Runs whose DQM a collector wrote in several parts (cycles: "
+                      "late events of a run already written; its totals are the sum, `eclreco dqm FILE` draws it)",
+                      self.output["dqm_runs_in_parts_total"])
         yield counter("eclreco_hlt_collector_restarts_failed", "Of the collector restarts, those whose collector "
                       "exited before it made its output file", self.collector_restarts_failed)
         yield gauge("eclreco_hlt_worker_credit", "Events the workers can take now",
