@@ -696,3 +696,56 @@ def test_a_reset_while_two_threads_fill_splits_no_fill(weighted):
         assert h.counts[bins].tolist() == [fills] * bins.size and h.entries == fills * bins.size
         assert h.moments.tolist() == [fills * v.sum(), fills * (v * v).sum()]
         assert c.counts.get("a") == c.counts.get("b")
+
+
+def test_eclreco_dqm_sums_a_runs_parts_across_files_and_refuses_files_it_cannot_sum(tmp_path, capsys):
+    """A run split across two collectors' files (one replaced mid-run wrote part of it, its replacement the rest):
+    `eclreco dqm` read one file, so the run's DQM was drawn as two partial runs, one per call. It now takes several
+    files and sums the parts of each (exp, run) across them; it refuses, naming them, files of other detectors and
+    a run's histogram of other bins."""
+    import json
+
+    import uproot
+
+    from _raw_helpers import two_digit_events
+    from eclreco.cli import main
+    from eclreco.dqm import DQMRegistry, Histogram1D
+    from eclreco.rawdata import write_raw_file
+
+    events = two_digit_events(6, run=1)
+    for name, part in (("a", events[:2]), ("b", events[2:])):  # the run's events in two jobs' files
+        write_raw_file(tmp_path / f"{name}.msgpack", part)
+        path = eclreco.create_path()
+        path.add_module("RawFileInput", filename=str(tmp_path / f"{name}.msgpack"))
+        path.add_module("ECLUnpacker")
+        path.add_module("ECLDQM")
+        path.add_module("RootOutput", filename=str(tmp_path / f"{name}.root"))
+        eclreco.process(path, install_signal_handlers=False)
+    a, b, out_dir = str(tmp_path / "a.root"), str(tmp_path / "b.root"), tmp_path / "png"
+    capsys.readouterr()
+    assert main(["dqm", a, b, "-o", str(out_dir)]) == 0
+    out, err = capsys.readouterr()
+    assert str(out_dir / "digits_per_event.png") in out.split(), out
+    assert f"exp 0, run 1 was written in 2 DQM parts (cycles {a};1, {b};1): their sum drawn" in err, err
+    summed = next(h for h in eclreco.dqm.by_run(eclreco.dqm.read_files([a, b])) if h["name"] == "digits_per_event")
+    assert summed["counts"].sum() == 6 and summed["title"].endswith("(exp 0, run 1: 2 parts summed)"), summed
+    assert json.loads((out_dir / "eclreco-dqm.json").read_text())["files"] == [a, b]
+
+    def other_file(name, detectors, nbins):  # the output's own writer: a run-1 histogram of nbins bins
+        r = DQMRegistry()
+        r.book(Histogram1D("digits_per_event", "digits per event", nbins, 0, 10)).fill(np.array([1.0]))
+        with uproot.recreate(tmp_path / name) as f:
+            r.write_root(f, label="exp 0, run 1")
+            f["metadata"] = json.dumps({"detectors": detectors})
+        return str(tmp_path / name)
+
+    before = sorted(p.name for p in out_dir.iterdir())
+    ecl = other_file("ecl.root", ["belle2-ecl"], 10)
+    assert main(["dqm", a, ecl, "-o", str(out_dir)]) == 2
+    assert (f"{ecl} is of the detector(s) belle2-ecl and {a} of array30: the DQM of different detectors is not summed"
+            in capsys.readouterr().err)
+    binned = other_file("binned.root", ["array30"], 3)
+    assert main(["dqm", a, binned, "-o", str(out_dir)]) == 2
+    assert (f"cannot sum the parts of dqm/digits_per_event of exp 0, run 1: cycle {binned};1 has other bins than "
+            f"cycle {a};1" in capsys.readouterr().err)
+    assert sorted(p.name for p in out_dir.iterdir()) == before  # refused: the folder as it was

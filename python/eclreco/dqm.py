@@ -435,6 +435,9 @@ def read_histograms(root_path: str) -> list[dict]:
     hists = None  # no dqm directory
     try:
         with uproot.open(root_path) as f:
+            from eclreco.hlt.merge import _metadata_detectors
+
+            detectors = _metadata_detectors(f)  # None: no metadata (a collector killed before its end)
             if "dqm" in {k.split(";")[0] for k in f.keys(recursive=False)}:
                 d = f["dqm"]
                 cycles: dict[str, set[int]] = {}
@@ -450,7 +453,8 @@ def read_histograms(root_path: str) -> list[dict]:
                     hists.append({"name": name, "cycle": cycle, "runs": len(cycles[name]), "counts": counts,
                                   "edges": edges, "flow": obj.values(flow=True)[[0, -1]],
                                   "labels": obj.axis().labels(), "title": obj.member("fTitle") or name,
-                                  "xlabel": obj.axis().member("fTitle")})
+                                  "xlabel": obj.axis().member("fTitle"), "file": root_path,
+                                  "detectors": detectors})
     except Exception as err:  # noqa: BLE001 - uproot's OSError for a file cut short, its DeserializationError, ...
         raise ValueError(f"{root_path}: not a readable ROOT file, cut short or damaged? ({_one_line(err)})") from None
     if hists is None:
@@ -489,19 +493,24 @@ _RUN_IN_TITLE = re.compile(r" \(exp (\d+), run (\d+)(?:, part \d+)?\)$")
 
 
 def by_run(hists: list[dict], parts: bool = False) -> list[dict]:
-    """read_histograms' cycles, one entry per histogram and (exp, run) of its title: the cycles of a run written
-    in several parts (the farm's collector, a run that came back in one job) are summed, as the run's totals are
-    the sum of its parts (docs/architecture.md); each entry names its `run` ((exp, run), None when the title
-    gives none: such cycles stay apart) and its `cycles`. parts=True: every cycle apart, each with its `part`
-    (1, 2, ... in cycle order within its run). Each entry's `png` is its file name: NAME.png where the
-    histogram has one entry, else NAME_expE_runR.png (NAME_expE_runR_partK.png for a part of a run of several,
-    NAME_cycleK.png for a cycle without a run)."""
+    """read_histograms' cycles (of one file or several: a run whose collector was replaced wrote part of it in each
+    file), one entry per histogram and (exp, run) of its title: the cycles of a run written in several parts (the
+    farm's collector, a run that came back in one job) are summed, as the run's totals are the sum of its parts
+    (docs/architecture.md); each entry names its `run` ((exp, run), None when the title gives none: such cycles
+    stay apart), its `cycles` and `where` (K, or FILE;K of several files). parts=True: every cycle
+    apart, each with its `part` (1, 2, ... in file and cycle order within its run). Each entry's `png` is its file
+    name: NAME.png where the histogram has one entry, else NAME_expE_runR.png (NAME_expE_runR_partK.png for a
+    part of a run of several, NAME_cycleK.png for a cycle without a run, NAME_fileF_cycleK.png of the F-th of
+    several files)."""
+    files = list(dict.fromkeys(h["file"] for h in hists))
+    several = len(files) > 1
     groups: dict[tuple, list[dict]] = {}
-    for h in hists:  # (read_histograms: sorted by name, then cycle)
+    for h in hists:  # (read_histograms: sorted by name, then cycle; the files in their order)
         m = _RUN_IN_TITLE.search(h["title"])
         run = (int(m.group(1)), int(m.group(2))) if m else None
-        groups.setdefault((h["name"], run if run is not None else ("cycle", h["cycle"])), []).append(
-            {**h, "run": run, "base_title": h["title"][:m.start()] if m else h["title"]})
+        groups.setdefault((h["name"], run if run is not None else ("cycle", h["file"], h["cycle"])), []).append(
+            {**h, "run": run, "base_title": h["title"][:m.start()] if m else h["title"],
+             "where": [f"{h['file']};{h['cycle']}" if several else str(h["cycle"])]})
     out = []
     for (name, _), cycles in groups.items():
         if parts or len(cycles) == 1:
@@ -514,7 +523,8 @@ def by_run(hists: list[dict], parts: bool = False) -> list[dict]:
         if per_name[e["name"]] == 1:
             e["png"] = f"{e['name']}.png"
         elif e["run"] is None:
-            e["png"] = f"{e['name']}_cycle{e['cycle']}.png"
+            tag = f"_file{files.index(e['file']) + 1}" if several else ""
+            e["png"] = f"{e['name']}{tag}_cycle{e['cycle']}.png"
         else:
             e["png"] = (f"{e['name']}_exp{e['run'][0]}_run{e['run'][1]}"
                         + (f"_part{e['part']}" if e["part"] else "") + ".png")
@@ -523,11 +533,17 @@ def by_run(hists: list[dict], parts: bool = False) -> list[dict]:
 
 def _summed(cycles: list[dict]) -> dict:
     """One histogram of the cycles (parts) of one run: the counts bin by bin, labelled bins by label (a part
-    without rejections has only the empty bin `(none)`)."""
+    without rejections has only the empty bin `(none)`). A ValueError naming both where the parts' bins differ
+    (several files: of another binning or version)."""
     first = cycles[0]
     exp, run = first["run"]
-    total = {**first, "cycles": [c["cycle"] for c in cycles], "part": None,
-             "title": f"{first['base_title']} (exp {exp}, run {run}: {len(cycles)} parts summed)",
+    for c in cycles[1:]:
+        if bool(c["labels"]) != bool(first["labels"]) or (
+                not first["labels"] and not np.array_equal(c["edges"], first["edges"])):
+            raise ValueError(f"cannot sum the parts of dqm/{first['name']} of exp {exp}, run {run}: "
+                             f"cycle {c['where'][0]} has other bins than cycle {first['where'][0]}")
+    total = {**first, "cycles": [c["cycle"] for c in cycles], "where": [c["where"][0] for c in cycles],
+             "part": None, "title": f"{first['base_title']} (exp {exp}, run {run}: {len(cycles)} parts summed)",
              "flow": sum(c["flow"] for c in cycles)}
     if first["labels"]:
         counts: dict[str, float] = {}
@@ -540,16 +556,29 @@ def _summed(cycles: list[dict]) -> dict:
         total.update(labels=labels, counts=np.array([counts[k] for k in labels]),
                      edges=np.arange(len(labels) + 1, dtype=np.float64))
         return total
-    for c in cycles[1:]:
-        if c["labels"] or not np.array_equal(c["edges"], first["edges"]):
-            raise ValueError(f"cannot sum the parts of dqm/{first['name']} of exp {exp}, run {run}: cycle "
-                             f"{c['cycle']} has other bins than cycle {first['cycle']}")
     total["counts"] = sum(c["counts"] for c in cycles)
     return total
 
 
-def draw(root_path: str, out_dir: str, parts: bool = False) -> list[str]:
-    """PNG of every histogram in the file's dqm directory; returns the files written. A file of
+def read_files(paths: list[str]) -> list[dict]:
+    """read_histograms of each file, in order (a run whose collector was replaced mid-run is in two files: by_run
+    sums its parts across them). A ValueError naming both where two files' metadata name other detectors."""
+    hists, detectors = [], {}
+    for path in paths:
+        got = read_histograms(path)
+        hists += got
+        if got and got[0]["detectors"] is not None:
+            detectors.setdefault(tuple(got[0]["detectors"]), path)
+    if len(detectors) > 1:
+        (a, pa), (b, pb) = list(detectors.items())[:2]
+        raise ValueError(f"{pb} is of the detector(s) {', '.join(b)} and {pa} of {', '.join(a)}: "
+                         "the DQM of different detectors is not summed")
+    return hists
+
+
+def draw(root_paths: list[str] | str, out_dir: str, parts: bool = False) -> list[str]:
+    """PNG of every histogram in the files' dqm directory; returns the files written. Several files: the DQM of
+    one detector (read_files), a run's parts in them summed as those of one file. A file of
     several runs holds one cycle of each histogram per run (titles end with the run), and a run written in
     several parts one cycle per part: one PNG per histogram and run, its parts summed (by_run; parts=True:
     one per part), named by run. The file is read before out_dir is made, and the PNGs take their names together
@@ -565,7 +594,9 @@ def draw(root_path: str, out_dir: str, parts: bool = False) -> list[str]:
     from eclreco.paths import StagedOutputs, file_sha256, output_folder
     from eclreco.strict_json import dumps
 
-    hists = read_histograms(root_path)
+    paths = [root_paths] if isinstance(root_paths, str) else list(root_paths)
+    root_path = ", ".join(paths)  # (the files named in an error)
+    hists = read_files(paths)
     try:
         hists = by_run(hists, parts)
     except ValueError as err:
@@ -581,13 +612,15 @@ def draw(root_path: str, out_dir: str, parts: bool = False) -> list[str]:
                     fig.tight_layout()
                     fig.savefig(staged.path(out), dpi=90)
                 except ValueError as err:  # matplotlib's, e.g. a title that is no valid mathtext
-                    raise ValueError(f"{root_path}: cannot draw dqm/{h['name']};{h['cycle']}: {_one_line(err)}") from None
+                    raise ValueError(f"{h['file']}: cannot draw dqm/{h['name']};{h['cycle']}: {_one_line(err)}") from None
                 finally:
                     plt.close(fig)
                 written.append(out)
             plots = {os.path.basename(out): file_sha256(staged.path(out)) for out in written}
             with open(staged.path(os.path.join(out_dir, MANIFEST)), "w") as f:
-                f.write(dumps({"file": os.path.abspath(root_path), "plots": plots}, indent=1) + "\n")
+                drawn = ({"file": os.path.abspath(paths[0])} if len(paths) == 1 else
+                         {"files": [os.path.abspath(p) for p in paths]})
+                f.write(dumps({**drawn, "plots": plots}, indent=1) + "\n")
             previous = _previous_plots(out_dir)
             staged.publish()
         for name, sha in previous.items():
@@ -601,14 +634,14 @@ def draw(root_path: str, out_dir: str, parts: bool = False) -> list[str]:
     return written
 
 
-def _runs_in_parts(hists: list[dict]) -> dict[tuple, list[int]]:
-    """(exp, run) -> its cycles, of the runs of by_run's entries written in more than one part (by the first
+def _runs_in_parts(hists: list[dict]) -> dict[tuple, list[str]]:
+    """(exp, run) -> its cycles (by_run's `where`), of the runs of by_run's entries written in more than one part (by the first
     histogram of the run: each part is one cycle of every histogram)."""
     runs: dict[tuple, tuple] = {}
     for h in hists:
         if h["run"] is not None and runs.setdefault(h["run"], (h["name"], []))[0] == h["name"]:
-            runs[h["run"]][1].extend(h["cycles"])
-    return {key: sorted(cycles) for key, (_, cycles) in runs.items() if len(cycles) > 1}
+            runs[h["run"]][1].extend(h["where"])
+    return {key: cycles for key, (_, cycles) in runs.items() if len(cycles) > 1}
 
 
 def _plot(ax, h: dict) -> None:
@@ -630,7 +663,7 @@ def _plot(ax, h: dict) -> None:
 
 def _run(args) -> int:
     try:
-        files = draw(args.file, args.output, parts=args.parts)
+        files = draw(args.files, args.output, parts=args.parts)
     except (OSError, ValueError) as err:  # a bad FILE or -o: one line, exit 2 as for any bad argument
         print(f"eclreco dqm: error: {err}", file=sys.stderr)
         return 2
@@ -639,14 +672,16 @@ def _run(args) -> int:
     ours = {os.path.basename(f) for f in files}
     others = sorted(n for n in os.listdir(args.output) if n.endswith(".png") and n not in ours)
     if others:  # made by hand, by an eclreco before the manifest, or changed since: not this file's plots
-        print(f"eclreco dqm: note: {args.output} also holds {len(others)} PNG file(s) not drawn from {args.file}, "
+        print(f"eclreco dqm: note: {args.output} also holds {len(others)} PNG file(s) not drawn from {', '.join(args.files)}, "
               f"left as they are: {', '.join(others[:5])}{', ...' if len(others) > 5 else ''}", file=sys.stderr)
     return 0
 
 
 def add_dqm_parser(subparsers) -> None:
     p = subparsers.add_parser("dqm", help="draw the DQM histograms of a ROOT file as PNG")
-    p.add_argument("file", help="ROOT file written by RootOutput")
+    p.add_argument("files", nargs="+", metavar="FILE",
+                   help="ROOT file(s) written by RootOutput; of several (the files of one farm run, a collector "
+                        "replaced mid-run), the parts of a run in them are summed; they must be of one detector")
     p.add_argument("-o", "--output", default="dqm",
                    help=f"directory for the PNG files; the PNGs that an earlier `eclreco dqm` made there (its {MANIFEST}) "
                         "and this file has not are removed, other files stay")
