@@ -540,6 +540,23 @@ def test_an_empty_sizes_is_refused(tmp_path, capsys):
         assert exit_.value.code == 2 and said in capsys.readouterr().err
 
 
+def test_an_empty_sizes_is_refused_by_the_python_api_as_by_the_command_line(tmp_path):
+    """`train.run_training(sizes=[])` trained the detector's default size (`sizes or [default]`), while the command
+    line refuses `--sizes ''`. The API refuses an empty, unknown or repeated size with the option's own words
+    (cli_types.choice_list_error, one place for both), before any file is read or folder made."""
+    from eclreco import train
+
+    for bad, said in (([], "--sizes: no size named (one or more of tiny, small, wide, medium, separated by commas)"),
+                      ((), "--sizes: no size named"),
+                      (["tiny", "bogus"], "--sizes: unknown size 'bogus' (tiny, small, wide, medium)"),
+                      (["tiny", "tiny"], "--sizes: size 'tiny' is listed twice")):
+        with pytest.raises(train.TrainingInputError) as err:
+            train.run_training("array30", str(tmp_path / "out"), g4_path="/nonexistent.npz", sizes=bad, epochs=1,
+                               quiet=True)
+        assert str(err.value).startswith(said), (bad, str(err.value))
+    assert not (tmp_path / "out").exists()
+
+
 def test_augment_is_refused_for_belle2_ecl_whatever_its_value(tmp_path, capsys):
     """`eclreco train --detector belle2-ecl --augment 1` trained, exit 0, as without it: an option of array30 alone
     (the symmetries of its beam spot) passed where it does not apply because its value was the default, while

@@ -211,20 +211,29 @@ def name_list(text: str) -> list[str]:
     return names
 
 
+def choice_list_error(names, choices, what: str) -> str:
+    """Why `names` (a list) is not a list of distinct names of `choices` ('' when it is; `what` names one: 'size'):
+    the refusal of choice_list at the command line and of the Python API the option feeds (train.run_training's
+    sizes), so that both say the same."""
+    if not names or list(names) == [""]:
+        return f"no {what} named (one or more of {', '.join(choices)}, separated by commas)"
+    for k, name in enumerate(names):
+        if name not in choices:
+            return f"unknown {what} {name!r} ({', '.join(choices)})"
+        if name in names[:k]:
+            return f"{what} {name!r} is listed twice"
+    return ""
+
+
 def choice_list(choices, what: str):
-    """A comma-separated list of distinct names of `choices` (argparse type; `what` names one: 'size'). An empty
-    value is refused: `--sizes ''` was read as no list, and the default was used without a word."""
+    """A comma-separated list of distinct names of `choices` (argparse type; `what` names one: 'size'), checked by
+    choice_list_error. An empty value is refused: `--sizes ''` was read as no list, and the default was used without
+    a word."""
 
     def parse(text: str) -> list[str]:
         names = [n.strip() for n in text.split(",")]
-        if names == [""]:
-            raise argparse.ArgumentTypeError(f"no {what} named (one or more of {', '.join(choices)}, "
-                                             "separated by commas)")
-        for k, name in enumerate(names):
-            if name not in choices:
-                raise argparse.ArgumentTypeError(f"unknown {what} {name!r} ({', '.join(choices)})")
-            if name in names[:k]:
-                raise argparse.ArgumentTypeError(f"{what} {name!r} is listed twice")
+        if why := choice_list_error(names, choices, what):
+            raise argparse.ArgumentTypeError(why)
         return names
 
     parse.__name__ = "choice_list"

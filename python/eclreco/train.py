@@ -32,6 +32,7 @@ import time
 import numpy as np
 
 from eclreco import cnn_data, strict_json
+from eclreco.cli_types import choice_list_error
 from eclreco.paths import (StagedOutputs, file_sha256, missing_folder, output_folder, overwrite_refusal,
                            previous_outputs, remove_previous_outputs, unwritable_folder, write_whole)
 from eclreco.cnn_model import (EVENT_FEATURE_NAMES, EVENT_FEATURE_SCALE, FEATURE_NAMES, X_IN_RANGE, build_model,
@@ -485,13 +486,16 @@ class TrainingInputError(ValueError):
 
 def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=None, max_events=0, quiet=False,
                  samples=None, cache=None, augment=None, restarts=1, chain_seed=None):
-    """Trains and writes the networks and their card; chain_seed: the chain sample's seed (default seed; a
-    --cache holds the sample of its own, which a chain_seed given must match)."""
+    """Trains and writes the networks and their card; sizes: the names of SIZES to train (None: the detector's
+    default; an empty, unknown or repeated name is refused as --sizes is); chain_seed: the chain sample's seed
+    (default seed; a --cache holds the sample of its own, which a chain_seed given must match)."""
     import onnx  # noqa: F401  (fail early when the training extras are missing)
     import torch
 
     if restarts < 1:
         raise TrainingInputError(f"restarts must be >= 1, not {restarts}")
+    if sizes is not None and (why := choice_list_error(list(sizes), SIZES, "size")):  # None: the default size
+        raise TrainingInputError(f"--sizes: {why}")  # (sizes=[] trained the default size, which --sizes '' refuses)
     if not 0 <= seed <= MAX_SEED or seed + restarts - 1 > MAX_SEED:  # numpy's and torch's seeds: 32 bits
         raise TrainingInputError(f"--seed {seed} with --restarts {restarts} tries seeds up to {seed + restarts - 1}: "
                                  f"at most {MAX_SEED}" if seed >= 0 else f"--seed must be >= 0, not {seed}")
@@ -528,7 +532,7 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
                                      f"{chain_seed}: use --chain-seed {had} (or none), or another --cache file")
         chain_seed = had
     chain_seed = seed if chain_seed is None else chain_seed
-    sizes = sizes or [DEFAULT_SIZE[detector]]
+    sizes = [DEFAULT_SIZE[detector]] if sizes is None else list(sizes)
     with output_folder(out_dir):  # made now (an -o that cannot be one fails at once), gone again if left empty
         check_overwrites(out_dir, detector, sizes)  # (after -o's own check: '' is not this folder's networks)
         if samples is None:
@@ -723,9 +727,8 @@ def _cmd(args) -> int:
         print(f"eclreco train: error: --augment: the training copies are made under the symmetries of array30's beam "
               f"spot; {args.detector}'s training events enter once", file=sys.stderr, flush=True)
         return 2
-    sizes = args.sizes or None
     try:
-        run_training(args.detector, args.output, g4_path=args.g4, epochs=args.epochs, seed=args.seed, sizes=sizes,
+        run_training(args.detector, args.output, g4_path=args.g4, epochs=args.epochs, seed=args.seed, sizes=args.sizes,
                      max_events=args.max_events, quiet=args.quiet, cache=args.cache, augment=args.augment,
                      restarts=args.restarts, chain_seed=args.chain_seed)
     except TrainingInputError as err:  # an input it cannot train on: one line, exit 2, as every bad input
@@ -754,7 +757,7 @@ def add_train_parser(subparsers):
     p.add_argument("--chain-seed", type=integer(0, MAX_SEED), default=None,
                    help="seed of the chain sample (electronics noise, background overlay) when not --seed: a --cache "
                         "holds the sample of its own, and the model card's command names it")
-    p.add_argument("--sizes", type=choice_list(SIZES, "size"), default=[], help=f"comma-separated network sizes to train ({', '.join(SIZES)}); "
+    p.add_argument("--sizes", type=choice_list(SIZES, "size"), default=None, help=f"comma-separated network sizes to train ({', '.join(SIZES)}); "
                    "the default size of the detector, or the first one listed when it is not among them, is written as "
                    "<detector>.onnx with the model card, the others as <detector>-<size>.onnx")
     p.add_argument("--max-events", type=NON_NEGATIVE_INT, default=0, help="use only this many events of the file (0: all; more than "
