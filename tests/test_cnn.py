@@ -960,7 +960,7 @@ def test_a_failed_validation_leaves_its_output_folder_as_it_was(tmp_path, monkey
     interrupted in between left new plots beside the old report. The folder is now made once the model
     and the sample are known good, and the plots and the report take their names together at the end."""
     pytest.importorskip("matplotlib")
-    from eclreco import cli, validate
+    from eclreco import cli, strict_json, validate
 
     missing = tmp_path / "typo"
     assert cli.main(["validate", "--detector", "array30", "-o", str(missing), "--model", str(tmp_path / "nope.onnx"),
@@ -976,7 +976,7 @@ def test_a_failed_validation_leaves_its_output_folder_as_it_was(tmp_path, monkey
     def fail(*a, **k):
         raise RuntimeError("the disk went away")
 
-    monkeypatch.setattr(validate.strict_json, "dump", fail)  # after the plot, at the report
+    monkeypatch.setattr(strict_json, "dump", fail)  # after the plot, at the report
     with pytest.raises(RuntimeError, match="the disk went away"):
         validate.run_validation("array30", str(out), g4_path=SUBSET["array30"], max_events=30, quiet=True)
     after = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -1271,20 +1271,18 @@ def test_a_retraining_replaces_the_previous_trainings_networks_and_no_other_file
     capsys.readouterr()
     assert "array30-small.onnx" in train("tiny")
     assert "warning: kept array30-small.onnx" in capsys.readouterr().err
-    # a card written before `files` lists its size scan's networks without a SHA-256: an edit since cannot be
-    # ruled out, so they stay, with a warning (they were removed, the user's edit with them)
+    # a card edited since (here: made a card written before `files`, which lists its size scan's networks
+    # without a SHA-256) is refused whole, before any work (the card's own SHA-256): its networks stay
     (out / "array30-small.onnx").unlink()  # (the kept file, which no card lists: a training would not overwrite it)
     train("tiny,small")
     card = json.loads((out / "array30.json").read_text())
     del card["files"]
     (out / "array30.json").write_text(json.dumps(card))
     (out / "array30-small.onnx").write_bytes(b"edited since")
-    (out / "array30.onnx").unlink()  # (listed without a SHA-256 too: a training would not overwrite it)
     capsys.readouterr()
-    assert "array30-small.onnx" in train("tiny")
+    assert cli.main(base + ["--sizes", "tiny"]) == 2
+    assert "array30.json (changed since the run that wrote it)" in capsys.readouterr().err
     assert (out / "array30-small.onnx").read_bytes() == b"edited since"
-    assert "warning: kept array30-small.onnx in " + str(out) + ": the previous training's record lists it without " \
-           "its SHA-256" in capsys.readouterr().err
     assert (out / "array30-medium.onnx").read_bytes() == b"the user's own" and (out / "notes.txt").exists()
 
 
@@ -1544,20 +1542,18 @@ def test_a_revalidation_replaces_the_previous_validations_plots_and_no_other_fil
     validate(0)
     assert pi0.read_bytes() == b"the user's own"
     pi0.unlink()  # (listed by no report: a validation with a pi0 section would not overwrite it)
-    # a report written before `files` lists the plots of its tables and its pi0 section without a SHA-256: an
-    # edit since cannot be ruled out, so they stay, with a warning (they were removed, the user's edit with them)
+    # a report edited since (here: made a report written before `files`, which lists its plots without a SHA-256)
+    # is refused whole, before any work (the report's own SHA-256): its plots stay
     validate(3)
     report = json.loads((out / "validation_belle2-ecl.json").read_text())
     del report["files"]
     (out / "validation_belle2-ecl.json").write_text(json.dumps(report))
     pi0.write_bytes(b"annotated since")
-    for level in (out / f"cnn_belle2-ecl_bg{bg}.png" for bg in (0, 1, 2)):
-        level.unlink()  # (listed without a SHA-256 too: a validation would not overwrite them)
     capsys.readouterr()
-    validate(0)
+    assert cli.main(["validate", "--detector", "belle2-ecl", "-o", str(out), "--g4", SUBSET["belle2-ecl"],
+                     "--max-events", "30", "--pi0-events", "0", "--fake-events", "0", "--quiet"]) == 2
+    assert "validation_belle2-ecl.json (changed since the run that wrote it)" in capsys.readouterr().err
     assert pi0.read_bytes() == b"annotated since"
-    assert "eclreco validate: warning: kept cnn_pi0_mass.png in " + str(out) + ": the previous validation's record " \
-           "lists it without its SHA-256" in capsys.readouterr().err
 
 
 def test_a_validation_does_not_overwrite_a_plot_that_is_not_the_previous_validations(tmp_path, capsys):
@@ -1584,7 +1580,7 @@ def test_a_validation_does_not_overwrite_a_plot_that_is_not_the_previous_validat
         before = (folder / "cnn_array30_bg0.png").read_bytes()
         code, err = validate(folder)
         assert code == 2 and err.startswith(f"eclreco validate: error: -o {str(folder)!r} holds cnn_array30_bg0.png "
-                                            f"({why}): this validation would overwrite it; remove it (rm "), err
+                                            f"({why})") and "this validation would overwrite" in err, err
         assert (folder / "cnn_array30_bg0.png").read_bytes() == before
 
     assert validate()[0] == 0
@@ -1604,6 +1600,69 @@ def test_a_validation_does_not_overwrite_a_plot_that_is_not_the_previous_validat
     (tmp_path / "bare").mkdir()
     (tmp_path / "bare" / "cnn_array30_bg0.png").write_bytes(b"mine")
     refused("no validation_array30.json there records it", tmp_path / "bare")
+
+
+def test_train_and_validate_do_not_overwrite_a_report_or_card_that_is_not_the_previous_runs(tmp_path, capsys):
+    """The overwrite check of train and validate (paths.overwrite_refusal) protected their networks and plots, but
+    not their records: validation_<det>.json/.md and the model card <det>.json/.md were written over whatever -o held,
+    an annotated report, a user's notes under that name, a file that was no record at all. The record now gives the
+    SHA-256 of its .md and of itself (paths.write_record, `record_files`), and a record or .md that is not the
+    previous run's unchanged output is refused as a plot is: exit 2, before any work, one line naming each file."""
+    import json
+
+    pytest.importorskip("matplotlib")
+    from eclreco import cli
+
+    out = tmp_path / "V"
+    record, md = out / "validation_array30.json", out / "validation_array30.md"
+
+    def validate(folder=out):
+        capsys.readouterr()
+        code = cli.main(["validate", "--detector", "array30", "-o", str(folder), "--g4", SUBSET["array30"],
+                         "--max-events", "30", "--quiet"])
+        return code, capsys.readouterr().err
+
+    def refused(name, why, folder=out):
+        before = (folder / name).read_bytes()
+        code, err = validate(folder)
+        assert code == 2 and err.startswith(f"eclreco validate: error: -o {str(folder)!r} holds {name} ({why}): this "
+                                            "validation would overwrite it; remove it (rm "), err
+        assert (folder / name).read_bytes() == before
+
+    assert validate()[0] == 0
+    assert set(json.loads(record.read_text())["record_files"]) == {"validation_array30.json", "validation_array30.md"}
+    assert validate()[0] == 0  # its own unchanged report: replaced
+    md.write_text(md.read_text() + "my notes\n")
+    refused("validation_array30.md", "changed since the run of validation_array30.json wrote it")
+    md.unlink()
+    assert validate()[0] == 0
+    record.write_text(record.read_text().replace('"window": 0.05', '"window": 0.1'))
+    refused("validation_array30.json", "changed since the run that wrote it")
+    report = json.loads(record.read_text())
+    del report["record_files"]  # a report of an older eclreco
+    record.write_text(json.dumps(report))
+    md.unlink()  # (unlisted now: refused too, "validation_array30.json does not list it")
+    refused("validation_array30.json", "it records no SHA-256 of itself: written by an older eclreco, so a change "
+            "since cannot be ruled out")
+    for bare, name, text, why in (("a", "validation_array30.json", "my own notes", "not a record that this command "
+                                   "can read"), ("b", "validation_array30.md", "mine", "no validation_array30.json "
+                                                                                      "there records it")):
+        (tmp_path / bare).mkdir()
+        (tmp_path / bare / name).write_text(text)
+        refused(name, why, tmp_path / bare)
+    # train's card, by the same check
+    pytest.importorskip("torch")
+    card_md = tmp_path / "T" / "array30.md"
+    base = ["train", "--detector", "array30", "-o", str(tmp_path / "T"), "--g4", SUBSET["array30"], "--epochs", "1",
+            "--sizes", "tiny", "--quiet", "--cache", str(tmp_path / "chain.npz")]
+    assert cli.main(base) == 0 and cli.main(base) == 0
+    card_md.write_text(card_md.read_text() + "my notes\n")
+    capsys.readouterr()
+    assert cli.main(base) == 2
+    assert capsys.readouterr().err.startswith(f"eclreco train: error: -o {str(tmp_path / 'T')!r} holds array30.md "
+                                              "(changed since the run of array30.json wrote it): this training would "
+                                              "overwrite it")
+    assert card_md.read_text().endswith("my notes\n")
 
 
 def test_a_pi0_section_without_a_peak_says_so_and_prints_no_nan(tmp_path):
@@ -1778,7 +1837,8 @@ def test_a_shipped_card_renders_saying_what_it_does_not_record(tmp_path, detecto
     """The shipped cards were written before data.g4_sha256, data.g4_path and command: write_card, the one reader that
     renders a card, failed on them (KeyError: 'g4_sha256'), and their .md said nothing of the sample's digest or of
     the command. It renders them with 'not recorded (older card)' for each, no value made up; the JSON (every
-    number) is written back byte for byte, and the shipped .md is that rendering."""
+    number) is written back byte for byte, the digests of the card's files added, and the shipped .md is that
+    rendering."""
     import json
 
     from eclreco.train import NOT_RECORDED, write_card
@@ -1789,7 +1849,9 @@ def test_a_shipped_card_renders_saying_what_it_does_not_record(tmp_path, detecto
     card = json.loads(shipped)
     assert "g4_sha256" not in card["data"] and "command" not in card  # (a retrained card has them: test above)
     write_card(str(tmp_path), detector, card)
-    assert (tmp_path / f"{detector}.json").read_text() == shipped
+    written = (tmp_path / f"{detector}.json").read_text()  # as shipped, then the digests of the card's files
+    assert written.startswith(shipped.rstrip()[:-1].rstrip() + ',\n "record_files": {\n')
+    assert {k: v for k, v in json.loads(written).items() if k != "record_files"} == card
     md = (tmp_path / f"{detector}.md").read_text()
     assert f"(sha256 {NOT_RECORDED}, path {NOT_RECORDED}; " in md and f"- reproduce: {NOT_RECORDED}\n" in md
     with open(os.path.join(models, f"{detector}.md")) as f:

@@ -168,14 +168,6 @@ def unwritable_folder(folder: str) -> str:
     return ""
 
 
-def write_whole(path: str, text: str) -> None:
-    """`text` into `path` through StagedOutputs: the old file until the new one is complete."""
-    with StagedOutputs() as staged:
-        with open(staged.path(path), "w") as f:
-            f.write(text)
-        staged.publish()
-
-
 def file_sha256(path: str) -> str:
     """The SHA-256 of a file (hex), read in 1 MiB blocks (a Geant4 sample is hundreds of MB)."""
     h = hashlib.sha256()
@@ -183,6 +175,45 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# The key of a record (train's card, validate's report) that gives {name: SHA-256} of the record itself and of the
+# files written with it (its .md), so that the next run into the folder can tell them as that run's unchanged output
+RECORD_FILES = "record_files"
+_OWN_DIGEST_BLANK = "0" * 64  # a record's own SHA-256 is of its text with this in its place
+
+
+def stage_record(staged: "StagedOutputs", out_dir: str, record: str, data: dict, texts: dict[str, str]) -> None:
+    """`data` as the JSON file `record` in out_dir, with the text files `texts` ({name: text}, its .md) beside it,
+    written to their temporary files in `staged`, so that they take their names with the run's other outputs
+    (publish: the texts, then the record last). The JSON gets RECORD_FILES: the SHA-256 of each text and its own, the
+    digest of its text with that value blank (record_sha256 checks it), which overwritten_outputs reads."""
+    import io
+
+    from eclreco import strict_json
+
+    def sha(text):
+        return hashlib.sha256(text.encode()).hexdigest()
+    digests = {name: sha(text) for name, text in texts.items()}
+    buf = io.StringIO()
+    strict_json.dump({**data, RECORD_FILES: digests | {record: _OWN_DIGEST_BLANK}}, buf, indent=1)
+    text = buf.getvalue()
+    at = text.rindex(_OWN_DIGEST_BLANK)  # (the last key's last value)
+    text = text[:at] + sha(text) + text[at + len(_OWN_DIGEST_BLANK):]
+    for name, content in {**texts, record: text}.items():
+        with open(staged.path(os.path.join(out_dir, name)), "w") as f:
+            f.write(content)
+
+
+def record_sha256(path: str, own: str) -> str:
+    """The SHA-256 of the record at `path` with `own` (the own digest it records, stage_record) blank: `own` again when
+    the file is as written."""
+    with open(path, "rb") as f:
+        text = f.read()
+    at = text.rfind(own.encode())
+    if at >= 0:
+        text = text[:at] + _OWN_DIGEST_BLANK.encode() + text[at + len(own):]
+    return hashlib.sha256(text).hexdigest()
 
 
 def previous_outputs(out_dir: str, record: str, listed_of, ours, rewritten) -> tuple[list[str], list[str], list[str]]:
@@ -213,25 +244,35 @@ def _listed_outputs(out_dir: str, record: str, listed_of) -> dict | None:
 
     try:
         with open(os.path.join(out_dir, record)) as f:
-            return {str(k): v for k, v in listed_of(json.load(f)).items()}
+            data = json.load(f)
+        return {str(k): v for k, v in {**listed_of(data), **data.get(RECORD_FILES, {})}.items()}
     except (OSError, ValueError, TypeError, KeyError, AttributeError):  # no record, or none of this command's
         return None
 
 
 def overwritten_outputs(out_dir: str, record: str, listed_of, rewritten) -> list[str]:
-    """The files of out_dir that this run would write again (`rewritten`, names) and that are not the previous
-    run's unchanged outputs, each as 'NAME (why)': no record there, one that does not list it, lists it without its
-    SHA-256 (written before it kept them), or a file changed since (a user's file under that name). A run refuses
-    them before any work: previous_outputs keeps such files when it would remove them, and writing a new file under
-    their name destroys them as surely."""
+    """The files of out_dir that this run would write again (`rewritten`, names; the record itself always) and that
+    are not the previous run's unchanged outputs, each as 'NAME (why)': no record there, one that does not list it,
+    lists it without its SHA-256 (written before it kept them), or a file changed since (a user's file under that
+    name); the record itself, when it is not one of this command's, records no SHA-256 of itself (RECORD_FILES) or
+    was changed since. A run refuses them before any work: previous_outputs keeps such files when it would remove
+    them, and writing a new file under their name destroys them as surely."""
     listed = _listed_outputs(out_dir, record, listed_of)
     out = []
-    for name in sorted(rewritten):
+    for name in sorted(set(rewritten) | {record}):
         path = os.path.join(out_dir, name)
         if not os.path.isfile(path):
             continue
         sha = (listed or {}).get(name)
-        if listed is None:
+        if name == record:
+            if listed is None:
+                out.append(f"{name} (not a record that this command can read)")
+            elif sha is None:
+                out.append(f"{name} (it records no SHA-256 of itself: written by an older eclreco, so a change since "
+                           "cannot be ruled out)")
+            elif not isinstance(sha, str) or record_sha256(path, sha) != sha:
+                out.append(f"{name} (changed since the run that wrote it)")
+        elif listed is None:
             out.append(f"{name} (no {record} there records it)")
         elif name not in listed:
             out.append(f"{name} ({record} does not list it)")

@@ -31,10 +31,10 @@ import time
 
 import numpy as np
 
-from eclreco import cnn_data, strict_json
+from eclreco import cnn_data
 from eclreco.cli_types import choice_list_error
 from eclreco.paths import (StagedOutputs, file_sha256, missing_folder, output_folder, overwrite_refusal,
-                           previous_outputs, remove_previous_outputs, unwritable_folder, write_whole)
+                           previous_outputs, remove_previous_outputs, stage_record, unwritable_folder)
 from eclreco.cnn_model import (EVENT_FEATURE_NAMES, EVENT_FEATURE_SCALE, FEATURE_NAMES, X_IN_RANGE, build_model,
                                check_onnx_agreement, count_params, export_onnx, flops_per_cluster, onnx_throughput,
                                sigma68, summary)
@@ -342,14 +342,11 @@ def test_metrics(model, test, detector):
 NOT_RECORDED = "not recorded (older card)"
 
 
-def write_card(out_dir, detector, card):
-    """The card as <detector>.json and, readable, <detector>.md; a card written before a provenance key (the shipped
-    ones) is rendered too, with NOT_RECORDED for what it lacks."""
-    import io
-
-    buf = io.StringIO()
-    strict_json.dump(card, buf, indent=1)
-    write_whole(os.path.join(out_dir, f"{detector}.json"), buf.getvalue())
+def write_card(out_dir, detector, card, staged=None):
+    """The card as <detector>.json and, readable, <detector>.md (paths.stage_record: the JSON records their SHA-256,
+    so that the next training into out_dir replaces them only if unchanged), staged in `staged` (published with the
+    networks), or written now without it; a card written before a provenance key (the shipped ones) is rendered too,
+    with NOT_RECORDED for what it lacks."""
     t = card["test"]
     data = card["data"]
     sha = f"sha256 {data['g4_sha256'][:12]}..." if "g4_sha256" in data else f"sha256 {NOT_RECORDED}"
@@ -397,7 +394,9 @@ def write_card(out_dir, detector, card):
             c = r["config"]
             lines.append(f"| {r['size']} | {r.get('seed', card['seed'])} | {c['c1']}/{c['c2']}/{c['hidden']} | {r['n_params']} | {r['flops_per_cluster']} | "
                          f"{r['clusters_per_second']:,.0f} | {r['test_sigma68']:.4f} | {r['best_val_loss']:.5f} |")
-    write_whole(os.path.join(out_dir, f"{detector}.md"), "\n".join(lines) + "\n")
+    with StagedOutputs() as own:
+        stage_record(staged or own, out_dir, f"{detector}.json", card, {f"{detector}.md": "\n".join(lines) + "\n"})
+        own.publish()
 
 
 def save_samples(path, samples, meta=None):
@@ -546,9 +545,9 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
         with StagedOutputs() as staged:
             card = _train_sizes(detector, out_dir, g4_path, sizes, seed, chain_seed, restarts, epochs, max_events,
                                 quiet, train, val, test, t_start, staged)
+            write_card(out_dir, detector, card, staged)
             previous = previous_networks(out_dir, detector, card)  # (the old card, before the new one)
             staged.publish()  # the networks, then their card: one set, as late as possible
-            write_card(out_dir, detector, card)
             # then the previous training's other networks: a folder holds one training
             remove_previous_outputs(out_dir, *previous, "eclreco train", "training", quiet)
     if not quiet:
@@ -598,11 +597,12 @@ def previous_networks(out_dir, detector, card):
 
 
 def check_overwrites(out_dir, detector, sizes):
-    """TrainingInputError, before any work, when a network this training would write is in out_dir and is not the
-    previous training's unchanged output (paths.overwrite_refusal): a shipped card's <detector>.onnx (no SHA-256
-    recorded), a network changed since its card, or a file no card lists were replaced without a word."""
+    """TrainingInputError, before any work, when a network this training would write, or its card (<detector>.json,
+    .md), is in out_dir and is not the previous training's unchanged output (paths.overwrite_refusal): a shipped
+    card's <detector>.onnx (no SHA-256 recorded), a network or card changed since, or a file no card lists were
+    replaced without a word."""
     if why := overwrite_refusal(out_dir, f"{detector}.json", _card_networks,
-                                set(network_files(detector, sizes).values()), "training"):
+                                set(network_files(detector, sizes).values()) | {f"{detector}.md"}, "training"):
         raise TrainingInputError(why)
 
 

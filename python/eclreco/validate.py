@@ -15,16 +15,15 @@ and its paired-bootstrap range; array30 also counts the photons that entered an 
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import sys
 
 import numpy as np
 
-from eclreco import cnn_data, strict_json
+from eclreco import cnn_data
 from eclreco.paths import (StagedOutputs, file_sha256, output_folder, overwrite_refusal, previous_outputs,
-                           remove_previous_outputs, write_whole)
+                           remove_previous_outputs, stage_record)
 from eclreco.cnn_model import sigma68, sigma68_ratio_interval, summary
 from eclreco.sim.showers import array30_in_gap
 
@@ -386,11 +385,12 @@ def previous_plots(out_dir, detector, report):
 
 
 def check_overwrites(out_dir, detector, pi0_events):
-    """ValueError, before any work, when a plot this validation may write (written_plots) is in out_dir and is not
-    the previous validation's unchanged output (paths.overwrite_refusal): a plot edited since its report, one of a
-    report written before `files`, or a file no report lists were replaced without a word."""
+    """ValueError, before any work, when a plot this validation may write (written_plots), or its report
+    (validation_<detector>.json, .md), is in out_dir and is not the previous validation's unchanged output
+    (paths.overwrite_refusal): a plot or report edited since, one of a report written before `files`, or a file no
+    report lists were replaced without a word."""
     if why := overwrite_refusal(out_dir, f"validation_{detector}.json", _report_plots(detector),
-                                written_plots(detector, pi0_events), "validation"):
+                                written_plots(detector, pi0_events) | {f"validation_{detector}.md"}, "validation"):
         raise ValueError(why)
 
 
@@ -537,12 +537,9 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
         print(f"eclreco validate: warning: windows without a held-out photon with a cluster (empty rows): "
               + "; ".join(f"{bg} at {', '.join(f'{e:g}' for e in es)} GeV" for bg, es in report["empty_windows"].items())
               + f" (of {test.size} events)", file=sys.stderr, flush=True)
-    buf = io.StringIO()
-    strict_json.dump(report, buf, indent=1)
+    stage_record(staged, out_dir, f"validation_{detector}.json", report, {f"validation_{detector}.md": "\n".join(md)})
     previous = previous_plots(out_dir, detector, report)  # (the old report, before the new one)
     staged.publish()  # the plots, then the report: one set, as late as possible
-    write_whole(os.path.join(out_dir, f"validation_{detector}.json"), buf.getvalue())
-    write_whole(os.path.join(out_dir, f"validation_{detector}.md"), "\n".join(md))
     if not quiet:
         print("\n".join(md))
     # then the previous validation's other plots (a pi0 peak that this one, --pi0-events 0, has not)
