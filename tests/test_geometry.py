@@ -25,6 +25,8 @@ Readings of the spec this reference makes (where the page leaves a choice):
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -327,3 +329,23 @@ def test_phi_index_at_outside_the_detector_is_minus_one(detector):
         assert g.phi_index_at(0, 0.1) == -1
     else:
         assert g.phi_index_at(0, 0.1) == 0 and g.phi_index_at(68, 2 * np.pi - 1e-9) == 63
+
+
+def test_geometry_get_reads_its_detector_as_every_detector_argument():
+    """Geometry.get parsed the detector name with its own copy of the parsing: a code (Geometry.get(1), numpy's
+    np.int64(0)) was refused with pybind11's generic 'incompatible function arguments', and an unknown name had
+    a message of its own. It now goes through detector_arg, as unpack_payload's and find_clusters': names and
+    codes are accepted and refused exactly as there, with the same messages."""
+    for ok, name in (("belle2-ecl", "belle2-ecl"), ("array30", "array30"), (0, "belle2-ecl"), (1, "array30"),
+                     (np.int64(1), "array30"), (np.uint8(0), "belle2-ecl")):
+        g = eclreco.Geometry.get(ok)
+        assert g.name == name and g is eclreco.Geometry.get(name)  # the singleton, not a copy
+    with pytest.raises(ValueError, match=r"^detector = 'cms' is not a detector name \(belle2-ecl or array30\)$"):
+        eclreco.Geometry.get("cms")
+    for bad in (2, -1, 2**70):
+        with pytest.raises(ValueError, match=rf"^detector = {bad} is not a detector code \(0 belle2-ecl, 1 array30\)$"):
+            eclreco.Geometry.get(bad)
+    for bad, shown in ((1.5, "float 1.5"), (True, "bool True"), (None, "NoneType None")):
+        with pytest.raises(TypeError, match=r"^detector must be a detector name \(belle2-ecl or array30\) or code "
+                                            rf"\(0 or 1\), not {re.escape(shown)}$"):
+            eclreco.Geometry.get(bad)

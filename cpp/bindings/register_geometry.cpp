@@ -20,12 +20,10 @@ void register_geometry(py::module_& m) {
   py::class_<Geometry>(m, "Geometry", "Detector description (spec/detector.md); positions in cm")
       .def_static(
           "get",
-          [](const std::string& name) -> const Geometry& {
-            auto det = ecl::detector_from_name(name);
-            if (!det) throw py::value_error("unknown detector '" + name + "' (belle2-ecl or array30)");
-            return Geometry::get(*det);
-          },
-          py::return_value_policy::reference, py::arg("detector"))
+          // a name or code, parsed as every detector argument is (detector_arg)
+          [](py::handle detector) -> const Geometry& { return Geometry::get(detector_arg(detector, "detector")); },
+          py::return_value_policy::reference, py::arg("detector"),
+          "the detector's geometry: its name ('belle2-ecl', 'array30') or code (0, 1)")
       .def_readonly("name", &Geometry::name)
       .def_readonly("n_cells", &Geometry::n_cells)
       .def_readonly("n_rings", &Geometry::n_rings)
