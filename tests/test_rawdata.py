@@ -5,6 +5,7 @@ import re
 import struct
 import threading
 import time
+import warnings
 import zlib
 
 import msgpack
@@ -775,6 +776,38 @@ def test_unpack_payload_reads_the_channel_map_as_given():
         unpack(far)
     for ok in (lin, lin.astype(np.uint8), lin.astype(">i4"), lin.tolist(), np.asfortranarray(lin)):
         assert unpack(ok) == want
+
+def test_unpack_payload_reads_gain_and_t0_as_given():
+    """unpack_payload converted gain and t0 with pybind11's forcecast to float64: an array of strings was read as
+    numbers, a bool array as 0/1, a complex one with its imaginary part dropped (only a ComplexWarning), and a 2-d one
+    was refused with 'gain / t0 must be 1-d arrays', naming neither. Each now goes through checked_reals: TypeError
+    naming the array and its dtype, ValueError naming it with the expected shape and the given one; float and integer
+    arrays (and lists) of n_cells entries are read as before."""
+    n = 8736
+
+    def unpack(**kw):
+        return _core.unpack_payload(GOOD_PAYLOAD, "belle2-ecl", **kw)
+
+    for which in ("gain", "t0"):
+        for bad in (np.full(n, "1.5"), np.ones(n, bool), np.full(n, 1 + 2j), ["1.5"] * n, np.full(n, None)):
+            dtype = np.asarray(bad).dtype
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # a ComplexWarning is no answer
+                with pytest.raises(TypeError, match=rf"^{which} must be a float or integer array, not {dtype}$"):
+                    unpack(**{which: bad})
+        for bad, shape in ((np.ones((n, 1)), (n, 1)), (np.ones((2, 3)), (2, 3)), (np.ones(5), (5,)), (np.float64(1), ())):
+            with pytest.raises(ValueError, match=rf"^{which} must have shape \({n},\) \(one per cellId\), "
+                                                 rf"not {re.escape(str(shape))}$"):
+                unpack(**{which: bad})
+        with pytest.raises(TypeError, match=rf"^{which} must be an array of numbers, not list$"):
+            unpack(**{which: [[1.0], [1.0, 2.0]]})
+    want = unpack(gain=np.full(n, 2.0), t0=np.full(n, 1.0))
+    assert want["energy"].tolist() != unpack()["energy"].tolist() and want["time"].tolist() != unpack()["time"].tolist()
+    for gain, t0 in ((np.full(n, 2.0, np.float32), np.ones(n, np.int64)), ([2] * n, [1.0] * n),
+                     (np.full(n, 2.0, ">f8"), np.ones(n, np.uint8)), (np.full(2 * n, 2.0)[::2], np.ones(n))):
+        got = unpack(gain=gain, t0=t0)
+        assert got["energy"].tolist() == want["energy"].tolist() and got["time"].tolist() == want["time"].tolist()
+
 
 def test_daq_emulator_delivers_everything(tmp_path, zmq_context):
     import zmq

@@ -175,6 +175,27 @@ carray<uint8_t> checked_flags(py::handle input, const char* name) {
   return out;
 }
 
+carray<double> checked_reals(py::handle input, const char* name, py::ssize_t length, const char* what) {
+  const std::string n(name);
+  const auto a = py::array::ensure(input);  // a ragged list is none: named by its type (its repr may be long)
+  if (!a)
+    throw py::type_error(n + " must be an array of numbers, not " + std::string(py::str(py::type::of(input).attr("__name__"))));
+  const char kind = a.dtype().kind();
+  if (kind != 'f' && kind != 'i' && kind != 'u' && a.size() != 0)
+    throw py::type_error(n + " must be a float or integer array, not " + std::string(py::str(a.dtype())));
+  if (a.ndim() != 1 || (length >= 0 && a.shape(0) != length)) {
+    std::string shape = "(";
+    for (py::ssize_t d = 0; d < a.ndim(); ++d) shape += (d ? ", " : "") + std::to_string(a.shape(d));
+    shape += a.ndim() == 1 ? ",)" : ")";
+    if (length < 0) throw py::value_error(n + " must be 1-d, not of shape " + shape);
+    throw py::value_error(n + " must have shape (" + std::to_string(length) + ",)" +
+                          (*what ? std::string(" (") + what + ")" : std::string()) + ", not " + shape);
+  }
+  auto out = carray<double>::ensure(a);  // the array itself for C-contiguous native float64
+  if (!out) throw py::error_already_set();
+  return out;
+}
+
 Offsets checked_offsets(py::handle input, const char* name) {
   const std::string n(name);
   const auto offsets = py::array::ensure(input);

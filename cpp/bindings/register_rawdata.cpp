@@ -47,10 +47,10 @@ rawdata::MessageRef message_of(py::handle obj, std::vector<py::object>& keep, st
   throw py::value_error(std::string(reason) + ": " + detail);
 }
 
-std::vector<double> optional_array(const py::object& a) {
+// None: the default; else n_cells numbers (checked_reals: a forcecast read strings and dropped complex parts).
+std::vector<double> optional_per_cell(const py::object& a, const char* name, int n_cells) {
   if (a.is_none()) return {};
-  auto arr = py::array_t<double, py::array::c_style | py::array::forcecast>::ensure(a);
-  if (!arr || arr.ndim() != 1) throw py::value_error("gain / t0 must be 1-d arrays");
+  const auto arr = checked_reals(a, name, n_cells, "one per cellId");
   return std::vector<double>(arr.data(), arr.data() + arr.shape(0));
 }
 
@@ -174,7 +174,8 @@ void register_rawdata(py::module_& m) {
         ecl::Calibration cal;
         ecl::ChannelMap map;
         try {
-          cal = ecl::Calibration::from(n_cells, optional_array(gain), optional_array(t0));
+          cal = ecl::Calibration::from(n_cells, optional_per_cell(gain, "gain", n_cells),
+                                       optional_per_cell(t0, "t0", n_cells));
           map = optional_channel_map(channel_map, n_cells);
         } catch (const std::invalid_argument& e) {
           throw py::value_error(e.what());
