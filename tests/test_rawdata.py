@@ -320,6 +320,26 @@ def test_signed_formats_of_non_negative_ints_are_accepted():
                                 + pack("crc32") + signed(0xD3, 1 << 32))
 
 
+def test_a_crc32_outside_0_to_2_32_is_refused_saying_it_must_be_unsigned():
+    """The spec makes crc32 an unsigned 32-bit value ('crc32 >= 2^32 or negative' is out_of_range): a producer that
+    writes its CRC as a signed int32 (Java's int, C's int32_t: 0xFFFFFFFF as -1) has every event with such a CRC
+    rejected. The reason said 'crc32 = -1 is negative', not what the value must be; it now says it, as the one for
+    2^32, in decode_envelope and in a batch's rejections alike (docs/wire-format.md)."""
+    crc = zlib.crc32(GOOD_PAYLOAD)
+    head = b"\x87" + b"".join(pack(k) + pack(v) for k, v in env().items()) + pack("crc32")
+    for value, shown in ((crc - 2**32, f"{crc - 2**32} is negative"), (-1, "-1 is negative"),
+                         (2**32, "4294967296 does not fit 32 bits")):
+        message = head + signed(0xD3, value)
+        with pytest.raises(rawdata.RawDataError) as e:
+            rawdata.decode_envelope(message)
+        want = f"crc32 = {shown}; the CRC-32 is unsigned, 0..2^32-1"
+        assert (e.value.reason, e.value.detail) == ("out_of_range", want)
+        b = eclreco.EventBatch(0)
+        _core.append_envelopes(b, [message])
+        assert b.rejections() == {0: ("out_of_range", want)}
+    assert rawdata.decode_envelope(head + signed(0xD3, crc))["crc32"] == crc  # the same CRC, unsigned
+
+
 def test_not_msgpack_names_the_invalid_byte():
     for m, at in [(b"\xc1", 0), (b"\x81\xa1v\xc1", 3), (b"\x82\xa1v\x01\xa3exp\xc1", 8)]:
         with pytest.raises(rawdata.RawDataError, match=f"invalid byte 0xc1 at byte {at}$"):

@@ -15,6 +15,10 @@ namespace ecl {
 
 namespace {
 
+// The spec's crc32 is unsigned: a signed int32 CRC (Java's int) is out_of_range, not read modulo 2^32;
+// the rejection says what the value must be.
+constexpr const char* kCrcRange = "the CRC-32 is unsigned, 0..2^32-1";
+
 enum Key : int { kV, kExp, kRun, kEvt, kDet, kEcl, kTimeNs, kCrc32, kTruth, kNumKeys, kUnknown = -1, kBadKey = -2 };
 constexpr const char* kKeyNames[kNumKeys] = {"v", "exp", "run", "evt", "det", "ecl", "time_ns", "crc32", "truth"};
 constexpr unsigned kRequired = (1u << kV) | (1u << kExp) | (1u << kRun) | (1u << kEvt) | (1u << kDet) | (1u << kEcl);
@@ -91,7 +95,7 @@ class EnvelopeVisitor : public msgpack::null_visitor {
         break;
       case kCrc32:
         if (v > 0xFFFFFFFFull)
-          error("out_of_range", "crc32 = " + std::to_string(v) + " does not fit 32 bits");
+          error("out_of_range", "crc32 = " + std::to_string(v) + " does not fit 32 bits; " + kCrcRange);
         else {
           env_.has_crc = true;
           env_.crc32 = static_cast<uint32_t>(v);
@@ -115,7 +119,7 @@ class EnvelopeVisitor : public msgpack::null_visitor {
         env_.has_time = true;
         env_.time_ns = v;
         break;
-      case kCrc32: error("out_of_range", "crc32 = " + std::to_string(v) + " is negative"); break;
+      case kCrc32: error("out_of_range", "crc32 = " + std::to_string(v) + " is negative; " + kCrcRange); break;
       default: return scalar(TInt);
     }
     return true;
