@@ -306,6 +306,31 @@ def test_a_detector_for_all_events_is_checked_as_given():
         for ok in (code, np.int64(code), np.uint8(code)):
             assert _core.find_clusters(ok, **d)["seed_cell"].tolist() == want
 
+def test_digit_quality_is_checked_as_given():
+    """find_clusters' and count_out_of_time_digits' quality was converted with pybind11's forcecast to uint8: 256
+    wrapped to 0 (a good fit), so a digit whose time the caller had marked not valid was cut on its time (no
+    cluster) and counted out of time; -254 wrapped to 2, 0.7 was truncated to 0, a string array was parsed. Now
+    each goes through checked_numbers: a non-integer array is a TypeError naming quality, an entry past uint8 a
+    ValueError naming it; integer qualities that fit are read as before."""
+    d = digits([(100, 0.5, 500.0, 2)])  # quality 2: the time is not valid, not cut on
+    want = _core.find_clusters("belle2-ecl", **d)["seed_cell"].tolist()
+    assert want == [100] and _core.find_clusters("belle2-ecl", **{**d, "quality": np.array([0], np.uint8)})[
+        "seed_cell"].tolist() == []  # a good fit 500 ns late is cut
+    off, time = d["offsets"], d["time"]
+    assert _core.count_out_of_time_digits(off, time, d["quality"]).tolist() == [0]
+    for bad, err, msg in ((np.array([256]), ValueError, r"quality\[0\] = 256 is out of range \(above 2\*\*8 - 1\)"),
+                          (np.array([-254]), ValueError, r"quality\[0\] = -254 is negative"),
+                          (np.array([0.7]), TypeError, "quality must be an integer array, not float64"),
+                          (np.array(["2"]), TypeError, "quality must be an integer array, not <U1")):
+        with pytest.raises(err, match=msg):
+            _core.find_clusters("belle2-ecl", **{**d, "quality": bad})
+        with pytest.raises(err, match=msg):
+            _core.count_out_of_time_digits(off, time, bad)
+    for ok in (np.array([2]), [2], np.array([2], ">i2"), np.array([2], np.uint64)):
+        assert _core.find_clusters("belle2-ecl", **{**d, "quality": ok})["seed_cell"].tolist() == want
+        assert _core.count_out_of_time_digits(off, time, ok).tolist() == [0]
+
+
 def test_skip_and_empty_events():
     d = digits([(100, 0.05)], [], [(200, 0.05)])
     out = _core.find_clusters("belle2-ecl", skip=np.array([0, 0, 1], np.uint8), **d)

@@ -80,8 +80,9 @@ void register_clustering(py::module_& m) {
   m.attr("OUT_OF_TIME_NS") = ecl::kOutOfTimeNs;
   m.def(
       "count_out_of_time_digits",
-      [](const py::object& offsets, carray<float> time, carray<uint8_t> quality) {
+      [](const py::object& offsets, carray<float> time, const py::object& quality_in) {
         const Offsets offs = checked_offsets(offsets);
+        const auto quality = checked_numbers<uint8_t>(quality_in, "quality");  // forcecast read 256 as 0 (good)
         const size_t n = offs.n_events;
         const int64_t* off = offs.data();
         if (time.ndim() != 1 || quality.ndim() != 1 || time.shape(0) < off[n] || quality.shape(0) < off[n])
@@ -109,13 +110,14 @@ void register_clustering(py::module_& m) {
   m.def(
       "find_clusters",
       [](py::object detector, const py::object& offsets, const py::object& cell_in, carray<float> energy,
-         carray<float> time, carray<uint8_t> quality, py::object skip, int repeat,
+         carray<float> time, const py::object& quality_in, py::object skip, int repeat,
          const py::kwargs& kw) {
         const ecl::ClusterParams p = params_from(kw);
         const Offsets offs = checked_offsets(offsets);
         const size_t n_events = offs.n_events;
         const int64_t n_digits = offs.back();
         const auto cell = checked_numbers<int32_t>(cell_in, "cell");
+        const auto quality = checked_numbers<uint8_t>(quality_in, "quality");  // forcecast read 256 as 0 (good)
         for (auto* a : {static_cast<const py::array*>(&cell), static_cast<const py::array*>(&energy),
                         static_cast<const py::array*>(&time), static_cast<const py::array*>(&quality)})
           if (a->ndim() != 1 || a->shape(0) < n_digits) throw py::value_error("digit arrays shorter than offsets[-1]");
