@@ -2911,3 +2911,66 @@ def test_a_failed_stops_leftovers_whose_close_fails_go_to_a_file_of_their_run():
         assert replies[-1][2:] == [b"1", b"0"] and len(d.events) == 70, replies  # joins run 1, not run 2
     finally:
         farm.close()
+
+
+@pytest.mark.parametrize("start", ["before", "after", "after_silent"],
+                         ids=["start_before_it_registered", "start_after_it_died", "start_after_it_went_silent"])
+def test_a_collector_that_dies_after_saving_a_failed_stops_leftovers_before_its_report_loses_none_of_them(start):
+    """After a failed stop of run 1, collector b joined run 1 for its 70 leftovers, confirmed them (END_RUN 1), said
+    SAVED for all of them and died (SIGKILL) before its RUN_ENDED of run 1. Its file holds them: none is produced
+    again, the next collector c joins run 2 (nothing of run 1 is left to write), run 2's input opens once c is there,
+    and the 70 are counted in the farm's output with b's file named (as a replaced collector's, of run 1: no part of
+    run 2's stop reply). A START that came after b died reset b's counts as for the new run: its file was then
+    counted with 0 events (named, "0 more saved"), the 70 in it counted nowhere; once b was silent at the START, its
+    file was named nowhere either."""
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import output_line
+
+    farm = InProcessFarm(heartbeat_timeout_s=30.0, stop_drain_s=0.0)
+    d = farm.d
+    try:
+        seqs, control, b = failed_stop_with_leftovers(farm, start_first=start == "before")
+        d.pending.clear()  # (no worker here to take the ids off the queue)
+        farm.send(b, P.CONFIRM, P.seqs_to_bytes(seqs[30:]))
+        d.housekeeping(time.monotonic())  # END_RUN 1 to b
+        farm.send(b, P.SAVED, P.seqs_to_bytes(seqs[30:]), b"70")
+        b.close(0)  # SIGKILL before its RUN_ENDED of run 1
+        if start == "after_silent":
+            d.collector["last_seen"] -= 31  # the START comes after the heartbeat time-out
+        if start != "before":
+            reply = P.unpack(farm.send(control, P.START)[-1][1])
+            assert reply["run_index"] == 2, reply
+        assert d.run_index == 2 and not d.events and not d.unsaved
+        redelivered = d.c["redelivered"]
+        t0 = time.monotonic()
+        while True:  # c is taken once libzmq has seen b's connection go (a few ms)
+            c = farm.peer()
+            replies = collector_hello(farm, c, instance="i9", pid=9, output="/data/a_run2.root")
+            if replies[-1][0] == P.LOW:
+                break
+            assert time.monotonic() - t0 < 10, replies
+            time.sleep(0.05)
+        assert replies[-1][2:] == [b"2", b"0"], replies  # joins run 2: run 1 has nothing left to write
+        assert d.c["redelivered"] == redelivered and not d.events and not d.unsaved  # none produced again
+        assert d.accepting_input() and d.input_waits_for_leftovers() is None  # run 2 proceeds
+        run2 = farm.read_events(10)
+        d.pending.clear()
+        farm.send(c, P.CONFIRM, P.seqs_to_bytes(run2))
+        farm.send(c, P.SAVED, P.seqs_to_bytes(run2), b"10")
+        farm.send(control, P.STOP)
+        d.housekeeping(time.monotonic())
+        assert d.state == "stopped"
+        farm.send(c, P.RUN_ENDED, P.pack({"run_index": 2, "filename": "/data/a_run2.root", "received": 10,
+                                          "events_written": 10}))
+        d.housekeeping(time.monotonic())
+        assert control.poll(5000)
+        reply = P.unpack(control.recv_multipart()[1])
+        assert reply["run_index"] == 2 and reply["replaced_collectors"] == [] and reply["lost_at_stop"] == 0, reply
+        o = d.output
+        assert (o["replaced_files"], o["saved_by_replaced"]) == (["/data/a.2.root"], 70), o
+        line = output_line(d.own_status())
+        assert line.startswith("output: 40 events written in 2 farm run(s) of 40 received;"), line
+        assert "; 70 more saved by 1 replaced collector(s) in their own file(s): /data/a.2.root" in line, line
+        assert d.c["lost_at_stop"] == 0 and d.c["confirmed"] == 110, dict(d.c)
+    finally:
+        farm.close()

@@ -644,7 +644,11 @@ class Distributor:
                     # in this run unless it is silent (dead): a file of its earlier run holds none of this one;
                     # its report of the earlier run is none of this one (kept, it was taken for one, and a collector
                     # replaced in this run was not listed in replaced_collectors)
-                    c.update(saved=0, written=None, run_ended=None, between_runs=failed or self.collector_silent(now))
+                    c.update(run_ended=None, between_runs=failed or self.collector_silent(now))
+                    if c.get("leftovers_run") is None:
+                        # (one still without its report of the leftovers keeps what it saved of them: its file is of
+                        # that run, counted with 0 events when it died after SAVED and before that report)
+                        c.update(saved=0, written=None)
                 self.state = "running"
                 self.run_started_at = now
                 print(f"[distributor] run {self.run_index} started", flush=True)
@@ -763,8 +767,10 @@ class Distributor:
         it made one; a collector that went before it made its file (a failed start) has nothing of the run."""
         old = self.collector
         st = old["status"]
-        # (left: in the report already; between_runs: it took no part in the run)
-        if old["run_ended"] is not None or old.get("left") or old.get("between_runs"):
+        # (left: in the report already; between_runs: it took no part in the run, unless it wrote the leftovers of
+        # the run that ended, which its file holds: silent at the START, it was counted nowhere)
+        if old["run_ended"] is not None or old.get("left") or (old.get("between_runs")
+                                                                and old.get("leftovers_run") is None):
             return
         if st.get("output_made", True):
             # its file's count where it said it (the ids it released include events no file holds)
