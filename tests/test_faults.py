@@ -373,6 +373,47 @@ def test_the_events_a_failed_stop_left_unsaved_go_to_a_file_of_their_run(farm_fa
     assert_output_adds_up(line)
 
 
+def test_a_failed_stops_leftovers_file_is_named_by_the_next_stop_and_the_output_line(farm_factory, tmp_path):
+    """The stop's last write fails with the run's 500 events unwritten; the next collector writes them to a file of
+    run 1 after the stop's reply (which could only say that the distributor holds them). That file was named
+    nowhere: its counts were added to the output line, and no stop reply, `hlt control` line or output line said
+    where run 1's events are. The next stop's reply lists it (leftovers_written), `hlt control stop` says it, and
+    the output line names it."""
+    farm = farm_factory(heartbeat_timeout=2, workers=1, extra=("--flush-interval", "600"))
+    push_events(farm.input, range(500))
+    farm.wait_confirmed(500)
+    first = farm.process("collector")["pid"]
+    size = os.path.getsize(farm.output)
+    resource.prlimit(first, resource.RLIMIT_FSIZE, (size, size))
+    r = subprocess.run(ECLRECO + ["hlt", "control", "stop", "--control", farm.control], capture_output=True,
+                       text=True, timeout=90)
+    assert r.returncode == 1 and json.loads(r.stdout)["unsaved"] == 500, r.stdout + r.stderr
+    farm.command("start")  # run 2 reads its input once run 1's events are in their file
+    push_events(farm.input, range(500, 600))
+    t0 = time.monotonic()
+    while (d := farm.distributor())["confirmed"] < 600 or d["held"]:  # (run 2's: unsaved until the stop)
+        assert time.monotonic() - t0 < 60, farm.logtext()
+        time.sleep(0.2)
+    r = subprocess.run(ECLRECO + ["hlt", "control", "stop", "--control", farm.control], capture_output=True,
+                       text=True, timeout=90)
+    reply = json.loads(r.stdout)
+    assert r.returncode == 0 and reply["run_index"] == 2, r.stdout + r.stderr
+    [rec] = reply["leftovers_written"]
+    leftovers = rec["output"]
+    assert rec["run_index"] == 1 and rec["events_written"] == 500 and leftovers.startswith(str(tmp_path)), reply
+    assert sorted(read_evt(leftovers)[0].tolist()) == list(range(500)), leftovers
+    assert (f"eclreco hlt control: note: 500 events of run 1 that a failed stop left unsaved were written after it "
+            f"to {leftovers}\n") in r.stderr, r.stderr
+    farm.command("terminate")
+    rc, log = farm.wait_exit()
+    assert rc == 0, log
+    line = next(x for x in log.splitlines() if x.startswith("[hlt run] output: "))
+    assert line.startswith("[hlt run] output: 600 events written in 2 farm run(s) of 600 received;"), line
+    assert (f"; 500 of them left unsaved by a failed stop, written after it by 1 collector(s) to a file of their run: "
+            f"{leftovers}") in line, line
+    assert_output_adds_up(line)
+
+
 def test_a_collector_restarted_between_runs_makes_no_file_for_a_run_that_never_starts(farm_factory, tmp_path):
     """A collector that registers while the farm is stopped (hlt run restarted it after a crash between the runs)
     made its file of the next run at once: an empty farm_run2.root stayed when the farm then terminated. The
@@ -2397,6 +2438,9 @@ def test_a_stop_as_the_leftovers_of_a_failed_stop_end_gets_its_own_runs_report()
         assert control.poll(5000)
         reply = P.unpack(control.recv_multipart()[1])
         assert reply["run_index"] == 2 and reply["collector"]["run_index"] == 2 and not reply["timeout"], reply
+        # run 1's leftovers came after run 1's reply: run 2's names their file (test_a_failed_stops_leftovers_file_...)
+        assert reply["leftovers_written"] == [{"run_index": 1, "pid": 8, "host": "h", "output": "/data/a.2.root",
+                                               "events_written": 70}], reply
         # run 2 was started and stopped without events: a farm run of its own, one without events
         assert (d.output["events_written"], d.output["runs"], d.output["runs_without_events"]) == (100, 2, 1), d.output
     finally:

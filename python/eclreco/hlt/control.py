@@ -79,6 +79,10 @@ def output_line(d: dict) -> str:
         files = ", ".join(f for f in o.get("failed_files", []) if f) or "-"
         line += (f"; {o.get('written_by_failed', 0)} of them by {o['failed_collectors']} collector(s) whose write "
                  f"failed in the middle of a run, in their own file(s): {files}")
+    if o.get("leftovers_collectors"):  # written after the failed stop's reply, which could not name their file
+        files = ", ".join(f for f in o.get("leftovers_files", []) if f) or "-"
+        line += (f"; {o.get('written_as_leftovers', 0)} of them left unsaved by a failed stop, written after it by "
+                 f"{o['leftovers_collectors']} collector(s) to a file of their run: {files}")
     if o.get("replaced_collectors"):
         files = ", ".join(f for f in o.get("replaced_files", []) if f) or "-"
         line += (f"; {o.get('saved_by_replaced', 0)} more saved by {o['replaced_collectors']} replaced "
@@ -249,6 +253,9 @@ def control_main(args) -> int:
         print(f"eclreco hlt control: {err}", file=sys.stderr)
         return 1
     print(json.dumps(reply, default=str), flush=True)
+    for rec in reply.get("leftovers_written") or ():  # an earlier run's failed stop: where its events went since
+        print(f"eclreco hlt control: note: {rec.get('events_written')} events of run {rec.get('run_index')} that a "
+              f"failed stop left unsaved were written after it to {rec.get('output') or '-'}", file=sys.stderr)
     error = (reply.get("collector") or {}).get("output_error")
     if error:  # the run's file could not be written at its close: what it keeps, and where the rest goes
         unsaved = reply.get("unsaved") or 0

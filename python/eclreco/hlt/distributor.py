@@ -237,6 +237,8 @@ class Distributor:
                        "left_collectors": 0, "written_by_left": 0, "left_files": [],
                        "failed_collectors": 0, "written_by_failed": 0, "failed_files": [],
                        "unreported_collectors": 0, "saved_by_unreported": 0, "unreported_files": [],
+                       # the events of failed stops written after them to a file of their run (its collector's report)
+                       "leftovers_collectors": 0, "written_as_leftovers": 0, "leftovers_files": [],
                        "output_errors": [],
                        # runs whose DQM a collector wrote in several cycles (parts): {run_index, exp, run, parts,
                        # file}, the first 20, and how many
@@ -246,6 +248,9 @@ class Distributor:
         self.reported_runs: set[int] = set()
         self.runs_with_events: set[int] = set()
         self.replaced_run: list[dict] = []  # collectors replaced in this run: their files hold part of it
+        # files of a failed stop's leftovers reported since the last stop's reply (which came before them): the next
+        # stop's reply names them ({run_index, pid, host, output, events_written})
+        self.leftovers_written: list[dict] = []
         self.unregistered: dict[bytes, dict] = {}  # CONFIRM/SAVED held until their sender registers (hold_unregistered)
         # A START came while the events of the run that ended waited for a new collector (its collector's last write
         # failed, or it died at the stop): that run's index. The next collector joins that run for them, and the new
@@ -607,6 +612,7 @@ class Distributor:
                     if self.state == "stopped" and run == self.run_index:
                         self.collector["run_ended"] = info
                     self.add_run_report(info, run_index=run)
+                    self.note_leftovers_file(info, run)
                     return
                 self.collector["run_ended"] = info
                 # no END_RUN asked for it (the END_RUN goes out as the state becomes stopped): the collector left the
@@ -888,7 +894,8 @@ class Distributor:
                 info = {"state": "stopped", "run_index": self.run_index,
                         "collector": (self.collector or {}).get("run_ended"), "timeout": not ended,
                         "lost_at_stop": self.lost_last_run, "replaced_collectors": list(self.replaced_run),
-                        "unsaved": len(self.unsaved)}
+                        "unsaved": len(self.unsaved), "leftovers_written": self.leftovers_written}
+                self.leftovers_written = []
                 for r in self.stop_requesters:
                     self._send(self.ctl, r, P.OK, P.pack(info))
                 self.stop_requesters = []
@@ -938,6 +945,21 @@ class Distributor:
         self.output[events] += saved
         if len(self.output[files]) < 20:
             self.output[files].append(rec["output"])
+
+    def note_leftovers_file(self, info: dict, run: int):
+        """The registered collector's report of the leftovers of a failed stop of `run` (RUN_ENDED, no error): their
+        file, written after that stop's reply, is named in the output line (`output`'s leftovers_*) and in the next
+        stop's reply (leftovers_written); its counts are the run's (add_run_report). It was named nowhere."""
+        st = self.collector["status"]
+        rec = {"run_index": run, "pid": st.get("pid"), "host": st.get("host"),
+               "output": str(info.get("filename") or st.get("output") or ""),
+               "events_written": int(info.get("events_written", 0) or 0)}
+        self.leftovers_written = (self.leftovers_written + [rec])[-20:]
+        o = self.output
+        o["leftovers_collectors"] += 1
+        o["written_as_leftovers"] += rec["events_written"]
+        if len(o["leftovers_files"]) < 20:
+            o["leftovers_files"].append(rec["output"])
 
     def count_output_error(self, error: str):
         self.c["collector_output_errors"] += 1
