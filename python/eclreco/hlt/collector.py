@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 import zmq
@@ -73,6 +74,15 @@ def take_new(known: set, keys: list, remember=None) -> np.ndarray:
             if remember is not None:  # before the next key: it may push an old repeat out of a window
                 remember([k])
     return keep
+
+
+class UnsavedBatch(NamedTuple):
+    """A batch the output has taken and the collector confirmed, not yet in the file (CollectorLink.unsaved)."""
+    batch: int              # the output's count of batches taken through it (in the file once batches_written >= it)
+    seqs: np.ndarray        # its sequence ids, said SAVED once it is in the file
+    counts: dict            # the run's counts (run_counts) through it
+    orphans: dict | None    # its orphaned results (orphan_counts), or None
+    dropped: dict           # the run's drops (dropped_in_run) through it
 
 
 class RecentKeys:
@@ -162,9 +172,8 @@ class CollectorLink:
         self.output_made = False
         # why the output file could not be written (RootOutput's error, which names where its events are kept)
         self.output_error = ""
-        # (output batch count, seqs, the run's counts through that batch, its orphan_counts or None, the run's
-        # dropped_in_run through that batch) not yet in the file
-        self.unsaved: collections.deque = collections.deque()
+        # the batches confirmed, not yet in the file
+        self.unsaved: collections.deque[UnsavedBatch] = collections.deque()
         self.saved = 0
         # the run's counts (run_counts) and drops (dropped_in_run) through its last batch said SAVED: after a failed
         # write, the events of the later batches go to the next collector, which counts them
@@ -295,17 +304,18 @@ class CollectorLink:
             if output is None:
                 self._saved(seqs)
             else:  # (one thread: the run's statistics count the batch, which went through the whole path)
-                self.unsaved.append((output.batches_taken, seqs, run_counts(eclreco.statistics.summary()), orphans,
-                                     dropped or NO_DROPS))
+                self.unsaved.append(UnsavedBatch(output.batches_taken, seqs, run_counts(eclreco.statistics.summary()),
+                                                 orphans, dropped or NO_DROPS))
 
     def release_saved(self, output=None, everything: bool = False):
         """SAVED for the batches now in the output file (everything: the file was closed)."""
         if output is not None and not everything:
             output.flush_if_due()
         done = []
-        while self.unsaved and (everything or self.unsaved[0][0] <= output.batches_written):
-            _, seqs, self.saved_counts, _, self.saved_dropped = self.unsaved.popleft()
-            done.append(seqs)
+        while self.unsaved and (everything or self.unsaved[0].batch <= output.batches_written):
+            entry = self.unsaved.popleft()
+            self.saved_counts, self.saved_dropped = entry.counts, entry.dropped
+            done.append(entry.seqs)
         if done:
             self._saved(np.concatenate(done), None if output is None else output.events_written_run)
 
@@ -534,7 +544,7 @@ class HLTCollectorInput(Module):
         """orphan_counts of the orphaned results not in the file: of the batches confirmed and not saved, and of the
         one taken and not confirmed (the output raised on it)."""
         total = {"received": 0, "rejected": 0, "rejected_by_reason": {}, "discarded": 0, "lost": 0}
-        for orphans in [entry[3] for entry in self.link.unsaved] + [self._orphans]:
+        for orphans in [entry.orphans for entry in self.link.unsaved] + [self._orphans]:
             if orphans is not None:
                 total = add_counts(total, orphans)
         return total
