@@ -120,26 +120,10 @@ class ECLClusterizer : public fw::Module {
     fw::Collection& c = batch.add(output_);
     c.set_counts(counts);
     const int64_t N = cp_.image_size;
-    fill(c, "energy_raw", o ? &o->energy_raw : nullptr);
-    fill(c, "energy", o ? &o->energy_raw : nullptr);  // corrections overwrite it
-    fill(c, "theta", o ? &o->theta : nullptr);
-    fill(c, "phi", o ? &o->phi : nullptr);
-    fill(c, "x", o ? &o->x : nullptr);
-    fill(c, "y", o ? &o->y : nullptr);
-    fill(c, "z", o ? &o->z : nullptr);
-    fill(c, "time", o ? &o->time : nullptr);
-    fill(c, "n_crystals", o ? &o->n_crystals : nullptr);
-    fill(c, "weight_sum", o ? &o->weight_sum : nullptr);
-    fill(c, "seed_cell", o ? &o->seed_cell : nullptr);
-    fill(c, "ring", o ? &o->ring : nullptr);
-    fill(c, "n_maxima", o ? &o->n_maxima : nullptr);
-    fill(c, "region_index", o ? &o->region_index : nullptr);
-    fill(c, "local_u", o ? &o->local_u : nullptr);
-    fill(c, "local_v", o ? &o->local_v : nullptr);
-    fill(c, "e1e9", o ? &o->e1e9 : nullptr);
-    fill(c, "e9e21", o ? &o->e9e21 : nullptr);
-    fill(c, "second_moment", o ? &o->second_moment : nullptr);
-    fill(c, "lat", o ? &o->lat : nullptr);
+    for (const ecl::ClusterColumn& col : ecl::cluster_columns()) {
+      if (col.f) fill(c, col.name, o ? &(o->*col.f) : nullptr);
+      else fill(c, col.name, o ? &(o->*col.i) : nullptr);
+    }
     fill(c, "image", o ? &o->image : nullptr, {N, N});
     fill(c, "features", o ? &o->features : nullptr, {int64_t{ecl::kNumFeatures}});
   }

@@ -16,9 +16,6 @@ from eclreco.paths import missing_folder
 # detector: the event's code (rawdata.DETECTORS, the batch's column), so that a file of both detectors splits
 EVENT_BRANCH_TYPES = {"exp": np.uint64, "run": np.uint64, "evt": np.uint32, "time_ns": np.int64, "detector": np.uint8,
                       "n_digits": np.int32, "n_out_of_time_digits": np.int32, "error_flags": np.uint32}
-# the integer columns of ECLClusters (the clusterizer's); every other column is float32
-INT_CLUSTER_COLUMNS = ("n_crystals", "seed_cell", "ring", "n_maxima", "region_index")
-
 # ECLClusters columns written by default, as branches cluster_<column> (the cluster_columns parameter)
 DEFAULT_CLUSTER_COLUMNS = ("energy_raw", "energy", "theta", "phi", "x", "y", "z", "time", "n_crystals", "seed_cell",
                            "e1e9", "e9e21")
@@ -81,7 +78,8 @@ class RootOutput(Module):
     TObjString `metadata` (JSON) at the end records what made the file and the job's counts.
     Rejected events are not written (they go to the quarantine file). Event branches whose data
     the chain does not produce are left out; a cluster column that ECLClusters lacks (a misspelt
-    name) is an error of every batch that has clusters. Data are buffered and written in large
+    name) is refused at initialize where the chain's columns are known (framework.columns_made: ECLClusterizer
+    and eclreco's modules after it), else an error of every batch that has clusters. Data are buffered and written in large
     baskets (ZSTD level 1 by default) by a background thread, one basket at a time, while the
     chain goes on; the file is closed and valid at the end of the run, also after SIGINT/SIGTERM.
 
@@ -144,6 +142,8 @@ class RootOutput(Module):
         cols = self.param("cluster_columns")
         if len(set(cols)) != len(cols) or not all(c.isidentifier() for c in cols):
             raise ValueError(f"RootOutput: cluster_columns must be distinct column names, not {cols}")
+        if why := self._unknown_cluster_columns():  # before the file is made: the job is refused, nothing written
+            raise ValueError(why)
         path = self.param("filename")
         # No directory is made: a misspelt one is an error, as for the quarantine file, not a new tree.
         folder = missing_folder(path)
@@ -171,13 +171,29 @@ class RootOutput(Module):
         self._schema = None  # (event branch dtypes, cluster field dtypes or None), fixed by the first basket
         self._made_before = self._collections_made_before()
 
-    def _collections_made_before(self) -> set[str] | None:
-        """The collections that the modules before this one in the running path make (None: not known)."""
-        from eclreco.framework import collections_made, running_path
+    def _modules_before(self) -> list | None:
+        """The modules before this one in the running path (None: not run by eclreco.process)."""
+        from eclreco.framework import running_path
 
         path = running_path()
         mine = next((i for i, m in enumerate(path.modules) if m is self), None) if path is not None else None
-        return None if mine is None else collections_made(path.modules[:mine])
+        return None if mine is None else path.modules[:mine]
+
+    def _unknown_cluster_columns(self) -> str:
+        """The error for cluster_columns that ECLClusters will not have, where its columns are known at
+        initialize (framework.columns_made: the clusterizer's chain); else the first batch says it."""
+        from eclreco.framework import unknown_columns_error
+
+        before = self._modules_before()
+        return "" if before is None else unknown_columns_error(before, "ECLClusters", self.param("cluster_columns"),
+                                                               "RootOutput: cluster_columns")
+
+    def _collections_made_before(self) -> set[str] | None:
+        """The collections that the modules before this one in the running path make (None: not known)."""
+        from eclreco.framework import collections_made
+
+        before = self._modules_before()
+        return None if before is None else collections_made(before)
 
     def _fail(self, err: BaseException):
         """A failed write: keep what the file holds, stop the run, remember the error. uproot leaves the
@@ -407,7 +423,8 @@ class RootOutput(Module):
 
     def _cluster_types(self) -> dict:
         """The clusterizer's types of the cluster_columns, for branches made before any cluster was seen."""
-        return {n: np.dtype(np.int32 if n in INT_CLUSTER_COLUMNS else np.float32) for n in self.param("cluster_columns")}
+        types = _core.cluster_columns()  # a column of another module: float32
+        return {n: np.dtype(types.get(n, "float32")) for n in self.param("cluster_columns")}
 
     def _empty_tree_types(self):
         """The branches of a tree that no event reached: those a file of the same chain with events has

@@ -21,6 +21,7 @@ from eclreco.cli_types import (BATCH_SIZE, METRICS_HOST, NON_NEGATIVE, NON_NEGAT
                                SIM_ENERGY, SIM_SEED, THREADS, CommandParser, add_cluster_columns_argument, integer,
                                metrics_host, number, option_given)
 from eclreco.curve import curve_option_error
+from eclreco.framework import unknown_columns_error
 from eclreco.paths import output_file_error
 from eclreco.rawdata import not_a_raw_file
 from eclreco.raw_sockets import (bind_error, check_address, check_message_limits, check_queue_bound,
@@ -214,6 +215,9 @@ def build_path(args) -> eclreco.Path:
     if not args.no_dqm:
         path.add_module("ECLDQM")
     if args.output:
+        # a misspelt column: refused with the option's name before anything starts (RootOutput's initialize would)
+        if why := unknown_columns_error(path.modules, "ECLClusters", args.cluster_columns, "--cluster-columns"):
+            raise ValueError(why)
         path.add_module("RootOutput", filename=args.output, cluster_columns=args.cluster_columns)
     if args.rejected:
         path.add_module("RejectedOutput", filename=args.rejected, when_needed=args.rejected_when_needed)

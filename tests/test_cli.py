@@ -576,18 +576,61 @@ def test_reco_py_refuses_a_model_of_the_simulated_detector_s_other_at_initialize
     assert reco.main(["--events", "20", "--detector", "array30", "--model", model, "--threads", "1", "--no-dqm"]) == 0
 
 
+class _PassThrough:
+    """a module of a steering file after the clusterizer: the columns of ECLClusters are not known before
+    the first batch (it may add one), so RootOutput's cluster_columns are checked there"""
+
+
 def test_reco_py_fails_when_every_event_the_filter_kept_fails(tmp_path, capsys):
-    """A misspelt --cluster-columns with an event filter: every kept event fails in RootOutput, the
-    discarded ones never reach it; the job exited 0 with an empty file (errors < processed)."""
+    """A cluster column that ECLClusters lacks with an event filter: every kept event fails in RootOutput, the
+    discarded ones never reach it; the job exited 0 with an empty file (errors < processed). (reco.py refuses a
+    misspelt --cluster-columns before the job: here a steering file's module hides the columns until then.)"""
     import eclreco
 
+    class PassThrough(eclreco.Module):
+        __doc__ = _PassThrough.__doc__
+
     reco = _reco()
-    rc = reco.main(["--events", "40", "--threads", "1", "--no-dqm", "--min-energy-sum", "1.0",
-                    "-o", str(tmp_path / "x.root"), "--cluster-columns", "energy,latt"])
+    args = reco.parse_args(["--events", "40", "--threads", "1", "--no-dqm", "--min-energy-sum", "1.0"])
+    path = eclreco.create_path()
+    for m in reco.build_path(args).modules[:-1]:  # without Progress
+        path.add_module(m)
+    path.add_module(PassThrough())
+    path.add_module("RootOutput", filename=str(tmp_path / "x.root"), cluster_columns=["energy", "latt"])
+    rc = reco.run(args, path)
     s = eclreco.statistics.summary()
     assert 0 < s["discarded"] < s["processed"] and s["errors"] == s["processed"] - s["discarded"], s
     assert rc == 1 and "every event failed in a module (of those the event filter kept)" in capsys.readouterr().err
     assert eclreco.job_failure({"processed": 10, "discarded": 10}) == ""  # a filter that kept nothing: no error
+
+
+def test_a_misspelt_cluster_column_is_refused_before_the_job(tmp_path, capsys):
+    """`reco.py -o x.root --cluster-columns energy,latt` failed in RootOutput on every batch (exit 1 after the
+    run, an empty file); `hlt run` started a farm whose collector did the same, and `hlt worker` sent the columns
+    it had (latt none). Each refuses the name now (exit 2), listing the clusterizer's columns; a valid list
+    and a column the CNN rewrites (energy) pass."""
+    import subprocess
+
+    reco = _reco()
+    out = tmp_path / "x.root"
+    assert reco.main(["--events", "20", "-o", str(out), "--cluster-columns", "energy,latt"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("reco.py: error: --cluster-columns: 'latt' is not a column of ECLClusters; its columns "
+                          "of one value per cluster are energy_raw, energy, "), err
+    assert "second_moment, lat\n" in err and not out.exists()
+    assert reco.main(["--events", "20", "--threads", "1", "-o", str(out), "--cluster-columns",
+                      "energy,lat,n_maxima", "--progress", "0"]) == 0
+    capsys.readouterr()
+    eclreco = [sys.executable, "-m", "eclreco.cli"]
+    for role, extra in (("run", ["-o", str(tmp_path / "farm.root"), "--input", "tcp://127.0.0.1:0",
+                                 "--control", free_address()]),
+                        ("worker", ["--metrics-port", "-1", "--rejected", "", "--distributor", free_address(),
+                                    "--collector", free_address()])):
+        r = subprocess.run(eclreco + ["hlt", role, *extra, "--cluster-columns", "energy,latt"], capture_output=True,
+                           text=True, cwd=tmp_path, timeout=60)
+        assert r.returncode == 2 and r.stderr.startswith(f"eclreco hlt {role}: error: --cluster-columns: 'latt' is "
+                                                         "not a column of ECLClusters"), (role, r.stderr)
+        assert not os.path.exists(tmp_path / "farm.root")
 
 
 def test_validate_on_a_small_sample_writes_strict_json(tmp_path):

@@ -1319,17 +1319,41 @@ def test_farm_writes_the_cluster_columns_it_is_asked_for(farm_factory, tmp_path)
     assert rc == 0, log
 
 
+PASS_THROUGH_WORKER = """
+import sys
+import eclreco
+from eclreco.hlt.worker import add_chosen_reconstruction, add_worker_arguments, start_worker
+
+class PassThrough(eclreco.Module):
+    \"\"\"a module of the steering file: it could add a column to ECLClusters\"\"\"
+
+def main():
+    import argparse
+    ap = argparse.ArgumentParser()
+    add_worker_arguments(ap)
+    args = ap.parse_args()
+    return start_worker(args, lambda path: (add_chosen_reconstruction(path, args), path.add_module(PassThrough())))
+
+sys.exit(main())
+"""
+
+
 def test_farm_reports_a_cluster_column_the_workers_do_not_make(farm_factory, tmp_path):
-    """A misspelt --cluster-columns name is no silently missing branch: the collector's RootOutput
-    fails every event on it (counted as module errors, named in its log, shown by `hlt status`), and
-    the stop's report says that nothing was written and why; every event is still accounted for."""
+    """A --cluster-columns name the workers' chain does not make is no silently missing branch: the collector's
+    RootOutput fails every event on it (counted as module errors, named in its log, shown by `hlt status`), and
+    the stop's report says that nothing was written and why; every event is still accounted for. (A misspelt
+    name of the standard chain is refused by `hlt run` at its start; a worker steering file's module can add
+    columns, so there the name is known to be missing only when the collector has the clusters.)"""
     from eclreco.bench import make_raw_file
     from eclreco.hlt.control import format_table, status
     from eclreco.rawdata import read_raw_file
 
     n = 100
     make_raw_file(str(tmp_path / "generic.msgpack"), n, background=1.0, seed=5)
-    farm = farm_factory(workers=1, extra=("--modules", "standard", "--cluster-columns", "energy,latt"))
+    steering = tmp_path / "pass_through_worker.py"
+    steering.write_text(PASS_THROUGH_WORKER)
+    farm = farm_factory(workers=1, extra=("--worker-steering", str(steering), "--modules", "standard",
+                                          "--cluster-columns", "energy,latt"))
     push_messages(farm.input, read_raw_file(tmp_path / "generic.msgpack"))
     farm.wait_confirmed(n, timeout=90)
     deadline = time.monotonic() + 10  # the collector reports its counts every 0.5 s

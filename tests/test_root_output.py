@@ -943,3 +943,59 @@ def test_each_event_says_its_detector_and_a_file_of_both_splits_with_uproot(tmp_
     eclreco.process(path, install_signal_handlers=False)
     with uproot.open(tmp_path / "none.root") as f:
         assert f["events"]["detector"].typename == "uint8_t" and f["events"].num_entries == 0
+
+
+def _clusterizer_chain(*after):
+    """Simulated belle2-ecl events -> ECLUnpacker -> ECLClusterizer -> `after`: ECLClusters of the clusterizer."""
+    path = eclreco.create_path()
+    path.add_module("SimulationInput", events=20, detector="belle2-ecl", particle="gamma", background=0.0)
+    path.add_module("ECLUnpacker")
+    path.add_module("ECLClusterizer")
+    for m in after:
+        path.add_module(m)
+    return path
+
+
+def test_a_misspelt_cluster_column_is_refused_at_initialize(tmp_path):
+    """cluster_columns=['energy', 'latt'] after the clusterizer failed on every batch (each event re-run on its
+    own, exit 1 at the end with an empty file). The clusterizer's columns are known before the first batch
+    (_core.cluster_columns(), the list its event() writes): initialize refuses the name, lists the valid ones,
+    and makes no file."""
+    out = tmp_path / "x.root"
+    path = _clusterizer_chain("ECLLeakageCorrection", "ECLEnergyCorrection")
+    path.add_module("RootOutput", filename=str(out), cluster_columns=["energy", "latt"])
+    with pytest.raises(RuntimeError) as err:
+        eclreco.process(path, install_signal_handlers=False)
+    message = str(err.value)
+    assert "'latt' is not a column of ECLClusters" in message and "e1e9, e9e21, second_moment, lat" in message
+    assert eclreco.statistics.summary()["received"] == 0 and not out.exists()
+
+
+def test_the_cluster_column_list_is_what_the_clusterizer_writes(tmp_path):
+    """_core.cluster_columns() (the check's list, and the branch types of a file without clusters) is the
+    clusterizer's: every column of one value per cluster it writes, with its type; the corrections after it
+    (leakage, CNN) overwrite energy and are accepted with any of them."""
+    seen = {}
+
+    class Columns(eclreco.Module):
+        def event(self, batch):
+            c = batch["ECLClusters"]
+            seen.update({k: str(c[k].dtype) for k in c.columns() if c[k].ndim == 1})
+
+    columns = list(eclreco._core.cluster_columns())
+    path = _clusterizer_chain(Columns(), "ECLLeakageCorrection", "ECLEnergyCorrection")
+    path.add_module("RootOutput", filename=str(tmp_path / "all.root"), cluster_columns=columns)
+    eclreco.process(path, install_signal_handlers=False)
+    assert seen == eclreco._core.cluster_columns()
+    with uproot.open(tmp_path / "all.root") as f:
+        assert {f"cluster_{c}" for c in columns} <= set(f["events"].keys())
+
+
+def test_a_column_a_users_module_adds_is_accepted_after_the_clusterizer(tmp_path):
+    """A module of a steering file may add a column to ECLClusters (Module.makes names collections, not
+    columns): with one after the clusterizer, its name is not refused at initialize, and is written."""
+    path = _clusterizer_chain(_MarksHighEnergy(), "ECLLeakageCorrection")
+    path.add_module("RootOutput", filename=str(tmp_path / "h.root"), cluster_columns=["energy", "high"])
+    eclreco.process(path, install_signal_handlers=False)
+    with uproot.open(tmp_path / "h.root") as f:
+        assert f["events"]["cluster_high"].typename == "bool[]"

@@ -107,6 +107,12 @@ void register_clustering(py::module_& m) {
     return names;
   }, "names of the columns of ECLClusters.features");
 
+  m.def("cluster_columns", [] {
+    py::dict out;  // insertion order: the clusterizer's
+    for (const ecl::ClusterColumn& c : ecl::cluster_columns()) out[py::str(c.name)] = py::str(c.f ? "float32" : "int32");
+    return out;
+  }, "the ECLClusters columns of one value per cluster that ECLClusterizer writes: name -> numpy dtype name");
+
   m.def(
       "find_clusters",
       [](py::object detector, const py::object& offsets, const py::object& cell_in, carray<float> energy,

@@ -94,6 +94,20 @@ int digit_flags(int n, const int32_t* __restrict cell, const float* __restrict e
 
 const char* const* cluster_feature_names() { return kFeatureNames; }
 
+const std::vector<ClusterColumn>& cluster_columns() {
+  using O = ClusterOutput;
+  auto f = [](const char* name, std::vector<float> O::*m) { return ClusterColumn{name, m, nullptr}; };
+  auto i = [](const char* name, std::vector<int32_t> O::*m) { return ClusterColumn{name, nullptr, m}; };
+  static const std::vector<ClusterColumn> columns = {
+      f("energy_raw", &O::energy_raw), f("energy", &O::energy_raw),  // energy: the corrections overwrite it
+      f("theta", &O::theta), f("phi", &O::phi), f("x", &O::x), f("y", &O::y), f("z", &O::z), f("time", &O::time),
+      i("n_crystals", &O::n_crystals), f("weight_sum", &O::weight_sum), i("seed_cell", &O::seed_cell),
+      i("ring", &O::ring), i("n_maxima", &O::n_maxima), i("region_index", &O::region_index),
+      f("local_u", &O::local_u), f("local_v", &O::local_v), f("e1e9", &O::e1e9), f("e9e21", &O::e9e21),
+      f("second_moment", &O::second_moment), f("lat", &O::lat)};
+  return columns;
+}
+
 double ClusterParams::threshold_scale() const { return std::sqrt(1.0 + background_level); }
 
 void ClusterParams::validate() const {

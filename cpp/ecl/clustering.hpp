@@ -111,6 +111,16 @@ struct ClusterOutput {
   void clear();
 };
 
+// The columns of one value per cluster that ECLClusterizer writes to ECLClusters, in order (after them
+// image and features): the one list of their names, which RootOutput's cluster_columns are checked
+// against (_core.cluster_columns()). Exactly one of f / i is set: a float32 or an int32 column.
+struct ClusterColumn {
+  const char* name;
+  std::vector<float> ClusterOutput::*f;
+  std::vector<int32_t> ClusterOutput::*i;
+};
+const std::vector<ClusterColumn>& cluster_columns();
+
 // Reusable clustering engine: holds scratch buffers (no allocation per event once warm).
 // One instance per thread.
 class Clusterer {

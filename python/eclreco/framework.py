@@ -156,6 +156,33 @@ def collections_made(modules) -> set[str] | None:
     return made
 
 
+def columns_made(modules, collection: str) -> dict[str, str] | None:
+    """The columns of one value per row (name -> numpy dtype name) that `collection` has after `modules`,
+    where they are known before the first batch: the collection is made by ECLClusterizer (its columns:
+    _core.cluster_columns()) and every module after it is one of eclreco's own, which rewrite columns
+    (ECLLeakageCorrection, ECLEnergyCorrection: energy) but add none. None otherwise: columns are not
+    declared (Module.makes names collections), and a module of a steering file may add one."""
+    maker = next((k for k in range(len(modules) - 1, -1, -1) if collection in (modules[k].makes() or ())), None)
+    if maker is None or modules[maker].type != "ECLClusterizer" or isinstance(modules[maker], Module):
+        return None
+    for m in modules[maker + 1:]:
+        if isinstance(m, Module) and not type(m).__module__.startswith("eclreco."):
+            return None  # a user's module
+    return dict(_core.cluster_columns())
+
+
+def unknown_columns_error(modules, collection: str, names, what: str) -> str:
+    """The error for `names` (what: the parameter or option that lists them) that `collection` will not have
+    after `modules`, naming them and the valid ones; '' when all are there or its columns are not known
+    before the first batch (columns_made)."""
+    known = columns_made(modules, collection)
+    unknown = [n for n in names if known is not None and n not in known]
+    if not unknown:
+        return ""
+    return (f"{what}: {', '.join(repr(n) for n in unknown)} {'is not a column' if len(unknown) == 1 else 'are not columns'}"
+            f" of {collection}; its columns of one value per cluster are {', '.join(known)}")
+
+
 def per_event_sum(values, offsets) -> np.ndarray:
     """The sum of each event's rows of a column (event i owns rows offsets[i]:offsets[i+1]; booleans
     count), from cumulative sums at the offsets: no loop over events. int64 for integers and

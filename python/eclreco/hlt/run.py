@@ -526,6 +526,15 @@ def main(args) -> int:
 
     if why := chain_file_error(args):  # each worker would fail at its start, and be restarted to fail again
         refuse(why)
+    if not args.worker_steering:  # steering/hlt_worker.py's chain (--modules): its cluster columns are known
+        import eclreco
+        from eclreco.framework import unknown_columns_error
+        from eclreco.hlt.worker import add_chosen_reconstruction
+
+        chain = eclreco.create_path()
+        add_chosen_reconstruction(chain, args)
+        if why := unknown_columns_error(chain.modules, "ECLClusters", args.cluster_columns, "--cluster-columns"):
+            refuse(why)  # each worker would refuse it at its start, and be restarted to refuse it again
     from eclreco.hlt.collector import output_error, root_output_options_unused
     from eclreco.paths import output_file_error
     from eclreco.reconstruction import event_filter_option_unused

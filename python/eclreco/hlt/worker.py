@@ -363,6 +363,16 @@ def start_worker(args, build_reconstruction) -> int:
 
     add_event_filter(path, args)  # after the chain that the steering file built: the selection of what is sent
     add_output(path, args).on_wait = link.output_blocked
+    from eclreco.framework import unknown_columns_error
+
+    # a misspelt column is not sent (ZMQOutput sends those the batch has): the collector's RootOutput failed on
+    # every batch of the farm; refused here where the chain's columns are known (framework.columns_made)
+    if why := unknown_columns_error(path.modules, "ECLClusters", getattr(args, "cluster_columns", ()),
+                                    "--cluster-columns"):
+        link.bye()
+        if exporter is not None:
+            exporter.close()
+        refuse(why)
     if exporter is not None:
         exporter.set_path(path)
         # its next event loop starts right after a run, waiting for the next run's events: running in a run only
