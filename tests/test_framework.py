@@ -2115,3 +2115,25 @@ def test_a_path_run_twice_or_rerun_event_by_event_gives_what_one_run_gives(tmp_p
         got = run(name, 16)
         assert got[0] == {**one[0], "inference_calls": got[0]["inference_calls"]}
         assert got[1:] == one[1:], name
+
+
+@pytest.mark.timeout(900)
+def test_threaded_runs_have_no_data_race_under_thread_sanitizer():
+    """fuzz/build_tsan.sh (ThreadSanitizer build, docs/reliability.md) on fuzz/tsan_scenarios.py: reco.py's
+    path on two threads, twice, while the Prometheus exporter is scraped. It reported the Processor's state
+    pointer copied by the exporter while process() replaced it (and its modules' list filled after), and the
+    plain counters that RawFileInput and RejectedOutput return from counters() while the loop updates them."""
+    import shutil
+
+    if shutil.which("clang++") is None:
+        pytest.skip("clang++ not found: the ThreadSanitizer build is skipped (apt-get install clang)")
+    if os.environ.get("ECLRECO_TSAN") != "1":
+        pytest.skip("set ECLRECO_TSAN=1 to build the extension with ThreadSanitizer and run the threaded "
+                    "scenarios under it (a second compilation of the extension, minutes on two cores)")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(["bash", os.path.join(repo, "fuzz", "build_tsan.sh"), "1000"], capture_output=True, text=True,
+                       timeout=890, cwd=repo)
+    out = r.stdout + r.stderr
+    reports = re.findall(r"SUMMARY: ThreadSanitizer: .*", out)
+    assert not reports and r.returncode == 0, "\n".join(reports) or out[-4000:]
+    assert out.count("2 runs of 1005 events") == 2, out[-4000:]
