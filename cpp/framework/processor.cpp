@@ -172,6 +172,11 @@ void ProcessOptions::validate() const {
 
 Processor::Processor() : state_(std::make_shared<ProcessState>()) {}
 
+std::shared_ptr<ProcessState> Processor::state() const {
+  std::lock_guard<std::mutex> lock(state_mu_);
+  return state_;
+}
+
 namespace {
 
 // What the path's modules say they make and need (Module::makes, needs), checked module by module at
@@ -693,19 +698,25 @@ class Run {
 void Processor::process(Path& path, const ProcessOptions& options) {
   options.validate();  // before anything of the previous run's state is replaced
   retain_freed_memory();  // the next batch reuses what this one frees (heap.hpp)
-  state_ = std::make_shared<ProcessState>();
+  // Complete before it is published: the metrics exporter reads state() from its own thread during the
+  // run (it copied the pointer while process() replaced it, and iterated `modules` while it grew).
+  auto st = std::make_shared<ProcessState>();
   std::map<std::string, int> seen;  // the same module type twice in a path: RootOutput, RootOutput#1
   for (auto& m : path.modules()) {
-    state_->modules.push_back(std::make_unique<ModuleCounters>());
+    st->modules.push_back(std::make_unique<ModuleCounters>());
     const int k = seen[m->type()]++;
-    state_->modules.back()->name = k ? m->type() + "#" + std::to_string(k) : m->type();
+    st->modules.back()->name = k ? m->type() + "#" + std::to_string(k) : m->type();
   }
   g_stop_signal = 0;  // a run without handlers was not stopped by the signal of the run before it
   SignalGuard guard(options.install_signal_handlers);
   clear_stop();
-  state_->running = true;
+  st->running = true;
   const double t0 = now_seconds();
-  state_->start_time = t0;
+  st->start_time = t0;
+  {
+    std::lock_guard<std::mutex> lock(state_mu_);
+    state_ = st;
+  }
   struct Finally {
     ProcessState& st;
     double t0;
@@ -713,14 +724,15 @@ void Processor::process(Path& path, const ProcessOptions& options) {
       st.wall_seconds = now_seconds() - t0;
       st.running = false;
     }
-  } finally{*state_, t0};
-  Run run(path, options, *state_);
+  } finally{*st, t0};
+  Run run(path, options, *st);
   run.execute();
 }
 
 std::string Processor::statistics_table() const {
   std::ostringstream os;
-  const auto& st = *state_;
+  const std::shared_ptr<ProcessState> state = this->state();
+  const auto& st = *state;
   // Time: wall time in the module; CPU: the calling thread's CPU time in it (lower when the
   // thread waits, e.g. a source for input, or when other processes share the cores).
   os << std::left << std::setw(24) << "Module" << std::right << std::setw(10) << "Calls"

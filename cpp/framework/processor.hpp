@@ -63,7 +63,7 @@ class ProcessState {
   std::atomic<bool> running{false};
   std::atomic<double> start_time{0.0}, wall_seconds{0.0};
   std::atomic<double> loop_seconds{0.0};  // the event loop alone: wall time minus initialize/terminate
-  std::vector<std::unique_ptr<ModuleCounters>> modules;
+  std::vector<std::unique_ptr<ModuleCounters>> modules;  // filled before the state is published, then fixed
   std::array<std::atomic<uint64_t>, 12> events_per_batch_hist{};  // buckets 1,2,4,...,1024,+Inf
 
   std::map<std::string, uint64_t> rejected_by_reason() const;
@@ -100,13 +100,16 @@ int stop_signal();
 class Processor {
  public:
   Processor();
-  std::shared_ptr<ProcessState> state() const { return state_; }
+  // Safe from another thread (the metrics exporter's, during process()): the pointer is replaced by
+  // process() under a lock, once its new state is complete (modules named), and never changed after.
+  std::shared_ptr<ProcessState> state() const;
   // Runs the path to the end of its source, max_events, or a stop request.
   void process(Path& path, const ProcessOptions& options);
   // basf2-like table: calls, events, total time and time per event for every module.
   std::string statistics_table() const;
 
  private:
+  mutable std::mutex state_mu_;
   std::shared_ptr<ProcessState> state_;
 };
 
