@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <stdexcept>
@@ -49,7 +50,7 @@ class RawFileInput : public fw::Module {
   void initialize() override {
     close_file();
     pos_ = 0;
-    events_ = rejected_ = 0;
+    events_ = rejected_ = bytes_read_ = 0;
     // O_NONBLOCK: open() of a FIFO would block until a writer comes (the fstat below refuses it)
     const int fd = ::open(filename_.c_str(), O_RDONLY | O_NONBLOCK);
     if (fd < 0) throw std::runtime_error("cannot open raw file '" + filename_ + "': " + std::strerror(errno));
@@ -98,8 +99,11 @@ class RawFileInput : public fw::Module {
     }
     // the window may have moved while the batch was framed: its messages are pointed to at the end
     for (size_t k = 0; k < msgs_.size(); ++k) msgs_[k].data = at(starts_[k]);
-    for (const auto& e : envs_) rejected_ += !e.ok();
-    events_ += msgs_.size();
+    uint64_t rejected = 0;
+    for (const auto& e : envs_) rejected += !e.ok();
+    rejected_.fetch_add(rejected, std::memory_order_relaxed);
+    events_.fetch_add(msgs_.size(), std::memory_order_relaxed);
+    bytes_read_.store(pos_, std::memory_order_relaxed);
     rawdata::append_decoded(batch, msgs_.data(), envs_.data(), msgs_.size());
     return pos_ < size_;
   }
@@ -107,8 +111,9 @@ class RawFileInput : public fw::Module {
   void terminate() override { close_file(); }
 
   std::map<std::string, double> counters() const override {
-    return {{"events", static_cast<double>(events_)}, {"rejected", static_cast<double>(rejected_)},
-            {"bytes_read", static_cast<double>(pos_)}};
+    return {{"events", static_cast<double>(events_.load(std::memory_order_relaxed))},
+            {"rejected", static_cast<double>(rejected_.load(std::memory_order_relaxed))},
+            {"bytes_read", static_cast<double>(bytes_read_.load(std::memory_order_relaxed))}};
   }
 
  private:
@@ -156,7 +161,9 @@ class RawFileInput : public fw::Module {
   std::vector<uint8_t> buf_;  // the file's bytes [buf_start_, buf_start_ + buf_len_)
   size_t buf_start_ = 0, buf_len_ = 0;
   size_t size_ = 0, pos_ = 0;
-  uint64_t events_ = 0, rejected_ = 0;
+  // counters() reads these from the metrics exporter's thread while the processor's reader thread runs
+  // next_batch: atomics, and pos_ (which next_batch moves all along) is published as bytes_read_
+  std::atomic<uint64_t> events_{0}, rejected_{0}, bytes_read_{0};
   std::vector<rawdata::MessageRef> msgs_;
   std::vector<ecl::Envelope> envs_;
   std::vector<size_t> starts_;  // file offset of each message of the batch

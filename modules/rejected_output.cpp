@@ -15,6 +15,7 @@
 // redelivered after its worker died is rejected again by the worker that takes it, in that worker's
 // file, and `eclreco quarantine` counts the records of one id once (a file cannot know what another
 // process wrote).
+#include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -137,7 +138,7 @@ class RejectedOutput : public fw::Module {
         pk.pack(std::string("seq"));
         pk.pack(seqs->column("seq").values<uint64_t>()[seqs->offsets()[i]]);
       }
-      ++written_;
+      written_.fetch_add(1, std::memory_order_relaxed);
     }
     if (std::fwrite(buf.data(), 1, buf.size(), f_) != buf.size() || std::fflush(f_) != 0) {
       const int err = errno;
@@ -162,7 +163,9 @@ class RejectedOutput : public fw::Module {
     if (!error_.empty()) throw std::runtime_error(error_);
   }
 
-  std::map<std::string, double> counters() const override { return {{"written", static_cast<double>(written_)}}; }
+  std::map<std::string, double> counters() const override {
+    return {{"written", static_cast<double>(written_.load(std::memory_order_relaxed))}};
+  }
 
  private:
   void close() {
@@ -174,7 +177,9 @@ class RejectedOutput : public fw::Module {
   bool append_ = false;
   bool when_needed_ = false;
   std::FILE* f_ = nullptr;
-  uint64_t written_ = 0, written_before_ = 0, file_start_ = 0;  // file_start_: written_ at initialize
+  // written_: read by counters() from the metrics exporter's thread while a worker thread writes
+  std::atomic<uint64_t> written_{0};
+  uint64_t written_before_ = 0, file_start_ = 0;  // file_start_: written_ at initialize
   uint64_t good_bytes_ = 0;
   std::string error_;
 };
