@@ -1287,12 +1287,13 @@ def test_a_retraining_replaces_the_previous_trainings_networks_and_no_other_file
 
 
 def test_a_training_does_not_overwrite_a_network_that_is_not_the_previous_trainings(tmp_path, capsys):
-    """`eclreco train -o DIR` into a folder holding a card written before `files` (the shipped ones) and its
-    <detector>.onnx replaced that network without a word, and so it did a network changed since its card was
-    written or one no card lists, the files that a training keeps (with a warning) when it would remove them. It
-    refuses them before any work, exit 2, naming each file and why; the unchanged networks of the previous
-    card are replaced, as before."""
-    import json
+    """`eclreco train -o DIR` into a folder holding a card written before `files` and its <detector>.onnx replaced
+    that network without a word, and so it did a network changed since its card was written or one no card lists,
+    the files that a training keeps (with a warning) when it would remove them. It refuses them before any work,
+    exit 2, naming each file and why; the unchanged networks of the previous card are replaced, as before. A card
+    the training cannot check (the shipped ones: no SHA-256 of itself) vouches for none of its networks: the refusal
+    named the card and its .md, not array30.onnx, which the next run refused after `rm` of the card ("no array30.json
+    there records it"): one line now names all three."""
     import shutil
 
     pytest.importorskip("torch")
@@ -1301,9 +1302,6 @@ def test_a_training_does_not_overwrite_a_network_that_is_not_the_previous_traini
     models = os.path.join(os.path.dirname(eclreco.__file__), "models")
     shipped = tmp_path / "models"
     shutil.copytree(models, shipped)
-    card = json.loads((shipped / "array30.json").read_text())
-    card.pop("files", None)  # a card written before `files`, as the shipped ones were
-    (shipped / "array30.json").write_text(json.dumps(card))
     before = (shipped / "array30.onnx").read_bytes()
     base = ["train", "--detector", "array30", "--g4", SUBSET["array30"], "--epochs", "1", "--sizes", "tiny",
             "--quiet", "--cache", str(tmp_path / "chain.npz")]
@@ -1316,7 +1314,9 @@ def test_a_training_does_not_overwrite_a_network_that_is_not_the_previous_traini
         return err
 
     err = refused(shipped)
-    assert "array30.onnx (array30.json lists it without its SHA-256" in err
+    assert ("holds array30.json (it records no SHA-256 of itself: written by an older eclreco, so a change since "
+            "cannot be ruled out); array30.md (array30.json, refused too, cannot vouch for it); array30.onnx "
+            "(array30.json, refused too, cannot vouch for it): this training would overwrite them") in err
     assert (shipped / "array30.onnx").read_bytes() == before and not (tmp_path / "chain.npz").exists()
     # a network changed since its card: kept
     out = tmp_path / "out"
@@ -1558,8 +1558,8 @@ def test_a_revalidation_replaces_the_previous_validations_plots_and_no_other_fil
 
 def test_a_validation_does_not_overwrite_a_plot_that_is_not_the_previous_validations(tmp_path, capsys):
     """`eclreco validate -o DIR` wrote its plots over those in DIR without a word: a plot edited since the report
-    that lists it, one of a report written before `files` (no SHA-256 to tell), one the report does not list or
-    one in a folder without a report, the files that a validation keeps (with a warning) when it would remove
+    that lists it, one of a report that cannot be checked (an older eclreco's: no SHA-256 of itself) or one in a
+    folder without a report, the files that a validation keeps (with a warning) when it would remove
     them. It refuses them before any work, as train does with its networks (paths.overwrite_refusal): exit 2, one
     line naming each file and why; the previous validation's unchanged plots are replaced, as before."""
     import json
@@ -1590,13 +1590,9 @@ def test_a_validation_does_not_overwrite_a_plot_that_is_not_the_previous_validat
     plot.unlink()
     assert validate()[0] == 0
     report = json.loads(record.read_text())
-    del report["files"]  # a report written before `files`
+    del report["record_files"]  # a report of an older eclreco: it cannot vouch for its unchanged plot either
     record.write_text(json.dumps(report))
-    refused("validation_array30.json lists it without its SHA-256: written by an older eclreco, so a change since "
-            "cannot be ruled out")
-    report["files"] = {"cnn_array30_bg1.png": None}
-    record.write_text(json.dumps(report))
-    refused("validation_array30.json does not list it")
+    refused("validation_array30.json, refused too, cannot vouch for it")
     (tmp_path / "bare").mkdir()
     (tmp_path / "bare" / "cnn_array30_bg0.png").write_bytes(b"mine")
     refused("no validation_array30.json there records it", tmp_path / "bare")

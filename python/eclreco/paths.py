@@ -224,8 +224,8 @@ def previous_outputs(out_dir: str, record: str, listed_of, ours, rewritten) -> t
     files are still as that run wrote them, changed ones are not (a user's file under that name now), unrecorded
     ones have no SHA-256 to tell (a user's edit cannot be ruled out): only stale ones are removed, and every name
     not in `ours` (the names the command writes) stays. Read before the new record replaces the old one; a missing
-    or unreadable record lists nothing."""
-    listed = _listed_outputs(out_dir, record, listed_of)
+    record, or one that vouches for none of its files (_record_listing), lists nothing."""
+    listed, _ = _record_listing(out_dir, record, listed_of)
     if listed is None:
         return [], [], []
     stale, changed, unrecorded = [], [], []
@@ -237,49 +237,56 @@ def previous_outputs(out_dir: str, record: str, listed_of, ours, rewritten) -> t
     return stale, changed, unrecorded
 
 
-def _listed_outputs(out_dir: str, record: str, listed_of) -> dict | None:
-    """{name: SHA-256 or None} that the previous run's record in out_dir lists (previous_outputs); None without
-    a readable record."""
+def _record_listing(out_dir: str, record: str, listed_of) -> tuple[dict | None, str]:
+    """({name: SHA-256} of the files that the previous run's record in out_dir lists (listed_of, and RECORD_FILES:
+    its .md and itself), '') when it is a record of this command as that run wrote it; else (None, why it vouches
+    for no file: '' when there is no record). A record it cannot check (an older eclreco's, or one changed since)
+    vouches for none of the files it lists, not only for itself: they were refused one refusal later."""
     import json
 
+    path = os.path.join(out_dir, record)
+    if not os.path.isfile(path):
+        return None, ""
     try:
-        with open(os.path.join(out_dir, record)) as f:
+        with open(path) as f:
             data = json.load(f)
-        return {str(k): v for k, v in {**listed_of(data), **data.get(RECORD_FILES, {})}.items()}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # no record, or none of this command's
-        return None
+        digests = data.get(RECORD_FILES)
+    except (OSError, ValueError, AttributeError):  # not JSON, or no JSON object
+        return None, "not a record that this command can read"
+    if digests is None:
+        return None, "it records no SHA-256 of itself: written by an older eclreco, so a change since cannot be ruled out"
+    own = digests.get(record) if isinstance(digests, dict) else None
+    if not isinstance(own, str) or record_sha256(path, own) != own:
+        return None, "changed since the run that wrote it"
+    try:
+        return {str(k): v for k, v in {**listed_of(data), **digests}.items()}, ""
+    except (ValueError, TypeError, KeyError, AttributeError):  # none of this command's
+        return None, "not a record that this command can read"
 
 
 def overwritten_outputs(out_dir: str, record: str, listed_of, rewritten) -> list[str]:
     """The files of out_dir that this run would write again (`rewritten`, names; the record itself always) and that
-    are not the previous run's unchanged outputs, each as 'NAME (why)': no record there, one that does not list it,
-    lists it without its SHA-256 (written before it kept them), or a file changed since (a user's file under that
-    name); the record itself, when it is not one of this command's, records no SHA-256 of itself (RECORD_FILES) or
-    was changed since. A run refuses them before any work: previous_outputs keeps such files when it would remove
-    them, and writing a new file under their name destroys them as surely."""
-    listed = _listed_outputs(out_dir, record, listed_of)
+    are not the previous run's unchanged outputs, each as 'NAME (why)': the record itself when it is not one of this
+    command's as written (_record_listing), and then every other such file too; else no record there, one that does
+    not list it, lists it without its SHA-256, or a file changed since (a user's file under that name). A run
+    refuses them before any work: previous_outputs keeps such files when it would remove them, and writing a new
+    file under their name destroys them as surely."""
+    listed, refused = _record_listing(out_dir, record, listed_of)
     out = []
     for name in sorted(set(rewritten) | {record}):
         path = os.path.join(out_dir, name)
-        if not os.path.isfile(path):
+        if not os.path.isfile(path) or (name == record and not refused):  # (a record as written: checked)
             continue
-        sha = (listed or {}).get(name)
-        if name == record:
-            if listed is None:
-                out.append(f"{name} (not a record that this command can read)")
-            elif sha is None:
-                out.append(f"{name} (it records no SHA-256 of itself: written by an older eclreco, so a change since "
-                           "cannot be ruled out)")
-            elif not isinstance(sha, str) or record_sha256(path, sha) != sha:
-                out.append(f"{name} (changed since the run that wrote it)")
+        if refused:
+            out.append(f"{name} ({refused if name == record else f'{record}, refused too, cannot vouch for it'})")
         elif listed is None:
             out.append(f"{name} (no {record} there records it)")
         elif name not in listed:
             out.append(f"{name} ({record} does not list it)")
-        elif sha is None:
+        elif listed[name] is None:
             out.append(f"{name} ({record} lists it without its SHA-256: written by an older eclreco, so a change "
                        "since cannot be ruled out)")
-        elif file_sha256(path) != sha:
+        elif file_sha256(path) != listed[name]:
             out.append(f"{name} (changed since the run of {record} wrote it)")
     return out
 
