@@ -1271,8 +1271,8 @@ def test_a_retraining_replaces_the_previous_trainings_networks_and_no_other_file
     capsys.readouterr()
     assert "array30-small.onnx" in train("tiny")
     assert "warning: kept array30-small.onnx" in capsys.readouterr().err
-    # a card edited since (here: made a card written before `files`, which lists its size scan's networks
-    # without a SHA-256) is refused whole, before any work (the card's own SHA-256): its networks stay
+    # a card edited since (here: its `files` removed) is refused whole, before any work (the card's own SHA-256):
+    # its networks stay
     (out / "array30-small.onnx").unlink()  # (the kept file, which no card lists: a training would not overwrite it)
     train("tiny,small")
     card = json.loads((out / "array30.json").read_text())
@@ -1333,6 +1333,35 @@ def test_a_training_does_not_overwrite_a_network_that_is_not_the_previous_traini
     (tmp_path / "bare" / "array30.onnx").write_bytes(b"mine")
     assert "array30.onnx (no array30.json there records it)" in refused(tmp_path / "bare")
     assert (out / "array30-small.onnx").read_bytes() == b"mine"
+
+
+def test_a_card_without_files_vouches_for_no_network(tmp_path, capsys):
+    """A card that lists no `files` (write_card of a card of before them) passed its own check, and the training
+    into its folder kept the networks of its size scan, "written by an older eclreco" (a warning about a card this
+    eclreco wrote), exit 0. No card eclreco writes or ships lacks `files` now: such a card is refused before any
+    work, as one that the command cannot read."""
+    import json
+
+    pytest.importorskip("torch")
+    from eclreco import cli
+    from eclreco.train import write_card
+
+    models = os.path.join(os.path.dirname(eclreco.__file__), "models")
+    with open(os.path.join(models, "array30.json")) as f:
+        card = json.load(f)
+    del card["files"]
+    card["size_scan"] = [{"file": "array30-small.onnx", "size": "small", "config": card["config"], "n_params": 1,
+                          "flops_per_cluster": 1, "clusters_per_second": 1.0, "test_sigma68": 0.1,
+                          "best_val_loss": 0.1}]
+    write_card(str(tmp_path), "array30", card)
+    (tmp_path / "array30-small.onnx").write_bytes(b"a network")
+    capsys.readouterr()
+    assert cli.main(["train", "--detector", "array30", "-o", str(tmp_path), "--g4", SUBSET["array30"], "--epochs",
+                     "1", "--sizes", "tiny", "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith(f"eclreco train: error: -o {str(tmp_path)!r} holds array30.json (not a "
+                                              "record that this command can read); array30.md (array30.json, "
+                                              "refused too, cannot vouch for it): this training would overwrite")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["array30-small.onnx", "array30.json", "array30.md"]
 
 
 def test_an_empty_output_folder_is_refused_as_such_whatever_the_working_directory_holds(tmp_path, monkeypatch,
@@ -1542,8 +1571,8 @@ def test_a_revalidation_replaces_the_previous_validations_plots_and_no_other_fil
     validate(0)
     assert pi0.read_bytes() == b"the user's own"
     pi0.unlink()  # (listed by no report: a validation with a pi0 section would not overwrite it)
-    # a report edited since (here: made a report written before `files`, which lists its plots without a SHA-256)
-    # is refused whole, before any work (the report's own SHA-256): its plots stay
+    # a report edited since (here: its `files` removed) is refused whole, before any work (the report's own
+    # SHA-256): its plots stay
     validate(3)
     report = json.loads((out / "validation_belle2-ecl.json").read_text())
     del report["files"]

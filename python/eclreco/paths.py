@@ -216,30 +216,28 @@ def record_sha256(path: str, own: str) -> str:
     return hashlib.sha256(text).hexdigest()
 
 
-def previous_outputs(out_dir: str, record: str, listed_of, ours, rewritten) -> tuple[list[str], list[str], list[str]]:
-    """(stale, changed, unrecorded): the files that the previous run's record in out_dir (`record`, a JSON file:
-    the model card of train, the report of validate) lists and this run does not write again (`rewritten`), so
-    that a folder holds one run's outputs, not an old plot or network beside a new report. listed_of(the record's
-    JSON) gives {name: SHA-256 as that run wrote it, or None for a record written before it kept them}; stale
-    files are still as that run wrote them, changed ones are not (a user's file under that name now), unrecorded
-    ones have no SHA-256 to tell (a user's edit cannot be ruled out): only stale ones are removed, and every name
-    not in `ours` (the names the command writes) stays. Read before the new record replaces the old one; a missing
-    record, or one that vouches for none of its files (_record_listing), lists nothing."""
-    listed, _ = _record_listing(out_dir, record, listed_of)
+def previous_outputs(out_dir: str, record: str, ours, rewritten) -> tuple[list[str], list[str]]:
+    """(stale, changed): the files that the previous run's record in out_dir (`record`, a JSON file: the model card
+    of train, the report of validate) lists and this run does not write again (`rewritten`), so that a folder holds
+    one run's outputs, not an old plot or network beside a new report. Stale files are still as that run wrote them,
+    changed ones are not (a user's file under that name now): only stale ones are removed, and every name not in
+    `ours` (the names the command writes) stays. Read before the new record replaces the old one; a missing record,
+    or one that vouches for none of its files (_record_listing), lists nothing."""
+    listed, _ = _record_listing(out_dir, record)
     if listed is None:
-        return [], [], []
-    stale, changed, unrecorded = [], [], []
+        return [], []
+    stale, changed = [], []
     for name, sha in sorted(listed.items()):
         path = os.path.join(out_dir, name)
         if name not in ours or name in rewritten or not os.path.isfile(path):
             continue
-        (unrecorded if sha is None else stale if file_sha256(path) == sha else changed).append(name)
-    return stale, changed, unrecorded
+        (stale if file_sha256(path) == sha else changed).append(name)
+    return stale, changed
 
 
-def _record_listing(out_dir: str, record: str, listed_of) -> tuple[dict | None, str]:
-    """({name: SHA-256} of the files that the previous run's record in out_dir lists (listed_of, and RECORD_FILES:
-    its .md and itself), '') when it is a record of this command as that run wrote it; else (None, why it vouches
+def _record_listing(out_dir: str, record: str) -> tuple[dict | None, str]:
+    """({name: SHA-256} of the files that the previous run's record in out_dir lists (`files`: the networks of a
+    card, the plots of a report; and RECORD_FILES: its .md and itself), '') when it is a record of this command as that run wrote it; else (None, why it vouches
     for no file: '' when there is no record). A record it cannot check (an older eclreco's, or one changed since)
     vouches for none of the files it lists, not only for itself: they were refused one refusal later."""
     import json
@@ -259,19 +257,19 @@ def _record_listing(out_dir: str, record: str, listed_of) -> tuple[dict | None, 
     if not isinstance(own, str) or record_sha256(path, own) != own:
         return None, "changed since the run that wrote it"
     try:
-        return {str(k): v for k, v in {**listed_of(data), **digests}.items()}, ""
+        return {str(k): v for k, v in {**data["files"], **digests}.items()}, ""
     except (ValueError, TypeError, KeyError, AttributeError):  # none of this command's
         return None, "not a record that this command can read"
 
 
-def overwritten_outputs(out_dir: str, record: str, listed_of, rewritten) -> list[str]:
+def overwritten_outputs(out_dir: str, record: str, rewritten) -> list[str]:
     """The files of out_dir that this run would write again (`rewritten`, names; the record itself always) and that
     are not the previous run's unchanged outputs, each as 'NAME (why)': the record itself when it is not one of this
     command's as written (_record_listing), and then every other such file too; else no record there, one that does
-    not list it, lists it without its SHA-256, or a file changed since (a user's file under that name). A run
+    not list it, or a file changed since (a user's file under that name). A run
     refuses them before any work: previous_outputs keeps such files when it would remove them, and writing a new
     file under their name destroys them as surely."""
-    listed, refused = _record_listing(out_dir, record, listed_of)
+    listed, refused = _record_listing(out_dir, record)
     out = []
     for name in sorted(set(rewritten) | {record}):
         path = os.path.join(out_dir, name)
@@ -283,21 +281,18 @@ def overwritten_outputs(out_dir: str, record: str, listed_of, rewritten) -> list
             out.append(f"{name} (no {record} there records it)")
         elif name not in listed:
             out.append(f"{name} ({record} does not list it)")
-        elif listed[name] is None:
-            out.append(f"{name} ({record} lists it without its SHA-256: written by an older eclreco, so a change "
-                       "since cannot be ruled out)")
         elif file_sha256(path) != listed[name]:
             out.append(f"{name} (changed since the run of {record} wrote it)")
     return out
 
 
-def overwrite_refusal(out_dir: str, record: str, listed_of, rewritten, run: str) -> str:
+def overwrite_refusal(out_dir: str, record: str, rewritten, run: str) -> str:
     """Why a run (`run`: 'training', 'validation') must not write into out_dir, '' when it may: the files of
     overwritten_outputs, in one line that names -o, each file and why, and what to do. Said before any work (train
     and validate refuse with it)."""
     import shlex
 
-    if not (would := overwritten_outputs(out_dir, record, listed_of, rewritten)):
+    if not (would := overwritten_outputs(out_dir, record, rewritten)):
         return ""
     them = "it" if len(would) == 1 else "them"
     paths = " ".join(shlex.quote(os.path.join(out_dir, w.split(" ", 1)[0])) for w in would)
@@ -305,10 +300,9 @@ def overwrite_refusal(out_dir: str, record: str, listed_of, rewritten, run: str)
             "or choose another -o")
 
 
-def remove_previous_outputs(out_dir: str, stale, changed, unrecorded, command: str, run: str,
-                            quiet: bool = False) -> None:
+def remove_previous_outputs(out_dir: str, stale, changed, command: str, run: str, quiet: bool = False) -> None:
     """Removes previous_outputs' stale files (once the new outputs and their record are written) and says so
-    (unless quiet); warns of the changed and unrecorded ones, which stay. command: 'eclreco train'; run:
+    (unless quiet); warns of the changed ones, which stay. command: 'eclreco train'; run:
     'training'."""
     for name in stale:
         with contextlib.suppress(FileNotFoundError):  # (removed meanwhile: gone as it should be)
@@ -316,9 +310,5 @@ def remove_previous_outputs(out_dir: str, stale, changed, unrecorded, command: s
     for name in changed:
         print(f"{command}: warning: kept {name} in {out_dir}: the previous {run} wrote it, but it was changed "
               "since (remove it if it is not yours)", file=sys.stderr, flush=True)
-    for name in unrecorded:
-        print(f"{command}: warning: kept {name} in {out_dir}: the previous {run}'s record lists it without its "
-              "SHA-256 (written by an older eclreco), so a change since cannot be ruled out (remove it if it is "
-              "not yours)", file=sys.stderr, flush=True)
     if stale and not quiet:
         print(f"removed the previous {run}'s {', '.join(stale)} from {out_dir}", flush=True)

@@ -582,27 +582,19 @@ def network_files(detector, sizes) -> dict[str, str]:
     return {size: f"{detector}.onnx" if size == ship else f"{detector}-{size}.onnx" for size in sizes}
 
 
-def _card_networks(old):
-    """The networks a card lists: `files`, or for a card written before `files` (the shipped ones) its own
-    <detector>.onnx and its size scan's, without a SHA-256 (nothing recorded one)."""
-    if old.get("files"):
-        return old["files"]
-    return {f"{old['detector']}.onnx": None} | {r["file"]: None for r in old.get("size_scan") or []}
-
-
 def previous_networks(out_dir, detector, card):
     """paths.previous_outputs of a training: the networks that the previous card in out_dir (<detector>.json)
-    lists (_card_networks) and `card`'s training does not write."""
-    return previous_outputs(out_dir, f"{detector}.json", _card_networks, network_names(detector), card["files"])
+    lists (`files`) and `card`'s training does not write."""
+    return previous_outputs(out_dir, f"{detector}.json", network_names(detector), card["files"])
 
 
 def check_overwrites(out_dir, detector, sizes):
     """TrainingInputError, before any work, when a network this training would write, or its card (<detector>.json,
-    .md), is in out_dir and is not the previous training's unchanged output (paths.overwrite_refusal): a shipped
-    card's <detector>.onnx (no SHA-256 recorded), a network or card changed since, or a file no card lists were
-    replaced without a word."""
-    if why := overwrite_refusal(out_dir, f"{detector}.json", _card_networks,
-                                set(network_files(detector, sizes).values()) | {f"{detector}.md"}, "training"):
+    .md), is in out_dir and is not the previous training's unchanged output (paths.overwrite_refusal): a card that
+    cannot be checked (the shipped ones: no SHA-256 of itself) and its networks, a network or card changed since, or
+    a file no card lists were replaced without a word."""
+    if why := overwrite_refusal(out_dir, f"{detector}.json", set(network_files(detector, sizes).values())
+                                | {f"{detector}.md"}, "training"):
         raise TrainingInputError(why)
 
 

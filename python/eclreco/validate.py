@@ -368,28 +368,18 @@ def written_plots(detector, pi0_events) -> set[str]:
             | ({PI0_PLOT} if detector == "belle2-ecl" and pi0_events else set()))
 
 
-def _report_plots(detector):
-    """listed_of (paths.previous_outputs) of a report: its `files`, or, for a report written before `files`, the
-    plots of its tables and its pi0 section, without a SHA-256."""
-    def listed(old):
-        return old.get("files") or ({f"cnn_{detector}_{t}.png": None for t in old["tables"]}
-                                    | ({PI0_PLOT: None} if "pi0" in old else {}))
-    return listed
-
-
 def previous_plots(out_dir, detector, report):
     """paths.previous_outputs of a validation: the plots that the previous report in out_dir
-    (validation_<detector>.json) lists (_report_plots) and `report`'s validation does not write."""
-    return previous_outputs(out_dir, f"validation_{detector}.json", _report_plots(detector), plot_names(detector),
-                            report["files"])
+    (validation_<detector>.json) lists (`files`) and `report`'s validation does not write."""
+    return previous_outputs(out_dir, f"validation_{detector}.json", plot_names(detector), report["files"])
 
 
 def check_overwrites(out_dir, detector, pi0_events):
     """ValueError, before any work, when a plot this validation may write (written_plots), or its report
     (validation_<detector>.json, .md), is in out_dir and is not the previous validation's unchanged output
-    (paths.overwrite_refusal): a plot or report edited since, one of a report written before `files`, or a file no
-    report lists were replaced without a word."""
-    if why := overwrite_refusal(out_dir, f"validation_{detector}.json", _report_plots(detector),
+    (paths.overwrite_refusal): a plot or report edited since, a report that cannot be checked (an older eclreco's:
+    no SHA-256 of itself) and its plots, or a file no report lists were replaced without a word."""
+    if why := overwrite_refusal(out_dir, f"validation_{detector}.json",
                                 written_plots(detector, pi0_events) | {f"validation_{detector}.md"}, "validation"):
         raise ValueError(why)
 
