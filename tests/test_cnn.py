@@ -543,13 +543,15 @@ def test_an_empty_sizes_is_refused(tmp_path, capsys):
 def test_an_empty_sizes_is_refused_by_the_python_api_as_by_the_command_line(tmp_path):
     """`train.run_training(sizes=[])` trained the detector's default size (`sizes or [default]`), while the command
     line refuses `--sizes ''`. The API refuses an empty, unknown or repeated size with the option's own words
-    (cli_types.choice_list_error, one place for both), before any file is read or folder made."""
+    (cli_types.choice_list_error, one place for both), before any file is read or folder made. A string, not a list
+    (sizes="small"), is refused as such: it was read as five names, "unknown size 's'"."""
     from eclreco import train
 
     for bad, said in (([], "--sizes: no size named (one or more of tiny, small, wide, medium, separated by commas)"),
                       ((), "--sizes: no size named"),
                       (["tiny", "bogus"], "--sizes: unknown size 'bogus' (tiny, small, wide, medium)"),
-                      (["tiny", "tiny"], "--sizes: size 'tiny' is listed twice")):
+                      (["tiny", "tiny"], "--sizes: size 'tiny' is listed twice"),
+                      ("small", "--sizes: a list of size names, not the string 'small' (give ['small'])")):
         with pytest.raises(train.TrainingInputError) as err:
             train.run_training("array30", str(tmp_path / "out"), g4_path="/nonexistent.npz", sizes=bad, epochs=1,
                                quiet=True)

@@ -214,8 +214,12 @@ def name_list(text: str) -> list[str]:
 def choice_list_error(names, choices, what: str) -> str:
     """Why `names` (a list) is not a list of distinct names of `choices` ('' when it is; `what` names one: 'size'):
     the refusal of choice_list at the command line and of the Python API the option feeds (train.run_training's
-    sizes), so that both say the same."""
-    if not names or list(names) == [""]:
+    sizes), so that both say the same. A string is refused as such: list('small') was five names ("unknown size
+    's'")."""
+    if isinstance(names, (str, bytes)):
+        return f"a list of {what} names, not the string {names!r} (give [{names!r}])"
+    names = list(names)
+    if not names or names == [""]:
         return f"no {what} named (one or more of {', '.join(choices)}, separated by commas)"
     for k, name in enumerate(names):
         if name not in choices:

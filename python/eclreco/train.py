@@ -485,7 +485,7 @@ class TrainingInputError(ValueError):
 
 def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=None, max_events=0, quiet=False,
                  samples=None, cache=None, augment=None, restarts=1, chain_seed=None):
-    """Trains and writes the networks and their card; sizes: the names of SIZES to train (None: the detector's
+    """Trains and writes the networks and their card; sizes: a list of the names of SIZES to train (None: the detector's
     default; an empty, unknown or repeated name is refused as --sizes is); chain_seed: the chain sample's seed
     (default seed; a --cache holds the sample of its own, which a chain_seed given must match)."""
     import onnx  # noqa: F401  (fail early when the training extras are missing)
@@ -493,7 +493,7 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
 
     if restarts < 1:
         raise TrainingInputError(f"restarts must be >= 1, not {restarts}")
-    if sizes is not None and (why := choice_list_error(list(sizes), SIZES, "size")):  # None: the default size
+    if sizes is not None and (why := choice_list_error(sizes, SIZES, "size")):  # None: the default size
         raise TrainingInputError(f"--sizes: {why}")  # (sizes=[] trained the default size, which --sizes '' refuses)
     if not 0 <= seed <= MAX_SEED or seed + restarts - 1 > MAX_SEED:  # numpy's and torch's seeds: 32 bits
         raise TrainingInputError(f"--seed {seed} with --restarts {restarts} tries seeds up to {seed + restarts - 1}: "
