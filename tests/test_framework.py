@@ -2137,3 +2137,66 @@ def test_threaded_runs_have_no_data_race_under_thread_sanitizer():
     reports = re.findall(r"SUMMARY: ThreadSanitizer: .*", out)
     assert not reports and r.returncode == 0, "\n".join(reports) or out[-4000:]
     assert out.count("2 runs of 1005 events") == 2, out[-4000:]
+
+
+def test_float_arrays_are_checked_as_given():
+    """The float32 inputs of the C++ kernels were converted with pybind11's forcecast: an array of strings was
+    parsed (rows_at_least(np.array(['1.5']), 1.0) gave [0]), a bool array read as 0/1, a complex one had its
+    imaginary part dropped with only a ComplexWarning. Each now goes through checked_reals<float>: a TypeError
+    naming the argument and its dtype; floats of any width and byte order, integers and lists are read as before
+    (rounded to float32)."""
+    from eclreco import _core
+
+    two_f32 = np.array([0.5, 2.0], np.float32)
+    rows, off2 = np.array([0, 1], np.int64), np.array([0, 2], np.int64)
+    q = np.zeros(2, np.uint8)
+    table = os.path.join(os.path.dirname(eclreco.__file__), "data", "leakage_belle2-ecl.npz")
+    ring = np.array([3, 30], np.int32)
+
+    def digits(**kw):
+        d = dict(offsets=off2, cell=np.array([100, 101], np.int32), energy=two_f32, time=np.zeros(2, np.float32),
+                 quality=q)
+        return {**d, **kw}
+
+    calls = {
+        "values": [lambda a: _core.rows_at_least(a, 1.0), lambda a: _core.rows_at_least_within(a, 1.0, two_f32, 50.0)],
+        "within": [lambda a: _core.rows_at_least_within(two_f32, 0.1, a, 1.0)],
+        "reference": [lambda a: _core.cap_at_ratio(np.full(2, 9, np.float32), a, rows, 2.0)],
+        "blocks[1]": [lambda a: _core.gather_rows(rows, off2, [two_f32[:, None], np.asarray(a)[:, None]],
+                                                  [False, False])],
+        "energy": [lambda a: _core.find_clusters("belle2-ecl", **digits(energy=a)),
+                   lambda a: _core.gamma_gamma_masses(off2, a, *[two_f32] * 4, 0.1, 0.0, 4)],
+        "time": [lambda a: _core.find_clusters("belle2-ecl", **digits(time=a)),
+                 lambda a: _core.count_out_of_time_digits(off2, a, q),
+                 lambda a: _core.gamma_gamma_masses(off2, *[two_f32] * 4, a, 0.1, 0.0, 4)],
+        "energy_raw": [lambda a: _core.leakage_correct(table, a, ring, two_f32, two_f32)],
+        "local_u": [lambda a: _core.leakage_correct(table, two_f32, ring, a, two_f32)],
+        "local_v": [lambda a: _core.leakage_correct(table, two_f32, ring, two_f32, a)],
+        **{k: [lambda a, k=k: _core.gamma_gamma_masses(off2, *[a if c == k else two_f32 for c in "exyzt"], 0.1, 0.0,
+                                                       4)] for k in "xyz"},
+    }
+
+    def same(a, b):
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, tuple):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return np.array_equal(a, b, equal_nan=np.asarray(a).dtype.kind == "f")
+
+    for name, fns in calls.items():
+        for call in fns:
+            for bad, dtype in ((np.array(["1.5", "0.5"]), "<U3"), (np.array([True, False]), "bool"),
+                               (np.array([1 + 2j, 0.5]), "complex128"), (np.array([1.5, None]), "object")):
+                with pytest.raises(TypeError, match=rf"^{re.escape(name)} must be a float or integer array, not {dtype}$"):
+                    call(bad)
+            want = call(two_f32)
+            for ok in (two_f32.astype(np.float64), two_f32.astype(">f4"), two_f32.astype(np.float16), [0.5, 2.0],
+                       np.array([[0.5, 0.0], [2.0, 0.0]], np.float32)[:, 0]):
+                assert same(call(ok), want), (name, ok)
+            int_want = call(np.array([1, 2], np.float32))
+            for ok in (np.array([1, 2]), np.array([1, 2], np.uint8), [1, 2]):
+                assert same(call(ok), int_want), (name, ok)
+    with pytest.raises(ValueError, match=r"^values must be 1-d, not of shape \(2, 2\)$"):
+        _core.rows_at_least(np.zeros((2, 2), np.float32), 0.0)
+    with pytest.raises(ValueError, match="blocks must be 2-d"):
+        _core.gather_rows(rows, off2, [two_f32], [False])

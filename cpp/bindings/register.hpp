@@ -31,13 +31,18 @@ carray<T> checked_numbers(py::handle values, const char* name);
 // integers as checked_numbers<uint8_t> (forcecast read 0.5 and 256 as 0, a flag not set).
 carray<uint8_t> checked_flags(py::handle values, const char* name);
 
-// Real numbers (a float or integer array, or a list) as a C-contiguous float64 array: the array itself when it is
-// one (no copy), else a converted one (float32, integers, another byte order). Taken as any array, not as a
-// carray: its forcecast read strings ('1.5' as 1.5) and bools, and dropped a complex value's imaginary part with
-// only a ComplexWarning. Raises TypeError naming `name` and its dtype for any other dtype (an empty array may
-// have any), ValueError naming `name`, the expected shape and the given one when it is not 1-d or, for
+// Real numbers (a float or integer array, or a list; any shape) as a C-contiguous array of F (float or double):
+// the array itself when it is one (no copy), else a converted one (another float width, integers, another byte
+// order; float32 rounds as numpy's astype, on purpose). Taken as any array, not as a carray: its forcecast read
+// strings ('1.5' as 1.5) and bools, and dropped a complex value's imaginary part with only a ComplexWarning.
+// Raises TypeError naming `name` and its dtype for any other dtype (an empty array may have any).
+template <class F>
+carray<F> real_array(py::handle values, const char* name);
+
+// real_array that is 1-d: ValueError naming `name`, the expected shape and the given one when it is not or, for
 // length >= 0, has not that many entries (`what`: what the entries are, in that message).
-carray<double> checked_reals(py::handle values, const char* name, py::ssize_t length = -1, const char* what = "");
+template <class F>
+carray<F> checked_reals(py::handle values, const char* name, py::ssize_t length = -1, const char* what = "");
 
 // Per-event offsets of a collection (n_events + 1 entries, non-decreasing from >= 0) as int64: the array
 // itself when it is C-contiguous int64 (no copy), else a converted one. Taken as any array (or list), not as a

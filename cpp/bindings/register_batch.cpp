@@ -175,15 +175,27 @@ carray<uint8_t> checked_flags(py::handle input, const char* name) {
   return out;
 }
 
-carray<double> checked_reals(py::handle input, const char* name, py::ssize_t length, const char* what) {
-  const std::string n(name);
+template <class F>
+carray<F> real_array(py::handle input, const char* name) {
   const auto a = py::array::ensure(input);  // a ragged list is none: named by its type (its repr may be long)
   if (!a)
-    throw py::type_error(n + " must be an array of numbers, not " + std::string(py::str(py::type::of(input).attr("__name__"))));
+    throw py::type_error(std::string(name) + " must be an array of numbers, not " +
+                         std::string(py::str(py::type::of(input).attr("__name__"))));
   const char kind = a.dtype().kind();
   if (kind != 'f' && kind != 'i' && kind != 'u' && a.size() != 0)
-    throw py::type_error(n + " must be a float or integer array, not " + std::string(py::str(a.dtype())));
+    throw py::type_error(std::string(name) + " must be a float or integer array, not " + std::string(py::str(a.dtype())));
+  auto out = carray<F>::ensure(a);  // the array itself for C-contiguous native F
+  if (!out) throw py::error_already_set();
+  return out;
+}
+template carray<float> real_array<float>(py::handle, const char*);
+template carray<double> real_array<double>(py::handle, const char*);
+
+template <class F>
+carray<F> checked_reals(py::handle input, const char* name, py::ssize_t length, const char* what) {
+  auto a = real_array<F>(input, name);
   if (a.ndim() != 1 || (length >= 0 && a.shape(0) != length)) {
+    const std::string n(name);
     std::string shape = "(";
     for (py::ssize_t d = 0; d < a.ndim(); ++d) shape += (d ? ", " : "") + std::to_string(a.shape(d));
     shape += a.ndim() == 1 ? ",)" : ")";
@@ -191,10 +203,10 @@ carray<double> checked_reals(py::handle input, const char* name, py::ssize_t len
     throw py::value_error(n + " must have shape (" + std::to_string(length) + ",)" +
                           (*what ? std::string(" (") + what + ")" : std::string()) + ", not " + shape);
   }
-  auto out = carray<double>::ensure(a);  // the array itself for C-contiguous native float64
-  if (!out) throw py::error_already_set();
-  return out;
+  return a;
 }
+template carray<float> checked_reals<float>(py::handle, const char*, py::ssize_t, const char*);
+template carray<double> checked_reals<double>(py::handle, const char*, py::ssize_t, const char*);
 
 Offsets checked_offsets(py::handle input, const char* name) {
   const std::string n(name);
@@ -254,8 +266,8 @@ void register_batch(py::module_& m) {
         std::vector<fw::GatherBlock> gb;
         size_t width = 0;
         for (size_t b = 0; b < blocks.size(); ++b) {
-          auto a = carray<float>::ensure(blocks[b]);
-          if (!a || a.ndim() != 2) throw py::value_error("blocks must be 2-d float arrays");
+          auto a = real_array<float>(blocks[b], ("blocks[" + std::to_string(b) + "]").c_str());
+          if (a.ndim() != 2) throw py::value_error("blocks must be 2-d float arrays");
           const int64_t need = per_event[b] ? static_cast<int64_t>(n_events) : n_coll;
           if (a.shape(0) != need)
             throw py::value_error("block " + std::to_string(b) + " has " + std::to_string(a.shape(0)) + " rows, expected " +
@@ -278,8 +290,8 @@ void register_batch(py::module_& m) {
 
   m.def(
       "rows_at_least",
-      [](carray<float> values, double threshold) {
-        if (values.ndim() != 1) throw py::value_error("values must be 1-d");
+      [](const py::object& values_in, double threshold) {
+        const auto values = checked_reals<float>(values_in, "values");
         const float* v = values.data();
         const size_t n = static_cast<size_t>(values.shape(0));
         const float t = static_cast<float>(threshold);  // float32 comparison, as numpy's values >= threshold
@@ -298,9 +310,10 @@ void register_batch(py::module_& m) {
 
   m.def(
       "rows_at_least_within",
-      [](carray<float> values, double threshold, carray<float> within, double max_abs) {
-        if (values.ndim() != 1 || within.ndim() != 1 || within.shape(0) != values.shape(0))
-          throw py::value_error("values and within must be 1-d of one length");
+      [](const py::object& values_in, double threshold, const py::object& within_in, double max_abs) {
+        const auto values = checked_reals<float>(values_in, "values");
+        const auto within = checked_reals<float>(within_in, "within");
+        if (within.shape(0) != values.shape(0)) throw py::value_error("values and within must be 1-d of one length");
         const size_t n = static_cast<size_t>(values.shape(0));
         py::array_t<int64_t> out(static_cast<py::ssize_t>(n + 1));
         size_t k, outside;
@@ -317,8 +330,10 @@ void register_batch(py::module_& m) {
 
   m.def(
       "cap_at_ratio",
-      [](py::array_t<float, py::array::c_style> values, carray<float> reference, const py::object& rows_in, double ratio) {
-        if (values.ndim() != 1 || reference.ndim() != 1 || reference.shape(0) != values.shape(0))
+      [](py::array_t<float, py::array::c_style> values, const py::object& reference_in, const py::object& rows_in,
+         double ratio) {
+        const auto reference = checked_reals<float>(reference_in, "reference");
+        if (values.ndim() != 1 || reference.shape(0) != values.shape(0))
           throw py::value_error("values and reference must be 1-d of one length");
         const auto rows = checked_numbers<int64_t>(rows_in, "rows");
         if (!values.writeable()) throw py::value_error("values must be writable");

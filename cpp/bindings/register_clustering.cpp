@@ -55,9 +55,12 @@ ecl::ClusterParams params_from(const py::kwargs& kw) {
 void register_clustering(py::module_& m) {
   m.def(
       "leakage_correct",
-      [](const std::string& table, carray<float> energy_raw, const py::object& ring_in, carray<float> local_u,
-         carray<float> local_v) {
+      [](const std::string& table, const py::object& energy_raw_in, const py::object& ring_in,
+         const py::object& local_u_in, const py::object& local_v_in) {
+        const auto energy_raw = checked_reals<float>(energy_raw_in, "energy_raw");
         const auto ring = checked_numbers<int32_t>(ring_in, "ring");
+        const auto local_u = checked_reals<float>(local_u_in, "local_u");
+        const auto local_v = checked_reals<float>(local_v_in, "local_v");
         ecl::LeakageTable t;
         try {
           t = ecl::LeakageTable::load(table);
@@ -80,12 +83,13 @@ void register_clustering(py::module_& m) {
   m.attr("OUT_OF_TIME_NS") = ecl::kOutOfTimeNs;
   m.def(
       "count_out_of_time_digits",
-      [](const py::object& offsets, carray<float> time, const py::object& quality_in) {
+      [](const py::object& offsets, const py::object& time_in, const py::object& quality_in) {
         const Offsets offs = checked_offsets(offsets);
+        const auto time = checked_reals<float>(time_in, "time");
         const auto quality = checked_numbers<uint8_t>(quality_in, "quality");  // forcecast read 256 as 0 (good)
         const size_t n = offs.n_events;
         const int64_t* off = offs.data();
-        if (time.ndim() != 1 || quality.ndim() != 1 || time.shape(0) < off[n] || quality.shape(0) < off[n])
+        if (time.shape(0) < off[n] || quality.shape(0) < off[n])
           throw py::value_error("time / quality shorter than offsets[-1]");
         py::array_t<int32_t> out(static_cast<py::ssize_t>(n));
         int32_t* o = out.mutable_data();
@@ -115,18 +119,19 @@ void register_clustering(py::module_& m) {
 
   m.def(
       "find_clusters",
-      [](py::object detector, const py::object& offsets, const py::object& cell_in, carray<float> energy,
-         carray<float> time, const py::object& quality_in, py::object skip, int repeat,
-         const py::kwargs& kw) {
+      [](py::object detector, const py::object& offsets, const py::object& cell_in, const py::object& energy_in,
+         const py::object& time_in, const py::object& quality_in, py::object skip, int repeat, const py::kwargs& kw) {
         const ecl::ClusterParams p = params_from(kw);
         const Offsets offs = checked_offsets(offsets);
         const size_t n_events = offs.n_events;
         const int64_t n_digits = offs.back();
         const auto cell = checked_numbers<int32_t>(cell_in, "cell");
+        const auto energy = checked_reals<float>(energy_in, "energy");
+        const auto time = checked_reals<float>(time_in, "time");
         const auto quality = checked_numbers<uint8_t>(quality_in, "quality");  // forcecast read 256 as 0 (good)
         for (auto* a : {static_cast<const py::array*>(&cell), static_cast<const py::array*>(&energy),
                         static_cast<const py::array*>(&time), static_cast<const py::array*>(&quality)})
-          if (a->ndim() != 1 || a->shape(0) < n_digits) throw py::value_error("digit arrays shorter than offsets[-1]");
+          if (a->shape(0) < n_digits) throw py::value_error("digit arrays shorter than offsets[-1]");
         const int64_t* off = offs.data();
         // Detector: a per-event array (or list) of codes, else a name / code for all events.
         std::vector<uint8_t> det(n_events, 0);

@@ -10,14 +10,17 @@
 void register_dqm(py::module_& m) {
   m.def(
       "gamma_gamma_masses",
-      [](const py::object& offsets, carray<float> energy, carray<float> x, carray<float> y, carray<float> z,
-         carray<float> time, double min_energy, double max_abs_time, int max_per_event) {
+      [](const py::object& offsets, const py::object& energy_in, const py::object& x_in, const py::object& y_in,
+         const py::object& z_in, const py::object& time_in, double min_energy, double max_abs_time, int max_per_event) {
         const Offsets offs = checked_offsets(offsets);
+        const auto energy = checked_reals<float>(energy_in, "energy"), x = checked_reals<float>(x_in, "x"),
+                   y = checked_reals<float>(y_in, "y"), z = checked_reals<float>(z_in, "z"),
+                   time = checked_reals<float>(time_in, "time");
         const size_t n_events = offs.n_events;
         const int64_t* off = offs.data();
         const int64_t rows = off[n_events];
         for (auto* a : {&energy, &x, &y, &z, &time})
-          if (a->ndim() != 1 || a->shape(0) < rows) throw py::value_error("cluster arrays shorter than offsets[-1]");
+          if (a->shape(0) < rows) throw py::value_error("cluster arrays shorter than offsets[-1]");
         std::vector<double> out;
         {
           py::gil_scoped_release release;

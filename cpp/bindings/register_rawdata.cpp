@@ -50,7 +50,7 @@ rawdata::MessageRef message_of(py::handle obj, std::vector<py::object>& keep, st
 // None: the default; else n_cells numbers (checked_reals: a forcecast read strings and dropped complex parts).
 std::vector<double> optional_per_cell(const py::object& a, const char* name, int n_cells) {
   if (a.is_none()) return {};
-  const auto arr = checked_reals(a, name, n_cells, "one per cellId");
+  const auto arr = checked_reals<double>(a, name, n_cells, "one per cellId");
   return std::vector<double>(arr.data(), arr.data() + arr.shape(0));
 }
 
