@@ -112,6 +112,22 @@ def test_discard_and_reject_take_numpy_indices_and_refuse_a_bool():
     assert b.discards() == {1: "cut", 3: "cut"} and list(b.rejections()) == [0]
 
 
+def test_discard_names_an_index_as_given():
+    """discard converted integer indices with pybind11's forcecast to int64: a uint64 2**64 - 1 wrapped to -1 and was
+    refused as 'event index -1 is negative', a value the caller never gave. The indices now go through
+    checked_numbers<int64_t>: the error names the entry as given; indices of any integer width that fit are read
+    as before."""
+    b = eclreco.EventBatch(4)
+    with pytest.raises(IndexError, match=rf"^discard: events\[1\] = {2**64 - 1} is out of range \(above 2\*\*63 - 1\)$"):
+        b.discard(np.array([0, 2**64 - 1], np.uint64), "cut")
+    with pytest.raises(IndexError, match=r"^discard: events\[0\] = -3 is negative$"):
+        b.discard(np.array([-3, 1], np.int8), "cut")
+    assert b.discards() == {}  # a refused call discards nothing
+    b.discard(np.array([1, 3], ">u8"), "cut")
+    b.discard(np.array([0], np.uint8), "cut")
+    assert b.discards() == {0: "cut", 1: "cut", 3: "cut"}
+
+
 class _DropsOdd(eclreco.Module):
     def event(self, batch):
         batch.discard(batch.evt % 2 == 1, "odd")

@@ -466,7 +466,13 @@ void register_batch(py::module_& m) {
         if (a.dtype().kind() != 'i' && a.dtype().kind() != 'u' && a.size() != 0)
           throw py::type_error("discard: indices must be integers or the mask booleans, not " +
                                std::string(py::str(a.dtype())));
-        auto idx = py::array_t<int64_t, py::array::forcecast>(a);
+        // as given: a forcecast to int64 read a uint64 2**64 - 1 as -1 and named that
+        carray<int64_t> idx;
+        try {
+          idx = checked_numbers<int64_t>(a, "events");
+        } catch (const py::value_error& e) {  // an index no batch has: IndexError, as for a single index
+          throw py::index_error(std::string("discard: ") + e.what());
+        }
         auto v = idx.unchecked<1>();
         std::vector<int64_t> sorted(idx.data(), idx.data() + v.shape(0));
         std::sort(sorted.begin(), sorted.end());
@@ -474,9 +480,7 @@ void register_batch(py::module_& m) {
           // what a 0/1 integer mask gives (events 0 and 1 discarded): refused, not read as indices
           throw py::value_error("discard: event index " + std::to_string(*twice) + " is given twice; a mask must be "
                                 "boolean (mask.astype(bool)), indices distinct");
-        // checked before any event is discarded: a refused call leaves the batch as it was
-        if (!sorted.empty() && sorted.front() < 0)
-          throw py::index_error("discard: event index " + std::to_string(sorted.front()) + " is negative");
+        // checked before any event is discarded: a refused call leaves the batch as it was (none is negative)
         if (!sorted.empty() && static_cast<size_t>(sorted.back()) >= b.size())
           throw py::index_error("discard: event index " + std::to_string(sorted.back()) + " is out of range for a "
                                 "batch of " + std::to_string(b.size()) + " events");
