@@ -349,3 +349,24 @@ def test_geometry_get_reads_its_detector_as_every_detector_argument():
         with pytest.raises(TypeError, match=r"^detector must be a detector name \(belle2-ecl or array30\) or code "
                                             rf"\(0 or 1\), not {re.escape(shown)}$"):
             eclreco.Geometry.get(bad)
+
+
+def test_cell_id_and_phi_index_at_check_their_int_arguments():
+    """Geometry.cell_id's and phi_index_at's int arguments were cast by pybind11: a bool was read as a number
+    (cell_id(True, 0) as ring 1, cellId 49) and a value past int32 (cell_id(2**40, 0)) raised the generic
+    'incompatible function arguments' naming nothing. Now a bool or non-integer is a TypeError, a value past int32
+    a ValueError, each naming the argument; ints (Python's or numpy's) inside int32 are read as before (outside
+    the detector: 0 / -1)."""
+    g = eclreco.Geometry.get("belle2-ecl")
+    for call, first in ((lambda a, b: g.cell_id(a, b), "ring"), (lambda a, b: g.cell_id(b, a), "phi_index"),
+                        (lambda a, b: g.phi_index_at(a, 0.1), "ring")):
+        for bad in (True, np.True_, 1.5, None, "1", np.array([1, 2])):
+            shown = f"{type(bad).__name__} {bad!r}"  # 'bool True', 'float 1.5', "str '1'", ...
+            with pytest.raises(TypeError, match=rf"^{first} must be an int, not {re.escape(shown)}$"):
+                call(bad, 0)
+        for bad in (2**40, 2**31, -2**31 - 1, np.uint64(2**64 - 1)):
+            with pytest.raises(ValueError, match=rf"^{first} = {int(bad)} is out of range \(-2\*\*31 \.\. 2\*\*31 - 1\)$"):
+                call(bad, 0)
+    assert [g.cell_id(1, 0), g.cell_id(np.int64(1), np.uint8(0)), g.cell_id(np.array(1), 0)] == [49, 49, 49]
+    assert g.cell_id(2**31 - 1, 0) == 0 and g.cell_id(-2**31, 0) == 0  # the widest rings there are not: outside
+    assert g.phi_index_at(np.int32(1), 0.1) == g.phi_index_at(1, 0.1) and g.phi_index_at(-5, 0.1) == -1

@@ -63,6 +63,12 @@ Offsets checked_offsets(py::handle offsets, const char* name = "offsets");  // n
 // for anything else (a float, a bool, None).
 ecl::Detector detector_arg(py::handle value, const char* name);
 
+// One integer argument (a Python or numpy int) as T (int): pybind11's cast read a bool as 0 / 1 and refused a value
+// past T with its generic "incompatible function arguments". TypeError naming `name` for a bool or a non-integer
+// (1.5 is not truncated), ValueError naming `name`, the value and T's range for a value past T.
+template <class T>
+T checked_integer(py::handle value, const char* name);
+
 // Zero-copy numpy view of a column (shape: rows x inner shape); keeps the buffer alive.
 py::array column_view(const fw::Column& c, bool writable);
 // Copies a numpy array into a new column of the array's dtype.

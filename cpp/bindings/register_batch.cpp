@@ -247,6 +247,30 @@ ecl::Detector detector_arg(py::handle value, const char* name) {
   return static_cast<ecl::Detector>(v);
 }
 
+template <class T>
+T checked_integer(py::handle value, const char* name) {
+  const std::string n(name);
+  auto refuse_type = [&] {
+    throw py::type_error(n + " must be an int, not " + std::string(py::str(py::type::of(value).attr("__name__"))) +
+                         " " + std::string(py::repr(value)));
+  };
+  if (is_bool(value) || !PyIndex_Check(value.ptr())) refuse_type();
+  const auto i = py::reinterpret_steal<py::object>(PyNumber_Index(value.ptr()));
+  if (!i) {  // an array of more than one entry has __index__ but no single value
+    PyErr_Clear();
+    refuse_type();
+  }
+  using L = std::numeric_limits<T>;
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(i.ptr(), &overflow);
+  if (overflow || v < static_cast<long long>(L::min()) || v > static_cast<long long>(L::max()))
+    throw py::value_error(n + " = " + std::string(py::str(i)) + " is out of range (" +
+                          (L::is_signed ? "-2**" + std::to_string(L::digits) : std::string("0")) + " .. 2**" +
+                          std::to_string(L::digits) + " - 1)");
+  return static_cast<T>(v);
+}
+template int checked_integer<int>(py::handle, const char*);
+
 void register_batch(py::module_& m) {
   m.def(
       "gather_rows",
