@@ -37,7 +37,8 @@ REASON_PREFIXES = None
 
 
 def check_reason(err: ValueError) -> None:
-    # Every rejection carries "reason: detail" with a non-empty reason code.
+    # Every rejection carries "reason: detail" with a non-empty reason code (caught as core.RawDataRejection only:
+    # any other ValueError, an argument error, is a finding).
     text = str(err)
     reason = text.split(":", 1)[0]
     if not reason or " " in reason:
@@ -51,7 +52,7 @@ def check_reason(err: ValueError) -> None:
 def fuzz_envelope(data: bytes) -> None:
     try:
         env = core.decode_envelope(data)
-    except ValueError as err:
+    except core.RawDataRejection as err:
         check_reason(err)
         return
     # A decoded envelope's payload lies inside the message, and so do the bytes of its run and evt
@@ -90,7 +91,7 @@ def fuzz_payload(data: bytes) -> None:
     payload = data[1:]
     try:
         digits = core.unpack_payload(payload, detector, None, None, channel_map)
-    except ValueError as err:
+    except core.RawDataRejection as err:
         check_reason(err)
         return
     cells = digits["cell"]

@@ -797,6 +797,35 @@ def test_unpack_payload_reads_the_channel_map_as_given():
     for ok in (lin, lin.astype(np.uint8), lin.astype(">i4"), lin.tolist(), np.asfortranarray(lin)):
         assert unpack(ok) == want
 
+def test_unpack_payload_raises_raw_data_error_for_the_payload_only():
+    """rawdata.unpack_payload turned every ValueError of _core.unpack_payload into a RawDataError: an argument
+    error (a 2-d gain, an unknown detector, a channel map that reads a cellId twice) looked like a wire-format
+    rejection whose reason code was the message ('gain must have shape (8736,) ...'). The C++ now raises its
+    rejections as _core.RawDataRejection (a ValueError) and the wrappers convert that only: an argument error
+    stays a ValueError / TypeError naming the argument; a payload or envelope that breaks the format is still a
+    RawDataError with a reason code of the spec's tables."""
+    cases = ((lambda: rawdata.unpack_payload(b"", gain=np.ones((2, 3))), ValueError,
+              r"^gain must have shape \(8736,\) \(one per cellId\), not \(2, 3\)$"),
+             (lambda: rawdata.unpack_payload(b"", "cms"), ValueError, r"^detector = 'cms' is not a detector name"),
+             (lambda: rawdata.unpack_payload(b"", gain=np.full(8736, "1")), TypeError, r"^gain must be a float"),
+             (lambda: rawdata.unpack_payload(b"", channel_map=[(1, 1, 0)] * 8736), ValueError, "already reads cellId 1"))
+    for call, err, msg in cases:
+        with pytest.raises(err, match=msg) as e:
+            call()
+        assert not isinstance(e.value, rawdata.RawDataError)
+    with open(os.path.join(os.path.dirname(__file__), "..", "docs", "wire-format.md")) as f:
+        reasons = set(re.findall(r"^\| `(\w+)`", f.read(), re.M))  # the spec's tables of rejection reasons
+    for call, reason in ((lambda: rawdata.unpack_payload(b"\0"), "payload_not_words"),
+                         (lambda: rawdata.unpack_payload(words(block(1, 2), shaper(1, 0b111), hit(50))), "missing_hit_words"),
+                         (lambda: rawdata.decode_envelope(b""), "empty_message")):
+        with pytest.raises(rawdata.RawDataError) as e:
+            call()
+        assert e.value.reason == reason and reason in reasons
+    with pytest.raises(_core.RawDataRejection, match="^payload_not_words: "):  # ValueError('reason: detail')
+        _core.unpack_payload(b"\0")
+    assert issubclass(_core.RawDataRejection, ValueError)
+
+
 def test_unpack_payload_reads_gain_and_t0_as_given():
     """unpack_payload converted gain and t0 with pybind11's forcecast to float64: an array of strings was read as
     numbers, a bool array as 0/1, a complex one with its imaginary part dropped (only a ComplexWarning), and a 2-d one

@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cstring>
+#include <stdexcept>
 
 #include "ecl/envelope.hpp"
 #include "ecl/geometry.hpp"
@@ -43,8 +44,14 @@ rawdata::MessageRef message_of(py::handle obj, std::vector<py::object>& keep, st
   return {reinterpret_cast<const uint8_t*>(copy.data()), copy.size()};
 }
 
+// A message that breaks the wire format, raised as _core.RawDataRejection (a ValueError) 'reason: detail': told
+// apart from an argument's ValueError, which rawdata.py's wrappers made a RawDataError whose reason was its text.
+struct RawDataRejection : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 [[noreturn]] void raise(const char* reason, const std::string& detail) {
-  throw py::value_error(std::string(reason) + ": " + detail);
+  throw RawDataRejection(std::string(reason) + ": " + detail);
 }
 
 // None: the default; else n_cells numbers (checked_reals: a forcecast read strings and dropped complex parts).
@@ -74,6 +81,7 @@ ecl::ChannelMap optional_channel_map(const py::object& a, int n_cells) {
 }  // namespace
 
 void register_rawdata(py::module_& m) {
+  py::register_exception<RawDataRejection>(m, "RawDataRejection", PyExc_ValueError);
   m.def(
       "append_envelopes",
       [](fw::EventBatch& batch, const py::sequence& messages) {
@@ -150,8 +158,8 @@ void register_rawdata(py::module_& m) {
       },
       py::arg("message"),
       "Decode one envelope: a dict (exp, run, evt, det, detector, time_ns, crc32, payload_offset, "
-      "payload_size, run_offset, run_size, evt_offset, evt_size (the bytes of the run and evt ints), ecl); ValueError('reason: detail') "
-      "when it is malformed.");
+      "payload_size, run_offset, run_size, evt_offset, evt_size (the bytes of the run and evt ints), ecl); "
+      "RawDataRejection (a ValueError) 'reason: detail' when it is malformed.");
 
   m.def(
       "envelope_numbers",
@@ -205,7 +213,8 @@ void register_rawdata(py::module_& m) {
       py::arg("payload"), py::arg("detector") = "belle2-ecl", py::arg("gain") = py::none(),
       py::arg("t0") = py::none(), py::arg("channel_map") = py::none(),
       "Unpack one ECL payload: dict of numpy arrays (cell, energy, time, quality, amplitude) sorted by "
-      "cellId; ValueError('reason: detail') when it breaks a rule of the format. gain, t0: per cellId - 1 "
+      "cellId; RawDataRejection (a ValueError) 'reason: detail' when it breaks a rule of the format (an argument "
+      "error is a ValueError / TypeError naming the argument). gain, t0: per cellId - 1 "
       "(default 1, 0); channel_map: (n_cells, 3) addresses (collector, shaper, channel) (default the linear map).");
 
   m.def(

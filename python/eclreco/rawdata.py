@@ -46,7 +46,8 @@ class RawDataError(ValueError):
         self.detail = detail
 
 
-def _reraise(e: ValueError):
+def _reraise(e: _core.RawDataRejection):
+    """The C++ decoders' rejection ('reason: detail') as a RawDataError; their argument errors are not caught."""
     reason, _, detail = str(e).partition(": ")
     raise RawDataError(reason, detail) from None
 
@@ -59,7 +60,7 @@ def decode_envelope(message: bytes) -> dict:
     """
     try:
         env = _core.decode_envelope(message)
-    except ValueError as e:
+    except _core.RawDataRejection as e:
         _reraise(e)
     if b"truth" in message:  # the C++ decoder checks it is a map and skips it (the chain never reads it)
         try:
@@ -73,10 +74,13 @@ def decode_envelope(message: bytes) -> dict:
 
 def unpack_payload(payload: bytes, detector: str = "belle2-ecl", gain=None, t0=None, channel_map=None) -> dict:
     """Unpack one ECL payload (C++): dict of numpy arrays cell, energy, time, quality, amplitude.
-    gain, t0: per cellId - 1; channel_map: (n_cells, 3) addresses (default: the spec's linear map)."""
+    gain, t0: per cellId - 1; channel_map: (n_cells, 3) addresses (default: the spec's linear map).
+
+    Raises :class:`RawDataError` with the rejection reason for a payload that breaks the format, ValueError /
+    TypeError naming the argument for an argument that is wrong (gain's shape, an unknown detector)."""
     try:
         return _core.unpack_payload(payload, detector, gain, t0, channel_map)
-    except ValueError as e:
+    except _core.RawDataRejection as e:
         _reraise(e)
 
 
@@ -385,7 +389,7 @@ def not_a_raw_file(path: str | os.PathLike) -> str:
     try:
         _core.decode_envelope(first)
         return ""
-    except ValueError as err:
+    except _core.RawDataRejection as err:
         reason, _, detail = str(err).partition(": ")
     if reason == "not_a_map":
         return f"not a raw file of the wire format: its first message is no envelope ({detail})"
