@@ -1731,3 +1731,29 @@ def test_hlt_run_says_its_option_errors_before_an_address_in_use(tmp_path, capsy
     finally:
         held.close()
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("built_in", [False, True])
+def test_hlt_worker_help_usage_shows_the_steering_file(built_in, monkeypatch, capsys):
+    """`eclreco hlt worker --help` printed `usage: eclreco hlt worker [-h] [--distributor DISTRIBUTOR] ...`: the
+    steering file's own parser (steering/hlt_worker.py, or the built-in one where the source tree is not found)
+    cannot know of the optional STEERING.py that `hlt worker` takes before its options."""
+    from eclreco.hlt import worker
+
+    if built_in:
+        monkeypatch.delenv("ECLRECO_HLT_WORKER_STEERING", raising=False)
+        monkeypatch.setattr(worker, "default_steering", lambda: None)
+    def run_worker(*argv):  # the steering file's exit is returned, the built-in parser's raised
+        try:
+            return cli.main(["hlt", "worker", *argv])
+        except SystemExit as e:
+            return e.code
+
+    assert run_worker("--help") == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith("usage: eclreco hlt worker [STEERING.py] "), out
+    # the error prefix is still the command's name alone
+    assert run_worker("--threads", "0") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: eclreco hlt worker [STEERING.py] "), err
+    assert "\neclreco hlt worker: error: argument --threads" in err, err

@@ -271,6 +271,11 @@ def run_worker(path, link: WorkerLink, threads: int = 1, batch_size: int = 256, 
 
 
 def add_worker_arguments(ap: argparse.ArgumentParser):
+    """The worker's options, on the parser of a worker steering file (steering/hlt_worker.py) or the built-in one.
+    `eclreco hlt worker` takes the optional steering file before them (hlt/cli.py), which this parser never sees:
+    its usage says so (unless it has one of its own), with the prog (the `error:` prefix) left as it is."""
+    if ap.usage is None:
+        ap.usage = "%(prog)s [STEERING.py] [options]"
     ap.add_argument("--distributor", type=CONNECT_ADDRESS, default="tcp://127.0.0.1:5556", help="the distributor's workers address")
     ap.add_argument("--collector", type=CONNECT_ADDRESS, default="tcp://127.0.0.1:5558", help="the collector's input address")
     ap.add_argument("--threads", type=THREADS, default=1, help="processing threads of this worker")
