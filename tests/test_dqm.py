@@ -749,3 +749,36 @@ def test_eclreco_dqm_sums_a_runs_parts_across_files_and_refuses_files_it_cannot_
     assert (f"cannot sum the parts of dqm/digits_per_event of exp 0, run 1: cycle {binned};1 has other bins than "
             f"cycle {a};1" in capsys.readouterr().err)
     assert sorted(p.name for p in out_dir.iterdir()) == before  # refused: the folder as it was
+
+
+def test_eclreco_dqm_warns_of_a_file_whose_detector_it_cannot_check(tmp_path, capsys):
+    """`eclreco dqm FILE...` refuses files whose metadata name other detectors, but took a file without metadata
+    (a collector killed before its end writes none) beside any other without a word: its detector was never
+    checked. It now names that file on stderr, and still draws (a killed collector's file and its replacement's
+    are what it sums)."""
+    from _raw_helpers import two_digit_events
+    from eclreco.cli import main
+    from eclreco.rawdata import write_raw_file
+
+    events = two_digit_events(4, run=1)
+    for name, part in (("a", events[:2]), ("killed", events[2:])):
+        write_raw_file(tmp_path / f"{name}.msgpack", part)
+        path = eclreco.create_path()
+        path.add_module("RawFileInput", filename=str(tmp_path / f"{name}.msgpack"))
+        path.add_module("ECLUnpacker")
+        path.add_module("ECLDQM")
+        path.add_module("RootOutput", filename=str(tmp_path / f"{name}.root"))
+        eclreco.process(path, install_signal_handlers=False)
+    a, killed = str(tmp_path / "a.root"), str(tmp_path / "killed.root")
+    with uproot.update(killed) as f:  # as a collector killed before its end left it: dqm/, no metadata
+        del f["metadata"]
+    with uproot.open(killed) as f:
+        assert "dqm" in {k.split(";")[0] for k in f.keys(recursive=False)}
+        assert "metadata" not in {k.split(";")[0] for k in f.keys(recursive=False)}
+    warning = (f"eclreco dqm: warning: {killed} has no metadata (a collector killed before its end?): its detector "
+               f"could not be checked against the other files' (array30)")
+    capsys.readouterr()
+    assert main(["dqm", a, killed, "-o", str(tmp_path / "png")]) == 0
+    assert warning in capsys.readouterr().err
+    assert main(["dqm", killed, "-o", str(tmp_path / "png1")]) == 0  # one file: nothing to check it against
+    assert "warning" not in capsys.readouterr().err

@@ -562,17 +562,27 @@ def _summed(cycles: list[dict]) -> dict:
 
 def read_files(paths: list[str]) -> list[dict]:
     """read_histograms of each file, in order (a run whose collector was replaced mid-run is in two files: by_run
-    sums its parts across them). A ValueError naming both where two files' metadata name other detectors."""
-    hists, detectors = [], {}
+    sums its parts across them). A ValueError naming both where two files' metadata name other detectors. A file
+    without metadata (a collector killed before its end writes none) beside others cannot be checked: a warning
+    on stderr names it (its histograms are still refused where their bins differ: by_run)."""
+    hists, detectors, unchecked = [], {}, []
     for path in paths:
         got = read_histograms(path)
         hists += got
         if got and got[0]["detectors"] is not None:
             detectors.setdefault(tuple(got[0]["detectors"]), path)
+        elif got:
+            unchecked.append(path)
     if len(detectors) > 1:
         (a, pa), (b, pb) = list(detectors.items())[:2]
         raise ValueError(f"{pb} is of the detector(s) {', '.join(b)} and {pa} of {', '.join(a)}: "
                          "the DQM of different detectors is not summed")
+    if len(paths) > 1:
+        known = next(iter(detectors), None)
+        others = "the other files'" + (f" ({', '.join(known)})" if known else "")
+        for path in unchecked:
+            print(f"eclreco dqm: warning: {path} has no metadata (a collector killed before its end?): its "
+                  f"detector could not be checked against {others}", file=sys.stderr)
     return hists
 
 
