@@ -782,3 +782,25 @@ def test_eclreco_dqm_warns_of_a_file_whose_detector_it_cannot_check(tmp_path, ca
     assert warning in capsys.readouterr().err
     assert main(["dqm", killed, "-o", str(tmp_path / "png1")]) == 0  # one file: nothing to check it against
     assert "warning" not in capsys.readouterr().err
+
+
+def test_eclreco_dqm_takes_a_file_without_events_beside_another(tmp_path, capsys):
+    """A RootOutput file of a job that wrote no event (every event rejected, or none came) has metadata naming no
+    detector; `eclreco dqm` refused it beside any other: 'e.root is of the detector(s)  and a.root of array30: the
+    DQM of different detectors is not summed'. Naming no detector, it conflicts with none."""
+    from _raw_helpers import two_digit_events
+    from eclreco.cli import main
+    from eclreco.rawdata import write_raw_file
+
+    for name, part in (("a", two_digit_events(2, run=1)), ("empty", [])):
+        write_raw_file(tmp_path / f"{name}.msgpack", part)
+        path = eclreco.create_path()
+        path.add_module("RawFileInput", filename=str(tmp_path / f"{name}.msgpack"))
+        path.add_module("ECLUnpacker")
+        path.add_module("ECLDQM")
+        path.add_module("RootOutput", filename=str(tmp_path / f"{name}.root"))
+        eclreco.process(path, install_signal_handlers=False)
+    a, empty = str(tmp_path / "a.root"), str(tmp_path / "empty.root")
+    capsys.readouterr()
+    assert main(["dqm", a, empty, "-o", str(tmp_path / "png")]) == 0, capsys.readouterr().err
+    assert "warning" not in capsys.readouterr().err

@@ -562,17 +562,19 @@ def _summed(cycles: list[dict]) -> dict:
 
 def read_files(paths: list[str]) -> list[dict]:
     """read_histograms of each file, in order (a run whose collector was replaced mid-run is in two files: by_run
-    sums its parts across them). A ValueError naming both where two files' metadata name other detectors. A file
-    without metadata (a collector killed before its end writes none) beside others cannot be checked: a warning
-    on stderr names it (its histograms are still refused where their bins differ: by_run)."""
+    sums its parts across them). A ValueError naming both where two files' metadata name other detectors (one that
+    names none, of a job that wrote no event, is of any). A file without metadata (a collector killed before its
+    end writes none) beside others cannot be checked: a warning on stderr names it (its histograms are still
+    refused where their bins differ: by_run)."""
     hists, detectors, unchecked = [], {}, []
     for path in paths:
         got = read_histograms(path)
         hists += got
-        if got and got[0]["detectors"] is not None:
+        if got and got[0]["detectors"]:
             detectors.setdefault(tuple(got[0]["detectors"]), path)
-        elif got:
+        elif got and got[0]["detectors"] is None:
             unchecked.append(path)
+        # (a file whose metadata names no detector wrote no event: its DQM holds the rejections only)
     if len(detectors) > 1:
         (a, pa), (b, pb) = list(detectors.items())[:2]
         raise ValueError(f"{pb} is of the detector(s) {', '.join(b)} and {pa} of {', '.join(a)}: "
