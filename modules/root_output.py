@@ -171,28 +171,20 @@ class RootOutput(Module):
         self._schema = None  # (event branch dtypes, cluster field dtypes or None), fixed by the first basket
         self._made_before = self._collections_made_before()
 
-    def _modules_before(self) -> list | None:
-        """The modules before this one in the running path (None: not run by eclreco.process)."""
-        from eclreco.framework import running_path
-
-        path = running_path()
-        mine = next((i for i, m in enumerate(path.modules) if m is self), None) if path is not None else None
-        return None if mine is None else path.modules[:mine]
-
     def _unknown_cluster_columns(self) -> str:
         """The error for cluster_columns that ECLClusters will not have, where its columns are known at
         initialize (framework.columns_made: the clusterizer's chain); else the first batch says it."""
-        from eclreco.framework import unknown_columns_error
+        from eclreco.framework import modules_before, unknown_columns_error
 
-        before = self._modules_before()
+        before = modules_before(self)
         return "" if before is None else unknown_columns_error(before, "ECLClusters", self.param("cluster_columns"),
                                                                "RootOutput: cluster_columns")
 
     def _collections_made_before(self) -> set[str] | None:
         """The collections that the modules before this one in the running path make (None: not known)."""
-        from eclreco.framework import collections_made
+        from eclreco.framework import collections_made, modules_before
 
-        before = self._modules_before()
+        before = modules_before(self)
         return None if before is None else collections_made(before)
 
     def _fail(self, err: BaseException):

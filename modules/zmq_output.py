@@ -21,7 +21,9 @@ class ZMQOutput(Module):
     `provenance_interval_s`, also carry the producer's provenance (its path with every parameter
     and the CNN's model files: what the HLT collector records in its file's metadata). The
     events an event filter discarded go with their metadata and reason but without their rows in
-    `strip_discarded` (default ECLClusters). Arrays are raw little-endian
+    `strip_discarded` (default ECLClusters). `columns` restricts the columns sent; a name none of the sent
+    collections will have is refused at initialize where their columns are known (framework.columns_made),
+    else left out (the receiver, which knows what it needs, says so). Arrays are raw little-endian
     bytes with dtype and shape. Sending blocks while the receiver is slow (high-water mark), so
     the chain feels backpressure; after a stop request it gives the receiver `stop_timeout_s`
     more and then drops (and counts) what it could not send; at terminate it waits up to
@@ -35,7 +37,11 @@ class ZMQOutput(Module):
         self.add_param("bind", False, "bind the address instead of connecting to it")
         self.add_param("collections", ["ECLClusters"], "collections sent with all their columns")
         self.add_param("count_collections", ["ECLDigits"], "collections sent as per-event counts only")
-        self.add_param("columns", [], "restrict the columns sent (empty: all)", type="list[str]")
+        self.add_param("columns", [], "restrict the columns sent, of every collection of `collections` (empty: all); "
+                       "a name that none will have is refused at initialize where that is known (collections "
+                       "ECLClusters alone, made by ECLClusterizer, only eclreco's modules after it), elsewhere not "
+                       "sent where a batch lacks it: its receiver says so (the HLT collector's RootOutput fails the "
+                       "events, all counted: docs/deployment.md)", type="list[str]")
         self.add_param("strip_discarded", ["ECLClusters"], "collections sent without the rows of events that an "
                        "event filter discarded (their count 0; not a per-event collection such as ECLEventInformation)",
                        type="list[str]")
@@ -69,6 +75,16 @@ class ZMQOutput(Module):
 
     def initialize(self):
         import zmq
+
+        from eclreco.framework import modules_before, unknown_columns_error
+
+        # Before the socket: a misspelt name is refused, not left out of every message without a word. A name may
+        # be of any of the collections, so it is known to be of none only where they are one whose columns are
+        # known (columns_made: ECLClusters of the clusterizer's chain), as by default.
+        before, collections = modules_before(self), list(dict.fromkeys(self.param("collections")))
+        if before is not None and len(collections) == 1 and (
+                why := unknown_columns_error(before, collections[0], self.param("columns"), "ZMQOutput: columns")):
+            raise ValueError(why)
 
         self._zmq = zmq
         # Its own context, terminated at terminate(): a socket's linger is kept only by the context's

@@ -759,3 +759,60 @@ def test_what_an_ended_tcp_connection_leaves_unread_is_counted_in_bytes():
         pull.close(0)
         push.close(0)
     assert read < n and 0 < lost <= (n - read) * size <= lost + 8192 + size, (read, lost)
+
+
+def _sent_clusters_path(*after, **params):
+    """Simulated belle2-ecl gammas -> ECLUnpacker -> ECLClusterizer -> `after` -> ZMQOutput(**params)."""
+    path = eclreco.create_path()
+    path.add_module("SimulationInput", events=20, detector="belle2-ecl", particle="gamma", background=0.0, seed=3)
+    path.add_module("ECLUnpacker")
+    path.add_module("ECLClusterizer")
+    for m in after:
+        path.add_module(m)
+    return path, path.add_module("ZMQOutput", **params)
+
+
+def test_zmq_output_refuses_a_misspelt_column_at_initialize():
+    """ZMQOutput(columns=['energy', 'latt']) after the clusterizer sent every batch without 'latt', without a
+    word (the receiver found the column missing). As RootOutput's cluster_columns, a name that the sent
+    collections will not have is refused at initialize where their columns are known, naming it and the valid
+    ones; no socket is made and no event read."""
+    address = free_address()
+    path, _ = _sent_clusters_path("ECLLeakageCorrection", address=address, columns=["energy", "latt"])
+    with pytest.raises(RuntimeError) as err:
+        eclreco.process(path, install_signal_handlers=False)
+    message = str(err.value)
+    assert "ZMQOutput: columns: 'latt' is not a column of ECLClusters; its columns of one value per cluster are " in (
+        message), message
+    assert "e1e9" in message and eclreco.statistics.summary()["received"] == 0
+
+
+def test_zmq_output_sends_a_column_a_users_module_adds():
+    """A module of a steering file after the clusterizer may add a column (Module.makes names collections, not
+    columns): its name is not refused at initialize, and is sent; so is a second collection's column, where the
+    columns are restricted across both."""
+    from eclreco.hlt.protocol import DecodedBatch, unpack
+
+    class MarksHighEnergy(eclreco.Module):
+        def event(self, batch):
+            c = batch["ECLClusters"]
+            c["high"] = c["energy"] > 0.5
+
+    address = free_address()
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull.bind(address)
+    try:
+        path, out = _sent_clusters_path(MarksHighEnergy(), address=address, columns=["energy", "high"])
+        eclreco.process(path, install_signal_handlers=False)
+        assert pull.poll(10000)
+        batch = DecodedBatch(unpack(pull.recv()))
+        path, out = _sent_clusters_path(address=address, collections=["ECLClusters", "ECLEventInformation"],
+                                        columns=["energy", "n_out_of_time_digits"])
+        eclreco.process(path, install_signal_handlers=False)
+        assert pull.poll(10000)
+        both = DecodedBatch(unpack(pull.recv()))
+    finally:
+        pull.close(0)
+    assert sorted(batch.collections["ECLClusters"][1]) == ["energy", "high"]
+    assert sorted(both.collections["ECLClusters"][1]) == ["energy"]
+    assert sorted(both.collections["ECLEventInformation"][1]) == ["n_out_of_time_digits"]

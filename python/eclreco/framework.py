@@ -171,6 +171,13 @@ def columns_made(modules, collection: str) -> dict[str, str] | None:
     return dict(_core.cluster_columns())
 
 
+def modules_before(module) -> list | None:
+    """The modules before `module` in the path eclreco.process is running (None: not run by it)."""
+    path = running_path()
+    mine = next((i for i, m in enumerate(path.modules) if m is module), None) if path is not None else None
+    return None if mine is None else path.modules[:mine]
+
+
 def unknown_columns_error(modules, collection: str, names, what: str) -> str:
     """The error for `names` (what: the parameter or option that lists them) that `collection` will not have
     after `modules`, naming them and the valid ones; '' when all are there or its columns are not known
