@@ -4,6 +4,7 @@ an exception inside a module (only that event flagged) is in test_framework.py."
 import contextlib
 import glob
 import json
+import re
 import os
 import resource
 import signal
@@ -143,6 +144,45 @@ def test_hlt_run_restarts_a_collector_and_loses_no_event(farm_factory, tmp_path,
     assert f"{n} events written to {merged} from 2 file(s), detector belle2-ecl; {len(evts) - n} duplicate(s) dropped" in r.stdout, r.stdout
 
 
+def test_a_run_in_two_collectors_files_is_named_with_both_for_eclreco_dqm(farm_factory, tmp_path):
+    """A collector stopped (SIGTERM) in the middle of a run wrote the run's first events and their DQM to its file,
+    its replacement the rest to its own: the output line said how many each wrote, but its `eclreco dqm` advice
+    (if any) named one file, whose DQM alone looks like the whole run's. It now names both files in one
+    `eclreco dqm` command, which sums the run's DQM across them: the run's events, each once."""
+    import threading
+
+    from eclreco.dqm import by_run, read_files
+    from eclreco.hlt.control import status
+
+    farm = farm_factory(heartbeat_timeout=2, workers=2)
+    first = farm.process("collector")["pid"]
+    n = 3000
+    feed = threading.Thread(target=lambda: push_events(farm.input, range(n), rate_hz=2000, timeout_s=60), daemon=True)
+    feed.start()
+    t0 = time.monotonic()
+    while (d := status(farm.control)["processes"][0])["confirmed"] - d["unsaved"] < 300:
+        assert time.monotonic() - t0 < 30, farm.logtext()
+        time.sleep(0.02)
+    os.kill(first, signal.SIGTERM)
+    feed.join(60)
+    farm.wait_confirmed(n)
+    farm.command("terminate")
+    rc, log = farm.wait_exit()
+    assert rc == 0, log
+    second = str(tmp_path / "farm.2.root")
+    line = next(x for x in log.splitlines() if x.startswith("[hlt run] output: "))
+    assert f"; farm run 1's events are in 2 files (`eclreco dqm {farm.output} {second}` draws its DQM summed " \
+           "across them)" in line, line
+    advised = re.search(r"`eclreco dqm ([^`]*)`", line).group(1).split()
+    runs = {h["run"]: h for h in by_run(read_files(advised)) if h["name"] == "digits_per_event"}
+    assert list(runs) == [(1, 1)] and runs[(1, 1)]["counts"].sum() == n, runs
+    for f in advised:  # each holds part of the run's DQM: neither alone is the run's
+        assert 0 < sum(h["counts"].sum() for h in by_run(read_files([f])) if h["name"] == "digits_per_event") < n, f
+    r = subprocess.run(ECLRECO + ["dqm", *advised, "-o", str(tmp_path / "png")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and (tmp_path / "png" / "digits_per_event.png").exists(), r.stderr
+
+
 def fail_the_collectors_write_midway(farm, first: int, n: int, room_bytes: int):
     """Once every event so far is SAVED, a file-size limit on the collector alone, `room_bytes` beyond its file now
     (Python ignores SIGXFSZ: write() fails, EFBIG), while events first..n-1 come at 3 kHz: its write fails in the
@@ -174,6 +214,8 @@ def test_a_collector_that_cannot_write_its_file_keeps_its_events_and_the_report_
     as the dead one's, exit 0."""
     from test_hlt import scrape
 
+    from eclreco.dqm import by_run, read_files
+
     farm = farm_factory(heartbeat_timeout=2, workers=2)
     push_events(farm.input, range(3000))
     farm.wait_confirmed(3000)
@@ -197,6 +239,13 @@ def test_a_collector_that_cannot_write_its_file_keeps_its_events_and_the_report_
            f"file(s): {kept}; 1 collector(s) could not write their file: {error}" in line, line
     assert_output_adds_up(line)
     assert "eclreco_hlt_collector_output_errors_total 1.0" in metrics, metrics
+    # the advice names the file that holds the run's DQM: the kept file holds none of the run (open at the failure)
+    assert f"; farm run 1's events are in 2 files (`eclreco dqm {farm.output}` draws its DQM; {kept}, whose write " \
+           "failed, holds no DQM of the runs open then: in no file)" in line, line
+    r = subprocess.run(ECLRECO + ["dqm", kept, "-o", str(tmp_path / "png")], capture_output=True, text=True)
+    assert r.returncode == 2 and "has no dqm directory" in r.stderr, r.stderr
+    runs = {h["run"]: h for h in by_run(read_files([farm.output])) if h["name"] == "digits_per_event"}
+    assert runs[(1, 1)]["counts"].sum() == len(in_new), runs
 
 
 def test_a_collector_whose_write_fails_in_the_middle_of_a_run_reports_what_it_saved(farm_factory, tmp_path):

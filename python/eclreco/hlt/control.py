@@ -36,14 +36,25 @@ def summary_line(d: dict) -> str:
                if d.get("collector_restarts_failed") else ""))
 
 
-def dqm_parts_text(entries: list[dict], total: int | None = None) -> str:
-    """The runs whose DQM a collector wrote in several cycles ({exp, run, parts, file} each): 'run (1, 1) written
-    in 2 DQM parts in FILE, ...'; a run's totals are the sum of its parts, which `eclreco dqm FILE` draws."""
+def dqm_command(files: list[str]) -> str:
+    """`eclreco dqm F1 F2`: every file holding part of a run (it sums the run's parts across them)."""
+    return "`eclreco dqm " + (" ".join(files) or "FILE") + "`"
+
+
+def dqm_parts_text(entries: list[dict], total: int | None = None, run_files: dict | None = None) -> str:
+    """The runs whose DQM a collector wrote in several cycles ({exp, run, parts, file[, run_index]} each): 'run
+    (1, 1) written in 2 DQM parts in FILE, ...'; a run's totals are the sum of its parts, which `eclreco dqm` draws
+    given every file of the run: run_files (farm run index -> files) names the others of a run in several files."""
     text = ", ".join(f"run ({e['exp']}, {e['run']}) written in {e['parts']} DQM parts"
                      + (f" in {e['file']}" if e.get("file") else "") for e in entries)
     if total is not None and total > len(entries):
         text += f" and {total - len(entries)} more run(s)"
-    return text + " (a run's totals are the sum of its parts: `eclreco dqm FILE` draws them summed)"
+    files: list[str] = []
+    for e in entries:
+        for f in (run_files or {}).get(e.get("run_index"), []) or [e.get("file")]:
+            if f and f not in files:
+                files.append(f)
+    return text + f" (a run's totals are the sum of its parts: {dqm_command(files)} draws them summed)"
 
 
 def output_line(d: dict) -> str:
@@ -102,8 +113,17 @@ def output_line(d: dict) -> str:
     if o.get("orphaned_lost"):  # in `received`, in no file: the collector's write failed before they were in it
         line += (f"; {o['orphaned_lost']} late results of events of a distributor that died lost: a collector's write "
                  "failed before they were in its file, and no distributor held them to hand on")
+    split = {}  # farm run index -> the files holding its DQM
+    for e in o.get("runs_in_several_files", []):  # a collector replaced mid-run: each file holds part of the run
+        without = e.get("without_dqm") or []
+        split[e["run_index"]] = [f for f in e["files"] if f not in without]
+        advice = [f"{dqm_command(split[e['run_index']])} draws its DQM"
+                  + (" summed across them" if len(split[e["run_index"]]) > 1 else "")] if split[e["run_index"]] else []
+        if without:
+            advice.append(f"{', '.join(without)}, whose write failed, holds no DQM of the runs open then: in no file")
+        line += f"; farm run {e['run_index']}'s events are in {len(e['files'])} files ({'; '.join(advice)})"
     if o.get("dqm_runs_in_parts"):  # events of a run that came after its DQM was written (docs/architecture.md)
-        line += "; " + dqm_parts_text(o["dqm_runs_in_parts"], o.get("dqm_runs_in_parts_total"))
+        line += "; " + dqm_parts_text(o["dqm_runs_in_parts"], o.get("dqm_runs_in_parts_total"), split)
     return line + (f" (first error: {o['first_error']})" if o.get("first_error") else "")
 
 
@@ -265,9 +285,10 @@ def control_main(args) -> int:
         return 1
     collector = reply.get("collector") or {}
     if collector.get("dqm_parts"):  # said, the run is fine: late events of a run went to a further DQM cycle
+        files = [r.get("output") for r in reply.get("replaced_collectors") or ()] + [collector.get("filename")]
         print("eclreco hlt control: note: " + dqm_parts_text(
-            [{"exp": e, "run": r, "parts": n, "file": collector.get("filename")} for e, r, n in collector["dqm_parts"]]),
-            file=sys.stderr)
+            [{"exp": e, "run": r, "parts": n, "file": collector.get("filename"), "run_index": 0}
+             for e, r, n in collector["dqm_parts"]], run_files={0: [f for f in files if f]}), file=sys.stderr)
     if reply.get("timeout"):  # stopped, but nobody said that the run's file is closed
         print("eclreco hlt control: the run stopped, but the collector did not report its end within 30 s (is it "
               "alive? `hlt status`): its output may not be closed", file=sys.stderr)

@@ -242,7 +242,13 @@ class Distributor:
                        "output_errors": [],
                        # runs whose DQM a collector wrote in several cycles (parts): {run_index, exp, run, parts,
                        # file}, the first 20, and how many
-                       "dqm_runs_in_parts": [], "dqm_runs_in_parts_total": 0}
+                       "dqm_runs_in_parts": [], "dqm_runs_in_parts_total": 0,
+                       # farm runs whose events are in several collectors' files (one replaced, failed or writing
+                       # a failed stop's leftovers): {run_index, files, without_dqm}, the first 20; `eclreco dqm` sums
+                       # across them (without_dqm: of them, files whose write failed: the DQM open then is in none)
+                       "runs_in_several_files": []}
+        # farm run index -> {file holding its events: whether it holds their DQM} (note_run_file)
+        self.run_files: dict[int, dict[str, bool]] = {}
         # The farm's runs (their indices) whose end a collector reported, and of them those it received events in:
         # a run is counted once, also when several collectors report on it, and a run without events counts too.
         self.reported_runs: set[int] = set()
@@ -940,6 +946,8 @@ class Distributor:
             self.count_output_error(rec["error"])
         if run_index is None or run_index == self.run_index:
             self.replaced_run.append(rec)
+        if saved:
+            self.note_run_file(self.run_index if run_index is None else run_index, rec["output"], dqm=not error)
         n, events, files = keys
         self.output[n] += 1
         self.output[events] += saved
@@ -960,6 +968,22 @@ class Distributor:
         o["written_as_leftovers"] += rec["events_written"]
         if len(o["leftovers_files"]) < 20:
             o["leftovers_files"].append(rec["output"])
+        if rec["events_written"]:
+            self.note_run_file(run, rec["output"])
+
+    def note_run_file(self, run: int, path: str, dqm: bool = True):
+        """A file holds events of farm run `run`: a run in several files is listed in `output`'s
+        runs_in_several_files, which the output line names as the files to give `eclreco dqm` together (it named
+        one: the run's DQM drawn from it alone looked like the whole run's). dqm=False: its write failed, and the
+        DQM of the runs open then is in no file (the collector writes a run's DQM at its end)."""
+        files = self.run_files.setdefault(run, {})
+        if not path or path in files:
+            return
+        files[path] = dqm
+        if len(files) > 1:
+            self.output["runs_in_several_files"] = [
+                {"run_index": r, "files": list(f), "without_dqm": [p for p, d in f.items() if not d]}
+                for r, f in sorted(self.run_files.items()) if len(f) > 1][:20]
 
     def count_output_error(self, error: str):
         self.c["collector_output_errors"] += 1
@@ -978,6 +1002,10 @@ class Distributor:
         self.reported_runs.add(run)
         if info.get("received", 0):
             self.runs_with_events.add(run)
+        if int(info.get("events_written", 0) or 0):
+            st = self.collector["status"] if self.collector is not None else {}
+            self.note_run_file(run, str(info.get("filename") or st.get("output") or ""),
+                               dqm=not info.get("output_error"))
         o["runs"] = len(self.reported_runs)
         o["runs_without_events"] = len(self.reported_runs - self.runs_with_events)
         error = str(info.get("output_error") or "")
