@@ -3006,6 +3006,55 @@ def test_a_failed_stops_leftovers_whose_close_fails_go_to_a_file_of_their_run():
         farm.close()
 
 
+def test_a_failed_stops_leftovers_all_saved_are_said_to_be_in_their_file_while_the_input_waits(capsys):
+    """After a failed stop of run 1, collector b wrote its 70 leftovers, said SAVED for all of them and died before
+    its report of run 1 (no new collector yet, the heartbeat time-out not reached). `hlt control start` warned that
+    run 2 reads no input until they are in a file (they were), and `hlt status` said "0 events of run 1 being
+    written". Both now say that they are in b's file and that the input waits for its report of run 1 (or a new
+    collector); the START's reply and `input_waits` carry the file (leftovers_saved_in, saved_in)."""
+    import threading
+
+    from eclreco.cli import main
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import format_table
+
+    farm = InProcessFarm(heartbeat_timeout_s=30.0, stop_drain_s=0.0)
+    d = farm.d
+    try:
+        seqs, control, b = failed_stop_with_leftovers(farm)
+        d.pending.clear()  # (no worker here to take the ids off the queue)
+        farm.send(b, P.CONFIRM, P.seqs_to_bytes(seqs[30:]))
+        d.housekeeping(time.monotonic())  # END_RUN 1 to b
+        st = P.unpack(farm.send(control, P.STATUS)[-1][1])
+        assert st["processes"][0]["input_waits"] is None  # stopped: no run's input to hold
+        farm.send(b, P.SAVED, P.seqs_to_bytes(seqs[30:]), b"70")
+        b.close(0)  # dies before its RUN_ENDED of run 1
+        rc = []
+        cli = threading.Thread(target=lambda: rc.append(main(["hlt", "control", "start", "--control",
+                                                                d.addresses["control"], "--timeout", "10"])))
+        cli.start()
+        while cli.is_alive():  # the distributor answers the CLI's STATUS and START
+            if d.ctl.poll(50):
+                d.handle_control()
+        cli.join()
+        out, err = capsys.readouterr()
+        reply = json.loads(out.strip().splitlines()[-1])
+        assert "that its collector could not write are in a file of that run" not in err, err  # (they are)
+        assert ("warning: run 2 reads no input yet: the events of run 1 that a failed stop left unsaved are in "
+                "/data/a.2.root; the input waits for the collector's report of run 1 (or, if it died, for a new "
+                "collector to register)") in err, err
+        assert rc == [0] and reply["leftovers_of"] == 1 and reply["leftovers_saved_in"] == "/data/a.2.root", reply
+        st = P.unpack(farm.send(control, P.STATUS)[-1][1])
+        wait = st["processes"][0]["input_waits"]
+        assert wait["events"] == 0 and wait["saved_in"] == "/data/a.2.root", wait
+        table = format_table(st)
+        assert "being written" not in table and ("input held 0 s: the events of run 1 that a failed stop left "
+                                                 "unsaved are in /data/a.2.root; the input waits for") in table, table
+    finally:
+        farm.close()
+
+
+
 @pytest.mark.parametrize("start", ["before", "after", "after_silent"],
                          ids=["start_before_it_registered", "start_after_it_died", "start_after_it_went_silent"])
 def test_a_collector_that_dies_after_saving_a_failed_stops_leftovers_before_its_report_loses_none_of_them(start):

@@ -57,6 +57,12 @@ def dqm_parts_text(entries: list[dict], total: int | None = None, run_files: dic
     return text + f" (a run's totals are the sum of its parts: {dqm_command(files)} draws them summed)"
 
 
+def leftovers_saved_text(run: int, path: str) -> str:
+    """A failed stop's leftovers of `run`, all said SAVED: where they are, and what the next run's input waits for."""
+    return (f"the events of run {run} that a failed stop left unsaved are in {path or 'its file'}; the input waits for "
+            f"the collector's report of run {run} (or, if it died, for a new collector to register)")
+
+
 def output_line(d: dict) -> str:
     """What the collector reported at the ends of the runs (the distributor's `output`): the file
     side of the farm, which the confirmations do not show (a confirmed event may have been
@@ -189,8 +195,10 @@ def format_table(st: dict) -> str:
             extra = (f"workers {p.get('workers_alive', 0)} restarted {p.get('workers_restarted', 0)} "
                      f"p50 {ms(p.get('latency_p50_s'), 1)} p99 {ms(p.get('latency_p99_s'), 1)}")
             if wait := p.get("input_waits"):  # the run reads nothing until the ended run's leftovers are written
-                extra += (f" input held {wait['waited_s']:.0f} s: {wait['events']} events of run {wait['leftovers_of']} "
-                          + ("being written" if wait["collector_writing"] else "wait for a collector to register"))
+                extra += f" input held {wait['waited_s']:.0f} s: " + (
+                    leftovers_saved_text(wait["leftovers_of"], wait["saved_in"]) if wait.get("saved_in") is not None
+                    else f"{wait['events']} events of run {wait['leftovers_of']} "
+                    + ("being written" if wait["collector_writing"] else "wait for a collector to register"))
         elif role == "worker":
             # the run's counts, as the collector's row (events_received: since the worker started)
             received, processed, rejected = p.get("received", 0), p.get("processed", 0), p.get("rejected", 0)
@@ -301,7 +309,10 @@ def control_main(args) -> int:
         return 1
     if args.action == "start" and reply.get("already"):
         print(f"eclreco hlt control: run {reply.get('run_index')} was already running", file=sys.stderr)
-    if reply.get("leftovers_of") is not None:  # a failed stop's events still to write: the new run waits for them
+    if reply.get("leftovers_saved_in") is not None:  # a failed stop's events all in a file: its report is awaited
+        print(f"eclreco hlt control: warning: run {reply.get('run_index')} reads no input yet: "
+              + leftovers_saved_text(reply["leftovers_of"], reply["leftovers_saved_in"]), file=sys.stderr)
+    elif reply.get("leftovers_of") is not None:  # a failed stop's events still to write: the new run waits for them
         print(f"eclreco hlt control: warning: run {reply.get('run_index')} reads no input until the events of run "
               f"{reply['leftovers_of']} that its collector could not write are in a file of that run (the next "
               "collector writes them)", file=sys.stderr)

@@ -324,6 +324,16 @@ class Distributor:
         c = self.collector
         return c.get("leftovers_run") if c is not None else None
 
+    def leftovers_saved_in(self) -> str | None:
+        """The file of the collector that writes a failed stop's leftovers once it said SAVED for all of them (none
+        held here): the next run's input then waits for its report of their run only, or, when it died before that
+        report, for a new collector (the messages said the events were still to be written); None otherwise."""
+        c = self.collector
+        if self.leftovers_waiting is None and c is not None and c.get("leftovers_run") is not None \
+                and not self.held_events():
+            return str(c["status"].get("output") or "")
+        return None
+
     def input_wait(self, now: float) -> dict | None:
         """What holds the run's input, for the status and `hlt status` (a wait with no collector lasts until one
         registers: hlt run's restarts spent, a collector service down; only a log line and the START's reply said
@@ -332,7 +342,8 @@ class Distributor:
         if run is None or self.state == "stopped":
             return None
         return {"leftovers_of": run, "events": self.held_events(),
-                "collector_writing": self.leftovers_waiting is None, "waited_s": round(now - self.run_started_at, 3)}
+                "collector_writing": self.leftovers_waiting is None, "saved_in": self.leftovers_saved_in(),
+                "waited_s": round(now - self.run_started_at, 3)}
 
     def held_events(self) -> int:
         """The events held for the next collector, confirmed or not (--max-held bounds them)."""
@@ -667,7 +678,8 @@ class Distributor:
             waits = self.input_waits_for_leftovers()
             self._send(self.ctl, ident, P.OK, P.pack({"state": self.state, "run_index": self.run_index,
                                                       "collector_alive": not (failed or self.collector_silent(now)),
-                                                      "already": already, "leftovers_of": waits}))
+                                                      "already": already, "leftovers_of": waits,
+                                                      "leftovers_saved_in": self.leftovers_saved_in()}))
         elif cmd == P.TERMINATE:
             self.terminate_requester = ident
             self.request_terminate()
