@@ -144,11 +144,14 @@ def test_hlt_run_restarts_a_collector_and_loses_no_event(farm_factory, tmp_path,
     assert f"{n} events written to {merged} from 2 file(s), detector belle2-ecl; {len(evts) - n} duplicate(s) dropped" in r.stdout, r.stdout
 
 
-def test_a_run_in_two_collectors_files_is_named_with_both_for_eclreco_dqm(farm_factory, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_a_run_in_two_collectors_files_is_named_with_both_for_eclreco_dqm(farm_factory, tmp_path, sig):
     """A collector stopped (SIGTERM) in the middle of a run wrote the run's first events and their DQM to its file,
     its replacement the rest to its own: the output line said how many each wrote, but its `eclreco dqm` advice
     (if any) named one file, whose DQM alone looks like the whole run's. It now names both files in one
-    `eclreco dqm` command, which sums the run's DQM across them: the run's events, each once."""
+    `eclreco dqm` command, which sums the run's DQM across them: the run's events, each once. A killed (SIGKILL)
+    collector wrote no DQM of the run: its file is named apart, `eclreco dqm` is given the other (given both, it
+    exits 2: no dqm directory)."""
     import threading
 
     from eclreco.dqm import by_run, read_files
@@ -163,7 +166,7 @@ def test_a_run_in_two_collectors_files_is_named_with_both_for_eclreco_dqm(farm_f
     while (d := status(farm.control)["processes"][0])["confirmed"] - d["unsaved"] < 300:
         assert time.monotonic() - t0 < 30, farm.logtext()
         time.sleep(0.02)
-    os.kill(first, signal.SIGTERM)
+    os.kill(first, sig)
     feed.join(60)
     farm.wait_confirmed(n)
     farm.command("terminate")
@@ -171,9 +174,16 @@ def test_a_run_in_two_collectors_files_is_named_with_both_for_eclreco_dqm(farm_f
     assert rc == 0, log
     second = str(tmp_path / "farm.2.root")
     line = next(x for x in log.splitlines() if x.startswith("[hlt run] output: "))
+    advised = re.search(r"`eclreco dqm ([^`]*)`", line).group(1).split()
+    if sig == signal.SIGKILL:
+        assert f"; farm run 1's events are in 2 files (`eclreco dqm {second}` draws its DQM; {farm.output}: its " \
+               "collector failed or died mid-run, the DQM of the runs open then is in no file)" in line, line
+        r = subprocess.run(ECLRECO + ["dqm", second, farm.output, "-o", str(tmp_path / "png")], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 2 and f"{farm.output} has no dqm directory" in r.stderr, r.stderr
+        return
     assert f"; farm run 1's events are in 2 files (`eclreco dqm {farm.output} {second}` draws its DQM summed " \
            "across them)" in line, line
-    advised = re.search(r"`eclreco dqm ([^`]*)`", line).group(1).split()
     runs = {h["run"]: h for h in by_run(read_files(advised)) if h["name"] == "digits_per_event"}
     assert list(runs) == [(1, 1)] and runs[(1, 1)]["counts"].sum() == n, runs
     for f in advised:  # each holds part of the run's DQM: neither alone is the run's
@@ -240,8 +250,8 @@ def test_a_collector_that_cannot_write_its_file_keeps_its_events_and_the_report_
     assert_output_adds_up(line)
     assert "eclreco_hlt_collector_output_errors_total 1.0" in metrics, metrics
     # the advice names the file that holds the run's DQM: the kept file holds none of the run (open at the failure)
-    assert f"; farm run 1's events are in 2 files (`eclreco dqm {farm.output}` draws its DQM; {kept}, whose write " \
-           "failed, holds no DQM of the runs open then: in no file)" in line, line
+    assert f"; farm run 1's events are in 2 files (`eclreco dqm {farm.output}` draws its DQM; {kept}: its " \
+           "collector failed or died mid-run, the DQM of the runs open then is in no file)" in line, line
     r = subprocess.run(ECLRECO + ["dqm", kept, "-o", str(tmp_path / "png")], capture_output=True, text=True)
     assert r.returncode == 2 and "has no dqm directory" in r.stderr, r.stderr
     runs = {h["run"]: h for h in by_run(read_files([farm.output])) if h["name"] == "digits_per_event"}

@@ -126,7 +126,8 @@ def output_line(d: dict) -> str:
         advice = [f"{dqm_command(split[e['run_index']])} draws its DQM"
                   + (" summed across them" if len(split[e["run_index"]]) > 1 else "")] if split[e["run_index"]] else []
         if without:
-            advice.append(f"{', '.join(without)}, whose write failed, holds no DQM of the runs open then: in no file")
+            advice.append(f"{', '.join(without)}: its collector failed or died mid-run, the DQM of the runs open "
+                          "then is in no file")
         line += f"; farm run {e['run_index']}'s events are in {len(e['files'])} files ({'; '.join(advice)})"
     if o.get("dqm_runs_in_parts"):  # events of a run that came after its DQM was written (docs/architecture.md)
         line += "; " + dqm_parts_text(o["dqm_runs_in_parts"], o.get("dqm_runs_in_parts_total"), split)

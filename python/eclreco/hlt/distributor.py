@@ -959,7 +959,8 @@ class Distributor:
         if run_index is None or run_index == self.run_index:
             self.replaced_run.append(rec)
         if saved:
-            self.note_run_file(self.run_index if run_index is None else run_index, rec["output"], dqm=not error)
+            # (no DQM of the run unless it reported the run's end: add_run_report's call says so)
+            self.note_run_file(self.run_index if run_index is None else run_index, rec["output"], dqm=False)
         n, events, files = keys
         self.output[n] += 1
         self.output[events] += saved
@@ -986,10 +987,11 @@ class Distributor:
     def note_run_file(self, run: int, path: str, dqm: bool = True):
         """A file holds events of farm run `run`: a run in several files is listed in `output`'s
         runs_in_several_files, which the output line names as the files to give `eclreco dqm` together (it named
-        one: the run's DQM drawn from it alone looked like the whole run's). dqm=False: its write failed, and the
-        DQM of the runs open then is in no file (the collector writes a run's DQM at its end)."""
+        one: the run's DQM drawn from it alone looked like the whole run's). dqm: its collector reported the run's
+        end without an error; otherwise (killed, hung, its write failed) the DQM of the runs open then is in no file
+        (a collector writes a run's DQM at its end)."""
         files = self.run_files.setdefault(run, {})
-        if not path or path in files:
+        if not path or files.get(path) in (dqm, True):
             return
         files[path] = dqm
         if len(files) > 1:
