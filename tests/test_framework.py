@@ -2134,6 +2134,8 @@ def test_threaded_runs_have_no_data_race_under_thread_sanitizer():
     r = subprocess.run(["bash", os.path.join(repo, "fuzz", "build_tsan.sh"), "1000"], capture_output=True, text=True,
                        timeout=890, cwd=repo)
     out = r.stdout + r.stderr
+    if r.returncode == 2 and "no TSan runtime runs" in out:
+        pytest.skip(out.strip().splitlines()[-1])  # neither clang's nor GCC's runtime loads into this Python
     reports = re.findall(r"SUMMARY: ThreadSanitizer: .*", out)
     assert not reports and r.returncode == 0, "\n".join(reports) or out[-4000:]
     assert out.count("2 runs of 1005 events") == 2, out[-4000:]
