@@ -83,8 +83,8 @@ class RootOutput(Module):
     baskets (ZSTD level 1 by default) by a background thread, one basket at a time, while the
     chain goes on; the file is closed and valid at the end of the run, also after SIGINT/SIGTERM.
 
-    A write that fails (disk full, file size limit, I/O error) is fatal: the run is asked to stop and
-    ends with the error ``cannot write output file 'NAME': ...; the N events written before it are
+    A write that fails (disk full, file size limit, I/O error, any other exception of the write) is fatal: the
+    run is asked to stop and ends with the error ``cannot write output file 'NAME': ...; the N events written before it are
     kept in 'NAME.incomplete' (readable, incomplete)`` (eclreco.process raises, reco.py exits 1): never
     a truncated file under the output's name, and no event thrown away (kept_file names that file).
     The events it had taken but not yet written then are in no file: they are counted (``events_lost``,
@@ -220,7 +220,9 @@ class RootOutput(Module):
         self.events_lost += self.events_taken_run - n
         self._parts.clear()
         self._buffered = 0
-        self._error = f"cannot write output file '{path}': {err}{what}"
+        # OSError: the disk; ValueError: uproot on a closed/broken sink; another (a MemoryError) says its type
+        why = err if isinstance(err, (OSError, ValueError)) else f"{type(err).__name__}{f': {err}' if str(err) else ''}"
+        self._error = f"cannot write output file '{path}': {why}{what}"
         _core.request_stop(output_failed=True)
         raise RuntimeError(self._error) from None
 
@@ -349,7 +351,7 @@ class RootOutput(Module):
             try:
                 self._write(parts)
                 self.batches_written = taken
-            except (OSError, ValueError) as err:  # ValueError: uproot on a closed/broken sink
+            except Exception as err:  # noqa: BLE001 - any: its parts are in no file, a later write must not cover them
                 self._write_error = err
 
         self._writer = threading.Thread(target=write, name="RootOutput-writer", daemon=True)

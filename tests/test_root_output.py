@@ -999,3 +999,29 @@ def test_a_column_a_users_module_adds_is_accepted_after_the_clusterizer(tmp_path
     eclreco.process(path, install_signal_handlers=False)
     with uproot.open(tmp_path / "h.root") as f:
         assert f["events"]["cluster_high"].typename == "bool[]"
+
+
+def test_a_write_that_fails_with_any_exception_fails_the_run_and_leaves_no_gap(tmp_path):
+    """The writer thread caught OSError and ValueError only: any other exception of a write (a MemoryError
+    concatenating a large basket) ended the thread unseen (a traceback on stderr), its basket was in no file, the
+    next write's batches_written covered its batches (the HLT collector said SAVED for them) and the job ended
+    with exit 0 and a file with a hole. It is a failed write now: the run fails, the events before it are kept."""
+    out_file = tmp_path / "out.root"
+    path = eclreco.create_path()
+    path.add_module(CountingSource(3000))
+    out = path.add_module("RootOutput", filename=str(out_file), basket_events=1000)
+    real, calls = out._write, []
+
+    def write(parts):  # the second basket fails as numpy does when memory runs out; the others are written
+        calls.append(len(parts))
+        if len(calls) == 2:
+            raise MemoryError
+        real(parts)
+
+    out._write = write
+    with pytest.raises(RuntimeError, match=r"cannot write output file '.*out\.root': MemoryError; the 1000 events"):
+        eclreco.process(path, batch_size=500, install_signal_handlers=False)
+    with uproot.open(f"{out_file}.incomplete") as f:
+        assert f["events"]["evt"].array(library="np").tolist() == list(range(1000))
+    assert not out_file.exists()
+    assert out.events_written_run == 1000 and out.batches_written == 2  # the batches of the first basket only
