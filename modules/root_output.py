@@ -247,8 +247,7 @@ class RootOutput(Module):
             first = min((i for i in errors if keep[i]), default=None)
             self._upstream_error = errors[first] if first is not None else ""
         if part is None:
-            if not self._parts and self._writer is None:
-                self.batches_written = self.batches_taken  # nothing of it to write
+            self._written_when_idle()  # nothing of it to write
             return
         self._parts.append(part)
         self._buffered += int(keep.sum())
@@ -325,6 +324,7 @@ class RootOutput(Module):
         collector). Also surfaces the error of a finished background write."""
         if self._writer is not None and not self._writer.is_alive():
             self._join_writer()
+        self._written_when_idle()  # a batch without events to write taken during the write that ended
         iv = self.param("flush_interval_s")
         if iv > 0 and self._oldest is not None and time.monotonic() - self._oldest >= iv:
             self._start_write()
@@ -344,7 +344,7 @@ class RootOutput(Module):
         parts, taken = self._parts, self.batches_taken
         self._parts, self._buffered, self._oldest = [], 0, None
         if not parts:
-            self.batches_written = taken
+            self._written_when_idle()
             return
 
         def write():
@@ -356,6 +356,12 @@ class RootOutput(Module):
 
         self._writer = threading.Thread(target=write, name="RootOutput-writer", daemon=True)
         self._writer.start()
+
+    def _written_when_idle(self):
+        """Nothing buffered and no write in flight: every batch taken is in the file (batches_written, the HLT
+        collector's SAVED), also one that had nothing to write and came while a write was in flight."""
+        if not self._parts and self._writer is None and not self._error:
+            self.batches_written = self.batches_taken
 
     def _join_writer(self):
         w, self._writer = self._writer, None

@@ -1025,3 +1025,60 @@ def test_a_write_that_fails_with_any_exception_fails_the_run_and_leaves_no_gap(t
         assert f["events"]["evt"].array(library="np").tolist() == list(range(1000))
     assert not out_file.exists()
     assert out.events_written_run == 1000 and out.batches_written == 2  # the batches of the first basket only
+    out.flush_if_due()  # as the HLT collector's last release_saved after the failure: nothing more is in the file
+    assert out.batches_written == 2
+
+
+class KeptThenRejected(eclreco.Module):
+    """A batch of 10 kept events, then one of 10 rejected events; the third call runs `between` and ends the input."""
+
+    def __init__(self, between):
+        super().__init__()
+        self.calls, self.between = 0, between
+
+    def is_source(self):
+        return True
+
+    def next_batch(self, batch, max_events):
+        self.calls += 1
+        if self.calls == 3:
+            self.between()
+            return False
+        batch.resize(10)
+        batch.evt[:] = np.arange(10) + 10 * (self.calls - 1)
+        if self.calls == 2:
+            for i in range(10):
+                batch.reject(i, "test", "")
+        return True
+
+
+def test_a_batch_without_events_to_write_taken_during_a_write_is_written_once_that_write_is(tmp_path):
+    """batches_written (the HLT collector's SAVED) moved for a batch with nothing to write (every event rejected or
+    discarded) only when no write was in flight as it came: taken during one, it waited for the next write, which
+    only a later batch with events starts, not flush_interval_s later as documented (a quiet stream held its
+    events at the distributor). flush_if_due (the collector's call between batches) now moves it once the write
+    in flight is done. The writer is held at a chosen point (threading.Event), the file written by uproot."""
+    import threading
+
+    go, seen = threading.Event(), []
+
+    def between():  # the collector's step between batches: the write in flight has ended
+        go.set()
+        out._writer.join()
+        out.flush_if_due()
+        seen.append((out.batches_taken, out.batches_written))
+
+    path = eclreco.create_path()
+    path.add_module(KeptThenRejected(between))
+    out = path.add_module("RootOutput", filename=str(tmp_path / "out.root"), basket_events=1, flush_interval_s=0.05)
+    real = out._write
+
+    def write(parts):  # the first basket's write is in flight while the rejected batch comes
+        assert go.wait(30)
+        real(parts)
+
+    out._write = write
+    eclreco.process(path, batch_size=10, install_signal_handlers=False)
+    assert seen == [(2, 2)]
+    with uproot.open(tmp_path / "out.root") as f:
+        assert f["events"]["evt"].array(library="np").tolist() == list(range(10))
