@@ -804,3 +804,42 @@ def test_eclreco_dqm_takes_a_file_without_events_beside_another(tmp_path, capsys
     capsys.readouterr()
     assert main(["dqm", a, empty, "-o", str(tmp_path / "png")]) == 0, capsys.readouterr().err
     assert "warning" not in capsys.readouterr().err
+
+
+def test_eclreco_dqm_skips_a_file_without_dqm_beside_files_with_it(tmp_path, capsys):
+    """A farm collector killed, or whose write failed, mid-run keeps its events in a file without dqm/ (the DQM of
+    a run is written at its end); `eclreco dqm` of it and its replacement's file stopped at it ('... has no dqm
+    directory', exit 2) and drew nothing. Beside a file with dqm/ it is now skipped with a warning naming it; exit 2
+    only where no file has dqm/ (one file alone: refused as before)."""
+    from _raw_helpers import two_digit_events
+    from eclreco.cli import main
+    from eclreco.rawdata import write_raw_file
+
+    events = two_digit_events(5, run=1)
+    for name, part, dqm in (("killed", events[:2], False), ("b", events[2:], True), ("plain", events[:1], False)):
+        write_raw_file(tmp_path / f"{name}.msgpack", part)
+        path = eclreco.create_path()
+        path.add_module("RawFileInput", filename=str(tmp_path / f"{name}.msgpack"))
+        path.add_module("ECLUnpacker")
+        if dqm:
+            path.add_module("ECLDQM")
+        path.add_module("RootOutput", filename=str(tmp_path / f"{name}.root"))
+        eclreco.process(path, install_signal_handlers=False)
+    killed, b, plain = (str(tmp_path / f"{n}.root") for n in ("killed", "b", "plain"))
+    with uproot.open(killed) as f:  # its events, no DQM
+        assert f["events"].num_entries == 2 and "dqm" not in {k.split(";")[0] for k in f.keys(recursive=False)}
+    capsys.readouterr()
+    assert main(["dqm", killed, b, "-o", str(tmp_path / "png")]) == 0
+    out, err = capsys.readouterr()
+    assert (f"eclreco dqm: warning: {killed} has no dqm directory, skipped: its events have no DQM there" in err
+            and b not in err.split("warning")[1]), err
+    assert str(tmp_path / "png" / "digits_per_event.png") in out.split(), out
+    assert "could not be checked" not in err  # one file drawn: nothing to check its detector against
+    summed = next(h for h in eclreco.dqm.by_run(eclreco.dqm.read_files([killed, b])) if h["name"] == "digits_per_event")
+    assert summed["counts"].sum() == 3, summed  # b's events: the killed file's have no DQM
+    assert main(["dqm", killed, plain, "-o", str(tmp_path / "none")]) == 2
+    out, err = capsys.readouterr()
+    assert f"eclreco dqm: error: {killed}, {plain}: none has a dqm directory" in err and not out, err
+    assert main(["dqm", killed, "-o", str(tmp_path / "none")]) == 2  # one file: refused as before
+    assert f"eclreco dqm: error: {killed} has no dqm directory" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()

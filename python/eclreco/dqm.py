@@ -415,10 +415,16 @@ def _one_line(err: Exception) -> str:
     return " ".join(str(err).split())
 
 
+class NoDQMError(ValueError):
+    """A readable ROOT file without a dqm directory (read_histograms): beside files that have one, read_files
+    skips it (a farm collector killed, or whose write failed, mid-run wrote its events but no DQM of the runs
+    open then)."""
+
+
 def read_histograms(root_path: str) -> list[dict]:
     """Every histogram of the file's dqm directory, each cycle (run) of it: name, cycle, counts and edges,
-    under- and overflow, bin labels, title, x-axis title. A file that is missing, not ROOT, cut short or
-    without dqm/ is a ValueError of one line naming it."""
+    under- and overflow, bin labels, title, x-axis title. A file that is missing, not ROOT or cut short is a
+    ValueError of one line naming it; one without dqm/ a NoDQMError."""
     import uproot
 
     from eclreco.paths import unreadable_file
@@ -458,7 +464,7 @@ def read_histograms(root_path: str) -> list[dict]:
     except Exception as err:  # noqa: BLE001 - uproot's OSError for a file cut short, its DeserializationError, ...
         raise ValueError(f"{root_path}: not a readable ROOT file, cut short or damaged? ({_one_line(err)})") from None
     if hists is None:
-        raise ValueError(f"{root_path} has no dqm directory (a job without ECLDQM, or not a RootOutput file)")
+        raise NoDQMError(f"{root_path} has no dqm directory (a job without ECLDQM, or not a RootOutput file)")
     return hists
 
 
@@ -565,10 +571,18 @@ def read_files(paths: list[str]) -> list[dict]:
     sums its parts across them). A ValueError naming both where two files' metadata name other detectors (one that
     names none, of a job that wrote no event, is of any). A file without metadata (a collector killed before its
     end writes none) beside others cannot be checked: a warning on stderr names it (its histograms are still
-    refused where their bins differ: by_run)."""
-    hists, detectors, unchecked = [], {}, []
+    refused where their bins differ: by_run). A file without dqm/ beside files with it is skipped with a warning
+    naming it (a collector killed, or whose write failed, mid-run: its events have no DQM there); a NoDQMError only
+    where no file has dqm/."""
+    hists, detectors, unchecked, without = [], {}, [], []
     for path in paths:
-        got = read_histograms(path)
+        try:
+            got = read_histograms(path)
+        except NoDQMError:
+            if len(paths) == 1:
+                raise
+            without.append(path)
+            continue
         hists += got
         if got and got[0]["detectors"]:
             detectors.setdefault(tuple(got[0]["detectors"]), path)
@@ -579,7 +593,13 @@ def read_files(paths: list[str]) -> list[dict]:
         (a, pa), (b, pb) = list(detectors.items())[:2]
         raise ValueError(f"{pb} is of the detector(s) {', '.join(b)} and {pa} of {', '.join(a)}: "
                          "the DQM of different detectors is not summed")
-    if len(paths) > 1:
+    if len(without) == len(paths):
+        raise NoDQMError(f"{', '.join(paths)}: none has a dqm directory (jobs without ECLDQM, or not RootOutput files)")
+    for path in without:
+        print(f"eclreco dqm: warning: {path} has no dqm directory, skipped: its events have no DQM there (a job "
+              "without ECLDQM, or a farm collector killed or whose write failed mid-run: the DQM of the runs open "
+              "then is in no file)", file=sys.stderr)
+    if len(paths) - len(without) > 1:
         known = next(iter(detectors), None)
         others = "the other files'" + (f" ({', '.join(known)})" if known else "")
         for path in unchecked:
