@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 
 from eclreco import Module, _core
@@ -23,7 +24,8 @@ class ZMQOutput(Module):
     events an event filter discarded go with their metadata and reason but without their rows in
     `strip_discarded` (default ECLClusters). `columns` restricts the columns sent; a name none of the sent
     collections will have is refused at initialize where their columns are known (framework.columns_made),
-    else left out (the receiver, which knows what it needs, says so). Arrays are raw little-endian
+    else left out with one warning on stderr at the first batch that holds every collection of `collections`
+    (the receiver, which knows what it needs, says so too). Arrays are raw little-endian
     bytes with dtype and shape. Sending blocks while the receiver is slow (high-water mark), so
     the chain feels backpressure; after a stop request it gives the receiver `stop_timeout_s`
     more and then drops (and counts) what it could not send; at terminate it waits up to
@@ -40,8 +42,9 @@ class ZMQOutput(Module):
         self.add_param("columns", [], "restrict the columns sent, of every collection of `collections` (empty: all); "
                        "a name that none will have is refused at initialize where that is known (collections "
                        "ECLClusters alone, made by ECLClusterizer, only eclreco's modules after it), elsewhere not "
-                       "sent where a batch lacks it: its receiver says so (the HLT collector's RootOutput fails the "
-                       "events, all counted: docs/deployment.md)", type="list[str]")
+                       "sent where a batch lacks it, said once on stderr at the first batch that holds every "
+                       "collection, and by its receiver (the HLT collector's RootOutput fails the events, all "
+                       "counted: docs/deployment.md)", type="list[str]")
         self.add_param("strip_discarded", ["ECLClusters"], "collections sent without the rows of events that an "
                        "event filter discarded (their count 0; not a per-event collection such as ECLEventInformation)",
                        type="list[str]")
@@ -60,6 +63,7 @@ class ZMQOutput(Module):
         # heartbeats from it (its source, which heartbeats otherwise, is not called while this blocks)
         self.on_wait = None
         self.batches_sent = self.events_sent = self.bytes_sent = self.batches_dropped = 0
+        self._columns_unchecked = False  # `columns` to check at the first batch (initialize)
 
     def ordered(self):
         return True
@@ -85,6 +89,9 @@ class ZMQOutput(Module):
         if before is not None and len(collections) == 1 and (
                 why := unknown_columns_error(before, collections[0], self.param("columns"), "ZMQOutput: columns")):
             raise ValueError(why)
+        # elsewhere checked at the first batch that holds the collections: a warning, not an error (the HLT worker's
+        # events would stay unsent and unconfirmed, the farm stalled: docs/deployment.md)
+        self._columns_unchecked = bool(self.param("columns"))
 
         self._zmq = zmq
         # Its own context, terminated at terminate(): a socket's linger is kept only by the context's
@@ -115,6 +122,8 @@ class ZMQOutput(Module):
         from eclreco.hlt.protocol import batch_to_message, pack
 
         columns = self.param("columns")
+        if self._columns_unchecked:
+            self._warn_of_unsent_columns(batch)
         msg = batch_to_message(batch, collections=self.param("collections"),
                                count_collections=self.param("count_collections"), columns=columns,
                                strip_discarded=self.param("strip_discarded"))
@@ -149,6 +158,23 @@ class ZMQOutput(Module):
         self.batches_sent += 1
         self.events_sent += len(batch)
         self.bytes_sent += len(data)
+
+    def _warn_of_unsent_columns(self, batch):
+        """Once, at the first batch that holds every collection of `collections`: the names of `columns` that none of
+        them has (a misspelt name, where initialize could not refuse it) are said on stderr, the log of a farm's
+        worker; a batch without some collection cannot tell."""
+        collections = list(dict.fromkeys(self.param("collections")))
+        if not all(name in batch for name in collections):
+            return
+        self._columns_unchecked = False
+        have = {name: list(batch[name].columns()) for name in collections}
+        unsent = [n for n in self.param("columns") if not any(n in cols for cols in have.values())]
+        if unsent:
+            print(f"ZMQOutput: warning: columns: {', '.join(repr(n) for n in unsent)} "
+                  f"{'is a column' if len(unsent) == 1 else 'are columns'} of none of the collections sent, so not "
+                  f"sent (its receiver lacks it); their columns: "
+                  + "; ".join(f"{name}: {', '.join(cols) or '(none)'}" for name, cols in have.items()),
+                  file=sys.stderr, flush=True)
 
     def _receiver_gone(self) -> bool:
         """give_up_unconnected: no receiver is connected now (a dead one's connection is closed by its

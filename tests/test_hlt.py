@@ -1341,7 +1341,8 @@ sys.exit(main())
 def test_farm_reports_a_cluster_column_the_workers_do_not_make(farm_factory, tmp_path):
     """A --cluster-columns name the workers' chain does not make is no silently missing branch: the collector's
     RootOutput fails every event on it (counted as module errors, named in its log, shown by `hlt status`), and
-    the stop's report says that nothing was written and why; every event is still accounted for. (A misspelt
+    the stop's report says that nothing was written and why (the worker's log once); every event is still
+    accounted for. (A misspelt
     name of the standard chain is refused by `hlt run` at its start; a worker steering file's module can add
     columns, so there the name is known to be missing only when the collector has the clusters.)"""
     from eclreco.bench import make_raw_file
@@ -1370,6 +1371,8 @@ def test_farm_reports_a_cluster_column_the_workers_do_not_make(farm_factory, tmp
     rc, log = farm.wait_exit()
     message = "RootOutput: cluster_columns latt not in ECLClusters, whose columns are e1e9, energy, time, x, y, z"
     assert message in log
+    # the worker cannot refuse it either (its events would stay unconfirmed): it says so once, in its log
+    assert log.count("ZMQOutput: warning: columns: 'latt' is a column of none of the collections sent") == 1, log
     assert f"[collector] run 1 ended: 0 events written to {farm.output}" in log
     # hlt run's own end: the file side of the farm, and a failing exit as reco.py's for this case
     assert rc == 1, log

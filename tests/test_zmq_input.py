@@ -816,3 +816,51 @@ def test_zmq_output_sends_a_column_a_users_module_adds():
     assert sorted(batch.collections["ECLClusters"][1]) == ["energy", "high"]
     assert sorted(both.collections["ECLClusters"][1]) == ["energy"]
     assert sorted(both.collections["ECLEventInformation"][1]) == ["n_out_of_time_digits"]
+
+
+def test_zmq_output_warns_once_of_a_column_no_sent_collection_has(capsys):
+    """Where ZMQOutput's `columns` cannot be checked at initialize (a user's module after the clusterizer, or several
+    `collections`), a misspelt name was not sent without a word. Refusing at a batch would leave a farm worker's
+    events unsent (docs/deployment.md); it is now said once on stderr, at the first batch that holds every
+    collection, naming the names no sent collection has; the batches are sent as before. A batch without one of the
+    collections cannot tell: nothing is said."""
+    from eclreco.hlt.protocol import DecodedBatch, unpack
+
+    class MarksHighEnergy(eclreco.Module):
+        def event(self, batch):
+            c = batch["ECLClusters"]
+            c["high"] = c["energy"] > 0.5
+
+    address = free_address()
+    pull = zmq.Context.instance().socket(zmq.PULL)
+    pull.bind(address)
+
+    def sent(path, batches):
+        capsys.readouterr()
+        eclreco.process(path, batch_size=5, install_signal_handlers=False)
+        got = []
+        for _ in range(batches):
+            assert pull.poll(10000)
+            got.append(DecodedBatch(unpack(pull.recv())))
+        return got, capsys.readouterr().err
+
+    try:
+        path, _ = _sent_clusters_path(MarksHighEnergy(), address=address, columns=["energy", "high", "latt"])
+        got, err = sent(path, 4)
+        assert [sorted(b.collections["ECLClusters"][1]) for b in got] == [["energy", "high"]] * 4
+        assert err.count("ZMQOutput: warning") == 1, err
+        assert ("ZMQOutput: warning: columns: 'latt' is a column of none of the collections sent, so not sent (its "
+                "receiver lacks it); their columns: ECLClusters: ") in err and "e1e9" in err and "high" in err, err
+        path, _ = _sent_clusters_path(address=address, collections=["ECLClusters", "ECLEventInformation"],
+                                      columns=["energy", "n_out_of_time_digit", "latt"])
+        got, err = sent(path, 4)
+        assert err.count("ZMQOutput: warning") == 1 and "columns: 'n_out_of_time_digit', 'latt' are columns of none" \
+            in err and "; ECLEventInformation: n_out_of_time_digits" in err, err
+        path, _ = _sent_clusters_path(address=address, collections=["ECLClusters", "ECLEventInformation"],
+                                      columns=["energy", "n_out_of_time_digits"])
+        assert "warning" not in sent(path, 4)[1]
+        path, _ = _sent_clusters_path(MarksHighEnergy(), address=address, collections=["ECLClusters", "NotMade"],
+                                      columns=["energy", "latt"])
+        assert "warning" not in sent(path, 4)[1]  # no batch holds NotMade: the names cannot be checked
+    finally:
+        pull.close(0)
