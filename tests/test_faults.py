@@ -1461,6 +1461,57 @@ def test_a_replaced_collectors_saved_events_are_in_the_report():
         farm.close()
 
 
+def test_hlt_control_stop_names_every_file_of_a_run_in_several_for_eclreco_dqm():
+    """A run split across collectors' files (one died mid-run, its replacement wrote the rest) got its `eclreco dqm`
+    advice only in `hlt run`'s final output line: `hlt control stop` said it only for a run with DQM parts, so an
+    operator who drew the stopped run's file saw part of the run as the whole. The stop's reply now names the run's
+    files (in_several_files) and `hlt control stop` (a real one, against the distributor driven here) prints the
+    output line's advice: the replacement's file, and the dead one's apart (it holds no DQM of the run)."""
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import output_line
+
+    farm = InProcessFarm(heartbeat_timeout_s=0.3)
+    d = farm.d
+    try:
+        seqs = farm.read_events(100)
+        a = farm.peer()
+        collector_hello(farm, a, output="/data/a.root")
+        farm.send(a, P.CONFIRM, P.seqs_to_bytes(seqs))
+        farm.send(a, P.SAVED, P.seqs_to_bytes(seqs[:70]))
+        time.sleep(0.4)  # a is silent (dead): the next collector is taken
+        b = farm.peer()
+        collector_hello(farm, b, instance="i8", pid=8, output="/data/a.2.root")
+        d.heartbeat_timeout_s = 60.0  # b stays alive while the stop is answered
+        farm.send(b, P.CONFIRM, P.seqs_to_bytes(seqs[70:]))
+        farm.send(b, P.SAVED, P.seqs_to_bytes(seqs[70:]))
+        d.pending.clear()  # (no worker here to take the redelivered ids off the queue)
+        d.stop_drain_s = 0.0
+        stop = subprocess.Popen(ECLRECO + ["hlt", "control", "stop", "--control", d.addresses["control"],
+                                           "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+        def serve_until(done):
+            t0 = time.monotonic()
+            while not done():
+                assert time.monotonic() - t0 < 60 and stop.poll() is None, stop.communicate()
+                if d.ctl.poll(20):
+                    d.handle_control()
+                d.housekeeping(time.monotonic())
+
+        serve_until(lambda: d.state == "stopped")
+        farm.send(b, P.RUN_ENDED, P.pack({"received": 30, "events_written": 30}))
+        serve_until(lambda: not d.stop_requesters)
+        out, err = stop.communicate(timeout=60)
+        assert stop.returncode == 0, err
+        advice = ("farm run 1's events are in 2 files (`eclreco dqm /data/a.2.root` draws its DQM; /data/a.root: its "
+                  "collector failed or died mid-run, the DQM of the runs open then is in no file)")
+        assert f"eclreco hlt control: note: {advice}\n" in err, err
+        assert json.loads(out)["in_several_files"] == {"run_index": 1, "files": ["/data/a.root", "/data/a.2.root"],
+                                                       "without_dqm": ["/data/a.root"]}, out
+        assert f"; {advice}" in output_line(d.own_status())  # the final output line's words
+    finally:
+        farm.close()
+
+
 def test_a_collector_replaced_in_a_later_run_is_in_that_runs_report():
     """A collector replaced in run 2 (or later) was not listed in replaced_collectors, and the events in its file
     were in no count of the output line: its report of run 1 (RUN_ENDED) stayed with it at START and was taken

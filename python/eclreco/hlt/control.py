@@ -57,6 +57,24 @@ def dqm_parts_text(entries: list[dict], total: int | None = None, run_files: dic
     return text + f" (a run's totals are the sum of its parts: {dqm_command(files)} draws them summed)"
 
 
+def files_with_dqm(entry: dict) -> list[str]:
+    """The files of a run in several files (the distributor's several_files_entry) that hold its DQM."""
+    without = entry.get("without_dqm") or []
+    return [f for f in entry["files"] if f not in without]
+
+
+def several_files_text(entry: dict) -> str:
+    """'farm run 1's events are in 2 files (`eclreco dqm A B` draws its DQM summed across them)': what to give
+    `eclreco dqm` for a run in several collectors' files (several_files_entry), and those that hold no DQM of it."""
+    with_dqm, without = files_with_dqm(entry), entry.get("without_dqm") or []
+    advice = [f"{dqm_command(with_dqm)} draws its DQM" + (" summed across them" if len(with_dqm) > 1 else "")] \
+        if with_dqm else []
+    if without:
+        advice.append(f"{', '.join(without)}: its collector failed or died mid-run, the DQM of the runs open "
+                      "then is in no file")
+    return f"farm run {entry['run_index']}'s events are in {len(entry['files'])} files ({'; '.join(advice)})"
+
+
 def leftovers_saved_text(run: int, path: str) -> str:
     """A failed stop's leftovers of `run`, all said SAVED: where they are, and what the next run's input waits for."""
     return (f"the events of run {run} that a failed stop left unsaved are in {path or 'its file'}; the input waits for "
@@ -121,14 +139,8 @@ def output_line(d: dict) -> str:
                  "failed before they were in its file, and no distributor held them to hand on")
     split = {}  # farm run index -> the files holding its DQM
     for e in o.get("runs_in_several_files", []):  # a collector replaced mid-run: each file holds part of the run
-        without = e.get("without_dqm") or []
-        split[e["run_index"]] = [f for f in e["files"] if f not in without]
-        advice = [f"{dqm_command(split[e['run_index']])} draws its DQM"
-                  + (" summed across them" if len(split[e["run_index"]]) > 1 else "")] if split[e["run_index"]] else []
-        if without:
-            advice.append(f"{', '.join(without)}: its collector failed or died mid-run, the DQM of the runs open "
-                          "then is in no file")
-        line += f"; farm run {e['run_index']}'s events are in {len(e['files'])} files ({'; '.join(advice)})"
+        split[e["run_index"]] = files_with_dqm(e)
+        line += "; " + several_files_text(e)
     if o.get("dqm_runs_in_parts"):  # events of a run that came after its DQM was written (docs/architecture.md)
         line += "; " + dqm_parts_text(o["dqm_runs_in_parts"], o.get("dqm_runs_in_parts_total"), split)
     return line + (f" (first error: {o['first_error']})" if o.get("first_error") else "")
@@ -293,8 +305,11 @@ def control_main(args) -> int:
                  if unsaved else ""), file=sys.stderr)
         return 1
     collector = reply.get("collector") or {}
+    several = reply.get("in_several_files")
+    if several:  # said, the run is fine: its DQM is drawn from all its files together (the output line says so too)
+        print("eclreco hlt control: note: " + several_files_text(several), file=sys.stderr)
     if collector.get("dqm_parts"):  # said, the run is fine: late events of a run went to a further DQM cycle
-        files = [r.get("output") for r in reply.get("replaced_collectors") or ()] + [collector.get("filename")]
+        files = files_with_dqm(several) if several else [collector.get("filename")]
         print("eclreco hlt control: note: " + dqm_parts_text(
             [{"exp": e, "run": r, "parts": n, "file": collector.get("filename"), "run_index": 0}
              for e, r, n in collector["dqm_parts"]], run_files={0: [f for f in files if f]}), file=sys.stderr)

@@ -912,7 +912,10 @@ class Distributor:
                 info = {"state": "stopped", "run_index": self.run_index,
                         "collector": (self.collector or {}).get("run_ended"), "timeout": not ended,
                         "lost_at_stop": self.lost_last_run, "replaced_collectors": list(self.replaced_run),
-                        "unsaved": len(self.unsaved), "leftovers_written": self.leftovers_written}
+                        "unsaved": len(self.unsaved), "leftovers_written": self.leftovers_written,
+                        # the run's events in several collectors' files: `hlt control stop` gives the eclreco dqm
+                        # advice of the output line (without DQM parts it gave none)
+                        "in_several_files": self.several_files_entry(self.run_index)}
                 self.leftovers_written = []
                 for r in self.stop_requesters:
                     self._send(self.ctl, r, P.OK, P.pack(info))
@@ -996,8 +999,15 @@ class Distributor:
         files[path] = dqm
         if len(files) > 1:
             self.output["runs_in_several_files"] = [
-                {"run_index": r, "files": list(f), "without_dqm": [p for p, d in f.items() if not d]}
-                for r, f in sorted(self.run_files.items()) if len(f) > 1][:20]
+                self.several_files_entry(r) for r, f in sorted(self.run_files.items()) if len(f) > 1][:20]
+
+    def several_files_entry(self, run: int) -> dict | None:
+        """{run_index, files, without_dqm} of farm run `run` whose events are in several files (None: one or none), as
+        `output`'s runs_in_several_files lists them and the stop's reply names its run's."""
+        files = self.run_files.get(run, {})
+        if len(files) < 2:
+            return None
+        return {"run_index": run, "files": list(files), "without_dqm": [p for p, d in files.items() if not d]}
 
     def count_output_error(self, error: str):
         self.c["collector_output_errors"] += 1
