@@ -1,4 +1,7 @@
 """DQM histograms: filling, pi0 pairs, writing into the ROOT file, drawing."""
+import json
+import os
+
 import numpy as np
 import pytest
 import uproot
@@ -481,7 +484,6 @@ def test_eclreco_dqm_into_a_reused_folder_removes_its_own_earlier_plots_only(tmp
     cycles) that B lacks: DIR mixed two files' plots. The command now lists what it made in
     DIR/eclreco-dqm.json and removes, the next time, those it does not make again; a file a user put
     there, or one of its PNGs changed since, stays (and is named on stderr)."""
-    import json
 
     from eclreco.cli import main
 
@@ -703,7 +705,6 @@ def test_eclreco_dqm_sums_a_runs_parts_across_files_and_refuses_files_it_cannot_
     `eclreco dqm` read one file, so the run's DQM was drawn as two partial runs, one per call. It now takes several
     files and sums the parts of each (exp, run) across them; it refuses, naming them, files of other detectors and
     a run's histogram of other bins."""
-    import json
 
     import uproot
 
@@ -835,6 +836,8 @@ def test_eclreco_dqm_skips_a_file_without_dqm_beside_files_with_it(tmp_path, cap
             and b not in err.split("warning")[1]), err
     assert str(tmp_path / "png" / "digits_per_event.png") in out.split(), out
     assert "could not be checked" not in err  # one file drawn: nothing to check its detector against
+    manifest = json.loads((tmp_path / "png" / eclreco.dqm.MANIFEST).read_text())
+    assert manifest["files"] == [os.path.abspath(b)], manifest  # what was drawn from: not the skipped file
     summed = next(h for h in eclreco.dqm.by_run(eclreco.dqm.read_files([killed, b])) if h["name"] == "digits_per_event")
     assert summed["counts"].sum() == 3, summed  # b's events: the killed file's have no DQM
     assert main(["dqm", killed, plain, "-o", str(tmp_path / "none")]) == 2

@@ -3177,3 +3177,14 @@ def test_a_collector_that_dies_after_saving_a_failed_stops_leftovers_before_its_
         assert d.c["lost_at_stop"] == 0 and d.c["confirmed"] == 110, dict(d.c)
     finally:
         farm.close()
+
+
+def test_the_advice_for_a_run_in_several_files_names_the_files_without_dqm_in_the_plural():
+    """Two files without the run's DQM (two collectors died mid-run) were 'A, B: its collector failed ...'."""
+    from eclreco.hlt.control import several_files_text
+
+    one = several_files_text({"run_index": 1, "files": ["a.root", "b.root"], "without_dqm": ["a.root"]})
+    two = several_files_text({"run_index": 1, "files": ["a.root", "b.root", "c.root"], "without_dqm": ["a.root", "b.root"]})
+    assert one == ("farm run 1's events are in 2 files (`eclreco dqm b.root` draws its DQM; a.root: its collector "
+                   "failed or died mid-run, the DQM of the runs open then is in no file)"), one
+    assert "a.root, b.root: their collectors failed or died mid-run" in two and "3 files" in two, two

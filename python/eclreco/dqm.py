@@ -629,6 +629,7 @@ def draw(root_paths: list[str] | str, out_dir: str, parts: bool = False) -> list
     paths = [root_paths] if isinstance(root_paths, str) else list(root_paths)
     root_path = ", ".join(paths)  # (the files named in an error)
     hists = read_files(paths)
+    drawn_from = list(dict.fromkeys(h["file"] for h in hists))  # (a file without DQM beside others is skipped)
     try:
         hists = by_run(hists, parts)
     except ValueError as err:
@@ -651,7 +652,7 @@ def draw(root_paths: list[str] | str, out_dir: str, parts: bool = False) -> list
             plots = {os.path.basename(out): file_sha256(staged.path(out)) for out in written}
             with open(staged.path(os.path.join(out_dir, MANIFEST)), "w") as f:
                 drawn = ({"file": os.path.abspath(paths[0])} if len(paths) == 1 else
-                         {"files": [os.path.abspath(p) for p in paths]})
+                         {"files": [os.path.abspath(p) for p in drawn_from]})
                 f.write(dumps({**drawn, "plots": plots}, indent=1) + "\n")
             previous = _previous_plots(out_dir)
             staged.publish()

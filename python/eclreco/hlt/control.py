@@ -70,7 +70,8 @@ def several_files_text(entry: dict) -> str:
     advice = [f"{dqm_command(with_dqm)} draws its DQM" + (" summed across them" if len(with_dqm) > 1 else "")] \
         if with_dqm else []
     if without:
-        advice.append(f"{', '.join(without)}: its collector failed or died mid-run, the DQM of the runs open "
+        advice.append(f"{', '.join(without)}: {'its collector' if len(without) == 1 else 'their collectors'} failed "
+                      "or died mid-run, the DQM of the runs open "
                       "then is in no file")
     return f"farm run {entry['run_index']}'s events are in {len(entry['files'])} files ({'; '.join(advice)})"
 
