@@ -66,3 +66,25 @@ class Recorder(eclreco.Module):
         d = batch["ECLDigits"]
         sums = np.add.reduceat(np.append(d["energy"], 0), d.offsets[:-1]) * (np.diff(d.offsets) > 0)
         self.digit_sums.extend(sums.tolist())
+
+
+def assert_checked_float(call, name):
+    """`call(x)` takes x as one real-number argument `name` (checked_float in the bindings): an int or a float,
+    Python's or numpy's, or a 0-d array of one, is read as that number; a bool (not 0.0 / 1.0), a string, None, a
+    complex value or an array of several entries is a TypeError, an int past a double a ValueError, each naming
+    `name` (pybind11's cast read True as 1.0 and refused the others with a message naming nothing)."""
+    import re
+
+    import pytest
+
+    want = call(1.0)
+    for same in (1, np.int64(1), np.uint8(1), np.float32(1.0), np.float16(1.0), np.longdouble(1.0), np.array(1.0),
+                 np.array(1, np.int32)):
+        np.testing.assert_equal(call(same), want, err_msg=f"{name} = {same!r}")
+    for bad in (True, np.True_, False, "1", None, 1j, np.complex64(1), np.array(True), np.array([1.0, 2.0]),
+                np.array([1, 2]), [1.0]):
+        shown = re.escape(f"{type(bad).__name__} {bad!r}")
+        with pytest.raises(TypeError, match=rf"^{name} must be a real number \(an int or a float\), not {shown}$"):
+            call(bad)
+    with pytest.raises(ValueError, match=rf"^{name} = {2**1100} is out of range of a float$"):
+        call(2**1100)

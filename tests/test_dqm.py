@@ -10,7 +10,7 @@ import eclreco
 from eclreco import _core
 from eclreco.dqm import DQMRegistry, Histogram1D
 from eclreco.sources import ArraySource
-from helpers import CountingSource
+from helpers import CountingSource, assert_checked_float
 
 
 def test_histogram_fill_and_overflow():
@@ -64,6 +64,26 @@ def test_gamma_gamma_masses_against_a_plain_loop():
     for short in ((e[:-1], x, y, z, t), (e, x, y[:-1], z, t), (e, x, y, z[:-1], t), (e, x, y, z, t[:-1])):
         with pytest.raises(ValueError, match="shorter"):  # one column short
             _core.gamma_gamma_masses(off, *short, 0.03, 50.0, 5)
+
+
+def test_dqm_kernels_check_their_float_arguments():
+    """gamma_gamma_masses' min_energy and max_abs_time and fill_uniform_histogram's lo and hi were cast by pybind11: a
+    bool was read as 0.0 / 1.0 (min_energy=True as 1 GeV) and a string, None or complex value was refused naming
+    nothing. Now they go through checked_float."""
+    off = np.array([0, 3], np.int64)
+    e = np.array([0.5, 1.0, 2.0], np.float32)
+    x, y, z = np.float32([[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    t = np.float32([0.0, 0.5, 2.0])
+    assert_checked_float(lambda m: _core.gamma_gamma_masses(off, e, x, y, z, t, m, 0.0, 5), "min_energy")
+    assert_checked_float(lambda m: _core.gamma_gamma_masses(off, e, x, y, z, t, 0.0, m, 5), "max_abs_time")
+
+    def filled(lo, hi):
+        counts, moments = np.zeros(6), np.zeros(2)
+        _core.fill_uniform_histogram(counts, np.linspace(-1.0, 7.0, 33), lo, hi, moments)
+        return counts, moments
+
+    assert_checked_float(lambda lo: filled(lo, 6.0), "lo")
+    assert_checked_float(lambda hi: filled(-1.0, hi), "hi")
 
 
 def pi0_source():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import eclreco
-from helpers import CountingSource, Recorder
+from helpers import CountingSource, Recorder, assert_checked_float
 
 
 def test_batch_columns_are_zero_copy_views():
@@ -388,6 +388,25 @@ def test_rows_at_least_within_and_cap_at_ratio_match_numpy():
         _core.cap_at_ratio(val.astype(np.float64), ref, rows, 2.0)
     with pytest.raises(ValueError, match="one length"):
         _core.rows_at_least_within(v, 0.03, t[:-1], 50.0)
+
+
+def test_the_row_kernels_check_their_float_arguments():
+    """rows_at_least's and rows_at_least_within's threshold and max_abs and cap_at_ratio's ratio were cast by
+    pybind11: a bool was read as 0.0 / 1.0 (rows_at_least(v, True) selected the values >= 1) and a string, None or
+    complex value was refused naming nothing. Now they go through checked_float."""
+    from eclreco import _core
+
+    v = np.array([0.5, 1.0, 1.5, 3.0], np.float32)
+    t = np.array([0.0, 2.0, 0.5, 1.0], np.float32)
+    assert_checked_float(lambda x: _core.rows_at_least(v, x), "threshold")
+    assert_checked_float(lambda x: _core.rows_at_least_within(v, x, t, 1.0), "threshold")
+    assert_checked_float(lambda x: _core.rows_at_least_within(v, 0.0, t, x), "max_abs")
+
+    def capped(ratio):
+        values = v.copy()
+        return _core.cap_at_ratio(values, t, np.arange(4), ratio), values
+
+    assert_checked_float(capped, "ratio")
 
 
 def test_add_collection_rejects_decreasing_offsets():

@@ -31,6 +31,7 @@ import numpy as np
 import pytest
 
 import eclreco
+from helpers import assert_checked_float
 
 DETECTORS = ["belle2-ecl", "array30"]
 
@@ -370,3 +371,13 @@ def test_cell_id_and_phi_index_at_check_their_int_arguments():
     assert [g.cell_id(1, 0), g.cell_id(np.int64(1), np.uint8(0)), g.cell_id(np.array(1), 0)] == [49, 49, 49]
     assert g.cell_id(2**31 - 1, 0) == 0 and g.cell_id(-2**31, 0) == 0  # the widest rings there are not: outside
     assert g.phi_index_at(np.int32(1), 0.1) == g.phi_index_at(1, 0.1) and g.phi_index_at(-5, 0.1) == -1
+
+
+def test_phi_index_at_and_ring_at_theta_check_their_float_arguments():
+    """phi_index_at's phi and ring_at_theta's theta were cast by pybind11: a bool was read as 0.0 / 1.0
+    (phi_index_at(1, True) gave 7, ring_at_theta(True) 24) and a string, None or complex value was refused with the
+    generic 'incompatible function arguments' naming nothing. Now they go through checked_float."""
+    g = eclreco.Geometry.get("belle2-ecl")
+    assert_checked_float(lambda x: g.phi_index_at(1, x), "phi")
+    assert_checked_float(lambda x: g.ring_at_theta(x), "theta")
+    assert g.phi_index_at(1, 1.0) == 7 and g.ring_at_theta(1.0) == 24  # as before for a float

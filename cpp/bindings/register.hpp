@@ -69,6 +69,13 @@ ecl::Detector detector_arg(py::handle value, const char* name);
 template <class T>
 T checked_integer(py::handle value, const char* name);
 
+// One real-number argument (a Python or numpy int or float, or a 0-d array of one) as a double: pybind11's cast read a
+// bool as 0.0 / 1.0 (phi_index_at(1, True) as phi = 1 rad) and refused a string, None or complex value with its
+// generic "incompatible function arguments". TypeError naming `name` for a bool, a string, None, a complex value or
+// an array of several entries, ValueError naming `name` and the value for an int past a double. NaN and infinities
+// pass: what they mean is the function's.
+double checked_float(py::handle value, const char* name);
+
 // Zero-copy numpy view of a column (shape: rows x inner shape); keeps the buffer alive.
 py::array column_view(const fw::Column& c, bool writable);
 // Copies a numpy array into a new column of the array's dtype.

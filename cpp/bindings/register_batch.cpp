@@ -271,6 +271,35 @@ T checked_integer(py::handle value, const char* name) {
 }
 template int checked_integer<int>(py::handle, const char*);
 
+double checked_float(py::handle value, const char* name) {
+  PyObject* v = value.ptr();
+  if (PyFloat_Check(v)) return PyFloat_AS_DOUBLE(v);  // float and numpy.float64 (a subclass of it): first, cheaply
+  auto refuse_type = [&] {
+    throw py::type_error(std::string(name) + " must be a real number (an int or a float), not " +
+                         std::string(py::str(py::type::of(value).attr("__name__"))) + " " + std::string(py::repr(value)));
+  };
+  if (is_bool(value)) refuse_type();
+  if (PyIndex_Check(v)) {  // Python's and numpy's ints, a 0-d integer array
+    const auto i = py::reinterpret_steal<py::object>(PyNumber_Index(v));
+    if (i) {
+      const double d = PyLong_AsDouble(i.ptr());
+      if (d == -1.0 && PyErr_Occurred()) {  // past a double: OverflowError
+        PyErr_Clear();
+        throw py::value_error(std::string(name) + " = " + std::string(py::str(i)) + " is out of range of a float");
+      }
+      return d;
+    }
+    PyErr_Clear();  // an array that is not one integer: as numpy reads it, below
+  }
+  // numpy's other float scalars (float32, float16, longdouble) and a 0-d float array; as numpy reads anything else
+  // (a str, None, a complex value, a list), refused
+  const auto a = py::array::ensure(value);
+  if (!a || a.ndim() != 0 || a.dtype().kind() != 'f') refuse_type();
+  const double d = PyFloat_AsDouble(a.ptr());
+  if (d == -1.0 && PyErr_Occurred()) throw py::error_already_set();
+  return d;
+}
+
 void register_batch(py::module_& m) {
   m.def(
       "gather_rows",
@@ -314,8 +343,9 @@ void register_batch(py::module_& m) {
 
   m.def(
       "rows_at_least",
-      [](const py::object& values_in, double threshold) {
+      [](const py::object& values_in, py::handle threshold_in) {
         const auto values = checked_reals<float>(values_in, "values");
+        const double threshold = checked_float(threshold_in, "threshold");
         const float* v = values.data();
         const size_t n = static_cast<size_t>(values.shape(0));
         const float t = static_cast<float>(threshold);  // float32 comparison, as numpy's values >= threshold
@@ -334,8 +364,9 @@ void register_batch(py::module_& m) {
 
   m.def(
       "rows_at_least_within",
-      [](const py::object& values_in, double threshold, const py::object& within_in, double max_abs) {
+      [](const py::object& values_in, py::handle threshold_in, const py::object& within_in, py::handle max_abs_in) {
         const auto values = checked_reals<float>(values_in, "values");
+        const double threshold = checked_float(threshold_in, "threshold"), max_abs = checked_float(max_abs_in, "max_abs");
         const auto within = checked_reals<float>(within_in, "within");
         if (within.shape(0) != values.shape(0)) throw py::value_error("values and within must be 1-d of one length");
         const size_t n = static_cast<size_t>(values.shape(0));
@@ -355,7 +386,8 @@ void register_batch(py::module_& m) {
   m.def(
       "cap_at_ratio",
       [](py::array_t<float, py::array::c_style> values, const py::object& reference_in, const py::object& rows_in,
-         double ratio) {
+         py::handle ratio_in) {
+        const double ratio = checked_float(ratio_in, "ratio");
         const auto reference = checked_reals<float>(reference_in, "reference");
         if (values.ndim() != 1 || reference.shape(0) != values.shape(0))
           throw py::value_error("values and reference must be 1-d of one length");

@@ -11,7 +11,10 @@ void register_dqm(py::module_& m) {
   m.def(
       "gamma_gamma_masses",
       [](const py::object& offsets, const py::object& energy_in, const py::object& x_in, const py::object& y_in,
-         const py::object& z_in, const py::object& time_in, double min_energy, double max_abs_time, int max_per_event) {
+         const py::object& z_in, const py::object& time_in, py::handle min_energy_in, py::handle max_abs_time_in,
+         int max_per_event) {
+        const double min_energy = checked_float(min_energy_in, "min_energy"),
+                     max_abs_time = checked_float(max_abs_time_in, "max_abs_time");
         const Offsets offs = checked_offsets(offsets);
         const auto energy = checked_reals<float>(energy_in, "energy"), x = checked_reals<float>(x_in, "x"),
                    y = checked_reals<float>(y_in, "y"), z = checked_reals<float>(z_in, "z"),
@@ -38,8 +41,9 @@ void register_dqm(py::module_& m) {
 
   m.def(
       "fill_uniform_histogram",
-      [](py::array_t<double, py::array::c_style> counts, py::array values, double lo, double hi,
+      [](py::array_t<double, py::array::c_style> counts, py::array values, py::handle lo_in, py::handle hi_in,
          py::array_t<double, py::array::c_style> moments) {
+        const double lo = checked_float(lo_in, "lo"), hi = checked_float(hi_in, "hi");
         if (counts.ndim() != 1 || counts.shape(0) < 3) throw py::value_error("counts must be 1-d with nb + 2 >= 3 bins");
         if (moments.ndim() != 1 || moments.shape(0) != 2) throw py::value_error("moments must be 1-d with 2 entries");
         if (!(hi > lo)) throw py::value_error("hi must be > lo");

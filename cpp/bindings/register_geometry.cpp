@@ -37,17 +37,21 @@ void register_geometry(py::module_& m) {
       ECL_VIEW(dir_x) ECL_VIEW(dir_y) ECL_VIEW(dir_z) ECL_VIEW(width) ECL_VIEW(n1_offsets)
       ECL_VIEW(n1_cells) ECL_VIEW(nc2_offsets) ECL_VIEW(nc2_cells)
 #undef ECL_VIEW
-      // the ints through checked_integer: pybind11's cast read True as 1, and 2**40 as no overload naming nothing
+      // the ints through checked_integer, the floats through checked_float: pybind11's cast read True as 1, and 2**40
+      // as no overload naming nothing
       .def("cell_id",
            [](const Geometry& g, py::handle ring, py::handle phi_index) {
              return g.cell_id(checked_integer<int>(ring, "ring"), checked_integer<int>(phi_index, "phi_index"));
            },
            py::arg("ring"), py::arg("phi_index"), "cellId at (ring, phi index) (ints); 0 outside the detector")
       .def("phi_index_at",
-           [](const Geometry& g, py::handle ring, double phi) { return g.phi_index_at(checked_integer<int>(ring, "ring"), phi); },
+           [](const Geometry& g, py::handle ring, py::handle phi) {
+             return g.phi_index_at(checked_integer<int>(ring, "ring"), checked_float(phi, "phi"));
+           },
            py::arg("ring"), py::arg("phi"),
            "phi index of the crystal of `ring` whose segment contains phi (rad, belle2-ecl); -1 for no "
            "such ring, a phi that is not finite, or array30")
-      .def("ring_at_theta", &Geometry::ring_at_theta, py::arg("theta"),
+      .def("ring_at_theta", [](const Geometry& g, py::handle theta) { return g.ring_at_theta(checked_float(theta, "theta")); },
+           py::arg("theta"),
            "ring containing theta, -1 in a gap or outside (belle2-ecl)");
 }
