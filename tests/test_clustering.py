@@ -2,6 +2,7 @@
 ECLLeakageCorrection modules, and the containment of Geant4 array30 showers."""
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -305,6 +306,42 @@ def test_a_detector_for_all_events_is_checked_as_given():
         want = _core.find_clusters(name, **d)["seed_cell"].tolist()
         for ok in (code, np.int64(code), np.uint8(code)):
             assert _core.find_clusters(ok, **d)["seed_cell"].tolist() == want
+
+def test_find_clusters_checks_its_keyword_parameters_and_repeat():
+    """find_clusters' keyword parameters were read with pybind11's cast: max_iterations=True ran with 1 iteration,
+    seed_energy_gev=True was read as 1 GeV, and max_iterations=2**40, image_size=7.9 or max_iterations='3' raised
+    "RuntimeError: Unable to cast ... to C++ type '?'" naming nothing; repeat=True ran once. The ints now go through
+    checked_integer<int>, the floats through checked_float: errors name the parameter; ints and floats, Python's or
+    numpy's, are read as before."""
+    from helpers import assert_checked_float
+
+    g = eclreco.Geometry.get("belle2-ecl")
+    acc = {}  # two showers sharing crystals: the sharing iterates
+    for c, e in toy_shower("belle2-ecl", g.cell_id(30, 10), 1.0) + toy_shower("belle2-ecl", g.cell_id(30, 13), 0.6):
+        acc[c] = acc.get(c, 0.0) + e
+    d = digits(list(acc.items()))
+    run = lambda **kw: _core.find_clusters("belle2-ecl", **d, **kw)  # noqa: E731
+    # for each float parameter, the others that let it be 1.0 (growth <= seed, digit <= growth)
+    floats = {"seed_energy_gev": {}, "growth_energy_gev": {"seed_energy_gev": 2.0},
+              "digit_energy_gev": {"seed_energy_gev": 2.0, "growth_energy_gev": 2.0}, "lm_energy_gev": {},
+              "time_cut_ns": {}, "background_level": {}, "sharing_a": {}, "moliere_radius_cm": {},
+              "log_weight_w0": {}, "convergence_cm": {}, "lat_r0_cm": {}}
+    for name, others in floats.items():
+        assert_checked_float(lambda x: run(**others, **{name: x}), name)
+    ints = {"max_iterations": 3, "max_local_maxima": 2, "position_crystals": 21, "image_size": 5, "repeat": 2}
+    for name, value in ints.items():
+        want = run(**{name: value})
+        for same in (np.int64(value), np.uint8(value), np.array(value)):
+            np.testing.assert_equal(run(**{name: same}), want, err_msg=f"{name} = {same!r}")
+        for bad in (True, np.True_, 7.9, "3", None):
+            shown = re.escape(f"{type(bad).__name__} {bad!r}")
+            with pytest.raises(TypeError, match=rf"^{name} must be an int, not {shown}$"):
+                run(**{name: bad})
+        for bad in (2**40, -2**31 - 1):
+            with pytest.raises(ValueError, match=rf"^{name} = {bad} is out of range \(-2\*\*31 \.\. 2\*\*31 - 1\)$"):
+                run(**{name: bad})
+    assert run(max_iterations=1)["energy_raw"].tolist() != run()["energy_raw"].tolist()  # what True gave: 1 iteration
+
 
 def test_digit_quality_is_checked_as_given():
     """find_clusters' and count_out_of_time_digits' quality was converted with pybind11's forcecast to uint8: 256

@@ -20,26 +20,29 @@ py::array_t<T> to_numpy(const std::vector<T>& v, std::vector<py::ssize_t> shape)
   return a;
 }
 
+// The parameters through checked_float / checked_integer<int> (errors name the parameter): pybind11's cast read
+// max_iterations=True as 1 iteration and refused 2**40 or 7.9 with "Unable to cast ... to C++ type '?'".
 ecl::ClusterParams params_from(const py::kwargs& kw) {
   ecl::ClusterParams p;
   for (auto item : kw) {
     const std::string k = py::str(item.first);
+    const char* name = k.c_str();
     auto h = item.second;
-    if (k == "seed_energy_gev") p.seed_energy_gev = h.cast<double>();
-    else if (k == "growth_energy_gev") p.growth_energy_gev = h.cast<double>();
-    else if (k == "digit_energy_gev") p.digit_energy_gev = h.cast<double>();
-    else if (k == "lm_energy_gev") p.lm_energy_gev = h.cast<double>();
-    else if (k == "time_cut_ns") p.time_cut_ns = h.cast<double>();
-    else if (k == "background_level") p.background_level = h.cast<double>();
-    else if (k == "sharing_a") p.sharing_a = h.cast<double>();
-    else if (k == "moliere_radius_cm") p.moliere_radius_cm = h.cast<double>();
-    else if (k == "log_weight_w0") p.log_weight_w0 = h.cast<double>();
-    else if (k == "convergence_cm") p.convergence_cm = h.cast<double>();
-    else if (k == "max_iterations") p.max_iterations = h.cast<int>();
-    else if (k == "max_local_maxima") p.max_local_maxima = h.cast<int>();
-    else if (k == "lat_r0_cm") p.lat_r0_cm = h.cast<double>();
-    else if (k == "position_crystals") p.position_crystals = h.cast<int>();
-    else if (k == "image_size") p.image_size = h.cast<int>();
+    if (k == "seed_energy_gev") p.seed_energy_gev = checked_float(h, name);
+    else if (k == "growth_energy_gev") p.growth_energy_gev = checked_float(h, name);
+    else if (k == "digit_energy_gev") p.digit_energy_gev = checked_float(h, name);
+    else if (k == "lm_energy_gev") p.lm_energy_gev = checked_float(h, name);
+    else if (k == "time_cut_ns") p.time_cut_ns = checked_float(h, name);
+    else if (k == "background_level") p.background_level = checked_float(h, name);
+    else if (k == "sharing_a") p.sharing_a = checked_float(h, name);
+    else if (k == "moliere_radius_cm") p.moliere_radius_cm = checked_float(h, name);
+    else if (k == "log_weight_w0") p.log_weight_w0 = checked_float(h, name);
+    else if (k == "convergence_cm") p.convergence_cm = checked_float(h, name);
+    else if (k == "max_iterations") p.max_iterations = checked_integer<int>(h, name);
+    else if (k == "max_local_maxima") p.max_local_maxima = checked_integer<int>(h, name);
+    else if (k == "lat_r0_cm") p.lat_r0_cm = checked_float(h, name);
+    else if (k == "position_crystals") p.position_crystals = checked_integer<int>(h, name);
+    else if (k == "image_size") p.image_size = checked_integer<int>(h, name);
     else throw py::type_error("find_clusters: unknown parameter '" + k + "'");
   }
   try {
@@ -120,8 +123,9 @@ void register_clustering(py::module_& m) {
   m.def(
       "find_clusters",
       [](py::object detector, const py::object& offsets, const py::object& cell_in, const py::object& energy_in,
-         const py::object& time_in, const py::object& quality_in, py::object skip, int repeat, const py::kwargs& kw) {
+         const py::object& time_in, const py::object& quality_in, py::object skip, py::handle repeat_in, const py::kwargs& kw) {
         const ecl::ClusterParams p = params_from(kw);
+        const int repeat = checked_integer<int>(repeat_in, "repeat");  // True is no count
         const Offsets offs = checked_offsets(offsets);
         const size_t n_events = offs.n_events;
         const int64_t n_digits = offs.back();
