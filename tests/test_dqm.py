@@ -86,6 +86,25 @@ def test_dqm_kernels_check_their_float_arguments():
     assert_checked_float(lambda hi: filled(-1.0, hi), "hi")
 
 
+def test_gamma_gamma_masses_checks_max_per_event():
+    """gamma_gamma_masses' max_per_event was cast by pybind11: True was read as 1 (no pair, no mass) and 2**40 raised
+    the generic 'incompatible function arguments' naming nothing. It now goes through checked_integer<int>."""
+    off = np.array([0, 3], np.int64)
+    e = np.array([0.5, 1.0, 2.0], np.float32)
+    x, y, z = np.float32([[1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    t = np.zeros(3, np.float32)
+    masses = lambda n: _core.gamma_gamma_masses(off, e, x, y, z, t, 0.0, 0.0, n)  # noqa: E731
+    assert masses(2).size == 1 and masses(3).size == 3
+    for same in (np.int64(2), np.uint8(2), np.array(2)):
+        np.testing.assert_array_equal(masses(same), masses(2))
+    for bad in (True, np.True_, 2.0, "2", None):
+        with pytest.raises(TypeError, match=rf"^max_per_event must be an int, not {type(bad).__name__} "):
+            masses(bad)
+    for bad in (2**40, -2**31 - 1):
+        with pytest.raises(ValueError, match=rf"^max_per_event = {bad} is out of range \(-2\*\*31 \.\. 2\*\*31 - 1\)$"):
+            masses(bad)
+
+
 def pi0_source():
     """100 events with the two photons of a pi0 at rest: the mass must come out at 135 MeV"""
     n, m = 100, 0.134977

@@ -12,9 +12,10 @@ void register_dqm(py::module_& m) {
       "gamma_gamma_masses",
       [](const py::object& offsets, const py::object& energy_in, const py::object& x_in, const py::object& y_in,
          const py::object& z_in, const py::object& time_in, py::handle min_energy_in, py::handle max_abs_time_in,
-         int max_per_event) {
+         py::handle max_per_event_in) {
         const double min_energy = checked_float(min_energy_in, "min_energy"),
                      max_abs_time = checked_float(max_abs_time_in, "max_abs_time");
+        const int max_per_event = checked_integer<int>(max_per_event_in, "max_per_event");  // True is no count
         const Offsets offs = checked_offsets(offsets);
         const auto energy = checked_reals<float>(energy_in, "energy"), x = checked_reals<float>(x_in, "x"),
                    y = checked_reals<float>(y_in, "y"), z = checked_reals<float>(z_in, "z"),
