@@ -112,6 +112,25 @@ def test_discard_and_reject_take_numpy_indices_and_refuse_a_bool():
     assert b.discards() == {1: "cut", 3: "cut"} and list(b.rejections()) == [0]
 
 
+def test_a_checked_event_index_past_int64_is_named_as_given():
+    """event_index reads an index with the steps of checked_integer (one place for them), with its own messages: an
+    index past int64 either way is an IndexError naming it as given, a numpy int is an index, a float is not."""
+    b = eclreco.EventBatch(4)
+    for call in (b.reject, b.discard):
+        name = call.__name__
+        with pytest.raises(IndexError, match=rf"^{name}: event index {-2**70} is negative$"):
+            call(-2**70, "cut")
+        with pytest.raises(IndexError, match=rf"^{name}: event index {2**70} is out of range$"):
+            call(2**70, "cut")
+        with pytest.raises(TypeError, match=rf"^{name}: True is not an event index \(a mask is a boolean array"):
+            call(True, "cut")
+        with pytest.raises(TypeError, match=rf"^{name}: takes "):  # not read as event 1
+            call(1.0, "cut")
+    b.reject(np.uint8(2), "cut")
+    b.discard(np.int64(3), "cut")
+    assert list(b.rejections()) == [2] and b.discards() == {3: "cut"}
+
+
 def test_discard_names_an_index_as_given():
     """discard converted integer indices with pybind11's forcecast to int64: a uint64 2**64 - 1 wrapped to -1 and was
     refused as 'event index -1 is negative', a value the caller never gave. The indices now go through

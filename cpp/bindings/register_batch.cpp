@@ -1,5 +1,6 @@
 #include <pybind11/stl.h>
 #include <algorithm>
+#include <functional>
 #include <limits>
 #include <optional>
 #include <stdexcept>
@@ -33,22 +34,50 @@ DType from_numpy(const py::dtype& d) {
   throw py::type_error("unsupported dtype for a column: " + std::string(py::str(d)));
 }
 
+// A refused scalar argument as the TypeError shows it: its type and repr ("bool True", "str '1'").
+std::string type_and_repr(py::handle v) {
+  return std::string(py::str(py::type::of(v).attr("__name__"))) + " " + std::string(py::repr(v));
+}
+
+// The steps of every integer argument (checked_integer<T>, detector_arg, event_index), each caller giving what its
+// messages say: a bool refused (True is no 1), the value read by __index__ (a Python or numpy int, a 0-d integer
+// array; 1.5 is not truncated) and compared with [lo, hi] before any cast. TypeError "`name` must be `expected`,
+// not <type> <repr>" for anything else; for a value outside, out_of_range(the value as Python writes it, whether it
+// is below lo) raises the caller's error.
+long long checked_integer(py::handle value, const char* name, long long lo, long long hi, const char* expected,
+                          const std::function<void(const std::string& shown, bool below)>& out_of_range) {
+  auto refuse_type = [&] {
+    throw py::type_error(std::string(name) + " must be " + expected + ", not " + type_and_repr(value));
+  };
+  if (is_bool(value) || !PyIndex_Check(value.ptr())) refuse_type();
+  const auto i = py::reinterpret_steal<py::object>(PyNumber_Index(value.ptr()));
+  if (!i) {  // an array of more than one entry has __index__ but no single value
+    PyErr_Clear();
+    refuse_type();
+  }
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(i.ptr(), &overflow);
+  if (overflow || v < lo || v > hi) {
+    out_of_range(std::string(py::str(i)), overflow < 0 || (!overflow && v < lo));
+    throw std::logic_error("checked_integer: out_of_range did not raise");
+  }
+  return v;
+}
+
 // One event index given as a scalar: Python's int or numpy's integer scalars (the elements of
 // np.flatnonzero, np.argmax); nullopt for anything else (a list, an array). A bool is refused, not
 // read as event 0 or 1 (a mask is an array over the batch), and so is a negative index.
 std::optional<size_t> event_index(py::handle v, const char* what) {
-  if (is_bool(v))
+  if (is_bool(v))  // its own message: what a bool was meant as
     throw py::type_error(std::string(what) + ": " + std::string(py::repr(v)) +
                          " is not an event index (a mask is a boolean array with one entry per event)");
   if (py::isinstance<py::array>(v) || !PyIndex_Check(v.ptr())) return std::nullopt;
-  const auto i = py::reinterpret_steal<py::int_>(PyNumber_Index(v.ptr()));
-  if (!i) throw py::error_already_set();
-  if (PyObject_RichCompareBool(i.ptr(), py::int_(0).ptr(), Py_LT) == 1)
-    throw py::index_error(std::string(what) + ": event index " + std::string(py::str(i)) + " is negative");
-  int overflow = 0;
-  const long long x = PyLong_AsLongLongAndOverflow(i.ptr(), &overflow);
-  if (overflow) throw py::index_error(std::string(what) + ": event index " + std::string(py::str(i)) + " is out of range");
-  return static_cast<size_t>(x);
+  const std::string w(what);
+  return static_cast<size_t>(checked_integer(v, what, 0, std::numeric_limits<long long>::max(), "an event index",
+                                             [&](const std::string& shown, bool below) {
+                                               throw py::index_error(w + ": event index " + shown +
+                                                                     (below ? " is negative" : " is out of range"));
+                                             }));
 }
 
 // A column's values as an array: an array, or what numpy makes one of (a list, a tuple); what numpy
@@ -230,44 +259,24 @@ ecl::Detector detector_arg(py::handle value, const char* name) {
     if (!d) throw py::value_error(n + " = " + std::string(py::repr(value)) + " is not a detector name (belle2-ecl or array30)");
     return *d;
   }
-  auto refuse_type = [&] {
-    throw py::type_error(n + " must be a detector name (belle2-ecl or array30) or code (0 or 1), not " +
-                         std::string(py::str(py::type::of(value).attr("__name__"))) + " " + std::string(py::repr(value)));
-  };
-  if (is_bool(value) || !PyIndex_Check(value.ptr())) refuse_type();  // True is no code; 1.5 is not truncated
-  const auto code = py::reinterpret_steal<py::object>(PyNumber_Index(value.ptr()));
-  if (!code) {  // an array of more than one entry has __index__ but no single value
-    PyErr_Clear();
-    refuse_type();
-  }
-  int overflow = 0;
-  const long long v = PyLong_AsLongLongAndOverflow(code.ptr(), &overflow);
-  if (overflow || v < 0 || v > static_cast<long long>(ecl::Detector::Array30))  // Array30: the last code
-    throw py::value_error(n + " = " + std::string(py::str(code)) + " is not a detector code (0 belle2-ecl, 1 array30)");
-  return static_cast<ecl::Detector>(v);
+  const long long code = checked_integer(
+      value, name, 0, static_cast<long long>(ecl::Detector::Array30),  // Array30: the last code
+      "a detector name (belle2-ecl or array30) or code (0 or 1)", [&](const std::string& shown, bool) {
+        throw py::value_error(n + " = " + shown + " is not a detector code (0 belle2-ecl, 1 array30)");
+      });
+  return static_cast<ecl::Detector>(code);
 }
 
 template <class T>
 T checked_integer(py::handle value, const char* name) {
-  const std::string n(name);
-  auto refuse_type = [&] {
-    throw py::type_error(n + " must be an int, not " + std::string(py::str(py::type::of(value).attr("__name__"))) +
-                         " " + std::string(py::repr(value)));
-  };
-  if (is_bool(value) || !PyIndex_Check(value.ptr())) refuse_type();
-  const auto i = py::reinterpret_steal<py::object>(PyNumber_Index(value.ptr()));
-  if (!i) {  // an array of more than one entry has __index__ but no single value
-    PyErr_Clear();
-    refuse_type();
-  }
   using L = std::numeric_limits<T>;
-  int overflow = 0;
-  const long long v = PyLong_AsLongLongAndOverflow(i.ptr(), &overflow);
-  if (overflow || v < static_cast<long long>(L::min()) || v > static_cast<long long>(L::max()))
-    throw py::value_error(n + " = " + std::string(py::str(i)) + " is out of range (" +
+  static_assert(L::digits < 64, "checked_integer<T>: T's range must fit a long long");
+  const std::string n(name);
+  return static_cast<T>(checked_integer(value, name, L::min(), L::max(), "an int", [&](const std::string& shown, bool) {
+    throw py::value_error(n + " = " + shown + " is out of range (" +
                           (L::is_signed ? "-2**" + std::to_string(L::digits) : std::string("0")) + " .. 2**" +
                           std::to_string(L::digits) + " - 1)");
-  return static_cast<T>(v);
+  }));
 }
 template int checked_integer<int>(py::handle, const char*);
 
@@ -275,8 +284,7 @@ double checked_float(py::handle value, const char* name) {
   PyObject* v = value.ptr();
   if (PyFloat_Check(v)) return PyFloat_AS_DOUBLE(v);  // float and numpy.float64 (a subclass of it): first, cheaply
   auto refuse_type = [&] {
-    throw py::type_error(std::string(name) + " must be a real number (an int or a float), not " +
-                         std::string(py::str(py::type::of(value).attr("__name__"))) + " " + std::string(py::repr(value)));
+    throw py::type_error(std::string(name) + " must be a real number (an int or a float), not " + type_and_repr(value));
   };
   if (is_bool(value)) refuse_type();
   if (PyIndex_Check(v)) {  // Python's and numpy's ints, a 0-d integer array
