@@ -1275,3 +1275,17 @@ def test_a_raw_file_write_that_fails_leaves_the_old_file_and_no_partial_one(tmp_
     assert write_raw_file(link, [msgpack.packb(4)]) == 1
     assert link.is_symlink() and read_raw_file(out) == [msgpack.packb(4)]
     assert write_raw_file(os.devnull, [msgpack.packb(5)]) == 1 and os.path.exists(os.devnull)
+
+
+def test_bench_rawdata_refuses_a_repeat_count_below_one():
+    """_core._bench_rawdata(messages, repeats) took repeats=0 (or a negative count) and then read the smallest of no
+    batch times: a segmentation fault (bench_unpacker.py --repeats 0); True was read as 1 pass. repeats now goes
+    through checked_integer<int> and must be >= 1."""
+    from eclreco import _core
+
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match=rf"^repeats must be >= 1, not {bad}$"):
+            _core._bench_rawdata([], bad)
+    with pytest.raises(TypeError, match=r"^repeats must be an int, not bool True$"):
+        _core._bench_rawdata([], True)
+    assert _core._bench_rawdata([], 1)["events"] == 0.0

@@ -257,7 +257,10 @@ void register_rawdata(py::module_& m) {
 
   m.def(
       "_bench_rawdata",
-      [](const py::sequence& messages, int repeats) {
+      [](const py::sequence& messages, py::handle repeats_in) {
+        const int repeats = checked_integer<int>(repeats_in, "repeats");
+        // at least one pass: the results are per pass, the batch time the smallest of them (none: a crash)
+        if (repeats < 1) throw py::value_error("repeats must be >= 1, not " + std::to_string(repeats));
         const size_t n = py::len(messages);
         std::vector<py::object> keep;
         std::vector<std::string> copies(n);
@@ -307,5 +310,5 @@ void register_rawdata(py::module_& m) {
       },
       py::arg("messages"), py::arg("repeats") = 5,
       "benchmark without the framework: seconds per pass of decode_envelope, unpack_payload and "
-      "append_envelopes (one batch) over the messages");
+      "append_envelopes (one batch) over the messages, repeats (>= 1) passes");
 }
