@@ -739,6 +739,21 @@ def test_a_reset_while_two_threads_fill_splits_no_fill(weighted):
         assert c.counts.get("a") == c.counts.get("b")
 
 
+def reco_file(folder, name: str, events: list, dqm: bool = True) -> str:
+    """FOLDER/NAME.root: `events` (raw) written, unpacked, their DQM filled (dqm) and written by RootOutput."""
+    from eclreco.rawdata import write_raw_file
+
+    write_raw_file(folder / f"{name}.msgpack", events)
+    path = eclreco.create_path()
+    path.add_module("RawFileInput", filename=str(folder / f"{name}.msgpack"))
+    path.add_module("ECLUnpacker")
+    if dqm:
+        path.add_module("ECLDQM")
+    path.add_module("RootOutput", filename=str(folder / f"{name}.root"))
+    eclreco.process(path, install_signal_handlers=False)
+    return str(folder / f"{name}.root")
+
+
 def test_eclreco_dqm_sums_a_runs_parts_across_files_and_refuses_files_it_cannot_sum(tmp_path, capsys):
     """A run split across two collectors' files (one replaced mid-run wrote part of it, its replacement the rest):
     `eclreco dqm` read one file, so the run's DQM was drawn as two partial runs, one per call. It now takes several
@@ -750,17 +765,10 @@ def test_eclreco_dqm_sums_a_runs_parts_across_files_and_refuses_files_it_cannot_
     from _raw_helpers import two_digit_events
     from eclreco.cli import main
     from eclreco.dqm import DQMRegistry, Histogram1D
-    from eclreco.rawdata import write_raw_file
 
     events = two_digit_events(6, run=1)
     for name, part in (("a", events[:2]), ("b", events[2:])):  # the run's events in two jobs' files
-        write_raw_file(tmp_path / f"{name}.msgpack", part)
-        path = eclreco.create_path()
-        path.add_module("RawFileInput", filename=str(tmp_path / f"{name}.msgpack"))
-        path.add_module("ECLUnpacker")
-        path.add_module("ECLDQM")
-        path.add_module("RootOutput", filename=str(tmp_path / f"{name}.root"))
-        eclreco.process(path, install_signal_handlers=False)
+        reco_file(tmp_path, name, part)
     a, b, out_dir = str(tmp_path / "a.root"), str(tmp_path / "b.root"), tmp_path / "png"
     capsys.readouterr()
     assert main(["dqm", a, b, "-o", str(out_dir)]) == 0
@@ -798,17 +806,10 @@ def test_eclreco_dqm_warns_of_a_file_whose_detector_it_cannot_check(tmp_path, ca
     are what it sums)."""
     from _raw_helpers import two_digit_events
     from eclreco.cli import main
-    from eclreco.rawdata import write_raw_file
 
     events = two_digit_events(4, run=1)
     for name, part in (("a", events[:2]), ("killed", events[2:])):
-        write_raw_file(tmp_path / f"{name}.msgpack", part)
-        path = eclreco.create_path()
-        path.add_module("RawFileInput", filename=str(tmp_path / f"{name}.msgpack"))
-        path.add_module("ECLUnpacker")
-        path.add_module("ECLDQM")
-        path.add_module("RootOutput", filename=str(tmp_path / f"{name}.root"))
-        eclreco.process(path, install_signal_handlers=False)
+        reco_file(tmp_path, name, part)
     a, killed = str(tmp_path / "a.root"), str(tmp_path / "killed.root")
     with uproot.update(killed) as f:  # as a collector killed before its end left it: dqm/, no metadata
         del f["metadata"]
@@ -830,16 +831,9 @@ def test_eclreco_dqm_takes_a_file_without_events_beside_another(tmp_path, capsys
     DQM of different detectors is not summed'. Naming no detector, it conflicts with none."""
     from _raw_helpers import two_digit_events
     from eclreco.cli import main
-    from eclreco.rawdata import write_raw_file
 
     for name, part in (("a", two_digit_events(2, run=1)), ("empty", [])):
-        write_raw_file(tmp_path / f"{name}.msgpack", part)
-        path = eclreco.create_path()
-        path.add_module("RawFileInput", filename=str(tmp_path / f"{name}.msgpack"))
-        path.add_module("ECLUnpacker")
-        path.add_module("ECLDQM")
-        path.add_module("RootOutput", filename=str(tmp_path / f"{name}.root"))
-        eclreco.process(path, install_signal_handlers=False)
+        reco_file(tmp_path, name, part)
     a, empty = str(tmp_path / "a.root"), str(tmp_path / "empty.root")
     capsys.readouterr()
     assert main(["dqm", a, empty, "-o", str(tmp_path / "png")]) == 0, capsys.readouterr().err
@@ -853,18 +847,10 @@ def test_eclreco_dqm_skips_a_file_without_dqm_beside_files_with_it(tmp_path, cap
     only where no file has dqm/ (one file alone: refused as before)."""
     from _raw_helpers import two_digit_events
     from eclreco.cli import main
-    from eclreco.rawdata import write_raw_file
 
     events = two_digit_events(5, run=1)
     for name, part, dqm in (("killed", events[:2], False), ("b", events[2:], True), ("plain", events[:1], False)):
-        write_raw_file(tmp_path / f"{name}.msgpack", part)
-        path = eclreco.create_path()
-        path.add_module("RawFileInput", filename=str(tmp_path / f"{name}.msgpack"))
-        path.add_module("ECLUnpacker")
-        if dqm:
-            path.add_module("ECLDQM")
-        path.add_module("RootOutput", filename=str(tmp_path / f"{name}.root"))
-        eclreco.process(path, install_signal_handlers=False)
+        reco_file(tmp_path, name, part, dqm)
     killed, b, plain = (str(tmp_path / f"{n}.root") for n in ("killed", "b", "plain"))
     with uproot.open(killed) as f:  # its events, no DQM
         assert f["events"].num_entries == 2 and "dqm" not in {k.split(";")[0] for k in f.keys(recursive=False)}

@@ -84,6 +84,26 @@ def test_collector_sigkill_ends_the_farm_promptly(farm_factory):
     print(f"\ncollector SIGKILL: farm exited with {rc} after {elapsed:.1f} s")
 
 
+def signal_the_collector_mid_stream(farm, n: int, sig) -> tuple[int, float]:
+    """Events 0..n-1 at 2 kHz; once 300 are in the collector's file (its tree written) and more are taken and not
+    saved, `sig` to the collector, in the middle of the stream (results at the workers and in the collector).
+    Returns its pid and when the stream began (time.monotonic), once every event is sent."""
+    import threading
+
+    from eclreco.hlt.control import status
+
+    first = farm.process("collector")["pid"]
+    feed = threading.Thread(target=lambda: push_events(farm.input, range(n), rate_hz=2000, timeout_s=60), daemon=True)
+    feed.start()
+    t0 = time.monotonic()
+    while (d := status(farm.control)["processes"][0])["confirmed"] - d["unsaved"] < 300:  # (the CLI: ~0.5 s a call)
+        assert time.monotonic() - t0 < 30, farm.logtext()
+        time.sleep(0.02)
+    os.kill(first, sig)
+    feed.join(60)
+    return first, t0
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_hlt_run_restarts_a_collector_and_loses_no_event(farm_factory, tmp_path, sig):
     """Promise: `hlt run` restarts a collector that exited (killed, or stopped by SIGTERM) in the middle of a
@@ -93,22 +113,10 @@ def test_hlt_run_restarts_a_collector_and_loses_no_event(farm_factory, tmp_path,
     once after a SIGKILL; nothing is lost and the farm exits 0. The output line names the dead one's file.
     Before, a collector exit ended the farm: an audit saw 1206 of 5000 events counted lost_at_stop."""
     import glob
-    import threading
-
-    from eclreco.hlt.control import status
 
     farm = farm_factory(heartbeat_timeout=2, workers=2)
-    first = farm.process("collector")["pid"]
     n = 4000
-    feed = threading.Thread(target=lambda: push_events(farm.input, range(n), rate_hz=2000, timeout_s=60), daemon=True)
-    feed.start()
-    t0 = time.monotonic()
-    # some events in the file (its tree written), more taken and not saved (in process: the CLI takes ~0.5 s a call)
-    while (d := status(farm.control)["processes"][0])["confirmed"] - d["unsaved"] < 300:
-        assert time.monotonic() - t0 < 30, farm.logtext()
-        time.sleep(0.02)
-    os.kill(first, sig)  # in the middle of the stream: results at the workers and in the collector
-    feed.join(60)
+    first, t0 = signal_the_collector_mid_stream(farm, n, sig)
     while (c := farm.process("collector"))["pid"] == first or c["state"] == "silent":  # the new one registered
         assert time.monotonic() - t0 < 60, farm.logtext()
         time.sleep(0.2)
@@ -152,22 +160,11 @@ def test_a_run_in_two_collectors_files_is_named_with_both_for_eclreco_dqm(farm_f
     `eclreco dqm` command, which sums the run's DQM across them: the run's events, each once. A killed (SIGKILL)
     collector wrote no DQM of the run: its file is named apart, `eclreco dqm` is given the other (given both, it
     skips the killed one's, saying so)."""
-    import threading
-
     from eclreco.dqm import by_run, read_files
-    from eclreco.hlt.control import status
 
     farm = farm_factory(heartbeat_timeout=2, workers=2)
-    first = farm.process("collector")["pid"]
     n = 3000
-    feed = threading.Thread(target=lambda: push_events(farm.input, range(n), rate_hz=2000, timeout_s=60), daemon=True)
-    feed.start()
-    t0 = time.monotonic()
-    while (d := status(farm.control)["processes"][0])["confirmed"] - d["unsaved"] < 300:
-        assert time.monotonic() - t0 < 30, farm.logtext()
-        time.sleep(0.02)
-    os.kill(first, sig)
-    feed.join(60)
+    signal_the_collector_mid_stream(farm, n, sig)
     farm.wait_confirmed(n)
     farm.command("terminate")
     rc, log = farm.wait_exit()
@@ -324,7 +321,7 @@ def test_a_stop_whose_last_write_fails_names_the_error_and_the_kept_file(farm_fa
     final = farm.command("terminate")["processes"][0]
     rc, log = farm.wait_exit()
     assert final["output"]["output_errors"] == [error] and final["lost_at_stop"] == 0, final
-    assert f"3000 events written in 1 farm run(s) of 3000 received" in log, log
+    assert "3000 events written in 1 farm run(s) of 3000 received" in log, log
     assert_output_adds_up(next(x for x in log.splitlines() if x.startswith("[hlt run] output: ")))
 
 
@@ -414,7 +411,7 @@ def test_the_events_a_failed_stop_left_unsaved_go_to_a_file_of_their_run(farm_fa
     reply = json.loads(r.stdout)
     assert r.returncode == 1 and reply["unsaved"] == 1050 and reply["lost_at_stop"] == 0, r.stdout
     t0 = time.monotonic()
-    while (d := farm.distributor())["held"] or farm.process("collector")["pid"] == first:  # all confirmed again
+    while farm.distributor()["held"] or farm.process("collector")["pid"] == first:  # all confirmed again
         assert time.monotonic() - t0 < 60, farm.logtext()
         time.sleep(0.2)
     final = farm.command("terminate")["processes"][0]
@@ -547,9 +544,6 @@ def test_a_collector_restarted_in_run_2_names_its_file_after_run_2(farm_factory,
     run's events to farm.2.root (named as a second file of run 1, farm.root being there) beside the dead one's
     farm_run2.root. The distributor's answer to its HELLO now gives the run it joins: farm_run2.2.root."""
     from eclreco.hlt.control import output_line
-
-    from eclreco.hlt import protocol as P
-    from eclreco.hlt.control import request
 
     farm = farm_factory(heartbeat_timeout=2, workers=1)
     push_events(farm.input, range(200))
@@ -2310,7 +2304,6 @@ def test_the_farms_output_counts_the_errors_of_the_collectors_output_apart():
     output raised on, e.g. after its write failed), which reco.py's summary tells apart: in the farm a failing
     output looked like a failing chain. The report carries it, the distributor sums it over the runs and the
     output line says it."""
-    from eclreco.hlt import protocol as P
     from eclreco.hlt.collector import CollectorLink, run_report
     from eclreco.hlt.control import output_line
     import eclreco
