@@ -85,9 +85,6 @@ def test_zmq_input_rejects_and_keeps_oversized_messages(tmp_path):
     identifiers it has; the valid events sent right behind it on the same connection all arrive.
     (When the socket refused it, ZMQ_MAXMSGSIZE, libzmq dropped the connection and with it the
     events in flight behind it: 7 of 2000 in a measurement, counted nowhere.)"""
-
-    from eclreco.raw_sockets import mark_oversize
-
     address = free_address()
     quarantine = tmp_path / "rejected.msgpack"
     path, inp = zmq_input_path(address, quarantine=quarantine, idle_timeout_s=1.0, max_message_bytes=4096)
@@ -787,16 +784,19 @@ def test_zmq_output_refuses_a_misspelt_column_at_initialize():
     assert "e1e9" in message and eclreco.statistics.summary()["received"] == 0
 
 
+class MarksHighEnergy(eclreco.Module):
+    """A steering file's module after the clusterizer that adds a column, `high`, to ECLClusters."""
+
+    def event(self, batch):
+        c = batch["ECLClusters"]
+        c["high"] = c["energy"] > 0.5
+
+
 def test_zmq_output_sends_a_column_a_users_module_adds():
     """A module of a steering file after the clusterizer may add a column (Module.makes names collections, not
     columns): its name is not refused at initialize, and is sent; so is a second collection's column, where the
     columns are restricted across both."""
     from eclreco.hlt.protocol import DecodedBatch, unpack
-
-    class MarksHighEnergy(eclreco.Module):
-        def event(self, batch):
-            c = batch["ECLClusters"]
-            c["high"] = c["energy"] > 0.5
 
     address = free_address()
     pull = zmq.Context.instance().socket(zmq.PULL)
@@ -825,11 +825,6 @@ def test_zmq_output_warns_once_of_a_column_no_sent_collection_has(capsys):
     collection, naming the names no sent collection has; the batches are sent as before. A batch without one of the
     collections cannot tell: nothing is said."""
     from eclreco.hlt.protocol import DecodedBatch, unpack
-
-    class MarksHighEnergy(eclreco.Module):
-        def event(self, batch):
-            c = batch["ECLClusters"]
-            c["high"] = c["energy"] > 0.5
 
     address = free_address()
     pull = zmq.Context.instance().socket(zmq.PULL)
