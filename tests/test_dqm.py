@@ -871,3 +871,20 @@ def test_eclreco_dqm_skips_a_file_without_dqm_beside_files_with_it(tmp_path, cap
     assert main(["dqm", killed, "-o", str(tmp_path / "none")]) == 2  # one file: refused as before
     assert f"eclreco dqm: error: {killed} has no dqm directory" in capsys.readouterr().err
     assert not (tmp_path / "none").exists()
+
+
+def test_eclreco_dqm_refuses_a_file_given_twice(tmp_path, capsys):
+    """`eclreco dqm A A` (or A under another name, ./A, a link) read A twice and summed each run's cycles across the
+    two readings as parts of one run: every count drawn doubled, titled '2 parts summed'. It is refused, naming it."""
+    from _raw_helpers import two_digit_events
+    from eclreco.cli import main
+
+    a = reco_file(tmp_path, "a", two_digit_events(3, run=1))
+    (tmp_path / "link.root").symlink_to(a)
+    for again in (a, str(tmp_path / "." / "a.root"), str(tmp_path / "link.root")):
+        capsys.readouterr()
+        assert main(["dqm", a, again, "-o", str(tmp_path / "png")]) == 2
+        out, err = capsys.readouterr()
+        assert f"eclreco dqm: error: {again} is given twice (as {a}): its DQM would be summed twice" in err, err
+        assert not out and not (tmp_path / "png").exists()
+    assert main(["dqm", a, "-o", str(tmp_path / "png")]) == 0

@@ -573,7 +573,12 @@ def read_files(paths: list[str]) -> list[dict]:
     end writes none) beside others cannot be checked: a warning on stderr names it (its histograms are still
     refused where their bins differ: by_run). A file without dqm/ beside files with it is skipped with a warning
     naming it (a collector killed, or whose write failed, mid-run: its events have no DQM there); a NoDQMError only
-    where no file has dqm/."""
+    where no file has dqm/. A file given twice (under any name) is refused: its runs' parts would be summed twice."""
+    seen: dict[str, str] = {}  # the file itself (realpath) -> the name it was first given under
+    for path in paths:
+        if (real := os.path.realpath(path)) in seen:
+            raise ValueError(f"{path} is given twice (as {seen[real]}): its DQM would be summed twice")
+        seen[real] = path
     hists, detectors, unchecked, without = [], {}, [], []
     for path in paths:
         try:
