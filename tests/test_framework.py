@@ -386,8 +386,13 @@ def test_rows_at_least_within_and_cap_at_ratio_match_numpy():
         _core.cap_at_ratio(val, ref, np.array([v.size], np.int64), 2.0)
     with pytest.raises(TypeError):  # not capped in a converted copy
         _core.cap_at_ratio(val.astype(np.float64), ref, rows, 2.0)
-    with pytest.raises(ValueError, match="one length"):
+    # the array of the wrong length named, with both lengths (the message said '1-d' of arrays that were)
+    with pytest.raises(ValueError, match=fr"^within must have shape \({v.size},\) \(one per value\), not \({v.size - 1},\)$"):
         _core.rows_at_least_within(v, 0.03, t[:-1], 50.0)
+    with pytest.raises(ValueError, match=fr"^reference must have shape \({v.size},\) \(one per value\), not \({v.size - 1},\)$"):
+        _core.cap_at_ratio(val, ref[:-1], rows, 2.0)
+    with pytest.raises(ValueError, match=r"^values must be 1-d, not 2-d$"):
+        _core.cap_at_ratio(val.reshape(1, -1), ref, rows, 2.0)
 
 
 def test_the_row_kernels_check_their_float_arguments():

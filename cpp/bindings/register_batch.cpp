@@ -375,8 +375,7 @@ void register_batch(py::module_& m) {
       [](const py::object& values_in, py::handle threshold_in, const py::object& within_in, py::handle max_abs_in) {
         const auto values = checked_reals<float>(values_in, "values");
         const double threshold = checked_float(threshold_in, "threshold"), max_abs = checked_float(max_abs_in, "max_abs");
-        const auto within = checked_reals<float>(within_in, "within");
-        if (within.shape(0) != values.shape(0)) throw py::value_error("values and within must be 1-d of one length");
+        const auto within = checked_reals<float>(within_in, "within", values.shape(0), "one per value");
         const size_t n = static_cast<size_t>(values.shape(0));
         py::array_t<int64_t> out(static_cast<py::ssize_t>(n + 1));
         size_t k, outside;
@@ -396,9 +395,8 @@ void register_batch(py::module_& m) {
       [](py::array_t<float, py::array::c_style> values, const py::object& reference_in, const py::object& rows_in,
          py::handle ratio_in) {
         const double ratio = checked_float(ratio_in, "ratio");
-        const auto reference = checked_reals<float>(reference_in, "reference");
-        if (values.ndim() != 1 || reference.shape(0) != values.shape(0))
-          throw py::value_error("values and reference must be 1-d of one length");
+        if (values.ndim() != 1) throw py::value_error("values must be 1-d, not " + std::to_string(values.ndim()) + "-d");
+        const auto reference = checked_reals<float>(reference_in, "reference", values.shape(0), "one per value");
         const auto rows = checked_numbers<int64_t>(rows_in, "rows");
         if (!values.writeable()) throw py::value_error("values must be writable");
         const int64_t n = values.shape(0);
