@@ -1492,13 +1492,17 @@ def test_hlt_control_stop_names_every_file_of_a_run_in_several_for_eclreco_dqm()
                 d.housekeeping(time.monotonic())
 
         serve_until(lambda: d.state == "stopped")
-        farm.send(b, P.RUN_ENDED, P.pack({"received": 30, "events_written": 30}))
+        # (b wrote run (0, 1)'s DQM in 2 parts: the note of its parts names the files that hold DQM of the run)
+        farm.send(b, P.RUN_ENDED, P.pack({"received": 30, "events_written": 30, "filename": "/data/a.2.root",
+                                          "dqm_parts": [[0, 1, 2]]}))
         serve_until(lambda: not d.stop_requesters)
         out, err = stop.communicate(timeout=60)
         assert stop.returncode == 0, err
         advice = ("farm run 1's events are in 2 files (`eclreco dqm /data/a.2.root` draws its DQM; /data/a.root: its "
                   "collector failed or died mid-run, the DQM of the runs open then is in no file)")
         assert f"eclreco hlt control: note: {advice}\n" in err, err
+        assert ("eclreco hlt control: note: run (0, 1) written in 2 DQM parts in /data/a.2.root (a run's totals are the "
+                "sum of its parts: `eclreco dqm /data/a.2.root` draws them summed)\n") in err, err
         assert json.loads(out)["in_several_files"] == {"run_index": 1, "files": ["/data/a.root", "/data/a.2.root"],
                                                        "without_dqm": ["/data/a.root"]}, out
         assert f"; {advice}" in output_line(d.own_status())  # the final output line's words

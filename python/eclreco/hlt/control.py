@@ -310,10 +310,11 @@ def control_main(args) -> int:
     if several:  # said, the run is fine: its DQM is drawn from all its files together (the output line says so too)
         print("eclreco hlt control: note: " + several_files_text(several), file=sys.stderr)
     if collector.get("dqm_parts"):  # said, the run is fine: late events of a run went to a further DQM cycle
-        files = files_with_dqm(several) if several else [collector.get("filename")]
+        run = reply.get("run_index")  # (a run in several files: `eclreco dqm` is given those holding its DQM)
         print("eclreco hlt control: note: " + dqm_parts_text(
-            [{"exp": e, "run": r, "parts": n, "file": collector.get("filename"), "run_index": 0}
-             for e, r, n in collector["dqm_parts"]], run_files={0: [f for f in files if f]}), file=sys.stderr)
+            [{"exp": e, "run": r, "parts": n, "file": collector.get("filename"), "run_index": run}
+             for e, r, n in collector["dqm_parts"]], run_files={run: files_with_dqm(several)} if several else None),
+            file=sys.stderr)
     if reply.get("timeout"):  # stopped, but nobody said that the run's file is closed
         print("eclreco hlt control: the run stopped, but the collector did not report its end within 30 s (is it "
               "alive? `hlt status`): its output may not be closed", file=sys.stderr)
