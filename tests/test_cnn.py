@@ -1884,3 +1884,22 @@ def test_a_shipped_card_renders_saying_what_it_does_not_record(tmp_path, detecto
     assert f"(sha256 {NOT_RECORDED}, path {NOT_RECORDED}; " in md and f"- reproduce: {NOT_RECORDED}\n" in md
     with open(os.path.join(models, f"{detector}.md")) as f:
         assert f.read() == md
+
+
+def test_a_record_is_written_in_utf8_as_its_digest_whatever_the_locale(tmp_path):
+    """paths.stage_record hashed a record's texts as UTF-8 but wrote them in the locale's encoding: under an ASCII
+    locale (LC_ALL=C without C-locale coercion) `eclreco validate` failed writing its report (σ68, ≤) after all its
+    work, and under another non-UTF-8 one the file's bytes would not match the digest it records. It writes UTF-8."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom eclreco.paths import StagedOutputs, stage_record, overwritten_outputs\n"
+              "with StagedOutputs() as s:\n"
+              "    stage_record(s, sys.argv[1], 'r.json', {'files': {}}, {'r.md': '\\u03c368 \\u2264 0.85'})\n"
+              "    s.publish()\n"
+              "print(overwritten_outputs(sys.argv[1], 'r.json', {'r.md'}))\n")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True, text=True,
+                       encoding="utf-8", timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr  # its own unchanged record and .md: not refused
+    assert (tmp_path / "r.md").read_text(encoding="utf-8") == "\u03c368 \u2264 0.85"

@@ -201,7 +201,9 @@ def stage_record(staged: "StagedOutputs", out_dir: str, record: str, data: dict,
     at = text.rindex(_OWN_DIGEST_BLANK)  # (the last key's last value)
     text = text[:at] + sha(text) + text[at + len(_OWN_DIGEST_BLANK):]
     for name, content in {**texts, record: text}.items():
-        with open(staged.path(os.path.join(out_dir, name)), "w") as f:
+        # UTF-8 as hashed, whatever the locale (an ASCII one could not write a report's σ68, and another would
+        # write bytes that its digest does not match)
+        with open(staged.path(os.path.join(out_dir, name)), "w", encoding="utf-8") as f:
             f.write(content)
 
 
