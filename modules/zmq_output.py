@@ -82,10 +82,11 @@ class ZMQOutput(Module):
 
         from eclreco.framework import modules_before, unknown_columns_error
 
+        self._collections = collections = list(dict.fromkeys(self.param("collections")))  # (a name given twice: once)
         # Before the socket: a misspelt name is refused, not left out of every message without a word. A name may
         # be of any of the collections, so it is known to be of none only where they are one whose columns are
         # known (columns_made: ECLClusters of the clusterizer's chain), as by default.
-        before, collections = modules_before(self), list(dict.fromkeys(self.param("collections")))
+        before = modules_before(self)
         if before is not None and len(collections) == 1 and (
                 why := unknown_columns_error(before, collections[0], self.param("columns"), "ZMQOutput: columns")):
             raise ValueError(why)
@@ -163,7 +164,7 @@ class ZMQOutput(Module):
         """Once, at the first batch that holds every collection of `collections`: the names of `columns` that none of
         them has (a misspelt name, where initialize could not refuse it) are said on stderr, the log of a farm's
         worker; a batch without some collection cannot tell."""
-        collections = list(dict.fromkeys(self.param("collections")))
+        collections = self._collections
         if not all(name in batch for name in collections):
             return
         self._columns_unchecked = False

@@ -2224,5 +2224,5 @@ def test_float_arrays_are_checked_as_given():
                 assert same(call(ok), int_want), (name, ok)
     with pytest.raises(ValueError, match=r"^values must be 1-d, not of shape \(2, 2\)$"):
         _core.rows_at_least(np.zeros((2, 2), np.float32), 0.0)
-    with pytest.raises(ValueError, match="blocks must be 2-d"):
-        _core.gather_rows(rows, off2, [two_f32], [False])
+    with pytest.raises(ValueError, match=r"^blocks\[1\] must be 2-d, not 1-d$"):  # (it named no block)
+        _core.gather_rows(rows, off2, [two_f32[:, None], two_f32], [False, False])

@@ -327,11 +327,12 @@ void register_batch(py::module_& m) {
         std::vector<fw::GatherBlock> gb;
         size_t width = 0;
         for (size_t b = 0; b < blocks.size(); ++b) {
-          auto a = real_array<float>(blocks[b], ("blocks[" + std::to_string(b) + "]").c_str());
-          if (a.ndim() != 2) throw py::value_error("blocks must be 2-d float arrays");
+          const std::string name = "blocks[" + std::to_string(b) + "]";
+          auto a = real_array<float>(blocks[b], name.c_str());
+          if (a.ndim() != 2) throw py::value_error(name + " must be 2-d, not " + std::to_string(a.ndim()) + "-d");
           const int64_t need = per_event[b] ? static_cast<int64_t>(n_events) : n_coll;
           if (a.shape(0) != need)
-            throw py::value_error("block " + std::to_string(b) + " has " + std::to_string(a.shape(0)) + " rows, expected " +
+            throw py::value_error(name + " has " + std::to_string(a.shape(0)) + " rows, expected " +
                                   std::to_string(need) + (per_event[b] ? " (events)" : " (collection rows)"));
           gb.push_back({a.data(), static_cast<size_t>(a.shape(1)), per_event[b]});
           width += static_cast<size_t>(a.shape(1));
