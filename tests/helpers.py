@@ -88,3 +88,27 @@ def assert_checked_float(call, name):
             call(bad)
     with pytest.raises(ValueError, match=rf"^{name} = {2**1100} is out of range of a float$"):
         call(2**1100)
+
+
+def assert_checked_integer(call, name, value, digits, signed=True):
+    """`call(x)` takes x as one integer argument `name` (checked_integer<T> in the bindings; T: `digits` value bits,
+    signed or not, e.g. 31 / True for int, 32 / False for uint32): a Python or numpy int, or a 0-d integer array, is
+    read as that number (`value`: one that T and uint8 hold); a bool (not 0 / 1), a float (not truncated), a string,
+    None or an array of several entries is a TypeError, a value past T a ValueError, each naming `name` (pybind11's
+    cast read True as 1 and refused the others with its several-line "incompatible function arguments")."""
+    import re
+
+    import pytest
+
+    want = call(value)
+    for same in (np.int64(value), np.uint8(value), np.array(value), np.array(value, np.int32)):
+        np.testing.assert_equal(call(same), want, err_msg=f"{name} = {same!r}")
+    for bad in (True, np.True_, False, float(value), np.float64(value), "1", None, np.array(True), np.array([1, 2])):
+        shown = re.escape(f"{type(bad).__name__} {bad!r}")
+        with pytest.raises(TypeError, match=rf"^{name} must be an int, not {shown}$"):
+            call(bad)
+    lo = -2**digits if signed else 0
+    shown_range = re.escape(f"({'-2**' + str(digits) if signed else '0'} .. 2**{digits} - 1)")
+    for bad in (lo - 1, 2**digits, 2**70):
+        with pytest.raises(ValueError, match=rf"^{name} = {bad} is out of range {shown_range}$"):
+            call(bad)

@@ -1289,3 +1289,15 @@ def test_bench_rawdata_refuses_a_repeat_count_below_one():
     with pytest.raises(TypeError, match=r"^repeats must be an int, not bool True$"):
         _core._bench_rawdata([], True)
     assert _core._bench_rawdata([], 1)["events"] == 0.0
+
+
+def test_crc32_checks_its_running_crc():
+    """_core.crc32(data, crc) cast crc with pybind11: True was read as a running CRC of 1 (crc32(b'a', True) gave
+    2679148245, not zlib's error), and -1 or 2**32 was its several-line "incompatible function arguments". crc now
+    goes through checked_integer<uint32_t>; the values are zlib's."""
+    from eclreco import _core
+    from helpers import assert_checked_integer
+
+    assert_checked_integer(lambda crc: _core.crc32(b"abc", crc), "crc", 7, 32, signed=False)
+    for crc in (0, 7, 2**32 - 1, np.uint32(2**32 - 1), np.uint64(123456789)):
+        assert _core.crc32(b"abc", crc) == zlib.crc32(b"abc", int(crc))

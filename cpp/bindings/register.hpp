@@ -63,9 +63,10 @@ Offsets checked_offsets(py::handle offsets, const char* name = "offsets");  // n
 // for anything else (a float, a bool, None).
 ecl::Detector detector_arg(py::handle value, const char* name);
 
-// One integer argument (a Python or numpy int) as T (int): pybind11's cast read a bool as 0 / 1 and refused a value
-// past T with its generic "incompatible function arguments". TypeError naming `name` for a bool or a non-integer
-// (1.5 is not truncated), ValueError naming `name`, the value and T's range for a value past T. Its steps are those
+// One integer argument (a Python or numpy int) as T (int, int64_t, uint32_t, uint64_t): pybind11's cast read a bool
+// as 0 / 1 and refused a value past T with its generic "incompatible function arguments". TypeError naming `name` for
+// a bool or a non-integer (1.5 is not truncated), ValueError naming `name`, the value and T's range for a value past T
+// (a negative one for an unsigned T). Its steps are those
 // of detector_arg's codes and of an event index too (register_batch.cpp), with their own messages.
 template <class T>
 T checked_integer(py::handle value, const char* name);

@@ -43,9 +43,10 @@ std::string type_and_repr(py::handle v) {
 // messages say: a bool refused (True is no 1), the value read by __index__ (a Python or numpy int, a 0-d integer
 // array; 1.5 is not truncated) and compared with [lo, hi] before any cast. TypeError "`name` must be `expected`,
 // not <type> <repr>" for anything else; for a value outside, out_of_range(the value as Python writes it, whether it
-// is below lo) raises the caller's error.
-long long checked_integer(py::handle value, const char* name, long long lo, long long hi, const char* expected,
-                          const std::function<void(const std::string& shown, bool below)>& out_of_range) {
+// is below lo) raises the caller's error. I: long long, or unsigned long long for the values of a uint64 (exp, run).
+template <class I>
+I checked_integer(py::handle value, const char* name, I lo, I hi, const char* expected,
+                  const std::function<void(const std::string& shown, bool below)>& out_of_range) {
   auto refuse_type = [&] {
     throw py::type_error(std::string(name) + " must be " + expected + ", not " + type_and_repr(value));
   };
@@ -57,11 +58,22 @@ long long checked_integer(py::handle value, const char* name, long long lo, long
   }
   int overflow = 0;
   const long long v = PyLong_AsLongLongAndOverflow(i.ptr(), &overflow);
-  if (overflow || v < lo || v > hi) {
-    out_of_range(std::string(py::str(i)), overflow < 0 || (!overflow && v < lo));
+  bool inside;
+  I x = static_cast<I>(v);
+  if constexpr (std::is_signed_v<I>) {
+    inside = !overflow && v >= lo && v <= hi;
+  } else if (overflow > 0) {  // past a long long: maybe within an unsigned one
+    x = PyLong_AsUnsignedLongLong(i.ptr());
+    inside = !PyErr_Occurred() && x >= lo && x <= hi;
+    PyErr_Clear();
+  } else {
+    inside = !overflow && v >= 0 && x >= lo && x <= hi;
+  }
+  if (!inside) {
+    out_of_range(std::string(py::str(i)), overflow < 0 || (!overflow && (v < 0 || x < lo)));
     throw std::logic_error("checked_integer: out_of_range did not raise");
   }
-  return v;
+  return x;
 }
 
 // One event index given as a scalar: Python's int or numpy's integer scalars (the elements of
@@ -73,7 +85,7 @@ std::optional<size_t> event_index(py::handle v, const char* what) {
                          " is not an event index (a mask is a boolean array with one entry per event)");
   if (py::isinstance<py::array>(v) || !PyIndex_Check(v.ptr())) return std::nullopt;
   const std::string w(what);
-  return static_cast<size_t>(checked_integer(v, what, 0, std::numeric_limits<long long>::max(), "an event index",
+  return static_cast<size_t>(checked_integer<long long>(v, what, 0, std::numeric_limits<long long>::max(), "an event index",
                                              [&](const std::string& shown, bool below) {
                                                throw py::index_error(w + ": event index " + shown +
                                                                      (below ? " is negative" : " is out of range"));
@@ -259,7 +271,7 @@ ecl::Detector detector_arg(py::handle value, const char* name) {
     if (!d) throw py::value_error(n + " = " + std::string(py::repr(value)) + " is not a detector name (belle2-ecl or array30)");
     return *d;
   }
-  const long long code = checked_integer(
+  const long long code = checked_integer<long long>(
       value, name, 0, static_cast<long long>(ecl::Detector::Array30),  // Array30: the last code
       "a detector name (belle2-ecl or array30) or code (0 or 1)", [&](const std::string& shown, bool) {
         throw py::value_error(n + " = " + shown + " is not a detector code (0 belle2-ecl, 1 array30)");
@@ -270,15 +282,20 @@ ecl::Detector detector_arg(py::handle value, const char* name) {
 template <class T>
 T checked_integer(py::handle value, const char* name) {
   using L = std::numeric_limits<T>;
-  static_assert(L::digits < 64, "checked_integer<T>: T's range must fit a long long");
+  // a signed T within a long long, an unsigned one within an unsigned long long
+  using I = std::conditional_t<L::is_signed, long long, unsigned long long>;
+  static_assert(L::digits <= std::numeric_limits<I>::digits, "checked_integer<T>: T's range must fit a 64-bit int");
   const std::string n(name);
-  return static_cast<T>(checked_integer(value, name, L::min(), L::max(), "an int", [&](const std::string& shown, bool) {
+  return static_cast<T>(checked_integer<I>(value, name, L::min(), L::max(), "an int", [&](const std::string& shown, bool) {
     throw py::value_error(n + " = " + shown + " is out of range (" +
                           (L::is_signed ? "-2**" + std::to_string(L::digits) : std::string("0")) + " .. 2**" +
                           std::to_string(L::digits) + " - 1)");
   }));
 }
 template int checked_integer<int>(py::handle, const char*);
+template int64_t checked_integer<int64_t>(py::handle, const char*);
+template uint32_t checked_integer<uint32_t>(py::handle, const char*);
+template uint64_t checked_integer<uint64_t>(py::handle, const char*);
 
 double checked_float(py::handle value, const char* name) {
   PyObject* v = value.ptr();

@@ -249,7 +249,8 @@ void register_rawdata(py::module_& m) {
 
   m.def(
       "crc32",
-      [](const py::bytes& data, uint32_t crc) {
+      [](const py::bytes& data, py::handle crc_in) {
+        const uint32_t crc = checked_integer<uint32_t>(crc_in, "crc");  // True is no running CRC of 1
         std::string_view v = data;
         return ecl::crc32(reinterpret_cast<const uint8_t*>(v.data()), v.size(), crc);
       },
