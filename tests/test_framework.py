@@ -1213,6 +1213,21 @@ def test_retain_freed_memory_refuses_values_it_cannot_set():
         assert _core.retain_freed_memory() is True
 
 
+def test_retain_freed_memory_checks_its_thresholds():
+    """retain_freed_memory(trim_threshold, mmap_threshold) cast both with pybind11: True was taken as a threshold of
+    1 byte (every free trimmed), -1 was its several-line "incompatible function arguments". Both now go through
+    checked_integer<uint64_t>."""
+    from eclreco import _core
+    from helpers import assert_checked_integer
+
+    try:
+        assert_checked_integer(lambda t: _core.retain_freed_memory(t), "trim_threshold", 200, 64, signed=False)
+        assert_checked_integer(lambda t: _core.retain_freed_memory(mmap_threshold=t), "mmap_threshold", 200, 64,
+                               signed=False)
+    finally:
+        _core.retain_freed_memory()  # process()'s values again
+
+
 class _RunLog(eclreco.Module):
     """Logs begin_run/end_run into a shared list; raises in end_run/begin_run of the runs named."""
 

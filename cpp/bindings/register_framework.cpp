@@ -506,7 +506,10 @@ void register_framework(py::module_& m) {
       .def_property_readonly("state", &fw::Processor::state)
       .def("statistics_table", &fw::Processor::statistics_table);
 
-  m.def("retain_freed_memory", &fw::retain_freed_memory, py::arg("trim_threshold") = fw::kRetainedHeapBytes,
+  m.def("retain_freed_memory", [](py::handle trim, py::handle mmap) {  // True is no threshold of 1 byte
+        return fw::retain_freed_memory(checked_integer<uint64_t>(trim, "trim_threshold"),
+                                       checked_integer<uint64_t>(mmap, "mmap_threshold"));
+      }, py::arg("trim_threshold") = fw::kRetainedHeapBytes,
         py::arg("mmap_threshold") = fw::kHeapMmapThresholdBytes,
         "keep freed heap for reuse instead of returning it to the kernel (glibc; process() does this); "
         "False where the C library cannot or refuses the values");
