@@ -2241,3 +2241,26 @@ def test_float_arrays_are_checked_as_given():
         _core.rows_at_least(np.zeros((2, 2), np.float32), 0.0)
     with pytest.raises(ValueError, match=r"^blocks\[1\] must be 2-d, not 1-d$"):  # (it named no block)
         _core.gather_rows(rows, off2, [two_f32[:, None], two_f32], [False, False])
+
+
+def test_event_batch_counts_and_sequence_are_checked_integers():
+    """EventBatch(n_events), resize(n_events) and the sequence setter cast with pybind11: EventBatch(True) made a
+    batch of 1 event, resize(True) resized to 1, sequence = True set 1, and -1 or 2**70 was the several-line
+    "incompatible constructor arguments". They now go through checked_integer<uint64_t>."""
+    from helpers import assert_checked_integer
+
+    def resized(n):
+        b = eclreco.EventBatch(3)
+        b.resize(n)
+        return len(b)
+
+    def sequence(v):
+        b = eclreco.EventBatch(1)
+        b.sequence = v
+        return b.sequence
+
+    assert_checked_integer(lambda n: len(eclreco.EventBatch(n)), "n_events", 5, 64, signed=False)
+    assert_checked_integer(resized, "n_events", 5, 64, signed=False)
+    assert_checked_integer(sequence, "sequence", 5, 64, signed=False)
+    assert len(eclreco.EventBatch()) == 0 and len(eclreco.EventBatch(n_events=2)) == 2 and resized(7) == 7
+    assert sequence(2**64 - 1) == 2**64 - 1  # the whole uint64

@@ -465,9 +465,12 @@ void register_batch(py::module_& m) {
       }, "add or replace a column (copied) from an array or a list; its length must be the collection's row count");
 
   py::class_<EventBatch>(m, "EventBatch", "A batch of events in columnar form")
-      .def(py::init<size_t>(), py::arg("n_events") = 0)
+      // the counts through checked_integer: pybind11's cast read EventBatch(True) as one event
+      .def(py::init([](py::handle n) { return EventBatch(checked_integer<uint64_t>(n, "n_events")); }),
+           py::arg("n_events") = 0)
       .def("__len__", &EventBatch::size)
-      .def("resize", [](EventBatch& b, size_t n) {
+      .def("resize", [](EventBatch& b, py::handle n_in) {
+        const size_t n = checked_integer<uint64_t>(n_in, "n_events");
         // a module that adds or drops events would leave the collections' offsets behind (and
         // the accounting: received = processed + rejected); sources resize before adding any
         if (n != b.size() && (in_python_event || !b.collections().empty()))
@@ -475,7 +478,8 @@ void register_batch(py::module_& m) {
                                 "sizes its batch in next_batch, before it adds collections");
         b.resize(n);
       }, py::arg("n_events"))
-      .def_readwrite("sequence", &EventBatch::sequence)
+      .def_property("sequence", [](const EventBatch& b) { return b.sequence; },
+                    [](EventBatch& b, py::handle v) { b.sequence = checked_integer<uint64_t>(v, "sequence"); })
   // writable for a source (next_batch) and for code that builds a batch; read-only in a module's event():
   // the event's identity is what its errors, rejections and outputs are keyed by
 #define META(field, T)                                                                         \
