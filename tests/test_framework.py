@@ -2264,3 +2264,39 @@ def test_event_batch_counts_and_sequence_are_checked_integers():
     assert_checked_integer(sequence, "sequence", 5, 64, signed=False)
     assert len(eclreco.EventBatch()) == 0 and len(eclreco.EventBatch(n_events=2)) == 2 and resized(7) == 7
     assert sequence(2**64 - 1) == 2**64 - 1  # the whole uint64
+
+
+def test_process_options_are_checked_in_the_binding():
+    """Processor.process(path, max_events, threads, batch_size) and check_process_options cast with pybind11:
+    check_process_options(True, 256) accepted True as 1 thread and Processor.process(threads=True) ran with 1 (only
+    eclreco.process() checked, in Python, with its own words); 2**40 threads was pybind11's several-line
+    "incompatible function arguments". Each now goes through checked_integer in one place (process_options), which
+    eclreco.process() calls too."""
+    from eclreco import _core
+    from helpers import assert_checked_integer
+
+    assert_checked_integer(lambda n: _core.check_process_options(n, 256), "threads", 5, 31)
+    assert_checked_integer(lambda n: _core.check_process_options(1, n), "batch_size", 5, 63)
+    assert_checked_integer(lambda n: _core.check_process_options(1, 1, max_events=n), "max_events", 5, 63)
+    with pytest.raises(ValueError, match=r"^max_events must be >= 0 \(0: every event\), not -1$"):
+        _core.check_process_options(1, 1, max_events=-1)
+    for name, bad, error, match in (("threads", True, TypeError, "threads must be an int, not bool True"),
+                                    ("batch_size", np.True_, TypeError, "batch_size must be an int, not bool"),
+                                    ("max_events", 1.0, TypeError, "max_events must be an int, not float 1.0"),
+                                    ("max_events", -1, ValueError, r"max_events must be >= 0 \(0: every event\)"),
+                                    ("threads", 2**40, ValueError, r"threads = 1099511627776 is out of range"),
+                                    ("threads", 0, ValueError, r"threads must be 1\.\.256, not 0")):
+        path = eclreco.create_path()
+        path.add_module(CountingSource(n=3))
+        processor = _core.Processor()
+        with pytest.raises(error, match=f"^{match}"):
+            processor.process(path._cpp, install_signal_handlers=False, **{name: bad})
+        assert processor.state.received == 0, name  # refused before any event
+        with pytest.raises(error, match=f"^process\\(\\): {match}"):
+            eclreco.process(path, install_signal_handlers=False, **{name: bad})
+    path = eclreco.create_path()
+    path.add_module(CountingSource(n=5))
+    processor = _core.Processor()
+    processor.process(path._cpp, max_events=np.int64(3), threads=np.uint8(2), batch_size=np.int32(2),
+                      install_signal_handlers=False)
+    assert processor.state.received == 3

@@ -358,6 +358,20 @@ py::list state_modules(const fw::ProcessState& s) {
   return out;
 }
 
+// process()'s integer options from Python (Processor.process, check_process_options), each through checked_integer:
+// pybind11's cast read threads=True as 1 thread and refused 2**40 with its "incompatible function arguments". Then
+// ProcessOptions::validate's bounds (std::invalid_argument: a ValueError). The one place process() checks them.
+fw::ProcessOptions process_options(py::handle max_events, py::handle threads, py::handle batch_size) {
+  fw::ProcessOptions o;
+  const int64_t n = checked_integer<int64_t>(max_events, "max_events");
+  if (n < 0) throw py::value_error("max_events must be >= 0 (0: every event), not " + std::to_string(n));
+  o.max_events = static_cast<uint64_t>(n);
+  o.threads = checked_integer<int>(threads, "threads");
+  o.batch_size = checked_integer<int64_t>(batch_size, "batch_size");
+  o.validate();
+  return o;
+}
+
 }  // namespace
 
 void register_framework(py::module_& m) {
@@ -479,25 +493,19 @@ void register_framework(py::module_& m) {
       });
   m.attr("BATCH_SECONDS_BUCKETS") = std::vector<double>(fw::kBatchSecondsBuckets.begin(), fw::kBatchSecondsBuckets.end());
 
-  m.def("check_process_options", [](int threads, int64_t batch_size) {
-    fw::ProcessOptions o;
-    o.threads = threads;
-    o.batch_size = batch_size;
-    o.validate();
-  }, py::arg("threads"), py::arg("batch_size"),
-     "ValueError when process() would refuse these threads or batch_size (before the statistics are replaced)");
+  m.def("check_process_options", [](py::handle threads, py::handle batch_size, py::handle max_events) {
+    process_options(max_events, threads, batch_size);
+  }, py::arg("threads"), py::arg("batch_size"), py::arg("max_events") = 0,
+     "TypeError / ValueError when process() would refuse these options (before the statistics are replaced)");
   // the bounds of process(threads=, batch_size=), for the command lines' checks before any work starts
   m.attr("MAX_THREADS") = fw::ProcessOptions::kMaxThreads;
   m.attr("MAX_BATCH_SIZE") = fw::ProcessOptions::kMaxBatchSize;
 
   py::class_<fw::Processor>(m, "Processor")
       .def(py::init<>())
-      .def("process", [](fw::Processor& p, fw::Path& path, uint64_t max_events, int threads, int64_t batch_size,
-                         bool install_signal_handlers) {
-        fw::ProcessOptions o;
-        o.max_events = max_events;
-        o.threads = threads;
-        o.batch_size = batch_size;
+      .def("process", [](fw::Processor& p, fw::Path& path, py::handle max_events, py::handle threads,
+                         py::handle batch_size, bool install_signal_handlers) {
+        fw::ProcessOptions o = process_options(max_events, threads, batch_size);
         o.install_signal_handlers = install_signal_handlers;
         py::gil_scoped_release release;  // the loop runs in C++; Python modules take the GIL themselves
         p.process(path, o);

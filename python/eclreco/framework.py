@@ -523,14 +523,11 @@ def process(path: Path, max_events: int = 0, threads: int = 1, batch_size: int =
     threads > 1 processes batches concurrently; output modules still see them in input order.
     SIGINT/SIGTERM end the run cleanly (outputs are closed); a second signal kills.
     """
-    for name, value in (("max_events", max_events), ("threads", threads), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"process(): {name} must be an int, not {type(value).__name__} ({value!r})")
-    if max_events < 0:
-        raise ValueError(f"process(): max_events must be >= 0 (0: every event), not {max_events}")
-    try:  # refused before the statistics of the previous job are replaced
-        _core.check_process_options(threads=threads, batch_size=batch_size)
-    except (ValueError, TypeError, OverflowError) as err:
+    try:  # the binding's checks (a bool is no count), refused before the statistics of the previous job are replaced
+        _core.check_process_options(threads=threads, batch_size=batch_size, max_events=max_events)
+    except TypeError as err:
+        raise TypeError(f"process(): {err}") from None
+    except ValueError as err:
         raise ValueError(f"process(): {err}") from None
     _check_files(path)
     from eclreco.dqm import registry
@@ -541,7 +538,7 @@ def process(path: Path, max_events: int = 0, threads: int = 1, batch_size: int =
     global _running_path
     _running_path = path
     try:
-        processor.process(path._cpp, max_events=int(max_events), threads=int(threads), batch_size=int(batch_size),
+        processor.process(path._cpp, max_events=max_events, threads=threads, batch_size=batch_size,
                           install_signal_handlers=install_signal_handlers)
     finally:
         _running_path = None
