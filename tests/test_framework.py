@@ -2300,3 +2300,16 @@ def test_process_options_are_checked_in_the_binding():
     processor.process(path._cpp, max_events=np.int64(3), threads=np.uint8(2), batch_size=np.int32(2),
                       install_signal_handlers=False)
     assert processor.state.received == 3
+
+
+def test_module_begin_run_and_end_run_check_exp_and_run():
+    """Module.begin_run(exp, run) / end_run were bound to the C++ methods: pybind11 read begin_run(True, 1) as
+    experiment 1, and -1 or 2**64 was its several-line "incompatible function arguments". exp and run now go through
+    checked_integer<uint64_t>; a C++ module gets the values given."""
+    from helpers import assert_checked_integer
+
+    module = eclreco.Module()
+    for method in (module.begin_run, module.end_run):
+        assert_checked_integer(lambda exp: method(exp, 1), "exp", 5, 64, signed=False)
+        assert_checked_integer(lambda run: method(1, run), "run", 5, 64, signed=False)
+        method(exp=2**64 - 1, run=0)  # the whole uint64

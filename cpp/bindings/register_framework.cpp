@@ -384,9 +384,14 @@ void register_framework(py::module_& m) {
       .def_property_readonly("description", &Module::description)
       .def("_set_identity", &Module::set_identity)
       .def("initialize", &Module::initialize)
-      .def("begin_run", &Module::begin_run)
+      // exp and run through checked_integer: pybind11's cast read begin_run(True, 1) as experiment 1
+      .def("begin_run", [](Module& self, py::handle exp, py::handle run) {
+        self.begin_run(checked_integer<uint64_t>(exp, "exp"), checked_integer<uint64_t>(run, "run"));
+      }, py::arg("exp"), py::arg("run"))
       .def("event", &Module::event)
-      .def("end_run", &Module::end_run)
+      .def("end_run", [](Module& self, py::handle exp, py::handle run) {
+        self.end_run(checked_integer<uint64_t>(exp, "exp"), checked_integer<uint64_t>(run, "run"));
+      }, py::arg("exp"), py::arg("run"))
       .def("terminate", &Module::terminate)
       .def("is_source", &Module::is_source)
       .def("drains_at_stop", &Module::drains_at_stop)
