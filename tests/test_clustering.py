@@ -2,7 +2,6 @@
 ECLLeakageCorrection modules, and the containment of Geant4 array30 showers."""
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 
@@ -307,13 +306,23 @@ def test_a_detector_for_all_events_is_checked_as_given():
         for ok in (code, np.int64(code), np.uint8(code)):
             assert _core.find_clusters(ok, **d)["seed_cell"].tolist() == want
 
+def test_find_clusters_refuses_a_repeat_count_below_one():
+    """find_clusters(repeat=0) or a negative repeat ran the clustering once (std::max(1, repeat)), and
+    bench_clustering.py --repeat 0 then divided by 0; _bench_rawdata refuses repeats < 1 since fdb9517."""
+    d = digits([(1000, 0.5)])
+    for bad in (0, -3, np.int64(0)):
+        with pytest.raises(ValueError, match=rf"^repeat must be >= 1, not {int(bad)}$"):
+            _core.find_clusters("belle2-ecl", **d, repeat=bad)
+    assert _core.find_clusters("belle2-ecl", **d, repeat=3)["seed_cell"].tolist() == [1000]
+
+
 def test_find_clusters_checks_its_keyword_parameters_and_repeat():
     """find_clusters' keyword parameters were read with pybind11's cast: max_iterations=True ran with 1 iteration,
     seed_energy_gev=True was read as 1 GeV, and max_iterations=2**40, image_size=7.9 or max_iterations='3' raised
     "RuntimeError: Unable to cast ... to C++ type '?'" naming nothing; repeat=True ran once. The ints now go through
     checked_integer<int>, the floats through checked_float: errors name the parameter; ints and floats, Python's or
     numpy's, are read as before."""
-    from helpers import assert_checked_float
+    from helpers import assert_checked_float, assert_checked_integer
 
     g = eclreco.Geometry.get("belle2-ecl")
     acc = {}  # two showers sharing crystals: the sharing iterates
@@ -330,16 +339,7 @@ def test_find_clusters_checks_its_keyword_parameters_and_repeat():
         assert_checked_float(lambda x: run(**others, **{name: x}), name)
     ints = {"max_iterations": 3, "max_local_maxima": 2, "position_crystals": 21, "image_size": 5, "repeat": 2}
     for name, value in ints.items():
-        want = run(**{name: value})
-        for same in (np.int64(value), np.uint8(value), np.array(value)):
-            np.testing.assert_equal(run(**{name: same}), want, err_msg=f"{name} = {same!r}")
-        for bad in (True, np.True_, 7.9, "3", None):
-            shown = re.escape(f"{type(bad).__name__} {bad!r}")
-            with pytest.raises(TypeError, match=rf"^{name} must be an int, not {shown}$"):
-                run(**{name: bad})
-        for bad in (2**40, -2**31 - 1):
-            with pytest.raises(ValueError, match=rf"^{name} = {bad} is out of range \(-2\*\*31 \.\. 2\*\*31 - 1\)$"):
-                run(**{name: bad})
+        assert_checked_integer(lambda x: run(**{name: x}), name, value, 31)
     assert run(max_iterations=1)["energy_raw"].tolist() != run()["energy_raw"].tolist()  # what True gave: 1 iteration
 
 

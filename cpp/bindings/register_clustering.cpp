@@ -126,6 +126,8 @@ void register_clustering(py::module_& m) {
          const py::object& time_in, const py::object& quality_in, py::object skip, py::handle repeat_in, const py::kwargs& kw) {
         const ecl::ClusterParams p = params_from(kw);
         const int repeat = checked_integer<int>(repeat_in, "repeat");  // True is no count
+        // as _bench_rawdata's repeats: 0 or a negative count ran once, and a benchmark divided by it
+        if (repeat < 1) throw py::value_error("repeat must be >= 1, not " + std::to_string(repeat));
         const Offsets offs = checked_offsets(offsets);
         const size_t n_events = offs.n_events;
         const int64_t n_digits = offs.back();
@@ -158,7 +160,7 @@ void register_clustering(py::module_& m) {
         ecl::ClusterOutput out;
         {
           py::gil_scoped_release release;
-          for (int r = 0; r < std::max(1, repeat); ++r)
+          for (int r = 0; r < repeat; ++r)
             clusterer.run(n_events, off, cell.data(), energy.data(), time.data(), quality.data(), det.data(),
                           sk.empty() ? nullptr : sk.data(), out);
         }
@@ -181,6 +183,6 @@ void register_clustering(py::module_& m) {
       "0 / 1 (an int) or a per-event array (or list) of those codes; skip: per-event flags (bool, or integers: nonzero) of events to "
       "leave out; keyword "
       "parameters as the ECLClusterizer module's (seed_energy_gev, ..., image_size). repeat runs "
-      "the clustering that many times (benchmarks). Returns a dict of numpy arrays, one entry per "
+      "the clustering that many times (>= 1; benchmarks). Returns a dict of numpy arrays, one entry per "
       "cluster, and 'offsets' (per event).");
 }
