@@ -2313,3 +2313,29 @@ def test_module_begin_run_and_end_run_check_exp_and_run():
         assert_checked_integer(lambda exp: method(exp, 1), "exp", 5, 64, signed=False)
         assert_checked_integer(lambda run: method(1, run), "run", 5, 64, signed=False)
         method(exp=2**64 - 1, run=0)  # the whole uint64
+
+
+def test_flag_error_and_select_refuse_bools_as_event_indices():
+    """EventBatch.flag_error(index, message) and select(events) cast with pybind11: flag_error(True, 'x') flagged
+    event 1, select([True, False]) selected events 1 and 0, and select([-1]) was the several-line "incompatible
+    function arguments". flag_error now reads its index as reject does (event_index), select its indices as
+    discard does (checked_numbers)."""
+    b = eclreco.EventBatch(3)
+    b.evt[:] = [10, 11, 12]
+    for bad in (True, np.True_):
+        with pytest.raises(TypeError, match=r"^flag_error: (True|np.True_) is not an event index"):
+            b.flag_error(bad, "x")
+    with pytest.raises(TypeError, match=r"^flag_error: takes one event index, not 1.5$"):
+        b.flag_error(1.5, "x")
+    with pytest.raises(IndexError, match=r"^flag_error: event index -1 is negative$"):
+        b.flag_error(-1, "x")
+    assert not b.errors()
+    b.flag_error(np.int64(2), "x")
+    assert b.errors() == {2: "x"}
+    with pytest.raises(TypeError, match=r"^events must be an integer array, not bool"):
+        b.select([True, False])
+    with pytest.raises(IndexError, match=r"^select: events\[0\] = -1 is negative$"):
+        b.select([-1])
+    with pytest.raises(TypeError, match=r"^events must be an integer array, not float64"):
+        b.select([1.0])
+    assert b.select(np.array([2, 0], np.uint8)).evt.tolist() == [12, 10] and len(b.select([])) == 0

@@ -523,7 +523,12 @@ void register_batch(py::module_& m) {
         if (!i) throw py::type_error("reject: takes one event index, not " + std::string(py::repr(index)));
         b.reject(*i, reason, detail);
       }, py::arg("index"), py::arg("reason"), py::arg("detail") = "")
-      .def("flag_error", &EventBatch::flag_error)
+      // the index as reject's (event_index): pybind11's cast read flag_error(True, ...) as event 1
+      .def("flag_error", [](EventBatch& b, py::object index, const std::string& message) {
+        const auto i = event_index(index, "flag_error");
+        if (!i) throw py::type_error("flag_error: takes one event index, not " + std::string(py::repr(index)));
+        b.flag_error(*i, message);
+      }, py::arg("index"), py::arg("message"))
       .def("rejections", [](const EventBatch& b) {
         py::dict d;
         for (const auto& [i, r] : b.rejections()) d[py::int_(i)] = py::make_tuple(r.reason, r.detail);
@@ -580,7 +585,16 @@ void register_batch(py::module_& m) {
         return out;
       }, "boolean mask of the events a module works on: neither rejected nor discarded")
       .def("errors", [](const EventBatch& b) { return b.errors(); })
-      .def("select", &EventBatch::select)
+      .def("select", [](const EventBatch& b, py::handle events) {
+        // as given (checked_numbers): pybind11's cast read select([True, False]) as events 1 and 0
+        carray<int64_t> idx;
+        try {
+          idx = checked_numbers<int64_t>(events, "events");
+        } catch (const py::value_error& e) {  // a negative index: IndexError, as one past the batch
+          throw py::index_error(std::string("select: ") + e.what());
+        }
+        return b.select(std::vector<size_t>(idx.data(), idx.data() + idx.shape(0)));
+      }, py::arg("events"), "a new batch of these events (indices), in that order")
       .def_static("concat", &EventBatch::concat);
 
   m.attr("ERROR_REJECTED") = static_cast<uint32_t>(fw::kRejected);
