@@ -50,11 +50,16 @@ I checked_integer(py::handle value, const char* name, I lo, I hi, const char* ex
   auto refuse_type = [&] {
     throw py::type_error(std::string(name) + " must be " + expected + ", not " + type_and_repr(value));
   };
-  if (is_bool(value) || !PyIndex_Check(value.ptr())) refuse_type();
-  const auto i = py::reinterpret_steal<py::object>(PyNumber_Index(value.ptr()));
-  if (!i) {  // an array of more than one entry has __index__ but no single value
-    PyErr_Clear();
-    refuse_type();
+  py::object i;
+  if (PyLong_CheckExact(value.ptr())) {  // a Python int (a bool is a subclass): first, without is_bool's type name
+    i = py::reinterpret_borrow<py::object>(value);
+  } else {
+    if (is_bool(value) || !PyIndex_Check(value.ptr())) refuse_type();
+    i = py::reinterpret_steal<py::object>(PyNumber_Index(value.ptr()));
+    if (!i) {  // an array of more than one entry has __index__ but no single value
+      PyErr_Clear();
+      refuse_type();
+    }
   }
   int overflow = 0;
   const long long v = PyLong_AsLongLongAndOverflow(i.ptr(), &overflow);
@@ -285,9 +290,8 @@ T checked_integer(py::handle value, const char* name) {
   // a signed T within a long long, an unsigned one within an unsigned long long
   using I = std::conditional_t<L::is_signed, long long, unsigned long long>;
   static_assert(L::digits <= std::numeric_limits<I>::digits, "checked_integer<T>: T's range must fit a 64-bit int");
-  const std::string n(name);
   return static_cast<T>(checked_integer<I>(value, name, L::min(), L::max(), "an int", [&](const std::string& shown, bool) {
-    throw py::value_error(n + " = " + shown + " is out of range (" +
+    throw py::value_error(std::string(name) + " = " + shown + " is out of range (" +
                           (L::is_signed ? "-2**" + std::to_string(L::digits) : std::string("0")) + " .. 2**" +
                           std::to_string(L::digits) + " - 1)");
   }));
