@@ -834,16 +834,18 @@ class Distributor:
         workers = self.workers
         saves = self.collector is not None and self.collector["status"].get("saves", False)
         unsaved = self.unsaved
-        reconfirm, again = self.reconfirm, 0
+        reconfirm, taken = self.reconfirm, 0
         for s in seqs.tolist():
             e = pop(s, None)
             if e is None:
                 self.c["confirmed_again"] += 1
                 continue
+            taken += 1
             if reconfirm and s in reconfirm:
+                # confirmed by a collector that died before saving it: counted, and its latency taken, then
                 reconfirm.discard(s)
-                again += 1
-            t.append(e[1])
+            else:
+                t.append(e[1])
             if saves:
                 unsaved[s] = e[0]
             else:
@@ -852,9 +854,9 @@ class Distributor:
             if w is not None:
                 w.assigned.discard(s)
                 w.progress = now
-        if t:
+        if taken:
             self.latency.add(now - np.asarray(t))
-            self.c["confirmed"] += len(t) - again
+            self.c["confirmed"] += len(t)
             self.t_last_confirm = now
 
     def low_watermark(self) -> int:
