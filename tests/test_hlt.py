@@ -1382,6 +1382,36 @@ def test_farm_reports_a_cluster_column_the_workers_do_not_make(farm_factory, tmp
     assert "[hlt run] error: every event failed in a module\n" in log
 
 
+def test_hlt_run_names_the_quarantine_files_of_the_events_it_rejected(farm_factory, tmp_path):
+    """`hlt run`'s output line counted the rejected events (`rejected 2`) without saying where their raw bytes
+    were: the workers' file names were in their start lines only, scrolled away in a long run (operator's
+    drill: a malformed event and an oversize message from the source). The next line names the quarantine
+    files that hold them and the command that reads them; a farm that rejected nothing prints no such line."""
+    farm = farm_factory(workers=2, extra=("--max-message-bytes", "8192"))
+    push_messages(farm.input, [b"\xc1", big_envelope(7000, 20_000)])
+    push_events(farm.input, range(50))
+    farm.wait_confirmed(52)
+    farm.command("terminate")
+    rc, log = farm.wait_exit()
+    assert rc == 0 and "[hlt run] output: 50 events written in 1 farm run(s) of 52 received; rejected 2" in log, log
+    line = next((ln for ln in log.splitlines() if "quarantine file(s)" in ln), "")
+    files = sorted(glob.glob(str(tmp_path / "farm_rejected_w*_*.msgpack")))
+    assert files and line.startswith(f"[hlt run] the 2 rejected events' raw bytes are in {len(files)} quarantine "
+                                      "file(s): `eclreco quarantine "), log
+    named = line.split("`eclreco quarantine ")[1].split("`")[0].split()
+    assert sorted(named) == files, (named, files)
+    r = subprocess.run(ECLRECO + ["quarantine", *named], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("2 rejected events"), r.stdout + r.stderr
+
+    (tmp_path / "clean").mkdir()
+    clean = farm_factory(workers=1, output=tmp_path / "clean" / "farm.root")
+    push_events(clean.input, range(10))
+    clean.wait_confirmed(10)
+    clean.command("terminate")
+    rc, log = clean.wait_exit()
+    assert rc == 0 and "quarantine" not in log, log
+
+
 def test_a_farm_that_rejected_every_event_exits_1_with_its_dqm(farm_factory, tmp_path):
     """Nothing but non-raw data through the farm: the workers reject every event; `hlt run` exited 0
     and its output line did not mention them (reco.py exits 1 on the same input), and the file had

@@ -14,6 +14,7 @@ import collections
 import os
 import random
 import shutil
+import shlex
 import signal
 import socket
 import subprocess
@@ -107,6 +108,17 @@ def address_ports(*addresses) -> set[int]:
 COLLECTOR_RESTART_WINDOW_S = 60.0
 
 
+def quarantine_hint(d: dict, names: list[str]) -> str:
+    """Where the raw bytes of the events the workers rejected are (the output line counts them only), and how
+    to read them: the workers' quarantine files that exist ('' when none was rejected or none is kept)."""
+    rejected = (d.get("output") or {}).get("rejected", 0)
+    files = [n for n in names if os.path.isfile(n) and os.path.getsize(n)]
+    if not rejected or not files:
+        return ""
+    return (f"the {rejected} rejected events' raw bytes are in {len(files)} quarantine file(s): `eclreco quarantine "
+            + " ".join(shlex.quote(f) for f in files) + "` lists them by reason (--extract OUT: a raw file to replay)")
+
+
 class Farm:
     def __init__(self, args):
         self.args = args
@@ -122,6 +134,7 @@ class Farm:
         base = args.metrics_base_port
         self.mport = (lambda k: base + k) if base > 0 else (lambda k: base)
         self.workers: list[subprocess.Popen | None] = []
+        self.quarantine_files: list[str] = []  # each worker's --rejected, {pid} its own (restarts too)
         self.restarts = 0
         self.collector_restarts = 0
         self.collector_restarts_failed = 0  # of them, collectors that exited before they made their output file
@@ -140,6 +153,13 @@ class Farm:
         # if the supervisor itself dies (SIGKILL), its roles get SIGTERM (drain and exit) instead
         # of living on as orphans.
         return subprocess.Popen(cmd, start_new_session=True, preexec_fn=_terminate_with_parent)
+
+    def start_worker(self, i: int) -> subprocess.Popen:
+        w = self.popen(self.worker_cmd(i))
+        if name := self.args.rejected.replace("{worker}", str(i)).replace("{pid}", str(w.pid)):
+            if name not in self.quarantine_files:
+                self.quarantine_files.append(name)
+        return w
 
     def start_distributor(self):
         a = self.args
@@ -307,7 +327,7 @@ class Farm:
                     os.remove(name)
                 except FileNotFoundError:
                     pass
-        self.workers = [self.popen(self.worker_cmd(i)) for i in range(a.workers)]
+        self.workers = [self.start_worker(i) for i in range(a.workers)]
         print(f"[hlt run] farm up: input {a.input} control {a.control} workers {a.workers} output {a.output}",
               flush=True)
         ctx = zmq.Context.instance()
@@ -368,7 +388,7 @@ class Farm:
                         continue
                     self.restarts += 1
                     print(f"[hlt run] worker {w.pid} exited ({w.returncode}); restart {self.restarts}", flush=True)
-                    self.workers[i] = self.popen(self.worker_cmd(i))
+                    self.workers[i] = self.start_worker(i)
                     self.report(ctl)
             if not self.terminating and all(w is None for w in self.workers):
                 # Nothing would ever take the input again (e.g. a worker chain that fails at start):
@@ -394,6 +414,8 @@ class Farm:
             d["collector_restarts_failed"] = self.collector_restarts_failed
             print("[hlt run] " + summary_line(d), flush=True)
             print("[hlt run] " + output_line(d), flush=True)
+            if hint := quarantine_hint(d, self.quarantine_files):
+                print("[hlt run] " + hint, flush=True)
             failure = farm_failure(d)
             if self.fatal:  # the last line says it, with what it cost
                 print(f"[hlt run] error: the farm was terminated: {self.fatal}; {d['lost_at_stop']} events given up "
