@@ -2839,6 +2839,35 @@ def test_late_results_a_failed_write_leaves_unsaved_are_counted_lost_not_dropped
     assert "; 7 late results of events of a distributor that died are lost with it (none holds them)" in out, out
 
 
+def test_the_status_tables_collector_row_shows_the_runs_duplicates(tmp_path, zmq_context):
+    """`hlt status`'s collector row shows the run's counts (received, processed, rejected), but its `dup` was the
+    process's life's: after a collector SIGKILL in run 4 the next runs' rows said `dup 1486` while their stop replies
+    said duplicates_run 0 (operator's drill). The row now shows the run's; `duplicates` (the life's) stays in the
+    status. A real collector process; the test is its distributor (ROUTER) and a worker (PUSH)."""
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import format_table
+
+    c = CollectorByHand(zmq_context, tmp_path / "farm.root", "0.01")
+    try:
+        ident = c.until(P.HELLO)[0]
+        c.distributor.send_multipart([ident, P.LOW, b"100", b"1", b"0"])  # registered, in run 1
+        c.push.connect(c.results)
+        c.push.send(results_message(np.arange(100, 110), np.arange(10)))
+        c.push.send(results_message([105, 106, 107], [5, 6, 7]))  # 3 copies (by sequence id)
+        c.until_status("duplicates", 3)
+        c.distributor.send_multipart([ident, P.END_RUN, b"1"])
+        assert P.unpack(c.until(P.RUN_ENDED)[2])["duplicates_run"] == 3
+        c.push.send(results_message(np.arange(110, 115), np.arange(5), run=2))  # run 2: no copy
+        t0 = time.monotonic()
+        while not ((st := P.unpack(c.until(P.STATUS)[2]))["run_index"] == 2 and st["received"] == 5):
+            assert time.monotonic() - t0 < 10, st
+        assert st["duplicates"] == 3 and st["duplicates_run"] == 0, st
+        row = format_table({"processes": [st]}).splitlines()[-1]
+        assert " dup 0 out farm" in row, row
+    finally:
+        c.close()
+
+
 def test_a_failed_writes_report_counts_the_duplicates_and_orphans_of_what_it_saved(tmp_path, zmq_context):
     """A collector whose write fails in the middle of a run reports what it said SAVED (_output_failed); its
     duplicates_run, repeated_keys_run and orphaned_run were 0: the copies it dropped and the late results of a dead

@@ -150,6 +150,7 @@ class CollectorLink:
         self.state = "idle"
         self.next_report = 0.0
         self.duplicates = 0      # events dropped as copies of ones already taken (over the process's life)
+        self.duplicates_before_run = 0  # of them, those of earlier runs (status: the run's, as its other counts)
         self.repeated_keys = 0   # of them, a new event whose (exp, run, evt, detector) was taken (not a redelivery)
         # First results of events of a distributor this collector was registered with before the one now (a
         # predecessor, restarted): below the new one's LOW, never taken here, and no distributor holds them any more:
@@ -202,7 +203,8 @@ class CollectorLink:
              "state": self.state,
              "address": self.address, "run_index": self.run_index, "output": self.filename,
              "output_made": self.output_made, "output_error": self.output_error,
-             "duplicates": self.duplicates, "orphaned": self.orphaned, "bad_messages": self.bad_messages, "confirmed": self.confirmed,
+             "duplicates": self.duplicates, "duplicates_run": self.duplicates - self.duplicates_before_run,
+             "orphaned": self.orphaned, "bad_messages": self.bad_messages, "confirmed": self.confirmed,
              "saved": self.saved, "low_watermark": self.low,
              "saves": True, "metrics_port": self.metrics_port,
              "dqm_open_runs": [list(k) for k in registry.open_runs()],
@@ -429,6 +431,7 @@ class HLTCollectorInput(Module):
         self._orphans = None
         self._producers = {}  # (host, pid) or None -> [events taken, provenance JSON or None], of the run
         self._dropped_before = (self.link.duplicates, self.link.repeated_keys, self.link.orphaned)
+        self.link.duplicates_before_run = self.link.duplicates
         self.link.saved_counts = run_counts(None)
         self.link.saved_dropped = NO_DROPS
 

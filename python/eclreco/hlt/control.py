@@ -222,7 +222,10 @@ def format_table(st: dict) -> str:
         elif role == "collector":
             received, processed, rejected = p.get("received", 0), p.get("processed", 0), p.get("rejected", 0)
             in_flight = "-"
-            extra = f"dup {p.get('duplicates', 0)} out {os.path.basename(str(p.get('output', '')))}"
+            # the run's duplicates, as the row's other counts (`duplicates`: the process's life; a collector
+            # without `duplicates_run`, an earlier version's, shows that)
+            dup = p.get("duplicates_run", p.get("duplicates", 0))
+            extra = f"dup {dup} out {os.path.basename(str(p.get('output', '')))}"
             if p.get("dqm_runs_in_parts"):  # [exp, run, parts]: its DQM in several cycles (--json lists them)
                 extra += " dqm parts " + " ".join(f"({e},{r})x{n}" for e, r, n in p["dqm_runs_in_parts"][:3])
         else:
