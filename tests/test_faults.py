@@ -1409,6 +1409,32 @@ def test_confirmations_sent_before_a_restarted_distributor_took_the_collector_co
         farm.close()
 
 
+def test_the_distributor_says_when_its_collector_falls_silent_and_when_it_is_back(capsys):
+    """A collector SIGKILLed (or hung) under a standalone distributor: the workers blocked on their results, nothing
+    was confirmed, and the distributor's log said nothing until a new collector registered (operator's drill: 10 s
+    of silence; only `hlt status` said `silent`). It now says so once, with what to do, and when it is heard again."""
+    from eclreco.hlt import protocol as P
+
+    farm = InProcessFarm(heartbeat_timeout_s=0.3)
+    d = farm.d
+    try:
+        col = farm.peer()
+        collector_hello(farm, col, state="ready")
+        d.housekeeping(time.monotonic())
+        assert "collector" not in capsys.readouterr().err
+        for _ in range(2):  # said once
+            d.housekeeping(time.monotonic() + 1.0)
+        err = capsys.readouterr().err
+        assert err.count("[distributor] warning: the collector pid 7 on h has not been heard from for 1 s (dead or "
+                         "hung; `hlt status`: silent): the workers block on their results and no event is confirmed; "
+                         "restart it with the same --collector-addr") == 1, err
+        farm.send(col, P.STATUS, P.pack({"role": "collector", "pid": 7, "host": "h", "state": "ready"}))
+        d.housekeeping(time.monotonic())
+        assert capsys.readouterr().err == "[distributor] the collector pid 7 on h is heard from again\n"
+    finally:
+        farm.close()
+
+
 def test_a_replaced_collectors_saved_events_are_in_the_report():
     """A collector replaced in the middle of a run holds that run's first events in its own file. The
     stop's report and the output line counted only the new collector's file (soak audit: 38,520 of
