@@ -341,6 +341,72 @@ def test_gather_rows_per_row_and_per_event_blocks():
         _core.gather_rows(rows, off, [a, ev[:2]], [False, True])
 
 
+_REQUEST_STOP_SCRIPT = """
+import sys
+from eclreco import _core
+value = eval(sys.argv[1])
+try:
+    _core.request_stop(value)
+except TypeError as err:
+    print("TypeError:", err)
+print("stop", _core.stop_requested(), "output_failed", _core.output_failed())
+"""
+
+
+@pytest.mark.parametrize("value, out", [
+    ("2", "TypeError: output_failed must be a bool (True or False), not int 2\nstop False output_failed False"),
+    ("None", "TypeError: output_failed must be a bool (True or False), not NoneType None\nstop False output_failed False"),
+    ("0", "TypeError: output_failed must be a bool (True or False), not int 0\nstop False output_failed False"),
+    ("True", "stop True output_failed True"),
+    ("__import__('numpy').bool_(False)", "stop True output_failed False"),
+], ids=["2", "None", "0", "True", "numpy-bool"])
+def test_bool_arguments_are_bools(value, out):
+    """pybind11's bool cast read None as False and any number as its truth: request_stop(2) stopped the running
+    process() as a failed output, request_stop(None) as a plain stop. Only Python's and numpy's bools are taken
+    (checked_bool), the others refused naming the argument. A subprocess: the stop flag is the process's."""
+    r = subprocess.run([sys.executable, "-c", _REQUEST_STOP_SCRIPT, value], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == out
+
+
+def test_process_and_gather_rows_take_only_bool_flags():
+    """process(install_signal_handlers=None / 0 / 2) and gather_rows' per_event [0, 1, None] were read as flags
+    by pybind11's bool cast; refused now with a TypeError naming the argument (process(): before the statistics
+    of the last job are replaced), numpy's bools taken."""
+    from eclreco import _core
+    from eclreco.sources import ArraySource
+
+    path = eclreco.create_path()
+    path.add_module(ArraySource("X", np.arange(4), {"a": np.zeros(3)}))
+    eclreco.process(path, install_signal_handlers=False)
+    for value, shown in [(None, "NoneType None"), (0, "int 0"), (2, "int 2"), ("yes", "str 'yes'")]:
+        path = eclreco.create_path()
+        path.add_module(ArraySource("X", np.arange(6), {"a": np.zeros(5)}))
+        with pytest.raises(TypeError, match=rf"^process\(\): install_signal_handlers must be a bool \(True or False\), "
+                                            rf"not {re.escape(shown)}$"):
+            eclreco.process(path, install_signal_handlers=value)
+        assert eclreco.statistics.summary()["processed"] == 3, value
+        with pytest.raises(TypeError, match=rf"^install_signal_handlers must be a bool \(True or False\), not {re.escape(shown)}$"):
+            _core.Processor().process(path._cpp, install_signal_handlers=value)
+    eclreco.process(path, install_signal_handlers=np.bool_(False))
+    assert eclreco.statistics.summary()["processed"] == 5
+
+    off = np.array([0, 2, 2, 5], np.int64)
+    a = np.arange(10, dtype=np.float32).reshape(5, 2)
+    ev = np.array([[100], [200], [300]], np.float32)
+    rows = np.array([1, 2, 4], np.int64)
+    for flags, what in [([0, 1], r"per_event\[0\] must be a bool \(True or False\), not int 0"),
+                        ([False, None], r"per_event\[1\] must be a bool \(True or False\), not NoneType None"),
+                        ([False, 1.0], r"per_event\[1\] must be a bool \(True or False\), not float 1.0"),
+                        ("01", r"per_event must be a sequence of bools \(one per block\), not str"),
+                        (True, r"per_event must be a sequence of bools \(one per block\), not bool")]:
+        with pytest.raises(TypeError, match=f"^{what}$"):
+            _core.gather_rows(rows, off, [a, ev], flags)
+    for flags in ([False, True], (False, True), np.array([False, True]), [np.bool_(False), np.bool_(True)]):
+        np.testing.assert_array_equal(_core.gather_rows(rows, off, [a, ev], flags),
+                                      [[2, 3, 100], [4, 5, 300], [8, 9, 300]])
+
+
 def test_rows_at_least_matches_numpy_in_float32():
     """_core.rows_at_least is flatnonzero(values >= threshold) as numpy computes it (float32
     comparison, NaN never selected), including a selection that ends before the last value (the

@@ -86,6 +86,10 @@ fw::Column column_from_array(const py::array& a);
 // Python's bool or numpy's (numpy.bool_, named numpy.bool since numpy 2).
 bool is_bool(py::handle v);
 
+// One bool argument (is_bool) as a bool: pybind11's cast read None as False and any number as its truth
+// (request_stop(2), install_signal_handlers=0). TypeError naming `name` and the value for anything else.
+bool checked_bool(py::handle value, const char* name);
+
 // True while a Python module's event() runs on this thread: a batch may not change its number of
 // events there (EventBatch.resize), only in a source's next_batch.
 extern thread_local bool in_python_event;

@@ -329,13 +329,27 @@ double checked_float(py::handle value, const char* name) {
   return d;
 }
 
+bool checked_bool(py::handle value, const char* name) {
+  if (!is_bool(value))
+    throw py::type_error(std::string(name) + " must be a bool (True or False), not " + type_and_repr(value));
+  return PyObject_IsTrue(value.ptr()) == 1;
+}
+
 void register_batch(py::module_& m) {
   m.def(
       "gather_rows",
-      [](const py::object& rows_in, const py::object& offsets, const py::list& blocks, const std::vector<bool>& per_event) {
+      [](const py::object& rows_in, const py::object& offsets, const py::list& blocks, py::handle per_event_in) {
         const Offsets offs = checked_offsets(offsets);
         const size_t n_events = offs.n_events;
         const auto rows = checked_numbers<int64_t>(rows_in, "rows");
+        // each flag through checked_bool: the std::vector<bool> cast read 0, 1 and None as flags
+        if (!py::isinstance<py::sequence>(per_event_in) || py::isinstance<py::str>(per_event_in))
+          throw py::type_error("per_event must be a sequence of bools (one per block), not " +
+                               std::string(py::str(py::type::of(per_event_in).attr("__name__"))));
+        const auto per_event_seq = py::reinterpret_borrow<py::sequence>(per_event_in);
+        std::vector<bool> per_event;
+        for (size_t b = 0; b < per_event_seq.size(); ++b)
+          per_event.push_back(checked_bool(per_event_seq[b], ("per_event[" + std::to_string(b) + "]").c_str()));
         if (per_event.size() != blocks.size()) throw py::value_error("one per_event flag per block");
         const int64_t* off = offs.data();
         const int64_t n_coll = off[n_events];

@@ -358,11 +358,14 @@ py::list state_modules(const fw::ProcessState& s) {
   return out;
 }
 
-// process()'s integer options from Python (Processor.process, check_process_options), each through checked_integer:
-// pybind11's cast read threads=True as 1 thread and refused 2**40 with its "incompatible function arguments". Then
-// ProcessOptions::validate's bounds (std::invalid_argument: a ValueError). The one place process() checks them.
-fw::ProcessOptions process_options(py::handle max_events, py::handle threads, py::handle batch_size) {
+// process()'s options from Python (Processor.process, check_process_options), the integers through checked_integer
+// (pybind11's cast read threads=True as 1 thread and refused 2**40 with its "incompatible function arguments"), the
+// flag through checked_bool (its cast read None and 0 as False). Then ProcessOptions::validate's bounds
+// (std::invalid_argument: a ValueError). The one place process() checks them.
+fw::ProcessOptions process_options(py::handle max_events, py::handle threads, py::handle batch_size,
+                                   py::handle install_signal_handlers) {
   fw::ProcessOptions o;
+  o.install_signal_handlers = checked_bool(install_signal_handlers, "install_signal_handlers");
   const int64_t n = checked_integer<int64_t>(max_events, "max_events");
   if (n < 0) throw py::value_error("max_events must be >= 0 (0: every event), not " + std::to_string(n));
   o.max_events = static_cast<uint64_t>(n);
@@ -498,9 +501,10 @@ void register_framework(py::module_& m) {
       });
   m.attr("BATCH_SECONDS_BUCKETS") = std::vector<double>(fw::kBatchSecondsBuckets.begin(), fw::kBatchSecondsBuckets.end());
 
-  m.def("check_process_options", [](py::handle threads, py::handle batch_size, py::handle max_events) {
-    process_options(max_events, threads, batch_size);
-  }, py::arg("threads"), py::arg("batch_size"), py::arg("max_events") = 0,
+  m.def("check_process_options", [](py::handle threads, py::handle batch_size, py::handle max_events,
+                                    py::handle install_signal_handlers) {
+    process_options(max_events, threads, batch_size, install_signal_handlers);
+  }, py::arg("threads"), py::arg("batch_size"), py::arg("max_events") = 0, py::arg("install_signal_handlers") = true,
      "TypeError / ValueError when process() would refuse these options (before the statistics are replaced)");
   // the bounds of process(threads=, batch_size=), for the command lines' checks before any work starts
   m.attr("MAX_THREADS") = fw::ProcessOptions::kMaxThreads;
@@ -509,9 +513,8 @@ void register_framework(py::module_& m) {
   py::class_<fw::Processor>(m, "Processor")
       .def(py::init<>())
       .def("process", [](fw::Processor& p, fw::Path& path, py::handle max_events, py::handle threads,
-                         py::handle batch_size, bool install_signal_handlers) {
-        fw::ProcessOptions o = process_options(max_events, threads, batch_size);
-        o.install_signal_handlers = install_signal_handlers;
+                         py::handle batch_size, py::handle install_signal_handlers) {
+        const fw::ProcessOptions o = process_options(max_events, threads, batch_size, install_signal_handlers);
         py::gil_scoped_release release;  // the loop runs in C++; Python modules take the GIL themselves
         p.process(path, o);
       }, py::arg("path"), py::arg("max_events") = 0, py::arg("threads") = 1, py::arg("batch_size") = 256,
@@ -526,7 +529,8 @@ void register_framework(py::module_& m) {
         py::arg("mmap_threshold") = fw::kHeapMmapThresholdBytes,
         "keep freed heap for reuse instead of returning it to the kernel (glibc; process() does this); "
         "False where the C library cannot or refuses the values");
-  m.def("request_stop", &fw::request_stop, py::arg("output_failed") = false,
+  m.def("request_stop", [](py::handle output_failed) { fw::request_stop(checked_bool(output_failed, "output_failed")); },
+        py::arg("output_failed") = false,
         "end the running process() after the batches in flight; output_failed: an output can keep no more "
         "events, and a source that reads on after a stop (ZMQInput's drain) reads nothing more");
   m.def("output_failed", &fw::output_failed, "whether an output asked for the stop of the running process()");

@@ -524,7 +524,8 @@ def process(path: Path, max_events: int = 0, threads: int = 1, batch_size: int =
     SIGINT/SIGTERM end the run cleanly (outputs are closed); a second signal kills.
     """
     try:  # the binding's checks (a bool is no count), refused before the statistics of the previous job are replaced
-        _core.check_process_options(threads=threads, batch_size=batch_size, max_events=max_events)
+        _core.check_process_options(threads=threads, batch_size=batch_size, max_events=max_events,
+                                    install_signal_handlers=install_signal_handlers)
     except TypeError as err:
         raise TypeError(f"process(): {err}") from None
     except ValueError as err:
