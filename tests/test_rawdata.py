@@ -572,6 +572,36 @@ def test_a_quarantine_file_is_not_taken_for_a_raw_file(tmp_path, capsys):
     assert not rawdata.not_a_raw_file(_write_bytes(tmp_path / "r2", raw_map(("exp", 1), ("det", "array30"))))
 
 
+def test_a_detail_counts_one_byte_in_the_singular(tmp_path, capsys):
+    """A trailing_bytes detail said "1 byte(s) after the end of the MessagePack object (1 bytes)", and
+    `eclreco quarantine` showed it so as the first detail of its reason; a truncated one "more than the 1 bytes
+    given". One byte is "1 byte", others "N bytes"."""
+    from eclreco import cli
+
+    msgs = [b"\xc0\x00", b"\xc0\x00\x00", VALID + b"\x00", b"\x81", b"\x81\x01"]
+    details = ["1 byte after the end of the MessagePack object (1 byte)",
+               "2 bytes after the end of the MessagePack object (1 byte)",
+               f"1 byte after the end of the MessagePack object ({len(VALID)} bytes)",
+               "the MessagePack object needs more than the 1 byte given",
+               "the MessagePack object needs more than the 2 bytes given"]
+    for msg, detail in zip(msgs, details):
+        with pytest.raises(rawdata.RawDataError) as e:
+            rawdata.decode_envelope(msg)
+        assert e.value.detail == detail
+    with pytest.raises(rawdata.RawDataError, match=r"^oversize: a message of 2 bytes, over the receiver's limit of "
+                                                   r"1 byte \(max_message_bytes\)$"):
+        rawdata.decode_envelope(mark_oversize(b"\xc0\x00", 1))
+    q = tmp_path / "rejected.msgpack"
+    path = eclreco.create_path()
+    path.add_module(MessageSource(msgs[:1]))
+    path.add_module("RejectedOutput", filename=str(q))
+    eclreco.process(path, install_signal_handlers=False)
+    capsys.readouterr()
+    assert cli.main(["quarantine", str(q)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[1].endswith(f"first: (no exp/run/evt): {details[0]}"), out
+
+
 def _write_bytes(path, data):
     path.write_bytes(data)
     return path

@@ -41,6 +41,9 @@ size_t int_size(uint8_t b) {
   }
 }
 
+// "1 byte", "2 bytes": the count of bytes in a detail ("(1 bytes)" read as a typo).
+std::string n_bytes(size_t n) { return std::to_string(n) + (n == 1 ? " byte" : " bytes"); }
+
 const char* type_word(int t) {
   static const char* names[] = {"nil", "bool", "int", "float", "str", "bin", "ext", "array", "map"};
   return names[t];
@@ -347,8 +350,8 @@ bool oversize(const uint8_t* data, size_t size, Envelope& env) {
   env.known = inner.known;
   env.exp = inner.exp, env.run = inner.run, env.evt = inner.evt, env.detector = inner.detector;
   env.reason = "oversize";
-  env.detail = "a message of " + std::to_string(n) + " bytes, over the receiver's limit of " +
-               std::to_string(limit) + " bytes (max_message_bytes)";
+  env.detail =
+      "a message of " + n_bytes(n) + ", over the receiver's limit of " + n_bytes(limit) + " (max_message_bytes)";
   return true;
 }
 
@@ -378,7 +381,7 @@ Envelope decode(const uint8_t* data, size_t size, bool whole, bool marks) {
   if (!complete || vis.parse_failure_) {
     env.reason = vis.parse_failure_ ? vis.parse_failure_ : "not_msgpack";
     if (std::strcmp(env.reason, "truncated") == 0)
-      env.detail = "the MessagePack object needs more than the " + std::to_string(size) + " bytes given";
+      env.detail = "the MessagePack object needs more than the " + n_bytes(size) + " given";
     else
       env.detail = "not MessagePack: invalid byte 0x" +
                    [&] {
@@ -393,8 +396,7 @@ Envelope decode(const uint8_t* data, size_t size, bool whole, bool marks) {
   env.message_size = off;
   if (whole && off != size) {
     env.reason = "trailing_bytes";
-    env.detail = std::to_string(size - off) + " byte(s) after the end of the MessagePack object (" +
-                 std::to_string(off) + " bytes)";
+    env.detail = n_bytes(size - off) + " after the end of the MessagePack object (" + n_bytes(off) + ")";
     return env;
   }
   vis.finish();
