@@ -1341,7 +1341,8 @@ def test_a_card_without_files_vouches_for_no_network(tmp_path, capsys):
     """A card that lists no `files` (write_card of a card of before them) passed its own check, and the training
     into its folder kept the networks of its size scan, "written by an older eclreco" (a warning about a card this
     eclreco wrote), exit 0. No card eclreco writes or ships lacks `files` now: such a card is refused before any
-    work, as one that the command cannot read."""
+    work, saying what it lacks (it said "not a record that this command can read" of a card that checks out), and
+    one whose `files` is no map says so."""
     import json
 
     pytest.importorskip("torch")
@@ -1360,10 +1361,17 @@ def test_a_card_without_files_vouches_for_no_network(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["train", "--detector", "array30", "-o", str(tmp_path), "--g4", SUBSET["array30"], "--epochs",
                      "1", "--sizes", "tiny", "--quiet"]) == 2
-    assert capsys.readouterr().err.startswith(f"eclreco train: error: -o {str(tmp_path)!r} holds array30.json (not a "
-                                              "record that this command can read); array30.md (array30.json, "
-                                              "refused too, cannot vouch for it): this training would overwrite")
+    assert capsys.readouterr().err.startswith(f"eclreco train: error: -o {str(tmp_path)!r} holds array30.json (it "
+                                              "has no `files` key (the SHA-256 of the files written with it), which "
+                                              "this command's records have); array30.md (array30.json, refused too, "
+                                              "cannot vouch for it): this training would overwrite")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["array30-small.onnx", "array30.json", "array30.md"]
+    card["files"] = ["array30-small.onnx"]
+    write_card(str(tmp_path), "array30", card)
+    assert cli.main(["train", "--detector", "array30", "-o", str(tmp_path), "--g4", SUBSET["array30"], "--epochs",
+                     "1", "--sizes", "tiny", "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith(f"eclreco train: error: -o {str(tmp_path)!r} holds array30.json (its "
+                                              "`files` is a list, not a map of file names to their SHA-256); ")
 
 
 def test_an_empty_output_folder_is_refused_as_such_whatever_the_working_directory_holds(tmp_path, monkeypatch,

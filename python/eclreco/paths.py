@@ -258,10 +258,13 @@ def _record_listing(out_dir: str, record: str) -> tuple[dict | None, str]:
     own = digests.get(record) if isinstance(digests, dict) else None
     if not isinstance(own, str) or record_sha256(path, own) != own:
         return None, "changed since the run that wrote it"
-    try:
-        return {str(k): v for k, v in {**data["files"], **digests}.items()}, ""
-    except (ValueError, TypeError, KeyError, AttributeError):  # none of this command's
-        return None, "not a record that this command can read"
+    # as written, but not by this command's run (write_card of a card of before `files`): say what it lacks
+    if "files" not in data:
+        return None, ("it has no `files` key (the SHA-256 of the files written with it), which this command's "
+                      "records have")
+    if not isinstance(data["files"], dict):
+        return None, f"its `files` is a {type(data['files']).__name__}, not a map of file names to their SHA-256"
+    return {str(k): v for k, v in {**data["files"], **digests}.items()}, ""
 
 
 def overwritten_outputs(out_dir: str, record: str, rewritten) -> list[str]:
