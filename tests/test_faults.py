@@ -1481,6 +1481,48 @@ def test_a_replaced_collectors_saved_events_are_in_the_report():
         farm.close()
 
 
+def test_a_replaced_collectors_file_without_events_is_said_to_hold_none():
+    """A collector killed before its first write leaves a file with no `events` tree; the output line named it as
+    any replaced collector's, "0 more saved by 1 replaced collector(s) in their own file(s): run_run4.root", as if it
+    held part of the run. A file its collector saved no event in is said to hold none; the others as before."""
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import output_line
+
+    farm = InProcessFarm(heartbeat_timeout_s=0.3)
+    d = farm.d
+    try:
+        seqs = farm.read_events(100)
+        collector_hello(farm, farm.peer(), output="/data/run_run4.root")  # killed before it saved an event
+        time.sleep(0.4)
+        b = farm.peer()
+        collector_hello(farm, b, instance="i8", pid=8, output="/data/b.root")
+        farm.send(b, P.CONFIRM, P.seqs_to_bytes(seqs))
+        farm.send(b, P.SAVED, P.seqs_to_bytes(seqs[:70]))
+        time.sleep(0.4)  # b is silent too, after 70 saved
+        c = farm.peer()
+        collector_hello(farm, c, instance="i9", pid=9, output="/data/c.root")
+        farm.send(c, P.CONFIRM, P.seqs_to_bytes(seqs[70:]))
+        farm.send(c, P.SAVED, P.seqs_to_bytes(seqs[70:]))
+        d.pending.clear()  # (no worker here to take the redelivered ids off the queue)
+        d.stop_drain_s = 0.0
+        control = farm.peer()
+        assert farm.send(control, P.STOP) == []
+        d.housekeeping(time.monotonic())
+        farm.send(c, P.RUN_ENDED, P.pack({"received": 30, "events_written": 30}))
+        d.housekeeping(time.monotonic())
+        assert control.poll(5000)
+        reply = P.unpack(control.recv_multipart()[1])
+        assert [(r["output"], r["saved"]) for r in reply["replaced_collectors"]] == [("/data/run_run4.root", 0),
+                                                                                    ("/data/b.root", 70)], reply
+        line = output_line(d.own_status())
+        assert ("; 70 more saved by 2 replaced collector(s) in their own file(s): /data/run_run4.root (no events: "
+                "replaced before its first write), /data/b.root; farm run 1's events are in 2 files (`eclreco dqm "
+                "/data/c.root` draws its DQM; /data/b.root: ") in line, line  # run_run4.root holds none of them
+        assert d.output["files_without_events"] == ["/data/run_run4.root"]
+    finally:
+        farm.close()
+
+
 def test_events_a_replaced_collector_confirmed_count_once_in_the_latency_histogram():
     """A collector killed mid-run had confirmed events it had not saved; its replacement confirms them again.
     `confirmed` counted them once, eclreco_hlt_event_latency_seconds twice, the second time from their redelivery

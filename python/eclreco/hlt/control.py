@@ -107,12 +107,20 @@ def output_line(d: dict) -> str:
         notes.append(f"{'the others ' if in_output else ''}written with their error flags")
     line += (f"; rejected {o.get('rejected', 0)}, module errors {errors}" + (f" ({'; '.join(notes)})" if notes else "")
              + f", discarded {o.get('discarded', 0)}")
+    no_events = set(o.get("files_without_events", []))
+
+    def named(key: str, why: str) -> str:
+        """The files of `key` (a kind of collector), each one its collector saved no event in said so, with `why`:
+        it holds no `events` tree, no part of the run."""
+        return ", ".join(f + (f" (no events: {why})" if f in no_events else "")
+                         for f in o.get(key, []) if f) or "-"
+
     if o.get("left_collectors"):  # stopped (SIGINT/SIGTERM) in a run that went on: their reports are counted
-        files = ", ".join(f for f in o.get("left_files", []) if f) or "-"
+        files = named("left_files", "stopped before its first write")
         line += (f"; {o.get('written_by_left', 0)} of them by {o['left_collectors']} collector(s) stopped in the "
                  f"middle of a run, in their own file(s): {files}")
     if o.get("failed_collectors"):  # their write failed in the middle of a run: reports of what they saved
-        files = ", ".join(f for f in o.get("failed_files", []) if f) or "-"
+        files = named("failed_files", "its first write failed")
         line += (f"; {o.get('written_by_failed', 0)} of them by {o['failed_collectors']} collector(s) whose write "
                  f"failed in the middle of a run, in their own file(s): {files}")
     if o.get("leftovers_collectors"):  # written after the failed stop's reply, which could not name their file
@@ -120,11 +128,11 @@ def output_line(d: dict) -> str:
         line += (f"; {o.get('written_as_leftovers', 0)} of them left unsaved by a failed stop, written after it by "
                  f"{o['leftovers_collectors']} collector(s) to a file of their run: {files}")
     if o.get("replaced_collectors"):
-        files = ", ".join(f for f in o.get("replaced_files", []) if f) or "-"
+        files = named("replaced_files", "replaced before its first write")
         line += (f"; {o.get('saved_by_replaced', 0)} more saved by {o['replaced_collectors']} replaced "
                  f"collector(s) in their own file(s): {files}")
     if o.get("unreported_collectors"):  # dead or hung at the terminate, not replaced
-        files = ", ".join(f for f in o.get("unreported_files", []) if f) or "-"
+        files = named("unreported_files", "dead or hung before its first write")
         line += (f"; {o.get('saved_by_unreported', 0)} more saved by {o['unreported_collectors']} collector(s) that "
                  f"did not report the run's end (dead or hung), in their own file(s): {files}")
     if o.get("output_errors"):  # a collector's full disk: what it wrote is in the file named above, kept

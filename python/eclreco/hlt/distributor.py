@@ -240,6 +240,9 @@ class Distributor:
                        "unreported_collectors": 0, "saved_by_unreported": 0, "unreported_files": [],
                        # the events of failed stops written after them to a file of their run (its collector's report)
                        "leftovers_collectors": 0, "written_as_leftovers": 0, "leftovers_files": [],
+                       # of the files above, those their collector saved no event in (gone before its first write:
+                       # no `events` tree), the first 20: the output line says so of them
+                       "files_without_events": [],
                        "output_errors": [],
                        # runs whose DQM a collector wrote in several cycles (parts): {run_index, exp, run, parts,
                        # file}, the first 20, and how many
@@ -973,6 +976,8 @@ class Distributor:
         self.output[events] += saved
         if len(self.output[files]) < 20:
             self.output[files].append(rec["output"])
+        if not saved and len(self.output["files_without_events"]) < 20:
+            self.output["files_without_events"].append(rec["output"])
 
     def note_leftovers_file(self, info: dict, run: int):
         """The registered collector's report of the leftovers of a failed stop of `run` (RUN_ENDED, no error): their
