@@ -1523,6 +1523,22 @@ def test_a_replaced_collectors_file_without_events_is_said_to_hold_none():
         farm.close()
 
 
+def replace_a_collector_that_saved_70_of_100(farm):
+    """Collector a (/data/a.root) confirms 100 events and says SAVED for 70, then falls silent; b (pid 8,
+    /data/a.2.root) registers and is given the other 30 again. Returns the events' ids and b."""
+    from eclreco.hlt import protocol as P
+
+    seqs = farm.read_events(100)
+    a = farm.peer()
+    collector_hello(farm, a, output="/data/a.root")
+    farm.send(a, P.CONFIRM, P.seqs_to_bytes(seqs))
+    farm.send(a, P.SAVED, P.seqs_to_bytes(seqs[:70]))  # 30 confirmed, not in a's file
+    time.sleep(0.4)  # a is silent (heartbeat_timeout_s 0.3): the next collector is taken
+    b = farm.peer()
+    collector_hello(farm, b, instance="i8", pid=8, output="/data/a.2.root")
+    return seqs, b
+
+
 def test_events_a_replaced_collector_confirmed_count_once_in_the_latency_histogram():
     """A collector killed mid-run had confirmed events it had not saved; its replacement confirms them again.
     `confirmed` counted them once, eclreco_hlt_event_latency_seconds twice, the second time from their redelivery
@@ -1533,14 +1549,7 @@ def test_events_a_replaced_collector_confirmed_count_once_in_the_latency_histogr
     farm = InProcessFarm(heartbeat_timeout_s=0.3)
     d = farm.d
     try:
-        seqs = farm.read_events(100)
-        a = farm.peer()
-        collector_hello(farm, a, output="/data/a.root")
-        farm.send(a, P.CONFIRM, P.seqs_to_bytes(seqs))
-        farm.send(a, P.SAVED, P.seqs_to_bytes(seqs[:70]))  # 30 confirmed, not in a's file
-        time.sleep(0.4)  # a is silent: the next collector is taken
-        b = farm.peer()
-        collector_hello(farm, b, instance="i8", pid=8, output="/data/a.2.root")
+        seqs, b = replace_a_collector_that_saved_70_of_100(farm)
         assert d.c["redelivered"] == 30
         farm.send(b, P.CONFIRM, P.seqs_to_bytes(seqs[70:]))
         assert d.c["confirmed"] == 100 and d.latency.n == 100, (d.c["confirmed"], d.latency.n)
@@ -1563,14 +1572,7 @@ def test_hlt_control_stop_names_every_file_of_a_run_in_several_for_eclreco_dqm()
     farm = InProcessFarm(heartbeat_timeout_s=0.3)
     d = farm.d
     try:
-        seqs = farm.read_events(100)
-        a = farm.peer()
-        collector_hello(farm, a, output="/data/a.root")
-        farm.send(a, P.CONFIRM, P.seqs_to_bytes(seqs))
-        farm.send(a, P.SAVED, P.seqs_to_bytes(seqs[:70]))
-        time.sleep(0.4)  # a is silent (dead): the next collector is taken
-        b = farm.peer()
-        collector_hello(farm, b, instance="i8", pid=8, output="/data/a.2.root")
+        seqs, b = replace_a_collector_that_saved_70_of_100(farm)
         d.heartbeat_timeout_s = 60.0  # b stays alive while the stop is answered
         farm.send(b, P.CONFIRM, P.seqs_to_bytes(seqs[70:]))
         farm.send(b, P.SAVED, P.seqs_to_bytes(seqs[70:]))
