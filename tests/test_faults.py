@@ -1435,6 +1435,17 @@ def test_the_distributor_says_when_its_collector_falls_silent_and_when_it_is_bac
         farm.close()
 
 
+def stop_reply_after_run_ended(farm, collector, control, report: dict) -> dict:
+    """The collector's RUN_ENDED (`report`), then the reply to the STOP that `control` sent (it waits for that
+    report)."""
+    from eclreco.hlt import protocol as P
+
+    farm.send(collector, P.RUN_ENDED, P.pack(report))
+    farm.d.housekeeping(time.monotonic())
+    assert control.poll(5000)
+    return P.unpack(control.recv_multipart()[1])
+
+
 def test_a_replaced_collectors_saved_events_are_in_the_report():
     """A collector replaced in the middle of a run holds that run's first events in its own file. The
     stop's report and the output line counted only the new collector's file (soak audit: 38,520 of
@@ -1464,10 +1475,7 @@ def test_a_replaced_collectors_saved_events_are_in_the_report():
         control = farm.peer()
         assert farm.send(control, P.STOP) == []  # answered once the run has ended
         d.housekeeping(time.monotonic())
-        farm.send(b, P.RUN_ENDED, P.pack({"received": 30, "events_written": 30}))
-        d.housekeeping(time.monotonic())
-        assert control.poll(5000)
-        reply = P.unpack(control.recv_multipart()[1])
+        reply = stop_reply_after_run_ended(farm, b, control, {"received": 30, "events_written": 30})
         assert reply["replaced_collectors"] == [{"pid": 7, "host": "h", "output": "/data/a.root", "saved": 70}]
         assert d.state == "stopped" and d.output["saved_by_replaced"] == 70
         assert d.output["replaced_files"] == ["/data/a.root"]
@@ -1508,10 +1516,7 @@ def test_a_replaced_collectors_file_without_events_is_said_to_hold_none():
         control = farm.peer()
         assert farm.send(control, P.STOP) == []
         d.housekeeping(time.monotonic())
-        farm.send(c, P.RUN_ENDED, P.pack({"received": 30, "events_written": 30}))
-        d.housekeeping(time.monotonic())
-        assert control.poll(5000)
-        reply = P.unpack(control.recv_multipart()[1])
+        reply = stop_reply_after_run_ended(farm, c, control, {"received": 30, "events_written": 30})
         assert [(r["output"], r["saved"]) for r in reply["replaced_collectors"]] == [("/data/run_run4.root", 0),
                                                                                     ("/data/b.root", 70)], reply
         line = output_line(d.own_status())
@@ -1678,11 +1683,8 @@ def test_a_collector_registered_after_the_stop_is_no_report_of_the_run():
         d.housekeeping(time.monotonic())
         assert d.state == "stopped" and not control.poll(100)
         b = farm.peers[-1]
-        farm.send(b, P.RUN_ENDED, P.pack({"run_index": 2, "filename": "/data/a.2.root", "received": 0,
-                                          "events_written": 0}))
-        d.housekeeping(time.monotonic())
-        assert control.poll(5000)
-        reply = P.unpack(control.recv_multipart()[1])
+        reply = stop_reply_after_run_ended(farm, b, control, {"run_index": 2, "filename": "/data/a.2.root",
+                                                             "received": 0, "events_written": 0})
         assert reply["collector"]["filename"] == "/data/a.2.root" and reply["timeout"] is False, reply
         # b dies between runs; the next run starts and stops without a collector; c registers after it: b took no
         # part in run 3 and is no replaced collector of it (it was: '0 more saved by 2 replaced collector(s)')
@@ -1735,11 +1737,8 @@ def test_a_collector_stopped_in_the_middle_of_a_run_is_in_the_report():
         control = farm.peer()
         assert farm.send(control, P.STOP) == []
         d.housekeeping(time.monotonic())
-        farm.send(b, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "/data/a.2.root", "received": 30,
-                                          "events_written": 30}))
-        d.housekeeping(time.monotonic())
-        assert control.poll(5000)
-        reply = P.unpack(control.recv_multipart()[1])
+        reply = stop_reply_after_run_ended(farm, b, control, {"run_index": 1, "filename": "/data/a.2.root",
+                                                             "received": 30, "events_written": 30})
         assert reply["replaced_collectors"] == [{"pid": 7, "host": "h", "output": "/data/a.root", "saved": 70}], reply
         line = output_line(d.own_status())
         assert "100 events written in 1 farm run(s) of 100 received" in line, line
@@ -2638,10 +2637,8 @@ def test_a_stop_as_the_leftovers_of_a_failed_stop_end_gets_its_own_runs_report()
                                           "events_written": 70}))
         d.housekeeping(time.monotonic())
         assert not control.poll(300), P.unpack(control.recv_multipart()[1])  # run 1's report answers no stop of run 2
-        farm.send(b, P.RUN_ENDED, P.pack({"run_index": 2, "filename": "", "received": 0, "events_written": 0}))
-        d.housekeeping(time.monotonic())
-        assert control.poll(5000)
-        reply = P.unpack(control.recv_multipart()[1])
+        reply = stop_reply_after_run_ended(farm, b, control, {"run_index": 2, "filename": "", "received": 0,
+                                                             "events_written": 0})
         assert reply["run_index"] == 2 and reply["collector"]["run_index"] == 2 and not reply["timeout"], reply
         # run 1's leftovers came after run 1's reply: run 2's names their file (test_a_failed_stops_leftovers_file_...)
         assert reply["leftovers_written"] == [{"run_index": 1, "pid": 8, "host": "h", "output": "/data/a.2.root",
@@ -2803,11 +2800,8 @@ def test_a_collector_stopped_while_the_run_stops_is_in_the_report_not_the_runs_r
         farm.send(b, P.SAVED, P.seqs_to_bytes(seqs[70:]), b"30")
         d.housekeeping(time.monotonic())
         assert d.state == "stopped"
-        farm.send(b, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "/data/a.2.root", "received": 30,
-                                          "events_written": 30}))
-        d.housekeeping(time.monotonic())
-        assert control.poll(5000)
-        reply = P.unpack(control.recv_multipart()[1])
+        reply = stop_reply_after_run_ended(farm, b, control, {"run_index": 1, "filename": "/data/a.2.root",
+                                                             "received": 30, "events_written": 30})
         assert reply["collector"]["filename"] == "/data/a.2.root" and not reply["timeout"], reply
         assert reply["replaced_collectors"] == [{"pid": 7, "host": "h", "output": "/data/a.root", "saved": 70}], reply
         line = output_line(d.own_status())
@@ -3106,10 +3100,8 @@ def test_a_collector_that_went_writing_a_failed_stops_leftovers_is_no_collector_
         farm.send(control, P.STOP)
         d.housekeeping(time.monotonic())
         assert d.state == "stopped"
-        farm.send(c, P.RUN_ENDED, P.pack({"run_index": 2, "filename": "", "received": 0, "events_written": 0}))
-        d.housekeeping(time.monotonic())
-        assert control.poll(5000)
-        reply = P.unpack(control.recv_multipart()[1])
+        reply = stop_reply_after_run_ended(farm, c, control, {"run_index": 2, "filename": "", "received": 0,
+                                                             "events_written": 0})
         assert reply["run_index"] == 2 and reply["replaced_collectors"] == [], reply
         o = d.output
         if how == "write_failed":  # its report counts the 20 in its kept file
@@ -3287,11 +3279,8 @@ def test_a_collector_that_dies_after_saving_a_failed_stops_leftovers_before_its_
         farm.send(control, P.STOP)
         d.housekeeping(time.monotonic())
         assert d.state == "stopped"
-        farm.send(c, P.RUN_ENDED, P.pack({"run_index": 2, "filename": "/data/a_run2.root", "received": 10,
-                                          "events_written": 10}))
-        d.housekeeping(time.monotonic())
-        assert control.poll(5000)
-        reply = P.unpack(control.recv_multipart()[1])
+        reply = stop_reply_after_run_ended(farm, c, control, {"run_index": 2, "filename": "/data/a_run2.root",
+                                                             "received": 10, "events_written": 10})
         assert reply["run_index"] == 2 and reply["replaced_collectors"] == [] and reply["lost_at_stop"] == 0, reply
         o = d.output
         assert (o["replaced_files"], o["saved_by_replaced"]) == (["/data/a.2.root"], 70), o
