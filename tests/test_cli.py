@@ -990,7 +990,7 @@ def test_eclreco_quarantine_says_when_a_reason_matches_no_record(tmp_path, capsy
                            for r in ("oversize", "truncated", "oversize")))
     assert cli.main(["quarantine", str(q), "--reason", "oversized", "--reason", "truncated"]) == 0
     out, err = capsys.readouterr()
-    assert out.startswith("1 rejected events, 1 bytes") and "truncated" in out, out
+    assert out.startswith("1 rejected event, 1 byte, in 1 file") and "truncated" in out, out
     assert "no record has reason 'oversized' (the files' reasons: oversize, truncated)" in err, err
     assert cli.main(["quarantine", str(q), "--reason", "oversize"]) == 0
     assert capsys.readouterr().err == ""

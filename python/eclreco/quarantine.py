@@ -33,6 +33,11 @@ from eclreco.paths import StagedOutputs, output_file_error
 LIST_REASON_WIDTH = 19
 
 
+def _count(n: int, noun: str) -> str:
+    """'1 byte', '2 bytes'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def read_records(path: str | os.PathLike) -> Iterator[dict]:
     """The records of one quarantine file, in the order they were rejected; a file that is not one,
     or that ends inside a record (cut short), is an error that says at which byte."""
@@ -51,7 +56,7 @@ def read_records(path: str | os.PathLike) -> Iterator[dict]:
         except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as err:
             raise ValueError(f"{name}: not MessagePack after byte {end} ({err})") from None
         if end != size:
-            raise ValueError(f"{name}: ends inside a record (the last {size - end} bytes)")
+            raise ValueError(f"{name}: ends inside a record (the last {_count(size - end, 'byte')})")
 
 
 def repeat_key(rec: dict):
@@ -126,7 +131,7 @@ def _run(args) -> int:
                     n_bytes += len(rec["message"])
                     if args.list:
                         print(f"{path}:{i}  {rec['reason']:<{LIST_REASON_WIDTH}} {_ids(rec):<28} "
-                              f"{len(rec['message']):>9} bytes  {rec.get('detail', '')}", file=text)
+                              f"{len(rec['message']):>9} {'byte ' if len(rec['message']) == 1 else 'bytes'}  {rec.get('detail', '')}", file=text)
                     if out is not None:
                         out.write(rec["message"])
         finally:
@@ -144,7 +149,7 @@ def _run(args) -> int:
                           "first_detail": {r: first[r].get("detail", "") for r in counts}, "repeats": repeats}),
               file=text)
     elif not args.list:
-        print(f"{total} rejected events, {n_bytes} bytes, in {len(args.files)} file(s)"
+        print(f"{_count(total, 'rejected event')}, {_count(n_bytes, 'byte')}, in {_count(len(args.files), 'file')}"
               + (f"; {repeats} repeated record(s) not counted (a redelivered event rejected again: the same "
                  "sequence id and message)" if repeats else ""), file=text)
         width = max(map(len, counts), default=0)
