@@ -7,7 +7,6 @@ beam background) written to a raw file first, so that the timed chain starts fro
 """
 from __future__ import annotations
 
-import json
 import os
 import resource
 import statistics as st

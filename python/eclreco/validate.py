@@ -565,8 +565,6 @@ def _cmd(args) -> int:
 
 
 def add_validate_parser(subparsers):
-    import argparse
-
     from eclreco.cli_types import NON_NEGATIVE_INT
 
     p = subparsers.add_parser("validate", help="physics validation of the CNN energy correction (tables, plots)",
