@@ -1369,6 +1369,21 @@ def collector_hello(farm, peer, **status):
     return farm.send(peer, P.HELLO, P.pack({**info, **status}))
 
 
+def next_collector(farm, **status):
+    """A new collector's HELLO (collector_hello's `status`), repeated until the distributor takes it (LOW): libzmq
+    sees the previous collector's connection go a few ms after its close. Returns its peer and the replies."""
+    from eclreco.hlt import protocol as P
+
+    t0 = time.monotonic()
+    while True:
+        peer = farm.peer()
+        replies = collector_hello(farm, peer, **status)
+        if replies[-1][0] == P.LOW:
+            return peer, replies
+        assert time.monotonic() - t0 < 10, replies
+        time.sleep(0.05)
+
+
 def test_confirmations_sent_before_a_restarted_distributor_took_the_collector_count():
     """A collector that outlived its distributor confirms the new one's events before its HELLO (the
     answer to WHO) arrives. Those CONFIRM/SAVED were dropped: the events stayed held until the stop
@@ -1665,13 +1680,7 @@ def test_a_collector_registered_after_the_stop_is_no_report_of_the_run():
         d.housekeeping(time.monotonic())
         assert d.state == "stopped" and not control.poll(100)  # waits for a's RUN_ENDED
         a.close(0)  # a dies before its report
-        t0 = time.monotonic()
-        while True:  # b is taken once libzmq has seen a's connection go (a few ms)
-            replies = collector_hello(farm, farm.peer(), instance="i8", pid=8, output="/data/a.2.root")
-            if replies[-1][0] == P.LOW:
-                break
-            assert time.monotonic() - t0 < 10, replies
-            time.sleep(0.05)
+        next_collector(farm, instance="i8", pid=8, output="/data/a.2.root")
         d.housekeeping(time.monotonic())
         assert control.poll(5000)
         reply = P.unpack(control.recv_multipart()[1])
@@ -2480,14 +2489,7 @@ def failed_stop_with_leftovers(farm, n=100, saved=30, start_first=False, before_
         assert reply["run_index"] == 2 and reply["leftovers_of"] == 1 and not d.accepting_input(), reply
         if before_next is not None:
             before_next(control)
-    t0 = time.monotonic()
-    while True:  # b is taken once libzmq has seen a's connection go (a few ms)
-        b = farm.peer()
-        replies = collector_hello(farm, b, instance="i8", pid=8, output="/data/a.2.root")
-        if replies[-1][0] == P.LOW:
-            break
-        assert time.monotonic() - t0 < 10, replies
-        time.sleep(0.05)
+    b, replies = next_collector(farm, instance="i8", pid=8, output="/data/a.2.root")
     assert replies[-1][2:] == [b"1", b"0"] and d.collector["leftovers_run"] == 1  # joins run 1, started
     assert len(d.events) == n - saved
     return seqs, control, b
@@ -2788,13 +2790,7 @@ def test_a_collector_stopped_while_the_run_stops_is_in_the_report_not_the_runs_r
         d.housekeeping(time.monotonic())
         assert not control.poll(200)  # no answer to the stop: 30 events are not written
         a.close(0)
-        t0 = time.monotonic()
-        while True:  # b is taken once libzmq has seen a's connection go (a few ms)
-            b = farm.peer()
-            if collector_hello(farm, b, instance="i8", pid=8, output="/data/a.2.root")[-1][0] == P.LOW:
-                break
-            assert time.monotonic() - t0 < 10
-            time.sleep(0.05)
+        b, _ = next_collector(farm, instance="i8", pid=8, output="/data/a.2.root")
         d.pending.clear()  # (no worker here to take the ids off the queue)
         farm.send(b, P.CONFIRM, P.seqs_to_bytes(seqs[70:]))
         farm.send(b, P.SAVED, P.seqs_to_bytes(seqs[70:]), b"30")
@@ -2828,14 +2824,7 @@ def test_a_collector_that_dies_writing_a_failed_stops_leftovers_hands_them_to_th
         farm.send(b, P.CONFIRM, P.seqs_to_bytes(seqs[30:30 + confirmed]))
         d.housekeeping(time.monotonic())
         b.close(0)  # SIGKILL: nothing of them said SAVED
-        t0 = time.monotonic()
-        while True:  # c is taken once libzmq has seen b's connection go (a few ms)
-            c = farm.peer()
-            replies = collector_hello(farm, c, instance="i9", pid=9, output="/data/a.3.root")
-            if replies[-1][0] == P.LOW:
-                break
-            assert time.monotonic() - t0 < 10, replies
-            time.sleep(0.05)
+        c, replies = next_collector(farm, instance="i9", pid=9, output="/data/a.3.root")
         assert replies[-1][2:] == [b"1", b"0"], replies  # joins run 1, not run 2
         assert d.collector["leftovers_run"] == 1 and d.input_waits_for_leftovers() == 1, d.collector
         assert not d.accepting_input() and len(d.events) == 70
@@ -3082,14 +3071,7 @@ def test_a_collector_that_went_writing_a_failed_stops_leftovers_is_no_collector_
             farm.send(b, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "/data/a.2.root.incomplete", "received": 20,
                                               "events_written": 20, "output_error": "cannot write output file"}))
         b.close(0)
-        t0 = time.monotonic()
-        while True:  # c is taken once libzmq has seen b's connection go (a few ms)
-            c = farm.peer()
-            replies = collector_hello(farm, c, instance="i9", pid=9, output="/data/a.3.root")
-            if replies[-1][0] == P.LOW:
-                break
-            assert time.monotonic() - t0 < 10, replies
-            time.sleep(0.05)
+        c, replies = next_collector(farm, instance="i9", pid=9, output="/data/a.3.root")
         assert replies[-1][2:] == [b"1", b"0"], replies  # joins run 1 for the leftovers
         d.pending.clear()
         farm.send(c, P.CONFIRM, P.seqs_to_bytes(seqs[50:]))
@@ -3130,14 +3112,7 @@ def test_a_collector_that_dies_after_confirming_a_failed_stops_leftovers_keeps_t
         if d.accepting_input():  # as serve() does: run 2's events come in
             farm.read_events(20)
         b.close(0)  # SIGKILL: nothing of the leftovers said SAVED
-        t0 = time.monotonic()
-        while True:  # c is taken once libzmq has seen b's connection go (a few ms)
-            c = farm.peer()
-            replies = collector_hello(farm, c, instance="i9", pid=9, output="/data/a.3.root")
-            if replies[-1][0] == P.LOW:
-                break
-            assert time.monotonic() - t0 < 10, replies
-            time.sleep(0.05)
+        c, replies = next_collector(farm, instance="i9", pid=9, output="/data/a.3.root")
         assert replies[-1][2:] == [b"1", b"0"], replies  # joins run 1
         assert sorted(d.events) == seqs[30:].tolist() and not d.accepting_input(), len(d.events)
         d.pending.clear()
@@ -3170,14 +3145,7 @@ def test_a_failed_stops_leftovers_whose_close_fails_go_to_a_file_of_their_run():
                                           "events_written": 0, "output_error": "cannot write output file"}))
         assert not d.accepting_input() and len(d.unsaved) == 70
         b.close(0)
-        t0 = time.monotonic()
-        while True:  # c is taken once libzmq has seen b's connection go (a few ms)
-            c = farm.peer()
-            replies = collector_hello(farm, c, instance="i9", pid=9, output="/data/a.3.root")
-            if replies[-1][0] == P.LOW:
-                break
-            assert time.monotonic() - t0 < 10, replies
-            time.sleep(0.05)
+        _, replies = next_collector(farm, instance="i9", pid=9, output="/data/a.3.root")
         assert replies[-1][2:] == [b"1", b"0"] and len(d.events) == 70, replies  # joins run 1, not run 2
     finally:
         farm.close()
@@ -3261,14 +3229,7 @@ def test_a_collector_that_dies_after_saving_a_failed_stops_leftovers_before_its_
             assert reply["run_index"] == 2, reply
         assert d.run_index == 2 and not d.events and not d.unsaved
         redelivered = d.c["redelivered"]
-        t0 = time.monotonic()
-        while True:  # c is taken once libzmq has seen b's connection go (a few ms)
-            c = farm.peer()
-            replies = collector_hello(farm, c, instance="i9", pid=9, output="/data/a_run2.root")
-            if replies[-1][0] == P.LOW:
-                break
-            assert time.monotonic() - t0 < 10, replies
-            time.sleep(0.05)
+        c, replies = next_collector(farm, instance="i9", pid=9, output="/data/a_run2.root")
         assert replies[-1][2:] == [b"2", b"0"], replies  # joins run 2: run 1 has nothing left to write
         assert d.c["redelivered"] == redelivered and not d.events and not d.unsaved  # none produced again
         assert d.accepting_input() and d.input_waits_for_leftovers() is None  # run 2 proceeds
