@@ -1595,6 +1595,27 @@ def test_a_revalidation_replaces_the_previous_validations_plots_and_no_other_fil
     assert pi0.read_bytes() == b"annotated since"
 
 
+def validate_array30_into(capsys, folder) -> tuple[int, str]:
+    """`eclreco validate` of 30 array30 events into `folder`: its exit code and stderr."""
+    from eclreco import cli
+
+    capsys.readouterr()
+    code = cli.main(["validate", "--detector", "array30", "-o", str(folder), "--g4", SUBSET["array30"],
+                     "--max-events", "30", "--quiet"])
+    return code, capsys.readouterr().err
+
+
+def assert_validation_refuses(capsys, folder, name: str, why: str, first: bool = False):
+    """A validation into `folder` is refused (exit 2, one line naming every file refused and why: `name` (`why`),
+    the first one named where `first`), and leaves `name` as it was."""
+    before = (folder / name).read_bytes()
+    code, err = validate_array30_into(capsys, folder)
+    holds = f"eclreco validate: error: -o {str(folder)!r} holds "
+    assert code == 2 and err.startswith(holds + (f"{name} ({why})" if first else "")), err
+    assert f" {name} ({why})" in err and "this validation would overwrite " in err, err
+    assert (folder / name).read_bytes() == before
+
+
 def test_a_validation_does_not_overwrite_a_plot_that_is_not_the_previous_validations(tmp_path, capsys):
     """`eclreco validate -o DIR` wrote its plots over those in DIR without a word: a plot edited since the report
     that lists it, one of a report that cannot be checked (an older eclreco's: no SHA-256 of itself) or one in a
@@ -1604,23 +1625,15 @@ def test_a_validation_does_not_overwrite_a_plot_that_is_not_the_previous_validat
     import json
 
     pytest.importorskip("matplotlib")
-    from eclreco import cli
 
     out = tmp_path / "V"
     plot, record = out / "cnn_array30_bg0.png", out / "validation_array30.json"
 
     def validate(folder=out):
-        capsys.readouterr()
-        code = cli.main(["validate", "--detector", "array30", "-o", str(folder), "--g4", SUBSET["array30"],
-                         "--max-events", "30", "--quiet"])
-        return code, capsys.readouterr().err
+        return validate_array30_into(capsys, folder)
 
     def refused(why, folder=out):
-        before = (folder / "cnn_array30_bg0.png").read_bytes()
-        code, err = validate(folder)
-        assert code == 2 and err.startswith(f"eclreco validate: error: -o {str(folder)!r} holds cnn_array30_bg0.png "
-                                            f"({why})") and "this validation would overwrite" in err, err
-        assert (folder / "cnn_array30_bg0.png").read_bytes() == before
+        assert_validation_refuses(capsys, folder, "cnn_array30_bg0.png", why, first=True)
 
     assert validate()[0] == 0
     assert validate()[0] == 0  # its own unchanged plot: replaced
@@ -1652,18 +1665,11 @@ def test_train_and_validate_do_not_overwrite_a_report_or_card_that_is_not_the_pr
     record, md = out / "validation_array30.json", out / "validation_array30.md"
 
     def validate(folder=out):
-        capsys.readouterr()
-        code = cli.main(["validate", "--detector", "array30", "-o", str(folder), "--g4", SUBSET["array30"],
-                         "--max-events", "30", "--quiet"])
-        return code, capsys.readouterr().err
+        return validate_array30_into(capsys, folder)
 
     def refused(name, why, folder=out):
-        """One line names every file refused (a record it cannot check: with what it lists, 'refused too')."""
-        before = (folder / name).read_bytes()
-        code, err = validate(folder)
-        assert code == 2 and err.startswith(f"eclreco validate: error: -o {str(folder)!r} holds "), err
-        assert f" {name} ({why})" in err and "this validation would overwrite " in err, err
-        assert (folder / name).read_bytes() == before
+        # one line names every file refused (a record it cannot check: with what it lists, 'refused too')
+        assert_validation_refuses(capsys, folder, name, why)
 
     assert validate()[0] == 0
     assert set(json.loads(record.read_text())["record_files"]) == {"validation_array30.json", "validation_array30.md"}
