@@ -387,6 +387,16 @@ def test_the_output_line_adds_up_when_a_workers_module_fails_on_some_events(farm
     assert_output_adds_up(line)
 
 
+def stop_with_the_collectors_write_failing(farm):
+    """`hlt control stop` while the collector's file can grow no more (RLIMIT_FSIZE at its size: its last write
+    fails). Returns the collector's pid and the command's result."""
+    first = farm.process("collector")["pid"]
+    size = os.path.getsize(farm.output)
+    resource.prlimit(first, resource.RLIMIT_FSIZE, (size, size))
+    return first, subprocess.run(ECLRECO + ["hlt", "control", "stop", "--control", farm.control], capture_output=True,
+                                 text=True, timeout=90)
+
+
 def test_the_events_a_failed_stop_left_unsaved_go_to_a_file_of_their_run(farm_factory, tmp_path):
     """The collector's write at the stop fails with the run's events still unwritten (--flush-interval long: all
     of them): the distributor keeps them for the next collector, which hlt run starts between the runs. It
@@ -403,11 +413,7 @@ def test_the_events_a_failed_stop_left_unsaved_go_to_a_file_of_their_run(farm_fa
     farm = farm_factory(heartbeat_timeout=2, workers=1, extra=("--flush-interval", "600"))
     push_messages(farm.input, [envelope(k) for k in range(1000)] + [b"\xc1"] * 50)  # (50 rejected: not msgpack)
     farm.wait_confirmed(1050)
-    first = farm.process("collector")["pid"]
-    size = os.path.getsize(farm.output)
-    resource.prlimit(first, resource.RLIMIT_FSIZE, (size, size))
-    r = subprocess.run(ECLRECO + ["hlt", "control", "stop", "--control", farm.control], capture_output=True,
-                       text=True, timeout=90)
+    first, r = stop_with_the_collectors_write_failing(farm)
     reply = json.loads(r.stdout)
     assert r.returncode == 1 and reply["unsaved"] == 1050 and reply["lost_at_stop"] == 0, r.stdout
     t0 = time.monotonic()
@@ -438,11 +444,7 @@ def test_a_failed_stops_leftovers_file_is_named_by_the_next_stop_and_the_output_
     farm = farm_factory(heartbeat_timeout=2, workers=1, extra=("--flush-interval", "600"))
     push_events(farm.input, range(500))
     farm.wait_confirmed(500)
-    first = farm.process("collector")["pid"]
-    size = os.path.getsize(farm.output)
-    resource.prlimit(first, resource.RLIMIT_FSIZE, (size, size))
-    r = subprocess.run(ECLRECO + ["hlt", "control", "stop", "--control", farm.control], capture_output=True,
-                       text=True, timeout=90)
+    first, r = stop_with_the_collectors_write_failing(farm)
     assert r.returncode == 1 and json.loads(r.stdout)["unsaved"] == 500, r.stdout + r.stderr
     farm.command("start")  # run 2 reads its input once run 1's events are in their file
     push_events(farm.input, range(500, 600))
