@@ -2,12 +2,12 @@
 
 All clusters of a batch above `min_energy_gev` (raw energy) go through ONE inference call (in
 slices of at most `max_clusters_per_batch`): their images and features are gathered from the
-zero-copy column views in C++ (ECLEnergyCorrection.model_inputs). When the model's metadata `feature_names` lists extra
+zero-copy column views in C++ (ECLEnergyCorrection.inputs). When the model's metadata `feature_names` lists extra
 features after the cluster features (eclreco.cnn_model.EXTRA_FEATURE_NAMES), they are appended in
 that order: `energy_in` = ECLClusters.energy as it arrives here (after ECLLeakageCorrection: the
 classical correction, which the shipped models refine as a residual), event-level features
-(belle2-ecl: event_oot_digits, which ECLUnpacker counts into ECLEventInformation) taken by
-eclreco.cnn_model.event_features and repeated per cluster. The network computes the corrected energy itself (normalisation inside the
+(belle2-ecl: event_oot_digits, which ECLUnpacker counts into ECLEventInformation) taken from the event's
+row of that collection (eclreco.cnn_model.EVENT_FEATURE_COLUMNS) and repeated per cluster. The network computes the corrected energy itself (normalisation inside the
 graph, see python/eclreco/cnn_model.py), so the module only writes the output into
 ECLClusters.energy. Clusters outside the model's domain keep the energy they have (the classical
 leakage correction, when ECLLeakageCorrection ran before): outside `min_energy_gev`..`max_energy_gev`
@@ -33,7 +33,7 @@ import warnings
 import numpy as np
 
 from eclreco import Module, _core
-from eclreco.cnn_model import E_RAW_INDEX, EVENT_FEATURE_NAMES, FEATURE_NAMES, event_features, split_feature_names
+from eclreco.cnn_model import E_RAW_INDEX, EVENT_FEATURE_COLUMNS, FEATURE_NAMES, split_feature_names
 from eclreco.rawdata import DETECTOR_NAMES
 
 # max_ratio_to_classical = -1: belle2-ecl's beam-background clusters were raised up to ~600x (x2 keeps the
@@ -287,41 +287,31 @@ class ECLEnergyCorrection(Module):
         cl = batch[coll]
         # the columns it reads: a collection without one ends the job here, not every event on its own
         self.require_columns(cl, READ_COLUMNS if self.param("max_abs_time_ns") > 0 else READ_COLUMNS[:-1])
-        e_raw = np.asarray(cl["energy_raw"])
-        if e_raw.size == 0:
+        if cl.n_rows == 0:
             return
-        # The selection and the detector test avoid numpy's per-call cost, which after the
-        # clusterizer (cold caches) was ~20 ns per selected cluster, 3 % of the module.
-        sel, n_oot = self.domain_rows(cl, self.param("min_energy_gev"), self.param("max_abs_time_ns"),
-                                      self.param("max_energy_gev"))
-        if batch.discards():  # an event filter before this module: its discarded events are skipped
-            sel = sel[np.repeat(batch.active(), np.diff(np.asarray(cl.offsets)))[sel]]
-        if sel.size == 0:
-            self._count(n_oot=n_oot)
-            return
-        energy_in = np.asarray(cl["energy"])
-        energy = np.array(energy_in, dtype=np.float32)  # copy, written back once
-        image = np.asarray(cl["image"])
-        features = np.asarray(cl["features"])
         det = np.asarray(batch.detector)
         codes = det.tobytes()  # uint8: one byte per event
-        if codes.count(codes[:1]) == len(codes):
-            groups = [(det[0], sel)]  # one detector in the batch (the usual case): no split
-        else:
-            off = np.asarray(cl.offsets)
-            ev_det = np.repeat(det, np.diff(off))[sel]
-            groups = [(code, sel if np.all(ev_det == code) else sel[ev_det == code]) for code in np.unique(ev_det)]
+        # one detector in the batch (the usual case): one group of every event; else one per detector
+        groups = [None] if codes.count(codes[:1]) == len(codes) else [int(c) for c in np.unique(det)]
+        energy_in = np.asarray(cl["energy"])
+        energy = None  # the copy written back once, made when a cluster is selected
         step = self.param("max_clusters_per_batch")
-        n_done, n_guarded, t_inf = 0, 0, 0.0
-        for code, rows in groups:
+        n_oot, n_done, n_guarded, t_inf = 0, 0, 0, 0.0
+        for group in groups:
+            code = det[0] if group is None else group
             sess, meta = self._session(code)
-            shape = self._image_shape(sess)
-            if image.shape[1:] != shape:
-                raise ModelError(f"ECLEnergyCorrection: model expects images {shape}, clusters have {image.shape[1:]}")
+            rows, outside, img_all, f_all = self.inputs(batch, coll, meta["extra_features"], self._image_shape(sess),
+                                                        self.param("min_energy_gev"), self.param("max_abs_time_ns"),
+                                                        self.param("max_energy_gev"), group)
+            n_oot += outside
+            if rows.size == 0:
+                continue
             names = meta["extra_features"]
-            img_all, f_all = self.model_inputs(batch, coll, rows, names)
             if "energy_in" in names and not self._checked_energy_in:
-                self._check_energy_in(e_raw[rows], f_all[:, features.shape[1] + names.index("energy_in")])
+                self._check_energy_in(np.asarray(cl["energy_raw"])[rows],
+                                      f_all[:, len(FEATURE_NAMES) + names.index("energy_in")])
+            if energy is None:
+                energy = np.array(energy_in, dtype=np.float32)
             for a, b in self.call_slices(rows.size, step):
                 feeds = {"image": img_all[a:b], "features": f_all[a:b]}
                 t0 = time.perf_counter()
@@ -331,6 +321,9 @@ class ECLEnergyCorrection(Module):
                 energy[rows[a:b]] = out
                 n_done += out.shape[0]
             n_guarded += self._guard(energy, energy_in, rows, code)
+        if energy is None:
+            self._count(n_oot=n_oot)
+            return
         cl["energy"] = energy
         self._count(n_oot, n_guarded, n_done - n_guarded, calls=1, seconds=t_inf)
 
@@ -353,23 +346,6 @@ class ECLEnergyCorrection(Module):
         return _core.cap_at_ratio(energy, energy_in, rows, ratio)  # a NaN from the network is capped too
 
     @staticmethod
-    def domain_rows(clusters, min_energy_gev, max_abs_time_ns, max_energy_gev=0.0):
-        """(rows of the clusters in the model's domain: energy_raw >= min_energy_gev, <= max_energy_gev
-        when that is > 0 and, when max_abs_time_ns > 0, |time| <= max_abs_time_ns; how many were left
-        out for their time)."""
-        if max_abs_time_ns <= 0:
-            rows, n_oot = _core.rows_at_least(clusters["energy_raw"], min_energy_gev), 0
-        else:
-            rows, n_oot = _core.rows_at_least_within(clusters["energy_raw"], min_energy_gev, clusters["time"],
-                                                     max_abs_time_ns)
-        if max_energy_gev > 0 and rows.size:
-            # rare (a cluster above 6 GeV): a test over the selected rows, not a C++ pass of its own
-            e = np.asarray(clusters["energy_raw"])[rows]
-            if e.max() > max_energy_gev:
-                rows = rows[e <= max_energy_gev]
-        return rows, n_oot
-
-    @staticmethod
     def call_slices(n: int, max_per_call: int):
         """(start, stop) of the inference calls for n clusters: the fewest calls of at most
         max_per_call, of equal size within one (3225 clusters: 4 x 806, not 3 x 1024 + 153)."""
@@ -380,41 +356,35 @@ class ECLEnergyCorrection(Module):
         return list(zip(bounds[:-1], bounds[1:]))
 
     @staticmethod
-    def model_inputs(batch, collection, rows, names):
-        """(images [len(rows), S, S], features [len(rows), F + len(names)]) float32 of the clusters
-        `rows` (ascending): ECLClusters.image, and ECLClusters.features followed by the extra
-        features `names` in that order (energy_in: the collection's energy column as it is now,
-        before this module writes it; event-level features: cnn_model.event_features of the
-        cluster's event). Two C++ passes without the GIL (_core.gather_rows)."""
-        cl = batch[collection]
-        off = np.asarray(cl.offsets)
-        image = np.asarray(cl["image"])
-        blocks, per_event = [np.asarray(cl["features"])], [False]
-        ev_names = [n for n in names if n in EVENT_FEATURE_NAMES]
-        if ev_names:
-            try:
-                per_ev = event_features(batch, ev_names)
-            except ValueError as err:
-                raise ModelError(f"ECLEnergyCorrection: {err}") from err
-            if np.isnan(per_ev).any():  # events without a row: an error where they have clusters
-                lacking = np.isnan(per_ev).any(axis=1) & (np.diff(off) > 0)
-                if lacking.any():
-                    raise ModelError(f"ECLEnergyCorrection: {int(lacking.sum())} event(s) with clusters have no "
-                                     f"row in the collection of the event features {ev_names} (first: event "
-                                     f"{int(np.argmax(lacking))} of the batch)")
+    def inputs(batch, collection, names, image_shape, min_energy_gev, max_abs_time_ns, max_energy_gev=0.0,
+               detector=None):
+        """(rows, n_out_of_time, images [len(rows), S, S], features [len(rows), F + len(names)]) of a batch's
+        clusters in the model's domain: the events it works on (not rejected or discarded; of `detector` unless
+        None), energy_raw >= min_energy_gev, <= max_energy_gev when that is > 0 and, when max_abs_time_ns > 0,
+        |time| <= max_abs_time_ns (n_out_of_time: how many that left out). Their ECLClusters.image, and
+        ECLClusters.features followed by the extra features `names` in that order (energy_in: the collection's
+        energy column as it is now, before this module writes it; event-level features: the cluster's event's
+        row of EVENT_FEATURE_COLUMNS), float32; images of another shape than image_shape (None: any) are a
+        ModelError. One C++ call (_core.inference_inputs): as separate numpy steps
+        after the clusterizer, with its caches cold, they cost ~3x the work (docs/performance.md)."""
+        blocks = [("", "features")]
         for n in names:
             if n == "energy_in":
-                blocks.append(np.asarray(cl["energy"]).reshape(-1, 1))
-                per_event.append(False)
-            elif n in EVENT_FEATURE_NAMES:
-                j = ev_names.index(n)
-                blocks.append(per_ev[:, j: j + 1])
-                per_event.append(True)
+                blocks.append(("", "energy"))
+            elif n in EVENT_FEATURE_COLUMNS:
+                blocks.append(EVENT_FEATURE_COLUMNS[n])
             else:
                 raise ModelError(f"ECLEnergyCorrection: unknown extra feature {n!r}")
-        features = _core.gather_rows(rows, off, blocks, per_event)
-        images = _core.gather_rows(rows, off, [image.reshape(image.shape[0], -1)], [False])
-        return images.reshape((len(rows),) + image.shape[1:]), features
+        try:
+            rows, n_oot, images, features = _core.inference_inputs(
+                batch, collection, blocks, min_energy_gev, max_energy_gev, max_abs_time_ns, detector)
+        except ValueError as err:  # an event-level collection missing, or with several rows for one event
+            raise ModelError(f"ECLEnergyCorrection: event features {[n for n in names if n != 'energy_in']}: "
+                             f"{err}") from err
+        if image_shape is not None and images.shape[1:] != tuple(image_shape):
+            raise ModelError(f"ECLEnergyCorrection: model expects images {tuple(image_shape)}, clusters have "
+                             f"{images.shape[1:]}")
+        return rows, n_oot, images, features
 
     def _check_energy_in(self, e_raw, e_in):
         """Once per run: a model refining the classical correction (energy_in) was fed clusters

@@ -1050,8 +1050,9 @@ def test_an_event_without_event_features_fails_alone_not_its_batch():
         np.testing.assert_allclose(a, b, rtol=1e-5)  # other batch sizes in onnxruntime
     _, e_drop, state = run(False, drop_info=True)
     assert e_good[5].size > 0 and state.summary()["errors"] == 1
-    assert ("1 event(s) with clusters have no row in the collection of the event features ['event_oot_digits']"
-            in state.state.error_messages()[0]), state.state.error_messages()
+    assert ("event features ['event_oot_digits']: 1 event(s) with rows in ECLClusters have no row in "
+            "ECLEventInformation" in state.state.error_messages()[0]), \
+        state.state.error_messages()
     for i in set(range(20)) - {5}:
         np.testing.assert_allclose(e_good[i], e_drop[i], rtol=1e-5)
 

@@ -341,6 +341,95 @@ def test_gather_rows_per_row_and_per_event_blocks():
         _core.gather_rows(rows, off, [a, ev[:2]], [False, True])
 
 
+def _inference_batch():
+    """An EventBatch of 6 events for _core.inference_inputs: clusters with NaN and boundary values, an event
+    without clusters and without an ECLEventInformation row, events of both detectors."""
+    from eclreco import _core
+
+    rng = np.random.default_rng(3)
+    counts = np.array([4, 0, 3, 5, 2, 6])
+    off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    n = int(off[-1])
+    e = rng.uniform(0.0, 0.3, n).astype(np.float32)
+    e[[0, 5, 9]] = [0.05, np.nan, 0.25]  # at the threshold, NaN, above max_value below
+    t = rng.uniform(-100, 100, n).astype(np.float32)
+    t[[1, 6]] = [np.nan, 50.0]  # NaN time: never inside; at the window's edge: inside
+    b = _core.EventBatch(6)
+    b.detector[:] = [0, 0, 0, 1, 0, 1]
+    b.add_collection("ECLClusters", off, {
+        "energy_raw": e, "time": t, "energy": e * 1.1,
+        "features": rng.normal(size=(n, 3)).astype(np.float32),
+        "image": rng.normal(size=(n, 2, 2)).astype(np.float32)})
+    info_off = np.array([0, 1, 1, 2, 3, 4, 5], np.int64)  # event 1 (no clusters) has no row
+    b.add_collection("ECLEventInformation", info_off, {"n_out_of_time_digits": np.array([7, 8, 9, 10, 11], np.int32)})
+    return b, off, e, t
+
+
+def test_inference_inputs_match_numpy():
+    """_core.inference_inputs (ECLEnergyCorrection's one call per batch): the selection as numpy computes it in
+    float32 over the events worked on (not discarded or rejected, of the detector asked for), the count of rows
+    left out by their time alone, and the gathered images and features with the event's value per row."""
+    from eclreco import _core
+
+    b, off, e, t = _inference_batch()
+    ev_of = np.repeat(np.arange(6), np.diff(off))
+    per_event = np.array([7, np.nan, 8, 9, 10, 11], np.float32)
+    cl = b["ECLClusters"]
+    blocks = [("", "features"), ("", "energy"), ("ECLEventInformation", "n_out_of_time_digits")]
+
+    def expected(lo, hi, max_abs, events):
+        above = (e >= np.float32(lo)) & np.isin(ev_of, events)
+        inside = np.abs(t) <= np.float32(max_abs) if max_abs > 0 else np.ones(e.size, bool)
+        keep = above & inside & ((e <= np.float32(hi)) if hi > 0 else True)
+        return np.flatnonzero(keep), int((above & ~inside).sum())
+
+    b.discard(4, "test")
+    for lo, hi, max_abs, det, events in ((0.05, 0.2, 50.0, None, [0, 1, 2, 3, 5]), (0.05, 0.0, 0.0, None, [0, 1, 2, 3, 5]),
+                                         (0.1, 0.0, 50.0, 0, [0, 1, 2]), (0.0, 0.28, 60.0, 1, [3, 5])):
+        rows, outside, images, features = _core.inference_inputs(b, "ECLClusters", blocks, lo, hi, max_abs, det)
+        want, want_outside = expected(lo, hi, max_abs, events)
+        assert rows.size > 0 and outside == want_outside
+        np.testing.assert_array_equal(rows, want)
+        np.testing.assert_array_equal(images, np.asarray(cl["image"])[want])
+        np.testing.assert_array_equal(features, np.column_stack([np.asarray(cl["features"])[want], e[want] * 1.1,
+                                                                 per_event[ev_of[want]]]))
+    assert not (b.detector == 0).all() and 5 not in rows.tolist()  # NaN energy: never selected
+    # no time window: the collection needs no time column
+    b2 = _core.EventBatch(1)
+    b2.add_collection("C", np.array([0, 2]), {"energy_raw": np.array([1, 2], np.float32),
+                                              "image": np.zeros((2, 1), np.float32)})
+    rows, outside, images, features = _core.inference_inputs(b2, "C", [], 1.5, 0.0, 0.0)
+    assert rows.tolist() == [1] and outside == 0 and images.shape == (1, 1) and features.shape == (1, 0)
+    with pytest.raises(KeyError, match="time"):
+        _core.inference_inputs(b2, "C", [], 1.5, 0.0, 10.0)
+
+
+def test_inference_inputs_refuse_event_values_they_cannot_place():
+    """An event with clusters and no row of the event-level collection, an event with several rows, or a batch
+    without that collection: a ValueError naming it, not a NaN or a neighbour's value fed to the network."""
+    from eclreco import _core
+
+    b, off, e, t = _inference_batch()
+    block = [("ECLEventInformation", "n_out_of_time_digits")]
+    info = np.array([7, 8, 9, 10, 11], np.int32)
+    b.add_collection("ECLEventInformation", np.array([0, 1, 2, 2, 3, 4, 5]), {"n_out_of_time_digits": info})
+    with pytest.raises(ValueError, match=r"1 event\(s\) with rows in ECLClusters have no row in ECLEventInformation "
+                                         r"\(first: event 2 of the batch\)"):
+        _core.inference_inputs(b, "ECLClusters", block, 0.0, 0.0, 0.0)
+    b.discard(2, "test")  # an event not worked on needs no row
+    assert _core.inference_inputs(b, "ECLClusters", block, 0.0, 0.0, 0.0)[0].size > 0
+    b.add_collection("ECLEventInformation", np.array([0, 1, 1, 3, 4, 5, 5]), {"n_out_of_time_digits": info})
+    with pytest.raises(ValueError, match="ECLEventInformation.n_out_of_time_digits has one row per event, but event 2 "
+                                         "of the batch has 2 rows"):
+        _core.inference_inputs(b, "ECLClusters", block, 0.0, 0.0, 0.0)
+    b.remove("ECLEventInformation")
+    with pytest.raises(ValueError, match="the batch has no ECLEventInformation"):
+        _core.inference_inputs(b, "ECLClusters", block, 0.0, 0.0, 0.0)
+    assert _core.event_rows(np.array([0, 1, 1, 2])).tolist() == [0, -1, 1]
+    with pytest.raises(ValueError, match="event 1 of the batch has 3 rows"):
+        _core.event_rows(np.array([0, 1, 4]))
+
+
 _REQUEST_STOP_SCRIPT = """
 import sys
 from eclreco import _core

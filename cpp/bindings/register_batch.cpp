@@ -395,10 +395,11 @@ void register_batch(py::module_& m) {
         const float t = static_cast<float>(threshold);  // float32 comparison, as numpy's values >= threshold
         py::array_t<int64_t> out(static_cast<py::ssize_t>(n + 1));  // room for every row and the scratch slot
         int64_t* o = out.mutable_data();
-        size_t k;
+        const int64_t whole[2] = {0, static_cast<int64_t>(n)};  // one event: every row
+        size_t k, none;
         {
           py::gil_scoped_release release;
-          k = fw::rows_at_least(v, n, t, o);
+          k = fw::select_rows(v, nullptr, whole, 1, nullptr, t, 0.0f, 0.0f, o, &none);
         }
         return py::object(out[py::slice(0, static_cast<py::ssize_t>(k), 1)]);
       },
@@ -414,11 +415,12 @@ void register_batch(py::module_& m) {
         const auto within = checked_reals<float>(within_in, "within", values.shape(0), "one per value");
         const size_t n = static_cast<size_t>(values.shape(0));
         py::array_t<int64_t> out(static_cast<py::ssize_t>(n + 1));
+        const int64_t whole[2] = {0, static_cast<int64_t>(n)};
         size_t k, outside;
         {
           py::gil_scoped_release release;
-          k = fw::rows_at_least_within(values.data(), within.data(), n, static_cast<float>(threshold),
-                                       static_cast<float>(max_abs), out.mutable_data(), &outside);
+          k = fw::select_rows(values.data(), within.data(), whole, 1, nullptr, static_cast<float>(threshold), 0.0f,
+                              static_cast<float>(max_abs), out.mutable_data(), &outside);
         }
         return py::make_tuple(out[py::slice(0, static_cast<py::ssize_t>(k), 1)], outside);
       },
@@ -452,6 +454,144 @@ void register_batch(py::module_& m) {
       py::arg("values").noconvert(), py::arg("reference"), py::arg("rows"), py::arg("ratio"),
       "in place (values: float32): values[r] = reference[r] at the rows where values[r] is not <= ratio * reference[r] (NaN "
       "included); returns how many");
+
+  m.def(
+      "event_rows",
+      [](const py::object& offsets_in) {
+        const Offsets offs = checked_offsets(offsets_in);
+        py::array_t<int64_t> out(static_cast<py::ssize_t>(offs.n_events));
+        const size_t several = fw::event_rows(offs.data(), offs.n_events, out.mutable_data());
+        if (several < offs.n_events)
+          throw py::value_error("event " + std::to_string(several) + " of the batch has " +
+                                std::to_string(offs.data()[several + 1] - offs.data()[several]) + " rows");
+        return out;
+      },
+      py::arg("offsets"),
+      "the row of each event in a collection of at most one row per event (an event-level collection), -1 for "
+      "an event without one; ValueError naming the first event with several");
+
+  m.def(
+      "inference_inputs",
+      [](EventBatch& b, const std::string& collection, const py::list& blocks_in, py::handle min_in, py::handle max_in,
+         py::handle max_abs_in, py::handle detector_in, const std::string& value_name, const std::string& within_name,
+         const std::string& image_name) {
+        // everything a batched inference call needs from a batch in one call: a module's selection, per-event
+        // values and gathers, as separate numpy steps after the clusterizer (cold caches), cost ~3x the work
+        auto get = [&](const std::string& name) -> Collection& {
+          try {
+            return b.get(name);
+          } catch (const std::out_of_range& e) {
+            throw py::key_error(e.what());
+          }
+        };
+        auto view = [](const Collection& c, const std::string& name) {
+          try {
+            return column_view(c.column(name), false);
+          } catch (const std::out_of_range& e) {  // its message lists the columns there are
+            throw py::key_error(e.what());
+          }
+        };
+        const Collection& cl = get(collection);
+        const double lo = checked_float(min_in, "min_value"), hi = checked_float(max_in, "max_value");
+        const double max_abs = checked_float(max_abs_in, "max_abs_within");
+        const size_t n_events = cl.n_events(), n = cl.n_rows();
+        if (n_events != b.size())
+          throw py::value_error(collection + " has " + std::to_string(n_events) + " events, the batch " +
+                                std::to_string(b.size()));
+        const int64_t* off = cl.offsets();
+        const auto values = checked_reals<float>(view(cl, value_name), value_name.c_str(), n, "one per row");
+        carray<float> within;
+        if (max_abs > 0) within = checked_reals<float>(view(cl, within_name), within_name.c_str(), n, "one per row");
+        // the events worked on: neither rejected nor discarded, and of the detector asked for
+        std::vector<uint8_t> mask(n_events, 1);
+        const uint8_t* det = b.detector();
+        const bool one_detector = !detector_in.is_none();
+        const auto code = one_detector ? static_cast<uint8_t>(detector_arg(detector_in, "detector")) : uint8_t{0};
+        bool all = true;
+        for (size_t e = 0; e < n_events; ++e) {
+          mask[e] = !b.skips(e) && (!one_detector || det[e] == code);
+          all = all && mask[e];
+        }
+        // blocks: (collection, column) pairs; "" for a column of `collection` itself (per cluster), else the
+        // column of an event-level collection (at most one row per event) repeated for each cluster of the event
+        std::vector<carray<float>> keep;
+        std::vector<std::vector<float>> per_event_values;
+        std::vector<fw::GatherBlock> gb;
+        size_t width = 0;
+        for (auto item : blocks_in) {
+          const auto pair = item.cast<std::pair<std::string, std::string>>();
+          if (pair.first.empty()) {
+            const Column& c = cl.column(pair.second);
+            auto a = real_array<float>(view(cl, pair.second), pair.second.c_str());
+            gb.push_back({a.data(), c.row_width(), false});
+            width += c.row_width();
+            keep.push_back(std::move(a));
+            continue;
+          }
+          const std::string label = pair.first + "." + pair.second;
+          if (!b.has(pair.first))
+            throw py::value_error(label + " is needed, and the batch has no " + pair.first);
+          const Collection& ev = get(pair.first);
+          if (ev.n_events() != n_events)
+            throw py::value_error(pair.first + " has " + std::to_string(ev.n_events()) + " events, the batch " +
+                                  std::to_string(n_events));
+          std::vector<int64_t> rows(n_events);
+          const size_t several = fw::event_rows(ev.offsets(), n_events, rows.data());
+          if (several < n_events)  // the message of framework.per_event_value
+            throw py::value_error(label + " has one row per event, but event " + std::to_string(several) +
+                                  " of the batch has " +
+                                  std::to_string(ev.offsets()[several + 1] - ev.offsets()[several]) + " rows");
+          const auto a = checked_reals<float>(view(ev, pair.second), label.c_str(), ev.n_rows(), "one per row");
+          std::vector<float> v(n_events);
+          size_t lacking = 0, first = 0;
+          for (size_t e = 0; e < n_events; ++e) {
+            v[e] = rows[e] < 0 ? std::numeric_limits<float>::quiet_NaN() : a.data()[rows[e]];
+            if (rows[e] < 0 && mask[e] && off[e + 1] > off[e] && !lacking++) first = e;
+          }
+          if (lacking)  // an event the unpacker failed on has no row, and no clusters either
+            throw py::value_error(std::to_string(lacking) + " event(s) with rows in " + collection +
+                                  " have no row in " + pair.first + " (first: event " + std::to_string(first) +
+                                  " of the batch)");
+          per_event_values.push_back(std::move(v));
+          gb.push_back({per_event_values.back().data(), 1, true});
+          width += 1;
+        }
+        const Column& image_col = cl.column(image_name);
+        const auto image = real_array<float>(view(cl, image_name), image_name.c_str());
+        const size_t image_width = image_col.row_width();
+        const fw::GatherBlock ib{image.data(), image_width, false};
+        py::array_t<int64_t> rows_out(static_cast<py::ssize_t>(n + 1));
+        int64_t* r = rows_out.mutable_data();
+        size_t k, outside;
+        {
+          py::gil_scoped_release release;
+          k = fw::select_rows(values.data(), max_abs > 0 ? within.data() : nullptr, off, n_events,
+                              all ? nullptr : mask.data(), static_cast<float>(lo), static_cast<float>(hi),
+                              static_cast<float>(max_abs), r, &outside);
+        }
+        std::vector<py::ssize_t> image_shape{static_cast<py::ssize_t>(k)};
+        for (int64_t d : image_col.inner_shape()) image_shape.push_back(static_cast<py::ssize_t>(d));
+        py::array_t<float> features({static_cast<py::ssize_t>(k), static_cast<py::ssize_t>(width)});
+        py::array_t<float> images(image_shape);
+        float* fo = features.mutable_data();
+        float* io = images.mutable_data();
+        {
+          py::gil_scoped_release release;
+          fw::gather_rows(r, k, off, n_events, gb.data(), gb.size(), fo);
+          fw::gather_rows(r, k, off, n_events, &ib, 1, io);
+        }
+        return py::make_tuple(rows_out[py::slice(0, static_cast<py::ssize_t>(k), 1)], outside, images, features);
+      },
+      py::arg("batch"), py::arg("collection"), py::arg("blocks"), py::arg("min_value"), py::arg("max_value"),
+      py::arg("max_abs_within"), py::arg("detector") = py::none(), py::arg("value") = "energy_raw",
+      py::arg("within") = "time", py::arg("image") = "image",
+      "(rows, n_outside, images, features) of a batched inference over `collection`: the rows of the events "
+      "worked on (not rejected or discarded; of `detector` unless None) whose `value` is >= min_value, <= "
+      "max_value when that is > 0, and |`within`| <= max_abs_within when that is > 0 (n_outside: those >= "
+      "min_value left out by |within|); their `image` rows, and their `blocks` side by side, float32: "
+      "(collection, column) pairs, '' for a column of `collection`, else an event-level collection's column "
+      "(at most one row per event; an event with rows in `collection` and none there is an error). One call, "
+      "without the GIL for the passes");
 
   py::class_<Collection>(m, "Collection", "Columns with per-event offsets (event i owns rows offsets[i]:offsets[i+1])")
       // read-only: the C++ modules trust the offsets (rows past a column's end would be read)

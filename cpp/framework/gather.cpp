@@ -23,27 +23,33 @@ void gather_rows(const int64_t* rows, size_t n_rows, const int64_t* offsets, siz
   }
 }
 
-size_t rows_at_least(const float* values, size_t n, float threshold, int64_t* out) {
-  size_t k = 0;
-  for (size_t i = 0; i < n; ++i) {
-    out[k] = static_cast<int64_t>(i);  // written always, kept when selected: no branch to mispredict
-    k += values[i] >= threshold;
-  }
-  return k;
-}
-
-size_t rows_at_least_within(const float* values, const float* within, size_t n, float threshold, float max_abs,
-                            int64_t* out, size_t* n_outside) {
+size_t select_rows(const float* values, const float* within, const int64_t* offsets, size_t n_events,
+                   const uint8_t* event_mask, float min_value, float max_value, float max_abs, int64_t* out,
+                   size_t* n_outside) {
+  const float hi = max_value > 0 ? max_value : INFINITY;
   size_t k = 0, outside = 0;
-  for (size_t i = 0; i < n; ++i) {
-    const bool above = values[i] >= threshold;
-    const bool inside = std::fabs(within[i]) <= max_abs;
-    out[k] = static_cast<int64_t>(i);
-    k += above & inside;
-    outside += above & !inside;
+  for (size_t e = 0; e < n_events; ++e) {
+    if (event_mask && !event_mask[e]) continue;
+    const size_t end = static_cast<size_t>(offsets[e + 1]);
+    for (size_t i = static_cast<size_t>(offsets[e]); i < end; ++i) {
+      const bool above = values[i] >= min_value;
+      const bool inside = !within || std::fabs(within[i]) <= max_abs;
+      out[k] = static_cast<int64_t>(i);  // written always, kept when selected: no branch to mispredict
+      k += above & inside & (values[i] <= hi);
+      outside += above & !inside;
+    }
   }
   *n_outside = outside;
   return k;
+}
+
+size_t event_rows(const int64_t* offsets, size_t n_events, int64_t* out) {
+  for (size_t e = 0; e < n_events; ++e) {
+    const int64_t n = offsets[e + 1] - offsets[e];
+    if (n > 1) return e;
+    out[e] = n == 1 ? offsets[e] : -1;
+  }
+  return n_events;
 }
 
 size_t cap_at_ratio(float* values, const float* reference, const int64_t* rows, size_t n_rows, float ratio) {

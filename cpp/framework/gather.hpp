@@ -17,17 +17,20 @@ struct GatherBlock {
 void gather_rows(const int64_t* rows, size_t n_rows, const int64_t* offsets, size_t n_events,
                  const GatherBlock* blocks, size_t n_blocks, float* out);
 
-// Writes the indices of the values >= threshold (NaN never counts) to out, ascending, and returns
-// their number: the rows that a batched call takes. One branch-free pass (out needs room for n + 1:
-// the slot after the last selected index is scratch); numpy's compare + flatnonzero did the same in
-// ~40 µs per batch after the clusterizer had run (cold code), against ~3 here.
-size_t rows_at_least(const float* values, size_t n, float threshold, int64_t* out);
+// The rows of the events e with event_mask[e] != 0 (every event when event_mask is null) whose value is >=
+// min_value, <= max_value when max_value > 0, and |within| <= max_abs when within is not null (NaN never
+// passes), ascending, in out (which needs room for offsets[n_events] + 1: the slot after the last selected row is
+// scratch); returns their number. *n_outside counts the rows of those events >= min_value that |within| alone left
+// out (above max_value or not). One branch-free pass: numpy's compare + flatnonzero did less in ~40 µs per batch
+// after the clusterizer had run (cold code), against ~3 here.
+size_t select_rows(const float* values, const float* within, const int64_t* offsets, size_t n_events,
+                   const uint8_t* event_mask, float min_value, float max_value, float max_abs, int64_t* out,
+                   size_t* n_outside);
 
-// rows_at_least, keeping of those only the rows with |within[i]| <= max_abs (NaN never); returns
-// their number and counts in *n_outside the rows >= threshold left out by |within| (a cluster time
-// outside the window). Same pass, same room needed in out.
-size_t rows_at_least_within(const float* values, const float* within, size_t n, float threshold, float max_abs,
-                            int64_t* out, size_t* n_outside);
+// The row of each event in a collection of at most one row per event (an event-level collection such as
+// ECLEventInformation), -1 for an event without one. Returns n_events, or the first event with several rows
+// (out is then incomplete).
+size_t event_rows(const int64_t* offsets, size_t n_events, int64_t* out);
 
 // values[r] = reference[r] for the rows r where values[r] is not <= ratio * reference[r] (NaN
 // included); returns how many: a cap on a correction relative to a reference (ECLEnergyCorrection).

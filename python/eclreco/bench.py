@@ -115,8 +115,9 @@ def collect_cnn_inputs(raw: str, max_events: int, extra_features) -> list:
             return ("ECLClusters",)
 
         def event(self, batch):
-            sel, _ = ECLEnergyCorrection.domain_rows(batch["ECLClusters"], threshold, max_t, max_e)
-            self.batches.append(ECLEnergyCorrection.model_inputs(batch, "ECLClusters", sel, extra_features))
+            _, _, images, features = ECLEnergyCorrection.inputs(batch, "ECLClusters", extra_features, None, threshold,
+                                                                max_t, max_e)
+            self.batches.append((images, features))
 
     path = _up_to_cnn(raw)
     col = path.add_module(CollectInputs())

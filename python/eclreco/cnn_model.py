@@ -46,7 +46,7 @@ MIN_E_RAW = 1e-3
 
 # Extra features appended after the cluster features (ECLClusters.features) when a model's metadata
 # `feature_names` lists them, in the listed order; identical in training (eclreco.train._arrays on
-# the chain samples of eclreco.cnn_data) and online (ECLEnergyCorrection.model_inputs).
+# the chain samples of eclreco.cnn_data) and online (ECLEnergyCorrection.inputs).
 #   energy_in (cluster level): ECLClusters.energy as it arrives at ECLEnergyCorrection, i.e. after
 #     ECLLeakageCorrection (the classical correction); the samples' `classical` column in training.
 #   event_oot_digits (event level): ECLEventInformation.n_out_of_time_digits, written by ECLUnpacker:
