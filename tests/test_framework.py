@@ -1160,6 +1160,39 @@ def test_misbehaving_sources_and_paths_are_named(tmp_path):
         path.add_module(noop)
 
 
+def test_a_python_modules_bool_hook_must_return_a_bool():
+    """is_source() / ordered() / drains_at_stop() / writes_events() of a Python module were read with pybind11's
+    bool cast: None (a forgotten return) as False, 0 / 1 or a str by their truth. A source whose is_source()
+    forgot its return was 'a path needs an input module', an ordered() returning None ran unordered."""
+    class Source(eclreco.Module):
+        def is_source(self):
+            pass  # forgot `return True`
+
+        def next_batch(self, batch, max_events):
+            return False
+
+    class Ordered(eclreco.Module):
+        def ordered(self):
+            pass
+
+    class Drains(Source):
+        def is_source(self):
+            return True
+
+        def drains_at_stop(self):
+            return 1
+
+    for modules, match in [([Source()], r"^Source\.is_source\(\) must be a bool \(True or False\), not NoneType None$"),
+                           ([CountingSource(n=3), Ordered()],
+                            r"^Ordered\.ordered\(\) must be a bool \(True or False\), not NoneType None$"),
+                           ([Drains()], r"^Drains\.drains_at_stop\(\) must be a bool \(True or False\), not int 1$")]:
+        path = eclreco.create_path()
+        for m in modules:
+            path.add_module(m)
+        with pytest.raises(TypeError, match=match):
+            eclreco.process(path, install_signal_handlers=False)
+
+
 def test_simulation_input_takes_the_detectors_background_by_default():
     """SimulationInput's background default is the detector's, as eclreco.sim.simulate's and reco.py's:
     none for array30 (it overlaid nominal belle2-ecl-level background on array30, 515 digits/event

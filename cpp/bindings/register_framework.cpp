@@ -231,10 +231,12 @@ class PyModule : public Module {
       rethrow_python(e);
     }
   }
+  // is_source() / ordered() / ...: a bool (checked_bool), as next_batch's; the bool cast read None (a
+  // forgotten return) as False and 0 / 1 or a str by their truth, which changed the path without a word.
   bool flag(const char* name, bool fallback) const {
     PythonCall gil;
     py::function f = py::get_override(static_cast<const Module*>(this), name);
-    return f ? f().cast<bool>() : fallback;
+    return f ? checked_bool(f(), (type() + "." + name + "()").c_str()) : fallback;
   }
 };
 
