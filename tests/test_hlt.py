@@ -453,7 +453,8 @@ def test_farm_worker_sigkill_exactly_once(farm_factory):
     assert len(evt) == n and np.sort(evt).tolist() == list(range(n))  # every event exactly once
     farm.command("terminate")
     rc, log = farm.wait_exit()
-    assert rc == 0, log
+    # the signal named: "exited (-9)" left the reader to look the number up
+    assert rc == 0 and f"[hlt run] worker {victim} exited (-9, SIGKILL); restart 1" in log, log
 
 
 def test_a_worker_stopped_by_sigterm_in_a_stream_loses_nothing(farm_factory):
@@ -566,7 +567,14 @@ def test_farm_without_restarts_left_goes_on_with_the_other_worker(farm_factory):
     assert np.array_equal(np.sort(evt), np.arange(2500))
     farm.command("terminate")
     rc, log = farm.wait_exit()
-    assert rc == 0 and f"worker {victim['pid']} exited (-9); no restarts left" in log, log
+    assert rc == 0 and f"worker {victim['pid']} exited (-9, SIGKILL); no restarts left" in log, log
+
+
+def test_an_exit_status_names_the_signal_and_leaves_an_exit_code_as_it_is():
+    from eclreco.hlt.run import exit_status
+
+    assert [exit_status(rc) for rc in (0, 2, -9, -15)] == ["0", "2", "-9, SIGKILL", "-15, SIGTERM"]
+    assert exit_status(-(signal.SIGRTMIN + 1)) == str(-(signal.SIGRTMIN + 1))  # no name: the number alone
 
 
 def test_farm_without_any_worker_left_terminates(farm_factory):

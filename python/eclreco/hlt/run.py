@@ -108,6 +108,17 @@ def address_ports(*addresses) -> set[int]:
 COLLECTOR_RESTART_WINDOW_S = 60.0
 
 
+def exit_status(returncode: int) -> str:
+    """A child's exit status as `hlt run` prints it: the code, and for a death by a signal (negative, as subprocess
+    gives it) the signal's name too, '-9, SIGKILL': -9 alone left the reader to look the number up."""
+    if returncode >= 0:
+        return str(returncode)
+    try:
+        return f"{returncode}, {signal.Signals(-returncode).name}"
+    except ValueError:  # a real-time signal other than SIGRTMIN/SIGRTMAX has no name
+        return str(returncode)
+
+
 def quarantine_hint(d: dict, names: list[str]) -> str:
     """Where the raw bytes of the events the workers rejected are (the output line counts them only), and how
     to read them: the workers' quarantine files that exist ('' when none was rejected or none is kept)."""
@@ -383,11 +394,13 @@ class Farm:
             for i, w in enumerate(self.workers):
                 if w is not None and w.poll() is not None and not self.terminating:
                     if self.restarts >= a.max_restarts:
-                        print(f"[hlt run] worker {w.pid} exited ({w.returncode}); no restarts left", flush=True)
+                        print(f"[hlt run] worker {w.pid} exited ({exit_status(w.returncode)}); no restarts left",
+                              flush=True)
                         self.workers[i] = None
                         continue
                     self.restarts += 1
-                    print(f"[hlt run] worker {w.pid} exited ({w.returncode}); restart {self.restarts}", flush=True)
+                    print(f"[hlt run] worker {w.pid} exited ({exit_status(w.returncode)}); restart {self.restarts}",
+                          flush=True)
                     self.workers[i] = self.start_worker(i)
                     self.report(ctl)
             if not self.terminating and all(w is None for w in self.workers):
