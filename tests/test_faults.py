@@ -59,7 +59,7 @@ def test_collector_sigkill_ends_the_farm_promptly(farm_factory):
     elapsed = time.monotonic() - t0
     feed.join(30)
     assert rc == 1, log
-    assert "the collector exited (-9)" in log
+    assert "the collector exited (-9, SIGKILL)" in log
     # (the feed goes on ~2 s after the kill, and the stop reads it; the workers' wait alone was 10 s)
     assert elapsed < 8, log
     # the workers leave by themselves at once: none lost (no heartbeat), none SIGTERMed again or killed by hlt run
@@ -73,7 +73,7 @@ def test_collector_sigkill_ends_the_farm_promptly(farm_factory):
         summary).groups(default="0"))
     assert received == confirmed - unsaved + lost and lost > 0 and workers_lost == 0, summary  # saved + given up
     assert log.rstrip().splitlines()[-1] == (
-        "[hlt run] error: the farm was terminated: the collector exited (-9); 0 restart(s) within the last 60 s "
+        "[hlt run] error: the farm was terminated: the collector exited (-9, SIGKILL); 0 restart(s) within the last 60 s "
         f"(--collector-restarts 0); {lost} events given up (lost_at_stop)"), log
     # the dead collector's file, which holds what it saved, is named (the line said "0 events written", no file)
     line = next(x for x in log.splitlines() if x.startswith("[hlt run] output: "))
@@ -125,7 +125,7 @@ def test_hlt_run_restarts_a_collector_and_loses_no_event(farm_factory, tmp_path,
     rc, log = farm.wait_exit()
     assert rc == 0, log
     # SIGTERM: it closed its file and exited 0
-    assert f"[hlt run] the collector exited ({-9 if sig == signal.SIGKILL else 0}); restart 1" in log, log
+    assert f"[hlt run] the collector exited ({'-9, SIGKILL' if sig == signal.SIGKILL else 0}); restart 1" in log, log
     assert final["lost_at_stop"] == 0 and final["collectors_restarted"] == 1, final
     files = sorted(glob.glob(str(tmp_path / "farm*.root")))
     assert files == [str(tmp_path / "farm.2.root"), farm.output], files
@@ -533,7 +533,7 @@ def test_hlt_run_kills_and_restarts_a_hung_collector(farm_factory, tmp_path, tra
     assert rc == 0, log
     assert f"[hlt run] the collector {pid} is stopped (SIGSTOP) and has not read results for 2 s " \
            "(--heartbeat-timeout): killing it" in log, log
-    assert "[hlt run] the collector, stopped (SIGSTOP) and killed, exited (-9); restart 1:" in log, log
+    assert "[hlt run] the collector, stopped (SIGSTOP) and killed, exited (-9, SIGKILL); restart 1:" in log, log
     assert final["lost_at_stop"] == 0 and final["workers_lost"] == 0 and final["collectors_restarted"] == 1, final
     files = sorted(glob.glob(str(tmp_path / "farm*.root")))
     assert files == [str(tmp_path / "farm.2.root"), farm.output], files
@@ -594,7 +594,7 @@ def test_hlt_run_does_not_restart_a_failing_collector_in_a_loop(farm_factory, tm
     os.kill(farm.process("collector")["pid"], signal.SIGKILL)
     rc, log = farm.wait_exit(timeout=90)
     assert rc == 1, log
-    assert "[hlt run] the collector exited (-9); restart 1" in log, log
+    assert "[hlt run] the collector exited (-9, SIGKILL); restart 1" in log, log
     assert "restart 2" in log and "restart 3" not in log, log
     assert "[hlt run] the collector exited (2) before it made its output file (restart 2 failed); 2 restart(s) " \
            "within the last 60 s (--collector-restarts 2): terminating the farm" in log, log
@@ -619,7 +619,7 @@ def test_a_failed_collector_restart_names_no_file_and_is_reported_as_failed(farm
     os.kill(farm.process("collector")["pid"], signal.SIGKILL)
     rc, log = farm.wait_exit(timeout=90)
     assert rc == 1, log
-    assert "[hlt run] the collector exited (-9); restart 1:" in log, log
+    assert "[hlt run] the collector exited (-9, SIGKILL); restart 1:" in log, log
     assert "[hlt run] the collector exited (2) before it made its output file (restart 1 failed); restart 2:" in log
     assert "[hlt run] the collector exited (2) before it made its output file (restart 2 failed); 2 restart(s)" in log
     for who in (r"\[distributor\] terminated: ", r"\[hlt run\] 300 events"):  # the summary lines
@@ -642,7 +642,7 @@ def test_distributor_sigkill_workers_and_collector_close_cleanly(farm_factory):
     rc, log = farm.wait_exit(timeout=90)
     elapsed = time.monotonic() - t0
     assert rc == 1, log
-    assert "the distributor exited (-9)" in log
+    assert "the distributor exited (-9, SIGKILL)" in log
     evt, _ = read_evt(farm.output)  # readable: the collector closed it
     assert np.array_equal(np.sort(evt), np.arange(n)), log
     print(f"\ndistributor SIGKILL: farm exited with {rc} after {elapsed:.1f} s, {len(evt)} events in the file")

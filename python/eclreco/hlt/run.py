@@ -250,9 +250,9 @@ class Farm:
         recent = self.collector_restart_times
         while recent and now - recent[0] > COLLECTOR_RESTART_WINDOW_S:
             recent.popleft()
-        what = f"the collector exited ({self.collector.returncode})"
+        what = f"the collector exited ({exit_status(self.collector.returncode)})"
         if self.killed_hung_collector:
-            what = f"the collector, stopped (SIGSTOP) and killed, exited ({self.collector.returncode})"
+            what = f"the collector, stopped (SIGSTOP) and killed, exited ({exit_status(self.collector.returncode)})"
             self.killed_hung_collector = False
         if not self.collector_made_its_file():
             what += " before it made its output file"
@@ -367,7 +367,7 @@ class Farm:
                 if self.final is None and not self.terminating:
                     # The distributor died (crash, SIGKILL): nobody will say TERMINATE. The workers
                     # finish and send what they hold, then the collector closes its file cleanly.
-                    print(f"[hlt run] the distributor exited ({self.distributor.returncode}); stopping the "
+                    print(f"[hlt run] the distributor exited ({exit_status(self.distributor.returncode)}); stopping the "
                           f"workers and the collector (SIGTERM)", file=sys.stderr, flush=True)
                     rc = 1
                     self.sigterm_rest()
