@@ -63,6 +63,26 @@ def make_events_tree(file, name: str, types: dict):
                        field_name=lambda outer, inner: f"{outer}_{inner}")
 
 
+def read_metadata(f):
+    """The `metadata` of an open output file (uproot): RootOutput's JSON (or `eclreco hlt merge`'s) as a dict,
+    its text where it is not JSON, None where the file has none (a collector killed before its end)."""
+    import json
+
+    if "metadata" not in f:
+        return None
+    text = str(f["metadata"])
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def metadata_detectors(f):
+    """The `detectors` that an open output file's metadata names (sorted names), None where it has none."""
+    meta = read_metadata(f)
+    return meta.get("detectors") if isinstance(meta, dict) else None
+
+
 class RootOutput(Module):
     """Writes events (metadata, digit counts, clusters) to a ROOT TTree `events` via uproot.
 

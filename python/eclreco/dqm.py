@@ -441,9 +441,9 @@ def read_histograms(root_path: str) -> list[dict]:
     hists = None  # no dqm directory
     try:
         with uproot.open(root_path) as f:
-            from eclreco.hlt.merge import _metadata_detectors
+            from eclreco.modules.root_output import metadata_detectors  # (it imports this module)
 
-            detectors = _metadata_detectors(f)  # None: no metadata (a collector killed before its end)
+            detectors = metadata_detectors(f)  # None: no metadata (a collector killed before its end)
             if "dqm" in {k.split(";")[0] for k in f.keys(recursive=False)}:
                 d = f["dqm"]
                 cycles: dict[str, set[int]] = {}

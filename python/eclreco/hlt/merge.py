@@ -58,9 +58,10 @@ def _layout(t) -> dict:
 def _detector_of(name: str, f, t) -> int:
     """The detector code of every event of a file without the `detector` branch, from its metadata; a
     ValueError saying why where the metadata does not name one detector."""
+    from eclreco.modules.root_output import metadata_detectors
     from eclreco.rawdata import DETECTORS
 
-    names = _metadata_detectors(f)
+    names = metadata_detectors(f)
     old = (f"{name}: its {t.num_entries} events have no {DETECTOR!r} branch (a file written before RootOutput "
            f"had it) and the other files' do")
     if not isinstance(names, list):
@@ -90,7 +91,7 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
     import uproot
 
     from eclreco import __version__
-    from eclreco.modules.root_output import cluster_array, make_events_tree
+    from eclreco.modules.root_output import cluster_array, make_events_tree, read_metadata
     from eclreco.rawdata import DETECTOR_NAMES
 
     if os.path.lexists(output):
@@ -144,7 +145,7 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
             made = False
             for i, (name, (f, t), keep) in enumerate(zip(files, opened, keeps)):
                 entry = {"file": name, "events": 0 if t is None else int(t.num_entries), "written": int(keep.sum()),
-                         "dropped": int((~keep).sum()), "metadata": _metadata(f)}
+                         "dropped": int((~keep).sum()), "metadata": read_metadata(f)}
                 if t is None:
                     entry["note"] = f"no TTree {tree!r} (a collector killed before its first write)"
                 elif i in filled:
@@ -189,37 +190,21 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
     return report
 
 
-def _metadata_detectors(f):
-    """The `detectors` that the file's metadata names (RootOutput's list of names), None where it has none."""
-    meta = _metadata(f)
-    return meta.get("detectors") if isinstance(meta, dict) else None
-
-
 def _written_detectors(f, t, keep, filled) -> set:
     """The detector codes of an input's events that are written (`keep`): from its `detector` branch, the code its
     events were given (`filled`), or, in a merge of files all without the branch, its metadata's `detectors` (a
     set with None where it names none: a collector killed before its end)."""
+    from eclreco.modules.root_output import metadata_detectors
     from eclreco.rawdata import DETECTORS
 
     if DETECTOR in t.keys():
         return set(np.unique(t[DETECTOR].array(library="np")[keep]).tolist())
     if filled is not None:
         return {filled}
-    names = _metadata_detectors(f)
+    names = metadata_detectors(f)
     if not isinstance(names, list):
         return {None}
     return {DETECTORS.get(n, n) for n in names}
-
-
-def _metadata(f):
-    """An input's own `metadata` (RootOutput's JSON), None where it has none (a killed collector's file)."""
-    if "metadata" not in f:
-        return None
-    text = str(f["metadata"])
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
 
 
 def main(args) -> int:
