@@ -1338,6 +1338,90 @@ def test_a_training_does_not_overwrite_a_network_that_is_not_the_previous_traini
     assert (out / "array30-small.onnx").read_bytes() == b"mine"
 
 
+def test_a_training_does_not_overwrite_files_that_appeared_in_its_folder_while_it_trained(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """The overwrite check of `eclreco train` ran only before the training: a second training into the same -o that
+    ended meanwhile, or a user's file put there, was written over at the end, without a word, by the first one's
+    networks and card. The files it writes are checked again as they take their names (a name free at the check is
+    taken with os.link, which never replaces): one that appeared or changed since the check is refused, exit 2,
+    naming it; nothing is replaced, and the training's own files stay under their temporary names, named too."""
+    import json
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    from eclreco import cli, train
+
+    out = tmp_path / "out"
+    base = ["train", "--detector", "array30", "-o", str(out), "--g4", SUBSET["array30"], "--epochs", "1", "--sizes",
+            "tiny", "--quiet", "--cache", str(tmp_path / "chain.npz")]
+    real, meanwhile = train._train_sizes, []
+
+    def trains(*args, **kw):  # the training (after the check), then what happens in -o while it runs
+        card = real(*args, **kw)
+        while meanwhile:
+            meanwhile.pop()()
+        return card
+    monkeypatch.setattr(train, "_train_sizes", trains)
+
+    def files():
+        return {p.name: p.read_bytes() for p in out.iterdir() if ".partial." not in p.name}
+
+    def refused(happens):
+        meanwhile.append(happens)
+        capsys.readouterr()
+        assert cli.main(base) == 2
+        err = capsys.readouterr().err
+        kept = sorted(p.name for p in out.iterdir() if ".partial." in p.name)
+        assert len(kept) == 3 and all(name in err for name in kept), (kept, err)  # its network and card
+        for name in kept:
+            (out / name).unlink()
+        return err
+
+    def second_training():  # another process (in this one it would share the first one's temporary names)
+        subprocess.run([sys.executable, "-m", "eclreco.cli", *base, "--seed", "2"], check=True)
+        second.update(files())
+
+    second = {}
+    err = refused(second_training)  # into an -o that did not exist when the first one began
+    assert err.startswith(f"eclreco train: error: -o {str(out)!r}: array30.onnx, array30.md, array30.json appeared "
+                          "or changed there since this training began"), err
+    assert files() == second and json.loads(second["array30.json"])["seed"] == 2
+    # the previous training's network, which the check let this one replace, changed by its user meanwhile
+    err = refused(lambda: (out / "array30.onnx").write_bytes(b"mine"))
+    assert f"-o {str(out)!r}: array30.onnx appeared or changed there since this training began" in err
+    assert files() == {**second, "array30.onnx": b"mine"}
+    # nothing meanwhile: the folder's unchanged training is replaced, as before, and no temporary file is left
+    (out / "array30.onnx").write_bytes(second["array30.onnx"])
+    assert cli.main(base) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["array30.json", "array30.md", "array30.onnx"]
+    assert json.loads((out / "array30.json").read_text())["seed"] == 1
+
+
+def test_staged_outputs_take_a_free_name_without_replacing_a_file_made_there_after_the_last_check(tmp_path,
+                                                                                                 monkeypatch):
+    """publish(unchanged=) checks the names once more, then gives them: a file made under a name free at the check in
+    that instant (here: the re-check sees the folder as it was) is not replaced either (os.link), and the names this
+    publish already took are given back, so that no part of the set is published; its files stay, named."""
+    from eclreco import paths
+
+    a, b = tmp_path / "net.onnx", tmp_path / "card.json"
+    unchanged = paths.output_states([str(a), str(b)])
+    b.write_text("another run's")
+    monkeypatch.setattr(paths, "output_states", lambda files: unchanged)  # b made just after the re-check
+    with pytest.raises(paths.OutputsChangedError, match=r"^card\.json appeared or changed there since this "
+                                                        r"training began .*kept as \.net\.\d+\.partial\.onnx, "):
+        with paths.StagedOutputs() as staged:
+            for f in (a, b):
+                with open(staged.path(str(f)), "w") as out:
+                    out.write("new")
+            staged.publish(unchanged, "training")
+    assert b.read_text() == "another run's" and not a.exists()
+    pid = os.getpid()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".card.{pid}.partial.json", f".net.{pid}.partial.onnx",
+                                                          "card.json"]
+
+
 def test_a_card_without_files_vouches_for_no_network(tmp_path, capsys):
     """A card that lists no `files` (write_card of a card of before them) passed its own check, and the training
     into its folder kept the networks of its size scan, "written by an older eclreco" (a warning about a card this

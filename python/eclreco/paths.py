@@ -105,25 +105,72 @@ def partial_name(final: str) -> str:
     return os.path.join(folder, f".{stem}.{os.getpid()}.partial{ext}")
 
 
+class OutputsChangedError(ValueError):
+    """StagedOutputs.publish(unchanged=...): an output's name holds another file than at the run's overwrite check."""
+
+
+def output_states(paths) -> dict[str, str | None]:
+    """{path: its state} of the outputs a run will write, taken with its overwrite check (before it): the SHA-256 of a
+    file, '' for something else under the name, None where there is nothing; StagedOutputs.publish(unchanged=)
+    replaces only what is still so."""
+    return {p: file_sha256(p) if os.path.isfile(p) else "" if os.path.lexists(p) else None for p in paths}
+
+
 class StagedOutputs:
     """Output files written whole at the end: path(final) is the temporary file (partial_name) that holds
     final's content until publish() gives them all their names; leaving the `with` block removes what
-    was not published, so that an interrupted or failed run leaves the outputs as they were."""
+    was not published, so that an interrupted or failed run leaves the outputs as they were (unless publish
+    refused to write over a changed output: then they stay, its error names them)."""
 
     def __init__(self):
         self.files: dict[str, str] = {}  # final name -> temporary file
+        self.kept = False  # publish refused: the temporary files stay (a long run's work), named in its error
 
     def path(self, final: str) -> str:
         return self.files.setdefault(final, partial_name(final))
 
-    def publish(self) -> None:
+    def publish(self, unchanged: dict[str, str | None] | None = None, run: str = "run") -> None:
+        """Gives the files their names. unchanged: output_states at the run's overwrite check, which may have been
+        long before (a training): a name that holds another file now (a second run into the folder, a user's file)
+        is not written over; OutputsChangedError names them, nothing is published and the temporary files are kept.
+        A name free at the check is taken with os.link, which never replaces: a file made there in the instant
+        between the check here and the link is not lost either."""
+        if unchanged is not None:
+            if changed := [f for f, state in output_states(self.files).items() if state != unchanged.get(f)]:
+                self._refuse(changed, run)
+        free = [] if unchanged is None else [f for f in self.files if unchanged.get(f) is None]
+        linked = []
+        for final in free:
+            try:
+                os.link(self.files[final], final)
+            except FileExistsError:  # made since the check above: this call's links undone, the set goes whole
+                for done in linked:
+                    with contextlib.suppress(OSError):
+                        if os.path.samefile(done, self.files[done]):
+                            os.unlink(done)
+                self._refuse([final], run)
+            except OSError:  # a file system without hard links: checked above, replaced below
+                continue
+            linked.append(final)
         for final, tmp in self.files.items():
-            os.replace(tmp, final)
+            if final in linked:
+                os.unlink(tmp)
+            else:
+                os.replace(tmp, final)
+
+    def _refuse(self, changed, run):
+        self.kept = True
+        raise OutputsChangedError(
+            f"{', '.join(os.path.basename(f) for f in changed)} appeared or changed there since this {run} began "
+            f"(another {run} into the folder?): not written over, nothing of this {run} published; its files are "
+            f"kept as {', '.join(os.path.basename(t) for t in self.files.values())} (rename them to use them)")
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
+        if self.kept:
+            return
         for tmp in self.files.values():
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -33,8 +33,9 @@ import numpy as np
 
 from eclreco import cnn_data
 from eclreco.cli_types import choice_list_error
-from eclreco.paths import (StagedOutputs, file_sha256, missing_folder, output_folder, overwrite_refusal,
-                           previous_outputs, remove_previous_outputs, stage_record, unwritable_folder)
+from eclreco.paths import (OutputsChangedError, StagedOutputs, file_sha256, missing_folder, output_folder,
+                           output_states, overwrite_refusal, previous_outputs, remove_previous_outputs, stage_record,
+                           unwritable_folder)
 from eclreco.cnn_model import (EVENT_FEATURE_NAMES, EVENT_FEATURE_SCALE, FEATURE_NAMES, X_IN_RANGE, build_model,
                                check_onnx_agreement, count_params, export_onnx, flops_per_cluster, onnx_throughput,
                                sigma68, summary)
@@ -533,7 +534,8 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
     chain_seed = seed if chain_seed is None else chain_seed
     sizes = [DEFAULT_SIZE[detector]] if sizes is None else list(sizes)
     with output_folder(out_dir):  # made now (an -o that cannot be one fails at once), gone again if left empty
-        check_overwrites(out_dir, detector, sizes)  # (after -o's own check: '' is not this folder's networks)
+        # (after -o's own check: '' is not this folder's networks); what it found is what publish may replace
+        unchanged = check_overwrites(out_dir, detector, sizes)
         if samples is None:
             samples = chain_samples(detector, g4_path, seed=chain_seed, max_events=max_events, quiet=quiet,
                                     copies=augment)
@@ -547,7 +549,10 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
                                 quiet, train, val, test, t_start, staged)
             write_card(out_dir, detector, card, staged)
             previous = previous_networks(out_dir, detector, card)  # (the old card, before the new one)
-            staged.publish()  # the networks, then their card: one set, as late as possible
+            try:  # the networks, then their card: one set, as late as possible, over nothing made since the check
+                staged.publish(unchanged, "training")
+            except OutputsChangedError as err:
+                raise TrainingInputError(f"-o {out_dir!r}: {err}") from None
             # then the previous training's other networks: a folder holds one training
             remove_previous_outputs(out_dir, *previous, "eclreco train", "training", quiet)
     if not quiet:
@@ -588,14 +593,18 @@ def previous_networks(out_dir, detector, card):
     return previous_outputs(out_dir, f"{detector}.json", network_names(detector), card["files"])
 
 
-def check_overwrites(out_dir, detector, sizes):
+def check_overwrites(out_dir, detector, sizes) -> dict:
     """TrainingInputError, before any work, when a network this training would write, or its card (<detector>.json,
     .md), is in out_dir and is not the previous training's unchanged output (paths.overwrite_refusal): a card that
     cannot be checked (the shipped ones: no SHA-256 of itself) and its networks, a network or card changed since, or
-    a file no card lists were replaced without a word."""
-    if why := overwrite_refusal(out_dir, f"{detector}.json", set(network_files(detector, sizes).values())
-                                | {f"{detector}.md"}, "training"):
+    a file no card lists were replaced without a word. Else the state of those files (paths.output_states, taken
+    before the check): the end of the training replaces them only if still so (StagedOutputs.publish), not a second
+    training's files or a user's that appeared there meanwhile."""
+    names = set(network_files(detector, sizes).values()) | {f"{detector}.md"}
+    unchanged = output_states(os.path.join(out_dir, name) for name in sorted(names | {f"{detector}.json"}))
+    if why := overwrite_refusal(out_dir, f"{detector}.json", names, "training"):
         raise TrainingInputError(why)
+    return unchanged
 
 
 def _train_sizes(detector, out_dir, g4_path, sizes, seed, chain_seed, restarts, epochs, max_events, quiet, train, val,
