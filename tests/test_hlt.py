@@ -1660,21 +1660,56 @@ def test_the_farm_reports_the_first_module_error_of_its_workers(farm_factory, tm
     assert "trained for detector 'array30', the events are 'belle2-ecl'" in meta["job"]["first_error"]
 
 
-def test_events_sent_while_the_farm_is_stopped_are_counted_at_terminate(farm_factory):
+def test_events_sent_while_the_farm_is_stopped_are_counted_at_terminate(farm_factory, tmp_path):
     """A source that sends after the run stopped: terminate took the farm down and the messages in
-    the distributor's input went with it, in no counter, file or line (the emulator said 'sent')."""
+    the distributor's input went with it, in no counter, file or line (the emulator said 'sent'). Then they were
+    counted but not kept: an operator could not replay them. They are in the distributor's quarantine file,
+    reason unread_at_terminate, byte for byte as sent (a message that starts with 0xc1 too, which the input
+    escapes), and `eclreco quarantine --extract` gives them back."""
     farm = farm_factory(workers=1)
     push_events(farm.input, range(100))
     farm.wait_confirmed(100)
     farm.command("stop")
-    push_events(farm.input, range(100, 150))
+    sent = [envelope(e) for e in range(100, 149)] + [b"\xc1 not an envelope"]
+    push_messages(farm.input, sent)
     final = farm.command("terminate")
     d = final["processes"][0]
     assert (d["received"], d["confirmed"], d["unread_at_terminate"]) == (100, 100, 50), d
     rc, log = farm.wait_exit()
     assert rc == 0, log
-    assert "50 messages arrived after the last run stopped reading" in log
-    assert "unread at terminate 50" in log
+    name = str(tmp_path / f"farm_unread_{d['pid']}.msgpack")
+    assert (d["unread_kept"], d["unread_not_kept"], d["unread_file"]) == (50, 0, name), d
+    assert f"50 messages arrived after the last run stopped reading: not processed, counted as unread_at_terminate, " \
+           f"kept in {name}" in log
+    assert f"unread at terminate 50 (kept in {name})" in log
+    assert f"the 50 unread_at_terminate messages' raw bytes are in 1 quarantine file(s): `eclreco quarantine {name}`" in log
+    records = read_quarantine(name)
+    assert [r["message"] for r in records] == sent
+    assert {r["reason"] for r in records} == {"unread_at_terminate"}
+    r = subprocess.run(ECLRECO + ["quarantine", name, "--extract", str(tmp_path / "replay.msgpack")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "replay.msgpack").read_bytes() == b"".join(sent)
+
+
+def test_what_the_terminate_keeps_of_the_unread_input_is_bounded_and_the_rest_counted(farm_factory, tmp_path):
+    """--keep-unread-bytes bounds the quarantine of the messages unread at terminate (a source that filled the
+    input while the farm was stopped: up to --input-hwm messages per connection, each up to --refuse-message-bytes):
+    the first ones that fit are kept, in order, the others counted unread_not_kept (status, the final line, a
+    metric) and said."""
+    sent = [envelope(e) for e in range(30)]
+    bound = sum(map(len, sent[:10]))  # (envelopes differ in size)
+    farm = farm_factory(workers=1, extra=("--keep-unread-bytes", str(bound)))
+    farm.command("stop")
+    push_messages(farm.input, sent)
+    d = farm.command("terminate")["processes"][0]
+    rc, log = farm.wait_exit()
+    assert rc == 0, log
+    assert (d["unread_at_terminate"], d["unread_kept"], d["unread_not_kept"]) == (30, 10, 20), d
+    assert [r["message"] for r in read_quarantine(d["unread_file"])] == sent[:10]
+    assert f"unread at terminate 30 (10 kept in {d['unread_file']}, 20 in no file)" in log
+    assert (f"[distributor] warning: 20 of the messages unread at terminate are in no file: over --keep-unread-bytes "
+            f"{bound} (kept the first 10)") in log
 
 
 def test_the_farms_input_queue_is_bounded_in_bytes_and_what_it_holds_is_counted(farm_factory, zmq_context):
@@ -1768,6 +1803,10 @@ def test_a_terminate_with_a_live_source_is_prompt_and_accounts_for_every_event(f
         later += 1
     accounted = d["received"] + d["unread_at_terminate"] + later
     assert (accounted, d["input_lost_bytes"]) == (sent[0], 0), (d, later, sent[0])
+    # the unread ones are kept as sent, each once, events the farm did not process (the source's are 0, 1, ...)
+    kept = [r["message"] for r in read_quarantine(d["unread_file"])]
+    assert (len(kept), d["unread_not_kept"]) == (d["unread_at_terminate"], 0), d
+    assert kept == [envelope(e) for e in range(d["received"], d["received"] + len(kept))], d
 
 
 def test_a_stop_under_a_source_that_never_pauses_takes_seconds_and_says_so(farm_factory, zmq_context):
@@ -2192,7 +2231,8 @@ def test_a_terminate_with_a_backlog_in_the_input_connection_loses_nothing_uncoun
     close of the input tore the connection down with what the kernels held: about 33,000 of 35,000 events
     were lost, in no counter (the source's libzmq had them sent). The connection is now ended first (the
     source closes its side after what it wrote, which the distributor reads): each event is counted
-    unread_at_terminate or still at the source, for the next distributor."""
+    unread_at_terminate, and kept in the distributor's quarantine file, or still at the source, for the next
+    distributor."""
     import zmq
 
     farm = farm_factory(workers=1)
@@ -2215,6 +2255,8 @@ def test_a_terminate_with_a_backlog_in_the_input_connection_loses_nothing_uncoun
         later += 1
     assert d["received"] == d["confirmed"] == 100 and d["unread_at_terminate"] > 1000, d
     assert (d["received"] + d["unread_at_terminate"] + later, d["input_lost_bytes"]) == (sent, 0), (d, later, sent)
+    kept = [r["message"] for r in read_quarantine(d["unread_file"])]  # kept as sent, in order (the bound: 1 GiB)
+    assert kept == [envelope(e) for e in range(100, 100 + d["unread_at_terminate"])], d
 
 
 def reco_file(path, evts, det="belle2-ecl"):

@@ -59,6 +59,60 @@ def read_records(path: str | os.PathLike) -> Iterator[dict]:
             raise ValueError(f"{name}: ends inside a record (the last {_count(size - end, 'byte')})")
 
 
+class RecordWriter:
+    """Appends quarantine records to `path` (made at the first record, appended to when it exists; '' keeps none),
+    the messages of at most `max_bytes` in all (0: no bound): the records of a process that has no module chain (the
+    HLT distributor's unread_at_terminate). A record that would pass the bound, every one after it, and every one
+    after a failed write (`error`: the file is cut back to the complete records, as RejectedOutput's) are counted
+    in `not_kept`, not written."""
+
+    def __init__(self, path: str, max_bytes: int = 0):
+        self.path, self.max_bytes = path, max_bytes
+        self.kept = self.kept_bytes = self.not_kept = 0
+        self.full = False  # the bound was reached
+        self.error = ""
+        self._f = None
+        self._good = 0  # the file's size after its last complete record
+
+    def add(self, reason: str, detail: str, message: bytes) -> bool:
+        if self.path and not self.error and self.max_bytes and self.kept_bytes + len(message) > self.max_bytes:
+            self.full = True  # (the records after it too: the file keeps the first ones, in order)
+        if not self.path or self.error or self.full:
+            self.not_kept += 1
+            return False
+        rec = msgpack.packb({"reason": reason, "detail": detail, "message": message}, use_bin_type=True)
+        try:
+            if self._f is None:
+                self._f = open(self.path, "ab", buffering=0)  # unbuffered: a failed write is seen at its record
+                self._good = self._f.seek(0, os.SEEK_END)
+            view = memoryview(rec)
+            while view:
+                view = view[self._f.write(view):]
+        except OSError as err:
+            self._fail(err)
+            self.not_kept += 1
+            return False
+        self._good += len(rec)
+        self.kept += 1
+        self.kept_bytes += len(message)
+        return True
+
+    def _fail(self, err: OSError) -> None:
+        self.error = (f"cannot write quarantine file {self.path!r}: {err.strerror or err} (kept the "
+                      f"{_count(self.kept, 'complete record')} before it)")
+        if self._f is not None:
+            try:
+                self._f.truncate(self._good)
+            except OSError:
+                pass
+            self.close()
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
 def repeat_key(rec: dict):
     """What makes two records one rejected event: the same sequence id (the HLT distributor's, which a
     redelivery keeps) and the same message; None for a record without one (reco.py's: no redelivery)."""

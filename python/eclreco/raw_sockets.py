@@ -274,13 +274,16 @@ class ConnectionMonitor:
                 "auth_failures": float(self.auth_failures), "lost_bytes_at_disconnect": float(self.lost_bytes)}
 
 
-def count_queued(sock: zmq.Socket, limit: int = 10_000_000) -> int:
+def count_queued(sock: zmq.Socket, limit: int = 10_000_000, keep=None) -> int:
     """Reads what `sock` holds now, unprocessed (a receiver's end: what no run will take); how many
-    messages (a multipart message counts once), at most `limit`."""
+    messages (a multipart message counts once), at most `limit`. keep: called with each message, as
+    recv_message returns it (the distributor's quarantine of them)."""
     n = 0
     try:
         while n < limit:
-            recv_message(sock)
+            msg = recv_message(sock)
+            if keep is not None:
+                keep(msg)
             n += 1
     except zmq.Again:
         pass
@@ -292,7 +295,8 @@ def count_queued(sock: zmq.Socket, limit: int = 10_000_000) -> int:
 INPUT_QUIET_S = 0.05
 
 
-def end_input(sock: zmq.Socket, monitor: ConnectionMonitor, detach, force_after_s: float, max_s: float = 10.0) -> int:
+def end_input(sock: zmq.Socket, monitor: ConnectionMonitor, detach, force_after_s: float, max_s: float = 10.0,
+              keep=None) -> int:
     """A receiver's end of its input (ZMQInput's terminate, the distributor's): what its sockets and connections
     hold when it stops reading, read and counted here (not processed), so that none of it goes uncounted.
     Returns how many messages it read (a multipart message counts once).
@@ -306,11 +310,11 @@ def end_input(sock: zmq.Socket, monitor: ConnectionMonitor, detach, force_after_
     drops the batch it had not written yet (up to 8 kB, in no count). Then `detach()` unbinds
     or disconnects the socket (nothing more comes), what it holds is read until quiet (at most max_s from the
     start), and monitor.unread_tcp_input counts in bytes what a connection closed before its end left unread
-    (monitor.lost_bytes)."""
+    (monitor.lost_bytes). keep: called with each message read (count_queued)."""
     n = 0
     t0 = quiet_since = time.monotonic()
     while True:
-        got = count_queued(sock)
+        got = count_queued(sock, keep=keep)
         now = time.monotonic()
         unread = monitor.tcp_unread_bytes()
         if got or unread:
@@ -329,7 +333,7 @@ def end_input(sock: zmq.Socket, monitor: ConnectionMonitor, detach, force_after_
     except zmq.ZMQError:
         pass
     while True:
-        n += count_queued(sock)
+        n += count_queued(sock, keep=keep)
         # what the closed connections had delivered is in the socket's queue by now
         if time.monotonic() - t0 >= max_s or not sock.poll(int(INPUT_QUIET_S * 1000), zmq.POLLIN):
             break
@@ -358,6 +362,13 @@ def mark_multi_frame(frames) -> bytes:
     also in an HLT worker after the distributor forwarded it, and the quarantine keeps it."""
     sizes = [len(f) for f in frames]
     return b"".join([_core.MULTI_FRAME_TAG, struct.pack(f">{len(sizes) + 1}Q", len(sizes), *sizes), *frames])
+
+
+def as_sent(msg: bytes) -> bytes:
+    """A message as its producer sent it, from what recv_message returned: its escape (VERBATIM_TAG) taken off,
+    as RejectedOutput does; a multipart message's mark stays (it holds the frame boundaries)."""
+    tag = _core.VERBATIM_TAG
+    return msg[len(tag):] if msg.startswith(tag) else msg
 
 
 # The transports a job's input can be read from by another process (inproc:// is one process's own)

@@ -73,6 +73,10 @@ def add_distributor_arguments(p, local_farm: bool = False):
     p.add_argument("--refuse-message-bytes", type=NON_NEGATIVE_INT, default=64 << 20,
                    help="input messages above this size are refused by the socket unread, with their connection "
                         "(ZMQ_MAXMSGSIZE, a memory guard; 0: no limit)")
+    p.add_argument("--keep-unread-bytes", type=NON_NEGATIVE_INT, default=1 << 30,
+                   help="bytes of the messages unread at terminate (sent after the last stop) kept in the quarantine "
+                        "file, at most (the terminate writes them; beyond: counted unread_not_kept and said; 0: no "
+                        "bound)")
     add_scheduling_argument(p)
 
 
@@ -83,6 +87,11 @@ def add_hlt_parser(subparsers):
 
     p = sub.add_parser("distributor", help="event source -> workers (credit-based), run control")
     add_distributor_arguments(p)
+    p.add_argument("--rejected", default=None,
+                   help="quarantine file of the messages read at terminate and not processed (unread_at_terminate: "
+                        "sent after the last stop), as sent ({pid} is replaced; '': none; default: "
+                        "distributor_unread_{pid}.msgpack in the working directory, made at the first one; appended "
+                        "to when it exists)")
     _add_metrics(p, 9460)
     add_curve_arguments(p, "distributor")
     p.set_defaults(func=lambda a: __import__("eclreco.hlt.distributor", fromlist=["main"]).main(a))
@@ -126,7 +135,9 @@ def add_hlt_parser(subparsers):
                    help="quarantine file of each worker's rejected raw events ({worker} = its index, {pid}; "
                         "default: OUTPUT_rejected_w{worker}_{pid}.msgpack beside a ROOT output, hlt_rejected_w{worker}_{pid}.msgpack "
                         "in the working directory with a tcp:// output; '': none). "
-                        "A name without {pid} is emptied at the start; a restarted worker appends to it")
+                        "A name without {pid} is emptied at the start; a restarted worker appends to it. "
+                        "The distributor keeps the messages unread at terminate in OUTPUT_unread_{pid}.msgpack "
+                        "(a name of your own: {worker} = 'distributor', else '_distributor' before its extension)")
     p.add_argument("--modules", default="standard", help="worker chain: standard, none, or a list")
     p.add_argument("--no-cnn", action="store_true", help="workers: classical leakage correction only")
     p.add_argument("--conditions", default="", help="workers: ECLUnpacker's conditions file (gain, t0, channel map "

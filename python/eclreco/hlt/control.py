@@ -23,13 +23,24 @@ def ms(seconds, digits: int = 2) -> str:
     return "-" if seconds is None or seconds != seconds else f"{seconds * 1e3:.{digits}f} ms"
 
 
+def unread_note(d: dict) -> str:
+    """Where the messages unread at terminate are: ' (kept in FILE)', ' (N kept in FILE, M in no file)'."""
+    kept, not_kept = d.get("unread_kept", 0), d.get("unread_not_kept", 0)
+    if not (kept or not_kept):
+        return ""  # (a status of an earlier version)
+    where = f"kept in {d.get('unread_file')}" if kept else ""
+    if not not_kept:
+        return f" ({where})"
+    return f" ({kept} {where}, {not_kept} in no file)" if kept else " (in no file)"
+
+
 def summary_line(d: dict) -> str:
     """The distributor's status in one line (its final log line, and `hlt run`'s)."""
     return (f"{d['confirmed']} events confirmed of {d['received']} received, {d['throughput_hz']:,.0f} events/s, "
             f"latency p50 {ms(d['latency_p50_s'])}, p99 {ms(d['latency_p99_s'])}; redelivered "
             f"{d['redelivered']}, dropped {d['dropped']}, lost at stop {d['lost_at_stop']}"
             + (f" ({d['lost_unsaved']} of them confirmed, not known to be saved)" if d.get("lost_unsaved") else "")
-            + (f", unread at terminate {d['unread_at_terminate']}" if d.get("unread_at_terminate") else "")
+            + (f", unread at terminate {d['unread_at_terminate']}{unread_note(d)}" if d.get("unread_at_terminate") else "")
             + f", workers lost {d['workers_lost']}, restarted {d['workers_restarted']}"
             + (f", collector restarted {d['collectors_restarted']}" if d.get("collectors_restarted") else "")
             + (f" ({d['collector_restarts_failed']} of them failed: no output file made)"

@@ -26,10 +26,12 @@ import zmq
 from eclreco import open_files, scheduling
 from eclreco.cli_types import metrics_host_unused
 from eclreco.curve import Curve, curve_option_error
+from eclreco.paths import output_file_error
 from eclreco.hlt import protocol as P
 from eclreco.hlt.cli import STOP_DRAIN_MAX_S
 from eclreco.hlt.control import output_line, summary_line
-from eclreco.raw_sockets import (ConnectionMonitor, attach, check_message_limits, check_queue_bound, end_input,
+from eclreco.quarantine import RecordWriter
+from eclreco.raw_sockets import (ConnectionMonitor, as_sent, attach, check_message_limits, check_queue_bound, end_input,
                                  queue_hwm, recv_message)
 
 # Latency histogram: log-spaced bounds from 10 us to 100 s (percentiles), and the Prometheus buckets,
@@ -37,6 +39,11 @@ from eclreco.raw_sockets import (ConnectionMonitor, attach, check_message_limits
 # 20 ms is the farm's p99 target (docs/performance.md).
 LATENCY_BOUNDS = np.logspace(-5, 2, 141)
 PROM_LATENCY_BUCKETS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 2e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0]
+
+# the quarantine records of the messages read at terminate and not processed (count_unread_input)
+UNREAD_REASON = "unread_at_terminate"
+# the standalone distributor's quarantine file of them (its working directory; {pid}: one per process)
+DEFAULT_UNREAD_FILE = "distributor_unread_{pid}.msgpack"
 
 
 class Worker:
@@ -123,7 +130,8 @@ class LatencyHistogram:
 
 # The bounds of `eclreco hlt distributor`'s options (cli.py's argparse types), for a Distributor built
 # in Python: chunk=0 never dispatched and its stop hung, a NaN heartbeat timeout never lost a worker.
-_MIN_INT = {"queue_size": 1, "max_held": 1, "chunk": 1, "input_hwm": 0, "max_queue_bytes": 0, "max_held_bytes": 0}
+_MIN_INT = {"queue_size": 1, "max_held": 1, "chunk": 1, "input_hwm": 0, "max_queue_bytes": 0, "max_held_bytes": 0,
+            "keep_unread_bytes": 0}
 _POSITIVE_SECONDS = ("heartbeat_timeout_s",)
 
 
@@ -146,10 +154,14 @@ class Distributor:
                  stop_timeout_s: float = 120.0, input_bind: bool = True, curve=None,
                  stop_drain_max_s: float = STOP_DRAIN_MAX_S,
                  max_message_bytes: int = 0, refuse_message_bytes: int = 0, cycle_s: float = 5e-4,
-                 max_queue_bytes: int = 0, max_held_bytes: int = 0):
+                 max_queue_bytes: int = 0, max_held_bytes: int = 0, unread_file: str = "",
+                 keep_unread_bytes: int = 1 << 30):
+        """unread_file: the quarantine file of the messages read at terminate and not processed (reason
+        unread_at_terminate; '': none kept), at most keep_unread_bytes of them (0: no bound; count_unread_input)."""
         check_message_limits("distributor", max_message_bytes, refuse_message_bytes)
         _check_settings(queue_size=queue_size, max_held=max_held, chunk=chunk, input_hwm=input_hwm,
                         max_queue_bytes=max_queue_bytes, max_held_bytes=max_held_bytes,
+                        keep_unread_bytes=keep_unread_bytes,
                         heartbeat_timeout_s=heartbeat_timeout_s, stop_drain_s=stop_drain_s,
                         stop_drain_max_s=stop_drain_max_s, stop_timeout_s=stop_timeout_s, cycle_s=cycle_s)
         check_queue_bound("distributor", max_queue_bytes, refuse_message_bytes)
@@ -196,6 +208,7 @@ class Distributor:
         self.stop_drain_max_s = min(stop_drain_max_s, stop_timeout_s / 2)
         self.drain_cut_said = False
         self.cycle_s = cycle_s
+        self.unread = RecordWriter(unread_file, keep_unread_bytes)
 
         self.events: dict[int, list] = {}          # seq -> [envelope, t_received, worker ident or None]
         self.unsaved: dict[int, bytes] = {}        # seq -> envelope: confirmed, not yet in the output file
@@ -1138,19 +1151,35 @@ class Distributor:
         read here), and what is left in one that the close tore down all the same is counted in bytes, as over
         ipc:// (input_lost_bytes; docs/deployment.md).
         Counted as unread_at_terminate and said; not processed (no run is open), as reco.py's ZMQInput
-        counts unread_at_end."""
+        counts unread_at_end. Kept as they are read, as sent, in the quarantine file (unread_file, reason
+        unread_at_terminate: `eclreco quarantine --extract` replays them), at most keep_unread_bytes: those
+        beyond, or after a failed write, are counted unread_not_kept and said (they were counted only)."""
         lost = self.input_monitor.lost_bytes
 
         def detach():
             (self.inp.unbind if self.input_bind else self.inp.disconnect)(
                 self.addresses["input"] if self.input_bind else self.input_addr)
 
-        n = end_input(self.inp, self.input_monitor, detach, force_after_s=self.stop_drain_s, max_s=max_s)
+        def keep(msg: bytes):
+            self.unread.add(UNREAD_REASON, "sent after the last run stopped reading; read at the distributor's "
+                            f"terminate from {self.input_addr}, not processed", as_sent(msg))
+
+        try:
+            n = end_input(self.inp, self.input_monitor, detach, force_after_s=self.stop_drain_s, max_s=max_s, keep=keep)
+        finally:
+            self.unread.close()
         self.input_monitor.say_lost("[distributor]", self.input_addr, lost, at_end=True)
         if n:
             self.c["unread_at_terminate"] += n
             print(f"[distributor] {n} messages arrived after the last run stopped reading: not processed, counted "
-                  "as unread_at_terminate", flush=True)
+                  "as unread_at_terminate" + (f", kept in {self.unread.path}" if self.unread.kept else ""), flush=True)
+        u = self.unread
+        if u.not_kept:
+            why = (u.error if u.error else
+                   f"over --keep-unread-bytes {u.max_bytes} (kept the first {u.kept})" if u.full else
+                   "no quarantine file (--rejected '')")
+            print(f"[distributor] {'error' if u.error else 'warning'}: {u.not_kept} of the messages unread at "
+                  f"terminate are in no file: {why}", file=sys.stderr, flush=True)
 
     def finish_terminate(self):
         self.count_unread_input()
@@ -1212,6 +1241,8 @@ class Distributor:
             "redelivered": self.c["redelivered"], "dropped": self.c["dropped"],
             "lost_at_stop": self.c["lost_at_stop"], "lost_unsaved": self.c["lost_unsaved"],
             "unread_at_terminate": self.c["unread_at_terminate"],
+            # of them, in the quarantine file (unread_file) and not (count_unread_input)
+            "unread_kept": self.unread.kept, "unread_not_kept": self.unread.not_kept, "unread_file": self.unread.path,
             "input_disconnects": self.input_monitor.disconnects, "input_auth_failures": self.input_monitor.auth_failures,
             "input_lost_bytes": self.input_monitor.lost_bytes,
             "bad_messages": self.c["bad_messages"], "collectors_refused": self.c["collectors_refused"],
@@ -1288,6 +1319,8 @@ class Distributor:
                       "collector: unconfirmed, or confirmed but not known to be saved", self.c["lost_at_stop"])
         yield counter("eclreco_hlt_input_unread_at_terminate", "Messages in the input at terminate that no run "
                       "read (sent after the last stop): not processed", self.c["unread_at_terminate"])
+        yield counter("eclreco_hlt_input_unread_not_kept", "Of unread_at_terminate: not in the quarantine file (over "
+                      "--keep-unread-bytes, a failed write, or --rejected '')", self.unread.not_kept)
         yield counter("eclreco_hlt_events_lost_unsaved", "Of lost_at_stop: confirmed, not known to be in the file "
                       "(the collector may have written them)", self.c["lost_unsaved"])
         yield gauge("eclreco_hlt_events_held", "Events held until the collector confirms them", len(self.events))
@@ -1326,6 +1359,17 @@ class Distributor:
         yield h
 
 
+def unread_file(args) -> str:
+    """--rejected: the quarantine file of the messages unread at terminate ({pid} replaced; '' none; default:
+    DEFAULT_UNREAD_FILE), made at the first one. A folder it cannot be made in is a bad option now, not an error
+    at terminate (ValueError: one line, exit 2)."""
+    given = args.rejected is not None
+    name = (args.rejected if given else DEFAULT_UNREAD_FILE).replace("{pid}", str(os.getpid()))
+    if name and (why := output_file_error(name, "--rejected")):
+        raise ValueError(why if given else why + ": pass --rejected FILE (or --rejected '' to keep none)")
+    return name
+
+
 def main(args) -> int:
     if why := curve_option_error(args, "distributor", P.curve_servers("distributor", args)):
         raise ValueError(why)  # a bad option: one line, exit 2 (cli.main), before any socket
@@ -1342,7 +1386,8 @@ def main(args) -> int:
                     input_bind=not args.input_connect, curve=Curve.from_args(args, "distributor"),
                     max_message_bytes=args.max_message_bytes, refuse_message_bytes=args.refuse_message_bytes,
                     cycle_s=args.cycle_ms * 1e-3, max_queue_bytes=args.max_queue_bytes,
-                    max_held_bytes=args.max_held_bytes)
+                    max_held_bytes=args.max_held_bytes, unread_file=unread_file(args),
+                    keep_unread_bytes=args.keep_unread_bytes)
     exporter = None
     if args.metrics_port >= 0:
         from eclreco.metrics import serve_role_metrics

@@ -120,14 +120,29 @@ def exit_status(returncode: int) -> str:
 
 
 def quarantine_hint(d: dict, names: list[str]) -> str:
-    """Where the raw bytes of the events the workers rejected are (the output line counts them only), and how
-    to read them: the workers' quarantine files that exist ('' when none was rejected or none is kept)."""
-    rejected = (d.get("output") or {}).get("rejected", 0)
+    """Where the raw bytes of the events the workers rejected, and of the messages the distributor kept unread at
+    terminate, are (the output line counts them only), and how to read them: the quarantine files that exist ('' when
+    none was rejected or none is kept)."""
+    rejected, unread = (d.get("output") or {}).get("rejected", 0), d.get("unread_kept", 0)
     files = [n for n in names if os.path.isfile(n) and os.path.getsize(n)]
-    if not rejected or not files:
+    if not (rejected or unread) or not files:
         return ""
-    return (f"the {rejected} rejected events' raw bytes are in {len(files)} quarantine file(s): `eclreco quarantine "
+    what = " and the ".join(([f"{rejected} rejected events'"] if rejected else [])
+                            + ([f"{unread} unread_at_terminate messages'"] if unread else []))
+    return (f"the {what} raw bytes are in {len(files)} quarantine file(s): `eclreco quarantine "
             + " ".join(shlex.quote(f) for f in files) + "` lists them by reason (--extract OUT: a raw file to replay)")
+
+
+def distributor_quarantine(rejected: str | None, stem: str) -> str:
+    """hlt run's distributor's --rejected (its messages unread at terminate), beside the workers' files and never
+    one of them: OUTPUT_unread_{pid}.msgpack by default; from a name of your own, {worker} as 'distributor', or
+    '_distributor' before its extension; '' (keep none) for ''."""
+    if rejected is None:
+        return stem + "_unread_{pid}.msgpack"
+    if not rejected or "{worker}" in rejected:
+        return rejected.replace("{worker}", "distributor")
+    root, ext = os.path.splitext(rejected)
+    return root + "_distributor" + ext
 
 
 class Farm:
@@ -137,15 +152,16 @@ class Farm:
         # the ports chosen here avoid those the command line names (bound later, by the roles)
         named = address_ports(args.input, args.control, args.workers_addr, args.collector_addr)
         self.workers_addr = args.workers_addr or free_address(exclude=named)
+        out = args.output
+        stem = "hlt" if out.startswith("tcp://") else os.path.splitext(out.replace("{run_index}", "all"))[0]
+        self.distributor_rejected = distributor_quarantine(args.rejected, stem)
         if args.rejected is None:  # default: each worker keeps the raw bytes of what it rejects beside the output
-            out = args.output
-            stem = "hlt" if out.startswith("tcp://") else os.path.splitext(out.replace("{run_index}", "all"))[0]
             args.rejected = stem + "_rejected_w{worker}_{pid}.msgpack"  # tcp://: in the working directory
         self.collector_addr = args.collector_addr or free_address(exclude=named)
         base = args.metrics_base_port
         self.mport = (lambda k: base + k) if base > 0 else (lambda k: base)
         self.workers: list[subprocess.Popen | None] = []
-        self.quarantine_files: list[str] = []  # each worker's --rejected, {pid} its own (restarts too)
+        self.quarantine_files: list[str] = []  # the distributor's and each worker's --rejected, {pid} its own (restarts too)
         self.restarts = 0
         self.collector_restarts = 0
         self.collector_restarts_failed = 0  # of them, collectors that exited before they made their output file
@@ -184,12 +200,21 @@ class Farm:
                           *self.metrics_args(0),
                           "--max-message-bytes", str(a.max_message_bytes),
                           "--refuse-message-bytes", str(a.refuse_message_bytes), "--cycle-ms", str(a.cycle_ms),
+                          "--keep-unread-bytes", str(a.keep_unread_bytes), "--rejected", self.distributor_rejected,
                           "--sched", a.sched, *self.curve_args]
         if a.drop_when_busy:
             cmd.append("--drop-when-busy")
         if a.input_connect:
             cmd.append("--input-connect")
+        name = self.distributor_rejected
+        if name and "{pid}" not in name:  # this job's records only (the distributor appends)
+            try:
+                os.remove(name)
+            except FileNotFoundError:
+                pass
         self.distributor = self.popen(cmd)
+        if name := name.replace("{pid}", str(self.distributor.pid)):
+            self.quarantine_files.append(name)
 
     def metrics_args(self, k: int) -> list[str]:
         """Role k's exporter options; --metrics-host only where it has an exporter (a role refuses a --metrics-host
