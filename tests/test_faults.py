@@ -1506,10 +1506,13 @@ def test_a_replaced_collectors_saved_events_are_in_the_report():
         farm.close()
 
 
-def test_a_replaced_collectors_file_without_events_is_said_to_hold_none():
+@pytest.mark.parametrize("b_output", ["/data/b.root", "/data/run_run4.root"])
+def test_a_replaced_collectors_file_without_events_is_said_to_hold_none(b_output):
     """A collector killed before its first write leaves a file with no `events` tree; the output line named it as
     any replaced collector's, "0 more saved by 1 replaced collector(s) in their own file(s): run_run4.root", as if it
-    held part of the run. A file its collector saved no event in is said to hold none; the others as before."""
+    held part of the run. A file its collector saved no event in is said to hold none; the others as before. The
+    next collector's file of the same name (another host, the same output path: /data/run_run4.root) holds its 70
+    events: it was said to hold none too (matched by name)."""
     from eclreco.hlt import protocol as P
     from eclreco.hlt.control import output_line
 
@@ -1520,7 +1523,7 @@ def test_a_replaced_collectors_file_without_events_is_said_to_hold_none():
         collector_hello(farm, farm.peer(), output="/data/run_run4.root")  # killed before it saved an event
         time.sleep(0.4)
         b = farm.peer()
-        collector_hello(farm, b, instance="i8", pid=8, output="/data/b.root")
+        collector_hello(farm, b, instance="i8", pid=8, host="h2", output=b_output)
         farm.send(b, P.CONFIRM, P.seqs_to_bytes(seqs))
         farm.send(b, P.SAVED, P.seqs_to_bytes(seqs[:70]))
         time.sleep(0.4)  # b is silent too, after 70 saved
@@ -1535,12 +1538,13 @@ def test_a_replaced_collectors_file_without_events_is_said_to_hold_none():
         d.housekeeping(time.monotonic())
         reply = stop_reply_after_run_ended(farm, c, control, {"received": 30, "events_written": 30})
         assert [(r["output"], r["saved"]) for r in reply["replaced_collectors"]] == [("/data/run_run4.root", 0),
-                                                                                    ("/data/b.root", 70)], reply
+                                                                                    (b_output, 70)], reply
         line = output_line(d.own_status())
         assert ("; 70 more saved by 2 replaced collector(s) in their own file(s): /data/run_run4.root (no events: "
-                "replaced before its first write), /data/b.root; farm run 1's events are in 2 files (`eclreco dqm "
-                "/data/c.root` draws its DQM; /data/b.root: ") in line, line  # run_run4.root holds none of them
-        assert d.output["files_without_events"] == ["/data/run_run4.root"]
+                f"replaced before its first write), {b_output}; farm run 1's events are in 2 files (`eclreco dqm "
+                f"/data/c.root` draws its DQM; {b_output}: ") in line, line  # run_run4.root holds none of them
+        assert d.output["files_without_events"] == [{"files": "replaced_files", "index": 0,
+                                                     "output": "/data/run_run4.root"}]
     finally:
         farm.close()
 

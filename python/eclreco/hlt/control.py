@@ -118,13 +118,14 @@ def output_line(d: dict) -> str:
         notes.append(f"{'the others ' if in_output else ''}written with their error flags")
     line += (f"; rejected {o.get('rejected', 0)}, module errors {errors}" + (f" ({'; '.join(notes)})" if notes else "")
              + f", discarded {o.get('discarded', 0)}")
-    no_events = set(o.get("files_without_events", []))
+    # (the entry of its collector's list, not its name: another collector's file may have the same name)
+    no_events = {(e.get("files"), e.get("index")) for e in o.get("files_without_events", []) if isinstance(e, dict)}
 
     def named(key: str, why: str) -> str:
         """The files of `key` (a kind of collector), each one its collector saved no event in said so, with `why`:
         it holds no `events` tree, no part of the run."""
-        return ", ".join(f + (f" (no events: {why})" if f in no_events else "")
-                         for f in o.get(key, []) if f) or "-"
+        return ", ".join(f + (f" (no events: {why})" if (key, i) in no_events else "")
+                         for i, f in enumerate(o.get(key, [])) if f) or "-"
 
     if o.get("left_collectors"):  # stopped (SIGINT/SIGTERM) in a run that went on: their reports are counted
         files = named("left_files", "stopped before its first write")

@@ -254,7 +254,9 @@ class Distributor:
                        # the events of failed stops written after them to a file of their run (its collector's report)
                        "leftovers_collectors": 0, "written_as_leftovers": 0, "leftovers_files": [],
                        # of the files above, those their collector saved no event in (gone before its first write:
-                       # no `events` tree), the first 20: the output line says so of them
+                       # no `events` tree), the first 20: the output line says so of them. Each is one entry of a list
+                       # above, {files: its key, index: its place in it, output}: by name, another collector's file of
+                       # the same name (another host, the same path) was said to hold none too
                        "files_without_events": [],
                        "output_errors": [],
                        # runs whose DQM a collector wrote in several cycles (parts): {run_index, exp, run, parts,
@@ -988,9 +990,10 @@ class Distributor:
         self.output[n] += 1
         self.output[events] += saved
         if len(self.output[files]) < 20:
+            if not saved and len(self.output["files_without_events"]) < 20:
+                self.output["files_without_events"].append({"files": files, "index": len(self.output[files]),
+                                                            "output": rec["output"]})
             self.output[files].append(rec["output"])
-        if not saved and len(self.output["files_without_events"]) < 20:
-            self.output["files_without_events"].append(rec["output"])
 
     def note_leftovers_file(self, info: dict, run: int):
         """The registered collector's report of the leftovers of a failed stop of `run` (RUN_ENDED, no error): their
