@@ -229,6 +229,10 @@ class ECLEnergyCorrection(Module):
             for d in dets:
                 self._sessions[d] = load_session(shipped_model(d), self.param("threads"), d, n_features=n_feat)
         self._model_files = {key: meta["file"] for key, (_, meta) in self._sessions.items()}
+        # what event() reads, read once
+        self._config = (self.param("collection"), lo, hi, self.param("max_abs_time_ns"),
+                        self.param("max_clusters_per_batch"), model)
+        self._max_ratios = {code: self._max_ratio(code) for code in DETECTOR_NAMES}
         for sess, meta in self._sessions.values():
             self._warm_up(sess, meta["file"]["path"])
 
@@ -279,53 +283,56 @@ class ECLEnergyCorrection(Module):
         return shape
 
     def event(self, batch):
-        coll = self.param("collection")
+        coll, t_max = self._config[0], self._config[3]
         if len(batch) == 0:
             return
         if coll not in batch:  # a path without the clusterizer, or a typo: not silently uncorrected
             raise ModelError(f"ECLEnergyCorrection: no collection {coll!r} in the batch (ECLClusterizer makes it)")
         cl = batch[coll]
-        # the columns it reads: a collection without one ends the job here, not every event on its own
-        self.require_columns(cl, READ_COLUMNS if self.param("max_abs_time_ns") > 0 else READ_COLUMNS[:-1])
-        if cl.n_rows == 0:
-            return
-        det = np.asarray(batch.detector)
-        codes = det.tobytes()  # uint8: one byte per event
-        # one detector in the batch (the usual case): one group of every event; else one per detector
-        groups = [None] if codes.count(codes[:1]) == len(codes) else [int(c) for c in np.unique(det)]
-        energy_in = np.asarray(cl["energy"])
-        energy = None  # the copy written back once, made when a cluster is selected
-        step = self.param("max_clusters_per_batch")
-        n_oot, n_done, n_guarded, t_inf = 0, 0, 0, 0.0
-        for group in groups:
-            code = det[0] if group is None else group
-            sess, meta = self._session(code)
-            rows, outside, img_all, f_all = self.inputs(batch, coll, meta["extra_features"], self._image_shape(sess),
-                                                        self.param("min_energy_gev"), self.param("max_abs_time_ns"),
-                                                        self.param("max_energy_gev"), group)
-            n_oot += outside
+        try:
+            self._correct(batch, cl)
+        except KeyError:  # a column missing: the job ends with one message, not every event on its own
+            self.require_columns(cl, READ_COLUMNS if t_max > 0 else READ_COLUMNS[:-1])
+            raise
+
+    def _correct(self, batch, cl):
+        # Few Python and numpy steps per batch: after the clusterizer each one runs cold (~5 µs for a
+        # parameter read or a column view, against ~0.2 when repeated), so the selection and gathers are
+        # one C++ call, the write-back another (docs/performance.md).
+        coll, lo, hi, t_max, step, model = self._config
+        code = int(batch.detector[0])  # the usual batch: one detector; inference_inputs says when not
+        groups = [(code, *self._session(code))]
+        rows, n_oot, images, features, found = self.inputs(batch, coll, groups[0][2]["extra_features"],
+                                                           self._image_shape(groups[0][1]), lo, t_max, hi)
+        inputs = [(rows, images, features)]
+        if found != code and (found != -1 or rows.size or n_oot):  # another detector, or several: by detector
+            groups, inputs, n_oot = [], [], 0
+            for c in np.unique(np.asarray(batch.detector)[batch.active()]):
+                groups.append((int(c), *self._session(c)))
+                rows, outside, images, features, _ = self.inputs(
+                    batch, coll, groups[-1][2]["extra_features"], self._image_shape(groups[-1][1]), lo, t_max, hi,
+                    int(c))
+                inputs.append((rows, images, features))
+                n_oot += outside
+        n_done, n_guarded, t_inf = 0, 0, 0.0
+        for (code, sess, meta), (rows, images, features) in zip(groups, inputs):
             if rows.size == 0:
                 continue
             names = meta["extra_features"]
             if "energy_in" in names and not self._checked_energy_in:
                 self._check_energy_in(np.asarray(cl["energy_raw"])[rows],
-                                      f_all[:, len(FEATURE_NAMES) + names.index("energy_in")])
-            if energy is None:
-                energy = np.array(energy_in, dtype=np.float32)
+                                      features[:, len(FEATURE_NAMES) + names.index("energy_in")])
+            parts = []
             for a, b in self.call_slices(rows.size, step):
-                feeds = {"image": img_all[a:b], "features": f_all[a:b]}
                 t0 = time.perf_counter()
-                out = sess.run(["energy"], feeds)[0]
+                out = sess.run(["energy"], {"image": images[a:b], "features": features[a:b]})[0]
                 t_inf += time.perf_counter() - t0
-                _check_output(out, b - a, self.param("model") or meta["file"]["path"])
-                energy[rows[a:b]] = out
+                _check_output(out, b - a, model or meta["file"]["path"])
+                parts.append(out)
                 n_done += out.shape[0]
-            n_guarded += self._guard(energy, energy_in, rows, code)
-        if energy is None:
-            self._count(n_oot=n_oot)
-            return
-        cl["energy"] = energy
-        self._count(n_oot, n_guarded, n_done - n_guarded, calls=1, seconds=t_inf)
+            # the CNN energies written, those above max_ratio x the energy in kept at that (a NaN too)
+            n_guarded += _core.write_rows(cl, "energy", rows, parts, self._max_ratios.get(code, 0.0))
+        self._count(n_oot, n_guarded, n_done - n_guarded, calls=1 if n_done else 0, seconds=t_inf)
 
     def _count(self, n_oot=0, n_guarded=0, n_corrected=0, calls=0, seconds=0.0):
         with self._lock:  # batches run on several framework threads
@@ -335,15 +342,13 @@ class ECLEnergyCorrection(Module):
             self._n_calls += calls
             self._seconds += seconds
 
-    def _guard(self, energy, energy_in, rows, detector_code) -> int:
-        """Clusters `rows` whose CNN energy is above max_ratio_to_classical x energy_in get energy_in
-        back; returns how many."""
+    def _max_ratio(self, detector_code) -> float:
+        """The max_ratio_to_classical of a detector's clusters (0: no guard): a cluster whose CNN energy is above
+        it x the energy it arrived with keeps that energy."""
         ratio = self.param("max_ratio_to_classical")
         if ratio < 0:
             ratio = DEFAULT_MAX_RATIO.get(DETECTOR_NAMES.get(int(detector_code)), 0.0)
-        if ratio == 0:
-            return 0
-        return _core.cap_at_ratio(energy, energy_in, rows, ratio)  # a NaN from the network is capped too
+        return ratio
 
     @staticmethod
     def call_slices(n: int, max_per_call: int):
@@ -358,14 +363,14 @@ class ECLEnergyCorrection(Module):
     @staticmethod
     def inputs(batch, collection, names, image_shape, min_energy_gev, max_abs_time_ns, max_energy_gev=0.0,
                detector=None):
-        """(rows, n_out_of_time, images [len(rows), S, S], features [len(rows), F + len(names)]) of a batch's
+        """(rows, n_out_of_time, images [len(rows), S, S], features [len(rows), F + len(names)], detector) of a batch's
         clusters in the model's domain: the events it works on (not rejected or discarded; of `detector` unless
         None), energy_raw >= min_energy_gev, <= max_energy_gev when that is > 0 and, when max_abs_time_ns > 0,
         |time| <= max_abs_time_ns (n_out_of_time: how many that left out). Their ECLClusters.image, and
         ECLClusters.features followed by the extra features `names` in that order (energy_in: the collection's
         energy column as it is now, before this module writes it; event-level features: the cluster's event's
         row of EVENT_FEATURE_COLUMNS), float32; images of another shape than image_shape (None: any) are a
-        ModelError. One C++ call (_core.inference_inputs): as separate numpy steps
+        ModelError; detector: the code of the events it worked on, -1 for several (or none). One C++ call (_core.inference_inputs): as separate numpy steps
         after the clusterizer, with its caches cold, they cost ~3x the work (docs/performance.md)."""
         blocks = [("", "features")]
         for n in names:
@@ -376,7 +381,7 @@ class ECLEnergyCorrection(Module):
             else:
                 raise ModelError(f"ECLEnergyCorrection: unknown extra feature {n!r}")
         try:
-            rows, n_oot, images, features = _core.inference_inputs(
+            rows, n_oot, images, features, found = _core.inference_inputs(
                 batch, collection, blocks, min_energy_gev, max_energy_gev, max_abs_time_ns, detector)
         except ValueError as err:  # an event-level collection missing, or with several rows for one event
             raise ModelError(f"ECLEnergyCorrection: event features {[n for n in names if n != 'energy_in']}: "
@@ -384,7 +389,7 @@ class ECLEnergyCorrection(Module):
         if image_shape is not None and images.shape[1:] != tuple(image_shape):
             raise ModelError(f"ECLEnergyCorrection: model expects images {tuple(image_shape)}, clusters have "
                              f"{images.shape[1:]}")
-        return rows, n_oot, images, features
+        return rows, n_oot, images, features, found
 
     def _check_energy_in(self, e_raw, e_in):
         """Once per run: a model refining the classical correction (energy_in) was fed clusters

@@ -386,22 +386,27 @@ def test_inference_inputs_match_numpy():
     b.discard(4, "test")
     for lo, hi, max_abs, det, events in ((0.05, 0.2, 50.0, None, [0, 1, 2, 3, 5]), (0.05, 0.0, 0.0, None, [0, 1, 2, 3, 5]),
                                          (0.1, 0.0, 50.0, 0, [0, 1, 2]), (0.0, 0.28, 60.0, 1, [3, 5])):
-        rows, outside, images, features = _core.inference_inputs(b, "ECLClusters", blocks, lo, hi, max_abs, det)
+        rows, outside, images, features, found = _core.inference_inputs(b, "ECLClusters", blocks, lo, hi, max_abs, det)
         want, want_outside = expected(lo, hi, max_abs, events)
+        assert found == (-1 if det is None else det)  # events 0-2 of detector 0, 3 and 5 of detector 1
         assert rows.size > 0 and outside == want_outside
         np.testing.assert_array_equal(rows, want)
         np.testing.assert_array_equal(images, np.asarray(cl["image"])[want])
         np.testing.assert_array_equal(features, np.column_stack([np.asarray(cl["features"])[want], e[want] * 1.1,
                                                                  per_event[ev_of[want]]]))
-    assert not (b.detector == 0).all() and 5 not in rows.tolist()  # NaN energy: never selected
+    assert 5 not in rows.tolist()  # NaN energy: never selected
+    for i in (0, 1, 2):
+        b.discard(i, "test")
+    assert _core.inference_inputs(b, "ECLClusters", blocks, 0.0, 0.0, 0.0)[4] == 1  # the events worked on: one detector
     # no time window: the collection needs no time column
     b2 = _core.EventBatch(1)
     b2.add_collection("C", np.array([0, 2]), {"energy_raw": np.array([1, 2], np.float32),
                                               "image": np.zeros((2, 1), np.float32)})
-    rows, outside, images, features = _core.inference_inputs(b2, "C", [], 1.5, 0.0, 0.0)
-    assert rows.tolist() == [1] and outside == 0 and images.shape == (1, 1) and features.shape == (1, 0)
-    with pytest.raises(KeyError, match="time"):
-        _core.inference_inputs(b2, "C", [], 1.5, 0.0, 10.0)
+    rows, outside, images, features, found = _core.inference_inputs(b2, "C", [], 1.5, 0.0, 0.0)
+    assert rows.tolist() == [1] and outside == 0 and images.shape == (1, 1) and features.shape == (1, 0) and found == 0
+    for blocks, max_abs, missing in (([], 10.0, "time"), ([("", "nope")], 0.0, "nope")):  # KeyError: Module.require_columns
+        with pytest.raises(KeyError, match=missing):
+            _core.inference_inputs(b2, "C", blocks, 1.5, 0.0, max_abs)
 
 
 def test_inference_inputs_refuse_event_values_they_cannot_place():
@@ -428,6 +433,32 @@ def test_inference_inputs_refuse_event_values_they_cannot_place():
     assert _core.event_rows(np.array([0, 1, 1, 2])).tolist() == [0, -1, 1]
     with pytest.raises(ValueError, match="event 1 of the batch has 3 rows"):
         _core.event_rows(np.array([0, 1, 4]))
+
+
+def test_write_rows_writes_a_copy_and_caps_at_the_ratio():
+    """_core.write_rows (ECLEnergyCorrection's write-back): the parts' values at the rows, in a new column (a view
+    taken before keeps the old values: the processor re-runs a failed module on the batch as it was), capped at
+    max_ratio x the old value where they are above it or NaN; what it cannot write is refused, naming it."""
+    from eclreco import _core
+
+    b = _core.EventBatch(2)
+    b.add_collection("C", np.array([0, 3, 5]), {"e": np.arange(1, 6, dtype=np.float32),
+                                                "i": np.arange(5, dtype=np.int32)})
+    c = b["C"]
+    before = c["e"]
+    parts = [np.array([10.0, 2.5], np.float32), np.array([np.nan], np.float32)]
+    assert _core.write_rows(c, "e", np.array([0, 2, 4]), parts, 2.0) == 2  # 10 > 2 x 1, NaN: kept
+    assert c["e"].tolist() == [1, 2, 2.5, 4, 5] and before.tolist() == [1, 2, 3, 4, 5]
+    assert _core.write_rows(c, "e", np.array([0, 2, 4]), parts, 0.0) == 0  # no cap
+    np.testing.assert_array_equal(c["e"], [10, 2, 2.5, 4, np.nan])
+    with pytest.raises(ValueError, match="parts hold 3 values for 2 rows"):
+        _core.write_rows(c, "e", np.array([0, 1]), parts, 2.0)
+    with pytest.raises(IndexError, match="rows out of range"):
+        _core.write_rows(c, "e", np.array([5]), [np.ones(1, np.float32)], 2.0)
+    with pytest.raises(TypeError, match="column 'i' must hold one float32 per row"):
+        _core.write_rows(c, "i", np.array([0]), [np.ones(1, np.float32)], 2.0)
+    with pytest.raises(KeyError, match="x"):
+        _core.write_rows(c, "x", np.array([0]), [np.ones(1, np.float32)], 2.0)
 
 
 _REQUEST_STOP_SCRIPT = """

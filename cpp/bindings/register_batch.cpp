@@ -484,13 +484,14 @@ void register_batch(py::module_& m) {
             throw py::key_error(e.what());
           }
         };
-        auto view = [](const Collection& c, const std::string& name) {
+        auto column = [](const Collection& c, const std::string& name) -> const Column& {
           try {
-            return column_view(c.column(name), false);
+            return c.column(name);
           } catch (const std::out_of_range& e) {  // its message lists the columns there are
             throw py::key_error(e.what());
           }
         };
+        auto view = [&](const Collection& c, const std::string& name) { return column_view(column(c, name), false); };
         const Collection& cl = get(collection);
         const double lo = checked_float(min_in, "min_value"), hi = checked_float(max_in, "max_value");
         const double max_abs = checked_float(max_abs_in, "max_abs_within");
@@ -508,9 +509,11 @@ void register_batch(py::module_& m) {
         const bool one_detector = !detector_in.is_none();
         const auto code = one_detector ? static_cast<uint8_t>(detector_arg(detector_in, "detector")) : uint8_t{0};
         bool all = true;
+        int found = -1;  // the detector of the events worked on; -2: several
         for (size_t e = 0; e < n_events; ++e) {
           mask[e] = !b.skips(e) && (!one_detector || det[e] == code);
           all = all && mask[e];
+          if (mask[e] && found != det[e]) found = found == -1 ? det[e] : -2;
         }
         // blocks: (collection, column) pairs; "" for a column of `collection` itself (per cluster), else the
         // column of an event-level collection (at most one row per event) repeated for each cluster of the event
@@ -521,7 +524,7 @@ void register_batch(py::module_& m) {
         for (auto item : blocks_in) {
           const auto pair = item.cast<std::pair<std::string, std::string>>();
           if (pair.first.empty()) {
-            const Column& c = cl.column(pair.second);
+            const Column& c = column(cl, pair.second);
             auto a = real_array<float>(view(cl, pair.second), pair.second.c_str());
             gb.push_back({a.data(), c.row_width(), false});
             width += c.row_width();
@@ -556,7 +559,7 @@ void register_batch(py::module_& m) {
           gb.push_back({per_event_values.back().data(), 1, true});
           width += 1;
         }
-        const Column& image_col = cl.column(image_name);
+        const Column& image_col = column(cl, image_name);
         const auto image = real_array<float>(view(cl, image_name), image_name.c_str());
         const size_t image_width = image_col.row_width();
         const fw::GatherBlock ib{image.data(), image_width, false};
@@ -580,18 +583,70 @@ void register_batch(py::module_& m) {
           fw::gather_rows(r, k, off, n_events, gb.data(), gb.size(), fo);
           fw::gather_rows(r, k, off, n_events, &ib, 1, io);
         }
-        return py::make_tuple(rows_out[py::slice(0, static_cast<py::ssize_t>(k), 1)], outside, images, features);
+        return py::make_tuple(rows_out[py::slice(0, static_cast<py::ssize_t>(k), 1)], outside, images, features,
+                              found == -2 ? -1 : found);
       },
       py::arg("batch"), py::arg("collection"), py::arg("blocks"), py::arg("min_value"), py::arg("max_value"),
       py::arg("max_abs_within"), py::arg("detector") = py::none(), py::arg("value") = "energy_raw",
       py::arg("within") = "time", py::arg("image") = "image",
-      "(rows, n_outside, images, features) of a batched inference over `collection`: the rows of the events "
+      "(rows, n_outside, images, features, detector) of a batched inference over `collection`: the rows of the events "
       "worked on (not rejected or discarded; of `detector` unless None) whose `value` is >= min_value, <= "
       "max_value when that is > 0, and |`within`| <= max_abs_within when that is > 0 (n_outside: those >= "
       "min_value left out by |within|); their `image` rows, and their `blocks` side by side, float32: "
       "(collection, column) pairs, '' for a column of `collection`, else an event-level collection's column "
-      "(at most one row per event; an event with rows in `collection` and none there is an error). One call, "
-      "without the GIL for the passes");
+      "(at most one row per event; an event with rows in `collection` and none there is an error); detector: the "
+      "code of the events worked on, -1 when they are of several (none: -1 too). One call, without the GIL for "
+      "the passes");
+
+  m.def(
+      "write_rows",
+      [](Collection& c, const std::string& column, const py::object& rows_in, const py::list& parts,
+         py::handle max_ratio_in) {
+        // the new values of a batched inference written back in one call: as numpy steps (a copy, a scatter per
+        // call, the cap, the column set) after onnxruntime, with cold caches, they cost ~4x the work
+        const double max_ratio = checked_float(max_ratio_in, "max_ratio");
+        const auto rows = checked_numbers<int64_t>(rows_in, "rows");
+        Column* col;
+        try {
+          col = &c.column(column);
+        } catch (const std::out_of_range& e) {
+          throw py::key_error(e.what());
+        }
+        if (col->dtype() != DType::F32 || col->row_width() != 1)
+          throw py::type_error("column '" + column + "' must hold one float32 per row to be written, not " +
+                               std::to_string(col->row_width()) + " " + fw::dtype_name(col->dtype()));
+        const int64_t n = static_cast<int64_t>(col->rows());
+        const int64_t* r = rows.data();
+        const size_t nr = static_cast<size_t>(rows.shape(0));
+        for (size_t k = 0; k < nr; ++k)
+          if (r[k] < 0 || r[k] >= n) throw py::index_error("rows out of range");
+        std::vector<carray<float>> values;
+        size_t total = 0;
+        for (size_t i = 0; i < parts.size(); ++i) {
+          const std::string name = "parts[" + std::to_string(i) + "]";
+          values.push_back(checked_reals<float>(parts[i], name.c_str()));
+          total += static_cast<size_t>(values.back().shape(0));
+        }
+        if (total != nr)
+          throw py::value_error("parts hold " + std::to_string(total) + " values for " + std::to_string(nr) + " rows");
+        Column out = *col;  // shares the buffer: the batch as it was stays intact (the processor's snapshot)
+        float* v = out.values<float>();  // detaches: a copy
+        const float* before = static_cast<const Column*>(col)->values<float>();  // const: no detach
+        size_t capped = 0;
+        {
+          py::gil_scoped_release release;
+          size_t k = 0;
+          for (const auto& part : values)
+            for (py::ssize_t j = 0; j < part.shape(0); ++j) v[r[k++]] = part.data()[j];
+          if (max_ratio > 0) capped = fw::cap_at_ratio(v, before, r, nr, static_cast<float>(max_ratio));
+        }
+        c.set_column(column, std::move(out));
+        return capped;
+      },
+      py::arg("collection"), py::arg("column"), py::arg("rows"), py::arg("parts"), py::arg("max_ratio"),
+      "replaces the float32 `column` of a collection by a copy with the values of `parts` (1-d, concatenated: one "
+      "per row of `rows`) written at `rows`; where max_ratio > 0, a value not <= max_ratio x the column's value "
+      "before (NaN included) keeps that value. Returns how many kept it");
 
   py::class_<Collection>(m, "Collection", "Columns with per-event offsets (event i owns rows offsets[i]:offsets[i+1])")
       // read-only: the C++ modules trust the offsets (rows past a column's end would be read)

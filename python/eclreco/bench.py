@@ -115,7 +115,7 @@ def collect_cnn_inputs(raw: str, max_events: int, extra_features) -> list:
             return ("ECLClusters",)
 
         def event(self, batch):
-            _, _, images, features = ECLEnergyCorrection.inputs(batch, "ECLClusters", extra_features, None, threshold,
+            _, _, images, features, _ = ECLEnergyCorrection.inputs(batch, "ECLClusters", extra_features, None, threshold,
                                                                 max_t, max_e)
             self.batches.append((images, features))
 
