@@ -301,11 +301,15 @@ class ECLEnergyCorrection(Module):
         # one C++ call, the write-back another (docs/performance.md).
         coll, lo, hi, t_max, step, model = self._config
         code = int(batch.detector[0])  # the usual batch: one detector; inference_inputs says when not
-        groups = [(code, *self._session(code))]
-        rows, n_oot, images, features, found = self.inputs(batch, coll, groups[0][2]["extra_features"],
-                                                           self._image_shape(groups[0][1]), lo, t_max, hi)
-        inputs = [(rows, images, features)]
-        if found != code and (found != -1 or rows.size or n_oot):  # another detector, or several: by detector
+        try:
+            groups = [(code, *self._session(code))]
+        except ModelError:  # no model for event 0's detector: the events worked on may be of another
+            groups = []
+        if groups:
+            rows, n_oot, images, features, found = self.inputs(batch, coll, groups[0][2]["extra_features"],
+                                                               self._image_shape(groups[0][1]), lo, t_max, hi)
+            inputs = [(rows, images, features)]
+        if not groups or found != code and (found != -1 or rows.size or n_oot):  # other detectors: by detector
             groups, inputs, n_oot = [], [], 0
             for c in np.unique(np.asarray(batch.detector)[batch.active()]):
                 groups.append((int(c), *self._session(c)))

@@ -701,13 +701,21 @@ def test_batch_mixing_both_detectors_uses_each_detectors_model(tmp_path):
                                   ev.time_ticks, ev.quality)
     mixed = [m for pair in zip(msgs["belle2-ecl"], msgs["array30"]) for m in pair]  # alternating
 
-    def corrected(messages, name):
+    class RejectArray30(eclreco.Module):
+        def event(self, batch):
+            for i in np.flatnonzero(np.asarray(batch.detector) == 1):
+                batch.reject(int(i), "test")
+
+    def corrected(messages, name, **cnn):
         raw = tmp_path / f"{name}.raw"
         write_raw_file(raw, messages)
         path = eclreco.create_path()
         path.add_module("RawFileInput", filename=str(raw))
-        for m in ("ECLUnpacker", "ECLClusterizer", "ECLLeakageCorrection", "ECLEnergyCorrection"):
+        for m in ("ECLUnpacker", "ECLClusterizer", "ECLLeakageCorrection"):
             path.add_module(m)
+        if cnn:
+            path.add_module(RejectArray30())
+        path.add_module("ECLEnergyCorrection", **cnn)
 
         class Keep(eclreco.Module):
             def __init__(self):
@@ -729,6 +737,12 @@ def test_batch_mixing_both_detectors_uses_each_detectors_model(tmp_path):
     assert sum(v.size for v in both.values()) > 80
     for evt in both:
         np.testing.assert_allclose(both[evt], alone[evt], rtol=1e-5, err_msg=f"event {evt}")
+    # the array30 events rejected before a belle2-ecl-only module, the batch's first among them: its detector has
+    # no model there, and the events worked on are all belle2-ecl (the module took event 0's detector for the batch's)
+    mixed = [m for pair in zip(msgs["array30"], msgs["belle2-ecl"]) for m in pair]
+    only = corrected(mixed, "rejected", detector="belle2-ecl")
+    for evt in range(40):
+        np.testing.assert_allclose(only[evt], alone[evt], rtol=1e-5, err_msg=f"event {evt}")
 
 
 
