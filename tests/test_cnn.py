@@ -1412,6 +1412,51 @@ def test_a_training_does_not_overwrite_files_that_appeared_in_its_folder_while_i
     assert json.loads((out / "array30.json").read_text())["seed"] == 1
 
 
+def test_a_validation_does_not_overwrite_files_that_appeared_in_its_folder_while_it_ran(tmp_path, monkeypatch,
+                                                                                       capsys):
+    """As train's (above): `eclreco validate -o DIR` checked DIR only before its work, and its end wrote the plots
+    and report over whatever had been put there meanwhile (a second validation into DIR, a user's notes), without a
+    word. They are checked again as they take their names: exit 2 naming them, nothing replaced, the validation's
+    own files kept under their temporary names, named too."""
+    pytest.importorskip("matplotlib")
+    from eclreco import validate
+
+    out = tmp_path / "V"
+    real, meanwhile = validate.stage_record, []
+
+    def staging(*args, **kw):  # the validation's work done (after the check): what happens in -o, then its report
+        while meanwhile:
+            meanwhile.pop()()
+        return real(*args, **kw)
+    monkeypatch.setattr(validate, "stage_record", staging)
+
+    def files():
+        return {p.name: p.read_bytes() for p in out.iterdir() if ".partial." not in p.name}
+
+    def refused(happens, names):
+        meanwhile.append(happens)
+        code, err = validate_array30_into(capsys, out)
+        kept = sorted(p.name for p in out.iterdir() if ".partial." in p.name)
+        assert code == 2 and len(kept) == 3 and all(name in err for name in kept), (code, kept, err)
+        last = err.splitlines()[-1]  # (after the warning about the small sample's empty rows)
+        assert last.startswith(f"eclreco validate: error: -o {str(out)!r}: {names} appeared or changed there since "
+                               "this validation began"), err
+        for name in kept:
+            (out / name).unlink()
+
+    # into an -o that did not exist when it began: a user's file under the name of its plot
+    refused(lambda: (out / "cnn_array30_bg0.png").write_bytes(b"mine"), "cnn_array30_bg0.png")
+    assert files() == {"cnn_array30_bg0.png": b"mine"}
+    (out / "cnn_array30_bg0.png").unlink()
+    assert validate_array30_into(capsys, out)[0] == 0
+    assert validate_array30_into(capsys, out)[0] == 0  # its own unchanged outputs, nothing meanwhile: replaced
+    first = files()
+    assert sorted(first) == ["cnn_array30_bg0.png", "validation_array30.json", "validation_array30.md"]
+    # the previous validation's report, which the check let this one replace, edited meanwhile
+    refused(lambda: (out / "validation_array30.md").write_text("my notes"), "validation_array30.md")
+    assert files() == {**first, "validation_array30.md": b"my notes"}
+
+
 def test_staged_outputs_take_a_free_name_without_replacing_a_file_made_there_after_the_last_check(tmp_path,
                                                                                                  monkeypatch):
     """publish(unchanged=) checks the names once more, then gives them: a file made under a name free at the check in

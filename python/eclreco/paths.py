@@ -352,6 +352,15 @@ def overwrite_refusal(out_dir: str, record: str, rewritten, run: str) -> str:
             "or choose another -o")
 
 
+def overwrite_check(out_dir: str, record: str, rewritten, run: str) -> tuple[str, dict[str, str | None]]:
+    """(overwrite_refusal, output_states of the files it checks): a run refuses with the first before any work, and
+    gives the second to StagedOutputs.publish(unchanged=) at its end, which then replaces only what is still as it
+    was at the check, not a second run's files or a user's that appeared there meanwhile. The states are taken
+    before the check, so that a file changed between the two is refused at the end rather than replaced."""
+    unchanged = output_states(os.path.join(out_dir, name) for name in sorted(set(rewritten) | {record}))
+    return overwrite_refusal(out_dir, record, rewritten, run), unchanged
+
+
 def remove_previous_outputs(out_dir: str, stale, changed, command: str, run: str, quiet: bool = False) -> None:
     """Removes previous_outputs' stale files (once the new outputs and their record are written) and says so
     (unless quiet); warns of the changed ones, which stay. command: 'eclreco train'; run:

@@ -34,8 +34,7 @@ import numpy as np
 from eclreco import cnn_data
 from eclreco.cli_types import choice_list_error
 from eclreco.paths import (OutputsChangedError, StagedOutputs, file_sha256, missing_folder, output_folder,
-                           output_states, overwrite_refusal, previous_outputs, remove_previous_outputs, stage_record,
-                           unwritable_folder)
+                           overwrite_check, previous_outputs, remove_previous_outputs, stage_record, unwritable_folder)
 from eclreco.cnn_model import (EVENT_FEATURE_NAMES, EVENT_FEATURE_SCALE, FEATURE_NAMES, X_IN_RANGE, build_model,
                                check_onnx_agreement, count_params, export_onnx, flops_per_cluster, onnx_throughput,
                                sigma68, summary)
@@ -597,12 +596,12 @@ def check_overwrites(out_dir, detector, sizes) -> dict:
     """TrainingInputError, before any work, when a network this training would write, or its card (<detector>.json,
     .md), is in out_dir and is not the previous training's unchanged output (paths.overwrite_refusal): a card that
     cannot be checked (the shipped ones: no SHA-256 of itself) and its networks, a network or card changed since, or
-    a file no card lists were replaced without a word. Else the state of those files (paths.output_states, taken
-    before the check): the end of the training replaces them only if still so (StagedOutputs.publish), not a second
-    training's files or a user's that appeared there meanwhile."""
-    names = set(network_files(detector, sizes).values()) | {f"{detector}.md"}
-    unchanged = output_states(os.path.join(out_dir, name) for name in sorted(names | {f"{detector}.json"}))
-    if why := overwrite_refusal(out_dir, f"{detector}.json", names, "training"):
+    a file no card lists were replaced without a word. Else the state of those files (paths.overwrite_check): the end
+    of the training replaces them only if still so (StagedOutputs.publish), not a second training's files or a user's
+    that appeared there meanwhile."""
+    why, unchanged = overwrite_check(out_dir, f"{detector}.json",
+                                     set(network_files(detector, sizes).values()) | {f"{detector}.md"}, "training")
+    if why:
         raise TrainingInputError(why)
     return unchanged
 

@@ -22,8 +22,8 @@ import sys
 import numpy as np
 
 from eclreco import cnn_data
-from eclreco.paths import (StagedOutputs, file_sha256, output_folder, overwrite_refusal, previous_outputs,
-                           remove_previous_outputs, stage_record)
+from eclreco.paths import (OutputsChangedError, StagedOutputs, file_sha256, output_folder, overwrite_check,
+                           previous_outputs, remove_previous_outputs, stage_record)
 from eclreco.cnn_model import sigma68, sigma68_ratio_interval, summary
 from eclreco.sim.showers import array30_in_gap
 
@@ -374,14 +374,18 @@ def previous_plots(out_dir, detector, report):
     return previous_outputs(out_dir, f"validation_{detector}.json", plot_names(detector), report["files"])
 
 
-def check_overwrites(out_dir, detector, pi0_events):
+def check_overwrites(out_dir, detector, pi0_events) -> dict:
     """ValueError, before any work, when a plot this validation may write (written_plots), or its report
     (validation_<detector>.json, .md), is in out_dir and is not the previous validation's unchanged output
     (paths.overwrite_refusal): a plot or report edited since, a report that cannot be checked (an older eclreco's:
-    no SHA-256 of itself) and its plots, or a file no report lists were replaced without a word."""
-    if why := overwrite_refusal(out_dir, f"validation_{detector}.json",
-                                written_plots(detector, pi0_events) | {f"validation_{detector}.md"}, "validation"):
+    no SHA-256 of itself) and its plots, or a file no report lists were replaced without a word. Else the state of
+    those files (paths.overwrite_check): the end of the validation replaces them only if still so
+    (StagedOutputs.publish), not a second validation's files or a user's that appeared there meanwhile."""
+    why, unchanged = overwrite_check(out_dir, f"validation_{detector}.json",
+                                     written_plots(detector, pi0_events) | {f"validation_{detector}.md"}, "validation")
+    if why:
         raise ValueError(why)
+    return unchanged
 
 
 def _fmt_ratio_table(rows, detector):
@@ -405,13 +409,15 @@ def run_validation(detector, out_dir, g4_path=None, model="", max_events=0, seed
     """Validates `model` on the held-out events; writes the plots, validation_DETECTOR.json and .md into
     out_dir, all at the end (each under a temporary name until then: an interrupted or failed run leaves
     out_dir as it was, not new plots beside an old report, and no new empty folder), and returns the report. A plot
-    in out_dir that is not the previous validation's unchanged output is refused first (check_overwrites)."""
+    in out_dir that is not the previous validation's unchanged output is refused first (check_overwrites), and one
+    that appeared or changed there since is not written over at the end."""
     with output_folder(out_dir), StagedOutputs() as staged:  # (-o checked first: '' is not this folder's plots)
-        check_overwrites(out_dir, detector, pi0_events)
-        return _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, fake_events, quiet, staged)
+        unchanged = check_overwrites(out_dir, detector, pi0_events)  # what publish may replace
+        return _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, fake_events, quiet, staged,
+                         unchanged)
 
 
-def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, fake_events, quiet, staged):
+def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, fake_events, quiet, staged, unchanged):
     from tqdm import tqdm
 
     from eclreco.train import check_max_events, checked_g4_path
@@ -529,7 +535,10 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
               + f" (of {test.size} events)", file=sys.stderr, flush=True)
     stage_record(staged, out_dir, f"validation_{detector}.json", report, {f"validation_{detector}.md": "\n".join(md)})
     previous = previous_plots(out_dir, detector, report)  # (the old report, before the new one)
-    staged.publish()  # the plots, then the report: one set, as late as possible
+    try:  # the plots, then the report: one set, as late as possible, over nothing made since the check
+        staged.publish(unchanged, "validation")
+    except OutputsChangedError as err:
+        raise ValueError(f"-o {out_dir!r}: {err}") from None
     if not quiet:
         print("\n".join(md))
     # then the previous validation's other plots (a pi0 peak that this one, --pi0-events 0, has not)
