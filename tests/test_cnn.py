@@ -1392,7 +1392,7 @@ def test_a_training_does_not_overwrite_files_that_appeared_in_its_folder_while_i
             (out / name).unlink()
         return err
 
-    def second_training():  # another process (in this one it would share the first one's temporary names)
+    def second_training():  # another process, as a second `eclreco train` is
         subprocess.run([sys.executable, "-m", "eclreco.cli", *base, "--seed", "2"], check=True)
         second.update(files())
 
@@ -1469,16 +1469,45 @@ def test_staged_outputs_take_a_free_name_without_replacing_a_file_made_there_aft
     b.write_text("another run's")
     monkeypatch.setattr(paths, "output_states", lambda files: unchanged)  # b made just after the re-check
     with pytest.raises(paths.OutputsChangedError, match=r"^card\.json appeared or changed there since this "
-                                                        r"training began .*kept as \.net\.\d+\.partial\.onnx, "):
+                                                        r"training began .*kept as \.net\.\d+\.\d+\.partial\.onnx, "):
         with paths.StagedOutputs() as staged:
             for f in (a, b):
                 with open(staged.path(str(f)), "w") as out:
                     out.write("new")
             staged.publish(unchanged, "training")
     assert b.read_text() == "another run's" and not a.exists()
-    pid = os.getpid()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f".card.{pid}.partial.json", f".net.{pid}.partial.onnx",
-                                                          "card.json"]
+    kept = [os.path.basename(t) for t in staged.files.values()]
+    assert [re.sub(r"\d+", "N", name) for name in kept] == [".net.N.N.partial.onnx", ".card.N.N.partial.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["card.json", *kept])
+
+
+def test_two_staged_outputs_of_one_target_in_one_process_write_their_own_files(tmp_path):
+    """The temporary name of an output was .stem.PID.partial.ext: two runs of one process writing the same output
+    (two validations into one -o, from a notebook's threads) shared it, so that one published the other's content,
+    the other's publish failed (FileNotFoundError), and a failed run's clean-up removed the file of the one still
+    running. Each StagedOutputs now has its own temporary file."""
+    from eclreco import paths
+
+    target = str(tmp_path / "report.json")
+
+    def write(staged, text):
+        with open(staged.path(target), "w") as f:
+            f.write(text)
+
+    with paths.StagedOutputs() as first, paths.StagedOutputs() as second:
+        write(first, "first")
+        write(second, "second")
+        second.publish()
+        assert open(target).read() == "second"
+        first.publish()
+        assert open(target).read() == "first"
+    with paths.StagedOutputs() as running:
+        write(running, "running")
+        with paths.StagedOutputs() as failed:  # (its run failed before its publish: its clean-up, not ours)
+            write(failed, "failed")
+        running.publish()
+    assert open(target).read() == "running"
+    assert os.listdir(tmp_path) == ["report.json"]
 
 
 def test_a_card_without_files_vouches_for_no_network(tmp_path, capsys):

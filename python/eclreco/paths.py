@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import stat
 import sys
@@ -95,14 +96,19 @@ def output_folder(path: str, option: str = "-o"):
         raise
 
 
+_PARTIALS = itertools.count(1)  # (next() is atomic in CPython: threads get their own numbers too)
+
+
 def partial_name(final: str) -> str:
     """A new file beside `final` for its content, which then takes the name with os.replace: so that an
     interrupted or failed run never leaves a half-written file, or one that does not belong with the files
     beside it, under an output's name. It keeps final's extension (matplotlib takes the format from it).
+    Each call gives another name (.stem.PID.N.partial.ext): two runs of one process that write the same output
+    (two validations into one -o) each have their own file, not one that the second publishes or removes for both.
     (Not tempfile.mkstemp: its files are 0600, and a model, a cache or a plot is for others to read too.)"""
     folder, name = os.path.split(os.path.abspath(final))
     stem, ext = os.path.splitext(name)
-    return os.path.join(folder, f".{stem}.{os.getpid()}.partial{ext}")
+    return os.path.join(folder, f".{stem}.{os.getpid()}.{next(_PARTIALS)}.partial{ext}")
 
 
 class OutputsChangedError(ValueError):
@@ -127,7 +133,9 @@ class StagedOutputs:
         self.kept = False  # publish refused: the temporary files stay (a long run's work), named in its error
 
     def path(self, final: str) -> str:
-        return self.files.setdefault(final, partial_name(final))
+        if final not in self.files:  # its own file, named once (partial_name gives a new name each call)
+            self.files[final] = partial_name(final)
+        return self.files[final]
 
     def publish(self, unchanged: dict[str, str | None] | None = None, run: str = "run") -> None:
         """Gives the files their names. unchanged: output_states at the run's overwrite check, which may have been
