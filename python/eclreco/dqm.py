@@ -12,6 +12,7 @@ import threading
 import numpy as np
 
 from eclreco import _core
+from eclreco.paths import one_line
 
 
 class Histogram1D:
@@ -410,11 +411,6 @@ def _count(counts: collections.OrderedDict, key) -> None:
 registry = DQMRegistry()
 
 
-def _one_line(err: Exception) -> str:
-    """An error's text on one line (uproot's and matplotlib's run over several)."""
-    return " ".join(str(err).split())
-
-
 class NoDQMError(ValueError):
     """A readable ROOT file without a dqm directory (read_histograms): beside files that have one, read_files
     skips it (a farm collector killed, or whose write failed, mid-run wrote its events but no DQM of the runs
@@ -462,7 +458,7 @@ def read_histograms(root_path: str) -> list[dict]:
                                   "xlabel": obj.axis().member("fTitle"), "file": root_path,
                                   "detectors": detectors})
     except Exception as err:  # noqa: BLE001 - uproot's OSError for a file cut short, its DeserializationError, ...
-        raise ValueError(f"{root_path}: not a readable ROOT file, cut short or damaged? ({_one_line(err)})") from None
+        raise ValueError(f"{root_path}: not a readable ROOT file, cut short or damaged? ({one_line(err)})") from None
     if hists is None:
         raise NoDQMError(f"{root_path} has no dqm directory (a job without ECLDQM, or not a RootOutput file)")
     return hists
@@ -487,7 +483,7 @@ def _previous_plots(out_dir: str) -> dict[str, str]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError, KeyError, TypeError) as err:
-        print(f"eclreco dqm: warning: {path} is not a readable list of this command's plots ({_one_line(err)}): "
+        print(f"eclreco dqm: warning: {path} is not a readable list of this command's plots ({one_line(err)}): "
               "no earlier plot is removed", file=sys.stderr)
         return {}
     # names only, in the folder itself: a manifest never removes a file elsewhere
@@ -650,7 +646,7 @@ def draw(root_paths: list[str] | str, out_dir: str, parts: bool = False) -> list
                     fig.tight_layout()
                     fig.savefig(staged.path(out), dpi=90)
                 except ValueError as err:  # matplotlib's, e.g. a title that is no valid mathtext
-                    raise ValueError(f"{h['file']}: cannot draw dqm/{h['name']};{h['cycle']}: {_one_line(err)}") from None
+                    raise ValueError(f"{h['file']}: cannot draw dqm/{h['name']};{h['cycle']}: {one_line(err)}") from None
                 finally:
                     plt.close(fig)
                 written.append(out)

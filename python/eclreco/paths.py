@@ -184,6 +184,12 @@ class StagedOutputs:
                 os.unlink(tmp)
 
 
+def one_line(err: Exception) -> str:
+    """An error's text on one line, for a refusal that names a file (uproot's, matplotlib's and json's messages run
+    over several): eclreco dqm's and hlt merge's."""
+    return " ".join(str(err).split())
+
+
 def unreadable_file(path: str, what: str = "file") -> str:
     """Why `path` cannot be read as a `what` ('' when it can), to follow `OPTION 'path': ` in a refusal:
     open's OSError ('[Errno 21] Is a directory: ...') names neither the option nor what was expected."""

@@ -25,7 +25,7 @@ import os
 
 import numpy as np
 
-from eclreco.paths import StagedOutputs, output_file_error
+from eclreco.paths import StagedOutputs, one_line, output_file_error
 
 DETECTOR = "detector"  # RootOutput's per-event branch, absent from the files written before it
 CLUSTER_PREFIX = "cluster_"  # RootOutput's cluster branches, with the counter n + "cluster"
@@ -42,9 +42,7 @@ def _open(name: str, tree: str):
     try:
         f = uproot.open(name)
     except Exception as err:  # noqa: BLE001 - not a ROOT file, or cut inside its header
-        from eclreco.dqm import _one_line  # uproot's messages run over several lines
-
-        raise ValueError(f"{name}: not a readable ROOT file ({type(err).__name__}: {_one_line(err)})") from None
+        raise ValueError(f"{name}: not a readable ROOT file ({type(err).__name__}: {one_line(err)})") from None
     if tree not in f:
         return f, None
     return f, f[tree]
