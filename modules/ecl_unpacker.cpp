@@ -20,7 +20,8 @@
 // detector must not overlap. Any other key, a wrong length, a non-finite number, an address used
 // twice is an error at initialize. A detector without a payload keeps the defaults for every run;
 // an event of a detector that has payloads, none of which covers its (exp, run), is rejected
-// [no_conditions] and kept like any rejected event.
+// [no_conditions] and kept like any rejected event. provenance() gives the file's absolute path and the
+// SHA-256 of the bytes parsed, for the output file's metadata.
 #include <algorithm>
 #include <atomic>
 #include <cctype>
@@ -31,6 +32,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <map>
 #include <sstream>
 #include <stdexcept>
 #include <utility>
@@ -39,6 +41,7 @@
 #include "ecl/geometry.hpp"
 #include "ecl/unpacker.hpp"
 #include "framework/registry.hpp"
+#include "framework/sha256.hpp"
 
 namespace {
 
@@ -262,7 +265,13 @@ class ECLUnpacker : public fw::Module {
       payloads_[static_cast<int>(d)].assign(1, ConditionsPayload{});
       payloads_[static_cast<int>(d)][0].calibration = ecl::Calibration::defaults(ecl::Geometry::get(d).n_cells);
     }
+    conditions_file_.clear();
     if (!conditions_.empty()) load_conditions(conditions_);
+  }
+
+  Provenance provenance() const override {
+    if (conditions_file_.empty()) return {};  // the spec's defaults: the parameter '' says so
+    return {{"conditions", conditions_file_}};
   }
 
   void event(fw::EventBatch& batch) override {
@@ -381,6 +390,9 @@ class ECLUnpacker : public fw::Module {
     std::stringstream ss;
     ss << f.rdbuf();
     const std::string text = ss.str();
+    // the digest of these bytes, not of a second read: the file may change while the job runs
+    std::map<std::string, std::string> file = {{"path", std::filesystem::absolute(path).lexically_normal().string()},
+                                               {"sha256", fw::sha256_hex(text)}};
     Json doc;
     try {
       doc = JsonParser(text).parse();
@@ -414,6 +426,7 @@ class ECLUnpacker : public fw::Module {
                                    ps[k].iov);
       payloads_[d] = std::move(ps);
     }
+    conditions_file_ = std::move(file);
   }
 
   // Reads one payload into loaded[its detector].
@@ -487,6 +500,7 @@ class ECLUnpacker : public fw::Module {
   }
 
   std::string conditions_;
+  std::map<std::string, std::string> conditions_file_;  // {path, sha256} of the file loaded; empty: none
   std::vector<ConditionsPayload> payloads_[2];  // per detector, sorted, not overlapping
   std::atomic<uint64_t> digits_{0}, rejected_{0};
 };

@@ -786,6 +786,37 @@ def test_reco_py_conditions_channel_map_end_to_end(tmp_path):
                                   np.concatenate(tc["cluster_seed_cell"].array(library="np")))
 
 
+def test_reco_py_metadata_records_the_conditions_file_s_digest(tmp_path):
+    """The file's metadata gives the conditions file as ECLUnpacker read it, path and SHA-256, beside the CNN's
+    model and its SHA-256: it gave the path only (the `conditions` parameter), and a file changed after the job
+    could not be told apart."""
+    import hashlib
+
+    import uproot
+
+    from eclreco import rawdata
+    from eclreco.modules.root_output import read_metadata
+
+    reco = _reco()
+    raw = tmp_path / "raw.msgpack"
+    write_raw_file(raw, encode_events("array30", 0, 1, [0, 1], [0, 1, 2], [100, 101], [5000, 4000], [0, 0], [0, 0]))
+    cond = tmp_path / "c.json"
+    rawdata.write_conditions(cond, "array30", gain=[1.05] * 900)
+    sha = hashlib.sha256(cond.read_bytes()).hexdigest()
+    out = tmp_path / "out.root"
+    assert reco.main(["-i", str(raw), "--conditions", str(cond), "-o", str(out), "--threads", "1", "--no-dqm",
+                      "--progress", "0", "--rejected", ""]) == 0
+    cond.write_bytes(cond.read_bytes().replace(b"1.05", b"1.06"))  # changed after the job
+    with uproot.open(out) as f:
+        meta = read_metadata(f)
+    modules = {m["module"]: m for m in meta["path"]}
+    assert modules["ECLUnpacker"]["params"]["conditions"] == str(cond)
+    assert modules["ECLUnpacker"]["conditions"] == {"path": str(cond), "sha256": sha}
+    assert modules["ECLUnpacker"]["conditions"]["sha256"] != hashlib.sha256(cond.read_bytes()).hexdigest()
+    assert set(modules["ECLEnergyCorrection"]["models"]["array30"]) == {"path", "sha256"}
+    assert "conditions" not in modules["ECLClusterizer"]
+
+
 @pytest.mark.parametrize("argv,default", [(["hlt", "control", "--help"], "control"),
                                           (["daq-emulator", "--help"], "daq")])
 def test_help_shows_the_curve_name_default_once(argv, default, capsys):

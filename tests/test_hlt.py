@@ -1159,7 +1159,8 @@ def test_farm_keeps_rejected_raw_events_and_rejects_multipart_messages(farm_fact
     --max-message-bytes goes the same way, as oversize. A single frame forged to look like one of
     those marks is rejected as not_msgpack. With --conditions, the workers' ECLUnpacker reads the
     conditions file: run 2 lies outside its belle2-ecl payload's interval of validity, so its events
-    are rejected as no_conditions and kept."""
+    are rejected as no_conditions and kept; the collector's file metadata names that file and the SHA-256 of the
+    bytes each worker's ECLUnpacker read (it gave the path only)."""
 
     import msgpack
     import zmq
@@ -1191,6 +1192,13 @@ def test_farm_keeps_rejected_raw_events_and_rejects_multipart_messages(farm_fact
     farm.command("stop")
     evt, _ = read_evt(farm.output)
     assert np.array_equal(np.sort(evt), np.arange(200))
+    # the collector's file names the conditions file each worker's ECLUnpacker read, with the SHA-256 of its bytes
+    with uproot.open(farm.output) as f:
+        meta = json.loads(str(f["metadata"]))
+    workers = next(m for m in meta["path"] if m["module"] == "HLTCollectorInput")["workers"]
+    read = {"path": str(cond), "sha256": hashlib.sha256(cond.read_bytes()).hexdigest()}
+    assert workers and all(next(m for m in w["path"] if m["module"] == "ECLUnpacker")["conditions"] == read
+                           for w in workers), workers
     kept = []
     for f in glob.glob(str(tmp_path / "farm_rejected_w*_*.msgpack")):
         kept += list(msgpack.Unpacker(open(f, "rb"), raw=False))

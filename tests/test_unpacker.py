@@ -475,3 +475,37 @@ def test_a_payload_ref_outside_its_message_is_an_event_error(tmp_path, offset, s
     errors = json.loads(r.stdout.split("errors ", 1)[1])
     assert list(errors) == ["0"], errors
     assert errors["0"].startswith("ECLUnpacker raised on exp 0 run 1 evt 0: RawPayloadRef puts the payload at offset "), errors
+
+
+def test_conditions_file_digest_is_of_the_bytes_parsed(tmp_path):
+    """provenance() gives the conditions file's absolute path and the SHA-256 of the bytes ECLUnpacker parsed
+    (hashlib's digest, at every length around SHA-256's 64-byte blocks and for a full belle2-ecl payload); a file
+    rewritten after initialize keeps the digest of what was loaded. Without a file: nothing (the parameter says
+    '')."""
+    import hashlib
+    import os
+
+    from eclreco import _core
+
+    cond = tmp_path / "cond.json"
+    payload = json.dumps({"detector": "array30", "iov": [0, 0, 0, 5]}).encode()
+    for pad in range(0, 140):  # JSON whitespace: every tail length of the last block(s)
+        cond.write_bytes(payload + b" " * pad)
+        m = _core.create_cpp_module("ECLUnpacker")
+        m.set_param("conditions", str(cond))
+        m.initialize()
+        assert m.provenance() == {"conditions": {"path": str(cond), "sha256": hashlib.sha256(cond.read_bytes()).hexdigest()}}
+    rawdata.write_conditions(cond, "belle2-ecl", gain=np.linspace(0.9, 1.1, 8736), t0=np.zeros(8736))
+    loaded = hashlib.sha256(cond.read_bytes()).hexdigest()
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        m = _core.create_cpp_module("ECLUnpacker")
+        (tmp_path / "sub").mkdir()
+        m.set_param("conditions", "./sub/../cond.json")  # recorded as os.path.abspath gives it
+        m.initialize()
+    finally:
+        os.chdir(cwd)
+    cond.write_bytes(payload)  # replaced after the job read it
+    assert m.provenance() == {"conditions": {"path": str(cond), "sha256": loaded}}
+    assert _core.create_cpp_module("ECLUnpacker").provenance() == {}

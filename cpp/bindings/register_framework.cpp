@@ -403,6 +403,9 @@ void register_framework(py::module_& m) {
       .def("ordered", &Module::ordered)
       .def("writes_events", &Module::writes_events)
       .def("counters", &Module::counters)
+      .def("provenance", &Module::provenance,
+           "what the output file's metadata records of the module beside its parameters: {key: {field: value}}, "
+           "e.g. ECLUnpacker's {'conditions': {'path': ..., 'sha256': ...}}; {} for most modules")
       // a tuple, as a Python module's makes()/requires() and the docs give them (stl.h made a C++ module's a list)
       .def("makes", [](const Module& self) { return names_or_none(self.makes()); },
            "the collections the module adds to its batches (a tuple); None: not said")

@@ -69,6 +69,13 @@ class Module {
   virtual bool needs_gil() const { return false; }
   // Module-specific counters for monitoring (e.g. clusters corrected), read between batches.
   virtual std::map<std::string, double> counters() const { return {}; }
+  // What the output file's metadata records of the module beside its parameters, which name a file
+  // and not its content: {key: {field: value}}, e.g. ECLUnpacker's {"conditions": {"path": ..., "sha256":
+  // ...}}, the digest of the bytes it parsed at initialize (a file changed after the job is still told
+  // apart). Read after initialize (eclreco.framework.job_provenance); a Python module defines its own
+  // provenance() (ECLEnergyCorrection's model files).
+  using Provenance = std::map<std::string, std::map<std::string, std::string>>;
+  virtual Provenance provenance() const { return {}; }
 
   // The collections the module adds to its batches (makes) and those it reads and cannot do without
   // (needs; Python's requires(): `requires` is a C++20 keyword), from its parameters; std::nullopt: not

@@ -51,6 +51,8 @@ class Module(_core.Module):
     column by assigning a new array (``clusters["energy"] = clusters["energy"] * k``). A module that
     reads columns of a collection checks them with ``self.require_columns(collection, names)``: one the
     collection lacks ends the job at its first batch, with one message (the C++ modules' check).
+    A module that reads a file at initialize defines ``provenance()`` returning a dict (its path and
+    SHA-256) that the output file's metadata adds to its entry (eclreco.framework.job_provenance).
     """
 
     def __init__(self):
@@ -307,7 +309,8 @@ def job_provenance(path: Path | None) -> dict:
     """What made an output file, for its metadata (RootOutput): the eclreco version, the command
     line, the host, the digests of the package's data files (package_data_digests), and each module
     of the path with every parameter's value, plus what a module's provenance() adds
-    (ECLEnergyCorrection: the model files it loaded and their SHA-256)."""
+    (ECLEnergyCorrection: the model files it loaded and their SHA-256; a C++ module's from
+    fw::Module::provenance, ECLUnpacker: its conditions file and the SHA-256 of the bytes it parsed)."""
     import socket
 
     import eclreco
