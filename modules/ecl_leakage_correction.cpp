@@ -4,6 +4,8 @@
 
 #include <atomic>
 #include <cstdio>
+#include <filesystem>
+#include <map>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -38,8 +40,10 @@ class ECLLeakageCorrection : public fw::Module {
 
   void initialize() override {
     for (auto& t : tables_) t = ecl::LeakageTable();
+    table_file_.clear();
     if (!table_.empty()) {
       auto t = ecl::LeakageTable::load(table_);
+      table_file_ = {{"path", std::filesystem::absolute(table_).lexically_normal().string()}, {"sha256", t.sha256()}};
       tables_[t.detector_code() == 1 ? 1 : 0] = std::move(t);
       explicit_ = true;
     } else {
@@ -53,6 +57,13 @@ class ECLLeakageCorrection : public fw::Module {
         }
       }
     }
+  }
+
+  // A table of its own: path and SHA-256 of the bytes loaded, for the output file's metadata (the
+  // package's tables are under the metadata's package_data).
+  Provenance provenance() const override {
+    if (table_file_.empty()) return {};
+    return {{"table", table_file_}};
   }
 
   void event(fw::EventBatch& batch) override {
@@ -97,6 +108,7 @@ class ECLLeakageCorrection : public fw::Module {
   std::string table_, collection_;
   bool explicit_ = false;
   ecl::LeakageTable tables_[2];
+  std::map<std::string, std::string> table_file_;  // {path, sha256} of the `table` loaded; empty: the package's
   std::atomic<uint64_t> corrected_{0};
 };
 

@@ -879,3 +879,37 @@ def test_a_seed_without_a_valid_time_gives_its_cluster_time_0():
     np.testing.assert_array_equal(out["time"], ref["time"])
     good = _core.find_clusters("belle2-ecl", **digits([(4000, 0.8, 12.0, 0)] + ev[1:]))
     assert good["time"].tolist() == [12.0, 40.0]
+
+
+def test_leakage_module_s_own_table_is_in_the_metadata_with_its_digest(tmp_path):
+    """A `table` of its own (not the package's, whose digests package_data gives) is in the output file's metadata
+    with the SHA-256 of the bytes ECLLeakageCorrection loaded, under its entry's `table`: it was named by its path
+    only, and a table changed after the job could not be told apart. The package's tables add nothing there."""
+    import hashlib
+
+    import uproot
+
+    from eclreco.modules.root_output import read_metadata
+    from eclreco.rawdata import encode_events, write_raw_file
+
+    raw = tmp_path / "raw.msgpack"
+    write_raw_file(raw, encode_events("array30", 0, 1, [0, 1], [0, 1, 2], [100, 101], [5000, 4000], [0, 0], [0, 0]))
+    shipped = Path(eclreco.__file__).parent / "data" / "leakage_array30.npz"
+    mine = tmp_path / "mine.npz"
+    mine.write_bytes(shipped.read_bytes())
+    sha = hashlib.sha256(mine.read_bytes()).hexdigest()
+    for table in (str(mine), ""):
+        path = eclreco.create_path()
+        path.add_module("RawFileInput", filename=str(raw))
+        path.add_module("ECLUnpacker")
+        path.add_module("ECLClusterizer")
+        path.add_module("ECLLeakageCorrection", table=table)
+        path.add_module("RootOutput", filename=str(tmp_path / "out.root"))
+        eclreco.process(path, install_signal_handlers=False)
+        with uproot.open(tmp_path / "out.root") as f:
+            entry = next(m for m in read_metadata(f)["path"] if m["module"] == "ECLLeakageCorrection")
+        if table:
+            mine.write_bytes(b"changed after the job")
+            assert entry["table"] == {"path": str(mine), "sha256": sha}
+        else:
+            assert "table" not in entry

@@ -7,6 +7,9 @@
 #include <fstream>
 #include <iterator>
 #include <stdexcept>
+#include <utility>
+
+#include "framework/sha256.hpp"
 
 namespace ecl {
 
@@ -95,10 +98,11 @@ size_t parse_npy(const unsigned char* p, size_t avail, NpyArray& out, bool& nume
 
 }  // namespace
 
-std::map<std::string, NpyArray> read_npz(const std::string& path) {
+std::map<std::string, NpyArray> read_npz(const std::string& path, std::string* sha256) {
   std::ifstream f(path, std::ios::binary);
   if (!f) throw std::runtime_error("cannot open " + path);
   const std::vector<unsigned char> buf((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  if (sha256) *sha256 = fw::sha256_hex(buf.data(), buf.size());
   std::map<std::string, NpyArray> out;
   size_t pos = 0;
   while (pos + 30 <= buf.size() && rd32(&buf[pos]) == 0x04034b50) {
@@ -129,7 +133,8 @@ std::map<std::string, NpyArray> read_npz(const std::string& path) {
 }
 
 LeakageTable LeakageTable::load(const std::string& path) {
-  const auto arrays = read_npz(path);
+  std::string sha256;
+  const auto arrays = read_npz(path, &sha256);
   auto need = [&](const std::string& k) -> const NpyArray& {
     auto it = arrays.find(k);
     if (it == arrays.end()) throw std::runtime_error(path + ": leakage table without '" + k + "'");
@@ -137,6 +142,7 @@ LeakageTable LeakageTable::load(const std::string& path) {
   };
   LeakageTable t;
   t.path_ = path;
+  t.sha256_ = std::move(sha256);
   const auto& det = need("detector_code").data;
   if (det.size() != 1 || !(det[0] == 0 || det[0] == 1))
     throw std::runtime_error(path + ": detector_code must be 0 (belle2-ecl) or 1 (array30)");

@@ -34,7 +34,8 @@ struct NpyArray {
   std::vector<int64_t> shape;
   std::vector<double> data;
 };
-std::map<std::string, NpyArray> read_npz(const std::string& path);
+// sha256, when given: set to the SHA-256 of the bytes read (the provenance of what was loaded).
+std::map<std::string, NpyArray> read_npz(const std::string& path, std::string* sha256 = nullptr);
 
 class LeakageTable {
  public:
@@ -44,6 +45,7 @@ class LeakageTable {
   bool empty() const { return response_.empty(); }
   int detector_code() const { return detector_; }
   const std::string& path() const { return path_; }
+  const std::string& sha256() const { return sha256_; }  // of the file's bytes that were loaded
 
   // Response at the given cluster variables (ring, local_u, local_v as in ECLClusters).
   double response(double energy_raw, int ring, double local_u, double local_v) const;
@@ -58,7 +60,7 @@ class LeakageTable {
     bool linear;
     std::vector<double> centers;
   };
-  std::string path_;
+  std::string path_, sha256_;
   int detector_ = 0;
   std::vector<Axis> axes_;
   std::vector<int64_t> strides_;

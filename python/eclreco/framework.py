@@ -310,7 +310,8 @@ def job_provenance(path: Path | None) -> dict:
     line, the host, the digests of the package's data files (package_data_digests), and each module
     of the path with every parameter's value, plus what a module's provenance() adds
     (ECLEnergyCorrection: the model files it loaded and their SHA-256; a C++ module's from
-    fw::Module::provenance, ECLUnpacker: its conditions file and the SHA-256 of the bytes it parsed)."""
+    fw::Module::provenance, ECLUnpacker: its conditions file and the SHA-256 of the bytes it parsed;
+    ECLLeakageCorrection: a `table` of its own, the same way)."""
     import socket
 
     import eclreco
