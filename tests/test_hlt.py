@@ -1704,20 +1704,53 @@ def test_what_the_terminate_keeps_of_the_unread_input_is_bounded_and_the_rest_co
     """--keep-unread-bytes bounds the quarantine of the messages unread at terminate (a source that filled the
     input while the farm was stopped: up to --input-hwm messages per connection, each up to --refuse-message-bytes):
     the first ones that fit are kept, in order, the others counted unread_not_kept (status, the final line, a
-    metric) and said."""
+    metric) and said. Those are lost, as events given up at a stop are: the distributor, `hlt run` and `hlt control
+    terminate` exit 1 and say so (they exited 0)."""
     sent = [envelope(e) for e in range(30)]
     bound = sum(map(len, sent[:10]))  # (envelopes differ in size)
     farm = farm_factory(workers=1, extra=("--keep-unread-bytes", str(bound)))
     farm.command("stop")
     push_messages(farm.input, sent)
-    d = farm.command("terminate")["processes"][0]
+    r = subprocess.run(ECLRECO + ["hlt", "control", "terminate", "--control", farm.control], capture_output=True,
+                       text=True, timeout=90)
     rc, log = farm.wait_exit()
-    assert rc == 0, log
+    assert r.returncode == 1, r.stderr + log
+    assert "eclreco hlt control: 20 messages unread at terminate are in no file (unread_not_kept): lost" in r.stderr
+    d = json.loads(r.stdout)["processes"][0]
+    assert rc == 1, log
     assert (d["unread_at_terminate"], d["unread_kept"], d["unread_not_kept"]) == (30, 10, 20), d
     assert [r["message"] for r in read_quarantine(d["unread_file"])] == sent[:10]
     assert f"unread at terminate 30 (10 kept in {d['unread_file']}, 20 in no file)" in log
-    assert (f"[distributor] warning: 20 of the messages unread at terminate are in no file: over --keep-unread-bytes "
+    assert (f"[distributor] error: 20 of the messages unread at terminate are in no file: over --keep-unread-bytes "
             f"{bound} (kept the first 10)") in log
+    assert log.rstrip().splitlines()[-1] == (
+        "[hlt run] error: 20 messages unread at terminate are in no file (unread_not_kept): lost"), log
+
+
+def test_a_distributor_alone_exits_1_when_messages_unread_at_terminate_are_in_no_file(tmp_path):
+    """A distributor of its own (a service: its exit code is what the service manager sees) whose terminate keeps
+    none of the 5 messages unread (over --keep-unread-bytes) exits 1, as it does for lost_at_stop (it exited 0)."""
+    inp, control = free_address(), free_address()
+    p = subprocess.Popen(ECLRECO + ["hlt", "distributor", "--input", inp, "--workers-addr", free_address(), "--control",
+                                    control, "--metrics-port", "-1", "--stop-drain", "0.3", "--keep-unread-bytes", "1",
+                                    "--rejected", str(tmp_path / "unread.msgpack")],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(tmp_path))
+    try:
+        r = subprocess.run(ECLRECO + ["hlt", "control", "stop", "--control", control, "--timeout", "30"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        push_messages(inp, [envelope(e) for e in range(5)])
+        time.sleep(1.0)  # connected and in the input's queue (a stopped distributor does not read it)
+        p.send_signal(signal.SIGTERM)  # a service stop: a terminate of the distributor alone
+        out, _ = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 1, out
+    assert "unread at terminate 5 (in no file)" in out, out
+    assert ("[distributor] error: 5 of the messages unread at terminate are in no file: over --keep-unread-bytes 1 "
+            "(kept the first 0)") in out, out
 
 
 def test_the_farms_input_queue_is_bounded_in_bytes_and_what_it_holds_is_counted(farm_factory, zmq_context):

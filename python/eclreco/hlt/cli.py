@@ -75,8 +75,8 @@ def add_distributor_arguments(p, local_farm: bool = False):
                         "(ZMQ_MAXMSGSIZE, a memory guard; 0: no limit)")
     p.add_argument("--keep-unread-bytes", type=NON_NEGATIVE_INT, default=1 << 30,
                    help="bytes of the messages unread at terminate (sent after the last stop) kept in the quarantine "
-                        "file, at most (the terminate writes them; beyond: counted unread_not_kept and said; 0: no "
-                        "bound)")
+                        "file, at most (the terminate writes them; beyond: counted unread_not_kept and said, "
+                        "lost: exit 1; 0: no bound)")
     add_scheduling_argument(p)
 
 

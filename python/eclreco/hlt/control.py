@@ -34,6 +34,14 @@ def unread_note(d: dict) -> str:
     return f" ({kept} {where}, {not_kept} in no file)" if kept else " (in no file)"
 
 
+def unread_lost_text(d: dict) -> str:
+    """The messages unread at terminate that are in no file (unread_not_kept: counted, nothing to replay): lost, as
+    the events given up at a stop are, so an exit 1 of the distributor, `hlt run` and `hlt control terminate`
+    ('' when none)."""
+    n = d.get("unread_not_kept", 0)
+    return f"{n} messages unread at terminate are in no file (unread_not_kept): lost" if n else ""
+
+
 def summary_line(d: dict) -> str:
     """The distributor's status in one line (its final log line, and `hlt run`'s)."""
     return (f"{d['confirmed']} events confirmed of {d['received']} received, {d['throughput_hz']:,.0f} events/s, "
@@ -347,6 +355,9 @@ def control_main(args) -> int:
     if lost:  # the distributor's own exit code says the same
         print(f"eclreco hlt control: {lost} events were given up (lost_at_stop: no live collector, or a stop that "
               "timed out)", file=sys.stderr)
+        return 1
+    if unread := unread_lost_text(final):  # the distributor's own exit code says the same
+        print(f"eclreco hlt control: {unread}", file=sys.stderr)
         return 1
     if args.action == "start" and reply.get("already"):
         print(f"eclreco hlt control: run {reply.get('run_index')} was already running", file=sys.stderr)

@@ -1181,8 +1181,8 @@ class Distributor:
             why = (u.error if u.error else
                    f"over --keep-unread-bytes {u.max_bytes} (kept the first {u.kept})" if u.full else
                    "no quarantine file (--rejected '')")
-            print(f"[distributor] {'error' if u.error else 'warning'}: {u.not_kept} of the messages unread at "
-                  f"terminate are in no file: {why}", file=sys.stderr, flush=True)
+            print(f"[distributor] error: {u.not_kept} of the messages unread at terminate are in no file: {why}",
+                  file=sys.stderr, flush=True)
 
     def finish_terminate(self):
         self.count_unread_input()
@@ -1428,6 +1428,7 @@ def main(args) -> int:
             exporter.close()
         d.input_monitor.close()
         time.sleep(0.2)  # let the last replies leave
-    # events given up (no live collector, a stop that timed out) break the farm's promise: say so by the
-    # exit code too (a service manager, or hlt run, which exits 1 with it)
-    return 1 if d.c["lost_at_stop"] else 0
+    # events given up (no live collector, a stop that timed out), or messages unread at terminate that are in no
+    # file (unread_not_kept), break the farm's promise: say so by the exit code too (a service manager, or hlt run,
+    # which exits 1 with it)
+    return 1 if d.c["lost_at_stop"] or d.unread.not_kept else 0

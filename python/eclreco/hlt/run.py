@@ -28,7 +28,7 @@ from eclreco.cli_types import metrics_host_unused
 from eclreco.curve import Curve, curve_option_error, roles_key_options_error
 from eclreco.hlt import protocol as P
 from eclreco.hlt.control import (ControlError, distributor_row, farm_failure, output_line, request, status,
-                                  summary_line)
+                                  summary_line, unread_lost_text)
 from eclreco.hlt.worker import chain_option_unused, module_names, steering_file_error
 from eclreco.raw_sockets import attach, bind_error, check_message_limits, check_queue_bound, tcp_port
 
@@ -460,6 +460,9 @@ class Farm:
                       f"(lost_at_stop)", file=sys.stderr, flush=True)
             if failure:
                 print(f"[hlt run] error: {failure}", file=sys.stderr, flush=True)
+                rc = 1
+            if unread := unread_lost_text(d):  # (the distributor exited 1 with it)
+                print(f"[hlt run] error: {unread}", file=sys.stderr, flush=True)
                 rc = 1
         return rc
 
