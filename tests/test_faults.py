@@ -1764,6 +1764,48 @@ def test_a_collector_stopped_in_the_middle_of_a_run_is_in_the_report():
         farm.close()
 
 
+def test_a_run_in_two_collectors_files_of_one_path_on_two_hosts_is_in_two_files():
+    """Two collectors on two hosts with the same -o (/data/run.root) each wrote part of run 1: the first stopped
+    (SIGTERM) mid-run, the second wrote the rest. The run's files were keyed by path only: one file, so the output
+    line and the stop's reply said nothing of a run in several files, and `eclreco dqm` would have been given one of
+    them. Each collector's file counts (its host and pid with its path), named HOST:PATH where the path is shared
+    (`eclreco dqm` takes a path once)."""
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import output_line
+
+    farm = InProcessFarm(heartbeat_timeout_s=0.3)
+    d = farm.d
+    try:
+        seqs = farm.read_events(100)
+        a = farm.peer()
+        collector_hello(farm, a, output="/data/run.root")  # pid 7 on host h
+        farm.send(a, P.CONFIRM, P.seqs_to_bytes(seqs[:70]))
+        farm.send(a, P.SAVED, P.seqs_to_bytes(seqs[:70]))
+        farm.send(a, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "/data/run.root", "received": 70,
+                                          "events_written": 70}))
+        time.sleep(0.4)  # a is gone: the next collector is taken
+        b = farm.peer()
+        collector_hello(farm, b, instance="i8", pid=8, host="h2", output="/data/run.root")
+        d.heartbeat_timeout_s = 60.0  # b stays alive while the stop is answered
+        farm.send(b, P.CONFIRM, P.seqs_to_bytes(seqs[70:]))
+        farm.send(b, P.SAVED, P.seqs_to_bytes(seqs[70:]))
+        d.pending.clear()  # (no worker here to take the ids off the queue)
+        d.stop_drain_s = 0.0
+        control = farm.peer()
+        assert farm.send(control, P.STOP) == []
+        d.housekeeping(time.monotonic())
+        reply = stop_reply_after_run_ended(farm, b, control, {"run_index": 1, "filename": "/data/run.root",
+                                                             "received": 30, "events_written": 30})
+        assert reply["in_several_files"] == {"run_index": 1, "files": ["h:/data/run.root", "h2:/data/run.root"],
+                                             "without_dqm": [], "shared_paths": ["/data/run.root"]}, reply
+        line = output_line(d.own_status())
+        assert ("; farm run 1's events are in 2 files (`eclreco dqm h:/data/run.root h2:/data/run.root` draws its DQM "
+                "summed across them; /data/run.root: the path of several collectors' files (HOST:PATH), copy them "
+                "under distinct names for `eclreco dqm`)") in line, line
+    finally:
+        farm.close()
+
+
 def test_a_farm_run_without_events_is_counted_and_said_to_have_none():
     """A START ... STOP in which no event came is a farm run: the output line counted only the runs whose
     collector received an event and said '0 events written in 0 farm run(s)' of a farm that had run twice."""

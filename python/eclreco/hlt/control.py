@@ -88,6 +88,9 @@ def several_files_text(entry: dict) -> str:
     with_dqm, without = files_with_dqm(entry), entry.get("without_dqm") or []
     advice = [f"{dqm_command(with_dqm)} draws its DQM" + (" summed across them" if len(with_dqm) > 1 else "")] \
         if with_dqm else []
+    if entry.get("shared_paths"):  # files of one path on several hosts, named HOST:PATH (run_file_names)
+        advice.append(f"{', '.join(entry['shared_paths'])}: the path of several collectors' files (HOST:PATH), copy "
+                      "them under distinct names for `eclreco dqm`")
     if without:
         advice.append(f"{', '.join(without)}: {'its collector' if len(without) == 1 else 'their collectors'} failed "
                       "or died mid-run, the DQM of the runs open "

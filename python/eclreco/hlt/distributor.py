@@ -263,11 +263,15 @@ class Distributor:
                        # file}, the first 20, and how many
                        "dqm_runs_in_parts": [], "dqm_runs_in_parts_total": 0,
                        # farm runs whose events are in several collectors' files (one replaced, failed or writing
-                       # a failed stop's leftovers): {run_index, files, without_dqm}, the first 20; `eclreco dqm` sums
-                       # across them (without_dqm: of them, files whose write failed: the DQM open then is in none)
+                       # a failed stop's leftovers): {run_index, files, without_dqm, shared_paths}, the first 20;
+                       # `eclreco dqm` sums across them (without_dqm: of them, files whose write failed: the DQM open
+                       # then is in none; shared_paths, if any: paths of several of them, named HOST:PATH,
+                       # run_file_names)
                        "runs_in_several_files": []}
-        # farm run index -> {file holding its events: whether it holds their DQM} (note_run_file)
-        self.run_files: dict[int, dict[str, bool]] = {}
+        # farm run index -> {(host, pid, path) of a collector's file holding its events: whether it holds their DQM}
+        # (note_run_file). By its collector too: by path, two collectors' files of one path (two hosts, the same -o)
+        # were one file, and the run's file count and `eclreco dqm` advice missed one
+        self.run_files: dict[int, dict[tuple, bool]] = {}
         # The farm's runs (their indices) whose end a collector reported, and of them those it received events in:
         # a run is counted once, also when several collectors report on it, and a run without events counts too.
         self.reported_runs: set[int] = set()
@@ -985,7 +989,7 @@ class Distributor:
             self.replaced_run.append(rec)
         if saved:
             # (no DQM of the run unless it reported the run's end: add_run_report's call says so)
-            self.note_run_file(self.run_index if run_index is None else run_index, rec["output"], dqm=False)
+            self.note_run_file(self.run_index if run_index is None else run_index, status, rec["output"], dqm=False)
         n, events, files = keys
         self.output[n] += 1
         self.output[events] += saved
@@ -1010,29 +1014,35 @@ class Distributor:
         if len(o["leftovers_files"]) < 20:
             o["leftovers_files"].append(rec["output"])
         if rec["events_written"]:
-            self.note_run_file(run, rec["output"])
+            self.note_run_file(run, st, rec["output"])
 
-    def note_run_file(self, run: int, path: str, dqm: bool = True):
-        """A file holds events of farm run `run`: a run in several files is listed in `output`'s
+    def note_run_file(self, run: int, status: dict, path: str, dqm: bool = True):
+        """A file of the collector of `status` (its pid and host: the file's identity with its path) holds events of
+        farm run `run`: a run in several files is listed in `output`'s
         runs_in_several_files, which the output line names as the files to give `eclreco dqm` together (it named
         one: the run's DQM drawn from it alone looked like the whole run's). dqm: its collector reported the run's
         end without an error; otherwise (killed, hung, its write failed) the DQM of the runs open then is in no file
         (a collector writes a run's DQM at its end)."""
         files = self.run_files.setdefault(run, {})
-        if not path or files.get(path) in (dqm, True):
+        key = (str(status.get("host") or ""), status.get("pid"), path)
+        if not path or files.get(key) in (dqm, True):
             return
-        files[path] = dqm
+        files[key] = dqm
         if len(files) > 1:
             self.output["runs_in_several_files"] = [
                 self.several_files_entry(r) for r, f in sorted(self.run_files.items()) if len(f) > 1][:20]
 
     def several_files_entry(self, run: int) -> dict | None:
-        """{run_index, files, without_dqm} of farm run `run` whose events are in several files (None: one or none), as
-        `output`'s runs_in_several_files lists them and the stop's reply names its run's."""
+        """{run_index, files, without_dqm, shared_paths} of farm run `run` whose events are in several files (None: one
+        or none), as `output`'s runs_in_several_files lists them and the stop's reply names its run's."""
         files = self.run_files.get(run, {})
         if len(files) < 2:
             return None
-        return {"run_index": run, "files": list(files), "without_dqm": [p for p, d in files.items() if not d]}
+        names = run_file_names(list(files))
+        paths = collections.Counter(p for _, _, p in files)
+        shared = [p for p in paths if paths[p] > 1]
+        return {"run_index": run, "files": names, "without_dqm": [n for n, d in zip(names, files.values()) if not d],
+                **({"shared_paths": shared} if shared else {})}
 
     def count_output_error(self, error: str):
         self.c["collector_output_errors"] += 1
@@ -1053,7 +1063,7 @@ class Distributor:
             self.runs_with_events.add(run)
         if int(info.get("events_written", 0) or 0):
             st = self.collector["status"] if self.collector is not None else {}
-            self.note_run_file(run, str(info.get("filename") or st.get("output") or ""),
+            self.note_run_file(run, st, str(info.get("filename") or st.get("output") or ""),
                                dqm=not info.get("output_error"))
         o["runs"] = len(self.reported_runs)
         o["runs_without_events"] = len(self.reported_runs - self.runs_with_events)
@@ -1360,6 +1370,15 @@ class Distributor:
         buckets, total = self.latency.buckets()
         h.add_metric([], buckets, sum_value=total)
         yield h
+
+
+def run_file_names(keys: list[tuple]) -> list[str]:
+    """The name of each (host, pid, path) of a run's files: its path, or HOST:PATH where another collector's file of
+    the run has the same path (two hosts, the same -o; `eclreco dqm` takes a path once), and ' (pid N)' after it
+    where the host is the same too."""
+    paths = collections.Counter(p for _, _, p in keys)
+    on_host = collections.Counter((h, p) for h, _, p in keys)
+    return [p if paths[p] == 1 else f"{h}:{p}" if on_host[h, p] == 1 else f"{h}:{p} (pid {pid})" for h, pid, p in keys]
 
 
 def unread_file(args) -> str:
