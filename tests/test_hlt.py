@@ -1673,7 +1673,9 @@ def test_events_sent_while_the_farm_is_stopped_are_counted_at_terminate(farm_fac
     the distributor's input went with it, in no counter, file or line (the emulator said 'sent'). Then they were
     counted but not kept: an operator could not replay them. They are in the distributor's quarantine file,
     reason unread_at_terminate, byte for byte as sent (a message that starts with 0xc1 too, which the input
-    escapes), and `eclreco quarantine --extract` gives them back."""
+    escapes), and `eclreco quarantine --extract` gives them back. Each valid event's record has its exp/run/evt, as
+    the workers' records have (they had none: "(no exp/run/evt)" in `eclreco quarantine --list`); the message that
+    is no envelope has none."""
     farm = farm_factory(workers=1)
     push_events(farm.input, range(100))
     farm.wait_confirmed(100)
@@ -1694,6 +1696,11 @@ def test_events_sent_while_the_farm_is_stopped_are_counted_at_terminate(farm_fac
     records = read_quarantine(name)
     assert [r["message"] for r in records] == sent
     assert {r["reason"] for r in records} == {"unread_at_terminate"}
+    assert [[r.get(k) for k in ("exp", "run", "evt")] for r in records] == [[1, 1, e] for e in range(100, 149)] + [
+        [None] * 3]
+    r = subprocess.run(ECLRECO + ["quarantine", name, "--list"], capture_output=True, text=True)
+    assert r.returncode == 0 and "exp 1 run 1 evt 148" in r.stdout and r.stdout.count("(no exp/run/evt)") == 1, \
+        r.stdout + r.stderr
     r = subprocess.run(ECLRECO + ["quarantine", name, "--extract", str(tmp_path / "replay.msgpack")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

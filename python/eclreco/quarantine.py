@@ -74,13 +74,15 @@ class RecordWriter:
         self._f = None
         self._good = 0  # the file's size after its last complete record
 
-    def add(self, reason: str, detail: str, message: bytes) -> bool:
+    def add(self, reason: str, detail: str, message: bytes, ids: dict | None = None) -> bool:
+        """ids: the message's exp/run/evt, in the record where they could be read (rawdata.envelope_ids)."""
         if self.path and not self.error and self.max_bytes and self.kept_bytes + len(message) > self.max_bytes:
             self.full = True  # (the records after it too: the file keeps the first ones, in order)
         if not self.path or self.error or self.full:
             self.not_kept += 1
             return False
-        rec = msgpack.packb({"reason": reason, "detail": detail, "message": message}, use_bin_type=True)
+        rec = msgpack.packb({"reason": reason, "detail": detail, "message": message, **(ids or {})},
+                            use_bin_type=True)
         try:
             if self._f is None:
                 self._f = open(self.path, "ab", buffering=0)  # unbuffered: a failed write is seen at its record

@@ -72,6 +72,16 @@ def decode_envelope(message: bytes) -> dict:
     return env
 
 
+def envelope_ids(message: bytes) -> dict:
+    """{exp, run, evt} of a message that is a valid envelope, {} for any other (as a quarantine record has them:
+    the HLT distributor's unread_at_terminate records; RejectedOutput's own read them in C++)."""
+    try:
+        env = _core.decode_envelope(message)
+    except _core.RawDataRejection:
+        return {}
+    return {k: env[k] for k in ("exp", "run", "evt")}
+
+
 def unpack_payload(payload: bytes, detector: str = "belle2-ecl", gain=None, t0=None, channel_map=None) -> dict:
     """Unpack one ECL payload (C++): dict of numpy arrays cell, energy, time, quality, amplitude.
     gain, t0: per cellId - 1; channel_map: (n_cells, 3) addresses (default: the spec's linear map).

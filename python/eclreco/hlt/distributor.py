@@ -31,6 +31,7 @@ from eclreco.hlt import protocol as P
 from eclreco.hlt.cli import STOP_DRAIN_MAX_S
 from eclreco.hlt.control import output_line, summary_line
 from eclreco.quarantine import RecordWriter
+from eclreco.rawdata import envelope_ids
 from eclreco.raw_sockets import (ConnectionMonitor, as_sent, attach, check_message_limits, check_queue_bound, end_input,
                                  queue_hwm, recv_message)
 
@@ -1174,8 +1175,9 @@ class Distributor:
                 self.addresses["input"] if self.input_bind else self.input_addr)
 
         def keep(msg: bytes):
+            msg = as_sent(msg)
             self.unread.add(UNREAD_REASON, "sent after the last run stopped reading; read at the distributor's "
-                            f"terminate from {self.input_addr}, not processed", as_sent(msg))
+                            f"terminate from {self.input_addr}, not processed", msg, envelope_ids(msg))
 
         try:
             n = end_input(self.inp, self.input_monitor, detach, force_after_s=self.stop_drain_s, max_s=max_s, keep=keep)
