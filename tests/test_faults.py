@@ -1722,38 +1722,47 @@ def test_a_collector_registered_after_the_stop_is_no_report_of_the_run():
         farm.close()
 
 
+def run_split_between_two_collectors(farm, first_output, second):
+    """Run 1 of 100 events: collector a (pid 7 on host h, `first_output`) saves the first 70 and is stopped
+    (SIGTERM: RUN_ENDED) mid-run; collector b (collector_hello's `second`) saves the other 30; then STOP. Returns the
+    stop's reply."""
+    from eclreco.hlt import protocol as P
+
+    d = farm.d
+    seqs = farm.read_events(100)
+    a = farm.peer()
+    collector_hello(farm, a, output=first_output)
+    farm.send(a, P.CONFIRM, P.seqs_to_bytes(seqs[:70]))
+    farm.send(a, P.SAVED, P.seqs_to_bytes(seqs[:70]))
+    farm.send(a, P.RUN_ENDED, P.pack({"run_index": 1, "filename": first_output, "received": 70,
+                                      "events_written": 70}))
+    time.sleep(0.4)  # a is gone: the next collector is taken
+    b = farm.peer()
+    collector_hello(farm, b, instance="i8", pid=8, **second)
+    d.heartbeat_timeout_s = 60.0  # b stays alive while the stop is answered
+    farm.send(b, P.CONFIRM, P.seqs_to_bytes(seqs[70:]))
+    farm.send(b, P.SAVED, P.seqs_to_bytes(seqs[70:]))
+    d.pending.clear()  # (no worker here to take the ids off the queue)
+    d.stop_drain_s = 0.0
+    control = farm.peer()
+    assert farm.send(control, P.STOP) == []
+    d.housekeeping(time.monotonic())
+    return stop_reply_after_run_ended(farm, b, control, {"run_index": 1, "filename": second["output"],
+                                                         "received": 30, "events_written": 30})
+
+
 def test_a_collector_stopped_in_the_middle_of_a_run_is_in_the_report():
     """A collector stopped by SIGINT/SIGTERM in the middle of a run (a service stop or restart) closes its
     file and reports RUN_ENDED; a new collector writes the rest of the run in its own file. The first
     report was taken for a run of its own: the output line said '3000 events written in 2 farm run(s)'
     of one run, and the stop's reply named only the new collector's file (its replaced_collectors
     empty), not the one that held the run's first 1257 events (audit, separate services)."""
-    from eclreco.hlt import protocol as P
     from eclreco.hlt.control import output_line
 
     farm = InProcessFarm(heartbeat_timeout_s=0.3)
     d = farm.d
     try:
-        seqs = farm.read_events(100)
-        a = farm.peer()
-        collector_hello(farm, a, output="/data/a.root")
-        farm.send(a, P.CONFIRM, P.seqs_to_bytes(seqs[:70]))
-        farm.send(a, P.SAVED, P.seqs_to_bytes(seqs[:70]))
-        # SIGTERM: a closes its file and reports while the farm's run goes on
-        farm.send(a, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "/data/a.root", "received": 70,
-                                          "events_written": 70}))
-        time.sleep(0.4)  # a is gone: the next collector is taken
-        b = farm.peer()
-        collector_hello(farm, b, instance="i8", pid=8, output="/data/a.2.root")
-        farm.send(b, P.CONFIRM, P.seqs_to_bytes(seqs[70:]))
-        farm.send(b, P.SAVED, P.seqs_to_bytes(seqs[70:]))
-        d.pending.clear()  # (no worker here to take the ids off the queue)
-        d.stop_drain_s = 0.0
-        control = farm.peer()
-        assert farm.send(control, P.STOP) == []
-        d.housekeeping(time.monotonic())
-        reply = stop_reply_after_run_ended(farm, b, control, {"run_index": 1, "filename": "/data/a.2.root",
-                                                             "received": 30, "events_written": 30})
+        reply = run_split_between_two_collectors(farm, "/data/a.root", {"output": "/data/a.2.root"})
         assert reply["replaced_collectors"] == [{"pid": 7, "host": "h", "output": "/data/a.root", "saved": 70}], reply
         line = output_line(d.own_status())
         assert "100 events written in 1 farm run(s) of 100 received" in line, line
@@ -1770,32 +1779,12 @@ def test_a_run_in_two_collectors_files_of_one_path_on_two_hosts_is_in_two_files(
     line and the stop's reply said nothing of a run in several files, and `eclreco dqm` would have been given one of
     them. Each collector's file counts (its host and pid with its path), named HOST:PATH where the path is shared
     (`eclreco dqm` takes a path once)."""
-    from eclreco.hlt import protocol as P
     from eclreco.hlt.control import output_line
 
     farm = InProcessFarm(heartbeat_timeout_s=0.3)
     d = farm.d
     try:
-        seqs = farm.read_events(100)
-        a = farm.peer()
-        collector_hello(farm, a, output="/data/run.root")  # pid 7 on host h
-        farm.send(a, P.CONFIRM, P.seqs_to_bytes(seqs[:70]))
-        farm.send(a, P.SAVED, P.seqs_to_bytes(seqs[:70]))
-        farm.send(a, P.RUN_ENDED, P.pack({"run_index": 1, "filename": "/data/run.root", "received": 70,
-                                          "events_written": 70}))
-        time.sleep(0.4)  # a is gone: the next collector is taken
-        b = farm.peer()
-        collector_hello(farm, b, instance="i8", pid=8, host="h2", output="/data/run.root")
-        d.heartbeat_timeout_s = 60.0  # b stays alive while the stop is answered
-        farm.send(b, P.CONFIRM, P.seqs_to_bytes(seqs[70:]))
-        farm.send(b, P.SAVED, P.seqs_to_bytes(seqs[70:]))
-        d.pending.clear()  # (no worker here to take the ids off the queue)
-        d.stop_drain_s = 0.0
-        control = farm.peer()
-        assert farm.send(control, P.STOP) == []
-        d.housekeeping(time.monotonic())
-        reply = stop_reply_after_run_ended(farm, b, control, {"run_index": 1, "filename": "/data/run.root",
-                                                             "received": 30, "events_written": 30})
+        reply = run_split_between_two_collectors(farm, "/data/run.root", {"host": "h2", "output": "/data/run.root"})
         assert reply["in_several_files"] == {"run_index": 1, "files": ["h:/data/run.root", "h2:/data/run.root"],
                                              "without_dqm": [], "shared_paths": ["/data/run.root"]}, reply
         line = output_line(d.own_status())
