@@ -142,7 +142,6 @@ def _generic(rng, n):
     order = np.argsort(event, kind="stable")
     ph = Photons(event[order], e[order], d[order], np.zeros((event.size, 3)))
     # truth: pi0s (each followed by its photons), then single photons / pair
-    o = np.zeros(3)
     truth = [{"particles": []} for _ in range(n)]
     Epi = np.sqrt(p * p + PI0_MASS ** 2)
     def rows(pdg, e_, d_):

@@ -12,7 +12,7 @@ showers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -269,7 +269,6 @@ def deposit_array30(e_gev, xy_cm, dirs, rng, params: ShowerParams = DEFAULT_PARA
     e_gev = np.asarray(e_gev, dtype=np.float64)
     xy = np.asarray(xy_cm, dtype=np.float64).reshape(-1, 2)
     dirs = np.asarray(dirs, dtype=np.float64).reshape(-1, 3)
-    ns = e_gev.size
     in_gap = array30_in_gap(xy)
     out_i, out_c, out_e = [], [], []
     gap_med = Medium("Al+CsI", params.gap_x0_cm, params.gap_rm_cm, ALUMINIUM.ec_gev, ALUMINIUM.z)
