@@ -110,8 +110,8 @@ class G4Sample:
         with open(path, "rb") as f:  # (a missing file or a folder: open's error, which names it)
             head = f.read(4)
         if head != b"PK\x03\x04":  # np.load's "pickled (object) data ... load it unsafely" is no advice to follow
-            raise G4SampleError(path, f"not a readable Geant4 sample (an .npz of the arrays offsets, cell, edep_mev, "
-                               f"...): not an .npz file " + (f"(it begins with {head!r})" if head else "(empty)"))
+            raise G4SampleError(path, "not a readable Geant4 sample (an .npz of the arrays offsets, cell, edep_mev, "
+                               "...): not an .npz file " + (f"(it begins with {head!r})" if head else "(empty)"))
         key = None  # the array being read: numpy's errors name none
         try:
             with np.load(path) as npz:
@@ -125,8 +125,8 @@ class G4Sample:
                 raise G4SampleError(path, f"{key!r} holds Python objects (a list of arrays per event?), not an "
                                    "array of numbers: one flat array for all events, their boundaries in 'offsets' "
                                    "(data/README.md)") from None
-            raise G4SampleError(path, f"not a readable Geant4 sample (an .npz of the arrays offsets, cell, edep_mev, "
-                               f"...): " + (f"{key!r}: " if key is not None else "") + f"{err}") from None
+            raise G4SampleError(path, "not a readable Geant4 sample (an .npz of the arrays offsets, cell, edep_mev, "
+                               "...): " + (f"{key!r}: " if key is not None else "") + f"{err}") from None
         if missing:
             # a sample of the other detector is named as such: its true-energy array is that detector's
             other = [o for o, arrays in self.REQUIRED.items() if o != detector and all(a in names for a in arrays)]

@@ -530,7 +530,7 @@ def _validate(detector, out_dir, g4_path, model, max_events, seed, pi0_events, f
         print(f"eclreco validate: warning: {pi0_none_text(report['pi0'])}: the pi0 section has no mass peak",
               file=sys.stderr, flush=True)
     if report.get("empty_windows"):
-        print(f"eclreco validate: warning: windows without a held-out photon with a cluster (empty rows): "
+        print("eclreco validate: warning: windows without a held-out photon with a cluster (empty rows): "
               + "; ".join(f"{bg} at {', '.join(f'{e:g}' for e in es)} GeV" for bg, es in report["empty_windows"].items())
               + f" (of {test.size} events)", file=sys.stderr, flush=True)
     stage_record(staged, out_dir, f"validation_{detector}.json", report, {f"validation_{detector}.md": "\n".join(md)})
