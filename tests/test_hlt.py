@@ -2199,7 +2199,7 @@ def test_hlt_merge_writes_each_event_of_overlapping_farm_files_once(tmp_path, ca
     assert cli.main(["hlt", "merge", str(tmp_path / "a.root"), str(tmp_path / "b.root"), "-o", str(merged)]) == 0
     out = capsys.readouterr().out
     assert f"600 events written to {merged} from 2 file(s), detector belle2-ecl; 201 duplicate(s) dropped" in out, out
-    assert f"b.root: 401 events, 200 written, 201 dropped" in out, out
+    assert f"\n  {tmp_path / 'b.root'}: 401 events, 200 written, 201 dropped\n" in out, out  # (its own line)
     with uproot.open(merged) as f, uproot.open(tmp_path / "all.root") as g:
         got, want = f["events"].arrays(library="ak"), g["events"].arrays(library="ak")
         assert f["events"].typenames() == g["events"].typenames()
