@@ -74,7 +74,7 @@ def test_collector_sigkill_ends_the_farm_promptly(farm_factory):
     assert received == confirmed - unsaved + lost and lost > 0 and workers_lost == 0, summary  # saved + given up
     assert log.rstrip().splitlines()[-1] == (
         "[hlt run] error: the farm was terminated: the collector exited (-9, SIGKILL); 0 restart(s) within the last 60 s "
-        f"(--collector-restarts 0); {lost} events given up (lost_at_stop)"), log
+        f"(--collector-restarts 0); {lost} events given up at a stop (lost_at_stop): lost"), log
     # the dead collector's file, which holds what it saved, is named (the line said "0 events written", no file)
     line = next(x for x in log.splitlines() if x.startswith("[hlt run] output: "))
     m = re.search(r"; (\d+) more saved by 1 collector\(s\) that did not report the run's end \(dead or hung\), in "
@@ -1194,7 +1194,8 @@ def test_run_control_exit_codes_say_lost_events_and_a_start_that_did_nothing(tmp
         assert time.monotonic() - t0 < 30
         time.sleep(0.1)
     assert cli.main(["hlt", "control", "terminate", "--control", roles.ctl, "--timeout", "60"]) == 1
-    assert "300 events were given up (lost_at_stop" in capsys.readouterr().err
+    assert ("eclreco hlt control: 300 events given up at a stop (lost_at_stop): lost (no live collector, or a stop "
+            "that timed out)") in capsys.readouterr().err
     assert d.wait(timeout=60) == 1
 
 
@@ -2031,10 +2032,14 @@ def test_restarted_distributor_events_are_not_taken_for_duplicates(tmp_path, rol
     assert np.array_equal(np.sort(evt), np.arange(2000)) and col["duplicates"] == 0, col
 
 
-def test_collector_sigkill_with_unwritten_results_counts_them_lost(farm_factory):
+@pytest.mark.parametrize("how", ["sigkill", "sigstop_then_hlt_run_sigterm"])
+def test_collector_sigkill_with_unwritten_results_counts_them_lost(farm_factory, how):
     """Promise: events the collector had confirmed but not yet written (its flush interval is long)
     are not forgotten when it dies: the distributor holds them as unsaved, and when the farm ends
-    without a live collector (one not restarted) they are counted as lost_at_stop (not silently gone)."""
+    without a live collector (one not restarted) they are counted as lost_at_stop (not silently gone).
+    `hlt run`'s last line says it: after a fatal collector exit, and after a signal to `hlt run` while its
+    collector hung (SIGSTOP: no fatal exit, the distributor's stop gives up on it), where `hlt run` exited 1
+    with no word of why (only the summary's `lost at stop N`)."""
     farm = farm_factory(heartbeat_timeout=2, workers=1, extra=("--flush-interval", "60", "--collector-restarts", "0"))
     n = 1000
     push_events(farm.input, range(n))
@@ -2042,11 +2047,19 @@ def test_collector_sigkill_with_unwritten_results_counts_them_lost(farm_factory)
     d = farm.distributor()
     assert d["unsaved"] == n and d["held"] == 0, d
     collector = farm.process("collector")
-    os.kill(collector["pid"], signal.SIGKILL)
+    if how == "sigkill":
+        os.kill(collector["pid"], signal.SIGKILL)
+    else:  # (before --heartbeat-timeout: hlt run does not kill it as hung, the terminate gives up on it)
+        os.kill(collector["pid"], signal.SIGSTOP)
+        farm.proc.send_signal(signal.SIGTERM)
     rc, log = farm.wait_exit(timeout=60)
     assert rc == 1, log
     assert f"{n} confirmed events that were not in its file are lost" in log, log
     assert f"lost at stop {n} ({n} of them confirmed, not known to be saved)," in log, log
+    last = log.rstrip().splitlines()[-1]
+    assert last == (f"[hlt run] error: the farm was terminated: the collector exited (-9, SIGKILL); 0 restart(s) "
+                    f"within the last 60 s (--collector-restarts 0); {n} events given up at a stop (lost_at_stop): lost"
+                    if how == "sigkill" else f"[hlt run] error: {n} events given up at a stop (lost_at_stop): lost"), log
 
 
 def test_malformed_messages_to_the_farm_are_counted_not_fatal(farm_factory, zmq_context):

@@ -34,6 +34,13 @@ def unread_note(d: dict) -> str:
     return f" ({kept} {where}, {not_kept} in no file)" if kept else " (in no file)"
 
 
+def lost_at_stop_text(d: dict) -> str:
+    """The events given up at a stop or terminate (lost_at_stop: no live collector, or a stop that timed out): lost,
+    so an exit 1 of the distributor, `hlt run` and `hlt control stop`/`terminate` ('' when none)."""
+    n = d.get("lost_at_stop", 0)
+    return f"{n} events given up at a stop (lost_at_stop): lost" if n else ""
+
+
 def unread_lost_text(d: dict) -> str:
     """The messages unread at terminate that are in no file (unread_not_kept: counted, nothing to replay): lost, as
     the events given up at a stop are, so an exit 1 of the distributor, `hlt run` and `hlt control terminate`
@@ -354,10 +361,9 @@ def control_main(args) -> int:
               "alive? `hlt status`): its output may not be closed", file=sys.stderr)
         return 1
     final = (reply.get("processes") or [{}])[0]  # terminate's reply: the final status
-    lost = reply.get("lost_at_stop") or final.get("lost_at_stop")
-    if lost:  # the distributor's own exit code says the same
-        print(f"eclreco hlt control: {lost} events were given up (lost_at_stop: no live collector, or a stop that "
-              "timed out)", file=sys.stderr)
+    if lost := lost_at_stop_text({"lost_at_stop": reply.get("lost_at_stop") or final.get("lost_at_stop")}):
+        # the distributor's own exit code says the same
+        print(f"eclreco hlt control: {lost} (no live collector, or a stop that timed out)", file=sys.stderr)
         return 1
     if unread := unread_lost_text(final):  # the distributor's own exit code says the same
         print(f"eclreco hlt control: {unread}", file=sys.stderr)

@@ -27,8 +27,8 @@ import zmq
 from eclreco.cli_types import metrics_host_unused
 from eclreco.curve import Curve, curve_option_error, roles_key_options_error
 from eclreco.hlt import protocol as P
-from eclreco.hlt.control import (ControlError, distributor_row, farm_failure, output_line, request, status,
-                                  summary_line, unread_lost_text)
+from eclreco.hlt.control import (ControlError, distributor_row, farm_failure, lost_at_stop_text, output_line, request,
+                                  status, summary_line, unread_lost_text)
 from eclreco.hlt.worker import chain_option_unused, module_names, steering_file_error
 from eclreco.raw_sockets import attach, bind_error, check_message_limits, check_queue_bound, tcp_port
 
@@ -454,12 +454,15 @@ class Farm:
             print("[hlt run] " + output_line(d), flush=True)
             if hint := quarantine_hint(d, self.quarantine_files):
                 print("[hlt run] " + hint, flush=True)
-            failure = farm_failure(d)
+            failure, lost = farm_failure(d), lost_at_stop_text(d)
             if self.fatal:  # the last line says it, with what it cost
-                print(f"[hlt run] error: the farm was terminated: {self.fatal}; {d['lost_at_stop']} events given up "
-                      f"(lost_at_stop)", file=sys.stderr, flush=True)
+                print(f"[hlt run] error: the farm was terminated: {self.fatal}; {lost or 'no event given up'}",
+                      file=sys.stderr, flush=True)
             if failure:
                 print(f"[hlt run] error: {failure}", file=sys.stderr, flush=True)
+                rc = 1
+            if lost and not self.fatal:  # (the distributor exited 1 with it; e.g. a signal while the collector hung)
+                print(f"[hlt run] error: {lost}", file=sys.stderr, flush=True)
                 rc = 1
             if unread := unread_lost_text(d):  # (the distributor exited 1 with it)
                 print(f"[hlt run] error: {unread}", file=sys.stderr, flush=True)
