@@ -1126,6 +1126,45 @@ def test_eclreco_quarantine_extract_leaves_out_as_it_was_when_an_input_fails(tmp
     assert out.read_bytes() == msgpack.packb([1, 2])
 
 
+def test_eclreco_quarantine_extract_does_not_overwrite_a_file_that_appeared_while_it_read(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """`quarantine --extract OUT` replaced OUT at its end with whatever was there: a file put under OUT while the inputs
+    were read (a second extraction's, a user's) was lost without a word. OUT is checked again as it takes its name
+    (paths.StagedOutputs.publish, as train's -o): exit 2 naming it, OUT left as it is, the extraction kept under its
+    temporary name, named too. A file that was there when it began is replaced, as before."""
+    import msgpack
+
+    from eclreco import quarantine
+
+    q = tmp_path / "q.rejected.msgpack"
+    q.write_bytes(msgpack.packb({"reason": "not_a_map", "detail": "d", "message": msgpack.packb([1, 2])}))
+    out = tmp_path / "out.msgpack"
+    real, meanwhile = quarantine.read_records, []
+
+    def reads(path):  # the records read, then what happens to OUT before the end
+        yield from real(path)
+        while meanwhile:
+            meanwhile.pop()()
+    monkeypatch.setattr(quarantine, "read_records", reads)
+
+    for before in (None, b"the previous extraction"):  # OUT free at the start, or a file it may replace
+        if before is not None:
+            out.write_bytes(before)
+        meanwhile.append(lambda: out.write_bytes(b"mine"))
+        capsys.readouterr()
+        assert cli.main(["quarantine", str(q), "--extract", str(out)]) == 2
+        err = capsys.readouterr().err
+        kept = [p.name for p in tmp_path.iterdir() if ".partial." in p.name]
+        assert len(kept) == 1 and err.startswith(f"eclreco quarantine: error: --extract {str(out)!r}: out.msgpack "
+                                                 f"appeared or changed there since this extraction began") \
+            and kept[0] in err, err
+        assert out.read_bytes() == b"mine"
+        (tmp_path / kept[0]).unlink()
+    assert cli.main(["quarantine", str(q), "--extract", str(out)]) == 0  # nothing meanwhile: replaced, as before
+    assert out.read_bytes() == msgpack.packb([1, 2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.msgpack", "q.rejected.msgpack"]
+
+
 def test_a_metrics_address_that_cannot_be_served_is_named(tmp_path, capsys):
     """reco.py --metrics-port on a taken port said only `reco.py: error: [Errno 98] Address already in
     use` (with -i tcp://… it read like the input's address), and an HLT role with a --metrics-host that

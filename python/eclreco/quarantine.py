@@ -26,7 +26,7 @@ from typing import Iterator
 import msgpack
 
 from eclreco.cli_types import input_file
-from eclreco.paths import StagedOutputs, output_file_error
+from eclreco.paths import OutputsChangedError, StagedOutputs, output_file_error, output_states
 
 # --list pads the reason to this: the longest of eclreco's own (duplicate_collector); the records are
 # listed as they are read, so the width cannot come from the file
@@ -161,6 +161,8 @@ def _run(args) -> int:
     direct = st is not None and (to_stdout or not stat.S_ISREG(st.st_mode))
     target = os.path.realpath(args.extract) if args.extract and not direct else ""
     text = sys.stderr if to_stdout else sys.stdout
+    # OUT as it is before the inputs are read: replaced at the end only if still so, not a file put there meanwhile
+    unchanged = output_states([target] if target else [])
     with StagedOutputs() as staged:
         if to_stdout:
             sys.stdout.flush()
@@ -195,7 +197,10 @@ def _run(args) -> int:
                 out.flush()
             elif out is not None:
                 out.close()
-        staged.publish()  # a file OUT: every record read (an error above leaves OUT as it was)
+        try:  # a file OUT: every record read (an error above leaves OUT as it was)
+            staged.publish(unchanged, "extraction")
+        except OutputsChangedError as err:
+            raise ValueError(f"--extract {args.extract!r}: {err}") from None
     total = sum(counts.values())
     if unmatched := sorted(reasons - every_reason):  # a misspelt reason read as "0 rejected events"
         print(f"eclreco quarantine: note: no record has reason {', '.join(map(repr, unmatched))} (the files' "
