@@ -2438,3 +2438,30 @@ def test_hlt_merge_names_the_detectors_of_the_events_written(tmp_path, capsys):
     # as RootOutput writes it for the same events
     with uproot.open(tmp_path / "ecl.root") as f:
         assert json.loads(str(f["metadata"]))["detectors"] == ["belle2-ecl"]
+
+
+def test_hlt_merge_does_not_overwrite_a_file_that_appeared_under_its_output_while_it_ran(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """`hlt merge -o OUT` refuses an OUT that exists at its start ("never overwrites a file"), but its end replaced
+    whatever had appeared under OUT since (a second merge into the same name, a user's file) without a word. OUT is
+    checked again as it takes its name (paths.StagedOutputs.publish: os.link, which never replaces): exit 2 naming
+    it, OUT left as it is, the merge's file kept under its temporary name, named too."""
+    from eclreco import cli
+    from eclreco.hlt import merge
+
+    reco_file(tmp_path / "a.root", range(5))
+    merged = tmp_path / "m.root"
+    real = merge.first_copies
+
+    def meanwhile(keys):  # the inputs read: another merge into OUT ends first
+        merged.write_bytes(b"another merge's")
+        return real(keys)
+    monkeypatch.setattr(merge, "first_copies", meanwhile)
+    capsys.readouterr()
+    assert cli.main(["hlt", "merge", str(tmp_path / "a.root"), "-o", str(merged)]) == 2
+    err = capsys.readouterr().err
+    kept = [p.name for p in tmp_path.iterdir() if ".partial." in p.name]
+    assert len(kept) == 1 and kept[0] in err and err.count("\n") == 1, (kept, err)
+    assert err.startswith(f"eclreco hlt merge: error: -o {str(merged)!r}: m.root appeared or changed there since this merge "
+                          "began"), err
+    assert merged.read_bytes() == b"another merge's"

@@ -25,7 +25,7 @@ import os
 
 import numpy as np
 
-from eclreco.paths import StagedOutputs, one_line, output_file_error
+from eclreco.paths import OutputsChangedError, StagedOutputs, one_line, output_file_error, output_states
 
 DETECTOR = "detector"  # RootOutput's per-event branch, absent from the files written before it
 CLUSTER_PREFIX = "cluster_"  # RootOutput's cluster branches, with the counter n + "cluster"
@@ -96,6 +96,8 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
         raise ValueError(f"-o {output!r} exists: merge never overwrites a file (choose another name)")
     if why := output_file_error(output, "-o"):
         raise ValueError(why)
+    target = os.path.realpath(output)
+    free = output_states([target])  # (nothing there): its end takes the name only if still so
     if len(set(map(os.path.realpath, files))) != len(files):
         raise ValueError("a file is named twice: each of its events would be dropped as its own duplicate")
     opened, keys, layout, first_with_tree = [], [], None, None
@@ -139,7 +141,7 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
         event_branches = [b for b in layout if not b.startswith(CLUSTER_PREFIX)]
         cluster_branches = [b for b in layout if b.startswith(CLUSTER_PREFIX)]
         with StagedOutputs() as staged:
-            out = uproot.recreate(staged.path(os.path.realpath(output)))
+            out = uproot.recreate(staged.path(target))
             made = False
             for i, (name, (f, t), keep) in enumerate(zip(files, opened, keeps)):
                 entry = {"file": name, "events": 0 if t is None else int(t.num_entries), "written": int(keep.sum()),
@@ -181,7 +183,10 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
             report["detectors"] = None if None in written else sorted(DETECTOR_NAMES.get(c, str(c)) for c in written)
             out["metadata"] = json.dumps(report, default=str)
             out.close()
-            staged.publish()
+            try:  # not over a file made under the name while the inputs were read (another merge's)
+                staged.publish(free, "merge")
+            except OutputsChangedError as err:
+                raise ValueError(f"-o {output!r}: {err}") from None
     finally:
         for f, _ in opened:
             f.close()
