@@ -551,6 +551,48 @@ def test_eclreco_dqm_into_a_reused_folder_removes_its_own_earlier_plots_only(tmp
     assert (tmp_path / "a.root").exists()
 
 
+def test_eclreco_dqm_does_not_overwrite_a_file_that_appeared_in_its_folder_while_it_drew(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """`eclreco dqm -o DIR` replaces the plots under its names that DIR holds at its start (an earlier run's), but its
+    end also wrote over a file put under one of those names while it drew (another dqm into DIR, a user's), without a
+    word. They are checked again as they take their names (paths.StagedOutputs.publish, as train's -o): exit 2 naming
+    it, DIR left as it is, the run's files kept under their temporary names, named too."""
+    from eclreco import dqm
+    from eclreco.cli import main
+
+    _dqm_file(tmp_path / "a.root", ["a0", "a1"])
+    folder = tmp_path / "png"
+    real, meanwhile = dqm._plot, []
+
+    def plots(ax, h):  # each plot drawn, then what happens in DIR while the next one is
+        real(ax, h)
+        while meanwhile:
+            meanwhile.pop()()
+    monkeypatch.setattr(dqm, "_plot", plots)
+
+    def refused(happens, name):
+        meanwhile.append(happens)
+        capsys.readouterr()
+        assert main(["dqm", str(tmp_path / "a.root"), "-o", str(folder)]) == 2
+        err = capsys.readouterr().err
+        kept = sorted(p.name for p in folder.iterdir() if ".partial." in p.name)
+        assert len(kept) == 3 and all(k in err for k in kept) and err.count("\n") == 1, (kept, err)
+        assert err.startswith(f"eclreco dqm: error: -o {str(folder)!r}: {name} appeared or changed there since this "
+                              "dqm run began"), err
+        for k in kept:
+            (folder / k).unlink()
+
+    folder.mkdir()
+    refused(lambda: (folder / "h1.png").write_bytes(b"mine"), "h1.png")  # a name free at the start
+    assert sorted(p.name for p in folder.iterdir()) == ["h1.png"] and (folder / "h1.png").read_bytes() == b"mine"
+    (folder / "h1.png").unlink()
+    assert main(["dqm", str(tmp_path / "a.root"), "-o", str(folder)]) == 0
+    assert main(["dqm", str(tmp_path / "a.root"), "-o", str(folder)]) == 0  # its own earlier plots: replaced
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    refused(lambda: (folder / "h0.png").write_bytes(b"mine"), "h0.png")  # a plot it may replace, changed meanwhile
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == {**before, "h0.png": b"mine"}
+
+
 def test_a_registry_that_keeps_runs_open_writes_one_cycle_per_run(tmp_path, capsys):
     """The HLT collector's DQM (docs/architecture.md, "The ROOT output"): runs 1 and 2 alternate, each keeps its
     own contents until it is closed; the run in progress is written when it is closed, and what comes of it

@@ -624,7 +624,7 @@ def draw(root_paths: list[str] | str, out_dir: str, parts: bool = False) -> list
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from eclreco.paths import StagedOutputs, file_sha256, output_folder
+    from eclreco.paths import OutputsChangedError, StagedOutputs, file_sha256, output_folder, output_states
     from eclreco.strict_json import dumps
 
     paths = [root_paths] if isinstance(root_paths, str) else list(root_paths)
@@ -635,6 +635,9 @@ def draw(root_paths: list[str] | str, out_dir: str, parts: bool = False) -> list
         hists = by_run(hists, parts)
     except ValueError as err:
         raise ValueError(f"{root_path}: {err}") from None
+    # the names it writes as they are before the drawing: its end replaces them only if still so (a plot of an
+    # earlier `eclreco dqm`, as before), not a file put there meanwhile (another dqm into out_dir, a user's)
+    unchanged = output_states(os.path.join(out_dir, name) for name in [*(h["png"] for h in hists), MANIFEST])
     written = []
     with output_folder(out_dir):
         with StagedOutputs() as staged:
@@ -656,7 +659,10 @@ def draw(root_paths: list[str] | str, out_dir: str, parts: bool = False) -> list
                          {"files": [os.path.abspath(p) for p in drawn_from]})
                 f.write(dumps({**drawn, "plots": plots}, indent=1) + "\n")
             previous = _previous_plots(out_dir)
-            staged.publish()
+            try:
+                staged.publish(unchanged, "dqm run")
+            except OutputsChangedError as err:
+                raise ValueError(f"-o {out_dir!r}: {err}") from None
         for name, sha in previous.items():
             stale = os.path.join(out_dir, name)
             if name not in plots and os.path.isfile(stale) and file_sha256(stale) == sha:
