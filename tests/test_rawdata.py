@@ -1307,6 +1307,35 @@ def test_a_raw_file_write_that_fails_leaves_the_old_file_and_no_partial_one(tmp_
     assert write_raw_file(os.devnull, [msgpack.packb(5)]) == 1 and os.path.exists(os.devnull)
 
 
+def test_a_raw_file_write_does_not_overwrite_a_file_that_appeared_while_it_wrote(tmp_path):
+    """write_raw_file (eclreco simulate -o, bench) replaced its file at the end with whatever was there by then: a file
+    put there while the messages were written (another simulation into the name, a user's file) was lost without a
+    word. It is checked again as it takes the name (paths.StagedOutputs.publish, as train's -o): refused naming it,
+    the file left as it is, the new one kept under its temporary name, named too. A file there at the start is
+    replaced, as before."""
+    from eclreco.paths import OutputsChangedError
+    from eclreco.rawdata import read_raw_file, write_raw_file
+
+    out = tmp_path / "run.msgpack"
+
+    def meanwhile():  # a message written, then a file put under the name
+        yield msgpack.packb(1)
+        out.write_bytes(b"mine")
+
+    for before in (None, b"the previous run's"):  # the name free at the start, or a file it may replace
+        if before is not None:
+            out.write_bytes(before)
+        with pytest.raises(OutputsChangedError) as e:
+            write_raw_file(out, meanwhile())
+        kept = [p.name for p in tmp_path.iterdir() if ".partial." in p.name]
+        assert len(kept) == 1 and kept[0] in str(e.value), (kept, e.value)
+        assert str(e.value).startswith(f"{out}: run.msgpack appeared or changed there since this write began"), e.value
+        assert out.read_bytes() == b"mine"
+        (tmp_path / kept[0]).unlink()
+    assert write_raw_file(out, [msgpack.packb(2)]) == 1  # nothing meanwhile: replaced, as before
+    assert read_raw_file(out) == [msgpack.packb(2)] and os.listdir(tmp_path) == ["run.msgpack"]
+
+
 def test_bench_rawdata_refuses_a_repeat_count_below_one():
     """_core._bench_rawdata(messages, repeats) took repeats=0 (or a negative count) and then read the smallest of no
     batch times: a segmentation fault (bench_unpacker.py --repeats 0); True was read as 1 pass. repeats now goes

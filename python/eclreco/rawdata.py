@@ -280,19 +280,26 @@ def write_raw_file(path: str | os.PathLike, messages: Iterable[bytes]) -> int:
     """Write messages back to back (a raw file); returns the number written. A file is written under a
     temporary name that it takes at the end (paths.StagedOutputs; through a symlink, its target): a write
     that fails or is interrupted (disk full, Ctrl-C in `eclreco simulate`'s gigabytes) leaves no
-    half-written raw file, and an existing one as it was. A pipe or a device is written directly."""
+    half-written raw file, and an existing one as it was. It replaces only what was there when it began: a
+    file put there while the messages were written is not written over (paths.OutputsChangedError naming it
+    and the temporary file, which stays). A pipe or a device is written directly."""
     import stat
 
-    from eclreco.paths import StagedOutputs
+    from eclreco.paths import OutputsChangedError, StagedOutputs, output_states
 
     direct = os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode)
+    target = "" if direct else os.path.realpath(path)
+    unchanged = output_states([target] if target else [])
     n = 0
     with StagedOutputs() as staged:
-        with open(path if direct else staged.path(os.path.realpath(path)), "wb") as f:
+        with open(path if direct else staged.path(target), "wb") as f:
             for m in messages:
                 f.write(m)
                 n += 1
-        staged.publish()
+        try:
+            staged.publish(unchanged, "write")
+        except OutputsChangedError as err:
+            raise OutputsChangedError(f"{os.fspath(path)}: {err}") from None
     return n
 
 
