@@ -63,6 +63,38 @@ def make_events_tree(file, name: str, types: dict):
                        field_name=lambda outer, inner: f"{outer}_{inner}")
 
 
+def open_input_file(path: str):
+    """An input ROOT file opened with uproot (the caller closes it), or a ValueError of one line naming it: missing,
+    a directory or unreadable (paths.unreadable_file), not ROOT (what it begins with: uproot's own words for a short
+    one are "expected Chunk of length 403"), or one that uproot cannot open (damaged_input_file). The one wording
+    of every command that reads such files (eclreco dqm, hlt merge), which each said it its own way."""
+    import uproot
+
+    from eclreco.paths import unreadable_file
+
+    if why := unreadable_file(path, "ROOT file"):
+        raise ValueError(f"{path}: {why}")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as err:  # gone or changed since
+        raise ValueError(f"{path}: cannot read it ({err.strerror})") from None
+    if head != b"root":
+        raise ValueError(f"{path}: not a ROOT file " + (f"(it begins with {head!r})" if head else "(empty)"))
+    try:
+        return uproot.open(path)
+    except Exception as err:  # noqa: BLE001 - uproot's OSError for a file cut inside its header, ...
+        raise damaged_input_file(path, err) from None
+
+
+def damaged_input_file(path: str, err: Exception) -> ValueError:
+    """The error of an input ROOT file that uproot cannot open or read (open_input_file's, and a reader's that fails
+    further on: a file cut short, a damaged key), its message on one line (paths.one_line)."""
+    from eclreco.paths import one_line
+
+    return ValueError(f"{path}: not a readable ROOT file, cut short or damaged? ({one_line(err)})")
+
+
 def read_metadata(f):
     """The `metadata` of an open output file (uproot): RootOutput's JSON (or `eclreco hlt merge`'s) as a dict,
     its text where it is not JSON, None where the file has none (a collector killed before its end)."""

@@ -1643,8 +1643,34 @@ def test_hlt_merge_refuses_a_file_that_is_not_root_in_one_line(tmp_path, capsys)
     file ...'): one line now, as every refusal."""
     assert cli.main(["hlt", "merge", os.path.join(REPO, "README.md"), "-o", str(tmp_path / "m.root")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "README.md: not a readable ROOT file" in err, err
+    assert err.count("\n") == 1 and "README.md: not a ROOT file (it begins with b'# ec')" in err, err
     assert not os.listdir(tmp_path)
+
+
+def test_hlt_merge_and_dqm_word_an_input_that_is_not_root_alike(tmp_path, capsys):
+    """`hlt merge README.md` said `README.md: not a readable ROOT file (ValueError: not a ROOT file: first four bytes
+    are b'# ec' in file README.md)` and `dqm README.md` `README.md: not a ROOT file (it begins with b'# ec')`: two
+    wordings of one error, each command opening its inputs its own way. Both open them with
+    root_output.open_input_file now: one line, the same words, for a file that is not ROOT, empty or cut short."""
+    import uproot
+
+    good = tmp_path / "good.root"
+    with uproot.recreate(good) as f:
+        f["metadata"] = "{}"
+    (tmp_path / "cut.root").write_bytes(good.read_bytes()[:200])
+    (tmp_path / "empty.root").write_bytes(b"")
+    for path, says in ((os.path.join(REPO, "README.md"), "not a ROOT file (it begins with b'# ec')"),
+                       (str(tmp_path / "empty.root"), "not a ROOT file (empty)"),
+                       (str(tmp_path / "cut.root"), "not a readable ROOT file, cut short or damaged? (")):
+        errors = []
+        for argv in (["hlt", "merge", path, "-o", str(tmp_path / "m.root")], ["dqm", path, "-o", str(tmp_path / "d")]):
+            capsys.readouterr()
+            assert cli.main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1, err
+            errors.append(err.split(": error: ", 1)[1])
+        assert errors[0] == errors[1] and errors[0].startswith(f"{path}: {says}"), errors
+    assert sorted(os.listdir(tmp_path)) == ["cut.root", "empty.root", "good.root"]
 
 
 def test_reco_py_refuses_a_metrics_host_without_metrics_port(tmp_path, capsys):

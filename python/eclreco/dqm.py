@@ -421,24 +421,12 @@ def read_histograms(root_path: str) -> list[dict]:
     """Every histogram of the file's dqm directory, each cycle (run) of it: name, cycle, counts and edges,
     under- and overflow, bin labels, title, x-axis title. A file that is missing, not ROOT or cut short is a
     ValueError of one line naming it; one without dqm/ a NoDQMError."""
-    import uproot
+    from eclreco.modules.root_output import (damaged_input_file, metadata_detectors,  # (it imports this module)
+                                             open_input_file)
 
-    from eclreco.paths import unreadable_file
-
-    if why := unreadable_file(root_path, "ROOT file"):  # missing, a directory, unreadable: the input files' words
-        raise ValueError(f"{root_path}: {why}")
-    try:
-        with open(root_path, "rb") as f:
-            head = f.read(4)
-    except OSError as err:  # gone or changed since
-        raise ValueError(f"{root_path}: cannot read it ({err.strerror})") from None
-    if head != b"root":  # (uproot says "expected Chunk of length 403" for a short file that is not ROOT)
-        raise ValueError(f"{root_path}: not a ROOT file " + (f"(it begins with {head!r})" if head else "(empty)"))
     hists = None  # no dqm directory
-    try:
-        with uproot.open(root_path) as f:
-            from eclreco.modules.root_output import metadata_detectors  # (it imports this module)
-
+    with open_input_file(root_path) as f:
+        try:
             detectors = metadata_detectors(f)  # None: no metadata (a collector killed before its end)
             if "dqm" in {k.split(";")[0] for k in f.keys(recursive=False)}:
                 d = f["dqm"]
@@ -457,8 +445,8 @@ def read_histograms(root_path: str) -> list[dict]:
                                   "labels": obj.axis().labels(), "title": obj.member("fTitle") or name,
                                   "xlabel": obj.axis().member("fTitle"), "file": root_path,
                                   "detectors": detectors})
-    except Exception as err:  # noqa: BLE001 - uproot's OSError for a file cut short, its DeserializationError, ...
-        raise ValueError(f"{root_path}: not a readable ROOT file, cut short or damaged? ({one_line(err)})") from None
+        except Exception as err:  # noqa: BLE001 - uproot's OSError for a file cut short, its DeserializationError, ...
+            raise damaged_input_file(root_path, err) from None
     if hists is None:
         raise NoDQMError(f"{root_path} has no dqm directory (a job without ECLDQM, or not a RootOutput file)")
     return hists

@@ -25,7 +25,7 @@ import os
 
 import numpy as np
 
-from eclreco.paths import OutputsChangedError, StagedOutputs, one_line, output_file_error, output_states
+from eclreco.paths import OutputsChangedError, StagedOutputs, output_file_error, output_states
 
 DETECTOR = "detector"  # RootOutput's per-event branch, absent from the files written before it
 CLUSTER_PREFIX = "cluster_"  # RootOutput's cluster branches, with the counter n + "cluster"
@@ -37,12 +37,9 @@ _KEY = np.dtype([("exp", "<u8"), ("run", "<u8"), ("evt", "<u4"), ("detector", "u
 
 def _open(name: str, tree: str):
     """The uproot file and its tree (None: no tree, a collector killed before its first write)."""
-    import uproot
+    from eclreco.modules.root_output import open_input_file
 
-    try:
-        f = uproot.open(name)
-    except Exception as err:  # noqa: BLE001 - not a ROOT file, or cut inside its header
-        raise ValueError(f"{name}: not a readable ROOT file ({type(err).__name__}: {one_line(err)})") from None
+    f = open_input_file(name)
     if tree not in f:
         return f, None
     return f, f[tree]
