@@ -527,28 +527,46 @@ def test_process_and_gather_rows_take_only_bool_flags():
                                       [[2, 3, 100], [4, 5, 300], [8, 9, 300]])
 
 
-def test_rows_at_least_matches_numpy_in_float32():
-    """_core.rows_at_least is flatnonzero(values >= threshold) as numpy computes it (float32
-    comparison, NaN never selected), including a selection that ends before the last value (the
-    branch-free fill writes one scratch slot past the selection)."""
+def _clusters(columns, n_events=1):
+    """An EventBatch of one collection "C" with `columns` (rows spread over n_events events) and the image column
+    _core.inference_inputs gathers (one zero per row): for the selection and the write-back alone."""
+    from eclreco import _core
+
+    n = len(next(iter(columns.values())))
+    b = _core.EventBatch(n_events)
+    b.add_collection("C", np.linspace(0, n, n_events + 1).astype(np.int64),
+                     {"image": np.zeros((n, 1), np.float32), **columns})
+    return b
+
+
+def test_inference_inputs_select_as_numpy_in_float32():
+    """_core.inference_inputs' selection is flatnonzero(values >= min_value) as numpy computes it in float32
+    (float32(0.03) < 0.03 is selected, NaN never), including a selection that ends before the last value (the
+    branch-free fill writes one scratch slot past the selection) and none at all; a value column of several
+    floats per row is refused, naming it."""
     from eclreco import _core
 
     rng = np.random.default_rng(3)
+    edge = np.float32(0.03)
     cases = [rng.exponential(0.05, 5555).astype(np.float32),
-             np.array([np.float32(0.03), np.nextafter(np.float32(0.03), np.float32(0)), np.nan, 1.0, 0.0], np.float32),
+             np.array([edge, np.nextafter(edge, np.float32(0)), np.nan, 1.0, 0.0], np.float32),
              np.array([1.0, 0.0, 0.0], np.float32), np.zeros(0, np.float32), np.full(7, np.inf, np.float32)]
     for v in cases:
-        got = _core.rows_at_least(v, 0.03)
-        assert got.dtype == np.int64
-        np.testing.assert_array_equal(got, np.flatnonzero(v >= 0.03))
-    with pytest.raises(ValueError, match="1-d"):
-        _core.rows_at_least(np.zeros((2, 2), np.float32), 0.0)
+        for n_events in (1, 3):
+            rows = _core.inference_inputs(_clusters({"energy_raw": v}, n_events), "C", [], 0.03, 0.0, 0.0)[0]
+            assert rows.dtype == np.int64
+            np.testing.assert_array_equal(rows, np.flatnonzero(v >= edge))
+    assert _core.inference_inputs(_clusters({"energy_raw": cases[1]}), "C", [], 0.03, 0.0, 0.0)[0].tolist() == [0, 3]
+    with pytest.raises(ValueError, match=r"^energy_raw must have shape \(2,\) \(one per row\), not \(2, 2\)$"):
+        _core.inference_inputs(_clusters({"energy_raw": np.zeros((2, 2), np.float32)}), "C", [], 0.0, 0.0, 0.0)
 
 
-def test_rows_at_least_within_and_cap_at_ratio_match_numpy():
-    """The two kernels of ECLEnergyCorrection's domain: rows >= threshold with |within| <= max_abs
-    (and the count left out by the window), and the in-place cap values <= ratio * reference
-    (NaN capped), against numpy."""
+def test_inference_inputs_and_write_rows_match_numpy_on_many_rows():
+    """ECLEnergyCorrection's domain and cap on 5000 rows of 20 events: the rows >= min_value with |time| <=
+    max_abs_within (the edge inside, NaN never) and the count the window alone left out, then write_rows' cap at
+    max_ratio x the value before (NaN capped), against numpy. A time column of several floats per row, a part
+    that is not 1-d and a column that is not one float32 per row (a float64 one would be capped in a converted
+    copy) are refused, naming them."""
     from eclreco import _core
 
     rng = np.random.default_rng(4)
@@ -556,48 +574,53 @@ def test_rows_at_least_within_and_cap_at_ratio_match_numpy():
     t = rng.uniform(-300, 300, v.size).astype(np.float32)
     t[::11] = np.float32(50.0)  # on the edge: inside
     t[5], v[6] = np.nan, np.nan
-    rows, outside = _core.rows_at_least_within(v, 0.03, t, 50.0)
+    ref = rng.uniform(0.03, 1.0, v.size).astype(np.float32)
+    b = _clusters({"energy_raw": v, "time": t, "energy": ref}, 20)
+    rows, outside = _core.inference_inputs(b, "C", [], 0.03, 0.0, 50.0)[:2]
     above = v >= np.float32(0.03)
     np.testing.assert_array_equal(rows, np.flatnonzero(above & (np.abs(t) <= 50)))
     assert outside == int(np.sum(above & ~(np.abs(t) <= 50))) > 0
-    ref = rng.uniform(0.03, 1.0, v.size).astype(np.float32)
-    val = (ref * rng.uniform(0.5, 4.0, v.size)).astype(np.float32)
-    val[rows[:3]] = np.nan
-    want = val.copy()
-    bad = ~(val[rows] <= np.float32(2.0) * ref[rows])
-    want[rows[bad]] = ref[rows[bad]]
-    assert _core.cap_at_ratio(val, ref, rows, 2.0) == bad.sum() > 3
-    np.testing.assert_array_equal(val, want)
-    with pytest.raises(IndexError):
-        _core.cap_at_ratio(val, ref, np.array([v.size], np.int64), 2.0)
-    with pytest.raises(TypeError):  # not capped in a converted copy
-        _core.cap_at_ratio(val.astype(np.float64), ref, rows, 2.0)
-    # the array of the wrong length named, with both lengths (the message said '1-d' of arrays that were)
-    with pytest.raises(ValueError, match=fr"^within must have shape \({v.size},\) \(one per value\), not \({v.size - 1},\)$"):
-        _core.rows_at_least_within(v, 0.03, t[:-1], 50.0)
-    with pytest.raises(ValueError, match=fr"^reference must have shape \({v.size},\) \(one per value\), not \({v.size - 1},\)$"):
-        _core.cap_at_ratio(val, ref[:-1], rows, 2.0)
-    with pytest.raises(ValueError, match=r"^values must be 1-d, not 2-d$"):
-        _core.cap_at_ratio(val.reshape(1, -1), ref, rows, 2.0)
+    new = (ref[rows] * rng.uniform(0.5, 4.0, rows.size)).astype(np.float32)
+    new[:3] = np.nan
+    bad = ~(new <= np.float32(2.0) * ref[rows])
+    want = ref.copy()
+    want[rows] = np.where(bad, ref[rows], new)
+    c = b["C"]
+    assert _core.write_rows(c, "energy", rows, [new[:100], new[100:]], 2.0) == bad.sum() > 3
+    np.testing.assert_array_equal(c["energy"], want)
+    wide = _clusters({"energy_raw": v[:2], "time": np.zeros((2, 3), np.float32), "e64": np.ones(2),
+                      "e2": np.ones((2, 2), np.float32)})
+    with pytest.raises(ValueError, match=r"^time must have shape \(2,\) \(one per row\), not \(2, 3\)$"):
+        _core.inference_inputs(wide, "C", [], 0.03, 0.0, 50.0)
+    with pytest.raises(ValueError, match=r"^parts\[1\] must be 1-d, not of shape \(1, 1\)$"):
+        _core.write_rows(c, "energy", rows[:2], [new[:1], new[1:2, None]], 2.0)
+    for column, held in (("e64", "1 float64"), ("e2", "2 float32")):
+        with pytest.raises(TypeError, match=rf"^column '{column}' must hold one float32 per row to be written, "
+                                            rf"not {held}$"):
+            _core.write_rows(wide["C"], column, np.array([0]), [np.ones(1, np.float32)], 2.0)
 
 
-def test_the_row_kernels_check_their_float_arguments():
-    """rows_at_least's and rows_at_least_within's threshold and max_abs and cap_at_ratio's ratio were cast by
-    pybind11: a bool was read as 0.0 / 1.0 (rows_at_least(v, True) selected the values >= 1) and a string, None or
-    complex value was refused naming nothing. Now they go through checked_float."""
+def test_the_selection_and_the_write_back_check_their_float_arguments():
+    """inference_inputs' min_value, max_value and max_abs_within and write_rows' max_ratio go through checked_float:
+    pybind11's cast read a bool as 0.0 / 1.0 (a threshold True selected the values >= 1) and refused a string, None
+    or complex value naming nothing."""
     from eclreco import _core
 
     v = np.array([0.5, 1.0, 1.5, 3.0], np.float32)
     t = np.array([0.0, 2.0, 0.5, 1.0], np.float32)
-    assert_checked_float(lambda x: _core.rows_at_least(v, x), "threshold")
-    assert_checked_float(lambda x: _core.rows_at_least_within(v, x, t, 1.0), "threshold")
-    assert_checked_float(lambda x: _core.rows_at_least_within(v, 0.0, t, x), "max_abs")
+
+    def select(lo=0.0, hi=0.0, max_abs=0.0):
+        return _core.inference_inputs(_clusters({"energy_raw": v, "time": t}), "C", [], lo, hi, max_abs)[:2]
+
+    assert_checked_float(lambda x: select(lo=x), "min_value")
+    assert_checked_float(lambda x: select(hi=x), "max_value")
+    assert_checked_float(lambda x: select(max_abs=x), "max_abs_within")
 
     def capped(ratio):
-        values = v.copy()
-        return _core.cap_at_ratio(values, t, np.arange(4), ratio), values
+        b = _clusters({"energy": t})
+        return _core.write_rows(b["C"], "energy", np.arange(4), [v], ratio), np.asarray(b["C"]["energy"])
 
-    assert_checked_float(capped, "ratio")
+    assert_checked_float(capped, "max_ratio")
 
 
 def test_add_collection_rejects_decreasing_offsets():
@@ -646,7 +669,7 @@ def test_offsets_are_checked_as_given_not_as_converted():
 
 
 def test_row_and_cell_numbers_are_checked_as_given():
-    """gather_rows' and cap_at_ratio's rows and find_clusters' cell were converted with pybind11's forcecast: a
+    """gather_rows' and write_rows' rows and find_clusters' cell were converted with pybind11's forcecast: a
     float was truncated (rows 1.7 read as row 1, cell 100.7 as cell 100), an int64 cellId above 2**31 - 1 wrapped
     to another cell (2**32 + 100 clustered as cell 100) and a uint64 above 2**63 - 1 became a negative row. Each
     is now an error naming the argument and its first bad entry, as for offsets."""
@@ -655,8 +678,9 @@ def test_row_and_cell_numbers_are_checked_as_given():
     off, block = np.array([0, 4], np.int64), [np.arange(8, dtype=np.float32).reshape(4, 2)]
     digit = dict(offsets=np.array([0, 2], np.int64), energy=np.full(2, 0.5, np.float32), time=np.zeros(2, np.float32),
                  quality=np.zeros(2, np.uint8))
+    four = _clusters({"e": np.ones(4, np.float32)})
     calls = {"rows": (lambda r: _core.gather_rows(r, off, block, [False]),
-                      lambda r: _core.cap_at_ratio(np.full(4, 9, np.float32), np.ones(4, np.float32), r, 2.0)),
+                      lambda r: _core.write_rows(four["C"], "e", r, [np.full(2, 9, np.float32)], 2.0)),
              "cell": (lambda c: _core.find_clusters("belle2-ecl", cell=c, **digit),)}
     for name, fns in calls.items():
         for call in fns:
@@ -2401,8 +2425,8 @@ def test_threaded_runs_have_no_data_race_under_thread_sanitizer():
 
 def test_float_arrays_are_checked_as_given():
     """The float32 inputs of the C++ kernels were converted with pybind11's forcecast: an array of strings was
-    parsed (rows_at_least(np.array(['1.5']), 1.0) gave [0]), a bool array read as 0/1, a complex one had its
-    imaginary part dropped with only a ComplexWarning. Each now goes through checked_reals<float>: a TypeError
+    parsed (rows_at_least(np.array(['1.5']), 1.0), since removed, gave [0]), a bool array read as 0/1, a complex one
+    had its imaginary part dropped with only a ComplexWarning. Each now goes through checked_reals<float>: a TypeError
     naming the argument and its dtype; floats of any width and byte order, integers and lists are read as before
     (rounded to float32)."""
     from eclreco import _core
@@ -2418,10 +2442,12 @@ def test_float_arrays_are_checked_as_given():
                  quality=q)
         return {**d, **kw}
 
+    def written(a):  # write_rows' parts: what it returns and the column it wrote
+        b = _clusters({"e": np.ones(2, np.float32)})
+        return _core.write_rows(b["C"], "e", rows, [a], 0.0), np.asarray(b["C"]["e"])
+
     calls = {
-        "values": [lambda a: _core.rows_at_least(a, 1.0), lambda a: _core.rows_at_least_within(a, 1.0, two_f32, 50.0)],
-        "within": [lambda a: _core.rows_at_least_within(two_f32, 0.1, a, 1.0)],
-        "reference": [lambda a: _core.cap_at_ratio(np.full(2, 9, np.float32), a, rows, 2.0)],
+        "parts[0]": [written],
         "blocks[1]": [lambda a: _core.gather_rows(rows, off2, [two_f32[:, None], np.asarray(a)[:, None]],
                                                   [False, False])],
         "energy": [lambda a: _core.find_clusters("belle2-ecl", **digits(energy=a)),
@@ -2456,8 +2482,18 @@ def test_float_arrays_are_checked_as_given():
             int_want = call(np.array([1, 2], np.float32))
             for ok in (np.array([1, 2]), np.array([1, 2], np.uint8), [1, 2]):
                 assert same(call(ok), int_want), (name, ok)
-    with pytest.raises(ValueError, match=r"^values must be 1-d, not of shape \(2, 2\)$"):
-        _core.rows_at_least(np.zeros((2, 2), np.float32), 0.0)
+    with pytest.raises(ValueError, match=r"^parts\[0\] must be 1-d, not of shape \(2, 2\)$"):
+        written(np.zeros((2, 2), np.float32))
+    # inference_inputs' value and time are columns: of the dtypes a column can hold, bool is refused, naming it
+    def select(cols):
+        return _core.inference_inputs(_clusters(cols), "C", [], 0.1, 0.0, 1.0)[:2]
+
+    for name in ("energy_raw", "time"):
+        with pytest.raises(TypeError, match=rf"^{name} must be a float or integer array, not bool$"):
+            select({"energy_raw": two_f32, "time": two_f32, name: np.array([True, False])})
+        want = select({"energy_raw": two_f32, "time": two_f32, name: np.array([1, 2], np.float32)})
+        for ok in (np.array([1, 2]), np.array([1, 2], np.uint8), np.array([1, 2], np.float64)):
+            assert same(select({"energy_raw": two_f32, "time": two_f32, name: ok}), want), (name, ok)
     with pytest.raises(ValueError, match=r"^blocks\[1\] must be 2-d, not 1-d$"):  # (it named no block)
         _core.gather_rows(rows, off2, [two_f32[:, None], two_f32], [False, False])
 
