@@ -1,6 +1,7 @@
 """RootOutput: writes reconstructed events to a ROOT file (TTree `events`) through uproot."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -81,10 +82,8 @@ def open_input_file(path: str):
         raise ValueError(f"{path}: cannot read it ({err.strerror})") from None
     if head != b"root":
         raise ValueError(f"{path}: not a ROOT file " + (f"(it begins with {head!r})" if head else "(empty)"))
-    try:
+    with reading_input_file(path):  # uproot's OSError for a file cut inside its header, ...
         return uproot.open(path)
-    except Exception as err:  # noqa: BLE001 - uproot's OSError for a file cut inside its header, ...
-        raise damaged_input_file(path, err) from None
 
 
 def damaged_input_file(path: str, err: Exception) -> ValueError:
@@ -93,6 +92,18 @@ def damaged_input_file(path: str, err: Exception) -> ValueError:
     from eclreco.paths import one_line
 
     return ValueError(f"{path}: not a readable ROOT file, cut short or damaged? ({one_line(err)})")
+
+
+@contextlib.contextmanager
+def reading_input_file(path: str):
+    """Around the reads of an input ROOT file (open_input_file's; a tree, its baskets, a histogram, the metadata):
+    what uproot raises for a part cut short or damaged (a basket's DecompressionError, a short read's OSError, a
+    DeserializationError: messages over several lines, some without the file's name) is damaged_input_file's
+    one line. Only reads go inside: the caller's own refusals and its output's errors are not the input's."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - uproot's errors have no common base
+        raise damaged_input_file(path, err) from None
 
 
 def read_metadata(f):

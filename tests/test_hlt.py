@@ -2307,8 +2307,8 @@ def test_a_terminate_with_a_backlog_in_the_input_connection_loses_nothing_uncoun
     assert kept == [envelope(e) for e in range(100, 100 + d["unread_at_terminate"])], d
 
 
-def reco_file(path, evts, det="belle2-ecl"):
-    """A RootOutput file of the reconstruction (no CNN) of the events `evts` of detector `det`."""
+def reco_file(path, evts, det="belle2-ecl", dqm=False):
+    """A RootOutput file of the reconstruction (no CNN) of the events `evts` of detector `det` (and its DQM: dqm)."""
     from eclreco.rawdata import write_raw_file
     from eclreco.reconstruction import add_reconstruction
 
@@ -2317,6 +2317,8 @@ def reco_file(path, evts, det="belle2-ecl"):
     p = eclreco.create_path()
     p.add_module("RawFileInput", filename=raw)
     add_reconstruction(p, cnn=False)
+    if dqm:
+        p.add_module("ECLDQM")
     p.add_module("RootOutput", filename=str(path))
     eclreco.process(p, install_signal_handlers=False)
 
@@ -2465,3 +2467,50 @@ def test_hlt_merge_does_not_overwrite_a_file_that_appeared_under_its_output_whil
     assert err.startswith(f"eclreco hlt merge: error: -o {str(merged)!r}: m.root appeared or changed there since this merge "
                           "began"), err
     assert merged.read_bytes() == b"another merge's"
+
+
+def test_hlt_merge_and_dqm_name_an_input_whose_baskets_are_cut_short_or_damaged(tmp_path, capsys):
+    """`hlt merge` opened its inputs with root_output.open_input_file (one line naming a file it cannot open), but a
+    file that opens and fails further on, as its tree or baskets are read, surfaced uproot's own error: over three
+    lines (`expected Chunk of length 1917,\\nreceived 100 bytes ...`), `DecompressionError: Data corruption detected`
+    naming no file, or a DeserializationError. Each read of an input is now in root_output.reading_input_file: one
+    line naming the file, exit 2, nothing under -o (the failure after the output was begun included); `eclreco dqm`
+    reads its histograms the same way."""
+    from eclreco import cli
+
+    good = tmp_path / "good.root"
+    reco_file(good, range(300), dqm=True)
+    data = good.read_bytes()
+    with uproot.open(good) as f:
+        t = f["events"]
+        seek = {b: int(t[b].member("fBasketSeek")[0]) for b in ("evt", "cluster_energy_raw")}
+        tree_key = f.key("events")
+        hist = f["dqm"].key(f["dqm"].keys(cycle=False)[0]).fSeekKey
+
+    def overwritten(at, n=20):  # bytes of the file written over (a disk's or a copy's damage)
+        return data[:at] + b"\xaa" * n + data[at + n:]
+
+    def payload(at):  # where the object of the key at `at` begins: its ROOT compression header
+        return at + int.from_bytes(data[at + 14:at + 16], "big")  # (the key's fKeylen)
+    cases = {"evt.root": overwritten(payload(seek["evt"])),  # read first: the (exp, run, evt) of each file
+             # read after the output was begun: its events are written a step at a time
+             "cut.root": data[:seek["cluster_energy_raw"] + 100],
+             "tree.root": overwritten(tree_key.fSeekKey + tree_key.fNbytes // 2, 50),
+             "hist.root": overwritten(payload(hist))}
+    for name, damaged in cases.items():
+        (tmp_path / name).write_bytes(damaged)
+    out = tmp_path / "out"
+    out.mkdir()
+    runs = [(["hlt", "merge", str(good), str(tmp_path / n), "-o", str(out / "m.root")], n)
+            for n in ("evt.root", "cut.root", "tree.root")]
+    runs.append((["dqm", str(tmp_path / "hist.root"), "-o", str(out / "png")], "hist.root"))
+    for argv, name in runs:
+        capsys.readouterr()
+        assert cli.main(argv) == 2, (argv, capsys.readouterr())
+        err = capsys.readouterr().err
+        command = " ".join(argv[:2] if argv[0] == "hlt" else argv[:1])
+        assert err.count("\n") == 1 and err.startswith(
+            f"eclreco {command}: error: {tmp_path / name}: not a readable ROOT file, cut short or damaged? ("), err
+        assert os.listdir(out) == [], (argv, os.listdir(out))  # no partial output, no temporary file
+    # the damage is where the test says: the good file merges
+    assert cli.main(["hlt", "merge", str(good), "-o", str(out / "m.root")]) == 0

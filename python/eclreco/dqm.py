@@ -421,32 +421,29 @@ def read_histograms(root_path: str) -> list[dict]:
     """Every histogram of the file's dqm directory, each cycle (run) of it: name, cycle, counts and edges,
     under- and overflow, bin labels, title, x-axis title. A file that is missing, not ROOT or cut short is a
     ValueError of one line naming it; one without dqm/ a NoDQMError."""
-    from eclreco.modules.root_output import (damaged_input_file, metadata_detectors,  # (it imports this module)
-                                             open_input_file)
+    from eclreco.modules.root_output import (metadata_detectors, open_input_file,  # (it imports this module)
+                                             reading_input_file)
 
     hists = None  # no dqm directory
-    with open_input_file(root_path) as f:
-        try:
-            detectors = metadata_detectors(f)  # None: no metadata (a collector killed before its end)
-            if "dqm" in {k.split(";")[0] for k in f.keys(recursive=False)}:
-                d = f["dqm"]
-                cycles: dict[str, set[int]] = {}
-                for k in d.keys(recursive=False):
-                    name, _, cycle = k.partition(";")
-                    cycles.setdefault(name, set()).add(int(cycle or 1))
-                hists = []
-                for name, cycle in sorted((k, c) for k, cs in cycles.items() for c in cs):
-                    obj = d[f"{name};{cycle}"]
-                    if not hasattr(obj, "to_numpy"):
-                        continue
-                    counts, edges = obj.to_numpy()
-                    hists.append({"name": name, "cycle": cycle, "runs": len(cycles[name]), "counts": counts,
-                                  "edges": edges, "flow": obj.values(flow=True)[[0, -1]],
-                                  "labels": obj.axis().labels(), "title": obj.member("fTitle") or name,
-                                  "xlabel": obj.axis().member("fTitle"), "file": root_path,
-                                  "detectors": detectors})
-        except Exception as err:  # noqa: BLE001 - uproot's OSError for a file cut short, its DeserializationError, ...
-            raise damaged_input_file(root_path, err) from None
+    with open_input_file(root_path) as f, reading_input_file(root_path):
+        detectors = metadata_detectors(f)  # None: no metadata (a collector killed before its end)
+        if "dqm" in {k.split(";")[0] for k in f.keys(recursive=False)}:
+            d = f["dqm"]
+            cycles: dict[str, set[int]] = {}
+            for k in d.keys(recursive=False):
+                name, _, cycle = k.partition(";")
+                cycles.setdefault(name, set()).add(int(cycle or 1))
+            hists = []
+            for name, cycle in sorted((k, c) for k, cs in cycles.items() for c in cs):
+                obj = d[f"{name};{cycle}"]
+                if not hasattr(obj, "to_numpy"):
+                    continue
+                counts, edges = obj.to_numpy()
+                hists.append({"name": name, "cycle": cycle, "runs": len(cycles[name]), "counts": counts,
+                              "edges": edges, "flow": obj.values(flow=True)[[0, -1]],
+                              "labels": obj.axis().labels(), "title": obj.member("fTitle") or name,
+                              "xlabel": obj.axis().member("fTitle"), "file": root_path,
+                              "detectors": detectors})
     if hists is None:
         raise NoDQMError(f"{root_path} has no dqm directory (a job without ECLDQM, or not a RootOutput file)")
     return hists

@@ -37,12 +37,29 @@ _KEY = np.dtype([("exp", "<u8"), ("run", "<u8"), ("evt", "<u4"), ("detector", "u
 
 def _open(name: str, tree: str):
     """The uproot file and its tree (None: no tree, a collector killed before its first write)."""
-    from eclreco.modules.root_output import open_input_file
+    from eclreco.modules.root_output import open_input_file, reading_input_file
 
     f = open_input_file(name)
-    if tree not in f:
-        return f, None
-    return f, f[tree]
+    try:
+        with reading_input_file(name):  # a damaged tree header
+            return f, (f[tree] if tree in f else None)
+    except ValueError:
+        f.close()
+        raise
+
+
+def _chunks(name: str, t, branches: list[str]):
+    """The branches of tree `t` of file `name`, STEP_EVENTS events at a time (awkward arrays); a basket that
+    cannot be read (cut short, damaged) is an error naming the file (root_output.reading_input_file)."""
+    from eclreco.modules.root_output import reading_input_file
+
+    chunks = t.iterate(branches, step_size=STEP_EVENTS, library="ak")
+    while True:
+        with reading_input_file(name):
+            chunk = next(chunks, None)
+        if chunk is None:
+            return
+        yield chunk
 
 
 def _layout(t) -> dict:
@@ -53,10 +70,11 @@ def _layout(t) -> dict:
 def _detector_of(name: str, f, t) -> int:
     """The detector code of every event of a file without the `detector` branch, from its metadata; a
     ValueError saying why where the metadata does not name one detector."""
-    from eclreco.modules.root_output import metadata_detectors
+    from eclreco.modules.root_output import metadata_detectors, reading_input_file
     from eclreco.rawdata import DETECTORS
 
-    names = metadata_detectors(f)
+    with reading_input_file(name):
+        names = metadata_detectors(f)
     old = (f"{name}: its {t.num_entries} events have no {DETECTOR!r} branch (a file written before RootOutput "
            f"had it) and the other files' do")
     if not isinstance(names, list):
@@ -86,7 +104,7 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
     import uproot
 
     from eclreco import __version__
-    from eclreco.modules.root_output import cluster_array, make_events_tree, read_metadata
+    from eclreco.modules.root_output import cluster_array, make_events_tree, read_metadata, reading_input_file
     from eclreco.rawdata import DETECTOR_NAMES
 
     if os.path.lexists(output):
@@ -124,11 +142,12 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
             if lacks_detector and t.num_entries:
                 filled[i] = _detector_of(name, f, t)
             k = np.zeros(t.num_entries, _KEY)
-            for b in KEY_BRANCHES:
-                k[b] = t[b].array(library="np")
-            if DETECTOR in t.keys():
-                k[DETECTOR] = t[DETECTOR].array(library="np")
-            elif i in filled:
+            with reading_input_file(name):  # a basket cut short or damaged: the file named, on one line
+                for b in KEY_BRANCHES:
+                    k[b] = t[b].array(library="np")
+                if DETECTOR in t.keys():
+                    k[DETECTOR] = t[DETECTOR].array(library="np")
+            if i in filled:
                 k[DETECTOR] = filled[i]
             keys.append(k)
         keeps = first_copies(keys)
@@ -141,8 +160,10 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
             out = uproot.recreate(staged.path(target))
             made = False
             for i, (name, (f, t), keep) in enumerate(zip(files, opened, keeps)):
+                with reading_input_file(name):
+                    meta = read_metadata(f)
                 entry = {"file": name, "events": 0 if t is None else int(t.num_entries), "written": int(keep.sum()),
-                         "dropped": int((~keep).sum()), "metadata": read_metadata(f)}
+                         "dropped": int((~keep).sum()), "metadata": meta}
                 if t is None:
                     entry["note"] = f"no TTree {tree!r} (a collector killed before its first write)"
                 elif i in filled:
@@ -151,11 +172,12 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
                 report["inputs"].append(entry)
                 report["events_written"] += entry["written"]
                 if entry["written"]:
-                    written.update(_written_detectors(f, t, keep, filled.get(i)))
+                    with reading_input_file(name):
+                        written.update(_written_detectors(f, t, keep, filled.get(i)))
                 report["duplicates_dropped"] += entry["dropped"]
                 start = 0
                 read = [] if t is None else [b for b in event_branches + cluster_branches if b in t.keys()]
-                for chunk in ([] if t is None else t.iterate(read, step_size=STEP_EVENTS, library="ak")):
+                for chunk in ([] if t is None else _chunks(name, t, read)):
                     n = len(chunk)
                     sel = keep[start:start + n]
                     start += n
