@@ -1346,6 +1346,40 @@ def test_eclreco_simulate_checks_its_output_before_simulating(tmp_path, capsys):
     assert os.listdir(tmp_path) == []
 
 
+def test_eclreco_simulate_does_not_overwrite_a_file_that_appeared_while_it_simulated(tmp_path, monkeypatch, capsys):
+    """`eclreco simulate -o OUT` took OUT's state only as write_raw_file began, after the whole simulation: a file put
+    under OUT while it simulated (a second simulation's, a user's) was replaced without a word. OUT's state is taken at
+    the command's start: exit 2 naming it, OUT left as it is, the events kept under their temporary name, named too. A
+    file that was there when it began is replaced, as before."""
+    import eclreco.sim
+
+    out = tmp_path / "raw.msgpack"
+    real, meanwhile = eclreco.sim.simulate, []
+
+    def simulate(**kw):  # the events simulated, then what happens to OUT before the write
+        ev = real(**kw)
+        while meanwhile:
+            meanwhile.pop()()
+        return ev
+    monkeypatch.setattr(eclreco.sim, "simulate", simulate)
+    argv = ["simulate", "--events", "3", "-q", "-o", str(out)]
+
+    for before in (None, b"the previous simulation"):  # OUT free at the start, or a file it may replace
+        if before is not None:
+            out.write_bytes(before)
+        meanwhile.append(lambda: out.write_bytes(b"mine"))
+        capsys.readouterr()
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        kept = [p.name for p in tmp_path.iterdir() if ".partial." in p.name]
+        assert len(kept) == 1 and err.startswith(f"eclreco simulate: error: {out}: raw.msgpack appeared or changed "
+                                                 "there since this simulation began") and kept[0] in err, err
+        assert out.read_bytes() == b"mine"
+        (tmp_path / kept[0]).unlink()
+    assert cli.main(argv) == 0  # nothing meanwhile: replaced, as before
+    assert out.read_bytes() != b"mine" and os.listdir(tmp_path) == ["raw.msgpack"]
+
+
 def test_output_folders_are_made_in_a_folder_that_exists_only(tmp_path, capsys):
     """-o of train, validate and dqm, and bench's --plots, were made with every missing folder above them
     (os.makedirs): a typo in a folder above (/data/rnus/x) made /data/rnus without a word, where an output

@@ -276,20 +276,25 @@ def encode_events(detector: str, exp, run, evt, offsets, cell, amplitude, time_t
     return out
 
 
-def write_raw_file(path: str | os.PathLike, messages: Iterable[bytes]) -> int:
+def write_raw_file(path: str | os.PathLike, messages: Iterable[bytes],
+                   unchanged: dict[str, str | None] | None = None, run: str = "write") -> int:
     """Write messages back to back (a raw file); returns the number written. A file is written under a
     temporary name that it takes at the end (paths.StagedOutputs; through a symlink, its target): a write
     that fails or is interrupted (disk full, Ctrl-C in `eclreco simulate`'s gigabytes) leaves no
     half-written raw file, and an existing one as it was. It replaces only what was there when it began: a
     file put there while the messages were written is not written over (paths.OutputsChangedError naming it
-    and the temporary file, which stays). A pipe or a device is written directly."""
+    and the temporary file, which stays). A pipe or a device is written directly.
+    unchanged: paths.output_states([os.path.realpath(path)]) taken when the `run` that makes the messages began
+    (`eclreco simulate`'s start, before its minutes of simulation), so that a file put there meanwhile is not
+    written over either; by default they are taken as the write begins. run names that run in the error."""
     import stat
 
     from eclreco.paths import OutputsChangedError, StagedOutputs, output_states
 
     direct = os.path.exists(path) and not stat.S_ISREG(os.stat(path).st_mode)
     target = "" if direct else os.path.realpath(path)
-    unchanged = output_states([target] if target else [])
+    if unchanged is None:
+        unchanged = output_states([target] if target else [])
     n = 0
     with StagedOutputs() as staged:
         with open(path if direct else staged.path(target), "wb") as f:
@@ -297,7 +302,7 @@ def write_raw_file(path: str | os.PathLike, messages: Iterable[bytes]) -> int:
                 f.write(m)
                 n += 1
         try:
-            staged.publish(unchanged, "write")
+            staged.publish(unchanged, run)
         except OutputsChangedError as err:
             raise OutputsChangedError(f"{os.fspath(path)}: {err}") from None
     return n

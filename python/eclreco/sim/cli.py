@@ -11,7 +11,7 @@ def _run(args) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from eclreco.paths import output_file_error
+    from eclreco.paths import output_file_error, output_states
     from eclreco.rawdata import encode_events, write_raw_file
     from eclreco.sim import simulate
 
@@ -20,6 +20,8 @@ def _run(args) -> int:
     if why := output_file_error(args.output, "-o"):
         print(f"eclreco simulate: error: {why}", file=sys.stderr)  # one line, exit 2, as every command's refusal
         return 2
+    # -o as it is before the simulation: the write at the end replaces only that, not a file put there meanwhile
+    unchanged = output_states([os.path.realpath(args.output)])
     messages = []
     chunk = 2000
     t0 = time.perf_counter()
@@ -35,7 +37,7 @@ def _run(args) -> int:
                                       ev.time_ticks, ev.quality, truth=ev.truth)
             digits += ev.cell.size
             bar.update(n)
-    write_raw_file(args.output, messages)
+    write_raw_file(args.output, messages, unchanged, "simulation")
     nbytes = os.path.getsize(args.output)
     dt = time.perf_counter() - t0
     size = f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"
