@@ -1155,9 +1155,12 @@ def test_eclreco_quarantine_extract_does_not_overwrite_a_file_that_appeared_whil
         assert cli.main(["quarantine", str(q), "--extract", str(out)]) == 2
         err = capsys.readouterr().err
         kept = [p.name for p in tmp_path.iterdir() if ".partial." in p.name]
-        assert len(kept) == 1 and err.startswith(f"eclreco quarantine: error: --extract {str(out)!r}: out.msgpack "
-                                                 f"appeared or changed there since this extraction began") \
-            and kept[0] in err, err
+        # (one file: no folder's set of files, no other command named; it said "another extraction into the folder?",
+        # "nothing of this extraction published; its files are kept as ...")
+        assert len(kept) == 1 and err == (f"eclreco quarantine: error: --extract {str(out)!r}: out.msgpack appeared or "
+                                          "changed there since this extraction began (another extraction's output?): "
+                                          f"not written over; this extraction's output is kept as {kept[0]} (rename it "
+                                          "to use it)\n"), err
         assert out.read_bytes() == b"mine"
         (tmp_path / kept[0]).unlink()
     assert cli.main(["quarantine", str(q), "--extract", str(out)]) == 0  # nothing meanwhile: replaced, as before

@@ -2464,8 +2464,9 @@ def test_hlt_merge_does_not_overwrite_a_file_that_appeared_under_its_output_whil
     err = capsys.readouterr().err
     kept = [p.name for p in tmp_path.iterdir() if ".partial." in p.name]
     assert len(kept) == 1 and kept[0] in err and err.count("\n") == 1, (kept, err)
-    assert err.startswith(f"eclreco hlt merge: error: -o {str(merged)!r}: m.root appeared or changed there since this merge "
-                          "began"), err
+    assert err == (f"eclreco hlt merge: error: -o {str(merged)!r}: m.root appeared or changed there since this merge "
+                   f"began (another merge's output?): not written over; this merge's output is kept as {kept[0]} (rename "
+                   "it to use it)\n"), err  # (one file: it said "another merge into the folder?", "its files are kept")
     assert merged.read_bytes() == b"another merge's"
 
 

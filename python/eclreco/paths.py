@@ -168,10 +168,15 @@ class StagedOutputs:
 
     def _refuse(self, changed, run):
         self.kept = True
+        names = ", ".join(os.path.basename(f) for f in changed)
+        kept = ", ".join(os.path.basename(t) for t in self.files.values())
+        if len(self.files) == 1:  # one output file (hlt merge -o, quarantine --extract, a raw file), not a folder's set
+            raise OutputsChangedError(
+                f"{names} appeared or changed there since this {run} began (another {run}'s output?): not written over; "
+                f"this {run}'s output is kept as {kept} (rename it to use it)")
         raise OutputsChangedError(
-            f"{', '.join(os.path.basename(f) for f in changed)} appeared or changed there since this {run} began "
-            f"(another {run} into the folder?): not written over, nothing of this {run} published; its files are "
-            f"kept as {', '.join(os.path.basename(t) for t in self.files.values())} (rename them to use them)")
+            f"{names} appeared or changed there since this {run} began (another {run} into the folder?): not written "
+            f"over, nothing of this {run} published; its files are kept as {kept} (rename them to use them)")
 
     def __enter__(self):
         return self
