@@ -1710,6 +1710,26 @@ def test_hlt_merge_and_dqm_word_an_input_that_is_not_root_alike(tmp_path, capsys
     assert sorted(os.listdir(tmp_path)) == ["cut.root", "empty.root", "good.root"]
 
 
+def test_dqm_hlt_merge_and_quarantine_word_a_missing_input_file_alike(tmp_path, capsys):
+    """`hlt merge nosuch.root` and `quarantine nosuch` were refused by the parser (cli_types.input_file: its usage,
+    then `argument FILE: 'nosuch.root': no such file`), `dqm nosuch.root` after it, in words of its own
+    (`nosuch.root: no such file`, no usage). dqm's FILE is an input_file too now: one wording of a missing input
+    or a directory, the parser's, for every command that reads FILEs."""
+    missing = str(tmp_path / "nosuch.root")
+    for path, says in ((missing, "no such file"), (str(tmp_path), "a directory, not a {}")):
+        for argv, what in ((["dqm", path, "-o", str(tmp_path / "d")], "ROOT file"),
+                           (["hlt", "merge", path, "-o", str(tmp_path / "m.root")], "ROOT file"),
+                           (["quarantine", path], "quarantine file")):
+            capsys.readouterr()
+            with pytest.raises(SystemExit) as e:
+                cli.main(argv)
+            err = capsys.readouterr().err
+            command = " ".join(argv[:2] if argv[0] == "hlt" else argv[:1])
+            assert e.value.code == 2 and err.startswith(f"usage: eclreco {command} ") and err.endswith(
+                f"\neclreco {command}: error: argument FILE: {path!r}: {says.format(what)}\n"), (argv, err)
+    assert sorted(os.listdir(tmp_path)) == []
+
+
 def test_reco_py_refuses_a_metrics_host_without_metrics_port(tmp_path, capsys):
     """`reco.py -i raw --metrics-host 0.0.0.0` ran without any exporter (--metrics-port 0 is none), the
     interface silently ignored, as --metrics-linger was before it was refused: a scrape found nothing."""

@@ -491,8 +491,13 @@ def test_eclreco_dqm_refuses_a_bad_file_in_one_line_and_leaves_the_output_folder
     (tmp_path / "cut.root").write_bytes(data[:200])  # its keys are further on
     (tmp_path / "notes.txt").write_text("not ROOT\n")
     (tmp_path / "adir").mkdir()
-    cases = [("missing.root", ": no such file"), ("adir", ": a directory, not a ROOT file"),
-             ("empty.root", ": not a ROOT file (empty)"), ("cut.root", ": not a readable ROOT file, cut short or damaged?"),
+    for name, message in (("missing.root", "no such file"), ("adir", "a directory, not a ROOT file")):
+        with pytest.raises(SystemExit) as e:  # the parser's line naming FILE (cli_types.input_file), as hlt merge's
+            main(["dqm", str(tmp_path / name), "-o", str(tmp_path / "png")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.endswith(f"error: argument FILE: {str(tmp_path / name)!r}: {message}\n"), err
+        assert not (tmp_path / "png").exists(), name
+    cases = [("empty.root", ": not a ROOT file (empty)"), ("cut.root", ": not a readable ROOT file, cut short or damaged?"),
              ("notes.txt", ": not a ROOT file")]
     for name, message in cases:
         capsys.readouterr()

@@ -12,6 +12,7 @@ import threading
 import numpy as np
 
 from eclreco import _core
+from eclreco.cli_types import input_file
 from eclreco.paths import one_line
 
 
@@ -704,7 +705,8 @@ def _run(args) -> int:
 
 def add_dqm_parser(subparsers) -> None:
     p = subparsers.add_parser("dqm", help="draw the DQM histograms of a ROOT file as PNG")
-    p.add_argument("files", nargs="+", metavar="FILE",
+    # a missing file or a directory: the parser's line naming FILE, in the words of hlt merge's and quarantine's
+    p.add_argument("files", nargs="+", type=input_file("ROOT file"), metavar="FILE",
                    help="ROOT file(s) written by RootOutput; of several (the files of one farm run, a collector "
                         "replaced mid-run), the parts of a run in them are summed; they must be of one detector")
     p.add_argument("-o", "--output", default="dqm",
