@@ -4,7 +4,6 @@
 
 #include <atomic>
 #include <cstdio>
-#include <filesystem>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -13,6 +12,7 @@
 #include "ecl/geometry.hpp"
 #include "ecl/leakage.hpp"
 #include "framework/registry.hpp"
+#include "framework/sha256.hpp"
 
 namespace {
 
@@ -43,7 +43,7 @@ class ECLLeakageCorrection : public fw::Module {
     table_file_.clear();
     if (!table_.empty()) {
       auto t = ecl::LeakageTable::load(table_);
-      table_file_ = {{"path", std::filesystem::absolute(table_).lexically_normal().string()}, {"sha256", t.sha256()}};
+      table_file_ = fw::file_provenance(table_, t.sha256());
       tables_[t.detector_code() == 1 ? 1 : 0] = std::move(t);
       explicit_ = true;
     } else {

@@ -391,8 +391,7 @@ class ECLUnpacker : public fw::Module {
     ss << f.rdbuf();
     const std::string text = ss.str();
     // the digest of these bytes, not of a second read: the file may change while the job runs
-    std::map<std::string, std::string> file = {{"path", std::filesystem::absolute(path).lexically_normal().string()},
-                                               {"sha256", fw::sha256_hex(text)}};
+    auto file = fw::file_provenance(path, fw::sha256_hex(text));
     Json doc;
     try {
       doc = JsonParser(text).parse();

@@ -335,6 +335,28 @@ bool checked_bool(py::handle value, const char* name) {
   return PyObject_IsTrue(value.ptr()) == 1;
 }
 
+namespace {
+
+// A collection's column, or a KeyError in Python whose message lists the columns there are.
+const Column& column_of(const Collection& c, const std::string& name) {
+  try {
+    return c.column(name);
+  } catch (const std::out_of_range& e) {
+    throw py::key_error(e.what());
+  }
+}
+
+// A batch's collection, or a KeyError in Python whose message lists the collections there are.
+Collection& collection_of(EventBatch& b, const std::string& name) {
+  try {
+    return b.get(name);
+  } catch (const std::out_of_range& e) {
+    throw py::key_error(e.what());
+  }
+}
+
+}  // namespace
+
 void register_batch(py::module_& m) {
   m.def(
       "gather_rows",
@@ -407,22 +429,8 @@ void register_batch(py::module_& m) {
          const std::string& image_name) {
         // everything a batched inference call needs from a batch in one call: a module's selection, per-event
         // values and gathers, as separate numpy steps after the clusterizer (cold caches), cost ~3x the work
-        auto get = [&](const std::string& name) -> Collection& {
-          try {
-            return b.get(name);
-          } catch (const std::out_of_range& e) {
-            throw py::key_error(e.what());
-          }
-        };
-        auto column = [](const Collection& c, const std::string& name) -> const Column& {
-          try {
-            return c.column(name);
-          } catch (const std::out_of_range& e) {  // its message lists the columns there are
-            throw py::key_error(e.what());
-          }
-        };
-        auto view = [&](const Collection& c, const std::string& name) { return column_view(column(c, name), false); };
-        const Collection& cl = get(collection);
+        auto view = [](const Collection& c, const std::string& name) { return column_view(column_of(c, name), false); };
+        const Collection& cl = collection_of(b, collection);
         const double lo = checked_float(min_in, "min_value"), hi = checked_float(max_in, "max_value");
         const double max_abs = checked_float(max_abs_in, "max_abs_within");
         const size_t n_events = cl.n_events(), n = cl.n_rows();
@@ -454,8 +462,8 @@ void register_batch(py::module_& m) {
         for (auto item : blocks_in) {
           const auto pair = item.cast<std::pair<std::string, std::string>>();
           if (pair.first.empty()) {
-            const Column& c = column(cl, pair.second);
-            auto a = real_array<float>(view(cl, pair.second), pair.second.c_str());
+            const Column& c = column_of(cl, pair.second);
+            auto a = real_array<float>(column_view(c, false), pair.second.c_str());
             gb.push_back({a.data(), c.row_width(), false});
             width += c.row_width();
             keep.push_back(std::move(a));
@@ -464,7 +472,7 @@ void register_batch(py::module_& m) {
           const std::string label = pair.first + "." + pair.second;
           if (!b.has(pair.first))
             throw py::value_error(label + " is needed, and the batch has no " + pair.first);
-          const Collection& ev = get(pair.first);
+          const Collection& ev = collection_of(b, pair.first);
           if (ev.n_events() != n_events)
             throw py::value_error(pair.first + " has " + std::to_string(ev.n_events()) + " events, the batch " +
                                   std::to_string(n_events));
@@ -489,8 +497,8 @@ void register_batch(py::module_& m) {
           gb.push_back({per_event_values.back().data(), 1, true});
           width += 1;
         }
-        const Column& image_col = column(cl, image_name);
-        const auto image = real_array<float>(view(cl, image_name), image_name.c_str());
+        const Column& image_col = column_of(cl, image_name);
+        const auto image = real_array<float>(column_view(image_col, false), image_name.c_str());
         const size_t image_width = image_col.row_width();
         const fw::GatherBlock ib{image.data(), image_width, false};
         py::array_t<int64_t> rows_out(static_cast<py::ssize_t>(n + 1));
@@ -536,16 +544,11 @@ void register_batch(py::module_& m) {
         // call, the cap, the column set) after onnxruntime, with cold caches, they cost ~4x the work
         const double max_ratio = checked_float(max_ratio_in, "max_ratio");
         const auto rows = checked_numbers<int64_t>(rows_in, "rows");
-        Column* col;
-        try {
-          col = &c.column(column);
-        } catch (const std::out_of_range& e) {
-          throw py::key_error(e.what());
-        }
-        if (col->dtype() != DType::F32 || col->row_width() != 1)
+        const Column& col = column_of(c, column);
+        if (col.dtype() != DType::F32 || col.row_width() != 1)
           throw py::type_error("column '" + column + "' must hold one float32 per row to be written, not " +
-                               std::to_string(col->row_width()) + " " + fw::dtype_name(col->dtype()));
-        const int64_t n = static_cast<int64_t>(col->rows());
+                               std::to_string(col.row_width()) + " " + fw::dtype_name(col.dtype()));
+        const int64_t n = static_cast<int64_t>(col.rows());
         const int64_t* r = rows.data();
         const size_t nr = static_cast<size_t>(rows.shape(0));
         for (size_t k = 0; k < nr; ++k)
@@ -559,9 +562,9 @@ void register_batch(py::module_& m) {
         }
         if (total != nr)
           throw py::value_error("parts hold " + std::to_string(total) + " values for " + std::to_string(nr) + " rows");
-        Column out = *col;  // shares the buffer: the batch as it was stays intact (the processor's snapshot)
+        Column out = col;  // shares the buffer: the batch as it was stays intact (the processor's snapshot)
         float* v = out.values<float>();  // detaches: a copy
-        const float* before = static_cast<const Column*>(col)->values<float>();  // const: no detach
+        const float* before = col.values<float>();  // const: no detach
         size_t capped = 0;
         {
           py::gil_scoped_release release;
@@ -591,13 +594,7 @@ void register_batch(py::module_& m) {
       // read-only, zero-copy: a module that raises is re-run on the batch as it was before its call (the
       // processor keeps that snapshot, sharing the buffers), which an in-place write would change too
       .def("__getitem__", [](const Collection& c, const std::string& name) {
-        const Column* col;
-        try {
-          col = &c.column(name);
-        } catch (const std::out_of_range& e) {  // its message lists the columns there are; a KeyError in Python
-          throw py::key_error(e.what());
-        }
-        return column_view(*col, false);
+        return column_view(column_of(c, name), false);
       }, "a read-only view of a column (no copy); write by assigning a new array: c[name] = c[name] * 2")
       .def("__setitem__", [](Collection& c, const std::string& name, const py::object& value) {
         py::array a = column_array(name, value);
@@ -637,13 +634,8 @@ void register_batch(py::module_& m) {
         return names;
       })
       .def("__contains__", &EventBatch::has)
-      .def("__getitem__", [](EventBatch& b, const std::string& name) -> Collection& {
-        try {
-          return b.get(name);
-        } catch (const std::out_of_range& e) {  // its message lists the collections there are
-          throw py::key_error(e.what());
-        }
-      }, py::return_value_policy::reference_internal)
+      .def("__getitem__", [](EventBatch& b, const std::string& name) -> Collection& { return collection_of(b, name); },
+           py::return_value_policy::reference_internal)
       .def("add_collection", [](EventBatch& b, const std::string& name, const py::object& offsets,
                                 const py::dict& columns) -> Collection& {
         const Offsets offs = checked_offsets(offsets);  // (held: a converted copy lives as long as it)

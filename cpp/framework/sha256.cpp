@@ -2,6 +2,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
+#include <utility>
 
 namespace fw {
 namespace {
@@ -59,6 +61,10 @@ std::string sha256_hex(const void* data, std::size_t size) {
     out[2 * i] = kHex[byte >> 4], out[2 * i + 1] = kHex[byte & 15];
   }
   return out;
+}
+
+std::map<std::string, std::string> file_provenance(const std::string& path, std::string sha256) {
+  return {{"path", std::filesystem::absolute(path).lexically_normal().string()}, {"sha256", std::move(sha256)}};
 }
 
 }  // namespace fw
