@@ -1,25 +1,23 @@
 """ECLEnergyCorrection: the CNN energy correction of ECLClusters with onnxruntime.
 
-All clusters of a batch above `min_energy_gev` (raw energy) go through ONE inference call (in
-slices of at most `max_clusters_per_batch`): their images and features are gathered from the
-zero-copy column views in C++ (ECLEnergyCorrection.inputs). When the model's metadata `feature_names` lists extra
-features after the cluster features (eclreco.cnn_model.EXTRA_FEATURE_NAMES), they are appended in
-that order: `energy_in` = ECLClusters.energy as it arrives here (after ECLLeakageCorrection: the
-classical correction, which the shipped models refine as a residual), event-level features
-(belle2-ecl: event_oot_digits, which ECLUnpacker counts into ECLEventInformation) taken from the event's
-row of that collection (eclreco.cnn_model.EVENT_FEATURE_COLUMNS) and repeated per cluster. The network computes the corrected energy itself (normalisation inside the
-graph, see python/eclreco/cnn_model.py), so the module only writes the output into
-ECLClusters.energy. Clusters outside the model's domain keep the energy they have (the classical
-leakage correction, when ECLLeakageCorrection ran before): outside `min_energy_gev`..`max_energy_gev`
-(the Geant4 training samples span 50 MeV to 6 GeV of true energy: below 50 MeV raw the networks
-answer with what their sample says of a cluster that soft, a photon that lost energy, and raised
-35-45 MeV photons by 16-51 %; above 6 GeV they extrapolate, the array30 one to 0.86 x E_true at
-10 GeV; benchmarks/cnn_domain_scan.py), out of time
-(|time| > `max_abs_time_ns`: beam background; the models saw only in-time photons), and, after
-inference, clusters whose CNN energy is more than `max_ratio_to_classical` times the energy they
-arrived with: the belle2-ecl network, trained on photons, raised in-time beam-background clusters of
-30-50 MeV to several GeV; of its held-out Geant4 photons 0.02-0.13 % are above 2x
-(docs/physics-validation.md, "Domain of the CNN").
+All clusters of a batch above `min_energy_gev` (raw energy) go through ONE inference call (in slices of at
+most `max_clusters_per_batch`): their images and features are gathered from the zero-copy column views in C++
+(ECLEnergyCorrection.inputs). When the model's metadata `feature_names` lists extra features after the cluster
+features (eclreco.cnn_model.EXTRA_FEATURE_NAMES), they are appended in that order: `energy_in` =
+ECLClusters.energy as it arrives here (after ECLLeakageCorrection: the classical correction, which the shipped
+models refine as a residual), event-level features (belle2-ecl: event_oot_digits, which ECLUnpacker counts
+into ECLEventInformation) taken from the event's row of that collection
+(eclreco.cnn_model.EVENT_FEATURE_COLUMNS) and repeated per cluster. The network computes the corrected energy
+itself (normalisation inside the graph, see python/eclreco/cnn_model.py), so the module only writes the output
+into ECLClusters.energy. Clusters outside the model's domain keep the energy they have (the classical leakage
+correction, when ECLLeakageCorrection ran before): outside `min_energy_gev`..`max_energy_gev` (the Geant4
+training samples span 50 MeV to 6 GeV of true energy: below 50 MeV raw the networks answer with what their
+sample says of a cluster that soft, a photon that lost energy, and raised 35-45 MeV photons by 16-51 %; above
+6 GeV they extrapolate, the array30 one to 0.86 x E_true at 10 GeV; benchmarks/cnn_domain_scan.py), out of
+time (|time| > `max_abs_time_ns`: beam background; the models saw only in-time photons), and, after inference,
+clusters whose CNN energy is more than `max_ratio_to_classical` times the energy they arrived with: the
+belle2-ecl network, trained on photons, raised in-time beam-background clusters of 30-50 MeV to several GeV;
+of its held-out Geant4 photons 0.02-0.13 % are above 2x (docs/physics-validation.md, "Domain of the CNN").
 """
 from __future__ import annotations
 
@@ -299,27 +297,24 @@ class ECLEnergyCorrection(Module):
         # Few Python and numpy steps per batch: after the clusterizer each one runs cold (~5 µs for a
         # parameter read or a column view, against ~0.2 when repeated), so the selection and gathers are
         # one C++ call, the write-back another (docs/performance.md).
-        coll, lo, hi, t_max, step, model = self._config
+        step, model = self._config[4], self._config[5]
         code = int(batch.detector[0])  # the usual batch: one detector; inference_inputs says when not
         try:
-            groups = [(code, *self._session(code))]
+            session = self._session(code)
         except ModelError:  # no model for event 0's detector: the events worked on may be of another
-            groups = []
-        if groups:
-            rows, n_oot, images, features, found = self.inputs(batch, coll, groups[0][2]["extra_features"],
-                                                               self._image_shape(groups[0][1]), lo, t_max, hi)
-            inputs = [(rows, images, features)]
-        if not groups or found != code and (found != -1 or rows.size or n_oot):  # other detectors: by detector
-            groups, inputs, n_oot = [], [], 0
+            session = None
+        if session is not None:
+            rows, n_oot, images, features, found = self._inputs(batch, session)
+            groups = [(code, session, (rows, images, features))]
+        if session is None or found != code and (found != -1 or rows.size or n_oot):  # other detectors: by detector
+            groups, n_oot = [], 0
             for c in np.unique(np.asarray(batch.detector)[batch.active()]):
-                groups.append((int(c), *self._session(c)))
-                rows, outside, images, features, _ = self.inputs(
-                    batch, coll, groups[-1][2]["extra_features"], self._image_shape(groups[-1][1]), lo, t_max, hi,
-                    int(c))
-                inputs.append((rows, images, features))
+                session = self._session(c)
+                rows, outside, images, features, _ = self._inputs(batch, session, int(c))
+                groups.append((int(c), session, (rows, images, features)))
                 n_oot += outside
         n_done, n_guarded, t_inf = 0, 0, 0.0
-        for (code, sess, meta), (rows, images, features) in zip(groups, inputs):
+        for code, (sess, meta), (rows, images, features) in groups:
             if rows.size == 0:
                 continue
             names = meta["extra_features"]
@@ -337,6 +332,13 @@ class ECLEnergyCorrection(Module):
             # the CNN energies written, those above max_ratio x the energy in kept at that (a NaN too)
             n_guarded += _core.write_rows(cl, "energy", rows, parts, self._max_ratios.get(code, 0.0))
         self._count(n_oot, n_guarded, n_done - n_guarded, calls=1 if n_done else 0, seconds=t_inf)
+
+    def _inputs(self, batch, session, detector=None):
+        """ECLEnergyCorrection.inputs of the batch for the model `session` ((session, metadata)), with the module's
+        parameters: the clusters of the events of `detector` (None: every event worked on)."""
+        coll, lo, hi, t_max = self._config[:4]
+        sess, meta = session
+        return self.inputs(batch, coll, meta["extra_features"], self._image_shape(sess), lo, t_max, hi, detector)
 
     def _count(self, n_oot=0, n_guarded=0, n_corrected=0, calls=0, seconds=0.0):
         with self._lock:  # batches run on several framework threads
@@ -374,8 +376,9 @@ class ECLEnergyCorrection(Module):
         ECLClusters.features followed by the extra features `names` in that order (energy_in: the collection's
         energy column as it is now, before this module writes it; event-level features: the cluster's event's
         row of EVENT_FEATURE_COLUMNS), float32; images of another shape than image_shape (None: any) are a
-        ModelError; detector: the code of the events it worked on, -1 for several (or none). One C++ call (_core.inference_inputs): as separate numpy steps
-        after the clusterizer, with its caches cold, they cost ~3x the work (docs/performance.md)."""
+        ModelError; detector: the code of the events it worked on, -1 for several (or none). One C++ call
+        (_core.inference_inputs): as separate numpy steps after the clusterizer, with its caches cold, they cost
+        ~3x the work (docs/performance.md)."""
         blocks = [("", "features")]
         for n in names:
             if n == "energy_in":
