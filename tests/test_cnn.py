@@ -2048,6 +2048,33 @@ def test_the_shipped_cards_record_the_digest_of_the_shipped_models(detector):
 
 
 @pytest.mark.parametrize("detector", ["array30", "belle2-ecl"])
+def test_the_shipped_validation_reports_name_the_shipped_model_and_are_checkable_records(tmp_path, detector):
+    """The shipped validation_<det>.json predated model_file, g4_file and record_files: nothing said which network
+    their tables were measured with, and `eclreco validate -o` into a copy of the folder refused the report itself
+    ("it records no SHA-256 of itself"). They are now a validate run's own output (tables unchanged): the model they
+    name is the shipped file, byte for byte, and a validation into a copy of the folder takes them as the previous
+    run's unchanged report and .md."""
+    import json
+    import shutil
+
+    from eclreco.paths import file_sha256, overwritten_outputs
+
+    models = os.path.join(os.path.dirname(eclreco.__file__), "models")
+    record = f"validation_{detector}.json"
+    with open(os.path.join(models, record)) as f:
+        report = json.load(f)
+    assert report["model_file"]["sha256"] == file_sha256(os.path.join(models, f"{detector}.onnx"))
+    assert os.path.basename(report["model_file"]["path"]) == f"{detector}.onnx"
+    assert report["detector"] == detector and len(report["g4_file"]["sha256"]) == 64
+    copy = tmp_path / "models"
+    shutil.copytree(models, copy)
+    assert overwritten_outputs(str(copy), record, {record, f"validation_{detector}.md"}) == []
+    (copy / f"validation_{detector}.md").write_text("edited\n")  # the check can fail: a changed .md is named
+    assert overwritten_outputs(str(copy), record, {record, f"validation_{detector}.md"}) == [
+        f"validation_{detector}.md (changed since the run of {record} wrote it)"]
+
+
+@pytest.mark.parametrize("detector", ["array30", "belle2-ecl"])
 def test_a_shipped_card_renders_saying_what_it_does_not_record(tmp_path, detector):
     """The shipped cards were written before data.g4_sha256, data.g4_path and command: write_card, the one reader that
     renders a card, failed on them (KeyError: 'g4_sha256'), and their .md said nothing of the sample's digest or of
