@@ -1020,6 +1020,51 @@ def test_collector_never_overwrites_an_existing_file(farm_factory, tmp_path):
     assert sorted(evt.tolist()) == list(range(200))
 
 
+def test_two_collectors_choosing_one_output_name_at_once_write_two_files(tmp_path):
+    """A collector chose its file's name by checking that none was there (unused_filename) and RootOutput made
+    the file later: a second collector started by hand with the same -o that chose between the two took the same
+    name, and whichever made its file last overwrote the other's events. The choice now makes the file
+    (O_CREAT | O_EXCL): the second collector is told the name is taken and writes NAME.2.root. Here the two
+    collectors' steps in the order of the race, each with a real RootOutput."""
+    from helpers import CountingSource
+
+    from eclreco.hlt.collector import unused_filename
+
+    def write(name, n):  # a collector's run: RootOutput recreates the chosen file and writes into it
+        path = eclreco.create_path()
+        path.add_module(CountingSource(n))
+        path.add_module("RootOutput", filename=name)
+        eclreco.process(path, install_signal_handlers=False)
+
+    template = str(tmp_path / "farm.root")
+    first, _ = unused_filename(template)  # collector A chooses; its RootOutput has not made the file yet
+    second, _ = unused_filename(template)  # collector B, same -o, chooses meanwhile
+    write(second, 7)  # B makes its file and writes its events
+    write(first, 3)   # then A makes its own
+    assert (first, second) == (template, str(tmp_path / "farm.2.root"))
+    assert read_evt(second)[0].tolist() == list(range(7))  # B's events are still there
+    assert read_evt(first)[0].tolist() == list(range(3))
+
+
+def test_a_collectors_reserved_file_is_removed_only_while_it_is_its_own(tmp_path):
+    """The name a collector reserves (unused_filename makes the file, empty) is removed when its run fails before
+    the output was made (discard_reserved: RootOutput removed a file whose header it could not write, and the
+    reservation is the collector's): no empty file is left that no report names. A file put in its place is kept."""
+    from eclreco.hlt.collector import discard_reserved, unused_filename
+
+    template = str(tmp_path / "farm.root")
+    name, reservation = unused_filename(template)
+    assert os.path.getsize(name) == 0
+    discard_reserved(name, reservation)
+    assert not os.path.exists(name)
+    name, reservation = unused_filename(template)
+    theirs = tmp_path / "theirs.tmp"
+    theirs.write_text("theirs")
+    os.replace(theirs, name)  # another's file under the name now (renamed there, as hlt merge publishes its output)
+    discard_reserved(name, reservation)
+    assert open(name).read() == "theirs"
+
+
 def test_free_ports_are_not_handed_out_twice(monkeypatch):
     """A chosen port stays free until its process binds it, so two choices can meet: once the
     collector's port (chosen by hlt run) was the workers' (chosen by the test), and the farm did

@@ -726,19 +726,45 @@ def output_filename(template: str, run_index: int) -> str:
     return f"{stem}_run{run_index}{ext}"
 
 
-def unused_filename(path: str) -> str:
-    """path, or path with .2, .3, ... before the extension where a file is there already: a
-    collector never overwrites a file (a replacement collector, started with the same -o while the
-    distributor is in run N, would otherwise recreate the finished file of run 1)."""
-    if not os.path.exists(path):
-        return path
+def unused_filename(path: str) -> tuple[str, tuple | None]:
+    """(name, reservation): path, or path with .2, .3, ... before the extension where a file is there already,
+    created empty in the step that chooses it (O_CREAT | O_EXCL) for RootOutput to write into: a collector never
+    overwrites a file (a replacement collector, started with the same -o while the distributor is in run N, would
+    otherwise recreate the finished file of run 1). It checked that the name was free and RootOutput made the
+    file later: a file made between (a second collector started by hand with the same -o) was overwritten.
+    reservation: the (device, inode) of the file made, for discard_reserved; None where the name could not be
+    made for another reason (its folder gone, no permission): RootOutput's initialize then says why, naming it."""
     stem, ext = os.path.splitext(path)
-    k = 2
-    while os.path.exists(f"{stem}.{k}{ext}"):
-        k += 1
-    print(f"[collector] warning: {path} exists (an earlier run's or collector's file, kept); writing {stem}.{k}{ext}",
-          file=sys.stderr, flush=True)
-    return f"{stem}.{k}{ext}"
+    name, k = path, 2
+    while True:
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            name, k = f"{stem}.{k}{ext}", k + 1
+            continue
+        except OSError:
+            reservation = None
+        else:
+            st = os.fstat(fd)
+            os.close(fd)
+            reservation = (st.st_dev, st.st_ino)
+        break
+    if name != path:
+        print(f"[collector] warning: {path} exists (an earlier run's or collector's file, kept); writing {name}",
+              file=sys.stderr, flush=True)
+    return name, reservation
+
+
+def discard_reserved(name: str, reservation: tuple | None):
+    """Removes the file unused_filename made when the run failed before its output was made (a module's
+    initialize, RootOutput's header write): empty or a header cut short, under a name no report gives (a
+    collector that exits before its file is made makes none). Only that file: one put in its place is kept."""
+    try:
+        st = os.stat(name)
+        if reservation == (st.st_dev, st.st_ino):
+            os.remove(name)
+    except OSError:  # gone already
+        pass
 
 
 def _wait_for_results(link: CollectorLink) -> bool:
@@ -846,15 +872,17 @@ def main(args) -> int:
             return _refused_exit_code(link)
         while True:
             if out is not None:
-                link.filename = unused_filename(output_filename(args.output, link.run_index))
+                link.filename, reservation = unused_filename(output_filename(args.output, link.run_index))
                 out.set_param("filename", link.filename)
             else:
-                link.filename = args.output
+                link.filename, reservation = args.output, None
             link.output_made = False
             link.report()  # the name before the file is made; output_made follows once it is (next_batch)
             try:
                 eclreco.process(path, threads=1, batch_size=args.batch_size)
             except Exception:
+                if not link.output_made:
+                    discard_reserved(link.filename, reservation)
                 if out is None or not out.write_error:
                     raise
                 return _output_failed(link, out, source)
