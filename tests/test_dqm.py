@@ -598,6 +598,45 @@ def test_eclreco_dqm_does_not_overwrite_a_file_that_appeared_in_its_folder_while
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == {**before, "h0.png": b"mine"}
 
 
+def test_eclreco_dqm_takes_its_outputs_states_before_it_reads_its_files(tmp_path, monkeypatch, capsys):
+    """`eclreco dqm` took the states of its outputs (paths.output_states) after it had read its files, where every
+    other command takes them before its work: a plot put under -o while it read (another dqm into the folder, a
+    user's), new or changed, was taken as the state to compare against and written over without a word, exit 0.
+    Taken before the reading: exit 2 naming it, the file left as it is."""
+    from _raw_helpers import two_digit_events
+    from eclreco import dqm
+    from eclreco.cli import main
+
+    root = reco_file(tmp_path, "a", two_digit_events(4, run=1))
+    folder = tmp_path / "png"
+    real, meanwhile = dqm.read_histograms, []
+
+    def read_histograms(path):  # the file read, then what happens in -o before the reading ends
+        got = real(path)
+        while meanwhile:
+            meanwhile.pop()()
+        return got
+    monkeypatch.setattr(dqm, "read_histograms", read_histograms)
+
+    def refused(name):
+        meanwhile.append(lambda: (folder / name).write_bytes(b"mine"))
+        capsys.readouterr()
+        assert main(["dqm", root, "-o", str(folder)]) == 2
+        err = capsys.readouterr().err.splitlines()[-1]  # (a manifest that is not one: a warning first)
+        assert err.startswith(f"eclreco dqm: error: -o {str(folder)!r}: {name} appeared or changed there since this "
+                              "dqm run began"), err
+        assert (folder / name).read_bytes() == b"mine"
+        for kept in folder.glob(".*.partial.*"):
+            kept.unlink()
+
+    folder.mkdir()
+    refused("digits_per_event.png")  # a name free at the start
+    (folder / "digits_per_event.png").unlink()
+    assert main(["dqm", root, "-o", str(folder)]) == 0
+    refused("digits_per_event.png")  # its own earlier plot, changed while it read
+    refused("eclreco-dqm.json")
+
+
 def test_a_registry_that_keeps_runs_open_writes_one_cycle_per_run(tmp_path, capsys):
     """The HLT collector's DQM (docs/architecture.md, "The ROOT output"): runs 1 and 2 alternate, each keeps its
     own contents until it is closed; the run in progress is written when it is closed, and what comes of it

@@ -615,15 +615,20 @@ def draw(root_paths: list[str] | str, out_dir: str, parts: bool = False) -> list
 
     paths = [root_paths] if isinstance(root_paths, str) else list(root_paths)
     root_path = ", ".join(paths)  # (the files named in an error)
+    # the names it may write as they are before the reading, as every command takes them before its work: its end
+    # replaces them only if still so (a plot of an earlier `eclreco dqm`), not a file put there meanwhile (another
+    # dqm into out_dir, a user's). Its names come from the files, so every name it can write (PNGs, MANIFEST) in
+    # out_dir is taken; one not there now is free (None).
+    before = output_states(os.path.join(out_dir, name) for name in _listed(out_dir)
+                           if name.endswith(".png") or name == MANIFEST)
     hists = read_files(paths)
     drawn_from = list(dict.fromkeys(h["file"] for h in hists))  # (a file without DQM beside others is skipped)
     try:
         hists = by_run(hists, parts)
     except ValueError as err:
         raise ValueError(f"{root_path}: {err}") from None
-    # the names it writes as they are before the drawing: its end replaces them only if still so (a plot of an
-    # earlier `eclreco dqm`, as before), not a file put there meanwhile (another dqm into out_dir, a user's)
-    unchanged = output_states(os.path.join(out_dir, name) for name in [*(h["png"] for h in hists), MANIFEST])
+    outputs = [os.path.join(out_dir, name) for name in [*(h["png"] for h in hists), MANIFEST]]
+    unchanged = {out: before.get(out) for out in outputs}
     written = []
     with output_folder(out_dir):
         with StagedOutputs() as staged:
@@ -658,6 +663,14 @@ def draw(root_paths: list[str] | str, out_dir: str, parts: bool = False) -> list
               f"{', '.join(map(str, cycles))}): " + ("drawn apart" if parts else "their sum drawn (--parts: apart)"),
               file=sys.stderr)
     return written
+
+
+def _listed(folder: str) -> list[str]:
+    """The names in `folder`; none where it is not a folder it can list (output_folder says why, after the reading)."""
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
 
 
 def _runs_in_parts(hists: list[dict]) -> dict[tuple, list[str]]:
