@@ -1353,7 +1353,8 @@ def test_eclreco_simulate_does_not_overwrite_a_file_that_appeared_while_it_simul
     """`eclreco simulate -o OUT` took OUT's state only as write_raw_file began, after the whole simulation: a file put
     under OUT while it simulated (a second simulation's, a user's) was replaced without a word. OUT's state is taken at
     the command's start: exit 2 naming it, OUT left as it is, the events kept under their temporary name, named too. A
-    file that was there when it began is replaced, as before."""
+    file that was there when it began is replaced, as before. The refusal began with the bare path, where every other
+    command's names the option (`-o 'OUT': ...`): now it does too."""
     import eclreco.sim
 
     out = tmp_path / "raw.msgpack"
@@ -1375,8 +1376,9 @@ def test_eclreco_simulate_does_not_overwrite_a_file_that_appeared_while_it_simul
         assert cli.main(argv) == 2
         err = capsys.readouterr().err
         kept = [p.name for p in tmp_path.iterdir() if ".partial." in p.name]
-        assert len(kept) == 1 and err.startswith(f"eclreco simulate: error: {out}: raw.msgpack appeared or changed "
-                                                 "there since this simulation began") and kept[0] in err, err
+        # -o named as in every command's refusal (hlt merge's, dqm's), not the bare path
+        assert len(kept) == 1 and err.startswith(f"eclreco simulate: error: -o {str(out)!r}: raw.msgpack appeared or "
+                                                 "changed there since this simulation began") and kept[0] in err, err
         assert out.read_bytes() == b"mine"
         (tmp_path / kept[0]).unlink()
     assert cli.main(argv) == 0  # nothing meanwhile: replaced, as before

@@ -277,7 +277,7 @@ def encode_events(detector: str, exp, run, evt, offsets, cell, amplitude, time_t
 
 
 def write_raw_file(path: str | os.PathLike, messages: Iterable[bytes],
-                   unchanged: dict[str, str | None] | None = None, run: str = "write") -> int:
+                   unchanged: dict[str, str | None] | None = None, run: str = "write", option: str = "") -> int:
     """Write messages back to back (a raw file); returns the number written. A file is written under a
     temporary name that it takes at the end (paths.StagedOutputs; through a symlink, its target): a write
     that fails or is interrupted (disk full, Ctrl-C in `eclreco simulate`'s gigabytes) leaves no
@@ -286,7 +286,8 @@ def write_raw_file(path: str | os.PathLike, messages: Iterable[bytes],
     and the temporary file, which stays). A pipe or a device is written directly.
     unchanged: paths.output_states([os.path.realpath(path)]) taken when the `run` that makes the messages began
     (`eclreco simulate`'s start, before its minutes of simulation), so that a file put there meanwhile is not
-    written over either; by default they are taken as the write begins. run names that run in the error."""
+    written over either; by default they are taken as the write begins. run names that run in the error, option
+    the command's option that gave path (`-o 'PATH': ...`, as every command's refusal; the bare path without one)."""
     import stat
 
     from eclreco.paths import OutputsChangedError, StagedOutputs, output_states
@@ -304,7 +305,8 @@ def write_raw_file(path: str | os.PathLike, messages: Iterable[bytes],
         try:
             staged.publish(unchanged, run)
         except OutputsChangedError as err:
-            raise OutputsChangedError(f"{os.fspath(path)}: {err}") from None
+            where = f"{option} {os.fspath(path)!r}" if option else os.fspath(path)
+            raise OutputsChangedError(f"{where}: {err}") from None
     return n
 
 

@@ -37,7 +37,7 @@ def _run(args) -> int:
                                       ev.time_ticks, ev.quality, truth=ev.truth)
             digits += ev.cell.size
             bar.update(n)
-    write_raw_file(args.output, messages, unchanged, "simulation")
+    write_raw_file(args.output, messages, unchanged, "simulation", option="-o")
     nbytes = os.path.getsize(args.output)
     dt = time.perf_counter() - t0
     size = f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:.1f} kB"
