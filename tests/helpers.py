@@ -7,6 +7,15 @@ import numpy as np
 import eclreco
 
 
+def kill_if_running(*procs):
+    """Kills each subprocess that still runs and waits for it: the `finally:` of a test that starts one, so that a
+    failed assertion leaves no process (nor a zombie) behind. One that has ended is left as it is."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 @contextlib.contextmanager
 def forced_thread_switches(interval_s=1e-6):
     """Python threads switch every `interval_s` (5 ms by default): a race on module state shows

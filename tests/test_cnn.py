@@ -8,6 +8,7 @@ import pytest
 import eclreco
 from eclreco import _core, cnn_data
 from eclreco.cnn_model import sigma68
+from helpers import kill_if_running
 
 import onnxruntime  # noqa: F401 - a hard dependency: a missing one fails here, not skips
 
@@ -929,7 +930,7 @@ def test_an_interrupted_training_leaves_the_output_folder_as_it_was(tmp_path):
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
     finally:
-        proc.kill()
+        kill_if_running(proc)
     err = (tmp_path / "err").read_text()
     assert proc.returncode == 130, err[-2000:]
     after = {p.name: p.read_bytes() for p in out.iterdir()}

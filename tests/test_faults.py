@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import uproot
 
+from helpers import kill_if_running
 from hlt_helpers import envelope, push_events, read_quarantine
 from test_hlt import ECLRECO, farm_factory, read_evt  # noqa: F401 - the fixture
 
@@ -724,8 +725,7 @@ def test_slow_consumer_keeps_distributor_memory_bounded(farm_factory, tmp_path):
             time.sleep(0.5)
         d = farm.distributor()
     finally:
-        daq.kill()
-        daq.wait()
+        kill_if_running(daq)
     rss = np.array([s[1] for s in samples]) / 1024
     first, second = rss[: len(rss) // 2].max(), rss[len(rss) // 2:].max()
     print(f"\nslow consumer: distributor RSS peak {rss.max():.1f} MiB (first half {first:.1f}, second half "
@@ -946,10 +946,7 @@ class SeparateRoles:
         return d
 
     def close(self):
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+        kill_if_running(*self.procs)
 
 
 @pytest.fixture
@@ -2355,8 +2352,7 @@ class CollectorByHand:
 
     def close(self) -> str:
         """Kills the collector if it still runs; returns what it printed."""
-        if self.proc.poll() is None:
-            self.proc.kill()
+        kill_if_running(self.proc)
         out = self.proc.communicate()[0]
         self.push.close(0)
         self.distributor.close(0)

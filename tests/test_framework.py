@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import eclreco
-from helpers import CountingSource, Recorder, assert_checked_float
+from helpers import CountingSource, Recorder, assert_checked_float, kill_if_running
 
 
 def test_batch_columns_are_zero_copy_views():
@@ -1843,9 +1843,7 @@ def test_a_second_signal_kills_a_run_at_once(first, second):
         p.wait(timeout=10)
         assert p.returncode == -getattr(signal, second)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        kill_if_running(p)
 
 
 _RERUN_DTYPE_SCRIPT = """

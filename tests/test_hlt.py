@@ -18,6 +18,7 @@ import pytest
 import uproot
 
 import eclreco
+from helpers import kill_if_running
 from hlt_helpers import (big_envelope, bind_send_and_close, envelope, free_address, push_events, push_messages,
                          read_quarantine, send_until_blocked)
 
@@ -109,9 +110,7 @@ class Farm:
         return rc, self.logtext()
 
     def close(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
+        kill_if_running(self.proc)
         self.log.close()
 
 
@@ -623,8 +622,7 @@ def test_status_watch_follows_the_farm_until_it_is_gone(farm_factory):
         out, err = watch.communicate(timeout=30)
         assert watch.returncode == 1 and "eclreco hlt status:" in err, err
     finally:
-        if watch.poll() is None:
-            watch.kill()
+        kill_if_running(watch)
 
 
 def test_an_idle_workers_credit_is_its_capacity(farm_factory):
@@ -1796,9 +1794,7 @@ def test_a_distributor_alone_exits_1_when_messages_unread_at_terminate_are_in_no
         p.send_signal(signal.SIGTERM)  # a service stop: a terminate of the distributor alone
         out, _ = p.communicate(timeout=60)
     finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        kill_if_running(p)
     assert p.returncode == 1, out
     assert "unread at terminate 5 (in no file)" in out, out
     assert ("[distributor] error: 5 of the messages unread at terminate are in no file: over --keep-unread-bytes 1 "
@@ -2130,8 +2126,7 @@ def test_a_farm_role_refuses_to_bind_over_an_ipc_address_a_live_process_listens_
                 assert time.monotonic() - t0 < 30, d
                 time.sleep(0.2)
         finally:
-            p.kill()
-            p.communicate()
+            kill_if_running(p)
     finally:
         live.close(0)
         shutil.rmtree(folder, ignore_errors=True)
@@ -2178,10 +2173,7 @@ def test_a_collector_binds_the_ipc_address_of_a_killed_one_not_of_a_stopped_one(
             assert third.poll() is None and time.monotonic() - t0 < 30, third.communicate()[0]
             time.sleep(0.1)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.communicate()
+        kill_if_running(*procs)
         shutil.rmtree(folder, ignore_errors=True)
 
 

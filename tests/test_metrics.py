@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 
 import eclreco
+from helpers import kill_if_running
 from hlt_helpers import free_address, free_port, push_events
 
 pytestmark = pytest.mark.timeout(90)
@@ -193,8 +194,7 @@ def test_prometheus_reads_the_counts_of_a_jobs_end_with_metrics_linger(tmp_path,
             push_events(address, range(300))
             out, _ = p.communicate(timeout=60)
         finally:
-            if p.poll() is None:
-                p.kill()
+            kill_if_running(p)
         assert p.returncode == 0, out
         unread = int(out.split("ZMQInput: warning: ")[1].split()[0])
         assert unread > 0 and "serving the final metrics" in out and "no scrape" not in out, out

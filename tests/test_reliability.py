@@ -15,6 +15,7 @@ import pytest
 import uproot
 import zmq
 
+from helpers import kill_if_running
 from hlt_helpers import big_envelope, envelope, free_address, free_port, read_quarantine
 
 pytestmark = pytest.mark.timeout(180)
@@ -115,9 +116,7 @@ def test_reco_survives_every_bad_input(tmp_path, zmq_context):
         ctx.term()
         stdout, _ = proc.communicate(timeout=90)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+        kill_if_running(proc)
     assert proc.returncode == 0, stdout
 
     # metrics, scraped while running: received = processed + rejected, per reason, and the refusal
@@ -211,7 +210,6 @@ def test_the_accepting_roles_raise_their_open_files_limit(role, tmp_path):
             p.terminate()
             out = line + p.communicate(timeout=60)[0]
         finally:
-            if p.poll() is None:
-                p.kill()
+            kill_if_running(p)
         assert limit == hard, (soft, hard, limit, out)
         assert ("may open only 64 files" in out) == (hard == 64), out

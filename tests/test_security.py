@@ -22,6 +22,7 @@ from eclreco.curve import Curve, generate_keys
 from eclreco.daq import emulate
 from eclreco.hlt.protocol import CURVE_ROLES
 from eclreco.rawdata import write_raw_file
+from helpers import kill_if_running
 from hlt_helpers import envelope, free_address, free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -264,9 +265,7 @@ def test_curve_farm_end_to_end(tmp_path, keys, rogue_keys, zmq_context):
         assert r.returncode == 0, r.stderr + logtext()
         assert proc.wait(timeout=60) == 0, logtext()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        kill_if_running(proc)
         log.close()
     with uproot.open(out) as f:
         evt = f["events"]["evt"].array(library="np")

@@ -15,6 +15,7 @@ import uproot
 import zmq
 
 import eclreco
+from helpers import kill_if_running
 from hlt_helpers import (big_envelope, bind_send_and_close, envelope, free_address, push_events, push_messages,
                          read_quarantine, send_until_blocked)
 
@@ -158,8 +159,7 @@ def test_reco_connecting_to_an_absent_sender_says_that_it_waits(tmp_path, repo_d
         p.send_signal(signal.SIGINT)
         rest, _ = p.communicate(timeout=60)
     finally:
-        if p.poll() is None:
-            p.kill()
+        kill_if_running(p)
     assert "[ZMQInput] waiting for" in "".join(out), "".join(out)
 
 
@@ -323,8 +323,7 @@ def test_emulator_binds_and_reco_connects(tmp_path, repo_dir, transport):
         log, _ = daq.communicate(timeout=60)
         assert daq.returncode == 0, log
     finally:
-        if daq.poll() is None:
-            daq.kill()
+        kill_if_running(daq)
         shutil.rmtree(ipc_dir, ignore_errors=True)
     with uproot.open(out) as f:
         assert np.array_equal(np.sort(f["events"]["evt"].array(library="np")), np.arange(300))
@@ -662,7 +661,7 @@ def test_zmq_output_delivers_its_queue_to_a_receiver_that_binds_after_the_last_s
         pull.close(0)
         out, _ = proc.communicate(timeout=30)
     finally:
-        proc.kill()
+        kill_if_running(proc)
     out = first + "\n" + out
     assert proc.returncode == 0 and "batches_sent 50" in out, out
     assert n == 50, (n, out)
