@@ -27,15 +27,11 @@ import msgpack
 
 from eclreco.cli_types import input_file
 from eclreco.paths import OutputsChangedError, StagedOutputs, output_file_error, output_states
+from eclreco.wording import count
 
 # --list pads the reason to this: the longest of eclreco's own (duplicate_collector); the records are
 # listed as they are read, so the width cannot come from the file
 LIST_REASON_WIDTH = 19
-
-
-def _count(n: int, noun: str) -> str:
-    """'1 byte', '2 bytes'."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def read_records(path: str | os.PathLike) -> Iterator[dict]:
@@ -56,7 +52,7 @@ def read_records(path: str | os.PathLike) -> Iterator[dict]:
         except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as err:
             raise ValueError(f"{name}: not MessagePack after byte {end} ({err})") from None
         if end != size:
-            raise ValueError(f"{name}: ends inside a record (the last {_count(size - end, 'byte')})")
+            raise ValueError(f"{name}: ends inside a record (the last {count(size - end, 'byte')})")
 
 
 class RecordWriter:
@@ -101,7 +97,7 @@ class RecordWriter:
 
     def _fail(self, err: OSError) -> None:
         self.error = (f"cannot write quarantine file {self.path!r}: {err.strerror or err} (kept the "
-                      f"{_count(self.kept, 'complete record')} before it)")
+                      f"{count(self.kept, 'complete record')} before it)")
         if self._f is not None:
             try:
                 self._f.truncate(self._good)
@@ -210,7 +206,7 @@ def _run(args) -> int:
                           "first_detail": {r: first[r].get("detail", "") for r in counts}, "repeats": repeats}),
               file=text)
     elif not args.list:
-        print(f"{_count(total, 'rejected event')}, {_count(n_bytes, 'byte')}, in {_count(len(args.files), 'file')}"
+        print(f"{count(total, 'rejected event')}, {count(n_bytes, 'byte')}, in {count(len(args.files), 'file')}"
               + (f"; {repeats} repeated record(s) not counted (a redelivered event rejected again: the same "
                  "sequence id and message)" if repeats else ""), file=text)
         width = max(map(len, counts), default=0)

@@ -38,6 +38,7 @@ from eclreco.paths import (OutputsChangedError, StagedOutputs, file_sha256, miss
 from eclreco.cnn_model import (EVENT_FEATURE_NAMES, EVENT_FEATURE_SCALE, FEATURE_NAMES, X_IN_RANGE, build_model,
                                check_onnx_agreement, count_params, export_onnx, flops_per_cluster, onnx_throughput,
                                sigma68, summary)
+from eclreco.wording import count
 
 SIZES = {
     "tiny": dict(c1=4, c2=8, hidden=16),
@@ -145,8 +146,8 @@ def check_max_events(max_events, available, what):
     Geant4 file; validate: its held-out part), before any work: both ran on all of them without a word, and
     train's card and reproduce command recorded the number asked for, not the events it trained on."""
     if max_events > available:
-        raise TrainingInputError(f"--max-events {max_events}: {what} holds {available} event"
-                                 f"{'' if available == 1 else 's'} (0: all of them)")
+        raise TrainingInputError(f"--max-events {max_events}: {what} holds {count(available, 'event')} "
+                                 "(0: all of them)")
 
 
 def chain_samples(detector, g4_path, seed=1, max_events=0, quiet=False, copies=None):
@@ -513,14 +514,14 @@ def run_training(detector, out_dir, g4_path=None, epochs=None, seed=1, sizes=Non
         samples, made_by = load_cache(cache)
         had = int(samples[0].get("copies", 1))
         if augment is not None and int(augment) != had:
-            raise TrainingInputError(f"the cache {cache!r} holds {had} cop{'y' if had == 1 else 'ies'} of the "
+            raise TrainingInputError(f"the cache {cache!r} holds {count(had, 'copy', 'copies')} of the "
                                      f"training events, not --augment {augment}" + cache_fix(cache))
         check_cache(cache, made_by, provenance)
         if max_events:  # a cache of a build that did not check it: the card would record events it never had
             n = cnn_data.g4_event_count(g4_path, detector)  # (the file that made the cache: its SHA-256 is checked)
             if max_events > n:
                 raise TrainingInputError(f"the cache {cache!r} was made with --max-events {max_events}, but the Geant4 "
-                                         f"file {g4_path!r} holds {n} event{'' if n == 1 else 's'}: remove the cache "
+                                         f"file {g4_path!r} holds {count(n, 'event')}: remove the cache "
                                          f"and run again with --max-events {n} or fewer (0: all of them)")
         had = int(samples[0]["chain_seed"]) if "chain_seed" in samples[0] else None
         if had is None:  # (the card's command could not name the sample's seed)
@@ -567,8 +568,8 @@ def check_sample_size(val, max_events=0):
     if n < MIN_VALIDATION_CLUSTERS:
         share = (1 - cnn_data.TEST_FRACTION) * cnn_data.VAL_FRACTION
         raise TrainingInputError(
-            f"the validation split ({share:.0%} of the events) holds {n} matched cluster{'' if n == 1 else 's'} in "
-            f"its {events} event{'' if events == 1 else 's'}: at least {MIN_VALIDATION_CLUSTERS} are needed to "
+            f"the validation split ({share:.0%} of the events) holds {count(n, 'matched cluster')} in "
+            f"its {count(events, 'event')}: at least {MIN_VALIDATION_CLUSTERS} are needed to "
             "choose the network by its validation loss (early stopping, --restarts): "
             + ("most of its photons made no cluster (check the sample's energies and detector)" if 2 * n < events else
                "train on 1000 events or more" + (f" (not --max-events {max_events})" if max_events else "")))

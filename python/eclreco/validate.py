@@ -26,6 +26,7 @@ from eclreco.paths import (OutputsChangedError, StagedOutputs, file_sha256, outp
                            previous_outputs, remove_previous_outputs, stage_record)
 from eclreco.cnn_model import sigma68, sigma68_ratio_interval, summary
 from eclreco.sim.showers import array30_in_gap
+from eclreco.wording import count
 
 ENERGIES = {"array30": [0.1, 0.2, 0.5, 0.6, 1.0, 2.0, 3.0, 4.0, 5.0],
             "belle2-ecl": [0.1, 0.2, 0.5, 1.0, 2.0, 3.0, 4.0, 5.0]}
@@ -232,9 +233,9 @@ def _fmt_pi0(p):
     π0 event, --pi0-events 1, printed 'nan'), and a note when no event has two clusters."""
     n2 = p["n_two_clusters"]
     lines = ["### π0 → γγ mass peak (fast simulation, nominal background)", "",
-             f"{p['n_events']} π0 event{'' if p['n_events'] == 1 else 's'}, momentum p(π0) log-uniform {p['pi0_energy_gev'][0]}-{p['pi0_energy_gev'][1]} GeV; "
-             f"the two clusters of highest raw energy (the stored order), second > {PI0_MIN_E2_MEV} MeV raw ({n2} "
-             f"event{'' if n2 == 1 else 's'}); median and σ68 of m(γγ) in 70-200 MeV.", "",
+             f"{count(p['n_events'], 'π0 event')}, momentum p(π0) log-uniform {p['pi0_energy_gev'][0]}-{p['pi0_energy_gev'][1]} GeV; "
+             f"the two clusters of highest raw energy (the stored order), second > {PI0_MIN_E2_MEV} MeV raw "
+             f"({count(n2, 'event')}); median and σ68 of m(γγ) in 70-200 MeV.", "",
              "| energy | n in window | median MeV | σ68 MeV | σ68 / median |", "|---|---|---|---|---|"]
     for name in ("raw", "classical", "cnn"):
         s = p[name]
@@ -247,7 +248,7 @@ def _fmt_pi0(p):
 
 def pi0_none_text(p):
     """What is missing when no pi0 event has two clusters (the report's note and the warning)."""
-    return (f"none of the {p['n_events']} π0 event{'' if p['n_events'] == 1 else 's'} has two clusters with the "
+    return (f"none of the {count(p['n_events'], 'π0 event')} has two clusters with the "
             f"second above {PI0_MIN_E2_MEV} MeV raw")
 
 
