@@ -3308,3 +3308,62 @@ def test_the_advice_for_a_run_in_several_files_names_the_files_without_dqm_in_th
     assert one == ("farm run 1's events are in 2 files (`eclreco dqm b.root` draws its DQM; a.root: its collector "
                    "failed or died mid-run, the DQM of the runs open then is in no file)"), one
     assert "a.root, b.root: their collectors failed or died mid-run" in two and "3 files" in two, two
+
+
+class ControlProxy:
+    """tests/_tcp_proxy.py between a collector and the distributor's control address: kill() breaks the
+    collector's control connection (both ends see it closed, as after `ss -K` or a network glitch) while
+    both processes live on; start() again takes the collector's reconnection."""
+
+    def __init__(self, upstream: str):
+        from hlt_helpers import free_port
+
+        self.upstream = upstream.split("//", 1)[1]
+        self.port = free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.p = None
+        self.start()
+
+    def start(self):
+        self.p = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "_tcp_proxy.py"),
+                                   str(self.port), self.upstream], stdout=subprocess.PIPE, text=True)
+        assert self.p.stdout.readline().strip() == "ready"
+
+    def kill(self):
+        self.p.kill()
+        self.p.wait()
+
+
+def test_a_terminate_while_the_collectors_control_connection_is_broken_waits_for_it(tmp_path, roles):
+    """A live collector whose control connection breaks reconnects under a new ZeroMQ identity and registers
+    again with its next report. A terminate in that window gave up the events the collector had not yet
+    confirmed (`terminating without a live collector: N unconfirmed events lost`, lost_at_stop N) although
+    it wrote them: a closed connection was taken for a dead collector. Now the distributor waits for it a
+    reconnect grace; the collector confirms them, closes its file and exits 0, nothing lost, each event once."""
+    import threading
+
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import request
+
+    proxy = ControlProxy(roles.ctl)
+    try:
+        dist = roles.distributor()
+        col = roles.start("collector", "--collector-addr", roles.col, "--control", proxy.address, "--metrics-port",
+                          "-1", "-o", str(tmp_path / "out.root"), log="collector.log")
+        roles.worker()
+        roles.wait_up()
+        push_events(roles.inp, range(300))
+        roles.wait_confirmed(300)
+        proxy.kill()  # the collector's control connection breaks; the glitch lasts 1 s
+        push_events(roles.inp, range(300, 600))
+        threading.Timer(1.0, proxy.start).start()
+        final = request(roles.ctl, P.TERMINATE, 60.0)
+        d = final["processes"][0]
+        log = (tmp_path / "distributor.log").read_text()
+        assert d["lost_at_stop"] == 0 and d["confirmed"] == 600, (d, log)
+        assert dist.wait(timeout=30) == 0 and col.wait(timeout=30) == 0, log
+        evts = read_evt(tmp_path / "out.root")[0]
+        assert sorted(evts.tolist()) == list(range(600)), log
+    finally:
+        time.sleep(1.2)  # (the Timer's start)
+        proxy.kill()

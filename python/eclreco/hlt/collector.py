@@ -266,10 +266,10 @@ class CollectorLink:
             self.end_run, self.ended_run_index = True, self.later_end_runs.popleft()
 
     def report(self):
-        """STATUS now; service() sends one every 0.5 s. Also at once when the output file is named: the
+        """STATUS now; service() sends one every P.COLLECTOR_REPORT_S. Also at once when the output file is named: the
         distributor lists a collector that dies in the run by the file of its last report (it was '' for
         one killed within 0.5 s of registering)."""
-        self.next_report = time.monotonic() + 0.5
+        self.next_report = time.monotonic() + P.COLLECTOR_REPORT_S
         self.ctl.send_multipart([P.STATUS, P.pack(self.status())])
 
     def wait_registered(self, control: str) -> bool:

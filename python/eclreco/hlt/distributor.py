@@ -204,6 +204,9 @@ class Distributor:
         self.max_held_bytes = max_held_bytes
         self.held_bytes = 0  # of the envelopes in events and unsaved
         self.heartbeat_timeout_s, self.drop_when_busy = heartbeat_timeout_s, drop_when_busy
+        # a collector's closed connection is its death only once it has not been heard from for this long: a live one
+        # whose connection broke registers again within it (collector_lost)
+        self.reconnect_grace_s = min(heartbeat_timeout_s, P.COLLECTOR_REPORT_S * P.COLLECTOR_RECONNECT_REPORTS)
         self.stop_drain_s, self.stop_timeout_s = stop_drain_s, stop_timeout_s
         # a stop's drain under a source that never pauses; within half the time-out, which is the events' too
         self.stop_drain_max_s = min(stop_drain_max_s, stop_timeout_s / 2)
@@ -949,7 +952,7 @@ class Distributor:
                 self.stop_requesters = []
         if (self.state == "stopping" and self.terminating and self.events and self.stop_drain_over()
                 and ((self.collector_silent(now) and now - self.stop_since > self.heartbeat_timeout_s)
-                     or not self.collector_connected())):
+                     or self.collector_lost(now))):
             # Terminating with no live collector (silent, or its connection closed: dead): nobody can
             # confirm any more; do not wait for stop_timeout_s. What was held is lost, and counted.
             print(f"[distributor] terminating without a live collector: {len(self.events)} unconfirmed events lost",
@@ -1149,9 +1152,18 @@ class Distributor:
             return err.errno == zmq.EAGAIN  # connected, its queue full: alive
         return True
 
+    def collector_lost(self, now: float) -> bool:
+        """None, or dead: its connection is closed and it has not been heard from for reconnect_grace_s. A live
+        collector whose connection broke (a network glitch) reconnects under a new identity and registers again
+        with its next report; taken for dead at once, a terminate in that window gave up the events it was
+        confirming (lost_at_stop), and a START waited for the leftovers of a run it had written. A killed one
+        reported last at most COLLECTOR_REPORT_S before it died: lost within that and the grace."""
+        return self.collector is None or (now - self.collector["last_seen"] > self.reconnect_grace_s
+                                          and not self.collector_connected())
+
     def collector_gone(self, now: float) -> bool:
         """At terminate: no collector will confirm, save or report any more (none, silent, or dead)."""
-        return self.collector_silent(now) or not self.collector_connected()
+        return self.collector_silent(now) or self.collector_lost(now)
 
     def count_unread_input(self, max_s: float = 10.0):
         """At terminate: what a source sent after the last run stopped reading (a source that kept

@@ -36,6 +36,12 @@ OK = b"OK"
 ERR = b"ERR"
 FINAL = b"FINAL"        # distributor -> supervisors: final statistics, just before exiting
 
+# The collector's STATUS report interval. Its control connection lost (a network glitch, `ss -K`), a live collector
+# reconnects under a new identity and registers again with its next report, later while a batch keeps it busy: the
+# distributor takes a closed connection for its death only after COLLECTOR_RECONNECT_REPORTS of them
+COLLECTOR_REPORT_S = 0.5
+COLLECTOR_RECONNECT_REPORTS = 4
+
 # the roles of `hlt run` (each with its own key of --curve-dir, by its role name) and whom their sockets connect to
 CURVE_ROLES = ("control", "distributor", "collector", "worker")
 
