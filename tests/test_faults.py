@@ -1312,6 +1312,49 @@ def test_collector_registration_refuses_only_a_live_other_process():
         d.close(0)
 
 
+def test_the_collectors_reconnection_is_said_as_one_not_as_a_new_collector(capsys):
+    """The registered collector on a new connection (same instance token: its control connection broke) is taken
+    back; the distributor said `a new collector registered` of it, and an operator looked for a second process.
+    It says that the collector reconnected; another process is still a new collector."""
+    import zmq
+    from hlt_helpers import free_address
+
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.distributor import Distributor
+
+    d = Distributor(free_address(), free_address(), free_address())
+    ctx = zmq.Context.instance()
+    socks = []
+
+    def hello(instance, pid):
+        s = ctx.socket(zmq.DEALER)
+        socks.append(s)
+        s.connect(d.addresses["control"])
+        s.send_multipart([P.HELLO, P.pack({"role": "collector", "pid": pid, "host": "h", "instance": instance})])
+        assert d.ctl.poll(5000)
+        d.handle_control()
+        assert s.poll(5000) and s.recv_multipart()[0] == P.LOW
+
+    try:
+        hello("A", 1)
+        socks[0].close(0)
+        hello("A", 1)  # process A on a new connection
+        out = capsys.readouterr().out
+        assert "[distributor] the collector pid 1 on h reconnected; 0 unconfirmed events are processed again" in out, out
+        assert "a new collector registered" not in out, out
+        socks[1].close(0)
+        t0 = time.monotonic()
+        while d.collector_connected():  # (libzmq sees the connection go within ms)
+            assert time.monotonic() - t0 < 10
+            time.sleep(0.05)
+        hello("B", 2)
+        assert "[distributor] a new collector registered; 0 unconfirmed" in capsys.readouterr().out
+    finally:
+        for s in socks:
+            s.close(0)
+        d.close(0)
+
+
 class InProcessFarm:
     """A Distributor driven in process, and DEALER peers that speak its protocol: each step of the
     distributor runs when the test says so (no timing to wait for)."""

@@ -809,8 +809,11 @@ class Distributor:
         back.sort()
         self.pending.extendleft(reversed(back))
         self.c["redelivered"] += len(back)
-        print(f"[distributor] a new collector registered; {len(back)} unconfirmed events are processed again",
-              flush=True)
+        # (the same process on a new connection is no new collector: an operator looked for a second one)
+        st = self.collector["status"]
+        who = (f"the collector pid {st.get('pid')} on {st.get('host')} reconnected" if same_process
+               else "a new collector registered")
+        print(f"[distributor] {who}; {len(back)} unconfirmed events are processed again", flush=True)
 
     def note_unreported_collector(self, keys: tuple[str, str, str]):
         """The registered collector goes without a report of its run (replaced by a new one, or dead or hung
