@@ -3463,3 +3463,80 @@ def test_a_terminate_while_the_collectors_control_connection_is_broken_waits_for
     finally:
         time.sleep(1.2)  # (the Timer's start)
         proxy.kill()
+
+
+def _saved_then_control_broken(tmp_path, roles):
+    """distributor, collector (its control link through a ControlProxy), worker: 300 events confirmed and in the
+    file (none held), then the collector's control connection broken. Returns (proxy, distributor, collector)."""
+    proxy = ControlProxy(roles.ctl)
+    dist = roles.distributor()
+    col = roles.start("collector", "--collector-addr", roles.col, "--control", proxy.address, "--metrics-port",
+                      "-1", "--flush-interval", "0.2", "-o", str(tmp_path / "out.root"), log="collector.log")
+    roles.worker()
+    roles.wait_up()
+    push_events(roles.inp, range(300))
+    roles.wait_confirmed(300)
+    t0 = time.monotonic()
+    while (d := roles.dist())["unsaved"] or d["held"]:
+        assert time.monotonic() - t0 < 30, d
+        time.sleep(0.1)
+    proxy.kill()
+    return proxy, dist, col
+
+
+def test_a_stop_while_the_collectors_control_connection_is_broken_tells_it_the_run_ended_when_it_is_back(
+        tmp_path, roles):
+    """The END_RUN of a stop in the window in which the collector's control connection is broken went to its
+    old ZeroMQ identity (dropped), and nothing told the collector again when it registered back: the stop waited
+    30 s and replied `timeout: true` (the collector did not report the run's end) although it was alive and
+    every event was in its file. Now the END_RUN goes again on its re-registration: the report comes."""
+    import threading
+
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import request
+
+    proxy = None
+    try:
+        proxy, dist, col = _saved_then_control_broken(tmp_path, roles)
+        threading.Timer(1.0, proxy.start).start()
+        t0 = time.monotonic()
+        reply = request(roles.ctl, P.STOP, 60.0)
+        waited = time.monotonic() - t0
+        log = (tmp_path / "distributor.log").read_text()
+        assert not reply["timeout"] and reply["collector"]["events_written"] == 300, (reply, log)
+        assert waited < 15, (waited, log)
+        assert reply["lost_at_stop"] == 0, reply
+        assert sorted(read_evt(tmp_path / "out.root")[0].tolist()) == list(range(300)), log
+    finally:
+        time.sleep(1.2)  # (the Timer's start)
+        if proxy is not None:
+            proxy.kill()
+
+
+def test_a_terminate_while_the_collectors_control_connection_is_broken_gets_its_report_of_the_run(tmp_path, roles):
+    """TERMINATE in a run, in the window in which the collector's control connection is broken: the run's END_RUN
+    went to the collector's old ZeroMQ identity (dropped), the terminate waited 30 s for a report that could not
+    come, and the final status said 0 events written in 0 runs. Now the END_RUN goes again when the collector is
+    back: its report is in the final status, both exit 0, each event once in the file."""
+    import threading
+
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import request
+
+    proxy = None
+    try:
+        proxy, dist, col = _saved_then_control_broken(tmp_path, roles)
+        threading.Timer(1.0, proxy.start).start()
+        t0 = time.monotonic()
+        final = request(roles.ctl, P.TERMINATE, 60.0)
+        waited = time.monotonic() - t0
+        d = final["processes"][0]
+        log = (tmp_path / "distributor.log").read_text()
+        assert d["lost_at_stop"] == 0 and d["output"]["events_written"] == 300 and waited < 15, (waited, d, log)
+        assert dist.wait(timeout=30) == 0, log
+        assert col.wait(timeout=15) == 0, log + (tmp_path / "collector.log").read_text()
+        assert sorted(read_evt(tmp_path / "out.root")[0].tolist()) == list(range(300)), log
+    finally:
+        time.sleep(1.2)  # (the Timer's start)
+        if proxy is not None:
+            proxy.kill()

@@ -590,7 +590,8 @@ class Distributor:
                         old["status"].get("instance") == info.get("instance")  # reconnected
                     if same:  # what it reported, or has to report, stays
                         carried = {k: old.get(k) for k in ("received_before", "saved", "written", "run_ended",
-                                                           "between_runs", "left", "leftovers", "leftovers_run")}
+                                                           "between_runs", "left", "leftovers", "leftovers_run",
+                                                           "untold")}
                     else:
                         # One registered in the middle of its run by a distributor that had none (this
                         # one restarted) reports at its end what it received from the previous
@@ -627,6 +628,8 @@ class Distributor:
                 joins = leftovers or self.run_index + (self.state == "stopped")
                 self._send(self.ctl, ident, P.LOW, str(self.low_watermark()).encode(), str(joins).encode(),
                            b"1" if self.state == "stopped" and not leftovers else b"0")
+                for told in self.collector.pop("untold", None) or ():  # (back on a new connection: tell_collector)
+                    self.tell_collector(*told)
             else:
                 self.add_supervisor(ident, info, now)
         elif cmd == P.STATUS and body:  # a report
@@ -933,7 +936,7 @@ class Distributor:
         c = self.collector
         if c is not None and c.get("leftovers") and not self.events and not self.pending:
             # the leftovers of the run that ended are confirmed: their run ends (RUN_ENDED, SAVED at the file's close)
-            self._send(self.ctl, c["ident"], P.END_RUN, str(c["leftovers_run"]).encode())
+            self.tell_collector(P.END_RUN, str(c["leftovers_run"]).encode())
             c["leftovers"] = False
         if self.state == "stopping" and self.stop_drain_over() and not self.events and not self.pending:
             # Every event of the run is confirmed: end the run everywhere.
@@ -941,7 +944,7 @@ class Distributor:
                 self._send(self.wrk, w.ident, P.END_RUN)
                 w.end_run()
             if self.collector is not None:
-                self._send(self.ctl, self.collector["ident"], P.END_RUN, str(self.run_index).encode())
+                self.tell_collector(P.END_RUN, str(self.run_index).encode())
             self.state = "stopped"
             self.stopped_at = now
             lost = self.c["lost_at_stop"] - self.lost_before_run
@@ -1249,6 +1252,16 @@ class Distributor:
             self._send(self.ctl, self.terminate_requester, P.OK, P.pack(final))
         print("[distributor] terminated: " + summary_line(final["processes"][0]), flush=True)
         print("[distributor] " + output_line(final["processes"][0]), flush=True)
+
+    def tell_collector(self, *frames):
+        """Sends the registered collector a message it must act on (END_RUN). Its connection closed (a network glitch:
+        it reconnects under a new identity and registers again within reconnect_grace_s), the message did not go: kept
+        in its "untold", sent again when it registers back (same instance token). It was dropped: a stop in that
+        window waited 30 s for a report the collector was never asked for, and replied `timeout: true`."""
+        try:
+            self.ctl.send_multipart([self.collector["ident"], *frames], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            self.collector.setdefault("untold", []).append(frames)
 
     def _send(self, sock, ident, *frames):
         try:
