@@ -3540,3 +3540,33 @@ def test_a_terminate_while_the_collectors_control_connection_is_broken_gets_its_
         time.sleep(1.2)  # (the Timer's start)
         if proxy is not None:
             proxy.kill()
+
+
+def test_a_terminate_after_the_stop_waits_for_the_collector_to_be_back_to_tell_it(tmp_path, roles):
+    """The run stopped and reported, then the collector's control connection breaks and TERMINATE comes: the
+    distributor finished at once and sent TERMINATE to the collector's old ZeroMQ identity (dropped); the
+    collector registered again with nobody and never exited. Now the terminate finishes once the collector is
+    back (told TERMINATE: it exits 0) or lost (the reconnect grace)."""
+    import threading
+
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import request
+
+    proxy = None
+    try:
+        proxy, dist, col = _saved_then_control_broken(tmp_path, roles)
+        proxy.start()
+        reply = request(roles.ctl, P.STOP, 60.0)
+        assert not reply["timeout"] and reply["collector"]["events_written"] == 300, reply
+        proxy.kill()
+        threading.Timer(1.0, proxy.start).start()
+        final = request(roles.ctl, P.TERMINATE, 60.0)
+        log = (tmp_path / "distributor.log").read_text()
+        assert final["processes"][0]["lost_at_stop"] == 0, (final, log)
+        assert dist.wait(timeout=30) == 0, log
+        assert col.wait(timeout=15) == 0, log + (tmp_path / "collector.log").read_text()
+        assert sorted(read_evt(tmp_path / "out.root")[0].tolist()) == list(range(300)), log
+    finally:
+        time.sleep(1.2)  # (the Timer's start)
+        if proxy is not None:
+            proxy.kill()

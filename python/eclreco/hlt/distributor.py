@@ -326,7 +326,10 @@ class Distributor:
                 # a live collector still has to say SAVED for what it holds (it does on END_RUN)
                 if self.terminating and self.state == "stopped" and not self.stop_requesters:
                     gone = self.collector_gone(now)  # (once: each call probes the collector's connection)
-                    if gone or (not self.unsaved and self.run_reported(now) and not self.writing_leftovers(now)):
+                    done = gone or (not self.unsaved and self.run_reported(now) and not self.writing_leftovers(now))
+                    # one reconnecting (within its grace) is waited for: TERMINATE to its closed connection was
+                    # dropped, and it never exited
+                    if done and (gone or not self.terminate_farm or self.collector_connected()):
                         self.finish_terminate()
                         return
 
