@@ -583,10 +583,6 @@ class Distributor:
                 elif self.collector is not None and self.other_collector_alive(info, now):
                     self.refuse_collector(ident, info)
                     return
-                elif self.collector is not None and self.other_collector_may_reconnect(info, now):
-                    # not answered: its next report (WHO, HELLO) asks again, and it is refused if the registered
-                    # one came back, taken once that one is lost (taken now, it wrote the live one's events too)
-                    return
                 else:
                     old = self.collector
                     same = old is not None and info.get("instance") is not None and \
@@ -781,12 +777,6 @@ class Distributor:
         if (token is not None and token == info.get("instance")) or self.collector_silent(now):
             return False
         return self.collector_connected()
-
-    def other_collector_may_reconnect(self, info: dict, now: float) -> bool:
-        """True when the registered collector is another process (not the one of `info`) whose connection is
-        closed but that may be alive, reconnecting within its reconnect grace (collector_lost)."""
-        token = self.collector["status"].get("instance")
-        return not ((token is not None and token == info.get("instance")) or self.collector_gone(now))
 
     def refuse_collector(self, ident: bytes, info: dict):
         """A second collector while the registered one is alive would take its place, then lose
