@@ -1467,6 +1467,52 @@ def test_confirmations_sent_before_a_restarted_distributor_took_the_collector_co
         farm.close()
 
 
+def test_a_run_end_reported_before_the_reconnecting_collectors_hello_is_taken():
+    """The collector told END_RUN reports its run's end (RUN_ENDED) as its control connection breaks: its DEALER
+    queues the report and sends it on the new connection, from a new identity, before its HELLO. The distributor
+    dropped it (only the registered identity's RUN_ENDED was read): the stop waited 30 s and replied `timeout: true`
+    although the collector had reported. It is held as CONFIRM/SAVED are, in order with them, and taken when that
+    identity registers; one that never registers counts as a bad message."""
+    from eclreco.hlt import protocol as P
+
+    farm = InProcessFarm(heartbeat_timeout_s=5.0, stop_drain_s=0.0)
+    d = farm.d
+    try:
+        seqs = farm.read_events(100)
+        a = farm.peer()
+        collector_hello(farm, a)
+        farm.send(a, P.CONFIRM, P.seqs_to_bytes(seqs))
+        farm.send(a, P.SAVED, P.seqs_to_bytes(seqs), b"100")
+        d.pending.clear()  # (no worker here to take the ids off the queue)
+        control = farm.peer()
+        assert farm.send(control, P.STOP) == []  # answered once the collector has reported
+        d.housekeeping(time.monotonic())
+        assert d.state == "stopped" and a.poll(5000) and a.recv_multipart()[0] == P.END_RUN
+        a.close(0)  # its connection breaks as it reports
+        t0 = time.monotonic()
+        while d.collector_connected():
+            assert time.monotonic() - t0 < 10
+            time.sleep(0.05)
+        report = {"received": 100, "events_written": 100, "run_index": 1}
+        b = farm.peer()  # the same process (instance i7) on its new connection: the queued report first
+        replies = farm.send(b, P.RUN_ENDED, P.pack(report))
+        assert collector_hello(farm, b)[-1][0] == P.LOW
+        d.housekeeping(time.monotonic())
+        assert control.poll(2000), "the stop waits for a report that came (it replied timeout: true after 30 s)"
+        reply = P.unpack(control.recv_multipart()[1])
+        assert reply["timeout"] is False and reply["collector"] == report, reply
+        assert d.output["runs"] == 1 and d.output["events_written"] == 100
+        assert d.c["bad_messages"] == 0 and not d.unregistered
+        assert replies == [[P.WHO]]  # (its HELLO asked for at once, as after CONFIRM)
+
+        stray = farm.peer()  # a report no HELLO follows: counted, not taken
+        farm.send(stray, P.RUN_ENDED, P.pack({"received": 5, "events_written": 5}))
+        d.housekeeping(time.monotonic() + 6.0)  # past the heartbeat time-out
+        assert not d.unregistered and d.c["bad_messages"] == 1 and d.output["events_written"] == 100
+    finally:
+        farm.close()
+
+
 def test_the_distributor_says_when_its_collector_falls_silent_and_when_it_is_back(capsys):
     """A collector SIGKILLed (or hung) under a standalone distributor: the workers blocked on their results, nothing
     was confirmed, and the distributor's log said nothing until a new collector registered (operator's drill: 10 s

@@ -284,7 +284,7 @@ class Distributor:
         # files of a failed stop's leftovers reported since the last stop's reply (which came before them): the next
         # stop's reply names them ({run_index, pid, host, output, events_written})
         self.leftovers_written: list[dict] = []
-        self.unregistered: dict[bytes, dict] = {}  # CONFIRM/SAVED held until their sender registers (hold_unregistered)
+        self.unregistered: dict[bytes, dict] = {}  # CONFIRM/SAVED/RUN_ENDED held until their sender registers
         # A START came while the events of the run that ended waited for a new collector (its collector's last write
         # failed, or it died at the stop): that run's index. The next collector joins that run for them, and the new
         # run reads no input until they are written (the collector joined the new run and wrote them to its file).
@@ -617,9 +617,7 @@ class Distributor:
                         carried.update(leftovers=True, leftovers_run=run, between_runs=False)
                         self.leftovers_waiting = None
                     self.collector = {"ident": ident, "last_seen": now, "status": info, **carried}
-                    held = self.unregistered.pop(ident, None)
-                    for c, seqs, written in (held["messages"] if held else ()):
-                        self.apply_confirmation(c, seqs, now, written)
+                    self.apply_held(ident, now)
                 # and the run it joins (between runs: the next, unless it writes the ended run's leftovers), which a
                 # new collector's first file is named after; "1": that run has not started, the collector makes its
                 # file at its first result (it made an empty one for a run that never started)
@@ -645,32 +643,14 @@ class Distributor:
             self._send(self.ctl, ident, P.OK, P.pack(self.status()))
         elif cmd == P.RUN_ENDED:
             info = _map(frames, 2)
-            if self.collector is not None and self.collector["ident"] == ident:
-                self.collector["last_seen"] = now
-                run = self.collector.get("leftovers_run")
-                if run is not None and info.get("run_index") == run:  # the leftovers' run, ended by housekeeping
-                    self.collector["leftovers_run"] = None
-                    # its write failed before their END_RUN, or at the file's close after it (events not in its file
-                    # held: they went to the next run's collector, into that run's file): the next one's
-                    if self.collector.get("leftovers") or (info.get("output_error") and self.held_events()):
-                        self.collector["left"] = True
-                        self.leftovers_waiting = run
-                        self.add_run_report(info, left=True, run_index=run)
-                        return
-                    # (after a START it is no report of the run now, also once that run has stopped: the stop's reply
-                    # gave run N's leftovers as run N+1's report)
-                    if self.state == "stopped" and run == self.run_index:
-                        self.collector["run_ended"] = info
-                    self.add_run_report(info, run_index=run)
-                    self.note_leftovers_file(info, run)
-                    return
-                self.collector["run_ended"] = info
-                # no END_RUN asked for it (the END_RUN goes out as the state becomes stopped): the collector left the
-                # run (SIGINT/SIGTERM, also while the run stops), or its write failed before the run's end; the next
-                # collector writes the rest. (A report while stopping was taken as the run's: its file named nowhere.)
-                left = self.state != "stopped"
-                self.collector["left"] = left
-                self.add_run_report(info, left=left)
+            if self.collector is None or self.collector["ident"] != ident:
+                # A collector whose control connection broke sends it from its new identity before its HELLO (its
+                # DEALER queued it): held as CONFIRM/SAVED, in order with them (dropped, the stop waited 30 s for a
+                # report that had come, and replied `timeout: true`)
+                self._send(self.ctl, ident, P.WHO)
+                self.hold_unregistered(ident, cmd, info, now)
+                return
+            self.apply_run_ended(info, now)
         elif cmd == P.STOP:
             if self.state == "stopped":
                 self._send(self.ctl, ident, P.OK, P.pack({"state": "stopped", "run_index": self.run_index,
@@ -737,16 +717,55 @@ class Distributor:
             if written is not None:
                 self.collector["written"] = written
 
-    def hold_unregistered(self, ident: bytes, cmd: bytes, seqs: np.ndarray, now: float, written: int | None = None):
-        """Keeps CONFIRM/SAVED of a process that is not the registered collector until its HELLO
-        (housekeeping drops them, as bad messages, when none comes within the heartbeat time-out).
-        Bounded: at most 8 such processes and max_held ids each."""
+    def apply_run_ended(self, info: dict, now: float):
+        """RUN_ENDED of the registered collector: its report of a run's end (or of a failed stop's leftovers')."""
+        self.collector["last_seen"] = now
+        run = self.collector.get("leftovers_run")
+        if run is not None and info.get("run_index") == run:  # the leftovers' run, ended by housekeeping
+            self.collector["leftovers_run"] = None
+            # its write failed before their END_RUN, or at the file's close after it (events not in its file
+            # held: they went to the next run's collector, into that run's file): the next one's
+            if self.collector.get("leftovers") or (info.get("output_error") and self.held_events()):
+                self.collector["left"] = True
+                self.leftovers_waiting = run
+                self.add_run_report(info, left=True, run_index=run)
+                return
+            # (after a START it is no report of the run now, also once that run has stopped: the stop's reply
+            # gave run N's leftovers as run N+1's report)
+            if self.state == "stopped" and run == self.run_index:
+                self.collector["run_ended"] = info
+            self.add_run_report(info, run_index=run)
+            self.note_leftovers_file(info, run)
+            return
+        self.collector["run_ended"] = info
+        # no END_RUN asked for it (the END_RUN goes out as the state becomes stopped): the collector left the
+        # run (SIGINT/SIGTERM, also while the run stops), or its write failed before the run's end; the next
+        # collector writes the rest. (A report while stopping was taken as the run's: its file named nowhere.)
+        left = self.state != "stopped"
+        self.collector["left"] = left
+        self.add_run_report(info, left=left)
+
+    def hold_unregistered(self, ident: bytes, cmd: bytes, body, now: float, written: int | None = None):
+        """Keeps CONFIRM/SAVED (body: their ids) and RUN_ENDED (body: its report) of a process that is not the
+        registered collector until its HELLO, which applies them in order (apply_held); housekeeping drops them,
+        as bad messages, when none comes within the heartbeat time-out. Bounded: at most 8 such processes and
+        max_held entries each (an id, or a report)."""
         held = self.unregistered.get(ident) or {"since": now, "messages": [], "n": 0}
-        if (ident not in self.unregistered and len(self.unregistered) >= 8) or held["n"] + len(seqs) > self.max_held:
+        n = 1 if cmd == P.RUN_ENDED else len(body)
+        if (ident not in self.unregistered and len(self.unregistered) >= 8) or held["n"] + n > self.max_held:
             raise ValueError(f"{cmd.decode()} from a process that is not the registered collector")
-        held["messages"].append((cmd, seqs, written))
-        held["n"] += len(seqs)
+        held["messages"].append((cmd, body, written))
+        held["n"] += n
         self.unregistered[ident] = held
+
+    def apply_held(self, ident: bytes, now: float):
+        """What the process `ident`, now the registered collector, sent before its HELLO (hold_unregistered)."""
+        held = self.unregistered.pop(ident, None)
+        for cmd, body, written in (held["messages"] if held else ()):
+            if cmd == P.RUN_ENDED:
+                self.apply_run_ended(body, now)
+            else:
+                self.apply_confirmation(cmd, body, now, written)
 
     def add_supervisor(self, ident: bytes, info: dict, now: float):
         """The report of `hlt run`'s supervisor (checked before it is kept: a stray peer's message is a bad
@@ -907,8 +926,8 @@ class Distributor:
             held = self.unregistered.pop(ident)  # its sender never registered: a stray peer's, counted
             self.c["bad_messages"] += len(held["messages"]) - 1
             self._bad_message("control", [ident], ValueError(
-                f"{len(held['messages'])} CONFIRM/SAVED for {held['n']} events from a process that did not "
-                "register as the collector"))
+                f"{len(held['messages'])} CONFIRM/SAVED/RUN_ENDED ({held['n']} ids and reports) from a process that "
+                "did not register as the collector"))
         for ident in [i for i, v in self.supervisors.items() if now - v["last_seen"] > 10 * self.heartbeat_timeout_s]:
             del self.supervisors[ident]  # it reports every second: gone (FINAL goes to the live ones)
         collector_silent = self.collector_silent(now)
