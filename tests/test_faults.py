@@ -3435,6 +3435,19 @@ class ControlProxy:
         self.p.kill()
         self.p.wait()
 
+    def start_after(self, seconds: float):
+        """The broken connection comes back in `seconds` (the glitch's end), from a thread."""
+        import threading
+
+        self.timer = threading.Timer(seconds, self.start)
+        self.timer.start()
+
+    def close(self):
+        """At a test's end: after the pending start_after, if any, the proxy is killed."""
+        if getattr(self, "timer", None) is not None:
+            self.timer.join()
+        self.kill()
+
 
 def test_a_terminate_while_the_collectors_control_connection_is_broken_waits_for_it(tmp_path, roles):
     """A live collector whose control connection breaks reconnects under a new ZeroMQ identity and registers
@@ -3442,8 +3455,6 @@ def test_a_terminate_while_the_collectors_control_connection_is_broken_waits_for
     confirmed (`terminating without a live collector: N unconfirmed events lost`, lost_at_stop N) although
     it wrote them: a closed connection was taken for a dead collector. Now the distributor waits for it a
     reconnect grace; the collector confirms them, closes its file and exits 0, nothing lost, each event once."""
-    import threading
-
     from eclreco.hlt import protocol as P
     from eclreco.hlt.control import request
 
@@ -3458,7 +3469,7 @@ def test_a_terminate_while_the_collectors_control_connection_is_broken_waits_for
         roles.wait_confirmed(300)
         proxy.kill()  # the collector's control connection breaks; the glitch lasts 1 s
         push_events(roles.inp, range(300, 600))
-        threading.Timer(1.0, proxy.start).start()
+        proxy.start_after(1.0)
         final = request(roles.ctl, P.TERMINATE, 60.0)
         d = final["processes"][0]
         log = (tmp_path / "distributor.log").read_text()
@@ -3467,8 +3478,7 @@ def test_a_terminate_while_the_collectors_control_connection_is_broken_waits_for
         evts = read_evt(tmp_path / "out.root")[0]
         assert sorted(evts.tolist()) == list(range(600)), log
     finally:
-        time.sleep(1.2)  # (the Timer's start)
-        proxy.kill()
+        proxy.close()
 
 
 def _saved_then_control_broken(tmp_path, roles):
@@ -3496,15 +3506,13 @@ def test_a_stop_while_the_collectors_control_connection_is_broken_tells_it_the_r
     old ZeroMQ identity (dropped), and nothing told the collector again when it registered back: the stop waited
     30 s and replied `timeout: true` (the collector did not report the run's end) although it was alive and
     every event was in its file. Now the END_RUN goes again on its re-registration: the report comes."""
-    import threading
-
     from eclreco.hlt import protocol as P
     from eclreco.hlt.control import request
 
     proxy = None
     try:
         proxy, dist, col = _saved_then_control_broken(tmp_path, roles)
-        threading.Timer(1.0, proxy.start).start()
+        proxy.start_after(1.0)
         t0 = time.monotonic()
         reply = request(roles.ctl, P.STOP, 60.0)
         waited = time.monotonic() - t0
@@ -3514,9 +3522,8 @@ def test_a_stop_while_the_collectors_control_connection_is_broken_tells_it_the_r
         assert reply["lost_at_stop"] == 0, reply
         assert sorted(read_evt(tmp_path / "out.root")[0].tolist()) == list(range(300)), log
     finally:
-        time.sleep(1.2)  # (the Timer's start)
         if proxy is not None:
-            proxy.kill()
+            proxy.close()
 
 
 def test_a_terminate_while_the_collectors_control_connection_is_broken_gets_its_report_of_the_run(tmp_path, roles):
@@ -3524,15 +3531,13 @@ def test_a_terminate_while_the_collectors_control_connection_is_broken_gets_its_
     went to the collector's old ZeroMQ identity (dropped), the terminate waited 30 s for a report that could not
     come, and the final status said 0 events written in 0 runs. Now the END_RUN goes again when the collector is
     back: its report is in the final status, both exit 0, each event once in the file."""
-    import threading
-
     from eclreco.hlt import protocol as P
     from eclreco.hlt.control import request
 
     proxy = None
     try:
         proxy, dist, col = _saved_then_control_broken(tmp_path, roles)
-        threading.Timer(1.0, proxy.start).start()
+        proxy.start_after(1.0)
         t0 = time.monotonic()
         final = request(roles.ctl, P.TERMINATE, 60.0)
         waited = time.monotonic() - t0
@@ -3543,9 +3548,8 @@ def test_a_terminate_while_the_collectors_control_connection_is_broken_gets_its_
         assert col.wait(timeout=15) == 0, log + (tmp_path / "collector.log").read_text()
         assert sorted(read_evt(tmp_path / "out.root")[0].tolist()) == list(range(300)), log
     finally:
-        time.sleep(1.2)  # (the Timer's start)
         if proxy is not None:
-            proxy.kill()
+            proxy.close()
 
 
 def test_a_terminate_after_the_stop_waits_for_the_collector_to_be_back_to_tell_it(tmp_path, roles):
@@ -3553,8 +3557,6 @@ def test_a_terminate_after_the_stop_waits_for_the_collector_to_be_back_to_tell_i
     distributor finished at once and sent TERMINATE to the collector's old ZeroMQ identity (dropped); the
     collector registered again with nobody and never exited. Now the terminate finishes once the collector is
     back (told TERMINATE: it exits 0) or lost (the reconnect grace)."""
-    import threading
-
     from eclreco.hlt import protocol as P
     from eclreco.hlt.control import request
 
@@ -3565,7 +3567,7 @@ def test_a_terminate_after_the_stop_waits_for_the_collector_to_be_back_to_tell_i
         reply = request(roles.ctl, P.STOP, 60.0)
         assert not reply["timeout"] and reply["collector"]["events_written"] == 300, reply
         proxy.kill()
-        threading.Timer(1.0, proxy.start).start()
+        proxy.start_after(1.0)
         final = request(roles.ctl, P.TERMINATE, 60.0)
         log = (tmp_path / "distributor.log").read_text()
         assert final["processes"][0]["lost_at_stop"] == 0, (final, log)
@@ -3573,6 +3575,5 @@ def test_a_terminate_after_the_stop_waits_for_the_collector_to_be_back_to_tell_i
         assert col.wait(timeout=15) == 0, log + (tmp_path / "collector.log").read_text()
         assert sorted(read_evt(tmp_path / "out.root")[0].tolist()) == list(range(300)), log
     finally:
-        time.sleep(1.2)  # (the Timer's start)
         if proxy is not None:
-            proxy.kill()
+            proxy.close()
