@@ -1082,3 +1082,56 @@ def test_a_batch_without_events_to_write_taken_during_a_write_is_written_once_th
     assert seen == [(2, 2)]
     with uproot.open(tmp_path / "out.root") as f:
         assert f["events"]["evt"].array(library="np").tolist() == list(range(10))
+
+
+def test_a_zstd_basket_with_one_bit_flipped_is_refused_not_read_as_other_values(tmp_path, capsys):
+    """RootOutput's default zstd:1 wrote frames without zstd's content checksum, and ROOT's block header holds only
+    sizes: a basket with one bit flipped (a disk's or a copy's damage) mostly still decoded, to other values of the
+    right size, and `hlt merge` wrote them as events. The frames now carry the checksum: every such basket is
+    refused, the reader's error naming the file; the undamaged file reads back (and the frames are standard zstd)."""
+    import cramjam
+
+    from eclreco.cli import main
+    from eclreco.modules.root_output import reading_input_file
+
+    good = tmp_path / "good.root"
+    path = eclreco.create_path()
+    path.add_module(CountingSource(3000))
+    path.add_module("RootOutput", filename=str(good))
+    eclreco.process(path, batch_size=256, install_signal_handlers=False)
+    data = good.read_bytes()
+    with uproot.open(good) as f:
+        t = f["events"]
+        expected = t["evt"].array(library="np")
+        at = int(t["evt"].member("fBasketSeek")[0])
+    assert expected.tolist() == list(range(3000))
+    block = at + int.from_bytes(data[at + 14:at + 16], "big")  # the basket's ROOT compression header (after fKeylen)
+    assert data[block:block + 2] == b"ZS", data[block:block + 9]
+    size = int.from_bytes(data[block + 3:block + 6], "little")
+    frame = data[block + 9:block + 9 + size]
+    assert len(bytes(cramjam.zstd.decompress(frame))) == int.from_bytes(data[block + 6:block + 9], "little")
+    outcomes = {"refused": 0, "same values": 0, "other values": 0}
+    damaged = tmp_path / "damaged.root"
+    # 300 bits spread over the frame after its header (magic, descriptor, window): its blocks and checksum
+    for position in np.linspace((block + 9 + 6) * 8, (block + 9 + size) * 8 - 1, 300).astype(int):
+        flipped = bytearray(data)
+        flipped[position // 8] ^= 1 << (position % 8)
+        damaged.write_bytes(flipped)
+        try:
+            with uproot.open(damaged) as f, reading_input_file(str(damaged)):
+                values = f["events"]["evt"].array(library="np")
+        except ValueError as err:
+            assert str(err).startswith(f"{damaged}: not a readable ROOT file, cut short or damaged? ("), err
+            outcomes["refused"] += 1
+            continue
+        outcomes["same values" if np.array_equal(values, expected) else "other values"] += 1
+    assert outcomes["other values"] == 0 and outcomes["refused"] > 0, outcomes
+    # what a user runs on such a file: one line naming it, nothing written
+    flipped = bytearray(data)
+    flipped[block + 9 + size // 2] ^= 0x10
+    damaged.write_bytes(flipped)
+    capsys.readouterr()
+    assert main(["hlt", "merge", str(damaged), "-o", str(tmp_path / "m.root")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"eclreco hlt merge: error: {damaged}: not a readable ROOT file, cut short or damaged? ("), err
+    assert not (tmp_path / "m.root").exists()
