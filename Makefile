@@ -24,7 +24,7 @@ $(VENV)/.deps: pyproject.toml
 	# finds the local CPU wheel (--find-links) it takes that, not PyPI's CUDA build (~5 GB more).
 	# Build tools so that the package can be rebuilt incrementally.
 	$(PIP) install -q "scikit-build-core>=0.10" "pybind11>=2.13" "torch==2.13.0" "onnx>=1.15" \
-	  pytest pytest-timeout numpy msgpack pyzmq onnxruntime uproot awkward prometheus-client tqdm matplotlib scipy
+	  pytest pytest-timeout numpy msgpack pyzmq onnxruntime uproot xxhash awkward prometheus-client tqdm matplotlib scipy
 	# atheris for the fuzz harnesses (tests/test_fuzz.py skips, saying so, where it cannot be installed)
 	$(PIP) install -q atheris || echo "make: atheris could not be installed; the fuzz tests will be skipped"
 	touch $@
