@@ -817,6 +817,61 @@ def test_reco_py_metadata_records_the_conditions_file_s_digest(tmp_path):
     assert "conditions" not in modules["ECLClusterizer"]
 
 
+def test_reco_py_metadata_records_the_raw_file_s_identity(tmp_path):
+    """The file's metadata gives the raw file RawFileInput read: path, size, mtime and the SHA-256 of its first and
+    last 64 KiB (not of the whole file: a GB would cost seconds at start-up). It gave the `filename` parameter only,
+    and two raw files of one name made outputs that could not be told apart."""
+    import datetime
+    import hashlib
+
+    import uproot
+
+    from eclreco.modules.root_output import read_metadata
+
+    reco = _reco()
+    raw = tmp_path / "raw.msgpack"
+    out = tmp_path / "out.root"
+    identities = []
+    for run in (1, 2):  # one name, two files
+        n = 4000  # events without digits: ~200 kB, more than the 128 KiB hashed
+        write_raw_file(raw, encode_events("array30", 0, run, list(range(n)), [0] * (n + 1), [], [], [], []))
+        data, st = raw.read_bytes(), raw.stat()
+        assert len(data) > 2 * 65536
+        assert reco.main(["-i", str(raw), "-o", str(out), "--threads", "1", "--no-dqm", "--no-cnn", "--progress", "0",
+                          "--rejected", ""]) == 0
+        with uproot.open(out) as f:
+            meta = read_metadata(f)
+        entry = next(m for m in meta["path"] if m["module"] == "RawFileInput")
+        assert entry["params"]["filename"] == str(raw)
+        when = datetime.datetime.fromtimestamp(st.st_mtime_ns // 10**9, datetime.timezone.utc)
+        assert entry["input"] == {
+            "path": str(raw), "size": str(len(data)), "mtime_ns": str(st.st_mtime_ns),
+            "mtime_utc": when.strftime("%Y-%m-%dT%H:%M:%S") + f".{st.st_mtime_ns % 10**9:09d}Z",
+            "sha256_head_tail_64k": hashlib.sha256(data[:65536] + data[-65536:]).hexdigest()}
+        assert entry["input"]["sha256_head_tail_64k"] != hashlib.sha256(data).hexdigest()
+        identities.append(entry["input"])
+    assert identities[0]["path"] == identities[1]["path"]
+    assert identities[0]["sha256_head_tail_64k"] != identities[1]["sha256_head_tail_64k"]
+
+
+def test_raw_file_identity_of_a_small_file_is_its_sha256(tmp_path):
+    """A raw file of at most 128 KiB: its first and last 64 KiB do not overlap, the digest is the whole file's."""
+    import hashlib
+
+    import eclreco
+
+    raw = tmp_path / "raw.msgpack"
+    write_raw_file(raw, encode_events("array30", 0, 1, [0, 1], [0, 1, 2], [100, 101], [5000, 4000], [0, 0], [0, 0]))
+    m = eclreco.create_module("RawFileInput")
+    m.set_param("filename", str(tmp_path / "." / "raw.msgpack"))
+    assert m.provenance() == {}
+    m.initialize()
+    m.terminate()  # kept: RootOutput writes the metadata after the modules before it have terminated
+    ident = m.provenance()["input"]
+    assert ident["path"] == str(raw) and ident["size"] == str(raw.stat().st_size)
+    assert ident["sha256_head_tail_64k"] == hashlib.sha256(raw.read_bytes()).hexdigest()
+
+
 @pytest.mark.parametrize("argv,default", [(["hlt", "control", "--help"], "control"),
                                           (["daq-emulator", "--help"], "daq")])
 def test_help_shows_the_curve_name_default_once(argv, default, capsys):

@@ -1,9 +1,17 @@
 #include "framework/sha256.hpp"
 
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <ctime>
 #include <filesystem>
+#include <stdexcept>
 #include <utility>
+#include <vector>
 
 namespace fw {
 namespace {
@@ -39,6 +47,9 @@ void compress(uint32_t h[8], const unsigned char* block) {
   h[0] += a, h[1] += b, h[2] += c, h[3] += d, h[4] += e, h[5] += f, h[6] += g, h[7] += k;
 }
 
+// A file's path as the provenance gives it: absolute and normalised (not resolved: a symlink keeps its name).
+std::string absolute_path(const std::string& path) { return std::filesystem::absolute(path).lexically_normal().string(); }
+
 }  // namespace
 
 std::string sha256_hex(const void* data, std::size_t size) {
@@ -64,7 +75,39 @@ std::string sha256_hex(const void* data, std::size_t size) {
 }
 
 std::map<std::string, std::string> file_provenance(const std::string& path, std::string sha256) {
-  return {{"path", std::filesystem::absolute(path).lexically_normal().string()}, {"sha256", std::move(sha256)}};
+  return {{"path", absolute_path(path)}, {"sha256", std::move(sha256)}};
+}
+
+std::map<std::string, std::string> large_file_identity(const std::string& path, int fd, const struct stat& st) {
+  const std::size_t size = static_cast<std::size_t>(st.st_size);
+  const std::size_t head = std::min(size, kHeadTailBytes);
+  const std::size_t tail_from = std::max(head, size > kHeadTailBytes ? size - kHeadTailBytes : 0);
+  std::vector<unsigned char> bytes(head + (size - tail_from));
+  auto read_at = [&](std::size_t offset, std::size_t n, unsigned char* into) {
+    for (std::size_t got = 0; got < n;) {
+      const ssize_t r = ::pread(fd, into + got, n - got, static_cast<off_t>(offset + got));
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0)
+        throw std::runtime_error("cannot read file '" + path + "' at byte " + std::to_string(offset + got) + ": " +
+                                 (r == 0 ? std::string("it ended before its size, ") + std::to_string(size) + " bytes"
+                                         : std::string(std::strerror(errno))));
+      got += static_cast<std::size_t>(r);
+    }
+  };
+  read_at(0, head, bytes.data());
+  read_at(tail_from, size - tail_from, bytes.data() + head);
+  const int64_t mtime_ns = int64_t(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+  std::tm utc{};
+  const std::time_t sec = st.st_mtim.tv_sec;
+  char when[40] = "";
+  if (::gmtime_r(&sec, &utc)) std::strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%S", &utc);
+  char frac[16];
+  std::snprintf(frac, sizeof frac, ".%09ldZ", static_cast<long>(st.st_mtim.tv_nsec));
+  return {{"path", absolute_path(path)},
+          {"size", std::to_string(size)},
+          {"mtime_ns", std::to_string(mtime_ns)},
+          {"mtime_utc", std::string(when) + frac},
+          {"sha256_head_tail_64k", sha256_hex(bytes.data(), bytes.size())}};
 }
 
 }  // namespace fw
