@@ -40,10 +40,10 @@ class ECLLeakageCorrection : public fw::Module {
 
   void initialize() override {
     for (auto& t : tables_) t = ecl::LeakageTable();
-    table_file_.clear();
+    table_files_.clear();
     if (!table_.empty()) {
       auto t = ecl::LeakageTable::load(table_);
-      table_file_ = fw::file_provenance(table_, t.sha256());
+      table_files_["table"] = fw::file_provenance(table_, t.sha256());
       tables_[t.detector_code() == 1 ? 1 : 0] = std::move(t);
       explicit_ = true;
     } else {
@@ -54,17 +54,17 @@ class ECLLeakageCorrection : public fw::Module {
         if (std::FILE* f = std::fopen(path.c_str(), "rb")) {
           std::fclose(f);
           tables_[d] = ecl::LeakageTable::load(path);
+          table_files_[std::string("table_") + ecl::detector_name(static_cast<ecl::Detector>(d))] =
+              fw::file_provenance(path, tables_[d].sha256());
         }
       }
     }
   }
 
-  // A table of its own: path and SHA-256 of the bytes loaded, for the output file's metadata (the
-  // package's tables are under the metadata's package_data).
-  Provenance provenance() const override {
-    if (table_file_.empty()) return {};
-    return {{"table", table_file_}};
-  }
+  // The tables loaded, path and SHA-256 of the bytes loaded, for the output file's metadata: a table of its own
+  // as `table`, else the package's as `table_<detector>` (the metadata's package_data hashes the files again
+  // when it is made, once per process: a table replaced in between, a reinstall, was recorded wrongly).
+  Provenance provenance() const override { return table_files_; }
 
   void event(fw::EventBatch& batch) override {
     if (!batch.has(collection_)) {
@@ -108,7 +108,7 @@ class ECLLeakageCorrection : public fw::Module {
   std::string table_, collection_;
   bool explicit_ = false;
   ecl::LeakageTable tables_[2];
-  std::map<std::string, std::string> table_file_;  // {path, sha256} of the `table` loaded; empty: the package's
+  Provenance table_files_;  // provenance(): {path, sha256} of each table loaded
   std::atomic<uint64_t> corrected_{0};
 };
 

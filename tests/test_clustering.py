@@ -882,9 +882,9 @@ def test_a_seed_without_a_valid_time_gives_its_cluster_time_0():
 
 
 def test_leakage_module_s_own_table_is_in_the_metadata_with_its_digest(tmp_path):
-    """A `table` of its own (not the package's, whose digests package_data gives) is in the output file's metadata
-    with the SHA-256 of the bytes ECLLeakageCorrection loaded, under its entry's `table`: it was named by its path
-    only, and a table changed after the job could not be told apart. The package's tables add nothing there."""
+    """A `table` of its own is in the output file's metadata with the SHA-256 of the bytes ECLLeakageCorrection
+    loaded, under its entry's `table`: it was named by its path only, and a table changed after the job could not be
+    told apart. The package's tables are under `table_<detector>` (test below), never `table`."""
     import hashlib
 
     import uproot
@@ -913,3 +913,32 @@ def test_leakage_module_s_own_table_is_in_the_metadata_with_its_digest(tmp_path)
             assert entry["table"] == {"path": str(mine), "sha256": sha}
         else:
             assert "table" not in entry
+
+
+def test_leakage_module_s_package_tables_are_in_the_metadata_with_the_digest_of_the_bytes_loaded(tmp_path):
+    """Without a `table` of its own, ECLLeakageCorrection's entry gives the package's tables it loaded, path and
+    SHA-256 of the bytes it loaded, under `table_<detector>`. Only package_data gave them, from a second read of the
+    files, cached once per process: the second job of a process after a reinstall replaced a table recorded the
+    old table's digest beside energies corrected with the new one."""
+    import hashlib
+
+    import uproot
+
+    from eclreco.modules.root_output import read_metadata
+    from eclreco.rawdata import encode_events, write_raw_file
+
+    raw = tmp_path / "raw.msgpack"
+    write_raw_file(raw, encode_events("array30", 0, 1, [0, 1], [0, 1, 2], [100, 101], [5000, 4000], [0, 0], [0, 0]))
+    path = eclreco.create_path()
+    path.add_module("RawFileInput", filename=str(raw))
+    path.add_module("ECLUnpacker")
+    path.add_module("ECLClusterizer")
+    path.add_module("ECLLeakageCorrection")
+    path.add_module("RootOutput", filename=str(tmp_path / "out.root"))
+    eclreco.process(path, install_signal_handlers=False)
+    with uproot.open(tmp_path / "out.root") as f:
+        entry = next(m for m in read_metadata(f)["path"] if m["module"] == "ECLLeakageCorrection")
+    data = Path(eclreco.__file__).parent / "data"
+    for det in ("array30", "belle2-ecl"):
+        table = data / f"leakage_{det}.npz"
+        assert entry[f"table_{det}"] == {"path": str(table), "sha256": hashlib.sha256(table.read_bytes()).hexdigest()}
