@@ -96,6 +96,13 @@ def make_events_tree(file, name: str, types: dict):
                        field_name=lambda outer, inner: f"{outer}_{inner}")
 
 
+class EmptyInputFile(ValueError):
+    """open_input_file's error for a file of 0 bytes: in a farm's folder, the file of a collector killed between
+    choosing its name (unused_filename makes the file, empty) and RootOutput's header. Beside other files a reader
+    of several (hlt merge, eclreco dqm) skips it, saying so; alone it is the error. They failed on it: one such
+    file refused the merge of every file of the farm."""
+
+
 def open_input_file(path: str):
     """An input ROOT file opened with uproot (the caller closes it), or a ValueError of one line naming it: missing,
     a directory or unreadable (paths.unreadable_file), not ROOT (what it begins with: uproot's own words for a short
@@ -112,8 +119,11 @@ def open_input_file(path: str):
             head = f.read(4)
     except OSError as err:  # gone or changed since
         raise ValueError(f"{path}: cannot read it ({err.strerror})") from None
+    if not head:
+        raise EmptyInputFile(f"{path}: not a ROOT file (empty): 0 bytes, as a farm collector killed before its "
+                             "first write leaves its file")
     if head != b"root":
-        raise ValueError(f"{path}: not a ROOT file " + (f"(it begins with {head!r})" if head else "(empty)"))
+        raise ValueError(f"{path}: not a ROOT file (it begins with {head!r})")
     with reading_input_file(path):  # uproot's OSError for a file cut inside its header, ...
         return uproot.open(path)
 

@@ -2425,6 +2425,38 @@ def test_hlt_merge_takes_a_file_written_before_the_detector_branch(tmp_path, cap
         assert len(err.strip().splitlines()) == 1 and not (tmp_path / "m.root").exists()
 
 
+def test_hlt_merge_and_dqm_skip_the_empty_file_of_a_collector_killed_before_it_wrote(tmp_path, capsys):
+    """A collector makes its file empty when it chooses the name (unused_filename, O_EXCL) and RootOutput writes
+    the header later: one SIGKILLed between leaves farm.root of 0 bytes, its replacement farm.2.root. `hlt merge
+    farm.root farm.2.root` and `eclreco dqm` over them failed, `farm.root: not a ROOT file (empty)`, exit 2: one
+    such file refused the whole farm's. Both now skip it, saying why (alone it is still refused)."""
+    from eclreco import cli
+
+    killed = subprocess.run([sys.executable, "-c", "import os, signal\n"
+                             "from eclreco.hlt.collector import unused_filename\n"
+                             f"unused_filename({str(tmp_path / 'farm.root')!r})\n"
+                             "os.kill(os.getpid(), signal.SIGKILL)"], capture_output=True, text=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL and (tmp_path / "farm.root").stat().st_size == 0, killed.stderr
+    reco_file(tmp_path / "farm.2.root", range(30), dqm=True)
+    farm = [str(tmp_path / "farm.root"), str(tmp_path / "farm.2.root")]
+    capsys.readouterr()
+    assert cli.main(["hlt", "merge", *farm, "-o", str(tmp_path / "m.root")]) == 0
+    out = capsys.readouterr().out
+    assert "30 events written" in out and (f"\n  {farm[0]}: 0 events, 0 written, 0 dropped (empty: 0 bytes, a "
+                                           "collector killed before it wrote its file)\n") in out, out
+    with uproot.open(tmp_path / "m.root") as f:
+        assert sorted(f["events"]["evt"].array(library="np").tolist()) == list(range(30))
+        assert json.loads(str(f["metadata"]))["inputs"][0]["metadata"] is None
+    assert cli.main(["dqm", *farm, "-o", str(tmp_path / "d")]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {farm[0]} is empty (0 bytes), skipped: a farm collector killed" in err, err
+    assert any(n.endswith(".png") for n in os.listdir(tmp_path / "d"))
+    for argv in (["hlt", "merge", farm[0], "-o", str(tmp_path / "m2.root")], ["dqm", farm[0], "-o", str(tmp_path / "d2")]):
+        assert cli.main(argv) == 2  # alone: nothing to merge or draw
+        assert f"{farm[0]}: not a ROOT file (empty): 0 bytes, as a farm collector killed" in capsys.readouterr().err
+    assert not (tmp_path / "m2.root").exists() and not (tmp_path / "d2").exists()
+
+
 def test_hlt_merge_keeps_events_of_two_detectors_with_one_exp_run_evt(tmp_path, capsys):
     """`hlt merge` dropped an event as a duplicate when a file before it held one of the same (exp, run, evt) of
     the other detector: a belle2-ecl farm's file and an array30 one's (two streams, each numbered from 0) lost

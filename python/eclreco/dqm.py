@@ -555,20 +555,23 @@ def read_files(paths: list[str]) -> list[dict]:
     end writes none) beside others cannot be checked: a warning on stderr names it (its histograms are still
     refused where their bins differ: by_run). A file without dqm/ beside files with it is skipped with a warning
     naming it (a collector killed, or whose write failed, mid-run: its events have no DQM there); a NoDQMError only
-    where no file has dqm/. A file given twice (under any name) is refused: its runs' parts would be summed twice."""
+    where no file has dqm/. So is an empty file (0 bytes: a collector killed before it wrote its file; alone, the
+    error of root_output.EmptyInputFile). A file given twice (under any name) is refused: its runs' parts would be summed twice."""
     seen: dict[str, str] = {}  # the file itself (realpath) -> the name it was first given under
     for path in paths:
         if (real := os.path.realpath(path)) in seen:
             raise ValueError(f"{path} is given twice (as {seen[real]}): its DQM would be summed twice")
         seen[real] = path
-    hists, detectors, unchecked, without = [], {}, [], []
+    from eclreco.modules.root_output import EmptyInputFile
+
+    hists, detectors, unchecked, without, empty = [], {}, [], [], []
     for path in paths:
         try:
             got = read_histograms(path)
-        except NoDQMError:
+        except (NoDQMError, EmptyInputFile) as err:
             if len(paths) == 1:
                 raise
-            without.append(path)
+            (empty if isinstance(err, EmptyInputFile) else without).append(path)
             continue
         hists += got
         if got and got[0]["detectors"]:
@@ -580,13 +583,17 @@ def read_files(paths: list[str]) -> list[dict]:
         (a, pa), (b, pb) = list(detectors.items())[:2]
         raise ValueError(f"{pb} is of the detector(s) {', '.join(b)} and {pa} of {', '.join(a)}: "
                          "the DQM of different detectors is not summed")
-    if len(without) == len(paths):
-        raise NoDQMError(f"{', '.join(paths)}: none has a dqm directory (jobs without ECLDQM, or not RootOutput files)")
+    if len(without) + len(empty) == len(paths):
+        raise NoDQMError(f"{', '.join(paths)}: none has a dqm directory (jobs without ECLDQM, or not RootOutput files"
+                         + (f"; {', '.join(empty)} empty" if empty else "") + ")")
+    for path in empty:
+        print(f"eclreco dqm: warning: {path} is empty (0 bytes), skipped: a farm collector killed before it wrote its "
+              "file", file=sys.stderr)
     for path in without:
         print(f"eclreco dqm: warning: {path} has no dqm directory, skipped: its events have no DQM there (a job "
               "without ECLDQM, or a farm collector killed or whose write failed mid-run: the DQM of the runs open "
               "then is in no file)", file=sys.stderr)
-    if len(paths) - len(without) > 1:
+    if len(paths) - len(without) - len(empty) > 1:
         known = next(iter(detectors), None)
         others = "the other files'" + (f" ({', '.join(known)})" if known else "")
         for path in unchecked:

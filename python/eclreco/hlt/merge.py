@@ -4,7 +4,8 @@ A collector killed (SIGKILL) in a run may have written events whose SAVED never 
 distributor; its replacement writes them again in its own file (NAME.2.root, ...): every event is in
 the union of the files, at least once (docs/deployment.md, "Loss semantics"). This writes one file
 with each event once: the first copy in the order of FILES (the killed collector's file first), the
-others dropped and counted per file. A repeat within one file (a producer's, further apart than the
+others dropped and counted per file. An empty file (0 bytes: a collector killed before it wrote its file)
+beside others holds no event and is said to be empty. A repeat within one file (a producer's, further apart than the
 collector's --dedup-window) is dropped too: the spec makes (exp, run, evt) unique in a stream. Events of
 two detectors with one (exp, run, evt) are two events (the files of two streams), never copies of one: a
 copy has its event's detector; both are written.
@@ -36,10 +37,14 @@ _KEY = np.dtype([("exp", "<u8"), ("run", "<u8"), ("evt", "<u4"), ("detector", "u
 
 
 def _open(name: str, tree: str):
-    """The uproot file and its tree (None: no tree, a collector killed before its first write)."""
-    from eclreco.modules.root_output import open_input_file, reading_input_file
+    """The uproot file and its tree (None: no tree, a collector killed before its first write); (None, None) for an
+    empty file (0 bytes: a collector killed before it wrote its header; root_output.EmptyInputFile)."""
+    from eclreco.modules.root_output import EmptyInputFile, open_input_file, reading_input_file
 
-    f = open_input_file(name)
+    try:
+        f = open_input_file(name)
+    except EmptyInputFile:
+        return None, None
     try:
         with reading_input_file(name):  # a damaged tree header
             return f, (f[tree] if tree in f else None)
@@ -115,10 +120,14 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
     free = output_states([target])  # (nothing there): its end takes the name only if still so
     if len(set(map(os.path.realpath, files))) != len(files):
         raise ValueError("a file is named twice: each of its events would be dropped as its own duplicate")
+    from eclreco.modules.root_output import open_input_file
+
     opened, keys, layout, first_with_tree = [], [], None, None
     try:
         for name in files:
             opened.append(_open(name, tree))
+        if all(f is None for f, _ in opened):
+            open_input_file(files[0])  # every file empty: the first one's error (a file alone is refused)
         # the layout of the first file with the detector branch (else of the first with a tree): an older
         # file lacks only that branch, and gets it
         for name, (f, t) in zip(files, opened):
@@ -161,10 +170,12 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
             made = False
             for i, (name, (f, t), keep) in enumerate(zip(files, opened, keeps)):
                 with reading_input_file(name):
-                    meta = read_metadata(f)
+                    meta = None if f is None else read_metadata(f)
                 entry = {"file": name, "events": 0 if t is None else int(t.num_entries), "written": int(keep.sum()),
                          "dropped": int((~keep).sum()), "metadata": meta}
-                if t is None:
+                if f is None:
+                    entry["note"] = "empty: 0 bytes, a collector killed before it wrote its file"
+                elif t is None:
                     entry["note"] = f"no TTree {tree!r} (a collector killed before its first write)"
                 elif i in filled:
                     entry["note"] = (f"no {DETECTOR!r} branch (written before it): {DETECTOR} "
@@ -208,7 +219,8 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
                 raise ValueError(f"-o {output!r}: {err}") from None
     finally:
         for f, _ in opened:
-            f.close()
+            if f is not None:
+                f.close()
     return report
 
 
