@@ -1863,6 +1863,38 @@ def test_an_hlt_role_refuses_a_metrics_host_without_an_exporter(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_a_collector_output_that_is_a_device_or_a_fifo_is_refused_at_start(tmp_path):
+    """`hlt collector -o /dev/null` (or a FIFO, or a link to either) started: the collector never writes over an
+    existing name, so at the run's first result it made NAME.2 beside it, a regular file, /dev/null.2 in /dev
+    (unused_filename). `hlt run -o` the same. One line naming --output, the path and its kind now, exit 2, before
+    any socket, nothing made."""
+    import signal
+    import subprocess
+
+    os.mkfifo(tmp_path / "pipe.root")
+    os.symlink("/dev/null", tmp_path / "null.root")  # /dev/null itself, seen through a name in tmp_path
+    before = sorted(os.listdir(tmp_path))
+    collector = ["hlt", "collector", "--metrics-port", "-1", "--control", "tcp://127.0.0.1:9", "--collector-addr",
+                 "tcp://127.0.0.1:0", "--sched", "normal", "-o"]
+    farm = ["hlt", "run", "--metrics-base-port", "-1", "-n", "1", "--input", free_address(), "--control",
+            free_address(), "-o"]
+    for argv, name, kind in ((collector, "pipe.root", "a FIFO"), (collector, "null.root", "a character device"),
+                             (farm, "pipe.root", "a FIFO")):
+        p = subprocess.Popen([sys.executable, "-m", "eclreco.cli", *argv, name], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=tmp_path, start_new_session=True)
+        try:
+            out, err = p.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)  # (hlt run's roles too)
+            p.communicate()
+            pytest.fail(f"{argv[:2]} -o {name}: started")
+        assert p.returncode == 2 and not out, (argv, out, err)
+        assert err == (f"eclreco hlt {argv[1]}: error: --output {name!r} is not a regular file ({kind}): the collector "
+                       "makes a ROOT file of each run, never over an existing name; name a new file, or a tcp:// "
+                       "address to send the results on\n"), err
+    assert sorted(os.listdir(tmp_path)) == before
+
+
 def test_root_file_options_of_the_collector_are_refused_with_a_tcp_output(tmp_path):
     """`hlt collector -o tcp://... --output-bind --flush-interval 9` (or --dqm-open-runs, --cluster-columns) started
     without a word: they are RootOutput's and ECLDQM's, which a tcp:// output does not have; so did `hlt run -o

@@ -106,7 +106,8 @@ def add_hlt_parser(subparsers):
     p.add_argument("--collector-addr", type=ADDRESS, default="tcp://127.0.0.1:5558", help="PULL address workers push to")
     p.add_argument("--control", type=CONNECT_ADDRESS, default="tcp://127.0.0.1:5557", help="the distributor's control address")
     p.add_argument("-o", "--output", default="hlt.root",
-                   help="ROOT file ({run_index} is replaced; else runs after the first get _runN) or tcp://")
+                   help="ROOT file ({run_index} is replaced; else runs after the first get _runN; an existing one is "
+                        "kept and NAME.2 written; not a device or a FIFO) or tcp://")
     p.add_argument("--output-bind", action="store_true", help="bind a tcp:// output instead of connecting")
     p.add_argument("--batch-size", type=BATCH_SIZE, default=1024, help="events per batch of the output path")
     p.add_argument("--max-latency", type=NON_NEGATIVE, default=2.0, help="ms to wait for more results after the first")

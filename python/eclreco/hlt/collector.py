@@ -15,6 +15,7 @@ import collections
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 from typing import NamedTuple
@@ -679,7 +680,9 @@ def output_error(output: str) -> str:
     """Why a collector cannot write --output (hlt run's and hlt collector's check before any socket), '' when
     it can: a directory was written beside itself as DIR.2 (unused_filename), a missing folder failed
     only once the collector had registered with the distributor; a tcp:// output libzmq would misread (no port,
-    a port above 65535) was found only by ZMQOutput at the run's start, after the collector had registered."""
+    a port above 65535) was found only by ZMQOutput at the run's start, after the collector had registered. A
+    device or a FIFO (-o /dev/null) is refused: the collector makes a new file of each run, never over an existing
+    name, so it wrote /dev/null.2 (a regular file made in /dev) for what was meant to be discarded."""
     if output.startswith("tcp://"):
         from eclreco.raw_sockets import check_address
 
@@ -690,7 +693,19 @@ def output_error(output: str) -> str:
         return ""
     from eclreco.paths import output_file_error
 
-    return output_file_error(output_filename(output, 1), "--output")
+    path = output_filename(output, 1)
+    if why := output_file_error(path, "--output"):
+        return why
+    try:
+        mode = os.stat(path).st_mode  # (a symlink's target)
+    except OSError:  # nothing there (a dangling symlink: skipped for NAME.2 as an existing name)
+        return ""
+    if stat.S_ISREG(mode):
+        return ""  # kept, and NAME.2 written (unused_filename)
+    kind = ("a character device" if stat.S_ISCHR(mode) else "a block device" if stat.S_ISBLK(mode)
+            else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+    return (f"--output {path!r} is not a regular file ({kind}): the collector makes a ROOT file of each run, never "
+            "over an existing name; name a new file, or a tcp:// address to send the results on")
 
 
 def root_output_options_unused(args, options=("--flush-interval", "--dqm-open-runs", "--cluster-columns")) -> str:
