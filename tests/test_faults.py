@@ -3500,6 +3500,37 @@ def _saved_then_control_broken(tmp_path, roles):
     return proxy, dist, col
 
 
+def test_hlt_status_shows_a_collector_whose_control_connection_broke_as_reconnecting(tmp_path, roles):
+    """In the reconnect grace (its control connection closed, not yet registered again) `hlt status` showed the
+    collector in the state of its last report, `running`, as if nothing had happened. It says `reconnecting` now,
+    in --json and in the table (its state column is wide enough), and the collector's own state once it is back."""
+    from eclreco.hlt.control import format_table
+
+    proxy = None
+    try:
+        proxy, dist, col = _saved_then_control_broken(tmp_path, roles)
+        t0, states = time.monotonic(), []
+        while time.monotonic() - t0 < 2.0:  # the grace: 2 s at the default --heartbeat-timeout
+            st = {"processes": roles.status()}
+            row = next(p for p in st["processes"] if p["role"] == "collector")
+            states.append(row["state"])
+            if row["state"] == "reconnecting":
+                break
+            time.sleep(0.05)
+        assert states[-1] == "reconnecting", (states, (tmp_path / "distributor.log").read_text())
+        line = next(x for x in format_table(st).splitlines() if x.startswith("collector"))
+        assert " reconnecting " in line, line
+        proxy.start()
+        t0 = time.monotonic()
+        while (row := next(p for p in roles.status() if p["role"] == "collector"))["state"] == "reconnecting":
+            assert time.monotonic() - t0 < 10, row
+            time.sleep(0.1)
+        assert row["state"] not in ("reconnecting", "silent"), row  # its own report's again
+    finally:
+        if proxy is not None:
+            proxy.close()
+
+
 def test_a_stop_while_the_collectors_control_connection_is_broken_tells_it_the_run_ended_when_it_is_back(
         tmp_path, roles):
     """The END_RUN of a stop in the window in which the collector's control connection is broken went to its

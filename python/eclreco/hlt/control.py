@@ -231,7 +231,8 @@ def status(control: str, timeout_s: float = 5.0, curve=None) -> dict:
     return request(control, P.STATUS, timeout_s, curve)
 
 
-COLUMNS = [("role", 12), ("pid", 8), ("host", 14), ("state", 10), ("received", 11), ("processed", 11),
+# state: 12 characters, a collector's `reconnecting` (the distributor's status)
+COLUMNS = [("role", 12), ("pid", 8), ("host", 14), ("state", 13), ("received", 11), ("processed", 11),
            ("rejected", 10), ("in_flight", 10), ("extra", 40)]
 
 

@@ -1339,6 +1339,10 @@ class Distributor:
             d.update(role="collector", last_seen_s=round(now - self.collector["last_seen"], 3))
             if self.collector_silent(now):  # its last report said running; it has not been heard from since
                 d["state"] = "silent"
+            elif now - self.collector["last_seen"] <= self.reconnect_grace_s and not self.collector_connected():
+                # its control connection closed, within the grace in which a live one registers again (collector_lost):
+                # its last report's state (running) said nothing of it
+                d["state"] = "reconnecting"
             procs.append(d)
         for s in list(self.supervisors.values()):
             d = dict(s["status"])
