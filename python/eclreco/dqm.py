@@ -556,7 +556,8 @@ def read_files(paths: list[str]) -> list[dict]:
     refused where their bins differ: by_run). A file without dqm/ beside files with it is skipped with a warning
     naming it (a collector killed, or whose write failed, mid-run: its events have no DQM there); a NoDQMError only
     where no file has dqm/. So is an empty file (0 bytes: a collector killed before it wrote its file; alone, the
-    error of root_output.EmptyInputFile). A file given twice (under any name) is refused: its runs' parts would be summed twice."""
+    error of root_output.EmptyInputFile). A file given twice (under any name) is refused: its runs' parts would be
+    summed twice."""
     seen: dict[str, str] = {}  # the file itself (realpath) -> the name it was first given under
     for path in paths:
         if (real := os.path.realpath(path)) in seen:

@@ -311,8 +311,9 @@ def job_provenance(path: Path | None) -> dict:
     of the path with every parameter's value, plus what a module's provenance() adds
     (ECLEnergyCorrection: the model files it loaded and their SHA-256; a C++ module's from
     fw::Module::provenance, ECLUnpacker: its conditions file and the SHA-256 of the bytes it parsed;
-    ECLLeakageCorrection: the tables it loaded, the same way, `table` or the package's `table_<detector>`; RawFileInput: its raw file's `input`, path, size,
-    mtime and the SHA-256 of its first and last 64 KiB, fw::large_file_identity)."""
+    ECLLeakageCorrection: the tables it loaded, the same way, `table` or the package's `table_<detector>`;
+    RawFileInput: its raw file's `input`, path, size, mtime and the SHA-256 of its first and last 64 KiB,
+    fw::large_file_identity)."""
     import socket
 
     import eclreco
