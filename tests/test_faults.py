@@ -2530,13 +2530,14 @@ def test_late_results_of_a_dead_distributors_events_are_not_duplicates(zmq_conte
         return len(out)
 
     with collector_link_by_hand(zmq_context) as (ctl, distributor, link, push):
-        ident = answer_hello(distributor, link, 100)
+        ident = answer_hello(distributor, link, 100, b"0", b"token-1")  # (the distributor's instance token)
         assert link.wait_registered(ctl)
         source = HLTCollectorInput(link)
         source.initialize()
         assert results(list(range(100, 110))) == 10
         distributor.send_multipart([ident, P.WHO])  # the distributor restarted: the new one does not know it
-        answer_hello(distributor, link, 10**15)  # the new one's first id (its start time in µs), above every old one
+        # the new one's first id (its start time in µs), above every old one; another token
+        answer_hello(distributor, link, 10**15, b"0", b"token-2")
         t0 = time.monotonic()
         while link.low < 10**15:
             link.service()
@@ -2546,7 +2547,7 @@ def test_late_results_of_a_dead_distributors_events_are_not_duplicates(zmq_conte
         assert results(list(range(110, 115))) == 0 and link.duplicates == 10 and link.orphaned == 5
         assert source.dropped_in_run() == {"duplicates": 10, "repeated_keys": 0, "orphaned": 5}
         distributor.send_multipart([ident, P.WHO])  # and again: a third distributor, above the second's ids
-        answer_hello(distributor, link, 2 * 10**15)
+        answer_hello(distributor, link, 2 * 10**15)  # (one that sends no token: a handover too)
         t0 = time.monotonic()
         while link.low < 2 * 10**15:
             link.service()
@@ -3447,6 +3448,82 @@ class ControlProxy:
         if getattr(self, "timer", None) is not None:
             self.timer.join()
         self.kill()
+
+
+def test_the_collectors_reconnection_to_the_same_distributor_is_no_handover():
+    """The collector's control connection breaks (a network glitch) while its distributor lives, and gives up the
+    events it held at a stop's time-out; the collector registers again with the same distributor, whose LOW has moved
+    past them. The collector took every HELLO answer with a LOW above its own for a restarted distributor: it noted
+    the ids in between as a dead distributor's, and a late result of a given-up event (counted lost_at_stop) was
+    written and counted `orphaned` instead of dropped as a duplicate; each reconnect took one of the 16 handovers it
+    remembers. The distributor now says who it is (a token made at its start) in that answer: the same one's is no
+    handover. A real Distributor in process, a real CollectorLink through a TCP proxy (tests/_tcp_proxy.py)."""
+    import zmq
+
+    import eclreco
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.collector import CollectorLink, HLTCollectorInput
+    from eclreco.hlt.distributor import Distributor
+    from hlt_helpers import free_address
+
+    d = Distributor(free_address(), free_address(), free_address(), stop_drain_s=0.0, stop_timeout_s=0.5)
+    proxy = ControlProxy(d.addresses["control"])
+    link = CollectorLink(free_address(), proxy.address)
+    push = zmq.Context.instance().socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(link.address)
+    control = zmq.Context.instance().socket(zmq.DEALER)
+    control.setsockopt(zmq.LINGER, 0)
+    control.connect(d.addresses["control"])
+
+    def pump(done, what):
+        t0 = time.monotonic()
+        while not done():
+            assert time.monotonic() - t0 < 10, what
+            d.read_input()
+            d.handle_control()
+            d.housekeeping(time.monotonic())
+            link.service()
+            time.sleep(0.01)
+
+    def results(seqs, evts):
+        """The collector's batch of a worker's results (the events it took)."""
+        push.send(results_message(seqs, evts))
+        out = eclreco.EventBatch(0)
+        t0, dropped = time.monotonic(), link.duplicates + link.orphaned
+        while not len(out) and link.duplicates + link.orphaned - dropped < len(seqs):
+            assert time.monotonic() - t0 < 5
+            source.next_batch(out, 1000)
+        return len(out)
+
+    try:
+        push_events(d.addresses["input"], range(10))
+        pump(lambda: len(d.events) == 10, "the distributor reads 10 events")
+        seqs = sorted(d.events)
+        pump(lambda: link.registered, "the collector registers")
+        source = HLTCollectorInput(link)
+        source.initialize()
+        assert results(seqs[:5], range(5)) == 5
+        source._confirm_previous()  # CONFIRM, and SAVED (no file here)
+        pump(lambda: link.low == seqs[5], "the first 5 saved")
+        proxy.kill()  # the glitch: the control connection breaks, both processes live on
+        pump(lambda: not d.collector_connected(), "the distributor sees the connection go")
+        control.send_multipart([P.STOP])
+        pump(lambda: d.state == "stopped", "the stop times out")
+        assert d.c["lost_at_stop"] == 5  # the 5 held by a worker, given up
+        proxy.start()  # the glitch ends: the collector registers again with the same distributor, told END_RUN
+        pump(lambda: link.low == d.low_watermark() > seqs[-1] and link.end_run, "the collector is back")
+        assert not link.previous_ids, link.previous_ids  # no handover: the distributor lived
+        source.initialize()  # the next run
+        # a late result of a given-up event (the worker that held it sends it now): below LOW, a duplicate
+        assert results([seqs[7]], [7]) == 0
+        assert (link.duplicates, link.status()["orphaned"], source.dropped_in_run()["orphaned"]) == (1, 0, 0)
+    finally:
+        proxy.close()
+        for s in (push, control):
+            s.close(0)
+        link.close()
+        d.close(0)
 
 
 def test_a_terminate_while_the_collectors_control_connection_is_broken_waits_for_it(tmp_path, roles):

@@ -162,6 +162,8 @@ class CollectorLink:
         # that died not known to be saved (the last 16 handovers; it kept only the last: a late result of the
         # one before was counted as a duplicate)
         self.previous_ids: collections.deque = collections.deque(maxlen=16)
+        # the token of the distributor that took it (its answer to HELLO; None: one that sends none)
+        self.distributor_instance: bytes | None = None
         self.first_upstream_error = ""
         self.bad_messages = 0
         self.confirmed = 0
@@ -230,8 +232,13 @@ class CollectorLink:
                 if len(frames) > 2 and frames[2].isdigit():  # the answer to HELLO: the run this collector joins
                     self.joins_run = int(frames[2])
                     self.joins_unstarted = len(frames) > 3 and frames[3] == b"1"
-                    if self.low and low > self.low:  # registered again, with a restarted distributor (ids above)
+                    # Registered again with a restarted distributor (ids above): another token, or none to tell. The
+                    # same one, back after a broken connection, has only moved LOW on: its ids below are its own (a
+                    # late result of one it gave up is a duplicate, not a dead distributor's orphan).
+                    token = frames[4] if len(frames) > 4 else None
+                    if self.low and low > self.low and (token is None or token != self.distributor_instance):
                         self.previous_ids.append((self.low, low))
+                    self.distributor_instance = token
                 self.low = max(self.low, low)
                 self.registered = True
                 if len(self.seen) > 100000:  # (those of the previous ids stay: a later copy is a duplicate)

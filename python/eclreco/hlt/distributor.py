@@ -221,6 +221,9 @@ class Distributor:
         # id of its predecessor (unless that one took more than an event per µs), so a collector
         # that outlived it does not take the new events for ones it has already written.
         self.next_seq = time.time_ns() // 1000
+        # Who this process is, in its answer to a collector's HELLO: a collector whose connection broke registers again
+        # with this one (a LOW moved on, no handover), one that outlived a predecessor with another token
+        self.instance = os.urandom(8).hex()
         self.lost_before_run = 0
         self.workers: dict[bytes, Worker] = {}
         self.collector: dict | None = None          # {"ident", "last_seen", "status"}
@@ -624,7 +627,7 @@ class Distributor:
                 leftovers = self.collector.get("leftovers_run")
                 joins = leftovers or self.run_index + (self.state == "stopped")
                 self._send(self.ctl, ident, P.LOW, str(self.low_watermark()).encode(), str(joins).encode(),
-                           b"1" if self.state == "stopped" and not leftovers else b"0")
+                           b"1" if self.state == "stopped" and not leftovers else b"0", self.instance.encode())
                 for told in self.collector.pop("untold", None) or ():  # (back on a new connection: tell_collector)
                     self.tell_collector(*told)
             else:

@@ -28,7 +28,8 @@ SAVED = b"SAVED"        # collector: seqs now in the output file (a collector th
 STATUS = b"STATUS"      # collector/supervisor: periodic report {...}; client: request -> reply
 RUN_ENDED = b"RUN_ENDED"  # collector: output of the run closed {run_index, filename, events_written}
 LOW = b"LOW"            # distributor -> collector: b"<seq>", every seq below was confirmed; answering HELLO also
-                        # b"<run_index>" joined, b"1" when that run has not started (docs/deployment.md)
+                        # b"<run_index>" joined, b"1" when that run has not started, and the distributor's instance
+                        # token (random per process: the same one after a reconnect, no handover; docs/deployment.md)
 REFUSED = b"REFUSED"    # distributor -> collector: {reason}; another live collector is registered
 STOP = b"STOP"          # client: end the run -> reply when the output is closed
 START = b"START"        # client: start a new run
