@@ -2639,7 +2639,7 @@ def failed_stop_with_leftovers(farm, n=100, saved=30, start_first=False, before_
         if before_next is not None:
             before_next(control)
     b, replies = next_collector(farm, instance="i8", pid=8, output="/data/a.2.root")
-    assert replies[-1][2:] == [b"1", b"0"] and d.collector["leftovers_run"] == 1  # joins run 1, started
+    assert replies[-1][2:] == [b"1", b"0", d.instance.encode()] and d.collector["leftovers_run"] == 1  # joins run 1, started
     assert len(d.events) == n - saved
     return seqs, control, b
 
@@ -2974,7 +2974,7 @@ def test_a_collector_that_dies_writing_a_failed_stops_leftovers_hands_them_to_th
         d.housekeeping(time.monotonic())
         b.close(0)  # SIGKILL: nothing of them said SAVED
         c, replies = next_collector(farm, instance="i9", pid=9, output="/data/a.3.root")
-        assert replies[-1][2:] == [b"1", b"0"], replies  # joins run 1, not run 2
+        assert replies[-1][2:] == [b"1", b"0", d.instance.encode()], replies  # joins run 1, not run 2
         assert d.collector["leftovers_run"] == 1 and d.input_waits_for_leftovers() == 1, d.collector
         assert not d.accepting_input() and len(d.events) == 70
         d.pending.clear()
@@ -3221,7 +3221,7 @@ def test_a_collector_that_went_writing_a_failed_stops_leftovers_is_no_collector_
                                               "events_written": 20, "output_error": "cannot write output file"}))
         b.close(0)
         c, replies = next_collector(farm, instance="i9", pid=9, output="/data/a.3.root")
-        assert replies[-1][2:] == [b"1", b"0"], replies  # joins run 1 for the leftovers
+        assert replies[-1][2:] == [b"1", b"0", d.instance.encode()], replies  # joins run 1 for the leftovers
         d.pending.clear()
         farm.send(c, P.CONFIRM, P.seqs_to_bytes(seqs[50:]))
         d.housekeeping(time.monotonic())
@@ -3262,7 +3262,7 @@ def test_a_collector_that_dies_after_confirming_a_failed_stops_leftovers_keeps_t
             farm.read_events(20)
         b.close(0)  # SIGKILL: nothing of the leftovers said SAVED
         c, replies = next_collector(farm, instance="i9", pid=9, output="/data/a.3.root")
-        assert replies[-1][2:] == [b"1", b"0"], replies  # joins run 1
+        assert replies[-1][2:] == [b"1", b"0", d.instance.encode()], replies  # joins run 1
         assert sorted(d.events) == seqs[30:].tolist() and not d.accepting_input(), len(d.events)
         d.pending.clear()
         farm.send(c, P.CONFIRM, P.seqs_to_bytes(seqs[30:]))
@@ -3295,7 +3295,7 @@ def test_a_failed_stops_leftovers_whose_close_fails_go_to_a_file_of_their_run():
         assert not d.accepting_input() and len(d.unsaved) == 70
         b.close(0)
         _, replies = next_collector(farm, instance="i9", pid=9, output="/data/a.3.root")
-        assert replies[-1][2:] == [b"1", b"0"] and len(d.events) == 70, replies  # joins run 1, not run 2
+        assert replies[-1][2:] == [b"1", b"0", d.instance.encode()] and len(d.events) == 70, replies  # joins run 1, not run 2
     finally:
         farm.close()
 
@@ -3379,7 +3379,7 @@ def test_a_collector_that_dies_after_saving_a_failed_stops_leftovers_before_its_
         assert d.run_index == 2 and not d.events and not d.unsaved
         redelivered = d.c["redelivered"]
         c, replies = next_collector(farm, instance="i9", pid=9, output="/data/a_run2.root")
-        assert replies[-1][2:] == [b"2", b"0"], replies  # joins run 2: run 1 has nothing left to write
+        assert replies[-1][2:] == [b"2", b"0", d.instance.encode()], replies  # joins run 2: run 1 has nothing left to write
         assert d.c["redelivered"] == redelivered and not d.events and not d.unsaved  # none produced again
         assert d.accepting_input() and d.input_waits_for_leftovers() is None  # run 2 proceeds
         run2 = farm.read_events(10)
