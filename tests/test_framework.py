@@ -40,7 +40,8 @@ def test_a_column_is_set_from_a_list_like_a_new_collection_and_a_scalar_gets_one
     assert c["n"].tolist() == [1, 2, 3] and c["n"].dtype == np.asarray([1, 2, 3]).dtype
     c["k"] = (True, False, True)
     assert c["k"].dtype == np.bool_
-    with pytest.raises(ValueError, match=r"^column 'z' needs one value per row \(3 rows\), not a scalar$"):
+    # which collection, as for a wrong length (docs/architecture.md, "Data model"): it named the column only
+    with pytest.raises(ValueError, match=r"^column 'z' needs one value per row \(collection 'X' has 3\), not a scalar$"):
         c["z"] = 1.0
     with pytest.raises(ValueError, match=r"^column 'w' has 2 rows, collection 'X' has 3$"):  # which collection
         c["w"] = [1.0, 2.0]

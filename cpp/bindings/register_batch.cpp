@@ -599,8 +599,9 @@ void register_batch(py::module_& m) {
       .def("__setitem__", [](Collection& c, const std::string& name, const py::object& value) {
         py::array a = column_array(name, value);
         if (a.ndim() == 0)
-          throw py::value_error("column '" + name + "' needs one value per row (" + std::to_string(c.n_rows()) +
-                                " rows), not a scalar");
+          throw py::value_error("column '" + name + "' needs one value per row (" +
+                                (c.name().empty() ? std::string("the collection") : "collection '" + c.name() + "'") +
+                                " has " + std::to_string(c.n_rows()) + "), not a scalar");
         c.set_column(name, column_from_array(a));
       }, "add or replace a column (copied) from an array or a list; its length must be the collection's row count");
 
