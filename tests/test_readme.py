@@ -130,3 +130,17 @@ def test_the_farms_output_line_of_docs_deployment_is_the_one_hlt_run_prints():
                                        "cluster_columns latt not in ECLClusters, whose columns are e1e9, energy"}})
     pattern = ".*".join(re.escape(part) for part in ("[hlt run] " + quoted).split("…"))
     assert re.fullmatch(pattern, line), f"docs/deployment.md shows\n{'[hlt run] ' + quoted}\nhlt run prints\n{line}"
+
+
+def test_the_readme_names_every_switch_that_ci_sets():
+    """README's "The two commands" says what `.ci/run` runs beyond `make test`: it named
+    `ECLRECO_FUZZ_SANITIZED=1` and "that one test" that `make test` alone skips, while `.ci/run` also sets
+    `ECLRECO_TSAN=1` (the ThreadSanitizer test, 2-4 min). Every ECLRECO_* variable `.ci/run` exports is named."""
+    repo = os.path.dirname(README)
+    ci = open(os.path.join(repo, ".ci", "run")).read()
+    exported = set(re.findall(r"\b(ECLRECO_\w+)=1", ci))
+    assert exported, ".ci/run sets no ECLRECO_* switch: this test reads it wrong"
+    text = open(README).read()
+    section = text[text.index("## The two commands"):text.index("### What gets installed")]
+    for name in sorted(exported):
+        assert f"`{name}=1`" in section, f"README.md's \"The two commands\" does not say that .ci/run sets {name}=1"
