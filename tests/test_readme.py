@@ -144,3 +144,21 @@ def test_the_readme_names_every_switch_that_ci_sets():
     section = text[text.index("## The two commands"):text.index("### What gets installed")]
     for name in sorted(exported):
         assert f"`{name}=1`" in section, f"README.md's \"The two commands\" does not say that .ci/run sets {name}=1"
+
+
+def test_what_gets_installed_names_every_package_make_installs():
+    """README's "What gets installed, and why" lists what `make` puts into .venv; xxhash (the checksum of
+    RootOutput's zstd frames, imported by modules/root_output.py) and pytest-timeout (the suite's 5-min
+    limit per test) were installed without a word there. Every package of the Makefile's pip installs is named."""
+    repo = os.path.dirname(README)
+    makefile = open(os.path.join(repo, "Makefile")).read()
+    installs = re.findall(r"\$\(PIP\) install -q ((?:[^\n\\|]|\\\n)*)", makefile)  # up to a `|| echo`
+    packages = {re.split(r"[<>=\[]", p.strip('"'))[0] for line in installs for p in line.replace("\\\n", " ").split()
+                if not p.startswith("-") and p != "."} - {"pip"}
+    assert {"numpy", "torch", "xxhash"} <= packages, packages  # the parse found the install lines
+    text = open(README).read()
+    section = text[text.index("### What gets installed"):text.index("## A steering file")]
+    named = {"torch": "PyTorch"}
+    for package in sorted(packages):
+        assert re.search(rf"(?<![\w-]){re.escape(named.get(package, package))}(?![\w-])", section), \
+            f"README.md's \"What gets installed, and why\" does not name {package}, which the Makefile installs"
