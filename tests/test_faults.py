@@ -3608,6 +3608,36 @@ def test_hlt_status_shows_a_collector_whose_control_connection_broke_as_reconnec
             proxy.close()
 
 
+def test_hlt_status_shows_a_killed_collector_silent_once_the_reconnect_grace_is_over(tmp_path, roles, capsys):
+    """Separate services, default time-outs (--heartbeat-timeout 5 s, a reconnect grace of 2 s): a SIGKILLed
+    collector was `reconnecting` for the grace, then in its last report's state (`ready`/`running`) again until it was
+    `silent` at 5 s, although the distributor gives it up (collector_lost) once the grace is over. Its row says
+    `silent` from then on."""
+    from eclreco import cli
+
+    roles.distributor()
+    col = roles.collector(tmp_path / "a.root", "a.log", "--flush-interval", "0.05")
+    roles.worker()
+    roles.wait_up()
+    push_events(roles.inp, range(100))
+    roles.wait_confirmed(100)
+    col.kill()
+    col.wait()
+    t_kill, seen = time.monotonic(), []
+    while (t := time.monotonic() - t_kill) < 4.5:  # short of the heartbeat time-out
+        assert cli.main(["hlt", "status", "--control", roles.ctl, "--json"]) == 0
+        row = next(p for p in json.loads(capsys.readouterr().out)["processes"] if p["role"] == "collector")
+        seen.append((round(t, 2), row["state"], row["last_seen_s"]))
+        time.sleep(0.1)
+    # past the grace since it was last heard from (last_seen_s): what the distributor gives up
+    late = [s for s in seen if s[2] > 2.0 + 0.2]
+    assert late and all(s[1] == "silent" for s in late), seen
+    assert all(s[1] in ("reconnecting", "silent") for s in seen if s[0] > 1.0), seen
+    assert cli.main(["hlt", "status", "--control", roles.ctl]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("collector"))
+    assert " silent " in row, row
+
+
 def test_a_stop_while_the_collectors_control_connection_is_broken_tells_it_the_run_ended_when_it_is_back(
         tmp_path, roles):
     """The END_RUN of a stop in the window in which the collector's control connection is broken went to its

@@ -1340,9 +1340,11 @@ class Distributor:
         if self.collector is not None:
             d = dict(self.collector["status"])
             d.update(role="collector", last_seen_s=round(now - self.collector["last_seen"], 3))
-            if self.collector_silent(now):  # its last report said running; it has not been heard from since
+            if self.collector_silent(now) or self.collector_lost(now):
+                # not heard from for --heartbeat-timeout, or its connection closed past the reconnect grace: what the
+                # distributor acts on (a killed one showed its last report's state, running, until the time-out)
                 d["state"] = "silent"
-            elif now - self.collector["last_seen"] <= self.reconnect_grace_s and not self.collector_connected():
+            elif not self.collector_connected():
                 # its control connection closed, within the grace in which a live one registers again (collector_lost):
                 # its last report's state (running) said nothing of it
                 d["state"] = "reconnecting"
