@@ -2,6 +2,7 @@
 ECLLeakageCorrection modules, and the containment of Geant4 array30 showers."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -942,3 +943,70 @@ def test_leakage_module_s_package_tables_are_in_the_metadata_with_the_digest_of_
     for det in ("array30", "belle2-ecl"):
         table = data / f"leakage_{det}.npz"
         assert entry[f"table_{det}"] == {"path": str(table), "sha256": hashlib.sha256(table.read_bytes()).hexdigest()}
+
+
+_TWO_JOBS_SCRIPT = """
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import eclreco
+from eclreco.rawdata import encode_events, write_raw_file
+
+tmp = Path(sys.argv[1])
+assert Path(eclreco.__file__).parent == tmp / "site" / "eclreco", eclreco.__file__
+raw = tmp / "raw.msgpack"
+write_raw_file(raw, encode_events("array30", 0, 1, [0, 1], [0, 1, 2], [100, 101], [5000, 4000], [0, 0], [0, 0]))
+
+
+def job(out):
+    path = eclreco.create_path()
+    path.add_module("RawFileInput", filename=str(raw))
+    path.add_module("ECLUnpacker")
+    path.add_module("ECLClusterizer")
+    path.add_module("ECLLeakageCorrection")
+    path.add_module("RootOutput", filename=str(out))
+    eclreco.process(path, install_signal_handlers=False)
+
+
+job(tmp / "first.root")
+# a reinstall with a rebuilt table, the process still up (a farm worker, a notebook)
+table = Path(eclreco.__file__).parent / "data" / "leakage_array30.npz"
+arrays = dict(np.load(table))
+arrays["response"] = arrays["response"] * np.float32(0.99)
+with open(table, "wb") as f:
+    np.savez(f, **arrays)
+job(tmp / "second.root")
+"""
+
+
+def test_package_data_is_the_tables_as_installed_at_each_job_not_at_the_first_of_the_process(tmp_path):
+    """package_data (job_provenance) was hashed once per process (lru_cache): in a long-lived process, a table
+    replaced after its first job (a reinstall) was recorded with the old digest in every later file, beside the
+    module's `table_array30` giving the new one. A copy of the installed package in a process of its own runs two
+    jobs, the table rewritten between them: each file's package_data is the table it was made with."""
+    import hashlib
+    import shutil
+    import subprocess
+
+    import uproot
+
+    from eclreco.modules.root_output import read_metadata
+
+    shutil.copytree(Path(eclreco.__file__).parent, tmp_path / "site" / "eclreco",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    r = subprocess.run([sys.executable, "-c", _TWO_JOBS_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                       timeout=120, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    table = tmp_path / "site" / "eclreco" / "data" / "leakage_array30.npz"
+    digests = []
+    for name in ("first.root", "second.root"):
+        with uproot.open(tmp_path / name) as f:
+            meta = read_metadata(f)
+        entry = next(m for m in meta["path"] if m["module"] == "ECLLeakageCorrection")
+        assert entry["table_array30"]["path"] == str(table), entry
+        assert meta["package_data"]["data/leakage_array30.npz"] == entry["table_array30"]["sha256"], (name, meta)
+        digests.append(entry["table_array30"]["sha256"])
+    assert digests[0] != digests[1] == hashlib.sha256(table.read_bytes()).hexdigest()

@@ -271,11 +271,12 @@ def running_path() -> Path | None:
     return _running_path
 
 
-@functools.lru_cache(maxsize=1)
 def package_data_digests() -> dict:
     """SHA-256 of the package's data files (eclreco/data: the classical leakage tables that
     ECLLeakageCorrection loads by default), by name: the version number alone does not say which
-    tables a build shipped (they were rebuilt within one version)."""
+    tables a build shipped (they were rebuilt within one version). Hashed at each call, as installed
+    now: ECLLeakageCorrection loads them at each job, so a process that outlives a reinstall (a farm
+    worker, a notebook) must not record its first job's digests (~19 kB: ~50 us per output file)."""
     folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
     digests = {}
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
