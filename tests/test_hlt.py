@@ -2457,6 +2457,33 @@ def test_hlt_merge_and_dqm_skip_the_empty_file_of_a_collector_killed_before_it_w
     assert not (tmp_path / "m2.root").exists() and not (tmp_path / "d2").exists()
 
 
+def test_hlt_merge_records_which_file_each_input_was_not_only_the_name_typed(tmp_path, monkeypatch, capsys):
+    """The merged file's metadata named each input as typed (`farm.root`, relative to a folder it does not
+    record; the next run's collector reuses the name): which file was merged could not be told afterwards.
+    Each input's entry now adds its absolute path, size and mtime (as RawFileInput's `input`; not hashed), an
+    empty input's too."""
+    import datetime
+
+    from eclreco import cli
+
+    (tmp_path / "farm").mkdir()
+    reco_file(tmp_path / "farm" / "farm.2.root", range(10))
+    (tmp_path / "farm" / "farm.root").write_bytes(b"")  # a collector killed before it wrote
+    os.utime(tmp_path / "farm" / "farm.2.root", ns=(1_700_000_000_123_456_789, 1_700_000_000_123_456_789))
+    monkeypatch.chdir(tmp_path / "farm")
+    assert cli.main(["hlt", "merge", "farm.root", "./farm.2.root", "-o", "m.root"]) == 0
+    with uproot.open(tmp_path / "farm" / "m.root") as f:
+        inputs = json.loads(str(f["metadata"]))["inputs"]
+    assert [i["file"] for i in inputs] == ["farm.root", "./farm.2.root"]  # as typed, still
+    for entry, name in zip(inputs, ("farm.root", "farm.2.root")):
+        st = (tmp_path / "farm" / name).stat()
+        assert (entry["path"], entry["size"], entry["mtime_ns"]) == \
+            (str(tmp_path / "farm" / name), str(st.st_size), str(st.st_mtime_ns)), entry
+    assert inputs[0]["size"] == "0" and int(inputs[1]["size"]) > 0
+    when = datetime.datetime.fromtimestamp(1_700_000_000, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    assert inputs[1]["mtime_utc"] == when + ".123456789Z", inputs[1]
+
+
 def test_hlt_merge_keeps_events_of_two_detectors_with_one_exp_run_evt(tmp_path, capsys):
     """`hlt merge` dropped an event as a duplicate when a file before it held one of the same (exp, run, evt) of
     the other detector: a belle2-ecl farm's file and an array30 one's (two streams, each numbered from 0) lost

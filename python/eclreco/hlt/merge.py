@@ -11,8 +11,8 @@ two detectors with one (exp, run, evt) are two events (the files of two streams)
 copy has its event's detector; both are written.
 
 OUT has the TTree `events` with the inputs' branches, and a `metadata` string (JSON) naming the detectors of the
-events written (`detectors`, sorted names, as RootOutput writes it), each input, its events, those written and
-dropped, and the input's own metadata. The inputs' `dqm/` histograms are
+events written (`detectors`, sorted names, as RootOutput writes it), each input (the name typed, and its absolute
+path, size and mtime), its events, those written and dropped, and the input's own metadata. The inputs' `dqm/` histograms are
 not merged: they count the copies too (read them in the input files).
 
 Files written before RootOutput's per-event `detector` branch merge with newer ones: such a file's branch is
@@ -91,6 +91,18 @@ def _detector_of(name: str, f, t) -> int:
     return DETECTORS[names[0]]
 
 
+def _identity(name: str) -> dict:
+    """Which file an input was, beyond the name typed (relative, reused by the next run): {"path": absolute,
+    normalised, "size": bytes, "mtime_ns", "mtime_utc": ISO-8601}, numbers as decimal strings: the shape of
+    RawFileInput's `input` (fw::large_file_identity) without its head/tail digest. Not hashed: farm files are GBs."""
+    import time
+
+    st = os.stat(name)
+    when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(st.st_mtime_ns // 1_000_000_000))
+    return {"path": os.path.abspath(name), "size": str(st.st_size), "mtime_ns": str(st.st_mtime_ns),
+            "mtime_utc": f"{when}.{st.st_mtime_ns % 1_000_000_000:09d}Z"}
+
+
 def first_copies(keys: list[np.ndarray]) -> list[np.ndarray]:
     """keep masks, one per file: True for the first event of each (exp, run, evt, detector), in file order."""
     allk = np.concatenate(keys) if keys else np.zeros(0, _KEY)
@@ -122,10 +134,11 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
         raise ValueError("a file is named twice: each of its events would be dropped as its own duplicate")
     from eclreco.modules.root_output import open_input_file
 
-    opened, keys, layout, first_with_tree = [], [], None, None
+    opened, identities, keys, layout, first_with_tree = [], [], [], None, None
     try:
         for name in files:
-            opened.append(_open(name, tree))
+            opened.append(_open(name, tree))  # (a name that is no ROOT file, or none: its one-line error)
+            identities.append(_identity(name))
         if all(f is None for f, _ in opened):
             open_input_file(files[0])  # every file empty: the first one's error (a file alone is refused)
         # the layout of the first file with the detector branch (else of the first with a tree): an older
@@ -171,8 +184,8 @@ def merge(files: list[str], output: str, tree: str = "events") -> dict:
             for i, (name, (f, t), keep) in enumerate(zip(files, opened, keeps)):
                 with reading_input_file(name):
                     meta = None if f is None else read_metadata(f)
-                entry = {"file": name, "events": 0 if t is None else int(t.num_entries), "written": int(keep.sum()),
-                         "dropped": int((~keep).sum()), "metadata": meta}
+                entry = {"file": name, **identities[i], "events": 0 if t is None else int(t.num_entries),
+                         "written": int(keep.sum()), "dropped": int((~keep).sum()), "metadata": meta}
                 if f is None:
                     entry["note"] = "empty: 0 bytes, a collector killed before it wrote its file"
                 elif t is None:
