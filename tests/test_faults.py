@@ -3638,6 +3638,53 @@ def test_hlt_status_shows_a_killed_collector_silent_once_the_reconnect_grace_is_
     assert " silent " in row, row
 
 
+def _collector_row(roles) -> dict:
+    return next(p for p in roles.status() if p["role"] == "collector")
+
+
+def _kill_the_collector_between_runs(tmp_path, roles, capsys):
+    """Separate services, default time-outs (--heartbeat-timeout 5 s, a reconnect grace of 2 s): a run of 100 events
+    stopped with `hlt control stop`, then its collector SIGKILLed."""
+    from eclreco import cli
+
+    roles.distributor()
+    col = roles.collector(tmp_path / "a.root", "a.log", "--flush-interval", "0.05")
+    roles.worker()
+    roles.wait_up()
+    push_events(roles.inp, range(100))
+    roles.wait_confirmed(100)
+    assert cli.main(["hlt", "control", "stop", "--control", roles.ctl, "--timeout", "60"]) == 0
+    capsys.readouterr()
+    col.kill()
+    col.wait()
+
+
+def test_a_start_after_the_reconnect_grace_of_a_killed_collector_warns_that_none_is_alive(tmp_path, roles, capsys):
+    """A START 2-5 s after the collector was SIGKILLed (its connection closed past the reconnect grace: given up,
+    `hlt status` says silent) said `collector_alive: true` until the heartbeat time-out: `hlt control start` did not
+    warn "no live collector", and the dead one, taken for a collector of the new run, was listed in that run's
+    `replaced_collectors` (saved 0, its earlier run's file) once the next collector registered."""
+    from eclreco import cli
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import request
+
+    _kill_the_collector_between_runs(tmp_path, roles, capsys)
+    t0 = time.monotonic()
+    while (row := _collector_row(roles))["state"] != "silent":  # given up: past the grace, connection closed
+        assert time.monotonic() - t0 < 30, row
+        time.sleep(0.1)
+    assert cli.main(["hlt", "control", "start", "--control", roles.ctl]) == 0
+    err = capsys.readouterr().err
+    # (the START came before the heartbeat time-out, after which it said no live collector already)
+    assert _collector_row(roles)["last_seen_s"] < 5.0 - 0.2, "too slow to test the window: " + err
+    assert "warning: no live collector" in err, err
+    roles.collector(tmp_path / "b.root", "b.log", "--flush-interval", "0.05")
+    push_events(roles.inp, range(100, 200))
+    roles.wait_confirmed(200)
+    reply = request(roles.ctl, P.STOP, 60.0)
+    assert reply["collector"]["events_written"] == 100 and reply["replaced_collectors"] == [], reply
+
+
 def test_a_stop_while_the_collectors_control_connection_is_broken_tells_it_the_run_ended_when_it_is_back(
         tmp_path, roles):
     """The END_RUN of a stop in the window in which the collector's control connection is broken went to its

@@ -666,12 +666,16 @@ class Distributor:
             # its last write failed (it exits): no part of the next run (it was listed as a replaced collector of it,
             # its error counted twice), and not alive (the reply said it was)
             failed = self.collector_failed()
+            # dead or hung: silent, or its connection closed past the reconnect grace (collector_gone; once: each call
+            # probes its connection). Silent alone, one killed 2-5 s before was taken for alive until the heartbeat
+            # time-out: no warning, and it was listed as a replaced collector of the new run
+            gone = failed or self.collector_gone(now)
             if self.state == "stopped":
                 # the throughput counts the runs' own time, not the pauses between them
                 self.earlier_runs_s += self.run_seconds()
                 self.t_first_input = self.t_last_confirm = None
                 c = self.collector
-                if (self.events or self.unsaved) and (failed or self.collector_gone(now)) and not (
+                if (self.events or self.unsaved) and gone and not (
                         c is not None and c.get("leftovers")):
                     self.leftovers_waiting = self.run_index
                     print(f"[distributor] run {self.run_index + 1} reads no input until the next collector has "
@@ -680,10 +684,10 @@ class Distributor:
                 self.run_index += 1
                 self.replaced_run = []
                 if c is not None:
-                    # in this run unless it is silent (dead): a file of its earlier run holds none of this one;
+                    # in this run unless it is gone (dead): a file of its earlier run holds none of this one;
                     # its report of the earlier run is none of this one (kept, it was taken for one, and a collector
                     # replaced in this run was not listed in replaced_collectors)
-                    c.update(run_ended=None, between_runs=failed or self.collector_silent(now))
+                    c.update(run_ended=None, between_runs=gone)
                     if c.get("leftovers_run") is None:
                         # (one still without its report of the leftovers keeps what it saved of them: its file is of
                         # that run, counted with 0 events when it died after SAVED and before that report)
@@ -693,7 +697,7 @@ class Distributor:
                 print(f"[distributor] run {self.run_index} started", flush=True)
             waits = self.input_waits_for_leftovers()
             self._send(self.ctl, ident, P.OK, P.pack({"state": self.state, "run_index": self.run_index,
-                                                      "collector_alive": not (failed or self.collector_silent(now)),
+                                                      "collector_alive": not gone,
                                                       "already": already, "leftovers_of": waits,
                                                       "leftovers_saved_in": self.leftovers_saved_in()}))
         elif cmd == P.TERMINATE:
@@ -1193,7 +1197,8 @@ class Distributor:
                                           and not self.collector_connected())
 
     def collector_gone(self, now: float) -> bool:
-        """At terminate: no collector will confirm, save or report any more (none, silent, or dead)."""
+        """No collector will confirm, save or report any more (none, silent, or dead): what a terminate and a START
+        act on, and what `hlt status` shows as silent."""
         return self.collector_silent(now) or self.collector_lost(now)
 
     def count_unread_input(self, max_s: float = 10.0):
