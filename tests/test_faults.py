@@ -3685,6 +3685,26 @@ def test_a_start_after_the_reconnect_grace_of_a_killed_collector_warns_that_none
     assert reply["collector"]["events_written"] == 100 and reply["replaced_collectors"] == [], reply
 
 
+def test_the_distributor_warns_of_a_killed_collector_once_the_reconnect_grace_is_over(tmp_path, roles, capsys):
+    """The distributor's stderr warning about a dead collector came only at the heartbeat time-out (5 s), although
+    it gives up one whose connection stayed closed past the reconnect grace (2 s) at once (`hlt status`: silent).
+    It comes then, saying that the connection is closed."""
+    _kill_the_collector_between_runs(tmp_path, roles, capsys)
+    log, found = tmp_path / "distributor.log", None
+    while True:
+        text = log.read_text()  # (read before the status: said before a time not yet past the heartbeat time-out)
+        row = _collector_row(roles)
+        if "warning: the collector pid" in text:
+            found = text
+            break
+        if row["last_seen_s"] > 5.0 - 0.2:
+            break
+        time.sleep(0.1)
+    assert found is not None, text
+    line = next(x for x in found.splitlines() if "warning: the collector pid" in x)
+    assert "control connection" in line and "dead" in line, line
+
+
 def test_a_stop_while_the_collectors_control_connection_is_broken_tells_it_the_run_ended_when_it_is_back(
         tmp_path, roles):
     """The END_RUN of a stop in the window in which the collector's control connection is broken went to its

@@ -938,7 +938,7 @@ class Distributor:
         for ident in [i for i, v in self.supervisors.items() if now - v["last_seen"] > 10 * self.heartbeat_timeout_s]:
             del self.supervisors[ident]  # it reports every second: gone (FINAL goes to the live ones)
         collector_silent = self.collector_silent(now)
-        self.say_collector_silence(collector_silent, now)
+        self.say_collector_silence(now)
         for w in list(self.workers.values()):
             if now - w.last_seen > self.heartbeat_timeout_s:
                 self.lose_worker(w, f"no heartbeat for {self.heartbeat_timeout_s:g} s")
@@ -1154,21 +1154,27 @@ class Distributor:
         c = self.collector
         return c is not None and bool((c.get("run_ended") or {}).get("output_error") or c["status"].get("output_error"))
 
-    def say_collector_silence(self, silent: bool, now: float):
-        """One line when the registered collector falls silent (dead or hung: the workers block on their results and
-        nothing is confirmed), one when it is heard from again; it was said in `hlt status` only. Not for one that
-        left (BYE after its report) or whose write failed (it exits, and says so)."""
+    def say_collector_silence(self, now: float):
+        """One line when the registered collector is gone (collector_gone: silent, dead or hung, or its connection
+        closed past the reconnect grace, dead: the workers block on their results and nothing is confirmed), one when
+        it is heard from again; it was said in `hlt status` only, and for a killed one only at the heartbeat time-out,
+        3 s after the distributor had given it up. Not for one that left (BYE after its report) or whose write failed
+        (it exits, and says so)."""
         c = self.collector
         if c is None or c.get("left") or self.collector_failed():
             return
         st = c["status"]
-        if silent and not c.get("silence_said"):
+        gone = self.collector_gone(now)
+        if gone and not c.get("silence_said"):
             c["silence_said"] = True
-            print(f"[distributor] warning: the collector pid {st.get('pid')} on {st.get('host')} has not been heard from "
-                  f"for {now - c['last_seen']:.0f} s (dead or hung; `hlt status`: silent): the workers block on their "
-                  f"results and no event is confirmed; restart it with the same --collector-addr (`hlt run` restarts "
-                  f"its own): the new one takes every event not in a file", file=sys.stderr, flush=True)
-        elif not silent and c.get("silence_said"):
+            quiet = f"{now - c['last_seen']:.0f} s"
+            why = (f"has not been heard from for {quiet} (dead or hung" if self.collector_silent(now) else
+                   f"closed its control connection and has not registered again for {quiet} (dead")
+            print(f"[distributor] warning: the collector pid {st.get('pid')} on {st.get('host')} {why}; `hlt status`: "
+                  f"silent): the workers block on their results and no event is confirmed; restart it with the same "
+                  f"--collector-addr (`hlt run` restarts its own): the new one takes every event not in a file",
+                  file=sys.stderr, flush=True)
+        elif not gone and c.get("silence_said"):
             c["silence_said"] = False
             print(f"[distributor] the collector pid {st.get('pid')} on {st.get('host')} is heard from again",
                   file=sys.stderr, flush=True)
