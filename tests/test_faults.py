@@ -3705,6 +3705,39 @@ def test_the_distributor_warns_of_a_killed_collector_once_the_reconnect_grace_is
     assert "control connection" in line and "dead" in line, line
 
 
+def test_a_start_and_stop_after_the_reconnect_grace_of_a_killed_collector_do_not_take_it_into_the_run(
+        tmp_path, roles, capsys):
+    """A STOP 2-5 s after the collector was SIGKILLed (given up: its connection closed past the reconnect grace,
+    `hlt status` silent) took it for alive until the heartbeat time-out, as the START before it did: the START said
+    it was no part of the new run, the STOP made it one again. The stop then waited for a report it could not send,
+    and the next collector's HELLO listed it as a replaced collector of that run (`saved` 0, the file of its earlier
+    run, said to hold no events: counted in `output`'s replaced_collectors and named in the farm's output line)."""
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import output_line, request
+
+    _kill_the_collector_between_runs(tmp_path, roles, capsys)
+    t0 = time.monotonic()
+    while (row := _collector_row(roles))["state"] != "silent":  # given up: past the grace, connection closed
+        assert time.monotonic() - t0 < 30, row
+        time.sleep(0.1)
+    last_heard = time.monotonic() - row["last_seen_s"]
+    assert request(roles.ctl, P.START, 10.0)["collector_alive"] is False
+    t_stop = time.monotonic()
+    reply = request(roles.ctl, P.STOP, 60.0)
+    # (the STOP came before the heartbeat time-out, after which the collector was silent for it too)
+    assert t_stop - last_heard < 5.0 - 0.3, "too slow to test the window"
+    assert reply["collector"] is None and reply["timeout"] and reply["replaced_collectors"] == [], reply
+    assert time.monotonic() - t_stop < 2.0, "the stop waited for the dead collector's report"
+    b = roles.collector(tmp_path / "b.root", "b.log", "--flush-interval", "0.05")
+    t0 = time.monotonic()
+    while _collector_row(roles)["pid"] != b.pid:  # registered: the dead one is replaced
+        assert time.monotonic() - t0 < 30, _collector_row(roles)
+        time.sleep(0.1)
+    assert roles.dist()["output"]["replaced_collectors"] == 0, roles.dist()["output"]
+    final = request(roles.ctl, P.TERMINATE, 60.0)["processes"][0]
+    assert "replaced collector" not in output_line(final), output_line(final)
+
+
 def test_a_stop_while_the_collectors_control_connection_is_broken_tells_it_the_run_ended_when_it_is_back(
         tmp_path, roles):
     """The END_RUN of a stop in the window in which the collector's control connection is broken went to its

@@ -885,7 +885,10 @@ class Distributor:
             if self.collector is not None:  # a live one reports this run's end: waited for
                 c = self.collector
                 c["run_ended"] = None
-                c["between_runs"] = bool(c.get("between_runs")) and self.collector_silent(self.stop_since)
+                # one gone at the START stays out of the run while it is gone (collector_gone, as at the START: silent
+                # alone, one killed 2-5 s before was taken into the run again, its report waited for, and it was
+                # listed as a replaced collector of the run once the next one registered)
+                c["between_runs"] = bool(c.get("between_runs")) and self.collector_gone(self.stop_since)
             self.drain_cut_said = False
             print(f"[distributor] stopping run {self.run_index}: reading the input until it is quiet for "
                   f"{self.stop_drain_s:g} s, at most {self.stop_drain_max_s:g} s", flush=True)
