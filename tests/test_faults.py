@@ -3738,6 +3738,34 @@ def test_a_start_and_stop_after_the_reconnect_grace_of_a_killed_collector_do_not
     assert "replaced collector" not in output_line(final), output_line(final)
 
 
+def test_a_stop_whose_collector_was_killed_replies_once_the_reconnect_grace_is_over(tmp_path, roles):
+    """A collector SIGKILLed in a run, everything saved, then `hlt control stop`: the stop waited for its report of
+    the run's end until the heartbeat time-out (5 s after its last report), although the distributor gives it up
+    once its connection stayed closed past the reconnect grace (2 s; `hlt status`: silent). It replies then, saying
+    that no collector reported the run's end."""
+    from eclreco.hlt import protocol as P
+    from eclreco.hlt.control import request
+
+    roles.distributor()
+    col = roles.collector(tmp_path / "a.root", "a.log", "--flush-interval", "0.05")
+    roles.worker()
+    roles.wait_up()
+    push_events(roles.inp, range(100))
+    roles.wait_confirmed(100)
+    t0 = time.monotonic()
+    while roles.dist()["unsaved"]:
+        assert time.monotonic() - t0 < 30, roles.dist()
+        time.sleep(0.1)
+    col.kill()
+    col.wait()
+    t_kill = time.monotonic()
+    reply = request(roles.ctl, P.STOP, 60.0)
+    waited = time.monotonic() - t_kill
+    # its last report came at most 0.5 s before the kill: given up 2 s after it (the heartbeat time-out: 4.5-5 s)
+    assert reply["timeout"] and reply["collector"] is None and reply["lost_at_stop"] == 0, reply
+    assert waited < 3.5, (waited, (tmp_path / "distributor.log").read_text())
+
+
 def test_a_stop_while_the_collectors_control_connection_is_broken_tells_it_the_run_ended_when_it_is_back(
         tmp_path, roles):
     """The END_RUN of a stop in the window in which the collector's control connection is broken went to its

@@ -1139,8 +1139,9 @@ class Distributor:
 
     def run_reported(self, now: float) -> bool:
         """The collector's RUN_ENDED for the stopped run is in (what it wrote and what failed there: the
-        STOP reply and the final status carry it), or it cannot come: no live collector, or 30 s gone."""
-        return (self.collector_silent(now) or self.collector.get("run_ended") is not None
+        STOP reply and the final status carry it), or it cannot come: no live collector (collector_gone: a killed one
+        was waited for until the heartbeat time-out, 3 s after it was given up), or 30 s gone."""
+        return (self.collector_gone(now) or self.collector.get("run_ended") is not None
                 or self.collector.get("between_runs", False) or now - self.stopped_at > 30)
 
     def writing_leftovers(self, now: float) -> bool:
