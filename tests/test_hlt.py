@@ -700,6 +700,66 @@ def test_farm_sigterm_leaves_readable_output(farm_factory):
     assert np.sort(evt).tolist() == list(range(n)), log
 
 
+def test_each_line_of_the_farms_shared_log_is_one_write(tmp_path):
+    """The roles of `hlt run` and the DAQ emulator, unbuffered (PYTHONUNBUFFERED=1, common in containers), into
+    one log: each print() must be one write(2), or a line of another process comes between its text and its end
+    (`... 287 events/s[worker] pid 7992 run ended`). The log here is a SOCK_SEQPACKET socket, which keeps each
+    write a record of its own: every record must end its line, and the worker's end-of-run block (a line and
+    the module table) be one record. Before, print() made two writes, the text and "\\n"."""
+    import socket
+
+    from eclreco.hlt.control import distributor_row
+    from eclreco.rawdata import write_raw_file
+
+    n = 200
+    raw = tmp_path / "run.msgpack"
+    write_raw_file(raw, (envelope(e) for e in range(n)))
+    log, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    records = []
+    reader = threading.Thread(target=lambda: records.extend(iter(lambda: log.recv(1 << 20), b"")), daemon=True)
+    reader.start()  # read as they come: a full socket would block the farm
+    input_addr, control = free_address(), free_address()
+    farm = subprocess.Popen(ECLRECO + ["hlt", "run", "--workers", "1", "--input", input_addr, "--control", control,
+                                       "--output", str(tmp_path / "farm.root"), "--modules", worker_modules(),
+                                       "--metrics-base-port", "-1", "--stop-drain", "0.3"],
+                            stdout=theirs, stderr=theirs, env=env, cwd=str(tmp_path))
+
+    def confirmed():  # the distributor's count of confirmed events, -1 while it does not answer
+        r = subprocess.run(ECLRECO + ["hlt", "status", "--json", "--control", control, "--timeout", "2"],
+                           capture_output=True, text=True)
+        return distributor_row(json.loads(r.stdout)).get("confirmed", -1) if r.returncode == 0 else -1
+
+    try:
+        t0 = time.monotonic()
+        while confirmed() < 0:  # its input is bound: the emulator's events are taken
+            assert farm.poll() is None and time.monotonic() - t0 < 60, records
+            time.sleep(0.5)
+        emulator = subprocess.run(ECLRECO + ["daq-emulator", "--input", str(raw), "--connect", input_addr],
+                                  stdout=theirs, stderr=theirs, env=env, timeout=60)
+        assert emulator.returncode == 0, records
+        theirs.close()  # the log ends when the farm's processes have all gone
+        while confirmed() < n:
+            assert farm.poll() is None and time.monotonic() - t0 < 60, records
+            time.sleep(0.5)
+        r = subprocess.run(ECLRECO + ["hlt", "control", "terminate", "--control", control], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert farm.wait(timeout=60) == 0, records
+        reader.join(timeout=30)
+    finally:
+        kill_if_running(farm)
+        theirs.close()
+        log.close()
+    assert records and not reader.is_alive(), records
+    cut = [r for r in records if not r.endswith(b"\n")]
+    assert not cut, f"{len(cut)} of {len(records)} writes do not end their line: {cut[:6]}"
+    for role in (b"[hlt run] farm up", b"[distributor] pid", b"[collector] pid", b"[worker] pid", b"[daq-emulator]"):
+        assert any(r.startswith(role) for r in records), (role, records)
+    ended = [r for r in records if b" run ended\n" in r and r.startswith(b"[worker] pid")]
+    assert len(ended) == 1 and b"\nTotal " in ended[0], records
+
+
 def test_a_signal_while_the_farm_starts_stops_it_cleanly(tmp_path):
     """SIGTERM to `hlt run` while it waits for its distributor to answer (a service stop right after the start):
     its handler was installed only once every role had started, so the signal killed it outright (exit -15, no

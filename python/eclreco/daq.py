@@ -22,6 +22,7 @@ from typing import Callable, Iterable
 
 from eclreco import scheduling
 from eclreco.cli_types import ADDRESS, CONNECT_ADDRESS, NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE, input_file
+from eclreco.log_lines import whole_lines
 from eclreco.rawdata import RawFile, RawFileError, count_messages, not_a_raw_file, read_raw_file
 
 
@@ -284,6 +285,7 @@ def option_error(args: argparse.Namespace) -> str:
 
 
 def run_daq_emulator(args: argparse.Namespace) -> int:
+    whole_lines()  # its lines whole in a log shared with the farm's roles
     from eclreco.curve import curve_option_error
 
     if why := option_error(args) or curve_option_error(args, "daq", (args.curve_server or CURVE_SERVER,)

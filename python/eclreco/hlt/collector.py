@@ -27,6 +27,7 @@ import eclreco
 from eclreco import Module, _core
 from eclreco.dqm import registry
 from eclreco.hlt import protocol as P
+from eclreco.log_lines import whole_lines
 from eclreco.raw_sockets import attach
 
 
@@ -810,6 +811,7 @@ def _wait_for_results(link: CollectorLink) -> bool:
 
 
 def main(args) -> int:
+    whole_lines()  # its lines whole in a log shared with the other roles
     from eclreco import open_files, scheduling
     from eclreco.cli_types import metrics_host_unused
     from eclreco.curve import Curve, curve_option_error

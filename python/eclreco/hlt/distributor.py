@@ -30,6 +30,7 @@ from eclreco.paths import output_file_error
 from eclreco.hlt import protocol as P
 from eclreco.hlt.cli import STOP_DRAIN_MAX_S
 from eclreco.hlt.control import output_line, summary_line
+from eclreco.log_lines import whole_lines
 from eclreco.quarantine import RecordWriter
 from eclreco.rawdata import envelope_ids
 from eclreco.raw_sockets import (ConnectionMonitor, as_sent, attach, check_message_limits, check_queue_bound, end_input,
@@ -1469,6 +1470,7 @@ def unread_file(args) -> str:
 
 
 def main(args) -> int:
+    whole_lines()  # its lines whole in a log shared with the other roles
     if why := curve_option_error(args, "distributor", P.curve_servers("distributor", args)):
         raise ValueError(why)  # a bad option: one line, exit 2 (cli.main), before any socket
     if why := metrics_host_unused(args):

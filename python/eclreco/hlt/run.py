@@ -30,6 +30,7 @@ from eclreco.hlt import protocol as P
 from eclreco.hlt.control import (ControlError, distributor_row, farm_failure, lost_at_stop_text, output_line, request,
                                   status, summary_line, unread_lost_text)
 from eclreco.hlt.worker import chain_option_unused, module_names, steering_file_error
+from eclreco.log_lines import whole_lines
 from eclreco.raw_sockets import attach, bind_error, check_message_limits, check_queue_bound, tcp_port
 
 
@@ -557,6 +558,7 @@ def refuse(message: str) -> NoReturn:
 
 
 def main(args) -> int:
+    whole_lines()  # the roles it starts write to its stdout: each one's lines whole (they call it too)
     # single values are range-checked by their argparse types (cli_types); here what needs two
     if why := metrics_host_unused(args, "--metrics-base-port"):
         refuse(why)

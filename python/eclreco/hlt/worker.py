@@ -29,6 +29,7 @@ from eclreco.cli_types import (BATCH_SIZE, CONNECT_ADDRESS, METRICS_HOST, METRIC
                                POSITIVE, THREADS, metrics_host, metrics_host_unused)
 from eclreco.framework import RAW
 from eclreco.hlt import protocol as P
+from eclreco.log_lines import whole_lines
 from eclreco.paths import missing_folder, unwritable_folder
 from eclreco.raw_sockets import ConnectionMonitor, attach
 
@@ -335,6 +336,7 @@ def refuse(why: str) -> NoReturn:
 
 def start_worker(args, build_reconstruction) -> int:
     """Common body of worker steering files: link, path, metrics, run loop."""
+    whole_lines()  # its lines whole in a log shared with the other roles (a steering file run directly too)
     from eclreco.reconstruction import chain_file_error
 
     # options its chain ignores first (a file of one is not read at all); a steering file's own parser may
@@ -492,6 +494,7 @@ def steering_file_error(path: str, what: str) -> str:
 
 def main(args) -> int:
     """`eclreco hlt worker [STEERING.py] [args...]`: run the steering file as __main__."""
+    whole_lines()  # (start_worker does it too: a steering file may be run alone) its refusals whole as well
     steering = args.steering or default_steering()
     argv = list(args.worker_args)
     if args.steering and (why := steering_file_error(args.steering, "STEERING")):
