@@ -3615,14 +3615,7 @@ def test_hlt_status_shows_a_killed_collector_silent_once_the_reconnect_grace_is_
     `silent` from then on."""
     from eclreco import cli
 
-    roles.distributor()
-    col = roles.collector(tmp_path / "a.root", "a.log", "--flush-interval", "0.05")
-    roles.worker()
-    roles.wait_up()
-    push_events(roles.inp, range(100))
-    roles.wait_confirmed(100)
-    col.kill()
-    col.wait()
+    _kill_the_collector(tmp_path, roles, capsys, between_runs=False)
     t_kill, seen = time.monotonic(), []
     while (t := time.monotonic() - t_kill) < 4.5:  # short of the heartbeat time-out
         assert cli.main(["hlt", "status", "--control", roles.ctl, "--json"]) == 0
@@ -3642,9 +3635,9 @@ def _collector_row(roles) -> dict:
     return next(p for p in roles.status() if p["role"] == "collector")
 
 
-def _kill_the_collector_between_runs(tmp_path, roles, capsys):
+def _kill_the_collector(tmp_path, roles, capsys, between_runs: bool = True):
     """Separate services, default time-outs (--heartbeat-timeout 5 s, a reconnect grace of 2 s): a run of 100 events
-    stopped with `hlt control stop`, then its collector SIGKILLed."""
+    confirmed (and stopped with `hlt control stop`: between_runs), then its collector SIGKILLed."""
     from eclreco import cli
 
     roles.distributor()
@@ -3653,8 +3646,9 @@ def _kill_the_collector_between_runs(tmp_path, roles, capsys):
     roles.wait_up()
     push_events(roles.inp, range(100))
     roles.wait_confirmed(100)
-    assert cli.main(["hlt", "control", "stop", "--control", roles.ctl, "--timeout", "60"]) == 0
-    capsys.readouterr()
+    if between_runs:
+        assert cli.main(["hlt", "control", "stop", "--control", roles.ctl, "--timeout", "60"]) == 0
+        capsys.readouterr()
     col.kill()
     col.wait()
 
@@ -3668,7 +3662,7 @@ def test_a_start_after_the_reconnect_grace_of_a_killed_collector_warns_that_none
     from eclreco.hlt import protocol as P
     from eclreco.hlt.control import request
 
-    _kill_the_collector_between_runs(tmp_path, roles, capsys)
+    _kill_the_collector(tmp_path, roles, capsys)
     t0 = time.monotonic()
     while (row := _collector_row(roles))["state"] != "silent":  # given up: past the grace, connection closed
         assert time.monotonic() - t0 < 30, row
@@ -3689,7 +3683,7 @@ def test_the_distributor_warns_of_a_killed_collector_once_the_reconnect_grace_is
     """The distributor's stderr warning about a dead collector came only at the heartbeat time-out (5 s), although
     it gives up one whose connection stayed closed past the reconnect grace (2 s) at once (`hlt status`: silent).
     It comes then, saying that the connection is closed."""
-    _kill_the_collector_between_runs(tmp_path, roles, capsys)
+    _kill_the_collector(tmp_path, roles, capsys)
     log, found = tmp_path / "distributor.log", None
     while True:
         text = log.read_text()  # (read before the status: said before a time not yet past the heartbeat time-out)
@@ -3715,7 +3709,7 @@ def test_a_start_and_stop_after_the_reconnect_grace_of_a_killed_collector_do_not
     from eclreco.hlt import protocol as P
     from eclreco.hlt.control import output_line, request
 
-    _kill_the_collector_between_runs(tmp_path, roles, capsys)
+    _kill_the_collector(tmp_path, roles, capsys)
     t0 = time.monotonic()
     while (row := _collector_row(roles))["state"] != "silent":  # given up: past the grace, connection closed
         assert time.monotonic() - t0 < 30, row
