@@ -3637,7 +3637,7 @@ def _collector_row(roles) -> dict:
 
 def _kill_the_collector(tmp_path, roles, capsys, between_runs: bool = True):
     """Separate services, default time-outs (--heartbeat-timeout 5 s, a reconnect grace of 2 s): a run of 100 events
-    confirmed (and stopped with `hlt control stop`: between_runs), then its collector SIGKILLed."""
+    confirmed and saved (and stopped with `hlt control stop`: between_runs), then its collector SIGKILLed."""
     from eclreco import cli
 
     roles.distributor()
@@ -3646,6 +3646,10 @@ def _kill_the_collector(tmp_path, roles, capsys, between_runs: bool = True):
     roles.wait_up()
     push_events(roles.inp, range(100))
     roles.wait_confirmed(100)
+    t0 = time.monotonic()
+    while roles.dist()["unsaved"]:
+        assert time.monotonic() - t0 < 30, roles.dist()
+        time.sleep(0.1)
     if between_runs:
         assert cli.main(["hlt", "control", "stop", "--control", roles.ctl, "--timeout", "60"]) == 0
         capsys.readouterr()
@@ -3740,18 +3744,7 @@ def test_a_stop_whose_collector_was_killed_replies_once_the_reconnect_grace_is_o
     from eclreco.hlt import protocol as P
     from eclreco.hlt.control import request
 
-    roles.distributor()
-    col = roles.collector(tmp_path / "a.root", "a.log", "--flush-interval", "0.05")
-    roles.worker()
-    roles.wait_up()
-    push_events(roles.inp, range(100))
-    roles.wait_confirmed(100)
-    t0 = time.monotonic()
-    while roles.dist()["unsaved"]:
-        assert time.monotonic() - t0 < 30, roles.dist()
-        time.sleep(0.1)
-    col.kill()
-    col.wait()
+    _kill_the_collector(tmp_path, roles, None, between_runs=False)
     t_kill = time.monotonic()
     reply = request(roles.ctl, P.STOP, 60.0)
     waited = time.monotonic() - t_kill
