@@ -760,6 +760,35 @@ def test_each_line_of_the_farms_shared_log_is_one_write(tmp_path):
     assert len(ended) == 1 and b"\nTotal " in ended[0], records
 
 
+def test_a_signal_handler_that_prints_while_a_line_is_written_does_not_hang_the_role():
+    """The distributor's SIGTERM handler prints (request_terminate -> begin_stop: "stopping run N"). It runs in the
+    main thread, which may be inside WholeLines' write: here blocked in os.write on a full pipe (a log reader that
+    lags). The handler's print waited for the lock its own thread held: the role hung until a SIGKILL. Its line must
+    come after the one it interrupted, both whole."""
+    code = """if True:
+        import signal, sys
+        from eclreco.log_lines import whole_lines
+        whole_lines()
+        signal.signal(signal.SIGTERM, lambda sig, frame: print("[distributor] stopping run 1", flush=True))
+        print("x" * (1 << 20))  # blocks: the pipe holds 64 KiB and is not read yet
+        print("done")
+    """
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        time.sleep(2)  # it starts and fills the pipe
+        assert p.poll() is None, "it did not block on the full pipe"
+        p.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # the handler runs while the write is blocked
+        try:
+            out, _ = p.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the role hung: its signal handler's print waited for the lock of the write it interrupted")
+    finally:
+        kill_if_running(p)
+    assert p.returncode == 0
+    assert out.split(b"\n") == [b"x" * (1 << 20), b"[distributor] stopping run 1", b"done", b""]
+
+
 def test_a_signal_while_the_farm_starts_stops_it_cleanly(tmp_path):
     """SIGTERM to `hlt run` while it waits for its distributor to answer (a service stop right after the start):
     its handler was installed only once every role had started, so the signal killed it outright (exit -15, no

@@ -25,7 +25,10 @@ class WholeLines(io.TextIOBase):
         self.stream = stream
         self._fd = stream.fileno()
         self._pending: list[str] = []
-        self._lock = threading.Lock()  # the metrics server's and the event loop's threads may print too
+        # the metrics server's and the event loop's threads may print too. Reentrant: a signal handler runs in the
+        # thread it interrupts, which may hold it (the distributor's SIGTERM handler prints "stopping run N")
+        self._lock = threading.RLock()
+        self._writing = False  # _write_out is under way in the thread that holds the lock
 
     @property
     def encoding(self) -> str:
@@ -58,12 +61,20 @@ class WholeLines(io.TextIOBase):
             self._write_out()
 
     def _write_out(self) -> None:
-        if not self._pending:
+        # A signal handler that prints while os.write below blocks (a full pipe) or is between its parts only adds
+        # its text: it goes out after the text it interrupted, each whole. (With a plain lock it waited for its own
+        # thread: the role hung.)
+        if self._writing:
             return
-        data = memoryview("".join(self._pending).encode(self.encoding, self.errors))
-        self._pending.clear()
-        while data:
-            data = data[os.write(self._fd, data):]
+        self._writing = True
+        try:
+            while self._pending:
+                data = memoryview("".join(self._pending).encode(self.encoding, self.errors))
+                self._pending.clear()
+                while data:
+                    data = data[os.write(self._fd, data):]
+        finally:
+            self._writing = False
 
 
 def whole_lines() -> None:
