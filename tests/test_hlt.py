@@ -789,6 +789,37 @@ def test_a_signal_handler_that_prints_while_a_line_is_written_does_not_hang_the_
     assert out.split(b"\n") == [b"x" * (1 << 20), b"[distributor] stopping run 1", b"done", b""]
 
 
+def test_a_line_that_a_non_blocking_log_cannot_take_now_is_kept_not_dropped():
+    """WholeLines cleared its pending text before os.write: on a non-blocking descriptor that was full
+    (BlockingIOError, a log reader that lags behind a descriptor some parent made non-blocking) the line was lost.
+    What the kernel did not take is kept and goes out first at the next write or flush, whole and in order."""
+    import fcntl
+
+    from eclreco.log_lines import WholeLines
+
+    r, w = os.pipe()
+    try:
+        fcntl.fcntl(w, fcntl.F_SETFL, fcntl.fcntl(w, fcntl.F_GETFL) | os.O_NONBLOCK)
+        with os.fdopen(os.dup(w), "w") as stream:
+            log = WholeLines(stream)
+            size = fcntl.fcntl(w, 1032)  # F_GETPIPE_SZ
+            with pytest.raises(BlockingIOError):
+                log.write("a" * (size + 100) + "\n")  # more than the pipe takes
+            got = os.read(r, 2 * size)
+            log.write("next\n")  # the rest of the first line, then this one
+            os.set_blocking(r, False)
+            t0 = time.monotonic()
+            while len(got) < size + 106 and time.monotonic() - t0 < 5:
+                try:
+                    got += os.read(r, 2 * size)
+                except BlockingIOError:
+                    time.sleep(0.01)
+        assert got == b"a" * (size + 100) + b"\nnext\n", (len(got), got[-20:])
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def test_a_signal_while_the_farm_starts_stops_it_cleanly(tmp_path):
     """SIGTERM to `hlt run` while it waits for its distributor to answer (a service stop right after the start):
     its handler was installed only once every role had started, so the signal killed it outright (exit -15, no

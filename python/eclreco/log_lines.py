@@ -19,12 +19,16 @@ class WholeLines(io.TextIOBase):
     """A text stream over the file descriptor of `stream` (sys.stdout, sys.stderr): what is written is kept until it
     ends a line (print's last write, its `end`) or until flush(), then goes out in one os.write, whatever the
     buffering of `stream`. A print() of several lines ("run ended\\n{statistics}") is one write too. The encoding
-    and errors are `stream`'s; what the kernel takes in part (a signal, a full pipe) is continued, not dropped."""
+    and errors are `stream`'s; what the kernel takes in part (a signal, a full pipe) is continued, and what a full non-blocking
+    descriptor refuses is kept for the next write or flush, not dropped."""
 
     def __init__(self, stream):
         self.stream = stream
         self._fd = stream.fileno()
         self._pending: list[str] = []
+        # encoded, not yet taken by the kernel: kept when os.write fails (a non-blocking descriptor that is full:
+        # BlockingIOError), sent first by the next write or flush, as Python's buffered writer keeps it
+        self._unwritten = bytearray()
         # the metrics server's and the event loop's threads may print too. Reentrant: a signal handler runs in the
         # thread it interrupts, which may hold it (the distributor's SIGTERM handler prints "stopping run N")
         self._lock = threading.RLock()
@@ -68,11 +72,11 @@ class WholeLines(io.TextIOBase):
             return
         self._writing = True
         try:
-            while self._pending:
-                data = memoryview("".join(self._pending).encode(self.encoding, self.errors))
+            while self._pending or self._unwritten:
+                self._unwritten += "".join(self._pending).encode(self.encoding, self.errors)
                 self._pending.clear()
-                while data:
-                    data = data[os.write(self._fd, data):]
+                while self._unwritten:
+                    del self._unwritten[:os.write(self._fd, self._unwritten)]
         finally:
             self._writing = False
 
