@@ -19,8 +19,8 @@ class WholeLines(io.TextIOBase):
     """A text stream over the file descriptor of `stream` (sys.stdout, sys.stderr): what is written is kept until it
     ends a line (print's last write, its `end`) or until flush(), then goes out in one os.write, whatever the
     buffering of `stream`. A print() of several lines ("run ended\\n{statistics}") is one write too. The encoding
-    and errors are `stream`'s; what the kernel takes in part (a signal, a full pipe) is continued, and what a full non-blocking
-    descriptor refuses is kept for the next write or flush, not dropped."""
+    and errors are `stream`'s; what the kernel takes in part (a signal, a full pipe) is continued, and what a full
+    non-blocking descriptor refuses is kept for the next write or flush, not dropped."""
 
     def __init__(self, stream):
         self.stream = stream
