@@ -1356,7 +1356,7 @@ class Distributor:
         if self.collector is not None:
             d = dict(self.collector["status"])
             d.update(role="collector", last_seen_s=round(now - self.collector["last_seen"], 3))
-            if self.collector_silent(now) or self.collector_lost(now):
+            if self.collector_gone(now):
                 # not heard from for --heartbeat-timeout, or its connection closed past the reconnect grace: what the
                 # distributor acts on (a killed one showed its last report's state, running, until the time-out)
                 d["state"] = "silent"
